@@ -1,0 +1,90 @@
+"""The public entry points: ``compress``, ``save``, ``load``."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn import registry
+from compactnn.core.calib import as_batches, check_batch, detect_call_mode
+from compactnn.core.context import CompressContext
+from compactnn.core.modules import select_modules, weight_layers
+from compactnn.core.qlayers import is_quant_layer
+from compactnn.errors import CompactnnError
+from compactnn.export.artifact import info_of, load, save
+from compactnn.recipe import Recipe, resolve_recipe
+
+__all__ = ["compress", "info_of", "load", "save"]
+
+
+def compress(
+    model: nn.Module,
+    recipe: str | Recipe,
+    calib_data: Any = None,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    inplace: bool = False,
+) -> nn.Module:
+    """Compress ``model`` with ``recipe`` and return the compressed model.
+
+    Args:
+        model: a trained float PyTorch model; it is deep-copied and never changed unless
+            ``inplace=True``.
+        recipe: a short name (``"w4a8"``, ``"w4-g128-gptq"``), a YAML path, or a Recipe.
+        calib_data: a tensor of inputs, or an iterable of tensors, tuples or dicts of
+            tensors. Needed for activation quantization and data-driven methods.
+        seed: seed for stochastic methods.
+        progress: show progress bars.
+        inplace: modify ``model`` itself instead of a copy.
+
+    Example:
+        >>> qmodel = compactnn.compress(model, "w4a8", calib_data=images)  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise CompactnnError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    recipe = resolve_recipe(recipe)
+    torch.manual_seed(seed)
+    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel.eval()
+    batches = as_batches(calib_data)
+    mode = detect_call_mode(qmodel, batches[0]) if batches else "auto"
+    if batches:
+        check_batch(qmodel, batches[0], mode)
+    previous = info_of(model)
+    ctx = CompressContext(batches=batches, call_mode=mode, seed=seed, progress=progress)
+    ctx.folded_bn.extend(previous.get("folded_bn", []))
+    ctx.extra.update(previous.get("extra", {}))
+    for step in recipe.steps:
+        entry = registry.get_method(step.method)
+        targets = select_modules(qmodel, step.targets)
+        qmodel = entry.handler(qmodel, targets, step.config, ctx)
+    _report_float_layers(qmodel, ctx)
+    qmodel._compactnn = {
+        "recipe": recipe,
+        "folded_bn": ctx.folded_bn,
+        "float_layers": ctx.float_layers,
+        "notes": ctx.notes,
+        "extra": ctx.extra,
+    }
+    return qmodel
+
+
+def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:
+    """Warn once, naming every weight layer that a step targeted but could not quantize."""
+    for name, m in weight_layers(model).items():
+        if not is_quant_layer(m) and name not in ctx.float_layers:
+            ctx.float_layers.setdefault(name, "not targeted by the recipe")
+    failed = {n: r for n, r in ctx.float_layers.items() if r != "not targeted by the recipe"}
+    if failed:
+        listing = "; ".join(f"{n} ({r})" for n, r in failed.items())
+        warnings.warn(f"kept in float: {listing}", stacklevel=3)
+
+
+# re-exported for `compactnn.save` / `compactnn.load`
+save = save
+load = load

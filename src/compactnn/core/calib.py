@@ -1,0 +1,116 @@
+"""Calibration data: normalise what the user passes, and run it through a model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.errors import CompactnnError
+
+Batch = torch.Tensor | tuple | dict
+
+
+def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
+    """Normalise calibration data into a list of batches.
+
+    Accepts a tensor of inputs (split along dim 0 into ``batch_size`` chunks), a dict of
+    tensors (one batch, e.g. a tokenizer's output), or an iterable of tensors, tuples or dicts.
+    """
+    if data is None:
+        return []
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise CompactnnError(f"calibration tensor of shape {tuple(data.shape)} is empty.")
+        return list(torch.split(data, batch_size))
+    if isinstance(data, Mapping):
+        return [dict(data)]
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise CompactnnError(
+            f"calib_data must be a tensor or an iterable of tensors, tuples or dicts; "
+            f"got {type(data).__name__}."
+        )
+    batches = []
+    for i, b in enumerate(data):
+        if isinstance(b, list):
+            b = tuple(b)
+        if not isinstance(b, (torch.Tensor, tuple, Mapping)):
+            raise CompactnnError(
+                f"calibration batch {i} is a {type(b).__name__}; expected a tensor, a tuple "
+                "or a dict of tensors."
+            )
+        batches.append(dict(b) if isinstance(b, Mapping) else b)
+    if not batches:
+        raise CompactnnError("calib_data is empty: pass at least one batch.")
+    return batches
+
+
+def batch_size_of(batch: Batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def call_model(model: nn.Module, batch: Batch, mode: str = "auto") -> Any:
+    """Run ``model`` on ``batch``: a tensor positionally, a dict as keywords, a tuple as
+    positional arguments (``mode="first"`` passes only its first element: ``(x, y)`` pairs)."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, tuple):
+        return model(batch[0]) if mode == "first" else model(*batch)
+    return model(batch)
+
+
+def detect_call_mode(model: nn.Module, batch: Batch) -> str:
+    """``"first"`` when a tuple batch is an ``(inputs, labels)`` pair the model cannot take."""
+    if not isinstance(batch, tuple) or len(batch) < 2:
+        return "auto"
+    try:
+        with torch.no_grad():
+            model(*batch)
+        return "auto"
+    except TypeError:
+        return "first"
+    except RuntimeError:
+        return "first"
+
+
+def expected_input_hint(model: nn.Module) -> str:
+    """A human description of the input the first weight layer expects."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            dims = "(N, C, L)" if isinstance(m, nn.Conv1d) else "(N, C, H, W)"
+            return f"{dims} with C={m.in_channels} (first layer {name!r})"
+        if isinstance(m, nn.Linear):
+            return f"(..., {m.in_features}) (first layer {name!r})"
+        if isinstance(m, nn.Embedding):
+            return f"integer token ids < {m.num_embeddings} (first layer {name!r})"
+    return "whatever the model's forward takes"
+
+
+def describe(batch: Batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return "a dict with " + ", ".join(
+            f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+            for k, v in batch.items()
+        )
+    return "a tuple of " + ", ".join(
+        str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in batch
+    )
+
+
+def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
+    """Run one batch; turn a shape/type failure into an error that names the expected input."""
+    try:
+        with torch.no_grad():
+            call_model(model, batch, mode)
+    except Exception as exc:
+        raise CompactnnError(
+            f"the model could not run on the calibration data ({describe(batch)}): {exc}. "
+            f"Expected input: {expected_input_hint(model)}."
+        ) from exc

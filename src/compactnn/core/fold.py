@@ -1,0 +1,72 @@
+"""Batch-norm folding: ``conv -> bn`` becomes one conv with rescaled weight and a bias."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from compactnn.core.modules import set_module
+
+
+def fold_bn_into_conv(conv: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.Module) -> None:
+    """Fold an eval-mode BatchNorm into ``conv`` in place.
+
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel and
+    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+    """
+    with torch.no_grad():
+        inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
+        gamma = bn.weight.float() if bn.affine else torch.ones_like(inv_std)
+        beta = bn.bias.float() if bn.affine else torch.zeros_like(inv_std)
+        factor = gamma * inv_std  # (out,)
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        conv.weight.mul_(factor.reshape(shape).to(conv.weight.dtype))
+        bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(factor)
+        new_bias = (bias - bn.running_mean.float()) * factor + beta
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+        else:
+            conv.bias.copy_(new_bias)
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv_name, bn_name)`` pairs where the BN is the conv's only consumer.
+
+    Traced with ``torch.fx``; a model that does not trace has no pairs found (it is then
+    quantized without folding, which is correct but loses a little accuracy).
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:
+        return []
+    modules = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(
+            modules.get(node.target), (nn.BatchNorm1d, nn.BatchNorm2d)
+        ):
+            continue
+        src = node.args[0] if node.args else None
+        if (
+            isinstance(src, fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules.get(src.target), (nn.Conv1d, nn.Conv2d))
+            and len(src.users) == 1
+            and modules[node.target].track_running_stats
+        ):
+            conv = modules[src.target]
+            if conv.out_channels == modules[node.target].num_features:
+                pairs.append((src.target, node.target))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None) -> list[str]:
+    """Fold every ``conv -> bn`` pair of ``model`` in place; return the folded BN names.
+
+    The BN modules are replaced by ``nn.Identity``.
+    """
+    pairs = find_conv_bn_pairs(model) if pairs is None else pairs
+    for conv_name, bn_name in pairs:
+        fold_bn_into_conv(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        set_module(model, bn_name, nn.Identity())
+    return [bn for _, bn in pairs]

@@ -1,0 +1,118 @@
+"""Module targeting and surgery: which layers a step touches, and swapping them in place."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.errors import CompactnnError
+
+DEFAULT_CLASSES = ("Linear", "Conv1d", "Conv2d")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which modules a recipe step applies to.
+
+    A module is targeted when its class name (or a base class name) is in ``classes``, its
+    qualified name matches one of ``names`` (``fnmatch`` patterns), and it matches none of
+    ``ignore``.
+
+    Example:
+        >>> Targets(classes=("Linear",), ignore=("lm_head",)).matches("lm_head", nn.Linear(2, 2))
+        False
+    """
+
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    names: tuple[str, ...] = ("*",)
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for attr in ("classes", "names", "ignore"):
+            value = getattr(self, attr)
+            if isinstance(value, str):
+                object.__setattr__(self, attr, (value,))
+            else:
+                object.__setattr__(self, attr, tuple(value))
+
+    def name_matches(self, name: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in self.ignore):
+            return False
+        return any(fnmatch.fnmatchcase(name, p) for p in self.names)
+
+    def class_matches(self, module: nn.Module) -> bool:
+        names = {c.__name__ for c in type(module).__mro__}
+        return bool(names & set(self.classes))
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        return self.class_matches(module) and self.name_matches(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Targets:
+        if data is None:
+            return cls()
+        unknown = set(data) - {"classes", "names", "ignore"}
+        if unknown:
+            raise CompactnnError(
+                f"unknown target field(s) {sorted(unknown)}; use classes, names and ignore."
+            )
+        return cls(**{k: tuple(v) if not isinstance(v, str) else (v,) for k, v in data.items()})
+
+
+def select_modules(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
+    """Leaf-most modules of ``model`` that ``targets`` selects, in registration order."""
+    return {n: m for n, m in model.named_modules() if n and targets.matches(n, m)}
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` with ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def execution_order(model: nn.Module, names: Iterable[str], run: Any) -> list[str]:
+    """Names among ``names`` in the order their modules first run under ``run(model)``."""
+    wanted = set(names)
+    order: list[str] = []
+    hooks = []
+    for n, m in model.named_modules():
+        if n in wanted:
+            hooks.append(
+                m.register_forward_pre_hook(
+                    lambda _m, _a, n=n: order.append(n) if n not in order else None
+                )
+            )
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    rest = [n for n in names if n not in order]  # modules that never ran keep their place
+    return order + rest
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Leaf modules that own a weight matrix or kernel (``weight.dim() >= 2``)."""
+    out = {}
+    for n, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if n and isinstance(w, torch.Tensor) and w.dim() >= 2 and not list(m.children()):
+            out[n] = m
+    return out

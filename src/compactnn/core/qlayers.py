@@ -1,0 +1,221 @@
+"""Simulated (fake-quantized) layers that stay drop-in replacements for their float class.
+
+``QuantLinear`` *is an* ``nn.Linear`` (likewise the convs), so code that reads
+``layer.weight`` or checks ``isinstance(layer, nn.Linear)`` keeps working. The ground truth is
+held in integer buffers (``weight_codes``, ``weight_scale``, ``weight_zero``); ``weight`` is
+their dequantization, recomputed whenever the codes change. Saving packs the codes, loading
+unpacks them and recomputes ``weight`` the same way, so outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compactnn.core.observer import RangeObserver
+from compactnn.core.quantize import (
+    dequantize,
+    fake_quantize,
+    grouped_view,
+    quantize,
+    scale_zero_from_range,
+)
+from compactnn.core.ranges import estimate_range
+from compactnn.core.spec import QuantSpec
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def format_name(spec: QuantSpec) -> str:
+    """A short per-layer format label, e.g. ``uint4-asym-group32``."""
+    gran = spec.granularity + (str(spec.group_size) if spec.group_size else "")
+    return f"{spec.qtype.name}-{'sym' if spec.symmetric else 'asym'}-{gran}"
+
+
+def rtn_weight_qparams(
+    weight: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest codes, scale and zero point of a weight under ``spec``.
+
+    Returns ``codes`` (weight's shape) and ``scale``/``zero`` of shape ``(rows, ngroups)``.
+    """
+    wg = grouped_view(weight.detach().float(), spec.granularity, spec.group_size)
+    lo, hi = estimate_range(wg, spec.range_method, spec.qtype, spec.symmetric, spec.percentile)
+    scale, zero = scale_zero_from_range(lo, hi, spec.qtype, spec.symmetric)
+    codes = quantize(wg, scale, zero, spec.qtype).reshape(weight.shape)
+    return codes, scale, zero
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor fake quantization of the activation entering a layer.
+
+    States: ``observing`` (collect statistics, pass through), then calibrated (quantize).
+    ``enabled = False`` passes values through unchanged (QDrop, debugging).
+    """
+
+    def __init__(self, spec: QuantSpec, seed: int = 0) -> None:
+        super().__init__()
+        self.spec = spec
+        self.qtype = spec.qtype
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero", torch.zeros(()))
+        self.calibrated = False
+        self.enabled = True
+        self.observer: RangeObserver | None = None
+        self.seed = seed
+
+    def start_observing(self) -> None:
+        keep = self.spec.range_method != "minmax"
+        self.observer = RangeObserver(self.spec.range_method, keep, self.seed)
+
+    def finish_observing(self) -> None:
+        if self.observer is None or self.observer.min is None:
+            raise RuntimeError("ActQuantizer.finish_observing: no calibration data reached it")
+        lo, hi = self.observer.range(self.qtype, self.spec.symmetric, self.spec.percentile)
+        scale, zero = scale_zero_from_range(lo, hi, self.qtype, self.spec.symmetric)
+        self.set_qparams(scale.reshape(()), zero.reshape(()))
+        self.observer = None
+
+    def set_qparams(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(()))
+        self.zero.copy_(zero.reshape(()))
+        self.calibrated = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if not self.enabled or not self.calibrated:
+            return x
+        return fake_quantize(x, self.scale, self.zero, self.qtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.qtype.name}, {'sym' if self.spec.symmetric else 'asym'}"
+
+
+class QuantWeightMixin:
+    """Integer weight storage shared by the quantized Linear and Conv layers."""
+
+    weight_spec: QuantSpec
+    input_quantizer: ActQuantizer | None
+
+    def _init_quant(self, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
+        self.weight_spec = weight_spec
+        qt = weight_spec.qtype
+        self.register_buffer("weight_codes", torch.zeros(self.weight.shape, dtype=qt.storage_dtype))
+        rows_groups = grouped_view(self.weight, weight_spec.granularity, weight_spec.group_size)
+        self.register_buffer("weight_scale", torch.ones(rows_groups.shape[:2]))
+        self.register_buffer("weight_zero", torch.zeros(rows_groups.shape[:2]))
+        self.input_quantizer = ActQuantizer(act_spec) if act_spec is not None else None
+        self.weight.requires_grad_(False)
+
+    @property
+    def format(self) -> str:
+        return format_name(self.weight_spec)
+
+    def set_quantized_weight(
+        self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+    ) -> None:
+        """Install integer codes and their grid; ``weight`` becomes their dequantization."""
+        qt = self.weight_spec.qtype
+        if codes.min() < qt.qmin or codes.max() > qt.qmax:
+            raise ValueError(f"codes outside the {qt.name} grid")
+        self.weight_codes.copy_(codes.reshape(self.weight.shape).to(qt.storage_dtype))
+        self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
+        self.weight_zero.copy_(zero.reshape(self.weight_zero.shape))
+        self.refresh_weight()
+
+    def refresh_weight(self) -> None:
+        spec = self.weight_spec
+        cg = grouped_view(self.weight_codes, spec.granularity, spec.group_size)
+        w = dequantize(cg, self.weight_scale, self.weight_zero).reshape(self.weight.shape)
+        with torch.no_grad():
+            self.weight.copy_(w)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+
+def _copy_float(dst: nn.Module, src: nn.Module) -> None:
+    with torch.no_grad():
+        dst.weight.copy_(src.weight.detach().float())
+        if src.bias is not None:
+            dst.bias.copy_(src.bias.detach().float())
+
+
+class QuantLinear(QuantWeightMixin, nn.Linear):
+    """``nn.Linear`` with integer weights and an optional input activation quantizer."""
+
+    def __init__(self, in_features, out_features, bias, weight_spec, act_spec=None):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias)
+        self._init_quant(weight_spec, act_spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.quantize_input(x), self.weight, self.bias)
+
+
+class _QuantConvMixin(QuantWeightMixin):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.weight, self.bias)
+
+
+class QuantConv1d(_QuantConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` with integer weights and an optional input activation quantizer."""
+
+    def __init__(self, conv_kwargs: dict, weight_spec, act_spec=None):
+        nn.Conv1d.__init__(self, **conv_kwargs)
+        self._init_quant(weight_spec, act_spec)
+
+
+class QuantConv2d(_QuantConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` with integer weights and an optional input activation quantizer."""
+
+    def __init__(self, conv_kwargs: dict, weight_spec, act_spec=None):
+        nn.Conv2d.__init__(self, **conv_kwargs)
+        self._init_quant(weight_spec, act_spec)
+
+
+def conv_kwargs(conv: nn.Conv1d | nn.Conv2d) -> dict:
+    """Constructor arguments that rebuild ``conv`` with the same geometry."""
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def make_quant_layer(
+    layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None
+) -> QuantLinear | QuantConv1d | QuantConv2d:
+    """An empty quantized twin of ``layer`` (float weight and bias copied, codes unset)."""
+    if isinstance(layer, nn.Linear):
+        q = QuantLinear(
+            layer.in_features, layer.out_features, layer.bias is not None, weight_spec, act_spec
+        )
+    elif isinstance(layer, nn.Conv2d):
+        q = QuantConv2d(conv_kwargs(layer), weight_spec, act_spec)
+    elif isinstance(layer, nn.Conv1d):
+        q = QuantConv1d(conv_kwargs(layer), weight_spec, act_spec)
+    else:
+        raise TypeError(f"cannot quantize {type(layer).__name__}")
+    _copy_float(q, layer)
+    return q
+
+
+def quantize_layer_rtn(
+    layer: nn.Module, weight_spec: QuantSpec, act_spec: QuantSpec | None
+) -> QuantLinear | QuantConv1d | QuantConv2d:
+    """Round-to-nearest quantized twin of ``layer`` (activations still to calibrate)."""
+    q = make_quant_layer(layer, weight_spec, act_spec)
+    q.set_quantized_weight(*rtn_weight_qparams(layer.weight, weight_spec))
+    return q
+
+
+def is_quant_layer(m: nn.Module) -> bool:
+    return isinstance(m, QuantWeightMixin)

@@ -1,0 +1,101 @@
+"""Pure quantize / dequantize functions.
+
+Every tensor is quantized in a *grouped view* of shape ``(rows, ngroups, group)``:
+
+* per-tensor:  ``(1, 1, N)``
+* per-channel: ``(out, 1, K)`` where ``K`` is everything but dim 0
+* per-group:   ``(out, K // G, G)``
+
+Scales and zero points have shape ``(rows, ngroups)``; they broadcast over the last dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compactnn.core.qtype import QType
+from compactnn.errors import CompactnnError
+
+# Scales are stored as float16 on disk; keeping them fp16-representable in memory makes the
+# simulated model and the loaded artifact bit-identical. The floor keeps an all-zero group
+# from dividing by zero and stays above fp16's smallest normal.
+SCALE_FLOOR = 2.0**-14
+
+
+def grouped_view(x: torch.Tensor, granularity: str, group_size: int | None = None) -> torch.Tensor:
+    """Reshape ``x`` to ``(rows, ngroups, group)`` for the given granularity.
+
+    Raises:
+        CompactnnError: when ``group_size`` does not divide the per-channel length.
+    """
+    if granularity == "tensor":
+        return x.reshape(1, 1, -1)
+    rows = x.shape[0]
+    flat = x.reshape(rows, -1)  # (out, K)
+    if granularity == "channel":
+        return flat.unsqueeze(1)
+    k = flat.shape[1]
+    if group_size is None or k % group_size:
+        raise CompactnnError(
+            f"group_size={group_size} does not divide the input dimension {k} of a tensor "
+            f"of shape {tuple(x.shape)}; pick a divisor of {k} or per-channel granularity."
+        )
+    return flat.reshape(rows, k // group_size, group_size)
+
+
+def scale_zero_from_range(
+    xmin: torch.Tensor, xmax: torch.Tensor, qtype: QType, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued) zero point mapping ``[xmin, xmax]`` onto ``qtype``'s grid.
+
+    The range is widened to contain 0 so that an exact zero (padding, ReLU) is representable.
+    """
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if symmetric:
+        absmax = torch.maximum(-xmin, xmax)
+        scale = absmax / max(qtype.qmax, 1)
+        zero = torch.zeros_like(scale)
+        if not qtype.signed:  # symmetric unsigned: grid centred at the middle code
+            scale = 2 * absmax / (qtype.qmax - qtype.qmin)
+            zero = torch.full_like(scale, float((qtype.qmin + qtype.qmax + 1) // 2))
+    else:
+        scale = (xmax - xmin) / (qtype.qmax - qtype.qmin)
+    scale = round_scale(scale)
+    if not symmetric:
+        zero = torch.clamp(qtype.qmin - torch.round(xmin / scale), qtype.qmin, qtype.qmax)
+    return scale, zero
+
+
+def round_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Floor and round scales to float16-representable float32 values."""
+    return scale.clamp(min=SCALE_FLOOR, max=65504.0).to(torch.float16).to(torch.float32)
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qtype: QType
+) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / scale) + zero, qmin, qmax)`` in the grouped view.
+
+    ``x`` is grouped ``(rows, ngroups, group)``; ``scale``/``zero`` are ``(rows, ngroups)``.
+    Returns codes in ``qtype.storage_dtype`` of the same grouped shape.
+    """
+    q = torch.round(x / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    return q.clamp(qtype.qmin, qtype.qmax).to(qtype.storage_dtype)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Float values ``(q - zero) * scale`` in the grouped view."""
+    return (q.to(torch.float32) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qtype: QType
+) -> torch.Tensor:
+    """Quantize then dequantize, with a straight-through gradient to ``x``.
+
+    Works on any shape whose trailing dims broadcast against ``scale``/``zero``.
+    """
+    q = torch.clamp(torch.round(x / scale) + zero, qtype.qmin, qtype.qmax)
+    xq = (q - zero) * scale
+    return x + (xq - x).detach()

@@ -1,0 +1,88 @@
+"""How one tensor is quantized: bits, sign, symmetry, granularity and range estimation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from compactnn.core.qtype import QType
+from compactnn.errors import CompactnnError
+
+GRANULARITIES = ("tensor", "channel", "group")
+RANGE_METHODS = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Quantization of one tensor kind (a layer's weight, or the activation entering it).
+
+    Args:
+        bits: integer width, 1..8.
+        symmetric: zero point fixed at 0 (signed grid) instead of a learned offset.
+        granularity: ``"tensor"``, ``"channel"`` (output channel, dim 0) or ``"group"``
+            (``group_size`` consecutive input elements of each output channel).
+        group_size: elements per group, only with ``granularity="group"``.
+        range_method: ``"minmax"``, ``"percentile"`` or ``"mse"`` (grid search of the clip).
+        percentile: upper percentile kept with ``range_method="percentile"``.
+        signed: for asymmetric activations, whether the grid is signed (default unsigned).
+
+    Example:
+        >>> QuantSpec(bits=4, granularity="group", group_size=32).qtype.name
+        'int4'
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "channel"
+    group_size: int | None = None
+    range_method: str = "minmax"
+    percentile: float = 99.99
+    signed: bool | None = None
+
+    def __post_init__(self) -> None:
+        QType(self.bits)  # validates bits
+        if self.granularity not in GRANULARITIES:
+            raise CompactnnError(
+                f"granularity={self.granularity!r} is unknown; use one of {GRANULARITIES}."
+            )
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise CompactnnError(
+                    f"granularity='group' needs a positive integer group_size, "
+                    f"got {self.group_size!r}."
+                )
+        elif self.group_size is not None:
+            raise CompactnnError(
+                f"group_size={self.group_size} only applies with granularity='group'."
+            )
+        if self.range_method not in RANGE_METHODS:
+            raise CompactnnError(
+                f"range_method={self.range_method!r} is unknown; use one of {RANGE_METHODS}."
+            )
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise CompactnnError(f"percentile={self.percentile} must lie in (50, 100].")
+        if self.symmetric and self.bits == 1:
+            raise CompactnnError(
+                "a symmetric 1-bit grid has no zero-centred levels; use symmetric=False "
+                "or a binary method (w1a1-xnor)."
+            )
+
+    @property
+    def qtype(self) -> QType:
+        signed = self.symmetric if self.signed is None else self.signed
+        return QType(self.bits, signed=signed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | QuantSpec | None) -> QuantSpec | None:
+        if data is None or isinstance(data, QuantSpec):
+            return data
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CompactnnError(
+                f"unknown quantization field(s) {sorted(unknown)}; known: {sorted(known)}."
+            )
+        return cls(**data)

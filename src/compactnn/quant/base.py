@@ -1,0 +1,167 @@
+"""What every post-training quantization method shares: its config base and the layer flow.
+
+Flow of a quantization step: fold batch norms, pick the layers, give the first and last
+layers their 8-bit convention, build each quantized layer (round-to-nearest unless the method
+supplies its own weight solver), then calibrate activation quantizers on the calibration data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from compactnn.core.config import MethodConfig
+from compactnn.core.context import CompressContext
+from compactnn.core.fold import fold_batchnorm
+from compactnn.core.modules import execution_order, set_module
+from compactnn.core.qlayers import (
+    QUANTIZABLE,
+    ActQuantizer,
+    is_quant_layer,
+    quantize_layer_rtn,
+)
+from compactnn.core.spec import QuantSpec
+from compactnn.errors import CompactnnError
+
+LayerSpecs = dict[str, tuple[QuantSpec, QuantSpec | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig(MethodConfig):
+    """Settings shared by quantization methods.
+
+    Args:
+        weight: how weights are quantized.
+        act: how the activation entering each quantized layer is quantized (None: weight-only).
+        first_last_bits: the first and last quantized layers (in execution order) keep at
+            least this many bits for weights and activations, the field's convention; None
+            quantizes them like the rest.
+        fold_bn: fold ``conv -> batchnorm`` pairs before quantizing (CNNs).
+    """
+
+    weight: QuantSpec = QuantSpec(bits=8)
+    act: QuantSpec | None = None
+    first_last_bits: int | None = 8
+    fold_bn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.weight, QuantSpec):
+            raise CompactnnError(f"{type(self).__name__}.weight must be a QuantSpec")
+        if self.act is not None and self.act.granularity != "tensor":
+            raise CompactnnError("activation quantization is per-tensor: set granularity='tensor'.")
+        if self.first_last_bits is not None and not 1 <= self.first_last_bits <= 8:
+            raise CompactnnError(f"first_last_bits={self.first_last_bits} must be 1..8 or None.")
+
+    @classmethod
+    def from_short(
+        cls,
+        wbits: int,
+        abits: int | None,
+        group: int | None,
+        range_method: str = "minmax",
+        **kwargs,
+    ) -> QuantConfig:
+        """Config of a short name ``w<W>[a<A>][-g<G>]``.
+
+        Weights: symmetric int8 at 8 bits (what integer kernels take), asymmetric below 8
+        bits (the zero point buys back a level); per output channel, or per group of ``G``.
+        Activations: asymmetric unsigned, per tensor.
+        """
+        weight = QuantSpec(
+            bits=wbits,
+            symmetric=wbits == 8,
+            granularity="group" if group else "channel",
+            group_size=group,
+            range_method=range_method,
+        )
+        act = None
+        if abits is not None:
+            act = QuantSpec(
+                bits=abits, symmetric=False, granularity="tensor", range_method=range_method
+            )
+        return cls(weight=weight, act=act, **kwargs)
+
+
+def prepare_model(model: nn.Module, config: QuantConfig, ctx: CompressContext) -> None:
+    """Fold batch norms once per compress call."""
+    if config.fold_bn and not ctx.extra.get("bn_folded"):
+        ctx.folded_bn.extend(fold_batchnorm(model))
+        ctx.extra["bn_folded"] = True
+
+
+def split_supported(targets: dict[str, nn.Module], ctx: CompressContext) -> dict[str, nn.Module]:
+    """Targets this library can quantize; the rest are recorded as kept in float."""
+    supported = {}
+    for name, m in targets.items():
+        if is_quant_layer(m):
+            continue  # already quantized by an earlier step
+        if isinstance(m, QUANTIZABLE):
+            supported[name] = m
+        elif getattr(m, "weight", None) is not None:
+            ctx.float_layers[name] = f"{type(m).__name__} is not a quantizable layer type"
+    return supported
+
+
+def layer_specs(
+    model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig, ctx: CompressContext
+) -> LayerSpecs:
+    """Weight and activation spec per layer, with the first/last-layer convention applied."""
+    names = list(layers)
+    if ctx.batches and len(names) > 1:
+        names = execution_order(model, names, lambda m: ctx.run(m, ctx.batches[0]))
+    specs: LayerSpecs = {n: (config.weight, config.act) for n in names}
+    fl = config.first_last_bits
+    if fl is not None and names:
+        for n in {names[0], names[-1]}:
+            w = config.weight
+            w = dataclasses.replace(w, bits=max(w.bits, fl)) if w.bits < fl else w
+            a = config.act
+            a = dataclasses.replace(a, bits=max(a.bits, fl)) if a is not None else None
+            specs[n] = (w, a)
+    return specs
+
+
+def calibrate_activations(model: nn.Module, ctx: CompressContext) -> None:
+    """Observe every uncalibrated input quantizer on the calibration data, then fix ranges."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.calibrated]
+    if not quantizers:
+        return
+    if not ctx.batches:
+        raise CompactnnError(
+            "activation quantization needs calibration data: pass calib_data= or use a "
+            "weight-only recipe (e.g. w4-g128)."
+        )
+    for q in quantizers:
+        q.start_observing()
+    ctx.run_all(model, desc="calibrating activations")
+    for q in quantizers:
+        q.finish_observing()
+
+
+WeightSolver = Callable[[str, nn.Module, QuantSpec, QuantSpec | None], nn.Module]
+
+
+def quantize_layers(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    config: QuantConfig,
+    ctx: CompressContext,
+    solver: WeightSolver | None = None,
+) -> nn.Module:
+    """Replace each supported target by its quantized twin and calibrate activations.
+
+    ``solver(name, float_layer, wspec, aspec)`` builds the quantized layer; the default is
+    round-to-nearest.
+    """
+    prepare_model(model, config, ctx)
+    layers = split_supported(targets, ctx)
+    specs = layer_specs(model, layers, config, ctx)
+    solve = solver or (lambda _n, layer, w, a: quantize_layer_rtn(layer, w, a))
+    for name in ctx.bar(list(specs), desc="quantizing layers"):
+        wspec, aspec = specs[name]
+        set_module(model, name, solve(name, layers[name], wspec, aspec))
+    calibrate_activations(model, ctx)
+    return model

@@ -1,0 +1,149 @@
+"""Recipes: an ordered list of steps (method, config, targets), from YAML or a short name.
+
+A YAML recipe::
+
+    name: w4a8-keep-head
+    steps:
+      - method: rtn
+        targets: {classes: [Linear, Conv2d], names: ["*"], ignore: [lm_head]}
+        config:
+          weight: {bits: 4, symmetric: false, granularity: channel}
+          act: {bits: 8, symmetric: false, granularity: tensor}
+          first_last_bits: 8
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compactnn import registry
+from compactnn.core.config import MethodConfig
+from compactnn.core.modules import Targets
+from compactnn.errors import CompactnnError
+
+# Quantization short names: w<W>[a<A>][-g<G>][-<method>]
+QUANT_FORM = "w<W>[a<A>][-g<G>][-<method>]"
+QUANT_PATTERN = r"w(?P<w>\d+)(?:a(?P<a>\d+))?(?:-g(?P<g>\d+))?(?:-(?P<method>[a-z0-9_]+))?"
+# Suffixes that are a method with changed defaults rather than a method of their own.
+SUFFIX_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mse": ("rtn", {"range_method": "mse"}),
+    "percentile": ("rtn", {"range_method": "percentile"}),
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One recipe step: ``method`` applied with ``config`` to the modules ``targets`` selects."""
+
+    method: str
+    config: MethodConfig
+    targets: Targets = field(default_factory=Targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "targets": self.targets.to_dict(),
+            "config": self.config.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Step:
+        if not isinstance(data, dict) or "method" not in data:
+            raise CompactnnError(f"a recipe step needs a 'method' key, got {data!r}.")
+        unknown = set(data) - {"method", "config", "targets"}
+        if unknown:
+            raise CompactnnError(
+                f"unknown step key(s) {sorted(unknown)}; a step has method, config, targets."
+            )
+        entry = registry.get_method(data["method"])
+        config = entry.config_cls.from_dict(data.get("config"))
+        return cls(data["method"], config, Targets.from_dict(data.get("targets")))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered list of steps with a name."""
+
+    name: str
+    steps: tuple[Step, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if not self.steps:
+            raise CompactnnError(f"recipe {self.name!r} has no steps.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+            raise CompactnnError("a recipe is a mapping with a 'steps' list.")
+        return cls(str(data.get("name", "custom")), tuple(Step.from_dict(s) for s in data["steps"]))
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise CompactnnError(f"recipe is not valid YAML: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _quant_short_name(m: Any) -> Recipe:
+    wbits = int(m["w"])
+    abits = int(m["a"]) if m["a"] else None
+    group = int(m["g"]) if m["g"] else None
+    method = m["method"] or "rtn"
+    method, overrides = SUFFIX_ALIASES.get(method, (method, {}))
+    entry = registry.get_method(method)
+    if not hasattr(entry.config_cls, "from_short"):
+        raise CompactnnError(f"method {method!r} has no short quantization name.")
+    config = entry.config_cls.from_short(wbits, abits, group, **overrides)
+    return Recipe(m.string, (Step(method, config),))
+
+
+registry.register_short_name(
+    QUANT_PATTERN, QUANT_FORM, ("w8a8", "w4a8", "w4a4-mse", "w4-g128", "w2a4")
+)(_quant_short_name)
+
+
+def short_name_forms() -> list[str]:
+    registry.ensure_loaded()
+    return [f"{r.form}  (e.g. {', '.join(r.examples)})" for r in registry.SHORT_NAMES]
+
+
+def parse_short_name(name: str) -> Recipe:
+    registry.ensure_loaded()
+    for rule in registry.SHORT_NAMES:
+        m = rule.pattern.fullmatch(name)
+        if m:
+            return rule.build(m)
+    raise CompactnnError(
+        f"unknown recipe {name!r}. A recipe is a YAML file or a short name of the form:\n  "
+        + "\n  ".join(short_name_forms())
+    )
+
+
+def resolve_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
+    """A :class:`Recipe` from a short name, a YAML path, or a recipe object."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, os.PathLike) or (
+        isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))
+    ):
+        path = Path(recipe)
+        if not path.is_file():
+            raise CompactnnError(f"recipe file {str(path)!r} does not exist.")
+        return Recipe.from_yaml(path.read_text())
+    if not isinstance(recipe, str):
+        raise CompactnnError(f"recipe must be a name, a YAML path or a Recipe, got {recipe!r}.")
+    return parse_short_name(recipe.strip().lower())
