@@ -41,7 +41,7 @@ class QuantConfig(MethodConfig):
         fold_bn: fold ``conv -> batchnorm`` pairs before quantizing (CNNs).
     """
 
-    weight: QuantSpec = QuantSpec(bits=8)
+    weight: QuantSpec = dataclasses.field(default_factory=lambda: QuantSpec(bits=8))
     act: QuantSpec | None = None
     first_last_bits: int | None = 8
     fold_bn: bool = True
