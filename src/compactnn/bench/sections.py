@@ -1,0 +1,4 @@
+"""Benchmark sections: name -> module with ``run(quick: bool = False) -> str`` (Markdown)."""
+
+SECTIONS: dict[str, str] = {
+}

@@ -1,0 +1,4 @@
+"""CLI subcommands: each module has ``add_parser(subparsers)`` and ``run(args) -> int``."""
+
+COMMANDS: list[str] = [
+]
