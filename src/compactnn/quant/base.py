@@ -117,7 +117,8 @@ def layer_specs(
     if fl is not None and names:
         for n in {names[0], names[-1]}:
             w = config.weight
-            w = dataclasses.replace(w, bits=max(w.bits, fl)) if w.bits < fl else w
+            if w.bits < fl:  # raised to the convention's width, with its 8-bit grid if 8
+                w = dataclasses.replace(w, bits=fl, symmetric=w.symmetric or fl == 8)
             a = config.act
             a = dataclasses.replace(a, bits=max(a.bits, fl)) if a is not None else None
             specs[n] = (w, a)
@@ -141,6 +142,22 @@ def calibrate_activations(model: nn.Module, ctx: CompressContext) -> None:
         q.finish_observing()
 
 
+def check_group_sizes(layers: dict[str, nn.Module], specs: LayerSpecs) -> None:
+    """Fail before any work when a group size does not divide a layer's input dimension."""
+    bad = []
+    for name, (wspec, _) in specs.items():
+        if wspec.granularity == "group":
+            k = layers[name].weight[0].numel()
+            if k % wspec.group_size:
+                bad.append(f"{name} (input dimension {k})")
+    if bad:
+        raise CompactnnError(
+            f"group_size={specs[next(iter(specs))][0].group_size} does not divide the input "
+            f"dimension of: {', '.join(bad)}. Pick a group size that divides them, or exclude "
+            "those layers with the step's targets.ignore."
+        )
+
+
 WeightSolver = Callable[[str, nn.Module, QuantSpec, QuantSpec | None], nn.Module]
 
 
@@ -159,6 +176,7 @@ def quantize_layers(
     prepare_model(model, config, ctx)
     layers = split_supported(targets, ctx)
     specs = layer_specs(model, layers, config, ctx)
+    check_group_sizes(layers, specs)
     solve = solver or (lambda _n, layer, w, a: quantize_layer_rtn(layer, w, a))
     for name in ctx.bar(list(specs), desc="quantizing layers"):
         wspec, aspec = specs[name]

@@ -1,0 +1,120 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.core.qlayers import QuantConv2d, QuantLinear
+from compactnn.errors import CompactnnError
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    for mod in m:
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def test_compress_returns_new_model_and_leaves_input_untouched():
+    m = small_cnn()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(16, 1, 8, 8)
+    q = compactnn.compress(m, "w4a8", calib_data=x, progress=False)
+    assert q is not m
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert isinstance(m[1], nn.BatchNorm2d)
+    assert isinstance(q[0], QuantConv2d) and isinstance(q[8], QuantLinear)
+    # first and last layers keep 8 bits, the middle one gets 4
+    assert q[0].weight_spec.bits == 8 and q[8].weight_spec.bits == 8
+    assert q[3].weight_spec.bits == 4
+    assert q[3].input_quantizer.qtype.bits == 8
+
+
+def test_w8a8_is_close_to_float():
+    m = small_cnn()
+    x = torch.randn(64, 1, 8, 8)
+    q = compactnn.compress(m, "w8a8", calib_data=x, progress=False)
+    ref, out = m(x), q(x)
+    sqnr = 10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())
+    assert sqnr > 30
+
+
+@pytest.mark.parametrize("kind", ["tensor", "list", "tuples", "dicts"])
+def test_calib_data_forms(kind):
+    class DictNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small_cnn()
+
+        def forward(self, pixels):
+            return self.net(pixels)
+
+    x = torch.randn(32, 1, 8, 8)
+    y = torch.randint(0, 10, (32,))
+    model = DictNet() if kind == "dicts" else small_cnn()
+    data = {
+        "tensor": x,
+        "list": [x[:16], x[16:]],
+        "tuples": [(x[:16], y[:16]), (x[16:], y[16:])],  # DataLoader-style (inputs, labels)
+        "dicts": [{"pixels": x[:16]}, {"pixels": x[16:]}],
+    }[kind]
+    q = compactnn.compress(model, "w8a8", calib_data=data, progress=False)
+    out = q(pixels=x) if kind == "dicts" else q(x)
+    assert out.shape == (32, 10)
+
+
+def test_wrong_calibration_shape_names_expected_shape():
+    with pytest.raises(CompactnnError, match=r"C=1"):
+        compactnn.compress(small_cnn(), "w8a8", calib_data=torch.randn(4, 3, 8, 8), progress=False)
+
+
+def test_activation_recipe_without_data_is_a_clear_error():
+    with pytest.raises(CompactnnError, match="calib_data"):
+        compactnn.compress(small_cnn(), "w8a8", progress=False)
+
+
+def test_unquantizable_targets_stay_float_with_one_warning():
+    from compactnn.core.modules import Targets
+    from compactnn.core.spec import QuantSpec
+    from compactnn.quant.rtn import RTNConfig
+    from compactnn.recipe import Recipe, Step
+
+    m = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(2 * 8, 4))
+    recipe = Recipe(
+        "r",
+        (
+            Step(
+                "rtn",
+                RTNConfig(weight=QuantSpec(bits=4, symmetric=False)),
+                Targets(classes=("Conv3d", "Linear")),
+            ),
+        ),
+    )
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        q = compactnn.compress(m, recipe, progress=False)
+    msgs = [str(w.message) for w in rec if "kept in float" in str(w.message)]
+    assert len(msgs) == 1 and "0 (Conv3d" in msgs[0]
+    assert compactnn.info_of(q)["float_layers"]["0"].startswith("Conv3d")
+
+
+def test_weight_only_needs_no_data_and_group_error_names_layer():
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    q = compactnn.compress(m, "w4-g32", progress=False)
+    assert q[0].weight_spec.group_size == 32
+    with pytest.raises(CompactnnError, match=r"group_size=48 .*: 0 \(input dimension 64\)"):
+        compactnn.compress(m, "w4-g48", progress=False)

@@ -1,0 +1,75 @@
+import pytest
+
+from compactnn.core.spec import QuantSpec
+from compactnn.errors import CompactnnError
+from compactnn.recipe import Recipe, resolve_recipe
+
+
+@pytest.mark.parametrize(
+    "name,wbits,abits,group,range_method",
+    [
+        ("w8a8", 8, 8, None, "minmax"),
+        ("w4a8", 4, 8, None, "minmax"),
+        ("w4a4-mse", 4, 4, None, "mse"),
+        ("w4-g128", 4, None, 128, "minmax"),
+        ("w2a4", 2, 4, None, "minmax"),
+    ],
+)
+def test_short_names(name, wbits, abits, group, range_method):
+    r = resolve_recipe(name)
+    (step,) = r.steps
+    assert step.method == "rtn"
+    assert step.config.weight.bits == wbits
+    assert step.config.weight.group_size == group
+    assert step.config.weight.range_method == range_method
+    assert (step.config.act.bits if step.config.act else None) == abits
+    assert step.config.weight.symmetric == (wbits == 8)
+
+
+@pytest.mark.parametrize("bad", ["w9a8", "w4a0", "x4", "w4-g0", "w4-nosuchmethod", "w4-g"])
+def test_bad_short_names_fail_clearly(bad):
+    with pytest.raises(CompactnnError) as e:
+        resolve_recipe(bad)
+    assert any(s in str(e.value) for s in ("w<W>", "out of range", "unknown method", "group"))
+
+
+def test_unknown_name_lists_forms():
+    with pytest.raises(CompactnnError, match=r"w<W>\[a<A>\]"):
+        resolve_recipe("int4please")
+
+
+def test_yaml_round_trip_is_exact(tmp_path):
+    r = resolve_recipe("w4a8-mse")
+    again = Recipe.from_yaml(r.to_yaml())
+    assert again == r
+    text = """
+name: mixed
+steps:
+  - method: rtn
+    targets: {classes: [Linear], names: ["*"], ignore: [lm_head]}
+    config:
+      weight: {bits: 4, symmetric: false, granularity: group, group_size: 32}
+      first_last_bits: null
+  - method: rtn
+    targets: {classes: [Linear], names: [lm_head]}
+    config: {weight: {bits: 8}}
+"""
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    r2 = resolve_recipe(str(p))
+    assert r2.steps[0].targets.ignore == ("lm_head",)
+    assert r2.steps[0].config.weight == QuantSpec(4, False, "group", 32)
+    assert r2.steps[0].config.first_last_bits is None
+    assert Recipe.from_yaml(r2.to_yaml()) == r2
+
+
+def test_yaml_errors_name_the_field(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("steps:\n  - method: rtn\n    config: {weight: {bitz: 4}}\n")
+    with pytest.raises(CompactnnError, match="bitz"):
+        resolve_recipe(p)
+    p.write_text("steps:\n  - method: rtn\n    config: {weight: {bits: 4, granularity: group}}\n")
+    with pytest.raises(CompactnnError, match="group_size"):
+        resolve_recipe(p)
+    with pytest.raises(CompactnnError, match="does not exist"):
+        resolve_recipe(str(tmp_path / "missing.yaml"))
