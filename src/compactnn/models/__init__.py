@@ -1,0 +1,48 @@
+"""Reference models for the demo, the benchmarks and the tests.
+
+``load_reference(name)`` returns a :class:`Reference`: a trained float model, calibration
+batches from its training data, and its quality measure on held-out data. ``REFERENCES``
+maps each name to its builder; add a reference with one line at the end of this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from compactnn.errors import CompactnnError
+from compactnn.models.digits_resnet import build_digits_resnet
+from compactnn.models.mnist_cnn import build_mnist_cnn
+from compactnn.models.reference import Reference
+
+
+def _build_minilm(**kwargs) -> Reference:
+    # imported on use: transformers takes seconds to import
+    from compactnn.models.minilm import build_minilm
+
+    return build_minilm(**kwargs)
+
+
+REFERENCES: dict[str, Callable[..., Reference]] = {
+    "mnist-cnn": build_mnist_cnn,
+    "digits-resnet": build_digits_resnet,
+    "minilm": _build_minilm,
+}
+
+
+def load_reference(name: str, *, progress: bool = True) -> Reference:
+    """The reference model called ``name`` (trained and cached on first use if needed).
+
+    Example:
+        >>> ref = load_reference("mnist-cnn", progress=False)  # doctest: +SKIP
+        >>> ref.metric
+        'top1'
+    """
+    builder = REFERENCES.get(name)
+    if builder is None:
+        raise CompactnnError(
+            f"unknown reference model {name!r}: choose one of {', '.join(sorted(REFERENCES))}."
+        )
+    return builder(progress=progress)
+
+
+__all__ = ["REFERENCES", "Reference", "load_reference"]
