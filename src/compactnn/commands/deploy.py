@@ -1,0 +1,89 @@
+"""``compactnn deploy MODEL_OR_ARTIFACT``: run a w8a8 model on integer kernels, verified."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import compactnn
+from compactnn.bench.timing import DEFAULT_RUNS, DEFAULT_THREADS, time_model
+from compactnn.commands._common import add_model_args, load_model
+from compactnn.core.calib import as_batches
+from compactnn.deploy.api import BACKENDS
+from compactnn.deploy.verify import DEFAULT_TOLERANCE
+from compactnn.errors import CompactnnError
+from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.model_io import resolve_data, skeleton_for
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "deploy",
+        help="run a w8a8 model on int8 CPU kernels, check it against the simulation, time it",
+        description=(
+            "Lower an artifact (or MODEL compressed in memory with --recipe, default w8a8) to "
+            "integer kernels, verify it on a sample batch against the simulated model, and "
+            "time it next to the float model. --onnx also writes a verified QDQ ONNX file."
+        ),
+    )
+    p.add_argument("target", metavar="MODEL_OR_ARTIFACT")
+    p.add_argument("--model", "-m", help="float MODEL of an artifact (default: as recorded)")
+    p.add_argument("--recipe", "-r", default="w8a8", help="recipe for a MODEL (default w8a8)")
+    p.add_argument("--data", "-d", help="inputs (.safetensors/.npy or data set name)")
+    p.add_argument("--backend", "-b", default="auto", choices=BACKENDS, help="kernels to use")
+    p.add_argument(
+        "--residual", default="exact", choices=("exact", "fast"), help="residual add mode"
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max steps of output scale"
+    )
+    p.add_argument("--onnx", metavar="FILE", help="also export a verified QDQ ONNX model")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs (median shown)")
+    add_model_args(p)
+    return p
+
+
+def _models(args: argparse.Namespace):
+    """The float model, the compressed one and the inputs to check and time them on."""
+    if artifact_exists(args.target):
+        loaded = skeleton_for(read_header(args.target), args.model, trust_pickle=args.trust_pickle)
+        qmodel = compactnn.load(args.target, model=loaded.model)
+    elif Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
+        raise CompactnnError(f"{args.target!r} holds neither an artifact nor a model.")
+    else:
+        loaded = load_model(args.target, args)
+        data = resolve_data(args.data, loaded)
+        qmodel = compactnn.compress(loaded.model, args.recipe, calib_data=data)
+    data = resolve_data(args.data, loaded) if args.data else loaded.calib
+    batches = as_batches(data) if data is not None else as_batches(loaded.example)
+    if not batches:
+        raise CompactnnError("deploy needs sample inputs to verify on: pass --data.")
+    return loaded, qmodel, batches[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded, qmodel, example = _models(args)
+    deployed = compactnn.deploy(
+        qmodel, args.backend, example, tolerance=args.tolerance, residual=args.residual
+    )
+    print(f"deployed on {deployed.backend}: {deployed.verification}")
+    for name, reason in deployed.kept_float.items():
+        print(f"  kept in float: {name} ({reason})")
+    if args.onnx:
+        from compactnn.export.onnx import export_onnx
+
+        result = export_onnx(qmodel, args.onnx, example, tolerance=args.tolerance)
+        print(f"wrote {args.onnx}: {result}")
+    times = {
+        label: time_model(m, example, threads=args.threads, runs=args.runs)
+        for label, m in (("float", loaded.model), ("simulated", qmodel), ("deployed", deployed))
+    }
+    base = times["float"].median_s
+    print(f"latency on this batch ({args.threads} threads, median of {args.runs}):")
+    for label, t in times.items():
+        print(f"  {label:<10} {t.fmt():>24}  {base / t.median_s:5.2f}x vs float eager")
+    if loaded.reference is not None and loaded.reference.metric == "top1":
+        sim_q, dep_q = loaded.reference.evaluate(qmodel), loaded.reference.evaluate(deployed)
+        print(f"top-1: simulated {sim_q:.4f}, deployed {dep_q:.4f} (the deployed model itself)")
+    return 0

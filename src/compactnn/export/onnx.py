@@ -1,0 +1,241 @@
+"""ONNX export of quantized models in QDQ form, verified with ONNX Runtime.
+
+Every quantized layer becomes ``QuantizeLinear -> DequantizeLinear`` on its input (the
+simulation's activation quantizer) and ``DequantizeLinear`` of its integer weight codes,
+stored as they are (int8/uint8 initializers, per-channel scales and zero points), feeding
+the float ``Conv`` / ``Gemm``. That is the simulation written in ONNX; ONNX Runtime's graph
+optimizer fuses such patterns into integer kernels where it can. Layers whose activation
+grid has no ONNX QuantizeLinear type (below 8 bits) spell the same rounding with
+``Div/Round/Clip``; per-group weights are stored dequantized (float) and listed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from compactnn.core.modules import set_module
+from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
+from compactnn.deploy.graph import FLOAT, trace
+from compactnn.deploy.plan import build_plan
+from compactnn.deploy.verify import DEFAULT_TOLERANCE, Verification, compare, enforce
+from compactnn.errors import CompactnnError
+from compactnn.export.fs import atomic_write
+
+OPSET = 17
+
+
+class _QDQLayer(nn.Module):
+    """A quantized layer in QDQ form: fake-quant ops that the exporter maps to Q/DQ pairs."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.kind = type(layer)
+        self.conv_args = {}
+        if not isinstance(layer, QuantLinear):
+            self.conv_args = dict(
+                stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                groups=layer.groups,
+            )  # fmt: skip
+        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.per_channel = layer.weight_spec.granularity != "group"
+        rows = layer.weight.shape[0]
+        self.register_buffer("w_scale", layer.weight_scale.reshape(-1).expand(rows).clone())
+        zero = layer.weight_zero.reshape(-1).expand(rows).round().to(torch.int32).clone()
+        self.register_buffer("w_zero", zero)
+        signed = layer.weight_spec.qtype.signed
+        self.w_range = (-128, 127) if signed else (0, 255)
+        self.codes = layer.weight_codes.clone()
+        aq = layer.input_quantizer
+        self.act = None
+        if aq is not None and aq.enabled and aq.calibrated:
+            self.act = (float(aq.scale), int(aq.zero.round()), aq.qtype.qmin, aq.qtype.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            scale, zero, qmin, qmax = self.act
+            if (qmin, qmax) in ((0, 255), (-128, 127)):
+                x = torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
+            else:  # no ONNX type for this grid: the same rounding in float ops
+                x = (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale
+        w = self.weight
+        if self.per_channel:
+            w = torch.fake_quantize_per_channel_affine(
+                w, self.w_scale, self.w_zero, 0, *self.w_range
+            )
+        if self.kind is QuantLinear:
+            return nn.functional.linear(x, w, self.bias)
+        conv = nn.functional.conv2d if self.kind is QuantConv2d else nn.functional.conv1d
+        return conv(x, w, self.bias, **self.conv_args)
+
+
+def qdq_module(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _QDQLayer], dict[str, str]]:
+    """A copy of ``qmodel`` with every quantized layer in QDQ form; also the kept-float list.
+
+    When the model traces with ``torch.fx``, each layer output that every consumer quantizes
+    on the same grid (see :mod:`compactnn.deploy.plan`) gets that Q/DQ pair right after it:
+    the same numbers (quantizing twice on one grid is idempotent), and it lets ONNX Runtime
+    fuse ``DQ -> Conv -> Q`` into its integer kernels.
+    """
+    model = copy.deepcopy(qmodel).eval()
+    try:
+        gm = trace(model)
+    except CompactnnError:
+        gm = None
+    root = model if gm is None else gm
+    layers, kept = {}, {}
+    for name, m in list(root.named_modules()):
+        if not is_quant_layer(m):
+            continue
+        if not isinstance(m, (QuantConv2d, QuantConv1d, QuantLinear)):
+            raise CompactnnError(f"ONNX export: unknown quantized layer {name!r}.")
+        q = _QDQLayer(m)
+        if not q.per_channel:
+            kept[name] = "per-group weights: stored dequantized (float) in ONNX"
+        layers[name] = q
+    if gm is not None:
+        _quantize_outputs(gm)
+    for name, q in layers.items():
+        set_module(root, name, q)
+    return (root if gm is None else _Wrapped(gm)), layers, kept
+
+
+class _Wrapped(nn.Module):
+    """Hides a GraphModule's ``.graph`` from the TorchScript exporter (it reads it as its own)."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.inner = gm
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
+def _quantize_outputs(gm: torch.fx.GraphModule) -> None:
+    """Insert the consumers' Q/DQ after each fused layer group whose output has one grid."""
+    plan = build_plan(gm, "exact")
+    for last, _group in plan.groups.items():
+        form = plan.form[last]
+        if form == FLOAT:
+            continue
+        with gm.graph.inserting_after(last):
+            fq = gm.graph.call_function(
+                torch.fake_quantize_per_tensor_affine, (last, form[0], form[1], 0, 255)
+            )
+        last.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
+    gm.recompile()
+
+
+def _io_names(example: Any) -> tuple[tuple, list[str], dict | None]:
+    if isinstance(example, torch.Tensor):
+        return (example,), ["input"], None
+    if isinstance(example, dict):
+        return (), list(example), example
+    return tuple(example), [f"input_{i}" for i in range(len(example))], None
+
+
+def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str]]:
+    """Serialized QDQ ONNX model of ``qmodel`` (batch dimension dynamic) and kept layers."""
+    model, layers, kept = qdq_module(qmodel)
+    args, names, kwargs = _io_names(example)
+    buf = io.BytesIO()
+    export_args = args if kwargs is None else (kwargs,)
+    with torch.no_grad():
+        torch.onnx.export(
+            model, export_args, buf, dynamo=False, opset_version=OPSET, input_names=names,
+            dynamic_axes={n: {0: "batch"} for n in names}, do_constant_folding=True,
+        )  # fmt: skip
+    proto = onnx.load_from_string(buf.getvalue())
+    _store_codes(proto, model, layers)
+    return proto.SerializeToString(), kept
+
+
+def _store_codes(proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QDQLayer]) -> None:
+    """Replace ``QuantizeLinear(float weight)`` by the layer's own integer codes."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    params = {id(p): n for n, p in model.named_parameters()}
+    by_name = {params[id(q.weight)]: q for q in layers.values() if q.per_channel}
+    for node in list(proto.graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in by_name:
+            continue
+        layer = by_name[node.input[0]]
+        dtype = np.int8 if layer.codes.dtype == torch.int8 else np.uint8
+        codes = numpy_helper.from_array(
+            layer.codes.numpy().astype(dtype), node.output[0] + "_codes"
+        )
+        proto.graph.initializer.append(codes)
+        for user in proto.graph.node:
+            for i, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[i] = codes.name
+        proto.graph.node.remove(node)
+        if not any(node.input[0] in n.input for n in proto.graph.node):
+            proto.graph.initializer.remove(inits[node.input[0]])  # the float copy is unused
+
+
+def _session(data: bytes, threads: int | None = None) -> Callable[..., Any]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        feeds = dict(zip(names, args, strict=False)) | kwargs
+        feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items() if k in names}
+        outs = [torch.from_numpy(o) for o in sess.run(None, feeds)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return run
+
+
+def ort_session(qmodel: nn.Module, example: Any) -> tuple[Callable[..., Any], dict[str, str]]:
+    """An ONNX Runtime callable running the QDQ export of ``qmodel`` (used by ``deploy``)."""
+    data, kept = to_onnx_bytes(qmodel, example)
+    return _session(data), kept
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    path: str | os.PathLike,
+    example: Any,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> Verification:
+    """Write ``qmodel`` as a QDQ ONNX file and verify it with ONNX Runtime.
+
+    Args:
+        qmodel: a compressed model (any recipe; int8 form needs 8-bit per-channel layers).
+        path: the ``.onnx`` file to write (atomically, only after the check passes).
+        example: a sample batch; the ONNX model and the simulated model run on it.
+        tolerance: largest allowed difference, in steps of the output scale.
+
+    Returns:
+        The verification; raises ``CompactnnError`` past ``tolerance``.
+
+    Example:
+        >>> export_onnx(qmodel, "model.onnx", example=images[:8])  # doctest: +SKIP
+    """
+    if example is None:
+        raise CompactnnError("export_onnx verifies the file: pass example= a sample batch.")
+    data, _ = to_onnx_bytes(qmodel, example)
+    result = enforce(compare(qmodel.eval(), _session(data), example, "onnx export", tolerance))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+    return result
