@@ -9,7 +9,7 @@ from compactnn.core.ranges import estimate_range
 
 # Percentile and MSE ranges need samples, not just extremes; a bounded reservoir keeps memory
 # flat however much calibration data comes through.
-MAX_SAMPLES = 1 << 20
+MAX_SAMPLES = 1 << 18
 
 
 class RangeObserver:
