@@ -113,6 +113,8 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for n, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if n and isinstance(w, torch.Tensor) and w.dim() >= 2 and not list(m.children()):
+        # quantized layers own an input quantizer child; they are still weight layers
+        owners = [c for c in m.children() if type(c).__name__ != "ActQuantizer"]
+        if n and isinstance(w, torch.Tensor) and w.dim() >= 2 and not owners:
             out[n] = m
     return out

@@ -1,0 +1,282 @@
+"""Peer tools and float baselines, run on the same model and data as compactnn.
+
+Each peer returns a :class:`PeerResult` (a callable model, its bytes on disk, the time it
+took to build) or raises; the caller reports the exception message as a finding. Peers are
+optional: ``onnxruntime.quantization``, ``torchao`` and ``optimum-quanto`` come from
+``requirements-bench.txt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.core.calib import as_batches
+
+
+@dataclass
+class PeerResult:
+    """A model produced by a peer tool (or a float baseline path).
+
+    Attributes:
+        model: callable like the float model (same inputs, same output structure).
+        size_bytes: bytes on disk of what the peer saves (None: nothing saved).
+        build_s: wall time to produce it (quantization, export or compilation).
+        saved_as: how the size was measured.
+    """
+
+    model: nn.Module
+    size_bytes: int | None
+    build_s: float
+    saved_as: str
+
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session behind the float model's call signature."""
+
+    def __init__(self, path: str, threads: int, input_names: list[str], hf: bool) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        # idle ORT threads would otherwise spin after each call and steal the CPU from the
+        # contender timed next (contenders are timed interleaved)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.input_names = input_names
+        self.hf = hf
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        feed = dict(zip(self.input_names, args, strict=False)) | kwargs
+        wanted = {i.name for i in self.session.get_inputs()}
+        out = self.session.run(None, {k: v.numpy() for k, v in feed.items() if k in wanted})
+        y = torch.from_numpy(out[0])
+        if self.hf:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            return BaseModelOutput(last_hidden_state=y)
+        return y
+
+
+def _input_spec(example: Any) -> tuple[tuple, dict, list[str]]:
+    """Positional args, keyword args and ONNX input names of an example batch."""
+    if isinstance(example, dict):
+        names = list(example)
+        return (), dict(example), names
+    args = example if isinstance(example, tuple) else (example,)
+    return args, {}, [f"input_{i}" for i in range(len(args))]
+
+
+class _KeywordsAsPositional(nn.Module):
+    """Calls a keyword-input model (Hugging Face) positionally and returns its main tensor:
+    the ONNX exporter traces positional tensors more reliably than keyword arguments."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        from compactnn.bench.measure import main_output
+
+        return main_output(self.model(**dict(zip(self.names, args, strict=True))))
+
+
+def export_onnx(model: nn.Module, example: Any, path: Path) -> list[str]:
+    """Export ``model`` to ONNX (dynamic batch and sequence axes); returns input names."""
+    args, kwargs, names = _input_spec(example)
+    model = copy.deepcopy(model)  # tracing may change a model's settings; keep the caller's
+    if kwargs:
+        model, args = _KeywordsAsPositional(model, names), tuple(kwargs[n] for n in names)
+    dims = {n: {0: "batch", 1: "seq"} if kwargs else {0: "batch"} for n in names}
+    dims["output"] = {0: "batch", 1: "seq"} if kwargs else {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            input_names=names,
+            output_names=["output"],
+            dynamic_axes=dims,
+            opset_version=17,
+            dynamo=False,
+        )
+    return names
+
+
+def ort_models(model: nn.Module, example: Any, calib: Any, threads: int) -> dict[str, Any]:
+    """ONNX Runtime fp32, static int8 (QDQ, per-channel) and dynamic int8, or the error."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    tmp = Path(tempfile.mkdtemp(prefix="compactnn-ort-"))
+    hf = isinstance(example, dict)
+    t0 = time.perf_counter()
+    names = export_onnx(model, example, tmp / "fp32.onnx")
+    export_s = time.perf_counter() - t0
+    out: dict[str, Any] = {"ort-fp32": _ort(tmp / "fp32.onnx", export_s, threads, names, hf)}
+    src = tmp / "fp32.onnx"
+    try:  # shape inference and graph cleanup, as ONNX Runtime recommends before quantizing
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        quant_pre_process(str(src), str(tmp / "pre.onnx"))
+        src = tmp / "pre.onnx"
+    except Exception:  # the raw export still quantizes; pre-processing is an optimisation
+        pass
+    batches = [_feed(b, names) for b in as_batches(calib)[:8]]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(batches)
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    jobs: dict[str, Callable[[Path], None]] = {
+        "ort-static-int8": lambda p: quantize_static(
+            str(src),
+            str(p),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        ),
+        "ort-dynamic-int8": lambda p: quantize_dynamic(
+            str(src), str(p), weight_type=QuantType.QInt8
+        ),
+    }
+    for name, job in jobs.items():
+        try:
+            t0 = time.perf_counter()
+            job(tmp / f"{name}.onnx")
+            out[name] = _ort(tmp / f"{name}.onnx", time.perf_counter() - t0, threads, names, hf)
+        except Exception as exc:  # a peer's failure is a finding, not a crash
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _feed(batch: Any, names: list[str]) -> dict:
+    if isinstance(batch, dict):
+        return {k: v.numpy() for k, v in batch.items() if k in names}
+    batch = batch[0] if isinstance(batch, tuple) else batch
+    return {names[0]: batch.numpy()}
+
+
+def _ort(path: Path, build_s: float, threads: int, names: list[str], hf: bool) -> PeerResult:
+    module = OrtModule(str(path), threads, names, hf)
+    return PeerResult(module, os.path.getsize(path), build_s, "ONNX file")
+
+
+def _saved_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())`` (how torchao/quanto models are saved)."""
+    with tempfile.TemporaryDirectory(prefix="compactnn-peer-") as tmp:
+        torch.save(model.state_dict(), Path(tmp) / "m.pt")
+        return (Path(tmp) / "m.pt").stat().st_size
+
+
+def _timed_copy(model: nn.Module, apply: Callable[[nn.Module], None]) -> PeerResult:
+    m = copy.deepcopy(model).eval()
+    t0 = time.perf_counter()
+    apply(m)
+    build_s = time.perf_counter() - t0
+    return PeerResult(m, _saved_bytes(m), build_s, "torch.save state_dict")
+
+
+def torchao_models(model: nn.Module, group_size: int = 32) -> dict[str, Any]:
+    """torchao weight-only int8 and int4 (group ``group_size``), or the error message."""
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        quantize_,
+    )
+    from torchao.quantization.granularity import PerGroup
+
+    configs = {
+        "torchao-int8wo": lambda: Int8WeightOnlyConfig(),
+        f"torchao-int4wo-g{group_size}": lambda: Int4WeightOnlyConfig(group_size=group_size),
+        f"torchao-intx4wo-g{group_size}": lambda: IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=PerGroup(group_size)
+        ),
+    }
+    return _run_each({k: (lambda m, c=c: quantize_(m, c())) for k, c in configs.items()}, model)
+
+
+def quanto_models(model: nn.Module) -> dict[str, Any]:
+    """optimum-quanto weight-only qint8 and qint4 (frozen), or the error message."""
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    def job(qtype: Any) -> Callable[[nn.Module], None]:
+        def apply(m: nn.Module) -> None:
+            quantize(m, weights=qtype)
+            freeze(m)
+
+        return apply
+
+    return _run_each({"quanto-qint8": job(qint8), "quanto-qint4": job(qint4)}, model)
+
+
+def _run_each(jobs: dict[str, Callable[[nn.Module], None]], model: nn.Module) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, apply in jobs.items():
+        try:
+            out[name] = _timed_copy(model, apply)
+        except Exception as exc:  # a peer's failure is a finding, not a crash
+            out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    return out
+
+
+class Bf16Autocast(nn.Module):
+    """The float model run under ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(*args, **kwargs)
+
+
+def float_paths(
+    model: nn.Module, example: Any, threads: int, *, with_compile: bool = True
+) -> dict[str, Any]:
+    """Float contenders for the speed baseline: eager, torch.compile (unless
+    ``with_compile`` is False) and bf16 autocast; :func:`ort_models` adds ONNX Runtime fp32."""
+    out: dict[str, Any] = {"fp32-eager": PeerResult(model, None, 0.0, "-")}
+    if with_compile:
+        out["torch.compile"] = _compiled(model, example)
+    out["bf16-autocast"] = PeerResult(Bf16Autocast(model), None, 0.0, "-")
+    return out
+
+
+def _compiled(model: nn.Module, example: Any) -> PeerResult | str:
+    from compactnn.core.calib import call_model
+
+    try:
+        t0 = time.perf_counter()
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            call_model(compiled, example)  # compilation happens on the first call
+        return PeerResult(compiled, None, time.perf_counter() - t0, "-")
+    except Exception as exc:  # report the failure as a finding
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"

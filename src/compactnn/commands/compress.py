@@ -1,0 +1,71 @@
+"""``compactnn compress MODEL --recipe R [--data D] [--out DIR] [--force]``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+import compactnn
+from compactnn.bench.measure import artifact_bytes, float_artifact_bytes
+from compactnn.commands._common import add_model_args, human_bytes, load_model, source_record
+from compactnn.errors import CompactnnError
+from compactnn.export.artifact import artifact_exists
+from compactnn.model_io import resolve_data
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "compress",
+        help="compress a model with a recipe and save a packed artifact",
+        description="Compress MODEL with recipe R and save the packed artifact in --out.",
+    )
+    p.add_argument("model", metavar="MODEL", help="reference name, HF dir, .pt2, or pkg.mod:fn")
+    p.add_argument("--recipe", "-r", required=True, help="short name (w4a8) or recipe YAML file")
+    p.add_argument("--data", "-d", help=".safetensors/.npy inputs or a reference data set name")
+    p.add_argument("--out", "-o", help="artifact directory (default: out/<model>-<recipe>)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed for stochastic methods")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_model_args(p)
+    return p
+
+
+def default_out(model: str, recipe: str) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.split(":")[-1]).stem or model)
+    return Path("out") / f"{stem}-{Path(recipe).stem}"
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else default_out(args.model, args.recipe)
+    if artifact_exists(out) and not args.force:  # refuse before any slow work
+        raise CompactnnError(
+            f"{str(out)!r} already holds a compactnn artifact; pass --force to replace it "
+            "or choose another --out."
+        )
+    recipe = compactnn.resolve_recipe(args.recipe)  # fail fast on a bad recipe
+    loaded = load_model(args.model, args)
+    data = resolve_data(args.data, loaded)
+    t0 = time.perf_counter()
+    qmodel = compactnn.compress(
+        loaded.model, recipe, calib_data=data, seed=args.seed, progress=not args.no_progress
+    )
+    seconds = time.perf_counter() - t0
+    extra = qmodel._compactnn.setdefault("extra", {})
+    extra["source"] = source_record(loaded)
+    extra.update(loaded.extra)
+    compactnn.save(qmodel, out, force=args.force)
+    size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
+    info = compactnn.info_of(qmodel)
+    quantized = sum(1 for m in qmodel.modules() if hasattr(m, "weight_codes"))
+    print(f"compressed {args.model} with {recipe.name} in {seconds:.1f} s")
+    print(f"  quantized layers: {quantized}; kept in float: {len(info['float_layers'])}")
+    for name, reason in info["float_layers"].items():
+        print(f"    {name}: {reason}")
+    print(
+        f"  artifact: {out}  {human_bytes(size)} "
+        f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
+    )
+    print(f"  evaluate it: compactnn eval {out}")
+    return 0

@@ -1,0 +1,41 @@
+"""``compactnn demo [--out DIR] [--force] [--quick]``: the reference suite and its report."""
+
+from __future__ import annotations
+
+import argparse
+
+from compactnn.bench.timing import DEFAULT_THREADS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo",
+        help="compress the reference models with the demo suite and write a report",
+        description=(
+            "Compress the reference models (mnist-cnn, minilm) with the demo suite, measure "
+            "quality, size and latency, and write report.md, report.html, pareto.png and "
+            "results.json into --out."
+        ),
+    )
+    p.add_argument("--out", "-o", default="out/demo", help="report directory (out/demo)")
+    p.add_argument("--force", action="store_true", help="replace an existing report")
+    p.add_argument("--quick", action="store_true", help="3 timed runs instead of 10")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from compactnn.demo import run_demo
+    from compactnn.report import summary_table
+
+    results = run_demo(
+        args.out,
+        force=args.force,
+        quick=args.quick,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(summary_table(results))
+    print(f"\nreport: {args.out}/report.html (also report.md, pareto.png, results.json)")
+    return 0

@@ -1,0 +1,219 @@
+"""The demo: compress the reference models with the suite and write the report.
+
+For every (reference model, recipe) entry of :data:`compactnn.demo_suite.SUITE` it measures
+quality (top-1 or mean cosine vs float), the artifact's bytes on disk beside the theoretical
+size, latency (warm-up, then the median of repeated runs, threads set explicitly), the
+compression time, each layer's format and the layers kept in float; then
+:func:`compactnn.report.write_report` writes ``report.md``, ``report.html``, ``pareto.png``
+and ``results.json``.
+
+Example:
+    >>> results = run_demo("out/demo", force=True)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import compactnn
+from compactnn.bench.measure import (
+    artifact_bytes,
+    first_rows,
+    layer_formats,
+    main_output,
+    theoretical_bytes,
+)
+from compactnn.bench.timing import (
+    DEFAULT_RUNS,
+    DEFAULT_THREADS,
+    Timing,
+    model_call,
+    set_threads,
+    time_round_robin,
+)
+from compactnn.core.calib import batch_size_of, call_model
+from compactnn.demo_suite import SUITE
+from compactnn.errors import CompactnnError
+
+FLOAT = "float"
+RESULTS = "results.json"
+LATENCY_BATCH = 16  # samples per timed call: enough to show throughput, cheap enough for CI
+
+
+def _default_loader(name: str) -> Any:
+    from compactnn.models import load_reference
+
+    return load_reference(name, progress=False)
+
+
+def group_suite(suite: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """``{model: [recipes...]}`` in suite order, with ``"float"`` first for every model."""
+    grouped: dict[str, list[str]] = {}
+    for model, recipe in suite:
+        recipes = grouped.setdefault(model, [FLOAT])
+        if recipe not in recipes:
+            recipes.append(recipe)
+    return grouped
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if (out / RESULTS).exists() and not force:
+        raise CompactnnError(
+            f"{str(out)!r} already holds a demo report; pass --force to replace it or "
+            "choose another --out."
+        )
+    if force and (out / "artifacts").is_dir():
+        shutil.rmtree(out / "artifacts")  # stale artifacts of recipes no longer in the suite
+
+
+def _bit_exact(ref: Any, qmodel: torch.nn.Module, path: Path, batch: Any) -> bool:
+    """Load the artifact into a fresh skeleton; outputs must equal the saved model's."""
+    loaded = compactnn.load(path, model=ref.skeleton())
+    with torch.no_grad():
+        a = main_output(call_model(qmodel, batch))
+        b = main_output(call_model(loaded, batch))
+    return bool(torch.equal(a, b))
+
+
+def measure_recipe(
+    name: str, ref: Any, recipe: str, out: Path, batch: Any
+) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Compress ``ref.model`` with ``recipe`` (``"float"``: as is), save and measure it
+    (all but latency, which :func:`time_models` measures side by side).
+
+    Returns the row and the compressed model. ``batch`` is the input used to check that the
+    reloaded artifact is bit-exact.
+    """
+    t0 = time.perf_counter()
+    if recipe == FLOAT:
+        model = ref.model
+    else:
+        model = compactnn.compress(ref.model, recipe, calib_data=ref.calib, progress=False)
+    compress_s = time.perf_counter() - t0
+    path = out / "artifacts" / name / recipe
+    compactnn.save(model, path, force=True)
+    info = compactnn.info_of(model)
+    row = {
+        "model": name,
+        "recipe": recipe,
+        "metric": ref.metric,
+        "quality": float(ref.evaluate(model)),
+        "size_bytes": artifact_bytes(path),
+        "theoretical_bytes": theoretical_bytes(model),
+        "latency_batch": batch_size_of(batch),
+        "compress_s": compress_s,
+        "bit_exact_load": True if recipe == FLOAT else _bit_exact(ref, model, path, batch),
+        "layers": layer_formats(model),
+        "float_layers": dict(info.get("float_layers", {})),
+        "notes": list(info.get("notes", [])),
+        "artifact": str(path.relative_to(out)),
+    }
+    return row, model
+
+
+def time_models(
+    models: dict[str, torch.nn.Module], batch: Any, *, threads: int, quick: bool
+) -> dict[str, Timing]:
+    """Latency of each model on ``batch``, timed in interleaved rounds (fair on a busy box)."""
+    runs, warmup = (3, 1) if quick else (DEFAULT_RUNS, 2)
+    calls = {name: model_call(m, batch) for name, m in models.items()}
+    return time_round_robin(calls, warmup=warmup, runs=runs, threads=threads)
+
+
+def run_model(
+    name: str, ref: Any, recipes: list[str], out: Path, *, threads: int, quick: bool, bar: Any
+) -> list[dict[str, Any]]:
+    """Rows of one reference model: every recipe measured, then all timed side by side."""
+    batch = first_rows(ref.example, LATENCY_BATCH)
+    rows, models = [], {}
+    for recipe in recipes:
+        bar.set_postfix_str(f"{name}: {recipe}")
+        row, models[recipe] = measure_recipe(name, ref, recipe, out, batch)
+        rows.append(row)
+        bar.update(1)
+    bar.set_postfix_str(f"{name}: timing")
+    timings = time_models(models, batch, threads=threads, quick=quick)
+    for row in rows:
+        row["latency"] = timings[row["recipe"]].to_dict()
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios of each row to its model's float row: size, speed, quality delta."""
+    base = {r["model"]: r for r in rows if r["recipe"] == FLOAT}
+    for r in rows:
+        b = base.get(r["model"])
+        if b is None:
+            continue
+        r["size_ratio"] = b["size_bytes"] / r["size_bytes"]
+        r["speedup"] = b["latency"]["median_s"] / r["latency"]["median_s"]
+        r["quality_delta"] = r["quality"] - b["quality"]
+        r["size_vs_theoretical"] = r["size_bytes"] / r["theoretical_bytes"] - 1.0
+
+
+def environment(threads: int, quick: bool) -> dict[str, Any]:
+    """Where and how the numbers were measured."""
+    return {
+        "compactnn": compactnn.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": threads,
+        "quick": quick,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def run_demo(
+    out: str | os.PathLike = "out/demo",
+    *,
+    force: bool = False,
+    quick: bool = False,
+    threads: int = DEFAULT_THREADS,
+    suite: list[tuple[str, str]] | None = None,
+    loader: Callable[[str], Any] = _default_loader,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the suite, write the report into ``out`` and return the results.
+
+    Args:
+        out: report directory (artifacts go to ``out/artifacts/<model>/<recipe>``).
+        force: replace an existing report.
+        quick: fewer timed runs (3 instead of 10; not the benchmark protocol).
+        threads: torch threads for everything, reported.
+        suite: (model, recipe) pairs; default :data:`compactnn.demo_suite.SUITE`.
+        loader: reference name -> reference model (tests pass tiny ones).
+        progress: show a progress bar.
+    """
+    from compactnn.report import write_report
+
+    out = Path(out)
+    _check_out(out, force)
+    grouped = group_suite(list(suite if suite is not None else SUITE))
+    previous = torch.get_num_threads()
+    threads = set_threads(threads)
+    rows, models = [], {}
+    total = sum(len(r) for r in grouped.values())
+    try:
+        with tqdm(total=total, desc="demo", disable=not progress) as bar:
+            for name, recipes in grouped.items():
+                bar.set_postfix_str(f"{name}: loading")
+                ref = loader(name)
+                models[name] = {"metric": ref.metric, "kind": ref.kind}
+                rows += run_model(name, ref, recipes, out, threads=threads, quick=quick, bar=bar)
+    finally:
+        torch.set_num_threads(previous)
+    add_ratios(rows)
+    results = {"environment": environment(threads, quick), "models": models, "rows": rows}
+    write_report(results, out)
+    return results

@@ -1,0 +1,325 @@
+"""Resolve what the command line names: a model, an artifact, or calibration data.
+
+A MODEL argument is one of:
+
+* a reference model name (``mnist-cnn``, ``minilm``, ...; see :mod:`compactnn.models`);
+* a Hugging Face model directory (holds ``config.json``);
+* a ``torch.export`` archive (``.pt2``);
+* ``package.module:factory`` with ``--weights file.safetensors``;
+* a pickled ``.pt``/``.pth`` module, only with ``trust_pickle=True`` (unpickling runs
+  arbitrary code, so it is refused by default).
+
+Calibration data (``--data``) is a ``.safetensors`` file (one tensor, or several named tensors
+given to the model as keywords), a ``.npy`` array, or a reference data set name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.errors import CompactnnError
+
+MODEL_FORMS = (
+    "a reference model name ({refs})",
+    "a Hugging Face model directory (holding config.json)",
+    "a torch.export archive (file.pt2)",
+    "package.module:factory with --weights file.safetensors",
+    "a pickled file.pt/.pth module with --trust-pickle",
+)
+
+
+@dataclass
+class LoadedModel:
+    """A float model resolved from a MODEL argument.
+
+    Attributes:
+        model: the float model, in eval mode.
+        source: the MODEL argument (recorded in artifacts so ``eval`` can rebuild the skeleton).
+        reference: the reference model object when MODEL names one, else None.
+        example: one input batch (tensor, tuple or dict), when one is known.
+        calib: default calibration data, when one is known.
+        weights: the ``--weights`` path of a factory model.
+    """
+
+    model: nn.Module
+    source: str
+    reference: Any = None
+    example: Any = None
+    calib: Any = None
+    weights: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def reference_names() -> list[str]:
+    """Names of the reference models (empty when the models package is unavailable)."""
+    try:
+        from compactnn.models import REFERENCES
+    except ImportError:
+        return []
+    return sorted(REFERENCES)
+
+
+def _unknown_model(spec: str) -> CompactnnError:
+    refs = ", ".join(reference_names()) or "none installed"
+    forms = "\n  ".join(f.format(refs=refs) for f in MODEL_FORMS)
+    return CompactnnError(f"unknown model {spec!r}. MODEL is one of:\n  {forms}")
+
+
+def resolve_model(
+    spec: str, *, weights: str | None = None, trust_pickle: bool = False
+) -> LoadedModel:
+    """Load the float model a MODEL argument names.
+
+    Example:
+        >>> resolve_model("mnist-cnn").model  # doctest: +SKIP
+    """
+    path = Path(spec)
+    if spec in reference_names():
+        from compactnn.models import load_reference
+
+        ref = load_reference(spec)
+        return LoadedModel(ref.model.eval(), spec, ref, ref.example, ref.calib)
+    if path.suffix in (".pt", ".pth"):
+        return _load_pickle(path, trust_pickle)
+    if path.suffix == ".pt2":
+        return _load_exported(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf_dir(path)
+    if ":" in spec and not path.exists():
+        return _load_factory(spec, weights)
+    raise _unknown_model(spec)
+
+
+def _load_pickle(path: Path, trust_pickle: bool) -> LoadedModel:
+    if not trust_pickle:
+        raise CompactnnError(
+            f"refusing to load {str(path)!r}: a .pt/.pth file is a pickle, and unpickling runs "
+            "arbitrary code from the file. Pass --trust-pickle if you trust its author, or "
+            "provide the model as a .pt2 torch.export archive, a Hugging Face directory, or "
+            "package.module:factory with --weights file.safetensors."
+        )
+    if not path.is_file():
+        raise CompactnnError(f"model file {str(path)!r} does not exist.")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, nn.Module):
+        raise CompactnnError(
+            f"{str(path)!r} holds a {type(obj).__name__}, not a whole nn.Module; for a state "
+            "dict use package.module:factory with --weights file.safetensors."
+        )
+    return LoadedModel(obj.eval(), str(path))
+
+
+def _load_exported(path: Path) -> LoadedModel:
+    if not path.is_file():
+        raise CompactnnError(f"torch.export archive {str(path)!r} does not exist.")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise CompactnnError(f"{str(path)!r} is not a torch.export archive: {exc}") from exc
+    model = lift_weight_layers(program.module())
+    example = None
+    if getattr(program, "example_inputs", None):
+        args, _kwargs = program.example_inputs
+        example = args[0] if len(args) == 1 else tuple(args)
+    return LoadedModel(model.eval(), str(path), example=example)
+
+
+def _load_hf_dir(path: Path) -> LoadedModel:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    cls = getattr(transformers, arch, transformers.AutoModel)
+    try:
+        model = cls.from_pretrained(str(path))
+    except Exception as exc:
+        raise CompactnnError(f"cannot load the Hugging Face model in {str(path)!r}: {exc}") from exc
+    example = None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path))
+        sentences = ["compactnn makes networks smaller.", "A second, longer example sentence."]
+        example = dict(tok(sentences, padding=True, return_tensors="pt"))
+    except Exception:  # no tokenizer saved: the user passes --data
+        example = None
+    hf = {"class": type(model).__name__, "config": model.config.to_dict()}
+    return LoadedModel(model.eval(), str(path), example=example, extra={"hf": hf})
+
+
+def _load_factory(spec: str, weights: str | None) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
+    if not weights:
+        raise CompactnnError(
+            f"model {spec!r} is a factory: pass its weights with --weights file.safetensors."
+        )
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # let users name modules in their project
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise CompactnnError(f"cannot import factory {spec!r}: {exc}") from exc
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise CompactnnError(f"factory {spec!r} returned a {type(model).__name__}, not a Module.")
+    try:
+        model.load_state_dict(read_tensors(weights), strict=True)
+    except RuntimeError as exc:
+        raise CompactnnError(
+            f"the weights in {weights!r} do not fit the model {spec!r} builds: {exc}"
+        ) from exc
+    return LoadedModel(model.eval(), spec, weights=str(weights))
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` file, with a clear error when it is unreadable."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompactnnError(f"file {str(path)!r} does not exist.")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CompactnnError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+
+
+def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
+    """Calibration/evaluation inputs named by ``--data`` (None: the model's default data).
+
+    Returns a tensor, a dict of tensors (passed to the model as keywords), or whatever a
+    reference model uses as calibration data.
+    """
+    if spec is None:
+        return loaded.calib if loaded is not None else None
+    path = Path(spec)
+    if path.suffix == ".safetensors":
+        tensors = read_tensors(path)
+        return next(iter(tensors.values())) if len(tensors) == 1 else tensors
+    if path.suffix == ".npy":
+        import numpy as np
+
+        if not path.is_file():
+            raise CompactnnError(f"data file {spec!r} does not exist.")
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except ValueError as exc:
+            raise CompactnnError(f"{spec!r} cannot be read without pickle: {exc}") from exc
+    if spec in reference_names():
+        from compactnn.models import load_reference
+
+        return load_reference(spec).calib
+    if path.suffix in (".pt", ".pth", ".pkl", ".pickle"):
+        raise CompactnnError(
+            f"data {spec!r} is a pickle; save inputs as .safetensors or .npy instead."
+        )
+    names = ", ".join(reference_names()) or "none"
+    raise CompactnnError(
+        f"unknown data {spec!r}: pass a .safetensors or .npy file of inputs, or a reference "
+        f"data set name ({names})."
+    )
+
+
+def skeleton_for(
+    header: dict[str, Any],
+    model_spec: str | None = None,
+    *,
+    weights: str | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """The float model an artifact was made from: ``model_spec`` (with ``weights``) when
+    given, else the MODEL and weights the artifact recorded.
+
+    Trust in pickles is never read from the artifact: the caller passes it again.
+    """
+    source = header.get("extra", {}).get("source", {})
+    spec = model_spec or source.get("model")
+    if not spec:
+        raise CompactnnError(
+            "this artifact does not record which model it came from: pass --model MODEL."
+        )
+    if weights is None and not model_spec:
+        weights = source.get("weights")
+    return resolve_model(spec, weights=weights, trust_pickle=trust_pickle)
+
+
+_FX_LAYERS = {
+    torch.ops.aten.linear.default: "linear",
+    torch.ops.aten.conv1d.default: "conv1d",
+    torch.ops.aten.conv2d.default: "conv2d",
+}
+
+
+def lift_weight_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Turn the functional ``aten.linear``/``aten.conv*d`` calls of an exported graph back into
+    ``nn.Linear``/``nn.Conv*d`` submodules, so quantization can swap them like any layer.
+
+    Only calls whose weight (and bias) are constants of the graph are lifted; the new module
+    takes the name of the module that owned the weight (``encoder.0.weight`` -> ``encoder.0``).
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        kind = _FX_LAYERS.get(node.target) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x, w_node, b_node, rest = args[0], args[1], args[2], args[3:]
+        if getattr(w_node, "op", None) != "get_attr" or (
+            b_node is not None and getattr(b_node, "op", None) != "get_attr"
+        ):
+            continue
+        weight = _attr(gm, w_node.target)
+        bias = _attr(gm, b_node.target) if b_node is not None else None
+        layer = _layer_from(kind, weight, bias, rest)
+        owner = w_node.target.rpartition(".")[0] or w_node.target
+        name = owner.replace(".", "_") + "_lifted"
+        gm.add_submodule(name, layer)
+        with graph.inserting_before(node):
+            new = graph.call_module(name, (x,))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    # A plain GraphModule: the one torch.export returns refuses .eval()/.train().
+    plain = torch.fx.GraphModule(gm, graph)
+    plain.delete_all_unused_submodules()
+    plain.recompile()
+    return plain
+
+
+def _attr(gm: nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _layer_from(
+    kind: str, weight: torch.Tensor, bias: torch.Tensor | None, rest: list
+) -> nn.Module:
+    """An nn layer holding ``weight``/``bias`` with the conv geometry given in ``rest``."""
+    has_bias = bias is not None
+    if kind == "linear":
+        layer: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+    else:
+        stride, padding, dilation, groups = ([*rest, None, None, None, None])[:4]
+        cls = nn.Conv2d if kind == "conv2d" else nn.Conv1d
+        layer = cls(
+            weight.shape[1] * (groups or 1),
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride=stride or 1,
+            padding=padding if padding is not None else 0,
+            dilation=dilation or 1,
+            groups=groups or 1,
+            bias=has_bias,
+        )
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if has_bias:
+            layer.bias.copy_(bias)
+    return layer

@@ -1,0 +1,181 @@
+"""Write the demo report: ``report.md``, ``report.html``, ``pareto.png``, ``results.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from compactnn.export.fs import atomic_write_text
+from compactnn.report.document import Block, to_html, to_markdown
+from compactnn.report.plot import METRIC_LABELS, pareto_png
+
+NOT_TARGETED = "not targeted by the recipe"
+SUMMARY_HEADER = [
+    "model",
+    "recipe",
+    "quality (top-1 / cosine)",
+    "vs float",
+    "size on disk",
+    "theoretical",
+    "x smaller",
+    "latency",
+    "speedup",
+    "compress",
+    "load bit-exact",
+]
+
+
+def _mib(n: float) -> str:
+    """``57,344`` -> ``"56.0 KiB"``; ``23,000,000`` -> ``"21.93 MiB"``."""
+    return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
+
+
+def _num(x: Any, fmt: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return format(x, fmt)
+
+
+def fmt_quality(metric: str, value: float | None, delta: bool = False) -> str:
+    """``98.10%`` for top-1 (percent), ``0.9981`` for cosine; deltas get a sign and unit."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    if metric == "top1":
+        return f"{value:+.2f} pt" if delta else f"{value:.2f}%"
+    return f"{value:+.4f}" if delta else f"{value:.4f}"
+
+
+def summary_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per (model, recipe), in the order of ``SUMMARY_HEADER``."""
+    rows = []
+    for r in results["rows"]:
+        lat = r["latency"]
+        spread = (lat["max_s"] - lat["min_s"]) / lat["median_s"] if lat["median_s"] else 0
+        latency = f"{lat['median_s'] * 1e3:.2f} ms"
+        if spread > 0.10:
+            latency += f" ({lat['min_s'] * 1e3:.1f}-{lat['max_s'] * 1e3:.1f})"
+        rows.append(
+            [
+                r["model"],
+                r["recipe"],
+                fmt_quality(r["metric"], r["quality"]),
+                fmt_quality(r["metric"], r.get("quality_delta"), delta=True),
+                _mib(r["size_bytes"]),
+                _mib(r["theoretical_bytes"]),
+                _num(r.get("size_ratio"), ".2f") + "x",
+                latency,
+                _num(r.get("speedup"), ".2f") + "x",
+                f"{r['compress_s']:.2f} s",
+                "yes" if r["bit_exact_load"] else "NO",
+            ]
+        )
+    return rows
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The summary as a Markdown table (printed by ``compactnn demo``)."""
+    return to_markdown([("table", (SUMMARY_HEADER, summary_rows(results)))]).strip()
+
+
+def _layer_blocks(results: dict[str, Any]) -> list[Block]:
+    """Per model: a table of layer x recipe formats, then the layers kept in float."""
+    blocks: list[Block] = [("h2", "Layer formats")]
+    for model in results["models"]:
+        rows = [r for r in results["rows"] if r["model"] == model and r["recipe"] != "float"]
+        if not rows:
+            continue
+        layers = list(dict.fromkeys(name for r in rows for name in r["layers"]))
+        table = [[name] + [r["layers"].get(name, "-") for r in rows] for name in layers]
+        blocks.append(("h3", model))
+        blocks.append(("table", (["layer"] + [r["recipe"] for r in rows], table)))
+        kept = [
+            f"{r['recipe']}: `{name}` ({reason})"
+            for r in rows
+            for name, reason in r["float_layers"].items()
+        ]
+        blocks.append(
+            (
+                "p",
+                f"Layers of {model} kept in float:"
+                if kept
+                else f"No layer of {model} is kept in float.",
+            )
+        )
+        if kept:
+            blocks.append(("list", kept))
+    return blocks
+
+
+def _method_blocks(results: dict[str, Any]) -> list[Block]:
+    env = results["environment"]
+    runs = "3 (quick mode)" if env.get("quick") else "10"
+    metrics = ", ".join(
+        f"{m}: {METRIC_LABELS.get(v['metric'], v['metric'])}" for m, v in results["models"].items()
+    )
+    notes = [f"{r['model']} {r['recipe']}: {n}" for r in results["rows"] for n in r["notes"]]
+    batches = "; ".join(
+        f"{m}: {b}" for m, b in {r["model"]: r["latency_batch"] for r in results["rows"]}.items()
+    )
+    blocks: list[Block] = [
+        ("h2", "How this was measured"),
+        (
+            "list",
+            [
+                f"Quality on held-out data never used for calibration ({metrics}).",
+                "Size: bytes on disk of the saved artifact directory (`os.stat`), beside the "
+                "theoretical size the recipe implies; the float row is the float model saved in "
+                "the same format.",
+                f"Latency: simulated (fake-quantized) model in PyTorch eager, {env['threads']} "
+                f"threads, warm-up then median of {runs} runs on one fixed input batch "
+                f"({batches} samples; min-max shown when the runs spread more than 10%). "
+                "Simulated low-bit layers run float kernels, so they are not expected to be "
+                "faster; see docs/benchmarks.md for peers.",
+                "Load bit-exact: the artifact loaded into a fresh skeleton gives outputs equal "
+                "(`torch.equal`) to the compressed model's.",
+            ],
+        ),
+    ]
+    if notes:
+        blocks += [("h2", "Notes from compression"), ("list", notes)]
+    return blocks
+
+
+def report_blocks(results: dict[str, Any], png: bytes) -> list[Block]:
+    env = results["environment"]
+    return [
+        ("h1", "compactnn demo report"),
+        (
+            "p",
+            f"compactnn {env['compactnn']}, torch {env['torch']}, Python {env['python']}, "
+            f"{env['machine']}, {env['threads']} torch threads, {env['date']}.",
+        ),
+        ("h2", "Results"),
+        ("table", (SUMMARY_HEADER, summary_rows(results))),
+        ("img", ("quality vs size", png, "pareto.png")),
+        *_layer_blocks(results),
+        *_method_blocks(results),
+    ]
+
+
+def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, Path]:
+    """Write the four report files into ``out`` and return their paths.
+
+    Example:
+        >>> write_report(run_demo_results, "out/demo")  # doctest: +SKIP
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = pareto_png(results)
+    blocks = report_blocks(results, png)
+    paths = {name: out / name for name in ("results.json", "pareto.png", "report.md")}
+    paths["report.html"] = out / "report.html"
+    atomic_write_text(paths["results.json"], json.dumps(results, indent=1, sort_keys=False))
+    (out / "pareto.png").write_bytes(png)
+    atomic_write_text(paths["report.md"], to_markdown(blocks))
+    atomic_write_text(paths["report.html"], to_html(blocks, "compactnn demo report"))
+    for path in paths.values():
+        path.chmod(0o644)  # temp files are created private; a report is for reading
+    return paths

@@ -1,0 +1,76 @@
+"""Peer wrappers run the same model on the same inputs: ONNX Runtime fp32 matches eager
+float, its int8 models stay close, and the float paths agree with the eager model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compactnn.bench.peers import PeerResult, float_paths, ort_models
+
+pytest.importorskip("onnxruntime")
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    ).eval()
+
+
+def test_ort_models_match_float():
+    model = tiny_cnn()
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    peers = ort_models(model, x[:4], x, threads=1)
+    assert set(peers) == {"ort-fp32", "ort-static-int8", "ort-dynamic-int8"}
+    with torch.no_grad():
+        ref = model(x)
+    for name, res in peers.items():
+        assert isinstance(res, PeerResult), res  # a string here would be the peer's error
+        assert res.size_bytes > 0
+        out = res.model(x)  # a dynamic batch: 16 rows although exported with 4
+        err = (out - ref).abs().max().item()
+        bound = 1e-5 if name == "ort-fp32" else 0.05 * ref.abs().max().item()
+        assert out.shape == ref.shape and err <= bound, (name, err)
+    # int8 files are smaller than the fp32 export
+    assert peers["ort-static-int8"].size_bytes < peers["ort-fp32"].size_bytes
+
+
+def test_float_paths_agree_with_eager():
+    model = tiny_cnn()
+    x = torch.randn(4, 1, 6, 6)
+    paths = float_paths(model, x, threads=1, with_compile=False)
+    assert set(paths) == {"fp32-eager", "bf16-autocast"}
+    with torch.no_grad():
+        ref = model(x)
+        bf16 = paths["bf16-autocast"].model(x).float()
+    assert torch.equal(paths["fp32-eager"].model(x), ref)
+    assert (bf16 - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 keeps ~3 digits
+
+
+@pytest.mark.slow
+def test_ort_fp32_of_a_hugging_face_encoder():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    batch = {
+        "input_ids": torch.randint(0, 64, (2, 8)),
+        "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3]),
+    }
+    res = ort_models(model, batch, [batch], threads=1)["ort-fp32"]
+    assert isinstance(res, PeerResult), res
+    other = {"input_ids": torch.randint(0, 64, (3, 6)), "attention_mask": torch.ones(3, 6).long()}
+    for b in (batch, other):  # dynamic batch and sequence length
+        with torch.no_grad():
+            ref = model(**b).last_hidden_state
+        out = res.model(**b).last_hidden_state
+        assert out.shape == ref.shape and (out - ref).abs().max() < 1e-4

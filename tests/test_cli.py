@@ -1,0 +1,219 @@
+"""The command line: every bad input gets ``error: ...``, exit code 2 and no traceback; a
+small compress -> eval round trip works end to end."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import compactnn
+from compactnn.cli import main
+
+TINYNET = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def make():
+        return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                             nn.Linear(64, 4))
+    """
+)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A user project: a factory module, its weights, and calibration data files."""
+    (tmp_path / "cli_tinynet.py").write_text(TINYNET)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "bad.npy", np.zeros((8, 3), dtype=np.float32))
+    return tmp_path, model, x
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(capsys, argv, *needles: str) -> str:
+    code, _out, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+FACTORY = ["cli_tinynet:make", "--weights", "w.safetensors"]
+
+
+def test_compress_then_eval_round_trip(project, capsys):
+    tmp, model, x = project
+    code, out, err = run_cli(
+        capsys, "compress", *FACTORY, "-r", "w4a8", "-d", "x.npy", "-o", "art", "--no-progress"
+    )
+    assert code == 0, err
+    assert "x smaller" in out
+    # the artifact matches the library API result exactly
+    expected = compactnn.compress(model, "w4a8", calib_data=x, progress=False)
+    loaded = compactnn.load(tmp / "art", model=model)
+    assert torch.equal(loaded(x), expected(x))
+    code, out, err = run_cli(
+        capsys, "eval", "art", "-d", "x.safetensors", "--runs", "2", "--json", "r.json"
+    )
+    assert code == 0, err
+    rows = json.loads((tmp / "r.json").read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["float", "w4a8"]
+    assert rows[0]["quality"] == pytest.approx(1.0)
+    assert 0.95 < rows[1]["quality"] < 1.0  # output cosine vs float of a 4-bit middle layer
+    assert rows[1]["size_bytes"] < rows[0]["size_bytes"] / 2.5
+
+
+def test_eval_model_with_recipe_in_memory(project, capsys):
+    code, out, err = run_cli(capsys, "eval", *FACTORY, "-r", "w8", "-d", "x.npy", "--runs", "2")
+    assert code == 0, err
+    assert "float" in out and "w8" in out
+
+
+def test_export_archive_is_a_model(project, capsys):
+    tmp, model, x = project
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (x[:4],), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp / "m.pt2"))
+    code, _out, err = run_cli(
+        capsys, "compress", "m.pt2", "-r", "w8a8", "-d", "x.npy", "-o", "pt2art", "--no-progress"
+    )
+    assert code == 0, err
+    header = json.loads((tmp / "pt2art" / "compactnn.json").read_text())
+    assert len(header["layers"]) == 3  # every aten.linear became a quantized Linear
+
+
+def test_existing_artifact_needs_force(project, capsys):
+    args = ["compress", *FACTORY, "-r", "w8", "-o", "art", "--no-progress"]
+    assert run_cli(capsys, *args)[0] == 0
+    before = (project[0] / "art" / "model.safetensors").read_bytes()
+    assert_user_error(capsys, args, "already holds a compactnn artifact", "--force")
+    assert (project[0] / "art" / "model.safetensors").read_bytes() == before  # lost nothing
+    assert run_cli(capsys, *args, "--force")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["compress", "no-such-model", "-r", "w8"], ["unknown model 'no-such-model'", ".pt2"]),
+        (["compress", *FACTORY, "-r", "w5z"], ["unknown recipe 'w5z'", "w<W>[a<A>]"]),
+        (["compress", *FACTORY, "-r", "w9a8"], ["bits=9", "1..8"]),
+        (["compress", *FACTORY, "-r", "w4-g5"], ["group"]),
+        (["compress", *FACTORY, "-r", "w8a8", "-d", "bad.npy"], ["(8, 3)", "Expected input"]),
+        (["compress", *FACTORY, "-r", "w8", "-d", "nope.npy"], ["does not exist"]),
+        (["compress", *FACTORY, "-r", "w8", "-d", "data.pt"], ["pickle"]),
+        (["compress", "cli_tinynet:make", "-r", "w8"], ["--weights"]),
+        (
+            ["compress", "cli_tinynet:nothing", "--weights", "w.safetensors", "-r", "w8"],
+            ["cannot import factory"],
+        ),
+        (["compress", *FACTORY, "-r", "missing.yaml"], ["does not exist"]),
+        (["eval", "no_such_dir_or_model"], ["unknown model"]),
+    ],
+)
+def test_bad_inputs_are_clear_errors(project, capsys, argv, needles):
+    assert_user_error(capsys, argv, *needles)
+
+
+def test_pickle_is_refused_unless_trusted(project, capsys):
+    tmp, model, _x = project
+    torch.save(model, tmp / "model.pt")
+    err = assert_user_error(
+        capsys,
+        ["compress", "model.pt", "-r", "w8", "-o", "p"],
+        "pickle",
+        "arbitrary code",
+        "--trust-pickle",
+    )
+    assert not (tmp / "p").exists()
+    assert "refusing" in err
+    code, _out, err = run_cli(
+        capsys, "compress", "model.pt", "-r", "w8", "-o", "p", "--trust-pickle", "--no-progress"
+    )
+    assert code == 0, err
+
+
+def test_eval_detects_a_tampered_artifact(project, capsys):
+    tmp = project[0]
+    assert run_cli(capsys, "compress", *FACTORY, "-r", "w8", "-o", "art", "--no-progress")[0] == 0
+    blob = bytearray((tmp / "art" / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (tmp / "art" / "model.safetensors").write_bytes(bytes(blob))
+    assert_user_error(capsys, ["eval", "art"], "model.safetensors", "modified")
+
+
+def test_recipes_lists_forms_and_methods(capsys):
+    code, out, _err = run_cli(capsys, "recipes")
+    assert code == 0
+    assert "w<W>[a<A>][-g<G>][-<method>]" in out and "rtn" in out
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "x"])  # --recipe missing
+    assert exc.value.code == 2
+
+
+def test_demo_refuses_an_existing_report(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    assert_user_error(capsys, ["demo", "--out", str(tmp_path)], "already holds a demo report")
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_hugging_face_directory(tmp_path, monkeypatch, capsys):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).eval().save_pretrained(tmp_path / "hf")
+    ids = {"input_ids": torch.randint(0, 64, (4, 8)), "attention_mask": torch.ones(4, 8).long()}
+    save_file(ids, tmp_path / "ids.safetensors")
+    code, _out, err = run_cli(
+        capsys,
+        "compress",
+        "hf",
+        "-r",
+        "w8a8",
+        "-d",
+        "ids.safetensors",
+        "-o",
+        "art",
+        "--no-progress",
+    )
+    assert code == 0, err
+    # the artifact records the architecture: it loads without a skeleton, bit-exact
+    qmodel = compactnn.load(tmp_path / "art")
+    again = compactnn.load(tmp_path / "art")
+    assert torch.equal(qmodel(**ids).last_hidden_state, again(**ids).last_hidden_state)
+    code, out, err = run_cli(capsys, "eval", "art", "-d", "ids.safetensors", "--runs", "2")
+    assert code == 0, err
+    assert "w8a8" in out

@@ -1,0 +1,105 @@
+"""The demo pipeline on tiny stand-in reference models (the real ones are too slow here)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compactnn.demo import group_suite, run_demo
+from compactnn.errors import CompactnnError
+
+
+class TinyRef:
+    """A stand-in with the interface of ``compactnn.models.Reference``."""
+
+    metric = "top1"
+    kind = "cnn"
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 6 * 6, 128),  # the middle layer: the only one below 8 bits
+            nn.ReLU(),
+            nn.Linear(128, 4),
+        ).eval()
+        g = torch.Generator().manual_seed(1)
+        self.calib = torch.randn(32, 1, 6, 6, generator=g)
+        self.test_x = torch.randn(64, 1, 6, 6, generator=g)
+        with torch.no_grad():
+            self.labels = self.model(self.test_x).argmax(1)  # float is 100% by construction
+        self.example = self.test_x[:8]
+        self._skeleton = copy.deepcopy(self.model)
+
+    def evaluate(self, model: nn.Module) -> float:
+        with torch.no_grad():
+            return 100.0 * float((model(self.test_x).argmax(1) == self.labels).float().mean())
+
+    def skeleton(self) -> nn.Module:
+        return copy.deepcopy(self._skeleton)
+
+
+SUITE = [("tiny", "float"), ("tiny", "w8a8"), ("tiny", "w4a8"), ("tiny", "w2a4")]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    results = run_demo(
+        out, quick=True, threads=1, suite=SUITE, loader=lambda _n: TinyRef(), progress=False
+    )
+    return out, results
+
+
+def test_group_suite_puts_float_first_and_keeps_order():
+    grouped = group_suite([("a", "w8a8"), ("b", "w4"), ("a", "float"), ("a", "w4a8")])
+    assert grouped == {"a": ["float", "w8a8", "w4a8"], "b": ["float", "w4"]}
+
+
+def test_demo_rows_measure_every_recipe(demo):
+    out, results = demo
+    rows = {r["recipe"]: r for r in results["rows"]}
+    assert list(rows) == ["float", "w8a8", "w4a8", "w2a4"]
+    assert rows["float"]["quality"] == 100.0 and rows["float"]["size_ratio"] == 1.0
+    assert rows["w8a8"]["quality"] >= 95.0  # 8-bit RTN barely moves a tiny net
+    for r in rows.values():
+        assert r["bit_exact_load"] is True
+        assert (out / r["artifact"] / "compactnn.json").is_file()
+        assert r["latency"]["runs"] == 3 and r["latency"]["threads"] == 1
+    # smaller bit-widths give smaller artifacts, and the float one is the largest
+    sizes = [rows[k]["size_bytes"] for k in ("float", "w8a8", "w4a8", "w2a4")]
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
+    assert rows["w8a8"]["size_ratio"] > 3.0  # float32 -> int8 codes, small overheads
+
+
+def test_demo_reports_layer_formats_and_folded_bn(demo):
+    _out, results = demo
+    w4 = next(r for r in results["rows"] if r["recipe"] == "w4a8")
+    # first and last layers keep 8 bits by convention; the middle one gets 4
+    assert set(w4["layers"]) == {"0", "4", "6"}
+    assert w4["layers"]["0"].startswith("int8") and w4["layers"]["6"].startswith("int8")
+    assert w4["layers"]["4"].startswith("uint4-asym-channel")
+    assert w4["layers"]["4"].endswith("act uint8")
+    assert results["rows"][0]["layers"] == {"0": "float32", "4": "float32", "6": "float32"}
+
+
+def test_demo_writes_the_four_files(demo):
+    out, results = demo
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "w2a4" in html
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| tiny | w4a8 |" in (out / "report.md").read_text()
+
+
+def test_demo_refuses_existing_report_without_force(demo):
+    out, _ = demo
+    with pytest.raises(CompactnnError, match="--force"):
+        run_demo(out, suite=SUITE, loader=lambda _n: TinyRef(), progress=False)

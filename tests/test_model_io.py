@@ -1,0 +1,93 @@
+"""Resolving MODEL and --data arguments without pickle, and lifting exported graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from compactnn.errors import CompactnnError
+from compactnn.model_io import lift_weight_layers, resolve_data, resolve_model, skeleton_for
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4, bias=False)
+        self.c3 = nn.Conv1d(8, 4, 2)
+        self.fc = nn.Linear(4 * 15, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c2(torch.relu(self.c1(x)))  # (N, 8, 4, 4)
+        x = self.c3(x.flatten(2))  # (N, 4, 15)
+        return self.fc(x.flatten(1))
+
+
+def test_lifted_export_graph_matches_the_model_exactly():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    x = torch.randn(2, 4, 8, 8)
+    gm = lift_weight_layers(torch.export.export(model, (x,)).module())
+    kinds = sorted(
+        type(m).__name__ for m in gm.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))
+    )
+    assert kinds == ["Conv1d", "Conv2d", "Conv2d", "Linear"]
+    assert torch.equal(gm(x), model(x))
+    gm.eval()  # a plain GraphModule: eval() works (the exported one refuses it)
+
+
+def test_resolve_data_formats(tmp_path):
+    x = torch.randn(4, 3)
+    save_file({"x": x}, tmp_path / "one.safetensors")
+    save_file(
+        {
+            "input_ids": torch.ones(2, 5, dtype=torch.long),
+            "attention_mask": torch.ones(2, 5, dtype=torch.long),
+        },
+        tmp_path / "two.safetensors",
+    )
+    np.save(tmp_path / "x.npy", x.numpy())
+    assert torch.equal(resolve_data(str(tmp_path / "one.safetensors")), x)
+    assert set(resolve_data(str(tmp_path / "two.safetensors"))) == {"input_ids", "attention_mask"}
+    assert torch.equal(resolve_data(str(tmp_path / "x.npy")), x)
+
+
+def test_npy_of_objects_is_refused(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CompactnnError, match="without pickle"):
+        resolve_data(str(tmp_path / "obj.npy"))
+
+
+@pytest.mark.parametrize("spec", ["inputs.pt", "unknown-data"])
+def test_bad_data_names(spec):
+    with pytest.raises(CompactnnError, match=r"pickle|unknown data"):
+        resolve_data(spec)
+
+
+def test_pickle_refused_and_state_dict_pickle_rejected(tmp_path):
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "sd.pth")
+    with pytest.raises(CompactnnError, match="arbitrary code"):
+        resolve_model(str(tmp_path / "sd.pth"))
+    with pytest.raises(CompactnnError, match=r"not a whole nn\.Module"):
+        resolve_model(str(tmp_path / "sd.pth"), trust_pickle=True)
+
+
+def test_factory_weights_must_match(tmp_path, monkeypatch):
+    (tmp_path / "mio_factory.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Linear(4, 2)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    save_file(nn.Linear(4, 2).state_dict(), tmp_path / "ok.safetensors")
+    save_file(nn.Linear(5, 2).state_dict(), tmp_path / "bad.safetensors")
+    loaded = resolve_model("mio_factory:make", weights=str(tmp_path / "ok.safetensors"))
+    assert isinstance(loaded.model, nn.Linear) and loaded.weights
+    with pytest.raises(CompactnnError, match="do not fit"):
+        resolve_model("mio_factory:make", weights=str(tmp_path / "bad.safetensors"))
+
+
+def test_skeleton_needs_a_recorded_source():
+    with pytest.raises(CompactnnError, match="--model"):
+        skeleton_for({"extra": {}})
