@@ -33,12 +33,14 @@ from compactnn.core.qlayers import (
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export.fs import atomic_write, atomic_write_text, sha256_file
+from compactnn.export.sparse import densify, sparsify
+from compactnn.prune.geometry import rebuild_resized
 
 FORMAT_VERSION = 1
 HEADER = "compactnn.json"
 TENSORS = "model.safetensors"
 RECIPE = "recipe.yaml"
-_QUANT_KEYS = ("weight", "weight_codes", "weight_scale", "weight_zero")
+_QUANT_KEYS = ("weight", "weight_codes", "weight_scale", "weight_zero", "weight_levels")
 
 
 def info_of(model: nn.Module) -> dict[str, Any]:
@@ -76,6 +78,8 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         tensors[f"{name}.weight.scale"] = m.weight_scale.to(torch.float16)
         if not spec.symmetric:
             tensors[f"{name}.weight.zero"] = m.weight_zero.to(qt.storage_dtype)
+        if getattr(m, "weight_levels", None) is not None:  # non-uniform grid (codebook)
+            tensors[f"{name}.weight.levels"] = m.weight_levels.to(torch.float16)
         if m.input_quantizer is not None:
             tensors[f"{name}.input.qparams"] = torch.stack(
                 [m.input_quantizer.scale, m.input_quantizer.zero]
@@ -123,6 +127,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> P
     out.mkdir(parents=True, exist_ok=True)
     info = info_of(model)
     tensors, layers, aliases = pack_state(model)
+    tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse
     atomic_write(out / TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     recipe = info.get("recipe")
     if recipe is not None:
@@ -137,6 +142,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> P
         "folded_bn": list(info.get("folded_bn", [])),
         "float_layers": dict(info.get("float_layers", {})),
         "extra": info.get("extra", {}),
+        "sparse": sparse_index,
         "tensors_sha256": sha256_file(out / TENSORS),
         "tensors_bytes": (out / TENSORS).stat().st_size,
     }
@@ -203,6 +209,9 @@ def _install_quant_layer(layer: nn.Module, name: str, tensors: dict[str, torch.T
     scale = tensors[f"{name}.weight.scale"].float()
     zero = tensors.get(f"{name}.weight.zero")
     zero = torch.zeros_like(scale) if zero is None else zero.float()
+    levels = tensors.get(f"{name}.weight.levels")
+    if levels is not None:
+        layer.set_codebook(levels.float())
     layer.set_quantized_weight(codes, scale, zero)
     if layer.input_quantizer is not None:
         s, z = tensors[f"{name}.input.qparams"]
@@ -228,6 +237,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         tensors = load_file(str(root / TENSORS))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{root / TENSORS} cannot be read: {exc}") from exc
+    tensors = densify(tensors, header.get("sparse", {}), header["layers"])  # sparse -> dense
     if model is None:
         from compactnn.export.hf import skeleton_from_header
 
@@ -235,8 +245,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     else:
         model = copy.deepcopy(model)
     model.eval()
+    rebuild_resized(model, header.get("extra", {}).get("resized", {}))  # channel-pruned shapes
     for bn in header["folded_bn"]:
         set_module(model, bn, nn.Identity())
+    from compactnn.quant.binary import rebuild_blocks  # binary blocks wrap their layers
+
+    rebuild_blocks(model, header.get("extra", {}))
     try:
         for name, entry in header["layers"].items():
             layer = _build_quant_layer(entry)
@@ -247,6 +261,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         raise ArtifactError(
             f"artifact {str(root)!r} does not fit the given model skeleton: {exc}"
         ) from exc
+    from compactnn.quant.smoothquant import restore_dynamic_act  # per-token act grids
+
+    restore_dynamic_act(model, header.get("extra", {}))
     recipe_path = root / RECIPE
     recipe = Recipe.from_yaml(recipe_path.read_text()) if recipe_path.is_file() else None
     model._compactnn = {

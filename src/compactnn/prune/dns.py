@@ -1,0 +1,150 @@
+"""Dynamic Network Surgery (Guo, Yao & Chen, NeurIPS 2016).
+
+Pruning and splicing interleave with training. Every weight keeps training, pruned or not:
+the forward pass uses ``W * T`` but the gradient of ``W * T`` updates the dense ``W`` (a
+straight-through parametrization). Every ``frequency`` steps the mask ``T`` is revised with
+two thresholds ``a < b`` around the layer's magnitude quantile ``t`` at the target sparsity:
+``|w| < a`` is pruned, ``|w| > b`` is spliced back (restored), and weights in between keep
+their state. The band stops weights near the threshold from flipping at every update.
+
+In your own loop::
+
+    pruner = DNSPruner(model, DNSConfig(sparsity=0.9))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)   # after the pruner
+    for x, y in loader:
+        loss(model(x), y).backward(); opt.step(); opt.zero_grad()
+        pruner.step()
+    pruner.finish()
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from compactnn.core.config import MethodConfig
+from compactnn.core.context import CompressContext
+from compactnn.errors import CompactnnError
+from compactnn.prune.magnitude import record_sparsity
+from compactnn.prune.masks import (
+    attach_masks,
+    bake_masks,
+    check_sparsity,
+    dense_weight,
+    prunable_layers,
+    set_mask,
+)
+from compactnn.prune.train import distill_steps
+from compactnn.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class DNSConfig(MethodConfig):
+    """Dynamic Network Surgery.
+
+    Args:
+        sparsity: target fraction of pruned weights per layer, in [0, 1).
+        band: half-width of the hysteresis band: ``a = (1 - band) t``, ``b = (1 + band) t``.
+        frequency: steps between mask revisions.
+        surgery_steps: steps during which masks are revised (inside ``compress``).
+        finetune_steps: further steps with the masks fixed (inside ``compress``).
+        lr: Adam learning rate inside ``compress``.
+    """
+
+    sparsity: float = 0.9
+    band: float = 0.1
+    frequency: int = 10
+    surgery_steps: int = 200
+    finetune_steps: int = 100
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sparsity(self.sparsity)
+        if not 0.0 <= self.band < 1.0:
+            raise CompactnnError(f"DNSConfig.band={self.band} must lie in [0, 1).")
+        if self.frequency < 1 or self.surgery_steps < 0 or self.finetune_steps < 0:
+            raise CompactnnError("DNSConfig: frequency >= 1, surgery/finetune steps >= 0.")
+
+
+def dns_thresholds(weight: torch.Tensor, sparsity: float, band: float) -> tuple[float, float]:
+    """``(a, b)``: prune below ``a``, splice above ``b``; ``t`` is the |w| quantile."""
+    if sparsity == 0.0:
+        return 0.0, 0.0
+    mags = weight.detach().abs().reshape(-1).float()
+    t = float(torch.kthvalue(mags, max(1, round(sparsity * mags.numel()))).values)
+    return (1.0 - band) * t, (1.0 + band) * t
+
+
+def revise_mask(weight: torch.Tensor, mask: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """The DNS mask rule: 0 below ``low``, 1 above ``high``, unchanged in between."""
+    mag = weight.detach().abs()
+    new = mask.clone()
+    new[mag < low] = 0.0
+    new[mag > high] = 1.0
+    return new
+
+
+class DNSPruner:
+    """Surgery schedule for a training loop: call ``step()`` after every optimizer step.
+
+    Args:
+        model: pruned in place; masks are attached at construction (build the optimizer
+            afterwards).
+        config: thresholds and schedule (``surgery_steps`` bounds when masks change).
+        names: layers to prune (default: every Linear/Conv weight layer).
+    """
+
+    def __init__(self, model: nn.Module, config: DNSConfig, names: list[str] | None = None) -> None:
+        self.model, self.config, self.t = model, config, 0
+        if names is None:
+            kinds = (nn.Linear, nn.Conv1d, nn.Conv2d)
+            names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+        self.names = list(names)
+        ones = {n: torch.ones_like(model.get_submodule(n).weight) for n in self.names}
+        attach_masks(model, ones, straight_through=True)
+        self.spliced = 0  # weights restored over the run (diagnostic)
+        self.revise(band=0.0)  # the first cut is a plain threshold: no state to keep yet
+        self.spliced = 0
+
+    def revise(self, band: float | None = None) -> None:
+        """Prune and splice every layer once with its current two thresholds."""
+        band = self.config.band if band is None else band
+        with torch.no_grad():
+            for n in self.names:
+                w = dense_weight(self.model, n)
+                old = self.model.get_submodule(n).parametrizations.weight[0].mask
+                low, high = dns_thresholds(w, self.config.sparsity, band)
+                new = revise_mask(w, old, low, high)
+                self.spliced += int(((old == 0) & (new == 1)).sum())
+                set_mask(self.model, n, new)
+
+    def step(self) -> None:
+        """Advance one step; revise masks every ``frequency`` steps during surgery."""
+        self.t += 1
+        if self.t <= self.config.surgery_steps and self.t % self.config.frequency == 0:
+            self.revise()
+
+    def finish(self) -> None:
+        """Remove the masks, leaving plain weights with exact zeros."""
+        bake_masks(self.model)
+
+
+@register("dns", DNSConfig, "Dynamic Network Surgery: prune and splice during training")
+def apply_dns(
+    model: nn.Module, targets: dict[str, nn.Module], config: DNSConfig, ctx: CompressContext
+) -> nn.Module:
+    """Surgery while distilling from the unpruned model on the calibration batches, then
+    fine-tuning with the masks fixed."""
+    layers = prunable_layers(targets, ctx)
+    teacher = copy.deepcopy(model)
+    pruner = DNSPruner(model, config, list(layers))
+    steps = config.surgery_steps + config.finetune_steps
+    distill_steps(model, teacher, ctx, steps, config.lr, lambda _i: pruner.step(), "dns")
+    pruner.finish()
+    ctx.notes.append(f"dns: {pruner.spliced} pruned weights were spliced back during surgery")
+    record_sparsity(ctx, "dns", {n: model.get_submodule(n) for n in layers})
+    return model

@@ -1,0 +1,119 @@
+"""Layer geometry: what rebuilds a resized Linear / Conv / norm / Embedding module.
+
+Structured pruning changes layer shapes. The artifact stores the geometry of every module
+whose shape changed (``extra["resized"]``); ``compactnn.load`` rebuilds those modules on a
+copy of the *original* skeleton before loading tensors, so the user's code never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.core.modules import set_module
+from compactnn.core.qlayers import conv_kwargs
+from compactnn.errors import ArtifactError
+
+_CONV = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d}
+_BN = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d}
+# attributes of attention modules that track the number of heads (Hugging Face names)
+HEAD_ATTRS = ("num_attention_heads", "all_head_size", "num_heads", "inner_dim")
+
+
+def _lists(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def geometry_of(m: nn.Module) -> dict[str, Any] | None:
+    """JSON-able constructor arguments of ``m`` (None for module types not handled)."""
+    if isinstance(m, nn.Linear):
+        g = {"in_features": m.in_features, "out_features": m.out_features}
+        return {"kind": "Linear", "bias": m.bias is not None, **g}
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        kind = "Conv2d" if isinstance(m, nn.Conv2d) else "Conv1d"
+        return {"kind": kind, **_lists(conv_kwargs(m))}
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return {
+            "kind": "BatchNorm2d" if isinstance(m, nn.BatchNorm2d) else "BatchNorm1d",
+            "num_features": m.num_features,
+            "eps": m.eps,
+            "momentum": m.momentum,
+            "affine": m.affine,
+            "track_running_stats": m.track_running_stats,
+        }
+    if isinstance(m, nn.LayerNorm):
+        return {
+            "kind": "LayerNorm",
+            "normalized_shape": list(m.normalized_shape),
+            "eps": m.eps,
+            "elementwise_affine": m.elementwise_affine,
+            "bias": m.bias is not None,
+        }
+    if isinstance(m, nn.Embedding):
+        return {
+            "kind": "Embedding",
+            "num_embeddings": m.num_embeddings,
+            "embedding_dim": m.embedding_dim,
+            "padding_idx": m.padding_idx,
+        }
+    return None
+
+
+def build(geometry: dict[str, Any]) -> nn.Module:
+    """An empty module of the saved geometry (weights are loaded afterwards)."""
+    g = dict(geometry)
+    kind = g.pop("kind")
+    if kind == "Linear":
+        return nn.Linear(g["in_features"], g["out_features"], bias=g["bias"])
+    if kind in _CONV:
+        for k in ("kernel_size", "stride", "dilation"):
+            g[k] = tuple(g[k])
+        if not isinstance(g["padding"], str):
+            g["padding"] = tuple(g["padding"])
+        return _CONV[kind](**g)
+    if kind in _BN:
+        return _BN[kind](**g)
+    if kind == "LayerNorm":
+        g["normalized_shape"] = tuple(g["normalized_shape"])
+        return nn.LayerNorm(**g)
+    if kind == "Embedding":
+        return nn.Embedding(**g)
+    raise ArtifactError(f"the artifact names a resized module of unknown kind {kind!r}.")
+
+
+def snapshot(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Geometry of every handled module, and head-count attributes of attention modules."""
+    out = {}
+    for name, m in model.named_modules():
+        g = geometry_of(m)
+        if g is not None:
+            out[name] = g
+        attrs = {a: getattr(m, a) for a in HEAD_ATTRS if isinstance(getattr(m, a, None), int)}
+        if attrs and name:
+            out[name] = {"kind": "attrs", **attrs}
+    return out
+
+
+def changed(before: dict, after: dict) -> dict[str, dict[str, Any]]:
+    """Entries of ``after`` that differ from ``before`` (what the artifact must store)."""
+    return {n: g for n, g in after.items() if before.get(n) != g}
+
+
+def rebuild_resized(model: nn.Module, resized: dict[str, dict[str, Any]]) -> None:
+    """Replace each named module of ``model`` by an empty one of its saved geometry."""
+    for name, g in resized.items():
+        try:
+            target = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ArtifactError(f"the skeleton has no module {name!r} to resize: {exc}") from exc
+        if g["kind"] == "attrs":
+            for attr, value in g.items():
+                if attr != "kind":
+                    setattr(target, attr, value)
+            continue
+        new = build(g)
+        new.to(next(iter(target.parameters()), torch.empty(0)).dtype)
+        new.train(target.training)  # a fresh module is in training mode (BN would update)
+        set_module(model, name, new)

@@ -1,0 +1,156 @@
+"""Gradual magnitude pruning on the cubic schedule of Zhu & Gupta (2017).
+
+Sparsity rises from ``initial_sparsity`` to ``final_sparsity`` between ``begin_step`` and
+``end_step``: ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** 3``, updating masks
+every ``frequency`` steps. Pruned weights are masked, receive no gradient and stay pruned.
+
+Use it in your own loop::
+
+    pruner = GradualPruner(model, GradualConfig(final_sparsity=0.9, end_step=2000))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)   # build the optimizer after the pruner
+    for x, y in loader:
+        loss(model(x), y).backward(); opt.step(); opt.zero_grad()
+        pruner.step()
+    pruner.finish()                                       # plain weights with exact zeros
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from compactnn.core.config import MethodConfig
+from compactnn.core.context import CompressContext
+from compactnn.errors import CompactnnError
+from compactnn.prune.magnitude import record_sparsity
+from compactnn.prune.masks import (
+    attach_masks,
+    bake_masks,
+    check_sparsity,
+    dense_weight,
+    masks_from_scores,
+    prunable_layers,
+    set_mask,
+)
+from compactnn.prune.train import distill_steps
+from compactnn.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class GradualConfig(MethodConfig):
+    """Cubic-schedule gradual pruning.
+
+    Args:
+        final_sparsity: sparsity reached at ``end_step``, in [0, 1).
+        initial_sparsity: sparsity applied at ``begin_step``.
+        begin_step: first pruning step.
+        end_step: last pruning step (the schedule's end).
+        frequency: steps between mask updates.
+        scope: ``"layer"`` or ``"global"`` ranking.
+        finetune_steps: extra steps after ``end_step`` with the final mask fixed
+            (inside ``compress``; in your own loop just keep training).
+        lr: Adam learning rate of the self-distillation loop inside ``compress``.
+    """
+
+    final_sparsity: float = 0.9
+    initial_sparsity: float = 0.0
+    begin_step: int = 0
+    end_step: int = 200
+    frequency: int = 20
+    scope: str = "layer"
+    finetune_steps: int = 100
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sparsity(self.final_sparsity, "final_sparsity")
+        check_sparsity(self.initial_sparsity, "initial_sparsity")
+        if not 0 <= self.begin_step < self.end_step:
+            raise CompactnnError(
+                f"GradualConfig: need 0 <= begin_step ({self.begin_step}) < end_step "
+                f"({self.end_step})."
+            )
+        if self.frequency < 1:
+            raise CompactnnError(f"GradualConfig.frequency={self.frequency} must be >= 1.")
+        if self.scope not in ("layer", "global"):
+            raise CompactnnError(f"GradualConfig.scope={self.scope!r}; use 'layer' or 'global'.")
+
+
+def cubic_sparsity(step: int, config: GradualConfig) -> float:
+    """Target sparsity at ``step`` on the Zhu & Gupta cubic schedule."""
+    s_i, s_f = config.initial_sparsity, config.final_sparsity
+    if step < config.begin_step:
+        return 0.0
+    t = min(1.0, (step - config.begin_step) / (config.end_step - config.begin_step))
+    return s_f + (s_i - s_f) * (1.0 - t) ** 3
+
+
+class GradualPruner:
+    """Mask schedule for a training loop: call ``step()`` after every optimizer step.
+
+    Args:
+        model: the model to prune in place (masks are attached at construction; build the
+            optimizer afterwards so it holds the dense parameters).
+        config: the schedule.
+        names: layers to prune (default: every Linear/Conv weight layer).
+    """
+
+    def __init__(
+        self, model: nn.Module, config: GradualConfig, names: list[str] | None = None
+    ) -> None:
+        self.model, self.config, self.t = model, config, 0
+        if names is None:
+            names = [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            ]
+        self.names = list(names)
+        attach_masks(model, {n: torch.ones_like(model.get_submodule(n).weight) for n in names})
+        self.sparsity = 0.0
+        self._update(0)
+
+    def _update(self, step: int) -> None:
+        target = cubic_sparsity(step, self.config)
+        due = step >= self.config.begin_step and (
+            (step - self.config.begin_step) % self.config.frequency == 0
+            or step == self.config.end_step
+        )
+        if not due or step > self.config.end_step or target == self.sparsity:
+            return
+        with torch.no_grad():
+            scores = {n: (dense_weight(self.model, n) * self.mask(n)).abs() for n in self.names}
+            for n, mask in masks_from_scores(scores, target, self.config.scope).items():
+                set_mask(self.model, n, mask)
+        self.sparsity = target
+
+    def mask(self, name: str) -> torch.Tensor:
+        return self.model.get_submodule(name).parametrizations.weight[0].mask
+
+    def step(self) -> None:
+        """Advance one training step; masks change on the schedule."""
+        self.t += 1
+        self._update(self.t)
+
+    def finish(self) -> None:
+        """Remove the masks, leaving plain weights with exact zeros."""
+        bake_masks(self.model)
+
+
+@register("gradual", GradualConfig, "gradual magnitude pruning, cubic schedule (Zhu & Gupta)")
+def apply_gradual(
+    model: nn.Module, targets: dict[str, nn.Module], config: GradualConfig, ctx: CompressContext
+) -> nn.Module:
+    """Prune on the cubic schedule while distilling from the unpruned model on the
+    calibration batches, then fine-tune with the final masks."""
+    layers = prunable_layers(targets, ctx)
+    teacher = copy.deepcopy(model)
+    pruner = GradualPruner(model, config, list(layers))
+    steps = config.end_step + config.finetune_steps
+    distill_steps(model, teacher, ctx, steps, config.lr, lambda _i: pruner.step(), "gradual")
+    pruner.finish()
+    record_sparsity(ctx, "gradual", {n: model.get_submodule(n) for n in layers})
+    return model

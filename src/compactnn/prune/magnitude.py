@@ -1,0 +1,54 @@
+"""One-shot unstructured magnitude pruning, layer-wise or global."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from compactnn.core.config import MethodConfig
+from compactnn.core.context import CompressContext
+from compactnn.errors import CompactnnError
+from compactnn.prune.masks import apply_masks, check_sparsity, masks_from_scores, prunable_layers
+from compactnn.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudeConfig(MethodConfig):
+    """Zero the smallest-magnitude weights.
+
+    Args:
+        sparsity: fraction of weights removed, in [0, 1).
+        scope: ``"layer"`` removes that fraction from every targeted layer; ``"global"``
+            ranks all targeted weights together (layers with small weights lose more).
+    """
+
+    sparsity: float = 0.5
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sparsity(self.sparsity)
+        if self.scope not in ("layer", "global"):
+            raise CompactnnError(f"MagnitudeConfig.scope={self.scope!r}; use 'layer' or 'global'.")
+
+
+def record_sparsity(ctx: CompressContext, method: str, layers: dict[str, nn.Module]) -> None:
+    """Note the achieved per-layer sparsity in the artifact's ``extra`` (for the report)."""
+    stats = {}
+    for name, m in layers.items():
+        w = m.weight.detach()
+        stats[name] = round(1.0 - float((w != 0).sum()) / w.numel(), 4)
+    ctx.extra.setdefault("pruning", {})[method] = stats
+
+
+@register("magnitude", MagnitudeConfig, "unstructured magnitude pruning (layer-wise or global)")
+def apply_magnitude(
+    model: nn.Module, targets: dict[str, nn.Module], config: MagnitudeConfig, ctx: CompressContext
+) -> nn.Module:
+    """Zero the ``sparsity`` fraction of smallest |w| in the targeted layers."""
+    layers = prunable_layers(targets, ctx)
+    scores = {n: m.weight.detach().abs() for n, m in layers.items()}
+    apply_masks(model, masks_from_scores(scores, config.sparsity, config.scope))
+    record_sparsity(ctx, "magnitude", layers)
+    return model

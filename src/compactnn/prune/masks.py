@@ -1,0 +1,188 @@
+"""Weight masks: compute them, keep them through training, bake them into the weights.
+
+A mask is a 0/1 float tensor of a weight's shape. While a model trains, each masked weight
+is a ``torch.nn.utils.parametrize`` parametrization, so ``layer.weight`` *is* ``dense * mask``
+whatever the optimizer does to ``dense`` (momentum and weight decay included): the sparse
+pattern survives fine-tuning. ``bake_masks`` removes the parametrizations and leaves plain
+weights with exact zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compactnn.core.qlayers import is_quant_layer
+from compactnn.errors import CompactnnError
+
+
+class MaskedWeight(nn.Module):
+    """Parametrization ``w -> w * mask``.
+
+    With ``straight_through`` the forward value is the same but the gradient reaches every
+    entry of the dense weight (Dynamic Network Surgery updates pruned weights too, so they
+    can be spliced back).
+    """
+
+    def __init__(self, mask: torch.Tensor, straight_through: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.detach().to(torch.float32).clone())
+        self.straight_through = straight_through
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        masked = torch.where(self.mask.bool(), w, torch.zeros_like(w))  # +0.0, never -0.0
+        if self.straight_through:
+            return w + (masked - w).detach()
+        return masked
+
+
+def check_sparsity(value: float, field: str = "sparsity") -> None:
+    """Raise ``CompactnnError`` unless ``0 <= value < 1``."""
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise CompactnnError(
+            f"{field}={value!r} is outside [0, 1): give the fraction of weights to remove, "
+            "e.g. 0.5 for half of them (1.0 would remove every weight)."
+        )
+
+
+def prunable_layers(targets: dict[str, nn.Module], ctx=None) -> dict[str, nn.Module]:
+    """Targeted layers that own a weight matrix or kernel and are not quantized yet.
+
+    A quantized layer's integer codes are its ground truth, so it is skipped (prune before
+    quantizing); the reason goes to ``ctx.notes`` when a context is given.
+    """
+    out = {}
+    for name, m in targets.items():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2:
+            continue
+        if is_quant_layer(m):
+            if ctx is not None:
+                ctx.warn(f"{name}: already quantized; prune before quantizing. Skipped.")
+            continue
+        out[name] = m
+    return out
+
+
+def _keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Mask keeping all but the ``n_prune`` lowest scores (exact count, ties by index)."""
+    flat = scores.reshape(-1)
+    mask = torch.ones_like(flat, dtype=torch.float32)
+    if n_prune > 0:
+        order = torch.argsort(flat, stable=True)
+        mask[order[:n_prune]] = 0.0
+    return mask.reshape(scores.shape)
+
+
+def masks_from_scores(
+    scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer"
+) -> dict[str, torch.Tensor]:
+    """Masks removing the lowest-scoring fraction ``sparsity`` of entries.
+
+    Args:
+        scores: name -> importance tensor (the weight's shape); higher is kept.
+        sparsity: fraction removed, per layer (``scope="layer"``) or over all layers pooled
+            (``scope="global"``).
+        scope: ``"layer"`` or ``"global"``.
+    """
+    check_sparsity(sparsity)
+    if scope == "layer":
+        return {n: _keep_top(s, round(sparsity * s.numel())) for n, s in scores.items()}
+    if scope != "global":
+        raise CompactnnError(f"scope={scope!r}; use 'layer' or 'global'.")
+    flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
+    pooled = _keep_top(flat, round(sparsity * flat.numel()))
+    out, start = {}, 0
+    for n, s in scores.items():
+        out[n] = pooled[start : start + s.numel()].reshape(s.shape)
+        start += s.numel()
+    return out
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest of every ``m`` consecutive entries along the input dimension.
+
+    ``scores`` has shape ``(out, K)`` (a conv kernel is flattened to ``(out, in*kh*kw)``).
+    """
+    rows = scores.reshape(scores.shape[0], -1)  # (out, K)
+    groups = rows.reshape(rows.shape[0], -1, m)  # (out, K/m, m)
+    keep = torch.topk(groups, n, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.float32).scatter_(-1, keep, 1.0)
+    return mask.reshape(scores.shape)
+
+
+def attach_masks(
+    model: nn.Module, masks: dict[str, torch.Tensor], straight_through: bool = False
+) -> None:
+    """Make each named layer's weight ``dense * mask`` (replacing an existing mask)."""
+    for name, mask in masks.items():
+        layer = model.get_submodule(name)
+        if parametrize.is_parametrized(layer, "weight"):
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        parametrize.register_parametrization(
+            layer, "weight", MaskedWeight(mask, straight_through), unsafe=True
+        )
+
+
+def set_mask(model: nn.Module, name: str, mask: torch.Tensor) -> None:
+    """Replace the mask of an already masked layer in place (keeps the optimizer's params)."""
+    layer = model.get_submodule(name)
+    layer.parametrizations.weight[0].mask.copy_(mask)
+
+
+def dense_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The unmasked weight of a masked layer (or the plain weight)."""
+    layer = model.get_submodule(name)
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+def current_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Masks of every masked layer of ``model``."""
+    return {
+        n: m.parametrizations.weight[0].mask.clone()
+        for n, m in model.named_modules()
+        if parametrize.is_parametrized(m, "weight")
+    }
+
+
+def bake_masks(model: nn.Module) -> None:
+    """Remove every mask parametrization, leaving weights with exact zeros."""
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the masked-out weights in place (no parametrization left behind)."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            w = model.get_submodule(name).weight
+            # where() writes +0.0; w * 0 would leave -0.0 for negative weights, which the
+            # sparse storage (bit-exact) would have to keep as non-zero
+            w.copy_(torch.where(mask.bool(), w, torch.zeros_like(w)))
+
+
+def zero_masks(model: nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Masks of the current zeros: ``weight != 0`` for each weight layer (or ``names``)."""
+    out = {}
+    for n, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if names is not None and n not in names:
+            continue
+        if n and isinstance(w, torch.Tensor) and w.dim() >= 2 and not is_quant_layer(m):
+            out[n] = (w.detach() != 0).float()
+    return out
+
+
+def sparsity_of(model: nn.Module) -> tuple[int, int]:
+    """``(nonzero, total)`` entries over every weight matrix or kernel of ``model``."""
+    nnz = total = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 2:
+            nnz += int((w != 0).sum())
+            total += w.numel()
+    return nnz, total

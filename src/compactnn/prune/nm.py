@@ -1,0 +1,94 @@
+"""N:M semi-structured sparsity (e.g. 2:4): at most N non-zeros in every M consecutive
+weights along the input dimension, the pattern sparse tensor cores accelerate.
+
+The pattern is chosen by magnitude and kept exactly through the optional fine-tuning
+(the mask is a parametrization, so pruned weights cannot regrow).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+from compactnn.core.config import MethodConfig
+from compactnn.core.context import CompressContext
+from compactnn.errors import CompactnnError
+from compactnn.prune.magnitude import record_sparsity
+from compactnn.prune.masks import attach_masks, bake_masks, nm_mask, prunable_layers
+from compactnn.prune.train import distill_steps
+from compactnn.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class NMConfig(MethodConfig):
+    """N:M sparsity by magnitude.
+
+    Args:
+        n: weights kept in each group.
+        m: group length along the input dimension (must divide it).
+        finetune_steps: self-distillation steps on the calibration batches with the
+            pattern fixed (0: one-shot).
+        lr: Adam learning rate of that fine-tuning.
+    """
+
+    n: int = 2
+    m: int = 4
+    finetune_steps: int = 0
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nm(self.n, self.m)
+        if self.finetune_steps < 0:
+            raise CompactnnError(f"NMConfig.finetune_steps={self.finetune_steps} must be >= 0.")
+
+
+def check_nm(n: int, m: int) -> None:
+    """Raise unless ``0 < n < m``."""
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise CompactnnError(f"N:M sparsity needs integers 0 < N < M, got {n}:{m} (e.g. 2:4).")
+
+
+def check_divides(name: str, weight: torch.Tensor, m: int) -> None:
+    """Raise when ``m`` does not divide the layer's input dimension."""
+    k = weight[0].numel()
+    if k % m:
+        raise CompactnnError(
+            f"{name}: N:M groups of M={m} do not divide its input dimension {k} "
+            f"(weight shape {tuple(weight.shape)}); choose M dividing {k} or add {name!r} "
+            "to the step's targets.ignore."
+        )
+
+
+def nm_masks(scores: dict[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Tensor]:
+    """N:M masks of each layer from its importance scores (checked for divisibility)."""
+    out = {}
+    for name, s in scores.items():
+        check_divides(name, s, m)
+        out[name] = nm_mask(s, n, m)
+    return out
+
+
+def holds_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of ``m`` input weights has at most ``n`` non-zeros."""
+    groups = weight.detach().reshape(weight.shape[0], -1, m)
+    return bool(((groups != 0).sum(-1) <= n).all())
+
+
+@register("nm", NMConfig, "N:M semi-structured sparsity (e.g. 2:4) by magnitude")
+def apply_nm(
+    model: nn.Module, targets: dict[str, nn.Module], config: NMConfig, ctx: CompressContext
+) -> nn.Module:
+    """Keep the ``n`` largest |w| of every ``m``; optionally fine-tune with the pattern fixed."""
+    layers = prunable_layers(targets, ctx)
+    masks = nm_masks({k: v.weight.detach().abs() for k, v in layers.items()}, config.n, config.m)
+    teacher = copy.deepcopy(model) if config.finetune_steps else None
+    attach_masks(model, masks)
+    if teacher is not None:
+        distill_steps(model, teacher, ctx, config.finetune_steps, config.lr, desc="nm fine-tune")
+    bake_masks(model)
+    record_sparsity(ctx, "nm", layers)
+    return model

@@ -1,0 +1,110 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with second-order reconstruction.
+
+Per layer, with ``H = 2/N X^T X`` from calibration inputs, columns are visited left to
+right in blocks; within a block the weights with the lowest ``w^2 / [H^-1]_jj^2`` are pruned
+(adaptive mask per block, or the ``m - n`` lowest of every ``m`` for N:M), and each pruned
+or kept column's error is pushed onto the columns not yet visited through the Cholesky
+factor of ``H^-1`` (the OBS update), so the layer output is reconstructed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from compactnn.core.context import CompressContext
+from compactnn.errors import CompactnnError
+from compactnn.prune.layerwise import in_order, input_hessian, supported
+from compactnn.prune.magnitude import record_sparsity
+from compactnn.prune.masks import prunable_layers
+from compactnn.prune.wanda import OneShotConfig, check_layers
+from compactnn.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseGPTConfig(OneShotConfig):
+    """SparseGPT pruning.
+
+    Args:
+        blocksize: columns per lazy-update block (also the adaptive-mask block).
+        damp: dampening added to H's diagonal, as a fraction of its mean diagonal.
+    """
+
+    blocksize: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.blocksize < 1 or not 0.0 < self.damp < 1.0:
+            raise CompactnnError("SparseGPTConfig: blocksize >= 1 and 0 < damp < 1.")
+        if self.n and self.blocksize % self.m:
+            raise CompactnnError(f"SparseGPTConfig: blocksize must be a multiple of m={self.m}.")
+
+
+def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp*mean(diag H) I)^-1``; dead inputs zeroed in w."""
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, config: SparseGPTConfig) -> torch.Tensor:
+    """Pruned and reconstructed copy of a ``(out, K)`` weight, given ``(K, K)`` Hessian."""
+    w = w.detach().double().clone()
+    hinv = inverse_hessian_factor(h.double(), w, config.damp)  # (K, K) upper
+    cols = w.shape[1]
+    prune_per_group = config.m - config.n if config.n else 0
+    for i1 in range(0, cols, config.blocksize):
+        i2 = min(i1 + config.blocksize, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        d = torch.diag(hinv1)  # (block,)
+        if prune_per_group:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        else:
+            score = w1**2 / d.unsqueeze(0) ** 2
+            k = round(score.numel() * config.sparsity)
+            mask1 = torch.zeros_like(w1, dtype=torch.bool).reshape(-1)
+            mask1[torch.argsort(score.reshape(-1), stable=True)[:k]] = True
+            mask1 = mask1.reshape(w1.shape)
+        for i in range(i2 - i1):
+            if prune_per_group and i % config.m == 0:
+                score = w1[:, i : i + config.m] ** 2 / d[i : i + config.m].unsqueeze(0) ** 2
+                low = torch.topk(score, prune_per_group, dim=1, largest=False).indices
+                mask1.scatter_(1, i + low, True)
+            col = w1[:, i]
+            q = torch.where(mask1[:, i], torch.zeros_like(col), col)
+            e = (col - q) / d[i]
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w
+
+
+@register("sparsegpt", SparseGPTConfig, "SparseGPT one-shot pruning with OBS reconstruction")
+def apply_sparsegpt(
+    model: nn.Module, targets: dict[str, nn.Module], config: SparseGPTConfig, ctx: CompressContext
+) -> nn.Module:
+    """Prune and reconstruct each layer in execution order from its calibration Hessian."""
+    ctx.require_calibration("sparsegpt", 64)
+    layers = {n: m for n, m in prunable_layers(targets, ctx).items() if supported(n, m, ctx)}
+    check_layers(layers, config)
+    if not layers:
+        raise CompactnnError("sparsegpt: no Linear or Conv2d layer among the step's targets.")
+    for name in ctx.bar(in_order(model, list(layers), ctx), desc="sparsegpt"):
+        layer = layers[name]
+        w = layer.weight.detach()
+        h = input_hessian(model, name, ctx)
+        new = sparsegpt_prune(w.reshape(w.shape[0], -1), h, config)
+        with torch.no_grad():
+            layer.weight.copy_(new.reshape(w.shape).to(w.dtype))
+    record_sparsity(ctx, "sparsegpt", layers)
+    return model

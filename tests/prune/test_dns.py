@@ -1,0 +1,40 @@
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.prune.dns import DNSConfig, DNSPruner, revise_mask
+from compactnn.prune.masks import current_masks, dense_weight, sparsity_of
+
+
+def test_two_threshold_rule():
+    w = torch.tensor([0.05, 0.095, 0.105, 0.2])
+    old = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert revise_mask(w, old, 0.09, 0.11).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_pruned_weight_gets_gradient_and_is_spliced_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10))
+    pruner = DNSPruner(model, DNSConfig(sparsity=0.5, frequency=1))
+    mask = current_masks(model)["0"]
+    i, j = (mask == 0).nonzero()[0].tolist()
+    assert model[0].weight[i, j] == 0
+    model(torch.randn(4, 10)).sum().backward()
+    dense = dense_weight(model, "0")
+    assert dense.grad[i, j] != 0  # straight-through: pruned weights keep learning
+    with torch.no_grad():
+        dense[i, j] = 10.0  # training pushed it far above the splice threshold
+    pruner.step()
+    assert current_masks(model)["0"][i, j] == 1
+    assert model[0].weight[i, j] == 10.0
+    assert pruner.spliced >= 1
+
+
+def test_sp90_dns_reaches_target_sparsity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    cfg = DNSConfig(sparsity=0.9, surgery_steps=20, finetune_steps=10, frequency=5)
+    recipe = compactnn.Recipe("dns", (compactnn.Step("dns", cfg),))
+    pruned = compactnn.compress(model, recipe, calib_data=torch.randn(128, 16), progress=False)
+    nnz, total = sparsity_of(pruned)
+    assert 0.85 <= 1 - nnz / total <= 0.95

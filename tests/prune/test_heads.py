@@ -1,0 +1,59 @@
+"""Attention-head and MLP-width pruning of a tiny BERT, and its save/load."""
+
+import pytest
+import torch
+
+import compactnn
+from compactnn.recipe import Recipe, Step
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+def _inputs():
+    return {"input_ids": torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))}
+
+
+def test_removing_heads_and_mlp_units(tmp_path):
+    from compactnn.prune.channel import ChannelConfig
+
+    model, batch = _bert(), _inputs()
+    recipe = Recipe("heads", (Step("channel", ChannelConfig(ratio=0.5, heads=0.5)),))
+    pruned = compactnn.compress(model, recipe, calib_data=batch, progress=False)
+    layer = pruned.encoder.layer[0]
+    assert layer.attention.self.query.out_features == 16
+    assert layer.attention.self.num_attention_heads == 2
+    assert layer.attention.output.dense.in_features == 16
+    assert layer.intermediate.dense.out_features == 32 and layer.output.dense.in_features == 32
+    out = pruned(**batch).last_hidden_state
+    assert out.shape == (2, 8, 32)
+    compactnn.save(pruned, tmp_path / "a")
+    loaded = compactnn.load(tmp_path / "a", model=_bert())
+    assert torch.equal(loaded(**batch).last_hidden_state, out)
+
+
+def test_removing_a_head_with_zero_output_columns_keeps_outputs():
+    from compactnn.prune.heads import prune_heads_bert
+
+    model, batch = _bert(), _inputs()
+    d = 8
+    with torch.no_grad():  # head 1 of layer 0 contributes nothing: its output columns are 0
+        dense = model.encoder.layer[0].attention.output.dense
+        dense.weight[:, d : 2 * d] = 0
+        for p in ("query", "key", "value"):
+            getattr(model.encoder.layer[0].attention.self, p).weight[d : 2 * d] *= 1e-3
+    ref = model(**batch).last_hidden_state
+    assert prune_heads_bert(model, "encoder.layer.0.attention.self", 0.25) == 1
+    assert torch.allclose(model(**batch).last_hidden_state, ref, atol=1e-5)

@@ -1,0 +1,31 @@
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.prune.masks import sparsity_of
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def test_sp50_zeroes_the_smallest_half_of_each_layer_and_leaves_input_alone():
+    model = _mlp()
+    before = [p.clone() for p in model.parameters()]
+    pruned = compactnn.compress(model, "sp50", progress=False)
+    for name in ("0", "2"):
+        w0 = model.get_submodule(name).weight
+        w = pruned.get_submodule(name).weight
+        assert int((w == 0).sum()) == w.numel() // 2
+        kept = w0.abs()[w != 0].min()
+        assert kept >= w0.abs()[w == 0].max()  # nothing kept is smaller than a pruned weight
+        assert torch.equal(w[w != 0], w0[w != 0])
+        assert not torch.signbit(w[w == 0]).any()  # +0.0: stored as zeros by the artifact
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_global_scope_reaches_the_total_sparsity():
+    pruned = compactnn.compress(_mlp(), "sp90-global", progress=False)
+    nnz, total = sparsity_of(pruned)
+    assert nnz == total - round(0.9 * total)

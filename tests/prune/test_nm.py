@@ -1,0 +1,38 @@
+import pytest
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.prune.nm import NMConfig, holds_nm
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def test_2_4_pattern_holds_exactly_after_fine_tuning():
+    cfg = NMConfig(n=2, m=4, finetune_steps=20, lr=1e-2)
+    recipe = compactnn.Recipe("nm", (compactnn.Step("nm", cfg),))
+    model = _model()
+    pruned = compactnn.compress(model, recipe, calib_data=torch.randn(64, 16), progress=False)
+    for name in ("0", "2"):
+        w = pruned.get_submodule(name).weight
+        groups = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+        assert torch.all(groups == 2)  # exactly 2 of 4: nothing pruned regrew
+        assert holds_nm(w, 2, 4)
+    assert not torch.equal(
+        pruned[0].weight[pruned[0].weight != 0], model[0].weight[pruned[0].weight != 0]
+    )  # it did train
+
+
+def test_m_not_dividing_the_input_dimension_names_the_layer():
+    model = nn.Sequential(nn.Linear(10, 8))
+    with pytest.raises(CompactnnError, match=r"0: N:M groups of M=4 do not divide .* 10"):
+        compactnn.compress(model, "nm2:4", progress=False)
+
+
+def test_bad_n_m():
+    with pytest.raises(CompactnnError, match="0 < N < M"):
+        NMConfig(n=4, m=4)
