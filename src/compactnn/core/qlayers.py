@@ -111,7 +111,19 @@ class QuantWeightMixin:
 
     @property
     def format(self) -> str:
-        return format_name(self.weight_spec)
+        base = format_name(self.weight_spec)
+        return base + "-codebook" if getattr(self, "weight_levels", None) is not None else base
+
+    def set_codebook(self, levels: torch.Tensor) -> None:
+        """Non-uniform grid (ternary with two scales, powers of two, binary ``{-a, +a}``).
+
+        ``levels`` has shape ``(rows, ngroups, 2**bits)``: code ``q`` of group ``(r, g)``
+        dequantizes to ``levels[r, g, q - qmin]``; scale and zero point are then unused.
+        Values must be float16-representable (they are stored as float16).
+        """
+        qt = self.weight_spec.qtype
+        shape = (*self.weight_scale.shape, qt.levels)
+        self.register_buffer("weight_levels", levels.detach().float().reshape(shape).clone())
 
     def set_quantized_weight(
         self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
@@ -128,7 +140,12 @@ class QuantWeightMixin:
     def refresh_weight(self) -> None:
         spec = self.weight_spec
         cg = grouped_view(self.weight_codes, spec.granularity, spec.group_size)
-        w = dequantize(cg, self.weight_scale, self.weight_zero).reshape(self.weight.shape)
+        levels = getattr(self, "weight_levels", None)
+        if levels is not None:  # codebook: gather (rows, ngroups, group) from the levels
+            idx = cg.long() - spec.qtype.qmin
+            w = torch.gather(levels.expand(*idx.shape[:2], -1), 2, idx).reshape(self.weight.shape)
+        else:
+            w = dequantize(cg, self.weight_scale, self.weight_zero).reshape(self.weight.shape)
         with torch.no_grad():
             self.weight.copy_(w)
 

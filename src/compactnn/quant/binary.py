@@ -1,0 +1,191 @@
+"""Binary-activation blocks: the model-structure side of XNOR-Net, Bi-Real Net and ReActNet.
+
+A uniform activation grid cannot express ``sign`` with a learned shift, a real-valued
+shortcut or RPReLU, so a layer with 1-bit activations is replaced (under its own name) by a
+:class:`BinaryBlock` that holds it as ``.layer``::
+
+    x -> shift -> sign -> layer(binary weights) [* K for XNOR] * gain * scale + bias
+      [+ shortcut(x) for Bi-Real / ReActNet]  [-> RPReLU for ReActNet]
+
+Frozen, ``.layer`` is a standard ``QuantConv2d``/``QuantLinear`` with 1-bit codes; the block's
+own float parameters (shift, RPReLU) are ordinary state-dict tensors. The artifact header
+lists the blocks (``extra["binary_blocks"]``: name -> kind) and :func:`rebuild_blocks` puts
+them back into the float skeleton before ``load`` installs the layers.
+
+The shift before the sign is needed here because, with batch norms folded, the input of a
+binary layer usually follows a ReLU: ``sign`` of a non-negative tensor carries no
+information. It starts at each channel's mean input, so the sign splits the values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compactnn.core.modules import set_module
+from compactnn.errors import CompactnnError
+from compactnn.quant.bireal import approx_sign
+from compactnn.quant.reactnet import RPReLU
+from compactnn.quant.xnor import sign_ste, xnor_scale
+
+KINDS = ("xnor", "bireal", "reactnet")
+
+
+def check_binary_layer(name: str, layer: nn.Module) -> None:
+    """Refuse layers a binary block cannot wrap (say which and why)."""
+    if isinstance(layer, nn.Conv2d):
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            raise CompactnnError(
+                f"layer {name!r} cannot take 1-bit activations: its padding "
+                f"({layer.padding!r}, {layer.padding_mode}) must be explicit zero padding."
+            )
+        return
+    if type(layer) is not nn.Linear:
+        raise CompactnnError(
+            f"layer {name!r} ({type(layer).__name__}) cannot take 1-bit activations: binary "
+            "blocks wrap Conv2d and Linear layers. Exclude it from the recipe's targets or "
+            "keep its activations at 8 bits."
+        )
+
+
+def channels_of(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels, layer.out_channels
+    return layer.in_features, layer.out_features
+
+
+def real_shortcut(x: torch.Tensor, y: torch.Tensor, conv: bool) -> torch.Tensor:
+    """``x`` brought to ``y``'s shape without parameters: average-pooled to its spatial
+    size, channels repeated (more out) or averaged in groups (fewer out)."""
+    if conv and x.shape[-2:] != y.shape[-2:]:
+        x = F.adaptive_avg_pool2d(x, y.shape[-2:])
+    dim = 1 if conv else -1
+    cin, cout = x.shape[dim], y.shape[dim]
+    if cout > cin:
+        x = torch.repeat_interleave(x, cout // cin, dim=dim)
+    elif cout < cin:
+        x = x.unflatten(dim, (cout, cin // cout)).mean(dim=dim + 1 if conv else -1)
+    return x
+
+
+def shortcut_fits(cin: int, cout: int) -> bool:
+    return cout % cin == 0 if cout >= cin else cin % cout == 0
+
+
+class BinaryBlock(nn.Module):
+    """A layer with binary input activations (and binary weights when trained/frozen).
+
+    Args:
+        layer: the float ``nn.Conv2d``/``nn.Linear`` (training) or its frozen twin.
+        kind: ``"xnor"``, ``"bireal"`` or ``"reactnet"``.
+        weight_quantizer: the binary weight quantizer while training; ``None`` once frozen
+            (the layer's own ``weight`` is then the dequantized binary weight).
+    """
+
+    def __init__(self, layer: nn.Module, kind: str, weight_quantizer: nn.Module | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise CompactnnError(f"unknown binary block kind {kind!r}; use one of {KINDS}.")
+        self.kind = kind
+        self.layer = layer
+        self.weight_quantizer = weight_quantizer
+        self.conv = isinstance(layer, nn.Conv2d)
+        cin, cout = channels_of(layer)
+        shift = torch.zeros(cin)
+        if kind == "bireal":  # Bi-Real has no learned shift: fixed at its initial value
+            self.register_buffer("shift", shift)
+        else:
+            self.shift = nn.Parameter(shift)
+        # per-channel output gain: the batch norm a binary conv needs after it (folded away
+        # here). ``scale`` (fixed) matches the float layer's statistics at initialisation;
+        # the learned ``gain`` starts at 1, so Adam's steps are relative to it.
+        self.register_buffer("scale", torch.ones(cout))
+        self.gain = nn.Parameter(torch.ones(cout))
+        self.shortcut = kind != "xnor" and shortcut_fits(cin, cout)
+        self.post = RPReLU(cout, dim=1 if self.conv else -1) if kind == "reactnet" else None
+        self.observing = False
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._sample: torch.Tensor | None = None
+
+    def _channel_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return t.reshape(1, -1, *([1] * (ndim - 2))) if self.conv else t
+
+    def start_observing(self) -> None:
+        self.observing, self._sum, self._count = True, None, 0
+
+    def finish_observing(self) -> None:
+        if self._sum is None:
+            raise CompactnnError("no calibration data reached a binary block.")
+        with torch.no_grad():
+            self.shift.copy_(self._sum / self._count)
+            self._match_float_statistics(self._sample)
+        self.observing, self._sum, self._sample = False, None, None
+
+    def _match_float_statistics(self, x: torch.Tensor) -> None:
+        """Set ``scale`` and the bias so that, per output channel, the binary path has the
+        mean and standard deviation of what the float layer added (minus the shortcut)."""
+        target = self._op(x, self.layer.weight) + self._bias(x.dim())
+        if self.shortcut:
+            target = target - real_shortcut(x, target, self.conv)
+        self.gain.fill_(1.0)
+        self.scale.fill_(1.0)
+        binary = self._binary_path(x)
+        dims = [d for d in range(target.dim()) if d != (1 if self.conv else target.dim() - 1)]
+        t_std, b_std = target.std(dim=dims), binary.std(dim=dims).clamp(min=1e-8)
+        self.scale.copy_(torch.where(t_std > 0, t_std / b_std, torch.ones_like(t_std)))
+        if self.layer.bias is not None:
+            shift = target.mean(dim=dims) - self.scale * binary.mean(dim=dims)
+            self.layer.bias.copy_(shift)
+
+    def _observe(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(x.dim()) if d != (1 if self.conv else x.dim() - 1)]
+        s = x.detach().sum(dim=dims)
+        self._sum = s if self._sum is None else self._sum + s
+        self._count += x.numel() // x.shape[1 if self.conv else -1]
+        if self._sample is None:
+            self._sample = x.detach()[:256]
+        w = self.layer.weight
+        return self._op(x, w) + self._bias(x.dim())
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.layer._conv_forward(x, w, None) if self.conv else F.linear(x, w)
+
+    def _bias(self, ndim: int) -> torch.Tensor | float:
+        b = self.layer.bias
+        return 0.0 if b is None else self._channel_view(b, ndim)
+
+    def _binary_path(self, x: torch.Tensor) -> torch.Tensor:
+        """``gain * scale * layer(sign(x - shift))`` (times ``K`` for XNOR), without the bias."""
+        xs = x - self._channel_view(self.shift, x.dim())
+        xb = sign_ste(xs) if self.kind == "xnor" else approx_sign(xs)
+        w = self.layer.weight
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer(w)
+        y = self._op(xb, w)
+        if self.kind == "xnor":
+            y = y * xnor_scale(xs, self.layer)
+        return y * self._channel_view(self.gain * self.scale, y.dim())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            return self._observe(x)
+        y = self._binary_path(x) + self._bias(x.dim())
+        if self.shortcut:
+            y = y + real_shortcut(x, y, self.conv)
+        if self.post is not None:
+            y = self.post(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, shortcut={self.shortcut}"
+
+
+def rebuild_blocks(model: nn.Module, extra: dict) -> None:
+    """Wrap the float skeleton's layers named in ``extra["binary_blocks"]`` (artifact load)."""
+    for name, kind in extra.get("binary_blocks", {}).items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, BinaryBlock):
+            continue
+        set_module(model, name, BinaryBlock(layer, kind))

@@ -1,0 +1,121 @@
+"""Training data for ``compactnn.train``: labelled batches, checked before any training.
+
+Accepted forms: a pair ``(inputs, labels)`` of tensors (shuffled each epoch by a seeded
+generator, so a resumed run sees the same batches), a dict with ``x``/``y`` (or
+``x_train``/``y_train``) tensors, an object with ``x_train``/``y_train`` attributes (the
+embedded data sets), or an iterable of ``(inputs, labels)`` batches such as a
+``DataLoader`` (iterated as given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compactnn.errors import CompactnnError
+
+_PAIR_KEYS = (("x", "y"), ("x_train", "y_train"), ("inputs", "labels"))
+
+
+@dataclass
+class TrainData:
+    """Labelled training data: tensors ``x``/``y`` or an iterable of ``(x, y)`` batches."""
+
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    loader: Iterable | None = None
+
+    def batches(self, batch_size: int, epoch: int, seed: int) -> Iterator[tuple]:
+        """The epoch's batches; tensor data is permuted by a generator seeded from
+        ``(seed, epoch)``, so any epoch can be replayed exactly."""
+        if self.loader is not None:
+            for i, b in enumerate(self.loader):
+                yield _as_pair(b, f"batch {i}")
+            return
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(self.x.shape[0], generator=gen)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield self.x[idx], self.y[idx]
+
+    def steps(self, batch_size: int) -> int | None:
+        if self.loader is not None:
+            return len(self.loader) if hasattr(self.loader, "__len__") else None
+        return -(-self.x.shape[0] // batch_size)
+
+    def calibration(self, n: int = 256, batch_size: int = 64) -> list[torch.Tensor]:
+        """The first ``n`` inputs in stored order (for initialising quantizers)."""
+        if self.loader is not None:
+            out, seen = [], 0
+            for b in self.loader:
+                x = _as_pair(b, "calibration batch")[0]
+                out.append(x)
+                seen += x.shape[0]
+                if seen >= n:
+                    break
+            return out
+        return list(torch.split(self.x[:n], batch_size))
+
+
+def _as_pair(batch: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        for kx, ky in _PAIR_KEYS:
+            if kx in batch and ky in batch:
+                return batch[kx], batch[ky]
+        raise CompactnnError(
+            f"training {where} is a dict with keys {sorted(batch)}; it needs inputs and "
+            "labels under x/y (or x_train/y_train)."
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise CompactnnError(
+        f"training {where} has no labels: pass (inputs, labels) pairs, e.g. "
+        "train(model, recipe, (x_train, y_train)) or a DataLoader of (x, y) batches."
+    )
+
+
+def as_train_data(data: Any) -> TrainData:
+    """Normalise what the user passed (see the module docstring)."""
+    if data is None:
+        raise CompactnnError("train() needs labelled data: (inputs, labels) tensors or batches.")
+    if isinstance(data, torch.Tensor):
+        raise CompactnnError(
+            "training data has no labels: a single tensor was given; pass (inputs, labels)."
+        )
+    if hasattr(data, "x_train") and hasattr(data, "y_train"):
+        data = (data.x_train, data.y_train)
+    if isinstance(data, dict) or (
+        isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+    ):
+        x, y = _as_pair(data, "data")
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(y)
+        if x.shape[0] != y.shape[0]:
+            raise CompactnnError(
+                f"training data: {x.shape[0]} inputs but {y.shape[0]} labels; they must match."
+            )
+        return TrainData(x=x, y=y)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        if iter(data) is data:  # a one-shot iterator: keep its batches for every epoch
+            data = list(data)
+        return TrainData(loader=data)
+    raise CompactnnError(f"training data of type {type(data).__name__} is not supported.")
+
+
+def check_labels(y: torch.Tensor, num_classes: int, where: str = "training data") -> None:
+    """Labels must be integer class indices in ``[0, num_classes)``."""
+    if y is None:
+        raise CompactnnError(f"{where} has no labels.")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1:
+        raise CompactnnError(
+            f"{where}: labels must be a 1-D integer tensor of class indices, got "
+            f"{y.dtype} of shape {tuple(y.shape)}."
+        )
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise CompactnnError(
+            f"{where}: labels range over [{int(y.min())}, {int(y.max())}] but the model has "
+            f"{num_classes} outputs; labels must lie in [0, {num_classes - 1}]."
+        )
