@@ -8,8 +8,10 @@ Example:
 """
 
 from compactnn.api import compress, info_of, load, save
+from compactnn.deploy import deploy
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.recipe import Recipe, Step, resolve_recipe
+from compactnn.train import train  # noqa: F401  (re-export; the function shadows the subpackage)
 
 __all__ = [
     "ArtifactError",
@@ -17,6 +19,7 @@ __all__ = [
     "Recipe",
     "Step",
     "compress",
+    "deploy",
     "info_of",
     "load",
     "resolve_recipe",

@@ -16,6 +16,7 @@ from compactnn.core.modules import select_modules, weight_layers
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import info_of, load, save
+from compactnn.export.hf import hf_header
 from compactnn.recipe import Recipe, resolve_recipe
 
 __all__ = ["compress", "info_of", "load", "save"]
@@ -64,6 +65,8 @@ def compress(
         targets = select_modules(qmodel, step.targets)
         qmodel = entry.handler(qmodel, targets, step.config, ctx)
     _report_float_layers(qmodel, ctx)
+    if (hf := hf_header(qmodel)) is not None:  # lets load(dir) rebuild HF models unaided
+        ctx.extra["hf"] = hf
     qmodel._compactnn = {
         "recipe": recipe,
         "folded_bn": ctx.folded_bn,

@@ -6,6 +6,8 @@ SUITE: list[tuple[str, str]] = [
     ("mnist-cnn", "w4a8"),
     ("mnist-cnn", "w4a4"),
     ("mnist-cnn", "w2a4"),
+    ("mnist-cnn", "w4a4-qdrop"),
+    ("mnist-cnn", "w2a4-brecq"),
     ("minilm", "float"),
     ("minilm", "w8"),
     ("minilm", "w4-g32"),

@@ -10,6 +10,22 @@ from torch import nn
 from compactnn.errors import ArtifactError
 
 
+def hf_header(model: nn.Module) -> dict[str, Any] | None:
+    """``{"class", "config"}`` that rebuilds a Hugging Face model's architecture, else None.
+
+    Recorded by ``compress`` in ``model._compactnn["extra"]["hf"]`` so that
+    ``compactnn.load(dir)`` needs no float model.
+    """
+    config = getattr(model, "config", None)
+    if (
+        config is None
+        or not hasattr(config, "to_dict")
+        or "transformers" not in str(type(model).__mro__)
+    ):
+        return None
+    return {"class": type(model).__name__, "config": config.to_dict()}
+
+
 def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
     """A float model of the saved architecture; needs a saved Hugging Face config."""
     hf = header.get("extra", {}).get("hf")

@@ -1,0 +1,166 @@
+"""SmoothQuant (Xiao et al. 2022): migrate activation outliers into the weights for W8A8.
+
+For each foldable ``(producer, consumers)`` pair (see :mod:`compactnn.quant.awq`), the input
+channels are divided by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (``alpha``: the
+migration strength) and the consumers' weight columns multiplied by ``s_j``; the float model
+is unchanged, the activations become easier to quantize per tensor. Pairs whose folding would
+change the model (post-norm encoders: the norm output also feeds the residual) are skipped and
+named in the notes. Then weights and activations are quantized round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from compactnn.core.context import CompressContext
+from compactnn.core.qlayers import ActQuantizer, is_quant_layer
+from compactnn.core.spec import QuantSpec
+from compactnn.errors import CompactnnError
+from compactnn.quant.awq import find_scale_pairs, fold_is_exact, fold_scale
+from compactnn.quant.base import QuantConfig, quantize_layers
+from compactnn.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantConfig(QuantConfig):
+    """SmoothQuant settings.
+
+    Args:
+        alpha: migration strength in [0, 1]; 0.5 balances activations and weights, larger
+            values move more of the difficulty into the weights.
+        dynamic: quantize activations per token at run time (asymmetric, the grid the int8
+            kernels use) instead of with one static per-tensor range.
+    """
+
+    alpha: float = 0.5
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise CompactnnError(f"alpha={self.alpha} must lie in [0, 1]; 0.5 is typical.")
+
+    @classmethod
+    def from_short(cls, wbits, abits, group, range_method="minmax", **kwargs):
+        """``w8a8-smoothquant``: symmetric per-channel weights, per-tensor activations."""
+        if abits is None:
+            raise CompactnnError("smoothquant quantizes activations: use e.g. w8a8-smoothquant.")
+        return super().from_short(wbits, abits, group, range_method=range_method, **kwargs)
+
+
+class DynamicActQuantizer(ActQuantizer):
+    """Per-token asymmetric fake quantization with ranges taken at run time.
+
+    Each row of the last dimension (one token) gets its own ``[min, max]`` grid, widened to
+    contain 0, on ``spec.qtype`` (uint8 for ``a8``). No calibration is needed.
+    """
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__(spec)
+        self.calibrated = True
+
+    def start_observing(self) -> None:  # nothing to observe: ranges are dynamic
+        self.observer = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        qt = self.qtype
+        lo = x.detach().amin(-1, keepdim=True).clamp(max=0)
+        hi = x.detach().amax(-1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / (qt.qmax - qt.qmin)).clamp(min=1e-8)  # (..., 1)
+        zero = torch.round(qt.qmin - lo / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, qt.qmin, qt.qmax)
+        return x + ((q - zero) * scale - x).detach()
+
+    def extra_repr(self) -> str:
+        return f"{self.qtype.name}, per-token dynamic"
+
+
+def use_dynamic_act(model: nn.Module, names: list[str]) -> list[str]:
+    """Swap the input quantizers of the named layers for per-token dynamic ones."""
+    done = []
+    for n in names:
+        layer = model.get_submodule(n)
+        if getattr(layer, "input_quantizer", None) is not None:
+            layer.input_quantizer = DynamicActQuantizer(layer.input_quantizer.spec)
+            done.append(n)
+    return done
+
+
+def restore_dynamic_act(model: nn.Module, extra: dict) -> None:
+    """After ``load``: give back the dynamic quantizers recorded in ``extra["dynamic_act"]``."""
+    use_dynamic_act(model, list(extra.get("dynamic_act", [])))
+
+
+def smooth_scale(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float):
+    """Per-channel migration scale ``(C,)`` from activation maxima ``(C,)`` and weights."""
+    w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
+    s = x_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.pow(1.0 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def _input_absmax(model: nn.Module, names: list[str], ctx: CompressContext) -> dict:
+    """Per-channel ``max|x|`` ``(C,)`` of each named layer's input over the calibration data."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(_m, args, name):
+        a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+        stats[name] = a if name not in stats else torch.maximum(stats[name], a)
+
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+        for n in names
+    ]
+    try:
+        ctx.run_all(model, desc="smoothquant statistics")
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def smooth_model(model: nn.Module, names: list[str], alpha: float, ctx: CompressContext) -> int:
+    """Fold SmoothQuant scales into every exact pair among linear layers ``names``."""
+
+    def run() -> torch.Tensor:
+        out = ctx.run(model, ctx.batches[0])
+        if isinstance(out, torch.Tensor):
+            return out
+        return out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
+
+    pairs = find_scale_pairs(model, run, names)
+    stats = _input_absmax(model, [c for _, cs in pairs for c in cs[:1]], ctx)
+    done = 0
+    for producer, consumers in pairs:
+        if not fold_is_exact(model, run, producer, consumers):
+            ctx.notes.append(f"smoothquant: {producer} -> {consumers} not foldable, left as is")
+            continue
+        mods = [model.get_submodule(c) for c in consumers]
+        s = smooth_scale(stats[consumers[0]], [m.weight.detach() for m in mods], alpha)
+        fold_scale(model.get_submodule(producer), mods, s)
+        done += 1
+    return done
+
+
+@register("smoothquant", SmoothQuantConfig, "SmoothQuant: outlier migration, then W8A8")
+def apply_smoothquant(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    config: SmoothQuantConfig,
+    ctx: CompressContext,
+) -> nn.Module:
+    """Smooth the exact producer/consumer pairs, then quantize weights and activations."""
+    ctx.require_calibration("smoothquant", 64)
+    names = [n for n, m in targets.items() if isinstance(m, nn.Linear)]
+    done = smooth_model(model, names, config.alpha, ctx)
+    ctx.notes.append(f"smoothquant: {done} producer/consumer pairs smoothed (alpha={config.alpha})")
+    model = quantize_layers(model, targets, config, ctx)
+    if config.dynamic:
+        quantized = [n for n, m in model.named_modules() if is_quant_layer(m)]
+        dyn = use_dynamic_act(model, quantized)
+        ctx.extra["dynamic_act"] = sorted({*ctx.extra.get("dynamic_act", []), *dyn})
+    return model
