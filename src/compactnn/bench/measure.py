@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.calib import call_model
+from compactnn.core.calib import call_model, main_output
 from compactnn.core.modules import weight_layers
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.export.size import artifact_size, theoretical_size
@@ -72,21 +72,6 @@ def first_rows(batch: Any, n: int = 1) -> Any:
     if isinstance(batch, tuple):
         return tuple(v[:n] for v in batch)
     return batch[:n]
-
-
-def main_output(out: Any) -> torch.Tensor:
-    """The tensor to compare in a model's output: logits, last hidden state, or the first."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)) and out:
-        return main_output(out[0])
-    raise TypeError(f"cannot find a tensor in a model output of type {type(out).__name__}")
 
 
 @torch.no_grad()

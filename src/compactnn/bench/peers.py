@@ -8,6 +8,7 @@ optional: ``onnxruntime.quantization``, ``torchao`` and ``optimum-quanto`` come 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -119,6 +120,14 @@ def export_onnx(model: nn.Module, example: Any, path: Path) -> list[str]:
 
 def ort_models(model: nn.Module, example: Any, calib: Any, threads: int) -> dict[str, Any]:
     """ONNX Runtime fp32, static int8 (QDQ, per-channel) and dynamic int8, or the error."""
+    tmp = Path(tempfile.mkdtemp(prefix="compactnn-ort-"))
+    # ONNX Runtime's quantization tools drop uuid-named external-data files into the
+    # current directory; run them from the temp folder so nothing leaks into the caller's.
+    with contextlib.chdir(tmp):
+        return _ort_models(model, example, calib, threads, tmp)
+
+
+def _ort_models(model: nn.Module, example: Any, calib: Any, threads: int, tmp: Path) -> dict:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -127,7 +136,6 @@ def ort_models(model: nn.Module, example: Any, calib: Any, threads: int) -> dict
         quantize_static,
     )
 
-    tmp = Path(tempfile.mkdtemp(prefix="compactnn-ort-"))
     hf = isinstance(example, dict)
     t0 = time.perf_counter()
     names = export_onnx(model, example, tmp / "fp32.onnx")

@@ -114,3 +114,18 @@ def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
             f"the model could not run on the calibration data ({describe(batch)}): {exc}. "
             f"Expected input: {expected_input_hint(model)}."
         ) from exc
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """The tensor to compare in a model's output: logits, last hidden state, or the first."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)) and out:
+        return main_output(out[0])
+    raise TypeError(f"cannot find a tensor in a model output of type {type(out).__name__}")

@@ -15,21 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.calib import main_output
 from compactnn.core.context import CompressContext
 from compactnn.prune.masks import attach_masks, bake_masks, zero_masks
 
-
-def output_tensor(out: Any) -> torch.Tensor:
-    """The main tensor of a model output (logits, last hidden state, or the first item)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(out, dict):
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    return out[0]
+output_tensor = main_output  # the main tensor of a model output
 
 
 def distill_steps(
