@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from compactnn.quant.qat import apply_qat
-from compactnn.quant.xnor import BinaryConfig, sign_pm1
+from compactnn.quant.xnor import BinaryConfig, SignSTE
 from compactnn.registry import register
 
 
@@ -24,13 +24,8 @@ def approx_sign_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(2 - 2 * x.abs(), min=0.0)
 
 
-class ApproxSign(torch.autograd.Function):
-    """``sign_pm1(x)`` forward, the polynomial approximation's derivative backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return sign_pm1(x)
+class ApproxSign(SignSTE):
+    """``sign_pm1(x)`` forward (inherited), the polynomial approximation's derivative backward."""
 
     @staticmethod
     def backward(ctx, grad):
