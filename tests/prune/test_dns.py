@@ -1,7 +1,9 @@
+import pytest
 import torch
 from torch import nn
 
 import compactnn
+from compactnn.errors import CompactnnError
 from compactnn.prune.dns import DNSConfig, DNSPruner, revise_mask
 from compactnn.prune.masks import current_masks, dense_weight, sparsity_of
 
@@ -38,3 +40,25 @@ def test_sp90_dns_reaches_target_sparsity():
     pruned = compactnn.compress(model, recipe, calib_data=torch.randn(128, 16), progress=False)
     nnz, total = sparsity_of(pruned)
     assert 0.85 <= 1 - nnz / total <= 0.95
+
+
+def test_layer_sparsity_overrides_the_uniform_rate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 10))
+    cfg = DNSConfig(sparsity=0.9, layer_sparsity={"2": 0.5})
+    DNSPruner(model, cfg)
+    masks = current_masks(model)
+    assert int((masks["0"] == 0).sum()) == 899  # strictly below the 900th smallest |w|
+    assert int((masks["2"] == 0).sum()) == 249  # strictly below the 250th of 500
+    assert cfg.sparsity_for("2") == 0.5 and cfg.sparsity_for("0") == 0.9
+    assert DNSConfig.from_dict(cfg.to_dict()) == cfg  # YAML round trip (a mapping)
+
+
+def test_layer_sparsity_refuses_bad_names_and_values():
+    with pytest.raises(CompactnnError, match=r"layer_sparsity\['fc'\]"):
+        DNSConfig(layer_sparsity={"fc": 1.0})
+    with pytest.raises(CompactnnError, match="must map layer names"):
+        DNSConfig(layer_sparsity=3)
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(CompactnnError, match=r"\['fc1'\].*module names"):
+        DNSPruner(model, DNSConfig(layer_sparsity={"fc1": 0.5}))
