@@ -104,7 +104,11 @@ def int8_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def input_qparams(layer: nn.Module) -> QParams:
     """uint8 ``(scale, zero)`` of a layer's input quantizer (signed grids shift by 128)."""
-    aq = layer.input_quantizer
+    return act_qparams(layer.input_quantizer)
+
+
+def act_qparams(aq: ActQuantizer) -> QParams:
+    """uint8 ``(scale, zero)`` of an 8-bit activation quantizer (signed grids shift by 128)."""
     zero = int(aq.zero.round().item()) + (128 if aq.qtype.signed else 0)
     return float(aq.scale.item()), zero
 
@@ -133,6 +137,7 @@ class Plan:
     groups: dict[fx.Node, Fused] = field(default_factory=dict)  # keyed by Fused.last
     absorbed: set[fx.Node] = field(default_factory=set)  # nodes emitted inside a group
     form: dict[fx.Node, QParams | str] = field(default_factory=dict)
+    grids: dict[fx.Node, QParams] = field(default_factory=dict)  # standalone 8-bit quantizers
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -173,6 +173,8 @@ def lower(plan: Plan) -> fx.GraphModule:
             b.graph.output(b.arg_map(node.args[0], b.as_float))
         elif node in plan.groups:
             b.emit_group(plan.groups[node])
+        elif node in plan.grids:  # a residual quantizer: the codes its input already has
+            b.env[node] = (b.as_u8(node.args[0], plan.grids[node]), plan.grids[node])
         elif node in plan.form:
             b.emit_transparent(node)
         else:

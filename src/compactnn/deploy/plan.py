@@ -11,6 +11,7 @@ from compactnn.deploy.graph import (
     Fused,
     Plan,
     QParams,
+    act_qparams,
     input_qparams,
     is_add,
     is_transparent,
@@ -18,6 +19,7 @@ from compactnn.deploy.graph import (
     unary_attr,
     unsupported_reason,
 )
+from compactnn.deploy.residual import is_residual_quantizer
 
 SHAPE_METHODS = ("size", "dim")
 RESIDUALS = ("exact", "fast")
@@ -28,6 +30,8 @@ def build_plan(gm: fx.GraphModule, residual: str = "exact") -> Plan:
     plan = Plan(gm=gm, lowered={}, kept={})
     for node in gm.graph.nodes:
         m = module_of(gm, node)
+        if m is not None and is_residual_quantizer(m):  # quantize_residuals: uint8 on its grid
+            plan.grids[node] = act_qparams(m)
         if m is None or not is_quant_layer(m):
             continue
         reason = unsupported_reason(m)
@@ -38,7 +42,9 @@ def build_plan(gm: fx.GraphModule, residual: str = "exact") -> Plan:
     _fuse(plan)
     memo: dict[fx.Node, set] = {}
     for node in gm.graph.nodes:
-        if node in plan.groups or (is_transparent(gm, node) and node not in plan.absorbed):
+        if node in plan.grids:
+            plan.form[node] = plan.grids[node]
+        elif node in plan.groups or (is_transparent(gm, node) and node not in plan.absorbed):
             plan.form[node] = _resolve(_demand(plan, node, residual, memo))
     return plan
 
@@ -82,6 +88,8 @@ def _demand(plan: Plan, node: fx.Node, residual: str, memo: dict) -> set:
         group = plan.groups.get(user)
         if user.name in plan.lowered and user.args and user.args[0] is node:
             out.add(input_qparams(plan.lowered[user.name]))
+        elif user in plan.grids:
+            out.add(plan.grids[user])
         elif _is_accum_use(plan, user, node):
             out.add(ANY if residual == "fast" else FLOAT)
         elif user.op == "call_method" and user.target in SHAPE_METHODS:

@@ -27,6 +27,7 @@ from compactnn.core.modules import set_module
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
 from compactnn.deploy.graph import FLOAT, trace
 from compactnn.deploy.plan import build_plan
+from compactnn.deploy.residual import is_residual_quantizer
 from compactnn.deploy.verify import DEFAULT_TOLERANCE, Verification, compare, enforce
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import atomic_write
@@ -79,6 +80,17 @@ class _QDQLayer(nn.Module):
         return conv(x, w, self.bias, **self.conv_args)
 
 
+class _QDQAct(nn.Module):
+    """A standalone 8-bit activation quantizer (``quantize_residuals``) as a Q/DQ pair."""
+
+    def __init__(self, aq: nn.Module) -> None:
+        super().__init__()
+        self.grid = (float(aq.scale), int(aq.zero.round()), aq.qtype.qmin, aq.qtype.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, *self.grid)
+
+
 def qdq_module(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _QDQLayer], dict[str, str]]:
     """A copy of ``qmodel`` with every quantized layer in QDQ form; also the kept-float list.
 
@@ -103,6 +115,9 @@ def qdq_module(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _QDQLayer], dict
         if not q.per_channel:
             kept[name] = "per-group weights: stored dequantized (float) in ONNX"
         layers[name] = q
+    for name, m in list(root.named_modules()):
+        if is_residual_quantizer(m) and not any(name.startswith(n + ".") for n in layers):
+            set_module(root, name, _QDQAct(m))
     if gm is not None:
         _quantize_outputs(gm)
     for name, q in layers.items():

@@ -1,0 +1,130 @@
+"""Opt-in simulation change that lets the integer graph stay uint8 through residual adds.
+
+compactnn's simulation quantizes the *input* of each quantized layer only, so a residual add
+sums float values: the block input and a convolution's output. An integer graph that wants
+to reproduce it must carry the residual stream in float (float32 accumulators, one more
+requantization per block). :func:`quantize_residuals` changes the simulation instead: every
+value that takes part in a residual add (an operand, or the sum, after its ReLU when there is
+one) and that quantized layers read is quantized *once*, on the grid those layers already use,
+and the add reads that quantized value too.
+
+What changes numerically is only what the add sees: the layers reading those values quantize
+them with the same grid either way (quantizing twice on one grid is idempotent). The add now
+sums the block input's codes instead of its float value, as an integer graph does. Measure
+the accuracy of the returned model: it is the model :func:`compactnn.deploy.deploy` then
+reproduces (verified against it), with no float residual stream left.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from compactnn.core.qlayers import ActQuantizer, is_quant_layer
+from compactnn.deploy.graph import is_add, module_of, trace, unary_attr
+from compactnn.errors import CompactnnError
+
+PREFIX = "residual_quantizer"
+
+
+def quantize_residuals(qmodel: nn.Module) -> fx.GraphModule:
+    """A copy of ``qmodel`` whose residual adds read quantized values (see module docstring).
+
+    Args:
+        qmodel: a model from ``compactnn.compress(..., "w8a8")`` (activation quantizers
+            calibrated); not modified. Must trace with ``torch.fx``.
+
+    Returns:
+        An ``fx.GraphModule`` with one :class:`ActQuantizer` (a copy of the consumers' own
+        input quantizer) after each such value. ``result.residual_grids`` lists them.
+
+    Example:
+        >>> qres = quantize_residuals(qmodel)                   # doctest: +SKIP
+        >>> evaluate(qres)  # the accuracy the deployed model has  # doctest: +SKIP
+        >>> fast = compactnn.deploy(qres, example=images[:8])   # doctest: +SKIP
+    """
+    if not any(is_quant_layer(m) for m in qmodel.modules()):
+        raise CompactnnError(
+            "quantize_residuals needs a quantized model: run compactnn.compress(model, "
+            "'w8a8', calib_data=...) first."
+        )
+    gm = trace(copy.deepcopy(qmodel).eval())
+    inserted: dict[str, str] = {}
+    for add in [n for n in gm.graph.nodes if is_add(n)]:
+        if add.args[0] is add.args[1]:
+            continue
+        for value in (*add.args, _sum_value(gm, add)):
+            quantizer = _shared_quantizer(gm, value)
+            if quantizer is not None:
+                inserted[_insert(gm, value, quantizer)] = value.name
+    gm.graph.lint()
+    gm.recompile()
+    gm.residual_grids = inserted  # quantizer module -> the value it quantizes
+    meta = getattr(qmodel, "_compactnn", None)
+    if meta is not None:
+        gm._compactnn = copy.deepcopy(meta)
+        gm._compactnn.setdefault("notes", []).append(
+            f"quantize_residuals: {len(inserted)} residual values quantized once"
+        )
+    return gm
+
+
+def _sum_value(gm: fx.GraphModule, add: fx.Node) -> fx.Node:
+    """The add's result as the next layers read it: after its ReLU when only a ReLU reads it."""
+    users = list(add.users)
+    if len(users) == 1 and (unary_attr(gm, users[0]) or ("",))[0] == "relu":
+        return users[0]
+    return add
+
+
+def _shared_quantizer(gm: fx.GraphModule, value: fx.Node) -> ActQuantizer | None:
+    """The input quantizer every non-add reader of ``value`` applies, if they share one.
+
+    Qualifies only when each reader is either a residual add or a quantized layer taking
+    ``value`` as its input, all those layers quantize it on one 8-bit grid, and there is at
+    least one such layer. Otherwise quantizing ``value`` would change some reader's numbers.
+    """
+    if isinstance(module_of(gm, value), ActQuantizer):
+        return None  # already quantized by an earlier add of this pass
+    grids, quantizer = set(), None
+    for user in value.users:
+        if is_add(user):
+            continue
+        m = module_of(gm, user)
+        if m is None or not is_quant_layer(m) or user.args[0] is not value:
+            return None
+        aq = m.input_quantizer
+        if aq is None or not aq.enabled or not aq.calibrated or aq.qtype.bits != 8:
+            return None
+        grids.add((float(aq.scale), float(aq.zero), aq.qtype.name))
+        quantizer = aq
+    if len(grids) != 1:
+        return None
+    q = copy.deepcopy(quantizer)
+    q.observer = None
+    return q
+
+
+def _insert(gm: fx.GraphModule, value: fx.Node, quantizer: ActQuantizer) -> str:
+    """Put ``quantizer`` right after ``value`` and make every reader read its output."""
+    name = f"{PREFIX}_{sum(1 for n, _ in gm.named_children() if n.startswith(PREFIX))}"
+    gm.add_module(name, quantizer)
+    with gm.graph.inserting_after(value):
+        node = gm.graph.call_module(name, (value,))
+    value.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return name
+
+
+def is_residual_quantizer(m: nn.Module) -> bool:
+    """A standalone 8-bit :class:`ActQuantizer` the integer graph can hold as uint8 codes."""
+    return (
+        isinstance(m, ActQuantizer)
+        and m.enabled
+        and m.calibrated
+        and m.observer is None
+        and m.qtype.bits == 8
+        and m.scale.numel() == 1
+        and bool(torch.isfinite(m.scale))
+    )
