@@ -8,8 +8,9 @@ import torch
 import compactnn
 from compactnn.core.qlayers import QuantLinear
 from compactnn.core.spec import QuantSpec
-from compactnn.kernels.linear import Int4WeightLinear, Int8WeightLinear, W8A8Linear
+from compactnn.kernels.linear import Int4WeightLinear, Int8WeightLinear
 from compactnn.kernels.swap import to_kernels
+from compactnn.kernels.w8a8 import W8A8Linear
 from compactnn.models.tiny_hf import outputs, tiny_model
 from compactnn.quant.smoothquant import DynamicActQuantizer
 
@@ -61,9 +62,98 @@ def test_swap_model_keeps_outputs_and_lists_simulated_layers():
     model, calib = tiny_model("llama")
     for recipe, kind in [("w4-g32", "Int4WeightLinear"), ("w8a8-smoothquant", "W8A8Linear")]:
         q = compactnn.compress(model, recipe, calib_data=calib, progress=False)
-        k = to_kernels(q)
+        k = to_kernels(q, dtype=torch.float32, dense_min_rows=None, fused=False)  # exact mode
         assert kind in k._compactnn_kernels["swapped"].values()
         for m in k.modules():  # only the 8-bit group-wise first/last layers lack a kernel
             if isinstance(m, QuantLinear):
                 assert m.weight_spec.bits == 8 and m.weight_spec.granularity == "group"
         torch.testing.assert_close(outputs(k, calib[0]), outputs(q, calib[0]), rtol=1e-3, atol=1e-3)
+
+
+# bfloat16 compute: activations, scales (and the dense copy) are rounded to bfloat16 (8
+# significant bits, relative error <= 2**-9 each) and the output too. Bound per output:
+# 2**-7 * sum_k |x_k| (|w_k| + 2 max_k |w_k|) (three operand roundings per product; the
+# offset and zero-point terms are at most twice the row's largest weight) + 2**-8 |y|.
+@torch.no_grad()
+def _assert_bf16_close(got, layer, x):
+    ref = layer(x)
+    w = layer.weight
+    mag = w.abs() + 2 * w.abs().amax(1, keepdim=True)
+    bound = 2**-7 * (x.abs() @ mag.T) + 2**-8 * ref.abs()
+    assert got.dtype == x.dtype
+    assert bool(((got - ref).abs() <= bound).all())
+    assert float((got - ref).norm() / ref.norm()) < 5e-3  # measured: 0.25-0.35%
+
+
+@pytest.mark.parametrize("dense_min_rows", [None, 8])
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "group"), [(8, True, None), (8, False, None), *INT4_CASES]
+)
+def test_bf16_kernels_within_bf16_rounding(bits, symmetric, group, dense_min_rows):
+    if bits == 8:
+        q, cls = _layer(8, symmetric, "channel"), Int8WeightLinear
+    else:
+        q, cls = _layer(bits, symmetric, "group", group), Int4WeightLinear
+    k = cls(q, torch.bfloat16, dense_min_rows)
+    for m in (1, 7, 8, 64):  # kernel below dense_min_rows, dense copy from there on
+        with torch.no_grad():
+            _assert_bf16_close(k(_x(m)), q, _x(m))
+
+
+@pytest.mark.parametrize("cls", [Int8WeightLinear, Int4WeightLinear])
+def test_dense_switch_by_row_count(cls):
+    q = _layer(8, True, "channel") if cls is Int8WeightLinear else _layer(4, False, "group", 32)
+    k, low = cls(q, torch.float32, dense_min_rows=8), cls(q)
+    assert torch.equal(k(_x(7)), low(_x(7)))  # below the threshold: the low-bit kernel
+    dense = torch.nn.functional.linear(_x(8), q.weight, q.bias)
+    assert torch.equal(k(_x(8)), dense)  # from the threshold on: the dequantized weight
+
+
+def test_dense_copy_stays_out_of_state_dict_and_survives_copies():
+    import copy
+    import pickle
+
+    q = _layer(4, False, "group", 32)
+    k = Int4WeightLinear(q, torch.bfloat16, dense_min_rows=1)
+    assert set(k.state_dict()) == {"bias", "packed", "scales_zeros"}
+    x = _x(9)
+    for clone in (copy.deepcopy(k), pickle.loads(pickle.dumps(k))):
+        assert torch.equal(clone(x), k(x))
+
+
+def test_w8a8_bfloat16_input_rounds_only_the_output():
+    q = _layer(8, True, "channel")
+    q.input_quantizer = DynamicActQuantizer(QuantSpec(bits=8, symmetric=False))
+    k = W8A8Linear(q)
+    xb = _x(16).bfloat16()
+    got = k(xb)
+    assert got.dtype == torch.bfloat16  # codes from the exact upcast input, as the simulation
+    torch.testing.assert_close(got.float(), q(xb.float()), rtol=2**-8, atol=1e-4)
+
+
+def test_to_kernels_bfloat16_runs_the_whole_model_in_bfloat16():
+    model, calib = tiny_model("llama")
+    for recipe in ("w4-g32", "w8", "w8a8-smoothquant"):
+        q = compactnn.compress(model, recipe, calib_data=calib, progress=False)
+        k = to_kernels(q, fused=False)  # default: bfloat16, dense copy from 8 rows
+        info = k._compactnn_kernels
+        assert info["dtype"] == "bfloat16" and info["simulated"] == []
+        assert k.model.norm.weight.dtype == torch.bfloat16  # the float parts too
+        for batch in calib[:2]:
+            got, ref = outputs(k, batch), outputs(q, batch)
+            assert got.dtype == torch.float32  # float32 in, float32 out, as the float model
+            assert float((got - ref).norm() / ref.norm()) < 2e-2  # bf16 model: ~0.5-1.2%
+    assert (
+        "DenseLinear"
+        in to_kernels(compactnn.compress(model, "w4-g32", calib_data=calib, progress=False))
+        ._compactnn_kernels["swapped"]
+        .values()
+    )  # 8-bit group-wise first/last layers
+
+
+def test_to_kernels_rejects_bad_options():
+    model, _ = tiny_model("llama")
+    with pytest.raises(compactnn.errors.CompactnnError, match="dtype"):
+        to_kernels(model, dtype=torch.float16)
+    with pytest.raises(compactnn.errors.CompactnnError, match="dense_min_rows"):
+        to_kernels(model, dense_min_rows=0)

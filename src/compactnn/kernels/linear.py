@@ -1,18 +1,26 @@
-"""Low-precision CPU linear layers built from a ``QuantLinear``'s integer codes.
+"""Weight-only low-precision CPU linear layers built from a ``QuantLinear``'s integer codes.
 
-* :class:`Int8WeightLinear`: int8 weights, float activations (``torch._weight_int8pack_mm``).
+* :class:`Int8WeightLinear`: int8 per-channel weights (``torch._weight_int8pack_mm``).
 * :class:`Int4WeightLinear`: 2-, 3- or 4-bit group-wise weights on the int4 packed kernel
   (``aten._convert_weight_to_int4pack_for_cpu`` + ``torch._weight_int4pack_mm_for_cpu``);
   codes below 4 bits are valid int4 codes, so W3/W2 run on the same kernel.
-* :class:`W8A8Linear`: per-token dynamic uint8 activations times int8 weights with int32
-  accumulation (``torch._int_mm``), the grid of
-  :class:`compactnn.quant.smoothquant.DynamicActQuantizer`.
+* :class:`DenseLinear`: any weight-only format, as a dense copy of the dequantized weight
+  (for formats no low-bit kernel takes, e.g. the 8-bit group-wise first/last layers).
 
-Each layer keeps exactly the codes, scales and zero points of the simulated layer, so its
-output matches the simulated (dequantized) layer up to float summation order.
+Each layer computes in ``dtype`` (its input is cast to it and the output cast back). With
+``float32`` the low-bit kernels match the simulated (dequantized) layer up to summation
+order, but PyTorch runs them on a slow path on CPUs without AMX; with ``bfloat16`` they are
+fast for a few rows and the activations, scales and outputs are rounded to bfloat16 (8
+significant bits). From ``dense_min_rows`` rows up, a cached dense copy of the dequantized
+weight in ``dtype`` (oneDNN-prepacked for bfloat16) is used instead, because the low-bit
+kernels lose to a dense bfloat16 GEMM there (measured in ``docs/transformers.md``). The dense
+copy lives only at run time (not in ``state_dict``): it costs 2 bytes per weight in bfloat16
+(4 in float32) on top of the packed codes.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +28,86 @@ from torch import nn
 from compactnn.core.qlayers import QuantLinear
 
 INT4_GROUPS = (32, 64, 128, 256)
+DENSE_MIN_ROWS = 8  # rows from which the dense copy beats the low-bit kernels (bf16, Zen 4)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+class DenseWeight:
+    """A run-time dense weight ``(out, in)``: oneDNN-prepacked in bfloat16, plain otherwise.
+
+    Not a buffer (a prepacked oneDNN tensor has no storage to save or copy), so it stays out
+    of ``state_dict``; copies and pickles carry it as a plain tensor and repack it.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.dtype = weight.dtype
+        self.packed = self._pack(weight.detach().contiguous())
+
+    def _pack(self, w: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._reorder_linear_weight(w, None)
+        return w
+
+    def plain(self) -> torch.Tensor:
+        """The weight as an ordinary tensor."""
+        return self.packed.to_dense() if self.packed.is_mkldnn else self.packed
+
+    def linear(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x2 @ W^T + bias`` for a contiguous ``(rows, in)`` input in ``self.dtype``."""
+        if self.packed.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x2, self.packed, bias, "none", [], "")
+        return nn.functional.linear(x2, self.packed, bias)
+
+    def __deepcopy__(self, memo: dict) -> DenseWeight:
+        return DenseWeight(self.plain().clone())
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"weight": self.plain()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["weight"])
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"kernel dtype must be one of {DTYPES}, got {dtype}")
+
+
+class _WeightOnly(nn.Module):
+    """Shared plumbing: compute dtype, bias, the dense copy and the row-count switch."""
+
+    def _setup(self, layer: QuantLinear, dtype: torch.dtype, dense_min_rows: int | None) -> None:
+        _check_dtype(dtype)
+        if dense_min_rows is not None and dense_min_rows < 1:
+            raise ValueError(f"dense_min_rows must be >= 1 or None, got {dense_min_rows}")
+        self.dtype, self.dense_min_rows = dtype, dense_min_rows
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.dense = None  # the dequantized weight rounded to ``dtype``, when asked for
+        if dense_min_rows is not None:
+            self.dense = DenseWeight(layer.weight.detach().to(dtype))
+
+    def _bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(self.dtype)
+
+    def _lowbit(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()  # (M, K)
+        if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
+            y = self.dense.linear(x2, self._bias())
+        else:
+            y = self._lowbit(x2)
+            if self.bias is not None:
+                y = y + self._bias()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"dtype={self.dtype}, dense_min_rows={self.dense_min_rows}"
+        )
 
 
 def _signed_codes(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,115 +118,93 @@ def _signed_codes(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, layer.weight_zero - shift
 
 
-class Int8WeightLinear(nn.Module):
-    """``y = x @ ((q - z) * s)^T + b`` with int8 ``q`` and per-output-channel ``s``, ``z``."""
+class Int8WeightLinear(_WeightOnly):
+    """``y = x @ ((q - z) * s)^T + b`` with int8 ``q`` and per-output-channel ``s``, ``z``.
 
-    def __init__(self, layer: QuantLinear) -> None:
+    Args:
+        layer: an 8-bit per-channel weight-only ``QuantLinear``.
+        dtype: compute dtype (``torch.float32``: exact but slow here; ``torch.bfloat16``).
+        dense_min_rows: from this many rows on, use the dense copy (None: never).
+    """
+
+    def __init__(
+        self,
+        layer: QuantLinear,
+        dtype: torch.dtype = torch.float32,
+        dense_min_rows: int | None = None,
+    ) -> None:
         super().__init__()
         if layer.weight_spec.bits != 8 or layer.weight_scale.shape[1] != 1:
             raise ValueError("Int8WeightLinear needs 8-bit per-channel weights")
+        self._setup(layer, dtype, dense_min_rows)
         codes, zero = _signed_codes(layer)
         self.register_buffer("codes", codes.contiguous())  # (out, in) int8
-        self.register_buffer("scale", layer.weight_scale[:, 0].float().contiguous())  # (out,)
-        zs = (zero[:, 0] * layer.weight_scale[:, 0]).float()
+        self.register_buffer("scale", layer.weight_scale[:, 0].to(dtype).contiguous())  # (out,)
+        zs = (zero[:, 0] * layer.weight_scale[:, 0]).to(dtype)
         self.register_buffer("zero_scale", zs if bool(zs.any()) else None)  # (out,) or None
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.in_features, self.out_features = layer.in_features, layer.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        y = torch._weight_int8pack_mm(x2, self.codes, self.scale.to(x.dtype))
+    def _lowbit(self, x2: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x2, self.codes, self.scale)
         if self.zero_scale is not None:
-            y = y - x2.sum(-1, keepdim=True) * self.zero_scale.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = y - x2.sum(-1, keepdim=True) * self.zero_scale
+        return y
 
 
-class Int4WeightLinear(nn.Module):
-    """Group-wise ``(q - z) * s`` weights (``q`` in 0..15) on the packed int4 CPU kernel."""
+class Int4WeightLinear(_WeightOnly):
+    """Group-wise ``(q - z) * s`` weights (``q`` in 0..15) on the packed int4 CPU kernel.
 
-    def __init__(self, layer: QuantLinear) -> None:
+    Args:
+        layer: a 2- to 4-bit group-wise (or per-channel, ``in`` in ``INT4_GROUPS``)
+            weight-only ``QuantLinear``.
+        dtype: compute dtype (``torch.float32``: exact but slow here; ``torch.bfloat16``).
+        dense_min_rows: from this many rows on, use the dense copy (None: never).
+    """
+
+    def __init__(
+        self,
+        layer: QuantLinear,
+        dtype: torch.dtype = torch.float32,
+        dense_min_rows: int | None = None,
+    ) -> None:
         super().__init__()
         spec = layer.weight_spec
         k = layer.in_features
         group = spec.group_size if spec.granularity == "group" else k
         if spec.bits > 4 or group not in INT4_GROUPS:
             raise ValueError(f"Int4WeightLinear needs <= 4 bits and a group in {INT4_GROUPS}")
-        codes = layer.weight_codes.to(torch.int32)
-        zero = layer.weight_zero.float()
-        if spec.qtype.signed:  # signed grid: shift into 0..15
-            codes, zero = codes + 8, zero + 8
-        scale = layer.weight_scale.float()  # (out, ngroups)
+        self._setup(layer, dtype, dense_min_rows)
+        qt = spec.qtype
+        shift = 8 if qt.signed else 0  # signed grid: into 0..15
+        codes = layer.weight_codes.to(torch.int32) + shift
+        zero = layer.weight_zero.float() + shift  # (out, ngroups)
+        scale = layer.weight_scale.float()
+        # The kernel computes (q - 8) * scale + offset per group. Codes below 4 bits leave
+        # room to move each group's codes by d so that q + d - 8 ~ q - z: the offset
+        # (8 - z - d) * scale then stays small and rounding it to bfloat16 costs little
+        # (with d = 0 a 2-bit group's offset is ~8 scales, much larger than its weights).
+        lo, hi = qt.qmin + shift, qt.qmax + shift
+        d = torch.round(8 - zero).clamp(-lo, 15 - hi)  # (out, ngroups)
+        codes = codes + d.to(torch.int32).repeat_interleave(group, dim=1)
         self.register_buffer(
             "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         )
-        # the kernel computes (q - 8) * scale + offset per group: offset = (8 - z) * scale
-        sz = torch.stack([scale.T, ((8 - zero) * scale).T], dim=-1)  # (ngroups, out, 2)
-        self.register_buffer("scales_zeros", sz.contiguous())
+        sz = torch.stack([scale.T, ((8 - zero - d) * scale).T], dim=-1)  # (ngroups, out, 2)
+        self.register_buffer("scales_zeros", sz.to(dtype).contiguous())
         self.group = group
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.in_features, self.out_features = k, layer.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        sz = self.scales_zeros.to(x.dtype)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, sz)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _lowbit(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
 
 
-class W8A8Linear(nn.Module):
-    """Per-token dynamic uint8 activations x int8 per-channel weights, int32 accumulation.
+class DenseLinear(_WeightOnly):
+    """Any weight-only ``QuantLinear`` as a dense copy of its dequantized weight in ``dtype``.
 
-    With ``x = s_x (q_x - z_x)`` and ``w = s_w q_w``: ``y = s_x s_w (q_x' q_w^T + (128 - z_x)
-    colsum(q_w))`` where ``q_x' = q_x - 128`` is int8.
+    For formats no low-bit kernel takes (8-bit group-wise, codebooks) in a bfloat16 model:
+    the artifact stays packed, the run-time copy costs 2 bytes per weight.
     """
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        if layer.weight_spec.bits != 8 or not layer.weight_spec.symmetric:
-            raise ValueError("W8A8Linear needs symmetric 8-bit weights")
-        if layer.weight_scale.shape[1] != 1:
-            raise ValueError("W8A8Linear needs per-channel weights")
-        qt = layer.input_quantizer.qtype
-        if qt.signed or qt.bits != 8:
-            raise ValueError("W8A8Linear needs uint8 activations")
-        wq = layer.weight_codes.to(torch.int8)
-        self.register_buffer("codes_t", wq.T.contiguous())  # (in, out) int8
-        self.register_buffer("colsum", wq.to(torch.int32).sum(1).float())  # (out,)
-        self.register_buffer("scale", layer.weight_scale[:, 0].float().contiguous())
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
-        lo = x2.amin(-1, keepdim=True).clamp(max=0)
-        hi = x2.amax(-1, keepdim=True).clamp(min=0)
-        sx = ((hi - lo) / 255.0).clamp(min=1e-8)  # (M, 1), as DynamicActQuantizer
-        zx = torch.round(-lo / sx)
-        q = torch.clamp(torch.round(x2 / sx) + zx, 0, 255)
-        acc = torch._int_mm((q - 128).to(torch.int8), self.codes_t)  # (M, N) int32
-        y = (acc.float() + (128 - zx) * self.colsum) * (sx * self.scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
-def kernel_layer(layer: QuantLinear) -> nn.Module | None:
-    """The fastest kernel layer for ``layer``, or None when no kernel takes its format."""
-    from compactnn.quant.smoothquant import DynamicActQuantizer
-
-    spec = layer.weight_spec
-    aq = layer.input_quantizer
-    try:
-        if isinstance(aq, DynamicActQuantizer):
-            return W8A8Linear(layer)
-        if aq is not None:
-            return None  # static activation grids: no kernel here
-        if spec.bits == 8:
-            return Int8WeightLinear(layer)
-        return Int4WeightLinear(layer)
-    except ValueError:
-        return None
+        if layer.input_quantizer is not None:
+            raise ValueError("DenseLinear takes weight-only layers")
+        self._setup(layer, dtype, 1)

@@ -3,34 +3,191 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import QuantLinear
-from compactnn.kernels.linear import kernel_layer
+from compactnn.errors import CompactnnError
+from compactnn.kernels.linear import (
+    DENSE_MIN_ROWS,
+    DTYPES,
+    DenseLinear,
+    Int4WeightLinear,
+    Int8WeightLinear,
+)
+from compactnn.kernels.w8a8 import W8A8Linear
+
+KERNEL_TYPES = (Int8WeightLinear, Int4WeightLinear, DenseLinear, W8A8Linear)
 
 
-def to_kernels(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """A copy of ``model`` whose quantized linear layers run on integer CPU kernels.
+@dataclass(frozen=True)
+class KernelConfig:
+    """How :func:`to_kernels` runs a model.
 
-    int8 weight-only, 2/3/4-bit group-wise weight-only, and W8A8 with per-token dynamic
-    activations are swapped; other formats stay simulated and are listed in
-    ``model._compactnn_kernels["simulated"]``. The kernel layers use the same codes, so
-    outputs match the simulated model up to float summation order.
+    Attributes:
+        dtype: the dtype the model runs in. ``torch.bfloat16`` (default): weight-only
+            kernels, attention, norms and the rest of the float model run in bfloat16 (the
+            float model's inputs and outputs stay float32). ``torch.float32``: the kernel
+            layers match the simulated model up to summation order, but the weight-only
+            low-bit kernels take a slow path on this CPU.
+        dense_min_rows: weight-only layers use a run-time dense copy of their dequantized
+            weight from this many input rows (tokens) on and the low-bit kernel below it;
+            None: always the low-bit kernel.
+        fused: compile the W8A8 layers' activation quantization and epilogue with
+            ``torch.compile`` (once per process, a few tens of seconds; used from
+            ``FUSED_MIN_ROWS`` rows); False keeps them eager.
+    """
+
+    dtype: torch.dtype = torch.bfloat16
+    dense_min_rows: int | None = DENSE_MIN_ROWS
+    fused: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise CompactnnError(
+                f"to_kernels dtype={self.dtype} is not supported: use torch.bfloat16 or "
+                "torch.float32"
+            )
+        if self.dense_min_rows is not None and (
+            not isinstance(self.dense_min_rows, int) or self.dense_min_rows < 1
+        ):
+            raise CompactnnError(
+                f"to_kernels dense_min_rows={self.dense_min_rows!r} must be an integer >= 1 "
+                "(or None to always use the low-bit kernels)"
+            )
+
+
+class Float32Island(nn.Module):
+    """Runs a layer without a kernel (e.g. a static activation grid) in float32 inside a
+    lower-precision model: the input is cast up and the output back to the input's dtype."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.float()).to(x.dtype)
+
+
+def kernel_layer(layer: QuantLinear, config: KernelConfig | None = None) -> nn.Module | None:
+    """The fastest kernel layer for ``layer``, or None when no kernel takes its format."""
+    from compactnn.quant.smoothquant import DynamicActQuantizer
+
+    config = config or KernelConfig()
+    spec = layer.weight_spec
+    aq = layer.input_quantizer
+    args = (layer, config.dtype, config.dense_min_rows)
+    try:
+        if isinstance(aq, DynamicActQuantizer):
+            return W8A8Linear(layer, fused=config.fused)
+        if aq is not None:
+            return None  # static activation grids: no kernel here
+        if getattr(layer, "weight_levels", None) is None:  # uniform grids
+            if spec.bits == 8 and layer.weight_scale.shape[1] == 1:
+                return Int8WeightLinear(*args)
+            if spec.bits <= 4:
+                return Int4WeightLinear(*args)
+    except ValueError:
+        pass
+    # weight-only formats without a low-bit kernel: a dense copy, only worth it below fp32
+    return DenseLinear(layer, config.dtype) if config.dtype != torch.float32 else None
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """``obj`` with its floating-point tensors (also inside tuples, lists, dicts) cast."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):  # in place: keeps ModelOutput classes and attributes
+        for k, v in list(obj.items()):
+            obj[k] = _cast_floats(v, dtype)
+        return obj
+    if isinstance(obj, list):
+        return [_cast_floats(v, dtype) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_cast_floats(v, dtype) for v in obj)
+    return obj
+
+
+def _cast_params(m: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``m``'s float parameters and buffers, skipping kernel layers and float32
+    islands (they keep their own dtypes)."""
+    if isinstance(m, (*KERNEL_TYPES, Float32Island)):
+        return
+    for p in m.parameters(recurse=False):
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for name, b in list(m.named_buffers(recurse=False)):
+        if b is not None and b.is_floating_point():
+            setattr(m, name, b.to(dtype))
+    for child in m.children():
+        _cast_params(child, dtype)
+
+
+def _to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Run ``model`` in ``dtype``: cast its float parameters and buffers outside the kernel
+    layers, and make it take and return float32 tensors as before."""
+    _cast_params(model, dtype)
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: (_cast_floats(args, dtype), _cast_floats(kwargs, dtype)),
+        with_kwargs=True,
+    )
+    model.register_forward_hook(lambda _m, _args, out: _cast_floats(out, torch.float32))
+
+
+def to_kernels(
+    model: nn.Module,
+    inplace: bool = False,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    dense_min_rows: int | None = DENSE_MIN_ROWS,
+    fused: bool = True,
+) -> nn.Module:
+    """A copy of ``model`` whose quantized linear layers run on low-precision CPU kernels.
+
+    W8A8 with per-token dynamic activations runs on ``torch._int_mm`` (exact int32
+    accumulation); int8 per-channel and 2/3/4-bit group-wise weight-only layers run on the
+    int8/int4 packed kernels below ``dense_min_rows`` rows and on a run-time dense copy of
+    the dequantized weight from there on; other weight-only formats (8-bit group-wise,
+    codebooks) run on the dense copy when ``dtype`` is bfloat16. Layers left simulated are
+    listed in ``model._compactnn_kernels["simulated"]``. See :class:`KernelConfig`.
+
+    Args:
+        model: a model from ``compactnn.compress`` or ``compactnn.load``.
+        inplace: change ``model`` itself instead of a copy.
+        dtype: ``torch.bfloat16`` (fast; the whole model runs in bfloat16) or
+            ``torch.float32`` (kernel outputs match the simulated model up to summation
+            order).
+        dense_min_rows: rows (tokens in a batch) from which weight-only layers use the dense
+            copy; None keeps the low-bit kernels at every size.
+        fused: compile the W8A8 quantization and epilogue (see :class:`KernelConfig`).
 
     Example:
         >>> fast = to_kernels(compactnn.compress(model, "w4-g32-gptq", calib))  # doctest: +SKIP
     """
+    config = KernelConfig(dtype=dtype, dense_min_rows=dense_min_rows, fused=fused)
     out = model if inplace else copy.deepcopy(model)
     swapped, simulated = {}, []
     for name, m in list(out.named_modules()):
         if isinstance(m, QuantLinear):
-            k = kernel_layer(m)
+            k = kernel_layer(m, config)
             if k is None:
                 simulated.append(name)
+                if dtype != torch.float32:
+                    set_module(out, name, Float32Island(m))
             else:
                 set_module(out, name, k)
                 swapped[name] = type(k).__name__
-    out._compactnn_kernels = {"swapped": swapped, "simulated": simulated}
+    if dtype != torch.float32:
+        _to_dtype(out, dtype)
+    out._compactnn_kernels = {
+        "swapped": swapped,
+        "simulated": simulated,
+        "dtype": str(dtype).removeprefix("torch."),
+        "dense_min_rows": dense_min_rows,
+        "fused": fused,
+    }
     return out
