@@ -2,7 +2,8 @@
 
 A MODEL argument is one of:
 
-* a reference model name (``mnist-cnn``, ``minilm``, ...; see :mod:`compactnn.models`);
+* a reference model name (``mnist-cnn``, ``minilm``, ``tiny-lm``, ...; see
+  :mod:`compactnn.models`);
 * a Hugging Face model directory (holds ``config.json``);
 * a ``torch.export`` archive (``.pt2``);
 * ``package.module:factory`` with ``--weights file.safetensors``;

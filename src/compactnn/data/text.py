@@ -15,6 +15,15 @@
 * the split is fixed by content: a sentence whose SHA-256 (of its UTF-8 text) has a first
   byte below 64 (about a quarter) is ``"eval"``, every other one is ``"calib"``. The two
   splits are disjoint by construction and do not move when the corpus gains a topic.
+
+``lm_text(split)`` is the raw text for language modelling, split by paragraph:
+
+* each topic is cut at blank lines into paragraphs (code, grammar and headings included,
+  trailing spaces removed); duplicates are dropped, first occurrence kept (many topics
+  repeat whole sections of others);
+* a paragraph whose SHA-256 has a first byte below 32 (about an eighth) is ``"eval"``, every
+  other one is ``"train"``: disjoint by construction, and a repeated paragraph can never sit
+  on both sides. Each split is its paragraphs, in corpus order, joined by blank lines.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import re
 from compactnn.errors import CompactnnError
 
 SPLITS = ("calib", "eval")
+LM_SPLITS = ("train", "eval")
 MIN_WORDS, MAX_WORDS = 5, 60
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z*\"])")
 _LIST_MARKER = re.compile(r"^(\*|-|\d+\.)\s+")
@@ -101,3 +111,37 @@ def sentences(split: str) -> list[str]:
     if split not in SPLITS:
         raise CompactnnError(f"unknown sentence split {split!r}: use one of {SPLITS}.")
     return [s for s in _all_sentences() if split_of(s) == split]
+
+
+@functools.cache
+def lm_paragraphs() -> tuple[str, ...]:
+    """Every distinct paragraph of the corpus, in corpus order (blank-line separated)."""
+    from pydoc_data.topics import topics
+
+    seen: dict[str, None] = {}
+    for key in sorted(topics):
+        for paragraph in re.split(r"\n[ \t]*\n", topics[key].strip()):
+            paragraph = "\n".join(line.rstrip() for line in paragraph.strip("\n").splitlines())
+            if paragraph.strip():
+                seen.setdefault(paragraph, None)
+    return tuple(seen)
+
+
+def lm_split_of(paragraph: str) -> str:
+    """``"eval"`` or ``"train"``: the fixed, content-based split a paragraph belongs to."""
+    return "eval" if hashlib.sha256(paragraph.encode()).digest()[0] < 32 else "train"
+
+
+def lm_text(split: str) -> str:
+    """The language-modelling text of one split: its paragraphs joined by blank lines.
+
+    Args:
+        split: ``"train"`` (training and calibration) or ``"eval"`` (held out).
+
+    Example:
+        >>> len(lm_text("eval")) < len(lm_text("train"))
+        True
+    """
+    if split not in LM_SPLITS:
+        raise CompactnnError(f"unknown language-modelling split {split!r}: use one of {LM_SPLITS}.")
+    return "\n\n".join(p for p in lm_paragraphs() if lm_split_of(p) == split)

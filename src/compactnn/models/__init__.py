@@ -22,10 +22,17 @@ def _build_minilm(**kwargs) -> Reference:
     return build_minilm(**kwargs)
 
 
+def _build_tiny_lm(**kwargs) -> Reference:
+    from compactnn.models.tiny_lm import build_tiny_lm
+
+    return build_tiny_lm(**kwargs)
+
+
 REFERENCES: dict[str, Callable[..., Reference]] = {
     "mnist-cnn": build_mnist_cnn,
     "digits-resnet": build_digits_resnet,
     "minilm": _build_minilm,
+    "tiny-lm": _build_tiny_lm,
 }
 
 

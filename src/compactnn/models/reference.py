@@ -16,9 +16,10 @@ class Reference:
         name: the reference's name (``"mnist-cnn"``).
         model: the float model, in eval mode.
         calib: calibration batches, drawn from the training split only.
-        evaluate: ``evaluate(model) -> float``: quality on held-out data, higher is better.
-            Works on the float model and on compressed copies of it.
-        metric: ``"top1"`` (percent correct) or ``"cosine"`` (mean cosine vs the float model).
+        evaluate: ``evaluate(model) -> float``: quality on held-out data, higher is better
+            except for ``"perplexity"``. Works on the float model and on compressed copies.
+        metric: ``"top1"`` (percent correct), ``"cosine"`` (mean cosine vs the float model)
+            or ``"perplexity"`` (per byte on held-out text; lower is better).
         example: one input batch (a tensor, or a dict of tensors) for latency measurements.
         kind: ``"cnn"`` or ``"transformer"``.
         skeleton: builds a fresh float model of the same architecture (for ``load``).
