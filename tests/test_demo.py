@@ -103,3 +103,18 @@ def test_demo_refuses_existing_report_without_force(demo):
     out, _ = demo
     with pytest.raises(CompactnnError, match="--force"):
         run_demo(out, suite=SUITE, loader=lambda _n: TinyRef(), progress=False)
+
+
+def test_training_recipes_are_trained_on_the_reference_data_only(tmp_path):
+    from compactnn.demo import is_training_recipe
+
+    assert is_training_recipe("w2a8-ttq") and is_training_recipe("w1a1-reactnet")
+    assert not is_training_recipe("w4a8") and not is_training_recipe("w4a4-qdrop")
+    with pytest.raises(CompactnnError, match="'tiny' has none"):
+        run_demo(
+            tmp_path / "demo",
+            suite=[("tiny", "w2a8-ttq")],
+            loader=lambda _n: TinyRef(),
+            progress=False,
+            force=True,
+        )

@@ -59,3 +59,39 @@ def test_layers_that_cannot_take_binary_activations():
     with pytest.raises(CompactnnError, match=r"'p'.*padding"):
         check_binary_layer("p", nn.Conv2d(2, 2, 3, padding="same"))
     check_binary_layer("ok", nn.Conv2d(2, 2, 3, padding=1))
+
+
+@pytest.mark.parametrize("kind", ["xnor", "bireal", "reactnet"])
+@pytest.mark.parametrize("conv", [True, False])
+def test_freezing_folds_the_batch_norm_into_scale_and_bias(kind, conv):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 8, 3, padding=1, bias=False) if conv else nn.Linear(6, 6, bias=False)
+    x = torch.relu(torch.randn(32, 4, 6, 6) if conv else torch.randn(32, 6))
+    block = BinaryBlock(layer, kind, BinaryWeight())
+    assert block.norm is not None and layer.bias is not None  # a bias to fold the shift into
+    block.start_observing()
+    block(x)
+    block.finish_observing()
+    block.train()
+    for _ in range(3):  # running statistics move away from their initial values
+        block(x + 0.1 * torch.randn_like(x))
+    block.eval()
+    expected = block(x)
+    mean, var = block.norm.running_mean.clone(), block.norm.running_var.clone()
+    with torch.no_grad():  # the same eval output by hand: (raw - mean) / sqrt(var + eps)
+        raw = block._raw(x)
+        view = (1, -1, 1, 1) if conv else (1, -1)
+        by_hand = (raw - mean.reshape(view)) / torch.sqrt(var.reshape(view) + 1e-5)
+        by_hand = by_hand * (block.gain * block.scale).reshape(view) + layer.bias.reshape(view)
+        if block.shortcut:
+            by_hand = by_hand + real_shortcut(x, by_hand, conv)
+        if block.post is not None:
+            by_hand = block.post(by_hand)
+    assert torch.allclose(expected, by_hand, atol=1e-5)
+    block.fold_norm()
+    assert block.norm is None
+    assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_rebuilt_blocks_have_no_batch_norm():
+    assert BinaryBlock(nn.Linear(4, 4), "bireal").norm is None  # loading: already folded

@@ -1,7 +1,16 @@
+import pytest
 import torch
 from torch import nn
 
-from compactnn.quant.xnor import BinaryWeight, binary_weight, sign_pm1, sign_ste, xnor_scale
+from compactnn.errors import CompactnnError
+from compactnn.quant.xnor import (
+    BinaryWeight,
+    XNORConfig,
+    binary_weight,
+    sign_pm1,
+    sign_ste,
+    xnor_scale,
+)
 
 
 def test_sign_of_zero_is_plus_one_and_gradient_is_clipped_ste():
@@ -37,3 +46,21 @@ def test_activation_scale_k_is_box_filtered_channel_mean():
     )  # (2, 5, 5)
     assert torch.allclose(k[:, 0], ref, atol=1e-6)
     assert sign_pm1(torch.zeros(1)).item() == 1.0
+
+
+def test_two_stage_weights_stay_real_for_the_first_epochs():
+    w = torch.tensor([[0.5, -1.5], [0.2, 0.0]])
+    q = BinaryWeight(real_epochs=2)
+    assert torch.equal(q(w), binary_weight(w))  # outside train(): binary
+    seen = []
+    for epoch in range(4):
+        q.start_epoch(w, epoch, 4)
+        seen.append(torch.equal(q(w), w))
+    assert seen == [True, True, False, False]
+    q.start_epoch(w, 0, 1)  # a one-epoch run still trains binary weights
+    assert torch.equal(q(w), binary_weight(w))
+
+
+def test_real_weight_epochs_must_leave_binary_epochs():
+    with pytest.raises(CompactnnError, match="real_weight_epochs=6"):
+        XNORConfig.from_short(1, 1, None, real_weight_epochs=6)

@@ -4,8 +4,13 @@ A uniform activation grid cannot express ``sign`` with a learned shift, a real-v
 shortcut or RPReLU, so a layer with 1-bit activations is replaced (under its own name) by a
 :class:`BinaryBlock` that holds it as ``.layer``::
 
-    x -> shift -> sign -> layer(binary weights) [* K for XNOR] * gain * scale + bias
+    x -> shift -> sign -> layer(binary weights) [* K for XNOR] -> BN -> * gain * scale + bias
       [+ shortcut(x) for Bi-Real / ReActNet]  [-> RPReLU for ReActNet]
+
+The batch norm (without affine parameters: ``gain``, ``scale`` and the layer's bias are its
+affine part) normalises the binary layer's output with batch statistics while training, as
+the batch norm after every binary conv does in all three papers. It exists only while
+training: freezing folds its running statistics into ``scale`` and the bias.
 
 Frozen, ``.layer`` is a standard ``QuantConv2d``/``QuantLinear`` with 1-bit codes; the block's
 own float parameters (shift, RPReLU) are ordinary state-dict tensors. The artifact header
@@ -104,6 +109,12 @@ class BinaryBlock(nn.Module):
         self.gain = nn.Parameter(torch.ones(cout))
         self.shortcut = kind != "xnor" and shortcut_fits(cin, cout)
         self.post = RPReLU(cout, dim=1 if self.conv else -1) if kind == "reactnet" else None
+        # batch norm of the binary path while training (folded away by ``fold_norm``)
+        self.norm = None
+        if weight_quantizer is not None:
+            self.norm = nn.BatchNorm1d(cout, affine=False)
+            if layer.bias is None:  # the folded batch norm needs somewhere to put its shift
+                layer.bias = nn.Parameter(torch.zeros(cout, device=layer.weight.device))
         self.observing = False
         self._sum: torch.Tensor | None = None
         self._count = 0
@@ -131,6 +142,11 @@ class BinaryBlock(nn.Module):
             target = target - real_shortcut(x, target, self.conv)
         self.gain.fill_(1.0)
         self.scale.fill_(1.0)
+        if self.norm is not None:  # running statistics of the raw binary output
+            raw = self._raw(x)
+            dims = [d for d in range(raw.dim()) if d != self._cdim(raw)]
+            self.norm.running_mean.copy_(raw.mean(dim=dims))
+            self.norm.running_var.copy_(raw.var(dim=dims))
         binary = self._binary_path(x)
         dims = [d for d in range(target.dim()) if d != (1 if self.conv else target.dim() - 1)]
         t_std, b_std = target.std(dim=dims), binary.std(dim=dims).clamp(min=1e-8)
@@ -156,8 +172,11 @@ class BinaryBlock(nn.Module):
         b = self.layer.bias
         return 0.0 if b is None else self._channel_view(b, ndim)
 
-    def _binary_path(self, x: torch.Tensor) -> torch.Tensor:
-        """``gain * scale * layer(sign(x - shift))`` (times ``K`` for XNOR), without the bias."""
+    def _cdim(self, t: torch.Tensor) -> int:
+        return 1 if self.conv else t.dim() - 1
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer(sign(x - shift))`` with binary weights (times ``K`` for XNOR)."""
         xs = x - self._channel_view(self.shift, x.dim())
         xb = sign_ste(xs) if self.kind == "xnor" else approx_sign(xs)
         w = self.layer.weight
@@ -166,7 +185,31 @@ class BinaryBlock(nn.Module):
         y = self._op(xb, w)
         if self.kind == "xnor":
             y = y * xnor_scale(xs, self.layer)
+        return y
+
+    def _normalise(self, y: torch.Tensor) -> torch.Tensor:
+        if self.norm is None:
+            return y
+        if self.conv:  # (N, C, H, W) -> (N, C, H*W) for BatchNorm1d
+            return self.norm(y.flatten(2)).reshape(y.shape)
+        return self.norm(y.reshape(-1, y.shape[-1])).reshape(y.shape)
+
+    def _binary_path(self, x: torch.Tensor) -> torch.Tensor:
+        """``gain * scale * BN(layer(sign(x - shift)))`` (XNOR: times ``K``), without bias."""
+        y = self._normalise(self._raw(x))
         return y * self._channel_view(self.gain * self.scale, y.dim())
+
+    def fold_norm(self) -> None:
+        """Fold the batch norm's running statistics into ``scale`` and the layer's bias:
+        ``(y - mu) / sigma * g + b = y * (g / sigma) + (b - mu g / sigma)``."""
+        if self.norm is None:
+            return
+        with torch.no_grad():
+            sigma = torch.sqrt(self.norm.running_var + self.norm.eps)
+            g = self.gain * self.scale
+            self.layer.bias.sub_(self.norm.running_mean * g / sigma)
+            self.scale.div_(sigma)
+        self.norm = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:

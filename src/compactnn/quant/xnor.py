@@ -70,12 +70,29 @@ def xnor_scale(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 class BinaryWeight(nn.Module):
-    """Binary weights with a per-filter scale; 1-bit codes plus a codebook when frozen."""
+    """Binary weights with a per-filter scale; 1-bit codes plus a codebook when frozen.
+
+    Args:
+        real_epochs: training epochs (counted by ``start_epoch``) during which the weights
+            stay real-valued while the activations are already binary: ReActNet's first
+            training stage. The last epoch always trains binary weights (when ``train`` is
+            given fewer epochs than the recipe's). Outside ``train`` (no ``start_epoch``
+            call) weights are binary.
+    """
 
     spec = QuantSpec(bits=1, symmetric=False, granularity="channel")
 
+    def __init__(self, real_epochs: int = 0) -> None:
+        super().__init__()
+        self.real_epochs = real_epochs
+        self.real = False
+
+    def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
+        """Real-valued weights during the first ``real_epochs`` epochs, binary after."""
+        self.real = epoch < min(self.real_epochs, epochs - 1)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return binary_weight(w)
+        return w if self.real else binary_weight(w)
 
     def export(self, w: torch.Tensor) -> WeightExport:
         w = w.detach().float()
@@ -89,15 +106,29 @@ class BinaryWeight(nn.Module):
 @dataclass(frozen=True)
 class BinaryConfig(QATConfig):
     """Shared by the binary methods: 1-bit weights; 1-bit activations through a binary
-    block (or, with ``a8``, LSQ activations)."""
+    block (or, with ``a8``, LSQ activations).
+
+    Args:
+        real_weight_epochs: first epochs trained with binary activations but real-valued
+            weights (ReActNet's two-stage training); the weights are binarised after them.
+            Must be below ``epochs``; 0 binarises weights from the start.
+    """
 
     epochs: int = 6
     lr: float = 1e-3
     lr_quant: float = 1e-2
+    real_weight_epochs: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).method_name or "binary"
+        if not isinstance(self.real_weight_epochs, int) or not (
+            0 <= self.real_weight_epochs < max(self.epochs, 1)
+        ):
+            raise CompactnnError(
+                f"{name}: real_weight_epochs={self.real_weight_epochs!r} must be an integer in "
+                f"[0, epochs={self.epochs}): the last epochs must train binary weights."
+            )
         if self.weight.bits != 1:
             raise CompactnnError(f"{name} binarises weights: use w1 (e.g. w1a1-{name}).")
         if self.act is not None and self.act.bits not in (1, 8):
@@ -106,7 +137,7 @@ class BinaryConfig(QATConfig):
             )
 
     def weight_quantizer(self, layer: nn.Module, spec: QuantSpec) -> nn.Module:
-        return BinaryWeight()
+        return BinaryWeight(self.real_weight_epochs)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
 from compactnn.errors import CompactnnError
+from compactnn.quant.binary import BinaryBlock
 from compactnn.recipe import Recipe, resolve_recipe
 from compactnn.train.checkpoint import load_checkpoint, save_checkpoint
 from compactnn.train.data import TrainData, as_train_data, check_labels
@@ -63,7 +64,7 @@ def _loss_fn(qat, model, teacher, weight, temperature, features, calib_x):
 
 def _start_epoch(qat: nn.Module, epoch: int, epochs: int) -> None:
     for m in qat.modules():
-        if isinstance(m, QATLayer) and hasattr(m.weight_quantizer, "start_epoch"):
+        if isinstance(m, (QATLayer, BinaryBlock)) and hasattr(m.weight_quantizer, "start_epoch"):
             m.weight_quantizer.start_epoch(m.layer.weight, epoch, epochs)
 
 

@@ -142,6 +142,7 @@ def freeze_layers(model: nn.Module, ctx: CompressContext | None = None) -> nn.Mo
         if isinstance(m, QATLayer):
             set_module(model, name, _freeze_one(m.layer, m.weight_quantizer, m.input_quantizer))
         elif isinstance(m, BinaryBlock) and m.weight_quantizer is not None:
+            m.fold_norm()
             m.layer = _freeze_one(m.layer, m.weight_quantizer, None)
             m.weight_quantizer = None
     model.eval()
