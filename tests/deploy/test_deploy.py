@@ -125,3 +125,20 @@ def test_verification_measures_steps_of_the_output_scale():
     result = compare(model, lambda b: model(b) + 2.5 * step, x, "shifted")
     assert result.max_diff_steps == pytest.approx(2.5, rel=1e-3)
     assert not result.passed and result.top1_agreement == 1.0
+
+
+def test_weights_packed_per_input_shape_give_the_same_results():
+    from compactnn.deploy.onednn import PACKED_SHAPES
+
+    torch.manual_seed(0)
+    qmodel = compactnn.compress(
+        nn.Sequential(nn.Conv2d(16, 32, 3, padding=1)), "w8a8",
+        calib_data=torch.randn(8, 16, 10, 10), progress=False,
+    )  # fmt: skip
+    conv = Int8Conv2d(qmodel[0], None)
+    q = torch.randint(0, 256, (8, 16, 10, 10), dtype=torch.uint8)
+    q = q.contiguous(memory_format=torch.channels_last)
+    whole = conv(q)
+    for n in (1, 3, 5, 2, 8):  # more shapes than are kept: the oldest layouts are dropped
+        assert torch.equal(conv(q[:n].contiguous(memory_format=torch.channels_last)), whole[:n])
+    assert len(conv._packed_for) == PACKED_SHAPES

@@ -80,3 +80,29 @@ def test_models_without_residuals_are_unchanged():
         assert torch.equal(qres(x), qmodel(x))
     with pytest.raises(CompactnnError, match="compress"):
         quantize_residuals(make_net())
+
+
+def test_shortcut_convolutions_get_a_calibrated_grid_with_calib_data():
+    from compactnn.models.digits_resnet import DigitsResNet
+
+    torch.manual_seed(0)
+    net = DigitsResNet().train()
+    with torch.no_grad():  # realistic batch-norm statistics
+        for _ in range(3):
+            net(torch.randn(32, 1, 8, 8))
+    calib = torch.randn(64, 1, 8, 8)
+    qmodel = compactnn.compress(net.eval(), "w8a8", calib_data=calib, progress=False)
+    plain, qres = quantize_residuals(qmodel), quantize_residuals(qmodel, calib)
+    # the two 1x1 shortcut convolutions (only the adds read them) get a grid of their own
+    extra = set(qres.residual_grids.values()) - set(plain.residual_grids.values())
+    assert extra == {"stages_1_shortcut_0", "stages_2_shortcut_0"}
+    for name, value in qres.residual_grids.items():
+        if value in extra:  # calibrated on calib (min-max): the grid spans the observed range
+            aq = qres.get_submodule(name)
+            assert aq.calibrated and float(aq.scale) > 0 and aq.qtype.bits == 8
+    deployed = compactnn.deploy(qres, "onednn", example=calib[:16])
+    assert deployed.verification.max_diff_steps <= 0.01
+    convs = [m for m in deployed.program.modules() if isinstance(m, Int8Conv2d)]
+    # every conv writes uint8 except the last block's, whose sum goes to average pooling
+    assert sum(m.out is None for m in convs) == 1
+    assert sum(isinstance(m.accum, tuple) for m in convs) == 2  # uint8 accumulators

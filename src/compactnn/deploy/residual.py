@@ -18,10 +18,12 @@ reproduces (verified against it), with no float residual stream left.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import fx, nn
 
+from compactnn.core.calib import as_batches, call_model
 from compactnn.core.qlayers import ActQuantizer, is_quant_layer
 from compactnn.deploy.graph import is_add, module_of, trace, unary_attr
 from compactnn.errors import CompactnnError
@@ -29,16 +31,22 @@ from compactnn.errors import CompactnnError
 PREFIX = "residual_quantizer"
 
 
-def quantize_residuals(qmodel: nn.Module) -> fx.GraphModule:
+def quantize_residuals(qmodel: nn.Module, calib_data: Any = None) -> fx.GraphModule:
     """A copy of ``qmodel`` whose residual adds read quantized values (see module docstring).
 
     Args:
         qmodel: a model from ``compactnn.compress(..., "w8a8")`` (activation quantizers
             calibrated); not modified. Must trace with ``torch.fx``.
+        calib_data: optional calibration batches. When given, an add operand that only adds
+            read and that a quantized layer computes (a ResNet's 1x1 shortcut convolution)
+            gets its own 8-bit grid too, calibrated on this data like the layers' inputs (an
+            extra rounding the simulation then has, as ONNX Runtime's int8 graphs do); the
+            integer graph then has no float value left between the first and last layers.
 
     Returns:
-        An ``fx.GraphModule`` with one :class:`ActQuantizer` (a copy of the consumers' own
-        input quantizer) after each such value. ``result.residual_grids`` lists them.
+        An ``fx.GraphModule`` with an :class:`ActQuantizer` after each such value (for a value
+        layers read, a copy of their own input quantizer). ``result.residual_grids`` maps
+        each quantizer to the value it quantizes.
 
     Example:
         >>> qres = quantize_residuals(qmodel)                   # doctest: +SKIP
@@ -52,15 +60,22 @@ def quantize_residuals(qmodel: nn.Module) -> fx.GraphModule:
         )
     gm = trace(copy.deepcopy(qmodel).eval())
     inserted: dict[str, str] = {}
+    calibrate: list[ActQuantizer] = []
     for add in [n for n in gm.graph.nodes if is_add(n)]:
         if add.args[0] is add.args[1]:
             continue
+        fresh = _second_layer_operand(gm, add) if calib_data is not None else None
         for value in (*add.args, _sum_value(gm, add)):
             quantizer = _shared_quantizer(gm, value)
+            if quantizer is None and value is fresh:
+                quantizer = _fresh_quantizer(gm, value)
+                calibrate.append(quantizer)
             if quantizer is not None:
                 inserted[_insert(gm, value, quantizer)] = value.name
     gm.graph.lint()
     gm.recompile()
+    if calibrate:
+        _calibrate(gm, calibrate, calib_data)
     gm.residual_grids = inserted  # quantizer module -> the value it quantizes
     meta = getattr(qmodel, "_compactnn", None)
     if meta is not None:
@@ -105,6 +120,43 @@ def _shared_quantizer(gm: fx.GraphModule, value: fx.Node) -> ActQuantizer | None
     q = copy.deepcopy(quantizer)
     q.observer = None
     return q
+
+
+def _layer_output_only_adds_read(gm: fx.GraphModule, value: fx.Node) -> bool:
+    m = module_of(gm, value)
+    if m is None or not is_quant_layer(m) or not all(is_add(u) for u in value.users):
+        return False
+    aq = m.input_quantizer
+    return aq is not None and aq.calibrated and aq.qtype.bits == 8
+
+
+def _second_layer_operand(gm: fx.GraphModule, add: fx.Node) -> fx.Node | None:
+    """When both operands are layer outputs only adds read, the later one: the earlier layer
+    takes the add into its kernel (``plan._fuse``) and the later one needs a grid."""
+    both = [a for a in add.args if _layer_output_only_adds_read(gm, a)]
+    if len(both) != 2:
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return max(both, key=order.get)
+
+
+def _fresh_quantizer(gm: fx.GraphModule, value: fx.Node) -> ActQuantizer:
+    """A new quantizer with the activation spec of the layer producing ``value``."""
+    aq = module_of(gm, value).input_quantizer
+    return ActQuantizer(aq.spec, aq.seed)
+
+
+def _calibrate(gm: fx.GraphModule, quantizers: list[ActQuantizer], calib_data: Any) -> None:
+    batches = as_batches(calib_data)
+    if not batches:
+        raise CompactnnError("quantize_residuals: calib_data= holds no batch.")
+    for q in quantizers:
+        q.start_observing()
+    with torch.no_grad():
+        for batch in batches:
+            call_model(gm, batch)
+    for q in quantizers:
+        q.finish_observing()
 
 
 def _insert(gm: fx.GraphModule, value: fx.Node, quantizer: ActQuantizer) -> str:

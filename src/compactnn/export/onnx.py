@@ -204,6 +204,10 @@ def _session(data: bytes, threads: int | None = None) -> Callable[..., Any]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # idle threads that spin steal the CPU from the caller's next work and from the other
+    # jobs of a shared machine (the bench's ONNX Runtime peers are set up the same way)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
 
