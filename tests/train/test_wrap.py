@@ -47,10 +47,11 @@ def test_binary_recipe_builds_blocks_with_binary_codes(tiny):
     assert compactnn.info_of(q)["extra"]["binary_blocks"] == {"c2": "reactnet", "c3": "reactnet"}
 
 
-def test_own_loop_then_freeze_matches_the_wrapped_model(tiny):
+@pytest.mark.parametrize("recipe", ["w4a4-lsq", "w1a1-reactnet", "w1a1-bireal"])
+def test_own_loop_then_freeze_matches_the_wrapped_model(tiny, recipe):
     model, (x, y), _ = tiny
-    qat = prepare_qat(model, "w4a4-lsq", x[:64])
-    assert isinstance(qat.c2, QATLayer) and isinstance(qat, torch.nn.Module)
+    qat = prepare_qat(model, recipe, x[:64])
+    assert isinstance(qat.c2, QATLayer if recipe == "w4a4-lsq" else BinaryBlock)
     opt = torch.optim.Adam(qat.parameters(), lr=1e-3)
     for _ in range(3):
         opt.zero_grad()
@@ -60,9 +61,9 @@ def test_own_loop_then_freeze_matches_the_wrapped_model(tiny):
     frozen = freeze(qat)
     with torch.no_grad():
         ref, out = qat(x), frozen(x)
-    # only the float16 rounding of the steps separates the two: a few codes flip
-    assert (out - ref).abs().mean() < 0.01 * ref.abs().mean()
-    assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.97
+    # training rounds steps and binary scales to float16 as the artifact stores them, and
+    # freezing folds the binary blocks' batch norms: the same function up to rounding
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert isinstance(model.c2, torch.nn.Conv2d)  # the input model is untouched
 
 

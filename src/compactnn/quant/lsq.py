@@ -54,6 +54,14 @@ def lsq_quantize(v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -
     return LSQFunction.apply(v, s, qn, qp, g)
 
 
+def stored_step(step: torch.Tensor) -> torch.Tensor:
+    """``|step|`` as the artifact stores it (float16-representable, at least ``2**-14``),
+    with the gradient of ``|step|``: training then computes exactly what the frozen layer
+    computes. A binary network after an LSQ layer flips signs on the smallest difference."""
+    s = step.abs().clamp(min=2.0**-14)
+    return s + (fp16(s) - s).detach()
+
+
 def lsq_grad_scale(numel: int, qp: int) -> float:
     """The step-size gradient scale ``1 / sqrt(N * Qp)``."""
     return 1.0 / math.sqrt(max(numel, 1) * max(qp, 1))
@@ -74,7 +82,7 @@ class LSQWeight(nn.Module):
         self.g = lsq_grad_scale(wg.shape[-1], self.qp)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return lsq_quantize(w, self.step.abs() + 1e-12, self.qn, self.qp, self.g)
+        return lsq_quantize(w, stored_step(self.step), self.qn, self.qp, self.g)
 
     def export(self, w: torch.Tensor) -> WeightExport:
         scale = fp16(self.step.abs().clamp(min=2.0**-14)).reshape(-1, 1)  # (out, 1)
@@ -108,7 +116,7 @@ class LSQAct(ObservingAct):
             return self.observe(x)
         qn, qp = self.grid
         g = lsq_grad_scale(x[0].numel() if x.dim() > 1 else x.numel(), qp)
-        return lsq_quantize(x, self.step.abs() + 1e-12, qn, qp, g)
+        return lsq_quantize(x, stored_step(self.step), qn, qp, g)
 
 
 @dataclass(frozen=True)

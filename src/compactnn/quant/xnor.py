@@ -49,8 +49,13 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def binary_weight(w: torch.Tensor) -> torch.Tensor:
-    """``mean|w| * sign(w)`` per output filter; gradient through both factors (clipped STE)."""
+    """``mean|w| * sign(w)`` per output filter; gradient through both factors (clipped STE).
+
+    ``mean|w|`` is rounded to float16 as the artifact's codebook stores it (the gradient is
+    the unrounded one's), so the frozen layer computes exactly what training computed.
+    """
     alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    alpha = alpha + (fp16(alpha) - alpha).detach()
     return alpha * sign_ste(w)
 
 
