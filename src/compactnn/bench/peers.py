@@ -201,16 +201,22 @@ def _saved_bytes(model: nn.Module) -> int:
         return (Path(tmp) / "m.pt").stat().st_size
 
 
-def _timed_copy(model: nn.Module, apply: Callable[[nn.Module], None]) -> PeerResult:
-    m = copy.deepcopy(model).eval()
+def _timed_copy(
+    model: nn.Module, apply: Callable[[nn.Module], None], dtype: torch.dtype = torch.float32
+) -> PeerResult:
+    m = copy.deepcopy(model).eval().to(dtype)
     t0 = time.perf_counter()
     apply(m)
     build_s = time.perf_counter() - t0
     return PeerResult(m, _saved_bytes(m), build_s, "torch.save state_dict")
 
 
-def torchao_models(model: nn.Module, group_size: int = 32) -> dict[str, Any]:
-    """torchao weight-only int8 and int4 (group ``group_size``), or the error message."""
+def torchao_models(model: nn.Module, group_size: int = 32, bf16: bool = False) -> dict[str, Any]:
+    """torchao weight-only int8 and int4 (group ``group_size``), or the error message.
+
+    With ``bf16`` each config also runs on a bfloat16 copy of the model (rows ``...-bf16``):
+    torchao's weight-only kernels are meant for bfloat16 activations.
+    """
     from torchao.quantization import (
         Int4WeightOnlyConfig,
         Int8WeightOnlyConfig,
@@ -226,11 +232,13 @@ def torchao_models(model: nn.Module, group_size: int = 32) -> dict[str, Any]:
             weight_dtype=torch.int4, granularity=PerGroup(group_size)
         ),
     }
-    return _run_each({k: (lambda m, c=c: quantize_(m, c())) for k, c in configs.items()}, model)
+    jobs = {k: (lambda m, c=c: quantize_(m, c())) for k, c in configs.items()}
+    return _run_each(jobs, model, bf16)
 
 
-def quanto_models(model: nn.Module) -> dict[str, Any]:
-    """optimum-quanto weight-only qint8 and qint4 (frozen), or the error message."""
+def quanto_models(model: nn.Module, bf16: bool = False) -> dict[str, Any]:
+    """optimum-quanto weight-only qint8 and qint4 (frozen), or the error message; ``bf16``
+    as in :func:`torchao_models`."""
     from optimum.quanto import freeze, qint4, qint8, quantize
 
     def job(qtype: Any) -> Callable[[nn.Module], None]:
@@ -240,16 +248,20 @@ def quanto_models(model: nn.Module) -> dict[str, Any]:
 
         return apply
 
-    return _run_each({"quanto-qint8": job(qint8), "quanto-qint4": job(qint4)}, model)
+    return _run_each({"quanto-qint8": job(qint8), "quanto-qint4": job(qint4)}, model, bf16)
 
 
-def _run_each(jobs: dict[str, Callable[[nn.Module], None]], model: nn.Module) -> dict[str, Any]:
+def _run_each(
+    jobs: dict[str, Callable[[nn.Module], None]], model: nn.Module, bf16: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    variants = [("", torch.float32)] + ([("-bf16", torch.bfloat16)] if bf16 else [])
     for name, apply in jobs.items():
-        try:
-            out[name] = _timed_copy(model, apply)
-        except Exception as exc:  # a peer's failure is a finding, not a crash
-            out[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        for suffix, dtype in variants:
+            try:
+                out[name + suffix] = _timed_copy(model, apply, dtype)
+            except Exception as exc:  # a peer's failure is a finding, not a crash
+                out[name + suffix] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return out
 
 
