@@ -101,6 +101,26 @@ class _Int8Layer(nn.Module):
         self.out = out  # None: float32 output
         self.unary, self.scalars = unary if unary is not None else ("none", [])
         self.w_int8 = w  # kept for inspection (bit-identical codes), not used at run time
+        self._packed_for: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _prepack(self, shape: tuple[int, ...] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Weights in the layout oneDNN picks for this input shape.
+
+        Packed without a shape, the layout can differ from the one the kernel chooses for
+        the real input (e.g. 32- vs 64-channel blocks), and oneDNN then reorders the whole
+        weight on *every* call (measured: 0.25 ms per 512x512x3x3 convolution and 1.3 ms for
+        MobileNetV2's 1280x1000 classifier at batch 1). Packing once per input shape avoids
+        that; the few most recent shapes are kept.
+        """
+        packed = self._packed_for.get(shape)
+        if packed is None:
+            if len(self._packed_for) >= PACKED_SHAPES:
+                self._packed_for.pop(next(iter(self._packed_for)))
+            packed = self._packed_for[shape] = self._prepack(shape)
+        return packed
 
     def out_args(self) -> tuple[float, int, torch.dtype | None]:
         if self.out is None:
@@ -116,7 +136,6 @@ class Int8Conv2d(_Int8Layer):
         self.stride, self.padding = list(layer.stride), list(layer.padding)
         self.dilation, self.groups = list(layer.dilation), layer.groups
         self.packed = self._prepack(None)  # a generic layout; shapes seen get their own
-        self._packed_for: dict[tuple[int, ...], torch.Tensor] = {}
         self.accum = accum  # None: no sum; "float": float32 accumulator; QParams: uint8 one
 
     def _prepack(self, shape: tuple[int, ...] | None) -> torch.Tensor:
@@ -124,21 +143,6 @@ class Int8Conv2d(_Int8Layer):
             self.w_int8, self.w_scale, *self.x_qp, self.stride, self.padding, self.dilation,
             self.groups, None if shape is None else list(shape),
         )  # fmt: skip
-
-    def packed_for(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """Weights in the layout oneDNN picks for this input shape.
-
-        Packed without a shape, the layout can differ from the one the kernel chooses for
-        the real input (e.g. 32- vs 64-channel blocks), and oneDNN then reorders the whole
-        weight on *every* call (measured: 0.25 ms per 512x512x3x3 layer at batch 1). Packing
-        once per input shape avoids that; the few most recent shapes are kept.
-        """
-        packed = self._packed_for.get(shape)
-        if packed is None:
-            if len(self._packed_for) >= PACKED_SHAPES:
-                self._packed_for.pop(next(iter(self._packed_for)))
-            packed = self._packed_for[shape] = self._prepack(shape)
-        return packed
 
     def forward(self, q: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
         geo = (self.stride, self.padding, self.dilation, self.groups)
@@ -168,14 +172,18 @@ class Int8Linear(_Int8Layer):
 
     def __init__(self, layer, out, unary=None) -> None:
         super().__init__(layer, out, unary)
-        self.packed = torch.ops.onednn.qlinear_prepack(self.w_int8, None)
+        self.packed = self._prepack(None)  # a generic layout; shapes seen get their own
+
+    def _prepack(self, shape: tuple[int, ...] | None) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_prepack(self.w_int8, None if shape is None else list(shape))
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         lead = q.shape[:-1]
         q2 = q.reshape(-1, q.shape[-1])  # (N, in)
         o_scale, o_zero, o_dtype = self.out_args()
+        packed = self.packed_for(tuple(q2.shape))
         y = torch.ops.onednn.qlinear_pointwise(
-            q2, *self.x_qp, self.packed, self.w_scale_t, self.w_zero, self.bias,
+            q2, *self.x_qp, packed, self.w_scale_t, self.w_zero, self.bias,
             o_scale, o_zero, o_dtype, self.unary, self.scalars, "",
         )  # fmt: skip
         return y.reshape(*lead, y.shape[-1])
