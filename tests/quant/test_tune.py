@@ -1,4 +1,6 @@
-"""Block tuning after GPTQ: codes unchanged, scales moved, calibration error not worse."""
+"""Tuning after GPTQ: learned rounding moves codes by at most one step, the per-block and
+end-to-end stages lower the error against the float model, and the pure pieces match their
+formulas."""
 
 import dataclasses
 import warnings
@@ -7,27 +9,72 @@ import torch
 
 import compactnn
 from compactnn.models.tiny_hf import outputs, tiny_model
+from compactnn.quant.tune import moved_codes, relative_error
 from compactnn.recipe import Recipe, Step, resolve_recipe
 
 warnings.filterwarnings("ignore", message=".*calibration samples")
+Q_PROJ = "model.decoder.layers.0.self_attn.q_proj"  # first block: same inputs in every run
 
 
-def test_tuning_keeps_codes_and_lowers_calibration_error():
-    model, calib = tiny_model("opt")
+def _compress(model, calib, **overrides):
     base = resolve_recipe("w2-g32-gptq_tune").steps[0].config
-    tuned_cfg = dataclasses.replace(base, tune_steps=40, tune_lr=3e-3)
-    plain_cfg = dataclasses.replace(base, tune_steps=0)
-    tuned = compactnn.compress(model, Recipe("t", (Step("gptq_tune", tuned_cfg),)), calib,
-                               progress=False)  # fmt: skip
-    plain = compactnn.compress(model, Recipe("p", (Step("gptq_tune", plain_cfg),)), calib,
-                               progress=False)  # fmt: skip
-    name = "model.decoder.layers.0.self_attn.q_proj"  # first block: same inputs in both runs
-    a, b = tuned.get_submodule(name), plain.get_submodule(name)
-    assert torch.equal(a.weight_codes, b.weight_codes)
+    cfg = dataclasses.replace(base, **overrides)
+    return compactnn.compress(model, Recipe("t", (Step("gptq_tune", cfg),)), calib, progress=False)
+
+
+def _error(model, reference, calib) -> float:
+    ref = torch.cat([outputs(reference, c) for c in calib])
+    out = torch.cat([outputs(model, c) for c in calib])
+    return float((out - ref).norm() / ref.norm())
+
+
+def test_moved_codes_rounds_clamps_and_passes_gradient_straight_through():
+    codes = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    offset = torch.tensor([0.6, -0.4, 0.9, 0.7], requires_grad=True)
+    out = moved_codes(codes, offset, qmin=0, qmax=3)
+    assert torch.equal(out, torch.tensor([1.0, 1.0, 3.0, 3.0]))  # 3.7 -> 4 clamps to 3
+    out.sum().backward()
+    # straight through everywhere, so a code on the grid's end can still be pulled back
+    assert torch.equal(offset.grad, torch.ones(4))
+
+
+def test_relative_error_leaves_out_masked_positions():
+    target = torch.tensor([[[1.0, 0.0], [2.0, 2.0]]])  # (B=1, T=2, C=2)
+    out = torch.tensor([[[1.0, 1.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, False]])
+    assert float(relative_error(out, target, mask)) == 1.0  # (0 + 1) / (1 + 0)
+    full = float(relative_error(out, target, None))
+    assert abs(full - (1 + 49 + 49) / (1 + 4 + 4)) < 1e-6
+
+
+def test_block_tuning_moves_codes_at_most_one_step_and_lowers_error():
+    model, calib = tiny_model("opt")
+    tuned = _compress(model, calib, tune_steps=40, e2e_steps=0, tune_rounding=True)
+    plain = _compress(model, calib, tune_steps=0, e2e_steps=0)
+    a, b = tuned.get_submodule(Q_PROJ), plain.get_submodule(Q_PROJ)
+    step = (a.weight_codes.int() - b.weight_codes.int()).abs()
+    assert int(step.max()) == 1  # some codes moved, none by more than one grid step
     assert not torch.equal(a.weight_scale, b.weight_scale)
-    ref = torch.cat([outputs(model, c) for c in calib])
+    assert _error(tuned, model, calib) < _error(plain, model, calib)
 
-    def err(m):
-        return float((torch.cat([outputs(m, c) for c in calib]) - ref).norm() / ref.norm())
 
-    assert err(tuned) < err(plain)
+def test_block_tuning_without_rounding_keeps_codes():
+    model, calib = tiny_model("opt")
+    tuned = _compress(model, calib, tune_steps=40, e2e_steps=0, tune_rounding=False)
+    plain = _compress(model, calib, tune_steps=0, e2e_steps=0)
+    a, b = tuned.get_submodule(Q_PROJ), plain.get_submodule(Q_PROJ)
+    assert torch.equal(a.weight_codes, b.weight_codes)
+    assert _error(tuned, model, calib) < _error(plain, model, calib)
+
+
+def test_end_to_end_stage_keeps_codes_and_lowers_stack_error():
+    model, calib = tiny_model("llama")
+    tuned = _compress(model, calib, tune_steps=0, e2e_steps=60, e2e_lr=3e-3)
+    plain = _compress(model, calib, tune_steps=0, e2e_steps=0)
+    record = tuned._compactnn["extra"]["calibration"]["GPTQTuneConfig"]
+    before, after = record["e2e_relative_error"]
+    assert after < before
+    for name, m in tuned.named_modules():
+        if hasattr(m, "weight_codes"):
+            assert torch.equal(m.weight_codes, plain.get_submodule(name).weight_codes)
+    assert _error(tuned, model, calib) < _error(plain, model, calib)

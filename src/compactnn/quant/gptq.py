@@ -39,6 +39,8 @@ class GPTQConfig(QuantConfig):
         tune_steps: Adam steps per block that tune the quantization scales and float biases
             against the float block's outputs after GPTQ (0: off).
         tune_lr: learning rate of that tuning.
+        tune_rounding: the tuning also learns each integer code's rounding (a code moves by
+            at most one grid step from GPTQ's choice).
     """
 
     damp: float = 0.01
@@ -47,6 +49,7 @@ class GPTQConfig(QuantConfig):
     awq: bool = False
     tune_steps: int = 0
     tune_lr: float = 1e-3
+    tune_rounding: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -142,10 +142,19 @@ def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple,
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def run_block(block: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor:
-    """The block's output hidden states for input ``hidden`` ``(B, T, C)``."""
+def run_block(
+    block: nn.Module,
+    call: tuple[tuple, dict],
+    hidden: torch.Tensor,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The block's output hidden states for input ``hidden`` ``(B, T, C)``; ``params``
+    replaces some of the block's parameters (``torch.func.functional_call``)."""
     args, kwargs = with_hidden(*call, hidden)
-    out = block(*args, **kwargs)
+    if params is None:
+        out = block(*args, **kwargs)
+    else:
+        out = torch.func.functional_call(block, params, args, kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -224,7 +233,7 @@ def layer_groups(block: nn.Module, call: tuple, hidden: torch.Tensor, locals_: l
     return groups
 
 
-def _token_mask(call: tuple, hidden: torch.Tensor) -> torch.Tensor | None:
+def token_mask(call: tuple, hidden: torch.Tensor) -> torch.Tensor | None:
     """``(B, T)`` bool mask of real (non-padding) tokens when the block call carries one."""
     mask = call[1].get("attention_mask")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != hidden.shape[1]:
@@ -258,7 +267,7 @@ def collect_hessians(
     try:
         with torch.no_grad():
             for call, h in zip(calls, hidden, strict=True):
-                mask[0] = _token_mask(call, h)
+                mask[0] = token_mask(call, h)
                 try:
                     run_block(block, call, h)
                 except _StopForward:
@@ -319,6 +328,8 @@ def run_sequential(
     calls = capture_block_inputs(model, blocks[0], ctx)
     q_inps = [hidden_of(*c) for c in calls]
     fp_inps = list(q_inps)
+    first_inps = q_inps if getattr(config, "e2e_steps", 0) else None
+    e2e = None
     for i in ctx.bar(range(len(blocks)), desc=f"{type(config).__name__} blocks"):
         block = blocks[i]
         name = f"{prefix}.{i}"
@@ -334,11 +345,20 @@ def run_sequential(
         if getattr(config, "tune_steps", 0):
             from compactnn.quant.tune import tune_block
 
-            tune_block(block, calls, q_inps, fp_out, config.tune_steps, config.tune_lr, ctx.seed)
+            tune_block(
+                block, calls, q_inps, fp_out, config.tune_steps, config.tune_lr, ctx.seed,
+                rounding=config.tune_rounding,
+            )  # fmt: skip
         with torch.no_grad():
             q_inps = [run_block(block, c, h) for c, h in zip(calls, q_inps, strict=True)]
         fp_inps = fp_out
         del float_block
+    if first_inps is not None:
+        from compactnn.quant.tune import tune_stack
+
+        e2e = tune_stack(
+            blocks, calls, first_inps, fp_inps, config.e2e_steps, config.e2e_lr, ctx.seed
+        )
     for full, layer in layers.items():  # layers outside the blocks (lm_head, pooler)
         if not full.startswith(prefix + ".") and not is_quant_layer(model.get_submodule(full)):
             wspec, aspec = specs[full]
@@ -347,5 +367,6 @@ def run_sequential(
     ctx.extra.setdefault("calibration", {})[type(config).__name__] = {
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "blocks": len(blocks),
+        **({"e2e_relative_error": [round(e, 6) for e in e2e]} if e2e else {}),
     }
     return model
