@@ -207,6 +207,7 @@ def run(quick: bool = False) -> str:
     runs, warmup = (5, 1) if quick else (10, 2)
     winners = _speed(rows, ref.example, runs=runs, warmup=warmup)
     shape = tuple(ref.example["input_ids"].shape)
+    env = "" if THREADS == 2 else f"COMPACTNN_BENCH_THREADS={THREADS} "
     note = (
         f"{n_eval} held-out sentences for quality; batch 64 = {shape[0]} x {shape[1]} tokens "
         f"(padded), batch 1 = its first sentence unpadded. torch {torch.__version__}, "
@@ -221,7 +222,7 @@ def run(quick: bool = False) -> str:
     )
     return (
         "## Transformers: MiniLM (all-MiniLM-L6-v2)\n\n"
-        f"```\n{COMMAND}{' --quick' if quick else ''}\n```\n\n"
+        f"```\n{env}{COMMAND}{' --quick' if quick else ''}\n```\n\n"
         + _table(rows)
         + "\n\n"
         + note
