@@ -120,7 +120,7 @@ def spearman_of_similarities(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def build_minilm(
-    *, progress: bool = True, n_calib: int = 128, calib_batch: int = 16, n_eval: int = 256
+    *, progress: bool = True, n_calib: int = 512, calib_batch: int = 16, n_eval: int = 256
 ) -> Reference:
     """The ``minilm`` reference: float model, calibration batches, cosine fidelity.
 
@@ -129,7 +129,9 @@ def build_minilm(
 
     Args:
         progress: unused (nothing long to show); kept for a uniform builder signature.
-        n_calib: calibration sentences (from ``sentences("calib")``).
+        n_calib: calibration sentences (from ``sentences("calib")``). 512 rather than the
+            128 GPTQ papers use: with 128, block tuning overfits (W4 g32 GPTQ + tuning reached
+            a mean cosine of 0.9931 with 128 sentences, 0.9951 with 512).
         calib_batch: sentences per calibration batch.
         n_eval: held-out sentences scored by ``evaluate`` (from ``sentences("eval")``).
     """
