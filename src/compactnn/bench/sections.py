@@ -7,4 +7,5 @@ SECTIONS: dict[str, str] = {
     "training": "compactnn.bench.training",
     "deploy": "compactnn.bench.deploy",
     "transformers": "compactnn.bench.transformers",
+    "lm": "compactnn.bench.lm",
 }

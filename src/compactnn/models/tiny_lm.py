@@ -1,6 +1,6 @@
 """``tiny-lm``: a small Llama trained on the ``pydoc_data`` help text on first use, then cached.
 
-Architecture (:class:`TinyLMConfig`; 3.7 M parameters): a Hugging Face ``LlamaForCausalLM``,
+Architecture (:class:`TinyLMConfig`; 3.9 M parameters): a Hugging Face ``LlamaForCausalLM``,
 hidden 256, 4 layers of 4 heads (head size 64), SwiGLU MLP of width 768, context 128 tokens,
 vocabulary 1,024, untied embedding and ``lm_head``. Every linear layer's input width (256 or
 768) is a multiple of 128, so group sizes 32, 64 and 128 divide them all.
