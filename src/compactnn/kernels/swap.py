@@ -101,6 +101,8 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     """``obj`` with its floating-point tensors (also inside tuples, lists, dicts) cast."""
     if isinstance(obj, torch.Tensor):
         return obj.to(dtype) if obj.is_floating_point() else obj
+    if type(obj) is dict:  # a caller's dict is never changed
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
     if isinstance(obj, dict):  # in place: keeps ModelOutput classes and attributes
         for k, v in list(obj.items()):
             obj[k] = _cast_floats(v, dtype)
