@@ -157,3 +157,14 @@ def test_to_kernels_rejects_bad_options():
         to_kernels(model, dtype=torch.float16)
     with pytest.raises(compactnn.errors.CompactnnError, match="dense_min_rows"):
         to_kernels(model, dense_min_rows=0)
+
+
+def test_formats_without_a_kernel_stay_simulated_in_float32_islands():
+    q = _layer(8, False, "channel")  # asymmetric weights: no W8A8 kernel
+    q.input_quantizer = DynamicActQuantizer(QuantSpec(bits=8, symmetric=False))
+    model = torch.nn.Sequential(q)
+    k = to_kernels(model, fused=False)
+    assert k._compactnn_kernels["simulated"] == ["0"]
+    x = _x(5)
+    with torch.no_grad():  # float32 in and out; the layer itself ran in float32
+        torch.testing.assert_close(k(x), q(x.bfloat16().float()), rtol=2**-8, atol=1e-3)

@@ -81,11 +81,14 @@ def kernel_layer(layer: QuantLinear, config: KernelConfig | None = None) -> nn.M
     spec = layer.weight_spec
     aq = layer.input_quantizer
     args = (layer, config.dtype, config.dense_min_rows)
-    try:
-        if isinstance(aq, DynamicActQuantizer):
+    if isinstance(aq, DynamicActQuantizer):
+        try:
             return W8A8Linear(layer, fused=config.fused)
-        if aq is not None:
-            return None  # static activation grids: no kernel here
+        except ValueError:
+            return None  # e.g. asymmetric or group-wise weights: no W8A8 kernel
+    if aq is not None:
+        return None  # static activation grids: no kernel here
+    try:
         if getattr(layer, "weight_levels", None) is None:  # uniform grids
             if spec.bits == 8 and layer.weight_scale.shape[1] == 1:
                 return Int8WeightLinear(*args)
