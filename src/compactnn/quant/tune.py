@@ -240,13 +240,19 @@ class GPTQTuneConfig(GPTQConfig):
     """GPTQ followed by tuning against the float model (the best combination here).
 
     Same fields as :class:`GPTQConfig`, with these defaults: 100 per-block steps that also
-    learn the rounding, then 200 end-to-end steps over the whole block stack.
+    learn the rounding. The end-to-end stage is off by default (``e2e_steps=0``): on MiniLM
+    at W4 g32 with 512 calibration sentences, 200 steps at ``e2e_lr=1e-3`` did not lower the
+    stack's calibration error (0.00648 before and after), so it only cost time.
+
+    Args:
+        e2e_steps: Adam steps of the end-to-end stage (0: off).
+        e2e_lr: its learning rate.
     """
 
     tune_steps: int = 100
     tune_lr: float = 3e-3
     tune_rounding: bool = True
-    e2e_steps: int = 200
+    e2e_steps: int = 0
     e2e_lr: float = 1e-3
 
     def __post_init__(self) -> None:
