@@ -25,8 +25,9 @@ import compactnn
 from compactnn.bench.measure import artifact_bytes
 from compactnn.bench.timing import model_call, set_threads, time_round_robin
 
-# 2 per BENCHMARKING.md; COMPACTNN_BENCH_THREADS=1 on a loaded machine, where OpenMP barriers
-# waiting on a descheduled thread inflate every multi-threaded torch contender (not ORT's pool)
+# 2 per BENCHMARKING.md. On a loaded machine OpenMP barriers spinning on a descheduled thread
+# inflate every multi-threaded torch contender (not ORT's pool): run with
+# OMP_WAIT_POLICY=PASSIVE (read by OpenMP at start-up), or COMPACTNN_BENCH_THREADS=1
 THREADS = int(os.environ.get("COMPACTNN_BENCH_THREADS", "2"))
 FLOATS = ("fp32-eager", "torch.compile", "bf16-autocast", "ort-fp32")
 FULL = [
@@ -208,6 +209,8 @@ def run(quick: bool = False) -> str:
     winners = _speed(rows, ref.example, runs=runs, warmup=warmup)
     shape = tuple(ref.example["input_ids"].shape)
     env = "" if THREADS == 2 else f"COMPACTNN_BENCH_THREADS={THREADS} "
+    if os.environ.get("OMP_WAIT_POLICY"):  # how OpenMP threads wait changes loaded timings
+        env = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " + env
     note = (
         f"{n_eval} held-out sentences for quality; batch 64 = {shape[0]} x {shape[1]} tokens "
         f"(padded), batch 1 = its first sentence unpadded. torch {torch.__version__}, "
