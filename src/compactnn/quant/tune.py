@@ -240,9 +240,9 @@ class GPTQTuneConfig(GPTQConfig):
     """GPTQ followed by tuning against the float model (the best combination here).
 
     Same fields as :class:`GPTQConfig`, with these defaults: 100 per-block steps that also
-    learn the rounding. The end-to-end stage is off by default (``e2e_steps=0``): on MiniLM
-    at W4 g32 with 512 calibration sentences, 200 steps at ``e2e_lr=1e-3`` did not lower the
-    stack's calibration error (0.00648 before and after), so it only cost time.
+    learn the rounding, then 100 end-to-end steps at ``e2e_lr=2e-4`` (on MiniLM with 512
+    calibration sentences they lowered the stack's calibration error from 0.0250 to 0.0228
+    at W3 g32 and from 0.0946 to 0.0892 at W2 g32; at ``1e-3`` they did not lower it at W4).
 
     Args:
         e2e_steps: Adam steps of the end-to-end stage (0: off).
@@ -252,8 +252,8 @@ class GPTQTuneConfig(GPTQConfig):
     tune_steps: int = 100
     tune_lr: float = 3e-3
     tune_rounding: bool = True
-    e2e_steps: int = 0
-    e2e_lr: float = 1e-3
+    e2e_steps: int = 100
+    e2e_lr: float = 2e-4
 
     def __post_init__(self) -> None:
         super().__post_init__()
