@@ -75,7 +75,8 @@ def test_compress_then_eval_round_trip(project, capsys):
     loaded = compactnn.load(tmp / "art", model=model)
     assert torch.equal(loaded(x), expected(x))
     code, out, err = run_cli(
-        capsys, "eval", "art", "-d", "x.safetensors", "--runs", "2", "--json", "r.json"
+        capsys, "eval", "art", "--model", *FACTORY, "-d", "x.safetensors", "--runs", "2",
+        "--json", "r.json",
     )
     assert code == 0, err
     rows = json.loads((tmp / "r.json").read_text())["rows"]
@@ -214,6 +215,109 @@ def test_hugging_face_directory(tmp_path, monkeypatch, capsys):
     qmodel = compactnn.load(tmp_path / "art")
     again = compactnn.load(tmp_path / "art")
     assert torch.equal(qmodel(**ids).last_hidden_state, again(**ids).last_hidden_state)
-    code, out, err = run_cli(capsys, "eval", "art", "-d", "ids.safetensors", "--runs", "2")
+    code, out, err = run_cli(
+        capsys, "eval", "art", "--model", "hf", "-d", "ids.safetensors", "--runs", "2"
+    )
     assert code == 0, err
     assert "w8a8" in out
+
+
+# --- issue 11: user mistakes give one `error:` line and exit 2, checked before slow work ---
+
+RTN_YAML = "steps:\n  - method: rtn\n    {}\n"
+
+
+def _one_error_line(capsys, argv, *needles: str) -> str:
+    err = assert_user_error(capsys, argv, *needles)
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("config: {act: {granularity: tensor, percentile: abc}}", "act.percentile='abc'"),
+        ("targets: []", "targets=[] must be a mapping"),
+        ("config: {weight: {bits: true}}", "weight.bits=True"),
+        ("config: {weight: {bits: 4, symmetric: 'false'}}", "weight.symmetric='false'"),
+    ],
+)
+def test_bad_yaml_recipe_fields(project, capsys, body, needle):
+    (project[0] / "r.yaml").write_text(RTN_YAML.format(body))
+    _one_error_line(capsys, ["compress", *FACTORY, "-r", "r.yaml"], needle)
+
+
+def test_unknown_top_level_recipe_key(project, capsys):
+    (project[0] / "r.yaml").write_text("nmae: x\nsteps: [{method: rtn}]\n")
+    _one_error_line(capsys, ["compress", *FACTORY, "-r", "r.yaml"], "unknown key(s) ['nmae']")
+
+
+def test_out_under_proc_is_refused_before_loading_the_model(project, capsys):
+    # an unknown model would fail too: the --out message proves the check comes first
+    _one_error_line(capsys, ["compress", "no-such-model", "-r", "w8", "-o", "/proc/x"], "/proc")
+
+
+def test_out_that_is_an_existing_file(project, capsys):
+    (project[0] / "taken").write_text("")
+    _one_error_line(
+        capsys, ["compress", "no-such-model", "-r", "w8", "-o", "taken"], "is not a directory"
+    )
+
+
+def test_out_below_a_file(project, capsys):
+    (project[0] / "taken").write_text("")
+    _one_error_line(
+        capsys, ["compress", "no-such-model", "-r", "w8", "-o", "taken/art"], "is not a directory"
+    )
+
+
+def test_out_not_writable(project, capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as if read-only (or not root)
+    _one_error_line(
+        capsys, ["compress", "no-such-model", "-r", "w8", "-o", "ro/art"], "not writable"
+    )
+
+
+def test_nan_in_data_file(project, capsys):
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    x[5, 2] = np.nan
+    np.save(project[0] / "nan.npy", x)
+    _one_error_line(
+        capsys, ["compress", *FACTORY, "-r", "w8a8", "-d", "nan.npy", "-o", "a"], "1 NaN"
+    )
+
+
+def test_half_precision_model(project, capsys):
+    tmp = project[0]
+    (tmp / "cli_halfnet.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Linear(16, 4)).half()\n"
+    )
+    save_file(nn.Sequential(nn.Linear(16, 4)).half().state_dict(), tmp / "h.safetensors")
+    argv = ["compress", "cli_halfnet:make", "--weights", "h.safetensors", "-r", "w8", "-o", "a"]
+    _one_error_line(capsys, argv, "torch.float16", "model.float()")
+
+
+def test_disk_full_while_saving_is_one_line(project, capsys, monkeypatch):
+    import errno
+
+    def full(model, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(compactnn, "save", full)
+    _one_error_line(
+        capsys, ["compress", *FACTORY, "-r", "w8", "-o", "art", "--no-progress"],
+        "'art': No space left on device", "free some disk space",
+    )  # fmt: skip
+
+
+def test_os_error_without_a_filename_is_a_bug_and_keeps_its_traceback(project, monkeypatch):
+    import errno
+
+    def broken(model, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compactnn, "save", broken)
+    with pytest.raises(OSError, match="No space"):
+        main(["compress", *FACTORY, "-r", "w8", "-o", "art", "--no-progress"])

@@ -2,12 +2,15 @@
 :mod:`compactnn.commands` (a module with ``add_parser(subparsers)`` and ``run(args) -> int``).
 
 Every :class:`~compactnn.errors.CompactnnError` is printed as ``error: <message>`` and exits
-with status 2, without a traceback.
+with status 2, without a traceback. So is an ``OSError`` that names its file and is about the
+disk or permissions (full disk, no access, read-only file system): the user can fix those.
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import warnings
@@ -17,6 +20,14 @@ from compactnn.commands import COMMANDS
 from compactnn.errors import CompactnnError
 
 EXIT_USER_ERROR = 2
+# OSErrors the user fixes (free space, permissions, another path), with the hint to give.
+USER_OS_ERRORS = {
+    errno.ENOSPC: "free some disk space or choose another --out",
+    errno.EDQUOT: "free some of your disk quota or choose another --out",
+    errno.EACCES: "check the permissions or choose another path",
+    errno.EPERM: "check the permissions or choose another path",
+    errno.EROFS: "that file system is read-only: choose another path",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +66,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompactnnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:
+        if exc.filename is None or exc.errno not in USER_OS_ERRORS:
+            raise  # not attributable to one of the user's paths: a bug, keep the traceback
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = previous
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a disk or permission error: the path, the reason, the fix.
+
+    Example:
+        >>> os_error_message(OSError(errno.ENOSPC, "No space left on device", "out/m"))
+        "'out/m': No space left on device; free some disk space or choose another --out."
+    """
+    return f"{str(exc.filename)!r}: {exc.strerror}; {USER_OS_ERRORS[exc.errno]}."
 
 
 if __name__ == "__main__":

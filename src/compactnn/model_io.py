@@ -5,10 +5,15 @@ A MODEL argument is one of:
 * a reference model name (``mnist-cnn``, ``minilm``, ``tiny-lm``, ...; see
   :mod:`compactnn.models`);
 * a Hugging Face model directory (holds ``config.json``);
-* a ``torch.export`` archive (``.pt2``);
+* a ``torch.export`` archive (``.pt2``), checked first so that loading runs no code from
+  it (pickled weights, native libraries and the like need ``trust_pickle=True``; see
+  :mod:`compactnn.safe_pt2`);
 * ``package.module:factory`` with ``--weights file.safetensors``;
 * a pickled ``.pt``/``.pth`` module, only with ``trust_pickle=True`` (unpickling runs
   arbitrary code, so it is refused by default).
+
+A ``package.module:factory`` is imported only when the user names it (command line or Python
+argument); an artifact only records where it came from, as data (:func:`skeleton_for`).
 
 Calibration data (``--data``) is a ``.safetensors`` file (one tensor, or several named tensors
 given to the model as keywords), a ``.npy`` array, or a reference data set name.
@@ -16,8 +21,10 @@ given to the model as keywords), a ``.npy`` array, or a reference data set name.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ from compactnn.errors import CompactnnError
 MODEL_FORMS = (
     "a reference model name ({refs})",
     "a Hugging Face model directory (holding config.json)",
-    "a torch.export archive (file.pt2)",
+    "a torch.export archive (file.pt2) with raw (unpickled) weights",
     "package.module:factory with --weights file.safetensors",
     "a pickled file.pt/.pth module with --trust-pickle",
 )
@@ -90,9 +97,9 @@ def resolve_model(
     if path.suffix in (".pt", ".pth"):
         return _load_pickle(path, trust_pickle)
     if path.suffix == ".pt2":
-        return _load_exported(path)
+        return _load_exported(path, trust_pickle)
     if path.is_dir() and (path / "config.json").is_file():
-        return _load_hf_dir(path)
+        return _load_hf_dir(path, trust_pickle)
     if ":" in spec and not path.exists():
         return _load_factory(spec, weights)
     raise _unknown_model(spec)
@@ -103,7 +110,8 @@ def _load_pickle(path: Path, trust_pickle: bool) -> LoadedModel:
         raise CompactnnError(
             f"refusing to load {str(path)!r}: a .pt/.pth file is a pickle, and unpickling runs "
             "arbitrary code from the file. Pass --trust-pickle if you trust its author, or "
-            "provide the model as a .pt2 torch.export archive, a Hugging Face directory, or "
+            "provide the model as a .pt2 torch.export archive whose weights are stored raw "
+            "(not pickled), a Hugging Face directory with .safetensors weights, or "
             "package.module:factory with --weights file.safetensors."
         )
     if not path.is_file():
@@ -117,13 +125,10 @@ def _load_pickle(path: Path, trust_pickle: bool) -> LoadedModel:
     return LoadedModel(obj.eval(), str(path))
 
 
-def _load_exported(path: Path) -> LoadedModel:
-    if not path.is_file():
-        raise CompactnnError(f"torch.export archive {str(path)!r} does not exist.")
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise CompactnnError(f"{str(path)!r} is not a torch.export archive: {exc}") from exc
+def _load_exported(path: Path, trust_pickle: bool) -> LoadedModel:
+    from compactnn.safe_pt2 import load_exported_program
+
+    program = load_exported_program(path, trust_pickle=trust_pickle)
     model = lift_weight_layers(program.module())
     example = None
     if getattr(program, "example_inputs", None):
@@ -132,25 +137,42 @@ def _load_exported(path: Path) -> LoadedModel:
     return LoadedModel(model.eval(), str(path), example=example)
 
 
-def _load_hf_dir(path: Path) -> LoadedModel:
+def _load_hf_dir(path: Path, trust_pickle: bool) -> LoadedModel:
+    """A Hugging Face directory: no remote code ever; pickled weights only when trusted."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-    cls = getattr(transformers, arch, transformers.AutoModel)
+    from compactnn.export.hf import hf_header, transformers_model_class
+
+    safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+    if not safetensors and not trust_pickle:
+        raise CompactnnError(
+            f"refusing to load {str(path)!r}: it has no .safetensors weights, and its "
+            "pytorch_model.bin is a pickle (unpickling can run code). Save the model with "
+            "save_pretrained(..., safe_serialization=True), or pass --trust-pickle if you "
+            "trust its author."
+        )
     try:
-        model = cls.from_pretrained(str(path))
+        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+        cls = transformers_model_class(arch) or transformers.AutoModel
+        model = cls.from_pretrained(
+            str(path),
+            trust_remote_code=False,
+            use_safetensors=True if safetensors else None,
+            local_files_only=True,
+        )
     except Exception as exc:
         raise CompactnnError(f"cannot load the Hugging Face model in {str(path)!r}: {exc}") from exc
     example = None
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path))
+        tok = transformers.AutoTokenizer.from_pretrained(
+            str(path), trust_remote_code=False, local_files_only=True
+        )
         sentences = ["compactnn makes networks smaller.", "A second, longer example sentence."]
         example = dict(tok(sentences, padding=True, return_tensors="pt"))
     except Exception:  # no tokenizer saved: the user passes --data
         example = None
-    hf = {"class": type(model).__name__, "config": model.config.to_dict()}
-    return LoadedModel(model.eval(), str(path), example=example, extra={"hf": hf})
+    return LoadedModel(model.eval(), str(path), example=example, extra={"hf": hf_header(model)})
 
 
 def _load_factory(spec: str, weights: str | None) -> LoadedModel:
@@ -226,6 +248,23 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
     )
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (recorded in artifacts as information)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hf_weights_file(path: Path) -> Path | None:
+    """The file whose digest identifies a Hugging Face directory's weights, if any."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    return None
+
+
 def skeleton_for(
     header: dict[str, Any],
     model_spec: str | None = None,
@@ -233,20 +272,70 @@ def skeleton_for(
     weights: str | None = None,
     trust_pickle: bool = False,
 ) -> LoadedModel:
-    """The float model an artifact was made from: ``model_spec`` (with ``weights``) when
-    given, else the MODEL and weights the artifact recorded.
+    """The float model an artifact was made from.
 
-    Trust in pickles is never read from the artifact: the caller passes it again.
+    The artifact's record of its source is data, never code or a file to open: only a
+    reference model name (one of :func:`reference_names`) is loaded from it. Any other source
+    (a factory, a ``.pt2``/``.pt`` file, a Hugging Face directory) must be given again by
+    the caller as ``model_spec`` (with ``weights``); a ``weights`` file whose SHA-256 differs
+    from the recorded one gets a warning. Trust in pickles is never read from the artifact.
+
+    Example:
+        >>> skeleton_for(read_header("out/a"), "pkg.mod:make", weights="w.safetensors")
+        ... # doctest: +SKIP
     """
     source = header.get("extra", {}).get("source", {})
-    spec = model_spec or source.get("model")
+    source = source if isinstance(source, dict) else {}
+    if model_spec:
+        loaded = resolve_model(model_spec, weights=weights, trust_pickle=trust_pickle)
+        _warn_if_changed(loaded, source)
+        return loaded
+    spec = source.get("model")
+    if isinstance(spec, str) and spec in reference_names():
+        return resolve_model(spec)
+    raise CompactnnError(describe_source(source))
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    """One line: what the artifact was made from, and what to pass to rebuild it."""
+    spec = source.get("model")
     if not spec:
-        raise CompactnnError(
-            "this artifact does not record which model it came from: pass --model MODEL."
+        return "this artifact does not record which model it came from: pass --model MODEL."
+    kind = source.get("kind", "model")
+    digest = source.get("weights_sha256") or source.get("sha256")
+    made = f"this artifact was made from the {kind} {str(spec)!r}"
+    if source.get("weights"):
+        made += f" with weights {str(source['weights'])!r}"
+    if digest:
+        made += f" (SHA-256 {str(digest)[:16]}...)"
+    how = (
+        f"--model {spec} --weights FILE.safetensors"
+        if kind == "factory"
+        else "--model MODEL (the same file or directory, or a factory with --weights)"
+    )
+    return (
+        f"{made}; an artifact never names code or files to load, so pass the float model "
+        f"again: {how}."
+    )
+
+
+def _warn_if_changed(loaded: LoadedModel, source: dict[str, Any]) -> None:
+    """Warn (not fail) when the given weights are not the ones the artifact was made from."""
+    recorded = source.get("weights_sha256") or source.get("sha256")
+    path = loaded.weights or (loaded.source if loaded.reference is None else None)
+    if not recorded or not path:
+        return
+    file = Path(path)
+    file = hf_weights_file(file) if file.is_dir() else file
+    if file is None or not file.is_file():
+        return
+    actual = file_sha256(file)
+    if actual != recorded:
+        warnings.warn(
+            f"{str(file)!r} (SHA-256 {actual[:16]}...) is not the file this artifact was made "
+            f"from (SHA-256 {str(recorded)[:16]}...); results may differ from the original.",
+            stacklevel=2,
         )
-    if weights is None and not model_spec:
-        weights = source.get("weights")
-    return resolve_model(spec, weights=weights, trust_pickle=trust_pickle)
 
 
 _FX_LAYERS = {

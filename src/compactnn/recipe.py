@@ -15,6 +15,7 @@ A YAML recipe::
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import yaml
 
 from compactnn import registry
 from compactnn.core.config import MethodConfig
+from compactnn.core.fields import check_keys
 from compactnn.core.modules import Targets
 from compactnn.errors import CompactnnError
 
@@ -44,24 +46,42 @@ class Step:
     config: MethodConfig
     targets: Targets = field(default_factory=Targets)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str):
+            raise CompactnnError(f"a step's method must be a name (string), got {self.method!r}.")
+        entry = registry.get_method(self.method)
+        if type(self.config) is not entry.config_cls:
+            raise CompactnnError(
+                f"Step({self.method!r}, ...) got a {type(self.config).__name__}; method "
+                f"{self.method!r} takes a {entry.config_cls.__name__} (or use the method "
+                f"that {type(self.config).__name__} belongs to)."
+            )
+        if not isinstance(self.targets, Targets):
+            raise CompactnnError(
+                f"Step({self.method!r}, ...): targets must be a Targets, "
+                f"got {type(self.targets).__name__}."
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "version": type(self.config).config_version,
             "targets": self.targets.to_dict(),
             "config": self.config.to_dict(),
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Step:
-        if not isinstance(data, dict) or "method" not in data:
-            raise CompactnnError(f"a recipe step needs a 'method' key, got {data!r}.")
-        unknown = set(data) - {"method", "config", "targets"}
-        if unknown:
+    def from_dict(cls, data: dict[str, Any], where: str = "step") -> Step:
+        """A step from a mapping with ``method`` and optional ``config`` and ``targets``."""
+        data = check_keys(data, ("method", "version", "config", "targets"), where)
+        if not isinstance(data.get("method"), str):
             raise CompactnnError(
-                f"unknown step key(s) {sorted(unknown)}; a step has method, config, targets."
+                f"{where} needs a 'method' key naming a method (e.g. method: rtn), "
+                f"got {data.get('method')!r}."
             )
         entry = registry.get_method(data["method"])
-        config = entry.config_cls.from_dict(data.get("config"))
+        registry.check_config_version(entry, data.get("version", 1))  # absent: version 1
+        config = entry.config_cls.from_dict(data.get("config"), where=f"{where}.config")
         return cls(data["method"], config, Targets.from_dict(data.get("targets")))
 
 
@@ -85,17 +105,37 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """A recipe from a mapping with a ``steps`` list and an optional ``name``."""
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
-            raise CompactnnError("a recipe is a mapping with a 'steps' list.")
-        return cls(str(data.get("name", "custom")), tuple(Step.from_dict(s) for s in data["steps"]))
+            raise CompactnnError(
+                "a recipe is a mapping with a 'steps' list (and an optional 'name'), "
+                f"got {data!r:.80}."
+            )
+        data = check_keys(data, ("name", "steps"), "recipe")
+        name = data.get("name", "custom")
+        if not isinstance(name, str):
+            raise CompactnnError(f"recipe name={name!r} must be a string.")
+        steps = tuple(Step.from_dict(s, f"steps[{i}]") for i, s in enumerate(data["steps"]))
+        return cls(name, steps)
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise CompactnnError(f"recipe is not valid YAML: {exc}") from exc
         return cls.from_dict(data)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-4`` as a number (YAML 1.2), not the string '1e-4'."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _quant_short_name(m: Any) -> Recipe:

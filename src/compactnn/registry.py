@@ -1,7 +1,12 @@
-"""The one registry: method name -> (config type, handler), plus short-name grammars.
+"""The one registry: config type -> method (name, handler), plus short-name grammars.
 
 Each method file registers itself with ``@register("name", NameConfig)`` on its handler.
 :mod:`compactnn.methods` imports every method file once; nothing is discovered implicitly.
+
+The config type is the primary key: a config object names its method by its type alone
+(:func:`method_for_config`), so a config can never run under another method's handler. Names
+stay unique too; recipes, short names and the CLI look methods up by name
+(:func:`get_method`).
 """
 
 from __future__ import annotations
@@ -11,15 +16,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from compactnn.core.config import MethodConfig
 from compactnn.errors import CompactnnError
 
 
 @dataclass(frozen=True)
 class MethodEntry:
+    """A registered method.
+
+    Args:
+        name: the method's name in recipes and short names (``"gptq"``).
+        config_cls: its frozen config dataclass; registered for this method only.
+        handler: ``handler(model, targets, config, ctx) -> model``.
+        summary: one line for ``compactnn recipes``.
+        version: format version of ``config_cls``'s fields (its ``config_version``, 1 when
+            the class does not set one); a saved recipe newer than this is refused.
+    """
+
     name: str
     config_cls: type
     handler: Callable[..., Any]
     summary: str
+    version: int = 1
 
 
 @dataclass(frozen=True)
@@ -30,19 +48,83 @@ class ShortNameRule:
     examples: tuple[str, ...]
 
 
-METHODS: dict[str, MethodEntry] = {}
+METHODS_BY_CONFIG: dict[type, MethodEntry] = {}  # the primary index: config type -> method
+METHODS: dict[str, MethodEntry] = {}  # the same entries by name, for recipes and short names
 SHORT_NAMES: list[ShortNameRule] = []
+# Artifact hooks: how a method's saved structure is rebuilt on a float skeleton at load time.
+ARTIFACT_STAGES = ("before_layers", "after_layers")
+ARTIFACT_HOOKS: dict[str, list[Callable[[Any, dict[str, Any]], None]]] = {
+    stage: [] for stage in ARTIFACT_STAGES
+}
+
+
+def config_version(config_cls: type) -> int:
+    """The format version a config class declares (``config_version``; 1 when unset).
+
+    Example:
+        >>> from compactnn.quant.rtn import RTNConfig
+        >>> config_version(RTNConfig)
+        1
+    """
+    version = getattr(config_cls, "config_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CompactnnError(
+            f"{config_cls.__name__}.config_version={version!r} must be a positive integer; "
+            "start at 1 and add 1 whenever the meaning of a saved field changes."
+        )
+    return version
+
+
+def _check_new(name: str, config_cls: type) -> None:
+    """Refuse a registration that would make a name or a config type ambiguous."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
+        raise CompactnnError(
+            f"method {name!r}: config_cls must be a MethodConfig subclass, got {config_cls!r}."
+        )
+    if name in METHODS:
+        raise CompactnnError(
+            f"method {name!r} is registered twice ({METHODS[name].config_cls.__name__} and "
+            f"{config_cls.__name__}); pick another name."
+        )
+    if config_cls in METHODS_BY_CONFIG:
+        raise CompactnnError(
+            f"{config_cls.__name__} is already the config of method "
+            f"{METHODS_BY_CONFIG[config_cls].name!r}; give {name!r} a config type of its own "
+            "(a frozen dataclass subclass)."
+        )
 
 
 def register(name: str, config_cls: type, summary: str = "") -> Callable:
-    """Decorator: register ``handler(model, targets, config, ctx) -> model`` for ``name``."""
+    """Decorator: register ``handler(model, targets, config, ctx) -> model`` for ``name``.
+
+    Args:
+        name: the method's unique name.
+        config_cls: its config dataclass, a type no other method uses.
+        summary: one line for ``compactnn recipes`` (default: the handler's first doc line).
+
+    Raises:
+        CompactnnError: ``name`` or ``config_cls`` is registered already, or ``config_cls``
+            is not a MethodConfig subclass.
+
+    Example:
+        >>> @register("mymethod", MyConfig, "what it does")  # doctest: +SKIP
+        ... def apply_mymethod(model, targets, config, ctx):
+        ...     return model
+    """
 
     def deco(handler: Callable) -> Callable:
-        if name in METHODS:
-            raise RuntimeError(f"method {name!r} registered twice")
-        config_cls.method_name = name
+        _check_new(name, config_cls)
         doc = (handler.__doc__ or "").strip().splitlines()
-        METHODS[name] = MethodEntry(name, config_cls, handler, summary or (doc[0] if doc else ""))
+        entry = MethodEntry(
+            name,
+            config_cls,
+            handler,
+            summary or (doc[0] if doc else ""),
+            config_version(config_cls),
+        )
+        config_cls.method_name = name
+        METHODS_BY_CONFIG[config_cls] = entry
+        METHODS[name] = entry
         return handler
 
     return deco
@@ -58,11 +140,37 @@ def register_short_name(pattern: str, form: str, examples: tuple[str, ...]) -> C
     return deco
 
 
+def register_artifact_hook(stage: str) -> Callable:
+    """Decorator: ``hook(model, extra)`` runs when an artifact is loaded, at ``stage``.
+
+    ``before_layers`` hooks reshape the float skeleton (removed channels, binary blocks)
+    before the quantized layers are installed; ``after_layers`` hooks finish the model
+    (per-token activation grids). ``extra`` is the header's ``extra`` mapping; a hook ignores
+    keys it does not own. This keeps :mod:`compactnn.export` free of method imports.
+    """
+    if stage not in ARTIFACT_HOOKS:
+        raise CompactnnError(f"unknown artifact stage {stage!r}; stages: {ARTIFACT_STAGES}.")
+
+    def deco(hook: Callable[[Any, dict[str, Any]], None]) -> Callable:
+        if hook not in ARTIFACT_HOOKS[stage]:
+            ARTIFACT_HOOKS[stage].append(hook)
+        return hook
+
+    return deco
+
+
+def run_artifact_hooks(stage: str, model: Any, extra: dict[str, Any]) -> None:
+    """Run every hook registered for ``stage`` on ``model`` (see :func:`register_artifact_hook`)."""
+    for hook in ARTIFACT_HOOKS[stage]:
+        hook(model, extra)
+
+
 def ensure_loaded() -> None:
     import compactnn.methods  # noqa: F401  (imports every method file once)
 
 
 def get_method(name: str) -> MethodEntry:
+    """The method registered under ``name``; a CompactnnError lists the known names."""
     ensure_loaded()
     if name not in METHODS:
         raise CompactnnError(
@@ -72,8 +180,44 @@ def get_method(name: str) -> MethodEntry:
 
 
 def method_for_config(config: Any) -> MethodEntry:
-    ensure_loaded()
-    for entry in METHODS.values():
-        if type(config) is entry.config_cls:
-            return entry
-    raise CompactnnError(f"no method is registered for config type {type(config).__name__}")
+    """The method whose config type is exactly ``type(config)`` (one dict lookup).
+
+    Example:
+        >>> from compactnn.quant.gptq import GPTQConfig
+        >>> method_for_config(GPTQConfig()).name
+        'gptq'
+    """
+    entry = METHODS_BY_CONFIG.get(type(config))
+    if entry is None:
+        ensure_loaded()  # a config built before its method file was imported
+        entry = METHODS_BY_CONFIG.get(type(config))
+    if entry is None:
+        raise CompactnnError(
+            f"no method is registered for config type {type(config).__name__}; pass the "
+            "config of a registered method (see `compactnn recipes`), or register a handler "
+            f"for it with @register('name', {type(config).__name__})."
+        )
+    return entry
+
+
+def check_config_version(entry: MethodEntry, version: Any) -> None:
+    """Refuse a saved config whose format ``version`` this compactnn cannot read.
+
+    Args:
+        entry: the method the saved config belongs to.
+        version: the version read from the recipe (an integer ``1..entry.version``).
+
+    Raises:
+        CompactnnError: ``version`` is not a positive integer or is newer than
+            ``entry.version``.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CompactnnError(
+            f"method {entry.name!r}: config version {version!r} must be a positive integer "
+            f"(this compactnn writes version {entry.version})."
+        )
+    if version > entry.version:
+        raise CompactnnError(
+            f"method {entry.name!r}: the recipe's config version {version} is newer than "
+            f"this compactnn reads (up to {entry.version}); upgrade compactnn to load it."
+        )

@@ -29,8 +29,25 @@ def test_2_4_pattern_holds_exactly_after_fine_tuning():
 
 def test_m_not_dividing_the_input_dimension_names_the_layer():
     model = nn.Sequential(nn.Linear(10, 8))
-    with pytest.raises(CompactnnError, match=r"0: N:M groups of M=4 do not divide .* 10"):
+    with pytest.raises(CompactnnError, match=r"M=4 divides the input size of none .*0 \(10 inputs"):
         compactnn.compress(model, "nm2:4", progress=False)
+
+
+def test_cnn_first_conv_with_9_inputs_stays_dense_with_one_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)
+    ).eval()  # first conv: 1x3x3 = 9 inputs per output channel
+    with pytest.warns(UserWarning, match=r"kept dense .*M=4\): 0 \(9 inputs\)$") as caught:
+        pruned = compactnn.compress(model, "nm2:4", progress=False)
+    assert len([w for w in caught if "kept dense" in str(w.message)]) == 1
+    assert torch.equal(pruned[0].weight, model[0].weight)  # untouched
+    for name in ("2", "4"):
+        assert holds_nm(pruned.get_submodule(name).weight, 2, 4)
+    info = compactnn.info_of(pruned)
+    assert any("0 (9 inputs)" in note for note in info["notes"])
+    assert "0" not in info["extra"]["pruning"]["nm"]
+    assert info["extra"]["pruning"]["nm"]["2"] == 0.5
 
 
 def test_bad_n_m():

@@ -6,10 +6,9 @@ from compactnn.train.cached import cached_train, training_key
 
 
 def test_trains_once_then_reads_the_artifact_back(tiny, tmp_path, monkeypatch):
-    from conftest import TinyNet
-
     monkeypatch.setenv("COMPACTNN_CACHE", str(tmp_path))
     model, (x, y), _ = tiny
+    TinyNet = type(model)  # the fixture's class (conftest is not importable)
     ref = SimpleNamespace(name="tiny", model=model, skeleton=TinyNet)
     data = (x[:64], y[:64])
     first, seconds, hit = cached_train(ref, "w2a8-ttq", data)
@@ -21,9 +20,8 @@ def test_trains_once_then_reads_the_artifact_back(tiny, tmp_path, monkeypatch):
 
 
 def test_key_changes_with_seed_recipe_data_and_weights(tiny):
-    from conftest import TinyNet
-
     model, (x, y), _ = tiny
+    TinyNet = type(model)  # the fixture's class (conftest is not importable)
     data = (x[:64], y[:64])
     key = training_key("tiny", model, "w2a8-ttq", data, 0)
     assert key == training_key("tiny", model, "w2a8-ttq", data, 0)

@@ -23,9 +23,8 @@ RECIPES = [
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_post_training_variant_saves_and_loads_bit_exact(tiny, recipe, tmp_path):
-    from conftest import TinyNet
-
     model, (x, _), _ = tiny
+    TinyNet = type(model)  # the fixture's class (conftest is not importable)
     q = compactnn.compress(model, recipe, calib_data=x[:64], progress=False)
     compactnn.save(q, tmp_path / "a")
     q2 = compactnn.load(tmp_path / "a", model=TinyNet())

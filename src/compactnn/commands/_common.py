@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compactnn.model_io import LoadedModel, resolve_model
+from compactnn.model_io import LoadedModel, file_sha256, hf_weights_file, resolve_model
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow loading a pickled .pt/.pth model (unpickling runs arbitrary code)",
+        help="trust the MODEL file's author: allow a pickled .pt/.pth, a .pt2 whose archive "
+        "needs unpickling (or native code), an HF directory with only pytorch_model.bin "
+        "(loading those runs code from the file)",
     )
 
 
@@ -27,14 +29,34 @@ def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:
 
 
 def source_record(loaded: LoadedModel) -> dict[str, str]:
-    """What an artifact records about its float model, so ``eval`` can rebuild it."""
-    spec = loaded.source
-    if loaded.reference is None and Path(spec).exists():
-        spec = str(Path(spec).resolve())
-    record = {"model": spec}
-    if loaded.weights:
-        record["weights"] = str(Path(loaded.weights).resolve())
+    """What an artifact records about its float model: data for people, never code to run.
+
+    A reference model is recorded by name (``eval`` rebuilds it). Anything else (a factory
+    spec, a ``.pt2``/``.pt`` file, a Hugging Face directory) is recorded with the SHA-256 of
+    its weights as information only; ``eval``/``deploy`` ask the user for it again.
+    """
+    if loaded.reference is not None:
+        return {"kind": "reference", "model": loaded.source}
+    if loaded.weights:  # package.module:factory with --weights
+        weights = Path(loaded.weights)
+        return {
+            "kind": "factory",
+            "model": loaded.source,
+            "weights": str(weights.resolve()),
+            "weights_sha256": file_sha256(weights),
+        }
+    path = Path(loaded.source)
+    record = {"kind": _file_kind(path), "model": str(path.resolve())}
+    weights_file = hf_weights_file(path) if path.is_dir() else path
+    if weights_file is not None and weights_file.is_file():
+        record["weights_sha256"] = file_sha256(weights_file)
     return record
+
+
+def _file_kind(path: Path) -> str:
+    if path.is_dir():
+        return "Hugging Face directory"
+    return {".pt2": "torch.export archive"}.get(path.suffix, "pickled module")
 
 
 def human_bytes(n: float) -> str:

@@ -10,8 +10,7 @@ from pathlib import Path
 import compactnn
 from compactnn.bench.measure import artifact_bytes, float_artifact_bytes
 from compactnn.commands._common import add_model_args, human_bytes, load_model, source_record
-from compactnn.errors import CompactnnError
-from compactnn.export.artifact import artifact_exists
+from compactnn.export.artifact import check_writable
 from compactnn.model_io import resolve_data
 
 
@@ -39,11 +38,7 @@ def default_out(model: str, recipe: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
-    if artifact_exists(out) and not args.force:  # refuse before any slow work
-        raise CompactnnError(
-            f"{str(out)!r} already holds a compactnn artifact; pass --force to replace it "
-            "or choose another --out."
-        )
+    check_writable(out, args.force)  # a file, /proc, an artifact, read-only: before work
     recipe = compactnn.resolve_recipe(args.recipe)  # fail fast on a bad recipe
     loaded = load_model(args.model, args)
     data = resolve_data(args.data, loaded)

@@ -27,7 +27,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("target", metavar="MODEL_OR_ARTIFACT")
-    p.add_argument("--model", "-m", help="float MODEL of an artifact (default: as recorded)")
+    p.add_argument(
+        "--model",
+        "-m",
+        help="float MODEL of an artifact (needed unless it was made from a reference model)",
+    )
     p.add_argument("--recipe", "-r", default="w8a8", help="recipe for a MODEL (default w8a8)")
     p.add_argument("--data", "-d", help="inputs (.safetensors/.npy or data set name)")
     p.add_argument("--backend", "-b", default="auto", choices=BACKENDS, help="kernels to use")
@@ -47,7 +51,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _models(args: argparse.Namespace):
     """The float model, the compressed one and the inputs to check and time them on."""
     if artifact_exists(args.target):
-        loaded = skeleton_for(read_header(args.target), args.model, trust_pickle=args.trust_pickle)
+        loaded = skeleton_for(
+            read_header(args.target),
+            args.model,
+            weights=args.weights,
+            trust_pickle=args.trust_pickle,
+        )
         qmodel = compactnn.load(args.target, model=loaded.model)
     elif Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
         raise CompactnnError(f"{args.target!r} holds neither an artifact nor a model.")

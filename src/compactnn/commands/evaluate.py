@@ -36,7 +36,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("target", metavar="MODEL_OR_ARTIFACT")
-    p.add_argument("--model", "-m", help="float MODEL of an artifact (default: as recorded)")
+    p.add_argument(
+        "--model",
+        "-m",
+        help="float MODEL of an artifact (needed unless it was made from a reference model)",
+    )
     p.add_argument("--recipe", "-r", help="compress MODEL in memory with this recipe first")
     p.add_argument("--data", "-d", help="evaluation inputs (.safetensors/.npy or data set name)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")

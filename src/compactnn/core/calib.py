@@ -18,33 +18,92 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
 
     Accepts a tensor of inputs (split along dim 0 into ``batch_size`` chunks), a dict of
     tensors (one batch, e.g. a tokenizer's output), or an iterable of tensors, tuples or dicts.
+    Every floating-point tensor is checked once for NaN and Inf (see :func:`check_finite`).
     """
     if data is None:
         return []
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or data.shape[0] == 0:
             raise CompactnnError(f"calibration tensor of shape {tuple(data.shape)} is empty.")
-        return list(torch.split(data, batch_size))
-    if isinstance(data, Mapping):
-        return [dict(data)]
-    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        batches: list[Batch] = list(torch.split(data, batch_size))
+    elif isinstance(data, Mapping):
+        batches = [dict(data)]
+    elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise CompactnnError(
             f"calib_data must be a tensor or an iterable of tensors, tuples or dicts; "
             f"got {type(data).__name__}."
         )
-    batches = []
-    for i, b in enumerate(data):
-        if isinstance(b, list):
-            b = tuple(b)
-        if not isinstance(b, (torch.Tensor, tuple, Mapping)):
-            raise CompactnnError(
-                f"calibration batch {i} is a {type(b).__name__}; expected a tensor, a tuple "
-                "or a dict of tensors."
-            )
-        batches.append(dict(b) if isinstance(b, Mapping) else b)
+    else:
+        batches = [_one_batch(i, b) for i, b in enumerate(data)]
     if not batches:
         raise CompactnnError("calib_data is empty: pass at least one batch.")
+    for i, b in enumerate(batches):
+        rows = ""
+        if isinstance(data, torch.Tensor):  # name the rows of the user's tensor too
+            rows = f" (rows {i * batch_size}..{i * batch_size + len(b) - 1} of calib_data)"
+        check_finite(b, f"calibration batch {i}{rows}")
     return batches
+
+
+def _one_batch(i: int, b: Any) -> Batch:
+    if isinstance(b, list):
+        b = tuple(b)
+    if not isinstance(b, (torch.Tensor, tuple, Mapping)):
+        raise CompactnnError(
+            f"calibration batch {i} is a {type(b).__name__}; expected a tensor, a tuple "
+            "or a dict of tensors."
+        )
+    return dict(b) if isinstance(b, Mapping) else b
+
+
+def _tensors_of(batch: Batch) -> list[tuple[str, torch.Tensor]]:
+    """``(label, tensor)`` of every tensor in a batch: ``""``, ``"[1]"`` or ``"['ids']"``."""
+    if isinstance(batch, torch.Tensor):
+        return [("", batch)]
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch)
+    return [(f"[{k!r}]", v) for k, v in items if isinstance(v, torch.Tensor)]
+
+
+def check_finite(batch: Batch, what: str) -> None:
+    """Raise when a floating-point tensor of ``batch`` holds NaN or Inf.
+
+    One NaN in calibration data spreads through every range it touches and silently gives
+    an all-NaN model, so it is refused where it enters. Costs one ``isfinite`` per tensor.
+
+    Example:
+        >>> check_finite(torch.ones(2, 3), "calibration batch 0")  # finite: returns None
+    """
+    for label, t in _tensors_of(batch):
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        first = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
+        raise CompactnnError(
+            f"{what}{label} holds {nan} NaN and {inf} Inf value(s) (first at index {first} "
+            f"of shape {tuple(t.shape)}); clean the data (e.g. torch.nan_to_num) or drop "
+            "those samples."
+        )
+
+
+def check_example(example: Any, what: str = "example") -> None:
+    """Raise unless ``example`` is a non-empty, finite batch (tensor, tuple or dict)."""
+    if not isinstance(example, (torch.Tensor, tuple, list, dict)):
+        raise CompactnnError(
+            f"{what}= must be a tensor, a tuple or a dict of tensors, got {type(example).__name__}."
+        )
+    tensors = _tensors_of(tuple(example) if isinstance(example, list) else example)
+    if not tensors or any(t.dim() == 0 or t.shape[0] == 0 for _, t in tensors):
+        raise CompactnnError(
+            f"{what}= is empty ({describe(example)}): pass a sample batch of at least one "
+            "input the model takes (e.g. a few calibration inputs)."
+        )
+    check_finite(tuple(example) if isinstance(example, list) else example, f"{what}=")
+
+
+def all_zero(batches: list[Batch]) -> bool:
+    """Whether every floating-point value of every batch is zero (and there is one)."""
+    floats = [t for b in batches for _, t in _tensors_of(b) if t.is_floating_point()]
+    return bool(floats) and all(not bool(t.any()) for t in floats)
 
 
 def batch_size_of(batch: Batch) -> int:
@@ -92,6 +151,7 @@ def expected_input_hint(model: nn.Module) -> str:
 
 
 def describe(batch: Batch) -> str:
+    """A short description of a batch: its kind and tensor shapes."""
     if isinstance(batch, torch.Tensor):
         return f"a tensor of shape {tuple(batch.shape)}"
     if isinstance(batch, dict):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any, ClassVar
 
+from compactnn.core.fields import check_keys, field_hints, normalize, normalize_fields
 from compactnn.core.spec import QuantSpec
-from compactnn.errors import CompactnnError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,43 +15,43 @@ class MethodConfig:
 
     Subclasses are frozen dataclasses; they validate in ``__post_init__`` (call
     ``super().__post_init__()``) and get ``to_dict``/``from_dict`` for YAML recipes.
-    Fields typed ``QuantSpec`` are (de)serialised as nested dicts; tuples as lists.
+    Every field is checked against its type hint first (``bool``, ``int``, ``float``,
+    ``str``, ``X | None``, ``tuple[...]``, ``Literal[...]``, ``QuantSpec``): a bool is not an
+    int and a string is not a number, so ``bits: true`` or ``lr: '1e-3'`` fail with the
+    field's name. Fields typed ``QuantSpec`` are (de)serialised as nested dicts; tuples as
+    lists.
     """
 
     method_name: ClassVar[str] = ""
+    # Format version of this config's fields: add 1 when a saved field's meaning changes.
+    config_version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        pass
+        normalize_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, QuantSpec):
-                v = v.to_dict()
-            elif isinstance(v, tuple):
-                v = list(v)
-            out[f.name] = v
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> MethodConfig:
-        data = dict(data or {})
-        hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise CompactnnError(
-                f"{cls.__name__}: unknown field(s) {sorted(unknown)}; "
-                f"known fields: {sorted(names)}."
-            )
-        for key, value in list(data.items()):
-            hint = str(hints.get(key, ""))
-            if "QuantSpec" in hint and isinstance(value, dict):
-                data[key] = QuantSpec.from_dict(value)
-            elif "tuple" in hint and isinstance(value, list):
-                data[key] = tuple(value)
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise CompactnnError(f"{cls.__name__}: {exc}") from exc
+    def from_dict(cls, data: dict[str, Any] | None, where: str | None = None) -> MethodConfig:
+        """The config from a YAML/JSON mapping; unknown keys and wrong types are refused.
+
+        Example:
+            >>> from compactnn.prune.nm import NMConfig
+            >>> NMConfig.from_dict({"n": 1, "m": 4}).n
+            1
+        """
+        where = where or cls.__name__
+        hints = field_hints(cls)
+        data = check_keys(data, hints, where)
+        values = {k: normalize(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON/YAML-ready form: QuantSpecs as dicts, tuples (nested too) as lists."""
+    if isinstance(value, QuantSpec):
+        return value.to_dict()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value

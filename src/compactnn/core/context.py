@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,8 +11,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compactnn.core.calib import Batch, batch_size_of, call_model
+from compactnn.core.calib import Batch, batch_size_of, call_model, main_output
+from compactnn.core.observer import NonFiniteActivation, RangeObserver
 from compactnn.errors import CompactnnError
+
+MAX_SCALE = float(torch.finfo(torch.float16).max)  # scales are stored as float16
 
 
 @dataclass
@@ -45,10 +49,54 @@ class CompressContext:
         return call_model(model, batch, self.call_mode)
 
     def run_all(self, model: nn.Module, desc: str | None = None) -> None:
-        """Run every calibration batch through ``model`` without gradients."""
+        """Run every calibration batch through ``model`` without gradients.
+
+        This is the calibration pass (activation observers watch it), so it checks what
+        flows: an observer that sees NaN/Inf, or a non-finite model output, raises
+        ``CompactnnError`` naming the batch and the layer. After the pass, an observed range
+        too wide for a float16 scale (mis-scaled data, e.g. inputs x1e30) raises, and one
+        that collapsed to a single value warns; both name the layer.
+        """
         with torch.no_grad():
-            for b in self.bar(self.batches, desc=desc, leave=False):
-                self.run(model, b)
+            for i, b in enumerate(self.bar(self.batches, desc=desc, leave=False)):
+                try:
+                    out = self.run(model, b)
+                except NonFiniteActivation as exc:
+                    layer = _observer_layer(model, exc.observer)
+                    raise CompactnnError(
+                        f"calibration batch {i}, input of layer {layer}: {exc}"
+                    ) from None
+                if not _finite_output(out):
+                    layer = first_non_finite(model, lambda m, b=b: self.run(m, b))
+                    raise CompactnnError(
+                        f"calibration batch {i}: the model's output holds NaN/Inf (first "
+                        f"produced by layer {layer}); the inputs overflow float32 inside the "
+                        "model or the model itself produces NaN. Scale the data to the range "
+                        "the model was trained on."
+                    )
+        self._check_ranges(model)
+
+    def _check_ranges(self, model: nn.Module) -> None:
+        """Refuse activation ranges no stored scale can express; warn on zero-width ones."""
+        for name, m in model.named_modules():
+            observer = getattr(m, "observer", None)
+            if not isinstance(observer, RangeObserver) or observer.min is None:
+                continue
+            lo, hi = float(observer.min), float(observer.max)
+            step = _step_of(m, lo, hi)
+            if step > MAX_SCALE:
+                raise CompactnnError(
+                    f"layer {_layer_of(name)!r}: its calibration inputs span [{lo:.3g}, "
+                    f"{hi:.3g}], which needs a quantization step of {step:.3g}, past the "
+                    f"largest storable scale ({MAX_SCALE:g}); the calibration data is likely "
+                    "mis-scaled: give inputs in the range the model was trained on."
+                )
+            if observer.collapsed:
+                self.warn(
+                    f"layer {_layer_of(name)!r}: every calibration value of its input was "
+                    f"{lo:g}, so its activation range has zero width; check the calibration "
+                    "data (all zeros?) or keep that layer in float."
+                )
 
     def bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress or not kwargs.get("desc"), **kwargs)
@@ -70,3 +118,58 @@ class CompressContext:
     def warn(self, message: str) -> None:
         self.notes.append(message)
         warnings.warn(message, stacklevel=3)
+
+
+def _step_of(quantizer: nn.Module, lo: float, hi: float) -> float:
+    """The grid step a quantizer's observed range ``[lo, hi]`` asks for (8-bit when unknown)."""
+    spec = getattr(quantizer, "spec", None)
+    bits, symmetric = (8, False) if spec is None else (spec.bits, spec.symmetric)
+    if symmetric:
+        return max(abs(lo), abs(hi)) / max(2 ** (bits - 1) - 1, 1)
+    return (max(hi, 0.0) - min(lo, 0.0)) / (2**bits - 1)
+
+
+def _layer_of(module_name: str) -> str:
+    """``"0.input_quantizer"`` -> ``"0"``: the layer an input quantizer belongs to."""
+    return module_name.removesuffix(".input_quantizer") or "(the model)"
+
+
+def _observer_layer(model: nn.Module, observer: RangeObserver) -> str:
+    for name, m in model.named_modules():
+        if getattr(m, "observer", None) is observer:
+            return repr(_layer_of(name))
+    return "(unknown)"
+
+
+def _finite_output(out: Any) -> bool:
+    try:
+        t = main_output(out)
+    except TypeError:
+        return True  # nothing to check
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def first_non_finite(model: nn.Module, run: Callable[[nn.Module], Any]) -> str:
+    """Name (quoted) of the first leaf module whose output holds NaN/Inf under ``run(model)``.
+
+    Only called once something went wrong: it runs the model once more with hooks.
+    """
+    found: list[str] = []
+
+    def hook(name: str, out: Any) -> None:
+        if not found and isinstance(out, torch.Tensor) and out.is_floating_point():
+            if not bool(torch.isfinite(out).all()):
+                found.append(name)
+
+    handles = [
+        m.register_forward_hook(lambda _m, _a, out, n=n: hook(n, out))
+        for n, m in model.named_modules()
+        if n and not any(True for _ in m.children())
+    ]
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return repr(found[0]) if found else "(none of its modules: a functional operation)"

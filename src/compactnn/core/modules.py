@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.fields import check_keys
 from compactnn.errors import CompactnnError
 
 DEFAULT_CLASSES = ("Linear", "Conv1d", "Conv2d")
@@ -35,10 +36,20 @@ class Targets:
     def __post_init__(self) -> None:
         for attr in ("classes", "names", "ignore"):
             value = getattr(self, attr)
-            if isinstance(value, str):
-                object.__setattr__(self, attr, (value,))
-            else:
-                object.__setattr__(self, attr, tuple(value))
+            value = (value,) if isinstance(value, str) else value
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise CompactnnError(
+                    f"targets.{attr}={value!r} must be a string or a list of strings "
+                    f"(e.g. {attr}: [{DEFAULT_CLASSES[0] if attr == 'classes' else 'fc*'}])."
+                )
+            object.__setattr__(self, attr, tuple(value))
+        for attr in ("classes", "names"):
+            if not getattr(self, attr):
+                raise CompactnnError(
+                    f"targets.{attr} is empty, so the step would touch no layer; list at "
+                    f"least one (default {attr}: {list(getattr(Targets, attr))}) or drop "
+                    "the step."
+                )
 
     def name_matches(self, name: str) -> bool:
         if any(fnmatch.fnmatchcase(name, p) for p in self.ignore):
@@ -57,14 +68,20 @@ class Targets:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Targets:
+        """Targets from a recipe mapping with keys ``classes``, ``names``, ``ignore``.
+
+        Example:
+            >>> Targets.from_dict({"ignore": "lm_head"}).ignore
+            ('lm_head',)
+        """
         if data is None:
             return cls()
-        unknown = set(data) - {"classes", "names", "ignore"}
-        if unknown:
+        if not isinstance(data, dict):
             raise CompactnnError(
-                f"unknown target field(s) {sorted(unknown)}; use classes, names and ignore."
+                f"targets={data!r} must be a mapping with keys classes, names and ignore "
+                "(e.g. targets: {ignore: [lm_head]}); omit it to target every layer."
             )
-        return cls(**{k: tuple(v) if not isinstance(v, str) else (v,) for k, v in data.items()})
+        return cls(**check_keys(data, ("classes", "names", "ignore"), "targets"))
 
 
 def select_modules(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:

@@ -6,10 +6,23 @@ import torch
 
 from compactnn.core.qtype import QType
 from compactnn.core.ranges import estimate_range
+from compactnn.errors import CompactnnError
 
 # Percentile and MSE ranges need samples, not just extremes; a bounded reservoir keeps memory
 # flat however much calibration data comes through.
 MAX_SAMPLES = 1 << 18
+
+
+class NonFiniteActivation(CompactnnError):
+    """An observed activation holds NaN or Inf (``observer`` says which observer saw it).
+
+    :meth:`compactnn.core.context.CompressContext.run_all` re-raises it with the batch index
+    and the name of the layer whose input it is.
+    """
+
+    def __init__(self, message: str, observer: RangeObserver) -> None:
+        super().__init__(message)
+        self.observer = observer
 
 
 class RangeObserver:
@@ -26,6 +39,14 @@ class RangeObserver:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1)
+        if not bool(torch.isfinite(x).all()):  # one reduction; NaN would poison min/max
+            bad = int((~torch.isfinite(x)).sum())
+            raise NonFiniteActivation(
+                f"an activation observed during calibration holds {bad} NaN/Inf value(s) of "
+                f"{x.numel()}: the inputs overflow float32 inside the model (scale them to "
+                "the range the model was trained on) or the model itself produces NaN.",
+                self,
+            )
         lo, hi = x.min(), x.max()
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
@@ -34,6 +55,11 @@ class RangeObserver:
             idx = torch.randint(0, x.numel(), (take,), generator=self.gen)
             self.samples.append(x[idx].cpu())
             self.n_samples += take
+
+    @property
+    def collapsed(self) -> bool:
+        """Whether every value seen was the same (a zero-width range)."""
+        return self.min is not None and bool(self.min == self.max)
 
     def range(
         self, qtype: QType, symmetric: bool, percentile: float

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from compactnn.core.fields import check_keys, field_hints, normalize, normalize_fields
 from compactnn.core.qtype import QType
 from compactnn.errors import CompactnnError
 
@@ -40,6 +41,7 @@ class QuantSpec:
     signed: bool | None = None
 
     def __post_init__(self) -> None:
+        normalize_fields(self)  # types first: bits=True or symmetric='false' are refused
         QType(self.bits)  # validates bits
         if self.granularity not in GRANULARITIES:
             raise CompactnnError(
@@ -76,13 +78,17 @@ class QuantSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | QuantSpec | None) -> QuantSpec | None:
+    def from_dict(
+        cls, data: dict[str, Any] | QuantSpec | None, where: str = "QuantSpec"
+    ) -> QuantSpec | None:
+        """The spec from a mapping (YAML, artifact header); unknown keys and wrong types fail.
+
+        Example:
+            >>> QuantSpec.from_dict({"bits": 4, "symmetric": False}).qtype.name
+            'uint4'
+        """
         if data is None or isinstance(data, QuantSpec):
             return data
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise CompactnnError(
-                f"unknown quantization field(s) {sorted(unknown)}; known: {sorted(known)}."
-            )
-        return cls(**data)
+        hints = field_hints(cls)
+        data = check_keys(data, hints, where)
+        return cls(**{k: normalize(v, hints[k], f"{where}.{k}") for k, v in data.items()})

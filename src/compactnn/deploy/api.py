@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.calib import call_model
+from compactnn.core.calib import call_model, check_example, check_finite
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.deploy.graph import trace, unsupported_reason
 from compactnn.deploy.lower import lower
@@ -25,6 +25,10 @@ AUTO_CANDIDATES = ("onednn", "onnxruntime")  # "auto" times both on the example:
 
 class DeployedModel(nn.Module):
     """An integer-kernel model: call it like the simulated model it came from.
+
+    NaN or Inf in a floating-point input raises ``CompactnnError`` (checked on every call,
+    one ``isfinite`` per input tensor): int8 kernels have no code for them and would turn
+    them into confident finite logits, while the simulation returns NaN.
 
     Attributes:
         backend: which kernels run it (``"onednn"`` or ``"onnxruntime"``).
@@ -46,6 +50,9 @@ class DeployedModel(nn.Module):
             self._session = program
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for key, value in [*enumerate(args), *kwargs.items()]:
+            if isinstance(value, torch.Tensor):
+                check_finite(value, f"deployed model input {key!r}")
         with torch.no_grad():
             if self.backend == "onnxruntime":
                 return self._session(*args, **kwargs)
@@ -166,6 +173,7 @@ def _check_args(qmodel, backend, example, residual, unsupported) -> None:
             "deploy verifies the integer model against the simulated one: pass example= a "
             "sample batch the model takes (e.g. a few calibration inputs)."
         )
+    check_example(example)
     if not any(is_quant_layer(m) for m in qmodel.modules()):
         raise CompactnnError(
             "qmodel has no quantized layers: run compactnn.compress(model, 'w8a8', "

@@ -26,18 +26,76 @@ def hf_header(model: nn.Module) -> dict[str, Any] | None:
     return {"class": type(model).__name__, "config": config.to_dict()}
 
 
+# Architectures an artifact header may name (the class is also looked up in ``transformers``
+# itself and must subclass ``PreTrainedModel``). The header is not trusted: this list, not
+# the file, decides which model code runs when ``load(path)`` rebuilds a skeleton.
+_FAMILIES = {
+    "Bert": ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification"),
+    "DistilBert": ("Model", "ForMaskedLM", "ForSequenceClassification"),
+    "Roberta": ("Model", "ForMaskedLM", "ForSequenceClassification"),
+    "XLMRoberta": ("Model", "ForMaskedLM", "ForSequenceClassification"),
+    "MPNet": ("Model", "ForMaskedLM"),
+    "Electra": ("Model",),
+    "Llama": ("Model", "ForCausalLM", "ForSequenceClassification"),
+    "Mistral": ("Model", "ForCausalLM"),
+    "Mixtral": ("Model", "ForCausalLM"),
+    "Qwen2": ("Model", "ForCausalLM"),
+    "Qwen3": ("Model", "ForCausalLM"),
+    "Gemma": ("Model", "ForCausalLM"),
+    "Gemma2": ("Model", "ForCausalLM"),
+    "Phi": ("Model", "ForCausalLM"),
+    "Phi3": ("Model", "ForCausalLM"),
+    "OPT": ("Model", "ForCausalLM"),
+    "GPT2": ("Model", "LMHeadModel"),
+    "GPTNeoX": ("Model", "ForCausalLM"),
+    "Falcon": ("Model", "ForCausalLM"),
+    "StableLm": ("Model", "ForCausalLM"),
+    "ViT": ("Model", "ForImageClassification"),
+}
+HF_ARCHITECTURES = frozenset(f + suffix for f, suffixes in _FAMILIES.items() for suffix in suffixes)
+
+
+def transformers_model_class(name: Any) -> type | None:
+    """The ``transformers`` model class called ``name``, or None when ``transformers`` has no
+    ``PreTrainedModel`` subclass of that name (a function, a module, a config class...)."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return None
+
+
 def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
-    """A float model of the saved architecture; needs a saved Hugging Face config."""
+    """A float model of the saved architecture; needs a saved Hugging Face config.
+
+    The header's ``extra.hf`` is data: the class must be in :data:`HF_ARCHITECTURES` and a
+    ``PreTrainedModel`` subclass in ``transformers``; the config is built by that class's own
+    config class from the saved dict, without ``auto_map`` and without remote code.
+    """
     hf = header.get("extra", {}).get("hf")
-    if not hf:
+    if not isinstance(hf, dict) or not hf:
         raise ArtifactError(
             f"artifact {str(root)!r} holds a {header.get('model_class')} without a saved "
             "architecture: pass the float model as load(path, model=...)."
         )
-    import transformers
-
-    config = transformers.AutoConfig.for_model(**hf["config"])
-    cls = getattr(transformers, hf["class"], None)
+    name, config = hf.get("class"), hf.get("config")
+    cls = transformers_model_class(name) if name in HF_ARCHITECTURES else None
     if cls is None:
-        raise ArtifactError(f"transformers has no class {hf['class']!r} to rebuild the model.")
-    return cls(config)
+        raise ArtifactError(
+            f"artifact {str(root)!r} names the architecture {str(name)[:80]!r}, which is not "
+            f"one compactnn rebuilds from a header ({', '.join(sorted(HF_ARCHITECTURES)[:4])}, "
+            "...): pass the float model as load(path, model=...)."
+        )
+    if not isinstance(config, dict) or config.get("model_type") != cls.config_class.model_type:
+        raise ArtifactError(
+            f"artifact {str(root)!r} has no valid {cls.config_class.model_type!r} config for "
+            f"{name}: pass the float model as load(path, model=...)."
+        )
+    settings = {k: v for k, v in config.items() if k not in ("auto_map", "trust_remote_code")}
+    try:
+        return cls(cls.config_class.from_dict(settings))
+    except Exception as exc:
+        raise ArtifactError(
+            f"artifact {str(root)!r} has a {name} config that does not build: {exc}"
+        ) from exc

@@ -23,6 +23,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from compactnn.core.calib import check_example
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
 from compactnn.deploy.graph import FLOAT, trace
@@ -242,13 +243,15 @@ def export_onnx(
         tolerance: largest allowed difference, in steps of the output scale.
 
     Returns:
-        The verification; raises ``CompactnnError`` past ``tolerance``.
+        The verification; raises ``CompactnnError`` past ``tolerance`` or when one model
+        gives NaN/Inf where the other does not (see :mod:`compactnn.deploy.verify`).
 
     Example:
         >>> export_onnx(qmodel, "model.onnx", example=images[:8])  # doctest: +SKIP
     """
     if example is None:
         raise CompactnnError("export_onnx verifies the file: pass example= a sample batch.")
+    check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
     data, _ = to_onnx_bytes(qmodel, example)
     result = enforce(compare(qmodel.eval(), _session(data), example, "onnx export", tolerance))
 

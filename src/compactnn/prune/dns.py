@@ -28,7 +28,6 @@ from torch import nn
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
-from compactnn.prune.magnitude import record_sparsity
 from compactnn.prune.masks import (
     attach_masks,
     bake_masks,
@@ -37,6 +36,7 @@ from compactnn.prune.masks import (
     prunable_layers,
     set_mask,
 )
+from compactnn.prune.stats import record_sparsity
 from compactnn.prune.train import distill_steps
 from compactnn.registry import register
 

@@ -10,6 +10,7 @@ from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import apply_masks, check_sparsity, masks_from_scores, prunable_layers
+from compactnn.prune.stats import record_sparsity
 from compactnn.registry import register
 
 
@@ -31,15 +32,6 @@ class MagnitudeConfig(MethodConfig):
         check_sparsity(self.sparsity)
         if self.scope not in ("layer", "global"):
             raise CompactnnError(f"MagnitudeConfig.scope={self.scope!r}; use 'layer' or 'global'.")
-
-
-def record_sparsity(ctx: CompressContext, method: str, layers: dict[str, nn.Module]) -> None:
-    """Note the achieved per-layer sparsity in the artifact's ``extra`` (for the report)."""
-    stats = {}
-    for name, m in layers.items():
-        w = m.weight.detach()
-        stats[name] = round(1.0 - float((w != 0).sum()) / w.numel(), 4)
-    ctx.extra.setdefault("pruning", {})[method] = stats
 
 
 @register("magnitude", MagnitudeConfig, "unstructured magnitude pruning (layer-wise or global)")

@@ -16,8 +16,8 @@ from torch import nn
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
-from compactnn.prune.magnitude import record_sparsity
 from compactnn.prune.masks import attach_masks, bake_masks, nm_mask, prunable_layers
+from compactnn.prune.stats import record_sparsity
 from compactnn.prune.train import distill_steps
 from compactnn.registry import register
 
@@ -28,7 +28,7 @@ class NMConfig(MethodConfig):
 
     Args:
         n: weights kept in each group.
-        m: group length along the input dimension (must divide it).
+        m: group length along the input dimension (layers it does not divide stay dense).
         finetune_steps: self-distillation steps on the calibration batches with the
             pattern fixed (0: one-shot).
         lr: Adam learning rate of that fine-tuning.
@@ -63,6 +63,25 @@ def check_divides(name: str, weight: torch.Tensor, m: int) -> None:
         )
 
 
+def split_divisible(
+    layers: dict[str, nn.Module], m: int
+) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """``(layers whose input size M divides, {name: input size} of the others)``.
+
+    Example:
+        >>> split_divisible({"a": nn.Linear(8, 2), "b": nn.Linear(9, 2)}, 4)[1]
+        {'b': 9}
+    """
+    keep, dense = {}, {}
+    for name, layer in layers.items():
+        k = layer.weight[0].numel()  # in_features, or in_channels/groups * kh * kw
+        if k % m:
+            dense[name] = k
+        else:
+            keep[name] = layer
+    return keep, dense
+
+
 def nm_masks(scores: dict[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Tensor]:
     """N:M masks of each layer from its importance scores (checked for divisibility)."""
     out = {}
@@ -82,8 +101,24 @@ def holds_nm(weight: torch.Tensor, n: int, m: int) -> bool:
 def apply_nm(
     model: nn.Module, targets: dict[str, nn.Module], config: NMConfig, ctx: CompressContext
 ) -> nn.Module:
-    """Keep the ``n`` largest |w| of every ``m``; optionally fine-tune with the pattern fixed."""
-    layers = prunable_layers(targets, ctx)
+    """Keep the ``n`` largest |w| of every ``m``; optionally fine-tune with the pattern fixed.
+
+    Layers whose input size ``m`` does not divide (a first conv with 1x3x3 = 9 inputs) stay
+    dense, with one warning naming them (also in the model's notes); when no targeted layer
+    is left, that is an error.
+    """
+    layers, dense = split_divisible(prunable_layers(targets, ctx), config.m)
+    if dense:
+        listing = ", ".join(f"{n} ({k} inputs)" for n, k in dense.items())
+        if not layers:
+            raise CompactnnError(
+                f"nm {config.n}:{config.m}: M={config.m} divides the input size of none of the "
+                f"targeted layers: {listing}; choose an M that divides them."
+            )
+        ctx.warn(
+            f"nm {config.n}:{config.m}: kept dense (input size not divisible by "
+            f"M={config.m}): {listing}"
+        )
     masks = nm_masks({k: v.weight.detach().abs() for k, v in layers.items()}, config.n, config.m)
     teacher = copy.deepcopy(model) if config.finetune_steps else None
     attach_masks(model, masks)

@@ -17,8 +17,8 @@ from torch import nn
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
 from compactnn.prune.layerwise import in_order, input_hessian, supported
-from compactnn.prune.magnitude import record_sparsity
 from compactnn.prune.masks import prunable_layers
+from compactnn.prune.stats import record_sparsity
 from compactnn.prune.wanda import OneShotConfig, check_layers
 from compactnn.registry import register
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from compactnn.core.calib import call_model
+from compactnn.core.context import CompressContext
 
 
 def count_params(model: nn.Module) -> int:
@@ -40,3 +41,12 @@ def count_macs(model: nn.Module, example: Any) -> int:
         for h in handles:
             h.remove()
     return total[0]
+
+
+def record_sparsity(ctx: CompressContext, method: str, layers: dict[str, nn.Module]) -> None:
+    """Note the achieved per-layer sparsity in the artifact's ``extra`` (for the report)."""
+    stats = {}
+    for name, m in layers.items():
+        w = m.weight.detach()
+        stats[name] = round(1.0 - float((w != 0).sum()) / w.numel(), 4)
+    ctx.extra.setdefault("pruning", {})[method] = stats

@@ -16,9 +16,9 @@ from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
 from compactnn.prune.layerwise import in_order, input_sq_norms, supported
-from compactnn.prune.magnitude import record_sparsity
 from compactnn.prune.masks import apply_masks, check_sparsity, prunable_layers
 from compactnn.prune.nm import check_divides, check_nm, nm_mask
+from compactnn.prune.stats import record_sparsity
 from compactnn.registry import register
 
 

@@ -70,19 +70,40 @@ class QuantConfig(MethodConfig):
         bits (the zero point buys back a level); per output channel, or per group of ``G``.
         Activations: asymmetric unsigned, per tensor.
         """
-        weight = QuantSpec(
-            bits=wbits,
-            symmetric=wbits == 8,
-            granularity="group" if group else "channel",
-            group_size=group,
-            range_method=range_method,
-        )
-        act = None
-        if abits is not None:
-            act = QuantSpec(
-                bits=abits, symmetric=False, granularity="tensor", range_method=range_method
-            )
+        weight = short_weight_spec(wbits, group, range_method)
+        act = short_act_spec(abits, range_method) if abits is not None else None
         return cls(weight=weight, act=act, **kwargs)
+
+
+def short_weight_spec(
+    bits: int, group: int | None = None, range_method: str = "minmax"
+) -> QuantSpec:
+    """The weight spec of a short name ``w<bits>[-g<group>]``.
+
+    Symmetric int8 at 8 bits (what integer kernels take), asymmetric below (the zero point
+    buys back a level); per output channel, or per group of ``group`` inputs.
+
+    Example:
+        >>> short_weight_spec(4, 32).granularity
+        'group'
+    """
+    return QuantSpec(
+        bits=bits,
+        symmetric=bits == 8,
+        granularity="group" if group else "channel",
+        group_size=group,
+        range_method=range_method,
+    )
+
+
+def short_act_spec(bits: int, range_method: str = "minmax") -> QuantSpec:
+    """The activation spec of a short name ``a<bits>``: asymmetric unsigned, per tensor.
+
+    Example:
+        >>> short_act_spec(8).symmetric
+        False
+    """
+    return QuantSpec(bits=bits, symmetric=False, granularity="tensor", range_method=range_method)
 
 
 def prepare_model(model: nn.Module, config: QuantConfig, ctx: CompressContext) -> None:

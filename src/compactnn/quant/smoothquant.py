@@ -20,13 +20,13 @@ from compactnn.core.qlayers import ActQuantizer, is_quant_layer
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
 from compactnn.quant.awq import find_scale_pairs, fold_is_exact, fold_scale
-from compactnn.quant.base import QuantConfig, quantize_layers
+from compactnn.quant.base import QuantConfig, quantize_layers, short_act_spec
 from compactnn.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
 class SmoothQuantConfig(QuantConfig):
-    """SmoothQuant settings.
+    """SmoothQuant settings; the defaults are those of ``w8a8-smoothquant``.
 
     Args:
         alpha: migration strength in [0, 1]; 0.5 balances activations and weights, larger
@@ -35,6 +35,7 @@ class SmoothQuantConfig(QuantConfig):
             kernels use) instead of with one static per-tensor range.
     """
 
+    act: QuantSpec | None = dataclasses.field(default_factory=lambda: short_act_spec(8))
     alpha: float = 0.5
     dynamic: bool = True
 

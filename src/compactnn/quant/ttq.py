@@ -13,13 +13,14 @@ per-layer codebook ``[-W_n, 0, W_p, 0]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
+from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.quant.qat import QATConfig, WeightExport, apply_qat, fp16
 from compactnn.quant.twn import check_ternary_bits
 from compactnn.registry import register
@@ -80,13 +81,15 @@ class TTQWeight(nn.Module):
 class TTQConfig(QATConfig):
     """TTQ ternary weights, LSQ activations (recipe ``w2a8-ttq``).
 
-    Defaults: 4 epochs, lr 1e-3, scale lr 1e-3, distillation 0.5 at T=4; first and last
-    layers at 8 bits.
+    Defaults: the specs of ``w2a8-ttq``, 4 epochs, lr 1e-3, scale lr 1e-3, distillation 0.5
+    at T=4; first and last layers at 8 bits.
 
     Args:
         threshold: ``t`` in ``delta = t * max|w|`` (0.05 in the paper).
     """
 
+    weight: QuantSpec = field(default_factory=lambda: short_weight_spec(2))
+    act: QuantSpec | None = field(default_factory=lambda: short_act_spec(8))
     epochs: int = 4
     distill: float = 0.5
     threshold: float = 0.05

@@ -11,13 +11,14 @@ standard signed 2-bit layer: codes ``{-1, 0, +1}``, one scale ``alpha`` per laye
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
+from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.quant.qat import QATConfig, WeightExport, apply_qat, fp16
 from compactnn.registry import register
 
@@ -54,12 +55,15 @@ class TWNWeight(nn.Module):
 class TWNConfig(QATConfig):
     """TWN ternary weights, LSQ activations (recipe ``w2a8-twn``).
 
-    Defaults: 4 epochs, lr 1e-3, distillation 0.5 at T=4; first and last layers at 8 bits.
+    Defaults: the specs of ``w2a8-twn``, 4 epochs, lr 1e-3, distillation 0.5 at T=4; first
+    and last layers at 8 bits.
 
     Args:
         ratio: threshold as a multiple of the layer's mean |w| (0.7 in the paper).
     """
 
+    weight: QuantSpec = field(default_factory=lambda: short_weight_spec(2))
+    act: QuantSpec | None = field(default_factory=lambda: short_act_spec(8))
     epochs: int = 4
     distill: float = 0.5
     ratio: float = 0.7

@@ -13,7 +13,7 @@ Frozen, a binary layer stores 1-bit codes ``c = [w >= 0]`` with a per-filter cod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
+from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.quant.qat import QATConfig, WeightExport, apply_qat, fp16
 from compactnn.registry import register
 
@@ -111,7 +112,7 @@ class BinaryWeight(nn.Module):
 @dataclass(frozen=True)
 class BinaryConfig(QATConfig):
     """Shared by the binary methods: 1-bit weights; 1-bit activations through a binary
-    block (or, with ``a8``, LSQ activations).
+    block (or, with ``a8``, LSQ activations). The default specs are those of ``w1a1-<name>``.
 
     Args:
         real_weight_epochs: first epochs trained with binary activations but real-valued
@@ -119,6 +120,8 @@ class BinaryConfig(QATConfig):
             Must be below ``epochs``; 0 binarises weights from the start.
     """
 
+    weight: QuantSpec = field(default_factory=lambda: short_weight_spec(1))
+    act: QuantSpec | None = field(default_factory=lambda: short_act_spec(1))
     epochs: int = 6
     lr: float = 1e-3
     lr_quant: float = 1e-2

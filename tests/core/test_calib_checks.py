@@ -1,0 +1,127 @@
+"""Bad numbers are caught where they enter: calibration batches, activations observed during
+calibration, and the model handed to ``compress`` (issue 11)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.core.calib import as_batches, check_example
+from compactnn.core.observer import RangeObserver
+from compactnn.errors import CompactnnError
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+
+def _data() -> torch.Tensor:
+    return torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+
+
+class Exp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+
+def test_one_nan_in_calibration_data_names_the_batch_and_rows():
+    x = _data()
+    x[40, 3] = float("nan")  # row 40 is row 8 of the second batch of 32
+    with pytest.raises(CompactnnError, match=r"batch 1 \(rows 32\.\.63 .*1 NaN .*\(8, 3\)"):
+        compactnn.compress(_net(), "w8a8", calib_data=x, progress=False)
+
+
+def test_inf_in_a_tuple_batch_names_batch_and_element():
+    batches = [(_data()[:8], torch.zeros(8)), (torch.full((8, 16), float("inf")), torch.zeros(8))]
+    with pytest.raises(CompactnnError, match=r"batch 1\[0\] holds 0 NaN and 128 Inf"):
+        as_batches(batches)
+
+
+def test_nan_in_a_dict_batch_names_the_key():
+    batch = {"x": torch.tensor([[1.0, float("nan")]]), "ids": torch.ones(1, 2, dtype=torch.long)}
+    with pytest.raises(CompactnnError, match=r"batch 0\['x'\] holds 1 NaN"):
+        as_batches(batch)
+
+
+def test_finite_data_passes_unchanged():
+    x = _data()
+    batches = as_batches(x)
+    assert torch.equal(torch.cat(batches), x)
+
+
+def test_activation_overflowing_inside_the_model_names_batch_and_layer():
+    model = nn.Sequential(nn.Linear(16, 16), Exp(), nn.Linear(16, 4)).eval()
+    x = _data()
+    x[40:] *= 1e4  # finite input; exp() of the second batch overflows to inf
+    with pytest.raises(CompactnnError, match=r"calibration batch 1, input of layer '2'.*NaN/Inf"):
+        compactnn.compress(model, "w8a8", calib_data=x, progress=False)
+
+
+def test_mis_scaled_data_whose_range_no_scale_can_hold_is_refused():
+    with pytest.raises(CompactnnError, match=r"layer '0'.*span .*e\+30.*mis-scaled"):
+        compactnn.compress(_net(), "w8a8", calib_data=_data() * 1e30, progress=False)
+
+
+def test_all_zero_data_warns_and_names_the_collapsed_layer():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = compactnn.compress(_net(), "w8a8", calib_data=torch.zeros(8, 16), progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("all zeros" in m for m in messages)
+    assert any("layer '0'" in m and "zero width" in m for m in messages)
+    assert any("layer '0'" in n for n in q._compactnn["notes"])  # in the report too
+
+
+def test_real_data_gives_no_range_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compactnn.compress(_net(), "w8a8", calib_data=_data(), progress=False)
+    assert not [w for w in caught if "zero width" in str(w.message) or "zeros" in str(w.message)]
+
+
+def test_observer_refuses_non_finite_values():
+    obs = RangeObserver("minmax", keep_samples=False)
+    obs.update(torch.ones(4))
+    with pytest.raises(CompactnnError, match="1 NaN/Inf value"):
+        obs.update(torch.tensor([1.0, float("-inf")]))
+    assert float(obs.min) == 1.0 and float(obs.max) == 1.0  # state untouched by the bad batch
+    assert obs.collapsed
+
+
+def test_half_precision_model_is_refused_with_the_fix():
+    with pytest.raises(CompactnnError, match=r"'0.weight' is torch.float16.*model.float\(\)"):
+        compactnn.compress(_net().half(), "w8", progress=False)
+
+
+def test_bfloat16_buffer_is_refused():
+    model = _net()
+    model.register_buffer("table", torch.zeros(2, dtype=torch.bfloat16))
+    with pytest.raises(CompactnnError, match=r"'table' is torch.bfloat16"):
+        compactnn.compress(model, "w8", progress=False)
+
+
+def test_meta_device_model_is_refused():
+    with torch.device("meta"):
+        model = nn.Linear(4, 4)
+    with pytest.raises(CompactnnError, match=r"'weight' is on the meta device.*to_empty"):
+        compactnn.compress(model, "w8", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("example", "needle"),
+    [
+        (torch.zeros(0, 16), "is empty"),
+        ({}, "is empty"),
+        ((), "is empty"),
+        (torch.tensor([[float("nan")] * 16]), "example= holds 16 NaN"),
+        ("images", "must be a tensor"),
+    ],
+)
+def test_bad_examples_are_refused(example, needle):
+    with pytest.raises(CompactnnError, match=needle):
+        check_example(example)
