@@ -7,7 +7,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 OUT ?= out/demo
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test bench lint install clean
+.PHONY: demo test bench lint install clean fuzz
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests
+
+# 600 seeded mutations of each kind (bytes, header, rehashed header, tensors); prints the counts
+fuzz: $(STAMP)
+	COMPACTNN_FUZZ_CASES=600 $(BIN)/python -m pytest -p no:randomly -s tests/export/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

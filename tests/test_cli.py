@@ -75,8 +75,17 @@ def test_compress_then_eval_round_trip(project, capsys):
     loaded = compactnn.load(tmp / "art", model=model)
     assert torch.equal(loaded(x), expected(x))
     code, out, err = run_cli(
-        capsys, "eval", "art", "--model", *FACTORY, "-d", "x.safetensors", "--runs", "2",
-        "--json", "r.json",
+        capsys,
+        "eval",
+        "art",
+        "--model",
+        *FACTORY,
+        "-d",
+        "x.safetensors",
+        "--runs",
+        "2",
+        "--json",
+        "r.json",
     )
     assert code == 0, err
     rows = json.loads((tmp / "r.json").read_text())["rows"]

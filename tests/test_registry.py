@@ -23,7 +23,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*calibration samples", "ignore:kept in float", "ignore:channel pruning skipped"
 )
 
-registry.ensure_loaded()
 ALL_METHODS = sorted(registry.METHODS)
 
 

@@ -5,13 +5,19 @@ Example:
     >>> qmodel = compactnn.compress(model, "w4a8", calib_data=images)  # doctest: +SKIP
     >>> compactnn.save(qmodel, "out/")                                  # doctest: +SKIP
     >>> qmodel2 = compactnn.load("out/", model=model)                   # doctest: +SKIP
+
+The entry points share one vocabulary: the model comes first, then the recipe (``compress``,
+``train``) or the backend (``deploy``); data and options are keyword arguments
+(``calib_data=``, ``example=``, ``dtype=``). Optional dependencies come as extras
+(``pip install 'compactnn[hf|onnx|demo|bench]'``); ``import compactnn`` needs none of them.
 """
 
 from compactnn.api import compress, info_of, load, save
-from compactnn.deploy import deploy
+from compactnn.deployment import deploy
 from compactnn.errors import ArtifactError, CompactnnError
+from compactnn.kernels.swap import to_kernels
 from compactnn.recipe import Recipe, Step, resolve_recipe
-from compactnn.train import train  # noqa: F401  (re-export; the function shadows the subpackage)
+from compactnn.training import train  # the function shadows the subpackage
 
 __all__ = [
     "ArtifactError",
@@ -24,5 +30,7 @@ __all__ = [
     "load",
     "resolve_recipe",
     "save",
+    "to_kernels",
+    "train",
 ]
 __version__ = "0.1.0"

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+import compactnn.methods  # noqa: F401  (registers every method, once, before any recipe runs)
 from compactnn import registry
-from compactnn.core.calib import as_batches, check_batch, detect_call_mode
+from compactnn.core.calib import all_zero, as_batches, check_batch, detect_call_mode
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import select_modules, weight_layers
 from compactnn.core.qlayers import is_quant_layer
@@ -48,6 +49,7 @@ def compress(
     """
     if not isinstance(model, nn.Module):
         raise CompactnnError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    _check_tensors(model)
     recipe = resolve_recipe(recipe)
     torch.manual_seed(seed)
     qmodel = model if inplace else copy.deepcopy(model)
@@ -58,6 +60,11 @@ def compress(
         check_batch(qmodel, batches[0], mode)
     previous = info_of(model)
     ctx = CompressContext(batches=batches, call_mode=mode, seed=seed, progress=progress)
+    if all_zero(batches):
+        ctx.warn(
+            "calib_data is all zeros: activation ranges and statistics computed from it say "
+            "nothing about real inputs; pass real samples."
+        )
     ctx.folded_bn.extend(previous.get("folded_bn", []))
     ctx.extra.update(previous.get("extra", {}))
     for step in recipe.steps:
@@ -75,6 +82,26 @@ def compress(
         "extra": ctx.extra,
     }
     return qmodel
+
+
+def _check_tensors(model: nn.Module) -> None:
+    """Refuse weights compactnn cannot compress: meta, non-CPU or half precision."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise CompactnnError(
+                f"model tensor {name!r} is on the meta device (no data was loaded): load the "
+                "real weights first (e.g. model.to_empty(device='cpu') then load_state_dict)."
+            )
+        if t.device.type != "cpu":
+            raise CompactnnError(
+                f"model tensor {name!r} is on {t.device}; compactnn compresses on CPU: "
+                "call model.cpu() first."
+            )
+        if t.dtype in (torch.float16, torch.bfloat16):
+            raise CompactnnError(
+                f"model tensor {name!r} is {t.dtype}; compactnn compresses float32 models "
+                "(its ranges and solvers need full precision): call model.float() first."
+            )
 
 
 def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:

@@ -26,24 +26,21 @@ import torch
 from tqdm.auto import tqdm
 
 import compactnn
-from compactnn.bench.measure import (
-    artifact_bytes,
-    first_rows,
-    layer_formats,
-    main_output,
-    theoretical_bytes,
-)
-from compactnn.bench.timing import (
+from compactnn.core.calib import batch_size_of, call_model, main_output
+from compactnn.demo_suite import SUITE
+from compactnn.errors import CompactnnError
+from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
     Timing,
+    artifact_bytes,
+    first_rows,
+    layer_formats,
     model_call,
     set_threads,
+    theoretical_bytes,
     time_round_robin,
 )
-from compactnn.core.calib import batch_size_of, call_model
-from compactnn.demo_suite import SUITE
-from compactnn.errors import CompactnnError
 
 FLOAT = "float"
 RESULTS = "results.json"
@@ -134,7 +131,7 @@ def measure_recipe(
 
 def is_training_recipe(recipe: str) -> bool:
     """Whether ``recipe`` is a training-aware recipe (the demo trains it, once, cached)."""
-    from compactnn.quant.qat import QATConfig
+    from compactnn.engines.qat import QATConfig
     from compactnn.recipe import resolve_recipe
 
     steps = resolve_recipe(recipe).steps
@@ -146,7 +143,7 @@ def _trained(name: str, ref: Any, recipe: str) -> tuple[torch.nn.Module, float, 
     import importlib
 
     from compactnn.commands.train import DATASETS, REFERENCE_DATA
-    from compactnn.train.cached import cached_train
+    from compactnn.training.cached import cached_train
 
     if name not in REFERENCE_DATA:
         raise CompactnnError(

@@ -1,6 +1,6 @@
 """Imports every method file once, so each registers its handler. Add a method here."""
 
-from compactnn.prune import channel, dns, gradual, magnitude, nm, recipes, sparsegpt, wanda  # noqa: F401
+from compactnn.prune import channel, dns, gradual, magnitude, nm, sparsegpt, wanda  # noqa: F401
 from compactnn.quant import (  # noqa: F401
     adaround,
     awq,

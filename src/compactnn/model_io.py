@@ -139,7 +139,9 @@ def _load_exported(path: Path, trust_pickle: bool) -> LoadedModel:
 
 def _load_hf_dir(path: Path, trust_pickle: bool) -> LoadedModel:
     """A Hugging Face directory: no remote code ever; pickled weights only when trusted."""
-    import transformers
+    from compactnn._optional import require
+
+    transformers = require("transformers", "hf")
 
     from compactnn.export.hf import hf_header, transformers_model_class
 

@@ -157,12 +157,10 @@ registry.register_short_name(
 
 
 def short_name_forms() -> list[str]:
-    registry.ensure_loaded()
     return [f"{r.form}  (e.g. {', '.join(r.examples)})" for r in registry.SHORT_NAMES]
 
 
 def parse_short_name(name: str) -> Recipe:
-    registry.ensure_loaded()
     for rule in registry.SHORT_NAMES:
         m = rule.pattern.fullmatch(name)
         if m:

@@ -1,7 +1,9 @@
 """The one registry: config type -> method (name, handler), plus short-name grammars.
 
 Each method file registers itself with ``@register("name", NameConfig)`` on its handler.
-:mod:`compactnn.methods` imports every method file once; nothing is discovered implicitly.
+:mod:`compactnn.methods` imports every method file once (the API imports it, so the registry
+is full before any recipe runs); nothing is discovered implicitly, and the registry itself
+imports no method.
 
 The config type is the primary key: a config object names its method by its type alone
 (:func:`method_for_config`), so a config can never run under another method's handler. Names
@@ -52,7 +54,7 @@ METHODS_BY_CONFIG: dict[type, MethodEntry] = {}  # the primary index: config typ
 METHODS: dict[str, MethodEntry] = {}  # the same entries by name, for recipes and short names
 SHORT_NAMES: list[ShortNameRule] = []
 # Artifact hooks: how a method's saved structure is rebuilt on a float skeleton at load time.
-ARTIFACT_STAGES = ("before_layers", "after_layers")
+ARTIFACT_STAGES = ("resize", "before_layers", "after_layers")
 ARTIFACT_HOOKS: dict[str, list[Callable[[Any, dict[str, Any]], None]]] = {
     stage: [] for stage in ARTIFACT_STAGES
 }
@@ -143,10 +145,12 @@ def register_short_name(pattern: str, form: str, examples: tuple[str, ...]) -> C
 def register_artifact_hook(stage: str) -> Callable:
     """Decorator: ``hook(model, extra)`` runs when an artifact is loaded, at ``stage``.
 
-    ``before_layers`` hooks reshape the float skeleton (removed channels, binary blocks)
-    before the quantized layers are installed; ``after_layers`` hooks finish the model
-    (per-token activation grids). ``extra`` is the header's ``extra`` mapping; a hook ignores
-    keys it does not own. This keeps :mod:`compactnn.export` free of method imports.
+    Stages run in this order: ``resize`` hooks give the float skeleton its saved shapes
+    (removed channels); then folded batch norms become identities; ``before_layers`` hooks
+    wrap layers (binary blocks); the quantized layers are installed; ``after_layers`` hooks
+    finish the model (per-token activation grids). ``extra`` is the header's ``extra``
+    mapping; a hook ignores keys it does not own. This keeps :mod:`compactnn.export` free
+    of method imports.
     """
     if stage not in ARTIFACT_HOOKS:
         raise CompactnnError(f"unknown artifact stage {stage!r}; stages: {ARTIFACT_STAGES}.")
@@ -165,13 +169,8 @@ def run_artifact_hooks(stage: str, model: Any, extra: dict[str, Any]) -> None:
         hook(model, extra)
 
 
-def ensure_loaded() -> None:
-    import compactnn.methods  # noqa: F401  (imports every method file once)
-
-
 def get_method(name: str) -> MethodEntry:
     """The method registered under ``name``; a CompactnnError lists the known names."""
-    ensure_loaded()
     if name not in METHODS:
         raise CompactnnError(
             f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}."
@@ -188,9 +187,6 @@ def method_for_config(config: Any) -> MethodEntry:
         'gptq'
     """
     entry = METHODS_BY_CONFIG.get(type(config))
-    if entry is None:
-        ensure_loaded()  # a config built before its method file was imported
-        entry = METHODS_BY_CONFIG.get(type(config))
     if entry is None:
         raise CompactnnError(
             f"no method is registered for config type {type(config).__name__}; pass the "

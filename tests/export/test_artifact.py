@@ -1,14 +1,15 @@
+import hashlib
 import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import compactnn
 from compactnn.errors import ArtifactError, CompactnnError
-from compactnn.export import artifact
+from compactnn.export import artifact, validate
 from compactnn.export.size import artifact_size, float_size, theoretical_size
 
 
@@ -128,3 +129,165 @@ def test_skeleton_is_not_modified_and_missing_skeleton_is_explained(tmp_path):
     assert isinstance(skel[1], nn.BatchNorm2d) and type(skel[0]) is nn.Conv2d
     with pytest.raises(ArtifactError, match="model="):
         compactnn.load(tmp_path)
+
+
+def _saved(tmp_path, recipe="w4a8"):
+    q = compactnn.compress(cnn(), recipe, calib_data=torch.randn(8, 1, 8, 8), progress=False)
+    digest = compactnn.save(q, tmp_path / "a")
+    return tmp_path / "a", q, digest
+
+
+def _edit_header(root, edit, *, rehash=True):
+    """Apply ``edit(header)`` and, with ``rehash``, recompute every hash and the digest."""
+    header = json.loads((root / "compactnn.json").read_text())
+    result = edit(header)
+    header = header if result is None else result
+    if rehash and isinstance(header, dict):
+        for f in header["files"].values():
+            path = root / f["name"]
+            data = b"" if path.is_symlink() else path.read_bytes()
+            f["bytes"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        header["digest"] = validate.header_digest(header)
+    (root / "compactnn.json").write_text(json.dumps(header))
+
+
+def _two_bits(entry):
+    entry["weight_spec"]["bits"] = 2
+    entry["format"] = "uint2-asym-channel"
+
+
+def test_digest_covers_every_file_and_can_be_pinned(tmp_path):
+    root, _, digest = _saved(tmp_path)
+    header = json.loads((root / "compactnn.json").read_text())
+    assert digest == artifact.artifact_digest(root) == header["digest"]
+    # independent reference: the digest is SHA-256 of the canonical header without it
+    body = {k: v for k, v in header.items() if k != "digest"}
+    body["files"] = {
+        r: {"bytes": f["bytes"], "sha256": f["sha256"]} for r, f in body["files"].items()
+    }
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert digest == hashlib.sha256(canon).hexdigest()
+    for role, name in [("tensors", "model.safetensors"), ("recipe", "recipe.yaml")]:
+        data = (root / name).read_bytes()
+        assert header["files"][role] == {
+            "name": name,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+    compactnn.load(root, model=cnn(), expect_sha256=digest.upper())
+    with pytest.raises(ArtifactError, match="not the pinned"):
+        compactnn.load(root, model=cnn(), expect_sha256="0" * 64)
+    with pytest.raises(CompactnnError, match="expect_sha256"):
+        compactnn.load(root, model=cnn(), expect_sha256="abc")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: h["layers"]["3"]["weight_spec"].update(bits=2),
+        lambda h: h["layers"]["3"]["act_spec"].update(bits=4),
+        lambda h: h["layers"]["6"]["conv"].update(padding_mode="circular"),
+        lambda h: h["extra"].update(dynamic_act=["3"]),
+    ],
+)
+def test_any_header_edit_is_refused_by_the_digest(tmp_path, edit):
+    root, _, _ = _saved(tmp_path)
+    _edit_header(root, edit, rehash=False)
+    with pytest.raises(ArtifactError, match="digest does not match"):
+        compactnn.load(root, model=cnn())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h: h["layers"]["3"]["weight_spec"].update(bits=2), "the spec says 'uint2"),
+        (lambda h: h["layers"]["3"]["weight_spec"].update(symmetric=True), r"format"),
+        (lambda h: h["layers"]["0"]["weight_spec"].update(bits=True), "bits"),
+        (lambda h: h["layers"]["0"].update(act_spec=None), "not in the skeleton"),
+        (lambda h: h["layers"]["6"]["conv"].update(padding_mode="circular"), "padding_mode"),
+        (lambda h: h["layers"]["10"].update(shape=[1048576, 512]), "weight shape"),
+        (lambda h: h.update(model_class="torch.nn.Linear"), "skeleton is a"),
+        (lambda h: h.update(layers=[]), "'layers' has the wrong type"),
+        (lambda h: h.__delitem__("aliases"), "missing"),
+        (lambda h: _two_bits(h["layers"]["3"]), r"needs uint8 \[2304\]"),
+        (lambda h: [], "not a JSON object"),
+    ],
+)
+def test_rehashed_header_edits_are_refused_by_validation(tmp_path, edit, message):
+    root, _, _ = _saved(tmp_path)
+    _edit_header(root, edit)
+    with pytest.raises(ArtifactError, match=message):
+        compactnn.load(root, model=cnn())
+
+
+def test_tensor_edits_with_hashes_recomputed_are_range_checked(tmp_path):
+    root, _, _ = _saved(tmp_path)
+    pristine = (root / "model.safetensors").read_bytes()
+    edits = {
+        "3.weight.scale": (lambda t: t.fill_(float("nan")), "scale"),
+        "3.weight.zero": (lambda t: t.fill_(255), "outside the grid"),
+        "3.input.qparams": (lambda t: t.copy_(torch.tensor([0.0, 0.0])), "scale"),
+        "0.weight.scale": (lambda t: t.float(), "float32"),
+    }
+    for key, (edit, message) in edits.items():
+        tensors = load_file(str(root / "model.safetensors"))
+        tensors[key] = edit(tensors[key]) if key == "0.weight.scale" else tensors[key]
+        if key != "0.weight.scale":
+            edit(tensors[key])
+        save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+        _edit_header(root, lambda h: None)
+        with pytest.raises(ArtifactError, match=message):
+            compactnn.load(root, model=cnn())
+        (root / "model.safetensors").write_bytes(pristine)
+
+
+def test_special_files_and_bad_recipes_are_refused_without_reading_them(tmp_path):
+    root, _, _ = _saved(tmp_path)
+    (root / "model.safetensors").unlink()
+    os.symlink("/proc/self/pagemap", root / "model.safetensors")
+    _edit_header(root, lambda h: h["files"]["tensors"].update(bytes=0))
+    with pytest.raises(ArtifactError, match="not a regular file"):
+        compactnn.load(root, model=cnn())
+    root, _, _ = _saved(tmp_path / "r")
+    (root / "recipe.yaml").write_bytes(b"\xff\xfe not utf-8")
+    _edit_header(root, lambda h: None)
+    with pytest.raises(ArtifactError, match="recipe"):
+        compactnn.load(root, model=cnn())
+
+
+def test_format_version_1_is_refused_with_a_resave_hint(tmp_path):
+    root, _, _ = _saved(tmp_path)
+    _edit_header(root, lambda h: h.update(format_version=1), rehash=False)
+    with pytest.raises(ArtifactError, match=r"version 1.*save it again"):
+        compactnn.load(root, model=cnn())
+
+
+def test_check_writable_refuses_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CompactnnError, match="not a directory"):
+        artifact.check_writable(tmp_path / "file", force=True)
+    with pytest.raises(CompactnnError, match="system folder"):
+        artifact.check_writable("/proc/self/out", force=True)
+    root, _, _ = _saved(tmp_path)
+    with pytest.raises(CompactnnError, match="force"):
+        artifact.check_writable(root, force=False)
+    assert artifact.check_writable(root, force=True) == root
+    assert artifact.check_writable(tmp_path / "new" / "deeper", force=False)
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(CompactnnError, match="not writable"):
+            artifact.check_writable(tmp_path / "ro" / "a", force=False)
+
+
+def test_strays_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    root, q, _ = _saved(tmp_path)
+    for name in [".cnn-0123456789abcdef-model.safetensors", ".model.safetensors.x1.tmp"]:
+        (root / name).write_bytes(b"\0" * 4096)
+    (root / "notes.txt").write_text("mine")  # not ours: kept
+    compactnn.save(q, root, force=True)
+    assert sorted(os.listdir(root)) == [
+        "compactnn.json",
+        "model.safetensors",
+        "notes.txt",
+        "recipe.yaml",
+    ]

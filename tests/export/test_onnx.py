@@ -8,7 +8,7 @@ import compactnn
 from compactnn.core.qlayers import QuantConv2d, QuantLinear
 from compactnn.errors import CompactnnError
 from compactnn.export.onnx import export_onnx
-from tests.deploy.conftest import make_net
+from tests.deployment.conftest import make_net
 
 
 @pytest.fixture(scope="module")

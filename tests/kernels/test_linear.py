@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import compactnn
+from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qlayers import QuantLinear
 from compactnn.core.spec import QuantSpec
 from compactnn.kernels.linear import Int4WeightLinear, Int8WeightLinear
 from compactnn.kernels.swap import to_kernels
 from compactnn.kernels.w8a8 import W8A8Linear
 from compactnn.models.tiny_hf import outputs, tiny_model
-from compactnn.quant.smoothquant import DynamicActQuantizer
 
 warnings.filterwarnings("ignore", message=".*calibration samples")
 
@@ -157,6 +157,15 @@ def test_to_kernels_rejects_bad_options():
         to_kernels(model, dtype=torch.float16)
     with pytest.raises(compactnn.errors.CompactnnError, match="dense_min_rows"):
         to_kernels(model, dense_min_rows=0)
+
+
+def test_to_kernels_is_public_with_keyword_only_options():
+    model, _ = tiny_model("llama")
+    assert compactnn.to_kernels is to_kernels
+    with pytest.raises(TypeError):
+        to_kernels(model, True)  # inplace is keyword-only
+    out = to_kernels(model, inplace=True, fused=False)
+    assert out is model and out._compactnn_kernels["dtype"] == "bfloat16"
 
 
 def test_formats_without_a_kernel_stay_simulated_in_float32_islands():

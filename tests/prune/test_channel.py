@@ -8,7 +8,9 @@ from torch import nn
 
 import compactnn
 from compactnn.errors import CompactnnError
+from compactnn.prune.channel import ChannelConfig
 from compactnn.prune.stats import count_macs, count_params
+from compactnn.recipe import resolve_recipe
 
 
 class Block(nn.Module):
@@ -154,3 +156,10 @@ def test_mobilenet_v2_depthwise_blocks_prune_and_run():
     pruned = compactnn.compress(model, "ch30", calib_data=x, progress=False)
     assert pruned(x).shape == (1, 10)
     assert count_params(pruned) < 0.6 * count_params(model)
+
+
+def test_short_name_builds_the_channel_step():
+    recipe = resolve_recipe("ch30")
+    assert recipe.steps[0].method == "channel"
+    assert recipe.steps[0].config == ChannelConfig(ratio=0.3)
+    assert resolve_recipe("ch50-taylor").steps[0].config.importance == "taylor"

@@ -6,6 +6,7 @@ import compactnn
 from compactnn.errors import CompactnnError
 from compactnn.prune.dns import DNSConfig, DNSPruner, revise_mask
 from compactnn.prune.masks import current_masks, dense_weight, sparsity_of
+from compactnn.recipe import resolve_recipe
 
 
 def test_two_threshold_rule():
@@ -62,3 +63,8 @@ def test_layer_sparsity_refuses_bad_names_and_values():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(CompactnnError, match=r"\['fc1'\].*module names"):
         DNSPruner(model, DNSConfig(layer_sparsity={"fc1": 0.5}))
+
+
+def test_short_name_builds_the_dns_step():
+    recipe = resolve_recipe("sp90-dns")
+    assert recipe.steps[0].method == "dns" and recipe.steps[0].config == DNSConfig(sparsity=0.9)

@@ -3,6 +3,7 @@ from torch import nn
 
 from compactnn.prune.gradual import GradualConfig, GradualPruner, cubic_sparsity
 from compactnn.prune.train import finetune
+from compactnn.recipe import Recipe, resolve_recipe
 
 
 def test_cubic_schedule_matches_zhu_gupta_formula():
@@ -41,3 +42,19 @@ def test_masks_survive_fine_tuning_with_weight_decay_and_momentum():
     finetune(model, _data(), epochs=3, lr=1e-2)
     assert torch.all(model[0].weight[zeros] == 0)
     assert torch.all(model[0].weight[~zeros] != 0)
+
+
+def test_short_name_builds_the_gradual_step():
+    step = resolve_recipe("sp80-gradual").steps[0]
+    assert step.method == "gradual" and step.config == GradualConfig(final_sparsity=0.8)
+
+
+def test_prune_then_quantize_chain_round_trips_yaml():
+    text = (
+        "name: chain\nsteps:\n"
+        "  - {method: gradual, config: {final_sparsity: 0.8, end_step: 50}}\n"
+        "  - {method: rtn, config: {weight: {bits: 4, symmetric: false}}}\n"
+    )
+    recipe = Recipe.from_yaml(text)
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    assert [s.method for s in recipe.steps] == ["gradual", "rtn"]

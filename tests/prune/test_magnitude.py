@@ -1,8 +1,12 @@
+import pytest
 import torch
 from torch import nn
 
 import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.prune.magnitude import MagnitudeConfig
 from compactnn.prune.masks import sparsity_of
+from compactnn.recipe import resolve_recipe
 
 
 def _mlp():
@@ -29,3 +33,16 @@ def test_global_scope_reaches_the_total_sparsity():
     pruned = compactnn.compress(_mlp(), "sp90-global", progress=False)
     nnz, total = sparsity_of(pruned)
     assert nnz == total - round(0.9 * total)
+
+
+def test_short_names_build_the_magnitude_step():
+    assert resolve_recipe("sp50").steps[0].config == MagnitudeConfig(sparsity=0.5)
+    step = resolve_recipe("sp60-global").steps[0]
+    assert step.method == "magnitude"
+    assert step.config == MagnitudeConfig(sparsity=0.6, scope="global")
+    assert resolve_recipe("sp50-magnitude").steps[0].config == MagnitudeConfig(sparsity=0.5)
+
+
+def test_percent_out_of_range_is_refused():
+    with pytest.raises(CompactnnError, match=r"100% is outside \[0, 100\)"):
+        resolve_recipe("sp100")

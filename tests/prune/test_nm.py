@@ -5,6 +5,7 @@ from torch import nn
 import compactnn
 from compactnn.errors import CompactnnError
 from compactnn.prune.nm import NMConfig, holds_nm
+from compactnn.recipe import resolve_recipe
 
 
 def _model():
@@ -53,3 +54,8 @@ def test_cnn_first_conv_with_9_inputs_stays_dense_with_one_warning():
 def test_bad_n_m():
     with pytest.raises(CompactnnError, match="0 < N < M"):
         NMConfig(n=4, m=4)
+
+
+def test_short_name_builds_the_nm_step():
+    recipe = resolve_recipe("nm2:4")
+    assert recipe.steps[0].method == "nm" and recipe.steps[0].config == NMConfig(n=2, m=4)

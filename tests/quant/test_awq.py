@@ -1,62 +1,40 @@
-"""AWQ: scales that leave the float model unchanged, found only where folding is exact."""
+"""AWQ: its config, its hooks, and a run that scales the float blocks without changing them."""
 
-import copy
+import warnings
 
+import pytest
 import torch
 
+from compactnn.core.context import CompressContext
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.block_scaling import awq_block
+from compactnn.engines.sequential import capture_block_inputs, find_blocks, hessian_rtn_solver
+from compactnn.errors import CompactnnError
 from compactnn.models.tiny_hf import outputs, tiny_model
-from compactnn.quant.awq import find_scale_pairs, fold_is_exact, fold_scale, search_scale
+from compactnn.quant.awq import AWQConfig, awq_hooks
+from compactnn.recipe import resolve_recipe
+
+warnings.filterwarnings("ignore", message=".*calibration samples")
 
 
-def _pairs(model, calib):
-    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+def test_config_validation_short_name_and_hooks():
+    with pytest.raises(CompactnnError, match="grid"):
+        AWQConfig(grid=0)
+    config = resolve_recipe("w4-g32-awq").steps[0].config
+    assert isinstance(config, AWQConfig) and config.weight.range_method == "mse"
+    hooks = awq_hooks(config)
+    assert hooks.solve_layer is hessian_rtn_solver
+    assert hooks.before_block is not None and hooks.after_block is hooks.after_stack is None
 
-    def run():
-        return outputs(model, calib[0])
 
-    return run, find_scale_pairs(model, run, layers)
-
-
-def test_awq_scales_leave_float_llama_unchanged():
+def test_awq_block_scales_pairs_and_keeps_the_float_block():
     model, calib = tiny_model("llama")
     ref = outputs(model, calib[0])
-    run, pairs = _pairs(model, calib)
-    producers = {p for p, _ in pairs}
-    assert "model.layers.0.input_layernorm" in producers  # norm -> q, k, v
-    assert "model.layers.0.mlp.up_proj" in producers  # up -> down through the gate product
-    g = torch.Generator().manual_seed(0)
-    for producer, consumers in pairs:
-        assert fold_is_exact(model, run, producer, consumers)
-        c = model.get_submodule(consumers[0]).in_features
-        mods = [model.get_submodule(n) for n in consumers]
-        fold_scale(model.get_submodule(producer), mods, 0.5 + torch.rand(c, generator=g))
+    prefix, blocks = find_blocks(model)
+    calls = capture_block_inputs(model, blocks[0], CompressContext(batches=calib[:2]))
+    hidden = [c[0][0] if c[0] else c[1]["hidden_states"] for c in calls]
+    spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32)
+    specs = {f"{prefix}.0.{n}": (spec, None) for n, m in blocks[0].named_modules()
+             if isinstance(m, torch.nn.Linear)}  # fmt: skip
+    assert awq_block(blocks[0], f"{prefix}.0", specs, calls, hidden) >= 1
     torch.testing.assert_close(outputs(model, calib[0]), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_post_norm_bert_norms_are_rejected():
-    # BERT's LayerNorm output also feeds the residual: scaling it would change the model
-    model, calib = tiny_model("bert")
-    before = copy.deepcopy(model.state_dict())
-    run, pairs = _pairs(model, calib)
-    exact = {p for p, cs in pairs if fold_is_exact(model, run, p, cs)}
-    assert not any("LayerNorm" in p for p in exact)
-    assert "encoder.layer.0.attention.self.value" in exact  # value -> attention output
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-
-
-def test_search_scale_not_worse_than_no_scaling():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 64, generator=g) * torch.logspace(-1, 1, 64)  # uneven channels
-    w = torch.randn(32, 64, generator=g)
-    spec = QuantSpec(bits=3, symmetric=False, granularity="group", group_size=16)
-    from compactnn.core.qlayers import rtn_weight_qparams
-    from compactnn.core.quantize import dequantize, grouped_view
-
-    def err(s):
-        c, sc, z = rtn_weight_qparams(w * s, spec)
-        wq = dequantize(grouped_view(c, "group", 16), sc, z).reshape(w.shape) / s
-        return float((x @ (wq - w).T).pow(2).mean())
-
-    s = search_scale(x, [w], spec)
-    assert err(s) < err(torch.ones(64))

@@ -1,8 +1,8 @@
 import torch
 from torch import nn
 
+from compactnn.engines.qat import QATLayer
 from compactnn.quant.inq import INQWeight, pow2_exponents, pow2_quantize
-from compactnn.train.wrap import QATLayer
 
 
 def test_exponents_follow_the_paper():

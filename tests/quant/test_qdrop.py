@@ -5,8 +5,8 @@ from _ptq_models import images, output_mse, tiny_resnet
 import compactnn
 from compactnn.core.qlayers import ActQuantizer
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.reconstruct import LSQActQuantizer
 from compactnn.quant.qdrop import QDropConfig
-from compactnn.quant.reconstruct import LSQActQuantizer
 from compactnn.recipe import Recipe, Step, parse_short_name
 
 FAST = {"iters": 100, "num_samples": 128}

@@ -1,9 +1,7 @@
 import torch
 
-from compactnn.core.qlayers import ActQuantizer, rtn_weight_qparams
-from compactnn.core.quantize import dequantize, grouped_view
-from compactnn.core.spec import QuantSpec
-from compactnn.quant.ste import STEAct, STEWeight, ste_fake_quant
+from compactnn.core.qlayers import ActQuantizer
+from compactnn.quant.ste import STEAct, ste_fake_quant
 
 
 def test_forward_and_straight_through_gradient():
@@ -14,18 +12,6 @@ def test_forward_and_straight_through_gradient():
     out.sum().backward()
     # identity through round; 0 where clamped (the last one; -2 sits on the bound, kept)
     assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0]))
-
-
-def test_weight_forward_is_rtn_with_identity_gradient():
-    torch.manual_seed(0)
-    spec = QuantSpec(bits=3, symmetric=False)
-    w = torch.randn(4, 9, requires_grad=True)
-    out = STEWeight(spec)(w)
-    codes, scale, zero = rtn_weight_qparams(w, spec)
-    ref = dequantize(grouped_view(codes, "channel"), scale, zero).reshape(w.shape)
-    assert torch.allclose(out, ref, atol=1e-6)
-    out.sum().backward()
-    assert torch.equal(w.grad, torch.ones_like(w))
 
 
 def test_act_tracks_ema_and_exports():

@@ -1,6 +1,6 @@
 """Tuning after GPTQ: learned rounding moves codes by at most one step, the per-block and
-end-to-end stages lower the error against the float model, and the pure pieces match their
-formulas."""
+end-to-end stages lower the error against the float model (the pure pieces are tested in
+tests/engines/test_block_tuning.py)."""
 
 import dataclasses
 import warnings
@@ -9,7 +9,6 @@ import torch
 
 import compactnn
 from compactnn.models.tiny_hf import outputs, tiny_model
-from compactnn.quant.tune import moved_codes, relative_error
 from compactnn.recipe import Recipe, Step, resolve_recipe
 
 warnings.filterwarnings("ignore", message=".*calibration samples")
@@ -26,25 +25,6 @@ def _error(model, reference, calib) -> float:
     ref = torch.cat([outputs(reference, c) for c in calib])
     out = torch.cat([outputs(model, c) for c in calib])
     return float((out - ref).norm() / ref.norm())
-
-
-def test_moved_codes_rounds_clamps_and_passes_gradient_straight_through():
-    codes = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    offset = torch.tensor([0.6, -0.4, 0.9, 0.7], requires_grad=True)
-    out = moved_codes(codes, offset, qmin=0, qmax=3)
-    assert torch.equal(out, torch.tensor([1.0, 1.0, 3.0, 3.0]))  # 3.7 -> 4 clamps to 3
-    out.sum().backward()
-    # straight through everywhere, so a code on the grid's end can still be pulled back
-    assert torch.equal(offset.grad, torch.ones(4))
-
-
-def test_relative_error_leaves_out_masked_positions():
-    target = torch.tensor([[[1.0, 0.0], [2.0, 2.0]]])  # (B=1, T=2, C=2)
-    out = torch.tensor([[[1.0, 1.0], [9.0, 9.0]]])
-    mask = torch.tensor([[True, False]])
-    assert float(relative_error(out, target, mask)) == 1.0  # (0 + 1) / (1 + 0)
-    full = float(relative_error(out, target, None))
-    assert abs(full - (1 + 49 + 49) / (1 + 4 + 4)) < 1e-6
 
 
 def test_block_tuning_moves_codes_at_most_one_step_and_lowers_error():

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn._optional import require
+
 THREADS = 2
 FLOAT_PATHS = ("fp32-eager", "torch.compile", "ort-fp32", "bf16-autocast")
 COMMAND = "python -m compactnn.bench --only deploy"
@@ -38,7 +40,7 @@ PEER_INT8 = "ort-static-int8"
 
 
 def _vision_model(name: str) -> nn.Module:
-    import torchvision
+    torchvision = require("torchvision", "bench")
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)()
@@ -79,7 +81,7 @@ def _contenders(model: nn.Module, calib: torch.Tensor, example: torch.Tensor) ->
 
 def _compactnn_contenders(model: nn.Module, calib: torch.Tensor, labels=None) -> dict:
     import compactnn
-    from compactnn.deploy import quantize_residuals
+    from compactnn.deployment import quantize_residuals
 
     qmodel = compactnn.compress(model, "w8a8", calib_data=calib, progress=False)
     sims = {"w8a8": qmodel, "w8a8 + quantized residuals": quantize_residuals(qmodel, calib)}
@@ -190,7 +192,7 @@ def _verification_line(models: dict[str, Any]) -> str:
 
 def _reference_accuracy() -> list[str]:
     import compactnn
-    from compactnn.deploy import quantize_residuals
+    from compactnn.deployment import quantize_residuals
     from compactnn.models import load_reference
 
     lines = [
@@ -226,9 +228,10 @@ def _reference_accuracy() -> list[str]:
 def _ceiling() -> list[str]:
     """GEMM rate per engine on one core (CPU time): what the hardware allows int8 over float."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+
+    onnx = require("onnx", "onnx")
+    ort = require("onnxruntime", "onnx")
+    TensorProto, helper, numpy_helper = onnx.TensorProto, onnx.helper, onnx.numpy_helper
 
     m, k, n = 8192, 1152, 256  # a 3x3 convolution with 128 input and 256 output channels
     rng = np.random.default_rng(0)

@@ -12,17 +12,17 @@ from typing import Any
 
 import torch
 
-from compactnn.bench.measure import first_rows, float_artifact_bytes
 from compactnn.bench.peers import PeerResult, float_paths, ort_models, quanto_models, torchao_models
-from compactnn.bench.timing import (
+from compactnn.core.calib import batch_size_of
+from compactnn.measure.fidelity import first_rows, fmt_quality
+from compactnn.measure.size import float_artifact_bytes
+from compactnn.measure.timing import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
     model_call,
     set_threads,
     time_round_robin,
 )
-from compactnn.core.calib import batch_size_of
-from compactnn.report.writer import fmt_quality
 
 COMMAND = "python -m compactnn.bench --only foundation"
 QUICK_BATCH = 16  # --quick times a smaller throughput batch (a smoke test, not the protocol)

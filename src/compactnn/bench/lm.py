@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import compactnn
-from compactnn.bench.measure import artifact_bytes, float_artifact_bytes, theoretical_bytes
-from compactnn.bench.timing import set_threads
+from compactnn.measure.size import artifact_bytes, float_artifact_bytes, theoretical_bytes
+from compactnn.measure.timing import set_threads
 
 THREADS = 2
 COMMAND = "python -m compactnn.bench --only lm"

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn._optional import require
 from compactnn.core.calib import as_batches
+from compactnn.export.ort import inference_session
 
 
 @dataclass
@@ -47,15 +49,8 @@ class OrtModule(nn.Module):
 
     def __init__(self, path: str, threads: int, input_names: list[str], hf: bool) -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        # idle ORT threads would otherwise spin after each call and steal the CPU from the
-        # contender timed next (contenders are timed interleaved)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        # no spinning threads: they would steal the CPU from the contender timed next
+        self.session = inference_session(path, threads)
         self.input_names = input_names
         self.hf = hf
 
@@ -90,7 +85,7 @@ class _KeywordsAsPositional(nn.Module):
         self.names = names
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        from compactnn.bench.measure import main_output
+        from compactnn.core.calib import main_output
 
         return main_output(self.model(**dict(zip(self.names, args, strict=True))))
 
@@ -128,13 +123,13 @@ def ort_models(model: nn.Module, example: Any, calib: Any, threads: int) -> dict
 
 
 def _ort_models(model: nn.Module, example: Any, calib: Any, threads: int, tmp: Path) -> dict:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
+    ortq = require("onnxruntime.quantization", "onnx")
+    CalibrationDataReader, QuantFormat, QuantType = (
+        ortq.CalibrationDataReader,
+        ortq.QuantFormat,
+        ortq.QuantType,
     )
+    quantize_dynamic, quantize_static = ortq.quantize_dynamic, ortq.quantize_static
 
     hf = isinstance(example, dict)
     t0 = time.perf_counter()
@@ -217,29 +212,25 @@ def torchao_models(model: nn.Module, group_size: int = 32, bf16: bool = False) -
     With ``bf16`` each config also runs on a bfloat16 copy of the model (rows ``...-bf16``):
     torchao's weight-only kernels are meant for bfloat16 activations.
     """
-    from torchao.quantization import (
-        Int4WeightOnlyConfig,
-        Int8WeightOnlyConfig,
-        IntxWeightOnlyConfig,
-        quantize_,
-    )
-    from torchao.quantization.granularity import PerGroup
+    tq = require("torchao.quantization", "bench")
+    per_group = require("torchao.quantization.granularity", "bench").PerGroup
 
     configs = {
-        "torchao-int8wo": lambda: Int8WeightOnlyConfig(),
-        f"torchao-int4wo-g{group_size}": lambda: Int4WeightOnlyConfig(group_size=group_size),
-        f"torchao-intx4wo-g{group_size}": lambda: IntxWeightOnlyConfig(
-            weight_dtype=torch.int4, granularity=PerGroup(group_size)
+        "torchao-int8wo": lambda: tq.Int8WeightOnlyConfig(),
+        f"torchao-int4wo-g{group_size}": lambda: tq.Int4WeightOnlyConfig(group_size=group_size),
+        f"torchao-intx4wo-g{group_size}": lambda: tq.IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=per_group(group_size)
         ),
     }
-    jobs = {k: (lambda m, c=c: quantize_(m, c())) for k, c in configs.items()}
+    jobs = {k: (lambda m, c=c: tq.quantize_(m, c())) for k, c in configs.items()}
     return _run_each(jobs, model, bf16)
 
 
 def quanto_models(model: nn.Module, bf16: bool = False) -> dict[str, Any]:
     """optimum-quanto weight-only qint8 and qint4 (frozen), or the error message; ``bf16``
     as in :func:`torchao_models`."""
-    from optimum.quanto import freeze, qint4, qint8, quantize
+    quanto = require("optimum.quanto", "bench")
+    freeze, qint4, qint8, quantize = quanto.freeze, quanto.qint4, quanto.qint8, quanto.quantize
 
     def job(qtype: Any) -> Callable[[nn.Module], None]:
         def apply(m: nn.Module) -> None:

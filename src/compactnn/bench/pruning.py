@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import compactnn
-from compactnn.bench.timing import time_model
+from compactnn._optional import require
+from compactnn.measure.timing import time_model
 from compactnn.prune.dns import DNSConfig, DNSPruner
 from compactnn.prune.gradual import GradualConfig, GradualPruner
 from compactnn.prune.masks import sparsity_of
@@ -172,7 +173,7 @@ def lenet_dns(quick: bool) -> str:
 
 def resnet_channels(quick: bool) -> str:
     """ResNet-18 (random weights) with 50% of channels removed: params, MACs, latency."""
-    import torchvision
+    torchvision = require("torchvision", "bench")
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from compactnn.bench.timing import DEFAULT_THREADS, set_threads
+from compactnn.measure.timing import DEFAULT_THREADS, set_threads
 from compactnn.recipe import Recipe, Step, parse_short_name
 
 COMMAND = "python -m compactnn.bench --only ptq"

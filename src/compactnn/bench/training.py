@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 import compactnn
-from compactnn.bench.measure import artifact_bytes, float_artifact_bytes
-from compactnn.bench.timing import set_threads, time_model
+from compactnn.measure.size import artifact_bytes, float_artifact_bytes
+from compactnn.measure.timing import set_threads, time_model
 
 COMMAND = "python -m compactnn.bench --only training"
 # (training recipe, post-training counterpart at the same bits, target: max points below float)

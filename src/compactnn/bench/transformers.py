@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 import compactnn
-from compactnn.bench.measure import artifact_bytes
-from compactnn.bench.timing import model_call, set_threads, time_round_robin
+from compactnn.measure.size import artifact_bytes
+from compactnn.measure.timing import model_call, set_threads, time_round_robin
 
 # 2 per BENCHMARKING.md. On a loaded machine OpenMP barriers spinning on a descheduled thread
 # inflate every multi-threaded torch contender (not ORT's pool): run with

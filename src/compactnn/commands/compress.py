@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import compactnn
-from compactnn.bench.measure import artifact_bytes, float_artifact_bytes
 from compactnn.commands._common import add_model_args, human_bytes, load_model, source_record
 from compactnn.export.artifact import check_writable
+from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import resolve_data
 
 

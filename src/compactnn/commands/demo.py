@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from compactnn.bench.timing import DEFAULT_THREADS
+from compactnn.measure.timing import DEFAULT_THREADS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

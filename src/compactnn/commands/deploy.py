@@ -6,13 +6,13 @@ import argparse
 from pathlib import Path
 
 import compactnn
-from compactnn.bench.timing import DEFAULT_RUNS, DEFAULT_THREADS, time_model
 from compactnn.commands._common import add_model_args, load_model
 from compactnn.core.calib import as_batches
-from compactnn.deploy.api import BACKENDS
-from compactnn.deploy.verify import DEFAULT_TOLERANCE
+from compactnn.deployment.api import BACKENDS
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.lowering.verify import DEFAULT_TOLERANCE
+from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS, time_model
 from compactnn.model_io import resolve_data, skeleton_for
 
 
@@ -74,7 +74,7 @@ def _models(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     loaded, qmodel, example = _models(args)
     deployed = compactnn.deploy(
-        qmodel, args.backend, example, tolerance=args.tolerance, residual=args.residual
+        qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
     )
     print(f"deployed on {deployed.backend}: {deployed.verification}")
     for name, reason in deployed.kept_float.items():

@@ -11,19 +11,21 @@ from typing import Any
 from torch import nn
 
 import compactnn
-from compactnn.bench.measure import (
-    artifact_bytes,
-    float_artifact_bytes,
-    output_fidelity,
-    theoretical_bytes,
-)
-from compactnn.bench.timing import DEFAULT_RUNS, DEFAULT_THREADS, time_model
 from compactnn.commands._common import add_model_args, human_bytes, load_model
 from compactnn.core.calib import as_batches
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.measure import (
+    DEFAULT_RUNS,
+    DEFAULT_THREADS,
+    artifact_bytes,
+    float_artifact_bytes,
+    fmt_quality,
+    output_fidelity,
+    theoretical_bytes,
+    time_model,
+)
 from compactnn.model_io import LoadedModel, resolve_data, skeleton_for
-from compactnn.report.writer import fmt_quality
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -21,7 +21,6 @@ def run(args: argparse.Namespace) -> int:
     for form in short_name_forms():
         print(f"  {form}")
     print("\nMethods (the 'method' of a YAML recipe step, or a short name's suffix):")
-    registry.ensure_loaded()
     width = max((len(n) for n in registry.METHODS), default=0)
     for name in sorted(registry.METHODS):
         print(f"  {name:<{width}}  {registry.METHODS[name].summary}")

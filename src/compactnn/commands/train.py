@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import compactnn
-from compactnn.bench.measure import artifact_bytes, float_artifact_bytes
 from compactnn.commands._common import add_model_args, human_bytes, load_model, source_record
 from compactnn.commands.compress import default_out
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists
+from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
 
 DATASETS = {

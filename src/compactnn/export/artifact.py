@@ -4,23 +4,35 @@ An artifact is a directory:
 
 * ``model.safetensors``: bit-packed weight codes (``<layer>.weight.packed``), their float16
   scales and integer zero points, activation scales, and every other tensor as stored.
-* ``recipe.yaml``: the recipe that produced the model.
-* ``compactnn.json``: format version, per-layer format and geometry, the SHA-256 of the
-  tensor file. It is written last: a directory without it holds no (complete) artifact.
+* ``recipe.yaml``: the recipe that produced the model (absent when there is none).
+* ``compactnn.json``: the header: format version, per-layer format and geometry, and a
+  manifest of the files above (name, size, SHA-256) with one ``digest`` over the header
+  itself, so the digest covers every byte of the artifact.
+
+``load`` reads every file once, checks sizes and hashes, then checks every header field
+and tensor against the format (:mod:`compactnn.export.validate`) and the skeleton before
+it builds anything. ``save`` replaces an artifact crash-safely
+(:mod:`compactnn.export.replace`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import nn
 
+from compactnn import registry
 from compactnn.core.modules import set_module
 from compactnn.core.packing import pack_codes, unpack_codes
 from compactnn.core.qlayers import (
@@ -32,14 +44,15 @@ from compactnn.core.qlayers import (
 )
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import ArtifactError, CompactnnError
-from compactnn.export.fs import atomic_write, atomic_write_text, sha256_file
+from compactnn.export import replace, validate
+from compactnn.export.fs import read_regular
 from compactnn.export.sparse import densify, sparsify
-from compactnn.prune.geometry import rebuild_resized
+from compactnn.export.validate import FORMAT_VERSION, HEADER, MAX_HEADER_BYTES
 
-FORMAT_VERSION = 1
-HEADER = "compactnn.json"
 TENSORS = "model.safetensors"
 RECIPE = "recipe.yaml"
+_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+__all__ = ["FORMAT_VERSION", "artifact_digest", "check_writable", "load", "read_header", "save"]
 _QUANT_KEYS = ("weight", "weight_codes", "weight_scale", "weight_zero", "weight_levels")
 
 
@@ -101,41 +114,70 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def artifact_exists(path: str | os.PathLike) -> bool:
-    return (Path(path) / HEADER).is_file()
+    """Whether ``path`` holds an artifact header (valid or not)."""
+    return os.path.lexists(Path(path) / HEADER)
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write ``model`` as a packed artifact directory at ``path``.
+def check_writable(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse, before any slow work, an output path that ``save`` could not use.
 
-    Refuses to replace an existing artifact unless ``force``. Every file is written to a
-    temporary name and renamed; the header is renamed last, so an interrupted save leaves no
-    artifact rather than a broken one.
+    Args:
+        path: the artifact directory to write.
+        force: whether an existing artifact there may be replaced.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        CompactnnError: ``path`` is a file, under ``/proc``, ``/sys`` or ``/dev``, holds an
+            artifact and ``force`` is false, or is not writable.
 
     Example:
-        >>> compactnn.save(qmodel, "out/")  # doctest: +SKIP
+        >>> check_writable("out/cnn-w4a8", force=False)  # doctest: +SKIP
     """
     out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise CompactnnError(f"{str(out)!r} exists and is not a directory.")
-    if artifact_exists(out):
-        if not force:
+    real = os.path.realpath(out)
+    for system in _SYSTEM_DIRS:
+        if real == system or real.startswith(system + "/"):
+            raise CompactnnError(
+                f"output {str(out)!r} lies under {system}, a system folder: choose a directory "
+                "of your own."
+            )
+    if os.path.lexists(out):
+        if not out.is_dir():
+            raise CompactnnError(
+                f"{str(out)!r} exists and is not a directory: choose another output path or "
+                "remove it."
+            )
+        if artifact_exists(out) and not force:
             raise CompactnnError(
                 f"{str(out)!r} already holds a compactnn artifact; pass force=True "
                 "(--force on the command line) to replace it."
             )
-        (out / HEADER).unlink()  # de-commit the old artifact before touching its files
-    out.mkdir(parents=True, exist_ok=True)
+        existing = out
+    else:
+        existing = out.absolute().parent
+        while not os.path.lexists(existing):
+            existing = existing.parent
+        if not existing.is_dir():
+            raise CompactnnError(
+                f"cannot create {str(out)!r}: {str(existing)!r} is not a directory."
+            )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CompactnnError(
+            f"cannot write {str(out)!r}: {str(existing)!r} is not writable; choose another "
+            "output path."
+        )
+    return out
+
+
+def _header_body(model: nn.Module, layers: dict, aliases: dict, sparse_index: dict) -> dict:
     info = info_of(model)
-    tensors, layers, aliases = pack_state(model)
-    tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse
-    atomic_write(out / TENSORS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     recipe = info.get("recipe")
-    if recipe is not None:
-        atomic_write_text(out / RECIPE, recipe.to_yaml())
-    header = {
+    body = {
         "format": "compactnn",
         "format_version": FORMAT_VERSION,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_class": validate.model_class_name(model),
         "recipe": recipe.name if recipe is not None else None,
         "layers": layers,
         "aliases": aliases,
@@ -143,47 +185,272 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> P
         "float_layers": dict(info.get("float_layers", {})),
         "extra": info.get("extra", {}),
         "sparse": sparse_index,
-        "tensors_sha256": sha256_file(out / TENSORS),
-        "tensors_bytes": (out / TENSORS).stat().st_size,
     }
-    atomic_write_text(out / HEADER, json.dumps(header, indent=1, sort_keys=True))
-    return out
+    try:  # JSON values only: tuples become lists, as a reader will see them
+        return json.loads(json.dumps(body, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise CompactnnError(
+            f"the model's compression metadata cannot be saved as JSON ({exc}): keep "
+            "model._compactnn['extra'] to finite numbers, strings, lists and dicts."
+        ) from exc
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check an artifact's header and tensor file; raise ``ArtifactError`` if bad."""
+def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> str:
+    """Write ``model`` as a packed artifact directory at ``path``; return its digest.
+
+    Refuses to replace an existing artifact unless ``force``. The replacement is crash-safe:
+    at every instant (SIGKILL, full disk, exception) the directory holds the old artifact
+    or the new one, complete (see :mod:`compactnn.export.replace`).
+
+    Args:
+        model: a model returned by ``compactnn.compress`` (or any ``nn.Module``).
+        path: the artifact directory (created when missing).
+        force: replace an artifact already there.
+
+    Returns:
+        The artifact's SHA-256 digest (64 hex digits), which covers every file; pass it to
+        ``load(..., expect_sha256=...)`` to pin this exact artifact.
+
+    Example:
+        >>> digest = compactnn.save(qmodel, "out/")  # doctest: +SKIP
+    """
+    out = check_writable(path, force)
+    info = info_of(model)
+    tensors, layers, aliases = pack_state(model)
+    tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse
+    body = _header_body(model, layers, aliases, sparse_index)
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {"tensors": lambda p: save_file(tensors, p, metadata={"format": "pt"})}
+    if (recipe := info.get("recipe")) is not None:
+        text = recipe.to_yaml().encode("utf-8")
+        writers["recipe"] = lambda p: Path(p).write_bytes(text)
+
+    def make_header(files: dict) -> dict:
+        header = {**body, "files": files, "digest": ""}
+        header["digest"] = validate.header_digest(header)
+        validate.check_header(header)  # what we write, we can read
+        return header
+
+    return replace.write_artifact(out, writers, make_header)["digest"]
+
+
+def read_artifact(
+    path: str | os.PathLike, expect_sha256: str | None = None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The verified header and the bytes of each listed file (``{"tensors", "recipe"}``).
+
+    Raises:
+        ArtifactError: anything is missing, special, truncated, modified, malformed, or the
+            digest differs from ``expect_sha256``.
+    """
     root = Path(path)
+    want = _pinned(expect_sha256)
     if not root.is_dir():
         raise ArtifactError(f"{str(root)!r} is not a directory holding a compactnn artifact.")
     hp = root / HEADER
-    if not hp.is_file():
+    if not os.path.lexists(hp):
         raise ArtifactError(
             f"{str(root)!r} holds no compactnn artifact ({HEADER} is missing; an interrupted "
-            "save leaves none)."
+            "first save leaves none)."
         )
+    header = validate.parse_header(read_regular(hp, None, MAX_HEADER_BYTES), str(hp))
+    validate.check_version(header, str(hp))
+    digest = validate.header_digest(header)
+    if digest != header.get("digest"):
+        raise ArtifactError(
+            f"{hp} was modified after saving: its digest does not match its content; re-save "
+            "the artifact."
+        )
+    validate.check_header(header)  # rules that hold even for a header edited and re-hashed
+    if want is not None and digest != want:
+        raise ArtifactError(
+            f"artifact {str(root)!r} has digest {digest}, not the pinned {want}: it is "
+            "another artifact or was changed."
+        )
+    blobs = {}
+    for role, f in header["files"].items():
+        fp = root / f["name"]
+        data = read_regular(fp, f["bytes"])
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise ArtifactError(f"{fp} was modified after saving: its SHA-256 does not match.")
+        blobs[role] = data
+    return header, blobs
+
+
+def _pinned(expect: Any) -> str | None:
+    if expect is None:
+        return None
+    if not isinstance(expect, str) or not validate.is_hex64(expect.strip().lower()):
+        raise CompactnnError(
+            f"expect_sha256={expect!r:.80} is not a digest: pass the 64 hex digits that "
+            "compactnn.save or artifact_digest returned."
+        )
+    return expect.strip().lower()
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and verify an artifact (header and every file); raise ``ArtifactError`` if bad."""
+    return read_artifact(path)[0]
+
+
+def artifact_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 digest of a verified artifact, covering every file.
+
+    It detects corruption and accidental edits; it does not stop someone who edits the
+    artifact and recomputes the digest. Pin a digest you obtained from a trusted source.
+
+    Example:
+        >>> artifact_digest("out/cnn-w4a8")  # doctest: +SKIP
+        '3f0c...'
+    """
+    return read_artifact(path)[0]["digest"]
+
+
+@contextlib.contextmanager
+def _malformed(root: Path) -> Iterator[None]:
+    """Turn any failure while building from a verified header into an ``ArtifactError``."""
     try:
-        header = json.loads(hp.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{hp} is corrupt: {exc}") from exc
-    if header.get("format") != "compactnn":
-        raise ArtifactError(f"{hp} is not a compactnn header.")
-    if header.get("format_version") != FORMAT_VERSION:
+        yield
+    except CompactnnError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
         raise ArtifactError(
-            f"{hp} has format version {header.get('format_version')}; this compactnn reads "
-            f"version {FORMAT_VERSION}."
-        )
-    tp = root / TENSORS
-    if not tp.is_file():
-        raise ArtifactError(f"{tp} is missing.")
-    size = tp.stat().st_size
-    if size != header.get("tensors_bytes"):
+            f"artifact {str(root)!r} does not fit the given model skeleton or is malformed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _parse_tensors(data: bytes, root: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError, OSError) as exc:
+        raise ArtifactError(f"{root / TENSORS} cannot be read: {exc}") from exc
+
+
+def _parse_recipe(data: bytes | None, header: dict[str, Any], root: Path) -> Any:
+    if data is None:
+        return None
+    from compactnn.recipe import Recipe
+
+    try:
+        recipe = Recipe.from_yaml(data.decode("utf-8"))
+    except (
+        CompactnnError,
+        UnicodeDecodeError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+    ) as exc:
+        raise ArtifactError(f"the artifact's recipe file is not a valid recipe: {exc}") from exc
+    if recipe.name != header["recipe"]:
         raise ArtifactError(
-            f"{tp} is truncated or replaced: {size} bytes, the header says "
-            f"{header.get('tensors_bytes')}."
+            f"the artifact's recipe is named {recipe.name!r} but its header says "
+            f"{header['recipe']!r}; re-save the artifact."
         )
-    if sha256_file(tp) != header.get("tensors_sha256"):
-        raise ArtifactError(f"{tp} was modified after saving: its SHA-256 does not match.")
-    return header
+    return recipe
+
+
+def _skeleton(root: Path, header: dict[str, Any], model: nn.Module | None) -> nn.Module:
+    if model is None:
+        from compactnn.export.hf import skeleton_from_header
+
+        model = skeleton_from_header(root, header)
+    elif not isinstance(model, nn.Module):
+        raise CompactnnError(f"model= must be a torch.nn.Module, got {type(model).__name__}.")
+    else:
+        model = copy.deepcopy(model)
+    if validate.model_class_name(model) != header["model_class"]:
+        raise ArtifactError(
+            f"artifact {str(root)!r} holds a {header['model_class']}, but the skeleton is a "
+            f"{validate.model_class_name(model)}: pass the float model it was made from."
+        )
+    return model.eval()
+
+
+def load(
+    path: str | os.PathLike, model: nn.Module | None = None, *, expect_sha256: str | None = None
+) -> nn.Module:
+    """Rebuild a compressed model from an artifact; ``model`` is the float skeleton.
+
+    Every file is read once and checked (size, SHA-256, one digest over all of them), then
+    every header field and tensor is checked against the format and the skeleton, before
+    anything is built. The skeleton is copied, never changed. Outputs are bit-identical to
+    the model that was saved.
+
+    Args:
+        path: the artifact directory.
+        model: the float model the artifact was made from (its class and layer shapes must
+            match); optional for Hugging Face models, whose architecture is saved.
+        expect_sha256: the digest ``save`` returned; the artifact must have exactly it.
+
+    Raises:
+        ArtifactError: the artifact is missing, damaged, edited, of an older format, has
+            another digest than ``expect_sha256``, or does not fit the skeleton.
+
+    Example:
+        >>> qmodel = compactnn.load("out/", model=MyNet())  # doctest: +SKIP
+    """
+    root = Path(path)
+    header, blobs = read_artifact(root, expect_sha256)
+    tensors = _parse_tensors(blobs["tensors"], root)
+    recipe = _parse_recipe(blobs.get("recipe"), header, root)
+    with _malformed(root):
+        model = _skeleton(root, header, model)
+        _build(model, header, tensors, root)
+    model._compactnn = {
+        "recipe": recipe,
+        "folded_bn": header["folded_bn"],
+        "float_layers": header["float_layers"],
+        "extra": header["extra"],
+    }
+    return model
+
+
+def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise ArtifactError(
+            f"the artifact's {what} {name!r} is not a module of the skeleton: pass the float "
+            "model the artifact was made from."
+        ) from exc
+
+
+def _build(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor], root: Path) -> None:
+    """Validate against the skeleton, then install the quantized layers and float state."""
+    extra, layers = header["extra"], header["layers"]
+    registry.run_artifact_hooks("resize", model, extra)  # e.g. channel-pruned shapes
+    for bn in header["folded_bn"]:
+        _submodule(model, bn, "folded batch norm")
+        set_module(model, bn, nn.Identity())
+    registry.run_artifact_hooks("before_layers", model, extra)  # e.g. binary blocks
+    specs: dict[str, tuple[torch.dtype, tuple]] = {}
+    for name, entry in layers.items():
+        validate.check_fits_skeleton(name, entry, _submodule(model, name, "layer"))
+        specs.update(validate.layer_tensor_specs(name, entry))
+    for key, (dtype, shape) in specs.items():
+        if key not in header["sparse"]:
+            validate.check_tensor_meta(key, _need(tensors, key), dtype, shape)
+    reference = {k: torch.empty(s, dtype=d, device="meta") for k, (d, s) in specs.items()}
+    reference = {**model.state_dict(), **reference}  # what each sparse tensor must become
+    tensors = densify(tensors, header["sparse"], layers, reference)  # sparse -> dense
+    for name, entry in layers.items():
+        key = f"{name}.weight.packed"
+        validate.check_tensor_meta(key, _need(tensors, key), *specs[key])
+        validate.check_layer_values(name, entry, tensors)
+        layer = _build_quant_layer(entry)
+        _install_quant_layer(layer, name, tensors)
+        set_module(model, name, layer)
+    _load_float_state(model, {k: v for k, v in tensors.items() if k not in specs}, header)
+    registry.run_artifact_hooks("after_layers", model, extra)  # e.g. per-token act grids
+
+
+def _need(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise ArtifactError(f"tensor {key!r} is missing from the artifact; re-save it.")
+    return tensors[key]
 
 
 def _build_quant_layer(entry: dict[str, Any]) -> nn.Module:
@@ -218,84 +485,30 @@ def _install_quant_layer(layer: nn.Module, name: str, tensors: dict[str, torch.T
         layer.input_quantizer.set_qparams(s, z)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a compressed model from an artifact; ``model`` is the float skeleton.
-
-    The skeleton is copied, never changed. Outputs are bit-identical to the model that was
-    saved.
-
-    Example:
-        >>> qmodel = compactnn.load("out/", model=MyNet())  # doctest: +SKIP
-    """
-    import copy
-
-    from compactnn.recipe import Recipe
-
-    header = read_header(path)
-    root = Path(path)
-    try:
-        tensors = load_file(str(root / TENSORS))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{root / TENSORS} cannot be read: {exc}") from exc
-    tensors = densify(tensors, header.get("sparse", {}), header["layers"])  # sparse -> dense
-    if model is None:
-        from compactnn.export.hf import skeleton_from_header
-
-        model = skeleton_from_header(root, header)
-    else:
-        model = copy.deepcopy(model)
-    model.eval()
-    rebuild_resized(model, header.get("extra", {}).get("resized", {}))  # channel-pruned shapes
-    for bn in header["folded_bn"]:
-        set_module(model, bn, nn.Identity())
-    from compactnn.quant.binary import rebuild_blocks  # binary blocks wrap their layers
-
-    rebuild_blocks(model, header.get("extra", {}))
-    try:
-        for name, entry in header["layers"].items():
-            layer = _build_quant_layer(entry)
-            _install_quant_layer(layer, name, tensors)
-            set_module(model, name, layer)
-        _load_float_state(model, tensors, header)
-    except (KeyError, AttributeError, RuntimeError) as exc:
-        raise ArtifactError(
-            f"artifact {str(root)!r} does not fit the given model skeleton: {exc}"
-        ) from exc
-    from compactnn.quant.smoothquant import restore_dynamic_act  # per-token act grids
-
-    restore_dynamic_act(model, header.get("extra", {}))
-    recipe_path = root / RECIPE
-    recipe = Recipe.from_yaml(recipe_path.read_text()) if recipe_path.is_file() else None
-    model._compactnn = {
-        "recipe": recipe,
-        "folded_bn": header["folded_bn"],
-        "float_layers": header["float_layers"],
-        "extra": header.get("extra", {}),
-    }
-    return model
-
-
-def _load_float_state(model: nn.Module, tensors: dict[str, torch.Tensor], header: dict) -> None:
-    own = {
-        k
-        for k in tensors
-        if k.rsplit(".", 2)[0] in header["layers"] and (".weight." in k or ".input." in k)
-    }
-    state = {k: v for k, v in tensors.items() if k not in own}
-    for key, target in header.get("aliases", {}).items():
-        state[key] = state[target]
+def _load_float_state(model: nn.Module, state: dict[str, torch.Tensor], header: dict) -> None:
+    """Every stored float tensor must be a skeleton tensor of the same dtype and shape."""
     expected = model.state_dict()
+    for key, target in header["aliases"].items():
+        if target not in state or key not in expected:
+            raise ArtifactError(f"alias {key!r} -> {target!r} names no stored tensor.")
+        state[key] = state[target]
     for key, value in state.items():
-        if key not in expected:
+        ref = expected.get(key)
+        if ref is None:
             mod_name, _, attr = key.rpartition(".")
-            mod = model.get_submodule(mod_name)
-            if attr == "bias" and getattr(mod, "bias", "absent") is None:
-                mod.bias = nn.Parameter(torch.zeros_like(value))  # bias gained by BN folding
-            else:
-                raise KeyError(f"unexpected tensor {key!r}")
+            try:
+                mod = model.get_submodule(mod_name)
+            except AttributeError:
+                mod = None
+            weight = getattr(mod, "weight", None)
+            if attr != "bias" or getattr(mod, "bias", "absent") is not None or weight is None:
+                raise ArtifactError(f"tensor {key!r} of the artifact is not in the skeleton.")
+            ref = torch.empty(weight.shape[:1], dtype=weight.dtype)
+            mod.bias = nn.Parameter(torch.zeros_like(value))  # bias gained by BN folding
+        validate.check_tensor_meta(key, value, ref.dtype, tuple(ref.shape))
     missing = [k for k in model.state_dict() if k not in state and not _is_quant_key(k, header)]
     if missing:
-        raise KeyError(f"tensors missing from the artifact: {missing[:5]}")
+        raise ArtifactError(f"tensors missing from the artifact: {missing[:5]}; re-save it.")
     model.load_state_dict({**model.state_dict(), **state}, strict=True)
 
 

@@ -1,12 +1,15 @@
-"""Crash-safe file writing: write to a temporary file in the same folder, then rename."""
+"""Crash-safe file writing (temporary file + rename, fsync) and safe reading of regular files."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from compactnn.errors import ArtifactError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -41,3 +44,84 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make renames and deletions inside ``path`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_new(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Create ``path`` (which must not exist) with ``write(path)`` and fsync it.
+
+    For files under fresh names: no rename needed. A failed write removes the file.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        os.close(fd)
+        write(str(path))
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def read_regular(path: str | os.PathLike, size: int | None, limit: int | None = None) -> bytes:
+    """All bytes of a regular file, refusing symlinks, devices, FIFOs and sockets.
+
+    ``os.lstat`` is checked before opening (no link is followed, no special file opened), the
+    size is checked against ``size`` (the size the header records) or ``limit`` before
+    anything is read, and the open descriptor is checked again, so the bytes returned are
+    exactly those of the file the checks saw.
+
+    Raises:
+        ArtifactError: the file is missing, special, of the wrong size, or unreadable.
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path} is missing; re-save the artifact.") from exc
+    except OSError as exc:
+        raise ArtifactError(f"{path} cannot be read: {exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ArtifactError(
+            f"{path} is not a regular file (a symlink, device or special file): an artifact "
+            "holds plain files only; copy the real file in its place or re-save."
+        )
+    if size is not None and st.st_size != size:
+        raise ArtifactError(
+            f"{path} is truncated or replaced: {st.st_size} bytes, the header says {size}."
+        )
+    if limit is not None and st.st_size > limit:
+        raise ArtifactError(f"{path} is {st.st_size} bytes, more than {limit} allowed.")
+    flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode) or (fst.st_ino, fst.st_dev) != (st.st_ino, st.st_dev):
+                raise ArtifactError(f"{path} was replaced while being read; try again.")
+            chunks, left = [], st.st_size + 1  # one byte more: a file that grew is caught
+            while left > 0 and (chunk := os.read(fd, min(left, 1 << 24))):
+                chunks.append(chunk)
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ArtifactError(f"{path} cannot be read: {exc}") from exc
+    data = b"".join(chunks)
+    if len(data) != st.st_size:
+        raise ArtifactError(f"{path} changed size while being read; try again.")
+    return data

@@ -58,7 +58,9 @@ HF_ARCHITECTURES = frozenset(f + suffix for f, suffixes in _FAMILIES.items() for
 def transformers_model_class(name: Any) -> type | None:
     """The ``transformers`` model class called ``name``, or None when ``transformers`` has no
     ``PreTrainedModel`` subclass of that name (a function, a module, a config class...)."""
-    import transformers
+    from compactnn._optional import require
+
+    transformers = require("transformers", "hf")
 
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):

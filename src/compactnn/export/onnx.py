@@ -18,20 +18,22 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
+from compactnn._optional import require
 from compactnn.core.calib import check_example
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
-from compactnn.deploy.graph import FLOAT, trace
-from compactnn.deploy.plan import build_plan
-from compactnn.deploy.residual import is_residual_quantizer
-from compactnn.deploy.verify import DEFAULT_TOLERANCE, Verification, compare, enforce
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import atomic_write
+from compactnn.export.ort import ort_callable
+from compactnn.lowering.graph import FLOAT, is_residual_quantizer, trace
+from compactnn.lowering.plan import build_plan
+from compactnn.lowering.verify import DEFAULT_TOLERANCE, Verification, compare, enforce
+
+onnx = require("onnx", "onnx")
+numpy_helper = require("onnx.numpy_helper", "onnx")
 
 OPSET = 17
 
@@ -96,7 +98,7 @@ def qdq_module(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _QDQLayer], dict
     """A copy of ``qmodel`` with every quantized layer in QDQ form; also the kept-float list.
 
     When the model traces with ``torch.fx``, each layer output that every consumer quantizes
-    on the same grid (see :mod:`compactnn.deploy.plan`) gets that Q/DQ pair right after it:
+    on the same grid (see :mod:`compactnn.lowering.plan`) gets that Q/DQ pair right after it:
     the same numbers (quantizing twice on one grid is idempotent), and it lets ONNX Runtime
     fuse ``DQ -> Conv -> Q`` into its integer kernels.
     """
@@ -199,32 +201,10 @@ def _store_codes(proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QD
             proto.graph.initializer.remove(inits[node.input[0]])  # the float copy is unused
 
 
-def _session(data: bytes, threads: int | None = None) -> Callable[..., Any]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # idle threads that spin steal the CPU from the caller's next work and from the other
-    # jobs of a shared machine (the bench's ONNX Runtime peers are set up the same way)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        feeds = dict(zip(names, args, strict=False)) | kwargs
-        feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items() if k in names}
-        outs = [torch.from_numpy(o) for o in sess.run(None, feeds)]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    return run
-
-
 def ort_session(qmodel: nn.Module, example: Any) -> tuple[Callable[..., Any], dict[str, str]]:
     """An ONNX Runtime callable running the QDQ export of ``qmodel`` (used by ``deploy``)."""
     data, kept = to_onnx_bytes(qmodel, example)
-    return _session(data), kept
+    return ort_callable(data), kept
 
 
 def export_onnx(
@@ -244,7 +224,7 @@ def export_onnx(
 
     Returns:
         The verification; raises ``CompactnnError`` past ``tolerance`` or when one model
-        gives NaN/Inf where the other does not (see :mod:`compactnn.deploy.verify`).
+        gives NaN/Inf where the other does not (see :mod:`compactnn.lowering.verify`).
 
     Example:
         >>> export_onnx(qmodel, "model.onnx", example=images[:8])  # doctest: +SKIP
@@ -253,7 +233,7 @@ def export_onnx(
         raise CompactnnError("export_onnx verifies the file: pass example= a sample batch.")
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
     data, _ = to_onnx_bytes(qmodel, example)
-    result = enforce(compare(qmodel.eval(), _session(data), example, "onnx export", tolerance))
+    result = enforce(compare(qmodel.eval(), ort_callable(data), example, "onnx export", tolerance))
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

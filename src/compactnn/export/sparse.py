@@ -32,6 +32,7 @@ from compactnn.errors import ArtifactError
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 GAP_WIDTHS = range(2, 9)
+_DTYPES = {n: getattr(torch, n) for n in ("float16", "bfloat16", "float32", "float64")}
 
 
 def _bits_nonzero(t: torch.Tensor) -> torch.Tensor:
@@ -151,32 +152,125 @@ def sparsify(
     return out, index
 
 
+def _is_count(x: Any, hi: int) -> bool:
+    return type(x) is int and 0 <= x <= hi
+
+
+def _need(key: str, t: torch.Tensor | None, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    if t is None or t.dtype != dtype or t.dim() != 1 or t.numel() != numel:
+        got = "missing" if t is None else f"{t.dtype} {list(t.shape)}"
+        raise ArtifactError(
+            f"sparse tensor {key!r} of the artifact is {got}, the format needs {dtype} "
+            f"[{numel}]: the artifact is damaged; re-save it."
+        )
+    return t
+
+
+def _check_entry(
+    key: str, entry: Any, out: dict, layers: dict[str, Any], reference: dict | None
+) -> tuple[int, torch.dtype | QType]:
+    """Validate one sparse entry against the sizes its dense tensor must have.
+
+    Returns ``(numel, value type)``; every size is bounded by the skeleton (or the layer's
+    validated shape) before anything is allocated.
+    """
+    if not isinstance(entry, dict) or entry.get("kind") not in ("codes", "float"):
+        raise ArtifactError(f"sparse entry {key!r} of the artifact is malformed; re-save it.")
+    fields = {"kind", "encoding", "gap_bits", "count", "numel"}
+    if entry["kind"] == "codes":
+        name = key.removesuffix(".weight.packed")
+        if name == key or name not in layers:
+            raise ArtifactError(f"sparse entry {key!r} names no quantized layer; re-save it.")
+        spec = QuantSpec.from_dict(layers[name]["weight_spec"])
+        numel, vtype = int(np.prod(layers[name]["shape"])), spec.qtype
+    else:
+        fields |= {"shape", "dtype"}
+        ref = (reference or {}).get(key)
+        if reference is not None and ref is None:
+            raise ArtifactError(f"sparse tensor {key!r} is not a tensor of the skeleton.")
+        shape, dtype = entry.get("shape"), _DTYPES.get(str(entry.get("dtype")))
+        if ref is not None and (shape != list(ref.shape) or dtype != ref.dtype):
+            raise ArtifactError(
+                f"sparse tensor {key!r} is {entry.get('dtype')!r} {shape!r:.60}, the skeleton "
+                f"holds {ref.dtype} {list(ref.shape)}: pass the model it was made from."
+            )
+        if (
+            dtype is None
+            or not isinstance(shape, list)
+            or not all(_is_count(d, 2**31) for d in shape)
+        ):
+            raise ArtifactError(f"sparse entry {key!r} has a bad shape or dtype; re-save it.")
+        numel, vtype = int(np.prod(shape)), dtype
+    ok = (
+        set(entry) == fields
+        and entry["numel"] == numel
+        and _is_count(entry["count"], numel)
+        and (
+            (entry["encoding"] == "bitmap" and entry["gap_bits"] == 0)
+            or (
+                entry["encoding"] == "gaps"
+                and type(entry["gap_bits"]) is int
+                and entry["gap_bits"] in GAP_WIDTHS
+            )
+        )
+    )
+    if not ok:
+        raise ArtifactError(f"sparse entry {key!r} of the artifact is malformed; re-save it.")
+    count = entry["count"]
+    index_bytes = (
+        packed_nbytes(numel, 1)
+        if entry["encoding"] == "bitmap"
+        else packed_nbytes(count, entry["gap_bits"])
+    )
+    _need(f"{key}.sparse_index", out.get(f"{key}.sparse_index"), torch.uint8, index_bytes)
+    if isinstance(vtype, QType):
+        _need(
+            f"{key}.sparse_values",
+            out.get(f"{key}.sparse_values"),
+            torch.uint8,
+            packed_nbytes(count, vtype.bits),
+        )
+    else:
+        _need(f"{key}.sparse_values", out.get(f"{key}.sparse_values"), vtype, count)
+    return numel, vtype
+
+
 def densify(
-    tensors: dict[str, torch.Tensor], index: dict[str, Any], layers: dict[str, Any]
+    tensors: dict[str, torch.Tensor],
+    index: dict[str, Any],
+    layers: dict[str, Any],
+    reference: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`sparsify`: the dense tensors (packed codes re-packed) by key."""
+    """Inverse of :func:`sparsify`: the dense tensors (packed codes re-packed) by key.
+
+    Every entry is checked first (sizes of its index and values, positions inside the tensor),
+    so a damaged entry raises :class:`ArtifactError` without a large allocation. With
+    ``reference`` (the skeleton's state dict) a float entry must match its tensor's shape
+    and dtype.
+    """
     out = dict(tensors)
-    try:
-        for key, entry in index.items():
-            pos = _decode_index(out.pop(f"{key}.sparse_index"), entry)
-            values = out.pop(f"{key}.sparse_values")
-            if entry["kind"] == "float":
-                flat = torch.zeros(entry["numel"], dtype=getattr(torch, entry["dtype"]))
-                flat[pos] = values
-                out[key] = flat.reshape(entry["shape"])
-                continue
-            name = key.removesuffix(".weight.packed")
-            spec = QuantSpec.from_dict(layers[name]["weight_spec"])
-            shape = tuple(layers[name]["shape"])
-            codes = torch.zeros(shape, dtype=spec.qtype.storage_dtype)
-            zero = out.get(f"{name}.weight.zero")
-            scale = out[f"{name}.weight.scale"]
-            zero = torch.zeros(scale.shape) if zero is None else zero
+    for key, entry in index.items():
+        _check_entry(key, entry, out, layers, reference)
+        pos = _decode_index(out.pop(f"{key}.sparse_index"), entry)
+        if pos.numel() != entry["count"] or (pos.numel() and int(pos[-1]) >= entry["numel"]):
+            raise ArtifactError(f"sparse tensor {key!r} of the artifact is damaged: bad index.")
+        values = out.pop(f"{key}.sparse_values")
+        if entry["kind"] == "float":
+            flat = torch.zeros(entry["numel"], dtype=values.dtype)
+            flat[pos] = values
+            out[key] = flat.reshape(entry["shape"])
+            continue
+        name = key.removesuffix(".weight.packed")
+        spec = QuantSpec.from_dict(layers[name]["weight_spec"])
+        codes = torch.zeros(tuple(layers[name]["shape"]), dtype=spec.qtype.storage_dtype)
+        zero, scale = out.get(f"{name}.weight.zero"), out.get(f"{name}.weight.scale")
+        zero = torch.zeros(scale.shape) if zero is None else zero
+        try:
             flat = _element_zero(codes, zero, spec).clone()
-            flat[pos] = unpack_codes(values, spec.qtype, (entry["count"],))
-            out[key] = pack_codes(flat, spec.qtype)
-    except (KeyError, IndexError, RuntimeError, ValueError) as exc:
-        raise ArtifactError(f"sparse tensor {key!r} of the artifact is damaged: {exc}") from exc
+        except RuntimeError as exc:
+            raise ArtifactError(f"sparse tensor {key!r}: its zero points do not fit.") from exc
+        flat[pos] = unpack_codes(values, spec.qtype, (entry["count"],))
+        out[key] = pack_codes(flat, spec.qtype)
     return out
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import CompactnnError
@@ -75,8 +76,6 @@ class Float32Island(nn.Module):
 
 def kernel_layer(layer: QuantLinear, config: KernelConfig | None = None) -> nn.Module | None:
     """The fastest kernel layer for ``layer``, or None when no kernel takes its format."""
-    from compactnn.quant.smoothquant import DynamicActQuantizer
-
     config = config or KernelConfig()
     spec = layer.weight_spec
     aq = layer.input_quantizer
@@ -145,8 +144,8 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 
 def to_kernels(
     model: nn.Module,
-    inplace: bool = False,
     *,
+    inplace: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     dense_min_rows: int | None = DENSE_MIN_ROWS,
     fused: bool = True,
@@ -160,6 +159,9 @@ def to_kernels(
     codebooks) run on the dense copy when ``dtype`` is bfloat16. Layers left simulated are
     listed in ``model._compactnn_kernels["simulated"]``. See :class:`KernelConfig`.
 
+    Signature: ``to_kernels(model, *, inplace=False, dtype=torch.bfloat16,
+    dense_min_rows=8, fused=True)``; every option is keyword-only.
+
     Args:
         model: a model from ``compactnn.compress`` or ``compactnn.load``.
         inplace: change ``model`` itself instead of a copy.
@@ -170,8 +172,14 @@ def to_kernels(
             copy; None keeps the low-bit kernels at every size.
         fused: compile the W8A8 quantization and epilogue (see :class:`KernelConfig`).
 
+    Returns:
+        The model with kernel layers (``model`` itself when ``inplace``); it takes and
+        returns float32 tensors whatever ``dtype`` is.
+
     Example:
-        >>> fast = to_kernels(compactnn.compress(model, "w4-g32-gptq", calib))  # doctest: +SKIP
+        >>> qmodel = compactnn.compress(model, "w4-g32-gptq", calib_data=batches)  # doctest: +SKIP
+        >>> fast = compactnn.to_kernels(qmodel)                                    # doctest: +SKIP
+        >>> exact = compactnn.to_kernels(qmodel, dtype=torch.float32, fused=False)  # doctest: +SKIP
     """
     config = KernelConfig(dtype=dtype, dense_min_rows=dense_min_rows, fused=fused)
     out = model if inplace else copy.deepcopy(model)

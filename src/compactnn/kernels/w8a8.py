@@ -1,6 +1,6 @@
 """W8A8 CPU linear layer: per-token dynamic uint8 activations x int8 weights (``torch._int_mm``).
 
-The activation grid is that of :class:`compactnn.quant.smoothquant.DynamicActQuantizer`
+The activation grid is that of :class:`compactnn.core.dynact.DynamicActQuantizer`
 (per-token asymmetric, range including 0); the codes are computed with the same float32
 operations, so the integer accumulation reproduces the simulated layer up to float32
 rounding of the epilogue.

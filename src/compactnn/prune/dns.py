@@ -19,26 +19,25 @@ In your own loop::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import re
 
 import torch
 from torch import nn
 
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
-from compactnn.errors import CompactnnError
-from compactnn.prune.masks import (
-    attach_masks,
-    bake_masks,
-    check_sparsity,
-    dense_weight,
-    prunable_layers,
-    set_mask,
+from compactnn.engines.prune_schedule import (
+    ScheduledPruner,
+    prune_while_distilling,
+    weight_layer_names,
 )
+from compactnn.errors import CompactnnError
+from compactnn.prune.masks import check_sparsity, dense_weight, set_mask
+from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import record_sparsity
-from compactnn.prune.train import distill_steps
-from compactnn.registry import register
+from compactnn.recipe import Recipe, Step
+from compactnn.registry import register, register_short_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +113,7 @@ def revise_mask(weight: torch.Tensor, mask: torch.Tensor, low: float, high: floa
     return new
 
 
-class DNSPruner:
+class DNSPruner(ScheduledPruner):
     """Surgery schedule for a training loop: call ``step()`` after every optimizer step.
 
     Args:
@@ -125,19 +124,15 @@ class DNSPruner:
     """
 
     def __init__(self, model: nn.Module, config: DNSConfig, names: list[str] | None = None) -> None:
-        self.model, self.config, self.t = model, config, 0
-        if names is None:
-            kinds = (nn.Linear, nn.Conv1d, nn.Conv2d)
-            names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
-        self.names = list(names)
-        unknown = sorted(set(dict(config.layer_sparsity)) - set(self.names))
+        names = weight_layer_names(model) if names is None else list(names)
+        unknown = sorted(set(dict(config.layer_sparsity)) - set(names))
         if unknown:
             raise CompactnnError(
                 f"DNSConfig.layer_sparsity names {unknown}, which are not among the pruned "
-                f"layers {self.names}; use their module names."
+                f"layers {names}; use their module names."
             )
-        ones = {n: torch.ones_like(model.get_submodule(n).weight) for n in self.names}
-        attach_masks(model, ones, straight_through=True)
+        super().__init__(model, names, straight_through=True)
+        self.config = config
         self.spliced = 0  # weights restored over the run (diagnostic)
         self.revise(band=0.0)  # the first cut is a plain threshold: no state to keep yet
         self.spliced = 0
@@ -148,21 +143,16 @@ class DNSPruner:
         with torch.no_grad():
             for n in self.names:
                 w = dense_weight(self.model, n)
-                old = self.model.get_submodule(n).parametrizations.weight[0].mask
+                old = self.mask(n)
                 low, high = dns_thresholds(w, self.config.sparsity_for(n), band)
                 new = revise_mask(w, old, low, high)
                 self.spliced += int(((old == 0) & (new == 1)).sum())
                 set_mask(self.model, n, new)
 
-    def step(self) -> None:
-        """Advance one step; revise masks every ``frequency`` steps during surgery."""
-        self.t += 1
-        if self.t <= self.config.surgery_steps and self.t % self.config.frequency == 0:
+    def update(self, step: int) -> None:
+        """Revise the masks every ``frequency`` steps during surgery."""
+        if step <= self.config.surgery_steps and step % self.config.frequency == 0:
             self.revise()
-
-    def finish(self) -> None:
-        """Remove the masks, leaving plain weights with exact zeros."""
-        bake_masks(self.model)
 
 
 @register("dns", DNSConfig, "Dynamic Network Surgery: prune and splice during training")
@@ -171,12 +161,22 @@ def apply_dns(
 ) -> nn.Module:
     """Surgery while distilling from the unpruned model on the calibration batches, then
     fine-tuning with the masks fixed."""
-    layers = prunable_layers(targets, ctx)
-    teacher = copy.deepcopy(model)
-    pruner = DNSPruner(model, config, list(layers))
     steps = config.surgery_steps + config.finetune_steps
-    distill_steps(model, teacher, ctx, steps, config.lr, lambda _i: pruner.step(), "dns")
-    pruner.finish()
+    pruner = prune_while_distilling(
+        model,
+        targets,
+        ctx,
+        lambda m, names: DNSPruner(m, config, names),
+        steps,
+        config.lr,
+        "dns",
+    )
     ctx.notes.append(f"dns: {pruner.spliced} pruned weights were spliced back during surgery")
-    record_sparsity(ctx, "dns", {n: model.get_submodule(n) for n in layers})
+    record_sparsity(ctx, "dns", {n: model.get_submodule(n) for n in pruner.names})
     return model
+
+
+@register_short_name(r"sp(?P<p>\d+)-dns", "sp<P>-dns", ("sp90-dns",))
+def _short_name(m: re.Match[str]) -> Recipe:
+    config = DNSConfig(sparsity=percent_fraction(m["p"], m.string))
+    return Recipe(m.string, (Step("dns", config),))

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn import registry
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import conv_kwargs
 from compactnn.errors import ArtifactError
@@ -101,13 +102,50 @@ def changed(before: dict, after: dict) -> dict[str, dict[str, Any]]:
     return {n: g for n, g in after.items() if before.get(n) != g}
 
 
+def check_resized(name: str, target: nn.Module, g: Any) -> None:
+    """Refuse a saved geometry that is not a shrunk copy of the skeleton's module.
+
+    Pruning only removes channels, so every saved entry must name the same kind of module
+    with the same keys, and no size may exceed the skeleton's: a header edited to build a
+    huge module, or to set arbitrary attributes, is refused before anything is allocated.
+    """
+    where = f"the artifact's resized module {name!r}"
+    if not isinstance(g, dict) or not isinstance(g.get("kind"), str):
+        raise ArtifactError(f"{where} is not a geometry mapping with a 'kind'.")
+    if g["kind"] == "attrs":
+        for attr, value in g.items():
+            if attr == "kind":
+                continue
+            old = getattr(target, attr, None)
+            if attr not in HEAD_ATTRS or type(value) is not int or type(old) is not int:
+                raise ArtifactError(f"{where} sets {attr}={value!r}, not a head-count integer.")
+            if not 0 < value <= old:
+                raise ArtifactError(f"{where} sets {attr}={value}, beyond the skeleton's {old}.")
+        return
+    own = geometry_of(target)
+    if own is None or own["kind"] != g["kind"] or set(own) != set(g):
+        raise ArtifactError(
+            f"{where} is a {g['kind']} with fields {sorted(g)}, but the skeleton's module is "
+            f"{type(target).__name__}: pass the float model the artifact was made from."
+        )
+    for key, value in g.items():
+        base = own[key]
+        if type(base) is int and (type(value) is not int or not 0 < value <= base):
+            raise ArtifactError(f"{where}: {key}={value!r} must be an integer in 1..{base}.")
+        if type(base) is not int and type(value) is not type(base):
+            raise ArtifactError(f"{where}: {key}={value!r} has the wrong type.")
+
+
 def rebuild_resized(model: nn.Module, resized: dict[str, dict[str, Any]]) -> None:
     """Replace each named module of ``model`` by an empty one of its saved geometry."""
+    if not isinstance(resized, dict):
+        raise ArtifactError("the artifact's 'resized' entry is not a mapping.")
     for name, g in resized.items():
         try:
             target = model.get_submodule(name)
         except AttributeError as exc:
             raise ArtifactError(f"the skeleton has no module {name!r} to resize: {exc}") from exc
+        check_resized(name, target, g)
         if g["kind"] == "attrs":
             for attr, value in g.items():
                 if attr != "kind":
@@ -117,3 +155,13 @@ def rebuild_resized(model: nn.Module, resized: dict[str, dict[str, Any]]) -> Non
         new.to(next(iter(target.parameters()), torch.empty(0)).dtype)
         new.train(target.training)  # a fresh module is in training mode (BN would update)
         set_module(model, name, new)
+
+
+@registry.register_artifact_hook("resize")
+def rebuild_resized_from_header(model: nn.Module, extra: dict[str, Any]) -> None:
+    """Artifact hook: :func:`rebuild_resized` on the header's ``extra["resized"]``.
+
+    The ``resize`` stage runs before batch-norm folding and the binary blocks' hook: a
+    resized layer is rebuilt under its own name, then wrapped.
+    """
+    rebuild_resized(model, extra.get("resized", {}))

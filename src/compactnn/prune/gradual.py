@@ -16,27 +16,21 @@ Use it in your own loop::
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import re
 
 import torch
 from torch import nn
 
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
+from compactnn.engines.prune_schedule import ScheduledPruner, prune_while_distilling
 from compactnn.errors import CompactnnError
-from compactnn.prune.masks import (
-    attach_masks,
-    bake_masks,
-    check_sparsity,
-    dense_weight,
-    masks_from_scores,
-    prunable_layers,
-    set_mask,
-)
+from compactnn.prune.masks import check_sparsity, dense_weight, masks_from_scores, set_mask
+from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import record_sparsity
-from compactnn.prune.train import distill_steps
-from compactnn.registry import register
+from compactnn.recipe import Recipe, Step
+from compactnn.registry import register, register_short_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +82,8 @@ def cubic_sparsity(step: int, config: GradualConfig) -> float:
     return s_f + (s_i - s_f) * (1.0 - t) ** 3
 
 
-class GradualPruner:
-    """Mask schedule for a training loop: call ``step()`` after every optimizer step.
+class GradualPruner(ScheduledPruner):
+    """Cubic mask schedule for a training loop: call ``step()`` after every optimizer step.
 
     Args:
         model: the model to prune in place (masks are attached at construction; build the
@@ -101,19 +95,13 @@ class GradualPruner:
     def __init__(
         self, model: nn.Module, config: GradualConfig, names: list[str] | None = None
     ) -> None:
-        self.model, self.config, self.t = model, config, 0
-        if names is None:
-            names = [
-                n
-                for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
-            ]
-        self.names = list(names)
-        attach_masks(model, {n: torch.ones_like(model.get_submodule(n).weight) for n in names})
+        super().__init__(model, names)
+        self.config = config
         self.sparsity = 0.0
-        self._update(0)
+        self.update(0)
 
-    def _update(self, step: int) -> None:
+    def update(self, step: int) -> None:
+        """Re-rank the kept weights by magnitude when a mask update is due at ``step``."""
         target = cubic_sparsity(step, self.config)
         due = step >= self.config.begin_step and (
             (step - self.config.begin_step) % self.config.frequency == 0
@@ -127,18 +115,6 @@ class GradualPruner:
                 set_mask(self.model, n, mask)
         self.sparsity = target
 
-    def mask(self, name: str) -> torch.Tensor:
-        return self.model.get_submodule(name).parametrizations.weight[0].mask
-
-    def step(self) -> None:
-        """Advance one training step; masks change on the schedule."""
-        self.t += 1
-        self._update(self.t)
-
-    def finish(self) -> None:
-        """Remove the masks, leaving plain weights with exact zeros."""
-        bake_masks(self.model)
-
 
 @register("gradual", GradualConfig, "gradual magnitude pruning, cubic schedule (Zhu & Gupta)")
 def apply_gradual(
@@ -146,11 +122,21 @@ def apply_gradual(
 ) -> nn.Module:
     """Prune on the cubic schedule while distilling from the unpruned model on the
     calibration batches, then fine-tune with the final masks."""
-    layers = prunable_layers(targets, ctx)
-    teacher = copy.deepcopy(model)
-    pruner = GradualPruner(model, config, list(layers))
     steps = config.end_step + config.finetune_steps
-    distill_steps(model, teacher, ctx, steps, config.lr, lambda _i: pruner.step(), "gradual")
-    pruner.finish()
-    record_sparsity(ctx, "gradual", {n: model.get_submodule(n) for n in layers})
+    pruner = prune_while_distilling(
+        model,
+        targets,
+        ctx,
+        lambda m, names: GradualPruner(m, config, names),
+        steps,
+        config.lr,
+        "gradual",
+    )
+    record_sparsity(ctx, "gradual", {n: model.get_submodule(n) for n in pruner.names})
     return model
+
+
+@register_short_name(r"sp(?P<p>\d+)-gradual", "sp<P>-gradual", ("sp90-gradual",))
+def _short_name(m: re.Match[str]) -> Recipe:
+    config = GradualConfig(final_sparsity=percent_fraction(m["p"], m.string))
+    return Recipe(m.string, (Step("gradual", config),))

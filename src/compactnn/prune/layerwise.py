@@ -1,4 +1,5 @@
-"""Layer-by-layer calibration statistics for one-shot pruning (Wanda, SparseGPT).
+"""What one-shot pruning from calibration data shares (Wanda, SparseGPT): the config base and
+layer-by-layer input statistics.
 
 Layers are processed in execution order; each one's input statistics are gathered with the
 layers before it already pruned, so later layers see (and compensate for) earlier errors,
@@ -7,13 +8,50 @@ the sequential scheme both papers use.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from compactnn.core.capture import capture_batches
+from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
+from compactnn.core.hessian import accumulate_hessian, layer_inputs_2d
 from compactnn.core.modules import execution_order
+from compactnn.prune.masks import check_divides, check_nm, check_sparsity
+
+
+@dataclasses.dataclass(frozen=True)
+class OneShotConfig(MethodConfig):
+    """Shared fields of calibration-based one-shot pruning.
+
+    Args:
+        sparsity: unstructured fraction removed, in [0, 1) (ignored when ``n`` is set).
+        n: N of an N:M pattern (0: unstructured).
+        m: M of an N:M pattern.
+    """
+
+    sparsity: float = 0.5
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sparsity(self.sparsity)
+        if self.n or self.m:
+            check_nm(self.n, self.m)
+
+
+def check_layers(layers: dict[str, nn.Module], config: OneShotConfig) -> None:
+    """Fail before any work when an N:M group size does not divide a layer's input size.
+
+    Example:
+        >>> check_layers({"fc": nn.Linear(8, 2)}, OneShotConfig(n=2, m=4))
+    """
+    if config.n:
+        for name, layer in layers.items():
+            check_divides(name, layer.weight, config.m)
 
 
 def supported(name: str, layer: nn.Module, ctx: CompressContext) -> bool:
@@ -30,20 +68,6 @@ def supported(name: str, layer: nn.Module, ctx: CompressContext) -> bool:
     return False
 
 
-def layer_inputs_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of its weight's input dimension: ``(tokens, K)``."""
-    if isinstance(layer, nn.Conv2d):
-        cols = nn.functional.unfold(  # (B, C*kh*kw, L)
-            x, layer.kernel_size, layer.dilation, layer.padding, layer.stride
-        )
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-class _Reached(Exception):
-    """Raised by the hook once the layer's input is seen: the rest of the forward is waste."""
-
-
 def gather(
     model: nn.Module, name: str, ctx: CompressContext, accumulate: Callable[[torch.Tensor], None]
 ) -> None:
@@ -54,18 +78,8 @@ def gather(
 
     def hook(_m, args):
         accumulate(layer_inputs_2d(layer, args[0].detach().float()))
-        raise _Reached
 
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for b in ctx.batches:
-                try:
-                    ctx.run(model, b)
-                except _Reached:
-                    pass
-    finally:
-        handle.remove()
+    capture_batches(model, layer, ctx, hook)
 
 
 def input_sq_norms(model: nn.Module, name: str, ctx: CompressContext) -> torch.Tensor:
@@ -82,12 +96,11 @@ def input_sq_norms(model: nn.Module, name: str, ctx: CompressContext) -> torch.T
 
 def input_hessian(model: nn.Module, name: str, ctx: CompressContext) -> torch.Tensor:
     """``H = 2/N X^T X`` of the layer's inputs, ``(K, K)`` in float64 accumulation."""
-    acc: list[torch.Tensor] = []
+    acc: list[torch.Tensor | None] = [None]
     count = [0]
 
     def add(x2d: torch.Tensor) -> None:
-        g = x2d.double().T @ x2d.double()
-        acc.append(g) if not acc else acc[0].add_(g)
+        acc[0] = accumulate_hessian(acc[0], x2d, torch.float64)
         count[0] += x2d.shape[0]
 
     gather(model, name, ctx, add)

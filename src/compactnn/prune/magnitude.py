@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from torch import nn
 
@@ -10,8 +11,10 @@ from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import apply_masks, check_sparsity, masks_from_scores, prunable_layers
+from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import record_sparsity
-from compactnn.registry import register
+from compactnn.recipe import Recipe, Step
+from compactnn.registry import register, register_short_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,3 +47,14 @@ def apply_magnitude(
     apply_masks(model, masks_from_scores(scores, config.sparsity, config.scope))
     record_sparsity(ctx, "magnitude", layers)
     return model
+
+
+@register_short_name(
+    r"sp(?P<p>\d+)(?:-(?P<scope>magnitude|global))?",
+    "sp<P>[-magnitude|-global]",
+    ("sp50", "sp90-global"),
+)
+def _short_name(m: re.Match[str]) -> Recipe:
+    scope = "global" if m["scope"] == "global" else "layer"
+    config = MagnitudeConfig(sparsity=percent_fraction(m["p"], m.string), scope=scope)
+    return Recipe(m.string, (Step("magnitude", config),))

@@ -46,6 +46,31 @@ def check_sparsity(value: float, field: str = "sparsity") -> None:
         )
 
 
+def check_nm(n: int, m: int) -> None:
+    """Raise ``CompactnnError`` unless ``0 < n < m`` (integers).
+
+    Example:
+        >>> check_nm(2, 4)
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+        raise CompactnnError(f"N:M sparsity needs integers 0 < N < M, got {n}:{m} (e.g. 2:4).")
+
+
+def check_divides(name: str, weight: torch.Tensor, m: int) -> None:
+    """Raise ``CompactnnError`` when ``m`` does not divide the layer's input dimension.
+
+    Example:
+        >>> check_divides("fc", torch.zeros(2, 8), 4)
+    """
+    k = weight[0].numel()
+    if k % m:
+        raise CompactnnError(
+            f"{name}: N:M groups of M={m} do not divide its input dimension {k} "
+            f"(weight shape {tuple(weight.shape)}); choose M dividing {k} or add {name!r} "
+            "to the step's targets.ignore."
+        )
+
+
 def prunable_layers(targets: dict[str, nn.Module], ctx=None) -> dict[str, nn.Module]:
     """Targeted layers that own a weight matrix or kernel and are not quantized yet.
 

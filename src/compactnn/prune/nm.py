@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 
 import torch
 from torch import nn
@@ -16,10 +17,18 @@ from torch import nn
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
-from compactnn.prune.masks import attach_masks, bake_masks, nm_mask, prunable_layers
+from compactnn.prune.masks import (
+    attach_masks,
+    bake_masks,
+    check_divides,
+    check_nm,
+    nm_mask,
+    prunable_layers,
+)
 from compactnn.prune.stats import record_sparsity
 from compactnn.prune.train import distill_steps
-from compactnn.registry import register
+from compactnn.recipe import Recipe, Step
+from compactnn.registry import register, register_short_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,23 +53,6 @@ class NMConfig(MethodConfig):
         check_nm(self.n, self.m)
         if self.finetune_steps < 0:
             raise CompactnnError(f"NMConfig.finetune_steps={self.finetune_steps} must be >= 0.")
-
-
-def check_nm(n: int, m: int) -> None:
-    """Raise unless ``0 < n < m``."""
-    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-        raise CompactnnError(f"N:M sparsity needs integers 0 < N < M, got {n}:{m} (e.g. 2:4).")
-
-
-def check_divides(name: str, weight: torch.Tensor, m: int) -> None:
-    """Raise when ``m`` does not divide the layer's input dimension."""
-    k = weight[0].numel()
-    if k % m:
-        raise CompactnnError(
-            f"{name}: N:M groups of M={m} do not divide its input dimension {k} "
-            f"(weight shape {tuple(weight.shape)}); choose M dividing {k} or add {name!r} "
-            "to the step's targets.ignore."
-        )
 
 
 def split_divisible(
@@ -127,3 +119,8 @@ def apply_nm(
     bake_masks(model)
     record_sparsity(ctx, "nm", layers)
     return model
+
+
+@register_short_name(r"nm(?P<n>\d+):(?P<m>\d+)", "nm<N>:<M>", ("nm2:4",))
+def _short_name(m: re.Match[str]) -> Recipe:
+    return Recipe(m.string, (Step("nm", NMConfig(n=int(m["n"]), m=int(m["m"]))),))

@@ -10,17 +10,26 @@ factor of ``H^-1`` (the OBS update), so the layer output is reconstructed.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import nn
 
 from compactnn.core.context import CompressContext
+from compactnn.core.hessian import drop_dead_inputs, inverse_hessian_factor
 from compactnn.errors import CompactnnError
-from compactnn.prune.layerwise import in_order, input_hessian, supported
+from compactnn.prune.layerwise import (
+    OneShotConfig,
+    check_layers,
+    in_order,
+    input_hessian,
+    supported,
+)
 from compactnn.prune.masks import prunable_layers
+from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import record_sparsity
-from compactnn.prune.wanda import OneShotConfig, check_layers
-from compactnn.registry import register
+from compactnn.recipe import Recipe, Step
+from compactnn.registry import register, register_short_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,21 +52,12 @@ class SparseGPTConfig(OneShotConfig):
             raise CompactnnError(f"SparseGPTConfig: blocksize must be a multiple of m={self.m}.")
 
 
-def inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp*mean(diag H) I)^-1``; dead inputs zeroed in w."""
-    h = h.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(hinv, upper=True)
-
-
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, config: SparseGPTConfig) -> torch.Tensor:
     """Pruned and reconstructed copy of a ``(out, K)`` weight, given ``(K, K)`` Hessian."""
     w = w.detach().double().clone()
-    hinv = inverse_hessian_factor(h.double(), w, config.damp)  # (K, K) upper
+    h = h.double().clone()
+    drop_dead_inputs(h, w)  # inputs that never fire: zero columns, H_jj = 1
+    hinv = inverse_hessian_factor(h, config.damp, "SparseGPT")  # (K, K) upper
     cols = w.shape[1]
     prune_per_group = config.m - config.n if config.n else 0
     for i1 in range(0, cols, config.blocksize):
@@ -108,3 +108,16 @@ def apply_sparsegpt(
             layer.weight.copy_(new.reshape(w.shape).to(w.dtype))
     record_sparsity(ctx, "sparsegpt", layers)
     return model
+
+
+@register_short_name(r"sp(?P<p>\d+)-sparsegpt", "sp<P>-sparsegpt", ("sp50-sparsegpt",))
+def _sparse_name(m: re.Match[str]) -> Recipe:
+    config = SparseGPTConfig(sparsity=percent_fraction(m["p"], m.string))
+    return Recipe(m.string, (Step("sparsegpt", config),))
+
+
+@register_short_name(
+    r"nm(?P<n>\d+):(?P<m>\d+)-sparsegpt", "nm<N>:<M>-sparsegpt", ("nm2:4-sparsegpt",)
+)
+def _nm_name(m: re.Match[str]) -> Recipe:
+    return Recipe(m.string, (Step("sparsegpt", SparseGPTConfig(n=int(m["n"]), m=int(m["m"]))),))

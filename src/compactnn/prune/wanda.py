@@ -8,39 +8,25 @@ paper does; N:M keeps the ``n`` best of every ``m`` inputs.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import nn
 
-from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
-from compactnn.prune.layerwise import in_order, input_sq_norms, supported
-from compactnn.prune.masks import apply_masks, check_sparsity, prunable_layers
-from compactnn.prune.nm import check_divides, check_nm, nm_mask
+from compactnn.prune.layerwise import (
+    OneShotConfig,
+    check_layers,
+    in_order,
+    input_sq_norms,
+    supported,
+)
+from compactnn.prune.masks import apply_masks, nm_mask, prunable_layers
+from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import record_sparsity
-from compactnn.registry import register
-
-
-@dataclasses.dataclass(frozen=True)
-class OneShotConfig(MethodConfig):
-    """Shared fields of calibration-based one-shot pruning.
-
-    Args:
-        sparsity: unstructured fraction removed, in [0, 1) (ignored when ``n`` is set).
-        n: N of an N:M pattern (0: unstructured).
-        m: M of an N:M pattern.
-    """
-
-    sparsity: float = 0.5
-    n: int = 0
-    m: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_sparsity(self.sparsity)
-        if self.n or self.m:
-            check_nm(self.n, self.m)
+from compactnn.recipe import Recipe, Step
+from compactnn.registry import register, register_short_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +46,6 @@ def wanda_mask(
     return torch.ones_like(score).scatter_(1, low, 0.0)
 
 
-def check_layers(layers: dict[str, nn.Module], config: OneShotConfig) -> None:
-    if config.n:
-        for name, layer in layers.items():
-            check_divides(name, layer.weight, config.m)
-
-
 @register("wanda", WandaConfig, "Wanda one-shot pruning: |w| x ||x|| from calibration data")
 def apply_wanda(
     model: nn.Module, targets: dict[str, nn.Module], config: WandaConfig, ctx: CompressContext
@@ -82,3 +62,14 @@ def apply_wanda(
         apply_masks(model, {name: mask.reshape(w.shape)})
     record_sparsity(ctx, "wanda", layers)
     return model
+
+
+@register_short_name(r"sp(?P<p>\d+)-wanda", "sp<P>-wanda", ("sp50-wanda",))
+def _sparse_name(m: re.Match[str]) -> Recipe:
+    config = WandaConfig(sparsity=percent_fraction(m["p"], m.string))
+    return Recipe(m.string, (Step("wanda", config),))
+
+
+@register_short_name(r"nm(?P<n>\d+):(?P<m>\d+)-wanda", "nm<N>:<M>-wanda", ("nm2:4-wanda",))
+def _nm_name(m: re.Match[str]) -> Recipe:
+    return Recipe(m.string, (Step("wanda", WandaConfig(n=int(m["n"]), m=int(m["m"]))),))

@@ -13,7 +13,7 @@ import dataclasses
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.quant.reconstruct import ReconConfig, reconstruct
+from compactnn.engines.reconstruct import ReconConfig, recon_hooks, reconstruct
 from compactnn.registry import register
 
 
@@ -38,4 +38,4 @@ def apply_adaround(
     model: nn.Module, targets: dict[str, nn.Module], config: AdaRoundConfig, ctx: CompressContext
 ) -> nn.Module:
     """Quantize ``targets`` with learned rounding, reconstructing one layer at a time."""
-    return reconstruct(model, targets, config, ctx, "adaround")
+    return reconstruct(model, targets, config, ctx, recon_hooks(config, "adaround"))

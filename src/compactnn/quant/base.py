@@ -1,26 +1,23 @@
-"""What every post-training quantization method shares: its config base and the layer flow.
-
-Flow of a quantization step: fold batch norms, pick the layers, give the first and last
-layers their 8-bit convention, build each quantized layer (round-to-nearest unless the method
-supplies its own weight solver), then calibrate activation quantizers on the calibration data.
+"""What every post-training quantization method shares: its config base and the steps of
+the layer flow (fold batch norms, pick the layers, give the first and last layers their 8-bit
+convention, calibrate activation quantizers). The engines in :mod:`compactnn.engines` chain
+these steps (:func:`compactnn.engines.layerwise.quantize_layers` is the plain layer-wise flow).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from torch import nn
 
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.fold import fold_batchnorm
-from compactnn.core.modules import execution_order, set_module
+from compactnn.core.modules import execution_order
 from compactnn.core.qlayers import (
     QUANTIZABLE,
     ActQuantizer,
     is_quant_layer,
-    quantize_layer_rtn,
 )
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
@@ -177,30 +174,3 @@ def check_group_sizes(layers: dict[str, nn.Module], specs: LayerSpecs) -> None:
             f"dimension of: {', '.join(bad)}. Pick a group size that divides them, or exclude "
             "those layers with the step's targets.ignore."
         )
-
-
-WeightSolver = Callable[[str, nn.Module, QuantSpec, QuantSpec | None], nn.Module]
-
-
-def quantize_layers(
-    model: nn.Module,
-    targets: dict[str, nn.Module],
-    config: QuantConfig,
-    ctx: CompressContext,
-    solver: WeightSolver | None = None,
-) -> nn.Module:
-    """Replace each supported target by its quantized twin and calibrate activations.
-
-    ``solver(name, float_layer, wspec, aspec)`` builds the quantized layer; the default is
-    round-to-nearest.
-    """
-    prepare_model(model, config, ctx)
-    layers = split_supported(targets, ctx)
-    specs = layer_specs(model, layers, config, ctx)
-    check_group_sizes(layers, specs)
-    solve = solver or (lambda _n, layer, w, a: quantize_layer_rtn(layer, w, a))
-    for name in ctx.bar(list(specs), desc="quantizing layers"):
-        wspec, aspec = specs[name]
-        set_module(model, name, solve(name, layers[name], wspec, aspec))
-    calibrate_activations(model, ctx)
-    return model

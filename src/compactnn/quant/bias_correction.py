@@ -14,9 +14,11 @@ import dataclasses
 import torch
 from torch import nn
 
+from compactnn.core.capture import capture_batches
 from compactnn.core.context import CompressContext
+from compactnn.engines.layerwise import quantize_all_rtn
+from compactnn.engines.reconstruct import NotReconstructable
 from compactnn.quant.base import QuantConfig
-from compactnn.quant.reconstruct import NotReconstructable, _Stop, quantize_all_rtn
 from compactnn.registry import register
 
 
@@ -50,18 +52,8 @@ def channel_mean(model: nn.Module, name: str, ctx: CompressContext) -> tuple[tor
         y = y.reshape(y.shape[0], -1)  # (C, values)
         total = y.sum(1) if total is None else total + y.sum(1)
         count += y.shape[1]
-        raise _Stop
 
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for b in ctx.batches:
-                try:
-                    ctx.run(model, b)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
+    capture_batches(model, module, ctx, hook, output=True)
     if total is None:
         raise NotReconstructable(f"{name} did not run on the calibration data")
     return total / count, count

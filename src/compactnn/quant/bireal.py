@@ -5,36 +5,16 @@ piecewise-polynomial approximation of ``sign`` for its gradient::
     dF/dx = 2 + 2x (-1 <= x < 0),  2 - 2x (0 <= x < 1),  0 elsewhere
 
 The forward pass is ``sign``. Weights are binary with a per-filter scale (magnitude-aware).
-The block itself (shortcut, shift before the sign) lives in :mod:`compactnn.quant.binary`.
+The block (shortcut, fixed shift before the sign) and ``approx_sign`` live in
+:mod:`compactnn.engines.binary`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from compactnn.quant.qat import apply_qat
-from compactnn.quant.xnor import BinaryConfig, SignSTE
+from compactnn.engines.binary import BinaryConfig, binary_method
 from compactnn.registry import register
-
-
-def approx_sign_grad(x: torch.Tensor) -> torch.Tensor:
-    """Bi-Real's ``dF/dx``: ``2 - 2|x|`` inside ``(-1, 1)``, 0 outside."""
-    return torch.clamp(2 - 2 * x.abs(), min=0.0)
-
-
-class ApproxSign(SignSTE):
-    """``sign_pm1(x)`` forward (inherited), the polynomial approximation's derivative backward."""
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * approx_sign_grad(x)
-
-
-def approx_sign(x: torch.Tensor) -> torch.Tensor:
-    return ApproxSign.apply(x)
 
 
 @dataclass(frozen=True)
@@ -47,7 +27,8 @@ class BiRealConfig(BinaryConfig):
 
     epochs: int = 10
     distill: float = 0.5
-    binary_block = "bireal"
 
 
-register("bireal", BiRealConfig, "Bi-Real Net: binary convs with real shortcuts")(apply_qat)
+register("bireal", BiRealConfig, "Bi-Real Net: binary convs with real shortcuts")(
+    binary_method("bireal")
+)

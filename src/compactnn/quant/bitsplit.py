@@ -20,11 +20,13 @@ import dataclasses
 import torch
 from torch import nn
 
+from compactnn.core.capture import run_until_stopped, stop_after
 from compactnn.core.context import CompressContext
 from compactnn.core.quantize import round_scale
+from compactnn.engines.layerwise import quantize_all_rtn
+from compactnn.engines.reconstruct import NotReconstructable
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import QuantConfig, calibrate_activations
-from compactnn.quant.reconstruct import NotReconstructable, _Stop, quantize_all_rtn
 from compactnn.registry import register
 
 
@@ -90,9 +92,8 @@ def layer_statistics(
         def hook(m, args):
             x = m.quantize_input(args[0]) if key == "q" else args[0]
             seen[key] = unfold_input(m, x.detach().float())
-            raise _Stop
 
-        return hook
+        return stop_after(hook)
 
     gram = cross = None
     handles = [
@@ -103,10 +104,7 @@ def layer_statistics(
         with torch.no_grad():
             for b in ctx.batches:
                 for model in (qmodel, fp_model):
-                    try:
-                        ctx.run(model, b)
-                    except _Stop:
-                        pass
+                    run_until_stopped(ctx.run, model, b)
                 xq, xf = seen.pop("q"), seen.pop("f")
                 gram = xq.T @ xq if gram is None else gram + xq.T @ xq
                 cross = xq.T @ xf if cross is None else cross + xq.T @ xf

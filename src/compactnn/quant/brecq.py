@@ -14,7 +14,7 @@ import dataclasses
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.quant.reconstruct import ReconConfig, reconstruct
+from compactnn.engines.reconstruct import ReconConfig, recon_hooks, reconstruct
 from compactnn.registry import register
 
 
@@ -38,4 +38,4 @@ def apply_brecq(
     model: nn.Module, targets: dict[str, nn.Module], config: BRECQConfig, ctx: CompressContext
 ) -> nn.Module:
     """Quantize ``targets`` and reconstruct them block by block."""
-    return reconstruct(model, targets, config, ctx, "brecq")
+    return reconstruct(model, targets, config, ctx, recon_hooks(config, "brecq"))

@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from compactnn.core.spec import QuantSpec
-from compactnn.quant.qat import (
+from compactnn.engines.qat import QATConfig, QATMethod
+from compactnn.engines.qat_quantizers import (
     ObservingAct,
-    QATConfig,
     WeightExport,
-    apply_qat,
     fp16,
     grid_fake_quant,
     round_ste,
@@ -99,13 +98,17 @@ class DoReFaConfig(QATConfig):
 
     epochs: int = 4
 
-    def weight_quantizer(self, layer: nn.Module, spec: QuantSpec) -> nn.Module:
-        return DoReFaWeight(spec.bits)
 
-    def act_quantizer(self, spec: QuantSpec) -> nn.Module:
-        return DoReFaAct(spec.bits)
+def dorefa_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: DoReFaConfig) -> nn.Module:
+    """Engine hook: DoReFa weights, frozen with a per-channel codebook."""
+    return DoReFaWeight(spec.bits)
+
+
+def dorefa_act_quantizer(layer: nn.Module, spec: QuantSpec, config: DoReFaConfig) -> nn.Module:
+    """Engine hook: activations clipped to the calibrated range."""
+    return DoReFaAct(spec.bits)
 
 
 register("dorefa", DoReFaConfig, "DoReFa-Net: tanh-normalised weights, clipped activations")(
-    apply_qat
+    QATMethod(dorefa_weight_quantizer, dorefa_act_quantizer)
 )

@@ -2,215 +2,52 @@
 rounding error onto the columns not yet quantized through the inverse Hessian of the layer's
 calibration inputs.
 
-The math lives in pure functions (:func:`gptq_quantize`, :func:`weighted_mse_range`); the
-handler runs them block by block through :mod:`compactnn.quant.sequential`, so only one
-transformer block's calibration activations are held at a time.
-
-Grid per group: asymmetric (below 8 bits) with a clipping range searched to minimise the
-Hessian-diagonal-weighted squared error of the group, computed lazily from the
-error-compensated weights when GPTQ reaches the group's first column (also with act-order).
+The math lives in pure functions (:mod:`compactnn.core.gptq_solver`); the handler runs them
+block by block through the block-sequential engine (:mod:`compactnn.engines.sequential`), so
+only one transformer block's calibration activations are held at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.core.qtype import QType
-from compactnn.core.quantize import dequantize, quantize, scale_zero_from_range
-from compactnn.core.spec import QuantSpec
-from compactnn.errors import CompactnnError
-from compactnn.quant.base import QuantConfig
+from compactnn.engines.block_scaling import awq_scaling
+from compactnn.engines.block_tuning import block_tuning
+from compactnn.engines.gptq_common import GPTQBaseConfig
+from compactnn.engines.sequential import BlockHooks, gptq_solver, run_sequential
 from compactnn.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
-    """GPTQ settings.
+class GPTQConfig(GPTQBaseConfig):
+    """GPTQ settings; every field is described in :class:`GPTQBaseConfig` (``damp``,
+    ``act_order``, ``block_size``, ``awq``, ``tune_steps``, ``tune_lr``, ``tune_rounding``).
 
-    Args:
-        damp: dampening added to the Hessian diagonal, as a fraction of its mean.
-        act_order: quantize columns in order of decreasing Hessian diagonal.
-        block_size: columns updated lazily together (speed only).
-        awq: run an AWQ scale search (folded into the preceding norm / layer) first.
-        tune_steps: Adam steps per block that tune the quantization scales and float biases
-            against the float block's outputs after GPTQ (0: off).
-        tune_lr: learning rate of that tuning.
-        tune_rounding: the tuning also learns each integer code's rounding (a code moves by
-            at most one grid step from GPTQ's choice).
+    Example:
+        >>> GPTQConfig(damp=0.05).act_order
+        True
     """
 
-    damp: float = 0.01
-    act_order: bool = True
-    block_size: int = 128
-    awq: bool = False
-    tune_steps: int = 0
-    tune_lr: float = 1e-3
-    tune_rounding: bool = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.damp < 1.0:
-            raise CompactnnError(f"damp={self.damp} must lie in [0, 1); 0.01 is typical.")
-        if self.block_size < 1 or self.tune_steps < 0:
-            raise CompactnnError("block_size must be >= 1 and tune_steps >= 0.")
+def gptq_hooks(config: GPTQConfig) -> BlockHooks:
+    """GPTQ per layer; AWQ scaling before and tuning after each block when asked for.
 
-    @classmethod
-    def from_short(cls, wbits, abits, group, range_method="mse", **kwargs):
-        """Short names ``w<W>[-g<G>]-gptq``: asymmetric groups with searched ranges."""
-        return super().from_short(wbits, abits, group, range_method=range_method, **kwargs)
-
-
-def weighted_mse_range(
-    wg: torch.Tensor,
-    qtype: QType,
-    symmetric: bool,
-    weight: torch.Tensor | None = None,
-    grid: int = 40,
-    min_shrink: float = 0.3,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip range per group minimising ``sum(weight * (dequant(quant(w)) - w)^2)``.
-
-    Searches the low and high ends of the min-max range separately (asymmetric grids) or one
-    shrink factor (symmetric).
-
-    Args:
-        wg: grouped weights ``(rows, ngroups, G)``.
-        qtype: target grid.
-        symmetric: symmetric grid.
-        weight: per-element importance broadcastable to ``wg`` (e.g. Hessian diagonal
-            ``(1, ngroups, G)``); None weighs all equally.
-        grid: number of shrink factors tried for each end.
-        min_shrink: smallest fraction of the min-max range tried.
-
-    Returns:
-        ``(lo, hi)`` each ``(rows, ngroups)``.
+    Example:
+        >>> gptq_hooks(GPTQConfig()).before_block is None
+        True
     """
-    wmin, wmax = wg.amin(-1), wg.amax(-1)  # (rows, ngroups)
-    shrinks = torch.linspace(1.0, min_shrink, grid)
-    if symmetric:
-        a = b = shrinks
-    else:  # coarse joint grid of both ends, plus the diagonal at full resolution
-        coarse = torch.linspace(1.0, min_shrink, min(grid, 10))
-        a = torch.cat([coarse.repeat_interleave(len(coarse)), shrinks])
-        b = torch.cat([coarse.repeat(len(coarse)), shrinks])
-    lo = wmin.unsqueeze(0) * a.view(-1, 1, 1)  # (P, rows, ngroups)
-    hi = wmax.unsqueeze(0) * b.view(-1, 1, 1)
-    scale, zero = scale_zero_from_range(lo, hi, qtype, symmetric)
-    x = wg.unsqueeze(0)  # (1, rows, ngroups, G)
-    q = torch.clamp(
-        torch.round(x / scale.unsqueeze(-1)) + zero.unsqueeze(-1), qtype.qmin, qtype.qmax
+    return BlockHooks(
+        solve_layer=gptq_solver(config.damp, config.act_order, config.block_size),
+        before_block=awq_scaling() if config.awq else None,
+        after_block=(
+            block_tuning(config.tune_steps, config.tune_lr, config.tune_rounding)
+            if config.tune_steps
+            else None
+        ),
     )
-    err = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - x).pow_(2)
-    if weight is not None:
-        err = err * weight
-    best = err.sum(-1).argmin(0, keepdim=True)  # (1, rows, ngroups)
-    return lo.gather(0, best)[0], hi.gather(0, best)[0]
-
-
-def group_qparams(
-    w: torch.Tensor, spec: QuantSpec, hdiag: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero ``(rows,)`` of one group of columns ``w`` ``(rows, G)`` under ``spec``."""
-    wg = w.unsqueeze(1)  # (rows, 1, G)
-    if spec.range_method == "mse":
-        weight = None if hdiag is None else hdiag.reshape(1, 1, -1)
-        lo, hi = weighted_mse_range(wg, spec.qtype, spec.symmetric, weight)
-    else:
-        lo, hi = wg.amin(-1), wg.amax(-1)
-    scale, zero = scale_zero_from_range(lo, hi, spec.qtype, spec.symmetric)
-    return scale[:, 0], zero[:, 0]
-
-
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` ``(cols, cols)``."""
-    h = h.clone()
-    diag = torch.arange(h.shape[0])
-    h[diag, diag] += damp * h.diagonal().mean().clamp(min=1e-8)
-    for extra in (0.0, 1e-4, 1e-2, 1e-1):  # grow the damping if H is numerically singular
-        try:
-            hd = h.clone()
-            hd[diag, diag] += extra * h.diagonal().mean()
-            lower = torch.linalg.cholesky(hd)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        except torch.linalg.LinAlgError:
-            continue
-    raise CompactnnError("GPTQ: the calibration Hessian is singular; give more calibration data.")
-
-
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    spec: QuantSpec,
-    damp: float = 0.01,
-    act_order: bool = True,
-    block_size: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ codes, scales and zero points of a 2-D weight.
-
-    Args:
-        weight: ``(rows, cols)`` float weight.
-        hessian: ``(cols, cols)``, ``sum_n x_n x_n^T`` over calibration inputs (any scale).
-        spec: weight grid; per-channel or per-group (groups stay contiguous in the original
-            column order, so the stored format does not depend on ``act_order``).
-        damp: Hessian dampening, fraction of the mean diagonal.
-        act_order: process columns by decreasing Hessian diagonal.
-        block_size: lazy-update block width.
-
-    Returns:
-        ``codes`` ``(rows, cols)`` and ``scale``/``zero`` ``(rows, ngroups)``.
-    """
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    rows, cols = w.shape
-    gsize = spec.group_size if spec.granularity == "group" else cols
-    if spec.granularity == "tensor" or cols % gsize:
-        raise CompactnnError(f"GPTQ needs channel or group granularity dividing {cols} columns.")
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    hdiag = h.diagonal().clone()
-    perm = torch.argsort(hdiag, descending=True) if act_order else torch.arange(cols)
-    w, h = w[:, perm], h[perm][:, perm]
-    pos = torch.argsort(perm)  # original column -> processing position
-    hinv = _inverse_hessian_factor(h, damp)
-    ngroups = cols // gsize
-    scale = torch.zeros(rows, ngroups)
-    zero = torch.zeros(rows, ngroups)
-    done = torch.zeros(ngroups, dtype=torch.bool)
-    qw = torch.zeros_like(w)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1), hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            g = int(perm[i1 + i]) // gsize
-            if not done[g]:  # lazily fit the group's grid on its error-compensated weights
-                w[:, i1:i2] = w1
-                idx = pos[g * gsize : (g + 1) * gsize]
-                scale[:, g], zero[:, g] = group_qparams(w[:, idx], spec, hdiag[g * gsize :][:gsize])
-                done[g] = True
-            col = w1[:, i]
-            q = quantize(col.view(rows, 1, 1), scale[:, g : g + 1], zero[:, g : g + 1], spec.qtype)
-            qcol = dequantize(q, scale[:, g : g + 1], zero[:, g : g + 1]).view(rows)
-            qw[:, i1 + i] = qcol
-            e = (col - qcol) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    qw = qw[:, pos]  # back to the original column order
-    grouped = qw.reshape(rows, ngroups, gsize)
-    codes = quantize(grouped, scale, zero, spec.qtype).reshape(rows, cols)
-    return codes, scale, zero
-
-
-def accumulate_hessian(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """Add ``x^T x`` of inputs ``x`` ``(..., cols)`` to the running Hessian ``(cols, cols)``."""
-    x2 = x.detach().reshape(-1, x.shape[-1]).float()
-    xtx = x2.T @ x2
-    return xtx if h is None else h + xtx
 
 
 @register("gptq", GPTQConfig, "GPTQ: second-order error compensation, block by block")
@@ -218,7 +55,5 @@ def apply_gptq(
     model: nn.Module, targets: dict[str, nn.Module], config: GPTQConfig, ctx: CompressContext
 ) -> nn.Module:
     """GPTQ (optionally with AWQ scaling and block tuning) over the model's repeated blocks."""
-    from compactnn.quant.sequential import run_sequential
-
     ctx.require_calibration("gptq", 128)
-    return run_sequential(model, targets, config, ctx)
+    return run_sequential(model, targets, config, ctx, gptq_hooks(config))

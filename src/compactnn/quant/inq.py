@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.qat import QATConfig, QATMethod
+from compactnn.engines.qat_quantizers import WeightExport
 from compactnn.errors import CompactnnError
-from compactnn.quant.qat import QATConfig, WeightExport, apply_qat
 from compactnn.registry import register
 
 
@@ -134,8 +135,12 @@ class INQConfig(QATConfig):
         if not p or p != sorted(p) or not all(0.0 < x < 1.0 for x in p):
             raise CompactnnError(f"portions={self.portions} must increase within (0, 1).")
 
-    def weight_quantizer(self, layer: nn.Module, spec: QuantSpec) -> nn.Module:
-        return INQWeight(layer.weight, spec.bits, self.portions)
+
+def inq_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: INQConfig) -> nn.Module:
+    """Engine hook: incrementally frozen powers of two (stages on ``start_epoch``)."""
+    return INQWeight(layer.weight, spec.bits, config.portions)
 
 
-register("inq", INQConfig, "INQ: incremental quantization to powers of two")(apply_qat)
+register("inq", INQConfig, "INQ: incremental quantization to powers of two")(
+    QATMethod(inq_weight_quantizer)
+)

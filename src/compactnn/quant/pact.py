@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from compactnn.core.spec import QuantSpec
-from compactnn.quant.qat import ObservingAct, QATConfig, apply_qat
-from compactnn.quant.ste import STEWeight
+from compactnn.engines.qat import QATConfig, QATMethod
+from compactnn.engines.qat_quantizers import ObservingAct, STEWeight
 from compactnn.registry import register
 
 
@@ -71,11 +71,17 @@ class PACTConfig(QATConfig):
     lr_quant: float = 1e-2
     distill: float = 0.5
 
-    def weight_quantizer(self, layer: nn.Module, spec: QuantSpec) -> nn.Module:
-        return STEWeight(spec)
 
-    def act_quantizer(self, spec: QuantSpec) -> nn.Module:
-        return PACTAct(spec.bits)
+def pact_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: PACTConfig) -> nn.Module:
+    """Engine hook: straight-through min-max weights on the layer's spec."""
+    return STEWeight(spec)
 
 
-register("pact", PACTConfig, "PACT: learned activation clipping QAT")(apply_qat)
+def pact_act_quantizer(layer: nn.Module, spec: QuantSpec, config: PACTConfig) -> nn.Module:
+    """Engine hook: a learned clip ``alpha``."""
+    return PACTAct(spec.bits)
+
+
+register("pact", PACTConfig, "PACT: learned activation clipping QAT")(
+    QATMethod(pact_weight_quantizer, pact_act_quantizer)
+)

@@ -13,8 +13,8 @@ import dataclasses
 from torch import nn
 
 from compactnn.core.context import CompressContext
+from compactnn.engines.reconstruct import ReconConfig, recon_hooks, reconstruct
 from compactnn.errors import CompactnnError
-from compactnn.quant.reconstruct import ReconConfig, reconstruct
 from compactnn.registry import register
 
 
@@ -41,4 +41,4 @@ def apply_qdrop(
     model: nn.Module, targets: dict[str, nn.Module], config: QDropConfig, ctx: CompressContext
 ) -> nn.Module:
     """Quantize ``targets`` and reconstruct them block by block with activation dropping."""
-    return reconstruct(model, targets, config, ctx, "qdrop")
+    return reconstruct(model, targets, config, ctx, recon_hooks(config, "qdrop"))

@@ -7,7 +7,8 @@ import dataclasses
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.quant.base import QuantConfig, quantize_layers
+from compactnn.engines.layerwise import quantize_layers
+from compactnn.quant.base import QuantConfig
 from compactnn.registry import register
 
 

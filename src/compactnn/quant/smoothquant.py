@@ -1,11 +1,13 @@
 """SmoothQuant (Xiao et al. 2022): migrate activation outliers into the weights for W8A8.
 
-For each foldable ``(producer, consumers)`` pair (see :mod:`compactnn.quant.awq`), the input
+For each foldable ``(producer, consumers)`` pair (see :mod:`compactnn.core.scale_fold`), the input
 channels are divided by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (``alpha``: the
 migration strength) and the consumers' weight columns multiplied by ``s_j``; the float model
 is unchanged, the activations become easier to quantize per tensor. Pairs whose folding would
 change the model (post-norm encoders: the norm output also feeds the residual) are skipped and
-named in the notes. Then weights and activations are quantized round-to-nearest.
+named in the notes. Then weights and activations are quantized round-to-nearest (layer-wise
+engine); with ``dynamic`` the activations get per-token grids at run time
+(:class:`~compactnn.core.dynact.DynamicActQuantizer`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import torch
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.core.qlayers import ActQuantizer, is_quant_layer
+from compactnn.core.dynact import use_dynamic_act
+from compactnn.core.qlayers import is_quant_layer
+from compactnn.core.scale_fold import find_scale_pairs, fold_is_exact, fold_scale
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.layerwise import quantize_layers
 from compactnn.errors import CompactnnError
-from compactnn.quant.awq import find_scale_pairs, fold_is_exact, fold_scale
-from compactnn.quant.base import QuantConfig, quantize_layers, short_act_spec
-from compactnn.registry import register
+from compactnn.quant.base import QuantConfig, short_act_spec
+from compactnn.registry import register, register_artifact_hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,48 +56,13 @@ class SmoothQuantConfig(QuantConfig):
         return super().from_short(wbits, abits, group, range_method=range_method, **kwargs)
 
 
-class DynamicActQuantizer(ActQuantizer):
-    """Per-token asymmetric fake quantization with ranges taken at run time.
-
-    Each row of the last dimension (one token) gets its own ``[min, max]`` grid, widened to
-    contain 0, on ``spec.qtype`` (uint8 for ``a8``). No calibration is needed.
-    """
-
-    def __init__(self, spec: QuantSpec) -> None:
-        super().__init__(spec)
-        self.calibrated = True
-
-    def start_observing(self) -> None:  # nothing to observe: ranges are dynamic
-        self.observer = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        qt = self.qtype
-        lo = x.detach().amin(-1, keepdim=True).clamp(max=0)
-        hi = x.detach().amax(-1, keepdim=True).clamp(min=0)
-        scale = ((hi - lo) / (qt.qmax - qt.qmin)).clamp(min=1e-8)  # (..., 1)
-        zero = torch.round(qt.qmin - lo / scale)
-        q = torch.clamp(torch.round(x / scale) + zero, qt.qmin, qt.qmax)
-        return x + ((q - zero) * scale - x).detach()
-
-    def extra_repr(self) -> str:
-        return f"{self.qtype.name}, per-token dynamic"
-
-
-def use_dynamic_act(model: nn.Module, names: list[str]) -> list[str]:
-    """Swap the input quantizers of the named layers for per-token dynamic ones."""
-    done = []
-    for n in names:
-        layer = model.get_submodule(n)
-        if getattr(layer, "input_quantizer", None) is not None:
-            layer.input_quantizer = DynamicActQuantizer(layer.input_quantizer.spec)
-            done.append(n)
-    return done
-
-
+@register_artifact_hook("after_layers")
 def restore_dynamic_act(model: nn.Module, extra: dict) -> None:
-    """After ``load``: give back the dynamic quantizers recorded in ``extra["dynamic_act"]``."""
+    """After ``load``: give back the dynamic quantizers recorded in ``extra["dynamic_act"]``.
+
+    Example:
+        >>> restore_dynamic_act(model, {"dynamic_act": ["fc"]})  # doctest: +SKIP
+    """
     use_dynamic_act(model, list(extra.get("dynamic_act", [])))
 
 

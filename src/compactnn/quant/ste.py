@@ -3,7 +3,8 @@
 The plain QAT baseline (BinaryConnect's idea applied to any grid): weights are quantized
 per output channel with a min-max asymmetric grid recomputed at every step; activations use
 a min-max range tracked by an exponential moving average. Gradients pass through ``round``
-unchanged inside the grid and are zero where values were clipped.
+unchanged inside the grid and are zero where values were clipped. The weight quantizer
+(:class:`~compactnn.engines.qat_quantizers.STEWeight`) is shared with PACT.
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compactnn.core.qlayers import rtn_weight_qparams
 from compactnn.core.qtype import QType
-from compactnn.core.quantize import dequantize, grouped_view, scale_zero_from_range
+from compactnn.core.quantize import scale_zero_from_range
 from compactnn.core.spec import QuantSpec
-from compactnn.quant.qat import (
-    QATConfig,
-    WeightExport,
-    apply_qat,
-    check_act_bits,
-    clipped_ste_quant,
-)
+from compactnn.engines.qat import QATConfig, QATMethod
+from compactnn.engines.qat_quantizers import STEWeight, check_act_bits, clipped_ste_quant
 from compactnn.registry import register
 
 
@@ -32,23 +27,6 @@ def ste_fake_quant(
 ) -> torch.Tensor:
     """``(clamp(round(x / s) + z, qmin, qmax) - z) * s``; gradient 1 inside the grid, 0 outside."""
     return clipped_ste_quant(x, scale, zero, qmin, qmax)
-
-
-class STEWeight(nn.Module):
-    """Round-to-nearest weights (the recipe's spec) with a straight-through gradient."""
-
-    def __init__(self, spec: QuantSpec) -> None:
-        super().__init__()
-        self.spec = spec
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        codes, scale, zero = rtn_weight_qparams(w, self.spec)
-        cg = grouped_view(codes, self.spec.granularity, self.spec.group_size)
-        w_hat = dequantize(cg, scale, zero).reshape(w.shape)
-        return w + (w_hat - w).detach()  # min-max grid: nothing is clipped, gradient is 1
-
-    def export(self, w: torch.Tensor) -> WeightExport:
-        return WeightExport(*rtn_weight_qparams(w, self.spec), self.spec)
 
 
 class STEAct(nn.Module):
@@ -104,12 +82,18 @@ class STEConfig(QATConfig):
     Defaults: 3 epochs, lr 1e-3; first and last layers at 8 bits.
     """
 
-    def weight_quantizer(self, layer: nn.Module, spec: QuantSpec) -> nn.Module:
-        return STEWeight(spec)
 
-    def act_quantizer(self, spec: QuantSpec) -> nn.Module:
-        check_act_bits(spec.bits, "ste")
-        return STEAct(spec.bits)
+def ste_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: STEConfig) -> nn.Module:
+    """Engine hook: round-to-nearest weights on the layer's spec, straight-through."""
+    return STEWeight(spec)
 
 
-register("ste", STEConfig, "straight-through QAT with min-max grids")(apply_qat)
+def ste_act_quantizer(layer: nn.Module, spec: QuantSpec, config: STEConfig) -> nn.Module:
+    """Engine hook: min-max activation grid on an EMA of the batch ranges."""
+    check_act_bits(spec.bits, "ste")
+    return STEAct(spec.bits)
+
+
+register("ste", STEConfig, "straight-through QAT with min-max grids")(
+    QATMethod(ste_weight_quantizer, ste_act_quantizer)
+)

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.qat import QATConfig, QATMethod
+from compactnn.engines.qat_quantizers import WeightExport, check_ternary_bits, fp16
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import short_act_spec, short_weight_spec
-from compactnn.quant.qat import QATConfig, WeightExport, apply_qat, fp16
-from compactnn.quant.twn import check_ternary_bits
 from compactnn.registry import register
 
 
@@ -100,8 +100,12 @@ class TTQConfig(QATConfig):
         if not 0.0 < self.threshold < 1.0:
             raise CompactnnError(f"threshold={self.threshold} must lie in (0, 1).")
 
-    def weight_quantizer(self, layer: nn.Module, spec: QuantSpec) -> nn.Module:
-        return TTQWeight(layer.weight, self.threshold)
+
+def ttq_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: TTQConfig) -> nn.Module:
+    """Engine hook: learned positive and negative scales (activations: LSQ)."""
+    return TTQWeight(layer.weight, config.threshold)
 
 
-register("ttq", TTQConfig, "TTQ: ternary weights with learned positive/negative scales")(apply_qat)
+register("ttq", TTQConfig, "TTQ: ternary weights with learned positive/negative scales")(
+    QATMethod(ttq_weight_quantizer)
+)

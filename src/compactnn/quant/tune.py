@@ -1,248 +1,35 @@
-"""Tuning after GPTQ, against the float model's outputs, in two stages.
+"""GPTQ followed by tuning against the float model's outputs: per block (scales, biases, norm
+gains and the rounding of each code), then the whole block stack end to end.
 
-1. **Per block** (``tune_steps``): each group's scale (through a log-factor), every float
-   bias and every norm gain in the block, and optionally the rounding of each integer code,
-   are tuned with Adam so the quantized block, fed the quantized model's activations,
-   reproduces the float block's outputs on the float model's activations. This corrects the
-   error the earlier blocks let through, which layer-wise GPTQ cannot see.
-2. **End to end** (``e2e_steps``): once every block is quantized, the same scales, biases and
-   norm gains of all blocks are tuned together so the whole stack of quantized blocks, fed the
-   model's first-block inputs, reproduces the float stack's output (codes fixed). A per-block
-   loss cannot see how errors of different blocks combine; this stage can.
-
-Learned rounding (``rounding=True``, in the spirit of AdaRound and AutoRound, but starting
-from GPTQ's codes): every code gets a continuous offset ``v``, initialised at 0 and bounded to
-``[-1, 1]``; the forward pass uses ``clamp(round(code + v), qmin, qmax)`` with a
-straight-through gradient, so a code moves by one step only when the loss keeps asking for it.
-The stored format does not change: the result is again integer codes on the same grid.
-
-Losses are the squared error relative to the target's energy, over real tokens only (padding
-positions, known from the attention mask, are left out).
+The tuning itself is :mod:`compactnn.engines.block_tuning`; this file picks the hooks of the
+block-sequential engine: GPTQ per layer, block tuning after each block, stack tuning at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.core.qlayers import QuantLinear
-from compactnn.core.quantize import round_scale
+from compactnn.engines.block_scaling import awq_scaling
+from compactnn.engines.block_tuning import block_tuning, stack_tuning
+from compactnn.engines.gptq_common import GPTQBaseConfig
+from compactnn.engines.sequential import BlockHooks, gptq_solver, run_sequential
 from compactnn.errors import CompactnnError
-from compactnn.quant.gptq import GPTQConfig, apply_gptq
 from compactnn.registry import register
 
 
-def moved_codes(codes: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """``clamp(round(codes + offset), qmin, qmax)`` with a straight-through gradient to
-    ``offset`` (float result, ``codes``' shape).
-
-    The gradient passes through the clamp too: a code sitting at ``qmin`` or ``qmax`` has
-    ``codes + offset`` exactly on the bound, where ``torch.clamp`` would block it for good.
-    """
-    moved = codes.float() + offset
-    return moved + (moved.round().clamp(qmin, qmax) - moved).detach()
-
-
-def tuned_weight(
-    layer: QuantLinear, log_factor: torch.Tensor, offset: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Weight ``(out, in)`` of ``layer`` with its scales multiplied by ``exp(log_factor)`` and,
-    when ``offset`` is given, its codes moved by the rounded offset."""
-    rows, ngroups = layer.weight_scale.shape
-    codes = layer.weight_codes.float()
-    if offset is not None:
-        qt = layer.weight_spec.qtype
-        codes = moved_codes(codes, offset, qt.qmin, qt.qmax)
-    codes = codes.reshape(rows, ngroups, -1)
-    scale = (layer.weight_scale * log_factor.exp()).unsqueeze(-1)
-    w = (codes - layer.weight_zero.unsqueeze(-1)) * scale
-    return w.reshape(layer.weight.shape)
-
-
-def relative_error(
-    out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """``sum((out - target)^2) / sum(target^2)`` over the ``(B, T)`` positions where ``mask``
-    is true (all positions when ``mask`` is None); ``out``/``target`` are ``(B, T, C)``."""
-    err, energy = (out - target).pow(2), target.pow(2)
-    if mask is not None:
-        err, energy = err[mask], energy[mask]
-    return err.sum() / energy.sum().clamp(min=1e-12)
-
-
-class Tunables:
-    """The tuned quantities of one module: per-group log scale factors and (optionally)
-    rounding offsets of every ``QuantLinear``, and a copy of every other 1-D float parameter
-    (biases, norm gains). ``params()`` feeds ``torch.func.functional_call``; ``commit()``
-    writes the result back into the module as integer codes, scales and parameters."""
-
-    def __init__(self, module: nn.Module, rounding: bool) -> None:
-        self.module = module
-        self.qlayers = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
-        self.factors = {
-            n: torch.zeros_like(m.weight_scale, requires_grad=True) for n, m in self.qlayers.items()
-        }
-        self.offsets = {
-            n: torch.zeros(m.weight_codes.shape, requires_grad=True)
-            for n, m in self.qlayers.items()
-        } if rounding else {}  # fmt: skip
-        qweights = {f"{n}.weight" for n in self.qlayers}
-        self.vectors = {
-            n: p.detach().clone().requires_grad_(True)
-            for n, p in module.named_parameters()
-            if p.dim() == 1 and n not in qweights
-        }
-
-    def optimizer(self, lr: float, rounding_lr: float) -> torch.optim.Optimizer:
-        groups = [{"params": [*self.factors.values(), *self.vectors.values()], "lr": lr}]
-        if self.offsets:
-            groups.append({"params": list(self.offsets.values()), "lr": rounding_lr})
-        return torch.optim.Adam(groups)
-
-    def params(self) -> dict[str, torch.Tensor]:
-        out = {
-            f"{n}.weight": tuned_weight(m, self.factors[n], self.offsets.get(n))
-            for n, m in self.qlayers.items()
-        }
-        out.update(self.vectors)
-        return out
-
-    def clamp_(self) -> None:
-        with torch.no_grad():
-            for v in self.offsets.values():
-                v.clamp_(-1.0, 1.0)
-
-    @torch.no_grad()
-    def commit(self) -> None:
-        for n, m in self.qlayers.items():
-            scale = round_scale(m.weight_scale * self.factors[n].exp())
-            codes = m.weight_codes
-            if n in self.offsets:
-                qt = m.weight_spec.qtype
-                codes = moved_codes(codes, self.offsets[n], qt.qmin, qt.qmax).to(codes.dtype)
-            m.set_quantized_weight(codes, scale, m.weight_zero)
-        named = dict(self.module.named_parameters())
-        for n, v in self.vectors.items():
-            named[n].copy_(v)
-
-
-def fit(
-    tunables: Tunables,
-    loss_of: Callable[[int], torch.Tensor],
-    n_batches: int,
-    steps: int,
-    lr: float,
-    seed: int = 0,
-    rounding_lr: float | None = None,
-) -> tuple[float, float]:
-    """Adam on ``tunables`` for ``steps`` steps, one batch each in a seeded random order.
-
-    ``loss_of(i)`` runs batch ``i`` through ``tunables.params()``. The result is written back
-    only when it lowers the mean loss over all batches (otherwise the module is unchanged).
-
-    Returns:
-        ``(before, after)``: mean loss over all batches before and after.
-    """
-    opt = tunables.optimizer(lr, rounding_lr or 1.0 / max(steps, 1))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        before = sum(float(loss_of(i)) for i in range(n_batches)) / n_batches
-    for _ in range(steps):
-        i = int(torch.randint(n_batches, (1,), generator=gen))
-        opt.zero_grad()
-        loss_of(i).backward()
-        opt.step()
-        tunables.clamp_()
-    with torch.no_grad():
-        after = sum(float(loss_of(i)) for i in range(n_batches)) / n_batches
-    if after < before:
-        tunables.commit()
-    return before, min(before, after)
-
-
-def tune_block(
-    block: nn.Module,
-    calls: list,
-    q_inps: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    steps: int,
-    lr: float,
-    seed: int = 0,
-    rounding: bool = False,
-) -> float:
-    """Tune the scales, biases, norm gains (and optionally codes) of ``block`` in place.
-
-    Args:
-        block: the block with quantized layers.
-        calls: ``(args, kwargs)`` per calibration batch (hidden states replaced per call).
-        q_inps: the block's inputs from the quantized model, one ``(B, T, C)`` per batch.
-        targets: the float block's outputs on the float model's inputs, same shapes.
-        steps: Adam steps (one calibration batch each, in a seeded random order).
-        lr: learning rate of scales, biases and norm gains.
-        seed: seed of the batch order.
-        rounding: also learn each code's rounding (codes move by at most one step; their
-            learning rate is ``1 / steps``: Adam moves about ``lr`` a step, so an offset can
-            cross half a step in half the run).
-
-    Returns:
-        The final mean relative error over all batches.
-    """
-    from compactnn.quant.sequential import run_block, token_mask
-
-    tun = Tunables(block, rounding)
-    masks = [token_mask(c, h) for c, h in zip(calls, q_inps, strict=True)]
-
-    def loss_of(i: int) -> torch.Tensor:
-        out = run_block(block, calls[i], q_inps[i], params=tun.params())
-        return relative_error(out, targets[i], masks[i])
-
-    return fit(tun, loss_of, len(calls), steps, lr, seed)[1]
-
-
-def tune_stack(
-    blocks: nn.ModuleList,
-    calls: list,
-    inps: list[torch.Tensor],
-    targets: list[torch.Tensor],
-    steps: int,
-    lr: float,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Tune the scales, biases and norm gains of all ``blocks`` together (codes fixed) so the
-    quantized stack maps the first block's inputs ``inps`` to the float stack's ``targets``.
-
-    Returns:
-        ``(before, after)`` mean relative error over all batches.
-    """
-    from compactnn.quant.sequential import run_block, token_mask
-
-    tun = Tunables(blocks, rounding=False)
-    masks = [token_mask(c, h) for c, h in zip(calls, inps, strict=True)]
-
-    def loss_of(i: int) -> torch.Tensor:
-        params = tun.params()
-        h = inps[i]
-        for j, block in enumerate(blocks):
-            prefix = f"{j}."
-            own = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-            h = run_block(block, calls[i], h, params=own)
-        return relative_error(h, targets[i], masks[i])
-
-    return fit(tun, loss_of, len(calls), steps, lr, seed)
-
-
 @dataclasses.dataclass(frozen=True)
-class GPTQTuneConfig(GPTQConfig):
+class GPTQTuneConfig(GPTQBaseConfig):
     """GPTQ followed by tuning against the float model (the best combination here).
 
-    Same fields as :class:`GPTQConfig`, with these defaults: 100 per-block steps that also
-    learn the rounding, then 100 end-to-end steps at ``e2e_lr=2e-4`` (on MiniLM with 512
-    calibration sentences they lowered the stack's calibration error from 0.0250 to 0.0228
-    at W3 g32 and from 0.0946 to 0.0892 at W2 g32; at ``1e-3`` they did not lower it at W4).
+    Same fields as :class:`~compactnn.quant.gptq.GPTQConfig` (see
+    :class:`~compactnn.engines.gptq_common.GPTQBaseConfig`), with these defaults: 100
+    per-block steps that also learn the rounding, then 100 end-to-end steps at
+    ``e2e_lr=2e-4`` (on MiniLM with 512 calibration sentences they lowered the stack's
+    calibration error from 0.0250 to 0.0228 at W3 g32 and from 0.0946 to 0.0892 at W2 g32; at
+    ``1e-3`` they did not lower it at W4).
 
     Args:
         e2e_steps: Adam steps of the end-to-end stage (0: off).
@@ -261,10 +48,31 @@ class GPTQTuneConfig(GPTQConfig):
             raise CompactnnError("e2e_steps must be >= 0 and learning rates > 0.")
 
 
+def gptq_tune_hooks(config: GPTQTuneConfig) -> BlockHooks:
+    """GPTQ per layer (AWQ scaling first when ``awq``), block tuning after each block when
+    ``tune_steps``, stack tuning at the end when ``e2e_steps``.
+
+    Example:
+        >>> gptq_tune_hooks(GPTQTuneConfig()).after_stack is not None
+        True
+    """
+    return BlockHooks(
+        solve_layer=gptq_solver(config.damp, config.act_order, config.block_size),
+        before_block=awq_scaling() if config.awq else None,
+        after_block=(
+            block_tuning(config.tune_steps, config.tune_lr, config.tune_rounding)
+            if config.tune_steps
+            else None
+        ),
+        after_stack=stack_tuning(config.e2e_steps, config.e2e_lr) if config.e2e_steps else None,
+    )
+
+
 @register("gptq_tune", GPTQTuneConfig, "GPTQ + block-wise and end-to-end tuning")
 def apply_gptq_tune(
     model: nn.Module, targets: dict[str, nn.Module], config: GPTQTuneConfig, ctx: CompressContext
 ) -> nn.Module:
     """GPTQ block by block, each block then tuned against the float block's outputs, then the
     whole block stack tuned end to end."""
-    return apply_gptq(model, targets, config, ctx)
+    ctx.require_calibration("gptq", 128)  # GPTQ's needs (and note), as before
+    return run_sequential(model, targets, config, ctx, gptq_tune_hooks(config))

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.qat import QATConfig, QATMethod
+from compactnn.engines.qat_quantizers import WeightExport, check_ternary_bits, fp16
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import short_act_spec, short_weight_spec
-from compactnn.quant.qat import QATConfig, WeightExport, apply_qat, fp16
 from compactnn.registry import register
 
 
@@ -74,17 +75,12 @@ class TWNConfig(QATConfig):
         if not 0.0 < self.ratio < 2.0:
             raise CompactnnError(f"ratio={self.ratio} must lie in (0, 2).")
 
-    def weight_quantizer(self, layer: nn.Module, spec: QuantSpec) -> nn.Module:
-        return TWNWeight(self.ratio)
 
-
-def check_ternary_bits(bits: int, method: str) -> None:
-    if bits != 2:
-        raise CompactnnError(
-            f"{method} is ternary: weights take 2 bits (w2a8-{method}), not {bits}."
-        )
+def twn_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: TWNConfig) -> nn.Module:
+    """Engine hook: ternary weights at the config's threshold ratio (activations: LSQ)."""
+    return TWNWeight(config.ratio)
 
 
 register("twn", TWNConfig, "TWN: ternary weights, threshold 0.7 mean|w|, per-layer scale")(
-    apply_qat
+    QATMethod(twn_weight_quantizer)
 )

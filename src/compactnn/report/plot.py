@@ -6,11 +6,16 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import matplotlib
+from compactnn._optional import require
 
-matplotlib.use("Agg")  # files only; no display on servers or in CI
-import matplotlib.pyplot as plt
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+require("matplotlib", "demo").use("Agg")  # files only; no display on servers or in CI
+plt = require("matplotlib.pyplot", "demo")
+_ticker = require("matplotlib.ticker", "demo")
+FuncFormatter, LogLocator, NullFormatter = (
+    _ticker.FuncFormatter,
+    _ticker.LogLocator,
+    _ticker.NullFormatter,
+)
 
 METRIC_LABELS = {"top1": "top-1 accuracy (%)", "cosine": "mean cosine vs float"}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from compactnn.export.fs import atomic_write_text
+from compactnn.measure.fidelity import fmt_quality
 from compactnn.report.document import Block, to_html, to_markdown
 from compactnn.report.plot import METRIC_LABELS, pareto_png
 
@@ -37,15 +38,6 @@ def _num(x: Any, fmt: str) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     return format(x, fmt)
-
-
-def fmt_quality(metric: str, value: float | None, delta: bool = False) -> str:
-    """``98.10%`` for top-1 (percent), ``0.9981`` for cosine; deltas get a sign and unit."""
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    if metric == "top1":
-        return f"{value:+.2f} pt" if delta else f"{value:.2f}%"
-    return f"{value:+.4f}" if delta else f"{value:.4f}"
 
 
 def summary_rows(results: dict[str, Any]) -> list[list[str]]:

@@ -1,0 +1,61 @@
+"""Per-token dynamic activation quantization: the grid the int8 kernels use at run time."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compactnn.core.qlayers import ActQuantizer
+from compactnn.core.spec import QuantSpec
+
+
+class DynamicActQuantizer(ActQuantizer):
+    """Per-token asymmetric fake quantization with ranges taken at run time.
+
+    Each row of the last dimension (one token) gets its own ``[min, max]`` grid, widened to
+    contain 0, on ``spec.qtype`` (uint8 for ``a8``). No calibration is needed.
+
+    Example:
+        >>> q = DynamicActQuantizer(QuantSpec(bits=8, symmetric=False))
+        >>> q(torch.zeros(2, 4)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, spec: QuantSpec) -> None:
+        super().__init__(spec)
+        self.calibrated = True
+
+    def start_observing(self) -> None:  # nothing to observe: ranges are dynamic
+        self.observer = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        qt = self.qtype
+        lo = x.detach().amin(-1, keepdim=True).clamp(max=0)
+        hi = x.detach().amax(-1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / (qt.qmax - qt.qmin)).clamp(min=1e-8)  # (..., 1)
+        zero = torch.round(qt.qmin - lo / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, qt.qmin, qt.qmax)
+        return x + ((q - zero) * scale - x).detach()
+
+    def extra_repr(self) -> str:
+        return f"{self.qtype.name}, per-token dynamic"
+
+
+def use_dynamic_act(model: nn.Module, names: list[str]) -> list[str]:
+    """Swap the input quantizers of the named layers for per-token dynamic ones.
+
+    Returns the names of the layers that had an input quantizer (and now a dynamic one).
+
+    Example:
+        >>> use_dynamic_act(model, ["fc"])  # doctest: +SKIP
+        ['fc']
+    """
+    done = []
+    for n in names:
+        layer = model.get_submodule(n)
+        if getattr(layer, "input_quantizer", None) is not None:
+            layer.input_quantizer = DynamicActQuantizer(layer.input_quantizer.spec)
+            done.append(n)
+    return done

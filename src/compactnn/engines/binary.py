@@ -1,0 +1,450 @@
+"""Binary networks in the training-aware engine: the pieces XNOR-Net, Bi-Real Net and
+ReActNet share, and the block that replaces a layer with 1-bit activations.
+
+Weights: ``w_b = alpha * sign(w)`` with ``alpha = mean|w|`` per output filter
+(:class:`BinaryWeight`); frozen, 1-bit codes ``c = [w >= 0]`` with a per-filter codebook
+``[-alpha, +alpha]``; ``sign(0) = +1`` throughout. The sign's gradient is straight-through
+where ``|x| <= 1`` (:func:`sign_ste`, XNOR-Net) or Bi-Real's polynomial approximation
+(:func:`approx_sign`).
+
+A uniform activation grid cannot express ``sign`` with a learned shift, a real-valued
+shortcut or RPReLU, so a layer with 1-bit activations is replaced (under its own name) by a
+:class:`BinaryBlock` that holds it as ``.layer``::
+
+    x -> shift -> sign -> layer(binary weights) [* K for XNOR] -> BN -> * gain * scale + bias
+      [+ shortcut(x) for Bi-Real / ReActNet]  [-> RPReLU for ReActNet]
+
+The batch norm (without affine parameters: ``gain``, ``scale`` and the layer's bias are its
+affine part) normalises the binary layer's output with batch statistics while training, as
+the batch norm after every binary conv does in all three papers. It exists only while
+training: freezing folds its running statistics into ``scale`` and the bias.
+
+Frozen, ``.layer`` is a standard ``QuantConv2d``/``QuantLinear`` with 1-bit codes; the block's
+own float parameters (shift, RPReLU) are ordinary state-dict tensors. The artifact header
+lists the blocks (``extra["binary_blocks"]``: name -> kind) and :func:`rebuild_blocks` (an
+artifact hook) puts them back into the float skeleton before ``load`` installs the layers.
+
+The shift before the sign is needed here because, with batch norms folded, the input of a
+binary layer usually follows a ReLU: ``sign`` of a non-negative tensor carries no
+information. It starts at each channel's mean input, so the sign splits the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compactnn import registry
+from compactnn.core.context import CompressContext
+from compactnn.core.modules import set_module
+from compactnn.core.spec import QuantSpec
+from compactnn.engines.qat import QATConfig, QATMethod, QATWrapper, freeze_layer
+from compactnn.engines.qat_quantizers import WeightExport, fp16
+from compactnn.errors import CompactnnError
+from compactnn.quant.base import short_act_spec, short_weight_spec
+
+KINDS = ("xnor", "bireal", "reactnet")
+
+
+def sign_pm1(x: torch.Tensor) -> torch.Tensor:
+    """``+1`` where ``x >= 0``, ``-1`` elsewhere (never 0, unlike ``torch.sign``)."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class SignSTE(torch.autograd.Function):
+    """``sign_pm1(x)`` forward; gradient ``1[|x| <= 1]`` (clipped straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return sign_pm1(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """``sign_pm1(x)`` with XNOR-Net's clipped straight-through gradient."""
+    return SignSTE.apply(x)
+
+
+def approx_sign_grad(x: torch.Tensor) -> torch.Tensor:
+    """Bi-Real's ``dF/dx``: ``2 - 2|x|`` inside ``(-1, 1)``, 0 outside.
+
+    ``F(x) = -1 (x < -1), 2x + x^2 (-1 <= x < 0), 2x - x^2 (0 <= x < 1), 1 (x >= 1)``.
+    """
+    return torch.clamp(2 - 2 * x.abs(), min=0.0)
+
+
+class ApproxSign(SignSTE):
+    """``sign_pm1(x)`` forward (inherited), the polynomial approximation's derivative backward."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * approx_sign_grad(x)
+
+
+def approx_sign(x: torch.Tensor) -> torch.Tensor:
+    """``sign_pm1(x)`` with Bi-Real's polynomial gradient (also ReActNet's RSign)."""
+    return ApproxSign.apply(x)
+
+
+def binary_weight(w: torch.Tensor) -> torch.Tensor:
+    """``mean|w| * sign(w)`` per output filter; gradient through both factors (clipped STE).
+
+    ``mean|w|`` is rounded to float16 as the artifact's codebook stores it (the gradient is
+    the unrounded one's), so the frozen layer computes exactly what training computed.
+    """
+    alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+    alpha = alpha + (fp16(alpha) - alpha).detach()
+    return alpha * sign_ste(w)
+
+
+def xnor_scale(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """XNOR-Net's ``K``: channel-mean |x| averaged over each kernel window of ``layer``.
+
+    ``x``: ``(N, C, H, W)`` for a conv (returns ``(N, 1, H', W')``) or ``(..., F)`` for a
+    linear layer (returns ``(..., 1)``).
+    """
+    a = x.abs().mean(dim=1 if isinstance(layer, nn.Conv2d) else -1, keepdim=True)
+    if not isinstance(layer, nn.Conv2d):
+        return a
+    kh, kw = layer.kernel_size
+    box = a.new_full((1, 1, kh, kw), 1.0 / (kh * kw))
+    pad = layer.padding if not isinstance(layer.padding, str) else (kh // 2, kw // 2)
+    return F.conv2d(a, box, stride=layer.stride, padding=pad, dilation=layer.dilation)
+
+
+def rprelu(
+    y: torch.Tensor, gamma: torch.Tensor, zeta: torch.Tensor, slope: torch.Tensor, dim: int
+) -> torch.Tensor:
+    """ReActNet's ``PReLU(y - gamma) + zeta`` with per-channel parameters along ``dim``."""
+    shape = [1] * y.dim()
+    shape[dim] = -1
+    z = y - gamma.reshape(shape)
+    return torch.where(z >= 0, z, slope.reshape(shape) * z) + zeta.reshape(shape)
+
+
+class RPReLU(nn.Module):
+    """Per-channel shifted PReLU; ``dim``: the channel dimension (1 for convs, -1 for linear)."""
+
+    def __init__(self, channels: int, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.gamma = nn.Parameter(torch.zeros(channels))
+        self.zeta = nn.Parameter(torch.zeros(channels))
+        self.slope = nn.Parameter(torch.full((channels,), 0.25))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return rprelu(y, self.gamma, self.zeta, self.slope, self.dim)
+
+
+class BinaryWeight(nn.Module):
+    """Binary weights with a per-filter scale; 1-bit codes plus a codebook when frozen.
+
+    Args:
+        real_epochs: training epochs (counted by ``start_epoch``) during which the weights
+            stay real-valued while the activations are already binary: ReActNet's first
+            training stage. The last epoch always trains binary weights (when ``train`` is
+            given fewer epochs than the recipe's). Outside ``train`` (no ``start_epoch``
+            call) weights are binary.
+    """
+
+    spec = QuantSpec(bits=1, symmetric=False, granularity="channel")
+
+    def __init__(self, real_epochs: int = 0) -> None:
+        super().__init__()
+        self.real_epochs = real_epochs
+        self.real = False
+
+    def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
+        """Real-valued weights during the first ``real_epochs`` epochs, binary after."""
+        self.real = epoch < min(self.real_epochs, epochs - 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.real else binary_weight(w)
+
+    def export(self, w: torch.Tensor) -> WeightExport:
+        """1-bit codes ``[w >= 0]`` and the float16 codebook ``[-alpha, +alpha]`` per filter."""
+        w = w.detach().float()
+        alpha = w.abs().reshape(w.shape[0], -1).mean(dim=1)  # (out,)
+        levels = fp16(torch.stack([-alpha, alpha], dim=-1)).reshape(-1, 1, 2)
+        codes = (w >= 0).to(torch.uint8)
+        ones = torch.ones(w.shape[0], 1)
+        return WeightExport(codes, ones, torch.zeros_like(ones), self.spec, levels)
+
+
+@dataclass(frozen=True)
+class BinaryConfig(QATConfig):
+    """Shared by the binary methods: 1-bit weights; 1-bit activations through a binary
+    block (or, with ``a8``, LSQ activations). The default specs are those of ``w1a1-<name>``.
+
+    Args:
+        real_weight_epochs: first epochs trained with binary activations but real-valued
+            weights (ReActNet's two-stage training); the weights are binarised after them.
+            Must be below ``epochs``; 0 binarises weights from the start.
+    """
+
+    weight: QuantSpec = field(default_factory=lambda: short_weight_spec(1))
+    act: QuantSpec | None = field(default_factory=lambda: short_act_spec(1))
+    epochs: int = 6
+    lr: float = 1e-3
+    lr_quant: float = 1e-2
+    real_weight_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).method_name or "binary"
+        if not isinstance(self.real_weight_epochs, int) or not (
+            0 <= self.real_weight_epochs < max(self.epochs, 1)
+        ):
+            raise CompactnnError(
+                f"{name}: real_weight_epochs={self.real_weight_epochs!r} must be an integer in "
+                f"[0, epochs={self.epochs}): the last epochs must train binary weights."
+            )
+        if self.weight.bits != 1:
+            raise CompactnnError(f"{name} binarises weights: use w1 (e.g. w1a1-{name}).")
+        if self.act is not None and self.act.bits not in (1, 8):
+            raise CompactnnError(
+                f"{name}: activations are binary (a1) or 8-bit (a8), not {self.act.bits} bits."
+            )
+
+
+def check_binary_layer(name: str, layer: nn.Module) -> None:
+    """Refuse layers a binary block cannot wrap (say which and why)."""
+    if isinstance(layer, nn.Conv2d):
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            raise CompactnnError(
+                f"layer {name!r} cannot take 1-bit activations: its padding "
+                f"({layer.padding!r}, {layer.padding_mode}) must be explicit zero padding."
+            )
+        return
+    if type(layer) is not nn.Linear:
+        raise CompactnnError(
+            f"layer {name!r} ({type(layer).__name__}) cannot take 1-bit activations: binary "
+            "blocks wrap Conv2d and Linear layers. Exclude it from the recipe's targets or "
+            "keep its activations at 8 bits."
+        )
+
+
+def channels_of(layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` channels of a Conv2d or features of a Linear layer."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels, layer.out_channels
+    return layer.in_features, layer.out_features
+
+
+def real_shortcut(x: torch.Tensor, y: torch.Tensor, conv: bool) -> torch.Tensor:
+    """``x`` brought to ``y``'s shape without parameters: average-pooled to its spatial
+    size, channels repeated (more out) or averaged in groups (fewer out)."""
+    if conv and x.shape[-2:] != y.shape[-2:]:
+        x = F.adaptive_avg_pool2d(x, y.shape[-2:])
+    dim = 1 if conv else -1
+    cin, cout = x.shape[dim], y.shape[dim]
+    if cout > cin:
+        x = torch.repeat_interleave(x, cout // cin, dim=dim)
+    elif cout < cin:
+        x = x.unflatten(dim, (cout, cin // cout)).mean(dim=dim + 1 if conv else -1)
+    return x
+
+
+def shortcut_fits(cin: int, cout: int) -> bool:
+    """Whether a parameter-free shortcut maps ``cin`` channels onto ``cout``."""
+    return cout % cin == 0 if cout >= cin else cin % cout == 0
+
+
+class BinaryBlock(QATWrapper):
+    """A layer with binary input activations (and binary weights when trained/frozen).
+
+    Args:
+        layer: the float ``nn.Conv2d``/``nn.Linear`` (training) or its frozen twin.
+        kind: ``"xnor"``, ``"bireal"`` or ``"reactnet"``.
+        weight_quantizer: the binary weight quantizer while training; ``None`` once frozen
+            (the layer's own ``weight`` is then the dequantized binary weight).
+    """
+
+    def __init__(self, layer: nn.Module, kind: str, weight_quantizer: nn.Module | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise CompactnnError(f"unknown binary block kind {kind!r}; use one of {KINDS}.")
+        self.kind = kind
+        self.layer = layer
+        self.weight_quantizer = weight_quantizer
+        self.conv = isinstance(layer, nn.Conv2d)
+        cin, cout = channels_of(layer)
+        shift = torch.zeros(cin)
+        if kind == "bireal":  # Bi-Real has no learned shift: fixed at its initial value
+            self.register_buffer("shift", shift)
+        else:
+            self.shift = nn.Parameter(shift)
+        # per-channel output gain: the batch norm a binary conv needs after it (folded away
+        # here). ``scale`` (fixed) matches the float layer's statistics at initialisation;
+        # the learned ``gain`` starts at 1, so Adam's steps are relative to it.
+        self.register_buffer("scale", torch.ones(cout))
+        self.gain = nn.Parameter(torch.ones(cout))
+        self.shortcut = kind != "xnor" and shortcut_fits(cin, cout)
+        self.post = RPReLU(cout, dim=1 if self.conv else -1) if kind == "reactnet" else None
+        # batch norm of the binary path while training (folded away by ``fold_norm``)
+        self.norm = None
+        if weight_quantizer is not None:
+            self.norm = nn.BatchNorm1d(cout, affine=False)
+            if layer.bias is None:  # the folded batch norm needs somewhere to put its shift
+                layer.bias = nn.Parameter(torch.zeros(cout, device=layer.weight.device))
+        self.observing = False
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._sample: torch.Tensor | None = None
+
+    def _channel_view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return t.reshape(1, -1, *([1] * (ndim - 2))) if self.conv else t
+
+    def start_observing(self) -> None:
+        """Run the float layer and collect per-channel input means (calibration)."""
+        self.observing, self._sum, self._count = True, None, 0
+
+    def finish_observing(self) -> None:
+        """Set the shift to the mean input and match the float layer's output statistics."""
+        if self._sum is None:
+            raise CompactnnError("no calibration data reached a binary block.")
+        with torch.no_grad():
+            self.shift.copy_(self._sum / self._count)
+            self._match_float_statistics(self._sample)
+        self.observing, self._sum, self._sample = False, None, None
+
+    def _match_float_statistics(self, x: torch.Tensor) -> None:
+        """Set ``scale`` and the bias so that, per output channel, the binary path has the
+        mean and standard deviation of what the float layer added (minus the shortcut)."""
+        target = self._op(x, self.layer.weight) + self._bias(x.dim())
+        if self.shortcut:
+            target = target - real_shortcut(x, target, self.conv)
+        self.gain.fill_(1.0)
+        self.scale.fill_(1.0)
+        if self.norm is not None:  # running statistics of the raw binary output
+            raw = self._raw(x)
+            dims = [d for d in range(raw.dim()) if d != self._cdim(raw)]
+            self.norm.running_mean.copy_(raw.mean(dim=dims))
+            self.norm.running_var.copy_(raw.var(dim=dims))
+        binary = self._binary_path(x)
+        dims = [d for d in range(target.dim()) if d != (1 if self.conv else target.dim() - 1)]
+        t_std, b_std = target.std(dim=dims), binary.std(dim=dims).clamp(min=1e-8)
+        self.scale.copy_(torch.where(t_std > 0, t_std / b_std, torch.ones_like(t_std)))
+        if self.layer.bias is not None:
+            shift = target.mean(dim=dims) - self.scale * binary.mean(dim=dims)
+            self.layer.bias.copy_(shift)
+
+    def _observe(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(x.dim()) if d != (1 if self.conv else x.dim() - 1)]
+        s = x.detach().sum(dim=dims)
+        self._sum = s if self._sum is None else self._sum + s
+        self._count += x.numel() // x.shape[1 if self.conv else -1]
+        if self._sample is None:
+            self._sample = x.detach()[:256]
+        w = self.layer.weight
+        return self._op(x, w) + self._bias(x.dim())
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.layer._conv_forward(x, w, None) if self.conv else F.linear(x, w)
+
+    def _bias(self, ndim: int) -> torch.Tensor | float:
+        b = self.layer.bias
+        return 0.0 if b is None else self._channel_view(b, ndim)
+
+    def _cdim(self, t: torch.Tensor) -> int:
+        return 1 if self.conv else t.dim() - 1
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """``layer(sign(x - shift))`` with binary weights (times ``K`` for XNOR)."""
+        xs = x - self._channel_view(self.shift, x.dim())
+        xb = sign_ste(xs) if self.kind == "xnor" else approx_sign(xs)
+        w = self.layer.weight
+        if self.weight_quantizer is not None:
+            w = self.weight_quantizer(w)
+        y = self._op(xb, w)
+        if self.kind == "xnor":
+            y = y * xnor_scale(xs, self.layer)
+        return y
+
+    def _normalise(self, y: torch.Tensor) -> torch.Tensor:
+        if self.norm is None:
+            return y
+        if self.conv:  # (N, C, H, W) -> (N, C, H*W) for BatchNorm1d
+            return self.norm(y.flatten(2)).reshape(y.shape)
+        return self.norm(y.reshape(-1, y.shape[-1])).reshape(y.shape)
+
+    def _binary_path(self, x: torch.Tensor) -> torch.Tensor:
+        """``gain * scale * BN(layer(sign(x - shift)))`` (XNOR: times ``K``), without bias."""
+        y = self._normalise(self._raw(x))
+        return y * self._channel_view(self.gain * self.scale, y.dim())
+
+    def fold_norm(self) -> None:
+        """Fold the batch norm's running statistics into ``scale`` and the layer's bias:
+        ``(y - mu) / sigma * g + b = y * (g / sigma) + (b - mu g / sigma)``."""
+        if self.norm is None:
+            return
+        with torch.no_grad():
+            sigma = torch.sqrt(self.norm.running_var + self.norm.eps)
+            g = self.gain * self.scale
+            self.layer.bias.sub_(self.norm.running_mean * g / sigma)
+            self.scale.div_(sigma)
+        self.norm = None
+
+    def freeze(self) -> nn.Module:
+        """Fold the batch norm and freeze ``.layer`` to 1-bit codes; the block stays."""
+        self.fold_norm()
+        self.layer = freeze_layer(self.layer, self.weight_quantizer, None)
+        self.weight_quantizer = None
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            return self._observe(x)
+        y = self._binary_path(x) + self._bias(x.dim())
+        if self.shortcut:
+            y = y + real_shortcut(x, y, self.conv)
+        if self.post is not None:
+            y = self.post(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, shortcut={self.shortcut}"
+
+
+@registry.register_artifact_hook("before_layers")
+def rebuild_blocks(model: nn.Module, extra: dict) -> None:
+    """Wrap the float skeleton's layers named in ``extra["binary_blocks"]`` (artifact load)."""
+    for name, kind in extra.get("binary_blocks", {}).items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, BinaryBlock):
+            continue
+        set_module(model, name, BinaryBlock(layer, kind))
+
+
+def _binary_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: BinaryConfig) -> nn.Module:
+    return BinaryWeight(config.real_weight_epochs)
+
+
+def _make_block(
+    kind: str, name: str, layer: nn.Module, weight_quantizer: nn.Module, ctx: CompressContext
+) -> BinaryBlock:
+    check_binary_layer(name, layer)
+    ctx.extra.setdefault("binary_blocks", {})[name] = kind  # read back by rebuild_blocks
+    return BinaryBlock(layer, kind, weight_quantizer)
+
+
+def binary_method(kind: str) -> QATMethod:
+    """The engine hooks of a binary method: binary weights, a ``kind`` block for 1-bit
+    activations, LSQ for 8-bit ones.
+
+    Example:
+        >>> hooks = binary_method("xnor")  # register("xnor", XNORConfig, "...")(hooks)
+    """
+    if kind not in KINDS:
+        raise CompactnnError(f"unknown binary block kind {kind!r}; use one of {KINDS}.")
+    return QATMethod(weight_quantizer=_binary_weight_quantizer, block=partial(_make_block, kind))

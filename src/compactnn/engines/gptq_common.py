@@ -1,0 +1,50 @@
+"""The settings GPTQ shares with the methods built on it (``gptq``, ``gptq_tune``).
+
+Both run the block-sequential engine with GPTQ's layer solver and may add AWQ scaling before
+and tuning after each block; each method file builds its own hooks from these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from compactnn.errors import CompactnnError
+from compactnn.quant.base import QuantConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQBaseConfig(QuantConfig):
+    """GPTQ settings (the base of :class:`~compactnn.quant.gptq.GPTQConfig` and
+    :class:`~compactnn.quant.tune.GPTQTuneConfig`).
+
+    Args:
+        damp: dampening added to the Hessian diagonal, as a fraction of its mean.
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        block_size: columns updated lazily together (speed only).
+        awq: run an AWQ scale search (folded into the preceding norm / layer) first.
+        tune_steps: Adam steps per block that tune the quantization scales and float biases
+            against the float block's outputs after GPTQ (0: off).
+        tune_lr: learning rate of that tuning.
+        tune_rounding: the tuning also learns each integer code's rounding (a code moves by
+            at most one grid step from GPTQ's choice).
+    """
+
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+    awq: bool = False
+    tune_steps: int = 0
+    tune_lr: float = 1e-3
+    tune_rounding: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.damp < 1.0:
+            raise CompactnnError(f"damp={self.damp} must lie in [0, 1); 0.01 is typical.")
+        if self.block_size < 1 or self.tune_steps < 0:
+            raise CompactnnError("block_size must be >= 1 and tune_steps >= 0.")
+
+    @classmethod
+    def from_short(cls, wbits, abits, group, range_method="mse", **kwargs):
+        """Short names ``w<W>[-g<G>]-gptq``: asymmetric groups with searched ranges."""
+        return super().from_short(wbits, abits, group, range_method=range_method, **kwargs)

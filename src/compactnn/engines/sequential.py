@@ -1,0 +1,463 @@
+"""The block-sequential engine: calibrate any Hugging Face transformer block by block.
+
+Finds the model's repeated blocks (the longest ``nn.ModuleList`` of same-class modules
+holding linear layers), captures the first block's inputs with a hook that stops the forward
+pass, then walks the blocks one at a time. Only one block's activations live in memory: the
+stream fed through the already-quantized blocks (``q_inps``) and the float stream
+(``fp_inps``) whose block outputs are the tuning targets. Per block:
+
+1. ``hooks.before_block`` (e.g. AWQ's scale search, folded into the preceding norm or layer);
+2. each linear layer in execution order: collect the input Hessian on ``q_inps`` through the
+   partly quantized block, then ``hooks.solve_layer`` builds its quantized twin (GPTQ, or
+   round-to-nearest with Hessian-weighted clipping);
+3. ``hooks.after_block`` (e.g. tuning against the float block's outputs);
+4. both streams advance one block.
+
+After the last block, ``hooks.after_stack`` may tune the whole stack. Layers outside the
+blocks (``lm_head``, a pooler) are quantized round-to-nearest afterwards.
+
+Hook interface (:class:`BlockHooks`)::
+
+    solve_layer(layer: nn.Linear, hessian: Tensor (in, in), wspec, aspec) -> quantized layer
+    before_block(data: BlockData) -> None        # may change the float block in place
+    after_block(data: BlockData) -> None         # the block's layers are quantized now
+    after_stack(data: StackData) -> dict         # merged into the calibration record
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import resource
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.core.capture import StopForward, capture_batches, run_until_stopped
+from compactnn.core.context import CompressContext
+from compactnn.core.gptq_solver import gptq_quantize, weighted_mse_range
+from compactnn.core.hessian import accumulate_hessian
+from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, set_module
+from compactnn.core.qlayers import is_quant_layer, make_quant_layer, quantize_layer_rtn
+from compactnn.core.quantize import grouped_view, quantize, scale_zero_from_range
+from compactnn.core.spec import QuantSpec
+from compactnn.errors import CompactnnError
+from compactnn.quant.base import (
+    QuantConfig,
+    calibrate_activations,
+    layer_specs,
+    prepare_model,
+    split_supported,
+)
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+Call = tuple[tuple, dict]  # (args, kwargs) of one block call
+LayerSolver = Callable[[nn.Linear, torch.Tensor, QuantSpec, QuantSpec | None], nn.Module]
+
+
+@dataclasses.dataclass
+class BlockData:
+    """One block as the hooks see it.
+
+    Args:
+        block: the block, changed in place (its targeted layers float before
+            ``solve_layer``, quantized after).
+        name: the block's name in the model (``"model.layers.3"``).
+        specs: model layer name -> ``(weight spec, activation spec)`` of every target.
+        calls: ``(args, kwargs)`` of the block per calibration batch (hidden states are
+            replaced per call, see :func:`run_block`).
+        q_inps: the block's inputs from the quantized model, one ``(B, T, C)`` per batch.
+        fp_out: the float block's outputs on the float model's inputs, same shapes.
+        seed: the compress call's seed.
+    """
+
+    block: nn.Module
+    name: str
+    specs: dict[str, tuple[QuantSpec, QuantSpec | None]]
+    calls: list[Call]
+    q_inps: list[torch.Tensor]
+    fp_out: list[torch.Tensor]
+    seed: int
+
+
+@dataclasses.dataclass
+class StackData:
+    """The whole block stack once every block is quantized.
+
+    Args:
+        blocks: the quantized blocks.
+        calls: ``(args, kwargs)`` of a block per calibration batch.
+        first_inps: the first block's inputs, one ``(B, T, C)`` per batch.
+        fp_out: the float stack's outputs on them, same shapes.
+        seed: the compress call's seed.
+    """
+
+    blocks: nn.ModuleList
+    calls: list[Call]
+    first_inps: list[torch.Tensor]
+    fp_out: list[torch.Tensor]
+    seed: int
+
+
+def hessian_rtn_solver(
+    layer: nn.Linear, hess: torch.Tensor, wspec: QuantSpec, aspec: QuantSpec | None
+) -> nn.Module:
+    """Round-to-nearest twin of ``layer``; with ``wspec.range_method == "mse"`` (channel or
+    group grids) the clipping ranges minimise the error weighted by the Hessian diagonal
+    ``hess`` ``(in, in)`` (the activation-weighted error, AWQ's clip search).
+
+    Example:
+        >>> q = hessian_rtn_solver(layer, x.T @ x, QuantSpec(bits=4), None)  # doctest: +SKIP
+    """
+    q = make_quant_layer(layer, wspec, aspec)
+    if wspec.range_method != "mse" or wspec.granularity == "tensor":
+        return quantize_layer_rtn(layer, wspec, aspec)
+    wg = grouped_view(layer.weight.detach().float(), wspec.granularity, wspec.group_size)
+    hdiag = hess.diagonal().reshape(1, wg.shape[1], wg.shape[2])
+    lo, hi = weighted_mse_range(wg, wspec.qtype, wspec.symmetric, hdiag)
+    scale, zero = scale_zero_from_range(lo, hi, wspec.qtype, wspec.symmetric)
+    q.set_quantized_weight(quantize(wg, scale, zero, wspec.qtype), scale, zero)
+    return q
+
+
+def gptq_solver(damp: float, act_order: bool, block_size: int) -> LayerSolver:
+    """A layer solver running GPTQ below 8 bits (:func:`~compactnn.core.gptq_solver.
+    gptq_quantize`), :func:`hessian_rtn_solver` at 8 bits and above.
+
+    Example:
+        >>> hooks = BlockHooks(solve_layer=gptq_solver(0.01, True, 128))  # doctest: +SKIP
+    """
+
+    def solve(layer: nn.Linear, hess: torch.Tensor, wspec: QuantSpec, aspec):
+        if wspec.bits >= 8:
+            return hessian_rtn_solver(layer, hess, wspec, aspec)
+        q = make_quant_layer(layer, wspec, aspec)
+        codes, scale, zero = gptq_quantize(layer.weight, hess, wspec, damp, act_order, block_size)
+        q.set_quantized_weight(codes, scale, zero)
+        return q
+
+    return solve
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockHooks:
+    """How a method runs inside the block-sequential engine (see the module docstring).
+
+    Args:
+        solve_layer: builds a layer's quantized twin from its input Hessian.
+        before_block: runs on each float block before its layers are quantized.
+        after_block: runs on each block once its layers are quantized.
+        after_stack: runs once after the last block; returns entries for the calibration
+            record (``model._compactnn["extra"]["calibration"]``). The first block's inputs
+            are kept for it only when it is set.
+    """
+
+    solve_layer: LayerSolver = hessian_rtn_solver
+    before_block: Callable[[BlockData], None] | None = None
+    after_block: Callable[[BlockData], None] | None = None
+    after_stack: Callable[[StackData], dict[str, Any]] | None = None
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Name and module of the model's repeated transformer blocks.
+
+    Raises:
+        CompactnnError: when the model has no ``ModuleList`` of same-class blocks with linears.
+    """
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 1:
+            continue
+        kinds = {type(b) for b in m}
+        has_linear = any(isinstance(x, nn.Linear) or is_hf_conv1d(x) for x in m[0].modules())
+        if len(kinds) == 1 and has_linear and (best is None or len(m) > len(best[1])):
+            best = (name, m)
+    if best is None:
+        raise CompactnnError(
+            f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of identical "
+            "layers with linear layers); use a layer-wise method such as rtn."
+        )
+    return best
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, ctx: CompressContext) -> list[Call]:
+    """``(args, kwargs)`` of ``block``'s forward for every calibration batch."""
+    captured: list[Call] = []
+
+    def hook(_m, args, kwargs):
+        kwargs = dict(kwargs)
+        for key, value in kwargs.items():  # a KV cache would grow each time the block re-runs
+            if key in _CACHE_KWARGS or type(value).__name__.endswith("Cache"):
+                kwargs[key] = None
+        args = tuple(None if type(a).__name__.endswith("Cache") else a for a in args)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.append((_detach(args), _detach(kwargs)))
+
+    capture_batches(model, block, ctx, hook, with_kwargs=True)
+    if len(captured) != len(ctx.batches):
+        raise CompactnnError("the calibration batches never reached the model's first block.")
+    return captured
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detach(v) for v in x)
+    if isinstance(x, list):
+        return [_detach(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-state tensor of a block call."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The same block call with its hidden states replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def run_block(
+    block: nn.Module,
+    call: tuple[tuple, dict],
+    hidden: torch.Tensor,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The block's output hidden states for input ``hidden`` ``(B, T, C)``; ``params``
+    replaces some of the block's parameters (``torch.func.functional_call``)."""
+    args, kwargs = with_hidden(*call, hidden)
+    if params is None:
+        out = block(*args, **kwargs)
+    else:
+        out = torch.func.functional_call(block, params, args, kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _block_layers(
+    block: nn.Module, prefix: str, specs: dict[str, tuple]
+) -> dict[str, tuple[str, nn.Module]]:
+    """Local name -> (model name, module) of the targeted layers inside ``block``."""
+    out = {}
+    for local, m in block.named_modules():
+        full = f"{prefix}.{local}" if local else prefix
+        if full in specs and not is_quant_layer(m):
+            out[local] = (full, m)
+    return out
+
+
+def layer_groups(block: nn.Module, call: tuple, hidden: torch.Tensor, locals_: list[str]):
+    """``locals_`` in execution order, grouped by shared input (q, k, v read one tensor)."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [
+        block.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, n=n: seen.append((n, args[0])) if n not in dict(seen) else None
+        )
+        for n in locals_
+    ]
+    try:
+        with torch.no_grad():
+            run_block(block, call, hidden)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    groups: list[list[str]] = []
+    last = None
+    for n, x in seen:
+        if last is not None and x is last:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last = x
+    missing = [n for n in locals_ if n not in dict(seen)]
+    if missing:
+        raise CompactnnError(f"layers {missing} never ran on the calibration data.")
+    return groups
+
+
+def token_mask(call: tuple, hidden: torch.Tensor) -> torch.Tensor | None:
+    """``(B, T)`` bool mask of real (non-padding) tokens when the block call carries one."""
+    mask = call[1].get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-1] != hidden.shape[1]:
+        return None
+    keys = mask[:, 0, -1, :] if mask.shape[2] > 1 else mask[:, 0, 0, :]  # (B, T), key axis
+    ok = (keys == 0) if mask.dtype != torch.bool else keys
+    return ok if ok.any() else None
+
+
+def collect_hessians(
+    block: nn.Module, calls: list, hidden: list[torch.Tensor], group: list[str]
+) -> dict[str, torch.Tensor]:
+    """Input Hessians ``(in, in)`` of one group of layers; stops each pass after the group."""
+    hess: dict[str, torch.Tensor] = {}
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook(_m, args, local):
+        x = args[0]
+        if mask[0] is not None and x.dim() == 3 and x.shape[:2] == mask[0].shape:
+            x = x[mask[0]]  # (tokens, in): padding tokens left out
+        hess[local] = accumulate_hessian(hess.get(local), x)
+        if local == group[-1]:
+            raise StopForward
+
+    hooks = [
+        block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+        for n in group
+    ]
+    try:
+        with torch.no_grad():
+            for call, h in zip(calls, hidden, strict=True):
+                mask[0] = token_mask(call, h)
+                run_until_stopped(run_block, block, call, h)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return hess
+
+
+def block_inputs(
+    block: nn.Module, calls: list, hidden: list[torch.Tensor], name: str, max_tokens: int
+) -> torch.Tensor:
+    """Up to ``max_tokens`` rows ``(N, C)`` of the input of ``block.<name>``, batch by batch.
+
+    Example:
+        >>> x = block_inputs(block, calls, q_inps, "mlp.up_proj", 4096)  # doctest: +SKIP
+    """
+    xs: list[torch.Tensor] = []
+    h = block.get_submodule(name).register_forward_pre_hook(
+        lambda _m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1]))
+    )
+    try:
+        with torch.no_grad():
+            for c, hid in zip(calls, hidden, strict=True):
+                run_block(block, c, hid)
+                if sum(len(x) for x in xs) >= max_tokens:
+                    break
+    finally:
+        h.remove()
+    return torch.cat(xs)[:max_tokens]
+
+
+def quantize_block(
+    block: nn.Module,
+    layers: dict[str, tuple[str, nn.Module]],
+    specs: dict,
+    calls: list,
+    q_inps: list[torch.Tensor],
+    solve,
+) -> None:
+    """Quantize ``block``'s layers one input group at a time, in execution order, each group
+    seeing the outputs of the groups quantized before it."""
+    groups = layer_groups(block, calls[0], q_inps[0], list(layers))
+    for group in groups:
+        hess = collect_hessians(block, calls, q_inps, group)
+        for local in group:
+            full, layer = layers[local]
+            wspec, aspec = specs[full]
+            set_module(block, local, solve(layer, hess[local], wspec, aspec))
+
+
+def check_group_sizes(layers: dict[str, nn.Module], specs: dict) -> None:
+    """Fail before any work, naming every layer whose input size the group does not divide."""
+    bad = []
+    for name, layer in layers.items():
+        w = specs[name][0]
+        if w.granularity == "group" and layer.in_features % w.group_size:
+            bad.append(f"{name} (in_features={layer.in_features})")
+    if bad:
+        g = specs[next(iter(specs))][0].group_size
+        raise CompactnnError(
+            f"group_size={g} does not divide the input size of {len(bad)} layer(s): "
+            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; pick a group size that "
+            "divides them (e.g. 32, 64 or 128) or leave those layers out of the recipe."
+        )
+
+
+def _prepare(model: nn.Module, targets: dict[str, nn.Module], config: QuantConfig, ctx):
+    """Fold, find the blocks, turn GPT-2 ``Conv1D`` into linears, pick layers and specs."""
+    prepare_model(model, config, ctx)
+    prefix, blocks = find_blocks(model)
+    convs = [n for n, m in model.named_modules() if is_hf_conv1d(m) and n.startswith(prefix)]
+    targets = {**targets, **conv1d_to_linear(model, convs)}
+    layers = split_supported(targets, ctx)
+    specs = layer_specs(model, layers, config, ctx)
+    check_group_sizes(layers, specs)
+    return prefix, blocks, layers, specs
+
+
+def _walk_blocks(prefix, blocks, specs, calls, hooks: BlockHooks, ctx, desc: str):
+    """Run every block through the hooks; returns the float stack's outputs."""
+    q_inps = [hidden_of(*c) for c in calls]
+    fp_inps = list(q_inps)
+    for i in ctx.bar(range(len(blocks)), desc=desc):
+        block = blocks[i]
+        float_block = copy.deepcopy(block)
+        with torch.no_grad():
+            fp_out = [run_block(float_block, c, h) for c, h in zip(calls, fp_inps, strict=True)]
+        data = BlockData(block, f"{prefix}.{i}", specs, calls, q_inps, fp_out, ctx.seed)
+        if hooks.before_block is not None:
+            hooks.before_block(data)
+        bl = _block_layers(block, data.name, specs)
+        quantize_block(block, bl, specs, calls, q_inps, hooks.solve_layer)
+        if hooks.after_block is not None:
+            hooks.after_block(data)
+        with torch.no_grad():
+            q_inps = [run_block(block, c, h) for c, h in zip(calls, q_inps, strict=True)]
+        fp_inps = fp_out
+        del float_block, data
+    return fp_inps
+
+
+def run_sequential(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    config: QuantConfig,
+    ctx: CompressContext,
+    hooks: BlockHooks,
+) -> nn.Module:
+    """Quantize ``targets`` block by block (see the module docstring); returns ``model``.
+
+    Args:
+        model: a Hugging Face transformer (already a copy), changed in place.
+        targets: name -> module chosen by the step.
+        config: weight/activation specs, first/last-layer convention; its type names the
+            calibration record.
+        ctx: calibration batches and bookkeeping.
+        hooks: the method's solver and block hooks.
+
+    Example:
+        >>> run_sequential(model, targets, config, ctx, BlockHooks())  # doctest: +SKIP
+    """
+    prefix, blocks, layers, specs = _prepare(model, targets, config, ctx)
+    calls = capture_block_inputs(model, blocks[0], ctx)
+    first_inps = [hidden_of(*c) for c in calls] if hooks.after_stack is not None else None
+    name = type(config).__name__
+    fp_out = _walk_blocks(prefix, blocks, specs, calls, hooks, ctx, f"{name} blocks")
+    record: dict[str, Any] = {}
+    if first_inps is not None:
+        record = hooks.after_stack(StackData(blocks, calls, first_inps, fp_out, ctx.seed))
+    for full, layer in layers.items():  # layers outside the blocks (lm_head, pooler)
+        if not full.startswith(prefix + ".") and not is_quant_layer(model.get_submodule(full)):
+            wspec, aspec = specs[full]
+            set_module(model, full, quantize_layer_rtn(layer, wspec, aspec))
+    calibrate_activations(model, ctx)
+    ctx.extra.setdefault("calibration", {})[name] = {
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "blocks": len(blocks),
+        **record,
+    }
+    return model

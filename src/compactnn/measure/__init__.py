@@ -1,0 +1,49 @@
+"""Measurements the library and its CLI use: size on disk, theoretical size, per-layer
+formats, output fidelity against the float model, and latency with explicit threads.
+
+Below the CLI, the demo and the benchmarks (which all import from here); depends only on
+``core`` and ``export``.
+
+Example:
+    >>> from compactnn.measure import time_fn
+    >>> time_fn(lambda: None, warmup=0, runs=3, threads=1).runs
+    3
+"""
+
+from compactnn.measure.fidelity import first_rows, fmt_quality, output_fidelity
+from compactnn.measure.size import (
+    artifact_bytes,
+    float_artifact_bytes,
+    layer_formats,
+    theoretical_bytes,
+)
+from compactnn.measure.timing import (
+    DEFAULT_RUNS,
+    DEFAULT_THREADS,
+    DEFAULT_WARMUP,
+    Timing,
+    model_call,
+    set_threads,
+    time_fn,
+    time_model,
+    time_round_robin,
+)
+
+__all__ = [
+    "DEFAULT_RUNS",
+    "DEFAULT_THREADS",
+    "DEFAULT_WARMUP",
+    "Timing",
+    "artifact_bytes",
+    "first_rows",
+    "float_artifact_bytes",
+    "fmt_quality",
+    "layer_formats",
+    "model_call",
+    "output_fidelity",
+    "set_threads",
+    "theoretical_bytes",
+    "time_fn",
+    "time_model",
+    "time_round_robin",
+]

@@ -1,0 +1,55 @@
+"""Sizes: bytes on disk of an artifact, bytes a recipe implies, and each layer's format.
+
+Example:
+    >>> from torch import nn
+    >>> layer_formats(nn.Sequential(nn.Linear(4, 2)))
+    {'0': 'float32'}
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from compactnn.core.modules import weight_layers
+from compactnn.core.qlayers import is_quant_layer
+from compactnn.export.size import artifact_size, theoretical_size
+
+
+def artifact_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of an artifact directory (every file in it, as ``os.stat`` reports)."""
+    return int(artifact_size(path))
+
+
+def theoretical_bytes(model: nn.Module) -> int:
+    """Bytes implied by the recipe: packed codes + scale/zero storage + tensors kept as is."""
+    return int(theoretical_size(model))
+
+
+def float_artifact_bytes(model: nn.Module) -> int:
+    """Bytes on disk of ``model`` saved as a compactnn artifact in a temporary directory."""
+    from compactnn.api import save
+
+    with tempfile.TemporaryDirectory(prefix="compactnn-size-") as tmp:
+        save(model, Path(tmp) / "a")
+        return artifact_bytes(Path(tmp) / "a")
+
+
+def layer_formats(model: nn.Module) -> dict[str, str]:
+    """Each weight layer's storage: a quantized format (``uint4-asym-group32``) or its dtype."""
+    out = {}
+    for name, m in model.named_modules():
+        if is_quant_layer(m):
+            act = m.input_quantizer
+            out[name] = m.format + (f" / act {act.qtype.name}" if act is not None else "")
+        elif name in _float_weight_layers(model):
+            out[name] = str(m.weight.dtype).removeprefix("torch.")
+    return out
+
+
+def _float_weight_layers(model: nn.Module) -> set[str]:
+    # a quantized layer owns a child (its input quantizer), so weight_layers misses it
+    return set(weight_layers(model))

@@ -1,0 +1,8 @@
+"""Quantization-aware training: ``train`` (the whole run), or ``prepare_qat`` + your own loop
++ ``freeze``."""
+
+from compactnn.engines.qat import QATLayer
+from compactnn.training.loop import evaluate_top1, train
+from compactnn.training.wrap import freeze, prepare_qat
+
+__all__ = ["QATLayer", "evaluate_top1", "freeze", "prepare_qat", "train"]
