@@ -9,6 +9,7 @@ public facade above everything).
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -125,9 +126,10 @@ def _registers(path: Path) -> bool:
     return False
 
 
-def _method_files() -> set[str]:
+@functools.cache
+def _method_files() -> frozenset[str]:
     """Modules that register a method: one file per method."""
-    return {m for m, p in MODULES.items() if m != "compactnn.registry" and _registers(p)}
+    return frozenset(m for m, p in MODULES.items() if m != "compactnn.registry" and _registers(p))
 
 
 def test_no_method_file_imports_another():
@@ -137,3 +139,60 @@ def test_no_method_file_imports_another():
     assert not bad, "method files importing other method files:\n" + "\n".join(
         f"{m} -> {t}" for m, t in bad
     )
+
+
+# Layers, bottom to top: a module may import its own layer and the layers below it only.
+# Method files (registered methods) form their own layer above the engines they plug into.
+LAYERS: list[tuple[str, ...]] = [
+    ("compactnn.errors", "compactnn._optional"),
+    ("compactnn.core",),
+    ("compactnn.registry",),
+    ("compactnn.recipe", "compactnn.lowering", "compactnn.distill", "compactnn.kernels"),
+    ("compactnn.engines", "compactnn.quant", "compactnn.prune"),  # shared modules
+    ("<methods>",),
+    ("compactnn.methods", "compactnn.export"),
+    ("compactnn.api",),
+    ("compactnn.training", "compactnn.measure", "compactnn.safe_pt2"),
+    ("compactnn.deployment",),
+    # the application: command line, reference models and data, demo, report, benchmarks
+    (
+        "compactnn.model_io",
+        "compactnn.models",
+        "compactnn.data",
+        "compactnn.report",
+        "compactnn.demo",
+        "compactnn.demo_suite",
+        "compactnn.bench",
+        "compactnn.commands",
+        "compactnn.cli",
+    ),
+]
+
+
+def _layer(module: str) -> int:
+    if module in _method_files():
+        return next(i for i, names in enumerate(LAYERS) if names == ("<methods>",))
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def test_imports_flow_down_the_layers():
+    upward = sorted(
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if m != "compactnn"  # the package root is the public facade above everything
+        for t in targets
+        if _layer(t) > _layer(m)
+    )
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_layers_are_ordered_as_documented():
+    # docs/architecture.md: core -> registry -> engines -> methods -> export -> api -> ...
+    order = ["compactnn.core.qtype", "compactnn.registry", "compactnn.engines.qat"]
+    order += ["compactnn.quant.rtn", "compactnn.export.artifact", "compactnn.api"]
+    order += ["compactnn.deployment.api", "compactnn.cli"]
+    assert [_layer(m) for m in order] == sorted(_layer(m) for m in order)
+    assert len({_layer(m) for m in order}) == len(order)

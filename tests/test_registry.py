@@ -96,7 +96,8 @@ def changed_weights(before: nn.Module, after: nn.Module) -> bool:
 def test_every_registered_method_has_a_case():
     # a new method must get a line here (a model kind and, if slow, smaller settings)
     assert set(CASES) == set(registry.METHODS)
-    assert set(SMALL) | TRANSFORMER_METHODS | FLOAT_METHODS | PRUNE_METHODS <= set(ALL_METHODS)
+    # (names of deleted methods may linger in the tables above: deleting a method's file,
+    # test and registry line must leave this suite green, so they are not checked here)
 
 
 def test_both_indexes_hold_the_same_entries():
@@ -128,7 +129,7 @@ def test_defaults_are_those_of_the_methods_short_name(short):
 
 def test_a_config_runs_its_own_method_only():
     from compactnn.quant.gptq import GPTQConfig
-    from compactnn.quant.tune import GPTQTuneConfig
+    from compactnn.quant.gptq_tune import GPTQTuneConfig
 
     assert registry.method_for_config(GPTQConfig()).name == "gptq"
     assert registry.method_for_config(GPTQTuneConfig()).name == "gptq_tune"  # a subclass

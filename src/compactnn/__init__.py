@@ -15,15 +15,17 @@ The entry points share one vocabulary: the model comes first, then the recipe (`
 from compactnn.api import compress, info_of, load, save
 from compactnn.deployment import deploy
 from compactnn.errors import ArtifactError, CompactnnError
+from compactnn.export.artifact import artifact_digest
 from compactnn.kernels.swap import to_kernels
 from compactnn.recipe import Recipe, Step, resolve_recipe
-from compactnn.training import train  # the function shadows the subpackage
+from compactnn.training import train  # the subpackage is `training`: nothing is shadowed
 
 __all__ = [
     "ArtifactError",
     "CompactnnError",
     "Recipe",
     "Step",
+    "artifact_digest",
     "compress",
     "deploy",
     "info_of",

@@ -143,7 +143,7 @@ def _trained(name: str, ref: Any, recipe: str) -> tuple[torch.nn.Module, float, 
     import importlib
 
     from compactnn.commands.train import DATASETS, REFERENCE_DATA
-    from compactnn.training.cached import cached_train
+    from compactnn.models.trained import cached_train
 
     if name not in REFERENCE_DATA:
         raise CompactnnError(

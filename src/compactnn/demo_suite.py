@@ -2,7 +2,7 @@
 
 Training recipes (``w2a8-ttq``, ``w1a1-reactnet``) are trained with ``compactnn.train`` on
 the reference's training split the first time (a few minutes on 2 cores), then read from
-the cache (:mod:`compactnn.training.cached`); the others are post-training ``compress`` calls.
+the cache (:mod:`compactnn.models.trained`); the others are post-training ``compress`` calls.
 """
 
 SUITE: list[tuple[str, str]] = [

@@ -4,13 +4,14 @@ from compactnn.prune import channel, dns, gradual, magnitude, nm, sparsegpt, wan
 from compactnn.quant import (  # noqa: F401
     adaround,
     awq,
-    bias_correction,
+    biascorr,
     bireal,
     bitsplit,
     brecq,
     cle,
     dorefa,
     gptq,
+    gptq_tune,
     inq,
     lsq,
     pact,
@@ -20,7 +21,6 @@ from compactnn.quant import (  # noqa: F401
     smoothquant,
     ste,
     ttq,
-    tune,
     twn,
     xnor,
 )

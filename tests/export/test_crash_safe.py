@@ -128,13 +128,13 @@ def test_full_disk_keeps_the_old_artifact_and_no_stray_file(models, tmp_path, mo
     shutil.copytree(base, path)
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
-    def half_then_full(tensors, filename, metadata):
+    def half_then_full(tensors, filename):
         with open(filename, "wb") as f:
             f.write(b"\0" * 1000)
         _disk_full()
 
     if where == "tensors":
-        monkeypatch.setattr(artifact, "save_file", half_then_full)
+        monkeypatch.setattr(artifact, "write_tensors", half_then_full)
     else:
         monkeypatch.setattr(replace, "atomic_write_text", _disk_full)
     with pytest.raises(OSError, match="No space"):

@@ -80,5 +80,7 @@ def test_no_calibration_data_is_a_clear_error():
 
 
 def test_bad_config_is_rejected():
-    with pytest.raises(compactnn.CompactnnError, match="granularity"):
-        AdaRoundConfig(granularity="row")
+    with pytest.raises(compactnn.CompactnnError, match="unit"):
+        AdaRoundConfig(unit="row")
+    # the field's name before version 2 still loads
+    assert AdaRoundConfig.from_dict({"granularity": "block"}).unit == "block"

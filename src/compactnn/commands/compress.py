@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     extra = qmodel._compactnn.setdefault("extra", {})
     extra["source"] = source_record(loaded)
     extra.update(loaded.extra)
-    compactnn.save(qmodel, out, force=args.force)
+    digest = compactnn.save(qmodel, out, force=args.force)
     size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
     info = compactnn.info_of(qmodel)
     quantized = sum(1 for m in qmodel.modules() if hasattr(m, "weight_codes"))
@@ -62,5 +62,6 @@ def run(args: argparse.Namespace) -> int:
         f"  artifact: {out}  {human_bytes(size)} "
         f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
     )
+    print(f"  sha256 digest: {digest}  (pin it: compactnn.load(..., expect_sha256=...))")
     print(f"  evaluate it: compactnn eval {out}")
     return 0

@@ -11,7 +11,7 @@ import compactnn
 from compactnn.commands._common import add_model_args, human_bytes, load_model, source_record
 from compactnn.commands.compress import default_out
 from compactnn.errors import CompactnnError
-from compactnn.export.artifact import artifact_exists
+from compactnn.export.artifact import check_writable
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
 
@@ -74,11 +74,7 @@ def training_data(spec: str | None, loaded: LoadedModel) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
-    if artifact_exists(out) and not args.force:
-        raise CompactnnError(
-            f"{str(out)!r} already holds a compactnn artifact; pass --force to replace it "
-            "or choose another --out."
-        )
+    check_writable(out, args.force)  # a file, /proc, an artifact, read-only: before training
     recipe = compactnn.resolve_recipe(args.recipe)
     loaded = load_model(args.model, args)
     data = training_data(args.data, loaded)
@@ -99,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     extra = qmodel._compactnn.setdefault("extra", {})
     extra["source"] = source_record(loaded)
     extra.update(loaded.extra)
-    compactnn.save(qmodel, out, force=args.force)
+    digest = compactnn.save(qmodel, out, force=args.force)
     hist = extra.get("training", {})
     print(
         f"trained {args.model} with {recipe.name} for {hist.get('epochs')} epochs "
@@ -117,5 +113,6 @@ def run(args: argparse.Namespace) -> int:
         f"  artifact: {out}  {human_bytes(size)} "
         f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
     )
+    print(f"  sha256 digest: {digest}")
     print(f"  evaluate it: compactnn eval {out}")
     return 0

@@ -25,6 +25,8 @@ class MethodConfig:
     method_name: ClassVar[str] = ""
     # Format version of this config's fields: add 1 when a saved field's meaning changes.
     config_version: ClassVar[int] = 1
+    # Field names of earlier versions -> current names; saved recipes keep loading.
+    renamed_fields: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         normalize_fields(self)
@@ -43,6 +45,8 @@ class MethodConfig:
         """
         where = where or cls.__name__
         hints = field_hints(cls)
+        if isinstance(data, dict) and cls.renamed_fields:
+            data = {cls.renamed_fields.get(k, k): v for k, v in data.items()}
         data = check_keys(data, hints, where)
         values = {k: normalize(v, hints[k], f"{where}.{k}") for k, v in data.items()}
         return cls(**values)

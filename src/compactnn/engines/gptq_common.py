@@ -15,7 +15,7 @@ from compactnn.quant.base import QuantConfig
 @dataclasses.dataclass(frozen=True)
 class GPTQBaseConfig(QuantConfig):
     """GPTQ settings (the base of :class:`~compactnn.quant.gptq.GPTQConfig` and
-    :class:`~compactnn.quant.tune.GPTQTuneConfig`).
+    :class:`~compactnn.quant.gptq_tune.GPTQTuneConfig`).
 
     Args:
         damp: dampening added to the Hessian diagonal, as a fraction of its mean.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,7 +57,9 @@ class ReconConfig(QuantConfig):
         round_weight: weight of the rounding regulariser that pushes h(V) to 0 or 1.
         beta_start, beta_end: annealing range of the regulariser's exponent.
         warmup: fraction of ``iters`` spent on the output loss alone.
-        granularity: ``"layer"`` (one layer at a time) or ``"block"`` (residual blocks).
+        unit: ``"layer"`` (one layer at a time) or ``"block"`` (residual blocks); called
+            ``granularity`` before (still read), renamed so it is not confused with
+            :attr:`QuantSpec.granularity`.
         max_block_layers: a module with more quantized layers than this is split further.
         learn_act: learn activation step sizes jointly with the rounding.
         drop_prob: probability of keeping an activation in float during reconstruction
@@ -64,6 +67,9 @@ class ReconConfig(QuantConfig):
         num_samples: calibration samples recommended (fewer gives a warning; all given are
             used).
     """
+
+    config_version: ClassVar[int] = 2  # 2: ``granularity`` renamed ``unit``
+    renamed_fields: ClassVar[dict[str, str]] = {"granularity": "unit"}
 
     iters: int = 500
     batch_size: int = 32
@@ -73,7 +79,7 @@ class ReconConfig(QuantConfig):
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
-    granularity: str = "block"
+    unit: str = "block"
     max_block_layers: int = 4
     learn_act: bool = False
     drop_prob: float = 0.0
@@ -82,8 +88,8 @@ class ReconConfig(QuantConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if self.granularity not in ("layer", "block"):
-            raise CompactnnError(f"{name}.granularity={self.granularity!r}: use layer or block.")
+        if self.unit not in ("layer", "block"):
+            raise CompactnnError(f"{name}.unit={self.unit!r}: use layer or block.")
         for f in ("iters", "batch_size", "max_block_layers", "num_samples"):
             if int(getattr(self, f)) < 1:
                 raise CompactnnError(f"{name}.{f}={getattr(self, f)} must be at least 1.")
@@ -208,11 +214,11 @@ def find_units(
 ) -> list[tuple[str, list[str]]]:
     """Units ``(module name, quantized layer names inside)`` in execution order.
 
-    With ``granularity="block"`` a unit is the outermost non-container module that holds at
+    With ``unit="block"`` a unit is the outermost non-container module that holds at
     most ``max_block_layers`` quantized layers and runs exactly once per forward; layers
     outside any block are their own units.
     """
-    if config.granularity == "layer":
+    if config.unit == "layer":
         return [(n, [n]) for n in names]
     counts = call_counts(model, ctx)
     wanted = set(names)
@@ -452,7 +458,7 @@ def reconstruct(
     Args:
         model: the model (already a copy), changed in place.
         targets: name -> module chosen by the step.
-        config: specs, units (``granularity``, ``max_block_layers``) and optimisation
+        config: specs, units (``unit``, ``max_block_layers``) and optimisation
             settings.
         ctx: calibration batches and bookkeeping.
         hooks: the method's strategy (:func:`recon_hooks` for a config's own).

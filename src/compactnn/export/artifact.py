@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 
 from compactnn import registry
@@ -111,6 +111,16 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         seen[ident] = key
         tensors[key] = t.detach().contiguous().clone()
     return tensors, layers, aliases
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], filename: str | os.PathLike) -> None:
+    """Serialise ``tensors`` as safetensors into ``filename`` (already created, empty).
+
+    The bytes are made here and written into the file itself: safetensors' own ``save_file``
+    goes through a temporary file of its own, which a killed save would leave behind.
+    """
+    with open(filename, "wb") as f:
+        f.write(save_bytes(tensors, metadata={"format": "pt"}))
 
 
 def artifact_exists(path: str | os.PathLike) -> bool:
@@ -220,7 +230,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
     tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse
     body = _header_body(model, layers, aliases, sparse_index)
     out.mkdir(parents=True, exist_ok=True)
-    writers = {"tensors": lambda p: save_file(tensors, p, metadata={"format": "pt"})}
+    writers = {"tensors": lambda p: write_tensors(tensors, p)}
     if (recipe := info.get("recipe")) is not None:
         text = recipe.to_yaml().encode("utf-8")
         writers["recipe"] = lambda p: Path(p).write_bytes(text)

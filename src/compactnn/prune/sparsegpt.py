@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -37,19 +38,22 @@ class SparseGPTConfig(OneShotConfig):
     """SparseGPT pruning.
 
     Args:
-        blocksize: columns per lazy-update block (also the adaptive-mask block).
+        block_size: columns per lazy-update block (also the adaptive-mask block).
         damp: dampening added to H's diagonal, as a fraction of its mean diagonal.
     """
 
-    blocksize: int = 128
+    config_version: ClassVar[int] = 2  # 2: ``blocksize`` renamed ``block_size``
+    renamed_fields: ClassVar[dict[str, str]] = {"blocksize": "block_size"}
+
+    block_size: int = 128
     damp: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.blocksize < 1 or not 0.0 < self.damp < 1.0:
-            raise CompactnnError("SparseGPTConfig: blocksize >= 1 and 0 < damp < 1.")
-        if self.n and self.blocksize % self.m:
-            raise CompactnnError(f"SparseGPTConfig: blocksize must be a multiple of m={self.m}.")
+        if self.block_size < 1 or not 0.0 < self.damp < 1.0:
+            raise CompactnnError("SparseGPTConfig: block_size >= 1 and 0 < damp < 1.")
+        if self.n and self.block_size % self.m:
+            raise CompactnnError(f"SparseGPTConfig: block_size must be a multiple of m={self.m}.")
 
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, config: SparseGPTConfig) -> torch.Tensor:
@@ -60,8 +64,8 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, config: SparseGPTConfig) -
     hinv = inverse_hessian_factor(h, config.damp, "SparseGPT")  # (K, K) upper
     cols = w.shape[1]
     prune_per_group = config.m - config.n if config.n else 0
-    for i1 in range(0, cols, config.blocksize):
-        i2 = min(i1 + config.blocksize, cols)
+    for i1 in range(0, cols, config.block_size):
+        i2 = min(i1 + config.block_size, cols)
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         err1 = torch.zeros_like(w1)
         d = torch.diag(hinv1)  # (block,)

@@ -28,7 +28,7 @@ class AdaRoundConfig(ReconConfig):
     minute on 2 cores. See :class:`ReconConfig` for every field.
     """
 
-    granularity: str = "layer"
+    unit: str = "layer"
     learn_act: bool = False
     drop_prob: float = 0.0
 

@@ -28,7 +28,7 @@ class BRECQConfig(ReconConfig):
     :class:`ReconConfig` for every field.
     """
 
-    granularity: str = "block"
+    unit: str = "block"
     learn_act: bool = True
     drop_prob: float = 0.0
 

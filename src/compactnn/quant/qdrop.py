@@ -26,7 +26,7 @@ class QDropConfig(ReconConfig):
     with ``drop_prob=0.5``. See :class:`ReconConfig` for every field.
     """
 
-    granularity: str = "block"
+    unit: str = "block"
     learn_act: bool = True
     drop_prob: float = 0.5
 

@@ -2,13 +2,14 @@ from types import SimpleNamespace
 
 import torch
 
-from compactnn.training.cached import cached_train, training_key
+from compactnn.models.trained import cached_train, training_key
+from tests.training.conftest import tiny  # noqa: F401  (the fixture: a trained TinyNet)
 
 
-def test_trains_once_then_reads_the_artifact_back(tiny, tmp_path, monkeypatch):
+def test_trains_once_then_reads_the_artifact_back(tiny, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("COMPACTNN_CACHE", str(tmp_path))
     model, (x, y), _ = tiny
-    TinyNet = type(model)  # the fixture's class (conftest is not importable)
+    TinyNet = type(model)
     ref = SimpleNamespace(name="tiny", model=model, skeleton=TinyNet)
     data = (x[:64], y[:64])
     first, seconds, hit = cached_train(ref, "w2a8-ttq", data)
@@ -19,9 +20,9 @@ def test_trains_once_then_reads_the_artifact_back(tiny, tmp_path, monkeypatch):
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1  # no temporary left
 
 
-def test_key_changes_with_seed_recipe_data_and_weights(tiny):
+def test_key_changes_with_seed_recipe_data_and_weights(tiny):  # noqa: F811
     model, (x, y), _ = tiny
-    TinyNet = type(model)  # the fixture's class (conftest is not importable)
+    TinyNet = type(model)
     data = (x[:64], y[:64])
     key = training_key("tiny", model, "w2a8-ttq", data, 0)
     assert key == training_key("tiny", model, "w2a8-ttq", data, 0)
