@@ -118,3 +118,33 @@ def test_weight_only_needs_no_data_and_group_error_names_layer():
     assert q[0].weight_spec.group_size == 32
     with pytest.raises(CompactnnError, match=r"group_size=48 .*: 0 \(input dimension 64\)"):
         compactnn.compress(m, "w4-g48", progress=False)
+
+
+def test_ignore_keeps_the_named_layer_float_in_every_step():
+    m, x = small_cnn(), torch.randn(8, 1, 8, 8)
+    q = compactnn.compress(m, "w8a8", calib_data=x, progress=False, ignore=["0"])
+    assert type(q[0]) is nn.Conv2d  # float (its batch norm folded into it, as for any layer)
+    assert "0" in compactnn.info_of(q)["float_layers"]
+    assert isinstance(q[3], QuantConv2d) and isinstance(q[8], QuantLinear)
+    assert compactnn.info_of(q)["recipe"].steps[0].targets.ignore == ("0", "0.*")
+    # nm2:4 on the 1x3x3 stem (9 inputs) warns that it stays dense; ignoring it is silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = compactnn.compress(m, "nm2:4", calib_data=x, progress=False, ignore="0")
+    assert torch.equal(p[0].weight, m[0].weight)
+    w = p[3].weight.detach().reshape(16, -1, 4)  # (out, groups of 4 inputs, 4)
+    assert torch.equal((w != 0).sum(-1), torch.full((16, 18), 2))
+
+
+def test_ignore_of_a_container_covers_its_children_and_bad_names_are_refused():
+    m = nn.Sequential()
+    m.add_module("stem", nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+    m.add_module("head", nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3)))
+    q = compactnn.compress(m, "w8", progress=False, ignore=["stem"])
+    assert type(q.stem[0]) is nn.Conv2d and isinstance(q.head[1], QuantLinear)
+    with pytest.raises(CompactnnError, match=r"ignore: 'stemm' matches no module.*stem"):
+        compactnn.compress(m, "w8", progress=False, ignore=["stemm"])
+    with pytest.raises(CompactnnError, match=r"ignore: 'conv1' matches no module.*stem\.0"):
+        compactnn.compress(m, "w8", progress=False, ignore=["conv1"])
+    with pytest.raises(CompactnnError, match="must be a list of module names"):
+        compactnn.compress(m, "w8", progress=False, ignore=[3])

@@ -17,6 +17,7 @@ from compactnn.deployment import deploy
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export.artifact import artifact_digest
 from compactnn.kernels.swap import to_kernels
+from compactnn.measure import evaluate  # labelled quality: top-1 or a metric
 from compactnn.recipe import Recipe, Step, resolve_recipe
 from compactnn.training import train  # the subpackage is `training`: nothing is shadowed
 
@@ -28,6 +29,7 @@ __all__ = [
     "artifact_digest",
     "compress",
     "deploy",
+    "evaluate",
     "info_of",
     "load",
     "resolve_recipe",

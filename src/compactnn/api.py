@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import fnmatch
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +22,7 @@ from compactnn.core.qlayers import is_quant_layer
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import info_of, load, save
 from compactnn.export.hf import hf_header
-from compactnn.recipe import Recipe, resolve_recipe
+from compactnn.recipe import Recipe, Step, resolve_recipe
 
 __all__ = ["compress", "info_of", "load", "save"]
 
@@ -31,6 +35,7 @@ def compress(
     seed: int = 0,
     progress: bool = True,
     inplace: bool = False,
+    ignore: Sequence[str] = (),
 ) -> nn.Module:
     """Compress ``model`` with ``recipe`` and return the compressed model.
 
@@ -43,14 +48,18 @@ def compress(
         seed: seed for stochastic methods.
         progress: show progress bars.
         inplace: modify ``model`` itself instead of a copy.
+        ignore: module names or ``fnmatch`` patterns left untouched by every step (added to
+            each step's ``targets.ignore``; a container's name covers its children). A name
+            that matches no module raises ``CompactnnError`` listing close names.
 
     Example:
         >>> qmodel = compactnn.compress(model, "w4a8", calib_data=images)  # doctest: +SKIP
+        >>> sparse = compactnn.compress(model, "nm2:4", ignore=["conv1"])  # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
         raise CompactnnError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     _check_tensors(model)
-    recipe = resolve_recipe(recipe)
+    recipe = with_ignored(resolve_recipe(recipe), model, ignore)
     torch.manual_seed(seed)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
@@ -82,6 +91,46 @@ def compress(
         "extra": ctx.extra,
     }
     return qmodel
+
+
+def with_ignored(recipe: Recipe, model: nn.Module, ignore: Sequence[str]) -> Recipe:
+    """``recipe`` with the module names or patterns ``ignore`` added to every step's ignore
+    list (``name`` also ignores ``name.*``, the modules inside it).
+
+    Raises:
+        CompactnnError: ``ignore`` is not a list of strings, or one of them matches no
+            module of ``model`` (the message lists the closest module names).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+        >>> with_ignored(resolve_recipe("w8"), m, ["0"]).steps[0].targets.ignore
+        ('0', '0.*')
+    """
+    ignore = [ignore] if isinstance(ignore, str) else ignore
+    if not isinstance(ignore, Sequence) or not all(isinstance(p, str) and p for p in ignore):
+        raise CompactnnError(
+            f"ignore={ignore!r} must be a list of module names or fnmatch patterns, "
+            "e.g. ignore=['conv1', 'classifier.*']."
+        )
+    if not ignore:
+        return recipe
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in ignore:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = (
+                difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+                or [n for n, _ in weight_layers(model).items()][:5]
+            )
+            raise CompactnnError(
+                f"ignore: {pattern!r} matches no module of the model; close names: "
+                f"{', '.join(close) or '(none)'} (module names as in model.named_modules())."
+            )
+    extra = tuple(p for pattern in ignore for p in (pattern, f"{pattern}.*"))
+    steps = [
+        Step(s.method, s.config, dataclasses.replace(s.targets, ignore=s.targets.ignore + extra))
+        for s in recipe.steps
+    ]
+    return Recipe(recipe.name, steps)
 
 
 def _check_tensors(model: nn.Module) -> None:

@@ -192,13 +192,52 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
     model = factory()
     if not isinstance(model, nn.Module):
         raise CompactnnError(f"factory {spec!r} returned a {type(model).__name__}, not a Module.")
-    try:
-        model.load_state_dict(read_tensors(weights), strict=True)
-    except RuntimeError as exc:
+    tensors = read_tensors(weights)
+    misfit = weights_misfit(model.state_dict(), tensors)
+    if misfit:
         raise CompactnnError(
-            f"the weights in {weights!r} do not fit the model {spec!r} builds: {exc}"
+            f"the weights in {weights!r} do not fit the model {spec!r} builds: {misfit}; pass "
+            "the weights saved from this factory's model (save_file(model.state_dict(), ...))."
+        )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied: its first line only
+        first = str(exc).strip().splitlines()[0][:300]
+        raise CompactnnError(
+            f"the weights in {weights!r} do not fit the model {spec!r} builds: {first}"
         ) from exc
     return LoadedModel(model.eval(), spec, weights=str(weights))
+
+
+def weights_misfit(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], examples: int = 3
+) -> str:
+    """One short line on how ``given`` tensors differ from a model's state dict ("" if none).
+
+    Counts the missing, unexpected and shape-mismatched keys and names at most ``examples``
+    of each, so a wrong file gives a readable error rather than a dump of every key.
+
+    Example:
+        >>> weights_misfit({"w": torch.zeros(2), "b": torch.zeros(1)}, {"w": torch.zeros(3)})
+        "1 missing (e.g. 'b'), 1 with another shape (e.g. 'w' file (3,) vs model (2,))"
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k!r} file {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and tuple(given[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    for label, items in (
+        ("missing", [repr(k) for k in missing]),
+        ("unexpected", [repr(k) for k in unexpected]),
+        ("with another shape", shapes),
+    ):
+        if items:
+            more = ", ..." if len(items) > examples else ""
+            parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:examples])}{more})")
+    return ", ".join(parts)
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -217,14 +256,17 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
     """Calibration/evaluation inputs named by ``--data`` (None: the model's default data).
 
-    Returns a tensor, a dict of tensors (passed to the model as keywords), or whatever a
-    reference model uses as calibration data.
+    Returns a tensor, a dict of tensors (passed to the model as keywords, or ``x``/``y``
+    inputs and labels), or whatever a reference model uses as calibration data. Floating-point
+    tensors from a file are cast to the model's dtype (float32 unless the model says
+    otherwise: numpy's default float64 would not run); integer tensors are kept as they are.
     """
     if spec is None:
         return loaded.calib if loaded is not None else None
     path = Path(spec)
+    dtype = _float_dtype(loaded.model if loaded is not None else None)
     if path.suffix == ".safetensors":
-        tensors = read_tensors(path)
+        tensors = {k: _cast(v, dtype) for k, v in read_tensors(path).items()}
         return next(iter(tensors.values())) if len(tensors) == 1 else tensors
     if path.suffix == ".npy":
         import numpy as np
@@ -232,9 +274,15 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
         if not path.is_file():
             raise CompactnnError(f"data file {spec!r} does not exist.")
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+            array = np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise CompactnnError(f"{spec!r} cannot be read without pickle: {exc}") from exc
+        try:
+            return _cast(torch.from_numpy(array), dtype)
+        except TypeError as exc:  # object/string/complex arrays torch has no dtype for
+            raise CompactnnError(
+                f"{spec!r} holds {array.dtype} values; save numeric inputs (float or integer)."
+            ) from exc
     if spec in reference_names():
         from compactnn.models import load_reference
 
@@ -248,6 +296,18 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
         f"unknown data {spec!r}: pass a .safetensors or .npy file of inputs, or a reference "
         f"data set name ({names})."
     )
+
+
+def _float_dtype(model: nn.Module | None) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 by default)."""
+    params = model.parameters() if model is not None else ()
+    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating-point data in the model's dtype (numpy saves float64); integers (token ids,
+    labels) and booleans unchanged."""
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
 
 
 def file_sha256(path: str | Path) -> str:

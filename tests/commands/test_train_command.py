@@ -1,3 +1,5 @@
+import json
+
 import torch
 from safetensors.torch import save_file
 
@@ -77,3 +79,72 @@ def test_train_command_refuses_data_without_labels(tmp_path, monkeypatch, capsys
         ]
     )
     assert rc == 2 and "labels" in capsys.readouterr().err
+
+
+def _train_args(tmp_path, out, *extra):
+    return [
+        "train",
+        "qat_cli_factory:make",
+        "--weights",
+        str(tmp_path / "w.safetensors"),
+        "--recipe",
+        "w4a4-lsq",
+        "--data",
+        str(tmp_path / "data.safetensors"),
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_train_command_scores_eval_data_and_keeps_the_best_epoch(tmp_path, monkeypatch, capsys):
+    model, _ = _setup(tmp_path, monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    xe, ye = torch.randn(40, 1, 8, 8, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    save_file({"x": xe, "y": ye}, tmp_path / "eval.safetensors")
+    out = tmp_path / "out"
+    args = _train_args(tmp_path, out, "--eval-data", str(tmp_path / "eval.safetensors"))
+    assert main([*args, "--keep-best"]) == 0
+    printed = capsys.readouterr().out
+    log = tmp_path / "out.training.jsonl"  # beside the artifact directory, not inside it
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert f"  epoch {r['epoch']}/3: train loss " in printed
+        assert f"eval top-1 {r['eval_top1']:.2f}%" in printed
+    scores = [r["eval_top1"] for r in records]
+    kept = max(i for i, s in enumerate(scores) if s == max(scores)) + 1
+    q = compactnn.load(out, model=model)
+    with torch.no_grad():
+        top1 = 100.0 * float((q(xe).argmax(1) == ye).sum()) / 40
+        float_top1 = 100.0 * float((model(xe).argmax(1) == ye).sum()) / 40
+    assert round(top1, 4) == max(scores)
+    assert (
+        f"eval top-1 on 40 held-out samples: float {float_top1:.2f}%, trained {top1:.2f}% "
+        f"(epoch {kept} kept, the best)"
+    ) in printed
+    assert compactnn.info_of(q)["extra"]["training"]["kept_epoch"] == kept
+    assert f"training log: {log}" in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "compactnn.json",
+        "model.safetensors",
+        "recipe.yaml",
+    ]
+
+
+def test_train_command_eval_mistakes_are_one_error_line(tmp_path, monkeypatch, capsys):
+    _setup(tmp_path, monkeypatch)
+    assert main(_train_args(tmp_path, tmp_path / "a", "--keep-best")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --keep-best") and "--eval-data" in err
+    assert len(err.strip().splitlines()) == 1
+    bad = str(tmp_path / "nolabels.safetensors")
+    assert main(_train_args(tmp_path, tmp_path / "b", "--eval-data", bad)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --eval-data {bad}: eval_data is a dict with keys ['x']")
+    assert len(err.strip().splitlines()) == 1
+    assert main(_train_args(tmp_path, tmp_path / "c", "--eval-data", "nope.csv")) == 2
+    assert "error: --eval-data nope.csv: unknown training data" in capsys.readouterr().err

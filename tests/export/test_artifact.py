@@ -111,7 +111,7 @@ def test_interrupted_save_leaves_no_artifact(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifact, "save_file", boom)
+    monkeypatch.setattr(artifact, "write_tensors", boom)
     with pytest.raises(KeyboardInterrupt):
         compactnn.save(q, tmp_path / "x")
     assert not artifact.artifact_exists(tmp_path / "x")

@@ -1,3 +1,6 @@
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -71,3 +74,94 @@ def test_bad_labels_and_teacher_are_refused(tiny):
     bad_teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
     with pytest.raises(CompactnnError, match=r"teacher's output \(2, 7\).*\(2, 4\)"):
         compactnn.train(model, "w2a2-lsq", (x, y), teacher=bad_teacher, progress=False)
+
+
+def _top1(model, x, y):
+    """Top-1 in percent, computed here independently of compactnn.training.evaluate_top1."""
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(1) == y).sum()) / y.numel()
+
+
+def _hot_lsq(lr):
+    """w2a2-lsq with the weights' learning rate raised to ``lr``."""
+    step = compactnn.resolve_recipe("w2a2-lsq").steps[0]
+    config = dataclasses.replace(step.config, lr=lr)
+    return compactnn.Recipe("w2a2-lsq-hot", [compactnn.Step(step.method, config, step.targets)])
+
+
+def test_epoch_lines_are_printed_with_progress_and_silent_without(tiny, capsys):
+    model, data, (xt, yt) = tiny
+    compactnn.train(model, "w4a4-pact", data, epochs=2, eval_data=(xt, yt), progress=True)
+    out = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in out if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("train loss" in ln and "eval top-1" in ln and "lr " in ln for ln in lines)
+    compactnn.train(model, "w4a4-pact", data, epochs=2, eval_data=(xt, yt), progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_jsonl_log_has_one_record_per_epoch_with_the_frozen_models_top1(tiny, tmp_path):
+    model, data, (xt, yt) = tiny
+    log = tmp_path / "logs" / "train.jsonl"
+    kw = dict(epochs=3, eval_data=(xt, yt), progress=False)
+    q = compactnn.train(model, "w4a4-pact", data, log_path=log, **kw)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    hist = compactnn.info_of(q)["extra"]["training"]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["eval_top1"] for r in records] == hist["eval_top1"]
+    assert [round(r["train_loss"], 4) for r in records] == hist["loss"]
+    assert records[0]["lr"] == compactnn.resolve_recipe("w4a4-pact").steps[0].config.lr
+    assert records[0]["lr"] > records[1]["lr"] > records[2]["lr"]  # cosine schedule
+    assert all(r["seconds"] > 0 for r in records)
+    steps_per_epoch = records[0]["step"]
+    for r in records:  # stopping after epoch k's last step leaves epoch k's model
+        part = compactnn.train(model, "w4a4-pact", data, max_steps=r["step"], **kw)
+        assert r["step"] == r["epoch"] * steps_per_epoch
+        assert r["eval_top1"] == round(_top1(part, xt, yt), 4)
+
+
+def test_keep_best_returns_the_best_epochs_model_not_the_last(tiny):
+    model, data, (xt, yt) = tiny
+    hot = _hot_lsq(0.2)  # a learning rate this high makes later epochs worse
+    kw = dict(epochs=4, eval_data=(xt, yt), progress=False)
+    last = compactnn.train(model, hot, data, **kw)
+    best = compactnn.train(model, hot, data, keep_best=True, **kw)
+    hist = compactnn.info_of(best)["extra"]["training"]
+    scores = hist["eval_top1"]
+    assert scores == compactnn.info_of(last)["extra"]["training"]["eval_top1"]
+    want = max(i for i, s in enumerate(scores) if s == max(scores)) + 1  # ties: the later
+    assert hist["kept_epoch"] == want and want < 4, scores
+    assert hist["kept_eval_top1"] == max(scores)
+    assert round(_top1(best, xt, yt), 4) == max(scores) > round(_top1(last, xt, yt), 4)
+    assert round(_top1(last, xt, yt), 4) == scores[-1]
+    assert "kept_epoch" not in compactnn.info_of(last)["extra"]["training"]
+
+
+def test_keep_best_survives_a_resume(tiny, tmp_path):
+    model, data, (xt, yt) = tiny
+    kw = dict(epochs=4, eval_data=(xt, yt), keep_best=True, progress=False)
+    full = compactnn.train(model, _hot_lsq(0.2), data, **kw)
+    ckpt = tmp_path / "ck"
+    compactnn.train(model, _hot_lsq(0.2), data, checkpoint_dir=ckpt, max_steps=9, **kw)
+    resumed = compactnn.train(model, _hot_lsq(0.2), data, checkpoint_dir=ckpt, **kw)
+    h_full, h_resumed = (compactnn.info_of(q)["extra"]["training"] for q in (full, resumed))
+    for key in ("eval_top1", "kept_epoch", "kept_eval_top1"):
+        assert h_resumed[key] == h_full[key], key
+    for k, v in _state(full).items():
+        assert torch.equal(v, _state(resumed)[k]), k
+
+
+def test_keep_best_and_eval_data_mistakes_are_refused_before_training(tiny, tmp_path):
+    model, data, (xt, yt) = tiny
+    with pytest.raises(CompactnnError, match=r"keep_best=True .* needs eval_data"):
+        compactnn.train(model, "w4a4-pact", data, keep_best=True, progress=False)
+    with pytest.raises(CompactnnError, match=r"eval_data inputs have per-sample shape \(1, 4, 4\)"):
+        compactnn.train(model, "w4a4-pact", data, eval_data=(xt[:, :, :4, :4], yt))
+    with pytest.raises(CompactnnError, match=r"eval_data: labels range over \[0, 9\]"):
+        compactnn.train(model, "w4a4-pact", data, eval_data=(xt, yt * 3), progress=False)
+    with pytest.raises(CompactnnError, match="eval_data: 128 inputs but 5 labels"):
+        compactnn.train(model, "w4a4-pact", data, eval_data=(xt, yt[:5]), progress=False)
+    with pytest.raises(CompactnnError, match=r"log_path .* cannot be written"):
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        compactnn.train(model, "w4a4-pact", data, log_path=blocker / "log.jsonl")

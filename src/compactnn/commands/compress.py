@@ -25,6 +25,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", "-d", help=".safetensors/.npy inputs or a reference data set name")
     p.add_argument("--out", "-o", help="artifact directory (default: out/<model>-<recipe>)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact in --out")
+    p.add_argument(
+        "--ignore",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="leave this layer (module name or fnmatch pattern, e.g. conv1 or 'head.*') "
+        "untouched by every step; repeat for more",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for stochastic methods")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
@@ -36,6 +44,36 @@ def default_out(model: str, recipe: str) -> Path:
     return Path("out") / f"{stem}-{Path(recipe).stem}"
 
 
+def human_count(n: float) -> str:
+    """``1234567`` -> ``"1.2M"``."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def pruning_lines(pruning: dict) -> list[str]:
+    """One line per pruning step that recorded its counts (``prune/stats.py``).
+
+    Example:
+        >>> counts = {"before": 1_200_000, "after": 800_000}
+        >>> pruning_lines({"channel": {"params": counts, "nonzero": counts, "macs": counts}})
+        ['  pruning (channel): params 1.2M -> 800.0k, MACs 1.2M -> 800.0k']
+    """
+    lines = []
+    for method, stats in pruning.items():
+        if not isinstance(stats, dict) or not isinstance(stats.get("params"), dict):
+            continue  # no calibration batch: nothing counted
+        p, nz, macs = stats["params"], stats["nonzero"], stats["macs"]
+        line = f"  pruning ({method}): params {human_count(p['before'])} -> "
+        line += human_count(p["after"])
+        if nz["after"] != p["after"]:  # unstructured: same tensors, fewer non-zeros
+            line += f" ({human_count(nz['after'])} non-zero)"
+        line += f", MACs {human_count(macs['before'])} -> {human_count(macs['after'])}"
+        lines.append(line)
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
     check_writable(out, args.force)  # a file, /proc, an artifact, read-only: before work
@@ -44,7 +82,12 @@ def run(args: argparse.Namespace) -> int:
     data = resolve_data(args.data, loaded)
     t0 = time.perf_counter()
     qmodel = compactnn.compress(
-        loaded.model, recipe, calib_data=data, seed=args.seed, progress=not args.no_progress
+        loaded.model,
+        recipe,
+        calib_data=data,
+        seed=args.seed,
+        progress=not args.no_progress,
+        ignore=args.ignore,
     )
     seconds = time.perf_counter() - t0
     extra = qmodel._compactnn.setdefault("extra", {})
@@ -58,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  quantized layers: {quantized}; kept in float: {len(info['float_layers'])}")
     for name, reason in info["float_layers"].items():
         print(f"    {name}: {reason}")
+    for line in pruning_lines(extra.get("pruning", {})):
+        print(line)
     print(
         f"  artifact: {out}  {human_bytes(size)} "
         f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import compactnn
 from compactnn.commands._common import add_model_args, load_model
-from compactnn.core.calib import as_batches
+from compactnn.commands.evaluate import check_inputs, split_labels
+from compactnn.core.calib import as_batches, batch_size_of
 from compactnn.deployment.api import BACKENDS
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
+from compactnn.measure.quality import evaluate
 from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS, time_model
 from compactnn.model_io import resolve_data, skeleton_for
 
@@ -33,7 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="float MODEL of an artifact (needed unless it was made from a reference model)",
     )
     p.add_argument("--recipe", "-r", default="w8a8", help="recipe for a MODEL (default w8a8)")
-    p.add_argument("--data", "-d", help="inputs (.safetensors/.npy or data set name)")
+    p.add_argument(
+        "--data",
+        "-d",
+        help="inputs (.safetensors/.npy or data set name); x and y tensors also give top-1",
+    )
     p.add_argument("--backend", "-b", default="auto", choices=BACKENDS, help="kernels to use")
     p.add_argument(
         "--residual", default="exact", choices=("exact", "fast"), help="residual add mode"
@@ -44,12 +50,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="FILE", help="also export a verified QDQ ONNX model")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs (median shown)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     return p
 
 
 def _models(args: argparse.Namespace):
-    """The float model, the compressed one and the inputs to check and time them on."""
+    """The float model, the compressed one, a sample batch to check and time them on, and
+    the ``--data`` inputs and labels (labels None unless the data holds x and y)."""
     if artifact_exists(args.target):
         loaded = skeleton_for(
             read_header(args.target),
@@ -62,17 +70,22 @@ def _models(args: argparse.Namespace):
         raise CompactnnError(f"{args.target!r} holds neither an artifact nor a model.")
     else:
         loaded = load_model(args.target, args)
-        data = resolve_data(args.data, loaded)
-        qmodel = compactnn.compress(loaded.model, args.recipe, calib_data=data)
-    data = resolve_data(args.data, loaded) if args.data else loaded.calib
-    batches = as_batches(data) if data is not None else as_batches(loaded.example)
+        qmodel = None
+    inputs, labels = split_labels(resolve_data(args.data, loaded) if args.data else loaded.calib)
+    batches = as_batches(inputs) if inputs is not None else as_batches(loaded.example)
     if not batches:
         raise CompactnnError("deploy needs sample inputs to verify on: pass --data.")
-    return loaded, qmodel, batches[0]
+    if args.data:
+        check_inputs(loaded, batches[0])
+    if qmodel is None:
+        qmodel = compactnn.compress(
+            loaded.model, args.recipe, calib_data=inputs, progress=not args.no_progress
+        )
+    return loaded, qmodel, batches[0], (inputs, labels)
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded, qmodel, example = _models(args)
+    loaded, qmodel, example, (inputs, labels) = _models(args)
     deployed = compactnn.deploy(
         qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
     )
@@ -89,10 +102,16 @@ def run(args: argparse.Namespace) -> int:
         for label, m in (("float", loaded.model), ("simulated", qmodel), ("deployed", deployed))
     }
     base = times["float"].median_s
-    print(f"latency on this batch ({args.threads} threads, median of {args.runs}):")
+    batch = batch_size_of(example)
+    print(f"latency: median of {args.runs} runs, batch {batch}, {args.threads} threads:")
     for label, t in times.items():
         print(f"  {label:<10} {t.fmt():>24}  {base / t.median_s:5.2f}x vs float eager")
-    if loaded.reference is not None and loaded.reference.metric == "top1":
+    if labels is not None:
+        progress = not args.no_progress
+        sim_q = evaluate(qmodel, (inputs, labels), progress=progress)
+        dep_q = evaluate(deployed, (inputs, labels), progress=progress)
+        print(f"top-1 on --data: simulated {sim_q:.2f}%, deployed {dep_q:.2f}%")
+    elif loaded.reference is not None and loaded.reference.metric == "top1":
         sim_q, dep_q = loaded.reference.evaluate(qmodel), loaded.reference.evaluate(deployed)
         print(f"top-1: simulated {sim_q:.4f}, deployed {dep_q:.4f} (the deployed model itself)")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from compactnn.errors import CompactnnError
 from compactnn.export.artifact import check_writable
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
+from compactnn.training.data import as_eval_data
+from compactnn.training.loop import evaluate_top1, format_epoch
 
 DATASETS = {
     "mnist": "compactnn.data.mnist:load_mnist",
@@ -38,6 +41,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="labelled data: 'mnist', or a .safetensors file with x/y (or x_train/y_train) "
         "tensors (default: the reference model's training split)",
     )
+    p.add_argument(
+        "--eval-data",
+        metavar="FILE",
+        help="held-out labelled data scored after every epoch: a .safetensors file with x/y "
+        "(or x_test/y_test) tensors, or 'mnist' (default: the reference data's test split)",
+    )
+    p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="save the epoch with the best held-out top-1, not the last (needs eval data)",
+    )
+    p.add_argument(
+        "--log",
+        metavar="FILE",
+        help="per-epoch JSON-lines log (default: <out>.training.jsonl beside the artifact)",
+    )
     p.add_argument("--epochs", "-e", type=int, help="epochs (default: the recipe's)")
     p.add_argument("--out", "-o", help="artifact directory (default: out/<model>-<recipe>)")
     p.add_argument("--checkpoint-dir", help="write checkpoints here; an existing one resumes")
@@ -58,7 +77,11 @@ def training_data(spec: str | None, loaded: LoadedModel) -> Any:
             "training needs labelled data: pass --data mnist or --data file.safetensors "
             "holding x and y tensors."
         )
-    spec = REFERENCE_DATA.get(spec, spec)
+    return labelled_data(REFERENCE_DATA.get(spec, spec))
+
+
+def labelled_data(spec: str) -> Any:
+    """A data set name (``mnist``, ``digits``) or a .safetensors file with x/y tensors."""
     if spec in DATASETS:
         import importlib
 
@@ -72,13 +95,36 @@ def training_data(spec: str | None, loaded: LoadedModel) -> Any:
     )
 
 
+def log_path(out: Path, spec: str | None) -> Path:
+    """The training log: ``--log``, else ``<out>.training.jsonl`` beside the artifact
+    directory (not inside it: the directory is replaced whole by ``--force`` and holds only
+    what its manifest lists)."""
+    return Path(spec) if spec else out.with_name(out.name + ".training.jsonl")
+
+
+def held_out_data(spec: str | None, data: Any) -> tuple | None:
+    """``--eval-data`` (a file or a data set name), else the training data's test split."""
+    if spec is None:
+        return as_eval_data(data) if hasattr(data, "x_test") else None
+    try:
+        return as_eval_data(labelled_data(spec))
+    except CompactnnError as exc:
+        raise CompactnnError(f"--eval-data {spec}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
     check_writable(out, args.force)  # a file, /proc, an artifact, read-only: before training
     recipe = compactnn.resolve_recipe(args.recipe)
     loaded = load_model(args.model, args)
     data = training_data(args.data, loaded)
-    eval_data = (data.x_test, data.y_test) if hasattr(data, "x_test") else None
+    eval_data = held_out_data(args.eval_data, data)
+    if args.keep_best and eval_data is None:
+        raise CompactnnError(
+            "--keep-best picks the epoch with the best held-out top-1: pass --eval-data "
+            "FILE.safetensors (x and y tensors) as well."
+        )
+    log = log_path(out, args.log)
     t0 = time.perf_counter()
     qmodel = compactnn.train(
         loaded.model,
@@ -90,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         resume=not args.no_resume,
         progress=not args.no_progress,
+        log_path=log,
+        keep_best=args.keep_best,
     )
     seconds = time.perf_counter() - t0
     extra = qmodel._compactnn.setdefault("extra", {})
@@ -101,8 +149,11 @@ def run(args: argparse.Namespace) -> int:
         f"trained {args.model} with {recipe.name} for {hist.get('epochs')} epochs "
         f"in {seconds:.0f} s"
     )
-    if hist.get("eval_top1"):
-        print(f"  held-out top-1 per epoch: {', '.join(f'{a:.1f}' for a in hist['eval_top1'])}")
+    if args.no_progress:  # the per-epoch lines were not shown live: show them now
+        for line in log.read_text(encoding="utf-8").splitlines():
+            print("  " + format_epoch(json.loads(line), hist["epochs"]))
+    if eval_data is not None:
+        _print_eval(loaded, qmodel, eval_data, hist)
     if loaded.reference is not None:
         print(
             f"  {loaded.reference.metric}: float {loaded.reference.evaluate(loaded.model):.2f}, "
@@ -113,6 +164,19 @@ def run(args: argparse.Namespace) -> int:
         f"  artifact: {out}  {human_bytes(size)} "
         f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
     )
+    print(f"  training log: {log}")
     print(f"  sha256 digest: {digest}")
     print(f"  evaluate it: compactnn eval {out}")
     return 0
+
+
+def _print_eval(loaded: LoadedModel, qmodel: Any, eval_data: tuple, hist: dict) -> None:
+    """The held-out top-1 of the float model and of the saved one (which epoch, if kept)."""
+    x, y = eval_data
+    kept = hist.get("kept_epoch")
+    which = f" (epoch {kept} kept, the best)" if kept else ""
+    print(
+        f"  eval top-1 on {y.numel()} held-out samples: float "
+        f"{evaluate_top1(loaded.model, x, y):.2f}%, trained {evaluate_top1(qmodel, x, y):.2f}%"
+        f"{which}"
+    )

@@ -1,8 +1,10 @@
 """Measurements the library and its CLI use: size on disk, theoretical size, per-layer
-formats, output fidelity against the float model, and latency with explicit threads.
+formats, output fidelity against the float model, quality on labelled data (``evaluate``),
+and latency with explicit threads.
 
-Below the CLI, the demo and the benchmarks (which all import from here); depends only on
-``core`` and ``export``.
+Below the CLI, the demo and the benchmarks (which all import from here); depends on
+``core``, ``export`` and ``training.data`` (the labelled-data forms ``evaluate`` shares with
+``compactnn.train``).
 
 Example:
     >>> from compactnn.measure import time_fn
@@ -11,6 +13,7 @@ Example:
 """
 
 from compactnn.measure.fidelity import first_rows, fmt_quality, output_fidelity
+from compactnn.measure.quality import evaluate
 from compactnn.measure.size import (
     artifact_bytes,
     float_artifact_bytes,
@@ -35,6 +38,7 @@ __all__ = [
     "DEFAULT_WARMUP",
     "Timing",
     "artifact_bytes",
+    "evaluate",
     "first_rows",
     "float_artifact_bytes",
     "fmt_quality",

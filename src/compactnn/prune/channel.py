@@ -29,6 +29,7 @@ from compactnn.errors import CompactnnError
 from compactnn.prune.geometry import changed, snapshot
 from compactnn.prune.masks import check_sparsity
 from compactnn.prune.shortnames import percent_fraction
+from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.prune.train import distill_steps, output_tensor
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
@@ -221,6 +222,7 @@ def apply_channel(
 ) -> nn.Module:
     """Remove the least important channels (and their batch norms and inputs downstream)."""
     ctx.require_calibration("channel pruning (an example input traces the graph)", 1)
+    counts = model_counts(model, ctx)  # params and MACs before, for the record
     before = snapshot(model)
     teacher = copy.deepcopy(model) if config.finetune_steps else None
     from compactnn.prune.heads import is_hf_transformer, prune_transformer
@@ -236,6 +238,7 @@ def apply_channel(
     ctx.extra.setdefault("resized", {}).update(changed(before, snapshot(model)))
     if teacher is not None:
         distill_steps(model, teacher, ctx, config.finetune_steps, config.lr, "channel fine-tune")
+    record_sparsity(ctx, "channel", {}, model, counts)
     return model
 
 

@@ -35,7 +35,7 @@ from compactnn.engines.prune_schedule import (
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import check_sparsity, dense_weight, set_mask
 from compactnn.prune.shortnames import percent_fraction
-from compactnn.prune.stats import record_sparsity
+from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -161,6 +161,7 @@ def apply_dns(
 ) -> nn.Module:
     """Surgery while distilling from the unpruned model on the calibration batches, then
     fine-tuning with the masks fixed."""
+    counts = model_counts(model, ctx)  # params and MACs before, for the record
     steps = config.surgery_steps + config.finetune_steps
     pruner = prune_while_distilling(
         model,
@@ -172,7 +173,7 @@ def apply_dns(
         "dns",
     )
     ctx.notes.append(f"dns: {pruner.spliced} pruned weights were spliced back during surgery")
-    record_sparsity(ctx, "dns", {n: model.get_submodule(n) for n in pruner.names})
+    record_sparsity(ctx, "dns", {n: model.get_submodule(n) for n in pruner.names}, model, counts)
     return model
 
 

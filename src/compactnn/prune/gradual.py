@@ -28,7 +28,7 @@ from compactnn.engines.prune_schedule import ScheduledPruner, prune_while_distil
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import check_sparsity, dense_weight, masks_from_scores, set_mask
 from compactnn.prune.shortnames import percent_fraction
-from compactnn.prune.stats import record_sparsity
+from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -122,6 +122,7 @@ def apply_gradual(
 ) -> nn.Module:
     """Prune on the cubic schedule while distilling from the unpruned model on the
     calibration batches, then fine-tune with the final masks."""
+    counts = model_counts(model, ctx)  # params and MACs before, for the record
     steps = config.end_step + config.finetune_steps
     pruner = prune_while_distilling(
         model,
@@ -132,7 +133,9 @@ def apply_gradual(
         config.lr,
         "gradual",
     )
-    record_sparsity(ctx, "gradual", {n: model.get_submodule(n) for n in pruner.names})
+    record_sparsity(
+        ctx, "gradual", {n: model.get_submodule(n) for n in pruner.names}, model, counts
+    )
     return model
 
 

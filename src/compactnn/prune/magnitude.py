@@ -12,7 +12,7 @@ from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import apply_masks, check_sparsity, masks_from_scores, prunable_layers
 from compactnn.prune.shortnames import percent_fraction
-from compactnn.prune.stats import record_sparsity
+from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -44,8 +44,9 @@ def apply_magnitude(
     """Zero the ``sparsity`` fraction of smallest |w| in the targeted layers."""
     layers = prunable_layers(targets, ctx)
     scores = {n: m.weight.detach().abs() for n, m in layers.items()}
+    counts = model_counts(model, ctx)  # params and MACs before, for the record
     apply_masks(model, masks_from_scores(scores, config.sparsity, config.scope))
-    record_sparsity(ctx, "magnitude", layers)
+    record_sparsity(ctx, "magnitude", layers, model, counts)
     return model
 
 

@@ -25,7 +25,7 @@ from compactnn.prune.masks import (
     nm_mask,
     prunable_layers,
 )
-from compactnn.prune.stats import record_sparsity
+from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.prune.train import distill_steps
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
@@ -111,13 +111,14 @@ def apply_nm(
             f"nm {config.n}:{config.m}: kept dense (input size not divisible by "
             f"M={config.m}): {listing}"
         )
+    counts = model_counts(model, ctx)  # params and MACs before, for the record
     masks = nm_masks({k: v.weight.detach().abs() for k, v in layers.items()}, config.n, config.m)
     teacher = copy.deepcopy(model) if config.finetune_steps else None
     attach_masks(model, masks)
     if teacher is not None:
         distill_steps(model, teacher, ctx, config.finetune_steps, config.lr, desc="nm fine-tune")
     bake_masks(model)
-    record_sparsity(ctx, "nm", layers)
+    record_sparsity(ctx, "nm", layers, model, counts)
     return model
 
 

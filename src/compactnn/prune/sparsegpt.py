@@ -28,7 +28,7 @@ from compactnn.prune.layerwise import (
 )
 from compactnn.prune.masks import prunable_layers
 from compactnn.prune.shortnames import percent_fraction
-from compactnn.prune.stats import record_sparsity
+from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -103,6 +103,7 @@ def apply_sparsegpt(
     check_layers(layers, config)
     if not layers:
         raise CompactnnError("sparsegpt: no Linear or Conv2d layer among the step's targets.")
+    counts = model_counts(model, ctx)  # params and MACs before, for the record
     for name in ctx.bar(in_order(model, list(layers), ctx), desc="sparsegpt"):
         layer = layers[name]
         w = layer.weight.detach()
@@ -110,7 +111,7 @@ def apply_sparsegpt(
         new = sparsegpt_prune(w.reshape(w.shape[0], -1), h, config)
         with torch.no_grad():
             layer.weight.copy_(new.reshape(w.shape).to(w.dtype))
-    record_sparsity(ctx, "sparsegpt", layers)
+    record_sparsity(ctx, "sparsegpt", layers, model, counts)
     return model
 
 

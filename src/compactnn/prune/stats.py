@@ -43,10 +43,59 @@ def count_macs(model: nn.Module, example: Any) -> int:
     return total[0]
 
 
-def record_sparsity(ctx: CompressContext, method: str, layers: dict[str, nn.Module]) -> None:
-    """Note the achieved per-layer sparsity in the artifact's ``extra`` (for the report)."""
-    stats = {}
+def count_nonzero(model: nn.Module) -> int:
+    """Number of non-zero parameter entries (what unstructured pruning removes)."""
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+def model_counts(model: nn.Module, ctx: CompressContext) -> dict[str, int] | None:
+    """``params``, ``nonzero`` and ``macs`` of ``model`` on ctx's first calibration batch.
+
+    None when no calibration batch is known (MACs need an input to trace the shapes).
+
+    Example:
+        >>> ctx = CompressContext(batches=[torch.zeros(1, 3)])
+        >>> model_counts(nn.Linear(3, 2), ctx)
+        {'params': 8, 'nonzero': 8, 'macs': 6}
+    """
+    if not ctx.batches:
+        return None
+    example = ctx.batches[0]
+    if ctx.call_mode == "first" and isinstance(example, tuple):  # (inputs, labels) pairs
+        example = example[0]
+    was = model.training
+    model.eval()  # counting must not move batch-norm statistics
+    try:
+        macs = count_macs(model, example)
+    finally:
+        model.train(was)
+    return {"params": count_params(model), "nonzero": count_nonzero(model), "macs": macs}
+
+
+def record_sparsity(
+    ctx: CompressContext,
+    method: str,
+    layers: dict[str, nn.Module],
+    model: nn.Module | None = None,
+    before: dict[str, int] | None = None,
+) -> None:
+    """Note the achieved per-layer sparsity in the artifact's ``extra`` (for the report).
+
+    With ``model`` and ``before`` (``model_counts`` taken before pruning), also record
+    ``params``, ``nonzero`` and ``macs`` as ``{"before": n, "after": m}`` next to the
+    layers' sparsities in ``ctx.extra["pruning"][method]``.
+
+    Example:
+        >>> before = model_counts(model, ctx)                     # doctest: +SKIP
+        >>> ... prune model's layers ...                          # doctest: +SKIP
+        >>> record_sparsity(ctx, "nm", layers, model, before)     # doctest: +SKIP
+    """
+    stats: dict[str, Any] = {}
     for name, m in layers.items():
         w = m.weight.detach()
         stats[name] = round(1.0 - float((w != 0).sum()) / w.numel(), 4)
-    ctx.extra.setdefault("pruning", {})[method] = stats
+    entry = ctx.extra.setdefault("pruning", {})
+    entry[method] = stats
+    after = model_counts(model, ctx) if model is not None and before is not None else None
+    if after is not None:
+        stats.update({k: {"before": before[k], "after": after[k]} for k in after})

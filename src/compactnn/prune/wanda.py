@@ -24,7 +24,7 @@ from compactnn.prune.layerwise import (
 )
 from compactnn.prune.masks import apply_masks, nm_mask, prunable_layers
 from compactnn.prune.shortnames import percent_fraction
-from compactnn.prune.stats import record_sparsity
+from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -56,11 +56,12 @@ def apply_wanda(
     check_layers(layers, config)
     if not layers:
         raise CompactnnError("wanda: no Linear or Conv2d layer among the step's targets.")
+    counts = model_counts(model, ctx)  # params and MACs before, for the record
     for name in ctx.bar(in_order(model, list(layers), ctx), desc="wanda"):
         w = layers[name].weight.detach()
         mask = wanda_mask(w.reshape(w.shape[0], -1), input_sq_norms(model, name, ctx), config)
         apply_masks(model, {name: mask.reshape(w.shape)})
-    record_sparsity(ctx, "wanda", layers)
+    record_sparsity(ctx, "wanda", layers, model, counts)
     return model
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +20,7 @@ from compactnn.engines.qat import start_epoch
 from compactnn.errors import CompactnnError
 from compactnn.recipe import Recipe, resolve_recipe
 from compactnn.training.checkpoint import load_checkpoint, save_checkpoint
-from compactnn.training.data import TrainData, as_train_data, check_labels
+from compactnn.training.data import TrainData, as_eval_data, as_train_data, check_labels
 from compactnn.training.wrap import freeze, prepare_qat, qat_step
 
 _QUANT_PARAM_MARKS = (".weight_quantizer.", ".input_quantizer.", ".post.")
@@ -82,9 +85,13 @@ class _Run:
         self.qat, self.opt, self.sched, self.run = qat, opt, sched, run
         self.epoch, self.batch, self.step = 0, 0, 0
         self.history: dict[str, list[float]] = {"loss": [], "train_top1": [], "eval_top1": []}
+        # keep_best: {"epoch" (1-based), "eval_top1", "state" (the wrapped model's state)}
+        self.best: dict[str, Any] | None = None
 
     def state(self) -> dict[str, Any]:
+        best = {} if self.best is None else {"best": self.best}
         return {
+            **best,
             "run": self.run,
             "model": self.qat.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -103,6 +110,7 @@ class _Run:
         torch.set_rng_state(state["rng"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.history = state["history"]
+        self.best = state.get("best")
 
 
 def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
@@ -146,6 +154,91 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
     return True
 
 
+class EpochLog:
+    """The JSON-lines training log: one record per epoch, flushed as each epoch ends.
+
+    A fresh run truncates the file; a run resumed from a checkpoint appends to it.
+    """
+
+    def __init__(self, path: str | Path | None, append: bool) -> None:
+        self.path = None if path is None else Path(path)
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a" if append else "w", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise CompactnnError(
+                f"log_path {str(self.path)!r} cannot be written ({exc.strerror or exc}); pass a "
+                "file in a writable directory."
+            ) from exc
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def _finite(v: float | None, ndigits: int = 4) -> float | None:
+    return round(v, ndigits) if v is not None and math.isfinite(v) else None
+
+
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    """One human line for an epoch record of the training log.
+
+    Example:
+        >>> format_epoch({"epoch": 2, "train_loss": 0.4312, "train_top1": 88.3,
+        ...               "eval_top1": 91.41, "seconds": 0.8, "lr": 0.001}, 4)
+        'epoch 2/4: train loss 0.4312, train top-1 88.30%, eval top-1 91.41%, 0.8 s, lr 0.001'
+    """
+    loss = record.get("train_loss")
+    parts = [
+        f"epoch {record['epoch']}/{epochs}: train loss {'nan' if loss is None else f'{loss:.4f}'}"
+    ]
+    parts.append(f"train top-1 {record['train_top1']:.2f}%")
+    if record.get("eval_top1") is not None:
+        parts.append(f"eval top-1 {record['eval_top1']:.2f}%")
+    parts.append(f"{record['seconds']:.1f} s, lr {record['lr']:.3g}")
+    return ", ".join(parts)
+
+
+def _score_epoch(r: _Run, eval_xy, keep_best: bool) -> float | None:
+    """Top-1 of this epoch's frozen model on ``eval_xy`` (recorded); keeps the best state."""
+    if eval_xy is None:
+        return None
+    top1 = evaluate_top1(freeze(r.qat), *eval_xy)
+    r.history["eval_top1"].append(top1)
+    if keep_best and (r.best is None or top1 >= r.best["eval_top1"]):  # ties: later epoch
+        state = {k: v.detach().clone() for k, v in r.qat.state_dict().items()}
+        r.best = {"epoch": r.epoch + 1, "eval_top1": top1, "state": state}
+    return top1
+
+
+def _epoch_record(r: _Run, top1: float | None, seconds: float, lr: float) -> dict[str, Any]:
+    return {
+        "epoch": r.epoch + 1,
+        "step": r.step,
+        "train_loss": _finite(r.history["loss"][-1], 6),
+        "train_top1": _finite(r.history["train_top1"][-1]),
+        "eval_top1": _finite(top1),
+        "seconds": round(seconds, 3),
+        "lr": lr,
+    }
+
+
+def _final_model(r: _Run, keep_best: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen model to return (the best epoch's with ``keep_best``) and what was kept."""
+    if not keep_best:
+        return freeze(r.qat), {}
+    if r.best is None:  # no epoch finished: the model as it stands
+        return freeze(r.qat), {"kept_epoch": None}
+    qat = copy.deepcopy(r.qat)
+    qat.load_state_dict(r.best["state"])
+    kept = {"kept_epoch": r.best["epoch"], "kept_eval_top1": round(r.best["eval_top1"], 4)}
+    return freeze(qat), kept
+
+
 def train(
     model: nn.Module,
     recipe: str | Recipe,
@@ -153,15 +246,21 @@ def train(
     *,
     epochs: int | None = None,
     teacher: nn.Module | None = None,
-    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    eval_data: Any = None,
     seed: int = 0,
     checkpoint_dir: str | None = None,
     resume: bool = True,
     max_steps: int | None = None,
     features: Any = None,
     progress: bool = True,
+    log_path: str | Path | None = None,
+    keep_best: bool = False,
 ) -> nn.Module:
     """Train ``model`` with a quantization-aware ``recipe``; return the frozen quantized model.
+
+    After every epoch one line (training loss and top-1, held-out top-1, seconds, learning
+    rate) is printed through ``tqdm.write`` (none with ``progress=False``) and recorded in
+    ``model._compactnn["extra"]["training"]``.
 
     Args:
         model: a trained float classifier (never changed; it is also the default teacher).
@@ -170,18 +269,26 @@ def train(
         data: labelled training data: ``(inputs, labels)``, an embedded split, or batches.
         epochs: overrides the recipe's epochs.
         teacher: distillation teacher (default: ``model`` when the recipe distills).
-        eval_data: ``(inputs, labels)`` scored after each epoch (shown and recorded).
+        eval_data: held-out ``(inputs, labels)`` (or a dict with ``x``/``y``): the frozen
+            model of each epoch is scored on it (top-1, printed and recorded).
         seed: fixes initialisation, shuffling and dropout: the same seed gives the same run.
         checkpoint_dir: write a checkpoint there after every epoch (and on ``max_steps``);
             with ``resume`` an existing one is continued exactly.
         resume: continue from ``checkpoint_dir``'s checkpoint when there is one.
         max_steps: stop after this many optimizer steps in total (then resume later).
         features: module names (or ``{student: teacher}``) for feature distillation.
-        progress: progress bars with loss and accuracy.
+        progress: progress bars with loss and accuracy, and the per-epoch lines.
+        log_path: a JSON-lines file, one record per epoch: ``epoch``, ``step``,
+            ``train_loss``, ``train_top1``, ``eval_top1`` (null without ``eval_data``),
+            ``seconds``, ``lr`` (the weights' learning rate at the epoch's first step).
+        keep_best: return the frozen model of the epoch with the best held-out top-1 (ties:
+            the later epoch) instead of the last one; needs ``eval_data``. The history's
+            ``kept_epoch`` says which (1-based).
 
     Example:
         >>> data = (x_train, y_train)
-        >>> qmodel = compactnn.train(model, "w2a2-lsq", data, epochs=4)  # doctest: +SKIP
+        >>> qmodel = compactnn.train(model, "w2a2-lsq", data, epochs=4,  # doctest: +SKIP
+        ...                          eval_data=(x_test, y_test), keep_best=True)
         >>> compactnn.save(qmodel, "out/")                               # doctest: +SKIP
     """
     recipe = resolve_recipe(recipe)
@@ -189,12 +296,21 @@ def train(
     epochs = cfg.epochs if epochs is None else epochs
     if not isinstance(epochs, int) or epochs < 0:
         raise CompactnnError(f"epochs={epochs!r} must be a non-negative integer.")
+    if keep_best and eval_data is None:
+        raise CompactnnError(
+            "keep_best=True picks the epoch with the best held-out top-1, so it needs "
+            "eval_data=(x_test, y_test); pass it, or drop keep_best."
+        )
     data = as_train_data(data)
     torch.manual_seed(seed)
     calib = data.calibration()
     num_classes = _num_outputs(model, calib[0])
     if data.y is not None:
         check_labels(data.y, num_classes)
+    eval_xy = None
+    if eval_data is not None:
+        eval_xy = as_eval_data(eval_data, calib[0])
+        check_labels(eval_xy[1], num_classes, "eval_data")
     qat = prepare_qat(model, recipe, calib, seed=seed, progress=progress)
     weight = cfg.distill if teacher is None or cfg.distill > 0 else 0.5
     loss_fn = _loss_fn(qat, model, teacher, weight, cfg.temperature, features, calib[0])
@@ -209,10 +325,10 @@ def train(
         "seed": seed,
     }
     r = _Run(qat, opt, sched, run)
-    if checkpoint_dir and resume:
-        state = load_checkpoint(checkpoint_dir, run)
-        if state is not None:
-            r.restore(state)
+    state = load_checkpoint(checkpoint_dir, run) if checkpoint_dir and resume else None
+    if state is not None:
+        r.restore(state)
+    log = EpochLog(log_path, append=state is not None)
     opts = {
         "batch_size": cfg.batch_size,
         "seed": seed,
@@ -223,18 +339,23 @@ def train(
     }
     while r.epoch < epochs:
         start_epoch(qat, r.epoch, epochs)
+        t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
         if not _train_epoch(r, data, loss_fn, num_classes, opts):
             break
-        if eval_data is not None:
-            r.history["eval_top1"].append(evaluate_top1(qat, *eval_data))
+        top1 = _score_epoch(r, eval_xy, keep_best)
+        record = _epoch_record(r, top1, time.perf_counter() - t0, lr)
+        log.write(record)
+        if progress:
+            tqdm.write(format_epoch(record, epochs))
         r.epoch, r.batch = r.epoch + 1, 0
         if checkpoint_dir:
             save_checkpoint(checkpoint_dir, r.state())
-    qmodel = freeze(qat)
+    qmodel, kept = _final_model(r, keep_best)
     qmodel._compactnn["extra"]["training"] = {
         "epochs": epochs,
         "steps": r.step,
         "complete": r.epoch >= epochs,
         **{k: [round(v, 4) for v in vals if math.isfinite(v)] for k, vals in r.history.items()},
+        **kept,
     }
     return qmodel

@@ -1,0 +1,107 @@
+"""compactnn.measure.evaluate: top-1 and user metrics on labelled data, every data form."""
+
+import pytest
+import torch
+from torch import nn
+
+from compactnn.errors import CompactnnError
+from compactnn.measure import evaluate
+
+
+def _identity_model() -> nn.Module:
+    """Logits = inputs: the prediction of a row is the index of its largest value."""
+    model = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+    return model
+
+
+X = torch.tensor(
+    [
+        [3.0, 1.0, 0.0],  # predicts 0
+        [0.0, 2.0, 1.0],  # predicts 1
+        [0.0, 1.0, 5.0],  # predicts 2
+        [4.0, 0.0, 1.0],  # predicts 0
+        [1.0, 0.0, 2.0],  # predicts 2
+    ]
+)
+Y = torch.tensor([0, 1, 1, 2, 2])  # rows 0, 1 and 4 are right: 3 of 5
+
+
+def test_top1_of_a_model_whose_predictions_are_known():
+    assert evaluate(_identity_model(), (X, Y)) == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        (X, Y),
+        [X, Y],
+        {"x": X, "y": Y},
+        {"x_train": X, "y_train": Y},
+        [(X[:2], Y[:2]), (X[2:], Y[2:])],  # an iterable of batches (as a DataLoader gives)
+        iter([(X[:4], Y[:4]), (X[4:], Y[4:])]),  # a one-shot iterator
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=2),
+        type("Split", (), {"x_train": X, "y_train": Y})(),
+    ],
+)
+def test_every_data_form_gives_the_same_top1(data):
+    assert evaluate(_identity_model(), data, batch_size=2) == pytest.approx(60.0)
+
+
+def test_float64_inputs_are_cast_and_batch_size_does_not_matter():
+    model = _identity_model()
+    for batch_size in (1, 2, 5, 100):
+        assert evaluate(model, (X.double(), Y), batch_size=batch_size) == pytest.approx(60.0)
+
+
+def test_callable_metric_is_the_mean_over_samples():
+    # per-sample value: the top logit; batches of 2, 2 and 1 must weigh by their size
+    def top_logit(out, labels):
+        return float(out.max(1).values.mean())
+
+    expected = float(X.max(1).values.mean())  # (3 + 2 + 5 + 4 + 2) / 5 = 3.2
+    assert evaluate(_identity_model(), (X, Y), metric=top_logit, batch_size=2) == pytest.approx(
+        expected
+    )
+    assert expected == pytest.approx(3.2)
+
+
+def test_model_mode_is_restored():
+    model = _identity_model().train()
+    evaluate(model, (X, Y))
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (X, "no labels"),
+        (None, "no labels"),
+        ("mnist", "not supported"),
+        ((X, Y[:3]), "5 inputs but 3 labels"),
+        ({"x": X}, "x/y"),
+        ((X, Y.float()), "integer"),
+        ((X, torch.tensor([0, 1, 2, 3, 0])), "[0, 2]"),
+        ((torch.randn(5, 7), Y), "(..., 3)"),
+        ((X[:0], Y[:0]), "empty"),
+    ],
+)
+def test_bad_data_raises_a_compactnn_error(data, words):
+    with pytest.raises(CompactnnError) as info:
+        evaluate(_identity_model(), data)
+    assert words in str(info.value)
+
+
+def test_bad_metric_and_batch_size_raise():
+    with pytest.raises(CompactnnError, match="metric="):
+        evaluate(_identity_model(), (X, Y), metric="top5")
+    with pytest.raises(CompactnnError, match="batch_size"):
+        evaluate(_identity_model(), (X, Y), batch_size=0)
+    with pytest.raises(CompactnnError, match="NaN"):
+        evaluate(_identity_model(), (X, Y), metric=lambda o, y: float("nan"))
+
+
+def test_top1_needs_logits_per_sample():
+    with pytest.raises(CompactnnError, match="metric=your_function"):
+        evaluate(nn.Flatten(0), (X, Y))
