@@ -1,3 +1,4 @@
+import copy
 import sys
 import warnings
 
@@ -8,6 +9,7 @@ from torch import nn
 import compactnn
 from compactnn.core.qlayers import QuantConv2d, QuantLinear
 from compactnn.data import load_digits8
+from compactnn.deployment import api as deploy_api
 from compactnn.deployment.onednn import Int8Conv2d, Int8Linear
 from compactnn.errors import CompactnnError
 from tests.deployment.conftest import make_net
@@ -146,3 +148,49 @@ def test_missing_onnxruntime_names_the_extra(qnet, monkeypatch):
     with pytest.warns(UserWarning, match=r"skipped backends: onnxruntime .*compactnn\[onnx\]"):
         deployed = compactnn.deploy(qmodel, example=calib[:4])  # auto: oneDNN only
     assert deployed.backend == "onednn" and deployed.selection == {}
+
+
+class _Off(nn.Module):
+    """A wrong 'integer' program: the simulation's output shifted by 100 output steps."""
+
+    def __init__(self, sim: nn.Module) -> None:
+        super().__init__()
+        self.sim = sim
+
+    def forward(self, x):
+        return self.sim(x) + 100.0
+
+
+def test_auto_keeps_the_backend_that_passes_verification(monkeypatch, qnet):
+    qmodel, calib = qnet
+    real_build = deploy_api._build
+
+    def build(backend, sim, *args):
+        if backend == "onnxruntime":  # make this candidate diverge
+            return deploy_api.DeployedModel(_Off(copy.deepcopy(sim)), "onnxruntime", {})
+        return real_build(backend, sim, *args)
+
+    monkeypatch.setattr(deploy_api, "_build", build)
+    with pytest.warns(UserWarning, match=r"failed verification: onnxruntime"):
+        fast = compactnn.deploy(qmodel, example=calib[:8])
+    assert fast.backend == "onednn" and fast.verification.passed
+    assert fast.selection == {}  # only one candidate passed: nothing to time
+
+
+def test_auto_raises_when_every_backend_diverges(monkeypatch, qnet):
+    qmodel, calib = qnet
+    monkeypatch.setattr(
+        deploy_api,
+        "_build",
+        lambda backend, sim, *a: deploy_api.DeployedModel(_Off(copy.deepcopy(sim)), backend, {}),
+    )
+    with pytest.raises(CompactnnError, match="steps"):
+        compactnn.deploy(qmodel, example=calib[:8])
+
+
+def test_a_deployed_model_cannot_be_saved(qnet, tmp_path):
+    qmodel, calib = qnet
+    fast = compactnn.deploy(qmodel, "onednn", example=calib[:8])
+    with pytest.raises(CompactnnError, match="deployed model holds compiled"):
+        compactnn.save(fast, tmp_path / "d")
+    assert not (tmp_path / "d").exists()

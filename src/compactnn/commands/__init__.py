@@ -7,4 +7,5 @@ COMMANDS: list[str] = [
     "recipes",
     "train",
     "deploy",
+    "report",
 ]

@@ -39,6 +39,13 @@ class DeployedModel(nn.Module):
         program: the int8 ``fx.GraphModule`` (onednn) or the ONNX session (onnxruntime).
     """
 
+    # compactnn.save refuses it with this reason (it holds compiled kernels, not codes)
+    not_saveable = (
+        "a deployed model holds compiled integer kernels, not the packed codes: save the "
+        "compressed model you deployed (compactnn.save(qmodel, path)), then load it and call "
+        "compactnn.deploy again where it runs."
+    )
+
     def __init__(self, program: Any, backend: str, kept_float: dict[str, str]) -> None:
         super().__init__()
         self.backend = backend
@@ -55,9 +62,9 @@ class DeployedModel(nn.Module):
             if isinstance(value, torch.Tensor):
                 check_finite(value, f"deployed model input {key!r}")
         with torch.no_grad():
-            if self.backend == "onnxruntime":
-                return self._session(*args, **kwargs)
-            return self.program(*args, **kwargs)
+            if "program" in self._modules:  # an fx.GraphModule of int8 kernels
+                return self.program(*args, **kwargs)
+            return self._session(*args, **kwargs)  # an ONNX Runtime session
 
 
 def deploy(
@@ -74,10 +81,11 @@ def deploy(
     Args:
         qmodel: a model from ``compactnn.compress(..., "w8a8")`` (any recipe whose layers
             have 8-bit inputs and per-channel weights of at most 8 bits); not modified.
-        backend: ``"auto"`` (builds both backends, times them on ``example`` and keeps the
-            faster), ``"onednn"`` (PyTorch's oneDNN int8 kernels) or ``"onnxruntime"`` (the
-            QDQ ONNX export run by ONNX Runtime; needs the ``onnx`` extra, and ``"auto"``
-            skips it with a warning when that is not installed).
+        backend: ``"auto"`` (builds both backends, verifies each against the simulation
+            and keeps the faster of those that pass, naming any that fails in a warning),
+            ``"onednn"`` (PyTorch's oneDNN int8 kernels) or ``"onnxruntime"`` (the QDQ ONNX
+            export run by ONNX Runtime; needs the ``onnx`` extra, and ``"auto"`` skips it
+            with a warning when that is not installed).
         example: a sample batch (tensor, tuple or dict of tensors) the model takes;
             required. Both models run on it and the deploy fails past ``tolerance``.
         tolerance: largest allowed difference to the simulated model, in steps of the output
@@ -112,12 +120,20 @@ def deploy(
         raise CompactnnError("deploy: no backend could run this model: " + _listing(errors))
     if errors:
         warnings.warn(f"deploy: skipped backends: {_listing(errors)}", stacklevel=2)
-    selection = _fastest(built, example) if len(built) > 1 else {}
-    name = min(selection, key=selection.get) if selection else next(iter(built))
-    deployed = built[name]
+    checked = {k: compare(sim, m, example, f"deploy[{k}]", tolerance) for k, m in built.items()}
+    passing = {k: m for k, m in built.items() if checked[k].passed}
+    if not passing:  # every candidate diverges: raise with the first one's message
+        enforce(next(iter(checked.values())))
+    failed = {k: str(v) for k, v in checked.items() if not v.passed}
+    if failed:
+        warnings.warn(
+            f"deploy: backends that failed verification: {_listing(failed)}", stacklevel=2
+        )
+    selection = _fastest(passing, example) if len(passing) > 1 else {}
+    name = min(selection, key=selection.get) if selection else next(iter(passing))
+    deployed = passing[name]
     deployed.selection = selection
-    result = compare(sim, deployed, example, f"deploy[{name}]", tolerance)
-    deployed.verification = enforce(result)
+    deployed.verification = checked[name]
     return deployed
 
 
@@ -140,16 +156,24 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
 
 
 def _fastest(built: dict[str, DeployedModel], example: Any) -> dict[str, float]:
-    """Median seconds of 3 calls (after one warm-up) of each candidate on ``example``."""
-    times: dict[str, list[float]] = {k: [] for k in built}
+    """Median seconds per call of each candidate on ``example``.
+
+    Each candidate runs in its own block of calls after a short pause, in three rounds of
+    rotating order (shared/BENCHMARKING.md): interleaving single calls lets one runtime's
+    spinning threads starve the next.
+    """
+    names = list(built)
+    times: dict[str, list[float]] = {k: [] for k in names}
     with torch.no_grad():
         for m in built.values():
-            call_model(m, example)
-        for _ in range(3):
-            for k, m in built.items():  # interleaved: load changes hit every candidate
-                t0 = time.perf_counter()
-                call_model(m, example)
-                times[k].append(time.perf_counter() - t0)
+            call_model(m, example)  # warm-up
+        for r in range(3):
+            for k in names[r % len(names) :] + names[: r % len(names)]:
+                time.sleep(0.01)
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    call_model(built[k], example)
+                    times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -224,6 +224,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
     Example:
         >>> digest = compactnn.save(qmodel, "out/")  # doctest: +SKIP
     """
+    if not isinstance(model, nn.Module):
+        raise CompactnnError(f"save takes a torch.nn.Module, got {type(model).__name__}.")
+    if (why := getattr(model, "not_saveable", None)) is not None:  # e.g. a deployed model
+        raise CompactnnError(f"cannot save this model as an artifact: {why}")
     out = check_writable(path, force)
     info = info_of(model)
     tensors, layers, aliases = pack_state(model)

@@ -71,8 +71,9 @@ def finetune(
     runs after each optimizer step and it owns the masks. Masks are baked at the end.
 
     Example:
+        >>> from compactnn.prune.train import finetune
         >>> sparse = compactnn.compress(model, "sp90")          # doctest: +SKIP
-        >>> compactnn.prune.finetune(sparse, train_loader)      # doctest: +SKIP
+        >>> finetune(sparse, train_loader)                      # doctest: +SKIP
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
     if pruner is None:

@@ -1,5 +1,5 @@
-"""``pareto.png``: quality against size on disk, one labelled point per recipe, one panel
-per model."""
+"""``pareto.png``: quality against size on disk (and optionally against latency), one
+labelled point per recipe, one row of panels per model."""
 
 from __future__ import annotations
 
@@ -18,34 +18,73 @@ FuncFormatter, LogLocator, NullFormatter = (
 )
 
 METRIC_LABELS = {"top1": "top-1 accuracy (%)", "cosine": "mean cosine vs float"}
+PANELS = ("size", "latency")
 
 
-def pareto_png(results: dict[str, Any]) -> bytes:
-    """PNG bytes of the quality-vs-size plot of ``results`` (the demo's results dict)."""
-    models = list(dict.fromkeys(r["model"] for r in results["rows"]))
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.5 * max(len(models), 1), 4.2))
-    axes = [axes] if len(models) <= 1 else list(axes)
-    for ax, model in zip(axes, models, strict=False):
+def _x_values(rows: list[dict[str, Any]], panel: str) -> tuple[list[float], str]:
+    """The x coordinates of ``rows`` on a ``panel`` and the axis label."""
+    if panel == "latency":
+        xs = [r["latency"]["median_s"] * 1e3 for r in rows]
+        return xs, "latency (ms, median, log scale)"
+    kib = max(r["size_bytes"] for r in rows) < 2**20  # small models read better in KiB
+    xs = [r["size_bytes"] / (2**10 if kib else 2**20) for r in rows]
+    return xs, f"artifact size on disk ({'KiB' if kib else 'MiB'}, log scale)"
+
+
+def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> None:
+    """One scatter of quality against ``panel`` ("size" or "latency"); on the size panel a
+    row marked ``shares_size`` (the same artifact run another way) is not drawn twice."""
+    rows = [r for r in rows if panel != "size" or not r.get("shares_size")]
+    xs, xlabel = _x_values(rows, panel)
+    quality = [r["quality"] for r in rows]
+    ax.plot(xs, quality, linestyle="none", marker="o", color="tab:blue")
+    for r, x, y in zip(rows, xs, quality, strict=True):
+        if r["recipe"] == "float":
+            ax.plot([x], [y], marker="*", markersize=14, color="tab:orange", linestyle="none")
+        label = r.get("label", r["recipe"])
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0, 7.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.12, y=0.12)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(METRIC_LABELS.get(rows[0]["metric"], rows[0]["metric"]))
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def pareto_png(results: dict[str, Any], panels: tuple[str, ...] = ("size",)) -> bytes:
+    """PNG bytes of the quality plot of ``results`` (a results dict with ``rows``).
+
+    Args:
+        results: ``{"rows": [...]}``; each row has ``model``, ``recipe``, ``metric``,
+            ``quality``, ``size_bytes`` and (for the latency panel) ``latency.median_s``;
+            an optional ``label`` replaces ``recipe`` beside the point, and ``shares_size``
+            leaves a row off the size panel.
+        panels: which x axes to draw per model: ``"size"`` and/or ``"latency"``.
+
+    Example:
+        >>> rows = [{"model": "m", "recipe": "float", "metric": "top1", "quality": 90.0,
+        ...          "size_bytes": 4096, "latency": {"median_s": 0.001}}]
+        >>> pareto_png({"rows": rows}, panels=("size", "latency"))[:4]
+        b'\\x89PNG'
+    """
+    unknown = [p for p in panels if p not in PANELS]
+    if unknown or not panels:
+        raise ValueError(f"panels must be a non-empty subset of {PANELS}, got {panels!r}")
+    models = list(dict.fromkeys(r["model"] for r in results["rows"])) or ["(none)"]
+    ncols = len(panels) if len(models) == 1 else len(models)
+    nrows = 1 if len(models) == 1 else len(panels)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
+    for m, model in enumerate(models):
         rows = [r for r in results["rows"] if r["model"] == model]
-        kib = max(r["size_bytes"] for r in rows) < 2**20  # small models read better in KiB
-        sizes = [r["size_bytes"] / (2**10 if kib else 2**20) for r in rows]
-        quality = [r["quality"] for r in rows]
-        ax.plot(sizes, quality, linestyle="none", marker="o", color="tab:blue")
-        for r, x, y in zip(rows, sizes, quality, strict=True):
-            is_float = r["recipe"] == "float"
-            if is_float:
-                ax.plot([x], [y], marker="*", markersize=14, color="tab:orange", linestyle="none")
-            ax.annotate(r["recipe"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0, 7.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.margins(x=0.12, y=0.12)
-        ax.set_xlabel(f"artifact size on disk ({'KiB' if kib else 'MiB'}, log scale)")
-        ax.set_ylabel(METRIC_LABELS.get(rows[0]["metric"], rows[0]["metric"]))
-        ax.set_title(model)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("quality vs size (up and left is better)")
+        for p, panel in enumerate(panels):
+            ax = axes[0][p] if len(models) == 1 else axes[p][m]
+            if rows:
+                _panel(ax, rows, panel, model)
+    what = " and ".join(panels)
+    fig.suptitle(f"quality vs {what} (up and left is better)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

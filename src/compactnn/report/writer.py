@@ -158,16 +158,29 @@ def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, P
     Example:
         >>> write_report(run_demo_results, "out/demo")  # doctest: +SKIP
     """
+    png = pareto_png(results)
+    return write_files(out, results, report_blocks(results, png), png, "compactnn demo report")
+
+
+def write_files(
+    out: str | os.PathLike, results: dict[str, Any], blocks: list[Block], png: bytes, title: str
+) -> dict[str, Path]:
+    """Write ``results.json``, ``pareto.png``, ``report.md`` and ``report.html`` into ``out``.
+
+    Shared by the demo report and :func:`compactnn.report.build_report`; every text file is
+    replaced atomically and left readable by everyone.
+
+    Example:
+        >>> write_files("out/r", {"rows": []}, [("h1", "r")], png, "r")  # doctest: +SKIP
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    png = pareto_png(results)
-    blocks = report_blocks(results, png)
     paths = {name: out / name for name in ("results.json", "pareto.png", "report.md")}
     paths["report.html"] = out / "report.html"
     atomic_write_text(paths["results.json"], json.dumps(results, indent=1, sort_keys=False))
     (out / "pareto.png").write_bytes(png)
     atomic_write_text(paths["report.md"], to_markdown(blocks))
-    atomic_write_text(paths["report.html"], to_html(blocks, "compactnn demo report"))
+    atomic_write_text(paths["report.html"], to_html(blocks, title))
     for path in paths.values():
         path.chmod(0o644)  # temp files are created private; a report is for reading
     return paths

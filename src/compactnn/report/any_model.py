@@ -1,0 +1,383 @@
+"""A report for any model: the user's artifacts measured on the user's labelled data.
+
+:func:`build_report` loads each artifact directory into the user's float model, measures
+quality on labelled data (top-1 by default, or any ``metric(model, x, y) -> float``), bytes
+on disk, and latency of the simulated model; where :func:`compactnn.deploy` lowers an
+artifact to int8 kernels (w8a8 CNNs) the deployed model gets its own row, measured in the
+same interleaved timing rounds as the fp32 eager float model. It writes ``report.md``,
+``report.html``, ``pareto.png`` (quality vs size and vs latency) and ``results.json``.
+
+Example:
+    >>> build_report(["out/w8a8", "out/w4a8"], model=net, data=(x_test, y_test),
+    ...              out="out/report")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import compactnn
+from compactnn.core.calib import call_model, main_output
+from compactnn.errors import CompactnnError
+from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.measure import (
+    DEFAULT_RUNS,
+    DEFAULT_THREADS,
+    artifact_bytes,
+    first_rows,
+    float_artifact_bytes,
+    fmt_quality,
+    layer_formats,
+    model_call,
+    theoretical_bytes,
+    time_round_robin,
+)
+from compactnn.report.document import Block
+from compactnn.report.plot import METRIC_LABELS, pareto_png
+from compactnn.report.writer import _mib, write_files
+
+Metric = str | Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
+FLOAT = "float"
+FP32 = "fp32 eager"
+SIMULATED = "simulated"
+DEPLOYED = "deployed (oneDNN)"
+LATENCY_BATCH = 16  # samples per timed call, as in the demo report
+EVAL_BATCH = 256
+_LABEL_KEYS = (("x", "y"), ("x_test", "y_test"), ("inputs", "labels"))
+HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
+          "speedup vs fp32"]  # fmt: skip
+
+
+def labelled_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, labels)`` from a pair, a dict (``x``/``y``, ``x_test``/``y_test`` or
+    ``inputs``/``labels``) or an object with ``x_test``/``y_test`` (the embedded splits).
+
+    Raises:
+        CompactnnError: the data has no labels, or inputs and labels differ in length.
+
+    Example:
+        >>> x, y = labelled_data({"x": torch.zeros(4, 3), "y": torch.arange(4)})
+        >>> tuple(x.shape), y.tolist()
+        ((4, 3), [0, 1, 2, 3])
+    """
+    if hasattr(data, "x_test") and hasattr(data, "y_test"):
+        data = (data.x_test, data.y_test)
+    if isinstance(data, dict):
+        pair = next(((data[a], data[b]) for a, b in _LABEL_KEYS if a in data and b in data), None)
+        if pair is None:
+            raise CompactnnError(
+                f"the data has tensors {sorted(data)} but no labels: save inputs and labels "
+                "under the keys 'x' and 'y' (or 'inputs' and 'labels')."
+            )
+        data = pair
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise CompactnnError(
+            f"the data ({type(data).__name__}) has no labels: pass (inputs, labels) tensors, "
+            "e.g. data=(x_test, y_test), or a .safetensors file with tensors 'x' and 'y'."
+        )
+    x, y = (torch.as_tensor(t) for t in data)
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise CompactnnError(
+            f"the data has {x.shape[0]} inputs but {y.shape[0]} labels; give one label per "
+            "input (and at least one input)."
+        )
+    return x, y
+
+
+def _top1(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in percent of ``model`` on ``(x, y)``, in batches of ``EVAL_BATCH``."""
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], EVAL_BATCH):
+            logits = main_output(call_model(model, x[start : start + EVAL_BATCH]))
+            correct += int((logits.argmax(-1) == y[start : start + EVAL_BATCH]).sum())
+    return 100.0 * correct / x.shape[0]
+
+
+def _metric_fn(metric: Metric) -> tuple[str, Callable[..., float]]:
+    if metric == "top1":
+        return "top1", _top1
+    if callable(metric):
+        return getattr(metric, "__name__", "metric"), metric
+    raise CompactnnError(
+        f"metric={metric!r} is unknown: use 'top1' or a function metric(model, x, y) -> float."
+    )
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before any slow work, an output directory that cannot be written."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CompactnnError(
+            f"--out {str(out)!r} cannot be created: {str(probe)!r} is a file; choose a "
+            "directory path."
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CompactnnError(
+            f"--out {str(out)!r} is not writable ({str(probe)!r} denies writing); check the "
+            "permissions or choose another directory."
+        )
+
+
+def _source_key(header: dict[str, Any]) -> tuple[str, str] | None:
+    """What the artifact records about its float model (name and weights digest)."""
+    source = header.get("extra", {}).get("source")
+    if not isinstance(source, dict) or not source.get("model"):
+        return None
+    digest = source.get("weights_sha256") or source.get("sha256") or ""
+    return str(source["model"]), str(digest)
+
+
+def check_artifacts(artifacts: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Verified headers of ``artifacts``; they must all come from one float model.
+
+    Raises:
+        CompactnnError: no artifact, a path that is not an artifact, or artifacts whose
+            recorded float models (name or weights digest) differ.
+
+    Example:
+        >>> check_artifacts(["out/w8a8", "out/w4a8"])  # doctest: +SKIP
+    """
+    if not artifacts:
+        raise CompactnnError("no artifact given: pass one or more artifact directories.")
+    headers, sources = [], {}
+    for path in artifacts:
+        if not artifact_exists(path):
+            raise CompactnnError(
+                f"{str(path)!r} is not a compactnn artifact directory (no compactnn.json); "
+                "pass directories written by `compactnn compress` or compactnn.save."
+            )
+        header = read_header(path)
+        headers.append(header)
+        key = _source_key(header)
+        if key is not None:
+            sources.setdefault(key, str(path))
+    if len(sources) > 1:
+        listing = "; ".join(f"{p!r} from {k[0]!r}" for k, p in sources.items())
+        raise CompactnnError(
+            f"the artifacts come from different float models ({listing}); a report compares "
+            "compressions of one model: pass the artifacts of one model only."
+        )
+    return headers
+
+
+def _try_deploy(qmodel: nn.Module, example: torch.Tensor, notes: list[str]) -> Any:
+    """The oneDNN int8 model of ``qmodel``, or None (the reason goes to ``notes``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            deployed = compactnn.deploy(qmodel, backend="onednn", example=example)
+        except CompactnnError as exc:
+            notes.append(f"not deployed to int8 kernels: {str(exc).split(':')[0]}")
+            return None
+    notes += [f"deploy: {w.message}" for w in caught]
+    return deployed
+
+
+def _row(label: str, runs_as: str, metric: str, quality: float, size: int) -> dict[str, Any]:
+    return {"label": label, "runs_as": runs_as, "metric": metric, "quality": quality,
+            "size_bytes": size, "notes": []}  # fmt: skip
+
+
+def _measure(
+    model: nn.Module, artifacts: list[Path], x: torch.Tensor, y: torch.Tensor, metric: Metric, bar
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (float, then per artifact simulated and, when deployable, deployed) and the
+    callables to time, keyed like the rows' labels."""
+    name, fn = _metric_fn(metric)
+    example = first_rows(x, LATENCY_BATCH)
+    float_model = copy.deepcopy(model).eval()
+    rows = [_row(FLOAT, FP32, name, float(fn(float_model, x, y)), 0)]
+    rows[0] |= {"size_bytes": float_artifact_bytes(float_model), "recipe": FLOAT}
+    rows[0] |= {"theoretical_bytes": theoretical_bytes(float_model), "layers": {}}
+    runners: dict[str, Any] = {FLOAT: float_model}
+    for path in artifacts:
+        bar.set_postfix_str(path.name)
+        qmodel = compactnn.load(path, model=model).eval()
+        info = compactnn.info_of(qmodel)
+        recipe = info["recipe"].name if info.get("recipe") is not None else path.name
+        label = recipe if recipe not in runners else f"{recipe} ({path.name})"
+        row = _row(label, SIMULATED, name, float(fn(qmodel, x, y)), artifact_bytes(path))
+        row |= {"recipe": recipe, "artifact": str(path), "layers": layer_formats(qmodel)}
+        row |= {"theoretical_bytes": theoretical_bytes(qmodel)}
+        row["float_layers"] = dict(info.get("float_layers", {}))
+        rows.append(row)
+        runners[label] = qmodel
+        deployed = _try_deploy(qmodel, example, row["notes"])
+        if deployed is not None:
+            dlabel = f"{label} int8"
+            drow = _row(dlabel, DEPLOYED, name, float(fn(deployed, x, y)), row["size_bytes"])
+            drow |= {"recipe": recipe, "artifact": str(path), "shares_size": True}
+            drow["notes"].append(f"verified against the simulation: {deployed.verification}")
+            rows.append(drow)
+            runners[dlabel] = deployed
+        bar.update(1)
+    return rows, runners
+
+
+def _time(rows: list[dict[str, Any]], runners: dict[str, Any], example: Any, runs: int) -> None:
+    """Latency of every row, timed side by side in interleaved rounds; ratios to fp32."""
+    calls = {label: model_call(m, example) for label, m in runners.items()}
+    timings = time_round_robin(calls, warmup=2, runs=runs, threads=None)
+    base = rows[0]
+    for row in rows:
+        row["latency"] = timings[row["label"]].to_dict()
+        row["speedup"] = base["latency"]["median_s"] / row["latency"]["median_s"]
+        row["size_ratio"] = base["size_bytes"] / row["size_bytes"]
+        row["quality_delta"] = row["quality"] - base["quality"]
+
+
+def _environment(threads: int, runs: int) -> dict[str, Any]:
+    return {
+        "compactnn": compactnn.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": threads,
+        "runs": runs,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per measured model, in the order of ``HEADER``.
+
+    Example:
+        >>> table_rows(results)[0][:2]  # doctest: +SKIP
+        ['float', 'fp32 eager']
+    """
+    out = []
+    for r in results["rows"]:
+        lat = r["latency"]
+        latency = f"{lat['median_s'] * 1e3:.2f} ms"
+        if lat["median_s"] and (lat["max_s"] - lat["min_s"]) / lat["median_s"] > 0.10:
+            latency += f" ({lat['min_s'] * 1e3:.2f}-{lat['max_s'] * 1e3:.2f})"
+        out.append([
+            r["label"], r["runs_as"], fmt_quality(r["metric"], r["quality"]),
+            fmt_quality(r["metric"], r["quality_delta"], delta=True), _mib(r["size_bytes"]),
+            f"{r['size_ratio']:.2f}x", latency, f"{r['speedup']:.2f}x",
+        ])  # fmt: skip
+    return out
+
+
+def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
+    env, metric = results["environment"], results["metric"]
+    n = results["samples"]
+    notes = [f"{r['label']}: {note}" for r in results["rows"] for note in r["notes"]]
+    kept = [
+        f"{r['label']}: `{layer}` ({why})"
+        for r in results["rows"]
+        for layer, why in r.get("float_layers", {}).items()
+    ]
+    how = [
+        f"Quality: {METRIC_LABELS.get(metric, metric)} on the {n} labelled samples given.",
+        "Size: bytes on disk of each artifact directory; the float row is the float model "
+        "saved in the same format.",
+        f"Latency: median of {env['runs']} runs after warm-up, {env['threads']} torch threads, "
+        f"one batch of {results['latency_batch']} samples, every model timed in the same "
+        "interleaved rounds (min-max shown when runs spread more than 10%).",
+        f"Runs as: `{FP32}` is the float model in PyTorch eager; `{SIMULATED}` is the "
+        "compressed model as compactnn simulates it (float kernels on dequantized weights: "
+        f"smaller on disk, not faster); `{DEPLOYED}` is the artifact lowered to int8 "
+        "kernels by compactnn.deploy and verified against the simulation.",
+    ]
+    blocks: list[Block] = [
+        ("h1", title),
+        ("p", f"compactnn {env['compactnn']}, torch {env['torch']}, Python {env['python']}, "
+              f"{env['machine']}, {env['threads']} torch threads, {env['date']}."),
+        ("h2", "Results"),
+        ("table", (HEADER, table_rows(results))),
+        ("img", ("quality vs size and latency", png, "pareto.png")),
+        ("h2", "How this was measured"),
+        ("list", how),
+    ]  # fmt: skip
+    if kept:
+        blocks += [("h2", "Layers kept in float"), ("list", kept)]
+    if notes:
+        blocks += [("h2", "Notes"), ("list", notes)]
+    return blocks
+
+
+def build_report(
+    artifacts: Sequence[str | os.PathLike],
+    *,
+    model: nn.Module,
+    data: Any,
+    metric: Metric = "top1",
+    out: str | os.PathLike,
+    threads: int = DEFAULT_THREADS,
+    title: str | None = None,
+    runs: int = DEFAULT_RUNS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure artifacts of one float model on labelled data and write the report.
+
+    Args:
+        artifacts: artifact directories made from ``model`` (``compactnn.save``).
+        model: the float model (also the skeleton each artifact is loaded into; not changed).
+        data: labelled evaluation data: ``(inputs, labels)``, a dict with ``x``/``y``, or a
+            split with ``x_test``/``y_test``.
+        metric: ``"top1"`` (percent) or a function ``metric(model, x, y) -> float``.
+        out: directory for ``report.md``, ``report.html``, ``pareto.png``, ``results.json``.
+        threads: torch threads for every measurement (stated in the report).
+        title: the report's heading (default: "compactnn report: <model class>").
+        runs: timed runs per model (the median is reported).
+        progress: show a progress bar.
+
+    Returns:
+        The results written to ``results.json``: ``rows`` (float, then per artifact the
+        simulated model and, when deployable, the int8 model), ``environment`` and more.
+
+    Raises:
+        CompactnnError: no labels, an unknown metric, an unwritable ``out``, a path that is
+            not an artifact, or artifacts of different float models.
+
+    Example:
+        >>> results = build_report(["out/w8a8"], model=net, data=(x, y), out="out/r")
+        ... # doctest: +SKIP
+        >>> results["rows"][0]["runs_as"]  # doctest: +SKIP
+        'fp32 eager'
+    """
+    out = Path(out)
+    _check_out(out)
+    x, y = labelled_data(data)
+    _metric_fn(metric)
+    check_artifacts(artifacts)
+    name = type(model).__name__
+    title = title or f"compactnn report: {name}"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        with tqdm(total=len(artifacts) + 1, desc="report", disable=not progress) as bar:
+            rows, runners = _measure(model, [Path(a) for a in artifacts], x, y, metric, bar)
+            bar.set_postfix_str("timing")
+            _time(rows, runners, first_rows(x, LATENCY_BATCH), runs)
+            bar.update(1)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    for row in rows:
+        row["model"] = name
+    results = {
+        "environment": _environment(used, runs),
+        "metric": rows[0]["metric"],
+        "samples": int(x.shape[0]),
+        "latency_batch": min(LATENCY_BATCH, int(x.shape[0])),
+        "rows": rows,
+    }
+    png = pareto_png(results, panels=("size", "latency"))
+    write_files(out, results, _blocks(results, png, title), png, title)
+    return results

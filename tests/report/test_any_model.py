@@ -1,0 +1,204 @@
+"""build_report and `compactnn report`: numbers checked against hand computations."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import compactnn
+from compactnn.cli import main
+from compactnn.data import load_digits8
+from compactnn.errors import CompactnnError
+from compactnn.report import build_report, labelled_data
+
+NET_SOURCE = """
+from torch import nn
+
+
+def build():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(256, 10),
+    )
+"""
+
+
+def _build() -> nn.Module:
+    namespace: dict = {}
+    exec(NET_SOURCE, namespace)
+    return namespace["build"]()
+
+
+@functools.cache
+def _trained_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    x, y = load_digits8().x_train[:512], load_digits8().y_train[:512]
+    net = _build()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-2)
+    for _ in range(15):  # full-batch steps: ~85% top-1, enough to tell recipes apart
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.state_dict()
+
+
+def _trained(shift: float = 0.0) -> nn.Module:
+    """The trained net; ``shift`` != 0 gives another float model of the same architecture."""
+    net = _build()
+    net.load_state_dict({k: v + shift for k, v in _trained_state().items()})
+    return net.eval()
+
+
+def _hand_top1(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * int((model(x).argmax(1) == y).sum()) / len(y)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(os.stat(p).st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("any_model")
+    net = _trained()
+    calib = load_digits8().x_train[:64]
+    paths = {}
+    for recipe in ("w8a8", "sp50"):
+        qmodel = compactnn.compress(net, recipe, calib_data=calib, progress=False)
+        paths[recipe] = root / recipe
+        compactnn.save(qmodel, paths[recipe])
+    return root, net, paths
+
+
+def test_rows_match_hand_computed_numbers(setup):
+    root, net, paths = setup
+    split = load_digits8()
+    x, y = split.x_test, split.y_test
+    results = build_report(
+        [paths["w8a8"], paths["sp50"]], model=net, data=split, out=root / "r", runs=2,
+        progress=False,
+    )  # fmt: skip
+    rows = {r["label"]: r for r in results["rows"]}
+    assert list(rows) == ["float", "w8a8", "w8a8 int8", "sp50"]
+    assert [r["runs_as"] for r in rows.values()] == [
+        "fp32 eager", "simulated", "deployed (oneDNN)", "simulated",
+    ]  # fmt: skip
+    assert rows["float"]["quality"] == pytest.approx(_hand_top1(net, x, y), abs=1e-9)
+    for recipe, path in paths.items():
+        loaded = compactnn.load(path, model=_build())
+        assert rows[recipe]["quality"] == pytest.approx(_hand_top1(loaded, x, y), abs=1e-9)
+        assert rows[recipe]["size_bytes"] == _dir_bytes(path)
+    deployed = compactnn.deploy(
+        compactnn.load(paths["w8a8"], model=net), backend="onednn", example=x[:16]
+    )
+    assert rows["w8a8 int8"]["quality"] == pytest.approx(_hand_top1(deployed, x, y), abs=1e-9)
+    assert rows["sp50"]["size_bytes"] < rows["float"]["size_bytes"]
+    assert rows["w8a8"]["size_ratio"] == pytest.approx(
+        rows["float"]["size_bytes"] / rows["w8a8"]["size_bytes"]
+    )
+    assert rows["w8a8"]["quality_delta"] == pytest.approx(
+        rows["w8a8"]["quality"] - rows["float"]["quality"]
+    )
+    assert any("not deployed" in n for n in rows["sp50"]["notes"])
+    assert json.loads((root / "r" / "results.json").read_text())["rows"][1]["label"] == "w8a8"
+    md = (root / "r" / "report.md").read_text()
+    assert f"| w8a8 int8 | deployed (oneDNN) | {rows['w8a8 int8']['quality']:.2f}%" in md
+    assert (root / "r" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<table>" in (root / "r" / "report.html").read_text()
+
+
+def test_custom_metric_and_data_forms(setup):
+    root, net, paths = setup
+    x, y = load_digits8().x_test[:50], load_digits8().y_test[:50]
+
+    def errors(model, xs, ys):
+        return float(len(ys) - (model(xs).argmax(1) == ys).sum())
+
+    results = build_report(
+        [paths["sp50"]], model=net, data={"x": x, "y": y}, metric=errors, out=root / "m",
+        runs=1, progress=False,
+    )  # fmt: skip
+    expected = 50 - _hand_top1(net, x, y) / 2  # 50 samples: each is 2 percent points
+    assert results["rows"][0]["quality"] == pytest.approx(expected)
+    assert results["metric"] == "errors"
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (torch.zeros(4, 1, 8, 8), "no labels"),
+        ({"x": torch.zeros(4, 1, 8, 8)}, "no labels"),
+        ((torch.zeros(4, 1, 8, 8), torch.zeros(3)), "4 inputs but 3 labels"),
+    ],
+)
+def test_labelled_data_refuses(data, needle):
+    with pytest.raises(CompactnnError, match=needle):
+        labelled_data(data)
+
+
+def test_refuses_bad_out_metric_and_paths(setup, tmp_path):
+    _root, net, paths = setup
+    data = load_digits8()
+    (tmp_path / "file").write_text("x")
+    kw = {"model": net, "data": data, "progress": False}
+    with pytest.raises(CompactnnError, match="is a file"):
+        build_report([paths["sp50"]], out=tmp_path / "file" / "r", **kw)
+    with pytest.raises(CompactnnError, match="metric='top5' is unknown"):
+        build_report([paths["sp50"]], out=tmp_path / "r", metric="top5", **kw)
+    with pytest.raises(CompactnnError, match="not a compactnn artifact"):
+        build_report([tmp_path], out=tmp_path / "r", **kw)
+    with pytest.raises(CompactnnError, match="no artifact given"):
+        build_report([], out=tmp_path / "r", **kw)
+
+
+@pytest.fixture()
+def cli_project(tmp_path, monkeypatch):
+    """A user's project: a factory module, two sets of weights, labelled data."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jnet_report.py").write_text(NET_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    split = load_digits8()
+    for seed in (0, 1):
+        save_file(_trained(0.01 * seed).state_dict(), str(tmp_path / f"w{seed}.safetensors"))
+    save_file({"x": split.x_test, "y": split.y_test}, str(tmp_path / "test.safetensors"))
+    save_file({"x": split.x_test}, str(tmp_path / "nolabels.safetensors"))
+    save_file({"x": split.x_train[:64]}, str(tmp_path / "calib.safetensors"))
+    for seed, recipe in ((0, "w8a8"), (0, "sp50"), (1, "w8a8")):
+        args = ["compress", "jnet_report:build", "--weights", f"w{seed}.safetensors"]
+        args += ["--recipe", recipe, "--data", "calib.safetensors", "--out", f"a{seed}-{recipe}"]
+        assert main([*args, "--no-progress"]) == 0
+    yield tmp_path
+    sys.modules.pop("jnet_report", None)
+
+
+def test_cli_report_and_its_errors(cli_project, capsys):
+    model = ["--model", "jnet_report:build", "--weights", "w0.safetensors", "--no-progress"]
+    status = main(["report", "a0-w8a8", "a0-sp50", *model, "--runs", "2",
+                   "--data", "test.safetensors", "--out", "rep"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0
+    results = json.loads((cli_project / "rep" / "results.json").read_text())
+    assert [r["label"] for r in results["rows"]] == ["float", "w8a8", "w8a8 int8", "sp50"]
+    assert f"{results['rows'][1]['quality']:.2f}%" in out and "deployed (oneDNN)" in out
+    cases = [
+        (["a0-w8a8", "a1-w8a8", "--data", "test.safetensors"], "different float models"),
+        (["a0-w8a8", "--data", "nolabels.safetensors"], "no labels"),
+        (["a0-w8a8", "--data", "calib.npy"], "must be a .safetensors file"),
+    ]
+    for args, needle in cases:
+        assert main(["report", *args, *model, "--out", "rep2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    (cli_project / "taken").write_text("")
+    assert main(["report", "a0-w8a8", *model, "--data", "test.safetensors",
+                 "--out", "taken/sub"]) == 2  # fmt: skip
+    assert "is a file" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""docs/own_model_tutorial.py runs end to end and prints the numbers of docs/own-model.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compactnn.report.any_model import table_rows
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _tutorial():
+    spec = importlib.util.spec_from_file_location(
+        "own_model_tutorial", DOCS / "own_model_tutorial.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Training is deterministic on one machine, but float arithmetic (and so one epoch of Adam)
+# differs between CPUs (AVX-512, AMX): quality may move by a few of the 364 test digits.
+TOLERANCE_PT = 3.0
+
+
+def _close(a: str, b: str) -> bool:
+    """Two quality cells ("85.71%", "+0.55 pt") within TOLERANCE_PT points."""
+    number = re.compile(r"[-+]?[\d.]+")
+    return abs(float(number.search(a).group()) - float(number.search(b).group())) <= TOLERANCE_PT
+
+
+def _doc_rows(doc: str) -> dict[str, list[str]]:
+    """The Results table of the page: label -> cells up to "x smaller" (latency varies)."""
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and re.match(r"[\d.]+%", cells[2]):
+            rows[cells[0]] = cells[:6]
+    return rows
+
+
+@pytest.mark.slow
+def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    previous = torch.get_num_threads()
+    try:
+        assert _tutorial().main(["--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(previous)
+        sys.modules.pop("digitnet", None)
+    printed = capsys.readouterr().out
+    doc = (DOCS / "own-model.md").read_text()
+    pattern = r"float top-1 after 1 epoch: ([\d.]+)%"
+    assert _close(re.search(pattern, printed).group(1), re.search(pattern, doc).group(1))
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    measured = {row[0]: row[:6] for row in table_rows(results)}
+    documented = _doc_rows(doc)
+    assert measured.keys() == documented.keys()
+    for label, row in measured.items():  # sizes exact; quality within TOLERANCE_PT
+        doc_row = documented[label]
+        assert row[:2] == doc_row[:2] and row[4:] == doc_row[4:], (row, doc_row)
+        assert _close(row[2], doc_row[2]) and _close(row[3], doc_row[3]), (row, doc_row)
+    for row in measured.values():  # the CLI printed the same rows
+        assert re.search(r"\s+".join(map(re.escape, row)), printed), row
+    for cmd in _tutorial().commands(progress=True):
+        assert cmd.replace("compactnn ", "", 1).split(" --no-progress")[0] in doc
+    # the real command line, as a separate process, reports the same w8a8 rows
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    argv = [sys.executable, "-m", "compactnn.cli", "report", "art/w8a8", "--model",
+            "digitnet:build", "--weights", "digitnet.safetensors", "--data", "test.safetensors",
+            "--out", "report1", "--runs", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for label in ("w8a8", "w8a8 int8"):
+        assert re.search(r"\s+".join(map(re.escape, measured[label])), proc.stdout), label
