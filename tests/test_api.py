@@ -148,3 +148,47 @@ def test_ignore_of_a_container_covers_its_children_and_bad_names_are_refused():
         compactnn.compress(m, "w8", progress=False, ignore=["conv1"])
     with pytest.raises(CompactnnError, match="must be a list of module names"):
         compactnn.compress(m, "w8", progress=False, ignore=[3])
+
+
+class _EmbedNet(nn.Module):
+    """A 1000x64 embedding (256,000 B) in front of a 64x8 linear (2,048 + 32 B)."""
+
+    def __init__(self, tie: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(1000, 64)
+        self.fc = nn.Linear(64, 8)
+        self.head = nn.Linear(64, 1000, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids).mean(1)
+        return self.fc(h), self.head(h)
+
+
+def test_float_weight_bytes_counts_by_hand():
+    from compactnn.api import float_weight_bytes
+
+    torch.manual_seed(0)
+    q = compactnn.compress(_EmbedNet(), "w8", progress=False, ignore=["head"])
+    kept, total, by_name = float_weight_bytes(q)
+    # float: emb 256,000 + fc.bias 32 + head 256,000; quantized: fc.weight 2,048
+    assert (kept, total) == (512_032, 514_080)
+    assert set(by_name) == {"emb.weight", "fc.bias", "head.weight"}
+    tied = compactnn.compress(_EmbedNet(tie=True), "w8", progress=False, ignore=["head"])
+    assert float_weight_bytes(tied)[:2] == (256_032, 258_080)  # the tied matrix once
+
+
+def test_warns_when_most_weight_bytes_stay_float():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"100% of the weight bytes stay in float.*emb\.weight"):
+        q = compactnn.compress(_EmbedNet(), "w8", progress=False, ignore=["head"])
+    assert any("stay in float" in n for n in compactnn.info_of(q)["notes"])
+
+
+def test_no_float_bytes_warning_when_the_weights_are_quantized():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compactnn.compress(model, "w8", progress=False)

@@ -81,6 +81,7 @@ def compress(
         targets = select_modules(qmodel, step.targets)
         qmodel = entry.handler(qmodel, targets, step.config, ctx)
     _report_float_layers(qmodel, ctx)
+    _warn_float_bytes(qmodel, ctx)
     if (hf := hf_header(qmodel)) is not None:  # lets load(dir) rebuild HF models unaided
         ctx.extra["hf"] = hf
     qmodel._compactnn = {
@@ -162,6 +163,48 @@ def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:
     if failed:
         listing = "; ".join(f"{n} ({r})" for n, r in failed.items())
         warnings.warn(f"kept in float: {listing}", stacklevel=3)
+
+
+FLOAT_SHARE_WARNING = 0.5  # warn when quantization leaves more of the weight bytes in float
+
+
+def float_weight_bytes(model: nn.Module) -> tuple[int, int, dict[str, int]]:
+    """Bytes of parameters kept in float, bytes of all parameters (as stored now, quantized
+    weights counted at their float size), and the float ones by name (tied ones once)."""
+    kept: dict[str, int] = {}
+    total = 0
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            nbytes = p.numel() * p.element_size()
+            total += nbytes
+            if not (is_quant_layer(module) and p_name == "weight"):
+                kept[f"{mod_name}.{p_name}" if mod_name else p_name] = nbytes
+    seen: set[int] = set()  # tied parameters (an LM head sharing the embedding) count once
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if id(p) in seen and name in kept:
+            total -= kept.pop(name)
+        seen.add(id(p))
+    return sum(kept.values()), total, kept
+
+
+def _warn_float_bytes(model: nn.Module, ctx: CompressContext) -> None:
+    """Warn when a quantization recipe leaves most of the weight bytes in float (e.g. token
+    embeddings), naming the largest float tensors: the artifact is then barely smaller."""
+    if not any(is_quant_layer(m) for m in model.modules()):
+        return  # pruning or a float transform: nothing was meant to be quantized
+    kept, total, by_name = float_weight_bytes(model)
+    if total == 0 or kept / total <= FLOAT_SHARE_WARNING:
+        return
+    largest = sorted(by_name.items(), key=lambda kv: -kv[1])[:3]
+    listing = ", ".join(f"{n} ({b / 2**20:.1f} MiB)" for n, b in largest)
+    message = (
+        f"{kept / total:.0%} of the weight bytes stay in float after this recipe; the "
+        f"largest float tensors: {listing}. The artifact will be much larger than the recipe's "
+        "bits suggest: target those layers too where their class is supported (embeddings "
+        "are not yet), and judge the size `compactnn eval` reports."
+    )
+    ctx.notes.append(message)
+    warnings.warn(message, stacklevel=3)
 
 
 # re-exported for `compactnn.save` / `compactnn.load`
