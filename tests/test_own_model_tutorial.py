@@ -28,14 +28,19 @@ def _tutorial():
 
 
 # Training is deterministic on one machine, but float arithmetic (and so one epoch of Adam)
-# differs between CPUs (AVX-512, AMX): quality may move by a few of the 364 test digits.
+# differs between CPUs (AVX-512, AMX): quality may move by a few of the 364 test digits, and
+# a pruned model's sparse encoding (chosen per tensor by size) by a few bytes.
 TOLERANCE_PT = 3.0
 
 
+def _number(cell: str) -> float:
+    """The first number of a table cell ("85.71%", "+0.55 pt", "10.70 MiB", "3.99x")."""
+    return float(re.search(r"[-+]?[\d.]+", cell).group())
+
+
 def _close(a: str, b: str) -> bool:
-    """Two quality cells ("85.71%", "+0.55 pt") within TOLERANCE_PT points."""
-    number = re.compile(r"[-+]?[\d.]+")
-    return abs(float(number.search(a).group()) - float(number.search(b).group())) <= TOLERANCE_PT
+    """Two quality cells within TOLERANCE_PT points."""
+    return abs(_number(a) - _number(b)) <= TOLERANCE_PT
 
 
 def _doc_rows(doc: str) -> dict[str, list[str]]:
@@ -66,10 +71,12 @@ def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
     measured = {row[0]: row[:6] for row in table_rows(results)}
     documented = _doc_rows(doc)
     assert measured.keys() == documented.keys()
-    for label, row in measured.items():  # sizes exact; quality within TOLERANCE_PT
+    for label, row in measured.items():  # quality within TOLERANCE_PT, sizes within 1%
         doc_row = documented[label]
-        assert row[:2] == doc_row[:2] and row[4:] == doc_row[4:], (row, doc_row)
+        assert row[:2] == doc_row[:2], (row, doc_row)
         assert _close(row[2], doc_row[2]) and _close(row[3], doc_row[3]), (row, doc_row)
+        for got, want in zip(row[4:6], doc_row[4:6], strict=True):
+            assert abs(_number(got) / _number(want) - 1) <= 0.01, (row, doc_row)
     for row in measured.values():  # the CLI printed the same rows
         assert re.search(r"\s+".join(map(re.escape, row)), printed), row
     for cmd in _tutorial().commands(progress=True):
