@@ -14,11 +14,9 @@ Example:
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from compactnn.measure import (
     theoretical_bytes,
     time_round_robin,
 )
+from compactnn.measure.environment import environment
 
 FLOAT = "float"
 RESULTS = "results.json"
@@ -195,19 +194,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["size_vs_theoretical"] = r["size_bytes"] / r["theoretical_bytes"] - 1.0
 
 
-def environment(threads: int, quick: bool) -> dict[str, Any]:
-    """Where and how the numbers were measured."""
-    return {
-        "compactnn": compactnn.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
-        "threads": threads,
-        "quick": quick,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
 def run_demo(
     out: str | os.PathLike = "out/demo",
     *,
@@ -248,6 +234,6 @@ def run_demo(
     finally:
         torch.set_num_threads(previous)
     add_ratios(rows)
-    results = {"environment": environment(threads, quick), "models": models, "rows": rows}
+    results = {"environment": environment(threads, quick=quick), "models": models, "rows": rows}
     write_report(results, out)
     return results

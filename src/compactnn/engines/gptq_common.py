@@ -1,13 +1,16 @@
 """The settings GPTQ shares with the methods built on it (``gptq``, ``gptq_tune``).
 
 Both run the block-sequential engine with GPTQ's layer solver and may add AWQ scaling before
-and tuning after each block; each method file builds its own hooks from these fields.
+and tuning after each block (:func:`gptq_block_hooks`); ``gptq_tune`` adds stack tuning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from compactnn.engines.block_scaling import awq_scaling
+from compactnn.engines.block_tuning import block_tuning
+from compactnn.engines.sequential import BlockHooks, gptq_solver
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import QuantConfig
 
@@ -48,3 +51,17 @@ class GPTQBaseConfig(QuantConfig):
     def from_short(cls, wbits, abits, group, range_method="mse", **kwargs):
         """Short names ``w<W>[-g<G>]-gptq``: asymmetric groups with searched ranges."""
         return super().from_short(wbits, abits, group, range_method=range_method, **kwargs)
+
+
+def gptq_block_hooks(config: GPTQBaseConfig) -> BlockHooks:
+    """GPTQ per layer; AWQ scaling before each block when ``awq``, block tuning after each
+    block when ``tune_steps``."""
+    return BlockHooks(
+        solve_layer=gptq_solver(config.damp, config.act_order, config.block_size),
+        before_block=awq_scaling() if config.awq else None,
+        after_block=(
+            block_tuning(config.tune_steps, config.tune_lr, config.tune_rounding)
+            if config.tune_steps
+            else None
+        ),
+    )

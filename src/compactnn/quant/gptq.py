@@ -14,10 +14,8 @@ import dataclasses
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.engines.block_scaling import awq_scaling
-from compactnn.engines.block_tuning import block_tuning
-from compactnn.engines.gptq_common import GPTQBaseConfig
-from compactnn.engines.sequential import BlockHooks, gptq_solver, run_sequential
+from compactnn.engines.gptq_common import GPTQBaseConfig, gptq_block_hooks
+from compactnn.engines.sequential import BlockHooks, run_sequential
 from compactnn.registry import register
 
 
@@ -39,15 +37,7 @@ def gptq_hooks(config: GPTQConfig) -> BlockHooks:
         >>> gptq_hooks(GPTQConfig()).before_block is None
         True
     """
-    return BlockHooks(
-        solve_layer=gptq_solver(config.damp, config.act_order, config.block_size),
-        before_block=awq_scaling() if config.awq else None,
-        after_block=(
-            block_tuning(config.tune_steps, config.tune_lr, config.tune_rounding)
-            if config.tune_steps
-            else None
-        ),
-    )
+    return gptq_block_hooks(config)
 
 
 @register("gptq", GPTQConfig, "GPTQ: second-order error compensation, block by block")

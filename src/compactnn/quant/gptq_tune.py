@@ -12,10 +12,9 @@ import dataclasses
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.engines.block_scaling import awq_scaling
-from compactnn.engines.block_tuning import block_tuning, stack_tuning
-from compactnn.engines.gptq_common import GPTQBaseConfig
-from compactnn.engines.sequential import BlockHooks, gptq_solver, run_sequential
+from compactnn.engines.block_tuning import stack_tuning
+from compactnn.engines.gptq_common import GPTQBaseConfig, gptq_block_hooks
+from compactnn.engines.sequential import BlockHooks, run_sequential
 from compactnn.errors import CompactnnError
 from compactnn.registry import register
 
@@ -56,16 +55,8 @@ def gptq_tune_hooks(config: GPTQTuneConfig) -> BlockHooks:
         >>> gptq_tune_hooks(GPTQTuneConfig()).after_stack is not None
         True
     """
-    return BlockHooks(
-        solve_layer=gptq_solver(config.damp, config.act_order, config.block_size),
-        before_block=awq_scaling() if config.awq else None,
-        after_block=(
-            block_tuning(config.tune_steps, config.tune_lr, config.tune_rounding)
-            if config.tune_steps
-            else None
-        ),
-        after_stack=stack_tuning(config.e2e_steps, config.e2e_lr) if config.e2e_steps else None,
-    )
+    stack = stack_tuning(config.e2e_steps, config.e2e_lr) if config.e2e_steps else None
+    return dataclasses.replace(gptq_block_hooks(config), after_stack=stack)
 
 
 @register("gptq_tune", GPTQTuneConfig, "GPTQ + block-wise and end-to-end tuning")

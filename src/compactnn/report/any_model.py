@@ -1,7 +1,8 @@
 """A report for any model: the user's artifacts measured on the user's labelled data.
 
 :func:`build_report` loads each artifact directory into the user's float model, measures
-quality on labelled data (top-1 by default, or any ``metric(model, x, y) -> float``), bytes
+quality on labelled data (top-1 by default, or a ``metric(outputs, labels) -> float`` batch mean, as
+:func:`compactnn.evaluate` takes), bytes
 on disk, and latency of the simulated model; where :func:`compactnn.deploy` lowers an
 artifact to int8 kernels (w8a8 CNNs) the deployed model gets its own row, measured in the
 same interleaved timing rounds as the fp32 eager float model. It writes ``report.md``,
@@ -16,10 +17,8 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import compactnn
-from compactnn.core.calib import call_model, main_output
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
     artifact_bytes,
+    evaluate,
     first_rows,
     float_artifact_bytes,
     fmt_quality,
@@ -43,25 +42,27 @@ from compactnn.measure import (
     theoretical_bytes,
     time_round_robin,
 )
+from compactnn.measure.environment import environment
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS, pareto_png
 from compactnn.report.writer import _mib, write_files
+from compactnn.training.data import as_eval_data
 
-Metric = str | Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
+Metric = str | Callable[[torch.Tensor, torch.Tensor], float]  # as compactnn.evaluate
 FLOAT = "float"
 FP32 = "fp32 eager"
 SIMULATED = "simulated"
 DEPLOYED = "deployed (oneDNN)"
 LATENCY_BATCH = 16  # samples per timed call, as in the demo report
 EVAL_BATCH = 256
-_LABEL_KEYS = (("x", "y"), ("x_test", "y_test"), ("inputs", "labels"))
 HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
           "speedup vs fp32"]  # fmt: skip
 
 
 def labelled_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, labels)`` from a pair, a dict (``x``/``y``, ``x_test``/``y_test`` or
-    ``inputs``/``labels``) or an object with ``x_test``/``y_test`` (the embedded splits).
+    ``inputs``/``labels``) or an object with ``x_test``/``y_test`` (the embedded splits): the
+    forms ``compactnn.train`` takes as ``eval_data``.
 
     Raises:
         CompactnnError: the data has no labels, or inputs and labels differ in length.
@@ -71,48 +72,23 @@ def labelled_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         >>> tuple(x.shape), y.tolist()
         ((4, 3), [0, 1, 2, 3])
     """
-    if hasattr(data, "x_test") and hasattr(data, "y_test"):
-        data = (data.x_test, data.y_test)
-    if isinstance(data, dict):
-        pair = next(((data[a], data[b]) for a, b in _LABEL_KEYS if a in data and b in data), None)
-        if pair is None:
-            raise CompactnnError(
-                f"the data has tensors {sorted(data)} but no labels: save inputs and labels "
-                "under the keys 'x' and 'y' (or 'inputs' and 'labels')."
-            )
-        data = pair
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise CompactnnError(
-            f"the data ({type(data).__name__}) has no labels: pass (inputs, labels) tensors, "
-            "e.g. data=(x_test, y_test), or a .safetensors file with tensors 'x' and 'y'."
-        )
-    x, y = (torch.as_tensor(t) for t in data)
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise CompactnnError(
-            f"the data has {x.shape[0]} inputs but {y.shape[0]} labels; give one label per "
-            "input (and at least one input)."
-        )
-    return x, y
+    return as_eval_data(data, what="data")
 
 
-def _top1(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy in percent of ``model`` on ``(x, y)``, in batches of ``EVAL_BATCH``."""
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, x.shape[0], EVAL_BATCH):
-            logits = main_output(call_model(model, x[start : start + EVAL_BATCH]))
-            correct += int((logits.argmax(-1) == y[start : start + EVAL_BATCH]).sum())
-    return 100.0 * correct / x.shape[0]
-
-
-def _metric_fn(metric: Metric) -> tuple[str, Callable[..., float]]:
+def _metric_name(metric: Metric) -> str:
+    """The metric's name for the report; refuses an unknown one before any slow work."""
     if metric == "top1":
-        return "top1", _top1
+        return "top1"
     if callable(metric):
-        return getattr(metric, "__name__", "metric"), metric
+        return getattr(metric, "__name__", "metric")
     raise CompactnnError(
-        f"metric={metric!r} is unknown: use 'top1' or a function metric(model, x, y) -> float."
+        f"metric={metric!r} is unknown: use 'top1' or a function metric(outputs, labels) -> "
+        "float (the batch mean, as compactnn.evaluate takes)."
     )
+
+
+def _quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, metric: Metric) -> float:
+    return evaluate(model, (x, y), metric=metric, batch_size=EVAL_BATCH)
 
 
 def _check_out(out: Path) -> None:
@@ -197,10 +173,10 @@ def _measure(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (float, then per artifact simulated and, when deployable, deployed) and the
     callables to time, keyed like the rows' labels."""
-    name, fn = _metric_fn(metric)
+    name = _metric_name(metric)
     example = first_rows(x, LATENCY_BATCH)
     float_model = copy.deepcopy(model).eval()
-    rows = [_row(FLOAT, FP32, name, float(fn(float_model, x, y)), 0)]
+    rows = [_row(FLOAT, FP32, name, _quality(float_model, x, y, metric), 0)]
     rows[0] |= {"size_bytes": float_artifact_bytes(float_model), "recipe": FLOAT}
     rows[0] |= {"theoretical_bytes": theoretical_bytes(float_model), "layers": {}}
     runners: dict[str, Any] = {FLOAT: float_model}
@@ -210,7 +186,7 @@ def _measure(
         info = compactnn.info_of(qmodel)
         recipe = info["recipe"].name if info.get("recipe") is not None else path.name
         label = recipe if recipe not in runners else f"{recipe} ({path.name})"
-        row = _row(label, SIMULATED, name, float(fn(qmodel, x, y)), artifact_bytes(path))
+        row = _row(label, SIMULATED, name, _quality(qmodel, x, y, metric), artifact_bytes(path))
         row |= {"recipe": recipe, "artifact": str(path), "layers": layer_formats(qmodel)}
         row |= {"theoretical_bytes": theoretical_bytes(qmodel)}
         row["float_layers"] = dict(info.get("float_layers", {}))
@@ -219,7 +195,7 @@ def _measure(
         deployed = _try_deploy(qmodel, example, row["notes"])
         if deployed is not None:
             dlabel = f"{label} int8"
-            drow = _row(dlabel, DEPLOYED, name, float(fn(deployed, x, y)), row["size_bytes"])
+            drow = _row(dlabel, DEPLOYED, name, _quality(deployed, x, y, metric), row["size_bytes"])
             drow |= {"recipe": recipe, "artifact": str(path), "shares_size": True}
             drow["notes"].append(f"verified against the simulation: {deployed.verification}")
             rows.append(drow)
@@ -238,18 +214,6 @@ def _time(rows: list[dict[str, Any]], runners: dict[str, Any], example: Any, run
         row["speedup"] = base["latency"]["median_s"] / row["latency"]["median_s"]
         row["size_ratio"] = base["size_bytes"] / row["size_bytes"]
         row["quality_delta"] = row["quality"] - base["quality"]
-
-
-def _environment(threads: int, runs: int) -> dict[str, Any]:
-    return {
-        "compactnn": compactnn.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
-        "threads": threads,
-        "runs": runs,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -330,7 +294,8 @@ def build_report(
         model: the float model (also the skeleton each artifact is loaded into; not changed).
         data: labelled evaluation data: ``(inputs, labels)``, a dict with ``x``/``y``, or a
             split with ``x_test``/``y_test``.
-        metric: ``"top1"`` (percent) or a function ``metric(model, x, y) -> float``.
+        metric: ``"top1"`` (percent) or a function ``metric(outputs, labels) -> float``
+            giving a batch mean, as :func:`compactnn.evaluate` takes.
         out: directory for ``report.md``, ``report.html``, ``pareto.png``, ``results.json``.
         threads: torch threads for every measurement (stated in the report).
         title: the report's heading (default: "compactnn report: <model class>").
@@ -354,7 +319,7 @@ def build_report(
     out = Path(out)
     _check_out(out)
     x, y = labelled_data(data)
-    _metric_fn(metric)
+    _metric_name(metric)
     check_artifacts(artifacts)
     name = type(model).__name__
     title = title or f"compactnn report: {name}"
@@ -372,7 +337,7 @@ def build_report(
     for row in rows:
         row["model"] = name
     results = {
-        "environment": _environment(used, runs),
+        "environment": environment(used, runs=runs),
         "metric": rows[0]["metric"],
         "samples": int(x.shape[0]),
         "latency_batch": min(LATENCY_BATCH, int(x.shape[0])),

@@ -124,12 +124,15 @@ def check_labels(y: torch.Tensor, num_classes: int, where: str = "training data"
 _EVAL_KEYS = (("x", "y"), ("x_test", "y_test"), ("inputs", "labels"))
 
 
-def as_eval_data(data: Any, example: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def as_eval_data(
+    data: Any, example: torch.Tensor | None = None, what: str = "eval_data"
+) -> tuple[torch.Tensor, ...]:
     """Held-out ``(inputs, labels)`` tensors from what the user passed as ``eval_data``.
 
     Accepted: a pair of tensors, a dict with ``x``/``y`` (or ``x_test``/``y_test``,
     ``inputs``/``labels``) tensors, or an object with ``x_test``/``y_test`` attributes (an
-    embedded data set). ``example`` (a training batch) checks the inputs' per-sample shape.
+    embedded data set). ``example`` (a training batch) checks the inputs' per-sample shape;
+    ``what`` names the argument in error messages.
 
     Example:
         >>> x, y = as_eval_data({"x": torch.zeros(3, 2), "y": torch.tensor([0, 1, 0])})
@@ -142,26 +145,27 @@ def as_eval_data(data: Any, example: torch.Tensor | None = None) -> tuple[torch.
         pair = next(((data[a], data[b]) for a, b in _EVAL_KEYS if a in data and b in data), None)
         if pair is None:
             raise CompactnnError(
-                f"eval_data is a dict with keys {sorted(data)}; it needs inputs and labels "
-                "under x/y (or x_test/y_test)."
+                f"{what} is a dict with keys {sorted(data)} but no labels: save inputs and labels "
+                "under x/y (or x_test/y_test, inputs/labels)."
             )
         data = pair
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise CompactnnError(
-            f"eval_data of type {type(data).__name__} is not supported: pass (inputs, labels) "
-            "tensors, e.g. eval_data=(x_test, y_test)."
+            f"{what} of type {type(data).__name__} has no labels: pass (inputs, labels) "
+            f"tensors, e.g. {what}=(x_test, y_test)."
         )
     x, y = data
     if not isinstance(x, torch.Tensor):
-        raise CompactnnError(f"eval_data inputs must be a tensor, got {type(x).__name__}.")
+        raise CompactnnError(f"{what} inputs must be a tensor, got {type(x).__name__}.")
     y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
-    if x.shape[0] != y.shape[0]:
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise CompactnnError(
-            f"eval_data: {x.shape[0]} inputs but {y.shape[0]} labels; they must match."
+            f"{what}: {x.shape[0]} inputs but {y.shape[0]} labels; give one label per input "
+            "(and at least one input)."
         )
     if example is not None and tuple(x.shape[1:]) != tuple(example.shape[1:]):
         raise CompactnnError(
-            f"eval_data inputs have per-sample shape {tuple(x.shape[1:])} but the training "
+            f"{what} inputs have per-sample shape {tuple(x.shape[1:])} but the training "
             f"inputs have {tuple(example.shape[1:])}; pass held-out data shaped like the "
             "training data."
         )

@@ -1,0 +1,56 @@
+"""Where and how numbers were measured: versions, the CPU (model and AMX), threads, date.
+
+Every table of speeds names the CPU and whether it has AMX (shared/BENCHMARKING.md): int8
+and bf16 kernels differ several-fold between CPUs with and without it.
+
+Example:
+    >>> env = environment(2, runs=10)
+    >>> env["threads"], env["runs"]
+    (2, 10)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import compactnn
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """``"AMD EPYC 9B14, no AMX"``: the CPU model and whether it has AMX tiles.
+
+    ``cpuinfo`` is the text of ``/proc/cpuinfo`` (read when None; other systems fall back to
+    ``platform.processor()`` and say the AMX check was not possible).
+    """
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text(errors="replace") if path.is_file() else ""
+    fields = dict(
+        line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line and line.strip()
+    )
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    model = fields.get("model name") or platform.processor() or "unknown CPU"
+    if "flags" not in fields:
+        return f"{model}, AMX unknown"
+    return f"{model}, {'AMX' if 'amx_tile' in fields['flags'].split() else 'no AMX'}"
+
+
+def environment(threads: int, **extra: Any) -> dict[str, Any]:
+    """Versions, machine (OS, architecture, CPU model, AMX, core count), ``threads``, the
+    UTC date, and any ``extra`` fields (e.g. ``runs=10``)."""
+    machine = f"{platform.system()} {platform.machine()}, {cpu_description()}"
+    return {
+        "compactnn": compactnn.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{machine}, {os.cpu_count()} CPUs",
+        "threads": threads,
+        **extra,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
