@@ -170,7 +170,7 @@ def test_float_weight_bytes_counts_by_hand():
     from compactnn.api import float_weight_bytes
 
     torch.manual_seed(0)
-    q = compactnn.compress(_EmbedNet(), "w8", progress=False, ignore=["head"])
+    q = compactnn.compress(_EmbedNet(), "w8", progress=False, ignore=["head", "emb"])
     kept, total, by_name = float_weight_bytes(q)
     # float: emb 256,000 + fc.bias 32 + head 256,000; quantized: fc.weight 2,048
     assert (kept, total) == (512_032, 514_080)
@@ -182,7 +182,7 @@ def test_float_weight_bytes_counts_by_hand():
 def test_warns_when_most_weight_bytes_stay_float():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match=r"100% of the weight bytes stay in float.*emb\.weight"):
-        q = compactnn.compress(_EmbedNet(), "w8", progress=False, ignore=["head"])
+        q = compactnn.compress(_EmbedNet(), "w8", progress=False, ignore=["head", "emb"])
     assert any("stay in float" in n for n in compactnn.info_of(q)["notes"])
 
 

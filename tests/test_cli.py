@@ -82,8 +82,7 @@ def test_compress_then_eval_round_trip(project, capsys):
         *FACTORY,
         "-d",
         "x.safetensors",
-        "--runs",
-        "2",
+        "--quick",
         "--json",
         "r.json",
     )
@@ -96,7 +95,7 @@ def test_compress_then_eval_round_trip(project, capsys):
 
 
 def test_eval_model_with_recipe_in_memory(project, capsys):
-    code, out, err = run_cli(capsys, "eval", *FACTORY, "-r", "w8", "-d", "x.npy", "--runs", "2")
+    code, out, err = run_cli(capsys, "eval", *FACTORY, "-r", "w8", "-d", "x.npy", "--quick")
     assert code == 0, err
     assert "float" in out and "w8" in out
 
@@ -225,7 +224,7 @@ def test_hugging_face_directory(tmp_path, monkeypatch, capsys):
     again = compactnn.load(tmp_path / "art")
     assert torch.equal(qmodel(**ids).last_hidden_state, again(**ids).last_hidden_state)
     code, out, err = run_cli(
-        capsys, "eval", "art", "--model", "hf", "-d", "ids.safetensors", "--runs", "2"
+        capsys, "eval", "art", "--model", "hf", "-d", "ids.safetensors", "--quick"
     )
     assert code == 0, err
     assert "w8a8" in out
@@ -330,3 +329,32 @@ def test_os_error_without_a_filename_is_a_bug_and_keeps_its_traceback(project, m
     monkeypatch.setattr(compactnn, "save", broken)
     with pytest.raises(OSError, match="No space"):
         main(["compress", *FACTORY, "-r", "w8", "-o", "art", "--no-progress"])
+
+
+def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
+    """libgomp reads OMP_WAIT_POLICY when torch loads it: the command re-executes itself once
+    with PASSIVE set, unless the user chose a policy (issue 13: 6-23x swings)."""
+    import sys
+
+    from compactnn import cli
+    from compactnn.measure import timing
+
+    execs = []
+
+    def fake_execv(path, argv):
+        execs.append((path, argv, timing.os.environ.get("OMP_WAIT_POLICY")))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(timing.os, "execv", fake_execv)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv(timing.REEXEC_MARK, raising=False)
+    monkeypatch.setattr(sys, "argv", ["compactnn", "eval", "no-such-artifact"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert execs == [
+        (sys.executable, [sys.executable, "-m", "compactnn.cli", "eval", "no-such-artifact"],
+         "PASSIVE")
+    ]  # fmt: skip
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice: kept, no re-exec
+    monkeypatch.setattr(sys, "argv", ["compactnn", "recipes"])
+    assert cli.main() == 0 and len(execs) == 1

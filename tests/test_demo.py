@@ -118,3 +118,58 @@ def test_training_recipes_are_trained_on_the_reference_data_only(tmp_path):
             progress=False,
             force=True,
         )
+
+
+def test_rows_run_on_their_delivered_form_against_the_fastest_float_path(demo):
+    _out, results = demo
+    rows = {r["recipe"]: r for r in results["rows"]}
+    paths = results["models"]["tiny"]["float_paths"]
+    floats = {k: v["median_s"] for k, v in paths["timings"].items() if k in paths["errors"]}
+    assert paths["winner"] == min(floats, key=floats.get)  # the fastest of the same run
+    assert rows["float"]["latency"]["median_s"] == floats[paths["winner"]]
+    assert rows["w8a8"]["runtime"] in ("oneDNN int8", "ONNX Runtime int8")
+    best = rows["float"]["latency"]["median_s"]
+    assert rows["w8a8"]["speedup"] == pytest.approx(best / rows["w8a8"]["latency"]["median_s"])
+    assert rows["w8a8"]["latency"]["batch"] == 8  # the example's 8 rows
+    assert "runs on" in (_out / "report.md").read_text()
+
+
+class _Constant(nn.Module):
+    """A stand-in "deployed" model whose logits always pick class 0."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 4).float()
+
+
+def test_quality_comes_from_the_delivered_model_and_failures_read_simulated(tmp_path, monkeypatch):
+    import compactnn
+
+    calls = []
+
+    def fake_deploy(qmodel, backend="auto", *, example=None, **kw):
+        calls.append(backend)
+        if len(calls) == 2:
+            raise CompactnnError("no integer kernel for 2-bit weights yet")
+        fake = _Constant()
+        fake.backend, fake.kept_float = "onednn", {}
+        return fake
+
+    monkeypatch.setattr(compactnn, "deploy", fake_deploy)
+    ref = TinyRef()
+    results = run_demo(
+        tmp_path / "d",
+        quick=True,
+        threads=1,
+        suite=[("tiny", "float"), ("tiny", "w8a8"), ("tiny", "w2a4")],
+        loader=lambda _n: ref,
+        progress=False,
+    )
+    rows = {r["recipe"]: r for r in results["rows"]}
+    expected = 100.0 * float((ref.labels == 0).float().mean())  # what class 0 scores
+    assert calls == ["auto", "auto"]
+    assert rows["w8a8"]["quality"] == pytest.approx(expected) and expected < 100.0
+    assert rows["w8a8"]["runtime"] == "oneDNN int8"
+    assert rows["w2a4"]["runtime"] == "simulated" and rows["w2a4"]["speedup"] is None
+    assert any("no integer kernel for 2-bit" in n for n in rows["w2a4"]["notes"])
+    md = (tmp_path / "d" / "report.md").read_text()
+    assert "| tiny | w2a4 | simulated |" in md

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from compactnn.report.any_model import table_rows
+from compactnn.report.delivery import FLOAT_PATH_NAMES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -53,6 +54,9 @@ def _doc_rows(doc: str) -> dict[str, list[str]]:
     return rows
 
 
+FLOAT_ROW_NAMES = {"fp32 eager", *FLOAT_PATH_NAMES.values()}
+
+
 @pytest.mark.slow
 def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -73,7 +77,10 @@ def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
     assert measured.keys() == documented.keys()
     for label, row in measured.items():  # quality within TOLERANCE_PT, sizes within 1%
         doc_row = documented[label]
-        assert row[:2] == doc_row[:2], (row, doc_row)
+        if label == "float":  # the fastest float path of this machine's run names the row
+            assert row[1] in FLOAT_ROW_NAMES, row
+        else:
+            assert row[:2] == doc_row[:2], (row, doc_row)
         assert _close(row[2], doc_row[2]) and _close(row[3], doc_row[3]), (row, doc_row)
         for got, want in zip(row[4:6], doc_row[4:6], strict=True):
             assert abs(_number(got) / _number(want) - 1) <= 0.01, (row, doc_row)

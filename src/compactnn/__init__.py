@@ -12,10 +12,12 @@ The entry points share one vocabulary: the model comes first, then the recipe (`
 (``pip install 'compactnn[hf|onnx|demo|bench]'``); ``import compactnn`` needs none of them.
 """
 
-from compactnn.api import compress, info_of, load, save
+from compactnn.api import compress, info_of
 from compactnn.deployment import deploy
+from compactnn.deployment.ship import load, load_deployed, save, save_deployed
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export.artifact import artifact_digest
+from compactnn.kernels.ort_nbits import to_ort_nbits
 from compactnn.kernels.swap import to_kernels
 from compactnn.measure import evaluate  # labelled quality: top-1 or a metric
 from compactnn.recipe import Recipe, Step, resolve_recipe
@@ -32,9 +34,12 @@ __all__ = [
     "evaluate",
     "info_of",
     "load",
+    "load_deployed",
     "resolve_recipe",
     "save",
+    "save_deployed",
     "to_kernels",
+    "to_ort_nbits",
     "train",
 ]
 __version__ = "0.1.0"

@@ -17,11 +17,12 @@ import compactnn.methods  # noqa: F401  (registers every method, once, before an
 from compactnn import registry
 from compactnn.core.calib import all_zero, as_batches, check_batch, detect_call_mode
 from compactnn.core.context import CompressContext
-from compactnn.core.modules import select_modules, weight_layers
-from compactnn.core.qlayers import is_quant_layer
+from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, select_modules, weight_layers
+from compactnn.core.qlayers import ActQuantizer, has_integer_weight
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import info_of, load, save
 from compactnn.export.hf import hf_header
+from compactnn.quant.base import QuantConfig, calibrate_activations, quantize_embeddings
 from compactnn.recipe import Recipe, Step, resolve_recipe
 
 __all__ = ["compress", "info_of", "load", "save"]
@@ -76,10 +77,17 @@ def compress(
         )
     ctx.folded_bn.extend(previous.get("folded_bn", []))
     ctx.extra.update(previous.get("extra", {}))
+    _linearize_conv1d(qmodel, ctx)
     for step in recipe.steps:
         entry = registry.get_method(step.method)
         targets = select_modules(qmodel, step.targets)
+        before = _uncalibrated(qmodel)
+        if isinstance(step.config, QuantConfig):  # tables and tied heads: RTN, here, once
+            targets = quantize_embeddings(qmodel, targets, step.targets, step.config, ctx)
+        heads = [q for q in _uncalibrated(qmodel) if id(q) not in {id(b) for b in before}]
         qmodel = entry.handler(qmodel, targets, step.config, ctx)
+        if any(not q.calibrated for q in heads):  # a tied head's input grid, if still unset
+            calibrate_activations(qmodel, ctx)
     _report_float_layers(qmodel, ctx)
     _warn_float_bytes(qmodel, ctx)
     if (hf := hf_header(qmodel)) is not None:  # lets load(dir) rebuild HF models unaided
@@ -92,6 +100,22 @@ def compress(
         "extra": ctx.extra,
     }
     return qmodel
+
+
+def _uncalibrated(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.calibrated]
+
+
+CONV1D_KEY = "conv1d_as_linear"  # extra: GPT-2 Conv1D modules saved as nn.Linear
+
+
+def _linearize_conv1d(model: nn.Module, ctx: CompressContext) -> None:
+    """GPT-2 ``Conv1D`` layers become ``nn.Linear`` (weight transposed, outputs equal) so every
+    method and engine quantizes them; ``load`` converts the same names in its skeleton."""
+    convs = [n for n, m in model.named_modules() if n and is_hf_conv1d(m)]
+    if convs:
+        conv1d_to_linear(model, convs)
+        ctx.extra[CONV1D_KEY] = sorted({*ctx.extra.get(CONV1D_KEY, []), *convs})
 
 
 def with_ignored(recipe: Recipe, model: nn.Module, ignore: Sequence[str]) -> Recipe:
@@ -157,7 +181,7 @@ def _check_tensors(model: nn.Module) -> None:
 def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:
     """Warn once, naming every weight layer that a step targeted but could not quantize."""
     for name, m in weight_layers(model).items():
-        if not is_quant_layer(m) and name not in ctx.float_layers:
+        if not has_integer_weight(m) and name not in ctx.float_layers:
             ctx.float_layers.setdefault(name, "not targeted by the recipe")
     failed = {n: r for n, r in ctx.float_layers.items() if r != "not targeted by the recipe"}
     if failed:
@@ -173,24 +197,23 @@ def float_weight_bytes(model: nn.Module) -> tuple[int, int, dict[str, int]]:
     weights counted at their float size), and the float ones by name (tied ones once)."""
     kept: dict[str, int] = {}
     total = 0
-    for mod_name, module in model.named_modules():
+    seen: set[int] = set()  # tied parameters (an LM head sharing the embedding) count once
+    for mod_name, module in model.named_modules(remove_duplicate=False):
         for p_name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             nbytes = p.numel() * p.element_size()
             total += nbytes
-            if not (is_quant_layer(module) and p_name == "weight"):
+            if not (has_integer_weight(module) and p_name == "weight"):
                 kept[f"{mod_name}.{p_name}" if mod_name else p_name] = nbytes
-    seen: set[int] = set()  # tied parameters (an LM head sharing the embedding) count once
-    for name, p in list(model.named_parameters(remove_duplicate=False)):
-        if id(p) in seen and name in kept:
-            total -= kept.pop(name)
-        seen.add(id(p))
     return sum(kept.values()), total, kept
 
 
 def _warn_float_bytes(model: nn.Module, ctx: CompressContext) -> None:
     """Warn when a quantization recipe leaves most of the weight bytes in float (e.g. token
     embeddings), naming the largest float tensors: the artifact is then barely smaller."""
-    if not any(is_quant_layer(m) for m in model.modules()):
+    if not any(has_integer_weight(m) for m in model.modules()):
         return  # pruning or a float transform: nothing was meant to be quantized
     kept, total, by_name = float_weight_bytes(model)
     if total == 0 or kept / total <= FLOAT_SHARE_WARNING:
@@ -200,8 +223,8 @@ def _warn_float_bytes(model: nn.Module, ctx: CompressContext) -> None:
     message = (
         f"{kept / total:.0%} of the weight bytes stay in float after this recipe; the "
         f"largest float tensors: {listing}. The artifact will be much larger than the recipe's "
-        "bits suggest: target those layers too where their class is supported (embeddings "
-        "are not yet), and judge the size `compactnn eval` reports."
+        "bits suggest: target those layers too (embeddings: targets.classes [Embedding], or a "
+        "weight-only recipe), and judge the size `compactnn eval` reports."
     )
     ctx.notes.append(message)
     warnings.warn(message, stacklevel=3)

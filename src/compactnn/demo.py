@@ -1,9 +1,12 @@
 """The demo: compress the reference models with the suite and write the report.
 
-For every (reference model, recipe) entry of :data:`compactnn.demo_suite.SUITE` it measures
-quality (top-1 or mean cosine vs float), the artifact's bytes on disk beside the theoretical
-size, latency (warm-up, then the median of repeated runs, threads set explicitly), the
-compression time, each layer's format and the layers kept in float; then
+For every (reference model, recipe) entry of :data:`compactnn.demo_suite.SUITE` it runs the
+compressed model on its *delivered* form (:func:`deliver`: ``compactnn.deploy`` for CNNs,
+``compactnn.to_kernels`` for transformers, "simulated" with the reason when neither applies)
+and measures quality of that delivered model (top-1 or mean cosine vs float), the artifact's
+bytes on disk beside the theoretical size, latency side by side with every float path
+(:func:`compactnn.measure.float_paths.fastest_float_path`; the speedup is over the fastest),
+the compression time, each layer's format and the layers kept in float; then
 :func:`compactnn.report.write_report` writes ``report.md``, ``report.html``, ``pareto.png``
 and ``results.json``.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,16 +34,16 @@ from compactnn.errors import CompactnnError
 from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
-    Timing,
     artifact_bytes,
     first_rows,
     layer_formats,
-    model_call,
     set_threads,
     theoretical_bytes,
-    time_round_robin,
 )
 from compactnn.measure.environment import environment
+from compactnn.measure.float_paths import FloatPaths, fastest_float_path
+from compactnn.measure.timing import TimingWarning, check_environment, omp_wait_policy
+from compactnn.report.delivery import SIMULATED, deliver, float_path_name
 
 FLOAT = "float"
 RESULTS = "results.json"
@@ -108,7 +112,7 @@ def measure_recipe(
         "model": name,
         "recipe": recipe,
         "metric": ref.metric,
-        "quality": float(ref.evaluate(model)),
+        "quality": None,  # measured on the delivered model (run_model)
         "size_bytes": artifact_bytes(path),
         "theoretical_bytes": theoretical_bytes(model),
         "latency_batch": batch_size_of(batch),
@@ -155,30 +159,52 @@ def _trained(name: str, ref: Any, recipe: str) -> tuple[torch.nn.Module, float, 
 
 
 def time_models(
-    models: dict[str, torch.nn.Module], batch: Any, *, threads: int, quick: bool
-) -> dict[str, Timing]:
-    """Latency of each model on ``batch``, timed in interleaved rounds (fair on a busy box)."""
-    runs, warmup = (3, 1) if quick else (DEFAULT_RUNS, 2)
-    calls = {name: model_call(m, batch) for name, m in models.items()}
-    return time_round_robin(calls, warmup=warmup, runs=runs, threads=threads)
+    float_model: torch.nn.Module,
+    models: dict[str, Any],
+    batch: Any,
+    *,
+    threads: int,
+    quick: bool,
+) -> FloatPaths:
+    """Every float path of ``float_model`` and every delivered model in ``models``, timed
+    side by side in rotating blocks (BENCHMARKING.md); the float paths name the fastest."""
+    runs = 3 if quick else DEFAULT_RUNS
+    check_environment()  # the wait-policy warning is shown; per-timing doubts go in the report
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TimingWarning)
+        return fastest_float_path(
+            float_model, batch, quick=quick, threads=threads, runs=runs, warmup=2, extra=models
+        )
 
 
 def run_model(
     name: str, ref: Any, recipes: list[str], out: Path, *, threads: int, quick: bool, bar: Any
-) -> list[dict[str, Any]]:
-    """Rows of one reference model: every recipe measured, then all timed side by side."""
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of one reference model, each on its delivered form, all timed side by side
+    with the float paths; returns the rows and the float paths' results."""
     batch = first_rows(ref.example, LATENCY_BATCH)
-    rows, models = [], {}
+    rows, delivered = [], {}
     for recipe in recipes:
         bar.set_postfix_str(f"{name}: {recipe}")
-        row, models[recipe] = measure_recipe(name, ref, recipe, out, batch)
+        row, model = measure_recipe(name, ref, recipe, out, batch)
+        if recipe != FLOAT:
+            bar.set_postfix_str(f"{name}: {recipe} (deploy)")
+            kind = getattr(ref, "kind", "cnn")
+            delivered[recipe], row["runtime"], notes = deliver(kind, model, batch)
+            row["notes"] += notes
+        row["quality"] = float(ref.evaluate(delivered.get(recipe, model)))
         rows.append(row)
         bar.update(1)
     bar.set_postfix_str(f"{name}: timing")
-    timings = time_models(models, batch, threads=threads, quick=quick)
+    paths = time_models(ref.model, delivered, batch, threads=threads, quick=quick)
     for row in rows:
-        row["latency"] = timings[row["recipe"]].to_dict()
-    return rows
+        if row["recipe"] == FLOAT:
+            row["runtime"] = float_path_name(paths.winner)
+            row["latency"] = paths.best.to_dict()
+        else:
+            row["latency"] = paths.timings[row["recipe"]].to_dict()
+        row["float_path"] = paths.winner
+    return rows, paths.to_dict()
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -189,7 +215,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if b is None:
             continue
         r["size_ratio"] = b["size_bytes"] / r["size_bytes"]
-        r["speedup"] = b["latency"]["median_s"] / r["latency"]["median_s"]
+        simulated = r.get("runtime") == SIMULATED
+        r["speedup"] = None if simulated else b["latency"]["median_s"] / r["latency"]["median_s"]
         r["quality_delta"] = r["quality"] - b["quality"]
         r["size_vs_theoretical"] = r["size_bytes"] / r["theoretical_bytes"] - 1.0
 
@@ -209,7 +236,8 @@ def run_demo(
     Args:
         out: report directory (artifacts go to ``out/artifacts/<model>/<recipe>``).
         force: replace an existing report.
-        quick: fewer timed runs (3 instead of 10; not the benchmark protocol).
+        quick: fewer timed runs (3 instead of 10; not the benchmark protocol) and no
+            ``torch.compile`` float path.
         threads: torch threads for everything, reported.
         suite: (model, recipe) pairs; default :data:`compactnn.demo_suite.SUITE`.
         loader: reference name -> reference model (tests pass tiny ones).
@@ -223,17 +251,28 @@ def run_demo(
     previous = torch.get_num_threads()
     threads = set_threads(threads)
     rows, models = [], {}
+    t_start = time.perf_counter()
     total = sum(len(r) for r in grouped.values())
     try:
         with tqdm(total=total, desc="demo", disable=not progress) as bar:
             for name, recipes in grouped.items():
                 bar.set_postfix_str(f"{name}: loading")
                 ref = loader(name)
-                models[name] = {"metric": ref.metric, "kind": ref.kind}
-                rows += run_model(name, ref, recipes, out, threads=threads, quick=quick, bar=bar)
+                model_rows, paths = run_model(
+                    name, ref, recipes, out, threads=threads, quick=quick, bar=bar
+                )
+                models[name] = {"metric": ref.metric, "kind": ref.kind, "float_paths": paths}
+                rows += model_rows
     finally:
         torch.set_num_threads(previous)
     add_ratios(rows)
-    results = {"environment": environment(threads, quick=quick), "models": models, "rows": rows}
+    env = environment(
+        threads,
+        quick=quick,
+        omp_wait_policy=omp_wait_policy() or "unset",
+        load_avg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        demo_s=round(time.perf_counter() - t_start, 1),
+    )
+    results = {"environment": env, "models": models, "rows": rows}
     write_report(results, out)
     return results

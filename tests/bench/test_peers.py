@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from compactnn.bench.peers import PeerResult, float_paths, ort_models
+from compactnn.bench.peers import PeerResult, float_paths, fx_x86_int8, ort_models, time_blocks
 
 pytest.importorskip("onnxruntime")
 
@@ -47,6 +47,38 @@ def test_float_paths_agree_with_eager():
         bf16 = paths["bf16-autocast"].model(x).float()
     assert torch.equal(paths["fp32-eager"].model(x), ref)
     assert (bf16 - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 keeps ~3 digits
+
+
+def test_fx_x86_int8_stays_close_to_float():
+    model = tiny_cnn()
+    x = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    res = fx_x86_int8(model, x)
+    with torch.no_grad():
+        ref, out = model(x), res.model(x)
+    assert res.size_bytes > 0
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()  # 8-bit steps, not garbage
+
+
+def test_time_blocks_runs_each_model_in_rotating_blocks():
+    calls: list[str] = []
+
+    def recorder(name: str):
+        def model(x: torch.Tensor) -> torch.Tensor:
+            calls.append(name)
+            return x + 1
+
+        return model
+
+    models = {"a": recorder("a"), "b": recorder("b"), "c": recorder("c"), "bad": "Error: x"}
+    wall, cpu = time_blocks(models, (torch.zeros(2),), rounds=3, block_s=0.0, pause_s=0.0)
+    assert set(wall) == set(cpu) == {"a", "b", "c"}  # a failed peer's message is skipped
+    assert all(len(v) == 9 for v in wall.values())  # 3 rounds of 3-call blocks
+    assert all(t >= 0 for v in wall.values() for t in v)
+    timed = calls[9:]  # after 3 warm-up calls each
+    blocks = [timed[i] for i in range(0, len(timed), 3)]
+    assert all(timed[i : i + 3] == [timed[i]] * 3 for i in range(0, len(timed), 3))
+    assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotating order
 
 
 @pytest.mark.slow

@@ -56,11 +56,11 @@ MODEL = ["--model", "eval_cli_factory:make", "--weights", "w.safetensors"]
 
 
 def _eval(*extra):
-    return main(["eval", "art-w8a8", *MODEL, "--runs", "2", "--no-progress", *extra])
+    return main(["eval", "art-w8a8", *MODEL, "--quick", "--no-progress", *extra])
 
 
 def test_eval_with_labels_reports_top1_of_both_models(project, capsys):
-    assert _eval("--data", "xy.safetensors", "--json", "r.json") == 0
+    assert _eval("--data", "xy.safetensors", "--simulated", "--json", "r.json") == 0
     out = capsys.readouterr().out
     rows = {r["model"]: r for r in json.loads(open("r.json").read())["rows"]}
     qmodel = compactnn.load("art-w8a8", model=project["factory"].make())
@@ -72,15 +72,28 @@ def test_eval_with_labels_reports_top1_of_both_models(project, capsys):
     assert "quality: top1" in out and "75.00%" in out
     assert f"{rows['compressed']['quality']:.2f}%" in out
     assert "batch 32, 2 threads" in out  # --data tensors are timed in batches of 32
+    assert rows["compressed"]["runtime"] == "simulated" and rows["compressed"]["speedup"] is None
+    assert "simulated (no speedup claimed)" in out
 
 
-def test_eval_deploy_adds_the_deployed_row(project, capsys):
-    assert _eval("--data", "xy.safetensors", "--deploy", "--json", "r.json") == 0
+def test_eval_deploys_by_default_and_times_it_against_the_fastest_float_path(project, capsys):
+    assert _eval("--data", "xy.safetensors", "--json", "r.json") == 0
     out = capsys.readouterr().out
-    rows = {r["model"]: r for r in json.loads(open("r.json").read())["rows"]}
-    assert "deployed on" in out and set(rows) == {"float", "compressed", "deployed"}
+    result = json.loads(open("r.json").read())
+    rows = {r["model"]: r for r in result["rows"]}
+    assert set(rows) == {"float", "deployed"}
+    assert rows["deployed"]["runtime"] in ("oneDNN int8", "ONNX Runtime int8")
     # int8 kernels agree with the simulation within a step: top-1 within 2 samples of 64
-    assert abs(rows["deployed"]["quality"] - rows["compressed"]["quality"]) <= 2 * 100 / 64
+    qmodel = compactnn.load("art-w8a8", model=project["factory"].make())
+    simulated = evaluate(qmodel, (project["x"], project["y"]))
+    assert abs(rows["deployed"]["quality"] - simulated) <= 2 * 100 / 64
+    paths = result["float_paths"]
+    floats = {k: v["median_s"] for k, v in paths["timings"].items() if k in paths["errors"]}
+    assert rows["float"]["latency"]["median_s"] == min(floats.values())
+    ratio = rows["float"]["latency"]["median_s"] / rows["deployed"]["latency"]["median_s"]
+    assert rows["deployed"]["speedup"] == pytest.approx(ratio)
+    assert f"fastest float path {paths['winner']}" in out and "OMP_WAIT_POLICY=" in out
+    assert rows["deployed"]["latency"]["batch"] == 32
 
 
 def test_eval_deploy_says_why_a_weight_only_artifact_is_not_deployable(project, capsys):
@@ -89,16 +102,15 @@ def test_eval_deploy_says_why_a_weight_only_artifact_is_not_deployable(project, 
             "eval",
             "art-w8",
             *MODEL,
-            "--runs",
-            "2",
+            "--quick",
             "--no-progress",
-            "--deploy",
             "--data",
             "xy.safetensors",
         ]
     )
     out = capsys.readouterr().out
-    assert rc == 0 and "not deployable" in out and "deployed " not in out
+    assert rc == 0 and "runs simulated: CompactnnError: deploy found no layer" in out
+    assert "deployed " not in out and "simulated (no speedup claimed)" in out
 
 
 def test_wrong_shape_data_is_one_error_line(project, capsys):
@@ -114,7 +126,7 @@ def test_float64_npy_is_cast_for_eval_and_calibration(project, capsys):
     assert _eval("--data", "f64.npy") == 0
     assert "output cosine vs float" in capsys.readouterr().out
     args = ["eval", *MODEL[1:2], *MODEL[2:], "--recipe", "w8a8", "--data", "f64.npy"]
-    assert main([*args, "--runs", "2", "--no-progress"]) == 0
+    assert main([*args, "--quick", "--no-progress"]) == 0
     ints = np.arange(6, dtype=np.int64).reshape(2, 3)
     np.save("ids.npy", ints)
     from compactnn.model_io import resolve_data
@@ -149,3 +161,16 @@ def test_deploy_accepts_no_progress_and_prints_the_batch(project, capsys):
     qmodel = compactnn.load("art-w8a8", model=project["factory"].make())
     simulated = evaluate(qmodel, (project["x"], project["y"]))
     assert f"top-1 on --data: simulated {simulated:.2f}%" in out
+
+
+def test_reference_artifacts_need_no_model_argument(tmp_path, monkeypatch, capsys):
+    """The artifact records the reference it came from; eval rebuilds it from that name."""
+    monkeypatch.chdir(tmp_path)
+    args = ["compress", "tiny-lm", "-r", "w8", "-o", "ref-art", "--no-progress"]
+    assert main(args) == 0
+    header = json.loads((tmp_path / "ref-art" / "compactnn.json").read_text())
+    assert header["extra"]["source"]["model"] == "tiny-lm"
+    capsys.readouterr()
+    assert main(["eval", "ref-art", "--simulated", "--quick", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "compressed" in out and "w8" in out

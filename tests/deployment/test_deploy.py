@@ -10,6 +10,7 @@ import compactnn
 from compactnn.core.qlayers import QuantConv2d, QuantLinear
 from compactnn.data import load_digits8
 from compactnn.deployment import api as deploy_api
+from compactnn.deployment import float_check
 from compactnn.deployment.onednn import Int8Conv2d, Int8Linear
 from compactnn.errors import CompactnnError
 from tests.deployment.conftest import make_net
@@ -40,8 +41,10 @@ def test_real_digit_images():
     x = torch.nn.functional.interpolate(split.x_train[:64].float(), size=16)
     qmodel = compactnn.compress(make_net(in_ch=1), "w8a8", calib_data=x, progress=False)
     deployed = compactnn.deploy(qmodel, example=x[:16])  # auto: times both backends
-    assert set(deployed.selection) == {"onednn", "onnxruntime"}
-    assert deployed.backend == min(deployed.selection, key=deployed.selection.get)
+    ints = {k: v for k, v in deployed.selection.items() if k in ("onednn", "onnxruntime")}
+    assert set(ints) == {"onednn", "onnxruntime"}  # both int8 candidates timed ...
+    assert {"fp32-eager", "fp32-onnxruntime"} <= set(deployed.selection)  # ... beside float
+    assert deployed.backend == min(ints, key=ints.get)
     test = torch.nn.functional.interpolate(split.x_test[:64].float(), size=16)
     with torch.no_grad():
         assert steps(qmodel(test), deployed(test)) <= 1.0
@@ -147,7 +150,7 @@ def test_missing_onnxruntime_names_the_extra(qnet, monkeypatch):
         compactnn.deploy(qmodel, "onnxruntime", example=calib[:4])
     with pytest.warns(UserWarning, match=r"skipped backends: onnxruntime .*compactnn\[onnx\]"):
         deployed = compactnn.deploy(qmodel, example=calib[:4])  # auto: oneDNN only
-    assert deployed.backend == "onednn" and deployed.selection == {}
+    assert deployed.backend == "onednn" and set(deployed.selection) == {"onednn", "fp32-eager"}
 
 
 class _Off(nn.Module):
@@ -174,7 +177,7 @@ def test_auto_keeps_the_backend_that_passes_verification(monkeypatch, qnet):
     with pytest.warns(UserWarning, match=r"failed verification: onnxruntime"):
         fast = compactnn.deploy(qmodel, example=calib[:8])
     assert fast.backend == "onednn" and fast.verification.passed
-    assert fast.selection == {}  # only one candidate passed: nothing to time
+    assert "onnxruntime" not in fast.selection  # the failed candidate is not timed
 
 
 def test_auto_raises_when_every_backend_diverges(monkeypatch, qnet):
@@ -188,9 +191,150 @@ def test_auto_raises_when_every_backend_diverges(monkeypatch, qnet):
         compactnn.deploy(qmodel, example=calib[:8])
 
 
-def test_a_deployed_model_cannot_be_saved(qnet, tmp_path):
+def test_the_plain_artifact_writer_refuses_a_deployed_model(qnet, tmp_path):
+    """compactnn.save routes a deployed model to save_deployed (tests/deployment/test_ship.py);
+    the artifact writer underneath refuses it rather than write an empty artifact."""
+    from compactnn import api
+
     qmodel, calib = qnet
     fast = compactnn.deploy(qmodel, "onednn", example=calib[:8])
-    with pytest.raises(CompactnnError, match="deployed model holds compiled"):
-        compactnn.save(fast, tmp_path / "d")
+    with pytest.raises(CompactnnError, match="save_deployed"):
+        api.save(fast, tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def _lower_with_bad_bias(layer: str, shift: float):
+    """``lower`` that shifts the bias of the lowered module of ``layer`` (a lowering bug)."""
+    real = deploy_api.lower
+
+    def lower(plan):
+        gm = real(plan)
+        hint = "_" + layer.replace(".", "_")
+        [mod] = [m for n, m in gm.named_children() if n.startswith("int8_") and n.endswith(hint)]
+        with torch.no_grad():
+            mod.bias += shift
+        return gm
+
+    return lower
+
+
+def test_failed_verification_names_the_diverging_layer(monkeypatch, qnet):
+    qmodel, calib = qnet
+    monkeypatch.setattr(deploy_api, "lower", _lower_with_bad_bias("pw.0", 0.5))
+    with pytest.raises(CompactnnError) as err:
+        compactnn.deploy(qmodel, "onednn", example=calib[:8])
+    msg = str(err.value)
+    assert "first layer past the tolerance: pw.0" in msg and "likely 'pw.0'" in msg
+    # stem.0 and dw.0 run before pw.0 and are within the tolerance: pw.0 is named first
+
+
+def test_layer_steps_against_an_independent_computation(qnet):
+    """Shift one layer's bias by a known amount: its gap is that shift in its own steps."""
+    qmodel, calib = qnet
+    fast = compactnn.deploy(qmodel, "onednn", example=calib[:8])
+    assert fast.verify(calib[:8]).passed and fast.verify(calib[:8]).layers == ()
+    gaps = {g.name: g for g in deploy_api.localize(fast, calib[:8])}
+    assert set(gaps) == {"stem.0", "dw.0", "pw.0", "branch_a", "branch_b", "fc"}
+    assert all(g.steps <= 1.0 for g in gaps.values())  # a healthy lowering: within a step
+    fc = next(m for m in fast.program.modules() if isinstance(m, Int8Linear))
+    with torch.no_grad():
+        fc.bias += 0.25
+    with torch.no_grad():
+        ref = qmodel(calib[:8])
+    step = float(ref.max() - ref.min()) / 255  # fc writes float: steps of its output's range
+    result = fast.verify(calib[:8])
+    assert not result.passed and result.first_past_tolerance == "fc"
+    worst = result.layers[0]
+    assert worst.name == "fc" and worst.form == "float"
+    assert worst.steps == pytest.approx(0.25 / step, rel=0.02)
+
+
+class TinyResNet(nn.Module):
+    """Two residual blocks, the second with a strided 1x1 shortcut (ResNet's structure)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.b1 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 1, 2), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.a2(self.a1(x)))
+        x = torch.relu(self.down(x) + self.b2(self.b1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_auto_returns_a_verified_model_on_every_call():
+    torch.manual_seed(0)
+    net = TinyResNet().train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, 16, 16))
+    calib = torch.randn(32, 3, 16, 16)
+    qmodel = compactnn.compress(net.eval(), "w8a8", calib_data=calib, progress=False)
+    with torch.no_grad():
+        ref = qmodel(calib[:8])
+    for _ in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # float-faster advice on a model this small
+            fast = compactnn.deploy(qmodel, example=calib[:8])
+        assert fast.verification.passed and fast.backend in ("onednn", "onnxruntime")
+        with torch.no_grad():
+            assert steps(ref, fast(calib[:8])) <= 1.0  # checked here too, not only by deploy
+
+
+def test_auto_says_when_float_is_faster(monkeypatch, qnet):
+    qmodel, calib = qnet
+    times = {"onednn": 0.004, "onnxruntime": 0.003, "fp32-onnxruntime": 0.001, "fp32-eager": 0.01}
+    monkeypatch.setattr(
+        float_check, "time_contenders", lambda contenders, ex: {k: times[k] for k in contenders}
+    )
+    with pytest.warns(UserWarning, match=r"ONNX Runtime fp32 runs this model 3\.0x faster"):
+        fast = compactnn.deploy(qmodel, example=calib[:4])
+    assert fast.backend == "onnxruntime" and fast.selection == times
+    assert "1.00 ms against 3.00 ms" in fast.recommendation
+    times.update({"fp32-onnxruntime": 0.0029, "fp32-eager": 0.01})  # within the 10% margin
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(TorchScript|removed).*")
+        fast = compactnn.deploy(qmodel, example=calib[:4])
+    assert fast.recommendation is None
+    fast = compactnn.deploy(qmodel, example=calib[:4], time_float=False)
+    assert set(fast.selection) == {"onednn", "onnxruntime"} and fast.recommendation is None
+
+
+def test_float_model_is_the_simulation_without_quantizers(qnet):
+    from compactnn.core.qlayers import ActQuantizer
+
+    qmodel, calib = qnet
+    fmodel = float_check.float_model(qmodel)
+    assert not any(type(m).__name__.startswith("Quant") for m in fmodel.modules())
+    off = copy.deepcopy(qmodel)  # the simulation's own forward with its quantizers off
+    for m in off.modules():
+        if isinstance(m, ActQuantizer):
+            m.enabled = False
+    with torch.no_grad():
+        assert torch.allclose(fmodel(calib[:4]), off(calib[:4]), atol=1e-6)
+        assert not torch.allclose(fmodel(calib[:4]), qmodel(calib[:4]), atol=1e-6)
+
+
+def test_export_onnx_of_an_onnxruntime_deployed_model(qnet, tmp_path):
+    from compactnn.export.ort import ort_callable
+
+    qmodel, calib = qnet
+    fast = compactnn.deploy(qmodel, "onnxruntime", example=calib[:8])
+    fast.export_onnx(tmp_path / "m.onnx")
+    run = ort_callable((tmp_path / "m.onnx").read_bytes())
+    x = torch.randn(5, 3, 16, 16)
+    assert torch.equal(run(x), fast(x))
+    with torch.no_grad():
+        assert steps(qmodel(x), run(x)) <= 1.0
+    onednn = compactnn.deploy(qmodel, "onednn", example=calib[:8])
+    with pytest.raises(CompactnnError, match="backend='onnxruntime'"):
+        onednn.export_onnx(tmp_path / "n.onnx")
+    assert not (tmp_path / "n.onnx").exists()

@@ -177,3 +177,27 @@ def test_formats_without_a_kernel_stay_simulated_in_float32_islands():
     x = _x(5)
     with torch.no_grad():  # float32 in and out; the layer itself ran in float32
         torch.testing.assert_close(k(x), q(x.bfloat16().float()), rtol=2**-8, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [Int8WeightLinear, Int4WeightLinear])
+def test_lean_layers_dequantize_per_call_the_same_weight_and_hold_no_copy(cls):
+    from compactnn.kernels.linear import DenseLinear
+
+    if cls is Int8WeightLinear:
+        q = _layer(8, False, "channel")
+    else:
+        q = _layer(3, True, "group", 32)
+    lean = cls(q, torch.float32, dense_min_rows=8, hold_dense=False)
+    assert lean.dense is None  # nothing dense is held
+    assert torch.equal(lean.dequantized(), q.weight)  # the simulation's float32 weight
+    dense = torch.nn.functional.linear(_x(8), q.weight, q.bias)
+    assert torch.equal(lean(_x(8)), dense)  # from the threshold on: the dequantized weight
+    assert torch.equal(lean(_x(7)), cls(q)(_x(7)))  # below it: the low-bit kernel
+    held = cls(q, torch.float32, dense_min_rows=8)
+    assert set(lean.state_dict()) == set(held.state_dict())  # the saved form is unchanged
+    bf = cls(q, torch.bfloat16, dense_min_rows=8, hold_dense=False)
+    with torch.no_grad():
+        _assert_bf16_close(bf(_x(64)), q, _x(64))
+    g8 = _layer(8, True, "group", 32)  # a first/last-layer format without a low-bit kernel
+    dl = DenseLinear(g8, torch.bfloat16, hold_dense=False)
+    assert dl.dense is None and torch.equal(dl.dequantized(), g8.weight.bfloat16())

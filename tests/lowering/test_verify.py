@@ -81,3 +81,46 @@ def test_verification_measures_steps_of_the_output_scale():
     result = compare(model, lambda b: model(b) + 2.5 * step, x, "shifted")
     assert result.max_diff_steps == pytest.approx(2.5, rel=1e-3)
     assert not result.passed and result.top1_agreement == 1.0
+
+
+def test_layer_gap_in_codes_of_the_layer_grid():
+    from compactnn.lowering.verify import layer_gap
+
+    ref = torch.tensor([[-0.3, 0.0, 0.26, 1.0]])
+    # codes by hand on the grid (scale 0.1, zero 3): clamp(round(x / 0.1) + 3, 0, 255)
+    assert (
+        layer_gap("c", ref, torch.tensor([[0, 3, 6, 13]], dtype=torch.uint8), (0.1, 3)).steps == 0
+    )
+    gap = layer_gap("c", ref, torch.tensor([[0, 3, 6, 9]], dtype=torch.uint8), (0.1, 3))
+    assert (gap.steps, gap.step, gap.form) == (4.0, 0.1, "uint8")
+
+
+def test_layer_gap_in_steps_of_the_float_range_and_non_finite():
+    from compactnn.lowering.verify import layer_gap
+
+    ref = torch.linspace(-1.0, 1.55, 256)  # range 2.55: step 0.01
+    got = ref.clone()
+    got[7] += 0.05
+    assert layer_gap("f", ref, got, None).steps == pytest.approx(5.0, rel=1e-4)
+    got[9] = NAN
+    assert layer_gap("f", ref, got, None).steps == INF
+
+
+def test_failed_verification_lists_worst_layers_and_the_first_past_tolerance():
+    from compactnn.lowering.verify import LayerGap, Verification, with_layers
+
+    gaps = [
+        LayerGap("conv1", 0.0, 0.1, "uint8", 0),
+        LayerGap("conv2", 3.0, 0.1, "uint8", 1),  # first beyond 2 steps: the likely cause
+        LayerGap("conv3", 40.0, 0.1, "uint8", 2),
+        LayerGap("fc", 12.5, 0.02, "float", 3),
+    ]
+    result = with_layers(Verification("deploy[x]", 12.5, 0.25, 0.02, None, 2.0, 4), gaps)
+    assert [g.name for g in result.layers] == ["conv3", "fc", "conv2", "conv1"]
+    assert result.first_past_tolerance == "conv2"
+    text = str(result)
+    assert "worst layers: conv3 40 steps (uint8), fc 12.5 steps (float)" in text
+    with pytest.raises(CompactnnError, match=r"likely 'conv2', the first layer past"):
+        enforce(result)
+    passing = with_layers(Verification("x", 0.5, 0.01, 0.02, None, 2.0, 4), gaps[:1])
+    assert passing.first_past_tolerance == "" and enforce(passing) is passing

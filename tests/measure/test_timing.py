@@ -37,3 +37,63 @@ def test_fmt_hides_min_max_when_tight():
 def test_runs_must_be_positive():
     with pytest.raises(ValueError):
         time_fn(lambda: None, runs=0)
+
+
+def test_time_blocks_runs_each_contender_in_rotating_blocks(monkeypatch):
+    monkeypatch.setattr(timing.time, "sleep", lambda _s: order.append("|"))
+    order: list[str] = []
+    calls = {k: (lambda k=k: order.append(k)) for k in ("a", "b", "c")}
+    t = timing.time_blocks(calls, warmup=1, runs=6, threads=1, rounds=3, batch=4)
+    # warm-up once each, then 3 rounds of 2-call blocks, a pause before every block
+    assert "".join(order) == "abc" + "|aa|bb|cc" + "|bb|cc|aa" + "|cc|aa|bb"
+    assert all(x.runs == 6 and x.batch == 4 and x.threads == 1 for x in t.values())
+
+
+def test_a_call_that_waits_instead_of_computing_is_flagged():
+    with pytest.warns(timing.TimingWarning, match="waited for the CPU"):
+        t = time_fn(lambda: timing.time.sleep(0.02), warmup=0, runs=3, threads=1, label="nap")
+    assert t.cpu_s < 0.01 <= t.median_s and t.cpu_share < 0.5  # sleeping costs no CPU
+    assert any("waited for the CPU" in r for r in t.to_dict()["suspect"])
+
+
+def test_suspect_rules_on_hand_made_timings():
+    steady = Timing(0.010, 0.0095, 0.0110, 9, 2, 2, cpu_s=0.015, cpu_share=1.5)  # 1.5 of 2
+    assert timing.suspect_reasons(steady) == []
+    noisy = Timing(0.010, 0.008, 0.016, 9, 2, 2, cpu_s=0.015, cpu_share=1.5)  # spread 80%
+    assert timing.suspect_reasons(noisy)[0].startswith("runs spread 80%")
+    crowded = Timing(0.010, 0.010, 0.010, 9, 2, 2, cpu_s=0.035, cpu_share=3.5)  # 3.5 cores
+    assert "another thread pool" in timing.suspect_reasons(crowded)[0]
+    tiny = Timing(1e-5, 1e-5, 9e-5, 9, 2, 2, cpu_s=1e-4, cpu_share=9.0)  # sub-ms: not judged
+    assert timing.suspect_reasons(tiny) == []
+
+
+def test_wait_policy_warning_only_on_an_overloaded_machine(monkeypatch):
+    monkeypatch.setattr(timing, "_warned", set())
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert timing.check_environment(load=9.0) is None
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert timing.check_environment(load=1.5) is None  # not overloaded
+    with pytest.warns(timing.TimingWarning, match="OMP_WAIT_POLICY is unset .* load \\(9.0\\)"):
+        timing.check_environment(load=9.0)
+    assert ("policy", "") in timing._warned  # once per process
+
+
+def test_timings_record_their_conditions():
+    t = timing.time_model(torch.nn.Linear(3, 2), torch.ones(5, 3), warmup=1, runs=2, threads=1)
+    assert t.batch == 5 and t.threads == 1
+    assert t.omp_wait_policy == timing.omp_wait_policy() and t.cpu_s is not None
+    assert t.conditions().startswith("1 threads, batch 5, OMP_WAIT_POLICY=")
+
+
+@pytest.mark.parametrize(
+    ("environ", "loaded", "action"),
+    [
+        ({}, False, "set"),  # OpenMP not loaded yet: it will read the variable
+        ({}, True, "reexec"),  # libgomp read it at load: only a new process gets it
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, True, "keep"),  # the user's choice wins
+        ({timing.REEXEC_MARK: "1"}, True, "keep"),  # never re-execute twice
+    ],
+)
+def test_passive_policy_action(environ, loaded, action):
+    assert timing.passive_policy_action(environ, loaded) == action

@@ -85,20 +85,27 @@ def test_rows_match_hand_computed_numbers(setup):
     x, y = split.x_test, split.y_test
     results = build_report(
         [paths["w8a8"], paths["sp50"]], model=net, data=split, out=root / "r", runs=2,
-        progress=False,
+        progress=False, quick=True,
     )  # fmt: skip
     rows = {r["label"]: r for r in results["rows"]}
     assert list(rows) == ["float", "w8a8", "w8a8 int8", "sp50"]
-    assert [r["runs_as"] for r in rows.values()] == [
-        "fp32 eager", "simulated", "deployed (oneDNN)", "simulated",
-    ]  # fmt: skip
+    backends = {"oneDNN int8": "onednn", "ONNX Runtime int8": "onnxruntime"}
+    float_names = ("PyTorch fp32", "PyTorch bf16 autocast", "ONNX Runtime fp32")
+    runtime = rows["w8a8 int8"]["runs_as"]
+    assert rows["float"]["runs_as"] in float_names and runtime in backends
+    assert [r["runs_as"] for r in rows.values()][1::2] == ["simulated", "simulated"]
+    paths_ = results["float_paths"]
+    assert rows["float"]["latency"] == paths_["timings"][paths_["winner"]]  # the fastest
+    assert rows["w8a8"]["speedup"] is None  # a simulated model claims no speedup
+    ratio = rows["float"]["latency"]["median_s"] / rows["w8a8 int8"]["latency"]["median_s"]
+    assert rows["w8a8 int8"]["speedup"] == pytest.approx(ratio)
     assert rows["float"]["quality"] == pytest.approx(_hand_top1(net, x, y), abs=1e-9)
     for recipe, path in paths.items():
         loaded = compactnn.load(path, model=_build())
         assert rows[recipe]["quality"] == pytest.approx(_hand_top1(loaded, x, y), abs=1e-9)
         assert rows[recipe]["size_bytes"] == _dir_bytes(path)
     deployed = compactnn.deploy(
-        compactnn.load(paths["w8a8"], model=net), backend="onednn", example=x[:16]
+        compactnn.load(paths["w8a8"], model=net), backend=backends[runtime], example=x[:16]
     )
     assert rows["w8a8 int8"]["quality"] == pytest.approx(_hand_top1(deployed, x, y), abs=1e-9)
     assert rows["sp50"]["size_bytes"] < rows["float"]["size_bytes"]
@@ -108,10 +115,12 @@ def test_rows_match_hand_computed_numbers(setup):
     assert rows["w8a8"]["quality_delta"] == pytest.approx(
         rows["w8a8"]["quality"] - rows["float"]["quality"]
     )
-    assert any("not deployed" in n for n in rows["sp50"]["notes"])
+    assert any("runs simulated" in n for n in rows["sp50"]["notes"])
     assert json.loads((root / "r" / "results.json").read_text())["rows"][1]["label"] == "w8a8"
     md = (root / "r" / "report.md").read_text()
-    assert f"| w8a8 int8 | deployed (oneDNN) | {rows['w8a8 int8']['quality']:.2f}%" in md
+    assert f"| w8a8 int8 | {runtime} | {rows['w8a8 int8']['quality']:.2f}%" in md
+    sim_lines = [line for line in md.splitlines() if line.startswith("| sp50 | simulated |")]
+    assert len(sim_lines) == 1 and sim_lines[0].endswith("| simulated |")  # no speedup claimed
     assert (root / "r" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "<table>" in (root / "r" / "report.html").read_text()
 
@@ -125,7 +134,7 @@ def test_custom_metric_and_data_forms(setup):
 
     results = build_report(
         [paths["sp50"]], model=net, data={"x": x, "y": y}, metric=errors, out=root / "m",
-        runs=1, progress=False,
+        runs=1, progress=False, quick=True,
     )  # fmt: skip
     expected = 50 - _hand_top1(net, x, y) / 2  # 50 samples: each is 2 percent points
     assert results["rows"][0]["quality"] == pytest.approx(expected)
@@ -182,13 +191,15 @@ def cli_project(tmp_path, monkeypatch):
 
 def test_cli_report_and_its_errors(cli_project, capsys):
     model = ["--model", "jnet_report:build", "--weights", "w0.safetensors", "--no-progress"]
-    status = main(["report", "a0-w8a8", "a0-sp50", *model, "--runs", "2",
+    status = main(["report", "a0-w8a8", "a0-sp50", *model, "--runs", "2", "--quick",
                    "--data", "test.safetensors", "--out", "rep"])  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0
     results = json.loads((cli_project / "rep" / "results.json").read_text())
     assert [r["label"] for r in results["rows"]] == ["float", "w8a8", "w8a8 int8", "sp50"]
-    assert f"{results['rows'][1]['quality']:.2f}%" in out and "deployed (oneDNN)" in out
+    runtime = results["rows"][2]["runs_as"]
+    assert f"{results['rows'][1]['quality']:.2f}%" in out and runtime in out
+    assert runtime in ("oneDNN int8", "ONNX Runtime int8")
     cases = [
         (["a0-w8a8", "a1-w8a8", "--data", "test.safetensors"], "different float models"),
         (["a0-w8a8", "--data", "nolabels.safetensors"], "no labels"),

@@ -25,6 +25,7 @@ def _row(model, recipe, metric, quality, size, layers, float_layers=None, spread
     return {
         "model": model,
         "recipe": recipe,
+        "runtime": "ONNX Runtime fp32" if recipe == "float" else "oneDNN int8",
         "metric": metric,
         "quality": quality,
         "size_bytes": size,
@@ -103,11 +104,12 @@ def test_write_report_files(tmp_path):
 def test_report_content(tmp_path):
     write_report(synthetic(), tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "| cnn | w4a8 | 98.10% |" in md
-    assert "| lm | w4-g32 | 0.9700 |" in md
+    assert "| cnn | w4a8 | oneDNN int8 | 98.10% |" in md
+    assert "| lm | w4-g32 | oneDNN int8 | 0.9700 |" in md
+    assert "| cnn | float | ONNX Runtime fp32 | 98.50% |" in md  # the fastest float path
     assert "10.00 ms (10.0-15.0)" in md  # min-max shown when runs spread > 10%
     assert "w4-g32: `emb` (not targeted by the recipe)" in md  # layers kept in float
-    assert "uint4-asym-group32" in md and "![quality vs size](pareto.png)" in md
+    assert "uint4-asym-group32" in md and "![quality vs size and vs latency](pareto.png)" in md
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 1 and 'src="pareto.png"' not in html
     assert "<code>emb</code>" in html and "<table>" in html
@@ -120,3 +122,37 @@ def test_summary_table_and_quality_format():
     assert fmt_quality("top1", -0.4, delta=True) == "-0.40 pt"
     assert fmt_quality("cosine", 0.99876) == "0.9988"
     assert fmt_quality("cosine", None) == "n/a"
+
+
+def test_simulated_rows_claim_no_speedup_and_resident_memory_shows_when_known():
+    results = synthetic()
+    sim, deployed = results["rows"][1], results["rows"][3]
+    sim["runtime"], sim["speedup"] = "simulated", 0.4  # a ratio of a simulated model: hidden
+    deployed["speedup"], deployed["resident_bytes"] = 2.5, 3 * 2**20
+    lines = summary_table(results).splitlines()
+    cells = {line.split(" | ")[1]: line.split(" | ") for line in lines[2:]}
+    header = lines[0].split(" | ")
+    speed, resident = header.index("speedup vs fastest float"), header.index("resident memory")
+    assert cells["w4a8"][2] == "simulated" and cells["w4a8"][speed] == "simulated"
+    assert "0.40x" not in lines[3]
+    assert cells["w4-g32"][speed] == "2.50x" and cells["w4-g32"][resident] == "3.00 MiB"
+    assert cells["w4a8"][resident] == "-"
+
+
+def test_doubtful_latencies_and_the_float_paths_are_stated(tmp_path):
+    results = synthetic()
+    results["rows"][1]["latency"]["suspect"] = ["runs spread 80% around the median"]
+    results["environment"] |= {"omp_wait_policy": "PASSIVE", "load_avg": 9.5}
+    results["models"]["cnn"]["float_paths"] = {
+        "winner": "ort-fp32",
+        "timings": {"fp32-eager": _timing(12.0), "ort-fp32": _timing(10.0), "w4a8": _timing(5)},
+        "errors": {"fp32-eager": 0.0, "ort-fp32": 1e-7},
+        "skipped": {"torch.compile": "not tried in quick mode"},
+    }
+    write_report(results, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Latencies that may be inflated (noisy machine)" in md
+    assert "- cnn w4a8: runs spread 80% around the median" in md
+    assert "OMP_WAIT_POLICY=PASSIVE, 1-minute load 9.5" in md
+    # the deployed model timed in the same blocks is not listed among the float paths
+    assert "cnn: ort-fp32 won (fp32-eager 12.00 ms, ort-fp32 10.00 ms); torch.compile " in md

@@ -3,6 +3,10 @@
 Each section (see :mod:`compactnn.bench.sections`) writes ``docs/bench/<section>.md``;
 ``docs/benchmarks.md`` is then regenerated as the concatenation of every section file that
 exists, so one section can be rerun without rerunning the others.
+
+Runs with ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy (re-executing itself once
+when torch, and so OpenMP, is already loaded: :func:`compactnn.measure.timing.
+ensure_passive_policy`); the policy is printed at the start.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from compactnn.bench.sections import SECTIONS
 from compactnn.export.fs import atomic_write_text
+from compactnn.measure.timing import ensure_passive_policy, omp_wait_policy
 
 TITLE = "# compactnn benchmarks"
 PREAMBLE = (
@@ -58,6 +63,9 @@ def combine(sections_dir: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # a real command line, not a test
+        ensure_passive_policy("compactnn.bench", sys.argv[1:], openmp_loaded=True)
+    print(f"[bench] OMP_WAIT_POLICY={omp_wait_policy() or 'unset'}", file=sys.stderr)
     names = args.only or list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:

@@ -24,7 +24,9 @@ from torch import nn
 
 from compactnn._optional import require
 from compactnn.core.calib import as_batches
+from compactnn.core.onnx_trace import export_dynamic
 from compactnn.export.ort import inference_session
+from compactnn.measure.float_paths import Bf16Autocast
 
 
 @dataclass
@@ -66,51 +68,9 @@ class OrtModule(nn.Module):
         return y
 
 
-def _input_spec(example: Any) -> tuple[tuple, dict, list[str]]:
-    """Positional args, keyword args and ONNX input names of an example batch."""
-    if isinstance(example, dict):
-        names = list(example)
-        return (), dict(example), names
-    args = example if isinstance(example, tuple) else (example,)
-    return args, {}, [f"input_{i}" for i in range(len(args))]
-
-
-class _KeywordsAsPositional(nn.Module):
-    """Calls a keyword-input model (Hugging Face) positionally and returns its main tensor:
-    the ONNX exporter traces positional tensors more reliably than keyword arguments."""
-
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.model = model
-        self.names = names
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        from compactnn.core.calib import main_output
-
-        return main_output(self.model(**dict(zip(self.names, args, strict=True))))
-
-
 def export_onnx(model: nn.Module, example: Any, path: Path) -> list[str]:
     """Export ``model`` to ONNX (dynamic batch and sequence axes); returns input names."""
-    args, kwargs, names = _input_spec(example)
-    model = copy.deepcopy(model)  # tracing may change a model's settings; keep the caller's
-    if kwargs:
-        model, args = _KeywordsAsPositional(model, names), tuple(kwargs[n] for n in names)
-    dims = {n: {0: "batch", 1: "seq"} if kwargs else {0: "batch"} for n in names}
-    dims["output"] = {0: "batch", 1: "seq"} if kwargs else {0: "batch"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            args,
-            str(path),
-            input_names=names,
-            output_names=["output"],
-            dynamic_axes=dims,
-            opset_version=17,
-            dynamo=False,
-        )
-    return names
+    return export_dynamic(model, example, path)
 
 
 def ort_models(model: nn.Module, example: Any, calib: Any, threads: int) -> dict[str, Any]:
@@ -256,18 +216,6 @@ def _run_each(
     return out
 
 
-class Bf16Autocast(nn.Module):
-    """The float model run under ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.inner = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.inner(*args, **kwargs)
-
-
 def float_paths(
     model: nn.Module, example: Any, threads: int, *, with_compile: bool = True
 ) -> dict[str, Any]:
@@ -291,3 +239,64 @@ def _compiled(model: nn.Module, example: Any) -> PeerResult | str:
         return PeerResult(compiled, None, time.perf_counter() - t0, "-")
     except Exception as exc:  # report the failure as a finding
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+
+
+def fx_x86_int8(model: nn.Module, calib: torch.Tensor) -> PeerResult:
+    """PyTorch's FX graph-mode static int8 on the x86 engine (its own calibration on
+    ``calib``): ``prepare_fx`` / ``convert_fx`` with the default x86 qconfig mapping."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():  # the FX path is deprecated upstream; still a peer
+        warnings.simplefilter("ignore")
+        mapping = get_default_qconfig_mapping("x86")
+        prepared = prepare_fx(copy.deepcopy(model).eval(), mapping, (calib,))
+        with torch.no_grad():
+            prepared(calib)
+        converted = convert_fx(prepared)
+    return PeerResult(converted, _saved_bytes(converted), time.perf_counter() - t0, "state_dict")
+
+
+def time_blocks(
+    models: dict[str, Any],
+    args: tuple,
+    *,
+    rounds: int = 3,
+    block_s: float = 0.3,
+    pause_s: float = 0.05,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process CPU seconds per call of each callable, timed in blocks.
+
+    The protocol of shared/BENCHMARKING.md: every model is warmed up, then each runs a block
+    of calls on its own after a short pause, in ``rounds`` rounds whose order rotates, so one
+    runtime's spinning or waking threads never land inside another's timed call. A block
+    holds as many calls as fit in about ``block_s`` seconds (3 to 30). Values that are not
+    callable (a peer's error message) are skipped.
+
+    Returns:
+        ``(wall, cpu)``: model name -> seconds of each timed call.
+    """
+    live = {k: m for k, m in models.items() if callable(m)}
+    calls: dict[str, int] = {}
+    with torch.inference_mode():
+        for k, m in live.items():
+            for _ in range(2):
+                m(*args)
+            t0 = time.perf_counter()
+            m(*args)
+            calls[k] = int(min(30, max(3, block_s // max(time.perf_counter() - t0, 1e-6))))
+        wall: dict[str, list[float]] = {k: [] for k in live}
+        cpu: dict[str, list[float]] = {k: [] for k in live}
+        names = list(live)
+        for r in range(rounds):
+            shift = r % max(len(names), 1)
+            for k in names[shift:] + names[:shift]:
+                time.sleep(pause_s)
+                for _ in range(calls[k]):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    live[k](*args)
+                    wall[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
+    return wall, cpu

@@ -6,6 +6,8 @@ SECTIONS: dict[str, str] = {
     "pruning": "compactnn.bench.pruning",
     "training": "compactnn.bench.training",
     "deploy": "compactnn.bench.deploy",
+    "deploy_recipes": "compactnn.bench.deploy_recipes",
+    "binary": "compactnn.bench.binary",
     "transformers": "compactnn.bench.transformers",
     "lm": "compactnn.bench.lm",
 }

@@ -1,18 +1,27 @@
-"""Benchmark section ``transformers``: MiniLM (all-MiniLM-L6-v2) quantized, with peers.
+"""Benchmark section ``transformers``: MiniLM (all-MiniLM-L6-v2) delivered on real kernels.
 
-One row per float path, peer or compactnn recipe: mean cosine and Spearman of pairwise
-similarities against the float embeddings of held-out sentences, artifact size, latency at
-batch 64 and batch 1 (one sentence) as ratios to fp32 eager and to the fastest float path
-(fp32 eager, ``torch.compile``, bf16 autocast, ONNX Runtime fp32), compression time and the
-calibration's peak memory. compactnn rows run on ``compactnn.kernels.swap.to_kernels`` (its
-defaults: the model in bfloat16, int8/int4/W8A8 kernels, dense bf16 copies from 8 rows).
-Every contender is timed in the same interleaved rounds.
+Per recipe, every delivered form compactnn has for it is timed side by side with the float
+paths (fp32 eager, ``torch.compile``, bf16 autocast, ONNX Runtime fp32) at batch 64 and
+batch 1 (one sentence), in blocks of calls after a pause, three rounds in rotating order
+(``measure.timing.time_blocks``). Delivered forms:
+
+* ``kernels``: ``to_kernels(q)`` defaults (bfloat16 model, int4/int8 kernels below 8 rows,
+  a held dense bf16 copy of each weight-only layer from 8 rows, W8A8 on ``torch._int_mm``);
+* ``kernels-lean``: the same layers with ``hold_dense=False`` (no dense copy held: the
+  int4/int8 kernels below ``LEAN_DENSE_MIN_ROWS`` rows, a temporary weight dequantized per
+  call from there);
+* ``ort-nbits``: ONNX Runtime with compactnn's codes in ``MatMulNBits`` nodes
+  (``kernels/ort_nbits.py``; int8 activations per block, bf16 token embeddings).
+
+The full run (no ``--quick``) adds the peers torchao, optimum-quanto (bf16 models) and ONNX
+Runtime dynamic int8. The fastest form per batch size is named (the per-shape choice), with
+its speedup over the fastest float path, and the resident memory each running model adds (a
+fresh process per model: ``measure.memory.resident_memory``) against the float model's.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -22,74 +31,262 @@ from typing import Any
 import torch
 
 import compactnn
+from compactnn.measure.environment import cpu_description
+from compactnn.measure.memory import MIB, resident_memory
 from compactnn.measure.size import artifact_bytes
-from compactnn.measure.timing import model_call, set_threads, time_round_robin
+from compactnn.measure.timing import model_call, set_threads, time_blocks
 
-# 2 per BENCHMARKING.md. On a loaded machine OpenMP barriers spinning on a descheduled thread
-# inflate every multi-threaded torch contender (not ORT's pool): run with
-# OMP_WAIT_POLICY=PASSIVE (read by OpenMP at start-up), or COMPACTNN_BENCH_THREADS=1
 THREADS = int(os.environ.get("COMPACTNN_BENCH_THREADS", "2"))
 FLOATS = ("fp32-eager", "torch.compile", "bf16-autocast", "ort-fp32")
-FULL = [
-    "w8a8-smoothquant",
-    "w8",
-    "w4-g32",
-    "w4-g32-gptq_tune",
-    "w3-g32-gptq_tune",
-    "w2-g32-gptq_tune",
-]
-QUICK = ["w8a8-smoothquant", "w8", "w4-g32"]
-# peers at the same fidelity as a recipe (same weight bits; W8A8: dynamic int8 activations)
-SAME_FIDELITY = {
-    "w8a8-smoothquant": ("ort-dynamic-int8",),
-    "w8": ("torchao-int8wo", "quanto-qint8"),
-    "w4": ("torchao-int4wo-g32", "torchao-intx4wo-g32", "quanto-qint4"),
-}
+FULL = ["w4-g32-gptq", "w8a8-smoothquant", "w8", "w4-g32", "w3-g32-gptq_tune"]
+QUICK = ["w4-g32-gptq", "w8a8-smoothquant"]
+QUICK_CALIB = 8  # batches of 16 sentences for --quick (the full run uses all 512)
 COMMAND = "python -m compactnn.bench --only transformers"
+_HERE = "compactnn.bench.transformers"
+# imported before the first RSS reading in every memory child, so only the model counts
+PRELOAD = (
+    "transformers",
+    "onnxruntime",
+    "compactnn.models.minilm",
+    "compactnn.kernels.swap",
+    "compactnn.kernels.ort_nbits",
+)
 
 
-def _ours(ref, recipes: list[str], tmp: Path) -> dict[str, dict[str, Any]]:
+def _batch1(batch: dict) -> dict:
+    return {k: v[:1, : int(batch["attention_mask"][0].sum())] for k, v in batch.items()}
+
+
+def lean_kernels(q: torch.nn.Module) -> torch.nn.Module:
+    """``to_kernels(q)`` with weight-only layers that hold no dense copy (``hold_dense=False``)."""
+    import copy
+
+    from compactnn.core.modules import set_module
+    from compactnn.core.qlayers import QuantLinear
+    from compactnn.kernels.linear import (
+        LEAN_DENSE_MIN_ROWS,
+        DenseLinear,
+        Int4WeightLinear,
+        Int8WeightLinear,
+    )
+    from compactnn.kernels.swap import kernel_layer, to_kernels
+
+    out = copy.deepcopy(q)
+    for name, m in list(out.named_modules()):
+        if isinstance(m, QuantLinear) and m.input_quantizer is None:
+            k = kernel_layer(m)
+            cls = type(k)
+            if cls in (Int4WeightLinear, Int8WeightLinear):
+                set_module(out, name, cls(m, torch.bfloat16, LEAN_DENSE_MIN_ROWS, hold_dense=False))
+            elif cls is DenseLinear and getattr(m, "weight_levels", None) is None:
+                set_module(out, name, DenseLinear(m, torch.bfloat16, hold_dense=False))
+    return to_kernels(out, inplace=True)
+
+
+def _forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
+    from compactnn.kernels.ort_nbits import OrtNBitsModel, nbits_onnx
     from compactnn.kernels.swap import to_kernels
 
-    out = {}
+    forms: dict[str, Any] = {"kernels": to_kernels(q)}
+    if "a8" not in recipe:  # weight-only: a lean torch form and ONNX Runtime MatMulNBits
+        forms["kernels-lean"] = lean_kernels(q)
+        try:
+            data, _ = nbits_onnx(q, example)
+            (tmp / f"{recipe}.onnx").write_bytes(data)
+            forms["ort-nbits"] = OrtNBitsModel(data, list(example), THREADS)
+        except Exception as exc:  # a failed export is a finding, not a lost section
+            forms["ort-nbits"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return forms
+
+
+def _ours(ref, recipes: list[str], tmp: Path, quick: bool) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    calib = ref.calib[:QUICK_CALIB] if quick else ref.calib
     for r in recipes:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = compactnn.compress(ref.model, r, calib_data=ref.calib, progress=False)
+            q = compactnn.compress(ref.model, r, calib_data=calib, progress=False)
         secs = time.perf_counter() - t0
         compactnn.save(q, tmp / r, force=True)
-        calib = q._compactnn["extra"].get("calibration", {})
-        peak = max((v["peak_rss_mib"] for v in calib.values()), default=None)
-        out[r] = {"model": to_kernels(q), "size": artifact_bytes(tmp / r), "secs": secs,
-                  "peak": peak, "kind": "ours"}  # fmt: skip
-    return out
+        for form, m in _forms(q, r, ref.example, tmp).items():
+            row = {"recipe": r, "form": form, "kind": "ours", "secs": secs}
+            row |= {"error": m} if isinstance(m, str) else {"model": m}
+            rows[f"{r} {form}"] = row | {"size": artifact_bytes(tmp / r)}
+    return rows
+
+
+def _floats(ref) -> dict[str, dict[str, Any]]:
+    from compactnn.bench.peers import Bf16Autocast, OrtModule, _compiled, export_onnx
+
+    rows = {"fp32-eager": {"model": ref.model}, "bf16-autocast": {"model": Bf16Autocast(ref.model)}}
+    comp = _compiled(ref.model, ref.example)
+    rows["torch.compile"] = {"error": comp} if isinstance(comp, str) else {"model": comp.model}
+    path = Path(tempfile.mkdtemp(prefix="compactnn-bench-tf-")) / "float.onnx"
+    try:
+        names = export_onnx(ref.model, ref.example, path)
+        rows["ort-fp32"] = {"model": OrtModule(str(path), THREADS, names, hf=True)}
+    except Exception as exc:
+        rows["ort-fp32"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return {k: v | {"kind": "float"} for k, v in rows.items()}
 
 
 def _peers(ref) -> dict[str, dict[str, Any]]:
-    """ONNX Runtime (fp32 is a float path), torchao and optimum-quanto, fp32 and bf16."""
+    """Full run only: torchao, optimum-quanto and ONNX Runtime dynamic int8 on the same model."""
     from compactnn.bench.peers import ort_models, quanto_models, torchao_models
 
-    found: dict[str, Any] = {}
     jobs = {
         "torchao": lambda: torchao_models(ref.model, 32, bf16=True),
         "optimum-quanto": lambda: quanto_models(ref.model, bf16=True),
-        "onnxruntime": lambda: ort_models(ref.model, ref.example, ref.calib, THREADS),
+        "onnxruntime": lambda: {
+            k: v
+            for k, v in ort_models(ref.model, ref.example, ref.calib, THREADS).items()
+            if k == "ort-dynamic-int8"
+        },
     }
+    out: dict[str, dict[str, Any]] = {}
     for tool, job in jobs.items():
         try:
-            found.update(job())
+            found = job()
         except Exception as exc:  # a peer that cannot even import is a finding
-            found[tool] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    out = {}
-    for name, res in found.items():
-        kind = "float" if name == "ort-fp32" else "peer"
-        if isinstance(res, str):
-            out[name] = {"error": res, "kind": kind}
-        else:
-            out[name] = {"model": res.model, "size": res.size_bytes, "secs": res.build_s,
-                         "kind": kind}  # fmt: skip
+            found = {tool: f"{type(exc).__name__}: {str(exc)[:200]}"}
+        for name, res in found.items():
+            row = {"error": res} if isinstance(res, str) else {"model": res.model}
+            out[name] = row | {"kind": "peer", "recipe": name, "form": "peer"}
     return out
+
+
+def _speed(rows: dict, batch: dict, quick: bool) -> dict[str, str]:
+    """Median latency of every live row at batch 64 and batch 1; the fastest float per column."""
+    live = {n: r for n, r in rows.items() if "model" in r}
+    winners = {}
+    for key, b, runs in (
+        ("b64", batch, 3 if quick else 6),
+        ("b1", _batch1(batch), 15 if quick else 30),
+    ):
+        calls = {n: model_call(r["model"], b) for n, r in live.items()}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the table states the load; suspects are noted
+            timings = time_blocks(calls, warmup=2, runs=runs, threads=THREADS)
+        for n, t in timings.items():
+            live[n][key], live[n][key + "_t"] = t.median_s, t
+        winners[key] = min((n for n in FLOATS if n in live), key=lambda n: live[n][key])
+        for r in live.values():
+            r[key + "_xbest"] = live[winners[key]][key] / r[key]
+    return winners
+
+
+# --- resident memory: builders run in a fresh process by measure.memory.resident_memory ---
+def rss_float(batch_path: str) -> Any:
+    """The float MiniLM and one forward (a ``resident_memory`` builder)."""
+    from compactnn.models import minilm
+
+    model, batch = minilm.load_float_model().eval(), torch.load(batch_path, weights_only=True)
+    return lambda: model(**batch)
+
+
+def rss_kernels(artifact: str, batch_path: str, form: str) -> Any:
+    """A saved artifact on ``kernels`` / ``kernels-lean`` and one forward (a builder)."""
+    from compactnn.kernels.swap import to_kernels
+
+    q = compactnn.load(artifact)
+    model = lean_kernels(q) if form == "kernels-lean" else to_kernels(q)
+    del q  # only the delivered model stays
+    batch = torch.load(batch_path, weights_only=True)
+    return lambda: model(**batch)
+
+
+def rss_ort(onnx_path: str, batch_path: str) -> Any:
+    """A MatMulNBits ONNX file on ONNX Runtime and one forward (a builder)."""
+    from compactnn.kernels.ort_nbits import OrtNBitsModel
+
+    batch = torch.load(batch_path, weights_only=True)
+    model = OrtNBitsModel(Path(onnx_path).read_bytes(), list(batch), THREADS)
+    return lambda: model(**batch)
+
+
+def measure_memory(rows: dict, example: dict, tmp: Path) -> None:
+    """``rss`` (bytes added by the running model, batch 1) for the float model and each form."""
+    batch_path = tmp / "batch1.pt"
+    torch.save(_batch1(example), batch_path)
+    jobs = {"fp32-eager": ("rss_float", [str(batch_path)])}
+    for name, r in rows.items():
+        if r["kind"] != "ours" or "model" not in r:
+            continue
+        if r["form"] == "ort-nbits":
+            jobs[name] = ("rss_ort", [str(tmp / f"{r['recipe']}.onnx"), str(batch_path)])
+        else:
+            jobs[name] = ("rss_kernels", [str(tmp / r["recipe"]), str(batch_path), r["form"]])
+    for name, (fn, args) in jobs.items():
+        try:
+            mem = resident_memory(f"{_HERE}:{fn}", args, preload=PRELOAD, threads=THREADS)
+            rows[name]["rss"], rows[name]["rss_anon"] = mem.added, mem.anon_added
+        except Exception as exc:  # noted, the speed table still stands
+            rows[name]["rss_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _cell(r: dict, key: str) -> str:
+    t = r.get(key + "_t")
+    return "-" if t is None else f"{t.fmt()} | {r[key + '_xbest']:.2f}x"
+
+
+def _table(rows: dict) -> str:
+    lines = [
+        "| model | form | mean cosine | size (MB) | batch 64 | vs fastest float | batch 1 | "
+        "vs fastest float | resident (MiB) | vs float | anonymous (MiB) | vs float |",
+        "|" + "---|" * 12,
+    ]
+    for name, r in rows.items():
+        label = (r["recipe"], r["form"]) if r["kind"] != "float" else (name, "float")
+        if "error" in r:
+            lines.append(f"| {label[0]} | {label[1]} | failed: {r['error'][:160]} |" + " |" * 9)
+            continue
+        size = f"{r['size'] / 1e6:.1f}" if r.get("size") else "-"
+        cos = f"{r['cos']:.4f}" if "cos" in r else "-"
+        mem = " | ".join(
+            f"{r[k] / MIB:.1f} | {r[k] / rows['fp32-eager'][k]:.2f}x"
+            if r.get(k) and rows["fp32-eager"].get(k)
+            else "- | -"
+            for k in ("rss", "rss_anon")
+        )
+        lines.append(
+            f"| {label[0]} | {label[1]} | {cos} | {size} | {_cell(r, 'b64')} | "
+            f"{_cell(r, 'b1')} | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def _choices(rows: dict, winners: dict) -> str:
+    """Per recipe and batch size: the fastest delivered form (the per-shape choice)."""
+    lines = [
+        "| recipe | batch 64: chosen form, vs fastest float | batch 1: chosen form, vs "
+        "fastest float | resident vs float (chosen at batch 1) |",
+        "|---|---|---|---|",
+    ]
+    base = rows["fp32-eager"].get("rss")
+    for recipe in dict.fromkeys(r["recipe"] for r in rows.values() if r["kind"] == "ours"):
+        forms = {n: r for n, r in rows.items() if r.get("recipe") == recipe and "b64" in r}
+        if not forms:
+            continue
+        cells = []
+        for key in ("b64", "b1"):
+            best = min(forms, key=lambda n: forms[n][key])
+            cells.append(
+                f"{forms[best]['form']}, {forms[best][key + '_xbest']:.2f}x (vs {winners[key]})"
+            )
+        rss = forms[best].get("rss")
+        cells.append(f"{rss / base:.2f}x" if rss and base else "-")
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+        if "a8" in recipe and "b64" in rows.get("bf16-autocast", {}):  # W8A8 vs bf16
+            bf = rows["bf16-autocast"]
+            verdict = [
+                f"W8A8 {forms[n][k] * 1e3:.1f} ms vs bf16 {bf[k] * 1e3:.1f} ms: "
+                + ("chosen" if forms[n][k] < bf[k] else "not chosen (bf16 faster)")
+                for k in ("b64", "b1")
+                for n in [min(forms, key=lambda n, k=k: forms[n][k])]
+            ]
+            lines.append(f"| {recipe} vs bf16 autocast | " + " | ".join(verdict) + " | |")
+    return "\n".join(lines)
 
 
 def _quality(rows: dict, texts: list[str]) -> None:
@@ -101,135 +298,56 @@ def _quality(rows: dict, texts: list[str]) -> None:
         if "model" not in row:
             continue
         try:
-            e = minilm.embed(row["model"], tok, texts)
+            row["cos"] = minilm.mean_cosine(base, minilm.embed(row["model"], tok, texts))
         except Exception as exc:  # a contender that cannot run is a finding
-            rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}", "kind": row["kind"]}
-            continue
-        row["cos"] = minilm.mean_cosine(base, e)
-        row["spearman"] = minilm.spearman_of_similarities(base, e)
-
-
-def _speed(rows: dict, batch: dict, runs: int, warmup: int) -> dict[str, str]:
-    """Time every live row at batch 64 and batch 1; returns the fastest float path per column."""
-    one = {k: v[:1, : int(batch["attention_mask"][0].sum())] for k, v in batch.items()}
-    live = {n: r for n, r in rows.items() if "model" in r}
-    winners = {}
-    for key, b in (("b64", batch), ("b1", one)):
-        calls = {n: model_call(r["model"], b) for n, r in live.items()}
-        with torch.no_grad():
-            timings = time_round_robin(calls, warmup=warmup, runs=runs, threads=THREADS)
-        for n, t in timings.items():
-            live[n][key], live[n][key + "_range"] = t.median_s, (t.min_s, t.max_s)
-        floats = [n for n in FLOATS if n in live]
-        winners[key] = min(floats, key=lambda n: live[n][key])
-        for r in live.values():
-            r[key + "_x32"] = live["fp32-eager"][key] / r[key]
-            r[key + "_xbest"] = live[winners[key]][key] / r[key]
-    return winners
-
-
-def _fmt_row(name: str, r: dict) -> str:
-    if "error" in r:
-        return f"| {name} | failed: {r['error'][:160]} |" + " |" * 12
-    size = f"{r['size'] / 1e6:.1f}" if r.get("size") else "-"
-    peak = f"{r['peak']:.0f}" if r.get("peak") else "-"
-    secs = f"{r['secs']:.1f}" if r.get("secs") else "-"
-    return (
-        f"| {name} | {r['cos']:.4f} | {r['spearman']:.4f} | {size} | {r['b64'] * 1e3:.1f} | "
-        f"{r['b64_x32']:.2f}x | {r['b64_xbest']:.2f}x | {r['b1'] * 1e3:.2f} | "
-        f"{r['b1_x32']:.2f}x | {r['b1_xbest']:.2f}x | {secs} | {peak} |"
-    )
-
-
-def _table(rows: dict) -> str:
-    head = (
-        "| model | mean cosine | Spearman | size (MB) | batch 64 (ms) | vs fp32 | vs best float "
-        "| batch 1 (ms) | vs fp32 | vs best float | build (s) | peak RSS (MiB) |\n|" + "---|" * 12
-    )
-    lines = [head]
-    for kind in ("float", "peer", "ours"):
-        lines += [_fmt_row(n, r) for n, r in rows.items() if r["kind"] == kind]
-    return "\n".join(lines)
-
-
-def _peer_group(recipe: str) -> tuple[str, ...]:
-    key = recipe if recipe in SAME_FIDELITY else recipe.split("-")[0]
-    return SAME_FIDELITY.get(key, ())
-
-
-def _targets(rows: dict) -> str:
-    """Per recipe: faster than fp32 eager? no slower than the fastest same-fidelity peer?"""
-    lines = [
-        "| recipe | batch 64 vs fp32 eager | batch 1 vs fp32 eager | fastest same-fidelity peer "
-        "(batch 64 / batch 1) | batch 64 vs it | batch 1 vs it |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        if r["kind"] != "ours" or "b64" not in r:
-            continue
-        cells = [f"{r['b64_x32']:.2f}x", f"{r['b1_x32']:.2f}x"]
-        names = [
-            p + s for p in _peer_group(name) for s in ("", "-bf16") if "b64" in rows.get(p + s, {})
-        ]
-        if not names:
-            cells += ["none at this bit width", "-", "-"]
-        else:
-            p64 = min(names, key=lambda p: rows[p]["b64"])
-            p1 = min(names, key=lambda p: rows[p]["b1"])
-            cells += [
-                f"{p64} / {p1}",
-                f"{rows[p64]['b64'] / r['b64']:.2f}x",
-                f"{rows[p1]['b1'] / r['b1']:.2f}x",
-            ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows[name] = {k: v for k, v in row.items() if k != "model"}
+            rows[name]["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def run(quick: bool = False) -> str:
     """Measure and return the section's Markdown."""
-    from compactnn.bench.peers import PeerResult, float_paths
     from compactnn.data.text import sentences
     from compactnn.models import load_reference
 
     set_threads(THREADS)
     ref = load_reference("minilm", progress=False)
-    recipes = QUICK if quick else FULL
-    rows: dict[str, dict[str, Any]] = {}
-    for name, res in float_paths(ref.model, ref.example, THREADS).items():
-        if isinstance(res, PeerResult):
-            rows[name] = {"model": res.model, "size": None, "secs": res.build_s, "kind": "float"}
-        else:
-            rows[name] = {"error": res, "kind": "float"}
-    rows.update(_peers(ref))
+    rows = _floats(ref)
+    if not quick:
+        rows.update(_peers(ref))
     with tempfile.TemporaryDirectory(prefix="compactnn-bench-tf-") as tmp:
-        rows.update(_ours(ref, recipes, Path(tmp)))
-    n_eval = 64 if quick else 256
-    _quality(rows, sentences("eval")[:n_eval])
-    runs, warmup = (5, 1) if quick else (10, 2)
-    winners = _speed(rows, ref.example, runs=runs, warmup=warmup)
+        rows.update(_ours(ref, QUICK if quick else FULL, Path(tmp), quick))
+        n_eval = 64 if quick else 256
+        _quality(rows, sentences("eval")[:n_eval])
+        winners = _speed(rows, ref.example, quick)
+        measure_memory(rows, ref.example, Path(tmp))
     shape = tuple(ref.example["input_ids"].shape)
-    env = "" if THREADS == 2 else f"COMPACTNN_BENCH_THREADS={THREADS} "
-    if os.environ.get("OMP_WAIT_POLICY"):  # how OpenMP threads wait changes loaded timings
-        env = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " + env
+    env = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
+    env += "" if THREADS == 2 else f"COMPACTNN_BENCH_THREADS={THREADS} "
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     note = (
-        f"{n_eval} held-out sentences for quality; batch 64 = {shape[0]} x {shape[1]} tokens "
-        f"(padded), batch 1 = its first sentence unpadded. torch {torch.__version__}, "
-        f"{platform.machine()}, torch.set_num_threads({THREADS}); median of {runs} "
-        f"interleaved rounds after {warmup} warm-up call(s) each (the first calls of the "
-        "compiled contenders happen earlier, in the quality pass). Fastest float path: "
-        f"{winners['b64']} at batch 64, {winners['b1']} at batch 1. compactnn rows: "
-        "`to_kernels(model)` defaults (bfloat16 model, W8A8 on `torch._int_mm` with compiled "
-        "quantization/epilogue, int8/int4 packed kernels below 8 rows and a dense bf16 copy "
-        "of the dequantized weight from 8 rows). Peers' `-bf16` rows run on a bfloat16 copy "
-        "of the model. Build = compression, export or compilation time."
+        f"{cpu_description()}; torch {torch.__version__}, torch.set_num_threads({THREADS}), "
+        f"load average {load:.1f} at the end of the run. Batch 64 = {shape[0]} x {shape[1]} "
+        "tokens (padded), batch 1 = its first sentence unpadded. Each contender timed in its "
+        "own blocks after a pause, three rounds in rotating order, median (min-max when they "
+        f"spread over 10%). Fastest float path: {winners['b64']} at batch 64, {winners['b1']} "
+        f"at batch 1. Quality: mean cosine to the float embeddings of {n_eval} held-out "
+        "sentences. Resident: RSS the running model adds in a fresh process (load + one "
+        "batch-1 forward, freed heap trimmed; `transformers`, `onnxruntime` and compactnn "
+        "imported first) against fp32 eager's; anonymous: its RssAnon part (heap and "
+        "tensors, without the shared-library pages the first forward touches)."
+        + (
+            f" --quick: GPTQ/SmoothQuant calibrated on {QUICK_CALIB * 16} sentences."
+            if quick
+            else ""
+        )
     )
     return (
-        "## Transformers: MiniLM (all-MiniLM-L6-v2)\n\n"
+        "## Transformers: MiniLM (all-MiniLM-L6-v2) on real kernels\n\n"
         f"```\n{env}{COMMAND}{' --quick' if quick else ''}\n```\n\n"
         + _table(rows)
         + "\n\n"
         + note
-        + "\n\n### Speed targets\n\n"
-        + _targets(rows)
+        + "\n\n### The form chosen per shape (fastest measured)\n\n"
+        + _choices(rows, winners)
         + "\n"
     )

@@ -11,7 +11,7 @@ from compactnn.commands.evaluate import check_inputs, split_labels
 from compactnn.core.calib import as_batches, batch_size_of
 from compactnn.deployment.api import BACKENDS
 from compactnn.errors import CompactnnError
-from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
 from compactnn.measure.quality import evaluate
 from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS, time_model
@@ -48,6 +48,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max steps of output scale"
     )
     p.add_argument("--onnx", metavar="FILE", help="also export a verified QDQ ONNX model")
+    p.add_argument(
+        "--save",
+        metavar="DIR",
+        help="save the deployed model (artifact + deployment + verification batch); "
+        "compactnn.load re-deploys and re-verifies it",
+    )
+    p.add_argument("--force", action="store_true", help="replace an artifact at --save")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs (median shown)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -85,6 +92,8 @@ def _models(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.save:
+        check_writable(args.save, args.force)  # before the slow work
     loaded, qmodel, example, (inputs, labels) = _models(args)
     deployed = compactnn.deploy(
         qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
@@ -92,6 +101,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"deployed on {deployed.backend}: {deployed.verification}")
     for name, reason in deployed.kept_float.items():
         print(f"  kept in float: {name} ({reason})")
+    if deployed.selection:
+        timed = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in deployed.selection.items())
+        print(f"backend choice (median per call on the sample batch): {timed}")
+    if deployed.recommendation:
+        print(f"  note: {deployed.recommendation.removeprefix('deploy: ')}")
+    if args.save:
+        from compactnn.deployment.ship import save_deployed
+
+        digest = save_deployed(deployed, args.save, force=args.force)
+        print(f"saved the deployed model to {args.save} (sha256 {digest})")
     if args.onnx:
         from compactnn.export.onnx import export_onnx
 

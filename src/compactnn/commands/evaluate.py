@@ -1,4 +1,11 @@
-"""``compactnn eval MODEL_OR_ARTIFACT``: quality, size and latency next to the float model."""
+"""``compactnn eval MODEL_OR_ARTIFACT``: quality, size and latency next to the float model.
+
+By default the compressed model runs on its delivered form (:func:`compactnn.report.delivery.
+deliver`: integer kernels for CNNs, low-bit kernels for transformers): its quality is that
+of the deployed model, its latency is timed side by side with every float path, and the
+speedup is over the fastest one (named). ``--simulated`` measures the simulated model
+instead (no speedup is claimed for it).
+"""
 
 from __future__ import annotations
 
@@ -30,9 +37,10 @@ from compactnn.measure import (
     fmt_quality,
     output_fidelity,
     theoretical_bytes,
-    time_model,
 )
 from compactnn.measure import evaluate as evaluate_labelled
+from compactnn.measure.float_paths import fastest_float_path
+from compactnn.measure.timing import omp_wait_policy
 from compactnn.model_io import LoadedModel, resolve_data, skeleton_for
 
 
@@ -59,10 +67,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "and y tensors (inputs and labels) gives top-1",
     )
     p.add_argument(
+        "--simulated",
+        action="store_true",
+        help="measure the simulated (fake-quantized) model instead of deploying it",
+    )
+    p.add_argument(
         "--deploy",
         action="store_true",
-        help="also run the compressed model on int8 kernels (w8a8 artifacts) and measure it",
+        help="(the default now) run the compressed model on its deployed form",
     )
+    p.add_argument("--quick", action="store_true", help="no torch.compile float path, 3 timed runs")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs (median shown)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -169,62 +183,84 @@ def _quality(
     return "output cosine vs float", output_fidelity(loaded.model, model, batches)["cosine"]
 
 
-def _deployed(qmodel: nn.Module | None, example: Any) -> tuple[nn.Module | None, str]:
-    """``compactnn.deploy(qmodel)`` and a line saying how it went (or why it could not)."""
+def _kind(example: Any) -> str:
+    """Keyword inputs (``input_ids``...) are a transformer's; anything else a CNN's."""
+    return "transformer" if isinstance(example, dict) else "cnn"
+
+
+def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, str, list]:
+    """The compressed row's label, model, runtime and notes (deployed unless --simulated)."""
+    from compactnn.report.delivery import SIMULATED, deliver  # the application: loaded here
+
     if qmodel is None:
-        return None, "deploy: nothing to deploy (pass an artifact or --recipe)"
+        return "compressed", None, SIMULATED, []
+    if args.simulated:
+        return "compressed", qmodel, SIMULATED, ["--simulated: the simulated model is measured"]
     if example is None:
-        return None, "deploy: not possible without sample inputs (pass --data)"
-    try:
-        deployed = compactnn.deploy(qmodel, example=example)
-    except CompactnnError as exc:
-        return None, f"deploy: not deployable on int8 kernels: {exc}"
-    return deployed, f"deployed on {deployed.backend}: {deployed.verification}"
+        return "compressed", qmodel, SIMULATED, ["runs simulated: no sample input (pass --data)"]
+    model, runtime, notes = deliver(_kind(example), qmodel, example)
+    label = "compressed" if runtime == SIMULATED else "deployed"
+    return label, model, runtime, notes
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Rows (float, compressed when there is one, deployed with ``--deploy``) with quality,
-    size and latency, plus the batch size and threads of the timing."""
+    """Rows (float on its fastest path, and the compressed model on its delivered form)
+    with quality, size, latency, runtime and speedup, plus the timing's conditions."""
+    from compactnn.report.delivery import SIMULATED
+
     loaded, qmodel, qsize, data = _compressed(args)
     batches = as_batches(data[0]) if data[0] is not None else as_batches(loaded.example)
     example = batches[0] if batches else loaded.example
-    models = [("float", loaded.model, None), ("compressed", qmodel, qsize)]
-    notes = []
-    if args.deploy:
-        deployed, note = _deployed(qmodel, example)
-        models.append(("deployed", deployed, qsize))
-        notes.append(note)
-    rows = []
-    for label, model, size in models:
-        if model is None:
-            continue
-        metric, quality = _quality(args, loaded, model, data, batches[:8])
-        timing = (
-            time_model(model, example, threads=args.threads, runs=args.runs)
-            if (example is not None)
-            else None
+    label, delivered, runtime, notes = _delivered(args, qmodel, example)
+    paths = None
+    if example is not None:
+        extra = {label: delivered} if delivered is not None else {}
+        paths = fastest_float_path(
+            loaded.model,
+            example,
+            quick=args.quick,
+            threads=args.threads,
+            runs=3 if args.quick else args.runs,
+            extra=extra,
         )
-        sized = qmodel if label == "deployed" else model
-        rows.append(
-            {
-                "model": label,
-                "recipe": compactnn.info_of(qmodel).get("recipe").name
-                if label != "float"
-                else "float",
-                "metric": metric,
-                "quality": quality,
-                "size_bytes": size if size is not None else float_artifact_bytes(sized),
-                "theoretical_bytes": theoretical_bytes(sized),
-                "latency": timing.to_dict() if timing else None,
-                "latency_text": timing.fmt() if timing else "n/a (no input known: pass --data)",
-            }
-        )
+    recipe = compactnn.info_of(qmodel).get("recipe").name if qmodel is not None else None
+    entries = [("float", loaded.model, None, "float", None)]
+    if delivered is not None:
+        entries.append((label, delivered, qsize, recipe, runtime))
+    rows = [_row(args, loaded, data, batches, paths, qmodel, *e) for e in entries]
+    base = rows[0]["latency"]
+    for row in rows[1:]:
+        fair = base and row["latency"] and row["runtime"] != SIMULATED
+        row["speedup"] = base["median_s"] / row["latency"]["median_s"] if fair else None
     return {
         "target": args.target,
         "threads": args.threads,
         "batch": batch_size_of(example) if example is not None else None,
+        "omp_wait_policy": omp_wait_policy() or "unset",
+        "float_paths": paths.to_dict() if paths else None,
         "notes": notes,
         "rows": rows,
+    }
+
+
+def _row(args, loaded, data, batches, paths, qmodel, label, model, size, recipe, runtime):
+    from compactnn.report.delivery import float_path_name
+
+    metric, quality = _quality(args, loaded, model, data, batches[:8])
+    timing = None
+    if paths is not None:
+        timing = paths.best if label == "float" else paths.timings[label]
+    sized = qmodel if label != "float" else model
+    return {
+        "model": label,
+        "recipe": recipe,
+        "runtime": float_path_name(paths.winner) if label == "float" and paths else runtime,
+        "metric": metric,
+        "quality": quality,
+        "size_bytes": size if size is not None else float_artifact_bytes(sized),
+        "theoretical_bytes": theoretical_bytes(sized),
+        "latency": timing.to_dict() if timing else None,
+        "latency_text": timing.fmt() if timing else "n/a (no input known: pass --data)",
     }
 
 
@@ -234,16 +270,49 @@ def run(args: argparse.Namespace) -> int:
     for note in result["notes"]:
         print(note)
     print(f"quality: {base['metric']}")
-    print(f"{'':11}{'recipe':>10}{'quality':>11}{'size on disk':>15}{'x smaller':>11}  latency")
+    print(
+        f"{'':11}{'recipe':>10}  {'runs on':<22}{'quality':>9}{'size on disk':>14}"
+        f"{'x smaller':>11}  {'latency':<22}speedup"
+    )
     for row in result["rows"]:
         quality = fmt_quality(row["metric"], row["quality"])
         ratio = base["size_bytes"] / row["size_bytes"]
+        speed = "" if row["model"] == "float" else _speedup_text(row)
         print(
-            f"{row['model']:11}{row['recipe']:>10}{quality:>11}"
-            f"{human_bytes(row['size_bytes']):>15}{ratio:>10.2f}x  {row['latency_text']}"
+            f"{row['model']:11}{row['recipe']:>10}  {row['runtime']:<22}{quality:>9}"
+            f"{human_bytes(row['size_bytes']):>14}{ratio:>10.2f}x  {row['latency_text']:<22}"
+            f"{speed}"
         )
-    batch = f", batch {result['batch']}" if result["batch"] is not None else ""
-    print(f"(latency: median of {args.runs} runs after warm-up{batch}, {args.threads} threads)")
+    print(_conditions(args, result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def _speedup_text(row: dict[str, Any]) -> str:
+    from compactnn.report.delivery import SIMULATED
+
+    if row["runtime"] == SIMULATED:
+        return "simulated (no speedup claimed)"
+    return f"{row['speedup']:.2f}x" if row.get("speedup") else "n/a"
+
+
+def _conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """The latency line: runs, batch, threads, wait policy, and the float paths compared."""
+    batch = f", batch {result['batch']}" if result["batch"] is not None else ""
+    runs = 3 if args.quick else args.runs
+    text = (
+        f"(latency: median of {runs} runs after warm-up{batch}, {args.threads} threads, "
+        f"OMP_WAIT_POLICY={result['omp_wait_policy']}"
+    )
+    paths = result["float_paths"]
+    if paths:
+        times = ", ".join(
+            f"{k} {v['median_s'] * 1e3:.2f} ms"
+            for k, v in paths["timings"].items()
+            if k in paths["errors"]
+        )
+        text += f"; speedup over the fastest float path {paths['winner']} ({times})"
+        skipped = "; ".join(f"{k}: {v}" for k, v in paths["skipped"].items())
+        text += f"; skipped: {skipped}" if skipped else ""
+    return text + ")"

@@ -39,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs (median shown)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--quick", action="store_true", help="leave torch.compile out of the float paths"
+    )
     add_model_args(p)
     return p
 
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         title=args.title,
         runs=args.runs,
         progress=not args.no_progress,
+        quick=args.quick,
     )
     lines = [HEADER, *table_rows(results)]
     widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]

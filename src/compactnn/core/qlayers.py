@@ -93,20 +93,23 @@ class ActQuantizer(nn.Module):
         return f"{self.qtype.name}, {'sym' if self.spec.symmetric else 'asym'}"
 
 
-class QuantWeightMixin:
-    """Integer weight storage shared by the quantized Linear and Conv layers."""
+class IntegerWeightMixin:
+    """Integer weight storage: ``weight_codes`` (the weight's shape), ``weight_scale`` and
+    ``weight_zero`` (``(rows, ngroups)``); ``weight`` is their dequantization.
+
+    Shared by the quantized Linear and Conv layers (:class:`QuantWeightMixin`) and the
+    quantized embedding table (:mod:`compactnn.core.qembedding`), which has no input.
+    """
 
     weight_spec: QuantSpec
-    input_quantizer: ActQuantizer | None
 
-    def _init_quant(self, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
+    def _init_codes(self, weight_spec: QuantSpec) -> None:
         self.weight_spec = weight_spec
         qt = weight_spec.qtype
         self.register_buffer("weight_codes", torch.zeros(self.weight.shape, dtype=qt.storage_dtype))
         rows_groups = grouped_view(self.weight, weight_spec.granularity, weight_spec.group_size)
         self.register_buffer("weight_scale", torch.ones(rows_groups.shape[:2]))
         self.register_buffer("weight_zero", torch.zeros(rows_groups.shape[:2]))
-        self.input_quantizer = ActQuantizer(act_spec) if act_spec is not None else None
         self.weight.requires_grad_(False)
 
     @property
@@ -148,6 +151,17 @@ class QuantWeightMixin:
             w = dequantize(cg, self.weight_scale, self.weight_zero).reshape(self.weight.shape)
         with torch.no_grad():
             self.weight.copy_(w)
+
+
+class QuantWeightMixin(IntegerWeightMixin):
+    """Integer weights plus an optional input quantizer: the quantized Linear and Conv
+    layers (what :func:`is_quant_layer` recognises)."""
+
+    input_quantizer: ActQuantizer | None
+
+    def _init_quant(self, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
+        self._init_codes(weight_spec)
+        self.input_quantizer = ActQuantizer(act_spec) if act_spec is not None else None
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -235,4 +249,10 @@ def quantize_layer_rtn(
 
 
 def is_quant_layer(m: nn.Module) -> bool:
+    """A quantized Linear / Conv layer (never a quantized embedding table)."""
     return isinstance(m, QuantWeightMixin)
+
+
+def has_integer_weight(m: nn.Module) -> bool:
+    """A module whose weight is held as integer codes: a quantized layer or embedding."""
+    return isinstance(m, IntegerWeightMixin)

@@ -1,7 +1,20 @@
 """Deployment: compactnn's simulated int8 models on real integer kernels (see docs/deploy.md)."""
 
-from compactnn.deployment.api import BACKENDS, DeployedModel, deploy
+from compactnn.deployment.api import BACKENDS, DeployedModel, deploy, localize
+from compactnn.deployment.float_check import float_model
 from compactnn.deployment.residual import quantize_residuals
-from compactnn.lowering.verify import Verification
+from compactnn.deployment.ship import load_deployed, save_deployed
+from compactnn.lowering.verify import LayerGap, Verification
 
-__all__ = ["BACKENDS", "DeployedModel", "Verification", "deploy", "quantize_residuals"]
+__all__ = [
+    "BACKENDS",
+    "DeployedModel",
+    "LayerGap",
+    "Verification",
+    "deploy",
+    "float_model",
+    "load_deployed",
+    "localize",
+    "quantize_residuals",
+    "save_deployed",
+]

@@ -1,27 +1,42 @@
-"""``deploy``: run a compactnn w8a8 model on real integer kernels, verified on every call."""
+"""``deploy``: run a compactnn model on real integer kernels, verified on every call."""
 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+import os
+import re
 import warnings
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from compactnn._optional import require
 from compactnn.core.calib import call_model, check_example, check_finite
 from compactnn.core.qlayers import is_quant_layer
+from compactnn.deployment import binary, float_check
+from compactnn.deployment.float_check import float_advice, float_contenders
 from compactnn.deployment.lower import lower
+from compactnn.deployment.onednn import Int8Conv2d, Int8Linear
+from compactnn.deployment.runner import plan_runner
 from compactnn.errors import CompactnnError
-from compactnn.lowering.graph import trace, unsupported_reason
+from compactnn.lowering.graph import Plan, trace, unsupported_reason
 from compactnn.lowering.plan import RESIDUALS, build_plan
-from compactnn.lowering.verify import DEFAULT_TOLERANCE, Verification, compare, enforce
+from compactnn.lowering.verify import (
+    DEFAULT_TOLERANCE,
+    LayerGap,
+    Verification,
+    compare,
+    enforce,
+    layer_gap,
+    with_layers,
+)
 
 BACKENDS = ("auto", "onednn", "onnxruntime")
 AUTO_CANDIDATES = ("onednn", "onnxruntime")  # "auto" times both on the example: docs/deploy.md
+# "auto" warns when the fastest float path beats the int8 model by more than this factor
+# (a margin so that timing noise on a shared machine does not flip the advice)
+_LOWERED = re.compile(r"int8_\d+_(.+)")  # lower.py names a lowered layer int8_<n>_<layer>
 
 
 class DeployedModel(nn.Module):
@@ -34,16 +49,26 @@ class DeployedModel(nn.Module):
     Attributes:
         backend: which kernels run it (``"onednn"`` or ``"onnxruntime"``).
         verification: the check against the simulated model made at deploy time.
-        selection: with ``backend="auto"``, each candidate's median seconds on the example.
+        selection: with ``backend="auto"``, median seconds per call on the example of each
+            int8 candidate that passed and of the float paths (``"fp32-eager"``, and
+            ``"fp32-onnxruntime"`` when onnxruntime is installed).
+        recommendation: with ``backend="auto"``, the warning given when a float path was
+            faster than the int8 model (None when the int8 model was the fastest).
         kept_float: quantized layers that stay simulated in float, with the reason.
         program: the int8 ``fx.GraphModule`` (onednn) or the ONNX session (onnxruntime).
+        source: the simulated model it was deployed from (a copy; ``save_deployed`` stores
+            it with its packed codes).
+        example: the batch it was verified on at deploy time.
+        settings: the deploy arguments that rebuild it: ``residual``, ``tolerance``,
+            ``unsupported``.
     """
 
-    # compactnn.save refuses it with this reason (it holds compiled kernels, not codes)
+    # compactnn.api.save refuses it with this reason (it holds compiled kernels, not codes)
     not_saveable = (
-        "a deployed model holds compiled integer kernels, not the packed codes: save the "
-        "compressed model you deployed (compactnn.save(qmodel, path)), then load it and call "
-        "compactnn.deploy again where it runs."
+        "a deployed model holds compiled integer kernels, not the packed codes: save it with "
+        "compactnn.deployment.save_deployed(deployed, path) (the compressed model, the "
+        "deployment and its verification batch; load_deployed re-deploys and re-verifies it), "
+        "or save the compressed model you deployed (compactnn.save(qmodel, path))."
     )
 
     def __init__(self, program: Any, backend: str, kept_float: dict[str, str]) -> None:
@@ -51,7 +76,18 @@ class DeployedModel(nn.Module):
         self.backend = backend
         self.kept_float = kept_float
         self.verification: Verification | None = None
-        self.selection: dict[str, float] = {}  # backend -> median seconds, when "auto" chose
+        self.selection: dict[str, float] = {}  # contender -> median seconds ("auto")
+        self.recommendation: str | None = None
+        self.settings: dict[str, Any] = {}
+        # plain attributes, not submodules: the source is not part of the deployed state
+        self.__dict__["source"] = None
+        self.__dict__["example"] = None  # the batch it was verified on
+        self.__dict__["plan"] = None  # the oneDNN lowering plan (layer localisation)
+        self.__dict__["onnx_bytes"] = None  # the QDQ ONNX model an onnxruntime one runs
+        # straight-line runner of the int8 graph (same kernels, bit-identical, less Python)
+        self.__dict__["_fast"] = (
+            plan_runner(program) if isinstance(program, fx.GraphModule) else None
+        )
         if isinstance(program, nn.Module):
             self.program = program
         else:
@@ -63,8 +99,47 @@ class DeployedModel(nn.Module):
                 check_finite(value, f"deployed model input {key!r}")
         with torch.no_grad():
             if "program" in self._modules:  # an fx.GraphModule of int8 kernels
-                return self.program(*args, **kwargs)
+                return (self._fast or self.program)(*args, **kwargs)
             return self._session(*args, **kwargs)  # an ONNX Runtime session
+
+    def verify(self, example: Any, tolerance: float | None = None) -> Verification:
+        """Check this model against its simulated source on ``example``, in output steps.
+
+        On failure the result names the diverging layers (oneDNN backend: each lowered
+        layer's output against the simulated value, in steps of that layer's grid).
+
+        Example:
+            >>> deployed.verify(images[:8]).passed  # doctest: +SKIP
+            True
+        """
+        if self.source is None:
+            raise CompactnnError("this deployed model has no simulated source to verify with.")
+        tol = self.settings.get("tolerance", DEFAULT_TOLERANCE) if tolerance is None else tolerance
+        result = compare(self.source, self, example, f"deploy[{self.backend}]", tol)
+        return result if result.passed else with_layers(result, localize(self, example))
+
+    def export_onnx(self, path: str | os.PathLike) -> None:
+        """Write the QDQ ONNX model this onnxruntime-backend model runs (verified at deploy).
+
+        Example:
+            >>> fast = compactnn.deploy(qmodel, "onnxruntime", example=x)  # doctest: +SKIP
+            >>> fast.export_onnx("model.onnx")                             # doctest: +SKIP
+        """
+        if self.onnx_bytes is None:
+            raise CompactnnError(
+                f"this model runs on {self.backend!r}, not ONNX Runtime: deploy with "
+                "backend='onnxruntime' to get its ONNX file, or write the simulated model's "
+                "with compactnn.export.onnx.export_onnx(deployed.source, path, example)."
+            )
+        from compactnn.export.fs import atomic_write
+
+        data = self.onnx_bytes
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        atomic_write(path, write)
 
 
 def deploy(
@@ -75,12 +150,14 @@ def deploy(
     tolerance: float = DEFAULT_TOLERANCE,
     residual: str = "exact",
     unsupported: str = "float",
+    time_float: bool = True,
 ) -> DeployedModel:
-    """Lower a compactnn w8a8 model to integer kernels and check it against the simulation.
+    """Lower a compactnn model to integer kernels and check it against the simulation.
 
     Args:
-        qmodel: a model from ``compactnn.compress(..., "w8a8")`` (any recipe whose layers
-            have 8-bit inputs and per-channel weights of at most 8 bits); not modified.
+        qmodel: a model from ``compactnn.compress`` or ``compactnn.train`` whose layers have
+            quantized inputs and weights of at most 8 bits (w8a8, w4a4, w2a4, ternary,
+            powers of two, LSQ/PACT/DoReFa, binary blocks); not modified.
         backend: ``"auto"`` (builds both backends, verifies each against the simulation
             and keeps the faster of those that pass, naming any that fails in a warning),
             ``"onednn"`` (PyTorch's oneDNN int8 kernels) or ``"onnxruntime"`` (the QDQ ONNX
@@ -95,6 +172,11 @@ def deploy(
             half a step of that operand's scale of difference).
         unsupported: ``"float"`` keeps quantized layers that have no int8 kernel simulated
             in float, with a warning naming them; ``"error"`` refuses instead.
+        time_float: with ``backend="auto"``, also time the float network (the simulation
+            with its quantizers off: fp32 eager, and ONNX Runtime fp32 when installed) on
+            ``example`` and warn when it is faster than the int8 model (more than 10%),
+            naming both times and the faster runtime; ``deployed.recommendation`` keeps the
+            advice. Pass False when you time the float model yourself.
 
     Returns:
         A :class:`DeployedModel` with ``verification`` set.
@@ -120,7 +202,12 @@ def deploy(
         raise CompactnnError("deploy: no backend could run this model: " + _listing(errors))
     if errors:
         warnings.warn(f"deploy: skipped backends: {_listing(errors)}", stacklevel=2)
-    checked = {k: compare(sim, m, example, f"deploy[{k}]", tolerance) for k, m in built.items()}
+    settings = {"residual": residual, "tolerance": tolerance, "unsupported": unsupported}
+    for m in built.values():
+        m.__dict__["source"] = sim
+        m.__dict__["example"] = example  # save_deployed stores (up to 8 samples of) it
+        m.settings = dict(settings)
+    checked = {k: m.verify(example) for k, m in built.items()}
     passing = {k: m for k, m in built.items() if checked[k].passed}
     if not passing:  # every candidate diverges: raise with the first one's message
         enforce(next(iter(checked.values())))
@@ -129,60 +216,139 @@ def deploy(
         warnings.warn(
             f"deploy: backends that failed verification: {_listing(failed)}", stacklevel=2
         )
-    selection = _fastest(passing, example) if len(passing) > 1 else {}
-    name = min(selection, key=selection.get) if selection else next(iter(passing))
+    selection: dict[str, float] = {}
+    if backend == "auto" and (time_float or len(passing) > 1):
+        floats = float_contenders(sim, example) if time_float else {}
+        selection = float_check.time_contenders({**passing, **floats}, example)
+    ints = {k: v for k, v in selection.items() if k in passing}
+    name = min(ints, key=ints.get) if ints else next(iter(passing))
     deployed = passing[name]
     deployed.selection = selection
     deployed.verification = checked[name]
+    deployed.recommendation = float_advice(selection, name)
+    if deployed.recommendation:
+        warnings.warn(deployed.recommendation, stacklevel=2)
     return deployed
 
 
 def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupported: str):
     if backend == "onnxruntime":
+        blocks = binary.binary_block_names(sim)
+        if blocks:
+            raise CompactnnError(
+                f"ONNX Runtime has no kernel for binary blocks ({', '.join(blocks[:3])}...): "
+                "deploy them with backend='onednn' (int8 or popcount kernels)."
+            )
         require("onnxruntime", "onnx")  # before the export module: it imports onnx
-        from compactnn.export.onnx import ort_session
+        from compactnn.export.onnx import to_onnx_bytes
+        from compactnn.export.ort import ort_callable
 
-        session, kept = ort_session(sim, example)
-        return DeployedModel(session, backend, kept)
-    plan = build_plan(trace(sim), residual)
-    if not plan.lowered:
+        data, kept = to_onnx_bytes(sim, example)
+        deployed = DeployedModel(ort_callable(data), backend, kept)
+        deployed.__dict__["onnx_bytes"] = data
+        return deployed
+    source, kernels = binary.pre_lower(sim, example)  # binary blocks: int8 or popcount
+    plan = build_plan(trace(source), residual)
+    if not plan.lowered and not kernels:
         raise CompactnnError(
-            "deploy found no layer it can run on int8 kernels: compress with an 8-bit "
-            f"activation recipe first (e.g. 'w8a8'); kept in float: {_listing(plan.kept)}"
+            "deploy found no layer it can run on integer kernels: compress with a recipe "
+            f"that quantizes activations (e.g. 'w8a8', 'w4a4'); kept in float: "
+            f"{_listing(plan.kept)}"
         )
     kept = dict(plan.kept)
     _handle_unsupported(kept, unsupported)
-    return DeployedModel(lower(plan), backend, kept)
+    deployed = DeployedModel(lower(plan), backend, kept)
+    deployed.__dict__["plan"] = plan
+    deployed.binary_kernels = kernels  # binary block -> kernel chosen (and its timings)
+    return deployed
 
 
-def _fastest(built: dict[str, DeployedModel], example: Any) -> dict[str, float]:
-    """Median seconds per call of each candidate on ``example``.
+def localize(deployed: DeployedModel, example: Any) -> list[LayerGap]:
+    """Each lowered layer's output against the simulated model's value at the same point.
 
-    Each candidate runs in its own block of calls after a short pause, in three rounds of
-    rotating order (shared/BENCHMARKING.md): interleaving single calls lets one runtime's
-    spinning threads starve the next.
+    oneDNN backend only (the lowered modules of ``deployed.program`` are named
+    ``int8_<n>_<layer>`` after the source layer, or carry it as ``source_name``; their
+    ``out`` is the uint8 ``(scale, zero)`` they write, None for float): the simulated value
+    is taken after the ops fused into the kernel (ReLU, residual sum), and compared as codes
+    when the kernel writes uint8, else in steps of the float value's range. Returns ``[]``
+    when the model cannot be localised (ONNX Runtime runs its graph as a whole).
+
+    Example:
+        >>> [str(g) for g in localize(deployed, images[:8])][:2]  # doctest: +SKIP
+        ['stem.0 0 steps (uint8)', 'dw.0 0 steps (uint8)']
     """
-    names = list(built)
-    times: dict[str, list[float]] = {k: [] for k in names}
+    plan: Plan | None = deployed.plan
+    if plan is None or "program" not in deployed._modules:
+        return []
+    try:
+        return _localize(plan, deployed.program, example)
+    except Exception as e:  # a diagnosis must never hide the failure it explains
+        warnings.warn(f"deploy: could not localise the divergence ({e})", stacklevel=2)
+        return []
+
+
+def _localize(plan: Plan, program: nn.Module, example: Any) -> list[LayerGap]:
+    by_target = {str(g.layer.target): g for g in plan.groups.values()}
+    groups = {}  # lowered-module hint -> fused group (module names with "." -> "_")
+    for g in plan.groups.values():
+        groups.setdefault(str(g.layer.target).replace(".", "_"), []).append(g)
+    wanted = {}  # lowered module -> its fused group, when the name maps back unambiguously
+    for name, mod in program.named_children():
+        source = getattr(mod, "source_name", None)  # a lowered layer may name its source
+        if isinstance(source, str) and source in by_target and hasattr(mod, "out"):
+            wanted[mod] = by_target[source]
+            continue
+        m = _LOWERED.fullmatch(name)
+        if m and isinstance(mod, (Int8Conv2d, Int8Linear)) and len(groups.get(m[1], ())) == 1:
+            wanted[mod] = groups[m[1]][0]
+    got: list[tuple[nn.Module, torch.Tensor]] = []
+    hooks = [
+        mod.register_forward_hook(lambda mod, _a, out: got.append((mod, out.detach().clone())))
+        for mod in wanted
+    ]
+    try:
+        with torch.no_grad():
+            call_model(program, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    ref = _node_values(plan.gm, {g.last for g in wanted.values()}, example)
+    return [
+        layer_gap(str(wanted[mod].layer.target), ref[wanted[mod].last], out, mod.out, i)
+        for i, (mod, out) in enumerate(got)
+    ]
+
+
+def _node_values(gm: fx.GraphModule, nodes: set[fx.Node], example: Any) -> dict:
+    """The values of ``nodes`` when the simulated graph ``gm`` runs on ``example``."""
+    values: dict[fx.Node, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n in nodes:
+                values[n] = out.detach().clone()
+            return out
+
+    if isinstance(example, dict):
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        args = tuple(example[k] for k in names if k in example)
+    else:
+        args = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
-        for m in built.values():
-            call_model(m, example)  # warm-up
-        for r in range(3):
-            for k in names[r % len(names) :] + names[: r % len(names)]:
-                time.sleep(0.01)
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    call_model(built[k], example)
-                    times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+        Recorder(gm).run(*args)
+    return values
 
 
 def _require_int8_layers(sim: nn.Module) -> None:
+    if binary.binary_block_names(sim):
+        return  # binary blocks run on integer kernels of their own
     reasons = {n: unsupported_reason(m) for n, m in sim.named_modules() if is_quant_layer(m)}
     if all(r is not None for r in reasons.values()):
         raise CompactnnError(
-            "deploy found no layer it can run on int8 kernels: compress with an 8-bit "
-            f"activation recipe first (e.g. 'w8a8'); kept in float: {_listing(reasons)}"
+            "deploy found no layer it can run on integer kernels: compress with a recipe "
+            f"that quantizes activations (e.g. 'w8a8', 'w4a4'); kept in float: "
+            f"{_listing(reasons)}"
         )
 
 

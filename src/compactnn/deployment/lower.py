@@ -10,12 +10,18 @@ import copy
 
 from torch import fx, nn
 
+from compactnn.deployment.lowbit import (
+    ClampU8,
+    SplitConv2d,
+    SplitLinear,
+    clamped_unary,
+    quantize_to,
+)
 from compactnn.deployment.onednn import (
     Dequantize,
     Int8Conv2d,
     Int8Linear,
     MaxPoolU8,
-    Quantize,
     ReluU8,
     maxpool_kwargs,
 )
@@ -24,7 +30,8 @@ from compactnn.lowering.graph import (
     Fused,
     Plan,
     QParams,
-    input_qparams,
+    code_range,
+    input_form,
     module_of,
     unary_attr,
 )
@@ -65,7 +72,7 @@ class _Builder:
         key = (new, qp)
         if key not in self.cache:
             src = self.as_float(old)  # requantizing goes through float: exact, rare
-            name = self.add_module("quant", Quantize(qp))
+            name = self.add_module("quant", quantize_to(qp))
             self.cache[key] = self.graph.call_module(name, (src,))
         return self.cache[key]
 
@@ -78,26 +85,36 @@ class _Builder:
         form = plan.form[group.last]
         out = None if form == FLOAT else form
         unary = unary_attr(plan.gm, group.unary) if group.unary is not None else None
-        x = self.as_u8(group.layer.args[0], input_qparams(layer))
-        if isinstance(layer, nn.Linear):
-            name = self.add_module(group.layer.target, Int8Linear(layer, out, unary))
+        x = self.as_u8(group.layer.args[0], input_form(layer))
+        terms = plan.terms[group.layer.name]
+        if len(terms) == 2:  # a codebook as two int8 terms: two kernels, outputs added
+            split = SplitLinear if isinstance(layer, nn.Linear) else SplitConv2d
+            name = self.add_module(group.layer.target, split(layer, terms, out, unary))
             self.env[group.last] = (self.graph.call_module(name, (x,)), form)
             return
-        if group.add is None:
-            name = self.add_module(group.layer.target, Int8Conv2d(layer, out, unary))
-            self.env[group.last] = (self.graph.call_module(name, (x,)), form)
+        if group.add is not None:
+            self._emit_sum(group, layer, x, out, unary, form)
             return
-        self._emit_sum(group, layer, x, out, unary, form)
+        post, clamp = clamped_unary(unary, out)  # a narrow output grid clamps in the kernel
+        kernel = Int8Linear if isinstance(layer, nn.Linear) else Int8Conv2d
+        name = self.add_module(group.layer.target, kernel(layer, out, post))
+        y = self.graph.call_module(name, (x,))
+        self.env[group.last] = (self._clamp(y, out) if clamp else y, form)
+
+    def _clamp(self, y: fx.Node, form: QParams) -> fx.Node:
+        """uint8 codes clamped to a narrow grid's ``lo..hi``."""
+        name = self.add_module("clamp", ClampU8(*code_range(form)))
+        return self.graph.call_module(name, (y,))
 
     def _emit_sum(self, group, layer, x, out, unary, form) -> None:
         """Conv + residual sum (+ ReLU): oneDNN takes a uint8 accumulator with a uint8
         output, or a float32 accumulator with a float32 output."""
         _, acc_form = self.env[group.accum]
         if out is not None and acc_form != FLOAT:
-            acc, accum, kernel_out = self.env[group.accum][0], acc_form, out
+            acc, accum, kernel_out = self.env[group.accum][0], acc_form[:2], out
         else:
             acc, accum, kernel_out = self.as_float(group.accum), "float", None
-        if self._needs_copy(group, acc):
+        if acc is x or self._needs_copy(group, acc):  # the kernel must not overwrite x
             acc = self.graph.call_method("clone", (acc,))
         conv = Int8Conv2d(layer, kernel_out, unary, accum=accum)
         name = self.add_module(group.layer.target, conv)
@@ -105,6 +122,8 @@ class _Builder:
         if kernel_out is None and out is not None:
             self.env[group.last] = (y, FLOAT)
             y = self.as_u8(group.last, out)
+        elif kernel_out is not None and len(kernel_out) == 4:  # saturated to 0..255: clamp
+            y = self._clamp(y, kernel_out)
         self.env[group.last] = (y, form)
 
     def _needs_copy(self, group: Fused, acc: fx.Node) -> bool:

@@ -149,7 +149,7 @@ class Int8Conv2d(_Int8Layer):
         o_scale, o_zero, o_dtype = self.out_args()
         packed = self.packed_for(tuple(q.shape))
         if acc is None:
-            return torch.ops.onednn.qconv_pointwise(
+            return torch.ops.onednn.qconv_pointwise.default(
                 q, *self.x_qp, packed, self.w_scale_t, self.w_zero, self.bias, *geo,
                 o_scale, o_zero, o_dtype, self.unary, self.scalars, "",
             )  # fmt: skip
@@ -182,7 +182,7 @@ class Int8Linear(_Int8Layer):
         q2 = q.reshape(-1, q.shape[-1])  # (N, in)
         o_scale, o_zero, o_dtype = self.out_args()
         packed = self.packed_for(tuple(q2.shape))
-        y = torch.ops.onednn.qlinear_pointwise(
+        y = torch.ops.onednn.qlinear_pointwise.default(
             q2, *self.x_qp, packed, self.w_scale_t, self.w_zero, self.bias,
             o_scale, o_zero, o_dtype, self.unary, self.scalars, "",
         )  # fmt: skip

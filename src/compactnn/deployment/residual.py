@@ -111,7 +111,7 @@ def _shared_quantizer(gm: fx.GraphModule, value: fx.Node) -> ActQuantizer | None
         if m is None or not is_quant_layer(m) or user.args[0] is not value:
             return None
         aq = m.input_quantizer
-        if aq is None or not aq.enabled or not aq.calibrated or aq.qtype.bits != 8:
+        if aq is None or not aq.enabled or not aq.calibrated or aq.qtype.bits > 8:
             return None
         grids.add((float(aq.scale), float(aq.zero), aq.qtype.name))
         quantizer = aq
@@ -127,7 +127,7 @@ def _layer_output_only_adds_read(gm: fx.GraphModule, value: fx.Node) -> bool:
     if m is None or not is_quant_layer(m) or not all(is_add(u) for u in value.users):
         return False
     aq = m.input_quantizer
-    return aq is not None and aq.calibrated and aq.qtype.bits == 8
+    return aq is not None and aq.calibrated and aq.qtype.bits <= 8
 
 
 def _second_layer_operand(gm: fx.GraphModule, add: fx.Node) -> fx.Node | None:

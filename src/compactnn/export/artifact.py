@@ -33,6 +33,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from compactnn.core.packing import pack_codes
+from compactnn.core.qembedding import QuantEmbedding, is_tied_to
 from compactnn.core.qlayers import (
     QuantConv1d,
     QuantConv2d,
@@ -42,7 +43,7 @@ from compactnn.core.qlayers import (
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export import replace, validate
 from compactnn.export.fs import read_regular
-from compactnn.export.rebuild import QUANT_KEYS, build_model
+from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, TIED_KEY, build_model
 from compactnn.export.sparse import sparsify
 from compactnn.export.validate import FORMAT_VERSION, HEADER, MAX_HEADER_BYTES
 
@@ -72,13 +73,73 @@ def _layer_entry(layer: nn.Module) -> dict[str, Any]:
     return entry
 
 
+def _pack_codes(m: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """The packed codes, float16 scales and integer zero points of ``m``'s weight."""
+    spec = m.weight_spec
+    qt = spec.qtype
+    tensors[f"{name}.weight.packed"] = pack_codes(m.weight_codes, qt)
+    tensors[f"{name}.weight.scale"] = m.weight_scale.to(torch.float16)
+    if not spec.symmetric:
+        tensors[f"{name}.weight.zero"] = m.weight_zero.to(qt.storage_dtype)
+
+
+def pack_embeddings(
+    model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[str]
+) -> dict[str, Any]:
+    """Quantized embedding tables and the heads tied to them, as header ``extra`` entries.
+
+    A table's codes are packed like a layer's; a head that reads a table's codes (an LM head
+    tied to the embeddings) stores nothing but its bias and input grid: the codes once.
+    """
+    tables: dict[str, Any] = {}
+    tied: dict[str, Any] = {}
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantEmbedding)]
+    for name, m in found:
+        _pack_codes(m, name, tensors)
+        tables[name] = {
+            "format": m.format,
+            "shape": list(m.weight.shape),
+            "weight_spec": m.weight_spec.to_dict(),
+        }
+        skip.update(f"{name}.{k}" for k in QUANT_KEYS)
+    for head_name, head in model.named_modules():
+        table = next((n for n, t in found if is_quant_layer(head) and is_tied_to(head, t)), None)
+        if table is None:
+            continue
+        aq = head.input_quantizer
+        tied[head_name] = {
+            "table": table,
+            "act_spec": aq.spec.to_dict() if aq is not None else None,
+            "bias": head.bias is not None,
+        }
+        if aq is not None:
+            tensors[f"{head_name}.input.qparams"] = torch.stack([aq.scale, aq.zero]).float()
+        skip.update(f"{head_name}.{k}" for k in QUANT_KEYS)
+        skip.update(f"{head_name}.input_quantizer.{k}" for k in ("scale", "zero"))
+    out = {}
+    if tables:
+        out[EMBEDDINGS_KEY] = tables
+    if tied:
+        out[TIED_KEY] = tied
+    return out
+
+
 def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
     """Tensors to write, per-layer header entries, and aliases of tied tensors."""
+    tensors, layers, aliases, _ = pack_model(model)
+    return tensors, layers, aliases
+
+
+def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict, dict]:
+    """``pack_state`` plus the header ``extra`` entries of quantized embeddings and tied
+    heads (:func:`pack_embeddings`)."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, Any] = {}
     skip: set[str] = set()
+    emb_extra = pack_embeddings(model, tensors, skip)
+    tied = emb_extra.get(TIED_KEY, {})
     for name, m in model.named_modules():
-        if not is_quant_layer(m):
+        if not is_quant_layer(m) or name in tied:
             continue
         spec = m.weight_spec
         qt = spec.qtype
@@ -106,7 +167,7 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
             continue
         seen[ident] = key
         tensors[key] = t.detach().contiguous().clone()
-    return tensors, layers, aliases
+    return tensors, layers, aliases, emb_extra
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], filename: str | os.PathLike) -> None:
@@ -177,9 +238,12 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
     return out
 
 
-def _header_body(model: nn.Module, layers: dict, aliases: dict, sparse_index: dict) -> dict:
+def _header_body(
+    model: nn.Module, layers: dict, aliases: dict, sparse_index: dict, emb_extra: dict
+) -> dict:
     info = info_of(model)
     recipe = info.get("recipe")
+    extra = {k: v for k, v in info.get("extra", {}).items() if k not in (EMBEDDINGS_KEY, TIED_KEY)}
     body = {
         "format": "compactnn",
         "format_version": FORMAT_VERSION,
@@ -189,7 +253,7 @@ def _header_body(model: nn.Module, layers: dict, aliases: dict, sparse_index: di
         "aliases": aliases,
         "folded_bn": list(info.get("folded_bn", [])),
         "float_layers": dict(info.get("float_layers", {})),
-        "extra": info.get("extra", {}),
+        "extra": {**extra, **emb_extra},
         "sparse": sparse_index,
     }
     try:  # JSON values only: tuples become lists, as a reader will see them
@@ -226,9 +290,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
         raise CompactnnError(f"cannot save this model as an artifact: {why}")
     out = check_writable(path, force)
     info = info_of(model)
-    tensors, layers, aliases = pack_state(model)
+    tensors, layers, aliases, emb_extra = pack_model(model)
     tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse
-    body = _header_body(model, layers, aliases, sparse_index)
+    body = _header_body(model, layers, aliases, sparse_index, emb_extra)
     out.mkdir(parents=True, exist_ok=True)
     writers = {"tensors": lambda p: write_tensors(tensors, p)}
     if (recipe := info.get("recipe")) is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,9 @@ class _QDQLayer(nn.Module):
             )  # fmt: skip
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        self.per_channel = layer.weight_spec.granularity != "group"
+        # codebook weights (ternary, powers of two) are not one affine grid: keep them float
+        codebook = getattr(layer, "weight_levels", None) is not None
+        self.per_channel = layer.weight_spec.granularity != "group" and not codebook
         rows = layer.weight.shape[0]
         self.register_buffer("w_scale", layer.weight_scale.reshape(-1).expand(rows).clone())
         zero = layer.weight_zero.reshape(-1).expand(rows).round().to(torch.int32).clone()
@@ -168,7 +171,11 @@ def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str
     args, names, kwargs = _io_names(example)
     buf = io.BytesIO()
     export_args = args if kwargs is None else (kwargs,)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is the one that keeps our Q/DQ pairs; its deprecation
+        # notice says nothing the user can act on
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message="The feature will be removed")
         torch.onnx.export(
             model, export_args, buf, dynamo=False, opset_version=OPSET, input_names=names,
             dynamic_axes={n: {0: "batch"} for n in names}, do_constant_folding=True,

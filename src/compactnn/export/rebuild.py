@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from compactnn import registry
-from compactnn.core.modules import set_module
+from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, set_module
 from compactnn.core.packing import unpack_codes
-from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear
+from compactnn.core.qembedding import QuantEmbedding, tie_to_table
+from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, format_name
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import ArtifactError
 from compactnn.export import validate
@@ -21,6 +22,10 @@ from compactnn.export.sparse import densify
 
 # the state-dict keys of a quantized layer that the packed codes stand for
 QUANT_KEYS = ("weight", "weight_codes", "weight_scale", "weight_zero", "weight_levels")
+# header ``extra`` keys (checked here, as every byte of the header is untrusted)
+CONV1D_KEY = "conv1d_as_linear"  # GPT-2 Conv1D modules the compressed model holds as Linear
+EMBEDDINGS_KEY = "quant_embeddings"  # table name -> {format, shape, weight_spec}
+TIED_KEY = "tied_heads"  # head name -> {table, act_spec, bias}: reads the table's codes
 
 
 def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
@@ -36,6 +41,7 @@ def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
 def build_model(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Validate against the skeleton, then install the quantized layers and float state."""
     extra, layers = header["extra"], header["layers"]
+    _linearize_conv1d(model, extra.get(CONV1D_KEY, []))
     registry.run_artifact_hooks("resize", model, extra)  # e.g. channel-pruned shapes
     for bn in header["folded_bn"]:
         _submodule(model, bn, "folded batch norm")
@@ -45,6 +51,13 @@ def build_model(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]
     for name, entry in layers.items():
         validate.check_fits_skeleton(name, entry, _submodule(model, name, "layer"))
         specs.update(validate.layer_tensor_specs(name, entry))
+    tables = _check_tables(model, extra.get(EMBEDDINGS_KEY, {}))
+    heads = _check_heads(model, extra.get(TIED_KEY, {}), tables)
+    for name, entry in tables.items():
+        specs.update(validate.layer_tensor_specs(name, entry))
+    for name, entry in heads.items():  # a tied head stores only its input grid
+        if entry["act_spec"] is not None:
+            specs[f"{name}.input.qparams"] = (torch.float32, (2,))
     for key, (dtype, shape) in specs.items():
         if key not in header["sparse"]:
             validate.check_tensor_meta(key, _need(tensors, key), dtype, shape)
@@ -58,7 +71,26 @@ def build_model(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]
         layer = _build_quant_layer(entry)
         _install_quant_layer(layer, name, tensors)
         set_module(model, name, layer)
-    _load_float_state(model, {k: v for k, v in tensors.items() if k not in specs}, header)
+    for name, entry in tables.items():
+        validate.check_layer_values(name, entry, tensors)
+        spec = QuantSpec.from_dict(entry["weight_spec"])
+        table = QuantEmbedding.like(model.get_submodule(name), spec)
+        _install_quant_layer(table, name, tensors)
+        set_module(model, name, table)
+    for name, entry in heads.items():
+        table_keys = {f"{name}.weight.{k}": f"{entry['table']}.weight.{k}" for k in ("scale",)}
+        view = {k: tensors[v] for k, v in table_keys.items()}
+        view.update({k: v for k, v in tensors.items() if k == f"{name}.input.qparams"})
+        validate.check_layer_values(name, entry, view)
+        aspec = QuantSpec.from_dict(entry["act_spec"]) if entry["act_spec"] else None
+        head = tie_to_table(model.get_submodule(name), model.get_submodule(entry["table"]), aspec)
+        if head.input_quantizer is not None:
+            s, z = tensors[f"{name}.input.qparams"]
+            head.input_quantizer.set_qparams(s, z)
+        set_module(model, name, head)
+    quant_names = {*layers, *tables, *heads}
+    state = {k: v for k, v in tensors.items() if k not in specs}
+    _load_float_state(model, state, header, quant_names)
     registry.run_artifact_hooks("after_layers", model, extra)  # e.g. per-token act grids
 
 
@@ -84,6 +116,74 @@ def _build_quant_layer(entry: dict[str, Any]) -> nn.Module:
     return cls(conv, wspec, aspec)
 
 
+def _linearize_conv1d(model: nn.Module, names: Any) -> None:
+    """Turn the skeleton's GPT-2 ``Conv1D`` modules that were saved as Linear into Linear."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise validate.bad(f"extra[{CONV1D_KEY!r}]", "must list module names")
+    for name in names:
+        if not is_hf_conv1d(_submodule(model, name, "Conv1D module")):
+            raise ArtifactError(
+                f"the artifact's Conv1D module {name!r} is not a GPT-2 Conv1D in the skeleton: "
+                "pass the float model the artifact was made from."
+            )
+    conv1d_to_linear(model, names)
+
+
+def _check_tables(model: nn.Module, tables: Any) -> dict[str, dict[str, Any]]:
+    """Quantized embedding entries: exact keys, a valid spec and format, the skeleton's
+    ``nn.Embedding`` shape. Returned as layer-like entries (no input grid, no bias)."""
+    if not isinstance(tables, dict):
+        raise validate.bad(f"extra[{EMBEDDINGS_KEY!r}]", "must be an object")
+    out = {}
+    for name, entry in tables.items():
+        where = f"extra[{EMBEDDINGS_KEY!r}][{name!r}]"
+        if not isinstance(entry, dict) or set(entry) != {"format", "shape", "weight_spec"}:
+            raise validate.bad(where, "must hold exactly ['format', 'shape', 'weight_spec']")
+        spec = validate.check_spec(entry["weight_spec"], f"{where}.weight_spec", weight=True)
+        if entry["format"] != format_name(spec):
+            raise validate.bad(f"{where}.format", f"is {entry['format']!r:.40}, not the spec's")
+        module = _submodule(model, name, "embedding")
+        if not isinstance(module, nn.Embedding) or list(module.weight.shape) != entry["shape"]:
+            raise ArtifactError(
+                f"{where} is a {entry['shape']!r:.40} embedding table but the skeleton's "
+                f"{name!r} is a {type(module).__name__}: pass the float model it was made from."
+            )
+        g = spec.group_size or 1
+        if spec.granularity == "group" and entry["shape"][1] % g:
+            raise validate.bad(f"{where}.weight_spec.group_size", "does not divide the dim")
+        out[name] = {**entry, "act_spec": None, "bias": False}
+    return out
+
+
+def _check_heads(model: nn.Module, heads: Any, tables: dict) -> dict[str, dict[str, Any]]:
+    """Tied-head entries: a skeleton Linear of its table's shape, reading the table's codes."""
+    if not isinstance(heads, dict):
+        raise validate.bad(f"extra[{TIED_KEY!r}]", "must be an object")
+    out = {}
+    for name, entry in heads.items():
+        where = f"extra[{TIED_KEY!r}][{name!r}]"
+        if not isinstance(entry, dict) or set(entry) != {"table", "act_spec", "bias"}:
+            raise validate.bad(where, "must hold exactly ['act_spec', 'bias', 'table']")
+        table = tables.get(entry["table"]) if isinstance(entry["table"], str) else None
+        if table is None or name in tables:
+            raise validate.bad(f"{where}.table", "names no quantized embedding table")
+        if entry["act_spec"] is not None:
+            validate.check_spec(entry["act_spec"], f"{where}.act_spec", weight=False)
+        module = _submodule(model, name, "tied head")
+        if (
+            not isinstance(module, nn.Linear)
+            or list(module.weight.shape) != table["shape"]
+            or entry["bias"] is not (module.bias is not None)
+        ):
+            raise ArtifactError(
+                f"{where} reads a {table['shape']} table but the skeleton's {name!r} is not a "
+                "Linear of that shape: pass the float model the artifact was made from."
+            )
+        # its tensors: only the input grid (codes, scale and zero are the table's)
+        out[name] = {**table, "act_spec": entry["act_spec"], "table": entry["table"]}
+    return out
+
+
 def _install_quant_layer(layer: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
     spec = layer.weight_spec
     qt = spec.qtype
@@ -95,12 +195,14 @@ def _install_quant_layer(layer: nn.Module, name: str, tensors: dict[str, torch.T
     if levels is not None:
         layer.set_codebook(levels.float())
     layer.set_quantized_weight(codes, scale, zero)
-    if layer.input_quantizer is not None:
+    if getattr(layer, "input_quantizer", None) is not None:  # an embedding has no input
         s, z = tensors[f"{name}.input.qparams"]
         layer.input_quantizer.set_qparams(s, z)
 
 
-def _load_float_state(model: nn.Module, state: dict[str, torch.Tensor], header: dict) -> None:
+def _load_float_state(
+    model: nn.Module, state: dict[str, torch.Tensor], header: dict, quant_names: set[str]
+) -> None:
     """Every stored float tensor must be a skeleton tensor of the same dtype and shape."""
     expected = model.state_dict()
     for key, target in header["aliases"].items():
@@ -121,15 +223,17 @@ def _load_float_state(model: nn.Module, state: dict[str, torch.Tensor], header: 
             ref = torch.empty(weight.shape[:1], dtype=weight.dtype)
             mod.bias = nn.Parameter(torch.zeros_like(value))  # bias gained by BN folding
         validate.check_tensor_meta(key, value, ref.dtype, tuple(ref.shape))
-    missing = [k for k in model.state_dict() if k not in state and not _is_quant_key(k, header)]
+    missing = [
+        k for k in model.state_dict() if k not in state and not _is_quant_key(k, quant_names)
+    ]
     if missing:
         raise ArtifactError(f"tensors missing from the artifact: {missing[:5]}; re-save it.")
     model.load_state_dict({**model.state_dict(), **state}, strict=True)
 
 
-def _is_quant_key(key: str, header: dict) -> bool:
+def _is_quant_key(key: str, quant_names: set[str]) -> bool:
     mod, _, attr = key.rpartition(".")
-    if mod in header["layers"] and attr in QUANT_KEYS:
+    if mod in quant_names and attr in QUANT_KEYS:
         return True
     q_owner = mod.removesuffix(".input_quantizer")
-    return q_owner != mod and q_owner in header["layers"]
+    return q_owner != mod and q_owner in quant_names

@@ -16,6 +16,13 @@ weight in ``dtype`` (oneDNN-prepacked for bfloat16) is used instead, because the
 kernels lose to a dense bfloat16 GEMM there (measured in ``docs/transformers.md``). The dense
 copy lives only at run time (not in ``state_dict``): it costs 2 bytes per weight in bfloat16
 (4 in float32) on top of the packed codes.
+
+With ``hold_dense=False`` no dense copy is held: from ``dense_min_rows`` rows on, the layer
+dequantizes its codes into a temporary weight for each call (freed when the call returns),
+the same values as the held copy. The resident model then stays small (int4: one extra
+byte per weight for the unpacked-nibble codes the dequantization reads, beside the kernel's
+packed half byte), and the dequantization is cheap next to a GEMM of many rows (MiniLM batch
+64: a few ms per forward against hundreds).
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from compactnn.core.qlayers import QuantLinear
 
 INT4_GROUPS = (32, 64, 128, 256)
 DENSE_MIN_ROWS = 8  # rows from which the dense copy beats the low-bit kernels (bf16, Zen 4)
+# without a held copy (hold_dense=False) the per-call dequantization and unprepacked GEMM
+# beat the int4/int8 kernels only from ~100-250 rows (bf16, Zen 4, loaded machine)
+LEAN_DENSE_MIN_ROWS = 128
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -76,7 +86,13 @@ def _check_dtype(dtype: torch.dtype) -> None:
 class _WeightOnly(nn.Module):
     """Shared plumbing: compute dtype, bias, the dense copy and the row-count switch."""
 
-    def _setup(self, layer: QuantLinear, dtype: torch.dtype, dense_min_rows: int | None) -> None:
+    def _setup(
+        self,
+        layer: QuantLinear,
+        dtype: torch.dtype,
+        dense_min_rows: int | None,
+        hold_dense: bool = True,
+    ) -> None:
         _check_dtype(dtype)
         if dense_min_rows is not None and dense_min_rows < 1:
             raise ValueError(f"dense_min_rows must be >= 1 or None, got {dense_min_rows}")
@@ -84,8 +100,12 @@ class _WeightOnly(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.dense = None  # the dequantized weight rounded to ``dtype``, when asked for
-        if dense_min_rows is not None:
+        self.hold_dense = hold_dense
+        if dense_min_rows is not None and hold_dense:
             self.dense = DenseWeight(layer.weight.detach().to(dtype))
+        elif dense_min_rows is not None:  # per-call dequantization: float32 grid (out, ngroups)
+            self.register_buffer("dq_scale", layer.weight_scale.float().clone(), persistent=False)
+            self.register_buffer("dq_zero", layer.weight_zero.float().clone(), persistent=False)
 
     def _bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(self.dtype)
@@ -93,10 +113,26 @@ class _WeightOnly(nn.Module):
     def _lowbit(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _dq_codes(self) -> torch.Tensor:
+        """Integer codes ``(out, in)`` in the frame of ``dq_zero`` (any integer dtype)."""
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        """The dequantized weight ``(out, in)`` in ``dtype``, computed now from the codes:
+        ``((q - z) * s)`` in float32 (the simulation's values), then rounded."""
+        q = self._dq_codes()
+        rows, ngroups = self.dq_scale.shape
+        qg = q.reshape(rows, ngroups, -1).float()  # (out, ngroups, G)
+        w = (qg - self.dq_zero.unsqueeze(-1)) * self.dq_scale.unsqueeze(-1)
+        return w.reshape(rows, -1).to(self.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()  # (M, K)
-        if self.dense is not None and x2.shape[0] >= self.dense_min_rows:
+        big = self.dense_min_rows is not None and x2.shape[0] >= self.dense_min_rows
+        if big and self.dense is not None:
             y = self.dense.linear(x2, self._bias())
+        elif big:  # temporary dense weight, freed after the call
+            y = nn.functional.linear(x2, self.dequantized(), self._bias())
         else:
             y = self._lowbit(x2)
             if self.bias is not None:
@@ -106,7 +142,8 @@ class _WeightOnly(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"dtype={self.dtype}, dense_min_rows={self.dense_min_rows}"
+            f"dtype={self.dtype}, dense_min_rows={self.dense_min_rows}, "
+            f"hold_dense={self.hold_dense}"
         )
 
 
@@ -124,7 +161,8 @@ class Int8WeightLinear(_WeightOnly):
     Args:
         layer: an 8-bit per-channel weight-only ``QuantLinear``.
         dtype: compute dtype (``torch.float32``: exact but slow here; ``torch.bfloat16``).
-        dense_min_rows: from this many rows on, use the dense copy (None: never).
+        dense_min_rows: from this many rows on, use the dense weight (None: never).
+        hold_dense: hold a dense copy (True) or dequantize a temporary one per call.
     """
 
     def __init__(
@@ -132,12 +170,15 @@ class Int8WeightLinear(_WeightOnly):
         layer: QuantLinear,
         dtype: torch.dtype = torch.float32,
         dense_min_rows: int | None = None,
+        hold_dense: bool = True,
     ) -> None:
         super().__init__()
         if layer.weight_spec.bits != 8 or layer.weight_scale.shape[1] != 1:
             raise ValueError("Int8WeightLinear needs 8-bit per-channel weights")
-        self._setup(layer, dtype, dense_min_rows)
+        self._setup(layer, dtype, dense_min_rows, hold_dense)
         codes, zero = _signed_codes(layer)
+        if not hold_dense and dense_min_rows is not None:
+            self.dq_zero = zero.float()  # the codes' signed frame
         self.register_buffer("codes", codes.contiguous())  # (out, in) int8
         self.register_buffer("scale", layer.weight_scale[:, 0].to(dtype).contiguous())  # (out,)
         zs = (zero[:, 0] * layer.weight_scale[:, 0]).to(dtype)
@@ -149,6 +190,9 @@ class Int8WeightLinear(_WeightOnly):
             y = y - x2.sum(-1, keepdim=True) * self.zero_scale
         return y
 
+    def _dq_codes(self) -> torch.Tensor:
+        return self.codes
+
 
 class Int4WeightLinear(_WeightOnly):
     """Group-wise ``(q - z) * s`` weights (``q`` in 0..15) on the packed int4 CPU kernel.
@@ -157,7 +201,8 @@ class Int4WeightLinear(_WeightOnly):
         layer: a 2- to 4-bit group-wise (or per-channel, ``in`` in ``INT4_GROUPS``)
             weight-only ``QuantLinear``.
         dtype: compute dtype (``torch.float32``: exact but slow here; ``torch.bfloat16``).
-        dense_min_rows: from this many rows on, use the dense copy (None: never).
+        dense_min_rows: from this many rows on, use the dense weight (None: never).
+        hold_dense: hold a dense copy (True) or dequantize a temporary one per call.
     """
 
     def __init__(
@@ -165,6 +210,7 @@ class Int4WeightLinear(_WeightOnly):
         layer: QuantLinear,
         dtype: torch.dtype = torch.float32,
         dense_min_rows: int | None = None,
+        hold_dense: bool = True,
     ) -> None:
         super().__init__()
         spec = layer.weight_spec
@@ -172,11 +218,15 @@ class Int4WeightLinear(_WeightOnly):
         group = spec.group_size if spec.granularity == "group" else k
         if spec.bits > 4 or group not in INT4_GROUPS:
             raise ValueError(f"Int4WeightLinear needs <= 4 bits and a group in {INT4_GROUPS}")
-        self._setup(layer, dtype, dense_min_rows)
+        self._setup(layer, dtype, dense_min_rows, hold_dense)
         qt = spec.qtype
         shift = 8 if qt.signed else 0  # signed grid: into 0..15
         codes = layer.weight_codes.to(torch.int32) + shift
         zero = layer.weight_zero.float() + shift  # (out, ngroups)
+        if not hold_dense and dense_min_rows is not None:
+            # the kernel's packed layout is opaque: keep the codes as uint8 for dequantizing
+            self.register_buffer("dq_codes", codes.to(torch.uint8), persistent=False)
+            self.dq_zero = zero.clone()
         scale = layer.weight_scale.float()
         # The kernel computes (q - 8) * scale + offset per group. Codes below 4 bits leave
         # room to move each group's codes by d so that q + d - 8 ~ q - z: the offset
@@ -195,16 +245,29 @@ class Int4WeightLinear(_WeightOnly):
     def _lowbit(self, x2: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
 
+    def _dq_codes(self) -> torch.Tensor:
+        return self.dq_codes
+
 
 class DenseLinear(_WeightOnly):
     """Any weight-only ``QuantLinear`` as a dense copy of its dequantized weight in ``dtype``.
 
     For formats no low-bit kernel takes (8-bit group-wise, codebooks) in a bfloat16 model:
-    the artifact stays packed, the run-time copy costs 2 bytes per weight.
+    the artifact stays packed, the run-time copy costs 2 bytes per weight (with
+    ``hold_dense=False``, uniform grids only: a temporary copy per call, the codes held).
     """
 
-    def __init__(self, layer: QuantLinear, dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, layer: QuantLinear, dtype: torch.dtype = torch.bfloat16, hold_dense: bool = True
+    ) -> None:
         super().__init__()
         if layer.input_quantizer is not None:
             raise ValueError("DenseLinear takes weight-only layers")
-        self._setup(layer, dtype, 1)
+        if not hold_dense and getattr(layer, "weight_levels", None) is not None:
+            raise ValueError("DenseLinear(hold_dense=False) needs a uniform grid, not a codebook")
+        self._setup(layer, dtype, 1, hold_dense)
+        if not hold_dense:
+            self.register_buffer("dq_codes", layer.weight_codes.clone(), persistent=False)
+
+    def _dq_codes(self) -> torch.Tensor:
+        return self.dq_codes

@@ -1,4 +1,5 @@
-"""Swap a compressed model's ``QuantLinear`` layers for real low-precision CPU kernels."""
+"""Swap a compressed model's ``QuantLinear`` layers for real low-precision CPU kernels, and
+its quantized embedding tables for a gather-then-dequantize lookup (no dense float table)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from torch import nn
 
 from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.modules import set_module
+from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import CompactnnError
+from compactnn.kernels.embedding import EmbeddingKernel
 from compactnn.kernels.linear import (
     DENSE_MIN_ROWS,
     DTYPES,
@@ -22,7 +25,7 @@ from compactnn.kernels.linear import (
 )
 from compactnn.kernels.w8a8 import W8A8Linear
 
-KERNEL_TYPES = (Int8WeightLinear, Int4WeightLinear, DenseLinear, W8A8Linear)
+KERNEL_TYPES = (Int8WeightLinear, Int4WeightLinear, DenseLinear, W8A8Linear, EmbeddingKernel)
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,15 @@ class KernelConfig:
         fused: compile the W8A8 layers' activation quantization and epilogue with
             ``torch.compile`` (once per process, a few tens of seconds; used from
             ``FUSED_MIN_ROWS`` rows); False keeps them eager.
+        hold_dense: weight-only layers keep their dense copy between calls (fast at large
+            batches, 2 bytes per weight resident); False rebuilds it per call and frees it,
+            so the running model holds only the packed codes.
     """
 
     dtype: torch.dtype = torch.bfloat16
     dense_min_rows: int | None = DENSE_MIN_ROWS
     fused: bool = True
+    hold_dense: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -79,7 +86,7 @@ def kernel_layer(layer: QuantLinear, config: KernelConfig | None = None) -> nn.M
     config = config or KernelConfig()
     spec = layer.weight_spec
     aq = layer.input_quantizer
-    args = (layer, config.dtype, config.dense_min_rows)
+    args = (layer, config.dtype, config.dense_min_rows, config.hold_dense)
     if isinstance(aq, DynamicActQuantizer):
         try:
             return W8A8Linear(layer, fused=config.fused)
@@ -96,7 +103,10 @@ def kernel_layer(layer: QuantLinear, config: KernelConfig | None = None) -> nn.M
     except ValueError:
         pass
     # weight-only formats without a low-bit kernel: a dense copy, only worth it below fp32
-    return DenseLinear(layer, config.dtype) if config.dtype != torch.float32 else None
+    if config.dtype == torch.float32:
+        return None
+    hold = config.hold_dense or getattr(layer, "weight_levels", None) is not None
+    return DenseLinear(layer, config.dtype, hold_dense=hold)
 
 
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
@@ -149,6 +159,7 @@ def to_kernels(
     dtype: torch.dtype = torch.bfloat16,
     dense_min_rows: int | None = DENSE_MIN_ROWS,
     fused: bool = True,
+    hold_dense: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` whose quantized linear layers run on low-precision CPU kernels.
 
@@ -156,11 +167,13 @@ def to_kernels(
     accumulation); int8 per-channel and 2/3/4-bit group-wise weight-only layers run on the
     int8/int4 packed kernels below ``dense_min_rows`` rows and on a run-time dense copy of
     the dequantized weight from there on; other weight-only formats (8-bit group-wise,
-    codebooks) run on the dense copy when ``dtype`` is bfloat16. Layers left simulated are
+    codebooks) run on the dense copy when ``dtype`` is bfloat16. Quantized embedding tables
+    run as a gather of the requested rows' codes then dequantization
+    (:class:`~compactnn.kernels.embedding.EmbeddingKernel`). Layers left simulated are
     listed in ``model._compactnn_kernels["simulated"]``. See :class:`KernelConfig`.
 
     Signature: ``to_kernels(model, *, inplace=False, dtype=torch.bfloat16,
-    dense_min_rows=8, fused=True)``; every option is keyword-only.
+    dense_min_rows=8, fused=True, hold_dense=True)``; every option is keyword-only.
 
     Args:
         model: a model from ``compactnn.compress`` or ``compactnn.load``.
@@ -171,6 +184,9 @@ def to_kernels(
         dense_min_rows: rows (tokens in a batch) from which weight-only layers use the dense
             copy; None keeps the low-bit kernels at every size.
         fused: compile the W8A8 quantization and epilogue (see :class:`KernelConfig`).
+        hold_dense: False keeps no dense weight copy between calls (smallest resident
+            memory; pair it with ``dense_min_rows=LEAN_DENSE_MIN_ROWS`` from
+            :mod:`compactnn.kernels.linear`); see :class:`KernelConfig`.
 
     Returns:
         The model with kernel layers (``model`` itself when ``inplace``); it takes and
@@ -181,7 +197,9 @@ def to_kernels(
         >>> fast = compactnn.to_kernels(qmodel)                                    # doctest: +SKIP
         >>> exact = compactnn.to_kernels(qmodel, dtype=torch.float32, fused=False)  # doctest: +SKIP
     """
-    config = KernelConfig(dtype=dtype, dense_min_rows=dense_min_rows, fused=fused)
+    config = KernelConfig(
+        dtype=dtype, dense_min_rows=dense_min_rows, fused=fused, hold_dense=hold_dense
+    )
     out = model if inplace else copy.deepcopy(model)
     swapped, simulated = {}, []
     for name, m in list(out.named_modules()):
@@ -194,6 +212,9 @@ def to_kernels(
             else:
                 set_module(out, name, k)
                 swapped[name] = type(k).__name__
+        elif isinstance(m, QuantEmbedding) and getattr(m, "weight_levels", None) is None:
+            set_module(out, name, EmbeddingKernel(m, dtype))  # codes only, no float table
+            swapped[name] = "EmbeddingKernel"
     if dtype != torch.float32:
         _to_dtype(out, dtype)
     out._compactnn_kernels = {
@@ -202,5 +223,6 @@ def to_kernels(
         "dtype": str(dtype).removeprefix("torch."),
         "dense_min_rows": dense_min_rows,
         "fused": fused,
+        "hold_dense": hold_dense,
     }
     return out

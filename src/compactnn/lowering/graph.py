@@ -15,8 +15,10 @@ form of an operand that other consumers already need in uint8, instead of its fl
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import fx, nn
@@ -24,7 +26,10 @@ from torch import fx, nn
 from compactnn.core.qlayers import ActQuantizer, QuantConv2d, QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError
 
-QParams = tuple[float, int]  # (scale, zero point) of a uint8 tensor
+# The form of a uint8 value: ``(scale, zero)`` on the full 0..255 range, or
+# ``(scale, zero, lo, hi)`` when its codes live on a narrower (low-bit) grid ``lo..hi``.
+QParams = tuple[float, int] | tuple[float, int, int, int]
+WeightTerm = tuple[torch.Tensor, torch.Tensor]  # int8 codes, per-output-channel float32 scale
 FLOAT = "float"
 ANY = "any"  # fast residual mode: an add accepts whatever uint8 form the value has
 
@@ -37,11 +42,16 @@ TRANSPARENT_METHODS = ("flatten", "view", "reshape", "relu", "contiguous")
 
 
 class _Tracer(fx.Tracer):
-    """Keeps quantized layers and activation quantizers as single graph nodes."""
+    """Keeps quantized layers, activation quantizers and modules whose class sets
+    ``deploy_leaf = True`` (lowered blocks that run as float-in/float-out ops) as single
+    graph nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (
-            is_quant_layer(m) or isinstance(m, ActQuantizer) or super().is_leaf_module(m, qualname)
+            is_quant_layer(m)
+            or isinstance(m, ActQuantizer)
+            or getattr(type(m), "deploy_leaf", False) is True
+            or super().is_leaf_module(m, qualname)
         )
 
 
@@ -69,18 +79,143 @@ def unsupported_reason(layer: nn.Module) -> str | None:
         return f"{type(layer).__name__} has no int8 kernel here (Conv2d and Linear only)"
     aq = layer.input_quantizer
     if aq is None or not aq.enabled or not aq.calibrated:
-        return "its input is not quantized (weight-only recipe): int8 kernels need w8a8"
-    if aq.qtype.bits != 8:
-        return f"its input is {aq.qtype.name}; int8 kernels need 8-bit activations"
-    spec = layer.weight_spec
-    if spec.granularity == "group":
-        return "per-group weight scales; int8 kernels take per-channel scales"
-    centred = layer.weight_codes.to(torch.int16) - _weight_zero(layer).to(torch.int16)
-    if centred.min() < -128 or centred.max() > 127:
-        return "its weight codes minus zero point do not fit int8"
+        return "its input is not quantized (weight-only recipe): int8 kernels need an a<=8 recipe"
+    if aq.scale.numel() != 1 or not bool(torch.isfinite(aq.scale)) or float(aq.scale) <= 0:
+        return "its input quantizer has no single positive finite scale"
     if isinstance(layer, QuantConv2d) and layer.padding_mode != "zeros":
         return f"padding_mode={layer.padding_mode!r}; int8 kernels pad with zeros"
+    terms = weight_terms(layer)
+    return terms if isinstance(terms, str) else None
+
+
+def weight_terms(layer: nn.Module) -> list[WeightTerm] | str:
+    """The layer's weight as int8 codes times per-output-channel scales, or why it is not.
+
+    Uniform grids give one term, ``codes - zero`` with the layer's scale. A codebook
+    (``weight_levels``) maps exactly when each channel's levels are integer multiples of one
+    unit that fit int8 (ternary ``{-a, 0, a}``: codes -1/0/1 times ``a``; powers of two:
+    multiples of the smallest power; a negative scale flips a channel whose multiples reach
+    +128). Otherwise it gives two terms whose sum is the weight exactly: positive and negative
+    levels each on their own unit (TTQ's ``{-a_n, 0, a_p}``), or a coarse grid plus an int8
+    remainder on the levels' common unit (DoReFa's float16 levels). A layer with two terms
+    runs as two int8 kernels on the same input whose outputs add.
+
+    Returns:
+        A list of one or two ``(int8 codes of the weight's shape, float32 scales (out,))``,
+        or a string: the reason the weight has no such form.
+    """
+    spec = layer.weight_spec
+    levels = getattr(layer, "weight_levels", None)
+    if levels is None:
+        if spec.granularity == "group":
+            return "per-group weight scales; int8 kernels take per-channel scales"
+        centred = layer.weight_codes.to(torch.int16) - _weight_zero(layer).to(torch.int16)
+        if centred.min() < -128 or centred.max() > 127:
+            return "its weight codes minus zero point do not fit int8"
+        scale = layer.weight_scale.reshape(-1).float()
+        if scale.numel() == 1:
+            scale = scale.expand(centred.shape[0]).contiguous()
+        return [(centred.to(torch.int8), scale)]
+    if levels.shape[1] != 1:
+        return "per-group codebook; int8 kernels take one scale per output channel"
+    return _codebook_terms(layer, levels)
+
+
+def _codebook_terms(layer: nn.Module, levels: torch.Tensor) -> list[WeightTerm] | str:
+    """Codebook weights as int8 terms, channel by channel (see :func:`weight_terms`)."""
+    out = layer.weight.shape[0]
+    idx = layer.weight_codes.reshape(out, -1).long() - layer.weight_spec.qtype.qmin
+    used = torch.zeros(out, levels.shape[-1], dtype=torch.bool).scatter_(1, idx, True)
+    book = levels[:, 0, :]  # (rows, L): one row per channel, or one for the whole tensor
+    memo: dict[tuple, tuple | None] = {}
+    forms = []
+    for c in range(out):
+        r = c if book.shape[0] == out else 0
+        key = (r, tuple(used[c].tolist()))
+        if key not in memo:
+            row = [Fraction(float(v)) for v in book[r].tolist()]
+            memo[key] = _channel_form(row, key[1])
+        if memo[key] is None:
+            return (
+                f"the codebook levels of output channel {c} are neither int8 multiples of one "
+                "unit nor a sum of two such grids"
+            )
+        forms.append(memo[key])
+    terms = []
+    for t in range(max(len(scales) for _, scales in forms)):
+        table = torch.zeros(out, levels.shape[-1], dtype=torch.int8)
+        scale = torch.ones(out)
+        for c, (rows, scales) in enumerate(forms):
+            if t < len(scales):
+                table[c] = torch.tensor([m[t] for m in rows], dtype=torch.int8)
+                scale[c] = float(scales[t])
+        terms.append((torch.gather(table, 1, idx).reshape(layer.weight.shape), scale))
+    return terms
+
+
+def _channel_form(row: list[Fraction], used: tuple[bool, ...]) -> tuple | None:
+    """``(table, scales)`` with ``row[k] == sum(table[k][t] * scales[t])`` exactly and int8
+    ``table`` entries for every used level ``k`` (unused ones map to 0); None if impossible."""
+    vals = [v for v, u in zip(row, used, strict=True) if u]
+    one = _one_unit(vals)
+    if one is not None:
+        return [(_mult(v, one),) for v in row], (one,)
+    up = _one_unit([v for v in vals if v > 0])
+    un = _one_unit([v for v in vals if v < 0])
+    if up is not None and un is not None:  # e.g. TTQ {-a_n, 0, a_p}
+        return [(_mult(v, up) if v > 0 else 0, _mult(v, un) if v < 0 else 0) for v in row], (
+            up,
+            un,
+        )
+    unit = _gcd(vals)
+    if unit == 0 or Fraction(float(unit)) != unit:
+        return None
+    ints = [v / unit for v in row]  # exact integers for the used levels
+    big = max(abs(int(i)) for i, u in zip(ints, used, strict=True) if u)
+    for d in range(max(1, -(-big // 127)), 255):  # coarse grid d * unit, remainder on unit
+        table = []
+        for i, u in zip(ints, used, strict=True):
+            if not u:
+                table.append((0, 0))
+                continue
+            m = round(i / d)
+            table.append((int(m), int(i - m * d)))
+        if all(-128 <= a <= 127 and -128 <= b <= 127 for a, b in table):
+            if Fraction(float(unit * d)) == unit * d:
+                return table, (unit * d, unit)
     return None
+
+
+def _one_unit(vals: list[Fraction]) -> Fraction | None:
+    """A float32-exact scale ``s`` with every value an int8 multiple of it, or None.
+
+    The scale is negative when only the flipped multiples fit (int8 holds -128, not +128).
+    """
+    unit = _gcd(vals)
+    if unit == 0:
+        return Fraction(1)
+    if Fraction(float(unit)) != unit:
+        return None
+    ints = [v / unit for v in vals]
+    if min(ints) >= -128 and max(ints) <= 127:
+        return unit
+    if min(ints) >= -127 and max(ints) <= 128:
+        return -unit
+    return None
+
+
+def _gcd(vals: list[Fraction]) -> Fraction:
+    """The largest ``g`` with every value an integer multiple of it (0 for none or zeros)."""
+    if not vals:
+        return Fraction(0)
+    den = math.lcm(*(v.denominator for v in vals))
+    return Fraction(math.gcd(*(int(v * den) for v in vals)), den)
+
+
+def _mult(v: Fraction, unit: Fraction) -> int:
+    """``v / unit`` as an int8 value (0 for an unused level off the grid)."""
+    q = v / unit
+    return int(q) if q.denominator == 1 and -128 <= q <= 127 else 0
 
 
 def _weight_zero(layer: nn.Module) -> torch.Tensor:
@@ -93,24 +228,47 @@ def _weight_zero(layer: nn.Module) -> torch.Tensor:
 def int8_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes - zero)`` as int8 and per-output-channel scales (float32, ``(out,)``).
 
-    The dequantized weight ``(codes - zero) * scale`` is the simulation's weight bit for bit.
+    The dequantized weight ``codes * scale`` is the simulation's weight (for a codebook, its
+    levels exactly; see :func:`weight_terms`). A layer whose weight needs two terms raises.
     """
-    w = (layer.weight_codes.to(torch.int16) - _weight_zero(layer).to(torch.int16)).to(torch.int8)
-    scale = layer.weight_scale.reshape(-1).float()
-    if scale.numel() == 1:
-        scale = scale.expand(w.shape[0]).contiguous()
-    return w, scale
+    terms = weight_terms(layer)
+    if isinstance(terms, str) or len(terms) != 1:
+        raise CompactnnError(f"int8_weight: the weight has no single int8 form ({terms}).")
+    return terms[0]
 
 
-def input_qparams(layer: nn.Module) -> QParams:
-    """uint8 ``(scale, zero)`` of a layer's input quantizer (signed grids shift by 128)."""
+def input_qparams(layer: nn.Module) -> tuple[float, int]:
+    """uint8 ``(scale, zero)`` of a layer's input quantizer, as the kernel reads it."""
     return act_qparams(layer.input_quantizer)
 
 
-def act_qparams(aq: ActQuantizer) -> QParams:
-    """uint8 ``(scale, zero)`` of an 8-bit activation quantizer (signed grids shift by 128)."""
+def act_qparams(aq: ActQuantizer) -> tuple[float, int]:
+    """uint8 ``(scale, zero)`` of an activation quantizer of at most 8 bits.
+
+    Signed grids shift by 128 (int8 code ``q`` is uint8 code ``q + 128``), at any width.
+    """
     zero = int(aq.zero.round().item()) + (128 if aq.qtype.signed else 0)
     return float(aq.scale.item()), zero
+
+
+def act_form(aq: ActQuantizer) -> QParams:
+    """The form of the codes ``aq`` produces: ``(scale, zero)`` at 8 bits, else
+    ``(scale, zero, lo, hi)`` with the grid's ``[qmin, qmax]`` shifted like the zero."""
+    scale, zero = act_qparams(aq)
+    if aq.qtype.bits == 8:
+        return scale, zero
+    shift = 128 if aq.qtype.signed else 0
+    return scale, zero, aq.qtype.qmin + shift, aq.qtype.qmax + shift
+
+
+def input_form(layer: nn.Module) -> QParams:
+    """The form of a layer's input as uint8 codes (see :func:`act_form`)."""
+    return act_form(layer.input_quantizer)
+
+
+def code_range(form: QParams) -> tuple[int, int]:
+    """``(lo, hi)``: the uint8 codes a form's grid holds (0..255 unless low-bit)."""
+    return (form[2], form[3]) if len(form) == 4 else (0, 255)
 
 
 @dataclass
@@ -137,7 +295,8 @@ class Plan:
     groups: dict[fx.Node, Fused] = field(default_factory=dict)  # keyed by Fused.last
     absorbed: set[fx.Node] = field(default_factory=set)  # nodes emitted inside a group
     form: dict[fx.Node, QParams | str] = field(default_factory=dict)
-    grids: dict[fx.Node, QParams] = field(default_factory=dict)  # standalone 8-bit quantizers
+    grids: dict[fx.Node, QParams] = field(default_factory=dict)  # standalone quantizers
+    terms: dict[str, list[WeightTerm]] = field(default_factory=dict)  # node -> int8 weights
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -185,13 +344,14 @@ def is_transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def is_residual_quantizer(m: nn.Module) -> bool:
-    """A standalone 8-bit :class:`ActQuantizer` the integer graph can hold as uint8 codes."""
+    """A standalone :class:`ActQuantizer` (at most 8 bits) the integer graph can hold as
+    uint8 codes."""
     return (
         isinstance(m, ActQuantizer)
         and m.enabled
         and m.calibrated
         and m.observer is None
-        and m.qtype.bits == 8
         and m.scale.numel() == 1
         and bool(torch.isfinite(m.scale))
+        and float(m.scale) > 0
     )

@@ -11,14 +11,15 @@ from compactnn.lowering.graph import (
     Fused,
     Plan,
     QParams,
-    act_qparams,
-    input_qparams,
+    act_form,
+    input_form,
     is_add,
     is_residual_quantizer,
     is_transparent,
     module_of,
     unary_attr,
     unsupported_reason,
+    weight_terms,
 )
 
 SHAPE_METHODS = ("size", "dim")
@@ -31,12 +32,13 @@ def build_plan(gm: fx.GraphModule, residual: str = "exact") -> Plan:
     for node in gm.graph.nodes:
         m = module_of(gm, node)
         if m is not None and is_residual_quantizer(m):  # quantize_residuals: uint8 on its grid
-            plan.grids[node] = act_qparams(m)
+            plan.grids[node] = act_form(m)
         if m is None or not is_quant_layer(m):
             continue
         reason = unsupported_reason(m)
         if reason is None:
             plan.lowered[node.name] = m
+            plan.terms[node.name] = weight_terms(m)
         else:
             plan.kept[node.target] = reason
     _fuse(plan)
@@ -64,6 +66,7 @@ def _fuse(plan: Plan) -> None:
             and is_add(nxt)
             and nxt not in claimed
             and isinstance(plan.lowered[node.name], QuantConv2d)
+            and len(plan.terms[node.name]) == 1  # a two-term layer adds its halves itself
             and nxt.args[0] is not nxt.args[1]
         ):
             group.add = nxt
@@ -87,7 +90,7 @@ def _demand(plan: Plan, node: fx.Node, residual: str, memo: dict) -> set:
     for user in node.users:
         group = plan.groups.get(user)
         if user.name in plan.lowered and user.args and user.args[0] is node:
-            out.add(input_qparams(plan.lowered[user.name]))
+            out.add(input_form(plan.lowered[user.name]))
         elif user in plan.grids:
             out.add(plan.grids[user])
         elif _is_accum_use(plan, user, node):

@@ -11,12 +11,18 @@ and the other does not, or where both are non-finite of different kinds (NaN, +I
 is a *non-finite mismatch*; one of them fails the check whatever the tolerance, and
 ``max_diff_steps`` is then ``inf``. The step and the differences are measured on the
 positions where both models are finite.
+
+When a check fails, :func:`layer_gap` and :func:`with_layers` say *where*: each lowered
+layer's output is compared with the same value of the simulated model, in steps of that
+layer's own output grid (uint8 codes) or of its float output's range, and the verification
+lists the worst layers and the first one past the tolerance (the likely cause: a gap that
+starts there propagates to every later layer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +37,30 @@ from compactnn.errors import CompactnnError
 # Runtime running the very same QDQ graph shows the same gap. A lowering bug shows up as
 # tens of steps.
 DEFAULT_TOLERANCE = 2.0
+WORST_LAYERS = 5  # layers a failed verification lists
+
+
+@dataclass(frozen=True)
+class LayerGap:
+    """How far one lowered layer's output is from the simulated model's, in steps.
+
+    Attributes:
+        name: the simulated model's layer (module name).
+        steps: the largest absolute difference, in steps of ``step``.
+        step: the grid step: the layer's uint8 output scale, or ``(max - min) / 255`` of the
+            simulated float output.
+        form: ``"uint8"`` (codes compared) or ``"float"``.
+        order: position of the layer in the forward pass (0 = first).
+    """
+
+    name: str
+    steps: float
+    step: float
+    form: str
+    order: int
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.steps:.3g} steps ({self.form})"
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,8 @@ class Verification:
     samples: int
     nonfinite_mismatches: int = 0
     nonfinite_detail: str = ""
+    layers: tuple[LayerGap, ...] = ()  # set on failure: the worst layers, worst first
+    first_past_tolerance: str = ""  # earliest layer in the forward pass beyond ``tolerance``
 
     @property
     def passed(self) -> bool:
@@ -64,11 +96,78 @@ class Verification:
                 f"; {self.nonfinite_mismatches} output value(s) are NaN/Inf in one model but "
                 f"not the same in the other ({self.nonfinite_detail})"
             )
+        where = ""
+        if self.layers:
+            where = "; worst layers: " + ", ".join(str(g) for g in self.layers)
+            if self.first_past_tolerance:
+                where += f"; first layer past the tolerance: {self.first_past_tolerance}"
         return (
             f"{self.what}: max difference {self.max_diff_steps:.3g} steps of the output scale "
             f"(step {self.output_step:.3g}, tolerance {self.tolerance:g}) on "
-            f"{self.samples} samples{agree}{nonfinite}"
+            f"{self.samples} samples{agree}{nonfinite}{where}"
         )
+
+
+def layer_gap(
+    name: str,
+    reference: torch.Tensor,
+    candidate: torch.Tensor,
+    grid: tuple | None,
+    order: int = 0,
+) -> LayerGap:
+    """Difference between a simulated layer output and a lowered layer's output, in steps.
+
+    Args:
+        name: the layer's name in the simulated model.
+        reference: the simulated model's float value at that point.
+        candidate: the lowered layer's output: uint8 codes of ``grid``, or float.
+        grid: ``(scale, zero)`` or ``(scale, zero, lo, hi)`` of ``candidate``'s uint8 codes
+            (a low-bit grid holds codes ``lo..hi``); None when it is float. The
+            reference is quantized on that grid (``clamp(round(x / scale) + zero, 0, 255)``)
+            and the codes are compared, so one step is one code.
+        order: position of the layer in the forward pass.
+
+    Returns:
+        A :class:`LayerGap`; NaN/Inf positions count as ``inf`` steps when they differ in
+        kind and are otherwise left out.
+
+    Example:
+        >>> ref = torch.tensor([0.0, 1.0, 2.55])
+        >>> round(layer_gap("fc", ref, torch.tensor([0.0, 1.03, 2.55]), None).steps, 3)
+        3.0
+        >>> layer_gap("conv", ref, torch.tensor([0, 100, 250], dtype=torch.uint8), (0.01, 0))
+        LayerGap(name='conv', steps=5.0, step=0.01, form='uint8', order=0)
+    """
+    ref = reference.detach().float()
+    if grid is not None:
+        scale, zero = grid[:2]
+        lo, hi = (grid[2], grid[3]) if len(grid) == 4 else (0, 255)  # low-bit grids: narrower
+        codes = (ref / scale).round().add(zero).clamp(lo, hi)
+        diff = (codes - candidate.detach().float()).abs()
+        return LayerGap(name, float(diff.max()) if diff.numel() else 0.0, scale, "uint8", order)
+    got = candidate.detach().float()
+    if bool(nonfinite_mismatch(ref, got).any()):
+        return LayerGap(name, float("inf"), float("nan"), "float", order)
+    both = torch.isfinite(ref) & torch.isfinite(got)
+    if not bool(both.any()):
+        return LayerGap(name, 0.0, 1.0, "float", order)
+    rf = ref[both]
+    step = float(rf.max() - rf.min()) / 255 or 1.0
+    return LayerGap(name, float((rf - got[both]).abs().max()) / step, step, "float", order)
+
+
+def with_layers(result: Verification, gaps: list[LayerGap]) -> Verification:
+    """``result`` with the worst few layers of ``gaps`` and the first past the tolerance.
+
+    Example:
+        >>> gaps = [LayerGap("a", 0.0, 1.0, "uint8", 0), LayerGap("b", 9.0, 1.0, "uint8", 1)]
+        >>> r = Verification("deploy", 9.0, 9.0, 1.0, None, 2.0, 4)
+        >>> with_layers(r, gaps).first_past_tolerance
+        'b'
+    """
+    worst = sorted(gaps, key=lambda g: (-g.steps, g.order))[:WORST_LAYERS]
+    past = [g for g in sorted(gaps, key=lambda g: g.order) if not g.steps <= result.tolerance]
+    return replace(result, layers=tuple(worst), first_past_tolerance=past[0].name if past else "")
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -155,7 +254,13 @@ def enforce(result: Verification) -> Verification:
         raise CompactnnError(
             f"{result}: FAILED. The integer model does not reproduce the simulated one. "
             "Raise tolerance= only if this gap is acceptable for your use; otherwise keep "
-            "the offending layers in float with a recipe ignore list "
+            f"the offending layers ({_offenders(result)}) in float with a recipe ignore list "
             "(Targets(ignore=['name'])) and report the model."
         )
     return result
+
+
+def _offenders(result: Verification) -> str:
+    if result.first_past_tolerance:
+        return f"likely {result.first_past_tolerance!r}, the first layer past the tolerance"
+    return "not localised: see the worst layers above" if result.layers else "not localised"

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from compactnn.core.modules import weight_layers
-from compactnn.core.qlayers import is_quant_layer
+from compactnn.core.qlayers import has_integer_weight
 from compactnn.export.size import artifact_size, theoretical_size
 
 
@@ -42,8 +42,8 @@ def layer_formats(model: nn.Module) -> dict[str, str]:
     """Each weight layer's storage: a quantized format (``uint4-asym-group32``) or its dtype."""
     out = {}
     for name, m in model.named_modules():
-        if is_quant_layer(m):
-            act = m.input_quantizer
+        if has_integer_weight(m):  # quantized layers and embedding tables
+            act = getattr(m, "input_quantizer", None)
             out[name] = m.format + (f" / act {act.qtype.name}" if act is not None else "")
         elif name in _float_weight_layers(model):
             out[name] = str(m.weight.dtype).removeprefix("torch.")

@@ -1,5 +1,10 @@
 """Latency: explicit threads, warm-up, then the median of >= 10 timed runs (BENCHMARKING.md).
 
+Every :class:`Timing` also records what makes a time trustworthy on a shared machine: the
+torch threads, the batch size (when known), the OpenMP wait policy, the 1-minute load
+average and the process CPU time per call beside the wall time. :func:`suspect_reasons`
+turns those into plain reasons a number may be inflated, and the timers warn with them.
+
 Example:
     >>> t = time_fn(lambda: sum(range(1000)), warmup=2, runs=10, threads=1)
     >>> t.runs
@@ -8,25 +13,38 @@ Example:
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from compactnn.core.calib import call_model
+from compactnn.core.calib import batch_size_of, call_model
 
 DEFAULT_THREADS = 2
 DEFAULT_WARMUP = 3
 DEFAULT_RUNS = 10
+DEFAULT_ROUNDS = 3  # rounds of blocks, each in a rotated order (BENCHMARKING.md)
+DEFAULT_PAUSE_S = 0.05  # before each block: lets other runtimes' idle threads go to sleep
+MAX_SPREAD = 0.5  # (max - min) / median above this: the runs disagree, the median is noise
+MIN_CPU_SHARE = 0.5  # process CPU per call below this share of the wall time: it waited
+MAX_CPU_OVER_THREADS = 1.5  # CPU per call above wall x threads x this: other pools ran too
+MIN_JUDGED_S = 1e-3  # below 1 ms a call is Python overhead and timer resolution: not judged
+
+
+class TimingWarning(UserWarning):
+    """A latency that may not be the model's: the machine or the setup inflated it."""
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall times of repeated calls, in seconds.
+    """Wall times of repeated calls, in seconds, and the conditions they were taken in.
 
     Attributes:
         median_s: median over the timed runs (the number to quote).
@@ -35,6 +53,14 @@ class Timing:
         runs: timed runs (after ``warmup`` untimed calls).
         warmup: untimed calls made first.
         threads: ``torch.get_num_threads()`` while timing.
+        batch: samples per call, when known (None otherwise).
+        omp_wait_policy: ``OMP_WAIT_POLICY`` of the process (``""``: not set, OpenMP's
+            default, which spins).
+        load_avg: the machine's 1-minute load average after timing (None where unknown).
+        cpu_s: process CPU time (all threads) per timed call, median of the blocks.
+        cpus: CPUs of the machine (``os.cpu_count()``).
+        cpu_share: process CPU time / wall time over a block of calls (cores kept busy;
+            median of the blocks).
     """
 
     median_s: float
@@ -43,6 +69,12 @@ class Timing:
     runs: int
     warmup: int
     threads: int
+    batch: int | None = None
+    omp_wait_policy: str = ""
+    load_avg: float | None = None
+    cpu_s: float | None = None
+    cpus: int | None = field(default_factory=os.cpu_count)
+    cpu_share: float | None = None
 
     @property
     def spread(self) -> float:
@@ -56,8 +88,117 @@ class Timing:
             text += f" ({self.min_s * 1e3:.2f}-{self.max_s * 1e3:.2f})"
         return text
 
+    def conditions(self) -> str:
+        """``"2 threads, batch 8, OMP_WAIT_POLICY=PASSIVE, load 3.1 on 2 CPUs, CPU 1.8 ms/call"``
+        (the conditions a latency was measured in)."""
+        parts = [f"{self.threads} threads"]
+        if self.batch is not None:
+            parts.append(f"batch {self.batch}")
+        parts.append(f"OMP_WAIT_POLICY={self.omp_wait_policy or 'unset'}")
+        if self.load_avg is not None:
+            parts.append(f"load {self.load_avg:.1f} on {self.cpus} CPUs")
+        if self.cpu_s is not None:
+            parts.append(f"CPU {self.cpu_s * 1e3:.2f} ms/call")
+        return ", ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"suspect": suspect_reasons(self)}
+
+
+def suspect_reasons(t: Timing) -> list[str]:
+    """Why ``t`` may not be the model's own speed (empty when nothing looks wrong).
+
+    Calls under ``MIN_JUDGED_S`` (1 ms) are not judged (Python overhead and timer
+    resolution dominate them). Three rules, each a plain physical argument:
+
+    * the runs spread more than ``MAX_SPREAD`` (50%) around the median: something else ran
+      during some of them, so the median depends on luck;
+    * the process ran on the CPU for less than ``MIN_CPU_SHARE`` (half) of the wall time of a
+      call: a compute-bound model keeps at least one core busy, so the call waited for the
+      CPU (a loaded machine) rather than computed;
+    * the process used more than ``MAX_CPU_OVER_THREADS`` x ``threads`` cores on average: a
+      thread pool beside torch's (ONNX Runtime, a second OpenMP runtime, spinning waiters)
+      competed with the threads being timed.
+
+    Example:
+        >>> suspect_reasons(Timing(0.01, 0.01, 0.01, 10, 2, 2, cpu_s=0.001, cpu_share=0.1))[0][:22]
+        'CPU time 1.00 ms/call '
+    """
+    reasons: list[str] = []
+    if t.median_s < MIN_JUDGED_S:
+        return reasons
+    if t.spread > MAX_SPREAD:
+        reasons.append(
+            f"runs spread {t.spread:.0%} around the median ({t.min_s * 1e3:.2f}-"
+            f"{t.max_s * 1e3:.2f} ms): something else ran during some of them"
+        )
+    if t.cpu_s is not None and t.cpu_share is not None:
+        share = t.cpu_share
+        if share < MIN_CPU_SHARE:
+            reasons.append(
+                f"CPU time {t.cpu_s * 1e3:.2f} ms/call is {share:.0%} of the wall time "
+                f"(median {t.median_s * 1e3:.2f} ms): the call waited for the CPU (load "
+                f"{_fmt_load(t.load_avg)} on {t.cpus} CPUs)"
+            )
+        elif share > MAX_CPU_OVER_THREADS * max(t.threads, 1):
+            reasons.append(
+                f"CPU time {t.cpu_s * 1e3:.2f} ms/call is {share:.1f} cores for "
+                f"{t.threads} torch threads: another thread pool competed with them"
+            )
+    return reasons
+
+
+def _fmt_load(load: float | None) -> str:
+    return "unknown" if load is None else f"{load:.1f}"
+
+
+def omp_wait_policy() -> str:
+    """The process's ``OMP_WAIT_POLICY`` in upper case (``""`` when not set)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not report one)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(key: tuple[str, str], message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, TimingWarning, stacklevel=3)
+
+
+def check_environment(load: float | None = None) -> str | None:
+    """Warn once per process when OpenMP threads spin on an overloaded machine.
+
+    Returns the warning's text (None when the wait policy is PASSIVE or the machine is not
+    loaded past its CPU count).
+    """
+    load = load_average() if load is None else load
+    cpus = os.cpu_count() or 1
+    if omp_wait_policy() == "PASSIVE" or load is None or load <= cpus:
+        return None
+    message = (
+        f"OMP_WAIT_POLICY is {omp_wait_policy() or 'unset'} on a machine whose load "
+        f"({load:.1f}) exceeds its {cpus} CPUs: OpenMP threads that spin while waiting slow "
+        "each other down several-fold, so latencies are inflated. Start Python with "
+        "OMP_WAIT_POLICY=PASSIVE (the compactnn command sets it unless you did)."
+    )
+    _warn_once(("policy", ""), message)
+    return message
+
+
+def _warn_suspect(t: Timing, label: str) -> None:
+    for reason in suspect_reasons(t):
+        _warn_once(
+            (label, reason.split(" ", 2)[0]), f"latency of {label} may be inflated: {reason}"
+        )
 
 
 def set_threads(threads: int) -> int:
@@ -66,32 +207,121 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def _timing(
+    times: list[float], cpu: list[tuple[float, float]], warmup: int, threads: int, batch: int | None
+) -> Timing:
+    return Timing(
+        statistics.median(times),
+        min(times),
+        max(times),
+        len(times),
+        warmup,
+        threads,
+        batch=batch,
+        omp_wait_policy=omp_wait_policy(),
+        load_avg=load_average(),
+        cpu_s=statistics.median(c for c, _ in cpu) if cpu else None,
+        cpu_share=statistics.median(share for _, share in cpu) if cpu else None,
+    )
+
+
+def _block(
+    fn: Callable[[], Any], n: int, times: list[float], cpu: list[tuple[float, float]]
+) -> None:
+    """``n`` timed calls of ``fn``; wall times into ``times``, and into ``cpu`` the block's
+    (process CPU per call, CPU / wall) pair."""
+    start = len(times)
+    c0 = time.process_time()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    used = time.process_time() - c0
+    wall = sum(times[start:])
+    cpu.append((used / n, used / wall if wall > 0 else 0.0))
+
+
 def time_fn(
     fn: Callable[[], Any],
     *,
     warmup: int = DEFAULT_WARMUP,
     runs: int = DEFAULT_RUNS,
     threads: int | None = DEFAULT_THREADS,
+    batch: int | None = None,
+    label: str = "the call",
 ) -> Timing:
     """Call ``fn`` ``warmup`` times untimed, then ``runs`` times timed with ``perf_counter``.
 
-    ``threads`` (when not None) is set before timing and restored afterwards.
+    ``threads`` (when not None) is set before timing and restored afterwards; ``batch``
+    (samples per call) is recorded. Warns (:class:`TimingWarning`) when the result looks
+    inflated (:func:`suspect_reasons`) or OpenMP spins on an overloaded machine.
     """
     if runs < 1:
         raise ValueError("runs must be >= 1")
+    check_environment()
     previous = torch.get_num_threads()
     used = set_threads(threads) if threads is not None else previous
+    times: list[float] = []
+    cpu: list[tuple[float, float]] = []
     try:
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        _block(fn, runs, times, cpu)
     finally:
         torch.set_num_threads(previous)
-    return Timing(statistics.median(times), min(times), max(times), runs, warmup, used)
+    t = _timing(times, cpu, warmup, used, batch)
+    _warn_suspect(t, label)
+    return t
+
+
+def time_blocks(
+    calls: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = DEFAULT_WARMUP,
+    runs: int = DEFAULT_RUNS,
+    threads: int | None = DEFAULT_THREADS,
+    rounds: int = DEFAULT_ROUNDS,
+    pause_s: float = DEFAULT_PAUSE_S,
+    batch: int | None = None,
+) -> dict[str, Timing]:
+    """Time several contenders side by side with the rotating-block protocol.
+
+    Each contender is warmed up ``warmup`` times, then timed in ``rounds`` rounds; in each
+    round every contender runs one block of ``ceil(runs / rounds)`` calls after a pause of
+    ``pause_s``, and the order rotates by one from round to round. Blocks rather than single
+    interleaved calls: one runtime's spinning threads then cannot starve the next contender,
+    and rotation spreads a slow spell of a shared machine over everyone.
+
+    Example:
+        >>> t = time_blocks({"a": lambda: None, "b": lambda: None}, runs=3, threads=1)
+        >>> sorted(t), t["a"].runs
+        (['a', 'b'], 3)
+    """
+    if runs < 1 or rounds < 1:
+        raise ValueError("runs and rounds must be >= 1")
+    check_environment()
+    per_block = math.ceil(runs / min(rounds, runs))
+    rounds = min(rounds, runs)
+    names = list(calls)
+    previous = torch.get_num_threads()
+    used = set_threads(threads) if threads is not None else previous
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    try:
+        for fn in calls.values():
+            for _ in range(warmup):
+                fn()
+        for r in range(rounds):
+            shift = r % max(len(names), 1)
+            for name in names[shift:] + names[:shift]:
+                time.sleep(pause_s)
+                _block(calls[name], per_block, times[name], cpu[name])
+    finally:
+        torch.set_num_threads(previous)
+    out = {name: _timing(times[name], cpu[name], warmup, used, batch) for name in names}
+    for name, t in out.items():
+        _warn_suspect(t, name)
+    return out
 
 
 def time_round_robin(
@@ -100,32 +330,14 @@ def time_round_robin(
     warmup: int = DEFAULT_WARMUP,
     runs: int = DEFAULT_RUNS,
     threads: int | None = DEFAULT_THREADS,
+    batch: int | None = None,
 ) -> dict[str, Timing]:
-    """Time several contenders in interleaved rounds (one call of each per round).
+    """Time several contenders side by side: :func:`time_blocks` with its default rounds.
 
-    On a shared, noisy machine a slow spell then hits every contender alike, so their ratios
-    stay fair. Each contender is warmed up ``warmup`` times before the first round.
+    Kept under this name for its callers; it no longer interleaves single calls (one
+    runtime's spinning threads starved the next contender that way, BENCHMARKING.md).
     """
-    if runs < 1:
-        raise ValueError("runs must be >= 1")
-    previous = torch.get_num_threads()
-    used = set_threads(threads) if threads is not None else previous
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    try:
-        for fn in calls.values():
-            for _ in range(warmup):
-                fn()
-        for _ in range(runs):
-            for name, fn in calls.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(previous)
-    return {
-        name: Timing(statistics.median(t), min(t), max(t), runs, warmup, used)
-        for name, t in times.items()
-    }
+    return time_blocks(calls, warmup=warmup, runs=runs, threads=threads, batch=batch)
 
 
 def model_call(model: nn.Module, batch: Any) -> Callable[[], None]:
@@ -141,5 +353,57 @@ def model_call(model: nn.Module, batch: Any) -> Callable[[], None]:
 
 
 def time_model(model: nn.Module, batch: Any, **kwargs: Any) -> Timing:
-    """Latency of ``model`` on one input ``batch`` (tensor, tuple or dict) without gradients."""
+    """Latency of ``model`` on one input ``batch`` (tensor, tuple or dict) without gradients.
+
+    The batch size is recorded in the result.
+    """
+    kwargs.setdefault("batch", _batch_size(batch))
+    kwargs.setdefault("label", type(model).__name__)
     return time_fn(model_call(model, batch), **kwargs)
+
+
+def _batch_size(batch: Any) -> int | None:
+    try:
+        return batch_size_of(batch)
+    except Exception:  # an input whose size cannot be read: the timing still stands
+        return None
+
+
+REEXEC_MARK = "COMPACTNN_OMP_REEXEC"
+
+
+def passive_policy_action(environ: dict[str, str], openmp_loaded: bool) -> str:
+    """What an entry point does about ``OMP_WAIT_POLICY`` before it times anything.
+
+    ``"keep"``: the user set it, or a re-executed process already has it; ``"set"``: set
+    PASSIVE in this process (OpenMP not loaded yet, it will read it); ``"reexec"``: OpenMP
+    was loaded (``import torch`` loads libgomp, which reads the policy once, at load), so
+    only a fresh process with PASSIVE in its environment gets it.
+
+    Example:
+        >>> passive_policy_action({}, openmp_loaded=True)
+        'reexec'
+    """
+    if "OMP_WAIT_POLICY" in environ or environ.get(REEXEC_MARK):
+        return "keep"
+    return "reexec" if openmp_loaded else "set"
+
+
+def ensure_passive_policy(module: str, argv: list[str], openmp_loaded: bool) -> None:
+    """Give this process ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy.
+
+    For command-line entry points only (``compactnn``, ``python -m compactnn.bench``): when
+    OpenMP is already loaded, re-executes ``python -m module argv`` with the policy set
+    (this call then does not return). A library never calls it.
+    """
+    action = passive_policy_action(dict(os.environ), openmp_loaded)
+    if action == "keep":
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if action == "reexec":
+        import sys
+
+        os.environ[REEXEC_MARK] = "1"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", module, *argv])

@@ -13,10 +13,18 @@ from torch import nn
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.fold import fold_batchnorm
-from compactnn.core.modules import execution_order
+from compactnn.core.modules import DEFAULT_CLASSES, Targets, execution_order, set_module
+from compactnn.core.qembedding import (
+    embedding_spec,
+    embedding_unsupported,
+    quantize_embedding_rtn,
+    tie_to_table,
+    tied_heads,
+)
 from compactnn.core.qlayers import (
     QUANTIZABLE,
     ActQuantizer,
+    has_integer_weight,
     is_quant_layer,
 )
 from compactnn.core.spec import QuantSpec
@@ -174,3 +182,80 @@ def check_group_sizes(layers: dict[str, nn.Module], specs: LayerSpecs) -> None:
             f"dimension of: {', '.join(bad)}. Pick a group size that divides them, or exclude "
             "those layers with the step's targets.ignore."
         )
+
+
+def _wants_embeddings(config: QuantConfig, step_targets: Targets) -> bool:
+    """Embeddings named by the step's classes, or weight-only steps on the default classes."""
+    if "Embedding" in step_targets.classes:
+        return True
+    return config.act is None and set(step_targets.classes) == set(DEFAULT_CLASSES)
+
+
+def quantize_embeddings(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    step_targets: Targets,
+    config: QuantConfig,
+    ctx: CompressContext,
+) -> dict[str, nn.Module]:
+    """Quantize the step's embedding tables with round-to-nearest; return the rest.
+
+    Which tables: those the step's classes name (``Embedding``), and, for weight-only steps
+    on the default classes, every ``nn.Embedding`` whose name the step's ``names`` / ``ignore``
+    admit (opt out with ``ignore=["*embeddings*"]`` or ``targets.classes: [Linear]``). Each
+    table takes :func:`~compactnn.core.qembedding.embedding_spec` of the recipe's weight spec:
+    the token table (the one with the most rows) at the recipe's bits, the other tables
+    (positions, token types: small, and added to every token) at ``first_last_bits``.
+    A Linear tied to a table (an LM head) is quantized with it whenever the step targets the
+    head: the table takes the head's grid (``first_last_bits`` applies, the head being the
+    last layer) and the head reads the same codes, so the tie survives and is stored once.
+    GPTQ, AWQ and the other solvers never see the tables or tied heads: they are removed from
+    the targets returned, which the method's handler then takes.
+
+    Example:
+        >>> rest = quantize_embeddings(model, targets, step.targets, config, ctx)  # doctest: +SKIP
+    """
+    rest = {n: m for n, m in targets.items() if not isinstance(m, nn.Embedding)}
+    wanted = _wants_embeddings(config, step_targets)
+    heads = tied_heads(model)
+    tables = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n and isinstance(m, nn.Embedding) and not has_integer_weight(m)
+    ]
+    rows = {n: m.num_embeddings for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    token_table = max(rows, key=rows.get) if rows else None
+    for name, emb in tables:
+        head_name, head = heads.get(name, (None, None))
+        head_targeted = head_name in rest
+        if not (step_targets.name_matches(name) and (wanted or head_targeted)):
+            if head_targeted:  # quantizing the head alone would untie it: keep both float
+                rest.pop(head_name)
+                ctx.float_layers[head_name] = f"tied to {name}, which the step leaves in float"
+            continue
+        why = embedding_unsupported(emb)
+        if why is None and head is not None and not head_targeted:
+            why = f"tied to {head_name}, which the step leaves in float"
+        if why is not None:
+            ctx.float_layers[name] = why
+            if head_targeted:
+                rest.pop(head_name)
+                ctx.float_layers[head_name] = f"tied to {name}, kept in float ({why})"
+            continue
+        bits, aspec = config.weight.bits, None
+        small = name != token_table  # positions, token types: tiny, added to every token
+        if (head is not None or small) and config.first_last_bits is not None:
+            bits = max(bits, config.first_last_bits)
+        spec = embedding_spec(config.weight, emb.embedding_dim, bits)
+        table = quantize_embedding_rtn(emb, spec)
+        set_module(model, name, table)
+        if head is not None:
+            if config.act is not None:
+                aspec = dataclasses.replace(
+                    config.act, bits=max(config.act.bits, config.first_last_bits or 0)
+                )
+            set_module(model, head_name, tie_to_table(head, table, aspec))
+            rest.pop(head_name)
+            ctx.notes.append(f"{head_name} shares the codes of {name} (tied, stored once)")
+        ctx.notes.append(f"embedding {name}: {table.format} (round-to-nearest)")
+    return rest

@@ -1,7 +1,24 @@
 """Reports: the demo report, and :func:`build_report` for any model's artifacts on the user's
-labelled data. Markdown, self-contained HTML, a Pareto plot and the raw results."""
+labelled data. Markdown, self-contained HTML, a Pareto plot and the raw results.
 
-from compactnn.report.any_model import build_report, labelled_data
-from compactnn.report.writer import summary_table, write_report
+The names below load on first use, so :mod:`compactnn.report.delivery` (used by
+``compactnn eval``) imports without matplotlib, which only the plot needs.
+"""
 
+from typing import Any
+
+_LAZY = {
+    "build_report": "compactnn.report.any_model",
+    "labelled_data": "compactnn.report.any_model",
+    "summary_table": "compactnn.report.writer",
+    "write_report": "compactnn.report.writer",
+}
 __all__ = ["build_report", "labelled_data", "summary_table", "write_report"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'compactnn.report' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,12 @@ from compactnn.measure import (
     float_artifact_bytes,
     fmt_quality,
     layer_formats,
-    model_call,
     theoretical_bytes,
-    time_round_robin,
 )
 from compactnn.measure.environment import environment
+from compactnn.measure.float_paths import fastest_float_path
+from compactnn.measure.timing import omp_wait_policy
+from compactnn.report.delivery import deliver, float_path_name
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS, pareto_png
 from compactnn.report.writer import _mib, write_files
@@ -52,11 +52,11 @@ Metric = str | Callable[[torch.Tensor, torch.Tensor], float]  # as compactnn.eva
 FLOAT = "float"
 FP32 = "fp32 eager"
 SIMULATED = "simulated"
-DEPLOYED = "deployed (oneDNN)"
+DEPLOYED = "deployed"  # runs_as of a deployed row is the runtime's name ("oneDNN int8")
 LATENCY_BATCH = 16  # samples per timed call, as in the demo report
 EVAL_BATCH = 256
 HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
-          "speedup vs fp32"]  # fmt: skip
+          "speedup vs fastest float"]  # fmt: skip
 
 
 def labelled_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,16 +151,11 @@ def check_artifacts(artifacts: Sequence[str | os.PathLike]) -> list[dict[str, An
 
 
 def _try_deploy(qmodel: nn.Module, example: torch.Tensor, notes: list[str]) -> Any:
-    """The oneDNN int8 model of ``qmodel``, or None (the reason goes to ``notes``)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            deployed = compactnn.deploy(qmodel, backend="onednn", example=example)
-        except CompactnnError as exc:
-            notes.append(f"not deployed to int8 kernels: {str(exc).split(':')[0]}")
-            return None
-    notes += [f"deploy: {w.message}" for w in caught]
-    return deployed
+    """``(deployed model, runtime name)`` of ``qmodel`` (``deploy(backend="auto")``), or
+    None (the reason goes to ``notes``)."""
+    deployed, runtime, more = deliver("cnn", qmodel, example)
+    notes += more
+    return None if runtime == SIMULATED else (deployed, runtime)
 
 
 def _row(label: str, runs_as: str, metric: str, quality: float, size: int) -> dict[str, Any]:
@@ -192,10 +187,11 @@ def _measure(
         row["float_layers"] = dict(info.get("float_layers", {}))
         rows.append(row)
         runners[label] = qmodel
-        deployed = _try_deploy(qmodel, example, row["notes"])
-        if deployed is not None:
+        delivered = _try_deploy(qmodel, example, row["notes"])
+        if delivered is not None:
+            deployed, runtime = delivered
             dlabel = f"{label} int8"
-            drow = _row(dlabel, DEPLOYED, name, _quality(deployed, x, y, metric), row["size_bytes"])
+            drow = _row(dlabel, runtime, name, _quality(deployed, x, y, metric), row["size_bytes"])
             drow |= {"recipe": recipe, "artifact": str(path), "shares_size": True}
             drow["notes"].append(f"verified against the simulation: {deployed.verification}")
             rows.append(drow)
@@ -204,16 +200,26 @@ def _measure(
     return rows, runners
 
 
-def _time(rows: list[dict[str, Any]], runners: dict[str, Any], example: Any, runs: int) -> None:
-    """Latency of every row, timed side by side in interleaved rounds; ratios to fp32."""
-    calls = {label: model_call(m, example) for label, m in runners.items()}
-    timings = time_round_robin(calls, warmup=2, runs=runs, threads=None)
+def _time(
+    rows: list[dict[str, Any]], runners: dict[str, Any], example: Any, runs: int, quick: bool
+) -> dict[str, Any]:
+    """Latency of every row, timed side by side with every float path in rotating blocks;
+    the float row is the fastest float path, speedups are over it (none for simulated rows).
+    Returns the float paths' results."""
+    extra = {label: m for label, m in runners.items() if label != FLOAT}
+    paths = fastest_float_path(
+        runners[FLOAT], example, quick=quick, threads=None, runs=runs, extra=extra
+    )
     base = rows[0]
+    base["runs_as"] = float_path_name(paths.winner)
     for row in rows:
-        row["latency"] = timings[row["label"]].to_dict()
-        row["speedup"] = base["latency"]["median_s"] / row["latency"]["median_s"]
+        timing = paths.best if row["label"] == FLOAT else paths.timings[row["label"]]
+        row["latency"] = timing.to_dict()
+        simulated = row["runs_as"] == SIMULATED
+        row["speedup"] = None if simulated else base["latency"]["median_s"] / timing.median_s
         row["size_ratio"] = base["size_bytes"] / row["size_bytes"]
         row["quality_delta"] = row["quality"] - base["quality"]
+    return paths.to_dict()
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -232,7 +238,8 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         out.append([
             r["label"], r["runs_as"], fmt_quality(r["metric"], r["quality"]),
             fmt_quality(r["metric"], r["quality_delta"], delta=True), _mib(r["size_bytes"]),
-            f"{r['size_ratio']:.2f}x", latency, f"{r['speedup']:.2f}x",
+            f"{r['size_ratio']:.2f}x", latency,
+            SIMULATED if r["speedup"] is None else f"{r['speedup']:.2f}x",
         ])  # fmt: skip
     return out
 
@@ -251,12 +258,15 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         "Size: bytes on disk of each artifact directory; the float row is the float model "
         "saved in the same format.",
         f"Latency: median of {env['runs']} runs after warm-up, {env['threads']} torch threads, "
-        f"one batch of {results['latency_batch']} samples, every model timed in the same "
-        "interleaved rounds (min-max shown when runs spread more than 10%).",
-        f"Runs as: `{FP32}` is the float model in PyTorch eager; `{SIMULATED}` is the "
-        "compressed model as compactnn simulates it (float kernels on dequantized weights: "
-        f"smaller on disk, not faster); `{DEPLOYED}` is the artifact lowered to int8 "
-        "kernels by compactnn.deploy and verified against the simulation.",
+        f"OMP_WAIT_POLICY={env.get('omp_wait_policy', 'unset')}, one batch of "
+        f"{results['latency_batch']} samples, every model in its own block of calls after a "
+        "pause, three rounds in rotating order (min-max shown when runs spread more than 10%).",
+        f"Runs as: the float row is the fastest float path of the same run "
+        f"({_paths_text(results.get('float_paths'))}), and every speedup is over it; "
+        f"`{SIMULATED}` is the compressed model as compactnn simulates it (float kernels on "
+        "dequantized weights: smaller on disk, not faster, so no speedup is claimed); a "
+        "runtime name (`oneDNN int8`, `ONNX Runtime int8`) is the artifact lowered to "
+        "integer kernels by compactnn.deploy and verified against the simulation.",
     ]
     blocks: list[Block] = [
         ("h1", title),
@@ -275,6 +285,18 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
     return blocks
 
 
+def _paths_text(paths: dict[str, Any] | None) -> str:
+    if not paths:
+        return "fp32 eager"
+    times = ", ".join(
+        f"{k} {v['median_s'] * 1e3:.2f} ms"
+        for k, v in paths["timings"].items()
+        if k in paths["errors"]
+    )
+    skipped = "; ".join(f"{k} skipped: {v}" for k, v in paths["skipped"].items())
+    return f"{paths['winner']} won: {times}" + (f"; {skipped}" if skipped else "")
+
+
 def build_report(
     artifacts: Sequence[str | os.PathLike],
     *,
@@ -286,6 +308,7 @@ def build_report(
     title: str | None = None,
     runs: int = DEFAULT_RUNS,
     progress: bool = True,
+    quick: bool = False,
 ) -> dict[str, Any]:
     """Measure artifacts of one float model on labelled data and write the report.
 
@@ -301,6 +324,8 @@ def build_report(
         title: the report's heading (default: "compactnn report: <model class>").
         runs: timed runs per model (the median is reported).
         progress: show a progress bar.
+        quick: leave ``torch.compile`` out of the float paths (see
+            :func:`compactnn.measure.float_paths.fastest_float_path`).
 
     Returns:
         The results written to ``results.json``: ``rows`` (float, then per artifact the
@@ -329,7 +354,7 @@ def build_report(
         with tqdm(total=len(artifacts) + 1, desc="report", disable=not progress) as bar:
             rows, runners = _measure(model, [Path(a) for a in artifacts], x, y, metric, bar)
             bar.set_postfix_str("timing")
-            _time(rows, runners, first_rows(x, LATENCY_BATCH), runs)
+            paths = _time(rows, runners, first_rows(x, LATENCY_BATCH), runs, quick)
             bar.update(1)
         used = torch.get_num_threads()
     finally:
@@ -337,7 +362,8 @@ def build_report(
     for row in rows:
         row["model"] = name
     results = {
-        "environment": environment(used, runs=runs),
+        "environment": environment(used, runs=runs, omp_wait_policy=omp_wait_policy() or "unset"),
+        "float_paths": paths,
         "metric": rows[0]["metric"],
         "samples": int(x.shape[0]),
         "latency_batch": min(LATENCY_BATCH, int(x.shape[0])),

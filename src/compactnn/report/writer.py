@@ -17,16 +17,19 @@ NOT_TARGETED = "not targeted by the recipe"
 SUMMARY_HEADER = [
     "model",
     "recipe",
+    "runs on",
     "quality (top-1 / cosine)",
     "vs float",
     "size on disk",
     "theoretical",
     "x smaller",
     "latency",
-    "speedup",
+    "speedup vs fastest float",
+    "resident memory",
     "compress",
     "load bit-exact",
 ]
+SIMULATED = "simulated"
 
 
 def _mib(n: float) -> str:
@@ -40,26 +43,43 @@ def _num(x: Any, fmt: str) -> str:
     return format(x, fmt)
 
 
+def _latency_cell(lat: dict[str, Any]) -> str:
+    spread = (lat["max_s"] - lat["min_s"]) / lat["median_s"] if lat["median_s"] else 0
+    latency = f"{lat['median_s'] * 1e3:.2f} ms"
+    if spread > 0.10:
+        latency += f" ({lat['min_s'] * 1e3:.1f}-{lat['max_s'] * 1e3:.1f})"
+    return latency
+
+
+def _speedup_cell(r: dict[str, Any]) -> str:
+    """``"3.20x"``; ``"simulated"`` for a row that no runtime delivered (no honest ratio)."""
+    if r.get("runtime") == SIMULATED:
+        return SIMULATED
+    return _num(r.get("speedup"), ".2f") + "x"
+
+
 def summary_rows(results: dict[str, Any]) -> list[list[str]]:
-    """One row per (model, recipe), in the order of ``SUMMARY_HEADER``."""
+    """One row per (model, recipe), in the order of ``SUMMARY_HEADER``.
+
+    ``runs on`` is the runtime that ran the row (the float row: the fastest float path);
+    ``resident memory`` is filled where a row has ``resident_bytes``.
+    """
     rows = []
     for r in results["rows"]:
-        lat = r["latency"]
-        spread = (lat["max_s"] - lat["min_s"]) / lat["median_s"] if lat["median_s"] else 0
-        latency = f"{lat['median_s'] * 1e3:.2f} ms"
-        if spread > 0.10:
-            latency += f" ({lat['min_s'] * 1e3:.1f}-{lat['max_s'] * 1e3:.1f})"
+        resident = r.get("resident_bytes")
         rows.append(
             [
                 r["model"],
                 r["recipe"],
+                r.get("runtime", "PyTorch eager" if r["recipe"] == "float" else SIMULATED),
                 fmt_quality(r["metric"], r["quality"]),
                 fmt_quality(r["metric"], r.get("quality_delta"), delta=True),
                 _mib(r["size_bytes"]),
                 _mib(r["theoretical_bytes"]),
                 _num(r.get("size_ratio"), ".2f") + "x",
-                latency,
-                _num(r.get("speedup"), ".2f") + "x",
+                _latency_cell(r["latency"]),
+                _speedup_cell(r),
+                _mib(resident) if resident is not None else "-",
                 f"{r['compress_s']:.2f} s",
                 "yes" if r["bit_exact_load"] else "NO",
             ]
@@ -111,6 +131,11 @@ def _method_blocks(results: dict[str, Any]) -> list[Block]:
     batches = "; ".join(
         f"{m}: {b}" for m, b in {r["model"]: r["latency_batch"] for r in results["rows"]}.items()
     )
+    suspect = [
+        f"{r['model']} {r['recipe']}: {reason}"
+        for r in results["rows"]
+        for reason in r["latency"].get("suspect", [])
+    ]
     blocks: list[Block] = [
         ("h2", "How this was measured"),
         (
@@ -120,19 +145,45 @@ def _method_blocks(results: dict[str, Any]) -> list[Block]:
                 "Size: bytes on disk of the saved artifact directory (`os.stat`), beside the "
                 "theoretical size the recipe implies; the float row is the float model saved in "
                 "the same format.",
-                f"Latency: simulated (fake-quantized) model in PyTorch eager, {env['threads']} "
-                f"threads, warm-up then median of {runs} runs on one fixed input batch "
-                f"({batches} samples; min-max shown when the runs spread more than 10%). "
-                "Simulated low-bit layers run float kernels, so they are not expected to be "
-                "faster; see docs/benchmarks.md for peers.",
+                "Latency: each row runs on its delivered form, named in `runs on` "
+                "(`compactnn.deploy` on integer kernels for CNNs, `compactnn.to_kernels` for "
+                "transformers; `simulated` where neither applies, with the reason in the "
+                "notes, and then no speedup is claimed). The float row is the fastest float "
+                f"path of the same run ({_float_paths_text(results)}); every speedup is over "
+                f"it. {env['threads']} threads, OMP_WAIT_POLICY="
+                f"{env.get('omp_wait_policy', 'unset')}, 1-minute load "
+                f"{env.get('load_avg', 'n/a')}; every contender in its own block of calls "
+                f"after a pause, three rounds in rotating order, median of {runs} runs on one "
+                f"fixed input batch ({batches} samples; min-max shown when the runs spread more "
+                "than 10%).",
+                "Quality is measured by running the delivered model itself.",
                 "Load bit-exact: the artifact loaded into a fresh skeleton gives outputs equal "
                 "(`torch.equal`) to the compressed model's.",
             ],
         ),
     ]
+    if suspect:
+        blocks += [("h2", "Latencies that may be inflated (noisy machine)"), ("list", suspect)]
     if notes:
-        blocks += [("h2", "Notes from compression"), ("list", notes)]
+        blocks += [("h2", "Notes from compression and delivery"), ("list", notes)]
     return blocks
+
+
+def _float_paths_text(results: dict[str, Any]) -> str:
+    """``"mnist-cnn: ort-fp32 won; fp32-eager 1.2 ms, ...; torch.compile skipped (...)"``."""
+    parts = []
+    for model, info in results["models"].items():
+        paths = info.get("float_paths")
+        if not paths:
+            continue
+        times = ", ".join(
+            f"{k} {v['median_s'] * 1e3:.2f} ms"
+            for k, v in paths["timings"].items()
+            if k in paths.get("errors", {})
+        )
+        skipped = "; ".join(f"{k} skipped: {v}" for k, v in paths.get("skipped", {}).items())
+        parts.append(f"{model}: {paths['winner']} won ({times}){'; ' + skipped if skipped else ''}")
+    return "; ".join(parts) or "fp32 eager"
 
 
 def report_blocks(results: dict[str, Any], png: bytes) -> list[Block]:
@@ -142,11 +193,12 @@ def report_blocks(results: dict[str, Any], png: bytes) -> list[Block]:
         (
             "p",
             f"compactnn {env['compactnn']}, torch {env['torch']}, Python {env['python']}, "
-            f"{env['machine']}, {env['threads']} torch threads, {env['date']}.",
+            f"{env['machine']}, {env['threads']} torch threads, OMP_WAIT_POLICY="
+            f"{env.get('omp_wait_policy', 'unset')}, {env['date']}.",
         ),
         ("h2", "Results"),
         ("table", (SUMMARY_HEADER, summary_rows(results))),
-        ("img", ("quality vs size", png, "pareto.png")),
+        ("img", ("quality vs size and vs latency", png, "pareto.png")),
         *_layer_blocks(results),
         *_method_blocks(results),
     ]
@@ -158,8 +210,17 @@ def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, P
     Example:
         >>> write_report(run_demo_results, "out/demo")  # doctest: +SKIP
     """
-    png = pareto_png(results)
+    png = pareto_png(_plot_results(results), panels=("size", "latency"))
     return write_files(out, results, report_blocks(results, png), png, "compactnn demo report")
+
+
+def _plot_results(results: dict[str, Any]) -> dict[str, Any]:
+    """Rows for the plot: a simulated row's label says so (its latency is not delivered)."""
+    rows = [
+        r | {"label": f"{r['recipe']} (simulated)"} if r.get("runtime") == SIMULATED else r
+        for r in results["rows"]
+    ]
+    return {"rows": rows}
 
 
 def write_files(

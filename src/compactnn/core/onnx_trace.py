@@ -1,0 +1,74 @@
+"""One way to export a float model to ONNX, shared by the kernels, measurement and bench.
+
+Keyword-input models (Hugging Face: ``input_ids=``, ``attention_mask=``) are called
+positionally and return their main tensor, because the TorchScript exporter traces
+positional tensors more reliably than keyword arguments. Batch (and, for keyword inputs,
+sequence) axes are dynamic; opset 17. The caller checks that ``onnx`` is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from compactnn.core.calib import main_output
+
+
+class KeywordsAsPositional(nn.Module):
+    """Calls a keyword-input model positionally and returns its main tensor."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return main_output(self.model(**dict(zip(self.names, args, strict=True))))
+
+
+def export_dynamic(
+    model: nn.Module, example: Any, path: str | os.PathLike | IO[bytes]
+) -> list[str]:
+    """Export a copy of ``model`` (eval mode) traced on ``example`` to ``path``.
+
+    Args:
+        model: the float model; not modified (tracing may change a model's settings).
+        example: a tensor, a tuple of tensors, or a dict of keyword tensors.
+        path: the ``.onnx`` file to write, or a binary file object (e.g. ``io.BytesIO``).
+
+    Returns:
+        The ONNX input names (the dict's keys, else ``input_0``, ``input_1``, ...); the
+        output is named ``output``.
+
+    Example:
+        >>> export_dynamic(model, images[:2], "m.onnx")  # doctest: +SKIP
+        ['input_0']
+    """
+    model = copy.deepcopy(model).eval()
+    if isinstance(example, dict):
+        names = list(example)
+        model, args = KeywordsAsPositional(model, names), tuple(example[n] for n in names)
+        axes = {0: "batch", 1: "seq"}
+    else:
+        args = example if isinstance(example, tuple) else (example,)
+        names = [f"input_{i}" for i in range(len(args))]
+        axes = {0: "batch"}
+    dims = {n: axes for n in [*names, "output"]}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(None), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            path if hasattr(path, "write") else str(path),
+            input_names=names,
+            output_names=["output"],
+            dynamic_axes=dims,
+            opset_version=17,
+            dynamo=False,
+        )
+    return names

@@ -1,0 +1,310 @@
+"""Frozen binary blocks (XNOR-Net, Bi-Real, ReActNet) on integer kernels.
+
+A frozen :class:`~compactnn.engines.binary.BinaryBlock` computes, per output channel ``o``::
+
+    y = conv(sign(x - shift), alpha_o * s) [* K for XNOR] * g_o + b_o [+ shortcut(x)] [-> RPReLU]
+
+with ``s`` the ``+-1`` weight codes, ``alpha`` the per-filter codebook and ``g = gain * scale``.
+:func:`lower_binary_blocks` replaces each block by a :class:`DeployedBinaryBlock` whose
+convolution runs on integers:
+
+- ``"int8"``: ``sign(x - shift)`` as uint8 codes 127 / 129 (scale 1, zero point 128, so
+  ``q - 128 = -1 / +1``; zero padding reads the zero point, i.e. 0, as the simulation's
+  padded ``+-1`` tensor does), ``s`` as int8, on oneDNN's int8 convolution or linear
+  (``torch.ops.onednn``); the integer dot is exact and oneDNN applies ``alpha * g`` and
+  ``b`` as its per-channel output scale and bias (XNOR keeps ``alpha`` there and applies
+  ``K``, ``g`` and ``b`` after).
+- ``"popcount"``: the bit-packed XNOR/popcount convolution of
+  :mod:`compactnn.kernels.bitconv` (compiled on first use), same scale and bias.
+
+Both reproduce the simulation up to float rounding of the final scale (the integer dot
+products are identical); the shortcut, XNOR's ``K`` and RPReLU stay float elementwise ops.
+``kernel="auto"`` times both on each block's input from ``example`` and keeps the faster
+per block (int8 when the extension cannot be built).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from compactnn.engines.binary import BinaryBlock, real_shortcut, rprelu, xnor_scale
+from compactnn.errors import CompactnnError
+from compactnn.kernels import bitconv
+from compactnn.lowering.verify import compare
+from compactnn.measure.timing import TimingWarning, time_blocks
+
+CL = torch.channels_last
+KERNELS = ("auto", "int8", "popcount")
+PACKED_SHAPES = 4  # oneDNN weight layouts kept per layer, one per recent input shape
+
+
+def binary_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(+-1 codes as int8, alpha (out,))`` of a frozen 1-bit layer with codebook ``[-a, +a]``."""
+    levels = getattr(layer, "weight_levels", None)
+    codes = getattr(layer, "weight_codes", None)
+    if levels is None or codes is None:
+        raise CompactnnError(
+            "binary block: its layer is not frozen to 1-bit codes with a codebook; call "
+            "compactnn.train(...) (which freezes) or block.freeze() before deploying."
+        )
+    lv = levels.reshape(levels.shape[0], -1)  # (out, 2): code 0 -> lv[:, 0], 1 -> lv[:, 1]
+    if lv.shape[1] != 2 or not torch.equal(lv[:, 0], -lv[:, 1]):
+        raise CompactnnError(
+            "binary block: the layer's codebook is not [-alpha, +alpha] per filter; only "
+            "symmetric binary weights run on the integer kernels."
+        )
+    w = codes.to(torch.int8).mul(2).sub(1).to(torch.int8)  # 0/1 -> -1/+1
+    return w, lv[:, 1].float().clone()
+
+
+class _OneDnnBinary(nn.Module):
+    """oneDNN int8 conv/linear on +-1 codes (uint8, zero point 128); float32 output."""
+
+    def __init__(self, w: torch.Tensor, out_scale, bias, layer: nn.Module) -> None:
+        super().__init__()
+        self.conv = isinstance(layer, nn.Conv2d)
+        self.register_buffer("w_int8", w)
+        self.register_buffer("out_scale", out_scale.float().contiguous())
+        self.register_buffer("w_zero", torch.zeros(w.shape[0], dtype=torch.int64))
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+        if self.conv:
+            self.geo = ([*layer.stride], [*layer.padding], [*layer.dilation], layer.groups)
+        self._packed: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _packed_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        packed = self._packed.get(shape)
+        if packed is None:  # packed per input shape (see deployment/onednn.py for why)
+            if len(self._packed) >= PACKED_SHAPES:
+                self._packed.pop(next(iter(self._packed)))
+            if self.conv:
+                packed = torch.ops.onednn.qconv_prepack(
+                    self.w_int8, self.out_scale, 1.0, 128, *self.geo, list(shape)
+                )
+            else:
+                packed = torch.ops.onednn.qlinear_prepack(self.w_int8, list(shape))
+            self._packed[shape] = packed
+        return packed
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        packed = self._packed_for(tuple(q.shape))
+        if self.conv:  # (N, C, H, W) uint8 channels-last
+            return torch.ops.onednn.qconv_pointwise(
+                q, 1.0, 128, packed, self.out_scale, self.w_zero, self.bias, *self.geo,
+                1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+        return torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, 128, packed, self.out_scale, self.w_zero, self.bias,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+
+
+class DeployedBinaryBlock(nn.Module):
+    """A frozen binary block whose convolution / linear layer runs on integer kernels.
+
+    Args:
+        block: a frozen ``BinaryBlock`` (batch norm folded, 1-bit codes).
+        kernel: ``"int8"`` (oneDNN) or ``"popcount"`` (bit-packed, C++ extension).
+
+    Example:
+        >>> fast = DeployedBinaryBlock(frozen_block, "int8")  # doctest: +SKIP
+    """
+
+    deploy_leaf = True  # the deploy tracer keeps this module whole
+
+    def __init__(self, block: BinaryBlock, kernel: str = "int8") -> None:
+        super().__init__()
+        if kernel not in ("int8", "popcount"):
+            raise CompactnnError(f"binary kernel {kernel!r}: use 'int8' or 'popcount'.")
+        if block.weight_quantizer is not None or block.norm is not None:
+            raise CompactnnError("binary block is still training: freeze it before deploying.")
+        layer = block.layer
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            raise CompactnnError("binary block: grouped convolutions are not supported.")
+        self.kind, self.kernel, self.conv = block.kind, kernel, block.conv
+        self.shortcut = block.shortcut
+        w, alpha = binary_weight(layer)
+        g = (block.gain * block.scale).detach().float()
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        self.register_buffer("shift", block.shift.detach().float().clone())
+        self.fold = self.kind != "xnor"  # XNOR's K sits between the conv and the gain
+        out_scale = alpha * g if self.fold else alpha
+        self.register_buffer("out_scale", out_scale)
+        self.register_buffer("out_bias", bias if self.fold else None)
+        self.register_buffer("gain", None if self.fold else g)
+        self.register_buffer("bias", None if self.fold else bias)
+        post = block.post
+        self.rprelu = None if post is None else tuple(
+            p.detach().float().clone() for p in (post.gamma, post.zeta, post.slope)
+        )  # fmt: skip
+        self.geometry = None
+        if self.conv and self.kind == "xnor":  # K's box filter needs only the geometry
+            self.geometry = nn.Conv2d(
+                1, 1, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False
+            )
+        if kernel == "popcount":
+            w4 = w if self.conv else w.reshape(*w.shape, 1, 1)
+            geo = (
+                (layer.stride, layer.padding, layer.dilation)
+                if self.conv
+                else ((1, 1), (0, 0), (1, 1))
+            )
+            self.core = bitconv.BitConv2d(w4 > 0, *geo)
+        else:
+            self.core = _OneDnnBinary(w, out_scale, self.out_bias, layer)
+        self.selection: dict[str, float | str] = {"kernel": kernel}
+
+    def _cview(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return t.reshape(1, -1, *([1] * (ndim - 2))) if self.conv else t
+
+    def _integer_layer(self, x: torch.Tensor, xs: torch.Tensor | None) -> torch.Tensor:
+        if self.kernel == "popcount":  # the kernel packs sign(x - shift) itself
+            x4 = x if self.conv else x.reshape(-1, x.shape[-1], 1, 1)
+            y = self.core(x4, self.shift, self.out_scale, self.out_bias)
+            return y if self.conv else y.reshape(*x.shape[:-1], -1)
+        # sign(x - shift) as uint8 codes: 129 (+1) where xs >= 0 (sign(0) = +1), 127 (-1)
+        q = (xs >= 0).to(torch.uint8).mul_(2).add_(127)
+        if self.conv:
+            return self.core(q.contiguous(memory_format=CL))
+        y = self.core(q.reshape(-1, q.shape[-1]))
+        return y.reshape(*x.shape[:-1], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = None
+        if self.kernel == "int8" or not self.fold:
+            xs = x - self._cview(self.shift, x.dim())
+        y = self._integer_layer(x, xs)
+        if not self.fold:  # XNOR: y = conv * K * g + b, the simulation's order
+            if self.conv:
+                y = y * xnor_scale(xs, self.geometry)
+            else:
+                y = y * xnor_scale(xs, nn.Identity())
+            y = y * self._cview(self.gain, y.dim())
+            if self.bias is not None:
+                y = y + self._cview(self.bias, y.dim())
+        if self.shortcut:
+            y = y + real_shortcut(x, y, self.conv)
+        if self.rprelu is not None:
+            y = rprelu(y, *self.rprelu, dim=1 if self.conv else -1)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, kernel={self.kernel}, shortcut={self.shortcut}"
+
+
+def _block_inputs(model: nn.Module, names: list[str], example) -> dict[str, torch.Tensor]:
+    """The input each named block receives when ``model`` runs on ``example``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, args, n=n: seen.setdefault(n, args[0].detach())
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(*example) if isinstance(example, tuple) else model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise CompactnnError(f"binary blocks {missing} were not reached by `example`.")
+    return seen
+
+
+def _choose(
+    name: str, block: BinaryBlock, x: torch.Tensor, threads: int | None
+) -> DeployedBinaryBlock:
+    """Build both kernels of one block, time them on ``x`` and keep the faster."""
+    cands = {k: DeployedBinaryBlock(block, k) for k in ("int8", "popcount")}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", TimingWarning)  # a noisy sample still ranks the two
+        calls = {k: (lambda m=m: m(x)) for k, m in cands.items()}
+        times = time_blocks(calls, warmup=2, runs=6, threads=threads, pause_s=0.02)
+    best = min(times, key=lambda k: times[k].median_s)
+    chosen = cands[best]
+    chosen.selection = {"kernel": best, **{f"{k}_ms": t.median_s * 1e3 for k, t in times.items()}}
+    return chosen
+
+
+def lower_binary_blocks(
+    model: nn.Module,
+    kernel: str = "auto",
+    *,
+    example=None,
+    tolerance: float = 2.0,
+    threads: int | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with every frozen ``BinaryBlock`` on integer kernels.
+
+    Args:
+        model: a model holding frozen binary blocks (e.g. from ``compactnn.train`` with a
+            ``w1a1-reactnet`` / ``-bireal`` / ``-xnor`` recipe); left untouched.
+        kernel: ``"int8"`` (oneDNN), ``"popcount"`` (bit-packed C++ extension) or
+            ``"auto"``: per block, the faster of the two timed on its input from
+            ``example`` (int8 when the extension cannot be built or no example is given).
+        example: an input of ``model`` (a tensor or a tuple of arguments); needed for
+            ``"auto"``, and used to verify every block against its simulation.
+        tolerance: largest allowed gap per block, in steps of its output range / 255.
+        threads: torch threads while ``"auto"`` times the kernels (None: current).
+
+    Returns:
+        The copy; ``copy.binary_kernels`` maps block names to their ``selection``.
+
+    Example:
+        >>> fast = lower_binary_blocks(trained, "auto", example=images[:8])  # doctest: +SKIP
+    """
+    if kernel not in KERNELS:
+        raise CompactnnError(f"kernel={kernel!r}: use one of {KERNELS}.")
+    out = copy.deepcopy(model)
+    names = [n for n, m in out.named_modules() if isinstance(m, BinaryBlock)]
+    if kernel == "popcount":
+        bitconv.load_extension()  # raises a CompactnnError naming the missing compiler
+    if kernel == "auto" and example is None:
+        warnings.warn("lower_binary_blocks: no example to time on; using int8.", stacklevel=2)
+        kernel = "int8"
+    if kernel == "auto" and not bitconv.available(warn=True):
+        kernel = "int8"
+    inputs = _block_inputs(out, names, example) if example is not None else {}
+    selection = {}
+    for name in names:
+        block = out.get_submodule(name)
+        if kernel == "auto":
+            new = _choose(name, block, inputs[name], threads)
+        else:
+            new = DeployedBinaryBlock(block, kernel)
+        if name in inputs:
+            check = compare(block, new, inputs[name], f"binary block {name!r}", tolerance)
+            if not check.passed:
+                raise CompactnnError(f"binary block {name!r} diverges from its simulation: {check}")
+        selection[name] = new.selection
+        _set(out, name, new)
+    out.binary_kernels = selection
+    return out
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def binary_block_names(model: nn.Module) -> list[str]:
+    """Names of the frozen binary blocks in ``model`` (what :func:`pre_lower` replaces)."""
+    return [n for n, m in model.named_modules() if isinstance(m, BinaryBlock)]
+
+
+def pre_lower(sim: nn.Module, example) -> tuple[nn.Module, dict]:
+    """``deploy``'s first step: binary blocks on integer kernels before the graph is traced.
+
+    Returns ``(model, kernels)``: ``sim`` itself and ``{}`` when it holds no binary block,
+    else :func:`lower_binary_blocks` of it (``kernel="auto"``, verified per block on
+    ``example``) and each block's kernel choice.
+    """
+    if not binary_block_names(sim):
+        return sim, {}
+    lowered = lower_binary_blocks(sim, "auto", example=example)
+    return lowered, lowered.binary_kernels

@@ -1,0 +1,131 @@
+"""The float side of ``deploy(backend="auto")``: the float twin of a simulated model, its
+fp32 contenders (eager, ONNX Runtime), side-by-side timing, and the advice given when float
+is faster than the int8 model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn._optional import require
+from compactnn.core.calib import call_model
+from compactnn.core.modules import set_module
+from compactnn.core.onnx_trace import export_dynamic
+from compactnn.core.qlayers import ActQuantizer, conv_kwargs, is_quant_layer
+from compactnn.errors import CompactnnError
+
+FLOAT_CONTENDERS = ("fp32-onnxruntime", "fp32-eager")  # timed beside the int8 backends
+FLOAT_MARGIN = 1.1  # float must win by more than 10% before deploy says so
+
+
+def float_model(sim: nn.Module) -> nn.Module:
+    """The simulated model with every quantizer off: plain float layers on its dequantized
+    weights (same speed as the float network), for timing the float paths beside int8.
+
+    Example:
+        >>> float_model(qmodel)(images).shape  # doctest: +SKIP
+        torch.Size([8, 10])
+    """
+    model = copy.deepcopy(sim).eval()
+    done: list[str] = []
+    for name, m in list(model.named_modules()):
+        if any(name.startswith(d + ".") for d in done):
+            continue  # inside a layer already replaced
+        if is_quant_layer(m):
+            if isinstance(m, nn.Linear):
+                plain = nn.Linear(m.in_features, m.out_features, m.bias is not None)
+            else:
+                kind = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Conv1d
+                plain = kind(**conv_kwargs(m))
+            with torch.no_grad():
+                plain.weight.copy_(m.weight.detach().float())
+                if m.bias is not None:
+                    plain.bias.copy_(m.bias.detach().float())
+            set_module(model, name, plain)
+            done.append(name)
+        elif isinstance(m, ActQuantizer) and name:
+            set_module(model, name, nn.Identity())
+    return model
+
+
+def float_contenders(sim: nn.Module, example: Any) -> dict[str, Any]:
+    """fp32 eager, and fp32 ONNX Runtime when it is installed, of the float twin of ``sim``."""
+    fmodel = float_model(sim)
+    out: dict[str, Any] = {}
+    try:
+        require("onnxruntime", "onnx")
+        require("onnx", "onnx")  # the exporter writes through it
+    except CompactnnError:  # not installed: nothing to compare with
+        return {"fp32-eager": fmodel}
+    try:
+        out["fp32-onnxruntime"] = ort_float(fmodel, example)
+    except Exception as e:  # an optional peer: a failure costs the comparison, not the deploy
+        warnings.warn(f"deploy: ONNX Runtime fp32 not timed ({e})", stacklevel=3)
+    out["fp32-eager"] = fmodel
+    return out
+
+
+def ort_float(fmodel: nn.Module, example: Any) -> Any:
+    from compactnn.export.ort import ort_callable
+
+    buf = io.BytesIO()
+    export_dynamic(fmodel, example, buf)
+    run = ort_callable(buf.getvalue())
+    return (lambda **kw: run(**kw)) if isinstance(example, dict) else run
+
+
+def time_contenders(contenders: dict[str, Any], example: Any) -> dict[str, float]:
+    """Median seconds per call of each contender on ``example``.
+
+    Each contender runs in its own block of calls after a short pause, in three rounds of
+    rotating order (shared/BENCHMARKING.md): interleaving single calls lets one runtime's
+    spinning threads starve the next. One warm-up and 6 timed calls per contender.
+    """
+    names = list(contenders)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    with torch.no_grad():
+        for m in contenders.values():
+            call_model(m, example)  # warm-up
+        for r in range(3):
+            for k in names[r % len(names) :] + names[: r % len(names)]:
+                time.sleep(0.01)
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    call_model(contenders[k], example)
+                    times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+_FLOAT_ADVICE = {
+    "fp32-onnxruntime": (
+        "ONNX Runtime fp32",
+        "export the float model with torch.onnx.export and run it with onnxruntime",
+    ),
+    "fp32-eager": ("PyTorch fp32 eager", "run the float model in PyTorch"),
+}
+
+
+def float_advice(selection: dict[str, float], chosen: str) -> str | None:
+    """The warning when the fastest float path beats the chosen int8 model, else None."""
+    floats = {k: v for k, v in selection.items() if k in FLOAT_CONTENDERS}
+    if not floats or chosen not in selection:
+        return None
+    best = min(floats, key=floats.get)
+    t_int, t_float = selection[chosen], floats[best]
+    if t_float * FLOAT_MARGIN >= t_int:
+        return None
+    label, how = _FLOAT_ADVICE[best]
+    return (
+        f"deploy: {label} runs this model {t_int / t_float:.1f}x faster than int8 on "
+        f"{chosen} at this input shape ({t_float * 1e3:.2f} ms against {t_int * 1e3:.2f} ms "
+        f"per call of example=, median of 6): for speed, {how}. int8 kernels pay a fixed "
+        "cost per layer (quantize, launch, requantize) that small inputs and depthwise or "
+        "1x1 convolutions with few channels do not earn back; a larger batch or input may."
+    )

@@ -1,0 +1,206 @@
+"""Bit-packed XNOR/popcount 2-D convolution of ``+1/-1`` tensors (a C++ extension).
+
+A binary convolution's dot product over ``K`` values of ``+1/-1`` is
+``K - 2 * popcount(x XOR w)`` on their bits (bit 1 = +1). Here activations are packed NHWC,
+64 input channels per ``uint64`` word, and weights per tap and word with the output channels
+last; the kernel (``csrc/bitconv.cpp``) XORs, counts and accumulates 8 output channels per
+AVX-512 ``vpopcntq`` (a portable ``__builtin_popcountll`` loop where the compiler target has
+no VPOPCNTDQ). Zero padding contributes 0, not ``+-1``, and channel counts that are not a
+multiple of 64 leave the unused bits 0 in both operands, so the integer results equal a float
+convolution of the ``+-1`` tensors exactly.
+
+The extension is compiled on first use (g++ and ninja, about a minute) into
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/compactnn/torch_extensions``, once per source and
+flag set. Without a compiler :func:`available` is False and :func:`load_extension` raises a
+:class:`~compactnn.errors.CompactnnError`; callers fall back to the int8 kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compactnn.errors import CompactnnError
+
+SOURCE = Path(__file__).with_name("csrc") / "bitconv.cpp"
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
+OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)
+
+_EXT = None
+_ERROR: str | None = None
+
+
+def build_directory() -> Path:
+    """Where the extension is built: ``$TORCH_EXTENSIONS_DIR`` or the compactnn cache."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "compactnn" / "torch_extensions"
+    return base
+
+
+def _ext_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    return f"compactnn_bitconv_{digest}"
+
+
+def load_extension():
+    """The compiled extension module (built on the first call, then cached on disk).
+
+    Raises:
+        CompactnnError: no C++ compiler or the build failed (the message says which, and
+            that the int8 kernels remain available).
+
+    Example:
+        >>> ext = load_extension()  # doctest: +SKIP
+    """
+    global _EXT, _ERROR
+    if _EXT is not None:
+        return _EXT
+    if _ERROR is not None:
+        raise CompactnnError(_ERROR)
+    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        _ERROR = (
+            "the bit-packed binary convolution needs a C++ compiler (g++ or clang++) to build "
+            "its PyTorch extension, and none was found; install one (e.g. apt-get install g++) "
+            "or deploy binary layers with kernel='int8'."
+        )
+        raise CompactnnError(_ERROR)
+    from torch.utils.cpp_extension import load
+
+    name = _ext_name()
+    build = build_directory() / name
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        _EXT = load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=False,
+        )
+    except Exception as exc:  # compiler errors, missing ninja, ...
+        _ERROR = (
+            f"building the bit-packed binary convolution failed ({type(exc).__name__}: "
+            f"{str(exc)[-300:]}); deploy binary layers with kernel='int8', or fix the "
+            f"toolchain and remove {build}."
+        )
+        raise CompactnnError(_ERROR) from exc
+    return _EXT
+
+
+def available(warn: bool = False) -> bool:
+    """Whether the extension loads (compiling it if needed); ``warn`` says why not."""
+    try:
+        load_extension()
+    except CompactnnError as exc:
+        if warn:
+            warnings.warn(f"{exc} Using the int8 kernels instead.", stacklevel=2)
+        return False
+    return True
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack the last dimension of a 0/1 tensor into ``int64`` words, 64 bits each.
+
+    Bit ``i`` of word ``j`` holds element ``64 * j + i``; the last word is zero-padded.
+    Returns shape ``(*bits.shape[:-1], ceil(C / 64))``.
+    """
+    b = bits.detach().to(torch.uint8).cpu().numpy()
+    c = b.shape[-1]
+    words = (c + 63) // 64
+    pad = np.zeros((*b.shape[:-1], words * 64), dtype=np.uint8)
+    pad[..., :c] = b
+    packed = np.packbits(pad, axis=-1, bitorder="little")  # (..., words * 8) bytes
+    return torch.from_numpy(packed.view("<u8").view(np.int64).copy())
+
+
+def pack_weight(weight_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack ``(O, C, KH, KW)`` weight bits (1 = +1) for :func:`bitconv2d`.
+
+    Returns the words ``(KH * KW * CW, OP)`` (``OP``: ``O`` rounded up to 16, extra columns
+    zero) and the popcount of each tap's words ``(KH * KW, OP)`` (the padding correction).
+    """
+    o, _, kh, kw = weight_bits.shape
+    words = pack_bits(weight_bits.permute(0, 2, 3, 1))  # (O, KH, KW, CW)
+    cw = words.shape[-1]
+    op = -(-o // OUT_BLOCK) * OUT_BLOCK
+    wt = torch.zeros(kh * kw * cw, op, dtype=torch.int64)
+    wt[:, :o] = words.reshape(o, kh * kw * cw).t()
+    ones = weight_bits.reshape(o, -1, kh * kw).sum(dim=1).t()  # (T, O) set bits per tap
+    wpc = torch.zeros(kh * kw, op, dtype=torch.int64)
+    wpc[:, :o] = ones
+    return wt.contiguous(), wpc
+
+
+class BitConv2d(nn.Module):
+    """A prepacked binary convolution: ``sign(x - shift)`` conv ``+-1`` weights.
+
+    Args:
+        weight_bits: ``(O, C, KH, KW)`` 0/1 codes (1 = +1).
+        stride, padding, dilation: the convolution's geometry (pairs); zero padding.
+
+    ``forward(x, shift, scale=None, bias=None)`` takes float ``(N, C, H, W)`` and returns the
+    integer dots as int32, or ``dot * scale + bias`` as float32 when ``scale`` is given
+    (``(N, O, OH, OW)``, channels-last memory).
+
+    Example:
+        >>> conv = BitConv2d(torch.ones(8, 3, 3, 3), (1, 1), (1, 1), (1, 1))  # doctest: +SKIP
+        >>> conv(torch.randn(1, 3, 5, 5), torch.zeros(3)).shape  # doctest: +SKIP
+        torch.Size([1, 8, 5, 5])
+    """
+
+    deploy_leaf = True
+
+    def __init__(self, weight_bits: torch.Tensor, stride, padding, dilation) -> None:
+        super().__init__()
+        self.out_channels, self.in_channels, self.kh, self.kw = weight_bits.shape
+        self.stride, self.padding = [int(s) for s in stride], [int(p) for p in padding]
+        self.dilation = [int(d) for d in dilation]
+        wt, wpc = pack_weight(weight_bits)
+        self.register_buffer("weight_words", wt)
+        self.register_buffer("tap_popcount", wpc)
+        self.ext = load_extension()
+
+    def forward(self, x, shift, scale=None, bias=None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise CompactnnError(
+                f"BitConv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}."
+            )
+        xw = self.ext.pack_signs(x.float(), shift.float())  # (N, H, W, CW)
+        y = self.ext.bitconv2d(
+            xw, self.weight_words, self.tap_popcount, self.in_channels, self.out_channels,
+            self.kh, self.kw, self.stride, self.padding, self.dilation, scale, bias,
+        )  # fmt: skip
+        return y.permute(0, 3, 1, 2)  # (N, OH, OW, O) -> (N, O, OH, OW) channels-last
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel=({self.kh}, {self.kw}), "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        )
+
+
+def bitconv2d(x_pm1: torch.Tensor, w_pm1: torch.Tensor, stride=1, padding=0, dilation=1):
+    """Integer convolution of ``+-1`` tensors on the popcount kernel (int32, NCHW values).
+
+    ``x_pm1``: ``(N, C, H, W)``; ``w_pm1``: ``(O, C, KH, KW)``; both hold only ``+-1``
+    (``>= 0`` counts as +1). Equal to ``F.conv2d(x_pm1, w_pm1, ...)`` on exact integers.
+
+    Example:
+        >>> y = bitconv2d(torch.ones(1, 70, 4, 4), torch.ones(2, 70, 3, 3), padding=1)
+        >>> int(y[0, 0, 1, 1]), int(y[0, 0, 0, 0])  # 9 taps and 4 valid taps of 70 channels
+        (630, 280)
+    """
+
+    def pair(v):
+        return [v, v] if isinstance(v, int) else list(v)
+
+    conv = BitConv2d((w_pm1 >= 0), pair(stride), pair(padding), pair(dilation))
+    return conv(x_pm1, torch.zeros(x_pm1.shape[1]))

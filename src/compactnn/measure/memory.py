@@ -1,0 +1,155 @@
+"""Resident memory a running model adds, measured in a fresh Python process.
+
+A model's size on disk says little about what it costs once it runs: a kernel layer may hold
+a dense copy of its weights, a loader may keep float weights beside the packed codes, and
+the first forward pass allocates workspaces. :func:`resident_memory` starts a fresh
+interpreter, imports what the builder needs, reads the resident set size (RSS), builds the
+model, runs one forward pass, returns freed heap pages to the system (``malloc_trim``, so
+memory the allocator merely kept from loading is not counted) and reads the RSS again. The
+difference is the memory the running model adds. Libraries imported lazily by the builder
+(``transformers``, ``onnxruntime``) would count too: name them in ``preload``.
+
+The builder is named by ``"module:function"`` (a function importable in the child process)
+and called with JSON arguments; it returns a zero-argument callable that runs one forward
+pass. Linux only (``/proc/self/status``).
+
+Example:
+    >>> mem = resident_memory("mypkg.models:build_w4", ["out/w4"])  # doctest: +SKIP
+    >>> mem.added_mib                                                   # doctest: +SKIP
+    31.4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from compactnn.errors import CompactnnError
+
+MIB = 1024 * 1024
+_MARK = "COMPACTNN_RSS "
+# Run in the child: imports, RSS, build + one forward, trim, RSS. Prints one JSON line.
+_CHILD = r"""
+import ctypes, gc, importlib, json, sys
+import torch
+
+def rss():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    kib = {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon")}
+    return kib["VmRSS"], kib["VmHWM"], kib["RssAnon"]
+
+def trim():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+spec, args, threads, preload = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
+for name in preload:  # libraries every contender shares are not the model's memory
+    importlib.import_module(name)
+mod_name, fn_name = spec.split(":")
+builder = getattr(importlib.import_module(mod_name), fn_name)
+trim()
+before, _, anon_before = rss()
+forward = builder(*args)
+with torch.no_grad():
+    forward()
+trim()
+after, peak, anon_after = rss()
+print("COMPACTNN_RSS " + json.dumps({"before": before, "after": after, "peak": peak,
+      "anon_before": anon_before, "anon_after": anon_after}))
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidentMemory:
+    """RSS of a fresh process after its imports, and after building the model and one
+    forward pass (bytes); ``peak`` is the process's high-water mark (VmHWM); ``anon_*`` the
+    anonymous part (RssAnon: heap, tensors; not the pages of shared libraries that the
+    first forward pass touches, which VmRSS also counts)."""
+
+    before: int
+    after: int
+    peak: int
+    anon_before: int = 0
+    anon_after: int = 0
+
+    @property
+    def added(self) -> int:
+        """Bytes the built model adds to the process after one forward pass."""
+        return self.after - self.before
+
+    @property
+    def anon_added(self) -> int:
+        """Anonymous bytes (heap, tensors) the built model adds: the model's own memory."""
+        return self.anon_after - self.anon_before
+
+    @property
+    def added_mib(self) -> float:
+        """:attr:`added` in MiB."""
+        return self.added / MIB
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able numbers (bytes), with ``added``."""
+        return {**dataclasses.asdict(self), "added": self.added, "anon_added": self.anon_added}
+
+
+def resident_memory(
+    builder: str,
+    args: list[Any] | None = None,
+    *,
+    preload: tuple[str, ...] = (),
+    threads: int = 1,
+    timeout: float = 600.0,
+) -> ResidentMemory:
+    """Resident memory that a model built by ``builder`` adds once it has run one forward.
+
+    Args:
+        builder: ``"module:function"``; ``function(*args)`` builds the model (e.g. loads an
+            artifact) and returns a zero-argument callable running one forward pass.
+        args: JSON-serialisable arguments for the builder (paths, names, numbers).
+        preload: modules imported before the first reading (e.g. ``"transformers"``,
+            ``"onnxruntime"``): import them all for every contender compared, or a
+            library's own memory (hundreds of MiB for ``transformers``) counts as the model's.
+        threads: ``torch.set_num_threads`` in the child (workspaces grow with threads).
+        timeout: seconds before the child is killed.
+
+    Returns:
+        A :class:`ResidentMemory`; ``added`` is the measurement.
+
+    Raises:
+        CompactnnError: not on Linux, a malformed ``builder``, or the child failed (its
+            error output is quoted).
+    """
+    if not Path("/proc/self/status").exists():
+        raise CompactnnError("resident_memory needs Linux (/proc/self/status); not available")
+    if builder.count(":") != 1 or not all(builder.split(":")):
+        raise CompactnnError(
+            f"resident_memory builder={builder!r} must be 'module:function', e.g. "
+            "'compactnn.bench.transformers:rss_builder'"
+        )
+    payload = json.dumps([builder, list(args or []), int(threads), list(preload)])
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, payload],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise CompactnnError(
+            f"resident_memory: the child process building {builder!r} failed "
+            f"(exit {proc.returncode}): " + " | ".join(tail)
+        )
+    return ResidentMemory(**json.loads(line[len(_MARK) :]))

@@ -1,0 +1,156 @@
+"""Frozen binary blocks on integer kernels: outputs equal the simulated block up to float
+rounding of the final scale (a bound derived from alpha), sign(0) = +1, model lowering."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compactnn.deployment.binary import DeployedBinaryBlock, lower_binary_blocks
+from compactnn.engines.binary import BinaryBlock, BinaryWeight
+from compactnn.errors import CompactnnError
+from compactnn.kernels import bitconv
+
+EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="session")
+def popcount_ok():
+    try:
+        bitconv.load_extension()
+    except CompactnnError as exc:
+        pytest.skip(f"bit-packed kernel not built (no working C++ compiler): {exc}")
+
+
+def frozen_block(kind: str, layer: nn.Module, seed: int = 0) -> BinaryBlock:
+    """A trained-looking frozen block: random shift, gain, scale, bias, BN mean, RPReLU."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    b = BinaryBlock(layer, kind, BinaryWeight())
+    with torch.no_grad():
+        b.shift.copy_(torch.randn(b.shift.shape, generator=g) * 0.1)
+        b.gain.copy_(torch.rand(b.gain.shape, generator=g) + 0.5)
+        b.scale.copy_(torch.rand(b.scale.shape, generator=g) + 0.5)
+        b.layer.bias.copy_(torch.randn(b.layer.bias.shape, generator=g))
+        b.norm.running_mean.copy_(torch.randn(b.norm.running_mean.shape, generator=g))
+        if b.post is not None:
+            b.post.gamma.copy_(torch.randn(b.post.gamma.shape, generator=g) * 0.1)
+            b.post.zeta.copy_(torch.randn(b.post.zeta.shape, generator=g) * 0.1)
+    return b.eval().freeze().requires_grad_(False)
+
+
+def rounding_bound(block: BinaryBlock, x: torch.Tensor) -> tuple[float, float]:
+    """(tolerance, smallest error of one flipped sign) for a block on input ``x``.
+
+    The integer dot is exact on both paths; the simulation sums ``K`` products ``+-alpha``
+    in float32 (error at most ``K * eps * K * alpha``), the deployed one scales once. One
+    wrong sign moves an output by at least ``2 * alpha * |g|`` (times XNOR's K).
+    """
+    layer = block.layer
+    k = layer.weight[0].numel()
+    alpha = layer.weight_levels.reshape(layer.weight.shape[0], -1)[:, 1]
+    g = (block.gain * block.scale).abs()
+    kx = (
+        (x - block.shift.view(1, -1, *([1] * (x.dim() - 2)))).abs().max()
+        if block.kind == "xnor"
+        else 1.0
+    )
+    tol = float(k * k * EPS * (alpha * g).max() * kx) + 8 * EPS * float(block(x).abs().max())
+    flip = float(2 * (alpha * g).min()) * (float(kx) if block.kind != "xnor" else 0.0)
+    return tol, flip
+
+
+CASES = [
+    (nn.Conv2d, (16, 32, 3, 1, 1), (2, 16, 8, 8)),
+    (nn.Conv2d, (70, 70, 3, 2, 1), (2, 70, 9, 9)),  # channel tail, stride 2, shortcut pooled
+    (nn.Linear, (40, 20), (3, 40)),
+]
+
+
+@pytest.mark.parametrize("kernel", ["int8", "popcount"])
+@pytest.mark.parametrize("kind", ["reactnet", "bireal", "xnor"])
+@pytest.mark.parametrize("cls,args,xshape", CASES)
+def test_block_matches_simulation(kernel, kind, cls, args, xshape, request):
+    if kernel == "popcount":
+        request.getfixturevalue("popcount_ok")
+    block = frozen_block(kind, cls(*args))
+    x = torch.randn(xshape, generator=torch.Generator().manual_seed(1))
+    if x.dim() == 4:  # some inputs exactly on the threshold: sign(0) = +1
+        x[:, :, 0, :] = block.shift.view(1, -1, 1)
+    deployed = DeployedBinaryBlock(block, kernel)
+    assert deployed.deploy_leaf is True
+    with torch.no_grad():
+        ref, got = block(x), deployed(x)
+    tol, flip = rounding_bound(block, x)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= tol
+    if kind != "xnor":
+        assert tol < flip  # the bound is tight enough to catch a single wrong sign
+
+
+@pytest.mark.parametrize("kernel", ["int8", "popcount"])
+def test_sign_of_zero_is_plus_one(kernel, request):
+    """Input exactly at the shift everywhere: every sign is +1, the dot is the weight sum."""
+    if kernel == "popcount":
+        request.getfixturevalue("popcount_ok")
+    block = frozen_block("bireal", nn.Conv2d(8, 16, 3, 1, 1))
+    block.shortcut = False  # isolate the binary path
+    x = block.shift.view(1, -1, 1, 1).expand(1, 8, 5, 5).clone()
+    deployed = DeployedBinaryBlock(block, kernel)
+    layer = block.layer
+    w = layer.weight.double()  # +-alpha
+    plus = F.conv2d(torch.ones(1, 8, 5, 5, dtype=torch.float64), w, padding=1)
+    g = (block.gain * block.scale).double().view(1, -1, 1, 1)
+    want = plus * g + layer.bias.double().view(1, -1, 1, 1)
+    with torch.no_grad():
+        got = deployed(x).double()
+    assert float((got - want).abs().max()) < 1e-4
+
+
+class BinaryNet(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = frozen_block(kind, nn.Conv2d(16, 16, 3, 1, 1), seed=1)
+        self.b2 = frozen_block(kind, nn.Conv2d(16, 32, 3, 2, 1), seed=2)
+        self.head = frozen_block(kind, nn.Linear(32, 10), seed=3)
+
+    def forward(self, x):
+        y = self.b2(self.b1(self.stem(x)))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("kernel", ["int8", "popcount", "auto"])
+def test_lower_binary_blocks_on_a_model(kernel, request):
+    if kernel != "int8":
+        request.getfixturevalue("popcount_ok")
+    model = BinaryNet("reactnet").eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    fast = lower_binary_blocks(model, kernel, example=x, threads=1)
+    assert all(isinstance(getattr(model, n), BinaryBlock) for n in ("b1", "b2", "head"))
+    assert all(isinstance(getattr(fast, n), DeployedBinaryBlock) for n in ("b1", "b2", "head"))
+    assert set(fast.binary_kernels) == {"b1", "b2", "head"}
+    chosen = {s["kernel"] for s in fast.binary_kernels.values()}
+    assert chosen <= ({"int8", "popcount"} if kernel == "auto" else {kernel})
+    if kernel == "auto":
+        assert all("int8_ms" in s and "popcount_ms" in s for s in fast.binary_kernels.values())
+    with torch.no_grad():
+        ref, got = model(x), fast(x)
+    assert float((ref - got).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+def test_user_mistakes_are_named():
+    layer = nn.Conv2d(4, 4, 3, padding=1)
+    training = BinaryBlock(layer, "reactnet", BinaryWeight())
+    with pytest.raises(CompactnnError, match="freeze"):
+        DeployedBinaryBlock(training, "int8")
+    with pytest.raises(CompactnnError, match="kernel='fast'"):
+        lower_binary_blocks(nn.Sequential(), "fast")
+    block = frozen_block("reactnet", nn.Conv2d(4, 4, 3, padding=1))
+    model = nn.Sequential(block, nn.Identity())
+    skipping = nn.Module()
+    skipping.unused = block  # never called by forward: no input to verify it on
+    skipping.forward = lambda x: x
+    with pytest.raises(CompactnnError, match="not reached"):
+        lower_binary_blocks(skipping, "int8", example=torch.randn(1, 4, 5, 5))
+    assert lower_binary_blocks(model, "int8").binary_kernels == {"0": {"kernel": "int8"}}

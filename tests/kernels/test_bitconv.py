@@ -1,0 +1,113 @@
+"""The bit-packed XNOR/popcount convolution: integer results identical to a float64
+convolution of the +-1 tensors (padding, channel tails, strides), sign packing, fallback.
+
+The extension compiles once per machine (about 60-70 s the first time, then loaded from
+``~/.cache/compactnn/torch_extensions``); the compiled tests skip when no compiler exists.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from compactnn.errors import CompactnnError
+from compactnn.kernels import bitconv
+
+
+@pytest.fixture(scope="session")
+def ext():
+    try:
+        return bitconv.load_extension()
+    except CompactnnError as exc:
+        pytest.skip(f"bit-packed kernel not built (no working C++ compiler): {exc}")
+
+
+def pm1(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(torch.randn(shape, generator=g) >= 0, 1.0, -1.0)
+
+
+# (N, C, O, H, W, k, stride, padding, dilation): channel tails (70, 130, 5), O below, at and
+# above the 16-channel block, padding wider than 1, a 1x1 kernel, a 5x5 kernel
+SHAPES = [
+    (2, 70, 20, 7, 9, 3, 1, 1, 1),
+    (1, 64, 64, 8, 8, 3, 2, 1, 1),
+    (3, 130, 17, 6, 5, 3, 1, 2, 2),
+    (1, 5, 3, 4, 4, 1, 1, 0, 1),
+    (2, 128, 32, 9, 9, 5, 2, 2, 1),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_integer_output_equals_float_reference(ext, shape):
+    n, c, o, h, w, k, s, p, d = shape
+    x, wt = pm1((n, c, h, w), 0), pm1((o, c, k, k), 1)
+    got = bitconv.bitconv2d(x, wt, s, p, d)
+    ref = F.conv2d(x.double(), wt.double(), stride=s, padding=p, dilation=d)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.double(), ref)
+
+
+def test_zero_padding_counts_zero_not_minus_one(ext):
+    # all +1 input and weights: a corner pixel of a 3x3 conv sees 4 valid taps of 70
+    y = bitconv.bitconv2d(torch.ones(1, 70, 4, 4), torch.ones(2, 70, 3, 3), padding=1)
+    assert (
+        int(y[0, 0, 0, 0]) == 4 * 70
+        and int(y[0, 0, 1, 1]) == 9 * 70
+        and int(y[0, 0, 0, 1]) == 6 * 70
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("out_channels", [16, 19])
+def test_signs_of_shifted_float_input_and_scaled_output(ext, channels_last, out_channels):
+    """Packing computes sign(x - shift) with sign(0) = +1 and NaN -> -1 on both memory
+    layouts; the float output is dot * scale + bias."""
+    g = torch.Generator().manual_seed(3)
+    c = 40
+    x = torch.randn(2, c, 6, 6, generator=g)
+    shift = torch.randn(c, generator=g) * 0.3
+    x[:, :, 0, :] = shift.view(1, c, 1)  # exactly on the threshold: +1
+    x[0, 3, 2, 2] = float("nan")  # NaN >= 0 is false: -1, as torch.where(x >= 0, ...)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = pm1((out_channels, c, 3, 3), 4)
+    conv = bitconv.BitConv2d(w > 0, (1, 1), (1, 1), (1, 1))
+    signs = torch.where(x - shift.view(1, c, 1, 1) >= 0, 1.0, -1.0).double()
+    ref = F.conv2d(signs, w.double(), padding=1)
+    assert torch.equal(conv(x, shift).double(), ref)
+    scale = torch.rand(out_channels, generator=g) + 0.1
+    bias = torch.randn(out_channels, generator=g)
+    y = conv(x, shift, scale, bias)
+    want = ref * scale.double().view(1, -1, 1, 1) + bias.double().view(1, -1, 1, 1)
+    assert y.dtype == torch.float32
+    assert float((y.double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+
+
+def test_pack_bits_bit_order():
+    bits = torch.zeros(2, 70, dtype=torch.uint8)
+    bits[0, 0] = bits[0, 63] = bits[1, 64] = bits[1, 69] = 1
+    words = bitconv.pack_bits(bits)
+    assert words.shape == (2, 2)
+    assert int(words[0, 0]) == 1 + (1 << 63) - (1 << 64)  # bit 63 set: negative as int64
+    assert int(words[0, 1]) == 0 and int(words[1, 0]) == 0
+    assert int(words[1, 1]) == 1 + (1 << 5)
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(bitconv, "_EXT", None)
+    monkeypatch.setattr(bitconv, "_ERROR", None)
+    monkeypatch.setattr(bitconv.shutil, "which", lambda *_: None)
+    with pytest.raises(CompactnnError, match=r"C\+\+ compiler.*kernel='int8'"):
+        bitconv.load_extension()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert bitconv.available(warn=True) is False
+    assert any("int8 kernels instead" in str(w.message) for w in caught)
+
+
+def test_wrong_input_channels_named(ext):
+    conv = bitconv.BitConv2d(torch.ones(4, 8, 3, 3, dtype=torch.bool), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(CompactnnError, match=r"\(N, 8, H, W\)"):
+        conv(torch.randn(1, 9, 5, 5), torch.zeros(9))

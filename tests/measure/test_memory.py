@@ -1,0 +1,57 @@
+"""Resident memory of a running model, measured in a fresh process."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from compactnn.errors import CompactnnError
+from compactnn.measure.memory import MIB, resident_memory
+
+BUILDERS = textwrap.dedent(
+    """
+    import torch
+
+    KEPT = []
+
+    def hold(mib):
+        # a "model" holding exactly `mib` MiB of weights, touched so the pages are resident
+        w = torch.ones(mib * 1024 * 1024 // 4)
+        KEPT.append(w)
+        return lambda: w.sum()
+
+    def transient(mib):
+        # loads `mib` MiB, keeps nothing: freed memory must not be counted
+        w = torch.ones(mib * 1024 * 1024 // 4)
+        del w
+        return lambda: None
+
+    def broken():
+        raise RuntimeError("no such artifact: out/missing")
+    """
+)
+
+
+@pytest.fixture
+def builders(tmp_path, monkeypatch):
+    (tmp_path / "rss_builders.py").write_text(BUILDERS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return "rss_builders"
+
+
+def test_held_weights_are_counted_and_freed_ones_are_not(builders):
+    held = resident_memory(f"{builders}:hold", [48], preload=("json",))
+    assert abs(held.added - 48 * MIB) < 6 * MIB, held
+    assert held.peak >= held.after >= held.before > 0
+    freed = resident_memory(f"{builders}:transient", [48])
+    assert freed.added < 6 * MIB, freed
+    assert freed.peak - freed.before > 40 * MIB  # it did load them: the high-water mark shows it
+    assert held.to_dict()["added"] == held.added
+
+
+def test_bad_builder_names_the_problem(builders):
+    with pytest.raises(CompactnnError, match="module:function"):
+        resident_memory("rss_builders.hold")
+    with pytest.raises(CompactnnError, match="no such artifact"):
+        resident_memory(f"{builders}:broken")
