@@ -41,11 +41,15 @@ def builders(tmp_path, monkeypatch):
 
 
 def test_held_weights_are_counted_and_freed_ones_are_not(builders):
-    held = resident_memory(f"{builders}:hold", [48], preload=("json",))
-    assert abs(held.added - 48 * MIB) < 6 * MIB, held
+    # the first torch call also maps kernels and thread stacks (a few MiB that vary with the
+    # machine): the difference between two holds cancels that fixed cost
+    held = resident_memory(f"{builders}:hold", [64], preload=("json",))
+    small = resident_memory(f"{builders}:hold", [16], preload=("json",))
+    assert abs((held.added - small.added) - 48 * MIB) < 4 * MIB, (held, small)
+    assert held.added >= 64 * MIB - 2 * MIB, held
     assert held.peak >= held.after >= held.before > 0
     freed = resident_memory(f"{builders}:transient", [48])
-    assert freed.added < 6 * MIB, freed
+    assert freed.added < small.added - 12 * MIB, (freed, small)  # 48 MiB freed, 16 held
     assert freed.peak - freed.before > 40 * MIB  # it did load them: the high-water mark shows it
     assert held.to_dict()["added"] == held.added
 

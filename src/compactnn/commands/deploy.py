@@ -1,4 +1,4 @@
-"""``compactnn deploy MODEL_OR_ARTIFACT``: run a w8a8 model on integer kernels, verified."""
+"""``compactnn deploy MODEL_OR_ARTIFACT``: run a compressed model on integer kernels, verified."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from compactnn.deployment.api import BACKENDS
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
+from compactnn.measure.float_paths import fastest_float_path
 from compactnn.measure.quality import evaluate
-from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS, time_model
+from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS
 from compactnn.model_io import resolve_data, skeleton_for
 
 
@@ -116,15 +117,18 @@ def run(args: argparse.Namespace) -> int:
 
         result = export_onnx(qmodel, args.onnx, example, tolerance=args.tolerance)
         print(f"wrote {args.onnx}: {result}")
-    times = {
-        label: time_model(m, example, threads=args.threads, runs=args.runs)
-        for label, m in (("float", loaded.model), ("simulated", qmodel), ("deployed", deployed))
-    }
-    base = times["float"].median_s
+    paths = fastest_float_path(
+        loaded.model, example, quick=True, threads=args.threads, runs=args.runs,
+        extra={"simulated": qmodel, "deployed": deployed},
+    )  # fmt: skip
+    base = paths.best.median_s
     batch = batch_size_of(example)
-    print(f"latency: median of {args.runs} runs, batch {batch}, {args.threads} threads:")
-    for label, t in times.items():
-        print(f"  {label:<10} {t.fmt():>24}  {base / t.median_s:5.2f}x vs float eager")
+    print(
+        f"latency: median of {args.runs} runs, batch {batch}, {args.threads} threads, every "
+        "contender timed side by side (rotating blocks):"
+    )
+    for label, t in paths.timings.items():
+        print(f"  {label:<14} {t.fmt():>24}  {base / t.median_s:5.2f}x vs {paths.winner}")
     if labels is not None:
         progress = not args.no_progress
         sim_q = evaluate(qmodel, (inputs, labels), progress=progress)
