@@ -139,6 +139,28 @@ def test_lower_binary_blocks_on_a_model(kernel, request):
     assert float((ref - got).abs().max()) <= 1e-4 * float(ref.abs().max())
 
 
+def test_deploy_runs_a_binary_model_end_to_end(popcount_ok):
+    """compactnn.deploy lowers the blocks (int8 or popcount, per block), traces the rest,
+    verifies the whole model and refuses ONNX Runtime."""
+    import warnings
+
+    import compactnn
+
+    model = BinaryNet("reactnet").eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = compactnn.deploy(model, "onednn", example=x)
+        with pytest.raises(CompactnnError, match="binary blocks"):
+            compactnn.deploy(model, "onnxruntime", example=x)
+    assert fast.verification.passed and fast.kept_float == {}
+    assert set(fast.binary_kernels) == {"b1", "b2", "head"}
+    with torch.no_grad():
+        ref, got = model(x), fast(x)
+    assert float((ref - got).abs().max()) <= 1e-4 * float(ref.abs().max())
+    assert isinstance(model.b1, BinaryBlock)  # the user's model is untouched
+
+
 def test_user_mistakes_are_named():
     layer = nn.Conv2d(4, 4, 3, padding=1)
     training = BinaryBlock(layer, "reactnet", BinaryWeight())

@@ -43,7 +43,10 @@ class _Builder:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.root = copy.deepcopy(plan.gm)  # float ops keep running on their own modules
+        # float ops keep running on their own modules (a copy); modules already lowered
+        # (deploy_leaf: binary blocks with prepacked kernels) are shared, not copied
+        shared = {id(m): m for m in plan.gm.modules() if getattr(m, "deploy_leaf", False)}
+        self.root = copy.deepcopy(plan.gm, shared)
         self.graph = fx.Graph()
         self.env: dict[fx.Node, tuple[fx.Node, QParams | str]] = {}
         self.cache: dict[tuple[fx.Node, object], fx.Node] = {}

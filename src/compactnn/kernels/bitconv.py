@@ -166,7 +166,12 @@ class BitConv2d(nn.Module):
         wt, wpc = pack_weight(weight_bits)
         self.register_buffer("weight_words", wt)
         self.register_buffer("tap_popcount", wpc)
-        self.ext = load_extension()
+        load_extension()  # build (or find) it now: a missing compiler fails here, not later
+
+    @property
+    def ext(self):
+        """The compiled extension (a module: not stored, so the layer deep-copies)."""
+        return load_extension()
 
     def forward(self, x, shift, scale=None, bias=None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
