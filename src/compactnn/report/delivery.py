@@ -68,6 +68,9 @@ def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | Non
         return fast, f"kernels {info['dtype']}"
     deployed = compactnn.deploy(model, example=example, backend="auto")
     runtime = RUNTIME_NAMES.get(deployed.backend, deployed.backend)
+    kernels = {k["kernel"] for k in (getattr(deployed, "binary_kernels", None) or {}).values()}
+    if "popcount" in kernels:  # binary blocks on the bit-packed kernel
+        runtime += " + popcount"
     if deployed.kept_float:
         runtime += f" ({len(deployed.kept_float)} layers float)"
     return deployed, runtime
