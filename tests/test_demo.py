@@ -99,6 +99,13 @@ def test_demo_writes_the_four_files(demo):
     assert "| tiny | w4a8 |" in (out / "report.md").read_text()
 
 
+def test_demo_artifacts_record_their_reference_by_name(demo):
+    """So `compactnn eval out/demo/artifacts/<model>/<recipe>` needs no --model."""
+    out, _ = demo
+    header = json.loads((out / "artifacts" / "tiny" / "w4a8" / "compactnn.json").read_text())
+    assert header["extra"]["source"] == {"kind": "reference", "model": "tiny"}
+
+
 def test_demo_refuses_existing_report_without_force(demo):
     out, _ = demo
     with pytest.raises(CompactnnError, match="--force"):

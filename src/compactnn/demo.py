@@ -106,6 +106,8 @@ def measure_recipe(
         model = compactnn.compress(ref.model, recipe, calib_data=ref.calib, progress=False)
     compress_s = time.perf_counter() - t0 if trained is None else trained["train_s"]
     path = out / "artifacts" / name / recipe
+    if recipe != FLOAT:  # the reference by name: `compactnn eval ARTIFACT` needs no --model
+        model._compactnn.setdefault("extra", {})["source"] = {"kind": "reference", "model": name}
     compactnn.save(model, path, force=True)
     info = compactnn.info_of(model)
     row = {
