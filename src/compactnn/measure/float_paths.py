@@ -124,14 +124,17 @@ class _CompileTimeout(Exception):
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Raise :class:`_CompileTimeout` after ``seconds`` (main thread on Unix; else no limit)."""
+def _time_limit(seconds: float, state: dict[str, bool]):
+    """Raise :class:`_CompileTimeout` after ``seconds`` and set ``state["fired"]`` (main
+    thread on Unix; else no limit). The flag matters: the alarm can fire inside
+    ``torch._dynamo``, which re-raises it wrapped in its own error type."""
     usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
     if not usable:
         yield
         return
 
     def on_alarm(_signum, _frame):
+        state["fired"] = True
         raise _CompileTimeout
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -149,11 +152,14 @@ def compiled(model: nn.Module, example: Any, timeout_s: float = COMPILE_TIMEOUT_
     Raises :class:`TimeoutError` when compilation takes longer.
     """
     fn = torch.compile(model)
+    state = {"fired": False}
     try:
-        with _time_limit(timeout_s), torch.no_grad():
+        with _time_limit(timeout_s, state), torch.no_grad():
             call_model(fn, example)
-    except _CompileTimeout:
-        raise TimeoutError(f"did not compile within {timeout_s:.0f} s") from None
+    except Exception:
+        if state["fired"]:  # _CompileTimeout, possibly wrapped by torch._dynamo
+            raise TimeoutError(f"did not compile within {timeout_s:.0f} s") from None
+        raise
     return fn
 
 
