@@ -24,7 +24,6 @@ Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench.deploy_recipes [model .
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 import compactnn
+from compactnn.measure.timing import model_call, time_blocks
 
 MODELS = ("mnist-cnn", "digits-resnet")
 RECIPES = (
@@ -113,23 +113,12 @@ def measure_recipe(ref, recipe: str, *, trained: bool = False, keep: dict | None
     )
 
 
-def time_models(models: dict, example: torch.Tensor, rounds: int = 3, calls: int = 5) -> dict:
-    """Median milliseconds per call of each model: blocks of ``calls`` after a pause, in
-    ``rounds`` rounds of rotating order (never single calls interleaved)."""
-    names = list(models)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    with torch.no_grad():
-        for m in models.values():
-            m(example)
-            m(example)
-        for r in range(rounds):
-            for k in names[r % len(names) :] + names[: r % len(names)]:
-                time.sleep(0.05)
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    models[k](example)
-                    times[k].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+def time_models(models: dict, example: torch.Tensor) -> dict:
+    """Median milliseconds per call of each model, timed side by side in rotating blocks
+    (:func:`compactnn.measure.timing.time_blocks`: 2 warm-ups, 15 calls in 3 rounds)."""
+    calls = {k: model_call(m, example) for k, m in models.items()}
+    timings = time_blocks(calls, warmup=2, runs=15, threads=THREADS, pause_s=0.05)
+    return {k: 1000 * t.median_s for k, t in timings.items()}
 
 
 def measure_all(

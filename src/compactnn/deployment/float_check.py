@@ -5,9 +5,6 @@ is faster than the int8 model."""
 from __future__ import annotations
 
 import copy
-import io
-import statistics
-import time
 import warnings
 from typing import Any
 
@@ -15,11 +12,11 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
-from compactnn.core.calib import call_model
 from compactnn.core.modules import set_module
-from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qlayers import ActQuantizer, conv_kwargs, is_quant_layer
 from compactnn.errors import CompactnnError
+from compactnn.measure.float_paths import ort_float
+from compactnn.measure.timing import model_call, time_blocks
 
 FLOAT_CONTENDERS = ("fp32-onnxruntime", "fp32-eager")  # timed beside the int8 backends
 FLOAT_MARGIN = 1.1  # float must win by more than 10% before deploy says so
@@ -65,42 +62,20 @@ def float_contenders(sim: nn.Module, example: Any) -> dict[str, Any]:
     except CompactnnError:  # not installed: nothing to compare with
         return {"fp32-eager": fmodel}
     try:
-        out["fp32-onnxruntime"] = ort_float(fmodel, example)
+        out["fp32-onnxruntime"] = ort_float(fmodel, example)  # measure.float_paths
     except Exception as e:  # an optional peer: a failure costs the comparison, not the deploy
         warnings.warn(f"deploy: ONNX Runtime fp32 not timed ({e})", stacklevel=3)
     out["fp32-eager"] = fmodel
     return out
 
 
-def ort_float(fmodel: nn.Module, example: Any) -> Any:
-    from compactnn.export.ort import ort_callable
-
-    buf = io.BytesIO()
-    export_dynamic(fmodel, example, buf)
-    run = ort_callable(buf.getvalue())
-    return (lambda **kw: run(**kw)) if isinstance(example, dict) else run
-
-
 def time_contenders(contenders: dict[str, Any], example: Any) -> dict[str, float]:
-    """Median seconds per call of each contender on ``example``.
-
-    Each contender runs in its own block of calls after a short pause, in three rounds of
-    rotating order (shared/BENCHMARKING.md): interleaving single calls lets one runtime's
-    spinning threads starve the next. One warm-up and 6 timed calls per contender.
-    """
-    names = list(contenders)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    with torch.no_grad():
-        for m in contenders.values():
-            call_model(m, example)  # warm-up
-        for r in range(3):
-            for k in names[r % len(names) :] + names[: r % len(names)]:
-                time.sleep(0.01)
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    call_model(contenders[k], example)
-                    times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds per call of each contender on ``example``: the library's
+    rotating-block protocol (:func:`compactnn.measure.timing.time_blocks`), kept short for a
+    deploy: one warm-up and 6 timed calls per contender in 3 rounds, current threads."""
+    calls = {k: model_call(m, example) for k, m in contenders.items()}
+    timings = time_blocks(calls, warmup=1, runs=6, threads=None, pause_s=0.01)
+    return {k: t.median_s for k, t in timings.items()}
 
 
 _FLOAT_ADVICE = {

@@ -66,7 +66,8 @@ def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | Non
         if not info["swapped"]:
             return None, "to_kernels found no layer it runs on kernels"
         return fast, f"kernels {info['dtype']}"
-    deployed = compactnn.deploy(model, example=example, backend="auto")
+    # the report times every float path itself, side by side: deploy need not time them too
+    deployed = compactnn.deploy(model, example=example, backend="auto", time_float=False)
     runtime = RUNTIME_NAMES.get(deployed.backend, deployed.backend)
     kernels = {k["kernel"] for k in (getattr(deployed, "binary_kernels", None) or {}).values()}
     if "popcount" in kernels:  # binary blocks on the bit-packed kernel
