@@ -150,10 +150,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("compactnn.recipe", "compactnn.lowering", "compactnn.distill", "compactnn.kernels"),
     ("compactnn.engines", "compactnn.quant", "compactnn.prune"),  # shared modules
     ("<methods>",),
-    ("compactnn.methods", "compactnn.export"),
+    ("compactnn.methods", "compactnn.export", "compactnn.streaming"),
     ("compactnn.api",),
-    ("compactnn.training", "compactnn.measure", "compactnn.safe_pt2"),
+    ("compactnn.training", "compactnn.measure", "compactnn.safe_pt2", "compactnn.datafree"),
     ("compactnn.deployment",),
+    ("compactnn.search",),  # mixed precision: measures deployed latency, runs compress
     # the application: command line, reference models and data, demo, report, benchmarks
     (
         "compactnn.model_io",
