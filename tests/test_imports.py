@@ -154,7 +154,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("compactnn.api",),
     ("compactnn.training", "compactnn.measure", "compactnn.safe_pt2", "compactnn.datafree"),
     ("compactnn.deployment",),
-    ("compactnn.search",),  # mixed precision: measures deployed latency, runs compress
+    ("compactnn.mixed_precision",),  # mixed precision: measures deployed latency, runs compress
     # the application: command line, reference models and data, demo, report, benchmarks
     (
         "compactnn.model_io",

@@ -55,6 +55,7 @@ def _doc_rows(doc: str) -> dict[str, list[str]]:
 
 
 FLOAT_ROW_NAMES = {"fp32 eager", *FLOAT_PATH_NAMES.values()}
+INT8_RUNTIMES = {"oneDNN int8", "ONNX Runtime int8"}
 
 
 @pytest.mark.slow
@@ -79,8 +80,9 @@ def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
         doc_row = documented[label]
         if label == "float":  # the fastest float path of this machine's run names the row
             assert row[1] in FLOAT_ROW_NAMES, row
-        else:
-            assert row[:2] == doc_row[:2], (row, doc_row)
+        else:  # deploy(auto) keeps the faster verified backend of this machine's run
+            assert row[0] == doc_row[0], (row, doc_row)
+            assert row[1] == doc_row[1] or {row[1], doc_row[1]} <= INT8_RUNTIMES, (row, doc_row)
         assert _close(row[2], doc_row[2]) and _close(row[3], doc_row[3]), (row, doc_row)
         for got, want in zip(row[4:6], doc_row[4:6], strict=True):
             assert abs(_number(got) / _number(want) - 1) <= 0.01, (row, doc_row)

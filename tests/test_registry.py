@@ -58,7 +58,9 @@ def tiny_cnn() -> tuple[nn.Module, list[torch.Tensor]]:
 
 # Methods that need a transformer's repeated blocks (or whose N:M groups need widths the
 # tiny CNN's first conv, 27 inputs, lacks) run on a 2-layer random Llama; the rest on the CNN.
-TRANSFORMER_METHODS = {"awq", "gptq", "gptq_tune", "nm", "smoothquant", "sparsegpt", "wanda"}
+TRANSFORMER_METHODS = {
+    "awq", "gptq", "gptq_tune", "nm", "probe", "smoothquant", "sparsegpt", "ternarybert", "wanda"
+}  # fmt: skip
 
 # The default config of each method, with iteration counts cut where the default would
 # take seconds (the default itself must still construct: test_default_configs_...).
@@ -69,9 +71,11 @@ SMALL = {
     "dns": {"surgery_steps": 10, "finetune_steps": 5, "frequency": 5},
     "gradual": {"end_step": 10, "frequency": 5, "finetune_steps": 5},
     "gptq_tune": {"tune_steps": 5, "e2e_steps": 5},
+    "ternarybert": {"steps": 3},
 }
 # Float transforms: they change weights but neither quantize nor prune.
 FLOAT_METHODS = {"cle"}
+DYNAMIC_METHODS = {"probe"}  # weights kept; which channels run is chosen per batch
 PRUNE_METHODS = {"channel", "dns", "gradual", "magnitude", "nm", "sparsegpt", "wanda"}
 CASES = {name: SMALL.get(name, {}) for name in ALL_METHODS}
 
@@ -205,6 +209,8 @@ def test_method_end_to_end(name, tmp_path):
     if name in FLOAT_METHODS:
         assert not quantized
         torch.testing.assert_close(run(compressed, calib[0]), run(float_model, calib[0]))
+    elif name in DYNAMIC_METHODS:
+        assert not torch.allclose(run(compressed, calib[0]), run(float_model, calib[0]))
     elif name in PRUNE_METHODS:
         n_before = sum(p.numel() for p in float_model.parameters())
         n_after = sum(p.numel() for p in compressed.parameters())

@@ -20,13 +20,16 @@ from compactnn.export.artifact import artifact_digest
 from compactnn.kernels.ort_nbits import to_ort_nbits
 from compactnn.kernels.swap import to_kernels
 from compactnn.measure import evaluate  # labelled quality: top-1 or a metric
+from compactnn.mixed_precision import Budget, SearchResult, search  # subpackage: mixed_precision
 from compactnn.recipe import Recipe, Step, resolve_recipe
 from compactnn.training import train  # the subpackage is `training`: nothing is shadowed
 
 __all__ = [
     "ArtifactError",
+    "Budget",
     "CompactnnError",
     "Recipe",
+    "SearchResult",
     "Step",
     "artifact_digest",
     "compress",
@@ -38,6 +41,7 @@ __all__ = [
     "resolve_recipe",
     "save",
     "save_deployed",
+    "search",
     "to_kernels",
     "to_ort_nbits",
     "train",

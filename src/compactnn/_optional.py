@@ -17,7 +17,7 @@ from types import ModuleType
 
 from compactnn.errors import CompactnnError
 
-EXTRAS = ("hf", "onnx", "demo", "bench", "test", "all")
+EXTRAS = ("hf", "onnx", "export", "demo", "bench", "test", "all")
 
 
 def require(module: str, extra: str) -> ModuleType:

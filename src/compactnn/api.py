@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, select_module
 from compactnn.core.qlayers import ActQuantizer, has_integer_weight
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import info_of, load, save
+from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
 from compactnn.quant.base import QuantConfig, calibrate_activations, quantize_embeddings
 from compactnn.recipe import Recipe, Step, resolve_recipe
@@ -29,7 +31,7 @@ __all__ = ["compress", "info_of", "load", "save"]
 
 
 def compress(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     recipe: str | Recipe,
     calib_data: Any = None,
     *,
@@ -37,8 +39,18 @@ def compress(
     progress: bool = True,
     inplace: bool = False,
     ignore: Sequence[str] = (),
-) -> nn.Module:
+    max_memory: str | int | None = None,
+    out: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Any:
     """Compress ``model`` with ``recipe`` and return the compressed model.
+
+    With ``max_memory`` (``"512MiB"``), ``model`` is a Hugging Face model directory of
+    safetensors shards: it is compressed block by block without ever being whole in memory,
+    the artifact is written to ``out`` as it goes (``force`` replaces one there), an
+    interrupted run resumes from its last finished block, and a
+    :class:`~compactnn.streaming.StreamReport` (digest, peak resident memory) is returned
+    instead of a model (:mod:`compactnn.streaming`; weight-only GPTQ and AWQ recipes).
 
     Args:
         model: a trained float PyTorch model; it is deep-copied and never changed unless
@@ -56,10 +68,49 @@ def compress(
     Example:
         >>> qmodel = compactnn.compress(model, "w4a8", calib_data=images)  # doctest: +SKIP
         >>> sparse = compactnn.compress(model, "nm2:4", ignore=["conv1"])  # doctest: +SKIP
+        >>> compactnn.compress("llama/", "w4-g128-gptq", calib_data=ids, max_memory="512MiB",
+        ...                    out="out/llama-w4")  # doctest: +SKIP
     """
+    if max_memory is not None:
+        if isinstance(model, nn.Module):
+            raise CompactnnError(
+                "max_memory= streams a model from its files: pass the Hugging Face model "
+                "directory (save_pretrained) instead of the loaded model."
+            )
+        from compactnn.streaming import compress_streamed
+
+        return compress_streamed(
+            model,
+            recipe,
+            calib_data,
+            max_memory=max_memory,
+            out=out,
+            compress_model=_compress,
+            seed=seed,
+            progress=progress,
+            ignore=ignore,
+            force=force,
+        )
     if not isinstance(model, nn.Module):
         raise CompactnnError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     _check_tensors(model)
+    return _compress(
+        model, recipe, calib_data, seed=seed, progress=progress, inplace=inplace, ignore=ignore
+    )
+
+
+def _compress(
+    model: nn.Module,
+    recipe: str | Recipe,
+    calib_data: Any,
+    *,
+    seed: int,
+    progress: bool,
+    inplace: bool,
+    ignore: Sequence[str],
+) -> nn.Module:
+    """The body of :func:`compress` once the model is checked (streaming calls it on a
+    skeleton whose blocks are loaded one at a time)."""
     recipe = with_ignored(resolve_recipe(recipe), model, ignore)
     torch.manual_seed(seed)
     qmodel = model if inplace else copy.deepcopy(model)
@@ -99,7 +150,7 @@ def compress(
         "notes": ctx.notes,
         "extra": ctx.extra,
     }
-    return qmodel
+    return install_save_pretrained(qmodel)  # HF models: never a dequantized float folder
 
 
 def _uncalibrated(model: nn.Module) -> list[ActQuantizer]:

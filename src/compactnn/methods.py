@@ -1,6 +1,6 @@
 """Imports every method file once, so each registers its handler. Add a method here."""
 
-from compactnn.prune import channel, dns, gradual, magnitude, nm, sparsegpt, wanda  # noqa: F401
+from compactnn.prune import channel, dns, gradual, magnitude, nm, probe, sparsegpt, wanda  # noqa: F401
 from compactnn.quant import (  # noqa: F401
     adaround,
     awq,
@@ -10,6 +10,8 @@ from compactnn.quant import (  # noqa: F401
     brecq,
     cle,
     dorefa,
+    elq,
+    ffn,
     gptq,
     gptq_tune,
     inq,
@@ -18,8 +20,13 @@ from compactnn.quant import (  # noqa: F401
     qdrop,
     reactnet,
     rtn,
+    sibnn,
+    sketch,
     smoothquant,
     ste,
+    subbit,
+    ternarybert,
+    tsq,
     ttq,
     twn,
     xnor,

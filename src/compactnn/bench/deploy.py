@@ -6,7 +6,9 @@ statistics set by training-mode passes so activations are not degenerate), at 22
 ONNX Runtime's own static int8 (``quantize_static``, QDQ, per-channel), PyTorch's FX-mode x86
 int8 (its own calibration), and ``compactnn.deploy`` of the ``w8a8`` model (oneDNN, both
 residual modes, the ONNX Runtime backend, oneDNN on the model with quantized residuals, and
-that graph run by the execution plan of :mod:`compactnn.deployment.runner`). Every contender
+that graph run by the execution plan of :mod:`compactnn.deployment.runner`, and the ONNX
+Runtime backend on ``quantize_residuals(grids="all")``; in a full run also that one and
+``quantize_static``'s file in sessions whose threads spin). Every contender
 is timed in its own block of calls after a pause, three rounds in rotating order
 (:func:`compactnn.bench.peers.time_blocks`); ratios are to the fastest float path and to the
 fastest int8 peer of the same run. Then the reference CNNs: top-1 of the deployed model itself
@@ -41,6 +43,10 @@ QRES = "compactnn int8 onednn, quantized residuals"
 PLAN = "compactnn int8 onednn, quantized residuals, plan"
 POLICY = "OMP_WAIT_POLICY"
 PEER_INT8 = "ort-static-int8"
+PEER_SPIN = "ort-static-int8, spinning"
+ORT_ALL = "compactnn int8 ort, all adds quantized"
+ORT_ALL_SPIN = "compactnn int8 ort, all adds quantized, spinning"
+OURS = (PLAN, QRES, ORT_ALL)  # compactnn's int8 paths with the peers' thread policy
 # (model, input size): the full run; --quick times the 64x64 pair only
 SHAPES_FULL = (
     ("resnet18", 224),
@@ -77,7 +83,7 @@ def _vision_model(name: str, size: int = 224) -> nn.Module:
 
 def _contenders(model: nn.Module, calib: torch.Tensor, example: torch.Tensor, quick: bool) -> dict:
     """name -> callable model, or an error message (a peer failing is a finding)."""
-    from compactnn.bench.peers import PeerResult, float_paths, fx_x86_int8, ort_models
+    from compactnn.bench.peers import OrtModule, PeerResult, float_paths, fx_x86_int8, ort_models
 
     out: dict[str, Any] = {}
     peers = {
@@ -87,11 +93,14 @@ def _contenders(model: nn.Module, calib: torch.Tensor, example: torch.Tensor, qu
     for k, v in peers.items():
         if k != "ort-dynamic-int8":
             out[k] = v.model if isinstance(v, PeerResult) else v
+    static = out.get(PEER_INT8)
+    if not quick and not isinstance(static, str | None):  # the same file, threads spinning
+        out[PEER_SPIN] = OrtModule(static.path, THREADS, static.input_names, False, spinning=True)
     try:
         out["torch-x86-int8 (FX)"] = fx_x86_int8(model, calib).model
     except Exception as e:
         out["torch-x86-int8 (FX)"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    labels = (QRES, PLAN) if quick else None
+    labels = (QRES, PLAN, ORT_ALL) if quick else None
     out.update(_compactnn_contenders(model, calib, labels=labels))
     return out
 
@@ -101,25 +110,74 @@ def _compactnn_contenders(model: nn.Module, calib: torch.Tensor, labels=None) ->
     from compactnn.deployment import quantize_residuals
 
     qmodel = compactnn.compress(model, "w8a8", calib_data=calib, progress=False)
-    sims = {"w8a8": qmodel, "w8a8 + quantized residuals": quantize_residuals(qmodel, calib)}
+    sims = {
+        "w8a8": qmodel,
+        "w8a8 + quantized residuals": quantize_residuals(qmodel, calib),
+        "w8a8 + all adds quantized": quantize_residuals(qmodel, calib, grids="all", output=True),
+    }
     out: dict[str, Any] = {"_sim": qmodel}
     for label, sim, kw in (
         ("compactnn int8 onednn", "w8a8", {"backend": "onednn", "residual": "exact"}),
         ("compactnn int8 onednn fast", "w8a8", {"backend": "onednn", "residual": "fast"}),
         ("compactnn int8 ort", "w8a8", {"backend": "onnxruntime"}),
         (QRES, "w8a8 + quantized residuals", {"backend": "onednn"}),
+        (ORT_ALL, "w8a8 + all adds quantized", {"backend": "onnxruntime"}),
     ):
         if labels is not None and label not in labels:
             continue
+        # grids="all" has ~3x more roundings: on random weights one-code flips compound
+        # further (measured: MobileNetV3-Small 64x64, 13.5 steps); the gap is printed below
+        tol = SPEED_TOLERANCE * (4 if label == ORT_ALL else 1)
         try:
-            out[label] = compactnn.deploy(
-                sims[sim], example=calib[:8], tolerance=SPEED_TOLERANCE, **kw
-            )
+            out[label] = compactnn.deploy(sims[sim], example=calib[:8], tolerance=tol, **kw)
         except Exception as e:
             out[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if (labels is None or PLAN in labels) and not isinstance(out.get(QRES), str | None):
         out[PLAN] = _planned(out[QRES], sims["w8a8 + quantized residuals"], calib[:8])
+    if labels is None and not isinstance(out.get(ORT_ALL), str | None):
+        out[ORT_ALL_SPIN] = _spinning(out[ORT_ALL])
     return out
+
+
+def _spinning(deployed: Any) -> Any:
+    """The same ONNX Runtime deployment in a session whose idle threads spin."""
+    from compactnn.deployment.api import DeployedModel
+    from compactnn.export.ort import ort_callable
+
+    run = ort_callable(deployed.onnx_bytes, THREADS, spinning=True)
+    spin = DeployedModel(run, "onnxruntime", deployed.kept_float)
+    spin.verification = deployed.verification  # same file, same kernels
+    return spin
+
+
+def _graph_lines(models: dict[str, Any]) -> list[str]:
+    """Op counts of the graphs ONNX Runtime runs: ours (all adds quantized) and the peer's."""
+    from compactnn.export.ort import optimized_graph
+
+    rows = []
+    for label, m in ((ORT_ALL, models.get(ORT_ALL)), (PEER_INT8, models.get(PEER_INT8))):
+        source = getattr(m, "onnx_bytes", None) or getattr(m, "path", None)
+        if source is None:
+            continue
+        counts: dict[str, int] = {}
+        for node in optimized_graph(source).graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        rows.append(f"{label}: {ops}")
+    if not rows:
+        return []
+    return ["Optimized ONNX Runtime graphs (node counts): " + "; ".join(rows) + ".", ""]
+
+
+def _winner_line(models: dict[str, Any], timed: dict[int, tuple[dict, dict]]) -> list[str]:
+    """The fastest int8 contender of each batch, compactnn's or a peer's."""
+    parts = []
+    for b, (wall, _cpu) in timed.items():
+        ints = [k for k in wall if k not in FLOAT_PATHS and not isinstance(models.get(k), str)]
+        if ints:
+            best = min(ints, key=lambda k: statistics.median(wall[k]))
+            parts.append(f"batch {b}: {best} ({statistics.median(wall[best]) * 1e3:.1f} ms)")
+    return ["Fastest int8 contender: " + "; ".join(parts) + ".", ""] if parts else []
 
 
 def _planned(deployed: Any, sim: nn.Module, example: torch.Tensor) -> Any:
@@ -177,6 +235,8 @@ def _table(name: str, models: dict[str, Any], timed: dict[int, tuple[dict, dict]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += _peer_lines(timed)
+    lines += _winner_line(models, timed)
+    lines += _graph_lines(models)
     lines.append(
         "Fastest float path: "
         + ", ".join(f"batch {b}: {best[b]} (by CPU time: {best_cpu[b]})" for b in timed)
@@ -195,7 +255,7 @@ def _peer_lines(timed: dict[int, tuple[dict, dict]]) -> list[str]:
     ``quantize_static`` model, per batch (their median time / ours: > 1 means we are faster)."""
     parts, static = [], []
     for b, (wall, cpu) in timed.items():
-        ours = [k for k in (PLAN, QRES) if k in wall]
+        ours = [k for k in OURS if k in wall]
         peers = [k for k in INT8_PEERS if k in wall]
         if not ours or not peers:
             continue
@@ -255,6 +315,14 @@ def _reference_accuracy() -> list[str]:
             f"| `{name}` | {top1[0]:.2f} | {top1[1]:.2f} | {top1[2]:.2f} ({dep.backend}) | "
             f"{top1[3]:.2f} ({len(qres.residual_grids)} residual values quantized) | "
             f"{top1[4]:.2f} ({dep_r.backend}) |"
+        )
+        qall = quantize_residuals(qmodel, ref.calib, grids="all")
+        dep_a = compactnn.deploy(qall, "onnxruntime", example=ref.calib[0])
+        sim_a, got_a = ref.evaluate(qall), ref.evaluate(dep_a)
+        notes.append(
+            f"`{name}`, `quantize_residuals(grids='all')` on ONNX Runtime: simulated "
+            f"{sim_a:.2f}, deployed {got_a:.2f} ({got_a - sim_a:+.2f} points; "
+            f"{dep_a.verification})."
         )
         notes.append(
             f"`{name}`: deployed minus simulated {top1[2] - top1[1]:+.2f} points, with quantized "

@@ -49,10 +49,13 @@ class PeerResult:
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind the float model's call signature."""
 
-    def __init__(self, path: str, threads: int, input_names: list[str], hf: bool) -> None:
+    def __init__(
+        self, path: str, threads: int, input_names: list[str], hf: bool, spinning: bool = False
+    ) -> None:
         super().__init__()
-        # no spinning threads: they would steal the CPU from the contender timed next
-        self.session = inference_session(path, threads)
+        # no spinning threads (unless asked): they steal the CPU from the contender timed next
+        self.session = inference_session(path, threads, spinning=spinning)
+        self.path = str(path)  # the ONNX file it runs (graph inspection in the benchmarks)
         self.input_names = input_names
         self.hf = hf
 

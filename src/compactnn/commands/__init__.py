@@ -8,4 +8,6 @@ COMMANDS: list[str] = [
     "train",
     "deploy",
     "report",
+    "export",
+    "search",
 ]

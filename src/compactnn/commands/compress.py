@@ -9,6 +9,7 @@ from pathlib import Path
 
 import compactnn
 from compactnn.commands._common import add_model_args, human_bytes, load_model, source_record
+from compactnn.errors import CompactnnError
 from compactnn.export.artifact import check_writable
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import resolve_data
@@ -22,7 +23,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL", help="reference name, HF dir, .pt2, or pkg.mod:fn")
     p.add_argument("--recipe", "-r", required=True, help="short name (w4a8) or recipe YAML file")
-    p.add_argument("--data", "-d", help=".safetensors/.npy inputs or a reference data set name")
+    p.add_argument(
+        "--data",
+        "-d",
+        help=".safetensors/.npy inputs, a reference data set name, or 'data-free' (calibrate "
+        "on images generated from the model's batch-norm statistics; docs/data-free.md)",
+    )
+    p.add_argument(
+        "--input-shape",
+        metavar="C,H,W",
+        help="input shape of the generated images with --data data-free (default: the "
+        "reference model's)",
+    )
     p.add_argument("--out", "-o", help="artifact directory (default: out/<model>-<recipe>)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact in --out")
     p.add_argument(
@@ -35,6 +47,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for stochastic methods")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="stream a Hugging Face directory of safetensors shards block by block within "
+        "SIZE (e.g. 512MiB) of memory; resumes an interrupted run (docs/scale.md)",
+    )
     add_model_args(p)
     return p
 
@@ -74,12 +92,38 @@ def pruning_lines(pruning: dict) -> list[str]:
     return lines
 
 
+def data_free(args: argparse.Namespace, loaded) -> object:
+    """256 images generated from the model alone (batch-norm statistics inversion)."""
+    from compactnn.datafree import generate
+
+    if args.input_shape:
+        try:
+            shape = tuple(int(s) for s in args.input_shape.split(","))
+        except ValueError:
+            raise CompactnnError(
+                f"--input-shape {args.input_shape!r}: give C,H,W as integers, e.g. 1,28,28."
+            ) from None
+    elif loaded.calib is not None:
+        first = loaded.calib if hasattr(loaded.calib, "shape") else next(iter(loaded.calib))
+        first = first[0] if isinstance(first, (tuple, list)) else first  # (inputs, labels)
+        shape = tuple(first.shape[1:])
+    else:
+        raise CompactnnError("--data data-free needs --input-shape C,H,W for this model.")
+    data = generate(
+        loaded.model, 256, input_shape=shape, seed=args.seed, progress=not args.no_progress
+    )
+    print(f"generated 256 calibration images in {data.cost['seconds']:.1f} s (data-free)")
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
     check_writable(out, args.force)  # a file, /proc, an artifact, read-only: before work
     recipe = compactnn.resolve_recipe(args.recipe)  # fail fast on a bad recipe
+    if args.max_memory is not None:
+        return run_streamed(args, out, recipe)
     loaded = load_model(args.model, args)
-    data = resolve_data(args.data, loaded)
+    data = data_free(args, loaded) if args.data == "data-free" else resolve_data(args.data, loaded)
     t0 = time.perf_counter()
     qmodel = compactnn.compress(
         loaded.model,
@@ -109,4 +153,34 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"  sha256 digest: {digest}  (pin it: compactnn.load(..., expect_sha256=...))")
     print(f"  evaluate it: compactnn eval {out}")
+    return 0
+
+
+def run_streamed(args: argparse.Namespace, out: Path, recipe) -> int:
+    """``--max-memory``: the model directory streamed block by block (docs/scale.md)."""
+    if args.data is None:
+        raise compactnn.CompactnnError(
+            "--max-memory needs --data (token ids as .safetensors or .npy): the model is "
+            "never loaded whole, so no default calibration text is taken from it."
+        )
+    t0 = time.perf_counter()
+    report = compactnn.compress(
+        args.model,
+        recipe,
+        calib_data=resolve_data(args.data),
+        seed=args.seed,
+        progress=not args.no_progress,
+        ignore=args.ignore,
+        max_memory=args.max_memory,
+        out=out,
+        force=args.force,
+    )
+    print(f"compressed {args.model} with {recipe.name} in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"  streamed {report.blocks} blocks (from block {report.resumed_from}); peak resident "
+        f"memory {report.peak_mib:.0f} MiB = {report.baseline_mib:.0f} MiB at start + "
+        f"{report.added_peak_mib:.0f} MiB (budget {report.budget_mib:.0f} MiB)"
+    )
+    print(f"  artifact: {out}  {human_bytes(artifact_bytes(out))}")
+    print(f"  sha256 digest: {report.digest}  (pin it: compactnn.load(..., expect_sha256=...))")
     return 0

@@ -64,6 +64,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing artifact in --out")
     p.add_argument("--seed", type=int, default=0, help="seed (same seed: same run)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--device",
+        help="train on this device: cpu (default) or cuda; under torchrun each rank takes its "
+        "LOCAL_RANK GPU (docs/scale.md)",
+    )
     add_model_args(p)
     return p
 
@@ -138,8 +143,11 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log_path=log,
         keep_best=args.keep_best,
+        device=args.device,
     )
     seconds = time.perf_counter() - t0
+    if not _is_rank0():  # under torchrun: rank 0 saves and reports
+        return 0
     extra = qmodel._compactnn.setdefault("extra", {})
     extra["source"] = source_record(loaded)
     extra.update(loaded.extra)
@@ -180,3 +188,12 @@ def _print_eval(loaded: LoadedModel, qmodel: Any, eval_data: tuple, hist: dict) 
         f"{evaluate_top1(loaded.model, x, y):.2f}%, trained {evaluate_top1(qmodel, x, y):.2f}%"
         f"{which}"
     )
+
+
+def _is_rank0() -> bool:
+    """Whether this process is rank 0 of a distributed run (or the only process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return True

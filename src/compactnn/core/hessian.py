@@ -5,6 +5,8 @@ that both OBS-style solvers (GPTQ, SparseGPT) push their errors through.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
@@ -98,3 +100,43 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, method: str = "GPTQ") -
     raise CompactnnError(
         f"{method}: the calibration Hessian is singular; give more calibration data."
     )
+
+
+def hutchinson_trace(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    samples: int = 8,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Hutchinson's estimate of ``Tr(H_i)`` for each parameter block (HAWQ-V2).
+
+    ``Tr(H) = E_v[v^T H v]`` for Rademacher ``v`` (entries +-1); ``H v`` is the gradient of
+    ``g . v`` with ``g = dL/dtheta`` built with ``create_graph=True``, so no Hessian is formed.
+
+    Args:
+        loss_fn: returns a fresh scalar loss of ``params`` each call.
+        params: tensors with ``requires_grad=True``; one trace per tensor (the diagonal block
+            of the loss Hessian that belongs to it).
+        samples: random vectors averaged.
+        seed: seed of the vectors.
+
+    Returns:
+        ``(len(params),)`` float64 traces.
+
+    Example:
+        >>> w = torch.ones(3, requires_grad=True)
+        >>> hutchinson_trace(lambda: (w**2).sum(), [w], samples=2).tolist()  # H = 2 I
+        [6.0]
+    """
+    if samples < 1:
+        raise CompactnnError(f"hutchinson_trace: samples={samples} must be at least 1.")
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(len(params), dtype=torch.float64)
+    for _ in range(samples):
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+        vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype) for p in params]
+        hvs = torch.autograd.grad(grads, params, grad_outputs=vs, allow_unused=True)
+        for i, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
+            if hv is not None:
+                total[i] += float((hv * v).sum())
+    return total / samples

@@ -240,10 +240,11 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
                 "deploy them with backend='onednn' (int8 or popcount kernels)."
             )
         require("onnxruntime", "onnx")  # before the export module: it imports onnx
-        from compactnn.export.onnx import to_onnx_bytes
+        from compactnn.export.onnx import fold_float_outputs, to_onnx_bytes
         from compactnn.export.ort import ort_callable
 
         data, kept = to_onnx_bytes(sim, example)
+        data = fold_float_outputs(data)  # same numbers, no per-call dequantized float head
         deployed = DeployedModel(ort_callable(data), backend, kept)
         deployed.__dict__["onnx_bytes"] = data
         return deployed

@@ -121,6 +121,12 @@ class DeployedBinaryBlock(nn.Module):
             raise CompactnnError(f"binary kernel {kernel!r}: use 'int8' or 'popcount'.")
         if block.weight_quantizer is not None or block.norm is not None:
             raise CompactnnError("binary block is still training: freeze it before deploying.")
+        if getattr(getattr(block, "act", None), "levels", "pm1") != "pm1":
+            raise CompactnnError(
+                "binary block with {0,1} activations (w1a1-sibnn): the binary kernels compute "
+                "sign(x) = +-1, so there is no integer kernel for it yet; evaluate it simulated, "
+                "or use a +-1 recipe (w1a1-xnor, -bireal, -reactnet) to deploy."
+            )
         layer = block.layer
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise CompactnnError("binary block: grouped convolutions are not supported.")

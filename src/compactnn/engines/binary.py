@@ -31,6 +31,7 @@ information. It starts at each channel's mean input, so the sign splits the valu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -42,12 +43,38 @@ from compactnn import registry
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import set_module
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.irnet import (
+    T_MAX,
+    T_START,
+    ede_sign,
+    ede_t,
+    libra_codes_levels,
+    libra_weight,
+)
 from compactnn.engines.qat import QATConfig, QATMethod, QATWrapper, freeze_layer
 from compactnn.engines.qat_quantizers import WeightExport, fp16
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import short_act_spec, short_weight_spec
 
 KINDS = ("xnor", "bireal", "reactnet")
+
+# Optional activation functions of a block (name -> factory(in_channels, conv, **options)),
+# for methods whose 1-bit activations are not ``sign`` ({0, 1} activations); see
+# :func:`register_block_act`.
+BLOCK_ACTS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_block_act(name: str) -> Callable:
+    """Decorator: ``factory(in_channels, conv, **options) -> module`` mapping the shifted
+    input ``x - shift`` of a block to its binary activations. A block built with such a
+    module records ``{"kind": name, **options}`` in ``extra["binary_acts"]`` so that
+    :func:`rebuild_blocks` builds it again when an artifact is loaded."""
+
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        BLOCK_ACTS[name] = factory
+        return factory
+
+    return deco
 
 
 def sign_pm1(x: torch.Tensor) -> torch.Tensor:
@@ -96,15 +123,16 @@ def approx_sign(x: torch.Tensor) -> torch.Tensor:
     return ApproxSign.apply(x)
 
 
-def binary_weight(w: torch.Tensor) -> torch.Tensor:
-    """``mean|w| * sign(w)`` per output filter; gradient through both factors (clipped STE).
+def binary_weight(w: torch.Tensor, sign_fn=None) -> torch.Tensor:
+    """``mean|w| * sign(w)`` per output filter; gradient through both factors (clipped STE,
+    or ``sign_fn``'s gradient).
 
     ``mean|w|`` is rounded to float16 as the artifact's codebook stores it (the gradient is
     the unrounded one's), so the frozen layer computes exactly what training computed.
     """
     alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
     alpha = alpha + (fp16(alpha) - alpha).detach()
-    return alpha * sign_ste(w)
+    return alpha * (sign_ste if sign_fn is None else sign_fn)(w)
 
 
 def xnor_scale(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -155,29 +183,53 @@ class BinaryWeight(nn.Module):
             training stage. The last epoch always trains binary weights (when ``train`` is
             given fewer epochs than the recipe's). Outside ``train`` (no ``start_epoch``
             call) weights are binary.
+        libra_pb: IR-Net's balanced, standardised weights with a power-of-two scale
+            (:func:`compactnn.engines.irnet.libra_weight`) instead of ``mean|w| sign(w)``.
+        ede: IR-Net's error-decay estimator as the sign's gradient (weights, and the
+            activations of the block that owns this quantizer); ``t`` follows the epochs.
     """
 
     spec = QuantSpec(bits=1, symmetric=False, granularity="channel")
 
-    def __init__(self, real_epochs: int = 0) -> None:
+    def __init__(
+        self, real_epochs: int = 0, libra_pb: bool = False, ede: bool = False, t_min=T_START
+    ) -> None:
         super().__init__()
+        self.t_min = t_min
         self.real_epochs = real_epochs
         self.real = False
+        self.libra_pb = libra_pb
+        self.ede = ede
+        self.t = t_min  # EDE's t: set by start_epoch
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
-        """Real-valued weights during the first ``real_epochs`` epochs, binary after."""
+        """Real-valued weights during the first ``real_epochs`` epochs, binary after; EDE's
+        ``t`` of this epoch."""
         self.real = epoch < min(self.real_epochs, epochs - 1)
+        self.t = ede_t(epoch, epochs, self.t_min)
+
+    def sign_fn(self):
+        """The sign with this quantizer's gradient: EDE at ``t``, or the clipped STE."""
+        return partial(ede_sign, t=self.t) if self.ede else sign_ste
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w if self.real else binary_weight(w)
+        if self.real:
+            return w
+        if self.libra_pb:
+            return libra_weight(w, self.sign_fn())
+        return binary_weight(w, self.sign_fn())
 
     def export(self, w: torch.Tensor) -> WeightExport:
-        """1-bit codes ``[w >= 0]`` and the float16 codebook ``[-alpha, +alpha]`` per filter."""
+        """1-bit codes ``[w >= 0]`` and the float16 codebook ``[-alpha, +alpha]`` per filter
+        (Libra-PB: ``[w_std >= 0]`` and ``[-2^s, +2^s]``)."""
         w = w.detach().float()
+        ones = torch.ones(w.shape[0], 1)
+        if self.libra_pb:
+            codes, levels = libra_codes_levels(w)
+            return WeightExport(codes, ones, torch.zeros_like(ones), self.spec, levels)
         alpha = w.abs().reshape(w.shape[0], -1).mean(dim=1)  # (out,)
         levels = fp16(torch.stack([-alpha, alpha], dim=-1)).reshape(-1, 1, 2)
         codes = (w >= 0).to(torch.uint8)
-        ones = torch.ones(w.shape[0], 1)
         return WeightExport(codes, ones, torch.zeros_like(ones), self.spec, levels)
 
 
@@ -190,6 +242,14 @@ class BinaryConfig(QATConfig):
         real_weight_epochs: first epochs trained with binary activations but real-valued
             weights (ReActNet's two-stage training); the weights are binarised after them.
             Must be below ``epochs``; 0 binarises weights from the start.
+        libra_pb: IR-Net's Libra-PB weights: per filter, standardised (zero mean, unit
+            variance) before the sign, with an integer power-of-two scale ``2^s``.
+        ede: IR-Net's error-decay estimator for the sign's gradient, weights and
+            activations: ``k t (1 - tanh^2(t x))`` with ``t`` from ``ede_t_min`` to 10 over
+            the epochs.
+        ede_t_min: EDE's first ``t``. Default 1.0 (``k = 1``: a smooth clipped STE first),
+            measured better than the paper's 0.1 (an identity-like gradient, ``k = 10``) when
+            fine-tuning a trained float model for a few epochs (docs/lowbit-training.md).
     """
 
     weight: QuantSpec = field(default_factory=lambda: short_weight_spec(1))
@@ -198,6 +258,9 @@ class BinaryConfig(QATConfig):
     lr: float = 1e-3
     lr_quant: float = 1e-2
     real_weight_epochs: int = 0
+    libra_pb: bool = False
+    ede: bool = False
+    ede_t_min: float = T_START
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -209,6 +272,8 @@ class BinaryConfig(QATConfig):
                 f"{name}: real_weight_epochs={self.real_weight_epochs!r} must be an integer in "
                 f"[0, epochs={self.epochs}): the last epochs must train binary weights."
             )
+        if not 0 < self.ede_t_min <= T_MAX:
+            raise CompactnnError(f"{name}: ede_t_min={self.ede_t_min} must lie in (0, 10].")
         if self.weight.bits != 1:
             raise CompactnnError(f"{name} binarises weights: use w1 (e.g. w1a1-{name}).")
         if self.act is not None and self.act.bits not in (1, 8):
@@ -268,9 +333,17 @@ class BinaryBlock(QATWrapper):
         kind: ``"xnor"``, ``"bireal"`` or ``"reactnet"``.
         weight_quantizer: the binary weight quantizer while training; ``None`` once frozen
             (the layer's own ``weight`` is then the dequantized binary weight).
+        act: optional module mapping ``x - shift`` to the binary activations (forward and
+            gradient); None: the kind's ``sign`` (clipped STE, Bi-Real's polynomial, EDE).
     """
 
-    def __init__(self, layer: nn.Module, kind: str, weight_quantizer: nn.Module | None = None):
+    def __init__(
+        self,
+        layer: nn.Module,
+        kind: str,
+        weight_quantizer: nn.Module | None = None,
+        act: nn.Module | None = None,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise CompactnnError(f"unknown binary block kind {kind!r}; use one of {KINDS}.")
@@ -297,6 +370,7 @@ class BinaryBlock(QATWrapper):
             self.norm = nn.BatchNorm1d(cout, affine=False)
             if layer.bias is None:  # the folded batch norm needs somewhere to put its shift
                 layer.bias = nn.Parameter(torch.zeros(cout, device=layer.weight.device))
+        self.act = act
         self.observing = False
         self._sum: torch.Tensor | None = None
         self._count = 0
@@ -362,10 +436,14 @@ class BinaryBlock(QATWrapper):
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         """``layer(sign(x - shift))`` with binary weights (times ``K`` for XNOR)."""
         xs = x - self._channel_view(self.shift, x.dim())
-        xb = sign_ste(xs) if self.kind == "xnor" else approx_sign(xs)
-        w = self.layer.weight
-        if self.weight_quantizer is not None:
-            w = self.weight_quantizer(w)
+        wq = self.weight_quantizer
+        if self.act is not None:
+            xb = self.act(xs)
+        elif wq is not None and getattr(wq, "ede", False):
+            xb = ede_sign(xs, wq.t)
+        else:
+            xb = sign_ste(xs) if self.kind == "xnor" else approx_sign(xs)
+        w = self.layer.weight if wq is None else wq(self.layer.weight)
         y = self._op(xb, w)
         if self.kind == "xnor":
             y = y * xnor_scale(xs, self.layer)
@@ -419,23 +497,49 @@ class BinaryBlock(QATWrapper):
 @registry.register_artifact_hook("before_layers")
 def rebuild_blocks(model: nn.Module, extra: dict) -> None:
     """Wrap the float skeleton's layers named in ``extra["binary_blocks"]`` (artifact load)."""
+    acts = extra.get("binary_acts", {})
     for name, kind in extra.get("binary_blocks", {}).items():
         layer = model.get_submodule(name)
         if isinstance(layer, BinaryBlock):
             continue
-        set_module(model, name, BinaryBlock(layer, kind))
+        act = make_block_act(dict(acts[name]), layer) if name in acts else None
+        set_module(model, name, BinaryBlock(layer, kind, act=act))
+
+
+def make_block_act(options: dict, layer: nn.Module) -> nn.Module:
+    """The activation module ``options["kind"]`` of ``layer``'s block (see
+    :func:`register_block_act`); the other entries of ``options`` go to its factory."""
+    name = options.pop("kind")
+    if name not in BLOCK_ACTS:
+        raise CompactnnError(
+            f"binary activation {name!r} is not registered: import the method that defines "
+            f"it (known: {sorted(BLOCK_ACTS)})."
+        )
+    return BLOCK_ACTS[name](channels_of(layer)[0], isinstance(layer, nn.Conv2d), **options)
 
 
 def _binary_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: BinaryConfig) -> nn.Module:
-    return BinaryWeight(config.real_weight_epochs)
+    return BinaryWeight(config.real_weight_epochs, config.libra_pb, config.ede, config.ede_t_min)
 
 
-def _make_block(
-    kind: str, name: str, layer: nn.Module, weight_quantizer: nn.Module, ctx: CompressContext
+def make_block(
+    kind: str,
+    name: str,
+    layer: nn.Module,
+    weight_quantizer: nn.Module,
+    ctx: CompressContext,
+    act_options: dict | None = None,
 ) -> BinaryBlock:
+    """A ``kind`` block of ``layer``, recorded in ``ctx.extra`` for loading; ``act_options``
+    (``{"kind": name, **options}`` of a :func:`register_block_act` activation) replaces the
+    block's ``sign``."""
     check_binary_layer(name, layer)
     ctx.extra.setdefault("binary_blocks", {})[name] = kind  # read back by rebuild_blocks
-    return BinaryBlock(layer, kind, weight_quantizer)
+    act = None
+    if act_options is not None:
+        ctx.extra.setdefault("binary_acts", {})[name] = dict(act_options)
+        act = make_block_act(dict(act_options), layer)
+    return BinaryBlock(layer, kind, weight_quantizer, act)
 
 
 def binary_method(kind: str) -> QATMethod:
@@ -447,4 +551,4 @@ def binary_method(kind: str) -> QATMethod:
     """
     if kind not in KINDS:
         raise CompactnnError(f"unknown binary block kind {kind!r}; use one of {KINDS}.")
-    return QATMethod(weight_quantizer=_binary_weight_quantizer, block=partial(_make_block, kind))
+    return QATMethod(weight_quantizer=_binary_weight_quantizer, block=partial(make_block, kind))

@@ -276,3 +276,17 @@ class STEWeight(nn.Module):
     def export(self, w: torch.Tensor) -> WeightExport:
         """The round-to-nearest codes and grid of ``w``."""
         return WeightExport(*rtn_weight_qparams(w, self.spec), self.spec)
+
+
+def apply_due_stages(quantizer, w: torch.Tensor, epoch: int, epochs: int) -> None:
+    """Incremental schedules (INQ, ELQ): run every stage of ``quantizer.portions`` due by
+    ``epoch``, the stages spread evenly over ``epochs``.
+
+    The quantizer holds ``portions`` (cumulative fractions frozen per stage), a ``stage``
+    buffer (stages done) and ``freeze_portion(w, portion)``.
+    """
+    for k, portion in enumerate(quantizer.portions):
+        due = math.floor(k * epochs / len(quantizer.portions))
+        if epoch >= due and int(quantizer.stage) <= k:
+            quantizer.freeze_portion(w, portion)
+            quantizer.stage.fill_(k + 1)

@@ -26,11 +26,13 @@ Hook interface (:class:`BlockHooks`)::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import resource
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -399,12 +401,48 @@ def _prepare(model: nn.Module, targets: dict[str, nn.Module], config: QuantConfi
     return prefix, blocks, layers, specs
 
 
+class BlockStream(Protocol):
+    """Where the blocks' weights come from and where finished blocks go (streamed runs).
+
+    ``resume`` returns the first block to run and the two streams (quantized, float) at its
+    input; ``onload`` gives block ``i`` its float weights; ``finish`` receives block ``i``
+    quantized, with the streams at the next block's input, and may release the block.
+    """
+
+    def resume(self, q_inps: list, fp_inps: list) -> tuple[int, list, list]: ...
+
+    def onload(self, index: int, block: nn.Module) -> None: ...
+
+    def finish(self, index: int, block: nn.Module, q_inps: list, fp_inps: list) -> None: ...
+
+
+_STREAM: contextvars.ContextVar[BlockStream | None] = contextvars.ContextVar(
+    "compactnn_block_stream", default=None
+)
+
+
+@contextlib.contextmanager
+def block_stream(stream: BlockStream) -> Iterator[None]:
+    """Run the block-sequential engine with ``stream`` loading and releasing each block
+    (:mod:`compactnn.streaming`); without it the engine works on the model as it is."""
+    token = _STREAM.set(stream)
+    try:
+        yield
+    finally:
+        _STREAM.reset(token)
+
+
 def _walk_blocks(prefix, blocks, specs, calls, hooks: BlockHooks, ctx, desc: str):
     """Run every block through the hooks; returns the float stack's outputs."""
     q_inps = [hidden_of(*c) for c in calls]
     fp_inps = list(q_inps)
-    for i in ctx.bar(range(len(blocks)), desc=desc):
+    stream, start = _STREAM.get(), 0
+    if stream is not None:
+        start, q_inps, fp_inps = stream.resume(q_inps, fp_inps)
+    for i in ctx.bar(range(start, len(blocks)), desc=desc, initial=start, total=len(blocks)):
         block = blocks[i]
+        if stream is not None:
+            stream.onload(i, block)
         float_block = copy.deepcopy(block)
         with torch.no_grad():
             fp_out = [run_block(float_block, c, h) for c, h in zip(calls, fp_inps, strict=True)]
@@ -419,6 +457,8 @@ def _walk_blocks(prefix, blocks, specs, calls, hooks: BlockHooks, ctx, desc: str
             q_inps = [run_block(block, c, h) for c, h in zip(calls, q_inps, strict=True)]
         fp_inps = fp_out
         del float_block, data
+        if stream is not None:
+            stream.finish(i, block, q_inps, fp_inps)
     return fp_inps
 
 

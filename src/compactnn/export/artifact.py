@@ -42,6 +42,7 @@ from compactnn.core.qlayers import (
 )
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export import replace, validate
+from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.fs import read_regular
 from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, TIED_KEY, build_model
 from compactnn.export.sparse import sparsify
@@ -238,7 +239,7 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
     return out
 
 
-def _header_body(
+def header_body(
     model: nn.Module, layers: dict, aliases: dict, sparse_index: dict, emb_extra: dict
 ) -> dict:
     info = info_of(model)
@@ -292,7 +293,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
     info = info_of(model)
     tensors, layers, aliases, emb_extra = pack_model(model)
     tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse
-    body = _header_body(model, layers, aliases, sparse_index, emb_extra)
+    body = header_body(model, layers, aliases, sparse_index, emb_extra)
     out.mkdir(parents=True, exist_ok=True)
     writers = {"tensors": lambda p: write_tensors(tensors, p)}
     if (recipe := info.get("recipe")) is not None:
@@ -479,4 +480,4 @@ def load(
         "float_layers": header["float_layers"],
         "extra": header["extra"],
     }
-    return model
+    return install_save_pretrained(model)  # HF models: save_pretrained writes the codes

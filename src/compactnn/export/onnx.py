@@ -6,7 +6,10 @@ stored as they are (int8/uint8 initializers, per-channel scales and zero points)
 the float ``Conv`` / ``Gemm``. That is the simulation written in ONNX; ONNX Runtime's graph
 optimizer fuses such patterns into integer kernels where it can. Layers whose activation
 grid has no ONNX QuantizeLinear type (below 8 bits) spell the same rounding with
-``Div/Round/Clip``; per-group weights are stored dequantized (float) and listed.
+``Div/Round/Clip``; per-group weights are stored dequantized (float) and listed. A grid
+after a flatten/reshape is applied before it as well (same numbers), so a pool before a
+classifier fuses to ``QLinearGlobalAveragePool``; :func:`fold_float_outputs` stores a
+float-output head's weight dequantized for the deployed session.
 """
 
 from __future__ import annotations
@@ -182,7 +185,92 @@ def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str
         )  # fmt: skip
     proto = onnx.load_from_string(buf.getvalue())
     _store_codes(proto, model, layers)
+    _quantize_before_reshapes(proto)
     return proto.SerializeToString(), kept
+
+
+RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def _quantize_before_reshapes(proto: onnx.ModelProto) -> None:
+    """``Flatten -> Q -> DQ`` becomes ``Q -> DQ -> Flatten -> Q -> DQ`` (same grid twice).
+
+    Moving data does not change a per-tensor rounding and rounding twice on one grid is
+    idempotent, so the numbers stay the same; but now the value is quantized right where it
+    is computed (a global average pool before a classifier's flatten), which ONNX Runtime
+    fuses into ``QLinearGlobalAveragePool``, and the second pair around the reshape is one
+    it removes.
+    """
+    nodes = list(proto.graph.node)
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    for node in nodes:
+        users = readers.get(node.output[0], []) if node.op_type in RESHAPES else []
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        q = users[0]
+        after = readers.get(q.output[0], [])
+        if len(q.input) < 3 or not after or any(u.op_type != "DequantizeLinear" for u in after):
+            continue
+        src = node.input[0]
+        q2 = onnx.helper.make_node(
+            "QuantizeLinear", [src, *q.input[1:]], [src + "_q"], name=q.name + "_hoisted"
+        )
+        dq2 = onnx.helper.make_node(
+            "DequantizeLinear", [src + "_q", *q.input[1:]], [src + "_dq"],
+            name=q.name + "_hoisted_dq",
+        )  # fmt: skip
+        node.input[0] = src + "_dq"
+        graph = proto.graph.node
+        # after the grid's constants (they precede q), then the reshape itself
+        graph.remove(node)
+        at = list(graph).index(q)
+        for k, new in enumerate((q2, dq2, node)):
+            graph.insert(at + k, new)
+
+
+def fold_float_outputs(data: bytes) -> bytes:
+    """The model ``data`` with the weights of float-output linears stored dequantized.
+
+    ONNX Runtime fuses ``DQ -> Gemm`` into an integer kernel only when a ``QuantizeLinear``
+    follows; a classifier head that returns float logits stays a float ``Gemm`` that
+    dequantizes its int8 weight on every call. Storing ``(codes - zero) * scale`` (float32,
+    what ``DequantizeLinear`` computes) gives the same numbers without that per-call work.
+    The deployed ONNX Runtime session runs this form; the exported file keeps the codes.
+    """
+    proto = onnx.load_from_string(data)
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    for dq in list(graph.node):
+        if dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input):
+            continue
+        users = readers.get(dq.output[0], [])
+        if len(users) != 1 or users[0].op_type not in ("Gemm", "MatMul"):
+            continue
+        if any(u.op_type == "QuantizeLinear" for u in readers.get(users[0].output[0], [])):
+            continue  # ONNX Runtime fuses this one into QGemm
+        codes, scale, zero = (numpy_helper.to_array(inits[i]) for i in dq.input)
+        if codes.ndim < 2:
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * codes.ndim
+        if scale.ndim == 1:
+            shape[axis] = -1
+        weight = (codes.astype(np.int32) - zero.astype(np.int32).reshape(shape)).astype(
+            np.float32
+        ) * scale.astype(np.float32).reshape(shape)
+        graph.initializer.append(numpy_helper.from_array(weight, dq.output[0]))
+        graph.node.remove(dq)
+        for name in dq.input:
+            if not any(name in n.input for n in graph.node):
+                graph.initializer.remove(inits[name])
+    return proto.SerializeToString()
 
 
 def _store_codes(proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QDQLayer]) -> None:
@@ -211,7 +299,7 @@ def _store_codes(proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QD
 def ort_session(qmodel: nn.Module, example: Any) -> tuple[Callable[..., Any], dict[str, str]]:
     """An ONNX Runtime callable running the QDQ export of ``qmodel`` (used by ``deploy``)."""
     data, kept = to_onnx_bytes(qmodel, example)
-    return ort_callable(data), kept
+    return ort_callable(fold_float_outputs(data)), kept
 
 
 def export_onnx(

@@ -8,20 +8,26 @@ Used by :mod:`compactnn.export.onnx` (verifying an export), the ``onnxruntime`` 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from compactnn._optional import require
+from compactnn.errors import CompactnnError
 
 
-def inference_session(model: bytes | str | os.PathLike, threads: int | None = None) -> Any:
+def inference_session(
+    model: bytes | str | os.PathLike, threads: int | None = None, *, spinning: bool = False
+) -> Any:
     """An ``onnxruntime.InferenceSession`` on the CPU for a serialized model or a file.
 
     Args:
         model: the ONNX model as bytes, or the path of a ``.onnx`` file.
         threads: intra-op threads; None uses ``torch.get_num_threads()``.
+        spinning: let idle intra-op threads spin (ONNX Runtime's default; measured by the
+            ``deploy`` benchmark, not used by the library).
 
     Returns:
         The session, with every graph optimization on and idle threads that do not spin.
@@ -33,12 +39,14 @@ def inference_session(model: bytes | str | os.PathLike, threads: int | None = No
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # idle threads that spin steal the CPU from the caller's next work and from the other
     # jobs of a shared machine (and from the contender timed next in interleaved benchmarks)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     source = os.fspath(model) if isinstance(model, os.PathLike) else model
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_callable(data: bytes, threads: int | None = None) -> Callable[..., Any]:
+def ort_callable(
+    data: bytes, threads: int | None = None, *, spinning: bool = False
+) -> Callable[..., Any]:
     """A function that runs the serialized ONNX model ``data`` on torch tensors.
 
     Positional arguments feed the model's inputs in order, keyword arguments by name (extra
@@ -48,7 +56,7 @@ def ort_callable(data: bytes, threads: int | None = None) -> Callable[..., Any]:
         >>> run = ort_callable(to_onnx_bytes(qmodel, x)[0])  # doctest: +SKIP
         >>> y = run(x)                                       # doctest: +SKIP
     """
-    sess = inference_session(data, threads)
+    sess = inference_session(data, threads, spinning=spinning)
     names = [i.name for i in sess.get_inputs()]
 
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -58,3 +66,39 @@ def ort_callable(data: bytes, threads: int | None = None) -> Callable[..., Any]:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     return run
+
+
+def optimized_graph(model: bytes | str | os.PathLike, level: str = "all") -> Any:
+    """The graph ONNX Runtime actually runs for ``model``, after its optimizations.
+
+    Use it to check which QDQ patterns were fused into integer kernels (``QLinearConv``,
+    ``QLinearAdd``, ...) and which nodes stayed float.
+
+    Args:
+        model: the ONNX model as bytes, or the path of a ``.onnx`` file.
+        level: ``"basic"``, ``"extended"`` or ``"all"`` (what :func:`inference_session` runs;
+            its layout changes are specific to this CPU).
+
+    Returns:
+        The optimized ``onnx.ModelProto``.
+
+    Example:
+        >>> ops = [n.op_type for n in optimized_graph(data).graph.node]  # doctest: +SKIP
+    """
+    ort = require("onnxruntime", "onnx")
+    onnx = require("onnx", "onnx")
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if level not in levels:
+        raise CompactnnError(f"level={level!r} is unknown; use one of {tuple(levels)}.")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[level]
+    opts.log_severity_level = 3  # the "hardware specific" notice is what we ask for here
+    source = os.fspath(model) if isinstance(model, os.PathLike) else model
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)

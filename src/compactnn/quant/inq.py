@@ -21,7 +21,7 @@ from torch import nn
 
 from compactnn.core.spec import QuantSpec
 from compactnn.engines.qat import QATConfig, QATMethod
-from compactnn.engines.qat_quantizers import WeightExport
+from compactnn.engines.qat_quantizers import WeightExport, apply_due_stages
 from compactnn.errors import CompactnnError
 from compactnn.registry import register
 
@@ -87,11 +87,7 @@ class INQWeight(nn.Module):
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
         """Apply every stage due by ``epoch`` (stages spread evenly over the epochs)."""
-        for k, portion in enumerate(self.portions):
-            due = math.floor(k * epochs / len(self.portions))
-            if epoch >= due and int(self.stage) <= k:
-                self.freeze_portion(w, portion)
-                self.stage.fill_(k + 1)
+        apply_due_stages(self, w, epoch, epochs)
 
     def values(self, w: torch.Tensor) -> torch.Tensor:
         """Every weight as a power of two or zero (frozen ones as frozen)."""

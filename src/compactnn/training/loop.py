@@ -19,6 +19,7 @@ from compactnn.distill.kd import DistillationLoss, check_logits
 from compactnn.engines.qat import start_epoch
 from compactnn.errors import CompactnnError
 from compactnn.recipe import Recipe, resolve_recipe
+from compactnn.training import distributed
 from compactnn.training.checkpoint import load_checkpoint, save_checkpoint
 from compactnn.training.data import TrainData, as_eval_data, as_train_data, check_labels
 from compactnn.training.wrap import freeze, prepare_qat, qat_step
@@ -116,6 +117,7 @@ class _Run:
 def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
     """One epoch from batch ``r.batch``; returns False when ``max_steps`` stopped it."""
     bs, seed, max_steps, ckpt = opts["batch_size"], opts["seed"], opts["max_steps"], opts["ckpt"]
+    env, forward = opts["env"], opts["forward"]
     r.qat.train()
     total = data.steps(bs)
     bar = tqdm(
@@ -131,7 +133,8 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
             continue  # consumed before the checkpoint this run resumed from
         if data.loader is not None:
             check_labels(y, num_classes, f"training batch {i}")
-        logits = r.qat(x)
+        x, y = distributed.shard(env, x, y)  # this rank's slice of the global batch
+        logits = forward(x)
         loss = loss_fn(logits, x, y)
         r.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,13 +148,21 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hits / seen:.1f}")
         if max_steps is not None and r.step >= max_steps:
             bar.close()
-            if ckpt:
-                save_checkpoint(ckpt, r.state())
+            _checkpoint(env, ckpt, r)
             return False
     bar.close()
+    loss_sum, hits, seen = distributed.sum_over_ranks(env, [loss_sum, hits, seen])
     r.history["loss"].append(loss_sum / max(seen, 1))
     r.history["train_top1"].append(100.0 * hits / max(seen, 1))
     return True
+
+
+def _checkpoint(env: distributed.DistEnv, directory: str | None, r: _Run) -> None:
+    """Rank 0 writes the checkpoint; every rank waits until it is there."""
+    if directory:
+        if env.is_main:
+            save_checkpoint(directory, r.state())
+        distributed.barrier(env)
 
 
 class EpochLog:
@@ -255,6 +266,7 @@ def train(
     progress: bool = True,
     log_path: str | Path | None = None,
     keep_best: bool = False,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Train ``model`` with a quantization-aware ``recipe``; return the frozen quantized model.
 
@@ -284,6 +296,13 @@ def train(
         keep_best: return the frozen model of the epoch with the best held-out top-1 (ties:
             the later epoch) instead of the last one; needs ``eval_data``. The history's
             ``kept_epoch`` says which (1-based).
+        device: ``"cuda"`` trains on this rank's GPU (``"cpu"`` by default); the returned
+            model is on the CPU either way.
+
+    Under ``torchrun --nproc-per-node N`` the same call trains on N processes with
+    DistributedDataParallel: the recipe's batch size is the global batch, split over the
+    ranks, with the same learning rate; rank 0 prints, logs and checkpoints
+    (:mod:`compactnn.training.distributed`, ``docs/scale.md``).
 
     Example:
         >>> data = (x_train, y_train)
@@ -302,6 +321,9 @@ def train(
             "eval_data=(x_test, y_test); pass it, or drop keep_best."
         )
     data = as_train_data(data)
+    env = distributed.detect(device)
+    progress = progress and env.is_main
+    log_path = log_path if env.is_main else None
     torch.manual_seed(seed)
     calib = data.calibration()
     num_classes = _num_outputs(model, calib[0])
@@ -311,9 +333,14 @@ def train(
     if eval_data is not None:
         eval_xy = as_eval_data(eval_data, calib[0])
         check_labels(eval_xy[1], num_classes, "eval_data")
+        eval_xy = tuple(t.to(env.device) for t in eval_xy)
     qat = prepare_qat(model, recipe, calib, seed=seed, progress=progress)
     weight = cfg.distill if teacher is None or cfg.distill > 0 else 0.5
     loss_fn = _loss_fn(qat, model, teacher, weight, cfg.temperature, features, calib[0])
+    if env.device.type != "cpu":
+        qat.to(env.device)
+        if isinstance(loss_fn, nn.Module):
+            loss_fn.to(env.device)
     opt = torch.optim.Adam(param_groups(qat, cfg.lr, cfg.lr_quant))
     steps = data.steps(cfg.batch_size) or 1
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps, 1))
@@ -336,6 +363,8 @@ def train(
         "ckpt": checkpoint_dir,
         "epochs": epochs,
         "progress": progress,
+        "env": env,
+        "forward": distributed.wrap(env, qat),
     }
     while r.epoch < epochs:
         start_epoch(qat, r.epoch, epochs)
@@ -348,8 +377,8 @@ def train(
         if progress:
             tqdm.write(format_epoch(record, epochs))
         r.epoch, r.batch = r.epoch + 1, 0
-        if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, r.state())
+        _checkpoint(env, checkpoint_dir, r)
+    qat.to("cpu")
     qmodel, kept = _final_model(r, keep_best)
     qmodel._compactnn["extra"]["training"] = {
         "epochs": epochs,

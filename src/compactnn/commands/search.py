@@ -1,0 +1,120 @@
+"""``compactnn search MODEL --formats F,... (--max-bytes B | --avg-bits N | --max-bops N |
+--max-drop D) --out DIR``: a per-layer mixed-precision recipe."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compactnn.commands._common import add_model_args, human_bytes, load_model
+from compactnn.errors import CompactnnError
+from compactnn.mixed_precision import Budget, search
+from compactnn.model_io import resolve_data
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "search",
+        help="search per-layer formats under a size, BOPs or accuracy budget",
+        description="Score every layer at every format on calibration data, allocate formats "
+        "with an integer program, and write recipe.yaml (run it with compactnn compress "
+        "--recipe DIR/recipe.yaml) and search.json into --out.",
+    )
+    p.add_argument("model", metavar="MODEL", help="reference name, HF dir, .pt2, or pkg.mod:fn")
+    p.add_argument(
+        "--formats", "-f", required=True, help="comma-separated short names, e.g. w2a8,w4a8,w8a8"
+    )
+    p.add_argument("--max-bytes", type=float, help="bytes of the searched layers at most")
+    p.add_argument("--avg-bits", type=float, help="average weight bits at most")
+    p.add_argument("--max-bops", type=float, help="bit-operations per sample at most")
+    p.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        help="deployed latency at most this fraction of the widest format's uniform recipe "
+        "(per-layer table measured on the int8 runtime; the result is timed end to end)",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        help="accuracy-aware: the smallest recipe whose quality drop (the reference model's "
+        "own evaluation) is at most this",
+    )
+    p.add_argument("--max-evals", type=int, default=8, help="full evaluations (with --max-drop)")
+    p.add_argument("--measure", choices=("measured", "hessian"), default="measured")
+    p.add_argument("--first-last-min-bits", type=int, help="first/last layers keep >= N bits")
+    p.add_argument("--embeddings", help="short name for embedding tables (e.g. w4-g32)")
+    p.add_argument("--data", "-d", help="calibration inputs (.safetensors/.npy or a data set)")
+    p.add_argument("--out", "-o", required=True, help="folder for recipe.yaml and search.json")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_model_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    limits = {
+        "max_bytes": args.max_bytes,
+        "avg_bits": args.avg_bits,
+        "max_bops": args.max_bops,
+        "max_latency_ratio": args.max_latency_ratio,
+    }
+    budget = Budget(**limits) if any(v is not None for v in limits.values()) else None
+    if budget is None and args.max_drop is None:
+        raise CompactnnError(
+            "compactnn search needs a budget: --max-bytes, --avg-bits, --max-bops, "
+            "--max-latency-ratio or --max-drop."
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CompactnnError(f"--out {str(out)!r} is a file; name a folder.")
+    loaded = load_model(args.model, args)
+    eval_fn = None
+    if args.max_drop is not None:
+        if loaded.reference is None:
+            raise CompactnnError(
+                "--max-drop needs an evaluation: it works with reference models (their held-out "
+                "evaluation); in Python pass compactnn.mixed_precision.search(..., eval_fn=...)."
+            )
+        eval_fn = loaded.reference.evaluate
+    example = None
+    if args.max_latency_ratio is not None:
+        example = loaded.example
+        if example is None:
+            raise CompactnnError(
+                "--max-latency-ratio times the model on an example batch; MODEL has none: use "
+                "a reference model, or compactnn.search(..., latency_example=batch) in Python."
+            )
+    result = search(
+        loaded.model,
+        formats=args.formats,
+        budget=budget,
+        calib_data=resolve_data(args.data, loaded),
+        eval_fn=eval_fn,
+        max_drop=args.max_drop,
+        measure=args.measure,
+        first_last_min_bits=args.first_last_min_bits,
+        embeddings=args.embeddings,
+        max_evals=args.max_evals,
+        cache_dir=out,
+        latency_example=example,
+        progress=not args.no_progress,
+    )
+    result.save(out)
+    counts: dict[str, int] = {}
+    for fmt in result.assignment.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    print(f"searched {len(result.layers)} layers in {result.seconds:.1f} s")
+    print("  formats: " + ", ".join(f"{f} x{n}" for f, n in counts.items()))
+    print(f"  searched layers: {human_bytes(result.cost['bytes'])}")
+    for t in result.tried:
+        mark = "ok " if t["passed"] else "no "
+        print(f"  tried ({t['stage']}): {mark} drop {t['drop']:.3f}, {human_bytes(t['bytes'])}")
+    check = result.latency.get("check")
+    if check:
+        print(
+            f"  deployed latency: {check['measured_ms']:.2f} ms vs {check['reference']} "
+            f"{check['reference_ms']:.2f} ms (ratio {check['measured_ratio']:.2f}); per-layer "
+            f"proxy {check['proxy_ms']:.2f} ms (error {100 * check['proxy_error']:+.0f}%)"
+        )
+    print(f"  wrote {out / 'recipe.yaml'} and {out / 'search.json'}")
+    print(f"  compress with it: compactnn compress {args.model} --recipe {out / 'recipe.yaml'}")
+    return 0

@@ -1,0 +1,24 @@
+"""Compression without the training data.
+
+* :func:`generate` (``"bn-inversion"``, ``"dafl"``): synthetic inputs for ``compress``'s
+  ``calib_data`` or for ``train``.
+* :mod:`~compactnn.datafree.dafl`: DAFL student distillation (and its replay variant).
+* :mod:`~compactnn.datafree.pu`: positive-unlabeled selection and robust distillation.
+"""
+
+from compactnn.datafree.bn_inversion import invert_bn
+from compactnn.datafree.common import GeneratedData, distill_on
+from compactnn.datafree.dafl import Generator, train_dafl
+from compactnn.datafree.generate import generate
+from compactnn.datafree.pu import pu_compress, select_in_distribution
+
+__all__ = [
+    "GeneratedData",
+    "Generator",
+    "distill_on",
+    "generate",
+    "invert_bn",
+    "pu_compress",
+    "select_in_distribution",
+    "train_dafl",
+]

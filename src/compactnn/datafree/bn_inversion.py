@@ -1,0 +1,173 @@
+"""Batch-norm statistics inversion (ZeroQ, Cai et al., CVPR 2020; DeepInversion's priors).
+
+A trained network's BatchNorm layers remember the mean ``mu_l`` and variance ``sigma_l^2`` of
+their inputs over the training data. Inputs ``x`` are optimised (the network frozen, in eval
+mode) so that each BN layer ``l`` sees a batch with the same statistics:
+
+    L_BN(x) = sum_l ( ||mean_l(x) - mu_l||_2 + ||std_l(x) - sigma_l||_2 )
+
+where ``mean_l``/``std_l`` are per channel over batch and space (biased). Added terms:
+a class term ``CE(f(x), y)`` towards chosen labels (balanced over classes), or an entropy
+term (the batch-mean prediction's negative entropy, which spreads the classes), and input
+priors: total variation ``TV(x) = mean (x[h+1] - x[h])^2 + mean (x[w+1] - x[w])^2`` and
+``l2 = mean x^2``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from compactnn.datafree.common import (
+    GeneratedData,
+    Timer,
+    check_classifier,
+    check_input_shape,
+    frozen_copy,
+)
+from compactnn.errors import CompactnnError
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def bn_statistics_loss(
+    means: list[torch.Tensor],
+    stds: list[torch.Tensor],
+    running_means: list[torch.Tensor],
+    running_stds: list[torch.Tensor],
+) -> torch.Tensor:
+    """``sum_l ||mean_l - mu_l||_2 + ||std_l - sigma_l||_2`` over the BN layers ``l``.
+
+    Example:
+        >>> m, s = [torch.tensor([3.0, 4.0])], [torch.ones(2)]
+        >>> float(bn_statistics_loss(m, s, [torch.zeros(2)], [torch.ones(2)]))
+        5.0
+    """
+    total = means[0].new_zeros(())
+    for m, s, rm, rs in zip(means, stds, running_means, running_stds, strict=True):
+        total = total + torch.linalg.vector_norm(m - rm) + torch.linalg.vector_norm(s - rs)
+    return total
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of vertical plus horizontal neighbours of ``(N, C, H, W)``."""
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).mean()
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).mean()
+    return dh + dw
+
+
+def negative_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``sum_c p_c log p_c`` of the batch-mean softmax ``p`` (minimised: balanced classes)."""
+    p = F.softmax(logits, dim=1).mean(0)
+    return (p * torch.log(p.clamp_min(1e-12))).sum()
+
+
+class BNStats:
+    """Forward hooks that record each BN layer's batch mean and std (per channel, biased)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, _BN)]
+        self.layers = [m for m in self.layers if m.running_mean is not None]
+        if not self.layers:
+            raise CompactnnError(
+                f"{type(model).__name__} has no BatchNorm layer with running statistics: "
+                "batch-norm inversion needs them; use method='dafl' (a generator trained "
+                "against the teacher) or real calibration data."
+            )
+        self.means: list[torch.Tensor] = []
+        self.stds: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, _m, inputs, _out):
+        x = inputs[0]
+        dims = [0, *range(2, x.dim())]  # all but the channel axis
+        self.means.append(x.mean(dims))
+        self.stds.append((x.var(dims, unbiased=False) + 1e-8).sqrt())
+
+    def loss(self) -> torch.Tensor:
+        rm = [m.running_mean for m in self.layers]
+        rs = [(m.running_var + m.eps).sqrt() for m in self.layers]
+        out = bn_statistics_loss(self.means, self.stds, rm, rs)
+        self.means, self.stds = [], []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def invert_bn(
+    model: nn.Module,
+    n: int,
+    *,
+    input_shape,
+    steps: int = 200,
+    lr: float = 0.1,
+    batch_size: int = 64,
+    class_weight: float = 1.0,
+    objective: str = "class",
+    tv_weight: float = 1e-2,
+    l2_weight: float = 1e-4,
+    seed: int = 0,
+    progress: bool = True,
+) -> GeneratedData:
+    """``n`` inputs whose BN statistics match ``model``'s running statistics.
+
+    Args:
+        model: a trained classifier with BatchNorm layers (not changed).
+        n: how many inputs to generate.
+        input_shape: per-sample shape ``(C, H, W)``.
+        steps: Adam steps per batch.
+        lr: Adam learning rate on the inputs.
+        batch_size: inputs optimised together (BN statistics are batch statistics).
+        class_weight: weight of the class or entropy term (0: statistics only, as ZeroQ).
+        objective: ``"class"`` (CE towards balanced labels ``i mod C``) or ``"entropy"``.
+        tv_weight, l2_weight: weights of the total-variation and l2 input priors.
+        seed: the starting noise.
+        progress: a progress bar.
+
+    Example:
+        >>> data = invert_bn(model, 256, input_shape=(1, 28, 28))  # doctest: +SKIP
+        >>> qmodel = compactnn.compress(model, "w4a8", calib_data=data)  # doctest: +SKIP
+    """
+    if objective not in ("class", "entropy"):
+        raise CompactnnError(f"objective={objective!r}: use 'class' or 'entropy'.")
+    if not isinstance(n, int) or n < 1:
+        raise CompactnnError(f"n={n!r}: ask for at least one input.")
+    shape = check_input_shape(input_shape)
+    teacher = frozen_copy(model)
+    stats = BNStats(teacher)
+    gen = torch.Generator().manual_seed(seed)
+    classes = check_classifier(teacher, torch.randn(2, *shape, generator=gen))
+    stats.means, stats.stds = [], []
+    xs, ys = [], []
+    bar = tqdm(total=-(-n // batch_size) * steps, desc="bn-inversion", disable=not progress)
+    with Timer() as timer:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            x = torch.randn(b, *shape, generator=gen).requires_grad_(True)
+            target = (torch.arange(start, start + b) % classes).long()
+            opt = torch.optim.Adam([x], lr=lr)
+            for _ in range(steps):
+                logits = teacher(x)
+                term = (
+                    F.cross_entropy(logits, target)
+                    if objective == "class"
+                    else negative_entropy(logits)
+                )
+                loss = stats.loss() + class_weight * term
+                loss = loss + tv_weight * total_variation(x) + l2_weight * x.pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+            with torch.no_grad():
+                xs.append(x.detach())
+                ys.append(teacher(x).argmax(1))
+                stats.means, stats.stds = [], []
+    bar.close()
+    stats.remove()
+    x = torch.cat(xs)
+    return GeneratedData(x, torch.cat(ys), timer.cost("bn-inversion", n=n, steps=steps))

@@ -1,0 +1,177 @@
+"""Shared pieces of data-free compression: the generated data set, teacher hooks, a KD loop.
+
+``GeneratedData`` is what every generator returns: inputs ``x`` (and the teacher's labels
+``y``) with the generation cost. It is an iterable of input batches, so it plugs into
+``compactnn.compress(model, recipe, calib_data=data)``, and it has ``x_train``/``y_train``, so
+``compactnn.train(model, recipe, data)`` trains on it with the teacher's labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compactnn.distill.kd import kd_loss
+from compactnn.errors import CompactnnError
+
+
+@dataclass
+class GeneratedData:
+    """Synthetic inputs with the teacher's labels and what producing them cost.
+
+    Attributes:
+        x: inputs ``(n, C, H, W)``.
+        y: the teacher's top-1 label of each input ``(n,)``.
+        cost: ``{"method", "seconds", "peak_rss_mib", ...}``: wall seconds of generation and
+            the process's peak resident memory after it (``ru_maxrss``).
+        batch_size: batch size when iterated as calibration data.
+
+    Example:
+        >>> d = GeneratedData(torch.zeros(5, 1, 4, 4), torch.zeros(5, dtype=torch.long))
+        >>> [tuple(b.shape) for b in d.batches(2)]
+        [(2, 1, 4, 4), (2, 1, 4, 4), (1, 1, 4, 4)]
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    cost: dict = field(default_factory=dict)
+    batch_size: int = 32
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        return self.x
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self.y
+
+    def batches(self, batch_size: int | None = None) -> list[torch.Tensor]:
+        return list(torch.split(self.x, batch_size or self.batch_size))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far, MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy whose parameters need no gradient (the user's model is untouched)."""
+    m = copy.deepcopy(model).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The last ``nn.Linear`` of ``model``: its input is the penultimate feature."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CompactnnError(
+            f"{type(model).__name__} has no nn.Linear classifier head: data-free generation "
+            "needs a classifier (logits of shape (batch, classes) from a final linear layer)."
+        )
+    return linears[-1]
+
+
+def check_classifier(model: nn.Module, x: torch.Tensor) -> int:
+    """Number of classes; refuse a model whose output is not ``(batch, classes)`` logits."""
+    with torch.no_grad():
+        out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CompactnnError(
+            f"data-free generation needs a classifier returning (batch, classes) logits; "
+            f"{type(model).__name__} returned {got}."
+        )
+    return int(out.shape[1])
+
+
+class FeatureTap:
+    """Records the input of ``module`` (the penultimate feature when it is the head)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module, inputs):
+        self.value = inputs[0]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def check_input_shape(input_shape) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise CompactnnError(
+            f"input_shape={input_shape!r}: pass the per-sample input shape (C, H, W), e.g. "
+            "input_shape=(1, 28, 28) for mnist-cnn."
+        )
+    return shape
+
+
+def distill_on(
+    student: nn.Module,
+    teacher: nn.Module,
+    sample: Callable[[int], torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    temperature: float = 1.0,
+    desc: str = "distil",
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``student`` (in place) to match ``teacher`` on batches ``sample(step)``.
+
+    Loss: ``kd_loss(student(x), teacher(x), T)`` (Hinton's softened KL), Adam with a cosine
+    schedule. ``sample`` may be random noise, generated images or real images: the generic
+    teacher + student + batch source loop that data-free distillation needs.
+    """
+    teacher = frozen_copy(teacher)
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    student.train()
+    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        x = sample(step)
+        with torch.no_grad():
+            t = teacher(x)
+        loss = kd_loss(student(x), t, temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return student.eval()
+
+
+class Timer:
+    """Wall seconds and peak memory of a block, as the ``cost`` dict of a data set."""
+
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+    def cost(self, method: str, **extra) -> dict:
+        return {
+            "method": method,
+            "seconds": round(self.seconds, 3),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            **extra,
+        }

@@ -1,0 +1,61 @@
+"""``generate(model, n, method=...)``: synthetic inputs for calibration or training."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compactnn.datafree.bn_inversion import invert_bn
+from compactnn.datafree.common import GeneratedData
+from compactnn.datafree.dafl import sample, train_dafl
+from compactnn.errors import CompactnnError
+
+METHODS = ("bn-inversion", "dafl")
+
+
+def generate(
+    model: nn.Module,
+    n: int = 256,
+    *,
+    input_shape=None,
+    method: str = "bn-inversion",
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> GeneratedData:
+    """``n`` synthetic inputs for ``model`` without its training data.
+
+    Args:
+        model: a trained classifier (not changed). ``"bn-inversion"`` needs BatchNorm layers;
+            ``"dafl"`` needs a final ``nn.Linear`` head.
+        n: number of inputs.
+        input_shape: per-sample shape ``(C, H, W)``; required unless ``model`` has an
+            ``input_shape`` attribute.
+        method: ``"bn-inversion"`` (ZeroQ-style statistics matching with a class term) or
+            ``"dafl"`` (a DAFL generator trained against the model, then sampled).
+        steps: optimisation steps (default 200 per batch for inversion, 1,000 for DAFL).
+        seed: the random start.
+        progress: progress bars.
+
+    Returns:
+        :class:`GeneratedData`: pass it as ``calib_data=`` to ``compactnn.compress`` or as
+        the data of ``compactnn.train`` (labels: the model's top-1). ``.cost`` holds the
+        seconds and peak memory of generation.
+
+    Example:
+        >>> data = generate(model, 256, input_shape=(1, 28, 28))          # doctest: +SKIP
+        >>> q = compactnn.compress(model, "w4a8", calib_data=data)        # doctest: +SKIP
+    """
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+    if method == "bn-inversion":
+        return invert_bn(
+            model, n, input_shape=input_shape, steps=steps or 200, seed=seed, progress=progress
+        )
+    if method == "dafl":
+        gen, _, cost = train_dafl(
+            model, None, input_shape=input_shape, steps=steps or 1000, seed=seed, progress=progress
+        )
+        data = sample(gen, model, n, seed=seed)
+        data.cost = {**cost, "seconds": round(cost["seconds"] + data.cost["seconds"], 3), "n": n}
+        return data
+    raise CompactnnError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")

@@ -1,0 +1,364 @@
+"""GGUF export of compressed Llama-family decoders for llama.cpp, verified bit-exactly.
+
+Every quantized weight whose compactnn grid maps exactly onto a GGUF block type (see
+:mod:`compactnn.export.gguf_blocks`) is written as that type, its codes and float16 scales
+reused as they are: no requantization. Float tensors (norms, unquantized layers) are F32.
+The q and k projections are permuted from Hugging Face's rotate-half rotary layout to
+llama.cpp's interleaved one, rows only, so codes and scales move with their rows. A weight
+with no exact type is refused with the nearest exact recipe named, or, with
+``requantize=True``, requantized by ``gguf``'s reference quantizer with the error reported.
+
+After writing, :func:`verify` reads the file back with ``gguf.GGUFReader``, dequantizes each
+tensor with ``gguf.quants.dequantize`` and compares it with compactnn's dequantized weight
+(permuted alike): every tensor written exactly must be bit-identical.
+
+Example:
+    >>> report = write_gguf(qmodel, "tiny.gguf", tokenizer=tok)  # doctest: +SKIP
+    >>> report.exact, report.types  # doctest: +SKIP
+    (True, {'Q5_0': 21, 'Q8_0': 4, 'F32': 9})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compactnn._optional import require
+from compactnn.errors import CompactnnError
+from compactnn.export import gguf_blocks as gb
+from compactnn.export.fs import atomic_write
+from compactnn.export.gguf_tokenizer import add_tokenizer
+
+_EXTRA = "export"
+_FILE_TYPE = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+_LAYER = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _gguf():
+    return require("gguf", _EXTRA)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    """One GGUF tensor: its name, the module it comes from, its type and how it was made.
+
+    ``how`` is ``"exact"`` (codes reused, or a float tensor as F32), ``"requantized"`` or
+    ``"refused"`` (then ``note`` says why).
+    """
+
+    name: str
+    source: str
+    ggml_type: str
+    shape: tuple[int, ...]
+    how: str
+    note: str = ""
+    data: Any = dataclasses.field(default=None, repr=False, compare=False)
+    expected: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFReport:
+    """What :func:`write_gguf` wrote and what :func:`verify` found."""
+
+    path: Path
+    tensors: tuple[TensorPlan, ...]
+    file_bytes: int
+    tensor_bytes: int  # theoretical: elements x bits per weight of each type, no metadata
+    max_diff: dict[str, float]  # per tensor: max |gguf dequantized - compactnn dequantized|
+
+    @property
+    def exact(self) -> bool:
+        """True when every tensor read back bit-identical to compactnn's weights."""
+        return all(v == 0.0 for v in self.max_diff.values())
+
+    @property
+    def types(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            out[t.ggml_type] = out.get(t.ggml_type, 0) + 1
+        return out
+
+
+def _llama_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "llama" or not hasattr(model, "lm_head"):
+        kind = getattr(config, "model_type", None) or type(model).__name__
+        return None, (
+            f"GGUF export covers Llama-family decoders (LlamaForCausalLM); this model is {kind!r}"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return None, f"rope scaling {rope.get('rope_type')!r} is not exported (default RoPE only)"
+    return config, None
+
+
+def _act_quantized(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if getattr(m, "input_quantizer", None) is not None]
+
+
+def _sources(model: nn.Module, config) -> list[tuple[str, str, nn.Module | torch.Tensor, int]]:
+    """``(gguf name, module name, module or tensor, rope heads or 0)`` in llama.cpp's order."""
+    out: list[tuple[str, str, Any, int]] = [
+        ("token_embd.weight", "model.embed_tokens", model.model.embed_tokens, 0)
+    ]
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = {"attn_q": config.num_attention_heads, "attn_k": kv}
+    for i, block in enumerate(model.model.layers):
+        for path, short in _LAYER.items():
+            mod = block.get_submodule(path)
+            src = f"model.layers.{i}.{path}"
+            out.append((f"blk.{i}.{short}.weight", src, mod, heads.get(short, 0)))
+            if getattr(mod, "bias", None) is not None and short.startswith("attn"):
+                out.append((f"blk.{i}.{short}.bias", src + ".bias", mod.bias, heads.get(short, 0)))
+    out.append(("output_norm.weight", "model.norm", model.model.norm, 0))
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    if not tied:
+        out.append(("output.weight", "lm_head", model.lm_head, 0))
+    return out
+
+
+def _nearest(recipe: str, bits: int, reason: str) -> str:
+    """A recipe with an exact GGUF type, close to ``recipe``."""
+    if reason.split(": ")[-1].startswith("rows of"):
+        return (
+            "none for this layer (its width is not a multiple of 32): keep it in float (--ignore)"
+        )
+    if "group" in reason or "codebook" in reason:
+        fixed = re.sub(r"-g\d+", "-g32", recipe) if re.search(r"-g\d+", recipe) else None
+        return fixed or f"w{min(bits, 8)}-g32"
+    if "int8" in reason:
+        return "w8 (symmetric int8)"
+    return "w8"
+
+
+def _plan_weight(gguf_name, src, layer, heads, requantize) -> TensorPlan:
+    spec = layer.weight_spec
+    w = layer.weight.detach().float().reshape(layer.weight.shape[0], -1)  # (rows, K)
+    shape = tuple(w.shape)
+    if getattr(layer, "weight_levels", None) is not None:
+        grid: Any = "non-uniform codebook levels have no GGUF block type"
+    else:
+        codes = layer.weight_codes.reshape(shape)
+        grid = gb.block_grid(
+            codes, layer.weight_scale, layer.weight_zero, spec.granularity, spec.group_size or 0
+        )
+    if heads:
+        w = gb.rope_permute(w, heads)
+    if not isinstance(grid, str):
+        q, d, z = (gb.rope_permute(t, heads) if heads else t for t in grid)
+        blocks = gb.exact_blocks(q, d, z)
+        if not isinstance(blocks, str):
+            return TensorPlan(gguf_name, src, blocks.ggml_type, shape, "exact", "", blocks.data, w)
+        grid = blocks
+    note = f"{src} ({spec.qtype.name}, {spec.granularity}{spec.group_size or ''}): {grid}"
+    if not requantize:
+        return TensorPlan(gguf_name, src, "", shape, "refused", note, None, w)
+    if shape[1] % gb.BLOCK:  # no block type fits the row: the dequantized weight, exactly
+        return TensorPlan(gguf_name, src, "F32", shape, "exact", note, w.numpy(), w)
+    target = {4: "Q4_0" if spec.symmetric else "Q4_1", 5: "Q5_0" if spec.symmetric else "Q5_1"}
+    ggml_type = target.get(max(spec.bits, 4), "Q8_0")
+    gguf = _gguf()
+    data = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[ggml_type])
+    return TensorPlan(gguf_name, src, ggml_type, shape, "requantized", note, data, w)
+
+
+def plan(model: nn.Module, *, requantize: bool = False) -> tuple[TensorPlan, ...]:
+    """The GGUF tensor of each weight of ``model`` (no file written).
+
+    Raises:
+        CompactnnError: for a model that is not a Llama decoder or quantizes activations.
+    """
+    reason = _structure_reason(model)
+    if reason:
+        raise CompactnnError(f"cannot export to GGUF: {reason}.")
+    config = model.config
+    out = []
+    for gguf_name, src, obj, heads in _sources(model, config):
+        if hasattr(obj, "weight_codes"):
+            out.append(_plan_weight(gguf_name, src, obj, heads, requantize))
+            continue
+        t = obj if isinstance(obj, torch.Tensor) else obj.weight
+        t = t.detach().float()
+        t = gb.rope_permute(t, heads) if heads else t
+        out.append(TensorPlan(gguf_name, src, "F32", tuple(t.shape), "exact", "", t.numpy(), t))
+    return tuple(out)
+
+
+def _structure_reason(model: nn.Module) -> str | None:
+    _, reason = _llama_config(model)
+    if reason:
+        return reason
+    acts = _act_quantized(model)
+    if acts:
+        return (
+            f"{len(acts)} layers quantize their activations (e.g. {acts[0]}), which llama.cpp "
+            "does not simulate; export a weight-only recipe such as w8 or w4-g32-gptq"
+        )
+    return None
+
+
+def can_export(model: nn.Module) -> str | None:
+    """None when ``model`` goes to GGUF exactly, else the reason (with the nearest recipe).
+
+    Example:
+        >>> can_export(qmodel)  # doctest: +SKIP
+    """
+    reason = _structure_reason(model)
+    if reason:
+        return reason
+    refused = [t for t in plan(model) if t.how == "refused"]
+    if not refused:
+        return None
+    spec = _spec_of(model, refused[0].source)
+    recipe = getattr(getattr(model, "_compactnn", {}).get("recipe"), "name", "") or ""
+    nearest = _nearest(recipe, spec.bits if spec else 8, refused[0].note)
+    return (
+        f"{len(refused)} weights have no exact GGUF type, e.g. {refused[0].note}; the nearest "
+        f"exact recipe is {nearest} (or pass requantize=True / --requantize)"
+    )
+
+
+def _spec_of(model: nn.Module, name: str):
+    return getattr(model.get_submodule(name), "weight_spec", None)
+
+
+def _add_hparams(writer, config, name: str) -> None:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(name)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+
+
+def _file_type(tensors: tuple[TensorPlan, ...]) -> int:
+    counts: dict[str, int] = {}
+    for t in tensors:
+        if t.ggml_type != "F32":
+            counts[t.ggml_type] = counts.get(t.ggml_type, 0) + int(np.prod(t.shape))
+    return _FILE_TYPE.get(max(counts, key=counts.get), 0) if counts else 0
+
+
+def tensor_bytes(tensors: tuple[TensorPlan, ...]) -> int:
+    """Theoretical payload: each tensor's elements at its type's bits per weight."""
+    bpw = {**gb.BITS_PER_WEIGHT, "F32": 32.0, "F16": 16.0}
+    return int(sum(np.prod(t.shape) * bpw[t.ggml_type] / 8 for t in tensors))
+
+
+def write_gguf(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    requantize: bool = False,
+    name: str = "compactnn",
+) -> GGUFReport:
+    """Write ``model`` as a GGUF file for llama.cpp and verify it; see the module docstring.
+
+    Args:
+        model: a compressed (or float) ``LlamaForCausalLM``; never modified.
+        out: the ``.gguf`` file (written atomically), or a directory for ``model.gguf``.
+        tokenizer: a byte-level BPE (a ``tokenizers.Tokenizer``, a fast ``transformers``
+            tokenizer, or an object with ``.backend``); None writes ``no_vocab``.
+        requantize: write weights with no exact GGUF type through ``gguf``'s quantizer
+            (their error is in the report) instead of refusing.
+        name: ``general.name``.
+
+    Raises:
+        CompactnnError: not a Llama decoder, activation quantization, a weight with no exact
+            type (without ``requantize``), an unsupported tokenizer, or a failed read-back.
+    """
+    gguf = _gguf()
+    tensors = plan(model, requantize=requantize)
+    refused = [t for t in tensors if t.how == "refused"]
+    if refused:
+        raise CompactnnError(f"cannot export to GGUF exactly: {can_export(model)}.")
+    path = Path(out)
+    if path.is_dir():
+        path = path / "model.gguf"
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        _add_hparams(writer, model.config, name)
+        writer.add_file_type(_file_type(tensors))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_tokenizer(writer, tokenizer, model.config)
+        for t in tensors:
+            raw = None if t.ggml_type == "F32" else gguf.GGMLQuantizationType[t.ggml_type]
+            data = np.ascontiguousarray(t.data)
+            writer.add_tensor(t.name, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write(path, write)
+    diffs = verify(path, tensors)
+    bad = [n for n, t in zip(diffs, tensors, strict=True) if t.how == "exact" and diffs[n] != 0]
+    if bad:
+        raise CompactnnError(
+            f"GGUF read-back of {path} differs from compactnn's weights in {bad[:3]}; "
+            "this is a bug: please report it with the recipe."
+        )
+    requantized = {t.name: diffs[t.name] for t in tensors if t.how == "requantized"}
+    if requantized:
+        worst = max(requantized, key=requantized.get)
+        warnings.warn(
+            f"GGUF {path.name}: requantized {len(requantized)} weights with no exact GGUF type "
+            f"(max abs error vs compactnn's weights {requantized[worst]:.3g}, in {worst}); "
+            "they no longer match the simulated model exactly.",
+            stacklevel=2,
+        )
+    return GGUFReport(path, tensors, path.stat().st_size, tensor_bytes(tensors), diffs)
+
+
+def verify(path: str | os.PathLike, tensors: tuple[TensorPlan, ...]) -> dict[str, float]:
+    """Read ``path`` with ``gguf.GGUFReader``, dequantize every tensor with
+    ``gguf.quants.dequantize`` and return its max abs difference to the expected weight."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(path))
+    found = {t.name: t for t in reader.tensors}
+    out = {}
+    for t in tensors:
+        if t.name not in found:
+            raise CompactnnError(f"GGUF read-back of {path}: tensor {t.name} is missing.")
+        r = found[t.name]
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(r.data, r.tensor_type)))
+        want = t.expected.reshape(got.shape) if got.numel() == t.expected.numel() else None
+        if want is None:
+            raise CompactnnError(f"GGUF read-back of {path}: {t.name} has shape {got.shape}.")
+        out[t.name] = float((got.float() - want).abs().max()) if got.numel() else 0.0
+    return out
+
+
+def export(model: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
+    """The ``compactnn export --format gguf`` entry: :func:`write_gguf`, returning the path."""
+    return write_gguf(model, out, **opts).path

@@ -1,0 +1,286 @@
+"""ONNX export of compressed Hugging Face transformers, verified in ONNX Runtime.
+
+Two forms, chosen from the model's layers:
+
+* **weight-only** (every quantized Linear without an input quantizer: ``w4-g32-gptq``,
+  ``w4-g128-gptq``, ``w8``): each fitting ``MatMul`` becomes ONNX Runtime's
+  ``com.microsoft::MatMulNBits`` holding compactnn's own codes, scales and zero points
+  (:mod:`compactnn.kernels.ort_nbits`); a layer whose grid has no MatMulNBits block (a block
+  that is not a power of two from 16) stays a float ``MatMul`` on its dequantized weight.
+* **W8A8** (every quantized Linear with an 8-bit per-channel weight and an input quantizer:
+  ``w8a8``, ``w8a8-smoothquant``): the weight is ``DequantizeLinear`` of its int8 codes
+  (``w = q * s`` per output channel); a static activation grid is a
+  ``QuantizeLinear -> DequantizeLinear`` pair, a per-token dynamic one (SmoothQuant's) the
+  same rounding in float ops, ``s_t = (max_t - min_t) / 255``,
+  ``x' = (clamp(round(x / s_t) + z_t, 0, 255) - z_t) s_t``.
+
+The whole graph (embeddings, attention, norms) runs in ONNX Runtime; batch and sequence axes
+are dynamic; a decoder returns the logits of the prompt (no KV cache). The file is written
+only after ONNX Runtime's output (run as :func:`ort_runner` does: QDQ graphs with basic
+graph optimizations) on ``example`` reaches a mean per-token cosine of
+``min_cosine`` to the simulated model's. Needs the ``onnx`` extra.
+
+Example:
+    >>> export(qmodel, "minilm.onnx", example=batch)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn._optional import require
+from compactnn.core.calib import main_output
+from compactnn.core.dynact import DynamicActQuantizer
+from compactnn.core.modules import set_module
+from compactnn.core.onnx_trace import export_dynamic
+from compactnn.core.qlayers import QuantLinear, is_quant_layer
+from compactnn.errors import CompactnnError
+from compactnn.export.fs import atomic_write
+from compactnn.kernels.ort_nbits import nbits_onnx
+
+MIN_COSINE = 0.999
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "to_dict")
+
+
+def form(qmodel: nn.Module) -> str | None:
+    """``"nbits"`` (weight-only), ``"qdq"`` (W8A8) or None (no single ONNX form)."""
+    layers = [m for m in qmodel.modules() if is_quant_layer(m)]
+    if not layers or not all(isinstance(m, QuantLinear) for m in layers):
+        return None
+    if any(getattr(m, "weight_levels", None) is not None for m in layers):
+        return None
+    acts = [m.input_quantizer for m in layers]
+    if all(a is None for a in acts):
+        return "nbits"
+    w8a8 = all(
+        a is not None
+        and a.qtype.bits == 8
+        and (isinstance(a, DynamicActQuantizer) or a.calibrated)
+        and m.weight_spec.bits == 8
+        and m.weight_spec.granularity == "channel"
+        and m.weight_spec.qtype.signed
+        and bool((m.weight_zero == 0).all())
+        for m, a in zip(layers, acts, strict=True)
+    )
+    return "qdq" if w8a8 else None
+
+
+def can_export(qmodel: nn.Module) -> str | None:
+    """None when :func:`export` can write ``qmodel``, else the reason with the fix.
+
+    Example:
+        >>> can_export(torch.nn.Linear(2, 2))[:40]
+        'ONNX export for transformers needs a co'
+    """
+    if not _is_hf(qmodel) or not hasattr(qmodel, "_compactnn"):
+        return (
+            "ONNX export for transformers needs a compressed Hugging Face model "
+            f"(compactnn.compress(hf_model, ...)); got {type(qmodel).__name__}. Other models: "
+            "compactnn.export.onnx.export_onnx."
+        )
+    if form(qmodel) is None:
+        return (
+            "ONNX for transformers takes weight-only recipes (MatMulNBits: w4-g32-gptq, "
+            "w4-g128-gptq, w8) or W8A8 with 8-bit symmetric per-channel weights (w8a8, "
+            "w8a8-smoothquant); this model mixes or uses other grids: save it with "
+            "compactnn.save."
+        )
+    return None
+
+
+class _DynamicTokens(nn.Module):
+    """Per-token asymmetric fake quantization written in plain traceable ops."""
+
+    def __init__(self, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.qmin, self.qmax = qmin, qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo = x.amin(-1, keepdim=True).clamp(max=0)
+        hi = x.amax(-1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp(min=1e-8)  # (..., 1)
+        zero = torch.round(self.qmin - lo / scale)
+        q = torch.clamp(torch.round(x / scale) + zero, self.qmin, self.qmax)
+        return (q - zero) * scale
+
+
+class _QDQLinear(nn.Module):
+    """A W8A8 linear layer as Q/DQ ops: activation grid, int8 per-channel weight."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        aq = layer.input_quantizer
+        qt = aq.qtype
+        self.dynamic = (
+            _DynamicTokens(qt.qmin, qt.qmax) if isinstance(aq, DynamicActQuantizer) else None
+        )
+        self.act = (float(aq.scale), int(aq.zero.round()), qt.qmin, qt.qmax)
+        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        self.register_buffer("w_scale", layer.weight_scale.reshape(-1).clone())
+        self.register_buffer("w_zero", torch.zeros(layer.out_features, dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic is not None:
+            x = self.dynamic(x)
+        else:
+            x = torch.fake_quantize_per_tensor_affine(x, *self.act)
+        w = torch.fake_quantize_per_channel_affine(
+            self.weight, self.w_scale, self.w_zero, 0, -128, 127
+        )
+        return nn.functional.linear(x, w, self.bias)
+
+
+def _key(t: Any) -> str:
+    a = t.detach().float().contiguous().numpy() if isinstance(t, torch.Tensor) else t
+    return hashlib.sha1(a.astype("float32").tobytes()).hexdigest() + str(a.shape)
+
+
+def qdq_onnx(qmodel: nn.Module, example: dict[str, torch.Tensor]) -> bytes:
+    """The serialized W8A8 QDQ graph of ``qmodel``; weights stored as their int8 codes."""
+    onnx = require("onnx", "onnx")
+    model = copy.deepcopy(qmodel).eval()
+    codes = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            codes[_key(m.weight)] = m.weight_codes.clone()
+            set_module(model, name, _QDQLinear(m))
+    buf = io.BytesIO()
+    export_dynamic(model, example, buf)
+    proto = onnx.load_from_string(buf.getvalue())
+    _store_codes(onnx, proto.graph, codes)
+    return proto.SerializeToString()
+
+
+def _store_codes(onnx: Any, graph: Any, codes: dict[str, torch.Tensor]) -> None:
+    """Replace each ``QuantizeLinear(float weight)`` by the layer's own int8 codes."""
+    to_array, from_array = onnx.numpy_helper.to_array, onnx.numpy_helper.from_array
+    inits = {i.name: i for i in graph.initializer}
+    nodes, dropped = [], set()
+    renames: dict[str, str] = {}
+    for node in graph.node:
+        src = node.input[0] if node.op_type == "QuantizeLinear" else ""
+        key = _key(to_array(inits[src])) if src in inits else None
+        if key not in codes:
+            nodes.append(node)
+            continue
+        name = f"{src}_int8"
+        graph.initializer.append(from_array(codes[key].numpy().astype("int8"), name))
+        renames[node.output[0]] = name
+        dropped.add(src)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+    still = {n for node in nodes for n in node.input}
+    keep = [i for i in graph.initializer if i.name not in dropped or i.name in still]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def to_onnx_bytes(
+    qmodel: nn.Module, example: dict[str, torch.Tensor], accuracy_level: int = 0
+) -> tuple[bytes, str]:
+    """The serialized ONNX model of ``qmodel`` and its form (``"nbits"`` or ``"qdq"``)."""
+    if (reason := can_export(qmodel)) is not None:
+        raise CompactnnError(reason)
+    if not isinstance(example, dict) or not example:
+        raise CompactnnError(
+            "ONNX export of a transformer needs example= a dict of keyword tensors "
+            "(input_ids, attention_mask) from its tokenizer."
+        )
+    kind = form(qmodel)
+    if kind == "nbits":
+        data, _ = nbits_onnx(qmodel, example, accuracy_level, bf16_tables=False)
+        return data, kind
+    return qdq_onnx(qmodel, example), kind
+
+
+def ort_runner(data: bytes, kind: str, threads: int | None = None) -> Any:
+    """A function running the exported model on keyword tensors, returning the main output.
+
+    A ``"qdq"`` graph runs with ``ORT_ENABLE_BASIC``: the extended fusions of
+    ``ORT_ENABLE_ALL`` rewrite the per-token rounding and move MiniLM ``w8a8-smoothquant``
+    to cosine 0.998 of the simulation (basic: 2e-7 max difference on a tiny Llama).
+    """
+    ort = require("onnxruntime", "onnx")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    level = "ORT_ENABLE_BASIC" if kind == "qdq" else "ORT_ENABLE_ALL"
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(**kwargs: torch.Tensor) -> torch.Tensor:
+        feed = {k: v.detach().cpu().numpy() for k, v in kwargs.items() if k in names}
+        return torch.from_numpy(sess.run(None, feed)[0])
+
+    return run
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of the last-dimension vectors (tokens) of ``a`` and ``b``."""
+    a, b = a.float().flatten(0, -2), b.float().flatten(0, -2)
+    return float(nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
+    """Write ``qmodel`` as an ONNX file verified in ONNX Runtime.
+
+    Args:
+        qmodel: a compressed Hugging Face encoder or decoder; not modified.
+        out: the ``.onnx`` file (written atomically, only after the check passes); a
+            folder gets ``model.onnx`` inside it.
+        **opts: ``example=`` (required) a dict of keyword tensors; ``accuracy_level=`` 0
+            (float compute, default) or 4 (MatMulNBits with int8 activations, faster);
+            ``min_cosine=`` the verification floor (default 0.999).
+
+    Returns:
+        The written file.
+
+    Raises:
+        CompactnnError: the model has no ONNX form here, ``example`` is missing, or ONNX
+            Runtime's output is further from the simulation than ``min_cosine``.
+    """
+    unknown = set(opts) - {"example", "accuracy_level", "min_cosine", "path"}
+    if unknown:
+        raise CompactnnError(
+            f"ONNX export: unknown option(s) {sorted(unknown)}; it takes example=, "
+            "accuracy_level=, min_cosine=."
+        )
+    example = opts.get("example")
+    data, kind = to_onnx_bytes(qmodel, example, int(opts.get("accuracy_level", 0)))
+    floor = float(opts.get("min_cosine", MIN_COSINE))
+    with torch.no_grad():
+        sim = main_output(qmodel.eval()(**example))
+    got = ort_runner(data, kind)(**example)
+    cos = mean_cosine(sim, got)
+    if not cos >= floor:  # NaN fails too
+        raise CompactnnError(
+            f"ONNX export: ONNX Runtime's output has mean cosine {cos:.6f} to the simulated "
+            f"model, below min_cosine={floor}; nothing was written. Try accuracy_level=0."
+        )
+    path = Path(opts.get("path") or out)
+    if path.is_dir() or path.suffix != ".onnx":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "model.onnx"
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+
+    atomic_write(path, write)
+    return path

@@ -1,0 +1,130 @@
+"""Accuracy-aware mode: the cheapest allocation whose measured drop stays within budget.
+
+With ``q0`` the float model's quality and ``q(B)`` the quality of the allocation at budget
+``B``, find the smallest ``B`` with ``q0 - q(B) <= max_drop`` using at most ``max_evals`` full
+evaluations:
+
+1. bisection on ``B`` between the cheapest and the largest assignment (an allocation already
+   evaluated is not evaluated again);
+2. local repair from the most expensive failing allocation below the best passing one: move
+   the layer whose next larger format removes the most sensitivity per extra cost up one
+   format, evaluate, repeat until it passes or evaluations run out.
+
+Every configuration evaluated is returned, passing or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from compactnn.errors import CompactnnError
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One evaluated configuration."""
+
+    choice: tuple[int, ...]
+    cost: float
+    quality: float
+    drop: float
+    passed: bool
+    stage: str  # "bisection" or "repair"
+
+
+def _upgrade(choice: np.ndarray, scores: np.ndarray, cost: np.ndarray, allowed: np.ndarray):
+    """``choice`` with one layer moved to a costlier allowed format, the one that removes the
+    most sensitivity per unit of extra cost; None when no move lowers the sensitivity."""
+    best, best_gain = None, 0.0
+    for layer, f in enumerate(choice):
+        for g in range(scores.shape[1]):
+            extra = cost[layer, g] - cost[layer, f]
+            gain = scores[layer, f] - scores[layer, g]
+            if allowed[layer, g] and extra > 0 and gain > 0 and gain / extra > best_gain:
+                best, best_gain = (layer, g), gain / extra
+    if best is None:
+        return None
+    out = choice.copy()
+    out[best[0]] = best[1]
+    return out
+
+
+def accuracy_search(
+    solve: Callable[[float], np.ndarray],
+    evaluate: Callable[[np.ndarray], float],
+    scores: np.ndarray,
+    cost: np.ndarray,
+    allowed: np.ndarray,
+    *,
+    baseline: float,
+    max_drop: float,
+    max_evals: int = 8,
+    bisection_evals: int | None = None,
+) -> tuple[np.ndarray | None, list[Trial]]:
+    """The cheapest evaluated allocation within ``max_drop`` of ``baseline``, and all trials.
+
+    Args:
+        solve: budget -> allocation (``(L,)`` format indices), e.g. a bound
+            :func:`~compactnn.mixed_precision.allocate.allocate`.
+        evaluate: allocation -> quality (higher is better), one full evaluation.
+        scores: ``(L, F)`` sensitivities (for the repair moves).
+        cost: ``(L, F)`` cost being minimised (bytes, BOPs or latency).
+        allowed: ``(L, F)`` allowed choices.
+        baseline: the float model's quality.
+        max_drop: the largest allowed ``baseline - quality``.
+        max_evals: full evaluations in all.
+        bisection_evals: of which bisection may use (default: ``max_evals - 2``).
+
+    Returns:
+        The best passing allocation (None if none passed) and every trial in order.
+    """
+    if max_drop < 0 or max_evals < 1:
+        raise CompactnnError(f"max_drop={max_drop} must be >= 0 and max_evals={max_evals} >= 1.")
+    bisection_evals = max(1, max_evals - 2) if bisection_evals is None else bisection_evals
+    trials: list[Trial] = []
+    seen: dict[tuple[int, ...], Trial] = {}
+
+    def trial(choice: np.ndarray, stage: str) -> Trial:
+        key = tuple(int(c) for c in choice)
+        if key not in seen:
+            q = float(evaluate(choice))
+            c = float(cost[np.arange(len(choice)), choice].sum())
+            t = Trial(key, c, q, baseline - q, baseline - q <= max_drop, stage)
+            seen[key] = t
+            trials.append(t)
+        return seen[key]
+
+    lo = float(np.where(allowed, cost, np.inf).min(axis=1).sum())
+    hi = float(np.where(allowed, cost, -np.inf).max(axis=1).sum())
+    top = trial(solve(hi), "bisection")
+    if not top.passed:  # even the largest configuration fails: nothing cheaper will pass
+        return None, trials
+    best = top
+    for _ in range(64):  # budgets are continuous; stop on evaluations, not on width
+        if len(trials) >= min(bisection_evals, max_evals) or hi - lo <= 1e-6 * hi:
+            break
+        mid = (lo + hi) / 2
+        t = trial(solve(mid), "bisection")
+        if t.passed:
+            best = min(best, t, key=lambda x: x.cost)
+            hi = mid
+        else:
+            lo = mid
+    failing = [t for t in trials if not t.passed and t.cost < best.cost]
+    if failing:
+        current = np.array(max(failing, key=lambda t: t.cost).choice)
+        while len(trials) < max_evals:
+            current = _upgrade(current, scores, cost, allowed)
+            if current is None:
+                break
+            c = float(cost[np.arange(len(current)), current].sum())
+            if c >= best.cost:
+                break
+            t = trial(current, "repair")
+            if t.passed:
+                best = t
+                break
+    return np.array(best.choice), trials

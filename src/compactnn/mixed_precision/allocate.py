@@ -1,0 +1,139 @@
+"""Allocation: one format per layer minimising summed sensitivity under budgets (HAWQ-V3).
+
+The integer program, with a binary ``x[l, f]`` per (layer, format)::
+
+    minimise    sum_{l,f} s[l, f] x[l, f]
+    subject to  sum_f x[l, f] = 1                      for every layer l
+                sum_{l,f} c_k[l, f] x[l, f] <= B_k     for every budget k (bytes, bits, BOPs)
+                x[l, f] = 0                            where format f is not allowed for l
+
+Rules such as "the first and last layers keep 8 bits" are rows of ``allowed``, not special
+cases. Solved exactly with HiGHS through :func:`scipy.optimize.milp`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compactnn._optional import require
+from compactnn.errors import CompactnnError
+
+
+def _check(scores: np.ndarray, costs: dict[str, np.ndarray], allowed: np.ndarray) -> None:
+    if scores.ndim != 2 or allowed.shape != scores.shape:
+        raise CompactnnError(
+            f"allocate: scores {scores.shape} and allowed {allowed.shape} must both be (L, F)."
+        )
+    for name, c in costs.items():
+        if c.shape != scores.shape:
+            raise CompactnnError(f"allocate: cost {name!r} is {c.shape}, not {scores.shape}.")
+    empty = np.flatnonzero(~allowed.any(axis=1))
+    if empty.size:
+        raise CompactnnError(
+            f"allocate: layers {empty.tolist()} allow no format; relax the rules "
+            "(first_last_min_bits) or add a format that fits them (group size)."
+        )
+
+
+def min_cost(cost: np.ndarray, allowed: np.ndarray) -> float:
+    """The smallest total of ``cost`` any allowed assignment reaches (each layer's cheapest)."""
+    return float(np.where(allowed, cost, np.inf).min(axis=1).sum())
+
+
+def allocate(
+    scores: np.ndarray,
+    costs: dict[str, np.ndarray],
+    budgets: dict[str, float],
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
+    """The format index of each layer minimising ``scores`` under ``budgets``.
+
+    Args:
+        scores: ``(L, F)`` sensitivity of layer ``l`` at format ``f`` (lower is better).
+        costs: name -> ``(L, F)`` cost of each choice (``"bytes"``, ``"bops"``, ...).
+        budgets: name -> the largest total allowed for that cost (names in ``costs``).
+        allowed: ``(L, F)`` bool, False forbids a choice; None allows all.
+
+    Returns:
+        ``(L,)`` int array: the chosen format of each layer.
+
+    Raises:
+        CompactnnError: a budget is below the cheapest allowed assignment (the message gives
+            that minimum), or a layer allows no format.
+
+    Example:
+        >>> s = np.array([[4.0, 0.0], [1.0, 0.0]]); c = np.array([[1.0, 2.0], [1.0, 2.0]])
+        >>> allocate(s, {"bytes": c}, {"bytes": 3.0}).tolist()
+        [1, 0]
+    """
+    optimize = require("scipy.optimize", "demo")  # HiGHS MILP
+    Bounds, LinearConstraint, milp = optimize.Bounds, optimize.LinearConstraint, optimize.milp
+
+    scores = np.asarray(scores, dtype=np.float64)
+    allowed = np.ones(scores.shape, bool) if allowed is None else np.asarray(allowed, bool)
+    costs = {k: np.asarray(v, dtype=np.float64) for k, v in costs.items()}
+    _check(scores, costs, allowed)
+    n_layers, n_formats = scores.shape
+    for name, budget in budgets.items():
+        if name not in costs:
+            raise CompactnnError(f"allocate: budget {name!r} has no cost table ({list(costs)}).")
+        floor = min_cost(costs[name], allowed)
+        if budget < floor - 1e-9 * max(1.0, abs(floor)):
+            raise CompactnnError(
+                f"budget {name}={budget:.6g} is below the smallest reachable {floor:.6g} "
+                "(every layer at its cheapest allowed format): raise the budget or add a "
+                "cheaper format."
+            )
+    one_each = np.kron(np.eye(n_layers), np.ones(n_formats))  # (L, L*F): one format per layer
+    constraints = [LinearConstraint(one_each, 1, 1)]
+    for name, budget in budgets.items():
+        row = costs[name].reshape(1, -1)
+        scale = max(float(np.abs(row).max()), 1.0)  # well-conditioned rows for HiGHS
+        constraints.append(LinearConstraint(row / scale, -np.inf, budget / scale + 1e-9))
+    # shift scores so that each layer's best is 0: same argmin, better numerics
+    c = (scores - np.where(allowed, scores, np.inf).min(axis=1, keepdims=True)).reshape(-1)
+    c = np.where(allowed.reshape(-1), c, 0.0)
+    result = milp(
+        c,
+        constraints=constraints,
+        integrality=np.ones(c.size),
+        bounds=Bounds(0, allowed.reshape(-1).astype(float)),
+    )
+    if result.x is None:
+        raise CompactnnError(f"allocate: no assignment meets budgets {budgets} ({result.message}).")
+    x = np.round(result.x).reshape(n_layers, n_formats)
+    return x.argmax(axis=1)
+
+
+def assignment_total(table: np.ndarray, choice: np.ndarray) -> float:
+    """Sum of ``table[l, choice[l]]`` over layers."""
+    return float(table[np.arange(len(choice)), choice].sum())
+
+
+def frontier(
+    scores: np.ndarray,
+    cost: np.ndarray,
+    allowed: np.ndarray,
+    points: int,
+    extra: dict[str, tuple[np.ndarray, float]] | None = None,
+) -> list[tuple[float, float, np.ndarray]]:
+    """``(cost, predicted score, choice)`` at ``points`` budgets from cheapest to largest.
+
+    ``extra`` holds other budgets (name -> (cost table, limit)) held fixed along the sweep.
+    Duplicate choices are dropped.
+    """
+    lo = min_cost(cost, allowed)
+    hi = -min_cost(-cost, allowed)
+    out: list[tuple[float, float, np.ndarray]] = []
+    seen: set[tuple[int, ...]] = set()
+    costs = {"sweep": cost, **{k: v[0] for k, v in (extra or {}).items()}}
+    for budget in np.linspace(lo, hi, points):
+        budgets = {"sweep": float(budget), **{k: v[1] for k, v in (extra or {}).items()}}
+        try:
+            choice = allocate(scores, costs, budgets, allowed)
+        except CompactnnError:
+            continue  # an extra budget makes the low end infeasible
+        if tuple(choice) not in seen:
+            seen.add(tuple(choice))
+            out.append((assignment_total(cost, choice), assignment_total(scores, choice), choice))
+    return out

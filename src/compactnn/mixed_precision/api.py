@@ -1,0 +1,382 @@
+"""``compactnn.search``: a per-layer mixed-precision recipe under a size, BOPs or quality budget.
+
+The flow: list the model's quantizable layers, score every (layer, format) on calibration
+data (:mod:`~compactnn.mixed_precision.sensitivity`), price it exactly
+(:mod:`~compactnn.mixed_precision.cost`), allocate with an integer program
+(:mod:`~compactnn.mixed_precision.allocate`), optionally shrink the budget until a user
+evaluation function says the quality drop is within ``max_drop``
+(:mod:`~compactnn.mixed_precision.accuracy`), and write the result as an ordinary recipe: one
+step per format used, each naming its layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from compactnn.api import compress
+from compactnn.core.calib import as_batches, call_model, detect_call_mode
+from compactnn.core.modules import execution_order
+from compactnn.core.qlayers import QUANTIZABLE
+from compactnn.errors import CompactnnError
+from compactnn.export.fs import atomic_write_text
+from compactnn.mixed_precision.accuracy import Trial, accuracy_search
+from compactnn.mixed_precision.allocate import allocate, assignment_total, frontier
+from compactnn.mixed_precision.cost import cost_tables, count_macs
+from compactnn.mixed_precision.formats import Format, parse_formats
+from compactnn.mixed_precision.latency import check_deployable, measure_table, whole_model_check
+from compactnn.mixed_precision.sensitivity import SensitivityCache, sensitivity
+from compactnn.recipe import Recipe, Step, parse_short_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Limits of a search; at least one is set.
+
+    Args:
+        max_bytes: artifact bytes of the searched layers (codes, scales, zeros, biases).
+        avg_bits: average weight bits over the searched layers' weights (code bits only).
+        max_bops: bit-operations per sample, ``sum MACs * w_bits * a_bits``.
+        max_latency_ratio: deployed latency at most this fraction of the uniform recipe of
+            the widest format (e.g. ``w8a8``), by the per-layer lookup table; needs
+            ``latency_example`` in :func:`search`.
+
+    Example:
+        >>> Budget(avg_bits=3.0).limits({"code_bits": 10.0})
+        {'code_bits': 30.0}
+    """
+
+    max_bytes: float | None = None
+    avg_bits: float | None = None
+    max_bops: float | None = None
+    max_latency_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "avg_bits", "max_bops", "max_latency_ratio"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or v <= 0):
+                raise CompactnnError(f"Budget.{name}={v!r} must be a positive number or None.")
+
+    def limits(self, weights: dict[str, float]) -> dict[str, float]:
+        """Budget rows for :func:`allocate`; ``weights["code_bits"]`` is the total weight count."""
+        out = {}
+        if self.max_bytes is not None:
+            out["bytes"] = float(self.max_bytes)
+        if self.avg_bits is not None:
+            out["code_bits"] = float(self.avg_bits) * weights["code_bits"]
+        if self.max_bops is not None:
+            out["bops"] = float(self.max_bops)
+        return out
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What a search found.
+
+    Attributes:
+        recipe: the per-layer recipe (``compactnn.compress(model, result.recipe)`` runs it).
+        assignment: layer name -> format name.
+        layers: the searched layers in execution order.
+        formats: the candidate format names.
+        scores: ``(L, F)`` sensitivities; ``costs``: name -> ``(L, F)`` cost tables.
+        predicted: summed sensitivity of the assignment; ``cost``: its totals per cost name.
+        frontier: allocations along the byte budget: cost, predicted score, assignment.
+        latency: the per-layer latency table's inputs (each uniform format's measured
+            milliseconds) and the whole-model check of the result (measured vs proxy).
+        tried: every fully evaluated configuration (accuracy-aware mode).
+        baseline: the float model's quality (accuracy-aware mode).
+        seconds: wall time of the search.
+    """
+
+    recipe: Recipe
+    assignment: dict[str, str]
+    layers: list[str]
+    formats: list[str]
+    scores: np.ndarray
+    costs: dict[str, np.ndarray]
+    predicted: float
+    cost: dict[str, float]
+    frontier: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tried: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    baseline: float | None = None
+    seconds: float = 0.0
+    latency: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (``search.json``)."""
+        return {
+            "assignment": self.assignment,
+            "formats": self.formats,
+            "layers": self.layers,
+            "predicted": self.predicted,
+            "cost": self.cost,
+            "scores": {
+                n: dict(zip(self.formats, map(_num, row), strict=True))
+                for n, row in zip(self.layers, self.scores, strict=True)
+            },
+            "bytes": {
+                n: dict(zip(self.formats, map(int, row), strict=True))
+                for n, row in zip(self.layers, self.costs["bytes"], strict=True)
+            },
+            "frontier": self.frontier,
+            "tried": self.tried,
+            "baseline": self.baseline,
+            "seconds": self.seconds,
+            "latency": self.latency,
+            "latency_table_ms": {
+                n: dict(zip(self.formats, map(float, row), strict=True))
+                for n, row in zip(self.layers, self.costs.get("latency", []), strict=False)
+            },
+        }
+
+    def save(self, out: str | Path) -> Path:
+        """Write ``recipe.yaml`` and ``search.json`` into ``out`` (atomically); return ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "recipe.yaml", self.recipe.to_yaml())
+        atomic_write_text(out / "search.json", json.dumps(self.to_dict(), indent=1))
+        return out
+
+
+def _num(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
+
+
+def searched_layers(model: nn.Module, batches: list) -> dict[str, nn.Module]:
+    """Quantizable layers (Linear, Conv1d, Conv2d) in execution order."""
+    layers = {n: m for n, m in model.named_modules() if n and isinstance(m, QUANTIZABLE)}
+    if not layers:
+        raise CompactnnError("the model has no Linear/Conv1d/Conv2d layer to search over.")
+    mode = detect_call_mode(model, batches[0])
+    order = execution_order(model, list(layers), lambda m: call_model(m, batches[0], mode))
+    return {n: layers[n] for n in order}
+
+
+def build_recipe(
+    name: str, layers: list[str], formats: list[Format], choice, embeddings: str | None = None
+) -> Recipe:
+    """One step per format used (largest share first), each naming exactly its layers.
+
+    ``embeddings`` (a short name) adds a final step for the embedding tables only.
+    """
+    groups: dict[int, list[str]] = {}
+    for layer, j in zip(layers, choice, strict=True):
+        groups.setdefault(int(j), []).append(layer)
+    steps = [
+        formats[j].step(names) for j, names in sorted(groups.items(), key=lambda g: -len(g[1]))
+    ]
+    if embeddings is not None:
+        step = parse_short_name(embeddings).steps[0]
+        steps.append(
+            Step(
+                step.method, step.config, dataclasses.replace(step.targets, classes=("Embedding",))
+            )
+        )
+    return Recipe(name, tuple(steps))
+
+
+def _allowed(
+    layers: dict[str, nn.Module], formats: list[Format], first_last_min_bits
+) -> np.ndarray:
+    allowed = np.array([[f.fits(m) for f in formats] for m in layers.values()])
+    if first_last_min_bits is not None:
+        for i in {0, len(layers) - 1}:
+            allowed[i] &= np.array([f.weight.bits >= first_last_min_bits for f in formats])
+    return allowed
+
+
+def search(
+    model: nn.Module,
+    *,
+    formats: Sequence[str] | str,
+    budget: Budget | None = None,
+    calib_data: Any = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    max_drop: float | None = None,
+    measure: str = "measured",
+    first_last_min_bits: int | None = None,
+    embeddings: str | None = None,
+    sensitivity_batches: int = 4,
+    max_evals: int = 8,
+    frontier_points: int = 8,
+    cache_dir: str | Path | None = None,
+    latency_example: Any = None,
+    name: str = "searched",
+    progress: bool = True,
+) -> SearchResult:
+    """Search a per-layer format assignment; return it as a recipe with its evidence.
+
+    Args:
+        model: the float model (never modified).
+        formats: candidate formats, short names (``["w2-g32-gptq", "w3-g32-gptq",
+            "w4-g32-gptq", "w8-g32-gptq"]``, ``"w2a8,w3a8,w4a8,w8a8"``).
+        budget: size / average-bits / BOPs limits; required unless ``eval_fn`` is given.
+        calib_data: calibration inputs (the training split: the search never needs held-out
+            data, only ``eval_fn`` should read it).
+        eval_fn: ``eval_fn(compressed_model) -> quality`` (higher is better) for the
+            accuracy-aware mode; called on the float model once and on at most ``max_evals``
+            compressed models.
+        max_drop: the largest allowed ``eval_fn(model) - eval_fn(compressed)``.
+        measure: ``"measured"`` (output error with one layer rounded) or ``"hessian"``
+            (HAWQ-V2 Hutchinson trace times the rounding error).
+        first_last_min_bits: the first and last layers (execution order) take only formats
+            of at least this many weight bits.
+        embeddings: a short name for the embedding tables (e.g. ``"w3-g32"``); None leaves
+            them in float.
+        sensitivity_batches: calibration batches the sensitivity is measured on.
+        max_evals: full evaluations allowed in accuracy-aware mode.
+        frontier_points: budgets on the reported byte frontier.
+        cache_dir: folder of ``sensitivity.json`` (cached per model, data and format).
+        latency_example: an input batch: builds the per-layer latency table on the deploy
+            runtime (each format deployed and timed) and checks the result end to end.
+        name: the recipe's name.
+        progress: show progress bars.
+
+    Example:
+        >>> r = search(model, formats="w2a8,w4a8,w8a8", budget=Budget(avg_bits=4),
+        ...            calib_data=images)  # doctest: +SKIP
+        >>> qmodel = compactnn.compress(model, r.recipe, calib_data=images)  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    fmts = parse_formats(list(formats) if not isinstance(formats, str) else formats)
+    if budget is None and (eval_fn is None or max_drop is None):
+        raise CompactnnError(
+            "search needs a budget (Budget(max_bytes=..., avg_bits=..., max_bops=...)) or "
+            "eval_fn= with max_drop= (the accuracy-aware mode)."
+        )
+    if (eval_fn is None) != (max_drop is None):
+        raise CompactnnError("eval_fn and max_drop go together: pass both or neither.")
+    batches = as_batches(calib_data)
+    if not batches:
+        raise CompactnnError("search needs calib_data (inputs from the training split).")
+    layers = searched_layers(model, batches)
+    names = list(layers)
+    allowed = _allowed(layers, fmts, first_last_min_bits)
+    mode = detect_call_mode(model, batches[0])
+    macs = count_macs(model, layers, lambda m: call_model(m, batches[0], mode))
+    costs = cost_tables(layers, fmts, macs)
+    cache = SensitivityCache(Path(cache_dir) / "sensitivity.json" if cache_dir else None)
+    scores = sensitivity(
+        model,
+        names,
+        fmts,
+        batches[:sensitivity_batches],
+        measure=measure,
+        cache=cache,
+        progress=progress,
+    )
+    scores = np.where(allowed, np.nan_to_num(scores, nan=0.0), 0.0)
+    n_weights = float(sum(m.weight.numel() for m in layers.values()))
+    limits = budget.limits({"code_bits": n_weights}) if budget is not None else {}
+    lat: dict[str, Any] = {}
+    if latency_example is not None or (budget is not None and budget.max_latency_ratio):
+        lat = _latency_costs(model, names, fmts, batches, latency_example, macs, embeddings)
+        costs["latency"] = lat.pop("table")
+        if budget is not None and budget.max_latency_ratio is not None:
+            limits["latency"] = budget.max_latency_ratio * lat["per_format_ms"][lat["widest"]]
+    table = costs
+    choice = allocate(scores, table, limits, allowed) if limits else None
+    tried: list[dict[str, Any]] = []
+    baseline = None
+    if eval_fn is not None:
+        baseline = float(eval_fn(model))
+
+        def evaluate(c: np.ndarray) -> float:
+            recipe = build_recipe(name, names, fmts, c, embeddings)
+            return float(eval_fn(compress(model, recipe, calib_data=batches, progress=False)))
+
+        def solve(b: float) -> np.ndarray:
+            return allocate(
+                scores, table, {**limits, "bytes": min(b, limits.get("bytes", b))}, allowed
+            )
+
+        best, trials = accuracy_search(
+            solve,
+            evaluate,
+            scores,
+            costs["bytes"],
+            allowed,
+            baseline=baseline,
+            max_drop=float(max_drop),
+            max_evals=max_evals,
+        )
+        tried = [_trial_dict(t, names, fmts) for t in trials]
+        if best is None:
+            raise CompactnnError(
+                f"no configuration within budget meets max_drop={max_drop}: the largest one "
+                f"tried dropped {trials[0].drop:.4g}; add a larger format or raise max_drop."
+            )
+        choice = best
+    points = [
+        {
+            "bytes": c,
+            "predicted": p,
+            "assignment": {n: fmts[j].name for n, j in zip(names, ch, strict=True)},
+        }
+        for c, p, ch in frontier(scores, costs["bytes"], allowed, frontier_points)
+    ]
+    recipe = build_recipe(name, names, fmts, choice, embeddings)
+    if lat:
+        reference = (lat["widest"], lat.pop("models")[lat["widest"]])
+        proxy = assignment_total(costs["latency"], choice)
+        lat["check"] = whole_model_check(model, recipe, batches, latency_example, proxy, reference)
+    return SearchResult(
+        recipe=recipe,
+        assignment={n: fmts[j].name for n, j in zip(names, choice, strict=True)},
+        layers=names,
+        formats=[f.name for f in fmts],
+        scores=scores,
+        costs=costs,
+        predicted=assignment_total(scores, choice),
+        cost={k: assignment_total(v, choice) for k, v in costs.items()},
+        frontier=points,
+        tried=tried,
+        baseline=baseline,
+        seconds=time.perf_counter() - start,
+        latency=lat,
+    )
+
+
+def _latency_costs(model, names, fmts, batches, example, macs, embeddings) -> dict[str, Any]:
+    """Per-layer latency table (uniform deployments of each format, timed side by side)."""
+    if example is None:
+        raise CompactnnError("a latency budget needs latency_example= (an input batch).")
+    check_deployable(fmts)
+    widest = max(fmts, key=lambda f: (f.weight.bits, f.act.bits)).name
+    table, per_format, models = measure_table(
+        model,
+        [f.name for f in fmts],
+        lambda c: build_recipe("uniform", names, fmts, c, embeddings),
+        len(names),
+        batches,
+        example,
+        [macs[n] for n in names],
+    )
+    return {"table": table, "per_format_ms": per_format, "widest": widest, "models": models}
+
+
+def _trial_dict(t: Trial, names: list[str], fmts: list[Format]) -> dict[str, Any]:
+    return {
+        "stage": t.stage,
+        "bytes": t.cost,
+        "quality": t.quality,
+        "drop": t.drop,
+        "passed": t.passed,
+        "assignment": {n: fmts[j].name for n, j in zip(names, t.choice, strict=True)},
+    }
+
+
+def uniform_choice(formats: list[str], fmt: str, n_layers: int, first_last: str | None = None):
+    """Format indices of a uniform assignment (``first_last`` for the first and last layers),
+    to price and compare uniform recipes with the search's cost model."""
+    choice = np.full(n_layers, formats.index(fmt))
+    if first_last is not None:
+        choice[[0, -1]] = formats.index(first_last)
+    return choice

@@ -1,0 +1,92 @@
+"""Cost model: the exact bytes of each layer at each format, and its bit-operations.
+
+Bytes follow the artifact's packing rules (:func:`compactnn.export.size.theoretical_size`):
+packed codes ``ceil(numel * bits / 8)``, one float16 scale per group, one byte of zero point
+per group of an asymmetric grid, 8 bytes of activation grid, and the layer's bias in float32.
+Bit-operations are ``MACs * weight_bits * act_bits`` (32 for float activations), HAWQ-V3's
+BOPs, with the MACs counted on one calibration batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from compactnn.core.packing import packed_nbytes
+from compactnn.mixed_precision.formats import Format
+
+
+def layer_bytes(layer: nn.Module, fmt: Format) -> int:
+    """Bytes ``layer`` takes in an artifact at ``fmt`` (codes, scales, zeros, act grid, bias).
+
+    Example:
+        >>> layer_bytes(nn.Linear(64, 8), Format.parse("w4-g32"))  # 256 + 32 + 16 + 32
+        336
+    """
+    w = layer.weight
+    rows, k = w.shape[0], w[0].numel()
+    spec = fmt.weight
+    groups = {"tensor": 1, "channel": rows}.get(spec.granularity)
+    if groups is None:  # per group of group_size inputs
+        groups = rows * (k // spec.group_size)
+    total = packed_nbytes(w.numel(), spec.bits) + 2 * groups
+    if not spec.symmetric:
+        total += groups
+    if fmt.act is not None:
+        total += 8
+    bias = getattr(layer, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        total += bias.numel() * 4
+    return total
+
+
+def count_macs(model: nn.Module, layers: dict[str, nn.Module], run) -> dict[str, int]:
+    """Multiply-accumulates per sample of each layer, counted on one forward pass ``run()``.
+
+    A Linear does ``out.numel() / batch * in_features``; a convolution
+    ``out.numel() / batch * in_channels / groups * prod(kernel_size)``.
+    """
+    macs: dict[str, int] = {}
+    hooks = []
+
+    def hook(name: str):
+        def record(module: nn.Module, _inputs, out) -> None:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            per_out = module.weight[0].numel()  # inputs of one output element
+            macs[name] = int(out.numel() // max(out.shape[0], 1) * per_out)
+
+        return record
+
+    for name, layer in layers.items():
+        hooks.append(layer.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: macs.get(n, 0) for n in layers}
+
+
+def cost_tables(
+    layers: dict[str, nn.Module], formats: list[Format], macs: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Cost arrays ``(L, F)``: ``bytes``, ``code_bits`` (numel * bits) and ``bops``.
+
+    Example:
+        >>> t = cost_tables({"fc": nn.Linear(64, 8)}, [Format.parse("w2a8"), Format.parse("w4a8")])
+        >>> t["code_bits"].tolist()
+        [[1024.0, 2048.0]]
+    """
+    names = list(layers)
+    shape = (len(names), len(formats))
+    tables = {k: np.zeros(shape) for k in ("bytes", "code_bits", "bops")}
+    for i, n in enumerate(names):
+        numel = layers[n].weight.numel()
+        for j, f in enumerate(formats):
+            tables["bytes"][i, j] = layer_bytes(layers[n], f)
+            tables["code_bits"][i, j] = numel * f.weight.bits
+            abits = f.act.bits if f.act is not None else 32
+            tables["bops"][i, j] = (macs or {}).get(n, 0) * f.weight.bits * abits
+    return tables

@@ -1,0 +1,105 @@
+"""Candidate formats of a search: quantization short names, one step each in the recipe.
+
+A format is any quantization short name ``w<W>[a<A>][-g<G>][-<method>]`` (``w3-g32-gptq``,
+``w4a8``). The search runs it with ``first_last_bits=None``: the first/last-layer rule is a
+constraint of the allocation (``first_last_min_bits``), not a silent upgrade inside a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from compactnn.core.qtype import QType
+from compactnn.core.quantize import dequantize, grouped_view, quantize, scale_zero_from_range
+from compactnn.core.spec import QuantSpec
+from compactnn.errors import CompactnnError
+from compactnn.quant.base import QuantConfig
+from compactnn.recipe import Step, parse_short_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One candidate format: its short name and the recipe step it becomes.
+
+    Example:
+        >>> Format.parse("w3-g32-gptq").weight.group_size
+        32
+    """
+
+    name: str
+    method: str
+    config: QuantConfig
+
+    @property
+    def weight(self) -> QuantSpec:
+        return self.config.weight
+
+    @property
+    def act(self) -> QuantSpec | None:
+        return self.config.act
+
+    @classmethod
+    def parse(cls, name: str) -> Format:
+        """A format from a quantization short name; anything else raises ``CompactnnError``."""
+        if not isinstance(name, str):
+            raise CompactnnError(f"a search format is a short name such as 'w4a8', got {name!r}.")
+        recipe = parse_short_name(name.strip().lower())
+        step = recipe.steps[0]
+        if len(recipe.steps) != 1 or not isinstance(step.config, QuantConfig):
+            raise CompactnnError(
+                f"search format {name!r} is not a quantization short name "
+                "(w<W>[a<A>][-g<G>][-<method>], e.g. w3-g32-gptq or w4a8)."
+            )
+        if not hasattr(step.config, "first_last_bits"):
+            raise CompactnnError(f"search format {name!r}: its method has no first_last_bits.")
+        config = dataclasses.replace(step.config, first_last_bits=None)
+        return cls(recipe.name, step.method, config)
+
+    def step(self, names: list[str]) -> Step:
+        """The recipe step that applies this format to exactly the layers ``names``."""
+        from compactnn.core.modules import Targets  # local: keeps the module header short
+
+        return Step(self.method, self.config, Targets(names=tuple(names)))
+
+    def fits(self, layer: nn.Module) -> bool:
+        """Whether the weight grid applies to ``layer`` (group size divides its input size)."""
+        if self.weight.granularity != "group":
+            return True
+        return layer.weight[0].numel() % self.weight.group_size == 0
+
+
+def parse_formats(names: list[str] | tuple[str, ...] | str) -> list[Format]:
+    """Formats from short names (a list, or one comma-separated string), no duplicates.
+
+    Example:
+        >>> [f.name for f in parse_formats("w2a8,w4a8")]
+        ['w2a8', 'w4a8']
+    """
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    formats = [Format.parse(n) for n in names]
+    seen = [f.name for f in formats]
+    if len(formats) < 2 or len(set(seen)) != len(seen):
+        raise CompactnnError(
+            f"formats={seen} must name at least two different formats (e.g. "
+            "w2a8,w3a8,w4a8,w8a8); a search among one format is that uniform recipe."
+        )
+    return formats
+
+
+def rtn_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``weight`` rounded to the nearest point of ``spec``'s min-max grid, dequantized.
+
+    Example:
+        >>> w = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+        >>> rtn_weight(w, QuantSpec(bits=2, symmetric=False, granularity="channel")).tolist()
+        [[0.0, 1.0, 2.0, 3.0]]
+    """
+    w = grouped_view(weight.detach().float(), spec.granularity, spec.group_size)  # (R, G, S)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    qtype = QType(spec.bits, signed=spec.symmetric)
+    scale, zero = scale_zero_from_range(lo, hi, qtype, spec.symmetric)
+    return dequantize(quantize(w, scale, zero, qtype), scale, zero).reshape(weight.shape)

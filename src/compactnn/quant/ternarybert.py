@@ -1,0 +1,205 @@
+"""TernaryBERT (Zhang et al., 2020): ternary weights, 8-bit activations, distilled without labels.
+
+Weights are ternarised per output row with TWN's rule (the paper's row-wise variant)::
+
+    delta_r = ratio * mean_j |w_rj|,   alpha_r = mean(|w_rj| : |w_rj| > delta_r)
+    w_t[r, j] = alpha_r * sign(w_rj) * [|w_rj| > delta_r]
+
+with straight-through gradients to the latent float weights; activations get 8-bit LSQ grids.
+The student is trained on unlabeled calibration text to match the float teacher (a copy of
+the model taken when the step starts) layer by layer:
+
+    L = hidden * sum_l MSE(H_l^S, H_l^T) + attention * sum_l MSE(A_l^S, A_l^T)
+
+``H_l`` the hidden states (embedding output included, padded tokens masked out) and ``A_l``
+the attention probabilities of every layer. The paper's logits term is left out: encoders
+without a task head have no logits. Attention maps are read with eager attention while
+training; the model is handed back with the attention implementation it came with.
+
+Embeddings (``embeddings=True``, the default of ``w2a8-ternarybert``) are quantized
+round-to-nearest at the weight bits before training starts, not trained: the student learns
+around its quantized tables while the teacher keeps float ones.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compactnn.core.context import CompressContext
+from compactnn.core.modules import Targets
+from compactnn.core.spec import QuantSpec
+from compactnn.engines.qat import QATConfig, QATMethod, freeze_layers, init_quantizers, wrap_layers
+from compactnn.engines.qat_quantizers import WeightExport, check_ternary_bits, fp16
+from compactnn.errors import CompactnnError
+from compactnn.quant.base import quantize_embeddings, short_act_spec, short_weight_spec
+from compactnn.registry import register
+
+
+def row_ternary(w: torch.Tensor, ratio: float = 0.7) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, alpha)``: codes in ``{-1, 0, 1}`` (``w``'s shape), one scale per row ``(R, 1)``."""
+    w2 = w.detach().reshape(w.shape[0], -1)  # (R, K)
+    delta = ratio * w2.abs().mean(1, keepdim=True)
+    keep = w2.abs() > delta
+    kept = keep.sum(1, keepdim=True).clamp(min=1)
+    alpha = (w2.abs() * keep).sum(1, keepdim=True) / kept
+    return (torch.sign(w2) * keep).reshape(w.shape), alpha
+
+
+class RowTernaryWeight(nn.Module):
+    """Row-wise ternary weights (TWN rule per row), straight-through to the float weights."""
+
+    spec = QuantSpec(bits=2, symmetric=True, granularity="channel")
+
+    def __init__(self, ratio: float = 0.7) -> None:
+        super().__init__()
+        self.ratio = ratio
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        codes, alpha = row_ternary(w, self.ratio)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        return w + (alpha.reshape(shape) * codes - w).detach()
+
+    def export(self, w: torch.Tensor) -> WeightExport:
+        codes, alpha = row_ternary(w, self.ratio)
+        scale = fp16(alpha.clamp(min=2.0**-14))  # (R, 1)
+        return WeightExport(codes.to(torch.int8), scale, torch.zeros_like(scale), self.spec)
+
+
+@dataclass(frozen=True)
+class TernaryBERTConfig(QATConfig):
+    """TernaryBERT settings; the defaults are ``w2a8-ternarybert``'s.
+
+    Args:
+        ratio: ternary threshold as a multiple of each row's mean |w| (0.7, TWN's).
+        steps: distillation steps over the calibration batches (cycled).
+        hidden: weight of the hidden-state term.
+        attention: weight of the attention-map term.
+        embeddings: also quantize the embedding tables (round-to-nearest, before training).
+    """
+
+    weight: QuantSpec = field(default_factory=lambda: short_weight_spec(2))
+    act: QuantSpec | None = field(default_factory=lambda: short_act_spec(8))
+    first_last_bits: int | None = None  # the paper ternarises every layer
+    lr: float = 1e-4
+    lr_quant: float = 1e-3
+    ratio: float = 0.7
+    steps: int = 200
+    hidden: float = 1.0
+    attention: float = 1.0
+    embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ternary_bits(self.weight.bits, "ternarybert")
+        if not 0.0 < self.ratio < 2.0:
+            raise CompactnnError(f"ratio={self.ratio} must lie in (0, 2); 0.7 is TWN's.")
+        if self.steps < 0 or self.hidden < 0 or self.attention < 0:
+            raise CompactnnError("steps, hidden and attention must be >= 0.")
+        if self.hidden == 0 and self.attention == 0 and self.steps > 0:
+            raise CompactnnError("hidden and attention are both 0: nothing to distil.")
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared difference of hidden states ``(B, T, C)`` over the tokens ``mask`` keeps."""
+    if mask is None:
+        return F.mse_loss(a, b)
+    m = mask.to(a.dtype).unsqueeze(-1)  # (B, T, 1)
+    return ((a - b).pow(2) * m).sum() / (m.sum() * a.shape[-1]).clamp(min=1)
+
+
+def distill_loss(student_out, teacher_out, mask, config: TernaryBERTConfig) -> torch.Tensor:
+    """``hidden * sum_l MSE(H_l) + attention * sum_l MSE(A_l)`` (see the module docstring)."""
+    loss = student_out.hidden_states[0].new_zeros(())
+    if config.hidden:
+        pairs = zip(student_out.hidden_states, teacher_out.hidden_states, strict=True)
+        loss = loss + config.hidden * sum(masked_mse(s, t, mask) for s, t in pairs)
+    if config.attention:
+        pairs = zip(student_out.attentions, teacher_out.attentions, strict=True)
+        loss = loss + config.attention * sum(F.mse_loss(s, t) for s, t in pairs)
+    return loss
+
+
+def _call(model: nn.Module, batch: dict) -> object:
+    return model(**batch, output_hidden_states=True, output_attentions=True)
+
+
+def _check_batches(model: nn.Module, ctx: CompressContext) -> None:
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise CompactnnError(
+            "ternarybert distils a Hugging Face transformer's hidden states and attention maps: "
+            "pass a transformers model (for CNNs use w2a8-twn)."
+        )
+    if not ctx.batches or not all(isinstance(b, dict) for b in ctx.batches):
+        raise CompactnnError(
+            "ternarybert trains on unlabeled text: pass calib_data as tokenized batches "
+            "(dicts with input_ids and attention_mask)."
+        )
+
+
+def distil(student: nn.Module, teacher: nn.Module, config: TernaryBERTConfig, ctx) -> list:
+    """Train ``student`` (wrapped) against ``teacher`` for ``config.steps``; the losses."""
+    quant = [p for n, p in student.named_parameters() if "quantizer" in n]
+    ids = {id(p) for p in quant}
+    weights = [p for p in student.parameters() if id(p) not in ids and p.requires_grad]
+    groups = [{"params": weights, "lr": config.lr}]
+    if quant and config.lr_quant > 0:
+        groups.append({"params": quant, "lr": config.lr_quant})
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(config.steps, 1))
+    losses = []
+    for step in ctx.bar(range(config.steps), desc="ternarybert distillation"):
+        batch = ctx.batches[step % len(ctx.batches)]
+        with torch.no_grad():
+            t = _call(teacher, batch)
+        loss = distill_loss(_call(student, batch), t, batch.get("attention_mask"), config)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _apply(model, targets, config: TernaryBERTConfig, ctx: CompressContext) -> nn.Module:
+    _check_batches(model, ctx)
+    implementation = model.config._attn_implementation
+    teacher = copy.deepcopy(model).eval()
+    if config.embeddings:
+        quantize_embeddings(model, {}, Targets(classes=("Embedding",)), config, ctx)
+    wrap_layers(model, targets, config, ctx, TERNARYBERT)
+    init_quantizers(model, ctx)
+    for m in (model, teacher):
+        m.set_attn_implementation("eager")  # attention maps are only returned by eager
+    try:
+        model.eval()  # no dropout: the teacher's and the student's states must line up
+        with torch.enable_grad():
+            losses = distil(model, teacher, config, ctx)
+    finally:
+        model.set_attn_implementation(implementation)
+    freeze_layers(model, ctx)
+    if losses:
+        ctx.notes.append(
+            f"ternarybert: {len(losses)} distillation steps, loss {losses[0]:.4g} -> "
+            f"{sum(losses[-10:]) / len(losses[-10:]):.4g} (mean of the last 10)"
+        )
+    return model
+
+
+@dataclass(frozen=True)
+class _TernaryBERTMethod(QATMethod):
+    """The training-aware hooks (``compactnn.train`` uses them) with TernaryBERT's own
+    label-free distillation as the ``compress`` handler."""
+
+    def __call__(self, model, targets, config, ctx):
+        return _apply(model, targets, config, ctx)
+
+
+TERNARYBERT = _TernaryBERTMethod(lambda layer, spec, cfg: RowTernaryWeight(cfg.ratio))
+register("ternarybert", TernaryBERTConfig, "TernaryBERT: ternary weights, a8, label-free KD")(
+    TERNARYBERT
+)

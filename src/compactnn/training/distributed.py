@@ -1,0 +1,137 @@
+"""``compactnn.train`` across processes: torch.distributed with DistributedDataParallel.
+
+Run the same script under ``torchrun --nproc-per-node N script.py``: ``train`` finds
+``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` in the environment, joins the process group (gloo on
+CPU, NCCL on CUDA; or uses one the script already initialised), wraps the model in
+``DistributedDataParallel`` and gives each rank its share of every batch.
+
+**Batch and learning-rate rule.** The recipe's ``batch_size`` is the *global* batch: every
+rank draws the same seeded permutation, cuts the same global batch, and keeps the slice
+``rank`` of its ``world_size`` near-equal slices (:func:`rank_slice`). DDP averages the
+gradients over ranks, so one step sees the gradient of the mean loss over the global batch,
+as a single process does: the learning rate stays as the recipe says, whatever the number of
+processes (exactly so when ``world_size`` divides the batch; a remainder makes the slices
+differ by one sample, and the average of the slice means then weighs samples slightly
+unevenly). Batch-norm statistics are per rank (each sees its slice), the one known source of
+difference from the single-process run besides float summation order.
+
+Rank 0 alone shows progress, prints, writes the log and the checkpoints; every rank reads a
+checkpoint to resume, so all continue from the same state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+from compactnn.errors import CompactnnError
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: ``world_size`` processes, this one ``rank``, on ``device``."""
+
+    world_size: int = 1
+    rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"cpu"`` -> CPU; ``"cuda"`` -> this rank's GPU (``LOCAL_RANK``)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CompactnnError(f"device={device!r} is not a device: use 'cpu' or 'cuda'.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CompactnnError(f"device={device!r} but no CUDA GPU is available: use 'cpu'.")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    elif dev.type != "cpu":
+        raise CompactnnError(f"device={device!r}: train() runs on 'cpu' or 'cuda'.")
+    return dev
+
+
+def detect(device: str | torch.device | None = None) -> DistEnv:
+    """The distributed environment: joins the process group ``torchrun`` describes.
+
+    Example:
+        >>> detect().world_size  # a plain python process
+        1
+    """
+    dev = resolve_device(device)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_world_size(), dist.get_rank(), dev)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv(1, 0, dev)
+    if not dist.is_available():
+        raise CompactnnError("WORLD_SIZE > 1 but this torch build has no torch.distributed.")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(dist.get_world_size(), dist.get_rank(), dev)
+
+
+def rank_slice(n: int, world_size: int, rank: int) -> slice:
+    """The part of a global batch of ``n`` samples that ``rank`` trains on.
+
+    Example:
+        >>> [rank_slice(10, 3, r) for r in range(3)]
+        [slice(0, 4, None), slice(4, 7, None), slice(7, 10, None)]
+    """
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def shard(env: DistEnv, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of a global batch, on the run's device."""
+    if env.active:
+        s = rank_slice(x.shape[0], env.world_size, env.rank)
+        x, y = x[s], y[s]
+    return x.to(env.device), y.to(env.device)
+
+
+def wrap(env: DistEnv, model: nn.Module) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` when several processes run."""
+    if not env.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+
+
+def sum_over_ranks(env: DistEnv, values: list[float]) -> list[float]:
+    """``values`` summed over every rank (the epoch's loss, hits and sample counts)."""
+    if not env.active:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (after rank 0 wrote a checkpoint)."""
+    if env.active:
+        import torch.distributed as dist
+
+        dist.barrier()

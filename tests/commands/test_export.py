@@ -1,0 +1,89 @@
+"""``compactnn export``: --list, a verified GGUF file, and user errors without tracebacks."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+import compactnn
+from compactnn.commands import export as export_cmd
+from compactnn.errors import CompactnnError
+from compactnn.models.tiny_hf import tiny_model
+
+gguf = pytest.importorskip("gguf")
+torch.set_num_threads(1)
+
+
+def _run(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    export_cmd.add_parser(parser.add_subparsers())
+    return export_cmd.run(parser.parse_args(["export", *argv]))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    model, calib = tiny_model("llama")
+    root = tmp_path_factory.mktemp("art")
+    for recipe in ("w4-g32", "w4-g16"):
+        qmodel = compactnn.compress(model, recipe, calib_data=calib, progress=False)
+        compactnn.save(qmodel, root / recipe)
+    return root, model
+
+
+def test_list_says_which_formats_are_exact(artifacts, capsys):
+    root, _ = artifacts
+    assert _run(str(root / "w4-g32"), "--list") == 0
+    out = capsys.readouterr().out
+    assert "gguf                exact" in out
+    assert _run(str(root / "w4-g16"), "--list") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("gguf"))
+    assert "no:" in line and "w4-g32" in line
+
+
+def test_export_gguf_writes_a_verified_file(artifacts, tmp_path, capsys):
+    root, _ = artifacts
+    out = tmp_path / "m.gguf"
+    assert _run(str(root / "w4-g32"), "--format", "gguf", "--out", str(out)) == 0
+    assert "verified" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(out))
+    qmodel = compactnn.load(root / "w4-g32")
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    deq = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    assert torch.equal(deq, qmodel.model.layers[1].mlp.down_proj.weight.detach())
+    with pytest.raises(CompactnnError, match="--force"):
+        _run(str(root / "w4-g32"), "--format", "gguf", "--out", str(out))
+    assert _run(str(root / "w4-g32"), "--format", "gguf", "--out", str(out), "--force") == 0
+
+
+def test_user_errors(artifacts, tmp_path):
+    root, _ = artifacts
+    with pytest.raises(CompactnnError, match="--list"):
+        _run(str(root / "w4-g32"))
+    with pytest.raises(CompactnnError, match="not a compactnn artifact"):
+        _run(str(tmp_path), "--list")
+    with pytest.raises(CompactnnError, match="w4-g32"):
+        _run(str(root / "w4-g16"), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
+    y = str(tmp_path / "y.gguf")
+    with pytest.warns(UserWarning, match="max abs error"):
+        assert _run(str(root / "w4-g16"), "--format", "gguf", "--out", y, "--requantize") == 0
+
+
+def test_each_format_gets_its_options(artifacts, tmp_path, monkeypatch):
+    root, _ = artifacts
+    with pytest.raises(CompactnnError, match="onnx export does not take requantize"):
+        _run(str(root / "w4-g32"), "-f", "onnx", "-o", str(tmp_path / "r"), "--requantize")
+    seen = {}
+
+    def fake_export(name, qmodel, out, **opts):
+        seen[name] = opts
+        Path(out).write_bytes(b"x")
+        return Path(out)
+
+    monkeypatch.setattr(export_cmd.formats, "export", fake_export)
+    for fmt in ("onnx", "compressed-tensors", "gguf"):
+        assert _run(str(root / "w4-g32"), "-f", fmt, "-o", str(tmp_path / fmt)) == 0
+    ids = seen["onnx"]["example"]["input_ids"]
+    assert ids.shape == (1, 16) and int(ids.max()) < 128  # the tiny Llama's vocabulary
+    assert "tokenizer" not in seen["compressed-tensors"]  # none with save_pretrained here
+    assert seen["gguf"] == {"requantize": False, "tokenizer": None}

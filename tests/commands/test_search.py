@@ -1,0 +1,93 @@
+"""``compactnn search`` on a factory model with its own calibration data."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import compactnn
+from compactnn.commands import search as search_command
+from compactnn.errors import CompactnnError
+from compactnn.recipe import Recipe
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    )
+"""
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    search_command.add_parser(parser.add_subparsers())
+    return parser.parse_args(["search", *argv])
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "searchnet.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import searchnet
+
+    model = searchnet.make()
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors"
+    )
+    save_file({"x": torch.randn(64, 1, 8, 8)}, tmp_path / "calib.safetensors")
+    return tmp_path, model
+
+
+def test_writes_a_recipe_compress_runs(project, capsys):
+    tmp, model = project
+    out = tmp / "search"
+    args = parse(
+        [
+            "searchnet:make",
+            "--weights",
+            str(tmp / "w.safetensors"),
+            "--data",
+            str(tmp / "calib.safetensors"),
+            "--formats",
+            "w2a8,w4a8,w8a8",
+            "--avg-bits",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert search_command.run(args) == 0
+    summary = json.loads((out / "search.json").read_text())
+    assert set(summary["assignment"]) == {"0", "3"}
+    assert "wrote" in capsys.readouterr().out
+    recipe = Recipe.from_yaml((out / "recipe.yaml").read_text())
+    q = compactnn.compress(model, recipe, calib_data=torch.randn(16, 1, 8, 8), progress=False)
+    for name, fmt in summary["assignment"].items():
+        assert q.get_submodule(name).weight_spec.bits == int(fmt[1])
+    bits = 4 * 9 * int(summary["assignment"]["0"][1]) + 256 * 3 * int(summary["assignment"]["3"][1])
+    assert bits <= 4 * (36 + 768)
+
+
+def test_needs_a_budget(project):
+    tmp, _ = project
+    args = parse(
+        [
+            "searchnet:make",
+            "--weights",
+            str(tmp / "w.safetensors"),
+            "--formats",
+            "w2a8,w8a8",
+            "--out",
+            str(tmp / "o"),
+        ]
+    )
+    with pytest.raises(CompactnnError, match="needs a budget"):
+        search_command.run(args)

@@ -1,0 +1,112 @@
+"""compressed-tensors export: plain transformers loads the folder as the simulated model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import compactnn
+from compactnn.core.spec import QuantSpec
+from compactnn.errors import CompactnnError
+from compactnn.models.tiny_hf import outputs, tiny_model
+from compactnn.quant.rtn import RTNConfig
+from compactnn.recipe import Recipe, Step
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("compressed_tensors")
+safetensors = pytest.importorskip("safetensors.torch")
+ctensors = pytest.importorskip("compactnn.export.ctensors")
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    return tiny_model("bert")
+
+
+def _sym4() -> Recipe:
+    spec = QuantSpec(bits=4, symmetric=True, granularity="group", group_size=32)
+    return Recipe("w4-g32-sym", (Step("rtn", RTNConfig(weight=spec)),))
+
+
+def _reload(folder, causal: bool):
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    return cls.from_pretrained(folder).eval()
+
+
+def test_asymmetric_w4_bert_loads_as_the_simulation(bert, tmp_path):
+    model, calib = bert
+    q = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
+    assert ctensors.can_export(q) is None
+    folder = ctensors.export(q, tmp_path / "ct")
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "compressed-tensors"
+    loaded = _reload(folder, causal=False)
+    sim, got = outputs(q, calib[1]), outputs(loaded, calib[1])
+    assert torch.allclose(got, sim, atol=1e-6, rtol=0)
+    # a float model would differ by the quantization error: the folder holds the codes
+    assert (outputs(model, calib[1]) - got).abs().max() > 1e-3
+    state = safetensors.load_file(folder / "model.safetensors")
+    zp = state["encoder.layer.1.attention.self.key.weight_zero_point"]
+    layer = q.get_submodule("encoder.layer.1.attention.self.key")
+    # uint4 codes/zero points move to the format's int4 grid: z' = z - 8
+    assert torch.equal(zp.float(), layer.weight_zero - 8)
+
+
+def test_symmetric_w4_llama_is_packed_and_decompresses_bit_exactly(tmp_path):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    model, calib = tiny_model("llama")
+    q = compactnn.compress(model, _sym4(), calib_data=calib, progress=False)
+    folder = ctensors.export(q, tmp_path / "ct")
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    state = safetensors.load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    layer = q.get_submodule(name)
+    group = next(g for g in qcfg["config_groups"].values() if f"re:^{name}$".replace(".", "[.]")
+                 in g["targets"])  # fmt: skip
+    assert group["format"] == "pack-quantized"
+    assert state[f"{name}.weight_packed"].dtype == torch.int32
+    assert state[f"{name}.weight_packed"].numel() * 32 == layer.weight.numel() * 4
+    local = {k.removeprefix(name + "."): v for k, v in state.items() if k.startswith(name + ".")}
+    scheme = QuantizationScheme(**{k: group[k] for k in ("targets", "weights", "format")})
+    back = BaseCompressor.get_value_from_registry("pack-quantized").decompress(local, scheme)
+    codes = layer.weight_codes.float().reshape(layer.out_features, -1, 32)  # (N, K/32, 32)
+    ref = (codes * layer.weight_scale.unsqueeze(-1)).reshape(layer.weight.shape)
+    assert torch.equal(back["weight"], ref)
+    loaded = _reload(folder, causal=True)
+    assert torch.equal(outputs(loaded, calib[1]), outputs(q, calib[1]))
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-smoothquant"])
+def test_w8a8_activations_survive_the_round_trip(bert, recipe, tmp_path):
+    model, calib = bert
+    q = compactnn.compress(model, recipe, calib_data=calib * 4, progress=False)
+    loaded = _reload(ctensors.export(q, tmp_path / "ct"), causal=False)
+    sim, got = outputs(q, calib[1]), outputs(loaded, calib[1])
+    cos = torch.nn.functional.cosine_similarity(sim.flatten(0, 1), got.flatten(0, 1), dim=-1)
+    assert cos.mean() >= 0.9999
+    assert (sim - got).abs().max() < 1e-4
+    for m in q.modules():  # the same weights without activation quantization: further away
+        if getattr(m, "input_quantizer", None) is not None:
+            m.input_quantizer.enabled = False
+    assert (outputs(q, calib[1]) - got).abs().max() > 10 * (sim - got).abs().max()
+
+
+def test_refusals_name_the_problem(bert, tmp_path):
+    model, calib = bert
+    assert "Hugging Face" in ctensors.can_export(torch.nn.Linear(2, 2))
+    q = compactnn.compress(model, "w8", calib_data=calib, progress=False)
+    with pytest.raises(CompactnnError, match="tokenizer="):
+        ctensors.export(q, tmp_path / "x", shards=2)
+    layer = q.get_submodule("encoder.layer.0.output.dense")
+    layer.set_codebook(torch.linspace(-1, 1, 256).expand(*layer.weight_scale.shape, 256))
+    reason = ctensors.can_export(q)
+    assert "encoder.layer.0.output.dense" in reason and "compactnn.save" in reason
+    with pytest.raises(CompactnnError, match="codebook"):
+        ctensors.export(q, tmp_path / "y")
+    assert not (tmp_path / "y").exists()
+    assert "no quantized layer" in ctensors.can_export(compactnn.compress(model, "nm2:4"))

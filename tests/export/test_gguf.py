@@ -1,0 +1,224 @@
+"""GGUF export: block math against hand values and gguf's own dequantizer, the rotary row
+permutation against Hugging Face's rotary embedding, and tiny Llama files read back with
+``gguf.GGUFReader`` bit-exactly."""
+
+import numpy as np
+import pytest
+import torch
+
+import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.export import gguf_blocks as gb
+from compactnn.export.gguf import can_export, write_gguf
+from compactnn.models.tiny_hf import tiny_model
+from compactnn.recipe import Recipe
+
+gguf = pytest.importorskip("gguf")
+torch.set_num_threads(1)
+
+FULL = 1 + 2**-10  # a float16 with all significand bits: d * 3 is not float16-exact
+
+
+def _dequant(blocks: gb.Blocks) -> torch.Tensor:
+    qt = gguf.GGMLQuantizationType[blocks.ggml_type]
+    return torch.from_numpy(np.array(gguf.quants.dequantize(blocks.data, qt)))
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "d", "z", "want"),
+    [
+        (-8, 7, 0.5, 0, "Q4_0"),  # signed symmetric int4: c = q + 8
+        (0, 15, 0.5, 3, "Q4_1"),  # uint4 with zero 3: m = -1.5 is float16-exact
+        (0, 15, FULL, 3, "Q5_0"),  # m = -3 * FULL needs 12 bits: Q4_1 is not exact
+        (0, 31, 0.5, 3, "Q5_1"),  # uint5, r up to 28: beyond Q5_0
+        (0, 31, FULL, 3, "Q8_0"),  # uint5 with an inexact m
+        (-128, 127, 0.25, 0, "Q8_0"),
+    ],
+)
+def test_smallest_exact_type_reads_back_bit_exactly(lo, hi, d, z, want):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(lo, hi + 1, (3, 64), generator=gen)
+    q[0, :2] = torch.tensor([lo, hi])  # the whole range occurs
+    scale = torch.full((3, 1), d) * torch.tensor([[1.0], [2.0], [0.25]])  # per row
+    zero = torch.full((3, 1), float(z))
+    grid = gb.block_grid(q, scale, zero, "channel", 0)
+    blocks = gb.exact_blocks(*grid)
+    assert blocks.ggml_type == want
+    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}[want]
+    assert blocks.data.shape == (3, 2 * block_bytes)
+    want_w = (q.float() - zero) * scale  # compactnn's dequantize, by hand
+    assert torch.equal(_dequant(blocks), want_w)
+
+
+def test_block_layout_by_hand():
+    # Q4_0: bytes 0-1 the float16 scale, then byte j = c[j] | c[j + 16] << 4
+    q = torch.arange(32).reshape(1, 32) % 16 - 8
+    blocks = gb.exact_blocks(q, torch.tensor([[2.0]]), torch.zeros(1, 1))
+    raw = blocks.data[0]
+    assert raw[:2].view(np.float16)[0] == 2.0
+    c = (q[0] + 8).numpy()
+    assert list(raw[2:]) == [int(c[j] | (c[j + 16] << 4)) for j in range(16)]
+
+
+def test_groups_that_do_not_tile_blocks_are_refused():
+    q = torch.zeros(2, 64, dtype=torch.int32)
+    reason = gb.block_grid(q, torch.ones(2, 4), torch.zeros(2, 4), "group", 16)
+    assert isinstance(reason, str) and "16" in reason
+    assert isinstance(
+        gb.block_grid(q[:, :48], torch.ones(2, 1), torch.zeros(2, 1), "channel", 0), str
+    )
+    bad_scale = torch.full((2, 1), 0.1)  # not float16-representable
+    assert "float16" in gb.block_grid(q, bad_scale, torch.zeros(2, 1), "channel", 0)
+
+
+def test_rope_permutation_turns_rotate_half_into_interleaved_rope():
+    """llama.cpp's rope on adjacent pairs of the permuted rows equals the permuted rows of
+    Hugging Face's rotate-half rope: the permutation is the only change the layout needs."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    heads, dim, pos = 2, 8, torch.arange(5.0)
+    x = torch.randn(heads * dim, 5, generator=torch.Generator().manual_seed(3))  # rows x pos
+    inv = 10000.0 ** (-torch.arange(0, dim, 2).float() / dim)  # (dim / 2,)
+    ang = pos[:, None] * inv[None, :]  # (5, dim / 2)
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[None]  # HF: (1, 5, dim), unsqueezed at 1
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[None]
+    hf_in = x.T.reshape(1, 5, heads, dim).transpose(1, 2)  # (1, heads, 5, dim)
+    hf, _ = apply_rotary_pos_emb(hf_in, hf_in, cos, sin)
+    hf_rows = hf.transpose(1, 2).reshape(5, heads * dim).T  # back to rows x pos
+    p = gb.rope_permute(x, heads).T.reshape(5, heads, dim // 2, 2)  # adjacent pairs
+    a, b = p[..., 0], p[..., 1]
+    c, s = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    ggml = torch.stack([a * c - b * s, a * s + b * c], -1).reshape(5, heads * dim).T
+    torch.testing.assert_close(ggml, gb.rope_permute(hf_rows, heads), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def _read_back(path, qmodel):
+    """Every tensor of the file against the model's dequantized weights, by gguf's reader."""
+    reader = gguf.GGUFReader(str(path))
+    cfg = qmodel.config
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj"}
+    got = {t.name: t for t in reader.tensors}
+    for i in range(cfg.num_hidden_layers):
+        for short, mod in names.items():
+            w = qmodel.get_submodule(f"model.layers.{i}.{mod}").weight.detach()
+            t = got[f"blk.{i}.{short}.weight"]
+            deq = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+            assert torch.equal(deq, gb.rope_permute(w, heads[short]))
+    for name, mod in (("token_embd", "model.embed_tokens"), ("output", "lm_head")):
+        t = got[f"{name}.weight"]
+        deq = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+        assert torch.equal(deq, qmodel.get_submodule(mod).weight.detach())
+    return reader, got
+
+
+SYM_W4 = """
+name: w4-g32-sym
+steps:
+  - method: rtn
+    config: {weight: {bits: 4, symmetric: true, granularity: group, group_size: 32}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("recipe", "types"),
+    [("w4-g32", {"Q5_0", "Q8_0"}), (SYM_W4, {"Q4_0", "Q8_0"}), ("w8", {"Q8_0"})],
+)
+def test_tiny_llama_reads_back_bit_exactly(llama, tmp_path, recipe, types):
+    model, calib = llama
+    recipe = Recipe.from_yaml(recipe) if "\n" in recipe else recipe
+    qmodel = compactnn.compress(model, recipe, calib_data=calib, progress=False)
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    report = write_gguf(qmodel, tmp_path)
+    assert report.exact and report.path == tmp_path / "model.gguf"
+    assert {t.ggml_type for t in report.tensors} - {"F32"} == types
+    reader, got = _read_back(report.path, qmodel)
+    assert all(torch.equal(v, qmodel.state_dict()[k]) for k, v in before.items())
+    kv = {f.name: f for f in reader.fields.values()}
+    assert bytes(kv["general.architecture"].parts[-1]).decode() == "llama"
+    assert int(kv["llama.block_count"].parts[-1][0]) == 2
+    assert int(kv["llama.attention.head_count_kv"].parts[-1][0]) == 2
+    # the tensor payload is the theoretical size: elements x bits per weight
+    assert sum(int(t.n_bytes) for t in got.values()) == report.tensor_bytes
+    assert len(got) == 2 + 2 * 9 + 1  # embedding, output, norm, 2 blocks of 9
+
+
+def test_no_exact_type_is_refused_with_nearest_recipe_or_requantized(llama, tmp_path):
+    model, calib = llama
+    qmodel = compactnn.compress(model, "w4-g16", calib_data=calib, progress=False)
+    reason = can_export(qmodel)
+    assert "w4-g32" in reason and "16" in reason
+    with pytest.raises(CompactnnError, match="w4-g32"):
+        write_gguf(qmodel, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+    with pytest.warns(UserWarning, match="requantized 16 weights"):
+        report = write_gguf(qmodel, tmp_path / "b.gguf", requantize=True)
+    requant = [t for t in report.tensors if t.how == "requantized"]
+    assert requant and all(report.max_diff[t.name] > 0 for t in requant)
+    w = qmodel.model.layers[0].mlp.up_proj.weight.detach()
+    err = report.max_diff["blk.0.ffn_up.weight"]
+    assert err < 0.25 * float(w.abs().max())  # a 4-bit grid's error, not garbage
+
+
+def test_refuses_what_llama_cpp_cannot_run(llama):
+    model, calib = llama
+    assert "Llama" in can_export(tiny_model("opt")[0])
+    qmodel = compactnn.compress(model, "w8a8", calib_data=calib, progress=False)
+    assert "activations" in can_export(qmodel)
+
+
+def test_tokenizer_goes_into_metadata(llama, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=120,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100],
+        show_progress=False,
+    )
+    tok.train_from_iterator(["the cat sat on the mat"] * 20, trainer)
+    model, _ = llama
+    report = write_gguf(model, tmp_path / "t.gguf", tokenizer=tok)  # a float model: all F32
+    assert report.exact and set(report.types) == {"F32"}
+    kv = gguf.GGUFReader(str(report.path)).fields
+    tokens = [bytes(kv["tokenizer.ggml.tokens"].parts[i]).decode()
+              for i in kv["tokenizer.ggml.tokens"].data]  # fmt: skip
+    assert len(tokens) == model.config.vocab_size  # padded up to the embedding rows
+    assert tokens[: tok.get_vocab_size()] == [
+        tok.id_to_token(i) for i in range(tok.get_vocab_size())
+    ]
+    types = [
+        int(kv["tokenizer.ggml.token_type"].parts[i][0])
+        for i in kv["tokenizer.ggml.token_type"].data
+    ]
+    assert types[:4] == [3, 3, 3, 1]
+    assert int(kv["tokenizer.ggml.bos_token_id"].parts[-1][0]) == 1
+    assert int(kv["tokenizer.ggml.eos_token_id"].parts[-1][0]) == 2
+    assert bytes(kv["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    merges = kv["tokenizer.ggml.merges"]
+    assert len(merges.data) > 0 and " " in bytes(merges.parts[merges.data[0]]).decode()
+
+
+def test_gguf_file_alone_computes_the_simulated_logits(llama, tmp_path, monkeypatch):
+    """A float forward pass read only from the file (metadata, llama.cpp's pairwise rotary
+    embedding) gives the simulated model's logits; without the q/k permutation it does not."""
+    from compactnn.bench.export import gguf_forward
+
+    model, calib = llama
+    qmodel = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
+    ids = calib[0]["input_ids"][0]
+    with torch.no_grad():
+        want = qmodel(input_ids=ids[None]).logits[0]
+        path = write_gguf(qmodel, tmp_path / "a.gguf").path
+        torch.testing.assert_close(gguf_forward(path, ids), want, rtol=0, atol=1e-5)
+        monkeypatch.setattr(gb, "rope_permute", lambda x, heads: x)
+        path = write_gguf(qmodel, tmp_path / "b.gguf").path
+        assert (gguf_forward(path, ids) - want).abs().max() > 1e-3

@@ -1,0 +1,86 @@
+"""ONNX export of compressed transformers: MatMulNBits / QDQ graphs checked in ONNX Runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.models.tiny_hf import outputs, tiny_model
+
+pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+onnx_hf = pytest.importorskip("compactnn.export.onnx_hf")
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return tiny_model("bert")
+
+
+def _run(path, batch, kind="qdq"):
+    return onnx_hf.ort_runner(path.read_bytes(), kind)(**batch)
+
+
+def test_weight_only_bert_runs_our_codes_in_matmulnbits(bert, tmp_path):
+    model, calib = bert
+    q = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
+    path = onnx_hf.export(q, tmp_path / "m.onnx", example=calib[0])
+    graph = onnx.load(str(path)).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    four = [m for m in q.modules() if getattr(m, "weight_spec", None) is not None
+            and m.weight_spec.bits == 4 and hasattr(m, "in_features")]  # fmt: skip
+    assert len(four) >= 10 and len(nbits) >= len(four)
+    layer = q.get_submodule("encoder.layer.1.attention.self.key")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    blobs = [torch.from_numpy(v.copy()) for k, v in inits.items() if k.endswith("_nbits_B")]
+    codes = layer.weight_codes.to(torch.uint8).reshape(64, 2, 32)  # uint4 codes, (N, K/32, 32)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # low nibble first
+    assert any(torch.equal(b, packed) for b in blobs)
+    # another batch (padding, same length) than the one traced: dynamic shapes, same numbers
+    sim, got = outputs(q, calib[1]), _run(path, calib[1], "nbits")
+    assert onnx_hf.mean_cosine(sim, got) >= 0.99999
+    assert (sim - got).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(("arch", "recipe"), [("bert", "w8a8"), ("llama", "w8a8-smoothquant")])
+def test_w8a8_qdq_stores_int8_codes_and_matches(arch, recipe, bert, tmp_path):
+    model, calib = bert if arch == "bert" else tiny_model(arch)
+    q = compactnn.compress(model, recipe, calib_data=calib * 4, progress=False)
+    path = onnx_hf.export(q, tmp_path, example=calib[0])
+    assert path.name == "model.onnx"
+    graph = onnx.load(str(path)).graph
+    int8 = [
+        i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2
+    ]
+    n_layers = sum(  # BertModel's pooler does not feed last_hidden_state: not in the graph
+        1
+        for n, m in q.named_modules()
+        if getattr(m, "input_quantizer", None) is not None and not n.startswith("pooler")
+    )
+    assert len(int8) == n_layers  # every weight as its codes, no float copy left
+    weights = {f"model.{n}.weight" for n, m in q.named_modules() if hasattr(m, "weight_codes")}
+    assert not [i.name for i in graph.initializer if i.name in weights]  # no float copy left
+    sim, got = outputs(q, calib[1]), _run(path, calib[1])
+    assert onnx_hf.mean_cosine(sim, got) >= 0.9999
+    assert (sim - got).abs().max() < 1e-4
+    for m in q.modules():  # without its activation grids the model is measurably further
+        if getattr(m, "input_quantizer", None) is not None:
+            m.input_quantizer.enabled = False
+    assert (outputs(q, calib[1]) - got).abs().max() > 3 * (sim - got).abs().max()
+
+
+def test_refusals(bert, tmp_path):
+    model, calib = bert
+    assert "Hugging Face" in onnx_hf.can_export(torch.nn.Linear(2, 2))
+    q = compactnn.compress(model, "w8", calib_data=calib, progress=False)
+    with pytest.raises(CompactnnError, match="example="):
+        onnx_hf.export(q, tmp_path / "a.onnx")
+    with pytest.raises(CompactnnError, match="min_cosine"):
+        onnx_hf.export(q, tmp_path / "b.onnx", example=calib[0], min_cosine=1.5)
+    assert not (tmp_path / "b.onnx").exists()
+    layer = q.get_submodule("encoder.layer.0.output.dense")
+    layer.set_codebook(torch.linspace(-1, 1, 256).expand(*layer.weight_scale.shape, 256))
+    assert "compactnn.save" in onnx_hf.can_export(q)

@@ -1,0 +1,31 @@
+import pytest
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.export.size import theoretical_size
+from compactnn.mixed_precision.cost import cost_tables, count_macs, layer_bytes
+from compactnn.mixed_precision.formats import Format
+
+
+@pytest.mark.parametrize("fmt", ["w2a8", "w3-g16", "w8a8", "w4-g32-mse"])
+def test_bytes_equal_artifact_rule(fmt):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16))
+    x = torch.randn(256, 64)
+    f = Format.parse(fmt)
+    q = compactnn.compress(model, f"{fmt}", calib_data=x, progress=False)
+    if f.weight.bits < 8:  # the short name's first/last rule would lift a lone layer to 8
+        q = compactnn.compress(
+            model, compactnn.Recipe("x", (f.step(["0"]),)), calib_data=x, progress=False
+        )
+    assert layer_bytes(model[0], f) == theoretical_size(q)
+
+
+def test_macs_and_bops():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    layers = {"0": model[0], "2": model[2]}
+    macs = count_macs(model, layers, lambda m: m(torch.zeros(2, 2, 5, 5)))
+    assert macs == {"0": 4 * 25 * 2 * 9, "2": 3 * 100}
+    t = cost_tables(layers, [Format.parse("w2a8"), Format.parse("w4")], macs)
+    assert t["bops"][0].tolist() == [macs["0"] * 2 * 8, macs["0"] * 4 * 32]

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.export.size import theoretical_size
+from compactnn.mixed_precision import Budget, search
+from compactnn.mixed_precision.api import uniform_choice
+from compactnn.recipe import Recipe
+
+FORMATS = ["w2a8", "w4a8", "w8a8"]
+
+
+def tiny_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 5),
+    ).eval()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    return model, [torch.randn(16, 1, 6, 6) for _ in range(2)]
+
+
+def test_budget_met_and_recipe_runs_unchanged(tmp_path):
+    model, calib = tiny_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = search(
+        model,
+        formats=FORMATS,
+        budget=Budget(avg_bits=4),
+        calib_data=calib,
+        progress=False,
+        cache_dir=tmp_path,
+    )
+    assert r.layers == ["0", "3", "6"] and set(r.assignment.values()) <= set(FORMATS)
+    weights = [8 * 9, 8 * 8 * 9, 8 * 36 * 5]
+    bits = sum(n * int(r.assignment[k][1]) for n, k in zip(weights, r.layers, strict=True))
+    assert bits <= 4 * sum(weights)
+    recipe = Recipe.from_yaml(r.save(tmp_path).joinpath("recipe.yaml").read_text())
+    q = compactnn.compress(model, recipe, calib_data=calib, progress=False)
+    formats = compactnn.api.info_of(q)  # noqa: F841  (metadata is present)
+    for name, fmt in r.assignment.items():
+        assert q.get_submodule(name).weight_spec.bits == int(fmt[1])
+    # exact bytes: the cost model's total plus the float tensors outside the searched layers
+    assert theoretical_size(q) == r.cost["bytes"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert (tmp_path / "search.json").is_file() and (tmp_path / "sensitivity.json").is_file()
+
+
+def test_first_last_rule_is_a_constraint():
+    model, calib = tiny_cnn()
+    r = search(
+        model,
+        formats=FORMATS,
+        budget=Budget(avg_bits=6.5),
+        calib_data=calib,
+        first_last_min_bits=8,
+        progress=False,
+    )
+    assert r.assignment["0"] == "w8a8" and r.assignment["6"] == "w8a8"
+    assert r.assignment["3"] == "w2a8"
+
+
+def test_more_budget_never_predicts_worse(tmp_path):
+    model, calib = tiny_cnn()
+    preds = [
+        search(
+            model,
+            formats=FORMATS,
+            budget=Budget(max_bytes=b),
+            calib_data=calib,
+            progress=False,
+            cache_dir=tmp_path,
+        ).predicted
+        for b in (1400, 2200, 3400)
+    ]
+    assert preds == sorted(preds, reverse=True)
+    u = uniform_choice(FORMATS, "w2a8", 3)
+    assert u.tolist() == [0, 0, 0]
+
+
+def test_accuracy_mode_reports_every_trial():
+    model, calib = tiny_cnn()
+    x = torch.randn(64, 1, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+
+    def fidelity(m):  # negative relative error in percent: 0 for the float model
+        with torch.no_grad():
+            return -100 * float((m(x) - ref).pow(2).sum() / ref.pow(2).sum())
+
+    r = search(
+        model,
+        formats=FORMATS,
+        calib_data=calib,
+        eval_fn=fidelity,
+        max_drop=1.0,
+        max_evals=3,
+        progress=False,
+    )
+    assert r.baseline == pytest.approx(0.0, abs=1e-9) and 1 <= len(r.tried) <= 3
+    passed = [t for t in r.tried if t["passed"]]
+    assert r.assignment == min(passed, key=lambda t: t["bytes"])["assignment"]
+    q = compactnn.compress(model, r.recipe, calib_data=calib, progress=False)
+    assert fidelity(q) >= -1.0
+
+
+def test_user_mistakes():
+    model, calib = tiny_cnn()
+    with pytest.raises(CompactnnError, match="budget"):
+        search(model, formats=FORMATS, calib_data=calib)
+    with pytest.raises(CompactnnError, match="at least two"):
+        search(model, formats=["w4a8"], budget=Budget(avg_bits=4), calib_data=calib)
+    with pytest.raises(CompactnnError, match="smallest reachable"):
+        search(
+            model, formats=FORMATS, budget=Budget(max_bytes=10), calib_data=calib, progress=False
+        )
+    with pytest.raises(CompactnnError, match="max_bytes"):
+        Budget(max_bytes=-1)
+    assert np.isfinite(1.0)

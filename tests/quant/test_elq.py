@@ -1,0 +1,120 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.quant.elq import ELQConfig, ELQWeight, elq_binary, elq_ternary, refit_scale
+from compactnn.recipe import Recipe, Step, resolve_recipe
+
+
+def _err(w, d, q):
+    return float((d * (w - q) ** 2).sum())
+
+
+def test_binary_scale_beats_every_scale_on_a_grid():
+    torch.manual_seed(0)
+    w, d = torch.randn(1, 40), torch.rand(1, 40) + 0.1
+    codes, alpha = elq_binary(w, d)
+    assert torch.equal(codes, torch.where(w >= 0, 1.0, -1.0))
+    best = min(_err(w, d, a * codes) for a in torch.linspace(0, 3, 3001))
+    assert _err(w, d, alpha[:, None] * codes) <= best + 1e-6
+    assert abs(float(alpha) - float((d * w.abs()).sum() / d.sum())) < 1e-6
+
+
+def test_ternary_is_the_exact_minimiser_over_all_codes():
+    torch.manual_seed(1)
+    w, d = torch.randn(1, 7), torch.rand(1, 7) + 0.1
+    codes, alpha = elq_ternary(w, d)
+    got = _err(w, d, alpha[:, None] * codes)
+    best = float("inf")
+    for t in itertools.product((-1.0, 0.0, 1.0), repeat=7):  # every code, its best scale
+        t = torch.tensor([t])
+        a = refit_scale(w, d, t).clamp(min=0)
+        best = min(best, _err(w, d, a[:, None] * t))
+    assert got == pytest.approx(best, abs=1e-6)
+    # and against a grid of (alpha, threshold) pairs
+    grid = min(
+        _err(w, d, a * torch.sign(w) * (w.abs() > th))
+        for a in torch.linspace(0.01, 3, 120)
+        for th in torch.linspace(0, 3, 120)
+    )
+    assert got <= grid + 1e-6
+
+
+def test_ternary_rows_and_hand_example():
+    w = torch.tensor([[1.0, 0.9, 0.15, -0.5], [0.1, -2.0, 0.0, 0.05]])
+    codes, alpha = elq_ternary(w, torch.ones_like(w))
+    # row 0: top-3 |w| gives (2.4)^2/3 = 1.92, the best; alpha 0.8. row 1: top-1, alpha 2.
+    assert torch.equal(codes, torch.tensor([[1.0, 1, 0, -1], [0, -1, 0, 0]]))
+    assert torch.allclose(alpha, torch.tensor([0.8, 2.0]))
+
+
+def test_incremental_portions_and_refits_by_hand():
+    w = torch.tensor([[1.0, 0.9, 0.15, -0.5]])
+    q = ELQWeight(w, bits=2, portions=(0.5, 0.75))
+    q.start_epoch(w, 0, 2)  # alpha 0.8, errors .04 .01 .0225 .09: freeze 3 and 0
+    assert q.frozen.tolist() == [[True, False, False, True]]
+    assert q.alpha.item() == pytest.approx(0.75)  # (1 + 0.5) / 2
+    a = torch.tensor(0.75).half().float()
+    assert torch.equal(q(w), torch.tensor([[a, 0.9, 0.15, -a]]))
+    q.start_epoch(w, 1, 2)  # free errors .01 (idx 1), .0225 (idx 2): freeze idx 2 (code 0)
+    assert q.frozen.tolist() == [[True, False, True, True]]
+    assert q.codes.tolist() == [[1.0, 0.0, 0.0, -1.0]]
+    codes, alpha = q.final(w)  # 0.9 > 0.75 / 2: code 1; alpha (1 + .9 + .5) / 3
+    assert codes.tolist() == [[1.0, 1.0, 0.0, -1.0]]
+    assert alpha.item() == pytest.approx(0.8)
+
+
+def test_hessian_is_adams_second_moment_of_the_quantized_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    q = ELQWeight(w, bits=1, beta=0.9, scale_grad=False)
+    g = torch.randn(3, 4)
+    (q(w) * g).sum().backward()
+    assert torch.allclose(q.sq_grad, 0.1 * g * g)
+    assert torch.allclose(q.hessian(), g.abs() + 1e-8)  # bias-corrected: sqrt(g^2)
+    assert torch.equal(w.grad, g)  # straight-through
+
+
+def test_scale_gradient_by_hand():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    g = torch.randn(3, 4)
+    out = ELQWeight(w, bits=1)(w)  # d = 1: alpha = mean|w| per row
+    (out * g).sum().backward()
+    s, alpha = torch.sign(w.detach()), w.detach().abs().mean(1, keepdim=True)
+    assert torch.allclose(out.detach(), alpha.half().float() * s)
+    # d/dw of alpha(w) * s with s held, plus alpha through the straight-through codes
+    hand = alpha.half().float() * g + s * (g * s).sum(1, keepdim=True) / 4
+    assert torch.allclose(w.grad, hand, atol=1e-6)
+
+
+def test_short_names_and_config_errors():
+    assert resolve_recipe("w1a8-elq").steps[0].config.weight.bits == 1
+    assert resolve_recipe("w2a8-elq").steps[0].config.weight.bits == 2
+    with pytest.raises(CompactnnError, match="elq quantizes weights"):
+        ELQConfig.from_short(4, 8, None)
+    with pytest.raises(CompactnnError, match="portions"):
+        ELQConfig(portions=(0.75, 0.5))
+
+
+@pytest.mark.parametrize("bits,portions", [(1, ()), (2, (0.5, 0.75))])
+def test_train_save_load_bit_exact(tmp_path, bits, portions):
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+        )
+
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    cfg = ELQConfig.from_short(bits, 8, None, epochs=2, batch_size=32, portions=portions)
+    q = compactnn.train(mlp(), Recipe("elq", (Step("elq", cfg),)), (x, y), progress=False)
+    mid = q[2]
+    values = mid.weight_codes.unique().tolist()
+    assert values == ([0, 1] if bits == 1 else [-1, 0, 1])
+    compactnn.save(q, tmp_path / "elq")
+    q2 = compactnn.load(tmp_path / "elq", model=mlp())
+    assert torch.equal(q(x), q2(x))
