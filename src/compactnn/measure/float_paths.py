@@ -160,6 +160,8 @@ def compiled(model: nn.Module, example: Any, timeout_s: float = COMPILE_TIMEOUT_
         if state["fired"]:  # _CompileTimeout, possibly wrapped by torch._dynamo
             raise TimeoutError(f"did not compile within {timeout_s:.0f} s") from None
         raise
+    if state["fired"]:  # torch._dynamo swallowed the alarm and fell back to eager
+        raise TimeoutError(f"did not compile within {timeout_s:.0f} s")
     return fn
 
 
