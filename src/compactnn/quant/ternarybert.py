@@ -85,7 +85,7 @@ class TernaryBERTConfig(QATConfig):
     weight: QuantSpec = field(default_factory=lambda: short_weight_spec(2))
     act: QuantSpec | None = field(default_factory=lambda: short_act_spec(8))
     first_last_bits: int | None = None  # the paper ternarises every layer
-    lr: float = 1e-4
+    lr: float = 5e-4  # MiniLM, 200 steps: cosine 0.8165 at 1e-4, 0.8765 at 5e-4, 0.8598 at 2e-3
     lr_quant: float = 1e-3
     ratio: float = 0.7
     steps: int = 200
