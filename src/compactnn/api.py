@@ -149,6 +149,7 @@ def _compress(
         "float_layers": ctx.float_layers,
         "notes": ctx.notes,
         "extra": ctx.extra,
+        "measured": ctx.measured,  # this run's measurements (peak memory); not saved
     }
     return install_save_pretrained(qmodel)  # HF models: never a dequantized float folder
 

@@ -40,8 +40,8 @@ def test_gptq_every_architecture_beats_rtn_and_round_trips(arch, tmp_path):
 def test_peak_memory_is_reported():
     model, calib = tiny_model("llama")
     q = compactnn.compress(model, "w4-g32-gptq", calib_data=calib, progress=False)
-    info = q._compactnn["extra"]["calibration"]["GPTQConfig"]
-    assert info["peak_rss_mib"] > 0 and info["blocks"] == 2
+    assert q._compactnn["measured"]["peak_rss_mib"]["GPTQConfig"] > 0
+    assert q._compactnn["extra"]["calibration"]["GPTQConfig"]["blocks"] == 2
 
 
 def test_bad_inputs_are_named():

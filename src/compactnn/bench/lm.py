@@ -57,8 +57,8 @@ def _measure(ref, recipe, tmp: Path) -> dict[str, Any]:
     secs = time.perf_counter() - t0
     name = recipe if isinstance(recipe, str) else recipe.name
     compactnn.save(q, tmp / name.replace(":", "_"), force=True)
-    calib = q._compactnn["extra"].get("calibration", {})
-    peak = max((v["peak_rss_mib"] for v in calib.values()), default=None)
+    peaks = q._compactnn.get("measured", {}).get("peak_rss_mib", {})
+    peak = max(peaks.values(), default=None)
     ppl = ref.evaluate(q)
     print(f"[bench] lm: {name} perplexity {ppl:.4f} ({secs:.0f} s)", file=sys.stderr, flush=True)
     return {

@@ -40,6 +40,9 @@ class CompressContext:
     folded_bn: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # measured facts of this run (peak memory, ...): shown to the caller, never saved, so
+    # two runs of the same recipe on the same data write byte-identical artifacts
+    measured: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:

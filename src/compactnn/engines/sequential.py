@@ -495,9 +495,8 @@ def run_sequential(
             wspec, aspec = specs[full]
             set_module(model, full, quantize_layer_rtn(layer, wspec, aspec))
     calibrate_activations(model, ctx)
-    ctx.extra.setdefault("calibration", {})[name] = {
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-        "blocks": len(blocks),
-        **record,
-    }
+    ctx.extra.setdefault("calibration", {})[name] = {"blocks": len(blocks), **record}
+    peak = round(peak_rss_mib(), 1)  # measured: not saved (artifacts stay reproducible)
+    ctx.measured.setdefault("peak_rss_mib", {})[name] = peak
+    ctx.notes.append(f"{name}: peak resident memory {peak} MiB over {len(blocks)} blocks")
     return model

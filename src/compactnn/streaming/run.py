@@ -8,9 +8,8 @@ when the block-sequential engine reaches it and, once quantized, stages its pack
 (:mod:`~compactnn.streaming.staging`) and releases it. A full forward pass (the input check,
 the layers' execution order) loads and releases each block the same way. The artifact is
 assembled from the staged blocks one tensor at a time and committed atomically; its files
-are byte-identical to ``save(compress(model, ...))`` on the whole model (the calibration
-record's ``peak_rss_mib``, a measurement of the run, differs as it differs between any two
-runs).
+are byte-identical to ``save(compress(model, ...))`` on the whole model, the header and
+its digest included (measurements of a run, such as its peak memory, are not saved).
 """
 
 from __future__ import annotations
