@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import copy
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compactnn.core.memory import peak_rss_mib
 from compactnn.distill.kd import kd_loss
 from compactnn.errors import CompactnnError
 
@@ -61,12 +60,6 @@ class GeneratedData:
 
     def __len__(self) -> int:
         return len(self.batches())
-
-
-def peak_rss_mib() -> float:
-    """The process's peak resident memory so far, MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

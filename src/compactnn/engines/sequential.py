@@ -30,7 +30,6 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
-import resource
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -41,6 +40,7 @@ from compactnn.core.capture import StopForward, capture_batches, run_until_stopp
 from compactnn.core.context import CompressContext
 from compactnn.core.gptq_solver import gptq_quantize, weighted_mse_range
 from compactnn.core.hessian import accumulate_hessian
+from compactnn.core.memory import peak_rss_mib
 from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, set_module
 from compactnn.core.qlayers import is_quant_layer, make_quant_layer, quantize_layer_rtn
 from compactnn.core.quantize import grouped_view, quantize, scale_zero_from_range
@@ -243,11 +243,6 @@ def run_block(
     else:
         out = torch.func.functional_call(block, params, args, kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _block_layers(

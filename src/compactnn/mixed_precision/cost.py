@@ -15,6 +15,7 @@ from torch import nn
 
 from compactnn.core.packing import packed_nbytes
 from compactnn.mixed_precision.formats import Format
+from compactnn.prune.stats import layer_macs
 
 
 def layer_bytes(layer: nn.Module, fmt: Format) -> int:
@@ -42,31 +43,9 @@ def layer_bytes(layer: nn.Module, fmt: Format) -> int:
 
 
 def count_macs(model: nn.Module, layers: dict[str, nn.Module], run) -> dict[str, int]:
-    """Multiply-accumulates per sample of each layer, counted on one forward pass ``run()``.
-
-    A Linear does ``out.numel() / batch * in_features``; a convolution
-    ``out.numel() / batch * in_channels / groups * prod(kernel_size)``.
-    """
-    macs: dict[str, int] = {}
-    hooks = []
-
-    def hook(name: str):
-        def record(module: nn.Module, _inputs, out) -> None:
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            per_out = module.weight[0].numel()  # inputs of one output element
-            macs[name] = int(out.numel() // max(out.shape[0], 1) * per_out)
-
-        return record
-
-    for name, layer in layers.items():
-        hooks.append(layer.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: macs.get(n, 0) for n in layers}
+    """Multiply-accumulates per sample of each layer, counted on one forward pass ``run()``
+    (:func:`compactnn.prune.stats.layer_macs`, the count the pruning report uses)."""
+    return layer_macs(model, layers, run)
 
 
 def cost_tables(

@@ -23,24 +23,39 @@ def count_macs(model: nn.Module, example: Any) -> int:
     ``out.numel() * in_features``. Other ops (norms, activations, attention products) are
     not counted: they are the same before and after channel pruning or scale with it.
     """
-    total = [0]
-
-    def hook(m, _args, out):
-        if isinstance(m, nn.Linear):
-            total[0] += out.numel() * m.in_features
-        else:
-            k = int(torch.tensor(m.kernel_size).prod())
-            total[0] += out.numel() * (m.in_channels // m.groups) * k
-
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    run = lambda m: call_model(m, example)  # noqa: E731
+    return sum(layer_macs(model, layers, run, per_sample=False).values())
+
+
+def layer_macs(
+    model: nn.Module, layers: dict[str, nn.Module], run: Any, per_sample: bool = True
+) -> dict[str, int]:
+    """Multiply-accumulates of each of ``layers`` (Linear / Conv) during one ``run(model)``.
+
+    A layer does ``out.numel() * weight[0].numel()`` (inputs of one output element:
+    ``in_features``, or ``in_channels / groups * prod(kernel)``), summed over its calls;
+    ``per_sample`` divides by the batch (the output's first dimension).
+    """
+    macs = dict.fromkeys(layers, 0)
+
+    def hook(name: str):
+        def record(module: nn.Module, _args, out) -> None:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            batch = max(out.shape[0], 1) if per_sample else 1
+            macs[name] += int(out.numel() // batch * module.weight[0].numel())
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(n)) for n, layer in layers.items()]
     try:
         with torch.no_grad():
-            call_model(model, example)
+            run(model)
     finally:
         for h in handles:
             h.remove()
-    return total[0]
+    return macs
 
 
 def count_nonzero(model: nn.Module) -> int:
