@@ -1,9 +1,20 @@
 """Imports every method file once, so each registers its handler. Add a method here."""
 
-from compactnn.prune import channel, dns, gradual, magnitude, nm, probe, sparsegpt, wanda  # noqa: F401
+from compactnn.prune import (  # noqa: F401
+    channel,
+    dns,
+    gradual,
+    magnitude,
+    nm,
+    pewise,
+    probe,
+    sparsegpt,
+    wanda,
+)
 from compactnn.quant import (  # noqa: F401
     adaround,
     awq,
+    bap,
     biascorr,
     bireal,
     bitsplit,
@@ -15,6 +26,7 @@ from compactnn.quant import (  # noqa: F401
     gptq,
     gptq_tune,
     inq,
+    lqnets,
     lsq,
     pact,
     qdrop,

@@ -161,10 +161,16 @@ def short_name_forms() -> list[str]:
 
 
 def parse_short_name(name: str) -> Recipe:
+    first_error: CompactnnError | None = None
     for rule in registry.SHORT_NAMES:
         m = rule.pattern.fullmatch(name)
         if m:
-            return rule.build(m)
+            try:
+                return rule.build(m)
+            except CompactnnError as exc:  # e.g. the generic grammar on ``w2a8-pe50``: a
+                first_error = first_error or exc  # later, method-specific rule may take it
+    if first_error is not None:
+        raise first_error
     raise CompactnnError(
         f"unknown recipe {name!r}. A recipe is a YAML file or a short name of the form:\n  "
         + "\n  ".join(short_name_forms())

@@ -58,3 +58,19 @@ def test_weighted_mse_range_beats_minmax():
         return (dequantize(quantize(wg, s, z, spec.qtype), s, z) - wg).pow(2).sum()
 
     assert err(lo, hi) <= err(wg.amin(-1), wg.amax(-1))
+
+
+def test_weighted_mse_range_chunked_rows_equal_one_pass(monkeypatch):
+    """Chunking the clip search over rows (bounded memory) gives the very same ranges."""
+    from compactnn.core import gptq_solver
+
+    torch.manual_seed(3)
+    wg = torch.randn(37, 2, 16)
+    weight = torch.rand(1, 2, 16)
+    for symmetric in (False, True):
+        qt = QuantSpec(bits=4, symmetric=symmetric).qtype
+        whole = gptq_solver._mse_range_rows(wg, qt, symmetric, weight, 40, 0.3)
+        monkeypatch.setattr(gptq_solver, "CLIP_CHUNK_ELEMENTS", 5 * 2 * 16 * 140)
+        chunked = weighted_mse_range(wg, qt, symmetric, weight)
+        monkeypatch.undo()
+        assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])

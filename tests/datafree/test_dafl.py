@@ -68,3 +68,40 @@ def test_dafl_generate_and_no_classifier(tiny_teacher):
             method="dafl",
             progress=False,
         )
+
+
+def test_generator_step_bn_term_matches_formula(tiny_teacher):
+    """``bn > 0`` adds ``bn * sum_l ||mean - mu|| + ||std - sigma||`` to DAFL's loss."""
+    from compactnn.datafree.dafl import _generator_step, _setup
+
+    teacher, gen, tap = _setup(tiny_teacher, (1, 8, 8), 10, 4, seed=3, bn=0.7)
+    opt = torch.optim.SGD(gen.parameters(), lr=0.0)
+    torch.manual_seed(5)
+    _, logits, got = _generator_step(teacher, gen, tap, opt, 16, (1.0, 0.1, 5.0), 0.7)
+    # independent: the same batch, statistics from the BN inputs computed by hand
+    torch.manual_seed(5)
+    with torch.no_grad():
+        x = gen(torch.randn(16, 10))
+        want, want_bn = _formula(tiny_teacher, x)
+    assert torch.allclose(logits, tiny_teacher(x), atol=1e-5)
+    assert float(got) == pytest.approx(want, rel=1e-4)
+    assert want_bn > 1.0  # the term is not vanishing on this teacher
+    tap.remove()
+    tap.stats.remove()
+    with pytest.raises(CompactnnError, match="bn="):
+        train_dafl(tiny_teacher, None, input_shape=(1, 8, 8), steps=1, bn=-1.0, progress=False)
+
+
+def _formula(tiny_teacher, x):
+    bns = [m for m in tiny_teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+    h1 = tiny_teacher.features[:1](x)
+    h2 = tiny_teacher.features[:4](x)
+    want_bn = 0.0
+    for h, m in zip((h1, h2), bns, strict=True):
+        mean = h.mean((0, 2, 3))
+        std = h.var((0, 2, 3), unbiased=False).add(1e-8).sqrt()
+        want_bn += float(
+            (mean - m.running_mean).norm() + (std - (m.running_var + m.eps).sqrt()).norm()
+        )
+    feats = tiny_teacher.features(x).mean((2, 3))
+    return float(dafl_generator_loss(tiny_teacher(x), feats)) + 0.7 * want_bn, want_bn

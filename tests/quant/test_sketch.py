@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import compactnn
+from compactnn.core.basis import basis_levels, basis_of_levels
 from compactnn.core.packing import packed_nbytes
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.errors import CompactnnError
@@ -79,7 +80,8 @@ def test_straight_through_gradient_and_codebook_export():
     assert torch.equal(w.grad, torch.ones_like(w))
     exp = wq.export(w)
     assert exp.levels.shape == (4, 1, 4)
-    assert torch.equal(exp.levels, exp.levels.half().float())  # stored exactly as float16
+    basis = basis_of_levels(exp.levels)  # the levels are exactly those of float16 coefficients
+    assert basis is not None and torch.equal(basis_levels(basis), exp.levels)
     rebuilt = torch.gather(exp.levels.reshape(4, 4), 1, exp.codes.reshape(4, -1).long())
     assert torch.equal(rebuilt.reshape(w.shape), out.detach())
 
@@ -98,12 +100,13 @@ def test_artifact_is_bit_exact_and_of_its_packed_size(tmp_path):
     model, x = tiny_resnet(), images(16)
     q = compactnn.compress(model, "w2-sketch", calib_data=[x], progress=False)
     sketched = {n: m for n, m in q.named_modules() if is_quant_layer(m) and m.weight_spec.bits == 2}
-    assert sketched and all(m.format.endswith("-codebook") for m in sketched.values())
+    assert sketched and all(m.format.endswith("-basis") for m in sketched.values())
     tensors, *_ = pack_model(q)
     for name, m in sketched.items():
         rows, n = m.weight.shape[0], m.weight.numel()
         assert tensors[f"{name}.weight.packed"].numel() == packed_nbytes(n, 2)
-        assert tensors[f"{name}.weight.levels"].nbytes == rows * 4 * 2  # 2^m float16 levels
+        assert tensors[f"{name}.weight.basis"].nbytes == rows * 2 * 2  # m float16 coefficients
+        assert f"{name}.weight.levels" not in tensors and f"{name}.weight.scale" not in tensors
     path = tmp_path / "a"
     compactnn.save(q, path)
     loaded = compactnn.load(path, model=tiny_resnet())

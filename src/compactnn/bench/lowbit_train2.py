@@ -137,3 +137,29 @@ def run(quick: bool = False) -> str:
         "share of binary activations at 0 ({0,1}) or -1 (+-1) over the binary layers.\n\n"
         + sparsity_table(si_rows)
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a part: ``python -m compactnn.bench.lowbit_train2 PART SEED``, PART ``elq`` or
+    ``sibnn`` (mnist-cnn, default epochs, one thread); one JSON line per arm."""
+    import json
+
+    import compactnn.quant.elq
+    import compactnn.quant.sibnn  # noqa: F401
+    from compactnn.bench.lowbit_train import run_arms
+    from compactnn.measure.timing import set_threads
+
+    part, seed = (argv if argv is not None else sys.argv[1:])[:2]
+    set_threads(1)
+    if part == "elq":
+        rows = run_arms(["mnist-cnn"], elq_arms(), [int(seed)], None, "elq")
+    else:
+        rows = run_sparsity_arms(sibnn_arms(), [int(seed)], None)
+    for row in rows:
+        res = row["runs"][0]
+        print(json.dumps({"net": row["net"], "arm": row["arm"], "seed": int(seed),
+                          "float": row["float"], **res}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

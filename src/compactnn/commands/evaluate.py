@@ -29,6 +29,7 @@ from compactnn.core.calib import (
 )
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.export.size import stored_bits
 from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
@@ -145,13 +146,16 @@ def batch_rows(inputs: Any) -> tuple[int, ...]:
 
 def _compressed(args: argparse.Namespace):
     """The float model, the compressed one (or None), its artifact size, and the ``--data``
-    inputs and labels."""
+    inputs and labels. Sets ``args.stored_bits`` (bits per weight as stored, per layer and
+    ``"total"``; empty without a compressed model)."""
+    args.stored_bits = {}
     if artifact_exists(args.target):
         header = read_header(args.target)
         loaded = skeleton_for(
             header, args.model, weights=args.weights, trust_pickle=args.trust_pickle
         )
         qmodel = compactnn.load(args.target, model=loaded.model)
+        args.stored_bits = stored_bits(args.target)
         return loaded, qmodel, artifact_bytes(args.target), inputs_of(args, loaded)
     if Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
         raise CompactnnError(
@@ -167,6 +171,7 @@ def _compressed(args: argparse.Namespace):
     )
     with tempfile.TemporaryDirectory(prefix="compactnn-eval-") as tmp:
         compactnn.save(qmodel, Path(tmp) / "a")
+        args.stored_bits = stored_bits(Path(tmp) / "a")
         return loaded, qmodel, artifact_bytes(Path(tmp) / "a"), data
 
 
@@ -228,6 +233,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if delivered is not None:
         entries.append((label, delivered, qsize, recipe, runtime))
     rows = [_row(args, loaded, data, batches, paths, qmodel, *e) for e in entries]
+    for row in rows:  # what the compressed layers store, per weight (float: none)
+        row["bits_per_weight_stored"] = None if row is rows[0] else args.stored_bits.get("total")
     base = rows[0]["latency"]
     for row in rows[1:]:
         fair = base and row["latency"] and row["runtime"] != SIMULATED
@@ -240,6 +247,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "float_paths": paths.to_dict() if paths else None,
         "notes": notes,
         "rows": rows,
+        "stored_bits": dict(args.stored_bits),
     }
 
 
@@ -254,7 +262,9 @@ def _row(args, loaded, data, batches, paths, qmodel, label, model, size, recipe,
     return {
         "model": label,
         "recipe": recipe,
-        "runtime": float_path_name(paths.winner) if label == "float" and paths else runtime,
+        "runtime": (float_path_name(paths.winner) if paths else "fp32 (not timed)")
+        if label == "float"
+        else runtime,
         "metric": metric,
         "quality": quality,
         "size_bytes": size if size is not None else float_artifact_bytes(sized),
@@ -283,10 +293,24 @@ def run(args: argparse.Namespace) -> int:
             f"{human_bytes(row['size_bytes']):>14}{ratio:>10.2f}x  {row['latency_text']:<22}"
             f"{speed}"
         )
+    print(_bits_line(result["stored_bits"]))
     print(_conditions(args, result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def _bits_line(bits: dict[str, float]) -> str:
+    """``bits/weight stored: 2.06`` over the compressed layers, with the extremes."""
+    layers = {k: v for k, v in bits.items() if k != "total"}
+    if not layers:
+        return "bits/weight stored: - (no compressed layer)"
+    lo, hi = min(layers, key=layers.get), max(layers, key=layers.get)
+    return (
+        f"bits/weight stored: {bits['total']:.2f} over {len(layers)} compressed layers "
+        f"({layers[lo]:.2f} {lo} .. {layers[hi]:.2f} {hi}; every stored tensor of a weight "
+        "over its weights, per layer in --json)"
+    )
 
 
 def _speedup_text(row: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -155,3 +155,26 @@ def conv1d_to_linear(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]
         set_module(model, name, lin)
         out[name] = lin
     return out
+
+
+def saved_layers(
+    model: nn.Module, extra: dict, key: str
+) -> Iterator[tuple[str, str, nn.Module | None, Any]]:
+    """The entries an artifact hook recorded under ``extra[key]`` (layer name -> entry), each
+    as ``(name, where, layer, entry)``: ``where`` names the entry for error messages and
+    ``layer`` is the skeleton's module of that name (None when there is none). Nothing when
+    the key is absent; :class:`~compactnn.errors.ArtifactError` when it is not a mapping.
+    The caller checks each entry (the header is untrusted)."""
+    from compactnn.errors import ArtifactError
+
+    saved = extra.get(key)
+    if not saved:
+        return
+    if not isinstance(saved, dict):
+        raise ArtifactError(f"extra[{key!r}] must map layer names to entries.")
+    for name, entry in saved.items():
+        try:
+            layer = model.get_submodule(name) if isinstance(name, str) else None
+        except AttributeError:
+            layer = None
+        yield name, f"extra[{key!r}][{name!r:.60}]", layer, entry

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compactnn.core.basis import basis_levels, basis_of_levels
 from compactnn.core.observer import RangeObserver
 from compactnn.core.quantize import (
     dequantize,
@@ -51,6 +52,10 @@ class ActQuantizer(nn.Module):
 
     States: ``observing`` (collect statistics, pass through), then calibrated (quantize).
     ``enabled = False`` passes values through unchanged (QDrop, debugging).
+
+    The grid is uniform (``scale``, ``zero``) unless :meth:`set_levels` gave it ``2**bits``
+    sorted levels (``levels``, a buffer; ``is_uniform`` False): then each value becomes the
+    nearest level and ``scale``/``zero`` are unused.
     """
 
     def __init__(self, spec: QuantSpec, seed: int = 0) -> None:
@@ -63,6 +68,36 @@ class ActQuantizer(nn.Module):
         self.enabled = True
         self.observer: RangeObserver | None = None
         self.seed = seed
+        self.register_buffer("levels", None)
+
+    @property
+    def is_uniform(self) -> bool:
+        """True for a ``scale * (q - zero)`` grid; False once :meth:`set_levels` was called."""
+        return self.levels is None
+
+    def set_levels(self, levels: torch.Tensor) -> None:
+        """Make the grid non-uniform: ``levels``, ``2**bits`` sorted float16-representable values.
+
+        Forward maps ``x`` to the nearest level; the thresholds are the midpoints
+        ``t_k = (l_k + l_{k+1}) / 2`` (float32), and a value on a threshold goes up:
+        ``x -> l_k`` with ``k = #{t : t <= x}``. The gradient is straight-through.
+
+        Example:
+            >>> aq = ActQuantizer(QuantSpec(bits=2, symmetric=False))
+            >>> aq.set_levels(torch.tensor([0.0, 0.25, 1.0, 1.25]))
+            >>> aq(torch.tensor([0.1, 0.125, 0.7, 9.0])).tolist()
+            [0.0, 0.25, 1.0, 1.25]
+        """
+        lv = levels.detach().float().reshape(-1).cpu()
+        if lv.numel() != self.qtype.levels:
+            n, grid = self.qtype.levels, self.qtype.name
+            raise ValueError(f"set_levels: {lv.numel()} levels, the {grid} grid has {n}")
+        if not torch.isfinite(lv).all() or not torch.equal(lv, lv.half().float()):
+            raise ValueError("set_levels: levels must be finite float16-representable values")
+        if (lv[1:] < lv[:-1]).any():
+            raise ValueError("set_levels: levels must be sorted in increasing order")
+        self.levels = lv.clone()
+        self.calibrated = True
 
     def start_observing(self) -> None:
         keep = self.spec.range_method != "minmax"
@@ -87,10 +122,24 @@ class ActQuantizer(nn.Module):
             return x
         if not self.enabled or not self.calibrated:
             return x
+        if self.levels is not None:
+            return nearest_level(x, self.levels)
         return fake_quantize(x, self.scale, self.zero, self.qtype)
 
     def extra_repr(self) -> str:
-        return f"{self.qtype.name}, {'sym' if self.spec.symmetric else 'asym'}"
+        grid = "levels" if self.levels is not None else "sym" if self.spec.symmetric else "asym"
+        return f"{self.qtype.name}, {grid}"
+
+
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Each value of ``x`` replaced by the nearest of the sorted ``levels`` (ties go up),
+    with a straight-through gradient. Thresholds: midpoints ``(l_k + l_{k+1}) / 2``, float32.
+    """
+    lv = levels.float().to(x.device)
+    thresholds = (lv[1:] + lv[:-1]) / 2
+    idx = torch.bucketize(x.detach().float(), thresholds, right=True)  # #{t <= x}
+    xq = lv[idx].to(x.dtype)
+    return x + (xq - x).detach()
 
 
 class IntegerWeightMixin:
@@ -115,18 +164,51 @@ class IntegerWeightMixin:
     @property
     def format(self) -> str:
         base = format_name(self.weight_spec)
+        if getattr(self, "weight_basis", None) is not None:
+            return base + "-basis"
         return base + "-codebook" if getattr(self, "weight_levels", None) is not None else base
 
-    def set_codebook(self, levels: torch.Tensor) -> None:
-        """Non-uniform grid (ternary with two scales, powers of two, binary ``{-a, +a}``).
+    def set_codebook(self, levels: torch.Tensor | None, basis: torch.Tensor | None = None) -> None:
+        """Non-uniform grid (ternary with two scales, powers of two, binary ``{-a, +a}``,
+        binary bases).
 
         ``levels`` has shape ``(rows, ngroups, 2**bits)``: code ``q`` of group ``(r, g)``
         dequantizes to ``levels[r, g, q - qmin]``; scale and zero point are then unused.
         Values must be float16-representable (they are stored as float16).
+
+        With ``basis`` ``(rows, ngroups, bits)`` (float16-representable) the levels are
+        exactly :func:`~compactnn.core.basis.basis_levels` of it: code ``q - qmin`` with bit
+        ``j`` (most significant first) set adds ``+basis_j``, clear ``-basis_j``. The artifact
+        then stores the ``bits`` coefficients instead of the ``2**bits`` levels. ``levels``
+        may be None; if given it must equal those levels. Levels given alone that are not
+        float16-representable but are exactly the levels of a float16 basis
+        (:func:`~compactnn.core.basis.basis_of_levels`) are stored as that basis, so they
+        still reload bit-exactly.
+
+        Example:
+            >>> q.set_codebook(None, basis=torch.tensor([0.875, 0.375]).expand(rows, 1, 2))
+            ... # doctest: +SKIP
         """
         qt = self.weight_spec.qtype
-        shape = (*self.weight_scale.shape, qt.levels)
-        self.register_buffer("weight_levels", levels.detach().float().reshape(shape).clone())
+        rg = tuple(self.weight_scale.shape)
+        if basis is None:
+            if levels is None:
+                raise ValueError("set_codebook: pass levels or basis")
+            lv = levels.detach().float().reshape(*rg, qt.levels).clone()
+            if not torch.equal(lv, lv.half().float()):  # not storable as float16 levels ...
+                basis = basis_of_levels(lv)  # ... but exactly a binary basis: store that
+            if basis is None:
+                self.register_buffer("weight_basis", None)
+                self.register_buffer("weight_levels", lv)
+                return
+        b = basis.detach().float().reshape(*rg, qt.bits).contiguous().clone()
+        if not torch.isfinite(b).all() or not torch.equal(b, b.half().float()):
+            raise ValueError("set_codebook: basis must be finite float16-representable values")
+        lv = basis_levels(b)
+        if levels is not None and not torch.equal(levels.detach().float().reshape(lv.shape), lv):
+            raise ValueError("set_codebook: levels differ from the levels of the basis")
+        self.register_buffer("weight_basis", b)
+        self.register_buffer("weight_levels", lv)
 
     def set_quantized_weight(
         self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor

@@ -151,6 +151,62 @@ def distill_on(
     return student.eval()
 
 
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def bn_statistics_loss(
+    means: list[torch.Tensor],
+    stds: list[torch.Tensor],
+    running_means: list[torch.Tensor],
+    running_stds: list[torch.Tensor],
+) -> torch.Tensor:
+    """``sum_l ||mean_l - mu_l||_2 + ||std_l - sigma_l||_2`` over the BN layers ``l``.
+
+    Example:
+        >>> m, s = [torch.tensor([3.0, 4.0])], [torch.ones(2)]
+        >>> float(bn_statistics_loss(m, s, [torch.zeros(2)], [torch.ones(2)]))
+        5.0
+    """
+    total = means[0].new_zeros(())
+    for m, s, rm, rs in zip(means, stds, running_means, running_stds, strict=True):
+        total = total + torch.linalg.vector_norm(m - rm) + torch.linalg.vector_norm(s - rs)
+    return total
+
+
+class BNStats:
+    """Forward hooks that record each BN layer's batch mean and std (per channel, biased)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, _BN)]
+        self.layers = [m for m in self.layers if m.running_mean is not None]
+        if not self.layers:
+            raise CompactnnError(
+                f"{type(model).__name__} has no BatchNorm layer with running statistics: "
+                "batch-norm inversion needs them; use method='dafl' (a generator trained "
+                "against the teacher) or real calibration data."
+            )
+        self.means: list[torch.Tensor] = []
+        self.stds: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, _m, inputs, _out):
+        x = inputs[0]
+        dims = [0, *range(2, x.dim())]  # all but the channel axis
+        self.means.append(x.mean(dims))
+        self.stds.append((x.var(dims, unbiased=False) + 1e-8).sqrt())
+
+    def loss(self) -> torch.Tensor:
+        rm = [m.running_mean for m in self.layers]
+        rs = [(m.running_var + m.eps).sqrt() for m in self.layers]
+        out = bn_statistics_loss(self.means, self.stds, rm, rs)
+        self.means, self.stds = [], []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class Timer:
     """Wall seconds and peak memory of a block, as the ``cost`` dict of a data set."""
 

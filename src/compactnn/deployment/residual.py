@@ -217,7 +217,13 @@ def _shared_quantizer(gm: fx.GraphModule, value: fx.Node) -> ActQuantizer | None
         if m is None or not is_quant_layer(m) or user.args[0] is not value:
             return None
         aq = m.input_quantizer
-        if aq is None or not aq.enabled or not aq.calibrated or aq.qtype.bits > 8:
+        if (
+            aq is None
+            or not aq.enabled
+            or not aq.calibrated
+            or aq.qtype.bits > 8
+            or not aq.is_uniform
+        ):
             return None
         grids.add((float(aq.scale), float(aq.zero), aq.qtype.name))
         quantizer = aq
@@ -233,7 +239,7 @@ def _layer_output_only_adds_read(gm: fx.GraphModule, value: fx.Node) -> bool:
     if m is None or not is_quant_layer(m) or not all(is_add(u) for u in value.users):
         return False
     aq = m.input_quantizer
-    return aq is not None and aq.calibrated and aq.qtype.bits <= 8
+    return aq is not None and aq.calibrated and aq.qtype.bits <= 8 and aq.is_uniform
 
 
 def _second_layer_operand(gm: fx.GraphModule, add: fx.Node) -> fx.Node | None:
@@ -250,7 +256,7 @@ def _first_act_quantizer(gm: fx.GraphModule) -> ActQuantizer | None:
     """The input quantizer of the model's first quantized layer with a calibrated 8-bit one."""
     for m in gm.modules():
         aq = getattr(m, "input_quantizer", None) if is_quant_layer(m) else None
-        if aq is not None and aq.enabled and aq.calibrated and aq.qtype.bits <= 8:
+        if aq is not None and aq.enabled and aq.calibrated and aq.qtype.bits <= 8 and aq.is_uniform:
             return aq
     return None
 
@@ -262,7 +268,7 @@ def _fresh_quantizer(
     value no quantized layer produces, of ``fallback``)."""
     m = module_of(gm, value)
     aq = m.input_quantizer if m is not None and is_quant_layer(m) else None
-    if aq is None or aq.qtype.bits > 8:
+    if aq is None or aq.qtype.bits > 8 or not aq.is_uniform:
         aq = fallback
     if aq is None:
         raise CompactnnError(

@@ -5,7 +5,8 @@ Weights: ``w_b = alpha * sign(w)`` with ``alpha = mean|w|`` per output filter
 (:class:`BinaryWeight`); frozen, 1-bit codes ``c = [w >= 0]`` with a per-filter codebook
 ``[-alpha, +alpha]``; ``sign(0) = +1`` throughout. The sign's gradient is straight-through
 where ``|x| <= 1`` (:func:`sign_ste`, XNOR-Net) or Bi-Real's polynomial approximation
-(:func:`approx_sign`).
+(:func:`approx_sign`). These elementwise pieces live in :mod:`compactnn.engines.binary_ops`
+and are re-exported here.
 
 A uniform activation grid cannot express ``sign`` with a learned shift, a real-valued
 shortcut or RPReLU, so a layer with 1-bit activations is replaced (under its own name) by a
@@ -43,6 +44,20 @@ from compactnn import registry
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import set_module
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.binary_ops import (  # `X as X`: re-exported public names
+    ApproxSign as ApproxSign,
+)
+from compactnn.engines.binary_ops import (
+    RPReLU,
+    approx_sign,
+    binary_weight,
+    sign_ste,
+    xnor_scale,
+)
+from compactnn.engines.binary_ops import SignSTE as SignSTE
+from compactnn.engines.binary_ops import approx_sign_grad as approx_sign_grad
+from compactnn.engines.binary_ops import rprelu as rprelu
+from compactnn.engines.binary_ops import sign_pm1 as sign_pm1
 from compactnn.engines.irnet import (
     T_MAX,
     T_START,
@@ -75,103 +90,6 @@ def register_block_act(name: str) -> Callable:
         return factory
 
     return deco
-
-
-def sign_pm1(x: torch.Tensor) -> torch.Tensor:
-    """``+1`` where ``x >= 0``, ``-1`` elsewhere (never 0, unlike ``torch.sign``)."""
-    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-
-
-class SignSTE(torch.autograd.Function):
-    """``sign_pm1(x)`` forward; gradient ``1[|x| <= 1]`` (clipped straight-through)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return sign_pm1(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
-
-
-def sign_ste(x: torch.Tensor) -> torch.Tensor:
-    """``sign_pm1(x)`` with XNOR-Net's clipped straight-through gradient."""
-    return SignSTE.apply(x)
-
-
-def approx_sign_grad(x: torch.Tensor) -> torch.Tensor:
-    """Bi-Real's ``dF/dx``: ``2 - 2|x|`` inside ``(-1, 1)``, 0 outside.
-
-    ``F(x) = -1 (x < -1), 2x + x^2 (-1 <= x < 0), 2x - x^2 (0 <= x < 1), 1 (x >= 1)``.
-    """
-    return torch.clamp(2 - 2 * x.abs(), min=0.0)
-
-
-class ApproxSign(SignSTE):
-    """``sign_pm1(x)`` forward (inherited), the polynomial approximation's derivative backward."""
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * approx_sign_grad(x)
-
-
-def approx_sign(x: torch.Tensor) -> torch.Tensor:
-    """``sign_pm1(x)`` with Bi-Real's polynomial gradient (also ReActNet's RSign)."""
-    return ApproxSign.apply(x)
-
-
-def binary_weight(w: torch.Tensor, sign_fn=None) -> torch.Tensor:
-    """``mean|w| * sign(w)`` per output filter; gradient through both factors (clipped STE,
-    or ``sign_fn``'s gradient).
-
-    ``mean|w|`` is rounded to float16 as the artifact's codebook stores it (the gradient is
-    the unrounded one's), so the frozen layer computes exactly what training computed.
-    """
-    alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
-    alpha = alpha + (fp16(alpha) - alpha).detach()
-    return alpha * (sign_ste if sign_fn is None else sign_fn)(w)
-
-
-def xnor_scale(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """XNOR-Net's ``K``: channel-mean |x| averaged over each kernel window of ``layer``.
-
-    ``x``: ``(N, C, H, W)`` for a conv (returns ``(N, 1, H', W')``) or ``(..., F)`` for a
-    linear layer (returns ``(..., 1)``).
-    """
-    a = x.abs().mean(dim=1 if isinstance(layer, nn.Conv2d) else -1, keepdim=True)
-    if not isinstance(layer, nn.Conv2d):
-        return a
-    kh, kw = layer.kernel_size
-    box = a.new_full((1, 1, kh, kw), 1.0 / (kh * kw))
-    pad = layer.padding if not isinstance(layer.padding, str) else (kh // 2, kw // 2)
-    return F.conv2d(a, box, stride=layer.stride, padding=pad, dilation=layer.dilation)
-
-
-def rprelu(
-    y: torch.Tensor, gamma: torch.Tensor, zeta: torch.Tensor, slope: torch.Tensor, dim: int
-) -> torch.Tensor:
-    """ReActNet's ``PReLU(y - gamma) + zeta`` with per-channel parameters along ``dim``."""
-    shape = [1] * y.dim()
-    shape[dim] = -1
-    z = y - gamma.reshape(shape)
-    return torch.where(z >= 0, z, slope.reshape(shape) * z) + zeta.reshape(shape)
-
-
-class RPReLU(nn.Module):
-    """Per-channel shifted PReLU; ``dim``: the channel dimension (1 for convs, -1 for linear)."""
-
-    def __init__(self, channels: int, dim: int = 1) -> None:
-        super().__init__()
-        self.dim = dim
-        self.gamma = nn.Parameter(torch.zeros(channels))
-        self.zeta = nn.Parameter(torch.zeros(channels))
-        self.slope = nn.Parameter(torch.full((channels,), 0.25))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return rprelu(y, self.gamma, self.zeta, self.slope, self.dim)
 
 
 class BinaryWeight(nn.Module):

@@ -4,11 +4,15 @@ A method plugs in a :class:`QATMethod`, its hooks:
 
 * ``weight_quantizer(layer, spec, config)`` returns a module with ``forward(w) -> w_hat``
   (differentiable: the method's gradient) and ``export(w) -> WeightExport``, the integer
-  codes and grid that reproduce ``w_hat`` in a standard quantized layer (the freeze rule);
-  optionally ``start_epoch(w, epoch, epochs)`` (INQ stages, ReActNet's real-weight epochs);
+  codes and grid (or binary basis) that reproduce ``w_hat`` in a standard quantized layer
+  (the freeze rule);
+  optionally ``start_epoch(w, epoch, epochs)`` (INQ stages, ReActNet's real-weight epochs),
+  and ``wrapper(name, layer, act_quantizer, ctx) -> QATWrapper`` for a weight whose frozen
+  form is not a standard quantized layer (binary augmented pruning's binary + sparse sum);
 * ``act_quantizer(layer, spec, config)`` returns a module on a ``scale * [qmin, qmax]`` grid
   with zero point 0 whose ``export() -> (spec, scale, zero)`` freezes into the layer's
-  ``ActQuantizer`` (default: LSQ);
+  ``ActQuantizer`` (default: LSQ); one with ``export_levels()`` (sorted float16 levels,
+  called first) freezes into a non-uniform grid (``ActQuantizer.set_levels``);
 * ``block(name, layer, weight_quantizer, ctx)``, for methods that take 1-bit activations:
   the :class:`QATWrapper` that replaces the layer (binary blocks, see
   :mod:`compactnn.engines.binary`); it records in ``ctx.extra`` what loading needs.
@@ -143,15 +147,19 @@ class QATWrapper(nn.Module):
 def freeze_layer(layer: nn.Module, wq: nn.Module, aq: nn.Module | None) -> nn.Module:
     """The standard quantized layer of ``layer`` under quantizers ``wq`` and ``aq``."""
     exp = wq.export(layer.weight)
-    aspec = qparams = None
+    aspec = qparams = levels = None
     if aq is not None:
+        # a non-uniform input grid (LQ-Nets): sorted float16 levels, read before export()
+        levels = aq.export_levels() if hasattr(aq, "export_levels") else None
         aspec, *qparams = aq.export()
     q = make_quant_layer(layer, exp.spec, aspec)
-    if exp.levels is not None:
-        q.set_codebook(exp.levels)
+    if exp.levels is not None or exp.basis is not None:
+        q.set_codebook(exp.levels, basis=exp.basis)
     q.set_quantized_weight(exp.codes, exp.scale, exp.zero)
     if qparams:
         q.input_quantizer.set_qparams(*qparams)
+    if levels is not None:
+        q.input_quantizer.set_levels(levels)
     return q
 
 
@@ -208,6 +216,9 @@ def build_wrapper(
     if aspec is not None:
         raised_a = config.act is not None and aspec.bits != config.act.bits
         aq = LSQAct(aspec.bits) if raised_a else method.act_quantizer(layer, aspec, config)
+    wrap = getattr(wq, "wrapper", None)  # a weight whose frozen form is its own module (BAP)
+    if wrap is not None:
+        return wrap(name, layer, aq, ctx)
     return QATLayer(layer, wq, aq)
 
 

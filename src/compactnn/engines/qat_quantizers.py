@@ -40,13 +40,15 @@ from compactnn.errors import CompactnnError
 class WeightExport:
     """Integer form of a trained weight: ``codes`` (weight's shape), ``scale``/``zero``
     ``(rows, ngroups)``, the ``spec`` of the grid, and an optional codebook
-    ``levels`` ``(rows, ngroups, 2**bits)`` for non-uniform grids."""
+    ``levels`` ``(rows, ngroups, 2**bits)`` for non-uniform grids, or the binary ``basis``
+    ``(rows, ngroups, bits)`` (float16-representable) those levels are the sign sums of."""
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     spec: QuantSpec
     levels: torch.Tensor | None = None
+    basis: torch.Tensor | None = None
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:

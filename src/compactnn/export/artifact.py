@@ -3,7 +3,9 @@
 An artifact is a directory:
 
 * ``model.safetensors``: bit-packed weight codes (``<layer>.weight.packed``), their float16
-  scales and integer zero points, activation scales, and every other tensor as stored.
+  scales and integer zero points (or a codebook: ``weight.levels``, or the binary-basis
+  coefficients ``weight.basis``), activation grids (``input.qparams``, ``input.levels``),
+  and every other tensor as stored.
 * ``recipe.yaml``: the recipe that produced the model (absent when there is none).
 * ``compactnn.json``: the header: format version, per-layer format and geometry, and a
   manifest of the files above (name, size, SHA-256) with one ``digest`` over the header
@@ -84,6 +86,36 @@ def _pack_codes(m: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> No
         tensors[f"{name}.weight.zero"] = m.weight_zero.to(qt.storage_dtype)
 
 
+def _pack_layer(m: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """The stored tensors of one quantized layer.
+
+    Uniform grid: packed codes, float16 scales, integer zero points (asymmetric grids).
+    Codebook: packed codes and float16 ``weight.levels`` ``(rows, ngroups, 2**bits)``, or,
+    for a binary-basis grid, the float16 coefficients ``weight.basis`` ``(rows, ngroups,
+    bits)`` the levels are recomputed from. A codebook stores no scale (unused; ``load``
+    fills ones) and no zero point unless one is non-zero (it is the fill code of a sparse
+    encoding of the codes). Input grid: ``input.qparams`` (float32 scale, zero) and, when
+    non-uniform, ``input.levels`` (float16, ``2**bits``).
+    """
+    spec, qt = m.weight_spec, m.weight_spec.qtype
+    tensors[f"{name}.weight.packed"] = pack_codes(m.weight_codes, qt)
+    basis = getattr(m, "weight_basis", None)
+    levels = getattr(m, "weight_levels", None)
+    if levels is None:
+        tensors[f"{name}.weight.scale"] = m.weight_scale.to(torch.float16)
+    elif basis is not None:
+        tensors[f"{name}.weight.basis"] = basis.to(torch.float16)
+    else:
+        tensors[f"{name}.weight.levels"] = levels.to(torch.float16)
+    if not spec.symmetric and (levels is None or bool(m.weight_zero.any())):
+        tensors[f"{name}.weight.zero"] = m.weight_zero.to(qt.storage_dtype)
+    aq = m.input_quantizer
+    if aq is not None:
+        tensors[f"{name}.input.qparams"] = torch.stack([aq.scale, aq.zero]).float()
+        if not aq.is_uniform:
+            tensors[f"{name}.input.levels"] = aq.levels.to(torch.float16)
+
+
 def pack_embeddings(
     model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[str]
 ) -> dict[str, Any]:
@@ -113,6 +145,11 @@ def pack_embeddings(
             "act_spec": aq.spec.to_dict() if aq is not None else None,
             "bias": head.bias is not None,
         }
+        if aq is not None and not aq.is_uniform:
+            raise CompactnnError(
+                f"{head_name!r} reads a tied embedding table and has a non-uniform input grid, "
+                "which a tied head cannot store: untie it or keep its input grid uniform."
+            )
         if aq is not None:
             tensors[f"{head_name}.input.qparams"] = torch.stack([aq.scale, aq.zero]).float()
         skip.update(f"{head_name}.{k}" for k in QUANT_KEYS)
@@ -142,21 +179,10 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
     for name, m in model.named_modules():
         if not is_quant_layer(m) or name in tied:
             continue
-        spec = m.weight_spec
-        qt = spec.qtype
         layers[name] = _layer_entry(m)
-        tensors[f"{name}.weight.packed"] = pack_codes(m.weight_codes, qt)
-        tensors[f"{name}.weight.scale"] = m.weight_scale.to(torch.float16)
-        if not spec.symmetric:
-            tensors[f"{name}.weight.zero"] = m.weight_zero.to(qt.storage_dtype)
-        if getattr(m, "weight_levels", None) is not None:  # non-uniform grid (codebook)
-            tensors[f"{name}.weight.levels"] = m.weight_levels.to(torch.float16)
-        if m.input_quantizer is not None:
-            tensors[f"{name}.input.qparams"] = torch.stack(
-                [m.input_quantizer.scale, m.input_quantizer.zero]
-            ).float()
+        _pack_layer(m, name, tensors)
         skip.update(f"{name}.{k}" for k in QUANT_KEYS)
-        skip.update(f"{name}.input_quantizer.{k}" for k in ("scale", "zero"))
+        skip.update(f"{name}.input_quantizer.{k}" for k in ("scale", "zero", "levels"))
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for key, t in model.state_dict(keep_vars=False).items():
@@ -395,11 +421,15 @@ def _malformed(root: Path) -> Iterator[None]:
         ) from exc
 
 
-def _parse_tensors(data: bytes, root: Path) -> dict[str, torch.Tensor]:
+def parse_tensors(data: bytes, root: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an artifact's ``model.safetensors`` bytes (``ArtifactError`` if bad)."""
     try:
         return load_bytes(data)
     except (SafetensorError, ValueError, RuntimeError, TypeError, OSError) as exc:
         raise ArtifactError(f"{root / TENSORS} cannot be read: {exc}") from exc
+
+
+_parse_tensors = parse_tensors  # the former private name (tests/deployment/test_ship.py)
 
 
 def _parse_recipe(data: bytes | None, header: dict[str, Any], root: Path) -> Any:
@@ -469,7 +499,7 @@ def load(
     """
     root = Path(path)
     header, blobs = read_artifact(root, expect_sha256)
-    tensors = _parse_tensors(blobs["tensors"], root)
+    tensors = parse_tensors(blobs["tensors"], root)
     recipe = _parse_recipe(blobs.get("recipe"), header, root)
     with _malformed(root):
         model = _skeleton(root, header, model)

@@ -69,6 +69,12 @@ class _QDQLayer(nn.Module):
         aq = layer.input_quantizer
         self.act = None
         if aq is not None and aq.enabled and aq.calibrated:
+            if not aq.is_uniform:
+                raise CompactnnError(
+                    f"{type(layer).__name__} has a non-uniform input grid (learned levels, e.g. "
+                    "LQ-Nets): ONNX QuantizeLinear takes one scale and zero point; export the "
+                    "model without quantized activations or keep it in compactnn."
+                )
             self.act = (float(aq.scale), int(aq.zero.round()), aq.qtype.qmin, aq.qtype.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

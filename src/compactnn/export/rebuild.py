@@ -21,7 +21,14 @@ from compactnn.export import validate
 from compactnn.export.sparse import densify
 
 # the state-dict keys of a quantized layer that the packed codes stand for
-QUANT_KEYS = ("weight", "weight_codes", "weight_scale", "weight_zero", "weight_levels")
+QUANT_KEYS = (
+    "weight",
+    "weight_codes",
+    "weight_scale",
+    "weight_zero",
+    "weight_levels",
+    "weight_basis",
+)
 # header ``extra`` keys (checked here, as every byte of the header is untrusted)
 CONV1D_KEY = "conv1d_as_linear"  # GPT-2 Conv1D modules the compressed model holds as Linear
 EMBEDDINGS_KEY = "quant_embeddings"  # table name -> {format, shape, weight_spec}
@@ -48,9 +55,12 @@ def build_model(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]
         set_module(model, bn, nn.Identity())
     registry.run_artifact_hooks("before_layers", model, extra)  # e.g. binary blocks
     specs: dict[str, tuple[torch.dtype, tuple]] = {}
+    tensors = dict(tensors)
     for name, entry in layers.items():
         validate.check_fits_skeleton(name, entry, _submodule(model, name, "layer"))
         specs.update(validate.layer_tensor_specs(name, entry))
+        specs.update(validate.optional_tensor_specs(name, entry, tensors))
+        validate.fill_codebook_defaults(name, entry, tensors)  # scale/zero a codebook omits
     tables = _check_tables(model, extra.get(EMBEDDINGS_KEY, {}))
     heads = _check_heads(model, extra.get(TIED_KEY, {}), tables)
     for name, entry in tables.items():
@@ -192,12 +202,18 @@ def _install_quant_layer(layer: nn.Module, name: str, tensors: dict[str, torch.T
     zero = tensors.get(f"{name}.weight.zero")
     zero = torch.zeros_like(scale) if zero is None else zero.float()
     levels = tensors.get(f"{name}.weight.levels")
-    if levels is not None:
+    basis = tensors.get(f"{name}.weight.basis")
+    if basis is not None:  # levels recomputed from the coefficients, as when saved
+        layer.set_codebook(None, basis=basis.float())
+    elif levels is not None:
         layer.set_codebook(levels.float())
     layer.set_quantized_weight(codes, scale, zero)
     if getattr(layer, "input_quantizer", None) is not None:  # an embedding has no input
         s, z = tensors[f"{name}.input.qparams"]
         layer.input_quantizer.set_qparams(s, z)
+        act_levels = tensors.get(f"{name}.input.levels")
+        if act_levels is not None:
+            layer.input_quantizer.set_levels(act_levels.float())
 
 
 def _load_float_state(

@@ -2,39 +2,97 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from compactnn.core.packing import packed_nbytes
-from compactnn.export.artifact import pack_state
+from compactnn.export.artifact import pack_state, parse_tensors, read_artifact
 
 
 def theoretical_size(model: nn.Module) -> int:
-    """Bytes implied by the recipe: packed codes (params x bits / 8), float16 scales,
-    integer zero points of asymmetric grids, activation parameters, and every tensor the
-    recipe keeps in float at its own width. Excludes file-format headers."""
-    tensors, layers, _ = pack_state(model)
-    total = 0
-    for name, entry in layers.items():
-        numel = 1
-        for d in entry["shape"]:
-            numel *= d
-        bits = entry["weight_spec"]["bits"]
-        groups = tensors[f"{name}.weight.scale"].numel()
-        total += packed_nbytes(numel, bits) + 2 * groups
-        if not entry["weight_spec"]["symmetric"]:
-            total += groups  # one byte per zero point
-        if entry["act_spec"] is not None:
-            total += 8  # float32 scale and zero point
-    packed_keys = {
-        k for k in tensors if k.rsplit(".", 2)[0] in layers and (".weight." in k or ".input." in k)
-    }
-    for key, t in tensors.items():
-        if key not in packed_keys:
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes implied by the recipe: what the artifact stores before any sparse encoding:
+    packed codes (params x bits / 8), float16 scales (uniform grids), integer zero points
+    (asymmetric grids), float16 codebooks (``2**bits`` levels, or ``bits`` binary-basis
+    coefficients, per group), activation grids, and every tensor the recipe keeps in float
+    at its own width. Excludes file-format headers."""
+    tensors, _, _ = pack_state(model)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# header ``extra`` keys of methods whose layers are stored outside ``layers`` (the method
+# files own them; export/ reads only the names, never imports a method)
+_FFN_KEY = "ffn_ranks"  # quant/ffn.py: layer -> rank; stored as quantized ``{layer}.0/.1``
+_SUBBIT_KEY = "subbit_layers"  # quant/subbit.py: ``{layer}.patterns/.indices/.alpha``
+_EMBEDDINGS_KEY = "quant_embeddings"  # export/rebuild.py: quantized embedding tables
+
+
+def _nbytes(tensors: dict[str, torch.Tensor], keys: list[str]) -> int:
+    return sum(tensors[k].numel() * tensors[k].element_size() for k in keys)
+
+
+def _weight_keys(tensors: dict[str, torch.Tensor], name: str) -> list[str]:
+    """Every stored tensor of a quantized weight: ``{name}.weight.*`` (codes or their sparse
+    encoding, scales, zero points, levels, basis)."""
+    return [k for k in tensors if k.startswith(f"{name}.weight.")]
+
+
+def stored_units(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{layer: (weights, stored bytes)}`` of every compressed weight of an artifact.
+
+    A quantized layer or embedding table counts its ``weight.*`` tensors (codes or their
+    sparse encoding, scales, zero points, codebook levels or basis); an FFN layer both its
+    factors over the original layer's weights; a sub-bit layer its patterns, indices and
+    alpha; a float weight stored sparse its index and values. Biases and activation grids
+    are not weights and are left out.
+    """
+    extra, layers = header["extra"], header["layers"]
+    units: dict[str, tuple[int, int]] = {}
+    tables = extra.get(_EMBEDDINGS_KEY, {})
+    for name, entry in {**layers, **tables}.items():
+        units[name] = (math.prod(entry["shape"]), _nbytes(tensors, _weight_keys(tensors, name)))
+    for name in extra.get(_FFN_KEY, {}):
+        v, u = units.pop(f"{name}.0", None), units.pop(f"{name}.1", None)
+        if v is None or u is None:
+            continue
+        shape_v, shape_u = layers[f"{name}.0"]["shape"], layers[f"{name}.1"]["shape"]
+        units[name] = (shape_u[0] * math.prod(shape_v[1:]), v[1] + u[1])
+    for name, entry in extra.get(_SUBBIT_KEY, {}).items():
+        keys = [f"{name}.{k}" for k in ("patterns", "indices", "alpha")]
+        if not all(k in tensors for k in keys) or not isinstance(entry.get("tau"), int):
+            continue
+        out = tensors[keys[2]].numel()
+        kernels = tensors[keys[1]].numel() * 8 // entry["tau"]  # exact when out * tau >= 8
+        units[name] = ((kernels - kernels % out) * 9, _nbytes(tensors, keys))
+    for key, entry in header["sparse"].items():
+        name = key.removesuffix(".weight")
+        if entry.get("kind") == "float" and key.endswith(".weight") and name not in units:
+            keys = [f"{key}.sparse_index", f"{key}.sparse_values"]
+            units[name] = (int(entry["numel"]), _nbytes(tensors, keys))
+    return units
+
+
+def stored_bits(path: str | os.PathLike) -> dict[str, float]:
+    """Bits per weight as stored in an artifact: per compressed layer, and ``"total"``.
+
+    Reads the verified artifact (:func:`compactnn.export.artifact.read_artifact`) and divides
+    the bits of every stored tensor of a compressed weight by its number of weights (see
+    :func:`stored_units`); ``"total"`` is over all of them. Empty for a float artifact.
+
+    Example:
+        >>> stored_bits("out/cnn-w2-sketch")["total"]  # doctest: +SKIP
+        2.31
+    """
+    header, blobs = read_artifact(path)
+    tensors = parse_tensors(blobs["tensors"], Path(path))
+    units = stored_units(header, tensors)
+    out = {name: 8 * b / n for name, (n, b) in units.items() if n}
+    weights = sum(n for n, _ in units.values())
+    if weights:
+        out["total"] = 8 * sum(b for _, b in units.values()) / weights
+    return out
 
 
 def float_size(model: nn.Module) -> int:

@@ -239,7 +239,7 @@ def check_layer(name: str, entry: Any) -> None:
     if not isinstance(entry["bias"], bool):
         raise bad(f"{where}.bias", "must be true or false")
     base = format_name(wspec)
-    if entry["format"] not in (base, base + "-codebook"):
+    if entry["format"] not in (base, base + "-codebook", base + "-basis"):
         raise bad(f"{where}.format", f"is {entry['format']!r:.40}, the spec says {base!r}")
     group = wspec.group_size or 1
     if wspec.granularity == "group" and math.prod(shape[1:]) % group:
@@ -317,8 +317,17 @@ def _rows_groups(entry: dict[str, Any], spec: QuantSpec) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:]) // spec.group_size
 
 
+def is_codebook(entry: dict[str, Any]) -> bool:
+    """A layer entry whose grid is a codebook (levels, or a binary basis)."""
+    return entry["format"].endswith(("-codebook", "-basis"))
+
+
 def layer_tensor_specs(name: str, entry: dict[str, Any]) -> dict[str, tuple[torch.dtype, tuple]]:
-    """Every tensor a quantized layer stores: key -> (dtype, shape)."""
+    """Every tensor a quantized layer stores: key -> (dtype, shape).
+
+    A codebook layer's scale and zero point are listed too: an artifact may omit them
+    (they are unused), and :func:`fill_codebook_defaults` then supplies ones and zeros.
+    """
     spec = QuantSpec.from_dict(entry["weight_spec"])
     rg = _rows_groups(entry, spec)
     out = {
@@ -332,9 +341,39 @@ def layer_tensor_specs(name: str, entry: dict[str, Any]) -> dict[str, tuple[torc
         out[f"{name}.weight.zero"] = (spec.qtype.storage_dtype, rg)
     if entry["format"].endswith("-codebook"):
         out[f"{name}.weight.levels"] = (torch.float16, (*rg, spec.qtype.levels))
+    if entry["format"].endswith("-basis"):
+        out[f"{name}.weight.basis"] = (torch.float16, (*rg, spec.bits))
     if entry["act_spec"] is not None:
         out[f"{name}.input.qparams"] = (torch.float32, (2,))
     return out
+
+
+def optional_tensor_specs(
+    name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Tensors a layer may store: a non-uniform input grid ``input.levels`` (float16,
+    ``2**bits`` sorted levels), only on a layer with an input grid."""
+    key = f"{name}.input.levels"
+    if key not in tensors:
+        return {}
+    if entry["act_spec"] is None:
+        raise bad(f"tensor {key!r}", "belongs to a layer without an input grid")
+    levels = QuantSpec.from_dict(entry["act_spec"]).qtype.levels
+    return {key: (torch.float16, (levels,))}
+
+
+def fill_codebook_defaults(
+    name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """A codebook layer's unused scale (ones) and zero point (zeros) where the artifact
+    omits them (artifacts written before they were omitted store them)."""
+    if not is_codebook(entry):
+        return
+    spec = QuantSpec.from_dict(entry["weight_spec"])
+    rg = _rows_groups(entry, spec)
+    tensors.setdefault(f"{name}.weight.scale", torch.ones(rg, dtype=torch.float16))
+    if not spec.symmetric:
+        tensors.setdefault(f"{name}.weight.zero", torch.zeros(rg, dtype=spec.qtype.storage_dtype))
 
 
 def check_tensor_meta(key: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> None:
@@ -371,9 +410,17 @@ def check_layer_values(name: str, entry: dict[str, Any], tensors: dict[str, torc
     zero = tensors.get(f"{name}.weight.zero")
     if zero is not None:
         _in_grid(f"{name}.weight.zero", zero, spec.qtype.qmin, spec.qtype.qmax, True)
-    levels = tensors.get(f"{name}.weight.levels")
-    if levels is not None and not torch.isfinite(levels.float()).all():
-        raise ArtifactError(f"tensor {name + '.weight.levels'!r} holds non-finite levels.")
+    for kind in ("levels", "basis"):
+        book = tensors.get(f"{name}.weight.{kind}")
+        if book is not None and not torch.isfinite(book.float()).all():
+            raise ArtifactError(f"tensor {f'{name}.weight.{kind}'!r} holds non-finite values.")
+    act_levels = tensors.get(f"{name}.input.levels")
+    if act_levels is not None:
+        a = act_levels.float()
+        if not torch.isfinite(a).all() or (a[1:] < a[:-1]).any():
+            raise ArtifactError(
+                f"tensor {name + '.input.levels'!r} must hold finite levels in increasing order."
+            )
     qparams = tensors.get(f"{name}.input.qparams")
     if entry["act_spec"] is not None:
         aspec = QuantSpec.from_dict(entry["act_spec"])

@@ -80,6 +80,11 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     aq = layer.input_quantizer
     if aq is None or not aq.enabled or not aq.calibrated:
         return "its input is not quantized (weight-only recipe): int8 kernels need an a<=8 recipe"
+    if not getattr(aq, "is_uniform", True):
+        return (
+            "its input grid is non-uniform (learned levels, e.g. LQ-Nets): int8 kernels take one "
+            "uniform scale and zero point"
+        )
     if aq.scale.numel() != 1 or not bool(torch.isfinite(aq.scale)) or float(aq.scale) <= 0:
         return "its input quantizer has no single positive finite scale"
     if isinstance(layer, QuantConv2d) and layer.padding_mode != "zeros":

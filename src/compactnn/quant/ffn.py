@@ -18,9 +18,17 @@ unfolded patches), ``d`` minimises ``||X (W - U diag(d) V^T)^T||^2``, the layer'
 
     G d = b,   G_kl = (u_k^T u_l)(v_k^T H v_l),   b_k = u_k^T W H v_k
 
-*Rank* per layer from a size budget: the largest ``r`` whose stored bytes (two 2-bit code
+optionally with the codes refit too (exact coordinate descent on the same error,
+:func:`refit_codes`). Layers are fit in execution order on the inputs ``X_q`` the
+already-factorized layers produce, to the float model's outputs ``X_f W^T`` (GPTQ-style error
+propagation, :func:`propagated_target`). An optional fine-tuning step distils ``d`` and the
+biases against the float model on the calibration data, codes fixed (:func:`distill_factors`).
+
+*Ranks* from a size budget: per layer, the largest ``r`` whose stored bytes (two 2-bit code
 matrices, ``r`` float16 ``d``, ``out`` float16 unit scales) fit what ``w<budget>`` round-to-
-nearest stores for that layer (codes plus a float16 scale and a zero point per channel).
+nearest stores for that layer (codes plus a float16 scale and a zero point per channel); or
+(the default) the sum of those bytes as one whole-model budget, spent greedily where the
+float model's relative output error falls most per byte (:func:`allocate_ranks`).
 
 The layer becomes ``nn.Sequential(V-layer, U-layer)``: ``V`` as a conv of the original
 geometry with ``r`` output channels and per-channel scale ``d`` (a standard ternary layer:
@@ -32,6 +40,7 @@ ranks and a load hook rebuilds the two-layer structure. With activations quantiz
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -40,7 +49,7 @@ from torch import nn
 
 from compactnn.core.capture import capture_batches
 from compactnn.core.context import CompressContext
-from compactnn.core.hessian import accumulate_hessian, layer_inputs_2d
+from compactnn.core.hessian import layer_inputs_2d
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import make_quant_layer, quantize_layer_rtn
 from compactnn.core.spec import QuantSpec
@@ -141,18 +150,137 @@ def ternary_factorize(
     return u, v, d, history
 
 
+def output_error(w: torch.Tensor, what: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr((W - W_hat) H (W - W_hat)^T)``: the layer's output error on inputs with ``H``."""
+    e = (w - what).double()
+    return float(((e @ h.double()) * e).sum())
+
+
+def _round_ternary(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``argmin_t c t^2 - 2 z t`` over ``t in {-1, 0, 1}`` (``c > 0``)."""
+    return (z / c).clamp(-1, 1).round()
+
+
+def refit_codes(
+    w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: torch.Tensor, h: torch.Tensor,
+    sweeps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:  # fmt: skip
+    """Refit the ternary codes and ``d`` to the layer's outputs: exact coordinate descent on
+    ``E = tr((W - U D V^T) H (W - U D V^T)^T)``, ``H = X^T X`` of the calibration inputs.
+
+    Each code ``t`` of ``V`` (then of ``U``) in turn takes the minimiser over ``{-1, 0, 1}``
+    of the one-dimensional quadratic ``E(t) = c t^2 - 2 z t + const``: for ``V_jk`` with
+    ``a_k = d_k u_k`` and residual ``R = W - U D V^T``, ``c = |a_k|^2 H_jj`` and
+    ``z = a_k^T (R H)_j + c V_jk``; rows of ``U`` are independent (``B = D V^T``,
+    ``G = B H B^T``: ``c = G_kk``, ``z = (W H B^T - U G)_ik + c U_ik``). Then ``d`` by least
+    squares (:func:`joint_scales`). Every step is exact over its block, so ``E`` never
+    increases. Returns ``(U, V, d, history)``: ``E`` before and after each sweep.
+    """
+    w64, h64 = w.double(), h.double()
+    u, v, d = u.double().clone(), v.double().clone(), d.double().clone()
+    history = [output_error(w64, (u * d) @ v.T, h64)]
+    for _ in range(sweeps):
+        a = u * d  # (out, r)
+        rh = (w64 - a @ v.T) @ h64  # (out, K)
+        norms = a.pow(2).sum(0)  # (r,)
+        for j in range(v.shape[0]):
+            for k in range(v.shape[1]):
+                c = norms[k] * h64[j, j]
+                if c <= 0:
+                    continue
+                t = _round_ternary(a[:, k] @ rh[:, j] + c * v[j, k], c)
+                delta = t - v[j, k]
+                if delta != 0:
+                    v[j, k] = t
+                    rh -= delta * torch.outer(a[:, k], h64[j])
+        b = d.unsqueeze(1) * v.T  # (r, K)
+        g = b @ h64 @ b.T  # (r, r)
+        target = w64 @ h64 @ b.T  # (out, r)
+        for k in range(u.shape[1]):  # all rows of U at once
+            if g[k, k] <= 0:
+                continue
+            z = target[:, k] - u @ g[:, k] + g[k, k] * u[:, k]
+            u[:, k] = _round_ternary(z, g[k, k])
+        d = joint_scales(w64, u, v, h64).double()
+        history.append(output_error(w64, (u * d) @ v.T, h64))
+    return u.float(), v.float(), d.float(), history
+
+
+def propagated_target(
+    w: torch.Tensor, h_qq: torch.Tensor, h_qf: torch.Tensor, damp: float = 0.01
+) -> torch.Tensor:
+    """The weight whose outputs on the compressed model's inputs best match the float ones.
+
+    With ``X_q`` the layer's inputs after the already-compressed layers and ``X_f`` the float
+    model's, ``||X_q W_hat^T - X_f W^T||^2 = ||W_hat - W*||^2_(H_qq) + const`` for
+    ``W* = W H_fq H_qq^-1`` (``H_qq = X_q^T X_q``, ``H_qf = X_q^T X_f``), computed damped as
+    ``W* = W + W (H_fq - H_qq) (H_qq + l I)^-1`` (``l``: ``damp`` times the mean diagonal), so
+    ``W* = W`` when nothing upstream changed.
+    """
+    h, w64 = h_qq.double(), w.double()
+    lam = damp * h.diagonal().mean().clamp(min=1e-12)
+    reg = h + lam * torch.eye(h.shape[0], dtype=h.dtype)
+    return (w64 + torch.linalg.solve(reg, (h_qf.double() - h) @ w64.T).T).float()
+
+
 def stored_bytes(out: int, k: int, rank: int) -> int:
     """Bytes the two ternary layers store: 2-bit codes, float16 ``d`` and unit scales."""
     return math.ceil(2 * rank * k / 8) + math.ceil(2 * out * rank / 8) + 2 * rank + 2 * out
 
 
+def rtn_bytes(out: int, k: int, bits: float) -> int:
+    """What ``w<bits>`` round-to-nearest stores for a layer: codes, fp16 scale and a zero."""
+    return math.ceil(bits * out * k / 8) + 3 * out
+
+
 def rank_for_budget(out: int, k: int, bits: float) -> int:
     """The largest rank whose stored bytes fit ``w<bits>`` round-to-nearest's (>= 1)."""
-    target = math.ceil(bits * out * k / 8) + 3 * out  # codes + fp16 scale + zero per channel
+    target = rtn_bytes(out, k, bits)
     rank = 1
     while rank < 2 * min(out, k) and stored_bytes(out, k, rank + 1) <= target:
         rank += 1
     return rank
+
+
+def truncation_errors(
+    w: torch.Tensor, rank: int, iters: int, h: torch.Tensor | None
+) -> list[float]:
+    """Relative output error ``E_r / E_0`` of the first ``r`` terms of one rank-``rank``
+    factorization of ``w``, ``d`` refit per ``r`` (``H = I`` without calibration data)."""
+    h = torch.eye(w.shape[1], dtype=torch.float64) if h is None else h.double()
+    u, v, _, _ = ternary_factorize(w, rank, iters)
+    total = max(output_error(w, torch.zeros_like(w), h), 1e-30)
+    errors = []
+    for r in range(1, rank + 1):
+        d = joint_scales(w, u[:, :r], v[:, :r], h)
+        errors.append(output_error(w, (u[:, :r] * d) @ v[:, :r].T, h) / total)
+    return errors
+
+
+def allocate_ranks(
+    errors: dict[str, list[float]], costs: dict[str, list[int]], budget: int
+) -> dict[str, int]:
+    """Ranks under a whole-model byte ``budget``, greedily: every layer starts at rank 1, then
+    the layer whose next rank lowers its relative output error most per byte gets it, while
+    the total fits (``errors[n][r - 1]``, ``costs[n][r - 1]``: error and bytes at rank r).
+
+    Example:
+        >>> allocate_ranks({"a": [0.5, 0.1], "b": [0.5, 0.4]}, {"a": [1, 2], "b": [1, 2]}, 3)
+        {'a': 2, 'b': 1}
+    """
+    ranks = dict.fromkeys(errors, 1)
+    spent = sum(costs[n][0] for n in errors)
+    while True:
+        best, best_gain = None, 0.0
+        for n, r in ranks.items():
+            if r < len(errors[n]) and spent + costs[n][r] - costs[n][r - 1] <= budget:
+                gain = (errors[n][r - 1] - errors[n][r]) / max(costs[n][r] - costs[n][r - 1], 1)
+                if gain > best_gain:
+                    best, best_gain = n, gain
+        if best is None:
+            return ranks
+        spent += costs[best][ranks[best]] - costs[best][ranks[best] - 1]
+        ranks[best] += 1
 
 
 def factor_layers(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
@@ -173,17 +301,26 @@ def factorizable(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1)
 
 
-def input_hessian(model: nn.Module, layer: nn.Module, ctx: CompressContext) -> torch.Tensor:
-    """``X^T X / N`` of ``layer``'s inputs on the calibration batches, ``(K, K)``."""
-    acc: list = [None, 0]
+def layer_inputs(model: nn.Module, layer: nn.Module, ctx: CompressContext) -> list[torch.Tensor]:
+    """``layer``'s inputs on each calibration batch, unfolded: ``(tokens, K)`` per batch."""
+    seen: list[torch.Tensor] = []
+    capture_batches(model, layer, ctx, lambda _m, args: seen.append(args[0].detach().float()))
+    return [layer_inputs_2d(layer, x) for x in seen]
 
-    def hook(_m, args):
-        x2d = layer_inputs_2d(layer, args[0].detach().float())
-        acc[0] = accumulate_hessian(acc[0], x2d, torch.float64)
-        acc[1] += x2d.shape[0]
 
-    capture_batches(model, layer, ctx, hook)
-    return acc[0] / max(acc[1], 1)
+def input_statistics(
+    model: nn.Module, layer: nn.Module, float_model: nn.Module | None, name: str, ctx
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(H_qq, H_qf) / N`` of the layer's inputs in ``model`` (``X_q``) and in the float
+    ``float_model`` (``X_f``, same batches); ``H_qf`` is None without ``float_model``."""
+    xq = layer_inputs(model, layer, ctx)
+    n = max(sum(x.shape[0] for x in xq), 1)
+    h_qq = sum(x.double().T @ x.double() for x in xq) / n
+    if float_model is None:
+        return h_qq, None
+    xf = layer_inputs(float_model, float_model.get_submodule(name), ctx)
+    h_qf = sum(a.double().T @ b.double() for a, b in zip(xq, xf, strict=True)) / n
+    return h_qq, h_qf
 
 
 def ternary_layer(float_layer, codes: torch.Tensor, scale: torch.Tensor, aspec=None):
@@ -198,13 +335,22 @@ def factorize_layer(
     iters: int,
     h: torch.Tensor | None,
     aspec: QuantSpec | None = None,
+    sweeps: int = 0,
+    target: torch.Tensor | None = None,
 ) -> tuple[nn.Sequential, list[float]]:
-    """The quantized ``Sequential(V-layer, U-layer)`` of ``layer`` and its error history;
-    with ``aspec`` both factors quantize their inputs (grids calibrated afterwards)."""
+    """The quantized ``Sequential(V-layer, U-layer)`` of ``layer`` and its error history.
+
+    The factorization fits ``target`` (default: the weight) in the weight metric; with ``h``
+    ``d`` is refit to the outputs, and with ``sweeps`` the codes too (:func:`refit_codes`).
+    With ``aspec`` both factors quantize their inputs (grids calibrated afterwards).
+    """
     w = layer.weight.detach().float().reshape(layer.weight.shape[0], -1)
+    w = w if target is None else target
     u, v, d, history = ternary_factorize(w, rank, iters)
     if h is not None:
         d = joint_scales(w, u, v, h)
+        if sweeps:
+            u, v, d, _ = refit_codes(w, u, v, d, h, sweeps)
     u, d = u * torch.sign(d).where(d != 0, torch.ones_like(d)), d.abs()  # scales >= 0
     d = fp16(d.clamp(min=2.0**-14))
     first, second = factor_layers(layer, rank)
@@ -214,6 +360,55 @@ def factorize_layer(
     qv = ternary_layer(first, v.T.to(torch.int8), d.reshape(-1, 1), aspec)
     qu = ternary_layer(second, u.to(torch.int8), torch.ones(u.shape[0], 1), aspec)
     return nn.Sequential(qv, qu), history
+
+
+def distill_factors(
+    model: nn.Module, teacher: nn.Module, seqs: list[nn.Sequential], ctx, steps: int, lr: float
+) -> list[float]:
+    """Label-free fine-tuning: ``d`` and the biases of the factorized layers (codes fixed)
+    minimise the mean squared difference of the model's outputs from the float
+    ``teacher``'s on the calibration batches (Adam, ``steps`` steps); returns the losses."""
+    gains = [torch.ones(seq[0].weight_scale.shape[0], requires_grad=True) for seq in seqs]
+
+    def scale_by(g: torch.Tensor):  # the V-layer's output channels times g: d -> d g
+        return lambda _m, _a, out: out * (g.view(-1, 1, 1) if out.dim() == 4 else g)
+
+    hooks = [seq[0].register_forward_hook(scale_by(g)) for seq, g in zip(seqs, gains, strict=True)]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    biases = [seq[1].bias for seq in seqs if seq[1].bias is not None]
+    for b in biases:
+        b.requires_grad_(True)
+    with torch.no_grad():
+        targets = [ctx.run(teacher, b) for b in ctx.batches]
+    params = [*gains, *biases]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    losses = []
+    try:
+        for step in ctx.bar(range(steps), desc="distilling factors"):
+            i = step % len(ctx.batches)
+            loss = nn.functional.mse_loss(ctx.run(model, ctx.batches[i]), targets[i])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():  # Adam (b1 0.9, b2 0.999), bias-corrected
+                for p, grad, (m1, m2) in zip(params, grads, moments, strict=True):
+                    m1.mul_(0.9).add_(grad, alpha=0.1)
+                    m2.mul_(0.999).addcmul_(grad, grad, value=0.001)
+                    m1_hat, m2_hat = m1 / (1 - 0.9 ** (step + 1)), m2 / (1 - 0.999 ** (step + 1))
+                    p.sub_(lr * m1_hat / (m2_hat.sqrt() + 1e-8))
+            losses.append(loss.item())
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    with torch.no_grad():  # fold the gains into the stored scales (signs into V's codes)
+        for seq, g in zip(seqs, gains, strict=True):
+            s = seq[0].weight_scale.reshape(-1) * g
+            codes = seq[0].weight_codes.reshape(s.shape[0], -1) * torch.sign(s).unsqueeze(1)
+            scale = fp16(s.abs().clamp(min=2.0**-14)).reshape(-1, 1)
+            seq[0].set_quantized_weight(codes.to(torch.int8), scale, torch.zeros_like(scale))
+    return losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,12 +424,29 @@ class FFNConfig(QuantConfig):
         iters: back-fitting sweeps at most.
         refit: refit ``d`` on the calibration data (the layer's outputs; label-free);
             False: ``d`` from the weight reconstruction only.
+        sweeps: with ``refit``, coordinate-descent sweeps refitting the ternary codes (and
+            ``d``) to the layer's outputs (0: ``d`` only).
+        propagate: with ``refit``, fit each layer on the inputs the already-factorized
+            layers produce, to the float model's outputs (GPTQ-style error propagation).
+        allocation: ``"model"``: ranks from one whole-model byte budget (the sum of the
+            factorized layers' ``w<budget>`` bytes), greedily where the relative output
+            error falls most per byte (:func:`allocate_ranks`); ``"layer"``: each layer
+            fits its own ``w<budget>`` bytes (:func:`rank_for_budget`).
+        distill_steps: after the post-training fit, Adam steps of label-free distillation
+            of ``d`` and the factorized layers' biases against the float model on the
+            calibration data (codes fixed; 0: none, the pure post-training method).
+        distill_lr: its learning rate.
     """
 
     weight: QuantSpec = dataclasses.field(default_factory=lambda: TERNARY)
     budget: float = 2.0
     iters: int = 10
     refit: bool = True
+    sweeps: int = 0
+    propagate: bool = True
+    allocation: str = "model"
+    distill_steps: int = 0
+    distill_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -244,8 +456,14 @@ class FFNConfig(QuantConfig):
             )
         if not 0.5 <= self.budget <= 8.0:
             raise CompactnnError(f"ffn: budget={self.budget} bits per weight must lie in [0.5, 8].")
-        if not isinstance(self.iters, int) or self.iters < 0:
-            raise CompactnnError(f"ffn: iters={self.iters!r} must be a non-negative integer.")
+        for field in ("iters", "sweeps", "distill_steps"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CompactnnError(f"ffn: {field}={value!r} must be a non-negative integer.")
+        if not self.distill_lr > 0:
+            raise CompactnnError(f"ffn: distill_lr={self.distill_lr} must be positive.")
+        if self.allocation not in ("model", "layer"):
+            raise CompactnnError(f"ffn: allocation={self.allocation!r} must be 'model' or 'layer'.")
 
     @classmethod
     def from_short(cls, wbits, abits, group, range_method="minmax", **kwargs):
@@ -254,6 +472,27 @@ class FFNConfig(QuantConfig):
             raise CompactnnError("ffn ranks are per layer, not per group: use w2-ffn or w2a8-ffn.")
         act = short_act_spec(abits, range_method) if abits is not None else None
         return cls(budget=float(wbits), act=act, **kwargs)
+
+
+def plan_ranks(
+    model: nn.Module, layers: dict[str, nn.Module], config: FFNConfig, ctx: CompressContext | None
+) -> dict[str, int]:
+    """Each layer's rank: its own ``w<budget>`` bytes, or one whole-model budget allocated
+    on the float model's output errors (calibration inputs of ``ctx``; weights without)."""
+    shapes = {n: (m.weight.shape[0], m.weight[0].numel()) for n, m in layers.items()}
+    own = {n: rank_for_budget(o, k, config.budget) for n, (o, k) in shapes.items()}
+    if config.allocation == "layer" or len(layers) < 2:
+        return own
+    errors, costs = {}, {}
+    for n, m in layers.items():
+        o, k = shapes[n]
+        h = input_statistics(model, m, None, n, ctx)[0] if ctx is not None else None
+        w = m.weight.detach().float().reshape(o, -1)
+        top = min(2 * own[n], 2 * min(o, k))
+        errors[n] = truncation_errors(w, top, min(config.iters, 3), h)
+        costs[n] = [stored_bytes(o, k, r) for r in range(1, top + 1)]
+    budget = sum(rtn_bytes(o, k, config.budget) for o, k in shapes.values())
+    return allocate_ranks(errors, costs, budget)
 
 
 @register("ffn", FFNConfig, "FFN: ternary factorization U diag(d) V^T, label-free refit")
@@ -265,18 +504,36 @@ def apply_ffn(
     layers = split_supported(targets, ctx)
     specs = layer_specs(model, layers, config, ctx)
     ranks: dict[str, int] = dict(ctx.extra.get(EXTRA_KEY, {}))
+    refit = config.refit and bool(ctx.batches)
+    chosen = {
+        n: layers[n]
+        for n, (wspec, _) in specs.items()
+        if wspec.bits == config.weight.bits and factorizable(layers[n])
+    }
+    planned = plan_ranks(model, chosen, config, ctx if refit else None)
+    distill = config.distill_steps > 0 and bool(ctx.batches)
+    keep_float = (refit and config.propagate) or distill
+    float_model = copy.deepcopy(model) if keep_float else None
+    seqs = []
     for name in ctx.bar(list(specs), desc="factorizing layers"):
         wspec, aspec = specs[name]
         layer = layers[name]
-        if wspec.bits != config.weight.bits or not factorizable(layer):
+        if name not in chosen:
             set_module(model, name, quantize_layer_rtn(layer, wspec, aspec))
             continue
-        w = layer.weight
-        rank = rank_for_budget(w.shape[0], w[0].numel(), config.budget)
-        h = input_hessian(model, layer, ctx) if config.refit and ctx.batches else None
-        seq, _ = factorize_layer(layer, rank, config.iters, h, aspec)
+        w = layer.weight.detach().float().reshape(layer.weight.shape[0], -1)
+        h, target = None, None
+        if refit:
+            teacher = float_model if config.propagate else None
+            h, h_qf = input_statistics(model, layer, teacher, name, ctx)
+            target = propagated_target(w, h, h_qf) if config.propagate else None
+        rank = planned[name]
+        seq, _ = factorize_layer(layer, rank, config.iters, h, aspec, config.sweeps, target)
         set_module(model, name, seq)
         ranks[name] = rank
+        seqs.append(seq)
+    if distill and seqs:
+        distill_factors(model, float_model, seqs, ctx, config.distill_steps, config.distill_lr)
     if config.refit and not ctx.batches:
         ctx.warn("ffn: no calibration data; d fit to the weights only (pass calib_data).")
     ctx.extra[EXTRA_KEY] = ranks

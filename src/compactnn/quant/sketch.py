@@ -19,8 +19,10 @@ lower ``||w - B a||``, and the refinement starts from the direct sketch (and fro
 least-squares one; the better is kept per filter), so refined <= direct on every filter.
 
 Storage: an ``m``-bit code per weight (bit ``j``, most significant first, is ``b_j > 0``)
-and a per-filter codebook of the ``2^m`` float16 levels ``sum_j +-a_j``: the project's
-codebook layers (``weight_levels``), packed by the artifact like any ``m``-bit layer.
+and the ``m`` float16 coefficients ``a_j`` per filter (``weight.basis``, a binary-basis
+codebook layer, :mod:`compactnn.core.basis`): the levels ``sum_j +-a_j`` are recomputed from
+them at load, bit-exactly. For ``m = 2`` and 3x3 filters of 64 inputs that is
+``2 + 32 / 576 = 2.06`` bits per weight.
 
 Post-training through :func:`compactnn.compress` (recipe ``w2-sketch``: two bases); the same
 quantizer trains through :func:`compactnn.train` (straight-through gradient).
@@ -33,25 +35,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compactnn.core.basis import basis_levels, basis_of_levels, sign_table
+from compactnn.core.context import CompressContext
+from compactnn.core.qlayers import is_quant_layer
 from compactnn.core.quantize import grouped_view
 from compactnn.core.spec import QuantSpec
-from compactnn.engines.qat import QATConfig, QATMethod
+from compactnn.engines.qat import QATConfig, QATMethod, apply_qat
 from compactnn.engines.qat_quantizers import WeightExport, fp16
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import short_weight_spec
 from compactnn.registry import register
-
-
-def sign_table(m: int) -> torch.Tensor:
-    """``(2^m, m)``: row ``q`` holds the signs of code ``q`` (bit ``j``, MSB first, is +1)."""
-    q = torch.arange(2**m).unsqueeze(1)
-    bits = (q >> torch.arange(m - 1, -1, -1)) & 1
-    return bits.float() * 2 - 1
-
-
-def sketch_levels(alpha: torch.Tensor) -> torch.Tensor:
-    """``(N, 2^m)`` levels ``sum_j s_j a_j`` of coefficients ``alpha`` ``(N, m)``."""
-    return alpha @ sign_table(alpha.shape[-1]).to(alpha).T
 
 
 def codes_of_bases(bases: torch.Tensor) -> torch.Tensor:
@@ -116,57 +109,78 @@ def sketch_error(w: torch.Tensor, codes: torch.Tensor, levels: torch.Tensor) -> 
 def alternate(
     w: torch.Tensor, bases: torch.Tensor, iters: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Alternating least squares from ``bases``: returns codes, levels and the total squared
-    error after each iteration (non-increasing)."""
+    """Alternating least squares from ``bases``: returns codes, coefficients ``(N, m)`` and
+    the total squared error after each iteration (non-increasing)."""
     m = bases.shape[-1]
     codes = codes_of_bases(bases)
+    alpha = least_squares(bases, w)
     history: list[float] = []
     for _ in range(iters):
-        levels = sketch_levels(least_squares(bases_of_codes(codes, m), w))
+        alpha = least_squares(bases_of_codes(codes, m), w)
+        levels = basis_levels(alpha)
         new_codes = nearest_codes(w, levels)
         history.append(float(sketch_error(w, new_codes, levels).sum()))
         if torch.equal(new_codes, codes) and len(history) > 1:
             break
         codes = new_codes
-    return codes, levels, history
+    return codes, alpha, history
+
+
+def sketch_basis(
+    w: torch.Tensor, m: int, refine: bool = True, iters: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sketch rows ``w`` ``(N, G)`` with ``m`` bases: codes ``(N, G)`` in ``[0, 2^m)`` and
+    float16-representable coefficients ``(N, m)`` (what the artifact stores); the levels are
+    ``basis_levels(coefficients)``.
+
+    Refined: the alternating refinement from the direct sketch and from the greedy
+    least-squares one, each finished by the exact sign step on its float16 levels; per row
+    the best of those and the direct sketch is kept, so refined <= direct on every row.
+
+    Example:
+        >>> codes, basis = sketch_basis(torch.tensor([[3.0, -1.0, 1.0, -3.0]]), 2)
+        >>> basis.tolist(), codes.tolist()
+        ([[2.0, 1.0]], [[3, 1, 2, 0]])
+    """
+    w = w.detach().float()
+    bases, alpha = sketch_direct(w, m)
+    best_codes, best_alpha = codes_of_bases(bases), fp16(alpha)
+    if not refine:
+        return best_codes, best_alpha
+    best_err = sketch_error(w, best_codes, basis_levels(best_alpha))
+    for start in (bases, sketch_greedy_ls(w, m)[0]):
+        _, alpha, _ = alternate(w, start, max(iters, 1))
+        alpha = fp16(alpha)
+        levels = basis_levels(alpha)
+        codes = nearest_codes(w, levels)  # exact on the stored (float16) coefficients
+        err = sketch_error(w, codes, levels)
+        better = err < best_err
+        best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+        best_alpha = torch.where(better.unsqueeze(-1), alpha, best_alpha)
+        best_err = torch.minimum(err, best_err)
+    return best_codes, best_alpha
 
 
 def sketch_rows(
     w: torch.Tensor, m: int, refine: bool = True, iters: int = 20
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sketch rows ``w`` ``(N, G)`` with ``m`` bases: codes ``(N, G)`` in ``[0, 2^m)`` and
-    float16-representable levels ``(N, 2^m)``.
+    """:func:`sketch_basis` as codes ``(N, G)`` and levels ``(N, 2^m)`` (float32, exactly
+    :func:`~compactnn.core.basis.basis_levels` of the float16 coefficients).
 
     Example:
         >>> codes, levels = sketch_rows(torch.tensor([[3.0, -1.0, 1.0, -3.0]]), 2)
         >>> reconstruct(codes, levels).tolist()
         [[3.0, -1.0, 1.0, -3.0]]
     """
-    w = w.detach().float()
-    bases, alpha = sketch_direct(w, m)
-    if not refine:
-        return codes_of_bases(bases), fp16(sketch_levels(alpha))
-    best_codes = best_levels = best_err = None
-    for start in (bases, sketch_greedy_ls(w, m)[0]):
-        codes, levels, _ = alternate(w, start, max(iters, 1))
-        levels = fp16(levels)
-        codes = nearest_codes(w, levels)  # exact on the stored (float16) levels
-        err = sketch_error(w, codes, levels)
-        if best_err is None:
-            best_codes, best_levels, best_err = codes, levels, err
-            continue
-        better = err < best_err
-        best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
-        best_levels = torch.where(better.unsqueeze(-1), levels, best_levels)
-        best_err = torch.minimum(err, best_err)
-    return best_codes, best_levels
+    codes, basis = sketch_basis(w, m, refine, iters)
+    return codes, basis_levels(basis)
 
 
 class SketchWeight(nn.Module):
     """Weights sketched by ``m = spec.bits`` binary bases per filter (or group).
 
     ``forward`` returns the sketch with a straight-through gradient (QAT); ``export`` its
-    codes and per-filter codebook.
+    codes and per-filter codebook (levels of the float16 coefficients).
     """
 
     def __init__(self, spec: QuantSpec, refine: bool = True, iters: int = 20) -> None:
@@ -174,21 +188,42 @@ class SketchWeight(nn.Module):
         self.spec, self.refine, self.iters = spec, refine, iters
 
     def sketch(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Codes ``(R * ngroups, G)``, coefficients ``(R * ngroups, m)``, grouped shape."""
         g = grouped_view(w.detach().float(), self.spec.granularity, self.spec.group_size)
         rows = g.reshape(-1, g.shape[-1])  # (R * ngroups, G)
-        codes, levels = sketch_rows(rows, self.spec.bits, self.refine, self.iters)
-        return codes, levels, tuple(g.shape)
+        codes, basis = sketch_basis(rows, self.spec.bits, self.refine, self.iters)
+        return codes, basis, tuple(g.shape)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        codes, levels, _ = self.sketch(w)
-        w_hat = reconstruct(codes, levels).reshape(w.shape).to(w.dtype)
+        codes, basis, _ = self.sketch(w)
+        w_hat = reconstruct(codes, basis_levels(basis)).reshape(w.shape).to(w.dtype)
         return w + (w_hat - w).detach()
 
     def export(self, w: torch.Tensor) -> WeightExport:
-        codes, levels, (r, ng, _) = self.sketch(w)
+        codes, basis, (r, ng, _) = self.sketch(w)
         q = (codes + self.spec.qtype.qmin).reshape(w.shape)
-        ones = torch.ones(r, ng)
-        return WeightExport(q, ones, torch.zeros(r, ng), self.spec, levels.reshape(r, ng, -1))
+        levels = basis_levels(basis).reshape(r, ng, -1)
+        basis = basis.reshape(r, ng, -1)
+        return WeightExport(q, torch.ones(r, ng), torch.zeros(r, ng), self.spec, levels, basis)
+
+
+def attach_bases(model: nn.Module, names: list[str]) -> int:
+    """Give each frozen sketch layer of ``names`` its binary basis (``set_codebook(levels,
+    basis)``), so the artifact stores the ``m`` float16 coefficients per filter instead of
+    the ``2^m`` levels. The coefficients are read back exactly from the levels
+    (:func:`~compactnn.core.basis.basis_of_levels`); returns the number of layers changed.
+    """
+    done = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        levels = getattr(layer, "weight_levels", None)
+        if not is_quant_layer(layer) or levels is None or layer.format.endswith("-basis"):
+            continue
+        basis = basis_of_levels(levels)
+        if basis is not None:
+            layer.set_codebook(levels, basis)
+            done += 1
+    return done
 
 
 @dataclass(frozen=True)
@@ -231,6 +266,17 @@ def sketch_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: SketchCon
     return SketchWeight(spec, config.refine, config.iters)
 
 
+@dataclass(frozen=True)
+class _SketchMethod(QATMethod):
+    """The training-aware hooks, and as the ``compress`` handler the post-training sketch
+    whose layers then store their binary bases (:func:`attach_bases`)."""
+
+    def __call__(self, model, targets, config, ctx: CompressContext):
+        model = apply_qat(model, targets, config, ctx, self)
+        attach_bases(model, list(targets))
+        return model
+
+
 register("sketch", SketchConfig, "Network Sketching: m binary bases per filter, refined")(
-    QATMethod(sketch_weight_quantizer)
+    _SketchMethod(sketch_weight_quantizer)
 )

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compactnn.core.modules import set_module
+from compactnn.core.modules import saved_layers, set_module
 from compactnn.core.packing import pack_codes, packed_nbytes, unpack_codes
 from compactnn.core.qlayers import ActQuantizer, QuantConv2d
 from compactnn.core.qtype import QType
@@ -237,17 +237,7 @@ def to_subbit(model: nn.Module, tau: int) -> nn.Module:
 @register_artifact_hook("before_layers")
 def restore_subbit(model: nn.Module, extra: dict) -> None:
     """At ``load``: each recorded 3x3 conv of the skeleton becomes an empty SubbitConv2d."""
-    saved = extra.get(EXTRA_KEY)
-    if not saved:
-        return
-    if not isinstance(saved, dict):
-        raise ArtifactError(f"extra[{EXTRA_KEY!r}] must map layer names to entries.")
-    for name, entry in saved.items():
-        where = f"extra[{EXTRA_KEY!r}][{name!r:.60}]"
-        try:
-            layer = model.get_submodule(name) if isinstance(name, str) else None
-        except AttributeError:
-            layer = None
+    for name, where, layer, entry in saved_layers(model, extra, EXTRA_KEY):
         tau = entry.get("tau") if isinstance(entry, dict) else None
         ok = isinstance(tau, int) and not isinstance(tau, bool) and 4 <= tau <= 8
         if layer is None or not is_3x3(layer) or not ok or not isinstance(entry.get("bias"), bool):

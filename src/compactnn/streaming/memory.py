@@ -98,6 +98,7 @@ def block_need(
     act_bytes: int,
     batch_tokens: int,
     outside_bytes: int,
+    workspace: int = 0,
 ) -> int:
     """Estimated bytes a streamed GPTQ-family run needs on top of its process.
 
@@ -107,6 +108,7 @@ def block_need(
         act_bytes: bytes of one hidden-state stream over all calibration batches.
         batch_tokens: tokens of the largest calibration batch times the widest layer input.
         outside_bytes: float32 bytes of the weights outside the blocks (embeddings, head).
+        workspace: bytes of a solver's bounded temporaries (GPTQ's clip-range search).
 
     The block lives about three times (its float weights, the float copy whose outputs are
     the targets, the quantized twins with their dequantized weights); up to three Hessians
@@ -115,4 +117,11 @@ def block_need(
     float one.
     """
     hess = 4 * max(widths, default=0) ** 2
-    return int(3 * block_bytes + 4 * hess + 4 * act_bytes + 8 * batch_tokens + 2 * outside_bytes)
+    return int(
+        3 * block_bytes
+        + 4 * hess
+        + 4 * act_bytes
+        + 8 * batch_tokens
+        + 2 * outside_bytes
+        + workspace
+    )

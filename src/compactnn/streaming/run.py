@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from compactnn.core.calib import as_batches
+from compactnn.core.gptq_solver import CLIP_CHUNK_ELEMENTS
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import make_quant_layer
 from compactnn.core.spec import QuantSpec
@@ -84,6 +85,10 @@ class ShardStream:
         self.hook_loaded: set[int] = set()
         self.finished: set[int] = set()
         self.start = 0
+        # the float modules of each block the engine works on: the compress pipeline keeps
+        # references to the layers it replaces (its targets), so their weights are released
+        # here explicitly, or every finished block would stay resident (memory-mapped)
+        self.originals: dict[int, list[nn.Module]] = {}
 
     def name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
@@ -92,6 +97,7 @@ class ShardStream:
         if any(p.is_meta for p in block.parameters()):
             materialize(block, self.name(index), self.shards)
         self.hook_loaded.discard(index)  # the engine owns it now
+        self.originals[index] = list(block.modules())
 
     def resume(self, q_inps: list, fp_inps: list) -> tuple[int, list, list]:
         done = self.staging.done
@@ -133,6 +139,8 @@ class ShardStream:
         streams |= {f"fp.{j}": t for j, t in enumerate(fp_inps)}
         record = {"layers": layers, "aliases": aliases, "sparse": sparse}
         self.staging.commit_block(index, tensors, record, streams)
+        for module in self.originals.pop(index, []):
+            module.to("meta")
         release(block)
         self.finished.add(index)
         if self.on_block is not None:
@@ -214,7 +222,9 @@ def _estimate(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: lis
     hidden = getattr(getattr(model, "config", None), "hidden_size", None) or max(widths)
     tokens = [_tokens(b) for b in batches] or [1]
     act = sum(tokens) * hidden * 4
-    return memory.block_need(block_bytes, widths, act, max(tokens) * wide * 4, outside)
+    # the clip search holds about four float32 temporaries of its chunk at once
+    workspace = 4 * 4 * CLIP_CHUNK_ELEMENTS
+    return memory.block_need(block_bytes, widths, act, max(tokens) * wide * 4, outside, workspace)
 
 
 def _tokens(batch: Any) -> int:

@@ -1,0 +1,151 @@
+"""PE-wise structured pruning with ternarization: masks, ternary codes, schedule, artifact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.prune.pewise import (
+    PEWiseConfig,
+    PEWiseWeight,
+    float_epochs,
+    group_norms,
+    masked_ternary,
+    pe_group_mask,
+    scheduled_sparsity,
+)
+from compactnn.quant.base import short_weight_spec
+from compactnn.recipe import Recipe, Step
+from compactnn.registry import SHORT_NAMES
+
+# a 2 x 4 weight in (1, 2) tiles: norms [[5, 1], [1, sqrt 2]] (a tie at 1)
+W_TIE = torch.tensor([[3.0, 4.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+# hand example for the ternary codes (tile norms [[.906, .943], [.206, .671]])
+W_TERN = torch.tensor([[0.9, -0.1, 0.5, -0.8], [0.05, 0.2, -0.6, 0.3]])
+
+
+def test_group_norms_and_mask_by_hand_with_ties():
+    torch.testing.assert_close(
+        group_norms(W_TIE, (1, 2)), torch.tensor([[5.0, 1.0], [1.0, 2**0.5]])
+    )
+    # one tile of four: the tie at norm 1 goes to the lower row-major index, tile (0, 1)
+    expect = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    assert torch.equal(pe_group_mask(W_TIE, (1, 2), 0.25), expect)
+    # two tiles: both tied tiles
+    expect = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    assert torch.equal(pe_group_mask(W_TIE, (1, 2), 0.5), expect)
+    # a (2, 4) tile is the whole weight: one group, sparsity 0.4 rounds to 0 of 1
+    assert torch.equal(pe_group_mask(W_TIE, (2, 4), 0.4), torch.ones(2, 4))
+
+
+def test_conv_tiles_take_the_whole_kernel_window():
+    w = torch.zeros(2, 2, 2, 2)  # (O, I, kh, kw), tiles (1, 1): one per (o, i) pair
+    w[0, 0] = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # norm 2
+    w[0, 1, 0, 0] = 3.0  # norm 3
+    w[1, 0, 1, 1] = -0.5  # norm 0.5
+    w[1, 1] = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # norm sqrt 2
+    torch.testing.assert_close(group_norms(w, (1, 1)), torch.tensor([[2.0, 3.0], [0.5, 2**0.5]]))
+    mask = pe_group_mask(w, (1, 1), 0.5)
+    keep = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    assert torch.equal(mask, keep[:, :, None, None].expand(2, 2, 2, 2))
+
+
+def test_ternary_codes_of_the_kept_weights_match_the_closed_form():
+    mask = pe_group_mask(W_TERN, (1, 2), 0.25)  # prunes tile (1, 0)
+    assert torch.equal(mask, torch.tensor([[1.0, 1, 1, 1], [0, 0, 1, 1]]))
+    codes, alpha = masked_ternary(W_TERN, mask, 0.7)
+    # kept |w|: .9 .1 .5 .8 .6 .3 -> delta = 0.7 * 3.2 / 6 = 0.3733; above: .9 .5 .8 .6
+    assert torch.equal(codes, torch.tensor([[1.0, 0, 1, -1], [0, 0, -1, 0]]))
+    torch.testing.assert_close(alpha, torch.tensor((0.9 + 0.5 + 0.8 + 0.6) / 4))
+
+
+def test_schedule_values():
+    cfg = PEWiseConfig(sparsity=0.8, ramp_share=1 / 3)  # 6 epochs, ramp 1/3 -> 2 epochs
+    assert scheduled_sparsity(0, 6, cfg) == pytest.approx(0.8 * (1 - 0.5**3))
+    assert scheduled_sparsity(1, 6, cfg) == scheduled_sparsity(5, 6, cfg) == pytest.approx(0.8)
+    assert float_epochs(6, cfg) == 0
+    assert float_epochs(6, PEWiseConfig(schedule="sequential", ramp_share=1 / 3)) == 3
+    assert float_epochs(6, PEWiseConfig(schedule="sequential")) == 4  # the default ramp: 4
+    assert float_epochs(1, PEWiseConfig(schedule="sequential")) == 0
+
+
+def test_quantizer_phases_gradient_and_monotone_mask():
+    torch.manual_seed(0)
+    w = torch.randn(4, 8, requires_grad=True)
+    cfg = PEWiseConfig(group=(1, 4), sparsity=0.5, schedule="sequential", ramp_share=1 / 3)
+    q = PEWiseWeight(w.detach(), short_weight_spec(2), cfg)
+    q.start_epoch(w.detach(), 0, 6)  # 0.4375 of 8 tiles -> 4 (round half up of 3.5)
+    assert q.float_phase and int((group_norms(q.mask, (1, 4)) == 0).sum()) == 4
+    out = q(w)
+    assert torch.equal(out, w.detach() * q.mask)
+    out.sum().backward()
+    assert torch.equal(w.grad, q.mask)  # pruned tiles get no gradient
+    before = q.mask.clone()
+    q.start_epoch(w.detach(), 3, 6)  # quantized phase, final sparsity: still 4 tiles
+    assert not q.float_phase and torch.equal(q.mask, before)
+    codes, alpha = masked_ternary(w, q.mask, 0.7)
+    torch.testing.assert_close(q(w), alpha * codes)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("schedule", ["joint", "sequential"])
+def test_trained_tiles_are_zero_and_stay_zero_after_save_load(schedule, tmp_path):
+    torch.manual_seed(0)
+    model = _Net().eval()
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
+    cfg = PEWiseConfig(epochs=2, batch_size=16, schedule=schedule, sparsity=0.5)
+    q = compactnn.train(model, Recipe("pe", (Step("pe", cfg),)), (x, y), progress=False)
+    for name, n_tiles in (("c2", 16), ("c3", 32)):  # first and last layers: 8-bit, dense
+        layer = q.get_submodule(name)
+        zero_tiles = group_norms(layer.weight_codes.float(), (1, 8)) == 0
+        assert int(zero_tiles.sum()) >= math.floor(0.5 * n_tiles + 0.5)
+        assert set(layer.weight_codes.unique().tolist()) <= {-1, 0, 1}
+        assert torch.all(group_norms(layer.weight, (1, 8))[zero_tiles] == 0)
+    compactnn.save(q, tmp_path / "a")
+    loaded = compactnn.load(tmp_path / "a", model=_Net())
+    for name in ("c2", "c3"):
+        assert torch.equal(loaded.get_submodule(name).weight, q.get_submodule(name).weight)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(CompactnnError, match="group"):
+        PEWiseConfig(group=(0, 8))
+    with pytest.raises(CompactnnError, match="sparsity"):
+        PEWiseConfig(sparsity=1.0)
+    with pytest.raises(CompactnnError, match="schedule"):
+        PEWiseConfig(schedule="both")
+    with pytest.raises(CompactnnError, match="2 bits"):
+        PEWiseConfig(weight=short_weight_spec(4))
+    with pytest.raises(CompactnnError, match=r"\(1, 3\) must divide"):
+        pe_group_mask(torch.ones(2, 4), (1, 3), 0.5)
+
+
+def test_short_names():
+    (rule,) = [r for r in SHORT_NAMES if r.form.startswith("w2[a<A>]-pe")]
+    (step,) = rule.build(rule.pattern.fullmatch("w2a8-pe75-seq")).steps
+    assert (step.config.sparsity, step.config.schedule, step.config.act.bits) == (
+        0.75,
+        "sequential",
+        8,
+    )
+    (step,) = rule.build(rule.pattern.fullmatch("w2-pe50")).steps
+    assert step.config.act is None and step.config.schedule == "joint"
+    assert step.config == PEWiseConfig(act=None)
