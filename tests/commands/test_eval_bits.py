@@ -82,3 +82,12 @@ def test_eval_prints_and_writes_bits_per_weight_stored(project, capsys):
     assert rows["float"]["bits_per_weight_stored"] is None
     assert rows["compressed"]["bits_per_weight_stored"] == pytest.approx(total)
     assert f"bits/weight stored: {total:.2f} over 3 compressed layers" in out
+
+
+def test_eval_without_data_of_a_factory_model_prints_untimed_rows(project, capsys):
+    """No --data and no example input: no latency, but the rows print (the float row used
+    to have no runtime name and crashed the table)."""
+    args = ["eval", "art-w2", "--model", "eval_bits_factory:make", "--quick"]
+    assert main([*args, "--weights", "w.safetensors", "--simulated", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 (not timed)" in out and "n/a (no input known: pass --data)" in out
