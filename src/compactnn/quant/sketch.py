@@ -35,12 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compactnn.core.basis import basis_levels, basis_of_levels, sign_table
-from compactnn.core.context import CompressContext
-from compactnn.core.qlayers import is_quant_layer
+from compactnn.core.basis import basis_levels, sign_table
 from compactnn.core.quantize import grouped_view
 from compactnn.core.spec import QuantSpec
-from compactnn.engines.qat import QATConfig, QATMethod, apply_qat
+from compactnn.engines.qat import QATConfig, QATMethod
 from compactnn.engines.qat_quantizers import WeightExport, fp16
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import short_weight_spec
@@ -207,25 +205,6 @@ class SketchWeight(nn.Module):
         return WeightExport(q, torch.ones(r, ng), torch.zeros(r, ng), self.spec, levels, basis)
 
 
-def attach_bases(model: nn.Module, names: list[str]) -> int:
-    """Give each frozen sketch layer of ``names`` its binary basis (``set_codebook(levels,
-    basis)``), so the artifact stores the ``m`` float16 coefficients per filter instead of
-    the ``2^m`` levels. The coefficients are read back exactly from the levels
-    (:func:`~compactnn.core.basis.basis_of_levels`); returns the number of layers changed.
-    """
-    done = 0
-    for name in names:
-        layer = model.get_submodule(name)
-        levels = getattr(layer, "weight_levels", None)
-        if not is_quant_layer(layer) or levels is None or layer.format.endswith("-basis"):
-            continue
-        basis = basis_of_levels(levels)
-        if basis is not None:
-            layer.set_codebook(levels, basis)
-            done += 1
-    return done
-
-
 @dataclass(frozen=True)
 class SketchConfig(QATConfig):
     """Network Sketching: ``weight.bits`` binary bases per output channel (or per group).
@@ -266,17 +245,6 @@ def sketch_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: SketchCon
     return SketchWeight(spec, config.refine, config.iters)
 
 
-@dataclass(frozen=True)
-class _SketchMethod(QATMethod):
-    """The training-aware hooks, and as the ``compress`` handler the post-training sketch
-    whose layers then store their binary bases (:func:`attach_bases`)."""
-
-    def __call__(self, model, targets, config, ctx: CompressContext):
-        model = apply_qat(model, targets, config, ctx, self)
-        attach_bases(model, list(targets))
-        return model
-
-
 register("sketch", SketchConfig, "Network Sketching: m binary bases per filter, refined")(
-    _SketchMethod(sketch_weight_quantizer)
+    QATMethod(sketch_weight_quantizer)
 )
