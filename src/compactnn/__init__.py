@@ -18,7 +18,7 @@ from compactnn.deployment.ship import load, load_deployed, save, save_deployed
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export.artifact import artifact_digest
 from compactnn.kernels.ort_nbits import to_ort_nbits
-from compactnn.kernels.swap import to_kernels
+from compactnn.kernels.swap import KernelConfig, to_kernels
 from compactnn.measure import evaluate  # labelled quality: top-1 or a metric
 from compactnn.mixed_precision import Budget, SearchResult, search  # subpackage: mixed_precision
 from compactnn.recipe import Recipe, Step, resolve_recipe
@@ -28,6 +28,7 @@ __all__ = [
     "ArtifactError",
     "Budget",
     "CompactnnError",
+    "KernelConfig",
     "Recipe",
     "SearchResult",
     "Step",

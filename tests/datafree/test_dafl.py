@@ -105,3 +105,28 @@ def _formula(tiny_teacher, x):
         )
     feats = tiny_teacher.features(x).mean((2, 3))
     return float(dafl_generator_loss(tiny_teacher(x), feats)) + 0.7 * want_bn, want_bn
+
+
+def _gen_after(teacher, **kw):
+    gen, _, _ = train_dafl(
+        teacher,
+        None,
+        input_shape=(1, 8, 8),
+        steps=2,
+        batch_size=8,
+        latent=10,
+        width=4,
+        progress=False,
+        **kw,
+    )
+    return torch.cat([p.detach().flatten() for p in gen.parameters()])
+
+
+def test_bn_term_on_by_default_with_batchnorm_and_off_without(tiny_teacher):
+    default = _gen_after(tiny_teacher)
+    assert torch.equal(default, _gen_after(tiny_teacher, bn=1.0))
+    assert not torch.allclose(default, _gen_after(tiny_teacher, bn=0.0))
+    no_bn = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    assert torch.equal(_gen_after(no_bn), _gen_after(no_bn, bn=0.0))  # no error: plain DAFL
+    with pytest.raises(CompactnnError, match="no BatchNorm"):
+        _gen_after(no_bn, bn=1.0)

@@ -67,7 +67,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["int8", "popcount"])
+@pytest.mark.parametrize("kernel", ["int8", "popcount", "float"])
 @pytest.mark.parametrize("kind", ["reactnet", "bireal", "xnor"])
 @pytest.mark.parametrize("cls,args,xshape", CASES)
 def test_block_matches_simulation(kernel, kind, cls, args, xshape, request):
@@ -88,7 +88,7 @@ def test_block_matches_simulation(kernel, kind, cls, args, xshape, request):
         assert tol < flip  # the bound is tight enough to catch a single wrong sign
 
 
-@pytest.mark.parametrize("kernel", ["int8", "popcount"])
+@pytest.mark.parametrize("kernel", ["int8", "popcount", "float"])
 def test_sign_of_zero_is_plus_one(kernel, request):
     """Input exactly at the shift everywhere: every sign is +1, the dot is the weight sum."""
     if kernel == "popcount":
@@ -131,9 +131,10 @@ def test_lower_binary_blocks_on_a_model(kernel, request):
     assert all(isinstance(getattr(fast, n), DeployedBinaryBlock) for n in ("b1", "b2", "head"))
     assert set(fast.binary_kernels) == {"b1", "b2", "head"}
     chosen = {s["kernel"] for s in fast.binary_kernels.values()}
-    assert chosen <= ({"int8", "popcount"} if kernel == "auto" else {kernel})
-    if kernel == "auto":
-        assert all("int8_ms" in s and "popcount_ms" in s for s in fast.binary_kernels.values())
+    assert chosen <= ({"int8", "popcount", "float"} if kernel == "auto" else {kernel})
+    if kernel == "auto":  # every kernel timed, with its elementwise tail
+        keys = ("int8_ms", "popcount_ms", "float_ms")
+        assert all(all(k in s for k in keys) for s in fast.binary_kernels.values())
     with torch.no_grad():
         ref, got = model(x), fast(x)
     assert float((ref - got).abs().max()) <= 1e-4 * float(ref.abs().max())
@@ -176,3 +177,65 @@ def test_user_mistakes_are_named():
     with pytest.raises(CompactnnError, match="not reached"):
         lower_binary_blocks(skipping, "int8", example=torch.randn(1, 4, 5, 5))
     assert lower_binary_blocks(model, "int8").binary_kernels == {"0": {"kernel": "int8"}}
+
+
+class SequentialBinaryNet(nn.Module):
+    """Blocks followed by (identity, ReLU) inside Sequentials, as the reference CNNs have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.features = nn.Sequential(
+            nn.Sequential(frozen_block("reactnet", nn.Conv2d(16, 32, 3, 2, 1), 1), nn.Identity(),
+                          nn.ReLU(inplace=True)),
+            nn.Sequential(frozen_block("reactnet", nn.Conv2d(32, 32, 3, 1, 1), 2), nn.ReLU()),
+            nn.Sequential(frozen_block("bireal", nn.Conv2d(32, 32, 3, 1, 1), 3), nn.Tanh()),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.features(self.stem(x))
+
+
+@pytest.mark.parametrize("kernel", ["int8", "popcount", "float"])
+def test_following_relu_is_fused_into_the_block(kernel, request):
+    """A ReLU right after a block joins the block's tail (shortcut + RPReLU + ReLU, one pass
+    where the extension loads); a non-ReLU successor stays; outputs match the model."""
+    if kernel == "popcount":
+        request.getfixturevalue("popcount_ok")
+    model = SequentialBinaryNet().eval()
+    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(3))
+    fast = lower_binary_blocks(model, kernel, example=x)
+    f = fast.features
+    assert f[0][0].relu and f[1][0].relu and not f[2][0].relu
+    assert isinstance(f[0][2], nn.Identity) and isinstance(f[1][1], nn.Identity)
+    assert isinstance(f[2][1], nn.Tanh)
+    assert isinstance(model.features[0][2], nn.ReLU)  # the user's model is untouched
+    with torch.no_grad():
+        ref, got = model(x), fast(x)
+        inner = fast.features[0][0](fast.stem(x))
+    assert float(inner.min()) >= 0.0
+    assert float((ref - got).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_fused_tail_is_bit_identical_to_the_pytorch_ops(popcount_ok):
+    """The extension's one-pass tail (shortcut with channel repeat, RPReLU, ReLU) and sign
+    codes equal the PyTorch ops they replace bit for bit, NaN and sign(0) included."""
+    from compactnn.engines.binary import real_shortcut, rprelu
+
+    ext = bitconv.load_extension()
+    g = torch.Generator().manual_seed(11)
+    y = torch.randn(2, 32, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 10, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    y[0, 3, 1, 1] = float("nan")
+    gamma, zeta, slope = (torch.randn(32, generator=g) * 0.3 for _ in range(3))
+    want = rprelu(y + real_shortcut(x, y, True), gamma, zeta, slope, dim=1).relu()
+    sc = F.adaptive_avg_pool2d(x, (5, 5))
+    got = y.clone(memory_format=torch.channels_last)
+    ext.binary_tail(got.permute(0, 2, 3, 1), sc, 2, gamma, slope, zeta, True)
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) and got[0, 3, 1, 1].isnan()
+    shift = torch.randn(16, generator=g)
+    x[:, :, 0, 0] = shift.view(1, -1)  # exactly on the threshold: +1
+    x[1, 2, 3, 3] = float("nan")  # NaN compares false: -1
+    codes = ext.sign_codes(x, shift)
+    ref = torch.where(x - shift.view(1, -1, 1, 1) >= 0, 129, 127).to(torch.uint8)
+    assert codes.is_contiguous(memory_format=torch.channels_last) and torch.equal(codes, ref)

@@ -11,7 +11,13 @@ from torch import nn
 import compactnn
 from compactnn.core.qlayers import ActQuantizer, is_quant_layer
 from compactnn.core.spec import QuantSpec
-from compactnn.deployment.lowbit import ClampU8, QuantizeGrid, SplitConv2d, clamped_unary
+from compactnn.deployment.lowbit import (
+    ClampU8,
+    QuantizeGrid,
+    SplitConv2d,
+    SplitLinear,
+    clamped_unary,
+)
 from compactnn.lowering.graph import act_form
 from tests.deployment.conftest import make_net
 
@@ -165,3 +171,83 @@ def test_split_conv_sums_two_terms_like_a_float_conv():
     ref = torch.relu(nn.functional.conv2d(xf, w, conv.bias.double(), padding=1))
     y = split(x.contiguous(memory_format=torch.channels_last))
     assert (y.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def _split_layer(cls):
+    """A layer with a 4-bit input grid (scale 0.125, zero 2) and two random int8 terms."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, 3, padding=1) if cls is SplitConv2d else nn.Linear(12, 6)
+    aq = ActQuantizer(QuantSpec(bits=4, symmetric=False, granularity="tensor", signed=False))
+    aq.set_qparams(torch.tensor(0.125), torch.tensor(2.0))
+    layer.input_quantizer = aq
+    shape = (6, 4, 3, 3) if cls is SplitConv2d else (6, 12)
+    t1 = (torch.randint(-128, 128, shape).to(torch.int8), (torch.rand(6) + 0.1) * 4e-3)
+    t2 = (torch.randint(-128, 128, shape).to(torch.int8), torch.rand(6) * 2e-4)
+    with torch.no_grad():
+        layer.bias.mul_(0.1)
+    return layer, [t1, t2]
+
+
+def _split_reference(layer, terms, x):
+    """The float64 layer on the dequantized input and the summed weight terms."""
+    view = (-1,) + (1,) * (terms[0][0].dim() - 1)
+    w = sum(c.double() * s.double().reshape(view) for c, s in terms)
+    xf = (x.double() - 2) * 0.125
+    if isinstance(layer, nn.Conv2d):
+        return nn.functional.conv2d(xf, w, layer.bias.double(), padding=1)
+    return nn.functional.linear(xf, w, layer.bias.double())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("cls", [SplitConv2d, SplitLinear])
+@pytest.mark.parametrize(
+    "form,unary",
+    [
+        ((0.05, 0), ("relu", [])),  # uint8 grid, ReLU folded into the codes' clamp
+        ((0.03, 7, 0, 15), ("hardtanh", [0.0, 0.2])),  # narrow 4-bit grid and a ReLU6-like
+        ((0.04, 128), None),  # signed grid, no post-op
+    ],
+)
+def test_stacked_terms_are_one_kernel_with_the_simulated_codes(
+    cls, form, unary, fused, monkeypatch
+):
+    """Two terms stacked as 2 * out channels of ONE int8 kernel; the combine adds the halves,
+    applies the post-op and quantizes (one pass of the compiled extension, or PyTorch ops
+    without it): the codes equal quantizing the float64 reference (up to a rounding tie,
+    never seen here)."""
+    from compactnn.deployment.onednn import Int8Conv2d, Int8Linear
+    from compactnn.kernels import bitconv
+
+    if fused and not bitconv.available():
+        pytest.skip("the compiled extension is not available")
+    if not fused:
+        monkeypatch.setattr(bitconv, "loaded", lambda: None)
+
+    layer, terms = _split_layer(cls)
+    split = cls(layer, terms, form, unary)
+    kernels = [m for m in split.modules() if isinstance(m, (Int8Conv2d, Int8Linear))]
+    assert len(kernels) == 1 and kernels[0].w_int8.shape[0] == 12  # 2 x 6 output channels
+    shape = (3, 4, 5, 5) if cls is SplitConv2d else (3, 12)
+    x = torch.randint(0, 16, shape, generator=torch.Generator().manual_seed(2)).to(torch.uint8)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = _split_reference(layer, terms, x)
+    if unary is not None:
+        lo_f, hi_f = (0.0, float("inf")) if unary[0] == "relu" else unary[1]
+        ref = ref.clamp(lo_f, hi_f)
+    lo, hi = (form[2], form[3]) if len(form) == 4 else (0, 255)
+    want = torch.clamp(torch.round(ref / form[0]) + form[1], lo, hi).to(torch.uint8)
+    got = split(x)
+    assert got.dtype == torch.uint8 and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert len(set(want.unique().tolist())) > 3  # not all clamped: the test can fail
+
+
+def test_stacked_linear_float_output_matches_float64():
+    layer, terms = _split_layer(SplitLinear)
+    split = SplitLinear(layer, terms, None, ("relu", []))
+    x = torch.randint(0, 16, (3, 12), generator=torch.Generator().manual_seed(4)).to(torch.uint8)
+    ref = torch.relu(_split_reference(layer, terms, x))
+    y = split(x)
+    assert y.dtype == torch.float32
+    assert (y.double() - ref).abs().max() < 1e-5 * ref.abs().max()

@@ -193,3 +193,41 @@ def test_freezing_folds_the_batch_norm_into_scale_and_bias(kind, conv):
 
 def test_rebuilt_blocks_have_no_batch_norm():
     assert BinaryBlock(nn.Linear(4, 4), "bireal").norm is None  # loading: already folded
+
+
+def test_recalibrated_norm_statistics_are_the_exact_average_over_the_batches():
+    from compactnn.engines.binary import recalibrate_norms
+
+    torch.manual_seed(0)
+    block = BinaryBlock(nn.Conv2d(4, 8, 3, padding=1, bias=False), "bireal", BinaryWeight())
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), block)
+    xs = [torch.randn(16, 3, 5, 5) for _ in range(3)]
+    block.start_observing()
+    model(xs[0])
+    block.finish_observing()
+    model.train()
+    for x in xs:  # exponential running statistics, far from the final ones
+        model(2 * x + 1)
+    before = model[0].weight.clone(), block.gain.clone()
+    assert recalibrate_norms(model, iter(xs)) == 1
+    assert model.training and block.norm.momentum == 0.1  # mode and momentum kept
+    with torch.no_grad():  # by hand: per channel, the mean over batches of batch statistics
+        raws = [block._raw(model[1](model[0](x))).transpose(0, 1).reshape(8, -1) for x in xs]
+    mean = torch.stack([r.mean(1) for r in raws]).mean(0)
+    var = torch.stack([r.var(1) for r in raws]).mean(0)  # unbiased, as BatchNorm keeps it
+    assert torch.allclose(block.norm.running_mean, mean, atol=1e-5)
+    assert torch.allclose(block.norm.running_var, var, atol=1e-4)
+    assert torch.equal(model[0].weight, before[0]) and torch.equal(block.gain, before[1])
+    kept = block.norm.running_mean.clone()
+    assert recalibrate_norms(model, iter([])) == 1  # no batches: statistics kept
+    assert torch.equal(block.norm.running_mean, kept)
+    assert recalibrate_norms(nn.Linear(2, 2), iter(xs)) == 0  # no binary block
+
+
+@pytest.mark.parametrize("key", ["min_steps", "warmup_steps", "recalibrate_batches"])
+def test_binary_schedule_options_must_be_non_negative_integers(key):
+    from compactnn.quant.xnor import XNORConfig
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(CompactnnError, match=key):
+            XNORConfig(**{key: bad})

@@ -78,7 +78,7 @@ def _mlp():
 def test_irnet_options_train_save_load_bit_exact(tmp_path):
     model = _mlp()
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    cfg = XNORConfig(libra_pb=True, ede=True, epochs=2, batch_size=32)
+    cfg = XNORConfig(libra_pb=True, ede=True, epochs=2, batch_size=32, min_steps=0)
     recipe = Recipe("w1a1-xnor-irnet", (Step("xnor", cfg),))
     q = compactnn.train(model, recipe, (x, y), progress=False)
     assert isinstance(q[2], BinaryBlock)

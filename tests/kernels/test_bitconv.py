@@ -111,3 +111,23 @@ def test_wrong_input_channels_named(ext):
     conv = bitconv.BitConv2d(torch.ones(4, 8, 3, 3, dtype=torch.bool), (1, 1), (1, 1), (1, 1))
     with pytest.raises(CompactnnError, match=r"\(N, 8, H, W\)"):
         conv(torch.randn(1, 9, 5, 5), torch.zeros(9))
+
+
+@pytest.mark.parametrize("groups,out", [(1, 40), (2, 36), (1, 3)])
+def test_stacked_quantize_equals_the_pytorch_ops(ext, groups, out):
+    """The one-pass combine of two stacked kernel outputs: channels (groups, 2, out/groups)
+    summed per term pair, divided, rounded half to even, shifted and clamped: identical to
+    the PyTorch ops, values near k + 0.5 steps and both clamp ends included."""
+    g = torch.Generator().manual_seed(3)
+    scale, zero, lo, hi = 0.05, 7, 2, 250
+    a = torch.randint(-40, 300, (9, groups, 1, out // groups), generator=g).float()
+    y = torch.cat([(a + 0.5) * scale * 0.75, (a + 0.5) * scale * 0.25], dim=2)  # near ties
+    y[0] = torch.randn(groups, 2, out // groups, generator=g) * 3  # ordinary values too
+    y = y.reshape(9, 2 * out)
+    pair = y.reshape(9, groups, 2, out // groups)
+    s = (pair[:, :, 0] + pair[:, :, 1]).reshape(9, out)
+    want = torch.clamp(torch.round(s / scale) + zero, lo, hi).to(torch.uint8)
+    got = ext.stacked_quantize(y, groups, scale, zero, lo, hi)
+    assert torch.equal(got, want)
+    assert int(want.min()) == lo and int(want.max()) == hi  # both ends reached
+    assert bool((torch.round(s / scale) % 2 != 0).any())  # odd codes: not everything a tie

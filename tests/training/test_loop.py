@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -165,3 +166,39 @@ def test_keep_best_and_eval_data_mistakes_are_refused_before_training(tiny, tmp_
         blocker = tmp_path / "file"
         blocker.write_text("")
         compactnn.train(model, "w4a4-pact", data, log_path=blocker / "log.jsonl")
+
+
+def test_min_steps_raises_default_epochs_and_warmup_ramps_the_learning_rate():
+    from compactnn.training.loop import epochs_for_min_steps, lr_schedule
+
+    assert epochs_for_min_steps(10, 23, 600) == 27  # ceil(600 / 23)
+    assert epochs_for_min_steps(10, 63, 600) == 10  # already 630 steps
+    assert epochs_for_min_steps(0, 23, 600) == 0 and epochs_for_min_steps(4, 23, 0) == 4
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=0.1)
+    sched = lr_schedule(opt, total=10, warmup=4)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    by_hand = [0.1 * (s + 1) / 4 for s in range(4)]
+    by_hand += [0.05 * (1 + math.cos(math.pi * (s - 4) / 6)) for s in range(4, 10)]
+    assert lrs == pytest.approx(by_hand, abs=1e-12)
+    plain = lr_schedule(torch.optim.Adam([p], lr=0.1), total=10)
+    assert isinstance(plain, torch.optim.lr_scheduler.CosineAnnealingLR)  # warmup 0: as before
+
+
+def test_binary_recipe_min_steps_trains_more_epochs_unless_epochs_are_given(tiny):
+    model, data, (xt, yt) = tiny  # 256 examples: 4 steps per epoch
+    recipe = compactnn.resolve_recipe("w1a1-xnor")
+    step = recipe.steps[0]
+    cfg = dataclasses.replace(step.config, min_steps=40, recalibrate_batches=2, warmup_steps=3)
+    hot = compactnn.Recipe("xnor-min40", (dataclasses.replace(step, config=cfg),))
+    q = compactnn.train(model, hot, data, progress=False, eval_data=(xt, yt))
+    hist = compactnn.info_of(q)["extra"]["training"]
+    assert hist["epochs"] == 10 and hist["steps"] == 40 and len(hist["eval_top1"]) == 10
+    acc = 100.0 * float((q(xt).argmax(1) == yt).float().mean())
+    assert acc == pytest.approx(hist["eval_top1"][-1], abs=1e-3)  # recalibrated, then scored
+    q2 = compactnn.train(model, hot, data, epochs=2, progress=False)
+    assert compactnn.info_of(q2)["extra"]["training"]["steps"] == 8  # explicit epochs win

@@ -36,7 +36,8 @@ from torch import nn
 import compactnn
 import compactnn.quant.ffn  # registers "ffn" (until methods.py imports it)
 from compactnn.core.qlayers import is_quant_layer
-from compactnn.export.artifact import pack_model
+from compactnn.export.artifact import parse_tensors, read_artifact
+from compactnn.export.size import stored_units
 from compactnn.quant.ffn import EXTRA_KEY, FFNConfig
 from compactnn.quant.twn import TWNConfig
 from compactnn.recipe import Recipe, Step
@@ -73,21 +74,21 @@ def _recipes(quick: bool) -> list[tuple[str, object]]:
     return rows
 
 
-def stored_bits_per_weight(q: nn.Module, float_model: nn.Module) -> float:
-    """Bits the low-bit layers store per float weight they replace (8-bit layers excluded)."""
-    tensors, *_ = pack_model(q)
+def stored_bits_per_weight(q: nn.Module, path: Path) -> float:
+    """Bits the saved artifact stores per weight of its low-bit layers (8-bit layers left out).
+
+    Counts with the library's reader (:func:`compactnn.export.size.stored_units`): an FFN
+    layer is both of its factors over the original layer's weights.
+    """
+    header, blobs = read_artifact(path)
+    units = stored_units(header, parse_tensors(blobs["tensors"], path))
     ranks = q._compactnn.get("extra", {}).get(EXTRA_KEY, {})
-    nbytes, weights, seen = 0, 0, set()
-    for name, m in q.named_modules():
-        if not is_quant_layer(m) or m.weight_spec.bits >= 8:
-            continue
-        parent = name.rpartition(".")[0]
-        original = parent if parent in ranks else name
-        nbytes += sum(t.nbytes for k, t in tensors.items() if k.startswith(f"{name}.weight."))
-        if original not in seen:
-            seen.add(original)
-            weights += float_model.get_submodule(original).weight.numel()
-    return 8 * nbytes / max(weights, 1)
+
+    def low_bit(name: str) -> bool:
+        return name in ranks or q.get_submodule(name).weight_spec.bits < 8
+
+    kept = [units[n] for n in units if low_bit(n)]
+    return 8 * sum(b for _, b in kept) / max(sum(n for n, _ in kept), 1)
 
 
 def _row(ref, label: str, recipe, tmp: Path) -> dict:
@@ -104,7 +105,7 @@ def _row(ref, label: str, recipe, tmp: Path) -> dict:
         "label": label,
         "top1": ref.evaluate(loaded),
         "bytes": os.path.getsize(path / "model.safetensors"),
-        "bpw": stored_bits_per_weight(q, ref.model),
+        "bpw": stored_bits_per_weight(q, path),
         "exact": exact,
         "ranks": "/".join(str(r) for r in ranks.values()) or "-",
         "seconds": seconds,

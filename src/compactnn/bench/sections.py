@@ -6,7 +6,9 @@ SECTIONS: dict[str, str] = {
     "pruning": "compactnn.bench.pruning",
     "training": "compactnn.bench.training",
     "deploy": "compactnn.bench.deploy",
+    "deploy_inductor": "compactnn.bench.deploy_inductor",
     "deploy_recipes": "compactnn.bench.deploy_recipes",
+    "demo_rows": "compactnn.bench.demo_rows",
     "binary": "compactnn.bench.binary",
     "transformers": "compactnn.bench.transformers",
     "lm": "compactnn.bench.lm",
@@ -24,5 +26,6 @@ SECTIONS: dict[str, str] = {
     "bap": "compactnn.bench.bap",
     "datafree": "compactnn.bench.datafree",
     "scale": "compactnn.bench.scale",
+    "fsdp": "compactnn.bench.fsdp",
     "search": "compactnn.bench.search",
 }

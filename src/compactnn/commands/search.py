@@ -22,7 +22,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL", help="reference name, HF dir, .pt2, or pkg.mod:fn")
     p.add_argument(
-        "--formats", "-f", required=True, help="comma-separated short names, e.g. w2a8,w4a8,w8a8"
+        "--formats",
+        "-f",
+        required=True,
+        help="comma-separated short names, e.g. w2a8,w4a8,w8a8 (ch50+w8a8: channel-pruned)",
     )
     p.add_argument("--max-bytes", type=float, help="bytes of the searched layers at most")
     p.add_argument("--avg-bits", type=float, help="average weight bits at most")

@@ -223,6 +223,8 @@ class IntegerWeightMixin:
         self.refresh_weight()
 
     def refresh_weight(self) -> None:
+        if self.weight.is_meta:  # loaded straight into kernel layers: no float copy is made
+            return
         spec = self.weight_spec
         cg = grouped_view(self.weight_codes, spec.granularity, spec.group_size)
         levels = getattr(self, "weight_levels", None)

@@ -173,6 +173,11 @@ def bn_statistics_loss(
     return total
 
 
+def has_bn_stats(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer with running statistics."""
+    return any(isinstance(m, _BN) and m.running_mean is not None for m in model.modules())
+
+
 class BNStats:
     """Forward hooks that record each BN layer's batch mean and std (per channel, biased)."""
 

@@ -8,11 +8,16 @@ plays the discriminator) with three terms on a batch of ``x = G(z)``:
           + ie * sum_c pbar_c log pbar_c       information entropy: balanced classes
 
 (``pbar`` is the batch-mean softmax; minimising ``sum p log p`` maximises its entropy).
-An optional term that is *not* DAFL's (``bn > 0``), from the generator-based data-free
-quantization that followed it (GDFQ, Xu et al., ECCV 2020; DeepInversion's statistics),
-matches the teacher's BatchNorm running statistics on the generated batch:
+A term that is *not* DAFL's (``bn > 0``), from the generator-based data-free quantization
+that followed it (GDFQ, Xu et al., ECCV 2020; DeepInversion's statistics), matches the
+teacher's BatchNorm running statistics on the generated batch:
 
     L_G += bn * sum_l ( ||mean_l(x) - mu_l||_2 + ||std_l(x) - sigma_l||_2 )
+
+It is on by default (``bn=1`` when the teacher has BatchNorm running statistics): on the
+mnist-cnn teacher the paper's loss alone left a half-width student at 92.9 % after 3,000
+steps, the BN term 97.6 ± 0.3 % (3 seeds) at the same cost (docs/data-free.md). ``bn=0``
+is the paper's loss.
 The student ``S`` is distilled on the same batch, ``KL(T(x) || S(x))``, both optimisers
 stepping together.
 
@@ -40,6 +45,7 @@ from compactnn.datafree.common import (
     check_input_shape,
     classifier_head,
     frozen_copy,
+    has_bn_stats,
 )
 from compactnn.distill.kd import kd_loss
 from compactnn.errors import CompactnnError
@@ -109,7 +115,7 @@ def _setup(teacher: nn.Module, input_shape, latent: int, width: int, seed: int, 
     gen = Generator(input_shape, latent, width)
     check_classifier(teacher, torch.randn(2, *check_input_shape(input_shape)))
     tap = FeatureTap(classifier_head(teacher)[1])
-    tap.stats = BNStats(teacher) if bn > 0 else None
+    tap.stats = BNStats(teacher) if bn > 0 else None  # raises without BN layers
     return teacher, gen, tap
 
 
@@ -139,7 +145,7 @@ def train_dafl(
     weights: tuple[float, float, float] = (1.0, 0.1, 5.0),
     latent: int = 100,
     width: int = 32,
-    bn: float = 0.0,
+    bn: float | None = None,
     replay: bool = False,
     buffer_size: int = 512,
     warmup: int = 200,
@@ -161,7 +167,8 @@ def train_dafl(
         latent: size of ``z``.
         width: the generator's narrowest channel count (its widest is twice that).
         bn: weight of an added batch-norm statistics term ``bn * L_BN(x)`` on the generator
-            (module docstring; 0: plain DAFL). Needs BatchNorm layers in the teacher.
+            (module docstring; not DAFL's; 0: the paper's loss). None (default): 1.0 when the
+            teacher has BatchNorm layers with running statistics, else 0.
         replay: the replay-buffer variant (module docstring): generator updates stop after
             ``warmup`` steps; the student trains on a ``buffer_size`` buffer.
         seed: initialisation and noise.
@@ -174,6 +181,8 @@ def train_dafl(
         raise CompactnnError(
             f"replay needs 1 <= warmup < steps, got warmup={warmup}, steps={steps}."
         )
+    if bn is None:
+        bn = 1.0 if has_bn_stats(teacher) else 0.0
     if bn < 0:
         raise CompactnnError(f"bn={bn!r}: the BN-statistics weight must be >= 0 (0: off).")
     teacher, gen, tap = _setup(teacher, input_shape, latent, width, seed, bn)

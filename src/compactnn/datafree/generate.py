@@ -31,7 +31,8 @@ def generate(
         input_shape: per-sample shape ``(C, H, W)``; required unless ``model`` has an
             ``input_shape`` attribute.
         method: ``"bn-inversion"`` (ZeroQ-style statistics matching with a class term) or
-            ``"dafl"`` (a DAFL generator trained against the model, then sampled).
+            ``"dafl"`` (a DAFL generator trained against the model with the paper's loss,
+            no BN-statistics term, then sampled).
         steps: optimisation steps (default 200 per batch for inversion, 1,000 for DAFL).
         seed: the random start.
         progress: progress bars.
@@ -52,8 +53,14 @@ def generate(
             model, n, input_shape=input_shape, steps=steps or 200, seed=seed, progress=progress
         )
     if method == "dafl":
-        gen, _, cost = train_dafl(
-            model, None, input_shape=input_shape, steps=steps or 1000, seed=seed, progress=progress
+        gen, _, cost = train_dafl(  # the paper's loss (bn=0): what the calibration measured
+            model,
+            None,
+            input_shape=input_shape,
+            steps=steps or 1000,
+            bn=0.0,
+            seed=seed,
+            progress=progress,
         )
         data = sample(gen, model, n, seed=seed)
         data.cost = {**cost, "seconds": round(cost["seconds"] + data.cost["seconds"], 3), "n": n}

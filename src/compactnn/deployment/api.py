@@ -32,8 +32,10 @@ from compactnn.lowering.verify import (
     with_layers,
 )
 
-BACKENDS = ("auto", "onednn", "onnxruntime")
+BACKENDS = ("auto", "onednn", "onnxruntime", "inductor")
 AUTO_CANDIDATES = ("onednn", "onnxruntime")  # "auto" times both on the example: docs/deploy.md
+# "inductor" is opt-in: it compiles for tens of seconds per input shape and was not the
+# fastest int8 contender where measured (docs/deploy.md, bench/deploy_inductor.py)
 # "auto" warns when the fastest float path beats the int8 model by more than this factor
 # (a margin so that timing noise on a shared machine does not flip the advice)
 _LOWERED = re.compile(r"int8_\d+_(.+)")  # lower.py names a lowered layer int8_<n>_<layer>
@@ -47,7 +49,7 @@ class DeployedModel(nn.Module):
     them into confident finite logits, while the simulation returns NaN.
 
     Attributes:
-        backend: which kernels run it (``"onednn"`` or ``"onnxruntime"``).
+        backend: which kernels run it (``"onednn"``, ``"onnxruntime"`` or ``"inductor"``).
         verification: the check against the simulated model made at deploy time.
         selection: with ``backend="auto"``, median seconds per call on the example of each
             int8 candidate that passed and of the float paths (``"fp32-eager"``, and
@@ -55,7 +57,9 @@ class DeployedModel(nn.Module):
         recommendation: with ``backend="auto"``, the warning given when a float path was
             faster than the int8 model (None when the int8 model was the fastest).
         kept_float: quantized layers that stay simulated in float, with the reason.
-        program: the int8 ``fx.GraphModule`` (onednn) or the ONNX session (onnxruntime).
+        program: the int8 ``fx.GraphModule`` (onednn), its compiled form
+            (:class:`~compactnn.deployment.inductor.InductorProgram`, inductor) or the ONNX
+            session (onnxruntime).
         source: the simulated model it was deployed from (a copy; ``save_deployed`` stores
             it with its packed codes).
         example: the batch it was verified on at deploy time.
@@ -162,7 +166,9 @@ def deploy(
             and keeps the faster of those that pass, naming any that fails in a warning),
             ``"onednn"`` (PyTorch's oneDNN int8 kernels) or ``"onnxruntime"`` (the QDQ ONNX
             export run by ONNX Runtime; needs the ``onnx`` extra, and ``"auto"`` skips it
-            with a warning when that is not installed).
+            with a warning when that is not installed), or ``"inductor"`` (the ``"onednn"``
+            graph compiled by ``torch.compile`` once per input shape, tens of seconds each;
+            needs a C++ compiler; never chosen by ``"auto"``).
         example: a sample batch (tensor, tuple or dict of tensors) the model takes;
             required. Both models run on it and the deploy fails past ``tolerance``.
         tolerance: largest allowed difference to the simulated model, in steps of the output
@@ -248,6 +254,18 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
         deployed = DeployedModel(ort_callable(data), backend, kept)
         deployed.__dict__["onnx_bytes"] = data
         return deployed
+    if backend == "inductor":
+        blocks = binary.binary_block_names(sim)
+        if blocks:
+            raise CompactnnError(
+                f"backend='inductor' does not compile binary blocks ({', '.join(blocks[:3])}"
+                "...): deploy them with backend='onednn' (int8 or popcount kernels)."
+            )
+        from compactnn.deployment.inductor import compiler_missing
+
+        reason = compiler_missing()  # before any lowering work
+        if reason is not None:
+            raise CompactnnError(reason)
     source, kernels = binary.pre_lower(sim, example)  # binary blocks: int8 or popcount
     plan = build_plan(trace(source), residual)
     if not plan.lowered and not kernels:
@@ -258,7 +276,12 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
         )
     kept = dict(plan.kept)
     _handle_unsupported(kept, unsupported)
-    deployed = DeployedModel(lower(plan), backend, kept)
+    program = lower(plan)
+    if backend == "inductor":
+        from compactnn.deployment.inductor import build_inductor
+
+        program = build_inductor(program)  # compiles on the first call per input shape
+    deployed = DeployedModel(program, backend, kept)
     deployed.__dict__["plan"] = plan
     deployed.binary_kernels = kernels  # binary block -> kernel chosen (and its timings)
     return deployed
@@ -281,8 +304,9 @@ def localize(deployed: DeployedModel, example: Any) -> list[LayerGap]:
     plan: Plan | None = deployed.plan
     if plan is None or "program" not in deployed._modules:
         return []
+    program = getattr(deployed.program, "eager", deployed.program)  # inductor: its graph
     try:
-        return _localize(plan, deployed.program, example)
+        return _localize(plan, program, example)
     except Exception as e:  # a diagnosis must never hide the failure it explains
         warnings.warn(f"deploy: could not localise the divergence ({e})", stacklevel=2)
         return []

@@ -16,11 +16,18 @@ convolution runs on integers:
   ``K``, ``g`` and ``b`` after).
 - ``"popcount"``: the bit-packed XNOR/popcount convolution of
   :mod:`compactnn.kernels.bitconv` (compiled on first use), same scale and bias.
+- ``"float"``: PyTorch's float convolution of the ``+-1`` values and weights; its dots are
+  exact integers too (``|dot| < 2^24``), then the same scale and bias. On tiny layers its one
+  call can beat the integer kernels.
 
-Both reproduce the simulation up to float rounding of the final scale (the integer dot
-products are identical); the shortcut, XNOR's ``K`` and RPReLU stay float elementwise ops.
-``kernel="auto"`` times both on each block's input from ``example`` and keeps the faster
-per block (int8 when the extension cannot be built).
+All three reproduce the simulation up to float rounding of the final scale (the dot products
+are identical). The shortcut, RPReLU and a ReLU that follows the block in an
+``nn.Sequential`` (absorbed) run as ONE in-place pass of the compiled extension over the
+kernel's channels-last output (``binary_tail``, the same float operations in the same order
+as the PyTorch ops, which remain the fallback), and the int8 kernel's sign codes come from
+one pass (``sign_codes``); XNOR's ``K`` stays PyTorch ops. ``kernel="auto"`` times every
+kernel on each block's input from ``example`` with its elementwise tail included and keeps
+the fastest per block (no popcount when the extension cannot be built).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from compactnn.engines.binary import BinaryBlock, real_shortcut, rprelu, xnor_scale
 from compactnn.errors import CompactnnError
@@ -38,7 +46,7 @@ from compactnn.lowering.verify import compare
 from compactnn.measure.timing import TimingWarning, time_blocks
 
 CL = torch.channels_last
-KERNELS = ("auto", "int8", "popcount")
+KERNELS = ("auto", "int8", "popcount", "float")
 PACKED_SHAPES = 4  # oneDNN weight layouts kept per layer, one per recent input shape
 
 
@@ -102,12 +110,49 @@ class _OneDnnBinary(nn.Module):
         )  # fmt: skip
 
 
+class _FloatBinary(nn.Module):
+    """The float kernel: ``sign(x - shift)`` as float +-1 through PyTorch's float convolution
+    (or linear) with the +-1 weights; each dot is an exact integer (|dot| < 2^24), then
+    ``* out_scale + bias``. On tiny layers its single call can beat the integer kernels."""
+
+    def __init__(self, w: torch.Tensor, out_scale, bias, layer: nn.Module) -> None:
+        super().__init__()
+        self.conv = isinstance(layer, nn.Conv2d)
+        self.register_buffer("w_pm1", w.float().contiguous())
+        self.register_buffer("out_scale", out_scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous())
+        if self.conv:
+            self.geo = (layer.stride, layer.padding, layer.dilation)
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        s = torch.where(xs >= 0, 1.0, -1.0)  # sign(0) = +1 (NaN -> -1) as in the simulation
+        if self.conv:
+            y = nn.functional.conv2d(s, self.w_pm1, None, *self.geo)
+            y = y.mul_(self.out_scale.reshape(1, -1, 1, 1))
+            return y if self.bias is None else y.add_(self.bias.reshape(1, -1, 1, 1))
+        y = nn.functional.linear(s, self.w_pm1).mul_(self.out_scale)
+        return y if self.bias is None else y.add_(self.bias)
+
+
+def _fast_ops():
+    """The compiled extension when it loads (fused sign codes and block tail), else None."""
+    return bitconv.load_extension() if bitconv.available() else None
+
+
 class DeployedBinaryBlock(nn.Module):
     """A frozen binary block whose convolution / linear layer runs on integer kernels.
 
     Args:
         block: a frozen ``BinaryBlock`` (batch norm folded, 1-bit codes).
-        kernel: ``"int8"`` (oneDNN) or ``"popcount"`` (bit-packed, C++ extension).
+        kernel: ``"int8"`` (oneDNN), ``"popcount"`` (bit-packed, C++ extension) or
+            ``"float"`` (PyTorch's float kernel on the +-1 values: exact integer dots too).
+        relu: also apply the ReLU that follows the block in the model (absorbed by
+            :func:`lower_binary_blocks`), in the same pass as the shortcut and RPReLU.
+
+    Where the extension loads, the elementwise work around the kernel is fused: the int8
+    kernel's sign codes come from one pass (``sign_codes``) and the shortcut add, RPReLU and
+    ReLU of a convolution block are one in-place pass over its output (``binary_tail``), with
+    the same float operations in the same order as the PyTorch ops they replace.
 
     Example:
         >>> fast = DeployedBinaryBlock(frozen_block, "int8")  # doctest: +SKIP
@@ -115,10 +160,10 @@ class DeployedBinaryBlock(nn.Module):
 
     deploy_leaf = True  # the deploy tracer keeps this module whole
 
-    def __init__(self, block: BinaryBlock, kernel: str = "int8") -> None:
+    def __init__(self, block: BinaryBlock, kernel: str = "int8", relu: bool = False) -> None:
         super().__init__()
-        if kernel not in ("int8", "popcount"):
-            raise CompactnnError(f"binary kernel {kernel!r}: use 'int8' or 'popcount'.")
+        if kernel not in ("int8", "popcount", "float"):
+            raise CompactnnError(f"binary kernel {kernel!r}: use 'int8', 'popcount' or 'float'.")
         if block.weight_quantizer is not None or block.norm is not None:
             raise CompactnnError("binary block is still training: freeze it before deploying.")
         if getattr(getattr(block, "act", None), "levels", "pm1") != "pm1":
@@ -130,7 +175,7 @@ class DeployedBinaryBlock(nn.Module):
         layer = block.layer
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise CompactnnError("binary block: grouped convolutions are not supported.")
-        self.kind, self.kernel, self.conv = block.kind, kernel, block.conv
+        self.kind, self.kernel, self.conv, self.relu = block.kind, kernel, block.conv, relu
         self.shortcut = block.shortcut
         w, alpha = binary_weight(layer)
         g = (block.gain * block.scale).detach().float()
@@ -159,9 +204,16 @@ class DeployedBinaryBlock(nn.Module):
                 else ((1, 1), (0, 0), (1, 1))
             )
             self.core = bitconv.BitConv2d(w4 > 0, *geo)
+        elif kernel == "float":
+            self.core = _FloatBinary(w, out_scale, self.out_bias, layer)
         else:
             self.core = _OneDnnBinary(w, out_scale, self.out_bias, layer)
         self.selection: dict[str, float | str] = {"kernel": kernel}
+
+    @property
+    def ext(self):
+        """The extension's fused ops, or None (PyTorch ops then; not stored: deep-copies)."""
+        return _fast_ops()
 
     def _cview(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         return t.reshape(1, -1, *([1] * (ndim - 2))) if self.conv else t
@@ -171,16 +223,48 @@ class DeployedBinaryBlock(nn.Module):
             x4 = x if self.conv else x.reshape(-1, x.shape[-1], 1, 1)
             y = self.core(x4, self.shift, self.out_scale, self.out_bias)
             return y if self.conv else y.reshape(*x.shape[:-1], -1)
-        # sign(x - shift) as uint8 codes: 129 (+1) where xs >= 0 (sign(0) = +1), 127 (-1)
-        q = (xs >= 0).to(torch.uint8).mul_(2).add_(127)
+        if self.kernel == "float":
+            return self.core(xs)
+        if xs is None:
+            q = self.ext.sign_codes(x, self.shift)  # one pass, channels-last uint8
+        else:
+            # sign(x - shift) as uint8 codes: 129 (+1) where xs >= 0 (sign(0) = +1), 127 (-1)
+            q = (xs >= 0).to(torch.uint8).mul_(2).add_(127)
         if self.conv:
             return self.core(q.contiguous(memory_format=CL))
         y = self.core(q.reshape(-1, q.shape[-1]))
         return y.reshape(*x.shape[:-1], -1)
 
+    def _fused_tail(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Shortcut, RPReLU and ReLU as one in-place pass of the extension, or None."""
+        ext = self.ext
+        if ext is None or not self.conv or not self.fold or y.dtype != torch.float32:
+            return None
+        nhwc = y.permute(0, 2, 3, 1)  # (N, OH, OW, O): the kernels write channels-last
+        if not nhwc.is_contiguous():
+            return None
+        sc, rep = None, 1
+        if self.shortcut:
+            sc = x if x.shape[-2:] == y.shape[-2:] else F.adaptive_avg_pool2d(x, y.shape[-2:])
+            cin, cout = sc.shape[1], y.shape[1]
+            if cout % cin == 0:
+                rep = cout // cin  # repeat_interleave: output channel o reads o // rep
+            else:
+                sc = real_shortcut(x, y, True)
+            sc = sc.float()
+        gamma, zeta, slope = self.rprelu if self.rprelu is not None else (None, None, None)
+        ext.binary_tail(nhwc, sc, rep, gamma, slope, zeta, self.relu)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused_codes = (
+            self.kernel == "int8"
+            and self.conv
+            and x.dtype == torch.float32
+            and self.ext is not None
+        )
         xs = None
-        if self.kernel == "int8" or not self.fold:
+        if self.kernel == "float" or not self.fold or (self.kernel == "int8" and not fused_codes):
             xs = x - self._cview(self.shift, x.dim())
         y = self._integer_layer(x, xs)
         if not self.fold:  # XNOR: y = conv * K * g + b, the simulation's order
@@ -191,14 +275,18 @@ class DeployedBinaryBlock(nn.Module):
             y = y * self._cview(self.gain, y.dim())
             if self.bias is not None:
                 y = y + self._cview(self.bias, y.dim())
+        fused = self._fused_tail(x, y)
+        if fused is not None:
+            return fused
         if self.shortcut:
             y = y + real_shortcut(x, y, self.conv)
         if self.rprelu is not None:
             y = rprelu(y, *self.rprelu, dim=1 if self.conv else -1)
-        return y
+        return y.relu_() if self.relu else y
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, kernel={self.kernel}, shortcut={self.shortcut}"
+        relu = ", relu=True" if self.relu else ""
+        return f"kind={self.kind}, kernel={self.kernel}, shortcut={self.shortcut}{relu}"
 
 
 def _block_inputs(model: nn.Module, names: list[str], example) -> dict[str, torch.Tensor]:
@@ -223,10 +311,14 @@ def _block_inputs(model: nn.Module, names: list[str], example) -> dict[str, torc
 
 
 def _choose(
-    name: str, block: BinaryBlock, x: torch.Tensor, threads: int | None
+    name: str, block: BinaryBlock, x: torch.Tensor, threads: int | None, relu: bool = False
 ) -> DeployedBinaryBlock:
-    """Build both kernels of one block, time them on ``x`` and keep the faster."""
-    cands = {k: DeployedBinaryBlock(block, k) for k in ("int8", "popcount")}
+    """Build every kernel of one block, time each whole block (kernel and elementwise tail)
+    on ``x`` and keep the fastest."""
+    kinds = ("int8", "popcount", "float") if bitconv.available() else ("int8", "float")
+    cands = {k: DeployedBinaryBlock(block, k, relu) for k in kinds}
+    if x.dim() == 4:  # deployed, a block reads the channels-last output of a kernel
+        x = x.contiguous(memory_format=CL)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", TimingWarning)  # a noisy sample still ranks the two
         calls = {k: (lambda m=m: m(x)) for k, m in cands.items()}
@@ -250,9 +342,10 @@ def lower_binary_blocks(
     Args:
         model: a model holding frozen binary blocks (e.g. from ``compactnn.train`` with a
             ``w1a1-reactnet`` / ``-bireal`` / ``-xnor`` recipe); left untouched.
-        kernel: ``"int8"`` (oneDNN), ``"popcount"`` (bit-packed C++ extension) or
-            ``"auto"``: per block, the faster of the two timed on its input from
-            ``example`` (int8 when the extension cannot be built or no example is given).
+        kernel: ``"int8"`` (oneDNN), ``"popcount"`` (bit-packed C++ extension), ``"float"``
+            (PyTorch's float kernel on the +-1 values) or ``"auto"``: per block, the
+            fastest of them timed on its input from ``example``, elementwise tail included
+            (int8 when no example is given; no popcount when the extension cannot be built).
         example: an input of ``model`` (a tensor or a tuple of arguments); needed for
             ``"auto"``, and used to verify every block against its simulation.
         tolerance: largest allowed gap per block, in steps of its output range / 255.
@@ -273,24 +366,47 @@ def lower_binary_blocks(
     if kernel == "auto" and example is None:
         warnings.warn("lower_binary_blocks: no example to time on; using int8.", stacklevel=2)
         kernel = "int8"
-    if kernel == "auto" and not bitconv.available(warn=True):
-        kernel = "int8"
+    if kernel == "auto":
+        bitconv.available(warn=True)  # say once why popcount is not a candidate
     inputs = _block_inputs(out, names, example) if example is not None else {}
     selection = {}
     for name in names:
         block = out.get_submodule(name)
+        relu = _next_relu(out, name)  # a ReLU right after the block joins its fused tail
         if kernel == "auto":
-            new = _choose(name, block, inputs[name], threads)
+            new = _choose(name, block, inputs[name], threads, relu is not None)
         else:
-            new = DeployedBinaryBlock(block, kernel)
+            new = DeployedBinaryBlock(block, kernel, relu is not None)
+        if relu is not None:
+            parent, index = relu
+            parent[index] = nn.Identity()
         if name in inputs:
-            check = compare(block, new, inputs[name], f"binary block {name!r}", tolerance)
+            ref = block if relu is None else nn.Sequential(block, nn.ReLU())
+            check = compare(ref, new, inputs[name], f"binary block {name!r}", tolerance)
             if not check.passed:
                 raise CompactnnError(f"binary block {name!r} diverges from its simulation: {check}")
         selection[name] = new.selection
         _set(out, name, new)
     out.binary_kernels = selection
     return out
+
+
+def _next_relu(model: nn.Module, name: str) -> tuple[nn.Sequential, int] | None:
+    """``(parent, index)`` of a ReLU that directly follows block ``name`` in an
+    ``nn.Sequential`` (identities in between skipped; the Sequential feeds the block's output
+    only to it), or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return None
+    keys = list(parent._modules)
+    for i in range(keys.index(child) + 1, len(keys)):
+        m = parent[i]
+        if isinstance(m, nn.ReLU):
+            return parent, i
+        if not isinstance(m, (nn.Identity, nn.Dropout)):
+            return None
+    return None
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -181,16 +181,28 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
 
 
 def load(
-    path: str | os.PathLike, model: nn.Module | None = None, *, expect_sha256: str | None = None
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    expect_sha256: str | None = None,
+    kernels: Any = False,
 ) -> nn.Module:
     """``compactnn.load``: a deployed artifact through :func:`load_deployed`, else the model.
+
+    ``kernels=True`` (or a ``KernelConfig``) builds a compressed transformer straight on the
+    kernel layers of :func:`compactnn.to_kernels`, without a float copy of its weights.
 
     Example:
         >>> fast = load("out/int8", model=MyNet())  # doctest: +SKIP
     """
     if is_deployed_artifact(path):
+        if kernels is not False:
+            raise CompactnnError(
+                "kernels= applies to compressed artifacts; a deployed artifact runs on its "
+                "recorded backend: load it without kernels=."
+            )
         return load_deployed(path, model, expect_sha256=expect_sha256)
-    return artifact.load(path, model, expect_sha256=expect_sha256)
+    return artifact.load(path, model, expect_sha256=expect_sha256, kernels=kernels)
 
 
 def _with_record(source: nn.Module, record: dict[str, Any]) -> nn.Module:

@@ -32,7 +32,7 @@ information. It starts at each channel's mean input, so the sign splits the valu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -168,6 +168,13 @@ class BinaryConfig(QATConfig):
         ede_t_min: EDE's first ``t``. Default 1.0 (``k = 1``: a smooth clipped STE first),
             measured better than the paper's 0.1 (an identity-like gradient, ``k = 10``) when
             fine-tuning a trained float model for a few epochs (docs/lowbit-training.md).
+        min_steps: :func:`compactnn.train` without ``epochs=`` trains at least this many
+            optimizer steps (more epochs on a small dataset); 0: the recipe's epochs.
+        warmup_steps: linear learning-rate warmup over the first steps of
+            :func:`compactnn.train` (then the cosine decay); 0: none.
+        recalibrate_batches: :func:`compactnn.train` re-estimates the blocks' batch-norm
+            statistics on up to this many training batches before freezing (and before
+            scoring each epoch on ``eval_data``): :func:`recalibrate_norms`; 0: never.
     """
 
     weight: QuantSpec = field(default_factory=lambda: short_weight_spec(1))
@@ -179,10 +186,17 @@ class BinaryConfig(QATConfig):
     libra_pb: bool = False
     ede: bool = False
     ede_t_min: float = T_START
+    min_steps: int = 0
+    warmup_steps: int = 0
+    recalibrate_batches: int = 100
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).method_name or "binary"
+        for key in ("min_steps", "warmup_steps", "recalibrate_batches"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise CompactnnError(f"{name}: {key}={v!r} must be a non-negative integer.")
         if not isinstance(self.real_weight_epochs, int) or not (
             0 <= self.real_weight_epochs < max(self.epochs, 1)
         ):
@@ -410,6 +424,40 @@ class BinaryBlock(QATWrapper):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, shortcut={self.shortcut}"
+
+
+def recalibrate_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate the running statistics of every binary block's batch norm on ``batches``
+    (the model in eval mode otherwise): the exact average over the batches, replacing the
+    exponential average collected while the binary weights were still flipping. Returns the
+    number of batch norms re-estimated (0: no binary block, nothing changed).
+
+    The frozen model normalises with the running statistics; with few training steps the
+    exponential average can lag far behind the final weights (a 40-point gap between train
+    and held-out top-1 measured on a narrow CNN, docs/lowbit-training.md).
+    """
+    norms = [m.norm for m in model.modules() if isinstance(m, BinaryBlock) and m.norm is not None]
+    if not norms:
+        return 0
+    was = model.training
+    model.eval()
+    saved = [(n.momentum, n.running_mean.clone(), n.running_var.clone()) for n in norms]
+    for n in norms:
+        n.reset_running_stats()
+        n.momentum = None  # cumulative average
+        n.train()
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+            seen += 1
+    for n, (momentum, mean, var) in zip(norms, saved, strict=True):
+        n.momentum = momentum
+        if seen == 0:  # nothing to estimate from: keep what was there
+            n.running_mean.copy_(mean)
+            n.running_var.copy_(var)
+    model.train(was)
+    return len(norms)
 
 
 @registry.register_artifact_hook("before_layers")

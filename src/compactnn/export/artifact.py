@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,9 @@ from compactnn.export import replace, validate
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.fs import read_regular
 from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, TIED_KEY, build_model
-from compactnn.export.sparse import sparsify
+from compactnn.export.sparse import densify, sparsify
 from compactnn.export.validate import FORMAT_VERSION, HEADER, MAX_HEADER_BYTES
+from compactnn.kernels.load import install_kernels, kernel_config, meta_copy, params_on_meta
 
 TENSORS = "model.safetensors"
 RECIPE = "recipe.yaml"
@@ -475,7 +477,11 @@ def _skeleton(root: Path, header: dict[str, Any], model: nn.Module | None) -> nn
 
 
 def load(
-    path: str | os.PathLike, model: nn.Module | None = None, *, expect_sha256: str | None = None
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    expect_sha256: str | None = None,
+    kernels: Any = False,
 ) -> nn.Module:
     """Rebuild a compressed model from an artifact; ``model`` is the float skeleton.
 
@@ -489,6 +495,9 @@ def load(
         model: the float model the artifact was made from (its class and layer shapes must
             match); optional for Hugging Face models, whose architecture is saved.
         expect_sha256: the digest ``save`` returned; the artifact must have exactly it.
+        kernels: ``True`` or a ``KernelConfig``: build the model straight on kernel layers,
+            bit-identical to ``to_kernels(load(path))`` with that config, without ever
+            holding the float32 weights (:mod:`compactnn.kernels.load`).
 
     Raises:
         ArtifactError: the artifact is missing, damaged, edited, of an older format, has
@@ -498,16 +507,26 @@ def load(
         >>> qmodel = compactnn.load("out/", model=MyNet())  # doctest: +SKIP
     """
     root = Path(path)
+    config = kernel_config(kernels)
     header, blobs = read_artifact(root, expect_sha256)
-    tensors = parse_tensors(blobs["tensors"], root)
+    tensors = parse_tensors(blobs.pop("tensors"), root)
     recipe = _parse_recipe(blobs.get("recipe"), header, root)
-    with _malformed(root):
+    with _malformed(root), params_on_meta() if config else contextlib.nullcontext():
+        if config is not None and isinstance(model, nn.Module):
+            model = meta_copy(model)  # float weights come from the artifact, not the skeleton
         model = _skeleton(root, header, model)
-        build_model(model, header, tensors)
+        with warnings.catch_warnings():  # copying into a meta parameter: filled below
+            warnings.filterwarnings("ignore", message=".*meta parameter.*")
+            build_model(model, header, tensors)
     model._compactnn = {
         "recipe": recipe,
         "folded_bn": header["folded_bn"],
         "float_layers": header["float_layers"],
         "extra": header["extra"],
     }
+    if config is not None:
+        state = densify(tensors, header["sparse"], header["layers"])
+        state.update({k: state[t] for k, t in header["aliases"].items() if t in state})
+        with _malformed(root):
+            install_kernels(model, state, config)
     return install_save_pretrained(model)  # HF models: save_pretrained writes the codes

@@ -106,6 +106,12 @@ def available(warn: bool = False) -> bool:
     return True
 
 
+def loaded():
+    """The extension if it is already built and loaded, else None (never compiles: for the
+    fused elementwise ops that have a PyTorch fallback)."""
+    return _EXT
+
+
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack the last dimension of a 0/1 tensor into ``int64`` words, 64 bits each.
 

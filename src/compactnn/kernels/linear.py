@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from compactnn.core.qlayers import QuantLinear
+from compactnn.core.quantize import dequantize, grouped_view
 
 INT4_GROUPS = (32, 64, 128, 256)
 DENSE_MIN_ROWS = 8  # rows from which the dense copy beats the low-bit kernels (bf16, Zen 4)
@@ -40,6 +41,39 @@ DENSE_MIN_ROWS = 8  # rows from which the dense copy beats the low-bit kernels (
 # beat the int4/int8 kernels only from ~100-250 rows (bf16, Zen 4, loaded machine)
 LEAN_DENSE_MIN_ROWS = 128
 DTYPES = (torch.float32, torch.bfloat16)
+CHUNK_ELEMENTS = 1 << 20  # float32 elements dequantized at a time from codes (4 MB)
+
+
+def dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight of a quantized layer in ``dtype``.
+
+    ``layer.weight`` cast when it holds values. A layer loaded straight into kernels
+    (:mod:`compactnn.kernels.load`) has a ``meta`` weight: its values are then computed from
+    the integer codes a slice at a time, with the simulation's float32 formula (``(q - z) *
+    s``, or the codebook's ``levels[q - qmin]``) and rounded to ``dtype`` per slice, so the
+    result is bit-identical to ``layer.weight.to(dtype)`` and no float32 copy of the whole
+    weight exists.
+    """
+    if not layer.weight.is_meta:
+        return layer.weight.detach().to(dtype)
+    spec = layer.weight_spec
+    codes = grouped_view(layer.weight_codes, spec.granularity, spec.group_size)  # (R, NG, G)
+    levels = getattr(layer, "weight_levels", None)
+    out = torch.empty(codes.shape, dtype=dtype)
+    per_tensor = codes.shape[0] == 1  # one row: slice along the elements instead
+    step = max(1, CHUNK_ELEMENTS // (codes.shape[1] * codes.shape[2])) if not per_tensor else 1
+    step_k = CHUNK_ELEMENTS if per_tensor else codes.shape[2]
+    for r in range(0, codes.shape[0], step):
+        for k in range(0, codes.shape[2], step_k):
+            q = codes[r : r + step, :, k : k + step_k]
+            if levels is not None:
+                idx = q.long() - spec.qtype.qmin
+                lv = levels[r : r + step]
+                w = torch.gather(lv.expand(*idx.shape[:2], -1), 2, idx)
+            else:
+                w = dequantize(q, layer.weight_scale[r : r + step], layer.weight_zero[r : r + step])
+            out[r : r + step, :, k : k + step_k] = w.to(dtype)
+    return out.reshape(layer.weight.shape)
 
 
 class DenseWeight:
@@ -102,7 +136,7 @@ class _WeightOnly(nn.Module):
         self.dense = None  # the dequantized weight rounded to ``dtype``, when asked for
         self.hold_dense = hold_dense
         if dense_min_rows is not None and hold_dense:
-            self.dense = DenseWeight(layer.weight.detach().to(dtype))
+            self.dense = DenseWeight(dense_weight(layer, dtype))
         elif dense_min_rows is not None:  # per-call dequantization: float32 grid (out, ngroups)
             self.register_buffer("dq_scale", layer.weight_scale.float().clone(), persistent=False)
             self.register_buffer("dq_zero", layer.weight_zero.float().clone(), persistent=False)

@@ -200,12 +200,28 @@ def to_kernels(
     config = KernelConfig(
         dtype=dtype, dense_min_rows=dense_min_rows, fused=fused, hold_dense=hold_dense
     )
-    out = model if inplace else copy.deepcopy(model)
+    return swap_kernels(model if inplace else copy.deepcopy(model), config)
+
+
+def materialize(layer: nn.Module) -> None:
+    """Give a quantized layer loaded without float weights (a ``meta`` weight, see
+    :mod:`compactnn.kernels.load`) its dequantized float32 weight, for layers that run
+    simulated; a no-op for any other module."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta and hasattr(layer, "refresh_weight"):
+        layer.weight = nn.Parameter(torch.empty(weight.shape), requires_grad=False)
+        layer.refresh_weight()
+
+
+def swap_kernels(out: nn.Module, config: KernelConfig) -> nn.Module:
+    """:func:`to_kernels` on ``out`` itself (changed in place and returned)."""
+    dtype = config.dtype
     swapped, simulated = {}, []
     for name, m in list(out.named_modules()):
         if isinstance(m, QuantLinear):
             k = kernel_layer(m, config)
             if k is None:
+                materialize(m)
                 simulated.append(name)
                 if dtype != torch.float32:
                     set_module(out, name, Float32Island(m))
@@ -221,8 +237,8 @@ def to_kernels(
         "swapped": swapped,
         "simulated": simulated,
         "dtype": str(dtype).removeprefix("torch."),
-        "dense_min_rows": dense_min_rows,
-        "fused": fused,
-        "hold_dense": hold_dense,
+        "dense_min_rows": config.dense_min_rows,
+        "fused": config.fused,
+        "hold_dense": config.hold_dense,
     }
     return out

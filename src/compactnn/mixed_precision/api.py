@@ -31,7 +31,13 @@ from compactnn.mixed_precision.accuracy import Trial, accuracy_search
 from compactnn.mixed_precision.allocate import allocate, assignment_total, frontier
 from compactnn.mixed_precision.cost import cost_tables, count_macs
 from compactnn.mixed_precision.formats import Format, parse_formats
-from compactnn.mixed_precision.latency import check_deployable, measure_table, whole_model_check
+from compactnn.mixed_precision.latency import (
+    check_deployable,
+    compressed,
+    measure_table,
+    shrinking,
+    whole_model_check,
+)
 from compactnn.mixed_precision.sensitivity import SensitivityCache, sensitivity
 from compactnn.recipe import Recipe, Step, parse_short_name
 
@@ -162,16 +168,24 @@ def searched_layers(model: nn.Module, batches: list) -> dict[str, nn.Module]:
 def build_recipe(
     name: str, layers: list[str], formats: list[Format], choice, embeddings: str | None = None
 ) -> Recipe:
-    """One step per format used (largest share first), each naming exactly its layers.
+    """One step per format used (largest share first), each naming exactly its layers;
+    ``ch<P>+`` formats add one channel-pruning step per ratio before them.
 
     ``embeddings`` (a short name) adds a final step for the embedding tables only.
     """
     groups: dict[int, list[str]] = {}
     for layer, j in zip(layers, choice, strict=True):
         groups.setdefault(int(j), []).append(layer)
+    ordered = sorted(groups.items(), key=lambda g: -len(g[1]))
+    by_ratio: dict[float, list[str]] = {}  # ch<P>+ formats: pruning first, one step per ratio
+    for j, names in ordered:
+        if formats[j].prune:
+            by_ratio.setdefault(formats[j].prune, []).extend(names)
     steps = [
-        formats[j].step(names) for j, names in sorted(groups.items(), key=lambda g: -len(g[1]))
+        formats[next(j for j, _ in ordered if formats[j].prune == r)].prune_step(n)
+        for r, n in sorted(by_ratio.items())
     ]
+    steps += [formats[j].step(names) for j, names in ordered]
     if embeddings is not None:
         step = parse_short_name(embeddings).steps[0]
         steps.append(
@@ -182,10 +196,28 @@ def build_recipe(
     return Recipe(name, tuple(steps))
 
 
+def prunable(model: nn.Module, names: list[str], fmt: Format, batches: list) -> list[bool]:
+    """Layers whose output channels a ``ch<P>+`` format removes on their own: pruned alone
+    (on a copy), the layer shrinks and no other layer's outputs do (a layer tied to a residual
+    add either stays whole or drags its coupled group along, so it does not qualify)."""
+    out = [False] * len(names)
+    for i, n in enumerate(names):
+        q = compressed(model, Recipe("probe", (fmt.prune_step([n]),)), batches[:1])
+        shrank = shrinking(model, names, q)
+        out[i] = shrank[i] and sum(shrank) == 1
+    return out
+
+
 def _allowed(
-    layers: dict[str, nn.Module], formats: list[Format], first_last_min_bits
+    layers: dict[str, nn.Module],
+    formats: list[Format],
+    first_last_min_bits,
+    shrinks: dict[float, list[bool]] | None = None,
 ) -> np.ndarray:
     allowed = np.array([[f.fits(m) for f in formats] for m in layers.values()])
+    for j, f in enumerate(formats):
+        if f.prune:
+            allowed[:, j] &= np.array((shrinks or {})[f.prune], bool)
     if first_last_min_bits is not None:
         for i in {0, len(layers) - 1}:
             allowed[i] &= np.array([f.weight.bits >= first_last_min_bits for f in formats])
@@ -258,7 +290,10 @@ def search(
         raise CompactnnError("search needs calib_data (inputs from the training split).")
     layers = searched_layers(model, batches)
     names = list(layers)
-    allowed = _allowed(layers, fmts, first_last_min_bits)
+    shrinks = {
+        f.prune: prunable(model, names, f, batches) for f in fmts if f.prune
+    }  # which layers each pruning ratio can shrink (not those tied to a residual add)
+    allowed = _allowed(layers, fmts, first_last_min_bits, shrinks)
     mode = detect_call_mode(model, batches[0])
     macs = count_macs(model, layers, lambda m: call_model(m, batches[0], mode))
     costs = cost_tables(layers, fmts, macs)
@@ -277,7 +312,9 @@ def search(
     limits = budget.limits({"code_bits": n_weights}) if budget is not None else {}
     lat: dict[str, Any] = {}
     if latency_example is not None or (budget is not None and budget.max_latency_ratio):
-        lat = _latency_costs(model, names, fmts, batches, latency_example, macs, embeddings)
+        lat = _latency_costs(
+            model, names, fmts, batches, latency_example, macs, embeddings, allowed
+        )
         costs["latency"] = lat.pop("table")
         if budget is not None and budget.max_latency_ratio is not None:
             limits["latency"] = budget.max_latency_ratio * lat["per_format_ms"][lat["widest"]]
@@ -344,20 +381,37 @@ def search(
     )
 
 
-def _latency_costs(model, names, fmts, batches, example, macs, embeddings) -> dict[str, Any]:
+def _fallback(fmts: list[Format], j: int, widest: int) -> int:
+    """Where format ``j`` does not fit a layer in its uniform recipe: the same quantization
+    without pruning if it is a candidate, else the widest format."""
+    plain = fmts[j].name.split("+")[-1]
+    return next((k for k, f in enumerate(fmts) if f.name == plain), widest)
+
+
+def _latency_costs(
+    model, names, fmts, batches, example, macs, embeddings, allowed
+) -> dict[str, Any]:
     """Per-layer latency table (uniform deployments of each format, timed side by side)."""
     if example is None:
         raise CompactnnError("a latency budget needs latency_example= (an input batch).")
     check_deployable(fmts)
-    widest = max(fmts, key=lambda f: (f.weight.bits, f.act.bits)).name
+    w = max(range(len(fmts)), key=lambda k: (fmts[k].weight.bits, fmts[k].act.bits, -fmts[k].prune))
+    widest = fmts[w].name
+
+    def uniform(c: np.ndarray) -> Recipe:  # a uniform choice, unfit layers on their fallback
+        j = int(c[0])
+        c = np.where(allowed[:, j], j, _fallback(fmts, j, w))
+        return build_recipe("uniform", names, fmts, c, embeddings)
+
     table, per_format, models = measure_table(
         model,
         [f.name for f in fmts],
-        lambda c: build_recipe("uniform", names, fmts, c, embeddings),
-        len(names),
+        uniform,
+        names,
         batches,
         example,
         [macs[n] for n in names],
+        reference=widest,
     )
     return {"table": table, "per_format_ms": per_format, "widest": widest, "models": models}
 

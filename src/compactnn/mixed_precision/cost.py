@@ -4,7 +4,8 @@ Bytes follow the artifact's packing rules (:func:`compactnn.export.size.theoreti
 packed codes ``ceil(numel * bits / 8)``, one float16 scale per group, one byte of zero point
 per group of an asymmetric grid, 8 bytes of activation grid, and the layer's bias in float32.
 Bit-operations are ``MACs * weight_bits * act_bits`` (32 for float activations), HAWQ-V3's
-BOPs, with the MACs counted on one calibration batch.
+BOPs, with the MACs counted on one calibration batch. A ``ch<P>+`` format prices the layer's
+kept rows only (the inputs it removes from the next layer are not credited: a proxy).
 """
 
 from __future__ import annotations
@@ -26,19 +27,19 @@ def layer_bytes(layer: nn.Module, fmt: Format) -> int:
         336
     """
     w = layer.weight
-    rows, k = w.shape[0], w[0].numel()
+    rows, k = fmt.kept_rows(w.shape[0]), w[0].numel()  # a ch<P>+ format keeps fewer rows
     spec = fmt.weight
     groups = {"tensor": 1, "channel": rows}.get(spec.granularity)
     if groups is None:  # per group of group_size inputs
         groups = rows * (k // spec.group_size)
-    total = packed_nbytes(w.numel(), spec.bits) + 2 * groups
+    total = packed_nbytes(rows * k, spec.bits) + 2 * groups
     if not spec.symmetric:
         total += groups
     if fmt.act is not None:
         total += 8
     bias = getattr(layer, "bias", None)
     if isinstance(bias, torch.Tensor):
-        total += bias.numel() * 4
+        total += rows * 4
     return total
 
 
@@ -62,10 +63,12 @@ def cost_tables(
     shape = (len(names), len(formats))
     tables = {k: np.zeros(shape) for k in ("bytes", "code_bits", "bops")}
     for i, n in enumerate(names):
+        rows = layers[n].weight.shape[0]
         numel = layers[n].weight.numel()
         for j, f in enumerate(formats):
+            kept = f.kept_rows(rows) / rows  # own rows only: the next layer's inputs not counted
             tables["bytes"][i, j] = layer_bytes(layers[n], f)
-            tables["code_bits"][i, j] = numel * f.weight.bits
+            tables["code_bits"][i, j] = numel * kept * f.weight.bits
             abits = f.act.bits if f.act is not None else 32
-            tables["bops"][i, j] = (macs or {}).get(n, 0) * f.weight.bits * abits
+            tables["bops"][i, j] = (macs or {}).get(n, 0) * kept * f.weight.bits * abits
     return tables

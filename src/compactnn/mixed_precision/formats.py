@@ -1,13 +1,19 @@
 """Candidate formats of a search: quantization short names, one step each in the recipe.
 
 A format is any quantization short name ``w<W>[a<A>][-g<G>][-<method>]`` (``w3-g32-gptq``,
-``w4a8``). The search runs it with ``first_last_bits=None``: the first/last-layer rule is a
-constraint of the allocation (``first_last_min_bits``), not a silent upgrade inside a step.
+``w4a8``), optionally after a structured-pruning prefix ``ch<P>+`` (``ch50+w8a8``: half of the
+layer's output channels removed by L1 norm, :mod:`compactnn.prune.channel`, then ``w8a8``).
+Pruned formats run on the same int8 kernel with fewer channels, so they are the formats that
+make a latency budget bite on the deploy runtime; they fit only layers whose output channels
+are not coupled to a residual add (the search finds which). The search runs the quantization
+with ``first_last_bits=None``: the first/last-layer rule is a constraint of the allocation
+(``first_last_min_bits``), not a silent upgrade inside a step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import nn
@@ -32,6 +38,7 @@ class Format:
     name: str
     method: str
     config: QuantConfig
+    prune: float = 0.0  # fraction of output channels removed (structured, L1) before quantizing
 
     @property
     def weight(self) -> QuantSpec:
@@ -46,7 +53,16 @@ class Format:
         """A format from a quantization short name; anything else raises ``CompactnnError``."""
         if not isinstance(name, str):
             raise CompactnnError(f"a search format is a short name such as 'w4a8', got {name!r}.")
-        recipe = parse_short_name(name.strip().lower())
+        full = name.strip().lower()
+        prune, quant = 0.0, full
+        m = re.fullmatch(r"ch(\d+)\+(.+)", full)
+        if m is not None:
+            prune, quant = int(m[1]) / 100, m[2]
+            if not 0 < prune < 1:
+                raise CompactnnError(
+                    f"search format {name!r}: the pruned percentage must be 1-99 (ch50+w8a8)."
+                )
+        recipe = parse_short_name(quant)
         step = recipe.steps[0]
         if len(recipe.steps) != 1 or not isinstance(step.config, QuantConfig):
             raise CompactnnError(
@@ -56,7 +72,18 @@ class Format:
         if not hasattr(step.config, "first_last_bits"):
             raise CompactnnError(f"search format {name!r}: its method has no first_last_bits.")
         config = dataclasses.replace(step.config, first_last_bits=None)
-        return cls(recipe.name, step.method, config)
+        return cls(full if prune else recipe.name, step.method, config, prune)
+
+    def prune_step(self, names: list[str]) -> Step:
+        """The channel-pruning step of a ``ch<P>+`` format for exactly the layers ``names``."""
+        from compactnn.core.modules import Targets
+
+        step = parse_short_name(f"ch{round(self.prune * 100)}").steps[0]
+        return Step(step.method, step.config, Targets(names=tuple(names)))
+
+    def kept_rows(self, rows: int) -> int:
+        """Output channels a layer of ``rows`` keeps at this format."""
+        return rows - int(rows * self.prune)
 
     def step(self, names: list[str]) -> Step:
         """The recipe step that applies this format to exactly the layers ``names``."""
@@ -103,3 +130,17 @@ def rtn_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     qtype = QType(spec.bits, signed=spec.symmetric)
     scale, zero = scale_zero_from_range(lo, hi, qtype, spec.symmetric)
     return dequantize(quantize(w, scale, zero, qtype), scale, zero).reshape(weight.shape)
+
+
+def pruned_rows(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Indices of the output channels a ``ch<P>+`` format removes: the smallest L1 norms of
+    ``weight``'s rows (the unfolded layer's, as channel pruning ranks them); empty otherwise.
+
+    Example:
+        >>> pruned_rows(torch.tensor([[3.0], [1.0], [2.0], [4.0]]), Format.parse("ch50+w8a8"))
+        tensor([1, 2])
+    """
+    rows = weight.shape[0]
+    k = rows - fmt.kept_rows(rows)
+    norms = weight.detach().reshape(rows, -1).abs().sum(1)
+    return torch.sort(torch.argsort(norms, stable=True)[:k]).values

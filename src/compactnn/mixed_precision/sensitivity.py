@@ -33,7 +33,7 @@ from compactnn.core.fold import fold_batchnorm
 from compactnn.core.hessian import hutchinson_trace
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import atomic_write_text
-from compactnn.mixed_precision.formats import Format, rtn_weight
+from compactnn.mixed_precision.formats import Format, pruned_rows, rtn_weight
 
 CACHE_VERSION = 1
 MEASURES = ("measured", "hessian")
@@ -122,10 +122,30 @@ def _runner(model: nn.Module, batches: list) -> Callable[[nn.Module], list[torch
     return run
 
 
+def format_weight(
+    w: torch.Tensor, fmt: Format, original: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``w`` rounded to ``fmt``; a ``ch<P>+`` format also zeroes the rows it removes (ranked
+    on ``original``, the unfolded weight; ``w`` itself when None)."""
+    out = rtn_weight(w, fmt.weight)
+    if fmt.prune:
+        out[pruned_rows(w if original is None else original, fmt)] = 0
+    return out
+
+
 def measured_scores(
-    work: nn.Module, layers: list[str], formats: list[Format], batches: list, progress: bool = True
+    work: nn.Module,
+    layers: list[str],
+    formats: list[Format],
+    batches: list,
+    progress: bool = True,
+    originals: dict[str, torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """``(L, F)`` relative output error with only layer ``l`` rounded to format ``f``."""
+    """``(L, F)`` relative output error with only layer ``l`` rounded to format ``f``.
+
+    A ``ch<P>+`` format zeroes the removed channels' weights and (folded) bias, which is the
+    removal itself for the layers it fits (their outputs feed only the next layer).
+    """
     run = _runner(work, batches)
     with torch.no_grad():
         refs = run(work)
@@ -134,11 +154,17 @@ def measured_scores(
         for i, name in enumerate(layers):
             layer = work.get_submodule(name)
             w0 = layer.weight.detach().clone()
+            b0 = layer.bias.detach().clone() if layer.bias is not None else None
+            orig = (originals or {}).get(name)
             for j, fmt in enumerate(formats):
                 if fmt.fits(layer):
-                    layer.weight.copy_(rtn_weight(w0, fmt.weight))
+                    layer.weight.copy_(format_weight(w0, fmt, orig))
+                    if fmt.prune and b0 is not None:
+                        layer.bias[pruned_rows(w0 if orig is None else orig, fmt)] = 0
                     scores[i, j] = relative_error(run(work), refs)
                     layer.weight.copy_(w0)
+                    if b0 is not None:
+                        layer.bias.copy_(b0)
                 else:
                     scores[i, j] = np.nan
                 bar.update()
@@ -183,7 +209,7 @@ def hessian_scores(work: nn.Module, layers: list[str], formats: list[Format], tr
             if not fmt.fits(layer):
                 scores[i, j] = np.nan
                 continue
-            err = float((rtn_weight(w, fmt.weight) - w).double().pow(2).sum())
+            err = float((format_weight(w, fmt) - w).double().pow(2).sum())
             scores[i, j] = 0.5 * float(traces[i]) / w.numel() * err
     return scores
 
@@ -219,7 +245,8 @@ def sensitivity(
         work = working_copy(model)
         todo = [formats[j] for j in missing]
         if measure == "measured":
-            fresh = measured_scores(work, layers, todo, batches, progress)
+            originals = {n: model.get_submodule(n).weight.detach() for n in layers}
+            fresh = measured_scores(work, layers, todo, batches, progress, originals)
         else:
             fresh = hessian_scores(
                 work, layers, todo, hessian_traces(work, layers, batches, samples)

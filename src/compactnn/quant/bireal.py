@@ -21,11 +21,14 @@ from compactnn.registry import register
 class BiRealConfig(BinaryConfig):
     """Bi-Real Net (recipe ``w1a1-bireal``).
 
-    Defaults: 10 epochs, lr 1e-3, distillation 0.5 at T=4 from the float model; first and
-    last layers at 8 bits (LSQ).
+    Defaults: 10 epochs but at least 600 optimizer steps, lr 3e-3, distillation 0.5 at T=4
+    from the float model, batch norms re-estimated before freezing; first and last layers at
+    8 bits (LSQ). Measured across nets in docs/lowbit-training.md.
     """
 
     epochs: int = 10
+    lr: float = 3e-3
+    min_steps: int = 600
     distill: float = 0.5
 
 

@@ -72,6 +72,8 @@ def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | Non
     kernels = {k["kernel"] for k in (getattr(deployed, "binary_kernels", None) or {}).values()}
     if "popcount" in kernels:  # binary blocks on the bit-packed kernel
         runtime += " + popcount"
+    if "float" in kernels:  # binary blocks on float convolutions of the +-1 values
+        runtime += " + float"
     if deployed.kept_float:
         runtime += f" ({len(deployed.kept_float)} layers float)"
     return deployed, runtime

@@ -17,26 +17,36 @@ difference from the single-process run besides float summation order.
 
 Rank 0 alone shows progress, prints, writes the log and the checkpoints; every rank reads a
 checkpoint to resume, so all continue from the same state.
+
+``distributed="fsdp2"`` shards the student instead of replicating it
+(:mod:`compactnn.training.fsdp`): same batch rule, same checkpoints (whole tensors, gathered
+from every rank), same frozen model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
 from compactnn.errors import CompactnnError
+from compactnn.training import fsdp
+
+STRATEGIES = ("ddp", "fsdp2")
 
 
 @dataclasses.dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits: ``world_size`` processes, this one ``rank``, on ``device``."""
+    """Where this process sits: ``world_size`` processes, this one ``rank``, on ``device``;
+    ``strategy`` says how the model is spread (``"ddp"`` replicated, ``"fsdp2"`` sharded)."""
 
     world_size: int = 1
     rank: int = 0
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    strategy: str = "ddp"
 
     @property
     def active(self) -> bool:
@@ -65,7 +75,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def detect(device: str | torch.device | None = None) -> DistEnv:
+def resolve_strategy(strategy: str | None) -> str:
+    """``None`` -> ``"ddp"``; anything but ``"ddp"``/``"fsdp2"`` is refused."""
+    strategy = "ddp" if strategy is None else strategy
+    if strategy not in STRATEGIES:
+        raise CompactnnError(
+            f"distributed={strategy!r}: use 'ddp' (the model replicated on every rank) or "
+            "'fsdp2' (its parameters sharded over the ranks)."
+        )
+    return strategy
+
+
+def detect(device: str | torch.device | None = None, strategy: str | None = None) -> DistEnv:
     """The distributed environment: joins the process group ``torchrun`` describes.
 
     Example:
@@ -73,19 +94,20 @@ def detect(device: str | torch.device | None = None) -> DistEnv:
         1
     """
     dev = resolve_device(device)
+    strategy = resolve_strategy(strategy)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return DistEnv(dist.get_world_size(), dist.get_rank(), dev)
+        return DistEnv(dist.get_world_size(), dist.get_rank(), dev, strategy)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistEnv(1, 0, dev)
+        return DistEnv(1, 0, dev, strategy)
     if not dist.is_available():
         raise CompactnnError("WORLD_SIZE > 1 but this torch build has no torch.distributed.")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistEnv(dist.get_world_size(), dist.get_rank(), dev)
+    return DistEnv(dist.get_world_size(), dist.get_rank(), dev, strategy)
 
 
 def rank_slice(n: int, world_size: int, rank: int) -> slice:
@@ -109,13 +131,51 @@ def shard(env: DistEnv, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def wrap(env: DistEnv, model: nn.Module) -> nn.Module:
-    """``model`` wrapped in ``DistributedDataParallel`` when several processes run."""
+    """``model`` wrapped in ``DistributedDataParallel`` when several processes run, or
+    sharded in place with FSDP2 (``strategy="fsdp2"``; then create the optimizer after)."""
     if not env.active:
         return model
+    if env.strategy == "fsdp2":
+        return fsdp.shard_model(model, env.world_size, env.device)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+
+
+def full_state(
+    env: DistEnv, model: nn.Module, opt: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``model``'s and ``opt``'s state dicts with whole tensors: under FSDP2 gathered from
+    every rank (every rank must call), otherwise the ordinary state dicts."""
+    if fsdp.is_sharded(model):
+        return fsdp.full_state(model, opt)
+    return model.state_dict(), None if opt is None else opt.state_dict()
+
+
+def load_full_state(
+    env: DistEnv,
+    model: nn.Module,
+    opt: torch.optim.Optimizer | None,
+    msd: dict[str, Any],
+    osd: dict[str, Any] | None,
+) -> None:
+    """Load states written by :func:`full_state` (by any strategy) into ``model``/``opt``."""
+    if fsdp.is_sharded(model):
+        fsdp.load_full_state(model, opt, msd, osd)
+        return
+    model.load_state_dict(msd)
+    if opt is not None and osd is not None:
+        opt.load_state_dict(osd)
+
+
+def plain_model(env: DistEnv, model: nn.Module, device: str | None = None) -> nn.Module:
+    """An ordinary module with ``model``'s weights, for ``freeze`` and evaluation, on
+    ``device`` (default: the run's): ``model`` itself, or under FSDP2 a copy gathered from
+    every rank (collective; ``model`` stays sharded)."""
+    if fsdp.is_sharded(model):
+        return fsdp.plain_model(model, torch.device(device or env.device))
+    return model if device is None else model.to(device)
 
 
 def sum_over_ranks(env: DistEnv, values: list[float]) -> list[float]:

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
+from compactnn.engines.binary import recalibrate_norms
 from compactnn.engines.qat import start_epoch
 from compactnn.errors import CompactnnError
 from compactnn.recipe import Recipe, resolve_recipe
@@ -24,6 +26,7 @@ from compactnn.training.checkpoint import load_checkpoint, save_checkpoint
 from compactnn.training.data import TrainData, as_eval_data, as_train_data, check_labels
 from compactnn.training.wrap import freeze, prepare_qat, qat_step
 
+_dist = distributed  # in train() its argument ``distributed`` shadows the module's name
 _QUANT_PARAM_MARKS = (".weight_quantizer.", ".input_quantizer.", ".post.")
 
 
@@ -42,6 +45,49 @@ def param_groups(model: nn.Module, lr: float, lr_quant: float) -> list[dict]:
     if quant:
         groups.append({"params": quant, "lr": lr_quant})
     return groups
+
+
+def epochs_for_min_steps(epochs: int, steps_per_epoch: int, min_steps: int) -> int:
+    """The recipe's ``epochs``, raised so that training makes at least ``min_steps``
+    optimizer steps (binary recipes on small datasets: ``docs/lowbit-training.md``).
+
+    Example:
+        >>> epochs_for_min_steps(10, 23, 600)  # digits-resnet: 23 steps per epoch
+        27
+    """
+    if min_steps <= 0 or epochs == 0:
+        return epochs
+    return max(epochs, -(-min_steps // max(steps_per_epoch, 1)))
+
+
+def lr_schedule(opt: torch.optim.Optimizer, total: int, warmup: int = 0):
+    """Cosine decay to 0 over ``total`` steps; with ``warmup``, a linear ramp from
+    ``1/warmup`` of the learning rate over the first ``warmup`` steps, then the cosine over
+    the rest."""
+    if warmup <= 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    warmup = min(warmup, max(total - 1, 1))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def norm_recalibrator(cfg, data: TrainData, device: torch.device, seed: int):
+    """``fn(model)`` re-estimating binary blocks' batch norms on the first
+    ``cfg.recalibrate_batches`` training batches, or None when the config asks for none."""
+    limit = getattr(cfg, "recalibrate_batches", 0)
+    if limit <= 0:
+        return None
+
+    def recalibrate(model: nn.Module) -> None:
+        batches = data.batches(cfg.batch_size, 0, seed)
+        recalibrate_norms(model, (x.to(device) for x, _y in islice(batches, limit)))
+
+    return recalibrate
 
 
 def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
@@ -82,20 +128,26 @@ def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
 class _Run:
     """The mutable state of one training run (what a checkpoint saves)."""
 
-    def __init__(self, qat, opt, sched, run: dict[str, Any]) -> None:
-        self.qat, self.opt, self.sched, self.run = qat, opt, sched, run
+    def __init__(self, qat, opt, sched, run: dict[str, Any], env) -> None:
+        self.qat, self.opt, self.sched, self.run, self.env = qat, opt, sched, run, env
         self.epoch, self.batch, self.step = 0, 0, 0
-        self.history: dict[str, list[float]] = {"loss": [], "train_top1": [], "eval_top1": []}
+        self.history: dict[str, list[float]] = {
+            "loss": [],
+            "train_top1": [],
+            "eval_top1": [],
+        }
         # keep_best: {"epoch" (1-based), "eval_top1", "state" (the wrapped model's state)}
         self.best: dict[str, Any] | None = None
 
     def state(self) -> dict[str, Any]:
+        """The checkpoint (whole tensors; under FSDP2 gathered: every rank calls)."""
         best = {} if self.best is None else {"best": self.best}
+        model, optimizer = distributed.full_state(self.env, self.qat, self.opt)
         return {
             **best,
             "run": self.run,
-            "model": self.qat.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.sched.state_dict(),
             "rng": torch.get_rng_state(),
             "epoch": self.epoch,
@@ -105,18 +157,28 @@ class _Run:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.qat.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
+        distributed.load_full_state(
+            self.env, self.qat, self.opt, state["model"], state["optimizer"]
+        )
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.epoch, self.batch, self.step = (
+            state["epoch"],
+            state["batch"],
+            state["step"],
+        )
         self.history = state["history"]
         self.best = state.get("best")
 
 
 def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
     """One epoch from batch ``r.batch``; returns False when ``max_steps`` stopped it."""
-    bs, seed, max_steps, ckpt = opts["batch_size"], opts["seed"], opts["max_steps"], opts["ckpt"]
+    bs, seed, max_steps, ckpt = (
+        opts["batch_size"],
+        opts["seed"],
+        opts["max_steps"],
+        opts["ckpt"],
+    )
     env, forward = opts["env"], opts["forward"]
     r.qat.train()
     total = data.steps(bs)
@@ -160,8 +222,9 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
 def _checkpoint(env: distributed.DistEnv, directory: str | None, r: _Run) -> None:
     """Rank 0 writes the checkpoint; every rank waits until it is there."""
     if directory:
+        state = r.state()  # every rank: FSDP2 gathers the shards
         if env.is_main:
-            save_checkpoint(directory, r.state())
+            save_checkpoint(directory, state)
         distributed.barrier(env)
 
 
@@ -218,10 +281,11 @@ def _score_epoch(r: _Run, eval_xy, keep_best: bool) -> float | None:
     """Top-1 of this epoch's frozen model on ``eval_xy`` (recorded); keeps the best state."""
     if eval_xy is None:
         return None
-    top1 = evaluate_top1(freeze(r.qat), *eval_xy)
+    top1 = evaluate_top1(freeze(distributed.plain_model(r.env, r.qat)), *eval_xy)
     r.history["eval_top1"].append(top1)
     if keep_best and (r.best is None or top1 >= r.best["eval_top1"]):  # ties: later epoch
-        state = {k: v.detach().clone() for k, v in r.qat.state_dict().items()}
+        model = distributed.full_state(r.env, r.qat)[0]
+        state = {k: v.detach().clone() for k, v in model.items()}
         r.best = {"epoch": r.epoch + 1, "eval_top1": top1, "state": state}
     return top1
 
@@ -240,13 +304,17 @@ def _epoch_record(r: _Run, top1: float | None, seconds: float, lr: float) -> dic
 
 def _final_model(r: _Run, keep_best: bool) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen model to return (the best epoch's with ``keep_best``) and what was kept."""
+    plain = distributed.plain_model(r.env, r.qat, "cpu")
     if not keep_best:
-        return freeze(r.qat), {}
+        return freeze(plain), {}
     if r.best is None:  # no epoch finished: the model as it stands
-        return freeze(r.qat), {"kept_epoch": None}
-    qat = copy.deepcopy(r.qat)
+        return freeze(plain), {"kept_epoch": None}
+    qat = copy.deepcopy(plain) if plain is r.qat else plain
     qat.load_state_dict(r.best["state"])
-    kept = {"kept_epoch": r.best["epoch"], "kept_eval_top1": round(r.best["eval_top1"], 4)}
+    kept = {
+        "kept_epoch": r.best["epoch"],
+        "kept_eval_top1": round(r.best["eval_top1"], 4),
+    }
     return freeze(qat), kept
 
 
@@ -267,6 +335,7 @@ def train(
     log_path: str | Path | None = None,
     keep_best: bool = False,
     device: str | torch.device | None = None,
+    distributed: str = "ddp",
 ) -> nn.Module:
     """Train ``model`` with a quantization-aware ``recipe``; return the frozen quantized model.
 
@@ -279,7 +348,8 @@ def train(
         recipe: ``"w2a2-lsq"``, ``"w4a4-pact"``, ``"w2a8-ttq"``, ``"w1a1-reactnet"``,
             ``"w5-inq"``, ... (defaults per recipe in ``docs/training.md``), or a Recipe.
         data: labelled training data: ``(inputs, labels)``, an embedded split, or batches.
-        epochs: overrides the recipe's epochs.
+        epochs: overrides the recipe's epochs (and its ``min_steps``: without ``epochs``,
+            a recipe that sets ``min_steps`` trains enough epochs to make that many steps).
         teacher: distillation teacher (default: ``model`` when the recipe distills).
         eval_data: held-out ``(inputs, labels)`` (or a dict with ``x``/``y``): the frozen
             model of each epoch is scored on it (top-1, printed and recorded).
@@ -298,6 +368,9 @@ def train(
             ``kept_epoch`` says which (1-based).
         device: ``"cuda"`` trains on this rank's GPU (``"cpu"`` by default); the returned
             model is on the CPU either way.
+        distributed: under ``torchrun``, ``"ddp"`` replicates the student on every rank,
+            ``"fsdp2"`` shards its parameters, gradients and optimizer state over the ranks
+            (:mod:`compactnn.training.fsdp`); ignored in a single process.
 
     Under ``torchrun --nproc-per-node N`` the same call trains on N processes with
     DistributedDataParallel: the recipe's batch size is the global batch, split over the
@@ -312,6 +385,7 @@ def train(
     """
     recipe = resolve_recipe(recipe)
     cfg = qat_step(recipe).config
+    epochs_given = epochs
     epochs = cfg.epochs if epochs is None else epochs
     if not isinstance(epochs, int) or epochs < 0:
         raise CompactnnError(f"epochs={epochs!r} must be a non-negative integer.")
@@ -321,7 +395,7 @@ def train(
             "eval_data=(x_test, y_test); pass it, or drop keep_best."
         )
     data = as_train_data(data)
-    env = distributed.detect(device)
+    env = _dist.detect(device, distributed)
     progress = progress and env.is_main
     log_path = log_path if env.is_main else None
     torch.manual_seed(seed)
@@ -341,9 +415,12 @@ def train(
         qat.to(env.device)
         if isinstance(loss_fn, nn.Module):
             loss_fn.to(env.device)
+    forward = _dist.wrap(env, qat)  # FSDP2 replaces the parameters: before the optimizer
     opt = torch.optim.Adam(param_groups(qat, cfg.lr, cfg.lr_quant))
     steps = data.steps(cfg.batch_size) or 1
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * steps, 1))
+    if epochs_given is None:
+        epochs = epochs_for_min_steps(epochs, steps, getattr(cfg, "min_steps", 0))
+    sched = lr_schedule(opt, max(epochs * steps, 1), getattr(cfg, "warmup_steps", 0))
     run = {
         "recipe": recipe.name,
         "recipe_yaml": recipe.to_yaml(),
@@ -351,7 +428,7 @@ def train(
         "batch_size": cfg.batch_size,
         "seed": seed,
     }
-    r = _Run(qat, opt, sched, run)
+    r = _Run(qat, opt, sched, run, env)
     state = load_checkpoint(checkpoint_dir, run) if checkpoint_dir and resume else None
     if state is not None:
         r.restore(state)
@@ -364,13 +441,16 @@ def train(
         "epochs": epochs,
         "progress": progress,
         "env": env,
-        "forward": distributed.wrap(env, qat),
+        "forward": forward,
     }
+    recalibrate = norm_recalibrator(cfg, data, env.device, seed)
     while r.epoch < epochs:
         start_epoch(qat, r.epoch, epochs)
         t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
         if not _train_epoch(r, data, loss_fn, num_classes, opts):
             break
+        if recalibrate is not None and eval_xy is not None:
+            recalibrate(qat)  # before scoring (and keeping) this epoch's model
         top1 = _score_epoch(r, eval_xy, keep_best)
         record = _epoch_record(r, top1, time.perf_counter() - t0, lr)
         log.write(record)
@@ -378,7 +458,8 @@ def train(
             tqdm.write(format_epoch(record, epochs))
         r.epoch, r.batch = r.epoch + 1, 0
         _checkpoint(env, checkpoint_dir, r)
-    qat.to("cpu")
+    if recalibrate is not None and (eval_xy is None or r.epoch < epochs):
+        recalibrate(qat)  # the last epoch's model was not recalibrated yet
     qmodel, kept = _final_model(r, keep_best)
     qmodel._compactnn["extra"]["training"] = {
         "epochs": epochs,

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -219,10 +220,204 @@ torch::Tensor bitconv2d(torch::Tensor xw, torch::Tensor wt, torch::Tensor wpc, i
   return out;
 }
 
+// Sign codes of x (N, C, H, W) float32, any strides, for the int8 kernel: uint8 129 where
+// x - shift >= 0 (+1 around zero point 128), else 127 (-1; NaN too, as in the simulation).
+// Returns (N, C, H, W) uint8 in channels-last memory (one pass instead of five).
+torch::Tensor sign_codes(torch::Tensor x, torch::Tensor shift) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "x: (N, C, H, W) float32");
+  TORCH_CHECK(shift.numel() == x.size(1), "shift: one value per input channel");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  auto sh = shift.contiguous().to(torch::kFloat32);
+  auto out = torch::empty({N, C, H, W}, torch::dtype(torch::kUInt8)
+                                            .memory_format(at::MemoryFormat::ChannelsLast));
+  const float* xp = x.data_ptr<float>();
+  const float* sp = sh.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const int64_t sn = x.stride(0), sc = x.stride(1), shh = x.stride(2), sw = x.stride(3);
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t n = nh / H, h = nh % H;
+      for (int64_t w = 0; w < W; ++w) {
+        const float* px = xp + n * sn + h * shh + w * sw;
+        uint8_t* dst = op + (nh * W + w) * C;
+        int64_t c = 0;
+#if COMPACTNN_VPOPCNT && defined(__AVX512BW__) && defined(__AVX512VL__)
+        if (sc == 1) {  // channels contiguous: 16 compares and 16 byte codes at once
+          const __m128i plus = _mm_set1_epi8(static_cast<char>(129));
+          const __m128i minus = _mm_set1_epi8(static_cast<char>(127));
+          for (; c < C; c += 16) {
+            const int64_t left = std::min<int64_t>(16, C - c);
+            const __mmask16 valid = static_cast<__mmask16>((1u << left) - 1u);
+            __m512 v = _mm512_maskz_loadu_ps(valid, px + c);
+            __m512 s = _mm512_maskz_loadu_ps(valid, sp + c);
+            __mmask16 ge = _mm512_cmp_ps_mask(_mm512_sub_ps(v, s), _mm512_setzero_ps(),
+                                              _CMP_GE_OQ);
+            _mm_mask_storeu_epi8(dst + c, valid, _mm_mask_blend_epi8(ge, minus, plus));
+          }
+        }
+#endif
+        for (; c < C; ++c) dst[c] = (px[c * sc] - sp[c] >= 0.0f) ? 129 : 127;
+      }
+    }
+  });
+  return out;
+}
+
+// The float tail of a binary block, in place on y (N, OH, OW, O) float32 contiguous, one pass:
+//   v = y + shortcut[n, o / rep, oh, ow]    (when shortcut is given; rep: channel repeat)
+//   v = PReLU(v - gamma) + zeta             (ReActNet's RPReLU, when gamma is given)
+//   v = max(v, 0)                           (when relu)
+// The float operations and their order are those of the PyTorch ops they replace, so the
+// result is bit-identical to them.
+torch::Tensor binary_tail(torch::Tensor y, c10::optional<torch::Tensor> shortcut, int64_t rep,
+                          c10::optional<torch::Tensor> gamma, c10::optional<torch::Tensor> slope,
+                          c10::optional<torch::Tensor> zeta, bool relu) {
+  TORCH_CHECK(y.dim() == 4 && y.scalar_type() == torch::kFloat32 && y.is_contiguous(),
+              "y: (N, OH, OW, O) float32 contiguous");
+  const int64_t N = y.size(0), OH = y.size(1), OW = y.size(2), O = y.size(3);
+  const bool has_sc = shortcut.has_value() && shortcut->defined();
+  const bool has_pr = gamma.has_value() && gamma->defined();
+  torch::Tensor sct, g, sl, z;
+  int64_t sn = 0, scs = 0, sh = 0, sw = 0;
+  if (has_sc) {
+    sct = *shortcut;
+    TORCH_CHECK(sct.dim() == 4 && sct.scalar_type() == torch::kFloat32 && rep >= 1 &&
+                    sct.size(0) == N && sct.size(1) * rep == O && sct.size(2) == OH &&
+                    sct.size(3) == OW,
+                "shortcut: (N, O / rep, OH, OW) float32");
+    sn = sct.stride(0), scs = sct.stride(1), sh = sct.stride(2), sw = sct.stride(3);
+  }
+  if (has_pr) {
+    g = gamma->contiguous().to(torch::kFloat32);
+    sl = slope->contiguous().to(torch::kFloat32);
+    z = zeta->contiguous().to(torch::kFloat32);
+    TORCH_CHECK(g.numel() == O && sl.numel() == O && z.numel() == O, "RPReLU: O values each");
+  }
+  float* yp = y.data_ptr<float>();
+  const float* sp = has_sc ? sct.data_ptr<float>() : nullptr;
+  const float* gp = has_pr ? g.data_ptr<float>() : nullptr;
+  const float* lp = has_pr ? sl.data_ptr<float>() : nullptr;
+  const float* zp = has_pr ? z.data_ptr<float>() : nullptr;
+#if COMPACTNN_VPOPCNT
+  // vector path: channels-last shortcut whose repeat divides 16 (channel o reads o / rep)
+  const bool vec = O % 16 == 0 && (!has_sc || (scs == 1 && 16 % rep == 0));
+  __m512i rep_idx = _mm512_setzero_si512();
+  __mmask16 rep_mask = 0xFFFF;
+  if (vec && has_sc) {
+    alignas(64) int32_t idx[16];
+    for (int i = 0; i < 16; ++i) idx[i] = static_cast<int32_t>(i / rep);
+    rep_idx = _mm512_load_si512(reinterpret_cast<const void*>(idx));
+    rep_mask = static_cast<__mmask16>((1u << (16 / rep)) - 1u);
+  }
+#else
+  const bool vec = false;
+  (void)vec;
+#endif
+  at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t n = nh / OH, h = nh % OH;
+      for (int64_t w = 0; w < OW; ++w) {
+        float* v = yp + (nh * OW + w) * O;
+        const float* s = sp != nullptr ? sp + n * sn + h * sh + w * sw : nullptr;
+#if COMPACTNN_VPOPCNT
+        if (vec) {
+          const __m512 zero = _mm512_setzero_ps();
+          for (int64_t o = 0; o < O; o += 16) {
+            __m512 a = _mm512_loadu_ps(v + o);
+            if (s != nullptr) {
+              __m512 b = rep == 1 ? _mm512_loadu_ps(s + o)
+                                  : _mm512_permutexvar_ps(
+                                        rep_idx, _mm512_maskz_loadu_ps(rep_mask, s + o / rep));
+              a = _mm512_add_ps(a, b);
+            }
+            if (gp != nullptr) {  // where(t >= 0, t, slope * t) + zeta, t = v - gamma
+              __m512 t = _mm512_sub_ps(a, _mm512_loadu_ps(gp + o));
+              __mmask16 ge = _mm512_cmp_ps_mask(t, zero, _CMP_GE_OQ);
+              __m512 m = _mm512_mul_ps(_mm512_loadu_ps(lp + o), t);
+              a = _mm512_add_ps(_mm512_mask_blend_ps(ge, m, t), _mm512_loadu_ps(zp + o));
+            }
+            if (relu) {  // v > 0 ? v : 0, NaN kept
+              __mmask16 keep = _mm512_cmp_ps_mask(a, zero, _CMP_GT_OQ) |
+                               _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+              a = _mm512_maskz_mov_ps(keep, a);
+            }
+            _mm512_storeu_ps(v + o, a);
+          }
+          continue;
+        }
+#endif
+        if (s != nullptr) {
+          for (int64_t o = 0; o < O; ++o) v[o] = v[o] + s[(o / rep) * scs];
+        }
+        if (gp != nullptr) {
+          for (int64_t o = 0; o < O; ++o) {
+            const float t = v[o] - gp[o];
+            v[o] = (t >= 0.0f ? t : lp[o] * t) + zp[o];
+          }
+        }
+        if (relu) {
+          for (int64_t o = 0; o < O; ++o) v[o] = v[o] > 0.0f ? v[o] : (v[o] != v[o] ? v[o] : 0.0f);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// Sum of two stacked int8-kernel outputs, quantized (compactnn.deployment.lowbit): y is
+// (M, 2 * O) float32 contiguous with channels ordered (groups, 2, O / groups); returns
+// (M, O) uint8 codes clamp(nearbyint((y_term0 + y_term1) / scale) + zero, lo, hi): the
+// simulation's division and round-half-even, bit-identical to the PyTorch ops, one pass.
+torch::Tensor stacked_quantize(torch::Tensor y, int64_t groups, double scale, int64_t zero,
+                               int64_t lo, int64_t hi) {
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == torch::kFloat32 && y.is_contiguous(),
+              "y: (M, 2 * O) float32 contiguous");
+  const int64_t M = y.size(0), O = y.size(1) / 2;
+  TORCH_CHECK(y.size(1) == 2 * O && groups >= 1 && O % groups == 0, "y: (M, 2 * O)");
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= 255, "codes lo..hi within 0..255");
+  const int64_t og = O / groups;
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero);
+  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  auto out = torch::empty({M, O}, torch::kUInt8);
+  const float* yp = y.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* a = yp + m * 2 * O + g * 2 * og;
+        const float* b = a + og;
+        uint8_t* dst = op + m * O + g * og;
+        int64_t j = 0;
+#if COMPACTNN_VPOPCNT
+        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+        const __m512 vlo = _mm512_set1_ps(flo), vhi = _mm512_set1_ps(fhi);
+        for (; j + 16 <= og; j += 16) {
+          __m512 v = _mm512_div_ps(_mm512_add_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j)),
+                                   vs);
+          v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, vz), vlo), vhi);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                           _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(v)));
+        }
+#endif
+        for (; j < og; ++j) {
+          float v = std::nearbyint((a[j] + b[j]) / s) + z;
+          v = std::min(std::max(v, flo), fhi);
+          dst[j] = static_cast<uint8_t>(v);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 bool has_vpopcnt() { return COMPACTNN_VPOPCNT != 0; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs, "pack sign(x - shift) of (N, C, H, W) into NHWC words");
   m.def("bitconv2d", &bitconv2d, "binary convolution on packed bits");
+  m.def("sign_codes", &sign_codes, "uint8 sign codes 127 / 129 of x - shift (channels-last)");
+  m.def("binary_tail", &binary_tail, "shortcut add, RPReLU and ReLU in place, one pass");
+  m.def("stacked_quantize", &stacked_quantize, "sum two stacked kernel outputs, quantize");
   m.def("has_vpopcnt", &has_vpopcnt, "whether the AVX-512 VPOPCNTDQ path was compiled");
 }

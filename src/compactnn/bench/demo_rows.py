@@ -1,0 +1,107 @@
+"""Benchmark: the demo's trained CNN rows (``w2a8-ttq``, ``w1a1-reactnet`` on ``mnist-cnn``)
+on their deployed form against the fastest float path, as the demo measures them.
+
+The rows are built the way ``compactnn.demo`` builds them: the recipe trained once with
+``compactnn.train`` (read from the cache after that), delivered with
+``report.delivery.deliver`` (``compactnn.deploy(backend="auto")``), scored by running the
+delivered model, and timed side by side with every float path of the float model on the
+demo's latency batch (16 images, 2 threads; each contender in its own block of calls,
+rotating rounds, medians). The table gives wall and CPU time per call and the speedup over
+the fastest float path by each measure, the deployed and simulated top-1, the verification
+gap in output steps, and for the binary model each block's kernel (int8, popcount or float,
+chosen by measurement with the block's elementwise tail included).
+
+Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench --only demo_rows [--quick]``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+RECIPES = ("w2a8-ttq", "w1a1-reactnet")
+THREADS = 2
+COMMAND = "python -m compactnn.bench --only demo_rows"
+
+
+def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[dict, dict, dict]:
+    """``(rows, timings, winner)``: per recipe its runtime, top-1s, verification and kernels;
+    the timings of every float path and delivered row; the fastest float path's name."""
+    from compactnn.data import load_mnist
+    from compactnn.demo import LATENCY_BATCH, first_rows, time_models
+    from compactnn.models import load_reference
+    from compactnn.models.trained import cached_train
+    from compactnn.report.delivery import deliver
+
+    torch.set_num_threads(THREADS)
+    ref = load_reference("mnist-cnn", progress=False)
+    batch = first_rows(ref.example, LATENCY_BATCH)
+    data = load_mnist()
+    rows, delivered = {}, {}
+    for recipe in recipes:
+        qmodel, _, _ = cached_train(ref, recipe, data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fast, runtime, _ = deliver("cnn", qmodel, batch)
+        delivered[recipe] = fast
+        verification = getattr(fast, "verification", None)
+        rows[recipe] = {
+            "runtime": runtime,
+            "simulated": float(ref.evaluate(qmodel)),
+            "deployed": float(ref.evaluate(fast)),
+            "steps": float("nan") if verification is None else verification.max_diff_steps,
+            "kernels": {
+                k: v["kernel"] for k, v in (getattr(fast, "binary_kernels", None) or {}).items()
+            },
+        }
+    paths = time_models(ref.model, delivered, batch, threads=THREADS, quick=quick)
+    return rows, paths.timings, {"winner": paths.winner, "load": os.getloadavg()}
+
+
+def table(rows: dict, timings: dict, info: dict) -> list[str]:
+    """Markdown lines: float paths and delivered rows, wall and CPU time, speedups."""
+    best = timings[info["winner"]]
+    lines = [
+        f"`{COMMAND}` (mnist-cnn, batch 16, {THREADS} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average after "
+        f"timing {info['load'][0]:.1f}); fastest float path: {info['winner']}",
+        "",
+        "| contender | runtime | wall ms (median) | speedup | CPU ms / call | CPU speedup | "
+        "simulated / deployed top-1 | verify (steps) | binary kernels |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for name, t in timings.items():
+        row = rows.get(name)
+        kernels = ""
+        if row and row["kernels"]:
+            kernels = ", ".join(f"{k}: {v}" for k, v in row["kernels"].items())
+        top1 = "" if row is None else f"{row['simulated']:.1f} / {row['deployed']:.1f}"
+        steps = "" if row is None else f"{row['steps']:.2g}"
+        lines.append(
+            f"| {name} | {row['runtime'] if row else 'float'} | {t.median_s * 1e3:.2f} | "
+            f"{best.median_s / t.median_s:.2f}x | {t.cpu_s * 1e3:.2f} | "
+            f"{best.cpu_s / t.cpu_s:.2f}x | {top1} | {steps} | {kernels} |"
+        )
+    return lines
+
+
+def run(quick: bool = False) -> str:
+    """The bench section: Markdown with the machine line and the table (``quick``: the
+    demo's own quick timing, 3 rounds, no ``torch.compile``)."""
+    from compactnn.measure.environment import environment
+
+    rows, timings, info = measure(quick)
+    env = environment(THREADS, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"))
+    head = [
+        "## The demo's trained CNN rows, deployed, against the fastest float path",
+        "",
+        "; ".join(f"{k}: {v}" for k, v in env.items()),
+        "",
+    ]
+    return "\n".join(head + table(rows, timings, info)) + "\n"
+
+
+if __name__ == "__main__":
+    print(run(quick=True))
