@@ -24,12 +24,12 @@ from compactnn.registry import register
 class XNORConfig(BinaryConfig):
     """XNOR-Net (recipe ``w1a1-xnor``).
 
-    Defaults: 6 epochs but at least 600 optimizer steps, lr 3e-3, shift lr 1e-2, no
+    Defaults: 6 epochs but at least 600 optimizer steps, lr 5e-3, shift lr 1e-2, no
     distillation, batch norms re-estimated before freezing; first and last layers at 8 bits
     (LSQ). Measured across nets in docs/lowbit-training.md.
     """
 
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_steps: int = 600
 
 
