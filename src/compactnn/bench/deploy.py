@@ -463,11 +463,9 @@ def _load() -> str:
     return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def _child(quick: bool) -> str:
-    code = (
-        "import sys; from compactnn.bench.deploy import timing_text; "
-        f"sys.stdout.write(timing_text({quick}))"
-    )
+def _child(quick: bool, module: str = "compactnn.bench.deploy") -> str:
+    """``module.timing_text(quick)`` run in a child process with a passive OpenMP wait."""
+    code = f"import sys; from {module} import timing_text; sys.stdout.write(timing_text({quick}))"
     env = {**os.environ, POLICY: "PASSIVE"}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False

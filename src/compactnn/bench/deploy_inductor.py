@@ -24,13 +24,14 @@ The timing runs in a child process started with ``OMP_WAIT_POLICY=PASSIVE`` (see
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
+
+from compactnn.bench.deploy import _child as deploy_child
 
 THREADS = 2
 BATCHES = (1, 8)
@@ -162,17 +163,7 @@ def run(quick: bool = False) -> str:
     if os.environ.get(POLICY, "").upper() == "PASSIVE":
         text = timing_text(quick)
     else:
-        code = (
-            "import sys; from compactnn.bench.deploy_inductor import timing_text; "
-            f"sys.stdout.write(timing_text({quick}))"
-        )
-        env = {**os.environ, POLICY: "PASSIVE"}
-        done = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
-        )
-        if done.returncode:
-            raise RuntimeError(f"the timing child process failed: {done.stderr[-2000:]}")
-        text = done.stdout
+        text = deploy_child(quick, "compactnn.bench.deploy_inductor")
     return "## Deployment: Inductor-compiled int8 graph against ONNX Runtime\n\n" + text
 
 

@@ -11,14 +11,13 @@ FSDP2 runs are byte-identical.
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from compactnn.bench.scale import marked, spawn_ranks
 
 _MARK = "FSDP_RESULT "
 
@@ -56,25 +55,11 @@ if rank == 0:
 
 
 def _run(world: int, strategy: str, epochs: int, out: Path) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        if world > 1:
-            env |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, "-c", SCRIPT, str(epochs), strategy, str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     result: dict = {}
-    for p in procs:
-        text, _ = p.communicate()
-        for line in text.splitlines():
-            if line.startswith(_MARK):
-                result = json.loads(line[len(_MARK) :])
-        if p.returncode:
-            result.setdefault("error", f"exit {p.returncode}")
+    for code, text in spawn_ranks(world, [SCRIPT, str(epochs), strategy, str(out)]):
+        result = marked(text, _MARK) or result
+        if code:
+            result.setdefault("error", f"exit {code}")
     return result
 
 

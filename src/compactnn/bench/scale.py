@@ -138,8 +138,9 @@ if not dist.is_initialized() or dist.get_rank() == 0:
 """
 
 
-def qat_run(world: int, epochs: int) -> dict:
-    """``w4a4-lsq`` on mnist-cnn in ``world`` processes (a torchrun environment, gloo)."""
+def spawn_ranks(world: int, argv: list[str]) -> list[tuple[int, str]]:
+    """Run ``python -c *argv`` as ``world`` processes of a torchrun environment (gloo on
+    this host; one process without it); returns each rank's (exit code, stdout)."""
     import socket
 
     with socket.socket() as sock:
@@ -151,14 +152,29 @@ def qat_run(world: int, epochs: int) -> dict:
         if world > 1:
             env |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)}
             env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, "-c", QAT_SCRIPT, str(epochs)]
+        cmd = [sys.executable, "-c", *argv]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
-    result: dict = {}
+    outputs = []
     for p in procs:
-        out, _ = p.communicate()
-        for line in out.splitlines():
-            if line.startswith(_MARK):
-                result = json.loads(line[len(_MARK) :])
+        text, _ = p.communicate()  # read before waiting: a full pipe would block the child
+        outputs.append((p.returncode, text))
+    return outputs
+
+
+def marked(text: str, mark: str) -> dict:
+    """The JSON of the last line of ``text`` that starts with ``mark`` ({} when none)."""
+    result: dict = {}
+    for line in text.splitlines():
+        if line.startswith(mark):
+            result = json.loads(line[len(mark) :])
+    return result
+
+
+def qat_run(world: int, epochs: int) -> dict:
+    """``w4a4-lsq`` on mnist-cnn in ``world`` processes (a torchrun environment, gloo)."""
+    result: dict = {}
+    for _, out in spawn_ranks(world, [QAT_SCRIPT, str(epochs)]):
+        result = marked(out, _MARK) or result
     return result
 
 
