@@ -43,7 +43,7 @@ def test_low_bit_codes_stay_packed_and_reach_the_kernels(tmp_path):
     four = [n for n, e in header["layers"].items() if e["weight_spec"]["bits"] == 4]
     assert "pw.0" in four  # w4a8 keeps the first and last layers at 8 bits
     pw = qmodel.get_submodule("pw.0")
-    tensors = compactnn.export.artifact._parse_tensors(
+    tensors = compactnn.export.artifact.parse_tensors(
         (tmp_path / "a" / "model.safetensors").read_bytes(), tmp_path
     )
     assert tensors["pw.0.weight.packed"].numel() == (pw.weight_codes.numel() + 1) // 2

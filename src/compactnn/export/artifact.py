@@ -11,27 +11,21 @@ An artifact is a directory:
   manifest of the files above (name, size, SHA-256) with one ``digest`` over the header
   itself, so the digest covers every byte of the artifact.
 
-``load`` reads every file once, checks sizes and hashes, then checks every header field
-and tensor against the format (:mod:`compactnn.export.validate`) and the skeleton before
-it builds anything. ``save`` replaces an artifact crash-safely
-(:mod:`compactnn.export.replace`).
+``save`` packs a model and replaces an artifact crash-safely
+(:mod:`compactnn.export.replace`). ``load`` (:mod:`compactnn.export.reader`, re-exported here)
+reads every file once, checks sizes and hashes, then checks every header field and tensor
+against the format (:mod:`compactnn.export.validate`) and the skeleton before it builds
+anything.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
 import json
 import os
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import nn
 
@@ -43,19 +37,29 @@ from compactnn.core.qlayers import (
     conv_kwargs,
     is_quant_layer,
 )
-from compactnn.errors import ArtifactError, CompactnnError
+from compactnn.errors import CompactnnError
 from compactnn.export import replace, validate
-from compactnn.export.ctensors import install_save_pretrained
-from compactnn.export.fs import read_regular
-from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, TIED_KEY, build_model
-from compactnn.export.sparse import densify, sparsify
-from compactnn.export.validate import FORMAT_VERSION, HEADER, MAX_HEADER_BYTES
-from compactnn.kernels.load import install_kernels, kernel_config, meta_copy, params_on_meta
+from compactnn.export.reader import (  # re-exported: the artifact API in one place
+    artifact_digest,
+    load,
+    parse_tensors,
+    read_artifact,
+    read_header,
+)
+from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, TIED_KEY
+from compactnn.export.sparse import sparsify
+from compactnn.export.validate import FORMAT_VERSION, HEADER
 
-TENSORS = "model.safetensors"
-RECIPE = "recipe.yaml"
 _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 __all__ = ["FORMAT_VERSION", "artifact_digest", "check_writable", "load", "read_header", "save"]
+__all__ = [
+    "artifact_digest",
+    "load",
+    "parse_tensors",
+    "read_artifact",
+    "read_header",
+    "save",
+]
 
 
 def info_of(model: nn.Module) -> dict[str, Any]:
@@ -335,198 +339,3 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
         return header
 
     return replace.write_artifact(out, writers, make_header)["digest"]
-
-
-def read_artifact(
-    path: str | os.PathLike, expect_sha256: str | None = None
-) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The verified header and the bytes of each listed file (``{"tensors", "recipe"}``).
-
-    Raises:
-        ArtifactError: anything is missing, special, truncated, modified, malformed, or the
-            digest differs from ``expect_sha256``.
-    """
-    root = Path(path)
-    want = _pinned(expect_sha256)
-    if not root.is_dir():
-        raise ArtifactError(f"{str(root)!r} is not a directory holding a compactnn artifact.")
-    hp = root / HEADER
-    if not os.path.lexists(hp):
-        raise ArtifactError(
-            f"{str(root)!r} holds no compactnn artifact ({HEADER} is missing; an interrupted "
-            "first save leaves none)."
-        )
-    header = validate.parse_header(read_regular(hp, None, MAX_HEADER_BYTES), str(hp))
-    validate.check_version(header, str(hp))
-    digest = validate.header_digest(header)
-    if digest != header.get("digest"):
-        raise ArtifactError(
-            f"{hp} was modified after saving: its digest does not match its content; re-save "
-            "the artifact."
-        )
-    validate.check_header(header)  # rules that hold even for a header edited and re-hashed
-    if want is not None and digest != want:
-        raise ArtifactError(
-            f"artifact {str(root)!r} has digest {digest}, not the pinned {want}: it is "
-            "another artifact or was changed."
-        )
-    blobs = {}
-    for role, f in header["files"].items():
-        fp = root / f["name"]
-        data = read_regular(fp, f["bytes"])
-        if hashlib.sha256(data).hexdigest() != f["sha256"]:
-            raise ArtifactError(f"{fp} was modified after saving: its SHA-256 does not match.")
-        blobs[role] = data
-    return header, blobs
-
-
-def _pinned(expect: Any) -> str | None:
-    if expect is None:
-        return None
-    if not isinstance(expect, str) or not validate.is_hex64(expect.strip().lower()):
-        raise CompactnnError(
-            f"expect_sha256={expect!r:.80} is not a digest: pass the 64 hex digits that "
-            "compactnn.save or artifact_digest returned."
-        )
-    return expect.strip().lower()
-
-
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and verify an artifact (header and every file); raise ``ArtifactError`` if bad."""
-    return read_artifact(path)[0]
-
-
-def artifact_digest(path: str | os.PathLike) -> str:
-    """The SHA-256 digest of a verified artifact, covering every file.
-
-    It detects corruption and accidental edits; it does not stop someone who edits the
-    artifact and recomputes the digest. Pin a digest you obtained from a trusted source.
-
-    Example:
-        >>> artifact_digest("out/cnn-w4a8")  # doctest: +SKIP
-        '3f0c...'
-    """
-    return read_artifact(path)[0]["digest"]
-
-
-@contextlib.contextmanager
-def _malformed(root: Path) -> Iterator[None]:
-    """Turn any failure while building from a verified header into an ``ArtifactError``."""
-    try:
-        yield
-    except CompactnnError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
-        raise ArtifactError(
-            f"artifact {str(root)!r} does not fit the given model skeleton or is malformed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def parse_tensors(data: bytes, root: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an artifact's ``model.safetensors`` bytes (``ArtifactError`` if bad)."""
-    try:
-        return load_bytes(data)
-    except (SafetensorError, ValueError, RuntimeError, TypeError, OSError) as exc:
-        raise ArtifactError(f"{root / TENSORS} cannot be read: {exc}") from exc
-
-
-_parse_tensors = parse_tensors  # the former private name (tests/deployment/test_ship.py)
-
-
-def _parse_recipe(data: bytes | None, header: dict[str, Any], root: Path) -> Any:
-    if data is None:
-        return None
-    from compactnn.recipe import Recipe
-
-    try:
-        recipe = Recipe.from_yaml(data.decode("utf-8"))
-    except (
-        CompactnnError,
-        UnicodeDecodeError,
-        ValueError,
-        TypeError,
-        KeyError,
-        AttributeError,
-        RecursionError,
-    ) as exc:
-        raise ArtifactError(f"the artifact's recipe file is not a valid recipe: {exc}") from exc
-    if recipe.name != header["recipe"]:
-        raise ArtifactError(
-            f"the artifact's recipe is named {recipe.name!r} but its header says "
-            f"{header['recipe']!r}; re-save the artifact."
-        )
-    return recipe
-
-
-def _skeleton(root: Path, header: dict[str, Any], model: nn.Module | None) -> nn.Module:
-    if model is None:
-        from compactnn.export.hf import skeleton_from_header
-
-        model = skeleton_from_header(root, header)
-    elif not isinstance(model, nn.Module):
-        raise CompactnnError(f"model= must be a torch.nn.Module, got {type(model).__name__}.")
-    else:
-        model = copy.deepcopy(model)
-    if validate.model_class_name(model) != header["model_class"]:
-        raise ArtifactError(
-            f"artifact {str(root)!r} holds a {header['model_class']}, but the skeleton is a "
-            f"{validate.model_class_name(model)}: pass the float model it was made from."
-        )
-    return model.eval()
-
-
-def load(
-    path: str | os.PathLike,
-    model: nn.Module | None = None,
-    *,
-    expect_sha256: str | None = None,
-    kernels: Any = False,
-) -> nn.Module:
-    """Rebuild a compressed model from an artifact; ``model`` is the float skeleton.
-
-    Every file is read once and checked (size, SHA-256, one digest over all of them), then
-    every header field and tensor is checked against the format and the skeleton, before
-    anything is built. The skeleton is copied, never changed. Outputs are bit-identical to
-    the model that was saved.
-
-    Args:
-        path: the artifact directory.
-        model: the float model the artifact was made from (its class and layer shapes must
-            match); optional for Hugging Face models, whose architecture is saved.
-        expect_sha256: the digest ``save`` returned; the artifact must have exactly it.
-        kernels: ``True`` or a ``KernelConfig``: build the model straight on kernel layers,
-            bit-identical to ``to_kernels(load(path))`` with that config, without ever
-            holding the float32 weights (:mod:`compactnn.kernels.load`).
-
-    Raises:
-        ArtifactError: the artifact is missing, damaged, edited, of an older format, has
-            another digest than ``expect_sha256``, or does not fit the skeleton.
-
-    Example:
-        >>> qmodel = compactnn.load("out/", model=MyNet())  # doctest: +SKIP
-    """
-    root = Path(path)
-    config = kernel_config(kernels)
-    header, blobs = read_artifact(root, expect_sha256)
-    tensors = parse_tensors(blobs.pop("tensors"), root)
-    recipe = _parse_recipe(blobs.get("recipe"), header, root)
-    with _malformed(root), params_on_meta() if config else contextlib.nullcontext():
-        if config is not None and isinstance(model, nn.Module):
-            model = meta_copy(model)  # float weights come from the artifact, not the skeleton
-        model = _skeleton(root, header, model)
-        with warnings.catch_warnings():  # copying into a meta parameter: filled below
-            warnings.filterwarnings("ignore", message=".*meta parameter.*")
-            build_model(model, header, tensors)
-    model._compactnn = {
-        "recipe": recipe,
-        "folded_bn": header["folded_bn"],
-        "float_layers": header["float_layers"],
-        "extra": header["extra"],
-    }
-    if config is not None:
-        state = densify(tensors, header["sparse"], header["layers"])
-        state.update({k: state[t] for k, t in header["aliases"].items() if t in state})
-        with _malformed(root):
-            install_kernels(model, state, config)
-    return install_save_pretrained(model)  # HF models: save_pretrained writes the codes

@@ -27,6 +27,7 @@ from compactnn.errors import ArtifactError, CompactnnError
 
 FORMAT_VERSION = 2
 HEADER = "compactnn.json"
+TENSORS = "model.safetensors"
 FILE_ROLES = {"tensors": "model.safetensors", "recipe": "recipe.yaml"}
 STAGED = re.compile(r"^\.cnn-[0-9a-f]{16}-(model\.safetensors|recipe\.yaml)$")
 MAX_HEADER_BYTES = 64 << 20
