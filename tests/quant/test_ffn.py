@@ -12,13 +12,11 @@ from compactnn.core.packing import packed_nbytes
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export.artifact import pack_model
-from compactnn.quant.ffn import (
-    EXTRA_KEY,
-    FFNConfig,
+from compactnn.quant.ffn import EXTRA_KEY, FFNConfig, restore_factorized
+from compactnn.quant.ffn_factor import (
     best_ternary,
     joint_scales,
     rank_for_budget,
-    restore_factorized,
     stored_bytes,
     ternary_factorize,
 )

@@ -9,9 +9,8 @@ import torch
 
 import compactnn
 from compactnn.errors import CompactnnError
-from compactnn.quant.ffn import (
-    EXTRA_KEY,
-    FFNConfig,
+from compactnn.quant.ffn import EXTRA_KEY, FFNConfig
+from compactnn.quant.ffn_factor import (
     allocate_ranks,
     joint_scales,
     propagated_target,
