@@ -91,3 +91,13 @@ def test_needs_a_budget(project):
     )
     with pytest.raises(CompactnnError, match="needs a budget"):
         search_command.run(args)
+
+
+def test_groups_flag_reaches_the_search(project):
+    tmp, _ = project
+    argv = ["searchnet:make", "--weights", str(tmp / "w.safetensors"), "--data",
+            str(tmp / "calib.safetensors"), "--formats", "w2a8,w8a8", "--avg-bits", "4",
+            "--out", str(tmp / "g"), "--no-progress"]  # fmt: skip
+    assert parse(argv).groups is None and parse([*argv, "--no-groups"]).groups is False
+    with pytest.raises(CompactnnError, match=r"groups=True needs ch<P>\+ formats"):
+        search_command.run(parse([*argv, "--groups"]))

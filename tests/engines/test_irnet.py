@@ -1,5 +1,6 @@
 """IR-Net's Libra-PB weights and error-decay estimator as options of the binary engine."""
 
+import json
 import math
 
 import pytest
@@ -116,3 +117,28 @@ def test_ede_t_min_option_and_its_rule():
         XNORConfig(ede_t_min=0.0)
     cfg = XNORConfig(libra_pb=True, ede=True, ede_t_min=1.0)
     assert XNORConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_irnet_options_bring_their_own_learning_rate(tmp_path):
+    from dataclasses import replace
+
+    from compactnn.engines.irnet import IRNET_LR
+    from compactnn.errors import CompactnnError
+
+    assert XNORConfig().lr == 5e-3  # plain XNOR keeps its default
+    assert XNORConfig(lr=2e-3).lr == 2e-3
+    for opts in ({"libra_pb": True}, {"ede": True}, {"libra_pb": True, "ede": True}):
+        assert XNORConfig(**opts).lr == IRNET_LR
+        assert XNORConfig(lr=7e-3, irnet_lr=None, **opts).lr == 7e-3  # None: keep lr
+    cfg = XNORConfig(libra_pb=True, ede=True, irnet_lr=2e-3)
+    assert cfg.lr == 2e-3 and replace(cfg, epochs=3).lr == 2e-3  # idempotent under replace
+    assert XNORConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(CompactnnError, match="irnet_lr"):
+        XNORConfig(irnet_lr=0.0)
+    # the optimizer really uses it: the logged lr of the first epoch
+    model, x, y = _mlp(), torch.randn(64, 6), torch.randint(0, 3, (64,))
+    cfg = XNORConfig(ede=True, irnet_lr=3e-4, epochs=1, batch_size=32, min_steps=0)
+    log = tmp_path / "log.jsonl"
+    compactnn.train(model, Recipe("r", (Step("xnor", cfg),)), (x, y), progress=False,
+                    log_path=log)  # fmt: skip
+    assert json.loads(log.read_text().splitlines()[0])["lr"] == pytest.approx(3e-4)

@@ -17,7 +17,10 @@ from compactnn.prune.pewise import (
     group_norms,
     masked_ternary,
     pe_group_mask,
+    ramp_epochs,
     scheduled_sparsity,
+    wpc_candidates,
+    wpc_penalty_grad,
 )
 from compactnn.quant.base import short_weight_spec
 from compactnn.recipe import Recipe, Step
@@ -62,6 +65,15 @@ def test_ternary_codes_of_the_kept_weights_match_the_closed_form():
     # kept |w|: .9 .1 .5 .8 .6 .3 -> delta = 0.7 * 3.2 / 6 = 0.3733; above: .9 .5 .8 .6
     assert torch.equal(codes, torch.tensor([[1.0, 0, 1, -1], [0, 0, -1, 0]]))
     torch.testing.assert_close(alpha, torch.tensor((0.9 + 0.5 + 0.8 + 0.6) / 4))
+    # statistics of row 0 only: delta = 0.7 * 2.3 / 4 = 0.4025; alpha over row 0's codes
+    stats = torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 0]])
+    codes, alpha = masked_ternary(W_TERN, mask, 0.7, stats)
+    assert torch.equal(codes, torch.tensor([[1.0, 0, 1, -1], [0, 0, -1, 0]]))
+    torch.testing.assert_close(alpha, torch.tensor((0.9 + 0.5 + 0.8) / 3))
+    w = W_TERN.clone()
+    w[1, 3] = 0.39  # all kept: delta = 0.7 * 3.29 / 6 = 0.3838 -> code 1; row 0: 0.4025 -> 0
+    assert masked_ternary(w, mask, 0.7)[0][1, 3] == 1
+    assert masked_ternary(w, mask, 0.7, stats)[0][1, 3] == 0
 
 
 def test_schedule_values():
@@ -71,6 +83,8 @@ def test_schedule_values():
     assert float_epochs(6, cfg) == 0
     assert float_epochs(6, PEWiseConfig(schedule="sequential", ramp_share=1 / 3)) == 3
     assert float_epochs(6, PEWiseConfig(schedule="sequential")) == 4  # the default ramp: 4
+    assert ramp_epochs(6, PEWiseConfig()) == 5  # joint's default ramp: 5/6
+    assert scheduled_sparsity(3, 6, PEWiseConfig(sparsity=0.5)) == pytest.approx(0.5 * 0.992)
     assert float_epochs(1, PEWiseConfig(schedule="sequential")) == 0
 
 
@@ -149,3 +163,37 @@ def test_short_names():
     (step,) = rule.build(rule.pattern.fullmatch("w2-pe50")).steps
     assert step.config.act is None and step.config.schedule == "joint"
     assert step.config == PEWiseConfig(act=None)
+
+
+def test_wpc_gradient_matches_autograd_of_the_group_penalty():
+    torch.manual_seed(1)
+    w = torch.randn(4, 8, requires_grad=True)
+    cfg = PEWiseConfig(group=(1, 4), sparsity=0.75, wpc=0.01, ramp_share=2 / 3)  # ramp 4
+    q = PEWiseWeight(w.detach(), short_weight_spec(2), cfg)
+    q.start_epoch(w.detach(), 0, 6)  # 0.75 * (1 - 0.75**3) = 0.434 of 8 tiles -> 3 pruned
+    assert q.penalize and int((group_norms(q.mask, (1, 4)) == 0).sum()) == 3
+    # candidates: the kept tiles that the final 75% (6 of 8) would prune, by hand
+    norms = group_norms(w.detach() * q.mask, (1, 4)).reshape(-1)
+    kept = torch.nonzero(norms > 0).reshape(-1)
+    cand = kept[torch.argsort(norms[kept])[:3]]
+    tiles = torch.zeros(8)
+    tiles[cand] = 1.0
+    cmask = tiles.reshape(4, 2).repeat_interleave(4, 1)
+    assert torch.equal(wpc_candidates(w, q.mask, (1, 4), 0.75), cmask)
+    q.train()
+    g = torch.randn(4, 8)
+    (q(w) * g).sum().backward()
+    # reference: autograd of  <w_hat, g>  (STE: gradient g * m)  +  lambda sum_C ||W_g||_2
+    ref = w.detach().clone().requires_grad_(True)
+    pen = sum(
+        (ref * cmask).reshape(4, 2, 4)[r, c].norm()
+        for r, c in ((t // 2, t % 2) for t in cand.tolist())
+    )
+    (0.01 * pen + (ref * q.mask * g).sum()).backward()
+    torch.testing.assert_close(w.grad, ref.grad)
+    torch.testing.assert_close(wpc_penalty_grad(w, cmask, (1, 4), 0.01), ref.grad - q.mask * g)
+    # at the final sparsity the candidates are the pruned tiles: no penalty any more
+    q.start_epoch(w.detach(), 3, 6)
+    assert not q.penalize and not wpc_candidates(w, q.mask, (1, 4), 0.75).any()
+    with pytest.raises(CompactnnError, match="wpc"):
+        PEWiseConfig(wpc=-1.0)

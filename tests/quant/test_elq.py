@@ -79,6 +79,25 @@ def test_hessian_is_adams_second_moment_of_the_quantized_gradient():
     assert torch.equal(w.grad, g)  # straight-through
 
 
+def test_approximation_error_term_by_hand():
+    torch.manual_seed(0)
+    w = torch.randn(2, 5, requires_grad=True)
+    q = ELQWeight(w, bits=1, beta=0.9, scale_grad=False, approx=2.0)
+    g = torch.randn(2, 5)
+    (q(w) * g).sum().backward()
+    d = g.abs() + 1e-8  # the loss term's weights (bias-corrected sqrt(g^2))
+    assert torch.allclose(q.hessian(), d + 2.0 * d.mean(1, keepdim=True))
+    codes, alpha = q.solve(w)
+    w0 = w.detach()
+    for r in range(2):  # alpha minimises loss term + 2 mean(d) * approximation error
+
+        def f(a, r=r):
+            e = (w0[r] - a * codes[r]) ** 2
+            return float((d[r] * e).sum() + 2.0 * d[r].mean() * e.sum())
+
+        assert f(float(alpha[r])) <= min(f(a) for a in torch.linspace(0, 3, 3001)) + 1e-6
+
+
 def test_scale_gradient_by_hand():
     torch.manual_seed(0)
     w = torch.randn(3, 4, requires_grad=True)
@@ -99,6 +118,40 @@ def test_short_names_and_config_errors():
         ELQConfig.from_short(4, 8, None)
     with pytest.raises(CompactnnError, match="portions"):
         ELQConfig(portions=(0.75, 0.5))
+    with pytest.raises(CompactnnError, match="approx"):
+        ELQConfig(approx=-0.5)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(CompactnnError, match="min_steps"):
+            ELQConfig(min_steps=bad)
+
+
+def test_binary_short_name_trains_with_the_xnor_budget_ternary_unchanged():
+    import compactnn.quant.xnor  # noqa: F401  (registers w1a8-xnor)
+
+    keys = ("epochs", "min_steps", "lr", "lr_quant", "distill")
+    elq = resolve_recipe("w1a8-elq").steps[0].config
+    xnor = resolve_recipe("w1a8-xnor").steps[0].config
+    assert {k: getattr(elq, k) for k in keys} == {k: getattr(xnor, k) for k in keys}
+    assert (elq.epochs, elq.min_steps, elq.lr, elq.lr_quant, elq.distill) == (6, 600, 5e-3, 1e-2, 0)
+    ter = resolve_recipe("w2a8-elq").steps[0].config
+    assert (ter.epochs, ter.min_steps, ter.lr, ter.lr_quant, ter.distill) == (4, 0, 1e-3, 1e-3, 0.5)
+    assert (elq.approx, ter.approx) == (1.0, 0.0)  # approximation-error term: binary only
+    assert ELQConfig.from_short(1, 8, None, lr=2e-3, min_steps=0).lr == 2e-3  # keywords win
+    assert ELQConfig.from_short(1, 8, None, min_steps=0).min_steps == 0
+
+
+def test_min_steps_raises_the_epochs_unless_epochs_are_given():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    cfg = ELQConfig.from_short(1, 8, None, epochs=1, batch_size=32, min_steps=5)
+    recipe = Recipe("elq", (Step("elq", cfg),))
+    hist = compactnn.info_of(compactnn.train(model, recipe, (x, y), progress=False))
+    assert (hist["extra"]["training"]["epochs"], hist["extra"]["training"]["steps"]) == (3, 6)
+    q = compactnn.train(model, recipe, (x, y), epochs=2, progress=False)
+    assert compactnn.info_of(q)["extra"]["training"]["steps"] == 4  # explicit epochs win
 
 
 @pytest.mark.parametrize("bits,portions", [(1, ()), (2, (0.5, 0.75))])
@@ -110,8 +163,11 @@ def test_train_save_load_bit_exact(tmp_path, bits, portions):
         )
 
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    cfg = ELQConfig.from_short(bits, 8, None, epochs=2, batch_size=32, portions=portions)
+    cfg = ELQConfig.from_short(
+        bits, 8, None, epochs=2, batch_size=32, portions=portions, min_steps=0
+    )
     q = compactnn.train(mlp(), Recipe("elq", (Step("elq", cfg),)), (x, y), progress=False)
+    assert compactnn.info_of(q)["extra"]["training"]["steps"] == 4  # 2 epochs of 2 batches
     mid = q[2]
     values = mid.weight_codes.unique().tolist()
     assert values == ([0, 1] if bits == 1 else [-1, 0, 1])

@@ -128,3 +128,15 @@ def test_embedding_bits_set_the_token_table_grid():
     assert all(m.weight_spec.bits == 8 for m in tables.values() if m is not token)
     with pytest.raises(CompactnnError, match="embedding_bits"):
         TernaryBERTConfig(embedding_bits=1)
+
+
+def test_unlabeled_texts_never_hold_a_held_out_sentence():
+    from compactnn.bench.ternarybert import unlabeled_texts
+    from compactnn.data.text import sentences
+
+    texts, held_out = unlabeled_texts(), sentences("eval")
+    joined = "\n".join(held_out)
+    assert not any(e in t for t in texts for e in held_out)
+    assert not any(t in joined for t in texts)  # not even a span of one
+    assert set(sentences("calib")) <= set(texts) and len(texts) > 2 * len(sentences("calib"))
+    assert unlabeled_texts() == texts  # fixed by the seed

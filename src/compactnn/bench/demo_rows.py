@@ -9,7 +9,10 @@ demo's latency batch (16 images, 2 threads; each contender in its own block of c
 rotating rounds, medians). The table gives wall and CPU time per call and the speedup over
 the fastest float path by each measure, the deployed and simulated top-1, the verification
 gap in output steps, and for the binary model each block's kernel (int8, popcount or float,
-chosen by measurement with the block's elementwise tail included).
+chosen by measurement with the block's elementwise tail included). A second table times each
+delivered model's runner with and without the direct first-layer kernel
+(``deployment/runner.py``, ``small_conv``) side by side (rotating rounds, CPU time) and says
+whether their outputs are bit-identical.
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench --only demo_rows [--quick]``.
 """
@@ -17,6 +20,7 @@ Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench --only demo_rows [--qui
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -57,7 +61,40 @@ def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[di
             },
         }
     paths = time_models(ref.model, delivered, batch, threads=THREADS, quick=quick)
-    return rows, paths.timings, {"winner": paths.winner, "load": os.getloadavg()}
+    first = {r: first_layer_ab(m, batch, 3 if quick else 5) for r, m in delivered.items()}
+    return rows, paths.timings, {"winner": paths.winner, "load": os.getloadavg(), "first": first}
+
+
+def first_layer_ab(fast, batch: torch.Tensor, rounds: int) -> dict:
+    """CPU ms per call (medians of rotating rounds) of a delivered model's runner with the
+    direct first-layer kernel (``new``) and with oneDNN's (``old``), and output identity."""
+    from compactnn.deployment import runner as plan
+
+    gm = getattr(fast, "program", None)
+    if gm is None or not hasattr(gm, "graph"):
+        return {}
+    new = plan.plan_runner(gm)
+    fits = plan.small_conv_fits
+    plan.small_conv_fits = lambda m: False  # the runner as it was: oneDNN for every layer
+    try:
+        old = plan.plan_runner(gm)
+    finally:
+        plan.small_conv_fits = fits
+    runs: dict[str, list[float]] = {"old": [], "new": []}
+    with torch.no_grad():
+        same = torch.equal(new(batch), old(batch))
+        for r in range(rounds):
+            order = [("old", old), ("new", new)][:: 1 if r % 2 == 0 else -1]
+            for name, f in order:
+                time.sleep(0.1)  # each contender in its own block after a pause
+                for _ in range(5):
+                    f(batch)
+                t = time.process_time()
+                for _ in range(40):
+                    f(batch)
+                runs[name].append((time.process_time() - t) / 40 * 1e3)
+    med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+    return {**med, "identical": same}
 
 
 def table(rows: dict, timings: dict, info: dict) -> list[str]:
@@ -100,7 +137,21 @@ def run(quick: bool = False) -> str:
         "; ".join(f"{k}: {v}" for k, v in env.items()),
         "",
     ]
-    return "\n".join(head + table(rows, timings, info)) + "\n"
+    ab = [
+        "",
+        "Direct first-layer kernel (1 input channel, input quantization fused) against oneDNN's",
+        "int8 convolution, whole delivered model, CPU ms per call (same process, rotating rounds):",
+        "",
+        "| row | oneDNN first layer | direct kernel | ratio | outputs bit-identical |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for recipe, r in info["first"].items():
+        if r:
+            ab.append(
+                f"| {recipe} | {r['old']:.2f} | {r['new']:.2f} | {r['old'] / r['new']:.2f}x | "
+                f"{'yes' if r['identical'] else 'no'} |"
+            )
+    return "\n".join(head + table(rows, timings, info) + ab) + "\n"
 
 
 if __name__ == "__main__":

@@ -86,8 +86,9 @@ def with_options(short: str, label: str, **options) -> Recipe:
 
 
 def irnet_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
-    """XNOR alone and with IR-Net's Libra-PB, EDE, both, and both with the paper's first
-    ``t`` (0.1): the mnist-cnn target's arms."""
+    """XNOR alone (its defaults) and with IR-Net's Libra-PB, EDE, both (each at the options'
+    own learning rate, ``irnet_lr``), both at XNOR's learning rate, and both with the
+    paper's first ``t`` (0.1): the mnist-cnn target's arms."""
     return [
         ("w1a1-xnor", lambda: "w1a1-xnor"),
         ("xnor + Libra-PB", lambda: with_options("w1a1-xnor", "xnor-libra", libra_pb=True)),
@@ -95,6 +96,12 @@ def irnet_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
         (
             "xnor + IR-Net (both)",
             lambda: with_options("w1a1-xnor", "xnor-irnet", libra_pb=True, ede=True),
+        ),
+        (
+            "xnor + IR-Net (both), XNOR's lr 5e-3",
+            lambda: with_options(
+                "w1a1-xnor", "xnor-irnet-lr", libra_pb=True, ede=True, irnet_lr=None
+            ),
         ),
         (
             "xnor + IR-Net, paper's t from 0.1",

@@ -2,7 +2,10 @@
 their baselines on ``mnist-cnn``.
 
 * ELQ binary and ternary weights with 8-bit activations (``w1a8-elq``, ``w2a8-elq``, and the
-  paper's incremental schedule as an option) against ``w1a8-xnor`` and ``w2a8-twn``.
+  paper's incremental schedule as an option) against ``w1a8-xnor`` and ``w2a8-twn``;
+  ``w1a8-elq`` trains with the binary recipes' budget and an approximation-error term
+  (``quant.elq.BINARY_TRAINING``); two arms show it without the term and with the ternary
+  recipe's training instead (its defaults before issue 19's fix).
 * The sparsity-inducing BNN's four arms (``+-1`` or ``{0, 1}`` forward; clipped STE or the
   trainable backward) on ``w1a1-sibnn``, with the activation sparsity reached (share of
   zeros among the binary activations of the test digits).
@@ -42,6 +45,11 @@ def elq_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
     return [
         ("w1a8-xnor", lambda: "w1a8-xnor"),
         ("w1a8-elq", lambda: "w1a8-elq"),
+        ("w1a8-elq, loss term only (approx 0)",
+         lambda: with_options("w1a8-elq", "e1a", approx=0.0)),
+        ("w1a8-elq, ternary training (4 epochs, lr 1e-3, distill 0.5, approx 0)",
+         lambda: with_options("w1a8-elq", "e1t", epochs=4, min_steps=0, lr=1e-3, lr_quant=1e-3,
+                              distill=0.5, approx=0.0)),
         ("w1a8-elq, no gradient through the scale",
          lambda: with_options("w1a8-elq", "e1s", scale_grad=False)),
         ("w1a8-elq, per-layer scale", lambda: with_options("w1a8-elq", "e1l", per_channel=False)),

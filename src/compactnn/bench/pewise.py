@@ -19,7 +19,9 @@ computed), side by side in rotating blocks.
 ``run(quick=True)``: mnist-cnn, one seed, 2 epochs, 50% tiles; ``run()``: three seeds, the
 method's 6 epochs, 50% and 75% tiles, mnist-cnn and digits-resnet. Regenerate with
 ``python -m compactnn.bench --only pewise`` (after the lead registers the section) or
-``python -m compactnn.bench.pewise [--quick]``.
+``python -m compactnn.bench.pewise [--quick] [--pair]`` (``--pair``: joint and sequential
+only, mnist-cnn, 3 seeds at 50% and 75%: the issue's target; ``--levers``: the joint arm's
+options at 75%, see :func:`levers`).
 """
 
 from __future__ import annotations
@@ -191,18 +193,57 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def run(quick: bool = False, log: str | None = None) -> str:
-    """The section: joint vs sequential at equal tile sparsity, with both references."""
+R23 = {"ramp_share": 2 / 3}  # joint's default ramp before weight penalty clipping was measured
+LEVERS = (
+    ("joint (default: ramp 5/6)", {}),
+    ("joint, ramp 2/3", R23),
+    ("joint, delta / alpha over the final kept tiles", {"final_stats": True}),
+    ("joint, ramp 1", {"ramp_share": 1.0}),
+    ("joint, ramp 2/3 + WPC lambda 1e-4", {**R23, "wpc": 1e-4}),
+    ("joint, ramp 2/3 + WPC lambda 1e-3", {**R23, "wpc": 1e-3}),
+    ("joint, ramp 2/3 + WPC lambda 1e-2", {**R23, "wpc": 1e-2}),
+    ("joint, ramp 2/3, delta / alpha over the final kept tiles", {**R23, "final_stats": True}),
+    ("joint, ramp 2/3, distillation 1.0", {**R23, "distill": 1.0}),
+    ("sequential (default: ramp 2/3)", {"schedule": "sequential"}),
+)
+
+
+def levers(seeds=(0, 1, 2), sparsity: float = 0.75, net: str = "mnist-cnn") -> str:
+    """Markdown: the joint arm's options (weight penalty clipping, ternary statistics over
+    the final kept tiles, a longer ramp) against both defaults, on ``net`` at ``sparsity``."""
+    from compactnn.measure.timing import set_threads
+
+    set_threads(1)
+    ref, split = reference(net)
+    out = [f"| {net}, {round(100 * sparsity)}% tiles | top-1 % (seeds {list(seeds)}) |",
+           "|---|---|"]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="compactnn-pewise-") as tmp:
+        for label, kw in LEVERS:
+            cfg = PEWiseConfig(group=GROUP, sparsity=sparsity, **kw)
+            recipe = Recipe(f"pe-{len(out)}", (Step("pe", cfg),))
+            top = [train_score(ref, split, recipe, s, None, Path(tmp))["top1"] for s in seeds]
+            out.append(f"| {label} | {summary(top)} |")
+    return "\n".join(out) + "\n"
+
+
+def run(quick: bool = False, log: str | None = None, pair: bool = False) -> str:
+    """The section: joint vs sequential at equal tile sparsity, with both references.
+
+    ``pair``: only the target's comparison (joint and sequential, mnist-cnn, 50% and 75%,
+    three seeds), no reference arms and no timing.
+    """
     from compactnn.measure.timing import load_average, set_threads
 
     threads = set_threads(1)
     seeds = [0] if quick else [0, 1, 2]
-    nets = ["mnist-cnn"] if quick else ["mnist-cnn", "digits-resnet"]
+    nets = ["mnist-cnn"] if quick or pair else ["mnist-cnn", "digits-resnet"]
     sparsities = (0.5,) if quick else (0.5, 0.75)
     epochs = 2 if quick else None
+    only = ("joint", "sequential") if pair else ()
     rows, timings = [], []
     for net in nets:
-        net_rows, timing = run_net(net, sparsities, seeds, epochs, Path(log) if log else None)
+        logp = Path(log) if log else None
+        net_rows, timing = run_net(net, sparsities, seeds, epochs, logp, only)
         rows += net_rows
         timings.append(timing)
     load = load_average()
@@ -222,4 +263,7 @@ def run(quick: bool = False, log: str | None = None) -> str:
 
 
 if __name__ == "__main__":
-    print(run(quick="--quick" in sys.argv[1:]))
+    if "--levers" in sys.argv[1:]:
+        print(levers())
+    else:
+        print(run(quick="--quick" in sys.argv[1:], pair="--pair" in sys.argv[1:]))

@@ -74,13 +74,27 @@ def _child(args: dict) -> None:
         compactnn.save(qmodel, args["out"])
     else:
         from compactnn.api import _compress
-        from compactnn.streaming import compress_streamed
+        from compactnn.streaming import compress_streamed, memory
 
-        kill_after = args.get("kill_after")
+        kill_after, stop_after = args.get("kill_after"), args.get("stop_after")
+        start: list[int] = []
+        reset = memory.reset_peak
+
+        def reset_and_note() -> bool:  # the run's baseline is the RSS where its peak restarts
+            start.append(memory.rss())
+            return reset()
+
+        memory.reset_peak = reset_and_note
 
         def on_block(i: int) -> None:
             if kill_after is not None and i == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no cleanup runs
+            if stop_after is not None and i == stop_after:  # a memory probe of the first blocks
+                added = (memory.peak_rss() - start[0]) / memory.MIB
+                out = {"added_peak_mib": round(added, 1), "blocks_done": i + 1}
+                out["seconds"] = round(time.perf_counter() - t0, 1)
+                print(_MARK + json.dumps(out), flush=True)
+                os._exit(0)
 
         report = compress_streamed(
             args["model"],
@@ -205,6 +219,21 @@ def same_artifact(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
 
 
+def first_blocks(model: str, vocab: int, budget: str, blocks: int, runs: int) -> list[dict]:
+    """The added peak of ``runs`` fresh streamed runs stopped after ``blocks`` blocks (the
+    peak of a run is set by its first block or two: a quick check of its stability)."""
+    out = []
+    for _ in range(runs):
+        root = Path(tempfile.mkdtemp(prefix="compactnn-scale-probe-"))
+        try:
+            args = {"model": model, "vocab": vocab, "budget": budget, "threads": 1}
+            args |= {"kind": "stream", "out": str(root / "a"), "stop_after": blocks - 1}
+            out.append(_spawn(args))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
 def run(quick: bool = False) -> str:
     """Markdown: the streamed runs against the whole-model run (see the module docstring)."""
     hidden, inter, layers, vocab, budget = QUICK if quick else FULL
@@ -219,6 +248,7 @@ def run(quick: bool = False) -> str:
         killed = _spawn({**base, "kind": "stream", "out": str(root / "resume"),
                          "kill_after": layers // 2 - 1})  # fmt: skip
         resumed = _spawn({**base, "kind": "stream", "out": str(root / "resume")})
+        probes = first_blocks(str(model), vocab, budget, 2, 1 if quick else 3)
         same = same_artifact(root / "whole", root / "stream")
         same_resumed = same_artifact(root / "whole", root / "resume")
     finally:
@@ -252,6 +282,9 @@ def run(quick: bool = False) -> str:
         f"{resumed.get('resumed_from')}.",
         f"Streamed artifact identical to the whole-model one: **{same}**; after kill and "
         f"resume: **{same_resumed}**.",
+        "",
+        "Added peak of fresh streamed runs stopped after 2 blocks (the peak is set by the "
+        "first blocks), MiB: " + ", ".join(str(p.get("added_peak_mib", "-")) for p in probes) + ".",
     ]
     return "\n".join(lines) + "\n\n" + qat_section(quick)
 

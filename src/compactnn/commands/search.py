@@ -48,6 +48,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="short name for embedding tables (e.g. w4-g32)")
     p.add_argument("--data", "-d", help="calibration inputs (.safetensors/.npy or a data set)")
     p.add_argument("--out", "-o", required=True, help="folder for recipe.yaml and search.json")
+    p.add_argument(
+        "--groups",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="offer whole residual streams as channel-pruning choices (default: only with "
+        "--max-latency-ratio and ch<P>+ formats)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     return p
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         max_evals=args.max_evals,
         cache_dir=out,
         latency_example=example,
+        groups=args.groups,
         progress=not args.no_progress,
     )
     result.save(out)

@@ -115,9 +115,10 @@ class _FloatBinary(nn.Module):
     (or linear) with the +-1 weights; each dot is an exact integer (|dot| < 2^24), then
     ``* out_scale + bias``. On tiny layers its single call can beat the integer kernels."""
 
-    def __init__(self, w: torch.Tensor, out_scale, bias, layer: nn.Module) -> None:
+    def __init__(self, w, out_scale, bias, layer: nn.Module, zero_one: bool = False) -> None:
         super().__init__()
         self.conv = isinstance(layer, nn.Conv2d)
+        self.low = 0.0 if zero_one else -1.0  # the activation's value where x - shift < 0
         self.register_buffer("w_pm1", w.float().contiguous())
         self.register_buffer("out_scale", out_scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
@@ -125,13 +126,23 @@ class _FloatBinary(nn.Module):
             self.geo = (layer.stride, layer.padding, layer.dilation)
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
-        s = torch.where(xs >= 0, 1.0, -1.0)  # sign(0) = +1 (NaN -> -1) as in the simulation
+        s = torch.where(xs >= 0, 1.0, self.low)  # sign(0) = +1 (NaN -> low) as simulated
         if self.conv:
             y = nn.functional.conv2d(s, self.w_pm1, None, *self.geo)
             y = y.mul_(self.out_scale.reshape(1, -1, 1, 1))
             return y if self.bias is None else y.add_(self.bias.reshape(1, -1, 1, 1))
         y = nn.functional.linear(s, self.w_pm1).mul_(self.out_scale)
         return y if self.bias is None else y.add_(self.bias)
+
+
+def _pool_to(x: torch.Tensor, size) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, size)``, bit for bit; a stride-2 shortcut (exact halving) runs
+    as a 2x2 average pool, measured 1.2-1.8x faster channels-last (larger windows can round
+    differently, so they keep the adaptive pool)."""
+    (h, w), (oh, ow) = x.shape[-2:], size
+    if (h, w) == (2 * oh, 2 * ow):
+        return F.avg_pool2d(x, 2, 2)
+    return F.adaptive_avg_pool2d(x, size)
 
 
 def _fast_ops():
@@ -166,11 +177,13 @@ class DeployedBinaryBlock(nn.Module):
             raise CompactnnError(f"binary kernel {kernel!r}: use 'int8', 'popcount' or 'float'.")
         if block.weight_quantizer is not None or block.norm is not None:
             raise CompactnnError("binary block is still training: freeze it before deploying.")
-        if getattr(getattr(block, "act", None), "levels", "pm1") != "pm1":
+        # sibnn's {0,1} activations: a = 1[x - shift >= 0], the codes 128 + a (zero point 128,
+        # so padding reads 0 as the simulation's zero-padded tensor); popcount is +-1 only
+        self.zero_one = getattr(getattr(block, "act", None), "levels", "pm1") == "01"
+        if self.zero_one and kernel == "popcount":
             raise CompactnnError(
-                "binary block with {0,1} activations (w1a1-sibnn): the binary kernels compute "
-                "sign(x) = +-1, so there is no integer kernel for it yet; evaluate it simulated, "
-                "or use a +-1 recipe (w1a1-xnor, -bireal, -reactnet) to deploy."
+                "binary block with {0,1} activations (w1a1-sibnn): the popcount kernel computes "
+                "+-1 dots; deploy it with kernel='int8', 'float' or 'auto'."
             )
         layer = block.layer
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
@@ -205,7 +218,7 @@ class DeployedBinaryBlock(nn.Module):
             )
             self.core = bitconv.BitConv2d(w4 > 0, *geo)
         elif kernel == "float":
-            self.core = _FloatBinary(w, out_scale, self.out_bias, layer)
+            self.core = _FloatBinary(w, out_scale, self.out_bias, layer, self.zero_one)
         else:
             self.core = _OneDnnBinary(w, out_scale, self.out_bias, layer)
         self.selection: dict[str, float | str] = {"kernel": kernel}
@@ -228,8 +241,10 @@ class DeployedBinaryBlock(nn.Module):
         if xs is None:
             q = self.ext.sign_codes(x, self.shift)  # one pass, channels-last uint8
         else:
-            # sign(x - shift) as uint8 codes: 129 (+1) where xs >= 0 (sign(0) = +1), 127 (-1)
-            q = (xs >= 0).to(torch.uint8).mul_(2).add_(127)
+            # sign(x - shift) as uint8 codes: 129 (+1) where xs >= 0 (sign(0) = +1), 127 (-1);
+            # {0,1} activations: 129 (1) and 128 (0)
+            q = (xs >= 0).to(torch.uint8)
+            q = q.add_(128) if self.zero_one else q.mul_(2).add_(127)
         if self.conv:
             return self.core(q.contiguous(memory_format=CL))
         y = self.core(q.reshape(-1, q.shape[-1]))
@@ -245,7 +260,7 @@ class DeployedBinaryBlock(nn.Module):
             return None
         sc, rep = None, 1
         if self.shortcut:
-            sc = x if x.shape[-2:] == y.shape[-2:] else F.adaptive_avg_pool2d(x, y.shape[-2:])
+            sc = x if x.shape[-2:] == y.shape[-2:] else _pool_to(x, y.shape[-2:])
             cin, cout = sc.shape[1], y.shape[1]
             if cout % cin == 0:
                 rep = cout // cin  # repeat_interleave: output channel o reads o // rep
@@ -262,6 +277,7 @@ class DeployedBinaryBlock(nn.Module):
             and self.conv
             and x.dtype == torch.float32
             and self.ext is not None
+            and not self.zero_one
         )
         xs = None
         if self.kernel == "float" or not self.fold or (self.kernel == "int8" and not fused_codes):
@@ -315,7 +331,9 @@ def _choose(
 ) -> DeployedBinaryBlock:
     """Build every kernel of one block, time each whole block (kernel and elementwise tail)
     on ``x`` and keep the fastest."""
-    kinds = ("int8", "popcount", "float") if bitconv.available() else ("int8", "float")
+    zero_one = getattr(getattr(block, "act", None), "levels", "pm1") == "01"
+    pop = bitconv.available() and not zero_one  # popcount computes +-1 dots only
+    kinds = ("int8", "popcount", "float") if pop else ("int8", "float")
     cands = {k: DeployedBinaryBlock(block, k, relu) for k in kinds}
     if x.dim() == 4:  # deployed, a block reads the channels-last output of a kernel
         x = x.contiguous(memory_format=CL)

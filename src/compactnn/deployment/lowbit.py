@@ -131,7 +131,7 @@ def _stack_order(out: int, n_terms: int, groups: int) -> torch.Tensor:
     return idx.transpose(0, 1).reshape(-1)
 
 
-def _code_bounds(unary: Unary, form: QParams) -> tuple[int, int]:
+def code_bounds(unary: Unary, form: QParams) -> tuple[int, int]:
     """Code bounds that apply ``unary`` (ReLU / Hardtanh) and the grid's clamp at once.
 
     ``round(y / scale)`` is monotone in ``y``, so ``q(clamp(y, a, b)) = clamp(q(y), q(a),
@@ -155,7 +155,7 @@ class _Stacked(nn.Module):
     def _setup(self, out: QParams | None, unary: Unary, channels: int, groups: int = 1) -> None:
         self.channels, self.groups, self.unary, self.out = channels, groups, unary, out
         self.quant = None if out is None else quantize_to(out)  # kept for inspection
-        self.bounds = None if out is None else _code_bounds(unary, out)
+        self.bounds = None if out is None else code_bounds(unary, out)
         bitconv.available()  # compile or find the fused combine now (None: PyTorch ops)
 
     def combine(self, y: torch.Tensor, dim: int) -> torch.Tensor:
@@ -230,5 +230,6 @@ __all__ = [
     "SplitLinear",
     "TermView",
     "clamped_unary",
+    "code_bounds",
     "quantize_to",
 ]

@@ -12,10 +12,19 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   and every constant argument (grids, scales, bias, geometry, post-op), with the weights
   prepacked per input shape (the layer's own :meth:`packed_for` cache fills it);
 - for any other submodule, its ``forward`` (no hooks are registered on lowered modules);
-- functions and methods as the graph calls them.
+- functions and methods as the graph calls them;
+- for an int8 convolution with ONE input channel (an image CNN's first layer, where oneDNN's
+  int8 kernels, which block input channels by four, run at a small fraction of their peak),
+  the direct kernel ``small_conv`` of the compiled extension (``kernels/csrc/smallconv.cpp``),
+  fused with the float -> uint8 quantization before it when that feeds only this layer:
+  one pass from the float image to the next layer's codes. Its integer dots are exact and its
+  scale, bias, ReLU and requantization are the int8 kernel's float operations (equal codes on
+  the reference CNNs; ``tests/deployment/test_small_conv.py``). Without a C++ compiler the
+  oneDNN kernel runs, as before.
 
 The kernels, their order and their arguments are those of the graph, so the outputs are
-bit-identical to the ``fx.GraphModule``'s (``tests/deployment/test_onednn.py``).
+bit-identical to the ``fx.GraphModule``'s (``tests/deployment/test_onednn.py``; the direct
+first-layer kernel gives the same codes there).
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear
+from compactnn.deployment.lowbit import QuantizeGrid, code_bounds
+from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear, Quantize
 from compactnn.errors import CompactnnError
+from compactnn.kernels import bitconv
 
 _QCONV = torch.ops.onednn.qconv_pointwise.default
 _QCONV_SUM = torch.ops.onednn.qconv2d_pointwise.binary
@@ -97,6 +108,65 @@ def _linear_call(m: Int8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     return linear
 
 
+SMALL_OUT = (16, 32, 48, 64)  # output channels the direct kernel keeps in vector registers
+
+
+def small_conv_fits(m: nn.Module) -> bool:
+    """Whether ``m`` runs on the direct one-input-channel kernel (builds the extension once)."""
+    if not isinstance(m, Int8Conv2d) or m.accum is not None or m.groups != 1:
+        return False
+    o, c, kh, kw = m.w_int8.shape
+    # exact float sums need |acc| <= taps * 255 * 128 < 2^24 (taps <= 49 here)
+    if c != 1 or o not in SMALL_OUT or kh * kw > 49 or m.unary not in ("none", "relu", "hardtanh"):
+        return False
+    return bitconv.available()
+
+
+def _small_conv_call(m: Int8Conv2d, fused: tuple | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``m.forward`` on the direct kernel; ``fused``: the grid ``(scale, zero[, lo, hi])`` of
+    the quantization it absorbs (the closure then takes the float input)."""
+    ext = bitconv.load_extension()
+    w = m.w_int8.float()  # (O, 1, KH, KW) int8 codes
+    wt = w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]).contiguous()  # (taps, O)
+    sx, zx = m.x_qp
+    mult = (torch.tensor(sx, dtype=torch.float32) * m.w_scale_t.float()).reshape(-1).contiguous()
+    bias = None if m.bias is None else m.bias.float().contiguous()
+    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
+    if m.out is None:  # float output: the ReLU / Hardtanh as a clamp
+        inf = float("inf")
+        lo, hi = {"none": (-inf, inf), "relu": (0.0, inf)}.get(m.unary, tuple(m.scalars[:2]))
+        o_scale, o_zero = 0.0, 0
+    else:
+        lo, hi = code_bounds(unary, m.out)
+        o_scale, o_zero = m.out[0], m.out[1]
+    in_lo, in_hi = (0, 255) if fused is None or len(fused) == 2 else fused[2:4]
+    args = (
+        sx, zx, in_lo, in_hi, wt, mult, bias, 1, w.shape[2], w.shape[3],
+        m.stride, m.padding, m.dilation, o_scale, o_zero, float(lo), float(hi),
+    )  # fmt: skip
+
+    def conv(x: torch.Tensor) -> torch.Tensor:
+        if fused is not None and x.dtype != torch.float32:
+            x = x.float()  # the quantizer's x.float()
+        return ext.small_conv(x, *args)
+
+    return conv
+
+
+def _fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The small convolution node that is the only user of quantize ``node``, if any."""
+    if node.op != "call_module" or len(node.users) != 1:
+        return None
+    if type(gm.get_submodule(node.target)) not in (Quantize, QuantizeGrid):
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module" or len(user.args) != 1 or user.args[0] is not node or user.kwargs:
+        return None
+    conv = gm.get_submodule(user.target)
+    same_grid = tuple(gm.get_submodule(node.target).qp[:2]) == tuple(getattr(conv, "x_qp", ()))
+    return user if same_grid and small_conv_fits(conv) else None
+
+
 class _Codegen:
     """Straight-line source for a graph; non-node values become named globals."""
 
@@ -104,6 +174,13 @@ class _Codegen:
         self.gm = gm
         self.globals: dict[str, Any] = {}
         self.names: dict[fx.Node, str] = {}
+        self.absorbed: dict[fx.Node, tuple] = {}  # small conv node -> grid of its quantize
+        self.skipped: set[fx.Node] = set()  # those quantize nodes (they pass the float on)
+        for node in gm.graph.nodes:
+            conv = _fusable_quantize(gm, node)
+            if conv is not None:
+                self.absorbed[conv] = gm.get_submodule(node.target).qp
+                self.skipped.add(node)
 
     def const(self, value: Any) -> str:
         if value is None or isinstance(value, bool | int | str):
@@ -132,7 +209,9 @@ class _Codegen:
         kws = [f"{k}={self.render(v)}" for k, v in node.kwargs.items()]
         if node.op == "call_method":
             return f"{pos[0]}.{node.target}({', '.join(pos[1:] + kws)})"
-        if node.op == "call_module":
+        if node in self.absorbed:  # the quantization and the first layer as one kernel
+            fn = _small_conv_call(self.gm.get_submodule(node.target), self.absorbed[node])
+        elif node.op == "call_module":
             fn = _module_call(self.gm.get_submodule(node.target))
         else:  # call_function
             fn = node.target
@@ -147,6 +226,8 @@ class _Codegen:
                 params.append(f"v{i}{default}")
             elif node.op == "get_attr":
                 body.append(f"v{i} = {self.const(_attr(self.gm, node.target))}")
+            elif node in self.skipped:  # a quantization absorbed by its small conv: the float
+                body.append(f"v{i} = {self.render(node.args[0])}")
             elif node.op == "output":
                 body.append(f"return {self.render(node.args[0])}")
             else:
@@ -163,7 +244,7 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
 
 def _module_call(m: nn.Module) -> Callable[..., Any]:
     if isinstance(m, Int8Conv2d):
-        return _conv_call(m)
+        return _small_conv_call(m, None) if small_conv_fits(m) else _conv_call(m)
     if isinstance(m, Int8Linear):
         return _linear_call(m)
     hooks = (m._forward_hooks, m._forward_pre_hooks)

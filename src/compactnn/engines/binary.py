@@ -59,6 +59,7 @@ from compactnn.engines.binary_ops import approx_sign_grad as approx_sign_grad
 from compactnn.engines.binary_ops import rprelu as rprelu
 from compactnn.engines.binary_ops import sign_pm1 as sign_pm1
 from compactnn.engines.irnet import (
+    IRNET_LR,
     T_MAX,
     T_START,
     ede_sign,
@@ -168,6 +169,9 @@ class BinaryConfig(QATConfig):
         ede_t_min: EDE's first ``t``. Default 1.0 (``k = 1``: a smooth clipped STE first),
             measured better than the paper's 0.1 (an identity-like gradient, ``k = 10``) when
             fine-tuning a trained float model for a few epochs (docs/lowbit-training.md).
+        irnet_lr: the weights' learning rate whenever ``libra_pb`` or ``ede`` is on (it
+            replaces ``lr``; part of the IR-Net options, measured in
+            docs/lowbit-training.md); None: keep ``lr``. Without the options it is unused.
         min_steps: :func:`compactnn.train` without ``epochs=`` trains at least this many
             optimizer steps (more epochs on a small dataset); 0: the recipe's epochs.
         warmup_steps: linear learning-rate warmup over the first steps of
@@ -186,13 +190,20 @@ class BinaryConfig(QATConfig):
     libra_pb: bool = False
     ede: bool = False
     ede_t_min: float = T_START
+    irnet_lr: float | None = IRNET_LR
     min_steps: int = 0
     warmup_steps: int = 0
     recalibrate_batches: int = 100
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         name = type(self).method_name or "binary"
+        if self.irnet_lr is not None and not self.irnet_lr > 0:
+            raise CompactnnError(
+                f"{name}: irnet_lr={self.irnet_lr!r} must be > 0 (or None: use lr)."
+            )
+        if (self.libra_pb or self.ede) and self.irnet_lr is not None:
+            object.__setattr__(self, "lr", self.irnet_lr)  # the IR-Net options' own lr
+        super().__post_init__()
         for key in ("min_steps", "warmup_steps", "recalibrate_batches"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

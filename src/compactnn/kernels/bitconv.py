@@ -30,6 +30,8 @@ from torch import nn
 from compactnn.errors import CompactnnError
 
 SOURCE = Path(__file__).with_name("csrc") / "bitconv.cpp"
+# the few-input-channel convolution of the runner (compactnn.deployment.runner), same module
+SOURCES = (SOURCE, SOURCE.with_name("smallconv.cpp"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)
 
@@ -45,7 +47,9 @@ def build_directory() -> Path:
 
 
 def _ext_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()
+    ).hexdigest()[:12]
     return f"compactnn_bitconv_{digest}"
 
 
@@ -79,7 +83,7 @@ def load_extension():
     try:
         _EXT = load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=list(CFLAGS),
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),

@@ -66,43 +66,88 @@ def allocate(
         >>> allocate(s, {"bytes": c}, {"bytes": 3.0}).tolist()
         [1, 0]
     """
+    return allocate_with_groups(scores, costs, budgets, allowed)[0]
+
+
+def allocate_with_groups(
+    scores: np.ndarray,
+    costs: dict[str, np.ndarray],
+    budgets: dict[str, float],
+    allowed: np.ndarray | None = None,
+    groups: list[tuple[np.ndarray, dict[str, np.ndarray]]] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """:func:`allocate` with extra exclusive choices: one option per group.
+
+    Group ``g`` adds binaries ``y[g, k]`` with ``sum_k y[g, k] = 1``, objective
+    ``sum_k s_g[k] y[g, k]`` and ``sum_k c_g[k] y[g, k]`` in every budget row (a cost the
+    group does not list counts 0; costs may be negative, a saving).
+
+    Args:
+        groups: ``(scores (K,), {cost name: (K,)})`` per group.
+
+    Returns:
+        The ``(L,)`` format indices and the chosen option of each group.
+
+    Example:
+        >>> s = np.array([[1.0, 0.0]]); c = np.array([[1.0, 2.0]])
+        >>> g = (np.array([0.0, 0.5]), {"t": np.array([0.0, -1.5])})
+        >>> choice, picks = allocate_with_groups(s, {"t": c}, {"t": 1.0}, groups=[g])
+        >>> choice.tolist(), picks
+        ([1], [1])
+    """
     optimize = require("scipy.optimize", "demo")  # HiGHS MILP
     Bounds, LinearConstraint, milp = optimize.Bounds, optimize.LinearConstraint, optimize.milp
 
     scores = np.asarray(scores, dtype=np.float64)
     allowed = np.ones(scores.shape, bool) if allowed is None else np.asarray(allowed, bool)
     costs = {k: np.asarray(v, dtype=np.float64) for k, v in costs.items()}
+    groups = [
+        (np.asarray(s, np.float64), {k: np.asarray(v, np.float64) for k, v in c.items()})
+        for s, c in (groups or [])
+    ]
     _check(scores, costs, allowed)
     n_layers, n_formats = scores.shape
+    sizes = [len(s) for s, _ in groups]
+    n_vars = n_layers * n_formats + sum(sizes)
     for name, budget in budgets.items():
         if name not in costs:
             raise CompactnnError(f"allocate: budget {name!r} has no cost table ({list(costs)}).")
         floor = min_cost(costs[name], allowed)
+        floor += sum(float(c.get(name, np.zeros(1)).min()) for _, c in groups)
         if budget < floor - 1e-9 * max(1.0, abs(floor)):
             raise CompactnnError(
                 f"budget {name}={budget:.6g} is below the smallest reachable {floor:.6g} "
                 "(every layer at its cheapest allowed format): raise the budget or add a "
                 "cheaper format."
             )
-    one_each = np.kron(np.eye(n_layers), np.ones(n_formats))  # (L, L*F): one format per layer
+    one_each = np.zeros((n_layers + len(groups), n_vars))  # one format per layer / group
+    one_each[:n_layers, : n_layers * n_formats] = np.kron(np.eye(n_layers), np.ones(n_formats))
+    start = n_layers * n_formats
+    for g, k in enumerate(sizes):
+        one_each[n_layers + g, start : start + k] = 1
+        start += k
     constraints = [LinearConstraint(one_each, 1, 1)]
     for name, budget in budgets.items():
-        row = costs[name].reshape(1, -1)
+        parts = [costs[name].reshape(-1)]
+        parts += [c.get(name, np.zeros(len(s))) for s, c in groups]
+        row = np.concatenate(parts).reshape(1, -1)
         scale = max(float(np.abs(row).max()), 1.0)  # well-conditioned rows for HiGHS
         constraints.append(LinearConstraint(row / scale, -np.inf, budget / scale + 1e-9))
-    # shift scores so that each layer's best is 0: same argmin, better numerics
+    # shift scores so that each row's best is 0: same argmin, better numerics
     c = (scores - np.where(allowed, scores, np.inf).min(axis=1, keepdims=True)).reshape(-1)
     c = np.where(allowed.reshape(-1), c, 0.0)
-    result = milp(
-        c,
-        constraints=constraints,
-        integrality=np.ones(c.size),
-        bounds=Bounds(0, allowed.reshape(-1).astype(float)),
-    )
+    c = np.concatenate([c, *(s - s.min() for s, _ in groups)])
+    upper = np.concatenate([allowed.reshape(-1).astype(float), np.ones(sum(sizes))])
+    result = milp(c, constraints=constraints, integrality=np.ones(c.size), bounds=Bounds(0, upper))
     if result.x is None:
         raise CompactnnError(f"allocate: no assignment meets budgets {budgets} ({result.message}).")
-    x = np.round(result.x).reshape(n_layers, n_formats)
-    return x.argmax(axis=1)
+    x = np.round(result.x)
+    choice = x[: n_layers * n_formats].reshape(n_layers, n_formats).argmax(axis=1)
+    picks, start = [], n_layers * n_formats
+    for k in sizes:
+        picks.append(int(x[start : start + k].argmax()))
+        start += k
+    return choice, picks
 
 
 def assignment_total(table: np.ndarray, choice: np.ndarray) -> float:

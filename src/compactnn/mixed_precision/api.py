@@ -28,14 +28,24 @@ from compactnn.core.qlayers import QUANTIZABLE
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import atomic_write_text
 from compactnn.mixed_precision.accuracy import Trial, accuracy_search
-from compactnn.mixed_precision.allocate import allocate, assignment_total, frontier
+from compactnn.mixed_precision.allocate import (
+    allocate,
+    allocate_with_groups,
+    assignment_total,
+    frontier,
+)
 from compactnn.mixed_precision.cost import cost_tables, count_macs
 from compactnn.mixed_precision.formats import Format, parse_formats
+from compactnn.mixed_precision.groups import (
+    Group,
+    check_group_request,
+    group_step,
+    measure_groups,
+    prunable,
+)
 from compactnn.mixed_precision.latency import (
     check_deployable,
-    compressed,
     measure_table,
-    shrinking,
     whole_model_check,
 )
 from compactnn.mixed_precision.sensitivity import SensitivityCache, sensitivity
@@ -96,6 +106,7 @@ class SearchResult:
         frontier: allocations along the byte budget: cost, predicted score, assignment.
         latency: the per-layer latency table's inputs (each uniform format's measured
             milliseconds) and the whole-model check of the result (measured vs proxy).
+        groups: the residual groups searched (layers, options, evidence, the chosen option).
         tried: every fully evaluated configuration (accuracy-aware mode).
         baseline: the float model's quality (accuracy-aware mode).
         seconds: wall time of the search.
@@ -114,6 +125,7 @@ class SearchResult:
     baseline: float | None = None
     seconds: float = 0.0
     latency: dict[str, Any] = dataclasses.field(default_factory=dict)
+    groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (``search.json``)."""
@@ -136,6 +148,7 @@ class SearchResult:
             "baseline": self.baseline,
             "seconds": self.seconds,
             "latency": self.latency,
+            "groups": self.groups,
             "latency_table_ms": {
                 n: dict(zip(self.formats, map(float, row), strict=True))
                 for n, row in zip(self.layers, self.costs.get("latency", []), strict=False)
@@ -166,25 +179,32 @@ def searched_layers(model: nn.Module, batches: list) -> dict[str, nn.Module]:
 
 
 def build_recipe(
-    name: str, layers: list[str], formats: list[Format], choice, embeddings: str | None = None
+    name: str,
+    layers: list[str],
+    formats: list[Format],
+    choice,
+    embeddings: str | None = None,
+    groups: list[tuple[tuple[str, ...], float]] | None = None,
 ) -> Recipe:
     """One step per format used (largest share first), each naming exactly its layers;
     ``ch<P>+`` formats add one channel-pruning step per ratio before them.
 
     ``embeddings`` (a short name) adds a final step for the embedding tables only.
+    ``groups`` (layers, ratio) are pruned residual groups: their layers join the
+    channel-pruning step of that ratio (the dependency graph prunes the whole stream).
     """
-    groups: dict[int, list[str]] = {}
+    by_format: dict[int, list[str]] = {}
     for layer, j in zip(layers, choice, strict=True):
-        groups.setdefault(int(j), []).append(layer)
-    ordered = sorted(groups.items(), key=lambda g: -len(g[1]))
+        by_format.setdefault(int(j), []).append(layer)
+    ordered = sorted(by_format.items(), key=lambda g: -len(g[1]))
     by_ratio: dict[float, list[str]] = {}  # ch<P>+ formats: pruning first, one step per ratio
     for j, names in ordered:
         if formats[j].prune:
             by_ratio.setdefault(formats[j].prune, []).extend(names)
-    steps = [
-        formats[next(j for j, _ in ordered if formats[j].prune == r)].prune_step(n)
-        for r, n in sorted(by_ratio.items())
-    ]
+    for members, r in groups or []:
+        if r:
+            by_ratio.setdefault(r, []).extend(members)
+    steps = [group_step(n, r) for r, n in sorted(by_ratio.items())]
     steps += [formats[j].step(names) for j, names in ordered]
     if embeddings is not None:
         step = parse_short_name(embeddings).steps[0]
@@ -194,18 +214,6 @@ def build_recipe(
             )
         )
     return Recipe(name, tuple(steps))
-
-
-def prunable(model: nn.Module, names: list[str], fmt: Format, batches: list) -> list[bool]:
-    """Layers whose output channels a ``ch<P>+`` format removes on their own: pruned alone
-    (on a copy), the layer shrinks and no other layer's outputs do (a layer tied to a residual
-    add either stays whole or drags its coupled group along, so it does not qualify)."""
-    out = [False] * len(names)
-    for i, n in enumerate(names):
-        q = compressed(model, Recipe("probe", (fmt.prune_step([n]),)), batches[:1])
-        shrank = shrinking(model, names, q)
-        out[i] = shrank[i] and sum(shrank) == 1
-    return out
 
 
 def _allowed(
@@ -240,6 +248,8 @@ def search(
     frontier_points: int = 8,
     cache_dir: str | Path | None = None,
     latency_example: Any = None,
+    groups: bool | None = None,
+    latency_rounds: int = 3,
     name: str = "searched",
     progress: bool = True,
 ) -> SearchResult:
@@ -268,6 +278,13 @@ def search(
         cache_dir: folder of ``sensitivity.json`` (cached per model, data and format).
         latency_example: an input batch: builds the per-layer latency table on the deploy
             runtime (each format deployed and timed) and checks the result end to end.
+        groups: residual-group candidates (:mod:`~compactnn.mixed_precision.groups`): the
+            channels of a whole residual stream pruned together at the ``ch<P>+`` formats'
+            ratios, one exclusive choice each. None (default): on with a latency budget and
+            ``ch<P>+`` formats, off otherwise; not with ``eval_fn``.
+        latency_rounds: whole-model checks allowed with a latency budget: while the measured
+            ratio (the larger of wall and CPU time) exceeds the budget, the table's budget is
+            scaled by ``budget / measured`` and the allocation solved again.
         name: the recipe's name.
         progress: show progress bars.
 
@@ -285,6 +302,12 @@ def search(
         )
     if (eval_fn is None) != (max_drop is None):
         raise CompactnnError("eval_fn and max_drop go together: pass both or neither.")
+    has_latency = budget is not None and budget.max_latency_ratio is not None
+    use_groups = check_group_request(fmts, groups, has_latency and eval_fn is None)
+    if use_groups and eval_fn is not None:
+        raise CompactnnError("groups=True does not combine with eval_fn (accuracy-aware mode).")
+    if not isinstance(latency_rounds, int) or latency_rounds < 1:
+        raise CompactnnError(f"latency_rounds={latency_rounds!r} must be an integer >= 1.")
     batches = as_batches(calib_data)
     if not batches:
         raise CompactnnError("search needs calib_data (inputs from the training split).")
@@ -319,7 +342,34 @@ def search(
         if budget is not None and budget.max_latency_ratio is not None:
             limits["latency"] = budget.max_latency_ratio * lat["per_format_ms"][lat["widest"]]
     table = costs
-    choice = allocate(scores, table, limits, allowed) if limits else None
+    found: list[Group] = []
+    if use_groups:
+        widest = max(fmts, key=lambda f: (f.weight.bits, f.act.bits if f.act else 32, -f.prune))
+        found = measure_groups(
+            model,
+            names,
+            sorted({f.prune for f in fmts if f.prune}),
+            widest,
+            lat.pop("uniform", None),
+            batches,
+            latency_example,
+            [macs[n] for n in names],
+            (lat["models"][lat["widest"]], lat["per_format_ms"][lat["widest"]]) if lat else None,
+            sensitivity_batches,
+        )
+    lat.pop("uniform", None)
+
+    def solve_all(lim: dict[str, float]) -> np.ndarray:
+        if not found:
+            return allocate(scores, table, lim, allowed)
+        c, picks = allocate_with_groups(
+            scores, table, lim, allowed, [(g.scores, g.costs) for g in found]
+        )
+        for g, k in zip(found, picks, strict=True):
+            g.choice = k
+        return c
+
+    choice = solve_all(limits) if limits else None
     tried: list[dict[str, Any]] = []
     baseline = None
     if eval_fn is not None:
@@ -359,11 +409,42 @@ def search(
         }
         for c, p, ch in frontier(scores, costs["bytes"], allowed, frontier_points)
     ]
-    recipe = build_recipe(name, names, fmts, choice, embeddings)
+
+    def pruned_groups() -> list[tuple[tuple[str, ...], float]]:
+        return [(g.layers, g.ratio) for g in found if g.choice]
+
+    def group_total(key: str) -> float:
+        return sum(float(g.costs[key][g.choice]) for g in found if key in g.costs)
+
+    recipe = build_recipe(name, names, fmts, choice, embeddings, pruned_groups())
     if lat:
         reference = (lat["widest"], lat.pop("models")[lat["widest"]])
-        proxy = assignment_total(costs["latency"], choice)
-        lat["check"] = whole_model_check(model, recipe, batches, latency_example, proxy, reference)
+        lat["checks"] = []
+        for round_ in range(latency_rounds if has_latency else 1):
+            proxy = assignment_total(costs["latency"], choice) + group_total("latency")
+            check = whole_model_check(model, recipe, batches, latency_example, proxy, reference)
+            # sessions differ in load: compare the proxy's ratio with the measured ratios
+            check["proxy_ratio"] = proxy / lat["per_format_ms"][lat["widest"]]
+            check["proxy_ratio_error"] = check["proxy_ratio"] / check["cpu_ratio"] - 1
+            lat["checks"].append(
+                {
+                    **check,
+                    "latency_limit_ms": limits.get("latency"),
+                    "assignment": {n: fmts[j].name for n, j in zip(names, choice, strict=True)},
+                    "groups": {",".join(g.layers): g.ratio for g in found},
+                }
+            )
+            worst = max(check["measured_ratio"], check["cpu_ratio"])
+            if not has_latency or worst <= budget.max_latency_ratio or round_ + 1 == latency_rounds:
+                break
+            tighter = limits["latency"] * budget.max_latency_ratio / worst
+            try:
+                choice = solve_all({**limits, "latency": tighter})
+            except CompactnnError:
+                break  # nothing cheaper in the table: report the last check as it is
+            limits["latency"] = tighter
+            recipe = build_recipe(name, names, fmts, choice, embeddings, pruned_groups())
+        lat["check"] = lat["checks"][-1]
     return SearchResult(
         recipe=recipe,
         assignment={n: fmts[j].name for n, j in zip(names, choice, strict=True)},
@@ -372,12 +453,13 @@ def search(
         scores=scores,
         costs=costs,
         predicted=assignment_total(scores, choice),
-        cost={k: assignment_total(v, choice) for k, v in costs.items()},
+        cost={k: assignment_total(v, choice) + group_total(k) for k, v in costs.items()},
         frontier=points,
         tried=tried,
         baseline=baseline,
         seconds=time.perf_counter() - start,
         latency=lat,
+        groups=[g.to_dict() for g in found],
     )
 
 
@@ -413,7 +495,13 @@ def _latency_costs(
         [macs[n] for n in names],
         reference=widest,
     )
-    return {"table": table, "per_format_ms": per_format, "widest": widest, "models": models}
+    return {
+        "table": table,
+        "per_format_ms": per_format,
+        "widest": widest,
+        "models": models,
+        "uniform": uniform(np.full(len(names), w)),
+    }
 
 
 def _trial_dict(t: Trial, names: list[str], fmts: list[Format]) -> dict[str, Any]:

@@ -5,9 +5,10 @@ A format is any quantization short name ``w<W>[a<A>][-g<G>][-<method>]`` (``w3-g
 layer's output channels removed by L1 norm, :mod:`compactnn.prune.channel`, then ``w8a8``).
 Pruned formats run on the same int8 kernel with fewer channels, so they are the formats that
 make a latency budget bite on the deploy runtime; they fit only layers whose output channels
-are not coupled to a residual add (the search finds which). The search runs the quantization
-with ``first_last_bits=None``: the first/last-layer rule is a constraint of the allocation
-(``first_last_min_bits``), not a silent upgrade inside a step.
+are not coupled to a residual add (the search finds which); coupled layers are pruned a whole
+residual stream at a time (:mod:`~compactnn.mixed_precision.groups`). The search runs the
+quantization with ``first_last_bits=None``: the first/last-layer rule is a constraint of the
+allocation (``first_last_min_bits``), not a silent upgrade inside a step.
 """
 
 from __future__ import annotations

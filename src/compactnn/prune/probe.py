@@ -1,25 +1,44 @@
-"""Probe Pruning (Le et al., ICLR 2025): batch-wise dynamic structured pruning of LLaMA MLPs.
+"""Probe Pruning (Le et al., ICLR 2025): dynamic structured pruning of LLaMA MLPs.
 
-For every batch, a small *probe* (the ``probe`` fraction of the batch's tokens with the
-largest hidden-state norm, the paper's residual-importance selection) runs through the MLP's
-input projections first. Its intermediate states ``h = act(gate(x_p)) * up(x_p)``
-``(P, H)`` give each hidden channel ``j`` a fresh squared norm, blended with the historical
-one gathered on calibration data:
+For every batch ``x`` ``(B, T, C)`` entering an MLP, a small *probe* picks which hidden
+channels to skip, in the paper's four steps:
 
-    m_j = (1 - history) * mean_p h_pj^2 + history * mean_calib h_j^2
-    I_j = ||W_down[:, j]||_2 * sqrt(m_j)
+1. **Probe selection**: a few positions (the ``tokens`` fraction of ``T``) and, batch-wise,
+   a few samples. ``select="residual"`` is the paper's residual importance: with ``r`` the
+   block's residual stream (the input of the layer norm feeding the MLP) and
+   ``n_bt = ||r_bt||_2``, the positions with the largest ``||n_:t||_2`` (per sample:
+   ``n_bt``), position 0 always kept in short probes. ``select="stride"`` (default) takes
+   evenly spaced positions ``round(linspace(0, T - 1, P))``: on ``tiny-lm`` the largest-norm
+   tokens are outliers whose states mislead the score. Batch-wise, the ``samples`` fraction
+   with the largest ``||n_b,probe||_2`` joins the probe (the paper's batch ranking).
+2. The probe runs through the gate and up projections: ``h = act(gate(x_p)) * up(x_p)``.
+3. **Importance-scaled fusion** with the historical states, per position ``t`` and channel
+   ``j`` (``g_tj``: mean of ``h_tj^2`` over the calibration windows at position ``t``;
+   ``p_tj``: mean of ``h_tj^2`` over the probe's samples)::
 
-(structured Wanda-style importance, the paper's PPsp with our simple blend: the paper's
-exact integration rule was not available to us). The ``ratio`` of channels with the lowest
-``I_j`` is skipped for the whole batch: the MLP runs on sliced weights, so its matrix
-products are really that much smaller (``down(act(gate_k(x)) * up_k(x))`` with ``k`` the
-kept channels). ``probe=0`` is the static baseline: calibration statistics only, the same
-channels for every batch (structured Wanda).
+       w_tj = p_tj / (p_tj + g_tj)              (the larger state gets the larger weight)
+       m_j  = sum_{t in probe} (1 - w_tj) * g_tj + w_tj * p_tj
+
+   ``history`` set to a number replaces ``1 - w_tj`` by that fixed weight.
+4. **The PPsp score** and the cut: ``I_j = m_j * ||W_down[:, j]^2||_2`` (the squared weights'
+   column norm; ``score="wanda"``: structured Wanda ``sqrt(m_j) * ||W_down[:, j]||_2``); the
+   ``ratio`` lowest channels are skipped: the MLP runs on **sliced weights**, so its
+   products really shrink (``down(act(gate_k(x)) * up_k(x))``).
+
+``mode="sample"`` (default) makes one probe and one channel set per sample of the batch
+(a batch of 32 unrelated windows has no channel set good for all: one set per batch is
+close to static there); ``mode="batch"`` is the paper's batch-wise rule (one set for the
+whole batch); ``mode="static"`` scores from the calibration statistics alone (the same
+channels for every batch: structured Wanda with ``score="wanda"``). The probe costs
+``2 P C H`` multiply-adds per probed token set against ``3 N C H`` for the dense MLP:
+:func:`probe_flops_fraction`.
 
 Scope: LLaMA-style MLPs (``mlp.{gate,up,down}_proj`` with ``act_fn``); attention heads are
-not probed. The probe-pruned model runs in eager PyTorch (``deploy``/``to_kernels`` do not
-take it). Layers quantized weight-only keep their codes: the slices read their dequantized
-weights.
+not probed; residuals are read from the sibling ``post_attention_layernorm`` when there is
+one (else the MLP input's norms rank the tokens). The probe-pruned model runs in eager
+PyTorch (``deploy``/``to_kernels`` do not take it). Layers quantized weight-only keep their
+codes: the slices read their dequantized weights. The channel choice of a window uses all
+its positions (like the paper's prefill): it is not causal.
 """
 
 from __future__ import annotations
@@ -41,6 +60,10 @@ from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_artifact_hook, register_short_name
 
 EXTRA_KEY = "probe_prune"
+SCORES = ("ppsp", "wanda")
+MODES = ("sample", "batch", "static")
+SELECTS = ("stride", "residual")
+NORM_NAME = "post_attention_layernorm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,52 +71,155 @@ class ProbePruneConfig(MethodConfig):
     """Probe Pruning settings.
 
     Args:
-        ratio: fraction of each MLP's hidden channels skipped per batch, in [0, 1).
-        probe: fraction of a batch's tokens used as the probe, in [0, 1]; 0 means static
-            pruning from the calibration statistics alone.
-        history: weight of the calibration statistics in the blended score, in [0, 1].
+        ratio: fraction of each MLP's hidden channels skipped, in [0, 1).
+        mode: ``"sample"`` (a probe and a channel set per sample), ``"batch"`` (the paper's
+            one set per batch) or ``"static"`` (calibration statistics only, no probe).
+        tokens: fraction of the sequence positions in the probe, in (0, 1].
+        samples: ``mode="batch"``: fraction of the batch's samples in the probe, in (0, 1].
+        select: how the probe's positions are chosen: ``"stride"`` (evenly spaced) or
+            ``"residual"`` (largest residual norm, the paper's rule).
+        history: ``None`` for the paper's importance-scaled fusion, or a fixed weight of the
+            historical states in [0, 1].
+        score: ``"ppsp"`` (the paper's ``m_j ||W_j^2||``) or ``"wanda"`` (``sqrt(m_j) ||W_j||``).
     """
 
     ratio: float = 0.3
-    probe: float = 0.05
-    history: float = 0.5
+    mode: str = "sample"
+    tokens: float = 0.15
+    samples: float = 0.05
+    select: str = "stride"
+    history: float | None = None
+    score: str = "ppsp"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.ratio < 1.0:
             raise CompactnnError(f"ratio={self.ratio} must lie in [0, 1); e.g. 0.3.")
-        if not 0.0 <= self.probe <= 1.0:
-            raise CompactnnError(f"probe={self.probe} must lie in [0, 1]; e.g. 0.05.")
-        if not 0.0 <= self.history <= 1.0:
-            raise CompactnnError(f"history={self.history} must lie in [0, 1]; e.g. 0.5.")
-        if self.probe == 0.0 and self.history == 0.0:
-            raise CompactnnError("probe=0 and history=0 leave no statistics: raise either.")
+        for name, allowed in (("mode", MODES), ("select", SELECTS), ("score", SCORES)):
+            if getattr(self, name) not in allowed:
+                raise CompactnnError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if not 0.0 < self.tokens <= 1.0:
+            raise CompactnnError(f"tokens={self.tokens} must lie in (0, 1]; e.g. 0.15.")
+        if not 0.0 < self.samples <= 1.0:
+            raise CompactnnError(f"samples={self.samples} must lie in (0, 1]; e.g. 0.05.")
+        if self.history is not None and not 0.0 <= self.history <= 1.0:
+            raise CompactnnError(f"history={self.history} must be None or lie in [0, 1].")
+
+    @property
+    def needs_residual(self) -> bool:
+        """True when the probe ranks samples or positions by the residual's norm."""
+        return self.mode == "batch" or (self.mode == "sample" and self.select == "residual")
 
 
-def probe_rows(x2d: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Indices of the ``ceil(fraction * N)`` rows of ``x2d`` ``(N, C)`` with the largest L2 norm.
+def n_positions(t: int, tokens: float) -> int:
+    """Positions in a probe of a ``t``-token sequence: ``min(t, max(2, ceil(tokens * t)))``."""
+    return min(t, max(2, math.ceil(tokens * t)))
+
+
+def top_positions(norms: torch.Tensor, n_pos: int) -> torch.Tensor:
+    """Per row of ``norms`` ``(R, T)``, its ``n_pos`` largest positions, sorted ``(R, n_pos)``.
+
+    Position 0 (the attention sink) replaces the earliest pick when at most 10 are chosen.
 
     Example:
-        >>> probe_rows(torch.tensor([[1.0], [3.0], [2.0]]), 0.5).tolist()
-        [1, 2]
+        >>> top_positions(torch.tensor([[1.0, 5.0, 4.0, 9.0]]), 2).tolist()
+        [[0, 3]]
     """
-    k = max(1, math.ceil(fraction * x2d.shape[0]))
-    return torch.topk(x2d.norm(dim=1), k).indices.sort().values
+    pos = torch.topk(norms, n_pos, dim=1).indices.sort(dim=1).values
+    if n_pos <= 10 and n_pos < norms.shape[1]:
+        pos[:, 0] = 0  # sorted: 0 is either already first or replaces the earliest pick
+    return pos
 
 
-def channel_importance(
-    down_weight: torch.Tensor, sq_mean: torch.Tensor, hist_sq_mean: torch.Tensor, history: float
+def stride_positions(t: int, n_pos: int) -> torch.Tensor:
+    """``n_pos`` evenly spaced positions of ``0..t-1``, both ends included.
+
+    Example:
+        >>> stride_positions(10, 4).tolist()
+        [0, 3, 6, 9]
+    """
+    return torch.linspace(0, t - 1, n_pos).round().long().unique()
+
+
+def probe_indices(
+    norms: torch.Tensor, config: ProbePruneConfig
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The probe's samples ``(S,)`` (``None``: every sample) and positions.
+
+    Positions are ``(B, P)`` in ``mode="sample"`` (per sample) and ``(P,)`` batch-wise.
+    Batch-wise, the samples are the ``ceil(samples * B)`` with the largest residual norm over
+    the chosen positions (sorted).
+
+    Example:
+        >>> n = torch.tensor([[1.0, 5.0, 1.0, 1.0], [2.0, 9.0, 3.0, 1.0]])
+        >>> cfg = ProbePruneConfig(mode="batch", samples=0.5, tokens=0.5, select="residual")
+        >>> smp, pos = probe_indices(n, cfg)
+        >>> smp.tolist(), pos.tolist()
+        ([1], [0, 2])
+    """
+    b, t = norms.shape
+    n_pos = n_positions(t, config.tokens)
+    if config.mode == "sample":
+        if config.select == "stride":
+            return None, stride_positions(t, n_pos).expand(b, -1)
+        return None, top_positions(norms, n_pos)
+    if config.select == "stride":
+        pos = stride_positions(t, n_pos)
+    else:
+        pos = top_positions(norms.norm(dim=0, keepdim=True), n_pos)[0]
+    n_smp = max(1, math.ceil(config.samples * b))
+    smp = torch.topk(norms[:, pos].norm(dim=1), n_smp).indices.sort().values
+    return smp, pos
+
+
+def probe_flops_fraction(config: ProbePruneConfig, batch: int, t: int) -> float:
+    """The probe's multiply-adds as a fraction of the dense MLP's on a ``(batch, t)`` input.
+
+    The probe runs the gate and up projections (2 of the MLP's 3 matrices) on its tokens:
+    ``2 S P / (3 B T)`` (``S = B`` per sample, ``0`` when static).
+
+    Example:
+        >>> round(probe_flops_fraction(ProbePruneConfig(tokens=0.25), 32, 128), 4)
+        0.1667
+    """
+    if config.mode == "static":
+        return 0.0
+    n_pos = n_positions(t, config.tokens)
+    n_smp = batch if config.mode == "sample" else max(1, math.ceil(config.samples * batch))
+    return 2.0 * n_smp * n_pos / (3.0 * batch * t)
+
+
+def fuse_states(
+    probe_sq: torch.Tensor, hist_sq: torch.Tensor, history: float | None
 ) -> torch.Tensor:
-    """``I_j = ||W_down[:, j]|| * sqrt((1 - history) * sq_mean_j + history * hist_j)`` ``(H,)``."""
-    blended = (1.0 - history) * sq_mean + history * hist_sq_mean
-    return down_weight.norm(dim=0) * blended.clamp(min=0).sqrt()
+    """Per-channel fused state ``m`` ``(..., H)`` from per-position states ``(..., P, H)``.
+
+    ``w = p / (p + g)`` (importance-scaled) or ``w = 1 - history`` (fixed);
+    ``m_j = sum_t (1 - w_tj) g_tj + w_tj p_tj``.
+    """
+    if history is None:
+        w = probe_sq / (probe_sq + hist_sq).clamp(min=1e-12)
+    else:
+        w = torch.full_like(probe_sq, 1.0 - history)
+    return ((1.0 - w) * hist_sq + w * probe_sq).sum(-2)
+
+
+def channel_importance(down_weight: torch.Tensor, m: torch.Tensor, score: str) -> torch.Tensor:
+    """``I_j = m_j ||W[:, j]^2||_2`` (``"ppsp"``) or ``sqrt(m_j) ||W[:, j]||_2`` (``"wanda"``)."""
+    if score == "ppsp":
+        return m * down_weight.pow(2).norm(dim=0)
+    return m.clamp(min=0).sqrt() * down_weight.norm(dim=0)
 
 
 def kept_channels(importance: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Sorted indices of the channels kept when skipping ``floor(ratio * H)`` of the lowest."""
-    drop = min(math.floor(ratio * importance.numel()), importance.numel() - 1)
-    keep = torch.topk(importance, importance.numel() - drop, sorted=False).indices
-    return keep.sort().values
+    """Sorted indices of the channels kept when skipping ``floor(ratio * H)`` of the lowest.
+
+    ``importance`` ``(..., H)``: one selection per leading index.
+    """
+    h = importance.shape[-1]
+    drop = min(math.floor(ratio * h), h - 1)
+    keep = torch.topk(importance, h - drop, dim=-1, sorted=False).indices
+    return keep.sort(dim=-1).values
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
@@ -110,36 +236,80 @@ def _linear(layer: nn.Linear, x: torch.Tensor, rows=None, cols=None) -> torch.Te
     return F.linear(x, w, b)
 
 
+def _rows_per_sample(layer: nn.Linear, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Sample ``b`` of ``x`` ``(B, T, C)`` through ``layer``'s output rows ``keep[b]`` only."""
+    quantizer = getattr(layer, "input_quantizer", None)
+    if quantizer is not None:
+        x = quantizer(x)
+    out = torch.bmm(x, layer.weight[keep].transpose(1, 2))  # (B, T, K)
+    return out if layer.bias is None else out + layer.bias[keep].unsqueeze(1)
+
+
+def _cols_per_sample(layer: nn.Linear, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Sample ``b`` of ``h`` ``(B, T, K)`` through ``layer``'s input columns ``keep[b]`` only."""
+    quantizer = getattr(layer, "input_quantizer", None)
+    if quantizer is not None:
+        h = quantizer(h)
+    w = layer.weight.t()[keep]  # (B, K, C_out)
+    out = torch.bmm(h, w)
+    return out if layer.bias is None else out + layer.bias
+
+
 class ProbeMLP(nn.Module):
-    """A LLaMA MLP that skips its least important hidden channels, chosen per batch.
+    """A LLaMA MLP that skips its least important hidden channels, chosen per sample or batch.
 
     Keeps the original ``gate_proj``/``up_proj``/``down_proj`` children (names unchanged, so
-    artifacts keep their tensor names) and the historical statistics as a buffer.
+    artifacts keep their tensor names) and the historical states ``(T, H)`` as a buffer.
     """
 
-    def __init__(self, mlp: nn.Module, hist_sq_mean: torch.Tensor, config: ProbePruneConfig):
+    def __init__(self, mlp: nn.Module, hist_sq: torch.Tensor, config: ProbePruneConfig):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
-        self.register_buffer("hist_sq_mean", hist_sq_mean.detach().float().clone())
+        self.register_buffer("hist_sq", hist_sq.detach().float().clone())
         self.config = config
+        self.residual: torch.Tensor | None = None  # set by the layer norm's pre-hook
         self.last_kept: torch.Tensor | None = None  # channels of the last batch, for tests
+        self.last_probe: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def catch_residual(self, _norm: nn.Module, args: tuple) -> None:
+        """Forward pre-hook of the sibling layer norm: remember its input (the residual)."""
+        self.residual = args[0]
+
+    def _hist(self, t: int) -> torch.Tensor:
+        """Historical states of positions ``0..t-1`` (past the calibrated length: their mean)."""
+        h = self.hist_sq
+        if t <= h.shape[0]:
+            return h[:t]
+        return torch.cat([h, h.mean(0, keepdim=True).expand(t - h.shape[0], -1)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
         cfg = self.config
-        if cfg.probe > 0:
-            x2d = x.reshape(-1, x.shape[-1])
-            xp = x2d.index_select(0, probe_rows(x2d, cfg.probe))  # (P, C)
-            hp = self.act_fn(self.gate_proj(xp)) * self.up_proj(xp)  # (P, H)
-            sq = hp.float().pow(2).mean(0)
+        x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+        residual, self.residual = self.residual, None
+        hist = self._hist(x3.shape[1])
+        if cfg.mode == "static":
+            m = hist.sum(0)
         else:
-            sq = torch.zeros_like(self.hist_sq_mean)
-        history = cfg.history if cfg.probe > 0 else 1.0
-        score = channel_importance(self.down_proj.weight.float(), sq, self.hist_sq_mean, history)
-        keep = kept_channels(score, cfg.ratio)
+            r = residual if residual is not None and residual.shape == x3.shape else x3
+            smp, pos = probe_indices(r.detach().float().norm(dim=-1), cfg)
+            self.last_probe = (smp, pos)
+            if smp is None:  # per sample: (B, P, C)
+                xp = x3.gather(1, pos.unsqueeze(-1).expand(-1, -1, x3.shape[-1]))
+            else:  # batch-wise: (S, P, C)
+                xp = x3.index_select(0, smp).index_select(1, pos)
+            hp = self.act_fn(self.gate_proj(xp)) * self.up_proj(xp)
+            sq = hp.detach().float().pow(2)
+            m = fuse_states(sq if smp is None else sq.mean(0), hist[pos], cfg.history)
+        score = channel_importance(self.down_proj.weight.detach().float(), m, cfg.score)
+        keep = kept_channels(score, cfg.ratio)  # (K,) or per sample (B, K)
         self.last_kept = keep
-        h = self.act_fn(_linear(self.gate_proj, x, rows=keep)) * _linear(self.up_proj, x, keep)
-        return _linear(self.down_proj, h, cols=keep)
+        if keep.dim() == 1:
+            h = self.act_fn(_linear(self.gate_proj, x, rows=keep)) * _linear(self.up_proj, x, keep)
+            return _linear(self.down_proj, h, cols=keep)
+        h = self.act_fn(_rows_per_sample(self.gate_proj, x3, keep))
+        h = h * _rows_per_sample(self.up_proj, x3, keep)
+        return _cols_per_sample(self.down_proj, h, keep).reshape(x.shape)
 
 
 def llama_mlps(model: nn.Module, targets: dict[str, nn.Module]) -> list[str]:
@@ -153,15 +323,23 @@ def llama_mlps(model: nn.Module, targets: dict[str, nn.Module]) -> list[str]:
     return found
 
 
-def _hist_sq_means(model: nn.Module, mlps: list[str], ctx: CompressContext) -> dict:
-    """Mean squared input of each MLP's ``down_proj`` per channel ``(H,)`` on calibration data."""
+def _hist_states(model: nn.Module, mlps: list[str], ctx: CompressContext) -> dict:
+    """Per position, the mean squared input of each MLP's ``down_proj`` ``(T, H)``."""
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, torch.Tensor] = {}
 
     def hook(name: str, args) -> None:
-        h = args[0].detach().float().reshape(-1, args[0].shape[-1])
-        sums[name] = sums.get(name, 0) + h.pow(2).sum(0)
-        counts[name] = counts.get(name, 0) + h.shape[0]
+        h = args[0].detach().float()
+        h = h.reshape(-1, *h.shape[-2:]) if h.dim() >= 2 else h.reshape(1, 1, -1)
+        sq, t = h.pow(2).sum(0), h.shape[1]  # (T, H)
+        if name not in sums:
+            sums[name], counts[name] = sq.new_zeros(0, sq.shape[1]), sq.new_zeros(0)
+        if t > sums[name].shape[0]:  # grow to the longest sequence seen
+            grow = t - sums[name].shape[0]
+            sums[name] = torch.cat([sums[name], sq.new_zeros(grow, sq.shape[1])])
+            counts[name] = torch.cat([counts[name], sq.new_zeros(grow)])
+        sums[name][:t] += sq
+        counts[name][:t] += h.shape[0]
 
     handles = [
         model.get_submodule(f"{n}.down_proj").register_forward_pre_hook(
@@ -175,7 +353,17 @@ def _hist_sq_means(model: nn.Module, mlps: list[str], ctx: CompressContext) -> d
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / counts[n] for n in mlps}
+    return {n: sums[n] / counts[n].unsqueeze(1) for n in mlps}
+
+
+def _wrap(model: nn.Module, name: str, hist: torch.Tensor, config: ProbePruneConfig) -> None:
+    """Replace the MLP ``name`` by a ProbeMLP and hook the sibling layer norm's input."""
+    probe = ProbeMLP(model.get_submodule(name), hist, config)
+    set_module(model, name, probe)
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    norm = getattr(parent, NORM_NAME, None)
+    if isinstance(norm, nn.Module) and config.needs_residual:
+        norm.register_forward_pre_hook(probe.catch_residual)
 
 
 @register("probe", ProbePruneConfig, "Probe Pruning: per-batch dynamic MLP channel skipping")
@@ -190,15 +378,23 @@ def apply_probe(
             "probe pruning needs LLaMA-style MLPs (mlp.gate_proj/up_proj/down_proj with act_fn) "
             "among the step's targets; for other models use channel pruning (e.g. 'ch30')."
         )
-    hist = _hist_sq_means(model, mlps, ctx)
+    hist = _hist_states(model, mlps, ctx)
     for name in mlps:
-        set_module(model, name, ProbeMLP(model.get_submodule(name), hist[name], config))
+        _wrap(model, name, hist[name], config)
     # the statistics travel as the wrappers' float buffers; the header names the wrappers
-    ctx.extra[EXTRA_KEY] = {"config": config.to_dict(), "mlps": mlps}
-    mode = "static (calibration only)" if config.probe == 0 else f"probe {config.probe:.0%}"
+    ctx.extra[EXTRA_KEY] = {
+        "config": config.to_dict(),
+        "mlps": mlps,
+        "positions": {n: int(hist[n].shape[0]) for n in mlps},
+    }
+    mode = (
+        "static (calibration only)"
+        if config.mode == "static"
+        else f"{config.mode}-wise probe of {config.tokens:.0%} of the positions"
+    )
     ctx.notes.append(
         f"probe pruning: {len(mlps)} MLPs skip {config.ratio:.0%} of their channels per batch "
-        f"({mode})"
+        f"({mode}, {config.score} score)"
     )
     return model
 
@@ -211,17 +407,17 @@ def restore_probe_mlps(model: nn.Module, extra: dict) -> None:
         return
     config = ProbePruneConfig.from_dict(saved["config"], "probe_prune.config")
     for name in saved["mlps"]:
-        mlp = model.get_submodule(name)
-        hist = torch.zeros(mlp.down_proj.in_features)  # overwritten by the artifact's buffer
-        set_module(model, name, ProbeMLP(mlp, hist, config))
+        width = model.get_submodule(name).down_proj.in_features
+        hist = torch.zeros(int(saved["positions"][name]), width)  # overwritten at load
+        _wrap(model, name, hist, config)
 
 
 @register_short_name(r"pp(?P<p>\d+)(?P<static>-static)?", "pp<P>[-static]", ("pp30", "pp30-static"))
 def _short_name(m: re.Match[str]) -> Recipe:
     ratio = percent_fraction(m["p"], m.string)
     config = (
-        ProbePruneConfig(ratio=ratio, probe=0.0, history=1.0)
+        ProbePruneConfig(ratio=ratio, mode="static", score="wanda")
         if m["static"]
-        else (ProbePruneConfig(ratio=ratio))
+        else ProbePruneConfig(ratio=ratio)
     )
     return Recipe(m.string, (Step("probe", config),))

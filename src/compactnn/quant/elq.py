@@ -10,7 +10,11 @@ The training step on ``w`` absorbs the first-order term (what is quantized is th
 weight, the proximal-Newton view of loss-aware binarisation), so each layer (or output
 channel) solves ``min_{alpha, t} sum_i d_i (w_i - alpha t_i)^2`` with ``d`` the square root
 of Adam's bias-corrected second moment of the gradient (the usual diagonal-Hessian proxy,
-tracked here on the quantized weights' gradient). Closed forms:
+tracked here on the quantized weights' gradient). ELQ regularises the weight approximation
+error too: with ``approx = lambda > 0`` the weights are ``d_i + lambda mean(d)`` (mean over
+the row), i.e. the objective ``sum_i d_i (w_i - alpha t_i)^2 + lambda mean(d) ||w - alpha
+t||^2``, the loss term plus the plain approximation error in the same units (``lambda -> inf``:
+XNOR's / TWN's unweighted fit). Closed forms (``d`` standing for the combined weights):
 
 * binary, ``t = sign(w)``: ``alpha = sum_i d_i |w_i| / sum_i d_i``;
 * ternary, ``t_i = sign(w_i) [|w_i| > delta]``: for a fixed support ``S``,
@@ -90,6 +94,7 @@ class ELQWeight(nn.Module):
         per_channel: one ``alpha`` per output channel (else one per layer).
         beta: decay of the squared-gradient average (Adam's ``beta2``).
         scale_grad: let the gradient reach ``w`` through the scale too.
+        approx: ``lambda``, the weight of the approximation-error term (0: loss term only).
     """
 
     def __init__(
@@ -100,9 +105,10 @@ class ELQWeight(nn.Module):
         per_channel: bool = True,
         beta: float = 0.999,
         scale_grad: bool = True,
+        approx: float = 0.0,
     ) -> None:
         super().__init__()
-        self.scale_grad = scale_grad
+        self.scale_grad, self.approx = scale_grad, approx
         self.bits, self.portions, self.per_channel, self.beta = bits, portions, per_channel, beta
         gran = "channel"
         self.spec = QuantSpec(bits=bits, symmetric=bits == 2, granularity=gran)
@@ -118,12 +124,16 @@ class ELQWeight(nn.Module):
         return t.reshape(t.shape[0], -1) if self.per_channel else t.reshape(1, -1)
 
     def hessian(self) -> torch.Tensor:
-        """``d``: ``sqrt(v / (1 - beta^n)) + 1e-8`` (Adam's preconditioner), 1 before any
-        gradient has been seen."""
+        """``d``: ``sqrt(v / (1 - beta^n)) + 1e-8`` (Adam's preconditioner), plus ``approx``
+        times its mean over each row view; 1 before any gradient has been seen."""
         n = int(self.steps)
         if n == 0:
             return torch.ones_like(self.sq_grad)
-        return torch.sqrt(self.sq_grad / (1 - self.beta**n)) + 1e-8
+        d = torch.sqrt(self.sq_grad / (1 - self.beta**n)) + 1e-8
+        if self.approx > 0:
+            rows = self._rows(d)
+            d = (rows + self.approx * rows.mean(1, keepdim=True)).reshape(d.shape)
+        return d
 
     def _track(self, g: torch.Tensor) -> None:
         with torch.no_grad():
@@ -209,6 +219,13 @@ class ELQWeight(nn.Module):
         return WeightExport((codes > 0).to(torch.uint8), ones, zero, self.spec, levels)
 
 
+BINARY_TRAINING = {
+    "epochs": 6, "min_steps": 600, "lr": 5e-3, "lr_quant": 1e-2, "distill": 0.0, "approx": 1.0,
+}  # fmt: skip
+"""Training of 1-bit ELQ (``w1a8-elq``): the budget and learning rates of ``w1a8-xnor``
+(docs/lowbit-training.md)."""
+
+
 @dataclass(frozen=True)
 class ELQConfig(QATConfig):
     """ELQ binary or ternary weights, LSQ activations (recipes ``w1a8-elq``, ``w2a8-elq``).
@@ -216,7 +233,10 @@ class ELQConfig(QATConfig):
     Defaults: ternary weights and 8-bit activations, 4 epochs, lr 1e-3, distillation 0.5 at
     T=4 (as ``w2a8-twn``); first and last layers at 8 bits; one scale per output channel;
     no incremental stages (``portions=()``: measured better than the paper's schedule in a
-    few epochs of fine-tuning, docs/lowbit-training.md).
+    few epochs of fine-tuning, docs/lowbit-training.md). With 1-bit weights
+    (:meth:`from_short` ``w1``, recipe ``w1a8-elq``) the training budget of the binary
+    recipes (``BINARY_TRAINING``: as ``w1a8-xnor``, 6 epochs but at least 600 optimizer
+    steps, lr 5e-3, quantizer lr 1e-2); a keyword given to :meth:`from_short` wins.
 
     Args:
         portions: cumulative fractions of each layer frozen at the stage starts (e.g.
@@ -226,6 +246,11 @@ class ELQConfig(QATConfig):
         beta: decay of the squared-gradient average that gives the diagonal Hessian.
         scale_grad: the gradient also flows through the scale's closed form (False: plain
             straight-through to ``w``).
+        min_steps: :func:`compactnn.train` without ``epochs=`` trains at least this many
+            optimizer steps (more epochs on a small dataset); 0: the recipe's epochs.
+        approx: ``lambda``, weight of the approximation-error term beside the loss term
+            (Hessian-weighted error): per-weight weights ``d_i + lambda mean(d)``; 0: loss
+            term only.
     """
 
     weight: QuantSpec = field(default_factory=lambda: short_weight_spec(2))
@@ -236,9 +261,13 @@ class ELQConfig(QATConfig):
     per_channel: bool = True
     beta: float = 0.999
     scale_grad: bool = True
+    min_steps: int = 0
+    approx: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if type(self.min_steps) is not int or self.min_steps < 0:
+            raise CompactnnError(f"elq: min_steps={self.min_steps!r} must be an integer >= 0.")
         if self.weight.bits not in (1, 2):
             raise CompactnnError(
                 f"elq quantizes weights to 1 bit (w1a8-elq) or 2 bits (w2a8-elq), not "
@@ -249,13 +278,23 @@ class ELQConfig(QATConfig):
             raise CompactnnError(f"portions={self.portions} must increase within (0, 1].")
         if not 0.0 < self.beta < 1.0:
             raise CompactnnError(f"beta={self.beta} must lie in (0, 1).")
+        if not self.approx >= 0.0:
+            raise CompactnnError(f"elq: approx={self.approx} must be >= 0 (0: loss term only).")
+
+    @classmethod
+    def from_short(cls, wbits, abits, group, range_method="minmax", **kwargs):
+        """Short names ``w1a8-elq`` / ``w2a8-elq``; 1-bit weights train with
+        ``BINARY_TRAINING`` unless ``kwargs`` says otherwise."""
+        if wbits == 1:
+            kwargs = {**BINARY_TRAINING, **kwargs}
+        return super().from_short(wbits, abits, group, range_method=range_method, **kwargs)
 
 
 def elq_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: ELQConfig) -> nn.Module:
     """Engine hook: ELQ weights at ``spec.bits`` (activations: LSQ)."""
     return ELQWeight(
         layer.weight, spec.bits, config.portions, config.per_channel, config.beta,
-        config.scale_grad,
+        config.scale_grad, config.approx,
     )  # fmt: skip
 
 

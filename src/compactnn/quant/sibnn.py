@@ -134,6 +134,7 @@ class SIBNNConfig(BinaryConfig):
     levels: str = "01"
     backward: str = "trainable"
     rho: float = 0.0
+    irnet_lr: float | None = None  # Libra-PB on request keeps SIBNN's lr (measured at 1e-3)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -26,7 +26,8 @@ class XNORConfig(BinaryConfig):
 
     Defaults: 6 epochs but at least 600 optimizer steps, lr 5e-3, shift lr 1e-2, no
     distillation, batch norms re-estimated before freezing; first and last layers at 8 bits
-    (LSQ). Measured across nets in docs/lowbit-training.md.
+    (LSQ). Measured across nets in docs/lowbit-training.md. With IR-Net's options
+    (``libra_pb``, ``ede``) the weights train at ``irnet_lr`` (2e-3) instead of ``lr``.
     """
 
     lr: float = 5e-3

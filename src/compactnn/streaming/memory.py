@@ -48,13 +48,23 @@ def _libc():
 
 def fixed_mmap_threshold(size: int = 128 << 10) -> None:
     """Serve allocations of ``size`` bytes and more from their own mappings, returned to the
-    system when freed. glibc otherwise raises its threshold after the first large free (up
-    to 32 MiB), after which each block's tensors come from a heap that keeps their pages.
-    128 KiB, not more: at 1 MiB, the solver's many mid-sized temporaries fragmented the heap
-    of a 28-block Llama's first block by about 450 MiB of freed but resident pages."""
+    system when freed, and give back the heap's free top above ``size`` at once. glibc
+    otherwise raises its threshold after the first large free (up to 32 MiB), after which
+    each block's tensors come from a heap that keeps their pages. 128 KiB, not more: at
+    1 MiB, the solver's many mid-sized temporaries fragmented the heap of a 28-block Llama's
+    first block by about 450 MiB of freed but resident pages.
+
+    Call it before anything large is allocated (before the skeleton is built): glibc serves
+    a large request from free heap space whenever it has some, whatever the threshold, and
+    keeps those pages resident once freed. Building the skeleton under the dynamic threshold
+    left a 1 GiB heap (every parameter allocated, then moved to ``meta``) that the first
+    block's activations and solver then dirtied: 300-600 MiB more peak, varying from run to
+    run with the order in which the free chunks were reused.
+    """
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-3, size)  # M_MMAP_THRESHOLD (fixing it turns the dynamic rule off)
+        libc.mallopt(-1, size)  # M_TRIM_THRESHOLD: return a free heap top above it on free
 
 
 def trim() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -171,6 +172,23 @@ class ShardStream:
         return handles
 
 
+def no_kv_cache(model: nn.Module) -> list:
+    """A hook that runs every whole-model pass with ``use_cache=False`` (returned in a list).
+
+    Hugging Face causal LMs default to ``use_cache=True``: the input check's full pass would
+    keep every block's keys and values until its end (224 MiB on a 28-block Llama at 8 x 128
+    tokens), and the outputs are the same without them. ``model.config`` is left as it is:
+    the artifact's header records it.
+    """
+    if "use_cache" not in inspect.signature(model.forward).parameters:
+        return []
+
+    def pre(_m, args, kwargs):
+        return args, {**kwargs, "use_cache": False}
+
+    return [model.register_forward_pre_hook(pre, with_kwargs=True)]
+
+
 def _check_recipe(recipe: Recipe) -> None:
     for step in recipe.steps:
         config = step.config
@@ -281,8 +299,8 @@ def compress_streamed(
     shards = ShardSet(model_dir)
     recipe = resolve_recipe(recipe)
     _check_recipe(recipe)
+    memory.fixed_mmap_threshold()  # first: the skeleton's construction allocates every weight
     model = build_skeleton(model_dir)  # imports the model's code; holds no weights
-    memory.fixed_mmap_threshold()
     memory.trim()
     memory.reset_peak()
     baseline = memory.rss()
@@ -303,7 +321,7 @@ def compress_streamed(
         len(blocks),
     )
     stream = ShardStream(model, prefix, blocks, shards, staging, on_block)
-    handles = stream.install_hooks()
+    handles = [*stream.install_hooks(), *no_kv_cache(model)]
     try:
         with block_stream(stream):
             qmodel = compress_model(

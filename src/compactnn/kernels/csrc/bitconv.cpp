@@ -413,6 +413,8 @@ torch::Tensor stacked_quantize(torch::Tensor y, int64_t groups, double scale, in
 
 bool has_vpopcnt() { return COMPACTNN_VPOPCNT != 0; }
 
+void register_smallconv(pybind11::module& m);  // smallconv.cpp: few-input-channel convolution
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs, "pack sign(x - shift) of (N, C, H, W) into NHWC words");
   m.def("bitconv2d", &bitconv2d, "binary convolution on packed bits");
@@ -420,4 +422,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_tail", &binary_tail, "shortcut add, RPReLU and ReLU in place, one pass");
   m.def("stacked_quantize", &stacked_quantize, "sum two stacked kernel outputs, quantize");
   m.def("has_vpopcnt", &has_vpopcnt, "whether the AVX-512 VPOPCNTDQ path was compiled");
+  register_smallconv(m);
 }

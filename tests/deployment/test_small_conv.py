@@ -1,0 +1,76 @@
+"""The direct one-input-channel convolution of the plan runner (``kernels/csrc/smallconv.cpp``):
+its codes against a float32 computation of the int8 kernel's formula, and the runner that uses
+it (fused with the input's quantization) against the oneDNN graph, code for code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.deployment.lowbit import code_bounds
+from compactnn.deployment.onednn import Int8Conv2d, quantize_u8
+from compactnn.deployment.runner import _Codegen, plan_runner, small_conv_fits
+from compactnn.kernels import bitconv
+from tests.deployment.conftest import make_net
+
+pytestmark = pytest.mark.skipif(not bitconv.available(), reason="no C++ compiler")
+
+
+def _reference(x, sx, zx, w, mult, bias, out, relu, stride, padding):
+    """The int8 kernel's formula in float32: exact integer dots (float64 conv of integers),
+    ``acc * (sx * sw) + bias``, ReLU, then ``round(y / scale) + zero`` clamped."""
+    q = quantize_u8(x, (sx, zx)).double() - zx
+    acc = nn.functional.conv2d(q, w.double(), stride=stride, padding=padding).float()
+    y = acc * mult[:, None, None] + bias[:, None, None]
+    if relu:
+        y = y.relu()
+    if out is None:
+        return y
+    return (y / out[0]).round().add(out[1]).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("out", [(0.05, 3), None])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_small_conv_equals_the_kernel_formula(out, stride):
+    torch.manual_seed(0)
+    ext = bitconv.load_extension()
+    x = torch.randn(3, 1, 11, 9) * 2
+    w = torch.randint(-128, 128, (16, 1, 3, 3), dtype=torch.int8)
+    sx, zx = 0.031, 128
+    mult = sx * torch.rand(16) * 0.01
+    bias = torch.randn(16)
+    wt = w.float().permute(1, 2, 3, 0).reshape(9, 16).contiguous()
+    if out is None:
+        lo, hi, o_scale, o_zero = 0.0, float("inf"), 0.0, 0
+    else:
+        lo, hi = code_bounds(("relu", []), out)
+        o_scale, o_zero = out
+    args = (wt, mult, bias, 1, 3, 3, [stride] * 2, [1, 1], [1, 1], o_scale, o_zero, lo, hi)
+    got = ext.small_conv(x, sx, zx, 0, 255, *args)  # float input: quantized inside
+    ref = _reference(x, sx, zx, w, mult, bias, out, True, stride, 1)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    if out is None:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(got, ref)
+        codes = quantize_u8(x, (sx, zx))
+        assert torch.equal(ext.small_conv(codes, sx, zx, 0, 255, *args), got)  # codes input
+
+
+def test_runner_fuses_the_first_layer_and_matches_the_graph():
+    torch.manual_seed(1)
+    calib = torch.randn(16, 1, 12, 12)
+    qmodel = compactnn.compress(make_net(in_ch=1), "w8a8", calib_data=calib, progress=False)
+    dep = compactnn.deploy(qmodel, "onednn", example=calib)
+    gm = dep.program
+    first = next(m for m in gm.modules() if isinstance(m, Int8Conv2d))
+    assert small_conv_fits(first)
+    assert len(_Codegen(gm).absorbed) == 1  # the input's quantization runs inside the kernel
+    runner = plan_runner(gm)
+    for x in (calib, torch.randn(2, 1, 9, 7)):
+        with torch.no_grad():
+            assert torch.equal(runner(x), gm(x))
+    assert dep.verify(calib).passed
