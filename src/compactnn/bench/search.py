@@ -43,7 +43,7 @@ from compactnn.mixed_precision.formats import parse_formats
 CNN_FORMATS = ["w2a8", "w3a8", "w4a8", "w8a8"]
 LM_FORMATS = ["w2-g32-gptq", "w3-g32-gptq", "w4-g32-gptq", "w8-g32-gptq"]
 COMMAND = "python -m compactnn.bench.search"
-LATENCY_FORMATS = "ch25+w8a8,ch50+w8a8,w8a8"
+LATENCY_FORMATS = "ch25+w8a8,ch50+w8a8,ch75+w8a8,w8a8"
 
 
 def uniform_bytes(model, formats: list[str], calib, fmt: str, first_last: str) -> float:

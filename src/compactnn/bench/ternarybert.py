@@ -44,7 +44,7 @@ ABLATIONS = {  # name -> fields changed from the recipe's defaults
     "no cosine term": {"cosine": 0.0},
     "TWN scales (not learned)": {"learn_scale": False},
     "cosine term 10": {"cosine": 10.0},
-    "600 steps": {"steps": 600},
+    "1,200 steps": {"steps": 1200},
 }
 
 

@@ -249,7 +249,7 @@ def search(
     cache_dir: str | Path | None = None,
     latency_example: Any = None,
     groups: bool | None = None,
-    latency_rounds: int = 3,
+    latency_rounds: int = 5,
     name: str = "searched",
     progress: bool = True,
 ) -> SearchResult:

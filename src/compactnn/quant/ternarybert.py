@@ -117,7 +117,7 @@ class TernaryBERTConfig(QATConfig):
     lr: float = 5e-4  # MiniLM, 200 steps: cosine 0.8165 at 1e-4, 0.8765 at 5e-4, 0.8598 at 2e-3
     lr_quant: float = 1e-3
     ratio: float = 0.7
-    steps: int = 300
+    steps: int = 600  # MiniLM, unlabeled_texts(): 0.9184 at 300 steps, 0.9368 at 600
     hidden: float = 1.0
     attention: float = 1.0
     embeddings: bool = True
