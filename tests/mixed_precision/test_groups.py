@@ -5,7 +5,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import compactnn
 from compactnn.errors import CompactnnError
@@ -14,22 +13,7 @@ from compactnn.mixed_precision.allocate import allocate_with_groups, assignment_
 from compactnn.mixed_precision.formats import parse_formats
 from compactnn.mixed_precision.groups import measure_groups, residual_groups
 from compactnn.recipe import Recipe
-
-
-class Block(nn.Module):
-    """stem -> (a -> b) + residual -> head: ``stem`` and ``b`` write into one stream."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.a = nn.Conv2d(4, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 6 * 6, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = x + self.b(torch.relu(self.a(x)))
-        return self.head(x.flatten(1))
+from tests.mixed_precision._blocks import Block
 
 
 def block_model():

@@ -12,22 +12,7 @@ from compactnn.mixed_precision.cost import layer_bytes
 from compactnn.mixed_precision.formats import Format, pruned_rows
 from compactnn.mixed_precision.latency import credited, latency_table
 from compactnn.recipe import Recipe, Step
-
-
-class Block(nn.Module):
-    """conv a -> relu -> conv b, plus a residual: only ``a``'s outputs can be pruned alone."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.a = nn.Conv2d(4, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 6 * 6, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = x + self.b(torch.relu(self.a(x)))
-        return self.head(x.flatten(1))
+from tests.mixed_precision._blocks import Block
 
 
 def block_model():

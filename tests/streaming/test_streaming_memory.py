@@ -7,28 +7,19 @@ import torch
 from torch import nn
 
 from compactnn.api import _compress
+from compactnn.models.tiny_hf import tiny_model
 from compactnn.streaming import compress_streamed, memory, run
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 
 def _tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_model("llama")[0]  # vocab 128
 
 
 def test_no_kv_cache_keeps_outputs_and_drops_the_cache():
     model = _tiny_llama()
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cached = model(ids)
     assert cached.past_key_values is not None  # the default keeps every block's keys/values
