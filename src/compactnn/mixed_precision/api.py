@@ -12,7 +12,6 @@ step per format used, each naming its layers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +25,6 @@ from compactnn.core.calib import as_batches, call_model, detect_call_mode
 from compactnn.core.modules import execution_order
 from compactnn.core.qlayers import QUANTIZABLE
 from compactnn.errors import CompactnnError
-from compactnn.export.fs import atomic_write_text
 from compactnn.mixed_precision.accuracy import Trial, accuracy_search
 from compactnn.mixed_precision.allocate import (
     allocate,
@@ -48,124 +46,9 @@ from compactnn.mixed_precision.latency import (
     measure_table,
     whole_model_check,
 )
+from compactnn.mixed_precision.result import Budget, SearchResult
 from compactnn.mixed_precision.sensitivity import SensitivityCache, sensitivity
 from compactnn.recipe import Recipe, Step, parse_short_name
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """Limits of a search; at least one is set.
-
-    Args:
-        max_bytes: artifact bytes of the searched layers (codes, scales, zeros, biases).
-        avg_bits: average weight bits over the searched layers' weights (code bits only).
-        max_bops: bit-operations per sample, ``sum MACs * w_bits * a_bits``.
-        max_latency_ratio: deployed latency at most this fraction of the uniform recipe of
-            the widest format (e.g. ``w8a8``), by the per-layer lookup table; needs
-            ``latency_example`` in :func:`search`.
-
-    Example:
-        >>> Budget(avg_bits=3.0).limits({"code_bits": 10.0})
-        {'code_bits': 30.0}
-    """
-
-    max_bytes: float | None = None
-    avg_bits: float | None = None
-    max_bops: float | None = None
-    max_latency_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_bytes", "avg_bits", "max_bops", "max_latency_ratio"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or v <= 0):
-                raise CompactnnError(f"Budget.{name}={v!r} must be a positive number or None.")
-
-    def limits(self, weights: dict[str, float]) -> dict[str, float]:
-        """Budget rows for :func:`allocate`; ``weights["code_bits"]`` is the total weight count."""
-        out = {}
-        if self.max_bytes is not None:
-            out["bytes"] = float(self.max_bytes)
-        if self.avg_bits is not None:
-            out["code_bits"] = float(self.avg_bits) * weights["code_bits"]
-        if self.max_bops is not None:
-            out["bops"] = float(self.max_bops)
-        return out
-
-
-@dataclasses.dataclass
-class SearchResult:
-    """What a search found.
-
-    Attributes:
-        recipe: the per-layer recipe (``compactnn.compress(model, result.recipe)`` runs it).
-        assignment: layer name -> format name.
-        layers: the searched layers in execution order.
-        formats: the candidate format names.
-        scores: ``(L, F)`` sensitivities; ``costs``: name -> ``(L, F)`` cost tables.
-        predicted: summed sensitivity of the assignment; ``cost``: its totals per cost name.
-        frontier: allocations along the byte budget: cost, predicted score, assignment.
-        latency: the per-layer latency table's inputs (each uniform format's measured
-            milliseconds) and the whole-model check of the result (measured vs proxy).
-        groups: the residual groups searched (layers, options, evidence, the chosen option).
-        tried: every fully evaluated configuration (accuracy-aware mode).
-        baseline: the float model's quality (accuracy-aware mode).
-        seconds: wall time of the search.
-    """
-
-    recipe: Recipe
-    assignment: dict[str, str]
-    layers: list[str]
-    formats: list[str]
-    scores: np.ndarray
-    costs: dict[str, np.ndarray]
-    predicted: float
-    cost: dict[str, float]
-    frontier: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    tried: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    baseline: float | None = None
-    seconds: float = 0.0
-    latency: dict[str, Any] = dataclasses.field(default_factory=dict)
-    groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (``search.json``)."""
-        return {
-            "assignment": self.assignment,
-            "formats": self.formats,
-            "layers": self.layers,
-            "predicted": self.predicted,
-            "cost": self.cost,
-            "scores": {
-                n: dict(zip(self.formats, map(_num, row), strict=True))
-                for n, row in zip(self.layers, self.scores, strict=True)
-            },
-            "bytes": {
-                n: dict(zip(self.formats, map(int, row), strict=True))
-                for n, row in zip(self.layers, self.costs["bytes"], strict=True)
-            },
-            "frontier": self.frontier,
-            "tried": self.tried,
-            "baseline": self.baseline,
-            "seconds": self.seconds,
-            "latency": self.latency,
-            "groups": self.groups,
-            "latency_table_ms": {
-                n: dict(zip(self.formats, map(float, row), strict=True))
-                for n, row in zip(self.layers, self.costs.get("latency", []), strict=False)
-            },
-        }
-
-    def save(self, out: str | Path) -> Path:
-        """Write ``recipe.yaml`` and ``search.json`` into ``out`` (atomically); return ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.yaml", self.recipe.to_yaml())
-        atomic_write_text(out / "search.json", json.dumps(self.to_dict(), indent=1))
-        return out
-
-
-def _num(v: float) -> float | None:
-    return None if np.isnan(v) else float(v)
 
 
 def searched_layers(model: nn.Module, batches: list) -> dict[str, nn.Module]:
