@@ -2,12 +2,15 @@
 
 import os
 
+import pytest
 import torch
 from torch import nn
 
 import compactnn
 from compactnn.core.qlayers import quantize_layer_rtn
 from compactnn.core.spec import QuantSpec
+from compactnn.errors import ArtifactError
+from compactnn.export.reader import read_header
 from compactnn.export.sparse import densify, sparsify
 
 
@@ -77,3 +80,48 @@ def test_sparse_int4_artifact_is_over_20x_smaller_than_float(tmp_path):
     loaded = compactnn.load(tmp_path / "sparse", model=model)
     x = torch.randn(4, 256)
     assert torch.equal(loaded(x), small(x))
+
+
+def _tiled(shape=(32, 64, 3, 3), tile=8, pruned=0.5, seed=0):
+    """A conv weight whose (1 output x ``tile`` input channels x window) tiles are pruned."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    tiles = w.view(shape[0], shape[1] // tile, -1)
+    drop = torch.randperm(tiles.shape[0] * tiles.shape[1], generator=g)
+    drop = drop[: round(pruned * drop.numel())]
+    tiles.view(-1, tiles.shape[-1])[drop] = 0.0
+    return w
+
+
+def test_tile_pruned_weight_is_stored_one_bit_per_tile():
+    w = _tiled()
+    out, index = sparsify({"w": w}, {}, nn.Module())
+    entry = index["w"]
+    assert entry["encoding"] == "blocks" and entry["block"] == 8 * 9
+    # hand count: one bit per 72-entry tile, then every entry of the kept tiles (float32)
+    assert out["w.sparse_index"].numel() == w.numel() // 72 // 8
+    assert out["w.sparse_values"].numel() == w.numel() // 2
+    assert torch.equal(densify(out, index, {})["w"], w)
+
+
+def test_tile_pruned_codes_round_trip_and_shrink(tmp_path):
+    conv = nn.Conv2d(64, 32, 3)
+    with torch.no_grad():
+        conv.weight.copy_(_tiled())
+    q = quantize_layer_rtn(conv, QuantSpec(bits=4, symmetric=True), None)
+    model = nn.Sequential(q)
+    compactnn.save(model, tmp_path / "a")
+    entry = read_header(tmp_path / "a")["sparse"]["0.weight.packed"]
+    assert entry["encoding"] == "blocks" and entry["block"] % 9 == 0
+    dense_bytes = 32 * 64 * 9 * 4 // 8
+    sparse_bytes = entry["count"] * 4 // 8 + 32 * 64 * 9 // entry["block"] // 8
+    assert sparse_bytes <= 0.51 * dense_bytes
+    loaded = compactnn.load(tmp_path / "a", model=nn.Sequential(nn.Conv2d(64, 32, 3)))
+    assert torch.equal(loaded[0].weight_codes, q.weight_codes)
+
+
+def test_blocks_entry_with_a_bad_run_length_is_refused():
+    out, index = sparsify({"w": _tiled()}, {}, nn.Module())
+    index["w"]["block"] = 7  # does not divide the tensor
+    with pytest.raises(ArtifactError, match="malformed"):
+        densify(out, index, {})

@@ -9,6 +9,11 @@ whichever of three encodings is smallest for that tensor (chosen per tensor at s
   ``gap_bits`` bits (2..8, the best width for the tensor); a gap too long for the width is
   bridged by a filler entry holding a zero. Best at high sparsity (about 1 bit per weight at
   90% with 4-bit gaps against 1.4 for the bitmap).
+* ``blocks``: the flat tensor cut into runs of ``block`` consecutive entries; one bit per run
+  (set = the run holds a non-zero), then every entry of the kept runs, zeros included. Best
+  for structured sparsity: a pruned PE tile, filter or row of a ``(O, I, kh, kw)`` weight is
+  such a run (``block`` is chosen per tensor among the divisors of its size up to
+  :data:`MAX_BLOCK`), so its index costs one bit per tile, not per weight.
 
 Values are the float tensor's own elements (bit patterns kept, so ``-0.0`` and NaN survive),
 or, for a quantized layer, its integer codes packed at the layer's bit width; there a "zero"
@@ -32,6 +37,7 @@ from compactnn.errors import ArtifactError
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 GAP_WIDTHS = range(2, 9)
+MAX_BLOCK = 4096  # longest run the blocks encoding tries
 _DTYPES = {n: getattr(torch, n) for n in ("float16", "bfloat16", "float32", "float64")}
 
 
@@ -52,8 +58,14 @@ def _gap_positions(pos: np.ndarray, gap_bits: int) -> np.ndarray:
     return np.sort(np.concatenate([pos, extra]))
 
 
+def _block_sizes(n: int) -> list[int]:
+    """Run lengths the ``blocks`` encoding tries: divisors of ``n`` in ``[2, MAX_BLOCK]``."""
+    return [b for b in range(2, min(n, MAX_BLOCK) + 1) if n % b == 0]
+
+
 def _plan(nz: np.ndarray, value_bits: int) -> tuple[str, int, np.ndarray, int]:
-    """Cheapest encoding of a flat non-zero mask: ``(encoding, gap_bits, positions, bytes)``."""
+    """Cheapest encoding of a flat non-zero mask: ``(encoding, param, positions, bytes)``;
+    ``param`` is the gap width (``gaps``), the run length (``blocks``) or 0."""
     n = nz.size
     pos = np.flatnonzero(nz)
     best = ("dense", 0, pos, packed_nbytes(n, value_bits))
@@ -65,13 +77,25 @@ def _plan(nz: np.ndarray, value_bits: int) -> tuple[str, int, np.ndarray, int]:
         size = packed_nbytes(stored.size, b) + packed_nbytes(stored.size, value_bits)
         if size < best[3]:
             best = ("gaps", b, stored, size)
+    for b in _block_sizes(n):
+        kept = int(nz.reshape(-1, b).any(axis=1).sum())
+        size = packed_nbytes(n // b, 1) + packed_nbytes(kept * b, value_bits)
+        if size < best[3]:
+            best = ("blocks", b, _block_positions(nz, b), size)
     return best
 
 
+def _block_positions(nz: np.ndarray, block: int) -> np.ndarray:
+    """Every position inside the runs of ``block`` entries that hold a non-zero."""
+    runs = np.flatnonzero(nz.reshape(-1, block).any(axis=1))
+    return (runs[:, None] * block + np.arange(block)).reshape(-1)
+
+
 def _encode_index(encoding: str, gap_bits: int, pos: np.ndarray, n: int) -> torch.Tensor:
-    if encoding == "bitmap":
-        bits = np.zeros(n, dtype=np.uint8)
-        bits[pos] = 1
+    if encoding in ("bitmap", "blocks"):
+        unit = gap_bits if encoding == "blocks" else 1  # run length, or one entry
+        bits = np.zeros(n // unit, dtype=np.uint8)
+        bits[pos[::unit] // unit] = 1
         return torch.from_numpy(np.packbits(bits))
     gaps = np.diff(np.concatenate([[-1], pos])) - 1  # each in [0, 2**gap_bits)
     return pack_codes(torch.from_numpy(gaps.astype(np.int16)), QType(gap_bits, signed=False))
@@ -82,8 +106,23 @@ def _decode_index(index: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
     if entry["encoding"] == "bitmap":
         bits = np.unpackbits(index.numpy())[:n].astype(bool)
         return torch.from_numpy(np.flatnonzero(bits))
+    if entry["encoding"] == "blocks":
+        block = entry["block"]
+        runs = np.flatnonzero(np.unpackbits(index.numpy())[: n // block])
+        return torch.from_numpy((runs[:, None] * block + np.arange(block)).reshape(-1))
     gaps = unpack_codes(index, QType(entry["gap_bits"], signed=False), (entry["count"],))
     return torch.cumsum(gaps.long() + 1, 0) - 1
+
+
+def _index_fields(encoding: str, param: int, count: int, numel: int) -> dict[str, Any]:
+    """The index part of a sparse entry (``block`` only for the ``blocks`` encoding)."""
+    fields = {
+        "encoding": encoding,
+        "gap_bits": param if encoding == "gaps" else 0,
+        "count": int(count),
+        "numel": int(numel),
+    }
+    return fields | ({"block": param} if encoding == "blocks" else {})
 
 
 def _element_zero(codes: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -108,10 +147,7 @@ def _sparsify_codes(layer: nn.Module, key: str, out: dict, index: dict) -> None:
     out[f"{key}.sparse_values"] = pack_codes(codes[torch.from_numpy(pos)], spec.qtype)
     index[key] = {
         "kind": "codes",
-        "encoding": encoding,
-        "gap_bits": gap_bits,
-        "count": int(pos.size),
-        "numel": int(nz.size),
+        **_index_fields(encoding, gap_bits, pos.size, nz.size),
     }
 
 
@@ -125,10 +161,7 @@ def _sparsify_float(key: str, t: torch.Tensor, out: dict, index: dict) -> None:
     out[f"{key}.sparse_values"] = t.reshape(-1)[torch.from_numpy(pos)].clone()
     index[key] = {
         "kind": "float",
-        "encoding": encoding,
-        "gap_bits": gap_bits,
-        "count": int(pos.size),
-        "numel": int(nz.size),
+        **_index_fields(encoding, gap_bits, pos.size, nz.size),
         "shape": list(t.shape),
         "dtype": str(t.dtype).removeprefix("torch."),
     }
@@ -201,27 +234,38 @@ def _check_entry(
         ):
             raise ArtifactError(f"sparse entry {key!r} has a bad shape or dtype; re-save it.")
         numel, vtype = int(np.prod(shape)), dtype
+    encoding, block = entry.get("encoding"), entry.get("block")
+    if encoding == "blocks":
+        fields |= {"block"}
     ok = (
         set(entry) == fields
         and entry["numel"] == numel
         and _is_count(entry["count"], numel)
         and (
-            (entry["encoding"] == "bitmap" and entry["gap_bits"] == 0)
+            (encoding == "bitmap" and entry["gap_bits"] == 0)
             or (
-                entry["encoding"] == "gaps"
+                encoding == "gaps"
                 and type(entry["gap_bits"]) is int
                 and entry["gap_bits"] in GAP_WIDTHS
+            )
+            or (
+                encoding == "blocks"
+                and entry["gap_bits"] == 0
+                and type(block) is int
+                and 2 <= block <= MAX_BLOCK
+                and numel % block == 0
+                and entry["count"] % block == 0
             )
         )
     )
     if not ok:
         raise ArtifactError(f"sparse entry {key!r} of the artifact is malformed; re-save it.")
     count = entry["count"]
-    index_bytes = (
-        packed_nbytes(numel, 1)
-        if entry["encoding"] == "bitmap"
-        else packed_nbytes(count, entry["gap_bits"])
-    )
+    index_bytes = {
+        "bitmap": lambda: packed_nbytes(numel, 1),
+        "gaps": lambda: packed_nbytes(count, entry["gap_bits"]),
+        "blocks": lambda: packed_nbytes(numel // block, 1),
+    }[encoding]()
     _need(f"{key}.sparse_index", out.get(f"{key}.sparse_index"), torch.uint8, index_bytes)
     if isinstance(vtype, QType):
         _need(
