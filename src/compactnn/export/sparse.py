@@ -77,7 +77,7 @@ def _plan(nz: np.ndarray, value_bits: int) -> tuple[str, int, np.ndarray, int]:
         size = packed_nbytes(stored.size, b) + packed_nbytes(stored.size, value_bits)
         if size < best[3]:
             best = ("gaps", b, stored, size)
-    for b in _block_sizes(n):
+    for b in _block_sizes(n) if n - pos.size >= 2 else ():  # a run needs zeros to drop
         kept = int(nz.reshape(-1, b).any(axis=1).sum())
         size = packed_nbytes(n // b, 1) + packed_nbytes(kept * b, value_bits)
         if size < best[3]:
