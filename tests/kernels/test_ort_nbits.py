@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import pytest
 import torch
 
 import compactnn
+from compactnn.core.qembedding import quantize_embedding_rtn
 from compactnn.core.qlayers import quantize_layer_rtn
 from compactnn.core.spec import QuantSpec
-from compactnn.kernels.ort_nbits import OrtNBitsModel, nbits_onnx, nbits_tensors
+from compactnn.kernels.ort_nbits import (
+    DATA_ALIGN,
+    OrtNBitsModel,
+    gather_format,
+    gather_tables,
+    gather_tensors,
+    nbits_onnx,
+    nbits_tensors,
+    to_ort_nbits,
+)
 
 pytest.importorskip("onnxruntime")
 warnings.filterwarnings("ignore", message=".*calibration samples")
@@ -66,3 +77,87 @@ def test_exported_model_runs_our_codes(recipe):
     assert b"MatMulNBits" in data
     other = model.fc1.weight.detach().T.contiguous().numpy().tobytes()
     assert other[:256] not in data  # the float weights are gone, only our codes remain
+
+
+class _Table(torch.nn.Module):
+    """Only a lookup: the output is the table's rows (96 wide: 3 groups of 32, an odd count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 96)
+        self.fc = torch.nn.Linear(96, 32)  # gives the recipe a linear layer to quantize
+
+    def forward(self, input_ids, attention_mask):
+        return (self.emb(input_ids) * attention_mask.unsqueeze(-1),)
+
+
+@pytest.mark.parametrize(("recipe", "bits", "block"), [("w4-g32", 4, 32), ("w8", 8, 32)])
+def test_quantized_table_is_gathered_from_codes_bit_exact(recipe, bits, block):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    q = compactnn.compress(_Table().eval(), recipe, calib_data=[batch], progress=False)
+    tables = gather_tables(q)
+    ((name, table, got_bits, got_block),) = tables.values()
+    assert (name, got_bits, got_block) == ("emb", bits, block)  # int8 per row: 3 blocks of 32
+    t = gather_tensors(table, bits, block)
+    # hand dequantization of the stored bytes: (q - z) * s per block of 32 along the row
+    shift = -table.weight_spec.qtype.qmin
+    if bits == 4:
+        codes = torch.stack([t["data"] & 15, t["data"] >> 4], -1).reshape(40, 96)
+        zero = torch.stack([t["zero_points"] & 15, t["zero_points"] >> 4], -1).reshape(40, -1)
+    else:
+        codes, zero = t["data"], t["zero_points"]
+    assert torch.equal(codes.int() - shift, table.weight_codes.int())
+    zero = zero[:, :3].float()  # 4-bit: 3 zero points padded to 2 bytes
+    rows = (codes.float().reshape(40, 3, 32) - zero[..., None]) * t["scales"][..., None]
+    assert torch.equal(rows.reshape(40, 96), table.weight)
+    with torch.no_grad():
+        data, _ = nbits_onnx(q, batch, accuracy_level=0)
+        got = OrtNBitsModel(data, list(batch), threads=1)(**batch)[0]
+        assert torch.equal(got, q(**batch)[0])  # the simulated lookup, bit for bit
+    assert b"GatherBlockQuantized" in data
+    assert table.weight.detach().numpy().tobytes()[:384] not in data  # no float table
+
+
+def test_to_ort_nbits_runs_from_a_mapped_file_and_cleans_up(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    model = _Keywords().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    q = compactnn.compress(model, "w4-g32", calib_data=[batch], progress=False)
+    path = tmp_path / "m.onnx"
+    with torch.no_grad():
+        ref = OrtNBitsModel(nbits_onnx(q, batch)[0], list(batch), threads=1)(**batch)[0]
+        fast = to_ort_nbits(q, batch, threads=1, path=path)
+        assert torch.equal(fast(**batch)[0], ref)  # same graph, weights from the file
+        assert fast.nbytes == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+        proto = onnx.load(str(path), load_external_data=False)
+        offsets = [
+            int({e.key: e.value for e in t.external_data}["offset"])
+            for t in proto.graph.initializer
+            if t.external_data
+        ]
+        assert offsets and all(o % DATA_ALIGN == 0 for o in offsets)
+        assert {n.op_type for n in proto.graph.node} >= {"MatMulNBits", "GatherBlockQuantized"}
+        own = to_ort_nbits(q, batch, threads=1)  # a private folder, gone with the model
+        folder = own.path.parent
+        assert torch.equal(own(**batch)[0], ref) and folder.exists()
+    del own
+    gc.collect()
+    assert not folder.exists()
+    with pytest.raises(compactnn.CompactnnError, match="not a file"):
+        OrtNBitsModel(tmp_path / "missing.onnx", ["input_ids"])
+
+
+def test_only_tables_on_an_integer_grid_become_gather_block_quantized():
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16)
+    table = quantize_embedding_rtn(torch.nn.Embedding(8, 48), spec)
+    assert gather_format(table) == (4, 16)
+    table.weight_zero.add_(0.5)  # a fractional zero point has no uint4 form: stays float
+    assert gather_format(table) is None
+    narrow = quantize_embedding_rtn(torch.nn.Embedding(8, 24), QuantSpec(8, True, "channel"))
+    assert gather_format(narrow) is None  # 24 = 8 x 3: no power-of-two block from 16

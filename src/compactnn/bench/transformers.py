@@ -10,8 +10,16 @@ batch 1 (one sentence), in blocks of calls after a pause, three rounds in rotati
 * ``kernels-lean``: the same layers with ``hold_dense=False`` (no dense copy held: the
   int4/int8 kernels below ``LEAN_DENSE_MIN_ROWS`` rows, a temporary weight dequantized per
   call from there);
-* ``ort-nbits``: ONNX Runtime with compactnn's codes in ``MatMulNBits`` nodes
-  (``kernels/ort_nbits.py``; int8 activations per block, bf16 token embeddings).
+* ``ort-nbits``: ``to_ort_nbits(q, ...)``, ONNX Runtime with compactnn's codes in
+  ``MatMulNBits`` nodes and the token table as ``GatherBlockQuantized`` on its codes
+  (``kernels/ort_nbits.py``; int8 activations per block; the session opened from the file,
+  initializers mapped from page-aligned external data, no CPU arena);
+* ``ort-nbits-bf16``: the previous ONNX Runtime form for comparison (bfloat16 token table,
+  session built from the model's bytes, CPU arena on).
+
+The memory of the ONNX Runtime form is also taken apart step by step (``_MEMORY_STEPS``): the
+same model from bytes or from its file, with the bfloat16 or the quantized table, inline or
+mapped initializers, arena on or off.
 
 The full run (no ``--quick``) adds the peers torchao, optimum-quanto (bf16 models) and ONNX
 Runtime dynamic int8. The fastest form per batch size is named (the per-shape choice), with
@@ -90,19 +98,45 @@ def lean_kernels(q: torch.nn.Module) -> torch.nn.Module:
     return to_kernels(out, inplace=True)
 
 
+# ONNX Runtime forms: (source handed to the session, CPU arena, quantized token table)
+ORT_FORMS = {"ort-nbits": ("path", False, True), "ort-nbits-bf16": ("bytes", True, False)}
+# the ONNX Runtime form's memory, one change at a time: label, file, source, arena
+_MEMORY_STEPS = (
+    ("model bytes, bf16 table, arena (previous form)", "bf16.onnx", "bytes", True),
+    ("file path instead of bytes", "bf16.onnx", "path", True),
+    ("+ int4 table (GatherBlockQuantized)", "gbq.onnx", "path", True),
+    ("+ initializers mapped (external data)", "ort-nbits/model.onnx", "path", True),
+    ("+ CPU arena off (= to_ort_nbits)", "ort-nbits/model.onnx", "path", False),
+)
+
+
+def _ort_forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
+    """The ONNX Runtime forms of ``q`` (and the step files of ``_MEMORY_STEPS``) under
+    ``tmp/<recipe>-onnx/``; a failed export is returned as its message."""
+    from compactnn.kernels.ort_nbits import OrtNBitsModel, nbits_onnx, to_ort_nbits
+
+    folder = tmp / f"{recipe}-onnx"
+    (folder / "ort-nbits").mkdir(parents=True, exist_ok=True)
+    names = list(example)
+    try:
+        for name, tables in (("bf16.onnx", False), ("gbq.onnx", True)):
+            data, _ = nbits_onnx(q, example, quantized_tables=tables)
+            (folder / name).write_bytes(data)
+        fast = to_ort_nbits(q, example, threads=THREADS, path=folder / "ort-nbits" / "model.onnx")
+        old = OrtNBitsModel((folder / "bf16.onnx").read_bytes(), names, THREADS, arena=True)
+    except Exception as exc:  # a failed export is a finding, not a lost section
+        msg = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return dict.fromkeys(ORT_FORMS, msg)
+    return {"ort-nbits": fast, "ort-nbits-bf16": old}
+
+
 def _forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
-    from compactnn.kernels.ort_nbits import OrtNBitsModel, nbits_onnx
     from compactnn.kernels.swap import to_kernels
 
     forms: dict[str, Any] = {"kernels": to_kernels(q)}
     if "a8" not in recipe:  # weight-only: a lean torch form and ONNX Runtime MatMulNBits
         forms["kernels-lean"] = lean_kernels(q)
-        try:
-            data, _ = nbits_onnx(q, example)
-            (tmp / f"{recipe}.onnx").write_bytes(data)
-            forms["ort-nbits"] = OrtNBitsModel(data, list(example), THREADS)
-        except Exception as exc:  # a failed export is a finding, not a lost section
-            forms["ort-nbits"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        forms |= _ort_forms(q, recipe, example, tmp)
     return forms
 
 
@@ -206,38 +240,83 @@ def rss_kernels(artifact: str, batch_path: str, form: str) -> Any:
     return lambda: model(**batch)
 
 
-def rss_ort(onnx_path: str, batch_path: str) -> Any:
-    """A MatMulNBits ONNX file on ONNX Runtime and one forward (a builder)."""
+def rss_ort(onnx_path: str, batch_path: str, source: str = "path", arena: bool = False) -> Any:
+    """A MatMulNBits ONNX file on ONNX Runtime and one forward (a builder); ``source``:
+    ``"path"`` (the session opens the file) or ``"bytes"`` (it gets the file's bytes)."""
     from compactnn.kernels.ort_nbits import OrtNBitsModel
 
     batch = torch.load(batch_path, weights_only=True)
-    model = OrtNBitsModel(Path(onnx_path).read_bytes(), list(batch), THREADS)
+    src = onnx_path if source == "path" else Path(onnx_path).read_bytes()
+    model = OrtNBitsModel(src, list(batch), THREADS, arena=arena)
+    del src
     return lambda: model(**batch)
 
 
-def measure_memory(rows: dict, example: dict, tmp: Path) -> None:
-    """``rss`` (bytes added by the running model, batch 1) for the float model and each form."""
-    batch_path = tmp / "batch1.pt"
-    torch.save(_batch1(example), batch_path)
+def _memory_jobs(rows: dict, tmp: Path, batch_path: Path) -> dict[str, tuple[str, list]]:
     jobs = {"fp32-eager": ("rss_float", [str(batch_path)])}
     for name, r in rows.items():
         if r["kind"] != "ours" or "model" not in r:
             continue
-        if r["form"] == "ort-nbits":
-            jobs[name] = ("rss_ort", [str(tmp / f"{r['recipe']}.onnx"), str(batch_path)])
+        if r["form"] in ORT_FORMS:
+            source, arena, tables = ORT_FORMS[r["form"]]
+            file = "ort-nbits/model.onnx" if tables else "bf16.onnx"
+            onnx_path = str(tmp / f"{r['recipe']}-onnx" / file)
+            jobs[name] = ("rss_ort", [onnx_path, str(batch_path), source, arena])
         else:
             jobs[name] = ("rss_kernels", [str(tmp / r["recipe"]), str(batch_path), r["form"]])
+    return jobs
+
+
+def measure_memory(rows: dict, example: dict, tmp: Path) -> dict[str, dict]:
+    """``rss`` / ``rss_anon`` (bytes added by the running model, batch 1) for the float model
+    and each form, in place; returns the ONNX Runtime memory steps (label -> numbers) of the
+    first weight-only recipe."""
+    batch_path = tmp / "batch1.pt"
+    torch.save(_batch1(example), batch_path)
+    jobs = _memory_jobs(rows, tmp, batch_path)
+    steps: dict[str, dict] = {}
+    first = next((r["recipe"] for r in rows.values() if r.get("form") == "ort-nbits"), None)
+    if first is not None and "model" in rows.get(f"{first} ort-nbits", {}):
+        for label, file, source, arena in _MEMORY_STEPS:
+            onnx_path = str(tmp / f"{first}-onnx" / file)
+            jobs[label] = ("rss_ort", [onnx_path, str(batch_path), source, arena])
+            steps[label] = {"recipe": first}
     for name, (fn, args) in jobs.items():
+        target = steps[name] if name in steps else rows[name]
         try:
             mem = resident_memory(f"{_HERE}:{fn}", args, preload=PRELOAD, threads=THREADS)
-            rows[name]["rss"], rows[name]["rss_anon"] = mem.added, mem.anon_added
+            target["rss"], target["rss_anon"] = mem.added, mem.anon_added
         except Exception as exc:  # noted, the speed table still stands
-            rows[name]["rss_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            target["rss_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    return steps
+
+
+def _steps_table(steps: dict, base: dict) -> str:
+    """The ONNX Runtime form's resident memory, one change at a time, against float's."""
+    lines = [
+        "| step (ONNX Runtime form of " + next(iter(steps.values()))["recipe"] + ") | "
+        "resident (MiB) | vs float | anonymous (MiB) | file-backed (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    rows = {"fp32-eager (float, weights mapped from safetensors)": base, **steps}
+    for label, r in rows.items():
+        if "rss" not in r:
+            lines.append(f"| {label} | failed: {r.get('rss_error', '-')} | | | |")
+            continue
+        ratio = f"{r['rss'] / base['rss']:.2f}x" if base.get("rss") else "-"
+        lines.append(
+            f"| {label} | {r['rss'] / MIB:.1f} | {ratio} | {r['rss_anon'] / MIB:.1f} | "
+            f"{(r['rss'] - r['rss_anon']) / MIB:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def _cell(r: dict, key: str) -> str:
     t = r.get(key + "_t")
-    return "-" if t is None else f"{t.fmt()} | {r[key + '_xbest']:.2f}x"
+    if t is None:
+        return "- | -"
+    cpu = f", cpu {t.cpu_s * 1e3:.2f} ms" if t.cpu_s else ""  # CPU time per call, all threads
+    return f"{t.fmt()}{cpu} | {r[key + '_xbest']:.2f}x"
 
 
 def _table(rows: dict) -> str:
@@ -275,7 +354,11 @@ def _choices(rows: dict, winners: dict) -> str:
     ]
     base = rows["fp32-eager"].get("rss")
     for recipe in dict.fromkeys(r["recipe"] for r in rows.values() if r["kind"] == "ours"):
-        forms = {n: r for n, r in rows.items() if r.get("recipe") == recipe and "b64" in r}
+        forms = {  # the previous ONNX Runtime form is a reference row, not a choice
+            n: r
+            for n, r in rows.items()
+            if r.get("recipe") == recipe and "b64" in r and r["form"] != "ort-nbits-bf16"
+        }
         if not forms:
             continue
         cells = []
@@ -329,7 +412,7 @@ def run(quick: bool = False) -> str:
         n_eval = 64 if quick else 256
         _quality(rows, sentences("eval")[:n_eval])
         winners = _speed(rows, ref.example, quick)
-        measure_memory(rows, ref.example, Path(tmp))
+        steps = measure_memory(rows, ref.example, Path(tmp))
     shape = tuple(ref.example["input_ids"].shape)
     env = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
     env += "" if THREADS == 2 else f"COMPACTNN_BENCH_THREADS={THREADS} "
@@ -339,16 +422,20 @@ def run(quick: bool = False) -> str:
         f"load average {load:.1f} at the end of the run. Batch 64 = {shape[0]} x {shape[1]} "
         "tokens (padded), batch 1 = its first sentence unpadded. Each contender timed in its "
         "own blocks after a pause, three rounds in rotating order, median (min-max when they "
-        f"spread over 10%). Fastest float path: {winners['b64']} at batch 64, {winners['b1']} "
-        f"at batch 1. Quality: mean cosine to the float embeddings of {n_eval} held-out "
-        "sentences. Resident: RSS the running model adds in a fresh process (load + one "
+        "spread over 10%), with the process CPU time per call (all threads; steadier than "
+        "wall time on a loaded machine). "
+        f"Fastest float path: {winners['b64']} at batch 64, {winners['b1']} at batch 1. "
+        f"Quality: mean cosine to the float embeddings of {n_eval} held-out sentences. "
+        "Resident: RSS the running model adds in a fresh process (load + one "
         "batch-1 forward, freed heap trimmed; `transformers`, its BERT modelling module, "
         "`onnxruntime` and compactnn imported first) against fp32 eager's; the torch forms "
         "are loaded straight into kernel layers (`load(path, kernels=...)`, no float model "
-        "built). The float model's weights are a memory-mapped file: only the pages the "
-        "forward touches count (all linear weights, few embedding rows), and none of them "
-        "is anonymous. Anonymous: the RssAnon part (heap and tensors, without file-backed "
-        "pages: weight files and the shared-library code the first forward touches)."
+        "built); `ort-nbits` opens its `.onnx` file, its initializers mapped from the "
+        "external-data file beside it. The float model's weights are a memory-mapped file: "
+        "only the pages the forward touches count (all linear weights, few embedding rows), "
+        "and none of them is anonymous; likewise the mapped table of `ort-nbits`. "
+        "Anonymous: the RssAnon part (heap and tensors, without file-backed pages: weight "
+        "files and the shared-library code the first forward touches)."
         + (
             f" --quick: GPTQ/SmoothQuant calibrated on {QUICK_CALIB * 16} sentences."
             if quick
@@ -364,4 +451,13 @@ def run(quick: bool = False) -> str:
         + "\n\n### The form chosen per shape (fastest measured)\n\n"
         + _choices(rows, winners)
         + "\n"
+        + (
+            "\n### Where the ONNX Runtime form's memory goes\n\n"
+            + _steps_table(steps, rows["fp32-eager"])
+            + "\n\nEach line changes one thing from the line above; every line is a fresh "
+            "process (load + one batch-1 forward), measured as above. File-backed: mapped "
+            "weights and the shared-library pages the forward touches.\n"
+            if steps
+            else ""
+        )
     )

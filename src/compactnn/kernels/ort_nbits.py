@@ -9,12 +9,23 @@ running model. ONNX Runtime's MLAS kernels dequantize blocks on the fly; with
 dot products (faster, a small extra rounding: verify against the simulated model), with
 ``accuracy_level=0`` they compute in float32.
 
+Quantized token tables (:class:`~compactnn.core.qembedding.QuantEmbedding`) become
+``com.microsoft::GatherBlockQuantized`` nodes on the same codes (uint8 bytes holding two 4-bit
+codes, or one 8-bit code, per-row blocks of scales and zero points): a lookup gathers codes
+and dequantizes ``(q - z) * s`` in float32, the simulation's formula, so no float table exists
+either (MiniLM's word embeddings: 7.5 MB instead of 47 MB float32 or 23 MB bfloat16).
+
 The whole graph (attention, LayerNorm, GELU) runs in ONNX Runtime, which also removes the
-per-op overhead of eager PyTorch at batch 1. Needs the ``onnx`` extra.
+per-op overhead of eager PyTorch at batch 1. :func:`to_ort_nbits` writes the model as an
+``.onnx`` file with its initializers in a page-aligned external-data file and opens the
+session from that path: no Python copy of the model bytes stays alive, ONNX Runtime maps the
+initializers from the file (only the pages a run touches are resident), and the MatMulNBits
+weights, once prepacked, release their originals. Needs the ``onnx`` extra.
 
 Example:
     >>> fast = to_ort_nbits(qmodel, example)        # doctest: +SKIP
     >>> hidden = fast(**example)[0]                 # doctest: +SKIP
+    >>> fast.nbytes                                  # bytes of the ONNX file + its data
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +45,13 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
+from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import CompactnnError
 
 NBITS = (4, 8)  # ONNX Runtime's MatMulNBits bit widths used here (codes below 4 bits fit 4)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+DATA_ALIGN = 1 << 16  # external-data offsets: a multiple of every page / mapping granularity
 
 
 def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
@@ -102,11 +117,112 @@ def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, tuple]]:
     return out, found
 
 
+def gather_format(table: QuantEmbedding) -> tuple[int, int] | None:
+    """(bits, block size) of ``table`` on GatherBlockQuantized, or None when it does not fit.
+
+    Codes of 2-4 bits use the 4-bit form, 5-8 bits the 8-bit form; a per-row grid becomes the
+    largest power-of-two block (from 16) that divides the row, its scale repeated per block.
+    Zero points must be integers on the code grid.
+    """
+    if getattr(table, "weight_levels", None) is not None:
+        return None
+    spec, d = table.weight_spec, table.embedding_dim
+    bits = 4 if spec.bits <= 4 else 8
+    if spec.granularity == "group":
+        block = spec.group_size
+    elif spec.granularity == "channel":
+        block = d & -d  # largest power of two dividing d
+    else:
+        return None
+    if block < 16 or block & (block - 1) or d % block:
+        return None
+    zero = table.weight_zero.float() - spec.qtype.qmin  # on the unsigned code grid
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
+        return None  # a fractional zero point: the table stays a float Gather
+    return bits, block
+
+
+def gather_tensors(table: QuantEmbedding, bits: int, block: int) -> dict[str, torch.Tensor]:
+    """GatherBlockQuantized's ``data`` ``(V, D*bits/8)`` uint8 (low nibble first), ``scales``
+    ``(V, D/block)`` float32 and ``zero_points`` (uint8, packed like ``data``) from the codes
+    of ``table``: ``row[j] = (q[j] - z[j // block]) * s[j // block]``."""
+    shift = -table.weight_spec.qtype.qmin  # codes into 0..2^bits-1
+    q = table.weight_codes.to(torch.int32) + shift  # (V, D)
+    scale, zero = table.weight_scale.float(), table.weight_zero.float() + shift  # (V, groups)
+    reps = q.shape[1] // block // scale.shape[1]  # > 1 for a per-row grid on smaller blocks
+    scale, zero = scale.repeat_interleave(reps, 1), zero.repeat_interleave(reps, 1)
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
+        raise ValueError("GatherBlockQuantized needs integer zero points on the code grid")
+    return {
+        "data": _pack(q, bits).contiguous(),
+        "scales": scale.contiguous(),
+        "zero_points": _pack(zero.to(torch.int32), bits).contiguous(),
+    }
+
+
+def gather_tables(model: nn.Module) -> dict[str, tuple]:
+    """``{table key: (name, table, bits, block)}`` of the embedding tables of ``model`` that
+    GatherBlockQuantized can hold (the key is their dequantized float table's)."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantEmbedding) and (fmt := gather_format(m)) is not None:
+            found[_key(m.weight)] = (name, m, *fmt)
+    return found
+
+
+def _replace_gathers(onnx: Any, graph: Any, tables: dict) -> set[str]:
+    """Swap each Gather (axis 0) on a known dequantized table for GatherBlockQuantized on its
+    codes; drops the float table when nothing else reads it. Returns the names swapped."""
+    from_array, to_array = onnx.numpy_helper.from_array, onnx.numpy_helper.to_array
+    inits = {i.name: i for i in graph.initializer}
+    keys = {}
+    for node in graph.node:
+        w = node.input[0] if node.op_type == "Gather" and node.input else ""
+        if w in inits and w not in keys and len(inits[w].dims) == 2:
+            keys[w] = _key(torch.from_numpy(to_array(inits[w]).copy()))
+    swapped, nodes = set(), []
+    for node in graph.node:
+        w = node.input[0] if node.op_type == "Gather" else ""
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if keys.get(w) not in tables or axis != 0:
+            nodes.append(node)
+            continue
+        name, table, bits, block = tables[keys[w]]
+        names = [f"{w}_gbq_{k}" for k in ("data", "scales", "zero_points")]
+        if w not in swapped:
+            tensors = gather_tensors(table, bits, block).values()
+            graph.initializer.extend(
+                from_array(t.numpy(), n) for n, t in zip(names, tensors, strict=True)
+            )
+        nodes.append(
+            onnx.helper.make_node(
+                "GatherBlockQuantized",
+                [names[0], node.input[1], *names[1:]],
+                list(node.output),
+                name=f"{node.name or name}_gbq",
+                domain="com.microsoft",
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=block,
+                bits=bits,
+            )
+        )
+        swapped.add(w)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still = {n for node in nodes for n in node.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name not in swapped or i.name in still]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return swapped
+
+
 def nbits_onnx(
     model: nn.Module,
     example: dict[str, torch.Tensor],
     accuracy_level: int = 4,
     bf16_tables: bool = True,
+    quantized_tables: bool = True,
 ) -> tuple[bytes, list[str]]:
     """The serialized ONNX model with MatMulNBits nodes, and the layers left as float MatMul.
 
@@ -115,26 +231,44 @@ def nbits_onnx(
             encoder from ``compactnn.compress`` or ``compactnn.load``.
         example: one batch of its keyword inputs (``input_ids``, ``attention_mask``).
         accuracy_level: MatMulNBits' ``accuracy_level`` (4: int8 activations on VNNI).
-        bf16_tables: store large float lookup tables (token embeddings) in bfloat16, cast to
-            float32 after the lookup: half their memory, values rounded to 8 significant
-            bits (as ``to_kernels``' bfloat16 model does).
+        bf16_tables: store large float lookup tables left in float (token embeddings of an
+            unquantized table) in bfloat16, cast to float32 after the lookup: half their
+            memory, values rounded to 8 significant bits (as ``to_kernels``' bfloat16 model).
+        quantized_tables: quantized embedding tables as GatherBlockQuantized on their codes
+            (exact in float32); False keeps them as float Gather tables.
     """
+    proto, left = nbits_proto(model, example, accuracy_level, bf16_tables, quantized_tables)
+    return proto.SerializeToString(), left
+
+
+def nbits_proto(
+    model: nn.Module,
+    example: dict[str, torch.Tensor],
+    accuracy_level: int = 4,
+    bf16_tables: bool = True,
+    quantized_tables: bool = True,
+) -> tuple[Any, list[str]]:
+    """:func:`nbits_onnx` as an ``onnx.ModelProto`` (not serialized)."""
     onnx = require("onnx", "onnx")
     if accuracy_level not in ACCURACY_LEVELS:
         raise CompactnnError(f"accuracy_level={accuracy_level} must be one of {ACCURACY_LEVELS}")
     if not isinstance(example, dict):
         raise CompactnnError("nbits_onnx example must be a dict of keyword tensors")
+    tables = gather_tables(model) if quantized_tables else {}
     plain, found = dequantized_model(model)
     with tempfile.TemporaryDirectory(prefix="compactnn-nbits-") as tmp:
         export_dynamic(plain, example, Path(tmp) / "m.onnx")
         proto = onnx.load(str(Path(tmp) / "m.onnx"))
+    del plain
     used = _replace_matmuls(onnx, proto.graph, found, accuracy_level)
+    if tables:
+        _replace_gathers(onnx, proto.graph, tables)
     if bf16_tables:
         _bf16_tables(onnx, proto.graph)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     left = sorted(name for key, (name, *_) in found.items() if key not in used)
-    return proto.SerializeToString(), left
+    return proto, left
 
 
 def _replace_matmuls(onnx: Any, graph: Any, found: dict, accuracy_level: int) -> set[str]:
@@ -212,23 +346,92 @@ def _bf16_initializer(onnx: Any, name: str, table: torch.Tensor) -> Any:
     return t
 
 
+def save_nbits(proto: Any, path: str | os.PathLike, min_bytes: int = 1024) -> int:
+    """Write ``proto`` to ``path`` with every initializer of ``min_bytes`` or more in
+    ``<path>.data``, each at an offset that is a multiple of ``DATA_ALIGN`` (so ONNX Runtime
+    can map it from the file instead of copying it). Both files are replaced atomically;
+    ``proto`` is not modified. Returns the bytes written (both files)."""
+    onnx = require("onnx", "onnx")
+    path = Path(path)
+    data_path = path.with_name(path.name + ".data")
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    tmp_data = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
+    tmp_model = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp_data, "wb") as f:
+            for t in out.graph.initializer:
+                if not t.HasField("raw_data") or len(t.raw_data) < min_bytes:
+                    continue
+                offset = -f.tell() % DATA_ALIGN + f.tell()
+                f.write(b"\0" * (offset - f.tell()))
+                f.write(t.raw_data)
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for key, value in (("location", data_path.name), ("offset", offset)):
+                    t.external_data.add(key=key, value=str(value))
+                t.external_data.add(key="length", value=str(f.tell() - offset))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp_model.write_bytes(out.SerializeToString())
+        os.replace(tmp_data, data_path)
+        os.replace(tmp_model, path)
+    finally:
+        tmp_data.unlink(missing_ok=True)
+        tmp_model.unlink(missing_ok=True)
+    return path.stat().st_size + data_path.stat().st_size
+
+
 class OrtNBitsModel(nn.Module):
     """A model exported by :func:`nbits_onnx`, run by ONNX Runtime behind the model's keyword
-    call; returns ``(last_hidden_state,)`` as float32."""
+    call; returns ``(last_hidden_state,)`` as float32.
 
-    def __init__(self, data: bytes, names: list[str], threads: int | None = None) -> None:
+    Args:
+        source: the path of an ``.onnx`` file (its external data beside it: the initializers
+            are mapped, not copied; see :func:`save_nbits`) or the serialized bytes (ONNX
+            Runtime then keeps its own copy of every initializer: more resident memory).
+        names: the input names, in the order of the model's inputs.
+        threads: intra-op threads (default: ``torch.get_num_threads()``).
+        arena: ONNX Runtime's CPU memory arena (default off: it keeps the peak of every shape
+            run so far; off, activations are freed after each run).
+    """
+
+    def __init__(
+        self,
+        source: bytes | str | os.PathLike,
+        names: list[str],
+        threads: int | None = None,
+        *,
+        arena: bool = False,
+    ) -> None:
         super().__init__()
         ort = require("onnxruntime", "onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.enable_cpu_mem_arena = arena
         # spinning idle threads steal the CPU from the caller and other jobs
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        self.path = None if isinstance(source, bytes) else Path(source)  # the file it runs
+        if isinstance(source, bytes):
+            self.nbytes = len(source)
+        else:
+            source = str(source)
+            if not Path(source).is_file():
+                raise CompactnnError(f"OrtNBitsModel: {source} is not a file (an .onnx path)")
+            data = Path(source + ".data")
+            self.nbytes = Path(source).stat().st_size + (
+                data.stat().st_size if data.exists() else 0
+            )
+        self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.names = names
-        self.nbytes = len(data)
         self.runtime = "onnxruntime MatMulNBits"
+
+    def remove_on_delete(self, folder: str | os.PathLike) -> None:
+        """Delete ``folder`` (the model's own temporary files) when this model is collected."""
+        weakref.finalize(self, shutil.rmtree, str(folder), ignore_errors=True)
 
     def forward(self, **kwargs: torch.Tensor) -> tuple[torch.Tensor]:
         feed = {n: kwargs[n].numpy() for n in self.names if n in kwargs}
@@ -241,6 +444,7 @@ def to_ort_nbits(
     *,
     accuracy_level: int = 4,
     bf16_tables: bool = True,
+    quantized_tables: bool = True,
     threads: int | None = None,
     path: str | os.PathLike | None = None,
 ) -> OrtNBitsModel:
@@ -251,14 +455,27 @@ def to_ort_nbits(
             without KV cache).
         example: one batch of keyword inputs (shapes are dynamic in batch and sequence).
         accuracy_level: 4 (int8 activations, VNNI; default) or 0 (float32 compute).
-        bf16_tables: token embeddings stored in bfloat16 (see :func:`nbits_onnx`).
+        bf16_tables: float token embeddings stored in bfloat16 (see :func:`nbits_onnx`).
+        quantized_tables: quantized token embeddings as GatherBlockQuantized (default).
         threads: intra-op threads (default: ``torch.get_num_threads()``).
-        path: also write the ONNX file here (it runs on any ONNX Runtime >= 1.20 CPU).
+        path: write the model here (``path`` and its external data ``path.data``: keep them
+            together; ONNX Runtime's CPU provider runs them: 1.32 tested) and run it from there;
+            default: a private temporary folder, deleted with the returned model.
 
     Returns:
-        An :class:`OrtNBitsModel`.
+        An :class:`OrtNBitsModel` whose session maps its initializers from the file.
     """
-    data, _ = nbits_onnx(model, example, accuracy_level, bf16_tables)
-    if path is not None:
-        Path(path).write_bytes(data)
-    return OrtNBitsModel(data, list(example), threads)
+    proto, _ = nbits_proto(model, example, accuracy_level, bf16_tables, quantized_tables)
+    own = path is None
+    target = Path(tempfile.mkdtemp(prefix="compactnn-nbits-")) / "model.onnx" if own else path
+    try:
+        save_nbits(proto, target)
+        del proto
+        out = OrtNBitsModel(target, list(example), threads)
+    except BaseException:
+        if own:
+            shutil.rmtree(Path(target).parent, ignore_errors=True)
+        raise
+    if own:
+        out.remove_on_delete(Path(target).parent)
+    return out
