@@ -135,7 +135,8 @@ def test_binary_short_name_trains_with_the_xnor_budget_ternary_unchanged():
     assert (elq.epochs, elq.min_steps, elq.lr, elq.lr_quant, elq.distill) == (6, 600, 5e-3, 1e-2, 0)
     ter = resolve_recipe("w2a8-elq").steps[0].config
     assert (ter.epochs, ter.min_steps, ter.lr, ter.lr_quant, ter.distill) == (4, 0, 1e-3, 1e-3, 0.5)
-    assert (elq.approx, ter.approx) == (1.0, 0.0)  # approximation-error term: binary only
+    assert (elq.approx, ter.approx) == (0.0, 0.0)  # loss term only (chosen on validation)
+    assert ELQConfig.from_short(1, 8, None, approx=1.0).approx == 1.0
     assert ELQConfig.from_short(1, 8, None, lr=2e-3, min_steps=0).lr == 2e-3  # keywords win
     assert ELQConfig.from_short(1, 8, None, min_steps=0).min_steps == 0
 
@@ -154,8 +155,10 @@ def test_min_steps_raises_the_epochs_unless_epochs_are_given():
     assert compactnn.info_of(q)["extra"]["training"]["steps"] == 4  # explicit epochs win
 
 
-@pytest.mark.parametrize("bits,portions", [(1, ()), (2, (0.5, 0.75))])
-def test_train_save_load_bit_exact(tmp_path, bits, portions):
+@pytest.mark.parametrize(
+    "bits,portions,frozen", [(1, (), True), (2, (0.5, 0.75), True), (1, (0.5, 1.0), False)]
+)
+def test_train_save_load_bit_exact(tmp_path, bits, portions, frozen):
     def mlp():
         torch.manual_seed(0)
         return nn.Sequential(
@@ -164,7 +167,14 @@ def test_train_save_load_bit_exact(tmp_path, bits, portions):
 
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     cfg = ELQConfig.from_short(
-        bits, 8, None, epochs=2, batch_size=32, portions=portions, min_steps=0
+        bits,
+        8,
+        None,
+        epochs=2,
+        batch_size=32,
+        portions=portions,
+        min_steps=0,
+        frozen_codes=frozen,
     )
     q = compactnn.train(mlp(), Recipe("elq", (Step("elq", cfg),)), (x, y), progress=False)
     assert compactnn.info_of(q)["extra"]["training"]["steps"] == 4  # 2 epochs of 2 batches
@@ -174,3 +184,29 @@ def test_train_save_load_bit_exact(tmp_path, bits, portions):
     compactnn.save(q, tmp_path / "elq")
     q2 = compactnn.load(tmp_path / "elq", model=mlp())
     assert torch.equal(q(x), q2(x))
+
+
+def test_incremental_straight_through_by_hand():
+    torch.manual_seed(0)
+    w = torch.randn(2, 8, requires_grad=True)
+    q = ELQWeight(w, bits=1, portions=(0.5, 1.0), frozen_codes=False)
+    q.start_epoch(w.detach(), 0, 2)  # half of each row quantized, d = 1
+    m = q.frozen
+    assert m.sum(1).tolist() == [4, 4]
+    g = torch.randn(2, 8)
+    out = q(w)
+    (out * g).sum().backward()
+    s, wd = torch.sign(w.detach()), w.detach()
+    alpha = ((wd.abs() * m).sum(1, keepdim=True) / 4).half().float()  # over the quantized half
+    assert torch.allclose(out.detach(), torch.where(m, alpha * s, wd))
+    # quantized: straight-through codes + d alpha / dw over the quantized half; free: float
+    hand = torch.where(m, alpha * g + s * (g * s * m).sum(1, keepdim=True) / 4, g)
+    assert torch.allclose(w.grad, hand, atol=1e-6)
+    # the last stage (1.0) is the plain straight-through training, frozen codes or not
+    v = torch.randn(3, 5)
+    staged = ELQWeight(v, bits=2, portions=(0.5, 1.0), frozen_codes=False)
+    staged.start_epoch(v, 1, 2)
+    assert staged.frozen.all() and int(staged.stage) == 2
+    assert torch.equal(staged(v), ELQWeight(v, bits=2)(v))
+    (c1, a1), (c2, a2) = staged.final(v), elq_ternary(v, torch.ones_like(v))
+    assert torch.equal(c1, c2) and torch.equal(a1, a2)

@@ -3,9 +3,9 @@ their baselines on ``mnist-cnn``.
 
 * ELQ binary and ternary weights with 8-bit activations (``w1a8-elq``, ``w2a8-elq``, and the
   paper's incremental schedule as an option) against ``w1a8-xnor`` and ``w2a8-twn``;
-  ``w1a8-elq`` trains with the binary recipes' budget and an approximation-error term
-  (``quant.elq.BINARY_TRAINING``); two arms show it without the term and with the ternary
-  recipe's training instead (its defaults before issue 19's fix).
+  ``w1a8-elq`` trains with the binary recipes' budget, loss term only
+  (``quant.elq.BINARY_TRAINING``); two arms show it with the approximation-error term and
+  with the ternary recipe's training instead (its defaults before issue 19's fix).
 * The sparsity-inducing BNN's four arms (``+-1`` or ``{0, 1}`` forward; clipped STE or the
   trainable backward) on ``w1a1-sibnn``, with the activation sparsity reached (share of
   zeros among the binary activations of the test digits).
@@ -13,13 +13,16 @@ their baselines on ``mnist-cnn``.
 Every arm is ``compactnn.train`` from the same float model, scored on the held-out split
 after saving and loading the artifact back (helpers of :mod:`compactnn.bench.lowbit_train`).
 ``run(quick=True)``: one seed, 2 epochs per arm; ``run()``: three seeds, each recipe's
-default epochs.
+default epochs. ELQ's binary options are chosen on a validation split carved from the
+training digits (:func:`validation_split`, :func:`elq_val_arms`; ``python -m
+compactnn.bench.lowbit_train2 elq-val SEED``), never on the held-out digits.
 
 Regenerate with ``python -m compactnn.bench --only lowbit_train2``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -45,8 +48,8 @@ def elq_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
     return [
         ("w1a8-xnor", lambda: "w1a8-xnor"),
         ("w1a8-elq", lambda: "w1a8-elq"),
-        ("w1a8-elq, loss term only (approx 0)",
-         lambda: with_options("w1a8-elq", "e1a", approx=0.0)),
+        ("w1a8-elq, with the approximation-error term (approx 1)",
+         lambda: with_options("w1a8-elq", "e1a", approx=1.0)),
         ("w1a8-elq, ternary training (4 epochs, lr 1e-3, distill 0.5, approx 0)",
          lambda: with_options("w1a8-elq", "e1t", epochs=4, min_steps=0, lr=1e-3, lr_quant=1e-3,
                               distill=0.5, approx=0.0)),
@@ -55,6 +58,8 @@ def elq_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
         ("w1a8-elq, per-layer scale", lambda: with_options("w1a8-elq", "e1l", per_channel=False)),
         ("w1a8-elq, incremental 0.5/0.75/0.875",
          lambda: with_options("w1a8-elq", "e1i", portions=inc)),
+        ("w1a8-elq, incremental 0.5/0.75/0.875/1, straight-through stages",
+         lambda: with_options("w1a8-elq", "e1r", portions=(*inc, 1.0), frozen_codes=False)),
         ("w2a8-twn (per-layer scale)", lambda: "w2a8-twn"),
         ("w2a8-elq", lambda: "w2a8-elq"),
         ("w2a8-elq, no gradient through the scale",
@@ -63,6 +68,50 @@ def elq_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
         ("w2a8-elq, incremental 0.5/0.75/0.875",
          lambda: with_options("w2a8-elq", "e2i", portions=inc)),
     ]  # fmt: skip
+
+
+def elq_val_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
+    """The binary arms compared on the validation split to choose ``w1a8-elq``'s options."""
+    staged = (0.5, 0.75, 0.875, 1.0)
+    return [
+        ("w1a8-xnor", lambda: "w1a8-xnor"),
+        ("w1a8-elq, approx 1", lambda: with_options("w1a8-elq", "v-a1", approx=1.0)),
+        ("w1a8-elq, approx 0 (the default)", lambda: "w1a8-elq"),
+        ("w1a8-elq, incremental 0.5/0.75/0.875/1, frozen codes",
+         lambda: with_options("w1a8-elq", "v-if", portions=staged)),
+        ("w1a8-elq, incremental 0.5/0.75/0.875/1, straight-through stages",
+         lambda: with_options("w1a8-elq", "v-ir", portions=staged, frozen_codes=False)),
+    ]  # fmt: skip
+
+
+def validation_split(split, fraction: float = 0.15):
+    """``split`` with its training digits cut in two: the first ``1 - fraction`` train, the
+    last ``fraction`` (600 of mnist's 4,000) take the test digits' place. Options are
+    chosen there; the held-out test digits are only for the final seeds."""
+    n = len(split.x_train)
+    cut = n - int(n * fraction)
+    return dataclasses.replace(
+        split, x_train=split.x_train[:cut], y_train=split.y_train[:cut],
+        x_test=split.x_train[cut:], y_test=split.y_train[cut:],
+    )  # fmt: skip
+
+
+def run_val_arms(arms, seeds) -> list[dict]:
+    """Every arm on mnist-cnn trained on the validation split's training part, top-1 on
+    its validation digits (after save / load), one row per arm."""
+    from compactnn.models.fit import top1
+
+    ref, split = reference("mnist-cnn")
+    val = validation_split(split)
+    ref = dataclasses.replace(ref, evaluate=lambda m: top1(m, val.x_test, val.y_test))
+    rows = []
+    for label, make in arms:
+        with tempfile.TemporaryDirectory(prefix="compactnn-elqval-") as tmp:
+            runs = [train_score(ref, val, make(), seed, None, Path(tmp)) for seed in seeds]
+        rows.append({"net": "mnist-cnn (validation)", "arm": label,
+                     "float": ref.evaluate(ref.model), "runs": runs})  # fmt: skip
+        print(f"[elq-val] {label}: {[r['top1'] for r in runs]}", file=sys.stderr, flush=True)
+    return rows
 
 
 def sibnn_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
@@ -148,8 +197,9 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run a part: ``python -m compactnn.bench.lowbit_train2 PART SEED``, PART ``elq`` or
-    ``sibnn`` (mnist-cnn, default epochs, one thread); one JSON line per arm."""
+    """Run a part: ``python -m compactnn.bench.lowbit_train2 PART SEED``, PART ``elq``,
+    ``elq-val`` (the validation split) or ``sibnn`` (mnist-cnn, default epochs, one
+    thread); one JSON line per arm."""
     import json
 
     import compactnn.quant.elq
@@ -161,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(1)
     if part == "elq":
         rows = run_arms(["mnist-cnn"], elq_arms(), [int(seed)], None, "elq")
+    elif part == "elq-val":
+        rows = run_val_arms(elq_val_arms(), [int(seed)])
     else:
         rows = run_sparsity_arms(sibnn_arms(), [int(seed)], None)
     for row in rows:

@@ -95,6 +95,9 @@ class ELQWeight(nn.Module):
         beta: decay of the squared-gradient average (Adam's ``beta2``).
         scale_grad: let the gradient reach ``w`` through the scale too.
         approx: ``lambda``, the weight of the approximation-error term (0: loss term only).
+        frozen_codes: weights quantized at a stage keep their codes (INQ's); False: they
+            keep training through codes re-solved each step (straight-through), the rest
+            float.
     """
 
     def __init__(
@@ -106,9 +109,10 @@ class ELQWeight(nn.Module):
         beta: float = 0.999,
         scale_grad: bool = True,
         approx: float = 0.0,
+        frozen_codes: bool = True,
     ) -> None:
         super().__init__()
-        self.scale_grad, self.approx = scale_grad, approx
+        self.scale_grad, self.approx, self.frozen_codes = scale_grad, approx, frozen_codes
         self.bits, self.portions, self.per_channel, self.beta = bits, portions, per_channel, beta
         gran = "channel"
         self.spec = QuantSpec(bits=bits, symmetric=bits == 2, granularity=gran)
@@ -140,10 +144,14 @@ class ELQWeight(nn.Module):
             self.sq_grad.mul_(self.beta).add_(g.detach() * g.detach(), alpha=1 - self.beta)
             self.steps.add_(1)
 
-    def solve(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes, alpha)`` of the closed form on ``w`` (rows view) with the current ``d``."""
+    def solve(
+        self, w: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, alpha)`` of the closed form on ``w`` (rows view) with the current ``d``;
+        ``mask``: fit ``alpha`` to the masked weights only (``d`` zeroed elsewhere)."""
         fn = elq_binary if self.bits == 1 else elq_ternary
-        return fn(self._rows(w.detach()), self._rows(self.hessian()))
+        d = self.hessian() if mask is None else self.hessian() * mask
+        return fn(self._rows(w.detach()), self._rows(d))
 
     def _alpha_full(self, alpha: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         a = fp16(alpha)  # as the artifact stores it
@@ -155,7 +163,8 @@ class ELQWeight(nn.Module):
         ``portion`` of each row view is frozen; refit ``alpha`` to the frozen codes."""
         codes, alpha = self.solve(w)
         wr, dr = self._rows(w.detach()), self._rows(self.hessian())
-        frozen, old = self._rows(self.frozen), self._rows(self.codes)
+        frozen = self._rows(self.frozen)
+        old = self._rows(self.codes) if self.frozen_codes else codes  # re-solved: current
         err = dr * (wr - alpha[:, None] * codes) ** 2
         n_target = round(portion * wr.shape[1])
         n_new = (n_target - frozen.sum(1)).clamp(min=0)
@@ -174,29 +183,36 @@ class ELQWeight(nn.Module):
         apply_due_stages(self, w, epoch, epochs)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if int(self.stage) > 0:  # incremental: frozen codes, free weights float
+        staged = int(self.stage) > 0
+        if staged and self.frozen_codes:  # incremental: frozen codes, free weights float
             out = torch.where(self.frozen, self._alpha_full(self.alpha, w) * self.codes, w)
-        else:
-            codes, alpha = self.solve(w)
-            if self.scale_grad:  # alpha as a function of w (d and the support held)
-                dr = self._rows(self.hessian()) * (codes != 0)
-                live = (dr * self._rows(w).abs()).sum(1) / dr.sum(1).clamp(min=1e-30)
-                rows = live + (fp16(alpha) - live).detach()  # value: the stored scale
-                rows = rows if self.per_channel else rows.expand(w.shape[0])
-                a = rows.reshape(-1, *([1] * (w.dim() - 1)))
-                out = a * (codes.reshape(w.shape) + (w - w.detach()))
-            else:
-                q = self._alpha_full(alpha, w) * codes.reshape(w.shape)
-                out = w + (q - w).detach()
+        else:  # every weight, or (staged, not frozen) the quantized ones: straight-through
+            out = self._straight_through(w, self.frozen if staged else None)
         if out.requires_grad and self.training:
             out.register_hook(self._track)
         return out
+
+    def _straight_through(self, w: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``alpha t`` by the closed form, fitted on ``mask`` (None: all); float elsewhere."""
+        codes, alpha = self.solve(w, mask)
+        if self.scale_grad:  # alpha as a function of w (d and the support held)
+            d = self.hessian() if mask is None else self.hessian() * mask
+            dr = self._rows(d) * (codes != 0)
+            live = (dr * self._rows(w).abs()).sum(1) / dr.sum(1).clamp(min=1e-30)
+            rows = live + (fp16(alpha) - live).detach()  # value: the stored scale
+            rows = rows if self.per_channel else rows.expand(w.shape[0])
+            a = rows.reshape(-1, *([1] * (w.dim() - 1)))
+            out = a * (codes.reshape(w.shape) + (w - w.detach()))
+        else:
+            q = self._alpha_full(alpha, w) * codes.reshape(w.shape)
+            out = w + (q - w).detach()
+        return out if mask is None else torch.where(mask, out, w)
 
     def final(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes, alpha)`` of the whole layer: frozen codes kept, the rest by the closed
         form (incremental: nearest level at the refitted scale), ``alpha`` refitted."""
         codes, alpha = self.solve(w)
-        if int(self.stage) == 0:
+        if int(self.stage) == 0 or not self.frozen_codes:
             return codes.reshape(w.shape), alpha
         wr, dr = self._rows(w.detach()), self._rows(self.hessian())
         a = self.alpha[:, None]
@@ -220,10 +236,11 @@ class ELQWeight(nn.Module):
 
 
 BINARY_TRAINING = {
-    "epochs": 6, "min_steps": 600, "lr": 5e-3, "lr_quant": 1e-2, "distill": 0.0, "approx": 1.0,
+    "epochs": 6, "min_steps": 600, "lr": 5e-3, "lr_quant": 1e-2, "distill": 0.0, "approx": 0.0,
 }  # fmt: skip
-"""Training of 1-bit ELQ (``w1a8-elq``): the budget and learning rates of ``w1a8-xnor``
-(docs/lowbit-training.md)."""
+"""Training of 1-bit ELQ (``w1a8-elq``): the budget and learning rates of ``w1a8-xnor``;
+loss term only (``approx`` 0 beat 1 on a validation split of the training digits, and the
+incremental schedules lost; docs/lowbit-training.md)."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +253,9 @@ class ELQConfig(QATConfig):
     few epochs of fine-tuning, docs/lowbit-training.md). With 1-bit weights
     (:meth:`from_short` ``w1``, recipe ``w1a8-elq``) the training budget of the binary
     recipes (``BINARY_TRAINING``: as ``w1a8-xnor``, 6 epochs but at least 600 optimizer
-    steps, lr 5e-3, quantizer lr 1e-2); a keyword given to :meth:`from_short` wins.
+    steps, lr 5e-3, quantizer lr 1e-2, loss term only, ``approx=0``: chosen over 1 and
+    over both incremental schedules on a validation split of the training digits); a
+    keyword given to :meth:`from_short` wins.
 
     Args:
         portions: cumulative fractions of each layer frozen at the stage starts (e.g.
@@ -251,6 +270,10 @@ class ELQConfig(QATConfig):
         approx: ``lambda``, weight of the approximation-error term beside the loss term
             (Hessian-weighted error): per-weight weights ``d_i + lambda mean(d)``; 0: loss
             term only.
+        frozen_codes: with ``portions``, the weights quantized at a stage keep their codes
+            (INQ's, the default); False: they keep training straight-through (codes and
+            ``alpha`` re-solved each step), the rest float, so a schedule ending at 1.0
+            ends as the plain straight-through training.
     """
 
     weight: QuantSpec = field(default_factory=lambda: short_weight_spec(2))
@@ -263,6 +286,7 @@ class ELQConfig(QATConfig):
     scale_grad: bool = True
     min_steps: int = 0
     approx: float = 0.0
+    frozen_codes: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -294,7 +318,7 @@ def elq_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: ELQConfig) -
     """Engine hook: ELQ weights at ``spec.bits`` (activations: LSQ)."""
     return ELQWeight(
         layer.weight, spec.bits, config.portions, config.per_channel, config.beta,
-        config.scale_grad, config.approx,
+        config.scale_grad, config.approx, config.frozen_codes,
     )  # fmt: skip
 
 
