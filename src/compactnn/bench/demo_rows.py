@@ -10,9 +10,9 @@ rotating rounds, medians). The table gives wall and CPU time per call and the sp
 the fastest float path by each measure, the deployed and simulated top-1, the verification
 gap in output steps, and for the binary model each block's kernel (int8, popcount or float,
 chosen by measurement with the block's elementwise tail included). A second table times each
-delivered model's runner with and without the direct first-layer kernel
-(``deployment/runner.py``, ``small_conv``) side by side (rotating rounds, CPU time) and says
-whether their outputs are bit-identical.
+delivered model's runner with and without the direct kernels of ``deployment/runner.py`` (the
+first-layer ``small_conv`` and the two-term ``term_conv`` of TTQ's split layers) side by side
+(rotating rounds, CPU time) and says whether their outputs are bit-identical.
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench --only demo_rows [--quick]``.
 """
@@ -65,21 +65,26 @@ def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[di
     return rows, paths.timings, {"winner": paths.winner, "load": os.getloadavg(), "first": first}
 
 
+DIRECT = ("small_conv_fits", "term_conv_fits")  # the runner's direct-kernel choices
+
+
 def first_layer_ab(fast, batch: torch.Tensor, rounds: int) -> dict:
     """CPU ms per call (medians of rotating rounds) of a delivered model's runner with the
-    direct first-layer kernel (``new``) and with oneDNN's (``old``), and output identity."""
+    direct kernels (``new``) and with oneDNN's for every layer (``old``), output identity."""
     from compactnn.deployment import runner as plan
 
     gm = getattr(fast, "program", None)
     if gm is None or not hasattr(gm, "graph"):
         return {}
     new = plan.plan_runner(gm)
-    fits = plan.small_conv_fits
-    plan.small_conv_fits = lambda m: False  # the runner as it was: oneDNN for every layer
+    saved = {name: getattr(plan, name) for name in DIRECT}
+    for name in DIRECT:  # the runner without them: oneDNN for every layer
+        setattr(plan, name, lambda m: False)
     try:
         old = plan.plan_runner(gm)
     finally:
-        plan.small_conv_fits = fits
+        for name, fn in saved.items():
+            setattr(plan, name, fn)
     runs: dict[str, list[float]] = {"old": [], "new": []}
     with torch.no_grad():
         same = torch.equal(new(batch), old(batch))
@@ -139,10 +144,11 @@ def run(quick: bool = False) -> str:
     ]
     ab = [
         "",
-        "Direct first-layer kernel (1 input channel, input quantization fused) against oneDNN's",
-        "int8 convolution, whole delivered model, CPU ms per call (same process, rotating rounds):",
+        "Direct kernels (first layer with 1 input channel and the input quantization fused;",
+        "TTQ's two-term layers with their requantization fused) against oneDNN's int8",
+        "convolutions, whole delivered model, CPU ms per call (same process, rotating rounds):",
         "",
-        "| row | oneDNN first layer | direct kernel | ratio | outputs bit-identical |",
+        "| row | oneDNN kernels | direct kernels | ratio | outputs bit-identical |",
         "|---|---:|---:|---:|---|",
     ]
     for recipe, r in info["first"].items():

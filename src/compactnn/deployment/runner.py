@@ -20,11 +20,18 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   one pass from the float image to the next layer's codes. Its integer dots are exact and its
   scale, bias, ReLU and requantization are the int8 kernel's float operations (equal codes on
   the reference CNNs; ``tests/deployment/test_small_conv.py``). Without a C++ compiler the
-  oneDNN kernel runs, as before.
+  oneDNN kernel runs, as before;
+- for a two-term split convolution (:class:`~compactnn.deployment.lowbit.SplitConv2d`, TTQ's
+  ``W_p * [w = +1] - W_n * [w = -1]``), the direct VNNI kernel ``term_conv``
+  (``kernels/csrc/termconv.cpp``): each input window read once, both terms' int32 dots in
+  registers, and the combine (sum of the scaled terms, ReLU/Hardtanh, requantization) in the
+  same pass instead of a float ``2 * out``-channel oneDNN output and a second pass. Same
+  integer dots and the same float operations in the same order: equal codes
+  (``tests/deployment/test_term_conv.py``). Needs AVX-512 VNNI; oneDNN otherwise.
 
 The kernels, their order and their arguments are those of the graph, so the outputs are
 bit-identical to the ``fx.GraphModule``'s (``tests/deployment/test_onednn.py``; the direct
-first-layer kernel gives the same codes there).
+kernels give the same codes there).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from compactnn.deployment.lowbit import QuantizeGrid, code_bounds
+from compactnn.deployment.lowbit import QuantizeGrid, SplitConv2d, code_bounds
 from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear, Quantize
 from compactnn.errors import CompactnnError
 from compactnn.kernels import bitconv
@@ -153,6 +160,56 @@ def _small_conv_call(m: Int8Conv2d, fused: tuple | None) -> Callable[[torch.Tens
     return conv
 
 
+TERM_COLUMNS = (16, 32, 48, 64, 96, 128)  # terms * outputs the VNNI kernel keeps in registers
+
+
+def term_conv_fits(m: nn.Module) -> bool:
+    """Whether split layer ``m`` runs on the direct two-term VNNI kernel ``term_conv``
+    (builds the extension). Single-term layers stay on oneDNN: measured on mnist-cnn's
+    16 -> 32 layer, the direct kernel was no faster there."""
+    if not isinstance(m, SplitConv2d):
+        return False
+    k = m.kernel
+    if k.unary != "none" or k.out is not None or k.accum is not None or k.groups != 1:
+        return False
+    post = "none" if m.unary is None else m.unary[0]
+    if post not in ("none", "relu", "hardtanh") or k.w_int8.shape[0] not in TERM_COLUMNS:
+        return False
+    return bitconv.available() and bitconv.load_extension().has_vnni()
+
+
+def _out_args(out, unary) -> tuple[float, int, float, float]:
+    """``(out_scale, out_zero, lo, hi)`` of the direct kernels: codes clamped to the bounds
+    that apply ``unary`` and the grid, or (scale 0) a float output clamped by ``unary``."""
+    if out is None:  # float output: the ReLU / Hardtanh as a clamp
+        inf = float("inf")
+        name, scalars = unary if unary is not None else ("none", [])
+        lo, hi = {"none": (-inf, inf), "relu": (0.0, inf)}.get(name, tuple(scalars[:2]))
+        return 0.0, 0, float(lo), float(hi)
+    lo, hi = code_bounds(unary, out)
+    return float(out[0]), int(out[1]), float(lo), float(hi)
+
+
+def _term_conv_call(m: SplitConv2d) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``m.forward`` on the direct kernel: (N, C, H, W) uint8 codes -> codes or float."""
+    ext = bitconv.load_extension()
+    k, o = m.kernel, m.channels
+    sx, zx = k.x_qp
+    packed, corr = ext.term_conv_pack(k.w_int8, int(zx))
+    mult = (torch.tensor(sx, dtype=torch.float32) * k.w_scale_t.float()).reshape(-1).contiguous()
+    bias = None if k.bias is None else k.bias[:o].float().contiguous()  # term 0 carries it
+    kh, kw = k.w_int8.shape[2:]
+    args = (
+        int(zx), packed, corr, mult, bias, 2, kh, kw, list(k.stride), list(k.padding),
+        list(k.dilation), *_out_args(m.out, m.unary),
+    )  # fmt: skip
+
+    def conv(q: torch.Tensor) -> torch.Tensor:
+        return ext.term_conv(q, *args)
+
+    return conv
+
+
 def _fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The small convolution node that is the only user of quantize ``node``, if any."""
     if node.op != "call_module" or len(node.users) != 1:
@@ -243,8 +300,12 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
 
 
 def _module_call(m: nn.Module) -> Callable[..., Any]:
+    if isinstance(m, Int8Conv2d) and small_conv_fits(m):
+        return _small_conv_call(m, None)
+    if term_conv_fits(m):
+        return _term_conv_call(m)
     if isinstance(m, Int8Conv2d):
-        return _small_conv_call(m, None) if small_conv_fits(m) else _conv_call(m)
+        return _conv_call(m)
     if isinstance(m, Int8Linear):
         return _linear_call(m)
     hooks = (m._forward_hooks, m._forward_pre_hooks)

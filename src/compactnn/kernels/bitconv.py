@@ -30,8 +30,9 @@ from torch import nn
 from compactnn.errors import CompactnnError
 
 SOURCE = Path(__file__).with_name("csrc") / "bitconv.cpp"
-# the few-input-channel convolution of the runner (compactnn.deployment.runner), same module
-SOURCES = (SOURCE, SOURCE.with_name("smallconv.cpp"))
+# the few-input-channel and one- or two-term int8 convolutions of the runner
+# (compactnn.deployment.runner), same module
+SOURCES = (SOURCE, SOURCE.with_name("smallconv.cpp"), SOURCE.with_name("termconv.cpp"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)
 

@@ -414,6 +414,7 @@ torch::Tensor stacked_quantize(torch::Tensor y, int64_t groups, double scale, in
 bool has_vpopcnt() { return COMPACTNN_VPOPCNT != 0; }
 
 void register_smallconv(pybind11::module& m);  // smallconv.cpp: few-input-channel convolution
+void register_termconv(pybind11::module& m);   // termconv.cpp: one- or two-term int8 convolution
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs, "pack sign(x - shift) of (N, C, H, W) into NHWC words");
@@ -423,4 +424,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stacked_quantize", &stacked_quantize, "sum two stacked kernel outputs, quantize");
   m.def("has_vpopcnt", &has_vpopcnt, "whether the AVX-512 VPOPCNTDQ path was compiled");
   register_smallconv(m);
+  register_termconv(m);
 }

@@ -1,0 +1,278 @@
+// Direct int8 convolution of uint8 codes with one or two int8 weight terms, requantized in the
+// same pass (compactnn.deployment.runner; the split layers of compactnn.deployment.lowbit).
+//
+// A layer whose weight is the sum of two int8 terms (TTQ's W_p * [w = +1] - W_n * [w = -1])
+// runs on oneDNN as ONE convolution with 2 * O output channels written as float32, then a
+// second pass adds the halves and quantizes. Here each output pixel reads its input window
+// once, accumulates every term's int32 dot in AVX-512 VNNI registers (vpdpbusd: 4 uint8 x int8
+// products per 32-bit lane), and writes the next layer's uint8 codes directly:
+//
+//   acc_t[o] = sum_{taps, c} q[c] * w_t[o, c]  -  z * sum_{taps, c} w_t[o, c]
+//            = sum (q - z) * w_t   (padding holds the zero point z, so it contributes 0)
+//   y[o]     = (acc_0[o] * m_0[o] + bias[o]) + acc_1[o] * m_1[o]
+//   code[o]  = clamp(nearbyint(y[o] / s) + zo, lo, hi)
+//
+// The int32 dots are exact (as oneDNN's); the float operations and their order are those of
+// the stacked path (the kernel's per-channel scale and bias, then stacked_quantize), with
+// -ffp-contract=off, so the codes equal it. lo / hi also apply a ReLU / Hardtanh (round is
+// monotone). With out_scale <= 0 the output is float32 clamp(y, lo, hi). Pixel rows run in
+// parallel (at::parallel_for over images x output rows).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define COMPACTNN_VNNI 1
+#else
+#define COMPACTNN_VNNI 0
+#endif
+
+namespace {
+
+constexpr int64_t kMaxTO = 256;  // terms * output channels, padded to 16
+
+struct Geometry {
+  int64_t K4;      // input-channel groups of 4 per tap
+  int64_t Cp;      // padded channels (4 * K4)
+  int64_t Wp;      // padded input width
+  int64_t sw;      // stride along the width
+  int64_t taps;    // KH * KW
+  const int64_t* tap;  // byte offset of each tap in the padded (Hp, Wp, Cp) buffer
+};
+
+#if COMPACTNN_VNNI
+// P adjacent output pixels of one row (input column step sw), NV * 16 int32 columns each.
+// w: (taps, K4, NV * 16, 4) int8; src: the padded buffer at the first pixel's window origin.
+template <int NV, int P>
+inline void dot_block(const uint8_t* src, const Geometry& g, const int8_t* w, int32_t* acc) {
+  __m512i a[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_si512();
+  const int64_t pstep = g.sw * g.Cp;
+  for (int64_t k = 0; k < g.taps; ++k) {
+    const uint8_t* s = src + g.tap[k];
+    const int8_t* wk = w + k * g.K4 * NV * 64;
+    for (int64_t c4 = 0; c4 < g.K4; ++c4) {
+      __m512i wv[NV];
+      for (int v = 0; v < NV; ++v)
+        wv[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(wk + (c4 * NV + v) * 64));
+      for (int p = 0; p < P; ++p) {
+        int32_t word;
+        std::memcpy(&word, s + p * pstep + c4 * 4, 4);
+        const __m512i x = _mm512_set1_epi32(word);
+        for (int v = 0; v < NV; ++v) a[p][v] = _mm512_dpbusd_epi32(a[p][v], x, wv[v]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v)
+      _mm512_storeu_si512(reinterpret_cast<void*>(acc + (p * NV + v) * 16), a[p][v]);
+}
+
+template <int NV>
+inline int64_t dot_row(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t OW,
+                       int32_t* acc) {
+  constexpr int P = NV >= 8 ? 3 : (NV >= 4 ? 6 : 8);  // P * NV accumulators <= 32 registers
+  const int64_t pstep = g.sw * g.Cp;
+  int64_t ow = 0;
+  for (; ow + P <= OW; ow += P) dot_block<NV, P>(src + ow * pstep, g, w, acc + ow * NV * 16);
+  for (; ow < OW; ++ow) dot_block<NV, 1>(src + ow * pstep, g, w, acc + ow * NV * 16);
+  return OW;
+}
+#endif
+
+// acc (OW, TOp) int32 for one output row; TOp a multiple of 16.
+void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp, int64_t OW,
+             int32_t* acc) {
+#if COMPACTNN_VNNI
+  switch (TOp / 16) {
+    case 1: dot_row<1>(src, g, w, OW, acc); return;
+    case 2: dot_row<2>(src, g, w, OW, acc); return;
+    case 3: dot_row<3>(src, g, w, OW, acc); return;
+    case 4: dot_row<4>(src, g, w, OW, acc); return;
+    case 6: dot_row<6>(src, g, w, OW, acc); return;
+    case 8: dot_row<8>(src, g, w, OW, acc); return;
+    default: break;
+  }
+#endif
+  const int64_t pstep = g.sw * g.Cp;
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    int32_t* a = acc + ow * TOp;
+    for (int64_t j = 0; j < TOp; ++j) a[j] = 0;
+    for (int64_t k = 0; k < g.taps; ++k) {
+      const uint8_t* s = src + ow * pstep + g.tap[k];
+      const int8_t* wk = w + k * g.K4 * TOp * 4;
+      for (int64_t c4 = 0; c4 < g.K4; ++c4)
+        for (int64_t j = 0; j < TOp; ++j)
+          for (int64_t i = 0; i < 4; ++i)
+            a[j] += static_cast<int32_t>(s[c4 * 4 + i]) * wk[(c4 * TOp + j) * 4 + i];
+    }
+  }
+}
+
+}  // namespace
+
+// Pack int8 weight codes (T * O, C, KH, KW) (terms stacked along the outputs, term-major) into
+// the kernel's layout (KH * KW, ceil(C / 4), TOp, 4), TOp = T * O rounded up to 16, zeros in
+// the padding. Returns the packed weight and z * sum(w) per column (TOp) int32.
+std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == torch::kInt8, "w: (T * O, C, KH, KW) int8");
+  auto wc = w.contiguous();
+  const int64_t TO = wc.size(0), C = wc.size(1), KH = wc.size(2), KW = wc.size(3);
+  const int64_t K4 = (C + 3) / 4, TOp = (TO + 15) / 16 * 16;
+  TORCH_CHECK(TOp <= kMaxTO, "terms * output channels <= 256");
+  auto packed = torch::zeros({KH * KW, K4, TOp, 4}, torch::kInt8);
+  auto corr = torch::zeros({TOp}, torch::kInt32);
+  const int8_t* src = wc.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  int32_t* cp = corr.data_ptr<int32_t>();
+  for (int64_t o = 0; o < TO; ++o) {
+    int64_t total = 0;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < KH; ++i)
+        for (int64_t j = 0; j < KW; ++j) {
+          const int8_t v = src[((o * C + c) * KH + i) * KW + j];
+          dst[(((i * KW + j) * K4 + c / 4) * TOp + o) * 4 + c % 4] = v;
+          total += v;
+        }
+    cp[o] = static_cast<int32_t>(total * in_zero);
+  }
+  return {packed, corr};
+}
+
+// x: (N, C, H, W) uint8 codes, any strides (channels-last is the fast case). packed, corr: from
+// term_conv_pack. mult: (T * O) float32, bias (O) or None. Returns (N, O, OH, OW) channels-last
+// uint8 codes (out_scale > 0) or float32.
+torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, torch::Tensor corr,
+                        torch::Tensor mult, c10::optional<torch::Tensor> bias, int64_t terms,
+                        int64_t kh, int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                        std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
+                        double lo, double hi) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kUInt8, "x: (N, C, H, W) uint8 codes");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous(),
+              "packed: from term_conv_pack");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t K4 = packed.size(1), TOp = packed.size(2), Cp = K4 * 4;
+  TORCH_CHECK(K4 == (C + 3) / 4, "packed weight does not match the input channels");
+  const int64_t TO = mult.numel(), O = TO / terms;
+  TORCH_CHECK(terms >= 1 && O * terms == TO && TO <= TOp && TOp % 16 == 0,
+              "mult: (terms * O) float32");
+  TORCH_CHECK(mult.scalar_type() == torch::kFloat32 && mult.is_contiguous(), "mult: float32");
+  TORCH_CHECK(corr.numel() == TOp && corr.scalar_type() == torch::kInt32, "corr: (TOp) int32");
+  const float* bp = nullptr;
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias.value();
+    TORCH_CHECK(b.numel() == O && b.scalar_type() == torch::kFloat32 && b.is_contiguous(),
+                "bias: (O) float32");
+    bp = b.data_ptr<float>();
+  }
+  const int64_t taps = packed.size(0);
+  TORCH_CHECK(taps > 0, "empty kernel");
+  TORCH_CHECK(kh * kw == taps, "kh * kw: the packed weight's taps");
+  const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1];
+  const int64_t dh = dilation[0], dw = dilation[1];
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "the kernel does not fit the padded input");
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  const bool codes_out = out_scale > 0;
+  auto out = torch::empty({N, OH, OW, O}, codes_out ? torch::kUInt8 : torch::kFloat32);
+  std::vector<int64_t> tap(taps);
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) tap[i * kw + j] = (i * dh * Wp + j * dw) * Cp;
+  const Geometry g{K4, Cp, Wp, sw, taps, tap.data()};
+  // the padded (Hp, Wp, Cp) copy of every image: zero point in the padding and extra channels
+  auto padded = torch::full({N, Hp, Wp, Cp}, static_cast<uint8_t>(in_zero), torch::kUInt8);
+  uint8_t* pp = padded.data_ptr<uint8_t>();
+  const uint8_t* xp = x.data_ptr<uint8_t>();
+  const auto xs = x.strides();
+  const bool cl = xs[1] == 1 && xs[3] == C;
+  at::parallel_for(0, N * H, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, h = r % H;
+      uint8_t* row = pp + ((n * Hp + h + ph) * Wp + pw) * Cp;
+      const uint8_t* xr = xp + n * xs[0] + h * xs[2];
+      for (int64_t v = 0; v < W; ++v) {
+        if (cl) {
+          std::memcpy(row + v * Cp, xr + v * xs[3], C);
+        } else {
+          for (int64_t c = 0; c < C; ++c) row[v * Cp + c] = xr[v * xs[3] + c * xs[1]];
+        }
+      }
+    }
+  });
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const int32_t* cp = corr.data_ptr<int32_t>();
+  const float* mp = mult.data_ptr<float>();
+  const float s = static_cast<float>(out_scale), z = static_cast<float>(out_zero);
+  const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  uint8_t* ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
+  float* of = codes_out ? nullptr : out.data_ptr<float>();
+  at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> acc(OW * TOp);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      const uint8_t* src = pp + (n * Hp + oh * sh) * Wp * Cp;
+      dot_any(src, g, wp, TOp, OW, acc.data());
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const int32_t* a = acc.data() + ow * TOp;
+        const int64_t pix = (n * OH + oh) * OW + ow;
+        int64_t o = 0;
+#if COMPACTNN_VNNI
+        // 16 channels at once: the same float operations in the same order as below
+        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+        const __m512 vlo = _mm512_set1_ps(flo), vhi = _mm512_set1_ps(fhi);
+        for (; o + 16 <= O; o += 16) {
+          auto term = [&](int64_t j) {
+            const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a + j), _mm512_loadu_si512(cp + j));
+            return _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(mp + j));
+          };
+          __m512 y = term(o);
+          if (bp != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp + o));
+          for (int64_t t = 1; t < terms; ++t) y = _mm512_add_ps(y, term(t * O + o));
+          if (codes_out) {
+            y = _mm512_roundscale_ps(_mm512_div_ps(y, vs),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, vz), vlo), vhi);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(ou + pix * O + o),
+                             _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
+          } else {
+            _mm512_storeu_ps(of + pix * O + o, _mm512_min_ps(_mm512_max_ps(y, vlo), vhi));
+          }
+        }
+#endif
+        for (; o < O; ++o) {
+          float y = static_cast<float>(a[o] - cp[o]) * mp[o];
+          if (bp != nullptr) y += bp[o];
+          for (int64_t t = 1; t < terms; ++t)
+            y += static_cast<float>(a[t * O + o] - cp[t * O + o]) * mp[t * O + o];
+          if (codes_out) {
+            const float q = std::nearbyint(y / s) + z;
+            ou[pix * O + o] = static_cast<uint8_t>(std::min(std::max(q, flo), fhi));
+          } else {
+            of[pix * O + o] = std::min(std::max(y, flo), fhi);
+          }
+        }
+      }
+    }
+  });
+  return out.permute({0, 3, 1, 2});
+}
+
+bool has_vnni() { return COMPACTNN_VNNI != 0; }
+
+void register_termconv(pybind11::module& m) {
+  m.def("term_conv_pack", &term_conv_pack, "pack int8 weight terms for term_conv");
+  m.def("term_conv", &term_conv,
+        "int8 convolution of uint8 codes with one or two weight terms, requantized in one pass");
+  m.def("has_vnni", &has_vnni, "whether the AVX-512 VNNI path was compiled");
+}
