@@ -13,12 +13,14 @@ from compactnn.errors import CompactnnError
 from compactnn.prune.pewise import (
     PEWiseConfig,
     PEWiseWeight,
+    default_ramp_share,
     float_epochs,
     group_norms,
     masked_ternary,
     pe_group_mask,
     ramp_epochs,
     scheduled_sparsity,
+    ternary_threshold,
     wpc_candidates,
     wpc_penalty_grad,
 )
@@ -83,8 +85,14 @@ def test_schedule_values():
     assert float_epochs(6, cfg) == 0
     assert float_epochs(6, PEWiseConfig(schedule="sequential", ramp_share=1 / 3)) == 3
     assert float_epochs(6, PEWiseConfig(schedule="sequential")) == 4  # the default ramp: 4
-    assert ramp_epochs(6, PEWiseConfig()) == 5  # joint's default ramp: 5/6
-    assert scheduled_sparsity(3, 6, PEWiseConfig(sparsity=0.5)) == pytest.approx(0.5 * 0.992)
+    # joint's default ramp: 1/3 + 2 s / 3 of the epochs: 4 of 6 at 50%, 5 at 75%
+    assert ramp_epochs(6, PEWiseConfig()) == 4
+    assert ramp_epochs(6, PEWiseConfig(sparsity=0.75)) == 5
+    assert ramp_epochs(12, PEWiseConfig(sparsity=0.25)) == 6
+    assert default_ramp_share(PEWiseConfig(sparsity=0.9)) == pytest.approx(0.9333333)
+    assert ramp_epochs(6, PEWiseConfig(sparsity=0.75, schedule="sequential")) == 4
+    assert scheduled_sparsity(2, 6, PEWiseConfig(sparsity=0.5)) == pytest.approx(0.5 * 0.984375)
+    assert scheduled_sparsity(3, 6, PEWiseConfig(sparsity=0.5)) == 0.5  # ramp of 4 epochs
     assert float_epochs(1, PEWiseConfig(schedule="sequential")) == 0
 
 
@@ -106,6 +114,35 @@ def test_quantizer_phases_gradient_and_monotone_mask():
     torch.testing.assert_close(q(w), alpha * codes)
 
 
+def test_frozen_phase_keeps_the_threshold_of_its_first_step():
+    torch.manual_seed(2)
+    w = torch.randn(4, 8)
+    cfg = PEWiseConfig(group=(1, 4), sparsity=0.5, freeze_epochs=2, ramp_share=5 / 6)
+    assert ramp_epochs(6, cfg) == 4  # the ramp (5 of 6 epochs) ends before the frozen two
+    assert ramp_epochs(6, PEWiseConfig(freeze_epochs=1, ramp_share=5 / 6)) == 5
+    q = PEWiseWeight(w, short_weight_spec(2), cfg)
+    q.start_epoch(w, 0, 6)
+    assert q.frozen() is None
+    q.start_epoch(w, 4, 6)  # the frozen phase starts at the final mask (4 of 8 tiles)
+    assert int((group_norms(q.mask, (1, 4)) == 0).sum()) == 4
+    kept = (w.abs() * q.mask)[q.mask > 0]
+    delta = 0.7 * kept.mean()  # TWN's threshold of the kept weights, by hand
+    torch.testing.assert_close(q.delta, delta)
+    w2 = w * 1.5 + 0.1  # the weights move on; the threshold does not
+    q.start_epoch(w2, 5, 6)
+    torch.testing.assert_close(q.delta, delta)
+    codes = torch.sign(w2) * (w2.abs() > delta) * q.mask
+    alpha = w2.abs()[codes != 0].mean()
+    torch.testing.assert_close(q(w2), alpha * codes)
+    assert torch.equal(q.export(w2).codes.float(), codes)
+    assert not torch.equal(masked_ternary(w2, q.mask, 0.7)[0], codes)  # unfrozen: differs
+    torch.testing.assert_close(ternary_threshold(w2, q.mask), 0.7 * (w2.abs() * q.mask).sum() / 16)
+    q.start_epoch(w2, 0, 6)  # a new run: unfrozen again
+    assert q.frozen() is None
+    with pytest.raises(CompactnnError, match="freeze_epochs"):
+        PEWiseConfig(freeze_epochs=-1)
+
+
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -119,12 +156,14 @@ class _Net(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("schedule", ["joint", "sequential"])
-def test_trained_tiles_are_zero_and_stay_zero_after_save_load(schedule, tmp_path):
+@pytest.mark.parametrize(("schedule", "freeze"), [("joint", 0), ("sequential", 0), ("joint", 1)])
+def test_trained_tiles_are_zero_and_stay_zero_after_save_load(schedule, freeze, tmp_path):
     torch.manual_seed(0)
     model = _Net().eval()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,))
-    cfg = PEWiseConfig(epochs=2, batch_size=16, schedule=schedule, sparsity=0.5)
+    cfg = PEWiseConfig(
+        epochs=2, batch_size=16, schedule=schedule, sparsity=0.5, freeze_epochs=freeze
+    )
     q = compactnn.train(model, Recipe("pe", (Step("pe", cfg),)), (x, y), progress=False)
     for name, n_tiles in (("c2", 16), ("c3", 32)):  # first and last layers: 8-bit, dense
         layer = q.get_submodule(name)
