@@ -142,3 +142,111 @@ def test_irnet_options_bring_their_own_learning_rate(tmp_path):
     compactnn.train(model, Recipe("r", (Step("xnor", cfg),)), (x, y), progress=False,
                     log_path=log)  # fmt: skip
     assert json.loads(log.read_text().splitlines()[0])["lr"] == pytest.approx(3e-4)
+
+
+def test_ede_t_per_step_follows_the_papers_formula():
+    bw = BinaryWeight(ede=True, t_min=0.1, per_step=True).train()
+    w = torch.zeros(2, 3, requires_grad=True)
+    spe, epochs, seen = 4, 3, []
+    for epoch in range(epochs):
+        bw.start_epoch(w, epoch, epochs)
+        for _ in range(spe):
+            bw(w)
+            seen.append(bw.t)
+    # the first epoch counts the steps and keeps t_min; then t = 0.1 * 10^(i/N * log10(100))
+    assert seen[:spe] == [pytest.approx(0.1)] * spe
+    for i in range(spe, spe * epochs):
+        assert seen[i] == pytest.approx(0.1 * 10 ** (i / (spe * epochs) * 2.0))
+    with torch.no_grad():  # scoring and batch-norm re-estimation are not steps
+        bw(w)
+    assert bw.t == seen[-1]
+
+
+def test_ede_per_epoch_is_unchanged_by_steps():
+    bw = BinaryWeight(ede=True, t_min=0.1).train()
+    w = torch.zeros(2, 3, requires_grad=True)
+    for epoch in range(2):
+        bw.start_epoch(w, epoch, 4)
+        for _ in range(3):
+            bw(w)
+    assert bw.t == pytest.approx(10**-0.5)  # epoch 1 of 4: 0.1 * 10^(1/4 * log10(100))
+
+
+@pytest.mark.parametrize("ede_on", ["both", "weights", "acts"])
+def test_ede_on_weights_or_activations_only(ede_on):
+    torch.manual_seed(0)
+    wq = BinaryWeight(libra_pb=True, ede=True, t_min=0.1, ede_on=ede_on)
+    block = BinaryBlock(nn.Linear(4, 6), "bireal", wq)  # no shortcut
+    block.norm.eval()
+    x = torch.randn(8, 4)
+    x = (x.sign() * (x.abs() + 1.5)).requires_grad_(True)  # |x| > 1.5: outside the STE
+    block(x).sum().backward()
+    # activations: EDE at t = 0.1 is ~1 everywhere, Bi-Real's polynomial is 0 there
+    assert bool((x.grad != 0).all()) == (ede_on != "weights")
+    assert bool((x.grad == 0).all()) == (ede_on == "weights")
+    # weights: autograd of the written surrogate, k tanh(t w_std) (EDE) or clip(w_std, -1, 1)
+    w, g = torch.randn(6, 4) * 0.1, torch.randn(6, 4)
+    wg = w.clone().requires_grad_(True)
+    (wq(wg) * g).sum().backward()
+    wr = w.clone().requires_grad_(True)
+    std = (wr - wr.mean(1, keepdim=True)) / wr.std(1, keepdim=True)
+    scale = 2.0 ** torch.round(torch.log2(std.detach().abs().mean(1, keepdim=True)))
+    surrogate = 10 * torch.tanh(0.1 * std) if ede_on != "acts" else std.clamp(-1, 1)
+    (surrogate * scale * g).sum().backward()
+    assert torch.allclose(wg.grad, wr.grad, atol=1e-5)
+
+
+def test_irnet_weight_decay_is_the_gradient_of_an_l2_term():
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, requires_grad=True)
+    g = torch.randn(3, 8)
+    wd = 0.05
+    bw = BinaryWeight(libra_pb=True, ede=True, t_min=0.1, wd=wd).train()
+    bw.start_epoch(w, 0, 4)
+    (bw(w) * g).sum().backward()
+    wr = w.detach().clone().requires_grad_(True)
+    mu, sd = wr.mean(1, keepdim=True), wr.std(1, keepdim=True)
+    std = (wr - mu) / sd
+    scale = 2.0 ** torch.round(torch.log2(std.detach().abs().mean(1, keepdim=True)))
+    loss = (10 * torch.tanh(0.1 * std) * scale * g).sum() + wd / 2 * (wr**2).sum()
+    loss.backward()
+    assert torch.allclose(w.grad, wr.grad, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(bw.eval()(w), BinaryWeight(libra_pb=True)(w))  # forward unchanged
+
+
+def test_new_irnet_options_are_validated_and_serialise():
+    from compactnn.errors import CompactnnError
+
+    for bad in ({"ede_on": "input"}, {"ede_t_max": 0.5}, {"irnet_wd": -1.0}):
+        with pytest.raises(CompactnnError, match=next(iter(bad))):
+            XNORConfig(**bad)
+    cfg = XNORConfig(libra_pb=True, ede=True, ede_on="weights", ede_per_step=True,
+                     ede_t_max=5.0, irnet_wd=1e-3)  # fmt: skip
+    assert XNORConfig.from_dict(cfg.to_dict()) == cfg
+    from compactnn.engines.binary import _binary_weight_quantizer
+
+    default = XNORConfig(libra_pb=True, ede=True)  # measured default: EDE on the weights only
+    wq = _binary_weight_quantizer(nn.Linear(2, 2), default.weight, default)
+    assert default.ede_on == "weights" and wq.ede_weights and not wq.ede_acts
+    assert not _binary_weight_quantizer(nn.Linear(2, 2), default.weight, XNORConfig()).ede_weights
+
+
+def test_irnet_lr_replacement_is_logged_and_recorded(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="compactnn"):
+        XNORConfig(libra_pb=True, lr=1e-2)
+    assert "irnet_lr=0.002 instead of lr=0.01" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="compactnn"):
+        assert XNORConfig(libra_pb=True, lr=1e-2, irnet_lr=None).lr == 1e-2
+        XNORConfig(lr=1e-2)
+    assert "irnet_lr" not in caplog.text  # kept lr, or no options: nothing to say
+    model, x, y = _mlp(), torch.randn(64, 6), torch.randint(0, 3, (64,))
+    cfg = XNORConfig(libra_pb=True, epochs=1, batch_size=32, min_steps=0)
+    q = compactnn.train(model, Recipe("r", (Step("xnor", cfg),)), (x, y), progress=False)
+    note = q._compactnn["extra"]["irnet"]
+    assert note["lr"] == note["irnet_lr"] == 2e-3 and "irnet_lr" in note["note"]
+    plain = compactnn.train(model, "w1a1-xnor", (x, y), epochs=1, progress=False)
+    assert "irnet" not in plain._compactnn["extra"]

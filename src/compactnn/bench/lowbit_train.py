@@ -75,6 +75,21 @@ def reference(name: str):
     return load_reference(name, progress=False), split
 
 
+def val_split(split, frac: float = 0.15):
+    """``split`` with its last ``frac`` of the training examples as the held-out part (the
+    test examples are dropped): for choosing settings without looking at the test split.
+
+    The reference model was trained on all the training examples, so validation scores
+    are optimistic in absolute terms; they only rank the arms.
+    """
+    n = split.x_train.shape[0]
+    cut = n - max(1, round(frac * n))
+    return replace(
+        split, x_train=split.x_train[:cut], y_train=split.y_train[:cut],
+        x_test=split.x_train[cut:], y_test=split.y_train[cut:],
+    )  # fmt: skip
+
+
 def with_options(short: str, label: str, **options) -> Recipe:
     """The recipe ``short`` with its training config's fields replaced by ``options``."""
     base = resolve_recipe(short)
@@ -85,31 +100,43 @@ def with_options(short: str, label: str, **options) -> Recipe:
     return Recipe(label, steps)
 
 
-def irnet_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
+def irnet_arms(levers: bool = False) -> list[tuple[str, Callable[[], Recipe | str]]]:
     """XNOR alone (its defaults) and with IR-Net's Libra-PB, EDE, both (each at the options'
-    own learning rate, ``irnet_lr``), both at XNOR's learning rate, and both with the
-    paper's first ``t`` (0.1): the mnist-cnn target's arms."""
-    return [
+    own defaults, ``irnet_lr`` included), both at XNOR's learning rate, and both with the
+    paper's first ``t`` (0.1): the mnist-cnn target's arms (EDE on the weights only, the
+    default). ``levers``: also each lever tried in session 9 (EDE on weights and
+    activations as the paper, or on activations only; a per-step ``t``; the paper's ``t``
+    per step; weight decay on the latent weights)."""
+    both = {"libra_pb": True, "ede": True}
+
+    def opt(label: str, **options) -> Callable[[], Recipe]:
+        return lambda: with_options("w1a1-xnor", label, **options)
+
+    arms = [
         ("w1a1-xnor", lambda: "w1a1-xnor"),
-        ("xnor + Libra-PB", lambda: with_options("w1a1-xnor", "xnor-libra", libra_pb=True)),
-        ("xnor + EDE", lambda: with_options("w1a1-xnor", "xnor-ede", ede=True)),
-        (
-            "xnor + IR-Net (both)",
-            lambda: with_options("w1a1-xnor", "xnor-irnet", libra_pb=True, ede=True),
-        ),
-        (
-            "xnor + IR-Net (both), XNOR's lr 5e-3",
-            lambda: with_options(
-                "w1a1-xnor", "xnor-irnet-lr", libra_pb=True, ede=True, irnet_lr=None
-            ),
-        ),
-        (
-            "xnor + IR-Net, paper's t from 0.1",
-            lambda: with_options(
-                "w1a1-xnor", "xnor-irnet-paper", libra_pb=True, ede=True, ede_t_min=0.1
-            ),
-        ),
+        ("xnor + Libra-PB", opt("xnor-libra", libra_pb=True)),
+        ("xnor + EDE", opt("xnor-ede", ede=True)),
+        ("xnor + IR-Net (both)", opt("xnor-irnet", **both)),
+        ("xnor + IR-Net (both), XNOR's lr 5e-3", opt("xnor-irnet-lr", **both, irnet_lr=None)),
+        ("xnor + IR-Net, paper's t from 0.1", opt("xnor-irnet-paper", **both, ede_t_min=0.1)),
     ]
+    if levers:
+        paper = {**both, "ede_on": "both"}  # EDE on weights and activations, as the paper
+        arms += [
+            ("xnor + IR-Net, EDE on weights and activations", opt("xnor-irnet-wa", **paper)),
+            ("xnor + IR-Net, EDE on activations only", opt("xnor-irnet-a", **both, ede_on="acts")),
+            (
+                "xnor + IR-Net, EDE on both, t per step",
+                opt("xnor-irnet-s", **paper, ede_per_step=True),
+            ),
+            (
+                "xnor + IR-Net, EDE on both, paper's t 0.1 to 10 per step",
+                opt("xnor-irnet-sp", **paper, ede_per_step=True, ede_t_min=0.1),
+            ),
+            ("xnor + IR-Net, t per step", opt("xnor-irnet-ws", **both, ede_per_step=True)),
+            ("xnor + IR-Net, weight decay 1e-2", opt("xnor-irnet-wd", **both, irnet_wd=1e-2)),
+        ]
+    return arms
 
 
 def binary_arms(ablation: bool = False) -> list[tuple[str, Callable[[], Recipe | str]]]:
@@ -152,8 +179,13 @@ def tsq_arms() -> list[tuple[str, Callable[[], Recipe | str]]]:
     ]
 
 
-def train_score(ref, split, recipe, seed: int, epochs: int | None, tmp: Path) -> dict:
-    """Train, save, load back, score: top-1 of the reloaded artifact, bytes, seconds."""
+def train_score(
+    ref, split, recipe, seed: int, epochs: int | None, tmp: Path, val: bool = False
+) -> dict:
+    """Train, save, load back, score: top-1 of the reloaded artifact, bytes, seconds.
+    ``val``: train on ``val_split(split)`` and score on its validation part instead."""
+    if val:
+        split = val_split(split)
     t0 = time.perf_counter()
     q = compactnn.train(ref.model, recipe, split, epochs=epochs, seed=seed, progress=False)
     seconds = time.perf_counter() - t0
@@ -162,7 +194,13 @@ def train_score(ref, split, recipe, seed: int, epochs: int | None, tmp: Path) ->
     reloaded = compactnn.load(path, model=ref.skeleton())
     x = ref.example
     exact = torch.equal(q(x), reloaded(x))
-    return {"top1": ref.evaluate(reloaded), "bytes": artifact_bytes(path), "s": seconds,
+    if val:
+        from compactnn.training.loop import evaluate_top1
+
+        top1 = evaluate_top1(reloaded, split.x_test, split.y_test)
+    else:
+        top1 = ref.evaluate(reloaded)
+    return {"top1": top1, "bytes": artifact_bytes(path), "s": seconds,
             "exact": exact}  # fmt: skip
 
 
@@ -173,8 +211,9 @@ def summary(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def run_arms(nets, arms, seeds, epochs, tag: str) -> list[dict]:
-    """Every arm on every net for every seed; one row per (net, arm)."""
+def run_arms(nets, arms, seeds, epochs, tag: str, val: bool = False) -> list[dict]:
+    """Every arm on every net for every seed; one row per (net, arm); ``val``: trained and
+    scored on :func:`val_split` of the training split (choosing settings)."""
     rows = []
     for net in nets:
         ref, split = reference(net)
@@ -183,7 +222,7 @@ def run_arms(nets, arms, seeds, epochs, tag: str) -> list[dict]:
             runs = []
             with tempfile.TemporaryDirectory(prefix="compactnn-lowbit-") as tmp:
                 for seed in seeds:
-                    runs.append(train_score(ref, split, make(), seed, epochs, Path(tmp)))
+                    runs.append(train_score(ref, split, make(), seed, epochs, Path(tmp), val))
             row = {"net": net, "arm": label, "float": float_top1, "runs": runs}
             rows.append(row)
             top = [r["top1"] for r in runs]
@@ -268,20 +307,27 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run a part of the section: ``python -m compactnn.bench.lowbit_train PART NET SEED``,
-    PART one of ``irnet``, ``binary``, ``tsq``; prints one JSON line per arm (for splitting
-    the three-seed tables over machines or sessions)."""
+    """Run a part of the section: ``python -m compactnn.bench.lowbit_train PART NET SEED
+    [val]``, PART one of ``irnet``, ``irnet-levers``, ``binary``, ``tsq``; prints one JSON
+    line per arm (for splitting the three-seed tables over machines or sessions). ``val``:
+    train on the first 85 % of the training split and score on the last 15 % (choosing
+    settings without the test split)."""
     import json
 
     import compactnn.quant.tsq  # noqa: F401
     from compactnn.measure.timing import set_threads
 
-    part, net, seed = (argv if argv is not None else sys.argv[1:])[:3]
+    args = argv if argv is not None else sys.argv[1:]
+    part, net, seed = args[:3]
+    val = args[3:4] == ["val"]
     set_threads(1)
-    arms = {"irnet": irnet_arms, "binary": lambda: binary_arms(True), "tsq": tsq_arms}[part]()
-    for row in run_arms([net], arms, [int(seed)], None, part):
+    arms = {
+        "irnet": irnet_arms, "irnet-levers": lambda: irnet_arms(levers=True),
+        "binary": lambda: binary_arms(True), "tsq": tsq_arms,
+    }[part]()  # fmt: skip
+    for row in run_arms([net], arms, [int(seed)], None, part, val=val):
         res = row["runs"][0]
-        print(json.dumps({"net": net, "arm": row["arm"], "seed": int(seed),
+        print(json.dumps({"net": net, "arm": row["arm"], "seed": int(seed), "val": val,
                           "float": row["float"], **res}), flush=True)  # fmt: skip
 
 

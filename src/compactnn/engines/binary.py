@@ -32,6 +32,7 @@ information. It starts at each channel's mean input, so the sign splits the valu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,6 +67,7 @@ from compactnn.engines.irnet import (
     ede_t,
     libra_codes_levels,
     libra_weight,
+    weight_decay,
 )
 from compactnn.engines.qat import QATConfig, QATMethod, QATWrapper, freeze_layer
 from compactnn.engines.qat_quantizers import WeightExport, fp16
@@ -73,6 +75,8 @@ from compactnn.errors import CompactnnError
 from compactnn.quant.base import short_act_spec, short_weight_spec
 
 KINDS = ("xnor", "bireal", "reactnet")
+EDE_ON = ("both", "weights", "acts")
+_log = logging.getLogger("compactnn")
 
 # Optional activation functions of a block (name -> factory(in_channels, conv, **options)),
 # for methods whose 1-bit activations are not ``sign`` ({0, 1} activations); see
@@ -106,32 +110,70 @@ class BinaryWeight(nn.Module):
             (:func:`compactnn.engines.irnet.libra_weight`) instead of ``mean|w| sign(w)``.
         ede: IR-Net's error-decay estimator as the sign's gradient (weights, and the
             activations of the block that owns this quantizer); ``t`` follows the epochs.
+        t_min, t_max: EDE's first and last ``t``.
+        ede_on: where EDE replaces the clipped STE: ``"both"``, ``"weights"``, ``"acts"``.
+        per_step: ``t`` follows the optimizer steps (``i`` the step, ``N`` all steps) instead
+            of the epochs; the steps per epoch are counted in the first epoch, which keeps
+            ``t_min`` (as it does after resuming mid-epoch from a checkpoint).
+        wd: L2 weight decay ``wd/2 ||w||^2`` on the latent real weights (0: none).
     """
 
     spec = QuantSpec(bits=1, symmetric=False, granularity="channel")
 
     def __init__(
-        self, real_epochs: int = 0, libra_pb: bool = False, ede: bool = False, t_min=T_START
+        self,
+        real_epochs: int = 0,
+        libra_pb: bool = False,
+        ede: bool = False,
+        t_min=T_START,
+        *,
+        t_max: float = T_MAX,
+        ede_on: str = "both",
+        per_step: bool = False,
+        wd: float = 0.0,
     ) -> None:
         super().__init__()
-        self.t_min = t_min
+        self.t_min, self.t_max = t_min, t_max
         self.real_epochs = real_epochs
         self.real = False
         self.libra_pb = libra_pb
         self.ede = ede
-        self.t = t_min  # EDE's t: set by start_epoch
+        self.ede_weights = ede and ede_on in ("both", "weights")
+        self.ede_acts = ede and ede_on in ("both", "acts")
+        self.per_step = per_step
+        self.wd = wd
+        self.t = t_min  # EDE's t: set by start_epoch (and each step with per_step)
+        self._epoch: int | None = None
+        self._epochs = 1
+        self._seen = 0  # training forwards (optimizer steps) in this epoch
+        self._steps_per_epoch = 0
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
         """Real-valued weights during the first ``real_epochs`` epochs, binary after; EDE's
         ``t`` of this epoch."""
         self.real = epoch < min(self.real_epochs, epochs - 1)
-        self.t = ede_t(epoch, epochs, self.t_min)
+        if self._epoch is not None and epoch == self._epoch + 1 and self._seen > 0:
+            self._steps_per_epoch = self._seen  # counted over a whole epoch
+        self._epoch, self._epochs, self._seen = epoch, epochs, 0
+        self.t = ede_t(epoch, epochs, self.t_min, self.t_max)
+
+    def _step(self) -> None:
+        """Count a training step; with ``per_step``, move ``t`` to this step's value."""
+        if self._epoch is None or not (self.training and torch.is_grad_enabled()):
+            return
+        spe = self._steps_per_epoch
+        if self.per_step and spe > 0:
+            i, n = self._epoch * spe + self._seen, self._epochs * spe
+            self.t = ede_t(i, n, self.t_min, self.t_max)
+        self._seen += 1
 
     def sign_fn(self):
         """The sign with this quantizer's gradient: EDE at ``t``, or the clipped STE."""
-        return partial(ede_sign, t=self.t) if self.ede else sign_ste
+        return partial(ede_sign, t=self.t) if self.ede_weights else sign_ste
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self._step()
+        w = weight_decay(w, self.wd) if self.training else w
         if self.real:
             return w
         if self.libra_pb:
@@ -169,9 +211,20 @@ class BinaryConfig(QATConfig):
         ede_t_min: EDE's first ``t``. Default 1.0 (``k = 1``: a smooth clipped STE first),
             measured better than the paper's 0.1 (an identity-like gradient, ``k = 10``) when
             fine-tuning a trained float model for a few epochs (docs/lowbit-training.md).
+        ede_t_max: EDE's last ``t`` (the paper's 10).
+        ede_on: where EDE replaces the clipped STE: ``"weights"`` (default: the
+            activations keep the kind's own gradient), ``"both"`` (the paper) or ``"acts"``.
+            Chosen on a validation split of mnist-cnn's training digits (session 9,
+            docs/lowbit-training.md).
+        ede_per_step: ``t`` rises over the optimizer steps (the paper's ``i / N`` with ``i``
+            the step) instead of once per epoch (off: not better on the validation split).
         irnet_lr: the weights' learning rate whenever ``libra_pb`` or ``ede`` is on (it
             replaces ``lr``; part of the IR-Net options, measured in
             docs/lowbit-training.md); None: keep ``lr``. Without the options it is unused.
+            The replacement is logged (logger ``compactnn``, INFO) and recorded in the
+            frozen model's ``extra["irnet"]``.
+        irnet_wd: L2 weight decay on the binary layers' latent weights whenever
+            ``libra_pb`` or ``ede`` is on (0: none).
         min_steps: :func:`compactnn.train` without ``epochs=`` trains at least this many
             optimizer steps (more epochs on a small dataset); 0: the recipe's epochs.
         warmup_steps: linear learning-rate warmup over the first steps of
@@ -190,7 +243,11 @@ class BinaryConfig(QATConfig):
     libra_pb: bool = False
     ede: bool = False
     ede_t_min: float = T_START
+    ede_t_max: float = T_MAX
+    ede_on: str = "weights"
+    ede_per_step: bool = False
     irnet_lr: float | None = IRNET_LR
+    irnet_wd: float = 0.0
     min_steps: int = 0
     warmup_steps: int = 0
     recalibrate_batches: int = 100
@@ -202,6 +259,11 @@ class BinaryConfig(QATConfig):
                 f"{name}: irnet_lr={self.irnet_lr!r} must be > 0 (or None: use lr)."
             )
         if (self.libra_pb or self.ede) and self.irnet_lr is not None:
+            if self.lr != self.irnet_lr:
+                _log.info(
+                    "%s: with libra_pb/ede the weights train at irnet_lr=%g instead of "
+                    "lr=%g (irnet_lr=None keeps lr).", name, self.irnet_lr, self.lr,
+                )  # fmt: skip
             object.__setattr__(self, "lr", self.irnet_lr)  # the IR-Net options' own lr
         super().__post_init__()
         for key in ("min_steps", "warmup_steps", "recalibrate_batches"):
@@ -215,8 +277,15 @@ class BinaryConfig(QATConfig):
                 f"{name}: real_weight_epochs={self.real_weight_epochs!r} must be an integer in "
                 f"[0, epochs={self.epochs}): the last epochs must train binary weights."
             )
-        if not 0 < self.ede_t_min <= T_MAX:
-            raise CompactnnError(f"{name}: ede_t_min={self.ede_t_min} must lie in (0, 10].")
+        if not 0 < self.ede_t_min <= self.ede_t_max <= 100:
+            raise CompactnnError(
+                f"{name}: ede_t_min={self.ede_t_min}, ede_t_max={self.ede_t_max} must satisfy "
+                "0 < ede_t_min <= ede_t_max <= 100 (the paper: 0.1 and 10)."
+            )
+        if self.ede_on not in EDE_ON:
+            raise CompactnnError(f"{name}: ede_on={self.ede_on!r}; use one of {EDE_ON}.")
+        if not self.irnet_wd >= 0:
+            raise CompactnnError(f"{name}: irnet_wd={self.irnet_wd!r} must be >= 0.")
         if self.weight.bits != 1:
             raise CompactnnError(f"{name} binarises weights: use w1 (e.g. w1a1-{name}).")
         if self.act is not None and self.act.bits not in (1, 8):
@@ -380,13 +449,13 @@ class BinaryBlock(QATWrapper):
         """``layer(sign(x - shift))`` with binary weights (times ``K`` for XNOR)."""
         xs = x - self._channel_view(self.shift, x.dim())
         wq = self.weight_quantizer
+        w = self.layer.weight if wq is None else wq(self.layer.weight)  # first: EDE's step t
         if self.act is not None:
             xb = self.act(xs)
-        elif wq is not None and getattr(wq, "ede", False):
+        elif wq is not None and getattr(wq, "ede_acts", False):
             xb = ede_sign(xs, wq.t)
         else:
             xb = sign_ste(xs) if self.kind == "xnor" else approx_sign(xs)
-        w = self.layer.weight if wq is None else wq(self.layer.weight)
         y = self._op(xb, w)
         if self.kind == "xnor":
             y = y * xnor_scale(xs, self.layer)
@@ -496,7 +565,20 @@ def make_block_act(options: dict, layer: nn.Module) -> nn.Module:
 
 
 def _binary_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: BinaryConfig) -> nn.Module:
-    return BinaryWeight(config.real_weight_epochs, config.libra_pb, config.ede, config.ede_t_min)
+    irnet = config.libra_pb or config.ede
+    wq = BinaryWeight(
+        config.real_weight_epochs, config.libra_pb, config.ede, config.ede_t_min,
+        t_max=config.ede_t_max, ede_on=config.ede_on, per_step=config.ede_per_step,
+        wd=config.irnet_wd if irnet else 0.0,
+    )  # fmt: skip
+    if irnet:  # recorded by make_block in the frozen model's extra["irnet"]
+        wq.irnet_note = {
+            "libra_pb": config.libra_pb, "ede": config.ede, "lr": config.lr,
+            "irnet_lr": config.irnet_lr,
+            "note": "the weights trained at irnet_lr instead of the recipe's lr"
+            if config.irnet_lr is not None else "irnet_lr=None: the recipe's lr",
+        }  # fmt: skip
+    return wq
 
 
 def make_block(
@@ -512,6 +594,8 @@ def make_block(
     block's ``sign``."""
     check_binary_layer(name, layer)
     ctx.extra.setdefault("binary_blocks", {})[name] = kind  # read back by rebuild_blocks
+    if getattr(weight_quantizer, "irnet_note", None) is not None:
+        ctx.extra["irnet"] = dict(weight_quantizer.irnet_note)
     act = None
     if act_options is not None:
         ctx.extra.setdefault("binary_acts", {})[name] = dict(act_options)

@@ -21,7 +21,11 @@ with the paper's ``T_min = 0.1``, ``T_max = 10``, ``i`` the epoch and ``N`` the 
 trained float model for a few epochs, see docs/lowbit-training.md). Early on
 (``t = 0.1``, ``k = 10``) the gradient is almost the identity (every weight and activation
 is updated); at the end (``t = 10``, ``k = 1``) it is a sharp bump around 0, close to the
-derivative of ``sign``. IR-Net applies it to weights and activations alike.
+derivative of ``sign``. IR-Net applies it to weights and activations alike; compactnn's
+default applies it to the weights only (``BinaryConfig.ede_on="weights"``; the activations
+keep the block's clipped STE or Bi-Real's polynomial), chosen on a validation split of
+mnist-cnn's training digits. ``ede_per_step=True`` moves ``t`` every optimizer step (``i``
+the step, ``N`` all steps) instead of every epoch.
 
 **The options' learning rate.** With either option on, the weights train at ``IRNET_LR``
 (``BinaryConfig.irnet_lr``, 2e-3) instead of the recipe's ``lr`` (XNOR: 5e-3); ``None`` keeps
@@ -29,7 +33,8 @@ the recipe's. Measured on mnist-cnn (seed 1, 630 steps, batch norms re-estimated
 EDE scores 97.4 / 97.7 / 97.2 / 96.2 held-out top-1 at lr 1e-3 / 2e-3 / 3e-3 / 5e-3, while
 every arm fits the training digits alike (99.6-99.9 % train top-1): the larger lr costs
 held-out accuracy only (at 5e-3 each option alone costs less: Libra-PB 97.0, EDE 97.5,
-plain XNOR 97.6). See docs/lowbit-training.md.
+plain XNOR 97.6). The replacement is logged (logger ``compactnn``, INFO) and recorded in
+the frozen model's ``extra["irnet"]``. See docs/lowbit-training.md.
 """
 
 from __future__ import annotations
@@ -46,10 +51,32 @@ T_START = 1.0  # compactnn's default first t (BinaryConfig.ede_t_min)
 IRNET_LR = 2e-3  # the weights' lr with the options on (BinaryConfig.irnet_lr)
 
 
-def ede_t(epoch: int, epochs: int, t_min: float = T_MIN, t_max: float = T_MAX) -> float:
-    """EDE's ``t`` at the start of ``epoch`` (0-based) of ``epochs``."""
-    frac = epoch / max(epochs, 1)
+def ede_t(i: int, n: int, t_min: float = T_MIN, t_max: float = T_MAX) -> float:
+    """EDE's ``t = T_min * 10^(i / N * log10(T_max / T_min))`` at the start of epoch (or
+    optimizer step) ``i`` (0-based) of ``n``."""
+    frac = min(i, n) / max(n, 1)
     return t_min * 10 ** (frac * math.log10(t_max / t_min))
+
+
+class _WeightDecayGrad(torch.autograd.Function):
+    """Identity forward; backward adds ``wd * w`` (the gradient of ``wd/2 ||w||^2``)."""
+
+    @staticmethod
+    def forward(ctx, w, wd: float):
+        ctx.save_for_backward(w)
+        ctx.wd = wd
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return grad + ctx.wd * w, None
+
+
+def weight_decay(w: torch.Tensor, wd: float) -> torch.Tensor:
+    """``w`` unchanged, with ``wd * w`` added to its gradient (an L2 term ``wd/2 ||w||^2`` on
+    the latent real weights, seen by Adam like the loss's gradient); ``wd = 0``: ``w``."""
+    return _WeightDecayGrad.apply(w, wd) if wd > 0 else w
 
 
 def ede_grad(x: torch.Tensor, t: float) -> torch.Tensor:
