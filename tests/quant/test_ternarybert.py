@@ -15,6 +15,7 @@ from compactnn.quant.ternarybert import (
     RowTernaryWeight,
     TernaryBERTConfig,
     distill_loss,
+    lr_factor,
     masked_mse,
     pooled,
     row_ternary,
@@ -50,11 +51,12 @@ def _hidden_error(q, ref, calib):
         )
 
 
-def _recipe(steps: int) -> Recipe:
+def _recipe(steps: int, **changes) -> Recipe:
     base = resolve_recipe("w2a8-ternarybert").steps[0]
     # the paper's loss (hidden states and attention maps): the cosine term trades hidden-state
     # error for direction and has its own test below
-    config = dataclasses.replace(base.config, steps=steps, lr=1e-3, cosine=0.0)
+    changes = dict(dict(steps=steps, lr=1e-3, cosine=0.0), **changes)
+    config = dataclasses.replace(base.config, **changes)
     return Recipe(f"tb{steps}", (Step("ternarybert", config, targets=base.targets),))
 
 
@@ -140,3 +142,40 @@ def test_unlabeled_texts_never_hold_a_held_out_sentence():
     assert not any(t in joined for t in texts)  # not even a span of one
     assert set(sentences("calib")) <= set(texts) and len(texts) > 2 * len(sentences("calib"))
     assert unlabeled_texts() == texts  # fixed by the seed
+
+
+def test_lr_factor_warmup_then_cosine_by_hand():
+    # 10 steps, warmup 0.2 -> w = 2: 1/3, 2/3, then (1 + cos(pi * (t - 2) / 8)) / 2
+    f = [lr_factor(t, 10, 0.2) for t in range(10)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert f[6] == pytest.approx(0.5) and f[4] == pytest.approx((1 + 2**-0.5) / 2)
+    # no warmup: torch's own cosine annealing to 0
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    for t in range(10):
+        assert lr_factor(t, 10, 0.0) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-9)
+        opt.step()
+        sched.step()
+    with pytest.raises(CompactnnError, match="warmup"):
+        TernaryBERTConfig(warmup=1.0)
+
+
+def test_distillation_without_attention_maps_keeps_sdpa():
+    torch.manual_seed(0)
+    model, calib = tiny_model("bert")
+    model.set_attn_implementation("sdpa")
+    untrained = compactnn.compress(model, _recipe(0), calib_data=calib, progress=False)
+    recipe = _recipe(40, attention=0.0, warmup=0.1)
+    trained = compactnn.compress(model, recipe, calib_data=calib, progress=False)
+    assert trained.config._attn_implementation == "sdpa"
+    assert _hidden_error(trained, model, calib) < 0.8 * _hidden_error(untrained, model, calib)
+
+
+def test_validation_split_is_disjoint():
+    from compactnn.bench.ternarybert import validation_split
+
+    texts = ["a b c", "d e f g", "x y z w v", "d e f", "q r s", "t u v w"] * 1 + ["y z w"]
+    train, val = validation_split(texts, fraction=0.3)
+    assert val == ["t u v w", "y z w"]
+    # "x y z w v" holds the validation text "y z w"; nothing of val is trained on
+    assert train == ["a b c", "d e f g", "d e f", "q r s"]

@@ -15,6 +15,9 @@ Rows, each against the float model in the same run (mean cosine of the sentence 
 * the ablations (full run only, on ``unlabeled_texts()``): the recipe without each of its
   additions to the paper, a cosine weight of 10 and twice the steps.
 
+``run(val=True)`` is for choosing settings: it trains on 90% of ``unlabeled_texts()`` and scores
+256 of the other 10% (``validation_split``), never the held-out sentences.
+
 Target (issue 19): TernaryBERT's mean cosine >= 0.95 and above ``w2-g32-gptq_tune`` at equal
 or smaller size.
 """
@@ -82,6 +85,19 @@ def unlabeled_texts(seed: int = 0) -> list[str]:
     return out
 
 
+def validation_split(texts: list[str], fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """``(train, val)``: the last ``fraction`` of ``texts`` held aside for choosing settings.
+
+    A training text that contains a validation text, or is part of one (a calib sentence and
+    a word span of it), is dropped, so the validation texts are never trained on.
+    """
+    n_val = max(1, int(len(texts) * fraction))
+    val = texts[-n_val:]
+    joined = "\n".join(val)
+    train = [t for t in texts[:-n_val] if t not in joined and not any(v in t for v in val)]
+    return train, val
+
+
 def _ternarybert(label: str, **changes) -> Recipe:
     base = resolve_recipe("w2a8-ternarybert").steps[0]
     config = dataclasses.replace(base.config, **changes)
@@ -114,21 +130,43 @@ def _row(ref, recipe, calib: list, data: str, tmp: Path) -> dict:
     return {"name": name, "data": data, "cos": cos, "bytes": artifact_bytes(path), "cpu": cpu}
 
 
-def run(quick: bool = False) -> str:
-    """Measure and return the section's Markdown (quick: 60 steps, no ablations)."""
+def _validation_reference(ref, val: list[str]):
+    """``ref`` scoring the first 256 validation texts instead of the held-out sentences."""
+    from compactnn.models.minilm import embed, load_tokenizer, mean_cosine
+
+    tokenizer, texts = load_tokenizer(), val[:256]
+    reference = embed(ref.model, tokenizer, texts)
+    return dataclasses.replace(
+        ref, evaluate=lambda q: mean_cosine(reference, embed(q, tokenizer, texts))
+    )
+
+
+def run(quick: bool = False, val: bool = False) -> str:
+    """Measure and return the section's Markdown (quick: 60 steps, no ablations).
+
+    ``val``: choose settings, not report them: train on 90% of ``unlabeled_texts()`` and score
+    the last 10% (``validation_split``) instead of the held-out sentences.
+    """
     from compactnn.models.minilm import build_minilm
 
     set_threads(THREADS)
     n_all = len(sentences("calib"))
     ref = build_minilm(n_calib=n_all)
     small = ref.calib[: 512 // 16]  # the `minilm` reference's 512 sentences, batches of 16
+    calib_name, small_name = f"{n_all} calib sentences", "512 calib sentences"
     texts = unlabeled_texts()
+    if val:
+        texts, held_aside = validation_split(texts)
+        ref = _validation_reference(ref, held_aside)
     more, more_name = _batches(texts), f"{len(texts)} unlabeled texts"
-    calib_name = f"{n_all} calib sentences"
+    if val:  # the calib split holds validation texts: calibrate on the training part instead
+        calib_name, small_name = f"{n_all} training texts", "512 training texts"
+        ref = dataclasses.replace(ref, calib=_batches(texts[:n_all]))
+        small = ref.calib[: 512 // 16]
     fbytes = float_artifact_bytes(ref.model)
     default = resolve_recipe("w2a8-ternarybert").steps[0].config
     steps = 60 if quick else default.steps
-    runs = [("w2-g32-gptq_tune", small, "512 calib sentences")]
+    runs = [("w2-g32-gptq_tune", small, small_name)]
     if not quick:
         runs.append(("w2-g32-gptq_tune", ref.calib, calib_name))
     runs.append((_ternarybert("0 steps", steps=0), ref.calib, calib_name))
@@ -140,9 +178,11 @@ def run(quick: bool = False) -> str:
         runs += [(_ternarybert(k, **v), more, more_name) for k, v in ABLATIONS.items()]
     with tempfile.TemporaryDirectory(prefix="compactnn-bench-tb-") as tmp:
         rows = [_row(ref, r, calib, data, Path(tmp)) for r, calib, data in runs]
+    scored = "Validation: 256 of the last 10% of `unlabeled_texts()`"
+    scored = scored if val else "Held-out: 256 eval sentences"
     lines = [
         f"CPU: {cpu_description()}; {THREADS} thread. Float artifact {fbytes:,} bytes. "
-        f"Held-out: 256 eval sentences; training text: the calib split, or `unlabeled_texts()` "
+        f"{scored}; training text: the calib split, or `unlabeled_texts()` "
         f"({len(texts)} texts: calib sentences, the corpus' other non-held-out pieces, and a "
         "random word span of each calib sentence).",
         "",

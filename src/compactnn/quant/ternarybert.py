@@ -34,6 +34,7 @@ attention distillation. Deviations and additions of ours (each a config field):
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,8 @@ class TernaryBERTConfig(QATConfig):
             (mask-weighted mean of the last hidden states; 0: off).
         learn_scale: train each row's ternary scale (TWN's value to start with) instead of
             recomputing it from the latent weights.
+        warmup: fraction of ``steps`` over which the learning rates rise linearly from 0
+            before their cosine decay to 0 (0: cosine decay from the first step).
     """
 
     weight: QuantSpec = field(default_factory=lambda: short_weight_spec(2))
@@ -125,6 +128,7 @@ class TernaryBERTConfig(QATConfig):
     embedding_group: int = 64
     cosine: float = 1.0
     learn_scale: bool = True
+    warmup: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,6 +141,8 @@ class TernaryBERTConfig(QATConfig):
             raise CompactnnError("hidden, attention and cosine are all 0: nothing to distil.")
         if self.embedding_bits is not None and not 2 <= self.embedding_bits <= 8:
             raise CompactnnError(f"embedding_bits={self.embedding_bits} must be 2..8 or None.")
+        if not 0.0 <= self.warmup < 1.0:
+            raise CompactnnError(f"warmup={self.warmup} must lie in [0, 1) (a fraction of steps).")
         if self.embedding_group < 1:
             raise CompactnnError(f"embedding_group={self.embedding_group} must be >= 1.")
 
@@ -173,8 +179,21 @@ def distill_loss(student_out, teacher_out, mask, config: TernaryBERTConfig) -> t
     return loss
 
 
-def _call(model: nn.Module, batch: dict) -> object:
-    return model(**batch, output_hidden_states=True, output_attentions=True)
+def _call(model: nn.Module, batch: dict, attentions: bool = True) -> object:
+    return model(**batch, output_hidden_states=True, output_attentions=attentions)
+
+
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """The learning-rate multiplier at ``step`` (0-based) of ``steps``: a linear rise over the
+    first ``w = round(warmup * steps)`` steps, then a cosine decay to 0::
+
+        f(t) = (t + 1) / (w + 1)                              for t < w
+        f(t) = (1 + cos(pi * (t - w) / (steps - w))) / 2      otherwise
+    """
+    w = round(warmup * steps)
+    if step < w:
+        return (step + 1) / (w + 1)
+    return 0.5 * (1 + math.cos(math.pi * (step - w) / max(steps - w, 1)))
 
 
 def _check_batches(model: nn.Module, ctx: CompressContext) -> None:
@@ -199,13 +218,15 @@ def distil(student: nn.Module, teacher: nn.Module, config: TernaryBERTConfig, ct
     if quant and config.lr_quant > 0:
         groups.append({"params": quant, "lr": config.lr_quant})
     opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(config.steps, 1))
-    losses = []
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: lr_factor(k, config.steps, config.warmup)
+    )
+    maps, losses = config.attention > 0, []
     for step in ctx.bar(range(config.steps), desc="ternarybert distillation"):
         batch = ctx.batches[step % len(ctx.batches)]
         with torch.no_grad():
-            t = _call(teacher, batch)
-        loss = distill_loss(_call(student, batch), t, batch.get("attention_mask"), config)
+            t = _call(teacher, batch, maps)
+        loss = distill_loss(_call(student, batch, maps), t, batch.get("attention_mask"), config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -231,8 +252,9 @@ def _apply(model, targets, config: TernaryBERTConfig, ctx: CompressContext) -> n
         quantize_embeddings(model, {}, Targets(classes=("Embedding",)), _tables(config), ctx)
     wrap_layers(model, targets, config, ctx, TERNARYBERT)
     init_quantizers(model, ctx)
-    for m in (model, teacher):
-        m.set_attn_implementation("eager")  # attention maps are only returned by eager
+    if config.attention > 0:
+        for m in (model, teacher):
+            m.set_attn_implementation("eager")  # attention maps are only returned by eager
     try:
         model.eval()  # no dropout: the teacher's and the student's states must line up
         with torch.enable_grad():
