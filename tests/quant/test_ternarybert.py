@@ -179,3 +179,18 @@ def test_validation_split_is_disjoint():
     assert val == ["t u v w", "y z w"]
     # "x y z w v" holds the validation text "y z w"; nothing of val is trained on
     assert train == ["a b c", "d e f g", "d e f", "q r s"]
+
+
+def test_device_option_trains_there_and_hands_back_on_the_models_device():
+    torch.manual_seed(0)
+    model, calib = tiny_model("bert")
+    here = compactnn.compress(model, _recipe(5), calib_data=calib, progress=False)
+    there = compactnn.compress(model, _recipe(5, device="cpu"), calib_data=calib, progress=False)
+    for b in calib[:2]:
+        assert torch.equal(there(**b).last_hidden_state, here(**b).last_hidden_state)
+    assert {p.device.type for p in there.parameters()} == {"cpu"}
+    with pytest.raises(CompactnnError, match="not a device name"):
+        TernaryBERTConfig(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(CompactnnError, match="sees no CUDA GPU"):
+            TernaryBERTConfig(device="cuda")

@@ -12,8 +12,13 @@ Rows, each against the float model in the same run (mean cosine of the sentence 
   sentence of the calibration split (full run only), and on ``unlabeled_texts()`` (the
   calibration split, the rest of the corpus' non-held-out text and random spans): the row the
   target reads. Both are disjoint from the evaluation sentences;
-* the ablations (full run only, on ``unlabeled_texts()``): the recipe without each of its
-  additions to the paper, a cosine weight of 10 and twice the steps.
+* the ablations (full run only, on ``unlabeled_texts()``, each at ``ABLATION_STEPS`` beside the
+  defaults at that many steps): the recipe without each of its additions to the paper, a
+  cosine weight of 10, and the defaults at 1,200 steps.
+
+``COMPACTNN_BENCH_DEVICE=cuda`` trains every row there (``TernaryBERTConfig.device``); the
+scores are always taken on the CPU. The recipe's 2,400 steps take about 45 minutes on one CPU
+thread and 4 on an H200.
 
 ``run(val=True)`` is for choosing settings: it trains on 90% of ``unlabeled_texts()`` and scores
 256 of the other 10% (``validation_split``), never the held-out sentences.
@@ -25,6 +30,7 @@ or smaller size.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import sys
 import tempfile
@@ -42,13 +48,17 @@ from compactnn.recipe import Recipe, Step, resolve_recipe
 
 THREADS = 1
 COMMAND = "python -m compactnn.bench --only ternarybert"
-ABLATIONS = {  # name -> fields changed from the recipe's defaults
+ABLATION_STEPS = 600  # the ablations' length: a quarter of the recipe's, to keep the run short
+ABLATIONS = {  # name -> fields changed from the recipe's defaults (at ABLATION_STEPS)
+    f"{ABLATION_STEPS} steps": {},
     "embedding table at 2 bits (paper-like)": {"embedding_bits": None},
     "no cosine term": {"cosine": 0.0},
     "TWN scales (not learned)": {"learn_scale": False},
     "cosine term 10": {"cosine": 10.0},
     "1,200 steps": {"steps": 1200},
 }
+SEEDS = (0, 1, 2)  # the target row's seeds (text order and compress seed) in the full run
+DEVICE = os.environ.get("COMPACTNN_BENCH_DEVICE") or None  # where the rows train
 
 
 def unlabeled_texts(seed: int = 0) -> list[str]:
@@ -100,7 +110,7 @@ def validation_split(texts: list[str], fraction: float = 0.1) -> tuple[list[str]
 
 def _ternarybert(label: str, **changes) -> Recipe:
     base = resolve_recipe("w2a8-ternarybert").steps[0]
-    config = dataclasses.replace(base.config, **changes)
+    config = dataclasses.replace(base.config, **dict({"device": DEVICE}, **changes))
     return Recipe(f"w2a8-ternarybert ({label})", (Step("ternarybert", config, base.targets),))
 
 
@@ -114,12 +124,12 @@ def _batches(texts: list[str], batch: int = 16, seed: int = 0) -> list[dict]:
     return out
 
 
-def _row(ref, recipe, calib: list, data: str, tmp: Path) -> dict:
+def _row(ref, recipe, calib: list, data: str, tmp: Path, seed: int = 0) -> dict:
     name = recipe if isinstance(recipe, str) else recipe.name
     t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = compactnn.compress(ref.model, recipe, calib_data=calib, progress=False)
+        q = compactnn.compress(ref.model, recipe, calib_data=calib, progress=False, seed=seed)
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     path = tmp / f"a{len(list(tmp.iterdir()))}"
     compactnn.save(q, path)
@@ -171,17 +181,34 @@ def run(quick: bool = False, val: bool = False) -> str:
         runs.append(("w2-g32-gptq_tune", ref.calib, calib_name))
     runs.append((_ternarybert("0 steps", steps=0), ref.calib, calib_name))
     if not quick:
-        runs.append((_ternarybert(f"{steps} steps", steps=steps), ref.calib, calib_name))
+        short = _ternarybert(f"{ABLATION_STEPS} steps", steps=ABLATION_STEPS)
+        runs.append((short, ref.calib, calib_name))
     best = len(runs)  # the recipe's defaults on the most text: the row the target reads
-    runs.append((_ternarybert(f"{steps} steps", steps=steps), more, more_name))
+    target = _ternarybert(f"{steps} steps", steps=steps)
+    runs.append((target, more, more_name))
+    seeds = [0] * len(runs)
+    if not quick and not val:  # the target row again on other seeds: its spread
+        for seed in SEEDS[1:]:
+            other = _batches(unlabeled_texts(seed))
+            runs.append((target, other, f"{more_name}, seed {seed}"))
+            seeds.append(seed)
+    repeats = range(best, len(runs))
     if not quick:
-        runs += [(_ternarybert(k, **v), more, more_name) for k, v in ABLATIONS.items()]
+        ablations = [(k, dict({"steps": ABLATION_STEPS}, **v)) for k, v in ABLATIONS.items()]
+        label = lambda k: k if "steps" in k else f"{k}, {ABLATION_STEPS} steps"  # noqa: E731
+        runs += [(_ternarybert(label(k), **v), more, more_name) for k, v in ablations]
+        seeds += [0] * len(ablations)
     with tempfile.TemporaryDirectory(prefix="compactnn-bench-tb-") as tmp:
-        rows = [_row(ref, r, calib, data, Path(tmp)) for r, calib, data in runs]
+        rows = [
+            _row(ref, r, calib, data, Path(tmp), seed)
+            for (r, calib, data), seed in zip(runs, seeds, strict=True)
+        ]
     scored = "Validation: 256 of the last 10% of `unlabeled_texts()`"
     scored = scored if val else "Held-out: 256 eval sentences"
     lines = [
-        f"CPU: {cpu_description()}; {THREADS} thread. Float artifact {fbytes:,} bytes. "
+        f"CPU: {cpu_description()}; {THREADS} thread"
+        + (f"; trained on {DEVICE}, scored on the CPU" if DEVICE else "")
+        + f". Float artifact {fbytes:,} bytes. "
         f"{scored}; training text: the calib split, or `unlabeled_texts()` "
         f"({len(texts)} texts: calib sentences, the corpus' other non-held-out pieces, and a "
         "random word span of each calib sentence).",
@@ -196,13 +223,16 @@ def run(quick: bool = False, val: bool = False) -> str:
             f"{fbytes / r['bytes']:.1f}x | {r['cpu']:.0f} |"
         )
     gptq = max((r for r in rows if r["name"] == "w2-g32-gptq_tune"), key=lambda r: r["cos"])
-    tb = rows[best]
-    met = tb["cos"] >= 0.95 and tb["cos"] > gptq["cos"] and tb["bytes"] <= gptq["bytes"]
+    tbs = [rows[i] for i in repeats]
+    mean = sum(r["cos"] for r in tbs) / len(tbs)
+    low, high = min(r["cos"] for r in tbs), max(r["cos"] for r in tbs)
+    size = max(r["bytes"] for r in tbs)
+    met = mean >= 0.95 and low > gptq["cos"] and size <= gptq["bytes"]
     lines += [
         "",
         f"Target (cosine >= 0.95, above the best w2-g32-gptq_tune row ({gptq['cos']:.4f}) at "
-        f"equal or smaller size; the defaults on the unlabeled texts: {tb['cos']:.4f}, "
-        f"{tb['bytes']:,} B): " + ("met." if met else "not met."),
+        f"equal or smaller size; the defaults on the unlabeled texts, {len(tbs)} seed(s): mean "
+        f"{mean:.4f} ({low:.4f}-{high:.4f}), {size:,} B): " + ("met." if met else "not met."),
         "",
         f"Reproduce: `{COMMAND}`" + (" (quick: 60 steps, no ablations)." if quick else "."),
     ]

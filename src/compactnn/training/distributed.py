@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.device import check_device
 from compactnn.errors import CompactnnError
 from compactnn.training import fsdp
 
@@ -61,13 +62,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"cpu"`` -> CPU; ``"cuda"`` -> this rank's GPU (``LOCAL_RANK``)."""
     if device is None:
         return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise CompactnnError(f"device={device!r} is not a device: use 'cpu' or 'cuda'.") from exc
+    dev = check_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CompactnnError(f"device={device!r} but no CUDA GPU is available: use 'cpu'.")
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     elif dev.type != "cpu":
