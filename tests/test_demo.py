@@ -72,7 +72,8 @@ def test_demo_rows_measure_every_recipe(demo):
     for r in rows.values():
         assert r["bit_exact_load"] is True
         assert (out / r["artifact"] / "compactnn.json").is_file()
-        assert r["latency"]["runs"] == 3 and r["latency"]["threads"] == 1
+        # three rounds of equal blocks, each grown to about 0.1 s for a fast model
+        assert r["latency"]["runs"] % 3 == 0 and r["latency"]["threads"] == 1
     # smaller bit-widths give smaller artifacts, and the float one is the largest
     sizes = [rows[k]["size_bytes"] for k in ("float", "w8a8", "w4a8", "w2a4")]
     assert sizes[0] > sizes[1] > sizes[2] > sizes[3]

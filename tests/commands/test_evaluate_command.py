@@ -157,7 +157,7 @@ def test_deploy_accepts_no_progress_and_prints_the_batch(project, capsys):
     args = ["deploy", "art-w8a8", *MODEL, "--runs", "2", "--no-progress"]
     assert main([*args, "--data", "xy.safetensors"]) == 0
     out = capsys.readouterr().out
-    assert "latency: median of 2 runs, batch 32, 2 threads" in out
+    assert "median of at least 2 runs (a fast model: blocks of about 0.1 s), batch 32" in out
     qmodel = compactnn.load("art-w8a8", model=project["factory"].make())
     simulated = evaluate(qmodel, (project["x"], project["y"]))
     assert f"top-1 on --data: simulated {simulated:.2f}%" in out

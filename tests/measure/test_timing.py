@@ -97,3 +97,19 @@ def test_timings_record_their_conditions():
 )
 def test_passive_policy_action(environ, loaded, action):
     assert timing.passive_policy_action(environ, loaded) == action
+
+
+def test_block_s_grows_a_fast_contenders_blocks_and_keeps_a_slow_ones(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "sleep", lambda _s: None)
+
+    def call(seconds):
+        return lambda: clock.__setitem__(0, clock[0] + seconds)
+
+    calls = {"fast": call(0.004), "slow": call(0.5), "tiny": call(1e-5)}
+    with pytest.warns(timing.TimingWarning):  # a fake clock looks like waiting, not computing
+        t = timing.time_blocks(calls, warmup=2, runs=3, threads=1, rounds=3, block_s=0.1)
+    # 0.1 s / 4 ms = 25 calls a block; the slow one keeps runs / rounds = 1; capped at 30
+    assert (t["fast"].runs, t["slow"].runs, t["tiny"].runs) == (75, 3, 3 * timing.MAX_BLOCK_CALLS)
+    assert t["fast"].median_s == pytest.approx(0.004)

@@ -57,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="replace an artifact at --save")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs (median shown)")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs, at least (median)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     return p
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     base = paths.best.median_s
     batch = batch_size_of(example)
     print(
-        f"latency: median of {args.runs} runs, batch {batch}, {args.threads} threads, every "
+        f"latency: median of at least {args.runs} runs (a fast model: blocks of about 0.1 s), "
+        f"batch {batch}, {args.threads} threads, every "
         "contender timed side by side (rotating blocks):"
     )
     for label, t in paths.timings.items():

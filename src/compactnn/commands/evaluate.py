@@ -79,7 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="no torch.compile float path, 3 timed runs")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs (median shown)")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs, at least (median)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
@@ -326,7 +326,7 @@ def _conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
     batch = f", batch {result['batch']}" if result["batch"] is not None else ""
     runs = 3 if args.quick else args.runs
     text = (
-        f"(latency: median of {runs} runs after warm-up{batch}, {args.threads} threads, "
+        f"(latency: median of at least {runs} runs after warm-up{batch}, {args.threads} threads, "
         f"OMP_WAIT_POLICY={result['omp_wait_policy']}"
     )
     paths = result["float_paths"]

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="report directory")
     p.add_argument("--title", help="the report's heading")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs (median shown)")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs, at least (median)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--quick", action="store_true", help="leave torch.compile out of the float paths"

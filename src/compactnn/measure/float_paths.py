@@ -40,6 +40,9 @@ ORT = "ort-fp32"
 # per rounding) and a deep network compounds a few of them
 TOLERANCE = {EAGER: 0.0, COMPILE: 1e-3, ORT: 1e-3, BF16: 5e-2}
 COMPILE_TIMEOUT_S = 180.0
+# each contender's blocks grow to about this long (time_blocks' block_s): a model of a few
+# milliseconds is timed warm, call after call, not one cold call after each pause
+BLOCK_S = 0.1
 
 
 @dataclass
@@ -262,7 +265,9 @@ def fastest_float_path(
         torch.set_num_threads(previous)
     calls = {name: model_call(m, example) for name, m in contenders.items()}
     calls |= {name: model_call(m, example) for name, m in (extra or {}).items()}
-    timings = time_blocks(calls, warmup=warmup, runs=runs, threads=threads, batch=_batch(example))
+    timings = time_blocks(
+        calls, warmup=warmup, runs=runs, threads=threads, batch=_batch(example), block_s=BLOCK_S
+    )
     floats = [name for name in contenders if name in timings]
     winner = min(floats, key=lambda n: timings[n].median_s)
     return FloatPaths(timings, skipped, winner, errors, build_s)

@@ -32,6 +32,7 @@ DEFAULT_WARMUP = 3
 DEFAULT_RUNS = 10
 DEFAULT_ROUNDS = 3  # rounds of blocks, each in a rotated order (BENCHMARKING.md)
 DEFAULT_PAUSE_S = 0.05  # before each block: lets other runtimes' idle threads go to sleep
+MAX_BLOCK_CALLS = 30  # a block grown to ``block_s`` holds at most this many calls
 MAX_SPREAD = 0.5  # (max - min) / median above this: the runs disagree, the median is noise
 MIN_CPU_SHARE = 0.5  # process CPU per call below this share of the wall time: it waited
 MAX_CPU_OVER_THREADS = 1.5  # CPU per call above wall x threads x this: other pools ran too
@@ -283,6 +284,7 @@ def time_blocks(
     rounds: int = DEFAULT_ROUNDS,
     pause_s: float = DEFAULT_PAUSE_S,
     batch: int | None = None,
+    block_s: float = 0.0,
 ) -> dict[str, Timing]:
     """Time several contenders side by side with the rotating-block protocol.
 
@@ -291,6 +293,11 @@ def time_blocks(
     ``pause_s``, and the order rotates by one from round to round. Blocks rather than single
     interleaved calls: one runtime's spinning threads then cannot starve the next contender,
     and rotation spreads a slow spell of a shared machine over everyone.
+
+    ``block_s`` > 0 grows a fast contender's blocks to about that many seconds (at most
+    ``MAX_BLOCK_CALLS`` calls, judged from its last warm-up call), so a model of a few
+    milliseconds is timed warm, call after call, rather than one call after each pause (a
+    call that first wakes sleeping threads). Its ``runs`` then counts every timed call.
 
     Example:
         >>> t = time_blocks({"a": lambda: None, "b": lambda: None}, runs=3, threads=1)
@@ -307,15 +314,20 @@ def time_blocks(
     used = set_threads(threads) if threads is not None else previous
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    sizes = dict.fromkeys(names, per_block)
     try:
-        for fn in calls.values():
-            for _ in range(warmup):
+        for name, fn in calls.items():
+            for i in range(warmup):
+                t0 = time.perf_counter()
                 fn()
+                if block_s > 0 and i == warmup - 1:  # the last warm-up call sizes the block
+                    fit = int(block_s / max(time.perf_counter() - t0, 1e-6))
+                    sizes[name] = max(per_block, min(MAX_BLOCK_CALLS, fit))
         for r in range(rounds):
             shift = r % max(len(names), 1)
             for name in names[shift:] + names[:shift]:
                 time.sleep(pause_s)
-                _block(calls[name], per_block, times[name], cpu[name])
+                _block(calls[name], sizes[name], times[name], cpu[name])
     finally:
         torch.set_num_threads(previous)
     out = {name: _timing(times[name], cpu[name], warmup, used, batch) for name in names}

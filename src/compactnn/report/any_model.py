@@ -257,7 +257,8 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         f"Quality: {METRIC_LABELS.get(metric, metric)} on the {n} labelled samples given.",
         "Size: bytes on disk of each artifact directory; the float row is the float model "
         "saved in the same format.",
-        f"Latency: median of {env['runs']} runs after warm-up, {env['threads']} torch threads, "
+        f"Latency: median of at least {env['runs']} runs after warm-up, "
+        f"{env['threads']} torch threads, "
         f"OMP_WAIT_POLICY={env.get('omp_wait_policy', 'unset')}, one batch of "
         f"{results['latency_batch']} samples, every model in its own block of calls after a "
         "pause, three rounds in rotating order (min-max shown when runs spread more than 10%).",

@@ -153,7 +153,8 @@ def _method_blocks(results: dict[str, Any]) -> list[Block]:
                 f"it. {env['threads']} threads, OMP_WAIT_POLICY="
                 f"{env.get('omp_wait_policy', 'unset')}, 1-minute load "
                 f"{env.get('load_avg', 'n/a')}; every contender in its own block of calls "
-                f"after a pause, three rounds in rotating order, median of {runs} runs on one "
+                f"after a pause (about 0.1 s of calls for a fast model), three rounds in rotating "
+                f"order, median of at least {runs} runs on one "
                 f"fixed input batch ({batches} samples; min-max shown when the runs spread more "
                 "than 10%).",
                 "Quality is measured by running the delivered model itself.",
