@@ -52,5 +52,10 @@ def environment(threads: int, **extra: Any) -> dict[str, Any]:
         "machine": f"{machine}, {os.cpu_count()} CPUs",
         "threads": threads,
         **extra,
+        **(
+            {"gomp_spincount": os.environ["GOMP_SPINCOUNT"]}
+            if "GOMP_SPINCOUNT" in os.environ
+            else {}
+        ),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
