@@ -419,8 +419,8 @@ def passive_policy_action(environ: dict[str, str], openmp_loaded: bool) -> str:
 def ensure_passive_policy(module: str, argv: list[str], openmp_loaded: bool) -> None:
     """Give this process ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy.
 
-    With it goes a short bounded spin, ``GOMP_SPINCOUNT=20000`` (unless set; about 0.5 ms): idle threads
-    wait that long before they sleep (:data:`PASSIVE_SPINCOUNT` says why).
+    With it goes a short bounded spin, ``GOMP_SPINCOUNT=20000`` (unless set; about 0.5 ms):
+    idle threads wait that long before they sleep (:data:`PASSIVE_SPINCOUNT` says why).
 
     For command-line entry points only (``compactnn``, ``python -m compactnn.bench``): when
     OpenMP is already loaded, re-executes ``python -m module argv`` with the policy set
