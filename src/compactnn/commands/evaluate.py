@@ -41,7 +41,7 @@ from compactnn.measure import (
 )
 from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import fastest_float_path
-from compactnn.measure.timing import omp_wait_policy
+from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, resolve_data, skeleton_for
 
 
@@ -244,6 +244,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "batch": batch_size_of(example) if example is not None else None,
         "omp_wait_policy": omp_wait_policy() or "unset",
+        "gomp_spincount": spin_count() or "unset",
         "float_paths": paths.to_dict() if paths else None,
         "notes": notes,
         "rows": rows,
@@ -328,6 +329,7 @@ def _conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
     text = (
         f"(latency: median of at least {runs} runs after warm-up{batch}, {args.threads} threads, "
         f"OMP_WAIT_POLICY={result['omp_wait_policy']}"
+        + (f", GOMP_SPINCOUNT={result['gomp_spincount']}" if result.get("gomp_spincount") else "")
     )
     paths = result["float_paths"]
     if paths:
