@@ -340,7 +340,9 @@ def _choose(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", TimingWarning)  # a noisy sample still ranks the two
         calls = {k: (lambda m=m: m(x)) for k, m in cands.items()}
-        times = time_blocks(calls, warmup=2, runs=6, threads=threads, pause_s=0.02)
+        # blocks of about 20 ms: a block of sub-millisecond calls timed warm, not one cold call
+        # after each pause (two cold calls chose float for mnist-cnn's last ReActNet block)
+        times = time_blocks(calls, warmup=2, runs=6, threads=threads, pause_s=0.02, block_s=0.02)
     best = min(times, key=lambda k: times[k].median_s)
     chosen = cands[best]
     chosen.selection = {"kernel": best, **{f"{k}_ms": t.median_s * 1e3 for k, t in times.items()}}
