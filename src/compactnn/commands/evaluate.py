@@ -328,8 +328,7 @@ def _conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
     runs = 3 if args.quick else args.runs
     text = (
         f"(latency: median of at least {runs} runs after warm-up{batch}, {args.threads} threads, "
-        f"OMP_WAIT_POLICY={result['omp_wait_policy']}"
-        + (f", GOMP_SPINCOUNT={result['gomp_spincount']}" if result.get("gomp_spincount") else "")
+        f"OMP_WAIT_POLICY={result['omp_wait_policy']}, GOMP_SPINCOUNT={result['gomp_spincount']}"
     )
     paths = result["float_paths"]
     if paths:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import compactnn
+from compactnn.measure.timing import spin_count
 
 
 def cpu_description(cpuinfo: str | None = None) -> str:
@@ -52,10 +53,6 @@ def environment(threads: int, **extra: Any) -> dict[str, Any]:
         "machine": f"{machine}, {os.cpu_count()} CPUs",
         "threads": threads,
         **extra,
-        **(
-            {"gomp_spincount": os.environ["GOMP_SPINCOUNT"]}
-            if "GOMP_SPINCOUNT" in os.environ
-            else {}
-        ),
+        **({"gomp_spincount": spin_count()} if spin_count() else {}),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

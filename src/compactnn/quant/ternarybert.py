@@ -275,8 +275,9 @@ def _apply(model, targets, config: TernaryBERTConfig, ctx: CompressContext) -> n
     try:
         model.eval()  # no dropout: the teacher's and the student's states must line up
         if config.device is not None:
-            model.to(check_device(config.device))
-            teacher.to(check_device(config.device))
+            device = check_device(config.device)
+            model.to(device)
+            teacher.to(device)
         with torch.enable_grad():
             losses = distil(model, teacher, config, ctx)
     finally:
