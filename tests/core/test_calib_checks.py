@@ -125,3 +125,28 @@ def test_meta_device_model_is_refused():
 def test_bad_examples_are_refused(example, needle):
     with pytest.raises(CompactnnError, match=needle):
         check_example(example)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype) -> None:
+    """The sum shortcut gives the element-wise answer, including sums that overflow."""
+    from compactnn.core.calib import all_finite
+
+    big = torch.finfo(dtype).max
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(16, 1, 28, 28, generator=g, dtype=dtype),
+        torch.full((1000,), big, dtype=dtype),  # finite values whose sum overflows
+        torch.tensor([big, -big, big], dtype=dtype),
+        torch.empty(0, dtype=dtype),
+        torch.tensor([1.0, float("nan")], dtype=dtype),
+        torch.tensor([float("inf"), float("-inf")], dtype=dtype),  # sum NaN
+        torch.tensor([-float("inf"), 2.0], dtype=dtype),
+    ]
+    for t in cases:
+        pos = torch.randint(0, max(t.numel(), 1), (1,), generator=g)
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+        if t.numel():  # one NaN anywhere in an otherwise finite tensor
+            u = t.clone().reshape(-1)
+            u[pos] = float("nan")
+            assert not all_finite(u)

@@ -231,7 +231,7 @@ def test_fused_tail_is_bit_identical_to_the_pytorch_ops(popcount_ok):
     want = rprelu(y + real_shortcut(x, y, True), gamma, zeta, slope, dim=1).relu()
     sc = F.adaptive_avg_pool2d(x, (5, 5))
     got = y.clone(memory_format=torch.channels_last)
-    ext.binary_tail(got.permute(0, 2, 3, 1), sc, 2, gamma, slope, zeta, True)
+    ext.binary_tail(got.permute(0, 2, 3, 1), sc, 2, gamma, slope, zeta, True, 1)
     assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)) and got[0, 3, 1, 1].isnan()
     shift = torch.randn(16, generator=g)
     x[:, :, 0, 0] = shift.view(1, -1)  # exactly on the threshold: +1
@@ -239,3 +239,27 @@ def test_fused_tail_is_bit_identical_to_the_pytorch_ops(popcount_ok):
     codes = ext.sign_codes(x, shift)
     ref = torch.where(x - shift.view(1, -1, 1, 1) >= 0, 129, 127).to(torch.uint8)
     assert codes.is_contiguous(memory_format=torch.channels_last) and torch.equal(codes, ref)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "channels_last"), [(16, 32, True), (32, 32, True), (8, 24, False), (6, 6, True)]
+)
+def test_fused_tail_pools_a_stride_2_shortcut_bit_for_bit(popcount_ok, cin, cout, channels_last):
+    """pool=2: the tail reads the unpooled shortcut and averages each 2x2 window itself, equal
+    to ``avg_pool2d(x, 2, 2)`` then the tail (vector path: O % 16 == 0 and channels-last x;
+    the scalar path otherwise)."""
+    from compactnn.engines.binary import rprelu
+
+    ext = bitconv.load_extension()
+    g = torch.Generator().manual_seed(cin + cout)
+    y = torch.randn(3, cout, 4, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, cin, 8, 12, generator=g) * 3
+    x[0, 0, :2, :2] = -0.0  # the sign of a zero average follows avg_pool2d's 0 + ...
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gamma, zeta, slope = (torch.randn(cout, generator=g) * 0.3 for _ in range(3))
+    pooled = F.avg_pool2d(x, 2, 2).repeat_interleave(cout // cin, dim=1)
+    want = rprelu(y + pooled, gamma, zeta, slope, dim=1).relu()
+    got = y.clone(memory_format=torch.channels_last)
+    ext.binary_tail(got.permute(0, 2, 3, 1), x, cout // cin, gamma, slope, zeta, True, 2)
+    assert torch.equal(got, want)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compactnn.core.calib import Batch, batch_size_of, call_model, main_output
+from compactnn.core.calib import Batch, all_finite, batch_size_of, call_model, main_output
 from compactnn.core.observer import NonFiniteActivation, RangeObserver
 from compactnn.errors import CompactnnError
 
@@ -149,7 +149,7 @@ def _finite_output(out: Any) -> bool:
         t = main_output(out)
     except TypeError:
         return True  # nothing to check
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+    return not t.is_floating_point() or all_finite(t)
 
 
 def first_non_finite(model: nn.Module, run: Callable[[nn.Module], Any]) -> str:

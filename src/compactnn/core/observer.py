@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from compactnn.core.calib import all_finite
 from compactnn.core.qtype import QType
 from compactnn.core.ranges import estimate_range
 from compactnn.errors import CompactnnError
@@ -39,7 +40,7 @@ class RangeObserver:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1)
-        if not bool(torch.isfinite(x).all()):  # one reduction; NaN would poison min/max
+        if not all_finite(x):  # one reduction; NaN would poison min/max
             bad = int((~torch.isfinite(x)).sum())
             raise NonFiniteActivation(
                 f"an activation observed during calibration holds {bad} NaN/Inf value(s) of "

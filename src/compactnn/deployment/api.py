@@ -45,8 +45,8 @@ class DeployedModel(nn.Module):
     """An integer-kernel model: call it like the simulated model it came from.
 
     NaN or Inf in a floating-point input raises ``CompactnnError`` (checked on every call,
-    one ``isfinite`` per input tensor): int8 kernels have no code for them and would turn
-    them into confident finite logits, while the simulation returns NaN.
+    one sum per input tensor, see ``core.calib.all_finite``): int8 kernels have no code for
+    them and would turn them into confident finite logits, while the simulation returns NaN.
 
     Attributes:
         backend: which kernels run it (``"onednn"``, ``"onnxruntime"`` or ``"inductor"``).

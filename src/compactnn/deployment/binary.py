@@ -24,7 +24,8 @@ All three reproduce the simulation up to float rounding of the final scale (the 
 are identical). The shortcut, RPReLU and a ReLU that follows the block in an
 ``nn.Sequential`` (absorbed) run as ONE in-place pass of the compiled extension over the
 kernel's channels-last output (``binary_tail``, the same float operations in the same order
-as the PyTorch ops, which remain the fallback), and the int8 kernel's sign codes come from
+as the PyTorch ops, which remain the fallback; a stride-2 shortcut's 2x2 average is read in
+that pass too), and the int8 kernel's sign codes come from
 one pass (``sign_codes``); XNOR's ``K`` stays PyTorch ops. ``kernel="auto"`` times every
 kernel on each block's input from ``example`` with its elementwise tail included and keeps
 the fastest per block (no popcount when the extension cannot be built).
@@ -258,17 +259,21 @@ class DeployedBinaryBlock(nn.Module):
         nhwc = y.permute(0, 2, 3, 1)  # (N, OH, OW, O): the kernels write channels-last
         if not nhwc.is_contiguous():
             return None
-        sc, rep = None, 1
+        sc, rep, pool = None, 1, 1
         if self.shortcut:
-            sc = x if x.shape[-2:] == y.shape[-2:] else _pool_to(x, y.shape[-2:])
-            cin, cout = sc.shape[1], y.shape[1]
+            (h, w), (oh, ow) = x.shape[-2:], y.shape[-2:]
+            cin, cout = x.shape[1], y.shape[1]
+            if cout % cin == 0 and (h, w) == (2 * oh, 2 * ow) and x.dtype == torch.float32:
+                sc, pool = x, 2  # the stride-2 shortcut's 2x2 average, in the same pass
+            else:
+                sc = x if (h, w) == (oh, ow) else _pool_to(x, y.shape[-2:])
             if cout % cin == 0:
                 rep = cout // cin  # repeat_interleave: output channel o reads o // rep
             else:
                 sc = real_shortcut(x, y, True)
             sc = sc.float()
         gamma, zeta, slope = self.rprelu if self.rprelu is not None else (None, None, None)
-        ext.binary_tail(nhwc, sc, rep, gamma, slope, zeta, self.relu)
+        ext.binary_tail(nhwc, sc, rep, gamma, slope, zeta, self.relu, pool)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,14 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   registers, and the combine (sum of the scaled terms, ReLU/Hardtanh, requantization) in the
   same pass instead of a float ``2 * out``-channel oneDNN output and a second pass. Same
   integer dots and the same float operations in the same order: equal codes
-  (``tests/deployment/test_term_conv.py``). Needs AVX-512 VNNI; oneDNN otherwise.
+  (``tests/deployment/test_term_conv.py``). Needs AVX-512 VNNI; oneDNN otherwise;
+- for a global average pool whose only user is a quantization (a CNN's head), the
+  extension's ``pool_quantize`` (``kernels/csrc/head.cpp``): one pass from the float
+  feature map to the head's codes, the same float operations as ``x.mean((2, 3))`` (PyTorch's
+  cascaded sum) and the quantizer, so equal codes (``tests/kernels/test_head.py``);
+- for an int8 linear layer with a float output and at most 64K weights (a small head), the
+  extension's ``small_linear``: exact float dots, then oneDNN's own float order
+  ``(acc * sx) * w_scale + bias``, so bit-identical.
 
 The kernels, their order and their arguments are those of the graph, so the outputs are
 bit-identical to the ``fx.GraphModule``'s (``tests/deployment/test_onednn.py``; the direct
@@ -160,6 +167,35 @@ def _small_conv_call(m: Int8Conv2d, fused: tuple | None) -> Callable[[torch.Tens
     return conv
 
 
+def small_linear_fits(m: nn.Module) -> bool:
+    """Whether Int8Linear ``m`` runs on the direct ``small_linear`` kernel: a small head with a
+    float output (oneDNN's int8 GEMM spent ~50 us on mnist-cnn's 16 x 64 x 10 at batch 16).
+    Exact float sums need ``in * 255 * 128 < 2^24``."""
+    if not isinstance(m, Int8Linear) or m.out is not None or m.unary not in ("none", "relu"):
+        return False
+    o, k = m.w_int8.shape
+    return o * k <= SMALL_LINEAR_WEIGHTS and k * 255 * 128 < 2**24 and bitconv.available()
+
+
+SMALL_LINEAR_WEIGHTS = 64 * 1024  # beyond this a GEMM kernel's blocking pays for its call
+
+
+def _small_linear_call(m: Int8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``m.forward`` on the direct kernel: (..., in) uint8 codes -> (..., out) float32."""
+    ext = bitconv.load_extension()
+    sx, zx = m.x_qp
+    wt = m.w_int8.float().t().contiguous()  # (in, out)
+    ws = m.w_scale_t.float().reshape(-1).contiguous()
+    bias = None if m.bias is None else m.bias.float().contiguous()
+    relu = m.unary == "relu"
+
+    def linear(q: torch.Tensor) -> torch.Tensor:
+        y = ext.small_linear(q.reshape(-1, q.shape[-1]), sx, zx, wt, ws, bias, relu)
+        return y.reshape(*q.shape[:-1], y.shape[-1])
+
+    return linear
+
+
 TERM_COLUMNS = (16, 32, 48, 64, 96, 128)  # terms * outputs the VNNI kernel keeps in registers
 
 
@@ -210,6 +246,39 @@ def _term_conv_call(m: SplitConv2d) -> Callable[[torch.Tensor], torch.Tensor]:
     return conv
 
 
+def _pool_quantize_call(
+    pool: nn.Module, quant: nn.Module
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``quant(pool(x))`` for a global average pool: one pass of the extension's
+    ``pool_quantize`` (the same float operations, equal codes) on float32 channels-last
+    input, the two modules otherwise."""
+    ext = bitconv.load_extension()
+    scale, zero = quant.qp[0], int(quant.qp[1])
+    lo, hi = (quant.lo, quant.hi) if isinstance(quant, QuantizeGrid) else (0, 255)
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=CL):
+            return ext.pool_quantize(x, scale, zero, lo, hi)
+        return quant(pool(x))
+
+    return fused
+
+
+def _pooled_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The quantize node that is the only user of global-average-pool ``node``, if any."""
+    if node.op != "call_module" or len(node.users) != 1:
+        return None
+    pool = gm.get_submodule(node.target)
+    if type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1)):
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module" or user.args != (node,) or user.kwargs:
+        return None
+    if type(gm.get_submodule(user.target)) not in (Quantize, QuantizeGrid):
+        return None
+    return user if bitconv.available() else None
+
+
 def _fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The small convolution node that is the only user of quantize ``node``, if any."""
     if node.op != "call_module" or len(node.users) != 1:
@@ -233,10 +302,15 @@ class _Codegen:
         self.names: dict[fx.Node, str] = {}
         self.absorbed: dict[fx.Node, tuple] = {}  # small conv node -> grid of its quantize
         self.skipped: set[fx.Node] = set()  # those quantize nodes (they pass the float on)
+        self.pooled: dict[fx.Node, nn.Module] = {}  # quantize node -> the pool it absorbs
         for node in gm.graph.nodes:
             conv = _fusable_quantize(gm, node)
             if conv is not None:
                 self.absorbed[conv] = gm.get_submodule(node.target).qp
+                self.skipped.add(node)
+            quant = _pooled_quantize(gm, node)
+            if quant is not None:  # the pool passes its input on to the fused quantize
+                self.pooled[quant] = gm.get_submodule(node.target)
                 self.skipped.add(node)
 
     def const(self, value: Any) -> str:
@@ -268,6 +342,8 @@ class _Codegen:
             return f"{pos[0]}.{node.target}({', '.join(pos[1:] + kws)})"
         if node in self.absorbed:  # the quantization and the first layer as one kernel
             fn = _small_conv_call(self.gm.get_submodule(node.target), self.absorbed[node])
+        elif node in self.pooled:  # the global average pool and its quantization, one pass
+            fn = _pool_quantize_call(self.pooled[node], self.gm.get_submodule(node.target))
         elif node.op == "call_module":
             fn = _module_call(self.gm.get_submodule(node.target))
         else:  # call_function
@@ -283,7 +359,7 @@ class _Codegen:
                 params.append(f"v{i}{default}")
             elif node.op == "get_attr":
                 body.append(f"v{i} = {self.const(_attr(self.gm, node.target))}")
-            elif node in self.skipped:  # a quantization absorbed by its small conv: the float
+            elif node in self.skipped:  # absorbed by the next node, which reads its input
                 body.append(f"v{i} = {self.render(node.args[0])}")
             elif node.op == "output":
                 body.append(f"return {self.render(node.args[0])}")
@@ -307,7 +383,7 @@ def _module_call(m: nn.Module) -> Callable[..., Any]:
     if isinstance(m, Int8Conv2d):
         return _conv_call(m)
     if isinstance(m, Int8Linear):
-        return _linear_call(m)
+        return _small_linear_call(m) if small_linear_fits(m) else _linear_call(m)
     hooks = (m._forward_hooks, m._forward_pre_hooks)
     return m if any(hooks) else m.forward
 

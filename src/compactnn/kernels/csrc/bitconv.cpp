@@ -265,13 +265,15 @@ torch::Tensor sign_codes(torch::Tensor x, torch::Tensor shift) {
 
 // The float tail of a binary block, in place on y (N, OH, OW, O) float32 contiguous, one pass:
 //   v = y + shortcut[n, o / rep, oh, ow]    (when shortcut is given; rep: channel repeat)
+//     pool == 2: the shortcut is (N, O / rep, 2 OH, 2 OW) and each value is its 2x2 average,
+//     ((((0 + s00) + s01) + s10) + s11) / 4, the order of avg_pool2d(s, 2, 2) channels-last
 //   v = PReLU(v - gamma) + zeta             (ReActNet's RPReLU, when gamma is given)
 //   v = max(v, 0)                           (when relu)
 // The float operations and their order are those of the PyTorch ops they replace, so the
 // result is bit-identical to them.
 torch::Tensor binary_tail(torch::Tensor y, c10::optional<torch::Tensor> shortcut, int64_t rep,
                           c10::optional<torch::Tensor> gamma, c10::optional<torch::Tensor> slope,
-                          c10::optional<torch::Tensor> zeta, bool relu) {
+                          c10::optional<torch::Tensor> zeta, bool relu, int64_t pool) {
   TORCH_CHECK(y.dim() == 4 && y.scalar_type() == torch::kFloat32 && y.is_contiguous(),
               "y: (N, OH, OW, O) float32 contiguous");
   const int64_t N = y.size(0), OH = y.size(1), OW = y.size(2), O = y.size(3);
@@ -281,10 +283,11 @@ torch::Tensor binary_tail(torch::Tensor y, c10::optional<torch::Tensor> shortcut
   int64_t sn = 0, scs = 0, sh = 0, sw = 0;
   if (has_sc) {
     sct = *shortcut;
+    TORCH_CHECK(pool == 1 || pool == 2, "pool: 1 or 2");
     TORCH_CHECK(sct.dim() == 4 && sct.scalar_type() == torch::kFloat32 && rep >= 1 &&
-                    sct.size(0) == N && sct.size(1) * rep == O && sct.size(2) == OH &&
-                    sct.size(3) == OW,
-                "shortcut: (N, O / rep, OH, OW) float32");
+                    sct.size(0) == N && sct.size(1) * rep == O && sct.size(2) == OH * pool &&
+                    sct.size(3) == OW * pool,
+                "shortcut: (N, O / rep, OH * pool, OW * pool) float32");
     sn = sct.stride(0), scs = sct.stride(1), sh = sct.stride(2), sw = sct.stride(3);
   }
   if (has_pr) {
@@ -318,16 +321,25 @@ torch::Tensor binary_tail(torch::Tensor y, c10::optional<torch::Tensor> shortcut
       const int64_t n = nh / OH, h = nh % OH;
       for (int64_t w = 0; w < OW; ++w) {
         float* v = yp + (nh * OW + w) * O;
-        const float* s = sp != nullptr ? sp + n * sn + h * sh + w * sw : nullptr;
+        const float* s = sp != nullptr ? sp + n * sn + h * pool * sh + w * pool * sw : nullptr;
 #if COMPACTNN_VPOPCNT
         if (vec) {
           const __m512 zero = _mm512_setzero_ps();
           for (int64_t o = 0; o < O; o += 16) {
             __m512 a = _mm512_loadu_ps(v + o);
             if (s != nullptr) {
-              __m512 b = rep == 1 ? _mm512_loadu_ps(s + o)
-                                  : _mm512_permutexvar_ps(
-                                        rep_idx, _mm512_maskz_loadu_ps(rep_mask, s + o / rep));
+              auto at = [&](const float* p) {
+                return rep == 1 ? _mm512_loadu_ps(p + o)
+                                : _mm512_permutexvar_ps(
+                                      rep_idx, _mm512_maskz_loadu_ps(rep_mask, p + o / rep));
+              };
+              __m512 b = at(s);
+              if (pool == 2) {
+                b = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(zero, b), at(s + sw)),
+                                                at(s + sh)),
+                                  at(s + sh + sw));
+                b = _mm512_div_ps(b, _mm512_set1_ps(4.0f));
+              }
               a = _mm512_add_ps(a, b);
             }
             if (gp != nullptr) {  // where(t >= 0, t, slope * t) + zeta, t = v - gamma
@@ -347,7 +359,13 @@ torch::Tensor binary_tail(torch::Tensor y, c10::optional<torch::Tensor> shortcut
         }
 #endif
         if (s != nullptr) {
-          for (int64_t o = 0; o < O; ++o) v[o] = v[o] + s[(o / rep) * scs];
+          for (int64_t o = 0; o < O; ++o) {
+            const int64_t c = (o / rep) * scs;
+            const float b = pool == 1
+                                ? s[c]
+                                : ((((0.0f + s[c]) + s[c + sw]) + s[c + sh]) + s[c + sh + sw]) / 4.0f;
+            v[o] = v[o] + b;
+          }
         }
         if (gp != nullptr) {
           for (int64_t o = 0; o < O; ++o) {
@@ -415,6 +433,7 @@ bool has_vpopcnt() { return COMPACTNN_VPOPCNT != 0; }
 
 void register_smallconv(pybind11::module& m);  // smallconv.cpp: few-input-channel convolution
 void register_termconv(pybind11::module& m);   // termconv.cpp: one- or two-term int8 convolution
+void register_head(pybind11::module& m);       // head.cpp: pool + quantize, small linear
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs, "pack sign(x - shift) of (N, C, H, W) into NHWC words");
@@ -425,4 +444,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vpopcnt", &has_vpopcnt, "whether the AVX-512 VPOPCNTDQ path was compiled");
   register_smallconv(m);
   register_termconv(m);
+  register_head(m);
 }
