@@ -83,18 +83,31 @@ torch::Tensor pack_signs(torch::Tensor x, torch::Tensor shift) {
   uint64_t* op = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   const int64_t sn = x.stride(0), sc = x.stride(1), shh = x.stride(2), sw = x.stride(3);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto C_ = C;
+    const auto CW_ = CW;
+    const auto H_ = H;
+    const auto W_ = W;
+    const auto op_ = op;
+    const auto sc_ = sc;
+    const auto shh_ = shh;
+    const auto sn_ = sn;
+    const auto sp_ = sp;
+    const auto sw_ = sw;
+    const auto xp_ = xp;
     for (int64_t nh = begin; nh < end; ++nh) {
-      const int64_t n = nh / H, h = nh % H;
-      for (int64_t w = 0; w < W; ++w) {
-        const float* px = xp + n * sn + h * shh + w * sw;
-        uint64_t* dst = op + (nh * W + w) * CW;
+      const int64_t n = nh / H_, h = nh % H_;
+      for (int64_t w = 0; w < W_; ++w) {
+        const float* px = xp_ + n * sn_ + h * shh_ + w * sw_;
+        uint64_t* dst = op_ + (nh * W_ + w) * CW_;
 #if COMPACTNN_VPOPCNT
-        if (sc == 1) {  // channels contiguous (channels-last input): 16 compares at once
-          for (int64_t c0 = 0; c0 < C; c0 += 16) {
-            const int64_t left = std::min<int64_t>(16, C - c0);
+        if (sc_ == 1) {  // channels contiguous (channels-last input): 16 compares at once
+          for (int64_t c0 = 0; c0 < C_; c0 += 16) {
+            const int64_t left = std::min<int64_t>(16, C_ - c0);
             const __mmask16 valid = static_cast<__mmask16>((1u << left) - 1u);
             __m512 v = _mm512_maskz_loadu_ps(valid, px + c0);
-            __m512 s = _mm512_maskz_loadu_ps(valid, sp + c0);
+            __m512 s = _mm512_maskz_loadu_ps(valid, sp_ + c0);
             // x - shift >= 0, ordered: NaN gives -1 as in the simulation
             __mmask16 ge = _mm512_mask_cmp_ps_mask(valid, _mm512_sub_ps(v, s),
                                                    _mm512_setzero_ps(), _CMP_GE_OQ);
@@ -103,9 +116,9 @@ torch::Tensor pack_signs(torch::Tensor x, torch::Tensor shift) {
           continue;
         }
 #endif
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = 0; c < C_; ++c) {
           // same float subtraction as the simulation, so the signs match bit for bit
-          if (px[c * sc] - sp[c] >= 0.0f) dst[c >> 6] |= (uint64_t{1} << (c & 63));
+          if (px[c * sc_] - sp_[c] >= 0.0f) dst[c >> 6] |= (uint64_t{1} << (c & 63));
         }
       }
     }
@@ -153,64 +166,91 @@ torch::Tensor bitconv2d(torch::Tensor xw, torch::Tensor wt, torch::Tensor wpc, i
   const int64_t nblocks = (M + P - 1) / P;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> xbuf(P * K);
-    std::vector<int64_t> acc(P * OB), corr(P * OP);
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto stride0_ = stride[0];
+    const auto stride1_ = stride[1];
+    const auto padding0_ = padding[0];
+    const auto padding1_ = padding[1];
+    const auto dilation0_ = dilation[0];
+    const auto dilation1_ = dilation[1];
+    const auto C_ = C;
+    const auto CW_ = CW;
+    const auto H_ = H;
+    const auto K_ = K;
+    const auto KH_ = KH;
+    const auto KW_ = KW;
+    const auto M_ = M;
+    const auto O_ = O;
+    const auto OH_ = OH;
+    const auto OP_ = OP;
+    const auto OW_ = OW;
+    const auto W_ = W;
+    const auto bip_ = bip;
+    const auto outf_ = outf;
+    const auto outi_ = outi;
+    const auto pcp_ = pcp;
+    const auto scp_ = scp;
+    const auto wp_ = wp;
+    const auto xp_ = xp;
+    std::vector<uint64_t> xbuf(P * K_);
+    std::vector<int64_t> acc(P * OB), corr(P * OP_);
     std::vector<int64_t> nvalid(P);
     for (int64_t blk = begin; blk < end; ++blk) {
       // gather the receptive field of each pixel of the block (zeros outside the input)
       for (int64_t p = 0; p < P; ++p) {
         const int64_t m = blk * P + p;
-        uint64_t* xb = xbuf.data() + p * K;
-        std::fill(xb, xb + K, uint64_t{0});
-        std::fill(corr.begin() + p * OP, corr.begin() + (p + 1) * OP, int64_t{0});
+        uint64_t* xb = xbuf.data() + p * K_;
+        std::fill(xb, xb + K_, uint64_t{0});
+        std::fill(corr.begin() + p * OP_, corr.begin() + (p + 1) * OP_, int64_t{0});
         nvalid[p] = 0;
-        if (m >= M) continue;  // tail of the last block: computed, never written
-        const int64_t n = m / (OH * OW), oh = (m / OW) % OH, ow = m % OW;
-        for (int64_t i = 0; i < KH; ++i) {
-          for (int64_t j = 0; j < KW; ++j) {
-            const int64_t t = i * KW + j;
-            const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
-            const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
-            if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
-              const int64_t* pc = pcp + t * OP;  // popcount(0 ^ w) is counted: remove it
-              for (int64_t o = 0; o < OP; ++o) corr[p * OP + o] += pc[o];
+        if (m >= M_) continue;  // tail of the last block: computed, never written
+        const int64_t n = m / (OH_ * OW_), oh = (m / OW_) % OH_, ow = m % OW_;
+        for (int64_t i = 0; i < KH_; ++i) {
+          for (int64_t j = 0; j < KW_; ++j) {
+            const int64_t t = i * KW_ + j;
+            const int64_t ih = oh * stride0_ - padding0_ + i * dilation0_;
+            const int64_t iw = ow * stride1_ - padding1_ + j * dilation1_;
+            if (ih < 0 || ih >= H_ || iw < 0 || iw >= W_) {
+              const int64_t* pc = pcp_ + t * OP_;  // popcount(0 ^ w) is counted: remove it
+              for (int64_t o = 0; o < OP_; ++o) corr[p * OP_ + o] += pc[o];
               continue;
             }
-            const uint64_t* src = xp + ((n * H + ih) * W + iw) * CW;
-            std::copy(src, src + CW, xb + t * CW);
+            const uint64_t* src = xp_ + ((n * H_ + ih) * W_ + iw) * CW_;
+            std::copy(src, src + CW_, xb + t * CW_);
             ++nvalid[p];
           }
         }
       }
-      for (int64_t ob = 0; ob < OP; ob += OB) {
-        popcount_block(xbuf.data(), K, wp, OP, ob, acc.data());
+      for (int64_t ob = 0; ob < OP_; ob += OB) {
+        popcount_block(xbuf.data(), K_, wp_, OP_, ob, acc.data());
         for (int64_t p = 0; p < P; ++p) {
           const int64_t m = blk * P + p;
-          if (m >= M) break;
-          const int64_t oend = std::min(OB, O - ob);
+          if (m >= M_) break;
+          const int64_t oend = std::min(OB, O_ - ob);
 #if COMPACTNN_VPOPCNT
-          if (oend == OB && outf != nullptr) {  // vector epilogue: 8 channels at a time
-            const __m512i base = _mm512_set1_epi64(C * nvalid[p]);
+          if (oend == OB && outf_ != nullptr) {  // vector epilogue: 8 channels at a time
+            const __m512i base = _mm512_set1_epi64(C_ * nvalid[p]);
             for (int64_t h = 0; h < OB; h += 8) {
               __m512i pc = _mm512_sub_epi64(_mm512_loadu_si512(acc.data() + p * OB + h),
-                                            _mm512_loadu_si512(corr.data() + p * OP + ob + h));
+                                            _mm512_loadu_si512(corr.data() + p * OP_ + ob + h));
               __m512i dot = _mm512_sub_epi64(base, _mm512_slli_epi64(pc, 1));
               __m256 f = _mm512_cvtepi64_ps(dot);  // |dot| < 2^24: exact in float
-              __m256 b = bip != nullptr ? _mm256_loadu_ps(bip + ob + h) : _mm256_setzero_ps();
-              __m256 r = _mm256_add_ps(_mm256_mul_ps(f, _mm256_loadu_ps(scp + ob + h)), b);
-              _mm256_storeu_ps(outf + m * O + ob + h, r);
+              __m256 b = bip_ != nullptr ? _mm256_loadu_ps(bip_ + ob + h) : _mm256_setzero_ps();
+              __m256 r = _mm256_add_ps(_mm256_mul_ps(f, _mm256_loadu_ps(scp_ + ob + h)), b);
+              _mm256_storeu_ps(outf_ + m * O_ + ob + h, r);
             }
             continue;
           }
 #endif
           for (int64_t o = 0; o < oend; ++o) {
-            const int64_t pc = acc[p * OB + o] - corr[p * OP + ob + o];
-            const int64_t dot = C * nvalid[p] - 2 * pc;
-            if (outf != nullptr) {
-              const float b = bip != nullptr ? bip[ob + o] : 0.0f;
-              outf[m * O + ob + o] = static_cast<float>(dot) * scp[ob + o] + b;
+            const int64_t pc = acc[p * OB + o] - corr[p * OP_ + ob + o];
+            const int64_t dot = C_ * nvalid[p] - 2 * pc;
+            if (outf_ != nullptr) {
+              const float b = bip_ != nullptr ? bip_[ob + o] : 0.0f;
+              outf_[m * O_ + ob + o] = static_cast<float>(dot) * scp_[ob + o] + b;
             } else {
-              outi[m * O + ob + o] = static_cast<int32_t>(dot);
+              outi_[m * O_ + ob + o] = static_cast<int32_t>(dot);
             }
           }
         }
@@ -235,28 +275,40 @@ torch::Tensor sign_codes(torch::Tensor x, torch::Tensor shift) {
   uint8_t* op = out.data_ptr<uint8_t>();
   const int64_t sn = x.stride(0), sc = x.stride(1), shh = x.stride(2), sw = x.stride(3);
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto C_ = C;
+    const auto H_ = H;
+    const auto W_ = W;
+    const auto op_ = op;
+    const auto sc_ = sc;
+    const auto shh_ = shh;
+    const auto sn_ = sn;
+    const auto sp_ = sp;
+    const auto sw_ = sw;
+    const auto xp_ = xp;
     for (int64_t nh = begin; nh < end; ++nh) {
-      const int64_t n = nh / H, h = nh % H;
-      for (int64_t w = 0; w < W; ++w) {
-        const float* px = xp + n * sn + h * shh + w * sw;
-        uint8_t* dst = op + (nh * W + w) * C;
+      const int64_t n = nh / H_, h = nh % H_;
+      for (int64_t w = 0; w < W_; ++w) {
+        const float* px = xp_ + n * sn_ + h * shh_ + w * sw_;
+        uint8_t* dst = op_ + (nh * W_ + w) * C_;
         int64_t c = 0;
 #if COMPACTNN_VPOPCNT && defined(__AVX512BW__) && defined(__AVX512VL__)
-        if (sc == 1) {  // channels contiguous: 16 compares and 16 byte codes at once
+        if (sc_ == 1) {  // channels contiguous: 16 compares and 16 byte codes at once
           const __m128i plus = _mm_set1_epi8(static_cast<char>(129));
           const __m128i minus = _mm_set1_epi8(static_cast<char>(127));
-          for (; c < C; c += 16) {
-            const int64_t left = std::min<int64_t>(16, C - c);
+          for (; c < C_; c += 16) {
+            const int64_t left = std::min<int64_t>(16, C_ - c);
             const __mmask16 valid = static_cast<__mmask16>((1u << left) - 1u);
             __m512 v = _mm512_maskz_loadu_ps(valid, px + c);
-            __m512 s = _mm512_maskz_loadu_ps(valid, sp + c);
+            __m512 s = _mm512_maskz_loadu_ps(valid, sp_ + c);
             __mmask16 ge = _mm512_cmp_ps_mask(_mm512_sub_ps(v, s), _mm512_setzero_ps(),
                                               _CMP_GE_OQ);
             _mm_mask_storeu_epi8(dst + c, valid, _mm_mask_blend_epi8(ge, minus, plus));
           }
         }
 #endif
-        for (; c < C; ++c) dst[c] = (px[c * sc] - sp[c] >= 0.0f) ? 129 : 127;
+        for (; c < C_; ++c) dst[c] = (px[c * sc_] - sp_[c] >= 0.0f) ? 129 : 127;
       }
     }
   });
@@ -317,38 +369,58 @@ torch::Tensor binary_tail(torch::Tensor y, c10::optional<torch::Tensor> shortcut
   (void)vec;
 #endif
   at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto O_ = O;
+    const auto OH_ = OH;
+    const auto OW_ = OW;
+    const auto gp_ = gp;
+    const auto lp_ = lp;
+    const auto pool_ = pool;
+    const auto relu_ = relu;
+    const auto rep_ = rep;
+    const auto rep_idx_ = rep_idx;
+    const auto rep_mask_ = rep_mask;
+    const auto scs_ = scs;
+    const auto sh_ = sh;
+    const auto sn_ = sn;
+    const auto sp_ = sp;
+    const auto sw_ = sw;
+    const auto vec_ = vec;
+    const auto yp_ = yp;
+    const auto zp_ = zp;
     for (int64_t nh = begin; nh < end; ++nh) {
-      const int64_t n = nh / OH, h = nh % OH;
-      for (int64_t w = 0; w < OW; ++w) {
-        float* v = yp + (nh * OW + w) * O;
-        const float* s = sp != nullptr ? sp + n * sn + h * pool * sh + w * pool * sw : nullptr;
+      const int64_t n = nh / OH_, h = nh % OH_;
+      for (int64_t w = 0; w < OW_; ++w) {
+        float* v = yp_ + (nh * OW_ + w) * O_;
+        const float* s = sp_ != nullptr ? sp_ + n * sn_ + h * pool_ * sh_ + w * pool_ * sw_ : nullptr;
 #if COMPACTNN_VPOPCNT
-        if (vec) {
+        if (vec_) {
           const __m512 zero = _mm512_setzero_ps();
-          for (int64_t o = 0; o < O; o += 16) {
+          for (int64_t o = 0; o < O_; o += 16) {
             __m512 a = _mm512_loadu_ps(v + o);
             if (s != nullptr) {
               auto at = [&](const float* p) {
-                return rep == 1 ? _mm512_loadu_ps(p + o)
+                return rep_ == 1 ? _mm512_loadu_ps(p + o)
                                 : _mm512_permutexvar_ps(
-                                      rep_idx, _mm512_maskz_loadu_ps(rep_mask, p + o / rep));
+                                      rep_idx_, _mm512_maskz_loadu_ps(rep_mask_, p + o / rep_));
               };
               __m512 b = at(s);
-              if (pool == 2) {
-                b = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(zero, b), at(s + sw)),
-                                                at(s + sh)),
-                                  at(s + sh + sw));
+              if (pool_ == 2) {
+                b = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(zero, b), at(s + sw_)),
+                                                at(s + sh_)),
+                                  at(s + sh_ + sw_));
                 b = _mm512_div_ps(b, _mm512_set1_ps(4.0f));
               }
               a = _mm512_add_ps(a, b);
             }
-            if (gp != nullptr) {  // where(t >= 0, t, slope * t) + zeta, t = v - gamma
-              __m512 t = _mm512_sub_ps(a, _mm512_loadu_ps(gp + o));
+            if (gp_ != nullptr) {  // where(t >= 0, t, slope * t) + zeta, t = v - gamma
+              __m512 t = _mm512_sub_ps(a, _mm512_loadu_ps(gp_ + o));
               __mmask16 ge = _mm512_cmp_ps_mask(t, zero, _CMP_GE_OQ);
-              __m512 m = _mm512_mul_ps(_mm512_loadu_ps(lp + o), t);
-              a = _mm512_add_ps(_mm512_mask_blend_ps(ge, m, t), _mm512_loadu_ps(zp + o));
+              __m512 m = _mm512_mul_ps(_mm512_loadu_ps(lp_ + o), t);
+              a = _mm512_add_ps(_mm512_mask_blend_ps(ge, m, t), _mm512_loadu_ps(zp_ + o));
             }
-            if (relu) {  // v > 0 ? v : 0, NaN kept
+            if (relu_) {  // v > 0 ? v : 0, NaN kept
               __mmask16 keep = _mm512_cmp_ps_mask(a, zero, _CMP_GT_OQ) |
                                _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
               a = _mm512_maskz_mov_ps(keep, a);
@@ -359,22 +431,22 @@ torch::Tensor binary_tail(torch::Tensor y, c10::optional<torch::Tensor> shortcut
         }
 #endif
         if (s != nullptr) {
-          for (int64_t o = 0; o < O; ++o) {
-            const int64_t c = (o / rep) * scs;
-            const float b = pool == 1
+          for (int64_t o = 0; o < O_; ++o) {
+            const int64_t c = (o / rep_) * scs_;
+            const float b = pool_ == 1
                                 ? s[c]
-                                : ((((0.0f + s[c]) + s[c + sw]) + s[c + sh]) + s[c + sh + sw]) / 4.0f;
+                                : ((((0.0f + s[c]) + s[c + sw_]) + s[c + sh_]) + s[c + sh_ + sw_]) / 4.0f;
             v[o] = v[o] + b;
           }
         }
-        if (gp != nullptr) {
-          for (int64_t o = 0; o < O; ++o) {
-            const float t = v[o] - gp[o];
-            v[o] = (t >= 0.0f ? t : lp[o] * t) + zp[o];
+        if (gp_ != nullptr) {
+          for (int64_t o = 0; o < O_; ++o) {
+            const float t = v[o] - gp_[o];
+            v[o] = (t >= 0.0f ? t : lp_[o] * t) + zp_[o];
           }
         }
-        if (relu) {
-          for (int64_t o = 0; o < O; ++o) v[o] = v[o] > 0.0f ? v[o] : (v[o] != v[o] ? v[o] : 0.0f);
+        if (relu_) {
+          for (int64_t o = 0; o < O_; ++o) v[o] = v[o] > 0.0f ? v[o] : (v[o] != v[o] ? v[o] : 0.0f);
         }
       }
     }
@@ -400,16 +472,27 @@ torch::Tensor stacked_quantize(torch::Tensor y, int64_t groups, double scale, in
   const float* yp = y.data_ptr<float>();
   uint8_t* op = out.data_ptr<uint8_t>();
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto O_ = O;
+    const auto fhi_ = fhi;
+    const auto flo_ = flo;
+    const auto groups_ = groups;
+    const auto og_ = og;
+    const auto op_ = op;
+    const auto s_ = s;
+    const auto yp_ = yp;
+    const auto z_ = z;
     for (int64_t m = begin; m < end; ++m) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const float* a = yp + m * 2 * O + g * 2 * og;
-        const float* b = a + og;
-        uint8_t* dst = op + m * O + g * og;
+      for (int64_t g = 0; g < groups_; ++g) {
+        const float* a = yp_ + m * 2 * O_ + g * 2 * og_;
+        const float* b = a + og_;
+        uint8_t* dst = op_ + m * O_ + g * og_;
         int64_t j = 0;
 #if COMPACTNN_VPOPCNT
-        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
-        const __m512 vlo = _mm512_set1_ps(flo), vhi = _mm512_set1_ps(fhi);
-        for (; j + 16 <= og; j += 16) {
+        const __m512 vs = _mm512_set1_ps(s_), vz = _mm512_set1_ps(z_);
+        const __m512 vlo = _mm512_set1_ps(flo_), vhi = _mm512_set1_ps(fhi_);
+        for (; j + 16 <= og_; j += 16) {
           __m512 v = _mm512_div_ps(_mm512_add_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j)),
                                    vs);
           v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -418,9 +501,9 @@ torch::Tensor stacked_quantize(torch::Tensor y, int64_t groups, double scale, in
                            _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(v)));
         }
 #endif
-        for (; j < og; ++j) {
-          float v = std::nearbyint((a[j] + b[j]) / s) + z;
-          v = std::min(std::max(v, flo), fhi);
+        for (; j < og_; ++j) {
+          float v = std::nearbyint((a[j] + b[j]) / s_) + z_;
+          v = std::min(std::max(v, flo_), fhi_);
           dst[j] = static_cast<uint8_t>(v);
         }
       }

@@ -54,39 +54,53 @@ torch::Tensor pool_quantize(torch::Tensor x, double scale, int64_t zero, int64_t
   const int64_t power = std::max(int64_t{4}, ceil_log2(HW) / levels);
   const int64_t step = int64_t{1} << power, mask = step - 1;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(levels * C);
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto C_ = C;
+    const auto HW_ = HW;
+    const auto count_ = count;
+    const auto fhi_ = fhi;
+    const auto flo_ = flo;
+    const auto mask_ = mask;
+    const auto op_ = op;
+    const auto power_ = power;
+    const auto s_ = s;
+    const auto step_ = step;
+    const auto xp_ = xp;
+    const auto z_ = z;
+    std::vector<float> acc(levels * C_);
     for (int64_t n = begin; n < end; ++n) {
       std::fill(acc.begin(), acc.end(), 0.0f);
-      const float* src = xp + n * HW * C;
+      const float* src = xp_ + n * HW_ * C_;
       float* a0 = acc.data();
       int64_t i = 0;
-      while (i + step <= HW) {
-        for (int64_t j = 0; j < step; ++j, ++i) {
-          const float* row = src + i * C;
-          for (int64_t c = 0; c < C; ++c) a0[c] += row[c];
+      while (i + step_ <= HW_) {
+        for (int64_t j = 0; j < step_; ++j, ++i) {
+          const float* row = src + i * C_;
+          for (int64_t c = 0; c < C_; ++c) a0[c] += row[c];
         }
         for (int64_t l = 1; l < levels; ++l) {
-          float* up = a0 + l * C;
-          float* lo_ = a0 + (l - 1) * C;
-          for (int64_t c = 0; c < C; ++c) {
+          float* up = a0 + l * C_;
+          float* lo_ = a0 + (l - 1) * C_;
+          for (int64_t c = 0; c < C_; ++c) {
             up[c] += lo_[c];
             lo_[c] = 0.0f;
           }
-          if ((i & (mask << (l * power))) != 0) break;
+          if ((i & (mask_ << (l * power_))) != 0) break;
         }
       }
-      for (; i < HW; ++i) {
-        const float* row = src + i * C;
-        for (int64_t c = 0; c < C; ++c) a0[c] += row[c];
+      for (; i < HW_; ++i) {
+        const float* row = src + i * C_;
+        for (int64_t c = 0; c < C_; ++c) a0[c] += row[c];
       }
       for (int64_t l = 1; l < levels; ++l) {
-        const float* up = a0 + l * C;
-        for (int64_t c = 0; c < C; ++c) a0[c] += up[c];
+        const float* up = a0 + l * C_;
+        for (int64_t c = 0; c < C_; ++c) a0[c] += up[c];
       }
-      for (int64_t c = 0; c < C; ++c) {
-        float v = std::nearbyint((a0[c] / count) / s) + z;
-        v = std::min(std::max(v, flo), fhi);
-        op[n * C + c] = static_cast<uint8_t>(v);
+      for (int64_t c = 0; c < C_; ++c) {
+        float v = std::nearbyint((a0[c] / count_) / s_) + z_;
+        v = std::min(std::max(v, flo_), fhi_);
+        op_[n * C_ + c] = static_cast<uint8_t>(v);
       }
     }
   });
@@ -120,19 +134,33 @@ torch::Tensor small_linear(torch::Tensor q, double x_scale, int64_t x_zero, torc
   float* op = out.data_ptr<float>();
   const float sx = static_cast<float>(x_scale), zx = static_cast<float>(x_zero);
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(O);
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto K_ = K;
+    const auto O_ = O;
+    const auto bp_ = bp;
+    const auto op_ = op;
+    const auto qp_ = qp;
+    const auto qs0_ = qs0;
+    const auto qs1_ = qs1;
+    const auto relu_ = relu;
+    const auto sp_ = sp;
+    const auto sx_ = sx;
+    const auto wp_ = wp;
+    const auto zx_ = zx;
+    std::vector<float> acc(O_);
     for (int64_t n = begin; n < end; ++n) {
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = static_cast<float>(qp[n * qs0 + k * qs1]) - zx;
-        const float* wk = wp + k * O;
-        for (int64_t o = 0; o < O; ++o) acc[o] += v * wk[o];  // exact integers
+      for (int64_t k = 0; k < K_; ++k) {
+        const float v = static_cast<float>(qp_[n * qs0_ + k * qs1_]) - zx_;
+        const float* wk = wp_ + k * O_;
+        for (int64_t o = 0; o < O_; ++o) acc[o] += v * wk[o];  // exact integers
       }
-      float* dst = op + n * O;
-      for (int64_t o = 0; o < O; ++o) {
-        float y = (acc[o] * sx) * sp[o];
-        if (bp != nullptr) y += bp[o];
-        dst[o] = relu ? (y > 0.0f ? y : (y != y ? y : 0.0f)) : y;
+      float* dst = op_ + n * O_;
+      for (int64_t o = 0; o < O_; ++o) {
+        float y = (acc[o] * sx_) * sp_[o];
+        if (bp_ != nullptr) y += bp_[o];
+        dst[o] = relu_ ? (y > 0.0f ? y : (y != y ? y : 0.0f)) : y;
       }
     }
   });

@@ -33,13 +33,63 @@ template <int NV>
 inline void dot_pixel(const float* src, const int64_t* tap, int64_t K, const float* w,
                       float* acc) {
   __m512 a[NV];
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) a[v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m512 x = _mm512_set1_ps(src[tap[k]]);
     const float* wk = w + k * NV * 16;
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(x, _mm512_loadu_ps(wk + v * 16), a[v]);
   }
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + v * 16, a[v]);
+}
+#endif
+
+#if defined(__AVX512F__)
+// P output pixels at once (src + p * step is pixel p's window): P independent accumulator
+// chains, each weight row loaded once for the P pixels. acc is P * NV * 16 wide.
+template <int NV, int P>
+inline void dot_pixels(const float* src, int64_t step, const int64_t* tap, int64_t K,
+                       const float* w, float* acc) {
+  // every small loop fully unrolled, so the accumulators live in registers (GCC otherwise
+  // kept them on the stack: a store / reload per tap on the dependency chain, 46% of the time)
+  __m512 a[P][NV];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * NV * 16;
+    const float* sk = src + tap[k];
+    __m512 wv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wk + v * 16);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      const __m512 x = _mm512_set1_ps(sk[p * step]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) a[p][v] = _mm512_fmadd_ps(x, wv[v], a[p][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + (p * NV + v) * 16, a[p][v]);
+}
+
+constexpr int kPixels = 4;  // pixels per dot_pixels call
+
+// acc for kPixels pixels (p * TO + j); false when TO has no vector path (then one at a time)
+inline bool dot_four(const float* src, int64_t step, const int64_t* tap, int64_t K,
+                     const float* w, int64_t TO, float* acc) {
+  switch (TO) {
+    case 16: dot_pixels<1, kPixels>(src, step, tap, K, w, acc); return true;
+    case 32: dot_pixels<2, kPixels>(src, step, tap, K, w, acc); return true;
+    case 48: dot_pixels<3, kPixels>(src, step, tap, K, w, acc); return true;
+    case 64: dot_pixels<4, kPixels>(src, step, tap, K, w, acc); return true;
+    default: return false;
+  }
 }
 #endif
 
@@ -121,58 +171,87 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
     for (int64_t i = 0; i < kh; ++i)
       for (int64_t j = 0; j < kw; ++j) tap[(c * kh + i) * kw + j] = (c * Hp + i * dh) * Wp + j * dw;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(C * Hp * Wp);
-    alignas(64) float acc[kMaxCols];
+    // the captures copied into locals: through the captured references, every uint8 store
+    // (char aliases anything) made the compiler reload each scalar and pointer per pixel
+    const int64_t C_ = C, H_ = H, W_ = W, Hp_ = Hp, Wp_ = Wp, ph_ = ph, pw_ = pw;
+    const int64_t sh_ = sh, sw_ = sw, OH_ = OH, OW_ = OW, K_ = K, TO_ = TO, O_ = O;
+    const int64_t terms_ = terms, xs0_ = xs[0], xs1_ = xs[1], xs2_ = xs[2], xs3_ = xs[3];
+    const float s_ = s, z_ = z, qlo_ = qlo, qhi_ = qhi, os_ = os, oz_ = oz, flo_ = flo;
+    const float fhi_ = fhi;
+    const bool codes_in_ = codes_in, codes_out_ = codes_out;
+    const int64_t* const tap_ = tap.data();
+    const float* const wp_ = wp;
+    const float* const mp_ = mp;
+    const float* const bp_ = bp;
+    const float* const xf_ = xf;
+    const uint8_t* const xu_ = xu;
+    uint8_t* const ou_ = ou;
+    float* const of_ = of;
+    std::vector<float> buf(C_ * Hp_ * Wp_);
+    alignas(64) float accs[kMaxCols * 4];
     for (int64_t n = begin; n < end; ++n) {
       // (q - z) of every input value, zero in the padding (the simulation pads with 0.0)
       std::fill(buf.begin(), buf.end(), 0.0f);
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t h = 0; h < H; ++h) {
-          float* row = buf.data() + (c * Hp + h + ph) * Wp + pw;
-          const int64_t base = n * xs[0] + c * xs[1] + h * xs[2];
-          if (codes_in) {
-            for (int64_t v = 0; v < W; ++v) row[v] = static_cast<float>(xu[base + v * xs[3]]) - z;
+      for (int64_t c = 0; c < C_; ++c)
+        for (int64_t h = 0; h < H_; ++h) {
+          float* row = buf.data() + (c * Hp_ + h + ph_) * Wp_ + pw_;
+          const int64_t base = n * xs0_ + c * xs1_ + h * xs2_;
+          if (codes_in_) {
+            for (int64_t v = 0; v < W_; ++v) row[v] = static_cast<float>(xu_[base + v * xs3_]) - z_;
           } else {
-            for (int64_t v = 0; v < W; ++v) {
-              float q = std::nearbyint(xf[base + v * xs[3]] / s) + z;
-              row[v] = std::min(std::max(q, qlo), qhi) - z;
+            for (int64_t v = 0; v < W_; ++v) {
+              float q = std::nearbyint(xf_[base + v * xs3_] / s_) + z_;
+              row[v] = std::min(std::max(q, qlo_), qhi_) - z_;
             }
           }
         }
-      for (int64_t oh = 0; oh < OH; ++oh)
-        for (int64_t ow = 0; ow < OW; ++ow) {
-          const float* src = buf.data() + oh * sh * Wp + ow * sw;
-          dot_any(src, tap.data(), K, wp, TO, acc);
-          const int64_t pix = (n * OH + oh) * OW + ow;
+      for (int64_t oh = 0; oh < OH_; ++oh)
+        for (int64_t ow = 0; ow < OW_; ++ow) {
+          const float* src = buf.data() + oh * sh_ * Wp_ + ow * sw_;
+          const int64_t slot = ow % 4;  // which of the four pixels' sums this one reads
+#if defined(__AVX512F__)
+          if (slot == 0 && ow + 4 <= OW_ && TO_ <= 64) {
+            if (!dot_four(src, sw_, tap_, K_, wp_, TO_, accs)) {
+              for (int p = 0; p < 4; ++p)
+                dot_any(src + p * sw_, tap_, K_, wp_, TO_, accs + p * TO_);
+            }
+          } else if (ow + 4 - slot > OW_ || TO_ > 64) {
+            dot_any(src, tap_, K_, wp_, TO_, accs + slot * TO_);
+          }
+#else
+          dot_any(src, tap_, K_, wp_, TO_, accs + slot * TO_);
+#endif
+          const float* acc = accs + slot * TO_;
+          const int64_t pix = (n * OH_ + oh) * OW_ + ow;
           int64_t o = 0;
 #if defined(__AVX512F__)
-          if (terms == 1) {  // the common case, 16 channels at once (same float ops)
-            const __m512 vos = _mm512_set1_ps(os), voz = _mm512_set1_ps(oz);
-            const __m512 vlo = _mm512_set1_ps(flo), vhi = _mm512_set1_ps(fhi);
-            for (; o + 16 <= O; o += 16) {
-              __m512 y = _mm512_mul_ps(_mm512_loadu_ps(acc + o), _mm512_loadu_ps(mp + o));
-              if (bp != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp + o));
-              if (codes_out) {
+          if (terms_ == 1) {  // the common case, 16 channels at once (same float ops)
+            const __m512 vos = _mm512_set1_ps(os_), voz = _mm512_set1_ps(oz_);
+            const __m512 vlo = _mm512_set1_ps(flo_), vhi = _mm512_set1_ps(fhi_);
+            for (; o + 16 <= O_; o += 16) {
+              __m512 y = _mm512_mul_ps(_mm512_loadu_ps(acc + o), _mm512_loadu_ps(mp_ + o));
+              if (bp_ != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp_ + o));
+              if (codes_out_) {
                 y = _mm512_roundscale_ps(_mm512_div_ps(y, vos),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, voz), vlo), vhi);
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(ou + pix * O + o),
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(ou_ + pix * O_ + o),
                                  _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
               } else {
-                _mm512_storeu_ps(of + pix * O + o, _mm512_min_ps(_mm512_max_ps(y, vlo), vhi));
+                _mm512_storeu_ps(of_ + pix * O_ + o, _mm512_min_ps(_mm512_max_ps(y, vlo), vhi));
               }
             }
           }
 #endif
-          for (; o < O; ++o) {
-            float y = acc[o] * mp[o];
-            if (bp != nullptr) y += bp[o];
-            for (int64_t t = 1; t < terms; ++t) y += acc[t * O + o] * mp[t * O + o];
-            if (codes_out) {
-              float q = std::nearbyint(y / os) + oz;
-              ou[pix * O + o] = static_cast<uint8_t>(std::min(std::max(q, flo), fhi));
+          for (; o < O_; ++o) {
+            float y = acc[o] * mp_[o];
+            if (bp_ != nullptr) y += bp_[o];
+            for (int64_t t = 1; t < terms_; ++t) y += acc[t * O_ + o] * mp_[t * O_ + o];
+            if (codes_out_) {
+              float q = std::nearbyint(y / os_) + oz_;
+              ou_[pix * O_ + o] = static_cast<uint8_t>(std::min(std::max(q, flo_), fhi_));
             } else {
-              of[pix * O + o] = std::min(std::max(y, flo), fhi);
+              of_[pix * O_ + o] = std::min(std::max(y, flo_), fhi_);
             }
           }
         }

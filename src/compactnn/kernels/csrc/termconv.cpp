@@ -53,26 +53,35 @@ struct Geometry {
 // w: (taps, K4, NV * 16, 4) int8; src: the padded buffer at the first pixel's window origin.
 template <int NV, int P>
 inline void dot_block(const uint8_t* src, const Geometry& g, const int8_t* w, int32_t* acc) {
+  // small loops fully unrolled so that the accumulators stay in registers
   __m512i a[P][NV];
+#pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_si512();
-  const int64_t pstep = g.sw * g.Cp;
-  for (int64_t k = 0; k < g.taps; ++k) {
-    const uint8_t* s = src + g.tap[k];
-    const int8_t* wk = w + k * g.K4 * NV * 64;
-    for (int64_t c4 = 0; c4 < g.K4; ++c4) {
+  const int64_t pstep = g.sw * g.Cp, taps = g.taps, K4 = g.K4;
+  const int64_t* const tap = g.tap;
+  for (int64_t k = 0; k < taps; ++k) {
+    const uint8_t* s = src + tap[k];
+    const int8_t* wk = w + k * K4 * NV * 64;
+    for (int64_t c4 = 0; c4 < K4; ++c4) {
       __m512i wv[NV];
+#pragma GCC unroll 16
       for (int v = 0; v < NV; ++v)
         wv[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(wk + (c4 * NV + v) * 64));
+#pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
         int32_t word;
         std::memcpy(&word, s + p * pstep + c4 * 4, 4);
         const __m512i x = _mm512_set1_epi32(word);
+#pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) a[p][v] = _mm512_dpbusd_epi32(a[p][v], x, wv[v]);
       }
     }
   }
+#pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
       _mm512_storeu_si512(reinterpret_cast<void*>(acc + (p * NV + v) * 16), a[p][v]);
 }
@@ -197,15 +206,32 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
   const auto xs = x.strides();
   const bool cl = xs[1] == 1 && xs[3] == C;
   at::parallel_for(0, N * H, 8, [&](int64_t begin, int64_t end) {
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto xs0_ = xs[0];
+    const auto xs1_ = xs[1];
+    const auto xs2_ = xs[2];
+    const auto xs3_ = xs[3];
+    const auto C_ = C;
+    const auto Cp_ = Cp;
+    const auto H_ = H;
+    const auto Hp_ = Hp;
+    const auto W_ = W;
+    const auto Wp_ = Wp;
+    const auto cl_ = cl;
+    const auto ph_ = ph;
+    const auto pp_ = pp;
+    const auto pw_ = pw;
+    const auto xp_ = xp;
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / H, h = r % H;
-      uint8_t* row = pp + ((n * Hp + h + ph) * Wp + pw) * Cp;
-      const uint8_t* xr = xp + n * xs[0] + h * xs[2];
-      for (int64_t v = 0; v < W; ++v) {
-        if (cl) {
-          std::memcpy(row + v * Cp, xr + v * xs[3], C);
+      const int64_t n = r / H_, h = r % H_;
+      uint8_t* row = pp_ + ((n * Hp_ + h + ph_) * Wp_ + pw_) * Cp_;
+      const uint8_t* xr = xp_ + n * xs0_ + h * xs2_;
+      for (int64_t v = 0; v < W_; ++v) {
+        if (cl_) {
+          std::memcpy(row + v * Cp_, xr + v * xs3_, C_);
         } else {
-          for (int64_t c = 0; c < C; ++c) row[v * Cp + c] = xr[v * xs[3] + c * xs[1]];
+          for (int64_t c = 0; c < C_; ++c) row[v * Cp_ + c] = xr[v * xs3_ + c * xs1_];
         }
       }
     }
@@ -218,48 +244,72 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
   uint8_t* ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
   float* of = codes_out ? nullptr : out.data_ptr<float>();
   at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> acc(OW * TOp);
+    // captures copied into locals: through the captured references, every store that may
+    // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto Cp_ = Cp;
+    const auto Hp_ = Hp;
+    const auto O_ = O;
+    const auto OH_ = OH;
+    const auto OW_ = OW;
+    const auto TOp_ = TOp;
+    const auto Wp_ = Wp;
+    const auto bp_ = bp;
+    const auto codes_out_ = codes_out;
+    const auto cp_ = cp;
+    const auto fhi_ = fhi;
+    const auto flo_ = flo;
+    const auto g_ = g;
+    const auto mp_ = mp;
+    const auto of_ = of;
+    const auto ou_ = ou;
+    const auto pp_ = pp;
+    const auto s_ = s;
+    const auto sh_ = sh;
+    const auto terms_ = terms;
+    const auto wp_ = wp;
+    const auto z_ = z;
+    std::vector<int32_t> acc(OW_ * TOp_);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / OH, oh = r % OH;
-      const uint8_t* src = pp + (n * Hp + oh * sh) * Wp * Cp;
-      dot_any(src, g, wp, TOp, OW, acc.data());
-      for (int64_t ow = 0; ow < OW; ++ow) {
-        const int32_t* a = acc.data() + ow * TOp;
-        const int64_t pix = (n * OH + oh) * OW + ow;
+      const int64_t n = r / OH_, oh = r % OH_;
+      const uint8_t* src = pp_ + (n * Hp_ + oh * sh_) * Wp_ * Cp_;
+      dot_any(src, g_, wp_, TOp_, OW_, acc.data());
+      for (int64_t ow = 0; ow < OW_; ++ow) {
+        const int32_t* a = acc.data() + ow * TOp_;
+        const int64_t pix = (n * OH_ + oh) * OW_ + ow;
         int64_t o = 0;
 #if COMPACTNN_VNNI
         // 16 channels at once: the same float operations in the same order as below
-        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
-        const __m512 vlo = _mm512_set1_ps(flo), vhi = _mm512_set1_ps(fhi);
-        for (; o + 16 <= O; o += 16) {
+        const __m512 vs = _mm512_set1_ps(s_), vz = _mm512_set1_ps(z_);
+        const __m512 vlo = _mm512_set1_ps(flo_), vhi = _mm512_set1_ps(fhi_);
+        for (; o + 16 <= O_; o += 16) {
           auto term = [&](int64_t j) {
-            const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a + j), _mm512_loadu_si512(cp + j));
-            return _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(mp + j));
+            const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a + j), _mm512_loadu_si512(cp_ + j));
+            return _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(mp_ + j));
           };
           __m512 y = term(o);
-          if (bp != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp + o));
-          for (int64_t t = 1; t < terms; ++t) y = _mm512_add_ps(y, term(t * O + o));
-          if (codes_out) {
+          if (bp_ != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp_ + o));
+          for (int64_t t = 1; t < terms_; ++t) y = _mm512_add_ps(y, term(t * O_ + o));
+          if (codes_out_) {
             y = _mm512_roundscale_ps(_mm512_div_ps(y, vs),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, vz), vlo), vhi);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(ou + pix * O + o),
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(ou_ + pix * O_ + o),
                              _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
           } else {
-            _mm512_storeu_ps(of + pix * O + o, _mm512_min_ps(_mm512_max_ps(y, vlo), vhi));
+            _mm512_storeu_ps(of_ + pix * O_ + o, _mm512_min_ps(_mm512_max_ps(y, vlo), vhi));
           }
         }
 #endif
-        for (; o < O; ++o) {
-          float y = static_cast<float>(a[o] - cp[o]) * mp[o];
-          if (bp != nullptr) y += bp[o];
-          for (int64_t t = 1; t < terms; ++t)
-            y += static_cast<float>(a[t * O + o] - cp[t * O + o]) * mp[t * O + o];
-          if (codes_out) {
-            const float q = std::nearbyint(y / s) + z;
-            ou[pix * O + o] = static_cast<uint8_t>(std::min(std::max(q, flo), fhi));
+        for (; o < O_; ++o) {
+          float y = static_cast<float>(a[o] - cp_[o]) * mp_[o];
+          if (bp_ != nullptr) y += bp_[o];
+          for (int64_t t = 1; t < terms_; ++t)
+            y += static_cast<float>(a[t * O_ + o] - cp_[t * O_ + o]) * mp_[t * O_ + o];
+          if (codes_out_) {
+            const float q = std::nearbyint(y / s_) + z_;
+            ou_[pix * O_ + o] = static_cast<uint8_t>(std::min(std::max(q, flo_), fhi_));
           } else {
-            of[pix * O + o] = std::min(std::max(y, flo), fhi);
+            of_[pix * O_ + o] = std::min(std::max(y, flo_), fhi_);
           }
         }
       }
