@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from compactnn.kernels import bitconv
 from compactnn.measure.environment import cpu_description, environment
-from compactnn.measure.timing import omp_wait_policy, time_blocks
+from compactnn.measure.timing import omp_wait_policy, spin_count, time_blocks
 
 LAYERS = ((64, 56), (128, 28), (256, 14), (512, 7))  # (channels, spatial size), 3x3 convs
 INT8_MACS_PER_CYCLE = 64  # one 512-bit vpdpbusd: 64 uint8 x int8 products per cycle
@@ -147,7 +147,11 @@ def bench_binary(
             calls, exact = _layer_calls(channels, size, batch)
             for t in threads:
                 with torch.no_grad():
-                    times = time_blocks(calls, warmup=2, runs=runs, threads=t, pause_s=pause_s)
+                    # warm blocks of ~50 ms: one cold call per block timed the threads'
+                    # wake-up, and 2 threads then looked slower than 1 on every path
+                    times = time_blocks(
+                        calls, warmup=2, runs=runs, threads=t, pause_s=pause_s, block_s=0.05
+                    )
                 ms = {k: v.median_s * 1e3 for k, v in times.items()}
                 macs = batch * size * size * channels * channels * 9
                 names = ("fp32", "int8", "popcount", "int8_core", "popcount_core")
@@ -166,10 +170,12 @@ def to_markdown(rows: list[BinaryRow], env: dict | None = None) -> str:
         "",
         "`OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench.binary` "
         f"({cpu_description()}; {env['machine']}; torch {env['torch']}; "
-        f"OMP_WAIT_POLICY={omp_wait_policy() or 'unset'}; {env['date']}; "
+        f"OMP_WAIT_POLICY={omp_wait_policy() or 'unset'}; GOMP_SPINCOUNT={spin_count()}; "
+        f"{env['date']}; "
         f"VPOPCNTDQ kernel: {bitconv.load_extension().has_vpopcnt()}).",
         "ReActNet-style 3x3 convolutions at ResNet-18 shapes (C in = C out, stride 1, pad 1), "
-        "the same +-1 values on every path; medians of 3 rotating rounds of blocks. "
+        "the same +-1 values on every path; medians of rotating rounds of blocks, each block "
+        "about 50 ms of warm calls (at most 30). "
         "`popcount` and `int8` include turning float input into signs (bit packing / uint8 "
         "codes); `core` columns time the kernel alone. GOP/s count 2 ops per MAC.",
         "",
