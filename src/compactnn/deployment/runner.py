@@ -34,7 +34,11 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   cascaded sum) and the quantizer, so equal codes (``tests/kernels/test_head.py``);
 - for an int8 linear layer with a float output and at most 64K weights (a small head), the
   extension's ``small_linear``: exact float dots, then oneDNN's own float order
-  ``(acc * sx) * w_scale + bias``, so bit-identical.
+  ``(acc * sx) * w_scale + bias``, so bit-identical;
+- for a float -> uint8 quantization (the model's input) and a max-pool of codes, the
+  extension's ``quantize_codes`` and ``maxpool_codes`` (``kernels/csrc/codes.cpp``): one pass
+  each instead of six PyTorch ops or PyTorch's quantized max-pool, equal codes
+  (``tests/kernels/test_codes.py``).
 
 The kernels, their order and their arguments are those of the graph, so the outputs are
 bit-identical to the ``fx.GraphModule``'s (``tests/deployment/test_onednn.py``; the direct
@@ -50,7 +54,7 @@ import torch
 from torch import fx, nn
 
 from compactnn.deployment.lowbit import QuantizeGrid, SplitConv2d, code_bounds
-from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear, Quantize
+from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear, MaxPoolU8, Quantize
 from compactnn.errors import CompactnnError
 from compactnn.kernels import bitconv
 
@@ -375,7 +379,50 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
+def _quantize_call(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``Quantize`` / ``QuantizeGrid`` on the extension's ``quantize_codes`` for 4-D float32
+    input (one pass, any layout in, channels-last codes out, equal codes); ``m`` otherwise."""
+    ext = bitconv.load_extension()
+    scale, zero = m.qp[0], int(m.qp[1])
+    lo, hi = (m.lo, m.hi) if isinstance(m, QuantizeGrid) else (0, 255)
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.dtype == torch.float32:
+            return ext.quantize_codes(x, scale, zero, lo, hi)
+        return m(x)
+
+    return quantize
+
+
+def _maxpool_call(m: MaxPoolU8) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``MaxPoolU8`` on the extension's ``maxpool_codes`` (channels-last codes; the same
+    maxima), or ``m`` for ``ceil_mode`` and other layouts."""
+    ext = bitconv.load_extension()
+    kw = m.kwargs
+
+    def pair(v: Any) -> tuple[int, int]:
+        return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+    k = pair(kw["kernel_size"])
+    stride = kw.get("stride")
+    s = k if stride is None or stride == [] or stride == () else pair(stride)
+    p, d = pair(kw.get("padding", 0)), pair(kw.get("dilation", 1))
+    if kw.get("ceil_mode", False) or 2 * p[0] > k[0] or 2 * p[1] > k[1]:
+        return m
+
+    def pool(q: torch.Tensor) -> torch.Tensor:
+        if q.dim() == 4 and q.dtype == torch.uint8 and q.is_contiguous(memory_format=CL):
+            return ext.maxpool_codes(q, *k, *s, *p, *d)
+        return m(q)
+
+    return pool
+
+
 def _module_call(m: nn.Module) -> Callable[..., Any]:
+    if type(m) in (Quantize, QuantizeGrid) and bitconv.available():
+        return _quantize_call(m)
+    if isinstance(m, MaxPoolU8) and bitconv.available():
+        return _maxpool_call(m)
     if isinstance(m, Int8Conv2d) and small_conv_fits(m):
         return _small_conv_call(m, None)
     if term_conv_fits(m):

@@ -517,6 +517,7 @@ bool has_vpopcnt() { return COMPACTNN_VPOPCNT != 0; }
 void register_smallconv(pybind11::module& m);  // smallconv.cpp: few-input-channel convolution
 void register_termconv(pybind11::module& m);   // termconv.cpp: one- or two-term int8 convolution
 void register_head(pybind11::module& m);       // head.cpp: pool + quantize, small linear
+void register_codes(pybind11::module& m);      // codes.cpp: quantize and max-pool of codes
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs, "pack sign(x - shift) of (N, C, H, W) into NHWC words");
@@ -528,4 +529,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_smallconv(m);
   register_termconv(m);
   register_head(m);
+  register_codes(m);
 }
