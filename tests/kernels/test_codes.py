@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from compactnn.deployment.onednn import MaxPoolU8, quantize_u8
+from compactnn.deployment.onednn import MaxPoolU8, dequantize_u8, quantize_u8
 from compactnn.kernels import bitconv
 
 CL = torch.channels_last
@@ -67,3 +67,14 @@ def test_maxpool_ceil_mode_keeps_pytorchs_op(ext) -> None:
 
     m = MaxPoolU8({"kernel_size": 3, "stride": 2, "padding": 0, "dilation": 1, "ceil_mode": True})
     assert _maxpool_call(m) is m
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_dequantize_codes_equal_the_pytorch_ops(ext, channels_last) -> None:
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 256, (2, 21, 3, 9), dtype=torch.uint8, generator=g)
+    if channels_last:
+        q = q.contiguous(memory_format=CL)
+    got = ext.dequantize_codes(q, 0.02269, 131)
+    assert got.is_contiguous(memory_format=CL)
+    assert torch.equal(got, dequantize_u8(q, (0.02269, 131)))

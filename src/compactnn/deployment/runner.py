@@ -35,9 +35,10 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
 - for an int8 linear layer with a float output and at most 64K weights (a small head), the
   extension's ``small_linear``: exact float dots, then oneDNN's own float order
   ``(acc * sx) * w_scale + bias``, so bit-identical;
-- for a float -> uint8 quantization (the model's input) and a max-pool of codes, the
-  extension's ``quantize_codes`` and ``maxpool_codes`` (``kernels/csrc/codes.cpp``): one pass
-  each instead of six PyTorch ops or PyTorch's quantized max-pool, equal codes
+- for a float -> uint8 quantization (the model's input), a dequantization (a float residual)
+  and a max-pool of codes, the extension's ``quantize_codes``, ``dequantize_codes`` and
+  ``maxpool_codes`` (``kernels/csrc/codes.cpp``): one pass each instead of up to six PyTorch
+  ops or PyTorch's quantized max-pool, equal values
   (``tests/kernels/test_codes.py``).
 
 The kernels, their order and their arguments are those of the graph, so the outputs are
@@ -54,7 +55,14 @@ import torch
 from torch import fx, nn
 
 from compactnn.deployment.lowbit import QuantizeGrid, SplitConv2d, code_bounds
-from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear, MaxPoolU8, Quantize
+from compactnn.deployment.onednn import (
+    CL,
+    Dequantize,
+    Int8Conv2d,
+    Int8Linear,
+    MaxPoolU8,
+    Quantize,
+)
 from compactnn.errors import CompactnnError
 from compactnn.kernels import bitconv
 
@@ -394,6 +402,20 @@ def _quantize_call(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return quantize
 
 
+def _dequantize_call(m: Dequantize) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``Dequantize`` on the extension's ``dequantize_codes`` for 4-D codes (one pass,
+    channels-last float out, the same float operations); ``m`` otherwise."""
+    ext = bitconv.load_extension()
+    scale, zero = m.qp[0], int(m.qp[1])
+
+    def dequantize(q: torch.Tensor) -> torch.Tensor:
+        if q.dim() == 4 and q.dtype == torch.uint8:
+            return ext.dequantize_codes(q, scale, zero)
+        return m(q)
+
+    return dequantize
+
+
 def _maxpool_call(m: MaxPoolU8) -> Callable[[torch.Tensor], torch.Tensor]:
     """``MaxPoolU8`` on the extension's ``maxpool_codes`` (channels-last codes; the same
     maxima), or ``m`` for ``ceil_mode`` and other layouts."""
@@ -423,6 +445,8 @@ def _module_call(m: nn.Module) -> Callable[..., Any]:
         return _quantize_call(m)
     if isinstance(m, MaxPoolU8) and bitconv.available():
         return _maxpool_call(m)
+    if type(m) is Dequantize and bitconv.available():
+        return _dequantize_call(m)
     if isinstance(m, Int8Conv2d) and small_conv_fits(m):
         return _small_conv_call(m, None)
     if term_conv_fits(m):
