@@ -97,7 +97,7 @@ def test_term_conv_pack_subtracts_the_zero_point_exactly():
     mult = torch.ones(16)  # float output of the exact integer dots (|dot| < 2^24)
     inf = float("inf")
     got = ext.term_conv(x, 200, packed, corr, mult, None, 1, 3, 3, [1, 1], [1, 1], [1, 1],
-                        0.0, 0, -inf, inf)  # fmt: skip
+                        0.0, 0, -inf, inf, 0.0)  # fmt: skip
     want = nn.functional.conv2d(x.double() - 200, w.double(), padding=1)
     assert torch.equal(got.double(), want)
 
@@ -117,3 +117,34 @@ def test_runner_runs_ttq_split_layers_on_the_direct_kernel():
         with torch.no_grad():
             assert torch.equal(runner(x), gm(x))
     assert dep.verify(calib).passed
+
+
+def test_term_conv_scales_in_onednns_order_bit_for_bit():
+    """With ``x_scale`` the kernel computes ``(dot * sx) * w_scale + bias``, oneDNN's order:
+    one term equals oneDNN's int8 convolution bit for bit, float and code outputs, for an
+    input scale that is not a power of two (where ``dot * (sx * w_scale)`` differs in the
+    last bit on about a quarter of float outputs)."""
+    ext = bitconv.load_extension()
+    g = torch.Generator().manual_seed(7)
+    c, o, sx, zx = 40, 48, 0.0213, 7
+    w = torch.randint(-127, 128, (o, c, 3, 3), dtype=torch.int8, generator=g)
+    ws = torch.rand(o, generator=g) * 1e-3 + 1e-4
+    bias = torch.randn(o, generator=g)
+    x = torch.randint(0, 256, (2, c, 9, 11), dtype=torch.uint8, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last)
+    geo = ([2, 2], [1, 1], [1, 1])
+    pk = torch.ops.onednn.qconv_prepack(w, ws, sx, zx, *geo, 1, list(x.shape))
+    wz = torch.zeros(o, dtype=torch.int64)
+    packed, corr = ext.term_conv_pack(w, zx)
+    inf = float("inf")
+    for o_scale, o_zero, unary, lo in ((0.0, 0, "none", -inf), (0.05, 3, "relu", 3.0)):
+        dtype = torch.float32 if o_scale == 0 else torch.uint8
+        want = torch.ops.onednn.qconv_pointwise(
+            x, sx, zx, pk, ws, wz, bias, *geo, 1, o_scale or 1.0, o_zero, dtype, unary, [], ""
+        )
+        hi = inf if o_scale == 0 else 255.0
+        got = ext.term_conv(
+            x, zx, packed, corr, ws, bias, 1, 3, 3, *geo, o_scale, o_zero, lo, hi, sx
+        )
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert len(got.unique()) > 3  # not all clamped: the test can fail

@@ -27,7 +27,11 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   registers, and the combine (sum of the scaled terms, ReLU/Hardtanh, requantization) in the
   same pass instead of a float ``2 * out``-channel oneDNN output and a second pass. Same
   integer dots and the same float operations in the same order: equal codes
-  (``tests/deployment/test_term_conv.py``). Needs AVX-512 VNNI; oneDNN otherwise;
+  (``tests/deployment/test_term_conv.py``), each term scaled in oneDNN's own float order
+  ``(dot * sx) * w_scale``. Needs AVX-512 VNNI; oneDNN otherwise. (With one term it also
+  matches oneDNN's plain int8 convolution bit for bit; measured in whole models, ResNet-18 at
+  64 and 224 and mnist-cnn's w8a8, it was within 0.98-1.08x of oneDNN, so plain layers stay
+  on oneDNN);
 - for a global average pool whose only user is a quantization (a CNN's head), the
   extension's ``pool_quantize`` (``kernels/csrc/head.cpp``): one pass from the float
   feature map to the head's codes, the same float operations as ``x.mean((2, 3))`` (PyTorch's
@@ -244,12 +248,12 @@ def _term_conv_call(m: SplitConv2d) -> Callable[[torch.Tensor], torch.Tensor]:
     k, o = m.kernel, m.channels
     sx, zx = k.x_qp
     packed, corr = ext.term_conv_pack(k.w_int8, int(zx))
-    mult = (torch.tensor(sx, dtype=torch.float32) * k.w_scale_t.float()).reshape(-1).contiguous()
+    mult = k.w_scale_t.float().reshape(-1).contiguous()  # (dot * sx) * w_scale: oneDNN's order
     bias = None if k.bias is None else k.bias[:o].float().contiguous()  # term 0 carries it
     kh, kw = k.w_int8.shape[2:]
     args = (
         int(zx), packed, corr, mult, bias, 2, kh, kw, list(k.stride), list(k.padding),
-        list(k.dilation), *_out_args(m.out, m.unary),
+        list(k.dilation), *_out_args(m.out, m.unary), float(sx),
     )  # fmt: skip
 
     def conv(q: torch.Tensor) -> torch.Tensor:

@@ -159,12 +159,15 @@ std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
 
 // x: (N, C, H, W) uint8 codes, any strides (channels-last is the fast case). packed, corr: from
 // term_conv_pack. mult: (T * O) float32, bias (O) or None. Returns (N, O, OH, OW) channels-last
-// uint8 codes (out_scale > 0) or float32.
+// uint8 codes (out_scale > 0) or float32. x_scale > 0: each term is (dot * x_scale) * mult[j],
+// the order of oneDNN's int8 convolution (mult then holds the weight scales alone; found by
+// comparing its float output with the candidate orders), so its outputs are bit-identical;
+// x_scale <= 0: dot * mult[j] (mult = x_scale * w_scale folded).
 torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, torch::Tensor corr,
                         torch::Tensor mult, c10::optional<torch::Tensor> bias, int64_t terms,
                         int64_t kh, int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
                         std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
-                        double lo, double hi) {
+                        double lo, double hi, double x_scale) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kUInt8, "x: (N, C, H, W) uint8 codes");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous(),
               "packed: from term_conv_pack");
@@ -260,6 +263,8 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
     const auto flo_ = flo;
     const auto g_ = g;
     const auto mp_ = mp;
+    const bool two_step = x_scale > 0;  // (dot * x_scale) * mult, oneDNN's order
+    const float xs_ = static_cast<float>(x_scale);
     const auto of_ = of;
     const auto ou_ = ou;
     const auto pp_ = pp;
@@ -284,7 +289,9 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
         for (; o + 16 <= O_; o += 16) {
           auto term = [&](int64_t j) {
             const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a + j), _mm512_loadu_si512(cp_ + j));
-            return _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(mp_ + j));
+            __m512 v = _mm512_cvtepi32_ps(d);
+            if (two_step) v = _mm512_mul_ps(v, _mm512_set1_ps(xs_));
+            return _mm512_mul_ps(v, _mm512_loadu_ps(mp_ + j));
           };
           __m512 y = term(o);
           if (bp_ != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp_ + o));
@@ -301,10 +308,14 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
         }
 #endif
         for (; o < O_; ++o) {
-          float y = static_cast<float>(a[o] - cp_[o]) * mp_[o];
+          auto dot = [&](int64_t j) {
+            const float v = static_cast<float>(a[j] - cp_[j]);
+            return two_step ? (v * xs_) * mp_[j] : v * mp_[j];
+          };
+          float y = dot(o);
           if (bp_ != nullptr) y += bp_[o];
           for (int64_t t = 1; t < terms_; ++t)
-            y += static_cast<float>(a[t * O_ + o] - cp_[t * O_ + o]) * mp_[t * O_ + o];
+            y += dot(t * O_ + o);
           if (codes_out_) {
             const float q = std::nearbyint(y / s_) + z_;
             ou_[pix * O_ + o] = static_cast<uint8_t>(std::min(std::max(q, flo_), fhi_));
