@@ -47,7 +47,7 @@ def test_small_conv_equals_the_kernel_formula(out, stride):
     else:
         lo, hi = code_bounds(("relu", []), out)
         o_scale, o_zero = out
-    args = (wt, mult, bias, 1, 3, 3, [stride] * 2, [1, 1], [1, 1], o_scale, o_zero, lo, hi)
+    args = (wt, mult, bias, 1, 3, 3, [stride] * 2, [1, 1], [1, 1], o_scale, o_zero, lo, hi, 0.0)
     got = ext.small_conv(x, sx, zx, 0, 255, *args)  # float input: quantized inside
     ref = _reference(x, sx, zx, w, mult, bias, out, True, stride, 1)
     assert got.shape == ref.shape and got.dtype == ref.dtype
@@ -74,3 +74,32 @@ def test_runner_fuses_the_first_layer_and_matches_the_graph():
         with torch.no_grad():
             assert torch.equal(runner(x), gm(x))
     assert dep.verify(calib).passed
+
+
+def test_small_conv_scales_in_onednns_order_bit_for_bit():
+    """With ``x_scale`` the kernel computes ``(acc * sx) * w_scale + bias`` like oneDNN's int8
+    convolution: equal to it bit for bit, float and code outputs, codes and float input."""
+    ext = bitconv.load_extension()
+    g = torch.Generator().manual_seed(4)
+    sx, zx, o = 0.0213, 9, 32
+    w = torch.randint(-127, 128, (o, 1, 3, 3), dtype=torch.int8, generator=g)
+    ws = torch.rand(o, generator=g) * 1e-2 + 1e-3
+    bias = torch.randn(o, generator=g)
+    x = torch.randn(3, 1, 13, 10, generator=g)
+    q = quantize_u8(x, (sx, zx))
+    geo = ([1, 1], [1, 1], [1, 1])
+    pk = torch.ops.onednn.qconv_prepack(w, ws, sx, zx, *geo, 1, list(q.shape))
+    wz = torch.zeros(o, dtype=torch.int64)
+    wt = w.float().permute(1, 2, 3, 0).reshape(9, o).contiguous()
+    inf = float("inf")
+    for o_scale, o_zero, unary, lo in ((0.0, 0, "none", -inf), (0.05, 3, "relu", 3.0)):
+        dtype = torch.float32 if o_scale == 0 else torch.uint8
+        want = torch.ops.onednn.qconv_pointwise(
+            q, sx, zx, pk, ws, wz, bias, *geo, 1, o_scale or 1.0, o_zero, dtype, unary, [], ""
+        )
+        hi = inf if o_scale == 0 else 255.0
+        args = (wt, ws, bias, 1, 3, 3, *geo, o_scale, o_zero, lo, hi, sx)
+        for inp in (q, x):  # codes, and float input quantized inside
+            got = ext.small_conv(inp, sx, zx, 0, 255, *args)
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        assert len(want.unique()) > 3  # not all clamped: the test can fail

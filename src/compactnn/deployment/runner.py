@@ -18,9 +18,10 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   the direct kernel ``small_conv`` of the compiled extension (``kernels/csrc/smallconv.cpp``),
   fused with the float -> uint8 quantization before it when that feeds only this layer:
   one pass from the float image to the next layer's codes. Its integer dots are exact and its
-  scale, bias, ReLU and requantization are the int8 kernel's float operations (equal codes on
-  the reference CNNs; ``tests/deployment/test_small_conv.py``). Without a C++ compiler the
-  oneDNN kernel runs, as before;
+  scale ``(acc * sx) * w_scale``, bias, ReLU and requantization are the int8 kernel's float
+  operations in oneDNN's order, so bit-identical to it (``tests/deployment/test_small_conv.py``;
+  the folded ``acc * (sx * w_scale)`` differed in the last bit on ~22% of float outputs).
+  Without a C++ compiler the oneDNN kernel runs, as before;
 - for a two-term split convolution (:class:`~compactnn.deployment.lowbit.SplitConv2d`, TTQ's
   ``W_p * [w = +1] - W_n * [w = -1]``), the direct VNNI kernel ``term_conv``
   (``kernels/csrc/termconv.cpp``): each input window read once, both terms' int32 dots in
@@ -159,7 +160,7 @@ def _small_conv_call(m: Int8Conv2d, fused: tuple | None) -> Callable[[torch.Tens
     w = m.w_int8.float()  # (O, 1, KH, KW) int8 codes
     wt = w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]).contiguous()  # (taps, O)
     sx, zx = m.x_qp
-    mult = (torch.tensor(sx, dtype=torch.float32) * m.w_scale_t.float()).reshape(-1).contiguous()
+    mult = m.w_scale_t.float().reshape(-1).contiguous()  # (acc * sx) * w_scale: oneDNN's order
     bias = None if m.bias is None else m.bias.float().contiguous()
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
     if m.out is None:  # float output: the ReLU / Hardtanh as a clamp
@@ -172,7 +173,7 @@ def _small_conv_call(m: Int8Conv2d, fused: tuple | None) -> Callable[[torch.Tens
     in_lo, in_hi = (0, 255) if fused is None or len(fused) == 2 else fused[2:4]
     args = (
         sx, zx, in_lo, in_hi, wt, mult, bias, 1, w.shape[2], w.shape[3],
-        m.stride, m.padding, m.dilation, o_scale, o_zero, float(lo), float(hi),
+        m.stride, m.padding, m.dilation, o_scale, o_zero, float(lo), float(hi), float(sx),
     )  # fmt: skip
 
     def conv(x: torch.Tensor) -> torch.Tensor:

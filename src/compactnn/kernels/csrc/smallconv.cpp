@@ -118,13 +118,15 @@ inline void dot_any(const float* src, const int64_t* tap, int64_t K, const float
 // x: (N, C, H, W) float32 or uint8 codes, any strides. w: (C * KH * KW, T * O) float32 integer
 // codes, rows ordered (c, kh, kw), columns (t, o). mult: (T * O) float32. bias: (O) or None.
 // out_scale > 0: uint8 codes clamp(nearbyint(y / out_scale) + out_zero, lo, hi); otherwise
-// float32 clamp(y, lo, hi). Returns (N, O, OH, OW) in channels-last memory.
+// float32 clamp(y, lo, hi). Returns (N, O, OH, OW) in channels-last memory. x_scale > 0: each
+// term is (acc * x_scale) * mult (mult = the weight scales), oneDNN's order, so bit-identical
+// to its int8 convolution; x_scale <= 0: acc * mult (mult = x_scale * w_scale folded).
 torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int64_t in_lo,
                          int64_t in_hi, torch::Tensor w, torch::Tensor mult,
                          c10::optional<torch::Tensor> bias, int64_t terms, int64_t kh,
                          int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
                          std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
-                         double lo, double hi) {
+                         double lo, double hi, double x_scale) {
   TORCH_CHECK(x.dim() == 4, "x: (N, C, H, W)");
   const bool codes_in = x.scalar_type() == torch::kUInt8;
   TORCH_CHECK(codes_in || x.scalar_type() == torch::kFloat32, "x: float32 or uint8 codes");
@@ -182,6 +184,9 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
     const int64_t* const tap_ = tap.data();
     const float* const wp_ = wp;
     const float* const mp_ = mp;
+    // x_scale > 0: each term is (acc * x_scale) * mult, oneDNN's order (mult = w_scale)
+    const bool two_step = x_scale > 0;
+    const float xsc = static_cast<float>(x_scale);
     const float* const bp_ = bp;
     const float* const xf_ = xf;
     const uint8_t* const xu_ = xu;
@@ -229,7 +234,9 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
             const __m512 vos = _mm512_set1_ps(os_), voz = _mm512_set1_ps(oz_);
             const __m512 vlo = _mm512_set1_ps(flo_), vhi = _mm512_set1_ps(fhi_);
             for (; o + 16 <= O_; o += 16) {
-              __m512 y = _mm512_mul_ps(_mm512_loadu_ps(acc + o), _mm512_loadu_ps(mp_ + o));
+              __m512 y = _mm512_loadu_ps(acc + o);
+              if (two_step) y = _mm512_mul_ps(y, _mm512_set1_ps(xsc));
+              y = _mm512_mul_ps(y, _mm512_loadu_ps(mp_ + o));
               if (bp_ != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp_ + o));
               if (codes_out_) {
                 y = _mm512_roundscale_ps(_mm512_div_ps(y, vos),
@@ -244,9 +251,12 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
           }
 #endif
           for (; o < O_; ++o) {
-            float y = acc[o] * mp_[o];
+            auto term = [&](int64_t j) {
+              return two_step ? (acc[j] * xsc) * mp_[j] : acc[j] * mp_[j];
+            };
+            float y = term(o);
             if (bp_ != nullptr) y += bp_[o];
-            for (int64_t t = 1; t < terms_; ++t) y += acc[t * O_ + o] * mp_[t * O_ + o];
+            for (int64_t t = 1; t < terms_; ++t) y += term(t * O_ + o);
             if (codes_out_) {
               float q = std::nearbyint(y / os_) + oz_;
               ou_[pix * O_ + o] = static_cast<uint8_t>(std::min(std::max(q, flo_), fhi_));
