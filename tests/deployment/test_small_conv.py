@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import compactnn
+from compactnn.deployment.direct import small_conv_fits
 from compactnn.deployment.lowbit import code_bounds
 from compactnn.deployment.onednn import Int8Conv2d, quantize_u8
-from compactnn.deployment.runner import _Codegen, plan_runner, small_conv_fits
+from compactnn.deployment.runner import _Codegen, plan_runner
 from compactnn.kernels import bitconv
 from tests.deployment.conftest import make_net
 

@@ -13,8 +13,9 @@ from torch import nn
 import compactnn
 from compactnn.core.qlayers import ActQuantizer
 from compactnn.core.spec import QuantSpec
+from compactnn.deployment.direct import term_conv_call, term_conv_fits
 from compactnn.deployment.lowbit import SplitConv2d
-from compactnn.deployment.runner import _term_conv_call, plan_runner, term_conv_fits
+from compactnn.deployment.runner import plan_runner
 from compactnn.kernels import bitconv
 from tests.deployment.conftest import make_net
 
@@ -62,7 +63,7 @@ def test_term_conv_equals_the_stacked_kernel_and_float64(stride, form, unary):
     layer, terms = _layer(10, 24, stride)
     split = SplitConv2d(layer, terms, form, unary)
     assert term_conv_fits(split)
-    fast = _term_conv_call(split)
+    fast = term_conv_call(split)
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 16, (3, 10, 13, 13), generator=g).to(torch.uint8)
     x = x.contiguous(memory_format=torch.channels_last)

@@ -48,13 +48,13 @@ def test_quantize_codes_equal_the_pytorch_ops(ext, layout, n, c, h, w) -> None:
     ],
 )
 def test_maxpool_codes_equal_pytorchs_quantized_pool(ext, kwargs) -> None:
-    from compactnn.deployment.runner import _maxpool_call
+    from compactnn.deployment.direct import maxpool_call
 
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 256, (2, 24, 11, 13), dtype=torch.uint8, generator=g)
     q = q.contiguous(memory_format=CL)
     ref = MaxPoolU8({"dilation": 1, "ceil_mode": False, "padding": 0, **kwargs})
-    direct = _maxpool_call(ref)
+    direct = maxpool_call(ref)
     assert direct is not ref  # the direct kernel takes this geometry
     got = direct(q)
     assert got.is_contiguous(memory_format=CL) and torch.equal(got, ref(q))
@@ -63,10 +63,10 @@ def test_maxpool_codes_equal_pytorchs_quantized_pool(ext, kwargs) -> None:
 
 
 def test_maxpool_ceil_mode_keeps_pytorchs_op(ext) -> None:
-    from compactnn.deployment.runner import _maxpool_call
+    from compactnn.deployment.direct import maxpool_call
 
     m = MaxPoolU8({"kernel_size": 3, "stride": 2, "padding": 0, "dilation": 1, "ceil_mode": True})
-    assert _maxpool_call(m) is m
+    assert maxpool_call(m) is m
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

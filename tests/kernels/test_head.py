@@ -55,13 +55,14 @@ def deployed():
 
 
 def test_small_linear_equals_onednn_bit_for_bit(ext, deployed) -> None:
+    from compactnn.deployment.direct import small_linear_call, small_linear_fits
     from compactnn.deployment.onednn import Int8Linear
-    from compactnn.deployment.runner import _linear_call, _small_linear_call, small_linear_fits
+    from compactnn.deployment.runner import _linear_call
 
     dep, _ = deployed
     head = next(m for m in dep.program.modules() if isinstance(m, Int8Linear))
     assert small_linear_fits(head) and head.out is None
-    direct, onednn = _small_linear_call(head), _linear_call(head)
+    direct, onednn = small_linear_call(head), _linear_call(head)
     g = torch.Generator().manual_seed(0)
     for n in (1, 7, 64):
         q = torch.randint(0, 256, (n, head.w_int8.shape[1]), dtype=torch.uint8, generator=g)

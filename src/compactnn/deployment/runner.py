@@ -46,7 +46,9 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   ops or PyTorch's quantized max-pool, equal values
   (``tests/kernels/test_codes.py``).
 
-The kernels, their order and their arguments are those of the graph, so the outputs are
+The direct kernels' closures are in :mod:`compactnn.deployment.direct`; this module compiles
+the graph and chooses, per node, which call runs it. The kernels, their order and their
+arguments are those of the graph, so the outputs are
 bit-identical to the ``fx.GraphModule``'s (``tests/deployment/test_onednn.py``; the direct
 kernels give the same codes there).
 """
@@ -59,7 +61,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from compactnn.deployment.lowbit import QuantizeGrid, SplitConv2d, code_bounds
+from compactnn.deployment.direct import (
+    dequantize_call,
+    maxpool_call,
+    pool_quantize_call,
+    quantize_call,
+    small_conv_call,
+    small_conv_fits,
+    small_linear_call,
+    small_linear_fits,
+    term_conv_call,
+    term_conv_fits,
+)
+from compactnn.deployment.lowbit import QuantizeGrid
 from compactnn.deployment.onednn import (
     CL,
     Dequantize,
@@ -139,148 +153,6 @@ def _linear_call(m: Int8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     return linear
 
 
-SMALL_OUT = (16, 32, 48, 64)  # output channels the direct kernel keeps in vector registers
-
-
-def small_conv_fits(m: nn.Module) -> bool:
-    """Whether ``m`` runs on the direct one-input-channel kernel (builds the extension once)."""
-    if not isinstance(m, Int8Conv2d) or m.accum is not None or m.groups != 1:
-        return False
-    o, c, kh, kw = m.w_int8.shape
-    # exact float sums need |acc| <= taps * 255 * 128 < 2^24 (taps <= 49 here)
-    if c != 1 or o not in SMALL_OUT or kh * kw > 49 or m.unary not in ("none", "relu", "hardtanh"):
-        return False
-    return bitconv.available()
-
-
-def _small_conv_call(m: Int8Conv2d, fused: tuple | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``m.forward`` on the direct kernel; ``fused``: the grid ``(scale, zero[, lo, hi])`` of
-    the quantization it absorbs (the closure then takes the float input)."""
-    ext = bitconv.load_extension()
-    w = m.w_int8.float()  # (O, 1, KH, KW) int8 codes
-    wt = w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]).contiguous()  # (taps, O)
-    sx, zx = m.x_qp
-    mult = m.w_scale_t.float().reshape(-1).contiguous()  # (acc * sx) * w_scale: oneDNN's order
-    bias = None if m.bias is None else m.bias.float().contiguous()
-    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    if m.out is None:  # float output: the ReLU / Hardtanh as a clamp
-        inf = float("inf")
-        lo, hi = {"none": (-inf, inf), "relu": (0.0, inf)}.get(m.unary, tuple(m.scalars[:2]))
-        o_scale, o_zero = 0.0, 0
-    else:
-        lo, hi = code_bounds(unary, m.out)
-        o_scale, o_zero = m.out[0], m.out[1]
-    in_lo, in_hi = (0, 255) if fused is None or len(fused) == 2 else fused[2:4]
-    args = (
-        sx, zx, in_lo, in_hi, wt, mult, bias, 1, w.shape[2], w.shape[3],
-        m.stride, m.padding, m.dilation, o_scale, o_zero, float(lo), float(hi), float(sx),
-    )  # fmt: skip
-
-    def conv(x: torch.Tensor) -> torch.Tensor:
-        if fused is not None and x.dtype != torch.float32:
-            x = x.float()  # the quantizer's x.float()
-        return ext.small_conv(x, *args)
-
-    return conv
-
-
-def small_linear_fits(m: nn.Module) -> bool:
-    """Whether Int8Linear ``m`` runs on the direct ``small_linear`` kernel: a small head with a
-    float output (oneDNN's int8 GEMM spent ~50 us on mnist-cnn's 16 x 64 x 10 at batch 16).
-    Exact float sums need ``in * 255 * 128 < 2^24``."""
-    if not isinstance(m, Int8Linear) or m.out is not None or m.unary not in ("none", "relu"):
-        return False
-    o, k = m.w_int8.shape
-    return o * k <= SMALL_LINEAR_WEIGHTS and k * 255 * 128 < 2**24 and bitconv.available()
-
-
-SMALL_LINEAR_WEIGHTS = 64 * 1024  # beyond this a GEMM kernel's blocking pays for its call
-
-
-def _small_linear_call(m: Int8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``m.forward`` on the direct kernel: (..., in) uint8 codes -> (..., out) float32."""
-    ext = bitconv.load_extension()
-    sx, zx = m.x_qp
-    wt = m.w_int8.float().t().contiguous()  # (in, out)
-    ws = m.w_scale_t.float().reshape(-1).contiguous()
-    bias = None if m.bias is None else m.bias.float().contiguous()
-    relu = m.unary == "relu"
-
-    def linear(q: torch.Tensor) -> torch.Tensor:
-        y = ext.small_linear(q.reshape(-1, q.shape[-1]), sx, zx, wt, ws, bias, relu)
-        return y.reshape(*q.shape[:-1], y.shape[-1])
-
-    return linear
-
-
-TERM_COLUMNS = (16, 32, 48, 64, 96, 128)  # terms * outputs the VNNI kernel keeps in registers
-
-
-def term_conv_fits(m: nn.Module) -> bool:
-    """Whether split layer ``m`` runs on the direct two-term VNNI kernel ``term_conv``
-    (builds the extension). Single-term layers stay on oneDNN: measured on mnist-cnn's
-    16 -> 32 layer, the direct kernel was no faster there."""
-    if not isinstance(m, SplitConv2d):
-        return False
-    k = m.kernel
-    if k.unary != "none" or k.out is not None or k.accum is not None or k.groups != 1:
-        return False
-    post = "none" if m.unary is None else m.unary[0]
-    if post not in ("none", "relu", "hardtanh") or k.w_int8.shape[0] not in TERM_COLUMNS:
-        return False
-    return bitconv.available() and bitconv.load_extension().has_vnni()
-
-
-def _out_args(out, unary) -> tuple[float, int, float, float]:
-    """``(out_scale, out_zero, lo, hi)`` of the direct kernels: codes clamped to the bounds
-    that apply ``unary`` and the grid, or (scale 0) a float output clamped by ``unary``."""
-    if out is None:  # float output: the ReLU / Hardtanh as a clamp
-        inf = float("inf")
-        name, scalars = unary if unary is not None else ("none", [])
-        lo, hi = {"none": (-inf, inf), "relu": (0.0, inf)}.get(name, tuple(scalars[:2]))
-        return 0.0, 0, float(lo), float(hi)
-    lo, hi = code_bounds(unary, out)
-    return float(out[0]), int(out[1]), float(lo), float(hi)
-
-
-def _term_conv_call(m: SplitConv2d) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``m.forward`` on the direct kernel: (N, C, H, W) uint8 codes -> codes or float."""
-    ext = bitconv.load_extension()
-    k, o = m.kernel, m.channels
-    sx, zx = k.x_qp
-    packed, corr = ext.term_conv_pack(k.w_int8, int(zx))
-    mult = k.w_scale_t.float().reshape(-1).contiguous()  # (dot * sx) * w_scale: oneDNN's order
-    bias = None if k.bias is None else k.bias[:o].float().contiguous()  # term 0 carries it
-    kh, kw = k.w_int8.shape[2:]
-    args = (
-        int(zx), packed, corr, mult, bias, 2, kh, kw, list(k.stride), list(k.padding),
-        list(k.dilation), *_out_args(m.out, m.unary), float(sx),
-    )  # fmt: skip
-
-    def conv(q: torch.Tensor) -> torch.Tensor:
-        return ext.term_conv(q, *args)
-
-    return conv
-
-
-def _pool_quantize_call(
-    pool: nn.Module, quant: nn.Module
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``quant(pool(x))`` for a global average pool: one pass of the extension's
-    ``pool_quantize`` (the same float operations, equal codes) on float32 channels-last
-    input, the two modules otherwise."""
-    ext = bitconv.load_extension()
-    scale, zero = quant.qp[0], int(quant.qp[1])
-    lo, hi = (quant.lo, quant.hi) if isinstance(quant, QuantizeGrid) else (0, 255)
-
-    def fused(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=CL):
-            return ext.pool_quantize(x, scale, zero, lo, hi)
-        return quant(pool(x))
-
-    return fused
-
-
 def _pooled_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The quantize node that is the only user of global-average-pool ``node``, if any."""
     if node.op != "call_module" or len(node.users) != 1:
@@ -358,9 +230,9 @@ class _Codegen:
         if node.op == "call_method":
             return f"{pos[0]}.{node.target}({', '.join(pos[1:] + kws)})"
         if node in self.absorbed:  # the quantization and the first layer as one kernel
-            fn = _small_conv_call(self.gm.get_submodule(node.target), self.absorbed[node])
+            fn = small_conv_call(self.gm.get_submodule(node.target), self.absorbed[node])
         elif node in self.pooled:  # the global average pool and its quantization, one pass
-            fn = _pool_quantize_call(self.pooled[node], self.gm.get_submodule(node.target))
+            fn = pool_quantize_call(self.pooled[node], self.gm.get_submodule(node.target))
         elif node.op == "call_module":
             fn = _module_call(self.gm.get_submodule(node.target))
         else:  # call_function
@@ -392,74 +264,21 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _quantize_call(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``Quantize`` / ``QuantizeGrid`` on the extension's ``quantize_codes`` for 4-D float32
-    input (one pass, any layout in, channels-last codes out, equal codes); ``m`` otherwise."""
-    ext = bitconv.load_extension()
-    scale, zero = m.qp[0], int(m.qp[1])
-    lo, hi = (m.lo, m.hi) if isinstance(m, QuantizeGrid) else (0, 255)
-
-    def quantize(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.dtype == torch.float32:
-            return ext.quantize_codes(x, scale, zero, lo, hi)
-        return m(x)
-
-    return quantize
-
-
-def _dequantize_call(m: Dequantize) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``Dequantize`` on the extension's ``dequantize_codes`` for 4-D codes (one pass,
-    channels-last float out, the same float operations); ``m`` otherwise."""
-    ext = bitconv.load_extension()
-    scale, zero = m.qp[0], int(m.qp[1])
-
-    def dequantize(q: torch.Tensor) -> torch.Tensor:
-        if q.dim() == 4 and q.dtype == torch.uint8:
-            return ext.dequantize_codes(q, scale, zero)
-        return m(q)
-
-    return dequantize
-
-
-def _maxpool_call(m: MaxPoolU8) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``MaxPoolU8`` on the extension's ``maxpool_codes`` (channels-last codes; the same
-    maxima), or ``m`` for ``ceil_mode`` and other layouts."""
-    ext = bitconv.load_extension()
-    kw = m.kwargs
-
-    def pair(v: Any) -> tuple[int, int]:
-        return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
-
-    k = pair(kw["kernel_size"])
-    stride = kw.get("stride")
-    s = k if stride is None or stride == [] or stride == () else pair(stride)
-    p, d = pair(kw.get("padding", 0)), pair(kw.get("dilation", 1))
-    if kw.get("ceil_mode", False) or 2 * p[0] > k[0] or 2 * p[1] > k[1]:
-        return m
-
-    def pool(q: torch.Tensor) -> torch.Tensor:
-        if q.dim() == 4 and q.dtype == torch.uint8 and q.is_contiguous(memory_format=CL):
-            return ext.maxpool_codes(q, *k, *s, *p, *d)
-        return m(q)
-
-    return pool
-
-
 def _module_call(m: nn.Module) -> Callable[..., Any]:
     if type(m) in (Quantize, QuantizeGrid) and bitconv.available():
-        return _quantize_call(m)
+        return quantize_call(m)
     if isinstance(m, MaxPoolU8) and bitconv.available():
-        return _maxpool_call(m)
+        return maxpool_call(m)
     if type(m) is Dequantize and bitconv.available():
-        return _dequantize_call(m)
+        return dequantize_call(m)
     if isinstance(m, Int8Conv2d) and small_conv_fits(m):
-        return _small_conv_call(m, None)
+        return small_conv_call(m, None)
     if term_conv_fits(m):
-        return _term_conv_call(m)
+        return term_conv_call(m)
     if isinstance(m, Int8Conv2d):
         return _conv_call(m)
     if isinstance(m, Int8Linear):
-        return _small_linear_call(m) if small_linear_fits(m) else _linear_call(m)
+        return small_linear_call(m) if small_linear_fits(m) else _linear_call(m)
     hooks = (m._forward_hooks, m._forward_pre_hooks)
     return m if any(hooks) else m.forward
 
