@@ -25,6 +25,7 @@
 namespace {
 
 constexpr int64_t kMaxCols = 256;  // terms * output channels held per pixel
+constexpr int kPixels = 4;          // output pixels per dot_pixels call (vector path)
 
 #if defined(__AVX512F__)
 // One output pixel, NV * 16 columns in registers: acc[j] = sum_k src[tap[k]] * w[k][j] (exact
@@ -78,10 +79,8 @@ inline void dot_pixels(const float* src, int64_t step, const int64_t* tap, int64
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + (p * NV + v) * 16, a[p][v]);
 }
 
-constexpr int kPixels = 4;  // pixels per dot_pixels call
-
 // acc for kPixels pixels (p * TO + j); false when TO has no vector path (then one at a time)
-inline bool dot_four(const float* src, int64_t step, const int64_t* tap, int64_t K,
+inline bool dot_block(const float* src, int64_t step, const int64_t* tap, int64_t K,
                      const float* w, int64_t TO, float* acc) {
   switch (TO) {
     case 16: dot_pixels<1, kPixels>(src, step, tap, K, w, acc); return true;
@@ -193,7 +192,7 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
     uint8_t* const ou_ = ou;
     float* const of_ = of;
     std::vector<float> buf(C_ * Hp_ * Wp_);
-    alignas(64) float accs[kMaxCols * 4];
+    alignas(64) float accs[kMaxCols * kPixels];
     for (int64_t n = begin; n < end; ++n) {
       // (q - z) of every input value, zero in the padding (the simulation pads with 0.0)
       std::fill(buf.begin(), buf.end(), 0.0f);
@@ -213,14 +212,14 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
       for (int64_t oh = 0; oh < OH_; ++oh)
         for (int64_t ow = 0; ow < OW_; ++ow) {
           const float* src = buf.data() + oh * sh_ * Wp_ + ow * sw_;
-          const int64_t slot = ow % 4;  // which of the four pixels' sums this one reads
+          const int64_t slot = ow % kPixels;  // which of the block's pixel sums this one reads
 #if defined(__AVX512F__)
-          if (slot == 0 && ow + 4 <= OW_ && TO_ <= 64) {
-            if (!dot_four(src, sw_, tap_, K_, wp_, TO_, accs)) {
-              for (int p = 0; p < 4; ++p)
+          if (slot == 0 && ow + kPixels <= OW_ && TO_ <= 64) {
+            if (!dot_block(src, sw_, tap_, K_, wp_, TO_, accs)) {
+              for (int p = 0; p < kPixels; ++p)
                 dot_any(src + p * sw_, tap_, K_, wp_, TO_, accs + p * TO_);
             }
-          } else if (ow + 4 - slot > OW_ || TO_ > 64) {
+          } else if (ow + kPixels - slot > OW_ || TO_ > 64) {
             dot_any(src, tap_, K_, wp_, TO_, accs + slot * TO_);
           }
 #else
