@@ -11,7 +11,8 @@ the fastest float path by each measure, the deployed and simulated top-1, the ve
 gap in output steps, and for the binary model each block's kernel (int8, popcount or float,
 chosen by measurement with the block's elementwise tail included). A second table times each
 delivered model's runner with and without the direct kernels of ``deployment/runner.py`` (the
-first-layer ``small_conv`` and the two-term ``term_conv`` of TTQ's split layers) side by side
+first-layer ``small_conv``, the two-term ``term_conv`` of TTQ's split layers and the
+one-term ``term_conv`` of small plain layers) side by side
 (rotating rounds, CPU time) and says whether their outputs are bit-identical.
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench --only demo_rows [--quick]``.
@@ -65,7 +66,7 @@ def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[di
     return rows, paths.timings, {"winner": paths.winner, "load": os.getloadavg(), "first": first}
 
 
-DIRECT = ("small_conv_fits", "term_conv_fits")  # the runner's direct-kernel choices
+DIRECT = ("small_conv_fits", "term_conv_fits", "plain_conv_fits")  # direct kernels
 
 
 def first_layer_ab(fast, batch: torch.Tensor, rounds: int) -> dict:
@@ -145,7 +146,8 @@ def run(quick: bool = False) -> str:
     ab = [
         "",
         "Direct kernels (first layer with 1 input channel and the input quantization fused;",
-        "TTQ's two-term layers with their requantization fused) against oneDNN's int8",
+        "TTQ's two-term layers with their requantization fused; small plain layers on the",
+        "one-term kernel) against oneDNN's int8",
         "convolutions, whole delivered model, CPU ms per call (same process, rotating rounds):",
         "",
         "| row | oneDNN kernels | direct kernels | ratio | outputs bit-identical |",

@@ -109,8 +109,7 @@ TERM_COLUMNS = (16, 32, 48, 64, 96, 128)  # terms * outputs the VNNI kernel keep
 
 def term_conv_fits(m: nn.Module) -> bool:
     """Whether split layer ``m`` runs on the direct two-term VNNI kernel ``term_conv``
-    (builds the extension). Single-term layers stay on oneDNN: measured on mnist-cnn's
-    16 -> 32 layer, the direct kernel was no faster there."""
+    (builds the extension). Plain int8 layers: :func:`plain_conv_fits`."""
     if not isinstance(m, SplitConv2d):
         return False
     k = m.kernel
@@ -150,6 +149,69 @@ def term_conv_call(m: SplitConv2d) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def conv(q: torch.Tensor) -> torch.Tensor:
         return ext.term_conv(q, *args)
+
+    return conv
+
+
+# Per-call work (multiply-accumulates) up to which a plain int8 convolution runs on
+# ``term_conv`` with one term. Measured per layer, 2 threads, AMD Zen 4 (bit-identical
+# outputs): at batch 1 oneDNN spends ~40 us per call on mnist-cnn's 1-2 M MAC layers and
+# 40-110 us on ResNet-18's 0.5-9.4 M MAC layers at 64x64, the direct kernel 8-48 us
+# (1.5-5x); at 14-29 M MACs (mnist-cnn, batch 16) 1.1-1.6x; from ~38 M MACs (ResNet-18 64x64,
+# batch 8) oneDNN's blocking wins (0.81-0.98x).
+PLAIN_MACS = 32_000_000
+
+
+def plain_conv_fits(m: nn.Module) -> bool:
+    """Whether plain int8 convolution ``m`` can run on ``term_conv`` with one term: no
+    residual sum, one group, outputs padded to 16 in 16-64, 96 or 128, a ReLU / Hardtanh or
+    no post-op, symmetric weights and a VNNI build. :func:`plain_conv_call` still picks
+    oneDNN for large calls."""
+    if not isinstance(m, Int8Conv2d) or m.accum is not None or m.groups != 1:
+        return False
+    columns = -(-m.w_int8.shape[0] // 16) * 16  # outputs padded to a vector of 16
+    if m.unary not in ("none", "relu", "hardtanh") or columns not in TERM_COLUMNS:
+        return False
+    if bool(m.w_zero.any()):
+        return False
+    return bitconv.available() and bitconv.load_extension().has_vnni()
+
+
+def plain_conv_call(
+    m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``m.forward`` on ``term_conv`` with one term when a call's work is at most
+    :data:`PLAIN_MACS`, else on ``onednn`` (the layer's oneDNN closure); equal outputs either
+    way (the same integer dots and oneDNN's float order ``(dot * sx) * w_scale + bias``)."""
+    ext = bitconv.load_extension()
+    sx, zx = m.x_qp
+    packed, corr = ext.term_conv_pack(m.w_int8, int(zx))
+    mult = m.w_scale_t.float().reshape(-1).contiguous()
+    bias = None if m.bias is None else m.bias.float().contiguous()
+    o, c, kh, kw = m.w_int8.shape
+    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
+    args = (
+        int(zx), packed, corr, mult, bias, 1, kh, kw, list(m.stride), list(m.padding),
+        list(m.dilation), *_out_args(m.out, unary), float(sx),
+    )  # fmt: skip
+    per_pixel = o * c * kh * kw
+    (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
+    direct: dict[tuple[int, ...], bool] = {}  # input shape -> whether it runs here
+
+    def small(shape: torch.Size) -> bool:
+        n, _, h, w = shape
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if len(direct) >= 8:
+            direct.clear()
+        direct[shape] = n * oh * ow * per_pixel <= PLAIN_MACS
+        return direct[shape]
+
+    def conv(q: torch.Tensor) -> torch.Tensor:
+        use = direct.get(q.shape)
+        if use is None:
+            use = small(q.shape)
+        return ext.term_conv(q, *args) if use else onednn(q)
 
     return conv
 

@@ -29,10 +29,16 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   same pass instead of a float ``2 * out``-channel oneDNN output and a second pass. Same
   integer dots and the same float operations in the same order: equal codes
   (``tests/deployment/test_term_conv.py``), each term scaled in oneDNN's own float order
-  ``(dot * sx) * w_scale``. Needs AVX-512 VNNI; oneDNN otherwise. (With one term it also
-  matches oneDNN's plain int8 convolution bit for bit; measured in whole models, ResNet-18 at
-  64 and 224 and mnist-cnn's w8a8, it was within 0.98-1.08x of oneDNN, so plain layers stay
-  on oneDNN);
+  ``(dot * sx) * w_scale``. Needs AVX-512 VNNI; oneDNN otherwise;
+- for a plain int8 convolution (no residual sum, one group, at most 128 outputs, ReLU /
+  Hardtanh / no post-op), the same ``term_conv`` with one term when a call's work is at most
+  ``direct.PLAIN_MACS`` multiply-accumulates, oneDNN above (checked per input shape). At
+  batch 1 oneDNN's int8 convolution costs ~40 us per call whatever the layer's size
+  (mnist-cnn's 1-2 M MAC layers), the direct kernel 8-11 us; above ~38 M MACs oneDNN's
+  blocking is faster. Bit-identical to oneDNN (``tests/deployment/test_plain_conv.py``).
+  Whole mnist-cnn w8a8, same-process A/B: batch 1 0.30 -> 0.10 ms (3x), batch 16 1.12x;
+  ResNet-18 64x64 batch 1 0.93-1.30x over four noisy runs (only its 64/128-channel,
+  no-sum layers qualify), batch 8 1.05x;
 - for a global average pool whose only user is a quantization (a CNN's head), the
   extension's ``pool_quantize`` (``kernels/csrc/head.cpp``): one pass from the float
   feature map to the head's codes, the same float operations as ``x.mean((2, 3))`` (PyTorch's
@@ -64,6 +70,8 @@ from torch import fx, nn
 from compactnn.deployment.direct import (
     dequantize_call,
     maxpool_call,
+    plain_conv_call,
+    plain_conv_fits,
     pool_quantize_call,
     quantize_call,
     small_conv_call,
@@ -275,6 +283,8 @@ def _module_call(m: nn.Module) -> Callable[..., Any]:
         return small_conv_call(m, None)
     if term_conv_fits(m):
         return term_conv_call(m)
+    if plain_conv_fits(m):
+        return plain_conv_call(m, _conv_call(m))
     if isinstance(m, Int8Conv2d):
         return _conv_call(m)
     if isinstance(m, Int8Linear):
