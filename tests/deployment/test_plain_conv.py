@@ -1,6 +1,6 @@
 """Plain int8 convolutions on the direct kernel ``term_conv`` with one term (the plan
 runner's choice for small calls): outputs equal to oneDNN's int8 convolution bit for bit,
-and oneDNN kept for calls above ``PLAIN_MACS``."""
+and oneDNN kept for calls above the limit (``PLAIN_MACS``; lower with AMX)."""
 
 from __future__ import annotations
 
@@ -66,10 +66,10 @@ def test_large_calls_stay_on_onednn(monkeypatch):
 
     x = torch.randint(0, 256, (2, 10, 13, 11), dtype=torch.uint8)
     # 2 x 13 x 11 output pixels x 24 x 10 x 9 MACs = 617,760
-    monkeypatch.setattr(direct, "PLAIN_MACS", 617_760)
+    monkeypatch.setattr(direct, "plain_macs_limit", lambda: 617_760)
     small = plain_conv_call(m, onednn)
     assert torch.equal(small(x), m(x)) and calls == []
-    monkeypatch.setattr(direct, "PLAIN_MACS", 617_759)
+    monkeypatch.setattr(direct, "plain_macs_limit", lambda: 617_759)
     large = plain_conv_call(m, onednn)
     assert torch.equal(large(x), m(x)) and calls == [(2, 10, 13, 11)]
 
@@ -79,3 +79,10 @@ def test_fits_only_plain_single_group_layers():
     assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("relu", []), accum="float"))
     assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("hardswish", [])))
     assert not plain_conv_fits(nn.Conv2d(3, 16, 3))
+
+
+def test_the_limit_is_lower_on_a_cpu_with_amx(monkeypatch):
+    monkeypatch.setattr(direct, "_has_amx", lambda: True)
+    assert direct.plain_macs_limit() == direct.PLAIN_MACS_AMX < direct.PLAIN_MACS
+    monkeypatch.setattr(direct, "_has_amx", lambda: False)
+    assert direct.plain_macs_limit() == direct.PLAIN_MACS

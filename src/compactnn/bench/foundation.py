@@ -67,7 +67,7 @@ def compactnn_contenders(ref: Any, recipes: list[str], tmp: Path, example: Any) 
     rows = []
     for recipe in recipes:
         row, model = measure_recipe(ref.name, ref, recipe, tmp, first_rows(example, 2))
-        runtime, notes, delivered = "float (the float paths above)", [], None
+        runtime, notes, delivered = "float", [], None
         if recipe != "float":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -206,8 +206,9 @@ def model_section(name: str, quick: bool) -> str:
             cells = [t.fmt(), wall, cpu, t1.fmt(), _speedups(one.best, t1)[0]]
         elif r["runtime"] == "simulated":
             cells = ["simulated: not timed", "n/a", "n/a", "", "n/a"]
-        elif r["model"] is None:
-            cells = ["(the float paths above)", "1.00x", "", "", ""]
+        elif r["model"] is None:  # the float model: its paths are the table above
+            cells = [big.best.fmt(), "1.00x", "1.00x", one.best.fmt(), "1.00x"]
+            r = {**r, "runtime": f"{big.winner} (batch {n}), {one.winner} (batch 1)"}
         lines.append(
             f"| {r['name']} | {r['runtime']} | {fmt_quality(ref.metric, r['quality'])} | "
             f"{fmt_quality(ref.metric, r['quality'] - base_q, delta=True)} | {size} | {ratio} | "

@@ -196,10 +196,23 @@ def run(quick: bool = False) -> str:
     )
 
 
+def close_pairs(seed: int) -> list[dict]:
+    """The arms of issue 19's three comparisons within a few test digits, for one seed."""
+    from compactnn.bench import pewise
+    from compactnn.bench.lowbit_train import irnet_arms, run_arms
+
+    elq = [a for a in elq_arms() if a[0] in ("w1a8-xnor", "w1a8-elq")]
+    irnet = [a for a in irnet_arms() if a[0] in ("w1a1-xnor", "xnor + IR-Net (both)")]
+    rows = run_arms(["mnist-cnn"], elq + irnet, [seed], None, "pairs")
+    pe, _ = pewise.run_net("mnist-cnn", [0.5], [seed], None, only=("joint", "sequential"))
+    return rows + [{**r, "arm": f"pe50 {r['arm']}"} for r in pe]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a part: ``python -m compactnn.bench.lowbit_train2 PART SEED``, PART ``elq``,
-    ``elq-val`` (the validation split) or ``sibnn`` (mnist-cnn, default epochs, one
-    thread); one JSON line per arm."""
+    ``elq-val`` (the validation split), ``sibnn`` or ``pairs`` (issue 19's three close
+    comparisons: ``w1a8-elq`` / ``w1a8-xnor``, IR-Net's options / ``w1a1-xnor``, PE-wise joint /
+    sequential at 50%) (mnist-cnn, default epochs, one thread); one JSON line per arm."""
     import json
 
     import compactnn.quant.elq
@@ -213,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_arms(["mnist-cnn"], elq_arms(), [int(seed)], None, "elq")
     elif part == "elq-val":
         rows = run_val_arms(elq_val_arms(), [int(seed)])
+    elif part == "pairs":
+        rows = close_pairs(int(seed))
     else:
         rows = run_sparsity_arms(sibnn_arms(), [int(seed)], None)
     for row in rows:

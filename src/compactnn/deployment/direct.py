@@ -13,6 +13,7 @@ on one; the runner chooses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import nn
 from compactnn.deployment.lowbit import QuantizeGrid, SplitConv2d, code_bounds
 from compactnn.deployment.onednn import CL, Dequantize, Int8Conv2d, Int8Linear, MaxPoolU8
 from compactnn.kernels import bitconv
+from compactnn.measure.environment import cpu_description
 
 
 def _grid(m: nn.Module) -> tuple[float, int, int, int]:
@@ -160,6 +162,20 @@ def term_conv_call(m: SplitConv2d) -> Callable[[torch.Tensor], torch.Tensor]:
 # (1.5-5x); at 14-29 M MACs (mnist-cnn, batch 16) 1.1-1.6x; from ~38 M MACs (ResNet-18 64x64,
 # batch 8) oneDNN's blocking wins (0.81-0.98x).
 PLAIN_MACS = 32_000_000
+# On a CPU with AMX tiles oneDNN's int8 convolution is several times faster per MAC, so only
+# calls small enough for its fixed cost to dominate move; an estimate (no AMX machine was
+# available to measure it): ~40 us of oneDNN overhead against the VNNI kernel's ~4 us per M MACs.
+PLAIN_MACS_AMX = 4_000_000
+
+
+@functools.cache
+def _has_amx() -> bool:
+    return cpu_description().endswith(", AMX")
+
+
+def plain_macs_limit() -> int:
+    """:data:`PLAIN_MACS`, or :data:`PLAIN_MACS_AMX` on a CPU with AMX tiles."""
+    return PLAIN_MACS_AMX if _has_amx() else PLAIN_MACS
 
 
 def plain_conv_fits(m: nn.Module) -> bool:
@@ -181,7 +197,7 @@ def plain_conv_call(
     m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``m.forward`` on ``term_conv`` with one term when a call's work is at most
-    :data:`PLAIN_MACS`, else on ``onednn`` (the layer's oneDNN closure); equal outputs either
+    :func:`plain_macs_limit`, else on ``onednn`` (the layer's oneDNN closure); equal outputs either
     way (the same integer dots and oneDNN's float order ``(dot * sx) * w_scale + bias``)."""
     ext = bitconv.load_extension()
     sx, zx = m.x_qp
@@ -194,7 +210,7 @@ def plain_conv_call(
         int(zx), packed, corr, mult, bias, 1, kh, kw, list(m.stride), list(m.padding),
         list(m.dilation), *_out_args(m.out, unary), float(sx),
     )  # fmt: skip
-    per_pixel = o * c * kh * kw
+    per_pixel, limit = o * c * kh * kw, plain_macs_limit()
     (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
     direct: dict[tuple[int, ...], bool] = {}  # input shape -> whether it runs here
 
@@ -204,7 +220,7 @@ def plain_conv_call(
         ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if len(direct) >= 8:
             direct.clear()
-        direct[shape] = n * oh * ow * per_pixel <= PLAIN_MACS
+        direct[shape] = n * oh * ow * per_pixel <= limit
         return direct[shape]
 
     def conv(q: torch.Tensor) -> torch.Tensor:

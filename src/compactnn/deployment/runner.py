@@ -32,7 +32,8 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   ``(dot * sx) * w_scale``. Needs AVX-512 VNNI; oneDNN otherwise;
 - for a plain int8 convolution (no residual sum, one group, at most 128 outputs, ReLU /
   Hardtanh / no post-op), the same ``term_conv`` with one term when a call's work is at most
-  ``direct.PLAIN_MACS`` multiply-accumulates, oneDNN above (checked per input shape). At
+  ``direct.plain_macs_limit()`` multiply-accumulates (32 M; 4 M with AMX), oneDNN above
+  (checked per input shape). At
   batch 1 oneDNN's int8 convolution costs ~40 us per call whatever the layer's size
   (mnist-cnn's 1-2 M MAC layers), the direct kernel 8-11 us; above ~38 M MACs oneDNN's
   blocking is faster. Bit-identical to oneDNN (``tests/deployment/test_plain_conv.py``).
