@@ -163,3 +163,35 @@ def test_quantized_output_runs_the_head_as_qgemm(qres):
     assert "QGemm" in ops and "Gemm" not in ops
     deployed = compactnn.deploy(qr, "onnxruntime", example=calib[:8])
     assert deployed.verification.max_diff_steps <= 1.0
+
+
+class PooledStem(nn.Module):
+    """ResNet's stem: convolution, ReLU, 3x3 stride-2 max pool, then a residual block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.b1 = Block(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b1(self.pool(torch.relu(self.stem(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def test_a_max_pool_runs_on_codes_with_one_grid():
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 12, 12)
+    qmodel = compactnn.compress(PooledStem().eval(), "w8a8", calib_data=calib, progress=False)
+    qr = quantize_residuals(qmodel, calib, grids="all")
+    # the pool's output has the block's grid; its input gets none of its own (the pool
+    # commutes with rounding), so the ONNX graph quantizes once before the pool
+    assert "relu" not in qr.residual_grids.values()
+    data = to_onnx_bytes(qr, calib[:8])[0]
+    counts = collections.Counter(n.op_type for n in optimized_graph(data).graph.node)
+    assert counts["MaxPool"] == 0 and counts["FusedConv"] == counts["Conv"] == 0
+    assert counts["NhwcMaxPool"] + counts["QLinearMaxPool"] == 1  # on uint8 codes
+    assert counts["QLinearConv"] == 3
+    deployed = compactnn.deploy(qr, "onnxruntime", example=calib[:8])
+    assert deployed.verification.max_diff_steps <= 1.0

@@ -182,11 +182,15 @@ def _needs_grid(gm: fx.GraphModule, value: fx.Node, output: bool = False) -> boo
 
 
 def _layers_read(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
-    """Whether ``user`` quantizes ``value`` itself: a quantized layer reading it as input, or a
-    flatten/reshape that only such layers read."""
+    """Whether ``user`` quantizes ``value`` itself: a quantized layer reading it as input, an
+    activation quantizer, or an op that commutes with quantizing (a flatten, reshape or max
+    pool) that only such readers read. (ResNet's stem: the max pool's output has the grid
+    of the block it feeds, so its input needs no grid of its own.)"""
     m = module_of(gm, user)
     if m is not None and is_quant_layer(m):
         return user.args[0] is value
+    if isinstance(m, ActQuantizer):
+        return True
     if is_transparent(gm, user) and user.users and unary_attr(gm, user) is None:
         return all(_layers_read(gm, u, user) for u in user.users)
     return False

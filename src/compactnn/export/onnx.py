@@ -196,16 +196,24 @@ def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str
 
 
 RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+# ops that commute with a per-tensor rounding: they move or select values (a max of rounded
+# values is the rounding of the max, as rounding is monotone)
+HOISTABLE = (*RESHAPES, "MaxPool")
 
 
 def _quantize_before_reshapes(proto: onnx.ModelProto) -> None:
-    """``Flatten -> Q -> DQ`` becomes ``Q -> DQ -> Flatten -> Q -> DQ`` (same grid twice).
+    """``Flatten -> Q -> DQ`` becomes ``Q -> DQ -> Flatten -> Q -> DQ`` (same grid twice);
+    the same for ``MaxPool``.
 
-    Moving data does not change a per-tensor rounding and rounding twice on one grid is
-    idempotent, so the numbers stay the same; but now the value is quantized right where it
-    is computed (a global average pool before a classifier's flatten), which ONNX Runtime
-    fuses into ``QLinearGlobalAveragePool``, and the second pair around the reshape is one
-    it removes.
+    Moving or selecting data does not change a per-tensor rounding (for a max pool: rounding
+    is monotone, so the max of the rounded values is the rounding of the max) and rounding
+    twice on one grid is idempotent, so the numbers stay the same; but now the value is
+    quantized right where it is computed (a global average pool before a classifier's
+    flatten), which ONNX Runtime fuses into ``QLinearGlobalAveragePool``, and the second
+    pair around the reshape is one it removes. Around a max pool the pair on both sides has
+    one grid, which ONNX Runtime needs to run the pool on uint8 codes (ResNet's stem: its
+    convolution's grid differs from the next layer's, and the pool ran in float32 with
+    layout changes around it).
     """
     nodes = list(proto.graph.node)
     readers: dict[str, list] = {}
@@ -213,7 +221,7 @@ def _quantize_before_reshapes(proto: onnx.ModelProto) -> None:
         for name in n.input:
             readers.setdefault(name, []).append(n)
     for node in nodes:
-        users = readers.get(node.output[0], []) if node.op_type in RESHAPES else []
+        users = readers.get(node.output[0], []) if node.op_type in HOISTABLE else []
         if len(users) != 1 or users[0].op_type != "QuantizeLinear":
             continue
         q = users[0]
