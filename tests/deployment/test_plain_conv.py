@@ -74,9 +74,33 @@ def test_large_calls_stay_on_onednn(monkeypatch):
     assert torch.equal(large(x), m(x)) and calls == [(2, 10, 13, 11)]
 
 
+@pytest.mark.parametrize("unary", [("relu", []), ("none", [])])  # oneDNN: sum, sum + ReLU
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_float_residual_sum_equals_onednns_sum_post_op(stride, unary):
+    """The default deploy's residual add: oneDNN adds a float32 accumulator after the bias,
+    then applies the post-op; ``(conv + bias) + acc`` in that order is bit-identical."""
+    m = Int8Conv2d(_qconv(stride, 1), None, unary, accum="float")
+    assert plain_conv_fits(m)
+    fast = plain_conv_call(m, lambda q, acc: pytest.fail("a small call went to oneDNN"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (2, 10, 13, 11), generator=g).to(torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    oh, ow = (13, 11) if stride == 1 else (7, 6)
+    acc = (3 * torch.randn(2, 24, oh, ow, generator=g)).contiguous(
+        memory_format=torch.channels_last
+    )
+    with torch.no_grad():
+        want = m(x, acc.clone())  # oneDNN writes the sum into its accumulator
+        got = fast(x, acc.clone())
+        assert torch.equal(fast(x, acc.contiguous()), want)  # an NCHW accumulator
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert len(want.unique()) > 100  # not all clamped
+
+
 def test_fits_only_plain_single_group_layers():
     q = _qconv(1, 1)
     assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("relu", []), accum="float"))
+    assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("relu", []), accum=(0.1, 5)))
     assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("hardswish", [])))
     assert not plain_conv_fits(nn.Conv2d(3, 16, 3))
 

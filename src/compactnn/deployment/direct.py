@@ -180,11 +180,16 @@ def plain_macs_limit() -> int:
 
 def plain_conv_fits(m: nn.Module) -> bool:
     """Whether plain int8 convolution ``m`` can run on ``term_conv`` with one term: no
-    residual sum, one group, outputs padded to 16 in 16-64, 96 or 128, a ReLU / Hardtanh or
-    no post-op, symmetric weights and a VNNI build. :func:`plain_conv_call` still picks
-    oneDNN for large calls."""
-    if not isinstance(m, Int8Conv2d) or m.accum is not None or m.groups != 1:
+    residual sum or a float32 one (the default deploy's residual add; then ReLU or none),
+    one group, outputs padded to 16 in 16-64, 96 or 128, a ReLU / Hardtanh or no post-op,
+    symmetric weights and a VNNI build. :func:`plain_conv_call` still picks oneDNN for
+    large calls."""
+    if not isinstance(m, Int8Conv2d) or m.groups != 1:
         return False
+    if m.accum is not None and (m.accum != "float" or m.out is not None):
+        return False  # a uint8 accumulator: oneDNN's requantized sum stays on oneDNN
+    if m.accum is not None and m.unary not in ("none", "relu"):
+        return False  # oneDNN fuses only sum and sum + ReLU
     columns = -(-m.w_int8.shape[0] // 16) * 16  # outputs padded to a vector of 16
     if m.unary not in ("none", "relu", "hardtanh") or columns not in TERM_COLUMNS:
         return False
@@ -194,11 +199,13 @@ def plain_conv_fits(m: nn.Module) -> bool:
 
 
 def plain_conv_call(
-    m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor]
-) -> Callable[[torch.Tensor], torch.Tensor]:
+    m: Int8Conv2d, onednn: Callable[..., torch.Tensor]
+) -> Callable[..., torch.Tensor]:
     """``m.forward`` on ``term_conv`` with one term when a call's work is at most
-    :func:`plain_macs_limit`, else on ``onednn`` (the layer's oneDNN closure); equal outputs either
-    way (the same integer dots and oneDNN's float order ``(dot * sx) * w_scale + bias``)."""
+    :func:`plain_macs_limit`, else on ``onednn`` (the layer's oneDNN closure); equal outputs
+    either way (the same integer dots and oneDNN's float order ``(dot * sx) * w_scale +
+    bias``; with a float32 residual, oneDNN's sum post-op ``(... + bias) + acc``, then the
+    ReLU / Hardtanh)."""
     ext = bitconv.load_extension()
     sx, zx = m.x_qp
     packed, corr = ext.term_conv_pack(m.w_int8, int(zx))
@@ -206,9 +213,11 @@ def plain_conv_call(
     bias = None if m.bias is None else m.bias.float().contiguous()
     o, c, kh, kw = m.w_int8.shape
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
+    # with a residual the post-op follows the sum: the kernel writes the unclamped float
+    out = _out_args(m.out, unary if m.accum is None else None)
     args = (
         int(zx), packed, corr, mult, bias, 1, kh, kw, list(m.stride), list(m.padding),
-        list(m.dilation), *_out_args(m.out, unary), float(sx),
+        list(m.dilation), *out, float(sx),
     )  # fmt: skip
     per_pixel, limit = o * c * kh * kw, plain_macs_limit()
     (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
@@ -229,7 +238,20 @@ def plain_conv_call(
             use = small(q.shape)
         return ext.term_conv(q, *args) if use else onednn(q)
 
-    return conv
+    if m.accum is None:
+        return conv
+    lo, hi = _out_args(None, unary)[2:]
+
+    def conv_sum(q: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        use = direct.get(q.shape)
+        if use is None:
+            use = small(q.shape)
+        if not use:
+            return onednn(q, acc)
+        y = ext.term_conv(q, *args).add_(acc)  # oneDNN's sum post-op: (conv + bias) + acc
+        return y if unary is None else y.clamp_(lo, hi)
+
+    return conv_sum
 
 
 def pool_quantize_call(pool: nn.Module, quant: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
