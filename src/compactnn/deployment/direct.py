@@ -227,10 +227,11 @@ def plain_conv_call(
         n, _, h, w = shape
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        use = n * oh * ow * per_pixel <= limit
         if len(direct) >= 8:
             direct.clear()
-        direct[shape] = n * oh * ow * per_pixel <= limit
-        return direct[shape]
+        direct[shape] = use  # (a local result: another thread may clear the cache meanwhile)
+        return use
 
     def conv(q: torch.Tensor) -> torch.Tensor:
         use = direct.get(q.shape)
