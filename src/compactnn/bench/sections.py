@@ -9,6 +9,7 @@ SECTIONS: dict[str, str] = {
     "deploy_inductor": "compactnn.bench.deploy_inductor",
     "deploy_recipes": "compactnn.bench.deploy_recipes",
     "demo_rows": "compactnn.bench.demo_rows",
+    "direct_ab": "compactnn.bench.direct_ab",
     "binary": "compactnn.bench.binary",
     "transformers": "compactnn.bench.transformers",
     "lm": "compactnn.bench.lm",
