@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _qconv(stride: int, dilation: int, seed: int = 0) -> nn.Module:
+def _qconv(stride: int, dilation: int, seed: int = 0, out: int = 24) -> nn.Module:
     """A w8a8 conv (10 -> 24 channels: padded input groups, a 48-column tail) from compress."""
     torch.manual_seed(seed)
-    conv = nn.Conv2d(10, 24, 3, stride=stride, padding=dilation, dilation=dilation)
+    conv = nn.Conv2d(10, out, 3, stride=stride, padding=dilation, dilation=dilation)
     calib = torch.randn(8, 10, 13, 11)
     qmodel = compactnn.compress(nn.Sequential(conv), "w8a8", calib_data=calib, progress=False)
     return qmodel[0]
@@ -110,3 +110,25 @@ def test_the_limit_is_lower_on_a_cpu_with_amx(monkeypatch):
     assert direct.plain_macs_limit() == direct.PLAIN_MACS_AMX < direct.PLAIN_MACS
     monkeypatch.setattr(direct, "_has_amx", lambda: False)
     assert direct.plain_macs_limit() == direct.PLAIN_MACS
+
+
+@pytest.mark.parametrize("out", [200, 384])  # blocks of 128 columns: a partial last block, three
+@pytest.mark.parametrize("accum", [None, "float"])
+def test_more_than_128_outputs_run_in_column_blocks(out, accum):
+    q = _qconv(1, 1, out=out)
+    m = Int8Conv2d(q, None if accum else (0.05, 3), ("relu", []), accum=accum)
+    assert plain_conv_fits(m)
+    fast = plain_conv_call(m, lambda *a: pytest.fail("a small call went to oneDNN"))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 256, (2, 10, 7, 9), generator=g).to(torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    args = () if accum is None else (torch.randn(2, out, 7, 9, generator=g),)
+    with torch.no_grad():
+        want = m(x, *[a.clone() for a in args])
+        got = fast(x, *args)
+    assert got.shape == (2, out, 7, 9) and torch.equal(got, want)
+    assert len(want.unique()) > 5
+
+
+def test_wider_than_512_stays_on_onednn():
+    assert not plain_conv_fits(Int8Conv2d(_qconv(1, 1, out=520), (0.05, 3), ("relu", [])))

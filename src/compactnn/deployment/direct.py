@@ -181,17 +181,19 @@ def plain_macs_limit() -> int:
 def plain_conv_fits(m: nn.Module) -> bool:
     """Whether plain int8 convolution ``m`` can run on ``term_conv`` with one term: no
     residual sum or a float32 one (the default deploy's residual add; then ReLU or none),
-    one group, outputs padded to 16 in 16-64, 96 or 128, a ReLU / Hardtanh or no post-op,
-    symmetric weights and a VNNI build. :func:`plain_conv_call` still picks oneDNN for
-    large calls."""
+    one group, outputs padded to 16 in 16-64, 96 or 128, or 129-512 (blocks of 128), a
+    ReLU / Hardtanh or no post-op, symmetric weights and a VNNI build.
+    :func:`plain_conv_call` still picks oneDNN for large calls."""
     if not isinstance(m, Int8Conv2d) or m.groups != 1:
         return False
     if m.accum is not None and (m.accum != "float" or m.out is not None):
         return False  # a uint8 accumulator: oneDNN's requantized sum stays on oneDNN
     if m.accum is not None and m.unary not in ("none", "relu"):
         return False  # oneDNN fuses only sum and sum + ReLU
-    columns = -(-m.w_int8.shape[0] // 16) * 16  # outputs padded to a vector of 16
-    if m.unary not in ("none", "relu", "hardtanh") or columns not in TERM_COLUMNS:
+    o = m.w_int8.shape[0]
+    wide = o > 128 and -(-o // 128) * 128 <= 512  # blocks of 128 columns (term_conv_pack)
+    columns = -(-o // 16) * 16  # outputs padded to a vector of 16
+    if m.unary not in ("none", "relu", "hardtanh") or not (wide or columns in TERM_COLUMNS):
         return False
     if bool(m.w_zero.any()):
         return False

@@ -30,7 +30,7 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   integer dots and the same float operations in the same order: equal codes
   (``tests/deployment/test_term_conv.py``), each term scaled in oneDNN's own float order
   ``(dot * sx) * w_scale``. Needs AVX-512 VNNI; oneDNN otherwise;
-- for a plain int8 convolution (no residual sum or a float32 one, one group, at most 128
+- for a plain int8 convolution (no residual sum or a float32 one, one group, at most 512
   outputs, ReLU / Hardtanh / no post-op), the same ``term_conv`` with one term when a call's
   work is at most
   ``direct.plain_macs_limit()`` multiply-accumulates (32 M; 4 M with AMX), oneDNN above

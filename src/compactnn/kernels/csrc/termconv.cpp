@@ -37,7 +37,11 @@
 
 namespace {
 
-constexpr int64_t kMaxTO = 256;  // terms * output channels, padded to 16
+constexpr int64_t kMaxTO = 512;  // terms * output channels, padded to 16 (to 128 above 128)
+constexpr int64_t kBlock = 128;  // columns per weight block (8 vectors: the widest register tile)
+
+// Columns of one weight block: all of them up to kBlock, else kBlock (TOp a multiple of it).
+inline int64_t block_width(int64_t TOp) { return TOp <= kBlock ? TOp : kBlock; }
 
 struct Geometry {
   int64_t K4;      // input-channel groups of 4 per tap
@@ -98,7 +102,9 @@ inline int64_t dot_row(const uint8_t* src, const Geometry& g, const int8_t* w, i
 }
 #endif
 
-// acc (OW, TOp) int32 for one output row; TOp a multiple of 16.
+// acc (OW, TOp) int32 for one output row; TOp a multiple of 16 (of kBlock above kBlock).
+// Above kBlock columns the weight is stored in blocks of kBlock columns, each laid out as a
+// kBlock-column weight (see term_conv_pack); each block is one pass over the input window.
 void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp, int64_t OW,
              int32_t* acc) {
 #if COMPACTNN_VNNI
@@ -111,18 +117,29 @@ void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp
     case 8: dot_row<8>(src, g, w, OW, acc); return;
     default: break;
   }
+  if (TOp > kBlock) {
+    std::vector<int32_t> part(OW * kBlock);
+    const int64_t stride = g.taps * g.K4 * kBlock * 4;  // bytes of one weight block
+    for (int64_t b = 0; b < TOp / kBlock; ++b) {
+      dot_row<8>(src, g, w + b * stride, OW, part.data());
+      for (int64_t ow = 0; ow < OW; ++ow)
+        std::memcpy(acc + ow * TOp + b * kBlock, part.data() + ow * kBlock,
+                    kBlock * sizeof(int32_t));
+    }
+    return;
+  }
 #endif
-  const int64_t pstep = g.sw * g.Cp;
+  const int64_t pstep = g.sw * g.Cp, W = block_width(TOp);
   for (int64_t ow = 0; ow < OW; ++ow) {
     int32_t* a = acc + ow * TOp;
     for (int64_t j = 0; j < TOp; ++j) a[j] = 0;
     for (int64_t k = 0; k < g.taps; ++k) {
       const uint8_t* s = src + ow * pstep + g.tap[k];
-      const int8_t* wk = w + k * g.K4 * TOp * 4;
       for (int64_t c4 = 0; c4 < g.K4; ++c4)
-        for (int64_t j = 0; j < TOp; ++j)
-          for (int64_t i = 0; i < 4; ++i)
-            a[j] += static_cast<int32_t>(s[c4 * 4 + i]) * wk[(c4 * TOp + j) * 4 + i];
+        for (int64_t j = 0; j < TOp; ++j) {
+          const int8_t* wj = w + (((j / W * g.taps + k) * g.K4 + c4) * W + j % W) * 4;
+          for (int64_t i = 0; i < 4; ++i) a[j] += static_cast<int32_t>(s[c4 * 4 + i]) * wj[i];
+        }
     }
   }
 }
@@ -131,13 +148,18 @@ void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp
 
 // Pack int8 weight codes (T * O, C, KH, KW) (terms stacked along the outputs, term-major) into
 // the kernel's layout (KH * KW, ceil(C / 4), TOp, 4), TOp = T * O rounded up to 16, zeros in
-// the padding. Returns the packed weight and z * sum(w) per column (TOp) int32.
+// the padding. Above 128 columns TOp is rounded up to a multiple of 128 and the columns are
+// stored in blocks of 128, each in that layout (block b, tap, channel group, column, 4); the
+// tensor's shape stays (KH * KW, ceil(C / 4), TOp, 4). Returns the packed weight and
+// z * sum(w) per column (TOp) int32.
 std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
   TORCH_CHECK(w.dim() == 4 && w.scalar_type() == torch::kInt8, "w: (T * O, C, KH, KW) int8");
   auto wc = w.contiguous();
   const int64_t TO = wc.size(0), C = wc.size(1), KH = wc.size(2), KW = wc.size(3);
-  const int64_t K4 = (C + 3) / 4, TOp = (TO + 15) / 16 * 16;
-  TORCH_CHECK(TOp <= kMaxTO, "terms * output channels <= 256");
+  const int64_t K4 = (C + 3) / 4;
+  const int64_t TOp = TO <= kBlock ? (TO + 15) / 16 * 16 : (TO + kBlock - 1) / kBlock * kBlock;
+  TORCH_CHECK(TOp <= kMaxTO, "terms * output channels <= 512");
+  const int64_t W = block_width(TOp), taps = KH * KW;
   auto packed = torch::zeros({KH * KW, K4, TOp, 4}, torch::kInt8);
   auto corr = torch::zeros({TOp}, torch::kInt32);
   const int8_t* src = wc.data_ptr<int8_t>();
@@ -149,7 +171,7 @@ std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
       for (int64_t i = 0; i < KH; ++i)
         for (int64_t j = 0; j < KW; ++j) {
           const int8_t v = src[((o * C + c) * KH + i) * KW + j];
-          dst[(((i * KW + j) * K4 + c / 4) * TOp + o) * 4 + c % 4] = v;
+          dst[((((o / W) * taps + i * KW + j) * K4 + c / 4) * W + o % W) * 4 + c % 4] = v;
           total += v;
         }
     cp[o] = static_cast<int32_t>(total * in_zero);
@@ -175,6 +197,7 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
   const int64_t K4 = packed.size(1), TOp = packed.size(2), Cp = K4 * 4;
   TORCH_CHECK(K4 == (C + 3) / 4, "packed weight does not match the input channels");
   const int64_t TO = mult.numel(), O = TO / terms;
+  TORCH_CHECK(TOp <= kBlock || TOp % kBlock == 0, "packed: from term_conv_pack");
   TORCH_CHECK(terms >= 1 && O * terms == TO && TO <= TOp && TOp % 16 == 0,
               "mult: (terms * O) float32");
   TORCH_CHECK(mult.scalar_type() == torch::kFloat32 && mult.is_contiguous(), "mult: float32");
