@@ -62,14 +62,14 @@ def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[di
             },
         }
     paths = time_models(ref.model, delivered, batch, threads=THREADS, quick=quick)
-    first = {r: first_layer_ab(m, batch, 3 if quick else 5) for r, m in delivered.items()}
+    first = {r: direct_kernels_ab(m, batch, 3 if quick else 5) for r, m in delivered.items()}
     return rows, paths.timings, {"winner": paths.winner, "load": os.getloadavg(), "first": first}
 
 
 DIRECT = ("small_conv_fits", "term_conv_fits", "plain_conv_fits")  # direct kernels
 
 
-def first_layer_ab(fast, batch: torch.Tensor, rounds: int) -> dict:
+def direct_kernels_ab(fast, batch: torch.Tensor, rounds: int) -> dict:
     """CPU ms per call (medians of rotating rounds) of a delivered model's runner with the
     direct kernels (``new``) and with oneDNN's for every layer (``old``), output identity."""
     from compactnn.deployment import runner as plan

@@ -7,7 +7,7 @@ kernels of ``deployment/direct.py`` where they fit: the one-input-channel first 
 plain convolutions with or without a float32 residual sum) and with those turned off
 (``old``: oneDNN for every convolution; the head's and the codes' kernels run in both).
 Both are timed in rotating rounds of blocks (CPU ms per call, median) by
-:func:`compactnn.bench.demo_rows.first_layer_ab`, which also checks that their outputs are
+:func:`compactnn.bench.demo_rows.direct_kernels_ab`, which also checks that their outputs are
 bit-identical.
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench --only direct_ab [--quick]``.
@@ -47,7 +47,7 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 def measure(quick: bool = False) -> list[dict]:
     """One row per (model, batch): CPU ms with and without the direct kernels."""
     import compactnn
-    from compactnn.bench.demo_rows import first_layer_ab
+    from compactnn.bench.demo_rows import direct_kernels_ab
 
     torch.set_num_threads(THREADS)
     rows = []
@@ -60,7 +60,7 @@ def measure(quick: bool = False) -> list[dict]:
                 fast = compactnn.deploy(
                     qmodel, example=x, backend="onednn", time_float=False, tolerance=50
                 )
-            ab = first_layer_ab(fast, x, 3 if quick else 7)
+            ab = direct_kernels_ab(fast, x, 3 if quick else 7)
             rows.append({"model": name, "batch": batch, **ab})
     return rows
 

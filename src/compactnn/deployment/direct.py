@@ -226,30 +226,26 @@ def plain_conv_call(
     direct: dict[tuple[int, ...], bool] = {}  # input shape -> whether it runs here
 
     def small(shape: torch.Size) -> bool:
-        n, _, h, w = shape
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        use = n * oh * ow * per_pixel <= limit
-        if len(direct) >= 8:
-            direct.clear()
-        direct[shape] = use  # (a local result: another thread may clear the cache meanwhile)
+        use = direct.get(shape)
+        if use is None:
+            n, _, h, w = shape
+            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            use = n * oh * ow * per_pixel <= limit
+            if len(direct) >= 8:
+                direct.clear()
+            direct[shape] = use  # (a local result: another thread may clear the cache)
         return use
 
     def conv(q: torch.Tensor) -> torch.Tensor:
-        use = direct.get(q.shape)
-        if use is None:
-            use = small(q.shape)
-        return ext.term_conv(q, *args) if use else onednn(q)
+        return ext.term_conv(q, *args) if small(q.shape) else onednn(q)
 
     if m.accum is None:
         return conv
     lo, hi = _out_args(None, unary)[2:]
 
     def conv_sum(q: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        use = direct.get(q.shape)
-        if use is None:
-            use = small(q.shape)
-        if not use:
+        if not small(q.shape):
             return onednn(q, acc)
         y = ext.term_conv(q, *args).add_(acc)  # oneDNN's sum post-op: (conv + bias) + acc
         return y if unary is None else y.clamp_(lo, hi)

@@ -32,16 +32,13 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   ``(dot * sx) * w_scale``. Needs AVX-512 VNNI; oneDNN otherwise;
 - for a plain int8 convolution (no residual sum or a float32 one, one group, at most 512
   outputs, ReLU / Hardtanh / no post-op), the same ``term_conv`` with one term when a call's
-  work is at most
-  ``direct.plain_macs_limit()`` multiply-accumulates (32 M; 4 M with AMX), oneDNN above
-  (checked per input shape). At
-  batch 1 oneDNN's int8 convolution costs ~40 us per call whatever the layer's size
-  (mnist-cnn's 1-2 M MAC layers), the direct kernel 8-11 us; above ~38 M MACs oneDNN's
-  blocking is faster. A float32 residual is added after the bias, then the ReLU: oneDNN's
-  sum post-op order. Bit-identical to oneDNN (``tests/deployment/test_plain_conv.py``).
-  Whole mnist-cnn w8a8, same-process A/B: batch 1 0.30 -> 0.10 ms (3x), batch 16 1.12x;
-  ResNet-18 64x64 batch 1 0.93-1.30x over four noisy runs (only its 64/128-channel,
-  no-sum layers qualify), batch 8 1.05x;
+  work is at most ``direct.plain_macs_limit()`` multiply-accumulates (32 M; 4 M with AMX),
+  oneDNN above (checked per input shape). At batch 1 oneDNN's int8 convolution costs ~40 us
+  per call whatever the layer's size (mnist-cnn's 1-2 M MAC layers), the direct kernel
+  8-11 us; above ~38 M MACs oneDNN's blocking is faster. A float32 residual is added after
+  the bias, then the ReLU: oneDNN's sum post-op order. Bit-identical to oneDNN
+  (``tests/deployment/test_plain_conv.py``); whole-model gains in
+  ``python -m compactnn.bench --only direct_ab`` (``docs/bench/direct_ab.md``);
 - for a global average pool whose only user is a quantization (a CNN's head), the
   extension's ``pool_quantize`` (``kernels/csrc/head.cpp``): one pass from the float
   feature map to the head's codes, the same float operations as ``x.mean((2, 3))`` (PyTorch's

@@ -191,7 +191,7 @@ def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str
         )  # fmt: skip
     proto = onnx.load_from_string(buf.getvalue())
     _store_codes(proto, model, layers)
-    _quantize_before_reshapes(proto)
+    _quantize_before_moves(proto)
     return proto.SerializeToString(), kept
 
 
@@ -201,7 +201,7 @@ RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
 HOISTABLE = (*RESHAPES, "MaxPool")
 
 
-def _quantize_before_reshapes(proto: onnx.ModelProto) -> None:
+def _quantize_before_moves(proto: onnx.ModelProto) -> None:
     """``Flatten -> Q -> DQ`` becomes ``Q -> DQ -> Flatten -> Q -> DQ`` (same grid twice);
     the same for ``MaxPool``.
 
@@ -210,10 +210,10 @@ def _quantize_before_reshapes(proto: onnx.ModelProto) -> None:
     twice on one grid is idempotent, so the numbers stay the same; but now the value is
     quantized right where it is computed (a global average pool before a classifier's
     flatten), which ONNX Runtime fuses into ``QLinearGlobalAveragePool``, and the second
-    pair around the reshape is one it removes. Around a max pool the pair on both sides has
-    one grid, which ONNX Runtime needs to run the pool on uint8 codes (ResNet's stem: its
-    convolution's grid differs from the next layer's, and the pool ran in float32 with
-    layout changes around it).
+    pair around the reshape is one it removes. Around a max pool, one grid on both sides is
+    what ONNX Runtime needs to run the pool on uint8 codes (without it, ResNet's stem pool ran
+    in float32 between layout changes); ``quantize_residuals(grids="all")`` leaves a max
+    pool's input without a grid of its own for this reason.
     """
     nodes = list(proto.graph.node)
     readers: dict[str, list] = {}
