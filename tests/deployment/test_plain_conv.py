@@ -97,10 +97,76 @@ def test_a_float_residual_sum_equals_onednns_sum_post_op(stride, unary):
     assert len(want.unique()) > 100  # not all clamped
 
 
+@pytest.mark.parametrize("unary", [("relu", []), ("none", [])])
+def test_a_uint8_residual_sum_equals_onednns_codes(unary):
+    """Quantized residuals: oneDNN adds the uint8 accumulator as ``fma(acc - za, sa, y)``
+    and quantizes ``nearbyint(y / s + zo)``. The plain order ``y + (acc - za) * sa`` (or
+    ``+ zo`` after the rounding) gives other codes on a few outputs in a million: 1.6 M
+    outputs at three grids, where the plain order differs, so the test can fail."""
+    torch.manual_seed(11)
+    conv = nn.Conv2d(32, 64, 1)
+    calib = torch.randn(8, 32, 8, 8)
+    q = compactnn.compress(nn.Sequential(conv), "w8a8", calib_data=calib, progress=False)[0]
+    g = torch.Generator().manual_seed(12)
+    x = torch.randint(0, 256, (2, 32, 64, 64), generator=g).to(torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = plain_conv_call(Int8Conv2d(q, None, ("none", [])), None)(x)  # conv + bias
+    spread = float(y.std()) / 40  # grids about as wide as the values: few codes saturate
+    plain_differs = 0
+    for k, zo, ka, za in ((1.0, 7, 1.3, 100), (1.7, 0, 0.9, 12), (0.8, 13, 0.6, 77)):
+        out, acc_qp = (spread * k, zo), (spread * ka, za)
+        m = Int8Conv2d(q, out, unary, accum=acc_qp)
+        assert plain_conv_fits(m)
+        fast = plain_conv_call(m, lambda q, acc: pytest.fail("a small call went to oneDNN"))
+        acc = torch.randint(0, 256, (2, 64, 64, 64), generator=g).to(torch.uint8)
+        acc = acc.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            want = m(x, acc.clone())  # oneDNN writes the sum into its accumulator
+            got = fast(x, acc.clone())
+        assert got.dtype == torch.uint8 and torch.equal(got, want)
+        assert torch.equal(fast(x, acc.contiguous()), want)  # an NCHW accumulator
+        assert 100 < len(want.unique()) and (want == 255).float().mean() < 0.1
+        f = y + (acc.float() - acc_qp[1]) * acc_qp[0]
+        f = f.relu() if unary[0] == "relu" else f
+        plain = (torch.round(f / out[0]) + out[1]).clamp(0, 255).to(torch.uint8)
+        plain_differs += int((plain != want).sum())
+    assert plain_differs > 0
+
+
+def test_codes_use_onednns_reciprocal():
+    """oneDNN writes codes as ``nearbyint(y * (1 / s) + z)``; the simulation's
+    ``nearbyint(y / s) + z`` differs on a few outputs in a million for scales that are not
+    float32 values: 1.6 M outputs at three grids, where that form differs (the test can fail)."""
+    torch.manual_seed(13)
+    conv = nn.Conv2d(32, 64, 1)
+    calib = torch.randn(8, 32, 8, 8)
+    q = compactnn.compress(nn.Sequential(conv), "w8a8", calib_data=calib, progress=False)[0]
+    g = torch.Generator().manual_seed(14)
+    x = torch.randint(0, 256, (2, 32, 64, 64), generator=g).to(torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = plain_conv_call(Int8Conv2d(q, None, ("none", [])), None)(x)  # conv + bias
+    spread = float(y.std()) / 40
+    division_differs = 0
+    for k, zo, unary in ((1.0, 7, ("none", [])), (1.37, 128, ("relu", [])), (0.71, 0, ("none", []))):
+        m = Int8Conv2d(q, (spread * k, zo), unary)
+        fast = plain_conv_call(m, lambda q: pytest.fail("a small call went to oneDNN"))
+        with torch.no_grad():
+            want, got = m(x), fast(x)
+        assert torch.equal(got, want)
+        assert 100 < len(want.unique()) and (want == 255).float().mean() < 0.1
+        f = y.relu() if unary[0] == "relu" else y
+        division = (f / (spread * k)).round().add(zo).clamp(0, 255).to(torch.uint8)
+        division_differs += int((division != want).sum())
+    assert division_differs > 0
+
+
 def test_fits_only_plain_single_group_layers():
     q = _qconv(1, 1)
+    assert not plain_conv_fits(Int8Conv2d(q, None, ("relu", []), accum=(0.1, 5)))
     assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("relu", []), accum="float"))
-    assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("relu", []), accum=(0.1, 5)))
+    assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("sigmoid", []), accum=(0.1, 5)))
     assert not plain_conv_fits(Int8Conv2d(q, (0.05, 3), ("hardswish", [])))
     assert not plain_conv_fits(nn.Conv2d(3, 16, 3))
 
@@ -112,9 +178,11 @@ def test_the_limit_is_lower_on_a_cpu_with_amx(monkeypatch):
     assert direct.plain_macs_limit() == direct.PLAIN_MACS
 
 
-@pytest.mark.parametrize("out", [200, 384])  # blocks of 128 columns: a partial last block, three
+# 5 and 7 vectors of 16 columns (72 and 104 outputs, padded); blocks of 128 columns above
+# 128: a partial last block, three, five (MobileNetV3's 576)
+@pytest.mark.parametrize("out", [72, 104, 200, 384, 576])
 @pytest.mark.parametrize("accum", [None, "float"])
-def test_more_than_128_outputs_run_in_column_blocks(out, accum):
+def test_every_width_equals_onednn(out, accum):
     q = _qconv(1, 1, out=out)
     m = Int8Conv2d(q, None if accum else (0.05, 3), ("relu", []), accum=accum)
     assert plain_conv_fits(m)
@@ -130,5 +198,5 @@ def test_more_than_128_outputs_run_in_column_blocks(out, accum):
     assert len(want.unique()) > 5
 
 
-def test_wider_than_512_stays_on_onednn():
-    assert not plain_conv_fits(Int8Conv2d(_qconv(1, 1, out=520), (0.05, 3), ("relu", [])))
+def test_wider_than_2048_stays_on_onednn():
+    assert not plain_conv_fits(Int8Conv2d(_qconv(1, 1, out=2050), (0.05, 3), ("relu", [])))

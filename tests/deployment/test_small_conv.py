@@ -104,3 +104,36 @@ def test_small_conv_scales_in_onednns_order_bit_for_bit():
             got = ext.small_conv(inp, sx, zx, 0, 255, *args)
             assert got.dtype == want.dtype and torch.equal(got, want)
         assert len(want.unique()) > 3  # not all clamped: the test can fail
+
+
+def test_small_conv_codes_use_onednns_reciprocal():
+    """oneDNN writes codes as ``nearbyint(y * (1 / s) + z)`` (a float32 reciprocal, the zero
+    point before the rounding); the simulation's ``nearbyint(y / s) + z`` differs on a few
+    outputs in a million, for output scales that are not float32 values (as the deploy's
+    grids are): 2.4 M outputs at three grids, where that form differs, so the test can fail."""
+    ext = bitconv.load_extension()
+    g = torch.Generator().manual_seed(8)
+    sx, zx, o = 0.0213, 9, 32
+    w = torch.randint(-127, 128, (o, 1, 3, 3), dtype=torch.int8, generator=g)
+    ws = torch.rand(o, generator=g) * 1e-2 + 1e-3
+    bias = torch.randn(o, generator=g)
+    q = quantize_u8(torch.randn(8, 1, 80, 80, generator=g), (sx, zx))
+    geo = ([1, 1], [1, 1], [1, 1])
+    pk = torch.ops.onednn.qconv_prepack(w, ws, sx, zx, *geo, 1, list(q.shape))
+    wz = torch.zeros(o, dtype=torch.int64)
+    wt = w.float().permute(1, 2, 3, 0).reshape(9, o).contiguous()
+    inf = float("inf")
+    y = ext.small_conv(q, sx, zx, 0, 255, wt, ws, bias, 1, 3, 3, *geo, 0.0, 0, -inf, inf, sx)
+    spread = float(y.std()) / 40
+    division_differs = 0
+    for k, zo in ((1.0, 7), (1.37, 128), (0.71, 0)):
+        scale = spread * k
+        want = torch.ops.onednn.qconv_pointwise(
+            q, sx, zx, pk, ws, wz, bias, *geo, 1, scale, zo, torch.uint8, "none", [], ""
+        )
+        args = (wt, ws, bias, 1, 3, 3, *geo, scale, zo, 0.0, 255.0, sx)
+        assert torch.equal(ext.small_conv(q, sx, zx, 0, 255, *args), want)
+        assert 100 < len(want.unique()) and (want == 255).float().mean() < 0.1
+        division = (y / scale).round().add(zo).clamp(0, 255).to(torch.uint8)
+        division_differs += int((division != want).sum())
+    assert division_differs > 0

@@ -106,7 +106,8 @@ def small_linear_call(m: Int8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     return linear
 
 
-TERM_COLUMNS = (16, 32, 48, 64, 96, 128)  # terms * outputs the VNNI kernel keeps in registers
+TERM_COLUMNS = (16, 32, 48, 64, 80, 96, 112, 128)  # terms * outputs held in registers
+WIDE_COLUMNS = 2048  # above 128 columns: blocks of 128 (term_conv_pack), at most this many
 
 
 def term_conv_fits(m: nn.Module) -> bool:
@@ -180,18 +181,19 @@ def plain_macs_limit() -> int:
 
 def plain_conv_fits(m: nn.Module) -> bool:
     """Whether plain int8 convolution ``m`` can run on ``term_conv`` with one term: no
-    residual sum or a float32 one (the default deploy's residual add; then ReLU or none),
-    one group, outputs padded to 16 in 16-64, 96 or 128, or 129-512 (blocks of 128), a
-    ReLU / Hardtanh or no post-op, symmetric weights and a VNNI build.
+    residual sum, a float32 one into a float output (the default deploy's residual add) or a
+    uint8 one into codes (quantized residuals), then ReLU or none; one group; outputs padded
+    to 16 up to 128 (:data:`TERM_COLUMNS`), or 129-2,048 (blocks of 128); a ReLU / Hardtanh
+    or no post-op; symmetric weights and a VNNI build.
     :func:`plain_conv_call` still picks oneDNN for large calls."""
     if not isinstance(m, Int8Conv2d) or m.groups != 1:
         return False
-    if m.accum is not None and (m.accum != "float" or m.out is not None):
-        return False  # a uint8 accumulator: oneDNN's requantized sum stays on oneDNN
+    if m.accum is not None and (m.accum == "float") != (m.out is None):
+        return False  # mixed sums (float into codes, codes into float): not probed
     if m.accum is not None and m.unary not in ("none", "relu"):
         return False  # oneDNN fuses only sum and sum + ReLU
     o = m.w_int8.shape[0]
-    wide = o > 128 and -(-o // 128) * 128 <= 512  # blocks of 128 columns (term_conv_pack)
+    wide = 128 < o <= WIDE_COLUMNS  # blocks of 128 columns (term_conv_pack)
     columns = -(-o // 16) * 16  # outputs padded to a vector of 16
     if m.unary not in ("none", "relu", "hardtanh") or not (wide or columns in TERM_COLUMNS):
         return False
@@ -206,8 +208,8 @@ def plain_conv_call(
     """``m.forward`` on ``term_conv`` with one term when a call's work is at most
     :func:`plain_macs_limit`, else on ``onednn`` (the layer's oneDNN closure); equal outputs
     either way (the same integer dots and oneDNN's float order ``(dot * sx) * w_scale +
-    bias``; with a float32 residual, oneDNN's sum post-op ``(... + bias) + acc``, then the
-    ReLU / Hardtanh)."""
+    bias``; with a residual, oneDNN's sum post-op ``fma(acc - acc_zero, acc_scale, ...)``,
+    then the ReLU; codes ``nearbyint(y * (1 / out_scale) + out_zero)``)."""
     ext = bitconv.load_extension()
     sx, zx = m.x_qp
     packed, corr = ext.term_conv_pack(m.w_int8, int(zx))
@@ -215,10 +217,9 @@ def plain_conv_call(
     bias = None if m.bias is None else m.bias.float().contiguous()
     o, c, kh, kw = m.w_int8.shape
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    # with a residual the post-op follows the sum: the kernel writes the unclamped float
-    out = _out_args(m.out, unary if m.accum is None else None)
+    out = _out_args(m.out, unary)  # with a residual the kernel clamps after the sum
     args = (
-        int(zx), packed, corr, mult, bias, 1, kh, kw, list(m.stride), list(m.padding),
+        int(zx), packed, corr, mult, bias, kh, kw, list(m.stride), list(m.padding),
         list(m.dilation), *out, float(sx),
     )  # fmt: skip
     per_pixel, limit = o * c * kh * kw, plain_macs_limit()
@@ -238,19 +239,63 @@ def plain_conv_call(
         return use
 
     def conv(q: torch.Tensor) -> torch.Tensor:
-        return ext.term_conv(q, *args) if small(q.shape) else onednn(q)
+        return ext.term_conv_onednn(q, *args, None, 1.0, 0) if small(q.shape) else onednn(q)
 
     if m.accum is None:
         return conv
-    lo, hi = _out_args(None, unary)[2:]
+    a_scale, a_zero = (1.0, 0) if m.accum == "float" else m.accum
 
     def conv_sum(q: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         if not small(q.shape):
             return onednn(q, acc)
-        y = ext.term_conv(q, *args).add_(acc)  # oneDNN's sum post-op: (conv + bias) + acc
-        return y if unary is None else y.clamp_(lo, hi)
+        acc = acc.contiguous(memory_format=CL)
+        return ext.term_conv_onednn(q, *args, acc, float(a_scale), int(a_zero))
 
     return conv_sum
+
+
+def plain_linear_fits(m: nn.Module) -> bool:
+    """Whether Int8Linear ``m`` can run on ``term_conv`` as a 1x1 convolution of one pixel:
+    up to 2,048 outputs (blocks of 128 columns, split between the threads), a ReLU / Hardtanh
+    or no post-op, symmetric weights and a VNNI build (oneDNN's int8 GEMM spent ~55 us on
+    ResNet-18's 512 x 1000 head at batch 1; the direct kernel ~10 us)."""
+    if not isinstance(m, Int8Linear) or m.unary not in ("none", "relu", "hardtanh"):
+        return False
+    o = m.w_int8.shape[0]
+    fits = -(-o // 16) * 16 in TERM_COLUMNS or 128 < o <= WIDE_COLUMNS
+    if not fits or bool(m.w_zero.any()):
+        return False
+    return bitconv.available() and bitconv.load_extension().has_vnni()
+
+
+def plain_linear_call(
+    m: Int8Linear, onednn: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``m.forward`` on ``term_conv`` (a 1x1 convolution of (N, in, 1, 1)) when a call's work
+    is at most :func:`plain_macs_limit`, else ``onednn``; equal outputs either way (oneDNN's
+    int8 GEMM scales and requantizes in the convolution's order)."""
+    ext = bitconv.load_extension()
+    sx, zx = m.x_qp
+    o, k = m.w_int8.shape
+    packed, corr = ext.term_conv_pack(m.w_int8.reshape(o, k, 1, 1), int(zx))
+    mult = m.w_scale_t.float().reshape(-1).contiguous()
+    bias = None if m.bias is None else m.bias.float().contiguous()
+    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
+    args = (
+        int(zx), packed, corr, mult, bias, 1, 1, [1, 1], [0, 0], [1, 1],
+        *_out_args(m.out, unary), float(sx), None, 1.0, 0,
+    )  # fmt: skip
+    rows = plain_macs_limit() // (o * k)  # rows per call up to which it runs here
+
+    def linear(q: torch.Tensor) -> torch.Tensor:
+        n = q.numel() // k
+        if n > rows:
+            return onednn(q)
+        pixels = q.reshape(n, 1, 1, k).permute(0, 3, 1, 2)  # (N, in, 1, 1) channels-last
+        y = ext.term_conv_onednn(pixels, *args)  # (N, O, 1, 1), channels-last
+        return y.reshape(*q.shape[:-1], o)
+
+    return linear
 
 
 def pool_quantize_call(pool: nn.Module, quant: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

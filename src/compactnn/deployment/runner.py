@@ -72,6 +72,8 @@ from compactnn.deployment.direct import (
     maxpool_call,
     plain_conv_call,
     plain_conv_fits,
+    plain_linear_call,
+    plain_linear_fits,
     pool_quantize_call,
     quantize_call,
     small_conv_call,
@@ -288,7 +290,11 @@ def _module_call(m: nn.Module) -> Callable[..., Any]:
     if isinstance(m, Int8Conv2d):
         return _conv_call(m)
     if isinstance(m, Int8Linear):
-        return small_linear_call(m) if small_linear_fits(m) else _linear_call(m)
+        if small_linear_fits(m):
+            return small_linear_call(m)
+        if plain_linear_fits(m):
+            return plain_linear_call(m, _linear_call(m))
+        return _linear_call(m)
     hooks = (m._forward_hooks, m._forward_pre_hooks)
     return m if any(hooks) else m.forward
 

@@ -118,8 +118,10 @@ inline void dot_any(const float* src, const int64_t* tap, int64_t K, const float
 // codes, rows ordered (c, kh, kw), columns (t, o). mult: (T * O) float32. bias: (O) or None.
 // out_scale > 0: uint8 codes clamp(nearbyint(y / out_scale) + out_zero, lo, hi); otherwise
 // float32 clamp(y, lo, hi). Returns (N, O, OH, OW) in channels-last memory. x_scale > 0: each
-// term is (acc * x_scale) * mult (mult = the weight scales), oneDNN's order, so bit-identical
-// to its int8 convolution; x_scale <= 0: acc * mult (mult = x_scale * w_scale folded).
+// term is (acc * x_scale) * mult (mult = the weight scales) and codes are
+// nearbyint(y * (1 / out_scale) + out_zero) (a float32 reciprocal, the zero point before the
+// rounding): oneDNN's order, so bit-identical to its int8 convolution; x_scale <= 0:
+// acc * mult (mult = x_scale * w_scale folded) and the division above.
 torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int64_t in_lo,
                          int64_t in_hi, torch::Tensor w, torch::Tensor mult,
                          c10::optional<torch::Tensor> bias, int64_t terms, int64_t kh,
@@ -186,6 +188,7 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
     // x_scale > 0: each term is (acc * x_scale) * mult, oneDNN's order (mult = w_scale)
     const bool two_step = x_scale > 0;
     const float xsc = static_cast<float>(x_scale);
+    const float oinv = 1.0f / os_;  // oneDNN's form: a float32 reciprocal of the float32 scale
     const float* const bp_ = bp;
     const float* const xf_ = xf;
     const uint8_t* const xu_ = xu;
@@ -238,9 +241,11 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
               y = _mm512_mul_ps(y, _mm512_loadu_ps(mp_ + o));
               if (bp_ != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp_ + o));
               if (codes_out_) {
-                y = _mm512_roundscale_ps(_mm512_div_ps(y, vos),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, voz), vlo), vhi);
+                y = two_step ? _mm512_add_ps(_mm512_mul_ps(y, _mm512_set1_ps(oinv)), voz)
+                             : _mm512_div_ps(y, vos);
+                y = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                if (!two_step) y = _mm512_add_ps(y, voz);
+                y = _mm512_min_ps(_mm512_max_ps(y, vlo), vhi);
                 _mm_storeu_si128(reinterpret_cast<__m128i*>(ou_ + pix * O_ + o),
                                  _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
               } else {
@@ -257,7 +262,8 @@ torch::Tensor small_conv(torch::Tensor x, double in_scale, int64_t in_zero, int6
             if (bp_ != nullptr) y += bp_[o];
             for (int64_t t = 1; t < terms_; ++t) y += term(t * O_ + o);
             if (codes_out_) {
-              float q = std::nearbyint(y / os_) + oz_;
+              const float q =
+                  two_step ? std::nearbyint(y * oinv + oz_) : std::nearbyint(y / os_) + oz_;
               ou_[pix * O_ + o] = static_cast<uint8_t>(std::min(std::max(q, flo_), fhi_));
             } else {
               of_[pix * O_ + o] = std::min(std::max(y, flo_), fhi_);

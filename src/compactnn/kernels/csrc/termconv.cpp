@@ -37,7 +37,7 @@
 
 namespace {
 
-constexpr int64_t kMaxTO = 512;  // terms * output channels, padded to 16 (to 128 above 128)
+constexpr int64_t kMaxTO = 2048;  // terms * output channels, padded to 16 (to 128 above 128)
 constexpr int64_t kBlock = 128;  // columns per weight block (8 vectors: the widest register tile)
 
 // Columns of one weight block: all of them up to kBlock, else kBlock (TOp a multiple of it).
@@ -93,7 +93,9 @@ inline void dot_block(const uint8_t* src, const Geometry& g, const int8_t* w, in
 template <int NV>
 inline int64_t dot_row(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t OW,
                        int32_t* acc) {
-  constexpr int P = NV >= 8 ? 3 : (NV >= 4 ? 6 : 8);  // P * NV accumulators <= 32 registers
+  // P * NV accumulators (+ NV weight vectors) in the 32 registers (6 x 6 was measured faster
+  // than 6 x 4 despite its spills)
+  constexpr int P = NV >= 7 ? 3 : (NV == 5 ? 4 : (NV >= 4 ? 6 : 8));
   const int64_t pstep = g.sw * g.Cp;
   int64_t ow = 0;
   for (; ow + P <= OW; ow += P) dot_block<NV, P>(src + ow * pstep, g, w, acc + ow * NV * 16);
@@ -113,7 +115,9 @@ void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp
     case 2: dot_row<2>(src, g, w, OW, acc); return;
     case 3: dot_row<3>(src, g, w, OW, acc); return;
     case 4: dot_row<4>(src, g, w, OW, acc); return;
+    case 5: dot_row<5>(src, g, w, OW, acc); return;
     case 6: dot_row<6>(src, g, w, OW, acc); return;
+    case 7: dot_row<7>(src, g, w, OW, acc); return;
     case 8: dot_row<8>(src, g, w, OW, acc); return;
     default: break;
   }
@@ -158,7 +162,7 @@ std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
   const int64_t TO = wc.size(0), C = wc.size(1), KH = wc.size(2), KW = wc.size(3);
   const int64_t K4 = (C + 3) / 4;
   const int64_t TOp = TO <= kBlock ? (TO + 15) / 16 * 16 : (TO + kBlock - 1) / kBlock * kBlock;
-  TORCH_CHECK(TOp <= kMaxTO, "terms * output channels <= 512");
+  TORCH_CHECK(TOp <= kMaxTO, "terms * output channels <= 2048");
   const int64_t W = block_width(TOp), taps = KH * KW;
   auto packed = torch::zeros({KH * KW, K4, TOp, 4}, torch::kInt8);
   auto corr = torch::zeros({TOp}, torch::kInt32);
@@ -185,11 +189,20 @@ std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
 // the order of oneDNN's int8 convolution (mult then holds the weight scales alone; found by
 // comparing its float output with the candidate orders), so its outputs are bit-identical;
 // x_scale <= 0: dot * mult[j] (mult = x_scale * w_scale folded).
-torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, torch::Tensor corr,
-                        torch::Tensor mult, c10::optional<torch::Tensor> bias, int64_t terms,
-                        int64_t kh, int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                        std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
-                        double lo, double hi, double x_scale) {
+// onednn: codes as oneDNN's int8 convolution writes them, nearbyint(y * (1 / s) + zo) (float32
+// reciprocal, zero point before the rounding) instead of the simulation's nearbyint(y / s) + zo;
+// and accum (optional), a residual summed before the clamp and the quantization, (N, O, OH, OW)
+// channels-last, uint8 codes or float32: y = fma(accum - accum_zero, accum_scale, y), oneDNN's
+// sum post-op. Both found by comparing oneDNN's codes with candidate orders on millions of
+// outputs (scales that are not float32 values included): each other order differed on 2-42.
+torch::Tensor term_conv_impl(torch::Tensor x, int64_t in_zero, torch::Tensor packed,
+                             torch::Tensor corr, torch::Tensor mult,
+                             c10::optional<torch::Tensor> bias, int64_t terms, int64_t kh,
+                             int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                             std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
+                             double lo, double hi, double x_scale, bool onednn,
+                             c10::optional<torch::Tensor> accum, double accum_scale,
+                             int64_t accum_zero) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kUInt8, "x: (N, C, H, W) uint8 codes");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous(),
               "packed: from term_conv_pack");
@@ -220,6 +233,26 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
   TORCH_CHECK(OH > 0 && OW > 0, "the kernel does not fit the padded input");
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
   const bool codes_out = out_scale > 0;
+  const uint8_t* au = nullptr;  // the residual: uint8 codes or float32, (N, OH, OW, O) in memory
+  const float* af = nullptr;
+  torch::Tensor acc_t;
+  if (accum.has_value()) {
+    acc_t = accum.value();
+    TORCH_CHECK(acc_t.dim() == 4 && acc_t.size(0) == N && acc_t.size(1) == O &&
+                    acc_t.size(2) == OH && acc_t.size(3) == OW,
+                "accum: (N, O, OH, OW), the output's shape");
+    TORCH_CHECK(acc_t.stride(1) == 1 && acc_t.stride(3) == O && acc_t.stride(2) == OW * O &&
+                    acc_t.stride(0) == OH * OW * O,
+                "accum: channels-last contiguous");
+    if (acc_t.scalar_type() == torch::kUInt8) {
+      au = acc_t.data_ptr<uint8_t>();
+    } else {
+      TORCH_CHECK(acc_t.scalar_type() == torch::kFloat32, "accum: uint8 codes or float32");
+      af = acc_t.data_ptr<float>();
+    }
+  }
+  const bool has_acc = au != nullptr || af != nullptr;
+  const float sa = static_cast<float>(accum_scale), za = static_cast<float>(accum_zero);
   auto out = torch::empty({N, OH, OW, O}, codes_out ? torch::kUInt8 : torch::kFloat32);
   std::vector<int64_t> tap(taps);
   for (int64_t i = 0; i < kh; ++i)
@@ -266,12 +299,24 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
   const int32_t* cp = corr.data_ptr<int32_t>();
   const float* mp = mult.data_ptr<float>();
   const float s = static_cast<float>(out_scale), z = static_cast<float>(out_zero);
+  const float inv = 1.0f / s;  // oneDNN's form: a float32 reciprocal of the float32 scale
   const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
   uint8_t* ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
   float* of = codes_out ? nullptr : out.data_ptr<float>();
-  at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+  // One work item: an output row, or (one term, above kBlock columns) an output row's block of
+  // kBlock columns, blocks outermost: threads then share the weight (each reads its blocks)
+  // instead of each reading all of it, which decides the time when there are few rows (a
+  // batch-1 call on a 2x2 map, a linear layer) and a weight larger than the cache.
+  const bool split = COMPACTNN_VNNI && terms == 1 && TOp > kBlock;
+  const int64_t blocks = split ? TOp / kBlock : 1, width = split ? kBlock : TOp;
+  const int64_t rows = N * OH, block_bytes = taps * K4 * kBlock * 4;
+  at::parallel_for(0, rows * blocks, 1, [&](int64_t begin, int64_t end) {
     // captures copied into locals: through the captured references, every store that may
     // alias them (a uint8 store aliases anything) made the compiler reload them per item
+    const auto rows_ = rows;
+    const auto split_ = split;
+    const auto width_ = width;
+    const auto block_bytes_ = block_bytes;
     const auto Cp_ = Cp;
     const auto Hp_ = Hp;
     const auto O_ = O;
@@ -296,22 +341,41 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
     const auto terms_ = terms;
     const auto wp_ = wp;
     const auto z_ = z;
-    std::vector<int32_t> acc(OW_ * TOp_);
-    for (int64_t r = begin; r < end; ++r) {
+    const auto au_ = au;
+    const auto af_ = af;
+    const auto has_acc_ = has_acc;
+    const auto onednn_ = onednn;
+    const auto inv_ = inv;
+    const auto sa_ = sa;
+    const auto za_ = za;
+    std::vector<int32_t> acc(OW_ * width_);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i % rows_, blk = i / rows_;
       const int64_t n = r / OH_, oh = r % OH_;
       const uint8_t* src = pp_ + (n * Hp_ + oh * sh_) * Wp_ * Cp_;
+#if COMPACTNN_VNNI
+      if (split_) {
+        dot_row<8>(src, g_, wp_ + blk * block_bytes_, OW_, acc.data());
+      } else {
+        dot_any(src, g_, wp_, TOp_, OW_, acc.data());
+      }
+#else
       dot_any(src, g_, wp_, TOp_, OW_, acc.data());
+#endif
+      // this item's columns [o0, o1): a[j - o0] holds column j's dot
+      const int64_t o0 = blk * width_, o1 = split_ ? std::min(O_, o0 + width_) : O_;
       for (int64_t ow = 0; ow < OW_; ++ow) {
-        const int32_t* a = acc.data() + ow * TOp_;
+        const int32_t* a = acc.data() + ow * width_;
         const int64_t pix = (n * OH_ + oh) * OW_ + ow;
-        int64_t o = 0;
+        int64_t o = o0;
 #if COMPACTNN_VNNI
         // 16 channels at once: the same float operations in the same order as below
         const __m512 vs = _mm512_set1_ps(s_), vz = _mm512_set1_ps(z_);
         const __m512 vlo = _mm512_set1_ps(flo_), vhi = _mm512_set1_ps(fhi_);
-        for (; o + 16 <= O_; o += 16) {
+        for (; o + 16 <= o1; o += 16) {
           auto term = [&](int64_t j) {
-            const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(a + j), _mm512_loadu_si512(cp_ + j));
+            const __m512i d =
+                _mm512_sub_epi32(_mm512_loadu_si512(a + (j - o0)), _mm512_loadu_si512(cp_ + j));
             __m512 v = _mm512_cvtepi32_ps(d);
             if (two_step) v = _mm512_mul_ps(v, _mm512_set1_ps(xs_));
             return _mm512_mul_ps(v, _mm512_loadu_ps(mp_ + j));
@@ -319,7 +383,21 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
           __m512 y = term(o);
           if (bp_ != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(bp_ + o));
           for (int64_t t = 1; t < terms_; ++t) y = _mm512_add_ps(y, term(t * O_ + o));
-          if (codes_out_) {
+          if (has_acc_) {
+            const int64_t at = pix * O_ + o;
+            const __m512 r = au_ != nullptr
+                ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(au_ + at))))
+                : _mm512_loadu_ps(af_ + at);
+            y = _mm512_fmadd_ps(_mm512_sub_ps(r, _mm512_set1_ps(za_)), _mm512_set1_ps(sa_), y);
+          }
+          if (codes_out_ && onednn_) {
+            y = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(y, _mm512_set1_ps(inv_)), vz),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            y = _mm512_min_ps(_mm512_max_ps(y, vlo), vhi);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(ou_ + pix * O_ + o),
+                             _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
+          } else if (codes_out_) {
             y = _mm512_roundscale_ps(_mm512_div_ps(y, vs),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, vz), vlo), vhi);
@@ -330,17 +408,22 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
           }
         }
 #endif
-        for (; o < O_; ++o) {
+        for (; o < o1; ++o) {
           auto dot = [&](int64_t j) {
-            const float v = static_cast<float>(a[j] - cp_[j]);
+            const float v = static_cast<float>(a[j - o0] - cp_[j]);
             return two_step ? (v * xs_) * mp_[j] : v * mp_[j];
           };
           float y = dot(o);
           if (bp_ != nullptr) y += bp_[o];
           for (int64_t t = 1; t < terms_; ++t)
             y += dot(t * O_ + o);
+          if (has_acc_) {
+            const int64_t at = pix * O_ + o;
+            const float r = au_ != nullptr ? static_cast<float>(au_[at]) : af_[at];
+            y = std::fma(r - za_, sa_, y);
+          }
           if (codes_out_) {
-            const float q = std::nearbyint(y / s_) + z_;
+            const float q = onednn_ ? std::nearbyint(y * inv_ + z_) : std::nearbyint(y / s_) + z_;
             ou_[pix * O_ + o] = static_cast<uint8_t>(std::min(std::max(q, flo_), fhi_));
           } else {
             of_[pix * O_ + o] = std::min(std::max(y, flo_), fhi_);
@@ -352,11 +435,37 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
   return out.permute({0, 3, 1, 2});
 }
 
+torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, torch::Tensor corr,
+                        torch::Tensor mult, c10::optional<torch::Tensor> bias, int64_t terms,
+                        int64_t kh, int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                        std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
+                        double lo, double hi, double x_scale) {
+  return term_conv_impl(x, in_zero, packed, corr, mult, bias, terms, kh, kw, stride, padding,
+                        dilation, out_scale, out_zero, lo, hi, x_scale, false, c10::nullopt,
+                        0.0, 0);
+}
+
+torch::Tensor term_conv_onednn(torch::Tensor x, int64_t in_zero, torch::Tensor packed,
+                               torch::Tensor corr, torch::Tensor mult,
+                               c10::optional<torch::Tensor> bias, int64_t kh, int64_t kw,
+                               std::vector<int64_t> stride, std::vector<int64_t> padding,
+                               std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
+                               double lo, double hi, double x_scale,
+                               c10::optional<torch::Tensor> accum, double accum_scale,
+                               int64_t accum_zero) {
+  return term_conv_impl(x, in_zero, packed, corr, mult, bias, 1, kh, kw, stride, padding,
+                        dilation, out_scale, out_zero, lo, hi, x_scale, true, accum,
+                        accum_scale, accum_zero);
+}
+
 bool has_vnni() { return COMPACTNN_VNNI != 0; }
 
 void register_termconv(pybind11::module& m) {
   m.def("term_conv_pack", &term_conv_pack, "pack int8 weight terms for term_conv");
   m.def("term_conv", &term_conv,
         "int8 convolution of uint8 codes with one or two weight terms, requantized in one pass");
+  m.def("term_conv_onednn", &term_conv_onednn,
+        "term_conv in oneDNN's order: codes as its int8 convolution writes them, an optional "
+        "residual (uint8 codes or float32) summed before the post-op");
   m.def("has_vnni", &has_vnni, "whether the AVX-512 VNNI path was compiled");
 }
