@@ -149,7 +149,11 @@ def test_codes_use_onednns_reciprocal():
         y = plain_conv_call(Int8Conv2d(q, None, ("none", [])), None)(x)  # conv + bias
     spread = float(y.std()) / 40
     division_differs = 0
-    for k, zo, unary in ((1.0, 7, ("none", [])), (1.37, 128, ("relu", [])), (0.71, 0, ("none", []))):
+    for k, zo, unary in (
+        (1.0, 7, ("none", [])),
+        (1.37, 128, ("relu", [])),
+        (0.71, 0, ("none", [])),
+    ):
         m = Int8Conv2d(q, (spread * k, zo), unary)
         fast = plain_conv_call(m, lambda q: pytest.fail("a small call went to oneDNN"))
         with torch.no_grad():

@@ -68,6 +68,8 @@ import torch
 from torch import fx, nn
 
 from compactnn.deployment.direct import (
+    depthwise_call,
+    depthwise_fits,
     dequantize_call,
     maxpool_call,
     plain_conv_call,
@@ -287,6 +289,8 @@ def _module_call(m: nn.Module) -> Callable[..., Any]:
         return term_conv_call(m)
     if plain_conv_fits(m):
         return plain_conv_call(m, _conv_call(m))
+    if depthwise_fits(m):
+        return depthwise_call(m, _conv_call(m))
     if isinstance(m, Int8Conv2d):
         return _conv_call(m)
     if isinstance(m, Int8Linear):

@@ -32,11 +32,11 @@ from compactnn.errors import CompactnnError
 SOURCE = Path(__file__).with_name("csrc") / "bitconv.cpp"
 # the few-input-channel and one- or two-term int8 convolutions of the runner
 # (compactnn.deployment.runner), same module
-# a small CNN head's pool + quantization and int8 linear layer, and the quantization and
-# max-pool of uint8 codes, same module
+# a small CNN head's pool + quantization and int8 linear layer, the quantization and
+# max-pool of uint8 codes, and the depthwise int8 convolution, same module
 SOURCES = tuple(
     SOURCE.with_name(f)
-    for f in ("bitconv.cpp", "smallconv.cpp", "termconv.cpp", "head.cpp", "codes.cpp")
+    for f in ("bitconv.cpp", "smallconv.cpp", "termconv.cpp", "head.cpp", "codes.cpp", "dwconv.cpp")
 )
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)

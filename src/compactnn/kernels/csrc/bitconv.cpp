@@ -518,6 +518,7 @@ void register_smallconv(pybind11::module& m);  // smallconv.cpp: few-input-chann
 void register_termconv(pybind11::module& m);   // termconv.cpp: one- or two-term int8 convolution
 void register_head(pybind11::module& m);       // head.cpp: pool + quantize, small linear
 void register_codes(pybind11::module& m);      // codes.cpp: quantize and max-pool of codes
+void register_dwconv(pybind11::module& m);     // dwconv.cpp: depthwise int8 convolution
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs, "pack sign(x - shift) of (N, C, H, W) into NHWC words");
@@ -530,4 +531,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_termconv(m);
   register_head(m);
   register_codes(m);
+  register_dwconv(m);
 }
