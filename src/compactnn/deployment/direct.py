@@ -203,13 +203,14 @@ def plain_conv_fits(m: nn.Module) -> bool:
 
 
 def plain_conv_call(
-    m: Int8Conv2d, onednn: Callable[..., torch.Tensor]
+    m: Int8Conv2d, onednn: Callable[..., torch.Tensor], hardswish: tuple | None = None
 ) -> Callable[..., torch.Tensor]:
     """``m.forward`` on ``term_conv`` with one term when a call's work is at most
     :func:`plain_macs_limit`, else on ``onednn`` (the layer's oneDNN closure); equal outputs
     either way (the same integer dots and oneDNN's float order ``(dot * sx) * w_scale +
     bias``; with a residual, oneDNN's sum post-op ``fma(acc - acc_zero, acc_scale, ...)``,
-    then the ReLU; codes ``nearbyint(y * (1 / out_scale) + out_zero)``)."""
+    then the ReLU; codes ``nearbyint(y * (1 / out_scale) + out_zero)``). ``hardswish``: see
+    :func:`hardswish_call`."""
     ext = bitconv.load_extension()
     sx, zx = m.x_qp
     packed, corr = ext.term_conv_pack(m.w_int8, int(zx))
@@ -218,6 +219,8 @@ def plain_conv_call(
     o, c, kh, kw = m.w_int8.shape
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
     out = _out_args(m.out, unary)  # with a residual the kernel clamps after the sum
+    if hardswish is not None:
+        out = _hardswish_out(hardswish)
     args = (
         int(zx), packed, corr, mult, bias, kh, kw, list(m.stride), list(m.padding),
         list(m.dilation), *out, float(sx),
@@ -239,7 +242,9 @@ def plain_conv_call(
         return use
 
     def conv(q: torch.Tensor) -> torch.Tensor:
-        return ext.term_conv_onednn(q, *args, None, 1.0, 0) if small(q.shape) else onednn(q)
+        if not small(q.shape):
+            return onednn(q)
+        return ext.term_conv_onednn(q, *args, None, 1.0, 0, hardswish is not None)
 
     if m.accum is None:
         return conv
@@ -249,7 +254,7 @@ def plain_conv_call(
         if not small(q.shape):
             return onednn(q, acc)
         acc = acc.contiguous(memory_format=CL)
-        return ext.term_conv_onednn(q, *args, acc, float(a_scale), int(a_zero))
+        return ext.term_conv_onednn(q, *args, acc, float(a_scale), int(a_zero), False)
 
     return conv_sum
 
@@ -274,22 +279,26 @@ DEPTHWISE_VALUES = 320_000
 
 
 def depthwise_call(
-    m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor]
+    m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor], hardswish: tuple | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``m.forward`` on the direct kernel for calls of at most :data:`DEPTHWISE_VALUES`, else
     ``onednn`` (the layer's oneDNN closure); the same codes or floats either way (oneDNN's
-    float order on exact integer sums): (N, C, H, W) uint8 codes -> channels-last output."""
+    float order on exact integer sums): (N, C, H, W) uint8 codes -> channels-last output.
+    ``hardswish``: see :func:`hardswish_call`."""
     ext = bitconv.load_extension()
     o, _, kh, kw = m.w_int8.shape
-    w = torch.zeros(kh * kw, -(-o // 16) * 16)
+    cp = -(-o // 16) * 16  # channels padded to a vector of 16, zeros after o
+    w, ws, bias = torch.zeros(kh * kw, cp), torch.zeros(cp), torch.zeros(cp)
     w[:, :o] = m.w_int8.float().reshape(o, kh * kw).t()
+    ws[:o] = m.w_scale_t.float().reshape(-1)
+    if m.bias is not None:
+        bias[:o] = m.bias.float().reshape(-1)
     sx, zx = m.x_qp
-    ws = m.w_scale_t.float().reshape(-1).contiguous()
-    bias = None if m.bias is None else m.bias.float().contiguous()
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
     args = (
-        float(sx), int(zx), w.contiguous(), ws, bias, kh, kw, list(m.stride), list(m.padding),
-        list(m.dilation), *_out_args(m.out, unary),
+        float(sx), int(zx), w, ws, bias, kh, kw, list(m.stride), list(m.padding),
+        list(m.dilation), *(_out_args(m.out, unary) if hardswish is None else
+                            _hardswish_out(hardswish)), hardswish is not None,
     )  # fmt: skip
     (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
     direct: dict[tuple[int, ...], bool] = {}  # input shape -> whether it runs here
@@ -310,6 +319,35 @@ def depthwise_call(
         return ext.dw_conv(q, *args) if small(q.shape) else onednn(q)
 
     return conv
+
+
+def hardswish_fits(m: nn.Module) -> bool:
+    """Whether convolution ``m`` (float output, no post-op or residual) and the Hardswish after
+    it can run as one direct kernel (:func:`plain_conv_fits` or :func:`depthwise_fits`)."""
+    if not isinstance(m, Int8Conv2d) or m.out is not None or m.unary != "none":
+        return False
+    return m.accum is None and (plain_conv_fits(m) or depthwise_fits(m))
+
+
+def _hardswish_out(hardswish: tuple) -> tuple[float, int, float, float]:
+    if hardswish == ():  # float Hardswish output
+        return 0.0, 0, -float("inf"), float("inf")
+    scale, zero, lo, hi = hardswish
+    return float(scale), int(zero), float(lo), float(hi)
+
+
+def hardswish_call(
+    m: Int8Conv2d, quant: nn.Module | None, unfused: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Convolution ``m``, PyTorch's Hardswish ``(y * min(max(y + 3, 0), 6)) / 6`` and, when
+    ``quant`` (a ``Quantize`` / ``QuantizeGrid``) follows, its quantization
+    ``nearbyint(h / s) + z`` in one direct-kernel pass (MobileNetV3: 19 Hardswish layers, each
+    a float pass and a quantization pass); ``unfused`` (the three calls) for large calls. The
+    same floats and codes as the three calls."""
+    grid = () if quant is None else _grid(quant)
+    if plain_conv_fits(m):
+        return plain_conv_call(m, unfused, hardswish=grid)
+    return depthwise_call(m, unfused, hardswish=grid)
 
 
 def plain_linear_fits(m: nn.Module) -> bool:
@@ -341,7 +379,7 @@ def plain_linear_call(
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
     args = (
         int(zx), packed, corr, mult, bias, 1, 1, [1, 1], [0, 0], [1, 1],
-        *_out_args(m.out, unary), float(sx), None, 1.0, 0,
+        *_out_args(m.out, unary), float(sx), None, 1.0, 0, False,
     )  # fmt: skip
     rows = plain_macs_limit() // (o * k)  # rows per call up to which it runs here
 

@@ -71,6 +71,8 @@ from compactnn.deployment.direct import (
     depthwise_call,
     depthwise_fits,
     dequantize_call,
+    hardswish_call,
+    hardswish_fits,
     maxpool_call,
     plain_conv_call,
     plain_conv_fits,
@@ -194,6 +196,26 @@ def _fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return user if same_grid and small_conv_fits(conv) else None
 
 
+def _hardswish_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
+    """For convolution ``node`` whose only user is a Hardswish: that node, and the quantize
+    that is the Hardswish's only user (or None); None when they cannot run as one kernel."""
+    if node.op != "call_module" or len(node.users) != 1 or not bitconv.available():
+        return None
+    if not hardswish_fits(gm.get_submodule(node.target)):
+        return None
+    act = next(iter(node.users))
+    if act.op != "call_module" or act.args != (node,) or act.kwargs:
+        return None
+    if type(gm.get_submodule(act.target)) is not nn.Hardswish:
+        return None
+    quant = next(iter(act.users)) if len(act.users) == 1 else None
+    if quant is not None and (quant.op != "call_module" or quant.args != (act,) or quant.kwargs):
+        quant = None
+    if quant is not None and type(gm.get_submodule(quant.target)) not in (Quantize, QuantizeGrid):
+        quant = None
+    return act, quant
+
+
 class _Codegen:
     """Straight-line source for a graph; non-node values become named globals."""
 
@@ -213,6 +235,17 @@ class _Codegen:
             if quant is not None:  # the pool passes its input on to the fused quantize
                 self.pooled[quant] = gm.get_submodule(node.target)
                 self.skipped.add(node)
+        # convolution -> Hardswish [-> quantize]: the last node of each chain makes one call
+        self.hardswish: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node | None]] = {}
+        for node in gm.graph.nodes:
+            chain = _hardswish_chain(gm, node)
+            if chain is None or node in self.skipped or node in self.absorbed:
+                continue
+            act, quant = chain
+            if quant is not None and quant in self.skipped:
+                quant = None  # (a quantization absorbed by the next layer stays there)
+            self.hardswish[quant or act] = (node, act, quant)
+            self.skipped.update(n for n in (node, act) if n is not (quant or act))
 
     def const(self, value: Any) -> str:
         if value is None or isinstance(value, bool | int | str):
@@ -243,6 +276,8 @@ class _Codegen:
             return f"{pos[0]}.{node.target}({', '.join(pos[1:] + kws)})"
         if node in self.absorbed:  # the quantization and the first layer as one kernel
             fn = small_conv_call(self.gm.get_submodule(node.target), self.absorbed[node])
+        elif node in self.hardswish:  # a convolution, its Hardswish [and quantize], one pass
+            fn = self._hardswish_fn(*self.hardswish[node])
         elif node in self.pooled:  # the global average pool and its quantization, one pass
             fn = pool_quantize_call(self.pooled[node], self.gm.get_submodule(node.target))
         elif node.op == "call_module":
@@ -250,6 +285,17 @@ class _Codegen:
         else:  # call_function
             fn = node.target
         return f"{self.const(fn)}({', '.join(pos + kws)})"
+
+    def _hardswish_fn(self, conv: fx.Node, act: fx.Node, quant: fx.Node | None) -> Callable:
+        steps = [_module_call(self.gm.get_submodule(n.target)) for n in (conv, act, quant) if n]
+
+        def unfused(q: torch.Tensor) -> torch.Tensor:  # large calls: the separate calls
+            for step in steps:
+                q = step(q)
+            return q
+
+        quantizer = None if quant is None else self.gm.get_submodule(quant.target)
+        return hardswish_call(self.gm.get_submodule(conv.target), quantizer, unfused)
 
     def source(self) -> str:
         params, body = [], []

@@ -8,7 +8,9 @@
 // so every float32 product and sum is an exact integer (|acc| <= 49 * 255 * 128 < 2^24) and
 // equals the int32 dot of oneDNN's kernel. Then oneDNN's float order: y = (acc * x_scale) *
 // w_scale[c] + bias[c]; codes nearbyint(y * (1 / s) + zo) clamped to [lo, hi] (which also
-// apply a ReLU / Hardtanh), or float32 clamp(y, lo, hi); -ffp-contract=off.
+// apply a ReLU / Hardtanh), or float32 clamp(y, lo, hi); -ffp-contract=off. With hswish, PyTorch's
+// Hardswish (y * min(max(y + 3, 0), 6)) / 6 follows, then (codes) the simulation's quantization
+// nearbyint(h / s) + zo: the convolution, its Hardswish and the next quantization in one pass.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -28,13 +30,14 @@
 #endif
 
 // x: (N, C, H, W) uint8 codes, any strides (channels-last is the fast case). w: (KH * KW, Cp)
-// float32 integer codes, Cp = C rounded up to 16 (zeros after C). w_scale, bias: (C) float32.
+// float32 integer codes, Cp = C rounded up to 16; w_scale, bias: (Cp) float32 (zeros after C,
+// so every vector load stays inside).
 // Returns (N, C, OH, OW) in channels-last memory: uint8 codes (out_scale > 0) or float32.
 torch::Tensor dw_conv(torch::Tensor x, double x_scale, int64_t in_zero, torch::Tensor w,
-                      torch::Tensor w_scale, c10::optional<torch::Tensor> bias, int64_t kh,
+                      torch::Tensor w_scale, torch::Tensor bias, int64_t kh,
                       int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
                       std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
-                      double lo, double hi) {
+                      double lo, double hi, bool hswish) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kUInt8, "x: (N, C, H, W) uint8 codes");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cp = (C + 15) / 16 * 16, taps = kh * kw;
@@ -42,17 +45,11 @@ torch::Tensor dw_conv(torch::Tensor x, double x_scale, int64_t in_zero, torch::T
   TORCH_CHECK(w.dim() == 2 && w.size(0) == taps && w.size(1) == Cp &&
                   w.scalar_type() == torch::kFloat32 && w.is_contiguous(),
               "w: (KH * KW, C padded to 16) float32");
-  TORCH_CHECK(w_scale.numel() == C && w_scale.scalar_type() == torch::kFloat32 &&
+  TORCH_CHECK(w_scale.numel() == Cp && w_scale.scalar_type() == torch::kFloat32 &&
                   w_scale.is_contiguous(),
-              "w_scale: (C) float32");
-  // the scales and bias padded to Cp, so every vector load stays inside
-  auto ws = torch::zeros({Cp}, torch::kFloat32), bs = torch::zeros({Cp}, torch::kFloat32);
-  ws.narrow(0, 0, C).copy_(w_scale);
-  if (bias.has_value()) {
-    const auto& b = bias.value();
-    TORCH_CHECK(b.numel() == C && b.scalar_type() == torch::kFloat32, "bias: (C) float32");
-    bs.narrow(0, 0, C).copy_(b.reshape({C}));
-  }
+              "w_scale: (C padded to 16) float32");
+  TORCH_CHECK(bias.numel() == Cp && bias.scalar_type() == torch::kFloat32 && bias.is_contiguous(),
+              "bias: (C padded to 16) float32 (zeros for no bias)");
   const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1];
   const int64_t dh = dilation[0], dw = dilation[1];
   const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
@@ -93,8 +90,8 @@ torch::Tensor dw_conv(torch::Tensor x, double x_scale, int64_t in_zero, torch::T
   uint8_t* const ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
   float* const of = codes_out ? nullptr : out.data_ptr<float>();
   const float* const wp = w.data_ptr<float>();
-  const float* const wsp = ws.data_ptr<float>();
-  const float* const bp = bs.data_ptr<float>();
+  const float* const wsp = w_scale.data_ptr<float>();
+  const float* const bp = bias.data_ptr<float>();
   const float xsc = static_cast<float>(x_scale);
   const float s = static_cast<float>(out_scale), zo = static_cast<float>(out_zero);
   const float inv = 1.0f / s;  // oneDNN's form: a float32 reciprocal of the float32 scale
@@ -119,7 +116,18 @@ torch::Tensor dw_conv(torch::Tensor x, double x_scale, int64_t in_zero, torch::T
         auto finish = [&](__m512 acc, int64_t ow) {
           __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(acc, vxs), wsv), bv);
           const int64_t at = (pix0 + ow) * C + c;
-          if (codes_out) {
+          if (hswish) {
+            const __m512 t = _mm512_min_ps(
+                _mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(3.0f)), _mm512_setzero_ps()),
+                _mm512_set1_ps(6.0f));
+            y = _mm512_div_ps(_mm512_mul_ps(y, t), _mm512_set1_ps(6.0f));
+          }
+          if (codes_out && hswish) {
+            y = _mm512_roundscale_ps(_mm512_div_ps(y, _mm512_set1_ps(s)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, vzo), vlo), vhi);
+            _mm_mask_storeu_epi8(ou + at, m, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
+          } else if (codes_out) {
             y = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(y, vinv), vzo),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             y = _mm512_min_ps(_mm512_max_ps(y, vlo), vhi);
@@ -159,10 +167,11 @@ torch::Tensor dw_conv(torch::Tensor x, double x_scale, int64_t in_zero, torch::T
           const float* src = rowp + ow * pstep;
           float acc = 0.0f;
           for (int64_t k = 0; k < taps; ++k) acc += src[tp[k] + c] * wp[k * Cp + c];
-          const float y = (acc * xsc) * wsp[c] + bp[c];
+          float y = (acc * xsc) * wsp[c] + bp[c];
           const int64_t at = (pix0 + ow) * C + c;
+          if (hswish) y = (y * std::min(std::max(y + 3.0f, 0.0f), 6.0f)) / 6.0f;
           if (codes_out) {
-            const float q = std::nearbyint(y * inv + zo);
+            const float q = hswish ? std::nearbyint(y / s) + zo : std::nearbyint(y * inv + zo);
             ou[at] = static_cast<uint8_t>(std::min(std::max(q, flo), fhi));
           } else {
             of[at] = std::min(std::max(y, flo), fhi);

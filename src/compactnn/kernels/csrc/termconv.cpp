@@ -189,6 +189,9 @@ std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
 // the order of oneDNN's int8 convolution (mult then holds the weight scales alone; found by
 // comparing its float output with the candidate orders), so its outputs are bit-identical;
 // x_scale <= 0: dot * mult[j] (mult = x_scale * w_scale folded).
+// hswish: Hardswish on the float result, PyTorch's (y * min(max(y + 3, 0), 6)) / 6, then (codes)
+// the simulation's quantization nearbyint(h / s) + zo: a convolution, its Hardswish and the
+// quantization that follows them in one pass.
 // onednn: codes as oneDNN's int8 convolution writes them, nearbyint(y * (1 / s) + zo) (float32
 // reciprocal, zero point before the rounding) instead of the simulation's nearbyint(y / s) + zo;
 // and accum (optional), a residual summed before the clamp and the quantization, (N, O, OH, OW)
@@ -200,7 +203,7 @@ torch::Tensor term_conv_impl(torch::Tensor x, int64_t in_zero, torch::Tensor pac
                              c10::optional<torch::Tensor> bias, int64_t terms, int64_t kh,
                              int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
                              std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
-                             double lo, double hi, double x_scale, bool onednn,
+                             double lo, double hi, double x_scale, bool onednn, bool hswish,
                              c10::optional<torch::Tensor> accum, double accum_scale,
                              int64_t accum_zero) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kUInt8, "x: (N, C, H, W) uint8 codes");
@@ -344,7 +347,8 @@ torch::Tensor term_conv_impl(torch::Tensor x, int64_t in_zero, torch::Tensor pac
     const auto au_ = au;
     const auto af_ = af;
     const auto has_acc_ = has_acc;
-    const auto onednn_ = onednn;
+    const auto onednn_ = onednn && !hswish;
+    const auto hswish_ = hswish;
     const auto inv_ = inv;
     const auto sa_ = sa;
     const auto za_ = za;
@@ -391,6 +395,12 @@ torch::Tensor term_conv_impl(torch::Tensor x, int64_t in_zero, torch::Tensor pac
                 : _mm512_loadu_ps(af_ + at);
             y = _mm512_fmadd_ps(_mm512_sub_ps(r, _mm512_set1_ps(za_)), _mm512_set1_ps(sa_), y);
           }
+          if (hswish_) {
+            const __m512 t = _mm512_min_ps(
+                _mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(3.0f)), _mm512_setzero_ps()),
+                _mm512_set1_ps(6.0f));
+            y = _mm512_div_ps(_mm512_mul_ps(y, t), _mm512_set1_ps(6.0f));
+          }
           if (codes_out_ && onednn_) {
             y = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(y, _mm512_set1_ps(inv_)), vz),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -422,6 +432,7 @@ torch::Tensor term_conv_impl(torch::Tensor x, int64_t in_zero, torch::Tensor pac
             const float r = au_ != nullptr ? static_cast<float>(au_[at]) : af_[at];
             y = std::fma(r - za_, sa_, y);
           }
+          if (hswish_) y = (y * std::min(std::max(y + 3.0f, 0.0f), 6.0f)) / 6.0f;
           if (codes_out_) {
             const float q = onednn_ ? std::nearbyint(y * inv_ + z_) : std::nearbyint(y / s_) + z_;
             ou_[pix * O_ + o] = static_cast<uint8_t>(std::min(std::max(q, flo_), fhi_));
@@ -441,8 +452,8 @@ torch::Tensor term_conv(torch::Tensor x, int64_t in_zero, torch::Tensor packed, 
                         std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
                         double lo, double hi, double x_scale) {
   return term_conv_impl(x, in_zero, packed, corr, mult, bias, terms, kh, kw, stride, padding,
-                        dilation, out_scale, out_zero, lo, hi, x_scale, false, c10::nullopt,
-                        0.0, 0);
+                        dilation, out_scale, out_zero, lo, hi, x_scale, false, false,
+                        c10::nullopt, 0.0, 0);
 }
 
 torch::Tensor term_conv_onednn(torch::Tensor x, int64_t in_zero, torch::Tensor packed,
@@ -452,9 +463,9 @@ torch::Tensor term_conv_onednn(torch::Tensor x, int64_t in_zero, torch::Tensor p
                                std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
                                double lo, double hi, double x_scale,
                                c10::optional<torch::Tensor> accum, double accum_scale,
-                               int64_t accum_zero) {
+                               int64_t accum_zero, bool hswish) {
   return term_conv_impl(x, in_zero, packed, corr, mult, bias, 1, kh, kw, stride, padding,
-                        dilation, out_scale, out_zero, lo, hi, x_scale, true, accum,
+                        dilation, out_scale, out_zero, lo, hi, x_scale, true, hswish, accum,
                         accum_scale, accum_zero);
 }
 
@@ -466,6 +477,6 @@ void register_termconv(pybind11::module& m) {
         "int8 convolution of uint8 codes with one or two weight terms, requantized in one pass");
   m.def("term_conv_onednn", &term_conv_onednn,
         "term_conv in oneDNN's order: codes as its int8 convolution writes them, an optional "
-        "residual (uint8 codes or float32) summed before the post-op");
+        "residual (uint8 codes or float32) summed before the post-op, an optional Hardswish");
   m.def("has_vnni", &has_vnni, "whether the AVX-512 VNNI path was compiled");
 }
