@@ -66,7 +66,15 @@ def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[di
     return rows, paths.timings, {"winner": paths.winner, "load": os.getloadavg(), "first": first}
 
 
-DIRECT = ("small_conv_fits", "term_conv_fits", "plain_conv_fits")  # direct kernels
+# the runner's choices of direct kernels (convolutions, depthwise, Hardswish chains, linear)
+DIRECT = (
+    "small_conv_fits",
+    "term_conv_fits",
+    "plain_conv_fits",
+    "depthwise_fits",
+    "hardswish_fits",
+    "plain_linear_fits",
+)
 
 
 def direct_kernels_ab(fast, batch: torch.Tensor, rounds: int) -> dict:

@@ -2,10 +2,11 @@
 direct kernels, same process, side by side.
 
 Each model is compressed with ``w8a8``, deployed on the ``onednn`` backend at each batch,
-and its runner is built twice: as ``deploy`` builds it (``new``: the direct convolution
-kernels of ``deployment/direct.py`` where they fit: the one-input-channel first layer, small
-plain convolutions with or without a float32 residual sum) and with those turned off
-(``old``: oneDNN for every convolution; the head's and the codes' kernels run in both).
+and its runner is built twice: as ``deploy`` builds it (``new``: the direct kernels of
+``deployment/direct.py`` where they fit: the one-input-channel first layer, small plain
+convolutions with or without a residual sum, depthwise convolutions, a convolution with its
+Hardswish and quantization, linear layers) and with those turned off (``old``: oneDNN for
+every convolution and linear layer; the head's and the codes' kernels run in both).
 Both are timed in rotating rounds of blocks (CPU ms per call, median) by
 :func:`compactnn.bench.demo_rows.direct_kernels_ab`, which also checks that their outputs are
 bit-identical.
@@ -22,19 +23,24 @@ import torch
 
 THREADS = 2
 COMMAND = "python -m compactnn.bench --only direct_ab"
-CASES = (("mnist-cnn", (1, 16)), ("digits-resnet", (1, 16)), ("resnet18-64", (1, 8)))
+CASES = (
+    ("mnist-cnn", (1, 16)),
+    ("digits-resnet", (1, 16)),
+    ("resnet18-64", (1, 8)),
+    ("mobilenet_v3_small-64", (1, 8)),
+)
 
 
 def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """The w8a8 model and a batch of 16 inputs."""
     import compactnn
 
-    if name == "resnet18-64":
+    if name.endswith("-64"):  # a torchvision network with random weights at 64x64
         from compactnn.bench.deploy import _vision_model
 
         torch.manual_seed(0)
         calib = torch.randn(16, 3, 64, 64)
-        model = _vision_model("resnet18", 64)
+        model = _vision_model(name.removesuffix("-64"), 64)
     else:
         from compactnn.measure.fidelity import first_rows
         from compactnn.models import load_reference
@@ -78,11 +84,12 @@ def run(quick: bool = False) -> str:
         + "; ".join(f"{k}: {v}" for k, v in env.items())
         + f"; load average after timing {os.getloadavg()[0]:.1f}.",
         "",
-        "Same deployed model, runner built with and without the direct convolution kernels",
-        "(first layer, small plain convolutions incl. float32 residual sums), CPU ms per call",
-        "(median of rotating rounds); ResNet-18 has random weights.",
+        "Same deployed model (the default deploy: float32 residual sums), runner built with",
+        "and without the direct kernels (first layer, small plain and depthwise convolutions,",
+        "residual sums, a convolution with its Hardswish and quantization, linear layers), CPU",
+        "ms per call (median of rotating rounds); the torchvision networks have random weights.",
         "",
-        "| model | batch | oneDNN for every conv | with the direct kernels | ratio | identical |",
+        "| model | batch | oneDNN for every layer | with the direct kernels | ratio | identical |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
