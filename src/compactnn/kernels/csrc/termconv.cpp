@@ -39,6 +39,16 @@ namespace {
 
 constexpr int64_t kMaxTO = 2048;  // terms * output channels, padded to 16 (to 128 above 128)
 constexpr int64_t kBlock = 128;  // columns per weight block (8 vectors: the widest register tile)
+// Work (multiply-accumulates, or bytes copied) below which a loop runs on the calling thread:
+// waking the second thread costs more than it saves (measured at batch 1 on 2 threads: 0.1-0.3
+// M-MAC calls took 9-10 us on two threads, 6 us on one).
+constexpr int64_t kParallelWork = 512 * 1024;
+
+// A grain for at::parallel_for: items of ``per_item`` work each run in one chunk until the
+// total reaches kParallelWork.
+inline int64_t grain_for(int64_t per_item) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, per_item));
+}
 
 // Columns of one weight block: all of them up to kBlock, else kBlock (TOp a multiple of it).
 inline int64_t block_width(int64_t TOp) { return TOp <= kBlock ? TOp : kBlock; }
@@ -267,7 +277,7 @@ torch::Tensor term_conv_impl(torch::Tensor x, int64_t in_zero, torch::Tensor pac
   const uint8_t* xp = x.data_ptr<uint8_t>();
   const auto xs = x.strides();
   const bool cl = xs[1] == 1 && xs[3] == C;
-  at::parallel_for(0, N * H, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * H, std::max<int64_t>(8, grain_for(W * C)), [&](int64_t begin, int64_t end) {
     // captures copied into locals: through the captured references, every store that may
     // alias them (a uint8 store aliases anything) made the compiler reload them per item
     const auto xs0_ = xs[0];
@@ -313,7 +323,8 @@ torch::Tensor term_conv_impl(torch::Tensor x, int64_t in_zero, torch::Tensor pac
   const bool split = COMPACTNN_VNNI && terms == 1 && TOp > kBlock;
   const int64_t blocks = split ? TOp / kBlock : 1, width = split ? kBlock : TOp;
   const int64_t rows = N * OH, block_bytes = taps * K4 * kBlock * 4;
-  at::parallel_for(0, rows * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(OW * width * taps * K4 * 4);
+  at::parallel_for(0, rows * blocks, grain, [&](int64_t begin, int64_t end) {
     // captures copied into locals: through the captured references, every store that may
     // alias them (a uint8 store aliases anything) made the compiler reload them per item
     const auto rows_ = rows;
