@@ -351,7 +351,7 @@ def hardswish_call(
 
 
 def plain_linear_fits(m: nn.Module) -> bool:
-    """Whether Int8Linear ``m`` can run on ``term_conv`` as a 1x1 convolution of one pixel:
+    """Whether Int8Linear ``m`` can run on ``term_conv`` as a 1x1 convolution of one row:
     up to 2,048 outputs (blocks of 128 columns, split between the threads), a ReLU / Hardtanh
     or no post-op, symmetric weights and a VNNI build (oneDNN's int8 GEMM spent ~55 us on
     ResNet-18's 512 x 1000 head at batch 1; the direct kernel ~10 us)."""
@@ -367,7 +367,7 @@ def plain_linear_fits(m: nn.Module) -> bool:
 def plain_linear_call(
     m: Int8Linear, onednn: Callable[[torch.Tensor], torch.Tensor]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``m.forward`` on ``term_conv`` (a 1x1 convolution of (N, in, 1, 1)) when a call's work
+    """``m.forward`` on ``term_conv`` (a 1x1 convolution of (1, in, 1, N)) when a call's work
     is at most :func:`plain_macs_limit`, else ``onednn``; equal outputs either way (oneDNN's
     int8 GEMM scales and requantizes in the convolution's order)."""
     ext = bitconv.load_extension()
@@ -387,9 +387,12 @@ def plain_linear_call(
         n = q.numel() // k
         if n > rows:
             return onednn(q)
-        pixels = q.reshape(n, 1, 1, k).permute(0, 3, 1, 2)  # (N, in, 1, 1) channels-last
-        y = ext.term_conv_onednn(pixels, *args)  # (N, O, 1, 1), channels-last
-        return y.reshape(*q.shape[:-1], o)
+        # the rows as the pixels of one image row (1, in, 1, N), channels-last: the kernel's
+        # pixel blocks then share each weight load (as N images of one pixel, every row read
+        # the whole weight: mnist-cnn's head at batch 16 ran slower than oneDNN's GEMM)
+        pixels = q.reshape(1, 1, n, k).permute(0, 3, 1, 2)
+        y = ext.term_conv_onednn(pixels, *args)  # (1, O, 1, N), channels-last
+        return y.permute(0, 2, 3, 1).reshape(*q.shape[:-1], o)
 
     return linear
 

@@ -39,9 +39,11 @@ namespace {
 
 constexpr int64_t kMaxTO = 2048;  // terms * output channels, padded to 16 (to 128 above 128)
 constexpr int64_t kBlock = 128;  // columns per weight block (8 vectors: the widest register tile)
-// Work (multiply-accumulates, or bytes copied) below which a loop runs on the calling thread:
-// waking the second thread costs more than it saves (measured at batch 1 on 2 threads: 0.1-0.3
-// M-MAC calls took 9-10 us on two threads, 6 us on one).
+// Work (multiply-accumulates) below which the dot loop runs on the calling thread: waking the
+// second thread costs more than it saves (measured at batch 1 on 2 threads: 0.1-0.3 M-MAC
+// calls took 9-10 us on two threads, 6 us on one). The padding copy stays parallel: run on one
+// thread it let the idle OpenMP thread fall asleep before the next parallel loop, which then
+// paid the wake-up (mnist-cnn batch 16: 0.48 -> 0.70 ms for the whole model).
 constexpr int64_t kParallelWork = 512 * 1024;
 
 // A grain for at::parallel_for: items of ``per_item`` work each run in one chunk until the
@@ -277,7 +279,7 @@ torch::Tensor term_conv_impl(torch::Tensor x, int64_t in_zero, torch::Tensor pac
   const uint8_t* xp = x.data_ptr<uint8_t>();
   const auto xs = x.strides();
   const bool cl = xs[1] == 1 && xs[3] == C;
-  at::parallel_for(0, N * H, std::max<int64_t>(8, grain_for(W * C)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * H, 8, [&](int64_t begin, int64_t end) {
     // captures copied into locals: through the captured references, every store that may
     // alias them (a uint8 store aliases anything) made the compiler reload them per item
     const auto xs0_ = xs[0];
