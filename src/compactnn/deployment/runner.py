@@ -46,6 +46,9 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
 - for an int8 linear layer with a float output and at most 64K weights (a small head), the
   extension's ``small_linear``: exact float dots, then oneDNN's own float order
   ``(acc * sx) * w_scale + bias``, so bit-identical;
+- for a squeeze-excitation tail, ``quantize(Hardsigmoid(g) * x)`` (MobileNetV3), the
+  extension's ``gate_quantize``: one pass instead of three, equal codes
+  (``tests/deployment/test_gate_fusion.py``);
 - for a float -> uint8 quantization (the model's input), a dequantization (a float residual)
   and a max-pool of codes, the extension's ``quantize_codes``, ``dequantize_codes`` and
   ``maxpool_codes`` (``kernels/csrc/codes.cpp``): one pass each instead of up to six PyTorch
@@ -61,6 +64,7 @@ kernels give the same codes there).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +75,7 @@ from compactnn.deployment.direct import (
     depthwise_call,
     depthwise_fits,
     dequantize_call,
+    gate_quantize_call,
     hardswish_call,
     hardswish_fits,
     maxpool_call,
@@ -216,6 +221,29 @@ def _hardswish_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Nod
     return act, quant
 
 
+def _gate_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """For Hardsigmoid ``node`` (a squeeze-excitation gate) whose only user multiplies it into
+    a map that a quantization alone reads: (the multiply, the quantize, the map's node)."""
+    if node.op != "call_module" or len(node.users) != 1 or not bitconv.available():
+        return None
+    if type(gm.get_submodule(node.target)) is not nn.Hardsigmoid or len(node.args) != 1:
+        return None
+    mul = next(iter(node.users))
+    if mul.op != "call_function" or mul.target not in (operator.mul, torch.mul) or mul.kwargs:
+        return None
+    if len(mul.args) != 2 or node not in mul.args or len(mul.users) != 1:
+        return None
+    x = mul.args[1] if mul.args[0] is node else mul.args[0]
+    if not isinstance(x, fx.Node) or x is node:
+        return None
+    quant = next(iter(mul.users))
+    if quant.op != "call_module" or quant.args != (mul,) or quant.kwargs:
+        return None
+    if type(gm.get_submodule(quant.target)) not in (Quantize, QuantizeGrid):
+        return None
+    return mul, quant, x
+
+
 class _Codegen:
     """Straight-line source for a graph; non-node values become named globals."""
 
@@ -246,6 +274,15 @@ class _Codegen:
                 quant = None  # (a quantization absorbed by the next layer stays there)
             self.hardswish[quant or act] = (node, act, quant)
             self.skipped.update(n for n in (node, act) if n is not (quant or act))
+        # Hardsigmoid -> multiply -> quantize (a squeeze-excitation tail): one call at the end
+        self.gates: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
+        for node in gm.graph.nodes:
+            chain = _gate_chain(gm, node)
+            if chain is None or any(n in self.skipped for n in (node, *chain)):
+                continue
+            mul, quant, x = chain
+            self.gates[quant] = (node, mul, x)
+            self.skipped.update((node, mul))
 
     def const(self, value: Any) -> str:
         if value is None or isinstance(value, bool | int | str):
@@ -286,6 +323,17 @@ class _Codegen:
             fn = node.target
         return f"{self.const(fn)}({', '.join(pos + kws)})"
 
+    def _gate_fn(self, gate: fx.Node, mul: fx.Node, quant: fx.Node) -> Callable:
+        hardsigmoid = self.gm.get_submodule(gate.target)
+        quantizer = self.gm.get_submodule(quant.target)
+        multiply, gate_first = mul.target, mul.args[0] is gate
+
+        def unfused(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            h = hardsigmoid(pre)
+            return quantizer(multiply(h, x) if gate_first else multiply(x, h))
+
+        return gate_quantize_call(quantizer, unfused)
+
     def _hardswish_fn(self, conv: fx.Node, act: fx.Node, quant: fx.Node | None) -> Callable:
         steps = [_module_call(self.gm.get_submodule(n.target)) for n in (conv, act, quant) if n]
 
@@ -306,6 +354,10 @@ class _Codegen:
                 params.append(f"v{i}{default}")
             elif node.op == "get_attr":
                 body.append(f"v{i} = {self.const(_attr(self.gm, node.target))}")
+            elif node in self.gates:  # Hardsigmoid(pre) * x, quantized: one pass
+                gate, mul, x = self.gates[node]
+                fn = self.const(self._gate_fn(gate, mul, node))
+                body.append(f"v{i} = {fn}({self.render(gate.args[0])}, {self.render(x)})")
             elif node in self.skipped:  # absorbed by the next node, which reads its input
                 body.append(f"v{i} = {self.render(node.args[0])}")
             elif node.op == "output":

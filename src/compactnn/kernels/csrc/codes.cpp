@@ -6,6 +6,11 @@
 //   operations are the simulation's: clamp(nearbyint(x / scale) + zero, lo, hi)
 //   (round-half-even, division, not a multiplication by 1 / scale), so the codes are equal.
 //
+// gate_quantize: the tail of a squeeze-excitation block (MobileNetV3): Hardsigmoid of the
+//   gate's (N, C, 1, 1) input, times x, then quantize_codes' rounding, in one pass instead of
+//   three (Hardsigmoid, a broadcast multiply writing a float map, the quantization). PyTorch's
+//   Hardsigmoid order min(max(g + 3, 0), 6) / 6 and one float multiply, so the same codes.
+//
 // dequantize_codes: uint8 codes (any strides) -> float32 (q - zero) * scale, channels-last, one
 //   pass: the PyTorch path (q.float().sub_(zero).mul_(scale), three ops) cost ~58 us for
 //   ResNet-18's last residual at 64x64 batch 1, a 512x2x2 map. Same float operations.
@@ -24,20 +29,25 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
-// 16 codes of 16 consecutive floats (the scalar loop's exact operations)
-inline void quantize16(const float* src, float s, float z, float lo, float hi, uint8_t* dst) {
+// 16 codes of 16 consecutive floats, each first multiplied by its gate when ``gate`` is given
+// (the scalar loop's exact operations)
+inline void quantize16(const float* src, const float* gate, float s, float z, float lo, float hi,
+                       uint8_t* dst) {
 #if defined(__AVX512F__)
-  __m512 v = _mm512_div_ps(_mm512_loadu_ps(src), _mm512_set1_ps(s));
+  __m512 v = _mm512_loadu_ps(src);
+  if (gate != nullptr) v = _mm512_mul_ps(v, _mm512_loadu_ps(gate));
+  v = _mm512_div_ps(v, _mm512_set1_ps(s));
   v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, _mm512_set1_ps(z)), _mm512_set1_ps(lo)),
                     _mm512_set1_ps(hi));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(v)));
 #else
   for (int i = 0; i < 16; ++i) {
-    const float q = std::nearbyint(src[i] / s) + z;
+    const float q = std::nearbyint((gate != nullptr ? src[i] * gate[i] : src[i]) / s) + z;
     dst[i] = static_cast<uint8_t>(std::min(std::max(q, lo), hi));
   }
 #endif
@@ -50,7 +60,11 @@ inline uint8_t quantize1(float x, float s, float z, float lo, float hi) {
 
 }  // namespace
 
-torch::Tensor quantize_codes(torch::Tensor x, double scale, int64_t zero, int64_t lo, int64_t hi) {
+namespace {
+
+// x (N, C, H, W) float32 -> channels-last codes; ``gates`` (N * C floats) multiply x first
+torch::Tensor quantize_impl(const torch::Tensor& x, const float* gates, double scale, int64_t zero,
+                            int64_t lo, int64_t hi) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32, "x: (N, C, H, W) float32");
   TORCH_CHECK(scale > 0 && 0 <= lo && lo <= hi && hi <= 255,
               "grid: scale > 0, 0 <= lo <= hi <= 255");
@@ -67,38 +81,67 @@ torch::Tensor quantize_codes(torch::Tensor x, double scale, int64_t zero, int64_
     const int64_t C_ = C, H_ = H, W_ = W, s0_ = s0, s1_ = s1, s2_ = s2, s3_ = s3;
     const float s = fs, z = fz, l = flo, h = fhi;
     const float* const xp_ = xp;
+    const float* const gates_ = gates;
     uint8_t* const op_ = op;
     alignas(64) uint8_t tmp[16];
+    alignas(64) float gv[16];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H_, y = r % H_;
       const float* row = xp_ + n * s0_ + y * s2_;
+      const float* g = gates_ == nullptr ? nullptr : gates_ + n * C_;
       uint8_t* dst = op_ + r * W_ * C_;  // (n, y, 0, 0) of the channels-last output
       if (s1_ == 1) {  // channels innermost: vectors along C
         for (int64_t w = 0; w < W_; ++w) {
           const float* px = row + w * s3_;
           uint8_t* d = dst + w * C_;
           int64_t c = 0;
-          for (; c + 16 <= C_; c += 16) quantize16(px + c, s, z, l, h, d + c);
-          for (; c < C_; ++c) d[c] = quantize1(px[c], s, z, l, h);
+          for (; c + 16 <= C_; c += 16) quantize16(px + c, g ? g + c : nullptr, s, z, l, h, d + c);
+          for (; c < C_; ++c) d[c] = quantize1(g ? px[c] * g[c] : px[c], s, z, l, h);
         }
       } else if (s3_ == 1) {  // rows contiguous (NCHW): vectors along W, bytes to stride C
         for (int64_t c = 0; c < C_; ++c) {
           const float* pc = row + c * s1_;
+          if (g) std::fill(gv, gv + 16, g[c]);
           int64_t w = 0;
           for (; w + 16 <= W_; w += 16) {
-            quantize16(pc + w, s, z, l, h, tmp);
+            quantize16(pc + w, g ? gv : nullptr, s, z, l, h, tmp);
             for (int i = 0; i < 16; ++i) dst[(w + i) * C_ + c] = tmp[i];
           }
-          for (; w < W_; ++w) dst[w * C_ + c] = quantize1(pc[w], s, z, l, h);
+          for (; w < W_; ++w) dst[w * C_ + c] = quantize1(g ? pc[w] * g[c] : pc[w], s, z, l, h);
         }
       } else {
         for (int64_t w = 0; w < W_; ++w)
-          for (int64_t c = 0; c < C_; ++c)
-            dst[w * C_ + c] = quantize1(row[w * s3_ + c * s1_], s, z, l, h);
+          for (int64_t c = 0; c < C_; ++c) {
+            const float v = row[w * s3_ + c * s1_];
+            dst[w * C_ + c] = quantize1(g ? v * g[c] : v, s, z, l, h);
+          }
       }
     }
   });
   return out;
+}
+
+}  // namespace
+
+torch::Tensor quantize_codes(torch::Tensor x, double scale, int64_t zero, int64_t lo, int64_t hi) {
+  return quantize_impl(x, nullptr, scale, zero, lo, hi);
+}
+
+torch::Tensor gate_quantize(torch::Tensor x, torch::Tensor pre, double scale, int64_t zero,
+                            int64_t lo, int64_t hi) {
+  TORCH_CHECK(x.dim() == 4 && pre.dim() == 4 && pre.scalar_type() == torch::kFloat32 &&
+                  pre.size(0) == x.size(0) && pre.size(1) == x.size(1) && pre.size(2) == 1 &&
+                  pre.size(3) == 1,
+              "gate_quantize: x (N, C, H, W) float32 and its gate's input (N, C, 1, 1) float32");
+  // PyTorch's Hardsigmoid, min(max(g + 3, 0), 6) / 6, per (n, c); then x * gate in the pass
+  const int64_t N = x.size(0), C = x.size(1);
+  std::vector<float> gates(N * C);
+  const float* pp = pre.data_ptr<float>();
+  const int64_t p0 = pre.stride(0), p1 = pre.stride(1);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      gates[n * C + c] = std::min(std::max(pp[n * p0 + c * p1] + 3.0f, 0.0f), 6.0f) / 6.0f;
+  return quantize_impl(x, gates.data(), scale, zero, lo, hi);
 }
 
 torch::Tensor dequantize_codes(torch::Tensor q, double scale, int64_t zero) {
@@ -172,6 +215,8 @@ torch::Tensor maxpool_codes(torch::Tensor q, int64_t kh, int64_t kw, int64_t sh,
 void register_codes(pybind11::module& m) {
   m.def("quantize_codes", &quantize_codes,
         "float32 (any strides) -> channels-last uint8 codes, the simulation's rounding, one pass");
+  m.def("gate_quantize", &gate_quantize,
+        "Hardsigmoid(pre) * x, quantized like quantize_codes, one pass (a squeeze-excitation tail)");
   m.def("dequantize_codes", &dequantize_codes, "uint8 codes -> channels-last float32, one pass");
   m.def("maxpool_codes", &maxpool_codes, "max-pool of channels-last uint8 codes");
 }
