@@ -204,3 +204,27 @@ def test_every_width_equals_onednn(out, accum):
 
 def test_wider_than_2048_stays_on_onednn():
     assert not plain_conv_fits(Int8Conv2d(_qconv(1, 1, out=2050), (0.05, 3), ("relu", [])))
+
+
+@pytest.mark.parametrize("channels", [32, 30])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_reads_dense_input_in_place(channels, stride):
+    """A 1x1 convolution without padding whose input is dense channels-last with channels a
+    multiple of 4 skips the padded copy; other layouts (NCHW, a channel slice, 30 channels)
+    take the copy: the same codes either way."""
+    torch.manual_seed(21)
+    conv = nn.Conv2d(channels, 48, 1, stride=stride)
+    calib = torch.randn(8, channels, 9, 9)
+    q = compactnn.compress(nn.Sequential(conv), "w8a8", calib_data=calib, progress=False)[0]
+    m = Int8Conv2d(q, (0.05, 3), ("relu", []))
+    fast = plain_conv_call(m, lambda q: pytest.fail("a small call went to oneDNN"))
+    g = torch.Generator().manual_seed(22)
+    wide = torch.randint(0, 256, (3, channels + 8, 9, 11), generator=g).to(torch.uint8)
+    wide = wide.contiguous(memory_format=torch.channels_last)
+    x = wide[:, :channels].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = m(x)
+        assert len(want.unique()) > 5
+        for layout in (x, x.contiguous(), wide[:, :channels], x[1:]):
+            expected = want[1:] if layout.shape[0] == 2 else want
+            assert torch.equal(fast(layout), expected)
