@@ -221,9 +221,9 @@ def plain_conv_call(
     out = _out_args(m.out, unary)  # with a residual the kernel clamps after the sum
     if hardswish is not None:
         out = _hardswish_out(hardswish)
-    args = (
+    plan = ext.TermConvPlan(
         int(zx), packed, corr, mult, bias, kh, kw, list(m.stride), list(m.padding),
-        list(m.dilation), *out, float(sx),
+        list(m.dilation), *out, float(sx), hardswish is not None,
     )  # fmt: skip
     per_pixel, limit = o * c * kh * kw, plain_macs_limit()
     (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
@@ -244,17 +244,17 @@ def plain_conv_call(
     def conv(q: torch.Tensor) -> torch.Tensor:
         if not small(q.shape):
             return onednn(q)
-        return ext.term_conv_onednn(q, *args, None, 1.0, 0, hardswish is not None)
+        return plan(q)
 
     if m.accum is None:
         return conv
     a_scale, a_zero = (1.0, 0) if m.accum == "float" else m.accum
+    a_scale, a_zero = float(a_scale), int(a_zero)
 
     def conv_sum(q: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         if not small(q.shape):
             return onednn(q, acc)
-        acc = acc.contiguous(memory_format=CL)
-        return ext.term_conv_onednn(q, *args, acc, float(a_scale), int(a_zero), False)
+        return plan.sum(q, acc.contiguous(memory_format=CL), a_scale, a_zero)
 
     return conv_sum
 
@@ -295,7 +295,7 @@ def depthwise_call(
         bias[:o] = m.bias.float().reshape(-1)
     sx, zx = m.x_qp
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    args = (
+    plan = ext.DwConvPlan(
         float(sx), int(zx), w, ws, bias, kh, kw, list(m.stride), list(m.padding),
         list(m.dilation), *(_out_args(m.out, unary) if hardswish is None else
                             _hardswish_out(hardswish)), hardswish is not None,
@@ -316,7 +316,7 @@ def depthwise_call(
         return use
 
     def conv(q: torch.Tensor) -> torch.Tensor:
-        return ext.dw_conv(q, *args) if small(q.shape) else onednn(q)
+        return plan(q) if small(q.shape) else onednn(q)
 
     return conv
 
@@ -377,9 +377,9 @@ def plain_linear_call(
     mult = m.w_scale_t.float().reshape(-1).contiguous()
     bias = None if m.bias is None else m.bias.float().contiguous()
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    args = (
+    plan = ext.TermConvPlan(
         int(zx), packed, corr, mult, bias, 1, 1, [1, 1], [0, 0], [1, 1],
-        *_out_args(m.out, unary), float(sx), None, 1.0, 0, False,
+        *_out_args(m.out, unary), float(sx), False,
     )  # fmt: skip
     rows = plain_macs_limit() // (o * k)  # rows per call up to which it runs here
 
@@ -391,7 +391,7 @@ def plain_linear_call(
         # pixel blocks then share each weight load (as N images of one pixel, every row read
         # the whole weight: mnist-cnn's head at batch 16 ran slower than oneDNN's GEMM)
         pixels = q.reshape(1, 1, n, k).permute(0, 3, 1, 2)
-        y = ext.term_conv_onednn(pixels, *args)  # (1, O, 1, N), channels-last
+        y = plan(pixels)  # (1, O, 1, N), channels-last
         return y.permute(0, 2, 3, 1).reshape(*q.shape[:-1], o)
 
     return linear

@@ -42,10 +42,11 @@ inline int64_t grain_for(int64_t per_item) {
 // float32 integer codes, Cp = C rounded up to 16; w_scale, bias: (Cp) float32 (zeros after C,
 // so every vector load stays inside).
 // Returns (N, C, OH, OW) in channels-last memory: uint8 codes (out_scale > 0) or float32.
-torch::Tensor dw_conv(torch::Tensor x, double x_scale, int64_t in_zero, torch::Tensor w,
-                      torch::Tensor w_scale, torch::Tensor bias, int64_t kh,
-                      int64_t kw, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                      std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
+torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
+                      const torch::Tensor& w, const torch::Tensor& w_scale,
+                      const torch::Tensor& bias, int64_t kh, int64_t kw,
+                      const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                      const std::vector<int64_t>& dilation, double out_scale, int64_t out_zero,
                       double lo, double hi, bool hswish) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kUInt8, "x: (N, C, H, W) uint8 codes");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -95,7 +96,9 @@ torch::Tensor dw_conv(torch::Tensor x, double x_scale, int64_t in_zero, torch::T
     }
   });
   const bool codes_out = out_scale > 0;
-  auto out = torch::empty({N, OH, OW, C}, codes_out ? torch::kUInt8 : torch::kFloat32);
+  // (N, C, OH, OW) channels-last: (N, OH, OW, C) in memory
+  auto out = torch::empty({N, C, OH, OW}, torch::dtype(codes_out ? torch::kUInt8 : torch::kFloat32)
+                                              .memory_format(at::MemoryFormat::ChannelsLast));
   uint8_t* const ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
   float* const of = codes_out ? nullptr : out.data_ptr<float>();
   const float* const wp = w.data_ptr<float>();
@@ -189,9 +192,38 @@ torch::Tensor dw_conv(torch::Tensor x, double x_scale, int64_t in_zero, torch::T
       }
     }
   });
-  return out.permute({0, 3, 1, 2});
+  return out;
 }
+
+// dw_conv with every constant argument bound once (one tensor converted per call)
+struct DwConvPlan {
+  double x_scale;
+  int64_t in_zero;
+  torch::Tensor w, w_scale, bias;
+  int64_t kh, kw;
+  std::vector<int64_t> stride, padding, dilation;
+  double out_scale;
+  int64_t out_zero;
+  double lo, hi;
+  bool hswish;
+};
 
 void register_dwconv(pybind11::module& m) {
   m.def("dw_conv", &dw_conv, "depthwise int8 convolution of uint8 codes, requantized in one pass");
+  pybind11::class_<DwConvPlan>(m, "DwConvPlan")
+      .def(pybind11::init([](double x_scale, int64_t in_zero, torch::Tensor w,
+                             torch::Tensor w_scale, torch::Tensor bias, int64_t kh, int64_t kw,
+                             std::vector<int64_t> stride, std::vector<int64_t> padding,
+                             std::vector<int64_t> dilation, double out_scale, int64_t out_zero,
+                             double lo, double hi, bool hswish) {
+             TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                         "stride, padding, dilation: two values each");
+             return DwConvPlan{x_scale, in_zero, w, w_scale, bias, kh, kw, stride, padding,
+                               dilation, out_scale, out_zero, lo, hi, hswish};
+           }),
+           "dw_conv's arguments after x")
+      .def("__call__", [](const DwConvPlan& p, const torch::Tensor& x) {
+        return dw_conv(x, p.x_scale, p.in_zero, p.w, p.w_scale, p.bias, p.kh, p.kw, p.stride,
+                       p.padding, p.dilation, p.out_scale, p.out_zero, p.lo, p.hi, p.hswish);
+      });
 }
