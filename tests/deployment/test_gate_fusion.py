@@ -115,13 +115,52 @@ def test_plan_runner_fuses_the_tail_with_equal_outputs(monkeypatch) -> None:
         warnings.simplefilter("ignore")
         dep = compactnn.deploy(qmodel, "onednn", example=calib)
     gm = dep.program
-    assert len(_Codegen(gm).gates) == 1
+    cg = _Codegen(gm)
+    assert len(cg.gates) == 1 and len(cg.squeeze) == 1
+    real = runner_module.squeeze_call
+
+    def no_fallback(*args):  # the block must run as the one SqueezePlan call
+        return real(*args[:-1], lambda x: pytest.fail("the squeeze block fell back"))
+
+    monkeypatch.setattr(runner_module, "squeeze_call", no_fallback)
     runner = plan_runner(gm)
+    monkeypatch.setattr(runner_module, "squeeze_call", real)
     for x in (calib, torch.randn(1, 3, 19, 27)):
         with torch.no_grad():
             assert torch.equal(runner(x), gm(x))
+    monkeypatch.setattr(runner_module, "_squeeze_chain", lambda *a: None)
+    tail_only = plan_runner(gm)
     monkeypatch.setattr(runner_module, "_gate_chain", lambda gm, node: None)
     unfused = plan_runner(gm)
-    assert _calls(unfused.source) == _calls(runner.source) + 2  # three calls became one
+    # pool + quantize, fc1, fc2 and the tail's three calls became one
+    assert _calls(tail_only.source) == _calls(runner.source) + 3
+    assert _calls(unfused.source) == _calls(tail_only.source) + 2
     with torch.no_grad():
         assert torch.equal(unfused(calib), runner(calib))
+        assert torch.equal(tail_only(calib), runner(calib))
+
+
+def test_squeeze_block_falls_back_on_other_layouts() -> None:
+    from compactnn.deployment.direct import squeeze_call
+
+    torch.manual_seed(1)
+    net = _SqueezeExcite().eval()
+    calib = torch.randn(16, 3, 24, 24)
+    qmodel = compactnn.compress(net, "w8a8", calib_data=calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = compactnn.deploy(qmodel, "onednn", example=calib).program
+    cg = _Codegen(gm)
+    ((quant, (poolq, fc1, fc2)),) = cg.squeeze.items()
+    mods = [gm.get_submodule(n.target) for n in (poolq, fc1, fc2, quant)]
+    calls = []
+    fused = squeeze_call(*mods, lambda x: calls.append(x) or torch.zeros(1))
+    x = torch.randn(2, 24, 12, 12).contiguous(memory_format=CL)
+    got = fused(x)
+    assert got.shape == (2, 24, 12, 12) and got.dtype == torch.uint8 and not calls
+    with torch.no_grad():  # the graph's own modules, one by one (oneDNN's convolutions)
+        pre = mods[2](mods[1](mods[0](cg.pooled[poolq](x))))
+        want = mods[3](F.hardsigmoid(pre) * x)
+    assert torch.equal(got, want) and len(want.unique()) > 5
+    fused(x.contiguous())  # NCHW: the separate calls
+    assert len(calls) == 1

@@ -202,6 +202,25 @@ def plain_conv_fits(m: nn.Module) -> bool:
     return bitconv.available() and bitconv.load_extension().has_vnni()
 
 
+def term_conv_plan(m: Int8Conv2d, hardswish: tuple | None = None) -> Any:
+    """The extension's ``TermConvPlan`` of plain int8 convolution ``m`` (one term; see
+    :func:`plain_conv_fits`): its packed weight, scales, geometry and output grid bound once."""
+    ext = bitconv.load_extension()
+    sx, zx = m.x_qp
+    packed, corr = ext.term_conv_pack(m.w_int8, int(zx))
+    mult = m.w_scale_t.float().reshape(-1).contiguous()
+    bias = None if m.bias is None else m.bias.float().contiguous()
+    _, _, kh, kw = m.w_int8.shape
+    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
+    out = _out_args(m.out, unary)  # with a residual the kernel clamps after the sum
+    if hardswish is not None:
+        out = _hardswish_out(hardswish)
+    return ext.TermConvPlan(
+        int(zx), packed, corr, mult, bias, kh, kw, list(m.stride), list(m.padding),
+        list(m.dilation), *out, float(sx), hardswish is not None,
+    )  # fmt: skip
+
+
 def plain_conv_call(
     m: Int8Conv2d, onednn: Callable[..., torch.Tensor], hardswish: tuple | None = None
 ) -> Callable[..., torch.Tensor]:
@@ -211,20 +230,8 @@ def plain_conv_call(
     bias``; with a residual, oneDNN's sum post-op ``fma(acc - acc_zero, acc_scale, ...)``,
     then the ReLU; codes ``nearbyint(y * (1 / out_scale) + out_zero)``). ``hardswish``: see
     :func:`hardswish_call`."""
-    ext = bitconv.load_extension()
-    sx, zx = m.x_qp
-    packed, corr = ext.term_conv_pack(m.w_int8, int(zx))
-    mult = m.w_scale_t.float().reshape(-1).contiguous()
-    bias = None if m.bias is None else m.bias.float().contiguous()
+    plan = term_conv_plan(m, hardswish)
     o, c, kh, kw = m.w_int8.shape
-    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    out = _out_args(m.out, unary)  # with a residual the kernel clamps after the sum
-    if hardswish is not None:
-        out = _hardswish_out(hardswish)
-    plan = ext.TermConvPlan(
-        int(zx), packed, corr, mult, bias, kh, kw, list(m.stride), list(m.padding),
-        list(m.dilation), *out, float(sx), hardswish is not None,
-    )  # fmt: skip
     per_pixel, limit = o * c * kh * kw, plain_macs_limit()
     (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
     direct: dict[tuple[int, ...], bool] = {}  # input shape -> whether it runs here
@@ -430,6 +437,49 @@ def quantize_call(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return m(x)
 
     return quantize
+
+
+def squeeze_fits(fc1: nn.Module, fc2: nn.Module) -> bool:
+    """Whether the two 1x1 convolutions of a squeeze-excitation block can run inside one
+    ``SqueezePlan`` call: both plain (:func:`plain_conv_fits`, no residual), unpadded and
+    unstrided, the first writing codes, the second a float gate input with no post-op."""
+    for m in (fc1, fc2):
+        if not plain_conv_fits(m) or m.accum is not None or m.w_int8.shape[2:] != (1, 1):
+            return False
+        if tuple(m.stride) != (1, 1) or tuple(m.padding) != (0, 0):
+            return False
+    return fc1.out is not None and fc2.out is None and fc2.unary == "none"
+
+
+def squeeze_call(
+    pool_quant: nn.Module,
+    fc1: Int8Conv2d,
+    fc2: Int8Conv2d,
+    gate_quant: nn.Module,
+    unfused: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A whole squeeze-excitation block, ``gate_quant(Hardsigmoid(fc2(fc1(pool_quant(x)))) *
+    x)``, as one call of the extension's ``SqueezePlan`` (the same four kernels the runner calls
+    one by one, chained in C++: equal codes) for float32 channels-last ``x`` while the 1x1
+    convolutions stay within :func:`plain_macs_limit`; ``unfused(x)`` otherwise."""
+    ext = bitconv.load_extension()
+    plan = ext.SqueezePlan(
+        *_grid(pool_quant), term_conv_plan(fc1), term_conv_plan(fc2), *_grid(gate_quant)
+    )
+    per_image = max(int(fc1.w_int8[:, :, 0, 0].numel()), int(fc2.w_int8[:, :, 0, 0].numel()))
+    rows = plain_macs_limit() // per_image
+
+    def squeeze(x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.dim() == 4
+            and x.dtype == torch.float32
+            and x.shape[0] <= rows
+            and x.is_contiguous(memory_format=CL)
+        ):
+            return plan(x)
+        return unfused(x)
+
+    return squeeze
 
 
 def gate_quantize_call(

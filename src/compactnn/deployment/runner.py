@@ -48,7 +48,9 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   ``(acc * sx) * w_scale + bias``, so bit-identical;
 - for a squeeze-excitation tail, ``quantize(Hardsigmoid(g) * x)`` (MobileNetV3), the
   extension's ``gate_quantize``: one pass instead of three, equal codes
-  (``tests/deployment/test_gate_fusion.py``);
+  (``tests/deployment/test_gate_fusion.py``); when ``g`` comes from two plain 1x1
+  convolutions of the map's pooled codes, the whole block is one call (``SqueezePlan``:
+  the same four kernels chained in C++);
 - for a float -> uint8 quantization (the model's input), a dequantization (a float residual)
   and a max-pool of codes, the extension's ``quantize_codes``, ``dequantize_codes`` and
   ``maxpool_codes`` (``kernels/csrc/codes.cpp``): one pass each instead of up to six PyTorch
@@ -89,6 +91,8 @@ from compactnn.deployment.direct import (
     small_conv_fits,
     small_linear_call,
     small_linear_fits,
+    squeeze_call,
+    squeeze_fits,
     term_conv_call,
     term_conv_fits,
 )
@@ -244,6 +248,32 @@ def _gate_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, fx
     return mul, quant, x
 
 
+def _squeeze_chain(
+    gm: fx.GraphModule, gate: fx.Node, x: fx.Node, pooled: dict
+) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """For the Hardsigmoid ``gate`` of a squeeze-excitation tail on map ``x``: (the pool's
+    fused quantize, fc1, fc2) when ``quantize(pool(x)) -> fc1 -> fc2 -> gate`` is a chain of
+    single users that :func:`~compactnn.deployment.direct.squeeze_fits`; else None."""
+    fc2 = gate.args[0]
+    if not isinstance(fc2, fx.Node) or fc2.op != "call_module" or len(fc2.users) != 1:
+        return None
+    if len(fc2.args) != 1 or fc2.kwargs or not isinstance(fc2.args[0], fx.Node):
+        return None
+    fc1 = fc2.args[0]
+    if fc1.op != "call_module" or len(fc1.users) != 1 or len(fc1.args) != 1 or fc1.kwargs:
+        return None
+    poolq = fc1.args[0]
+    if not isinstance(poolq, fx.Node) or poolq not in pooled or len(poolq.users) != 1:
+        return None
+    pool = poolq.args[0]
+    if not isinstance(pool, fx.Node) or pool.args[:1] != (x,):
+        return None
+    m1, m2 = gm.get_submodule(fc1.target), gm.get_submodule(fc2.target)
+    if not (isinstance(m1, Int8Conv2d) and isinstance(m2, Int8Conv2d)):
+        return None
+    return (poolq, fc1, fc2) if squeeze_fits(m1, m2) else None
+
+
 class _Codegen:
     """Straight-line source for a graph; non-node values become named globals."""
 
@@ -283,6 +313,14 @@ class _Codegen:
             mul, quant, x = chain
             self.gates[quant] = (node, mul, x)
             self.skipped.update((node, mul))
+        # the whole block, quantize(pool(x)) -> fc1 -> fc2 -> that tail: one call
+        self.squeeze: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
+        for quant, (gate, _mul, x) in self.gates.items():
+            block = _squeeze_chain(gm, gate, x, self.pooled)
+            if block is None or any(n in self.skipped or n in self.hardswish for n in block[1:]):
+                continue
+            self.squeeze[quant] = block
+            self.skipped.update(block)
 
     def const(self, value: Any) -> str:
         if value is None or isinstance(value, bool | int | str):
@@ -334,6 +372,26 @@ class _Codegen:
 
         return gate_quantize_call(quantizer, unfused)
 
+    def _squeeze_fn(self, quant: fx.Node) -> Callable:
+        gate, mul, _x = self.gates[quant]
+        poolq, fc1, fc2 = self.squeeze[quant]
+        pool_quant = self.gm.get_submodule(poolq.target)
+        steps = (
+            pool_quantize_call(self.pooled[poolq], pool_quant),
+            _module_call(self.gm.get_submodule(fc1.target)),
+            _module_call(self.gm.get_submodule(fc2.target)),
+        )
+        gated = self._gate_fn(gate, mul, quant)
+
+        def unfused(x: torch.Tensor) -> torch.Tensor:
+            pre = x
+            for step in steps:
+                pre = step(pre)
+            return gated(pre, x)
+
+        modules = (self.gm.get_submodule(n.target) for n in (fc1, fc2, quant))
+        return squeeze_call(pool_quant, *modules, unfused)
+
     def _hardswish_fn(self, conv: fx.Node, act: fx.Node, quant: fx.Node | None) -> Callable:
         steps = [_module_call(self.gm.get_submodule(n.target)) for n in (conv, act, quant) if n]
 
@@ -354,6 +412,10 @@ class _Codegen:
                 params.append(f"v{i}{default}")
             elif node.op == "get_attr":
                 body.append(f"v{i} = {self.const(_attr(self.gm, node.target))}")
+            elif node in self.squeeze:  # the whole squeeze-excitation block: one call
+                gate, mul, x = self.gates[node]
+                fn = self.const(self._squeeze_fn(node))
+                body.append(f"v{i} = {fn}({self.render(x)})")
             elif node in self.gates:  # Hardsigmoid(pre) * x, quantized: one pass
                 gate, mul, x = self.gates[node]
                 fn = self.const(self._gate_fn(gate, mul, node))

@@ -36,8 +36,17 @@ SOURCE = Path(__file__).with_name("csrc") / "bitconv.cpp"
 # max-pool of uint8 codes, and the depthwise int8 convolution, same module
 SOURCES = tuple(
     SOURCE.with_name(f)
-    for f in ("bitconv.cpp", "smallconv.cpp", "termconv.cpp", "head.cpp", "codes.cpp", "dwconv.cpp")
+    for f in (
+        "bitconv.cpp",
+        "smallconv.cpp",
+        "termconv.cpp",
+        "head.cpp",
+        "codes.cpp",
+        "dwconv.cpp",
+        "squeeze.cpp",
+    )
 )
+HEADERS = (SOURCE.with_name("termconv.h"),)  # part of the build's identity, like the sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)
 
@@ -54,7 +63,7 @@ def build_directory() -> Path:
 
 def _ext_name() -> str:
     digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()
+        b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode()
     ).hexdigest()[:12]
     return f"compactnn_bitconv_{digest}"
 

@@ -32,7 +32,10 @@ int64_t ceil_log2(int64_t x) {
   return r;
 }
 
+}  // namespace
+
 // x: (N, C, H, W) float32 channels-last; returns (N, C, 1, 1) uint8 codes.
+// (outside the anonymous namespace: squeeze.cpp chains it)
 torch::Tensor pool_quantize(torch::Tensor x, double scale, int64_t zero, int64_t lo, int64_t hi) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 &&
                   x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -167,7 +170,6 @@ torch::Tensor small_linear(torch::Tensor q, double x_scale, int64_t x_zero, torc
   return out;
 }
 
-}  // namespace
 
 void register_head(pybind11::module& m) {
   m.def("pool_quantize", &pool_quantize,

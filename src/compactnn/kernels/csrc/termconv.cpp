@@ -19,6 +19,8 @@
 // parallel (at::parallel_for over images x output rows).
 #include <torch/extension.h>
 
+#include "termconv.h"
+
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
@@ -495,28 +497,6 @@ torch::Tensor term_conv_onednn(torch::Tensor x, int64_t in_zero, torch::Tensor p
 }
 
 bool has_vnni() { return COMPACTNN_VNNI != 0; }
-
-// term_conv_onednn with every constant argument bound once: a layer's call then converts one
-// tensor instead of twenty arguments (MobileNetV3-Small at 64x64 makes ~45 such calls of a few
-// microseconds each at batch 1, where the conversions were a large share)
-struct TermConvPlan {
-  int64_t in_zero;
-  torch::Tensor packed, corr, mult;
-  c10::optional<torch::Tensor> bias;
-  int64_t kh, kw;
-  std::vector<int64_t> stride, padding, dilation;
-  double out_scale;
-  int64_t out_zero;
-  double lo, hi, x_scale;
-  bool hswish;
-
-  torch::Tensor run(const torch::Tensor& x, const c10::optional<torch::Tensor>& accum,
-                    double accum_scale, int64_t accum_zero) const {
-    return term_conv_impl(x, in_zero, packed, corr, mult, bias, 1, kh, kw, stride, padding,
-                          dilation, out_scale, out_zero, lo, hi, x_scale, true, hswish, accum,
-                          accum_scale, accum_zero);
-  }
-};
 
 void register_termconv(pybind11::module& m) {
   m.def("term_conv_pack", &term_conv_pack, "pack int8 weight terms for term_conv");
