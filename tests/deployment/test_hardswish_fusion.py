@@ -92,3 +92,39 @@ def test_fused_hardswish_equals_pytorchs_bit_for_bit():
         assert torch.equal(got, want)
         other = y * (torch.clamp(y + 3, 0, 6) / 6)
         assert (other != want).float().mean() > 0.05  # the test can fail
+
+
+class _Classifier(nn.Module):
+    """MobileNetV3's classifier: linear, Hardswish, linear (the Hardswish's output quantized
+    for the second linear layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(16, 48), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(48, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_linear_hardswish_quantize_run_as_one_call(monkeypatch):
+    torch.manual_seed(2)
+    net = _Classifier().eval()
+    calib = torch.randn(16, 3, 12, 12)
+    qmodel = compactnn.compress(net, "w8a8", calib_data=calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dep = compactnn.deploy(qmodel, "onednn", example=calib)
+    gm = dep.program
+    chains = list(_Codegen(gm).hardswish.values())
+    linear = [c for c in chains if type(gm.get_submodule(c[0].target)).__name__ == "Int8Linear"]
+    assert len(linear) == 1 and linear[0][2] is not None  # with the quantize after it
+    runner = plan_runner(gm)
+    for x in (calib, torch.randn(1, 3, 12, 12)):
+        with torch.no_grad():
+            assert torch.equal(runner(x), gm(x))
+    monkeypatch.setattr(direct, "plain_macs_limit", lambda: 0)  # the separate calls
+    with torch.no_grad():
+        assert torch.equal(plan_runner(gm)(calib), gm(calib))

@@ -329,8 +329,11 @@ def depthwise_call(
 
 
 def hardswish_fits(m: nn.Module) -> bool:
-    """Whether convolution ``m`` (float output, no post-op or residual) and the Hardswish after
-    it can run as one direct kernel (:func:`plain_conv_fits` or :func:`depthwise_fits`)."""
+    """Whether convolution or linear layer ``m`` (float output, no post-op or residual) and the
+    Hardswish after it can run as one direct kernel (:func:`plain_conv_fits`,
+    :func:`depthwise_fits` or :func:`plain_linear_fits`)."""
+    if isinstance(m, Int8Linear):
+        return m.out is None and m.unary == "none" and plain_linear_fits(m)
     if not isinstance(m, Int8Conv2d) or m.out is not None or m.unary != "none":
         return False
     return m.accum is None and (plain_conv_fits(m) or depthwise_fits(m))
@@ -352,6 +355,8 @@ def hardswish_call(
     a float pass and a quantization pass); ``unfused`` (the three calls) for large calls. The
     same floats and codes as the three calls."""
     grid = () if quant is None else _grid(quant)
+    if isinstance(m, Int8Linear):  # a classifier's hidden layer (MobileNetV3)
+        return plain_linear_call(m, unfused, hardswish=grid)
     if plain_conv_fits(m):
         return plain_conv_call(m, unfused, hardswish=grid)
     return depthwise_call(m, unfused, hardswish=grid)
@@ -372,11 +377,12 @@ def plain_linear_fits(m: nn.Module) -> bool:
 
 
 def plain_linear_call(
-    m: Int8Linear, onednn: Callable[[torch.Tensor], torch.Tensor]
+    m: Int8Linear, onednn: Callable[[torch.Tensor], torch.Tensor], hardswish: tuple | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``m.forward`` on ``term_conv`` (a 1x1 convolution of (1, in, 1, N)) when a call's work
     is at most :func:`plain_macs_limit`, else ``onednn``; equal outputs either way (oneDNN's
-    int8 GEMM scales and requantizes in the convolution's order)."""
+    int8 GEMM scales and requantizes in the convolution's order). ``hardswish``: see
+    :func:`hardswish_call` (``onednn`` is then the separate calls)."""
     ext = bitconv.load_extension()
     sx, zx = m.x_qp
     o, k = m.w_int8.shape
@@ -384,9 +390,10 @@ def plain_linear_call(
     mult = m.w_scale_t.float().reshape(-1).contiguous()
     bias = None if m.bias is None else m.bias.float().contiguous()
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
+    out = _out_args(m.out, unary) if hardswish is None else _hardswish_out(hardswish)
     plan = ext.TermConvPlan(
         int(zx), packed, corr, mult, bias, 1, 1, [1, 1], [0, 0], [1, 1],
-        *_out_args(m.out, unary), float(sx), False,
+        *out, float(sx), hardswish is not None,
     )  # fmt: skip
     rows = plain_macs_limit() // (o * k)  # rows per call up to which it runs here
 
