@@ -206,8 +206,9 @@ def _fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 
 
 def _hardswish_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
-    """For convolution ``node`` whose only user is a Hardswish: that node, and the quantize
-    that is the Hardswish's only user (or None); None when they cannot run as one kernel."""
+    """For convolution or linear layer ``node`` whose only user is a Hardswish: that node, and
+    the quantize that is the Hardswish's only user (or None); None when they cannot run as one
+    kernel."""
     if node.op != "call_module" or len(node.users) != 1 or not bitconv.available():
         return None
     if not hardswish_fits(gm.get_submodule(node.target)):
@@ -293,7 +294,7 @@ class _Codegen:
             if quant is not None:  # the pool passes its input on to the fused quantize
                 self.pooled[quant] = gm.get_submodule(node.target)
                 self.skipped.add(node)
-        # convolution -> Hardswish [-> quantize]: the last node of each chain makes one call
+        # convolution or linear -> Hardswish [-> quantize]: the last node of a chain makes one call
         self.hardswish: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node | None]] = {}
         for node in gm.graph.nodes:
             chain = _hardswish_chain(gm, node)
