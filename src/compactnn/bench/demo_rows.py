@@ -66,7 +66,8 @@ def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[di
     return rows, paths.timings, {"winner": paths.winner, "load": os.getloadavg(), "first": first}
 
 
-# the runner's choices of direct kernels (convolutions, depthwise, Hardswish chains, linear)
+# the runner's choices of direct kernels (convolutions, depthwise, Hardswish chains, linear,
+# the squeeze-excitation block's 1x1 convolutions)
 DIRECT = (
     "small_conv_fits",
     "term_conv_fits",
@@ -74,6 +75,7 @@ DIRECT = (
     "depthwise_fits",
     "hardswish_fits",
     "plain_linear_fits",
+    "squeeze_fits",
 )
 
 
@@ -88,7 +90,7 @@ def direct_kernels_ab(fast, batch: torch.Tensor, rounds: int) -> dict:
     new = plan.plan_runner(gm)
     saved = {name: getattr(plan, name) for name in DIRECT}
     for name in DIRECT:  # the runner without them: oneDNN for every layer
-        setattr(plan, name, lambda m: False)
+        setattr(plan, name, lambda *modules: False)
     try:
         old = plan.plan_runner(gm)
     finally:
