@@ -83,6 +83,8 @@ def test_two_dimensional_quantization_runs_on_the_extension() -> None:
     got = quantize_call(quant)(x)
     assert got.shape == (3, 1024) and got.dtype == torch.uint8
     assert torch.equal(got, quant(x))
+    xt = torch.randn(1024, 3).t()  # not viewable as (3, 1024, 1, 1)
+    assert torch.equal(quantize_call(quant)(xt), quant(xt))
 
 
 class _SqueezeExcite(nn.Module):

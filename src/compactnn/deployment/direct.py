@@ -440,7 +440,7 @@ def quantize_call(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
                 return ext.quantize_codes(x, scale, zero, lo, hi)
             if x.dim() == 2:
                 n, c = x.shape
-                return ext.quantize_codes(x.view(n, c, 1, 1), scale, zero, lo, hi).view(n, c)
+                return ext.quantize_codes(x.reshape(n, c, 1, 1), scale, zero, lo, hi).view(n, c)
         return m(x)
 
     return quantize
