@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import compactnn
 from compactnn.deployment import runner as runner_module
-from compactnn.deployment.direct import gate_quantize_call, quantize_call
+from compactnn.deployment.codes import gate_quantize_call, quantize_call
 from compactnn.deployment.onednn import Quantize, quantize_u8
 from compactnn.deployment.runner import _Codegen, plan_runner
 from compactnn.kernels import bitconv
@@ -104,19 +104,22 @@ class _SqueezeExcite(nn.Module):
         return self.head(self.project(self.gate(self.fc(y)) * y))
 
 
+def _deployed(seed: int):
+    """The oneDNN graph of a w8a8 ``_SqueezeExcite`` and its calibration batch."""
+    torch.manual_seed(seed)
+    calib = torch.randn(16, 3, 24, 24)
+    qmodel = compactnn.compress(_SqueezeExcite().eval(), "w8a8", calib_data=calib, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compactnn.deploy(qmodel, "onednn", example=calib).program, calib
+
+
 def _calls(source: str) -> int:
     return sum("(" in line for line in source.splitlines()[1:])
 
 
 def test_plan_runner_fuses_the_tail_with_equal_outputs(monkeypatch) -> None:
-    torch.manual_seed(0)
-    net = _SqueezeExcite().eval()
-    calib = torch.randn(16, 3, 24, 24)
-    qmodel = compactnn.compress(net, "w8a8", calib_data=calib, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dep = compactnn.deploy(qmodel, "onednn", example=calib)
-    gm = dep.program
+    gm, calib = _deployed(0)
     cg = _Codegen(gm)
     assert len(cg.gates) == 1 and len(cg.squeeze) == 1
     real = runner_module.squeeze_call
@@ -145,13 +148,7 @@ def test_plan_runner_fuses_the_tail_with_equal_outputs(monkeypatch) -> None:
 def test_squeeze_block_falls_back_on_other_layouts() -> None:
     from compactnn.deployment.direct import squeeze_call
 
-    torch.manual_seed(1)
-    net = _SqueezeExcite().eval()
-    calib = torch.randn(16, 3, 24, 24)
-    qmodel = compactnn.compress(net, "w8a8", calib_data=calib, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = compactnn.deploy(qmodel, "onednn", example=calib).program
+    gm, _ = _deployed(1)
     cg = _Codegen(gm)
     ((quant, (poolq, fc1, fc2)),) = cg.squeeze.items()
     mods = [gm.get_submodule(n.target) for n in (poolq, fc1, fc2, quant)]

@@ -48,7 +48,7 @@ def test_quantize_codes_equal_the_pytorch_ops(ext, layout, n, c, h, w) -> None:
     ],
 )
 def test_maxpool_codes_equal_pytorchs_quantized_pool(ext, kwargs) -> None:
-    from compactnn.deployment.direct import maxpool_call
+    from compactnn.deployment.codes import maxpool_call
 
     g = torch.Generator().manual_seed(3)
     q = torch.randint(0, 256, (2, 24, 11, 13), dtype=torch.uint8, generator=g)
@@ -63,7 +63,7 @@ def test_maxpool_codes_equal_pytorchs_quantized_pool(ext, kwargs) -> None:
 
 
 def test_maxpool_ceil_mode_keeps_pytorchs_op(ext) -> None:
-    from compactnn.deployment.direct import maxpool_call
+    from compactnn.deployment.codes import maxpool_call
 
     m = MaxPoolU8({"kernel_size": 3, "stride": 2, "padding": 0, "dilation": 1, "ceil_mode": True})
     assert maxpool_call(m) is m

@@ -3,9 +3,10 @@
 Each ``*_call(module)`` returns a closure with every constant argument bound that computes the
 lowered module's output on one of the extension's kernels (``kernels/csrc``): the
 one-input-channel first convolution (``small_conv``), TTQ's two-term convolution
-(``term_conv``), a small head's pool + quantization and int8 linear layer (``pool_quantize``,
-``small_linear``), and the quantization, dequantization and max-pool of codes
-(``quantize_codes``, ``dequantize_codes``, ``maxpool_codes``). Every one gives the outputs of
+(``term_conv``) and one-term plain and linear layers on it, depthwise convolutions
+(``dw_conv``), a small head's int8 linear layer (``small_linear``) and a whole
+squeeze-excitation block (``SqueezePlan``); the cheap operations on codes (quantize, pool,
+gate, max-pool) are in :mod:`compactnn.deployment.codes`. Every one gives the outputs of
 the module it replaces, bit for bit (the tests beside each kernel); the runner's module
 docstring says why each exists and what it measured. ``*_fits`` say whether a module can run
 on one; the runner chooses.
@@ -20,17 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.deployment.lowbit import QuantizeGrid, SplitConv2d, code_bounds
-from compactnn.deployment.onednn import CL, Dequantize, Int8Conv2d, Int8Linear, MaxPoolU8
+from compactnn.deployment.codes import code_grid
+from compactnn.deployment.lowbit import SplitConv2d, code_bounds
+from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear
 from compactnn.kernels import bitconv
 from compactnn.measure.environment import cpu_description
-
-
-def _grid(m: nn.Module) -> tuple[float, int, int, int]:
-    """``(scale, zero, lo, hi)`` of a ``Quantize`` / ``QuantizeGrid`` (codes 0..255 or its own)."""
-    lo, hi = (m.lo, m.hi) if isinstance(m, QuantizeGrid) else (0, 255)
-    return m.qp[0], int(m.qp[1]), lo, hi
-
 
 SMALL_OUT = (16, 32, 48, 64)  # output channels the direct kernel keeps in vector registers
 
@@ -202,22 +197,27 @@ def plain_conv_fits(m: nn.Module) -> bool:
     return bitconv.available() and bitconv.load_extension().has_vnni()
 
 
-def term_conv_plan(m: Int8Conv2d, hardswish: tuple | None = None) -> Any:
+def term_conv_plan(m: Int8Conv2d | Int8Linear, hardswish: tuple | None = None) -> Any:
     """The extension's ``TermConvPlan`` of plain int8 convolution ``m`` (one term; see
-    :func:`plain_conv_fits`): its packed weight, scales, geometry and output grid bound once."""
+    :func:`plain_conv_fits`) or of linear layer ``m`` as a 1x1 convolution: its packed weight,
+    scales, geometry and output grid bound once. ``hardswish``: see :func:`hardswish_call`."""
     ext = bitconv.load_extension()
     sx, zx = m.x_qp
-    packed, corr = ext.term_conv_pack(m.w_int8, int(zx))
+    if isinstance(m, Int8Linear):  # (out, in) -> (out, in, 1, 1), stride 1, no padding
+        w, geometry = m.w_int8[:, :, None, None], ([1, 1], [0, 0], [1, 1])
+    else:
+        w, geometry = m.w_int8, (list(m.stride), list(m.padding), list(m.dilation))
+    packed, corr = ext.term_conv_pack(w, int(zx))
     mult = m.w_scale_t.float().reshape(-1).contiguous()
     bias = None if m.bias is None else m.bias.float().contiguous()
-    _, _, kh, kw = m.w_int8.shape
+    _, _, kh, kw = w.shape
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
     out = _out_args(m.out, unary)  # with a residual the kernel clamps after the sum
     if hardswish is not None:
         out = _hardswish_out(hardswish)
     return ext.TermConvPlan(
-        int(zx), packed, corr, mult, bias, kh, kw, list(m.stride), list(m.padding),
-        list(m.dilation), *out, float(sx), hardswish is not None,
+        int(zx), packed, corr, mult, bias, kh, kw, *geometry, *out, float(sx),
+        hardswish is not None,
     )  # fmt: skip
 
 
@@ -354,7 +354,7 @@ def hardswish_call(
     ``nearbyint(h / s) + z`` in one direct-kernel pass (MobileNetV3: 19 Hardswish layers, each
     a float pass and a quantization pass); ``unfused`` (the three calls) for large calls. The
     same floats and codes as the three calls."""
-    grid = () if quant is None else _grid(quant)
+    grid = () if quant is None else code_grid(quant)
     if isinstance(m, Int8Linear):  # a classifier's hidden layer (MobileNetV3)
         return plain_linear_call(m, unfused, hardswish=grid)
     if plain_conv_fits(m):
@@ -383,18 +383,8 @@ def plain_linear_call(
     is at most :func:`plain_macs_limit`, else ``onednn``; equal outputs either way (oneDNN's
     int8 GEMM scales and requantizes in the convolution's order). ``hardswish``: see
     :func:`hardswish_call` (``onednn`` is then the separate calls)."""
-    ext = bitconv.load_extension()
-    sx, zx = m.x_qp
+    plan = term_conv_plan(m, hardswish)
     o, k = m.w_int8.shape
-    packed, corr = ext.term_conv_pack(m.w_int8.reshape(o, k, 1, 1), int(zx))
-    mult = m.w_scale_t.float().reshape(-1).contiguous()
-    bias = None if m.bias is None else m.bias.float().contiguous()
-    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    out = _out_args(m.out, unary) if hardswish is None else _hardswish_out(hardswish)
-    plan = ext.TermConvPlan(
-        int(zx), packed, corr, mult, bias, 1, 1, [1, 1], [0, 0], [1, 1],
-        *out, float(sx), hardswish is not None,
-    )  # fmt: skip
     rows = plain_macs_limit() // (o * k)  # rows per call up to which it runs here
 
     def linear(q: torch.Tensor) -> torch.Tensor:
@@ -409,41 +399,6 @@ def plain_linear_call(
         return y.permute(0, 2, 3, 1).reshape(*q.shape[:-1], o)
 
     return linear
-
-
-def pool_quantize_call(pool: nn.Module, quant: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``quant(pool(x))`` for a global average pool: one pass of the extension's
-    ``pool_quantize`` (the same float operations, equal codes) on float32 channels-last
-    input, the two modules otherwise."""
-    ext = bitconv.load_extension()
-    scale, zero, lo, hi = _grid(quant)
-
-    def fused(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous(memory_format=CL):
-            return ext.pool_quantize(x, scale, zero, lo, hi)
-        return quant(pool(x))
-
-    return fused
-
-
-def quantize_call(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``Quantize`` / ``QuantizeGrid`` on the extension's ``quantize_codes`` for 4-D float32
-    input (one pass, any layout in, channels-last codes out, equal codes) and for 2-D float32
-    input (a classifier's hidden features, as (N, C, 1, 1): MobileNetV3's head quantization
-    took 27 us through the six PyTorch ops, 2 us here); ``m`` otherwise."""
-    ext = bitconv.load_extension()
-    scale, zero, lo, hi = _grid(m)
-
-    def quantize(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            if x.dim() == 4:
-                return ext.quantize_codes(x, scale, zero, lo, hi)
-            if x.dim() == 2:
-                n, c = x.shape
-                return ext.quantize_codes(x.reshape(n, c, 1, 1), scale, zero, lo, hi).view(n, c)
-        return m(x)
-
-    return quantize
 
 
 def squeeze_fits(fc1: nn.Module, fc2: nn.Module) -> bool:
@@ -471,7 +426,7 @@ def squeeze_call(
     convolutions stay within :func:`plain_macs_limit`; ``unfused(x)`` otherwise."""
     ext = bitconv.load_extension()
     plan = ext.SqueezePlan(
-        *_grid(pool_quant), term_conv_plan(fc1), term_conv_plan(fc2), *_grid(gate_quant)
+        *code_grid(pool_quant), term_conv_plan(fc1), term_conv_plan(fc2), *code_grid(gate_quant)
     )
     per_image = max(int(fc1.w_int8[:, :, 0, 0].numel()), int(fc2.w_int8[:, :, 0, 0].numel()))
     rows = plain_macs_limit() // per_image
@@ -487,65 +442,3 @@ def squeeze_call(
         return unfused(x)
 
     return squeeze
-
-
-def gate_quantize_call(
-    quant: nn.Module, unfused: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The tail of a squeeze-excitation block, ``quant(Hardsigmoid(pre) * x)``, as one pass of
-    the extension's ``gate_quantize`` (PyTorch's Hardsigmoid order, one float multiply, the
-    quantizer's rounding: equal codes) for float32 ``x`` (N, C, H, W) and ``pre`` (N, C, 1, 1);
-    ``unfused(pre, x)`` (the three calls) otherwise. MobileNetV3-Small has nine such tails,
-    each a float map written by the multiply and read again by the quantization."""
-    ext = bitconv.load_extension()
-    scale, zero, lo, hi = _grid(quant)
-
-    def gated(pre: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.dim() == 4
-            and x.dtype == torch.float32
-            and pre.dtype == torch.float32
-            and pre.shape == (x.shape[0], x.shape[1], 1, 1)
-        ):
-            return ext.gate_quantize(x, pre, scale, zero, lo, hi)
-        return unfused(pre, x)
-
-    return gated
-
-
-def dequantize_call(m: Dequantize) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``Dequantize`` on the extension's ``dequantize_codes`` for 4-D codes (one pass,
-    channels-last float out, the same float operations); ``m`` otherwise."""
-    ext = bitconv.load_extension()
-    scale, zero = m.qp[0], int(m.qp[1])
-
-    def dequantize(q: torch.Tensor) -> torch.Tensor:
-        if q.dim() == 4 and q.dtype == torch.uint8:
-            return ext.dequantize_codes(q, scale, zero)
-        return m(q)
-
-    return dequantize
-
-
-def maxpool_call(m: MaxPoolU8) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``MaxPoolU8`` on the extension's ``maxpool_codes`` (channels-last codes; the same
-    maxima), or ``m`` for ``ceil_mode`` and other layouts."""
-    ext = bitconv.load_extension()
-    kw = m.kwargs
-
-    def pair(v: Any) -> tuple[int, int]:
-        return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
-
-    k = pair(kw["kernel_size"])
-    stride = kw.get("stride")
-    s = k if stride is None or stride == [] or stride == () else pair(stride)
-    p, d = pair(kw.get("padding", 0)), pair(kw.get("dilation", 1))
-    if kw.get("ceil_mode", False) or 2 * p[0] > k[0] or 2 * p[1] > k[1]:
-        return m
-
-    def pool(q: torch.Tensor) -> torch.Tensor:
-        if q.dim() == 4 and q.dtype == torch.uint8 and q.is_contiguous(memory_format=CL):
-            return ext.maxpool_codes(q, *k, *s, *p, *d)
-        return m(q)
-
-    return pool

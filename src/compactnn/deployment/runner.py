@@ -57,7 +57,8 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   ops or PyTorch's quantized max-pool, equal values
   (``tests/kernels/test_codes.py``).
 
-The direct kernels' closures are in :mod:`compactnn.deployment.direct`; this module compiles
+The direct kernels' closures are in :mod:`compactnn.deployment.direct` (layers) and
+:mod:`compactnn.deployment.codes` (cheap operations on codes); this module compiles
 the graph and chooses, per node, which call runs it. The kernels, their order and their
 arguments are those of the graph, so the outputs are
 bit-identical to the ``fx.GraphModule``'s (``tests/deployment/test_onednn.py``; the direct
@@ -73,20 +74,22 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from compactnn.deployment.codes import (
+    dequantize_call,
+    gate_quantize_call,
+    maxpool_call,
+    pool_quantize_call,
+    quantize_call,
+)
 from compactnn.deployment.direct import (
     depthwise_call,
     depthwise_fits,
-    dequantize_call,
-    gate_quantize_call,
     hardswish_call,
     hardswish_fits,
-    maxpool_call,
     plain_conv_call,
     plain_conv_fits,
     plain_linear_call,
     plain_linear_fits,
-    pool_quantize_call,
-    quantize_call,
     small_conv_call,
     small_conv_fits,
     small_linear_call,
@@ -377,7 +380,7 @@ class _Codegen:
         gate, mul, _x = self.gates[quant]
         poolq, fc1, fc2 = self.squeeze[quant]
         pool_quant = self.gm.get_submodule(poolq.target)
-        steps = (
+        gate_input = _in_turn(
             pool_quantize_call(self.pooled[poolq], pool_quant),
             _module_call(self.gm.get_submodule(fc1.target)),
             _module_call(self.gm.get_submodule(fc2.target)),
@@ -385,22 +388,15 @@ class _Codegen:
         gated = self._gate_fn(gate, mul, quant)
 
         def unfused(x: torch.Tensor) -> torch.Tensor:
-            pre = x
-            for step in steps:
-                pre = step(pre)
-            return gated(pre, x)
+            return gated(gate_input(x), x)
 
         modules = (self.gm.get_submodule(n.target) for n in (fc1, fc2, quant))
         return squeeze_call(pool_quant, *modules, unfused)
 
     def _hardswish_fn(self, conv: fx.Node, act: fx.Node, quant: fx.Node | None) -> Callable:
-        steps = [_module_call(self.gm.get_submodule(n.target)) for n in (conv, act, quant) if n]
-
-        def unfused(q: torch.Tensor) -> torch.Tensor:  # large calls: the separate calls
-            for step in steps:
-                q = step(q)
-            return q
-
+        # large calls: the separate calls
+        unfused = _in_turn(*(_module_call(self.gm.get_submodule(n.target))
+                             for n in (conv, act, quant) if n))  # fmt: skip
         quantizer = None if quant is None else self.gm.get_submodule(quant.target)
         return hardswish_call(self.gm.get_submodule(conv.target), quantizer, unfused)
 
@@ -414,7 +410,7 @@ class _Codegen:
             elif node.op == "get_attr":
                 body.append(f"v{i} = {self.const(_attr(self.gm, node.target))}")
             elif node in self.squeeze:  # the whole squeeze-excitation block: one call
-                gate, mul, x = self.gates[node]
+                x = self.gates[node][2]
                 fn = self.const(self._squeeze_fn(node))
                 body.append(f"v{i} = {fn}({self.render(x)})")
             elif node in self.gates:  # Hardsigmoid(pre) * x, quantized: one pass
@@ -428,6 +424,17 @@ class _Codegen:
             else:
                 body.append(f"v{i} = {self.call(node)}")
         return f"def run({', '.join(params)}):\n" + "".join(f"    {ln}\n" for ln in body)
+
+
+def _in_turn(*steps: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One callable running ``steps`` in turn, each on the previous one's output."""
+
+    def run(value: Any) -> Any:
+        for step in steps:
+            value = step(value)
+        return value
+
+    return run
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Any:
