@@ -124,3 +124,57 @@ def test_failed_verification_lists_worst_layers_and_the_first_past_tolerance():
         enforce(result)
     passing = with_layers(Verification("x", 0.5, 0.01, 0.02, None, 2.0, 4), gaps[:1])
     assert passing.first_past_tolerance == "" and enforce(passing) is passing
+
+
+def test_sensitivity_of_a_linear_model_equals_the_hand_computed_shift():
+    from compactnn.lowering.verify import NUDGE, _nudged, sensitivity
+
+    ref, x = _ref(), _example()
+    with torch.no_grad():
+        y = ref(x)
+        wx = y - ref[0].bias  # W x: the part a scaled input scales
+    step = float(y.max() - y.min()) / 255
+    want = float((wx * NUDGE).abs().max()) / step
+    assert sensitivity(ref, x) == pytest.approx(want, rel=0.05)
+    assert sensitivity(ref, torch.randint(0, 5, (4, 8))) is None  # no float input to nudge
+    ids = torch.ones(2, dtype=torch.long)
+    nested = _nudged({"a": (x,), "ids": ids}, 0.5)  # float tensors scaled, the rest kept
+    assert torch.equal(nested["a"][0], x * 1.5) and nested["ids"] is ids
+
+
+class _Amplifier(nn.Module):
+    """Rounds its input to a fine grid, then multiplies by a large gain: a nudge that crosses
+    a rounding boundary moves the output by whole codes, as a chaotic deep network does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 64) * 40 + x
+
+
+def test_amplified_gap_is_named_as_the_networks_and_a_tolerance_suggested():
+    from compactnn.lowering.verify import _above, sensitivity
+
+    amp = _Amplifier()
+    x = torch.tensor([[0.5 / 64 - 1e-9, 0.1, -0.2, 0.3]] * 4)  # the first value on a boundary
+    x = x + torch.linspace(0, 0.01, 4)[:, None]
+    nudged = x.clone()
+    nudged[:, 0] *= 1 + 2e-6  # one input value crosses its rounding boundary
+
+    def candidate(_):
+        return amp(nudged)
+
+    result = compare(amp, candidate, x, "deploy[test]", tolerance=2.0)
+    assert not result.passed
+    from dataclasses import replace
+
+    result = replace(result, sensitivity=sensitivity(amp, x))
+    assert result.amplified and result.sensitivity > 2
+    with pytest.raises(CompactnnError, match="amplifies one-code rounding") as err:
+        enforce(result)
+    assert f"tolerance={_above(result.max_diff_steps):g}" in str(err.value)
+    assert _above(13.3) == 20.0 and _above(1.0) == 4.0 and _above(300) == 451.0
+    # a smooth model with one wrong output value: the usual message, not the network's
+    bad = compare(_ref(), _injected(_ref(), 50.0), _example(), "deploy[test]", tolerance=2.0)
+    bad = replace(bad, sensitivity=sensitivity(_ref(), _example()))
+    assert not bad.amplified
+    with pytest.raises(CompactnnError, match="does not reproduce"):
+        enforce(bad)

@@ -6,6 +6,7 @@ import copy
 import os
 import re
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from compactnn.lowering.verify import (
     compare,
     enforce,
     layer_gap,
+    sensitivity,
     with_layers,
 )
 
@@ -120,7 +122,10 @@ class DeployedModel(nn.Module):
             raise CompactnnError("this deployed model has no simulated source to verify with.")
         tol = self.settings.get("tolerance", DEFAULT_TOLERANCE) if tolerance is None else tolerance
         result = compare(self.source, self, example, f"deploy[{self.backend}]", tol)
-        return result if result.passed else with_layers(result, localize(self, example))
+        if result.passed:
+            return result
+        result = replace(result, sensitivity=sensitivity(self.source, example))
+        return with_layers(result, localize(self, example))
 
     def export_onnx(self, path: str | os.PathLike) -> None:
         """Write the QDQ ONNX model this onnxruntime-backend model runs (verified at deploy).

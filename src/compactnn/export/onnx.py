@@ -15,6 +15,7 @@ float-output head's weight dequantized for the deployed session.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 import warnings
@@ -34,7 +35,13 @@ from compactnn.export.fs import atomic_write
 from compactnn.export.ort import ort_callable
 from compactnn.lowering.graph import FLOAT, is_residual_quantizer, trace
 from compactnn.lowering.plan import build_plan
-from compactnn.lowering.verify import DEFAULT_TOLERANCE, Verification, compare, enforce
+from compactnn.lowering.verify import (
+    DEFAULT_TOLERANCE,
+    Verification,
+    compare,
+    enforce,
+    sensitivity,
+)
 
 onnx = require("onnx", "onnx")
 numpy_helper = require("onnx.numpy_helper", "onnx")
@@ -342,7 +349,10 @@ def export_onnx(
         raise CompactnnError("export_onnx verifies the file: pass example= a sample batch.")
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
     data, _ = to_onnx_bytes(qmodel, example)
-    result = enforce(compare(qmodel.eval(), ort_callable(data), example, "onnx export", tolerance))
+    result = compare(qmodel.eval(), ort_callable(data), example, "onnx export", tolerance)
+    if not result.passed:  # say whether the network itself amplifies rounding flips
+        result = dataclasses.replace(result, sensitivity=sensitivity(qmodel, example))
+    enforce(result)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
