@@ -20,19 +20,25 @@ from compactnn.kernels import bitconv
 pytestmark = pytest.mark.skipif(not bitconv.available(), reason="no C++ compiler")
 
 
-def _qdw(c: int, k: int, stride: int) -> nn.Module:
+def _qdw(c: int, k: int, stride: int, dilation: int = 1) -> nn.Module:
     torch.manual_seed(c + k)
-    conv = nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=c)
+    pad = dilation * (k // 2)
+    conv = nn.Conv2d(c, c, k, stride=stride, padding=pad, dilation=dilation, groups=c)
     calib = torch.randn(8, c, 9, 9)
     return compactnn.compress(nn.Sequential(conv), "w8a8", calib_data=calib, progress=False)[0]
 
 
-# 16 channels (one vector), 40 (a partial last vector), 96 with 5x5 taps; strides 1 and 2
-@pytest.mark.parametrize("c,k,stride", [(16, 3, 2), (40, 3, 1), (96, 5, 2)])
-def test_depthwise_equals_onednn_bit_for_bit(c, k, stride):
-    q = _qdw(c, k, stride)
+# 16 channels (one vector), 40 (a partial last vector), 96 with 5x5 taps; strides 1 and 2;
+# dilation 2; three images (one band of rows each) and one image of 37 rows (bands of 16)
+@pytest.mark.parametrize(
+    "c,k,stride,dilation", [(16, 3, 2, 1), (40, 3, 1, 1), (96, 5, 2, 1), (40, 3, 1, 2)]
+)
+@pytest.mark.parametrize("shape", [(3, 11, 10), (1, 37, 21)])
+def test_depthwise_equals_onednn_bit_for_bit(c, k, stride, dilation, shape):
+    q = _qdw(c, k, stride, dilation)
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(0, 256, (3, c, 11, 10), generator=g).to(torch.uint8)
+    n, h, w = shape
+    x = torch.randint(0, 256, (n, c, h, w), generator=g).to(torch.uint8)
     x = x.contiguous(memory_format=torch.channels_last)
     spread = float(Int8Conv2d(q, None)(x).std()) / 40  # code grids as wide as the values
     forms = [
@@ -68,6 +74,12 @@ def test_large_calls_stay_on_onednn(monkeypatch):
     assert torch.equal(depthwise_call(m, onednn)(x), m(x)) and calls == []
     monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 2 * 16 * (81 + 81) - 1)
     assert torch.equal(depthwise_call(m, onednn)(x), m(x)) and calls == [(2, 16, 9, 9)]
+    one = x[:1]  # a single image has a limit of its own
+    monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 0)
+    monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 16 * (81 + 81))
+    assert torch.equal(depthwise_call(m, onednn)(one), m(one)) and len(calls) == 1
+    monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 16 * (81 + 81) - 1)
+    assert torch.equal(depthwise_call(m, onednn)(one), m(one)) and calls[1:] == [(1, 16, 9, 9)]
 
 
 def test_fits_only_depthwise_layers():

@@ -67,6 +67,7 @@ def test_large_calls_run_the_three_steps(monkeypatch):
     dep, calib = _deployed()
     monkeypatch.setattr(direct, "plain_macs_limit", lambda: 0)
     monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 0)
+    monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 0)
     runner = plan_runner(dep.program)
     with torch.no_grad():
         assert torch.equal(runner(calib), dep.program(calib))

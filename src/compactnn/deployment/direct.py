@@ -279,16 +279,20 @@ def depthwise_fits(m: nn.Module) -> bool:
 
 
 # Per-call size (input + output values) up to which a depthwise convolution runs on the direct
-# kernel. Measured per layer on MobileNetV3-Small's depthwise layers, 2 threads, AMD Zen 4
-# (equal outputs): at 224x224 batch 1 (25-280 K values) 1.17-1.92x oneDNN's ~50 us a call;
-# at batch 8 (0.3-2.3 M values) oneDNN's kernel wins (0.50-1.05x).
+# kernel. Measured per layer on MobileNetV2's and MobileNetV3-Small's depthwise layers,
+# 2 threads, AMD Zen 4 (equal outputs; session 15's row-ring kernel): at batch 1, 38-300 K
+# values 1.7-3.0x oneDNN's 46-71 us a call, 560-800 K values 1.2-1.4x, 0.9-1.5 M values
+# 0.85-0.98x; at batch 8 oneDNN wins from ~0.3 M values (0.61-1.00x up to 12 M), the direct
+# kernel restarting its row ring for every image and block of 16 channels.
 DEPTHWISE_VALUES = 320_000
+DEPTHWISE_VALUES_ONE_IMAGE = 850_000  # the limit for a batch of one image
 
 
 def depthwise_call(
     m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor], hardswish: tuple | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``m.forward`` on the direct kernel for calls of at most :data:`DEPTHWISE_VALUES`, else
+    """``m.forward`` on the direct kernel for calls of at most :data:`DEPTHWISE_VALUES` (one
+    image: :data:`DEPTHWISE_VALUES_ONE_IMAGE`), else
     ``onednn`` (the layer's oneDNN closure); the same codes or floats either way (oneDNN's
     float order on exact integer sums): (N, C, H, W) uint8 codes -> channels-last output.
     ``hardswish``: see :func:`hardswish_call`."""
@@ -316,7 +320,8 @@ def depthwise_call(
             n, c, h, w = shape
             oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            use = n * c * (h * w + oh * ow) <= DEPTHWISE_VALUES
+            values = n * c * (h * w + oh * ow)
+            use = values <= (DEPTHWISE_VALUES_ONE_IMAGE if n == 1 else DEPTHWISE_VALUES)
             if len(direct) >= 8:
                 direct.clear()
             direct[shape] = use  # (a local result: another thread may clear the cache)

@@ -1,8 +1,8 @@
 // Depthwise int8 convolution of uint8 codes (one weight per channel and tap), requantized in
 // the same pass (compactnn.deployment.runner). oneDNN spends ~40-60 us per depthwise call at
-// batch 1 whatever its size (MobileNetV3-Small has 11); here the input is converted once to
-// float32 (q - z), and each output row runs 16 channels per vector, four pixels sharing each
-// weight load.
+// batch 1 whatever its size (MobileNetV3-Small has 11). Here each block of 16 channels
+// converts the input rows it reads to float32 (q - z) into a small ring of rows that stays in
+// L1, and each output row runs 16 channels per vector, four pixels sharing each weight load.
 //
 // Exactness: (q - z) and the int8 weights are small integers and a window has at most 49 taps,
 // so every float32 product and sum is an exact integer (|acc| <= 49 * 255 * 128 < 2^24) and
@@ -65,42 +65,16 @@ torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
   const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
   const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(OH > 0 && OW > 0, "the kernel does not fit the padded input");
-  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-  // the padded (Hp, Wp, Cp) float32 copy of every image holding q - z (0 in the padding):
-  // converted once per input value rather than once per tap that reads it
-  auto padded = torch::zeros({N, Hp, Wp, Cp}, torch::kFloat32);
-  float* const pp = padded.data_ptr<float>();
-  const uint8_t* const xp = x.data_ptr<uint8_t>();
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
-  const float z = static_cast<float>(in_zero);
-  at::parallel_for(0, N * H, grain_for(W * C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / H, h = r % H;
-      float* row = pp + ((n * Hp + h + ph) * Wp + pw) * Cp;
-      const uint8_t* xr = xp + n * xs0 + h * xs2;
-      for (int64_t v = 0; v < W; ++v) {
-        int64_t c = 0;
-#if COMPACTNN_DW512
-        if (xs1 == 1) {  // channels-last: 16 codes at a time
-          const __m512 vz = _mm512_set1_ps(z);
-          for (; c < C; c += 16) {
-            const __mmask16 m = C - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (C - c)) - 1);
-            const __m128i b = _mm_maskz_loadu_epi8(m, xr + v * xs3 + c);
-            const __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), vz);
-            _mm512_mask_storeu_ps(row + v * Cp + c, m, f);
-          }
-        }
-#endif
-        for (; c < C; ++c) row[v * Cp + c] = static_cast<float>(xr[v * xs3 + c * xs1]) - z;
-      }
-    }
-  });
+  const int64_t Wp = W + 2 * pw;
   const bool codes_out = out_scale > 0;
   // (N, C, OH, OW) channels-last: (N, OH, OW, C) in memory
   auto out = torch::empty({N, C, OH, OW}, torch::dtype(codes_out ? torch::kUInt8 : torch::kFloat32)
                                               .memory_format(at::MemoryFormat::ChannelsLast));
   uint8_t* const ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
   float* const of = codes_out ? nullptr : out.data_ptr<float>();
+  const uint8_t* const xp = x.data_ptr<uint8_t>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
+  const float z = static_cast<float>(in_zero);
   const float* const wp = w.data_ptr<float>();
   const float* const wsp = w_scale.data_ptr<float>();
   const float* const bp = bias.data_ptr<float>();
@@ -108,79 +82,128 @@ torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
   const float s = static_cast<float>(out_scale), zo = static_cast<float>(out_zero);
   const float inv = 1.0f / s;  // oneDNN's form: a float32 reciprocal of the float32 scale
   const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
-  std::vector<int64_t> tap(taps);
-  for (int64_t i = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j) tap[i * kw + j] = (i * dh * Wp + j * dw) * Cp;
-  const int64_t* const tp = tap.data();
-  const int64_t pstep = sw * Cp;  // floats from one output pixel's window to the next
-  at::parallel_for(0, N * OH, grain_for(OW * Cp * taps), [&](int64_t begin, int64_t end) {
+  // One task = one output row of one image and one block of 16 channels. The input rows it
+  // reads are converted to float32 (q - z, zeros in the padding) into a small per-thread ring
+  // of `span` rows of (Wp, 16) floats, tagged with the padded row they hold, so consecutive
+  // output rows of the same block convert each input row once and every tap reads from L1.
+  // (The kernel used to fill a zeroed, padded float32 copy of the whole input first: 4x the
+  // input's bytes, and at batch 1 its zero-fill alone took ~120 us per MobileNetV2 forward.)
+  // Tasks are ordered image, band of rows, block, row: with one image, bands of 16 rows keep
+  // the two threads on different rows (split by block they would write the same cache lines);
+  // with more, a band is the whole image (a block's rows stay in one task).
+  const int64_t band_rows = N > 1 ? OH : 16, bands = (OH + band_rows - 1) / band_rows;
+  const int64_t CB = Cp / 16, span = (kh - 1) * dh + 1, row_floats = Wp * 16;
+  at::parallel_for(0, N * bands * CB * band_rows, grain_for(OW * 16 * taps),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<float> ring(span * row_floats);
+    std::vector<int64_t> tag(span, -1);
+    std::vector<const float*> rows(kh);
+    int64_t held = -1;  // (n, block) whose rows the ring holds
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / OH, oh = r % OH;
-      const float* const rowp = pp + (n * Hp + oh * sh) * Wp * Cp;
+      const int64_t n = r / (bands * CB * band_rows), band = (r / (CB * band_rows)) % bands;
+      const int64_t cb = (r / band_rows) % CB, oh = band * band_rows + r % band_rows;
+      if (oh >= OH) continue;
+      if (n * CB + cb != held) {
+        std::fill(tag.begin(), tag.end(), -1);
+        held = n * CB + cb;
+      }
+      const int64_t c = cb * 16, cn = std::min<int64_t>(16, C - c);  // live channels
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t hp = oh * sh + i * dh, slot = hp % span, h = hp - ph;  // padded, input row
+        float* buf = ring.data() + slot * row_floats;
+        rows[i] = buf;
+        if (tag[slot] == hp) continue;
+        tag[slot] = hp;
+        if (h < 0 || h >= H) {
+          std::fill(buf, buf + row_floats, 0.0f);
+          continue;
+        }
+        std::fill(buf, buf + pw * 16, 0.0f);
+        std::fill(buf + (pw + W) * 16, buf + row_floats, 0.0f);
+        const uint8_t* xr = xp + n * xs0 + h * xs2 + c * xs1;
+        float* dst = buf + pw * 16;
+        int64_t v = 0;
+#if COMPACTNN_DW512
+        if (xs1 == 1) {  // channels-last: one pixel's 16 codes per load
+          const __m512 vz = _mm512_set1_ps(z);
+          const __mmask16 m = cn == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cn) - 1);
+          for (; v < W; ++v) {
+            const __m128i b = _mm_maskz_loadu_epi8(m, xr + v * xs3);
+            const __m512 f = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), vz);
+            _mm512_storeu_ps(dst + v * 16, _mm512_maskz_mov_ps(m, f));  // zeros past C
+          }
+        }
+#endif
+        for (; v < W; ++v)
+          for (int64_t k = 0; k < 16; ++k)
+            dst[v * 16 + k] = k < cn ? static_cast<float>(xr[v * xs3 + k * xs1]) - z : 0.0f;
+      }
       const int64_t pix0 = (n * OH + oh) * OW;
-      int64_t c = 0;
+      const int64_t pstep = sw * 16;  // floats from one output pixel's window to the next
 #if COMPACTNN_DW512
       const __m512 vxs = _mm512_set1_ps(xsc), vinv = _mm512_set1_ps(inv);
       const __m512 vzo = _mm512_set1_ps(zo), vlo = _mm512_set1_ps(flo), vhi = _mm512_set1_ps(fhi);
-      for (; c < C; c += 16) {
-        const __mmask16 m = C - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (C - c)) - 1);
-        const __m512 wsv = _mm512_loadu_ps(wsp + c), bv = _mm512_loadu_ps(bp + c);
-        auto finish = [&](__m512 acc, int64_t ow) {
-          __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(acc, vxs), wsv), bv);
-          const int64_t at = (pix0 + ow) * C + c;
-          if (hswish) {
-            const __m512 t = _mm512_min_ps(
-                _mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(3.0f)), _mm512_setzero_ps()),
-                _mm512_set1_ps(6.0f));
-            y = _mm512_div_ps(_mm512_mul_ps(y, t), _mm512_set1_ps(6.0f));
-          }
-          if (codes_out && hswish) {
-            y = _mm512_roundscale_ps(_mm512_div_ps(y, _mm512_set1_ps(s)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, vzo), vlo), vhi);
-            _mm_mask_storeu_epi8(ou + at, m, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
-          } else if (codes_out) {
-            y = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(y, vinv), vzo),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            y = _mm512_min_ps(_mm512_max_ps(y, vlo), vhi);
-            _mm_mask_storeu_epi8(ou + at, m, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
-          } else {
-            _mm512_mask_storeu_ps(of + at, m, _mm512_min_ps(_mm512_max_ps(y, vlo), vhi));
-          }
-        };
-        int64_t ow = 0;
-        for (; ow + 4 <= OW; ow += 4) {  // four pixels share each weight load
-          const float* src = rowp + ow * pstep + c;
-          __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          for (int64_t k = 0; k < taps; ++k) {
-            const __m512 wv = _mm512_loadu_ps(wp + k * Cp + c);  // exact integer products
-            const float* t = src + tp[k];
+      const __mmask16 m = cn == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cn) - 1);
+      const __m512 wsv = _mm512_loadu_ps(wsp + c), bv = _mm512_loadu_ps(bp + c);
+      auto finish = [&](__m512 acc, int64_t ow) {
+        __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(acc, vxs), wsv), bv);
+        const int64_t at = (pix0 + ow) * C + c;
+        if (hswish) {
+          const __m512 t = _mm512_min_ps(
+              _mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(3.0f)), _mm512_setzero_ps()),
+              _mm512_set1_ps(6.0f));
+          y = _mm512_div_ps(_mm512_mul_ps(y, t), _mm512_set1_ps(6.0f));
+        }
+        if (codes_out && hswish) {
+          y = _mm512_roundscale_ps(_mm512_div_ps(y, _mm512_set1_ps(s)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, vzo), vlo), vhi);
+          _mm_mask_storeu_epi8(ou + at, m, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
+        } else if (codes_out) {
+          y = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(y, vinv), vzo),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          y = _mm512_min_ps(_mm512_max_ps(y, vlo), vhi);
+          _mm_mask_storeu_epi8(ou + at, m, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
+        } else {
+          _mm512_mask_storeu_ps(of + at, m, _mm512_min_ps(_mm512_max_ps(y, vlo), vhi));
+        }
+      };
+      int64_t ow = 0;
+      for (; ow + 4 <= OW; ow += 4) {  // four pixels share each weight load
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < kh; ++i) {
+          const float* src = rows[i] + ow * pstep;
+          for (int64_t j = 0; j < kw; ++j) {
+            const __m512 wv = _mm512_loadu_ps(wp + (i * kw + j) * Cp + c);  // exact products
+            const float* t = src + j * dw * 16;
             a0 = _mm512_fmadd_ps(_mm512_loadu_ps(t), wv, a0);
             a1 = _mm512_fmadd_ps(_mm512_loadu_ps(t + pstep), wv, a1);
             a2 = _mm512_fmadd_ps(_mm512_loadu_ps(t + 2 * pstep), wv, a2);
             a3 = _mm512_fmadd_ps(_mm512_loadu_ps(t + 3 * pstep), wv, a3);
           }
-          finish(a0, ow);
-          finish(a1, ow + 1);
-          finish(a2, ow + 2);
-          finish(a3, ow + 3);
         }
-        for (; ow < OW; ++ow) {
-          const float* src = rowp + ow * pstep + c;
-          __m512 a = _mm512_setzero_ps();
-          for (int64_t k = 0; k < taps; ++k)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(src + tp[k]), _mm512_loadu_ps(wp + k * Cp + c), a);
-          finish(a, ow);
-        }
+        finish(a0, ow);
+        finish(a1, ow + 1);
+        finish(a2, ow + 2);
+        finish(a3, ow + 3);
       }
-#endif
-      for (; c < C; ++c) {
+      for (; ow < OW; ++ow) {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t i = 0; i < kh; ++i)
+          for (int64_t j = 0; j < kw; ++j)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(rows[i] + ow * pstep + j * dw * 16),
+                                _mm512_loadu_ps(wp + (i * kw + j) * Cp + c), a);
+        finish(a, ow);
+      }
+#else
+      for (int64_t k = 0; k < cn; ++k) {
         for (int64_t ow = 0; ow < OW; ++ow) {
-          const float* src = rowp + ow * pstep;
           float acc = 0.0f;
-          for (int64_t k = 0; k < taps; ++k) acc += src[tp[k] + c] * wp[k * Cp + c];
-          float y = (acc * xsc) * wsp[c] + bp[c];
-          const int64_t at = (pix0 + ow) * C + c;
+          for (int64_t i = 0; i < kh; ++i)
+            for (int64_t j = 0; j < kw; ++j)
+              acc += rows[i][ow * pstep + j * dw * 16 + k] * wp[(i * kw + j) * Cp + c + k];
+          float y = (acc * xsc) * wsp[c + k] + bp[c + k];
+          const int64_t at = (pix0 + ow) * C + c + k;
           if (hswish) y = (y * std::min(std::max(y + 3.0f, 0.0f), 6.0f)) / 6.0f;
           if (codes_out) {
             const float q = hswish ? std::nearbyint(y / s) + zo : std::nearbyint(y * inv + zo);
@@ -190,6 +213,7 @@ torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
           }
         }
       }
+#endif
     }
   });
   return out;
