@@ -22,6 +22,8 @@
 //   (the caller keeps PyTorch's op then).
 #include <torch/extension.h>
 
+#include <atomic>
+
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
@@ -212,6 +214,25 @@ torch::Tensor maxpool_codes(torch::Tensor q, int64_t kh, int64_t kw, int64_t sh,
   return out;
 }
 
+// Whether every value of the dense float32 tensor x is finite: a NaN or an Inf has all its
+// exponent bits set. Exact (no sum that could overflow), one pass, and on the calling thread
+// up to 2 M values: with a passive OpenMP wait policy PyTorch's two-thread sum of a 3x224x224
+// image took 45 us, one thread 8 us (waking the second thread is the rest).
+bool all_finite(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_non_overlapping_and_dense(),
+              "all_finite: a dense float32 tensor");
+  // dense: the numel values fill numel consecutive slots from data_ptr, in some order
+  const uint32_t* const p = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, x.numel(), 1 << 21, [&](int64_t begin, int64_t end) {
+    uint32_t any = 0;
+    for (int64_t i = begin; i < end; ++i)
+      any |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
+    if (any) bad.store(true, std::memory_order_relaxed);
+  });
+  return !bad.load();
+}
+
 void register_codes(pybind11::module& m) {
   m.def("quantize_codes", &quantize_codes,
         "float32 (any strides) -> channels-last uint8 codes, the simulation's rounding, one pass");
@@ -219,4 +240,5 @@ void register_codes(pybind11::module& m) {
         "Hardsigmoid(pre) * x, quantized like quantize_codes, one pass (a squeeze-excitation tail)");
   m.def("dequantize_codes", &dequantize_codes, "uint8 codes -> channels-last float32, one pass");
   m.def("maxpool_codes", &maxpool_codes, "max-pool of channels-last uint8 codes");
+  m.def("all_finite", &all_finite, "whether a dense float32 tensor holds no NaN or Inf");
 }
