@@ -80,3 +80,38 @@ def test_runner_runs_the_head_on_direct_kernels_and_matches_the_graph(ext, deplo
     with torch.no_grad():
         for x in (calib, torch.randn(3, 3, 12, 20)):
             assert torch.equal(runner(x), gm(x))
+
+
+class _FunctionalPoolNet(torch.nn.Module):
+    """MobileNetV2's tail: the pool is ``F.adaptive_avg_pool2d(x, (1, 1))``, not a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+            nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU6(),
+        )  # fmt: skip
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def test_runner_fuses_a_functional_global_pool_with_its_quantize(ext) -> None:
+    import compactnn
+    from compactnn.deployment.runner import _Codegen, plan_runner
+
+    torch.manual_seed(2)
+    calib = torch.randn(16, 3, 16, 16)
+    qmodel = compactnn.compress(_FunctionalPoolNet().eval(), "w8a8", calib_data=calib,
+                                progress=False)  # fmt: skip
+    gm = compactnn.deploy(qmodel, "onednn", example=calib).program
+    assert any(n.target is F.adaptive_avg_pool2d for n in gm.graph.nodes)
+    assert len(_Codegen(gm).pooled) == 1  # the function's pool runs in the fused pass
+    runner = plan_runner(gm)
+    assert "pool_quantize" in repr(runner._run.__globals__.values())
+    with torch.no_grad():
+        for x in (calib, torch.randn(1, 3, 20, 12)):
+            assert torch.equal(runner(x), gm(x))

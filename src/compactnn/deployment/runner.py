@@ -73,6 +73,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from compactnn.deployment.codes import (
     dequantize_call,
@@ -179,12 +180,25 @@ def _linear_call(m: Int8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     return linear
 
 
+def _global_pool(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The ``AdaptiveAvgPool2d(1)`` that ``node`` is: the module, or (torchvision's MobileNetV2
+    calls the function) ``F.adaptive_avg_pool2d(x, 1)`` / ``(x, (1, 1))`` as a module."""
+    if node.op == "call_module":
+        pool = gm.get_submodule(node.target)
+        if type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)):
+            return pool
+        return None
+    if node.op != "call_function" or node.target is not F.adaptive_avg_pool2d:
+        return None
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    if len(node.args) + len(node.kwargs) != 2 or size not in (1, (1, 1), [1, 1]):
+        return None
+    return nn.AdaptiveAvgPool2d(1)
+
+
 def _pooled_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The quantize node that is the only user of global-average-pool ``node``, if any."""
-    if node.op != "call_module" or len(node.users) != 1:
-        return None
-    pool = gm.get_submodule(node.target)
-    if type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1)):
+    if len(node.users) != 1 or _global_pool(gm, node) is None:
         return None
     user = next(iter(node.users))
     if user.op != "call_module" or user.args != (node,) or user.kwargs:
@@ -295,7 +309,7 @@ class _Codegen:
                 self.skipped.add(node)
             quant = _pooled_quantize(gm, node)
             if quant is not None:  # the pool passes its input on to the fused quantize
-                self.pooled[quant] = gm.get_submodule(node.target)
+                self.pooled[quant] = _global_pool(gm, node)
                 self.skipped.add(node)
         # convolution or linear -> Hardswish [-> quantize]: the last node of a chain makes one call
         self.hardswish: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node | None]] = {}
