@@ -183,8 +183,9 @@ def test_the_limit_is_lower_on_a_cpu_with_amx(monkeypatch):
 
 
 # 5 and 7 vectors of 16 columns (72 and 104 outputs, padded); blocks of 128 columns above
-# 128: a partial last block, three, five (MobileNetV3's 576)
-@pytest.mark.parametrize("out", [72, 104, 200, 384, 576])
+# 128, the last one only as wide as what is left: 16 (MobileNetV2's 144), 80 (200), none
+# (384), 64 (MobileNetV3's 576), 104 padded to 112 (1000, a classifier's width)
+@pytest.mark.parametrize("out", [72, 104, 144, 200, 384, 576, 1000])
 @pytest.mark.parametrize("accum", [None, "float"])
 def test_every_width_equals_onednn(out, accum):
     q = _qconv(1, 1, out=out)

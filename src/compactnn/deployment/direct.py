@@ -102,7 +102,7 @@ def small_linear_call(m: Int8Linear) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 TERM_COLUMNS = (16, 32, 48, 64, 80, 96, 112, 128)  # terms * outputs held in registers
-WIDE_COLUMNS = 2048  # above 128 columns: blocks of 128 (term_conv_pack), at most this many
+WIDE_COLUMNS = 2048  # above 128 columns: blocks of at most 128 (term_conv_pack), at most this many
 
 
 def term_conv_fits(m: nn.Module) -> bool:
@@ -178,7 +178,7 @@ def plain_conv_fits(m: nn.Module) -> bool:
     """Whether plain int8 convolution ``m`` can run on ``term_conv`` with one term: no
     residual sum, a float32 one into a float output (the default deploy's residual add) or a
     uint8 one into codes (quantized residuals), then ReLU or none; one group; outputs padded
-    to 16 up to 128 (:data:`TERM_COLUMNS`), or 129-2,048 (blocks of 128); a ReLU / Hardtanh
+    to 16 up to 128 (:data:`TERM_COLUMNS`), or 129-2,048 (blocks of at most 128); a ReLU / Hardtanh
     or no post-op; symmetric weights and a VNNI build.
     :func:`plain_conv_call` still picks oneDNN for large calls."""
     if not isinstance(m, Int8Conv2d) or m.groups != 1:
@@ -188,7 +188,7 @@ def plain_conv_fits(m: nn.Module) -> bool:
     if m.accum is not None and m.unary not in ("none", "relu"):
         return False  # oneDNN fuses only sum and sum + ReLU
     o = m.w_int8.shape[0]
-    wide = 128 < o <= WIDE_COLUMNS  # blocks of 128 columns (term_conv_pack)
+    wide = 128 < o <= WIDE_COLUMNS  # blocks of at most 128 columns (term_conv_pack)
     columns = -(-o // 16) * 16  # outputs padded to a vector of 16
     if m.unary not in ("none", "relu", "hardtanh") or not (wide or columns in TERM_COLUMNS):
         return False
@@ -369,9 +369,10 @@ def hardswish_call(
 
 def plain_linear_fits(m: nn.Module) -> bool:
     """Whether Int8Linear ``m`` can run on ``term_conv`` as a 1x1 convolution of one row:
-    up to 2,048 outputs (blocks of 128 columns, split between the threads), a ReLU / Hardtanh
-    or no post-op, symmetric weights and a VNNI build (oneDNN's int8 GEMM spent ~55 us on
-    ResNet-18's 512 x 1000 head at batch 1; the direct kernel ~10 us)."""
+    up to 2,048 outputs (nearly equal blocks of at most 128 columns, split between the
+    threads), a ReLU / Hardtanh or no post-op, symmetric weights and a VNNI build (oneDNN's
+    int8 GEMM spent ~55 us on ResNet-18's 512 x 1000 head at batch 1; the direct kernel
+    ~10 us)."""
     if not isinstance(m, Int8Linear) or m.unary not in ("none", "relu", "hardtanh"):
         return False
     o = m.w_int8.shape[0]

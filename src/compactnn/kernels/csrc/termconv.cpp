@@ -54,8 +54,23 @@ inline int64_t grain_for(int64_t per_item) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, per_item));
 }
 
-// Columns of one weight block: all of them up to kBlock, else kBlock (TOp a multiple of it).
-inline int64_t block_width(int64_t TOp) { return TOp <= kBlock ? TOp : kBlock; }
+// Above kBlock columns the weight is cut into ceil(TOp / kBlock) blocks of nearly equal width
+// (multiples of 16 that differ by at most 16): 144 columns are 80 + 64, 192 are 96 + 96. The
+// blocks are the threads' work items, so equal blocks keep both threads busy: with blocks of
+// 128 and a last one of what is left (128 + 16 for 144) one thread did 8/9 of the work, and
+// rounding TOp up to a multiple of 128 computed 256 columns for 144.
+inline int64_t block_count(int64_t TOp) { return (TOp + kBlock - 1) / kBlock; }
+
+// First column of block b
+inline int64_t block_start(int64_t TOp, int64_t b) {
+  const int64_t nv = TOp / 16, nb = block_count(TOp), base = nv / nb, extra = nv % nb;
+  return 16 * (b * base + std::min(b, extra));
+}
+
+// Columns of block b (all TOp columns for a single block)
+inline int64_t block_width(int64_t TOp, int64_t b = 0) {
+  return block_start(TOp, b + 1) - block_start(TOp, b);
+}
 
 struct Geometry {
   int64_t K4;      // input-channel groups of 4 per tap
@@ -118,13 +133,11 @@ inline int64_t dot_row(const uint8_t* src, const Geometry& g, const int8_t* w, i
 }
 #endif
 
-// acc (OW, TOp) int32 for one output row; TOp a multiple of 16 (of kBlock above kBlock).
-// Above kBlock columns the weight is stored in blocks of kBlock columns, each laid out as a
-// kBlock-column weight (see term_conv_pack); each block is one pass over the input window.
-void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp, int64_t OW,
-             int32_t* acc) {
 #if COMPACTNN_VNNI
-  switch (TOp / 16) {
+// acc (OW, width) int32 of one weight block of ``width`` columns (a multiple of 16, <= kBlock)
+inline void dot_block_row(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t width,
+                          int64_t OW, int32_t* acc) {
+  switch (width / 16) {
     case 1: dot_row<1>(src, g, w, OW, acc); return;
     case 2: dot_row<2>(src, g, w, OW, acc); return;
     case 3: dot_row<3>(src, g, w, OW, acc); return;
@@ -132,22 +145,31 @@ void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp
     case 5: dot_row<5>(src, g, w, OW, acc); return;
     case 6: dot_row<6>(src, g, w, OW, acc); return;
     case 7: dot_row<7>(src, g, w, OW, acc); return;
-    case 8: dot_row<8>(src, g, w, OW, acc); return;
-    default: break;
+    default: dot_row<8>(src, g, w, OW, acc); return;
   }
-  if (TOp > kBlock) {
-    std::vector<int32_t> part(OW * kBlock);
-    const int64_t stride = g.taps * g.K4 * kBlock * 4;  // bytes of one weight block
-    for (int64_t b = 0; b < TOp / kBlock; ++b) {
-      dot_row<8>(src, g, w + b * stride, OW, part.data());
-      for (int64_t ow = 0; ow < OW; ++ow)
-        std::memcpy(acc + ow * TOp + b * kBlock, part.data() + ow * kBlock,
-                    kBlock * sizeof(int32_t));
-    }
+}
+#endif
+
+// acc (OW, TOp) int32 for one output row; TOp a multiple of 16. Above kBlock columns the
+// weight is stored in blocks of at most kBlock columns (block_start), each laid out as a
+// weight of its own width (see term_conv_pack); each block is one pass over the input window.
+void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp, int64_t OW,
+             int32_t* acc) {
+#if COMPACTNN_VNNI
+  if (TOp <= kBlock) {
+    dot_block_row(src, g, w, TOp, OW, acc);
     return;
   }
-#endif
-  const int64_t pstep = g.sw * g.Cp, W = block_width(TOp);
+  std::vector<int32_t> part(OW * kBlock);
+  const int64_t column_bytes = g.taps * g.K4 * 4;  // a column's bytes in the packed weight
+  for (int64_t b = 0; b < block_count(TOp); ++b) {
+    const int64_t wb = block_width(TOp, b), o0 = block_start(TOp, b);
+    dot_block_row(src, g, w + o0 * column_bytes, wb, OW, part.data());
+    for (int64_t ow = 0; ow < OW; ++ow)
+      std::memcpy(acc + ow * TOp + o0, part.data() + ow * wb, wb * sizeof(int32_t));
+  }
+#else
+  const int64_t pstep = g.sw * g.Cp;
   for (int64_t ow = 0; ow < OW; ++ow) {
     int32_t* a = acc + ow * TOp;
     for (int64_t j = 0; j < TOp; ++j) a[j] = 0;
@@ -155,19 +177,23 @@ void dot_any(const uint8_t* src, const Geometry& g, const int8_t* w, int64_t TOp
       const uint8_t* s = src + ow * pstep + g.tap[k];
       for (int64_t c4 = 0; c4 < g.K4; ++c4)
         for (int64_t j = 0; j < TOp; ++j) {
-          const int8_t* wj = w + (((j / W * g.taps + k) * g.K4 + c4) * W + j % W) * 4;
+          int64_t b = 0;
+          while (block_start(TOp, b + 1) <= j) ++b;
+          const int64_t o0 = block_start(TOp, b), W = block_width(TOp, b);
+          const int8_t* wj = w + o0 * g.taps * g.K4 * 4 + ((k * g.K4 + c4) * W + j - o0) * 4;
           for (int64_t i = 0; i < 4; ++i) a[j] += static_cast<int32_t>(s[c4 * 4 + i]) * wj[i];
         }
     }
   }
+#endif
 }
 
 }  // namespace
 
 // Pack int8 weight codes (T * O, C, KH, KW) (terms stacked along the outputs, term-major) into
 // the kernel's layout (KH * KW, ceil(C / 4), TOp, 4), TOp = T * O rounded up to 16, zeros in
-// the padding. Above 128 columns TOp is rounded up to a multiple of 128 and the columns are
-// stored in blocks of 128, each in that layout (block b, tap, channel group, column, 4); the
+// the padding. Above 128 columns the columns are stored in blocks of at most 128 (see
+// block_start), each in that layout with its own width (block, tap, channel group, column, 4); the
 // tensor's shape stays (KH * KW, ceil(C / 4), TOp, 4). Returns the packed weight and
 // z * sum(w) per column (TOp) int32.
 std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
@@ -175,21 +201,24 @@ std::vector<torch::Tensor> term_conv_pack(torch::Tensor w, int64_t in_zero) {
   auto wc = w.contiguous();
   const int64_t TO = wc.size(0), C = wc.size(1), KH = wc.size(2), KW = wc.size(3);
   const int64_t K4 = (C + 3) / 4;
-  const int64_t TOp = TO <= kBlock ? (TO + 15) / 16 * 16 : (TO + kBlock - 1) / kBlock * kBlock;
+  const int64_t TOp = (TO + 15) / 16 * 16;
   TORCH_CHECK(TOp <= kMaxTO, "terms * output channels <= 2048");
-  const int64_t W = block_width(TOp), taps = KH * KW;
+  const int64_t taps = KH * KW;
   auto packed = torch::zeros({KH * KW, K4, TOp, 4}, torch::kInt8);
   auto corr = torch::zeros({TOp}, torch::kInt32);
   const int8_t* src = wc.data_ptr<int8_t>();
   int8_t* dst = packed.data_ptr<int8_t>();
   int32_t* cp = corr.data_ptr<int32_t>();
+  int64_t b = 0;  // the block of column o
   for (int64_t o = 0; o < TO; ++o) {
+    while (block_start(TOp, b + 1) <= o) ++b;
+    const int64_t o0 = block_start(TOp, b), W = block_width(TOp, b);
     int64_t total = 0;
     for (int64_t c = 0; c < C; ++c)
       for (int64_t i = 0; i < KH; ++i)
         for (int64_t j = 0; j < KW; ++j) {
           const int8_t v = src[((o * C + c) * KH + i) * KW + j];
-          dst[((((o / W) * taps + i * KW + j) * K4 + c / 4) * W + o % W) * 4 + c % 4] = v;
+          dst[o0 * taps * K4 * 4 + (((i * KW + j) * K4 + c / 4) * W + o - o0) * 4 + c % 4] = v;
           total += v;
         }
     cp[o] = static_cast<int32_t>(total * in_zero);
@@ -259,7 +288,6 @@ torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torc
   const int64_t K4 = packed.size(1), TOp = packed.size(2), Cp = K4 * 4;
   TORCH_CHECK(K4 == (C + 3) / 4, "packed weight does not match the input channels");
   const int64_t TO = mult.numel(), O = TO / terms;
-  TORCH_CHECK(TOp <= kBlock || TOp % kBlock == 0, "packed: from term_conv_pack");
   TORCH_CHECK(terms >= 1 && O * terms == TO && TO <= TOp && TOp % 16 == 0,
               "mult: (terms * O) float32");
   TORCH_CHECK(mult.scalar_type() == torch::kFloat32 && mult.is_contiguous(), "mult: float32");
@@ -333,12 +361,12 @@ torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torc
   uint8_t* ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
   float* of = codes_out ? nullptr : out.data_ptr<float>();
   // One work item: an output row, or (one term, above kBlock columns) an output row's block of
-  // kBlock columns, blocks outermost: threads then share the weight (each reads its blocks)
+  // columns (block_start), blocks outermost: threads then share the weight (each reads its blocks)
   // instead of each reading all of it, which decides the time when there are few rows (a
   // batch-1 call on a 2x2 map, a linear layer) and a weight larger than the cache.
   const bool split = COMPACTNN_VNNI && terms == 1 && TOp > kBlock;
-  const int64_t blocks = split ? TOp / kBlock : 1, width = split ? kBlock : TOp;
-  const int64_t rows = N * OH, block_bytes = taps * K4 * kBlock * 4;
+  const int64_t blocks = split ? block_count(TOp) : 1, width = split ? kBlock : TOp;
+  const int64_t rows = N * OH, column_bytes = taps * K4 * 4;
   const int64_t grain = grain_for(OW * width * taps * K4 * 4);
   at::parallel_for(0, rows * blocks, grain, [&](int64_t begin, int64_t end) {
     // captures copied into locals: through the captured references, every store that may
@@ -346,7 +374,7 @@ torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torc
     const auto rows_ = rows;
     const auto split_ = split;
     const auto width_ = width;
-    const auto block_bytes_ = block_bytes;
+    const auto column_bytes_ = column_bytes;
     const auto Cp_ = Cp;
     const auto Hp_ = Hp;
     const auto O_ = O;
@@ -384,19 +412,21 @@ torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torc
       const int64_t r = i % rows_, blk = i / rows_;
       const int64_t n = r / OH_, oh = r % OH_;
       const uint8_t* src = pp_ + (n * Hp_ + oh * sh_) * Wp_ * Cp_;
+      // this item's columns [o0, o0 + wb): a[j - o0] holds column j's dot
+      const int64_t wb = split_ ? block_width(TOp_, blk) : width_;
+      const int64_t o0 = split_ ? block_start(TOp_, blk) : 0;
 #if COMPACTNN_VNNI
       if (split_) {
-        dot_row<8>(src, g_, wp_ + blk * block_bytes_, OW_, acc.data());
+        dot_block_row(src, g_, wp_ + o0 * column_bytes_, wb, OW_, acc.data());
       } else {
         dot_any(src, g_, wp_, TOp_, OW_, acc.data());
       }
 #else
       dot_any(src, g_, wp_, TOp_, OW_, acc.data());
 #endif
-      // this item's columns [o0, o1): a[j - o0] holds column j's dot
-      const int64_t o0 = blk * width_, o1 = split_ ? std::min(O_, o0 + width_) : O_;
+      const int64_t o1 = split_ ? std::min(O_, o0 + wb) : O_;
       for (int64_t ow = 0; ow < OW_; ++ow) {
-        const int32_t* a = acc.data() + ow * width_;
+        const int32_t* a = acc.data() + ow * wb;
         const int64_t pix = (n * OH_ + oh) * OW_ + ow;
         int64_t o = o0;
 #if COMPACTNN_VNNI
