@@ -21,7 +21,11 @@ def ext():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-@pytest.mark.parametrize(("n", "c", "h", "w"), [(1, 3, 64, 64), (2, 19, 5, 37), (3, 64, 7, 7)])
+# images of 1-4 channels (interleaved 16 pixels at a time, a 5-pixel tail for w = 37), others
+@pytest.mark.parametrize(
+    ("n", "c", "h", "w"),
+    [(1, 3, 64, 64), (2, 1, 3, 37), (1, 4, 4, 21), (2, 2, 3, 16), (2, 19, 5, 37), (3, 64, 7, 7)],
+)
 def test_quantize_codes_equal_the_pytorch_ops(ext, layout, n, c, h, w) -> None:
     g = torch.Generator().manual_seed(n + c + h + w)
     scale, zero = 0.0387, 114
@@ -47,11 +51,12 @@ def test_quantize_codes_equal_the_pytorch_ops(ext, layout, n, c, h, w) -> None:
         {"kernel_size": (3, 2), "stride": (1, 2), "padding": (1, 0), "dilation": (2, 1)},
     ],
 )
-def test_maxpool_codes_equal_pytorchs_quantized_pool(ext, kwargs) -> None:
+@pytest.mark.parametrize("channels", [24, 70])  # one masked register; a full one and a tail
+def test_maxpool_codes_equal_pytorchs_quantized_pool(ext, kwargs, channels) -> None:
     from compactnn.deployment.codes import maxpool_call
 
     g = torch.Generator().manual_seed(3)
-    q = torch.randint(0, 256, (2, 24, 11, 13), dtype=torch.uint8, generator=g)
+    q = torch.randint(0, 256, (2, channels, 11, 13), dtype=torch.uint8, generator=g)
     q = q.contiguous(memory_format=CL)
     ref = MaxPoolU8({"dilation": 1, "ceil_mode": False, "padding": 0, **kwargs})
     direct = maxpool_call(ref)
