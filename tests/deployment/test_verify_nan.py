@@ -14,12 +14,6 @@ from compactnn.errors import CompactnnError
 NAN, INF = float("nan"), float("inf")
 
 
-def bitconv_available() -> bool:
-    from compactnn.kernels import bitconv
-
-    return bitconv.available()
-
-
 def _ref() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 10)).eval()
@@ -82,37 +76,3 @@ def test_onnx_export_refuses_nan_example(qnet, tmp_path):
     with pytest.raises(CompactnnError, match=r"example= holds 0 NaN and 64 Inf"):
         export_onnx(qnet[0], tmp_path / "m.onnx", example=example)
     assert not (tmp_path / "m.onnx").exists()
-
-
-@pytest.mark.skipif(not bitconv_available(), reason="no C++ compiler")
-def test_extension_check_agrees_with_isfinite_on_every_kind_of_value():
-    from compactnn.deployment.codes import surely_finite
-    from compactnn.kernels import bitconv
-
-    ext = bitconv.load_extension()
-    g = torch.Generator().manual_seed(5)
-    base = torch.randn(3, 5, 17, 19, generator=g) * 1e30  # large finite values: a sum overflows
-    base[0, 0, 0, :4] = torch.tensor([3.4e38, -3.4e38, 1e-45, -0.0])  # max, denormal, -0
-    assert ext.all_finite(base) and surely_finite(base)
-    for bad in (NAN, INF, -INF, -NAN):
-        for at in ((0, 0, 0, 0), (2, 4, 16, 18), (1, 2, 3, 4)):  # first, last, inside
-            x = base.clone()
-            x[at] = bad
-            assert not ext.all_finite(x) and not surely_finite(x)
-            cl = x.contiguous(memory_format=torch.channels_last)  # another dense order
-            assert ext.all_finite(cl) == bool(torch.isfinite(cl).all())
-    big = torch.zeros(1 << 22)  # above the one-thread limit: split between the threads
-    big[-1] = NAN
-    assert not ext.all_finite(big) and ext.all_finite(big[:-1])
-    # not dense, or not float32: left to check_finite, which decides
-    assert not surely_finite(base[:, :, ::2]) and not surely_finite(base.double())
-    deployed = DeployedModel(_ref(), "onednn", {})
-    x = _example()
-    x[1, 1] = INF
-    with pytest.raises(CompactnnError, match=r"deployed model input 0 holds 0 NaN and 1 Inf"):
-        deployed(x)
-    assert deployed(_example().t().contiguous().t()).shape == (4, 10)  # transposed: checked too
-    y = _example().t().contiguous().t()
-    y[0, 0] = NAN
-    with pytest.raises(CompactnnError, match=r"deployed model input 0 holds 1 NaN"):
-        deployed(y)

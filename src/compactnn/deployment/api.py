@@ -16,7 +16,6 @@ from compactnn._optional import require
 from compactnn.core.calib import call_model, check_example, check_finite
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.deployment import binary, float_check
-from compactnn.deployment.codes import surely_finite
 from compactnn.deployment.float_check import float_advice, float_contenders
 from compactnn.deployment.lower import lower
 from compactnn.deployment.onednn import Int8Conv2d, Int8Linear
@@ -102,7 +101,7 @@ class DeployedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for key, value in [*enumerate(args), *kwargs.items()]:
-            if isinstance(value, torch.Tensor) and not surely_finite(value):
+            if isinstance(value, torch.Tensor):
                 check_finite(value, f"deployed model input {key!r}")
         with torch.no_grad():
             if "program" in self._modules:  # an fx.GraphModule of int8 kernels

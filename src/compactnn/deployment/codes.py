@@ -1,9 +1,8 @@
 """Cheap operations on codes as plan-runner calls (``deployment/runner.py``), on the compiled
 extension's ``kernels/csrc/codes.cpp`` and ``head.cpp``: the quantization and dequantization
 of a value (``quantize_codes``, ``dequantize_codes``), a max-pool of codes
-(``maxpool_codes``), a global average pool with its quantization (``pool_quantize``), the
-gated quantization of a squeeze-excitation tail (``gate_quantize``), and the deployed
-model's check of its float inputs (``all_finite``). Each closure gives the
+(``maxpool_codes``), a global average pool with its quantization (``pool_quantize``) and the
+gated quantization of a squeeze-excitation tail (``gate_quantize``). Each closure gives the
 outputs of the modules it replaces, bit for bit, and falls back to them for other inputs.
 The layers themselves (convolutions, linear layers) are in :mod:`compactnn.deployment.direct`.
 """
@@ -19,19 +18,6 @@ from torch import nn
 from compactnn.deployment.lowbit import QuantizeGrid
 from compactnn.deployment.onednn import CL, Dequantize, MaxPoolU8
 from compactnn.kernels import bitconv
-
-
-def surely_finite(x: torch.Tensor) -> bool:
-    """True when the extension confirms that dense float32 ``x`` holds no NaN or Inf (one
-    exact pass on the calling thread for inputs up to 2 M values); False when it finds one or
-    cannot check (another dtype or layout, or the extension not loaded in this process: this
-    never compiles it): the caller then runs :func:`compactnn.core.calib.check_finite`, which
-    decides and names the bad values."""
-    ext = bitconv.loaded()
-    if ext is None or x.dtype != torch.float32 or x.device.type != "cpu":
-        return False
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=CL))
-    return dense and bool(ext.all_finite(x))
 
 
 def code_grid(m: nn.Module) -> tuple[float, int, int, int]:

@@ -22,8 +22,6 @@
 //   (the caller keeps PyTorch's op then).
 #include <torch/extension.h>
 
-#include <atomic>
-
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
@@ -35,12 +33,13 @@
 
 namespace {
 
-// Work up to which the quantization and the max-pool run on the calling thread. Measured at
-// batch 1 and 8 on 2 threads with a passive OpenMP wait (AMD Zen 4 VM): waking the second
-// thread cost more than it saved. Quantizing one 3x224x224 image took 60 us on one thread,
-// 81 on two (eight images: 460 against 352). ResNet-18's stem max-pool (64x112x112 codes)
-// took 32 us against 79 (eight images: 250 against 312).
-constexpr int64_t kSerialValues = 512 * 1024;
+// Work up to which the quantization and the max-pool run on the calling thread. Measured on 2
+// threads (AMD Zen 4 VM) with the library's timing settings, OMP_WAIT_POLICY=PASSIVE and
+// GOMP_SPINCOUNT=20000 (the threads spin ~0.5 ms after a parallel loop). Quantizing one
+// 3x224x224 image: two threads 23 us, one 43 us (without the spin two threads took 56-59 us).
+// ResNet-18's stem max-pool (64x112x112 codes): one thread 32 us, two 20-71 us (the second
+// thread sometimes had gone to sleep); eight images: two threads 145-150 us.
+constexpr int64_t kSerialValues = 64 * 1024;
 constexpr int64_t kSerialPoolBytes = 2 * 1024 * 1024;
 
 // 16 codes of 16 consecutive floats, each first multiplied by its gate when ``gate`` is given
@@ -272,25 +271,6 @@ torch::Tensor maxpool_codes(torch::Tensor q, int64_t kh, int64_t kw, int64_t sh,
   return out;
 }
 
-// Whether every value of the dense float32 tensor x is finite: a NaN or an Inf has all its
-// exponent bits set. Exact (no sum that could overflow), one pass, and on the calling thread
-// up to 2 M values: with a passive OpenMP wait policy PyTorch's two-thread sum of a 3x224x224
-// image took 45 us, one thread 8 us (waking the second thread is the rest).
-bool all_finite(const torch::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_non_overlapping_and_dense(),
-              "all_finite: a dense float32 tensor");
-  // dense: the numel values fill numel consecutive slots from data_ptr, in some order
-  const uint32_t* const p = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, x.numel(), 1 << 21, [&](int64_t begin, int64_t end) {
-    uint32_t any = 0;
-    for (int64_t i = begin; i < end; ++i)
-      any |= static_cast<uint32_t>((p[i] & 0x7f800000u) == 0x7f800000u);
-    if (any) bad.store(true, std::memory_order_relaxed);
-  });
-  return !bad.load();
-}
-
 void register_codes(pybind11::module& m) {
   m.def("quantize_codes", &quantize_codes,
         "float32 (any strides) -> channels-last uint8 codes, the simulation's rounding, one pass");
@@ -298,5 +278,4 @@ void register_codes(pybind11::module& m) {
         "Hardsigmoid(pre) * x, quantized like quantize_codes, one pass (a squeeze-excitation tail)");
   m.def("dequantize_codes", &dequantize_codes, "uint8 codes -> channels-last float32, one pass");
   m.def("maxpool_codes", &maxpool_codes, "max-pool of channels-last uint8 codes");
-  m.def("all_finite", &all_finite, "whether a dense float32 tensor holds no NaN or Inf");
 }
