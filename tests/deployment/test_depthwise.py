@@ -28,10 +28,12 @@ def _qdw(c: int, k: int, stride: int, dilation: int = 1) -> nn.Module:
     return compactnn.compress(nn.Sequential(conv), "w8a8", calib_data=calib, progress=False)[0]
 
 
-# 16 channels (one vector), 40 (a partial last vector), 96 with 5x5 taps; strides 1 and 2;
-# dilation 2; three images (one band of rows each) and one image of 37 rows (bands of 16)
+# 16 channels (one vector), 40 (a partial last vector), 96 with 5x5 taps, 24 with 7x7 (the
+# integer form's unrolled 3x3 and 5x5 windows and its general loop); strides 1 and 2; dilation
+# 2 (the float form); three images and one image of 37 rows (the float form's bands of 16)
 @pytest.mark.parametrize(
-    "c,k,stride,dilation", [(16, 3, 2, 1), (40, 3, 1, 1), (96, 5, 2, 1), (40, 3, 1, 2)]
+    "c,k,stride,dilation",
+    [(16, 3, 2, 1), (40, 3, 1, 1), (96, 5, 2, 1), (24, 7, 1, 1), (40, 3, 1, 2)],
 )
 @pytest.mark.parametrize("shape", [(3, 11, 10), (1, 37, 21)])
 def test_depthwise_equals_onednn_bit_for_bit(c, k, stride, dilation, shape):
@@ -61,8 +63,10 @@ def test_depthwise_equals_onednn_bit_for_bit(c, k, stride, dilation, shape):
         assert len(want.unique()) > 20  # not all clamped: the test can fail
 
 
-def test_large_calls_stay_on_onednn(monkeypatch):
-    m = Int8Conv2d(_qdw(16, 3, 1), (0.05, 3), ("relu", []))
+def test_large_calls_stay_on_onednn_in_the_float_form(monkeypatch):
+    ext = bitconv.load_extension()
+    m = Int8Conv2d(_qdw(16, 3, 1, dilation=2), (0.05, 3), ("relu", []))
+    assert not ext.dw_integer_form(3, 3, 2)  # width dilation: the float form
     calls = []
 
     def onednn(q):
@@ -80,6 +84,19 @@ def test_large_calls_stay_on_onednn(monkeypatch):
     assert torch.equal(depthwise_call(m, onednn)(one), m(one)) and len(calls) == 1
     monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 16 * (81 + 81) - 1)
     assert torch.equal(depthwise_call(m, onednn)(one), m(one)) and calls[1:] == [(1, 16, 9, 9)]
+
+
+def test_the_integer_form_runs_every_call(monkeypatch):
+    ext = bitconv.load_extension()
+    if not ext.dw_integer_form(3, 3, 1):
+        pytest.skip("this build has no VNNI + VBMI integer form")
+    assert ext.dw_integer_form(7, 8, 1) and not ext.dw_integer_form(3, 9, 1)
+    m = Int8Conv2d(_qdw(16, 3, 1), (0.05, 3), ("relu", []))
+    monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 0)
+    monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 0)
+    fast = depthwise_call(m, lambda q: pytest.fail("the integer form went to oneDNN"))
+    x = torch.randint(0, 256, (2, 16, 9, 9), dtype=torch.uint8)
+    assert torch.equal(fast(x), m(x))
 
 
 def test_fits_only_depthwise_layers():

@@ -279,22 +279,26 @@ def depthwise_fits(m: nn.Module) -> bool:
 
 
 # Per-call size (input + output values) up to which a depthwise convolution runs on the direct
-# kernel. Measured per layer on MobileNetV2's and MobileNetV3-Small's depthwise layers,
-# 2 threads, AMD Zen 4 (equal outputs; session 15's row-ring kernel): at batch 1, 38-300 K
-# values 1.7-3.0x oneDNN's 46-71 us a call, 560-800 K values 1.2-1.4x, 0.9-1.5 M values
-# 0.85-0.98x; at batch 8 oneDNN wins from ~0.3 M values (0.61-1.00x up to 12 M), the direct
-# kernel restarting its row ring for every image and block of 16 channels.
+# kernel's float form (width dilation, or a build without VNNI and VBMI). Measured per layer on
+# MobileNetV2's and MobileNetV3-Small's depthwise layers, 2 threads, AMD Zen 4 (equal outputs;
+# session 15's row-ring kernel): at batch 1, 38-300 K values 1.7-3.0x oneDNN's 46-71 us a
+# call, 560-800 K values 1.2-1.4x, 0.9-1.5 M values 0.85-0.98x; at batch 8 oneDNN wins from
+# ~0.3 M values (0.61-1.00x up to 12 M). The integer form (``dw_integer_form``: VNNI dots of 4
+# adjacent taps, each input row read once for all channels) runs every call: session 16, same
+# layers, batch 8 1.2-1.8x oneDNN (MobileNetV2's 17 layers 4.1 -> 3.2 ms, MobileNetV3-Small's
+# 11 1.5 -> 1.0 ms), batch 1 2.2x and 3.5x in all.
 DEPTHWISE_VALUES = 320_000
-DEPTHWISE_VALUES_ONE_IMAGE = 850_000  # the limit for a batch of one image
+DEPTHWISE_VALUES_ONE_IMAGE = 850_000  # the float form's limit for a batch of one image
 
 
 def depthwise_call(
     m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor], hardswish: tuple | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``m.forward`` on the direct kernel for calls of at most :data:`DEPTHWISE_VALUES` (one
-    image: :data:`DEPTHWISE_VALUES_ONE_IMAGE`), else
-    ``onednn`` (the layer's oneDNN closure); the same codes or floats either way (oneDNN's
-    float order on exact integer sums): (N, C, H, W) uint8 codes -> channels-last output.
+    """``m.forward`` on the direct kernel: always where its integer form applies
+    (``dw_integer_form``), else for calls of at most :data:`DEPTHWISE_VALUES` (one image:
+    :data:`DEPTHWISE_VALUES_ONE_IMAGE`) and on ``onednn`` (the layer's oneDNN closure) above;
+    the same codes or floats either way (oneDNN's float order on exact integer sums):
+    (N, C, H, W) uint8 codes -> channels-last output.
     ``hardswish``: see :func:`hardswish_call`."""
     ext = bitconv.load_extension()
     o, _, kh, kw = m.w_int8.shape
@@ -312,6 +316,8 @@ def depthwise_call(
                             _hardswish_out(hardswish)), hardswish is not None,
     )  # fmt: skip
     (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
+    if ext.dw_integer_form(kh, kw, dw):
+        return plan  # faster than oneDNN at every measured size
     direct: dict[tuple[int, ...], bool] = {}  # input shape -> whether it runs here
 
     def small(shape: torch.Size) -> bool:

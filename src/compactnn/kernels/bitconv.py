@@ -43,10 +43,12 @@ SOURCES = tuple(
         "head.cpp",
         "codes.cpp",
         "dwconv.cpp",
+        "dwconv_int.cpp",
         "squeeze.cpp",
     )
 )
-HEADERS = (SOURCE.with_name("termconv.h"),)  # part of the build's identity, like the sources
+# part of the build's identity, like the sources
+HEADERS = (SOURCE.with_name("termconv.h"), SOURCE.with_name("dwconv.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)
 

@@ -1,8 +1,11 @@
 // Depthwise int8 convolution of uint8 codes (one weight per channel and tap), requantized in
 // the same pass (compactnn.deployment.runner). oneDNN spends ~40-60 us per depthwise call at
-// batch 1 whatever its size (MobileNetV3-Small has 11). Here each block of 16 channels
-// converts the input rows it reads to float32 (q - z) into a small ring of rows that stays in
-// L1, and each output row runs 16 channels per vector, four pixels sharing each weight load.
+// batch 1 whatever its size (MobileNetV3-Small has 11). Two forms, equal outputs:
+// - the integer form (windows of up to 7 x 8 taps without width dilation, a VNNI + VBMI
+//   build): uint8 rows in a ring, 4 adjacent taps of 16 channels per vpdpbusd (dw_vnni_rows);
+// - the float form (any other window): each block of 16 channels converts the input rows it
+//   reads to float32 (q - z) into a small ring of rows that stays in L1, and each output row
+//   runs 16 channels per vector, four pixels sharing each weight load.
 //
 // Exactness: (q - z) and the int8 weights are small integers and a window has at most 49 taps,
 // so every float32 product and sum is an exact integer (|acc| <= 49 * 255 * 128 < 2^24) and
@@ -11,6 +14,8 @@
 // apply a ReLU / Hardtanh), or float32 clamp(y, lo, hi); -ffp-contract=off. With hswish, PyTorch's
 // Hardswish (y * min(max(y + 3, 0), 6)) / 6 follows, then (codes) the simulation's quantization
 // nearbyint(h / s) + zo: the convolution, its Hardswish and the next quantization in one pass.
+#include "dwconv.h"
+
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -23,31 +28,18 @@
 #include <cstring>
 #include <vector>
 
-// Work (multiply-accumulates, or values converted) below which a loop runs on the calling
-// thread: at batch 1 on 2 threads MobileNetV3-Small's depthwise layers at 64x64 took 19-27 us
-// on two threads, 6-9 us on one (waking the second thread costs more than it saves).
-constexpr int64_t kParallelWork = 128 * 1024;
-
-inline int64_t grain_for(int64_t per_item) {
-  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, per_item));
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define COMPACTNN_DW512 1
-#else
-#define COMPACTNN_DW512 0
-#endif
-
 // x: (N, C, H, W) uint8 codes, any strides (channels-last is the fast case). w: (KH * KW, Cp)
 // float32 integer codes, Cp = C rounded up to 16; w_scale, bias: (Cp) float32 (zeros after C,
 // so every vector load stays inside).
 // Returns (N, C, OH, OW) in channels-last memory: uint8 codes (out_scale > 0) or float32.
-torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
-                      const torch::Tensor& w, const torch::Tensor& w_scale,
-                      const torch::Tensor& bias, int64_t kh, int64_t kw,
-                      const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
-                      const std::vector<int64_t>& dilation, double out_scale, int64_t out_zero,
-                      double lo, double hi, bool hswish) {
+static torch::Tensor dw_conv_impl(const torch::Tensor& x, double x_scale, int64_t in_zero,
+                                  const torch::Tensor& w, const torch::Tensor& w_scale,
+                                  const torch::Tensor& bias, int64_t kh, int64_t kw,
+                                  const std::vector<int64_t>& stride,
+                                  const std::vector<int64_t>& padding,
+                                  const std::vector<int64_t>& dilation, double out_scale,
+                                  int64_t out_zero, double lo, double hi, bool hswish,
+                                  const DwPacked* packed = nullptr) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kUInt8, "x: (N, C, H, W) uint8 codes");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cp = (C + 15) / 16 * 16, taps = kh * kw;
@@ -93,7 +85,25 @@ torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
   // with more, a band is the whole image (a block's rows stay in one task).
   const int64_t band_rows = N > 1 ? OH : 16, bands = (OH + band_rows - 1) / band_rows;
   const int64_t CB = Cp / 16, span = (kh - 1) * dh + 1, row_floats = Wp * 16;
-  at::parallel_for(0, N * bands * CB * band_rows, grain_for(OW * 16 * taps),
+#if COMPACTNN_DW512
+  const DwOut epi{_mm512_set1_ps(xsc), _mm512_set1_ps(inv), _mm512_set1_ps(zo),
+                  _mm512_set1_ps(flo), _mm512_set1_ps(fhi), _mm512_set1_ps(s),
+                  hswish, codes_out, ou, of};
+#endif
+#if COMPACTNN_DWVNNI
+  if (dw_integer_form(kh, kw, dw)) {
+    DwPacked own;
+    if (packed == nullptr) {
+      own = dw_pack(w, kh, kw, in_zero);
+      packed = &own;
+    }
+    dw_conv_vnni({xp, xs0, xs1, xs2, xs3, N, C, H, W, Cp, kh, kw, sh, sw, ph, pw, dh, OH, OW,
+                  static_cast<uint8_t>(in_zero), packed->w.data_ptr<int8_t>(),
+                  packed->corr.data_ptr<int32_t>(), wsp, bp, epi});
+    return out;
+  }
+#endif
+  at::parallel_for(0, N * bands * CB * band_rows, dw_grain_for(OW * 16 * taps),
                    [&](int64_t begin, int64_t end) {
     std::vector<float> ring(span * row_floats);
     std::vector<int64_t> tag(span, -1);
@@ -141,32 +151,10 @@ torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
       const int64_t pix0 = (n * OH + oh) * OW;
       const int64_t pstep = sw * 16;  // floats from one output pixel's window to the next
 #if COMPACTNN_DW512
-      const __m512 vxs = _mm512_set1_ps(xsc), vinv = _mm512_set1_ps(inv);
-      const __m512 vzo = _mm512_set1_ps(zo), vlo = _mm512_set1_ps(flo), vhi = _mm512_set1_ps(fhi);
       const __mmask16 m = cn == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cn) - 1);
       const __m512 wsv = _mm512_loadu_ps(wsp + c), bv = _mm512_loadu_ps(bp + c);
       auto finish = [&](__m512 acc, int64_t ow) {
-        __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(acc, vxs), wsv), bv);
-        const int64_t at = (pix0 + ow) * C + c;
-        if (hswish) {
-          const __m512 t = _mm512_min_ps(
-              _mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(3.0f)), _mm512_setzero_ps()),
-              _mm512_set1_ps(6.0f));
-          y = _mm512_div_ps(_mm512_mul_ps(y, t), _mm512_set1_ps(6.0f));
-        }
-        if (codes_out && hswish) {
-          y = _mm512_roundscale_ps(_mm512_div_ps(y, _mm512_set1_ps(s)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          y = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, vzo), vlo), vhi);
-          _mm_mask_storeu_epi8(ou + at, m, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
-        } else if (codes_out) {
-          y = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(y, vinv), vzo),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          y = _mm512_min_ps(_mm512_max_ps(y, vlo), vhi);
-          _mm_mask_storeu_epi8(ou + at, m, _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(y)));
-        } else {
-          _mm512_mask_storeu_ps(of + at, m, _mm512_min_ps(_mm512_max_ps(y, vlo), vhi));
-        }
+        dw_store(acc, (pix0 + ow) * C + c, m, wsv, bv, epi);
       };
       int64_t ow = 0;
       for (; ow + 4 <= OW; ow += 4) {  // four pixels share each weight load
@@ -230,9 +218,24 @@ struct DwConvPlan {
   int64_t out_zero;
   double lo, hi;
   bool hswish;
+  DwPacked packed;  // the integer form's weights, packed once
 };
 
+// dw_conv_impl packing the weights for this call
+torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
+                      const torch::Tensor& w, const torch::Tensor& w_scale,
+                      const torch::Tensor& bias, int64_t kh, int64_t kw,
+                      const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                      const std::vector<int64_t>& dilation, double out_scale, int64_t out_zero,
+                      double lo, double hi, bool hswish) {
+  return dw_conv_impl(x, x_scale, in_zero, w, w_scale, bias, kh, kw, stride, padding, dilation,
+                      out_scale, out_zero, lo, hi, hswish);
+}
+
 void register_dwconv(pybind11::module& m) {
+  m.def("dw_integer_form", &dw_integer_form,
+        "whether dw_conv runs a (kh, kw) window of width dilation dilation_w on integer dots",
+        pybind11::arg("kh"), pybind11::arg("kw"), pybind11::arg("dilation_w"));
   m.def("dw_conv", &dw_conv, "depthwise int8 convolution of uint8 codes, requantized in one pass");
   pybind11::class_<DwConvPlan>(m, "DwConvPlan")
       .def(pybind11::init([](double x_scale, int64_t in_zero, torch::Tensor w,
@@ -242,12 +245,17 @@ void register_dwconv(pybind11::module& m) {
                              double lo, double hi, bool hswish) {
              TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
                          "stride, padding, dilation: two values each");
-             return DwConvPlan{x_scale, in_zero, w, w_scale, bias, kh, kw, stride, padding,
-                               dilation, out_scale, out_zero, lo, hi, hswish};
+             TORCH_CHECK(w.dim() == 2 && w.size(0) == kh * kw && w.scalar_type() == torch::kFloat32,
+                         "w: (KH * KW, C padded to 16) float32");
+             auto wc = w.contiguous();
+             return DwConvPlan{x_scale, in_zero, wc, w_scale, bias, kh, kw, stride, padding,
+                               dilation, out_scale, out_zero, lo, hi, hswish,
+                               dw_pack(wc, kh, kw, in_zero)};
            }),
            "dw_conv's arguments after x")
       .def("__call__", [](const DwConvPlan& p, const torch::Tensor& x) {
-        return dw_conv(x, p.x_scale, p.in_zero, p.w, p.w_scale, p.bias, p.kh, p.kw, p.stride,
-                       p.padding, p.dilation, p.out_scale, p.out_zero, p.lo, p.hi, p.hswish);
+        return dw_conv_impl(x, p.x_scale, p.in_zero, p.w, p.w_scale, p.bias, p.kh, p.kw, p.stride,
+                       p.padding, p.dilation, p.out_scale, p.out_zero, p.lo, p.hi, p.hswish,
+                       &p.packed);
       });
 }
