@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
-from compactnn.bench.deploy_checks import ceiling, reference_accuracy
+from compactnn.bench.deploy_checks import ceiling, reference_accuracy, roofline
 
 THREADS = 2
 FLOAT_PATHS = ("fp32-eager", "torch.compile", "ort-fp32", "bf16-autocast")
@@ -310,6 +310,7 @@ def _measure(quick: bool) -> list[str]:
     from compactnn.measure.environment import cpu_description
 
     shapes = _shapes(quick)
+    fastest: dict[str, float] = {}  # network -> our fastest batch-8 ms at 224x224
     out = [
         f"`{_command(quick)}` on {cpu_description()} (threads: "
         f"{torch.get_num_threads()}, {POLICY}={os.environ.get(POLICY, 'unset')}; each contender "
@@ -331,7 +332,10 @@ def _measure(quick: bool) -> list[str]:
         timed = {b: time_blocks(models, (calib[:b],)) for b in (8, 1)}
         title = f"torchvision {name}, {size}x{size}"
         out += [*_table(title, models, timed), "", f"Load average after it: {_load()}.", ""]
-    return out
+        ours = [k for k in timed[8][0] if k.startswith("compactnn") and callable(models.get(k))]
+        if size == 224 and ours:
+            fastest[name] = min(statistics.median(timed[8][0][k]) for k in ours) * 1e3
+    return [*out, *roofline(THREADS, fastest), ""]
 
 
 def _command(quick: bool) -> str:

@@ -1,6 +1,7 @@
 """The deploy section's checks beside its speed tables (``bench/deploy.py``): the GEMM rate
-each engine reaches on one core (what the hardware allows int8 over float) and the reference
-CNNs' held-out top-1 measured on the deployed models themselves."""
+each engine reaches on one core (what the hardware allows int8 over float), the int8
+instruction peak and the least time it allows the timed networks (a roofline), and the
+reference CNNs' held-out top-1 measured on the deployed models themselves."""
 
 from __future__ import annotations
 
@@ -116,4 +117,89 @@ def ceiling() -> list[str]:
         "|---|---:|",
     ]
     lines += [f"| {k_} | {v:.0f} |" for k_, v in rates.items()]
+    return lines
+
+
+def _taps_inside(size: int, k: int, stride: int, pad: int, dilation: int) -> int:
+    """Kernel taps over all output positions of one dimension that land inside the input."""
+    out = (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    return sum(0 <= o * stride - pad + t * dilation < size for o in range(out) for t in range(k))
+
+
+def conv_work(model: torch.nn.Module, size: int) -> tuple[int, int]:
+    """(multiply-accumulates, output values) of ``model``'s convolutions and linear layers for
+    one ``size`` x ``size`` image, counting only the taps that land inside the input (kernels
+    such as oneDNN's skip the zero padding)."""
+    macs, outs = [0], [0]
+
+    def hook(m, args, y):
+        if isinstance(m, torch.nn.Conv2d):
+            (_, c, h, w), (kh, kw) = args[0].shape, m.kernel_size
+            th = _taps_inside(h, kh, m.stride[0], m.padding[0], m.dilation[0])
+            tw = _taps_inside(w, kw, m.stride[1], m.padding[1], m.dilation[1])
+            macs[0] += m.out_channels * (c // m.groups) * th * tw
+        else:
+            macs[0] += m.in_features * m.out_features
+        outs[0] += y[0].numel()
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+    return macs[0], outs[0]
+
+
+def vnni_peak(threads: int) -> float | None:
+    """MACs per second of wall time that ``threads`` threads reach issuing nothing but
+    512-bit vpdpbusd (the extension's ``vnni_peak_macs``; median of 3); None without VNNI."""
+    from compactnn.kernels import bitconv
+
+    if not bitconv.available() or not bitconv.load_extension().has_vnni():
+        return None
+    ext = bitconv.load_extension()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ext.vnni_peak_macs(10**6, threads)
+        rates = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            done = ext.vnni_peak_macs(4 * 10**7, threads)
+            rates.append(done / (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(saved)
+    return statistics.median(rates)
+
+
+def roofline(threads: int, timed: dict[str, float] | None = None) -> list[str]:
+    """The int8 instruction peak on 1 and ``threads`` threads and, for ResNet-18 and
+    MobileNetV2 at 224x224, the least batch-8 time it allows (every MAC at the peak, nothing
+    else). ``timed``: network -> measured ms at batch 8 to set beside it."""
+    torchvision = require("torchvision", "bench")
+    one, many = vnni_peak(1), vnni_peak(threads)
+    if one is None or many is None:
+        return ["Int8 instruction peak: not measured (no VNNI build)."]
+    lines = [
+        f"**Int8 instruction peak** (512-bit vpdpbusd only, 12 independent chains): "
+        f"{one / 1e9:.0f} GMAC/s on one thread, {many / 1e9:.0f} on {threads}. The least "
+        "batch-8 time it allows, every multiply-accumulate of the convolutions and linear "
+        "layers at that peak and nothing else (taps over the zero padding not counted):",
+        "",
+        "| network, 224x224 | GMAC per image | output values per image | batch 8 at the peak, ms |"
+        " measured, ms | share of the peak |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("resnet18", "mobilenet_v2"):
+        torch.manual_seed(0)
+        macs, outs = conv_work(getattr(torchvision.models, name)(), 224)
+        least = 8 * macs / many * 1e3
+        got = (timed or {}).get(name)
+        measured = f"{got:.1f} | {least / got:.0%}" if got else "- | -"
+        lines.append(
+            f"| {name} | {macs / 1e9:.2f} | {outs / 1e6:.1f} M | {least:.1f} | {measured} |"
+        )
     return lines

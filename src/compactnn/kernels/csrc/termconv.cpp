@@ -528,6 +528,41 @@ torch::Tensor term_conv_onednn(torch::Tensor x, int64_t in_zero, torch::Tensor p
 
 bool has_vnni() { return COMPACTNN_VNNI != 0; }
 
+// The instruction ceiling of the int8 kernels: on each of ``threads`` threads, ``iters`` rounds
+// of 12 independent 512-bit vpdpbusd (64 multiply-accumulates each), nothing else (written in
+// assembly so the compiler cannot fold the constant operands away). Returns the MACs done (0
+// without VNNI); the caller times it (bench/deploy_checks.ceiling).
+static void vnni_rounds(int64_t iters) {
+#if COMPACTNN_VNNI
+  for (int64_t i = 0; i < iters; ++i) {
+    __asm__ volatile(
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm0\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm1\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm2\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm3\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm4\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm5\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm6\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm7\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm8\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm9\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm10\n\t"
+        "vpdpbusd %%zmm12, %%zmm13, %%zmm11\n\t" ::
+            : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+              "xmm10", "xmm11");
+  }
+#else
+  (void)iters;
+#endif
+}
+
+double vnni_peak_macs(int64_t iters, int64_t threads) {
+  at::parallel_for(0, threads, 1, [iters](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) vnni_rounds(iters);
+  });
+  return COMPACTNN_VNNI ? static_cast<double>(iters) * threads * 12 * 64 : 0.0;
+}
+
 void register_termconv(pybind11::module& m) {
   m.def("term_conv_pack", &term_conv_pack, "pack int8 weight terms for term_conv");
   m.def("term_conv", &term_conv,
@@ -557,4 +592,7 @@ void register_termconv(pybind11::module& m) {
         return p.run(x, accum, accum_scale, accum_zero);
       });
   m.def("has_vnni", &has_vnni, "whether the AVX-512 VNNI path was compiled");
+  m.def("vnni_peak_macs", &vnni_peak_macs,
+        "iters rounds of 12 independent vpdpbusd on each of threads threads; the MACs done",
+        pybind11::arg("iters"), pybind11::arg("threads"));
 }
