@@ -6,7 +6,6 @@ import copy
 import os
 import re
 import warnings
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,8 +28,8 @@ from compactnn.lowering.verify import (
     Verification,
     compare,
     enforce,
+    explained,
     layer_gap,
-    sensitivity,
     with_layers,
 )
 
@@ -124,8 +123,7 @@ class DeployedModel(nn.Module):
         result = compare(self.source, self, example, f"deploy[{self.backend}]", tol)
         if result.passed:
             return result
-        result = replace(result, sensitivity=sensitivity(self.source, example))
-        return with_layers(result, localize(self, example))
+        return with_layers(explained(result, self.source, example), localize(self, example))
 
     def export_onnx(self, path: str | os.PathLike) -> None:
         """Write the QDQ ONNX model this onnxruntime-backend model runs (verified at deploy).

@@ -15,7 +15,6 @@ float-output head's weight dequantized for the deployed session.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import os
 import warnings
@@ -40,7 +39,7 @@ from compactnn.lowering.verify import (
     Verification,
     compare,
     enforce,
-    sensitivity,
+    explained,
 )
 
 onnx = require("onnx", "onnx")
@@ -350,9 +349,7 @@ def export_onnx(
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
     data, _ = to_onnx_bytes(qmodel, example)
     result = compare(qmodel.eval(), ort_callable(data), example, "onnx export", tolerance)
-    if not result.passed:  # say whether the network itself amplifies rounding flips
-        result = dataclasses.replace(result, sensitivity=sensitivity(qmodel, example))
-    enforce(result)
+    enforce(explained(result, qmodel, example))  # says whether the network amplifies flips
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

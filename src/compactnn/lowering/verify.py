@@ -288,6 +288,14 @@ def sensitivity(reference: nn.Module, example: Any, nudge: float = NUDGE) -> flo
     return compare(reference, lambda _: moved, example, "nudged", float("inf")).max_diff_steps
 
 
+def explained(result: Verification, reference: nn.Module, example: Any) -> Verification:
+    """``result``, with the :func:`sensitivity` of ``reference`` on ``example`` when it failed
+    (so its message and :func:`enforce` can tell an amplifying network from a kernel error)."""
+    if result.passed:
+        return result
+    return replace(result, sensitivity=sensitivity(reference, example))
+
+
 def _nudged(example: Any, nudge: float) -> Any:
     """``example`` with its float tensors scaled by ``1 + nudge``; None when it has none."""
     found = False

@@ -233,38 +233,35 @@ torch::Tensor maxpool_codes(torch::Tensor q, int64_t kh, int64_t kw, int64_t sh,
       const int64_t n = r / OH_, oy = r % OH_;
       for (int64_t ox = 0; ox < OW_; ++ox) {
         uint8_t* d = op_ + (r * OW_ + ox) * C_;
-#if defined(__AVX512BW__)
-        // 64 channels per register, the window's maximum kept in it across the taps (the
-        // byte loop below loaded and stored the output once per tap: ResNet-18's stem pool
-        // took 56 us at batch 1)
-        for (int64_t c = 0; c < C_; c += 64) {
-          const __mmask64 m = C_ - c >= 64 ? ~__mmask64{0} : (__mmask64{1} << (C_ - c)) - 1;
-          __m512i best = _mm512_setzero_si512();  // codes are >= 0; every window has a tap
+        auto each_tap = [&](auto&& visit) {  // the window's taps inside the input, in order
           for (int64_t i = 0; i < kh_; ++i) {
             const int64_t iy = oy * sh_ - ph_ + i * dh_;
             if (iy < 0 || iy >= H_) continue;
             for (int64_t j = 0; j < kw_; ++j) {
               const int64_t ix = ox * sw_ - pw_ + j * dw_;
-              if (ix < 0 || ix >= W_) continue;
-              const uint8_t* src = qp_ + ((n * H_ + iy) * W_ + ix) * C_ + c;
-              best = _mm512_max_epu8(best, _mm512_maskz_loadu_epi8(m, src));
+              if (ix >= 0 && ix < W_) visit(qp_ + ((n * H_ + iy) * W_ + ix) * C_);
             }
           }
+        };
+        // codes are >= 0 and every window has a tap inside the input, so the maxima start at 0
+#if defined(__AVX512BW__)
+        // 64 channels per register, the window's maximum kept in it across the taps (a byte
+        // loop loading and storing the output once per tap took 56 us on ResNet-18's stem
+        // pool at batch 1)
+        for (int64_t c = 0; c < C_; c += 64) {
+          const __mmask64 m = C_ - c >= 64 ? ~__mmask64{0} : (__mmask64{1} << (C_ - c)) - 1;
+          __m512i best = _mm512_setzero_si512();
+          each_tap([&](const uint8_t* px) {
+            best = _mm512_max_epu8(best, _mm512_maskz_loadu_epi8(m, px + c));
+          });
           _mm512_mask_storeu_epi8(d + c, m, best);
         }
-        continue;
+#else
+        std::fill(d, d + C_, uint8_t{0});
+        each_tap([&](const uint8_t* px) {
+          for (int64_t c = 0; c < C_; ++c) d[c] = std::max(d[c], px[c]);
+        });
 #endif
-        std::fill(d, d + C_, uint8_t{0});  // codes are >= 0; every window has a valid tap
-        for (int64_t i = 0; i < kh_; ++i) {
-          const int64_t iy = oy * sh_ - ph_ + i * dh_;
-          if (iy < 0 || iy >= H_) continue;
-          for (int64_t j = 0; j < kw_; ++j) {
-            const int64_t ix = ox * sw_ - pw_ + j * dw_;
-            if (ix < 0 || ix >= W_) continue;
-            const uint8_t* s = qp_ + ((n * H_ + iy) * W_ + ix) * C_;
-            for (int64_t c = 0; c < C_; ++c) d[c] = std::max(d[c], s[c]);
-          }
-        }
       }
     }
   });

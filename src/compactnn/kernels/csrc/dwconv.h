@@ -81,7 +81,9 @@ inline void dw_store(__m512 acc, int64_t at, __mmask16 m, __m512 wsv, __m512 bv,
 }
 #endif
 
-constexpr int64_t kMaxTapGroups = 14;  // KH * G of the integer form (up to 7 x 8 taps)
+// The integer form's largest window (rows x taps per row) and its groups of 4 taps in registers
+constexpr int64_t kMaxRows = 7, kMaxCols = 8;
+constexpr int64_t kMaxTapGroups = kMaxRows * ((kMaxCols + 3) / 4);
 
 // Whether a window runs on the integer form: a VNNI + VBMI build, taps adjacent along the row
 // (no dilation there), at most 7 rows of 8

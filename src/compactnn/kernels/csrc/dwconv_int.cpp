@@ -6,7 +6,8 @@
 #include <vector>
 
 bool dw_integer_form(int64_t kh, int64_t kw, int64_t dilation_w) {
-  return COMPACTNN_DWVNNI && dilation_w == 1 && kh >= 1 && kh <= 7 && kw >= 1 && kw <= 8;
+  return COMPACTNN_DWVNNI && dilation_w == 1 && kh >= 1 && kh <= kMaxRows && kw >= 1 &&
+         kw <= kMaxCols;
 }
 
 DwPacked dw_pack(const torch::Tensor& w, int64_t kh, int64_t kw, int64_t in_zero) {
@@ -90,7 +91,7 @@ static void dw_vnni_rows(int64_t begin, int64_t end, const DwVnni args) {
   const __m512i idx = _mm512_load_si512(reinterpret_cast<const void*>(idx_bytes));
   std::vector<uint8_t> ring(span * row_bytes);
   std::vector<int64_t> tag(span, -1);  // n * (H + 2 * ph) + padded row held in each slot
-  const uint8_t* rows[7] = {};
+  const uint8_t* rows[kMaxRows] = {};
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / OH, oh = r % OH;
     for (int64_t i = 0; i < kh; ++i) {
@@ -148,13 +149,8 @@ static void dw_vnni_rows(int64_t begin, int64_t end, const DwVnni args) {
         return _mm512_permutexvar_epi8(
             idx, _mm512_loadu_si512(reinterpret_cast<const void*>(src)));
       };
-      const uint8_t* const base[7] = {rows[0] + cb * block_bytes,
-                                      kh > 1 ? rows[1] + cb * block_bytes : nullptr,
-                                      kh > 2 ? rows[2] + cb * block_bytes : nullptr,
-                                      kh > 3 ? rows[3] + cb * block_bytes : nullptr,
-                                      kh > 4 ? rows[4] + cb * block_bytes : nullptr,
-                                      kh > 5 ? rows[5] + cb * block_bytes : nullptr,
-                                      kh > 6 ? rows[6] + cb * block_bytes : nullptr};
+      const uint8_t* base[kMaxRows];  // this block's part of each ring row
+      for (int64_t i = 0; i < kh; ++i) base[i] = rows[i] + cb * block_bytes;
       int64_t ow = 0;
       if (kh == 3 && G == 1) {
         ow = dw_dots<3, 1>(base, wv, pstep, OW, finish, taps);

@@ -531,7 +531,7 @@ bool has_vnni() { return COMPACTNN_VNNI != 0; }
 // The instruction ceiling of the int8 kernels: on each of ``threads`` threads, ``iters`` rounds
 // of 12 independent 512-bit vpdpbusd (64 multiply-accumulates each), nothing else (written in
 // assembly so the compiler cannot fold the constant operands away). Returns the MACs done (0
-// without VNNI); the caller times it (bench/deploy_checks.ceiling).
+// without VNNI); the caller times it (bench/deploy_checks.vnni_peak).
 static void vnni_rounds(int64_t iters) {
 #if COMPACTNN_VNNI
   for (int64_t i = 0; i < iters; ++i) {
