@@ -40,6 +40,7 @@ SOURCES = tuple(
         "bitconv.cpp",
         "smallconv.cpp",
         "termconv.cpp",
+        "pointwise.cpp",
         "head.cpp",
         "codes.cpp",
         "dwconv.cpp",

@@ -31,46 +31,9 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
-#define COMPACTNN_VNNI 1
-#else
-#define COMPACTNN_VNNI 0
-#endif
-
 namespace {
 
 constexpr int64_t kMaxTO = 2048;  // terms * output channels, padded to 16 (to 128 above 128)
-constexpr int64_t kBlock = 128;  // columns per weight block (8 vectors: the widest register tile)
-// Work (multiply-accumulates) below which the dot loop runs on the calling thread: waking the
-// second thread costs more than it saves (measured at batch 1 on 2 threads: 0.1-0.3 M-MAC
-// calls took 9-10 us on two threads, 6 us on one). The padding copy stays parallel: run on one
-// thread it let the idle OpenMP thread fall asleep before the next parallel loop, which then
-// paid the wake-up (mnist-cnn batch 16: 0.48 -> 0.70 ms for the whole model).
-constexpr int64_t kParallelWork = 512 * 1024;
-
-// A grain for at::parallel_for: items of ``per_item`` work each run in one chunk until the
-// total reaches kParallelWork.
-inline int64_t grain_for(int64_t per_item) {
-  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, per_item));
-}
-
-// Above kBlock columns the weight is cut into ceil(TOp / kBlock) blocks of nearly equal width
-// (multiples of 16 that differ by at most 16): 144 columns are 80 + 64, 192 are 96 + 96. The
-// blocks are the threads' work items, so equal blocks keep both threads busy: with blocks of
-// 128 and a last one of what is left (128 + 16 for 144) one thread did 8/9 of the work, and
-// rounding TOp up to a multiple of 128 computed 256 columns for 144.
-inline int64_t block_count(int64_t TOp) { return (TOp + kBlock - 1) / kBlock; }
-
-// First column of block b
-inline int64_t block_start(int64_t TOp, int64_t b) {
-  const int64_t nv = TOp / 16, nb = block_count(TOp), base = nv / nb, extra = nv % nb;
-  return 16 * (b * base + std::min(b, extra));
-}
-
-// Columns of block b (all TOp columns for a single block)
-inline int64_t block_width(int64_t TOp, int64_t b = 0) {
-  return block_start(TOp, b + 1) - block_start(TOp, b);
-}
 
 struct Geometry {
   int64_t K4;      // input-channel groups of 4 per tap
@@ -272,6 +235,30 @@ static void pad_copy(uint8_t* pp, const uint8_t* xp, c10::IntArrayRef xs, int64_
   });
 }
 
+// Whether x is (N, C, H, W) channels-last with no gaps: (N, H, W, C) contiguous in memory
+static bool dense_channels_last(const torch::Tensor& x) {
+  const auto xs = x.strides();
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  return xs[1] == 1 && xs[3] == C && xs[2] == W * C && xs[0] == H * W * C;
+}
+
+// Whether a call takes the 1x1 path of pointwise.cpp: a VNNI build, a stride-1 unpadded 1x1
+// kernel, one term, oneDNN's order without Hardswish, codes out, no float residual, and input
+// channels a multiple of 4 in dense channels-last memory (read in place)
+static bool pointwise_case(const torch::Tensor& x, int64_t kh, int64_t kw,
+                           const std::vector<int64_t>& stride,
+                           const std::vector<int64_t>& padding, int64_t terms, bool onednn_order,
+                           bool codes_out, double x_scale, bool float_accum) {
+  return COMPACTNN_VNNI && kh == 1 && kw == 1 && stride[0] == 1 && stride[1] == 1 &&
+         padding[0] == 0 && padding[1] == 0 && terms == 1 && onednn_order && codes_out &&
+         x_scale > 0 && !float_accum && x.size(1) % 4 == 0 && dense_channels_last(x);
+}
+
+bool TermConvPlan::pointwise(const torch::Tensor& x) const {
+  return x.dim() == 4 && pointwise_case(x, kh, kw, stride, padding, 1, !hswish, out_scale > 0,
+                                        x_scale, false);
+}
+
 torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torch::Tensor& packed,
                              const torch::Tensor& corr, const torch::Tensor& mult,
                              const c10::optional<torch::Tensor>& bias, int64_t terms, int64_t kh,
@@ -343,7 +330,7 @@ torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torc
   const uint8_t* xp = x.data_ptr<uint8_t>();
   const auto xs = x.strides();
   const bool cl = xs[1] == 1 && xs[3] == C;
-  const bool as_is = cl && ph == 0 && pw == 0 && Cp == C && xs[2] == W * C && xs[0] == H * W * C;
+  const bool as_is = cl && ph == 0 && pw == 0 && Cp == C && dense_channels_last(x);
   torch::Tensor padded;
   const uint8_t* pp = xp;
   if (!as_is) {
@@ -358,6 +345,17 @@ torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torc
   const float s = static_cast<float>(out_scale), z = static_cast<float>(out_zero);
   const float inv = 1.0f / s;  // oneDNN's form: a float32 reciprocal of the float32 scale
   const float flo = static_cast<float>(lo), fhi = static_cast<float>(hi);
+  if (pointwise_case(x, kh, kw, stride, padding, terms, onednn && !hswish, codes_out,
+                     x_scale, af != nullptr)) {
+    // a 1x1 matrix product: the tile-in-registers path (pointwise.cpp), same codes
+    std::vector<float> mpad(TOp, 0.0f), bpad(TOp, 0.0f);
+    std::copy(mp, mp + O, mpad.begin());
+    if (bp != nullptr) std::copy(bp, bp + O, bpad.begin());
+    pointwise_conv({xp, N * H * W, K4, TOp, O, wp, cp, mpad.data(), bpad.data(),
+                    static_cast<float>(x_scale), inv, z, flo, fhi, au, sa, za,
+                    out.data_ptr<uint8_t>()});
+    return out;
+  }
   uint8_t* ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
   float* of = codes_out ? nullptr : out.data_ptr<float>();
   // One work item: an output row, or (one term, above kBlock columns) an output row's block of
@@ -587,6 +585,8 @@ void register_termconv(pybind11::module& m) {
            [](const TermConvPlan& p, const torch::Tensor& x) {
              return p.run(x, c10::nullopt, 1.0, 0);
            })
+      .def("pointwise", &TermConvPlan::pointwise,
+           "whether a call on x (without a float residual) takes the 1x1 path of pointwise.cpp")
       .def("sum", [](const TermConvPlan& p, const torch::Tensor& x, const torch::Tensor& accum,
                      double accum_scale, int64_t accum_zero) {
         return p.run(x, accum, accum_scale, accum_zero);

@@ -3,8 +3,65 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#define COMPACTNN_VNNI 1
+#else
+#define COMPACTNN_VNNI 0
+#endif
+
+// Shared with pointwise.cpp: the weight's column blocks and the threads' grain.
+constexpr int64_t kBlock = 128;  // columns per weight block (8 vectors: the widest register tile)
+// Work (multiply-accumulates) below which the dot loop runs on the calling thread: waking the
+// second thread costs more than it saves (measured at batch 1 on 2 threads: 0.1-0.3 M-MAC
+// calls took 9-10 us on two threads, 6 us on one). The padding copy stays parallel: run on one
+// thread it let the idle OpenMP thread fall asleep before the next parallel loop, which then
+// paid the wake-up (mnist-cnn batch 16: 0.48 -> 0.70 ms for the whole model).
+constexpr int64_t kParallelWork = 512 * 1024;
+
+// A grain for at::parallel_for: items of ``per_item`` work each run in one chunk until the
+// total reaches kParallelWork.
+inline int64_t grain_for(int64_t per_item) {
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, per_item));
+}
+
+// Above kBlock columns the weight is cut into ceil(TOp / kBlock) blocks of nearly equal width
+// (multiples of 16 that differ by at most 16): 144 columns are 80 + 64, 192 are 96 + 96. The
+// blocks are the threads' work items, so equal blocks keep both threads busy: with blocks of
+// 128 and a last one of what is left (128 + 16 for 144) one thread did 8/9 of the work, and
+// rounding TOp up to a multiple of 128 computed 256 columns for 144.
+inline int64_t block_count(int64_t TOp) { return (TOp + kBlock - 1) / kBlock; }
+
+// First column of block b
+inline int64_t block_start(int64_t TOp, int64_t b) {
+  const int64_t nv = TOp / 16, nb = block_count(TOp), base = nv / nb, extra = nv % nb;
+  return 16 * (b * base + std::min(b, extra));
+}
+
+// Columns of block b (all TOp columns for a single block)
+inline int64_t block_width(int64_t TOp, int64_t b = 0) {
+  return block_start(TOp, b + 1) - block_start(TOp, b);
+}
+
+// The 1x1 fast path of term_conv_impl (pointwise.cpp): a dense channels-last (M, 4 * K4) uint8
+// input times the packed (K4, TOp, 4) weight (blocks of at most kBlock columns), requantized in
+// registers in oneDNN's order. accum: optional (M, O) uint8 residual codes. out: (M, O) codes.
+struct PointwiseArgs {
+  const uint8_t* x;
+  int64_t M, K4, TOp, O;
+  const int8_t* w;
+  const int32_t* corr;        // (TOp) z * sum(w)
+  const float* mult;          // (TOp) weight scales, zero-padded
+  const float* bias;          // (TOp) zero-padded (zeros for a layer without one)
+  float x_scale, inv, zo, lo, hi;
+  const uint8_t* accum;       // or nullptr
+  float accum_scale, accum_zero;
+  uint8_t* out;
+};
+void pointwise_conv(const PointwiseArgs& a);
 
 torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torch::Tensor& packed,
                              const torch::Tensor& corr, const torch::Tensor& mult,
@@ -30,6 +87,7 @@ struct TermConvPlan {
   double lo, hi, x_scale;
   bool hswish;
 
+  bool pointwise(const torch::Tensor& x) const;  // whether x takes pointwise.cpp's path
   torch::Tensor run(const torch::Tensor& x, const c10::optional<torch::Tensor>& accum,
                     double accum_scale, int64_t accum_zero) const {
     return term_conv_impl(x, in_zero, packed, corr, mult, bias, 1, kh, kw, stride, padding,
