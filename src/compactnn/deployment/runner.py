@@ -33,7 +33,9 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
 - for a plain int8 convolution (no residual sum or a float32 one, one group, at most 512
   outputs, ReLU / Hardtanh / no post-op), the same ``term_conv`` with one term when a call's
   work is at most ``direct.plain_macs_limit()`` multiply-accumulates (32 M; 4 M with AMX),
-  oneDNN above (checked per input shape). At batch 1 oneDNN's int8 convolution costs ~40 us
+  oneDNN above (checked per input shape); stride-1 unpadded 1x1 layers with codes out at every
+  size on a CPU without AMX (``direct.pointwise``: ``kernels/csrc/pointwise.cpp``, dots and
+  requantization in registers, 1.1-1.8x oneDNN on MobileNetV2's 1x1 layers at batch 8). At batch 1 oneDNN's int8 convolution costs ~40 us
   per call whatever the layer's size (mnist-cnn's 1-2 M MAC layers), the direct kernel
   8-11 us; above ~38 M MACs oneDNN's blocking is faster. A float32 residual is added after
   the bias, then the ReLU: oneDNN's sum post-op order. Bit-identical to oneDNN
