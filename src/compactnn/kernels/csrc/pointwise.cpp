@@ -153,10 +153,13 @@ void pointwise_conv(const PointwiseArgs& a) {
   const int8_t* w = a.w;
   const int32_t* corr = a.corr;
   const int64_t M = a.M, K4 = a.K4, TOp = a.TOp;
-  // blocks outermost: the threads then share the weight's blocks (see term_conv_impl)
+  // chunks outermost: each thread's half of the items holds every block alike (blocks
+  // outermost gave one thread the 80-column block of 144 outputs and the other the 64-column
+  // one). With one chunk (a small map at batch 1) the items are the blocks, as in
+  // term_conv_impl, so the threads still share a large weight instead of each reading all of it
   at::parallel_for(0, blocks * chunks, grain, [=, &e](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / chunks, c = i % chunks;
+      const int64_t c = i / blocks, b = i % blocks;
       const int64_t o0 = block_start(TOp, b), nv = block_width(TOp, b) / 16;
       const int64_t p0 = c * chunk, p1 = std::min(M, p0 + chunk);
       if (e.accum != nullptr) {
