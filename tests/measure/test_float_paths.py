@@ -61,3 +61,42 @@ def test_compilation_is_bounded_in_time():
         float_paths.compiled(_model(), X, timeout_s=0.01)
     torch._dynamo.reset()
     assert time.perf_counter() - start < 30
+
+
+def test_bert_family_models_also_race_onnx_runtimes_fused_graph():
+    """A BERT-family encoder gets a second ONNX Runtime contender: the export after ONNX
+    Runtime's transformer optimizer (attention, LayerNorm and GELU fused). It computes the same
+    model (checked here against eager, as the race checks it) with fewer nodes."""
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    g = torch.Generator().manual_seed(2)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    example = {"input_ids": torch.randint(0, 60, (2, 9), generator=g), "attention_mask": mask}
+    contenders, skipped, _ = float_paths.float_contenders(model, example, quick=True, threads=1)
+    assert float_paths.ORT_FUSED in contenders, skipped
+    with torch.no_grad():
+        want = model(**example).last_hidden_state
+        got = contenders[float_paths.ORT_FUSED](**example)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    import tempfile
+    from pathlib import Path
+
+    from compactnn.core.onnx_trace import export_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_dynamic(model, example, path)
+        plain = onnx.load(str(path)).graph.node
+        fused = onnx.load_from_string(float_paths.ort_fused_bytes(model, path)).graph.node
+    assert len(fused) < len(plain) / 2
+    assert any(n.op_type == "SkipLayerNormalization" for n in fused)
+    # a CNN (no Hugging Face config) gets no such contender
+    assert float_paths.ORT_FUSED not in float_paths.float_contenders(_model(), X, quick=True)[0]

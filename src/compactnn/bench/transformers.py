@@ -45,7 +45,7 @@ from compactnn.measure.size import artifact_bytes
 from compactnn.measure.timing import model_call, set_threads, time_blocks
 
 THREADS = int(os.environ.get("COMPACTNN_BENCH_THREADS", "2"))
-FLOATS = ("fp32-eager", "torch.compile", "bf16-autocast", "ort-fp32")
+FLOATS = ("fp32-eager", "torch.compile", "bf16-autocast", "ort-fp32", "ort-fp32-fused")
 FULL = ["w4-g32-gptq", "w8a8-smoothquant", "w8", "w4-g32", "w3-g32-gptq_tune"]
 QUICK = ["w4-g32-gptq", "w8a8-smoothquant"]
 QUICK_CALIB = 8  # batches of 16 sentences for --quick (the full run uses all 512)
@@ -159,6 +159,7 @@ def _ours(ref, recipes: list[str], tmp: Path, quick: bool) -> dict[str, dict[str
 
 def _floats(ref) -> dict[str, dict[str, Any]]:
     from compactnn.bench.peers import Bf16Autocast, OrtModule, _compiled, export_onnx
+    from compactnn.measure.float_paths import ort_fused_bytes
 
     rows = {"fp32-eager": {"model": ref.model}, "bf16-autocast": {"model": Bf16Autocast(ref.model)}}
     comp = _compiled(ref.model, ref.example)
@@ -169,6 +170,12 @@ def _floats(ref) -> dict[str, dict[str, Any]]:
         rows["ort-fp32"] = {"model": OrtModule(str(path), THREADS, names, hf=True)}
     except Exception as exc:
         rows["ort-fp32"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    try:  # ONNX Runtime's own transformer fusions: a stronger float baseline at batch 1
+        fused = path.with_name("float-fused.onnx")
+        fused.write_bytes(ort_fused_bytes(ref.model, path))
+        rows["ort-fp32-fused"] = {"model": OrtModule(str(fused), THREADS, names, hf=True)}
+    except Exception as exc:
+        rows["ort-fp32-fused"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return {k: v | {"kind": "float"} for k, v in rows.items()}
 
 

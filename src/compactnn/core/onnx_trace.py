@@ -4,6 +4,11 @@ Keyword-input models (Hugging Face: ``input_ids=``, ``attention_mask=``) are cal
 positionally and return their main tensor, because the TorchScript exporter traces
 positional tensors more reliably than keyword arguments. Batch (and, for keyword inputs,
 sequence) axes are dynamic; opset 17. The caller checks that ``onnx`` is installed.
+
+A Hugging Face model is exported with its eager attention (on the copy that is traced): the
+``scaled_dot_product_attention`` export scales queries and keys apart and adds nodes that
+ONNX Runtime runs one by one. Measured on all-MiniLM-L6-v2 at batch 1 (33 tokens, 2 threads,
+AMD Zen 4): ONNX Runtime fp32 6.1-6.2 -> 6.0 ms, its MatMulNBits form 5.1-5.4 -> 4.9 ms.
 """
 
 from __future__ import annotations
@@ -31,6 +36,18 @@ class KeywordsAsPositional(nn.Module):
         return main_output(self.model(**dict(zip(self.names, args, strict=True))))
 
 
+def eager_attention(model: nn.Module) -> None:
+    """Switch every Hugging Face module of ``model`` (in place) that has another attention
+    implementation to its eager one (the same math; see the module docstring)."""
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if not hasattr(m, "set_attn_implementation") or config is None:
+            continue
+        if getattr(config, "_attn_implementation", "eager") != "eager":
+            with contextlib.suppress(Exception):  # a model without an eager form keeps its own
+                m.set_attn_implementation("eager")
+
+
 def export_dynamic(
     model: nn.Module, example: Any, path: str | os.PathLike | IO[bytes]
 ) -> list[str]:
@@ -50,6 +67,7 @@ def export_dynamic(
         ['input_0']
     """
     model = copy.deepcopy(model).eval()
+    eager_attention(model)
     if isinstance(example, dict):
         names = list(example)
         model, args = KeywordsAsPositional(model, names), tuple(example[n] for n in names)

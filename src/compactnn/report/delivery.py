@@ -28,6 +28,7 @@ FLOAT_PATH_NAMES = {
     "bf16-autocast": "PyTorch bf16 autocast",
     "torch.compile": "torch.compile fp32",
     "ort-fp32": "ONNX Runtime fp32",
+    "ort-fp32-fused": "ONNX Runtime fp32, transformer fusions",
 }
 
 
