@@ -95,7 +95,7 @@ def test_bert_family_models_also_race_onnx_runtimes_fused_graph():
         path = Path(tmp) / "m.onnx"
         export_dynamic(model, example, path)
         plain = onnx.load(str(path)).graph.node
-        fused = onnx.load_from_string(float_paths.ort_fused_bytes(model, path)).graph.node
+        fused = onnx.load(str(float_paths.ort_fused_file(model, path))).graph.node
     assert len(fused) < len(plain) / 2
     assert any(n.op_type == "SkipLayerNormalization" for n in fused)
     # a CNN (no Hugging Face config) gets no such contender

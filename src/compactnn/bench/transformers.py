@@ -159,7 +159,7 @@ def _ours(ref, recipes: list[str], tmp: Path, quick: bool) -> dict[str, dict[str
 
 def _floats(ref) -> dict[str, dict[str, Any]]:
     from compactnn.bench.peers import Bf16Autocast, OrtModule, _compiled, export_onnx
-    from compactnn.measure.float_paths import ort_fused_bytes
+    from compactnn.measure.float_paths import ort_fused_file
 
     rows = {"fp32-eager": {"model": ref.model}, "bf16-autocast": {"model": Bf16Autocast(ref.model)}}
     comp = _compiled(ref.model, ref.example)
@@ -171,8 +171,7 @@ def _floats(ref) -> dict[str, dict[str, Any]]:
     except Exception as exc:
         rows["ort-fp32"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     try:  # ONNX Runtime's own transformer fusions: a stronger float baseline at batch 1
-        fused = path.with_name("float-fused.onnx")
-        fused.write_bytes(ort_fused_bytes(ref.model, path))
+        fused = ort_fused_file(ref.model, path)
         rows["ort-fp32-fused"] = {"model": OrtModule(str(fused), THREADS, names, hf=True)}
     except Exception as exc:
         rows["ort-fp32-fused"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}

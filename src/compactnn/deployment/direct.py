@@ -181,7 +181,7 @@ def plain_macs_limit() -> int:
 # 1.07-1.2x oneDNN, 144 -> 32 at 28x28 1.5x, 576 -> 160 at 7x7 1.8x, 96 -> 24 at 56x56 1.2x.
 def pointwise(m: Int8Conv2d) -> bool:
     """Whether ``m`` takes ``term_conv``'s 1x1 path (see above) whatever its size."""
-    o, c, kh, kw = m.w_int8.shape
+    _, c, kh, kw = m.w_int8.shape
     return (
         (kh, kw) == (1, 1)
         and tuple(m.stride) == (1, 1)

@@ -108,19 +108,6 @@ class OrtFloat(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def ort_float(model: nn.Module, example: Any, threads: int | None = None) -> nn.Module:
-    """``model`` exported to ONNX (fp32, dynamic batch) and run by ONNX Runtime.
-
-    Raises whatever the exporter or ONNX Runtime raises (the caller skips the contender).
-    """
-    from compactnn._optional import require
-
-    require("onnxruntime", "onnx")
-    with tempfile.TemporaryDirectory(prefix="compactnn-float-") as tmp:
-        path = Path(tmp) / "fp32.onnx"
-        names = export_dynamic(model, example, path)
-        data = path.read_bytes()
-    return OrtFloat(data, names, threads)
 
 
 # Hugging Face model types whose ONNX export ONNX Runtime's transformer optimizer fuses
@@ -130,10 +117,11 @@ def ort_float(model: nn.Module, example: Any, threads: int | None = None) -> nn.
 TRANSFORMER_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert"}
 
 
-def ort_fused_bytes(model: nn.Module, onnx_path: Path) -> bytes:
+def ort_fused_file(model: nn.Module, onnx_path: Path) -> Path:
     """The export at ``onnx_path`` of Hugging Face encoder ``model`` after ONNX Runtime's
     transformer optimizer (fusions only; ONNX Runtime's own graph optimizations still run
-    when the session opens). Raises ValueError for a model type it does not cover."""
+    when the session opens), written beside it as ``<stem>-fused.onnx``. Raises ValueError
+    for a model type it does not cover."""
     config = getattr(model, "config", None)
     kind = TRANSFORMER_TYPES.get(getattr(config, "model_type", None))
     if kind is None:
@@ -143,7 +131,8 @@ def ort_fused_bytes(model: nn.Module, onnx_path: Path) -> bytes:
     from onnxruntime.transformers.optimizer import optimize_model
 
     quiet = logging.getLogger("onnxruntime.transformers")
-    level, quiet.level = quiet.level, logging.ERROR
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(None):
             fused = optimize_model(
@@ -154,18 +143,24 @@ def ort_fused_bytes(model: nn.Module, onnx_path: Path) -> bytes:
         quiet.setLevel(level)
     out = onnx_path.with_name(onnx_path.stem + "-fused.onnx")
     fused.save_model_to_file(str(out))
-    return out.read_bytes()
+    return out
 
 
-def ort_fused_float(model: nn.Module, example: Any, threads: int | None = None) -> nn.Module:
-    """:func:`ort_float` with ONNX Runtime's transformer fusions (:func:`ort_fused_bytes`)."""
+def ort_float(
+    model: nn.Module, example: Any, threads: int | None = None, fused: bool = False
+) -> nn.Module:
+    """``model`` exported to ONNX (fp32, dynamic batch) and run by ONNX Runtime; ``fused``:
+    after ONNX Runtime's transformer fusions (:func:`ort_fused_file`).
+
+    Raises whatever the exporter or ONNX Runtime raises (the caller skips the contender).
+    """
     from compactnn._optional import require
 
     require("onnxruntime", "onnx")
     with tempfile.TemporaryDirectory(prefix="compactnn-float-") as tmp:
         path = Path(tmp) / "fp32.onnx"
         names = export_dynamic(model, example, path)
-        data = ort_fused_bytes(model, path)
+        data = (ort_fused_file(model, path) if fused else path).read_bytes()
     return OrtFloat(data, names, threads)
 
 
@@ -250,7 +245,7 @@ def float_contenders(
     builders = {ORT: lambda: ort_float(model, example, threads)} if with_ort else {}
     config = getattr(model, "config", None)
     if with_ort and getattr(config, "model_type", None) in TRANSFORMER_TYPES:
-        builders[ORT_FUSED] = lambda: ort_fused_float(model, example, threads)
+        builders[ORT_FUSED] = lambda: ort_float(model, example, threads, fused=True)
     if quick:
         skipped[COMPILE] = "not tried in quick mode"
     else:

@@ -19,8 +19,6 @@
 
 #include <immintrin.h>
 
-#include <cstring>
-
 namespace {
 
 constexpr int64_t kChunk = 120;  // pixels per work item at most
@@ -74,21 +72,7 @@ inline void tile(const uint8_t* x, int64_t K4, const int8_t* w, int64_t wstride,
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) a[p][v] = start[v];
   const int64_t row = 4 * K4;
-  const uint8_t* xp = x + pix * row;
-  for (int64_t c4 = 0; c4 < K4; ++c4) {
-    __m512i wv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)
-      wv[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + c4 * wstride + v * 64));
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) {
-      int32_t word;
-      std::memcpy(&word, xp + p * row + c4 * 4, 4);
-      const __m512i b = _mm512_set1_epi32(word);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) a[p][v] = _mm512_dpbusd_epi32(a[p][v], b, wv[v]);
-    }
-  }
+  vnni_dots<NV, P>(a, x + pix * row, row, w, wstride, K4);
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 8

@@ -57,24 +57,8 @@ inline void dot_block(const uint8_t* src, const Geometry& g, const int8_t* w, in
     for (int v = 0; v < NV; ++v) a[p][v] = _mm512_setzero_si512();
   const int64_t pstep = g.sw * g.Cp, taps = g.taps, K4 = g.K4;
   const int64_t* const tap = g.tap;
-  for (int64_t k = 0; k < taps; ++k) {
-    const uint8_t* s = src + tap[k];
-    const int8_t* wk = w + k * K4 * NV * 64;
-    for (int64_t c4 = 0; c4 < K4; ++c4) {
-      __m512i wv[NV];
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v)
-        wv[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(wk + (c4 * NV + v) * 64));
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) {
-        int32_t word;
-        std::memcpy(&word, s + p * pstep + c4 * 4, 4);
-        const __m512i x = _mm512_set1_epi32(word);
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) a[p][v] = _mm512_dpbusd_epi32(a[p][v], x, wv[v]);
-      }
-    }
-  }
+  for (int64_t k = 0; k < taps; ++k)
+    vnni_dots<NV, P>(a, src + tap[k], pstep, w + k * K4 * NV * 64, NV * 64, K4);
 #pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 16

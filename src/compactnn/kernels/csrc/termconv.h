@@ -3,8 +3,11 @@
 
 #include <torch/extension.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -45,6 +48,32 @@ inline int64_t block_start(int64_t TOp, int64_t b) {
 inline int64_t block_width(int64_t TOp, int64_t b = 0) {
   return block_start(TOp, b + 1) - block_start(TOp, b);
 }
+
+#if COMPACTNN_VNNI
+// a[p][v] += the int32 dots of P pixels (pixel p's 4 * K4 input bytes at s + p * pstep) with NV
+// vectors of 16 columns (channel group c4's weights at w + c4 * wstride, (16, 4) int8 each): per
+// group, NV weight loads, then per pixel one broadcast of its 4 bytes and NV vpdpbusd. The inner
+// loop of term_conv's window (one call per tap) and of pointwise.cpp's 1x1 tiles.
+template <int NV, int P>
+__attribute__((always_inline)) inline void vnni_dots(__m512i (&a)[P][NV], const uint8_t* s,
+                                                     int64_t pstep, const int8_t* w,
+                                                     int64_t wstride, int64_t K4) {
+  for (int64_t c4 = 0; c4 < K4; ++c4) {
+    __m512i wv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v)
+      wv[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(w + c4 * wstride + v * 64));
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) {
+      int32_t word;
+      std::memcpy(&word, s + p * pstep + c4 * 4, 4);
+      const __m512i x = _mm512_set1_epi32(word);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) a[p][v] = _mm512_dpbusd_epi32(a[p][v], x, wv[v]);
+    }
+  }
+}
+#endif
 
 // The 1x1 fast path of term_conv_impl (pointwise.cpp): a dense channels-last (M, 4 * K4) uint8
 // input times the packed (K4, TOp, 4) weight (blocks of at most kBlock columns), requantized in
