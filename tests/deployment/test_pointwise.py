@@ -67,7 +67,7 @@ def test_a_uint8_residual_equals_onednns_sum(out):
     q = _q1x1(64, out)
     x = _codes((2, 64, 11, 13), 2)
     acc = _codes((2, out, 11, 13), 3)
-    sa, za = _grid(q, x)
+    sa, _ = _grid(q, x)
     for unary in (("relu", []), ("none", [])):
         m = Int8Conv2d(q, _grid(q, x), unary, accum=(sa * 1.3, 100))
         assert pointwise(m)

@@ -35,11 +35,11 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
   work is at most ``direct.plain_macs_limit()`` multiply-accumulates (32 M; 4 M with AMX),
   oneDNN above (checked per input shape); stride-1 unpadded 1x1 layers with codes out at every
   size on a CPU without AMX (``direct.pointwise``: ``kernels/csrc/pointwise.cpp``, dots and
-  requantization in registers, 1.1-1.8x oneDNN on MobileNetV2's 1x1 layers at batch 8). At batch 1 oneDNN's int8 convolution costs ~40 us
-  per call whatever the layer's size (mnist-cnn's 1-2 M MAC layers), the direct kernel
-  8-11 us; above ~38 M MACs oneDNN's blocking is faster. A float32 residual is added after
-  the bias, then the ReLU: oneDNN's sum post-op order. Bit-identical to oneDNN
-  (``tests/deployment/test_plain_conv.py``); whole-model gains in
+  requantization in registers, 1.1-1.8x oneDNN on MobileNetV2's 1x1 layers at batch 8). At batch 1
+  oneDNN's int8 convolution costs ~40 us per call whatever the layer's size (mnist-cnn's 1-2 M MAC
+  layers), the direct kernel 8-11 us; above ~38 M MACs oneDNN's blocking is faster. A float32
+  residual is added after the bias, then the ReLU: oneDNN's sum post-op order. Bit-identical to
+  oneDNN (``tests/deployment/test_plain_conv.py``); whole-model gains in
   ``python -m compactnn.bench --only direct_ab`` (``docs/bench/direct_ab.md``);
 - for a global average pool whose only user is a quantization (a CNN's head), the
   extension's ``pool_quantize`` (``kernels/csrc/head.cpp``): one pass from the float

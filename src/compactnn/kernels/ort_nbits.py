@@ -48,6 +48,7 @@ from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import CompactnnError
+from compactnn.kernels.nbits_merge import merge_siblings
 
 NBITS = (4, 8)  # ONNX Runtime's MatMulNBits bit widths used here (codes below 4 bits fit 4)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -247,8 +248,10 @@ def nbits_proto(
     accuracy_level: int = 4,
     bf16_tables: bool = True,
     quantized_tables: bool = True,
+    merge: bool = True,
 ) -> tuple[Any, list[str]]:
-    """:func:`nbits_onnx` as an ``onnx.ModelProto`` (not serialized)."""
+    """:func:`nbits_onnx` as an ``onnx.ModelProto`` (not serialized); ``merge``: sibling
+    projections (query, key, value) as one MatMulNBits (:mod:`compactnn.kernels.nbits_merge`)."""
     onnx = require("onnx", "onnx")
     if accuracy_level not in ACCURACY_LEVELS:
         raise CompactnnError(f"accuracy_level={accuracy_level} must be one of {ACCURACY_LEVELS}")
@@ -261,6 +264,8 @@ def nbits_proto(
         proto = onnx.load(str(Path(tmp) / "m.onnx"))
     del plain
     used = _replace_matmuls(onnx, proto.graph, found, accuracy_level)
+    if merge:
+        merge_siblings(onnx, proto.graph)
     if tables:
         _replace_gathers(onnx, proto.graph, tables)
     if bf16_tables:

@@ -108,8 +108,6 @@ class OrtFloat(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-
-
 # Hugging Face model types whose ONNX export ONNX Runtime's transformer optimizer fuses
 # (``onnxruntime.transformers.optimizer``, model type "bert": attention, embedding + LayerNorm,
 # skip + LayerNorm, bias + GELU into contrib ops). all-MiniLM-L6-v2, batch 1, 33 tokens,
