@@ -81,8 +81,11 @@ def _vision_model(name: str, size: int = 224) -> nn.Module:
     return model.eval()
 
 
-def _contenders(model: nn.Module, calib: torch.Tensor, example: torch.Tensor, quick: bool) -> dict:
-    """name -> callable model, or an error message (a peer failing is a finding)."""
+def _contenders(
+    model: nn.Module, calib: torch.Tensor, example: torch.Tensor, quick: bool
+) -> tuple[dict, dict[str, float]]:
+    """name -> callable model, or an error message (a peer failing is a finding); and the
+    steps each compactnn simulation moves from itself (:func:`_compactnn_contenders`)."""
     from compactnn.bench.peers import OrtModule, PeerResult, float_paths, fx_x86_int8, ort_models
 
     out: dict[str, Any] = {}
@@ -101,11 +104,15 @@ def _contenders(model: nn.Module, calib: torch.Tensor, example: torch.Tensor, qu
     except Exception as e:
         out["torch-x86-int8 (FX)"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     labels = (QRES, PLAN, ORT_ALL) if quick else None
-    out.update(_compactnn_contenders(model, calib, labels=labels))
-    return out
+    ours, moves = _compactnn_contenders(model, calib, labels=labels)
+    return out | ours, moves
 
 
-def _compactnn_contenders(model: nn.Module, calib: torch.Tensor, labels=None) -> dict:
+def _compactnn_contenders(
+    model: nn.Module, calib: torch.Tensor, labels=None
+) -> tuple[dict, dict[str, float]]:
+    """The compactnn deployments (label -> model or error message), and how many steps each
+    simulation they come from moves under a 1e-6 nudge of its input."""
     import compactnn
     from compactnn.deployment import quantize_residuals
     from compactnn.lowering.verify import sensitivity
@@ -130,7 +137,7 @@ def _compactnn_contenders(model: nn.Module, calib: torch.Tensor, labels=None) ->
     # how far each deployed simulation moves from itself under a 1e-6 nudge of its input: a
     # random network that amplifies rounding flips gets a tolerance above its own movement
     moves = {sim: sensitivity(sims[sim], calib[:8]) or 0.0 for _, sim, _ in wanted}
-    out: dict[str, Any] = {"_moves": moves}  # not callable: never timed, not a table row
+    out: dict[str, Any] = {}
     for label, sim, kw in wanted:
         # grids="all" has ~3x more roundings: on random weights one-code flips compound
         # further (measured: MobileNetV3-Small 64x64, 13.5 steps); the gap is printed below
@@ -144,7 +151,7 @@ def _compactnn_contenders(model: nn.Module, calib: torch.Tensor, labels=None) ->
         out[PLAN] = _planned(out[QRES], sim, calib[:8], out[QRES].verification.tolerance)
     if labels is None and not isinstance(out.get(ORT_ALL), str | None):
         out[ORT_ALL_SPIN] = _spinning(out[ORT_ALL])
-    return out
+    return out, moves
 
 
 def _spinning(deployed: Any) -> Any:
@@ -204,7 +211,12 @@ def _planned(deployed: Any, sim: nn.Module, example: torch.Tensor, tolerance: fl
     return fast
 
 
-def _table(name: str, models: dict[str, Any], timed: dict[int, tuple[dict, dict]]) -> list[str]:
+def _table(
+    name: str,
+    models: dict[str, Any],
+    timed: dict[int, tuple[dict, dict]],
+    moves: dict[str, float] | None = None,
+) -> list[str]:
     header = " | ".join(
         f"batch {b} ms | batch {b} ratio | batch {b} CPU ms | CPU ratio" for b in timed
     )
@@ -247,7 +259,7 @@ def _table(name: str, models: dict[str, Any], timed: dict[int, tuple[dict, dict]
         "Fastest float path: "
         + ", ".join(f"batch {b}: {best[b]} (by CPU time: {best_cpu[b]})" for b in timed)
         + ". "
-        + _verification_line(models)
+        + _verification_line(models, moves or {})
     )
     return lines
 
@@ -283,13 +295,12 @@ def _peer_lines(timed: dict[int, tuple[dict, dict]]) -> list[str]:
     ]
 
 
-def _verification_line(models: dict[str, Any]) -> str:
+def _verification_line(models: dict[str, Any], moves: dict[str, float]) -> str:
     parts = [
         f"{k}: {m.verification.max_diff_steps:.2f} steps"
         for k, m in models.items()
         if k.startswith("compactnn") and not isinstance(m, str)
     ]
-    moves = models.get("_moves") or {}
     moved = ", ".join(f"{k} {v:.1f}" for k, v in moves.items())
     return (
         "Max difference to the simulated model each was deployed from (batch of 8): "
@@ -328,10 +339,11 @@ def _measure(quick: bool) -> list[str]:
         torch.manual_seed(0)
         model = _vision_model(name, size)
         calib = torch.randn(16, 3, size, size)
-        models = _contenders(model, calib, calib[:8], quick)
+        models, moves = _contenders(model, calib, calib[:8], quick)
         timed = {b: time_blocks(models, (calib[:b],)) for b in (8, 1)}
         title = f"torchvision {name}, {size}x{size}"
-        out += [*_table(title, models, timed), "", f"Load average after it: {_load()}.", ""]
+        table = _table(title, models, timed, moves)
+        out += [*table, "", f"Load average after it: {_load()}.", ""]
         ours = [k for k in timed[8][0] if k.startswith("compactnn") and callable(models.get(k))]
         if size == 224 and ours:
             fastest[name] = min(statistics.median(timed[8][0][k]) for k in ours) * 1e3
@@ -366,10 +378,11 @@ def _default_policy(quick: bool) -> list[str]:
     }
     models = {k: v.model for k, v in peers.items() if isinstance(v, PeerResult)}
     models.pop("ort-dynamic-int8", None)
-    models.update(_compactnn_contenders(model, calib, labels=(QRES, PLAN)))
+    ours, moves = _compactnn_contenders(model, calib, labels=(QRES, PLAN))
+    models.update(ours)
     timed = {8: time_blocks(models, (calib[:8],))}
     title = f"torchvision resnet18, 224x224, {POLICY} unset (OpenMP default: spinning)"
-    return [*_table(title, models, timed), "", f"Load average: {_load()}."]
+    return [*_table(title, models, timed, moves), "", f"Load average: {_load()}."]
 
 
 def _load() -> str:
