@@ -133,9 +133,9 @@ def test_plan_runner_fuses_the_tail_with_equal_outputs(monkeypatch) -> None:
     for x in (calib, torch.randn(1, 3, 19, 27)):
         with torch.no_grad():
             assert torch.equal(runner(x), gm(x))
-    monkeypatch.setattr(runner_module, "_squeeze_chain", lambda *a: None)
+    monkeypatch.setattr(runner_module, "squeeze_chain", lambda *a: None)
     tail_only = plan_runner(gm)
-    monkeypatch.setattr(runner_module, "_gate_chain", lambda gm, node: None)
+    monkeypatch.setattr(runner_module, "gate_chain", lambda gm, node: None)
     unfused = plan_runner(gm)
     # pool + quantize, fc1, fc2 and the tail's three calls became one
     assert _calls(tail_only.source) == _calls(runner.source) + 3

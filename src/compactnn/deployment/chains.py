@@ -1,0 +1,133 @@
+"""Patterns of a deployed graph that the plan runner runs as one kernel call.
+
+Each function looks at one node of an ``fx.GraphModule`` from ``compactnn.deploy`` and returns
+the nodes of a chain the direct kernels take whole (a global pool and its quantize, a
+quantize and the small convolution it feeds, a layer and its Hardswish, a squeeze-excitation
+gate and its tail), or None. Pure graph reads: nothing is changed; the runner
+(:mod:`compactnn.deployment.runner`) decides what to emit.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from compactnn.deployment.direct import hardswish_fits, small_conv_fits, squeeze_fits
+from compactnn.deployment.lowbit import QuantizeGrid
+from compactnn.deployment.onednn import Int8Conv2d, Quantize
+from compactnn.kernels import bitconv
+
+
+def global_pool(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The ``AdaptiveAvgPool2d(1)`` that ``node`` is: the module, or (torchvision's MobileNetV2
+    calls the function) ``F.adaptive_avg_pool2d(x, 1)`` / ``(x, (1, 1))`` as a module."""
+    if node.op == "call_module":
+        pool = gm.get_submodule(node.target)
+        if type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)):
+            return pool
+        return None
+    if node.op != "call_function" or node.target is not F.adaptive_avg_pool2d:
+        return None
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    if len(node.args) + len(node.kwargs) != 2 or size not in (1, (1, 1), [1, 1]):
+        return None
+    return nn.AdaptiveAvgPool2d(1)
+
+
+def pooled_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The quantize node that is the only user of global-average-pool ``node``, if any."""
+    if len(node.users) != 1 or global_pool(gm, node) is None:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module" or user.args != (node,) or user.kwargs:
+        return None
+    if type(gm.get_submodule(user.target)) not in (Quantize, QuantizeGrid):
+        return None
+    return user if bitconv.available() else None
+
+
+def fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The small convolution node that is the only user of quantize ``node``, if any."""
+    if node.op != "call_module" or len(node.users) != 1:
+        return None
+    if type(gm.get_submodule(node.target)) not in (Quantize, QuantizeGrid):
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_module" or len(user.args) != 1 or user.args[0] is not node or user.kwargs:
+        return None
+    conv = gm.get_submodule(user.target)
+    same_grid = tuple(gm.get_submodule(node.target).qp[:2]) == tuple(getattr(conv, "x_qp", ()))
+    return user if same_grid and small_conv_fits(conv) else None
+
+
+def hardswish_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
+    """For convolution or linear layer ``node`` whose only user is a Hardswish: that node, and
+    the quantize that is the Hardswish's only user (or None); None when they cannot run as one
+    kernel."""
+    if node.op != "call_module" or len(node.users) != 1 or not bitconv.available():
+        return None
+    if not hardswish_fits(gm.get_submodule(node.target)):
+        return None
+    act = next(iter(node.users))
+    if act.op != "call_module" or act.args != (node,) or act.kwargs:
+        return None
+    if type(gm.get_submodule(act.target)) is not nn.Hardswish:
+        return None
+    quant = next(iter(act.users)) if len(act.users) == 1 else None
+    if quant is not None and (quant.op != "call_module" or quant.args != (act,) or quant.kwargs):
+        quant = None
+    if quant is not None and type(gm.get_submodule(quant.target)) not in (Quantize, QuantizeGrid):
+        quant = None
+    return act, quant
+
+
+def gate_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """For Hardsigmoid ``node`` (a squeeze-excitation gate) whose only user multiplies it into
+    a map that a quantization alone reads: (the multiply, the quantize, the map's node)."""
+    if node.op != "call_module" or len(node.users) != 1 or not bitconv.available():
+        return None
+    if type(gm.get_submodule(node.target)) is not nn.Hardsigmoid or len(node.args) != 1:
+        return None
+    mul = next(iter(node.users))
+    if mul.op != "call_function" or mul.target not in (operator.mul, torch.mul) or mul.kwargs:
+        return None
+    if len(mul.args) != 2 or node not in mul.args or len(mul.users) != 1:
+        return None
+    x = mul.args[1] if mul.args[0] is node else mul.args[0]
+    if not isinstance(x, fx.Node) or x is node:
+        return None
+    quant = next(iter(mul.users))
+    if quant.op != "call_module" or quant.args != (mul,) or quant.kwargs:
+        return None
+    if type(gm.get_submodule(quant.target)) not in (Quantize, QuantizeGrid):
+        return None
+    return mul, quant, x
+
+
+def squeeze_chain(
+    gm: fx.GraphModule, gate: fx.Node, x: fx.Node, pooled: dict
+) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """For the Hardsigmoid ``gate`` of a squeeze-excitation tail on map ``x``: (the pool's
+    fused quantize, fc1, fc2) when ``quantize(pool(x)) -> fc1 -> fc2 -> gate`` is a chain of
+    single users that :func:`~compactnn.deployment.direct.squeeze_fits`; else None."""
+    fc2 = gate.args[0]
+    if not isinstance(fc2, fx.Node) or fc2.op != "call_module" or len(fc2.users) != 1:
+        return None
+    if len(fc2.args) != 1 or fc2.kwargs or not isinstance(fc2.args[0], fx.Node):
+        return None
+    fc1 = fc2.args[0]
+    if fc1.op != "call_module" or len(fc1.users) != 1 or len(fc1.args) != 1 or fc1.kwargs:
+        return None
+    poolq = fc1.args[0]
+    if not isinstance(poolq, fx.Node) or poolq not in pooled or len(poolq.users) != 1:
+        return None
+    pool = poolq.args[0]
+    if not isinstance(pool, fx.Node) or pool.args[:1] != (x,):
+        return None
+    m1, m2 = gm.get_submodule(fc1.target), gm.get_submodule(fc2.target)
+    if not (isinstance(m1, Int8Conv2d) and isinstance(m2, Int8Conv2d)):
+        return None
+    return (poolq, fc1, fc2) if squeeze_fits(m1, m2) else None
