@@ -11,7 +11,7 @@ from torch import nn
 
 import compactnn
 from compactnn.bench import demo_rows
-from compactnn.deployment import runner
+from compactnn.deployment import chains, runner
 from compactnn.kernels import bitconv
 
 pytestmark = pytest.mark.skipif(
@@ -48,7 +48,9 @@ def test_the_onednn_arm_turns_off_every_direct_layer(monkeypatch) -> None:
     on = runner._Codegen(gm)
     assert on.squeeze and on.hardswish  # the model has both, so the test can fail
     for name in demo_rows.DIRECT:
-        assert callable(getattr(runner, name))  # a renamed choice would silently stay on
-        monkeypatch.setattr(runner, name, lambda *modules: False)
+        where = [m for m in (runner, chains) if hasattr(m, name)]
+        assert where  # a renamed choice would silently stay on
+        for module in where:
+            monkeypatch.setattr(module, name, lambda *modules: False)
     off = runner._Codegen(gm)
     assert not off.squeeze and not off.hardswish

@@ -82,20 +82,24 @@ DIRECT = (
 def direct_kernels_ab(fast, batch: torch.Tensor, rounds: int) -> dict:
     """CPU ms per call (medians of rotating rounds) of a delivered model's runner with the
     direct kernels (``new``) and with oneDNN's for every layer (``old``), output identity."""
+    from compactnn.deployment import chains
     from compactnn.deployment import runner as plan
 
     gm = getattr(fast, "program", None)
     if gm is None or not hasattr(gm, "graph"):
         return {}
     new = plan.plan_runner(gm)
-    saved = {name: getattr(plan, name) for name in DIRECT}
-    for name in DIRECT:  # the runner without them: oneDNN for every layer
-        setattr(plan, name, lambda *modules: False)
+    # each check where the runner or its chain patterns call it
+    saved = {(m, n): getattr(m, n) for m in (plan, chains) for n in DIRECT if hasattr(m, n)}
+    if {n for _, n in saved} != set(DIRECT):
+        raise RuntimeError(f"direct_kernels_ab: {set(DIRECT) - {n for _, n in saved}} not found")
+    for module, name in saved:  # the runner without them: oneDNN for every layer
+        setattr(module, name, lambda *modules: False)
     try:
         old = plan.plan_runner(gm)
     finally:
-        for name, fn in saved.items():
-            setattr(plan, name, fn)
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
     runs: dict[str, list[float]] = {"old": [], "new": []}
     with torch.no_grad():
         same = torch.equal(new(batch), old(batch))
