@@ -2,8 +2,9 @@
 
 Per recipe, every delivered form compactnn has for it is timed side by side with the float
 paths (fp32 eager, ``torch.compile``, bf16 autocast, ONNX Runtime fp32) at batch 64 and
-batch 1 (one sentence), in blocks of calls after a pause, three rounds in rotating order
-(``measure.timing.time_blocks``). Delivered forms:
+batch 1 (one sentence), in blocks of calls after a pause in rotating order (batch 64: three
+rounds; batch 1: nine rounds of blocks of up to 30 calls; ``measure.timing.time_blocks``).
+Delivered forms:
 
 * ``kernels``: ``to_kernels(q)`` defaults (bfloat16 model, int4/int8 kernels below 8 rows,
   a held dense bf16 copy of each weight-only layer from 8 rows, W8A8 on ``torch._int_mm``);
@@ -207,14 +208,19 @@ def _speed(rows: dict, batch: dict, quick: bool) -> dict[str, str]:
     """Median latency of every live row at batch 64 and batch 1; the fastest float per column."""
     live = {n: r for n, r in rows.items() if "model" in r}
     winners = {}
-    for key, b, runs in (
-        ("b64", batch, 3 if quick else 6),
-        ("b1", _batch1(batch), 15 if quick else 30),
+    # batch 1 (a few ms a call): nine rounds of warm blocks of up to 30 calls (~0.3 s), so a
+    # slow spell of the shared machine lands in few blocks and no call is the first after a
+    # pause; batch 64: three rounds of single calls
+    for key, b, runs, rounds, block_s in (
+        ("b64", batch, 3 if quick else 6, 3, 0.0),
+        ("b1", _batch1(batch), 27, 9, 0.3),
     ):
         calls = {n: model_call(r["model"], b) for n, r in live.items()}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the table states the load; suspects are noted
-            timings = time_blocks(calls, warmup=2, runs=runs, threads=THREADS)
+            timings = time_blocks(
+                calls, warmup=2, runs=runs, threads=THREADS, rounds=rounds, block_s=block_s
+            )
         for n, t in timings.items():
             live[n][key], live[n][key + "_t"] = t.median_s, t
         winners[key] = min((n for n in FLOATS if n in live), key=lambda n: live[n][key])
@@ -427,7 +433,8 @@ def run(quick: bool = False) -> str:
         f"{cpu_description()}; torch {torch.__version__}, torch.set_num_threads({THREADS}), "
         f"load average {load:.1f} at the end of the run. Batch 64 = {shape[0]} x {shape[1]} "
         "tokens (padded), batch 1 = its first sentence unpadded. Each contender timed in its "
-        "own blocks after a pause, three rounds in rotating order, median (min-max when they "
+        "own blocks after a pause in rotating order (batch 64: three rounds of one call; batch 1: "
+        "nine rounds of warm blocks of up to 30 calls), median (min-max when they "
         "spread over 10%), with the process CPU time per call (all threads; steadier than "
         "wall time on a loaded machine). "
         f"Fastest float path: {winners['b64']} at batch 64, {winners['b1']} at batch 1. "
