@@ -150,6 +150,12 @@ def test_to_ort_nbits_runs_from_a_mapped_file_and_cleans_up(tmp_path):
     assert not folder.exists()
     with pytest.raises(compactnn.CompactnnError, match="not a file"):
         OrtNBitsModel(tmp_path / "missing.onnx", ["input_ids"])
+    # a new folder is created; a folder given as the file is refused by name, nothing written
+    nested = to_ort_nbits(q, batch, threads=1, path=tmp_path / "new" / "deep" / "m.onnx")
+    assert torch.equal(nested(**batch)[0], ref)
+    with pytest.raises(compactnn.CompactnnError, match="is a folder"):
+        to_ort_nbits(q, batch, threads=1, path=tmp_path / "new")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["deep"]
 
 
 def test_only_tables_on_an_integer_grid_become_gather_block_quantized():

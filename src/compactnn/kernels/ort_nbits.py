@@ -355,9 +355,15 @@ def save_nbits(proto: Any, path: str | os.PathLike, min_bytes: int = 1024) -> in
     """Write ``proto`` to ``path`` with every initializer of ``min_bytes`` or more in
     ``<path>.data``, each at an offset that is a multiple of ``DATA_ALIGN`` (so ONNX Runtime
     can map it from the file instead of copying it). Both files are replaced atomically;
-    ``proto`` is not modified. Returns the bytes written (both files)."""
+    ``proto`` is not modified; a missing parent folder is created. Returns the bytes written
+    (both files)."""
     onnx = require("onnx", "onnx")
     path = Path(path)
+    if path.is_dir():
+        raise CompactnnError(
+            f"path {path} is a folder; give the model file's name, e.g. {path / 'model.onnx'}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
     data_path = path.with_name(path.name + ".data")
     out = onnx.ModelProto()
     out.CopyFrom(proto)
