@@ -158,6 +158,18 @@ def test_to_ort_nbits_runs_from_a_mapped_file_and_cleans_up(tmp_path):
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["deep"]
 
 
+def test_a_model_without_weight_only_layers_is_refused_by_name():
+    torch.manual_seed(0)
+    model = _Keywords().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with pytest.raises(compactnn.CompactnnError, match="no quantized linear layer"):
+        to_ort_nbits(model, batch, threads=1)  # float: would have run as float, "MatMulNBits"
+    w8a8 = compactnn.compress(model, "w8a8", calib_data=[batch], progress=False)
+    with pytest.raises(compactnn.CompactnnError, match=r"fc1, fc2\) quantize .*to_kernels"):
+        to_ort_nbits(w8a8, batch, threads=1)
+
+
 def test_only_tables_on_an_integer_grid_become_gather_block_quantized():
     torch.manual_seed(0)
     spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16)

@@ -35,6 +35,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,7 @@ def nbits_proto(
         export_dynamic(plain, example, Path(tmp) / "m.onnx")
         proto = onnx.load(str(Path(tmp) / "m.onnx"))
     del plain
-    used = _replace_matmuls(onnx, proto.graph, found, accuracy_level)
+    used, seen = _replace_matmuls(onnx, proto.graph, found, accuracy_level)
     if merge:
         merge_siblings(onnx, proto.graph)
     if tables:
@@ -272,12 +273,17 @@ def nbits_proto(
         _bf16_tables(onnx, proto.graph)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    left = sorted(name for key, (name, *_) in found.items() if key not in used)
+    # fitting layers whose MatMul the graph holds but that did not become MatMulNBits (a
+    # layer the traced output does not use, e.g. BERT's pooler, is not in the graph at all)
+    left = sorted(name for key, (name, *_) in found.items() if key in seen and key not in used)
     return proto, left
 
 
-def _replace_matmuls(onnx: Any, graph: Any, found: dict, accuracy_level: int) -> set[str]:
-    """Swap each MatMul on a known dequantized weight for MatMulNBits; returns their keys."""
+def _replace_matmuls(
+    onnx: Any, graph: Any, found: dict, accuracy_level: int
+) -> tuple[set[str], set[str]]:
+    """Swap each MatMul on a known dequantized weight for MatMulNBits; returns their keys and
+    the keys of every 2-D initializer the graph held."""
     to_array, from_array = onnx.numpy_helper.to_array, onnx.numpy_helper.from_array
     inits = {i.name: i for i in graph.initializer}
     keys = {
@@ -317,7 +323,7 @@ def _replace_matmuls(onnx: Any, graph: Any, found: dict, accuracy_level: int) ->
     keep = [i for i in graph.initializer if i.name not in dropped]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return used
+    return used, set(keys.values())
 
 
 def _bf16_tables(onnx: Any, graph: Any, min_elements: int = 1 << 20) -> None:
@@ -475,8 +481,33 @@ def to_ort_nbits(
 
     Returns:
         An :class:`OrtNBitsModel` whose session maps its initializers from the file.
+
+    Raises:
+        CompactnnError: when no layer becomes MatMulNBits (a float or W8A8 model); a warning
+            names the quantized layers that stay float when only some do.
     """
-    proto, _ = nbits_proto(model, example, accuracy_level, bf16_tables, quantized_tables)
+    proto, left = nbits_proto(model, example, accuracy_level, bf16_tables, quantized_tables)
+    if not any(n.op_type == "MatMulNBits" for n in proto.graph.node):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+        misfit = [n for n, m in layers if _nbits_format(m) is None]
+        why = (
+            f"its {len(misfit)} quantized linear layers ({', '.join(misfit[:3])}"
+            f"{', ...' if len(misfit) > 3 else ''}) quantize "
+            "their activations or have no integer weight grid (W8A8 models run on "
+            "compactnn.to_kernels)"
+            if misfit
+            else "it has no quantized linear layer"
+        )
+        raise CompactnnError(
+            f"to_ort_nbits: no layer of this model became MatMulNBits: {why}; it takes a "
+            "weight-only quantized model, e.g. compactnn.compress(model, 'w4-g32-gptq', ...)"
+        )
+    if left:
+        warnings.warn(
+            f"to_ort_nbits: {len(left)} quantized layers stay float MatMul (simulated) "
+            f"in the ONNX model: {', '.join(left[:5])}{', ...' if len(left) > 5 else ''}",
+            stacklevel=2,
+        )
     own = path is None
     target = Path(tempfile.mkdtemp(prefix="compactnn-nbits-")) / "model.onnx" if own else path
     try:
