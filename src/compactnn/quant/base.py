@@ -153,7 +153,10 @@ def layer_specs(
 
 def calibrate_activations(model: nn.Module, ctx: CompressContext) -> None:
     """Observe every uncalibrated input quantizer on the calibration data, then fix ranges."""
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.calibrated]
+    named = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer) and not m.calibrated
+    ]
+    quantizers = [m for _, m in named]
     if not quantizers:
         return
     if not ctx.batches:
@@ -164,6 +167,17 @@ def calibrate_activations(model: nn.Module, ctx: CompressContext) -> None:
     for q in quantizers:
         q.start_observing()
     ctx.run_all(model, desc="calibrating activations")
+    unseen = [n.rsplit(".", 1)[0] if "." in n else n for n, q in named if q.observer.min is None]
+    if unseen:
+        for q in quantizers:
+            q.observer = None
+        raise CompactnnError(
+            f"{len(unseen)} quantized layers never ran on the calibration data, so their "
+            f"activation ranges are unknown: {', '.join(unseen[:5])}"
+            f"{', ...' if len(unseen) > 5 else ''}. Pass calib_data= that reaches them (the "
+            "model's forward must call them), exclude them with the step's targets.ignore, or use "
+            "a weight-only recipe (e.g. w4-g128)."
+        )
     for q in quantizers:
         q.finish_observing()
 
