@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import compactnn
 from compactnn.core.dynact import DynamicActQuantizer
@@ -201,3 +202,16 @@ def test_lean_layers_dequantize_per_call_the_same_weight_and_hold_no_copy(cls):
     g8 = _layer(8, True, "group", 32)  # a first/last-layer format without a low-bit kernel
     dl = DenseLinear(g8, torch.bfloat16, hold_dense=False)
     assert dl.dense is None and torch.equal(dl.dequantized(), g8.weight.bfloat16())
+
+
+def test_to_kernels_warns_when_no_layer_runs_on_kernels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with pytest.warns(UserWarning, match="no layer of this model runs on low-bit kernels: it has"):
+        out = compactnn.to_kernels(model)  # a float model: only a bfloat16 copy comes back
+    assert out._compactnn_kernels["swapped"] == {}
+    q = compactnn.compress(model, "w4-g32", calib_data=torch.randn(4, 64), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a quantized model: no warning
+        fast = compactnn.to_kernels(q)
+    assert fast._compactnn_kernels["swapped"]

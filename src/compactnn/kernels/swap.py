@@ -4,6 +4,7 @@ its quantized embedding tables for a gather-then-dequantize lookup (no dense flo
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,7 +201,23 @@ def to_kernels(
     config = KernelConfig(
         dtype=dtype, dense_min_rows=dense_min_rows, fused=fused, hold_dense=hold_dense
     )
-    return swap_kernels(model if inplace else copy.deepcopy(model), config)
+    out = swap_kernels(model if inplace else copy.deepcopy(model), config)
+    info = out._compactnn_kernels
+    if not info["swapped"]:
+        what = (
+            f"its {len(info['simulated'])} quantized layers have no kernel here and run "
+            f"simulated ({', '.join(info['simulated'][:3])}"
+            f"{', ...' if len(info['simulated']) > 3 else ''})"
+            if info["simulated"]
+            else "it has no quantized layer"
+        )
+        warnings.warn(
+            f"to_kernels: no layer of this model runs on low-bit kernels: {what}; the result "
+            f"is the same model in {info['dtype']}. Compress it first, e.g. "
+            "compactnn.compress(model, 'w4-g32-gptq', calib_data=...).",
+            stacklevel=2,
+        )
+    return out
 
 
 def materialize(layer: nn.Module) -> None:
