@@ -11,3 +11,8 @@ class CompactnnError(ValueError):
 
 class ArtifactError(CompactnnError):
     """A saved artifact is missing, truncated, tampered with, or of an unknown format."""
+
+
+def name_list(names: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` for a message, with ``", ..."`` when there are more."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")

@@ -12,12 +12,10 @@ import compactnn
 from compactnn.core.qembedding import quantize_embedding_rtn
 from compactnn.core.qlayers import quantize_layer_rtn
 from compactnn.core.spec import QuantSpec
+from compactnn.kernels.nbits_tables import gather_format, gather_tables, gather_tensors
 from compactnn.kernels.ort_nbits import (
     DATA_ALIGN,
     OrtNBitsModel,
-    gather_format,
-    gather_tables,
-    gather_tensors,
     nbits_onnx,
     nbits_tensors,
     to_ort_nbits,

@@ -37,16 +37,21 @@ def global_pool(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return nn.AdaptiveAvgPool2d(1)
 
 
-def pooled_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The quantize node that is the only user of global-average-pool ``node``, if any."""
-    if len(node.users) != 1 or global_pool(gm, node) is None:
+def _quantize_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The only user of ``node`` when it is a quantize module called on ``node`` alone."""
+    if len(node.users) != 1:
         return None
     user = next(iter(node.users))
     if user.op != "call_module" or user.args != (node,) or user.kwargs:
         return None
-    if type(gm.get_submodule(user.target)) not in (Quantize, QuantizeGrid):
+    return user if type(gm.get_submodule(user.target)) in (Quantize, QuantizeGrid) else None
+
+
+def pooled_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The quantize node that is the only user of global-average-pool ``node``, if any."""
+    if global_pool(gm, node) is None or not bitconv.available():
         return None
-    return user if bitconv.available() else None
+    return _quantize_user(gm, node)
 
 
 def fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -76,12 +81,7 @@ def hardswish_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node
         return None
     if type(gm.get_submodule(act.target)) is not nn.Hardswish:
         return None
-    quant = next(iter(act.users)) if len(act.users) == 1 else None
-    if quant is not None and (quant.op != "call_module" or quant.args != (act,) or quant.kwargs):
-        quant = None
-    if quant is not None and type(gm.get_submodule(quant.target)) not in (Quantize, QuantizeGrid):
-        quant = None
-    return act, quant
+    return act, _quantize_user(gm, act)
 
 
 def gate_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
@@ -94,17 +94,13 @@ def gate_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.
     mul = next(iter(node.users))
     if mul.op != "call_function" or mul.target not in (operator.mul, torch.mul) or mul.kwargs:
         return None
-    if len(mul.args) != 2 or node not in mul.args or len(mul.users) != 1:
+    if len(mul.args) != 2 or node not in mul.args:
         return None
     x = mul.args[1] if mul.args[0] is node else mul.args[0]
     if not isinstance(x, fx.Node) or x is node:
         return None
-    quant = next(iter(mul.users))
-    if quant.op != "call_module" or quant.args != (mul,) or quant.kwargs:
-        return None
-    if type(gm.get_submodule(quant.target)) not in (Quantize, QuantizeGrid):
-        return None
-    return mul, quant, x
+    quant = _quantize_user(gm, mul)
+    return None if quant is None else (mul, quant, x)
 
 
 def squeeze_chain(

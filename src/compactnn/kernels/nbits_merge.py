@@ -28,7 +28,7 @@ def _attrs(onnx: Any, node: Any) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _bias_add(node: Any, consumers: dict, inits: dict, graph_outputs: set, n: int, onnx: Any):
+def _bias_add(onnx: Any, node: Any, n: int, consumers: dict, inits: dict, graph_outputs: set):
     """``(add_node, bias)`` when ``node``'s only consumer adds a float32 vector of length
     ``n`` from an initializer to it; else None."""
     users = consumers.get(node.output[0], [])
@@ -54,10 +54,8 @@ def sibling_groups(onnx: Any, graph: Any) -> list[list[Any]]:
         if len(node.input) not in (3, 4) or any(i not in inits for i in node.input[1:]):
             continue
         a = _attrs(onnx, node)
-        level = a.get("accuracy_level", 0)
-        groups[(node.input[0], len(node.input), a["K"], a["bits"], a["block_size"], level)].append(
-            node
-        )
+        shape = (a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0))
+        groups[(node.input[0], len(node.input), *shape)].append(node)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -78,7 +76,7 @@ def merge_siblings(onnx: Any, graph: Any) -> int:
     for members in sibling_groups(onnx, graph):
         widths = [_attrs(onnx, m)["N"] for m in members]
         adds = [
-            _bias_add(m, consumers, inits, graph_outputs, n, onnx)
+            _bias_add(onnx, m, n, consumers, inits, graph_outputs)
             for m, n in zip(members, widths, strict=True)
         ]
         with_bias = all(a is not None for a in adds)

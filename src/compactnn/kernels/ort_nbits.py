@@ -13,7 +13,8 @@ Quantized token tables (:class:`~compactnn.core.qembedding.QuantEmbedding`) beco
 ``com.microsoft::GatherBlockQuantized`` nodes on the same codes (uint8 bytes holding two 4-bit
 codes, or one 8-bit code, per-row blocks of scales and zero points): a lookup gathers codes
 and dequantizes ``(q - z) * s`` in float32, the simulation's formula, so no float table exists
-either (MiniLM's word embeddings: 7.5 MB instead of 47 MB float32 or 23 MB bfloat16).
+either (MiniLM's word embeddings: 7.5 MB instead of 47 MB float32 or 23 MB bfloat16;
+:mod:`compactnn.kernels.nbits_tables`).
 
 The whole graph (attention, LayerNorm, GELU) runs in ONNX Runtime, which also removes the
 per-op overhead of eager PyTorch at batch 1. :func:`to_ort_nbits` writes the model as an
@@ -31,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import shutil
 import tempfile
@@ -46,10 +46,16 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
-from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 from compactnn.kernels.nbits_merge import merge_siblings
+from compactnn.kernels.nbits_tables import (
+    gather_tables,
+    pack_codes,
+    replace_gathers,
+    tables_to_bf16,
+    tensor_key,
+)
 
 NBITS = (4, 8)  # ONNX Runtime's MatMulNBits bit widths used here (codes below 4 bits fit 4)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -70,16 +76,6 @@ def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
     return bits, block
 
 
-def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes ``(..., n)`` as bytes, low nibble first for 4 bits (pads odd n)."""
-    codes = codes.to(torch.uint8)
-    if bits == 8:
-        return codes
-    if codes.shape[-1] % 2:
-        codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], -1)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
 def nbits_tensors(layer: QuantLinear, bits: int, block: int) -> dict[str, torch.Tensor]:
     """MatMulNBits' ``B`` ``(N, K/block, block*bits/8)`` uint8, ``scales`` ``(N*K/block,)``
     float32 and ``zero_points`` (packed uint8) from ``layer``'s codes: ``w = (q - z) * s``."""
@@ -89,17 +85,12 @@ def nbits_tensors(layer: QuantLinear, bits: int, block: int) -> dict[str, torch.
     zero = layer.weight_zero.float() + shift  # (N, K/block)
     if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
         raise ValueError("MatMulNBits needs integer zero points on the code grid")
-    blob = _pack(q.reshape(n, k // block, block), bits)
+    blob = pack_codes(q.reshape(n, k // block, block), bits)
     return {
         "B": blob.contiguous(),
         "scales": layer.weight_scale.float().reshape(-1).contiguous(),
-        "zero_points": _pack(zero.to(torch.int32), bits).reshape(-1).contiguous(),
+        "zero_points": pack_codes(zero.to(torch.int32), bits).reshape(-1).contiguous(),
     }
-
-
-def _key(t: torch.Tensor) -> str:
-    a = t.detach().float().contiguous().numpy()
-    return hashlib.sha1(a.tobytes()).hexdigest() + str(a.shape)
 
 
 def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, tuple]]:
@@ -115,108 +106,8 @@ def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, tuple]]:
         if m.bias is not None:
             lin.bias.data = m.bias.detach().float().clone()
         set_module(out, name, lin)
-        found[_key(lin.weight.T)] = (name, m, *fmt)
+        found[tensor_key(lin.weight.T)] = (name, m, *fmt)
     return out, found
-
-
-def gather_format(table: QuantEmbedding) -> tuple[int, int] | None:
-    """(bits, block size) of ``table`` on GatherBlockQuantized, or None when it does not fit.
-
-    Codes of 2-4 bits use the 4-bit form, 5-8 bits the 8-bit form; a per-row grid becomes the
-    largest power-of-two block (from 16) that divides the row, its scale repeated per block.
-    Zero points must be integers on the code grid.
-    """
-    if getattr(table, "weight_levels", None) is not None:
-        return None
-    spec, d = table.weight_spec, table.embedding_dim
-    bits = 4 if spec.bits <= 4 else 8
-    if spec.granularity == "group":
-        block = spec.group_size
-    elif spec.granularity == "channel":
-        block = d & -d  # largest power of two dividing d
-    else:
-        return None
-    if block < 16 or block & (block - 1) or d % block:
-        return None
-    zero = table.weight_zero.float() - spec.qtype.qmin  # on the unsigned code grid
-    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
-        return None  # a fractional zero point: the table stays a float Gather
-    return bits, block
-
-
-def gather_tensors(table: QuantEmbedding, bits: int, block: int) -> dict[str, torch.Tensor]:
-    """GatherBlockQuantized's ``data`` ``(V, D*bits/8)`` uint8 (low nibble first), ``scales``
-    ``(V, D/block)`` float32 and ``zero_points`` (uint8, packed like ``data``) from the codes
-    of ``table``: ``row[j] = (q[j] - z[j // block]) * s[j // block]``."""
-    shift = -table.weight_spec.qtype.qmin  # codes into 0..2^bits-1
-    q = table.weight_codes.to(torch.int32) + shift  # (V, D)
-    scale, zero = table.weight_scale.float(), table.weight_zero.float() + shift  # (V, groups)
-    reps = q.shape[1] // block // scale.shape[1]  # > 1 for a per-row grid on smaller blocks
-    scale, zero = scale.repeat_interleave(reps, 1), zero.repeat_interleave(reps, 1)
-    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
-        raise ValueError("GatherBlockQuantized needs integer zero points on the code grid")
-    return {
-        "data": _pack(q, bits).contiguous(),
-        "scales": scale.contiguous(),
-        "zero_points": _pack(zero.to(torch.int32), bits).contiguous(),
-    }
-
-
-def gather_tables(model: nn.Module) -> dict[str, tuple]:
-    """``{table key: (name, table, bits, block)}`` of the embedding tables of ``model`` that
-    GatherBlockQuantized can hold (the key is their dequantized float table's)."""
-    found = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantEmbedding) and (fmt := gather_format(m)) is not None:
-            found[_key(m.weight)] = (name, m, *fmt)
-    return found
-
-
-def _replace_gathers(onnx: Any, graph: Any, tables: dict) -> set[str]:
-    """Swap each Gather (axis 0) on a known dequantized table for GatherBlockQuantized on its
-    codes; drops the float table when nothing else reads it. Returns the names swapped."""
-    from_array, to_array = onnx.numpy_helper.from_array, onnx.numpy_helper.to_array
-    inits = {i.name: i for i in graph.initializer}
-    keys = {}
-    for node in graph.node:
-        w = node.input[0] if node.op_type == "Gather" and node.input else ""
-        if w in inits and w not in keys and len(inits[w].dims) == 2:
-            keys[w] = _key(torch.from_numpy(to_array(inits[w]).copy()))
-    swapped, nodes = set(), []
-    for node in graph.node:
-        w = node.input[0] if node.op_type == "Gather" else ""
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if keys.get(w) not in tables or axis != 0:
-            nodes.append(node)
-            continue
-        name, table, bits, block = tables[keys[w]]
-        names = [f"{w}_gbq_{k}" for k in ("data", "scales", "zero_points")]
-        if w not in swapped:
-            tensors = gather_tensors(table, bits, block).values()
-            graph.initializer.extend(
-                from_array(t.numpy(), n) for n, t in zip(names, tensors, strict=True)
-            )
-        nodes.append(
-            onnx.helper.make_node(
-                "GatherBlockQuantized",
-                [names[0], node.input[1], *names[1:]],
-                list(node.output),
-                name=f"{node.name or name}_gbq",
-                domain="com.microsoft",
-                gather_axis=0,
-                quantize_axis=1,
-                block_size=block,
-                bits=bits,
-            )
-        )
-        swapped.add(w)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    still = {n for node in nodes for n in node.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name not in swapped or i.name in still]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    return swapped
 
 
 def nbits_onnx(
@@ -268,9 +159,9 @@ def nbits_proto(
     if merge:
         merge_siblings(onnx, proto.graph)
     if tables:
-        _replace_gathers(onnx, proto.graph, tables)
+        replace_gathers(onnx, proto.graph, tables)
     if bf16_tables:
-        _bf16_tables(onnx, proto.graph)
+        tables_to_bf16(onnx, proto.graph)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     # fitting layers whose MatMul the graph holds but that did not become MatMulNBits (a
@@ -287,7 +178,9 @@ def _replace_matmuls(
     to_array, from_array = onnx.numpy_helper.to_array, onnx.numpy_helper.from_array
     inits = {i.name: i for i in graph.initializer}
     keys = {
-        n: _key(torch.from_numpy(to_array(t).copy())) for n, t in inits.items() if len(t.dims) == 2
+        n: tensor_key(torch.from_numpy(to_array(t).copy()))
+        for n, t in inits.items()
+        if len(t.dims) == 2
     }
     used, dropped, nodes = set(), set(), []
     for node in graph.node:
@@ -324,37 +217,6 @@ def _replace_matmuls(
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return used, set(keys.values())
-
-
-def _bf16_tables(onnx: Any, graph: Any, min_elements: int = 1 << 20) -> None:
-    """Large float32 Gather tables stored as bfloat16, with a Cast to float32 after the Gather."""
-    tp = onnx.TensorProto
-    big = {
-        i.name: i
-        for i in graph.initializer
-        if i.data_type == tp.FLOAT and len(i.dims) == 2 and i.dims[0] * i.dims[1] >= min_elements
-    }
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        if node.op_type != "Gather" or node.input[0] not in big:
-            continue
-        out = node.output[0]
-        node.output[0] = f"{out}_bf16"
-        nodes.append(onnx.helper.make_node("Cast", [f"{out}_bf16"], [out], to=tp.FLOAT))
-    for name, init in big.items():
-        table = torch.from_numpy(onnx.numpy_helper.to_array(init).copy()).bfloat16()
-        init.CopyFrom(_bf16_initializer(onnx, name, table))
-    del graph.node[:]
-    graph.node.extend(nodes)
-
-
-def _bf16_initializer(onnx: Any, name: str, table: torch.Tensor) -> Any:
-    t = onnx.TensorProto()
-    t.name, t.data_type = name, onnx.TensorProto.BFLOAT16
-    t.dims.extend(table.shape)
-    t.raw_data = table.contiguous().view(torch.int16).numpy().tobytes()
-    return t
 
 
 def save_nbits(proto: Any, path: str | os.PathLike, min_bytes: int = 1024) -> int:
@@ -491,8 +353,7 @@ def to_ort_nbits(
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
         misfit = [n for n, m in layers if _nbits_format(m) is None]
         why = (
-            f"its {len(misfit)} quantized linear layers ({', '.join(misfit[:3])}"
-            f"{', ...' if len(misfit) > 3 else ''}) quantize "
+            f"its {len(misfit)} quantized linear layers ({name_list(misfit, 3)}) quantize "
             "their activations or have no integer weight grid (W8A8 models run on "
             "compactnn.to_kernels)"
             if misfit
@@ -505,7 +366,7 @@ def to_ort_nbits(
     if left:
         warnings.warn(
             f"to_ort_nbits: {len(left)} quantized layers stay float MatMul (simulated) "
-            f"in the ONNX model: {', '.join(left[:5])}{', ...' if len(left) > 5 else ''}",
+            f"in the ONNX model: {name_list(left)}",
             stacklevel=2,
         )
     own = path is None

@@ -15,7 +15,7 @@ from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.modules import set_module
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 from compactnn.kernels.embedding import EmbeddingKernel
 from compactnn.kernels.linear import (
     DENSE_MIN_ROWS,
@@ -206,8 +206,7 @@ def to_kernels(
     if not info["swapped"]:
         what = (
             f"its {len(info['simulated'])} quantized layers have no kernel here and run "
-            f"simulated ({', '.join(info['simulated'][:3])}"
-            f"{', ...' if len(info['simulated']) > 3 else ''})"
+            f"simulated ({name_list(info['simulated'], 3)})"
             if info["simulated"]
             else "it has no quantized layer"
         )

@@ -28,7 +28,7 @@ from compactnn.core.qlayers import (
     is_quant_layer,
 )
 from compactnn.core.spec import QuantSpec
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 
 LayerSpecs = dict[str, tuple[QuantSpec, QuantSpec | None]]
 
@@ -167,16 +167,15 @@ def calibrate_activations(model: nn.Module, ctx: CompressContext) -> None:
     for q in quantizers:
         q.start_observing()
     ctx.run_all(model, desc="calibrating activations")
-    unseen = [n.rsplit(".", 1)[0] if "." in n else n for n, q in named if q.observer.min is None]
+    unseen = [n.rsplit(".", 1)[0] for n, q in named if q.observer.min is None]  # its layer
     if unseen:
         for q in quantizers:
             q.observer = None
         raise CompactnnError(
             f"{len(unseen)} quantized layers never ran on the calibration data, so their "
-            f"activation ranges are unknown: {', '.join(unseen[:5])}"
-            f"{', ...' if len(unseen) > 5 else ''}. Pass calib_data= that reaches them (the "
-            "model's forward must call them), exclude them with the step's targets.ignore, or use "
-            "a weight-only recipe (e.g. w4-g128)."
+            f"activation ranges are unknown: {name_list(unseen)}. Pass calib_data= that "
+            "reaches them (the model's forward must call them), exclude them with the step's "
+            "targets.ignore, or use a weight-only recipe (e.g. w4-g128)."
         )
     for q in quantizers:
         q.finish_observing()

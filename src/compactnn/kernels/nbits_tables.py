@@ -1,0 +1,165 @@
+"""Token tables of a weight-only transformer on ONNX Runtime (:mod:`compactnn.kernels.ort_nbits`).
+
+Quantized tables (:class:`~compactnn.core.qembedding.QuantEmbedding`) become
+``com.microsoft::GatherBlockQuantized`` nodes on their own codes (uint8 bytes holding two
+4-bit codes, or one 8-bit code, per-row blocks of scales and zero points): a lookup gathers
+codes and dequantizes ``(q - z) * s`` in float32, the simulation's formula. Large float tables
+can be stored in bfloat16 with a cast after the lookup. Also the code packing and the
+tensor key that ``ort_nbits`` uses to find a layer's weight in the exported graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.core.qembedding import QuantEmbedding
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``(..., n)`` as bytes, low nibble first for 4 bits (pads odd n)."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], -1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def tensor_key(t: torch.Tensor) -> str:
+    a = t.detach().float().contiguous().numpy()
+    return hashlib.sha1(a.tobytes()).hexdigest() + str(a.shape)
+
+
+def gather_format(table: QuantEmbedding) -> tuple[int, int] | None:
+    """(bits, block size) of ``table`` on GatherBlockQuantized, or None when it does not fit.
+
+    Codes of 2-4 bits use the 4-bit form, 5-8 bits the 8-bit form; a per-row grid becomes the
+    largest power-of-two block (from 16) that divides the row, its scale repeated per block.
+    Zero points must be integers on the code grid.
+    """
+    if getattr(table, "weight_levels", None) is not None:
+        return None
+    spec, d = table.weight_spec, table.embedding_dim
+    bits = 4 if spec.bits <= 4 else 8
+    if spec.granularity == "group":
+        block = spec.group_size
+    elif spec.granularity == "channel":
+        block = d & -d  # largest power of two dividing d
+    else:
+        return None
+    if block < 16 or block & (block - 1) or d % block:
+        return None
+    zero = table.weight_zero.float() - spec.qtype.qmin  # on the unsigned code grid
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
+        return None  # a fractional zero point: the table stays a float Gather
+    return bits, block
+
+
+def gather_tensors(table: QuantEmbedding, bits: int, block: int) -> dict[str, torch.Tensor]:
+    """GatherBlockQuantized's ``data`` ``(V, D*bits/8)`` uint8 (low nibble first), ``scales``
+    ``(V, D/block)`` float32 and ``zero_points`` (uint8, packed like ``data``) from the codes
+    of ``table``: ``row[j] = (q[j] - z[j // block]) * s[j // block]``."""
+    shift = -table.weight_spec.qtype.qmin  # codes into 0..2^bits-1
+    q = table.weight_codes.to(torch.int32) + shift  # (V, D)
+    scale, zero = table.weight_scale.float(), table.weight_zero.float() + shift  # (V, groups)
+    reps = q.shape[1] // block // scale.shape[1]  # > 1 for a per-row grid on smaller blocks
+    scale, zero = scale.repeat_interleave(reps, 1), zero.repeat_interleave(reps, 1)
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
+        raise ValueError("GatherBlockQuantized needs integer zero points on the code grid")
+    return {
+        "data": pack_codes(q, bits).contiguous(),
+        "scales": scale.contiguous(),
+        "zero_points": pack_codes(zero.to(torch.int32), bits).contiguous(),
+    }
+
+
+def gather_tables(model: nn.Module) -> dict[str, tuple]:
+    """``{table key: (name, table, bits, block)}`` of the embedding tables of ``model`` that
+    GatherBlockQuantized can hold (the key is their dequantized float table's)."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantEmbedding) and (fmt := gather_format(m)) is not None:
+            found[tensor_key(m.weight)] = (name, m, *fmt)
+    return found
+
+
+def replace_gathers(onnx: Any, graph: Any, tables: dict) -> set[str]:
+    """Swap each Gather (axis 0) on a known dequantized table for GatherBlockQuantized on its
+    codes; drops the float table when nothing else reads it. Returns the names swapped."""
+    from_array, to_array = onnx.numpy_helper.from_array, onnx.numpy_helper.to_array
+    inits = {i.name: i for i in graph.initializer}
+    keys = {}
+    for node in graph.node:
+        w = node.input[0] if node.op_type == "Gather" and node.input else ""
+        if w in inits and w not in keys and len(inits[w].dims) == 2:
+            keys[w] = tensor_key(torch.from_numpy(to_array(inits[w]).copy()))
+    swapped, nodes = set(), []
+    for node in graph.node:
+        w = node.input[0] if node.op_type == "Gather" else ""
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if keys.get(w) not in tables or axis != 0:
+            nodes.append(node)
+            continue
+        name, table, bits, block = tables[keys[w]]
+        names = [f"{w}_gbq_{k}" for k in ("data", "scales", "zero_points")]
+        if w not in swapped:
+            tensors = gather_tensors(table, bits, block).values()
+            graph.initializer.extend(
+                from_array(t.numpy(), n) for n, t in zip(names, tensors, strict=True)
+            )
+        nodes.append(
+            onnx.helper.make_node(
+                "GatherBlockQuantized",
+                [names[0], node.input[1], *names[1:]],
+                list(node.output),
+                name=f"{node.name or name}_gbq",
+                domain="com.microsoft",
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=block,
+                bits=bits,
+            )
+        )
+        swapped.add(w)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still = {n for node in nodes for n in node.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name not in swapped or i.name in still]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return swapped
+
+
+def tables_to_bf16(onnx: Any, graph: Any, min_elements: int = 1 << 20) -> None:
+    """Large float32 Gather tables stored as bfloat16, with a Cast to float32 after the Gather."""
+    tp = onnx.TensorProto
+    big = {
+        i.name: i
+        for i in graph.initializer
+        if i.data_type == tp.FLOAT and len(i.dims) == 2 and i.dims[0] * i.dims[1] >= min_elements
+    }
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        if node.op_type != "Gather" or node.input[0] not in big:
+            continue
+        out = node.output[0]
+        node.output[0] = f"{out}_bf16"
+        nodes.append(onnx.helper.make_node("Cast", [f"{out}_bf16"], [out], to=tp.FLOAT))
+    for name, init in big.items():
+        table = torch.from_numpy(onnx.numpy_helper.to_array(init).copy()).bfloat16()
+        init.CopyFrom(_bf16_initializer(onnx, name, table))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _bf16_initializer(onnx: Any, name: str, table: torch.Tensor) -> Any:
+    t = onnx.TensorProto()
+    t.name, t.data_type = name, onnx.TensorProto.BFLOAT16
+    t.dims.extend(table.shape)
+    t.raw_data = table.contiguous().view(torch.int16).numpy().tobytes()
+    return t
