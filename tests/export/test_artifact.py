@@ -291,3 +291,34 @@ def test_strays_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
         "notes.txt",
         "recipe.yaml",
     ]
+
+
+def test_a_folder_of_other_files_is_refused_even_with_force(tmp_path):
+    q = compactnn.compress(cnn(), "w8", calib_data=torch.randn(8, 1, 8, 8), progress=False)
+    user = tmp_path / "hf"
+    user.mkdir()
+    (user / "model.safetensors").write_bytes(b"the user's weights")
+    (user / "config.json").write_text("{}")
+    for force in (False, True):
+        with pytest.raises(CompactnnError, match=r"not empty.*config\.json.*empty or new folder"):
+            compactnn.save(q, user, force=force)
+    assert sorted(os.listdir(user)) == ["config.json", "model.safetensors"]
+    assert (user / "model.safetensors").read_bytes() == b"the user's weights"
+    # leftovers of a killed save are not the user's: an otherwise empty folder is fine
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".cnn-0123456789abcdef-model.safetensors").write_bytes(b"\0")
+    compactnn.save(q, tmp_path / "empty")
+    assert sorted(os.listdir(tmp_path / "empty")) == [
+        "compactnn.json",
+        "model.safetensors",
+        "recipe.yaml",
+    ]
+
+
+def test_a_kernel_model_is_refused_before_anything_is_written(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    q = compactnn.compress(m, "w4-g32", calib_data=torch.randn(8, 64), progress=False)
+    with pytest.raises(CompactnnError, match=r"compactnn\.load\(dir, kernels=True\)"):
+        compactnn.save(compactnn.to_kernels(q), tmp_path / "k")
+    assert not (tmp_path / "k").exists()

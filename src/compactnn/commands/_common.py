@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from compactnn.errors import CompactnnError
+from compactnn.export.artifact import check_writable
 from compactnn.model_io import LoadedModel, file_sha256, hf_weights_file, resolve_model
 
 
@@ -22,6 +24,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "needs unpickling (or native code), an HF directory with only pytorch_model.bin "
         "(loading those runs code from the file)",
     )
+
+
+def check_out(out: Path, model_spec: str, force: bool) -> None:
+    """Refuse, before any work, an artifact folder that ``save`` could not use or that is
+    the input model's own folder (its weights would be replaced)."""
+    model_dir = Path(model_spec)
+    if model_dir.is_dir() and out.resolve() == model_dir.resolve():
+        raise CompactnnError(
+            f"--out {str(out)!r} is the input model's own folder: the artifact would replace "
+            "its files. Choose an empty or new folder, e.g. --out out/model-compressed."
+        )
+    check_writable(out, force)
 
 
 def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:

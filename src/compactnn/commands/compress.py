@@ -8,9 +8,14 @@ import time
 from pathlib import Path
 
 import compactnn
-from compactnn.commands._common import add_model_args, human_bytes, load_model, source_record
+from compactnn.commands._common import (
+    add_model_args,
+    check_out,
+    human_bytes,
+    load_model,
+    source_record,
+)
 from compactnn.errors import CompactnnError
-from compactnn.export.artifact import check_writable
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import resolve_data
 
@@ -118,7 +123,7 @@ def data_free(args: argparse.Namespace, loaded) -> object:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
-    check_writable(out, args.force)  # a file, /proc, an artifact, read-only: before work
+    check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before work
     recipe = compactnn.resolve_recipe(args.recipe)  # fail fast on a bad recipe
     if args.max_memory is not None:
         return run_streamed(args, out, recipe)

@@ -9,10 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import compactnn
-from compactnn.commands._common import add_model_args, human_bytes, load_model, source_record
+from compactnn.commands._common import (
+    add_model_args,
+    check_out,
+    human_bytes,
+    load_model,
+    source_record,
+)
 from compactnn.commands.compress import default_out
 from compactnn.errors import CompactnnError
-from compactnn.export.artifact import check_writable
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
 from compactnn.training.data import as_eval_data
@@ -119,7 +124,7 @@ def held_out_data(spec: str | None, data: Any) -> tuple | None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
-    check_writable(out, args.force)  # a file, /proc, an artifact, read-only: before training
+    check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before training
     recipe = compactnn.resolve_recipe(args.recipe)
     loaded = load_model(args.model, args)
     data = training_data(args.data, loaded)

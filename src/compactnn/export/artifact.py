@@ -37,7 +37,7 @@ from compactnn.core.qlayers import (
     conv_kwargs,
     is_quant_layer,
 )
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 from compactnn.export import replace, validate
 from compactnn.export.reader import (  # re-exported: the artifact API in one place
     artifact_digest,
@@ -218,6 +218,11 @@ def artifact_exists(path: str | os.PathLike) -> bool:
     return os.path.lexists(Path(path) / HEADER)
 
 
+def _foreign_entries(folder: Path) -> list[str]:
+    """Sorted names in ``folder`` that are not leftovers of a killed compactnn save."""
+    return sorted(e.name for e in os.scandir(folder) if not replace.is_stray(e.name))
+
+
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
     """Refuse, before any slow work, an output path that ``save`` could not use.
 
@@ -230,7 +235,8 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
 
     Raises:
         CompactnnError: ``path`` is a file, under ``/proc``, ``/sys`` or ``/dev``, holds an
-            artifact and ``force`` is false, or is not writable.
+            artifact and ``force`` is false, holds other files (never mixed with an
+            artifact's, even with ``force``), or is not writable.
 
     Example:
         >>> check_writable("out/cnn-w4a8", force=False)  # doctest: +SKIP
@@ -253,6 +259,13 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
             raise CompactnnError(
                 f"{str(out)!r} already holds a compactnn artifact; pass force=True "
                 "(--force on the command line) to replace it."
+            )
+        if not artifact_exists(out) and (others := _foreign_entries(out)):
+            raise CompactnnError(
+                f"{str(out)!r} is not empty and holds no compactnn artifact (it has "
+                f"{name_list(others, 3)}): an artifact would replace or mix with those files. "
+                "Choose an empty or new folder (force=True / --force only replaces an "
+                "existing compactnn artifact)."
             )
         existing = out
     else:
@@ -298,6 +311,20 @@ def header_body(
         ) from exc
 
 
+def _refuse_kernel_model(model: nn.Module) -> None:
+    """A ``to_kernels`` model holds kernel layers, which no artifact stores: refuse it before
+    anything is written."""
+    from compactnn.kernels.swap import KERNEL_TYPES
+
+    found = [name for name, m in model.named_modules() if isinstance(m, KERNEL_TYPES)]
+    if found:
+        raise CompactnnError(
+            f"cannot save a model that runs on compactnn kernels (e.g. {name_list(found, 3)}): "
+            "save the compressed model q itself (compactnn.save(q, dir)), then run it on "
+            "kernels with compactnn.load(dir, kernels=True)."
+        )
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> str:
     """Write ``model`` as a packed artifact directory at ``path``; return its digest.
 
@@ -321,6 +348,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
         raise CompactnnError(f"save takes a torch.nn.Module, got {type(model).__name__}.")
     if (why := getattr(model, "not_saveable", None)) is not None:  # e.g. a deployed model
         raise CompactnnError(f"cannot save this model as an artifact: {why}")
+    _refuse_kernel_model(model)
     out = check_writable(path, force)
     info = info_of(model)
     tensors, layers, aliases, emb_extra = pack_model(model)

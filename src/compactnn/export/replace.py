@@ -46,6 +46,11 @@ def _step(name: str) -> None:
         STEP_HOOK(name)
 
 
+def is_stray(name: str) -> bool:
+    """Whether ``name`` is a leftover of a killed save (removed by the next save)."""
+    return bool(_STRAY.match(name))
+
+
 def listed_files(root: Path) -> set[str]:
     """Names of the files the live header lists (empty when there is none or it is bad)."""
     try:
