@@ -91,3 +91,72 @@ def test_factory_weights_must_match(tmp_path, monkeypatch):
 def test_skeleton_needs_a_recorded_source():
     with pytest.raises(CompactnnError, match="--model"):
         skeleton_for({"extra": {}})
+
+
+def _tiny_llama_dir(tmp_path, dtype=torch.float32):
+    """A random-weight one-layer Llama (untied LM head) saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.to(dtype).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", model
+
+
+def _edit_config(folder, **fields):
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in fields.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_hf_directory_with_missing_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    folder, _ = _tiny_llama_dir(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CompactnnError, match=r"1 missing \(e\.g\. 'lm_head\.weight'\)"):
+        resolve_model(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("architectures", "outcome"),
+    [
+        (["MyLlamaForCausalLM"], "LlamaForCausalLM"),  # unknown name: its head's Auto class
+        (None, r"1 unexpected \(e\.g\. 'lm_head\.weight'\)"),  # AutoModel would drop lm_head
+        (["Mystery"], "names the architecture 'Mystery'"),
+    ],
+)
+def test_hf_architecture_names_never_drop_weights(tmp_path, architectures, outcome):
+    folder, model = _tiny_llama_dir(tmp_path)
+    _edit_config(folder, architectures=architectures)
+    if outcome.isidentifier():
+        loaded = resolve_model(str(folder)).model
+        assert type(loaded).__name__ == outcome
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    else:
+        with pytest.raises(CompactnnError, match=outcome):
+            resolve_model(str(folder))
+
+
+def test_hf_directory_saved_in_bfloat16_loads_in_float32(tmp_path):
+    folder, model = _tiny_llama_dir(tmp_path, torch.bfloat16)
+    loaded = resolve_model(str(folder)).model
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.float())

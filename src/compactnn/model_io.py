@@ -143,7 +143,7 @@ def _load_hf_dir(path: Path, trust_pickle: bool) -> LoadedModel:
 
     transformers = require("transformers", "hf")
 
-    from compactnn.export.hf import hf_header, transformers_model_class
+    from compactnn.export.hf import hf_header
 
     safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
     if not safetensors and not trust_pickle:
@@ -153,18 +153,7 @@ def _load_hf_dir(path: Path, trust_pickle: bool) -> LoadedModel:
             "save_pretrained(..., safe_serialization=True), or pass --trust-pickle if you "
             "trust its author."
         )
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        arch = (getattr(config, "architectures", None) or ["AutoModel"])[0]
-        cls = transformers_model_class(arch) or transformers.AutoModel
-        model = cls.from_pretrained(
-            str(path),
-            trust_remote_code=False,
-            use_safetensors=True if safetensors else None,
-            local_files_only=True,
-        )
-    except Exception as exc:
-        raise CompactnnError(f"cannot load the Hugging Face model in {str(path)!r}: {exc}") from exc
+    model = _hf_model(transformers, path, safetensors)
     example = None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(
@@ -175,6 +164,72 @@ def _load_hf_dir(path: Path, trust_pickle: bool) -> LoadedModel:
     except Exception:  # no tokenizer saved: the user passes --data
         example = None
     return LoadedModel(model.eval(), str(path), example=example, extra={"hf": hf_header(model)})
+
+
+def _hf_model(transformers: Any, path: Path, safetensors: bool) -> nn.Module:
+    """The float32 model of ``config.architectures``, refused when its weights do not fit."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        cls = _hf_class(transformers, path, getattr(config, "architectures", None))
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # its load report: checked below instead
+        try:
+            model, info = cls.from_pretrained(
+                str(path),
+                trust_remote_code=False,
+                use_safetensors=True if safetensors else None,
+                local_files_only=True,
+                output_loading_info=True,
+                **{_dtype_argument(transformers): torch.float32},  # bf16/fp16 folders too
+            )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except CompactnnError:
+        raise
+    except Exception as exc:
+        raise CompactnnError(f"cannot load the Hugging Face model in {str(path)!r}: {exc}") from exc
+    misfit = misfit_line(
+        [repr(k) for k in sorted(info.get("missing_keys", ()))],
+        [repr(k) for k in sorted(info.get("unexpected_keys", ()))],
+        sorted(str(k) for k in info.get("mismatched_keys", ())),
+    )
+    if misfit:
+        raise CompactnnError(
+            f"the weights in {str(path)!r} do not fit its {type(model).__name__}: {misfit}; "
+            "transformers would fill missing weights randomly and drop unexpected ones. Save "
+            "the whole model with save_pretrained, or fix config.json's architectures."
+        )
+    return model
+
+
+def _dtype_argument(transformers: Any) -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` from transformers 4.56 on, before it
+    ``torch_dtype``."""
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _hf_class(transformers: Any, path: Path, architectures: Any) -> type:
+    """The class ``config.architectures`` names; for a name transformers does not know, the
+    Auto class of its head (``...ForCausalLM`` -> ``AutoModelForCausalLM``, ``...Model`` ->
+    ``AutoModel``). Never code from the folder."""
+    from compactnn.export.hf import transformers_model_class
+
+    if not architectures:
+        return transformers.AutoModel
+    name = str(architectures[0])
+    if (cls := transformers_model_class(name)) is not None:
+        return cls
+    head = name[name.rfind("For") :] if "For" in name else ("" if name.endswith("Model") else name)
+    auto = getattr(transformers, f"AutoModel{head}", None)
+    if isinstance(auto, type) and auto.__name__.startswith("AutoModel"):
+        return auto
+    raise CompactnnError(
+        f"{str(path / 'config.json')!r} names the architecture {name[:80]!r}, which transformers "
+        "does not have (compactnn never runs code from a model folder): set config.json's "
+        '"architectures" to a transformers class such as ["LlamaForCausalLM"] or one ending '
+        'in "ForCausalLM", "ForMaskedLM", "ForSequenceClassification" or "Model".'
+    )
 
 
 def _load_factory(spec: str, weights: str | None) -> LoadedModel:
@@ -228,10 +283,17 @@ def weights_misfit(
         for k, v in expected.items()
         if k in given and tuple(given[k].shape) != tuple(v.shape)
     ]
+    return misfit_line([repr(k) for k in missing], [repr(k) for k in unexpected], shapes, examples)
+
+
+def misfit_line(
+    missing: list[str], unexpected: list[str], shapes: list[str], examples: int = 3
+) -> str:
+    """Counts of missing, unexpected and reshaped keys, ``examples`` of each named."""
     parts = []
     for label, items in (
-        ("missing", [repr(k) for k in missing]),
-        ("unexpected", [repr(k) for k in unexpected]),
+        ("missing", missing),
+        ("unexpected", unexpected),
         ("with another shape", shapes),
     ):
         if items:
