@@ -69,6 +69,18 @@ def test_user_errors(artifacts, tmp_path):
         assert _run(str(root / "w4-g16"), "--format", "gguf", "--out", y, "--requantize") == 0
 
 
+def test_gguf_out_naming_a_folder_is_refused(artifacts, tmp_path):
+    root, _ = artifacts
+    missing = f"{tmp_path / 'dir_that_does_not_exist'}/"
+    for out in (missing, str(tmp_path)):
+        with pytest.raises(CompactnnError, match=r"names a folder.*model\.gguf"):
+            _run(str(root / "w4-g32"), "--format", "gguf", "--out", out, "--force")
+    assert not (tmp_path / "dir_that_does_not_exist").exists()
+    nested = tmp_path / "not" / "yet" / "m.gguf"  # missing parent folders are created
+    assert _run(str(root / "w4-g32"), "--format", "gguf", "--out", str(nested)) == 0
+    assert nested.is_file()
+
+
 def test_each_format_gets_its_options(artifacts, tmp_path, monkeypatch):
     root, _ = artifacts
     with pytest.raises(CompactnnError, match="onnx export does not take requantize"):

@@ -222,3 +222,12 @@ def test_gguf_file_alone_computes_the_simulated_logits(llama, tmp_path, monkeypa
         monkeypatch.setattr(gb, "rope_permute", lambda x, heads: x)
         path = write_gguf(qmodel, tmp_path / "b.gguf").path
         assert (gguf_forward(path, ids) - want).abs().max() > 1e-3
+
+
+def test_missing_folders_are_created_and_a_trailing_separator_means_a_folder(llama, tmp_path):
+    model, calib = llama
+    qmodel = compactnn.compress(model, "w8", calib_data=calib, progress=False)
+    nested = tmp_path / "new" / "deeper" / "m.gguf"
+    assert write_gguf(qmodel, nested).path == nested and nested.is_file()
+    report = write_gguf(qmodel, f"{tmp_path / 'fresh'}/")
+    assert report.path == tmp_path / "fresh" / "model.gguf" and report.path.is_file()

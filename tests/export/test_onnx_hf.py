@@ -85,3 +85,10 @@ def test_refusals(bert, tmp_path):
     layer = q.get_submodule("encoder.layer.0.output.dense")
     layer.set_codebook(torch.linspace(-1, 1, 256).expand(*layer.weight_scale.shape, 256))
     assert "compactnn.save" in onnx_hf.can_export(q)
+
+
+def test_missing_parent_folders_are_created(bert, tmp_path):
+    model, calib = bert
+    q = compactnn.compress(model, "w8", calib_data=calib, progress=False)
+    path = onnx_hf.export(q, tmp_path / "a" / "b" / "m.onnx", example=calib[0])
+    assert path == tmp_path / "a" / "b" / "m.onnx" and path.is_file()

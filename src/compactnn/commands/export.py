@@ -13,6 +13,7 @@ from compactnn.commands._common import add_model_args, human_bytes
 from compactnn.errors import CompactnnError
 from compactnn.export import formats
 from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.export.fs import names_folder
 from compactnn.model_io import reference_names, skeleton_for
 
 _EPILOG = "formats:\n" + "\n".join(f"  {f.name:<20}{f.summary}" for f in formats.FORMATS)
@@ -114,6 +115,11 @@ def list_formats(qmodel: Any) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if not args.list and not (args.format and args.out):
         raise CompactnnError("export needs --format F and --out PATH, or --list.")
+    if args.format == "gguf" and args.out and (names_folder(args.out) or Path(args.out).is_dir()):
+        raise CompactnnError(
+            f"--out {args.out!r} names a folder, but gguf writes one file: give a file path "
+            f"such as {str(Path(args.out) / 'model.gguf')!r}."
+        )
     if args.out and Path(args.out).exists() and not args.force and not args.list:
         raise CompactnnError(f"--out {args.out!r} exists; pass --force to replace it.")
     qmodel, source, example = _load(args)

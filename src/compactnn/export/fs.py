@@ -9,19 +9,40 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from compactnn.errors import ArtifactError
+from compactnn.errors import ArtifactError, CompactnnError
+
+
+def names_folder(out: str | os.PathLike) -> bool:
+    """Whether ``out`` ends with a path separator: the user means a folder (``Path`` drops it)."""
+    text = os.fspath(out)
+    return text.endswith(os.sep) or bool(os.altsep and text.endswith(os.altsep))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename onto ``path``; never leaves a partial file."""
+    """Call ``write(tmp_path)``, fsync, then rename onto ``path``; never leaves a partial file.
+
+    Missing parent folders are created; the file gets the mode a plain ``open()`` would give
+    (``0o666`` less the umask), whatever ``write`` did to the temporary file.
+
+    Raises:
+        CompactnnError: ``path`` is a folder, or a parent of it is a file.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CompactnnError(f"{str(path)!r} is a folder: give a file path to write.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise CompactnnError(
+            f"cannot create {str(path)!r}: a part of its folder path is a file."
+        ) from exc
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; use the usual mode
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and writers that replace tmp) use 0o600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

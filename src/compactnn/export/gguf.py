@@ -34,7 +34,7 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.errors import CompactnnError
 from compactnn.export import gguf_blocks as gb
-from compactnn.export.fs import atomic_write
+from compactnn.export.fs import atomic_write, names_folder
 from compactnn.export.gguf_tokenizer import add_tokenizer
 
 _EXTRA = "export"
@@ -302,7 +302,7 @@ def write_gguf(
     if refused:
         raise CompactnnError(f"cannot export to GGUF exactly: {can_export(model)}.")
     path = Path(out)
-    if path.is_dir():
+    if path.is_dir() or names_folder(out):  # a folder ("out/" too): model.gguf in it
         path = path / "model.gguf"
 
     def write(tmp: str) -> None:

@@ -43,7 +43,7 @@ from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qlayers import QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError
-from compactnn.export.fs import atomic_write
+from compactnn.export.fs import atomic_write, names_folder
 from compactnn.kernels.ort_nbits import nbits_onnx
 
 MIN_COSINE = 0.999
@@ -275,9 +275,8 @@ def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
             f"model, below min_cosine={floor}; nothing was written. Try accuracy_level=0."
         )
     path = Path(opts.get("path") or out)
-    if path.is_dir() or path.suffix != ".onnx":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / "model.onnx"
+    if path.is_dir() or path.suffix != ".onnx" or names_folder(opts.get("path") or out):
+        path = path / "model.onnx"  # atomic_write creates the folder
 
     def write(tmp: str) -> None:
         Path(tmp).write_bytes(data)

@@ -1,0 +1,46 @@
+"""``export/fs.py``: crash-safe writes create their folder, refuse a folder path and give
+written files the mode a plain ``open()`` would."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compactnn.errors import CompactnnError
+from compactnn.export.fs import atomic_write, names_folder
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_write_creates_parent_folders(tmp_path):
+    path = tmp_path / "new" / "deeper" / "m.bin"
+    atomic_write(path, lambda tmp: open(tmp, "wb").write(b"x"))
+    assert path.read_bytes() == b"x"
+    assert os.listdir(path.parent) == ["m.bin"]  # no temporary file left
+
+
+def test_a_writer_that_replaces_the_file_still_gets_the_usual_mode(tmp_path):
+    # safetensors' save_file writes a file of its own (0o600) over the temporary one
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.safetensors", lambda tmp: save_file({"w": torch.ones(2)}, tmp))
+        atomic_write(tmp_path / "b.txt", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "a.safetensors") == _mode(tmp_path / "b.txt") == 0o644
+
+
+def test_folder_paths_are_refused_or_recognised(tmp_path):
+    with pytest.raises(CompactnnError, match="is a folder"):
+        atomic_write(tmp_path, lambda tmp: None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CompactnnError, match="is a file"):
+        atomic_write(tmp_path / "file" / "m.bin", lambda tmp: None)
+    assert names_folder("out/dir/") and names_folder(f"out{os.sep}")
+    assert not names_folder("out/m.gguf")
