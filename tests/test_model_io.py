@@ -160,3 +160,30 @@ def test_hf_directory_saved_in_bfloat16_loads_in_float32(tmp_path):
     loaded = resolve_model(str(folder)).model
     assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.float())
+
+
+def test_single_tensor_data_becomes_a_hugging_face_models_keyword_input(tmp_path):
+    from compactnn.model_io import LoadedModel
+
+    folder, model = _tiny_llama_dir(tmp_path)
+    ids = torch.randint(0, 32, (4, 8))
+    save_file({"tokens": ids}, tmp_path / "ids.safetensors")
+    save_file({"input_ids": ids}, tmp_path / "named.safetensors")
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    hf = LoadedModel(model, str(folder))
+    for name in ("ids.safetensors", "named.safetensors", "ids.npy"):
+        data = resolve_data(str(tmp_path / name), hf)
+        assert data.keys() == {"input_ids"} and torch.equal(data["input_ids"], ids)
+    plain = LoadedModel(nn.Linear(8, 2), "factory")
+    assert torch.equal(resolve_data(str(tmp_path / "ids.safetensors"), plain), ids)
+
+
+def test_tensors_with_different_row_counts_are_refused(tmp_path):
+    ids = torch.randint(0, 32, (16, 12))
+    save_file({"input_ids": ids, "attention_mask": torch.ones(8, 12)}, tmp_path / "bad.safetensors")
+    with pytest.raises(CompactnnError, match=r"different first dimensions.*input_ids \(16, 12\)"):
+        resolve_data(str(tmp_path / "bad.safetensors"))
+    split = {"x_train": ids.float(), "y_train": ids[:, 0].clone(), "x_test": ids[:4].float(),
+             "y_test": ids[:4, 0].clone()}  # fmt: skip
+    save_file(split, tmp_path / "split.safetensors")
+    assert resolve_data(str(tmp_path / "split.safetensors")).keys() == split.keys()

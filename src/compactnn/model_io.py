@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -327,9 +328,14 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
         return loaded.calib if loaded is not None else None
     path = Path(spec)
     dtype = _float_dtype(loaded.model if loaded is not None else None)
+    model = loaded.model if loaded is not None else None
     if path.suffix == ".safetensors":
         tensors = {k: _cast(v, dtype) for k, v in read_tensors(path).items()}
-        return next(iter(tensors.values())) if len(tensors) == 1 else tensors
+        if len(tensors) == 1:
+            (name, tensor), *_ = tensors.items()
+            return _keywords_for(model, tensor, name)
+        _check_rows(spec, tensors)
+        return tensors
     if path.suffix == ".npy":
         import numpy as np
 
@@ -340,7 +346,7 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
         except ValueError as exc:
             raise CompactnnError(f"{spec!r} cannot be read without pickle: {exc}") from exc
         try:
-            return _cast(torch.from_numpy(array), dtype)
+            return _keywords_for(model, _cast(torch.from_numpy(array), dtype))
         except TypeError as exc:  # object/string/complex arrays torch has no dtype for
             raise CompactnnError(
                 f"{spec!r} holds {array.dtype} values; save numeric inputs (float or integer)."
@@ -358,6 +364,40 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
         f"unknown data {spec!r}: pass a .safetensors or .npy file of inputs, or a reference "
         f"data set name ({names})."
     )
+
+
+def _check_rows(spec: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors of one file with different first dimensions (one row per example);
+    a ``_train`` / ``_test`` split is checked within each part."""
+    groups: dict[str, list[str]] = {}
+    for key, t in tensors.items():
+        part = next((s for s in ("_train", "_test") if key.endswith(s)), "")
+        if t.dim():
+            groups.setdefault(part, []).append(key)
+    for keys in groups.values():
+        if len({tensors[k].shape[0] for k in keys}) > 1:
+            shapes = ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in keys[:4])
+            raise CompactnnError(
+                f"data {spec!r} holds tensors with different first dimensions ({shapes}): each "
+                "tensor needs one row per example; save them with the same number of rows."
+            )
+
+
+def is_hf_model(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel`` (never imports transformers:
+    without it loaded, no model is one)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _keywords_for(model: nn.Module | None, tensor: torch.Tensor, name: str | None = None) -> Any:
+    """A single tensor as a Hugging Face model's keyword input: under its own name when the
+    model's ``forward`` takes it, else the model's main input (``input_ids``,
+    ``pixel_values``); other models take the tensor itself."""
+    if model is None or not is_hf_model(model):
+        return tensor
+    takes = inspect.signature(model.forward).parameters
+    return {name if name in takes else model.main_input_name: tensor}
 
 
 def _float_dtype(model: nn.Module | None) -> torch.dtype:

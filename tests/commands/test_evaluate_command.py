@@ -174,3 +174,13 @@ def test_reference_artifacts_need_no_model_argument(tmp_path, monkeypatch, capsy
     assert main(["eval", "ref-art", "--simulated", "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "compressed" in out and "w8" in out
+
+
+def test_a_hugging_face_model_is_a_transformer_whatever_its_data(tmp_path):
+    from compactnn.commands.evaluate import _kind
+    from compactnn.models.tiny_hf import tiny_model
+
+    model, _ = tiny_model("llama")
+    ids = torch.randint(0, 16, (2, 8))
+    assert _kind(model, ids) == "transformer"  # a single tensor of token ids
+    assert _kind(nn.Linear(8, 2), torch.randn(2, 8)) == "cnn"

@@ -42,7 +42,7 @@ from compactnn.measure import (
 from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import fastest_float_path
 from compactnn.measure.timing import omp_wait_policy, spin_count
-from compactnn.model_io import LoadedModel, resolve_data, skeleton_for
+from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -188,9 +188,10 @@ def _quality(
     return "output cosine vs float", output_fidelity(loaded.model, model, batches)["cosine"]
 
 
-def _kind(example: Any) -> str:
-    """Keyword inputs (``input_ids``...) are a transformer's; anything else a CNN's."""
-    return "transformer" if isinstance(example, dict) else "cnn"
+def _kind(model: nn.Module, example: Any) -> str:
+    """A Hugging Face model, or one taking keyword inputs (``input_ids``...), is a
+    transformer; anything else a CNN."""
+    return "transformer" if is_hf_model(model) or isinstance(example, dict) else "cnn"
 
 
 def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, str, list]:
@@ -203,7 +204,7 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
         return "compressed", qmodel, SIMULATED, ["--simulated: the simulated model is measured"]
     if example is None:
         return "compressed", qmodel, SIMULATED, ["runs simulated: no sample input (pass --data)"]
-    model, runtime, notes = deliver(_kind(example), qmodel, example)
+    model, runtime, notes = deliver(_kind(qmodel, example), qmodel, example)
     label = "compressed" if runtime == SIMULATED else "deployed"
     return label, model, runtime, notes
 
