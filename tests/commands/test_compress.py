@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from compactnn.cli import main
+from compactnn.commands._common import cli_words
+from compactnn.errors import CompactnnError
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -44,3 +46,34 @@ def test_out_holding_other_files_is_refused_before_loading(hf_folder, tmp_path, 
     (tmp_path / "mine" / "notes.txt").write_text("x")
     argv = ["compress", str(hf_folder), "-r", "w8", "--out", str(tmp_path / "mine")]
     assert_one_error_line(capsys, argv, "not empty", "notes.txt", "empty or new folder")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "needle"), [("w4a8", "rtn with quantized activations"), ("w4-g32-gptq", "gptq")]
+)
+def test_a_recipe_that_calibrates_needs_data_before_the_model_loads(
+    hf_folder, tmp_path, capsys, recipe, needle
+):
+    # hf_folder's weights are not loadable: the refusal comes before any loading
+    argv = ["compress", str(hf_folder), "-r", recipe, "--out", str(tmp_path / "a")]
+    err = assert_one_error_line(capsys, argv, needle, "pass --data FILE")
+    assert "calib_data=" not in err
+
+
+def test_library_messages_get_the_command_lines_words():
+    exc = CompactnnError("wanda needs calibration data: pass calib_data= (a tensor).")
+    assert str(cli_words(exc, None)) == "wanda needs calibration data: pass --data FILE (a tensor)."
+    assert cli_words(exc, "x.npy") is exc
+
+
+def test_the_printed_eval_command_works_for_a_hugging_face_folder(tmp_path, capsys):
+    from compactnn.models.tiny_hf import tiny_model
+
+    model, _ = tiny_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "art"
+    code, printed, err = run_cli(
+        capsys, "compress", str(tmp_path / "hf"), "-r", "w8", "--out", str(out), "--no-progress"
+    )
+    assert code == 0, err
+    assert f"evaluate it: compactnn eval {out} --model {tmp_path / 'hf'}\n" in printed

@@ -139,3 +139,19 @@ def test_normalize_rejects_bool_as_number_and_accepts_int_as_float():
     with pytest.raises(CompactnnError, match="lr=True"):
         normalize(True, float, "lr")
     assert normalize(3, float, "lr") == 3.0 and isinstance(normalize(3, float, "lr"), float)
+
+
+def test_needs_data_says_which_steps_calibrate():
+    from compactnn.recipe import resolve_recipe
+
+    needs = {
+        name: [s.config.needs_data() for s in resolve_recipe(name).steps]
+        for name in ("w8", "w4-g32", "w4a8", "w4-g32-gptq", "w4-g32-awq")
+    }
+    assert needs == {
+        "w8": [False],
+        "w4-g32": [False],
+        "w4a8": [True],  # activation grids are calibrated
+        "w4-g32-gptq": [True],
+        "w4-g32-awq": [True],
+    }

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import check_writable
-from compactnn.model_io import LoadedModel, file_sha256, hf_weights_file, resolve_model
+from compactnn.model_io import (
+    LoadedModel,
+    file_sha256,
+    hf_weights_file,
+    reference_names,
+    resolve_model,
+)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +42,34 @@ def check_out(out: Path, model_spec: str, force: bool) -> None:
             "its files. Choose an empty or new folder, e.g. --out out/model-compressed."
         )
     check_writable(out, force)
+
+
+def check_data_given(recipe, data: str | None, model_spec: str) -> None:
+    """Refuse, before the model is loaded, a recipe that reads calibration data when
+    ``--data`` is missing and MODEL brings none (only reference models do)."""
+    if data is not None or model_spec in reference_names():
+        return
+    needy = [
+        f"{step.method} with quantized activations"
+        if getattr(step.config, "act", None) is not None
+        else step.method
+        for step in recipe.steps
+        if step.config.needs_data()
+    ]
+    if needy:
+        raise CompactnnError(
+            f"recipe {recipe.name!r} calibrates on data ({', '.join(dict.fromkeys(needy))}) "
+            "and MODEL brings none: pass --data FILE (.safetensors or .npy model inputs, e.g. "
+            "token ids for a language model), or use a weight-only recipe such as w8 or w4-g32."
+        )
+
+
+def cli_words(exc: CompactnnError, data: str | None) -> CompactnnError:
+    """A library message that asks for ``calib_data=``, in the command line's words."""
+    text = str(exc)
+    if data is None and "calib_data=" in text:
+        return CompactnnError(text.replace("calib_data=", "--data FILE"))
+    return exc
 
 
 def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import time
 from pathlib import Path
 
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
+    check_data_given,
     check_out,
+    cli_words,
     human_bytes,
     load_model,
     source_record,
 )
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
-from compactnn.model_io import resolve_data
+from compactnn.model_io import LoadedModel, resolve_data
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -121,23 +124,46 @@ def data_free(args: argparse.Namespace, loaded) -> object:
     return data
 
 
+def eval_command(out: Path, args: argparse.Namespace, loaded: LoadedModel) -> str:
+    """The ``compactnn eval`` line that works for this artifact: only a reference model is
+    rebuilt from the artifact's record; any other MODEL is named again (with its data).
+
+    Example:
+        >>> ns = argparse.Namespace(model="hf", weights=None, trust_pickle=False, data="d.npy")
+        >>> eval_command(Path("art"), ns, LoadedModel(None, "hf"))
+        'compactnn eval art --model hf --data d.npy'
+    """
+    words = ["compactnn", "eval", str(out)]
+    if loaded.reference is None:
+        words += ["--model", args.model]
+        words += ["--weights", args.weights] if args.weights else []
+        words += ["--trust-pickle"] if args.trust_pickle else []
+    if args.data and args.data != "data-free":
+        words += ["--data", args.data]
+    return shlex.join(words)
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before work
     recipe = compactnn.resolve_recipe(args.recipe)  # fail fast on a bad recipe
     if args.max_memory is not None:
         return run_streamed(args, out, recipe)
+    check_data_given(recipe, args.data, args.model)  # before loading the model
     loaded = load_model(args.model, args)
     data = data_free(args, loaded) if args.data == "data-free" else resolve_data(args.data, loaded)
     t0 = time.perf_counter()
-    qmodel = compactnn.compress(
-        loaded.model,
-        recipe,
-        calib_data=data,
-        seed=args.seed,
-        progress=not args.no_progress,
-        ignore=args.ignore,
-    )
+    try:
+        qmodel = compactnn.compress(
+            loaded.model,
+            recipe,
+            calib_data=data,
+            seed=args.seed,
+            progress=not args.no_progress,
+            ignore=args.ignore,
+        )
+    except CompactnnError as exc:
+        raise cli_words(exc, args.data) from None
     seconds = time.perf_counter() - t0
     extra = qmodel._compactnn.setdefault("extra", {})
     extra["source"] = source_record(loaded)
@@ -157,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
     )
     print(f"  sha256 digest: {digest}  (pin it: compactnn.load(..., expect_sha256=...))")
-    print(f"  evaluate it: compactnn eval {out}")
+    print(f"  evaluate it: {eval_command(out, args, loaded)}")
     return 0
 
 

@@ -27,9 +27,15 @@ class MethodConfig:
     config_version: ClassVar[int] = 1
     # Field names of earlier versions -> current names; saved recipes keep loading.
     renamed_fields: ClassVar[dict[str, str]] = {}
+    # Whether the method always reads calibration data (GPTQ, AWQ, Wanda...).
+    needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         normalize_fields(self)
+
+    def needs_data(self) -> bool:
+        """Whether a step with this config cannot run without calibration data."""
+        return self.needs_calibration
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

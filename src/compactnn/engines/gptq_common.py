@@ -7,6 +7,7 @@ and tuning after each block (:func:`gptq_block_hooks`); ``gptq_tune`` adds stack
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from compactnn.engines.block_scaling import awq_scaling
 from compactnn.engines.block_tuning import block_tuning
@@ -31,6 +32,8 @@ class GPTQBaseConfig(QuantConfig):
         tune_rounding: the tuning also learns each integer code's rounding (a code moves by
             at most one grid step from GPTQ's choice).
     """
+
+    needs_calibration: ClassVar[bool] = True
 
     damp: float = 0.01
     act_order: bool = True

@@ -68,6 +68,8 @@ class ReconConfig(QuantConfig):
             used).
     """
 
+    needs_calibration: ClassVar[bool] = True
+
     config_version: ClassVar[int] = 2  # 2: ``granularity`` renamed ``unit``
     renamed_fields: ClassVar[dict[str, str]] = {"granularity": "unit"}
 

@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import re
 import traceback
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch_pruning as tp
@@ -52,6 +52,8 @@ class ChannelConfig(MethodConfig):
         finetune_steps: self-distillation steps on the calibration batches afterwards.
         lr: Adam learning rate of that fine-tuning.
     """
+
+    needs_calibration: ClassVar[bool] = True
 
     ratio: float = 0.3
     importance: str = "l1"

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -82,6 +83,8 @@ class ProbePruneConfig(MethodConfig):
             historical states in [0, 1].
         score: ``"ppsp"`` (the paper's ``m_j ||W_j^2||``) or ``"wanda"`` (``sqrt(m_j) ||W_j||``).
     """
+
+    needs_calibration: ClassVar[bool] = True
 
     ratio: float = 0.3
     mode: str = "sample"

@@ -42,6 +42,8 @@ class SparseGPTConfig(OneShotConfig):
         damp: dampening added to H's diagonal, as a fraction of its mean diagonal.
     """
 
+    needs_calibration: ClassVar[bool] = True
+
     config_version: ClassVar[int] = 2  # 2: ``blocksize`` renamed ``block_size``
     renamed_fields: ClassVar[dict[str, str]] = {"blocksize": "block_size"}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,8 @@ from compactnn.registry import register, register_short_name
 @dataclasses.dataclass(frozen=True)
 class WandaConfig(OneShotConfig):
     """Wanda pruning; see :class:`OneShotConfig` for the fields."""
+
+    needs_calibration: ClassVar[bool] = True
 
 
 def wanda_mask(

@@ -18,6 +18,7 @@ engine.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from torch import nn
 
@@ -37,6 +38,8 @@ class AWQConfig(QuantConfig):
         grid: number of ``alpha`` values tried in ``[0, 1)``.
         max_tokens: calibration tokens used by the scale search of one group.
     """
+
+    needs_calibration: ClassVar[bool] = True
 
     grid: int = 20
     max_tokens: int = 4096

@@ -51,6 +51,10 @@ class QuantConfig(MethodConfig):
     first_last_bits: int | None = 8
     fold_bn: bool = True
 
+    def needs_data(self) -> bool:
+        """Activation grids are calibrated on data, and so are data-driven methods."""
+        return self.act is not None or super().needs_data()
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.weight, QuantSpec):

@@ -10,6 +10,7 @@ the correction); it can follow a ``cle`` step in a recipe.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,8 @@ class BiasCorrectionConfig(QuantConfig):
     Args:
         num_samples: calibration samples recommended (fewer gives a warning).
     """
+
+    needs_calibration: ClassVar[bool] = True
 
     num_samples: int = 512
 

@@ -16,6 +16,7 @@ element by element (exact coordinate descent over {-1, 0, 1}, all channels at on
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +43,8 @@ class BitSplitConfig(QuantConfig):
         sweeps: coordinate-descent passes over every bit plane and the scale.
         num_samples: calibration samples recommended (fewer gives a warning).
     """
+
+    needs_calibration: ClassVar[bool] = True
 
     sweeps: int = 3
     num_samples: int = 1024

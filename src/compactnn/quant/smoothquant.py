@@ -13,6 +13,7 @@ engine); with ``dynamic`` the activations get per-token grids at run time
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,8 @@ class SmoothQuantConfig(QuantConfig):
         dynamic: quantize activations per token at run time (asymmetric, the grid the int8
             kernels use) instead of with one static per-tensor range.
     """
+
+    needs_calibration: ClassVar[bool] = True
 
     act: QuantSpec | None = dataclasses.field(default_factory=lambda: short_act_spec(8))
     alpha: float = 0.5
