@@ -341,3 +341,26 @@ def test_export_onnx_of_an_onnxruntime_deployed_model(qnet, tmp_path):
     with pytest.raises(CompactnnError, match="backend='onnxruntime'"):
         onednn.export_onnx(tmp_path / "n.onnx")
     assert not (tmp_path / "n.onnx").exists()
+
+
+def test_weight_only_transformer_is_pointed_to_the_low_bit_kernels():
+    from compactnn.models.tiny_hf import tiny_model
+
+    model, calib = tiny_model("llama")
+    q = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
+    with pytest.raises(CompactnnError) as info:
+        compactnn.deploy(q, example=calib[0])
+    message = str(info.value)
+    assert "compactnn.to_kernels(q)" in message and "compactnn.to_ort_nbits" in message
+    assert "kernels=True" in message and "compactnn eval" in message
+    assert "quantizes activations" not in message and len(message) < 500
+
+
+def test_a_weight_only_cnn_lists_a_few_layers_per_reason():
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(16, 16) for _ in range(12)]).eval()
+    q = compactnn.compress(net, "w8", calib_data=torch.randn(4, 16), progress=False)
+    with pytest.raises(
+        CompactnnError, match=r"12 layers: its input is not quantized.*\(0, 1, 2, \.\.\.\)"
+    ):
+        compactnn.deploy(q, example=torch.randn(4, 16))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import sys
 import warnings
 from typing import Any
 
@@ -19,7 +20,7 @@ from compactnn.deployment.float_check import float_advice, float_contenders
 from compactnn.deployment.lower import lower
 from compactnn.deployment.onednn import Int8Conv2d, Int8Linear
 from compactnn.deployment.runner import plan_runner
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 from compactnn.lowering.graph import Plan, trace, unsupported_reason
 from compactnn.lowering.plan import RESIDUALS, build_plan
 from compactnn.lowering.verify import (
@@ -272,11 +273,7 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
     source, kernels = binary.pre_lower(sim, example)  # binary blocks: int8 or popcount
     plan = build_plan(trace(source), residual)
     if not plan.lowered and not kernels:
-        raise CompactnnError(
-            "deploy found no layer it can run on integer kernels: compress with a recipe "
-            f"that quantizes activations (e.g. 'w8a8', 'w4a4'); kept in float: "
-            f"{_listing(plan.kept)}"
-        )
+        raise CompactnnError(_no_integer_layers(sim, plan.kept))
     kept = dict(plan.kept)
     _handle_unsupported(kept, unsupported)
     program = lower(plan)
@@ -373,11 +370,28 @@ def _require_int8_layers(sim: nn.Module) -> None:
         return  # binary blocks run on integer kernels of their own
     reasons = {n: unsupported_reason(m) for n, m in sim.named_modules() if is_quant_layer(m)}
     if all(r is not None for r in reasons.values()):
-        raise CompactnnError(
-            "deploy found no layer it can run on integer kernels: compress with a recipe "
-            f"that quantizes activations (e.g. 'w8a8', 'w4a4'); kept in float: "
-            f"{_listing(reasons)}"
+        raise CompactnnError(_no_integer_layers(sim, reasons))
+
+
+def _no_integer_layers(sim: nn.Module, kept: dict[str, str]) -> str:
+    """Why deploy has nothing to run on integer kernels, and what to use instead: a
+    weight-only transformer runs on the low-bit kernels (to_kernels, ONNX Runtime)."""
+    quant = [m for m in sim.modules() if is_quant_layer(m)]
+    transformers = sys.modules.get("transformers")  # loaded whenever sim is one of its models
+    hf = transformers is not None and isinstance(sim, transformers.PreTrainedModel)
+    if hf and quant and all(m.input_quantizer is None for m in quant):
+        return (
+            f"deploy runs quantized activations on int8 kernels, and this weight-only "
+            f"{type(sim).__name__} has none ({len(quant)} layers quantize weights only): run it "
+            "on compactnn's low-bit kernels with compactnn.to_kernels(q) (or "
+            "compactnn.load(path, kernels=True)), or on ONNX Runtime with "
+            "compactnn.to_ort_nbits(q); `compactnn eval ARTIFACT --model MODEL --data FILE` "
+            "measures that form."
         )
+    return (
+        "deploy found no layer it can run on integer kernels: compress with a recipe "
+        f"that quantizes activations (e.g. 'w8a8', 'w4a4'); kept in float: {_listing(kept)}"
+    )
 
 
 def _check_args(qmodel, backend, example, residual, unsupported) -> None:
@@ -408,7 +422,17 @@ def _check_args(qmodel, backend, example, residual, unsupported) -> None:
 
 
 def _listing(kept: dict[str, str]) -> str:
-    return "; ".join(f"{n} ({r})" for n, r in kept.items()) or "none"
+    """Layers grouped by reason, a few names each: ``"12 layers: <reason> (a, b, c, ...)"``."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in kept.items():
+        by_reason.setdefault(reason, []).append(name)
+    parts = [
+        f"{names[0]} ({reason})"
+        if len(names) == 1
+        else f"{len(names)} layers: {reason} ({name_list(names, 3)})"
+        for reason, names in by_reason.items()
+    ]
+    return "; ".join(parts) or "none"
 
 
 def _handle_unsupported(kept: dict[str, str], unsupported: str) -> None:
