@@ -3,19 +3,26 @@
 Each function looks at one node of an ``fx.GraphModule`` from ``compactnn.deploy`` and returns
 the nodes of a chain the direct kernels take whole (a global pool and its quantize, a
 quantize and the small convolution it feeds, a layer and its Hardswish, a squeeze-excitation
-gate and its tail), or None. Pure graph reads: nothing is changed; the runner
-(:mod:`compactnn.deployment.runner`) decides what to emit.
+gate and its tail, a depthwise convolution and the 1x1 convolutions around it), or None.
+Pure graph reads: nothing is changed; the runner (:mod:`compactnn.deployment.runner`) decides
+what to emit.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from compactnn.deployment.direct import hardswish_fits, small_conv_fits, squeeze_fits
+from compactnn.deployment.direct import (
+    dw_block_fits,
+    hardswish_fits,
+    small_conv_fits,
+    squeeze_fits,
+)
 from compactnn.deployment.lowbit import QuantizeGrid
 from compactnn.deployment.onednn import Int8Conv2d, Quantize
 from compactnn.kernels import bitconv
@@ -66,6 +73,37 @@ def fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     conv = gm.get_submodule(user.target)
     same_grid = tuple(gm.get_submodule(node.target).qp[:2]) == tuple(getattr(conv, "x_qp", ()))
     return user if same_grid and small_conv_fits(conv) else None
+
+
+def _only_conv(gm: fx.GraphModule, node: Any) -> Int8Conv2d | None:
+    """The int8 convolution that ``node`` calls, if it is one."""
+    if not isinstance(node, fx.Node) or node.op != "call_module" or node.kwargs:
+        return None
+    m = gm.get_submodule(node.target)
+    return m if isinstance(m, Int8Conv2d) else None
+
+
+def dw_block_chain(
+    gm: fx.GraphModule, node: fx.Node
+) -> tuple[fx.Node | None, fx.Node, fx.Node | None] | None:
+    """``(expand, node, project)`` when depthwise convolution ``node`` runs as one pass with the
+    1x1 convolution whose codes are its only input (``expand``, used by nothing else) and the
+    one that is its only user (``project``), either None where there is none
+    (:func:`~compactnn.deployment.direct.dw_block_fits`); None when neither exists."""
+    dw = _only_conv(gm, node)
+    if dw is None or len(node.args) != 1 or not bitconv.available():
+        return None
+    expand = node.args[0]
+    if _only_conv(gm, expand) is None or len(expand.users) != 1 or len(expand.args) != 1:
+        expand = None
+    project = next(iter(node.users)) if len(node.users) == 1 else None
+    if _only_conv(gm, project) is None or project.args[0] is not node:
+        project = None
+    if expand is not None and not dw_block_fits(gm.get_submodule(expand.target), dw, None):
+        expand = None
+    if project is not None and not dw_block_fits(None, dw, gm.get_submodule(project.target)):
+        project = None
+    return None if expand is None and project is None else (expand, node, project)
 
 
 def hardswish_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:

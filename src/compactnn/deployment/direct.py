@@ -312,6 +312,26 @@ DEPTHWISE_VALUES = 320_000
 DEPTHWISE_VALUES_ONE_IMAGE = 850_000  # the float form's limit for a batch of one image
 
 
+def depthwise_plan(m: Int8Conv2d, hardswish: tuple | None = None) -> Any:
+    """The extension's ``DwConvPlan`` of depthwise convolution ``m`` (see
+    :func:`depthwise_fits`): weights padded to 16 channels and packed, grids and geometry bound
+    once. ``hardswish``: see :func:`hardswish_call`."""
+    o, _, kh, kw = m.w_int8.shape
+    cp = -(-o // 16) * 16  # channels padded to a vector of 16, zeros after o
+    w, ws, bias = torch.zeros(kh * kw, cp), torch.zeros(cp), torch.zeros(cp)
+    w[:, :o] = m.w_int8.float().reshape(o, kh * kw).t()
+    ws[:o] = m.w_scale_t.float().reshape(-1)
+    if m.bias is not None:
+        bias[:o] = m.bias.float().reshape(-1)
+    sx, zx = m.x_qp
+    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
+    return bitconv.load_extension().DwConvPlan(
+        float(sx), int(zx), w, ws, bias, kh, kw, list(m.stride), list(m.padding),
+        list(m.dilation), *(_out_args(m.out, unary) if hardswish is None else
+                            _hardswish_out(hardswish)), hardswish is not None,
+    )  # fmt: skip
+
+
 def depthwise_call(
     m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor], hardswish: tuple | None = None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -322,20 +342,8 @@ def depthwise_call(
     (N, C, H, W) uint8 codes -> channels-last output.
     ``hardswish``: see :func:`hardswish_call`."""
     ext = bitconv.load_extension()
-    o, _, kh, kw = m.w_int8.shape
-    cp = -(-o // 16) * 16  # channels padded to a vector of 16, zeros after o
-    w, ws, bias = torch.zeros(kh * kw, cp), torch.zeros(cp), torch.zeros(cp)
-    w[:, :o] = m.w_int8.float().reshape(o, kh * kw).t()
-    ws[:o] = m.w_scale_t.float().reshape(-1)
-    if m.bias is not None:
-        bias[:o] = m.bias.float().reshape(-1)
-    sx, zx = m.x_qp
-    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    plan = ext.DwConvPlan(
-        float(sx), int(zx), w, ws, bias, kh, kw, list(m.stride), list(m.padding),
-        list(m.dilation), *(_out_args(m.out, unary) if hardswish is None else
-                            _hardswish_out(hardswish)), hardswish is not None,
-    )  # fmt: skip
+    plan = depthwise_plan(m, hardswish)
+    _, _, kh, kw = m.w_int8.shape
     (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
     if ext.dw_integer_form(kh, kw, dw):
         return plan  # faster than oneDNN at every measured size
@@ -358,6 +366,58 @@ def depthwise_call(
         return plan(q) if small(q.shape) else onednn(q)
 
     return conv
+
+
+def _one_by_one(m: nn.Module) -> bool:
+    """Whether ``m`` is an int8 convolution on the 1x1 tiles (:func:`pointwise`)."""
+    return isinstance(m, Int8Conv2d) and pointwise(m) and plain_conv_fits(m)
+
+
+def dw_block_fits(expand: nn.Module | None, dw: nn.Module, project: nn.Module | None) -> bool:
+    """Whether ``project(dw(expand(x)))`` (either 1x1 layer may be None, not both) runs as one
+    ``DwBlockPlan`` (``kernels/csrc/dwblock.cpp``): ``dw`` on the depthwise kernel's integer
+    form, ``expand`` (no residual) and ``project`` (a uint8 residual or none) on the 1x1 tiles
+    (:func:`pointwise`), codes between them on one grid."""
+    if (expand is None and project is None) or not depthwise_fits(dw):
+        return False
+    _, _, kh, kw = dw.w_int8.shape
+    if not bitconv.load_extension().dw_integer_form(kh, kw, dw.dilation[1]):
+        return False
+    if expand is not None:
+        if not _one_by_one(expand) or expand.accum is not None:
+            return False
+        if int(expand.out[1]) != int(dw.x_qp[1]):
+            return False
+    if project is not None:
+        if not _one_by_one(project) or dw.out is None:
+            return False
+        if int(dw.out[1]) != int(project.x_qp[1]):
+            return False
+    return True
+
+
+def dw_block_call(
+    expand: Int8Conv2d | None, dw: Int8Conv2d, project: Int8Conv2d | None
+) -> Callable[..., torch.Tensor]:
+    """``project(dw(expand(x)))`` as one pass (see :func:`dw_block_fits`; with a residual,
+    ``(x, acc)`` as ``project``'s sum takes it): the expansion's 1x1 tiles write each row of
+    its codes straight into the depthwise kernel's ring of input rows, and each depthwise
+    output row goes straight to the projection's tiles, so neither map is stored; the same
+    tiles and dots as the separate calls, so equal codes."""
+    plan = bitconv.load_extension().DwBlockPlan(
+        None if expand is None else term_conv_plan(expand),
+        depthwise_plan(dw),
+        None if project is None else term_conv_plan(project),
+    )
+    if project is None or project.accum is None:
+        return plan
+    a_scale, a_zero = float(project.accum[0]), int(project.accum[1])
+
+    def block_sum(q: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        return plan.sum(q, acc, a_scale, a_zero)
+
+    block_sum.fused = plan.fused  # type: ignore[attr-defined]
+    return block_sum
 
 
 def hardswish_fits(m: nn.Module) -> bool:

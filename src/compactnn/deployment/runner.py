@@ -48,6 +48,14 @@ cost is a large share of the whole call (MobileNetV3-Small at 64x64 runs 46 conv
 - for an int8 linear layer with a float output and at most 64K weights (a small head), the
   extension's ``small_linear``: exact float dots, then oneDNN's own float order
   ``(acc * sx) * w_scale + bias``, so bit-identical;
+- for a depthwise convolution on the integer form with the stride-1 1x1 convolutions around
+  it (MobileNetV2's inverted residual block: the expansion whose codes only it reads, the
+  projection that only reads its codes, with or without a uint8 residual), the extension's
+  ``DwBlockPlan`` (``kernels/csrc/dwblock.cpp``): the expansion's tiles write each row of its
+  codes straight into the depthwise kernel's ring of input rows and each depthwise output row
+  goes straight to the projection's tiles, so neither map (the expanded one is 6x the block's
+  input channels) is written to memory and read back; equal codes
+  (``tests/kernels/test_dwblock.py``);
 - for a squeeze-excitation tail, ``quantize(Hardsigmoid(g) * x)`` (MobileNetV3), the
   extension's ``gate_quantize``: one pass instead of three, equal codes
   (``tests/deployment/test_gate_fusion.py``); when ``g`` comes from two plain 1x1
@@ -76,6 +84,7 @@ import torch
 from torch import fx, nn
 
 from compactnn.deployment.chains import (
+    dw_block_chain,
     fusable_quantize,
     gate_chain,
     global_pool,
@@ -93,6 +102,7 @@ from compactnn.deployment.codes import (
 from compactnn.deployment.direct import (
     depthwise_call,
     depthwise_fits,
+    dw_block_call,
     hardswish_call,
     plain_conv_call,
     plain_conv_fits,
@@ -216,6 +226,16 @@ class _Codegen:
                 quant = None  # (a quantization absorbed by the next layer stays there)
             self.hardswish[quant or act] = (node, act, quant)
             self.skipped.update(n for n in (node, act) if n is not (quant or act))
+        # [1x1 expansion ->] depthwise [-> 1x1 projection]: one call at the chain's last node
+        self.dw_block: dict[fx.Node, tuple] = {}
+        for node in gm.graph.nodes:
+            block = dw_block_chain(gm, node)
+            taken = (self.skipped, self.absorbed, self.hardswish, self.dw_block)
+            if block is None or any(n in t for n in block if n is not None for t in taken):
+                continue
+            *first, last = (n for n in block if n is not None)
+            self.dw_block[last] = block
+            self.skipped.update(first)
         # Hardsigmoid -> multiply -> quantize (a squeeze-excitation tail): one call at the end
         self.gates: dict[fx.Node, tuple[fx.Node, fx.Node, fx.Node]] = {}
         for node in gm.graph.nodes:
@@ -265,6 +285,9 @@ class _Codegen:
             fn = small_conv_call(self.gm.get_submodule(node.target), self.absorbed[node])
         elif node in self.hardswish:  # a convolution, its Hardswish [and quantize], one pass
             fn = self._hardswish_fn(*self.hardswish[node])
+        elif node in self.dw_block:  # a depthwise convolution and its 1x1 layers, one pass
+            layers = (n and self.gm.get_submodule(n.target) for n in self.dw_block[node])
+            fn = dw_block_call(*layers)
         elif node in self.pooled:  # the global average pool and its quantization, one pass
             fn = pool_quantize_call(self.pooled[node], self.gm.get_submodule(node.target))
         elif node.op == "call_module":

@@ -46,6 +46,7 @@ SOURCES = tuple(
         "dwconv.cpp",
         "dwconv_int.cpp",
         "squeeze.cpp",
+        "dwblock.cpp",
     )
 )
 # part of the build's identity, like the sources

@@ -520,6 +520,7 @@ void register_head(pybind11::module& m);       // head.cpp: pool + quantize, sma
 void register_codes(pybind11::module& m);      // codes.cpp: quantize and max-pool of codes
 void register_dwconv(pybind11::module& m);     // dwconv.cpp: depthwise int8 convolution
 void register_squeeze(pybind11::module& m);    // squeeze.cpp: a squeeze-excitation block
+void register_dwblock(pybind11::module& m);    // dwblock.cpp: [1x1 ->] depthwise [-> 1x1]
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs, "pack sign(x - shift) of (N, C, H, W) into NHWC words");
@@ -534,4 +535,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_codes(m);
   register_dwconv(m);
   register_squeeze(m);
+  register_dwblock(m);
 }

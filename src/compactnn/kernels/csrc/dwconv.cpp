@@ -39,9 +39,22 @@ static torch::Tensor dw_conv_impl(const torch::Tensor& x, double x_scale, int64_
                                   const std::vector<int64_t>& padding,
                                   const std::vector<int64_t>& dilation, double out_scale,
                                   int64_t out_zero, double lo, double hi, bool hswish,
-                                  const DwPacked* packed = nullptr) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kUInt8, "x: (N, C, H, W) uint8 codes");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+                                  const DwPacked* packed = nullptr,
+                                  const DwRowSource* src = nullptr,
+                                  const std::vector<int64_t>& shape = {},
+                                  const DwRowSink* sink = nullptr) {
+  // with src: no x, the rows of an input of ``shape`` come from src; with sink: the output
+  // rows go there and no tensor is returned (the integer form only, codes out)
+  TORCH_CHECK(src != nullptr || (x.dim() == 4 && x.scalar_type() == torch::kUInt8),
+              "x: (N, C, H, W) uint8 codes");
+  TORCH_CHECK(src == nullptr || (shape.size() == 4 && packed != nullptr &&
+                                 dw_integer_form(kh, kw, dilation[1])),
+              "a row source needs the integer form, its packed weights and the input's shape");
+  TORCH_CHECK(sink == nullptr || (packed != nullptr && dw_integer_form(kh, kw, dilation[1]) &&
+                                  out_scale > 0),
+              "a row sink needs the integer form, its packed weights and codes out");
+  const int64_t N = src ? shape[0] : x.size(0), C = src ? shape[1] : x.size(1);
+  const int64_t H = src ? shape[2] : x.size(2), W = src ? shape[3] : x.size(3);
   const int64_t Cp = (C + 15) / 16 * 16, taps = kh * kw;
   TORCH_CHECK(taps > 0 && taps <= 49, "at most 49 taps (exact float32 sums)");
   TORCH_CHECK(w.dim() == 2 && w.size(0) == taps && w.size(1) == Cp &&
@@ -60,12 +73,15 @@ static torch::Tensor dw_conv_impl(const torch::Tensor& x, double x_scale, int64_
   const int64_t Wp = W + 2 * pw;
   const bool codes_out = out_scale > 0;
   // (N, C, OH, OW) channels-last: (N, OH, OW, C) in memory
-  auto out = torch::empty({N, C, OH, OW}, torch::dtype(codes_out ? torch::kUInt8 : torch::kFloat32)
-                                              .memory_format(at::MemoryFormat::ChannelsLast));
-  uint8_t* const ou = codes_out ? out.data_ptr<uint8_t>() : nullptr;
+  torch::Tensor out;
+  if (sink == nullptr)
+    out = torch::empty({N, C, OH, OW}, torch::dtype(codes_out ? torch::kUInt8 : torch::kFloat32)
+                                           .memory_format(at::MemoryFormat::ChannelsLast));
+  uint8_t* const ou = codes_out && sink == nullptr ? out.data_ptr<uint8_t>() : nullptr;
   float* const of = codes_out ? nullptr : out.data_ptr<float>();
-  const uint8_t* const xp = x.data_ptr<uint8_t>();
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2), xs3 = x.stride(3);
+  const uint8_t* const xp = src ? nullptr : x.data_ptr<uint8_t>();
+  const int64_t xs0 = src ? 0 : x.stride(0), xs1 = src ? 1 : x.stride(1);
+  const int64_t xs2 = src ? 0 : x.stride(2), xs3 = src ? 0 : x.stride(3);
   const float z = static_cast<float>(in_zero);
   const float* const wp = w.data_ptr<float>();
   const float* const wsp = w_scale.data_ptr<float>();
@@ -99,7 +115,7 @@ static torch::Tensor dw_conv_impl(const torch::Tensor& x, double x_scale, int64_
     }
     dw_conv_vnni({xp, xs0, xs1, xs2, xs3, N, C, H, W, Cp, kh, kw, sh, sw, ph, pw, dh, OH, OW,
                   static_cast<uint8_t>(in_zero), packed->w.data_ptr<int8_t>(),
-                  packed->corr.data_ptr<int32_t>(), wsp, bp, epi});
+                  packed->corr.data_ptr<int32_t>(), wsp, bp, epi, src, sink});
     return out;
   }
 #endif
@@ -207,19 +223,18 @@ static torch::Tensor dw_conv_impl(const torch::Tensor& x, double x_scale, int64_
   return out;
 }
 
-// dw_conv with every constant argument bound once (one tensor converted per call)
-struct DwConvPlan {
-  double x_scale;
-  int64_t in_zero;
-  torch::Tensor w, w_scale, bias;
-  int64_t kh, kw;
-  std::vector<int64_t> stride, padding, dilation;
-  double out_scale;
-  int64_t out_zero;
-  double lo, hi;
-  bool hswish;
-  DwPacked packed;  // the integer form's weights, packed once
-};
+torch::Tensor DwConvPlan::run(const torch::Tensor& x) const {
+  return dw_conv_impl(x, x_scale, in_zero, w, w_scale, bias, kh, kw, stride, padding, dilation,
+                      out_scale, out_zero, lo, hi, hswish, &packed);
+}
+
+torch::Tensor DwConvPlan::run_from(const torch::Tensor& x, int64_t N, int64_t C, int64_t H,
+                                   int64_t W, const DwRowSource* src,
+                                   const DwRowSink* sink) const {
+  return dw_conv_impl(x, x_scale, in_zero, w, w_scale, bias, kh, kw, stride, padding, dilation,
+                      out_scale, out_zero, lo, hi, hswish, &packed, src,
+                      std::vector<int64_t>{N, C, H, W}, sink);
+}
 
 // dw_conv_impl packing the weights for this call
 torch::Tensor dw_conv(const torch::Tensor& x, double x_scale, int64_t in_zero,
@@ -253,9 +268,5 @@ void register_dwconv(pybind11::module& m) {
                                dw_pack(wc, kh, kw, in_zero)};
            }),
            "dw_conv's arguments after x")
-      .def("__call__", [](const DwConvPlan& p, const torch::Tensor& x) {
-        return dw_conv_impl(x, p.x_scale, p.in_zero, p.w, p.w_scale, p.bias, p.kh, p.kw, p.stride,
-                       p.padding, p.dilation, p.out_scale, p.out_zero, p.lo, p.hi, p.hswish,
-                       &p.packed);
-      });
+      .def("__call__", [](const DwConvPlan& p, const torch::Tensor& x) { return p.run(x); });
 }

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 // Work (multiply-accumulates, or values converted) below which a loop runs on the calling
 // thread: at batch 1 on 2 threads MobileNetV3-Small's depthwise layers at 64x64 took 19-27 us
@@ -41,6 +42,12 @@ struct DwOut {
   uint8_t* ou;
   float* of;
 };
+
+// e with its codes written from ``ou``
+inline DwOut dw_out_at(DwOut e, uint8_t* ou) {
+  e.ou = ou;
+  return e;
+}
 
 // 16 codes (float values already rounded and clamped to [0, 255]) to memory. A full vector is
 // narrowed in a register and stored plainly: the compiler's fused form (vpmovusdb to memory)
@@ -100,6 +107,48 @@ struct DwPacked {
 // w: (KH * KW, Cp) float32 integer codes, as dw_conv takes them
 DwPacked dw_pack(const torch::Tensor& w, int64_t kh, int64_t kw, int64_t in_zero);
 
+// Where the integer form's input rows come from when not from a tensor: fill(ctx, n, h, dst,
+// block_bytes) writes input row h of image n into a ring row in its (block, pixel, 16) layout,
+// the 16 channels of block cb and pixel v at dst + cb * block_bytes + v * 16 (dst is past the
+// left padding, which the kernel fills). Called on the thread whose output rows read it.
+struct DwRowSource {
+  void (*fill)(const void* ctx, int64_t n, int64_t h, uint8_t* dst, int64_t block_bytes);
+  const void* ctx;
+  int64_t row_work;  // the source's work per input row (multiply-accumulates), for the grain
+};
+
+// Where the integer form's output rows go when not to its output tensor (codes out only):
+// consume(ctx, n, oh, row) takes output row oh of image n, (OW, C) codes, on the thread that
+// computed it; the buffer is reused for the thread's next row.
+struct DwRowSink {
+  void (*consume)(const void* ctx, int64_t n, int64_t oh, const uint8_t* row);
+  const void* ctx;
+  int64_t row_work;  // the sink's work per output row (multiply-accumulates), for the grain
+};
+
+// dw_conv with every constant argument bound once (one tensor converted per call)
+struct DwConvPlan {
+  double x_scale;
+  int64_t in_zero;
+  torch::Tensor w, w_scale, bias;
+  int64_t kh, kw;
+  std::vector<int64_t> stride, padding, dilation;
+  double out_scale;
+  int64_t out_zero;
+  double lo, hi;
+  bool hswish;
+  DwPacked packed;  // the integer form's weights, packed once
+
+  torch::Tensor run(const torch::Tensor& x) const;
+  // Whether run_from can take this plan: the integer form
+  bool from_rows() const { return dw_integer_form(kh, kw, dilation[1]); }
+  // The integer form (from_rows() holds) on an (N, C, H, W) input: x, or (x undefined) the
+  // rows ``src`` writes; its output rows to ``sink`` (then the result is undefined) or to
+  // the returned tensor
+  torch::Tensor run_from(const torch::Tensor& x, int64_t N, int64_t C, int64_t H, int64_t W,
+                         const DwRowSource* src, const DwRowSink* sink) const;
+};
+
 #if COMPACTNN_DWVNNI
 // The integer form's arguments, passed by value: a uint8 store may alias anything, so values
 // reached through a reference or a lambda's captures are reloaded after every store.
@@ -111,6 +160,8 @@ struct DwVnni {
   const int32_t* corr;
   const float *wsp, *bp;
   DwOut epi;
+  const DwRowSource* src;  // nullptr: the rows come from xp
+  const DwRowSink* sink;   // nullptr: the rows go to epi
 };
 
 // The integer form over every output row (dwconv_int.cpp)

@@ -91,6 +91,8 @@ static void dw_vnni_rows(int64_t begin, int64_t end, const DwVnni args) {
   const __m512i idx = _mm512_load_si512(reinterpret_cast<const void*>(idx_bytes));
   std::vector<uint8_t> ring(span * row_bytes);
   std::vector<int64_t> tag(span, -1);  // n * (H + 2 * ph) + padded row held in each slot
+  const DwRowSink* const sink = args.sink;
+  std::vector<uint8_t> row(sink != nullptr ? OW * C : 0);
   const uint8_t* rows[kMaxRows] = {};
   for (int64_t r = begin; r < end; ++r) {
     const int64_t n = r / OH, oh = r % OH;
@@ -112,7 +114,9 @@ static void dw_vnni_rows(int64_t begin, int64_t end, const DwVnni args) {
         std::memset(blk + (pw + W) * 16, z, block_bytes - (pw + W) * 16);
       }
       uint8_t* dst = buf + pw * 16;
-      if (xs1 == 1) {  // channels-last: the row is read in order, each pixel whole
+      if (args.src != nullptr) {
+        args.src->fill(args.src->ctx, n, h, dst, block_bytes);
+      } else if (xs1 == 1) {  // channels-last: the row is read in order, each pixel whole
         const int64_t tail = C - (CB - 1) * 16;
         const __mmask16 mt = tail == 16 ? 0xFFFF : static_cast<__mmask16>((1u << tail) - 1);
         for (int64_t v = 0; v < W; ++v) {
@@ -133,6 +137,9 @@ static void dw_vnni_rows(int64_t begin, int64_t end, const DwVnni args) {
       }
     }
     const int64_t pix0 = (n * OH + oh) * OW, pstep = sw * 16;
+    // with a sink the row's codes go to ``row`` (pixel ow at ow * C), then to the sink
+    const DwOut e = sink != nullptr ? dw_out_at(epi, row.data()) : epi;
+    const int64_t at0 = sink != nullptr ? 0 : pix0;
     for (int64_t cb = 0; cb < CB; ++cb) {
       const int64_t c = cb * 16, cn = std::min<int64_t>(16, C - c);
       const __mmask16 m = cn == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cn) - 1);
@@ -143,7 +150,7 @@ static void dw_vnni_rows(int64_t begin, int64_t end, const DwVnni args) {
       const __m512 wsv = _mm512_loadu_ps(wsp + c), bv = _mm512_loadu_ps(bp + c);
       auto finish = [&](__m512i acc, int64_t ow) {
         const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, cv));  // exact: < 2^24
-        dw_store(a, (pix0 + ow) * C + c, m, wsv, bv, epi);
+        dw_store(a, (at0 + ow) * C + c, m, wsv, bv, e);
       };
       auto taps = [&](const uint8_t* src) {  // 4 taps of 16 channels as words
         return _mm512_permutexvar_epi8(
@@ -165,12 +172,15 @@ static void dw_vnni_rows(int64_t begin, int64_t end, const DwVnni args) {
         finish(a, ow);
       }
     }
+    if (sink != nullptr) sink->consume(sink->ctx, n, oh, row.data());
   }
 }
 
 void dw_conv_vnni(const DwVnni& args) {
+  const int64_t source = args.src == nullptr ? 0 : args.src->row_work * args.sh;
+  const int64_t sink = args.sink == nullptr ? 0 : args.sink->row_work;
   at::parallel_for(0, args.N * args.OH,
-                   dw_grain_for(args.OW * args.Cp * args.kh * args.kw),
+                   dw_grain_for(args.OW * args.Cp * args.kh * args.kw + source + sink),
                    [args](int64_t begin, int64_t end) { dw_vnni_rows(begin, end, args); });
 }
 #endif

@@ -32,6 +32,9 @@ struct Epilogue {
   int64_t O;
   __m512 xs, inv, zo, hi, sa, za;
   __m512i lo;
+  // where 16 codes of columns o.. of pixel pix go: out + (pix - base) * ps + (o / 16) * bs;
+  // (0, O, 16) for the (M, O) output, (row's first pixel, 16, block bytes) for a depthwise ring
+  int64_t base, ps, bs;
 };
 
 // Requantize 16 columns (o, a multiple of 16; the last vector may be partial) of pixel ``pix``.
@@ -51,11 +54,12 @@ inline void finish(const Epilogue& e, __m512i acc, int64_t pix, int64_t o) {
   }
   y = _mm512_min_ps(_mm512_add_ps(_mm512_mul_ps(y, e.inv), e.zo), e.hi);
   __m128i b = _mm512_cvtusepi32_epi8(_mm512_max_epi32(_mm512_cvtps_epi32(y), e.lo));
+  uint8_t* const dst = e.out + (pix - e.base) * e.ps + (o >> 4) * e.bs;
   if (left >= 16) {
     __asm__("" : "+v"(b));  // keep the narrowing in a register
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(e.out + pix * e.O + o), b);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
   } else {
-    _mm_mask_storeu_epi8(e.out + pix * e.O + o, mask, b);
+    _mm_mask_storeu_epi8(dst, mask, b);
   }
 }
 
@@ -117,16 +121,38 @@ void block_any(int64_t nvb, const uint8_t* x, int64_t K4, const int8_t* w, const
     v0 += nv;
   }
 }
+
+Epilogue epilogue(const PointwiseArgs& a, int64_t base, int64_t ps, int64_t bs) {
+  return {a.mult, a.bias, a.accum, a.out, a.O,
+          _mm512_set1_ps(a.x_scale), _mm512_set1_ps(a.inv), _mm512_set1_ps(a.zo),
+          _mm512_set1_ps(a.hi), _mm512_set1_ps(a.accum_scale),
+          _mm512_set1_ps(a.accum_zero), _mm512_set1_epi32(static_cast<int32_t>(a.lo)),
+          base, ps, bs};
+}
 #endif
 
 }  // namespace
 
+void pointwise_tiles(const PointwiseArgs& a, int64_t p0, int64_t p1, int64_t ps, int64_t bs) {
+#if COMPACTNN_VNNI
+  const Epilogue e = epilogue(a, p0, ps, bs);
+  const int64_t column_bytes = a.K4 * 4;
+  for (int64_t b = 0, blocks = block_count(a.TOp); b < blocks; ++b) {
+    const int64_t o0 = block_start(a.TOp, b), nv = block_width(a.TOp, b) / 16;
+    if (a.accum != nullptr) {
+      block_any<true>(nv, a.x, a.K4, a.w + o0 * column_bytes, a.corr, e, p0, p1, o0);
+    } else {
+      block_any<false>(nv, a.x, a.K4, a.w + o0 * column_bytes, a.corr, e, p0, p1, o0);
+    }
+  }
+#else
+  TORCH_CHECK(false, "pointwise_tiles needs an AVX-512 VNNI build");
+#endif
+}
+
 void pointwise_conv(const PointwiseArgs& a) {
 #if COMPACTNN_VNNI
-  const Epilogue e{a.mult, a.bias, a.accum, a.out, a.O,
-                   _mm512_set1_ps(a.x_scale), _mm512_set1_ps(a.inv), _mm512_set1_ps(a.zo),
-                   _mm512_set1_ps(a.hi), _mm512_set1_ps(a.accum_scale),
-                   _mm512_set1_ps(a.accum_zero), _mm512_set1_epi32(static_cast<int32_t>(a.lo))};
+  const Epilogue e = epilogue(a, 0, a.O, 16);
   // pixel chunks of at most kChunk and of nearly equal size (196 pixels: 98 + 98, not 120 + 76,
   // which left one thread waiting at batch 1)
   const int64_t blocks = block_count(a.TOp), chunks = (a.M + kChunk - 1) / kChunk;

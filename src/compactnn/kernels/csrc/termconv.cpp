@@ -243,6 +243,32 @@ bool TermConvPlan::pointwise(const torch::Tensor& x) const {
                                         x_scale, false);
 }
 
+bool TermConvPlan::pointwise_fits(int64_t C) const {
+  return COMPACTNN_VNNI && kh == 1 && kw == 1 && stride[0] == 1 && stride[1] == 1 &&
+         padding[0] == 0 && padding[1] == 0 && !hswish && out_scale > 0 && x_scale > 0 &&
+         C % 4 == 0 && packed.size(1) * 4 == C;
+}
+
+PointwiseArgs TermConvPlan::pointwise_args(const uint8_t* x, int64_t M, int64_t C,
+                                           std::vector<float>& mpad,
+                                           std::vector<float>& bpad) const {
+  TORCH_CHECK(pointwise_fits(C), "pointwise_args: the input does not take the 1x1 path");
+  const int64_t K4 = packed.size(1), TOp = packed.size(2), O = mult.numel();
+  TORCH_CHECK(O <= TOp, "pointwise_args: weight and scales do not match");
+  mpad.assign(TOp, 0.0f);
+  bpad.assign(TOp, 0.0f);
+  const float* mp = mult.data_ptr<float>();
+  std::copy(mp, mp + O, mpad.begin());
+  if (bias.has_value()) {
+    const float* bp = bias.value().data_ptr<float>();
+    std::copy(bp, bp + O, bpad.begin());
+  }
+  const float s = static_cast<float>(out_scale);
+  return {x, M, K4, TOp, O, packed.data_ptr<int8_t>(), corr.data_ptr<int32_t>(), mpad.data(),
+          bpad.data(), static_cast<float>(x_scale), 1.0f / s, static_cast<float>(out_zero),
+          static_cast<float>(lo), static_cast<float>(hi), nullptr, 1.0f, 0.0f, nullptr};
+}
+
 torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torch::Tensor& packed,
                              const torch::Tensor& corr, const torch::Tensor& mult,
                              const c10::optional<torch::Tensor>& bias, int64_t terms, int64_t kh,

@@ -92,6 +92,13 @@ struct PointwiseArgs {
 };
 void pointwise_conv(const PointwiseArgs& a);
 
+// Pixels [p0, p1) of pointwise_conv ``a`` on the calling thread, the 16 codes of columns o..
+// of pixel p stored at a.out + (p - p0) * ps + (o / 16) * bs: (ps, bs) = (O, 16) is the
+// (M, O) output from a.out (pixel p0's row), (16, block bytes) a depthwise ring's (block,
+// pixel, 16) row (dwconv.h). The residual (a.accum) is read at a.accum + p * O. The same tiles
+// and epilogue as pointwise_conv, so equal codes.
+void pointwise_tiles(const PointwiseArgs& a, int64_t p0, int64_t p1, int64_t ps, int64_t bs);
+
 torch::Tensor term_conv_impl(const torch::Tensor& x, int64_t in_zero, const torch::Tensor& packed,
                              const torch::Tensor& corr, const torch::Tensor& mult,
                              const c10::optional<torch::Tensor>& bias, int64_t terms, int64_t kh,
@@ -117,6 +124,13 @@ struct TermConvPlan {
   bool hswish;
 
   bool pointwise(const torch::Tensor& x) const;  // whether x takes pointwise.cpp's path
+  // whether an input of C channels in dense channels-last memory takes that path
+  bool pointwise_fits(int64_t C) const;
+  // pointwise_conv's arguments for M pixels of C channels at x (pointwise_fits(C) holds),
+  // without a residual and with out = nullptr; mpad, bpad receive the scales and bias padded
+  // to the packed columns
+  PointwiseArgs pointwise_args(const uint8_t* x, int64_t M, int64_t C, std::vector<float>& mpad,
+                               std::vector<float>& bpad) const;
   torch::Tensor run(const torch::Tensor& x, const c10::optional<torch::Tensor>& accum,
                     double accum_scale, int64_t accum_zero) const {
     return term_conv_impl(x, in_zero, packed, corr, mult, bias, 1, kh, kw, stride, padding,
