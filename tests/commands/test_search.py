@@ -67,7 +67,10 @@ def test_writes_a_recipe_compress_runs(project, capsys):
     assert search_command.run(args) == 0
     summary = json.loads((out / "search.json").read_text())
     assert set(summary["assignment"]) == {"0", "3"}
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    weights, calib = tmp / "w.safetensors", tmp / "calib.safetensors"
+    assert f"--weights {weights} --data {calib}" in printed  # a compress line that works
     recipe = Recipe.from_yaml((out / "recipe.yaml").read_text())
     q = compactnn.compress(model, recipe, calib_data=torch.randn(16, 1, 8, 8), progress=False)
     for name, fmt in summary["assignment"].items():
@@ -101,3 +104,44 @@ def test_groups_flag_reaches_the_search(project):
     assert parse(argv).groups is None and parse([*argv, "--no-groups"]).groups is False
     with pytest.raises(CompactnnError, match=r"groups=True needs ch<P>\+ formats"):
         search_command.run(parse([*argv, "--groups"]))
+
+
+def search_argv(tmp, out, *more):
+    return ["searchnet:make", "--weights", str(tmp / "w.safetensors"), "--data",
+            str(tmp / "calib.safetensors"), "--formats", "w2a8,w8a8", "--out", str(out),
+            "--no-progress", *more]  # fmt: skip
+
+
+def test_out_holding_an_artifact_or_other_files_is_refused_before_searching(project):
+    tmp, model = project
+    art = tmp / "art"
+    q = compactnn.compress(model, "w8", progress=False)
+    compactnn.save(q, art)
+    before = {p.name: p.read_bytes() for p in art.iterdir()}
+    for force in ([], ["--force"]):
+        with pytest.raises(CompactnnError, match="holds a compactnn artifact"):
+            search_command.run(parse(search_argv(tmp, art, "--avg-bits", "4", *force)))
+    assert {p.name: p.read_bytes() for p in art.iterdir()} == before
+    compactnn.load(art, model=model)  # still intact
+    other = tmp / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(CompactnnError, match="not empty"):
+        search_command.run(parse(search_argv(tmp, other, "--avg-bits", "4", "--force")))
+
+
+def test_an_earlier_search_needs_force_and_a_failed_search_writes_nothing(project):
+    tmp, _ = project
+    out = tmp / "s"
+    with pytest.raises(CompactnnError):  # no assignment fits 1 bit on average
+        search_command.run(parse(search_argv(tmp, out, "--avg-bits", "1")))
+    assert not out.exists() or not any(out.iterdir())
+    assert search_command.run(parse(search_argv(tmp, out, "--avg-bits", "4"))) == 0
+    assert {p.name for p in out.iterdir()} == {"recipe.yaml", "search.json", "sensitivity.json"}
+    with pytest.raises(CompactnnError, match=r"earlier search.*--force"):
+        search_command.run(parse(search_argv(tmp, out, "--avg-bits", "8")))
+    first = (out / "search.json").read_text()
+    with pytest.raises(CompactnnError):
+        search_command.run(parse(search_argv(tmp, out, "--avg-bits", "1", "--force")))
+    assert (out / "search.json").read_text() == first
+    assert search_command.run(parse(search_argv(tmp, out, "--avg-bits", "8", "--force"))) == 0

@@ -72,6 +72,18 @@ def cli_words(exc: CompactnnError, data: str | None) -> CompactnnError:
     return exc
 
 
+def model_words(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
+    """The ``--weights``/``--trust-pickle``/``--data`` words a later command needs to load
+    the same MODEL with the same data (a reference model brings its own)."""
+    words = []
+    if loaded.reference is None:
+        words += ["--weights", args.weights] if args.weights else []
+        words += ["--trust-pickle"] if args.trust_pickle else []
+    if args.data and args.data != "data-free":
+        words += ["--data", args.data]
+    return words
+
+
 def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:
     return resolve_model(spec, weights=args.weights, trust_pickle=args.trust_pickle)
 

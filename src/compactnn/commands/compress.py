@@ -16,6 +16,7 @@ from compactnn.commands._common import (
     cli_words,
     human_bytes,
     load_model,
+    model_words,
     source_record,
 )
 from compactnn.errors import CompactnnError
@@ -136,11 +137,7 @@ def eval_command(out: Path, args: argparse.Namespace, loaded: LoadedModel) -> st
     words = ["compactnn", "eval", str(out)]
     if loaded.reference is None:
         words += ["--model", args.model]
-        words += ["--weights", args.weights] if args.weights else []
-        words += ["--trust-pickle"] if args.trust_pickle else []
-    if args.data and args.data != "data-free":
-        words += ["--data", args.data]
-    return shlex.join(words)
+    return shlex.join(words + model_words(args, loaded))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,10 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
+import tempfile
 from pathlib import Path
 
-from compactnn.commands._common import add_model_args, human_bytes, load_model
+from compactnn.commands._common import add_model_args, human_bytes, load_model, model_words
 from compactnn.errors import CompactnnError
+from compactnn.export.artifact import artifact_exists, check_writable, foreign_entries
+from compactnn.export.fs import atomic_write
 from compactnn.mixed_precision import Budget, search
 from compactnn.model_io import resolve_data
 
@@ -48,6 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--embeddings", help="short name for embedding tables (e.g. w4-g32)")
     p.add_argument("--data", "-d", help="calibration inputs (.safetensors/.npy or a data set)")
     p.add_argument("--out", "-o", required=True, help="folder for recipe.yaml and search.json")
+    p.add_argument("--force", action="store_true", help="replace an earlier search in --out")
     p.add_argument(
         "--groups",
         action=argparse.BooleanOptionalAction,
@@ -58,6 +65,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     return p
+
+
+SENSITIVITY = "sensitivity.json"
+SEARCH_FILES = frozenset({"recipe.yaml", "search.json", SENSITIVITY})
+
+
+def check_search_out(out: Path, force: bool) -> None:
+    """Refuse, before any work, an ``--out`` the search's files would damage: a compactnn
+    artifact (its recipe.yaml would be replaced), a folder of other files, or an earlier
+    search without ``--force``."""
+    if artifact_exists(out):
+        raise CompactnnError(
+            f"--out {str(out)!r} holds a compactnn artifact: the search's recipe.yaml would "
+            "replace the artifact's and break it. Choose a new folder, e.g. --out out/search."
+        )
+    if out.is_dir() and (names := foreign_entries(out)):
+        others = [n for n in names if n not in SEARCH_FILES]
+        if others:
+            raise CompactnnError(
+                f"--out {str(out)!r} is not empty (it has {', '.join(others[:3])}): the "
+                "search would mix its files with those. Choose an empty or new folder "
+                "(--force only replaces an earlier search's results)."
+            )
+        if not force:
+            raise CompactnnError(
+                f"--out {str(out)!r} holds an earlier search's results; pass --force to "
+                "replace them or choose a new folder."
+            )
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise CompactnnError(f"--out {str(out)!r} is not writable; choose another folder.")
+        return
+    if out.exists() and not out.is_dir():
+        raise CompactnnError(f"--out {str(out)!r} is a file; name a folder.")
+    check_writable(out, force=False)  # a new or empty folder: system folders, permissions
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
             "--max-latency-ratio or --max-drop."
         )
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CompactnnError(f"--out {str(out)!r} is a file; name a folder.")
+    check_search_out(out, args.force)  # before the (slow) search
     loaded = load_model(args.model, args)
     eval_fn = None
     if args.max_drop is not None:
@@ -93,23 +133,29 @@ def run(args: argparse.Namespace) -> int:
                 "--max-latency-ratio times the model on an example batch; MODEL has none: use "
                 "a reference model, or compactnn.search(..., latency_example=batch) in Python."
             )
-    result = search(
-        loaded.model,
-        formats=args.formats,
-        budget=budget,
-        calib_data=resolve_data(args.data, loaded),
-        eval_fn=eval_fn,
-        max_drop=args.max_drop,
-        measure=args.measure,
-        first_last_min_bits=args.first_last_min_bits,
-        embeddings=args.embeddings,
-        max_evals=args.max_evals,
-        cache_dir=out,
-        latency_example=example,
-        groups=args.groups,
-        progress=not args.no_progress,
-    )
-    result.save(out)
+    with tempfile.TemporaryDirectory(prefix="compactnn-search-") as staging:
+        cache = Path(staging)
+        if (out / SENSITIVITY).is_file():  # an earlier search's scores (--force): reused
+            shutil.copyfile(out / SENSITIVITY, cache / SENSITIVITY)
+        result = search(
+            loaded.model,
+            formats=args.formats,
+            budget=budget,
+            calib_data=resolve_data(args.data, loaded),
+            eval_fn=eval_fn,
+            max_drop=args.max_drop,
+            measure=args.measure,
+            first_last_min_bits=args.first_last_min_bits,
+            embeddings=args.embeddings,
+            max_evals=args.max_evals,
+            cache_dir=cache,
+            latency_example=example,
+            groups=args.groups,
+            progress=not args.no_progress,
+        )
+        result.save(out)  # only now: a search that fails leaves --out as it was
+        if (cache / SENSITIVITY).is_file():
+            atomic_write(out / SENSITIVITY, lambda tmp: shutil.copyfile(cache / SENSITIVITY, tmp))
     counts: dict[str, int] = {}
     for fmt in result.assignment.values():
         counts[fmt] = counts.get(fmt, 0) + 1
@@ -127,5 +173,6 @@ def run(args: argparse.Namespace) -> int:
             f"proxy {check['proxy_ms']:.2f} ms (error {100 * check['proxy_error']:+.0f}%)"
         )
     print(f"  wrote {out / 'recipe.yaml'} and {out / 'search.json'}")
-    print(f"  compress with it: compactnn compress {args.model} --recipe {out / 'recipe.yaml'}")
+    words = ["compactnn", "compress", args.model, "--recipe", str(out / "recipe.yaml")]
+    print(f"  compress with it: {shlex.join(words + model_words(args, loaded))}")
     return 0

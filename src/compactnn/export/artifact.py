@@ -218,7 +218,7 @@ def artifact_exists(path: str | os.PathLike) -> bool:
     return os.path.lexists(Path(path) / HEADER)
 
 
-def _foreign_entries(folder: Path) -> list[str]:
+def foreign_entries(folder: Path) -> list[str]:
     """Sorted names in ``folder`` that are not leftovers of a killed compactnn save."""
     return sorted(e.name for e in os.scandir(folder) if not replace.is_stray(e.name))
 
@@ -260,7 +260,7 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
                 f"{str(out)!r} already holds a compactnn artifact; pass force=True "
                 "(--force on the command line) to replace it."
             )
-        if not artifact_exists(out) and (others := _foreign_entries(out)):
+        if not artifact_exists(out) and (others := foreign_entries(out)):
             raise CompactnnError(
                 f"{str(out)!r} is not empty and holds no compactnn artifact (it has "
                 f"{name_list(others, 3)}): an artifact would replace or mix with those files. "
