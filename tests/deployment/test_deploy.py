@@ -364,3 +364,27 @@ def test_a_weight_only_cnn_lists_a_few_layers_per_reason():
         CompactnnError, match=r"12 layers: its input is not quantized.*\(0, 1, 2, \.\.\.\)"
     ):
         compactnn.deploy(q, example=torch.randn(4, 16))
+
+
+class TwoInputNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ca, self.cb = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(8 * 6 * 6, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([torch.relu(self.ca(a)), torch.relu(self.cb(b))], 1)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("backend", ["onednn", "onnxruntime"])
+def test_a_two_input_model_deploys_and_verifies(backend):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    a, b = torch.rand(8, 1, 6, 6), torch.rand(8, 1, 6, 6)
+    qmodel = compactnn.compress(TwoInputNet().eval(), "w8a8", calib_data=[(a, b)], progress=False)
+    deployed = compactnn.deploy(qmodel, backend, example=(a[:4], b[:4]))
+    assert deployed.verification.passed
+    with torch.no_grad():
+        assert steps(qmodel(a, b), deployed(a, b)) <= 1.0

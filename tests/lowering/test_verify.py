@@ -178,3 +178,16 @@ def test_amplified_gap_is_named_as_the_networks_and_a_tolerance_suggested():
     assert not bad.amplified
     with pytest.raises(CompactnnError, match="does not reproduce"):
         enforce(bad)
+
+
+class TwoInputs(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a - 2 * b
+
+
+def test_candidate_takes_a_tuple_example_as_positional_arguments():
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    result = compare(TwoInputs(), lambda a, b: a - 2 * b, (a, b), "two inputs")
+    assert result.passed and result.max_diff_steps == 0.0
+    keywords = compare(TwoInputs(), lambda *, a, b: a - 2 * b, {"a": a, "b": b}, "dict")
+    assert keywords.passed

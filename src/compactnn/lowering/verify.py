@@ -207,10 +207,14 @@ def compare(
     what: str,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> Verification:
-    """Run ``reference`` (simulated) and ``candidate`` on ``example`` and measure the gap."""
+    """Run ``reference`` (simulated) and ``candidate`` on ``example`` and measure the gap.
+
+    Both take ``example`` the same way (:func:`~compactnn.core.calib.call_model`): a tuple as
+    positional arguments, a dict as keyword arguments, anything else as one argument.
+    """
     with torch.no_grad():
         ref = _tensors(call_model(reference, example))
-        got = _tensors(candidate(example))
+        got = _tensors(call_model(candidate, example))
     if len(ref) != len(got) or not ref:
         raise CompactnnError(
             f"{what}: produced {len(got)} output tensors, the simulated model {len(ref)}."
@@ -285,7 +289,8 @@ def sensitivity(reference: nn.Module, example: Any, nudge: float = NUDGE) -> flo
         return None
     with torch.no_grad():
         moved = call_model(reference, nudged)
-    return compare(reference, lambda _: moved, example, "nudged", float("inf")).max_diff_steps
+    same = compare(reference, lambda *_, **__: moved, example, "nudged", float("inf"))
+    return same.max_diff_steps
 
 
 def explained(result: Verification, reference: nn.Module, example: Any) -> Verification:
