@@ -76,6 +76,7 @@ DIRECT = (
     "hardswish_fits",
     "plain_linear_fits",
     "squeeze_fits",
+    "dw_block_fits",
 )
 
 
