@@ -5,6 +5,10 @@ The extension compiles once per machine (about 60-70 s the first time, then load
 ``~/.cache/compactnn/torch_extensions``); the compiled tests skip when no compiler exists.
 """
 
+import fcntl
+import os
+import re
+import time
 import warnings
 
 import pytest
@@ -131,3 +135,47 @@ def test_stacked_quantize_equals_the_pytorch_ops(ext, groups, out):
     assert torch.equal(got, want)
     assert int(want.min()) == lo and int(want.max()) == hi  # both ends reached
     assert bool((torch.round(s / scale) % 2 != 0).any())  # odd codes: not everything a tie
+
+
+@pytest.fixture
+def fake_build(monkeypatch, tmp_path):
+    """``load_extension`` with torch's build replaced by a recorder (nothing compiles)."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(bitconv, "_EXT", None)
+    monkeypatch.setattr(bitconv, "_ERROR", None)
+    monkeypatch.setattr(bitconv.shutil, "which", lambda *_: "/usr/bin/c++")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    calls = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: calls.append(os.environ.get("MAX_JOBS")) or "ext")
+    lock = tmp_path / bitconv._ext_name() / "lock"
+    lock.parent.mkdir()
+    return lock, calls
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_with_notices(fake_build, caplog):
+    lock, calls = fake_build
+    lock.touch()
+    old = time.time() - 2 * bitconv.LOCK_GRACE_S
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING", logger="compactnn"):
+        assert bitconv.load_extension() == "ext"
+    assert not lock.exists()
+    assert "removed" in caplog.text and "compiling compactnn's CPU kernels once" in caplog.text
+    assert calls == [str(len(os.sched_getaffinity(0)))]  # MAX_JOBS = the CPUs, for the build
+    assert "MAX_JOBS" not in os.environ
+
+
+def test_a_lock_held_too_long_falls_back_naming_the_file(fake_build, monkeypatch):
+    lock, calls = fake_build
+    monkeypatch.setattr(bitconv, "LOCK_WAIT_S", 0.2)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another builder holds it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert bitconv.available(warn=True) is False
+        with pytest.raises(CompactnnError, match=re.escape(str(lock))):
+            bitconv.load_extension()  # the failure is kept: no second wait
+    assert calls == [] and lock.exists()
+    assert "delete that file" in str(caught[0].message)

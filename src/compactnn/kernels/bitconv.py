@@ -9,17 +9,25 @@ no VPOPCNTDQ). Zero padding contributes 0, not ``+-1``, and channel counts that 
 multiple of 64 leave the unused bits 0 in both operands, so the integer results equal a float
 convolution of the ``+-1`` tensors exactly.
 
-The extension is compiled on first use (g++ and ninja, about a minute) into
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/compactnn/torch_extensions``, once per source and
-flag set. Without a compiler :func:`available` is False and :func:`load_extension` raises a
-:class:`~compactnn.errors.CompactnnError`; callers fall back to the int8 kernels.
+The extension is compiled on first use (g++ and ninja, a few minutes, with ``MAX_JOBS``
+compilers: the CPU count unless set) into ``$TORCH_EXTENSIONS_DIR`` or
+``~/.cache/compactnn/torch_extensions``, once per source and flag set; the build says so on
+the ``compactnn`` logger first. Without a compiler :func:`available` is False and
+:func:`load_extension` raises a :class:`~compactnn.errors.CompactnnError`; callers fall back
+to the int8 kernels. The same happens when another process holds the build folder's
+``lock`` for more than ``LOCK_WAIT_S`` (the message names the file); a ``lock`` file nobody
+holds (left by a killed build) is removed with a notice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import logging
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -54,8 +62,13 @@ HEADERS = (SOURCE.with_name("termconv.h"), SOURCE.with_name("dwconv.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)
 
+LOCK_WAIT_S = 15 * 60.0  # how long to wait for another process's build (a first build on
+# two shared cores took over 5 minutes, measured)
+LOCK_GRACE_S = 60.0  # a lock file younger than this may be one a builder is about to lock
+
 _EXT = None
 _ERROR: str | None = None
+_log = logging.getLogger("compactnn")
 
 
 def build_directory() -> Path:
@@ -99,15 +112,21 @@ def load_extension():
     name = _ext_name()
     build = build_directory() / name
     build.mkdir(parents=True, exist_ok=True)
+    _ERROR = _wait_for_lock(build / "lock")
+    if _ERROR is not None:
+        raise CompactnnError(_ERROR)
+    if not (build / f"{name}.so").exists():
+        _log.warning("compiling compactnn's CPU kernels once (about 2-3 minutes) into %s", build)
     try:
-        _EXT = load(
-            name=name,
-            sources=[str(p) for p in SOURCES],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=False,
-        )
+        with _max_jobs():
+            _EXT = load(
+                name=name,
+                sources=[str(p) for p in SOURCES],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
     except Exception as exc:  # compiler errors, missing ninja, ...
         _ERROR = (
             f"building the bit-packed binary convolution failed ({type(exc).__name__}: "
@@ -116,6 +135,64 @@ def load_extension():
         )
         raise CompactnnError(_ERROR) from exc
     return _EXT
+
+
+def _lock_held(lock: Path) -> bool:
+    """Whether a process holds ``lock`` (torch's build lock: an OS advisory ``flock``)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we took
+    return False
+
+
+def _wait_for_lock(lock: Path) -> str | None:
+    """Remove a ``lock`` nobody holds; wait up to ``LOCK_WAIT_S`` for one another process
+    holds (its build); return the error to fall back with when it is still held."""
+    waited = False
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while _lock_held(lock):
+        if time.monotonic() >= deadline:
+            return (
+                f"compactnn's CPU kernels are being built by another process, which has held "
+                f"{lock} for over {LOCK_WAIT_S / 60:.0f} minutes; if no other compactnn "
+                "process is running, delete that file and retry."
+            )
+        if not waited:
+            _log.warning(
+                "waiting for another process to finish building compactnn's CPU kernels "
+                "(lock file %s; at most %.0f minutes)",
+                lock,
+                LOCK_WAIT_S / 60,
+            )
+            waited = True
+        time.sleep(min(1.0, LOCK_WAIT_S / 10))
+    with contextlib.suppress(FileNotFoundError):
+        if not waited and time.time() - lock.stat().st_mtime > LOCK_GRACE_S:
+            lock.unlink()
+            _log.warning("removed %s, left by an interrupted build of compactnn's kernels", lock)
+    return None
+
+
+@contextlib.contextmanager
+def _max_jobs():
+    """``MAX_JOBS`` = the usable CPUs while building, unless the user set it (ninja's own
+    default ran 3 compilers on 2 cores)."""
+    if "MAX_JOBS" in os.environ:
+        yield
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ["MAX_JOBS"] = str(cpus or 1)
+    try:
+        yield
+    finally:
+        os.environ.pop("MAX_JOBS", None)
 
 
 def available(warn: bool = False) -> bool:
