@@ -163,6 +163,19 @@ def test_deploy_accepts_no_progress_and_prints_the_batch(project, capsys):
     assert f"top-1 on --data: simulated {simulated:.2f}%" in out
 
 
+def test_output_paths_are_checked_before_the_work(project, capsys, tmp_path):
+    (tmp_path / "adir").mkdir()
+    assert _eval("--json", "adir") == 2  # a folder: one error line, before any evaluation
+    err = capsys.readouterr().err
+    assert err.startswith("error: --json 'adir' is a folder") and "Traceback" not in err
+    assert _eval("--data", "xy.safetensors", "--simulated", "--json", "new/r.json") == 0
+    assert json.loads((tmp_path / "new" / "r.json").read_text())["rows"]
+    deploy = ["deploy", "art-w8a8", *MODEL, "--runs", "2", "--no-progress", "--save", "dep"]
+    assert main([*deploy, "--onnx", "adir"]) == 2
+    assert "--onnx 'adir' is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "dep").exists()  # nothing saved before the refusal
+
+
 def test_reference_artifacts_need_no_model_argument(tmp_path, monkeypatch, capsys):
     """The artifact records the reference it came from; eval rebuilds it from that name."""
     monkeypatch.chdir(tmp_path)

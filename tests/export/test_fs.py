@@ -44,3 +44,19 @@ def test_folder_paths_are_refused_or_recognised(tmp_path):
         atomic_write(tmp_path / "file" / "m.bin", lambda tmp: None)
     assert names_folder("out/dir/") and names_folder(f"out{os.sep}")
     assert not names_folder("out/m.gguf")
+
+
+def test_check_file_path_refuses_what_atomic_write_could_not_use(tmp_path):
+    from compactnn.export.fs import check_file_path
+
+    for folder in (tmp_path, f"{tmp_path}{os.sep}new{os.sep}"):
+        with pytest.raises(CompactnnError, match=r"--json .* is a folder.*r\.json"):
+            check_file_path(folder, "--json", suggest="r.json")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CompactnnError, match="is a file"):
+        check_file_path(tmp_path / "file" / "deeper" / "r.json", "--json")
+    assert check_file_path(tmp_path / "new" / "r.json", "--json") == tmp_path / "new" / "r.json"
+    assert check_file_path(tmp_path / "file", "--json")  # force=None: written over
+    with pytest.raises(CompactnnError, match="exists; pass force=True"):
+        check_file_path(tmp_path / "file", "path", force=False)
+    assert check_file_path(tmp_path / "file", "path", force=True)

@@ -70,3 +70,20 @@ def test_failed_check_leaves_no_file(qnet, tmp_path):
     assert not path.exists()
     with pytest.raises(CompactnnError, match="example="):
         export_onnx(qmodel, path, example=None)
+
+
+def test_output_path_checked_before_the_export(qnet, tmp_path, monkeypatch):
+    qmodel, calib = qnet
+    import compactnn.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "to_onnx_bytes", lambda *a: pytest.fail("exported"))
+    with pytest.raises(CompactnnError, match=r"is a folder.*model\.onnx"):
+        export_onnx(qmodel, tmp_path, example=calib[:4])
+    (tmp_path / "old.onnx").write_bytes(b"mine")
+    with pytest.raises(CompactnnError, match="exists; pass force=True"):
+        export_onnx(qmodel, tmp_path / "old.onnx", example=calib[:4])
+    assert (tmp_path / "old.onnx").read_bytes() == b"mine"
+    monkeypatch.undo()
+    export_onnx(qmodel, tmp_path / "new" / "m.onnx", example=calib[:4])  # parent created
+    export_onnx(qmodel, tmp_path / "old.onnx", example=calib[:4], force=True)
+    assert onnx.load(str(tmp_path / "old.onnx")).graph.node

@@ -12,6 +12,7 @@ from compactnn.core.calib import as_batches, batch_size_of
 from compactnn.deployment.api import BACKENDS
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
+from compactnn.export.fs import check_file_path
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
 from compactnn.measure.float_paths import fastest_float_path
 from compactnn.measure.quality import evaluate
@@ -55,7 +56,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="save the deployed model (artifact + deployment + verification batch); "
         "compactnn.load re-deploys and re-verifies it",
     )
-    p.add_argument("--force", action="store_true", help="replace an artifact at --save")
+    p.add_argument(
+        "--force", action="store_true", help="replace an artifact at --save, a file at --onnx"
+    )
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs, at least (median)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -95,6 +98,8 @@ def _models(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.save:
         check_writable(args.save, args.force)  # before the slow work
+    if args.onnx:
+        check_file_path(args.onnx, "--onnx", force=args.force, suggest="model.onnx")
     loaded, qmodel, example, (inputs, labels) = _models(args)
     deployed = compactnn.deploy(
         qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
@@ -107,16 +112,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"backend choice (median per call on the sample batch): {timed}")
     if deployed.recommendation:
         print(f"  note: {deployed.recommendation.removeprefix('deploy: ')}")
+    if args.onnx:  # before --save: a failed export leaves no artifact behind
+        from compactnn.export.onnx import export_onnx
+
+        result = export_onnx(qmodel, args.onnx, example, tolerance=args.tolerance, force=args.force)
+        print(f"wrote {args.onnx}: {result}")
     if args.save:
         from compactnn.deployment.ship import save_deployed
 
         digest = save_deployed(deployed, args.save, force=args.force)
         print(f"saved the deployed model to {args.save} (sha256 {digest})")
-    if args.onnx:
-        from compactnn.export.onnx import export_onnx
-
-        result = export_onnx(qmodel, args.onnx, example, tolerance=args.tolerance)
-        print(f"wrote {args.onnx}: {result}")
     paths = fastest_float_path(
         loaded.model, example, quick=True, threads=args.threads, runs=args.runs,
         extra={"simulated": qmodel, "deployed": deployed},

@@ -29,6 +29,7 @@ from compactnn.core.calib import (
 )
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.export.fs import atomic_write_text, check_file_path
 from compactnn.export.size import stored_bits
 from compactnn.measure import (
     DEFAULT_RUNS,
@@ -277,6 +278,8 @@ def _row(args, loaded, data, batches, paths, qmodel, label, model, size, recipe,
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_file_path(args.json, "--json", suggest="eval.json")  # before the slow work
     result = evaluate(args)
     base = result["rows"][0]
     for note in result["notes"]:
@@ -298,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     print(_bits_line(result["stored_bits"]))
     print(_conditions(args, result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        atomic_write_text(args.json, json.dumps(result, indent=1))
     return 0
 
 

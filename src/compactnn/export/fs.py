@@ -18,6 +18,49 @@ def names_folder(out: str | os.PathLike) -> bool:
     return text.endswith(os.sep) or bool(os.altsep and text.endswith(os.altsep))
 
 
+def check_file_path(
+    path: str | os.PathLike, what: str, force: bool | None = None, suggest: str = "out.bin"
+) -> Path:
+    """Refuse, before any slow work, a file path :func:`atomic_write` could not use.
+
+    Args:
+        path: the file to write later (missing parent folders are fine: they are created).
+        what: how the user named it, for the message (``"--json"``, ``"path"``).
+        force: None writes over an existing file; False refuses one (True replaces it).
+        suggest: a file name the message offers inside a folder given by mistake.
+
+    Raises:
+        CompactnnError: ``path`` is or names a folder, a part of its folder path is a file,
+            the nearest existing folder is not writable, or it exists and ``force`` is False.
+
+    Example:
+        >>> check_file_path("out/report.json", "--json")  # doctest: +SKIP
+    """
+    out = Path(path)
+    if names_folder(path) or out.is_dir():
+        raise CompactnnError(
+            f"{what} {str(path)!r} is a folder, and a file is written there: give a file path "
+            f"such as {str(out / suggest)!r}."
+        )
+    if os.path.lexists(out) and force is False:
+        raise CompactnnError(
+            f"{what} {str(path)!r} exists; pass force=True (--force) to replace it."
+        )
+    existing = out.absolute().parent
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CompactnnError(
+            f"cannot write {what} {str(path)!r}: {str(existing)!r} in its folder path is a file."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CompactnnError(
+            f"cannot write {what} {str(path)!r}: {str(existing)!r} is not writable; choose "
+            "another path."
+        )
+    return out
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync, then rename onto ``path``; never leaves a partial file.
 

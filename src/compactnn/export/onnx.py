@@ -30,7 +30,7 @@ from compactnn.core.calib import check_example
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError
-from compactnn.export.fs import atomic_write
+from compactnn.export.fs import atomic_write, check_file_path
 from compactnn.export.ort import ort_callable
 from compactnn.lowering.graph import FLOAT, is_residual_quantizer, trace
 from compactnn.lowering.plan import build_plan
@@ -328,18 +328,22 @@ def export_onnx(
     example: Any,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
+    force: bool = False,
 ) -> Verification:
     """Write ``qmodel`` as a QDQ ONNX file and verify it with ONNX Runtime.
 
     Args:
         qmodel: a compressed model (any recipe; int8 form needs 8-bit per-channel layers).
-        path: the ``.onnx`` file to write (atomically, only after the check passes).
+        path: the ``.onnx`` file to write (atomically, only after the check passes; missing
+            parent folders are created).
         example: a sample batch; the ONNX model and the simulated model run on it.
         tolerance: largest allowed difference, in steps of the output scale.
+        force: replace an existing file at ``path`` (refused otherwise, before any work).
 
     Returns:
         The verification; raises ``CompactnnError`` past ``tolerance`` or when one model
-        gives NaN/Inf where the other does not (see :mod:`compactnn.lowering.verify`).
+        gives NaN/Inf where the other does not (see :mod:`compactnn.lowering.verify`), and
+        when ``path`` is a folder or an existing file without ``force``.
 
     Example:
         >>> export_onnx(qmodel, "model.onnx", example=images[:8])  # doctest: +SKIP
@@ -347,6 +351,7 @@ def export_onnx(
     if example is None:
         raise CompactnnError("export_onnx verifies the file: pass example= a sample batch.")
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
+    check_file_path(path, "path", force=force, suggest="model.onnx")  # before the export
     data, _ = to_onnx_bytes(qmodel, example)
     result = compare(qmodel.eval(), ort_callable(data), example, "onnx export", tolerance)
     enforce(explained(result, qmodel, example))  # says whether the network amplifies flips
