@@ -192,3 +192,13 @@ def test_no_float_bytes_warning_when_the_weights_are_quantized():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compactnn.compress(model, "w8", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"seed": "a"}, "seed='a': pass an integer"), ({"inplace": "yes"}, "inplace='yes'"),
+     ({"progress": None}, "progress=None: pass True or False")],
+)  # fmt: skip
+def test_argument_types_are_checked(kwargs, match):
+    with pytest.raises(CompactnnError, match=match):
+        compactnn.compress(nn.Linear(4, 2), "w8", **kwargs)

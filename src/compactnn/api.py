@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -16,7 +17,14 @@ from torch import nn
 
 import compactnn.methods  # noqa: F401  (registers every method, once, before any recipe runs)
 from compactnn import registry
-from compactnn.core.calib import all_zero, as_batches, check_batch, detect_call_mode
+from compactnn.core.calib import (
+    all_zero,
+    as_batches,
+    check_batch,
+    detect_call_mode,
+    model_dtype,
+    to_dtype,
+)
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, select_modules, weight_layers
 from compactnn.core.qlayers import ActQuantizer, has_integer_weight
@@ -71,6 +79,7 @@ def compress(
         >>> compactnn.compress("llama/", "w4-g128-gptq", calib_data=ids, max_memory="512MiB",
         ...                    out="out/llama-w4")  # doctest: +SKIP
     """
+    _check_flags(seed=seed, progress=progress, inplace=inplace, force=force)
     if max_memory is not None:
         if isinstance(model, nn.Module):
             raise CompactnnError(
@@ -99,6 +108,16 @@ def compress(
     )
 
 
+def _check_flags(seed: Any, **flags: Any) -> None:
+    """Refuse a ``seed`` that is not an integer and flags that are not True/False (a string
+    such as ``"yes"`` is truthy and was taken silently)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise CompactnnError(f"seed={seed!r}: pass an integer, e.g. seed=0.")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise CompactnnError(f"{name}={value!r}: pass True or False.")
+
+
 def _compress(
     model: nn.Module,
     recipe: str | Recipe,
@@ -116,6 +135,8 @@ def _compress(
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     batches = as_batches(calib_data)
+    if (dtype := model_dtype(qmodel)) is not None:  # e.g. float64 from numpy: as the CLI does
+        batches = [to_dtype(b, dtype) for b in batches]
     mode = detect_call_mode(qmodel, batches[0]) if batches else "auto"
     if batches:
         check_batch(qmodel, batches[0], mode)

@@ -150,3 +150,31 @@ def test_all_finite_agrees_with_isfinite(dtype) -> None:
             u = t.clone().reshape(-1)
             u[pos] = float("nan")
             assert not all_finite(u)
+
+
+class DictNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.fc(batch["image"] + batch["meta"])
+
+
+def test_a_dict_batch_hint_says_keywords_and_how_to_pass_it_whole():
+    batch = {"image": torch.rand(8, 4), "meta": torch.rand(8, 4)}
+    with pytest.raises(CompactnnError, match=r"keyword arguments.*1-tuple") as err:
+        compactnn.compress(DictNet(), "w8a8", calib_data=[batch], progress=False)
+    assert "Expected input" not in str(err.value)
+    q = compactnn.compress(DictNet(), "w8a8", calib_data=[(batch,)], progress=False)
+    check_example((batch,))  # a dict inside a tuple is not empty
+    with pytest.raises(CompactnnError, match=r"\[0\]\['meta'\] holds 1 NaN"):
+        check_example(({"image": batch["image"], "meta": torch.tensor([[float("nan")]])},))
+    assert q((batch,)[0]).shape == (8, 2)
+
+
+def test_float64_calibration_tensors_are_cast_to_the_model_dtype():
+    x = torch.randn(16, 16, dtype=torch.float64)
+    q = compactnn.compress(_net(), "w8a8", calib_data=x, progress=False)
+    ref = compactnn.compress(_net(), "w8a8", calib_data=x.float(), progress=False)
+    assert torch.equal(q(x.float()), ref(x.float()))

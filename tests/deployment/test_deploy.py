@@ -388,3 +388,22 @@ def test_a_two_input_model_deploys_and_verifies(backend):
     assert deployed.verification.passed
     with torch.no_grad():
         assert steps(qmodel(a, b), deployed(a, b)) <= 1.0
+
+
+class DictInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 36 + 2, 3)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        x = torch.relu(self.conv(batch["image"])).flatten(1)
+        return self.fc(torch.cat([x, batch["meta"]], 1))
+
+
+def test_a_dict_passed_as_one_argument_deploys_on_onednn_and_onnxruntime_says_why_not():
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(8, 1, 6, 6), "meta": torch.rand(8, 2)}
+    qmodel = compactnn.compress(DictInput().eval(), "w8a8", calib_data=[(batch,)], progress=False)
+    assert compactnn.deploy(qmodel, "onednn", example=(batch,)).verification.passed
+    with pytest.raises(CompactnnError, match=r"ONNX Runtime takes tensors.*backend='onednn'"):
+        compactnn.deploy(qmodel, "onnxruntime", example=(batch,))

@@ -58,11 +58,36 @@ def _one_batch(i: int, b: Any) -> Batch:
 
 
 def _tensors_of(batch: Batch) -> list[tuple[str, torch.Tensor]]:
-    """``(label, tensor)`` of every tensor in a batch: ``""``, ``"[1]"`` or ``"['ids']"``."""
+    """``(label, tensor)`` of every tensor in a batch, nested ones too: ``""``, ``"[1]"``,
+    ``"['ids']"`` or ``"[0]['image']"`` (a dict passed as one positional argument)."""
     if isinstance(batch, torch.Tensor):
         return [("", batch)]
+    if not isinstance(batch, (dict, tuple, list)):
+        return []
     items = batch.items() if isinstance(batch, dict) else enumerate(batch)
-    return [(f"[{k!r}]", v) for k, v in items if isinstance(v, torch.Tensor)]
+    return [(f"[{k!r}]{label}", t) for k, v in items for label, t in _tensors_of(v)]
+
+
+def to_dtype(batch: Batch, dtype: torch.dtype) -> Batch:
+    """``batch`` with its floating-point tensors (nested ones too) cast to ``dtype``; integer
+    tensors (token ids, labels) and everything else unchanged.
+
+    Example:
+        >>> to_dtype({"x": torch.ones(2, dtype=torch.float64)}, torch.float32)["x"].dtype
+        torch.float32
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() and batch.dtype != dtype else batch
+    if isinstance(batch, dict):
+        return {k: to_dtype(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_dtype(v, dtype) for v in batch)
+    return batch
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -180,7 +205,12 @@ def describe(batch: Batch) -> str:
             for k, v in batch.items()
         )
     return "a tuple of " + ", ".join(
-        str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in batch
+        str(tuple(v.shape))
+        if isinstance(v, torch.Tensor)
+        else f"({describe(v)})"
+        if isinstance(v, (dict, tuple))
+        else type(v).__name__
+        for v in batch
     )
 
 
@@ -192,8 +222,19 @@ def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
     except Exception as exc:
         raise CompactnnError(
             f"the model could not run on the calibration data ({describe(batch)}): {exc}. "
-            f"Expected input: {expected_input_hint(model)}."
+            f"{batch_hint(model, batch)}"
         ) from exc
+
+
+def batch_hint(model: nn.Module, batch: Batch) -> str:
+    """What the model expects, and for a dict batch how it was passed (as keywords)."""
+    if isinstance(batch, dict):
+        return (
+            "A dict batch is passed as keyword arguments (forward(**batch)); if forward takes "
+            "the dict as one argument, wrap each batch as a 1-tuple: calib_data=[(batch,)] "
+            "(and example=(batch,) for deploy)."
+        )
+    return f"Expected input: {expected_input_hint(model)}."
 
 
 def main_output(out: Any) -> torch.Tensor:

@@ -249,6 +249,15 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
                 f"ONNX Runtime has no kernel for binary blocks ({', '.join(blocks[:3])}...): "
                 "deploy them with backend='onednn' (int8 or popcount kernels)."
             )
+        parts = example.values() if isinstance(example, dict) else example
+        if not isinstance(example, torch.Tensor) and not all(
+            isinstance(v, torch.Tensor) for v in parts
+        ):
+            raise CompactnnError(
+                "ONNX Runtime takes tensors as its inputs, and example= passes a dict or tuple "
+                "as one argument: deploy with backend='onednn', or give forward the tensors "
+                "themselves (positional or keyword arguments)."
+            )
         require("onnxruntime", "onnx")  # before the export module: it imports onnx
         from compactnn.export.onnx import fold_float_outputs, to_onnx_bytes
         from compactnn.export.ort import ort_callable
