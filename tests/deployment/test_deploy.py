@@ -98,6 +98,20 @@ def test_unsupported_layer_kept_in_float_with_a_warning_or_refused():
     with pytest.warns(UserWarning, match=r"kept in float.*seq \(QuantConv1d"):
         deployed = compactnn.deploy(qmodel, "onednn", example=x)
     assert list(deployed.kept_float) == ["seq"]
+
+
+def test_auto_warns_only_about_the_chosen_backends_kept_layers(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    qmodel = compactnn.compress(WithConv1d(), "w8a8", calib_data=x, progress=False)
+    times = {"onnxruntime": 1.0, "onednn": 2.0}  # the ONNX Runtime candidate keeps nothing
+    monkeypatch.setattr(float_check, "time_contenders", lambda c, _x: {k: times[k] for k in c})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deployed = compactnn.deploy(qmodel, example=x, time_float=False)
+    assert deployed.backend == "onnxruntime" and deployed.kept_float == {}
+    assert not [w for w in caught if "kept in float" in str(w.message)]
     with torch.no_grad():
         assert steps(qmodel(x), deployed(x)) <= 1.0
     with pytest.raises(CompactnnError, match=r"ignore=\['seq'\]"):
@@ -407,3 +421,22 @@ def test_a_dict_passed_as_one_argument_deploys_on_onednn_and_onnxruntime_says_wh
     assert compactnn.deploy(qmodel, "onednn", example=(batch,)).verification.passed
     with pytest.raises(CompactnnError, match=r"ONNX Runtime takes tensors.*backend='onednn'"):
         compactnn.deploy(qmodel, "onnxruntime", example=(batch,))
+
+
+@pytest.mark.parametrize("backend", ["onednn", "onnxruntime"])
+def test_wrong_input_shapes_name_expected_and_got(backend, qnet):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    qmodel, calib = qnet  # (N, 3, 16, 16)
+    deployed = compactnn.deploy(qmodel, backend, example=calib[:4])
+    with pytest.raises(CompactnnError, match=r"shape \(4, 1, 16, 16\).*\(N, 3, 16, 16\)"):
+        deployed(torch.randn(4, 1, 16, 16))
+    with pytest.raises(CompactnnError, match=r"shape \(64,\).*rank 4"):
+        deployed(torch.randn(64))
+    other_size = torch.randn(2, 3, 8, 8)
+    if backend == "onnxruntime":
+        with pytest.raises(CompactnnError, match="only the size it was deployed with"):
+            deployed(other_size)
+    else:
+        assert deployed(other_size).shape == (2, 10)
+    assert deployed(calib[:7]).shape == (7, 10)  # any batch size

@@ -88,6 +88,7 @@ class DeployedModel(nn.Module):
         # plain attributes, not submodules: the source is not part of the deployed state
         self.__dict__["source"] = None
         self.__dict__["example"] = None  # the batch it was verified on
+        self.__dict__["input_shapes"] = {}  # argument -> shape in example (set by deploy)
         self.__dict__["plan"] = None  # the oneDNN lowering plan (layer localisation)
         self.__dict__["onnx_bytes"] = None  # the QDQ ONNX model an onnxruntime one runs
         # straight-line runner of the int8 graph (same kernels, bit-identical, less Python)
@@ -102,11 +103,31 @@ class DeployedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for key, value in [*enumerate(args), *kwargs.items()]:
             if isinstance(value, torch.Tensor):
+                if (want := self.input_shapes.get(key)) is not None:
+                    self._check_shape(key, tuple(value.shape), want)
                 check_finite(value, f"deployed model input {key!r}")
         with torch.no_grad():
             if "program" in self._modules:  # an fx.GraphModule of int8 kernels
                 return (self._fast or self.program)(*args, **kwargs)
             return self._session(*args, **kwargs)  # an ONNX Runtime session
+
+    def _check_shape(self, key: Any, got: tuple, want: tuple) -> None:
+        """Rank and channels (``(N, C, H, W)`` inputs) as in the deploy example; every size
+        but the batch for ONNX Runtime, exported at the example's size. Shapes only: cheap."""
+        expected = str(("N", *want[1:])).replace("'", "")
+        bad_rank = len(got) != len(want)
+        if bad_rank or (len(want) == 4 and got[1] != want[1]):
+            what = f"rank {len(want)}" if bad_rank else f"{want[1]} channels"
+            raise CompactnnError(
+                f"deployed model input {key!r} has shape {got}; it was deployed for {expected} "
+                f"({what}, as in its example=): pass inputs of that shape."
+            )
+        if self.onnx_bytes is not None and got[1:] != want[1:]:
+            raise CompactnnError(
+                f"deployed model input {key!r} has shape {got}; the ONNX Runtime form runs "
+                f"only the size it was deployed with, {expected}: redeploy with an example= of "
+                "the new size, or with backend='onednn' (any spatial size)."
+            )
 
     def verify(self, example: Any, tolerance: float | None = None) -> Verification:
         """Check this model against its simulated source on ``example``, in output steps.
@@ -216,6 +237,7 @@ def deploy(
     for m in built.values():
         m.__dict__["source"] = sim
         m.__dict__["example"] = example  # save_deployed stores (up to 8 samples of) it
+        m.__dict__["input_shapes"] = _input_shapes(example)
         m.settings = dict(settings)
     checked = {k: m.verify(example) for k, m in built.items()}
     passing = {k: m for k, m in built.items() if checked[k].passed}
@@ -236,6 +258,11 @@ def deploy(
     deployed.selection = selection
     deployed.verification = checked[name]
     deployed.recommendation = float_advice(selection, name)
+    if deployed.kept_float:  # the chosen backend's, not a candidate's that lost
+        warnings.warn(
+            f"deploy: kept in float (simulated quantization): {_listing(deployed.kept_float)}",
+            stacklevel=2,
+        )
     if deployed.recommendation:
         warnings.warn(deployed.recommendation, stacklevel=2)
     return deployed
@@ -374,6 +401,14 @@ def _node_values(gm: fx.GraphModule, nodes: set[fx.Node], example: Any) -> dict:
     return values
 
 
+def _input_shapes(example: Any) -> dict[Any, tuple[int, ...]]:
+    """Shape of each tensor argument of ``example``, by position or keyword name."""
+    if isinstance(example, torch.Tensor):
+        return {0: tuple(example.shape)}
+    items = example.items() if isinstance(example, dict) else enumerate(example)
+    return {k: tuple(v.shape) for k, v in items if isinstance(v, torch.Tensor)}
+
+
 def _require_int8_layers(sim: nn.Module) -> None:
     if binary.binary_block_names(sim):
         return  # binary blocks run on integer kernels of their own
@@ -454,4 +489,4 @@ def _handle_unsupported(kept: dict[str, str], unsupported: str) -> None:
             f"from quantization with the recipe's ignore list (Targets(ignore=[{names}])) or "
             "pass unsupported='float' to keep them simulated in float."
         )
-    warnings.warn(f"deploy: kept in float (simulated quantization): {_listing(kept)}", stacklevel=3)
+    # unsupported="float": deploy warns about the chosen backend's kept layers only
