@@ -187,3 +187,10 @@ def test_tensors_with_different_row_counts_are_refused(tmp_path):
              "y_test": ids[:4, 0].clone()}  # fmt: skip
     save_file(split, tmp_path / "split.safetensors")
     assert resolve_data(str(tmp_path / "split.safetensors")).keys() == split.keys()
+
+
+def test_weights_naming_a_folder_say_a_file_is_expected(tmp_path):
+    from compactnn.model_io import read_tensors
+
+    with pytest.raises(CompactnnError, match=r"is a folder; a \.safetensors file is expected"):
+        read_tensors(tmp_path)

@@ -308,6 +308,11 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise CompactnnError(
+            f"{str(path)!r} is a folder; a .safetensors file is expected (e.g. "
+            f"{str(path / 'model.safetensors')!r})."
+        )
     if not path.is_file():
         raise CompactnnError(f"file {str(path)!r} does not exist.")
     try:

@@ -77,3 +77,29 @@ def test_the_printed_eval_command_works_for_a_hugging_face_folder(tmp_path, caps
     )
     assert code == 0, err
     assert f"evaluate it: compactnn eval {out} --model {tmp_path / 'hf'}\n" in printed
+
+
+def test_labelled_data_calibrates_on_x_and_the_eval_line_names_the_model(
+    tmp_path, capsys, monkeypatch
+):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "labelnet.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), "
+        "nn.Linear(16, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import labelnet
+
+    save_file(labelnet.make().state_dict(), "w.safetensors")
+    save_file({"x": torch.randn(32, 1, 4, 4), "y": torch.randint(0, 3, (32,))}, "xy.safetensors")
+    model = ["labelnet:make", "--weights", "w.safetensors"]
+    argv = ["compress", *model, "-r", "w8a8", "-d", "xy.safetensors", "-o", "art", "--no-progress"]
+    code, printed, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "--model labelnet:make --weights w.safetensors --data xy.safetensors" in printed
+    assert_one_error_line(
+        capsys, ["compress", "labelnet:make", "--weights", ".", "-r", "w8"], "is a folder"
+    )

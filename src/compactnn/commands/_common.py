@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import check_writable
@@ -12,6 +15,7 @@ from compactnn.model_io import (
     file_sha256,
     hf_weights_file,
     reference_names,
+    resolve_data,
     resolve_model,
 )
 
@@ -82,6 +86,30 @@ def model_words(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
     if args.data and args.data != "data-free":
         words += ["--data", args.data]
     return words
+
+
+LABEL_KEYS = (("x", "y"), ("x_train", "y_train"), ("inputs", "labels"))
+
+
+def split_labels(data: Any) -> tuple[Any, torch.Tensor | None]:
+    """``(inputs, labels)`` of ``--data``: a mapping with x/y tensors has labels; anything else
+    (a tensor, keyword inputs, a reference data set's batches) is inputs only.
+
+    Example:
+        >>> split_labels({"x": torch.ones(2, 3), "y": torch.tensor([0, 1])})[1]
+        tensor([0, 1])
+    """
+    if isinstance(data, dict):
+        for kx, ky in LABEL_KEYS:
+            if isinstance(data.get(kx), torch.Tensor) and isinstance(data.get(ky), torch.Tensor):
+                return data[kx], data[ky]
+    return data, None
+
+
+def calib_inputs(spec: str | None, loaded: LoadedModel | None = None) -> Any:
+    """The calibration inputs ``--data`` names: ``x`` of a labelled file (x and y), as
+    docs/cli.md says; everything else as :func:`~compactnn.model_io.resolve_data` gives it."""
+    return split_labels(resolve_data(spec, loaded))[0]
 
 
 def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:

@@ -11,6 +11,7 @@ from pathlib import Path
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
+    calib_inputs,
     check_data_given,
     check_out,
     cli_words,
@@ -21,7 +22,7 @@ from compactnn.commands._common import (
 )
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
-from compactnn.model_io import LoadedModel, resolve_data
+from compactnn.model_io import LoadedModel
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         return run_streamed(args, out, recipe)
     check_data_given(recipe, args.data, args.model)  # before loading the model
     loaded = load_model(args.model, args)
-    data = data_free(args, loaded) if args.data == "data-free" else resolve_data(args.data, loaded)
+    data = data_free(args, loaded) if args.data == "data-free" else calib_inputs(args.data, loaded)
     t0 = time.perf_counter()
     try:
         qmodel = compactnn.compress(
@@ -195,7 +196,7 @@ def run_streamed(args: argparse.Namespace, out: Path, recipe) -> int:
     report = compactnn.compress(
         args.model,
         recipe,
-        calib_data=resolve_data(args.data),
+        calib_data=calib_inputs(args.data),
         seed=args.seed,
         progress=not args.no_progress,
         ignore=args.ignore,

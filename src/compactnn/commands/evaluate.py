@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import compactnn
-from compactnn.commands._common import add_model_args, human_bytes, load_model
+from compactnn.commands._common import add_model_args, human_bytes, load_model, split_labels
 from compactnn.core.calib import (
     as_batches,
     batch_size_of,
@@ -85,24 +85,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     return p
-
-
-_LABEL_KEYS = (("x", "y"), ("x_train", "y_train"), ("inputs", "labels"))
-
-
-def split_labels(data: Any) -> tuple[Any, torch.Tensor | None]:
-    """``(inputs, labels)`` of ``--data``: a mapping with x/y tensors has labels; anything else
-    (a tensor, keyword inputs, a reference data set's batches) is inputs only.
-
-    Example:
-        >>> split_labels({"x": torch.ones(2, 3), "y": torch.tensor([0, 1])})[1]
-        tensor([0, 1])
-    """
-    if isinstance(data, dict):
-        for kx, ky in _LABEL_KEYS:
-            if isinstance(data.get(kx), torch.Tensor) and isinstance(data.get(ky), torch.Tensor):
-                return data[kx], data[ky]
-    return data, None
 
 
 def check_inputs(loaded: LoadedModel, batch: Any, option: str = "--data") -> None:

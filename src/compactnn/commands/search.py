@@ -10,12 +10,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from compactnn.commands._common import add_model_args, human_bytes, load_model, model_words
+from compactnn.commands._common import (
+    add_model_args,
+    calib_inputs,
+    human_bytes,
+    load_model,
+    model_words,
+)
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, foreign_entries
 from compactnn.export.fs import atomic_write
 from compactnn.mixed_precision import Budget, search
-from compactnn.model_io import resolve_data
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             loaded.model,
             formats=args.formats,
             budget=budget,
-            calib_data=resolve_data(args.data, loaded),
+            calib_data=calib_inputs(args.data, loaded),
             eval_fn=eval_fn,
             max_drop=args.max_drop,
             measure=args.measure,
