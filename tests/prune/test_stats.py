@@ -87,7 +87,8 @@ def test_compress_command_prints_counts_and_ignore_mistakes_are_one_line(
     params, macs = count_params(p), 16 * hand_macs(8, c2)
     assert params == 8 * 3 * 9 + 8 + c2 * 8 * 9 + c2 + c2 * 4 + 4 < 1000
     assert macs == count_macs(p, X) < 1e6
-    want = f"pruning (channel): params 1.5k -> {params}, MACs 1.4M -> {macs / 1e3:.1f}k\n"
+    want = f"pruning (channel): params 1.5k -> {params}, MACs 1.4M -> {macs / 1e3:.1f}k"
+    want += " (whole first calibration batch)\n"
     assert want in printed
     rc = main([*args, "--recipe", "nm2:4", "--out", str(tmp_path / "b"), "--ignore", "conv1"])
     err = capsys.readouterr().err

@@ -85,8 +85,9 @@ def pruning_lines(pruning: dict) -> list[str]:
 
     Example:
         >>> counts = {"before": 1_200_000, "after": 800_000}
-        >>> pruning_lines({"channel": {"params": counts, "nonzero": counts, "macs": counts}})
-        ['  pruning (channel): params 1.2M -> 800.0k, MACs 1.2M -> 800.0k']
+        >>> stats = {"params": counts, "nonzero": counts, "macs": counts}
+        >>> pruning_lines({"channel": stats})[0].endswith("800.0k (whole first calibration batch)")
+        True
     """
     lines = []
     for method, stats in pruning.items():
@@ -98,6 +99,7 @@ def pruning_lines(pruning: dict) -> list[str]:
         if nz["after"] != p["after"]:  # unstructured: same tensors, fewer non-zeros
             line += f" ({human_count(nz['after'])} non-zero)"
         line += f", MACs {human_count(macs['before'])} -> {human_count(macs['after'])}"
+        line += " (whole first calibration batch)"  # prune.stats.model_counts: not per sample
         lines.append(line)
     return lines
 
