@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import compactnn
 from compactnn.commands import export as export_cmd
@@ -99,3 +100,33 @@ def test_each_format_gets_its_options(artifacts, tmp_path, monkeypatch):
     assert ids.shape == (1, 16) and int(ids.max()) < 128  # the tiny Llama's vocabulary
     assert "tokenizer" not in seen["compressed-tensors"]  # none with save_pretrained here
     assert seen["gguf"] == {"requantize": False, "tokenizer": None}
+
+
+FACTORY = """
+import torch
+from torch import nn
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+"""
+
+
+def test_own_cnn_artifacts_are_pointed_to_model_and_to_deploy_onnx(tmp_path, monkeypatch, capsys):
+    (tmp_path / "export_cnn_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import export_cnn_factory
+
+    model = export_cnn_factory.make().eval()
+    save_file(model.state_dict(), "w.safetensors")
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    compactnn.save(compactnn.compress(model, "w8", calib_data=x, progress=False), "art")
+    with pytest.raises(CompactnnError, match="--model MODULE:FUNCTION") as err:
+        _run("art", "--list")
+    assert "load(path, model" not in str(err.value)  # the CLI's words, not the Python call's
+    own = ("--model", "export_cnn_factory:make", "--weights", "w.safetensors")
+    assert _run("art", "--list", *own) == 0
+    onnx = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("onnx"))
+    assert "compactnn deploy art --model ... --onnx FILE" in onnx
+    with pytest.raises(CompactnnError, match="--onnx FILE"):
+        _run("art", "--format", "onnx", "--out", "m.onnx", *own)

@@ -70,6 +70,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
             header, args.model, weights=args.weights, trust_pickle=args.trust_pickle
         )
         return compactnn.load(args.artifact, model=loaded.model), source, loaded.example
+    if not header.get("extra", {}).get("hf"):  # the user's own model: only they can build it
+        raise CompactnnError(
+            f"{args.artifact!r} was compressed from your own model: pass it as for "
+            "`compactnn eval`, with --model MODULE:FUNCTION --weights FILE (or --model FILE)."
+        )
     return compactnn.load(args.artifact), source, None  # a Hugging Face skeleton
 
 
@@ -104,12 +109,26 @@ def _example(qmodel: Any, example: Any) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def list_formats(qmodel: Any) -> list[str]:
+def _cnn_onnx(artifact: str) -> str:
+    """Where a model that is not a Hugging Face transformer gets its ONNX file."""
+    return (
+        f"this is not a Hugging Face transformer; for other models `compactnn deploy {artifact} "
+        "--model ... --onnx FILE` writes a verified int8 (QDQ) ONNX file"
+    )
+
+
+def list_formats(qmodel: Any, artifact: str = "ARTIFACT") -> list[str]:
     """One line per format: ``exact`` or the reason it is not."""
     lines = []
     for name, reason in formats.capabilities(qmodel).items():
+        if name == "onnx" and reason is not None and not _is_hf(qmodel):
+            reason = _cnn_onnx(artifact)
         lines.append(f"  {name:<20}{'exact' if reason is None else 'no: ' + reason}")
     return lines
+
+
+def _is_hf(qmodel: Any) -> bool:
+    return hasattr(getattr(qmodel, "config", None), "model_type")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,8 +144,10 @@ def run(args: argparse.Namespace) -> int:
     qmodel, source, example = _load(args)
     if args.list:
         print(f"{args.artifact} can go to:")
-        print("\n".join(list_formats(qmodel)))
+        print("\n".join(list_formats(qmodel, args.artifact)))
         return 0
+    if args.format == "onnx" and not _is_hf(qmodel):
+        raise CompactnnError(f"--format onnx: {_cnn_onnx(args.artifact)}.")
     opts: dict[str, Any] = {"requantize": args.requantize}
     tokenizer = _tokenizer(args, source)
     if args.format == "gguf":
