@@ -202,3 +202,13 @@ def test_binary_recipe_min_steps_trains_more_epochs_unless_epochs_are_given(tiny
     assert acc == pytest.approx(hist["eval_top1"][-1], abs=1e-3)  # recalibrated, then scored
     q2 = compactnn.train(model, hot, data, epochs=2, progress=False)
     assert compactnn.info_of(q2)["extra"]["training"]["steps"] == 8  # explicit epochs win
+
+
+def test_a_non_finite_training_loss_stops_with_the_batch_and_a_hint(tiny):
+    model, (x, y), _ = tiny
+    x, y = torch.cat([x, x]), torch.cat([y, y])
+    x[-1, 0, 0, 0] = float("nan")  # past the 256 samples that calibrate
+    with pytest.raises(
+        CompactnnError, match=r"training loss is nan at epoch 1, batch \d+.*NaN or Inf"
+    ):
+        compactnn.train(model, "w4a4-lsq", (x, y), epochs=1, progress=False, seed=0)

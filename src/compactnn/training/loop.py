@@ -198,12 +198,15 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
         x, y = distributed.shard(env, x, y)  # this rank's slice of the global batch
         logits = forward(x)
         loss = loss_fn(logits, x, y)
+        value = float(loss.detach())
+        if not math.isfinite(value) or env.active:
+            _check_finite(env, value, r, i, bar)
         r.opt.zero_grad(set_to_none=True)
         loss.backward()
         r.opt.step()
         r.sched.step()
         r.batch, r.step = i + 1, r.step + 1
-        loss_sum += float(loss.detach()) * x.shape[0]
+        loss_sum += value * x.shape[0]
         hits += int((logits.detach().argmax(1) == y).sum())
         seen += x.shape[0]
         bar.update(1)
@@ -217,6 +220,20 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
     r.history["loss"].append(loss_sum / max(seen, 1))
     r.history["train_top1"].append(100.0 * hits / max(seen, 1))
     return True
+
+
+def _check_finite(env: distributed.DistEnv, loss: float, r: _Run, batch: int, bar) -> None:
+    """Stop on a NaN or infinite training loss, before it poisons the weights."""
+    bad = not math.isfinite(loss)
+    if env.active:  # every rank stops together, not only the one that saw it
+        bad = distributed.sum_over_ranks(env, [float(bad)])[0] > 0
+    if bad:
+        bar.close()
+        raise CompactnnError(
+            f"training loss is {loss} at epoch {r.epoch + 1}, batch {batch} (step {r.step + 1}): "
+            "check the training data for NaN or Inf values (torch.isfinite(x).all()), "
+            "or lower the learning rate if the data is finite."
+        )
 
 
 def _checkpoint(env: distributed.DistEnv, directory: str | None, r: _Run) -> None:
