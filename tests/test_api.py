@@ -202,3 +202,17 @@ def test_no_float_bytes_warning_when_the_weights_are_quantized():
 def test_argument_types_are_checked(kwargs, match):
     with pytest.raises(CompactnnError, match=match):
         compactnn.compress(nn.Linear(4, 2), "w8", **kwargs)
+
+
+def test_a_recipe_whose_target_names_match_nothing_is_refused_with_close_names(tmp_path):
+    m = nn.Sequential()
+    m.add_module("stem", nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+    m.add_module("head", nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 3)))
+    path = tmp_path / "r.yaml"
+    path.write_text("steps: [{method: rtn, targets: {names: [stemm]}}]\n")
+    with pytest.raises(CompactnnError, match=r"targets.names: 'stemm' matches no module.*stem"):
+        compactnn.compress(m, str(path), progress=False)
+    path.write_text("steps: [{method: rtn, targets: {names: ['stem.*']}}]\n")
+    with pytest.warns(UserWarning, match="stay in float"):  # a matching pattern is fine
+        q = compactnn.compress(m, str(path), progress=False)
+    assert isinstance(q.stem[0], QuantConv2d) and type(q.head[1]) is nn.Linear

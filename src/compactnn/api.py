@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import fnmatch
 import numbers
 import os
 import warnings
@@ -26,7 +24,14 @@ from compactnn.core.calib import (
     to_dtype,
 )
 from compactnn.core.context import CompressContext
-from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, select_modules, weight_layers
+from compactnn.core.modules import (
+    check_patterns,
+    check_target_names,
+    conv1d_to_linear,
+    is_hf_conv1d,
+    select_modules,
+    weight_layers,
+)
 from compactnn.core.qlayers import ActQuantizer, has_integer_weight
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import info_of, load, save
@@ -130,7 +135,9 @@ def _compress(
 ) -> nn.Module:
     """The body of :func:`compress` once the model is checked (streaming calls it on a
     skeleton whose blocks are loaded one at a time)."""
-    recipe = with_ignored(resolve_recipe(recipe), model, ignore)
+    recipe = resolve_recipe(recipe)
+    check_target_names(model, recipe)
+    recipe = with_ignored(recipe, model, ignore)
     torch.manual_seed(seed)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
@@ -212,17 +219,7 @@ def with_ignored(recipe: Recipe, model: nn.Module, ignore: Sequence[str]) -> Rec
         )
     if not ignore:
         return recipe
-    names = [n for n, _ in model.named_modules() if n]
-    for pattern in ignore:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            close = (
-                difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
-                or [n for n, _ in weight_layers(model).items()][:5]
-            )
-            raise CompactnnError(
-                f"ignore: {pattern!r} matches no module of the model; close names: "
-                f"{', '.join(close) or '(none)'} (module names as in model.named_modules())."
-            )
+    check_patterns(model, ignore, "ignore")
     extra = tuple(p for pattern in ignore for p in (pattern, f"{pattern}.*"))
     steps = [
         Step(s.method, s.config, dataclasses.replace(s.targets, ignore=s.targets.ignore + extra))

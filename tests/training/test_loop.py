@@ -212,3 +212,11 @@ def test_a_non_finite_training_loss_stops_with_the_batch_and_a_hint(tiny):
         CompactnnError, match=r"training loss is nan at epoch 1, batch \d+.*NaN or Inf"
     ):
         compactnn.train(model, "w4a4-lsq", (x, y), epochs=1, progress=False, seed=0)
+
+
+def test_a_recipe_whose_target_names_match_nothing_is_refused(tiny, tmp_path):
+    model, data, _ = tiny
+    path = tmp_path / "r.yaml"
+    path.write_text("steps: [{method: lsq, targets: {names: [nothere]}}]\n")
+    with pytest.raises(CompactnnError, match=r"targets.names: 'nothere' matches no module"):
+        compactnn.train(model, str(path), data, epochs=1, progress=False)

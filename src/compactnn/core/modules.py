@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,30 @@ class Targets:
 def select_modules(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
     """Leaf-most modules of ``model`` that ``targets`` selects, in registration order."""
     return {n: m for n, m in model.named_modules() if n and targets.matches(n, m)}
+
+
+def check_patterns(model: nn.Module, patterns: Iterable[str], key: str) -> None:
+    """Refuse a module name or pattern of ``patterns`` (the recipe's or call's ``key``) that
+    matches no module of ``model``; the message lists the closest module names."""
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = (
+                difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+                or list(weight_layers(model))[:5]
+            )
+            raise CompactnnError(
+                f"{key}: {pattern!r} matches no module of the model; close names: "
+                f"{', '.join(close) or '(none)'} (module names as in model.named_modules())."
+            )
+
+
+def check_target_names(model: nn.Module, recipe: Any) -> None:
+    """Refuse a recipe step whose ``targets.names`` pattern matches no module of ``model``
+    (the step would silently leave the model in float)."""
+    for step in recipe.steps:
+        if step.targets.names != ("*",):
+            check_patterns(model, step.targets.names, "targets.names")
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from compactnn.core.modules import check_target_names
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
 from compactnn.engines.binary import recalibrate_norms
@@ -401,6 +402,7 @@ def train(
         >>> compactnn.save(qmodel, "out/")                               # doctest: +SKIP
     """
     recipe = resolve_recipe(recipe)
+    check_target_names(model, recipe)
     cfg = qat_step(recipe).config
     epochs_given = epochs
     epochs = cfg.epochs if epochs is None else epochs
