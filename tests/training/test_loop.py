@@ -220,3 +220,10 @@ def test_a_recipe_whose_target_names_match_nothing_is_refused(tiny, tmp_path):
     path.write_text("steps: [{method: lsq, targets: {names: [nothere]}}]\n")
     with pytest.raises(CompactnnError, match=r"targets.names: 'nothere' matches no module"):
         compactnn.train(model, str(path), data, epochs=1, progress=False)
+
+
+def test_training_data_of_the_wrong_shape_names_it_and_the_expected_input():
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    wrong = torch.randn(8, 1, 28, 28)
+    with pytest.raises(CompactnnError, match=r"training data does not fit.*\(8, 1, 28, 28\).*64"):
+        compactnn.train(mlp, "w4a4-lsq", (wrong, torch.arange(8) % 4), epochs=1, progress=False)

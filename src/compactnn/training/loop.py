@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from compactnn.core.calib import describe, expected_input_hint
 from compactnn.core.modules import check_target_names
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
@@ -92,8 +93,16 @@ def norm_recalibrator(cfg, data: TrainData, device: torch.device, seed: int):
 
 
 def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad():
-        out = model(x[:2])
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CompactnnError(
+            f"the training data does not fit the model: it holds {describe(x)}, the model "
+            f"expects {expected_input_hint(model)} ({first}). Pass inputs of that shape "
+            "(e.g. a data set of the image size the model was built for)."
+        ) from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise CompactnnError(
             "train() trains classifiers: the model must return logits of shape "
