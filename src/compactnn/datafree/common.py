@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compactnn.core.calib import expected_input_hint
 from compactnn.core.memory import peak_rss_mib
 from compactnn.distill.kd import kd_loss
 from compactnn.errors import CompactnnError
@@ -83,8 +84,16 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
 
 def check_classifier(model: nn.Module, x: torch.Tensor) -> int:
     """Number of classes; refuse a model whose output is not ``(batch, classes)`` logits."""
-    with torch.no_grad():
-        out = model(x)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CompactnnError(
+            f"input_shape={tuple(x.shape[1:])} does not fit the model: it expects "
+            f"{expected_input_hint(model)} ({first}). Pass the per-sample (C, H, W) the model "
+            "was built for (--input-shape C,H,W in the CLI)."
+        ) from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise CompactnnError(
