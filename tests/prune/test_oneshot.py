@@ -66,3 +66,20 @@ def test_needs_calibration_data():
     model, _ = _setup()
     with pytest.raises(CompactnnError, match="calibration data"):
         compactnn.compress(model, "sp50-wanda", progress=False)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_n_m_forms_keep_a_layer_m_does_not_divide_dense_with_a_warning(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)
+    ).eval()
+    x = torch.randn(64, 1, 8, 8)
+    with pytest.warns(UserWarning, match=rf"{method} 2:4: kept dense .*: 0 \(9 inputs\)"):
+        pruned = compactnn.compress(model, f"nm2:4-{method}", calib_data=x, progress=False)
+    assert torch.equal(pruned[0].weight, model[0].weight)
+    assert holds_nm(pruned[2].weight, 2, 4) and holds_nm(pruned[4].weight, 2, 4)
+    with pytest.raises(CompactnnError, match=r"M=4 divides the input size of none .*0 \(10 inputs"):
+        compactnn.compress(
+            nn.Sequential(nn.Linear(10, 8)), f"nm2:4-{method}", calib_data=torch.randn(64, 10)
+        )

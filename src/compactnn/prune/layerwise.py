@@ -19,7 +19,7 @@ from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.hessian import accumulate_hessian, layer_inputs_2d
 from compactnn.core.modules import execution_order
-from compactnn.prune.masks import check_divides, check_nm, check_sparsity
+from compactnn.prune.masks import check_nm, check_sparsity, keep_nm_divisible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +43,17 @@ class OneShotConfig(MethodConfig):
             check_nm(self.n, self.m)
 
 
-def check_layers(layers: dict[str, nn.Module], config: OneShotConfig) -> None:
-    """Fail before any work when an N:M group size does not divide a layer's input size.
+def nm_layers(
+    layers: dict[str, nn.Module], config: OneShotConfig, ctx: CompressContext, method: str
+) -> dict[str, nn.Module]:
+    """``layers`` less those an N:M group size does not divide, which stay dense with a
+    warning naming them, as ``nm<N>:<M>`` does (all of them when the config is unstructured).
 
     Example:
-        >>> check_layers({"fc": nn.Linear(8, 2)}, OneShotConfig(n=2, m=4))
+        >>> list(nm_layers({"fc": nn.Linear(8, 2)}, OneShotConfig(n=2, m=4), None, "wanda"))
+        ['fc']
     """
-    if config.n:
-        for name, layer in layers.items():
-            check_divides(name, layer.weight, config.m)
+    return keep_nm_divisible(layers, config.n, config.m, ctx, method) if config.n else layers
 
 
 def supported(name: str, layer: nn.Module, ctx: CompressContext) -> bool:

@@ -71,6 +71,48 @@ def check_divides(name: str, weight: torch.Tensor, m: int) -> None:
         )
 
 
+def split_divisible(
+    layers: dict[str, nn.Module], m: int
+) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """``(layers whose input size M divides, {name: input size} of the others)``.
+
+    Example:
+        >>> split_divisible({"a": nn.Linear(8, 2), "b": nn.Linear(9, 2)}, 4)[1]
+        {'b': 9}
+    """
+    keep, dense = {}, {}
+    for name, layer in layers.items():
+        k = layer.weight[0].numel()  # in_features, or in_channels/groups * kh * kw
+        if k % m:
+            dense[name] = k
+        else:
+            keep[name] = layer
+    return keep, dense
+
+
+def keep_nm_divisible(
+    layers: dict[str, nn.Module], n: int, m: int, ctx, method: str
+) -> dict[str, nn.Module]:
+    """The layers whose input size ``m`` divides; the others (a first conv with 1x3x3 = 9
+    inputs) stay dense, named in one warning (also in the model's notes). When none is left,
+    a ``CompactnnError``.
+
+    Example:
+        >>> keep_nm_divisible({"a": nn.Linear(8, 2)}, 2, 4, None, "nm")
+        {'a': Linear(in_features=8, out_features=2, bias=True)}
+    """
+    layers, dense = split_divisible(layers, m)
+    if dense:
+        listing = ", ".join(f"{name} ({k} inputs)" for name, k in dense.items())
+        if not layers:
+            raise CompactnnError(
+                f"{method} {n}:{m}: M={m} divides the input size of none of the "
+                f"targeted layers: {listing}; choose an M that divides them."
+            )
+        ctx.warn(f"{method} {n}:{m}: kept dense (input size not divisible by M={m}): {listing}")
+    return layers
+
+
 def prunable_layers(targets: dict[str, nn.Module], ctx=None) -> dict[str, nn.Module]:
     """Targeted layers that own a weight matrix or kernel and are not quantized yet.
 

@@ -22,6 +22,7 @@ from compactnn.prune.masks import (
     bake_masks,
     check_divides,
     check_nm,
+    keep_nm_divisible,
     nm_mask,
     prunable_layers,
 )
@@ -55,25 +56,6 @@ class NMConfig(MethodConfig):
             raise CompactnnError(f"NMConfig.finetune_steps={self.finetune_steps} must be >= 0.")
 
 
-def split_divisible(
-    layers: dict[str, nn.Module], m: int
-) -> tuple[dict[str, nn.Module], dict[str, int]]:
-    """``(layers whose input size M divides, {name: input size} of the others)``.
-
-    Example:
-        >>> split_divisible({"a": nn.Linear(8, 2), "b": nn.Linear(9, 2)}, 4)[1]
-        {'b': 9}
-    """
-    keep, dense = {}, {}
-    for name, layer in layers.items():
-        k = layer.weight[0].numel()  # in_features, or in_channels/groups * kh * kw
-        if k % m:
-            dense[name] = k
-        else:
-            keep[name] = layer
-    return keep, dense
-
-
 def nm_masks(scores: dict[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Tensor]:
     """N:M masks of each layer from its importance scores (checked for divisibility)."""
     out = {}
@@ -99,18 +81,7 @@ def apply_nm(
     dense, with one warning naming them (also in the model's notes); when no targeted layer
     is left, that is an error.
     """
-    layers, dense = split_divisible(prunable_layers(targets, ctx), config.m)
-    if dense:
-        listing = ", ".join(f"{n} ({k} inputs)" for n, k in dense.items())
-        if not layers:
-            raise CompactnnError(
-                f"nm {config.n}:{config.m}: M={config.m} divides the input size of none of the "
-                f"targeted layers: {listing}; choose an M that divides them."
-            )
-        ctx.warn(
-            f"nm {config.n}:{config.m}: kept dense (input size not divisible by "
-            f"M={config.m}): {listing}"
-        )
+    layers = keep_nm_divisible(prunable_layers(targets, ctx), config.n, config.m, ctx, "nm")
     counts = model_counts(model, ctx)  # params and MACs before, for the record
     masks = nm_masks({k: v.weight.detach().abs() for k, v in layers.items()}, config.n, config.m)
     teacher = copy.deepcopy(model) if config.finetune_steps else None

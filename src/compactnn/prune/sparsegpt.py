@@ -21,9 +21,9 @@ from compactnn.core.hessian import drop_dead_inputs, inverse_hessian_factor
 from compactnn.errors import CompactnnError
 from compactnn.prune.layerwise import (
     OneShotConfig,
-    check_layers,
     in_order,
     input_hessian,
+    nm_layers,
     supported,
 )
 from compactnn.prune.masks import prunable_layers
@@ -102,7 +102,7 @@ def apply_sparsegpt(
     """Prune and reconstruct each layer in execution order from its calibration Hessian."""
     ctx.require_calibration("sparsegpt", 64)
     layers = {n: m for n, m in prunable_layers(targets, ctx).items() if supported(n, m, ctx)}
-    check_layers(layers, config)
+    layers = nm_layers(layers, config, ctx, "sparsegpt")
     if not layers:
         raise CompactnnError("sparsegpt: no Linear or Conv2d layer among the step's targets.")
     counts = model_counts(model, ctx)  # params and MACs before, for the record

@@ -18,9 +18,9 @@ from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
 from compactnn.prune.layerwise import (
     OneShotConfig,
-    check_layers,
     in_order,
     input_sq_norms,
+    nm_layers,
     supported,
 )
 from compactnn.prune.masks import apply_masks, nm_mask, prunable_layers
@@ -56,7 +56,7 @@ def apply_wanda(
     """Prune each layer in execution order from its calibration input norms."""
     ctx.require_calibration("wanda", 64)
     layers = {n: m for n, m in prunable_layers(targets, ctx).items() if supported(n, m, ctx)}
-    check_layers(layers, config)
+    layers = nm_layers(layers, config, ctx, "wanda")
     if not layers:
         raise CompactnnError("wanda: no Linear or Conv2d layer among the step's targets.")
     counts = model_counts(model, ctx)  # params and MACs before, for the record
