@@ -1,4 +1,5 @@
 import json
+import shlex
 
 import torch
 from safetensors.torch import save_file
@@ -55,9 +56,16 @@ def test_train_command_writes_a_loadable_artifact(tmp_path, monkeypatch, capsys)
         "--no-progress",
     ]
     assert main(args) == 0
-    assert "trained qat_cli_factory:make with w1a1-bireal for 1 epochs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trained qat_cli_factory:make with w1a1-bireal for 1 epochs" in printed
     q = compactnn.load(out, model=model)
     assert q(x).shape == (96, 3)
+    # the printed eval line names the model, its weights and data, and it runs
+    line = next(t for t in printed.splitlines() if "evaluate it: " in t).split(": ", 1)[1]
+    weights, data = str(tmp_path / "w.safetensors"), str(tmp_path / "data.safetensors")
+    model_words = ["--model", "qat_cli_factory:make", "--weights", weights, "--data", data]
+    assert line == shlex.join(["compactnn", "eval", str(out), *model_words])
+    assert main(shlex.split(line)[1:]) == 0
     assert main(args) == 2  # the artifact exists: refused without --force
 
 

@@ -16,7 +16,7 @@ from compactnn.commands._common import (
     load_model,
     source_record,
 )
-from compactnn.commands.compress import default_out
+from compactnn.commands.compress import default_out, eval_command
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"  training log: {log}")
     print(f"  sha256 digest: {digest}")
-    print(f"  evaluate it: compactnn eval {out}")
+    held_out = argparse.Namespace(**{**vars(args), "data": args.eval_data or args.data})
+    print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
     return 0
 
 
