@@ -85,8 +85,11 @@ def test_training_recipes_validate_their_bits():
         compactnn.resolve_recipe("w4a8-ttq")
     with pytest.raises(CompactnnError, match="binarises"):
         compactnn.resolve_recipe("w2a2-xnor")
-    with pytest.raises(CompactnnError, match="not a training recipe"):
+    with pytest.raises(CompactnnError, match="not a training recipe") as err:
         prepare_qat(torch.nn.Linear(2, 2), "w4a8")
+    for method in ("lsq", "tsq", "elq", "sibnn", "subbit", "lqnets", "bap", "inq"):
+        assert f"{method}," in str(err.value) or f"{method})" in str(err.value)
+    assert "rtn" not in str(err.value) and "gptq" not in str(err.value)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -77,10 +77,18 @@ def qat_step(recipe: Recipe):
     if len(recipe.steps) != 1 or len(steps) != 1:
         raise CompactnnError(
             f"recipe {recipe.name!r} is not a training recipe: it needs exactly one step with "
-            "a training-aware method (ste, dorefa, pact, lsq, twn, ttq, xnor, bireal, "
-            "reactnet, inq), e.g. w2a2-lsq."
+            f"a training-aware method ({', '.join(training_methods())}), e.g. w2a2-lsq."
         )
     return steps[0]
+
+
+def training_methods() -> list[str]:
+    """Names of the registered methods that ``train`` can run, sorted."""
+    return sorted(
+        name
+        for name, entry in registry.METHODS.items()
+        if issubclass(entry.config_cls, QATConfig) and isinstance(entry.handler, QATMethod)
+    )
 
 
 def qat_method(config: QATConfig) -> QATMethod:
