@@ -88,6 +88,21 @@ def test_factory_weights_must_match(tmp_path, monkeypatch):
         resolve_model("mio_factory:make", weights=str(tmp_path / "bad.safetensors"))
 
 
+def test_factory_named_by_a_file_path_says_how_to_name_its_module(tmp_path, monkeypatch):
+    (tmp_path / "mio_path_factory.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Linear(4, 2)\n"
+    )
+    save_file(nn.Linear(4, 2).state_dict(), tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for spec in ("./mio_path_factory.py:make", "sub/mio_path_factory.py:make"):
+        with pytest.raises(CompactnnError, match="mio_path_factory:make"):  # was a TypeError
+            resolve_model(spec, weights="w.safetensors")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert isinstance(
+        resolve_model("mio_path_factory:make", weights="w.safetensors").model, nn.Linear
+    )
+
+
 def test_skeleton_needs_a_recorded_source():
     with pytest.raises(CompactnnError, match="--model"):
         skeleton_for({"extra": {}})

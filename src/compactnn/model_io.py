@@ -239,6 +239,14 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
         raise CompactnnError(
             f"model {spec!r} is a factory: pass its weights with --weights file.safetensors."
         )
+    if not all(part.isidentifier() for part in module_name.split(".")):
+        path = Path(module_name)  # e.g. ./nets.py: a path, not a module name
+        name = path.stem if path.suffix == ".py" and path.stem.isidentifier() else "MODULE"
+        raise CompactnnError(
+            f"model {spec!r}: name the factory's module as Python imports it, e.g. "
+            f"{name}:{attr or 'FUNCTION'} (run from the folder that holds it, or add that "
+            "folder to PYTHONPATH)."
+        )
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # let users name modules in their project
     try:
