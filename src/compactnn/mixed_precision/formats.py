@@ -99,6 +99,13 @@ class Format:
         return layer.weight[0].numel() % self.weight.group_size == 0
 
 
+def is_binary(config: QuantConfig) -> bool:
+    """Whether ``config`` is a binary method's (xnor, bireal, reactnet, sibnn): not a candidate."""
+    from compactnn.engines.binary_weight import BinaryConfig  # local: engines import torch extras
+
+    return isinstance(config, BinaryConfig)
+
+
 def parse_formats(names: list[str] | tuple[str, ...] | str) -> list[Format]:
     """Formats from short names (a list, or one comma-separated string), no duplicates.
 
@@ -109,6 +116,14 @@ def parse_formats(names: list[str] | tuple[str, ...] | str) -> list[Format]:
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     formats = [Format.parse(n) for n in names]
+    binary = [n.strip() for n, f in zip(names, formats, strict=True) if is_binary(f.config)]
+    if binary:
+        raise CompactnnError(
+            f"search formats {binary} are binary: binary blocks are not candidates of a "
+            "search (they need block surgery and training; docs/search.md). Drop them from "
+            "the format list and use integer formats (e.g. w2a8,w4a8,w8a8); train a binary "
+            "model on its own with `compactnn train` (recipe w1a1-xnor etc.)."
+        )
     seen = [f.name for f in formats]
     if len(formats) < 2 or len(set(seen)) != len(seen):
         raise CompactnnError(
