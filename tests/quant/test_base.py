@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.quant.base import QuantConfig
 
 
 class _Unused(nn.Module):
@@ -53,3 +55,20 @@ def test_the_unreached_layer_can_be_excluded_as_the_error_says():
         progress=False,
     )  # fmt: skip
     assert type(q.spare) is nn.Linear and type(q.fc) is not nn.Linear
+
+
+def test_yaml_act_without_granularity_is_per_tensor():
+    from compactnn.recipe import Recipe
+
+    data = {"steps": [{"method": "rtn", "config": {"act": {"bits": 4}}}]}
+    config = Recipe.from_dict(data).steps[0].config
+    assert config.act.granularity == "tensor" and config.act.bits == 4
+    assert config.weight == QuantConfig().weight  # other defaults untouched
+
+
+def test_yaml_act_channel_granularity_is_refused_with_its_path():
+    from compactnn.recipe import Recipe
+
+    data = {"steps": [{"method": "rtn", "config": {"act": {"bits": 4, "granularity": "channel"}}}]}
+    with pytest.raises(CompactnnError, match=r"steps\[0\]\.config\.act\.granularity"):
+        Recipe.from_dict(data)

@@ -7,6 +7,7 @@ these steps (:func:`compactnn.engines.layerwise.quantize_layers` is the plain la
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import nn
 
@@ -63,6 +64,28 @@ class QuantConfig(MethodConfig):
             raise CompactnnError("activation quantization is per-tensor: set granularity='tensor'.")
         if self.first_last_bits is not None and not 1 <= self.first_last_bits <= 8:
             raise CompactnnError(f"first_last_bits={self.first_last_bits} must be 1..8 or None.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str | None = None) -> QuantConfig:
+        """The config from a YAML/JSON mapping; an ``act`` mapping without ``granularity`` is
+        per-tensor (the only activation granularity), an explicit other one is refused here,
+        with its field path.
+
+        Example:
+            >>> QuantConfig.from_dict({"act": {"bits": 4}}).act.granularity
+            'tensor'
+        """
+        where = where or cls.__name__
+        act = data.get("act") if isinstance(data, dict) else None
+        if isinstance(act, dict):
+            granularity = act.get("granularity", "tensor")
+            if isinstance(granularity, str) and granularity != "tensor":
+                raise CompactnnError(
+                    f"{where}.act.granularity={granularity!r}: activation quantization is "
+                    "per-tensor; set granularity: tensor (or leave it out)."
+                )
+            data = {**data, "act": {**act, "granularity": granularity}}
+        return super().from_dict(data, where)
 
     @classmethod
     def from_short(
