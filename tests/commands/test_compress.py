@@ -103,3 +103,20 @@ def test_labelled_data_calibrates_on_x_and_the_eval_line_names_the_model(
     assert_one_error_line(
         capsys, ["compress", "labelnet:make", "--weights", ".", "-r", "w8"], "is a folder"
     )
+
+
+def test_pruned_layers_names_sparsity_and_removed_channels():
+    from torch import nn
+
+    from compactnn.commands.compress import pruned_layers
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    extra = {
+        "pruning": {"wanda": {"1": 0.5, "params": {"before": 1, "after": 1}}},
+        "resized": {"0": {"kind": "Linear", "in_features": 4, "out_features": 6}},
+    }
+    assert pruned_layers(extra, model) == {
+        "1": "50% of weights zero",
+        "0": "2 of 8 output channels removed",
+    }
+    assert pruned_layers({}, model) == {}

@@ -104,6 +104,35 @@ def pruning_lines(pruning: dict) -> list[str]:
     return lines
 
 
+def pruned_layers(extra: dict, original=None) -> dict[str, str]:
+    """What each pruning step did to each layer it pruned: its sparsity (unstructured, N:M)
+    or its removed output channels (structured, read from the ``resized`` record).
+
+    Example:
+        >>> pruned_layers({"pruning": {"nm": {"fc": 0.5, "params": {}}}})
+        {'fc': '50% of weights zero'}
+    """
+    out: dict[str, str] = {}
+    for stats in extra.get("pruning", {}).values():
+        if isinstance(stats, dict):
+            for name, value in stats.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[name] = f"{value:.0%} of weights zero"
+    modules = dict(original.named_modules()) if original is not None else {}
+    for name, shape in extra.get("resized", {}).items():
+        field = {"Conv1d": "out_channels", "Conv2d": "out_channels", "Linear": "out_features"}
+        key = field.get(shape.get("kind")) if isinstance(shape, dict) else None
+        if key is None or name in out:
+            continue
+        before = getattr(modules.get(name), key, None)
+        after = shape.get(key)
+        if isinstance(before, int) and isinstance(after, int) and after < before:
+            out[name] = f"{before - after} of {before} output channels removed"
+        elif before is None:
+            out[name] = f"{after} output channels kept"
+    return out
+
+
 def data_free(args: argparse.Namespace, loaded) -> object:
     """256 images generated from the model alone (batch-norm statistics inversion)."""
     from compactnn.datafree import generate
@@ -173,9 +202,17 @@ def run(args: argparse.Namespace) -> int:
     info = compactnn.info_of(qmodel)
     quantized = sum(1 for m in qmodel.modules() if hasattr(m, "weight_codes"))
     print(f"compressed {args.model} with {recipe.name} in {seconds:.1f} s")
-    print(f"  quantized layers: {quantized}; kept in float: {len(info['float_layers'])}")
+    pruned = pruned_layers(extra, loaded.model)
+    counts = f"  quantized layers: {quantized}; "
+    counts += f"pruned layers: {len(pruned)}; " if pruned else ""
+    print(counts + f"kept in float: {len(info['float_layers'])}")
     for name, reason in info["float_layers"].items():
+        if name in pruned:  # pruned by the recipe, not quantized: targeted after all
+            reason = f"pruned ({pruned[name]}), weights in float"
         print(f"    {name}: {reason}")
+    for name, what in pruned.items():
+        if name not in info["float_layers"]:
+            print(f"    {name}: pruned ({what})")
     for line in pruning_lines(extra.get("pruning", {})):
         print(line)
     print(
