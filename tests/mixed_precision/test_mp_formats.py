@@ -1,3 +1,6 @@
+"""mixed_precision/formats.py: the format list of a search (named apart from
+tests/export/test_formats.py: pytest needs unique test module names)."""
+
 import pytest
 
 from compactnn.errors import CompactnnError
