@@ -312,6 +312,16 @@ def test_hf_header_rebuilds_allowed_class_without_auto_map():
         )
 
 
+def test_hf_header_asking_for_a_huge_model_is_refused_before_allocating(tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"\0" * 1024)
+    config = _bert_config().to_dict()
+    header = {"extra": {"hf": {"class": "BertModel", "config": config}}}
+    assert type(skeleton_from_header(tmp_path, header)).__name__ == "BertModel"
+    config["vocab_size"] = 10**9  # an 8 G-weight skeleton (32 GB) from a 1 KB artifact
+    with pytest.raises(ArtifactError, match="more than its 1,024 bytes"):
+        skeleton_from_header(tmp_path, header)
+
+
 def test_hf_directory_with_only_pickled_weights_needs_trust(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

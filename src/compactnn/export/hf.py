@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from compactnn.errors import ArtifactError
@@ -68,6 +69,32 @@ def transformers_model_class(name: Any) -> type | None:
     return None
 
 
+# Weights a skeleton may have per byte of its artifact's files: 64 x 8 (1/64 bit per weight, far
+# below any format compactnn writes, 90%-sparse 1-bit layers included). A header edited to ask
+# for a huge model (e.g. vocab_size=1e9: a 256 GB skeleton) is refused before it is allocated.
+MAX_WEIGHTS_PER_BYTE = 512
+
+
+def _check_skeleton_size(root: Path, cls: type, config: Any) -> None:
+    """Refuse a config whose model has far more weights than the artifact could hold; the
+    count comes from a build on the meta device (no memory). A config that does not build
+    there is left to the real build's own error."""
+    try:
+        with torch.device("meta"):
+            weights = sum(p.numel() for p in cls(config).parameters())
+    except Exception:  # the real build reports it
+        return
+    if not root.is_dir():
+        return  # no files to compare with (the artifact's own checks come first)
+    stored = sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+    if weights > MAX_WEIGHTS_PER_BYTE * max(stored, 1):
+        raise ArtifactError(
+            f"artifact {str(root)!r}: its header's config builds a model of {weights:,} "
+            f"weights, more than its {stored:,} bytes of files can hold; the header was edited "
+            "or does not belong to these files. Re-save the artifact."
+        )
+
+
 def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
     """A float model of the saved architecture; needs a saved Hugging Face config.
 
@@ -95,6 +122,7 @@ def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
             f"{name}: pass the float model as load(path, model=...)."
         )
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "trust_remote_code")}
+    _check_skeleton_size(root, cls, cls.config_class.from_dict(settings))
     try:
         return cls(cls.config_class.from_dict(settings))
     except Exception as exc:
