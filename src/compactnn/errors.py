@@ -16,3 +16,9 @@ class ArtifactError(CompactnnError):
 def name_list(names: list[str], limit: int = 5) -> str:
     """The first ``limit`` of ``names`` for a message, with ``", ..."`` when there are more."""
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message (its type's name when empty), at most ``limit``
+    characters: the part of a library's error worth quoting in a one-line message."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, first_line
 
 MODEL_FORMS = (
     "a reference model name ({refs})",
@@ -266,7 +266,7 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied: its first line only
-        first = str(exc).strip().splitlines()[0][:300]
+        first = first_line(exc, 300)
         raise CompactnnError(
             f"the weights in {weights!r} do not fit the model {spec!r} builds: {first}"
         ) from exc

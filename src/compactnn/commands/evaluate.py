@@ -27,7 +27,7 @@ from compactnn.core.calib import (
     describe,
     expected_input_hint,
 )
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, first_line
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.export.fs import atomic_write_text, check_file_path
 from compactnn.export.size import stored_bits
@@ -93,7 +93,7 @@ def check_inputs(loaded: LoadedModel, batch: Any, option: str = "--data") -> Non
         with torch.no_grad():
             call_model(loaded.model.eval(), batch)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         example = loaded.example
         like = (
             f"; its example input has shape {tuple(example.shape)}"

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from compactnn.core.calib import expected_input_hint
 from compactnn.core.memory import peak_rss_mib
 from compactnn.distill.kd import kd_loss
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, first_line
 
 
 @dataclass
@@ -88,7 +88,7 @@ def check_classifier(model: nn.Module, x: torch.Tensor) -> int:
         with torch.no_grad():
             out = model(x)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise CompactnnError(
             f"input_shape={tuple(x.shape[1:])} does not fit the model: it expects "
             f"{expected_input_hint(model)} ({first}). Pass the per-sample (C, H, W) the model "

@@ -39,6 +39,7 @@ from compactnn.core.qlayers import (
 )
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export import replace, validate
+from compactnn.export.fs import writable_folder
 from compactnn.export.reader import (  # re-exported: the artifact API in one place
     artifact_digest,
     load,
@@ -267,20 +268,7 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
                 "Choose an empty or new folder (force=True / --force only replaces an "
                 "existing compactnn artifact)."
             )
-        existing = out
-    else:
-        existing = out.absolute().parent
-        while not os.path.lexists(existing):
-            existing = existing.parent
-        if not existing.is_dir():
-            raise CompactnnError(
-                f"cannot create {str(out)!r}: {str(existing)!r} is not a directory."
-            )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CompactnnError(
-            f"cannot write {str(out)!r}: {str(existing)!r} is not writable; choose another "
-            "output path."
-        )
+    writable_folder(out.absolute(), repr(str(out)))
     return out
 
 

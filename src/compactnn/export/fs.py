@@ -46,19 +46,30 @@ def check_file_path(
         raise CompactnnError(
             f"{what} {str(path)!r} exists; pass force=True (--force) to replace it."
         )
-    existing = out.absolute().parent
+    writable_folder(out.absolute().parent, f"{what} {str(path)!r}")
+    return out
+
+
+def writable_folder(path: Path, label: str) -> Path:
+    """The nearest existing folder on ``path`` (``path`` itself when it exists), where the
+    missing folders below it can be created; ``label`` names the output in the messages.
+
+    Raises:
+        CompactnnError: that nearest existing path is a file, or the folder is not writable.
+    """
+    existing = path
     while not os.path.lexists(existing):
         existing = existing.parent
     if not existing.is_dir():
         raise CompactnnError(
-            f"cannot write {what} {str(path)!r}: {str(existing)!r} in its folder path is a file."
+            f"cannot create {label}: {str(existing)!r} on its path is a file (it is not a "
+            "directory)."
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CompactnnError(
-            f"cannot write {what} {str(path)!r}: {str(existing)!r} is not writable; choose "
-            "another path."
+            f"cannot write {label}: {str(existing)!r} is not writable; choose another path."
         )
-    return out
+    return existing
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compactnn.core.calib import call_model, describe, expected_input_hint, main_output
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, first_line
 from compactnn.training.data import as_train_data, check_labels
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -124,7 +124,7 @@ def _run(model: nn.Module, x: Any, i: int) -> torch.Tensor:
     try:
         return main_output(call_model(model, x))
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc, 300)
         raise CompactnnError(
             f"the model cannot run on evaluation batch {i} ({describe(x)}): {first}. "
             f"Expected input: {expected_input_hint(model)}."

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 import compactnn
+from compactnn.errors import first_line
 
 SIMULATED = "simulated"
 RUNTIME_NAMES = {"onednn": "oneDNN int8", "onnxruntime": "ONNX Runtime int8"}
@@ -52,7 +53,7 @@ def deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module, str, 
         try:
             delivered, runtime = _deliver(kind, model, example)
         except Exception as exc:  # every failure is reported in the row, never hidden
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            first = first_line(exc, 300)
             delivered, runtime = None, f"{type(exc).__name__}: {first}"
     notes = [f"delivery: {w.message}" for w in caught]
     if delivered is None:

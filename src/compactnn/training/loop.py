@@ -21,7 +21,7 @@ from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
 from compactnn.engines.binary import recalibrate_norms
 from compactnn.engines.qat import start_epoch
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, first_line
 from compactnn.recipe import Recipe, resolve_recipe
 from compactnn.training import distributed
 from compactnn.training.checkpoint import load_checkpoint, save_checkpoint
@@ -97,7 +97,7 @@ def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
         with torch.no_grad():
             out = model(x[:2])
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise CompactnnError(
             f"the training data does not fit the model: it holds {describe(x)}, the model "
             f"expects {expected_input_hint(model)} ({first}). Pass inputs of that shape "
