@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -48,3 +50,98 @@ def test_bad_arguments():
     true, cost, allowed = instance()
     with pytest.raises(CompactnnError, match="max_drop"):
         accuracy_search(None, None, true, cost, allowed, baseline=1.0, max_drop=-1)
+
+
+def bisection_reference(solve, cost, n_evals):
+    """Cost of the cheapest allocation a pure bisection finds with ``n_evals`` evaluations
+    when every trial passes: budgets ``hi, (lo + hi) / 2, ...``, repeats not counted."""
+    lo, hi = cost.min(axis=1).sum(), cost.max(axis=1).sum()
+    seen = {}
+    budget = hi
+    for _ in range(64):
+        seen.setdefault(tuple(int(c) for c in solve(budget)), None)
+        if len(seen) == n_evals:
+            break
+        budget = (lo + budget) / 2
+    return min(assignment_total(cost, np.array(choice)) for choice in seen)
+
+
+def counting_search(max_evals, passes, **kwargs):
+    """``accuracy_search`` on :func:`instance` with ``passes(cost) -> bool`` as the evaluation;
+    returns the best allocation's cost (None if none passed), the trials and the calls."""
+    true, cost, allowed = instance()
+    calls = []
+
+    def evaluate(choice):
+        calls.append(tuple(int(c) for c in choice))
+        return 0.0 if passes(assignment_total(cost, choice)) else -1.0
+
+    def solve(b):
+        return allocate(true, {"bytes": cost}, {"bytes": b}, allowed)
+
+    best, trials = accuracy_search(
+        solve,
+        evaluate,
+        true,
+        cost,
+        allowed,
+        baseline=0.0,
+        max_drop=0.5,
+        max_evals=max_evals,
+        **kwargs,
+    )
+    return (None if best is None else assignment_total(cost, best)), trials, calls
+
+
+def test_eval_count_never_exceeds_max_evals():
+    for threshold in range(14, 68, 2):  # from "every trial passes" to "even the top fails"
+        for max_evals in range(1, 11):
+            best, trials, calls = counting_search(max_evals, lambda c, t=threshold: c >= t)
+            assert len(calls) == len(trials) <= max_evals and len(set(calls)) == len(calls)
+            passing = [t.cost for t in trials if t.passed]
+            assert best == (min(passing) if passing else None)
+            if any(t.stage == "repair" for t in trials):  # repair starts from a failure
+                assert any(not t.passed and t.stage == "bisection" for t in trials)
+
+
+def test_all_passing_spends_the_budget_on_bisection():
+    true, cost, allowed = instance()
+
+    def solve(b):
+        return allocate(true, {"bytes": cost}, {"bytes": b}, allowed)
+
+    results = []
+    for max_evals in range(1, 9):
+        best, trials, calls = counting_search(max_evals, lambda c: True)
+        assert len(calls) <= max_evals and all(t.stage == "bisection" for t in trials)
+        assert best <= bisection_reference(solve, cost, max_evals)
+        # no larger than before the fix, when two evaluations were held back for repair
+        assert best <= bisection_reference(solve, cost, max(1, max_evals - 2))
+        results.append(best)
+    assert all(b <= a for a, b in itertools.pairwise(results))  # more evaluations never hurt
+    best4, trials4, _ = counting_search(4, lambda c: True)
+    assert len(trials4) == 4 and best4 < bisection_reference(solve, cost, 2)
+    assert best4 == bisection_reference(solve, cost, 4)
+    # an explicit bisection share also holds back nothing while there is nothing to repair
+    best, trials, _ = counting_search(5, lambda c: True, bisection_evals=1)
+    assert len(trials) == 5 and best == bisection_reference(solve, cost, 5)
+
+
+def test_failure_within_bisection_share_keeps_evaluations_for_repair():
+    # 27 fails on the third evaluation: bisection stops at max_evals - 2 = 4, repair gets 2
+    best, trials, _ = counting_search(6, lambda c: c >= 34)
+    assert [t.stage for t in trials] == ["bisection"] * 4 + ["repair"]
+    assert [t.passed for t in trials] == [True, True, False, False, True]
+    assert best == trials[-1].cost == 37.0
+    # repair that never reaches a passing allocation uses the remaining evaluations, no more
+    best, trials, _ = counting_search(6, lambda c: c >= 26)
+    assert [t.stage for t in trials] == ["bisection"] * 4 + ["repair"] * 2
+    assert best == 27.0 and not any(t.passed for t in trials if t.stage == "repair")
+
+
+def test_late_failure_is_repaired_with_the_evaluations_left():
+    # every trial passes until the fifth, past the bisection share: the one left goes to repair
+    best, trials, _ = counting_search(6, lambda c: c >= 20)
+    assert [t.stage for t in trials] == ["bisection"] * 5 + ["repair"]
+    assert [t.passed for t in trials] == [True] * 4 + [False, True]
+    assert best == 21.0

@@ -112,6 +112,35 @@ def test_accuracy_mode_reports_every_trial():
     assert fidelity(q) >= -1.0
 
 
+def test_accuracy_mode_spends_every_evaluation_when_all_pass(tmp_path):
+    model, calib = tiny_cnn()
+    calls = []
+
+    def always_fine(m):  # every compressed model passes: no repair is ever needed
+        calls.append(m)
+        return 1.0
+
+    def run(max_evals):
+        calls.clear()
+        return search(
+            model,
+            formats=FORMATS,
+            calib_data=calib,
+            eval_fn=always_fine,
+            max_drop=0.5,
+            max_evals=max_evals,
+            progress=False,
+            cache_dir=tmp_path,
+        )
+
+    r4 = run(4)
+    assert len(calls) == 1 + 4 and len(r4.tried) == 4  # the float model, then four trials
+    assert all(t["passed"] and t["stage"] == "bisection" for t in r4.tried)
+    sizes = [t["bytes"] for t in r4.tried]
+    assert sizes == sorted(sizes, reverse=True) and r4.cost["bytes"] == sizes[-1]
+    assert r4.cost["bytes"] <= run(2).cost["bytes"]  # two evaluations, as 4 spent before
+
+
 def test_user_mistakes():
     model, calib = tiny_cnn()
     with pytest.raises(CompactnnError, match="budget"):

@@ -10,6 +10,10 @@ evaluations:
    the layer whose next larger format removes the most sensitivity per extra cost up one
    format, evaluate, repeat until it passes or evaluations run out.
 
+Evaluations are kept back for repair only once a trial below the best passing one has failed:
+repair has nothing to start from before that, so while every trial passes, bisection may spend
+the whole budget.
+
 Every configuration evaluated is returned, passing or not.
 """
 
@@ -76,7 +80,9 @@ def accuracy_search(
         baseline: the float model's quality.
         max_drop: the largest allowed ``baseline - quality``.
         max_evals: full evaluations in all.
-        bisection_evals: of which bisection may use (default: ``max_evals - 2``).
+        bisection_evals: of which bisection may use once a trial cheaper than the best passing
+            one has failed, the rest being kept for repair (default: ``max_evals - 2``, at
+            least 1). While every trial passes, bisection may use all ``max_evals``.
 
     Returns:
         The best passing allocation (None if none passed) and every trial in order.
@@ -103,8 +109,14 @@ def accuracy_search(
     if not top.passed:  # even the largest configuration fails: nothing cheaper will pass
         return None, trials
     best = top
+
+    def failing() -> list[Trial]:  # where repair would start from
+        return [t for t in trials if not t.passed and t.cost < best.cost]
+
     for _ in range(64):  # budgets are continuous; stop on evaluations, not on width
-        if len(trials) >= min(bisection_evals, max_evals) or hi - lo <= 1e-6 * hi:
+        # keep evaluations back for repair only once there is something to repair
+        limit = min(bisection_evals, max_evals) if failing() else max_evals
+        if len(trials) >= limit or hi - lo <= 1e-6 * hi:
             break
         mid = (lo + hi) / 2
         t = trial(solve(mid), "bisection")
@@ -113,9 +125,8 @@ def accuracy_search(
             hi = mid
         else:
             lo = mid
-    failing = [t for t in trials if not t.passed and t.cost < best.cost]
-    if failing:
-        current = np.array(max(failing, key=lambda t: t.cost).choice)
+    if failing():
+        current = np.array(max(failing(), key=lambda t: t.cost).choice)
         while len(trials) < max_evals:
             current = _upgrade(current, scores, cost, allowed)
             if current is None:
