@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import compactnn
-from compactnn.deployment import direct
-from compactnn.deployment.direct import depthwise_call, depthwise_fits
+from compactnn.deployment import depthwise
+from compactnn.deployment.depthwise import depthwise_call, depthwise_fits
 from compactnn.deployment.onednn import Int8Conv2d
 from compactnn.deployment.runner import plan_runner
 from compactnn.kernels import bitconv
@@ -74,15 +74,15 @@ def test_large_calls_stay_on_onednn_in_the_float_form(monkeypatch):
         return m(q)
 
     x = torch.randint(0, 256, (2, 16, 9, 9), dtype=torch.uint8)
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 2 * 16 * (81 + 81))
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES", 2 * 16 * (81 + 81))
     assert torch.equal(depthwise_call(m, onednn)(x), m(x)) and calls == []
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 2 * 16 * (81 + 81) - 1)
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES", 2 * 16 * (81 + 81) - 1)
     assert torch.equal(depthwise_call(m, onednn)(x), m(x)) and calls == [(2, 16, 9, 9)]
     one = x[:1]  # a single image has a limit of its own
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 0)
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 16 * (81 + 81))
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES", 0)
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES_ONE_IMAGE", 16 * (81 + 81))
     assert torch.equal(depthwise_call(m, onednn)(one), m(one)) and len(calls) == 1
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 16 * (81 + 81) - 1)
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES_ONE_IMAGE", 16 * (81 + 81) - 1)
     assert torch.equal(depthwise_call(m, onednn)(one), m(one)) and calls[1:] == [(1, 16, 9, 9)]
 
 
@@ -92,8 +92,8 @@ def test_the_integer_form_runs_every_call(monkeypatch):
         pytest.skip("this build has no VNNI + VBMI integer form")
     assert ext.dw_integer_form(7, 8, 1) and not ext.dw_integer_form(3, 9, 1)
     m = Int8Conv2d(_qdw(16, 3, 1), (0.05, 3), ("relu", []))
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 0)
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 0)
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES", 0)
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES_ONE_IMAGE", 0)
     fast = depthwise_call(m, lambda q: pytest.fail("the integer form went to oneDNN"))
     x = torch.randint(0, 256, (2, 16, 9, 9), dtype=torch.uint8)
     assert torch.equal(fast(x), m(x))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import compactnn
-from compactnn.deployment import direct
+from compactnn.deployment import depthwise, direct
 from compactnn.deployment.runner import _Codegen, plan_runner
 from compactnn.kernels import bitconv
 
@@ -66,8 +66,8 @@ def test_conv_hardswish_quantize_run_as_one_call():
 def test_large_calls_run_the_three_steps(monkeypatch):
     dep, calib = _deployed()
     monkeypatch.setattr(direct, "plain_macs_limit", lambda: 0)
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES", 0)
-    monkeypatch.setattr(direct, "DEPTHWISE_VALUES_ONE_IMAGE", 0)
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES", 0)
+    monkeypatch.setattr(depthwise, "DEPTHWISE_VALUES_ONE_IMAGE", 0)
     runner = plan_runner(dep.program)
     with torch.no_grad():
         assert torch.equal(runner(calib), dep.program(calib))
@@ -76,7 +76,8 @@ def test_large_calls_run_the_three_steps(monkeypatch):
 def test_fused_hardswish_equals_pytorchs_bit_for_bit():
     """Float outputs of the fused kernels against ``F.hardswish`` of the oneDNN convolution
     (``x * (clamp(x + 3, 0, 6) / 6)``, one of the other orders, differs on ~20% of values)."""
-    from compactnn.deployment.direct import depthwise_call, plain_conv_call
+    from compactnn.deployment.depthwise import depthwise_call
+    from compactnn.deployment.direct import plain_conv_call
     from compactnn.deployment.onednn import Int8Conv2d
 
     torch.manual_seed(1)

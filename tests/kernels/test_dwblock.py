@@ -15,7 +15,7 @@ from torch import nn
 import compactnn
 from compactnn.deployment import quantize_residuals
 from compactnn.deployment import runner as runner_module
-from compactnn.deployment.direct import dw_block_call, dw_block_fits
+from compactnn.deployment.depthwise import dw_block_call, dw_block_fits
 from compactnn.deployment.onednn import Int8Conv2d
 from compactnn.deployment.runner import plan_runner
 from compactnn.kernels import bitconv

@@ -3,10 +3,11 @@ direct kernels, same process, side by side.
 
 Each model is compressed with ``w8a8``, deployed on the ``onednn`` backend at each batch,
 and its runner is built twice: as ``deploy`` builds it (``new``: the direct kernels of
-``deployment/direct.py`` where they fit: the one-input-channel first layer, small plain
-convolutions with or without a residual sum, depthwise convolutions, a convolution with its
-Hardswish and quantization, linear layers) and with those turned off (``old``: oneDNN for
-every convolution and linear layer; the head's and the codes' kernels run in both).
+``deployment/direct.py``, ``depthwise.py`` and ``hardswish.py`` where they fit: the
+one-input-channel first layer, small plain convolutions with or without a residual sum,
+depthwise convolutions, a convolution with its Hardswish and quantization, linear layers)
+and with those turned off (``old``: oneDNN for every convolution and linear layer; the
+head's and the codes' kernels run in both).
 Both are timed in rotating rounds of blocks (CPU ms per call, median) by
 :func:`compactnn.bench.demo_rows.direct_kernels_ab`, which also checks that their outputs are
 bit-identical.

@@ -17,12 +17,9 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from compactnn.deployment.direct import (
-    dw_block_fits,
-    hardswish_fits,
-    small_conv_fits,
-    squeeze_fits,
-)
+from compactnn.deployment.depthwise import dw_block_fits
+from compactnn.deployment.direct import small_conv_fits, squeeze_fits
+from compactnn.deployment.hardswish import hardswish_fits
 from compactnn.deployment.lowbit import QuantizeGrid
 from compactnn.deployment.onednn import Int8Conv2d, Quantize
 from compactnn.kernels import bitconv
@@ -89,7 +86,7 @@ def dw_block_chain(
     """``(expand, node, project)`` when depthwise convolution ``node`` runs as one pass with the
     1x1 convolution whose codes are its only input (``expand``, used by nothing else) and the
     one that is its only user (``project``), either None where there is none
-    (:func:`~compactnn.deployment.direct.dw_block_fits`); None when neither exists."""
+    (:func:`~compactnn.deployment.depthwise.dw_block_fits`); None when neither exists."""
     dw = _only_conv(gm, node)
     if dw is None or len(node.args) != 1 or not bitconv.available():
         return None

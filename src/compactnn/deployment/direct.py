@@ -3,10 +3,12 @@
 Each ``*_call(module)`` returns a closure with every constant argument bound that computes the
 lowered module's output on one of the extension's kernels (``kernels/csrc``): the
 one-input-channel first convolution (``small_conv``), TTQ's two-term convolution
-(``term_conv``) and one-term plain and linear layers on it, depthwise convolutions
-(``dw_conv``), a small head's int8 linear layer (``small_linear``) and a whole
-squeeze-excitation block (``SqueezePlan``); the cheap operations on codes (quantize, pool,
-gate, max-pool) are in :mod:`compactnn.deployment.codes`. Every one gives the outputs of
+(``term_conv``) and one-term plain and linear layers on it (1x1 convolutions on its
+``pointwise`` tiles), a small head's int8 linear layer (``small_linear``) and a whole
+squeeze-excitation block (``SqueezePlan``); depthwise convolutions and whole inverted-residual
+blocks are in :mod:`compactnn.deployment.depthwise`, a layer fused with its Hardswish in
+:mod:`compactnn.deployment.hardswish`, the cheap operations on codes (quantize, pool, gate,
+max-pool) in :mod:`compactnn.deployment.codes`. Every one gives the outputs of
 the module it replaces, bit for bit (the tests beside each kernel); the runner's module
 docstring says why each exists and what it measured. ``*_fits`` say whether a module can run
 on one; the runner chooses.
@@ -119,7 +121,7 @@ def term_conv_fits(m: nn.Module) -> bool:
     return bitconv.available() and bitconv.load_extension().has_vnni()
 
 
-def _out_args(out, unary) -> tuple[float, int, float, float]:
+def out_args(out, unary) -> tuple[float, int, float, float]:
     """``(out_scale, out_zero, lo, hi)`` of the direct kernels: codes clamped to the bounds
     that apply ``unary`` and the grid, or (scale 0) a float output clamped by ``unary``."""
     if out is None:  # float output: the ReLU / Hardtanh as a clamp
@@ -142,7 +144,7 @@ def term_conv_call(m: SplitConv2d) -> Callable[[torch.Tensor], torch.Tensor]:
     kh, kw = k.w_int8.shape[2:]
     args = (
         int(zx), packed, corr, mult, bias, 2, kh, kw, list(k.stride), list(k.padding),
-        list(k.dilation), *_out_args(m.out, m.unary), float(sx),
+        list(k.dilation), *out_args(m.out, m.unary), float(sx),
     )  # fmt: skip
 
     def conv(q: torch.Tensor) -> torch.Tensor:
@@ -219,7 +221,7 @@ def plain_conv_fits(m: nn.Module) -> bool:
 def term_conv_plan(m: Int8Conv2d | Int8Linear, hardswish: tuple | None = None) -> Any:
     """The extension's ``TermConvPlan`` of plain int8 convolution ``m`` (one term; see
     :func:`plain_conv_fits`) or of linear layer ``m`` as a 1x1 convolution: its packed weight,
-    scales, geometry and output grid bound once. ``hardswish``: see :func:`hardswish_call`."""
+    scales, geometry and output grid bound once. ``hardswish``: see ``hardswish.hardswish_call``."""
     ext = bitconv.load_extension()
     sx, zx = m.x_qp
     if isinstance(m, Int8Linear):  # (out, in) -> (out, in, 1, 1), stride 1, no padding
@@ -231,9 +233,9 @@ def term_conv_plan(m: Int8Conv2d | Int8Linear, hardswish: tuple | None = None) -
     bias = None if m.bias is None else m.bias.float().contiguous()
     _, _, kh, kw = w.shape
     unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    out = _out_args(m.out, unary)  # with a residual the kernel clamps after the sum
+    out = out_args(m.out, unary)  # with a residual the kernel clamps after the sum
     if hardswish is not None:
-        out = _hardswish_out(hardswish)
+        out = hardswish_out(hardswish)
     return ext.TermConvPlan(
         int(zx), packed, corr, mult, bias, kh, kw, *geometry, *out, float(sx),
         hardswish is not None,
@@ -248,7 +250,7 @@ def plain_conv_call(
     either way (the same integer dots and oneDNN's float order ``(dot * sx) * w_scale +
     bias``; with a residual, oneDNN's sum post-op ``fma(acc - acc_zero, acc_scale, ...)``,
     then the ReLU; codes ``nearbyint(y * (1 / out_scale) + out_zero)``). ``hardswish``: see
-    :func:`hardswish_call`."""
+    ``hardswish.hardswish_call``."""
     plan = term_conv_plan(m, hardswish)
     o, c, kh, kw = m.w_int8.shape
     per_pixel, limit = o * c * kh * kw, plain_macs_limit()
@@ -287,171 +289,13 @@ def plain_conv_call(
     return conv_sum
 
 
-def depthwise_fits(m: nn.Module) -> bool:
-    """Whether Int8Conv2d ``m`` is a depthwise convolution the direct ``dw_conv`` kernel runs:
-    one channel per group in and out, at most 49 taps, no residual sum, a ReLU / Hardtanh or
-    no post-op, symmetric weights."""
-    if not isinstance(m, Int8Conv2d) or m.accum is not None:
-        return False
-    o, c, kh, kw = m.w_int8.shape
-    if c != 1 or m.groups != o or kh * kw > 49 or m.unary not in ("none", "relu", "hardtanh"):
-        return False
-    return not bool(m.w_zero.any()) and bitconv.available()
-
-
-# Per-call size (input + output values) up to which a depthwise convolution runs on the direct
-# kernel's float form (width dilation, or a build without VNNI and VBMI). Measured per layer on
-# MobileNetV2's and MobileNetV3-Small's depthwise layers, 2 threads, AMD Zen 4 (equal outputs;
-# session 15's row-ring kernel): at batch 1, 38-300 K values 1.7-3.0x oneDNN's 46-71 us a
-# call, 560-800 K values 1.2-1.4x, 0.9-1.5 M values 0.85-0.98x; at batch 8 oneDNN wins from
-# ~0.3 M values (0.61-1.00x up to 12 M). The integer form (``dw_integer_form``: VNNI dots of 4
-# adjacent taps, each input row read once for all channels) runs every call: session 16, same
-# layers, batch 8 1.2-1.8x oneDNN (MobileNetV2's 17 layers 4.1 -> 3.2 ms, MobileNetV3-Small's
-# 11 1.5 -> 1.0 ms), batch 1 2.2x and 3.5x in all.
-DEPTHWISE_VALUES = 320_000
-DEPTHWISE_VALUES_ONE_IMAGE = 850_000  # the float form's limit for a batch of one image
-
-
-def depthwise_plan(m: Int8Conv2d, hardswish: tuple | None = None) -> Any:
-    """The extension's ``DwConvPlan`` of depthwise convolution ``m`` (see
-    :func:`depthwise_fits`): weights padded to 16 channels and packed, grids and geometry bound
-    once. ``hardswish``: see :func:`hardswish_call`."""
-    o, _, kh, kw = m.w_int8.shape
-    cp = -(-o // 16) * 16  # channels padded to a vector of 16, zeros after o
-    w, ws, bias = torch.zeros(kh * kw, cp), torch.zeros(cp), torch.zeros(cp)
-    w[:, :o] = m.w_int8.float().reshape(o, kh * kw).t()
-    ws[:o] = m.w_scale_t.float().reshape(-1)
-    if m.bias is not None:
-        bias[:o] = m.bias.float().reshape(-1)
-    sx, zx = m.x_qp
-    unary = None if m.unary == "none" else (m.unary, list(m.scalars))
-    return bitconv.load_extension().DwConvPlan(
-        float(sx), int(zx), w, ws, bias, kh, kw, list(m.stride), list(m.padding),
-        list(m.dilation), *(_out_args(m.out, unary) if hardswish is None else
-                            _hardswish_out(hardswish)), hardswish is not None,
-    )  # fmt: skip
-
-
-def depthwise_call(
-    m: Int8Conv2d, onednn: Callable[[torch.Tensor], torch.Tensor], hardswish: tuple | None = None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``m.forward`` on the direct kernel: always where its integer form applies
-    (``dw_integer_form``), else for calls of at most :data:`DEPTHWISE_VALUES` (one image:
-    :data:`DEPTHWISE_VALUES_ONE_IMAGE`) and on ``onednn`` (the layer's oneDNN closure) above;
-    the same codes or floats either way (oneDNN's float order on exact integer sums):
-    (N, C, H, W) uint8 codes -> channels-last output.
-    ``hardswish``: see :func:`hardswish_call`."""
-    ext = bitconv.load_extension()
-    plan = depthwise_plan(m, hardswish)
-    _, _, kh, kw = m.w_int8.shape
-    (sh, sw), (ph, pw), (dh, dw) = m.stride, m.padding, m.dilation
-    if ext.dw_integer_form(kh, kw, dw):
-        return plan  # faster than oneDNN at every measured size
-    direct: dict[tuple[int, ...], bool] = {}  # input shape -> whether it runs here
-
-    def small(shape: torch.Size) -> bool:
-        use = direct.get(shape)
-        if use is None:
-            n, c, h, w = shape
-            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            values = n * c * (h * w + oh * ow)
-            use = values <= (DEPTHWISE_VALUES_ONE_IMAGE if n == 1 else DEPTHWISE_VALUES)
-            if len(direct) >= 8:
-                direct.clear()
-            direct[shape] = use  # (a local result: another thread may clear the cache)
-        return use
-
-    def conv(q: torch.Tensor) -> torch.Tensor:
-        return plan(q) if small(q.shape) else onednn(q)
-
-    return conv
-
-
-def _one_by_one(m: nn.Module) -> bool:
-    """Whether ``m`` is an int8 convolution on the 1x1 tiles (:func:`pointwise`)."""
-    return isinstance(m, Int8Conv2d) and pointwise(m) and plain_conv_fits(m)
-
-
-def dw_block_fits(expand: nn.Module | None, dw: nn.Module, project: nn.Module | None) -> bool:
-    """Whether ``project(dw(expand(x)))`` (either 1x1 layer may be None, not both) runs as one
-    ``DwBlockPlan`` (``kernels/csrc/dwblock.cpp``): ``dw`` on the depthwise kernel's integer
-    form, ``expand`` (no residual) and ``project`` (a uint8 residual or none) on the 1x1 tiles
-    (:func:`pointwise`), codes between them on one grid."""
-    if (expand is None and project is None) or not depthwise_fits(dw):
-        return False
-    _, _, kh, kw = dw.w_int8.shape
-    if not bitconv.load_extension().dw_integer_form(kh, kw, dw.dilation[1]):
-        return False
-    if expand is not None:
-        if not _one_by_one(expand) or expand.accum is not None:
-            return False
-        if int(expand.out[1]) != int(dw.x_qp[1]):
-            return False
-    if project is not None:
-        if not _one_by_one(project) or dw.out is None:
-            return False
-        if int(dw.out[1]) != int(project.x_qp[1]):
-            return False
-    return True
-
-
-def dw_block_call(
-    expand: Int8Conv2d | None, dw: Int8Conv2d, project: Int8Conv2d | None
-) -> Callable[..., torch.Tensor]:
-    """``project(dw(expand(x)))`` as one pass (see :func:`dw_block_fits`; with a residual,
-    ``(x, acc)`` as ``project``'s sum takes it): the expansion's 1x1 tiles write each row of
-    its codes straight into the depthwise kernel's ring of input rows, and each depthwise
-    output row goes straight to the projection's tiles, so neither map is stored; the same
-    tiles and dots as the separate calls, so equal codes."""
-    plan = bitconv.load_extension().DwBlockPlan(
-        None if expand is None else term_conv_plan(expand),
-        depthwise_plan(dw),
-        None if project is None else term_conv_plan(project),
-    )
-    if project is None or project.accum is None:
-        return plan
-    a_scale, a_zero = float(project.accum[0]), int(project.accum[1])
-
-    def block_sum(q: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        return plan.sum(q, acc, a_scale, a_zero)
-
-    block_sum.fused = plan.fused  # type: ignore[attr-defined]
-    return block_sum
-
-
-def hardswish_fits(m: nn.Module) -> bool:
-    """Whether convolution or linear layer ``m`` (float output, no post-op or residual) and the
-    Hardswish after it can run as one direct kernel (:func:`plain_conv_fits`,
-    :func:`depthwise_fits` or :func:`plain_linear_fits`)."""
-    if isinstance(m, Int8Linear):
-        return m.out is None and m.unary == "none" and plain_linear_fits(m)
-    if not isinstance(m, Int8Conv2d) or m.out is not None or m.unary != "none":
-        return False
-    return m.accum is None and (plain_conv_fits(m) or depthwise_fits(m))
-
-
-def _hardswish_out(hardswish: tuple) -> tuple[float, int, float, float]:
+def hardswish_out(hardswish: tuple) -> tuple[float, int, float, float]:
+    """``(out_scale, out_zero, lo, hi)`` of a kernel that ends with Hardswish: ``()`` for a
+    float output, else the grid ``(scale, zero, lo, hi)`` of the quantization after it."""
     if hardswish == ():  # float Hardswish output
         return 0.0, 0, -float("inf"), float("inf")
     scale, zero, lo, hi = hardswish
     return float(scale), int(zero), float(lo), float(hi)
-
-
-def hardswish_call(
-    m: Int8Conv2d, quant: nn.Module | None, unfused: Callable[[torch.Tensor], torch.Tensor]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Convolution ``m``, PyTorch's Hardswish ``(y * min(max(y + 3, 0), 6)) / 6`` and, when
-    ``quant`` (a ``Quantize`` / ``QuantizeGrid``) follows, its quantization
-    ``nearbyint(h / s) + z`` in one direct-kernel pass (MobileNetV3: 19 Hardswish layers, each
-    a float pass and a quantization pass); ``unfused`` (the three calls) for large calls. The
-    same floats and codes as the three calls."""
-    grid = () if quant is None else code_grid(quant)
-    if isinstance(m, Int8Linear):  # a classifier's hidden layer (MobileNetV3)
-        return plain_linear_call(m, unfused, hardswish=grid)
-    if plain_conv_fits(m):
-        return plain_conv_call(m, unfused, hardswish=grid)
-    return depthwise_call(m, unfused, hardswish=grid)
 
 
 def plain_linear_fits(m: nn.Module) -> bool:
@@ -475,7 +319,7 @@ def plain_linear_call(
     """``m.forward`` on ``term_conv`` (a 1x1 convolution of (1, in, 1, N)) when a call's work
     is at most :func:`plain_macs_limit`, else ``onednn``; equal outputs either way (oneDNN's
     int8 GEMM scales and requantizes in the convolution's order). ``hardswish``: see
-    :func:`hardswish_call` (``onednn`` is then the separate calls)."""
+    ``hardswish.hardswish_call`` (``onednn`` is then the separate calls)."""
     plan = term_conv_plan(m, hardswish)
     o, k = m.w_int8.shape
     rows = plain_macs_limit() // (o * k)  # rows per call up to which it runs here

@@ -99,11 +99,8 @@ from compactnn.deployment.codes import (
     pool_quantize_call,
     quantize_call,
 )
+from compactnn.deployment.depthwise import depthwise_call, depthwise_fits, dw_block_call
 from compactnn.deployment.direct import (
-    depthwise_call,
-    depthwise_fits,
-    dw_block_call,
-    hardswish_call,
     plain_conv_call,
     plain_conv_fits,
     plain_linear_call,
@@ -116,6 +113,7 @@ from compactnn.deployment.direct import (
     term_conv_call,
     term_conv_fits,
 )
+from compactnn.deployment.hardswish import hardswish_call
 from compactnn.deployment.lowbit import QuantizeGrid
 from compactnn.deployment.onednn import (
     CL,
