@@ -358,3 +358,37 @@ def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice: kept, no re-exec
     monkeypatch.setattr(sys, "argv", ["compactnn", "recipes"])
     assert cli.main() == 0 and len(execs) == 1
+
+
+def _rendered_lines(text: str) -> list[str]:
+    """``text`` as a terminal shows it: a carriage return goes back to the start of the
+    line and later characters overwrite earlier ones."""
+    lines = []
+    for raw in text.split("\n"):
+        shown: list[str] = []
+        col = 0
+        for part in raw.split("\r"):
+            shown[col : col + len(part)] = part  # overwrite from column 0
+            col = 0
+        lines.append("".join(shown).rstrip())
+    return lines
+
+
+@pytest.mark.parametrize("leave", [False, True])
+def test_ctrl_c_during_a_progress_bar_prints_interrupted_on_its_own_line(
+    monkeypatch, capsys, leave
+):
+    from tqdm.auto import tqdm
+
+    from compactnn.commands import recipes
+
+    def run(args):
+        bar = tqdm(total=10, desc="epoch 1/3", leave=leave)  # kept open, as a training loop's
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "run", run)
+    code, _out, err = run_cli(capsys, "recipes")
+    assert code == 130
+    shown = [line for line in _rendered_lines(err) if line]
+    assert shown[-1] == "interrupted", repr(err)  # alone on its line, and nothing after it

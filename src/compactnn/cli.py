@@ -26,6 +26,7 @@ import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from compactnn.commands import COMMANDS  # noqa: E402
+from compactnn.commands._common import close_progress_bars  # noqa: E402
 from compactnn.errors import CompactnnError  # noqa: E402
 from compactnn.measure.timing import ensure_passive_policy  # noqa: E402
 
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        close_progress_bars()  # else "interrupted" lands at the end of the bar's line
         print("interrupted", file=sys.stderr)
         return 130
     finally:

@@ -197,3 +197,60 @@ def test_a_hugging_face_model_is_a_transformer_whatever_its_data(tmp_path):
     ids = torch.randint(0, 16, (2, 8))
     assert _kind(model, ids) == "transformer"  # a single tensor of token ids
     assert _kind(nn.Linear(8, 2), torch.randn(2, 8)) == "cnn"
+
+
+def test_eval_table_keeps_columns_apart_whatever_the_cell_lengths(monkeypatch, capsys):
+    """Each column is as wide as its widest cell: long texts never run into the next one."""
+    import argparse
+    import re
+
+    from compactnn.commands import evaluate as command
+
+    long_latency = "12.3 ms (oneDNN, 2 threads, batch 8, with a long note)"
+    rows = [
+        {
+            "model": "float",
+            "recipe": "float",
+            "runtime": "ONNX Runtime fp32 fused (transformer optimizer)",
+            "metric": "top1",
+            "quality": 98.5,
+            "size_bytes": 397312,
+            "latency_text": long_latency,
+        },
+        {
+            "model": "deployed",
+            "recipe": "w4a4-mse-g32-a-very-long-recipe-name",
+            "runtime": "oneDNN int8 + popcount + more words",
+            "metric": "top1",
+            "quality": 98.4,
+            "size_bytes": 59187,
+            "latency_text": long_latency,
+            "speedup": 1.35,
+        },
+    ]
+    result = {
+        "rows": rows,
+        "notes": [],
+        "stored_bits": {},
+        "batch": 8,
+        "omp_wait_policy": "PASSIVE",
+        "gomp_spincount": "unset",
+        "float_paths": None,
+    }
+    monkeypatch.setattr(command, "evaluate", lambda args: result)
+    args = argparse.Namespace(json=None, quick=True, runs=3, threads=2)
+    assert command.run(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if "runs on" in line)
+    header, table = lines[start], lines[start + 1 : start + 3]
+    names = ["recipe", "runs on", "quality", "size on disk", "x smaller", "latency", "speedup"]
+    assert re.split(r" {2,}", header.strip()) == names
+    for line, row in zip(table, rows, strict=True):
+        cells = re.split(r" {2,}", line)
+        assert cells[0] == row["model"] and cells[1] == row["recipe"]
+        assert cells[2] == row["runtime"] and cells[6] == long_latency
+    assert re.split(r" {2,}", table[1])[7] == "1.35x"
+    # a left-aligned column starts where its header starts, on every row
+    for name, key in (("runs on", "runtime"), ("latency", "latency_text")):
+        assert table[0].index(rows[0][key]) == table[1].index(rows[1][key]) == header.index(name)
+    assert table[1].index("1.35x") == header.index("speedup")

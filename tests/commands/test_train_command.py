@@ -156,3 +156,86 @@ def test_train_command_eval_mistakes_are_one_error_line(tmp_path, monkeypatch, c
     assert len(err.strip().splitlines()) == 1
     assert main(_train_args(tmp_path, tmp_path / "c", "--eval-data", "nope.csv")) == 2
     assert "error: --eval-data nope.csv: unknown training data" in capsys.readouterr().err
+
+
+def _interrupt_after_first_epoch(monkeypatch):
+    """Ctrl-C at the end of epoch 1, after its log record (and checkpoint, if any) is written."""
+    from compactnn.training import loop
+
+    checkpoint = loop._checkpoint
+
+    def interrupted(env, directory, r):
+        checkpoint(env, directory, r)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_checkpoint", interrupted)
+
+
+def test_interrupted_train_leaves_no_log_beside_the_missing_artifact(tmp_path, monkeypatch, capsys):
+    _setup(tmp_path, monkeypatch)
+    _interrupt_after_first_epoch(monkeypatch)
+    out = tmp_path / "out"
+    assert main(_train_args(tmp_path, out)) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+    assert not out.exists()
+    assert not (tmp_path / "out.training.jsonl").exists()
+
+
+def test_interrupted_train_keeps_a_log_the_user_named_and_says_so(tmp_path, monkeypatch, capsys):
+    _setup(tmp_path, monkeypatch)
+    _interrupt_after_first_epoch(monkeypatch)
+    log = tmp_path / "logs" / "run.jsonl"
+    assert main(_train_args(tmp_path, tmp_path / "out", "--log", str(log))) == 130
+    err = capsys.readouterr().err
+    assert f"training log of the interrupted run kept: {log}" in err and "no artifact" in err
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_train_with_a_checkpoint_keeps_the_log_it_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    _setup(tmp_path, monkeypatch)
+    _interrupt_after_first_epoch(monkeypatch)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    args = _train_args(tmp_path, out, "--checkpoint-dir", str(ckpt))
+    assert main(args) == 130
+    log = tmp_path / "out.training.jsonl"
+    err = capsys.readouterr().err
+    assert f"training log kept: {log}" in err and "resume" in err
+    monkeypatch.undo()  # no more interruptions: the rerun resumes and appends to the log
+    _setup(tmp_path, monkeypatch)
+    assert main(args) == 0
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_interrupted_train_leaves_an_earlier_runs_log_alone(tmp_path, monkeypatch, capsys):
+    """A log this run never wrote (Ctrl-C before training) is not removed."""
+    _setup(tmp_path, monkeypatch)
+    log = tmp_path / "out.training.jsonl"
+    log.write_text('{"epoch": 1}\n')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compactnn, "train", interrupted)
+    assert main(_train_args(tmp_path, tmp_path / "out")) == 130
+    assert log.read_text() == '{"epoch": 1}\n'
+
+
+def test_failed_train_removes_its_default_log_and_keeps_a_named_one(tmp_path, monkeypatch, capsys):
+    from compactnn.errors import CompactnnError
+    from compactnn.training import loop
+
+    _setup(tmp_path, monkeypatch)
+
+    def failing(env, directory, r):
+        raise CompactnnError("the loss is not finite")
+
+    monkeypatch.setattr(loop, "_checkpoint", failing)
+    assert main(_train_args(tmp_path, tmp_path / "out")) == 2
+    assert not (tmp_path / "out.training.jsonl").exists()
+    log = tmp_path / "run.jsonl"
+    assert main(_train_args(tmp_path, tmp_path / "out", "--log", str(log))) == 2
+    err = capsys.readouterr().err
+    assert f"training log of the failed run kept: {log}" in err and log.is_file()

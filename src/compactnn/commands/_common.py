@@ -154,3 +154,20 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars an interrupted step left open, innermost first.
+
+    A bar whose loop was interrupted stays open (the traceback keeps it alive) with the
+    cursor after its text; closing it clears its line (``leave=False``) or ends it with a
+    newline, so what is printed next starts a line of its own.
+    """
+    from tqdm import tqdm
+
+    bars = sorted(getattr(tqdm, "_instances", ()), key=lambda bar: -abs(getattr(bar, "pos", 0)))
+    for bar in bars:
+        try:
+            bar.close()
+        except (OSError, ValueError):  # its stream is gone: nothing left to tidy
+            pass

@@ -267,24 +267,63 @@ def run(args: argparse.Namespace) -> int:
     for note in result["notes"]:
         print(note)
     print(f"quality: {base['metric']}")
-    print(
-        f"{'':11}{'recipe':>10}  {'runs on':<22}{'quality':>9}{'size on disk':>14}"
-        f"{'x smaller':>11}  {'latency':<22}speedup"
-    )
-    for row in result["rows"]:
-        quality = fmt_quality(row["metric"], row["quality"])
-        ratio = base["size_bytes"] / row["size_bytes"]
-        speed = "" if row["model"] == "float" else _speedup_text(row)
-        print(
-            f"{row['model']:11}{row['recipe']:>10}  {row['runtime']:<22}{quality:>9}"
-            f"{human_bytes(row['size_bytes']):>14}{ratio:>10.2f}x  {row['latency_text']:<22}"
-            f"{speed}"
-        )
+    for line in text_table(TABLE_COLUMNS, _table_rows(result)):
+        print(line)
     print(_bits_line(result["stored_bits"]))
     print(_conditions(args, result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
     return 0
+
+
+# (header, alignment) per column of the printed table; "<" left, ">" right.
+TABLE_COLUMNS = (
+    ("", "<"),
+    ("recipe", ">"),
+    ("runs on", "<"),
+    ("quality", ">"),
+    ("size on disk", ">"),
+    ("x smaller", ">"),
+    ("latency", "<"),
+    ("speedup", "<"),
+)
+
+
+def text_table(columns: tuple[tuple[str, str], ...], rows: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table: each column as wide as its widest cell (header
+    included), columns two spaces apart, so a long cell never runs into its neighbour.
+
+    Example:
+        >>> text_table((("a", "<"), ("n", ">")), [["long cell", "1"]])
+        ['a          n', 'long cell  1']
+    """
+    header = [name for name, _ in columns]
+    widths = [max(map(len, cells)) for cells in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(
+            f"{cell:{align}{width}}"
+            for cell, (_, align), width in zip(cells, columns, widths, strict=True)
+        ).rstrip()
+        for cells in [header, *rows]
+    ]
+
+
+def _table_rows(result: dict[str, Any]) -> list[list[str]]:
+    """The cells of each row of ``result`` (float first), as :data:`TABLE_COLUMNS` orders them."""
+    base = result["rows"][0]
+    return [
+        [
+            row["model"],
+            str(row["recipe"]),
+            row["runtime"],
+            fmt_quality(row["metric"], row["quality"]),
+            human_bytes(row["size_bytes"]),
+            f"{base['size_bytes'] / row['size_bytes']:.2f}x",
+            row["latency_text"],
+            "" if row["model"] == "float" else _speedup_text(row),
+        ]
+        for row in result["rows"]
+    ]
 
 
 def _bits_line(bits: dict[str, float]) -> str:

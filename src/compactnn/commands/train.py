@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import compactnn
 from compactnn.commands._common import (
     add_model_args,
     check_out,
+    close_progress_bars,
     human_bytes,
     load_model,
     source_record,
@@ -20,6 +24,7 @@ from compactnn.commands.compress import default_out, eval_command
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
+from compactnn.training.checkpoint import checkpoint_path
 from compactnn.training.data import as_eval_data
 from compactnn.training.loop import evaluate_top1, format_epoch
 
@@ -135,28 +140,21 @@ def run(args: argparse.Namespace) -> int:
             "FILE.safetensors (x and y tensors) as well."
         )
     log = log_path(out, args.log)
+    before = _file_state(log)
     t0 = time.perf_counter()
-    qmodel = compactnn.train(
-        loaded.model,
-        recipe,
-        data,
-        epochs=args.epochs,
-        eval_data=eval_data,
-        seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=not args.no_resume,
-        progress=not args.no_progress,
-        log_path=log,
-        keep_best=args.keep_best,
-        device=args.device,
-    )
-    seconds = time.perf_counter() - t0
-    if not _is_rank0():  # under torchrun: rank 0 saves and reports
-        return 0
-    extra = qmodel._compactnn.setdefault("extra", {})
-    extra["source"] = source_record(loaded)
-    extra.update(loaded.extra)
-    digest = compactnn.save(qmodel, out, force=args.force)
+    try:
+        qmodel = _train(args, loaded, recipe, data, eval_data, log)
+        seconds = time.perf_counter() - t0
+        if not _is_rank0():  # under torchrun: rank 0 saves and reports
+            return 0
+        extra = qmodel._compactnn.setdefault("extra", {})
+        extra["source"] = source_record(loaded)
+        extra.update(loaded.extra)
+        digest = compactnn.save(qmodel, out, force=args.force)
+    except BaseException as exc:  # Ctrl-C included: no artifact was written (save is atomic)
+        if _is_rank0():
+            _tidy_log(args, log, before, interrupted=isinstance(exc, KeyboardInterrupt))
+        raise
     hist = extra.get("training", {})
     print(
         f"trained {args.model} with {recipe.name} for {hist.get('epochs')} epochs "
@@ -184,6 +182,57 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args, loaded: LoadedModel, recipe, data, eval_data, log: Path):
+    return compactnn.train(
+        loaded.model,
+        recipe,
+        data,
+        epochs=args.epochs,
+        eval_data=eval_data,
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        log_path=log,
+        keep_best=args.keep_best,
+        device=args.device,
+    )
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """What tells whether a file was written since: its inode, size and modification time
+    (None when there is no file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _tidy_log(args: argparse.Namespace, log: Path, before: Any, interrupted: bool) -> None:
+    """After a run that wrote no artifact, the log it wrote: kept where a checkpoint resumes
+    it or the user named it (``--log``), and said so; else removed, so that no log of epochs
+    stands beside an artifact that does not exist (or an earlier one it does not describe)."""
+    if _file_state(log) in (None, before):
+        return  # this run did not write it (stopped before training began)
+    close_progress_bars()  # our lines start lines of their own
+    run = "interrupted" if interrupted else "failed"
+    if args.checkpoint_dir and checkpoint_path(args.checkpoint_dir).is_file():
+        print(
+            f"training log kept: {log} (the same command resumes from --checkpoint-dir "
+            f"{args.checkpoint_dir} and appends to it)",
+            file=sys.stderr,
+        )
+    elif args.log:
+        print(
+            f"training log of the {run} run kept: {log} (no artifact was written)",
+            file=sys.stderr,
+        )
+    else:
+        with contextlib.suppress(OSError):  # never hide why the run stopped
+            log.unlink()
+
+
 def _print_eval(loaded: LoadedModel, qmodel: Any, eval_data: tuple, hist: dict) -> None:
     """The held-out top-1 of the float model and of the saved one (which epoch, if kept)."""
     x, y = eval_data
@@ -202,4 +251,4 @@ def _is_rank0() -> bool:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return True
+    return os.environ.get("RANK", "0") == "0"  # torchrun's rank, before the group is formed
