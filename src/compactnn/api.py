@@ -248,12 +248,18 @@ def _check_tensors(model: nn.Module) -> None:
             )
 
 
+NOT_TARGETED = "not targeted by the recipe"
+
+
 def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:
-    """Warn once, naming every weight layer that a step targeted but could not quantize."""
+    """Give every float weight layer its reason (the one a step that skipped it recorded,
+    else not targeted), and warn once, naming the layers a step could not quantize."""
     for name, m in weight_layers(model).items():
         if not has_integer_weight(m) and name not in ctx.float_layers:
-            ctx.float_layers.setdefault(name, "not targeted by the recipe")
-    failed = {n: r for n, r in ctx.float_layers.items() if r != "not targeted by the recipe"}
+            ctx.float_layers[name] = ctx.skipped.get(name, NOT_TARGETED)
+    failed = {  # a step that skipped a layer warned with its reason already
+        n: r for n, r in ctx.float_layers.items() if r not in (NOT_TARGETED, ctx.skipped.get(n))
+    }
     if failed:
         listing = "; ".join(f"{n} ({r})" for n, r in failed.items())
         warnings.warn(f"kept in float: {listing}", stacklevel=3)

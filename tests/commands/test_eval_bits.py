@@ -91,3 +91,33 @@ def test_eval_without_data_of_a_factory_model_prints_untimed_rows(project, capsy
     assert main([*args, "--weights", "w.safetensors", "--simulated", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "fp32 (not timed)" in out and "n/a (no input known: pass --data)" in out
+
+
+class _Bag(torch.nn.Module):
+    """A token table (row 0, the padding row, is zero) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(16, 64, padding_idx=0)
+        self.fc = torch.nn.Linear(64, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))  # (B, T, 64) -> (B, 64) -> (B, 8)
+
+
+def test_a_float_table_stored_sparse_is_not_a_compressed_layer(tmp_path):
+    # the table stays float32; only its zero padding row makes the sparse encoding smaller
+    ids = torch.randint(0, 16, (4, 5), generator=torch.Generator().manual_seed(0))
+    q = compactnn.compress(_Bag().eval(), "w4-g32", calib_data=ids, progress=False, ignore=["emb"])
+    compactnn.save(q, tmp_path / "a")
+    header = json.loads((tmp_path / "a" / "compactnn.json").read_text())
+    assert header["sparse"]["emb.weight"]["kind"] == "float"  # what used to be counted
+    # fc, first and last layer: 8-bit codes in groups of 32, one float16 scale per group:
+    #   512 weights -> 512 B + 8 x 2 x 2 B = 544 B = 4,352 bits = 8.5 bits/weight
+    assert stored_bits(tmp_path / "a") == {"fc": 8.5, "total": 8.5}
+    # a float layer the recipe pruned is compressed: its sparse encoding counts
+    p = compactnn.compress(_Bag().eval(), "sp50", calib_data=ids, progress=False)
+    compactnn.save(p, tmp_path / "p")
+    bits = stored_bits(tmp_path / "p")
+    assert set(bits) == {"fc", "total"} and bits["fc"] < 32

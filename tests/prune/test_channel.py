@@ -163,3 +163,17 @@ def test_short_name_builds_the_channel_step():
     assert recipe.steps[0].method == "channel"
     assert recipe.steps[0].config == ChannelConfig(ratio=0.3)
     assert resolve_recipe("ch50-taylor").steps[0].config.importance == "taylor"
+
+
+def test_summary_gives_the_reason_the_step_skipped_the_output_layer():
+    # the head is targeted but kept whole (its channels are the model's outputs): the
+    # summary must say so, not call it untargeted, and not warn about it a second time
+    x = torch.randn(2, 2, 6, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = compactnn.compress(_chain(), "ch30", calib_data=x, progress=False)
+    reason = compactnn.info_of(pruned)["float_layers"]["7"]
+    assert reason == "channel pruning skipped it (its output channels are the model's outputs)"
+    assert [str(w.message) for w in caught if "7 (" in str(w.message)] == [
+        "channel pruning skipped: 7 (its output channels are the model's outputs)"
+    ]

@@ -28,6 +28,8 @@ class CompressContext:
         seed: seed for every stochastic method.
         progress: show progress bars.
         float_layers: weight layers left in float, with the reason (reported).
+        skipped: layers a step targeted but left as they were, with the step's reason (the
+            reason reported for those that end in float; the step has warned already).
         folded_bn: batch-norm modules folded into their convs (needed to load).
         notes: messages for the report (fallbacks, clamps).
     """
@@ -37,6 +39,7 @@ class CompressContext:
     seed: int = 0
     progress: bool = True
     float_layers: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
     folded_bn: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -27,6 +27,7 @@ def theoretical_size(model: nn.Module) -> int:
 _FFN_KEY = "ffn_ranks"  # quant/ffn.py: layer -> rank; stored as quantized ``{layer}.0/.1``
 _SUBBIT_KEY = "subbit_layers"  # quant/subbit.py: ``{layer}.patterns/.indices/.alpha``
 _EMBEDDINGS_KEY = "quant_embeddings"  # export/rebuild.py: quantized embedding tables
+_PRUNING_KEY = "pruning"  # prune/stats.py: method -> {layer: sparsity, ...} of pruned layers
 
 
 def _nbytes(tensors: dict[str, torch.Tensor], keys: list[str]) -> int:
@@ -39,14 +40,29 @@ def _weight_keys(tensors: dict[str, torch.Tensor], name: str) -> list[str]:
     return [k for k in tensors if k.startswith(f"{name}.weight.")]
 
 
+def _pruned(extra: dict) -> set[str]:
+    """Layers a pruning step zeroed: those with a sparsity in ``extra["pruning"]``."""
+    records = extra.get(_PRUNING_KEY)
+    stats = records.values() if isinstance(records, dict) else ()
+    return {
+        name
+        for layers in stats
+        if isinstance(layers, dict)
+        for name, value in layers.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 def stored_units(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
     """``{layer: (weights, stored bytes)}`` of every compressed weight of an artifact.
 
     A quantized layer or embedding table counts its ``weight.*`` tensors (codes or their
     sparse encoding, scales, zero points, codebook levels or basis); an FFN layer both its
     factors over the original layer's weights; a sub-bit layer its patterns, indices and
-    alpha; a float weight stored sparse its index and values. Biases and activation grids
-    are not weights and are left out.
+    alpha; a float weight that a pruning step of the recipe zeroed, stored sparse, its index
+    and values. Every other float weight is left out, even one stored sparse (a token table
+    whose only zeros are its padding row is still a float32 table), and so are biases and
+    activation grids, which are not weights.
     """
     extra, layers = header["extra"], header["layers"]
     units: dict[str, tuple[int, int]] = {}
@@ -66,9 +82,11 @@ def stored_units(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tu
         out = tensors[keys[2]].numel()
         kernels = tensors[keys[1]].numel() * 8 // entry["tau"]  # exact when out * tau >= 8
         units[name] = ((kernels - kernels % out) * 9, _nbytes(tensors, keys))
+    pruned = _pruned(extra)
     for key, entry in header["sparse"].items():
         name = key.removesuffix(".weight")
-        if entry.get("kind") == "float" and key.endswith(".weight") and name not in units:
+        float_weight = entry.get("kind") == "float" and key.endswith(".weight")
+        if float_weight and name in pruned and name not in units:
             keys = [f"{key}.sparse_index", f"{key}.sparse_values"]
             units[name] = (int(entry["numel"]), _nbytes(tensors, keys))
     return units
@@ -79,7 +97,8 @@ def stored_bits(path: str | os.PathLike) -> dict[str, float]:
 
     Reads the verified artifact (:func:`compactnn.export.artifact.read_artifact`) and divides
     the bits of every stored tensor of a compressed weight by its number of weights (see
-    :func:`stored_units`); ``"total"`` is over all of them. Empty for a float artifact.
+    :func:`stored_units`); ``"total"`` is over all of them, the weights kept in float left
+    out. Empty for a float artifact.
 
     Example:
         >>> stored_bits("out/cnn-w2-sketch")["total"]  # doctest: +SKIP

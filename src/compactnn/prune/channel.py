@@ -233,6 +233,7 @@ def apply_channel(
         prune_transformer(model, targets, config, ctx)
     else:
         skipped = remove_channels(model, targets, config, ctx)
+        ctx.skipped.update({n: f"channel pruning skipped it ({r})" for n, r in skipped.items()})
         if skipped:
             ctx.warn(
                 "channel pruning skipped: " + "; ".join(f"{n} ({r})" for n, r in skipped.items())
