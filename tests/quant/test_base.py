@@ -72,3 +72,18 @@ def test_yaml_act_channel_granularity_is_refused_with_its_path():
     data = {"steps": [{"method": "rtn", "config": {"act": {"bits": 4, "granularity": "channel"}}}]}
     with pytest.raises(CompactnnError, match=r"steps\[0\]\.config\.act\.granularity"):
         Recipe.from_dict(data)
+
+
+def test_python_act_without_granularity_is_per_tensor_like_yaml():
+    from compactnn.core.spec import QuantSpec
+    from compactnn.quant.rtn import RTNConfig
+
+    config = RTNConfig(act=QuantSpec(bits=4, symmetric=False))
+    assert config.act.granularity == "tensor" and config.act.bits == 4
+    assert config.act == QuantConfig.from_dict({"act": {"bits": 4, "symmetric": False}}).act
+    # weights keep their own default, per output channel
+    assert RTNConfig(weight=QuantSpec(bits=4)).weight.granularity == "channel"
+    assert QuantSpec(bits=4).granularity == "channel"
+    # an explicit per-channel activation is still refused
+    with pytest.raises(CompactnnError, match="per-tensor"):
+        QuantConfig(act=QuantSpec(bits=4, granularity="channel"))

@@ -144,3 +144,39 @@ def test_edited_table_entry_is_refused(tmp_path):
     hp.write_text(json.dumps(header))
     with pytest.raises(ArtifactError, match="embedding"):
         compactnn.load(tmp_path / "q", model=_model(tied=True))
+
+
+class TwoTowerLM(TinyLM):
+    """An encoder and a decoder table holding the token table's weight (as T5 and BART do)."""
+
+    def __init__(self) -> None:
+        super().__init__(tied=True)
+        self.dec = nn.Embedding(96, 64)
+        self.dec.weight = self.tok.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) + self.head(self.dec(ids))
+
+
+def test_tables_sharing_a_weight_become_one_module_stored_once(tmp_path):
+    torch.manual_seed(0)
+    m = TwoTowerLM().eval()
+    q = _compress(m, "w4-g32")
+    assert q.dec is q.tok and isinstance(q.tok, QuantEmbedding)
+    assert q.head.weight_codes is q.tok.weight_codes
+    compactnn.save(q, tmp_path / "a")
+    stored = load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert not [k for k in stored if k.startswith("dec.")]
+    torch.manual_seed(1)
+    loaded = compactnn.load(tmp_path / "a", model=TwoTowerLM())
+    assert loaded.dec is loaded.tok
+    assert torch.equal(loaded(IDS), q(IDS))
+
+
+def test_ignoring_one_of_tables_sharing_a_weight_keeps_them_all_float():
+    torch.manual_seed(0)
+    q = _compress(TwoTowerLM().eval(), "w4-g32", ignore=["dec"])
+    assert type(q.tok) is nn.Embedding and type(q.dec) is nn.Embedding
+    assert q.dec.weight is q.tok.weight is q.head.weight
+    floats = q._compactnn["float_layers"]
+    assert "dec" in floats["tok"] and "dec" in floats["head"]

@@ -116,6 +116,31 @@ def tied_heads(model: nn.Module) -> dict[str, tuple[str, nn.Linear]]:
     return out
 
 
+def table_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Embedding name -> the other names of ``nn.Embedding`` modules holding the very same
+    weight (T5 and BART: ``shared``, ``encoder.embed_tokens``, ``decoder.embed_tokens``), or
+    of the same module reached by another path; the first name met is the key. Tables with no
+    alias map to an empty list.
+
+    Example:
+        >>> m = nn.ModuleDict({"a": nn.Embedding(4, 2), "b": nn.Embedding(4, 2)})
+        >>> m["b"].weight = m["a"].weight
+        >>> table_aliases(m)
+        {'a': ['b']}
+    """
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if not n or not isinstance(m, nn.Embedding):
+            continue
+        owner = first.setdefault(id(m.weight), n)
+        if owner == n:
+            out[n] = []
+        elif n not in out[owner]:  # a module reached by two paths is an alias as well
+            out[owner].append(n)
+    return out
+
+
 def tie_to_table(head: nn.Linear, table: QuantEmbedding, act_spec: QuantSpec | None) -> QuantLinear:
     """A quantized twin of ``head`` that shares ``table``'s codes, grid and weight.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from compactnn.core.fields import check_keys, field_hints, normalize, normalize_fields
@@ -21,7 +21,9 @@ class QuantSpec:
         bits: integer width, 1..8.
         symmetric: zero point fixed at 0 (signed grid) instead of a learned offset.
         granularity: ``"tensor"``, ``"channel"`` (output channel, dim 0) or ``"group"``
-            (``group_size`` consecutive input elements of each output channel).
+            (``group_size`` consecutive input elements of each output channel). Left out
+            (None), the role's default: ``"channel"`` for a weight, and ``"tensor"`` once a
+            config takes the spec as its activation spec (:meth:`for_activation`).
         group_size: elements per group, only with ``granularity="group"``.
         range_method: ``"minmax"``, ``"percentile"`` or ``"mse"`` (grid search of the clip).
         percentile: upper percentile kept with ``range_method="percentile"``.
@@ -34,7 +36,7 @@ class QuantSpec:
 
     bits: int = 8
     symmetric: bool = True
-    granularity: str = "channel"
+    granularity: str | None = None
     group_size: int | None = None
     range_method: str = "minmax"
     percentile: float = 99.99
@@ -42,6 +44,10 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         normalize_fields(self)  # types first: bits=True or symmetric='false' are refused
+        # Not a field: equality, to_dict and repr see the resolved granularity only.
+        object.__setattr__(self, "_granularity_given", self.granularity is not None)
+        if self.granularity is None:
+            object.__setattr__(self, "granularity", "channel")
         QType(self.bits)  # validates bits
         if self.granularity not in GRANULARITIES:
             raise CompactnnError(
@@ -73,6 +79,17 @@ class QuantSpec:
     def qtype(self) -> QType:
         signed = self.symmetric if self.signed is None else self.signed
         return QType(self.bits, signed=signed)
+
+    def for_activation(self) -> QuantSpec:
+        """This spec as an activation spec: per tensor unless a granularity was given.
+
+        Example:
+            >>> QuantSpec(bits=4).for_activation().granularity
+            'tensor'
+        """
+        # getattr: a spec unpickled from before this flag existed had its granularity given
+        given = getattr(self, "_granularity_given", True)
+        return self if given else replace(self, granularity="tensor")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

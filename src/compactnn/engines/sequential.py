@@ -1,8 +1,10 @@
 """The block-sequential engine: calibrate any Hugging Face transformer block by block.
 
-Finds the model's repeated blocks (the longest ``nn.ModuleList`` of same-class modules
-holding linear layers), captures the first block's inputs with a hook that stops the forward
-pass, then walks the blocks one at a time. Only one block's activations live in memory: the
+Finds the model's repeated blocks (each ``nn.ModuleList`` of same-class modules holding
+linear layers: one stack, or an encoder's and a decoder's), captures the first block's inputs
+with a hook that stops the forward pass, then walks the blocks one at a time. Stacks go in
+the order they run, each captured once the stacks before it are quantized (a decoder's calls
+carry the quantized encoder's states). Only one block's activations live in memory: the
 stream fed through the already-quantized blocks (``q_inps``) and the float stream
 (``fp_inps``) whose block outputs are the tuning targets. Per block:
 
@@ -13,8 +15,8 @@ stream fed through the already-quantized blocks (``q_inps``) and the float strea
 3. ``hooks.after_block`` (e.g. tuning against the float block's outputs);
 4. both streams advance one block.
 
-After the last block, ``hooks.after_stack`` may tune the whole stack. Layers outside the
-blocks (``lm_head``, a pooler) are quantized round-to-nearest afterwards.
+After the last block of a stack, ``hooks.after_stack`` may tune the whole stack. Layers
+outside the stacks (``lm_head``, a pooler) are quantized round-to-nearest afterwards.
 
 Hook interface (:class:`BlockHooks`)::
 
@@ -41,7 +43,7 @@ from compactnn.core.context import CompressContext
 from compactnn.core.gptq_solver import gptq_quantize, weighted_mse_range
 from compactnn.core.hessian import accumulate_hessian
 from compactnn.core.memory import peak_rss_mib
-from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, set_module
+from compactnn.core.modules import conv1d_to_linear, execution_order, is_hf_conv1d, set_module
 from compactnn.core.qlayers import is_quant_layer, make_quant_layer, quantize_layer_rtn
 from compactnn.core.quantize import grouped_view, quantize, scale_zero_from_range
 from compactnn.core.spec import QuantSpec
@@ -163,19 +165,24 @@ class BlockHooks:
     after_stack: Callable[[StackData], dict[str, Any]] | None = None
 
 
+def _is_block_stack(m: nn.Module) -> bool:
+    """An ``nn.ModuleList`` of same-class blocks holding linear layers."""
+    if not isinstance(m, nn.ModuleList) or len(m) < 1:
+        return False
+    has_linear = any(isinstance(x, nn.Linear) or is_hf_conv1d(x) for x in m[0].modules())
+    return len({type(b) for b in m}) == 1 and has_linear
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Name and module of the model's repeated transformer blocks.
+    """Name and module of the model's repeated transformer blocks (the longest stack, the
+    first of equal ones; :func:`find_block_stacks` gives every stack).
 
     Raises:
         CompactnnError: when the model has no ``ModuleList`` of same-class blocks with linears.
     """
     best: tuple[str, nn.ModuleList] | None = None
     for name, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or len(m) < 1:
-            continue
-        kinds = {type(b) for b in m}
-        has_linear = any(isinstance(x, nn.Linear) or is_hf_conv1d(x) for x in m[0].modules())
-        if len(kinds) == 1 and has_linear and (best is None or len(m) > len(best[1])):
+        if _is_block_stack(m) and (best is None or len(m) > len(best[1])):
             best = (name, m)
     if best is None:
         raise CompactnnError(
@@ -183,6 +190,25 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             "layers with linear layers); use a layer-wise method such as rtn."
         )
     return best
+
+
+def find_block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every stack of repeated blocks: :func:`find_blocks`' first, then any other stack
+    neither inside nor around one already found (an encoder-decoder model's decoder), in
+    the order the model defines them.
+
+    Example:
+        >>> [p for p, _ in find_block_stacks(t5)]  # doctest: +SKIP
+        ['encoder.block', 'decoder.block']
+    """
+    main = find_blocks(model)
+    stacks = [main]
+    for name, m in model.named_modules():
+        inside = any(name.startswith(p + ".") or p.startswith(name + ".") for p, _ in stacks)
+        if _is_block_stack(m) and not inside and all(m is not s for _, s in stacks):
+            stacks.append((name, m))
+    names = [n for n, _ in model.named_modules()]
+    return sorted(stacks, key=lambda s: names.index(s[0]))
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, ctx: CompressContext) -> list[Call]:
@@ -385,15 +411,33 @@ def check_group_sizes(layers: dict[str, nn.Module], specs: dict) -> None:
 
 
 def _prepare(model: nn.Module, targets: dict[str, nn.Module], config: QuantConfig, ctx):
-    """Fold, find the blocks, turn GPT-2 ``Conv1D`` into linears, pick layers and specs."""
+    """Fold, find the block stacks, turn GPT-2 ``Conv1D`` into linears, pick layers and
+    specs. The stacks come in the order they run, each holding targeted layers; a streamed
+    run (:func:`block_stream`) walks :func:`find_blocks`' stack only."""
     prepare_model(model, config, ctx)
-    prefix, blocks = find_blocks(model)
-    convs = [n for n, m in model.named_modules() if is_hf_conv1d(m) and n.startswith(prefix)]
+    every, streamed = find_block_stacks(model), _STREAM.get() is not None
+    stacks = [find_blocks(model)] if streamed else every
+    inside = tuple(p + "." for p, _ in stacks)
+    convs = [n for n, m in model.named_modules() if is_hf_conv1d(m) and n.startswith(inside)]
     targets = {**targets, **conv1d_to_linear(model, convs)}
     layers = split_supported(targets, ctx)
     specs = layer_specs(model, layers, config, ctx)
     check_group_sizes(layers, specs)
-    return prefix, blocks, layers, specs
+    targeted = [p for p, _ in every if any(n.startswith(p + ".") for n in layers)]
+    if streamed and (skipped := [p for p in targeted if p != stacks[0][0]]):
+        ctx.warn(
+            f"{type(config).__name__}: a streamed run walks one block stack ({stacks[0][0]}); "
+            f"the targeted layers of {', '.join(skipped)} are rounded to nearest instead."
+        )
+    stacks = [(p, b) for p, b in stacks if p in targeted] or [find_blocks(model)]
+    if len(stacks) > 1 and ctx.batches:  # e.g. the encoder before the decoder it feeds
+        first = execution_order(model, [f"{p}.0" for p, _ in stacks], _run_first_batch(ctx))
+        stacks.sort(key=lambda s: first.index(f"{s[0]}.0"))
+    return stacks, layers, specs
+
+
+def _run_first_batch(ctx: CompressContext) -> Callable[[nn.Module], None]:
+    return lambda model: ctx.run(model, ctx.batches[0])
 
 
 class BlockStream(Protocol):
@@ -477,21 +521,28 @@ def run_sequential(
     Example:
         >>> run_sequential(model, targets, config, ctx, BlockHooks())  # doctest: +SKIP
     """
-    prefix, blocks, layers, specs = _prepare(model, targets, config, ctx)
-    calls = capture_block_inputs(model, blocks[0], ctx)
-    first_inps = [hidden_of(*c) for c in calls] if hooks.after_stack is not None else None
+    stacks, layers, specs = _prepare(model, targets, config, ctx)
     name = type(config).__name__
-    fp_out = _walk_blocks(prefix, blocks, specs, calls, hooks, ctx, f"{name} blocks")
-    record: dict[str, Any] = {}
-    if first_inps is not None:
-        record = hooks.after_stack(StackData(blocks, calls, first_inps, fp_out, ctx.seed))
-    for full, layer in layers.items():  # layers outside the blocks (lm_head, pooler)
-        if not full.startswith(prefix + ".") and not is_quant_layer(model.get_submodule(full)):
+    records: dict[str, dict[str, Any]] = {}
+    for prefix, blocks in stacks:  # an encoder-decoder: the decoder sees the quantized encoder
+        calls = capture_block_inputs(model, blocks[0], ctx)
+        first_inps = [hidden_of(*c) for c in calls] if hooks.after_stack is not None else None
+        desc = f"{name} blocks" + (f" ({prefix})" if len(stacks) > 1 else "")
+        fp_out = _walk_blocks(prefix, blocks, specs, calls, hooks, ctx, desc)
+        records[prefix] = {"blocks": len(blocks)}
+        if first_inps is not None:
+            stack = StackData(blocks, calls, first_inps, fp_out, ctx.seed)
+            records[prefix].update(hooks.after_stack(stack))
+    inside = tuple(p + "." for p, _ in stacks)
+    for full, layer in layers.items():  # layers outside the stacks (lm_head, pooler)
+        if not full.startswith(inside) and not is_quant_layer(model.get_submodule(full)):
             wspec, aspec = specs[full]
             set_module(model, full, quantize_layer_rtn(layer, wspec, aspec))
     calibrate_activations(model, ctx)
-    ctx.extra.setdefault("calibration", {})[name] = {"blocks": len(blocks), **record}
+    nblocks = sum(r["blocks"] for r in records.values())
+    record = next(iter(records.values())) if len(records) == 1 else {"stacks": records}
+    ctx.extra.setdefault("calibration", {})[name] = {**record, "blocks": nblocks}
     peak = round(peak_rss_mib(), 1)  # measured: not saved (artifacts stay reproducible)
     ctx.measured.setdefault("peak_rss_mib", {})[name] = peak
-    ctx.notes.append(f"{name}: peak resident memory {peak} MiB over {len(blocks)} blocks")
+    ctx.notes.append(f"{name}: peak resident memory {peak} MiB over {nblocks} blocks")
     return model

@@ -47,7 +47,7 @@ from compactnn.export.reader import (  # re-exported: the artifact API in one pl
     read_artifact,
     read_header,
 )
-from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, TIED_KEY
+from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, SHARED_KEY, TIED_KEY
 from compactnn.export.sparse import sparsify
 from compactnn.export.validate import FORMAT_VERSION, HEADER
 
@@ -169,6 +169,19 @@ def pack_embeddings(
     return out
 
 
+def shared_modules(model: nn.Module) -> dict[str, str]:
+    """Other name -> first name of each quantized table or layer the model holds under
+    several names (T5's tied token tables: ``encoder.embed_tokens`` -> ``shared``)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name and (is_quant_layer(m) or isinstance(m, QuantEmbedding)):
+            owner = first.setdefault(id(m), name)
+            if owner != name:
+                out[name] = owner
+    return out
+
+
 def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
     """Tensors to write, per-layer header entries, and aliases of tied tensors."""
     tensors, layers, aliases, _ = pack_model(model)
@@ -183,6 +196,11 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
     skip: set[str] = set()
     emb_extra = pack_embeddings(model, tensors, skip)
     tied = emb_extra.get(TIED_KEY, {})
+    if shared := shared_modules(model):  # stored once, under the first name
+        emb_extra[SHARED_KEY] = shared
+        for name in shared:
+            skip.update(f"{name}.{k}" for k in QUANT_KEYS)
+            skip.update(f"{name}.input_quantizer.{k}" for k in ("scale", "zero", "levels"))
     for name, m in model.named_modules():
         if not is_quant_layer(m) or name in tied:
             continue
@@ -277,7 +295,8 @@ def header_body(
 ) -> dict:
     info = info_of(model)
     recipe = info.get("recipe")
-    extra = {k: v for k, v in info.get("extra", {}).items() if k not in (EMBEDDINGS_KEY, TIED_KEY)}
+    packed = (EMBEDDINGS_KEY, TIED_KEY, SHARED_KEY)  # written from the model, not the info
+    extra = {k: v for k, v in info.get("extra", {}).items() if k not in packed}
     body = {
         "format": "compactnn",
         "format_version": FORMAT_VERSION,

@@ -29,7 +29,10 @@ def hf_header(model: nn.Module) -> dict[str, Any] | None:
 
 # Architectures an artifact header may name (the class is also looked up in ``transformers``
 # itself and must subclass ``PreTrainedModel``). The header is not trusted: this list, not
-# the file, decides which model code runs when ``load(path)`` rebuilds a skeleton.
+# the file, decides which model code runs when ``load(path)`` rebuilds a skeleton. It stays a
+# list of text families rather than "whatever AutoModelForSeq2SeqLM / config.architectures
+# maps to": those mappings also hold EncoderDecoderModel (whose sub-configs name any model
+# type, backbones that load weights at build time included) and audio / multimodal models.
 _FAMILIES = {
     "Bert": ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification"),
     "DistilBert": ("Model", "ForMaskedLM", "ForSequenceClassification"),
@@ -52,6 +55,13 @@ _FAMILIES = {
     "Falcon": ("Model", "ForCausalLM"),
     "StableLm": ("Model", "ForCausalLM"),
     "ViT": ("Model", "ForImageClassification"),
+    # encoder-decoder text models: token tables shared by encoder, decoder and LM head
+    "T5": ("Model", "EncoderModel", "ForConditionalGeneration"),
+    "MT5": ("Model", "EncoderModel", "ForConditionalGeneration"),
+    "UMT5": ("Model", "EncoderModel", "ForConditionalGeneration"),
+    "Bart": ("Model", "ForConditionalGeneration"),
+    "MBart": ("Model", "ForConditionalGeneration"),
+    "Marian": ("Model", "MTModel"),
 }
 HF_ARCHITECTURES = frozenset(f + suffix for f, suffixes in _FAMILIES.items() for suffix in suffixes)
 

@@ -33,6 +33,9 @@ QUANT_KEYS = (
 CONV1D_KEY = "conv1d_as_linear"  # GPT-2 Conv1D modules the compressed model holds as Linear
 EMBEDDINGS_KEY = "quant_embeddings"  # table name -> {format, shape, weight_spec}
 TIED_KEY = "tied_heads"  # head name -> {table, act_spec, bias}: reads the table's codes
+# other name -> name of a quantized table or layer the model holds under several names (T5's
+# ``encoder.embed_tokens`` and ``decoder.embed_tokens`` are ``shared``): stored once
+SHARED_KEY = "shared_modules"
 
 
 def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
@@ -63,6 +66,7 @@ def build_model(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]
         validate.fill_codebook_defaults(name, entry, tensors)  # scale/zero a codebook omits
     tables = _check_tables(model, extra.get(EMBEDDINGS_KEY, {}))
     heads = _check_heads(model, extra.get(TIED_KEY, {}), tables)
+    shared = _check_shared(model, extra.get(SHARED_KEY, {}), {**layers, **tables}, heads)
     for name, entry in tables.items():
         specs.update(validate.layer_tensor_specs(name, entry))
     for name, entry in heads.items():  # a tied head stores only its input grid
@@ -98,7 +102,9 @@ def build_model(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]
             s, z = tensors[f"{name}.input.qparams"]
             head.input_quantizer.set_qparams(s, z)
         set_module(model, name, head)
-    quant_names = {*layers, *tables, *heads}
+    for name, owner in shared.items():  # one module under both names, as when saved
+        set_module(model, name, model.get_submodule(owner))
+    quant_names = {*layers, *tables, *heads, *shared}
     state = {k: v for k, v in tensors.items() if k not in specs}
     _load_float_state(model, state, header, quant_names)
     registry.run_artifact_hooks("after_layers", model, extra)  # e.g. per-token act grids
@@ -192,6 +198,25 @@ def _check_heads(model: nn.Module, heads: Any, tables: dict) -> dict[str, dict[s
         # its tensors: only the input grid (codes, scale and zero are the table's)
         out[name] = {**table, "act_spec": entry["act_spec"], "table": entry["table"]}
     return out
+
+
+def _check_shared(model: nn.Module, shared: Any, owners: dict, heads: dict) -> dict[str, str]:
+    """Other names of stored tables and layers: each a skeleton module of its owner's kind
+    and shape, and no stored module itself."""
+    if not isinstance(shared, dict):
+        raise validate.bad(f"extra[{SHARED_KEY!r}]", "must be an object")
+    for name, owner in shared.items():
+        where = f"extra[{SHARED_KEY!r}][{name!r}]"
+        if not isinstance(owner, str) or owner not in owners or name in owners or name in heads:
+            raise validate.bad(where, "must name a stored quantized table or layer")
+        entry, module = owners[owner], _submodule(model, name, "shared module")
+        kind = validate.KINDS.get(entry.get("kind"), nn.Embedding)
+        if not isinstance(module, kind) or list(module.weight.shape) != entry["shape"]:
+            raise ArtifactError(
+                f"{where}: the skeleton's {name!r} is not a {kind.__name__} of shape "
+                f"{entry['shape']}: pass the float model the artifact was made from."
+            )
+    return dict(shared)
 
 
 def _install_quant_layer(layer: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -233,19 +233,25 @@ def swap_kernels(out: nn.Module, config: KernelConfig) -> nn.Module:
     """:func:`to_kernels` on ``out`` itself (changed in place and returned)."""
     dtype = config.dtype
     swapped, simulated = {}, []
-    for name, m in list(out.named_modules()):
+    made: dict[int, nn.Module] = {}  # a module held under several names (T5's tied tables)
+    for name, m in list(out.named_modules(remove_duplicate=False)):
+        if id(m) in made:  # becomes the same kernel under every name
+            set_module(out, name, made[id(m)])
+            continue
         if isinstance(m, QuantLinear):
             k = kernel_layer(m, config)
             if k is None:
                 materialize(m)
                 simulated.append(name)
-                if dtype != torch.float32:
-                    set_module(out, name, Float32Island(m))
+                made[id(m)] = Float32Island(m) if dtype != torch.float32 else m
+                set_module(out, name, made[id(m)])
             else:
                 set_module(out, name, k)
+                made[id(m)] = k
                 swapped[name] = type(k).__name__
         elif isinstance(m, QuantEmbedding) and getattr(m, "weight_levels", None) is None:
-            set_module(out, name, EmbeddingKernel(m, dtype))  # codes only, no float table
+            made[id(m)] = EmbeddingKernel(m, dtype)  # codes only, no float table
+            set_module(out, name, made[id(m)])
             swapped[name] = "EmbeddingKernel"
     if dtype != torch.float32:
         _to_dtype(out, dtype)

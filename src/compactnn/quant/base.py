@@ -19,6 +19,7 @@ from compactnn.core.qembedding import (
     embedding_spec,
     embedding_unsupported,
     quantize_embedding_rtn,
+    table_aliases,
     tie_to_table,
     tied_heads,
 )
@@ -60,16 +61,21 @@ class QuantConfig(MethodConfig):
         super().__post_init__()
         if not isinstance(self.weight, QuantSpec):
             raise CompactnnError(f"{type(self).__name__}.weight must be a QuantSpec")
+        if isinstance(self.act, QuantSpec):
+            # an act spec without a granularity is per tensor, as in a YAML recipe
+            object.__setattr__(self, "act", self.act.for_activation())
         if self.act is not None and self.act.granularity != "tensor":
-            raise CompactnnError("activation quantization is per-tensor: set granularity='tensor'.")
+            raise CompactnnError(
+                "activation quantization is per-tensor: set granularity='tensor' (or leave it out)."
+            )
         if self.first_last_bits is not None and not 1 <= self.first_last_bits <= 8:
             raise CompactnnError(f"first_last_bits={self.first_last_bits} must be 1..8 or None.")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str | None = None) -> QuantConfig:
         """The config from a YAML/JSON mapping; an ``act`` mapping without ``granularity`` is
-        per-tensor (the only activation granularity), an explicit other one is refused here,
-        with its field path.
+        per-tensor (the only activation granularity, as in Python), an explicit other one is
+        refused here, with its field path.
 
         Example:
             >>> QuantConfig.from_dict({"act": {"bits": 4}}).act.granularity
@@ -77,14 +83,12 @@ class QuantConfig(MethodConfig):
         """
         where = where or cls.__name__
         act = data.get("act") if isinstance(data, dict) else None
-        if isinstance(act, dict):
-            granularity = act.get("granularity", "tensor")
-            if isinstance(granularity, str) and granularity != "tensor":
-                raise CompactnnError(
-                    f"{where}.act.granularity={granularity!r}: activation quantization is "
-                    "per-tensor; set granularity: tensor (or leave it out)."
-                )
-            data = {**data, "act": {**act, "granularity": granularity}}
+        granularity = act.get("granularity") if isinstance(act, dict) else None
+        if isinstance(granularity, str) and granularity != "tensor":
+            raise CompactnnError(
+                f"{where}.act.granularity={granularity!r}: activation quantization is "
+                "per-tensor; set granularity: tensor (or leave it out)."
+            )
         return super().from_dict(data, where)
 
     @classmethod
@@ -258,20 +262,25 @@ def quantize_embeddings(
     rest = {n: m for n, m in targets.items() if not isinstance(m, nn.Embedding)}
     wanted = _wants_embeddings(config, step_targets)
     heads = tied_heads(model)
+    aliases = table_aliases(model)  # tables sharing one weight are quantized as one
     tables = [
-        (n, m)
-        for n, m in model.named_modules()
-        if n and isinstance(m, nn.Embedding) and not has_integer_weight(m)
+        (n, m) for n, m in model.named_modules() if n in aliases and not has_integer_weight(m)
     ]
     rows = {n: m.num_embeddings for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     token_table = max(rows, key=rows.get) if rows else None
     for name, emb in tables:
-        head_name, head = heads.get(name, (None, None))
+        names = [name, *aliases[name]]
+        head_name, head = next((heads[n] for n in names if n in heads), (None, None))
         head_targeted = head_name in rest
-        if not (step_targets.name_matches(name) and (wanted or head_targeted)):
+        left = [n for n in names if not step_targets.name_matches(n)]
+        if left or not (wanted or head_targeted):
+            kept = left[0] if left else name
             if head_targeted:  # quantizing the head alone would untie it: keep both float
                 rest.pop(head_name)
-                ctx.float_layers[head_name] = f"tied to {name}, which the step leaves in float"
+                ctx.float_layers[head_name] = f"tied to {kept}, which the step leaves in float"
+            if left and (wanted or head_targeted):  # nor some of the tied tables alone
+                for n in (n for n in names if n not in left):
+                    ctx.float_layers[n] = f"tied to {kept}, which the step leaves in float"
             continue
         why = embedding_unsupported(emb)
         if why is None and head is not None and not head_targeted:
@@ -283,12 +292,15 @@ def quantize_embeddings(
                 ctx.float_layers[head_name] = f"tied to {name}, kept in float ({why})"
             continue
         bits, aspec = config.weight.bits, None
-        small = name != token_table  # positions, token types: tiny, added to every token
+        small = token_table not in names  # positions, token types: tiny, added to every token
         if (head is not None or small) and config.first_last_bits is not None:
             bits = max(bits, config.first_last_bits)
         spec = embedding_spec(config.weight, emb.embedding_dim, bits)
         table = quantize_embedding_rtn(emb, spec)
-        set_module(model, name, table)
+        for n in names:  # one module under every name: the tie survives and is stored once
+            set_module(model, n, table)
+        if aliases[name]:
+            ctx.notes.append(f"{', '.join(aliases[name])} share the codes of {name} (tied)")
         if head is not None:
             if config.act is not None:
                 aspec = dataclasses.replace(
