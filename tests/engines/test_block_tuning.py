@@ -22,3 +22,29 @@ def test_relative_error_leaves_out_masked_positions():
     assert float(relative_error(out, target, mask)) == 1.0  # (0 + 1) / (1 + 0)
     full = float(relative_error(out, target, None))
     assert abs(full - (1 + 49 + 49) / (1 + 4 + 4)) < 1e-6
+
+
+def test_stack_tuning_passes_t5_position_bias_from_block_to_block(monkeypatch):
+    """In T5 only the first block computes the position bias: the end-to-end stage must run
+    every later block with the bias of the block before it, as the model does, not None."""
+    import compactnn
+    from compactnn.engines import block_tuning
+    from tests.engines._tiny_t5 import tiny_t5
+
+    model, calib = tiny_t5(batches=2)
+    seen: list = []
+    tune = block_tuning.tune_stack
+
+    def watched(blocks, *args, **kwargs):
+        def pre(_m, a, kw):
+            seen.append(a[2] if len(a) > 2 else kw.get("position_bias"))
+
+        handle = blocks[1].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            return tune(blocks, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(block_tuning, "tune_stack", watched)
+    compactnn.compress(model, "w2-g32-gptq_tune", calib_data=calib, progress=False)
+    assert seen and all(isinstance(b, torch.Tensor) for b in seen)

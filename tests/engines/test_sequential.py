@@ -1,4 +1,4 @@
-"""Block-by-block calibration on tiny random Llama, OPT, GPT-2 and BERT models."""
+"""Block-by-block calibration on tiny random Llama, OPT, GPT-2, BERT and T5 models."""
 
 import warnings
 
@@ -7,9 +7,12 @@ import torch
 
 import compactnn
 from compactnn.core.qlayers import QuantLinear
-from compactnn.engines.sequential import block_stream, find_block_stacks, find_blocks
+from compactnn.engines import sequential
+from compactnn.engines.blocks import find_blocks
+from compactnn.engines.sequential import block_stream
 from compactnn.errors import CompactnnError
 from compactnn.models.tiny_hf import ARCHS, outputs, tiny_model
+from tests.engines._tiny_t5 import logits, tiny_t5
 
 warnings.filterwarnings("ignore", message="kept in float")
 
@@ -55,34 +58,10 @@ def test_bad_inputs_are_named():
                            calib_data=torch.randn(8, 64), progress=False)  # fmt: skip
 
 
-def _tiny_t5():
-    tf = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = tf.T5Config(
-        d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16,
-        vocab_size=100,
-    )  # fmt: skip
-    gen = torch.Generator().manual_seed(1)
-    calib = [
-        {
-            "input_ids": torch.randint(4, 100, (4, 12), generator=gen),
-            "decoder_input_ids": torch.randint(4, 100, (4, 8), generator=gen),
-        }
-        for _ in range(4)
-    ]
-    return tf.T5ForConditionalGeneration(config).eval(), calib
-
-
-def test_encoder_decoder_stacks_are_found_in_order():
-    model, _ = _tiny_t5()
-    assert [p for p, _ in find_block_stacks(model)] == ["encoder.block", "decoder.block"]
-    assert find_blocks(model)[0] == "encoder.block"  # the one stack a streamed run walks
-
-
 def test_gptq_walks_the_decoder_of_an_encoder_decoder_model():
     """The decoder's blocks get GPTQ too (calibrated on the quantized encoder's states),
     not the round-to-nearest fallback of layers outside the blocks."""
-    model, calib = _tiny_t5()
+    model, calib = tiny_t5()
     rtn = compactnn.compress(model, "w3-g32-mse", calib_data=calib, progress=False)
     gq = compactnn.compress(model, "w3-g32-gptq", calib_data=calib, progress=False)
     record = gq._compactnn["extra"]["calibration"]["GPTQConfig"]
@@ -96,13 +75,63 @@ def test_gptq_walks_the_decoder_of_an_encoder_decoder_model():
         assert isinstance(q, QuantLinear)
         assert not torch.equal(q.weight_codes, r.weight_codes), name  # solved, not rounded
 
-    def logits(m, b):
-        with torch.no_grad():
-            return m(**b).logits
-
     ref = torch.cat([logits(model, b) for b in calib])
     err_g = _rel_err(torch.cat([logits(gq, b) for b in calib]), ref)
     assert err_g < _rel_err(torch.cat([logits(rtn, b) for b in calib]), ref)
+
+
+def _position_biases(model, stack, batches):
+    """Per block of ``stack``: the (self-, cross-attention) position biases it is called
+    with in a plain forward of ``batches`` (T5 passes them as positional args 2 and 5)."""
+    seen = {i: [] for i in range(len(stack))}
+    handles = [
+        b.register_forward_pre_hook(lambda _m, a, i=i: seen[i].append((a[2], a[5])))
+        for i, b in enumerate(stack)
+    ]
+    for batch in batches:
+        logits(model, batch)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_t5_blocks_get_the_position_bias_of_the_block_before_them(monkeypatch):
+    """Only T5's first block computes the relative position bias; the blocks after it must
+    be calibrated with it (as in a plain forward), not with the first block's None (with
+    which they ran on the attention mask alone)."""
+    model, calib = tiny_t5()
+    seen = {}
+    solve = sequential.quantize_block
+
+    def recording(block, layers, specs, calls, q_inps, solve_layer):
+        name = next(iter(layers.values()))[0].split(".layer.")[0]  # "encoder.block.1"
+        seen[name] = [(c[0][2], c[0][5]) for c in calls]
+        return solve(block, layers, specs, calls, q_inps, solve_layer)
+
+    monkeypatch.setattr(sequential, "quantize_block", recording)
+    gq = compactnn.compress(model, "w4-g32-gptq", calib_data=calib, progress=False)
+    monkeypatch.undo()
+    # the step quantizes the bias tables too (8 bits): the blocks are calibrated with the
+    # biases of the quantized model, close to the float model's
+    for stack in ("encoder", "decoder"):
+        ref = _position_biases(gq, getattr(gq, stack).block, calib)
+        fp = _position_biases(model, getattr(model, stack).block, calib)
+        for i in range(2):
+            got = seen[f"{stack}.block.{i}"]
+            for (bias, cross), r, f in zip(got, ref[i], fp[i], strict=True):
+                if i == 0:  # the first block computes them itself
+                    assert bias is None and cross is None
+                    continue
+                torch.testing.assert_close(bias, r[0], rtol=0, atol=0)
+                torch.testing.assert_close(bias, f[0], rtol=0, atol=2e-3)
+                if stack == "decoder":  # cross-attention: no learnt bias, only the mask
+                    torch.testing.assert_close(cross, r[1], rtol=0, atol=0)
+                    torch.testing.assert_close(cross, f[1], rtol=0, atol=0)
+    monkeypatch.setattr(sequential, "block_links", lambda *_a: {})  # as before: block 0's
+    old = compactnn.compress(model, "w4-g32-gptq", calib_data=calib, progress=False)
+    ref = torch.cat([logits(model, b) for b in calib])
+    err = _rel_err(torch.cat([logits(gq, b) for b in calib]), ref)
+    assert err <= _rel_err(torch.cat([logits(old, b) for b in calib]), ref)  # 0.0872, 0.0887
 
 
 class _InMemoryStream:
@@ -119,7 +148,7 @@ class _InMemoryStream:
 
 
 def test_a_streamed_run_walks_one_stack_and_says_so():
-    model, calib = _tiny_t5()
+    model, calib = tiny_t5()
     with block_stream(_InMemoryStream()), pytest.warns(UserWarning, match="decoder.block"):
         q = compactnn.compress(model, "w4-g32-gptq", calib_data=calib, progress=False)
     assert q._compactnn["extra"]["calibration"]["GPTQConfig"]["blocks"] == 2

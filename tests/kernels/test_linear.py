@@ -14,6 +14,7 @@ from compactnn.kernels.linear import Int4WeightLinear, Int8WeightLinear
 from compactnn.kernels.swap import to_kernels
 from compactnn.kernels.w8a8 import W8A8Linear
 from compactnn.models.tiny_hf import outputs, tiny_model
+from tests.engines._tiny_t5 import logits, tiny_t5
 
 warnings.filterwarnings("ignore", message=".*calibration samples")
 
@@ -178,6 +179,7 @@ def test_formats_without_a_kernel_stay_simulated_in_float32_islands():
     x = _x(5)
     with torch.no_grad():  # float32 in and out; the layer itself ran in float32
         torch.testing.assert_close(k(x), q(x.bfloat16().float()), rtol=2**-8, atol=1e-3)
+    assert k[0].weight is k[0].inner.weight  # what T5 reads: the weight the island runs on
 
 
 @pytest.mark.parametrize("cls", [Int8WeightLinear, Int4WeightLinear])
@@ -215,3 +217,57 @@ def test_to_kernels_warns_when_no_layer_runs_on_kernels():
         warnings.simplefilter("error")  # a quantized model: no warning
         fast = compactnn.to_kernels(q)
     assert fast._compactnn_kernels["swapped"]
+
+
+def test_to_kernels_runs_t5_whose_feed_forward_reads_the_weight_dtype():
+    """T5's feed-forward casts its input to ``wo.weight.dtype``: the kernel layers answer it
+    with an empty stand-in, and the outputs match the simulated model as for other models."""
+    model, calib = tiny_t5(batches=2)
+    q = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
+    exact = to_kernels(q, dtype=torch.float32, dense_min_rows=None, fused=False)
+    assert "Int4WeightLinear" in exact._compactnn_kernels["swapped"].values()
+    torch.testing.assert_close(logits(exact, calib[0]), logits(q, calib[0]), rtol=1e-3, atol=1e-3)
+    fast = to_kernels(q, fused=False)  # bfloat16: low-bit kernels and dense copies
+    assert isinstance(fast.encoder.block[0].layer[1].DenseReluDense.wo, Int4WeightLinear)
+    for batch in calib:
+        got, ref = logits(fast, batch), logits(q, batch)
+        assert float((got - ref).norm() / ref.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("cls", [Int8WeightLinear, Int4WeightLinear])
+def test_weight_is_an_empty_stand_in_in_the_compute_dtype(cls):
+    from compactnn.core.modules import weight_layers
+    from compactnn.kernels.linear import DenseLinear
+
+    q = _layer(8, False, "channel") if cls is Int8WeightLinear else _layer(4, True, "group", 32)
+    for k in (cls(q, torch.bfloat16), DenseLinear(q, torch.bfloat16)):
+        w = k.weight
+        assert isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16
+        assert w.device == q.weight_codes.device and w.numel() == 0  # no values held
+        assert "weight" not in k.state_dict()
+        assert weight_layers(nn.Sequential(k)) == {}  # not taken for a float weight layer
+    with pytest.raises(RuntimeError):
+        nn.functional.linear(_x(), cls(q).weight)  # computing with it fails loudly
+
+
+def test_t5_feed_forward_runs_on_the_w8a8_kernel():
+    """T5's feed-forward reads ``wo.weight.dtype``: the W8A8 kernel answers int8 (no cast)."""
+    import copy
+
+    from compactnn.core.modules import set_module
+    from compactnn.core.qlayers import QuantLinear
+    from compactnn.kernels.w8a8 import W8A8Linear
+
+    model, calib = tiny_t5(batches=2)
+    q = compactnn.compress(model, "w8a8", calib_data=calib, progress=False)
+    k = copy.deepcopy(q)
+    wos = [n for n, m in k.named_modules() if n.endswith(".wo") and isinstance(m, QuantLinear)]
+    assert len(wos) == 4
+    for name in wos:
+        set_module(k, name, W8A8Linear(k.get_submodule(name)))
+    w = k.get_submodule(wos[0]).weight
+    assert w.dtype == torch.int8 and w.numel() == 0
+    for batch in calib:
+        got, ref = logits(k, batch), logits(q, batch)
+        # the kernel quantizes activations per token, the simulation on its static grid
+        assert float((got - ref).norm() / ref.norm()) < 3e-2

@@ -31,6 +31,7 @@ from torch import nn
 
 from compactnn.core.qlayers import QuantLinear
 from compactnn.core.quantize import round_scale
+from compactnn.engines.blocks import Slot, call_block, hidden_out, linked_call
 from compactnn.engines.sequential import BlockData, StackData, run_block, token_mask
 
 
@@ -207,9 +208,12 @@ def tune_stack(
     steps: int,
     lr: float,
     seed: int = 0,
+    links: dict[Slot, int] | None = None,
 ) -> tuple[float, float]:
     """Tune the scales, biases and norm gains of all ``blocks`` together (codes fixed) so the
     quantized stack maps the first block's inputs ``inps`` to the float stack's ``targets``.
+    ``calls`` are the first block's; each later block takes the inputs named in ``links``
+    from the block before it (T5's position bias; :func:`~compactnn.engines.blocks.block_links`).
 
     Returns:
         ``(before, after)`` mean relative error over all batches.
@@ -219,11 +223,12 @@ def tune_stack(
 
     def loss_of(i: int) -> torch.Tensor:
         params = tun.params()
-        h = inps[i]
+        h, call = inps[i], calls[i]
         for j, block in enumerate(blocks):
             prefix = f"{j}."
             own = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-            h = run_block(block, calls[i], h, params=own)
+            out = call_block(block, call, h, params=own)
+            h, call = hidden_out(out), linked_call(calls[i], out, links or {})
         return relative_error(h, targets[i], masks[i])
 
     return fit(tun, loss_of, len(calls), steps, lr, seed)
@@ -255,8 +260,9 @@ def stack_tuning(steps: int, lr: float) -> Callable[[StackData], dict[str, Any]]
 
     def after_stack(data: StackData) -> dict[str, Any]:
         e2e = tune_stack(
-            data.blocks, data.calls, data.first_inps, data.fp_out, steps, lr, data.seed
-        )
+            data.blocks, data.calls, data.first_inps, data.fp_out, steps, lr, data.seed,
+            links=data.links,
+        )  # fmt: skip
         return {"e2e_relative_error": [round(e, 6) for e in e2e]} if e2e else {}
 
     return after_stack

@@ -2,7 +2,10 @@
 
 Finds the model's repeated blocks (each ``nn.ModuleList`` of same-class modules holding
 linear layers: one stack, or an encoder's and a decoder's), captures the first block's inputs
-with a hook that stops the forward pass, then walks the blocks one at a time. Stacks go in
+with a hook that stops the forward pass, then walks the blocks one at a time
+(:mod:`compactnn.engines.blocks`). A later block's call is the first block's, except for the
+inputs the model passes it from the block before (T5's position bias, which only the first
+block computes): those come from the quantized previous block's output. Stacks go in
 the order they run, each captured once the stacks before it are quantized (a decoder's calls
 carry the quantized encoder's states). Only one block's activations live in memory: the
 stream fed through the already-quantized blocks (``q_inps``) and the float stream
@@ -38,7 +41,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from compactnn.core.capture import StopForward, capture_batches, run_until_stopped
+from compactnn.core.capture import StopForward, run_until_stopped
 from compactnn.core.context import CompressContext
 from compactnn.core.gptq_solver import gptq_quantize, weighted_mse_range
 from compactnn.core.hessian import accumulate_hessian
@@ -47,6 +50,19 @@ from compactnn.core.modules import conv1d_to_linear, execution_order, is_hf_conv
 from compactnn.core.qlayers import is_quant_layer, make_quant_layer, quantize_layer_rtn
 from compactnn.core.quantize import grouped_view, quantize, scale_zero_from_range
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.blocks import (
+    Call,
+    Slot,
+    block_links,
+    call_block,
+    capture_block_inputs,
+    find_block_stacks,
+    find_blocks,
+    hidden_of,
+    hidden_out,
+    linked_call,
+    run_block,
+)
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import (
     QuantConfig,
@@ -56,9 +72,6 @@ from compactnn.quant.base import (
     split_supported,
 )
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
-
-Call = tuple[tuple, dict]  # (args, kwargs) of one block call
 LayerSolver = Callable[[nn.Linear, torch.Tensor, QuantSpec, QuantSpec | None], nn.Module]
 
 
@@ -71,8 +84,10 @@ class BlockData:
             ``solve_layer``, quantized after).
         name: the block's name in the model (``"model.layers.3"``).
         specs: model layer name -> ``(weight spec, activation spec)`` of every target.
-        calls: ``(args, kwargs)`` of the block per calibration batch (hidden states are
-            replaced per call, see :func:`run_block`).
+        calls: ``(args, kwargs)`` of this block per calibration batch (hidden states are
+            replaced per call, see :func:`~compactnn.engines.blocks.run_block`); the first
+            block's, with the inputs a block takes from the one before it (T5's position
+            bias) from the quantized previous block.
         q_inps: the block's inputs from the quantized model, one ``(B, T, C)`` per batch.
         fp_out: the float block's outputs on the float model's inputs, same shapes.
         seed: the compress call's seed.
@@ -93,10 +108,13 @@ class StackData:
 
     Args:
         blocks: the quantized blocks.
-        calls: ``(args, kwargs)`` of a block per calibration batch.
+        calls: ``(args, kwargs)`` of the first block per calibration batch.
         first_inps: the first block's inputs, one ``(B, T, C)`` per batch.
         fp_out: the float stack's outputs on them, same shapes.
         seed: the compress call's seed.
+        links: the inputs each later block takes from the previous block's output instead
+            of ``calls`` (:func:`~compactnn.engines.blocks.block_links`; T5's position
+            bias); pass them along with :func:`~compactnn.engines.blocks.linked_call`.
     """
 
     blocks: nn.ModuleList
@@ -104,6 +122,7 @@ class StackData:
     first_inps: list[torch.Tensor]
     fp_out: list[torch.Tensor]
     seed: int
+    links: dict[Slot, int] = dataclasses.field(default_factory=dict)
 
 
 def hessian_rtn_solver(
@@ -163,112 +182,6 @@ class BlockHooks:
     before_block: Callable[[BlockData], None] | None = None
     after_block: Callable[[BlockData], None] | None = None
     after_stack: Callable[[StackData], dict[str, Any]] | None = None
-
-
-def _is_block_stack(m: nn.Module) -> bool:
-    """An ``nn.ModuleList`` of same-class blocks holding linear layers."""
-    if not isinstance(m, nn.ModuleList) or len(m) < 1:
-        return False
-    has_linear = any(isinstance(x, nn.Linear) or is_hf_conv1d(x) for x in m[0].modules())
-    return len({type(b) for b in m}) == 1 and has_linear
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Name and module of the model's repeated transformer blocks (the longest stack, the
-    first of equal ones; :func:`find_block_stacks` gives every stack).
-
-    Raises:
-        CompactnnError: when the model has no ``ModuleList`` of same-class blocks with linears.
-    """
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, m in model.named_modules():
-        if _is_block_stack(m) and (best is None or len(m) > len(best[1])):
-            best = (name, m)
-    if best is None:
-        raise CompactnnError(
-            f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of identical "
-            "layers with linear layers); use a layer-wise method such as rtn."
-        )
-    return best
-
-
-def find_block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """Every stack of repeated blocks: :func:`find_blocks`' first, then any other stack
-    neither inside nor around one already found (an encoder-decoder model's decoder), in
-    the order the model defines them.
-
-    Example:
-        >>> [p for p, _ in find_block_stacks(t5)]  # doctest: +SKIP
-        ['encoder.block', 'decoder.block']
-    """
-    main = find_blocks(model)
-    stacks = [main]
-    for name, m in model.named_modules():
-        inside = any(name.startswith(p + ".") or p.startswith(name + ".") for p, _ in stacks)
-        if _is_block_stack(m) and not inside and all(m is not s for _, s in stacks):
-            stacks.append((name, m))
-    names = [n for n, _ in model.named_modules()]
-    return sorted(stacks, key=lambda s: names.index(s[0]))
-
-
-def capture_block_inputs(model: nn.Module, block: nn.Module, ctx: CompressContext) -> list[Call]:
-    """``(args, kwargs)`` of ``block``'s forward for every calibration batch."""
-    captured: list[Call] = []
-
-    def hook(_m, args, kwargs):
-        kwargs = dict(kwargs)
-        for key, value in kwargs.items():  # a KV cache would grow each time the block re-runs
-            if key in _CACHE_KWARGS or type(value).__name__.endswith("Cache"):
-                kwargs[key] = None
-        args = tuple(None if type(a).__name__.endswith("Cache") else a for a in args)
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        captured.append((_detach(args), _detach(kwargs)))
-
-    capture_batches(model, block, ctx, hook, with_kwargs=True)
-    if len(captured) != len(ctx.batches):
-        raise CompactnnError("the calibration batches never reached the model's first block.")
-    return captured
-
-
-def _detach(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, tuple):
-        return tuple(_detach(v) for v in x)
-    if isinstance(x, list):
-        return [_detach(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _detach(v) for k, v in x.items()}
-    return x
-
-
-def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden-state tensor of a block call."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """The same block call with its hidden states replaced."""
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def run_block(
-    block: nn.Module,
-    call: tuple[tuple, dict],
-    hidden: torch.Tensor,
-    params: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The block's output hidden states for input ``hidden`` ``(B, T, C)``; ``params``
-    replaces some of the block's parameters (``torch.func.functional_call``)."""
-    args, kwargs = with_hidden(*call, hidden)
-    if params is None:
-        out = block(*args, **kwargs)
-    else:
-        out = torch.func.functional_call(block, params, args, kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _block_layers(
@@ -471,31 +384,45 @@ def block_stream(stream: BlockStream) -> Iterator[None]:
         _STREAM.reset(token)
 
 
-def _walk_blocks(prefix, blocks, specs, calls, hooks: BlockHooks, ctx, desc: str):
-    """Run every block through the hooks; returns the float stack's outputs."""
+def _walk_blocks(prefix, blocks, specs, calls, links, hooks: BlockHooks, ctx, desc: str):
+    """Run every block through the hooks; returns the float stack's outputs.
+
+    ``calls`` are the first block's; each later block's take the inputs named in ``links``
+    from the quantized previous block's output (:func:`~compactnn.engines.blocks.
+    linked_call`)."""
     q_inps = [hidden_of(*c) for c in calls]
     fp_inps = list(q_inps)
+    block_calls = calls
     stream, start = _STREAM.get(), 0
     if stream is not None:
         start, q_inps, fp_inps = stream.resume(q_inps, fp_inps)
+        if start and links:
+            ctx.warn(
+                f"a resumed run starts at {prefix}.{start} without the inputs it takes from "
+                f"the block before it ({', '.join(f'{k} {n}' for k, n in links)}); it gets "
+                "the first block's instead."
+            )
     for i in ctx.bar(range(start, len(blocks)), desc=desc, initial=start, total=len(blocks)):
         block = blocks[i]
         if stream is not None:
             stream.onload(i, block)
         float_block = copy.deepcopy(block)
+        pairs = list(zip(block_calls, fp_inps, strict=True))
         with torch.no_grad():
-            fp_out = [run_block(float_block, c, h) for c, h in zip(calls, fp_inps, strict=True)]
-        data = BlockData(block, f"{prefix}.{i}", specs, calls, q_inps, fp_out, ctx.seed)
+            fp_out = [run_block(float_block, c, h) for c, h in pairs]
+        data = BlockData(block, f"{prefix}.{i}", specs, block_calls, q_inps, fp_out, ctx.seed)
         if hooks.before_block is not None:
             hooks.before_block(data)
         bl = _block_layers(block, data.name, specs)
-        quantize_block(block, bl, specs, calls, q_inps, hooks.solve_layer)
+        quantize_block(block, bl, specs, block_calls, q_inps, hooks.solve_layer)
         if hooks.after_block is not None:
             hooks.after_block(data)
         with torch.no_grad():
-            q_inps = [run_block(block, c, h) for c, h in zip(calls, q_inps, strict=True)]
+            outs = [call_block(block, c, h) for c, h in zip(block_calls, q_inps, strict=True)]
+        q_inps = [hidden_out(o) for o in outs]
+        block_calls = [linked_call(c, o, links) for c, o in zip(calls, outs, strict=True)]
         fp_inps = fp_out
-        del float_block, data
+        del float_block, data, outs
         if stream is not None:
             stream.finish(i, block, q_inps, fp_inps)
     return fp_inps
@@ -526,12 +453,13 @@ def run_sequential(
     records: dict[str, dict[str, Any]] = {}
     for prefix, blocks in stacks:  # an encoder-decoder: the decoder sees the quantized encoder
         calls = capture_block_inputs(model, blocks[0], ctx)
+        links = block_links(model, blocks, ctx)  # e.g. T5's position bias from block 0 on
         first_inps = [hidden_of(*c) for c in calls] if hooks.after_stack is not None else None
         desc = f"{name} blocks" + (f" ({prefix})" if len(stacks) > 1 else "")
-        fp_out = _walk_blocks(prefix, blocks, specs, calls, hooks, ctx, desc)
+        fp_out = _walk_blocks(prefix, blocks, specs, calls, links, hooks, ctx, desc)
         records[prefix] = {"blocks": len(blocks)}
         if first_inps is not None:
-            stack = StackData(blocks, calls, first_inps, fp_out, ctx.seed)
+            stack = StackData(blocks, calls, first_inps, fp_out, ctx.seed, links)
             records[prefix].update(hooks.after_stack(stack))
     inside = tuple(p + "." for p, _ in stacks)
     for full, layer in layers.items():  # layers outside the stacks (lm_head, pooler)

@@ -23,6 +23,10 @@ the same values as the held copy. The resident model then stays small (int4: one
 byte per weight for the unpacked-nibble codes the dequantization reads, beside the kernel's
 packed half byte), and the dequantization is cheap next to a GEMM of many rows (MiniLM batch
 64: a few ms per forward against hundreds).
+
+Each layer's ``weight`` is an empty stand-in (no values) in the compute dtype on the layer's
+device, for model code that reads a linear layer's ``weight.dtype`` or ``weight.device``
+(Hugging Face T5 casts the input of ``wo`` to ``wo.weight.dtype``).
 """
 
 from __future__ import annotations
@@ -140,6 +144,24 @@ class _WeightOnly(nn.Module):
         elif dense_min_rows is not None:  # per-call dequantization: float32 grid (out, ngroups)
             self.register_buffer("dq_scale", layer.weight_scale.float().clone(), persistent=False)
             self.register_buffer("dq_zero", layer.weight_zero.float().clone(), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty tensor ``(0,)`` in the compute dtype on the layer's device.
+
+        A stand-in, not the weight: it answers ``dtype`` and ``device`` for model code that
+        reads them (T5's feed-forward casts its input to ``wo.weight.dtype``, which this
+        layer casts to anyway), holds no values (the weight lives as integer codes, see
+        :meth:`dequantized` and :func:`dense_weight`) and fails loudly if computed with. Its
+        shape is not ``(out, in)``, so the layer is not taken for a float weight layer.
+        """
+        return torch.empty(0, dtype=self.dtype, device=self._device())
+
+    def _device(self) -> torch.device:
+        """Where the layer's codes (or its dense copy) live."""
+        for t in self.buffers():
+            return t.device
+        return self.dense.packed.device if self.dense is not None else torch.device("cpu")
 
     def _bias(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(self.dtype)

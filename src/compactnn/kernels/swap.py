@@ -78,6 +78,12 @@ class Float32Island(nn.Module):
         super().__init__()
         self.inner = inner
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The inner layer's float32 weight (held already), for model code that reads a
+        linear layer's ``weight.dtype`` / ``weight.device`` (T5 casts ``wo``'s input to it)."""
+        return self.inner.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.float()).to(x.dtype)
 

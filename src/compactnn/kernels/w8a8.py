@@ -107,6 +107,13 @@ class W8A8Linear(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.fused = fused
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty int8 tensor ``(0,)`` on the layer's device: a stand-in for model code that
+        reads ``weight.dtype`` (T5's feed-forward casts its input to it unless it is int8;
+        this layer takes any input dtype). Holds no values; the codes are ``codes_t``."""
+        return torch.empty(0, dtype=torch.int8, device=self.codes_t.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         fuse = self.fused and x2.shape[0] >= FUSED_MIN_ROWS
