@@ -77,3 +77,31 @@ def test_distiller_heads_and_gradients():
         DCMDistiller(student, teacher, ["features.1"], [], x[:2]).loss(
             torch.zeros(5, 3), torch.zeros(5, 3), y
         )
+
+
+def _bn_net(width: int) -> nn.Sequential:
+    """conv -> batch norm -> relu -> linear on (B, 1, 7, 7) inputs, in train mode."""
+    layers = [nn.Conv2d(1, width, 3), nn.BatchNorm2d(width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * 25, 3))
+
+
+def test_sizing_the_heads_changes_neither_network():
+    torch.manual_seed(0)
+    student, teacher = _bn_net(2), _bn_net(4)
+    student[1].eval()  # a mixed mode (a frozen batch norm in a training student) is kept
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (student, teacher)]
+    modes = [[m.training for m in net.modules()] for net in (student, teacher)]
+    x = torch.randn(8, 1, 7, 7) * 5 + 3  # far from the running statistics (0, 1)
+    dcm = DCMDistiller(student, teacher, ["2"], ["1", "2"], x)
+    assert len(dcm.heads) == 3
+    for net, state, mode in zip((student, teacher), before, modes, strict=True):
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+        assert [m.training for m in net.modules()] == mode
+    dcm.remove()
+
+
+def test_a_refused_distiller_leaves_no_hook_behind():
+    student, teacher = Net(2), Net(4)
+    with pytest.raises(CompactnnError, match="no module 'nope'"):
+        DCMDistiller(student, teacher, ["features.1"], ["nope"], torch.randn(2, 1, 7, 7))
+    assert not any(m._forward_hooks for m in student.modules())

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 import math
@@ -227,3 +228,20 @@ def test_training_data_of_the_wrong_shape_names_it_and_the_expected_input():
     wrong = torch.randn(8, 1, 28, 28)
     with pytest.raises(CompactnnError, match=r"training data does not fit.*\(8, 1, 28, 28\).*64"):
         compactnn.train(mlp, "w4a4-lsq", (wrong, torch.arange(8) % 4), epochs=1, progress=False)
+
+
+def test_a_model_left_in_train_mode_is_never_changed_and_its_statistics_are_kept(tiny):
+    model, data, _ = tiny
+    left_training = copy.deepcopy(model).train()  # as after the user's own training loop
+    before = {k: v.clone() for k, v in left_training.state_dict().items()}
+    kw = dict(epochs=1, max_steps=2, progress=False)  # w2a2-lsq distills from the input model
+    q = compactnn.train(left_training, "w2a2-lsq", data, **kw)
+    after = left_training.state_dict()
+    for k, v in before.items():  # batch norms' running statistics and counters included
+        assert torch.equal(v, after[k]), k
+    assert all(m.training for m in left_training.modules())
+    # the trained copy and the teacher start from the input's statistics (not from those of
+    # a probing batch): the same run as from the model in eval mode
+    ref = compactnn.train(model, "w2a2-lsq", data, **kw)
+    for k, v in _state(ref).items():
+        assert torch.equal(v, _state(q)[k]), k

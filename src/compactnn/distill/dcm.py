@@ -8,13 +8,17 @@ and ``t_1..t_k`` on the teacher, and ``p = softmax(logits / T)``:
         + sum_{i,j} [ KL(sg(p_{t_j}) || p_{s_i}) + KL(sg(p_{s_i}) || p_{t_j}) ] * T^2
 
 ``sg`` stops the gradient: every head learns from every head of the other network, in both
-directions (dense, cross-layer, mutual). With a frozen teacher backbone (the default here)
-only the teacher's auxiliary heads learn from the student; with ``train_teacher=True`` both
+directions (dense, cross-layer, mutual). Which networks learn is the caller's optimizer's
+choice: with the teacher's backbone frozen (``teacher.eval().requires_grad_(False)``) only
+its auxiliary heads learn from the student; with its parameters in the optimizer both
 networks train together as in the paper. The auxiliary heads are discarded after training:
 the student's own modules are never replaced (hooks only; :meth:`DCMDistiller.remove`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -51,6 +55,20 @@ def dcm_loss(
     return ce + kl
 
 
+@contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block, each back in its own mode
+    after it (a forward in train mode would overwrite batch norms' running statistics)."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
 class _AuxHead(nn.Module):
     def __init__(self, channels: int, classes: int) -> None:
         super().__init__()
@@ -67,9 +85,10 @@ class DCMDistiller(nn.Module):
 
     Args:
         student: the model being trained.
-        teacher: the other network (its backbone frozen unless ``train_teacher``).
+        teacher: the other network (it trains only if the optimizer holds its parameters).
         student_layers, teacher_layers: module names that get an auxiliary classifier.
-        example: one input batch (to size the heads).
+        example: one input batch, run once through both networks in eval mode to size the
+            heads (neither network changes: modes and batch-norm statistics are kept).
         temperature: ``T`` of the KL terms (1 in the paper).
 
     Example:
@@ -93,33 +112,39 @@ class DCMDistiller(nn.Module):
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles = []
         self._names: dict[str, list[str]] = {}
-        for side, model, names in (
-            ("student", student, student_layers),
-            ("teacher", teacher, teacher_layers),
-        ):
-            modules = dict(model.named_modules())
-            for n in names:
-                if n not in modules:
-                    raise CompactnnError(
-                        f"DCM: the {side} has no module {n!r}; pick names from "
-                        "model.named_modules()."
-                    )
-                self.handles.append(modules[n].register_forward_hook(self._hook(f"{side}:{n}")))
-            self._names[side] = [f"{side}:{n}" for n in names]
-        with torch.no_grad():
+        try:  # on an error, no hook is left on either network
+            self._attach("student", student, student_layers)
+            self._attach("teacher", teacher, teacher_layers)
+            self.heads = self._sized_heads(student, teacher, example)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _attach(self, side: str, model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        for n in names:
+            if n not in modules:
+                raise CompactnnError(
+                    f"DCM: the {side} has no module {n!r}; pick names from model.named_modules()."
+                )
+            self.handles.append(modules[n].register_forward_hook(self._hook(f"{side}:{n}")))
+        self._names[side] = [f"{side}:{n}" for n in names]
+
+    def _sized_heads(
+        self, student: nn.Module, teacher: nn.Module, example: torch.Tensor
+    ) -> nn.ModuleDict:
+        """An auxiliary head per hooked layer, sized by one forward of both networks."""
+        with torch.no_grad(), _eval_mode(student, teacher):
             s_out, t_out = student(example), teacher(example)
         classes = s_out.shape[1]
         if t_out.shape[1] != classes:
             raise CompactnnError(
                 f"DCM: the student has {classes} outputs, the teacher {t_out.shape[1]}."
             )
-        self.heads = nn.ModuleDict(
-            {
-                key.replace(".", "_"): _AuxHead(self.outputs[key].shape[1], classes)
-                for key in self._names["student"] + self._names["teacher"]
-            }
-        )
+        keys = self._names["student"] + self._names["teacher"]
+        heads = {k.replace(".", "_"): _AuxHead(self.outputs[k].shape[1], classes) for k in keys}
         self.outputs.clear()
+        return nn.ModuleDict(heads)
 
     def _hook(self, key: str):
         def hook(_m, _inputs, output):

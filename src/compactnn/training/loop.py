@@ -93,9 +93,13 @@ def norm_recalibrator(cfg, data: TrainData, device: torch.device, seed: int):
 
 
 def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes ``model`` outputs, from a copy of it run in eval mode on two
+    samples: the input model is never run (a forward in train mode would overwrite its batch
+    norms' running statistics, and the trained copy and the teacher would start from them)."""
+    probe = copy.deepcopy(model).eval()
     try:
         with torch.no_grad():
-            out = model(x[:2])
+            out = probe(x[:2])
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         first = first_line(exc)
         raise CompactnnError(
