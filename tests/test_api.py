@@ -112,6 +112,14 @@ def test_unquantizable_targets_stay_float_with_one_warning():
     assert compactnn.info_of(q)["float_layers"]["0"].startswith("Conv3d")
 
 
+def test_pruned_float_layers_are_compressed_not_untargeted():
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    q = compactnn.compress(m, "sp50", progress=False)
+    assert compactnn.info_of(q)["float_layers"] == {}  # both pruned: none left in float
+    q = compactnn.compress(m, "sp50", progress=False, ignore=["2"])
+    assert compactnn.info_of(q)["float_layers"] == {"2": "not targeted by the recipe"}
+
+
 def test_weight_only_needs_no_data_and_group_error_names_layer():
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     q = compactnn.compress(m, "w4-g32", progress=False)

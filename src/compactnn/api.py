@@ -253,16 +253,34 @@ NOT_TARGETED = "not targeted by the recipe"
 
 def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:
     """Give every float weight layer its reason (the one a step that skipped it recorded,
-    else not targeted), and warn once, naming the layers a step could not quantize."""
+    else not targeted), and warn once, naming the layers a step could not quantize.
+
+    A float layer a pruning step zeroed (unstructured or N:M) is compressed, stored sparse:
+    it is left out (``extra["pruning"]`` gives its sparsity), as is a table tied to it."""
+    pruned = _pruned_weights(model, ctx)
     for name, m in weight_layers(model).items():
-        if not has_integer_weight(m) and name not in ctx.float_layers:
-            ctx.float_layers[name] = ctx.skipped.get(name, NOT_TARGETED)
+        if has_integer_weight(m) or name in ctx.float_layers or id(m.weight) in pruned:
+            continue
+        ctx.float_layers[name] = ctx.skipped.get(name, NOT_TARGETED)
     failed = {  # a step that skipped a layer warned with its reason already
         n: r for n, r in ctx.float_layers.items() if r not in (NOT_TARGETED, ctx.skipped.get(n))
     }
     if failed:
         listing = "; ".join(f"{n} ({r})" for n, r in failed.items())
         warnings.warn(f"kept in float: {listing}", stacklevel=3)
+
+
+def _pruned_weights(model: nn.Module, ctx: CompressContext) -> set[int]:
+    """``id`` of each weight a pruning step of this run (or an earlier one) zeroed, read from
+    ``extra["pruning"]``: method -> {layer: sparsity, "params": {...}, ...}."""
+    modules = dict(model.named_modules())
+    out = set()
+    for stats in ctx.extra.get("pruning", {}).values():
+        for name, value in stats.items() if isinstance(stats, dict) else ():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and value > 0 and name in modules:
+                out.add(id(getattr(modules[name], "weight", None)))
+    return out
 
 
 FLOAT_SHARE_WARNING = 0.5  # warn when quantization leaves more of the weight bytes in float

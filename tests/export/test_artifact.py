@@ -322,3 +322,25 @@ def test_a_kernel_model_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(CompactnnError, match=r"compactnn\.load\(dir, kernels=True\)"):
         compactnn.save(compactnn.to_kernels(q), tmp_path / "k")
     assert not (tmp_path / "k").exists()
+
+
+def test_a_model_with_live_pruning_masks_is_refused_before_anything_is_written(tmp_path):
+    from compactnn.prune.gradual import GradualConfig, GradualPruner
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    pruner = GradualPruner(m, GradualConfig(final_sparsity=0.9, end_step=10, frequency=1))
+    for _ in range(12):
+        pruner.step()
+    with pytest.raises(CompactnnError, match=r"0\.weight, 2\.weight .*pruner\.finish\(\)"):
+        compactnn.save(m, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    pruner.finish()  # the fix the message names: then it saves and loads
+    compactnn.save(m, tmp_path / "a")
+    x = torch.randn(4, 64)
+    assert torch.equal(
+        compactnn.load(
+            tmp_path / "a", model=nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        )(x),
+        m(x),
+    )

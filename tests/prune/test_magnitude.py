@@ -46,3 +46,22 @@ def test_short_names_build_the_magnitude_step():
 def test_percent_out_of_range_is_refused():
     with pytest.raises(CompactnnError, match=r"100% is outside \[0, 100\)"):
         resolve_recipe("sp100")
+
+
+def test_global_scope_never_zeroes_a_whole_layer_and_warns_naming_it():
+    torch.manual_seed(0)  # default init: layer 2's weights are the smallest of the three
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+    x = torch.randn(64, 64)
+    with pytest.warns(UserWarning, match=r"whole output rows of 2 \(all 64 of 64 rows\)"):
+        pruned = compactnn.compress(model, "sp95-global", calib_data=x, progress=False)
+    for name in ("0", "2", "4"):  # the floor: every output row keeps its largest weight
+        w = pruned.get_submodule(name).weight
+        assert ((w != 0).sum(1) >= 1).all()
+    assert pruned[2].weight.abs().argmax(1).equal(model[2].weight.abs().argmax(1))
+    nnz, total = sparsity_of(pruned)
+    assert nnz == total - round(0.95 * total)  # the budget is still exact
+    out = pruned(x)
+    assert not torch.allclose(out, out[:1].expand_as(out))  # the output depends on the input
+    assert "2 (all 64 of 64 rows)" in " ".join(compactnn.info_of(pruned)["notes"])

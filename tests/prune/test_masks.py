@@ -1,9 +1,16 @@
+import warnings
+
 import pytest
 import torch
+from torch import nn
 
+import compactnn
+from compactnn.core.modules import Targets
 from compactnn.errors import CompactnnError
+from compactnn.prune.gradual import GradualConfig
 from compactnn.prune.magnitude import MagnitudeConfig
 from compactnn.prune.masks import masks_from_scores, nm_mask
+from compactnn.recipe import Recipe, Step
 
 
 def test_layer_scope_prunes_exact_count_of_smallest():
@@ -28,3 +35,76 @@ def test_nm_mask_keeps_n_largest_of_each_group():
 def test_sparsity_outside_unit_interval_is_refused(bad):
     with pytest.raises(CompactnnError, match=r"outside \[0, 1\)"):
         MagnitudeConfig(sparsity=bad)
+
+
+def test_global_floor_keeps_a_weight_in_every_row_with_the_total_exact():
+    torch.manual_seed(0)
+    scores = {"big": torch.rand(8, 16) + 1.0, "small": torch.rand(4, 16) * 0.01}
+    with pytest.warns(UserWarning, match=r"small \(all 4 of 4 rows\)"):
+        masks = masks_from_scores(scores, 0.8, "global")
+    assert (masks["small"].sum(1) >= 1).all() and (masks["big"].sum(1) >= 1).all()
+    kept = masks["small"].argmax(1)
+    assert torch.equal(kept, scores["small"].argmax(1))  # each row keeps its best entry
+    assert int(sum(m.sum() for m in masks.values())) == 192 - round(0.8 * 192)
+
+
+class _TiedLM(nn.Module):
+    """A token table and an LM head sharing its weight (GPT-2's tie_word_embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(48, 16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 48, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+TIED_STEPS = {
+    "sp50": "magnitude",
+    "nm2:4": "nm",
+    "sp50-wanda": "wanda",
+    "sp50-sparsegpt": "sparsegpt",
+    "gradual": "gradual",
+}
+
+
+def _tied_recipe(name):
+    if name == "gradual":
+        config = GradualConfig(final_sparsity=0.5, end_step=2, frequency=1, finetune_steps=0)
+        return Recipe("gradual", (Step("gradual", config),))
+    return name
+
+
+@pytest.mark.parametrize("recipe", list(TIED_STEPS))
+def test_a_tied_head_is_left_dense_with_its_reason(recipe):
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 48, (64, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = compactnn.compress(model, _tied_recipe(recipe), calib_data=ids, progress=False)
+    assert q.head.weight is q.emb.weight  # still tied
+    assert (q.emb.weight != 0).all()  # the embedding is not pruned (gradual trains it)
+    assert recipe == "gradual" or torch.equal(q.emb.weight, model.emb.weight)
+    assert (q.fc.weight == 0).any()  # the rest is pruned
+    tied = [str(w.message) for w in caught if "tied" in str(w.message)]
+    assert len(tied) == 1 and "head" in tied[0] and "emb" in tied[0]
+    reason = compactnn.info_of(q)["float_layers"]["head"]
+    assert reason == "tied to emb: pruning it would prune the embedding"
+    assert "head" not in compactnn.info_of(q)["extra"]["pruning"][TIED_STEPS[recipe]]
+
+
+def test_targeting_the_table_too_prunes_the_tied_pair_once():
+    targets = Targets(classes=("Linear", "Embedding"))
+    recipe = Recipe("sp50-tied", (Step("magnitude", MagnitudeConfig(sparsity=0.5), targets),))
+    model = _TiedLM().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tie warning: the user asked for both
+        q = compactnn.compress(model, recipe, progress=False)
+    assert q.head.weight is q.emb.weight
+    assert int((q.emb.weight == 0).sum()) == q.emb.weight.numel() // 2
+    info = compactnn.info_of(q)
+    assert {"emb", "head"}.isdisjoint(info["float_layers"])  # pruned: not left in float

@@ -49,6 +49,8 @@ def test_cnn_first_conv_with_9_inputs_stays_dense_with_one_warning():
     assert any("0 (9 inputs)" in note for note in info["notes"])
     assert "0" not in info["extra"]["pruning"]["nm"]
     assert info["extra"]["pruning"]["nm"]["2"] == 0.5
+    # the step's reason, not "not targeted"; the pruned layers are compressed, not float
+    assert info["float_layers"] == {"0": "nm 2:4 kept it dense (input size 9 not divisible by M)"}
 
 
 def test_bad_n_m():

@@ -79,6 +79,8 @@ def test_n_m_forms_keep_a_layer_m_does_not_divide_dense_with_a_warning(method):
         pruned = compactnn.compress(model, f"nm2:4-{method}", calib_data=x, progress=False)
     assert torch.equal(pruned[0].weight, model[0].weight)
     assert holds_nm(pruned[2].weight, 2, 4) and holds_nm(pruned[4].weight, 2, 4)
+    reason = f"{method} 2:4 kept it dense (input size 9 not divisible by M)"
+    assert compactnn.info_of(pruned)["float_layers"] == {"0": reason}
     with pytest.raises(CompactnnError, match=r"M=4 divides the input size of none .*0 \(10 inputs"):
         compactnn.compress(
             nn.Sequential(nn.Linear(10, 8)), f"nm2:4-{method}", calib_data=torch.randn(64, 10)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_bytes
 from torch import nn
+from torch.nn.utils import parametrize
 
 from compactnn.core.packing import pack_codes
 from compactnn.core.qembedding import QuantEmbedding, is_tied_to
@@ -332,6 +333,27 @@ def _refuse_kernel_model(model: nn.Module) -> None:
         )
 
 
+def _refuse_parametrized(model: nn.Module) -> None:
+    """A layer that still carries ``torch.nn.utils.parametrize`` parametrizations (pruning
+    masks of a ``GradualPruner`` / ``DNSPruner`` not yet finished) holds its tensor as
+    ``parametrizations.weight.original`` plus a mask, which no skeleton has: refuse it before
+    anything is written, naming the layers and the call that bakes the masks."""
+    found = [
+        f"{name}.{tensor}" if name else tensor
+        for name, m in model.named_modules()
+        if parametrize.is_parametrized(m)
+        for tensor in m.parametrizations
+    ]
+    if found:
+        raise CompactnnError(
+            f"cannot save: {name_list(found, 3)} still carry parametrizations (pruning masks "
+            "attached while training, e.g. by GradualPruner or DNSPruner): call "
+            "pruner.finish() first, which bakes the masks into plain weights with exact "
+            "zeros (or compactnn.prune.masks.bake_masks(model)); other parametrizations: "
+            "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')."
+        )
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> str:
     """Write ``model`` as a packed artifact directory at ``path``; return its digest.
 
@@ -356,6 +378,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
     if (why := getattr(model, "not_saveable", None)) is not None:  # e.g. a deployed model
         raise CompactnnError(f"cannot save this model as an artifact: {why}")
     _refuse_kernel_model(model)
+    _refuse_parametrized(model)
     out = check_writable(path, force)
     info = info_of(model)
     tensors, layers, aliases, emb_extra = pack_model(model)

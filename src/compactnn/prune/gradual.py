@@ -26,7 +26,13 @@ from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.engines.prune_schedule import ScheduledPruner, prune_while_distilling
 from compactnn.errors import CompactnnError
-from compactnn.prune.masks import check_sparsity, dense_weight, masks_from_scores, set_mask
+from compactnn.prune.masks import (
+    check_sparsity,
+    dense_weight,
+    masks_from_scores,
+    set_mask,
+    skip_tied,
+)
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
@@ -126,7 +132,7 @@ def apply_gradual(
     steps = config.end_step + config.finetune_steps
     pruner = prune_while_distilling(
         model,
-        targets,
+        skip_tied(model, targets, ctx, "gradual"),
         ctx,
         lambda m, names: GradualPruner(m, config, names),
         steps,

@@ -10,7 +10,13 @@ from torch import nn
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
-from compactnn.prune.masks import apply_masks, check_sparsity, masks_from_scores, prunable_layers
+from compactnn.prune.masks import (
+    apply_masks,
+    check_sparsity,
+    masks_from_scores,
+    prunable_layers,
+    skip_tied,
+)
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
@@ -24,7 +30,9 @@ class MagnitudeConfig(MethodConfig):
     Args:
         sparsity: fraction of weights removed, in [0, 1).
         scope: ``"layer"`` removes that fraction from every targeted layer; ``"global"``
-            ranks all targeted weights together (layers with small weights lose more).
+            ranks all targeted weights together (layers with small weights lose more), with
+            a floor: each output row keeps its largest weight, so no layer is zeroed whole
+            (a warning names the layers where the floor binds).
     """
 
     sparsity: float = 0.5
@@ -42,10 +50,10 @@ def apply_magnitude(
     model: nn.Module, targets: dict[str, nn.Module], config: MagnitudeConfig, ctx: CompressContext
 ) -> nn.Module:
     """Zero the ``sparsity`` fraction of smallest |w| in the targeted layers."""
-    layers = prunable_layers(targets, ctx)
+    layers = prunable_layers(skip_tied(model, targets, ctx, "magnitude"), ctx)
     scores = {n: m.weight.detach().abs() for n, m in layers.items()}
     counts = model_counts(model, ctx)  # params and MACs before, for the record
-    apply_masks(model, masks_from_scores(scores, config.sparsity, config.scope))
+    apply_masks(model, masks_from_scores(scores, config.sparsity, config.scope, ctx))
     record_sparsity(ctx, "magnitude", layers, model, counts)
     return model
 

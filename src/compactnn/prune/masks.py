@@ -9,10 +9,13 @@ weights with exact zeros.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compactnn.core.qembedding import tied_heads
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.errors import CompactnnError
 
@@ -110,7 +113,48 @@ def keep_nm_divisible(
                 f"targeted layers: {listing}; choose an M that divides them."
             )
         ctx.warn(f"{method} {n}:{m}: kept dense (input size not divisible by M={m}): {listing}")
+        for name, k in dense.items():  # the reason the float-layer report gives
+            ctx.skipped[name] = (
+                f"{method} {n}:{m} kept it dense (input size {k} not divisible by M)"
+            )
     return layers
+
+
+def skip_tied(
+    model: nn.Module, targets: dict[str, nn.Module], ctx, method: str
+) -> dict[str, nn.Module]:
+    """``targets`` less the Linear layers whose weight *is* an embedding table's (an LM head
+    tied to the token embedding, as GPT-2's): pruning such a head would prune the embedding.
+
+    Each head left out is named, with its table, in a warning and in ``ctx.skipped`` (the
+    reason the float-layer report gives). When the step targets the table too (e.g.
+    ``targets.classes: [Linear, Embedding]``, or both names), the user asked for both: the
+    shared tensor is pruned once, through the head (the table is dropped from the result).
+
+    Example:
+        >>> m = nn.ModuleDict({"emb": nn.Embedding(4, 2), "head": nn.Linear(2, 4)})
+        >>> m["head"].weight = m["emb"].weight
+        >>> list(skip_tied(m, {"emb": m["emb"], "head": m["head"]}, None, "sp50"))
+        ['head']
+    """
+    out = dict(targets)
+    for table, (head, layer) in tied_heads(model).items():
+        if head not in out:
+            continue
+        both = [
+            n for n, m in out.items() if n != head and getattr(m, "weight", None) is layer.weight
+        ]
+        if both:  # the table is targeted as well: prune the one tensor once
+            for n in both:
+                out.pop(n)
+            continue
+        out.pop(head)
+        ctx.skipped[head] = f"tied to {table}: pruning it would prune the embedding"
+        ctx.warn(
+            f"{method}: {head} left dense: its weight is {table}'s (tied), so pruning it would "
+            f"prune the embedding too; add {table} to the step's targets to prune both."
+        )
+    return out
 
 
 def prunable_layers(targets: dict[str, nn.Module], ctx=None) -> dict[str, nn.Module]:
@@ -143,28 +187,77 @@ def _keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
 
 
 def masks_from_scores(
-    scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer"
+    scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer", ctx=None
 ) -> dict[str, torch.Tensor]:
     """Masks removing the lowest-scoring fraction ``sparsity`` of entries.
 
+    Global ranking has a floor: when it would zero a whole output row (a neuron, a conv
+    filter; at high sparsity a whole layer whose weights are small, which gives every input
+    the same output), each row of every layer keeps its highest-scoring entry and the
+    ranking is redone with those kept; a warning names the layers where the floor binds.
+
     Args:
-        scores: name -> importance tensor (the weight's shape); higher is kept.
+        scores: name -> importance tensor (the weight's shape, rows = outputs); higher is
+            kept.
         sparsity: fraction removed, per layer (``scope="layer"``) or over all layers pooled
             (``scope="global"``).
         scope: ``"layer"`` or ``"global"``.
+        ctx: where the floor's warning goes (also into the notes); default ``warnings``.
     """
     check_sparsity(sparsity)
     if scope == "layer":
         return {n: _keep_top(s, round(sparsity * s.numel())) for n, s in scores.items()}
     if scope != "global":
         raise CompactnnError(f"scope={scope!r}; use 'layer' or 'global'.")
+    masks = _pooled_masks(scores, sparsity)
+    dead = {n: d for n, mask in masks.items() if (d := _dead_rows(mask))}
+    if not dead:
+        return masks
+    # the floor: each output row keeps its best entry (ranked above everything else), so no
+    # layer is cut off (a zero layer gives every input the same output); the total is exact
+    floored = {n: _with_row_best_first(s) for n, s in scores.items()}
+    listing = ", ".join(
+        f"{n} ({'all ' if d == scores[n].shape[0] else ''}{d} of {scores[n].shape[0]} rows)"
+        for n, d in dead.items()
+    )
+    message = (
+        f"global pruning at {sparsity:.0%} would zero whole output rows of {listing}; each "
+        "row keeps its largest weight (the rest of the budget comes from the other weights)."
+    )
+    if ctx is not None:
+        ctx.warn(message)
+    else:
+        warnings.warn(message, stacklevel=2)
+    return _pooled_masks(floored, sparsity)
+
+
+def _pooled_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Global ranking: the ``sparsity`` fraction of all entries pooled, lowest first (never
+    an entry scored +inf, so fewer when they outnumber the rest)."""
     flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
-    pooled = _keep_top(flat, round(sparsity * flat.numel()))
+    n_prune = min(round(sparsity * flat.numel()), int((flat != float("inf")).sum()))
+    pooled = _keep_top(flat, n_prune)
     out, start = {}, 0
     for n, s in scores.items():
         out[n] = pooled[start : start + s.numel()].reshape(s.shape)
         start += s.numel()
     return out
+
+
+def _dead_rows(mask: torch.Tensor) -> int:
+    """Output rows (first dimension) of a mask with nothing kept."""
+    if mask.dim() < 2:
+        return 0
+    return int((mask.reshape(mask.shape[0], -1).sum(1) == 0).sum())
+
+
+def _with_row_best_first(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` with each output row's highest entry raised to +inf (never pruned)."""
+    if scores.dim() < 2:
+        return scores
+    rows = scores.reshape(scores.shape[0], -1).float().clone()  # (out, K)
+    rows.scatter_(1, rows.argmax(1, keepdim=True), float("inf"))
+    return rows.reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

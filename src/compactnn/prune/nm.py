@@ -25,6 +25,7 @@ from compactnn.prune.masks import (
     keep_nm_divisible,
     nm_mask,
     prunable_layers,
+    skip_tied,
 )
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.prune.train import distill_steps
@@ -81,7 +82,8 @@ def apply_nm(
     dense, with one warning naming them (also in the model's notes); when no targeted layer
     is left, that is an error.
     """
-    layers = keep_nm_divisible(prunable_layers(targets, ctx), config.n, config.m, ctx, "nm")
+    layers = prunable_layers(skip_tied(model, targets, ctx, "nm"), ctx)
+    layers = keep_nm_divisible(layers, config.n, config.m, ctx, "nm")
     counts = model_counts(model, ctx)  # params and MACs before, for the record
     masks = nm_masks({k: v.weight.detach().abs() for k, v in layers.items()}, config.n, config.m)
     teacher = copy.deepcopy(model) if config.finetune_steps else None

@@ -26,7 +26,7 @@ from compactnn.prune.layerwise import (
     nm_layers,
     supported,
 )
-from compactnn.prune.masks import prunable_layers
+from compactnn.prune.masks import prunable_layers, skip_tied
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
@@ -101,7 +101,12 @@ def apply_sparsegpt(
 ) -> nn.Module:
     """Prune and reconstruct each layer in execution order from its calibration Hessian."""
     ctx.require_calibration("sparsegpt", 64)
-    layers = {n: m for n, m in prunable_layers(targets, ctx).items() if supported(n, m, ctx)}
+    layers = {}
+    for name, layer in prunable_layers(skip_tied(model, targets, ctx, "sparsegpt"), ctx).items():
+        if supported(name, layer, ctx):
+            layers[name] = layer
+        else:  # supported() warned; this is the reason the float-layer report gives
+            ctx.skipped[name] = "sparsegpt prunes Linear and ungrouped Conv2d only; left dense"
     layers = nm_layers(layers, config, ctx, "sparsegpt")
     if not layers:
         raise CompactnnError("sparsegpt: no Linear or Conv2d layer among the step's targets.")

@@ -23,7 +23,7 @@ from compactnn.prune.layerwise import (
     nm_layers,
     supported,
 )
-from compactnn.prune.masks import apply_masks, nm_mask, prunable_layers
+from compactnn.prune.masks import apply_masks, nm_mask, prunable_layers, skip_tied
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
@@ -55,7 +55,12 @@ def apply_wanda(
 ) -> nn.Module:
     """Prune each layer in execution order from its calibration input norms."""
     ctx.require_calibration("wanda", 64)
-    layers = {n: m for n, m in prunable_layers(targets, ctx).items() if supported(n, m, ctx)}
+    layers = {}
+    for name, layer in prunable_layers(skip_tied(model, targets, ctx, "wanda"), ctx).items():
+        if supported(name, layer, ctx):
+            layers[name] = layer
+        else:  # supported() warned; this is the reason the float-layer report gives
+            ctx.skipped[name] = "wanda prunes Linear and ungrouped Conv2d only; left dense"
     layers = nm_layers(layers, config, ctx, "wanda")
     if not layers:
         raise CompactnnError("wanda: no Linear or Conv2d layer among the step's targets.")
