@@ -120,3 +120,26 @@ def test_pruned_layers_names_sparsity_and_removed_channels():
         "0": "2 of 8 output channels removed",
     }
     assert pruned_layers({}, model) == {}
+
+
+def test_data_free_without_batch_norm_gives_the_command_line_way(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    (tmp_path / "nobnnet.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), "
+        "nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import nobnnet
+
+    save_file(nobnnet.make().state_dict(), "w.safetensors")
+    model = ["nobnnet:make", "--weights", "w.safetensors"]
+    argv = ["compress", *model, "-r", "w4a8", "-d", "data-free", "-o", "art"]
+    err = assert_one_error_line(
+        capsys, argv, "no BatchNorm layer", "--data FILE", "the command line has no DAFL option"
+    )
+    assert "input_shape=(C, H, W), method='dafl'" in err and "--data dafl.safetensors" in err
+    argv += ["--input-shape", "3,8,8"]
+    assert "input_shape=(3,8,8)" in assert_one_error_line(capsys, argv, "no BatchNorm layer")
+    assert not (tmp_path / "art").exists()

@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import compactnn
+from compactnn.cli import main
 from compactnn.commands import search as search_command
 from compactnn.errors import CompactnnError
 from compactnn.recipe import Recipe
@@ -145,3 +146,69 @@ def test_an_earlier_search_needs_force_and_a_failed_search_writes_nothing(projec
         search_command.run(parse(search_argv(tmp, out, "--avg-bits", "1", "--force")))
     assert (out / "search.json").read_text() == first
     assert search_command.run(parse(search_argv(tmp, out, "--avg-bits", "8", "--force"))) == 0
+
+
+def cli(capsys, *argv):
+    code = main(["search", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def own_model(tmp, data="calib.safetensors"):
+    data = () if data is None else ("--data", tmp / data)
+    return ["searchnet:make", "--weights", tmp / "w.safetensors", *data, "--no-progress"]
+
+
+def test_no_data_asks_for_the_data_flag_before_loading(project, capsys):
+    tmp, _ = project
+    argv = [*own_model(tmp, None), "-f", "w2a8,w8a8", "--avg-bits", "3", "-o", tmp / "s"]
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and "pass --data FILE" in err and "calib_data" not in err, err
+
+
+def test_latency_budget_times_the_first_data_batch(project, capsys, monkeypatch):
+    tmp, _ = project
+    seen = {}
+
+    def fake_search(model, **kwargs):
+        seen.update(kwargs)
+        raise CompactnnError("stopped here")
+
+    monkeypatch.setattr(search_command, "search", fake_search)
+    argv = [*own_model(tmp), "-f", "ch50+w8a8,w8a8", "--max-latency-ratio", "0.8", "-o", tmp / "s"]
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and "stopped here" in err, err
+    x = load_file(tmp / "calib.safetensors")["x"]
+    assert torch.equal(seen["latency_example"], x[:32])
+    code, _, err = cli(
+        capsys, *own_model(tmp), "-f", "w2a8,w8a8", "--avg-bits", "3", "-o", tmp / "t"
+    )
+    assert seen["latency_example"] is None  # only a latency budget times anything
+
+
+def test_max_drop_scores_top1_on_labelled_data(project, capsys):
+    tmp, model = project
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # the float model is right on every sample: 100% top-1
+    save_file({"x": x, "y": y}, tmp / "xy.safetensors")
+    argv = [*own_model(tmp, "xy.safetensors"), "-f", "w2a8,w8a8", "--max-drop", "5", "--max-evals",
+            "3", "-o", tmp / "acc"]  # fmt: skip
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert "top-1 (%) on --data" in out
+    summary = json.loads((tmp / "acc" / "search.json").read_text())
+    assert summary["baseline"] == 100.0 and summary["tried"]
+    best = [t for t in summary["tried"] if t["passed"]]
+    assert best and all(t["drop"] <= 5 for t in best)
+    argv = [*own_model(tmp), "-f", "w2a8,w8a8", "--max-drop", "5", "-o", tmp / "acc2"]
+    code, _, err = cli(capsys, *argv)  # inputs only: nothing to score
+    assert code == 2 and "pass labelled --data FILE" in err and "eval_fn" not in err, err
+
+
+def test_an_unreachable_average_is_reported_in_bits_per_weight(project, capsys):
+    tmp, _ = project
+    argv = [*own_model(tmp), "-f", "w2a8,w8a8", "--avg-bits", "1.5", "-o", tmp / "s"]
+    code, _, err = cli(capsys, *argv)
+    assert code == 2, err
+    assert "1.50 bits/weight is below the smallest reachable 2.00" in err and "code_bits" not in err

@@ -4,7 +4,7 @@ from torch import nn
 
 import compactnn
 from compactnn.export.size import theoretical_size
-from compactnn.mixed_precision.cost import cost_tables, count_macs, layer_bytes
+from compactnn.mixed_precision.cost import biased_layers, cost_tables, count_macs, layer_bytes
 from compactnn.mixed_precision.formats import Format
 
 
@@ -29,3 +29,20 @@ def test_macs_and_bops():
     assert macs == {"0": 4 * 25 * 2 * 9, "2": 3 * 100}
     t = cost_tables(layers, [Format.parse("w2a8"), Format.parse("w4")], macs)
     assert t["bops"][0].tolist() == [macs["0"] * 2 * 8, macs["0"] * 4 * 32]
+
+
+def test_a_bias_free_conv_before_batch_norm_is_priced_with_its_folded_bias():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, bias=False),
+        nn.BatchNorm2d(16),
+        nn.Conv2d(16, 8, 3, bias=False),  # no batch norm after it: stays bias-free
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+    names = ["0", "2", "4"]
+    assert biased_layers(model, names) == {"0", "4"}
+    layers = {n: model.get_submodule(n) for n in names}
+    f = Format.parse("w8a8")
+    t = cost_tables(layers, [f], biased=biased_layers(model, names))["bytes"][:, 0]
+    assert t[0] == layer_bytes(model[0], f) + 16 * 4  # 16 float32 biases from folding
+    assert t[1] == layer_bytes(model[2], f) and t[2] == layer_bytes(model[4], f)

@@ -154,3 +154,50 @@ def test_user_mistakes():
     with pytest.raises(CompactnnError, match="max_bytes"):
         Budget(max_bytes=-1)
     assert np.isfinite(1.0)
+
+
+class BiasFreeConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_byte_budget_counts_the_bias_batch_norm_folding_creates(tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model, x = BiasFreeConvBN().eval(), torch.randn(64, 3, 16, 16)
+    r = search(model, formats=FORMATS, budget=Budget(max_bytes=3000), calib_data=x, progress=False)
+    q = compactnn.compress(model, r.recipe, calib_data=x, progress=False)
+    compactnn.save(q, tmp_path / "art")
+    stored = {}
+    with safe_open(tmp_path / "art" / "model.safetensors", "pt") as f:
+        for key in f.keys():
+            if key.split(".")[0] in r.assignment:
+                t = f.get_tensor(key)
+                stored[key] = t.numel() * t.element_size()
+    assert stored["c1.bias"] == 16 * 4 and stored["c2.bias"] == 32 * 4  # made by folding
+    assert r.cost["bytes"] == sum(stored.values()) <= 3000
+
+
+def test_an_unreachable_budget_is_reported_in_its_own_unit():
+    model, calib = tiny_cnn()
+    with pytest.raises(
+        CompactnnError, match=r"avg_bits: 1\.50 bits/weight is below the smallest reachable 2\.00"
+    ):
+        search(
+            model, formats=FORMATS, budget=Budget(avg_bits=1.5), calib_data=calib, progress=False
+        )
+    with pytest.raises(CompactnnError, match=r"max_bytes: 10 bytes .* reachable [\d,]+ \("):
+        search(
+            model, formats=FORMATS, budget=Budget(max_bytes=10), calib_data=calib, progress=False
+        )

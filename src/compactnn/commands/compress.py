@@ -136,7 +136,20 @@ def pruned_layers(extra: dict, original=None) -> dict[str, str]:
 def data_free(args: argparse.Namespace, loaded) -> object:
     """256 images generated from the model alone (batch-norm statistics inversion)."""
     from compactnn.datafree import generate
+    from compactnn.datafree.common import has_bn_stats
 
+    if not has_bn_stats(loaded.model):  # before --input-shape: that would not help
+        shape = args.input_shape or "C, H, W"
+        raise CompactnnError(
+            f"--data data-free matches the batch-norm statistics of MODEL, and "
+            f"{type(loaded.model).__name__} has no BatchNorm layer with running statistics. "
+            "Pass real inputs with --data FILE (.safetensors or .npy), or generate DAFL "
+            "inputs (a generator trained against the model; the command line has no DAFL "
+            "option) in Python and pass the file: data = compactnn.datafree.generate(model, "
+            f"256, input_shape=({shape}), method='dafl'); "
+            "safetensors.torch.save_file({'x': data.x}, 'dafl.safetensors'); then "
+            "--data dafl.safetensors."
+        )
     if args.input_shape:
         try:
             shape = tuple(int(s) for s in args.input_shape.split(","))

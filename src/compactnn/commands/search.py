@@ -4,23 +4,26 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from compactnn.commands._common import (
     add_model_args,
-    calib_inputs,
     human_bytes,
     load_model,
     model_words,
+    split_labels,
 )
+from compactnn.core.calib import as_batches
 from compactnn.errors import CompactnnError
-from compactnn.export.artifact import artifact_exists, check_writable, foreign_entries
 from compactnn.export.fs import atomic_write
+from compactnn.measure.quality import evaluate
 from compactnn.mixed_precision import Budget, search
+from compactnn.mixed_precision.result import check_search_folder
+from compactnn.model_io import reference_names, resolve_data
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,8 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-drop",
         type=float,
-        help="accuracy-aware: the smallest recipe whose quality drop (the reference model's "
-        "own evaluation) is at most this",
+        help="accuracy-aware: the smallest recipe whose quality drop is at most this (top-1 "
+        "points on labelled --data x/y, else the reference model's own evaluation)",
     )
     p.add_argument("--max-evals", type=int, default=8, help="full evaluations (with --max-drop)")
     p.add_argument("--measure", choices=("measured", "hessian"), default="measured")
@@ -73,37 +76,57 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 SENSITIVITY = "sensitivity.json"
-SEARCH_FILES = frozenset({"recipe.yaml", "search.json", SENSITIVITY})
 
 
 def check_search_out(out: Path, force: bool) -> None:
     """Refuse, before any work, an ``--out`` the search's files would damage: a compactnn
     artifact (its recipe.yaml would be replaced), a folder of other files, or an earlier
     search without ``--force``."""
-    if artifact_exists(out):
+    check_search_folder(out, force, cli=True)
+
+
+def check_search_data(data: str | None, model_spec: str) -> None:
+    """Refuse, before the model is loaded, a search without calibration inputs: only
+    reference models bring their own."""
+    if data is None and model_spec not in reference_names():
         raise CompactnnError(
-            f"--out {str(out)!r} holds a compactnn artifact: the search's recipe.yaml would "
-            "replace the artifact's and break it. Choose a new folder, e.g. --out out/search."
+            "compactnn search scores every layer on calibration inputs and MODEL brings none: "
+            "pass --data FILE (.safetensors or .npy model inputs from the training split; a "
+            "labelled file with x and y also works)."
         )
-    if out.is_dir() and (names := foreign_entries(out)):
-        others = [n for n in names if n not in SEARCH_FILES]
-        if others:
-            raise CompactnnError(
-                f"--out {str(out)!r} is not empty (it has {', '.join(others[:3])}): the "
-                "search would mix its files with those. Choose an empty or new folder "
-                "(--force only replaces an earlier search's results)."
-            )
-        if not force:
-            raise CompactnnError(
-                f"--out {str(out)!r} holds an earlier search's results; pass --force to "
-                "replace them or choose a new folder."
-            )
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise CompactnnError(f"--out {str(out)!r} is not writable; choose another folder.")
-        return
-    if out.exists() and not out.is_dir():
-        raise CompactnnError(f"--out {str(out)!r} is a file; name a folder.")
-    check_writable(out, force=False)  # a new or empty folder: system folders, permissions
+
+
+def evaluation(args: argparse.Namespace, loaded, labelled) -> Callable | None:
+    """The quality ``--max-drop`` compares: top-1 on labelled ``--data`` (x, y), else a
+    reference model's held-out evaluation; None without ``--max-drop``."""
+    if args.max_drop is None:
+        return None
+    if labelled:
+        print(f"quality for --max-drop: top-1 (%) on --data {args.data} (x, y)")
+        return lambda model: evaluate(model, labelled)
+    if loaded.reference is not None:
+        return loaded.reference.evaluate
+    raise CompactnnError(
+        "--max-drop compares the quality of each candidate with the float model's, and "
+        "MODEL has no evaluation of its own: pass labelled --data FILE (a .safetensors with "
+        "inputs x and integer class labels y; top-1 on it is the quality and x calibrates), "
+        "or use a reference model (its held-out evaluation)."
+    )
+
+
+def latency_example(args: argparse.Namespace, loaded, inputs) -> object:
+    """The batch ``--max-latency-ratio`` times: the first batch of ``--data`` when given,
+    else MODEL's own example (reference models, HF folders, .pt2 archives)."""
+    if args.max_latency_ratio is None:
+        return None
+    if args.data is not None:
+        return as_batches(inputs)[0]
+    if loaded.example is None:
+        raise CompactnnError(
+            "--max-latency-ratio times the model on an example batch and MODEL brings none: "
+            "pass --data FILE (its first batch of 32 inputs is timed)."
+        )
+    return loaded.example
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,23 +144,11 @@ def run(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     check_search_out(out, args.force)  # before the (slow) search
+    check_search_data(args.data, args.model)  # before loading the model
     loaded = load_model(args.model, args)
-    eval_fn = None
-    if args.max_drop is not None:
-        if loaded.reference is None:
-            raise CompactnnError(
-                "--max-drop needs an evaluation: it works with reference models (their held-out "
-                "evaluation); in Python pass compactnn.mixed_precision.search(..., eval_fn=...)."
-            )
-        eval_fn = loaded.reference.evaluate
-    example = None
-    if args.max_latency_ratio is not None:
-        example = loaded.example
-        if example is None:
-            raise CompactnnError(
-                "--max-latency-ratio times the model on an example batch; MODEL has none: use "
-                "a reference model, or compactnn.search(..., latency_example=batch) in Python."
-            )
+    inputs, labels = split_labels(resolve_data(args.data, loaded))
+    eval_fn = evaluation(args, loaded, None if labels is None else (inputs, labels))
+    example = latency_example(args, loaded, inputs)
     with tempfile.TemporaryDirectory(prefix="compactnn-search-") as staging:
         cache = Path(staging)
         if (out / SENSITIVITY).is_file():  # an earlier search's scores (--force): reused
@@ -146,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             loaded.model,
             formats=args.formats,
             budget=budget,
-            calib_data=calib_inputs(args.data, loaded),
+            calib_data=inputs,
             eval_fn=eval_fn,
             max_drop=args.max_drop,
             measure=args.measure,
@@ -158,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             groups=args.groups,
             progress=not args.no_progress,
         )
-        result.save(out)  # only now: a search that fails leaves --out as it was
+        result.save(out, force=args.force)  # only now: a search that fails leaves --out as it was
         if (cache / SENSITIVITY).is_file():
             atomic_write(out / SENSITIVITY, lambda tmp: shutil.copyfile(cache / SENSITIVITY, tmp))
     counts: dict[str, int] = {}

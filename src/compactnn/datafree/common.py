@@ -196,8 +196,8 @@ class BNStats:
         if not self.layers:
             raise CompactnnError(
                 f"{type(model).__name__} has no BatchNorm layer with running statistics: "
-                "batch-norm inversion needs them; use method='dafl' (a generator trained "
-                "against the teacher) or real calibration data."
+                "batch-norm inversion needs them; use generate(model, n, method='dafl') (a "
+                "generator trained against the model) or real calibration data."
             )
         self.means: list[torch.Tensor] = []
         self.stds: list[torch.Tensor] = []

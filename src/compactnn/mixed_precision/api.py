@@ -31,8 +31,9 @@ from compactnn.mixed_precision.allocate import (
     allocate_with_groups,
     assignment_total,
     frontier,
+    min_cost,
 )
-from compactnn.mixed_precision.cost import cost_tables, count_macs
+from compactnn.mixed_precision.cost import biased_layers, cost_tables, count_macs
 from compactnn.mixed_precision.formats import Format, parse_formats
 from compactnn.mixed_precision.groups import (
     Group,
@@ -202,7 +203,7 @@ def search(
     allowed = _allowed(layers, fmts, first_last_min_bits, shrinks)
     mode = detect_call_mode(model, batches[0])
     macs = count_macs(model, layers, lambda m: call_model(m, batches[0], mode))
-    costs = cost_tables(layers, fmts, macs)
+    costs = cost_tables(layers, fmts, macs, biased_layers(model, names))  # folded BN biases
     cache = SensitivityCache(Path(cache_dir) / "sensitivity.json" if cache_dir else None)
     scores = sensitivity(
         model,
@@ -252,6 +253,8 @@ def search(
             g.choice = k
         return c
 
+    ref_ms = lat["per_format_ms"][lat["widest"]] if lat else None
+    _check_reachable(budget, table, allowed, found, n_weights, ref_ms)
     choice = solve_all(limits) if limits else None
     tried: list[dict[str, Any]] = []
     baseline = None
@@ -344,6 +347,47 @@ def search(
         latency=lat,
         groups=[g.to_dict() for g in found],
     )
+
+
+# budget field -> (cost table, per-unit divisor name, unit words)
+_BUDGET_UNITS = {
+    "max_bytes": ("bytes", None, "bytes of the searched layers"),
+    "avg_bits": ("code_bits", "weights", "bits/weight"),
+    "max_bops": ("bops", None, "bit-operations per sample"),
+    "max_latency_ratio": ("latency", "ref_ms", "x the widest format's latency (per-layer table)"),
+}
+
+
+def _check_reachable(
+    budget: Budget | None,
+    table: dict[str, np.ndarray],
+    allowed: np.ndarray,
+    found: list[Group],
+    n_weights: float,
+    ref_ms: float | None,
+) -> None:
+    """Refuse a budget below the cheapest allowed assignment, in the budget's own unit
+    (``avg_bits=1.5`` is compared in bits per weight, not in summed code bits)."""
+    if budget is None:
+        return
+    divisors = {"weights": n_weights, "ref_ms": ref_ms}
+    for field, (key, per, unit) in _BUDGET_UNITS.items():
+        given = getattr(budget, field)
+        if given is None or key not in table:
+            continue
+        floor = min_cost(table[key], allowed)
+        floor += sum(float(g.costs[key].min()) for g in found if key in g.costs)
+        floor /= divisors[per] if per else 1.0
+        if given >= floor - 1e-9 * max(1.0, abs(floor)):
+            continue
+        digits = 2 if per else 0
+        while f"{given:,.{digits}f}" == f"{floor:,.{digits}f}" and digits < 8:
+            digits += 1  # 1.995 vs 2.000: show the digit that differs
+        raise CompactnnError(
+            f"budget {field}: {given:,.{digits}f} {unit} is below the smallest reachable "
+            f"{floor:,.{digits}f} (every layer at its cheapest allowed format): raise the "
+            "budget or add a cheaper format."
+        )
 
 
 def _fallback(fmts: list[Format], j: int, widest: int) -> int:

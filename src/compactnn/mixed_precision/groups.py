@@ -33,7 +33,7 @@ from torch import nn
 from compactnn.core.calib import call_model, detect_call_mode, main_output
 from compactnn.core.modules import Targets
 from compactnn.errors import CompactnnError
-from compactnn.mixed_precision.cost import layer_bytes
+from compactnn.mixed_precision.cost import biased_layers, layer_bytes
 from compactnn.mixed_precision.formats import Format
 from compactnn.mixed_precision.latency import (
     compressed,
@@ -135,9 +135,10 @@ def _cost_change(
     """Change of bytes, code bits and BOPs over the searched layers at ``fmt``."""
     after = macs_of(pruned, names, example)
     out = {"bytes": 0.0, "code_bits": 0.0, "bops": 0.0}
+    biased = biased_layers(model, names)  # batch-norm folding gives a bias-free conv one
     for n, m0, m1 in zip(names, macs, after, strict=True):
         a, b = model.get_submodule(n), pruned.get_submodule(n)
-        out["bytes"] += layer_bytes(b, fmt) - layer_bytes(a, fmt)
+        out["bytes"] += layer_bytes(b, fmt, n in biased) - layer_bytes(a, fmt, n in biased)
         out["code_bits"] += (b.weight.numel() - a.weight.numel()) * fmt.weight.bits
         abits = fmt.act.bits if fmt.act is not None else 32
         out["bops"] += (m1 - m0) * fmt.weight.bits * abits

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
+from compactnn.export.artifact import artifact_exists, check_writable, foreign_entries
 from compactnn.export.fs import atomic_write_text
 from compactnn.recipe import Recipe
 
@@ -117,13 +119,85 @@ class SearchResult:
             },
         }
 
-    def save(self, out: str | Path) -> Path:
-        """Write ``recipe.yaml`` and ``search.json`` into ``out`` (atomically); return ``out``."""
-        out = Path(out)
+    def save(self, out: str | Path, force: bool = False) -> Path:
+        """Write ``recipe.yaml`` and ``search.json`` into the folder ``out``; return ``out``.
+
+        Each file is written atomically (a temporary file renamed into place). ``out`` may be
+        new, empty, or hold only the search's own ``sensitivity.json`` (the ``cache_dir``).
+
+        Args:
+            out: the folder (created with its parents when missing).
+            force: replace an earlier search's ``recipe.yaml`` and ``search.json`` there.
+
+        Raises:
+            CompactnnError: ``out`` is a file, holds a compactnn artifact (its own
+                ``recipe.yaml`` would be replaced and the artifact broken), holds other
+                files, holds an earlier search's results and ``force`` is False, or is not
+                writable. Nothing is written then.
+
+        Example:
+            >>> result.save("out/search")  # doctest: +SKIP
+        """
+        out = check_search_folder(out, force)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "recipe.yaml", self.recipe.to_yaml())
         atomic_write_text(out / "search.json", json.dumps(self.to_dict(), indent=1))
         return out
+
+
+SEARCH_FILES = frozenset({"recipe.yaml", "search.json", "sensitivity.json"})
+RESULT_FILES = ("recipe.yaml", "search.json")
+
+
+def check_search_folder(out: str | Path, force: bool, cli: bool = False) -> Path:
+    """Refuse, before anything is written, a folder the search's files would damage.
+
+    Args:
+        out: the folder for ``recipe.yaml``, ``search.json`` and ``sensitivity.json``.
+        force: an earlier search's results there may be replaced.
+        cli: word the messages for the command line (``--out``, ``--force``).
+
+    Returns:
+        ``out`` as a ``Path``.
+
+    Raises:
+        CompactnnError: ``out`` is a file, holds a compactnn artifact (even with ``force``),
+            holds files a search does not write (even with ``force``), holds an earlier
+            search's results without ``force``, or is not writable. Each message names
+            the path and the way out.
+
+    Example:
+        >>> check_search_folder("out/new-search", force=False)  # doctest: +SKIP
+    """
+    out = Path(out)
+    label = f"--out {str(out)!r}" if cli else f"search folder {str(out)!r}"
+    force_word = "--force" if cli else "force=True"
+    example = "--out out/search" if cli else "result.save('out/search')"
+    if artifact_exists(out):
+        raise CompactnnError(
+            f"{label} holds a compactnn artifact: the search's recipe.yaml would replace the "
+            f"artifact's and break it. Choose a new folder, e.g. {example}."
+        )
+    if os.path.lexists(out) and not out.is_dir():
+        raise CompactnnError(f"{label} is a file; name a folder, e.g. {example}.")
+    names = foreign_entries(out) if out.is_dir() else []
+    if others := [n for n in names if n not in SEARCH_FILES]:
+        raise CompactnnError(
+            f"{label} is not empty (it has {name_list(others, 3)}): the search would mix its "
+            f"files with those. Choose an empty or new folder ({force_word} only replaces an "
+            "earlier search's results)."
+        )
+    if not names:  # a new or empty folder
+        check_writable(out, force=False)  # system folders, permissions
+        return out
+    if any(n in RESULT_FILES for n in names) and not force:
+        raise CompactnnError(
+            f"{label} holds an earlier search's results; pass {force_word} to replace them "
+            "or choose a new folder."
+        )
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CompactnnError(f"{label} is not writable; choose another folder.")
+    return out
 
 
 def _num(v: float) -> float | None:
