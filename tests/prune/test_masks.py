@@ -7,6 +7,7 @@ from torch import nn
 import compactnn
 from compactnn.core.modules import Targets
 from compactnn.errors import CompactnnError
+from compactnn.prune.dns import DNSConfig
 from compactnn.prune.gradual import GradualConfig
 from compactnn.prune.magnitude import MagnitudeConfig
 from compactnn.prune.masks import masks_from_scores, nm_mask
@@ -69,6 +70,7 @@ TIED_STEPS = {
     "sp50-wanda": "wanda",
     "sp50-sparsegpt": "sparsegpt",
     "gradual": "gradual",
+    "dns": "dns",
 }
 
 
@@ -76,6 +78,9 @@ def _tied_recipe(name):
     if name == "gradual":
         config = GradualConfig(final_sparsity=0.5, end_step=2, frequency=1, finetune_steps=0)
         return Recipe("gradual", (Step("gradual", config),))
+    if name == "dns":
+        config = DNSConfig(sparsity=0.5, surgery_steps=2, finetune_steps=0)
+        return Recipe("dns", (Step("dns", config),))
     return name
 
 
@@ -87,8 +92,8 @@ def test_a_tied_head_is_left_dense_with_its_reason(recipe):
         warnings.simplefilter("always")
         q = compactnn.compress(model, _tied_recipe(recipe), calib_data=ids, progress=False)
     assert q.head.weight is q.emb.weight  # still tied
-    assert (q.emb.weight != 0).all()  # the embedding is not pruned (gradual trains it)
-    assert recipe == "gradual" or torch.equal(q.emb.weight, model.emb.weight)
+    assert (q.emb.weight != 0).all()  # the embedding is not pruned (gradual, dns train it)
+    assert recipe in ("gradual", "dns") or torch.equal(q.emb.weight, model.emb.weight)
     assert (q.fc.weight == 0).any()  # the rest is pruned
     tied = [str(w.message) for w in caught if "tied" in str(w.message)]
     assert len(tied) == 1 and "head" in tied[0] and "emb" in tied[0]

@@ -37,7 +37,7 @@ from compactnn.export.size import theoretical_size
 from compactnn.mixed_precision import Budget, build_recipe, search
 from compactnn.mixed_precision.allocate import assignment_total
 from compactnn.mixed_precision.api import searched_layers, uniform_choice
-from compactnn.mixed_precision.cost import cost_tables
+from compactnn.mixed_precision.cost import biased_layers, cost_tables
 from compactnn.mixed_precision.formats import parse_formats
 
 CNN_FORMATS = ["w2a8", "w3a8", "w4a8", "w8a8"]
@@ -49,7 +49,8 @@ LATENCY_FORMATS = "ch25+w8a8,ch50+w8a8,ch75+w8a8,w8a8"
 def uniform_bytes(model, formats: list[str], calib, fmt: str, first_last: str) -> float:
     """The cost model's bytes of the uniform recipe ``fmt`` with first/last at ``first_last``."""
     layers = searched_layers(model, as_batches(calib))
-    table = cost_tables(layers, parse_formats(formats))["bytes"]
+    biased = biased_layers(model, list(layers))  # as the search prices them (folded BN bias)
+    table = cost_tables(layers, parse_formats(formats), biased=biased)["bytes"]
     return assignment_total(table, uniform_choice(formats, fmt, len(layers), first_last))
 
 

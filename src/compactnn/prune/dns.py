@@ -33,7 +33,7 @@ from compactnn.engines.prune_schedule import (
     weight_layer_names,
 )
 from compactnn.errors import CompactnnError
-from compactnn.prune.masks import check_sparsity, dense_weight, set_mask
+from compactnn.prune.masks import check_sparsity, dense_weight, set_mask, skip_tied
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
@@ -165,7 +165,7 @@ def apply_dns(
     steps = config.surgery_steps + config.finetune_steps
     pruner = prune_while_distilling(
         model,
-        targets,
+        skip_tied(model, targets, ctx, "dns"),
         ctx,
         lambda m, names: DNSPruner(m, config, names),
         steps,
