@@ -8,6 +8,7 @@ The extension compiles once per machine (about 60-70 s the first time, then load
 import fcntl
 import os
 import re
+import threading
 import time
 import warnings
 
@@ -154,28 +155,79 @@ def fake_build(monkeypatch, tmp_path):
     return lock, calls
 
 
-def test_a_lock_left_by_a_killed_build_is_removed_with_notices(fake_build, caplog):
+def _old(path):
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+
+
+def test_torchs_lock_file_left_by_a_clean_build_is_kept_without_notice(fake_build, caplog):
+    # this torch's build lock is a flock (filelock), whose file stays after a clean build:
+    # a later run an hour on must neither warn nor delete it (a live builder may hold it)
     lock, calls = fake_build
     lock.touch()
-    old = time.time() - 2 * bitconv.LOCK_GRACE_S
-    os.utime(lock, (old, old))
+    (lock.parent / f"{bitconv._ext_name()}.so").touch()  # built: nothing to compile
+    _old(lock)
     with caplog.at_level("WARNING", logger="compactnn"):
         assert bitconv.load_extension() == "ext"
-    assert not lock.exists()
-    assert "removed" in caplog.text and "compiling compactnn's CPU kernels once" in caplog.text
+    assert lock.exists() and caplog.text == ""
     assert calls == [str(len(os.sched_getaffinity(0)))]  # MAX_JOBS = the CPUs, for the build
     assert "MAX_JOBS" not in os.environ
+
+
+def test_a_first_build_says_so(fake_build, caplog):
+    _, calls = fake_build
+    with caplog.at_level("WARNING", logger="compactnn"):
+        assert bitconv.load_extension() == "ext"
+    assert "compiling compactnn's CPU kernels once" in caplog.text
+    assert "removed" not in caplog.text and calls
+
+
+def test_concurrent_loads_take_turns_and_never_delete_torchs_lock(fake_build, caplog):
+    # another process builds: it holds compactnn.lock (and torch's lock, a plain old file
+    # here); this load waits for it instead of deleting a lock someone may hold
+    lock, calls = fake_build
+    lock.touch()
+    _old(lock)
+    ours = lock.parent / bitconv.BUILD_LOCK
+    done = threading.Event()
+    with open(ours, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a flock on another open file: another holder
+        with caplog.at_level("WARNING", logger="compactnn"):
+            worker = threading.Thread(target=lambda: (bitconv.load_extension(), done.set()))
+            worker.start()
+            time.sleep(0.6)
+            assert calls == [] and not done.is_set() and lock.exists()
+    worker.join(10)
+    assert done.is_set() and len(calls) == 1 and lock.exists() and ours.exists()
+    assert "waiting for another process" in caplog.text and "removed" not in caplog.text
+
+
+def test_a_leftover_baton_of_an_older_torch_is_removed_under_our_lock(
+    fake_build, caplog, monkeypatch
+):
+    # a torch whose lock is a FileBaton deletes it after every build, so one present while
+    # we hold compactnn.lock was left by a killed build, however young, and would block
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(cpp, "FileBaton", object(), raising=False)
+    monkeypatch.delattr(cpp, "FileLock", raising=False)
+    lock, calls = fake_build
+    lock.touch()
+    with caplog.at_level("WARNING", logger="compactnn"):
+        assert bitconv.load_extension() == "ext"
+    assert not lock.exists() and "removed" in caplog.text and calls
 
 
 def test_a_lock_held_too_long_falls_back_naming_the_file(fake_build, monkeypatch):
     lock, calls = fake_build
     monkeypatch.setattr(bitconv, "LOCK_WAIT_S", 0.2)
-    with open(lock, "w") as held:
+    ours = lock.parent / bitconv.BUILD_LOCK
+    with open(ours, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another builder holds it
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert bitconv.available(warn=True) is False
-        with pytest.raises(CompactnnError, match=re.escape(str(lock))):
+        with pytest.raises(CompactnnError, match=re.escape(str(ours))):
             bitconv.load_extension()  # the failure is kept: no second wait
-    assert calls == [] and lock.exists()
-    assert "delete that file" in str(caught[0].message)
+    assert calls == [] and ours.exists()
+    assert "let it finish" in str(caught[0].message)

@@ -14,10 +14,13 @@ from compactnn.core.qlayers import quantize_layer_rtn
 from compactnn.core.spec import QuantSpec
 from compactnn.kernels.nbits_tables import gather_format, gather_tables, gather_tensors
 from compactnn.kernels.ort_nbits import (
+    ALIGN_FROM,
     DATA_ALIGN,
+    SMALL_ALIGN,
     OrtNBitsModel,
     nbits_onnx,
     nbits_tensors,
+    save_nbits,
     to_ort_nbits,
 )
 
@@ -138,7 +141,7 @@ def test_to_ort_nbits_runs_from_a_mapped_file_and_cleans_up(tmp_path):
             for t in proto.graph.initializer
             if t.external_data
         ]
-        assert offsets and all(o % DATA_ALIGN == 0 for o in offsets)
+        assert offsets and all(o % SMALL_ALIGN == 0 for o in offsets)  # all small here
         assert {n.op_type for n in proto.graph.node} >= {"MatMulNBits", "GatherBlockQuantized"}
         own = to_ort_nbits(q, batch, threads=1)  # a private folder, gone with the model
         folder = own.path.parent
@@ -154,6 +157,54 @@ def test_to_ort_nbits_runs_from_a_mapped_file_and_cleans_up(tmp_path):
     with pytest.raises(compactnn.CompactnnError, match="is a folder"):
         to_ort_nbits(q, batch, threads=1, path=tmp_path / "new")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["deep"]
+
+
+def test_the_written_model_is_smaller_than_the_float_one(tmp_path):
+    # 64 KiB of alignment per tensor made a tiny model's data file mostly zeros, larger than
+    # its float weights; small tensors now start at a cache line
+    torch.manual_seed(0)
+    model = _Keywords().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    q = compactnn.compress(model, "w4-g32", calib_data=[batch], progress=False)
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.no_grad():
+        ref = OrtNBitsModel(nbits_onnx(q, batch)[0], list(batch), threads=1)(**batch)[0]
+        fast = to_ort_nbits(q, batch, threads=1, path=tmp_path / "m.onnx")
+        assert torch.equal(fast(**batch)[0], ref)
+    written = sum(f.stat().st_size for f in tmp_path.iterdir())
+    assert fast.nbytes == written < float_bytes
+    data = (tmp_path / "m.onnx.data").read_bytes()
+    assert data.count(0) < len(data) / 2  # not mostly padding
+
+
+def test_large_initializers_start_at_a_mapping_granularity(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    sizes = {"a": 1000, "big": ALIGN_FROM + 12, "b": 3000, "big2": ALIGN_FROM}
+    inits = [
+        numpy_helper.from_array(np.full(n, i + 1, np.uint8), name)
+        for i, (name, n) in enumerate(sizes.items())
+    ]
+    graph = helper.make_graph([], "g", [], [], inits)
+    total = save_nbits(helper.make_model(graph), tmp_path / "m.onnx", min_bytes=100)
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    where = {
+        t.name: {e.key: int(e.value) for e in t.external_data if e.key != "location"}
+        for t in proto.graph.initializer
+    }
+    for name, n in sizes.items():
+        assert where[name]["length"] == n
+        align = DATA_ALIGN if n >= ALIGN_FROM else SMALL_ALIGN
+        assert where[name]["offset"] % align == 0
+    assert where["big"]["offset"] == DATA_ALIGN  # after 1000 bytes: one granule, not two
+    assert where["b"]["offset"] == (where["big"]["offset"] + sizes["big"] + 63) // 64 * 64
+    back = onnx.load(str(tmp_path / "m.onnx"))
+    for t, want in zip(back.graph.initializer, inits, strict=True):
+        assert numpy_helper.to_array(t).tobytes() == numpy_helper.to_array(want).tobytes()
+    assert total == sum(f.stat().st_size for f in tmp_path.iterdir())
 
 
 def test_a_model_without_weight_only_layers_is_refused_by_name():

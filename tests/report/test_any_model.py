@@ -18,6 +18,7 @@ from compactnn.cli import main
 from compactnn.data import load_digits8
 from compactnn.errors import CompactnnError
 from compactnn.report import build_report, labelled_data
+from compactnn.report.any_model import REPORT_FILES, check_report_folder
 
 NET_SOURCE = """
 from torch import nn
@@ -213,3 +214,45 @@ def test_cli_report_and_its_errors(cli_project, capsys):
     assert main(["report", "a0-w8a8", *model, "--data", "test.safetensors",
                  "--out", "taken/sub"]) == 2  # fmt: skip
     assert "is a file" in capsys.readouterr().err
+    # the user's own report.md / results.json are kept unless --force
+    mine = cli_project / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes\n")
+    (mine / "results.json").write_text('{"mine": 1}')
+    hf = cli_project / "hf-model"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_text("")
+    refusals = [
+        (["--out", "mine"], "already holds a report (report.md, results.json); pass --force"),
+        (["--out", "a0-sp50", "--force"], "holds a compactnn artifact"),
+        (["--out", "hf-model", "--force"], "holds other files (config.json, model.safetensors)"),
+    ]
+    for args, needle in refusals:
+        before = {p: p.read_bytes() for p in cli_project.rglob("*") if p.is_file()}
+        run = ["report", "a0-w8a8", *model, "--data", "test.safetensors", *args]
+        assert main(run) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+        assert {p: p.read_bytes() for p in cli_project.rglob("*") if p.is_file()} == before
+    assert main(["report", "a0-sp50", *model, "--runs", "1", "--quick",
+                 "--data", "test.safetensors", "--out", "mine", "--force"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert json.loads((mine / "results.json").read_text())["rows"][1]["label"] == "sp50"
+    assert sorted(p.name for p in mine.iterdir()) == sorted(REPORT_FILES)
+
+
+def test_report_folder_guard(setup, tmp_path):
+    _root, _net, paths = setup
+    assert check_report_folder(tmp_path / "new" / "r") == tmp_path / "new" / "r"
+    assert check_report_folder(tmp_path) == tmp_path  # empty
+    (tmp_path / ".report.md.x1y2.tmp").write_text("")  # a killed write's leftover: ignored
+    (tmp_path / "pareto.png").write_bytes(b"")
+    with pytest.raises(CompactnnError, match=r"already holds a report \(pareto.png\); pass force"):
+        check_report_folder(tmp_path)
+    assert check_report_folder(tmp_path, force=True) == tmp_path
+    with pytest.raises(CompactnnError, match="holds a compactnn artifact"):
+        check_report_folder(paths["sp50"], force=True)
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(CompactnnError, match=r"other files \(notes.txt\).*only replaces"):
+        check_report_folder(tmp_path, force=True)

@@ -1,5 +1,6 @@
-"""``compactnn report ART [ART ...] --model MODEL --data labelled.safetensors --out DIR``:
-the report (Markdown, HTML, Pareto plot, JSON) of artifacts of one model on labelled data."""
+"""``compactnn report ART [ART ...] --model MODEL --data labelled.safetensors --out DIR
+[--force]``: the report (Markdown, HTML, Pareto plot, JSON) of artifacts of one model on
+labelled data."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Load each artifact into the float MODEL, measure top-1 on the labelled --data "
             "(tensors 'x' and 'y' in a .safetensors file), size on disk and latency (simulated, "
             "and int8 kernels where compactnn.deploy succeeds), beside the float model; write "
-            "report.md, report.html, pareto.png and results.json into --out."
+            "report.md, report.html, pareto.png and results.json into --out: a new or empty "
+            "folder, or one holding an earlier report (replaced only with --force)."
         ),
     )
     p.add_argument("artifacts", metavar="ART", nargs="+", help="artifact directories")
@@ -35,6 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="labelled data: a .safetensors file with inputs 'x' and integer labels 'y'",
     )
     p.add_argument("--out", "-o", required=True, help="report directory")
+    p.add_argument("--force", action="store_true", help="replace an existing report in --out")
     p.add_argument("--title", help="the report's heading")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs, at least (median)")
@@ -61,10 +64,16 @@ def read_labelled(spec: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from compactnn.model_io import skeleton_for
     from compactnn.report import build_report, labelled_data
-    from compactnn.report.any_model import HEADER, check_artifacts, table_rows
+    from compactnn.report.any_model import (
+        HEADER,
+        check_artifacts,
+        check_report_folder,
+        table_rows,
+    )
 
     if args.runs < 1 or args.threads < 1:
         raise CompactnnError("--runs and --threads must be at least 1.")
+    check_report_folder(args.out, args.force, cli=True)
     headers = check_artifacts(args.artifacts)  # before loading anything: cheap refusals first
     data = labelled_data(read_labelled(args.data))
     loaded = skeleton_for(
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         runs=args.runs,
         progress=not args.no_progress,
         quick=args.quick,
+        force=args.force,
     )
     lines = [HEADER, *table_rows(results)]
     widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]

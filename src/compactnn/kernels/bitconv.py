@@ -14,9 +14,20 @@ compilers: the CPU count unless set) into ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/compactnn/torch_extensions``, once per source and flag set; the build says so on
 the ``compactnn`` logger first. Without a compiler :func:`available` is False and
 :func:`load_extension` raises a :class:`~compactnn.errors.CompactnnError`; callers fall back
-to the int8 kernels. The same happens when another process holds the build folder's
-``lock`` for more than ``LOCK_WAIT_S`` (the message names the file); a ``lock`` file nobody
-holds (left by a killed build) is removed with a notice.
+to the int8 kernels.
+
+Concurrent processes take turns: each holds an OS ``flock`` on the build folder's
+``compactnn.lock`` around torch's whole build-and-import, waiting up to ``LOCK_WAIT_S`` for
+another process's build, after which it falls back the same way (the message names the
+file). The kernel drops a ``flock`` when its holder dies, so a killed build never leaves
+that lock held, and the file itself is never deleted (deleting a file someone may be locking
+would let two builds run at once). torch's own ``lock`` file in the folder is left alone:
+this torch holds it as a ``flock`` too (``filelock``), keeps the file after a clean build and
+ignores it when unheld. Only a torch whose build lock is a ``FileBaton`` (an ``O_EXCL`` file
+whose mere existence blocks every later load) needs a leftover one removed; that is done
+with a notice while this process holds ``compactnn.lock``, when no compactnn build can be
+alive in the folder (every compactnn build holds it, and the folder, named by the sources'
+hash, is compactnn's alone).
 """
 
 from __future__ import annotations
@@ -64,7 +75,7 @@ OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)
 
 LOCK_WAIT_S = 15 * 60.0  # how long to wait for another process's build (a first build on
 # two shared cores took over 5 minutes, measured)
-LOCK_GRACE_S = 60.0  # a lock file younger than this may be one a builder is about to lock
+BUILD_LOCK = "compactnn.lock"  # our flock around torch's build and import, never deleted
 
 _EXT = None
 _ERROR: str | None = None
@@ -112,12 +123,28 @@ def load_extension():
     name = _ext_name()
     build = build_directory() / name
     build.mkdir(parents=True, exist_ok=True)
-    _ERROR = _wait_for_lock(build / "lock")
-    if _ERROR is not None:
-        raise CompactnnError(_ERROR)
-    if not (build / f"{name}.so").exists():
-        _log.warning("compiling compactnn's CPU kernels once (about 2-3 minutes) into %s", build)
+    lock = build / BUILD_LOCK
     try:
+        fd = _take_build_lock(lock, build / f"{name}.so")
+    except OSError as exc:  # a read-only cache, ...
+        _ERROR = (
+            f"cannot lock {lock} to build compactnn's CPU kernels ({exc.strerror}); set "
+            "TORCH_EXTENSIONS_DIR to a writable folder, or deploy with kernel='int8'."
+        )
+        raise CompactnnError(_ERROR) from exc
+    if fd is None:
+        _ERROR = (
+            f"compactnn's CPU kernels are being built by another process, which has held "
+            f"{lock} for over {LOCK_WAIT_S / 60:.0f} minutes; let it finish (or stop it) "
+            "and retry. The lock is released when that process exits."
+        )
+        raise CompactnnError(_ERROR)
+    try:
+        _remove_leftover_baton(build / "lock")
+        if not (build / f"{name}.so").exists():
+            _log.warning(
+                "compiling compactnn's CPU kernels once (about 2-3 minutes) into %s", build
+            )
         with _max_jobs():
             _EXT = load(
                 name=name,
@@ -134,37 +161,32 @@ def load_extension():
             f"toolchain and remove {build}."
         )
         raise CompactnnError(_ERROR) from exc
+    finally:
+        os.close(fd)  # releases the flock
     return _EXT
 
 
-def _lock_held(lock: Path) -> bool:
-    """Whether a process holds ``lock`` (torch's build lock: an OS advisory ``flock``)."""
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing releases a lock we took
-    return False
-
-
-def _wait_for_lock(lock: Path) -> str | None:
-    """Remove a ``lock`` nobody holds; wait up to ``LOCK_WAIT_S`` for one another process
-    holds (its build); return the error to fall back with when it is still held."""
-    waited = False
+def _take_build_lock(lock: Path, built: Path) -> int | None:
+    """An open descriptor of ``lock`` holding an exclusive ``flock`` (close it to release),
+    or None when another process held it for ``LOCK_WAIT_S``. Says so on the logger when
+    the wait is for a build (``built``, the compiled module, missing): a process that only
+    imports the module holds the lock for milliseconds."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + LOCK_WAIT_S
-    while _lock_held(lock):
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
         if time.monotonic() >= deadline:
-            return (
-                f"compactnn's CPU kernels are being built by another process, which has held "
-                f"{lock} for over {LOCK_WAIT_S / 60:.0f} minutes; if no other compactnn "
-                "process is running, delete that file and retry."
-            )
-        if not waited:
+            os.close(fd)
+            return None
+        if not waited and not built.exists():
             _log.warning(
                 "waiting for another process to finish building compactnn's CPU kernels "
                 "(lock file %s; at most %.0f minutes)",
@@ -172,12 +194,26 @@ def _wait_for_lock(lock: Path) -> str | None:
                 LOCK_WAIT_S / 60,
             )
             waited = True
-        time.sleep(min(1.0, LOCK_WAIT_S / 10))
+        time.sleep(min(0.2, LOCK_WAIT_S / 10))
+
+
+def _torch_lock_is_baton() -> bool:
+    """Whether torch's extension build lock is an existence lock (``FileBaton``, older torch)
+    rather than a ``flock`` (``filelock.FileLock``, this torch), which keeps its file."""
+    import torch.utils.cpp_extension as cpp
+
+    return hasattr(cpp, "FileBaton") and not hasattr(cpp, "FileLock")
+
+
+def _remove_leftover_baton(lock: Path) -> None:
+    """Under our ``flock`` only: remove torch's ``lock`` where it is an existence lock, which
+    a clean build deletes, so one present now was left by a build killed mid-way (it would
+    block this load forever). Where torch's lock is a ``flock`` its file stays, untouched."""
+    if not _torch_lock_is_baton():
+        return
     with contextlib.suppress(FileNotFoundError):
-        if not waited and time.time() - lock.stat().st_mtime > LOCK_GRACE_S:
-            lock.unlink()
-            _log.warning("removed %s, left by an interrupted build of compactnn's kernels", lock)
-    return None
+        lock.unlink()
+        _log.warning("removed %s, left by an interrupted build of compactnn's kernels", lock)
 
 
 @contextlib.contextmanager

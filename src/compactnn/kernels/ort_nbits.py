@@ -18,7 +18,7 @@ either (MiniLM's word embeddings: 7.5 MB instead of 47 MB float32 or 23 MB bfloa
 
 The whole graph (attention, LayerNorm, GELU) runs in ONNX Runtime, which also removes the
 per-op overhead of eager PyTorch at batch 1. :func:`to_ort_nbits` writes the model as an
-``.onnx`` file with its initializers in a page-aligned external-data file and opens the
+``.onnx`` file with its initializers in an aligned external-data file and opens the
 session from that path: no Python copy of the model bytes stays alive, ONNX Runtime maps the
 initializers from the file (only the pages a run touches are resident), and the MatMulNBits
 weights, once prepacked, release their originals. Needs the ``onnx`` extra.
@@ -59,7 +59,15 @@ from compactnn.kernels.nbits_tables import (
 
 NBITS = (4, 8)  # ONNX Runtime's MatMulNBits bit widths used here (codes below 4 bits fit 4)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-DATA_ALIGN = 1 << 16  # external-data offsets: a multiple of every page / mapping granularity
+# external-data offsets. ONNX Runtime maps each initializer from the file: on Linux from the
+# page below its offset (any offset maps), on Windows only where that page is a multiple of the
+# 64 KiB allocation granularity (else it reads a copy). Large tensors, where a copy costs
+# memory, start at a multiple of DATA_ALIGN (padding under 6% of each); smaller ones at
+# SMALL_ALIGN, so a small model's file is not mostly padding (64 KiB per tensor made a tiny
+# BERT's data file 1.1 MB, 95% zeros, 3x its float checkpoint).
+DATA_ALIGN = 1 << 16  # a multiple of every page size and mapping granularity
+ALIGN_FROM = 1 << 20  # tensors of this many bytes or more start at a multiple of DATA_ALIGN
+SMALL_ALIGN = 64  # the others: a cache line, more than any element type or vector load needs
 
 
 def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
@@ -221,8 +229,9 @@ def _replace_matmuls(
 
 def save_nbits(proto: Any, path: str | os.PathLike, min_bytes: int = 1024) -> int:
     """Write ``proto`` to ``path`` with every initializer of ``min_bytes`` or more in
-    ``<path>.data``, each at an offset that is a multiple of ``DATA_ALIGN`` (so ONNX Runtime
-    can map it from the file instead of copying it). Both files are replaced atomically;
+    ``<path>.data``, each of ``ALIGN_FROM`` bytes or more at an offset that is a multiple of
+    ``DATA_ALIGN`` (so ONNX Runtime maps it from the file instead of copying it, on every
+    platform), smaller ones at a multiple of ``SMALL_ALIGN``. Both files are replaced atomically;
     ``proto`` is not modified; a missing parent folder is created. Returns the bytes written
     (both files)."""
     onnx = require("onnx", "onnx")
@@ -242,7 +251,8 @@ def save_nbits(proto: Any, path: str | os.PathLike, min_bytes: int = 1024) -> in
             for t in out.graph.initializer:
                 if not t.HasField("raw_data") or len(t.raw_data) < min_bytes:
                     continue
-                offset = -f.tell() % DATA_ALIGN + f.tell()
+                align = DATA_ALIGN if len(t.raw_data) >= ALIGN_FROM else SMALL_ALIGN
+                offset = -f.tell() % align + f.tell()
                 f.write(b"\0" * (offset - f.tell()))
                 f.write(t.raw_data)
                 t.ClearField("raw_data")

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import compactnn
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.measure import (
     DEFAULT_RUNS,
@@ -91,21 +91,60 @@ def _quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, metric: Metric)
     return evaluate(model, (x, y), metric=metric, batch_size=EVAL_BATCH)
 
 
-def _check_out(out: Path) -> None:
-    """Refuse, before any slow work, an output directory that cannot be written."""
+REPORT_FILES = ("report.md", "report.html", "pareto.png", "results.json")
+
+
+def _leftover(name: str) -> bool:
+    """A temporary file of a report write that was killed (``atomic_write``'s names)."""
+    return any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in REPORT_FILES)
+
+
+def check_report_folder(out: str | os.PathLike, force: bool = False, cli: bool = False) -> Path:
+    """Refuse, before any slow work, a report folder that cannot or should not be written.
+
+    A new or empty folder is used; one holding only an earlier report (its
+    ``REPORT_FILES``) is replaced only with ``force``; one holding anything else (an
+    artifact, a Hugging Face model folder, the user's files) is refused even with ``force``,
+    since the report would mix with or replace those files.
+
+    Raises:
+        CompactnnError: naming the folder and the way out (``--out`` / ``--force`` wording
+            when ``cli``).
+
+    Example:
+        >>> check_report_folder("out/report", force=False)  # doctest: +SKIP
+    """
+    out = Path(out)
+    label = f"--out {str(out)!r}" if cli else f"out={str(out)!r}"
+    force_word = "--force" if cli else "force=True"
     probe = out
-    while not probe.exists() and probe != probe.parent:
+    while not os.path.lexists(probe) and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         raise CompactnnError(
-            f"--out {str(out)!r} cannot be created: {str(probe)!r} is a file; choose a "
-            "directory path."
+            f"{label} cannot be created: {str(probe)!r} is a file; choose a directory path."
         )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise CompactnnError(
-            f"--out {str(out)!r} is not writable ({str(probe)!r} denies writing); check the "
+            f"{label} is not writable ({str(probe)!r} denies writing); check the "
             "permissions or choose another directory."
         )
+    if probe != out:  # a new folder
+        return out
+    names = sorted(e.name for e in os.scandir(out) if not _leftover(e.name))
+    if others := [n for n in names if n not in REPORT_FILES]:
+        what = "a compactnn artifact" if artifact_exists(out) else "other files"
+        raise CompactnnError(
+            f"{label} holds {what} ({name_list(others, 3)}): the report would mix with or "
+            f"replace them. Choose a new or empty folder, e.g. {str(out / 'report')!r} "
+            f"({force_word} only replaces an earlier report)."
+        )
+    if names and not force:
+        raise CompactnnError(
+            f"{label} already holds a report ({name_list(names, 4)}); pass {force_word} to "
+            "replace it or choose another folder."
+        )
+    return out
 
 
 def _source_key(header: dict[str, Any]) -> tuple[str, str] | None:
@@ -310,6 +349,7 @@ def build_report(
     runs: int = DEFAULT_RUNS,
     progress: bool = True,
     quick: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Measure artifacts of one float model on labelled data and write the report.
 
@@ -327,14 +367,17 @@ def build_report(
         progress: show a progress bar.
         quick: leave ``torch.compile`` out of the float paths (see
             :func:`compactnn.measure.float_paths.fastest_float_path`).
+        force: replace an earlier report in ``out`` (a folder of other files, such as an
+            artifact or a Hugging Face model folder, is refused even so).
 
     Returns:
         The results written to ``results.json``: ``rows`` (float, then per artifact the
         simulated model and, when deployable, the int8 model), ``environment`` and more.
 
     Raises:
-        CompactnnError: no labels, an unknown metric, an unwritable ``out``, a path that is
-            not an artifact, or artifacts of different float models.
+        CompactnnError: no labels, an unknown metric, an unwritable ``out``, an ``out``
+            holding a report (without ``force``) or other files, a path that is not an
+            artifact, or artifacts of different float models.
 
     Example:
         >>> results = build_report(["out/w8a8"], model=net, data=(x, y), out="out/r")
@@ -342,8 +385,7 @@ def build_report(
         >>> results["rows"][0]["runs_as"]  # doctest: +SKIP
         'fp32 eager'
     """
-    out = Path(out)
-    _check_out(out)
+    out = check_report_folder(out, force)
     x, y = labelled_data(data)
     _metric_name(metric)
     check_artifacts(artifacts)
