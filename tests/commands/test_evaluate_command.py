@@ -254,3 +254,64 @@ def test_eval_table_keeps_columns_apart_whatever_the_cell_lengths(monkeypatch, c
     for name, key in (("runs on", "runtime"), ("latency", "latency_text")):
         assert table[0].index(rows[0][key]) == table[1].index(rows[1][key]) == header.index(name)
     assert table[1].index("1.35x") == header.index("speedup")
+
+
+@pytest.fixture
+def pruned_artifact(project):
+    """``art-ch50``: the factory's model channel-pruned (a plain, smaller float model)."""
+    with pytest.warns(UserWarning, match="channel pruning skipped"):  # the output layer
+        pruned = compactnn.compress(
+            project["model"], "ch50", calib_data=project["x"], progress=False
+        )
+    compactnn.save(pruned, "art-ch50")
+    return pruned
+
+
+def test_eval_runs_a_channel_pruned_artifact_natively(
+    project, pruned_artifact, capsys, monkeypatch
+):
+    from compactnn.commands import evaluate as command
+    from compactnn.report import delivery
+
+    raced, timed = [], {}
+    real_form, real_paths = delivery.fastest_float_form, command.fastest_float_path
+
+    def form(model, example, **kwargs):  # the pruned model's own float paths
+        raced.append(model)
+        return real_form(model, example, **kwargs)
+
+    def paths(model, example, **kwargs):  # the side-by-side timing with the float paths
+        timed.update(kwargs["extra"])
+        return real_paths(model, example, **kwargs)
+
+    monkeypatch.setattr(delivery, "fastest_float_form", form)
+    monkeypatch.setattr(command, "fastest_float_path", paths)
+    rc = main(["eval", "art-ch50", *MODEL, "--quick", "--no-progress", "--data", "xy.safetensors",
+               "--json", "r.json"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    # timed on the pruned model itself (2 of 4 channels), not on a simulation
+    [model] = raced
+    assert isinstance(model[0], nn.Conv2d) and model[0].out_channels == 2
+    rows = {r["model"]: r for r in json.loads(open("r.json").read())["rows"]}
+    row = rows["compressed"]
+    assert row["runtime"] in ("PyTorch fp32", "PyTorch bf16 autocast", "ONNX Runtime fp32")
+    assert set(timed) == {"compressed"} and row["speedup"] is not None
+    ratio = rows["float"]["latency"]["median_s"] / row["latency"]["median_s"]
+    assert row["speedup"] == pytest.approx(ratio)
+    assert "simulated" not in out and "qmodel has no quantized layers" not in out
+    assert "runs natively: a plain float model" in out
+    # 4x9+4 + 256x3+3 = 811 parameters -> 2x9+2 + 128x3+3 = 407: 50% fewer
+    assert "bits/weight stored: 32 (float, no quantized layer; ch50 removed 50% of the " in out
+    assert "parameters: 811 -> 407)" in out
+
+
+def test_deploy_says_a_channel_pruned_artifact_has_nothing_to_deploy(
+    project, pruned_artifact, capsys
+):
+    rc = main(["deploy", "art-ch50", *MODEL, "--no-progress", "--data", "xy.safetensors"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "plain float model" in err and "nothing to deploy" in err
+    assert "compactnn eval" in err and "torch.onnx.export" in err
+    with pytest.raises(compactnn.CompactnnError, match="plain float model"):
+        compactnn.deploy(pruned_artifact, example=project["x"][:4])

@@ -100,3 +100,26 @@ def test_bert_family_models_also_race_onnx_runtimes_fused_graph():
     assert any(n.op_type == "SkipLayerNormalization" for n in fused)
     # a CNN (no Hugging Face config) gets no such contender
     assert float_paths.ORT_FUSED not in float_paths.float_contenders(_model(), X, quick=True)[0]
+
+
+def test_fastest_float_form_returns_the_winning_module_itself():
+    model = _model()
+    fast, paths = float_paths.fastest_float_form(model, X, quick=True, threads=1)
+    assert paths.winner in paths.timings and "torch.compile" in paths.skipped
+    if paths.winner == float_paths.EAGER:
+        assert fast is model
+    with torch.no_grad():
+        ref = model(X)
+        assert (fast(X).float() - ref).abs().max() <= 5e-2 * ref.abs().max()
+
+
+def test_a_plain_float_model_has_no_compactnn_module_or_mask():
+    from torch.nn.utils import parametrize
+
+    from compactnn.prune.masks import MaskedWeight
+
+    assert float_paths.is_plain_float(_model())
+    assert not float_paths.is_plain_float(nn.Sequential(_model(), MaskedWeight(torch.ones(1))))
+    masked = _model()
+    parametrize.register_parametrization(masked[0], "weight", nn.Identity())
+    assert not float_paths.is_plain_float(masked)

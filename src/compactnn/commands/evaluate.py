@@ -20,6 +20,7 @@ from torch import nn
 
 import compactnn
 from compactnn.commands._common import add_model_args, human_bytes, load_model, split_labels
+from compactnn.commands.compress import human_count
 from compactnn.core.calib import (
     as_batches,
     batch_size_of,
@@ -179,7 +180,8 @@ def _kind(model: nn.Module, example: Any) -> str:
 
 def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, str, list]:
     """The compressed row's label, model, runtime and notes (deployed unless --simulated)."""
-    from compactnn.report.delivery import SIMULATED, deliver  # the application: loaded here
+    # the application: loaded here
+    from compactnn.report.delivery import SIMULATED, deliver, deliver_float, is_plain_float
 
     if qmodel is None:
         return "compressed", None, SIMULATED, []
@@ -187,6 +189,11 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
         return "compressed", qmodel, SIMULATED, ["--simulated: the simulated model is measured"]
     if example is None:
         return "compressed", qmodel, SIMULATED, ["runs simulated: no sample input (pass --data)"]
+    if is_plain_float(qmodel):  # e.g. channel-pruned: runs as itself, on its fastest float path
+        fast, runtime, notes = deliver_float(
+            qmodel, example, quick=args.quick, threads=args.threads
+        )
+        return "compressed", fast, runtime, notes
     model, runtime, notes = deliver(_kind(qmodel, example), qmodel, example)
     label = "compressed" if runtime == SIMULATED else "deployed"
     return label, model, runtime, notes
@@ -233,6 +240,23 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "notes": notes,
         "rows": rows,
         "stored_bits": dict(args.stored_bits),
+        "float_weights": _float_weights(loaded.model, qmodel, recipe, args.stored_bits),
+    }
+
+
+def _float_weights(
+    float_model: nn.Module, qmodel: nn.Module | None, recipe: str | None, bits: dict
+) -> dict[str, Any] | None:
+    """For a compressed model with no compressed layer (e.g. channel-pruned): the width its
+    weights are stored at and its parameter count next to the float model's; else None."""
+    if qmodel is None or bits:
+        return None
+    widths = {8 * p.element_size() for p in qmodel.parameters() if p.is_floating_point()}
+    return {
+        "bits": widths.pop() if len(widths) == 1 else None,
+        "params_float": sum(p.numel() for p in float_model.parameters()),
+        "params": sum(p.numel() for p in qmodel.parameters()),
+        "recipe": recipe,
     }
 
 
@@ -269,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"quality: {base['metric']}")
     for line in text_table(TABLE_COLUMNS, _table_rows(result)):
         print(line)
-    print(_bits_line(result["stored_bits"]))
+    print(_bits_line(result["stored_bits"], result.get("float_weights")))
     print(_conditions(args, result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
@@ -326,9 +350,13 @@ def _table_rows(result: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-def _bits_line(bits: dict[str, float]) -> str:
-    """``bits/weight stored: 2.06`` over the compressed layers, with the extremes."""
+def _bits_line(bits: dict[str, float], float_weights: dict[str, Any] | None = None) -> str:
+    """``bits/weight stored: 2.06`` over the compressed layers, with the extremes; for a
+    model with none (``float_weights``, e.g. channel-pruned) its float width and how many
+    parameters the compression removed."""
     layers = {k: v for k, v in bits.items() if k != "total"}
+    if not layers and float_weights:
+        return _float_bits_line(float_weights)
     if not layers:
         return "bits/weight stored: - (no compressed layer)"
     lo, hi = min(layers, key=layers.get), max(layers, key=layers.get)
@@ -337,6 +365,20 @@ def _bits_line(bits: dict[str, float]) -> str:
         f"({layers[lo]:.2f} {lo} .. {layers[hi]:.2f} {hi}; every stored tensor of a weight "
         "over its weights, per layer in --json)"
     )
+
+
+def _float_bits_line(w: dict[str, Any]) -> str:
+    """``bits/weight stored: 32 (float; ch50 removed 73% of the parameters: 10.0k -> 2.7k)``."""
+    width = w["bits"] if w["bits"] is not None else "mixed"
+    before, after = w["params_float"], w["params"]
+    if after >= before or not before:
+        change = f"{human_count(after)} parameters, as many as the float model"
+    else:
+        change = (
+            f"{w['recipe'] or 'the compression'} removed {100 * (1 - after / before):.0f}% of "
+            f"the parameters: {human_count(before)} -> {human_count(after)}"
+        )
+    return f"bits/weight stored: {width} (float, no quantized layer; {change})"
 
 
 def _speedup_text(row: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from compactnn.lowering.verify import (
     layer_gap,
     with_layers,
 )
+from compactnn.measure.float_paths import is_plain_float
 
 BACKENDS = ("auto", "onednn", "onnxruntime", "inductor")
 AUTO_CANDIDATES = ("onednn", "onnxruntime")  # "auto" times both on the example: docs/deploy.md
@@ -453,6 +454,15 @@ def _check_args(qmodel, backend, example, residual, unsupported) -> None:
             "sample batch the model takes (e.g. a few calibration inputs)."
         )
     check_example(example)
+    if is_plain_float(qmodel):
+        raise CompactnnError(
+            "qmodel has no quantized layers: it is a plain float model (e.g. channel-pruned) "
+            "that runs as it is, so there is nothing to deploy. Use it directly, time "
+            "it with `compactnn eval ARTIFACT --model MODEL --data FILE` (on its fastest "
+            "float runtime), or export it with torch.onnx.export; for int8 kernels, compress "
+            "with a recipe that also quantizes (e.g. channel pruning, then 'w8a8') and "
+            "deploy that."
+        )
     if not any(is_quant_layer(m) for m in qmodel.modules()):
         raise CompactnnError(
             "qmodel has no quantized layers: run compactnn.compress(model, 'w8a8', "

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from compactnn.core.calib import batch_size_of, call_model, main_output
 from compactnn.core.onnx_trace import export_dynamic
@@ -78,6 +79,25 @@ class FloatPaths:
             "errors": dict(self.errors),
             "build_s": dict(self.build_s),
         }
+
+
+def is_plain_float(model: nn.Module) -> bool:
+    """True when ``model`` simulates nothing: no compactnn layer, quantizer or mask in it
+    (its modules are PyTorch's, the user's or compactnn's reference models') and no weight
+    parametrization. Such a model, e.g. a channel-pruned one, runs as it is on every
+    float path.
+
+    Example:
+        >>> is_plain_float(nn.Sequential(nn.Linear(4, 2), nn.ReLU()))
+        True
+    """
+    for m in model.modules():
+        origin = type(m).__module__
+        if origin.startswith("compactnn.") and not origin.startswith("compactnn.models"):
+            return False
+        if parametrize.is_parametrized(m):
+            return False
+    return True
 
 
 class Bf16Autocast(nn.Module):
@@ -294,6 +314,32 @@ def fastest_float_path(
         >>> paths.winner in paths.timings
         True
     """
+    return _race(model, example, quick, threads, runs, warmup, compile_timeout_s, extra)[0]
+
+
+def fastest_float_form(
+    model: nn.Module,
+    example: Any,
+    *,
+    quick: bool = True,
+    threads: int | None = DEFAULT_THREADS,
+    runs: int | None = None,
+) -> tuple[nn.Module, FloatPaths]:
+    """The fastest float path of ``model`` as a module to run (fp32 eager: ``model``
+    itself; an ONNX Runtime session; ...), and the race that chose it
+    (:func:`fastest_float_path`, same arguments).
+
+    Example:
+        >>> fast, paths = fastest_float_form(nn.Linear(4, 4), torch.ones(2, 4))
+        >>> paths.winner in paths.timings
+        True
+    """
+    paths, contenders = _race(model, example, quick, threads, runs, None, COMPILE_TIMEOUT_S, None)
+    return contenders[paths.winner], paths
+
+
+def _race(model, example, quick, threads, runs, warmup, compile_timeout_s, extra):
+    """:func:`fastest_float_path`'s result and the contenders it timed (name -> module)."""
     runs = runs or (3 if quick else 9)
     warmup = 2 if warmup is None else warmup
     previous = torch.get_num_threads()
@@ -313,7 +359,7 @@ def fastest_float_path(
     )
     floats = [name for name in contenders if name in timings]
     winner = min(floats, key=lambda n: timings[n].median_s)
-    return FloatPaths(timings, skipped, winner, errors, build_s)
+    return FloatPaths(timings, skipped, winner, errors, build_s), contenders
 
 
 def _check_outputs(

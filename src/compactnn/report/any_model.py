@@ -42,7 +42,7 @@ from compactnn.measure import (
 from compactnn.measure.environment import environment
 from compactnn.measure.float_paths import fastest_float_path
 from compactnn.measure.timing import omp_wait_policy
-from compactnn.report.delivery import deliver, float_path_name
+from compactnn.report.delivery import deliver, deliver_float, float_path_name, is_plain_float
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS, pareto_png
 from compactnn.report.writer import _mib, write_files
@@ -226,6 +226,13 @@ def _measure(
         row["float_layers"] = dict(info.get("float_layers", {}))
         rows.append(row)
         runners[label] = qmodel
+        if is_plain_float(qmodel):  # e.g. channel-pruned: delivered as itself, no int8 row
+            fast, row["runs_as"], notes = deliver_float(qmodel, example, threads=None)
+            row["notes"] += notes
+            row["quality"] = _quality(fast, x, y, metric)
+            runners[label] = fast
+            bar.update(1)
+            continue
         delivered = _try_deploy(qmodel, example, row["notes"])
         if delivered is not None:
             deployed, runtime = delivered

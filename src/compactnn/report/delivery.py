@@ -6,6 +6,10 @@ transformers through ``compactnn.to_kernels`` (low-bit linear kernels). When nei
 the model, it stays simulated, the runtime reads ``"simulated"`` and the reason is kept:
 rows light up as more recipes deploy, without changes here.
 
+A compressed model with nothing simulated in it (:func:`is_plain_float`: channel pruning,
+a float factorization) is no simulation: it is delivered as itself, on the fastest of its
+own float paths (:func:`deliver_float`), and named by that runtime.
+
 Example:
     >>> fast, runtime, notes = deliver("cnn", qmodel, images[:8])  # doctest: +SKIP
     >>> runtime                                                     # doctest: +SKIP
@@ -21,6 +25,10 @@ from torch import nn
 
 import compactnn
 from compactnn.errors import first_line
+from compactnn.measure.float_paths import fastest_float_form, is_plain_float
+from compactnn.measure.timing import DEFAULT_THREADS
+
+__all__ = ["SIMULATED", "deliver", "deliver_float", "float_path_name", "is_plain_float"]
 
 SIMULATED = "simulated"
 RUNTIME_NAMES = {"onednn": "oneDNN int8", "onnxruntime": "ONNX Runtime int8"}
@@ -84,3 +92,37 @@ def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | Non
 def float_path_name(name: str) -> str:
     """``"ort-fp32"`` -> ``"ONNX Runtime fp32"`` (unknown names are returned as they are)."""
     return FLOAT_PATH_NAMES.get(name, name)
+
+
+def deliver_float(
+    model: nn.Module,
+    example: Any,
+    *,
+    quick: bool = True,
+    threads: int | None = DEFAULT_THREADS,
+) -> tuple[nn.Module, str, list[str]]:
+    """A plain float model (:func:`is_plain_float`) delivered as itself: the fastest of
+    its own float paths, raced as the float model's are
+    (:func:`compactnn.measure.float_paths.fastest_float_form`; ``quick``: without
+    ``torch.compile``), with the runtime's name and a note listing the paths' times.
+
+    Returns:
+        ``(fast, runtime, notes)``, like :func:`deliver`; ``runtime`` is e.g.
+        ``"ONNX Runtime fp32"`` or ``"PyTorch fp32"``, never ``"simulated"``.
+
+    Example:
+        >>> fast, runtime, notes = deliver_float(pruned, images[:8])  # doctest: +SKIP
+        >>> runtime                                                    # doctest: +SKIP
+        'ONNX Runtime fp32'
+    """
+    fast, paths = fastest_float_form(model, example, quick=quick, threads=threads)
+    times = ", ".join(
+        f"{float_path_name(k)} {t.median_s * 1e3:.2f} ms" for k, t in paths.timings.items()
+    )
+    skipped = "; ".join(f"{float_path_name(k)}: {v}" for k, v in paths.skipped.items())
+    more = f"; skipped {skipped}" if skipped else ""
+    note = (
+        "runs natively: a plain float model (no quantized layer, nothing to deploy), on the "
+        f"fastest of its own float paths ({times}{more})"
+    )
+    return fast, float_path_name(paths.winner), [note]
