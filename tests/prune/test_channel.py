@@ -177,3 +177,162 @@ def test_summary_gives_the_reason_the_step_skipped_the_output_layer():
     assert [str(w.message) for w in caught if "7 (" in str(w.message)] == [
         "channel pruning skipped: 7 (its output channels are the model's outputs)"
     ]
+
+
+def _quiet_compress(model, recipe, x, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compactnn.compress(model, recipe, calib_data=x, progress=False, **kw)
+
+
+def test_finetune_steps_run_and_lower_the_distillation_loss():
+    # ChannelConfig(finetune_steps=...) used to crash: its label went in as on_step
+    model, x = _chain(), torch.randn(64, 2, 10, 10)
+
+    def pruned(steps):
+        config = ChannelConfig(ratio=0.5, finetune_steps=steps, lr=1e-3)
+        recipe = compactnn.Recipe("ch50-ft", (compactnn.Step("channel", config),))
+        return _quiet_compress(model, recipe, x)
+
+    one_shot, tuned = pruned(0), pruned(30)
+    assert tuned[3].weight.shape == one_shot[3].weight.shape == (8, 4, 3, 3)
+    assert not torch.equal(tuned[3].weight, one_shot[3].weight)
+    with torch.no_grad():
+        ref = model(x)
+        loss_tuned = nn.functional.mse_loss(tuned(x), ref)
+        loss_one_shot = nn.functional.mse_loss(one_shot(x), ref)
+    assert loss_tuned < loss_one_shot
+
+
+def _seq_bn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+
+
+def test_pruning_grows_with_the_ratio_and_every_layer_keeps_a_channel():
+    # at 95% the 16-wide layer would keep int(0.8) = 0 channels, which torch-pruning refuses
+    # silently (the layer stayed whole); at 97% both layers did
+    x = torch.randn(4, 3, 8, 8)
+    kept, widths = [], []
+    for percent in (50, 90, 95, 97):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruned = compactnn.compress(_seq_bn(), f"ch{percent}", calib_data=x, progress=False)
+        kept.append(count_params(pruned))
+        widths.append((pruned[0].out_channels, pruned[3].out_channels))
+        skipped = [str(w.message) for w in caught if "skipped" in str(w.message)]
+        assert skipped == [
+            "channel pruning skipped: 8 (its output channels are the model's outputs)"
+        ]
+    assert widths == [(8, 16), (1, 3), (1, 1), (1, 1)]
+    assert kept == sorted(kept, reverse=True) and kept[0] < count_params(_seq_bn())
+
+
+def test_ratio_zero_is_refused():
+    with pytest.raises(CompactnnError, match=r"removes nothing.*ch30"):
+        resolve_recipe("ch0")
+    assert ChannelConfig(ratio=0.0, heads=0.5).heads == 0.5  # heads alone is a real step
+
+
+def test_round_to_larger_than_a_layer_says_so():
+    # round_to=32 leaves no multiple of 32 below 16 or 32 channels; torch-pruning skipped
+    # those groups silently and the reason blamed a residual add the model does not have
+    config = ChannelConfig(ratio=0.5, round_to=32)
+    recipe = compactnn.Recipe("ch50-r32", (compactnn.Step("channel", config),))
+    pruned = _quiet_compress(_seq_bn(), recipe, torch.randn(4, 3, 8, 8))
+    reasons = compactnn.info_of(pruned)["float_layers"]
+    assert (
+        reasons["0"] == "channel pruning skipped it (it has 16 channels, no more than round_to=32)"
+    )
+    assert (
+        reasons["3"] == "channel pruning skipped it (it has 32 channels, no more than round_to=32)"
+    )
+    assert pruned[0].out_channels == 16
+
+
+def test_a_layer_coupled_to_an_ignored_one_names_it():
+    # c1 and c2 meet at a residual add: ignoring c2 keeps c1's channels, and the reason
+    # names c2, not a generic coupling
+    pruned = _quiet_compress(Block().eval(), "ch50", torch.randn(2, 3, 6, 6), ignore=["c2"])
+    assert pruned.c1.out_channels == 8
+    assert compactnn.info_of(pruned)["float_layers"]["c1"] == (
+        "channel pruning skipped it (its channels are coupled (residual add, concat, shared "
+        "or grouped conv) to 'c2', not pruned (not targeted by the step))"
+    )
+
+
+class Aliased(nn.Module):
+    """One Linear registered under two names (``self.alias = self.b``) and run twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.out = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        self.alias = self.b
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.out(torch.relu(self.alias(h)))
+
+
+def test_module_under_two_names_loads_resized_under_both(tmp_path):
+    x = torch.randn(32, 16)
+    pruned = _quiet_compress(Aliased(), "ch50", x)
+    assert pruned.b.out_features == 16 and pruned.alias is pruned.b
+    compactnn.save(pruned, tmp_path / "a")
+    loaded = compactnn.load(tmp_path / "a", model=Aliased())
+    assert loaded.alias is loaded.b and loaded.b.weight.shape == (16, 16)
+    assert torch.equal(loaded(x), pruned(x))
+
+
+class TwoBlocks(nn.Module):
+    """stem + two residual blocks (c1 -> c2, added to the stream) + a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for c1, c2 in (self.convs[:2], self.convs[2:]):
+            x = x + c2(torch.relu(c1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_ignore_protects_a_layers_outputs_and_its_inputs_follow_the_producer():
+    # documented semantics of ignore= under channel pruning: the ignored layer's own
+    # (output) channels stay; its input channels shrink with the layer feeding it
+    x = torch.randn(2, 3, 6, 6)
+    pruned = _quiet_compress(TwoBlocks().eval(), "ch50", x, ignore=["convs.1"])
+    assert pruned.convs[1].weight.shape == (8, 4, 3, 3)  # convs.0 (its producer) was pruned
+    assert pruned.convs[2].weight.shape == (4, 8, 3, 3)
+
+
+def test_layers_kept_whole_keep_their_input_channels_too():
+    # remove_channels(whole=...): the layers feeding those are not pruned either
+    from compactnn.core.context import CompressContext
+    from compactnn.prune.channel import remove_channels
+
+    model, x = TwoBlocks().eval(), torch.randn(2, 3, 6, 6)
+    targets = {n: m for n, m in model.named_modules() if n and n != "convs.1"}
+    skipped = remove_channels(
+        model, targets, ChannelConfig(ratio=0.5), CompressContext([x]), whole=("convs.1",)
+    )
+    assert model.convs[1].weight.shape == (8, 8, 3, 3)
+    assert model.convs[2].weight.shape == (4, 8, 3, 3)
+    assert skipped["convs.0"] == (
+        "its output channels feed 'convs.1', kept whole (not targeted by the step)"
+    )

@@ -36,6 +36,7 @@ from compactnn.registry import register, register_short_name
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 IMPORTANCES = ("l1", "l2", "taylor")
+COUPLED = "(residual add, concat, shared or grouped conv)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,9 @@ class ChannelConfig(MethodConfig):
     """Structured channel pruning.
 
     Args:
-        ratio: fraction of output channels removed from each prunable group, in [0, 1).
+        ratio: fraction of output channels removed from each prunable group, in [0, 1)
+            (0 only with ``heads``); the count kept is rounded down, and every group keeps
+            at least one channel (``round_to`` channels when set).
         importance: ``"l1"``, ``"l2"`` (weight norms) or ``"taylor"`` (``|w * grad|`` on the
             calibration batches, with the model's own predictions as labels).
         global_ranking: rank channels across layers instead of within each layer.
@@ -73,6 +76,11 @@ class ChannelConfig(MethodConfig):
             )
         if self.round_to is not None and self.round_to < 1:
             raise CompactnnError(f"ChannelConfig.round_to={self.round_to} must be >= 1.")
+        if self.ratio == 0 and self.heads == 0:
+            raise CompactnnError(
+                "ChannelConfig(ratio=0, heads=0) removes nothing: give the fraction of channels "
+                "to remove, in (0, 1), e.g. ratio=0.3 (short name ch30)."
+            )
 
 
 def _where(exc: BaseException) -> str:
@@ -172,27 +180,143 @@ def _skip_reasons(
     return reasons
 
 
+@dataclasses.dataclass
+class _Plan:
+    """What the dependency graph asks for before anything is removed.
+
+    Attributes:
+        keep: layers whose output channels stay, with the reason (torch-pruning ignores them).
+        ratios: root layer -> the ratio torch-pruning must use so its group keeps
+            :func:`kept_channels` channels (it truncates, and skips a group left empty).
+    """
+
+    keep: dict[str, str]
+    ratios: dict[nn.Module, float]
+
+
+def kept_channels(n: int, config: ChannelConfig) -> int:
+    """Channels a group of ``n`` keeps: ``floor(n * (1 - ratio))``, but at least one (at
+    least ``round_to`` when set), so pruning never grows as the ratio rises.
+
+    Example:
+        >>> [kept_channels(16, ChannelConfig(ratio=r)) for r in (0.5, 0.9, 0.97)]
+        [8, 1, 1]
+    """
+    least = config.round_to or 1
+    return min(n, max(least, int(n * (1 - config.ratio) + 1e-9)))  # 1e-9: 10 * (1 - 0.9)
+
+
+def _members(pruner: Any, group: Any) -> tuple[list[nn.Module], list[nn.Module], int, int]:
+    """A group's layers losing output channels, those losing inputs, its channel count
+    (per channel group) and the number of channel groups (grouped convs), as torch-pruning
+    ranks them."""
+    dg, outs, ins, ch_groups = pruner.DG, [], [], 1
+    for dep, _ in group:
+        m = dep.target.module
+        if dg.is_out_channel_pruning_fn(dep.handler):
+            outs.append(m)
+            ch_groups = max(ch_groups, pruner.out_channel_groups.get(m, 1))
+        elif dg.is_in_channel_pruning_fn(dep.handler):
+            ins.append(m)
+            ch_groups = max(ch_groups, pruner.in_channel_groups.get(m, 1))
+    return outs, ins, dg.get_out_channels(group[0].dep.target.module) // ch_groups, ch_groups
+
+
+def _too_few(n: int, ch_groups: int, config: ChannelConfig) -> str:
+    per = f" in each of {ch_groups} channel groups (grouped convolution)" if ch_groups > 1 else ""
+    if config.round_to and n <= config.round_to:
+        return f"it has {n} channels{per}, no more than round_to={config.round_to}"
+    return f"ratio {config.ratio:g} removes none of its {n} channels{per}"
+
+
+def _plan(
+    pruner: Any,
+    names: dict[int, str],
+    reasons: dict[str, str],
+    whole: set[str],
+    config: ChannelConfig,
+) -> _Plan:
+    """Groups to leave whole (they feed a layer in ``whole``, or are too small) and the
+    per-group ratios that keep the floor of :func:`kept_channels` (local ranking only)."""
+    plan = _Plan({}, {})
+    groups = pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    )
+    for group in groups:
+        outs, ins, n, ch_groups = _members(pruner, group)
+        fed = [names[id(m)] for m in ins if names.get(id(m)) in whole]
+        keep = kept_channels(n, config)
+        if fed:
+            reason = f"its output channels feed {fed[0]!r}, kept whole ({reasons[fed[0]]})"
+        elif keep == n:
+            reason = _too_few(n, ch_groups, config)
+        elif not config.global_ranking and keep != int(n * (1 - config.ratio)):
+            plan.ratios[group[0].dep.target.module] = 1 - (keep + 0.5) / n
+            continue
+        else:
+            continue
+        plan.keep.update({names[id(m)]: reason for m in outs if id(m) in names})
+    return plan
+
+
+def _unpruned_reason(pruner: Any, module: nn.Module, names: dict[int, str], reasons: dict) -> str:
+    """Why torch-pruning left a targeted layer's output channels whole: the layer not pruned
+    that its channel group is coupled to, else what is left (global ranking, a coupling the
+    library refuses)."""
+    dg = pruner.DG
+    fn = dg.get_pruner_of_module(module).prune_out_channels
+    group = dg.get_pruning_group(module, fn, list(range(dg.get_out_channels(module))))
+    for dep, _ in group:
+        m = dep.target.module
+        if dg.is_out_channel_pruning_fn(dep.handler) and names.get(id(m)) in reasons:
+            other = names[id(m)]
+            return f"its channels are coupled {COUPLED} to {other!r}, not pruned ({reasons[other]})"
+    if pruner.global_pruning:
+        return "global ranking removed none of its channels, or all (a group is never emptied)"
+    return f"torch-pruning refused to prune its channel group {COUPLED}"
+
+
+def _pruner(
+    model: nn.Module, config: ChannelConfig, ctx: CompressContext, ignored: list, ratios: dict
+) -> Any:
+    return tp.pruner.MetaPruner(
+        model,
+        ctx.batches[0],
+        importance=_importance(config),
+        pruning_ratio=config.ratio,
+        pruning_ratio_dict=ratios or None,
+        global_pruning=config.global_ranking,
+        ignored_layers=ignored,
+        round_to=config.round_to,
+        forward_fn=lambda m, x: ctx.run(m, x),
+        output_transform=output_tensor,
+    )
+
+
 def remove_channels(
-    model: nn.Module, targets: dict[str, nn.Module], config: ChannelConfig, ctx: CompressContext
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    config: ChannelConfig,
+    ctx: CompressContext,
+    whole: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    """Prune ``model`` in place; returns the skipped layers with reasons."""
+    """Prune ``model`` in place; returns the skipped layers with reasons.
+
+    Layers not in ``targets`` keep their output channels; layers named in ``whole`` (among
+    those) keep their input channels too: the layers feeding them are not pruned either.
+    """
     example = ctx.batches[0]
     outputs = output_layers(model, ctx, example)
     reasons = _skip_reasons(model, targets, outputs)
-    ignored = [model.get_submodule(n) for n in reasons]
+    names = {id(m): n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
     widths = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
     try:
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=_importance(config),
-            pruning_ratio=config.ratio,
-            global_pruning=config.global_ranking,
-            ignored_layers=ignored,
-            round_to=config.round_to,
-            forward_fn=lambda m, x: ctx.run(m, x),
-            output_transform=output_tensor,
-        )
+        pruner = _pruner(model, config, ctx, [model.get_submodule(n) for n in reasons], {})
+        plan = _plan(pruner, names, reasons, set(whole) & set(reasons), config)
+        if plan.keep or plan.ratios:  # trace again with the extra ignored layers and ratios
+            reasons.update(plan.keep)
+            ignored = [model.get_submodule(n) for n in reasons]
+            pruner = _pruner(model, config, ctx, ignored, plan.ratios)
         if config.importance == "taylor":
             _taylor_grads(model, ctx)
         pruner.step()
@@ -206,15 +330,11 @@ def remove_channels(
             f"{type(exc).__name__}: {exc}"
         ) from exc
     model.zero_grad(set_to_none=True)
+    kept = dict(reasons)  # the layers torch-pruning was told to keep: what a group can blame
     for name, m in model.named_modules():
-        if name in targets and name not in reasons and isinstance(m, PRUNABLE):
-            if m.weight.shape[0] == widths.get(name) and round(widths[name] * config.ratio):
-                reasons[name] = (
-                    "its channels are coupled (residual add, concat, grouped conv) to a layer "
-                    "that cannot be pruned"
-                )
-            elif m.weight.shape[0] == widths.get(name):
-                reasons[name] = f"too few channels ({widths[name]}) to remove at this ratio"
+        if name in targets and name not in kept and isinstance(m, PRUNABLE):
+            if m.weight.shape[0] == widths.get(name):
+                reasons[name] = _unpruned_reason(pruner, m, names, kept)
     return {n: r for n, r in reasons.items() if n in targets}
 
 
@@ -240,7 +360,8 @@ def apply_channel(
             )
     ctx.extra.setdefault("resized", {}).update(changed(before, snapshot(model)))
     if teacher is not None:
-        distill_steps(model, teacher, ctx, config.finetune_steps, config.lr, "channel fine-tune")
+        steps, lr = config.finetune_steps, config.lr
+        distill_steps(model, teacher, ctx, steps, lr, desc="channel fine-tune")
     record_sparsity(ctx, "channel", {}, model, counts)
     return model
 

@@ -154,7 +154,13 @@ def rebuild_resized(model: nn.Module, resized: dict[str, dict[str, Any]]) -> Non
         new = build(g)
         new.to(next(iter(target.parameters()), torch.empty(0)).dtype)
         new.train(target.training)  # a fresh module is in training mode (BN would update)
-        set_module(model, name, new)
+        for alias in aliases_of(model, target):  # ``self.alias = self.b``: one module, two names
+            set_module(model, alias, new)
+
+
+def aliases_of(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which ``module`` is registered in ``model``."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
 
 
 @registry.register_artifact_hook("resize")
