@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 import compactnn
+from compactnn.cli import main
 from compactnn.commands import export as export_cmd
+from compactnn.commands._common import human_bytes
 from compactnn.errors import CompactnnError
 from compactnn.models.tiny_hf import tiny_model
 
@@ -88,7 +90,7 @@ def test_each_format_gets_its_options(artifacts, tmp_path, monkeypatch):
         _run(str(root / "w4-g32"), "-f", "onnx", "-o", str(tmp_path / "r"), "--requantize")
     seen = {}
 
-    def fake_export(name, qmodel, out, **opts):
+    def fake_export(name, qmodel, out, *, force=False, **opts):
         seen[name] = opts
         Path(out).write_bytes(b"x")
         return Path(out)
@@ -130,3 +132,91 @@ def test_own_cnn_artifacts_are_pointed_to_model_and_to_deploy_onnx(tmp_path, mon
     assert "compactnn deploy art --model ... --onnx FILE" in onnx
     with pytest.raises(CompactnnError, match="--onnx FILE"):
         _run("art", "--format", "onnx", "--out", "m.onnx", *own)
+
+
+def _user_error(capsys, *argv: str) -> str:
+    """``compactnn export ARGV`` in-process: exit 2 with one ``error:`` line, no traceback."""
+    code = main(["export", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_force_replaces_an_earlier_export_and_refuses_other_folders(artifacts, tmp_path, capsys):
+    root, model = artifacts
+    art = str(root / "w4-g32")
+    (tmp_path / "file").write_text("x")
+    err = _user_error(
+        capsys, art, "-f", "compressed-tensors", "-o", str(tmp_path / "file"), "--force"
+    )
+    assert "--out" in err and "is a file" in err and "folder" in err
+    sharded = tmp_path / "float"
+    model.save_pretrained(sharded, max_shard_size="100KB")  # the user's sharded float model
+    before = sorted(p.name for p in sharded.iterdir())
+    capsys.readouterr()  # transformers' progress bar
+    err = _user_error(capsys, art, "-f", "compressed-tensors", "-o", str(sharded), "--force")
+    assert "not a compressed-tensors export" in err and "new or empty folder" in err
+    assert sorted(p.name for p in sharded.iterdir()) == before
+    ct = tmp_path / "ct"
+    assert main(["export", art, "-f", "compressed-tensors", "-o", str(ct)]) == 0
+    assert "--force" in _user_error(capsys, art, "-f", "compressed-tensors", "-o", str(ct))
+    (ct / "model-00001-of-00002.safetensors").write_text("stale")  # not an export's file
+    _user_error(capsys, art, "-f", "compressed-tensors", "-o", str(ct), "--force")
+    (ct / "model-00001-of-00002.safetensors").unlink()
+    assert main(["export", art, "-f", "compressed-tensors", "-o", str(ct), "--force"]) == 0
+    files = sorted(p.name for p in ct.iterdir())
+    assert files == ["config.json", "generation_config.json", "model.safetensors"]
+    size = sum((ct / f).stat().st_size for f in files)
+    assert f"{ct}  {human_bytes(size)}" in capsys.readouterr().out  # the new files only
+    assert size < 0.5 * sum(p.stat().st_size for p in sharded.iterdir())
+
+
+def test_tokenizer_option_errors_are_one_line(artifacts, tmp_path, capsys):
+    root, _ = artifacts
+    art = str(root / "w4-g32")
+    (tmp_path / "calib.npy").write_bytes(b"\x93NUMPY\x01\x00\xff\xfe")
+    out = str(tmp_path / "m.gguf")
+    err = _user_error(
+        capsys, art, "-f", "gguf", "-o", out, "--tokenizer", str(tmp_path / "calib.npy")
+    )
+    assert "--tokenizer" in err and "tokenizer.json" in err
+    err = _user_error(capsys, art, "-f", "gguf", "-o", out, "--tokenizer", str(tmp_path))
+    assert "no tokenizer.json there" in err
+    onnx = str(tmp_path / "m.onnx")
+    err = _user_error(capsys, art, "-f", "onnx", "-o", onnx, "--tokenizer", str(tmp_path))
+    assert "--tokenizer is used by --format gguf and compressed-tensors" in err
+    assert not any(p.suffix in (".gguf", ".onnx") for p in tmp_path.iterdir())
+
+
+def test_compressed_tensors_takes_the_tokenizer_option(artifacts, tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    root, _ = artifacts
+    words = tokenizers.models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")
+    tokenizers.Tokenizer(words).save(str(tmp_path / "tokenizer.json"))
+    ct = tmp_path / "ct"
+    argv = ["export", str(root / "w4-g32"), "-f", "compressed-tensors", "-o", str(ct)]
+    assert main([*argv, "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    assert (ct / "tokenizer.json").is_file()  # written beside the model, not dropped
+
+
+def test_a_deployed_artifact_lists_what_works_for_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "export_cnn_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import export_cnn_factory
+
+    model = export_cnn_factory.make().eval()
+    save_file(model.state_dict(), "w.safetensors")
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    qmodel = compactnn.compress(model, "w8a8", calib_data=x, progress=False)
+    compactnn.save(compactnn.deploy(qmodel, "onednn", example=x), "dep")
+    own = ("--model", "export_cnn_factory:make", "--weights", "w.safetensors")
+    assert main(["export", "dep", "--list", *own]) == 0
+    out = capsys.readouterr().out
+    assert "dep is a deployed artifact" in out and "compactnn.load('dep', model=...)" in out
+    onnx = next(x for x in out.splitlines() if x.strip().startswith("onnx"))
+    assert "compactnn deploy dep " not in onnx  # deploy takes the compressed artifact
+    assert "compressed artifact" in onnx and "dep was deployed from" in onnx
+    err = _user_error(capsys, "dep", "--format", "onnx", "--out", "m.onnx", *own)
+    assert "dep was deployed from" in err

@@ -110,3 +110,36 @@ def test_refusals_name_the_problem(bert, tmp_path):
         ctensors.export(q, tmp_path / "y")
     assert not (tmp_path / "y").exists()
     assert "no quantized layer" in ctensors.can_export(compactnn.compress(model, "nm2:4"))
+
+
+def test_force_replaces_an_earlier_export_and_nothing_else(bert, tmp_path):
+    model, calib = bert
+    q = compactnn.compress(model, "w8", calib_data=calib, progress=False)
+    tokenizers = pytest.importorskip("tokenizers")
+    words = tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(words))
+    folder = ctensors.export(q, tmp_path / "ct", tokenizer=tok)
+    assert "tokenizer.json" in {p.name for p in folder.iterdir()}
+    with pytest.raises(CompactnnError, match=r"holds a compressed-tensors export.*force"):
+        ctensors.export(q, folder)
+    ctensors.export(q, folder, force=True)  # no tokenizer this time: none is left behind
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct"]  # no temporary folder left
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(CompactnnError, match=r"not a compressed-tensors export \(notes.txt\)"):
+        ctensors.export(q, folder, force=True)
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_float_checkpoint_is_never_written_over(bert, tmp_path):
+    model, calib = bert
+    q = compactnn.compress(model, "w8", calib_data=calib, progress=False)
+    model.save_pretrained(tmp_path / "float")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "float").iterdir()}
+    for force in (False, True):
+        with pytest.raises(CompactnnError, match=r"not a compressed-tensors export.*new or empty"):
+            ctensors.export(q, tmp_path / "float", force=force)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "float").iterdir()} == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CompactnnError, match="is a file"):
+        ctensors.export(q, tmp_path / "file", force=True)

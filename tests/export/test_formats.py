@@ -37,3 +37,53 @@ def test_gguf_entry_and_option_checks(tmp_path):
     out = formats.export("gguf", qmodel, tmp_path / "m.gguf", requantize=False, tokenizer=None)
     assert out == tmp_path / "m.gguf" and out.stat().st_size > 0
     assert formats.capabilities(qmodel)["gguf"] is None
+
+
+def test_existing_outputs_are_refused_without_force(tmp_path):
+    user = tmp_path / "user.gguf"
+    user.write_text("my own file\n")
+    for name, out in (("gguf", user), ("onnx", tmp_path / "user.onnx")):
+        out.write_text("my own file\n")
+        with pytest.raises(CompactnnError, match="exists; pass force=True"):
+            formats.check_out(name, out)
+        assert formats.check_out(name, out, force=True) == out
+    assert formats.check_out("gguf", f"{tmp_path / 'new'}/") == tmp_path / "new" / "model.gguf"
+    assert formats.check_out("onnx", tmp_path / "dir") == tmp_path / "dir" / "model.onnx"
+
+
+def test_compressed_tensors_folder_of_other_files_is_refused_even_with_force(tmp_path):
+    pytest.importorskip("compactnn.export.ctensors")
+    float_ckpt = tmp_path / "float"
+    float_ckpt.mkdir()
+    (float_ckpt / "config.json").write_text('{"model_type": "llama"}')
+    (float_ckpt / "model.safetensors").write_text("weights")
+    for force in (False, True):
+        with pytest.raises(CompactnnError, match=r"not a compressed-tensors export.*config\.json"):
+            formats.check_out("compressed-tensors", float_ckpt, force=force)
+    with pytest.raises(CompactnnError, match=r"is a file.*folder"):
+        formats.check_out("compressed-tensors", float_ckpt / "model.safetensors", force=True)
+    (tmp_path / "empty").mkdir()
+    assert formats.check_out("compressed-tensors", tmp_path / "empty") == tmp_path / "empty"
+
+
+def test_python_export_refuses_the_users_files(tmp_path):
+    model, calib = tiny_model("llama")
+    qmodel = compactnn.compress(model, "w8", calib_data=calib, progress=False)
+    user = tmp_path / "user.gguf"
+    user.write_text("my own file\n")
+    with pytest.raises(CompactnnError, match="exists; pass force=True"):
+        formats.export("gguf", qmodel, user)
+    assert user.read_text() == "my own file\n"
+    assert formats.export("gguf", qmodel, user, force=True).stat().st_size > 1000
+    pytest.importorskip("compressed_tensors")
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)  # the user's float checkpoint
+    before = (ckpt / "model.safetensors").read_bytes()
+    for force in (False, True):
+        with pytest.raises(CompactnnError, match="not a compressed-tensors export"):
+            formats.export("compressed-tensors", qmodel, ckpt, force=force)
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    ct = formats.export("compressed-tensors", qmodel, tmp_path / "ct")
+    with pytest.raises(CompactnnError, match=r"holds a compressed-tensors export.*force"):
+        formats.export("compressed-tensors", qmodel, ct)
+    assert formats.export("compressed-tensors", qmodel, ct, force=True) == ct

@@ -60,3 +60,54 @@ def test_check_file_path_refuses_what_atomic_write_could_not_use(tmp_path):
     with pytest.raises(CompactnnError, match="exists; pass force=True"):
         check_file_path(tmp_path / "file", "path", force=False)
     assert check_file_path(tmp_path / "file", "path", force=True)
+
+
+def _write_files(**files: str):
+    def write(folder) -> None:
+        for name, text in files.items():
+            (folder / name).write_text(text)
+
+    return write
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replace_folder_swaps_in_only_the_new_files(tmp_path, monkeypatch, exchange):
+    from compactnn.export import fs
+
+    if not exchange:  # no renameat2: renamed aside, then the new one renamed in
+        monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
+    out = tmp_path / "nested" / "ct"
+    assert fs.replace_folder(out, _write_files(a="1", b="2")) == out  # created
+    assert sorted(os.listdir(out)) == ["a", "b"]
+    assert _mode(out) == 0o777 & ~_umask()
+    fs.replace_folder(out, _write_files(c="3"))
+    assert sorted(os.listdir(out)) == ["c"]  # nothing of the old folder is kept
+    assert os.listdir(out.parent) == ["ct"]  # no temporary folder left
+    (tmp_path / "empty").mkdir()
+    fs.replace_folder(tmp_path / "empty", _write_files(d="4"))
+    assert os.listdir(tmp_path / "empty") == ["d"]
+
+
+def test_replace_folder_that_fails_leaves_the_old_folder(tmp_path):
+    from compactnn.export.fs import replace_folder
+
+    out = tmp_path / "ct"
+    replace_folder(out, _write_files(a="old"))
+
+    def fail(folder) -> None:
+        (folder / "a").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_folder(out, fail)
+    assert (out / "a").read_text() == "old"
+    assert os.listdir(tmp_path) == ["ct"]
+    (tmp_path / ".ct.killed.cnn-tmp").mkdir()  # a killed run's leftover: the next removes it
+    replace_folder(out, _write_files(b="new"))
+    assert os.listdir(tmp_path) == ["ct"] and os.listdir(out) == ["b"]
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old

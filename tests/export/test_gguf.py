@@ -231,3 +231,15 @@ def test_missing_folders_are_created_and_a_trailing_separator_means_a_folder(lla
     assert write_gguf(qmodel, nested).path == nested and nested.is_file()
     report = write_gguf(qmodel, f"{tmp_path / 'fresh'}/")
     assert report.path == tmp_path / "fresh" / "model.gguf" and report.path.is_file()
+
+
+def test_an_existing_file_is_replaced_only_with_force(llama, tmp_path):
+    model, calib = llama
+    qmodel = compactnn.compress(model, "w8", calib_data=calib, progress=False)
+    user = tmp_path / "user.gguf"
+    user.write_text("my own file\n")
+    with pytest.raises(CompactnnError, match="exists; pass force=True"):
+        write_gguf(qmodel, user)
+    assert user.read_text() == "my own file\n"
+    assert write_gguf(qmodel, user, force=True).path == user
+    assert gguf.GGUFReader(str(user)).tensors

@@ -66,3 +66,18 @@ def test_non_hf_models_are_left_alone():
     lin = torch.nn.Linear(2, 2)
     assert ctensors.install_save_pretrained(lin) is lin
     assert "save_pretrained" not in vars(lin)
+
+
+def test_save_pretrained_writes_beside_a_tokenizer_but_not_over_a_float_model(llama_w8, tmp_path):
+    model, q, _ = llama_w8
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")  # transformers' usual: tokenizer saved first
+    q.save_pretrained(folder)
+    assert (folder / "tokenizer.json").read_text() == "{}"
+    q.save_pretrained(folder)  # again, as transformers allows
+    model.save_pretrained(tmp_path / "float", max_shard_size="100KB")
+    before = sorted(p.name for p in (tmp_path / "float").iterdir())
+    with pytest.raises(CompactnnError, match="holds another model"):
+        q.save_pretrained(tmp_path / "float")
+    assert sorted(p.name for p in (tmp_path / "float").iterdir()) == before

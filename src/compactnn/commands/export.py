@@ -10,9 +10,12 @@ import torch
 
 import compactnn
 from compactnn.commands._common import add_model_args, human_bytes
-from compactnn.errors import CompactnnError
+from compactnn.deployment.ship import KEY as DEPLOYMENT_KEY
+from compactnn.deployment.ship import is_deployed_artifact
+from compactnn.errors import CompactnnError, first_line
 from compactnn.export import formats
 from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.export.artifact import load as load_artifact
 from compactnn.export.fs import names_folder
 from compactnn.model_io import reference_names, skeleton_for
 
@@ -63,31 +66,73 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
             "`compactnn compress MODEL --recipe R --out DIR`."
         )
     header = read_header(args.artifact)
+    # a deployed artifact (deploy --save) holds the compressed model it was deployed from:
+    # that model is what goes to a format, without re-deploying it
+    load = load_artifact if is_deployed_artifact(args.artifact) else compactnn.load
     source = header.get("extra", {}).get("source", {})
     source = source if isinstance(source, dict) else {}
     if args.model or source.get("model") in reference_names():
         loaded = skeleton_for(
             header, args.model, weights=args.weights, trust_pickle=args.trust_pickle
         )
-        return compactnn.load(args.artifact, model=loaded.model), source, loaded.example
+        return load(args.artifact, model=loaded.model), source, loaded.example
     if not header.get("extra", {}).get("hf"):  # the user's own model: only they can build it
         raise CompactnnError(
             f"{args.artifact!r} was compressed from your own model: pass it as for "
             "`compactnn eval`, with --model MODULE:FUNCTION --weights FILE (or --model FILE)."
         )
-    return compactnn.load(args.artifact), source, None  # a Hugging Face skeleton
+    return load(args.artifact), source, None  # a Hugging Face skeleton
 
 
-def _tokenizer(args: argparse.Namespace, source: dict[str, Any]) -> Any:
-    if args.tokenizer:
-        from compactnn._optional import require
+def _read_tokenizer(args: argparse.Namespace) -> Any:
+    """The tokenizer ``--tokenizer`` names, read before any slow work: a
+    ``tokenizers.Tokenizer`` for gguf, a transformers tokenizer (whose ``save_pretrained``
+    writes its files into the folder) for compressed-tensors.
 
-        tokenizers = require("tokenizers", "hf")
-        path = Path(args.tokenizer)
-        path = path / "tokenizer.json" if path.is_dir() else path
-        if not path.is_file():
-            raise CompactnnError(f"--tokenizer {args.tokenizer!r}: no tokenizer.json there.")
-        return tokenizers.Tokenizer.from_file(str(path))
+    Raises:
+        CompactnnError: the format does not use a tokenizer, or the path holds no
+            tokenizer.json that the tokenizers library reads.
+    """
+    if args.format not in ("gguf", "compressed-tensors"):
+        raise CompactnnError(
+            f"--tokenizer is used by --format gguf and compressed-tensors, not {args.format}: "
+            "drop --tokenizer."
+        )
+    from compactnn._optional import require
+
+    tokenizers = require("tokenizers", "hf")
+    given = Path(args.tokenizer)
+    path = given / "tokenizer.json" if given.is_dir() else given
+    if not path.is_file():
+        raise CompactnnError(
+            f"--tokenizer {args.tokenizer!r}: no tokenizer.json there; give a Hugging Face "
+            "tokenizer.json or the folder holding one."
+        )
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:  # the library's own error types: any means "not a tokenizer"
+        raise CompactnnError(
+            f"--tokenizer {args.tokenizer!r}: {str(path)!r} is not a tokenizer.json the "
+            f"tokenizers library reads ({first_line(exc)}); give a Hugging Face "
+            "tokenizer.json or the folder holding one."
+        ) from exc
+    if args.format == "gguf":
+        return tokenizer
+    transformers = require("transformers", "hf")
+    try:
+        if given.is_dir() and (given / "tokenizer_config.json").is_file():
+            return transformers.AutoTokenizer.from_pretrained(str(given))
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    except Exception as exc:
+        raise CompactnnError(
+            f"--tokenizer {args.tokenizer!r}: transformers cannot load it "
+            f"({first_line(exc)}); give a folder that AutoTokenizer.from_pretrained reads."
+        ) from exc
+
+
+def _tokenizer(args: argparse.Namespace, source: dict[str, Any], given: Any) -> Any:
+    if given is not None:
+        return given
     if source.get("model") == "tiny-lm":
         from compactnn.models.tiny_lm import load_tokenizer
 
@@ -109,20 +154,39 @@ def _example(qmodel: Any, example: Any) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _cnn_onnx(artifact: str) -> str:
+def _cnn_onnx(artifact: str, deployed: bool = False) -> str:
     """Where a model that is not a Hugging Face transformer gets its ONNX file."""
+    if deployed:  # `deploy` takes the compressed artifact, not the deployed one
+        return (
+            f"this is not a Hugging Face transformer; `compactnn deploy COMPRESSED_ARTIFACT "
+            "--model ... --onnx FILE`, run on the compressed artifact (compactnn compress "
+            f"--out) that {artifact} was deployed from, writes a verified int8 (QDQ) ONNX file"
+        )
     return (
         f"this is not a Hugging Face transformer; for other models `compactnn deploy {artifact} "
         "--model ... --onnx FILE` writes a verified int8 (QDQ) ONNX file"
     )
 
 
-def list_formats(qmodel: Any, artifact: str = "ARTIFACT") -> list[str]:
+def _deployed_note(artifact: str) -> str:
+    """What a deployed artifact (``deploy --save``) is and how it runs."""
+    record = read_header(artifact).get("extra", {}).get(DEPLOYMENT_KEY, {})
+    backend = record.get("backend") if isinstance(record, dict) else None
+    note = (
+        f"{artifact} is a deployed artifact (compactnn deploy --save, backend {backend}): in "
+        f"Python, compactnn.load({artifact!r}, model=...) re-deploys and re-verifies it"
+    )
+    if backend == "onnxruntime":
+        note += ", and its .export_onnx(FILE) writes the ONNX file it runs"
+    return note + ". It also holds the compressed model it was deployed from, which can go to:"
+
+
+def list_formats(qmodel: Any, artifact: str = "ARTIFACT", deployed: bool = False) -> list[str]:
     """One line per format: ``exact`` or the reason it is not."""
     lines = []
     for name, reason in formats.capabilities(qmodel).items():
         if name == "onnx" and reason is not None and not _is_hf(qmodel):
-            reason = _cnn_onnx(artifact)
+            reason = _cnn_onnx(artifact, deployed)
         lines.append(f"  {name:<20}{'exact' if reason is None else 'no: ' + reason}")
     return lines
 
@@ -134,29 +198,33 @@ def _is_hf(qmodel: Any) -> bool:
 def run(args: argparse.Namespace) -> int:
     if not args.list and not (args.format and args.out):
         raise CompactnnError("export needs --format F and --out PATH, or --list.")
-    if args.format == "gguf" and args.out and (names_folder(args.out) or Path(args.out).is_dir()):
-        raise CompactnnError(
-            f"--out {args.out!r} names a folder, but gguf writes one file: give a file path "
-            f"such as {str(Path(args.out) / 'model.gguf')!r}."
-        )
-    if args.out and Path(args.out).exists() and not args.force and not args.list:
-        raise CompactnnError(f"--out {args.out!r} exists; pass --force to replace it.")
+    given_tokenizer = None
+    if not args.list:
+        if args.format == "gguf" and (names_folder(args.out) or Path(args.out).is_dir()):
+            raise CompactnnError(
+                f"--out {args.out!r} names a folder, but gguf writes one file: give a file "
+                f"path such as {str(Path(args.out) / 'model.gguf')!r}."
+            )
+        formats.check_out(args.format, args.out, force=args.force, what="--out")
+        if args.tokenizer:
+            given_tokenizer = _read_tokenizer(args)
+    deployed = is_deployed_artifact(args.artifact)
     qmodel, source, example = _load(args)
     if args.list:
-        print(f"{args.artifact} can go to:")
-        print("\n".join(list_formats(qmodel, args.artifact)))
+        print(_deployed_note(args.artifact) if deployed else f"{args.artifact} can go to:")
+        print("\n".join(list_formats(qmodel, args.artifact, deployed)))
         return 0
     if args.format == "onnx" and not _is_hf(qmodel):
-        raise CompactnnError(f"--format onnx: {_cnn_onnx(args.artifact)}.")
+        raise CompactnnError(f"--format onnx: {_cnn_onnx(args.artifact, deployed)}.")
     opts: dict[str, Any] = {"requantize": args.requantize}
-    tokenizer = _tokenizer(args, source)
+    tokenizer = _tokenizer(args, source, given_tokenizer)
     if args.format == "gguf":
         opts["tokenizer"] = tokenizer
     elif args.format == "compressed-tensors" and hasattr(tokenizer, "save_pretrained"):
         opts["tokenizer"] = tokenizer  # a transformers tokenizer saves its files beside
     elif args.format == "onnx":
         opts["example"] = _example(qmodel, example)
-    out = formats.export(args.format, qmodel, args.out, **opts)
+    out = formats.export(args.format, qmodel, args.out, force=args.force, **opts)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     size = size or out.stat().st_size
     print(f"exported {args.artifact} as {args.format}: {out}  {human_bytes(size)}")

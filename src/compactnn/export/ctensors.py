@@ -38,11 +38,14 @@ from compactnn._optional import require
 from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import ActQuantizer, QuantLinear, has_integer_weight
-from compactnn.errors import CompactnnError
-from compactnn.export.fs import atomic_write, atomic_write_text
+from compactnn.errors import CompactnnError, name_list
+from compactnn.export.fs import atomic_write, atomic_write_text, replace_folder, writable_folder
 
 EXTRA = "export"
 WEIGHTS_NAME = "model.safetensors"
+_OWN_FILES = {WEIGHTS_NAME, "config.json", "generation_config.json"}  # and a tokenizer's:
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
+                    "chat_template", "spiece", "sentencepiece")  # fmt: skip
 _STRATEGY = {"group": "group", "channel": "channel", "tensor": "tensor"}
 
 
@@ -268,35 +271,86 @@ def compressed_state(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return state, json.loads(json.dumps(qconfig, default=str))
 
 
-def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
-    """Write ``qmodel`` as a compressed-tensors Hugging Face folder at ``out``.
+def _is_ct_config(path: Path) -> bool:
+    """Whether ``path`` is a ``config.json`` with a compressed-tensors quantization_config."""
+    try:
+        qconfig = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors"
+
+
+def _is_own_file(name: str) -> bool:
+    """Whether an export writes files called ``name`` (its weights, configs, tokenizer)."""
+    return name in _OWN_FILES or name.startswith(_TOKENIZER_FILES)
+
+
+def check_out(out: str | os.PathLike, *, force: bool = False, what: str = "out") -> Path:
+    """Refuse, before any slow work, a folder :func:`export` may not write.
 
     Args:
-        qmodel: a compressed Hugging Face model (``compactnn.compress`` or ``compactnn.load``);
-            not modified.
-        out: the folder (created; ``config.json`` and ``model.safetensors`` in it are
-            replaced atomically, weights first, so a reader never sees a half folder).
-        **opts: ``tokenizer=`` a tokenizer whose ``save_pretrained`` writes its files too.
-
-    Returns:
-        The folder. ``AutoModel*.from_pretrained(out)`` loads it with plain ``transformers``
-        (compressed-tensors decompresses the weights on the first forward pass).
+        out: the export folder.
+        force: replace an earlier compressed-tensors export there.
+        what: how the user named ``out``, for the messages (``"out"``, ``"--out"``).
 
     Raises:
-        CompactnnError: the model has a layer without an exact compressed-tensors form (the
-            message names it and how to save instead), or an unknown option.
+        CompactnnError: ``out`` is a file; it holds anything but an earlier export
+            (``config.json`` with a compressed-tensors ``quantization_config``, the weights,
+            a tokenizer), even with ``force``; it holds an earlier export and ``force`` is
+            false; or its folder is not writable.
     """
-    unknown = set(opts) - {"tokenizer"}
-    if unknown:
+    folder = Path(out)
+    if os.path.lexists(folder) and not folder.is_dir():
         raise CompactnnError(
-            f"compressed-tensors export: unknown option(s) {sorted(unknown)}; it takes tokenizer=."
+            f"{what} {str(out)!r} is a file, and compressed-tensors writes a folder: give a "
+            f"new or empty folder such as {str(folder.with_name(folder.name + '-ct'))!r}."
         )
+    if folder.is_dir() and (entries := sorted(os.listdir(folder))):
+        foreign = [e for e in entries if not _is_own_file(e)]
+        if foreign or not _is_ct_config(folder / "config.json"):
+            raise CompactnnError(
+                f"{what} {str(out)!r} holds files that are not a compressed-tensors export "
+                f"({name_list(foreign or entries, 3)}): the export would replace or mix with "
+                "them. Give a new or empty folder (force=True / --force only replaces an "
+                "earlier compressed-tensors export)."
+            )
+        if not force:
+            raise CompactnnError(
+                f"{what} {str(out)!r} holds a compressed-tensors export; pass force=True "
+                "(--force) to replace it."
+            )
+    writable_folder(folder.absolute().parent, f"{what} {str(out)!r}")
+    return folder
+
+
+def _check_other_model(folder: Path) -> None:
+    """``save_pretrained`` writes into ``folder`` as transformers does, but never over or
+    beside another model's config or weights."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise CompactnnError(f"save_pretrained: {str(folder)!r} is a file; give a folder.")
+    if not folder.is_dir():
+        return
+    config = folder / "config.json"
+    weights = [
+        e for e in sorted(os.listdir(folder))
+        if e != WEIGHTS_NAME and e.endswith((".safetensors", ".bin", ".index.json", ".pt"))
+    ]  # fmt: skip
+    if weights or (config.exists() and not _is_ct_config(config)):
+        raise CompactnnError(
+            f"save_pretrained: {str(folder)!r} holds another model "
+            f"({name_list(weights or ['config.json'], 3)}): saving would replace or mix "
+            "with it. Give a new or empty folder."
+        )
+
+
+def _write_folder(
+    qmodel: nn.Module, state: dict, qconfig: dict, folder: Path, tokenizer: Any
+) -> None:
+    """Write the export's files into ``folder`` (each atomically, weights first)."""
     safetensors = require("safetensors.torch", "hf")
-    state, qconfig = compressed_state(qmodel)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write(
-        out / WEIGHTS_NAME, lambda tmp: safetensors.save_file(state, tmp, {"format": "pt"})
+        folder / WEIGHTS_NAME, lambda tmp: safetensors.save_file(state, tmp, {"format": "pt"})
     )
     config = qmodel.config.to_dict()
     config["architectures"] = [type(qmodel).__name__]
@@ -305,19 +359,54 @@ def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
         config.pop(k, None)
     generation = getattr(qmodel, "generation_config", None)
     if generation is not None and getattr(qmodel, "can_generate", lambda: False)():
-        atomic_write_text(out / "generation_config.json", generation.to_json_string())
-    tokenizer = opts.get("tokenizer")
+        atomic_write_text(folder / "generation_config.json", generation.to_json_string())
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out
+        tokenizer.save_pretrained(str(folder))
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export(qmodel: nn.Module, out: str | os.PathLike, *, force: bool = False, **opts: Any) -> Path:
+    """Write ``qmodel`` as a compressed-tensors Hugging Face folder at ``out``.
+
+    Args:
+        qmodel: a compressed Hugging Face model (``compactnn.compress`` or ``compactnn.load``);
+            not modified.
+        out: the folder: new, empty, or (with ``force``) an earlier compressed-tensors
+            export. The export is written into a temporary sibling folder and swapped in
+            whole, so a reader never sees a half folder and nothing of the old one is kept.
+        force: replace an earlier compressed-tensors export at ``out``. A folder holding
+            anything else (a float checkpoint, other files) is refused even with ``force``.
+        **opts: ``tokenizer=`` a tokenizer whose ``save_pretrained`` writes its files too.
+
+    Returns:
+        The folder. ``AutoModel*.from_pretrained(out)`` loads it with plain ``transformers``
+        (compressed-tensors decompresses the weights on the first forward pass).
+
+    Raises:
+        CompactnnError: ``out`` may not be written (:func:`check_out`), the model has a layer
+            without an exact compressed-tensors form (the message names it and how to save
+            instead), or an unknown option.
+    """
+    unknown = set(opts) - {"tokenizer"}
+    if unknown:
+        raise CompactnnError(
+            f"compressed-tensors export: unknown option(s) {sorted(unknown)}; it takes tokenizer=."
+        )
+    folder = check_out(out, force=force)
+    state, qconfig = compressed_state(qmodel)
+    tokenizer = opts.get("tokenizer")
+    return replace_folder(folder, lambda tmp: _write_folder(qmodel, state, qconfig, tmp, tokenizer))
 
 
 _HF_SAVE_OPTIONS = {"safe_serialization", "max_shard_size", "is_main_process", "tokenizer"}
 
 
 def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """``save_pretrained`` of a compressed model: the compressed-tensors folder, or refusal."""
+    """``save_pretrained`` of a compressed model: the compressed-tensors folder, or refusal.
+
+    As in transformers, the files are written into the folder (a tokenizer saved there first
+    stays); a folder holding another model's config or weights is refused.
+    """
     if kwargs.get("push_to_hub"):
         raise CompactnnError(
             "save_pretrained(push_to_hub=True) is not supported for compactnn models: save the "
@@ -338,7 +427,11 @@ def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwarg
             "compress with a recipe compressed-tensors holds exactly (w4-g128-gptq, w8, w8a8, "
             "w8a8-smoothquant)."
         )
-    return export(self, save_directory, tokenizer=kwargs.get("tokenizer"))
+    folder = Path(save_directory)
+    _check_other_model(folder)
+    state, qconfig = compressed_state(self)
+    _write_folder(self, state, qconfig, folder, kwargs.get("tokenizer"))
+    return folder
 
 
 def install_save_pretrained(qmodel: nn.Module) -> nn.Module:

@@ -5,6 +5,9 @@ to that format exactly, else the reason) and ``export(qmodel, out, **opts) -> Pa
 modules are imported only when a format is used, so a missing optional package (``gguf``,
 ``compressed-tensors``, ``onnx``) affects only its own format.
 
+:func:`export` never writes over what is at ``out`` unless ``force=True``, and even then
+never over a folder of other files (see :func:`check_out`).
+
 Example:
     >>> [f.name for f in FORMATS]
     ['gguf', 'compressed-tensors', 'onnx']
@@ -21,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from compactnn.errors import CompactnnError
+from compactnn.export.fs import check_file_path, names_folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +98,55 @@ def capabilities(model: nn.Module) -> dict[str, str | None]:
     return {f.name: can_export(f.name, model) for f in FORMATS}
 
 
-def export(name: str, model: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
+def out_path(name: str, out: str | os.PathLike) -> Path:
+    """What format ``name`` writes for ``out``: the compressed-tensors folder itself; for
+    gguf and onnx the file, or ``model.gguf`` / ``model.onnx`` in a folder (a path ending
+    in a separator, and for onnx any path not ending in ``.onnx``, names a folder)."""
+    path = Path(out)
+    if get_format(name).name == "compressed-tensors":
+        return path
+    folder = path.is_dir() or names_folder(out) or (name == "onnx" and path.suffix != ".onnx")
+    return path / f"model.{name}" if folder else path
+
+
+def check_out(name: str, out: str | os.PathLike, *, force: bool = False, what: str = "out") -> Path:
+    """Refuse, before any slow work, an output format ``name`` may not write; return the
+    path it will write (:func:`out_path`).
+
+    A file is replaced only with ``force``. The compressed-tensors folder must be new, empty,
+    or (with ``force``) an earlier compressed-tensors export: a folder of other files is
+    refused even with ``force``.
+
+    Raises:
+        CompactnnError: the message names ``what`` (``"out"``, ``"--out"``) and the fix.
+    """
+    fmt = get_format(name)
+    if fmt.name == "compressed-tensors":
+        return _module(fmt).check_out(out, force=force, what=what)
+    suggest = f"model.{fmt.name}"
+    return check_file_path(out_path(name, out), what, force=force, suggest=suggest)
+
+
+def export(
+    name: str, model: nn.Module, out: str | os.PathLike, *, force: bool = False, **opts: Any
+) -> Path:
     """Export ``model`` to format ``name`` at ``out``; options a format does not take are
     refused rather than ignored (``None`` values are dropped first).
 
+    Args:
+        name: one of :data:`NAMES`.
+        model: the compressed model; not modified.
+        out: the file (gguf, onnx) or folder (compressed-tensors) to write.
+        force: replace an existing file, or an earlier compressed-tensors export; without
+            it an existing output is refused (see :func:`check_out`).
+        **opts: the format's options (:attr:`ExportFormat.options`).
+
     Raises:
-        CompactnnError: unknown format, an option the format does not take, or the format's
-            own refusal.
+        CompactnnError: unknown format, an option the format does not take, an output that
+            exists (without ``force``) or holds other files, or the format's own refusal.
+
+    Example:
+        >>> export("gguf", qmodel, "out/tiny.gguf", force=True)  # doctest: +SKIP
     """
     fmt = get_format(name)
     opts = {k: v for k, v in opts.items() if v is not None and v is not False}
@@ -110,4 +156,8 @@ def export(name: str, model: nn.Module, out: str | os.PathLike, **opts: Any) -> 
             f"the {name} export does not take {', '.join(extra)}; "
             f"it takes {', '.join(fmt.options) or 'no options'}."
         )
-    return Path(_module(fmt).export(model, out, **opts))
+    module = _module(fmt)
+    path = check_out(name, out, force=force)
+    if fmt.name == "onnx":  # its module writes any file it is given: checked here
+        return Path(module.export(model, path, **opts))
+    return Path(module.export(model, out, force=force, **opts))

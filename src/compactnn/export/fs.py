@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -111,6 +113,67 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
     atomic_write(path, write)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the C library or the file system has no such call."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_folder)`` on a fresh temporary sibling of ``folder``, fsync what it
+    wrote, then put it in ``folder``'s place: readers see the old folder or the new one,
+    never a mix or a half-written one, and nothing of the old folder is kept.
+
+    An existing ``folder`` (the caller has checked it may be replaced) is swapped in one step
+    where the system allows (Linux), else renamed aside first; the old copy is then deleted.
+    A failed ``write`` removes the temporary folder and leaves ``folder`` as it was. Leftovers
+    of a killed run (``.<name>.*.cnn-tmp`` beside it) are removed by the next one.
+
+    Returns:
+        ``folder`` as a ``Path``.
+    """
+    given = Path(folder)
+    folder = Path(os.path.realpath(given))  # a link to a folder: its target is replaced
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{folder.name}.*.cnn-tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".cnn-tmp", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0o700; a plain mkdir would not
+        write(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb+") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(root)
+        if folder.is_dir() and any(folder.iterdir()) and _exchange(tmp, folder):
+            pass  # tmp now holds the old folder
+        elif folder.is_dir() and any(folder.iterdir()):
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".cnn-tmp", dir=parent))
+            os.replace(folder, aside)  # onto an empty folder: allowed
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(aside, folder)
+                raise
+            tmp = aside
+        else:
+            os.replace(tmp, folder)  # a missing or empty folder
+        fsync_dir(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return given
 
 
 def sha256_file(path: str | os.PathLike) -> str:

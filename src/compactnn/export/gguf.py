@@ -34,7 +34,7 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.errors import CompactnnError
 from compactnn.export import gguf_blocks as gb
-from compactnn.export.fs import atomic_write, names_folder
+from compactnn.export.fs import atomic_write, check_file_path, names_folder
 from compactnn.export.gguf_tokenizer import add_tokenizer
 
 _EXTRA = "export"
@@ -280,6 +280,7 @@ def write_gguf(
     tokenizer: Any = None,
     requantize: bool = False,
     name: str = "compactnn",
+    force: bool = False,
 ) -> GGUFReport:
     """Write ``model`` as a GGUF file for llama.cpp and verify it; see the module docstring.
 
@@ -291,19 +292,22 @@ def write_gguf(
         requantize: write weights with no exact GGUF type through ``gguf``'s quantizer
             (their error is in the report) instead of refusing.
         name: ``general.name``.
+        force: replace an existing file (refused otherwise, before any work).
 
     Raises:
-        CompactnnError: not a Llama decoder, activation quantization, a weight with no exact
-            type (without ``requantize``), an unsupported tokenizer, or a failed read-back.
+        CompactnnError: the file exists and ``force`` is false, not a Llama decoder,
+            activation quantization, a weight with no exact type (without ``requantize``),
+            an unsupported tokenizer, or a failed read-back.
     """
     gguf = _gguf()
+    path = Path(out)
+    if path.is_dir() or names_folder(out):  # a folder ("out/" too): model.gguf in it
+        path = path / "model.gguf"
+    check_file_path(path, "out", force=force, suggest="model.gguf")
     tensors = plan(model, requantize=requantize)
     refused = [t for t in tensors if t.how == "refused"]
     if refused:
         raise CompactnnError(f"cannot export to GGUF exactly: {can_export(model)}.")
-    path = Path(out)
-    if path.is_dir() or names_folder(out):  # a folder ("out/" too): model.gguf in it
-        path = path / "model.gguf"
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, "llama")
@@ -359,6 +363,7 @@ def verify(path: str | os.PathLike, tensors: tuple[TensorPlan, ...]) -> dict[str
     return out
 
 
-def export(model: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
-    """The ``compactnn export --format gguf`` entry: :func:`write_gguf`, returning the path."""
-    return write_gguf(model, out, **opts).path
+def export(model: nn.Module, out: str | os.PathLike, *, force: bool = False, **opts: Any) -> Path:
+    """The ``compactnn export --format gguf`` entry: :func:`write_gguf`, returning the path;
+    an existing file is replaced only with ``force``."""
+    return write_gguf(model, out, force=force, **opts).path
