@@ -351,6 +351,12 @@ def test_export_onnx_of_an_onnxruntime_deployed_model(qnet, tmp_path):
     assert torch.equal(run(x), fast(x))
     with torch.no_grad():
         assert steps(qmodel(x), run(x)) <= 1.0
+    (tmp_path / "mine.onnx").write_bytes(b"user's file")
+    with pytest.raises(CompactnnError, match="force"):
+        fast.export_onnx(tmp_path / "mine.onnx")  # an existing file only with force
+    assert (tmp_path / "mine.onnx").read_bytes() == b"user's file"
+    fast.export_onnx(tmp_path / "mine.onnx", force=True)
+    assert (tmp_path / "mine.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
     onednn = compactnn.deploy(qmodel, "onednn", example=calib[:8])
     with pytest.raises(CompactnnError, match="backend='onnxruntime'"):
         onednn.export_onnx(tmp_path / "n.onnx")

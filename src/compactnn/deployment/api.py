@@ -148,8 +148,9 @@ class DeployedModel(nn.Module):
             return result
         return with_layers(explained(result, self.source, example), localize(self, example))
 
-    def export_onnx(self, path: str | os.PathLike) -> None:
-        """Write the QDQ ONNX model this onnxruntime-backend model runs (verified at deploy).
+    def export_onnx(self, path: str | os.PathLike, force: bool = False) -> None:
+        """Write the QDQ ONNX model this onnxruntime-backend model runs (verified at deploy);
+        an existing file is replaced only with ``force=True``.
 
         Example:
             >>> fast = compactnn.deploy(qmodel, "onnxruntime", example=x)  # doctest: +SKIP
@@ -161,8 +162,9 @@ class DeployedModel(nn.Module):
                 "backend='onnxruntime' to get its ONNX file, or write the simulated model's "
                 "with compactnn.export.onnx.export_onnx(deployed.source, path, example)."
             )
-        from compactnn.export.fs import atomic_write
+        from compactnn.export.fs import atomic_write, check_file_path
 
+        check_file_path(path, "path", force=force, suggest="model.onnx")
         data = self.onnx_bytes
 
         def write(tmp: str) -> None:
