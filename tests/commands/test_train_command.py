@@ -60,12 +60,14 @@ def test_train_command_writes_a_loadable_artifact(tmp_path, monkeypatch, capsys)
     assert "trained qat_cli_factory:make with w1a1-bireal for 1 epochs" in printed
     q = compactnn.load(out, model=model)
     assert q(x).shape == (96, 3)
-    # the printed eval line names the model, its weights and data, and it runs
+    # the printed eval line names the model and its weights, never the training data (x/y
+    # only: no held-out split), and it runs once given a held-out file
     line = next(t for t in printed.splitlines() if "evaluate it: " in t).split(": ", 1)[1]
     weights, data = str(tmp_path / "w.safetensors"), str(tmp_path / "data.safetensors")
-    model_words = ["--model", "qat_cli_factory:make", "--weights", weights, "--data", data]
-    assert line == shlex.join(["compactnn", "eval", str(out), *model_words])
-    assert main(shlex.split(line)[1:]) == 0
+    model_words = ["--model", "qat_cli_factory:make", "--weights", weights]
+    words = [*model_words, "--data", "HELD_OUT_FILE"]
+    assert line == shlex.join(["compactnn", "eval", str(out), *words])
+    assert main(shlex.split(line.replace("HELD_OUT_FILE", data))[1:]) == 0
     assert main(args) == 2  # the artifact exists: refused without --force
 
 
@@ -239,3 +241,67 @@ def test_failed_train_removes_its_default_log_and_keeps_a_named_one(tmp_path, mo
     assert main(_train_args(tmp_path, tmp_path / "out", "--log", str(log))) == 2
     err = capsys.readouterr().err
     assert f"training log of the failed run kept: {log}" in err and log.is_file()
+
+
+def _split_file(tmp_path, x, y):
+    """A file with a training split and a held-out split (the last 32 samples)."""
+    split = {"x_train": x[:64], "y_train": y[:64], "x_test": x[64:], "y_test": y[64:]}
+    save_file({k: v.contiguous() for k, v in split.items()}, tmp_path / "split.safetensors")
+    return str(tmp_path / "split.safetensors"), split
+
+
+def test_the_printed_eval_line_scores_the_held_out_split(tmp_path, monkeypatch, capsys):
+    """--data F --eval-data F of a file with both splits: train scores x_test after every
+    epoch, and the eval line it prints scores x_test again (not x_train), saying so."""
+    model, x = _setup(tmp_path, monkeypatch)
+    y = torch.randint(0, 3, (96,), generator=torch.Generator().manual_seed(3))
+    path, split = _split_file(tmp_path, x, y)
+    out = tmp_path / "out"
+    args = _train_args(tmp_path, out, "--eval-data", path, "--epochs", "1")
+    args[args.index("--data") + 1] = path
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    line = next(t for t in printed.splitlines() if "evaluate it: " in t).split(": ", 1)[1]
+    assert shlex.split(line)[-2:] == ["--data", path]
+    q = compactnn.load(out, model=model)
+    with torch.no_grad():
+        held_out = 100.0 * float((q(split["x_test"]).argmax(1) == split["y_test"]).sum()) / 32
+        trained_on = 100.0 * float((q(split["x_train"]).argmax(1) == split["y_train"]).sum()) / 64
+    assert held_out != trained_on  # the two splits score apart: the test tells which was used
+    assert "held-out samples: float " in printed and f"trained {held_out:.2f}%" in printed
+    report = tmp_path / "eval.json"
+    eval_args = [*shlex.split(line)[1:], "--simulated", "--quick", "--no-progress"]
+    assert main([*eval_args, "--json", str(report)]) == 0
+    rows = {r["model"]: r for r in json.loads(report.read_text())["rows"]}
+    assert round(rows["compressed"]["quality"], 4) == round(held_out, 4)
+    assert "using x_test/y_test (the held-out split)" in capsys.readouterr().err
+
+
+def test_the_printed_eval_line_uses_a_files_test_split_without_eval_data(
+    tmp_path, monkeypatch, capsys
+):
+    _, x = _setup(tmp_path, monkeypatch)
+    path, _ = _split_file(tmp_path, x, torch.randint(0, 3, (96,)))
+    args = _train_args(tmp_path, tmp_path / "out", "--epochs", "1")
+    args[args.index("--data") + 1] = path
+    assert main(args) == 0
+    line = next(t for t in capsys.readouterr().out.splitlines() if "evaluate it: " in t)
+    assert shlex.split(line.split(": ", 1)[1])[-2:] == ["--data", path]
+
+
+def test_the_printed_eval_line_never_names_a_data_set_eval_cannot_read():
+    import argparse
+
+    from compactnn.commands.train import eval_data_words
+    from compactnn.model_io import LoadedModel
+
+    own, ref = LoadedModel(None, "pkg:make"), LoadedModel(None, "mnist-cnn", reference=object())
+
+    def words(loaded, data=None, eval_data=None, tensors=None):
+        return eval_data_words(argparse.Namespace(data=data, eval_data=eval_data), tensors, loaded)
+
+    assert words(own, "train.safetensors", "held.safetensors") == "held.safetensors"
+    assert words(own, "train.safetensors", tensors={"x": 0, "y": 0}) == "HELD_OUT_FILE"
+    assert words(own, "mnist", "mnist") == "HELD_OUT_FILE"  # a name eval does not take
+    assert words(ref, "mnist", "mnist") is None  # eval scores the reference's own test split
+    assert words(ref) is None

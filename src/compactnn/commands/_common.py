@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from compactnn.model_io import (
     resolve_data,
     resolve_model,
 )
+from compactnn.training.data import labelled_keys, split_note
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -88,28 +91,89 @@ def model_words(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
     return words
 
 
-LABEL_KEYS = (("x", "y"), ("x_train", "y_train"), ("inputs", "labels"))
-
-
-def split_labels(data: Any) -> tuple[Any, torch.Tensor | None]:
+def split_labels(
+    data: Any, role: str = "eval", what: str = "--data", note: bool = True
+) -> tuple[Any, torch.Tensor | None]:
     """``(inputs, labels)`` of ``--data``: a mapping with x/y tensors has labels; anything else
     (a tensor, keyword inputs, a reference data set's batches) is inputs only.
+
+    ``role="eval"`` (the default: scoring) reads the held-out split ``x_test``/``y_test`` of a
+    file that also holds ``x_train``/``y_train``; ``role="train"`` (calibration) reads the
+    training split (:func:`compactnn.training.data.labelled_keys`). When the file holds
+    more than one labelled split, a note on stderr names the one used (``note=False``:
+    the caller says it).
 
     Example:
         >>> split_labels({"x": torch.ones(2, 3), "y": torch.tensor([0, 1])})[1]
         tensor([0, 1])
     """
     if isinstance(data, dict):
-        for kx, ky in LABEL_KEYS:
-            if isinstance(data.get(kx), torch.Tensor) and isinstance(data.get(ky), torch.Tensor):
-                return data[kx], data[ky]
+        tensors = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
+        keys = labelled_keys(tensors, role)
+        if keys is not None:
+            said = split_note(tensors, keys, what) if note else None
+            if said:
+                print(f"note: {said}", file=sys.stderr)
+            return data[keys[0]], data[keys[1]]
     return data, None
 
 
 def calib_inputs(spec: str | None, loaded: LoadedModel | None = None) -> Any:
-    """The calibration inputs ``--data`` names: ``x`` of a labelled file (x and y), as
-    docs/cli.md says; everything else as :func:`~compactnn.model_io.resolve_data` gives it."""
-    return split_labels(resolve_data(spec, loaded))[0]
+    """The calibration inputs ``--data`` names: ``x`` of a labelled file (x and y; the
+    training split ``x_train`` of a file that also holds ``x_test``), as docs/cli.md says;
+    everything else as :func:`~compactnn.model_io.resolve_data` gives it."""
+    return split_labels(resolve_data(spec, loaded), role="train")[0]
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type=``: a whole number of 1 or more (``--threads``, ``--runs``).
+
+    Example:
+        >>> positive_int("4")
+        4
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more, e.g. 2")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse ``type=``: a finite number of 0 or more (a tolerance).
+
+    Example:
+        >>> non_negative_float("0.5")
+        0.5
+    """
+    value = _finite(text)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of 0 or more, e.g. 2")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=``: a finite number above 0.
+
+    Example:
+        >>> positive_float("1e-3")
+        0.001
+    """
+    value = _finite(text)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0, e.g. 1")
+    return value
+
+
+def _finite(text: str) -> float | None:
+    """``text`` as a finite float; None for nan, inf or no number at all."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import compactnn
-from compactnn.commands._common import add_model_args, load_model
-from compactnn.commands.evaluate import check_inputs, split_labels
+from compactnn.commands._common import (
+    add_model_args,
+    load_model,
+    non_negative_float,
+    positive_int,
+    split_labels,
+)
+from compactnn.commands.evaluate import check_inputs
 from compactnn.core.calib import as_batches, batch_size_of
 from compactnn.deployment.api import BACKENDS
 from compactnn.errors import CompactnnError
@@ -18,6 +26,7 @@ from compactnn.measure.float_paths import fastest_float_path
 from compactnn.measure.quality import evaluate
 from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS
 from compactnn.model_io import resolve_data, skeleton_for
+from compactnn.training.data import labelled_keys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,7 +56,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--residual", default="exact", choices=("exact", "fast"), help="residual add mode"
     )
     p.add_argument(
-        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max steps of output scale"
+        "--tolerance",
+        type=non_negative_float,
+        default=DEFAULT_TOLERANCE,
+        help="max steps of output scale (a number of 0 or more)",
     )
     p.add_argument("--onnx", metavar="FILE", help="also export a verified QDQ ONNX model")
     p.add_argument(
@@ -59,8 +71,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="replace an artifact at --save, a file at --onnx"
     )
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs, at least (median)")
+    p.add_argument(
+        "--threads", type=positive_int, default=DEFAULT_THREADS, help="torch threads (2)"
+    )
+    p.add_argument(
+        "--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs, at least (median)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     return p
@@ -82,7 +98,11 @@ def _models(args: argparse.Namespace):
     else:
         loaded = load_model(args.target, args)
         qmodel = None
-    inputs, labels = split_labels(resolve_data(args.data, loaded) if args.data else loaded.calib)
+    data = resolve_data(args.data, loaded) if args.data else loaded.calib
+    inputs, labels = split_labels(data, note=False)  # a held-out split: verify, time, score
+    calib = split_labels(data, role="train", note=False)[0]
+    if isinstance(data, dict) and (labelled := labelled_keys(data, "train")):
+        _say_splits(labelled, labelled_keys(data, "eval"), calibrating=qmodel is None)
     batches = as_batches(inputs) if inputs is not None else as_batches(loaded.example)
     if not batches:
         raise CompactnnError("deploy needs sample inputs to verify on: pass --data.")
@@ -90,16 +110,57 @@ def _models(args: argparse.Namespace):
         check_inputs(loaded, batches[0])
     if qmodel is None:
         qmodel = compactnn.compress(
-            loaded.model, args.recipe, calib_data=inputs, progress=not args.no_progress
+            loaded.model, args.recipe, calib_data=calib, progress=not args.no_progress
         )
     return loaded, qmodel, batches[0], (inputs, labels)
 
 
-def run(args: argparse.Namespace) -> int:
+def _say_splits(train: tuple[str, str], held_out: tuple[str, str], calibrating: bool) -> None:
+    """Which labelled split of ``--data`` each use reads, when it holds more than one."""
+    if train == held_out:
+        return
+    calib = f"calibrating on {train[0]}, " if calibrating else ""
+    print(
+        f"note: --data holds {train[0]}/{train[1]} and {held_out[0]}/{held_out[1]}: "
+        f"{calib}verifying, timing and scoring on {held_out[0]}/{held_out[1]} (held out)",
+        file=sys.stderr,
+    )
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any slow work, an ``--onnx`` file or ``--save`` folder that could not
+    be written, and the two naming the same path or one lying inside the other (the second
+    write would fail, or replace the first)."""
+    if args.save and args.onnx:
+        onnx, save = Path(args.onnx).resolve(), Path(args.save).resolve()
+        if onnx == save or save in onnx.parents or onnx in save.parents:
+            where = "is the same path as" if onnx == save else "overlaps"
+            raise CompactnnError(
+                f"--onnx {args.onnx!r} {where} --save {args.save!r}: the ONNX file and the "
+                "deployed model folder need separate paths, e.g. --onnx model.onnx --save "
+                "deployed/."
+            )
     if args.save:
-        check_writable(args.save, args.force)  # before the slow work
+        check_writable(args.save, args.force)
     if args.onnx:
         check_file_path(args.onnx, "--onnx", force=args.force, suggest="model.onnx")
+
+
+def _save(deployed, args: argparse.Namespace, onnx_existed: bool) -> None:
+    """``--save``; when it fails, the ONNX file this run wrote goes too (not one it replaced)."""
+    from compactnn.deployment.ship import save_deployed
+
+    try:
+        digest = save_deployed(deployed, args.save, force=args.force)
+    except BaseException:
+        if args.onnx and not onnx_existed:
+            Path(args.onnx).unlink(missing_ok=True)
+        raise
+    print(f"saved the deployed model to {args.save} (sha256 {digest})")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_outputs(args)  # before the slow work
     loaded, qmodel, example, (inputs, labels) = _models(args)
     deployed = compactnn.deploy(
         qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
@@ -112,16 +173,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"backend choice (median per call on the sample batch): {timed}")
     if deployed.recommendation:
         print(f"  note: {deployed.recommendation.removeprefix('deploy: ')}")
+    onnx_existed = bool(args.onnx) and os.path.lexists(args.onnx)
     if args.onnx:  # before --save: a failed export leaves no artifact behind
         from compactnn.export.onnx import export_onnx
 
         result = export_onnx(qmodel, args.onnx, example, tolerance=args.tolerance, force=args.force)
         print(f"wrote {args.onnx}: {result}")
     if args.save:
-        from compactnn.deployment.ship import save_deployed
-
-        digest = save_deployed(deployed, args.save, force=args.force)
-        print(f"saved the deployed model to {args.save} (sha256 {digest})")
+        _save(deployed, args, onnx_existed)
     paths = fastest_float_path(
         loaded.model, example, quick=True, threads=args.threads, runs=args.runs,
         extra={"simulated": qmodel, "deployed": deployed},

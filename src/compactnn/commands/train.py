@@ -25,7 +25,7 @@ from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
 from compactnn.training.checkpoint import checkpoint_path
-from compactnn.training.data import as_eval_data
+from compactnn.training.data import as_eval_data, labelled_keys
 from compactnn.training.loop import evaluate_top1, format_epoch
 
 DATASETS = {
@@ -127,6 +127,22 @@ def held_out_data(spec: str | None, data: Any) -> tuple | None:
         raise CompactnnError(f"--eval-data {spec}: {exc}") from None
 
 
+def eval_data_words(args: argparse.Namespace, data: Any, loaded: LoadedModel) -> str | None:
+    """What the printed ``compactnn eval`` line passes as ``--data``: never the training
+    data. ``--eval-data FILE``; else a ``--data`` file that holds a held-out split
+    (``x_test``/``y_test``, which ``eval`` reads); else ``HELD_OUT_FILE`` for the user to
+    fill in. None (no ``--data``) for a reference model scored on a data set name: ``eval``
+    scores it on the reference data's own test split."""
+    if args.eval_data and args.eval_data not in DATASETS:
+        return args.eval_data
+    named = args.eval_data or args.data
+    if named is None or named in DATASETS:
+        return None if loaded.reference is not None else "HELD_OUT_FILE"
+    if isinstance(data, dict) and labelled_keys(data, "eval") == ("x_test", "y_test"):
+        return args.data
+    return "HELD_OUT_FILE"
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before training
@@ -177,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"  training log: {log}")
     print(f"  sha256 digest: {digest}")
-    held_out = argparse.Namespace(**{**vars(args), "data": args.eval_data or args.data})
+    held_out = argparse.Namespace(**{**vars(args), "data": eval_data_words(args, data, loaded)})
     print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
     return 0
 

@@ -1,8 +1,8 @@
 """Training data for ``compactnn.train``: labelled batches, checked before any training.
 
 Accepted forms: a pair ``(inputs, labels)`` of tensors (shuffled each epoch by a seeded
-generator, so a resumed run sees the same batches), a dict with ``x``/``y`` (or
-``x_train``/``y_train``) tensors, an object with ``x_train``/``y_train`` attributes (the
+generator, so a resumed run sees the same batches), a dict with ``x_train``/``y_train`` (or
+``x``/``y``) tensors, an object with ``x_train``/``y_train`` attributes (the
 embedded data sets), or an iterable of ``(inputs, labels)`` batches such as a
 ``DataLoader`` (iterated as given).
 """
@@ -17,7 +17,47 @@ import torch
 
 from compactnn.errors import CompactnnError
 
-_PAIR_KEYS = (("x", "y"), ("x_train", "y_train"), ("inputs", "labels"))
+# Where a mapping keeps its inputs and labels, in the order they are looked for: training
+# reads a training split first, evaluation a held-out one, so a file holding both
+# (x_train/y_train and x_test/y_test) is never scored on what the model was trained on.
+TRAIN_KEYS = (("x_train", "y_train"), ("x", "y"), ("inputs", "labels"))
+EVAL_KEYS = (("x_test", "y_test"), ("x", "y"), ("inputs", "labels"))
+
+
+def labelled_keys(keys: Iterable[str], role: str = "train") -> tuple[str, str] | None:
+    """The ``(inputs, labels)`` key pair to read from a mapping with these ``keys``.
+
+    ``role="train"`` prefers the training split (``x_train``/``y_train``), ``role="eval"``
+    the held-out one (``x_test``/``y_test``); both fall back to ``x``/``y``, then
+    ``inputs``/``labels``. None when no pair is complete.
+
+    Example:
+        >>> both = ["x_train", "y_train", "x_test", "y_test"]
+        >>> labelled_keys(both, "train"), labelled_keys(both, "eval")
+        (('x_train', 'y_train'), ('x_test', 'y_test'))
+    """
+    if role not in ("train", "eval"):
+        raise ValueError(f"role must be 'train' or 'eval', got {role!r}")
+    names = set(keys)
+    order = EVAL_KEYS if role == "eval" else TRAIN_KEYS
+    return next(((kx, ky) for kx, ky in order if kx in names and ky in names), None)
+
+
+def split_note(keys: Iterable[str], used: tuple[str, str], what: str = "the data") -> str | None:
+    """A line saying which labelled split was read, when ``keys`` hold more than one
+    (e.g. ``x_train``/``y_train`` and ``x_test``/``y_test``); None when there was no choice.
+
+    Example:
+        >>> split_note(["x_train", "y_train", "x_test", "y_test"], ("x_test", "y_test"), "--data")
+        '--data holds x_train/y_train and x_test/y_test: using x_test/y_test (the held-out split)'
+    """
+    names = set(keys)
+    pairs = [p for p in dict.fromkeys(TRAIN_KEYS + EVAL_KEYS) if set(p) <= names]
+    if len(pairs) < 2:
+        return None
+    which = {"x_test": " (the held-out split)", "x_train": " (the training split)"}
+    held = " and ".join(f"{kx}/{ky}" for kx, ky in pairs)
+    return f"{what} holds {held}: using {used[0]}/{used[1]}{which.get(used[0], '')}"
 
 
 @dataclass
@@ -62,9 +102,9 @@ class TrainData:
 
 def _as_pair(batch: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
-        for kx, ky in _PAIR_KEYS:
-            if kx in batch and ky in batch:
-                return batch[kx], batch[ky]
+        keys = labelled_keys(batch, "train")
+        if keys is not None:
+            return batch[keys[0]], batch[keys[1]]
         raise CompactnnError(
             f"training {where} is a dict with keys {sorted(batch)}; it needs inputs and "
             "labels under x/y (or x_train/y_train)."
@@ -121,16 +161,14 @@ def check_labels(y: torch.Tensor, num_classes: int, where: str = "training data"
         )
 
 
-_EVAL_KEYS = (("x", "y"), ("x_test", "y_test"), ("inputs", "labels"))
-
-
 def as_eval_data(
     data: Any, example: torch.Tensor | None = None, what: str = "eval_data"
 ) -> tuple[torch.Tensor, ...]:
     """Held-out ``(inputs, labels)`` tensors from what the user passed as ``eval_data``.
 
-    Accepted: a pair of tensors, a dict with ``x``/``y`` (or ``x_test``/``y_test``,
-    ``inputs``/``labels``) tensors, or an object with ``x_test``/``y_test`` attributes (an
+    Accepted: a pair of tensors, a dict with ``x_test``/``y_test`` (the held-out split of a
+    file that also holds ``x_train``/``y_train``; else ``x``/``y`` or ``inputs``/``labels``)
+    tensors, or an object with ``x_test``/``y_test`` attributes (an
     embedded data set). ``example`` (a training batch) checks the inputs' per-sample shape;
     ``what`` names the argument in error messages.
 
@@ -142,13 +180,13 @@ def as_eval_data(
     if hasattr(data, "x_test") and hasattr(data, "y_test"):
         data = (data.x_test, data.y_test)
     if isinstance(data, dict):
-        pair = next(((data[a], data[b]) for a, b in _EVAL_KEYS if a in data and b in data), None)
-        if pair is None:
+        keys = labelled_keys(data, "eval")
+        if keys is None:
             raise CompactnnError(
                 f"{what} is a dict with keys {sorted(data)} but no labels: save inputs and labels "
                 "under x/y (or x_test/y_test, inputs/labels)."
             )
-        data = pair
+        data = (data[keys[0]], data[keys[1]])
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise CompactnnError(
             f"{what} of type {type(data).__name__} has no labels: pass (inputs, labels) "

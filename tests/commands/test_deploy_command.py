@@ -1,0 +1,199 @@
+"""``compactnn deploy``: options and output paths refused before any work, and which split of
+a labelled file it verifies, times and scores on."""
+
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import compactnn
+from compactnn.cli import main
+from compactnn.commands import _common
+from compactnn.commands import deploy as deploy_command
+from compactnn.errors import CompactnnError
+from compactnn.measure import evaluate
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    )
+"""
+
+MODEL = ["--model", "deploy_cli_factory:make", "--weights", "w.safetensors"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A factory, its weights, a w8a8 artifact, and a file with a training and a held-out
+    split whose labels the float model gets all right (train) and 75% right (test)."""
+    (tmp_path / "deploy_cli_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import deploy_cli_factory
+
+    model = deploy_cli_factory.make().eval()
+    save_file(model.state_dict(), "w.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    x_train, x_test = torch.randn(48, 1, 8, 8, generator=gen), torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        y_train, y_test = model(x_train).argmax(1), model(x_test).argmax(1)
+    y_test[:16] = (y_test[:16] + 1) % 3
+    split = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    save_file(split, "split.safetensors")
+    q = compactnn.compress(model, "w8a8", calib_data=x_train, progress=False)
+    compactnn.save(q, "art")
+    return {"factory": deploy_cli_factory, **split}
+
+
+def _deploy(*extra: str) -> int:
+    return main(["deploy", "art", *MODEL, "--runs", "2", "--no-progress", *extra])
+
+
+def _no_work(monkeypatch):
+    """Fail the test if the command gets as far as loading the models."""
+
+    def refuse(args):
+        raise AssertionError("the slow work started before the refusal")
+
+    monkeypatch.setattr(deploy_command, "_models", refuse)
+
+
+@pytest.mark.parametrize(
+    ("onnx", "save", "words"),
+    [
+        ("same", "same", "is the same path as --save 'same'"),
+        ("dep/m.onnx", "dep", "overlaps --save 'dep'"),
+        ("m.onnx", "m.onnx/dep", "overlaps --save 'm.onnx/dep'"),
+        ("./same", "same", "is the same path as --save 'same'"),
+    ],
+)
+def test_onnx_and_save_on_one_path_are_refused_before_any_work(
+    project, monkeypatch, capsys, onnx, save, words
+):
+    _no_work(monkeypatch)
+    assert _deploy("--data", "split.safetensors", "--onnx", onnx, "--save", save) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --onnx {onnx!r} {words}") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not Path(onnx).exists() and not Path(save).exists()  # nothing written
+
+
+def test_a_failed_save_leaves_no_onnx_file_of_its_run(project, monkeypatch, capsys, tmp_path):
+    import compactnn.deployment.ship as ship
+
+    def full_disk(*args, **kwargs):
+        raise CompactnnError("no room for the deployed model")
+
+    monkeypatch.setattr(ship, "save_deployed", full_disk)
+    assert _deploy("--data", "split.safetensors", "--onnx", "m.onnx", "--save", "dep") == 2
+    assert "error: no room for the deployed model" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "dep").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--threads", "0", "'0' is not a whole number of 1 or more"),
+        ("--threads", "two", "'two' is not a whole number of 1 or more"),
+        ("--runs", "-1", "'-1' is not a whole number of 1 or more"),
+        ("--runs", "0", "'0' is not a whole number of 1 or more"),
+        ("--tolerance", "-1", "'-1' is not a finite number of 0 or more"),
+        ("--tolerance", "nan", "'nan' is not a finite number of 0 or more"),
+        ("--tolerance", "inf", "'inf' is not a finite number of 0 or more"),
+    ],
+)
+def test_numeric_options_are_refused_before_any_work(
+    project, monkeypatch, capsys, option, value, words
+):
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        _deploy("--data", "split.safetensors", option, value)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: {words}" in err and "Traceback" not in err
+
+
+def test_tolerance_zero_is_a_valid_strict_check(project, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(deploy_command, "_models", lambda args: seen.update(vars(args)) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # parsed, then the (stubbed) work began
+        _deploy("--tolerance", "0", "--threads", "1", "--runs", "1")
+    assert (seen["tolerance"], seen["threads"], seen["runs"]) == (0.0, 1, 1)
+
+
+def test_option_types_take_good_values_and_name_the_fix():
+    assert _common.positive_int("3") == 3
+    assert _common.non_negative_float("0") == 0.0
+    assert _common.positive_float("1e-3") == pytest.approx(1e-3)
+    for parse, text in [
+        (_common.positive_int, "1.5"),
+        (_common.positive_int, "-2"),
+        (_common.positive_float, "0"),
+        (_common.positive_float, "-inf"),
+        (_common.non_negative_float, "-0.1"),
+        (_common.non_negative_float, "NaN"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"{text!r} is not a"):
+            parse(text)
+    assert not math.isnan(_common.non_negative_float("2"))
+
+
+def test_deploy_scores_the_held_out_split_and_says_so(project, capsys):
+    assert _deploy("--data", "split.safetensors") == 0
+    captured = capsys.readouterr()
+    qmodel = compactnn.load("art", model=project["factory"].make())
+    held_out = evaluate(qmodel, (project["x_test"], project["y_test"]))
+    training = evaluate(qmodel, (project["x_train"], project["y_train"]))
+    assert held_out != training  # the splits score differently: the line shows which it used
+    assert f"top-1 on --data: simulated {held_out:.2f}%" in captured.out
+    assert (
+        "note: --data holds x_train/y_train and x_test/y_test: verifying, timing and scoring "
+        "on x_test/y_test (held out)"
+    ) in captured.err
+
+
+def test_deploy_calibrates_a_model_on_the_training_split(project, monkeypatch, capsys):
+    calibrated = []
+    compress = compactnn.compress
+
+    def spy(model, recipe, calib_data=None, **kwargs):
+        calibrated.append(calib_data)
+        return compress(model, recipe, calib_data=calib_data, **kwargs)
+
+    monkeypatch.setattr(compactnn, "compress", spy)
+    args = ["deploy", "deploy_cli_factory:make", "--weights", "w.safetensors", "--runs", "2"]
+    assert main([*args, "--no-progress", "--data", "split.safetensors"]) == 0
+    assert len(calibrated) == 1 and torch.equal(calibrated[0], project["x_train"])
+    err = capsys.readouterr().err
+    assert "calibrating on x_train, verifying, timing and scoring on x_test/y_test" in err
+
+
+def test_split_labels_reads_the_split_of_its_role(capsys):
+    both = {
+        "x_train": torch.zeros(4, 2),
+        "y_train": torch.zeros(4, dtype=torch.long),
+        "x_test": torch.ones(3, 2),
+        "y_test": torch.ones(3, dtype=torch.long),
+    }
+    x, y = _common.split_labels(both)  # eval, the default: the held-out split
+    assert torch.equal(x, both["x_test"]) and torch.equal(y, both["y_test"])
+    assert capsys.readouterr().err == (
+        "note: --data holds x_train/y_train and x_test/y_test: using x_test/y_test "
+        "(the held-out split)\n"
+    )
+    x, y = _common.split_labels(both, role="train", note=False)
+    assert torch.equal(x, both["x_train"]) and capsys.readouterr().err == ""
+    plain = {"x": torch.zeros(2, 2), "y": torch.tensor([0, 1])}
+    assert _common.split_labels(plain)[1].tolist() == [0, 1]
+    assert capsys.readouterr().err == ""  # one labelled split: nothing to say
+    inputs = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+    assert _common.split_labels(inputs) == (inputs, None)

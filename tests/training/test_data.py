@@ -1,0 +1,54 @@
+"""Which tensors of a labelled mapping training and evaluation read."""
+
+import pytest
+import torch
+
+from compactnn.errors import CompactnnError
+from compactnn.training.data import as_eval_data, as_train_data, labelled_keys, split_note
+
+
+def _both() -> dict[str, torch.Tensor]:
+    """A file's worth of data with a training split and a held-out split."""
+    return {
+        "x_train": torch.zeros(6, 2),
+        "y_train": torch.zeros(6, dtype=torch.long),
+        "x_test": torch.ones(4, 2),
+        "y_test": torch.ones(4, dtype=torch.long),
+    }
+
+
+def test_evaluation_reads_the_held_out_split_and_training_the_training_split():
+    data = _both()
+    x, y = as_eval_data(data)
+    assert torch.equal(x, data["x_test"]) and torch.equal(y, data["y_test"])
+    train = as_train_data(data)
+    assert torch.equal(train.x, data["x_train"]) and torch.equal(train.y, data["y_train"])
+
+
+def test_plain_x_y_is_read_by_both_roles_and_a_test_split_beside_it_is_held_out():
+    xy = {"x": torch.zeros(3, 2), "y": torch.tensor([0, 1, 0])}
+    assert labelled_keys(xy, "train") == labelled_keys(xy, "eval") == ("x", "y")
+    beside = {**xy, "x_test": torch.ones(2, 2), "y_test": torch.tensor([1, 1])}
+    assert labelled_keys(beside, "train") == ("x", "y")
+    assert labelled_keys(beside, "eval") == ("x_test", "y_test")
+    assert labelled_keys({"inputs": 0, "labels": 0}, "eval") == ("inputs", "labels")
+    assert labelled_keys({"x": 0, "y_test": 0}, "eval") is None
+    with pytest.raises(ValueError, match="role"):
+        labelled_keys(xy, "calibration")
+
+
+def test_split_note_names_the_split_used_only_when_there_was_a_choice():
+    keys = list(_both())
+    assert split_note(keys, ("x_test", "y_test"), "--data") == (
+        "--data holds x_train/y_train and x_test/y_test: using x_test/y_test (the held-out split)"
+    )
+    assert split_note(keys, ("x_train", "y_train")).endswith("x_train/y_train (the training split)")
+    assert split_note(["x", "y"], ("x", "y")) is None
+    assert split_note(["x_train", "y_train", "x_test"], ("x_train", "y_train")) is None
+
+
+def test_a_mapping_without_a_labelled_pair_names_the_keys_it_needs():
+    with pytest.raises(CompactnnError, match=r"x_test/y_test"):
+        as_eval_data({"x_test": torch.zeros(2, 2)})
+    with pytest.raises(CompactnnError, match=r"x_train/y_train"):
+        as_train_data({"x_train": torch.zeros(2, 2), "y": torch.zeros(2)})
