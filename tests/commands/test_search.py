@@ -212,3 +212,32 @@ def test_an_unreachable_average_is_reported_in_bits_per_weight(project, capsys):
     code, _, err = cli(capsys, *argv)
     assert code == 2, err
     assert "1.50 bits/weight is below the smallest reachable 2.00" in err and "code_bits" not in err
+
+
+def test_a_file_with_both_splits_calibrates_on_train_and_scores_on_test(
+    project, capsys, monkeypatch
+):
+    tmp, _ = project
+    g = torch.Generator().manual_seed(3)
+    split = {
+        "x_train": torch.randn(40, 1, 8, 8, generator=g),
+        "y_train": torch.randint(0, 10, (40,), generator=g),
+        "x_test": torch.randn(24, 1, 8, 8, generator=g),
+        "y_test": torch.randint(0, 10, (24,), generator=g),
+    }
+    save_file(split, tmp / "split.safetensors")
+    seen = {}
+
+    def fake_search(model, **kwargs):
+        seen.update(kwargs)
+        raise CompactnnError("stopped here")
+
+    monkeypatch.setattr(search_command, "evaluation", lambda args, loaded, data: data)
+    monkeypatch.setattr(search_command, "search", fake_search)
+    argv = [*own_model(tmp, "split.safetensors"), "-f", "w2a8,w8a8", "--max-drop", "5",
+            "-o", tmp / "s"]  # fmt: skip
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and "stopped here" in err, err
+    assert torch.equal(seen["calib_data"], split["x_train"])  # never calibrate on test data
+    x, y = seen["eval_fn"]
+    assert torch.equal(x, split["x_test"]) and torch.equal(y, split["y_test"])

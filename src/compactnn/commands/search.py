@@ -146,9 +146,11 @@ def run(args: argparse.Namespace) -> int:
     check_search_out(out, args.force)  # before the (slow) search
     check_search_data(args.data, args.model)  # before loading the model
     loaded = load_model(args.model, args)
-    inputs, labels = split_labels(resolve_data(args.data, loaded))
+    raw = resolve_data(args.data, loaded)
+    inputs, labels = split_labels(raw)  # a file's held-out split scores --max-drop
+    calib = split_labels(raw, role="train", note=False)[0]  # and its training split calibrates
     eval_fn = evaluation(args, loaded, None if labels is None else (inputs, labels))
-    example = latency_example(args, loaded, inputs)
+    example = latency_example(args, loaded, calib)
     with tempfile.TemporaryDirectory(prefix="compactnn-search-") as staging:
         cache = Path(staging)
         if (out / SENSITIVITY).is_file():  # an earlier search's scores (--force): reused
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             loaded.model,
             formats=args.formats,
             budget=budget,
-            calib_data=inputs,
+            calib_data=calib,
             eval_fn=eval_fn,
             max_drop=args.max_drop,
             measure=args.measure,
