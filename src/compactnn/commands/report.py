@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compactnn.commands._common import add_model_args
+from compactnn.commands._common import add_model_args, positive_int
 from compactnn.errors import CompactnnError
 from compactnn.measure import DEFAULT_RUNS, DEFAULT_THREADS
 
@@ -39,8 +39,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="report directory")
     p.add_argument("--force", action="store_true", help="replace an existing report in --out")
     p.add_argument("--title", help="the report's heading")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs, at least (median)")
+    p.add_argument(
+        "--threads", type=positive_int, default=DEFAULT_THREADS, help="torch threads (2)"
+    )
+    p.add_argument(
+        "--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs, at least (median)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--quick", action="store_true", help="leave torch.compile out of the float paths"

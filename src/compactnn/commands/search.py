@@ -15,6 +15,7 @@ from compactnn.commands._common import (
     human_bytes,
     load_model,
     model_words,
+    positive_int,
     split_labels,
 )
 from compactnn.core.calib import as_batches
@@ -56,7 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="accuracy-aware: the smallest recipe whose quality drop is at most this (top-1 "
         "points on labelled --data x/y, else the reference model's own evaluation)",
     )
-    p.add_argument("--max-evals", type=int, default=8, help="full evaluations (with --max-drop)")
+    p.add_argument(
+        "--max-evals", type=positive_int, default=8, help="full evaluations (with --max-drop)"
+    )
     p.add_argument("--measure", choices=("measured", "hessian"), default="measured")
     p.add_argument("--first-last-min-bits", type=int, help="first/last layers keep >= N bits")
     p.add_argument("--embeddings", help="short name for embedding tables (e.g. w4-g32)")
