@@ -73,3 +73,17 @@ def test_plan_runner_is_bit_identical_to_the_graph(qnet, residuals):
 def test_plan_runner_refuses_what_is_not_a_lowered_graph():
     with pytest.raises(CompactnnError, match=r"fx\.GraphModule"):
         plan_runner(nn.Linear(2, 2))
+
+
+def test_copy_and_pickle_of_a_deployed_model_name_compactnn_save(qnet, tmp_path):
+    import copy
+    import pickle
+
+    qmodel, calib = qnet
+    deployed = _deployed(qmodel, calib[:4])
+    for op in (copy.deepcopy, pickle.dumps, lambda m: torch.save(m, tmp_path / "d.pt")):
+        with pytest.raises(CompactnnError, match=r"compactnn\.save\(deployed, path\)"):
+            op(deployed)
+    compactnn.save(deployed, tmp_path / "a")  # the fix it names
+    again = compactnn.load(tmp_path / "a", model=type(qmodel)())
+    assert torch.equal(again(calib[:4]), deployed(calib[:4]))

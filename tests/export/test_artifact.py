@@ -344,3 +344,41 @@ def test_a_model_with_live_pruning_masks_is_refused_before_anything_is_written(t
         )(x),
         m(x),
     )
+
+
+def test_a_quantize_residuals_model_is_refused_before_anything_is_written(tmp_path):
+    from compactnn.deployment import quantize_residuals
+
+    calib = torch.randn(8, 1, 8, 8)
+    q = compactnn.compress(cnn(), "w8a8", calib_data=calib, progress=False)
+    qres = quantize_residuals(q, calib_data=calib)
+    for model in (qres, nn.Sequential(qres)):  # also held inside another module
+        with pytest.raises(
+            CompactnnError, match=r"quantize_residuals.*compactnn\.save\(qmodel, path\)"
+        ):
+            compactnn.save(model, tmp_path / "r")
+        assert not (tmp_path / "r").exists()
+    # other fx graphs (a .pt2 model is lifted into one) still save and load on a graph
+    gm = torch.fx.symbolic_trace(cnn())
+    qg = compactnn.compress(gm, "w8a8", calib_data=calib, progress=False)
+    compactnn.save(qg, tmp_path / "g")
+    loaded = compactnn.load(tmp_path / "g", model=torch.fx.symbolic_trace(cnn()))
+    assert torch.equal(loaded(calib), qg(calib))
+
+
+def test_a_save_removes_the_verification_batch_of_the_artifact_it_replaces(tmp_path):
+    calib = torch.randn(8, 1, 8, 8)
+    q = compactnn.compress(cnn(), "w8a8", calib_data=calib, progress=False)
+    deployed = compactnn.deploy(q, "onednn", example=calib[:4])
+    root = tmp_path / "a"
+    compactnn.save(deployed, root)
+    assert (root / "deployment.safetensors").is_file()  # samples of the user's data
+    compactnn.save(deployed, root, force=True)  # a deployed save keeps its own batch
+    assert isinstance(compactnn.load(root, model=cnn()), type(deployed))
+    compactnn.save(q, root, force=True)
+    assert sorted(os.listdir(root)) == ["compactnn.json", "model.safetensors", "recipe.yaml"]
+    # a save killed between its commit and the removal: the next save removes the file
+    (root / "deployment.safetensors").write_bytes(b"rows")
+    compactnn.save(q, root, force=True)
+    assert not (root / "deployment.safetensors").exists()
+    assert torch.equal(compactnn.load(root, model=cnn())(calib), q(calib))

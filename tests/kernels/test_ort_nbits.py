@@ -228,3 +228,14 @@ def test_only_tables_on_an_integer_grid_become_gather_block_quantized():
     assert gather_format(table) is None
     narrow = quantize_embedding_rtn(torch.nn.Embedding(8, 24), QuantSpec(8, True, "channel"))
     assert gather_format(narrow) is None  # 24 = 8 x 3: no power-of-two block from 16
+
+
+def test_a_tensor_example_is_refused_naming_keyword_inputs_and_deploy():
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    x = torch.randn(2, 1, 8, 8)
+    q = compactnn.compress(cnn, "w8a8", calib_data=x, progress=False)
+    with pytest.raises(
+        compactnn.CompactnnError, match=r"example is a Tensor.*'input_ids'.*compactnn\.deploy"
+    ):
+        to_ort_nbits(q, x, threads=1)

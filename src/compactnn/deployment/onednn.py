@@ -14,10 +14,19 @@ import warnings
 import torch
 from torch import nn
 
+from compactnn.errors import CompactnnError
 from compactnn.lowering.graph import QParams, input_qparams, int8_weight
 
 CL = torch.channels_last
 PACKED_SHAPES = 4  # weight layouts kept per convolution, one per recent input shape
+# copy.deepcopy and pickle (torch.save) stop at the first prepacked weight with this reason
+NOT_COPYABLE = (
+    "a deployed model holds weights prepacked by oneDNN, which cannot be copied or pickled "
+    "(copy.deepcopy, torch.save): save it with compactnn.save(deployed, path) and load it "
+    "back with compactnn.load(path, model=...), which re-deploys and re-verifies it; for a "
+    "second copy in memory, deploy the compressed model again "
+    "(compactnn.deploy(deployed.source, example=...))."
+)
 
 
 def quantize_u8(x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -105,6 +114,11 @@ class _Int8Layer(nn.Module):
 
     def _prepack(self, shape: tuple[int, ...] | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def __reduce_ex__(self, protocol: int):
+        # a prepacked weight is an opaque tensor with no storage: without this, deepcopy and
+        # pickle fail deep inside torch with "Cannot access storage of OpaqueTensorImpl"
+        raise CompactnnError(NOT_COPYABLE)
 
     def packed_for(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Weights in the layout oneDNN picks for this input shape.

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save as save_bytes
-from torch import nn
+from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from compactnn.core.packing import pack_codes
@@ -53,6 +53,10 @@ from compactnn.export.sparse import sparsify
 from compactnn.export.validate import FORMAT_VERSION, HEADER
 
 _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+# files a compactnn save writes beside the artifact's own, named by its header: the
+# verification batch of a deployed model (compactnn.deployment.ship), samples of the user's
+# data. A save whose header does not name one removes it (no stale user data ships).
+COMPANIONS = ("deployment.safetensors",)
 __all__ = ["FORMAT_VERSION", "artifact_digest", "check_writable", "load", "read_header", "save"]
 __all__ = [
     "artifact_digest",
@@ -354,6 +358,49 @@ def _refuse_parametrized(model: nn.Module) -> None:
         )
 
 
+def _refuse_residual_graph(model: nn.Module) -> None:
+    """A ``quantize_residuals`` model is a ``torch.fx`` graph with quantizers no float model
+    has, so no skeleton rebuilds it: refuse it before anything is written. (Other fx graphs,
+    e.g. a ``.pt2`` model lifted by ``compactnn.model_io``, load on the same kind of graph.)"""
+    found = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, fx.GraphModule) and getattr(m, "residual_grids", None) is not None
+    ]
+    if found:
+        where = "" if found == [""] else f" (its {name_list(found, 3)})"
+        raise CompactnnError(
+            f"cannot save a model from quantize_residuals{where}: it is a "
+            "torch.fx graph with quantizers inserted, which no float skeleton has, so the "
+            "artifact could never be loaded. Save the compressed model instead "
+            "(compactnn.save(qmodel, path)) and call quantize_residuals again after loading it."
+        )
+
+
+def _companions_named(body: dict[str, Any]) -> set[str]:
+    """The :data:`COMPANIONS` a header names (a deployment record's ``example.file``)."""
+    record = body["extra"].get("deployment")
+    example = record.get("example") if isinstance(record, dict) else None
+    name = example.get("file") if isinstance(example, dict) else None
+    return {name} if name in COMPANIONS else set()
+
+
+def _remove_companions(root: Path, keep: set[str]) -> None:
+    """Delete the companion files of an artifact replaced by one that does not name them."""
+    for name in COMPANIONS:
+        file = root / name
+        if name in keep or not os.path.lexists(file) or file.is_dir():
+            continue
+        try:
+            file.unlink()
+        except OSError as exc:
+            raise CompactnnError(
+                f"the artifact in {str(root)!r} was saved, but the previous artifact's "
+                f"{name} (samples of its verification data) could not be removed ({exc}): "
+                "delete it before shipping the folder."
+            ) from exc
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> str:
     """Write ``model`` as a packed artifact directory at ``path``; return its digest.
 
@@ -377,6 +424,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
         raise CompactnnError(f"save takes a torch.nn.Module, got {type(model).__name__}.")
     if (why := getattr(model, "not_saveable", None)) is not None:  # e.g. a deployed model
         raise CompactnnError(f"cannot save this model as an artifact: {why}")
+    _refuse_residual_graph(model)
     _refuse_kernel_model(model)
     _refuse_parametrized(model)
     out = check_writable(path, force)
@@ -396,4 +444,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
         validate.check_header(header)  # what we write, we can read
         return header
 
-    return replace.write_artifact(out, writers, make_header)["digest"]
+    digest = replace.write_artifact(out, writers, make_header)["digest"]
+    # after the commit, so a failed save keeps the old artifact whole; a crash in between
+    # leaves the file to the next save, which removes it the same way
+    _remove_companions(out, _companions_named(body))
+    return digest

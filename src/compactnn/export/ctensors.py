@@ -113,7 +113,8 @@ def can_export(qmodel: nn.Module) -> str | None:
         if isinstance(m, ActQuantizer) and id(m) not in owned and m.enabled:
             return (
                 f"{name}: a standalone activation quantizer has no compressed-tensors scheme; "
-                "compactnn.save keeps it, or compress without quantize_residuals."
+                "export the compressed model before quantize_residuals (compactnn.save keeps that "
+                "model; call quantize_residuals again after loading it)."
             )
         if type(m).__module__.startswith("compactnn") and not isinstance(
             m, (ActQuantizer, QuantLinear, QuantEmbedding)

@@ -156,7 +156,13 @@ def nbits_proto(
     if accuracy_level not in ACCURACY_LEVELS:
         raise CompactnnError(f"accuracy_level={accuracy_level} must be one of {ACCURACY_LEVELS}")
     if not isinstance(example, dict):
-        raise CompactnnError("nbits_onnx example must be a dict of keyword tensors")
+        raise CompactnnError(
+            f"to_ort_nbits / nbits_onnx: example is a {type(example).__name__}; they take a "
+            "weight-only quantized transformer (e.g. compactnn.compress(model, "
+            "'w4-g32-gptq', ...)) and one batch of its keyword inputs as a dict, e.g. "
+            "{'input_ids': ids, 'attention_mask': mask}. A CNN or other model called with "
+            "tensors runs on integer kernels with compactnn.deploy(qmodel, example=x)."
+        )
     tables = gather_tables(model) if quantized_tables else {}
     plain, found = dequantized_model(model)
     with tempfile.TemporaryDirectory(prefix="compactnn-nbits-") as tmp:

@@ -204,6 +204,7 @@ def to_kernels(
         >>> fast = compactnn.to_kernels(qmodel)                                    # doctest: +SKIP
         >>> exact = compactnn.to_kernels(qmodel, dtype=torch.float32, fused=False)  # doctest: +SKIP
     """
+    _refuse_deployed(model)
     config = KernelConfig(
         dtype=dtype, dense_min_rows=dense_min_rows, fused=fused, hold_dense=hold_dense
     )
@@ -223,6 +224,18 @@ def to_kernels(
             stacklevel=2,
         )
     return out
+
+
+def _refuse_deployed(model: nn.Module) -> None:
+    """A model from ``compactnn.deploy`` already runs on integer kernels (and its prepacked
+    weights cannot be copied): refuse it before any work, saying what to_kernels takes."""
+    if getattr(model, "is_deployed", False) is True:  # a deployment.api.DeployedModel
+        raise CompactnnError(
+            f"to_kernels: this model is already deployed (compactnn.deploy runs it on "
+            f"{model.backend} integer kernels): call it as it is. to_kernels takes a "
+            "compressed model that is not deployed, e.g. a transformer from "
+            "compactnn.compress(model, 'w4-g32-gptq', ...) or compactnn.load(path)."
+        )
 
 
 def materialize(layer: nn.Module) -> None:
