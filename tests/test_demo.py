@@ -181,3 +181,43 @@ def test_quality_comes_from_the_delivered_model_and_failures_read_simulated(tmp_
     assert any("no integer kernel for 2-bit" in n for n in rows["w2a4"]["notes"])
     md = (tmp_path / "d" / "report.md").read_text()
     assert "| tiny | w2a4 | simulated |" in md
+
+
+def test_a_row_is_delivered_as_compactnn_eval_delivers_it(monkeypatch):
+    import compactnn
+    from compactnn import demo as demo_module
+
+    ref = TinyRef()
+    with pytest.warns(UserWarning, match="channel pruning skipped"):  # the output layer
+        pruned = compactnn.compress(ref.model, "ch50", calib_data=ref.calib, progress=False)
+    w8a8 = compactnn.compress(ref.model, "w8a8", calib_data=ref.calib, progress=False)
+    calls = []
+    monkeypatch.setattr(
+        demo_module, "deliver_float", lambda m, b, **kw: calls.append(("float", m, kw))
+    )
+    monkeypatch.setattr(demo_module, "deliver", lambda k, m, b: calls.append((k, m, {})))
+    demo_module.deliver_row("cnn", pruned, ref.example, quick=True, threads=1)
+    demo_module.deliver_row("cnn", w8a8, ref.example, quick=True, threads=1)
+    assert [(c[0], c[1]) for c in calls] == [("float", pruned), ("cnn", w8a8)]
+    assert calls[0][2] == {"quick": True, "threads": 1}
+
+
+def test_a_channel_pruned_row_runs_natively_not_simulated(tmp_path):
+    ref = TinyRef()
+    with pytest.warns(UserWarning, match="channel pruning skipped"):
+        results = run_demo(
+            tmp_path / "d",
+            quick=True,
+            threads=1,
+            suite=[("tiny", "float"), ("tiny", "ch50")],
+            loader=lambda _n: ref,
+            progress=False,
+        )
+    rows = {r["recipe"]: r for r in results["rows"]}
+    row = rows["ch50"]
+    assert row["runtime"] in ("PyTorch fp32", "PyTorch bf16 autocast", "ONNX Runtime fp32")
+    assert row["speedup"] == pytest.approx(
+        rows["float"]["latency"]["median_s"] / row["latency"]["median_s"]
+    )
+    assert any("runs natively: a plain float model" in n for n in row["notes"])
+    assert "| tiny | ch50 | simulated |" not in (tmp_path / "d" / "report.md").read_text()

@@ -78,8 +78,8 @@ def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
     assert measured.keys() == documented.keys()
     for label, row in measured.items():  # quality within TOLERANCE_PT, sizes within 1%
         doc_row = documented[label]
-        if label == "float":  # the fastest float path of this machine's run names the row
-            assert row[1] in FLOAT_ROW_NAMES, row
+        if label == "float" or doc_row[1] in FLOAT_ROW_NAMES:  # the float row, a pruned row:
+            assert row[1] in FLOAT_ROW_NAMES, row  # the fastest float path of this run
         else:  # deploy(auto) keeps the faster verified backend of this machine's run
             assert row[0] == doc_row[0], (row, doc_row)
             assert row[1] == doc_row[1] or {row[1], doc_row[1]} <= INT8_RUNTIMES, (row, doc_row)

@@ -1,8 +1,9 @@
 """The demo: compress the reference models with the suite and write the report.
 
 For every (reference model, recipe) entry of :data:`compactnn.demo_suite.SUITE` it runs the
-compressed model on its *delivered* form (:func:`deliver`: ``compactnn.deploy`` for CNNs,
-``compactnn.to_kernels`` for transformers, "simulated" with the reason when neither applies)
+compressed model on its *delivered* form (:func:`deliver_row`: ``compactnn.deploy`` for
+CNNs, ``compactnn.to_kernels`` for transformers, a plain float model such as a channel-pruned
+one on the fastest of its own float paths, "simulated" with the reason when none applies)
 and measures quality of that delivered model (top-1 or mean cosine vs float), the artifact's
 bytes on disk beside the theoretical size, latency side by side with every float path
 (:func:`compactnn.measure.float_paths.fastest_float_path`; the speedup is over the fastest),
@@ -43,7 +44,13 @@ from compactnn.measure import (
 from compactnn.measure.environment import environment
 from compactnn.measure.float_paths import FloatPaths, fastest_float_path
 from compactnn.measure.timing import TimingWarning, check_environment, omp_wait_policy
-from compactnn.report.delivery import SIMULATED, deliver, float_path_name
+from compactnn.report.delivery import (
+    SIMULATED,
+    deliver,
+    deliver_float,
+    float_path_name,
+    is_plain_float,
+)
 
 FLOAT = "float"
 RESULTS = "results.json"
@@ -179,6 +186,29 @@ def time_models(
         )
 
 
+def deliver_row(
+    kind: str,
+    model: torch.nn.Module,
+    batch: Any,
+    *,
+    quick: bool = True,
+    threads: int | None = DEFAULT_THREADS,
+) -> tuple[torch.nn.Module, str, list[str]]:
+    """A compressed row's delivered model, runtime and notes, as ``compactnn eval`` gets
+    them: a plain float model (:func:`is_plain_float`, e.g. channel-pruned) runs as itself
+    on the fastest of its own float paths (:func:`deliver_float`), anything else on the
+    runtime :func:`deliver` finds (``"simulated"`` when none runs it).
+
+    Example:
+        >>> fast, runtime, notes = deliver_row("cnn", pruned, images[:16])  # doctest: +SKIP
+        >>> runtime                                                         # doctest: +SKIP
+        'ONNX Runtime fp32'
+    """
+    if is_plain_float(model):
+        return deliver_float(model, batch, quick=quick, threads=threads)
+    return deliver(kind, model, batch)
+
+
 def run_model(
     name: str, ref: Any, recipes: list[str], out: Path, *, threads: int, quick: bool, bar: Any
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -192,7 +222,9 @@ def run_model(
         if recipe != FLOAT:
             bar.set_postfix_str(f"{name}: {recipe} (deploy)")
             kind = getattr(ref, "kind", "cnn")
-            delivered[recipe], row["runtime"], notes = deliver(kind, model, batch)
+            delivered[recipe], row["runtime"], notes = deliver_row(
+                kind, model, batch, quick=quick, threads=threads
+            )
             row["notes"] += notes
         row["quality"] = float(ref.evaluate(delivered.get(recipe, model)))
         rows.append(row)

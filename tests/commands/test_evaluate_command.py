@@ -113,6 +113,46 @@ def test_eval_deploy_says_why_a_weight_only_artifact_is_not_deployable(project, 
     assert "deployed " not in out and "simulated (no speedup claimed)" in out
 
 
+def test_eval_of_a_deployed_artifact_runs_the_deployed_model(project, capsys, monkeypatch):
+    from compactnn.report import delivery
+
+    q = compactnn.load("art-w8a8", model=project["factory"].make())
+    fast = compactnn.deploy(q, "onednn", example=project["x"][:8])
+    compactnn.save(fast, "dep-w8a8")  # what `compactnn deploy --save` writes
+
+    def no_redeploy(*args, **kwargs):
+        raise AssertionError("the deployed artifact was deployed again")
+
+    monkeypatch.setattr(delivery, "deliver", no_redeploy)
+    rc = main(["eval", "dep-w8a8", *MODEL, "--quick", "--no-progress", "--data", "xy.safetensors",
+               "--json", "r.json"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "deployed artifact: rebuilt on onednn and verified" in out
+    rows = {r["model"]: r for r in json.loads(open("r.json").read())["rows"]}
+    row = rows["deployed"]
+    assert row["runtime"] == "oneDNN int8" and row["recipe"] == "w8a8"
+    assert row["speedup"] is not None and row["latency"]["batch"] == 32
+    assert abs(row["quality"] - evaluate(q, (project["x"], project["y"]))) <= 2 * 100 / 64
+    # --simulated measures the simulated model the artifact stores
+    rc = main(["eval", "dep-w8a8", *MODEL, "--quick", "--no-progress", "--data", "xy.safetensors",
+               "--simulated", "--json", "s.json"])  # fmt: skip
+    rows = {r["model"]: r for r in json.loads(open("s.json").read())["rows"]}
+    assert rc == 0 and rows["compressed"]["runtime"] == "simulated"
+    assert rows["compressed"]["recipe"] == "w8a8"
+
+
+@pytest.mark.parametrize("option", [["--threads", "0"], ["--runs", "-3"], ["--runs", "x"]])
+def test_numeric_options_are_checked_before_any_work(option, project, capsys, monkeypatch):
+    from compactnn.commands import evaluate as command
+
+    monkeypatch.setattr(command, "evaluate", lambda args: pytest.fail("the work started"))
+    with pytest.raises(SystemExit) as stop:
+        _eval("--data", "xy.safetensors", *option)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert f"argument {option[0]}: {option[1]!r} is not a whole number of 1 or more" in err
+
+
 def test_wrong_shape_data_is_one_error_line(project, capsys):
     np.save("wrongshape.npy", np.zeros((4, 3, 5, 5), dtype=np.float32))
     assert _eval("--data", "wrongshape.npy") == 2

@@ -358,6 +358,8 @@ def test_export_onnx_of_an_onnxruntime_deployed_model(qnet, tmp_path):
     fast.export_onnx(tmp_path / "mine.onnx", force=True)
     assert (tmp_path / "mine.onnx").read_bytes() == (tmp_path / "m.onnx").read_bytes()
     onednn = compactnn.deploy(qmodel, "onednn", example=calib[:8])
+    with pytest.raises(CompactnnError, match=r"already deployed \(on onednn\).*deployed.source"):
+        compactnn.deploy(onednn, "onnxruntime", example=calib[:8])
     with pytest.raises(CompactnnError, match="backend='onnxruntime'"):
         onednn.export_onnx(tmp_path / "n.onnx")
     assert not (tmp_path / "n.onnx").exists()
@@ -374,6 +376,39 @@ def test_weight_only_transformer_is_pointed_to_the_low_bit_kernels():
     assert "compactnn.to_kernels(q)" in message and "compactnn.to_ort_nbits" in message
     assert "kernels=True" in message and "compactnn eval" in message
     assert "quantizes activations" not in message and len(message) < 500
+
+
+def tiny_bert():
+    """A random 2-layer BERT (hidden 32, vocab 100) and a batch of token ids."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=100, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.BertModel(config).eval(), {"input_ids": torch.randint(0, 100, (4, 8))}
+
+
+@pytest.mark.filterwarnings("ignore:smoothquant")
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-smoothquant"])
+def test_w8a8_transformer_is_refused_before_tracing_and_pointed_to_the_kernels(recipe, monkeypatch):
+    model, batch = tiny_bert()
+    q = compactnn.compress(model, recipe, calib_data=[batch], progress=False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("deploy traced the transformer")
+
+    monkeypatch.setattr(deploy_api, "_build", never)
+    monkeypatch.setattr(deploy_api, "call_model", never)
+    for backend in ("auto", "onnxruntime"):
+        with pytest.raises(CompactnnError) as info:
+            compactnn.deploy(q, backend, example=batch)
+        message = str(info.value)
+        assert "BertModel" in message and "compactnn.to_kernels" in message
+        assert "compactnn eval" in message and len(message) < 500
+    # per-token (dynamic) activations run on to_kernels' int8 kernels; static ones do not
+    assert ("run on int8 kernels" in message) == (recipe == "w8a8-smoothquant")
+    assert ("'w8a8-smoothquant'" in message) == (recipe == "w8a8")
 
 
 def test_a_weight_only_cnn_lists_a_few_layers_per_reason():

@@ -2,10 +2,10 @@
 on their deployed form against the fastest float path, as the demo measures them.
 
 The rows are built the way ``compactnn.demo`` builds them: the recipe trained once with
-``compactnn.train`` (read from the cache after that), delivered with
-``report.delivery.deliver`` (``compactnn.deploy(backend="auto")``), scored by running the
-delivered model, and timed side by side with every float path of the float model on the
-demo's latency batch (16 images, 2 threads; each contender in its own block of calls,
+``compactnn.train`` (read from the cache after that), delivered with ``demo.deliver_row``
+(``compactnn.deploy(backend="auto")``; a plain float model on its fastest float path), scored
+by running the delivered model, and timed side by side with every float path of the float
+model on the demo's latency batch (16 images, 2 threads; each contender in its own block of calls,
 rotating rounds, medians). The table gives wall and CPU time per call and the speedup over
 the fastest float path by each measure, the deployed and simulated top-1, the verification
 gap in output steps, and for the binary model each block's kernel (int8, popcount or float,
@@ -35,10 +35,9 @@ def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[di
     """``(rows, timings, winner)``: per recipe its runtime, top-1s, verification and kernels;
     the timings of every float path and delivered row; the fastest float path's name."""
     from compactnn.data import load_mnist
-    from compactnn.demo import LATENCY_BATCH, first_rows, time_models
+    from compactnn.demo import LATENCY_BATCH, deliver_row, first_rows, time_models
     from compactnn.models import load_reference
     from compactnn.models.trained import cached_train
-    from compactnn.report.delivery import deliver
 
     torch.set_num_threads(THREADS)
     ref = load_reference("mnist-cnn", progress=False)
@@ -49,7 +48,7 @@ def measure(quick: bool = False, recipes: tuple[str, ...] = RECIPES) -> tuple[di
         qmodel, _, _ = cached_train(ref, recipe, data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fast, runtime, _ = deliver("cnn", qmodel, batch)
+            fast, runtime, _ = deliver_row("cnn", qmodel, batch, quick=quick, threads=THREADS)
         delivered[recipe] = fast
         verification = getattr(fast, "verification", None)
         rows[recipe] = {

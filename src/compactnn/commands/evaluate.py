@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 import compactnn
-from compactnn.commands._common import add_model_args, human_bytes, load_model, split_labels
+from compactnn.commands._common import (
+    add_model_args,
+    human_bytes,
+    load_model,
+    positive_int,
+    split_labels,
+)
 from compactnn.commands.compress import human_count
 from compactnn.core.calib import (
     as_batches,
@@ -28,6 +34,7 @@ from compactnn.core.calib import (
     describe,
     expected_input_hint,
 )
+from compactnn.deployment.api import DeployedModel
 from compactnn.errors import CompactnnError, first_line
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.export.fs import atomic_write_text, check_file_path
@@ -80,8 +87,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="(the default now) run the compressed model on its deployed form",
     )
     p.add_argument("--quick", action="store_true", help="no torch.compile float path, 3 timed runs")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads (2)")
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed runs, at least (median)")
+    p.add_argument(
+        "--threads", type=positive_int, default=DEFAULT_THREADS, help="torch threads (2)"
+    )
+    p.add_argument(
+        "--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs, at least (median)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
@@ -131,14 +142,18 @@ def batch_rows(inputs: Any) -> tuple[int, ...]:
 def _compressed(args: argparse.Namespace):
     """The float model, the compressed one (or None), its artifact size, and the ``--data``
     inputs and labels. Sets ``args.stored_bits`` (bits per weight as stored, per layer and
-    ``"total"``; empty without a compressed model)."""
-    args.stored_bits = {}
+    ``"total"``; empty without a compressed model) and ``args.deployed`` (the model of a
+    deployed artifact, rebuilt on its recorded backend; ``qmodel`` is then its simulated
+    source)."""
+    args.stored_bits, args.deployed = {}, None
     if artifact_exists(args.target):
         header = read_header(args.target)
         loaded = skeleton_for(
             header, args.model, weights=args.weights, trust_pickle=args.trust_pickle
         )
         qmodel = compactnn.load(args.target, model=loaded.model)
+        if isinstance(qmodel, DeployedModel):  # `deploy --save`: re-deployed and verified here
+            args.deployed, qmodel = qmodel, qmodel.source
         args.stored_bits = stored_bits(args.target)
         return loaded, qmodel, artifact_bytes(args.target), inputs_of(args, loaded)
     if Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
@@ -187,6 +202,17 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
         return "compressed", None, SIMULATED, []
     if args.simulated:
         return "compressed", qmodel, SIMULATED, ["--simulated: the simulated model is measured"]
+    if args.deployed is not None:
+        deployed = args.deployed
+        return (
+            "deployed",
+            deployed,
+            _deployed_runtime(deployed),
+            [
+                f"deployed artifact: rebuilt on {deployed.backend} and verified on this machine "
+                f"({deployed.verification})"
+            ],
+        )
     if example is None:
         return "compressed", qmodel, SIMULATED, ["runs simulated: no sample input (pass --data)"]
     if is_plain_float(qmodel):  # e.g. channel-pruned: runs as itself, on its fastest float path
@@ -199,6 +225,20 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
     return label, model, runtime, notes
 
 
+def _deployed_runtime(deployed: DeployedModel) -> str:
+    """The runtime's name of a deployed model, as :func:`compactnn.report.delivery.deliver`
+    names it: ``"oneDNN int8"``, ``"ONNX Runtime int8 (2 layers float)"``..."""
+    from compactnn.report.delivery import RUNTIME_NAMES
+
+    runtime = RUNTIME_NAMES.get(deployed.backend, deployed.backend)
+    kernels = {k["kernel"] for k in (getattr(deployed, "binary_kernels", None) or {}).values()}
+    runtime += " + popcount" if "popcount" in kernels else ""
+    runtime += " + float" if "float" in kernels else ""
+    if deployed.kept_float:
+        runtime += f" ({len(deployed.kept_float)} layers float)"
+    return runtime
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Rows (float on its fastest path, and the compressed model on its delivered form)
     with quality, size, latency, runtime and speedup, plus the timing's conditions."""
@@ -206,6 +246,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     loaded, qmodel, qsize, data = _compressed(args)
     batches = as_batches(data[0]) if data[0] is not None else as_batches(loaded.example)
+    if not batches and args.deployed is not None:  # the batch it was verified on
+        batches = as_batches(args.deployed.example)
     example = batches[0] if batches else loaded.example
     label, delivered, runtime, notes = _delivered(args, qmodel, example)
     paths = None
@@ -219,7 +261,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             runs=3 if args.quick else args.runs,
             extra=extra,
         )
-    recipe = compactnn.info_of(qmodel).get("recipe").name if qmodel is not None else None
+    info = compactnn.info_of(qmodel) if qmodel is not None else {}
+    recipe = getattr(info.get("recipe"), "name", None) if qmodel is not None else None
     entries = [("float", loaded.model, None, "float", None)]
     if delivered is not None:
         entries.append((label, delivered, qsize, recipe, runtime))

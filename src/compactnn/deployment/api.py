@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from compactnn._optional import require
 from compactnn.core.calib import call_model, check_example, check_finite
+from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.deployment import binary, float_check
 from compactnn.deployment.float_check import float_advice, float_contenders
@@ -69,6 +70,9 @@ class DeployedModel(nn.Module):
         settings: the deploy arguments that rebuild it: ``residual``, ``tolerance``,
             ``unsupported``.
     """
+
+    # recognised by layers below deployment without importing it (kernels.swap.to_kernels)
+    is_deployed = True
 
     # compactnn.api.save refuses it with this reason (it holds compiled kernels, not codes)
     not_saveable = (
@@ -420,13 +424,40 @@ def _require_int8_layers(sim: nn.Module) -> None:
         raise CompactnnError(_no_integer_layers(sim, reasons))
 
 
+def _is_hf(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")  # loaded whenever model is one of its models
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _hf_w8a8_reason(qmodel: nn.Module) -> str | None:
+    """Why deploy refuses a Hugging Face transformer with quantized activations (neither of
+    its tracers takes their forward), and where its W8A8 layers run instead; None for
+    anything else."""
+    acts = [m.input_quantizer for m in qmodel.modules() if is_quant_layer(m)]
+    acts = [a for a in acts if a is not None]
+    if not _is_hf(qmodel) or not acts:
+        return None
+    name = type(qmodel).__name__
+    measure = "`compactnn eval ARTIFACT --model MODEL --data FILE` measures that form."
+    if all(isinstance(a, DynamicActQuantizer) for a in acts):
+        return (
+            f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}: "
+            "its W8A8 linear layers (per-token activations) run on int8 kernels with "
+            "compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)); " + measure
+        )
+    return (
+        f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}; its "
+        "W8A8 layers quantize activations on static grids, which no int8 kernel of "
+        "compactnn.to_kernels takes: compress with 'w8a8-smoothquant' (per-token "
+        "activations) and run the result with compactnn.to_kernels(q); " + measure
+    )
+
+
 def _no_integer_layers(sim: nn.Module, kept: dict[str, str]) -> str:
     """Why deploy has nothing to run on integer kernels, and what to use instead: a
     weight-only transformer runs on the low-bit kernels (to_kernels, ONNX Runtime)."""
     quant = [m for m in sim.modules() if is_quant_layer(m)]
-    transformers = sys.modules.get("transformers")  # loaded whenever sim is one of its models
-    hf = transformers is not None and isinstance(sim, transformers.PreTrainedModel)
-    if hf and quant and all(m.input_quantizer is None for m in quant):
+    if _is_hf(sim) and quant and all(m.input_quantizer is None for m in quant):
         return (
             f"deploy runs quantized activations on int8 kernels, and this weight-only "
             f"{type(sim).__name__} has none ({len(quant)} layers quantize weights only): run it "
@@ -456,6 +487,12 @@ def _check_args(qmodel, backend, example, residual, unsupported) -> None:
             "sample batch the model takes (e.g. a few calibration inputs)."
         )
     check_example(example)
+    if isinstance(qmodel, DeployedModel):
+        raise CompactnnError(
+            f"qmodel is already deployed (on {qmodel.backend}): call it as it is; to deploy "
+            "again, e.g. on another backend, pass the compressed model it came from "
+            "(deployed.source)."
+        )
     if is_plain_float(qmodel):
         raise CompactnnError(
             "qmodel has no quantized layers: it is a plain float model (e.g. channel-pruned) "
@@ -470,6 +507,8 @@ def _check_args(qmodel, backend, example, residual, unsupported) -> None:
             "qmodel has no quantized layers: run compactnn.compress(model, 'w8a8', "
             "calib_data=...) first and deploy its result."
         )
+    if (reason := _hf_w8a8_reason(qmodel)) is not None:  # before any tracing
+        raise CompactnnError(reason)
     try:
         with torch.no_grad():
             call_model(qmodel, example)

@@ -311,9 +311,11 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         f"Runs as: the float row is the fastest float path of the same run "
         f"({_paths_text(results.get('float_paths'))}), and every speedup is over it; "
         f"`{SIMULATED}` is the compressed model as compactnn simulates it (float kernels on "
-        "dequantized weights: smaller on disk, not faster, so no speedup is claimed); a "
-        "runtime name (`oneDNN int8`, `ONNX Runtime int8`) is the artifact lowered to "
-        "integer kernels by compactnn.deploy and verified against the simulation.",
+        "dequantized weights: smaller on disk, not faster, so no speedup is claimed); an "
+        "int8 runtime name (`oneDNN int8`, `ONNX Runtime int8`) is the artifact lowered to "
+        "integer kernels by compactnn.deploy and verified against the simulation; a float "
+        "runtime name on a compressed row is a pruned model with nothing simulated in it, "
+        "run as itself on the fastest of its own float paths (its notes list them).",
     ]
     blocks: list[Block] = [
         ("h1", title),
