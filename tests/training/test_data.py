@@ -52,3 +52,8 @@ def test_a_mapping_without_a_labelled_pair_names_the_keys_it_needs():
         as_eval_data({"x_test": torch.zeros(2, 2)})
     with pytest.raises(CompactnnError, match=r"x_train/y_train"):
         as_train_data({"x_train": torch.zeros(2, 2), "y": torch.zeros(2)})
+
+
+def test_empty_training_data_is_refused_in_one_line():
+    with pytest.raises(CompactnnError, match="training data is empty"):
+        as_train_data((torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))

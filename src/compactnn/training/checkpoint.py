@@ -59,6 +59,7 @@ def load_checkpoint(directory: str | os.PathLike, run: dict[str, Any]) -> dict[s
             raise CompactnnError(
                 f"checkpoint {str(path)!r} was written with {key}={theirs.get(key)}, this run "
                 f"has {key}={run[key]}: resuming would not continue the same schedule. Use the "
-                "same settings, another checkpoint directory, or resume=False."
+                "same settings, another checkpoint directory, or pass resume=False "
+                "(--no-resume) to start over."
             )
     return state

@@ -137,6 +137,8 @@ def as_train_data(data: Any) -> TrainData:
             raise CompactnnError(
                 f"training data: {x.shape[0]} inputs but {y.shape[0]} labels; they must match."
             )
+        if x.shape[0] == 0:
+            raise CompactnnError("training data is empty: it holds 0 samples.")
         return TrainData(x=x, y=y)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         if iter(data) is data:  # a one-shot iterator: keep its batches for every epoch
