@@ -481,3 +481,16 @@ def test_wrong_input_shapes_name_expected_and_got(backend, qnet):
     else:
         assert deployed(other_size).shape == (2, 10)
     assert deployed(calib[:7]).shape == (7, 10)  # any batch size
+
+
+def test_a_weight_only_training_recipe_is_pointed_to_its_activation_form():
+    from types import SimpleNamespace
+
+    from compactnn.deployment.api import _no_integer_layers
+
+    sim = nn.Sequential(nn.Linear(4, 4))
+    sim._compactnn = {"recipe": SimpleNamespace(name="w5-inq")}  # as compress records it
+    msg = _no_integer_layers(sim, {"0": "its input is not quantized (weight-only recipe)"})
+    assert "'w5a8-inq' (w5-inq with 8-bit activations)" in msg and "0" in msg
+    sim._compactnn = {"recipe": SimpleNamespace(name="my-recipe")}
+    assert "e.g. 'w8a8', 'w4a4'" in _no_integer_layers(sim, {})

@@ -35,6 +35,7 @@ from compactnn.lowering.verify import (
     with_layers,
 )
 from compactnn.measure.float_paths import is_plain_float
+from compactnn.recipe import parse_short_name
 
 BACKENDS = ("auto", "onednn", "onnxruntime", "inductor")
 AUTO_CANDIDATES = ("onednn", "onnxruntime")  # "auto" times both on the example: docs/deploy.md
@@ -466,9 +467,20 @@ def _no_integer_layers(sim: nn.Module, kept: dict[str, str]) -> str:
             "compactnn.to_ort_nbits(q); `compactnn eval ARTIFACT --model MODEL --data FILE` "
             "measures that form."
         )
+    suggest = "'w8a8', 'w4a4'"
+    recipe = (getattr(sim, "_compactnn", None) or {}).get("recipe")
+    name = getattr(recipe, "name", "")
+    weight_only = re.fullmatch(r"w(\d+)-([a-z][\w-]*)", name)  # e.g. w5-inq: the same method
+    if weight_only:
+        same = f"w{weight_only[1]}a8-{weight_only[2]}"
+        try:
+            parse_short_name(same)  # only a recipe that exists
+            suggest = f"'{same}' ({name} with 8-bit activations)"
+        except CompactnnError:
+            pass
     return (
         "deploy found no layer it can run on integer kernels: compress with a recipe "
-        f"that quantizes activations (e.g. 'w8a8', 'w4a4'); kept in float: {_listing(kept)}"
+        f"that quantizes activations (e.g. {suggest}); kept in float: {_listing(kept)}"
     )
 
 
