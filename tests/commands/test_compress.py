@@ -99,7 +99,16 @@ def test_labelled_data_calibrates_on_x_and_the_eval_line_names_the_model(
     argv = ["compress", *model, "-r", "w8a8", "-d", "xy.safetensors", "-o", "art", "--no-progress"]
     code, printed, err = run_cli(capsys, *argv)
     assert code == 0, err
-    assert "--model labelnet:make --weights w.safetensors --data xy.safetensors" in printed
+    # never evaluate on the calibration data: a placeholder unless the file holds a test split
+    assert "--model labelnet:make --weights w.safetensors --data HELD_OUT_FILE" in printed
+    split = {"x_train": torch.randn(32, 1, 4, 4), "y_train": torch.randint(0, 3, (32,))}
+    split |= {"x_test": torch.randn(8, 1, 4, 4), "y_test": torch.randint(0, 3, (8,))}
+    save_file(split, "split.safetensors")
+    argv = ["compress", *model, "-r", "w8a8", "-d", "split.safetensors", "-o", "art2",
+            "--no-progress"]  # fmt: skip
+    code, printed, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "--model labelnet:make --weights w.safetensors --data split.safetensors" in printed
     assert_one_error_line(
         capsys, ["compress", "labelnet:make", "--weights", ".", "-r", "w8"], "is a folder"
     )

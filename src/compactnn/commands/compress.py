@@ -8,6 +8,8 @@ import shlex
 import time
 from pathlib import Path
 
+import torch
+
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
@@ -22,7 +24,8 @@ from compactnn.commands._common import (
 )
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
-from compactnn.model_io import LoadedModel
+from compactnn.model_io import LoadedModel, resolve_data
+from compactnn.training.data import labelled_keys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -233,8 +236,27 @@ def run(args: argparse.Namespace) -> int:
         f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
     )
     print(f"  sha256 digest: {digest}  (pin it: compactnn.load(..., expect_sha256=...))")
-    print(f"  evaluate it: {eval_command(out, args, loaded)}")
+    held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded)})
+    print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
     return 0
+
+
+def eval_data_file(args: argparse.Namespace, loaded: LoadedModel) -> str | None:
+    """What the printed ``compactnn eval`` line passes as ``--data``: never the calibration
+    data. A ``--data`` file that also holds a held-out split (``x_test``/``y_test``, which
+    ``eval`` reads); else ``HELD_OUT_FILE`` for the user to fill in; None for a reference
+    model (``eval`` scores it on its own test split) or a data-free run."""
+    if args.data is None or args.data == "data-free":
+        return None
+    try:
+        data = resolve_data(args.data, loaded)
+    except CompactnnError:
+        data = None
+    if isinstance(data, dict):
+        tensors = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
+        if labelled_keys(tensors, "eval") == ("x_test", "y_test"):
+            return args.data
+    return None if loaded.reference is not None else "HELD_OUT_FILE"
 
 
 def run_streamed(args: argparse.Namespace, out: Path, recipe) -> int:
