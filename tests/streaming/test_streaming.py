@@ -144,3 +144,16 @@ def test_refuses_what_cannot_stream(llama_dir, ids, tmp_path):
         compactnn.compress(tmp_path, RECIPE, ids, max_memory="1GiB", out=tmp_path / "b")
     with pytest.raises(CompactnnError, match="directory"):
         compactnn.compress(torch.nn.Linear(2, 2), RECIPE, ids, max_memory="1GiB", out="x")
+
+
+def test_refuses_gpt2_conv1d_layers_before_staging(tmp_path):
+    """GPT-2's Conv1D layers become Linear ones inside the engine, which needs their values:
+    refused in one message, before the staging folder exists (it was a meta-tensor crash)."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=256, n_positions=64)
+    path = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path, max_shard_size="100KB")
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(CompactnnError, match=r"Conv1D layers .*without max_memory"):
+        compactnn.compress(path, RECIPE, ids, max_memory="1GiB", out=tmp_path / "b")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.staging").exists()

@@ -27,11 +27,11 @@ from torch import nn
 
 from compactnn.core.calib import as_batches
 from compactnn.core.gptq_solver import CLIP_CHUNK_ELEMENTS
-from compactnn.core.modules import set_module
+from compactnn.core.modules import is_hf_conv1d, set_module
 from compactnn.core.qlayers import make_quant_layer
 from compactnn.core.spec import QuantSpec
 from compactnn.engines.sequential import block_stream, find_blocks
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 from compactnn.export import replace, validate
 from compactnn.export.artifact import check_writable, header_body, info_of, pack_model
 from compactnn.export.sparse import sparsify
@@ -301,6 +301,13 @@ def compress_streamed(
     _check_recipe(recipe)
     memory.fixed_mmap_threshold()  # first: the skeleton's construction allocates every weight
     model = build_skeleton(model_dir)  # imports the model's code; holds no weights
+    convs = [n for n, m in model.named_modules() if is_hf_conv1d(m)]
+    if convs:  # the engine turns them into Linear layers, which needs their values
+        raise CompactnnError(
+            f"max_memory: {type(model).__name__} has GPT-2 Conv1D layers "
+            f"({name_list(convs, 3)}), which streamed compression does not convert yet; "
+            "compress it without max_memory (--max-memory), which handles them."
+        )
     memory.trim()
     memory.reset_peak()
     baseline = memory.rss()
