@@ -224,3 +224,15 @@ def test_a_recipe_whose_target_names_match_nothing_is_refused_with_close_names(t
     with pytest.warns(UserWarning, match="stay in float"):  # a matching pattern is fine
         q = compactnn.compress(m, str(path), progress=False)
     assert isinstance(q.stem[0], QuantConv2d) and type(q.head[1]) is nn.Linear
+
+
+def test_compressing_a_quantized_model_again_says_its_layers_stay_as_they_are():
+    """A second quantizing recipe skips layers an earlier compress quantized: say so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    q = compactnn.compress(model, "w8", progress=False)
+    with pytest.warns(UserWarning, match=r"2 layers are already quantized \(by w8.*w4-g32 leaves"):
+        again = compactnn.compress(q, "w4-g32", progress=False)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(again(x), q(x))  # indeed untouched

@@ -32,8 +32,8 @@ from compactnn.core.modules import (
     select_modules,
     weight_layers,
 )
-from compactnn.core.qlayers import ActQuantizer, has_integer_weight
-from compactnn.errors import CompactnnError
+from compactnn.core.qlayers import ActQuantizer, has_integer_weight, is_quant_layer
+from compactnn.errors import CompactnnError, name_list
 from compactnn.export.artifact import info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
@@ -153,6 +153,14 @@ def _compress(
         ctx.warn(
             "calib_data is all zeros: activation ranges and statistics computed from it say "
             "nothing about real inputs; pass real samples."
+        )
+    quantized = [n for n, m in qmodel.named_modules() if is_quant_layer(m)]
+    if quantized and any(isinstance(step.config, QuantConfig) for step in recipe.steps):
+        earlier = getattr(previous.get("recipe"), "name", "an earlier compress")
+        ctx.warn(
+            f"{len(quantized)} layers are already quantized (by {earlier}; e.g. "
+            f"{name_list(quantized, 3)}): {recipe.name} leaves them as they are. To apply "
+            f"{recipe.name} to them, compress the float model they came from."
         )
     ctx.folded_bn.extend(previous.get("folded_bn", []))
     ctx.extra.update(previous.get("extra", {}))
