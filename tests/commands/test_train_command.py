@@ -57,7 +57,7 @@ def test_train_command_writes_a_loadable_artifact(tmp_path, monkeypatch, capsys)
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "trained qat_cli_factory:make with w1a1-bireal for 1 epochs" in printed
+    assert "trained qat_cli_factory:make with w1a1-bireal for 1 epoch in" in printed
     q = compactnn.load(out, model=model)
     assert q(x).shape == (96, 3)
     # the printed eval line names the model and its weights, never the training data (x/y

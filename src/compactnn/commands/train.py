@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     hist = extra.get("training", {})
     print(
-        f"trained {args.model} with {recipe.name} for {hist.get('epochs')} epochs "
+        f"trained {args.model} with {recipe.name} for {hist.get('epochs')} "
+        f"epoch{'' if hist.get('epochs') == 1 else 's'} "
         f"in {seconds:.0f} s"
     )
     if args.no_progress:  # the per-epoch lines were not shown live: show them now
