@@ -94,8 +94,10 @@ def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     argv = [sys.executable, "-m", "compactnn.cli", "report", "art/w8a8", "--model",
             "digitnet:build", "--weights", "digitnet.safetensors", "--data", "test.safetensors",
-            "--out", "report1", "--runs", "1", "--no-progress"]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+            "--out", "report1", "--runs", "1", "--quick", "--no-progress"]  # fmt: skip
+    # --quick: no torch.compile in the float race (a minute or more on a loaded machine, where
+    # a 120 s limit timed out); the rows checked below do not depend on it
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for label in ("w8a8", "w8a8 int8"):
         assert re.search(_row_pattern(measured[label]), proc.stdout), label
