@@ -196,7 +196,13 @@ def _kind(model: nn.Module, example: Any) -> str:
 def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, str, list]:
     """The compressed row's label, model, runtime and notes (deployed unless --simulated)."""
     # the application: loaded here
-    from compactnn.report.delivery import SIMULATED, deliver, deliver_float, is_plain_float
+    from compactnn.report.delivery import (
+        SIMULATED,
+        deliver,
+        deliver_float,
+        is_plain_float,
+        runtime_name,
+    )
 
     if qmodel is None:
         return "compressed", None, SIMULATED, []
@@ -207,7 +213,7 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
         return (
             "deployed",
             deployed,
-            _deployed_runtime(deployed),
+            runtime_name(deployed),
             [
                 f"deployed artifact: rebuilt on {deployed.backend} and verified on this machine "
                 f"({deployed.verification})"
@@ -223,20 +229,6 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
     model, runtime, notes = deliver(_kind(qmodel, example), qmodel, example)
     label = "compressed" if runtime == SIMULATED else "deployed"
     return label, model, runtime, notes
-
-
-def _deployed_runtime(deployed: DeployedModel) -> str:
-    """The runtime's name of a deployed model, as :func:`compactnn.report.delivery.deliver`
-    names it: ``"oneDNN int8"``, ``"ONNX Runtime int8 (2 layers float)"``..."""
-    from compactnn.report.delivery import RUNTIME_NAMES
-
-    runtime = RUNTIME_NAMES.get(deployed.backend, deployed.backend)
-    kernels = {k["kernel"] for k in (getattr(deployed, "binary_kernels", None) or {}).values()}
-    runtime += " + popcount" if "popcount" in kernels else ""
-    runtime += " + float" if "float" in kernels else ""
-    if deployed.kept_float:
-        runtime += f" ({len(deployed.kept_float)} layers float)"
-    return runtime
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:

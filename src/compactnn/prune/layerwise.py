@@ -19,7 +19,13 @@ from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.hessian import accumulate_hessian, layer_inputs_2d
 from compactnn.core.modules import execution_order
-from compactnn.prune.masks import check_nm, check_sparsity, keep_nm_divisible
+from compactnn.prune.masks import (
+    check_nm,
+    check_sparsity,
+    keep_nm_divisible,
+    prunable_layers,
+    skip_tied,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,26 @@ def supported(name: str, layer: nn.Module, ctx: CompressContext) -> bool:
         "calibration-based pruning; left dense."
     )
     return False
+
+
+def oneshot_layers(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    config: OneShotConfig,
+    ctx: CompressContext,
+    method: str,
+) -> dict[str, nn.Module]:
+    """The layers a one-shot step (``wanda``, ``sparsegpt``) prunes: its targets less a head
+    tied to a table (:func:`~compactnn.prune.masks.skip_tied`), the layer types it cannot
+    prune (warned by :func:`supported`; their reason recorded for the float-layer report) and
+    the layers an N:M group does not divide (:func:`nm_layers`)."""
+    layers = {}
+    for name, layer in prunable_layers(skip_tied(model, targets, ctx, method), ctx).items():
+        if supported(name, layer, ctx):
+            layers[name] = layer
+        else:
+            ctx.skipped[name] = f"{method} prunes Linear and ungrouped Conv2d only; left dense"
+    return nm_layers(layers, config, ctx, method)
 
 
 def gather(

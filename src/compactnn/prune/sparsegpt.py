@@ -23,10 +23,8 @@ from compactnn.prune.layerwise import (
     OneShotConfig,
     in_order,
     input_hessian,
-    nm_layers,
-    supported,
+    oneshot_layers,
 )
-from compactnn.prune.masks import prunable_layers, skip_tied
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
@@ -101,13 +99,7 @@ def apply_sparsegpt(
 ) -> nn.Module:
     """Prune and reconstruct each layer in execution order from its calibration Hessian."""
     ctx.require_calibration("sparsegpt", 64)
-    layers = {}
-    for name, layer in prunable_layers(skip_tied(model, targets, ctx, "sparsegpt"), ctx).items():
-        if supported(name, layer, ctx):
-            layers[name] = layer
-        else:  # supported() warned; this is the reason the float-layer report gives
-            ctx.skipped[name] = "sparsegpt prunes Linear and ungrouped Conv2d only; left dense"
-    layers = nm_layers(layers, config, ctx, "sparsegpt")
+    layers = oneshot_layers(model, targets, config, ctx, "sparsegpt")
     if not layers:
         raise CompactnnError("sparsegpt: no Linear or Conv2d layer among the step's targets.")
     counts = model_counts(model, ctx)  # params and MACs before, for the record

@@ -20,10 +20,9 @@ from compactnn.prune.layerwise import (
     OneShotConfig,
     in_order,
     input_sq_norms,
-    nm_layers,
-    supported,
+    oneshot_layers,
 )
-from compactnn.prune.masks import apply_masks, nm_mask, prunable_layers, skip_tied
+from compactnn.prune.masks import apply_masks, nm_mask
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.recipe import Recipe, Step
@@ -55,13 +54,7 @@ def apply_wanda(
 ) -> nn.Module:
     """Prune each layer in execution order from its calibration input norms."""
     ctx.require_calibration("wanda", 64)
-    layers = {}
-    for name, layer in prunable_layers(skip_tied(model, targets, ctx, "wanda"), ctx).items():
-        if supported(name, layer, ctx):
-            layers[name] = layer
-        else:  # supported() warned; this is the reason the float-layer report gives
-            ctx.skipped[name] = "wanda prunes Linear and ungrouped Conv2d only; left dense"
-    layers = nm_layers(layers, config, ctx, "wanda")
+    layers = oneshot_layers(model, targets, config, ctx, "wanda")
     if not layers:
         raise CompactnnError("wanda: no Linear or Conv2d layer among the step's targets.")
     counts = model_counts(model, ctx)  # params and MACs before, for the record

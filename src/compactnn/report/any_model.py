@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 import compactnn
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.export.fs import writable_folder
 from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
@@ -117,19 +118,7 @@ def check_report_folder(out: str | os.PathLike, force: bool = False, cli: bool =
     out = Path(out)
     label = f"--out {str(out)!r}" if cli else f"out={str(out)!r}"
     force_word = "--force" if cli else "force=True"
-    probe = out
-    while not os.path.lexists(probe) and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CompactnnError(
-            f"{label} cannot be created: {str(probe)!r} is a file; choose a directory path."
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CompactnnError(
-            f"{label} is not writable ({str(probe)!r} denies writing); check the "
-            "permissions or choose another directory."
-        )
-    if probe != out:  # a new folder
+    if writable_folder(out, label) != out:  # a new folder (its nearest existing one writable)
         return out
     names = sorted(e.name for e in os.scandir(out) if not _leftover(e.name))
     if others := [n for n in names if n not in REPORT_FILES]:

@@ -28,7 +28,14 @@ from compactnn.errors import first_line
 from compactnn.measure.float_paths import fastest_float_form, is_plain_float
 from compactnn.measure.timing import DEFAULT_THREADS
 
-__all__ = ["SIMULATED", "deliver", "deliver_float", "float_path_name", "is_plain_float"]
+__all__ = [
+    "SIMULATED",
+    "deliver",
+    "deliver_float",
+    "float_path_name",
+    "is_plain_float",
+    "runtime_name",
+]
 
 SIMULATED = "simulated"
 RUNTIME_NAMES = {"onednn": "oneDNN int8", "onnxruntime": "ONNX Runtime int8"}
@@ -78,6 +85,12 @@ def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | Non
         return fast, f"kernels {info['dtype']}"
     # the report times every float path itself, side by side: deploy need not time them too
     deployed = compactnn.deploy(model, example=example, backend="auto", time_float=False)
+    return deployed, runtime_name(deployed)
+
+
+def runtime_name(deployed: Any) -> str:
+    """The runtime's name of a model from ``compactnn.deploy``: ``"oneDNN int8"``,
+    ``"ONNX Runtime int8 (2 layers float)"``, ``"oneDNN int8 + popcount"``..."""
     runtime = RUNTIME_NAMES.get(deployed.backend, deployed.backend)
     kernels = {k["kernel"] for k in (getattr(deployed, "binary_kernels", None) or {}).values()}
     if "popcount" in kernels:  # binary blocks on the bit-packed kernel
@@ -86,7 +99,7 @@ def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | Non
         runtime += " + float"
     if deployed.kept_float:
         runtime += f" ({len(deployed.kept_float)} layers float)"
-    return deployed, runtime
+    return runtime
 
 
 def float_path_name(name: str) -> str:
