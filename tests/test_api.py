@@ -144,6 +144,33 @@ def test_ignore_keeps_the_named_layer_float_in_every_step():
     assert torch.equal((w != 0).sum(-1), torch.full((16, 18), 2))
 
 
+def test_ignore_under_channel_pruning_keeps_the_layers_whole_shape(tmp_path):
+    # ignore= kept only the layer's output channels: "2" went (8, 8, 3, 3) -> (8, 4, 3, 3)
+    # as "0", which feeds it, was pruned; now "2" is untouched and "4" is still pruned
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = compactnn.compress(m, "ch50", calib_data=x, progress=False, ignore=["2"])
+    assert torch.equal(q[2].weight, m[2].weight) and torch.equal(q[2].bias, m[2].bias)
+    assert q[0].weight.shape == (8, 1, 3, 3) and q[4].weight.shape == (8, 8, 3, 3)
+    assert q(x).shape == (4, 10)
+    assert compactnn.info_of(q)["recipe"].steps[0].config.keep_whole == ("2",)
+    compactnn.save(q, tmp_path / "a")
+    assert torch.equal(compactnn.load(tmp_path / "a", model=m)(x), q(x))
+
+
 def test_ignore_of_a_container_covers_its_children_and_bad_names_are_refused():
     m = nn.Sequential()
     m.add_module("stem", nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))

@@ -37,6 +37,7 @@ from compactnn.errors import CompactnnError, name_list
 from compactnn.export.artifact import info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
+from compactnn.prune.channel import ChannelConfig
 from compactnn.quant.base import QuantConfig, calibrate_activations, quantize_embeddings
 from compactnn.recipe import Recipe, Step, resolve_recipe
 
@@ -75,8 +76,9 @@ def compress(
         progress: show progress bars.
         inplace: modify ``model`` itself instead of a copy.
         ignore: module names or ``fnmatch`` patterns left untouched by every step (added to
-            each step's ``targets.ignore``; a container's name covers its children). A name
-            that matches no module raises ``CompactnnError`` listing close names.
+            each step's ``targets.ignore``; a container's name covers its children; channel
+            pruning keeps their whole shape, so the layers feeding them keep their channels
+            too). A name that matches no module raises ``CompactnnError`` listing close names.
 
     Example:
         >>> qmodel = compactnn.compress(model, "w4a8", calib_data=images)  # doctest: +SKIP
@@ -208,7 +210,8 @@ def _linearize_conv1d(model: nn.Module, ctx: CompressContext) -> None:
 
 def with_ignored(recipe: Recipe, model: nn.Module, ignore: Sequence[str]) -> Recipe:
     """``recipe`` with the module names or patterns ``ignore`` added to every step's ignore
-    list (``name`` also ignores ``name.*``, the modules inside it).
+    list (``name`` also ignores ``name.*``, the modules inside it), and to channel pruning's
+    ``keep_whole`` (an ignored layer keeps its whole shape, input channels included).
 
     Raises:
         CompactnnError: ``ignore`` is not a list of strings, or one of them matches no
@@ -218,6 +221,8 @@ def with_ignored(recipe: Recipe, model: nn.Module, ignore: Sequence[str]) -> Rec
         >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
         >>> with_ignored(resolve_recipe("w8"), m, ["0"]).steps[0].targets.ignore
         ('0', '0.*')
+        >>> with_ignored(resolve_recipe("ch50"), m, ["0"]).steps[0].config.keep_whole
+        ('0',)
     """
     ignore = [ignore] if isinstance(ignore, str) else ignore
     if not isinstance(ignore, Sequence) or not all(isinstance(p, str) and p for p in ignore):
@@ -230,10 +235,23 @@ def with_ignored(recipe: Recipe, model: nn.Module, ignore: Sequence[str]) -> Rec
     check_patterns(model, ignore, "ignore")
     extra = tuple(p for pattern in ignore for p in (pattern, f"{pattern}.*"))
     steps = [
-        Step(s.method, s.config, dataclasses.replace(s.targets, ignore=s.targets.ignore + extra))
+        Step(
+            s.method,
+            _keep_whole(s.config, ignore),
+            dataclasses.replace(s.targets, ignore=s.targets.ignore + extra),
+        )
         for s in recipe.steps
     ]
     return Recipe(recipe.name, steps)
+
+
+def _keep_whole(config: Any, ignore: Sequence[str]) -> Any:
+    """A channel-pruning config that keeps the ignored layers' whole shape (their input
+    channels too: the layers feeding them are not pruned); any other config as it is."""
+    if not isinstance(config, ChannelConfig):
+        return config
+    added = tuple(p for p in ignore if p not in config.keep_whole)
+    return dataclasses.replace(config, keep_whole=config.keep_whole + added)
 
 
 def _check_tensors(model: nn.Module) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 
 import compactnn
 from compactnn.errors import CompactnnError
-from compactnn.prune.channel import ChannelConfig
+from compactnn.prune.channel import ChannelConfig, pooled_keep
 from compactnn.prune.stats import count_macs, count_params
 from compactnn.recipe import resolve_recipe
 
@@ -312,13 +312,82 @@ class TwoBlocks(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_ignore_protects_a_layers_outputs_and_its_inputs_follow_the_producer():
-    # documented semantics of ignore= under channel pruning: the ignored layer's own
-    # (output) channels stay; its input channels shrink with the layer feeding it
-    x = torch.randn(2, 3, 6, 6)
-    pruned = _quiet_compress(TwoBlocks().eval(), "ch50", x, ignore=["convs.1"])
-    assert pruned.convs[1].weight.shape == (8, 4, 3, 3)  # convs.0 (its producer) was pruned
-    assert pruned.convs[2].weight.shape == (4, 8, 3, 3)
+def test_ignore_keeps_a_layers_whole_shape_and_its_producer_follows():
+    # ignore= used to keep only the ignored layer's outputs: its inputs shrank with convs.0
+    # (8, 8, 3, 3) -> (8, 4, 3, 3); now the layer feeding it keeps its channels too
+    model, x = TwoBlocks().eval(), torch.randn(2, 3, 6, 6)
+    pruned = _quiet_compress(model, "ch50", x, ignore=["convs.1"])
+    assert torch.equal(pruned.convs[1].weight, model.convs[1].weight)
+    assert torch.equal(pruned.convs[1].bias, model.convs[1].bias)
+    assert pruned.convs[0].weight.shape == (8, 8, 3, 3)
+    assert pruned.convs[2].weight.shape == (4, 8, 3, 3)  # the other block is still pruned
+    assert pruned(x).shape == (2, 5)
+    assert compactnn.info_of(pruned)["float_layers"]["convs.0"] == (
+        "channel pruning skipped it (its output channels feed 'convs.1', kept whole "
+        "(not targeted by the step))"
+    )
+
+
+def test_keep_whole_in_a_recipe_keeps_a_targeted_layer_and_bad_names_are_refused():
+    model, x = TwoBlocks().eval(), torch.randn(2, 3, 6, 6)
+    recipe = compactnn.Recipe.from_yaml(
+        "name: ch50-whole\nsteps:\n"
+        "  - {method: channel, config: {ratio: 0.5, keep_whole: [convs.3]}}\n"
+    )
+    pruned = _quiet_compress(model, recipe, x)
+    assert torch.equal(pruned.convs[3].weight, model.convs[3].weight)
+    assert pruned.convs[0].weight.shape == (4, 8, 3, 3)  # the first block is pruned
+    assert compactnn.info_of(pruned)["float_layers"]["convs.3"] == (
+        "channel pruning skipped it (named in keep_whole)"
+    )
+    config = ChannelConfig(ratio=0.5, keep_whole=("convs.9",))
+    recipe = compactnn.Recipe("bad", (compactnn.Step("channel", config),))
+    with pytest.raises(CompactnnError, match=r"keep_whole: 'convs.9' matches no module"):
+        _quiet_compress(TwoBlocks().eval(), recipe, x)
+
+
+def test_pooled_keep_floors_each_group_and_keeps_the_total():
+    tiny, big = torch.tensor([0.3, 0.1, 0.2]), torch.arange(1.0, 9.0)
+    # 11 channels at 0.5: 6 go; without the floor all of `tiny` would, now 2 of them do and
+    # the budget's rest comes from `big`
+    assert pooled_keep([tiny, big], 0.5) == ([1, 4], [0])
+    assert pooled_keep([tiny, big], 0.2) == ([1, 7], [0])
+    assert pooled_keep([big, tiny], 0.9) == ([1, 1], [1])  # the floors bound the total
+    assert pooled_keep([tiny, big], 0.5, least=2) == ([2, 3], [0])
+    assert pooled_keep([big, big + 4], 0.5) == ([2, 6], [])  # no floor binds: ranked as is
+
+
+class Uneven(nn.Module):
+    """Three convs and a head; conv ``b``'s weights are 1000x smaller than the others'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.b.weight.mul_(1e-3)
+            self.b.weight[5].mul_(10)  # its most important channel
+            self.c.weight[:, 5].mul_(10)
+
+    def forward(self, x):
+        x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_global_ranking_keeps_a_channel_of_every_layer():
+    # at 0.9 the pooled threshold lay above every channel of `a` (its group's importance is
+    # the flattest): torch-pruning then kept `a` whole (8 channels) instead of its best one
+    model, x = Uneven().eval(), torch.randn(4, 3, 8, 8)
+    config = ChannelConfig(ratio=0.9, global_ranking=True)
+    recipe = compactnn.Recipe("g90", (compactnn.Step("channel", config),))
+    with pytest.warns(UserWarning, match=r"would remove every channel of a; each keeps its best"):
+        pruned = compactnn.compress(model, recipe, calib_data=x, progress=False)
+    assert [pruned.a.out_channels, pruned.b.out_channels, pruned.c.out_channels] == [1, 1, 1]
+    assert torch.equal(pruned.b.bias, model.b.bias[5:6])  # b's best channel is the one kept
+    assert pruned(x).shape == (4, 4)
 
 
 def test_layers_kept_whole_keep_their_input_channels_too():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import re
 import traceback
 from typing import Any, ClassVar
@@ -25,6 +26,7 @@ from torch import nn
 
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
+from compactnn.core.modules import check_patterns
 from compactnn.errors import CompactnnError
 from compactnn.prune.geometry import changed, snapshot
 from compactnn.prune.masks import check_sparsity
@@ -49,11 +51,16 @@ class ChannelConfig(MethodConfig):
             at least one channel (``round_to`` channels when set).
         importance: ``"l1"``, ``"l2"`` (weight norms) or ``"taylor"`` (``|w * grad|`` on the
             calibration batches, with the model's own predictions as labels).
-        global_ranking: rank channels across layers instead of within each layer.
+        global_ranking: rank channels across layers instead of within each layer; every
+            group still keeps its most important channel (``round_to`` of them when set).
         round_to: keep channel counts multiples of this (e.g. 8 for SIMD-friendly shapes).
         heads: transformers only: fraction of attention heads removed per layer.
         finetune_steps: self-distillation steps on the calibration batches afterwards.
         lr: Adam learning rate of that fine-tuning.
+        keep_whole: module names or ``fnmatch`` patterns (a container's name covers its
+            children) whose weights keep their whole shape: neither their output nor their
+            input channels are removed, so the layers feeding them are not pruned either.
+            ``compress(..., ignore=[...])`` and ``--ignore`` add their names here.
     """
 
     needs_calibration: ClassVar[bool] = True
@@ -65,6 +72,7 @@ class ChannelConfig(MethodConfig):
     heads: float = 0.0
     finetune_steps: int = 0
     lr: float = 1e-4
+    keep_whole: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -187,11 +195,14 @@ class _Plan:
     Attributes:
         keep: layers whose output channels stay, with the reason (torch-pruning ignores them).
         ratios: root layer -> the ratio torch-pruning must use so its group keeps
-            :func:`kept_channels` channels (it truncates, and skips a group left empty).
+            :func:`kept_channels` channels (it truncates, and skips a group left empty), or
+            the count :func:`pooled_keep` gives it under global ranking.
+        floored: global ranking: the layers the one-channel floor saved from being emptied.
     """
 
     keep: dict[str, str]
     ratios: dict[nn.Module, float]
+    floored: list[str] = dataclasses.field(default_factory=list)
 
 
 def kept_channels(n: int, config: ChannelConfig) -> int:
@@ -204,6 +215,41 @@ def kept_channels(n: int, config: ChannelConfig) -> int:
     """
     least = config.round_to or 1
     return min(n, max(least, int(n * (1 - config.ratio) + 1e-9)))  # 1e-9: 10 * (1 - 0.9)
+
+
+def _removed_lowest(imps: list[torch.Tensor], n: int) -> list[int]:
+    """How many of each group's channels are among the ``n`` lowest scores pooled (ties by
+    position)."""
+    sizes = torch.tensor([len(i) for i in imps])
+    owner = torch.repeat_interleave(torch.arange(len(imps)), sizes)
+    order = torch.argsort(torch.cat(imps).float(), stable=True)[:n]
+    return torch.bincount(owner[order], minlength=len(imps)).tolist()
+
+
+def pooled_keep(
+    imps: list[torch.Tensor], ratio: float, least: int = 1
+) -> tuple[list[int], list[int]]:
+    """Global ranking with a floor: the channels each group keeps when the ``ratio`` share of
+    all channels, pooled, is removed lowest score first, each group keeping its ``least``
+    best channels (the rest of the budget comes from the other groups; fewer are removed
+    only when the floors leave too few); and the groups the floor saved from emptying.
+
+    Example:
+        >>> tiny, big = torch.tensor([0.1, 0.2]), torch.arange(1.0, 9.0)
+        >>> pooled_keep([tiny, big], 0.5)
+        ([1, 4], [0])
+    """
+    total = sum(len(i) for i in imps)
+    n = total - int(total * (1 - ratio) + 1e-9)  # 1e-9: 10 * (1 - 0.9), as kept_channels
+    bare = _removed_lowest(imps, n)
+    floored = []
+    for imp in imps:  # each group's `least` best channels rank above everything
+        imp = imp.float().clone()
+        imp[torch.topk(imp, min(least, len(imp))).indices] = float("inf")
+        floored.append(imp)
+    n = min(n, total - sum(min(least, len(i)) for i in imps))
+    keep = [len(i) - r for i, r in zip(imps, _removed_lowest(floored, n), strict=True)]
+    return keep, [g for g, (i, r) in enumerate(zip(imps, bare, strict=True)) if len(i) - r < least]
 
 
 def _members(pruner: Any, group: Any) -> tuple[list[nn.Module], list[nn.Module], int, int]:
@@ -237,11 +283,13 @@ def _plan(
     config: ChannelConfig,
 ) -> _Plan:
     """Groups to leave whole (they feed a layer in ``whole``, or are too small) and the
-    per-group ratios that keep the floor of :func:`kept_channels` (local ranking only)."""
+    per-group ratios that keep the floor of :func:`kept_channels` (local ranking) or give
+    each group its count of :func:`pooled_keep` (global ranking)."""
     plan = _Plan({}, {})
     groups = pruner.DG.get_all_groups(
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
     )
+    pooled: list[tuple[Any, list[str], int, torch.Tensor]] = []
     for group in groups:
         outs, ins, n, ch_groups = _members(pruner, group)
         fed = [names[id(m)] for m in ins if names.get(id(m)) in whole]
@@ -250,19 +298,35 @@ def _plan(
             reason = f"its output channels feed {fed[0]!r}, kept whole ({reasons[fed[0]]})"
         elif keep == n:
             reason = _too_few(n, ch_groups, config)
-        elif not config.global_ranking and keep != int(n * (1 - config.ratio)):
+        elif config.global_ranking and (imp := pruner.estimate_importance(group)) is not None:
+            layers = [names[id(m)] for m in outs if id(m) in names]
+            pooled.append((group, layers, n, imp.view(ch_groups, -1).mean(0).cpu()))
+            continue
+        elif config.global_ranking:
+            reason = "torch-pruning gives its channel group no importance score"
+        elif keep != int(n * (1 - config.ratio)):
             plan.ratios[group[0].dep.target.module] = 1 - (keep + 0.5) / n
             continue
         else:
             continue
         plan.keep.update({names[id(m)]: reason for m in outs if id(m) in names})
+    if pooled:
+        counts, saved = pooled_keep([p[3] for p in pooled], config.ratio, config.round_to or 1)
+        for (group, layers, n, _), keep in zip(pooled, counts, strict=True):
+            if keep == n:
+                plan.keep.update(
+                    dict.fromkeys(layers, "global ranking removed none of its channels")
+                )
+            else:
+                plan.ratios[group[0].dep.target.module] = 1 - (keep + 0.5) / n
+        floored = {name for g in saved for name in pooled[g][1]}
+        plan.floored = [name for name in names.values() if name in floored]  # model order
     return plan
 
 
 def _unpruned_reason(pruner: Any, module: nn.Module, names: dict[int, str], reasons: dict) -> str:
     """Why torch-pruning left a targeted layer's output channels whole: the layer not pruned
-    that its channel group is coupled to, else what is left (global ranking, a coupling the
-    library refuses)."""
+    that its channel group is coupled to, else a coupling the library refuses."""
     dg = pruner.DG
     fn = dg.get_pruner_of_module(module).prune_out_channels
     group = dg.get_pruning_group(module, fn, list(range(dg.get_out_channels(module))))
@@ -271,8 +335,6 @@ def _unpruned_reason(pruner: Any, module: nn.Module, names: dict[int, str], reas
         if dg.is_out_channel_pruning_fn(dep.handler) and names.get(id(m)) in reasons:
             other = names[id(m)]
             return f"its channels are coupled {COUPLED} to {other!r}, not pruned ({reasons[other]})"
-    if pruner.global_pruning:
-        return "global ranking removed none of its channels, or all (a group is never emptied)"
     return f"torch-pruning refused to prune its channel group {COUPLED}"
 
 
@@ -285,7 +347,7 @@ def _pruner(
         importance=_importance(config),
         pruning_ratio=config.ratio,
         pruning_ratio_dict=ratios or None,
-        global_pruning=config.global_ranking,
+        global_pruning=False,  # global ranking is ours (pooled_keep), passed on as ratios
         ignored_layers=ignored,
         round_to=config.round_to,
         forward_fn=lambda m, x: ctx.run(m, x),
@@ -302,23 +364,38 @@ def remove_channels(
 ) -> dict[str, str]:
     """Prune ``model`` in place; returns the skipped layers with reasons.
 
-    Layers not in ``targets`` keep their output channels; layers named in ``whole`` (among
-    those) keep their input channels too: the layers feeding them are not pruned either.
+    Layers not in ``targets`` keep their output channels; layers named in ``whole`` keep
+    their whole shape: their output channels and their input channels (the layers feeding
+    them are not pruned either).
     """
     example = ctx.batches[0]
     outputs = output_layers(model, ctx, example)
     reasons = _skip_reasons(model, targets, outputs)
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
     widths = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    for name in whole:
+        if name in widths:
+            reasons.setdefault(name, "named in keep_whole")
     try:
+        if config.importance == "taylor":  # before planning: global ranking reads them
+            _taylor_grads(model, ctx)
         pruner = _pruner(model, config, ctx, [model.get_submodule(n) for n in reasons], {})
         plan = _plan(pruner, names, reasons, set(whole) & set(reasons), config)
         if plan.keep or plan.ratios:  # trace again with the extra ignored layers and ratios
             reasons.update(plan.keep)
             ignored = [model.get_submodule(n) for n in reasons]
             pruner = _pruner(model, config, ctx, ignored, plan.ratios)
-        if config.importance == "taylor":
-            _taylor_grads(model, ctx)
+        if plan.floored:
+            least = config.round_to or 1
+            cut = (
+                f"leave fewer than {least} channels in" if least > 1 else "remove every channel of"
+            )
+            best = f"its {least} best channels" if least > 1 else "its best channel"
+            ctx.warn(
+                f"global channel ranking at {config.ratio:.0%} would {cut} "
+                f"{', '.join(plan.floored)}; each keeps {best} (the rest of the budget comes "
+                "from the other layers)."
+            )
         pruner.step()
         with torch.no_grad():
             ctx.run(model, example)
@@ -338,6 +415,29 @@ def remove_channels(
     return {n: r for n, r in reasons.items() if n in targets}
 
 
+def whole_layers(model: nn.Module, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The prunable layers ``patterns`` (``ChannelConfig.keep_whole``) name: ``fnmatch``
+    patterns, a container's name covering the modules inside it.
+
+    Raises:
+        CompactnnError: a pattern matches no module (the message lists close names).
+
+    Example:
+        >>> m = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU()), nn.Conv2d(2, 2, 1))
+        >>> whole_layers(m, ("0",))
+        ('0.0',)
+    """
+    if not patterns:
+        return ()
+    check_patterns(model, patterns, "ChannelConfig.keep_whole")
+    return tuple(
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, PRUNABLE)
+        and any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, f"{p}.*") for p in patterns)
+    )
+
+
 @register("channel", ChannelConfig, "structured channel pruning that removes channels")
 def apply_channel(
     model: nn.Module, targets: dict[str, nn.Module], config: ChannelConfig, ctx: CompressContext
@@ -352,7 +452,8 @@ def apply_channel(
     if is_hf_transformer(model):
         prune_transformer(model, targets, config, ctx)
     else:
-        skipped = remove_channels(model, targets, config, ctx)
+        whole = whole_layers(model, config.keep_whole)
+        skipped = remove_channels(model, targets, config, ctx, whole=whole)
         ctx.skipped.update({n: f"channel pruning skipped it ({r})" for n, r in skipped.items()})
         if skipped:
             ctx.warn(
