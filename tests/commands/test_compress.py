@@ -152,3 +152,87 @@ def test_data_free_without_batch_norm_gives_the_command_line_way(tmp_path, capsy
     argv += ["--input-shape", "3,8,8"]
     assert "input_shape=(3,8,8)" in assert_one_error_line(capsys, argv, "no BatchNorm layer")
     assert not (tmp_path / "art").exists()
+
+
+@pytest.fixture
+def token_files(tmp_path):
+    """A random-weight BERT folder (vocabulary 100, 32 positions) and token-id files:
+    ``ok.npy`` fits, ``long.npy`` has 40-token rows, ``oov.npy`` holds id 150."""
+    import numpy as np
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    ids = np.random.default_rng(0).integers(0, 100, (4, 40))
+    np.save(tmp_path / "ok.npy", ids[:, :16])
+    np.save(tmp_path / "long.npy", ids)
+    oov = ids[:, :16].copy()
+    oov[2, 5] = 150
+    np.save(tmp_path / "oov.npy", oov)
+    return tmp_path
+
+
+def test_token_ids_the_model_cannot_take_are_named_before_compressing(token_files, capsys):
+    def compress(name):
+        data = str(token_files / name)
+        argv = ["compress", str(token_files / "bert"), "-r", "w8a8", "-d", data,
+                "-o", str(token_files / f"art-{name}"), "--no-progress"]  # fmt: skip
+        return data, argv
+
+    def error(argv):  # the last line: transformers draws its loading bar on stderr first
+        code, _out, err = run_cli(capsys, *argv)
+        assert code == 2, err
+        return err.splitlines()[-1]
+
+    data, argv = compress("long.npy")
+    assert error(argv) == (
+        f"error: --data {data} holds sequences of 40 tokens and the model takes at most 32 "
+        "(max_position_embeddings in its config.json): cut each sequence to 32 tokens or "
+        "fewer (e.g. ids[:, :32], or windows of 32) and save the file again."
+    )
+    data, argv = compress("oov.npy")
+    assert error(argv) == (
+        f"error: --data {data} holds token ids out of the model's vocabulary: the largest id "
+        "found is 150, and the vocabulary has 100 entries (ids 0 to 99). Tokenize the text "
+        "with the model's own tokenizer (the one saved with it)."
+    )
+    assert not (token_files / "art-oov.npy").exists()
+    _data, argv = compress("ok.npy")
+    code, _out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+
+
+def test_the_data_file_is_read_once(tmp_path, capsys, monkeypatch):
+    """Calibration (x_train) and the printed eval line (x_test present?) share one read."""
+    import torch
+    from safetensors.torch import save_file
+
+    from compactnn import model_io
+
+    (tmp_path / "readnet.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), "
+        "nn.Linear(16, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import readnet
+
+    save_file(readnet.make().state_dict(), "w.safetensors")
+    split = {"x_train": torch.randn(32, 1, 4, 4), "y_train": torch.randint(0, 3, (32,))}
+    split |= {"x_test": torch.randn(8, 1, 4, 4), "y_test": torch.randint(0, 3, (8,))}
+    save_file(split, "split.safetensors")
+    reads, read = [], model_io.read_tensors
+    monkeypatch.setattr(
+        model_io, "read_tensors", lambda p, *a, **k: reads.append(str(p)) or read(p, *a, **k)
+    )
+    argv = ["compress", "readnet:make", "--weights", "w.safetensors", "-r", "w8a8",
+            "-d", "split.safetensors", "-o", "art", "--no-progress"]  # fmt: skip
+    code, printed, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert reads.count("split.safetensors") == 1
+    assert "--data split.safetensors\n" in printed  # the eval line still names its test split

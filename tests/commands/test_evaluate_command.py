@@ -355,3 +355,82 @@ def test_deploy_says_a_channel_pruned_artifact_has_nothing_to_deploy(
     assert "compactnn eval" in err and "torch.onnx.export" in err
     with pytest.raises(compactnn.CompactnnError, match="plain float model"):
         compactnn.deploy(pruned_artifact, example=project["x"][:4])
+
+
+def test_the_float_row_says_which_runtime_gave_its_quality_and_which_its_latency():
+    """Float quality is measured in PyTorch fp32 (eager) whatever float path is fastest."""
+    import argparse
+    from types import SimpleNamespace
+
+    from compactnn.commands import evaluate as command
+    from compactnn.model_io import LoadedModel
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).eval()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3  # 6 of 8 right: 75%
+    timing = SimpleNamespace(to_dict=lambda: {"median_s": 1e-3}, fmt=lambda: "1.00 ms")
+    args = argparse.Namespace(no_progress=True)
+
+    def row(label, winner, runtime=None):
+        paths = SimpleNamespace(winner=winner, best=timing, timings={label: timing})
+        loaded = LoadedModel(model, "m")
+        return command._row(args, loaded, (x, y), [], paths, model, label, model, 100, "r", runtime)
+
+    ort = row("float", "ort-fp32")
+    assert (ort["runtime"], ort["quality_runtime"], ort["quality"]) == (
+        "ONNX Runtime fp32",
+        "PyTorch fp32",
+        75.0,
+    )
+    eager = row("float", "fp32-eager")
+    deployed = row("deployed", "ort-fp32", "oneDNN int8")
+    assert deployed["quality_runtime"] == "oneDNN int8"  # measured on the form it times
+    cells = [r[2] for r in command._table_rows({"rows": [ort, eager, deployed]})]
+    assert cells == [
+        "ONNX Runtime fp32 for latency, PyTorch fp32 for quality",
+        "PyTorch fp32",
+        "oneDNN int8",
+    ]
+
+
+@pytest.fixture
+def token_files(tmp_path):
+    """A random-weight BERT folder (vocabulary 100, 32 positions) and token-id files."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    ids = np.random.default_rng(0).integers(0, 100, (4, 40))
+    np.save(tmp_path / "long.npy", ids)
+    ids[1, 3] = 100
+    np.save(tmp_path / "oov.npy", ids[:, :16])
+    return tmp_path
+
+
+def test_eval_names_sequences_too_long_and_ids_out_of_the_vocabulary(token_files, capsys):
+    def error(name):  # the last line: transformers draws its loading bar on stderr first
+        data = str(token_files / name)
+        rc = main(["eval", str(token_files / "bert"), "--data", data, "--quick", "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        return data, err.splitlines()[-1]
+
+    data, err = error("long.npy")
+    assert err == (
+        f"error: --data {data} holds sequences of 40 tokens and the model takes at most 32 "
+        "(max_position_embeddings in its config.json): cut each sequence to 32 tokens or "
+        "fewer (e.g. ids[:, :32], or windows of 32) and save the file again."
+    )
+    data, err = error("oov.npy")
+    assert err == (
+        f"error: --data {data} holds token ids out of the model's vocabulary: the largest id "
+        "found is 100, and the vocabulary has 100 entries (ids 0 to 99). Tokenize the text "
+        "with the model's own tokenizer (the one saved with it)."
+    )

@@ -305,3 +305,18 @@ def test_the_printed_eval_line_never_names_a_data_set_eval_cannot_read():
     assert words(own, "mnist", "mnist") == "HELD_OUT_FILE"  # a name eval does not take
     assert words(ref, "mnist", "mnist") is None  # eval scores the reference's own test split
     assert words(ref) is None
+
+
+def test_keep_best_with_no_epoch_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    _setup(tmp_path, monkeypatch)
+    save_file(
+        {"x": torch.randn(8, 1, 8, 8), "y": torch.zeros(8).long()}, tmp_path / "e.safetensors"
+    )
+    args = _train_args(tmp_path, tmp_path / "out", "--eval-data", str(tmp_path / "e.safetensors"))
+    assert main([*args, "--keep-best", "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --keep-best keeps the epoch with the best held-out top-1, and --epochs 0 "
+        "trains none: there is nothing to keep. Pass --epochs 1 or more, or drop --keep-best.\n"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.training.jsonl").exists()

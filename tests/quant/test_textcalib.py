@@ -27,3 +27,39 @@ def test_bad_text_is_named():
     model, _ = tiny_model("gpt2")  # vocabulary of 128: bytes above 127 do not fit
     with pytest.raises(CompactnnError, match="tokenizer mismatch"):
         calib_from_text(byte_tokenizer, "é" * 100, n_samples=2, seq_len=8, model=model)
+
+
+def test_token_ids_out_of_the_vocabulary_or_too_long_are_named():
+    from compactnn.quant.textcalib import check_token_ids
+
+    model, _ = tiny_model("gpt2")  # vocabulary 128, 64 positions (n_positions)
+    ok = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    check_token_ids(model, [{"input_ids": ok}], "ids.npy")  # fits: nothing said
+    with pytest.raises(CompactnnError) as info:
+        check_token_ids(model, [ok, ok.clamp(max=127) + 3], "ids.npy")  # max 130
+    assert str(info.value).startswith(
+        "ids.npy holds token ids out of the model's vocabulary: the largest id found is 130, "
+        "and the vocabulary has 128 entries (ids 0 to 127)."
+    )
+    with pytest.raises(CompactnnError, match="the smallest id found is -1, and the vocab"):
+        check_token_ids(model, {"input_ids": ok - 1}, "ids.npy")
+    with pytest.raises(CompactnnError) as info:
+        check_token_ids(model, {"input_ids": torch.cat([ok, ok], 1)}, "ids.npy")
+    assert str(info.value).startswith(
+        "ids.npy holds sequences of 128 tokens and the model takes at most 64 (n_positions "
+        "in its config.json): cut each sequence to 64 tokens or fewer"
+    )
+    check_token_ids(model, torch.randn(2, 300), "x.npy")  # float inputs: not token ids
+    llama, _ = tiny_model("llama")  # rotary positions: runs past max_position_embeddings
+    check_token_ids(llama, torch.cat([ok, ok], 1), "ids.npy")
+
+
+def test_a_seq_len_longer_than_the_model_takes_is_named():
+    model, _ = tiny_model("gpt2")  # 64 positions
+    with pytest.raises(CompactnnError) as info:
+        calib_from_text(byte_tokenizer, "abcdefgh" * 100, n_samples=2, seq_len=96, model=model)
+    assert str(info.value) == (
+        "seq_len=96 is longer than the model takes: at most 64 tokens (n_positions in its "
+        "config.json); pass seq_len=64 or less."
+    )
+    assert len(calib_from_text(byte_tokenizer, "abcdefgh" * 100, 2, 64, model=model)) == 1

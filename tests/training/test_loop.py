@@ -246,3 +246,13 @@ def test_a_model_left_in_train_mode_is_never_changed_and_its_statistics_are_kept
     ref = compactnn.train(model, "w2a2-lsq", data, **kw)
     for k, v in _state(ref).items():
         assert torch.equal(v, _state(q)[k]), k
+
+
+def test_keep_best_with_no_epoch_is_refused(tiny):
+    model, data, (xt, yt) = tiny
+    with pytest.raises(CompactnnError) as info:
+        compactnn.train(model, "w4a4-pact", data, epochs=0, eval_data=(xt, yt), keep_best=True)
+    assert str(info.value) == (
+        "keep_best=True keeps the epoch with the best held-out top-1, and epochs=0 trains "
+        "none: there is nothing to keep. Pass epochs=1 or more, or drop keep_best."
+    )

@@ -7,6 +7,7 @@ import re
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,10 +22,12 @@ from compactnn.commands._common import (
     load_model,
     model_words,
     source_record,
+    split_labels,
 )
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
+from compactnn.quant.textcalib import check_token_ids
 from compactnn.training.data import labelled_keys
 
 
@@ -196,7 +199,13 @@ def run(args: argparse.Namespace) -> int:
         return run_streamed(args, out, recipe)
     check_data_given(recipe, args.data, args.model)  # before loading the model
     loaded = load_model(args.model, args)
-    data = data_free(args, loaded) if args.data == "data-free" else calib_inputs(args.data, loaded)
+    if args.data == "data-free":
+        given, data = None, data_free(args, loaded)
+    else:
+        given = resolve_data(args.data, loaded)  # read once: calibration and the eval line
+        data = split_labels(given, role="train")[0]  # a file's x (x_train), as calib_inputs
+        if args.data is not None:  # ids the model cannot take: said before any work
+            check_token_ids(loaded.model, data, f"--data {args.data}")
     t0 = time.perf_counter()
     try:
         qmodel = compactnn.compress(
@@ -236,22 +245,19 @@ def run(args: argparse.Namespace) -> int:
         f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
     )
     print(f"  sha256 digest: {digest}  (pin it: compactnn.load(..., expect_sha256=...))")
-    held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded)})
+    held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded, given)})
     print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
     return 0
 
 
-def eval_data_file(args: argparse.Namespace, loaded: LoadedModel) -> str | None:
+def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> str | None:
     """What the printed ``compactnn eval`` line passes as ``--data``: never the calibration
     data. A ``--data`` file that also holds a held-out split (``x_test``/``y_test``, which
-    ``eval`` reads); else ``HELD_OUT_FILE`` for the user to fill in; None for a reference
-    model (``eval`` scores it on its own test split) or a data-free run."""
+    ``eval`` reads; ``data`` is what the file held, read once for calibration); else
+    ``HELD_OUT_FILE`` for the user to fill in; None for a reference model (``eval`` scores
+    it on its own test split) or a data-free run."""
     if args.data is None or args.data == "data-free":
         return None
-    try:
-        data = resolve_data(args.data, loaded)
-    except CompactnnError:
-        data = None
     if isinstance(data, dict):
         tensors = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
         if labelled_keys(tensors, "eval") == ("x_test", "y_test"):

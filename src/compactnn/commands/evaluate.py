@@ -49,9 +49,10 @@ from compactnn.measure import (
     theoretical_bytes,
 )
 from compactnn.measure import evaluate as evaluate_labelled
-from compactnn.measure.float_paths import fastest_float_path
+from compactnn.measure.float_paths import EAGER, fastest_float_path
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
+from compactnn.quant.textcalib import check_token_ids
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -124,6 +125,7 @@ def inputs_of(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, torch
     if not args.data:
         return None, None
     inputs, labels = split_labels(resolve_data(args.data, loaded))
+    check_token_ids(loaded.model, inputs, f"--data {args.data}")  # before a run names neither
     batches = as_batches(inputs)
     if batches:
         check_inputs(loaded, batches[0])
@@ -296,6 +298,9 @@ def _float_weights(
 
 
 def _row(args, loaded, data, batches, paths, qmodel, label, model, size, recipe, runtime):
+    """One row. The compressed model's quality is measured on the form that is timed; the
+    float model's on PyTorch fp32 (eager) whatever float path is fastest: its row's
+    ``quality_runtime`` says so beside the ``runtime`` that gave its latency."""
     from compactnn.report.delivery import float_path_name
 
     metric, quality = _quality(args, loaded, model, data, batches[:8])
@@ -309,6 +314,7 @@ def _row(args, loaded, data, batches, paths, qmodel, label, model, size, recipe,
         "runtime": (float_path_name(paths.winner) if paths else "fp32 (not timed)")
         if label == "float"
         else runtime,
+        "quality_runtime": float_path_name(EAGER) if label == "float" else runtime,
         "metric": metric,
         "quality": quality,
         "size_bytes": size if size is not None else float_artifact_bytes(sized),
@@ -374,7 +380,7 @@ def _table_rows(result: dict[str, Any]) -> list[list[str]]:
         [
             row["model"],
             str(row["recipe"]),
-            row["runtime"],
+            _runs_on(row),
             fmt_quality(row["metric"], row["quality"]),
             human_bytes(row["size_bytes"]),
             f"{base['size_bytes'] / row['size_bytes']:.2f}x",
@@ -383,6 +389,15 @@ def _table_rows(result: dict[str, Any]) -> list[list[str]]:
         ]
         for row in result["rows"]
     ]
+
+
+def _runs_on(row: dict[str, Any]) -> str:
+    """The "runs on" cell: the runtime, and the one that gave the quality when it differs
+    (the float row: latency on its fastest path, quality in PyTorch fp32)."""
+    quality_on = row.get("quality_runtime")
+    if row.get("latency") and quality_on and quality_on != row["runtime"]:
+        return f"{row['runtime']} for latency, {quality_on} for quality"
+    return row["runtime"]
 
 
 def _bits_line(bits: dict[str, float], float_weights: dict[str, Any] | None = None) -> str:

@@ -144,6 +144,11 @@ def eval_data_words(args: argparse.Namespace, data: Any, loaded: LoadedModel) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.keep_best and args.epochs == 0:
+        raise CompactnnError(
+            "--keep-best keeps the epoch with the best held-out top-1, and --epochs 0 trains "
+            "none: there is nothing to keep. Pass --epochs 1 or more, or drop --keep-best."
+        )
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before training
     recipe = compactnn.resolve_recipe(args.recipe)

@@ -395,8 +395,8 @@ def train(
             ``train_loss``, ``train_top1``, ``eval_top1`` (null without ``eval_data``),
             ``seconds``, ``lr`` (the weights' learning rate at the epoch's first step).
         keep_best: return the frozen model of the epoch with the best held-out top-1 (ties:
-            the later epoch) instead of the last one; needs ``eval_data``. The history's
-            ``kept_epoch`` says which (1-based).
+            the later epoch) instead of the last one; needs ``eval_data`` and ``epochs``
+            of 1 or more. The history's ``kept_epoch`` says which (1-based).
         device: ``"cuda"`` trains on this rank's GPU (``"cpu"`` by default); the returned
             model is on the CPU either way.
         distributed: under ``torchrun``, ``"ddp"`` replicates the student on every rank,
@@ -425,6 +425,11 @@ def train(
         raise CompactnnError(
             "keep_best=True picks the epoch with the best held-out top-1, so it needs "
             "eval_data=(x_test, y_test); pass it, or drop keep_best."
+        )
+    if keep_best and epochs == 0:
+        raise CompactnnError(
+            "keep_best=True keeps the epoch with the best held-out top-1, and epochs=0 trains "
+            "none: there is nothing to keep. Pass epochs=1 or more, or drop keep_best."
         )
     data = as_train_data(data)
     env = _dist.detect(device, distributed)
