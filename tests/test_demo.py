@@ -221,3 +221,34 @@ def test_a_channel_pruned_row_runs_natively_not_simulated(tmp_path):
     )
     assert any("runs natively: a plain float model" in n for n in row["notes"])
     assert "| tiny | ch50 | simulated |" not in (tmp_path / "d" / "report.md").read_text()
+
+
+def test_the_suite_has_a_fine_tuned_channel_pruning_row(tmp_path):
+    """``ch50-ft`` (a recipe of the suite, not a short name): the pruned model is measured
+    on its own float path with a speedup, and its artifact's recipe reloads as it ran."""
+    from compactnn.demo_suite import RECIPES, SUITE, suite_recipe
+    from compactnn.recipe import Recipe
+
+    assert ("mnist-cnn", "ch50-ft") in SUITE
+    step = suite_recipe("ch50-ft").steps[0]
+    assert step.method == "channel" and step.config.ratio == 0.5
+    assert step.config.finetune_steps == 200 and suite_recipe("w4a8") == "w4a8"
+    ref = TinyRef()
+    with pytest.warns(UserWarning, match="channel pruning skipped"):  # the output layer
+        results = run_demo(
+            tmp_path / "d",
+            quick=True,
+            threads=1,
+            suite=[("tiny", "float"), ("tiny", "ch50-ft")],
+            loader=lambda _n: ref,
+            progress=False,
+        )
+    rows = {r["recipe"]: r for r in results["rows"]}
+    row = rows["ch50-ft"]
+    assert row["runtime"] in ("PyTorch fp32", "PyTorch bf16 autocast", "ONNX Runtime fp32")
+    assert row["speedup"] > 0 and row["bit_exact_load"] is True
+    assert row["size_bytes"] < 0.6 * rows["float"]["size_bytes"]  # half the channels gone
+    assert row["quality"] > 50.0  # fine-tuned: far above chance (25% on 4 classes)
+    saved = tmp_path / "d" / row["artifact"] / "recipe.yaml"
+    assert Recipe.from_yaml(saved.read_text()) == RECIPES["ch50-ft"]
+    assert "| tiny | ch50-ft |" in (tmp_path / "d" / "report.md").read_text()

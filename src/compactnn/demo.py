@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import compactnn
 from compactnn.core.calib import batch_size_of, call_model, main_output
-from compactnn.demo_suite import SUITE
+from compactnn.demo_suite import SUITE, suite_recipe
 from compactnn.errors import CompactnnError
 from compactnn.measure import (
     DEFAULT_RUNS,
@@ -110,7 +110,9 @@ def measure_recipe(
         trained = {"epochs": compactnn.info_of(model)["extra"]["training"]["epochs"]}
         trained |= {"train_s": seconds, "from_cache": hit}
     else:
-        model = compactnn.compress(ref.model, recipe, calib_data=ref.calib, progress=False)
+        model = compactnn.compress(
+            ref.model, suite_recipe(recipe), calib_data=ref.calib, progress=False
+        )
     compress_s = time.perf_counter() - t0 if trained is None else trained["train_s"]
     path = out / "artifacts" / name / recipe
     if recipe != FLOAT:  # the reference by name: `compactnn eval ARTIFACT` needs no --model
@@ -146,7 +148,7 @@ def is_training_recipe(recipe: str) -> bool:
     from compactnn.engines.qat import QATConfig
     from compactnn.recipe import resolve_recipe
 
-    steps = resolve_recipe(recipe).steps
+    steps = resolve_recipe(suite_recipe(recipe)).steps
     return len(steps) == 1 and isinstance(steps[0].config, QATConfig)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
+
+import pytest
 
 from compactnn.report import summary_table, write_report
 from compactnn.report.writer import fmt_quality
@@ -156,3 +159,30 @@ def test_doubtful_latencies_and_the_float_paths_are_stated(tmp_path):
     assert "OMP_WAIT_POLICY=PASSIVE, 1-minute load 9.5" in md
     # the deployed model timed in the same blocks is not listed among the float paths
     assert "cnn: ort-fp32 won (fp32-eager 12.00 ms, ort-fp32 10.00 ms); torch.compile " in md
+
+
+def test_a_crash_while_writing_the_picture_keeps_the_previous_one(tmp_path, monkeypatch):
+    write_report(synthetic(), tmp_path)
+    before = (tmp_path / "pareto.png").read_bytes()
+    real = Path.write_bytes
+
+    def half_then_crash(self, data):
+        real(self, bytes(data)[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_crash)
+    results = synthetic()
+    results["rows"][1]["quality"] = 50.0  # a different picture
+    with pytest.raises(OSError, match="disk full"):
+        write_report(results, tmp_path)
+    assert (tmp_path / "pareto.png").read_bytes() == before  # not a half-written file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "pareto.png",
+        "report.html",
+        "report.md",
+        "results.json",
+    ]  # no temporary file left behind
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OSError, match="disk full"):
+        write_report(results, fresh)
+    assert not (fresh / "pareto.png").exists()

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save as save_bytes
+from safetensors.torch import save_file
 
 import compactnn
 from compactnn.api import _compress
+from compactnn.cli import main
 from compactnn.errors import CompactnnError
 from compactnn.streaming import compress_streamed, parse_memory
 from compactnn.streaming.tensorfile import write_streamed
@@ -46,12 +48,19 @@ def ids() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def whole(llama_dir, ids, tmp_path_factory) -> Path:
-    """The artifact written without a budget, from the whole model."""
-    model = transformers.LlamaForCausalLM.from_pretrained(llama_dir)
+def ids_file(ids, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ids") / "ids.safetensors"
+    save_file({"x": ids}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(llama_dir, ids_file, tmp_path_factory) -> Path:
+    """The artifact written without a budget, from the whole model, by the command line
+    (``compactnn compress DIR``, which records the model directory in ``extra.source``)."""
     out = tmp_path_factory.mktemp("whole") / "a"
-    with pytest.warns(UserWarning):
-        compactnn.save(compactnn.compress(model, RECIPE, calib_data=ids, progress=False), out)
+    argv = ["compress", str(llama_dir), "--recipe", RECIPE, "--data", str(ids_file)]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -105,6 +114,19 @@ def test_streamed_artifact_equals_whole_model(llama_dir, ids, whole, tmp_path):
     x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
     a, b = compactnn.load(whole), compactnn.load(tmp_path / "b")
     assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_cli_streamed_artifact_equals_cli_whole_model(llama_dir, ids_file, whole, tmp_path):
+    """``--max-memory`` records the same ``extra.source`` as the whole-model command: every
+    byte equal, the header and its digest included (it once lacked the source record)."""
+    out = tmp_path / "b"
+    argv = ["compress", str(llama_dir), "--recipe", RECIPE, "--data", str(ids_file)]
+    assert main([*argv, "--out", str(out), "--no-progress", "--max-memory", "512MiB"]) == 0
+    source = json.loads((out / "compactnn.json").read_text())["extra"]["source"]
+    assert source["kind"] == "Hugging Face directory"
+    assert source["model"] == str(llama_dir.resolve()) and len(source["weights_sha256"]) == 64
+    _same_artifact(whole, out)
+    assert compactnn.artifact_digest(out) == compactnn.artifact_digest(whole)
 
 
 def test_resume_after_interruption_is_identical(llama_dir, ids, whole, tmp_path):

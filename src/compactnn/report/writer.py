@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from compactnn.export.fs import atomic_write_text
+from compactnn.export.fs import atomic_write, atomic_write_text
 from compactnn.measure.fidelity import fmt_quality
 from compactnn.report.document import Block, to_html, to_markdown
 from compactnn.report.plot import METRIC_LABELS, pareto_png
@@ -229,8 +229,9 @@ def write_files(
 ) -> dict[str, Path]:
     """Write ``results.json``, ``pareto.png``, ``report.md`` and ``report.html`` into ``out``.
 
-    Shared by the demo report and :func:`compactnn.report.build_report`; every text file is
-    replaced atomically and left readable by everyone.
+    Shared by the demo report and :func:`compactnn.report.build_report`; every file (the
+    picture too) is replaced atomically, so a crash leaves the old file or the new one, never
+    a half-written one, and is left readable by everyone.
 
     Example:
         >>> write_files("out/r", {"rows": []}, [("h1", "r")], png, "r")  # doctest: +SKIP
@@ -240,7 +241,7 @@ def write_files(
     paths = {name: out / name for name in ("results.json", "pareto.png", "report.md")}
     paths["report.html"] = out / "report.html"
     atomic_write_text(paths["results.json"], json.dumps(results, indent=1, sort_keys=False))
-    (out / "pareto.png").write_bytes(png)
+    atomic_write(paths["pareto.png"], lambda tmp: Path(tmp).write_bytes(png))
     atomic_write_text(paths["report.md"], to_markdown(blocks))
     atomic_write_text(paths["report.html"], to_html(blocks, title))
     for path in paths.values():

@@ -8,8 +8,11 @@ when the block-sequential engine reaches it and, once quantized, stages its pack
 (:mod:`~compactnn.streaming.staging`) and releases it. A full forward pass (the input check,
 the layers' execution order) loads and releases each block the same way. The artifact is
 assembled from the staged blocks one tensor at a time and committed atomically; its files
-are byte-identical to ``save(compress(model, ...))`` on the whole model, the header and
-its digest included (measurements of a run, such as its peak memory, are not saved).
+are byte-identical to the command line's whole-model ``compactnn compress DIR``, the header
+and its digest included (measurements of a run, such as its peak memory, are not saved).
+Against ``save(compress(model, ...))`` on a module in Python the one difference is the
+header's ``extra.source`` (the model directory and its weights' SHA-256), which a module
+passed in Python does not have.
 """
 
 from __future__ import annotations
@@ -339,6 +342,8 @@ def compress_streamed(
             h.remove()
     if len(staging.done) != len(blocks):
         raise CompactnnError("the recipe left blocks unquantized; streamed compression stops.")
+    # the record the whole-model command line run adds after compress (same key order)
+    qmodel._compactnn.setdefault("extra", {})["source"] = shards.source()
     digest = save_streamed(qmodel, out_path, prefix, blocks, staging)
     staging.remove()
     peak = memory.peak_rss()

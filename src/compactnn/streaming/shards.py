@@ -20,6 +20,7 @@ from torch import nn
 
 from compactnn._optional import require
 from compactnn.errors import CompactnnError
+from compactnn.model_io import file_sha256, hf_weights_file
 from compactnn.streaming.memory import trim
 
 INDEX = "model.safetensors.index.json"
@@ -63,6 +64,17 @@ class ShardSet:
             if not isinstance(file, str) or Path(file).name != file:
                 raise CompactnnError(f"{index}: tensor {name!r} names a bad shard {file!r}.")
         self.weight_map: dict[str, str] = dict(weight_map)
+
+    def source(self) -> dict[str, str]:
+        """The artifact's record of the float model (header ``extra.source``): information
+        for people, the same record the command line's whole-model ``compress`` writes for a
+        Hugging Face directory (its resolved path and the SHA-256 of the file that
+        identifies its weights), so a streamed artifact equals the whole-model one."""
+        record = {"kind": "Hugging Face directory", "model": str(self.root.resolve())}
+        weights = hf_weights_file(self.root)
+        if weights is not None:
+            record["weights_sha256"] = file_sha256(weights)
+        return record
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
