@@ -3,6 +3,8 @@ float, its int8 models stay close, and the float paths agree with the eager mode
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -35,6 +37,37 @@ def test_ort_models_match_float():
         assert out.shape == ref.shape and err <= bound, (name, err)
     # int8 files are smaller than the fp32 export
     assert peers["ort-static-int8"].size_bytes < peers["ort-fp32"].size_bytes
+
+
+def test_ort_pre_processing_litter_is_removed(tmp_path, monkeypatch):
+    """ONNX Runtime's incomplete shape inference saves ``sym_shape_infer_temp.onnx`` and its
+    external data into the current directory, then raises: neither the caller's folder nor
+    the peer's folder keeps them, and the raw export still quantizes."""
+    shape_inference = pytest.importorskip("onnxruntime.quantization.shape_inference")
+    calls = []
+
+    def incomplete(src, dst, *args, **kwargs):
+        calls.append(Path.cwd())
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"graph")
+        Path("0a1b2c-external.data").write_bytes(b"\0" * 4096)
+        raise Exception("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", incomplete)
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    model = tiny_cnn()
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    peers = ort_models(model, x[:4], x, threads=1)
+    assert len(calls) == 1 and calls[0] != user
+    assert list(user.iterdir()) == []  # nothing new in the caller's folder
+    folder = Path(peers["ort-fp32"].model.path).parent
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".onnx", ".data")) == [
+        "fp32.onnx",
+        "ort-dynamic-int8.onnx",
+        "ort-static-int8.onnx",
+    ]  # no temp model, no 90 MB external data, no pre.onnx (pre-processing failed)
+    assert isinstance(peers["ort-static-int8"], PeerResult)
 
 
 def test_float_paths_agree_with_eager():
@@ -106,3 +139,34 @@ def test_ort_fp32_of_a_hugging_face_encoder():
             ref = model(**b).last_hidden_state
         out = res.model(**b).last_hidden_state
         assert out.shape == ref.shape and (out - ref).abs().max() < 1e-4
+
+
+def test_the_ort_temporary_folder_goes_with_the_models(monkeypatch):
+    """The ONNX files stay while a returned model may reopen them (the deploy bench does),
+    and the ``compactnn-ort-*`` folder is removed once the models are gone, or at once when
+    the peers fail."""
+    import gc
+
+    from compactnn.bench import peers as peers_module
+
+    model = tiny_cnn()
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    peers = ort_models(model, x[:4], x, threads=1)
+    static = peers["ort-static-int8"].model
+    folder = Path(static.path).parent
+    assert folder.name.startswith("compactnn-ort-") and Path(static.path).is_file()
+    assert not (folder / "pre.onnx").exists()  # the intermediate is gone already
+    del peers, static
+    gc.collect()
+    assert not folder.exists()
+
+    seen = []
+
+    def export_fails(model, example, path):
+        seen.append(Path(path).parent)
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(peers_module, "export_onnx", export_fails)
+    with pytest.raises(RuntimeError, match="export failed"):
+        ort_models(model, x[:4], x, threads=1)
+    assert seen and not seen[0].exists()

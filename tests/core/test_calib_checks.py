@@ -178,3 +178,26 @@ def test_float64_calibration_tensors_are_cast_to_the_model_dtype():
     q = compactnn.compress(_net(), "w8a8", calib_data=x, progress=False)
     ref = compactnn.compress(_net(), "w8a8", calib_data=x.float(), progress=False)
     assert torch.equal(q(x.float()), ref(x.float()))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_hf_token_ids_out_of_the_vocabulary_or_too_long_are_named(arch):
+    pytest.importorskip("transformers")
+    from compactnn.models.tiny_hf import tiny_model
+
+    model, _ = tiny_model(arch)  # vocabulary 128, 64 positions
+    gen = torch.Generator().manual_seed(0)
+    big = {"input_ids": torch.randint(128, 200, (2, 8), generator=gen)}
+    with pytest.raises(CompactnnError) as err:
+        compactnn.compress(model, "w8a8", calib_data=[big], progress=False)
+    assert str(err.value).startswith("calib_data holds token ids out of the model's vocabulary")
+    assert "the vocabulary has 128 entries" in str(err.value)
+    long = {"input_ids": torch.randint(0, 128, (2, 96), generator=gen)}
+    with pytest.raises(CompactnnError) as err:
+        compactnn.compress(model, "w8a8", calib_data=[long], progress=False)
+    key = "n_positions" if arch == "gpt2" else "max_position_embeddings"
+    assert str(err.value) == (
+        f"calib_data holds sequences of 96 tokens and the model takes at most 64 ({key} in "
+        "its config.json): cut each sequence to 64 tokens or fewer (e.g. ids[:, :64], or "
+        "windows of 64)."
+    )

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +78,45 @@ def export_onnx(model: nn.Module, example: Any, path: Path) -> list[str]:
     return export_dynamic(model, example, path)
 
 
+class Scratch:
+    """A temporary folder that lives as long as the objects holding it: removed when the
+    last one is garbage-collected, at interpreter exit at the latest, or by :meth:`remove`.
+
+    Example:
+        >>> scratch = Scratch("compactnn-doc-")
+        >>> scratch.path.is_dir(), scratch.remove() is None, scratch.path.exists()
+        (True, True, False)
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self.remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+
 def ort_models(model: nn.Module, example: Any, calib: Any, threads: int) -> dict[str, Any]:
-    """ONNX Runtime fp32, static int8 (QDQ, per-channel) and dynamic int8, or the error."""
-    tmp = Path(tempfile.mkdtemp(prefix="compactnn-ort-"))
-    # ONNX Runtime's quantization tools drop uuid-named external-data files into the
-    # current directory; run them from the temp folder so nothing leaks into the caller's.
-    with contextlib.chdir(tmp):
-        return _ort_models(model, example, calib, threads, tmp)
+    """ONNX Runtime fp32, static int8 (QDQ, per-channel) and dynamic int8, or the error.
+
+    The ONNX files live in a ``compactnn-ort-*`` temporary folder that each returned
+    :class:`OrtModule` holds (its ``path`` stays valid: the deploy bench reopens it), removed
+    once the last of them is garbage-collected; when no model is returned, at once.
+    """
+    scratch = Scratch("compactnn-ort-")
+    tmp = scratch.path
+    try:
+        # ONNX Runtime's quantization tools drop uuid-named external-data files into the
+        # current directory; run them from the temp folder so nothing leaks into the caller's.
+        with contextlib.chdir(tmp):
+            out = _ort_models(model, example, calib, threads, tmp)
+        (tmp / "pre.onnx").unlink(missing_ok=True)  # an intermediate no model runs
+    except BaseException:
+        scratch.remove()
+        raise
+    held = [r.model for r in out.values() if isinstance(r, PeerResult)]
+    for module in held:
+        module.scratch = scratch  # the folder goes with the last model that runs its files
+    if not held:
+        scratch.remove()
+    return out
 
 
 def _ort_models(model: nn.Module, example: Any, calib: Any, threads: int, tmp: Path) -> dict:
@@ -101,9 +135,7 @@ def _ort_models(model: nn.Module, example: Any, calib: Any, threads: int, tmp: P
     out: dict[str, Any] = {"ort-fp32": _ort(tmp / "fp32.onnx", export_s, threads, names, hf)}
     src = tmp / "fp32.onnx"
     try:  # shape inference and graph cleanup, as ONNX Runtime recommends before quantizing
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        quant_pre_process(str(src), str(tmp / "pre.onnx"))
+        pre_process(src, tmp / "pre.onnx")
         src = tmp / "pre.onnx"
     except Exception:  # the raw export still quantizes; pre-processing is an optimisation
         pass
@@ -138,6 +170,25 @@ def _ort_models(model: nn.Module, example: Any, calib: Any, threads: int, tmp: P
         except Exception as exc:  # a peer's failure is a finding, not a crash
             out[name] = f"{type(exc).__name__}: {exc}"
     return out
+
+
+def pre_process(src: Path, dst: Path) -> None:
+    """ONNX Runtime's ``quant_pre_process`` of ``src`` into ``dst``, run from a scratch folder
+    beside ``dst`` that is deleted afterwards, whatever happens.
+
+    When its symbolic shape inference is incomplete, ONNX Runtime saves
+    ``sym_shape_infer_temp.onnx`` and an external-data file as large as the model (about
+    90 MB for a small transformer) into the current directory, then raises: that litter goes
+    with the scratch folder instead of staying in the caller's folder or the peer's.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    with (
+        tempfile.TemporaryDirectory(prefix="pre-", dir=dst.parent) as scratch,
+        contextlib.chdir(scratch),
+    ):
+        quant_pre_process(str(src), str(dst))
 
 
 def _feed(batch: Any, names: list[str]) -> dict:

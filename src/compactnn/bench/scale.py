@@ -71,6 +71,10 @@ def _child(args: dict) -> None:
 
         model = LlamaForCausalLM.from_pretrained(args["model"])
         qmodel = compactnn.compress(model, RECIPE, calib_data=ids, progress=False)
+        from compactnn.streaming.shards import ShardSet
+
+        # the record a streamed run adds (docs/scale.md): the artifacts can be byte-identical
+        qmodel._compactnn.setdefault("extra", {})["source"] = ShardSet(args["model"]).source()
         compactnn.save(qmodel, args["out"])
     else:
         from compactnn.api import _compress

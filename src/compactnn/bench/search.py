@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import compactnn
 from compactnn.core.calib import as_batches
+from compactnn.export.fs import atomic_write
 from compactnn.export.size import theoretical_size
 from compactnn.mixed_precision import Budget, build_recipe, search
 from compactnn.mixed_precision.allocate import assignment_total
@@ -342,8 +344,11 @@ def plot_frontier(points: list[dict], path: str) -> None:
         ax.set_ylabel("quality")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    kind = Path(path).suffix.lstrip(".") or "png"  # the temporary file's name ends in .tmp
+    try:  # a crash keeps the previous picture, never a half-written one
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=kind))
+    finally:
+        plt.close(fig)
 
 
 def frontier_rows(name: str = "mnist-cnn", plot: str | None = None) -> list[str]:
