@@ -1,4 +1,5 @@
 import copy
+import io
 import sys
 import warnings
 
@@ -215,6 +216,39 @@ def test_the_plain_artifact_writer_refuses_a_deployed_model(qnet, tmp_path):
     with pytest.raises(CompactnnError, match="save_deployed"):
         api.save(fast, tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+SHIP_IT = r"compactnn\.save\(deployed, path\).*compactnn\.load\(path, model=\.\.\.\)"
+
+
+def test_pickling_a_deployed_session_names_compactnn_save_and_deepcopy_still_works():
+    """An ONNX Runtime model runs a session closure, which pickle cannot store."""
+    weight = torch.tensor([[1.0, -2.0]])
+
+    def session(x: torch.Tensor) -> torch.Tensor:  # a local function, like ort_callable's
+        return x @ weight.T
+
+    deployed = deploy_api.DeployedModel(session, "onnxruntime", {"fc": "kept"})
+    with pytest.raises(CompactnnError, match=SHIP_IT):
+        torch.save(deployed, io.BytesIO())
+    twin = copy.deepcopy(deployed)
+    x = torch.tensor([[3.0, 1.0]])
+    assert twin is not deployed and twin.kept_float == {"fc": "kept"}
+    assert twin.kept_float is not deployed.kept_float
+    assert twin(x).item() == 1.0 == deployed(x).item()
+    assert copy.copy(deployed)(x).item() == 1.0
+
+
+@pytest.mark.parametrize("backend", ["onednn", "onnxruntime"])
+def test_torch_save_of_a_deployed_model_names_compactnn_save(backend, qnet):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    qmodel, calib = qnet
+    deployed = compactnn.deploy(qmodel, backend, example=calib[:4])
+    with pytest.raises(CompactnnError, match=SHIP_IT):
+        torch.save(deployed, io.BytesIO())
+    if backend == "onnxruntime":  # copies as before (oneDNN's prepacked weights refuse)
+        assert torch.equal(copy.deepcopy(deployed)(calib[:4]), deployed(calib[:4]))
 
 
 def _lower_with_bad_bias(layer: str, shift: float):
@@ -481,16 +515,3 @@ def test_wrong_input_shapes_name_expected_and_got(backend, qnet):
     else:
         assert deployed(other_size).shape == (2, 10)
     assert deployed(calib[:7]).shape == (7, 10)  # any batch size
-
-
-def test_a_weight_only_training_recipe_is_pointed_to_its_activation_form():
-    from types import SimpleNamespace
-
-    from compactnn.deployment.api import _no_integer_layers
-
-    sim = nn.Sequential(nn.Linear(4, 4))
-    sim._compactnn = {"recipe": SimpleNamespace(name="w5-inq")}  # as compress records it
-    msg = _no_integer_layers(sim, {"0": "its input is not quantized (weight-only recipe)"})
-    assert "'w5a8-inq' (w5-inq with 8-bit activations)" in msg and "0" in msg
-    sim._compactnn = {"recipe": SimpleNamespace(name="my-recipe")}
-    assert "e.g. 'w8a8', 'w4a4'" in _no_integer_layers(sim, {})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import sys
 import warnings
 from typing import Any
 
@@ -13,17 +12,25 @@ import torch
 from torch import fx, nn
 
 from compactnn._optional import require
-from compactnn.core.calib import call_model, check_example, check_finite
-from compactnn.core.dynact import DynamicActQuantizer
-from compactnn.core.qlayers import is_quant_layer
+from compactnn.core.calib import call_model, check_finite
 from compactnn.deployment import binary, float_check
 from compactnn.deployment.float_check import float_advice, float_contenders
 from compactnn.deployment.lower import lower
 from compactnn.deployment.onednn import Int8Conv2d, Int8Linear
+from compactnn.deployment.refusals import (
+    BACKENDS,
+    NOT_PICKLABLE,
+    check_args,
+    check_backend,
+    handle_unsupported,
+    listing,
+    no_integer_layers,
+    require_int8_layers,
+)
 from compactnn.deployment.runner import plan_runner
-from compactnn.errors import CompactnnError, name_list
-from compactnn.lowering.graph import Plan, trace, unsupported_reason
-from compactnn.lowering.plan import RESIDUALS, build_plan
+from compactnn.errors import CompactnnError
+from compactnn.lowering.graph import Plan, trace
+from compactnn.lowering.plan import build_plan
 from compactnn.lowering.verify import (
     DEFAULT_TOLERANCE,
     LayerGap,
@@ -34,10 +41,9 @@ from compactnn.lowering.verify import (
     layer_gap,
     with_layers,
 )
-from compactnn.measure.float_paths import is_plain_float
-from compactnn.recipe import parse_short_name
 
-BACKENDS = ("auto", "onednn", "onnxruntime", "inductor")
+__all__ = ["AUTO_CANDIDATES", "BACKENDS", "DeployedModel", "deploy", "localize"]
+
 AUTO_CANDIDATES = ("onednn", "onnxruntime")  # "auto" times both on the example: docs/deploy.md
 # "inductor" is opt-in: it compiles for tens of seconds per input shape and was not the
 # fastest int8 contender where measured (docs/deploy.md, bench/deploy_inductor.py)
@@ -106,6 +112,24 @@ class DeployedModel(nn.Module):
         else:
             self._session = program
 
+    def __reduce_ex__(self, protocol: int):
+        # pickle and torch.save: refused for every backend with the way to ship it (without
+        # this, an ONNX Runtime session fails as a local function deep inside pickle)
+        raise CompactnnError(NOT_PICKLABLE)
+
+    def __deepcopy__(self, memo: dict) -> DeployedModel:
+        # what deepcopy does through __reduce_ex__ for any module: an ONNX Runtime model
+        # copies (the session is shared); oneDNN layers refuse (onednn.NOT_COPYABLE)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    def __copy__(self) -> DeployedModel:
+        new = type(self).__new__(type(self))
+        new.__setstate__(self.__getstate__())
+        return new
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for key, value in [*enumerate(args), *kwargs.items()]:
             if isinstance(value, torch.Tensor):
@@ -139,7 +163,9 @@ class DeployedModel(nn.Module):
         """Check this model against its simulated source on ``example``, in output steps.
 
         On failure the result names the diverging layers (oneDNN backend: each lowered
-        layer's output against the simulated value, in steps of that layer's grid).
+        layer's output against the simulated value, in steps of that layer's grid). The
+        ONNX Runtime backend is checked against its QDQ file, whose int32 biases (what its
+        integer kernels add) are measured apart (:func:`compactnn.export.onnx.verify_qdq`).
 
         Example:
             >>> deployed.verify(images[:8]).passed  # doctest: +SKIP
@@ -148,7 +174,12 @@ class DeployedModel(nn.Module):
         if self.source is None:
             raise CompactnnError("this deployed model has no simulated source to verify with.")
         tol = self.settings.get("tolerance", DEFAULT_TOLERANCE) if tolerance is None else tolerance
-        result = compare(self.source, self, example, f"deploy[{self.backend}]", tol)
+        what = f"deploy[{self.backend}]"
+        if self.onnx_bytes is not None:  # the QDQ file: its int32 biases measured apart
+            from compactnn.export.onnx import verify_qdq
+
+            return verify_qdq(self.source, self, example, what, tol)
+        result = compare(self.source, self, example, what, tol)
         if result.passed:
             return result
         return with_layers(explained(result, self.source, example), localize(self, example))
@@ -225,9 +256,9 @@ def deploy(
         >>> fast = compactnn.deploy(qmodel, example=images[:8])           # doctest: +SKIP
         >>> print(fast.verification)                                     # doctest: +SKIP
     """
-    _check_args(qmodel, backend, example, residual, unsupported)
+    check_args(qmodel, backend, example, residual, unsupported)
     sim = copy.deepcopy(qmodel).eval()
-    _require_int8_layers(sim)
+    require_int8_layers(sim)
     names = AUTO_CANDIDATES if backend == "auto" else (backend,)
     built, errors = {}, {}
     for candidate in names:
@@ -238,9 +269,9 @@ def deploy(
                 raise
             errors[candidate] = str(e)
     if not built:
-        raise CompactnnError("deploy: no backend could run this model: " + _listing(errors))
+        raise CompactnnError("deploy: no backend could run this model: " + listing(errors))
     if errors:
-        warnings.warn(f"deploy: skipped backends: {_listing(errors)}", stacklevel=2)
+        warnings.warn(f"deploy: skipped backends: {listing(errors)}", stacklevel=2)
     settings = {"residual": residual, "tolerance": tolerance, "unsupported": unsupported}
     for m in built.values():
         m.__dict__["source"] = sim
@@ -253,9 +284,7 @@ def deploy(
         enforce(next(iter(checked.values())))
     failed = {k: str(v) for k, v in checked.items() if not v.passed}
     if failed:
-        warnings.warn(
-            f"deploy: backends that failed verification: {_listing(failed)}", stacklevel=2
-        )
+        warnings.warn(f"deploy: backends that failed verification: {listing(failed)}", stacklevel=2)
     selection: dict[str, float] = {}
     if backend == "auto" and (time_float or len(passing) > 1):
         floats = float_contenders(sim, example) if time_float else {}
@@ -268,7 +297,7 @@ def deploy(
     deployed.recommendation = float_advice(selection, name)
     if deployed.kept_float:  # the chosen backend's, not a candidate's that lost
         warnings.warn(
-            f"deploy: kept in float (simulated quantization): {_listing(deployed.kept_float)}",
+            f"deploy: kept in float (simulated quantization): {listing(deployed.kept_float)}",
             stacklevel=2,
         )
     if deployed.recommendation:
@@ -277,22 +306,8 @@ def deploy(
 
 
 def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupported: str):
+    check_backend(backend, sim, example)
     if backend == "onnxruntime":
-        blocks = binary.binary_block_names(sim)
-        if blocks:
-            raise CompactnnError(
-                f"ONNX Runtime has no kernel for binary blocks ({', '.join(blocks[:3])}...): "
-                "deploy them with backend='onednn' (int8 or popcount kernels)."
-            )
-        parts = example.values() if isinstance(example, dict) else example
-        if not isinstance(example, torch.Tensor) and not all(
-            isinstance(v, torch.Tensor) for v in parts
-        ):
-            raise CompactnnError(
-                "ONNX Runtime takes tensors as its inputs, and example= passes a dict or tuple "
-                "as one argument: deploy with backend='onednn', or give forward the tensors "
-                "themselves (positional or keyword arguments)."
-            )
         require("onnxruntime", "onnx")  # before the export module: it imports onnx
         from compactnn.export.onnx import fold_float_outputs, to_onnx_bytes
         from compactnn.export.ort import ort_callable
@@ -303,12 +318,6 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
         deployed.__dict__["onnx_bytes"] = data
         return deployed
     if backend == "inductor":
-        blocks = binary.binary_block_names(sim)
-        if blocks:
-            raise CompactnnError(
-                f"backend='inductor' does not compile binary blocks ({', '.join(blocks[:3])}"
-                "...): deploy them with backend='onednn' (int8 or popcount kernels)."
-            )
         from compactnn.deployment.inductor import compiler_missing
 
         reason = compiler_missing()  # before any lowering work
@@ -317,9 +326,9 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
     source, kernels = binary.pre_lower(sim, example)  # binary blocks: int8 or popcount
     plan = build_plan(trace(source), residual)
     if not plan.lowered and not kernels:
-        raise CompactnnError(_no_integer_layers(sim, plan.kept))
+        raise CompactnnError(no_integer_layers(sim, plan.kept))
     kept = dict(plan.kept)
-    _handle_unsupported(kept, unsupported)
+    handle_unsupported(kept, unsupported)
     program = lower(plan)
     if backend == "inductor":
         from compactnn.deployment.inductor import build_inductor
@@ -415,141 +424,3 @@ def _input_shapes(example: Any) -> dict[Any, tuple[int, ...]]:
         return {0: tuple(example.shape)}
     items = example.items() if isinstance(example, dict) else enumerate(example)
     return {k: tuple(v.shape) for k, v in items if isinstance(v, torch.Tensor)}
-
-
-def _require_int8_layers(sim: nn.Module) -> None:
-    if binary.binary_block_names(sim):
-        return  # binary blocks run on integer kernels of their own
-    reasons = {n: unsupported_reason(m) for n, m in sim.named_modules() if is_quant_layer(m)}
-    if all(r is not None for r in reasons.values()):
-        raise CompactnnError(_no_integer_layers(sim, reasons))
-
-
-def _is_hf(model: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")  # loaded whenever model is one of its models
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
-
-
-def _hf_w8a8_reason(qmodel: nn.Module) -> str | None:
-    """Why deploy refuses a Hugging Face transformer with quantized activations (neither of
-    its tracers takes their forward), and where its W8A8 layers run instead; None for
-    anything else."""
-    acts = [m.input_quantizer for m in qmodel.modules() if is_quant_layer(m)]
-    acts = [a for a in acts if a is not None]
-    if not _is_hf(qmodel) or not acts:
-        return None
-    name = type(qmodel).__name__
-    measure = "`compactnn eval ARTIFACT --model MODEL --data FILE` measures that form."
-    if all(isinstance(a, DynamicActQuantizer) for a in acts):
-        return (
-            f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}: "
-            "its W8A8 linear layers (per-token activations) run on int8 kernels with "
-            "compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)); " + measure
-        )
-    return (
-        f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}; its "
-        "W8A8 layers quantize activations on static grids, which no int8 kernel of "
-        "compactnn.to_kernels takes: compress with 'w8a8-smoothquant' (per-token "
-        "activations) and run the result with compactnn.to_kernels(q); " + measure
-    )
-
-
-def _no_integer_layers(sim: nn.Module, kept: dict[str, str]) -> str:
-    """Why deploy has nothing to run on integer kernels, and what to use instead: a
-    weight-only transformer runs on the low-bit kernels (to_kernels, ONNX Runtime)."""
-    quant = [m for m in sim.modules() if is_quant_layer(m)]
-    if _is_hf(sim) and quant and all(m.input_quantizer is None for m in quant):
-        return (
-            f"deploy runs quantized activations on int8 kernels, and this weight-only "
-            f"{type(sim).__name__} has none ({len(quant)} layers quantize weights only): run it "
-            "on compactnn's low-bit kernels with compactnn.to_kernels(q) (or "
-            "compactnn.load(path, kernels=True)), or on ONNX Runtime with "
-            "compactnn.to_ort_nbits(q); `compactnn eval ARTIFACT --model MODEL --data FILE` "
-            "measures that form."
-        )
-    suggest = "'w8a8', 'w4a4'"
-    recipe = (getattr(sim, "_compactnn", None) or {}).get("recipe")
-    name = getattr(recipe, "name", "")
-    weight_only = re.fullmatch(r"w(\d+)-([a-z][\w-]*)", name)  # e.g. w5-inq: the same method
-    if weight_only:
-        same = f"w{weight_only[1]}a8-{weight_only[2]}"
-        try:
-            parse_short_name(same)  # only a recipe that exists
-            suggest = f"'{same}' ({name} with 8-bit activations)"
-        except CompactnnError:
-            pass
-    return (
-        "deploy found no layer it can run on integer kernels: compress with a recipe "
-        f"that quantizes activations (e.g. {suggest}); kept in float: {_listing(kept)}"
-    )
-
-
-def _check_args(qmodel, backend, example, residual, unsupported) -> None:
-    if not isinstance(qmodel, nn.Module):
-        raise CompactnnError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}.")
-    if backend not in BACKENDS:
-        raise CompactnnError(f"backend={backend!r} is unknown; use one of {BACKENDS}.")
-    if residual not in RESIDUALS:
-        raise CompactnnError(f"residual={residual!r} is unknown; use one of {RESIDUALS}.")
-    if unsupported not in ("float", "error"):
-        raise CompactnnError(f"unsupported={unsupported!r}: use 'float' or 'error'.")
-    if example is None:
-        raise CompactnnError(
-            "deploy verifies the integer model against the simulated one: pass example= a "
-            "sample batch the model takes (e.g. a few calibration inputs)."
-        )
-    check_example(example)
-    if isinstance(qmodel, DeployedModel):
-        raise CompactnnError(
-            f"qmodel is already deployed (on {qmodel.backend}): call it as it is; to deploy "
-            "again, e.g. on another backend, pass the compressed model it came from "
-            "(deployed.source)."
-        )
-    if is_plain_float(qmodel):
-        raise CompactnnError(
-            "qmodel has no quantized layers: it is a plain float model (e.g. channel-pruned) "
-            "that runs as it is, so there is nothing to deploy. Use it directly, time "
-            "it with `compactnn eval ARTIFACT --model MODEL --data FILE` (on its fastest "
-            "float runtime), or export it with torch.onnx.export; for int8 kernels, compress "
-            "with a recipe that also quantizes (e.g. channel pruning, then 'w8a8') and "
-            "deploy that."
-        )
-    if not any(is_quant_layer(m) for m in qmodel.modules()):
-        raise CompactnnError(
-            "qmodel has no quantized layers: run compactnn.compress(model, 'w8a8', "
-            "calib_data=...) first and deploy its result."
-        )
-    if (reason := _hf_w8a8_reason(qmodel)) is not None:  # before any tracing
-        raise CompactnnError(reason)
-    try:
-        with torch.no_grad():
-            call_model(qmodel, example)
-    except Exception as e:
-        raise CompactnnError(f"the model does not run on example=: {e}") from e
-
-
-def _listing(kept: dict[str, str]) -> str:
-    """Layers grouped by reason, a few names each: ``"12 layers: <reason> (a, b, c, ...)"``."""
-    by_reason: dict[str, list[str]] = {}
-    for name, reason in kept.items():
-        by_reason.setdefault(reason, []).append(name)
-    parts = [
-        f"{names[0]} ({reason})"
-        if len(names) == 1
-        else f"{len(names)} layers: {reason} ({name_list(names, 3)})"
-        for reason, names in by_reason.items()
-    ]
-    return "; ".join(parts) or "none"
-
-
-def _handle_unsupported(kept: dict[str, str], unsupported: str) -> None:
-    if not kept:
-        return
-    if unsupported == "error":
-        names = ", ".join(repr(n) for n in kept)
-        raise CompactnnError(
-            f"deploy cannot run these layers on int8 kernels: {_listing(kept)}. Exclude them "
-            f"from quantization with the recipe's ignore list (Targets(ignore=[{names}])) or "
-            "pass unsupported='float' to keep them simulated in float."
-        )
-    # unsupported="float": deploy warns about the chosen backend's kept layers only

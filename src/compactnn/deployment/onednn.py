@@ -19,7 +19,8 @@ from compactnn.lowering.graph import QParams, input_qparams, int8_weight
 
 CL = torch.channels_last
 PACKED_SHAPES = 4  # weight layouts kept per convolution, one per recent input shape
-# copy.deepcopy and pickle (torch.save) stop at the first prepacked weight with this reason
+# copy.deepcopy stops at the first prepacked weight with this reason, and so does pickle of
+# the int8 graph alone (a whole DeployedModel refuses pickling first: refusals.NOT_PICKLABLE)
 NOT_COPYABLE = (
     "a deployed model holds weights prepacked by oneDNN, which cannot be copied or pickled "
     "(copy.deepcopy, torch.save): save it with compactnn.save(deployed, path) and load it "

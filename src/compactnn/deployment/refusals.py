@@ -1,0 +1,207 @@
+"""What ``deploy`` refuses, and why: pure checks on its arguments and on the model.
+
+Each check raises :class:`~compactnn.errors.CompactnnError` naming the bad input and what to
+do instead (or returns that reason as text); none of them changes the model. A deployed
+model is recognised by its class attribute ``is_deployed`` (``api.DeployedModel``), so this
+module does not import the one that uses it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.core.calib import call_model, check_example
+from compactnn.core.dynact import DynamicActQuantizer
+from compactnn.core.qlayers import is_quant_layer
+from compactnn.deployment import binary
+from compactnn.errors import CompactnnError, name_list
+from compactnn.lowering.graph import unsupported_reason
+from compactnn.lowering.plan import RESIDUALS
+from compactnn.measure.float_paths import is_plain_float
+from compactnn.recipe import parse_short_name
+
+BACKENDS = ("auto", "onednn", "onnxruntime", "inductor")
+
+# pickle and torch.save of a deployed model (any backend) stop with this reason
+NOT_PICKLABLE = (
+    "a deployed model holds compiled kernels (oneDNN prepacked weights, an ONNX Runtime "
+    "session or compiled code), which cannot be pickled (torch.save, pickle): save it with "
+    "compactnn.save(deployed, path) and load it back with compactnn.load(path, model=...), "
+    "which re-deploys and re-verifies it; for a second copy in memory, deploy the "
+    "compressed model again (compactnn.deploy(deployed.source, example=...))."
+)
+
+
+def check_args(qmodel: Any, backend: str, example: Any, residual: str, unsupported: str) -> None:
+    """Refuse arguments ``deploy`` cannot use, before any copy or tracing of ``qmodel``."""
+    if not isinstance(qmodel, nn.Module):
+        raise CompactnnError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}.")
+    if backend not in BACKENDS:
+        raise CompactnnError(f"backend={backend!r} is unknown; use one of {BACKENDS}.")
+    if residual not in RESIDUALS:
+        raise CompactnnError(f"residual={residual!r} is unknown; use one of {RESIDUALS}.")
+    if unsupported not in ("float", "error"):
+        raise CompactnnError(f"unsupported={unsupported!r}: use 'float' or 'error'.")
+    if example is None:
+        raise CompactnnError(
+            "deploy verifies the integer model against the simulated one: pass example= a "
+            "sample batch the model takes (e.g. a few calibration inputs)."
+        )
+    check_example(example)
+    if getattr(qmodel, "is_deployed", False) is True:  # an api.DeployedModel
+        raise CompactnnError(
+            f"qmodel is already deployed (on {qmodel.backend}): call it as it is; to deploy "
+            "again, e.g. on another backend, pass the compressed model it came from "
+            "(deployed.source)."
+        )
+    if is_plain_float(qmodel):
+        raise CompactnnError(
+            "qmodel has no quantized layers: it is a plain float model (e.g. channel-pruned) "
+            "that runs as it is, so there is nothing to deploy. Use it directly, time "
+            "it with `compactnn eval ARTIFACT --model MODEL --data FILE` (on its fastest "
+            "float runtime), or export it with torch.onnx.export; for int8 kernels, compress "
+            "with a recipe that also quantizes (e.g. channel pruning, then 'w8a8') and "
+            "deploy that."
+        )
+    if not any(is_quant_layer(m) for m in qmodel.modules()):
+        raise CompactnnError(
+            "qmodel has no quantized layers: run compactnn.compress(model, 'w8a8', "
+            "calib_data=...) first and deploy its result."
+        )
+    if (reason := hf_w8a8_reason(qmodel)) is not None:  # before any tracing
+        raise CompactnnError(reason)
+    try:
+        with torch.no_grad():
+            call_model(qmodel, example)
+    except Exception as e:
+        raise CompactnnError(f"the model does not run on example=: {e}") from e
+
+
+def check_backend(backend: str, sim: nn.Module, example: Any) -> None:
+    """Refuse what ``backend`` has no kernel or input form for (before building it)."""
+    if backend not in ("onnxruntime", "inductor"):
+        return
+    blocks = binary.binary_block_names(sim)
+    if blocks and backend == "onnxruntime":
+        raise CompactnnError(
+            f"ONNX Runtime has no kernel for binary blocks ({', '.join(blocks[:3])}...): "
+            "deploy them with backend='onednn' (int8 or popcount kernels)."
+        )
+    if blocks:
+        raise CompactnnError(
+            f"backend='inductor' does not compile binary blocks ({', '.join(blocks[:3])}"
+            "...): deploy them with backend='onednn' (int8 or popcount kernels)."
+        )
+    if backend == "inductor":
+        return
+    parts = example.values() if isinstance(example, dict) else example
+    if not isinstance(example, torch.Tensor) and not all(
+        isinstance(v, torch.Tensor) for v in parts
+    ):
+        raise CompactnnError(
+            "ONNX Runtime takes tensors as its inputs, and example= passes a dict or tuple "
+            "as one argument: deploy with backend='onednn', or give forward the tensors "
+            "themselves (positional or keyword arguments)."
+        )
+
+
+def require_int8_layers(sim: nn.Module) -> None:
+    """Refuse a model none of whose quantized layers has an integer kernel."""
+    if binary.binary_block_names(sim):
+        return  # binary blocks run on integer kernels of their own
+    reasons = {n: unsupported_reason(m) for n, m in sim.named_modules() if is_quant_layer(m)}
+    if all(r is not None for r in reasons.values()):
+        raise CompactnnError(no_integer_layers(sim, reasons))
+
+
+def is_hf(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel`` (never imports transformers)."""
+    transformers = sys.modules.get("transformers")  # loaded whenever model is one of its models
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def hf_w8a8_reason(qmodel: nn.Module) -> str | None:
+    """Why deploy refuses a Hugging Face transformer with quantized activations (neither of
+    its tracers takes their forward), and where its W8A8 layers run instead; None for
+    anything else."""
+    acts = [m.input_quantizer for m in qmodel.modules() if is_quant_layer(m)]
+    acts = [a for a in acts if a is not None]
+    if not is_hf(qmodel) or not acts:
+        return None
+    name = type(qmodel).__name__
+    measure = "`compactnn eval ARTIFACT --model MODEL --data FILE` measures that form."
+    if all(isinstance(a, DynamicActQuantizer) for a in acts):
+        return (
+            f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}: "
+            "its W8A8 linear layers (per-token activations) run on int8 kernels with "
+            "compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)); " + measure
+        )
+    return (
+        f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}; its "
+        "W8A8 layers quantize activations on static grids, which no int8 kernel of "
+        "compactnn.to_kernels takes: compress with 'w8a8-smoothquant' (per-token "
+        "activations) and run the result with compactnn.to_kernels(q); " + measure
+    )
+
+
+def no_integer_layers(sim: nn.Module, kept: dict[str, str]) -> str:
+    """Why deploy has nothing to run on integer kernels, and what to use instead: a
+    weight-only transformer runs on the low-bit kernels (to_kernels, ONNX Runtime)."""
+    quant = [m for m in sim.modules() if is_quant_layer(m)]
+    if is_hf(sim) and quant and all(m.input_quantizer is None for m in quant):
+        return (
+            f"deploy runs quantized activations on int8 kernels, and this weight-only "
+            f"{type(sim).__name__} has none ({len(quant)} layers quantize weights only): run it "
+            "on compactnn's low-bit kernels with compactnn.to_kernels(q) (or "
+            "compactnn.load(path, kernels=True)), or on ONNX Runtime with "
+            "compactnn.to_ort_nbits(q); `compactnn eval ARTIFACT --model MODEL --data FILE` "
+            "measures that form."
+        )
+    suggest = "'w8a8', 'w4a4'"
+    recipe = (getattr(sim, "_compactnn", None) or {}).get("recipe")
+    name = getattr(recipe, "name", "")
+    weight_only = re.fullmatch(r"w(\d+)-([a-z][\w-]*)", name)  # e.g. w5-inq: the same method
+    if weight_only:
+        same = f"w{weight_only[1]}a8-{weight_only[2]}"
+        try:
+            parse_short_name(same)  # only a recipe that exists
+            suggest = f"'{same}' ({name} with 8-bit activations)"
+        except CompactnnError:
+            pass
+    return (
+        "deploy found no layer it can run on integer kernels: compress with a recipe "
+        f"that quantizes activations (e.g. {suggest}); kept in float: {listing(kept)}"
+    )
+
+
+def handle_unsupported(kept: dict[str, str], unsupported: str) -> None:
+    """With ``unsupported="error"``, refuse the layers kept in float (name -> reason)."""
+    if not kept:
+        return
+    if unsupported == "error":
+        names = ", ".join(repr(n) for n in kept)
+        raise CompactnnError(
+            f"deploy cannot run these layers on int8 kernels: {listing(kept)}. Exclude them "
+            f"from quantization with the recipe's ignore list (Targets(ignore=[{names}])) or "
+            "pass unsupported='float' to keep them simulated in float."
+        )
+    # unsupported="float": deploy warns about the chosen backend's kept layers only
+
+
+def listing(kept: dict[str, str]) -> str:
+    """Layers grouped by reason, a few names each: ``"12 layers: <reason> (a, b, c, ...)"``."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in kept.items():
+        by_reason.setdefault(reason, []).append(name)
+    parts = [
+        f"{names[0]} ({reason})"
+        if len(names) == 1
+        else f"{len(names)} layers: {reason} ({name_list(names, 3)})"
+        for reason, names in by_reason.items()
+    ]
+    return "; ".join(parts) or "none"

@@ -1,0 +1,49 @@
+"""The checks ``deploy`` refuses with, called directly (no compression, no tracing)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from compactnn.deployment import refusals
+from compactnn.errors import CompactnnError
+
+
+def test_a_deployed_model_is_recognised_without_its_class_and_refused():
+    class Deployed(nn.Module):  # what check_args knows of api.DeployedModel
+        is_deployed = True
+        backend = "onnxruntime"
+
+    with pytest.raises(CompactnnError, match=r"already deployed \(on onnxruntime\).*source"):
+        refusals.check_args(Deployed(), "auto", torch.zeros(1, 2), "exact", "float")
+    with pytest.raises(CompactnnError, match="plain float model"):  # the next check
+        refusals.check_args(nn.Linear(2, 2), "auto", torch.zeros(1, 2), "exact", "float")
+    with pytest.raises(CompactnnError, match=r"backend='tpu' is unknown.*'onednn'"):
+        refusals.check_args(nn.Linear(2, 2), "tpu", torch.zeros(1, 2), "exact", "float")
+
+
+def test_onnx_runtime_refuses_a_dict_argument_and_onednn_takes_it():
+    sim, example = nn.Linear(2, 2), ({"x": torch.zeros(1, 2)},)
+    with pytest.raises(CompactnnError, match=r"ONNX Runtime takes tensors.*backend='onednn'"):
+        refusals.check_backend("onnxruntime", sim, example)
+    refusals.check_backend("onednn", sim, example)
+    refusals.check_backend("onnxruntime", sim, torch.zeros(1, 2))
+
+
+def test_kept_layers_are_listed_by_reason_and_refused_only_on_error():
+    kept = {"a": "no kernel", "b": "no kernel", "c": "no kernel", "d": "no kernel", "e": "x"}
+    assert refusals.listing(kept) == "4 layers: no kernel (a, b, c, ...); e (x)"
+    assert refusals.listing({}) == "none"
+    assert refusals.handle_unsupported(kept, "float") is None
+    with pytest.raises(CompactnnError, match=r"Targets\(ignore=\['a', 'b', 'c', 'd', 'e'\]\)"):
+        refusals.handle_unsupported(kept, "error")
+
+
+def test_a_weight_only_training_recipe_is_pointed_to_its_activation_form():
+    sim = nn.Sequential(nn.Linear(4, 4))
+    sim._compactnn = {"recipe": SimpleNamespace(name="w5-inq")}  # as compress records it
+    msg = refusals.no_integer_layers(sim, {"0": "its input is not quantized (weight-only recipe)"})
+    assert "'w5a8-inq' (w5-inq with 8-bit activations)" in msg and "0" in msg
+    sim._compactnn = {"recipe": SimpleNamespace(name="my-recipe")}
+    assert "e.g. 'w8a8', 'w4a4'" in refusals.no_integer_layers(sim, {})
