@@ -6,8 +6,9 @@ from onnx import numpy_helper
 
 import compactnn
 from compactnn.core.qlayers import QuantConv2d, QuantLinear
+from compactnn.core.qlayers import is_quant_layer as is_quant
 from compactnn.errors import CompactnnError
-from compactnn.export.onnx import export_onnx
+from compactnn.export.onnx import export_onnx, int32_bias
 from tests.deployment.conftest import make_net
 
 
@@ -87,3 +88,76 @@ def test_output_path_checked_before_the_export(qnet, tmp_path, monkeypatch):
     export_onnx(qmodel, tmp_path / "new" / "m.onnx", example=calib[:4])  # parent created
     export_onnx(qmodel, tmp_path / "old.onnx", example=calib[:4], force=True)
     assert onnx.load(str(tmp_path / "old.onnx")).graph.node
+
+
+def test_int32_bias_codes_and_scale_by_hand():
+    codes, scale = int32_bias(torch.tensor([0.1, -0.2, 3.0]), 0.5, torch.tensor([0.1, 0.3, 0.2]))
+    assert codes.dtype == torch.int32 and codes.tolist() == [2, -1, 30]  # 0.1/0.05, -0.2/0.15
+    assert torch.allclose(scale, torch.tensor([0.05, 0.15, 0.1]))
+    assert int32_bias(torch.tensor([1e9]), 1e-3, torch.tensor([1e-3])) is None  # > int32
+    assert int32_bias(torch.tensor([1.0]), 0.5, torch.tensor([0.0])) is None  # zero scale
+
+
+def test_biases_are_int32_codes_on_the_accumulator_grid(qnet, tmp_path):
+    """A layer on an 8-bit input grid has its bias on the int32 accumulator grid s_x * s_w
+    (what QLinearConv / QGemm add): stored as int32 codes where its output is quantized again
+    (the layers ONNX Runtime fuses), as those float values elsewhere; the codes are the
+    simulation's float bias rounded onto that grid."""
+    qmodel, calib = qnet
+    result = export_onnx(qmodel, tmp_path / "m.onnx", example=calib[:8])
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def value(name):  # an initializer or a Constant node's tensor
+        return (
+            inits[name] if name in inits else numpy_helper.to_array(producer[name].attribute[0].t)
+        )
+
+    biases = [m.bias.detach().double().numpy() for m in qmodel.modules() if is_quant(m)]
+    compute = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(compute) == len(biases)
+    stored = 0
+    for node in compute:
+        x_scale = value(producer[node.input[0]].input[1])
+        scale = np.float32(x_scale) * inits[producer[node.input[1]].input[1]]
+        dq = producer.get(node.input[2])
+        if dq is not None:
+            assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].dtype == np.int32
+            np.testing.assert_allclose(inits[dq.input[1]], scale, rtol=1e-6)
+            codes, stored = inits[dq.input[0]], stored + 1
+        else:
+            codes = inits[node.input[2]].astype(np.float64) / scale  # on the grid all the same
+            assert np.abs(codes - np.round(codes)).max() < 1e-3 + 1e-6 * np.abs(codes).max()
+            codes = np.round(codes)
+        same = [
+            b for b in biases if b.shape == codes.shape and np.allclose(np.round(b / scale), codes)
+        ]
+        assert same, node.name
+    assert stored >= 1
+    # the file runs exactly in ONNX Runtime; the int32 rounding itself is measured apart
+    assert result.max_diff_steps < 1e-3
+    assert 0 < result.bias_rounding_steps < 1
+
+
+@pytest.mark.parametrize("recipe", ["w2a8-twn", "w4a8-inq", "w2a8-ttq"])
+def test_codebook_and_ternary_layers_run_exactly_in_onnx_runtime(recipe, tmp_path):
+    """ONNX Runtime's optimizer rounded float biases (TWN: 3.75 steps, refused) and re-quantized
+    float codebook weights to per-tensor int8 (INQ 1.56 steps, TTQ 1.2) behind the export's
+    back; the file now states both, and ONNX Runtime reproduces it."""
+    torch.manual_seed(1)
+    calib = torch.randn(32, 3, 16, 16)
+    qmodel = compactnn.compress(make_net(), recipe, calib_data=calib, progress=False)
+    result = export_onnx(qmodel, tmp_path / "m.onnx", example=calib[:8])
+    assert result.max_diff_steps < 1e-3, result
+
+
+def test_binary_blocks_are_refused_by_name(tmp_path):
+    from compactnn.engines.binary import BinaryBlock, BinaryWeight
+
+    torch.manual_seed(0)
+    block = BinaryBlock(torch.nn.Conv2d(4, 4, 3, padding=1), "xnor", BinaryWeight())
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), block).eval()
+    with pytest.raises(CompactnnError, match=r"binary blocks \(1\).*backend='onednn'"):
+        export_onnx(model, tmp_path / "m.onnx", example=torch.randn(2, 3, 8, 8))
+    assert not (tmp_path / "m.onnx").exists()

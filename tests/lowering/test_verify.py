@@ -191,3 +191,16 @@ def test_candidate_takes_a_tuple_example_as_positional_arguments():
     assert result.passed and result.max_diff_steps == 0.0
     keywords = compare(TwoInputs(), lambda *, a, b: a - 2 * b, {"a": a, "b": b}, "dict")
     assert keywords.passed
+
+
+def test_unlocalised_failure_points_to_the_backend_that_localises_and_bias_steps_are_named():
+    from dataclasses import replace
+
+    from compactnn.lowering.verify import Verification
+
+    failed = Verification("deploy[onnxruntime]", 9.0, 0.9, 0.1, None, 2.0, 4)
+    with pytest.raises(CompactnnError, match=r"not localised: .*backend='onednn'"):
+        enforce(failed)
+    passed = replace(failed, max_diff_steps=0.0, bias_rounding_steps=5.25)
+    assert enforce(passed) is passed
+    assert "int32 biases (as integer kernels add them) move the output 5.25 steps" in str(passed)

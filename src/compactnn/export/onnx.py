@@ -3,8 +3,10 @@
 Every quantized layer becomes ``QuantizeLinear -> DequantizeLinear`` on its input (the
 simulation's activation quantizer) and ``DequantizeLinear`` of its integer weight codes,
 stored as they are (int8/uint8 initializers, per-channel scales and zero points), feeding
-the float ``Conv`` / ``Gemm``. That is the simulation written in ONNX; ONNX Runtime's graph
-optimizer fuses such patterns into integer kernels where it can. Layers whose activation
+the float ``Conv`` / ``Gemm``, with the bias of a layer on an 8-bit input grid stored as int32
+codes on the accumulator grid (:func:`int32_bias`, what integer kernels add). That is the
+simulation written in ONNX; ONNX Runtime's graph optimizer fuses such patterns into integer
+kernels where it can, and :func:`verify_qdq` checks both steps. Layers whose activation
 grid has no ONNX QuantizeLinear type (below 8 bits) spell the same rounding with
 ``Div/Round/Clip``; per-group weights are stored dequantized (float) and listed. A grid
 after a flatten/reshape is applied before it as well (same numbers), so a pool before a
@@ -19,6 +21,7 @@ import io
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,8 @@ from compactnn._optional import require
 from compactnn.core.calib import check_example
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
-from compactnn.errors import CompactnnError
+from compactnn.engines.binary import BinaryBlock
+from compactnn.errors import CompactnnError, name_list
 from compactnn.export.fs import atomic_write, check_file_path
 from compactnn.export.ort import ort_callable
 from compactnn.lowering.graph import FLOAT, is_residual_quantizer, trace
@@ -48,10 +52,40 @@ numpy_helper = require("onnx.numpy_helper", "onnx")
 OPSET = 17
 
 
+EIGHT_BIT = ((0, 255), (-128, 127))  # activation grids with an ONNX QuantizeLinear type
+INT32_MAX = 2**31 - 1
+
+
+def int32_bias(
+    bias: torch.Tensor, x_scale: float, w_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``bias`` on the int32 accumulator grid of an int8 layer: codes and per-row scale.
+
+    An integer convolution adds its bias to the int32 accumulator of ``x_codes * w_codes``,
+    whose step is ``x_scale * w_scale`` (per output row). ONNX Runtime's ``QLinearConv`` /
+    ``QGemm`` take the bias that way only, and its graph optimizer rounds a float bias onto
+    that grid itself (``WeightBiasQuantization``) before fusing; writing the rounding here
+    makes it part of the file and of the reference it is verified against. None when a code
+    would not fit int32 (or a scale is zero): the bias then stays float.
+
+    Example:
+        >>> codes, scale = int32_bias(torch.tensor([0.1, -0.2]), 0.5, torch.tensor([0.1, 0.3]))
+        >>> codes.tolist(), [round(v, 4) for v in (codes * scale).tolist()]
+        ([2, -1], [0.1, -0.15])
+    """
+    scale = torch.tensor(x_scale, dtype=torch.float32) * w_scale.detach().float()
+    if not bool((scale > 0).all()):
+        return None
+    codes = torch.round(bias.double() / scale.double())
+    if not bool(torch.isfinite(codes).all()) or float(codes.abs().max()) > INT32_MAX:
+        return None
+    return codes.to(torch.int32), scale
+
+
 class _QDQLayer(nn.Module):
     """A quantized layer in QDQ form: fake-quant ops that the exporter maps to Q/DQ pairs."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, int32_biases: bool = True) -> None:
         super().__init__()
         self.kind = type(layer)
         self.conv_args = {}
@@ -62,7 +96,8 @@ class _QDQLayer(nn.Module):
             )  # fmt: skip
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        # codebook weights (ternary, powers of two) are not one affine grid: keep them float
+        # codebook weights (TTQ's two ternary scales, powers of two) are not one affine grid:
+        # keep them float
         codebook = getattr(layer, "weight_levels", None) is not None
         self.per_channel = layer.weight_spec.granularity != "group" and not codebook
         rows = layer.weight.shape[0]
@@ -82,11 +117,24 @@ class _QDQLayer(nn.Module):
                     "model without quantized activations or keep it in compactnn."
                 )
             self.act = (float(aq.scale), int(aq.zero.round()), aq.qtype.qmin, aq.qtype.qmax)
+        self.bias_codes: torch.Tensor | None = None  # int32 bias on the accumulator grid
+        self.bias_scale: torch.Tensor | None = None
+        if int32_biases and self.bias is not None and self.per_channel and self._eight_bit():
+            grid = int32_bias(self.bias.detach(), self.act[0], self.w_scale)
+            if grid is not None:
+                self.bias_codes, self.bias_scale = grid
+                # what DequantizeLinear(int32 codes, scale) gives ONNX Runtime, in float32
+                self.bias.data = self.bias_codes.float() * self.bias_scale
+
+    def _eight_bit(self) -> bool:
+        return self.act is not None and (self.act[2], self.act[3]) in EIGHT_BIT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             scale, zero, qmin, qmax = self.act
-            if (qmin, qmax) in ((0, 255), (-128, 127)):
+            # a float weight after a DequantizeLinear is one ONNX Runtime re-quantizes to
+            # per-tensor int8 (WeightBiasQuantization): the float-op form keeps it float
+            if (qmin, qmax) in EIGHT_BIT and self.per_channel:
                 x = torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)
             else:  # no ONNX type for this grid: the same rounding in float ops
                 x = (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale
@@ -112,14 +160,28 @@ class _QDQAct(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, *self.grid)
 
 
-def qdq_module(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _QDQLayer], dict[str, str]]:
+def qdq_module(
+    qmodel: nn.Module, int32_biases: bool = True
+) -> tuple[nn.Module, dict[str, _QDQLayer], dict[str, str]]:
     """A copy of ``qmodel`` with every quantized layer in QDQ form; also the kept-float list.
+
+    With ``int32_biases`` (the exported form), a layer with an 8-bit input grid and integer
+    weights has its bias rounded onto the int32 accumulator grid (:func:`int32_bias`), as the
+    integer kernels that run it need; without, the biases stay the simulation's.
 
     When the model traces with ``torch.fx``, each layer output that every consumer quantizes
     on the same grid (see :mod:`compactnn.lowering.plan`) gets that Q/DQ pair right after it:
     the same numbers (quantizing twice on one grid is idempotent), and it lets ONNX Runtime
     fuse ``DQ -> Conv -> Q`` into its integer kernels.
     """
+    blocks = [n for n, m in qmodel.named_modules() if isinstance(m, BinaryBlock)]
+    if blocks:
+        raise CompactnnError(
+            f"ONNX export: binary blocks ({name_list(blocks, 3)}) have no ONNX form (sign "
+            "activations and +-1 weights need compactnn's own kernels): deploy the model with "
+            "compactnn.deploy(model, example=..., backend='onednn') (int8 or popcount kernels) "
+            "and ship it with compactnn.deployment.save_deployed."
+        )
     model = copy.deepcopy(qmodel).eval()
     try:
         gm = trace(model)
@@ -132,9 +194,14 @@ def qdq_module(qmodel: nn.Module) -> tuple[nn.Module, dict[str, _QDQLayer], dict
             continue
         if not isinstance(m, (QuantConv2d, QuantConv1d, QuantLinear)):
             raise CompactnnError(f"ONNX export: unknown quantized layer {name!r}.")
-        q = _QDQLayer(m)
+        q = _QDQLayer(m, int32_biases)
         if not q.per_channel:
-            kept[name] = "per-group weights: stored dequantized (float) in ONNX"
+            kept[name] = (
+                "per-group weights: stored dequantized (float) in ONNX"
+                if m.weight_spec.granularity == "group"
+                else "codebook weights (ternary / powers of two, no single integer grid): "
+                "stored dequantized (float) in ONNX"
+            )
         layers[name] = q
     for name, m in list(root.named_modules()):
         if is_residual_quantizer(m) and not any(name.startswith(n + ".") for n in layers):
@@ -197,6 +264,7 @@ def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str
         )  # fmt: skip
     proto = onnx.load_from_string(buf.getvalue())
     _store_codes(proto, model, layers)
+    _store_bias_codes(proto, model, layers)
     _quantize_before_moves(proto)
     return proto.SerializeToString(), kept
 
@@ -252,7 +320,8 @@ def _quantize_before_moves(proto: onnx.ModelProto) -> None:
 
 
 def fold_float_outputs(data: bytes) -> bytes:
-    """The model ``data`` with the weights of float-output linears stored dequantized.
+    """The model ``data`` with the weights (and int32 biases) of float-output linears stored
+    dequantized.
 
     ONNX Runtime fuses ``DQ -> Gemm`` into an integer kernel only when a ``QuantizeLinear``
     follows; a classifier head that returns float logits stays a float ``Gemm`` that
@@ -263,34 +332,40 @@ def fold_float_outputs(data: bytes) -> bytes:
     proto = onnx.load_from_string(data)
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list] = {}
     for n in graph.node:
         for name in n.input:
             readers.setdefault(name, []).append(n)
-    for dq in list(graph.node):
-        if dq.op_type != "DequantizeLinear" or not all(i in inits for i in dq.input):
+    for node in list(graph.node):
+        if node.op_type not in ("Gemm", "MatMul"):
             continue
-        users = readers.get(dq.output[0], [])
-        if len(users) != 1 or users[0].op_type not in ("Gemm", "MatMul"):
-            continue
-        if any(u.op_type == "QuantizeLinear" for u in readers.get(users[0].output[0], [])):
+        if any(u.op_type == "QuantizeLinear" for u in readers.get(node.output[0], [])):
             continue  # ONNX Runtime fuses this one into QGemm
-        codes, scale, zero = (numpy_helper.to_array(inits[i]) for i in dq.input)
-        if codes.ndim < 2:
-            continue
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        shape = [1] * codes.ndim
-        if scale.ndim == 1:
-            shape[axis] = -1
-        weight = (codes.astype(np.int32) - zero.astype(np.int32).reshape(shape)).astype(
-            np.float32
-        ) * scale.astype(np.float32).reshape(shape)
-        graph.initializer.append(numpy_helper.from_array(weight, dq.output[0]))
-        graph.node.remove(dq)
-        for name in dq.input:
-            if not any(name in n.input for n in graph.node):
-                graph.initializer.remove(inits[name])
+        for k, name in list(enumerate(node.input))[1:]:
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or len(readers[name]) != 1:
+                continue
+            if not all(i in inits for i in dq.input) or (k == 1 and len(dq.input) < 3):
+                continue
+            graph.initializer.append(numpy_helper.from_array(_dequantized(dq, inits), name))
+            graph.node.remove(dq)
+            for used in dq.input:
+                if not any(used in n.input for n in graph.node):
+                    graph.initializer.remove(inits[used])
     return proto.SerializeToString()
+
+
+def _dequantized(dq: Any, inits: dict) -> np.ndarray:
+    """What ``DequantizeLinear`` ``dq`` computes from its initializers, in float32."""
+    codes, scale = (numpy_helper.to_array(inits[i]) for i in dq.input[:2])
+    zero = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 else np.zeros(())
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if codes.ndim > 1 else 0
+    shape = [1] * codes.ndim
+    if scale.ndim == 1:
+        shape[axis] = -1
+    centred = codes.astype(np.int64) - zero.astype(np.int64).reshape(shape if zero.ndim else ())
+    return centred.astype(np.float32) * scale.astype(np.float32).reshape(shape)
 
 
 def _store_codes(proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QDQLayer]) -> None:
@@ -314,6 +389,68 @@ def _store_codes(proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QD
         proto.graph.node.remove(node)
         if not any(node.input[0] in n.input for n in proto.graph.node):
             proto.graph.initializer.remove(inits[node.input[0]])  # the float copy is unused
+
+
+def _store_bias_codes(
+    proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QDQLayer]
+) -> None:
+    """Replace the int32-grid float bias of each layer whose output is quantized again (the
+    ones ONNX Runtime fuses into ``QLinearConv`` / ``QGemm``) by ``DequantizeLinear(int32
+    codes, scale)``: the same float32 values, stored as the integer kernels take them. A
+    layer with a float output keeps the values as a float bias (ONNX Runtime runs it in
+    float; a float head stays a float ``Gemm``)."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    params = {id(p): n for n, p in model.named_parameters()}
+    readers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for layer in layers.values():
+        name = params.get(id(layer.bias)) if layer.bias_codes is not None else None
+        if name not in inits or not any(_requantized(readers, n) for n in readers.get(name, [])):
+            continue  # renamed or folded by the exporter, or float output: same float values
+        codes = numpy_helper.from_array(layer.bias_codes.numpy(), name + "_int32")
+        scale = numpy_helper.from_array(layer.bias_scale.numpy(), name + "_scale")
+        proto.graph.initializer.extend([codes, scale])
+        proto.graph.initializer.remove(inits[name])
+        dq = onnx.helper.make_node(
+            "DequantizeLinear", [codes.name, scale.name], [name], name=name + "_dq", axis=0
+        )
+        proto.graph.node.insert(0, dq)  # its inputs are initializers: first is topological
+
+
+def _requantized(readers: dict[str, list], node: Any) -> bool:
+    """Whether ``node``'s output (after one ``Relu`` / ``Clip``, if that is its only reader)
+    is read by ``QuantizeLinear`` nodes only."""
+    after = readers.get(node.output[0], [])
+    if len(after) == 1 and after[0].op_type in ("Relu", "Clip"):
+        after = readers.get(after[0].output[0], [])
+    return bool(after) and all(n.op_type == "QuantizeLinear" for n in after)
+
+
+def verify_qdq(
+    qmodel: nn.Module, run: Callable[..., Any], example: Any, what: str, tolerance: float
+) -> Verification:
+    """Check ``run`` (an ONNX Runtime session of :func:`to_onnx_bytes`) against ``qmodel``.
+
+    Two checks, each within ``tolerance`` output steps: the QDQ form with the simulation's
+    float biases against ``qmodel`` (the export reproduces the simulation), then ``run``
+    against the QDQ form with int32 biases (the runtime reproduces the file). How far the
+    int32 biases move the output from the simulation is measured and recorded
+    (``bias_rounding_steps``), not refused: integer kernels need them, and a network that
+    amplifies one-code flips (binary, ternary, 4-bit) moves by several steps while its
+    accuracy stays (compactnn eval measures the delivered model). Returns the first failed
+    check (with :func:`~compactnn.lowering.verify.explained`), else the second; raises
+    nothing (see :func:`~compactnn.lowering.verify.enforce`).
+    """
+    float_bias = qdq_module(qmodel, int32_biases=False)[0]
+    form = compare(qmodel.eval(), float_bias, example, f"{what} (QDQ form)", tolerance)
+    if not form.passed:
+        return explained(form, qmodel, example)
+    exact = qdq_module(qmodel)[0]
+    result = explained(compare(exact, run, example, what, tolerance), exact, example)
+    moved = compare(qmodel, exact, example, "int32 biases", float("inf")).max_diff_steps
+    return replace(result, bias_rounding_steps=moved)
 
 
 def ort_session(qmodel: nn.Module, example: Any) -> tuple[Callable[..., Any], dict[str, str]]:
@@ -353,8 +490,7 @@ def export_onnx(
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
     check_file_path(path, "path", force=force, suggest="model.onnx")  # before the export
     data, _ = to_onnx_bytes(qmodel, example)
-    result = compare(qmodel.eval(), ort_callable(data), example, "onnx export", tolerance)
-    enforce(explained(result, qmodel, example))  # says whether the network amplifies flips
+    result = enforce(verify_qdq(qmodel, ort_callable(data), example, "onnx export", tolerance))
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:

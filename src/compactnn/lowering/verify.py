@@ -86,6 +86,8 @@ class Verification:
     layers: tuple[LayerGap, ...] = ()  # set on failure: the worst layers, worst first
     first_past_tolerance: str = ""  # earliest layer in the forward pass beyond ``tolerance``
     sensitivity: float | None = None  # set on failure: :func:`sensitivity` of the reference
+    # ONNX paths: steps the int32 biases of the file move the output from the simulation
+    bias_rounding_steps: float | None = None
 
     @property
     def amplified(self) -> bool:
@@ -119,6 +121,11 @@ class Verification:
             where += (
                 f"; the simulated model itself moves {self.sensitivity:.3g} steps when its "
                 f"input is scaled by 1 + {NUDGE:g}"
+            )
+        if self.bias_rounding_steps is not None:
+            where += (
+                f"; its int32 biases (as integer kernels add them) move the output "
+                f"{self.bias_rounding_steps:.3g} steps from the simulation"
             )
         return (
             f"{self.what}: max difference {self.max_diff_steps:.3g} steps of the output scale "
@@ -351,4 +358,9 @@ def _above(steps: float) -> float:
 def _offenders(result: Verification) -> str:
     if result.first_past_tolerance:
         return f"likely {result.first_past_tolerance!r}, the first layer past the tolerance"
-    return "not localised: see the worst layers above" if result.layers else "not localised"
+    if result.layers:
+        return "not localised: see the worst layers above"
+    return (
+        "not localised: an ONNX Runtime session runs as one graph; deploy the model with "
+        "backend='onednn' to see each layer's gap"
+    )
