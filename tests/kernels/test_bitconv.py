@@ -231,3 +231,69 @@ def test_a_lock_held_too_long_falls_back_naming_the_file(fake_build, monkeypatch
             bitconv.load_extension()  # the failure is kept: no second wait
     assert calls == [] and ours.exists()
     assert "let it finish" in str(caught[0].message)
+
+
+def test_a_complete_build_is_imported_without_ninja_whatever_the_environment(
+    fake_build, monkeypatch
+):
+    # processes that differ in PATH (which ninja: 1.11 and 1.13 each saw the other's log as
+    # "command changed" and recompiled every file), CI, OMP_NUM_THREADS or MAX_JOBS share
+    # one build: only the first goes through torch's load(); later ones import the module
+    import torch.utils.cpp_extension as cpp
+
+    lock, _ = fake_build
+    name = bitconv._ext_name()
+    so = lock.parent / f"{name}.so"
+    builds, imports = [], []
+
+    def build(**kw):
+        builds.append(kw["build_directory"])
+        so.write_bytes(b"module v1")
+        return "built"
+
+    monkeypatch.setattr(cpp, "load", build)
+    monkeypatch.setattr(
+        bitconv, "_import_built", lambda n, p: imports.append((n, p)) or "imp", raising=False
+    )
+    assert bitconv.load_extension() == "built"
+    assert builds == [str(lock.parent)]
+    envs = [{"CI": "true"}, {"OMP_NUM_THREADS": "1"}, {"MAX_JOBS": "1"}, {"PATH": "/usr/bin"}]
+    for env in envs:
+        monkeypatch.setattr(bitconv, "_EXT", None)  # as in a new process
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            assert bitconv._ext_name() == name
+            assert bitconv.load_extension() == "imp"
+    assert len(builds) == 1 and imports == [(name, so)] * len(envs)
+    so.write_bytes(b"modu")  # changed since the stamp (half-written, relinked): not trusted
+    monkeypatch.setattr(bitconv, "_EXT", None)
+    assert bitconv.load_extension() == "built" and len(builds) == 2
+    monkeypatch.setattr(bitconv, "_EXT", None)
+    assert bitconv.load_extension() == "imp" and len(imports) == len(envs) + 1
+
+
+def test_the_build_folder_follows_what_changes_the_binary(monkeypatch):
+    name = bitconv._ext_name()
+    monkeypatch.setenv("CXX", "clang++-99")
+    assert bitconv._ext_name() != name
+    monkeypatch.undo()
+    monkeypatch.setattr(bitconv, "CFLAGS", (*bitconv.CFLAGS, "-g"))
+    assert bitconv._ext_name() != name
+    monkeypatch.undo()
+    monkeypatch.setattr(bitconv.torch, "__version__", "0.0.1")
+    assert bitconv._ext_name() != name
+    monkeypatch.undo()
+    assert bitconv._ext_name() == name
+
+
+def test_a_build_runs_this_environments_ninja(fake_build, monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    import torch.utils.cpp_extension as cpp
+
+    seen = []
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a shell without the venv: system ninja
+    monkeypatch.setattr(cpp, "load", lambda **kw: seen.append(os.environ["PATH"]) or "ext")
+    assert bitconv.load_extension() == "ext"
+    assert seen[0].split(os.pathsep)[0] == str(ninja.BIN_DIR)
+    assert os.environ["PATH"] == "/usr/bin:/bin"

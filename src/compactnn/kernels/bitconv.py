@@ -11,10 +11,18 @@ convolution of the ``+-1`` tensors exactly.
 
 The extension is compiled on first use (g++ and ninja, a few minutes, with ``MAX_JOBS``
 compilers: the CPU count unless set) into ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/compactnn/torch_extensions``, once per source and flag set; the build says so on
-the ``compactnn`` logger first. Without a compiler :func:`available` is False and
-:func:`load_extension` raises a :class:`~compactnn.errors.CompactnnError`; callers fall back
-to the int8 kernels.
+``~/.cache/compactnn/torch_extensions``, once per build identity (:func:`build_identity`:
+sources, flags, compiler, torch, Python, CPU), which names the folder; the build says so on
+the ``compactnn`` logger first. A successful build leaves ``compactnn.built`` (the module's
+size and SHA-256); a later process that finds it matching imports the module directly,
+without torch's ``load()`` and ninja. Going through ninja on every load rebuilt everything
+whenever processes on one machine found different ``ninja`` binaries on their ``PATH`` (the
+venv's pip ninja 1.13 and the system's 1.11): they hash commands differently and 1.13
+discards an older log, so each saw every command as changed. A build that is needed runs this
+Python environment's ``ninja`` package first on ``PATH``, so it resumes incrementally.
+
+Without a compiler :func:`available` is False and :func:`load_extension` raises a
+:class:`~compactnn.errors.CompactnnError`; callers fall back to the int8 kernels.
 
 Concurrent processes take turns: each holds an OS ``flock`` on the build folder's
 ``compactnn.lock`` around torch's whole build-and-import, waiting up to ``LOCK_WAIT_S`` for
@@ -26,8 +34,8 @@ this torch holds it as a ``flock`` too (``filelock``), keeps the file after a cl
 ignores it when unheld. Only a torch whose build lock is a ``FileBaton`` (an ``O_EXCL`` file
 whose mere existence blocks every later load) needs a leftover one removed; that is done
 with a notice while this process holds ``compactnn.lock``, when no compactnn build can be
-alive in the folder (every compactnn build holds it, and the folder, named by the sources'
-hash, is compactnn's alone).
+alive in the folder (every compactnn build holds it, and the folder, named by the build
+identity's hash, is compactnn's alone).
 """
 
 from __future__ import annotations
@@ -35,9 +43,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
+import json
 import logging
 import os
+import platform
 import shutil
+import sys
+import sysconfig
 import time
 import warnings
 from pathlib import Path
@@ -71,11 +84,13 @@ SOURCES = tuple(
 # part of the build's identity, like the sources
 HEADERS = (SOURCE.with_name("termconv.h"), SOURCE.with_name("dwconv.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
+LDFLAGS = ("-fopenmp",)
 OUT_BLOCK = 16  # output channels per kernel block (the packed weight's padding)
 
 LOCK_WAIT_S = 15 * 60.0  # how long to wait for another process's build (a first build on
 # two shared cores took over 5 minutes, measured)
 BUILD_LOCK = "compactnn.lock"  # our flock around torch's build and import, never deleted
+BUILT_STAMP = "compactnn.built"  # written after a successful build: the module's digest
 
 _EXT = None
 _ERROR: str | None = None
@@ -89,11 +104,43 @@ def build_directory() -> Path:
     return base
 
 
+def _cpu_features() -> str:
+    """What ``-march=native`` compiles for: the first ``flags`` line of ``/proc/cpuinfo``
+    (a cache shared by machines with different CPUs gets one build per CPU)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.partition(":")[2].strip()
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def build_identity() -> dict[str, str]:
+    """Everything the compiled module depends on; its hash names the build folder.
+
+    Only what changes the binary is in it: process settings such as ``PATH`` (which
+    ``ninja``), ``MAX_JOBS``, ``OMP_NUM_THREADS`` or ``CI`` are not, so processes that
+    differ only in those share one build.
+    """
+    sources = hashlib.sha256()
+    for p in SOURCES + HEADERS:
+        sources.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    abi = getattr(sys, "abiflags", "")
+    return {
+        "sources": sources.hexdigest(),
+        "cflags": " ".join(CFLAGS),
+        "ldflags": " ".join(LDFLAGS),
+        "cxx": os.environ.get("CXX", "c++"),
+        "torch": f"{torch.__version__} {Path(torch.__file__).parent}",
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}{abi} "
+        f"{sysconfig.get_path('include', scheme='posix_prefix')}",
+        "cpu": _cpu_features(),
+    }
+
+
 def _ext_name() -> str:
-    digest = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode()
-    ).hexdigest()[:12]
-    return f"compactnn_bitconv_{digest}"
+    identity = json.dumps(build_identity(), sort_keys=True).encode()
+    return f"compactnn_bitconv_{hashlib.sha256(identity).hexdigest()[:12]}"
 
 
 def load_extension():
@@ -118,8 +165,6 @@ def load_extension():
             "or deploy binary layers with kernel='int8'."
         )
         raise CompactnnError(_ERROR)
-    from torch.utils.cpp_extension import load
-
     name = _ext_name()
     build = build_directory() / name
     build.mkdir(parents=True, exist_ok=True)
@@ -141,19 +186,7 @@ def load_extension():
         raise CompactnnError(_ERROR)
     try:
         _remove_leftover_baton(build / "lock")
-        if not (build / f"{name}.so").exists():
-            _log.warning(
-                "compiling compactnn's CPU kernels once (about 2-3 minutes) into %s", build
-            )
-        with _max_jobs():
-            _EXT = load(
-                name=name,
-                sources=[str(p) for p in SOURCES],
-                extra_cflags=list(CFLAGS),
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build),
-                verbose=False,
-            )
+        _EXT = _load_or_build(name, build)
     except Exception as exc:  # compiler errors, missing ninja, ...
         _ERROR = (
             f"building the bit-packed binary convolution failed ({type(exc).__name__}: "
@@ -164,6 +197,64 @@ def load_extension():
     finally:
         os.close(fd)  # releases the flock
     return _EXT
+
+
+def _load_or_build(name: str, build: Path):
+    """Under ``compactnn.lock``: the module from a complete build in ``build`` (its stamp
+    matches the file), imported without ninja; else torch's ``load()`` builds (or finishes
+    building) it and the stamp is written."""
+    so = build / f"{name}.so"
+    if _stamp_matches(build / BUILT_STAMP, so):
+        return _import_built(name, so)
+    if not so.exists():
+        _log.warning("compiling compactnn's CPU kernels once (about 2-3 minutes) into %s", build)
+    from torch.utils.cpp_extension import load
+
+    with _max_jobs(), _pinned_ninja():
+        ext = load(
+            name=name,
+            sources=[str(p) for p in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(build),
+            verbose=False,
+        )
+    if so.exists():
+        _write_stamp(build / BUILT_STAMP, so)
+    return ext
+
+
+def _module_digest(so: Path) -> dict[str, object]:
+    data = so.read_bytes()
+    return {"module": so.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _stamp_matches(stamp: Path, so: Path) -> bool:
+    """Whether ``stamp`` records exactly the module ``so`` now holds (a half-written,
+    relinked or missing module, or no stamp: False)."""
+    try:
+        recorded = json.loads(stamp.read_text())
+        return {k: recorded.get(k) for k in ("module", "size", "sha256")} == _module_digest(so)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_stamp(stamp: Path, so: Path) -> None:
+    """Record the built module (with the build identity, for people), atomically."""
+    record = {**_module_digest(so), "identity": build_identity()}
+    tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, stamp)
+
+
+def _import_built(name: str, so: Path):
+    """Import the compiled module ``name`` from ``so`` (what torch's ``load()`` does last)."""
+    spec = importlib.util.spec_from_file_location(name, so)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {so}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _take_build_lock(lock: Path, built: Path) -> int | None:
@@ -214,6 +305,31 @@ def _remove_leftover_baton(lock: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         lock.unlink()
         _log.warning("removed %s, left by an interrupted build of compactnn's kernels", lock)
+
+
+@contextlib.contextmanager
+def _pinned_ninja():
+    """This Python environment's ``ninja`` (the pip package torch installs) first on
+    ``PATH`` while building, whatever the caller's ``PATH``: ninja versions keep
+    incompatible logs, and a build finished by another version recompiles every file."""
+    try:
+        import ninja
+
+        bin_dir = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        bin_dir = ""
+    if not bin_dir or not os.access(os.path.join(bin_dir, "ninja"), os.X_OK):
+        yield
+        return
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = bin_dir + (os.pathsep + old if old else "")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 @contextlib.contextmanager
