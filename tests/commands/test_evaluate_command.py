@@ -153,6 +153,33 @@ def test_numeric_options_are_checked_before_any_work(option, project, capsys, mo
     assert f"argument {option[0]}: {option[1]!r} is not a whole number of 1 or more" in err
 
 
+@pytest.mark.parametrize(
+    "labels, said",
+    [
+        (torch.full((64,), 42), "labels range over [42, 42] but the model has 3 outputs"),
+        (torch.zeros(64), "labels must be a 1-D integer tensor of class indices"),
+    ],
+)
+def test_bad_labels_are_reported_before_any_deployment_or_timing(
+    labels, said, project, capsys, monkeypatch
+):
+    from compactnn.commands import evaluate as command
+    from compactnn.report import delivery
+
+    def slow(*args, **kwargs):
+        pytest.fail("deployment or timing started before the labels were checked")
+
+    monkeypatch.setattr(compactnn, "load", slow)  # rebuilds a deployed artifact
+    for name in ("deliver", "deliver_float"):
+        monkeypatch.setattr(delivery, name, slow)
+    monkeypatch.setattr(command, "fastest_float_path", slow)
+    save_file({"x": project["x"], "y": labels}, "badlabels.safetensors")
+    assert _eval("--data", "badlabels.safetensors") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data badlabels.safetensors: ") and said in err
+    assert len(err.splitlines()) == 1
+
+
 def test_wrong_shape_data_is_one_error_line(project, capsys):
     np.save("wrongshape.npy", np.zeros((4, 3, 5, 5), dtype=np.float32))
     assert _eval("--data", "wrongshape.npy") == 2

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from compactnn.errors import CompactnnError
-from compactnn.training.data import as_eval_data, as_train_data, labelled_keys, split_note
+from compactnn.training.data import (
+    as_eval_data,
+    as_train_data,
+    float_dtype,
+    labelled_keys,
+    split_note,
+)
 
 
 def _both() -> dict[str, torch.Tensor]:
@@ -57,3 +63,19 @@ def test_a_mapping_without_a_labelled_pair_names_the_keys_it_needs():
 def test_empty_training_data_is_refused_in_one_line():
     with pytest.raises(CompactnnError, match="training data is empty"):
         as_train_data((torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
+
+
+def test_floating_inputs_are_cast_to_the_dtype_given_and_integer_ones_kept():
+    half = torch.tensor([[0.5, 1.5]], dtype=torch.float16)
+    ids, y = torch.tensor([[3, 4]]), torch.tensor([1])
+    dtype = float_dtype(torch.nn.Linear(2, 2))
+    assert dtype == torch.float32
+    x = as_train_data((half, y), dtype=dtype).x
+    assert x.dtype == torch.float32 and x.tolist() == [[0.5, 1.5]]
+    assert as_train_data((ids, y), dtype=dtype).x.dtype == torch.int64
+    assert as_train_data((half, y)).x.dtype == torch.float16  # no dtype: as given
+    loader = as_train_data([(half.double(), y)], dtype=dtype)
+    ((bx, by),) = loader.batches(4, epoch=0, seed=0)
+    assert bx.dtype == torch.float32 and bx.tolist() == [[0.5, 1.5]] and by.tolist() == [1]
+    assert loader.calibration()[0].dtype == torch.float32
+    assert as_eval_data((half, y), dtype=dtype)[0].dtype == torch.float32

@@ -231,6 +231,33 @@ def test_training_data_of_the_wrong_shape_names_it_and_the_expected_input():
         compactnn.train(mlp, "w4a4-lsq", (wrong, torch.arange(8) % 4), epochs=1, progress=False)
 
 
+def test_float16_and_float64_inputs_train_as_their_float32_values(tiny):
+    model, (x, y), (xt, yt) = tiny
+    x16, xt16 = x.half(), xt.half()  # the float32 run gets exactly these values
+    kw = dict(epochs=1, seed=1, progress=False)
+    ref = compactnn.train(model, "w4a4-lsq", (x16.float(), y), eval_data=(xt16.float(), yt), **kw)
+    half = compactnn.train(model, "w4a4-lsq", (x16, y), eval_data=(xt16, yt), **kw)
+    batches = [(a.double(), b) for a, b in zip(x16.float().split(64), y.split(64), strict=True)]
+    ref_batches = [(a.float(), b) for a, b in batches]
+    loader = compactnn.train(model, "w4a4-lsq", batches, **kw)  # float64 batches, as given
+    ref_loader = compactnn.train(model, "w4a4-lsq", ref_batches, **kw)
+    hist = lambda q: compactnn.info_of(q)["extra"]["training"]  # noqa: E731
+    assert hist(half)["eval_top1"] == hist(ref)["eval_top1"] and hist(ref)["eval_top1"]
+    for k, v in _state(ref).items():
+        assert torch.equal(v, _state(half)[k]), k
+    for k, v in _state(ref_loader).items():
+        assert torch.equal(v, _state(loader)[k]), k
+
+
+def test_integer_training_inputs_are_named_by_dtype_not_shape(tiny):
+    model, (x, y), _ = tiny
+    with pytest.raises(CompactnnError) as info:
+        compactnn.train(model, "w4a4-lsq", (x.long(), y), epochs=1, progress=False)
+    text = str(info.value)
+    assert "integer (not cast) inputs of dtype torch.int64" in text and "(64, 1, 8, 8)" in text
+    assert "parameters are torch.float32" in text and "of that shape" not in text
+
+
 def test_a_model_left_in_train_mode_is_never_changed_and_its_statistics_are_kept(tiny):
     model, data, _ = tiny
     left_training = copy.deepcopy(model).train()  # as after the user's own training loop

@@ -33,6 +33,7 @@ from compactnn.core.calib import (
     call_model,
     describe,
     expected_input_hint,
+    main_output,
 )
 from compactnn.deployment.api import DeployedModel
 from compactnn.errors import CompactnnError, first_line
@@ -53,6 +54,7 @@ from compactnn.measure.float_paths import EAGER, fastest_float_path
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
 from compactnn.quant.textcalib import check_token_ids
+from compactnn.training.data import check_labels
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -100,11 +102,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def check_inputs(loaded: LoadedModel, batch: Any, option: str = "--data") -> None:
-    """Run the float model on one batch; a failure becomes one line naming both shapes."""
+def check_inputs(loaded: LoadedModel, batch: Any, option: str = "--data") -> Any:
+    """Run the float model on one batch and return its output; a failure becomes one line
+    naming both shapes."""
     try:
         with torch.no_grad():
-            call_model(loaded.model.eval(), batch)
+            return call_model(loaded.model.eval(), batch)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         first = first_line(exc)
         example = loaded.example
@@ -127,14 +130,26 @@ def inputs_of(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, torch
     inputs, labels = split_labels(resolve_data(args.data, loaded))
     check_token_ids(loaded.model, inputs, f"--data {args.data}")  # before a run names neither
     batches = as_batches(inputs)
-    if batches:
-        check_inputs(loaded, batches[0])
+    out = check_inputs(loaded, batches[0]) if batches else None
     if labels is not None and labels.shape[:1] != batch_rows(inputs):
         raise CompactnnError(
             f"--data holds {batch_rows(inputs)[0]} inputs but {labels.shape[0]} labels (y); "
             "they must match."
         )
+    if labels is not None and out is not None:  # before any deployment or timing
+        check_top1_labels(main_output(out), labels, f"--data {args.data}")
     return inputs, labels
+
+
+def check_top1_labels(logits: torch.Tensor, labels: torch.Tensor, where: str) -> None:
+    """The float model's output on the first batch must be (N, classes) logits, and every
+    label a class index below ``classes``: what top-1 scoring needs."""
+    if logits.dim() != 2:
+        raise CompactnnError(
+            f"{where}: top-1 scoring needs logits of shape (N, classes) but the model outputs "
+            f"shape {tuple(logits.shape)}; pass --data without labels (y) to compare outputs."
+        )
+    check_labels(labels, int(logits.shape[1]), where=where)
 
 
 def batch_rows(inputs: Any) -> tuple[int, ...]:
@@ -153,11 +168,12 @@ def _compressed(args: argparse.Namespace):
         loaded = skeleton_for(
             header, args.model, weights=args.weights, trust_pickle=args.trust_pickle
         )
+        data = inputs_of(args, loaded)  # checked before a deployed artifact is rebuilt
         qmodel = compactnn.load(args.target, model=loaded.model)
         if isinstance(qmodel, DeployedModel):  # `deploy --save`: re-deployed and verified here
             args.deployed, qmodel = qmodel, qmodel.source
         args.stored_bits = stored_bits(args.target)
-        return loaded, qmodel, artifact_bytes(args.target), inputs_of(args, loaded)
+        return loaded, qmodel, artifact_bytes(args.target), data
     if Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
         raise CompactnnError(
             f"{args.target!r} holds neither a compactnn artifact nor a Hugging Face model."

@@ -4,18 +4,23 @@ Accepted forms: a pair ``(inputs, labels)`` of tensors (shuffled each epoch by a
 generator, so a resumed run sees the same batches), a dict with ``x_train``/``y_train`` (or
 ``x``/``y``) tensors, an object with ``x_train``/``y_train`` attributes (the
 embedded data sets), or an iterable of ``(inputs, labels)`` batches such as a
-``DataLoader`` (iterated as given).
+``DataLoader`` (iterated as given). Floating-point inputs are cast to the model's
+floating-point parameter dtype (e.g. float16 or numpy's float64 into a float32 model);
+integer inputs stay as they are.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from compactnn.errors import CompactnnError
+from compactnn.core.calib import describe, expected_input_hint
+from compactnn.errors import CompactnnError, first_line
 
 # Where a mapping keeps its inputs and labels, in the order they are looked for: training
 # reads a training split first, evaluation a held-out one, so a file holding both
@@ -62,18 +67,22 @@ def split_note(keys: Iterable[str], used: tuple[str, str], what: str = "the data
 
 @dataclass
 class TrainData:
-    """Labelled training data: tensors ``x``/``y`` or an iterable of ``(x, y)`` batches."""
+    """Labelled training data: tensors ``x``/``y`` or an iterable of ``(x, y)`` batches.
+    ``dtype``: the floating-point dtype a loader's floating-point inputs are cast to
+    (tensor ``x`` is cast once, by :func:`as_train_data`)."""
 
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     loader: Iterable | None = None
+    dtype: torch.dtype | None = None
 
     def batches(self, batch_size: int, epoch: int, seed: int) -> Iterator[tuple]:
         """The epoch's batches; tensor data is permuted by a generator seeded from
         ``(seed, epoch)``, so any epoch can be replayed exactly."""
         if self.loader is not None:
             for i, b in enumerate(self.loader):
-                yield _as_pair(b, f"batch {i}")
+                x, y = _as_pair(b, f"batch {i}")
+                yield cast_inputs(x, self.dtype), y
             return
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(self.x.shape[0], generator=gen)
@@ -91,7 +100,7 @@ class TrainData:
         if self.loader is not None:
             out, seen = [], 0
             for b in self.loader:
-                x = _as_pair(b, "calibration batch")[0]
+                x = cast_inputs(_as_pair(b, "calibration batch")[0], self.dtype)
                 out.append(x)
                 seen += x.shape[0]
                 if seen >= n:
@@ -117,8 +126,40 @@ def _as_pair(batch: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def as_train_data(data: Any) -> TrainData:
-    """Normalise what the user passed (see the module docstring)."""
+def float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter (None when it has none).
+
+    Example:
+        >>> float_dtype(nn.Linear(2, 2).half())
+        torch.float16
+    """
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def cast_inputs(x: Any, dtype: torch.dtype | None) -> Any:
+    """``x`` in ``dtype`` when both are floating point; anything else (integer token ids,
+    no ``dtype``) as given.
+
+    Example:
+        >>> cast_inputs(torch.ones(2, dtype=torch.float16), torch.float32).dtype
+        torch.float32
+        >>> cast_inputs(torch.ones(2, dtype=torch.int64), torch.float32).dtype
+        torch.int64
+    """
+    if (
+        isinstance(x, torch.Tensor)
+        and dtype is not None
+        and dtype.is_floating_point
+        and x.is_floating_point()
+        and x.dtype != dtype
+    ):
+        return x.to(dtype)
+    return x
+
+
+def as_train_data(data: Any, dtype: torch.dtype | None = None) -> TrainData:
+    """Normalise what the user passed (see the module docstring); floating-point inputs
+    are cast to ``dtype`` (the model's: :func:`float_dtype`) when it is given."""
     if data is None:
         raise CompactnnError("train() needs labelled data: (inputs, labels) tensors or batches.")
     if isinstance(data, torch.Tensor):
@@ -139,11 +180,11 @@ def as_train_data(data: Any) -> TrainData:
             )
         if x.shape[0] == 0:
             raise CompactnnError("training data is empty: it holds 0 samples.")
-        return TrainData(x=x, y=y)
+        return TrainData(x=cast_inputs(x, dtype), y=y)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         if iter(data) is data:  # a one-shot iterator: keep its batches for every epoch
             data = list(data)
-        return TrainData(loader=data)
+        return TrainData(loader=data, dtype=dtype)
     raise CompactnnError(f"training data of type {type(data).__name__} is not supported.")
 
 
@@ -164,7 +205,10 @@ def check_labels(y: torch.Tensor, num_classes: int, where: str = "training data"
 
 
 def as_eval_data(
-    data: Any, example: torch.Tensor | None = None, what: str = "eval_data"
+    data: Any,
+    example: torch.Tensor | None = None,
+    what: str = "eval_data",
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Held-out ``(inputs, labels)`` tensors from what the user passed as ``eval_data``.
 
@@ -172,7 +216,8 @@ def as_eval_data(
     file that also holds ``x_train``/``y_train``; else ``x``/``y`` or ``inputs``/``labels``)
     tensors, or an object with ``x_test``/``y_test`` attributes (an
     embedded data set). ``example`` (a training batch) checks the inputs' per-sample shape;
-    ``what`` names the argument in error messages.
+    ``what`` names the argument in error messages; floating-point inputs are cast to
+    ``dtype`` when it is given (:func:`cast_inputs`).
 
     Example:
         >>> x, y = as_eval_data({"x": torch.zeros(3, 2), "y": torch.tensor([0, 1, 0])})
@@ -209,4 +254,46 @@ def as_eval_data(
             f"inputs have {tuple(example.shape[1:])}; pass held-out data shaped like the "
             "training data."
         )
-    return x, y
+    return cast_inputs(x, dtype), y
+
+
+def num_outputs(model: nn.Module, x: torch.Tensor) -> int:
+    """The number of classes ``model`` outputs, from a copy of it run in eval mode on two
+    samples: the input model is never run (a forward in train mode would overwrite its batch
+    norms' running statistics, and the trained copy and the teacher would start from them).
+    Inputs the model cannot run on are named by shape, or by dtype when that is the cause."""
+    probe = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            out = probe(x[:2])
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise CompactnnError(fit_error(model, x, first_line(exc))) from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise CompactnnError(
+            "train() trains classifiers: the model must return logits of shape "
+            f"(batch, classes), got {getattr(out, 'shape', type(out).__name__)}."
+        )
+    return int(out.shape[1])
+
+
+# Words of PyTorch's errors for an input whose dtype differs from the layer's weights
+_DTYPE_WORDS = ("dtype", "scalar type", "input type", "c10::")
+
+
+def fit_error(model: nn.Module, x: torch.Tensor, cause: str) -> str:
+    """Why the training inputs ``x`` do not fit ``model`` (``cause``: PyTorch's first line):
+    their dtype when the cause is a dtype mismatch, else their shape next to the input the
+    first layer expects."""
+    want = float_dtype(model)
+    if any(w in cause.lower() for w in _DTYPE_WORDS):
+        kind = "floating-point" if x.is_floating_point() else "integer (not cast)"
+        return (
+            f"the training data does not fit the model: it holds {kind} inputs of dtype "
+            f"{x.dtype} ({describe(x)}), the model's parameters are {want} ({cause}). Pass "
+            f"floating-point inputs (they are cast to {want})."
+        )
+    return (
+        f"the training data does not fit the model: it holds {describe(x)}, the model "
+        f"expects {expected_input_hint(model)} ({cause}). Pass inputs of that shape "
+        "(e.g. a data set of the image size the model was built for)."
+    )

@@ -15,17 +15,23 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from compactnn.core.calib import describe, expected_input_hint
 from compactnn.core.modules import check_target_names
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
 from compactnn.engines.binary import recalibrate_norms
 from compactnn.engines.qat import start_epoch
-from compactnn.errors import CompactnnError, first_line
+from compactnn.errors import CompactnnError
 from compactnn.recipe import Recipe, resolve_recipe
 from compactnn.training import distributed
 from compactnn.training.checkpoint import load_checkpoint, save_checkpoint
-from compactnn.training.data import TrainData, as_eval_data, as_train_data, check_labels
+from compactnn.training.data import (
+    TrainData,
+    as_eval_data,
+    as_train_data,
+    check_labels,
+    float_dtype,
+    num_outputs,
+)
 from compactnn.training.wrap import freeze, prepare_qat, qat_step
 
 _dist = distributed  # in train() its argument ``distributed`` shadows the module's name
@@ -90,29 +96,6 @@ def norm_recalibrator(cfg, data: TrainData, device: torch.device, seed: int):
         recalibrate_norms(model, (x.to(device) for x, _y in islice(batches, limit)))
 
     return recalibrate
-
-
-def _num_outputs(model: nn.Module, x: torch.Tensor) -> int:
-    """The number of classes ``model`` outputs, from a copy of it run in eval mode on two
-    samples: the input model is never run (a forward in train mode would overwrite its batch
-    norms' running statistics, and the trained copy and the teacher would start from them)."""
-    probe = copy.deepcopy(model).eval()
-    try:
-        with torch.no_grad():
-            out = probe(x[:2])
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        first = first_line(exc)
-        raise CompactnnError(
-            f"the training data does not fit the model: it holds {describe(x)}, the model "
-            f"expects {expected_input_hint(model)} ({first}). Pass inputs of that shape "
-            "(e.g. a data set of the image size the model was built for)."
-        ) from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise CompactnnError(
-            "train() trains classifiers: the model must return logits of shape "
-            f"(batch, classes), got {getattr(out, 'shape', type(out).__name__)}."
-        )
-    return int(out.shape[1])
 
 
 def _loss_fn(qat, model, teacher, weight, temperature, features, calib_x):
@@ -431,18 +414,18 @@ def train(
             "keep_best=True keeps the epoch with the best held-out top-1, and epochs=0 trains "
             "none: there is nothing to keep. Pass epochs=1 or more, or drop keep_best."
         )
-    data = as_train_data(data)
+    data = as_train_data(data, dtype=float_dtype(model))  # float inputs: the model's dtype
     env = _dist.detect(device, distributed)
     progress = progress and env.is_main
     log_path = log_path if env.is_main else None
     torch.manual_seed(seed)
     calib = data.calibration()
-    num_classes = _num_outputs(model, calib[0])
+    num_classes = num_outputs(model, calib[0])
     if data.y is not None:
         check_labels(data.y, num_classes)
     eval_xy = None
     if eval_data is not None:
-        eval_xy = as_eval_data(eval_data, calib[0])
+        eval_xy = as_eval_data(eval_data, calib[0], dtype=float_dtype(model))
         check_labels(eval_xy[1], num_classes, "eval_data")
         eval_xy = tuple(t.to(env.device) for t in eval_xy)
     qat = prepare_qat(model, recipe, calib, seed=seed, progress=progress)
