@@ -21,7 +21,6 @@ given to the model as keywords), a ``.npy`` array, or a reference data set name.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import sys
@@ -34,6 +33,8 @@ import torch
 from torch import nn
 
 from compactnn.errors import CompactnnError, first_line
+from compactnn.export.fs import hf_weights_file
+from compactnn.export.fs import sha256_file as file_sha256
 
 MODEL_FORMS = (
     "a reference model name ({refs})",
@@ -423,23 +424,6 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Floating-point data in the model's dtype (numpy saves float64); integers (token ids,
     labels) and booleans unchanged."""
     return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (recorded in artifacts as information)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hf_weights_file(path: Path) -> Path | None:
-    """The file whose digest identifies a Hugging Face directory's weights, if any."""
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return path / name
-    return None
 
 
 def skeleton_for(

@@ -197,3 +197,23 @@ def test_split_labels_reads_the_split_of_its_role(capsys):
     assert capsys.readouterr().err == ""  # one labelled split: nothing to say
     inputs = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
     assert _common.split_labels(inputs) == (inputs, None)
+
+
+@pytest.mark.parametrize("target", ["art", "float"])
+def test_bad_labels_are_reported_before_loading_deploying_or_timing(
+    target, project, capsys, monkeypatch
+):
+    def slow(*args, **kwargs):
+        pytest.fail("loading, compressing or deploying started before the labels were checked")
+
+    for name in ("load", "compress", "deploy"):
+        monkeypatch.setattr(compactnn, name, slow)
+    save_file({"x": project["x_test"], "y": project["y_test"] + 40}, "badlabels.safetensors")
+    if target == "float":
+        args = ["deploy", MODEL[1], *MODEL[2:], "--recipe", "w8a8"]
+    else:
+        args = ["deploy", "art", *MODEL]
+    code = main([*args, "--data", "badlabels.safetensors", "--runs", "2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: --data badlabels.safetensors: labels range over [40, 42]")

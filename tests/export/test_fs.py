@@ -111,3 +111,35 @@ def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def test_existing_file_message_names_the_callers_own_option(tmp_path):
+    from compactnn.export.fs import check_file_path
+
+    (tmp_path / "bc.onnx").write_text("mine")
+    with pytest.raises(CompactnnError) as info:
+        check_file_path(tmp_path / "bc.onnx", "--out", force=False)
+    assert (
+        str(info.value)
+        == f"--out {str(tmp_path / 'bc.onnx')!r} exists; pass --force to replace it."
+    )
+    with pytest.raises(CompactnnError) as info:
+        check_file_path(tmp_path / "bc.onnx", "path", force=False)
+    assert str(info.value).endswith("exists; pass force=True to replace it.")
+    assert "--force" not in str(info.value)
+
+
+def test_hf_weights_file_picks_the_file_that_identifies_the_weights(tmp_path):
+    from compactnn.export.fs import hf_weights_file, sha256_file
+
+    assert hf_weights_file(tmp_path) is None
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    assert hf_weights_file(tmp_path) == tmp_path / "pytorch_model.bin"
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    assert hf_weights_file(str(tmp_path)) == tmp_path / "model.safetensors.index.json"
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    assert hf_weights_file(tmp_path) == tmp_path / "model.safetensors"
+    # SHA-256 of b"abc" (FIPS 180-2 test vector)
+    assert sha256_file(tmp_path / "model.safetensors") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )

@@ -63,3 +63,16 @@ def test_a_seq_len_longer_than_the_model_takes_is_named():
         "config.json); pass seq_len=64 or less."
     )
     assert len(calib_from_text(byte_tokenizer, "abcdefgh" * 100, 2, 64, model=model)) == 1
+
+
+def test_token_id_checks_have_one_home_in_core_calib():
+    from compactnn.core import calib
+    from compactnn.quant import textcalib
+
+    assert textcalib.check_token_ids is calib.check_token_ids
+    for name in ("token_id_tensors", "vocab_size", "max_positions", "_runs"):
+        assert not hasattr(textcalib, name), f"textcalib still defines its own {name}"
+    model, _ = tiny_model("gpt2")  # 64 positions
+    ids = {"input_ids": torch.zeros(1, 96, dtype=torch.long)}
+    with pytest.raises(CompactnnError, match=r"windows of 64\) and save the file again\.$"):
+        textcalib.check_token_ids(model, ids, "--data ids.npy")  # the CLI's default wording

@@ -24,10 +24,10 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
+from compactnn.core.calib import check_token_ids
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
-from compactnn.quant.textcalib import check_token_ids
 from compactnn.training.data import labelled_keys
 
 

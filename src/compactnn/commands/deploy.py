@@ -15,8 +15,8 @@ from compactnn.commands._common import (
     positive_int,
     split_labels,
 )
-from compactnn.commands.evaluate import check_inputs
-from compactnn.core.calib import as_batches, batch_size_of
+from compactnn.commands.evaluate import check_inputs, check_top1_labels
+from compactnn.core.calib import as_batches, batch_size_of, main_output
 from compactnn.deployment.api import BACKENDS
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
@@ -85,30 +85,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _models(args: argparse.Namespace):
     """The float model, the compressed one, a sample batch to check and time them on, and
     the ``--data`` inputs and labels (labels None unless the data holds x and y)."""
-    if artifact_exists(args.target):
+    is_artifact = artifact_exists(args.target)
+    if is_artifact:
         loaded = skeleton_for(
             read_header(args.target),
             args.model,
             weights=args.weights,
             trust_pickle=args.trust_pickle,
         )
-        qmodel = compactnn.load(args.target, model=loaded.model)
+        # loaded (re-deployed when it is a deployed artifact) after the data checks below,
+        # so a bad --data is named before any of that work
     elif Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
         raise CompactnnError(f"{args.target!r} holds neither an artifact nor a model.")
     else:
         loaded = load_model(args.target, args)
-        qmodel = None
     data = resolve_data(args.data, loaded) if args.data else loaded.calib
     inputs, labels = split_labels(data, note=False)  # a held-out split: verify, time, score
     calib = split_labels(data, role="train", note=False)[0]
     if isinstance(data, dict) and (labelled := labelled_keys(data, "train")):
-        _say_splits(labelled, labelled_keys(data, "eval"), calibrating=qmodel is None)
+        _say_splits(labelled, labelled_keys(data, "eval"), calibrating=not is_artifact)
     batches = as_batches(inputs) if inputs is not None else as_batches(loaded.example)
     if not batches:
         raise CompactnnError("deploy needs sample inputs to verify on: pass --data.")
     if args.data:
-        check_inputs(loaded, batches[0])
-    if qmodel is None:
+        out = check_inputs(loaded, batches[0])
+        if labels is not None:  # before any deployment or timing
+            check_top1_labels(main_output(out), labels, f"--data {args.data}")
+    if is_artifact:
+        qmodel = compactnn.load(args.target, model=loaded.model)
+    else:
         qmodel = compactnn.compress(
             loaded.model, args.recipe, calib_data=calib, progress=not args.no_progress
         )

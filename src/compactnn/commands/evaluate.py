@@ -31,6 +31,7 @@ from compactnn.core.calib import (
     as_batches,
     batch_size_of,
     call_model,
+    check_token_ids,
     describe,
     expected_input_hint,
     main_output,
@@ -53,7 +54,6 @@ from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import EAGER, fastest_float_path
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
-from compactnn.quant.textcalib import check_token_ids
 from compactnn.training.data import check_labels
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -140,18 +141,42 @@ def _tokenizer(args: argparse.Namespace, source: dict[str, Any], given: Any) -> 
     return None
 
 
+def takes_segments(model: Any) -> bool:
+    """Whether ``model`` reads segment ids: its ``forward`` takes ``token_type_ids`` and its
+    config has more than one segment (``type_vocab_size > 1``, BERT's 2 for sentence pairs)."""
+    types = getattr(getattr(model, "config", None), "type_vocab_size", None)
+    if not isinstance(types, int) or types < 2:
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "token_type_ids" in params
+
+
 def _example(qmodel: Any, example: Any) -> dict[str, torch.Tensor]:
-    """The reference's example batch, or 16 seeded token ids for a Hugging Face model."""
+    """The keyword batch the ONNX graph is traced (and verified) on, holding every input the
+    model takes: the reference's example batch, or 16 seeded token ids for a Hugging Face
+    model; with ``token_type_ids`` when the model reads segment ids (:func:`takes_segments`),
+    a sentence pair's (0 for the first 8 tokens, 1 after) where no example gives them
+    (a given example without them gets zeros, the model's own default)."""
     if isinstance(example, dict):
-        return example
-    vocab = getattr(getattr(qmodel, "config", None), "vocab_size", None)
-    if not isinstance(vocab, int):
-        raise CompactnnError(
-            "--format onnx needs an example input and this artifact's model has no "
-            "vocabulary to draw token ids from; export it from Python with example=."
-        )
-    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        batch = dict(example)
+    else:
+        vocab = getattr(getattr(qmodel, "config", None), "vocab_size", None)
+        if not isinstance(vocab, int):
+            raise CompactnnError(
+                "--format onnx needs an example input and this artifact's model has no "
+                "vocabulary to draw token ids from; export it from Python with example=."
+            )
+        ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if takes_segments(qmodel):
+            batch["token_type_ids"] = (torch.arange(16) >= 8).long().unsqueeze(0)  # (1, 16)
+    ids = batch.get("input_ids")
+    if "token_type_ids" not in batch and isinstance(ids, torch.Tensor) and takes_segments(qmodel):
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    return batch
 
 
 def _cnn_onnx(artifact: str, deployed: bool = False) -> str:

@@ -39,7 +39,13 @@ from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import ActQuantizer, QuantLinear, has_integer_weight
 from compactnn.errors import CompactnnError, name_list
-from compactnn.export.fs import atomic_write, atomic_write_text, replace_folder, writable_folder
+from compactnn.export.fs import (
+    atomic_write,
+    atomic_write_text,
+    force_option,
+    replace_folder,
+    writable_folder,
+)
 
 EXTRA = "export"
 WEIGHTS_NAME = "model.safetensors"
@@ -317,8 +323,8 @@ def check_out(out: str | os.PathLike, *, force: bool = False, what: str = "out")
             )
         if not force:
             raise CompactnnError(
-                f"{what} {str(out)!r} holds a compressed-tensors export; pass force=True "
-                "(--force) to replace it."
+                f"{what} {str(out)!r} holds a compressed-tensors export; pass "
+                f"{force_option(what)} to replace it."
             )
     writable_folder(folder.absolute().parent, f"{what} {str(out)!r}")
     return folder

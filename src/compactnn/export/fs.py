@@ -20,6 +20,17 @@ def names_folder(out: str | os.PathLike) -> bool:
     return text.endswith(os.sep) or bool(os.altsep and text.endswith(os.altsep))
 
 
+def force_option(what: str) -> str:
+    """How the caller who named an output ``what`` asks to replace it: ``--force`` on the
+    command line (``what`` is an option such as ``"--out"``), else ``force=True``.
+
+    Example:
+        >>> force_option("--out"), force_option("path")
+        ('--force', 'force=True')
+    """
+    return "--force" if what.startswith("--") else "force=True"
+
+
 def check_file_path(
     path: str | os.PathLike, what: str, force: bool | None = None, suggest: str = "out.bin"
 ) -> Path:
@@ -27,7 +38,8 @@ def check_file_path(
 
     Args:
         path: the file to write later (missing parent folders are fine: they are created).
-        what: how the user named it, for the message (``"--json"``, ``"path"``).
+        what: how the user named it, for the message (``"--json"``, ``"path"``): an
+            option (``--...``) is told to pass ``--force``, a Python argument ``force=True``.
         force: None writes over an existing file; False refuses one (True replaces it).
         suggest: a file name the message offers inside a folder given by mistake.
 
@@ -46,7 +58,7 @@ def check_file_path(
         )
     if os.path.lexists(out) and force is False:
         raise CompactnnError(
-            f"{what} {str(path)!r} exists; pass force=True (--force) to replace it."
+            f"{what} {str(path)!r} exists; pass {force_option(what)} to replace it."
         )
     writable_folder(out.absolute().parent, f"{what} {str(path)!r}")
     return out
@@ -177,11 +189,23 @@ def replace_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> 
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def hf_weights_file(path: str | os.PathLike) -> Path | None:
+    """The file whose digest identifies a Hugging Face directory's weights, if any:
+    ``model.safetensors``, else the shard index ``model.safetensors.index.json``, else
+    ``pytorch_model.bin``."""
+    folder = Path(path)
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

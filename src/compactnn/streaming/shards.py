@@ -20,7 +20,7 @@ from torch import nn
 
 from compactnn._optional import require
 from compactnn.errors import CompactnnError
-from compactnn.model_io import file_sha256, hf_weights_file
+from compactnn.export.fs import hf_weights_file, sha256_file
 from compactnn.streaming.memory import trim
 
 INDEX = "model.safetensors.index.json"
@@ -73,7 +73,7 @@ class ShardSet:
         record = {"kind": "Hugging Face directory", "model": str(self.root.resolve())}
         weights = hf_weights_file(self.root)
         if weights is not None:
-            record["weights_sha256"] = file_sha256(weights)
+            record["weights_sha256"] = sha256_file(weights)
         return record
 
     def __contains__(self, name: str) -> bool:
