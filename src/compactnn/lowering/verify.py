@@ -125,7 +125,8 @@ class Verification:
         if self.bias_rounding_steps is not None:
             where += (
                 f"; its int32 biases (as integer kernels add them) move the output "
-                f"{self.bias_rounding_steps:.3g} steps from the simulation"
+                f"{self.bias_rounding_steps:.3g} steps from the simulation on these samples "
+                "(other inputs can move more; score the delivered model on held-out data)"
             )
         return (
             f"{self.what}: max difference {self.max_diff_steps:.3g} steps of the output scale "
