@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from compactnn.cli import main
@@ -236,3 +237,36 @@ def test_the_data_file_is_read_once(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     assert reads.count("split.safetensors") == 1
     assert "--data split.safetensors\n" in printed  # the eval line still names its test split
+
+
+TINY_FACTORY = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+"""
+
+
+@pytest.mark.parametrize(("recipe", "noted"), [("w4a4-lsq", True), ("w8a8", False)])
+def test_a_training_recipe_says_compress_does_not_train_it(
+    recipe, noted, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "tiny_cli_factory.py").write_text(TINY_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import tiny_cli_factory
+    from safetensors.torch import save_file
+
+    save_file(tiny_cli_factory.make().state_dict(), "w.safetensors")
+    np.save("x.npy", np.random.default_rng(0).standard_normal((16, 1, 8, 8), dtype=np.float32))
+    code, _out, err = run_cli(
+        capsys, "compress", "tiny_cli_factory:make", "--weights", "w.safetensors",
+        "-r", recipe, "--data", "x.npy", "--out", "art", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    said = f"note: {recipe} is a training-aware recipe; compress calibrates it without training"
+    assert (said in err) is noted
+    assert ("compactnn train tiny_cli_factory:make --recipe w4a4-lsq" in err) is noted

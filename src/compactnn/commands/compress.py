@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_memory is not None:
         return run_streamed(args, out, recipe)
     check_data_given(recipe, args.data, args.model)  # before loading the model
+    _note_training_recipe(recipe, args)
     loaded = load_model(args.model, args)
     if args.data == "data-free":
         given, data = None, data_free(args, loaded)
@@ -263,6 +265,20 @@ def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> 
         if labelled_keys(tensors, "eval") == ("x_test", "y_test"):
             return args.data
     return None if loaded.reference is not None else "HELD_OUT_FILE"
+
+
+def _note_training_recipe(recipe, args: argparse.Namespace) -> None:
+    """A training-aware recipe compresses here without its training (the post-training
+    form of its quantizers, calibrated): say so and name the command that trains it."""
+    from compactnn.engines.qat import QATConfig
+
+    if any(isinstance(step.config, QATConfig) for step in recipe.steps):
+        print(
+            f"note: {recipe.name} is a training-aware recipe; compress calibrates it without "
+            "training (its post-training accuracy). Train it with: compactnn train "
+            f"{args.model} --recipe {args.recipe} --data TRAIN_DATA",
+            file=sys.stderr,
+        )
 
 
 def run_streamed(args: argparse.Namespace, out: Path, recipe) -> int:
