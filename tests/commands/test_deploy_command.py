@@ -217,3 +217,23 @@ def test_bad_labels_are_reported_before_loading_deploying_or_timing(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("error: --data badlabels.safetensors: labels range over [40, 42]")
+
+
+def test_a_deployed_artifact_is_refused_in_command_line_words(project, capsys, monkeypatch):
+    assert _deploy("--data", "split.safetensors", "--save", "dep") == 0
+    capsys.readouterr()
+    for module, name in ((deploy_command, "skeleton_for"), (compactnn, "load")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("loaded before refusing"))
+    code = main(["deploy", "dep", *MODEL, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "'dep' holds a deployed model" in err and "compactnn eval dep" in err
+    assert "qmodel" not in err and "deployed.source" not in err
+
+
+def test_a_training_recipe_is_noted_as_calibrated_without_training(project, capsys):
+    args = ["deploy", MODEL[1], *MODEL[2:], "--recipe", "w4a4-lsq", "--data", "split.safetensors"]
+    assert main([*args, "--runs", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "note: w4a4-lsq is a training-aware recipe; compress calibrates it without" in err
+    assert "compactnn train deploy_cli_factory:make --recipe w4a4-lsq" in err

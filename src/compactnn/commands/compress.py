@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_memory is not None:
         return run_streamed(args, out, recipe)
     check_data_given(recipe, args.data, args.model)  # before loading the model
-    _note_training_recipe(recipe, args)
+    note_training_recipe(recipe, args.model, args.recipe)
     loaded = load_model(args.model, args)
     if args.data == "data-free":
         given, data = None, data_free(args, loaded)
@@ -267,7 +267,7 @@ def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> 
     return None if loaded.reference is not None else "HELD_OUT_FILE"
 
 
-def _note_training_recipe(recipe, args: argparse.Namespace) -> None:
+def note_training_recipe(recipe, model: str, recipe_arg: str) -> None:
     """A training-aware recipe compresses here without its training (the post-training
     form of its quantizers, calibrated): say so and name the command that trains it."""
     from compactnn.engines.qat import QATConfig
@@ -276,7 +276,7 @@ def _note_training_recipe(recipe, args: argparse.Namespace) -> None:
         print(
             f"note: {recipe.name} is a training-aware recipe; compress calibrates it without "
             "training (its post-training accuracy). Train it with: compactnn train "
-            f"{args.model} --recipe {args.recipe} --data TRAIN_DATA",
+            f"{model} --recipe {recipe_arg} --data TRAIN_DATA",
             file=sys.stderr,
         )
 

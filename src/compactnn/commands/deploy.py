@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import compactnn
@@ -15,6 +16,7 @@ from compactnn.commands._common import (
     positive_int,
     split_labels,
 )
+from compactnn.commands.compress import note_training_recipe as _note_training_recipe
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
 from compactnn.core.calib import as_batches, batch_size_of, main_output
 from compactnn.deployment.api import BACKENDS
@@ -87,8 +89,15 @@ def _models(args: argparse.Namespace):
     the ``--data`` inputs and labels (labels None unless the data holds x and y)."""
     is_artifact = artifact_exists(args.target)
     if is_artifact:
+        header = read_header(args.target)
+        if "deployment" in header.get("extra", {}):
+            raise CompactnnError(
+                f"{args.target!r} holds a deployed model (written by deploy --save): it is "
+                f"deployed already. Evaluate it with `compactnn eval {args.target} --model ...`,"
+                " or deploy the compressed artifact it came from."
+            )
         loaded = skeleton_for(
-            read_header(args.target),
+            header,
             args.model,
             weights=args.weights,
             trust_pickle=args.trust_pickle,
@@ -114,6 +123,7 @@ def _models(args: argparse.Namespace):
     if is_artifact:
         qmodel = compactnn.load(args.target, model=loaded.model)
     else:
+        _note_training_recipe(compactnn.resolve_recipe(args.recipe), args.target, args.recipe)
         qmodel = compactnn.compress(
             loaded.model, args.recipe, calib_data=calib, progress=not args.no_progress
         )
@@ -167,9 +177,11 @@ def _save(deployed, args: argparse.Namespace, onnx_existed: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     check_outputs(args)  # before the slow work
     loaded, qmodel, example, (inputs, labels) = _models(args)
-    deployed = compactnn.deploy(
-        qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
-    )
+    with warnings.catch_warnings():  # the advice is printed below, once, as a note
+        warnings.filterwarnings("ignore", message=r"deploy: .* faster than int8")
+        deployed = compactnn.deploy(
+            qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
+        )
     print(f"deployed on {deployed.backend}: {deployed.verification}")
     for name, reason in deployed.kept_float.items():
         print(f"  kept in float: {name} ({reason})")
