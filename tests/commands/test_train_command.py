@@ -221,7 +221,7 @@ def test_interrupted_train_leaves_an_earlier_runs_log_alone(tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(compactnn, "train", interrupted)
-    assert main(_train_args(tmp_path, tmp_path / "out")) == 130
+    assert main(_train_args(tmp_path, tmp_path / "out", "--force")) == 130
     assert log.read_text() == '{"epoch": 1}\n'
 
 
@@ -320,3 +320,110 @@ def test_keep_best_with_no_epoch_is_refused_before_training(tmp_path, monkeypatc
         "trains none: there is nothing to keep. Pass --epochs 1 or more, or drop --keep-best.\n"
     )
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.training.jsonl").exists()
+
+
+def _no_training(monkeypatch):
+    def train(*args, **kwargs):
+        raise AssertionError("training began")
+
+    monkeypatch.setattr(compactnn, "train", train)
+
+
+def test_a_log_that_is_an_input_or_in_out_is_refused_even_with_force(tmp_path, monkeypatch, capsys):
+    """--log naming the weights, the data, the eval data, the checkpoint or a path in --out
+    is refused before the model is loaded, --force or not: every file stays byte-identical."""
+    model, _ = _setup(tmp_path, monkeypatch)
+    art = tmp_path / "art"  # an existing artifact: --force passes check_out, not check_log
+    compactnn.save(compactnn.compress(model, "w8", progress=False), art)
+    _no_training(monkeypatch)
+    eval_file, ckpt, out = tmp_path / "eval.safetensors", tmp_path / "ck", tmp_path / "out"
+    save_file({"x": torch.zeros(4, 1, 8, 8), "y": torch.zeros(4).long()}, eval_file)
+    ckpt.mkdir()
+    (ckpt / "qat-checkpoint.pt").write_bytes(b"a checkpoint")
+    files = [tmp_path / n for n in ("w.safetensors", "data.safetensors", "eval.safetensors")]
+    files += [ckpt / "qat-checkpoint.pt", *art.iterdir()]
+    before = {f: f.read_bytes() for f in files}
+    cases = {
+        str(tmp_path / "w.safetensors"): "is the --weights file",
+        str(tmp_path / "data.safetensors"): "is the --data file",
+        str(eval_file): "is the --eval-data file",
+        str(ckpt / "qat-checkpoint.pt"): "is the --checkpoint-dir file",
+        str(tmp_path / "ck" / ".." / "w.safetensors"): "is the --weights file",
+        str(out): f"is in --out {str(out)!r}",
+        str(out / "sub" / "new.jsonl"): f"is in --out {str(out)!r}",
+    }
+    extra = ["--eval-data", str(eval_file), "--checkpoint-dir", str(ckpt), "--no-resume"]
+    for log, words in cases.items():
+        for force in ([], ["--force"]):
+            assert main(_train_args(tmp_path, out, *extra, "--log", log, *force)) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: --log {log!r} {words}"), err
+    log = str(art / "model.safetensors")
+    assert main(_train_args(tmp_path, art, "--log", log, "--force")) == 2
+    assert capsys.readouterr().err.startswith(f"error: --log {log!r} is in --out {str(art)!r}")
+    assert {f: f.read_bytes() for f in files} == before
+    assert not out.exists() and not list(tmp_path.glob("*.jsonl"))
+
+
+def test_a_symlink_or_hard_link_to_the_data_is_refused_as_a_log(tmp_path, monkeypatch, capsys):
+    _setup(tmp_path, monkeypatch)
+    _no_training(monkeypatch)
+    data = tmp_path / "data.safetensors"
+    before = data.read_bytes()
+    (tmp_path / "soft.jsonl").symlink_to(data)
+    (tmp_path / "hard.jsonl").hardlink_to(data)
+    for log in ("soft.jsonl", "hard.jsonl"):
+        args = _train_args(tmp_path, tmp_path / "out", "--log", str(tmp_path / log), "--force")
+        assert main(args) == 2
+        assert "is the --data file" in capsys.readouterr().err
+    assert data.read_bytes() == before
+
+
+def test_an_existing_log_is_refused_without_force_and_replaced_with_it(
+    tmp_path, monkeypatch, capsys
+):
+    _setup(tmp_path, monkeypatch)
+    named, default = tmp_path / "notes.jsonl", tmp_path / "out.training.jsonl"
+    for f in (named, default):
+        f.write_text('{"my": "notes"}\n')
+    with monkeypatch.context() as m:
+        _no_training(m)
+        assert main(_train_args(tmp_path, tmp_path / "out", "--log", str(named))) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"error: --log {str(named)!r} exists; pass --force to replace it, or --log FILE "
+            "naming another file.\n"
+        )
+        assert main(_train_args(tmp_path, tmp_path / "out")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: the training log {str(default)!r} (the default, beside")
+        assert "exists; pass --force to replace it" in err
+        assert named.read_text() == default.read_text() == '{"my": "notes"}\n'
+        assert not (tmp_path / "out").exists()
+    args = _train_args(tmp_path, tmp_path / "out", "--epochs", "1")
+    assert main([*args, "--log", str(named), "--force"]) == 0
+    assert [json.loads(line)["epoch"] for line in named.read_text().splitlines()] == [1]
+    assert main([*_train_args(tmp_path, tmp_path / "out", "--epochs", "1"), "--force"]) == 0
+    assert [json.loads(line)["epoch"] for line in default.read_text().splitlines()] == [1]
+
+
+def test_a_forced_failed_run_keeps_the_log_it_did_not_create(tmp_path, monkeypatch, capsys):
+    """--force replaced an earlier default log and the run failed: the file is not removed
+    (only a log this run created is); a log this run created is."""
+    from compactnn.errors import CompactnnError
+    from compactnn.training import loop
+
+    _setup(tmp_path, monkeypatch)
+
+    def failing(env, directory, r):
+        raise CompactnnError("the loss is not finite")
+
+    monkeypatch.setattr(loop, "_checkpoint", failing)
+    log = tmp_path / "out.training.jsonl"
+    log.write_text('{"my": "notes"}\n')
+    assert main(_train_args(tmp_path, tmp_path / "out", "--force")) == 2
+    assert f"training log of the failed run kept: {log}" in capsys.readouterr().err
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1]
+    log.unlink()
+    assert main(_train_args(tmp_path, tmp_path / "out", "--force")) == 2
+    assert not log.exists()

@@ -271,3 +271,18 @@ def test_t5_feed_forward_runs_on_the_w8a8_kernel():
         got, ref = logits(k, batch), logits(q, batch)
         # the kernel quantizes activations per token, the simulation on its static grid
         assert float((got - ref).norm() / ref.norm()) < 3e-2
+
+
+def test_to_kernels_names_layers_left_simulated_even_when_others_swapped():
+    """A static-activation W8A8 layer has no kernel; with another layer swapped (here a
+    weight-only one) it used to run simulated without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    calib = torch.randn(8, 64)
+    q = compactnn.compress(model, "w8a8", calib_data=calib, progress=False)
+    w4 = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
+    q[2] = w4[2]  # the head: weight-only, has a kernel
+    with pytest.warns(UserWarning, match=r"1 quantized layer\(s\) have no kernel here") as rec:
+        out = compactnn.to_kernels(q)
+    assert "(0)" in str(rec[0].message) and "'w8a8-smoothquant'" in str(rec[0].message)
+    assert out._compactnn_kernels["simulated"] == ["0"] and "2" in out._compactnn_kernels["swapped"]

@@ -283,3 +283,31 @@ def test_keep_best_with_no_epoch_is_refused(tiny):
         "keep_best=True keeps the epoch with the best held-out top-1, and epochs=0 trains "
         "none: there is nothing to keep. Pass epochs=1 or more, or drop keep_best."
     )
+
+
+def test_an_existing_log_path_is_refused_unless_force_or_a_resume_appends(
+    tiny, tmp_path, monkeypatch
+):
+    from compactnn.training import loop
+
+    model, data, _ = tiny
+    log, ckpt = tmp_path / "train.jsonl", tmp_path / "ck"
+    log.write_text("my notes\n")
+    kw = dict(epochs=2, progress=False, log_path=log)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "prepare_qat", lambda *a, **k: pytest.fail("training began"))
+        with pytest.raises(CompactnnError, match=r"log_path '.*train.jsonl' exists; pass force="):
+            compactnn.train(model, "w4a4-pact", data, **kw)
+        with pytest.raises(CompactnnError, match="exists; pass force=True"):  # no checkpoint
+            compactnn.train(model, "w4a4-pact", data, checkpoint_dir=ckpt, **kw)
+    assert log.read_text() == "my notes\n"
+    bs = compactnn.resolve_recipe("w4a4-pact").steps[0].config.batch_size
+    steps = -(-len(data[0]) // bs) + 1  # stops in epoch 2, after epoch 1's record
+    compactnn.train(
+        model, "w4a4-pact", data, checkpoint_dir=ckpt, max_steps=steps, force=True, **kw
+    )
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1]
+    compactnn.train(model, "w4a4-pact", data, checkpoint_dir=ckpt, **kw)  # resumes: appends
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
+    with pytest.raises(CompactnnError, match="exists; pass force=True"):  # a fresh run
+        compactnn.train(model, "w4a4-pact", data, checkpoint_dir=ckpt, resume=False, **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,45 @@ def check_out(out: Path, model_spec: str, force: bool) -> None:
             "its files. Choose an empty or new folder, e.g. --out out/model-compressed."
         )
     check_writable(out, force)
+
+
+def check_not_an_input(
+    out: str | os.PathLike, option: str, inputs: dict[str, str | None], suggest: str
+) -> None:
+    """Refuse, ``--force`` or not, an output file whose writing would destroy an input of the
+    same command: the very file an input names (``--weights``, ``--data``, a MODEL file), or
+    a file already inside an input folder (an artifact, a Hugging Face directory). ``inputs``
+    maps how each input was named (``"--weights"``) to its value (None: not given); a new
+    file, even one beside the inputs, is fine.
+
+    Example:
+        >>> check_not_an_input("new.json", "--json", {"--weights": None}, "eval.json")
+    """
+    target = Path(out)
+    if not target.exists():
+        return
+    for name, spec in inputs.items():
+        for path in _spec_paths(spec):
+            if path.is_dir() and target.resolve().is_relative_to(path.resolve()):
+                what = f"a file inside the {name} folder {spec!r}"
+            elif path.is_file() and os.path.samefile(target, path):
+                what = f"the {name} file"
+            else:
+                continue
+            raise CompactnnError(
+                f"{option} {str(out)!r} is {what}: writing there would destroy an input of "
+                f"this command (--force or not). Choose another file, e.g. {option} {suggest}."
+            )
+
+
+def _spec_paths(spec: str | None) -> list[Path]:
+    """The existing paths an input spec may name: itself, or the file of ``file:attr``."""
+    if not spec:
+        return []
+    candidates = [Path(spec)]
+    if ":" in spec[2:]:  # not a Windows drive letter
+        candidates.append(Path(spec.rsplit(":", 1)[0]))
+    return [p for p in candidates if p.exists()]
 
 
 def check_data_given(recipe, data: str | None, model_spec: str) -> None:

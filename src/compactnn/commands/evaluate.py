@@ -21,6 +21,7 @@ from torch import nn
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
+    check_not_an_input,
     human_bytes,
     load_model,
     positive_int,
@@ -52,6 +53,7 @@ from compactnn.measure import (
 )
 from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import EAGER, fastest_float_path
+from compactnn.measure.size import companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
 from compactnn.training.data import check_labels
@@ -97,6 +99,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs, at least (median)"
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     return p
@@ -159,10 +162,11 @@ def batch_rows(inputs: Any) -> tuple[int, ...]:
 def _compressed(args: argparse.Namespace):
     """The float model, the compressed one (or None), its artifact size, and the ``--data``
     inputs and labels. Sets ``args.stored_bits`` (bits per weight as stored, per layer and
-    ``"total"``; empty without a compressed model) and ``args.deployed`` (the model of a
+    ``"total"``; empty without a compressed model), ``args.deployed`` (the model of a
     deployed artifact, rebuilt on its recorded backend; ``qmodel`` is then its simulated
-    source)."""
-    args.stored_bits, args.deployed = {}, None
+    source) and ``args.companion_bytes`` (the verification batch a deployed artifact stores
+    beside its model: not in its size, which is the model's)."""
+    args.stored_bits, args.deployed, args.companion_bytes = {}, None, 0
     if artifact_exists(args.target):
         header = read_header(args.target)
         loaded = skeleton_for(
@@ -173,6 +177,7 @@ def _compressed(args: argparse.Namespace):
         if isinstance(qmodel, DeployedModel):  # `deploy --save`: re-deployed and verified here
             args.deployed, qmodel = qmodel, qmodel.source
         args.stored_bits = stored_bits(args.target)
+        args.companion_bytes = companion_bytes(args.target)
         return loaded, qmodel, artifact_bytes(args.target), data
     if Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
         raise CompactnnError(
@@ -260,6 +265,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         batches = as_batches(args.deployed.example)
     example = batches[0] if batches else loaded.example
     label, delivered, runtime, notes = _delivered(args, qmodel, example)
+    if args.companion_bytes:
+        notes = [
+            *notes,
+            f"size on disk is the model's: the verification batch stored beside it "
+            f"(deployment.safetensors, {human_bytes(args.companion_bytes)}) is not counted",
+        ]
     paths = None
     if example is not None:
         extra = {label: delivered} if delivered is not None else {}
@@ -293,6 +304,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "notes": notes,
         "rows": rows,
         "stored_bits": dict(args.stored_bits),
+        "verification_batch_bytes": args.companion_bytes or None,
         "float_weights": _float_weights(loaded.model, qmodel, recipe, args.stored_bits),
     }
 
@@ -341,8 +353,11 @@ def _row(args, loaded, data, batches, paths, qmodel, label, model, size, recipe,
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.json:
-        check_file_path(args.json, "--json", suggest="eval.json")  # before the slow work
+    if args.json:  # before the slow work
+        inputs = {"MODEL_OR_ARTIFACT": args.target, "--model": args.model}
+        inputs |= {"--weights": args.weights, "--data": args.data}
+        check_not_an_input(args.json, "--json", inputs, suggest="eval.json")
+        check_file_path(args.json, "--json", force=args.force, suggest="eval.json")
     result = evaluate(args)
     base = result["rows"][0]
     for note in result["notes"]:

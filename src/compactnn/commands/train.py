@@ -14,6 +14,7 @@ from typing import Any
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
+    check_not_an_input,
     check_out,
     close_progress_bars,
     human_bytes,
@@ -71,7 +72,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="artifact directory (default: out/<model>-<recipe>)")
     p.add_argument("--checkpoint-dir", help="write checkpoints here; an existing one resumes")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--force", action="store_true", help="replace an existing artifact in --out")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing artifact in --out and an existing training log",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed (same seed: same run)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
@@ -117,6 +122,51 @@ def log_path(out: Path, spec: str | None) -> Path:
     return Path(spec) if spec else out.with_name(out.name + ".training.jsonl")
 
 
+def check_log(log: Path, out: Path, args: argparse.Namespace) -> None:
+    """Refuse, before any work, a training log path that would destroy a file: always one
+    in or at --out (replaced whole by save), one that is an input (MODEL, --weights, --data,
+    --eval-data, the checkpoint) or inside MODEL's folder; and any other existing file unless
+    --force, or a --checkpoint-dir checkpoint resumes the run (it appends to its log)."""
+    if args.log:
+        name = f"--log {args.log!r}"
+    else:
+        name = f"the training log {str(log)!r} (the default, beside --out)"
+    folders = {"--out": str(out)}
+    if Path(args.model).is_dir():
+        folders["MODEL"] = args.model
+    for option, folder in folders.items():
+        if _within(log, Path(folder)):
+            raise CompactnnError(
+                f"{name} is in {option} {folder!r}, whose files it would replace: "
+                "pass --log FILE outside it."
+            )
+    inputs = {
+        "MODEL": args.model,
+        "--weights": args.weights,
+        "--data": args.data,
+        "--eval-data": args.eval_data,
+    }
+    if args.checkpoint_dir:
+        inputs["--checkpoint-dir"] = str(checkpoint_path(args.checkpoint_dir))
+    inputs = {k: None if v in DATASETS else v for k, v in inputs.items()}
+    option = "--log" if args.log else "the training log"
+    check_not_an_input(log, option, inputs, "train.jsonl")
+    resumes = args.checkpoint_dir and not args.no_resume
+    resumes = resumes and checkpoint_path(args.checkpoint_dir).is_file()
+    if log.is_dir():
+        raise CompactnnError(f"{name} is a folder: pass --log FILE naming a file.")
+    if os.path.lexists(log) and not args.force and not resumes:
+        raise CompactnnError(
+            f"{name} exists; pass --force to replace it, or --log FILE naming another file."
+        )
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def held_out_data(spec: str | None, data: Any) -> tuple | None:
     """``--eval-data`` (a file or a data set name), else the training data's test split."""
     if spec is None:
@@ -151,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         )
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before training
+    log = log_path(out, args.log)
+    check_log(log, out, args)  # an input, the artifact, an earlier file: before training
     recipe = compactnn.resolve_recipe(args.recipe)
     loaded = load_model(args.model, args)
     data = training_data(args.data, loaded)
@@ -160,7 +212,6 @@ def run(args: argparse.Namespace) -> int:
             "--keep-best picks the epoch with the best held-out top-1: pass --eval-data "
             "FILE.safetensors (x and y tensors) as well."
         )
-    log = log_path(out, args.log)
     before = _file_state(log)
     t0 = time.perf_counter()
     try:
@@ -216,6 +267,7 @@ def _train(args, loaded: LoadedModel, recipe, data, eval_data, log: Path):
         resume=not args.no_resume,
         progress=not args.no_progress,
         log_path=log,
+        force=args.force,
         keep_best=args.keep_best,
         device=args.device,
     )
@@ -233,8 +285,9 @@ def _file_state(path: Path) -> tuple[int, int, int] | None:
 
 def _tidy_log(args: argparse.Namespace, log: Path, before: Any, interrupted: bool) -> None:
     """After a run that wrote no artifact, the log it wrote: kept where a checkpoint resumes
-    it or the user named it (``--log``), and said so; else removed, so that no log of epochs
-    stands beside an artifact that does not exist (or an earlier one it does not describe)."""
+    it, the user named it (``--log``) or it replaced an earlier file (``--force``), and said
+    so; else (this run created it) removed, so that no log of epochs stands beside an
+    artifact that does not exist (or an earlier one it does not describe)."""
     if _file_state(log) in (None, before):
         return  # this run did not write it (stopped before training began)
     close_progress_bars()  # our lines start lines of their own
@@ -245,7 +298,7 @@ def _tidy_log(args: argparse.Namespace, log: Path, before: Any, interrupted: boo
             f"{args.checkpoint_dir} and appends to it)",
             file=sys.stderr,
         )
-    elif args.log:
+    elif args.log or before is not None:  # never remove a file this run did not create
         print(
             f"training log of the {run} run kept: {log} (no artifact was written)",
             file=sys.stderr,

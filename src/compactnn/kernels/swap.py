@@ -208,18 +208,33 @@ def to_kernels(
     config = KernelConfig(
         dtype=dtype, dense_min_rows=dense_min_rows, fused=fused, hold_dense=hold_dense
     )
+    static = {  # layers with a calibrated activation grid: no kernel takes them
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+        and m.input_quantizer is not None
+        and not isinstance(m.input_quantizer, DynamicActQuantizer)
+    }
     out = swap_kernels(model if inplace else copy.deepcopy(model), config)
     info = out._compactnn_kernels
-    if not info["swapped"]:
-        what = (
-            f"its {len(info['simulated'])} quantized layers have no kernel here and run "
-            f"simulated ({name_list(info['simulated'], 3)})"
-            if info["simulated"]
-            else "it has no quantized layer"
+    if info["simulated"]:
+        hint = (
+            " Layers with calibrated (static) activation grids have no kernel: a recipe with "
+            "per-token dynamic activations (e.g. 'w8a8-smoothquant') or weight-only "
+            "('w8', 'w4-g32') runs on them."
+            if static & set(info["simulated"])
+            else ""
         )
+        none = "" if info["swapped"] else "no layer runs on low-bit kernels: "
         warnings.warn(
-            f"to_kernels: no layer of this model runs on low-bit kernels: {what}; the result "
-            f"is the same model in {info['dtype']}. Compress it first, e.g. "
+            f"to_kernels: {none}{len(info['simulated'])} quantized layer(s) have no kernel "
+            f"here and run simulated ({name_list(info['simulated'], 3)}).{hint}",
+            stacklevel=2,
+        )
+    elif not info["swapped"]:
+        warnings.warn(
+            "to_kernels: no layer of this model runs on low-bit kernels: it has no quantized "
+            f"layer; the result is the same model in {info['dtype']}. Compress it first, e.g. "
             "compactnn.compress(model, 'w4-g32-gptq', calib_data=...).",
             stacklevel=2,
         )

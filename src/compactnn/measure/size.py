@@ -1,4 +1,4 @@
-"""Sizes: bytes on disk of an artifact, bytes a recipe implies, and each layer's format.
+"""Sizes: bytes on disk of an artifact's model, bytes a recipe implies, and each layer's format.
 
 Example:
     >>> from torch import nn
@@ -16,12 +16,24 @@ from torch import nn
 
 from compactnn.core.modules import weight_layers
 from compactnn.core.qlayers import has_integer_weight
+from compactnn.export.artifact import COMPANIONS
 from compactnn.export.size import artifact_size, theoretical_size
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of an artifact directory (every file in it, as ``os.stat`` reports)."""
-    return int(artifact_size(path))
+    """Bytes on disk of the model an artifact directory holds: every file in it (as
+    ``os.stat`` reports) but its companions, such as the verification batch a deployed
+    artifact stores beside the model (:func:`companion_bytes`), which is input data whose
+    size depends on the input shape, not on the model."""
+    return int(artifact_size(path)) - companion_bytes(path)
+
+
+def companion_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of the files an artifact directory holds beside its model: the
+    verification batch of a deployed artifact (``deployment.safetensors``); 0 for any other.
+    """
+    root = Path(path)
+    return sum((root / name).stat().st_size for name in COMPANIONS if (root / name).is_file())
 
 
 def theoretical_bytes(model: nn.Module) -> int:

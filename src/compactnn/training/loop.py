@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from itertools import islice
 from pathlib import Path
@@ -23,7 +24,7 @@ from compactnn.engines.qat import start_epoch
 from compactnn.errors import CompactnnError
 from compactnn.recipe import Recipe, resolve_recipe
 from compactnn.training import distributed
-from compactnn.training.checkpoint import load_checkpoint, save_checkpoint
+from compactnn.training.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from compactnn.training.data import (
     TrainData,
     as_eval_data,
@@ -245,7 +246,8 @@ def _checkpoint(env: distributed.DistEnv, directory: str | None, r: _Run) -> Non
 class EpochLog:
     """The JSON-lines training log: one record per epoch, flushed as each epoch ends.
 
-    A fresh run truncates the file; a run resumed from a checkpoint appends to it.
+    A fresh run truncates the file (``check_log_path`` refused an existing one without
+    ``force``); a run resumed from a checkpoint appends to it.
     """
 
     def __init__(self, path: str | Path | None, append: bool) -> None:
@@ -266,6 +268,16 @@ class EpochLog:
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def check_log_path(path: str | Path | None, appends: bool, force: bool) -> None:
+    """Refuse, before any work, a ``log_path`` that is an existing file this run would
+    truncate: allowed with ``force``, or when a resumed run ``appends`` to it."""
+    if path is not None and os.path.lexists(path) and not (force or appends):
+        raise CompactnnError(
+            f"log_path {str(path)!r} exists; pass force=True to replace it, or another "
+            "log_path (a run resumed from checkpoint_dir appends to its log)."
+        )
 
 
 def _finite(v: float | None, ndigits: int = 4) -> float | None:
@@ -347,6 +359,7 @@ def train(
     features: Any = None,
     progress: bool = True,
     log_path: str | Path | None = None,
+    force: bool = False,
     keep_best: bool = False,
     device: str | torch.device | None = None,
     distributed: str = "ddp",
@@ -377,6 +390,8 @@ def train(
         log_path: a JSON-lines file, one record per epoch: ``epoch``, ``step``,
             ``train_loss``, ``train_top1``, ``eval_top1`` (null without ``eval_data``),
             ``seconds``, ``lr`` (the weights' learning rate at the epoch's first step).
+            An existing file is refused unless ``force`` (a resumed run appends to it).
+        force: replace an existing ``log_path`` file.
         keep_best: return the frozen model of the epoch with the best held-out top-1 (ties:
             the later epoch) instead of the last one; needs ``eval_data`` and ``epochs``
             of 1 or more. The history's ``kept_epoch`` says which (1-based).
@@ -397,6 +412,8 @@ def train(
         ...                          eval_data=(x_test, y_test), keep_best=True)
         >>> compactnn.save(qmodel, "out/")                               # doctest: +SKIP
     """
+    resumes = bool(checkpoint_dir) and resume and checkpoint_path(checkpoint_dir).is_file()
+    check_log_path(log_path, appends=resumes, force=force)  # every rank, before they meet
     recipe = resolve_recipe(recipe)
     check_target_names(model, recipe)
     cfg = qat_step(recipe).config
