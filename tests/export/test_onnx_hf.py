@@ -82,6 +82,8 @@ def test_refusals(bert, tmp_path):
     with pytest.raises(CompactnnError, match="min_cosine"):
         onnx_hf.export(q, tmp_path / "b.onnx", example=calib[0], min_cosine=1.5)
     assert not (tmp_path / "b.onnx").exists()
+    with pytest.raises(CompactnnError, match="not its to_kernels form"):
+        onnx_hf.export(compactnn.to_kernels(q), tmp_path / "c.onnx", example=calib[0])
     layer = q.get_submodule("encoder.layer.0.output.dense")
     layer.set_codebook(torch.linspace(-1, 1, 256).expand(*layer.weight_scale.shape, 256))
     assert "compactnn.save" in onnx_hf.can_export(q)

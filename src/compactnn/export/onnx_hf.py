@@ -89,6 +89,11 @@ def can_export(qmodel: nn.Module) -> str | None:
             f"(compactnn.compress(hf_model, ...)); got {type(qmodel).__name__}. Other models: "
             "compactnn.export.onnx.export_onnx."
         )
+    if hasattr(qmodel, "_compactnn_kernels"):
+        return (
+            "ONNX export takes the compressed model, not its to_kernels form (its layers are "
+            "CPU kernels now): export the model you passed to compactnn.to_kernels."
+        )
     if form(qmodel) is None:
         return (
             "ONNX for transformers takes weight-only recipes (MatMulNBits: w4-g32-gptq, "
