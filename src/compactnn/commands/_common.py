@@ -217,6 +217,10 @@ def _finite(text: str) -> float | None:
 
 
 def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:
+    if getattr(args, "no_progress", False) and (Path(spec) / "config.json").is_file():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar: --no-progress hides it
     return resolve_model(spec, weights=args.weights, trust_pickle=args.trust_pickle)
 
 
