@@ -178,7 +178,7 @@ class DeployedModel(nn.Module):
         if self.onnx_bytes is not None:  # the QDQ file: its int32 biases measured apart
             from compactnn.export.onnx import verify_qdq
 
-            return verify_qdq(self.source, self, example, what, tol)
+            return verify_qdq(self.source, self.onnx_bytes, self, example, what, tol)
         result = compare(self.source, self, example, what, tol)
         if result.passed:
             return result

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
@@ -53,10 +54,11 @@ OPSET = 17
 
 
 EIGHT_BIT = ((0, 255), (-128, 127))  # activation grids with an ONNX QuantizeLinear type
+INT32_KEY = "compactnn.int32_bias_layers"  # metadata: the layers with int32 biases
 INT32_MAX = 2**31 - 1
 
 
-def int32_bias(
+def int32_bias_codes(
     bias: torch.Tensor, x_scale: float, w_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``bias`` on the int32 accumulator grid of an int8 layer: codes and per-row scale.
@@ -69,7 +71,8 @@ def int32_bias(
     would not fit int32 (or a scale is zero): the bias then stays float.
 
     Example:
-        >>> codes, scale = int32_bias(torch.tensor([0.1, -0.2]), 0.5, torch.tensor([0.1, 0.3]))
+        >>> w_scale = torch.tensor([0.1, 0.3])
+        >>> codes, scale = int32_bias_codes(torch.tensor([0.1, -0.2]), 0.5, w_scale)
         >>> codes.tolist(), [round(v, 4) for v in (codes * scale).tolist()]
         ([2, -1], [0.1, -0.15])
     """
@@ -85,7 +88,7 @@ def int32_bias(
 class _QDQLayer(nn.Module):
     """A quantized layer in QDQ form: fake-quant ops that the exporter maps to Q/DQ pairs."""
 
-    def __init__(self, layer: nn.Module, int32_biases: bool = True) -> None:
+    def __init__(self, layer: nn.Module, int32_bias: bool = True) -> None:
         super().__init__()
         self.kind = type(layer)
         self.conv_args = {}
@@ -119,9 +122,10 @@ class _QDQLayer(nn.Module):
             self.act = (float(aq.scale), int(aq.zero.round()), aq.qtype.qmin, aq.qtype.qmax)
         self.bias_codes: torch.Tensor | None = None  # int32 bias on the accumulator grid
         self.bias_scale: torch.Tensor | None = None
-        if int32_biases and self.bias is not None and self.per_channel and self._eight_bit():
-            grid = int32_bias(self.bias.detach(), self.act[0], self.w_scale)
+        if int32_bias and self.bias is not None and self.per_channel and self._eight_bit():
+            grid = int32_bias_codes(self.bias.detach(), self.act[0], self.w_scale)
             if grid is not None:
+                self.float_bias = self.bias.detach().clone()  # the simulation's
                 self.bias_codes, self.bias_scale = grid
                 # what DequantizeLinear(int32 codes, scale) gives ONNX Runtime, in float32
                 self.bias.data = self.bias_codes.float() * self.bias_scale
@@ -161,13 +165,14 @@ class _QDQAct(nn.Module):
 
 
 def qdq_module(
-    qmodel: nn.Module, int32_biases: bool = True
+    qmodel: nn.Module, int32_biases: bool | Collection[str] = True
 ) -> tuple[nn.Module, dict[str, _QDQLayer], dict[str, str]]:
     """A copy of ``qmodel`` with every quantized layer in QDQ form; also the kept-float list.
 
-    With ``int32_biases`` (the exported form), a layer with an 8-bit input grid and integer
-    weights has its bias rounded onto the int32 accumulator grid (:func:`int32_bias`), as the
-    integer kernels that run it need; without, the biases stay the simulation's.
+    With ``int32_biases`` True (or the layer's name in it), a layer with an 8-bit input grid
+    and integer weights has its bias rounded onto the int32 accumulator grid
+    (:func:`int32_bias_codes`), as the integer kernels that run it need; otherwise the bias
+    stays the simulation's.
 
     When the model traces with ``torch.fx``, each layer output that every consumer quantizes
     on the same grid (see :mod:`compactnn.lowering.plan`) gets that Q/DQ pair right after it:
@@ -194,7 +199,9 @@ def qdq_module(
             continue
         if not isinstance(m, (QuantConv2d, QuantConv1d, QuantLinear)):
             raise CompactnnError(f"ONNX export: unknown quantized layer {name!r}.")
-        q = _QDQLayer(m, int32_biases)
+        q = _QDQLayer(
+            m, int32_biases is True or (int32_biases is not False and name in int32_biases)
+        )
         if not q.per_channel:
             kept[name] = (
                 "per-group weights: stored dequantized (float) in ONNX"
@@ -394,21 +401,26 @@ def _store_codes(proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QD
 def _store_bias_codes(
     proto: onnx.ModelProto, model: nn.Module, layers: dict[str, _QDQLayer]
 ) -> None:
-    """Replace the int32-grid float bias of each layer whose output is quantized again (the
-    ones ONNX Runtime fuses into ``QLinearConv`` / ``QGemm``) by ``DequantizeLinear(int32
-    codes, scale)``: the same float32 values, stored as the integer kernels take them. A
-    layer with a float output keeps the values as a float bias (ONNX Runtime runs it in
-    float; a float head stays a float ``Gemm``)."""
+    """Store the bias of each layer whose output is quantized again (the ones ONNX Runtime
+    fuses into ``QLinearConv`` / ``QGemm``) as ``DequantizeLinear(int32 codes, scale)``; every
+    other layer gets the simulation's float bias back (ONNX Runtime runs it in float, so no
+    rounding is needed; a float head stays a float ``Gemm``). The names of the int32 layers
+    go in the model's metadata (:data:`INT32_KEY`, read by :func:`int32_bias_layers`)."""
     inits = {i.name: i for i in proto.graph.initializer}
     params = {id(p): n for n, p in model.named_parameters()}
     readers: dict[str, list] = {}
     for n in proto.graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
-    for layer in layers.values():
+    int32 = []
+    for layer_name, layer in layers.items():
         name = params.get(id(layer.bias)) if layer.bias_codes is not None else None
-        if name not in inits or not any(_requantized(readers, n) for n in readers.get(name, [])):
-            continue  # renamed or folded by the exporter, or float output: same float values
+        if name not in inits:
+            continue  # renamed or folded by the exporter: nothing to store
+        if not any(_requantized(readers, n) for n in readers.get(name, [])):
+            inits[name].CopyFrom(numpy_helper.from_array(layer.float_bias.numpy(), name))
+            continue
+        int32.append(layer_name)
         codes = numpy_helper.from_array(layer.bias_codes.numpy(), name + "_int32")
         scale = numpy_helper.from_array(layer.bias_scale.numpy(), name + "_scale")
         proto.graph.initializer.extend([codes, scale])
@@ -417,6 +429,16 @@ def _store_bias_codes(
             "DequantizeLinear", [codes.name, scale.name], [name], name=name + "_dq", axis=0
         )
         proto.graph.node.insert(0, dq)  # its inputs are initializers: first is topological
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = INT32_KEY, json.dumps(int32)
+
+
+def int32_bias_layers(data: bytes) -> list[str]:
+    """The layers whose biases the ONNX model ``data`` (from :func:`to_onnx_bytes`) stores on
+    the int32 accumulator grid."""
+    proto = onnx.load_from_string(data)
+    found = [e.value for e in proto.metadata_props if e.key == INT32_KEY]
+    return json.loads(found[0]) if found else []
 
 
 def _requantized(readers: dict[str, list], node: Any) -> bool:
@@ -429,9 +451,15 @@ def _requantized(readers: dict[str, list], node: Any) -> bool:
 
 
 def verify_qdq(
-    qmodel: nn.Module, run: Callable[..., Any], example: Any, what: str, tolerance: float
+    qmodel: nn.Module,
+    data: bytes,
+    run: Callable[..., Any],
+    example: Any,
+    what: str,
+    tolerance: float,
 ) -> Verification:
-    """Check ``run`` (an ONNX Runtime session of :func:`to_onnx_bytes`) against ``qmodel``.
+    """Check ``run`` (an ONNX Runtime session of ``data``, from :func:`to_onnx_bytes`)
+    against ``qmodel``.
 
     Two checks, each within ``tolerance`` output steps: the QDQ form with the simulation's
     float biases against ``qmodel`` (the export reproduces the simulation), then ``run``
@@ -447,7 +475,7 @@ def verify_qdq(
     form = compare(qmodel.eval(), float_bias, example, f"{what} (QDQ form)", tolerance)
     if not form.passed:
         return explained(form, qmodel, example)
-    exact = qdq_module(qmodel)[0]
+    exact = qdq_module(qmodel, int32_bias_layers(data))[0]
     result = explained(compare(exact, run, example, what, tolerance), exact, example)
     moved = compare(qmodel, exact, example, "int32 biases", float("inf")).max_diff_steps
     return replace(result, bias_rounding_steps=moved)
@@ -490,7 +518,9 @@ def export_onnx(
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
     check_file_path(path, "path", force=force, suggest="model.onnx")  # before the export
     data, _ = to_onnx_bytes(qmodel, example)
-    result = enforce(verify_qdq(qmodel, ort_callable(data), example, "onnx export", tolerance))
+    result = enforce(
+        verify_qdq(qmodel, data, ort_callable(data), example, "onnx export", tolerance)
+    )
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
