@@ -270,3 +270,16 @@ def test_a_training_recipe_says_compress_does_not_train_it(
     said = f"note: {recipe} is a training-aware recipe; compress calibrates it without training"
     assert (said in err) is noted
     assert ("compactnn train tiny_cli_factory:make --recipe w4a4-lsq" in err) is noted
+
+
+@pytest.mark.parametrize("data", [None, "data-free"])
+def test_the_eval_line_asks_for_held_out_data_when_none_was_read(data):
+    import argparse
+
+    from torch import nn
+
+    from compactnn.commands.compress import eval_data_file
+    from compactnn.model_io import LoadedModel
+
+    args = argparse.Namespace(data=data)
+    assert eval_data_file(args, LoadedModel(nn.Identity(), "mynet:make"), None) == "HELD_OUT_FILE"

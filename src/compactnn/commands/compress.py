@@ -257,9 +257,12 @@ def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> 
     data. A ``--data`` file that also holds a held-out split (``x_test``/``y_test``, which
     ``eval`` reads; ``data`` is what the file held, read once for calibration); else
     ``HELD_OUT_FILE`` for the user to fill in; None for a reference model (``eval`` scores
-    it on its own test split) or a data-free run."""
+    it on its own test split) or a model that brings its own sample input (a Hugging Face
+    folder). A user's model compressed without a data file (data-free, or a weight-only
+    recipe) needs one too: without it ``eval`` has no sample input."""
     if args.data is None or args.data == "data-free":
-        return None
+        own = loaded.reference is not None or loaded.example is not None or "hf" in loaded.extra
+        return None if own else "HELD_OUT_FILE"
     if isinstance(data, dict):
         tensors = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
         if labelled_keys(tensors, "eval") == ("x_test", "y_test"):
