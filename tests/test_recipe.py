@@ -73,3 +73,22 @@ def test_yaml_errors_name_the_field(tmp_path):
         resolve_recipe(p)
     with pytest.raises(CompactnnError, match="does not exist"):
         resolve_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_targets_typos_are_refused_before_compressing(tmp_path):
+    from torch import nn
+
+    import compactnn
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3))
+    cases = {
+        "classes: [Conv3d, Linaer]": r"'Linaer' is not a layer class.*mean Linear",
+        "classes: [Conv3d, Conv1d]": r"'Conv3d', 'Conv1d' match no module.*Conv2d, Flatten",
+        'ignore: ["nosuch*"]': r"targets.ignore: 'nosuch\*' matches no module",
+    }
+    for targets, match in cases.items():
+        p = tmp_path / "r.yaml"
+        step = f"  - method: rtn\n    targets: {{{targets}}}\n    config: {{weight: {{bits: 4}}}}\n"
+        p.write_text(f"steps:\n{step}")
+        with pytest.raises(CompactnnError, match=match):
+            compactnn.compress(model, resolve_recipe(p), progress=False)

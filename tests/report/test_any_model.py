@@ -214,6 +214,12 @@ def test_cli_report_and_its_errors(cli_project, capsys):
         assert main(["report", *args, *model, "--out", "rep2"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    other = ["--model", "jnet_report:build", "--weights", "w1.safetensors", "--no-progress"]
+    assert main(["report", "a0-w8a8", *other, "--data", "test.safetensors", "--out", "rep3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # its float row would be another model
+    assert len(err) == 1 and "is not the file this artifact was made from" in err[0], err
+    assert "pass the --weights (MODEL) they were made from" in err[0]
+    assert not (cli_project / "rep3").exists()
     (cli_project / "taken").write_text("")
     assert main(["report", "a0-w8a8", *model, "--data", "test.safetensors",
                  "--out", "taken/sub"]) == 2  # fmt: skip

@@ -5,6 +5,7 @@ labelled data."""
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from compactnn.commands._common import add_model_args, positive_int
@@ -80,9 +81,18 @@ def run(args: argparse.Namespace) -> int:
     check_report_folder(args.out, args.force, cli=True)
     headers = check_artifacts(args.artifacts)  # before loading anything: cheap refusals first
     data = labelled_data(read_labelled(args.data))
-    loaded = skeleton_for(
-        headers[0], args.model, weights=args.weights, trust_pickle=args.trust_pickle
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = skeleton_for(
+            headers[0], args.model, weights=args.weights, trust_pickle=args.trust_pickle
+        )
+    for w in caught:
+        if "is not the file this artifact was made from" in str(w.message):
+            raise CompactnnError(
+                f"{w.message} A report compares the artifacts with their float model: pass the "
+                "--weights (MODEL) they were made from."
+            )
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     results = build_report(
         args.artifacts,
         model=loaded.model,

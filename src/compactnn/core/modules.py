@@ -92,26 +92,84 @@ def select_modules(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
 
 def check_patterns(model: nn.Module, patterns: Iterable[str], key: str) -> None:
     """Refuse a module name or pattern of ``patterns`` (the recipe's or call's ``key``) that
-    matches no module of ``model``; the message lists the closest module names."""
+    matches no module of ``model``; the message lists the closest module names. A
+    ``name.*`` pattern (what ``ignore`` adds for the modules inside ``name``) is accepted
+    when ``name`` itself matches a module (a leaf has no modules inside)."""
     names = [n for n, _ in model.named_modules() if n]
+
+    def hit(pattern: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            close = (
-                difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
-                or list(weight_layers(model))[:5]
-            )
+        if hit(pattern) or (pattern.endswith(".*") and hit(pattern[:-2])):
+            continue
+        close = (
+            difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+            or list(weight_layers(model))[:5]
+        )
+        raise CompactnnError(
+            f"{key}: {pattern!r} matches no module of the model; close names: "
+            f"{', '.join(close) or '(none)'} (module names as in model.named_modules())."
+        )
+
+
+def _layer_class_names() -> set[str]:
+    """Names of every layer class known now: torch.nn's and every loaded ``nn.Module``
+    subclass (compactnn's quantized layers, the user's own)."""
+    known: set[str] = set()
+    todo = [nn.Module]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub.__name__ not in known:
+                known.add(sub.__name__)
+                todo.append(sub)
+    known.update(k for k, v in vars(nn).items() if isinstance(v, type) and issubclass(v, nn.Module))
+    return known
+
+
+def check_classes(model: nn.Module, classes: Iterable[str], key: str = "targets.classes") -> None:
+    """Refuse a name of ``classes`` that is no layer class (a typo: the closest names are
+    given), and a list of which no class is in ``model`` (the step would target nothing: the
+    classes the model has are given). A real class the model lacks next to one it has is
+    fine: a recipe is reused across models."""
+    present: dict[str, None] = {}
+    in_mro: set[str] = set()
+    for n, m in model.named_modules():
+        if n:
+            present[type(m).__name__] = None
+            in_mro.update(c.__name__ for c in type(m).__mro__)
+    shown = ", ".join(list(present)[:12]) or "(none)"
+    missing = [c for c in classes if c not in in_mro]
+    if not missing:
+        return
+    known = _layer_class_names() | in_mro
+    for name in missing:  # typos first: they are the likelier mistake
+        if name not in known:
+            close = difflib.get_close_matches(name, [*present, *sorted(known)], n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(dict.fromkeys(close))}? " if close else ""
             raise CompactnnError(
-                f"{key}: {pattern!r} matches no module of the model; close names: "
-                f"{', '.join(close) or '(none)'} (module names as in model.named_modules())."
+                f"{key}: {name!r} is not a layer class name; {hint}Use torch.nn class names "
+                f"(e.g. Linear, Conv2d); this model has: {shown}."
             )
+    if len(missing) == len(set(classes)):
+        raise CompactnnError(
+            f"{key}: {', '.join(map(repr, missing))} match no module of the model (the model "
+            f"has: {shown}); target a class the model has."
+        )
 
 
 def check_target_names(model: nn.Module, recipe: Any) -> None:
-    """Refuse a recipe step whose ``targets.names`` pattern matches no module of ``model``
-    (the step would silently leave the model in float)."""
+    """Refuse a recipe step whose ``targets`` name a module pattern (``names``, ``ignore``)
+    or a class (``classes``) that matches no module of ``model``: a typo there would
+    silently change which layers are compressed. Default ``names``/``classes`` are not
+    checked (a built-in recipe does not list every layer kind a model has)."""
     for step in recipe.steps:
         if step.targets.names != ("*",):
             check_patterns(model, step.targets.names, "targets.names")
+        check_patterns(model, step.targets.ignore, "targets.ignore")
+        if step.targets.classes != DEFAULT_CLASSES:
+            check_classes(model, step.targets.classes)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

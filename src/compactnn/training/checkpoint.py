@@ -2,23 +2,75 @@
 
 A checkpoint holds the wrapped model's state, the optimizer and scheduler states, the torch
 RNG state, the position (epoch, batch within the epoch, global step), the history so far,
-and what defines the run (the recipe's YAML, epochs, batch size, seed). It is written with
+and what defines the run (the recipe's YAML, epochs, batch size, seed, and SHA-256
+fingerprints of the starting float model and of the training data, so that a checkpoint is
+never continued with another model or other data). It is written with
 ``atomic_write`` (temporary file, fsync, rename), so an interruption never leaves a broken
 checkpoint, and read with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import atomic_write
 
 CHECKPOINT = "qat-checkpoint.pt"
+_FRESH = (
+    "Pass resume=False (--no-resume) to start over, or use a new checkpoint_dir (--checkpoint-dir)"
+)
+# what each fingerprint is of, for the messages
+_PRINTS = {
+    "model_sha256": "starting float model (--weights)",
+    "data_sha256": "training data (--data)",
+}
+
+
+def tensors_sha256(items: Iterable[tuple[str, Any]]) -> str:
+    """SHA-256 over named values: each tensor's name, dtype, shape and raw bytes (other
+    values by their ``repr``). One pass over the bytes, no copies of contiguous CPU tensors.
+
+    Example:
+        >>> a = tensors_sha256([("w", torch.ones(2))])
+        >>> a == tensors_sha256([("w", torch.ones(2))]), a == tensors_sha256([("w", torch.ones(3))])
+        (True, False)
+    """
+    h = hashlib.sha256()
+    for name, value in items:
+        h.update(f"{name}\0".encode())
+        if not isinstance(value, torch.Tensor):
+            h.update(f"{value!r}\0".encode())
+            continue
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def run_fingerprints(model: nn.Module, data: Any) -> dict[str, str]:
+    """``model_sha256`` (the float model's ``state_dict``) and ``data_sha256`` (the tensors
+    of tensor data; for batches, their number and the first batch) that a checkpoint must
+    match to be continued. ``data`` is a :class:`compactnn.training.data.TrainData`; the
+    torch RNG state is left as it was (a shuffling loader draws from it)."""
+    prints = {"model_sha256": tensors_sha256(model.state_dict().items())}
+    if data.loader is None:
+        prints["data_sha256"] = tensors_sha256([("x", data.x), ("y", data.y)])
+        return prints
+    with torch.random.fork_rng(devices=[]):
+        first = next(iter(data.batches(1, 0, 0)), None)
+    items = [("batches", data.steps(1))]
+    items += [] if first is None else [("x0", first[0]), ("y0", first[1])]
+    prints["data_sha256"] = tensors_sha256(items)
+    return prints
 
 
 def checkpoint_path(directory: str | os.PathLike) -> Path:
@@ -61,5 +113,17 @@ def load_checkpoint(directory: str | os.PathLike, run: dict[str, Any]) -> dict[s
                 f"has {key}={run[key]}: resuming would not continue the same schedule. Use the "
                 "same settings, another checkpoint directory, or pass resume=False "
                 "(--no-resume) to start over."
+            )
+    for key, what in _PRINTS.items():
+        if key not in theirs:
+            raise CompactnnError(
+                f"checkpoint {str(path)!r} was written by an older compactnn that did not record "
+                f"the {what}, so it cannot be checked to belong to this run. {_FRESH}."
+            )
+        if theirs[key] != run.get(key):
+            raise CompactnnError(
+                f"checkpoint {str(path)!r} belongs to another run: its {what} differs from "
+                f"this run's (SHA-256 {theirs[key][:12]}... there, {str(run.get(key))[:12]}... "
+                f"here), and continuing it would return the other run's weights. {_FRESH}."
             )
     return state

@@ -24,7 +24,12 @@ from compactnn.engines.qat import start_epoch
 from compactnn.errors import CompactnnError
 from compactnn.recipe import Recipe, resolve_recipe
 from compactnn.training import distributed
-from compactnn.training.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from compactnn.training.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    run_fingerprints,
+    save_checkpoint,
+)
 from compactnn.training.data import (
     TrainData,
     as_eval_data,
@@ -160,23 +165,14 @@ class _Run:
         )
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        self.epoch, self.batch, self.step = (
-            state["epoch"],
-            state["batch"],
-            state["step"],
-        )
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.history = state["history"]
         self.best = state.get("best")
 
 
 def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
     """One epoch from batch ``r.batch``; returns False when ``max_steps`` stopped it."""
-    bs, seed, max_steps, ckpt = (
-        opts["batch_size"],
-        opts["seed"],
-        opts["max_steps"],
-        opts["ckpt"],
-    )
+    bs, seed, max_steps, ckpt = (opts[k] for k in ("batch_size", "seed", "max_steps", "ckpt"))
     env, forward = opts["env"], opts["forward"]
     r.qat.train()
     total = data.steps(bs)
@@ -436,6 +432,7 @@ def train(
     progress = progress and env.is_main
     log_path = log_path if env.is_main else None
     torch.manual_seed(seed)
+    prints = run_fingerprints(model, data) if checkpoint_dir else {}  # before prepare_qat
     calib = data.calibration()
     num_classes = num_outputs(model, calib[0])
     if data.y is not None:
@@ -464,6 +461,7 @@ def train(
         "epochs": epochs,
         "batch_size": cfg.batch_size,
         "seed": seed,
+        **prints,  # the starting model and data: a checkpoint of another is refused
     }
     r = _Run(qat, opt, sched, run, env)
     state = load_checkpoint(checkpoint_dir, run) if checkpoint_dir and resume else None

@@ -1,0 +1,113 @@
+"""A checkpoint is continued only by a run from the same float model and the same data."""
+
+import copy
+
+import pytest
+import torch
+
+import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.training import loop
+from compactnn.training.checkpoint import checkpoint_path, run_fingerprints, tensors_sha256
+from compactnn.training.data import as_train_data
+
+KW = dict(epochs=1, seed=0, progress=False)
+WAY_OUT = r"Pass resume=False \(--no-resume\) to start over, or use a new checkpoint_dir"
+
+
+def _count_steps(monkeypatch) -> list[int]:
+    calls = []
+    real = loop._train_epoch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_epoch", counted)
+    return calls
+
+
+def test_tensors_sha256_sees_names_dtypes_shapes_and_every_byte():
+    base = tensors_sha256([("w", torch.zeros(4)), ("n", 3)])
+    assert base == tensors_sha256([("w", torch.zeros(4)), ("n", 3)])
+    changed = torch.zeros(4)
+    changed[3] = 1e-7
+    others = [
+        [("v", torch.zeros(4)), ("n", 3)],
+        [("w", torch.zeros(2, 2)), ("n", 3)],
+        [("w", torch.zeros(4, dtype=torch.float64)), ("n", 3)],
+        [("w", changed), ("n", 3)],
+        [("w", torch.zeros(4)), ("n", 4)],
+    ]
+    assert len({base, *(tensors_sha256(o) for o in others)}) == 6
+    bf16 = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3).t()  # not contiguous
+    assert tensors_sha256([("b", bf16)]) == tensors_sha256([("b", bf16.contiguous())])
+
+
+def test_fingerprints_of_a_shuffling_loader_leave_the_rng_alone(tiny):
+    model, (x, y), _ = tiny
+    ds = torch.utils.data.TensorDataset(x, y)
+    data = as_train_data(torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True))
+    torch.manual_seed(5)
+    a = run_fingerprints(model, data)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(3))  # no draw was consumed
+    torch.manual_seed(5)
+    assert run_fingerprints(model, data) == a  # same seed: same first batch
+    other = as_train_data(torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True))
+    torch.manual_seed(5)
+    assert run_fingerprints(model, other)["data_sha256"] != a["data_sha256"]
+    tensors = run_fingerprints(model, as_train_data((x, y)))
+    assert tensors["model_sha256"] == a["model_sha256"]
+
+
+def test_a_checkpoint_of_another_starting_model_is_refused_before_any_step(
+    tiny, tmp_path, monkeypatch
+):
+    model, data, _ = tiny
+    compactnn.train(model, "w4a4-pact", data, checkpoint_dir=tmp_path, **KW)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.fc.weight[0, 0] += 0.5
+    steps = _count_steps(monkeypatch)
+    match = r"its starting float model \(--weights\).*" + WAY_OUT
+    with pytest.raises(CompactnnError, match=match):
+        compactnn.train(other, "w4a4-pact", data, checkpoint_dir=tmp_path, **KW)
+    assert steps == []
+    # the same model and data still resume (the finished run: no epoch left to train)
+    compactnn.train(model, "w4a4-pact", data, checkpoint_dir=tmp_path, **KW)
+    assert steps == []
+    fresh = compactnn.train(other, "w4a4-pact", data, checkpoint_dir=tmp_path, resume=False, **KW)
+    assert steps == [1]
+    q_other = compactnn.train(other, "w4a4-pact", data, **KW)
+    for k, v in q_other.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+
+
+def test_a_checkpoint_of_other_data_is_refused(tiny, tmp_path, monkeypatch):
+    model, (x, y), _ = tiny
+    compactnn.train(model, "w4a4-pact", (x, y), checkpoint_dir=tmp_path, **KW)
+    steps = _count_steps(monkeypatch)
+    match = r"its training data \(--data\).*" + WAY_OUT
+    flipped = y.clone()
+    flipped[0] = (flipped[0] + 1) % 4  # one label differs
+    for other in [(x, flipped), (x.flip(0), y.flip(0)), (x[:-1], y[:-1])]:
+        with pytest.raises(CompactnnError, match=match):
+            compactnn.train(model, "w4a4-pact", other, checkpoint_dir=tmp_path, **KW)
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 256, 32)]
+    with pytest.raises(CompactnnError, match=match):  # the same samples as batches
+        compactnn.train(model, "w4a4-pact", batches, checkpoint_dir=tmp_path, **KW)
+    assert steps == []
+
+
+def test_a_checkpoint_without_fingerprints_is_refused(tiny, tmp_path):
+    model, data, _ = tiny
+    compactnn.train(model, "w4a4-pact", data, checkpoint_dir=tmp_path, max_steps=2, **KW)
+    path = checkpoint_path(tmp_path)
+    state = torch.load(path, weights_only=True)
+    assert set(state["run"]) >= {"model_sha256", "data_sha256"}
+    del state["run"]["model_sha256"], state["run"]["data_sha256"]
+    torch.save(state, path)  # as an older compactnn wrote it
+    with pytest.raises(CompactnnError, match="older compactnn.*" + WAY_OUT):
+        compactnn.train(model, "w4a4-pact", data, checkpoint_dir=tmp_path, **KW)
