@@ -283,3 +283,26 @@ def test_the_eval_line_asks_for_held_out_data_when_none_was_read(data):
 
     args = argparse.Namespace(data=data)
     assert eval_data_file(args, LoadedModel(nn.Identity(), "mynet:make"), None) == "HELD_OUT_FILE"
+
+
+def test_a_pruned_then_quantized_layer_is_listed_as_both(tmp_path, capsys, monkeypatch):
+    (tmp_path / "tiny_cli_factory2.py").write_text(TINY_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import tiny_cli_factory2
+    from safetensors.torch import save_file
+
+    save_file(tiny_cli_factory2.make().state_dict(), "w.safetensors")
+    np.save("x.npy", np.random.default_rng(0).standard_normal((16, 1, 8, 8), dtype=np.float32))
+    (tmp_path / "r.yaml").write_text(
+        "steps:\n"
+        "  - method: magnitude\n    targets: {names: ['3']}\n    config: {sparsity: 0.5}\n"
+        "  - method: rtn\n    config: {weight: {bits: 8}}\n"
+    )
+    code, out, err = run_cli(
+        capsys, "compress", "tiny_cli_factory2:make", "--weights", "w.safetensors",
+        "-r", "r.yaml", "--data", "x.npy", "--out", "art", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "    3: pruned (50% of weights zero), then quantized\n" in out
+    assert "quantized layers: 2; pruned layers: 1; kept in float: 0" in out

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     digest = compactnn.save(qmodel, out, force=args.force)
     size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
     info = compactnn.info_of(qmodel)
-    quantized = sum(1 for m in qmodel.modules() if hasattr(m, "weight_codes"))
+    quantized = sum(1 for m in qmodel.modules() if hasattr(m, "weight_codes"))  # layers
     print(f"compressed {args.model} with {recipe.name} in {seconds:.1f} s")
     pruned = pruned_layers(extra, loaded.model)
     counts = f"  quantized layers: {quantized}; "
@@ -237,9 +237,10 @@ def run(args: argparse.Namespace) -> int:
         if name in pruned:  # pruned by the recipe, not quantized: targeted after all
             reason = f"pruned ({pruned[name]}), weights in float"
         print(f"    {name}: {reason}")
+    codes = {n for n, m in qmodel.named_modules() if hasattr(m, "weight_codes")}
     for name, what in pruned.items():
         if name not in info["float_layers"]:
-            print(f"    {name}: pruned ({what})")
+            print(f"    {name}: pruned ({what})" + (", then quantized" if name in codes else ""))
     for line in pruning_lines(extra.get("pruning", {})):
         print(line)
     print(
