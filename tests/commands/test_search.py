@@ -78,6 +78,8 @@ def test_writes_a_recipe_compress_runs(project, capsys):
         assert q.get_submodule(name).weight_spec.bits == int(fmt[1])
     bits = 4 * 9 * int(summary["assignment"]["0"][1]) + 256 * 3 * int(summary["assignment"]["3"][1])
     assert bits <= 4 * (36 + 768)
+    assert f"average bits per weight: {bits / (36 + 768):.3g} (budget 4)" in printed
+    assert summary["cost"]["avg_bits"] == pytest.approx(bits / (36 + 768))
 
 
 def test_needs_a_budget(project):

@@ -43,6 +43,7 @@ def test_budget_met_and_recipe_runs_unchanged(tmp_path):
     weights = [8 * 9, 8 * 8 * 9, 8 * 36 * 5]
     bits = sum(n * int(r.assignment[k][1]) for n, k in zip(weights, r.layers, strict=True))
     assert bits <= 4 * sum(weights)
+    assert r.cost["avg_bits"] == pytest.approx(bits / sum(weights))  # what the budget bounds
     recipe = Recipe.from_yaml(r.save(tmp_path).joinpath("recipe.yaml").read_text())
     q = compactnn.compress(model, recipe, calib_data=calib, progress=False)
     formats = compactnn.api.info_of(q)  # noqa: F841  (metadata is present)

@@ -183,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"searched {len(result.layers)} layers in {result.seconds:.1f} s")
     print("  formats: " + ", ".join(f"{f} x{n}" for f, n in counts.items()))
     print(f"  searched layers: {human_bytes(result.cost['bytes'])}")
+    if "avg_bits" in result.cost:
+        limit = f" (budget {args.avg_bits:g})" if args.avg_bits is not None else ""
+        print(f"  average bits per weight: {result.cost['avg_bits']:.3g}{limit}")
     for t in result.tried:
         mark = "ok " if t["passed"] else "no "
         print(f"  tried ({t['stage']}): {mark} drop {t['drop']:.3f}, {human_bytes(t['bytes'])}")

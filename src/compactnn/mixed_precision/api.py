@@ -331,6 +331,9 @@ def search(
             limits["latency"] = tighter
             recipe = build_recipe(name, names, fmts, choice, embeddings, pruned_groups())
         lat["check"] = lat["checks"][-1]
+    cost = {k: assignment_total(v, choice) + group_total(k) for k, v in costs.items()}
+    if "code_bits" in cost and n_weights:
+        cost["avg_bits"] = cost["code_bits"] / n_weights  # what Budget(avg_bits=) bounds
     return SearchResult(
         recipe=recipe,
         assignment={n: fmts[j].name for n, j in zip(names, choice, strict=True)},
@@ -339,7 +342,7 @@ def search(
         scores=scores,
         costs=costs,
         predicted=assignment_total(scores, choice),
-        cost={k: assignment_total(v, choice) + group_total(k) for k, v in costs.items()},
+        cost=cost,
         frontier=points,
         tried=tried,
         baseline=baseline,
