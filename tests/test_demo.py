@@ -202,18 +202,23 @@ def test_a_row_is_delivered_as_compactnn_eval_delivers_it(monkeypatch):
     assert calls[0][2] == {"quick": True, "threads": 1}
 
 
-def test_a_channel_pruned_row_runs_natively_not_simulated(tmp_path):
+def _pruned_demo_rows(tmp_path, recipe: str) -> dict:
+    """The quick demo of the tiny reference with a float row and a channel-pruning row."""
     ref = TinyRef()
-    with pytest.warns(UserWarning, match="channel pruning skipped"):
+    with pytest.warns(UserWarning, match="channel pruning skipped"):  # the output layer
         results = run_demo(
             tmp_path / "d",
             quick=True,
             threads=1,
-            suite=[("tiny", "float"), ("tiny", "ch50")],
+            suite=[("tiny", "float"), ("tiny", recipe)],
             loader=lambda _n: ref,
             progress=False,
         )
-    rows = {r["recipe"]: r for r in results["rows"]}
+    return {r["recipe"]: r for r in results["rows"]}
+
+
+def test_a_channel_pruned_row_runs_natively_not_simulated(tmp_path):
+    rows = _pruned_demo_rows(tmp_path, "ch50")
     row = rows["ch50"]
     assert row["runtime"] in ("PyTorch fp32", "PyTorch bf16 autocast", "ONNX Runtime fp32")
     assert row["speedup"] == pytest.approx(
@@ -233,17 +238,7 @@ def test_the_suite_has_a_fine_tuned_channel_pruning_row(tmp_path):
     step = suite_recipe("ch50-ft").steps[0]
     assert step.method == "channel" and step.config.ratio == 0.5
     assert step.config.finetune_steps == 200 and suite_recipe("w4a8") == "w4a8"
-    ref = TinyRef()
-    with pytest.warns(UserWarning, match="channel pruning skipped"):  # the output layer
-        results = run_demo(
-            tmp_path / "d",
-            quick=True,
-            threads=1,
-            suite=[("tiny", "float"), ("tiny", "ch50-ft")],
-            loader=lambda _n: ref,
-            progress=False,
-        )
-    rows = {r["recipe"]: r for r in results["rows"]}
+    rows = _pruned_demo_rows(tmp_path, "ch50-ft")
     row = rows["ch50-ft"]
     assert row["runtime"] in ("PyTorch fp32", "PyTorch bf16 autocast", "ONNX Runtime fp32")
     assert row["speedup"] > 0 and row["bit_exact_load"] is True

@@ -155,29 +155,6 @@ def test_data_free_without_batch_norm_gives_the_command_line_way(tmp_path, capsy
     assert not (tmp_path / "art").exists()
 
 
-@pytest.fixture
-def token_files(tmp_path):
-    """A random-weight BERT folder (vocabulary 100, 32 positions) and token-id files:
-    ``ok.npy`` fits, ``long.npy`` has 40-token rows, ``oov.npy`` holds id 150."""
-    import numpy as np
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(tmp_path / "bert")
-    ids = np.random.default_rng(0).integers(0, 100, (4, 40))
-    np.save(tmp_path / "ok.npy", ids[:, :16])
-    np.save(tmp_path / "long.npy", ids)
-    oov = ids[:, :16].copy()
-    oov[2, 5] = 150
-    np.save(tmp_path / "oov.npy", oov)
-    return tmp_path
-
-
 def test_token_ids_the_model_cannot_take_are_named_before_compressing(token_files, capsys):
     def compress(name):
         data = str(token_files / name)
@@ -250,18 +227,24 @@ def make():
 """
 
 
-@pytest.mark.parametrize(("recipe", "noted"), [("w4a4-lsq", True), ("w8a8", False)])
-def test_a_training_recipe_says_compress_does_not_train_it(
-    recipe, noted, tmp_path, capsys, monkeypatch
-):
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch):
+    """``tiny_cli_factory:make`` (a small CNN), its ``w.safetensors`` and ``x.npy`` (16 8x8
+    inputs), in ``tmp_path`` as the working folder."""
+    from safetensors.torch import save_file
+
     (tmp_path / "tiny_cli_factory.py").write_text(TINY_FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    import tiny_cli_factory
-    from safetensors.torch import save_file
+    import tiny_cli_factory  # the module the CLI imports
 
     save_file(tiny_cli_factory.make().state_dict(), "w.safetensors")
     np.save("x.npy", np.random.default_rng(0).standard_normal((16, 1, 8, 8), dtype=np.float32))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("recipe", "noted"), [("w4a4-lsq", True), ("w8a8", False)])
+def test_a_training_recipe_says_compress_does_not_train_it(recipe, noted, tiny_project, capsys):
     code, _out, err = run_cli(
         capsys, "compress", "tiny_cli_factory:make", "--weights", "w.safetensors",
         "-r", recipe, "--data", "x.npy", "--out", "art", "--no-progress",
@@ -285,22 +268,15 @@ def test_the_eval_line_asks_for_held_out_data_when_none_was_read(data):
     assert eval_data_file(args, LoadedModel(nn.Identity(), "mynet:make"), None) == "HELD_OUT_FILE"
 
 
-def test_a_pruned_then_quantized_layer_is_listed_as_both(tmp_path, capsys, monkeypatch):
-    (tmp_path / "tiny_cli_factory2.py").write_text(TINY_FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    import tiny_cli_factory2
-    from safetensors.torch import save_file
-
-    save_file(tiny_cli_factory2.make().state_dict(), "w.safetensors")
-    np.save("x.npy", np.random.default_rng(0).standard_normal((16, 1, 8, 8), dtype=np.float32))
+def test_a_pruned_then_quantized_layer_is_listed_as_both(tiny_project, capsys):
+    tmp_path = tiny_project
     (tmp_path / "r.yaml").write_text(
         "steps:\n"
         "  - method: magnitude\n    targets: {names: ['3']}\n    config: {sparsity: 0.5}\n"
         "  - method: rtn\n    config: {weight: {bits: 8}}\n"
     )
     code, out, err = run_cli(
-        capsys, "compress", "tiny_cli_factory2:make", "--weights", "w.safetensors",
+        capsys, "compress", "tiny_cli_factory:make", "--weights", "w.safetensors",
         "-r", "r.yaml", "--data", "x.npy", "--out", "art", "--no-progress",
     )  # fmt: skip
     assert code == 0, err

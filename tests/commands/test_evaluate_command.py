@@ -423,24 +423,6 @@ def test_the_float_row_says_which_runtime_gave_its_quality_and_which_its_latency
     ]
 
 
-@pytest.fixture
-def token_files(tmp_path):
-    """A random-weight BERT folder (vocabulary 100, 32 positions) and token-id files."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(tmp_path / "bert")
-    ids = np.random.default_rng(0).integers(0, 100, (4, 40))
-    np.save(tmp_path / "long.npy", ids)
-    ids[1, 3] = 100
-    np.save(tmp_path / "oov.npy", ids[:, :16])
-    return tmp_path
-
-
 def test_eval_names_sequences_too_long_and_ids_out_of_the_vocabulary(token_files, capsys):
     def error(name):  # the last line: transformers draws its loading bar on stderr first
         data = str(token_files / name)
@@ -455,7 +437,7 @@ def test_eval_names_sequences_too_long_and_ids_out_of_the_vocabulary(token_files
         "(max_position_embeddings in its config.json): cut each sequence to 32 tokens or "
         "fewer (e.g. ids[:, :32], or windows of 32) and save the file again."
     )
-    data, err = error("oov.npy")
+    data, err = error("oov_edge.npy")
     assert err == (
         f"error: --data {data} holds token ids out of the model's vocabulary: the largest id "
         "found is 100, and the vocabulary has 100 entries (ids 0 to 99). Tokenize the text "

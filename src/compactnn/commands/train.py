@@ -27,7 +27,8 @@ from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
 from compactnn.training.checkpoint import checkpoint_path
 from compactnn.training.data import as_eval_data, labelled_keys
-from compactnn.training.loop import evaluate_top1, format_epoch
+from compactnn.training.epoch_log import format_epoch
+from compactnn.training.loop import evaluate_top1
 
 DATASETS = {
     "mnist": "compactnn.data.mnist:load_mnist",
@@ -163,8 +164,7 @@ def check_log(log: Path, out: Path, args: argparse.Namespace) -> None:
 
 def _within(path: Path, folder: Path) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def held_out_data(spec: str | None, data: Any) -> tuple | None:

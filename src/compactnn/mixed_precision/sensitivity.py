@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compactnn.core.calib import call_model, detect_call_mode, main_output
+from compactnn.core.digest import tensor_digest
 from compactnn.core.fold import fold_batchnorm
 from compactnn.core.hessian import hutchinson_trace
 from compactnn.errors import CompactnnError
@@ -37,16 +38,6 @@ from compactnn.mixed_precision.formats import Format, pruned_rows, rtn_weight
 
 CACHE_VERSION = 1
 MEASURES = ("measured", "hessian")
-
-
-def tensor_digest(tensors: list[torch.Tensor]) -> str:
-    """SHA-256 over the shapes, dtypes and bytes of ``tensors``, in order."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _batch_tensors(batch: Any) -> list[torch.Tensor]:

@@ -13,17 +13,16 @@ a partial artifact behind.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import compactnn
+from compactnn.core.digest import tensor_digest
 from compactnn.errors import ArtifactError
 from compactnn.export.artifact import FORMAT_VERSION
 from compactnn.models.cache import cache_dir, cache_key
@@ -38,15 +37,6 @@ def _sources() -> list[bytes]:
     return [str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() for p in files]
 
 
-def _tensor_digest(tensors: Any) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def training_key(name: str, model: nn.Module, recipe: str, data: Any, seed: int) -> str:
     """The cache key of ``model`` trained with ``recipe`` on ``data`` at ``seed``."""
     state = model.state_dict()
@@ -57,8 +47,8 @@ def training_key(name: str, model: nn.Module, recipe: str, data: Any, seed: int)
         recipe=resolve_recipe(recipe).to_yaml(),
         seed=seed,
         format_version=FORMAT_VERSION,
-        weights=_tensor_digest(state[k] for k in sorted(state)),
-        data=_tensor_digest(arrays),
+        weights=tensor_digest(state[k] for k in sorted(state)),
+        data=tensor_digest(arrays),
     )
 
 

@@ -11,15 +11,14 @@ checkpoint, and read with ``torch.load(weights_only=True)`` (no arbitrary unpick
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from compactnn.core.digest import tensors_sha256
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import atomic_write
 
@@ -32,28 +31,6 @@ _PRINTS = {
     "model_sha256": "starting float model (--weights)",
     "data_sha256": "training data (--data)",
 }
-
-
-def tensors_sha256(items: Iterable[tuple[str, Any]]) -> str:
-    """SHA-256 over named values: each tensor's name, dtype, shape and raw bytes (other
-    values by their ``repr``). One pass over the bytes, no copies of contiguous CPU tensors.
-
-    Example:
-        >>> a = tensors_sha256([("w", torch.ones(2))])
-        >>> a == tensors_sha256([("w", torch.ones(2))]), a == tensors_sha256([("w", torch.ones(3))])
-        (True, False)
-    """
-    h = hashlib.sha256()
-    for name, value in items:
-        h.update(f"{name}\0".encode())
-        if not isinstance(value, torch.Tensor):
-            h.update(f"{value!r}\0".encode())
-            continue
-        t = value.detach().to("cpu").contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}\0".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
 
 
 def run_fingerprints(model: nn.Module, data: Any) -> dict[str, str]:

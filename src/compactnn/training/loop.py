@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from itertools import islice
 from pathlib import Path
@@ -38,6 +36,7 @@ from compactnn.training.data import (
     float_dtype,
     num_outputs,
 )
+from compactnn.training.epoch_log import EpochLog, check_log_path, format_epoch
 from compactnn.training.wrap import freeze, prepare_qat, qat_step
 
 _dist = distributed  # in train() its argument ``distributed`` shadows the module's name
@@ -239,64 +238,8 @@ def _checkpoint(env: distributed.DistEnv, directory: str | None, r: _Run) -> Non
         distributed.barrier(env)
 
 
-class EpochLog:
-    """The JSON-lines training log: one record per epoch, flushed as each epoch ends.
-
-    A fresh run truncates the file (``check_log_path`` refused an existing one without
-    ``force``); a run resumed from a checkpoint appends to it.
-    """
-
-    def __init__(self, path: str | Path | None, append: bool) -> None:
-        self.path = None if path is None else Path(path)
-        if self.path is None:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a" if append else "w", encoding="utf-8"):
-                pass
-        except OSError as exc:
-            raise CompactnnError(
-                f"log_path {str(self.path)!r} cannot be written ({exc.strerror or exc}); pass a "
-                "file in a writable directory."
-            ) from exc
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-
-
-def check_log_path(path: str | Path | None, appends: bool, force: bool) -> None:
-    """Refuse, before any work, a ``log_path`` that is an existing file this run would
-    truncate: allowed with ``force``, or when a resumed run ``appends`` to it."""
-    if path is not None and os.path.lexists(path) and not (force or appends):
-        raise CompactnnError(
-            f"log_path {str(path)!r} exists; pass force=True to replace it, or another "
-            "log_path (a run resumed from checkpoint_dir appends to its log)."
-        )
-
-
 def _finite(v: float | None, ndigits: int = 4) -> float | None:
     return round(v, ndigits) if v is not None and math.isfinite(v) else None
-
-
-def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    """One human line for an epoch record of the training log.
-
-    Example:
-        >>> format_epoch({"epoch": 2, "train_loss": 0.4312, "train_top1": 88.3,
-        ...               "eval_top1": 91.41, "seconds": 0.8, "lr": 0.001}, 4)
-        'epoch 2/4: train loss 0.4312, train top-1 88.30%, eval top-1 91.41%, 0.8 s, lr 0.001'
-    """
-    loss = record.get("train_loss")
-    parts = [
-        f"epoch {record['epoch']}/{epochs}: train loss {'nan' if loss is None else f'{loss:.4f}'}"
-    ]
-    parts.append(f"train top-1 {record['train_top1']:.2f}%")
-    if record.get("eval_top1") is not None:
-        parts.append(f"eval top-1 {record['eval_top1']:.2f}%")
-    parts.append(f"{record['seconds']:.1f} s, lr {record['lr']:.3g}")
-    return ", ".join(parts)
 
 
 def _score_epoch(r: _Run, eval_xy, keep_best: bool) -> float | None:
