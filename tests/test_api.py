@@ -124,7 +124,7 @@ def test_weight_only_needs_no_data_and_group_error_names_layer():
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     q = compactnn.compress(m, "w4-g32", progress=False)
     assert q[0].weight_spec.group_size == 32
-    with pytest.raises(CompactnnError, match=r"group_size=48 .*: 0 \(input dimension 64\)"):
+    with pytest.raises(CompactnnError, match=r"group_size=48 .* 2 layers: 0 \(64\), 2 \(64\)"):
         compactnn.compress(m, "w4-g48", progress=False)
 
 
@@ -263,3 +263,27 @@ def test_compressing_a_quantized_model_again_says_its_layers_stay_as_they_are():
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert torch.equal(again(x), q(x))  # indeed untouched
+
+
+def test_probe_pruned_mlps_are_compressed_not_untargeted():
+    """pp30 wraps each LLaMA MLP in a ProbeMLP that slices its projections per input: they
+    are pruned by the recipe, so float_layers lists only the layers it left alone."""
+    from compactnn.models.tiny_hf import tiny_model
+    from compactnn.prune.probe import ProbeMLP
+
+    torch.set_num_threads(1)
+    model, calib = tiny_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "probe: only 16 calibration samples"
+        q = compactnn.compress(model, "pp30", calib_data=calib, progress=False)
+    probed = {
+        f"{name}.{child}"
+        for name, m in q.named_modules()
+        if isinstance(m, ProbeMLP)
+        for child in ("gate_proj", "up_proj", "down_proj")
+    }
+    linears = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    assert len(probed) == 6 and probed < linears
+    float_layers = compactnn.info_of(q)["float_layers"]
+    assert set(float_layers) == linears - probed
+    assert set(float_layers.values()) == {"not targeted by the recipe"}

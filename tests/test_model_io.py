@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from compactnn.core.weight_import import lift_weight_layers
 from compactnn.errors import CompactnnError
-from compactnn.model_io import lift_weight_layers, resolve_data, resolve_model, skeleton_for
+from compactnn.model_io import resolve_data, resolve_model, skeleton_for
 
 
 class ConvNet(nn.Module):

@@ -38,6 +38,7 @@ from compactnn.export.artifact import info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
 from compactnn.prune.channel import ChannelConfig
+from compactnn.prune.probe import EXTRA_KEY as PROBE_KEY
 from compactnn.quant.base import QuantConfig, calibrate_activations, quantize_embeddings
 from compactnn.recipe import Recipe, Step, resolve_recipe
 
@@ -282,10 +283,12 @@ def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:
     else not targeted), and warn once, naming the layers a step could not quantize.
 
     A float layer a pruning step zeroed (unstructured or N:M) is compressed, stored sparse:
-    it is left out (``extra["pruning"]`` gives its sparsity), as is a table tied to it."""
+    it is left out (``extra["pruning"]`` gives its sparsity), as is a table tied to it; so
+    is a projection of an MLP that probe pruning slices per batch (``extra["probe_prune"]``)."""
     pruned = _pruned_weights(model, ctx)
+    known = set(ctx.float_layers) | set(probe_pruned_layers(ctx.extra))  # reason known, or pruned
     for name, m in weight_layers(model).items():
-        if has_integer_weight(m) or name in ctx.float_layers or id(m.weight) in pruned:
+        if has_integer_weight(m) or name in known or id(m.weight) in pruned:
             continue
         ctx.float_layers[name] = ctx.skipped.get(name, NOT_TARGETED)
     failed = {  # a step that skipped a layer warned with its reason already
@@ -294,6 +297,21 @@ def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:
     if failed:
         listing = "; ".join(f"{n} ({r})" for n, r in failed.items())
         warnings.warn(f"kept in float: {listing}", stacklevel=3)
+
+
+PROBE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def probe_pruned_layers(extra: dict) -> list[str]:
+    """The projections of the MLPs probe pruning wrapped (``extra["probe_prune"]["mlps"]``):
+    their hidden channels are skipped per batch, so the recipe did compress them.
+
+    Example:
+        >>> probe_pruned_layers({"probe_prune": {"mlps": ["layers.0.mlp"]}})
+        ['layers.0.mlp.gate_proj', 'layers.0.mlp.up_proj', 'layers.0.mlp.down_proj']
+    """
+    mlps = (extra.get(PROBE_KEY) or {}).get("mlps", [])
+    return [f"{mlp}.{p}" for mlp in mlps for p in PROBE_PROJECTIONS]
 
 
 def _pruned_weights(model: nn.Module, ctx: CompressContext) -> set[int]:

@@ -255,6 +255,18 @@ def test_a_training_recipe_says_compress_does_not_train_it(recipe, noted, tiny_p
     assert ("compactnn train tiny_cli_factory:make --recipe w4a4-lsq" in err) is noted
 
 
+def test_a_recipe_that_trains_inside_compress_is_not_told_to_train(capsys):
+    """TernaryBERT distils on the calibration text inside compress; `compactnn train`
+    takes classifiers only, so pointing there would mislead."""
+    import compactnn
+    from compactnn.commands.compress import note_training_recipe
+
+    note_training_recipe(compactnn.resolve_recipe("w2a8-ternarybert"), "minilm", "w2a8-ternarybert")
+    assert capsys.readouterr().err == ""
+    note_training_recipe(compactnn.resolve_recipe("w2a8-twn"), "m", "w2a8-twn")
+    assert "compactnn train m --recipe w2a8-twn" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("data", [None, "data-free"])
 def test_the_eval_line_asks_for_held_out_data_when_none_was_read(data):
     import argparse
@@ -282,3 +294,148 @@ def test_a_pruned_then_quantized_layer_is_listed_as_both(tiny_project, capsys):
     assert code == 0, err
     assert "    3: pruned (50% of weights zero), then quantized\n" in out
     assert "quantized layers: 2; pruned layers: 1; kept in float: 0" in out
+
+
+def test_probe_pruned_mlps_are_listed_as_pruned_with_their_macs(tmp_path, capsys, monkeypatch):
+    """pp30 slices each MLP's projections per input: the summary lists them as probe-pruned
+    (not "not targeted"), and prints parameters and MACs before and after, counted by hand
+    from the model's dimensions on the first calibration batch (the whole file here)."""
+    import math
+
+    import torch
+
+    from compactnn.commands.compress import human_count
+    from compactnn.models.tiny_hf import tiny_model
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    model, _ = tiny_model("llama")
+    model.save_pretrained("llama")
+    rows, length = 32, 24
+    ids = np.random.default_rng(0).integers(4, 128, (rows, length))
+    np.save("ids.npy", ids)
+    code, out, err = run_cli(
+        capsys, "compress", "llama", "-r", "pp30", "-d", "ids.npy", "-o", "art", "--no-progress"
+    )
+    assert code == 0, err
+    c = model.config
+    width, hidden = c.intermediate_size, c.hidden_size
+    dropped = math.floor(0.3 * width)
+    mlps = [f"model.layers.{i}.mlp" for i in range(c.num_hidden_layers)]
+    probed = [f"{m}.{p}" for m in mlps for p in ("gate_proj", "up_proj", "down_proj")]
+    for name in probed:
+        assert (
+            f"    {name}: probe-pruned (dynamic: {dropped} of the MLP's {width} hidden "
+            "channels skipped, chosen per sample by a probe)\n"
+        ) in out
+        assert f"{name}: not targeted" not in out
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    kept_float = len(layers) - len(probed)  # the embedding, attention and head: untouched
+    assert f"quantized layers: 0; pruned layers: 6; kept in float: {kept_float}\n" in out
+    # per token: attention q, k, v, o; the MLP's three products; the head
+    kv = c.num_key_value_heads * hidden // c.num_attention_heads
+    attn = hidden * hidden * 2 + hidden * kv * 2
+    mlp = 3 * hidden * width
+    tokens = rows * length
+    dense = tokens * (c.num_hidden_layers * (attn + mlp) + hidden * c.vocab_size)
+    probe = 2 * max(2, math.ceil(0.15 * length)) / (3 * length)  # per sample: every row
+    after = dense - tokens * len(mlps) * mlp * (dropped / width - probe)
+    params = human_count(sum(p.numel() for p in model.parameters()))
+    assert (
+        f"  pruning (probe): params {params} -> {params} (weights kept whole, sliced at run "
+        f"time), MACs {human_count(dense)} -> {human_count(after)} (2 MLPs skip 30% of their "
+        f"hidden channels; the probe adds {probe:.1%} of their dense MACs; first calibration "
+        f"batch, {rows} x {length})\n"
+    ) in out
+
+
+def _bn_project(tmp_path, monkeypatch):
+    """``bnnet:make`` (a CNN with batch norm, 1x8x8 inputs) and its ``w.safetensors``."""
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "bnnet.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), "
+        "nn.Flatten(), nn.Linear(4 * 6 * 6, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import bnnet
+
+    model = bnnet.make().eval()
+    model[1].running_mean.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
+    save_file(model.state_dict(), "w.safetensors")
+    return model
+
+
+def test_data_free_generates_nothing_for_a_recipe_that_reads_no_data(tmp_path, capsys, monkeypatch):
+    """w4 (weight-only RTN) calibrates on nothing: no images are generated, a note says so,
+    and the artifact is the one compress makes without data; w4a8 still generates them."""
+    import torch
+
+    import compactnn
+    from compactnn import datafree
+    from compactnn.datafree.common import GeneratedData
+
+    model = _bn_project(tmp_path, monkeypatch)
+    made = []
+
+    def fake_generate(net, n, input_shape, seed, progress):  # the real one takes seconds
+        made.append(input_shape)
+        x = torch.randn(16, *input_shape, generator=torch.Generator().manual_seed(0))
+        return GeneratedData(x, torch.zeros(16, dtype=torch.long), {"seconds": 0.0})
+
+    monkeypatch.setattr(datafree, "generate", fake_generate)
+    argv = ["compress", "bnnet:make", "--weights", "w.safetensors", "-d", "data-free"]
+    code, out, err = run_cli(capsys, *argv, "-r", "w4", "-o", "w4", "--no-progress")
+    assert code == 0, err
+    assert made == [] and "generated" not in out
+    assert "note: no step of w4 calibrates on data: no images generated" in err
+    expected = compactnn.compress(model, "w4", progress=False)
+    loaded = compactnn.load("w4", model=model)
+    for (name, a), (_, b) in zip(
+        expected.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    argv += ["--input-shape", "1,8,8"]
+    code, out, err = run_cli(capsys, *argv, "-r", "w4a8", "-o", "w4a8", "--no-progress")
+    assert code == 0, err
+    assert made == [(1, 8, 8)] and "generated 256 calibration images" in out
+    assert "no images generated" not in err
+
+
+def test_input_shape_without_data_free_is_refused(tmp_path, capsys, monkeypatch):
+    """--input-shape shapes generated images only: with a data file (or no --data) it would
+    be ignored, so it is refused before the model loads, naming both ways out."""
+    _bn_project(tmp_path, monkeypatch)
+    np.save("x.npy", np.zeros((4, 1, 8, 8), dtype=np.float32))
+    model = ["bnnet:make", "--weights", "w.safetensors", "-r", "w4", "-o", "art"]
+    for data, said in ((["-d", "x.npy"], "--data x.npy"), ([], "no --data")):
+        assert_one_error_line(
+            capsys,
+            ["compress", *model, *data, "--input-shape", "3,9,9"],
+            f"--input-shape 3,9,9 sets the shape of the images --data data-free generates, "
+            f"and this run has {said}",
+            "drop --input-shape, or pass --data data-free",
+        )
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "reads"),
+    [
+        ("w4", False),  # weight-only round-to-nearest: the weights alone
+        ("w8", False),
+        ("nm2:4", False),  # magnitude N:M, no fine-tuning
+        ("w4a8", True),  # activation grids
+        ("w4-g128-gptq", True),  # Hessians of the layer inputs
+        ("w2-ffn", True),  # refits its scales on the layer outputs when given data
+        ("sp90-dns", True),  # distils while pruning (needs_data says False)
+    ],
+)
+def test_data_free_images_are_generated_only_for_a_recipe_that_reads_data(recipe, reads):
+    import compactnn
+    from compactnn.commands.compress import reads_data
+
+    assert reads_data(compactnn.resolve_recipe(recipe)) is reads

@@ -199,6 +199,18 @@ def test_split_labels_reads_the_split_of_its_role(capsys):
     assert _common.split_labels(inputs) == (inputs, None)
 
 
+@pytest.mark.parametrize("only", ["train", "test"])
+def test_a_files_only_split_serves_both_roles_with_a_note(only, capsys):
+    data = {f"x_{only}": torch.zeros(4, 2), f"y_{only}": torch.arange(4)}
+    for role in ("train", "eval"):
+        x, y = _common.split_labels(data, role=role, note=False)
+        assert x is data[f"x_{only}"] and y is data[f"y_{only}"]
+        err = capsys.readouterr().err
+        native = (role == "train") == (only == "train")
+        verb = "calibrating on" if role == "train" else "scoring"
+        assert err == ("" if native else f"note: --data holds only x_{only}/y_{only}: {verb} it\n")
+
+
 @pytest.mark.parametrize("target", ["art", "float"])
 def test_bad_labels_are_reported_before_loading_deploying_or_timing(
     target, project, capsys, monkeypatch

@@ -443,3 +443,135 @@ def test_eval_names_sequences_too_long_and_ids_out_of_the_vocabulary(token_files
         "found is 100, and the vocabulary has 100 entries (ids 0 to 99). Tokenize the text "
         "with the model's own tokenizer (the one saved with it)."
     )
+
+
+def test_eval_recipe_with_misfit_data_names_the_dtype_and_shape_to_pass(project, capsys):
+    """A .pt2 model keeps its example input: the message spells out that shape (any N rows)
+    and dtype; a model without one (a factory) names its parameters' dtype and channels."""
+    example = project["x"][:2]  # (2, 1, 8, 8) float32
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(project["model"], (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, "m.pt2")  # its shape guards raise AssertionError
+    dims = ", ".join(map(str, example.shape[1:]))
+    want = f"float32 values of shape (N, {dims}), like its example input (2, {dims})"
+    np.save("wrongshape.npy", np.zeros((4, 3, 5, 5), dtype=np.float32))
+    np.save("ints.npy", np.zeros((4, *example.shape[1:]), dtype=np.int64))  # right shape
+
+    def error(*model, data):
+        args = ["eval", *model, "--recipe", "w8a8", "--data", data, "--quick", "--no-progress"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: --data does not fit")
+        return err
+
+    err = error("m.pt2", data="wrongshape.npy")
+    assert "holds float32 values of shape (4, 3, 5, 5)" in err
+    assert err.endswith(f"Pass {want}.")
+    err = error("m.pt2", data="ints.npy")
+    assert "holds int64 values of shape (4, 1, 8, 8)" in err
+    assert err.endswith(f"Pass {want} (integers are not cast: save floating-point values).")
+    err = error(*MODEL[1:2], *MODEL[2:], data="wrongshape.npy")
+    assert "Pass float32 values of shape (N, C, H, W) with C=1 (first layer '0')." in err
+
+
+def test_eval_runs_a_probe_pruned_artifact_as_itself_and_claims_its_speedup(
+    tmp_path, capsys, monkeypatch
+):
+    """A pp30 artifact's MLPs run on sliced weights: eval times that model itself, names it
+    "PyTorch fp32 (probe-pruned)" and gives its real speedup (below 1x is fine), with no
+    to_kernels advice (that is for quantized transformers)."""
+    import warnings
+
+    from compactnn.commands import evaluate as command
+    from compactnn.models.tiny_hf import tiny_model
+    from compactnn.prune.probe import ProbeMLP
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    model, calib = tiny_model("llama")
+    model.save_pretrained("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "probe: only 16 calibration samples"
+        pruned = compactnn.compress(model, "pp30", calib_data=calib, progress=False)
+    compactnn.save(pruned, "art")
+    np.save("ids.npy", np.random.default_rng(0).integers(4, 128, (4, 16)))
+    timed = {}
+
+    def paths(model, example, **kwargs):  # the side-by-side timing: 1 ms float, 4 ms pruned
+        from compactnn.measure.float_paths import EAGER, FloatPaths
+        from compactnn.measure.timing import Timing
+
+        timed.update(kwargs["extra"])
+        ms = {EAGER: 1e-3, "compressed": 4e-3}
+        timings = {
+            k: Timing(median_s=t, min_s=t, max_s=t, runs=3, warmup=1, threads=2)
+            for k, t in ms.items()
+        }
+        return FloatPaths(timings, errors={EAGER: 0.0})
+
+    monkeypatch.setattr(command, "fastest_float_path", paths)
+    argv = ["eval", "art", "--model", "llama", "--data", "ids.npy", "--quick", "--no-progress"]
+    assert main([*argv, "--json", "r.json"]) == 0
+    out = capsys.readouterr().out
+    [delivered] = timed.values()
+    assert any(isinstance(m, ProbeMLP) for m in delivered.modules())
+    rows = {r["model"]: r for r in json.loads(open("r.json").read())["rows"]}
+    row = rows["compressed"]
+    assert row["runtime"] == "PyTorch fp32 (probe-pruned)"
+    assert row["speedup"] == pytest.approx(0.25)  # 1 ms / 4 ms: slower, and said so
+    assert "  0.25x\n" in out and "simulated" not in out and "to_kernels:" not in out
+    assert "runs as itself: probe-pruned (2 MLPs skip 30% of their hidden channels" in out
+
+
+class _Misrounded(nn.Module):
+    """A stand-in deployed model: the simulated one, with the logits of the samples whose
+    first pixel exceeds 1 rolled by one class (a deployment that rounds some differently)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return torch.where(x[:, :1, 0, :1].reshape(-1, 1) > 1, out.roll(1, dims=1), out)
+
+
+def test_eval_says_when_the_deployed_quality_differs_from_the_simulated_one(
+    project, capsys, monkeypatch
+):
+    """compress and train report the simulated model; eval scores the deployed one. When
+    they differ on the labelled data, one note gives both, and --json keeps the simulated
+    model's (`simulated_quality`); when they agree nothing is said."""
+    from compactnn.report import delivery
+
+    data = (project["x"], project["y"])
+    qmodel = compactnn.load("art-w8a8", model=project["factory"].make())
+    simulated = evaluate(qmodel, data)
+    deployed = evaluate(_Misrounded(qmodel), data)
+    assert deployed != simulated  # the stand-in really scores differently
+
+    def misrounded(kind, model, example):
+        return _Misrounded(model), "ONNX Runtime int8", []
+
+    with monkeypatch.context() as patch:
+        patch.setattr(delivery, "deliver", misrounded)
+        assert _eval("--data", "xy.safetensors", "--json", "r.json") == 0
+    out = capsys.readouterr().out
+    result = json.loads(open("r.json").read())
+    assert result["rows"][1]["quality"] == pytest.approx(deployed)
+    assert result["simulated_quality"] == pytest.approx(simulated)
+    said = [line for line in out.splitlines() if line.startswith("simulated model")]
+    assert said == [
+        f"simulated model (what compress and train report): {simulated:.2f}% top-1; deployed "
+        f"(ONNX Runtime int8): {deployed:.2f}%: integer kernels round differently from the "
+        "simulation (exact int32 sums, biases on the int32 grid; docs/deploy.md)"
+    ]
+    # the real deployment: int8 kernels, which agree with the simulation on most inputs
+    assert _eval("--data", "xy.safetensors", "--json", "s.json") == 0
+    out = capsys.readouterr().out
+    result = json.loads(open("s.json").read())
+    assert result["simulated_quality"] == pytest.approx(simulated)
+    same = result["rows"][1]["quality"] == result["simulated_quality"]
+    assert ("simulated model (what" in out) is not same
+    assert _eval("--data", "xy.safetensors", "--simulated", "--json", "t.json") == 0
+    assert json.loads(open("t.json").read())["simulated_quality"] is None  # measured already

@@ -198,7 +198,7 @@ def test_max_drop_scores_top1_on_labelled_data(project, capsys):
             "3", "-o", tmp / "acc"]  # fmt: skip
     code, out, err = cli(capsys, *argv)
     assert code == 0, err
-    assert "top-1 (%) on --data" in out
+    assert "top-1 (%) on x/y of --data" in out and "calibration samples" in err
     summary = json.loads((tmp / "acc" / "search.json").read_text())
     assert summary["baseline"] == 100.0 and summary["tried"]
     best = [t for t in summary["tried"] if t["passed"]]
@@ -234,7 +234,7 @@ def test_a_file_with_both_splits_calibrates_on_train_and_scores_on_test(
         seen.update(kwargs)
         raise CompactnnError("stopped here")
 
-    monkeypatch.setattr(search_command, "evaluation", lambda args, loaded, data: data)
+    monkeypatch.setattr(search_command, "evaluation", lambda args, loaded, data, keys: (data, {}))
     monkeypatch.setattr(search_command, "search", fake_search)
     argv = [*own_model(tmp, "split.safetensors"), "-f", "w2a8,w8a8", "--max-drop", "5",
             "-o", tmp / "s"]  # fmt: skip
@@ -243,3 +243,88 @@ def test_a_file_with_both_splits_calibrates_on_train_and_scores_on_test(
     assert torch.equal(seen["calib_data"], split["x_train"])  # never calibrate on test data
     x, y = seen["eval_fn"]
     assert torch.equal(x, split["x_test"]) and torch.equal(y, split["y_test"])
+
+
+def top1(model, x, y):
+    """Top-1 (%) computed by hand: the reference the search's quality is checked against."""
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(1) == y).float().mean())
+
+
+def test_max_drop_on_a_split_file_is_measured_held_out_and_recorded(project, capsys):
+    tmp, model = project
+    g = torch.Generator().manual_seed(5)
+    x_train, x_test = torch.randn(40, 1, 8, 8, generator=g), torch.randn(30, 1, 8, 8, generator=g)
+    with torch.no_grad():  # labels the float model gets partly wrong: a baseline below 100
+        y_test = model(x_test).argmax(1)
+    y_test[::3] = (y_test[::3] + 1) % 3
+    split = {"x_train": x_train, "y_train": torch.zeros(40, dtype=torch.long),
+             "x_test": x_test, "y_test": y_test}  # fmt: skip
+    save_file(split, tmp / "split.safetensors")
+    argv = [*own_model(tmp, "split.safetensors"), "-f", "w2a8,w8a8", "--max-drop", "5",
+            "--max-evals", "3", "-o", tmp / "held"]  # fmt: skip
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert "top-1 (%) on x_test/y_test of --data" in out and "(x, y)" not in out
+    assert "warning" not in err  # a held-out split: nothing to warn about
+    summary = json.loads((tmp / "held" / "search.json").read_text())
+    budget = summary["budget"]
+    assert budget["max_drop"] == 5 and budget["max_evals"] == 3 and budget["in_sample"] is False
+    assert "x_test/y_test" in budget["measured_on"]
+    assert budget["baseline"] == pytest.approx(top1(model, x_test, y_test))
+    recipe = Recipe.from_yaml((tmp / "held" / "recipe.yaml").read_text())
+    q = compactnn.compress(model, recipe, calib_data=x_train, progress=False)
+    assert budget["quality"] == pytest.approx(top1(q, x_test, y_test))
+    assert budget["drop"] == pytest.approx(budget["baseline"] - budget["quality"]) and (
+        budget["drop"] <= 5
+    )
+
+
+def test_max_drop_on_one_labelled_pair_warns_it_is_in_sample(project, capsys):
+    tmp, model = project
+    x = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    for keys in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):  # one split: same
+        save_file(dict(zip(keys, (x, y), strict=True)), tmp / "one.safetensors")
+        out_dir = tmp / keys[0]
+        argv = [*own_model(tmp, "one.safetensors"), "-f", "w2a8,w8a8", "--max-drop", "5",
+                "--max-evals", "2", "-o", out_dir]  # fmt: skip
+        code, out, err = cli(capsys, *argv)
+        assert code == 0, err
+        warning = [line for line in err.splitlines() if line.startswith("warning:")]
+        assert len(warning) == 1 and "calibration samples" in warning[0], err
+        assert "x_train/y_train" in warning[0] and "x_test/y_test" in warning[0]
+        assert f"top-1 (%) on {keys[0]}/{keys[1]} of --data" in out
+        budget = json.loads((out_dir / "search.json").read_text())["budget"]
+        assert budget["in_sample"] is True and budget["baseline"] == pytest.approx(
+            top1(model, x, y)
+        )
+
+
+def test_search_json_records_the_budget_given(project):
+    tmp, _ = project
+    out = tmp / "b"
+    assert (
+        search_command.run(parse(search_argv(tmp, out, "--avg-bits", "4", "--max-bytes", "900")))
+        == 0
+    )
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["budget"] == {"avg_bits": 4.0, "max_bytes": 900.0}
+    assert summary["cost"]["avg_bits"] <= 4 and summary["cost"]["bytes"] <= 900
+
+
+def test_data_free_is_refused_before_loading_with_what_to_pass(project, capsys, monkeypatch):
+    tmp, _ = project
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --data was checked")
+
+    monkeypatch.setattr(search_command, "load_model", no_load)
+    for model in (own_model(tmp, None), ["mnist-cnn", "--no-progress"]):
+        argv = [*model, "--data", "data-free", "-f", "w2a8,w8a8", "--avg-bits", "4",
+                "-o", tmp / "df"]  # fmt: skip
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "--data data-free" in err and "compactnn compress" in err
+        assert "--data FILE" in err and "unknown data" not in err

@@ -427,3 +427,27 @@ def test_a_forced_failed_run_keeps_the_log_it_did_not_create(tmp_path, monkeypat
     log.unlink()
     assert main(_train_args(tmp_path, tmp_path / "out", "--force")) == 2
     assert not log.exists()
+
+
+def test_a_resumed_train_says_where_it_resumed(tmp_path, monkeypatch, capsys):
+    """A rerun with --checkpoint-dir says it resumed, and from which epoch; a rerun after a
+    finished run says every epoch was already done (and writes the same model again)."""
+    _setup(tmp_path, monkeypatch)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    args = _train_args(tmp_path, out, "--checkpoint-dir", str(ckpt))
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_epoch(patch)
+        assert main(args) == 130
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("  resumed")]
+    assert lines == [f"  resumed from {ckpt} at epoch 2 of 3"]
+    digest = compactnn.artifact_digest(out)
+    assert main([*args, "--force"]) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("  resumed")]
+    assert lines == [f"  resumed from {ckpt}: all 3 epochs were already done (nothing trained)"]
+    assert compactnn.artifact_digest(out) == digest
+    assert main(_train_args(tmp_path, tmp_path / "fresh", "--no-progress")) == 0
+    assert "  resumed from" not in capsys.readouterr().out  # no checkpoint: nothing resumed

@@ -201,3 +201,22 @@ def test_hf_token_ids_out_of_the_vocabulary_or_too_long_are_named(arch):
         "its config.json): cut each sequence to 64 tokens or fewer (e.g. ids[:, :64], or "
         "windows of 64)."
     )
+
+
+def test_input_spec_names_dtypes_and_shapes_of_every_batch_form():
+    from compactnn.core.calib import expected_inputs, input_spec
+
+    ids = {"input_ids": torch.zeros(2, 7, dtype=torch.long), "mask": torch.ones(2, 7)}
+    assert input_spec(ids, rows=True) == (
+        "keywords input_ids=int64 values of shape (N, L), mask=float32 values of shape (N, 7)"
+    )
+    assert input_spec(ids) == (
+        "keywords input_ids=int64 values of shape (2, 7), mask=float32 values of shape (2, 7)"
+    )
+    assert input_spec((torch.zeros(5), 3)) == "a tuple (float32 values of shape (5,), int)"
+    example = torch.zeros(64, 1, 28, 28)
+    assert expected_inputs(_net(), example) == (
+        "float32 values of shape (N, 1, 28, 28), like its example input (64, 1, 28, 28)"
+    )
+    half = nn.Sequential(nn.Linear(16, 4)).half()
+    assert expected_inputs(half, None) == "float16 values of shape (..., 16) (first layer '0')"

@@ -1,5 +1,6 @@
 """Small CNNs with the structures deploy must cover: residual add, depthwise and grouped
-convolutions, concatenation, max and average pooling, a linear head."""
+convolutions, concatenation, max and average pooling, a linear head; a net with a Conv1d
+(a layer deploy keeps in float); ``steps``, an output difference in output steps."""
 
 import pytest
 import torch
@@ -45,3 +46,23 @@ def qnet():
     torch.manual_seed(1)
     calib = torch.randn(32, 3, 16, 16)
     return compactnn.compress(make_net(), "w8a8", calib_data=calib, progress=False), calib
+
+
+def steps(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Independent re-computation of the difference in steps of the output scale."""
+    step = (ref.max() - ref.min()).item() / 255
+    return (ref - out).abs().max().item() / step
+
+
+class WithConv1d(nn.Module):
+    """A Conv1d between a Conv2d and a Linear: deploy has no int8 kernel for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.seq = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).flatten(2)  # (N, 8, H*W)
+        return self.fc(self.seq(x).mean(-1))

@@ -265,18 +265,41 @@ def test_format_version_1_is_refused_with_a_resave_hint(tmp_path):
 def test_check_writable_refuses_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CompactnnError, match="not a directory"):
-        artifact.check_writable(tmp_path / "file", force=True)
+        artifact.check_writable(tmp_path / "file", force=True, what="path")
     with pytest.raises(CompactnnError, match="system folder"):
-        artifact.check_writable("/proc/self/out", force=True)
+        artifact.check_writable("/proc/self/out", force=True, what="path")
     root, _, _ = _saved(tmp_path)
     with pytest.raises(CompactnnError, match="force"):
-        artifact.check_writable(root, force=False)
-    assert artifact.check_writable(root, force=True) == root
-    assert artifact.check_writable(tmp_path / "new" / "deeper", force=False)
+        artifact.check_writable(root, force=False, what="path")
+    assert artifact.check_writable(root, force=True, what="path") == root
+    assert artifact.check_writable(tmp_path / "new" / "deeper", force=False, what="path")
     if os.geteuid() != 0:  # root may write anywhere
         (tmp_path / "ro").mkdir(mode=0o500)
         with pytest.raises(CompactnnError, match="not writable"):
-            artifact.check_writable(tmp_path / "ro" / "a", force=False)
+            artifact.check_writable(tmp_path / "ro" / "a", force=False, what="path")
+
+
+def test_the_refusals_name_the_force_of_whoever_named_the_path(tmp_path):
+    """Like fs.check_file_path: an option (--out) is told --force, Python force=True."""
+    root, q, _ = _saved(tmp_path)
+    with pytest.raises(CompactnnError) as py:
+        compactnn.save(q, root)  # Python: save's argument is path
+    assert str(py.value) == (
+        f"path {str(root)!r} already holds a compactnn artifact; pass force=True to replace it."
+    )
+    with pytest.raises(CompactnnError) as cli:
+        artifact.check_writable(root, force=False, what="--out")
+    assert str(cli.value) == (
+        f"--out {str(root)!r} already holds a compactnn artifact; pass --force to replace it."
+    )
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    cases = (("--out", "(--force only", "force=True"), ("path", "(force=True only", "--force"))
+    for what, word, other in cases:
+        with pytest.raises(CompactnnError) as info:
+            artifact.check_writable(tmp_path / "mine", force=True, what=what)
+        assert str(info.value).startswith(f"{what} ") and word in str(info.value)
+        assert other not in str(info.value)
 
 
 def test_strays_of_a_killed_save_are_removed_by_the_next_save(tmp_path):

@@ -105,3 +105,15 @@ def test_bad_metric_and_batch_size_raise():
 def test_top1_needs_logits_per_sample():
     with pytest.raises(CompactnnError, match="metric=your_function"):
         evaluate(nn.Flatten(0), (X, Y))
+
+
+def test_guess_rate_and_the_float_sanity_warning():
+    from compactnn.measure.quality import guess_rate, no_better_than_guessing
+
+    labels = torch.tensor([9, 9, 9, 1])
+    assert guess_rate(labels) == 75.0  # always "9": 3 of 4
+    assert guess_rate(torch.tensor([], dtype=torch.long)) == 0.0
+    assert no_better_than_guessing(75.5, labels) is None
+    doubt = no_better_than_guessing(75.0, labels, "--data d.safetensors")
+    assert "75.00% top-1 on --data d.safetensors" in doubt and "(75.00%)" in doubt
+    assert "preprocessed" in doubt

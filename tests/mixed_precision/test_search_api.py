@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,8 @@ def test_budget_met_and_recipe_runs_unchanged(tmp_path):
     assert theoretical_size(q) == r.cost["bytes"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert (tmp_path / "search.json").is_file() and (tmp_path / "sensitivity.json").is_file()
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert r.budget == saved["budget"] == {"avg_bits": 4}  # only the limits given
 
 
 def test_first_last_rule_is_a_constraint():
@@ -111,6 +115,13 @@ def test_accuracy_mode_reports_every_trial():
     assert r.assignment == min(passed, key=lambda t: t["bytes"])["assignment"]
     q = compactnn.compress(model, r.recipe, calib_data=calib, progress=False)
     assert fidelity(q) >= -1.0
+    # the budget and the chosen recipe's measured quality, as search.json records them
+    assert set(r.budget) == {"max_drop", "max_evals", "baseline", "quality", "drop"}
+    assert r.budget["max_drop"] == 1.0 and r.budget["max_evals"] == 3
+    assert r.budget["baseline"] == pytest.approx(fidelity(model), abs=1e-9)
+    assert r.budget["quality"] == pytest.approx(fidelity(q), rel=1e-6, abs=1e-9)
+    assert r.budget["drop"] == pytest.approx(r.budget["baseline"] - r.budget["quality"])
+    assert r.to_dict()["budget"] == r.budget
 
 
 def test_accuracy_mode_spends_every_evaluation_when_all_pass(tmp_path):
@@ -202,3 +213,30 @@ def test_an_unreachable_budget_is_reported_in_its_own_unit():
         search(
             model, formats=FORMATS, budget=Budget(max_bytes=10), calib_data=calib, progress=False
         )
+
+
+class _SpareHead(nn.Module):
+    """Registered last, never run: neither first nor last for first_last_bits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(8, 4)
+        self.fc1 = nn.Linear(6, 8)
+        self.spare = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_first_last_min_bits_guards_the_layers_first_last_bits_promotes():
+    from compactnn.mixed_precision.api import _allowed, end_layers, searched_layers
+    from compactnn.mixed_precision.formats import parse_formats
+
+    torch.manual_seed(0)
+    model, batches = _SpareHead(), [torch.randn(4, 6)]
+    layers = searched_layers(model, batches)
+    assert list(layers) == ["fc1", "fc2", "spare"]  # run order, the spare head last
+    assert end_layers(model, layers, batches) == {"fc1", "fc2"}
+    fmts = parse_formats(["w2", "w8"])
+    allowed = _allowed(layers, fmts, 8, ends=end_layers(model, layers, batches))
+    assert allowed.tolist() == [[False, True], [False, True], [True, True]]

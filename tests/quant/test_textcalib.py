@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from compactnn.errors import CompactnnError
 from compactnn.models.tiny_hf import tiny_model
@@ -52,6 +53,27 @@ def test_token_ids_out_of_the_vocabulary_or_too_long_are_named():
     check_token_ids(model, torch.randn(2, 300), "x.npy")  # float inputs: not token ids
     llama, _ = tiny_model("llama")  # rotary positions: runs past max_position_embeddings
     check_token_ids(llama, torch.cat([ok, ok], 1), "ids.npy")
+
+
+def test_float_ids_and_a_mask_of_another_shape_are_named():
+    """transformers runs a (2, 12) mask with (2, 16) ids without a word; float ids fail deep
+    in the embedding with advice about wrapping batches."""
+    from compactnn.quant.textcalib import check_token_ids
+
+    model, _ = tiny_model("gpt2")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    short = torch.ones(2, 12, dtype=torch.long)
+    with torch.no_grad():  # the premise: the model accepts it silently
+        model(input_ids=ids, attention_mask=short)
+    with pytest.raises(CompactnnError) as info:
+        check_token_ids(model, [{"input_ids": ids, "attention_mask": short}], "--data d")
+    assert str(info.value).startswith(
+        "--data d: attention_mask has shape (2, 12) and input_ids (2, 16); they must match"
+    )
+    with pytest.raises(CompactnnError, match="input_ids holds float32 values, and token ids"):
+        check_token_ids(model, {"input_ids": ids.float()}, "--data d")
+    check_token_ids(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "d")
+    check_token_ids(nn.Linear(4, 2), {"input_ids": ids.float()}, "d")  # not a language model
 
 
 def test_a_seq_len_longer_than_the_model_takes_is_named():

@@ -119,6 +119,7 @@ def test_rows_match_hand_computed_numbers(setup):
         rows["w8a8"]["quality"] - rows["float"]["quality"]
     )
     assert any("runs natively" in n for n in rows["sp50"]["notes"])
+    assert not any("no better than" in n for n in rows["float"]["notes"])
     sp_ratio = rows["float"]["latency"]["median_s"] / rows["sp50"]["latency"]["median_s"]
     assert rows["sp50"]["speedup"] == pytest.approx(sp_ratio)
     assert json.loads((root / "r" / "results.json").read_text())["rows"][1]["label"] == "w8a8"
@@ -128,6 +129,21 @@ def test_rows_match_hand_computed_numbers(setup):
     assert len(sim_lines) == 1 and sim_lines[0].endswith("| simulated |")  # no speedup claimed
     assert (root / "r" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "<table>" in (root / "r" / "report.html").read_text()
+
+
+def test_data_the_float_model_cannot_read_is_flagged(setup):
+    """Labels shifted by one class: the float model scores below always guessing the most
+    frequent label, which the report says (warning and the float row's notes)."""
+    root, net, paths = setup
+    x, y = load_digits8().x_test[:200], load_digits8().y_test[:200]
+    shifted = (y + 1) % 10
+    assert _hand_top1(net, x, shifted) <= 100.0 * int(torch.bincount(shifted).max()) / len(y)
+    with pytest.warns(UserWarning, match="no better than always answering"):
+        results = build_report(
+            [paths["w8a8"]], model=net, data=(x, shifted), out=root / "shifted", runs=2,
+            progress=False, quick=True,
+        )  # fmt: skip
+    assert any("preprocessed" in n for n in results["rows"][0]["notes"])
 
 
 def test_custom_metric_and_data_forms(setup):

@@ -68,3 +68,41 @@ def test_deliver_float_races_the_float_paths_and_keeps_the_outputs(pruned):
         ref, out = pruned(X), fast(X)  # another batch size than the race's
     # fp32 paths differ by summation order; bf16 autocast keeps 8 mantissa bits
     assert (out.float() - ref).abs().max() <= 5e-2 * ref.abs().max()
+
+
+def test_a_probe_pruned_transformer_is_delivered_as_itself(monkeypatch):
+    """pp30's MLPs run on sliced weights in eager PyTorch: that is what the user runs, so
+    deliver returns the model itself, named honestly, without trying to_kernels."""
+    from compactnn.models.tiny_hf import outputs, tiny_model
+    from compactnn.prune.probe import ProbeMLP
+
+    torch.set_num_threads(1)
+    model, calib = tiny_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "probe: only 16 calibration samples"
+        pruned = compactnn.compress(model, "pp30", calib_data=calib, progress=False)
+    assert delivery.is_probe_pruned(pruned) and not is_plain_float(pruned)
+    assert not delivery.is_probe_pruned(model) and not delivery.is_probe_pruned(_cnn())
+    assert not delivery.is_probe_pruned(_compress(_cnn(), "w8a8"))
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("to_kernels was tried on a probe-pruned model")
+
+    monkeypatch.setattr(compactnn, "to_kernels", no_kernels)
+    fast, runtime, notes = delivery.deliver("transformer", pruned, calib[0])
+    assert fast is pruned and runtime == "PyTorch fp32 (probe-pruned)" != SIMULATED
+    mlps = [m for m in pruned.modules() if isinstance(m, ProbeMLP)]
+    assert notes == [
+        f"runs as itself: probe-pruned ({len(mlps)} MLPs skip 30% of their hidden channels, "
+        "chosen per sample by a probe; weights sliced at run time) in eager PyTorch fp32 "
+        "(deploy and to_kernels do not take it)"
+    ]
+    outputs(fast, calib[0])
+    width = mlps[0].down_proj.in_features
+    assert mlps[0].last_kept.shape[-1] == width - int(0.3 * width)  # really sliced
+
+
+def test_a_partly_swapped_transformer_says_how_much_runs_on_kernels():
+    info = {"swapped": {"a": "K", "b": "K"}, "simulated": {"c": "no kernel"}, "dtype": "bf16"}
+    assert delivery.kernels_runtime(info) == "kernels bf16 (2 of 3 layers; 1 simulated)"
+    assert delivery.kernels_runtime({**info, "simulated": {}}) == "kernels bf16"

@@ -111,3 +111,32 @@ def test_a_checkpoint_without_fingerprints_is_refused(tiny, tmp_path):
     torch.save(state, path)  # as an older compactnn wrote it
     with pytest.raises(CompactnnError, match="older compactnn.*" + WAY_OUT):
         compactnn.train(model, "w4a4-pact", data, checkpoint_dir=tmp_path, **KW)
+
+
+def test_checkpoint_position_says_where_a_run_stands(tiny, tmp_path):
+    """epochs done, batches done of the next, the run's total: read from the checkpoint
+    itself (the same numbers torch.load gives), None without a readable one."""
+    from compactnn.training.checkpoint import checkpoint_position, resume_line
+
+    model, data, _ = tiny
+    assert checkpoint_position(tmp_path) is None
+    kw = {**KW, "epochs": 2}
+    compactnn.train(model, "w4a4-pact", data, checkpoint_dir=tmp_path, max_steps=3, **kw)
+    state = torch.load(checkpoint_path(tmp_path), weights_only=True)
+    position = checkpoint_position(tmp_path)
+    assert position == {"epoch": state["epoch"], "batch": state["batch"], "epochs": 2}
+    assert position["epoch"] == 0 and position["batch"] == 3 == state["step"]
+    assert resume_line("ck", position) == "resumed from ck at epoch 1 of 2, after its batch 3"
+    compactnn.train(model, "w4a4-pact", data, checkpoint_dir=tmp_path, **kw)
+    position = checkpoint_position(tmp_path)
+    assert position == {"epoch": 2, "batch": 0, "epochs": 2}
+    said = "resumed from ck: all 2 epochs were already done (nothing trained)"
+    assert resume_line("ck", position) == said
+    assert resume_line("ck", {"epoch": 1, "batch": 0, "epochs": 3}) == (
+        "resumed from ck at epoch 2 of 3"
+    )
+    assert resume_line("ck", {"epoch": 1, "batch": 0, "epochs": 1}) == (
+        "resumed from ck: its 1 epoch was already done (nothing trained)"
+    )
+    checkpoint_path(tmp_path).write_bytes(b"not a checkpoint")
+    assert checkpoint_position(tmp_path) is None  # load_checkpoint says why, at train

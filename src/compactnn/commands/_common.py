@@ -49,7 +49,7 @@ def check_out(out: Path, model_spec: str, force: bool) -> None:
             f"--out {str(out)!r} is the input model's own folder: the artifact would replace "
             "its files. Choose an empty or new folder, e.g. --out out/model-compressed."
         )
-    check_writable(out, force)
+    check_writable(out, force, what="--out")
 
 
 def check_not_an_input(
@@ -141,7 +141,9 @@ def split_labels(
     file that also holds ``x_train``/``y_train``; ``role="train"`` (calibration) reads the
     training split (:func:`compactnn.training.data.labelled_keys`). When the file holds
     more than one labelled split, a note on stderr names the one used (``note=False``:
-    the caller says it).
+    the caller says it). A file whose only labelled split is the other role's
+    (``x_test``/``y_test`` alone for calibration, ``x_train``/``y_train`` alone for scoring)
+    serves both roles, with a note.
 
     Example:
         >>> split_labels({"x": torch.ones(2, 3), "y": torch.tensor([0, 1])})[1]
@@ -155,6 +157,11 @@ def split_labels(
             if said:
                 print(f"note: {said}", file=sys.stderr)
             return data[keys[0]], data[keys[1]]
+        other = labelled_keys(tensors, "eval" if role == "train" else "train")
+        if other is not None:  # the file's only split serves both roles: say so
+            use = "calibrating on" if role == "train" else "scoring"
+            print(f"note: {what} holds only {other[0]}/{other[1]}: {use} it", file=sys.stderr)
+            return data[other[0]], data[other[1]]
     return data, None
 
 

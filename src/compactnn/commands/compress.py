@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shlex
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 import compactnn
+from compactnn.api import PROBE_PROJECTIONS, probe_pruned_layers
 from compactnn.commands._common import (
     add_model_args,
     calib_inputs,
@@ -25,10 +27,13 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
-from compactnn.core.calib import check_token_ids
+from compactnn.core.calib import as_batches, batch_size_of, call_model, check_token_ids
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
+from compactnn.prune.probe import EXTRA_KEY as PROBE_KEY
+from compactnn.prune.probe import ProbePruneConfig, probe_flops_fraction
+from compactnn.prune.stats import count_params, layer_macs
 from compactnn.training.data import labelled_keys
 
 
@@ -140,6 +145,116 @@ def pruned_layers(extra: dict, original=None) -> dict[str, str]:
     return out
 
 
+PROBE_CHOICE = {  # config.mode -> (kind, how each input's channels are chosen)
+    "sample": ("dynamic", "chosen per sample by a probe"),
+    "batch": ("dynamic", "chosen per batch by a probe"),
+    "static": ("static", "the same for every batch, from the calibration statistics"),
+}
+
+
+def skipped_channels(width: int, ratio: float) -> int:
+    """Hidden channels a probe-pruned MLP of ``width`` skips per input: ``floor(ratio *
+    width)``, at most ``width - 1`` (``prune.probe.kept_channels``).
+
+    Example:
+        >>> skipped_channels(512, 0.3), skipped_channels(2, 0.9)
+        (153, 1)
+    """
+    return min(math.floor(ratio * width), width - 1)
+
+
+def _probe_record(extra: dict, original=None) -> tuple[dict, dict[str, int]] | None:
+    """Probe pruning's config and each wrapped MLP's hidden width (None without it; a width
+    of 0 when ``original`` does not say)."""
+    record = extra.get(PROBE_KEY)
+    if not isinstance(record, dict) or not record.get("mlps"):
+        return None
+    modules = dict(original.named_modules()) if original is not None else {}
+    widths = {
+        mlp: getattr(modules.get(f"{mlp}.down_proj"), "in_features", 0) for mlp in record["mlps"]
+    }
+    return record.get("config", {}), widths
+
+
+def probe_layers(extra: dict, original=None) -> dict[str, str]:
+    """What probe pruning does to each projection of the MLPs it wraps: how many of the
+    MLP's hidden channels each input skips, chosen how; the weights stay whole (sliced at
+    run time).
+
+    Example:
+        >>> cfg = {"ratio": 0.3, "mode": "sample"}
+        >>> probe_layers({"probe_prune": {"config": cfg, "mlps": ["mlp"]}})["mlp.up_proj"][:40]
+        'probe-pruned (dynamic: 30% of the MLP hi'
+    """
+    found = _probe_record(extra, original)
+    if found is None:
+        return {}
+    config, widths = found
+    ratio = config.get("ratio", 0.0)
+    kind, how = PROBE_CHOICE.get(config.get("mode"), ("dynamic", "chosen by a probe"))
+    out = {}
+    for name in probe_pruned_layers(extra):
+        width = widths.get(name.rpartition(".")[0], 0)
+        share = f"{ratio:.0%} of the MLP hidden channels"
+        if width:
+            share = f"{skipped_channels(width, ratio)} of the MLP's {width} hidden channels"
+        out[name] = f"probe-pruned ({kind}: {share} skipped, {how})"
+    return out
+
+
+def probe_macs(dense: int, mlps: list[tuple[int, float]], probe: float) -> int:
+    """Multiply-accumulates of one call after probe pruning: the dense model's ``dense``,
+    in which each probed MLP's ``(macs, kept)`` shrinks to its ``kept`` share of hidden
+    channels and adds the probe's ``probe`` share of its dense MACs
+    (``prune.probe.probe_flops_fraction``).
+
+    Example:
+        >>> probe_macs(1000, [(300, 0.7), (300, 0.7)], 0.1)
+        880
+    """
+    return round(dense + sum(macs * (kept - 1.0 + probe) for macs, kept in mlps))
+
+
+def probe_lines(extra: dict, original, batch: Any) -> list[str]:
+    """Probe pruning's parameters and multiply-accumulates before and after on ``batch``
+    (the first calibration batch; the float model runs on it once, its Linear / Conv MACs
+    counted as ``prune.stats.count_macs`` does): the parameters stay (each input picks its
+    channels, weights sliced at run time), the MLPs' products shrink, the probe adds its own.
+    """
+    found = _probe_record(extra, original)
+    if found is None or batch is None:
+        return []
+    config = ProbePruneConfig.from_dict(found[0], "probe_prune.config")
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    layers = {n: m for n, m in original.named_modules() if isinstance(m, kinds)}
+    was = original.training
+    original.eval()
+    try:
+        macs = layer_macs(original, layers, lambda m: call_model(m, batch), per_sample=False)
+    finally:
+        original.train(was)
+    ids = batch.get("input_ids", next(iter(batch.values()))) if isinstance(batch, dict) else batch
+    ids = ids[0] if isinstance(ids, (tuple, list)) else ids
+    rows, length = batch_size_of(batch), int(ids.shape[1]) if ids.dim() > 1 else 1
+    probe = probe_flops_fraction(config, rows, length)
+    mlps = [
+        (
+            sum(macs.get(f"{mlp}.{p}", 0) for p in PROBE_PROJECTIONS),
+            1.0 - (skipped_channels(width, config.ratio) / width if width else config.ratio),
+        )
+        for mlp, width in found[1].items()
+    ]
+    dense = sum(macs.values())
+    params = human_count(count_params(original))
+    cost = f"; the probe adds {probe:.1%} of their dense MACs" if probe else ""
+    return [
+        f"  pruning (probe): params {params} -> {params} (weights kept whole, sliced at run "
+        f"time), MACs {human_count(dense)} -> {human_count(probe_macs(dense, mlps, probe))} "
+        f"({len(mlps)} MLPs skip {config.ratio:.0%} of their hidden channels{cost}; first "
+        f"calibration batch, {rows} x {length})"
+    ]
+
+
 def data_free(args: argparse.Namespace, loaded) -> object:
     """256 images generated from the model alone (batch-norm statistics inversion)."""
     from compactnn.datafree import generate
@@ -196,12 +311,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model, args.recipe)
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before work
     recipe = compactnn.resolve_recipe(args.recipe)  # fail fast on a bad recipe
+    check_input_shape(args)
     if args.max_memory is not None:
         return run_streamed(args, out, recipe)
     check_data_given(recipe, args.data, args.model)  # before loading the model
     note_training_recipe(recipe, args.model, args.recipe)
     loaded = load_model(args.model, args)
-    if args.data == "data-free":
+    if args.data == "data-free" and not reads_data(recipe):
+        print(
+            f"note: no step of {recipe.name} calibrates on data: no images generated for "
+            "--data data-free",
+            file=sys.stderr,
+        )
+        given, data = None, None
+    elif args.data == "data-free":
         given, data = None, data_free(args, loaded)
     else:
         given = resolve_data(args.data, loaded)  # read once: calibration and the eval line
@@ -230,8 +353,9 @@ def run(args: argparse.Namespace) -> int:
     quantized = sum(1 for m in qmodel.modules() if hasattr(m, "weight_codes"))  # layers
     print(f"compressed {args.model} with {recipe.name} in {seconds:.1f} s")
     pruned = pruned_layers(extra, loaded.model)
+    probed = probe_layers(extra, loaded.model)
     counts = f"  quantized layers: {quantized}; "
-    counts += f"pruned layers: {len(pruned)}; " if pruned else ""
+    counts += f"pruned layers: {len(pruned) + len(probed)}; " if pruned or probed else ""
     print(counts + f"kept in float: {len(info['float_layers'])}")
     for name, reason in info["float_layers"].items():
         if name in pruned:  # pruned by the recipe, not quantized: targeted after all
@@ -241,7 +365,12 @@ def run(args: argparse.Namespace) -> int:
     for name, what in pruned.items():
         if name not in info["float_layers"]:
             print(f"    {name}: pruned ({what})" + (", then quantized" if name in codes else ""))
+    for name, what in probed.items():
+        print(f"    {name}: {what}" + ("; its weights quantized" if name in codes else ""))
     for line in pruning_lines(extra.get("pruning", {})):
+        print(line)
+    calib = as_batches(data) if probed and data is not None else []
+    for line in probe_lines(extra, loaded.model, calib[0] if calib else None):
         print(line)
     print(
         f"  artifact: {out}  {human_bytes(size)} "
@@ -251,6 +380,29 @@ def run(args: argparse.Namespace) -> int:
     held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded, given)})
     print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
     return 0
+
+
+def reads_data(recipe) -> bool:
+    """Whether a step of ``recipe`` reads calibration data (``MethodConfig.uses_data``:
+    activation grids, GPTQ, Wanda, self-distilling pruning, FFN's refit...). A weight-only
+    RTN recipe reads none.
+
+    Example:
+        >>> [reads_data(compactnn.resolve_recipe(r)) for r in ("w4", "w4a8", "sp90-dns")]
+        [False, True, True]
+    """
+    return any(step.config.uses_data() for step in recipe.steps)
+
+
+def check_input_shape(args: argparse.Namespace) -> None:
+    """Refuse ``--input-shape`` without ``--data data-free``: only generated images take it
+    (a data file's inputs have their own shape), and a silently unused option misleads."""
+    if args.input_shape is not None and args.data != "data-free":
+        given = f"--data {args.data} (inputs of their own shape)" if args.data else "no --data"
+        raise CompactnnError(
+            f"--input-shape {args.input_shape} sets the shape of the images --data data-free "
+            f"generates, and this run has {given}: drop --input-shape, or pass --data data-free."
+        )
 
 
 def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> str | None:
@@ -273,10 +425,18 @@ def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> 
 
 def note_training_recipe(recipe, model: str, recipe_arg: str) -> None:
     """A training-aware recipe compresses here without its training (the post-training
-    form of its quantizers, calibrated): say so and name the command that trains it."""
+    form of its quantizers, calibrated): say so and name the command that trains it. A
+    method that trains inside compress (TernaryBERT's label-free distillation on the
+    calibration text) is not noted: ``compactnn train`` takes classifiers only."""
     from compactnn.engines.qat import QATConfig
+    from compactnn.quant.ternarybert import TernaryBERTConfig
 
-    if any(isinstance(step.config, QATConfig) for step in recipe.steps):
+    untrained = [
+        step
+        for step in recipe.steps
+        if isinstance(step.config, QATConfig) and not isinstance(step.config, TernaryBERTConfig)
+    ]
+    if untrained:
         print(
             f"note: {recipe.name} is a training-aware recipe; compress calibrates it without "
             "training (its post-training accuracy). Train it with: compactnn train "

@@ -156,7 +156,7 @@ def check_outputs(args: argparse.Namespace) -> None:
                 "deployed/."
             )
     if args.save:
-        check_writable(args.save, args.force)
+        check_writable(args.save, args.force, what="--save")
     if args.onnx:
         check_file_path(args.onnx, "--onnx", force=args.force, suggest="model.onnx")
 

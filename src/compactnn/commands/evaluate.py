@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,8 @@ from compactnn.core.calib import (
     batch_size_of,
     call_model,
     check_token_ids,
-    describe,
-    expected_input_hint,
+    expected_inputs,
+    input_spec,
     main_output,
 )
 from compactnn.deployment.api import DeployedModel
@@ -53,6 +54,7 @@ from compactnn.measure import (
 )
 from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import EAGER, fastest_float_path
+from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
@@ -107,22 +109,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def check_inputs(loaded: LoadedModel, batch: Any, option: str = "--data") -> Any:
     """Run the float model on one batch and return its output; a failure becomes one line
-    naming both shapes."""
+    naming the batch's dtype and shape and the ones the model takes."""
     try:
         with torch.no_grad():
             return call_model(loaded.model.eval(), batch)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        first = first_line(exc)
-        example = loaded.example
-        like = (
-            f"; its example input has shape {tuple(example.shape)}"
-            if isinstance(example, torch.Tensor)
-            else ""
-        )
+    # AssertionError: a torch.export (.pt2) model's input guards ("Guard failed: ...")
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
+        want = expected_inputs(loaded.model, loaded.example)
+        ints = isinstance(batch, torch.Tensor) and not batch.is_floating_point()
+        if ints and "float" in want:  # a file's floats are cast to the model's dtype, not ints
+            want += " (integers are not cast: save floating-point values)"
         raise CompactnnError(
-            f"{option} does not fit the model: it holds {describe(batch)}, the model expects "
-            f"{expected_input_hint(loaded.model)}{like} ({first}). Pass inputs of that shape "
-            "(float32; integer token ids for a language model)."
+            f"{option} does not fit the model: it holds {input_spec(batch)} "
+            f"({first_line(exc)}). Pass {want}."
         ) from exc
 
 
@@ -223,7 +222,9 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
         SIMULATED,
         deliver,
         deliver_float,
+        deliver_probe_pruned,
         is_plain_float,
+        is_probe_pruned,
         runtime_name,
     )
 
@@ -249,6 +250,8 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
             qmodel, example, quick=args.quick, threads=args.threads
         )
         return "compressed", fast, runtime, notes
+    if is_probe_pruned(qmodel):  # its MLPs run on sliced weights: it is its delivered form
+        return "compressed", *deliver_probe_pruned(qmodel)
     model, runtime, notes = deliver(_kind(qmodel, example), qmodel, example)
     label = "compressed" if runtime == SIMULATED else "deployed"
     return label, model, runtime, notes
@@ -290,6 +293,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     rows = [_row(args, loaded, data, batches, paths, qmodel, *e) for e in entries]
     for row in rows:  # what the compressed layers store, per weight (float: none)
         row["bits_per_weight_stored"] = None if row is rows[0] else args.stored_bits.get("total")
+    labels = data[1]
+    doubt = labels is not None and no_better_than_guessing(
+        rows[0]["quality"], labels, f"--data {args.data}"
+    )
+    if doubt:
+        print(f"warning: {doubt}", file=sys.stderr)
+    simulated = _simulated_quality(args, loaded, qmodel, data, batches, rows[-1])
+    if (said := simulated_note(rows[-1], simulated)) is not None:
+        notes = [*notes, said]
     base = rows[0]["latency"]
     for row in rows[1:]:
         fair = base and row["latency"] and row["runtime"] != SIMULATED
@@ -302,11 +314,45 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "gomp_spincount": spin_count() or "unset",
         "float_paths": paths.to_dict() if paths else None,
         "notes": notes,
+        "warnings": [doubt] if doubt else [],
         "rows": rows,
+        "simulated_quality": simulated,
         "stored_bits": dict(args.stored_bits),
         "verification_batch_bytes": args.companion_bytes or None,
         "float_weights": _float_weights(loaded.model, qmodel, recipe, args.stored_bits),
     }
+
+
+def _simulated_quality(args, loaded, qmodel, data, batches, row) -> float | None:
+    """The simulated model's quality on the data that scored a deployed row (one more
+    evaluation pass): what ``compress`` and ``train`` report. None unless the row is a
+    deployed (integer-kernel) form of ``qmodel`` scored on labels (``--data`` x/y, or a
+    reference model's test split)."""
+    if qmodel is None or row["model"] != "deployed":
+        return None
+    if data[1] is None and loaded.reference is None:
+        return None
+    return _quality(args, loaded, qmodel, data, batches[:8])[1]
+
+
+def simulated_note(row: dict[str, Any], simulated: float | None) -> str | None:
+    """One line when the deployed ``row``'s quality differs from the simulated model's.
+
+    Example:
+        >>> row = {"metric": "top1", "quality": 93.41, "runtime": "ONNX Runtime int8"}
+        >>> simulated_note(row, 92.86)[:63]
+        'simulated model (what compress and train report): 92.86% top-1;'
+    """
+    if simulated is None or row["quality"] is None or simulated == row["quality"]:
+        return None
+    metric = row["metric"]
+    name = " top-1" if metric == "top1" else f" {metric}"
+    return (
+        f"simulated model (what compress and train report): {fmt_quality(metric, simulated)}"
+        f"{name}; deployed ({row['runtime']}): {fmt_quality(metric, row['quality'])}: integer "
+        "kernels round differently from the simulation (exact int32 sums, biases on the "
+        "int32 grid; docs/deploy.md)"
+    )
 
 
 def _float_weights(

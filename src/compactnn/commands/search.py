@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from compactnn.commands._common import (
     add_model_args,
@@ -16,7 +20,6 @@ from compactnn.commands._common import (
     load_model,
     model_words,
     positive_int,
-    split_labels,
 )
 from compactnn.core.calib import as_batches
 from compactnn.errors import CompactnnError
@@ -25,6 +28,7 @@ from compactnn.measure.quality import evaluate
 from compactnn.mixed_precision import Budget, search
 from compactnn.mixed_precision.result import check_search_folder
 from compactnn.model_io import reference_names, resolve_data
+from compactnn.training.data import labelled_keys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -55,7 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--max-drop",
         type=float,
         help="accuracy-aware: the smallest recipe whose quality drop is at most this (top-1 "
-        "points on labelled --data x/y, else the reference model's own evaluation)",
+        "points on the held-out x_test/y_test of --data, else on its labelled x/y, which also "
+        "calibrate; else the reference model's own evaluation)",
     )
     p.add_argument(
         "--max-evals", type=positive_int, default=8, help="full evaluations (with --max-drop)"
@@ -63,7 +68,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--measure", choices=("measured", "hessian"), default="measured")
     p.add_argument("--first-last-min-bits", type=int, help="first/last layers keep >= N bits")
     p.add_argument("--embeddings", help="short name for embedding tables (e.g. w4-g32)")
-    p.add_argument("--data", "-d", help="calibration inputs (.safetensors/.npy or a data set)")
+    p.add_argument(
+        "--data",
+        "-d",
+        help="calibration inputs (.safetensors/.npy or a data set; x_train of a file that also "
+        "holds x_test/y_test, which --max-drop scores)",
+    )
     p.add_argument("--out", "-o", required=True, help="folder for recipe.yaml and search.json")
     p.add_argument("--force", action="store_true", help="replace an earlier search in --out")
     p.add_argument(
@@ -89,8 +99,16 @@ def check_search_out(out: Path, force: bool) -> None:
 
 
 def check_search_data(data: str | None, model_spec: str) -> None:
-    """Refuse, before the model is loaded, a search without calibration inputs: only
-    reference models bring their own."""
+    """Refuse, before the model is loaded, a search without calibration inputs (only
+    reference models bring their own) or with ``--data data-free`` (a compress option)."""
+    if data == "data-free":
+        raise CompactnnError(
+            "compactnn search does not take --data data-free (only compactnn compress generates "
+            "calibration images): pass --data FILE (.safetensors or .npy inputs; to search on "
+            "generated images, save data = compactnn.datafree.generate(model, 256, "
+            "input_shape=(C, H, W)) with safetensors.torch.save_file({'x': data.x}, "
+            "'gen.safetensors')), or leave --data out for a reference model."
+        )
     if data is None and model_spec not in reference_names():
         raise CompactnnError(
             "compactnn search scores every layer on calibration inputs and MODEL brings none: "
@@ -99,16 +117,54 @@ def check_search_data(data: str | None, model_spec: str) -> None:
         )
 
 
-def evaluation(args: argparse.Namespace, loaded, labelled) -> Callable | None:
-    """The quality ``--max-drop`` compares: top-1 on labelled ``--data`` (x, y), else a
-    reference model's held-out evaluation; None without ``--max-drop``."""
+def data_keys(data: Any) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """``(scored, calibrating)`` key pairs of a labelled ``--data`` mapping: ``--max-drop``
+    scores the held-out split ``x_test``/``y_test`` when there is one, else the labelled
+    pair that also calibrates (``x_train``/``y_train``, ``x``/``y``, ``inputs``/``labels``;
+    a file's only split, ``x_test``/``y_test`` alone included, does both);
+    ``(None, None)`` for unlabelled data.
+
+    Example:
+        >>> data_keys(dict.fromkeys(["x_train", "y_train", "x_test", "y_test"], torch.ones(1)))
+        (('x_test', 'y_test'), ('x_train', 'y_train'))
+        >>> data_keys(dict.fromkeys(["x", "y"], torch.ones(1)))
+        (('x', 'y'), ('x', 'y'))
+        >>> data_keys(dict.fromkeys(["x_test", "y_test"], torch.ones(1)))
+        (('x_test', 'y_test'), ('x_test', 'y_test'))
+    """
+    if not isinstance(data, dict):
+        return None, None
+    tensors = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
+    calib = labelled_keys(tensors, "train") or labelled_keys(tensors, "eval")
+    return labelled_keys(tensors, "eval") or calib, calib
+
+
+def evaluation(args: argparse.Namespace, loaded, labelled, keys) -> tuple[Callable | None, dict]:
+    """The quality ``--max-drop`` compares and what it is measured on (``measured_on``,
+    ``in_sample``: recorded in search.json's budget): top-1 on the ``keys``
+    ``(scored, calibrating)`` pairs of labelled ``--data`` (a warning when they are the same
+    samples), else a reference model's held-out evaluation; ``(None, {})`` without
+    ``--max-drop``."""
     if args.max_drop is None:
-        return None
+        return None, {}
     if labelled:
-        print(f"quality for --max-drop: top-1 (%) on --data {args.data} (x, y)")
-        return lambda model: evaluate(model, labelled)
+        (kx, ky), calib = keys
+        in_sample = keys[0] == calib
+        where = f"{kx}/{ky} of --data {args.data}"
+        said = " (the calibration samples)" if in_sample else f" (held out; {calib[0]} calibrates)"
+        print(f"quality for --max-drop: top-1 (%) on {where}{said}")
+        if in_sample:
+            print(
+                f"warning: the --max-drop drop is measured on the calibration samples ({where} "
+                "also calibrate the search), so it may be optimistic; for a held-out measurement "
+                "give a file with x_train/y_train (calibration) and x_test/y_test (scoring).",
+                file=sys.stderr,
+            )
+        measured = {"measured_on": f"top-1 (%) on {where}{said}", "in_sample": in_sample}
+        return (lambda model: evaluate(model, labelled)), measured
     if loaded.reference is not None:
-        return loaded.reference.evaluate
+        measured = {"measured_on": f"{args.model}'s held-out evaluation", "in_sample": False}
+        return loaded.reference.evaluate, measured
     raise CompactnnError(
         "--max-drop compares the quality of each candidate with the float model's, and "
         "MODEL has no evaluation of its own: pass labelled --data FILE (a .safetensors with "
@@ -150,9 +206,10 @@ def run(args: argparse.Namespace) -> int:
     check_search_data(args.data, args.model)  # before loading the model
     loaded = load_model(args.model, args)
     raw = resolve_data(args.data, loaded)
-    inputs, labels = split_labels(raw)  # a file's held-out split scores --max-drop
-    calib = split_labels(raw, role="train", note=False)[0]  # and its training split calibrates
-    eval_fn = evaluation(args, loaded, None if labels is None else (inputs, labels))
+    scored, calib_keys = data_keys(raw)  # a file's held-out split scores --max-drop
+    calib = raw[calib_keys[0]] if calib_keys else raw  # and its training split calibrates
+    labelled = (raw[scored[0]], raw[scored[1]]) if scored else None
+    eval_fn, measured = evaluation(args, loaded, labelled, (scored, calib_keys))
     example = latency_example(args, loaded, calib)
     with tempfile.TemporaryDirectory(prefix="compactnn-search-") as staging:
         cache = Path(staging)
@@ -174,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             groups=args.groups,
             progress=not args.no_progress,
         )
+        result.budget.update(measured)  # what --max-drop's quality was measured on
         result.save(out, force=args.force)  # only now: a search that fails leaves --out as it was
         if (cache / SENSITIVITY).is_file():
             atomic_write(out / SENSITIVITY, lambda tmp: shutil.copyfile(cache / SENSITIVITY, tmp))

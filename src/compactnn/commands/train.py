@@ -23,9 +23,10 @@ from compactnn.commands._common import (
 )
 from compactnn.commands.compress import default_out, eval_command
 from compactnn.errors import CompactnnError
+from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
-from compactnn.training.checkpoint import checkpoint_path
+from compactnn.training.checkpoint import checkpoint_path, checkpoint_position, resume_line
 from compactnn.training.data import as_eval_data, labelled_keys
 from compactnn.training.epoch_log import format_epoch
 from compactnn.training.loop import evaluate_top1
@@ -213,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
             "FILE.safetensors (x and y tensors) as well."
         )
     before = _file_state(log)
+    resumes = args.checkpoint_dir and not args.no_resume
+    position = checkpoint_position(args.checkpoint_dir) if resumes else None
     t0 = time.perf_counter()
     try:
         qmodel = _train(args, loaded, recipe, data, eval_data, log)
@@ -233,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         f"epoch{'' if hist.get('epochs') == 1 else 's'} "
         f"in {seconds:.0f} s"
     )
+    if position is not None:  # the checkpoint was continued (a foreign one is refused)
+        print(f"  {resume_line(args.checkpoint_dir, position)}")
     if args.no_progress:  # the per-epoch lines were not shown live: show them now
         for line in log.read_text(encoding="utf-8").splitlines():
             print("  " + format_epoch(json.loads(line), hist["epochs"]))
@@ -313,11 +318,13 @@ def _print_eval(loaded: LoadedModel, qmodel: Any, eval_data: tuple, hist: dict) 
     x, y = eval_data
     kept = hist.get("kept_epoch")
     which = f" (epoch {kept} kept, the best)" if kept else ""
+    base = evaluate_top1(loaded.model, x, y)
     print(
         f"  eval top-1 on {y.numel()} held-out samples: float "
-        f"{evaluate_top1(loaded.model, x, y):.2f}%, trained {evaluate_top1(qmodel, x, y):.2f}%"
-        f"{which}"
+        f"{base:.2f}%, trained {evaluate_top1(qmodel, x, y):.2f}%{which}"
     )
+    if doubt := no_better_than_guessing(base, y, "the eval data"):
+        print(f"warning: {doubt}", file=sys.stderr)
 
 
 def _is_rank0() -> bool:

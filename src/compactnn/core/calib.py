@@ -300,10 +300,53 @@ def refused_length(model: nn.Module, length: int) -> int | None:
     return limit if not _runs(model, length) and _runs(model, limit) else None
 
 
+def token_dicts(data: Any) -> list[dict]:
+    """The dict batches of ``data``: a dict, or the dicts of a list (or of its 1-tuples)."""
+    if isinstance(data, dict):
+        return [data]
+    if isinstance(data, tuple) and len(data) == 1:
+        return token_dicts(data[0])
+    if isinstance(data, list):
+        return [d for batch in data for d in token_dicts(batch)]
+    return []
+
+
+def check_token_dicts(data: Any, what: str) -> None:
+    """Refuse ``input_ids`` that are not integers, and an ``attention_mask`` (or
+    ``token_type_ids``) whose shape differs from the ids' (transformers runs some such masks
+    without a word, on the wrong positions).
+
+    Example:
+        >>> check_token_dicts({"input_ids": torch.zeros(2, 4).long()}, "--data d")
+        >>> check_token_dicts({"input_ids": torch.zeros(2, 4)}, "--data d")
+        Traceback (most recent call last):
+        compactnn.errors.CompactnnError: --data d: input_ids holds float32 values, ...
+    """
+    for batch in token_dicts(data):
+        ids = batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor):
+            continue
+        if ids.is_floating_point() or ids.is_complex():
+            dtype = str(ids.dtype).removeprefix("torch.")
+            raise CompactnnError(
+                f"{what}: input_ids holds {dtype} values, and token ids are integers: save "
+                "them as int64 (e.g. ids.long()), as the model's tokenizer gives them."
+            )
+        for key in ("attention_mask", "token_type_ids"):
+            other = batch.get(key)
+            if isinstance(other, torch.Tensor) and other.shape != ids.shape:
+                raise CompactnnError(
+                    f"{what}: {key} has shape {tuple(other.shape)} and input_ids "
+                    f"{tuple(ids.shape)}; they must match (one {key} value per token). "
+                    "Save both from the same tokenizer call."
+                )
+
+
 def check_token_ids(model: nn.Module, data: Any, what: str, *, resave: bool = True) -> None:
     """Refuse token ids a Hugging Face language model cannot take, naming the data
-    (``what``, e.g. ``"--data ids.npy"`` or ``"calib_data"``): ids outside its vocabulary, or
-    sequences longer than its position table. Anything else (float inputs, other models)
+    (``what``, e.g. ``"--data ids.npy"`` or ``"calib_data"``): ids outside its vocabulary,
+    sequences longer than its position table, float ids or a mask of another shape
+    (:func:`check_token_dicts`). Anything else (float inputs, other models)
     passes unchecked. ``resave``: the fix ends with saving the file again (data from a file).
 
     Raises:
@@ -311,6 +354,8 @@ def check_token_ids(model: nn.Module, data: Any, what: str, *, resave: bool = Tr
             length against the model's limit, and how to fix the data.
     """
     vocab = vocab_size(model)
+    if vocab is not None:
+        check_token_dicts(data, what)
     tensors = [t for t in token_id_tensors(data) if t.numel()] if vocab is not None else []
     if not tensors:
         return
@@ -357,3 +402,40 @@ def main_output(out: Any) -> torch.Tensor:
     if isinstance(out, (list, tuple)) and out:
         return main_output(out[0])
     raise TypeError(f"cannot find a tensor in a model output of type {type(out).__name__}")
+
+
+def expected_inputs(model: nn.Module, example: Any) -> str:
+    """What ``model`` takes: its example input with any number of rows, else its parameters'
+    dtype and what its first weight layer takes (:func:`expected_input_hint`)."""
+    if isinstance(example, torch.Tensor):
+        return f"{input_spec(example, rows=True)}, like its example input {tuple(example.shape)}"
+    if example is not None:
+        return f"{input_spec(example, rows=True)}, like its example input"
+    hint = expected_input_hint(model)
+    if not hint.startswith("("):  # token ids, or a model without weight layers
+        return hint
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = str(dtype).removeprefix("torch.")
+    return f"{dtype} values of shape {hint}"
+
+
+def input_spec(batch: Any, rows: bool = False) -> str:
+    """The dtypes and shapes of a batch; ``rows``: any number N of rows (and L of token ids).
+
+    Example:
+        >>> input_spec(torch.zeros(64, 1, 28, 28), rows=True)
+        'float32 values of shape (N, 1, 28, 28)'
+    """
+    if isinstance(batch, dict):
+        return "keywords " + ", ".join(f"{k}={input_spec(v, rows)}" for k, v in batch.items())
+    if isinstance(batch, (tuple, list)):
+        return "a tuple (" + ", ".join(input_spec(v, rows) for v in batch) + ")"
+    if not isinstance(batch, torch.Tensor):
+        return type(batch).__name__
+    dims = [str(d) for d in batch.shape]
+    if rows and dims:
+        dims[0] = "N"
+        if len(dims) > 1 and not batch.is_floating_point():
+            dims[1] = "L"  # token ids: any sequence length
+    shape = f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+    return f"{str(batch.dtype).removeprefix('torch.')} values of shape {shape}"

@@ -37,6 +37,12 @@ class MethodConfig:
         """Whether a step with this config cannot run without calibration data."""
         return self.needs_calibration
 
+    def uses_data(self) -> bool:
+        """Whether a step with this config reads calibration data when it is given: every
+        config that needs it, and those that run without it but fit better with it (FFN's
+        refit)."""
+        return self.needs_data()
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 

@@ -83,7 +83,7 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, method: str = "GPTQ") -
         CompactnnError: H stays singular with the largest damping.
 
     Example:
-        >>> inverse_hessian_factor(4 * torch.eye(2), 0.0).tolist()
+        >>> (inverse_hessian_factor(4 * torch.eye(2), 0.0) + 0.0).tolist()  # + 0.0: no -0.0
         [[0.5, 0.0], [0.0, 0.5]]
     """
     h = h.clone()

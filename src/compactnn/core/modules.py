@@ -186,8 +186,9 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, child, new)
 
 
-def execution_order(model: nn.Module, names: Iterable[str], run: Any) -> list[str]:
-    """Names among ``names`` in the order their modules first run under ``run(model)``."""
+def run_order(model: nn.Module, names: Iterable[str], run: Any) -> list[str]:
+    """Those of ``names`` whose modules run under ``run(model)``, in the order they first run
+    (a module that never runs is left out)."""
     wanted = set(names)
     order: list[str] = []
     hooks = []
@@ -204,8 +205,16 @@ def execution_order(model: nn.Module, names: Iterable[str], run: Any) -> list[st
     finally:
         for h in hooks:
             h.remove()
-    rest = [n for n in names if n not in order]  # modules that never ran keep their place
-    return order + rest
+    return order
+
+
+def execution_order(model: nn.Module, names: Iterable[str], run: Any) -> list[str]:
+    """Names among ``names`` in the order their modules first run under ``run(model)``;
+    those that never run follow in their given order."""
+    names = list(names)
+    order = run_order(model, names, run)
+    ran = set(order)
+    return order + [n for n in names if n not in ran]
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:

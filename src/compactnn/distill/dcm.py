@@ -92,7 +92,9 @@ class DCMDistiller(nn.Module):
         temperature: ``T`` of the KL terms (1 in the paper).
 
     Example:
-        >>> dcm = DCMDistiller(student, teacher, ["features.1"], ["features.2"], x[:2])
+        >>> dcm = DCMDistiller(  # doctest: +SKIP
+        ...     student, teacher, ["features.1"], ["features.2"], x[:2]
+        ... )
         >>> loss = dcm.loss(student(x), teacher(x), y)                      # doctest: +SKIP
     """
 

@@ -124,7 +124,7 @@ class NormDistiller(nn.Module):
 
     Example:
         >>> norm = NormDistiller(student, teacher, n=4)                    # doctest: +SKIP
-        >>> opt = torch.optim.Adam([*student.parameters(), *norm.parameters()])
+        >>> opt = torch.optim.Adam([*student.parameters(), *norm.parameters()])  # doctest: +SKIP
         >>> logits = student(x); _ = teacher(x); loss = ce + norm.loss()   # doctest: +SKIP
         >>> plain = norm.merge()   # the student with the SFT folded in     # doctest: +SKIP
     """

@@ -67,6 +67,7 @@ from compactnn.errors import CompactnnError
 from compactnn.quant.base import (
     QuantConfig,
     calibrate_activations,
+    check_group_sizes,
     layer_specs,
     prepare_model,
     split_supported,
@@ -305,22 +306,6 @@ def quantize_block(
             full, layer = layers[local]
             wspec, aspec = specs[full]
             set_module(block, local, solve(layer, hess[local], wspec, aspec))
-
-
-def check_group_sizes(layers: dict[str, nn.Module], specs: dict) -> None:
-    """Fail before any work, naming every layer whose input size the group does not divide."""
-    bad = []
-    for name, layer in layers.items():
-        w = specs[name][0]
-        if w.granularity == "group" and layer.in_features % w.group_size:
-            bad.append(f"{name} (in_features={layer.in_features})")
-    if bad:
-        g = specs[next(iter(specs))][0].group_size
-        raise CompactnnError(
-            f"group_size={g} does not divide the input size of {len(bad)} layer(s): "
-            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; pick a group size that "
-            "divides them (e.g. 32, 64 or 128) or leave those layers out of the recipe."
-        )
 
 
 def _prepare(model: nn.Module, targets: dict[str, nn.Module], config: QuantConfig, ctx):

@@ -40,7 +40,7 @@ from compactnn.core.qlayers import (
 )
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export import replace, validate
-from compactnn.export.fs import writable_folder
+from compactnn.export.fs import force_option, writable_folder
 from compactnn.export.reader import (  # re-exported: the artifact API in one place
     artifact_digest,
     load,
@@ -247,12 +247,14 @@ def foreign_entries(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if not replace.is_stray(e.name))
 
 
-def check_writable(path: str | os.PathLike, force: bool) -> Path:
+def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
     """Refuse, before any slow work, an output path that ``save`` could not use.
 
     Args:
         path: the artifact directory to write.
         force: whether an existing artifact there may be replaced.
+        what: how the user named ``path``, for the messages: an option (``"--out"``) is told
+            to pass ``--force``, a Python argument (``"path"``) ``force=True``.
 
     Returns:
         ``path`` as a ``Path``.
@@ -263,35 +265,34 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
             artifact's, even with ``force``), or is not writable.
 
     Example:
-        >>> check_writable("out/cnn-w4a8", force=False)  # doctest: +SKIP
+        >>> check_writable("out/cnn-w4a8", force=False, what="--out")  # doctest: +SKIP
     """
     out = Path(path)
+    label = f"{what} {str(out)!r}"
+    force_word = force_option(what)
     real = os.path.realpath(out)
     for system in _SYSTEM_DIRS:
         if real == system or real.startswith(system + "/"):
             raise CompactnnError(
-                f"output {str(out)!r} lies under {system}, a system folder: choose a directory "
-                "of your own."
+                f"{label} lies under {system}, a system folder: choose a directory of your own."
             )
     if os.path.lexists(out):
         if not out.is_dir():
             raise CompactnnError(
-                f"{str(out)!r} exists and is not a directory: choose another output path or "
-                "remove it."
+                f"{label} exists and is not a directory: choose another output path or remove it."
             )
         if artifact_exists(out) and not force:
             raise CompactnnError(
-                f"{str(out)!r} already holds a compactnn artifact; pass force=True "
-                "(--force on the command line) to replace it."
+                f"{label} already holds a compactnn artifact; pass {force_word} to replace it."
             )
         if not artifact_exists(out) and (others := foreign_entries(out)):
             raise CompactnnError(
-                f"{str(out)!r} is not empty and holds no compactnn artifact (it has "
+                f"{label} is not empty and holds no compactnn artifact (it has "
                 f"{name_list(others, 3)}): an artifact would replace or mix with those files. "
-                "Choose an empty or new folder (force=True / --force only replaces an "
-                "existing compactnn artifact)."
+                f"Choose an empty or new folder ({force_word} only replaces an existing "
+                "compactnn artifact)."
             )
-    writable_folder(out.absolute(), repr(str(out)))
+    writable_folder(out.absolute(), label)
     return out
 
 
@@ -427,7 +428,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
     _refuse_residual_graph(model)
     _refuse_kernel_model(model)
     _refuse_parametrized(model)
-    out = check_writable(path, force)
+    out = check_writable(path, force, what="path")
     info = info_of(model)
     tensors, layers, aliases, emb_extra = pack_model(model)
     tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse

@@ -80,7 +80,7 @@ def can_export(qmodel: nn.Module) -> str | None:
     """None when :func:`export` can write ``qmodel``, else the reason with the fix.
 
     Example:
-        >>> can_export(torch.nn.Linear(2, 2))[:40]
+        >>> can_export(torch.nn.Linear(2, 2))[:39]
         'ONNX export for transformers needs a co'
     """
     if not _is_hf(qmodel) or not hasattr(qmodel, "_compactnn"):

@@ -185,7 +185,6 @@ def load_extension():
         )
         raise CompactnnError(_ERROR)
     try:
-        _remove_leftover_baton(build / "lock")
         _EXT = _load_or_build(name, build)
     except Exception as exc:  # compiler errors, missing ninja, ...
         _ERROR = (
@@ -205,7 +204,9 @@ def _load_or_build(name: str, build: Path):
     building) it and the stamp is written."""
     so = build / f"{name}.so"
     if _stamp_matches(build / BUILT_STAMP, so):
-        return _import_built(name, so)
+        return _import_built(name, so)  # without importing torch.utils.cpp_extension, which
+        # logs "No CUDA runtime is found" on machines with an nvcc and no GPU
+    _remove_leftover_baton(build / "lock")
     if not so.exists():
         _log.warning("compiling compactnn's CPU kernels once (about 2-3 minutes) into %s", build)
     from torch.utils.cpp_extension import load

@@ -26,7 +26,7 @@ weights, once prepacked, release their originals. Needs the ``onnx`` extra.
 Example:
     >>> fast = to_ort_nbits(qmodel, example)        # doctest: +SKIP
     >>> hidden = fast(**example)[0]                 # doctest: +SKIP
-    >>> fast.nbytes                                  # bytes of the ONNX file + its data
+    >>> fast.nbytes          # bytes of the ONNX file + its data   # doctest: +SKIP
 """
 
 from __future__ import annotations

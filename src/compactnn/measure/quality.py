@@ -161,3 +161,38 @@ def _top1(out: torch.Tensor, y: Any, i: int) -> float:
         )
     check_labels(y, out.shape[1], where=f"evaluation batch {i}")
     return 100.0 * int((out.argmax(1) == y).sum()) / max(int(y.shape[0]), 1)
+
+
+def guess_rate(labels: torch.Tensor) -> float:
+    """Top-1 (percent) of always answering the most frequent label of ``labels``."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    if labels.numel() == 0:
+        return 0.0
+    return 100.0 * int(torch.bincount(labels.long()).max()) / labels.numel()
+
+
+def no_better_than_guessing(
+    top1: float, labels: torch.Tensor, where: str = "the data"
+) -> str | None:
+    """A warning when a *float* model's ``top1`` on ``labels`` is no better than always
+    answering their most frequent label, else None.
+
+    A trained float model at or below that rate almost always means the data is not what the
+    model was trained on (pixels not normalised as in training, another label order), so
+    every compressed row measured on it would be noise.
+
+    Example:
+        >>> no_better_than_guessing(97.0, torch.tensor([0, 1, 2, 3])) is None
+        True
+        >>> no_better_than_guessing(0.0, torch.tensor([9, 9]), "--data d.st")[:45]
+        'the float model scores 0.00% top-1 on --data '
+    """
+    rate = guess_rate(labels)
+    if top1 > rate:
+        return None
+    return (
+        f"the float model scores {top1:.2f}% top-1 on {where}, no better than always answering "
+        f"its most frequent label ({rate:.2f}%): check that the inputs are preprocessed as in "
+        "the model's training (e.g. normalised with the training mean and std) and that the "
+        "labels are the model's class indices; every compressed row measured on this data is noise."
+    )

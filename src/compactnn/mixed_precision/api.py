@@ -22,7 +22,7 @@ from torch import nn
 
 from compactnn.api import compress
 from compactnn.core.calib import as_batches, call_model, detect_call_mode
-from compactnn.core.modules import execution_order
+from compactnn.core.modules import execution_order, run_order
 from compactnn.core.qlayers import QUANTIZABLE
 from compactnn.errors import CompactnnError
 from compactnn.mixed_precision.accuracy import Trial, accuracy_search
@@ -49,6 +49,7 @@ from compactnn.mixed_precision.latency import (
 )
 from compactnn.mixed_precision.result import Budget, SearchResult
 from compactnn.mixed_precision.sensitivity import SensitivityCache, sensitivity
+from compactnn.quant.base import model_ends
 from compactnn.recipe import Recipe, Step, parse_short_name
 
 
@@ -60,6 +61,15 @@ def searched_layers(model: nn.Module, batches: list) -> dict[str, nn.Module]:
     mode = detect_call_mode(model, batches[0])
     order = execution_order(model, list(layers), lambda m: call_model(m, batches[0], mode))
     return {n: layers[n] for n in order}
+
+
+def end_layers(model: nn.Module, layers: dict[str, nn.Module], batches: list) -> set[str]:
+    """The model's first and last quantizable layers as ``first_last_bits`` counts them
+    (:func:`compactnn.quant.base.model_ends`: the first and last to run; a layer the first
+    batch never reaches is neither), so ``first_last_min_bits`` guards the same two."""
+    mode = detect_call_mode(model, batches[0])
+    ran = run_order(model, list(layers), lambda m: call_model(m, batches[0], mode))
+    return model_ends(list(layers), ran)
 
 
 def build_recipe(
@@ -105,13 +115,16 @@ def _allowed(
     formats: list[Format],
     first_last_min_bits,
     shrinks: dict[float, list[bool]] | None = None,
+    ends: set[str] | None = None,
 ) -> np.ndarray:
     allowed = np.array([[f.fits(m) for f in formats] for m in layers.values()])
     for j, f in enumerate(formats):
         if f.prune:
             allowed[:, j] &= np.array((shrinks or {})[f.prune], bool)
     if first_last_min_bits is not None:
-        for i in {0, len(layers) - 1}:
+        names = list(layers)
+        ends = ends if ends is not None else {names[0], names[-1]}
+        for i in sorted(names.index(n) for n in ends):
             allowed[i] &= np.array([f.weight.bits >= first_last_min_bits for f in formats])
     return allowed
 
@@ -152,8 +165,9 @@ def search(
         max_drop: the largest allowed ``eval_fn(model) - eval_fn(compressed)``.
         measure: ``"measured"`` (output error with one layer rounded) or ``"hessian"``
             (HAWQ-V2 Hutchinson trace times the rounding error).
-        first_last_min_bits: the first and last layers (execution order) take only formats
-            of at least this many weight bits.
+        first_last_min_bits: the model's first and last layers (the first and last to run,
+            as ``first_last_bits`` counts them) take only formats of at least this many
+            weight bits.
         embeddings: a short name for the embedding tables (e.g. ``"w3-g32"``); None leaves
             them in float.
         sensitivity_batches: calibration batches the sensitivity is measured on.
@@ -200,7 +214,8 @@ def search(
     shrinks = {
         f.prune: prunable(model, names, f, batches) for f in fmts if f.prune
     }  # which layers each pruning ratio can shrink (not those tied to a residual add)
-    allowed = _allowed(layers, fmts, first_last_min_bits, shrinks)
+    ends = end_layers(model, layers, batches) if first_last_min_bits is not None else None
+    allowed = _allowed(layers, fmts, first_last_min_bits, shrinks, ends)
     mode = detect_call_mode(model, batches[0])
     macs = count_macs(model, layers, lambda m: call_model(m, batches[0], mode))
     costs = cost_tables(layers, fmts, macs, biased_layers(model, names))  # folded BN biases
@@ -258,6 +273,7 @@ def search(
     choice = solve_all(limits) if limits else None
     tried: list[dict[str, Any]] = []
     baseline = None
+    given = budget_given(budget, max_drop, max_evals)
     if eval_fn is not None:
         baseline = float(eval_fn(model))
 
@@ -287,6 +303,8 @@ def search(
                 f"tried dropped {trials[0].drop:.4g}; add a larger format or raise max_drop."
             )
         choice = best
+        chosen = next(t for t in trials if t.choice == tuple(int(j) for j in best))
+        given.update(baseline=baseline, quality=chosen.quality, drop=chosen.drop)
     points = [
         {
             "bytes": c,
@@ -349,7 +367,23 @@ def search(
         seconds=time.perf_counter() - start,
         latency=lat,
         groups=[g.to_dict() for g in found],
+        budget=given,
     )
+
+
+def budget_given(budget: Budget | None, max_drop: float | None, max_evals: int) -> dict:
+    """The limits a search ran under, as given: the set :class:`Budget` fields, and
+    ``max_drop`` with ``max_evals`` in accuracy-aware mode (``SearchResult.budget``).
+
+    Example:
+        >>> budget_given(Budget(avg_bits=3), None, 8)
+        {'avg_bits': 3}
+    """
+    given = {} if budget is None else dataclasses.asdict(budget)
+    out = {k: v for k, v in given.items() if v is not None}
+    if max_drop is not None:
+        out.update(max_drop=max_drop, max_evals=max_evals)
+    return out
 
 
 # budget field -> (cost table, per-unit divisor name, unit words)

@@ -72,6 +72,9 @@ class SearchResult:
             milliseconds) and the whole-model check of the result (measured vs proxy).
         groups: the residual groups searched (layers, options, evidence, the chosen option).
         tried: every fully evaluated configuration (accuracy-aware mode).
+        budget: what the search was run under: the :class:`Budget` limits given and
+            ``max_drop`` / ``max_evals``; with ``max_drop`` also ``baseline``, ``quality``
+            and ``drop`` (the float model's quality, the chosen recipe's, their difference).
         baseline: the float model's quality (accuracy-aware mode).
         seconds: wall time of the search.
     """
@@ -90,10 +93,12 @@ class SearchResult:
     seconds: float = 0.0
     latency: dict[str, Any] = dataclasses.field(default_factory=dict)
     groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    budget: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (``search.json``)."""
         return {
+            "budget": self.budget,
             "assignment": self.assignment,
             "formats": self.formats,
             "layers": self.layers,
@@ -188,7 +193,7 @@ def check_search_folder(out: str | Path, force: bool, cli: bool = False) -> Path
             "earlier search's results)."
         )
     if not names:  # a new or empty folder
-        check_writable(out, force=False)  # system folders, permissions
+        check_writable(out, force=False, what="--out" if cli else "out")  # system folders
         return out
     if any(n in RESULT_FILES for n in names) and not force:
         raise CompactnnError(

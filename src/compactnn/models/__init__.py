@@ -41,7 +41,7 @@ def load_reference(name: str, *, progress: bool = True) -> Reference:
 
     Example:
         >>> ref = load_reference("mnist-cnn", progress=False)  # doctest: +SKIP
-        >>> ref.metric
+        >>> ref.metric  # doctest: +SKIP
         'top1'
     """
     builder = REFERENCES.get(name)

@@ -65,6 +65,10 @@ class DNSConfig(MethodConfig):
     finetune_steps: int = 100
     lr: float = 1e-4
 
+    def needs_data(self) -> bool:
+        """Surgery and fine-tuning self-distil on the calibration batches."""
+        return self.surgery_steps > 0 or self.finetune_steps > 0
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_sparsity(self.sparsity)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -54,6 +55,8 @@ class GradualConfig(MethodConfig):
             (inside ``compress``; in your own loop just keep training).
         lr: Adam learning rate of the self-distillation loop inside ``compress``.
     """
+
+    needs_calibration: ClassVar[bool] = True  # the schedule self-distils on the batches
 
     final_sparsity: float = 0.9
     initial_sparsity: float = 0.0

@@ -50,6 +50,10 @@ class NMConfig(MethodConfig):
     finetune_steps: int = 0
     lr: float = 1e-4
 
+    def needs_data(self) -> bool:
+        """Fine-tuning self-distils on the calibration batches; one-shot N:M reads none."""
+        return self.finetune_steps > 0
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_nm(self.n, self.m)

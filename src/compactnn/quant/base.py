@@ -7,6 +7,7 @@ these steps (:func:`compactnn.engines.layerwise.quantize_layers` is the plain la
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.fold import fold_batchnorm
-from compactnn.core.modules import DEFAULT_CLASSES, Targets, execution_order, set_module
+from compactnn.core.modules import DEFAULT_CLASSES, Targets, run_order, set_module
 from compactnn.core.qembedding import (
     embedding_spec,
     embedding_unsupported,
@@ -42,9 +43,10 @@ class QuantConfig(MethodConfig):
     Args:
         weight: how weights are quantized.
         act: how the activation entering each quantized layer is quantized (None: weight-only).
-        first_last_bits: the first and last quantized layers (in execution order) keep at
-            least this many bits for weights and activations, the field's convention; None
-            quantizes them like the rest.
+        first_last_bits: the model's first and last quantizable layers (see
+            :func:`model_ends`) keep at least this many bits for weights and activations,
+            the field's convention, in the step that quantizes them; None quantizes them
+            like the rest.
         fold_bn: fold ``conv -> batchnorm`` pairs before quantizing (CNNs).
     """
 
@@ -162,17 +164,49 @@ def split_supported(targets: dict[str, nn.Module], ctx: CompressContext) -> dict
     return supported
 
 
+def first_run_order(model: nn.Module, names: list[str], ctx: CompressContext) -> list[str]:
+    """Those of ``names`` that run on the first calibration batch, in the order they first
+    run (empty without calibration data)."""
+    if not ctx.batches or not names:
+        return []
+    return run_order(model, names, lambda m: ctx.run(m, ctx.batches[0]))
+
+
+def model_ends(quantizable: list[str], ran: list[str]) -> set[str]:
+    """The first and last of a model's quantizable layers: the first and last to run
+    (``ran``, in first-run order; a layer that never runs is neither), or the first and
+    last registered (``quantizable``) when none ran (no calibration data).
+
+    Example:
+        >>> sorted(model_ends(["a", "b", "c", "spare"], ["b", "a", "c"]))
+        ['b', 'c']
+        >>> sorted(model_ends(["a", "b", "c"], []))
+        ['a', 'c']
+    """
+    known = set(quantizable)
+    order = [n for n in ran if n in known] or quantizable
+    return {order[0], order[-1]} if order else set()
+
+
 def layer_specs(
     model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig, ctx: CompressContext
 ) -> LayerSpecs:
-    """Weight and activation spec per layer, with the first/last-layer convention applied."""
-    names = list(layers)
-    if ctx.batches and len(names) > 1:
-        names = execution_order(model, names, lambda m: ctx.run(m, ctx.batches[0]))
+    """Weight and activation spec per layer of the step (in execution order), with the
+    first/last-layer convention applied.
+
+    The convention raises the model's first and last quantizable layers (every
+    ``Linear``/``Conv1d``/``Conv2d`` of ``model``, quantized or not, targeted or not:
+    :func:`model_ends`) when they are among ``layers``; a step that quantizes neither
+    promotes nothing, whatever layer it starts or ends on.
+    """
+    quantizable = [n for n, m in model.named_modules() if n and isinstance(m, QUANTIZABLE)]
+    ran = first_run_order(model, list(dict.fromkeys([*quantizable, *layers])), ctx)
+    seen = set(ran)
+    names = [n for n in ran if n in layers] + [n for n in layers if n not in seen]
     specs: LayerSpecs = {n: (config.weight, config.act) for n in names}
     fl = config.first_last_bits
-    if fl is not None and names:
-        for n in {names[0], names[-1]}:
+    if fl is not None:
+        for n in sorted(model_ends(quantizable, ran) & set(names)):
             w = config.weight
             if w.bits < fl:  # raised to the convention's width, with its 8-bit grid if 8
                 w = dataclasses.replace(w, bits=fl, symmetric=w.symmetric or fl == 8)
@@ -213,19 +247,39 @@ def calibrate_activations(model: nn.Module, ctx: CompressContext) -> None:
 
 
 def check_group_sizes(layers: dict[str, nn.Module], specs: LayerSpecs) -> None:
-    """Fail before any work when a group size does not divide a layer's input dimension."""
-    bad = []
+    """Fail before any work when a group size does not divide a layer's input dimension,
+    naming the layers and a group size that divides them all."""
+    bad: dict[str, int] = {}
+    group = 0
     for name, (wspec, _) in specs.items():
         if wspec.granularity == "group":
             k = layers[name].weight[0].numel()
             if k % wspec.group_size:
-                bad.append(f"{name} (input dimension {k})")
+                bad[name], group = k, wspec.group_size
     if bad:
-        raise CompactnnError(
-            f"group_size={specs[next(iter(specs))][0].group_size} does not divide the input "
-            f"dimension of: {', '.join(bad)}. Pick a group size that divides them, or exclude "
-            "those layers with the step's targets.ignore."
-        )
+        raise CompactnnError(group_size_message(group, bad))
+
+
+def group_size_message(group: int, bad: dict[str, int]) -> str:
+    """Why ``group`` fails on the layers ``bad`` (name -> input dimension) and the way out.
+
+    Example:
+        >>> group_size_message(128, {"fc": 64})[:71]
+        'group_size=128 does not divide the input dimension of 1 layer: fc (64).'
+        >>> "group_size=64 divides every one (-g64" in group_size_message(128, {"fc": 64})
+        True
+    """
+    fits = math.gcd(*bad.values())
+    fits = max((g for g in (8, 16, 32, 64, 128) if fits % g == 0), default=None)
+    listed = ", ".join(f"{n} ({k})" for n, k in list(bad.items())[:8])
+    more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+    plural = "s" if len(bad) > 1 else ""
+    hint = f"group_size={fits} divides every one (-g{fits} in a short name), or " if fits else ""
+    return (
+        f"group_size={group} does not divide the input dimension of {len(bad)} layer{plural}: "
+        f"{listed}{more}. {hint}leave those layers in float (--ignore NAME, "
+        "compress(ignore=[...]), or the step's targets.ignore)."
+    )
 
 
 def _wants_embeddings(config: QuantConfig, step_targets: Targets) -> bool:

@@ -244,6 +244,11 @@ class FFNConfig(QuantConfig):
     distill_steps: int = 0
     distill_lr: float = 1e-3
 
+    def uses_data(self) -> bool:
+        """The refit and the distillation read the calibration batches (optional: without
+        data the factorization is fit to the weights alone)."""
+        return super().uses_data() or self.refit or self.distill_steps > 0
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.weight.bits != 2:

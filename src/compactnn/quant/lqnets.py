@@ -124,7 +124,7 @@ def qem_step(x: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, v_old: t
     Example:
         >>> t = code_table(1, True)
         >>> qem_step(torch.tensor([[0.5, -1.5]]), torch.tensor([[1, 0]]), t, torch.ones(1, 1))
-        tensor([[1.0000]])
+        tensor([[1.]])
     """
     return qem_solve(*code_stats(codes, x, table.shape[0]), table, v_old)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,16 @@ from compactnn.measure import (
 )
 from compactnn.measure.environment import environment
 from compactnn.measure.float_paths import fastest_float_path
+from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.timing import omp_wait_policy
-from compactnn.report.delivery import deliver, deliver_float, float_path_name, is_plain_float
+from compactnn.report.delivery import (
+    deliver,
+    deliver_float,
+    deliver_probe_pruned,
+    float_path_name,
+    is_plain_float,
+    is_probe_pruned,
+)
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS, pareto_png
 from compactnn.report.writer import _mib, write_files
@@ -202,6 +211,9 @@ def _measure(
     rows = [_row(FLOAT, FP32, name, _quality(float_model, x, y, metric), 0)]
     rows[0] |= {"size_bytes": float_artifact_bytes(float_model), "recipe": FLOAT}
     rows[0] |= {"theoretical_bytes": theoretical_bytes(float_model), "layers": {}}
+    if name == "top1" and (doubt := no_better_than_guessing(rows[0]["quality"], y, "the data")):
+        warnings.warn(doubt, stacklevel=3)
+        rows[0]["notes"].append(doubt)
     runners: dict[str, Any] = {FLOAT: float_model}
     for path in artifacts:
         bar.set_postfix_str(path.name)
@@ -215,8 +227,11 @@ def _measure(
         row["float_layers"] = dict(info.get("float_layers", {}))
         rows.append(row)
         runners[label] = qmodel
-        if is_plain_float(qmodel):  # e.g. channel-pruned: delivered as itself, no int8 row
-            fast, row["runs_as"], notes = deliver_float(qmodel, example, threads=None)
+        if is_plain_float(qmodel) or is_probe_pruned(qmodel):  # delivered as itself
+            if is_probe_pruned(qmodel):  # sliced weights per batch, in eager PyTorch
+                fast, row["runs_as"], notes = deliver_probe_pruned(qmodel)
+            else:  # e.g. channel-pruned: a smaller float model on its fastest float path
+                fast, row["runs_as"], notes = deliver_float(qmodel, example, threads=None)
             row["notes"] += notes
             row["quality"] = _quality(fast, x, y, metric)
             runners[label] = fast

@@ -8,7 +8,9 @@ rows light up as more recipes deploy, without changes here.
 
 A compressed model with nothing simulated in it (:func:`is_plain_float`: channel pruning,
 a float factorization) is no simulation: it is delivered as itself, on the fastest of its
-own float paths (:func:`deliver_float`), and named by that runtime.
+own float paths (:func:`deliver_float`), and named by that runtime. So is a probe-pruned
+model (:func:`is_probe_pruned`): its MLPs really run on sliced weights, in eager PyTorch
+(:func:`deliver_probe_pruned`, ``"PyTorch fp32 (probe-pruned)"``).
 
 Example:
     >>> fast, runtime, notes = deliver("cnn", qmodel, images[:8])  # doctest: +SKIP
@@ -22,6 +24,7 @@ import warnings
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 import compactnn
 from compactnn.errors import first_line
@@ -32,12 +35,15 @@ __all__ = [
     "SIMULATED",
     "deliver",
     "deliver_float",
+    "deliver_probe_pruned",
     "float_path_name",
     "is_plain_float",
+    "is_probe_pruned",
     "runtime_name",
 ]
 
 SIMULATED = "simulated"
+PROBE_PRUNED = "PyTorch fp32 (probe-pruned)"
 RUNTIME_NAMES = {"onednn": "oneDNN int8", "onnxruntime": "ONNX Runtime int8"}
 FLOAT_PATH_NAMES = {
     "fp32-eager": "PyTorch fp32",
@@ -61,8 +67,12 @@ def deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module, str, 
     Returns:
         ``(delivered, runtime, notes)``; when delivery raises or changes nothing,
         ``(model, "simulated", ["runs simulated: <reason>", ...])``. Warnings raised
-        meanwhile become notes (``"delivery: ..."``).
+        meanwhile become notes (``"delivery: ..."``). A probe-pruned transformer
+        (:func:`is_probe_pruned`) is its own delivered form: :func:`deliver_probe_pruned`
+        (for ``"cnn"``, ``deploy`` decides, and refuses it).
     """
+    if kind == "transformer" and is_probe_pruned(model):
+        return deliver_probe_pruned(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -76,13 +86,30 @@ def deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module, str, 
     return delivered, runtime, notes
 
 
+def kernels_runtime(info: dict[str, Any]) -> str:
+    """The runtime name of a ``to_kernels`` model from its ``_compactnn_kernels`` record:
+    ``"kernels bfloat16"``, or with the share of its layers on kernels when some stay
+    simulated (a row must not read as if the whole model ran on kernels).
+
+    Example:
+        >>> kernels_runtime({"swapped": {"a": "K"}, "simulated": {}, "dtype": "bfloat16"})
+        'kernels bfloat16'
+        >>> kernels_runtime({"swapped": {"a": "K"}, "simulated": {"b": "why", "c": "why"},
+        ...                  "dtype": "bfloat16"})
+        'kernels bfloat16 (1 of 3 layers; 2 simulated)'
+    """
+    on, off = len(info["swapped"]), len(info.get("simulated") or {})
+    name = f"kernels {info['dtype']}"
+    return f"{name} ({on} of {on + off} layers; {off} simulated)" if off else name
+
+
 def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | None, str]:
     if kind == "transformer":
         fast = compactnn.to_kernels(model)
         info = fast._compactnn_kernels
         if not info["swapped"]:
             return None, "to_kernels found no layer it runs on kernels"
-        return fast, f"kernels {info['dtype']}"
+        return fast, kernels_runtime(info)
     # the report times every float path itself, side by side: deploy need not time them too
     deployed = compactnn.deploy(model, example=example, backend="auto", time_float=False)
     return deployed, runtime_name(deployed)
@@ -139,3 +166,48 @@ def deliver_float(
         f"fastest of its own float paths ({times}{more})"
     )
     return fast, float_path_name(paths.winner), [note]
+
+
+def is_probe_pruned(model: nn.Module) -> bool:
+    """True when ``model`` holds Probe Pruning's MLPs (``prune.probe.ProbeMLP``) and simulates
+    nothing else: every other module is PyTorch's, the user's or a reference model's, and
+    no weight is parametrized (as :func:`is_plain_float` asks of every module)."""
+    from compactnn.prune.probe import ProbeMLP
+
+    found = False
+    for m in model.modules():
+        if isinstance(m, ProbeMLP):
+            found = True
+            continue
+        origin = type(m).__module__
+        if origin.startswith("compactnn.") and not origin.startswith("compactnn.models"):
+            return False
+        if parametrize.is_parametrized(m):
+            return False
+    return found
+
+
+def deliver_probe_pruned(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
+    """A probe-pruned model (:func:`is_probe_pruned`) delivered as itself: its MLPs pick
+    their channels per input and multiply sliced weights, in eager PyTorch fp32 (``deploy``
+    and ``to_kernels`` do not take it), so its latency is real, and its speedup may be
+    below 1x (the probe and the slicing cost time).
+
+    Returns:
+        ``(model, "PyTorch fp32 (probe-pruned)", [note])``, like :func:`deliver`.
+    """
+    from compactnn.prune.probe import ProbeMLP
+
+    probes = [m for m in model.modules() if isinstance(m, ProbeMLP)]
+    config = probes[0].config
+    choice = (
+        "the same for every batch, from the calibration statistics"
+        if config.mode == "static"
+        else f"chosen per {config.mode} by a probe"
+    )
+    note = (
+        f"runs as itself: probe-pruned ({len(probes)} MLPs skip {config.ratio:.0%} of their "
+        f"hidden channels, {choice}; weights sliced at run time) in eager PyTorch fp32 "
+        "(deploy and to_kernels do not take it)"
+    )
+    return model, PROBE_PRUNED, [note]

@@ -298,7 +298,7 @@ def compress_streamed(
     if out is None:
         raise CompactnnError("max_memory= writes the artifact as it goes: pass out=<directory>.")
     budget = memory.parse_memory(max_memory)
-    out_path = check_writable(out, force)
+    out_path = check_writable(out, force, what="out")
     shards = ShardSet(model_dir)
     recipe = resolve_recipe(recipe)
     _check_recipe(recipe)

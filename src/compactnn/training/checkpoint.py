@@ -54,6 +54,48 @@ def checkpoint_path(directory: str | os.PathLike) -> Path:
     return Path(directory) / CHECKPOINT
 
 
+def checkpoint_position(directory: str | os.PathLike) -> dict[str, int] | None:
+    """Where the checkpoint in ``directory`` stands: ``epoch`` (epochs done), ``batch``
+    (batches done of the next one), ``epochs`` (the run's total); None when there is none,
+    or it cannot be read (:func:`load_checkpoint` then says why). Its tensors are mapped,
+    not read.
+
+    Example:
+        >>> checkpoint_position("ck")  # doctest: +SKIP
+        {'epoch': 2, 'batch': 0, 'epochs': 2}
+    """
+    path = checkpoint_path(directory)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True, mmap=True)
+        return {
+            "epoch": int(state["epoch"]),
+            "batch": int(state["batch"]),
+            "epochs": int(state["run"]["epochs"]),
+        }
+    except Exception:  # unreadable or not a checkpoint: load_checkpoint names the problem
+        return None
+
+
+def resume_line(directory: str | os.PathLike, position: dict[str, int]) -> str:
+    """What a run resumed from ``position`` (:func:`checkpoint_position`) in ``directory``
+    continued from.
+
+    Example:
+        >>> resume_line("ck", {"epoch": 2, "batch": 0, "epochs": 2})
+        'resumed from ck: all 2 epochs were already done (nothing trained)'
+        >>> resume_line("ck", {"epoch": 1, "batch": 5, "epochs": 3})
+        'resumed from ck at epoch 2 of 3, after its batch 5'
+    """
+    epoch, batch, epochs = position["epoch"], position["batch"], position["epochs"]
+    if epoch >= epochs:
+        done = "its 1 epoch was" if epochs == 1 else f"all {epochs} epochs were"
+        return f"resumed from {directory}: {done} already done (nothing trained)"
+    after = f", after its batch {batch}" if batch else ""
+    return f"resumed from {directory} at epoch {epoch + 1} of {epochs}{after}"
+
+
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` atomically to ``directory/qat-checkpoint.pt``."""
     path = checkpoint_path(directory)

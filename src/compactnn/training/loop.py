@@ -346,7 +346,7 @@ def train(
     (:mod:`compactnn.training.distributed`, ``docs/scale.md``).
 
     Example:
-        >>> data = (x_train, y_train)
+        >>> data = (x_train, y_train)  # doctest: +SKIP
         >>> qmodel = compactnn.train(model, "w2a2-lsq", data, epochs=4,  # doctest: +SKIP
         ...                          eval_data=(x_test, y_test), keep_best=True)
         >>> compactnn.save(qmodel, "out/")                               # doctest: +SKIP
