@@ -202,7 +202,7 @@ class _EmbedNet(nn.Module):
 
 
 def test_float_weight_bytes_counts_by_hand():
-    from compactnn.api import float_weight_bytes
+    from compactnn.float_layers import float_weight_bytes
 
     torch.manual_seed(0)
     q = compactnn.compress(_EmbedNet(), "w8", progress=False, ignore=["head", "emb"])
@@ -287,3 +287,131 @@ def test_probe_pruned_mlps_are_compressed_not_untargeted():
     float_layers = compactnn.info_of(q)["float_layers"]
     assert set(float_layers) == linears - probed
     assert set(float_layers.values()) == {"not targeted by the recipe"}
+
+
+class Functional(nn.Module):
+    """Weights used through F.conv2d / F.linear only: no layer module at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.fw = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.conv2d(x, self.w).mean((2, 3)), self.fw)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8", "nm2:4", "ch50"])
+def test_a_model_of_functional_calls_is_refused_not_returned_unchanged(recipe):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(CompactnnError) as err:  # was a silent no-op (0 quantized layers)
+        compactnn.compress(Functional().eval(), recipe, calib_data=x, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and f"recipe {recipe!r}" in message
+    assert "finds no layer of Functional" in message and "Linear/Conv1d/Conv2d" in message
+    assert "F.linear" in message and "rewrite them as nn.Linear" in message
+
+
+def test_a_recipe_whose_targets_exclude_every_layer_is_refused():
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(CompactnnError, match=r"exclude every Linear/Conv1d/Conv2d module \(0, 2\)"):
+        compactnn.compress(m, "w8", progress=False, ignore=["0", "2"])
+    table = nn.Sequential(nn.Embedding(50, 8))  # weight-only: the table is the layer acted on
+    q = compactnn.compress(table, "w8", progress=False)
+    assert torch.equal(q[0].weight, _rtn_int8(table[0].weight.detach()))
+
+
+class AttnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.fc(self.attn(h, h, h)[0] + h)
+
+
+def _rtn_int8(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row int8 round-to-nearest, the float16-rounded scale as stored."""
+    scale = (w.abs().amax(1, keepdim=True) / 127).half().float()
+    return (w / scale).round().clamp(-128, 127) * scale
+
+
+def test_multihead_attention_out_proj_stays_float_with_its_reason(tmp_path):
+    torch.manual_seed(0)
+    m, x = AttnNet().eval(), torch.randn(8, 5, 6)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        q = compactnn.compress(m, "w8a8", calib_data=x, progress=False)  # was refused
+    said = [str(w.message) for w in rec if "MultiheadAttention" in str(w.message)]
+    assert len(said) == 1 and "\n" not in said[0]
+    assert "attn.out_proj" in said[0] and "in_proj weights are parameters" in said[0]
+    float_layers = compactnn.info_of(q)["float_layers"]
+    assert list(float_layers) == ["attn.out_proj"]
+    assert "MultiheadAttention attn" in float_layers["attn.out_proj"]
+    assert "never calls it" in float_layers["attn.out_proj"]
+    assert torch.equal(q.attn.out_proj.weight, m.attn.out_proj.weight)
+    assert torch.equal(q.attn.in_proj_weight, m.attn.in_proj_weight)
+    for name in ("inp", "fc"):  # the other layers: int8 codes of their float weights
+        layer = getattr(q, name)
+        assert isinstance(layer, QuantLinear) and layer.input_quantizer.calibrated
+        assert torch.equal(layer.weight, _rtn_int8(getattr(m, name).weight.detach()))
+    compactnn.save(q, tmp_path / "q")
+    loaded = compactnn.load(tmp_path / "q", model=AttnNet())
+    assert compactnn.info_of(loaded)["float_layers"] == float_layers
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
+def test_weight_only_solvers_compress_attention_blocks():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.attn(h, h, h)[0] + h)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.layers = nn.Linear(16, 16), nn.ModuleList([Block(), Block()])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layers[1](self.layers[0](self.inp(x)))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few calibration samples
+        q = compactnn.compress(Net().eval(), "w4-g16-gptq", torch.randn(8, 5, 16), progress=False)
+    # was "layers ['attn.out_proj'] never ran on the calibration data"
+    float_layers = compactnn.info_of(q)["float_layers"]
+    assert set(float_layers) == {"layers.0.attn.out_proj", "layers.1.attn.out_proj"}
+    assert all(isinstance(block.fc, QuantLinear) for block in q.layers)
+
+
+def test_channel_pruned_float_layers_say_how_many_channels_went(tmp_path):
+    """A layer ch50 narrowed is compressed (by its shape), not "not targeted": its reason
+    counts the output channels removed, as the shapes before and after do; the record
+    survives save/load, and only a layer a step could not compress is warned about."""
+    m, x = small_cnn(), torch.randn(8, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        q = compactnn.compress(m, "ch50", calib_data=x, progress=False)
+    float_layers = compactnn.info_of(q)["float_layers"]
+    for i in (0, 3):
+        before, after = m[i].out_channels, q[i].out_channels
+        assert after < before
+        assert float_layers[str(i)] == (
+            f"pruned ({before - after} of {before} output channels removed), weights in float"
+        )
+    assert float_layers["8"].startswith("channel pruning skipped it")  # the model's outputs
+    assert not [w for w in rec if "kept in float" in str(w.message)]
+    compactnn.save(q, tmp_path / "a")
+    assert compactnn.info_of(compactnn.load(tmp_path / "a", model=m))["float_layers"] == (
+        float_layers
+    )

@@ -150,7 +150,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("compactnn.recipe", "compactnn.lowering", "compactnn.distill", "compactnn.kernels"),
     ("compactnn.engines", "compactnn.quant", "compactnn.prune"),  # shared modules
     ("<methods>",),
-    ("compactnn.methods", "compactnn.export", "compactnn.streaming"),
+    ("compactnn.methods", "compactnn.export", "compactnn.streaming", "compactnn.float_layers"),
     ("compactnn.api",),
     ("compactnn.training", "compactnn.measure", "compactnn.safe_pt2", "compactnn.datafree"),
     ("compactnn.deployment",),

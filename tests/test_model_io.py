@@ -210,3 +210,50 @@ def test_weights_naming_a_folder_say_a_file_is_expected(tmp_path):
 
     with pytest.raises(CompactnnError, match=r"is a folder; a \.safetensors file is expected"):
         read_tensors(tmp_path)
+
+
+VERSIONED_FACTORY = """
+import torch
+from torch import nn
+
+
+class Versioned(nn.Module):
+    _version = 2
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fc, self.fail = nn.Linear(4, 2), fail
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if self.fail:
+            raise KeyError("checkpoint layout 7 is not supported")
+        version = local_metadata.get("version")
+        if version not in (1, 2):  # as torchvision's MNASNet
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def make():
+    return Versioned()
+
+
+def make_failing():
+    return Versioned(fail=True)
+"""
+
+
+def test_factory_weights_reach_a_module_that_reads_its_version(tmp_path, monkeypatch):
+    (tmp_path / "mio_versioned_factory.py").write_text(VERSIONED_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    saved = nn.Linear(4, 2)
+    save_file({f"fc.{k}": v for k, v in saved.state_dict().items()}, tmp_path / "w.safetensors")
+    weights = str(tmp_path / "w.safetensors")
+    loaded = resolve_model("mio_versioned_factory:make", weights=weights)  # was a ValueError
+    assert torch.equal(loaded.model.fc.weight, saved.weight)
+    assert torch.equal(loaded.model.fc.bias, saved.bias)
+    with pytest.raises(CompactnnError) as err:  # the model's own loading code refuses
+        resolve_model("mio_versioned_factory:make_failing", weights=weights)
+    message = str(err.value)
+    assert "\n" not in message and weights in message and "make_failing" in message
+    assert "KeyError" in message and "checkpoint layout 7" in message

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import numbers
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ from compactnn.core.calib import (
 )
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import (
+    attention_out_projs,
     check_patterns,
     check_target_names,
     conv1d_to_linear,
@@ -32,14 +32,19 @@ from compactnn.core.modules import (
     select_modules,
     weight_layers,
 )
-from compactnn.core.qlayers import ActQuantizer, has_integer_weight, is_quant_layer
+from compactnn.core.qlayers import ActQuantizer, is_quant_layer
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export.artifact import info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
+from compactnn.float_layers import out_width, report_float_layers, warn_float_bytes
 from compactnn.prune.channel import ChannelConfig
-from compactnn.prune.probe import EXTRA_KEY as PROBE_KEY
-from compactnn.quant.base import QuantConfig, calibrate_activations, quantize_embeddings
+from compactnn.quant.base import (
+    QuantConfig,
+    calibrate_activations,
+    quantize_embeddings,
+    wants_embeddings,
+)
 from compactnn.recipe import Recipe, Step, resolve_recipe
 
 __all__ = ["compress", "info_of", "load", "save"]
@@ -168,18 +173,21 @@ def _compress(
     ctx.folded_bn.extend(previous.get("folded_bn", []))
     ctx.extra.update(previous.get("extra", {}))
     _linearize_conv1d(qmodel, ctx)
+    check_layers_found(qmodel, recipe)
+    widths = {n: out_width(m) for n, m in weight_layers(qmodel).items()}  # before any pruning
     for step in recipe.steps:
         entry = registry.get_method(step.method)
         targets = select_modules(qmodel, step.targets)
         before = _uncalibrated(qmodel)
         if isinstance(step.config, QuantConfig):  # tables and tied heads: RTN, here, once
+            targets = _leave_attention_out_projs(qmodel, targets, ctx)
             targets = quantize_embeddings(qmodel, targets, step.targets, step.config, ctx)
         heads = [q for q in _uncalibrated(qmodel) if id(q) not in {id(b) for b in before}]
         qmodel = entry.handler(qmodel, targets, step.config, ctx)
         if any(not q.calibrated for q in heads):  # a tied head's input grid, if still unset
             calibrate_activations(qmodel, ctx)
-    _report_float_layers(qmodel, ctx)
-    _warn_float_bytes(qmodel, ctx)
+    report_float_layers(qmodel, ctx, widths, previous.get("float_layers", {}))
+    warn_float_bytes(qmodel, ctx)
     if (hf := hf_header(qmodel)) is not None:  # lets load(dir) rebuild HF models unaided
         ctx.extra["hf"] = hf
     qmodel._compactnn = {
@@ -207,6 +215,85 @@ def _linearize_conv1d(model: nn.Module, ctx: CompressContext) -> None:
     if convs:
         conv1d_to_linear(model, convs)
         ctx.extra[CONV1D_KEY] = sorted({*ctx.extra.get(CONV1D_KEY, []), *convs})
+
+
+def acts_on_layers(config: Any) -> bool:
+    """A quantization or pruning step: it compresses weight layers (a float transform such
+    as cross-layer equalization may find nothing to do)."""
+    return isinstance(config, QuantConfig) or type(config).__module__.startswith("compactnn.prune.")
+
+
+def check_layers_found(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse a quantization or pruning step that finds no layer of ``model`` to act on
+    (nor, for weight-only quantization, an embedding table): compress would return the model
+    unchanged under the recipe's name.
+
+    Raises:
+        CompactnnError: naming the step, the layer classes it looks for, and why none is
+            found (excluded by names/ignore, or used through functional calls).
+    """
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    for step in recipe.steps:
+        if not acts_on_layers(step.config) or select_modules(model, step.targets):
+            continue
+        if _quantizes_tables(step, modules):
+            continue
+        of_class = [n for n, m in modules if step.targets.class_matches(m)]
+        raise CompactnnError(no_layer_message(type(model).__name__, recipe.name, step, of_class))
+
+
+def _quantizes_tables(step: Step, modules: list[tuple[str, nn.Module]]) -> bool:
+    """A quantization step that takes embedding tables (weight-only on the default classes)
+    and whose names admit one of ``modules``' tables."""
+    if not isinstance(step.config, QuantConfig) or not wants_embeddings(step.config, step.targets):
+        return False
+    return any(isinstance(m, nn.Embedding) and step.targets.name_matches(n) for n, m in modules)
+
+
+def no_layer_message(model: str, recipe: str, step: Step, of_class: list[str]) -> str:
+    """Why ``step`` of ``recipe`` finds no layer of ``model``: ``of_class`` are the modules of
+    its classes that its names/ignore exclude (none: the model has none of those classes).
+
+    Example:
+        >>> no_layer_message("Net", "w8", resolve_recipe("w8").steps[0], [])[:56]
+        "recipe 'w8' (rtn step) finds no layer of Net to act on: "
+    """
+    where = f"recipe {recipe!r} ({step.method} step) finds no layer of {model} to act on"
+    classes = "/".join(step.targets.classes)
+    if of_class:
+        return (
+            f"{where}: its targets.names/ignore (or ignore=) exclude every {classes} module "
+            f"({name_list(of_class, 3)}); leave at least one targeted, or drop the step."
+        )
+    return (
+        f"{where}: it looks for {classes} modules and the model has none. compactnn finds "
+        "layers as modules only: weights used through functional calls (F.linear, F.conv2d "
+        "on an nn.Parameter) are not seen; rewrite them as nn.Linear / nn.Conv2d modules."
+    )
+
+
+def _leave_attention_out_projs(
+    model: nn.Module, targets: dict[str, nn.Module], ctx: CompressContext
+) -> dict[str, nn.Module]:
+    """``targets`` without the ``out_proj`` of each ``nn.MultiheadAttention``: the attention
+    reads that Linear's weight and never calls it, so its input can be neither calibrated nor
+    seen by a solver. Each is recorded kept in float with the reason, with one warning."""
+    owners = attention_out_projs(model)
+    left = [n for n, m in targets.items() if n in owners and not is_quant_layer(m)]
+    new = [n for n in left if n not in ctx.float_layers]
+    for n in new:
+        ctx.float_layers[n] = ctx.skipped[n] = (
+            f"out_proj of nn.MultiheadAttention {owners[n] or '(the model)'}, which reads its "
+            "weight directly and never calls it"
+        )
+    if new:
+        ctx.warn(
+            f"kept in float: {len(new)} nn.MultiheadAttention out_proj layers "
+            f"({name_list(new, 3)}): the attention reads their weights directly "
+            "(F.multi_head_attention_forward) and never calls them, so they cannot be "
+            "quantized; its in_proj weights are parameters, not layers, and stay float too."
+        )
+    return {n: m for n, m in targets.items() if n not in left}
 
 
 def with_ignored(recipe: Recipe, model: nn.Module, ignore: Sequence[str]) -> Recipe:
@@ -273,99 +360,6 @@ def _check_tensors(model: nn.Module) -> None:
                 f"model tensor {name!r} is {t.dtype}; compactnn compresses float32 models "
                 "(its ranges and solvers need full precision): call model.float() first."
             )
-
-
-NOT_TARGETED = "not targeted by the recipe"
-
-
-def _report_float_layers(model: nn.Module, ctx: CompressContext) -> None:
-    """Give every float weight layer its reason (the one a step that skipped it recorded,
-    else not targeted), and warn once, naming the layers a step could not quantize.
-
-    A float layer a pruning step zeroed (unstructured or N:M) is compressed, stored sparse:
-    it is left out (``extra["pruning"]`` gives its sparsity), as is a table tied to it; so
-    is a projection of an MLP that probe pruning slices per batch (``extra["probe_prune"]``)."""
-    pruned = _pruned_weights(model, ctx)
-    known = set(ctx.float_layers) | set(probe_pruned_layers(ctx.extra))  # reason known, or pruned
-    for name, m in weight_layers(model).items():
-        if has_integer_weight(m) or name in known or id(m.weight) in pruned:
-            continue
-        ctx.float_layers[name] = ctx.skipped.get(name, NOT_TARGETED)
-    failed = {  # a step that skipped a layer warned with its reason already
-        n: r for n, r in ctx.float_layers.items() if r not in (NOT_TARGETED, ctx.skipped.get(n))
-    }
-    if failed:
-        listing = "; ".join(f"{n} ({r})" for n, r in failed.items())
-        warnings.warn(f"kept in float: {listing}", stacklevel=3)
-
-
-PROBE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
-def probe_pruned_layers(extra: dict) -> list[str]:
-    """The projections of the MLPs probe pruning wrapped (``extra["probe_prune"]["mlps"]``):
-    their hidden channels are skipped per batch, so the recipe did compress them.
-
-    Example:
-        >>> probe_pruned_layers({"probe_prune": {"mlps": ["layers.0.mlp"]}})
-        ['layers.0.mlp.gate_proj', 'layers.0.mlp.up_proj', 'layers.0.mlp.down_proj']
-    """
-    mlps = (extra.get(PROBE_KEY) or {}).get("mlps", [])
-    return [f"{mlp}.{p}" for mlp in mlps for p in PROBE_PROJECTIONS]
-
-
-def _pruned_weights(model: nn.Module, ctx: CompressContext) -> set[int]:
-    """``id`` of each weight a pruning step of this run (or an earlier one) zeroed, read from
-    ``extra["pruning"]``: method -> {layer: sparsity, "params": {...}, ...}."""
-    modules = dict(model.named_modules())
-    out = set()
-    for stats in ctx.extra.get("pruning", {}).values():
-        for name, value in stats.items() if isinstance(stats, dict) else ():
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if numeric and value > 0 and name in modules:
-                out.add(id(getattr(modules[name], "weight", None)))
-    return out
-
-
-FLOAT_SHARE_WARNING = 0.5  # warn when quantization leaves more of the weight bytes in float
-
-
-def float_weight_bytes(model: nn.Module) -> tuple[int, int, dict[str, int]]:
-    """Bytes of parameters kept in float, bytes of all parameters (as stored now, quantized
-    weights counted at their float size), and the float ones by name (tied ones once)."""
-    kept: dict[str, int] = {}
-    total = 0
-    seen: set[int] = set()  # tied parameters (an LM head sharing the embedding) count once
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for p_name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            nbytes = p.numel() * p.element_size()
-            total += nbytes
-            if not (has_integer_weight(module) and p_name == "weight"):
-                kept[f"{mod_name}.{p_name}" if mod_name else p_name] = nbytes
-    return sum(kept.values()), total, kept
-
-
-def _warn_float_bytes(model: nn.Module, ctx: CompressContext) -> None:
-    """Warn when a quantization recipe leaves most of the weight bytes in float (e.g. token
-    embeddings), naming the largest float tensors: the artifact is then barely smaller."""
-    if not any(has_integer_weight(m) for m in model.modules()):
-        return  # pruning or a float transform: nothing was meant to be quantized
-    kept, total, by_name = float_weight_bytes(model)
-    if total == 0 or kept / total <= FLOAT_SHARE_WARNING:
-        return
-    largest = sorted(by_name.items(), key=lambda kv: -kv[1])[:3]
-    listing = ", ".join(f"{n} ({b / 2**20:.1f} MiB)" for n, b in largest)
-    message = (
-        f"{kept / total:.0%} of the weight bytes stay in float after this recipe; the "
-        f"largest float tensors: {listing}. The artifact will be much larger than the recipe's "
-        "bits suggest: target those layers too (embeddings: targets.classes [Embedding], or a "
-        "weight-only recipe), and judge the size `compactnn eval` reports."
-    )
-    ctx.notes.append(message)
-    warnings.warn(message, stacklevel=3)
 
 
 # re-exported for `compactnn.save` / `compactnn.load`

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.modules import state_with_metadata
 from compactnn.core.weight_import import lift_weight_layers, misfit_line, weights_misfit
 from compactnn.errors import CompactnnError, first_line
 from compactnn.export.fs import hf_weights_file
@@ -265,12 +266,19 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
             f"the weights in {weights!r} do not fit the model {spec!r} builds: {misfit}; pass "
             "the weights saved from this factory's model (save_file(model.state_dict(), ...))."
         )
-    try:
-        model.load_state_dict(tensors, strict=True)
+    try:  # with the model's module versions: safetensors stores none (MNASNet needs them)
+        model.load_state_dict(state_with_metadata(model, tensors), strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied: its first line only
         first = first_line(exc, 300)
         raise CompactnnError(
             f"the weights in {weights!r} do not fit the model {spec!r} builds: {first}"
+        ) from exc
+    except Exception as exc:  # the model's own loading code (_load_from_state_dict) refused
+        first = first_line(exc, 300)
+        raise CompactnnError(
+            f"the model {spec!r} builds refused the weights in {weights!r} while loading them "
+            f"({type(exc).__name__}: {first}); pass the weights saved from this factory's "
+            "model (save_file(model.state_dict(), ...))."
         ) from exc
     return LoadedModel(model.eval(), spec, weights=str(weights))
 

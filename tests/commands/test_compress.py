@@ -118,7 +118,7 @@ def test_labelled_data_calibrates_on_x_and_the_eval_line_names_the_model(
 def test_pruned_layers_names_sparsity_and_removed_channels():
     from torch import nn
 
-    from compactnn.commands.compress import pruned_layers
+    from compactnn.commands.compress_summary import pruned_layers
 
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     extra = {
@@ -293,7 +293,52 @@ def test_a_pruned_then_quantized_layer_is_listed_as_both(tiny_project, capsys):
     )  # fmt: skip
     assert code == 0, err
     assert "    3: pruned (50% of weights zero), then quantized\n" in out
-    assert "quantized layers: 2; pruned layers: 1; kept in float: 0" in out
+    assert "    0: quantized, not pruned\n" in out  # every layer listed once
+    assert "quantized layers: 2 (1 of them pruned first); kept in float: 0\n" in out
+
+
+CH50_THEN_W8A8 = """\
+name: ch50-w8a8
+steps:
+  - method: channel
+    config: {ratio: 0.5}
+  - method: rtn
+    config: {weight: {bits: 8, symmetric: true}, act: {bits: 8, symmetric: false}}
+"""
+
+
+@pytest.mark.parametrize("recipe", ["ch50", "ch50-w8a8.yaml"])
+def test_the_summary_counts_each_layer_once_and_lists_it_once(tiny_project, capsys, recipe):
+    """Channel pruning: the counts partition the model's weight layers (a pruned float layer
+    was counted as pruned and kept in float), and each layer has one line: its output
+    channels removed as the float model's and the artifact's shapes say, or why not."""
+    import tiny_cli_factory
+
+    import compactnn
+
+    (tiny_project / "ch50-w8a8.yaml").write_text(CH50_THEN_W8A8)
+    code, out, err = run_cli(
+        capsys, "compress", "tiny_cli_factory:make", "--weights", "w.safetensors",
+        "-r", recipe, "--data", "x.npy", "--out", "art", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    model = tiny_cli_factory.make()
+    art = compactnn.load("art", model=model)
+    before, after = model[0].out_channels, art[0].out_channels
+    what = f"pruned ({before - after} of {before} output channels removed)"
+    layers = ("0", "3")
+    listed = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("    ")]
+    assert sorted(listed) == sorted(layers)
+    if recipe == "ch50":
+        assert f"    0: {what}, weights in float\n" in out
+        assert "    3: channel pruning skipped it (its output channels are the model's" in out
+        assert "  quantized layers: 0; pruned layers: 1; kept in float: 1\n" in out
+        saved = compactnn.info_of(art)["float_layers"]
+        assert saved["0"] == f"{what}, weights in float"  # the record says what the summary does
+    else:
+        assert all(hasattr(art.get_submodule(n), "weight_codes") for n in layers)
+        assert f"    0: {what}, then quantized\n" in out and "    3: quantized, not pruned\n" in out
+        assert "  quantized layers: 2 (1 of them pruned first); kept in float: 0\n" in out
 
 
 def test_probe_pruned_mlps_are_listed_as_pruned_with_their_macs(tmp_path, capsys, monkeypatch):
@@ -304,7 +349,7 @@ def test_probe_pruned_mlps_are_listed_as_pruned_with_their_macs(tmp_path, capsys
 
     import torch
 
-    from compactnn.commands.compress import human_count
+    from compactnn.commands.compress_summary import human_count
     from compactnn.models.tiny_hf import tiny_model
 
     torch.set_num_threads(1)

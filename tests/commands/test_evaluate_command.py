@@ -389,6 +389,7 @@ def test_the_float_row_says_which_runtime_gave_its_quality_and_which_its_latency
     import argparse
     from types import SimpleNamespace
 
+    from compactnn.commands import eval_table
     from compactnn.commands import evaluate as command
     from compactnn.model_io import LoadedModel
 
@@ -415,7 +416,7 @@ def test_the_float_row_says_which_runtime_gave_its_quality_and_which_its_latency
     eager = row("float", "fp32-eager")
     deployed = row("deployed", "ort-fp32", "oneDNN int8")
     assert deployed["quality_runtime"] == "oneDNN int8"  # measured on the form it times
-    cells = [r[2] for r in command._table_rows({"rows": [ort, eager, deployed]})]
+    cells = [r[2] for r in eval_table.table_rows({"rows": [ort, eager, deployed]})]
     assert cells == [
         "ONNX Runtime fp32 for latency, PyTorch fp32 for quality",
         "PyTorch fp32",

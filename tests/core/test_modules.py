@@ -1,6 +1,17 @@
+import warnings
+from collections import OrderedDict
+
+import torch
 from torch import nn
 
-from compactnn.core.modules import Targets, execution_order, select_modules, set_module
+from compactnn.core.modules import (
+    Targets,
+    attention_out_projs,
+    execution_order,
+    select_modules,
+    set_module,
+    state_with_metadata,
+)
 
 
 class Net(nn.Module):
@@ -77,3 +88,61 @@ def test_ignore_pattern_matching_nothing_is_refused_but_name_dot_star_is_kept():
         check_target_names(Net(), _recipe(Targets(ignore=("nosuch.*",))))
     # what --ignore adds for a leaf: "head.*" matches nothing, but "head" does
     check_target_names(Net(), _recipe(Targets(ignore=("head", "head.*", "body.*"))))
+
+
+def test_attention_out_projs_names_each_attention_and_its_projection():
+    layer = nn.TransformerEncoderLayer(8, 2, 16)
+    net = nn.Sequential(
+        nn.Linear(8, 8), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    )
+    assert attention_out_projs(net) == {
+        "1.layers.0.self_attn.out_proj": "1.layers.0.self_attn",
+        "1.layers.1.self_attn.out_proj": "1.layers.1.self_attn",
+    }
+    assert attention_out_projs(nn.MultiheadAttention(4, 2)) == {"out_proj": ""}
+    assert attention_out_projs(Net()) == {}
+
+
+def test_state_with_metadata_carries_the_module_versions():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    plain = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    state = state_with_metadata(net, plain)
+    assert state._metadata == net.state_dict()._metadata  # BatchNorm's version is 2
+    assert state._metadata["1"]["version"] == 2 and list(state) == list(plain)
+    own = OrderedDict(plain)
+    own._metadata = {"": {"version": 1}}  # a state dict with its own record keeps it
+    assert state_with_metadata(net, own)._metadata == {"": {"version": 1}}
+
+
+def test_a_compressed_encoder_layer_runs_its_own_layers_not_pytorchs_fused_kernel(tmp_path):
+    """nn.TransformerEncoderLayer's eval-mode fast path reads linear1/linear2's weights
+    without calling them: quantized there, they would be skipped (and calibration saw them
+    never run). Outputs with and without the fast path must agree, after a reload too."""
+    import compactnn
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    net = nn.Sequential(nn.Linear(8, 32), enc)
+    x = torch.randn(16, 10, 8)
+    with warnings.catch_warnings():  # the attention's float weights are named: not tested here
+        warnings.simplefilter("ignore")
+        q = compactnn.compress(net.eval(), "w8a8", calib_data=x, progress=False)
+    compactnn.save(q, tmp_path / "a")
+    fresh = nn.Sequential(
+        nn.Linear(8, 32), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    )
+    back = compactnn.load(tmp_path / "a", model=fresh)
+    with torch.no_grad():
+        outs = [q(x), back(x)]
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = q(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    # equal up to the attention's own fused kernel (float, ~5e-7); a bypassed quantized
+    # layer moved the output ~1e-2
+    for out in outs:
+        torch.testing.assert_close(out, slow, atol=1e-5, rtol=0)
+    assert not torch.equal(slow, net(x))  # quantized: not the float model
+    assert net.eval()[1].layers[0].activation_relu_or_gelu  # the input model is unchanged

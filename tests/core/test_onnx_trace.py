@@ -63,3 +63,28 @@ def test_models_without_attention_are_untouched():
     onnx_trace.eager_attention(model)  # nothing to switch, no error
     _, ops = _export(model, torch.randn(2, 4))
     assert ops["Gemm"] + ops["MatMul"] == 1
+
+
+def test_a_float_attention_model_exports_for_timing_and_prints_nothing(tmp_path, capfd):
+    """deploy(auto) races ONNX Runtime fp32 on export_dynamic's file: nn.MultiheadAttention's
+    fused kernel has no ONNX form, and a failing exporter printed its whole graph."""
+    import onnxruntime as ort
+
+    from compactnn.core.onnx_trace import export_dynamic
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model, x = Attn().eval(), torch.randn(2, 5, 16)
+    names = export_dynamic(model, x, tmp_path / "m.onnx")
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {names[0]: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-5)
+    out = capfd.readouterr()
+    assert out.out == "" and "Traceback" not in out.err

@@ -75,3 +75,58 @@ def test_auto_builds_the_onnx_runtime_candidate_from_the_model_passed(models):
     with torch.no_grad():
         plain = models[0](x)
     assert not torch.equal(plain, ref)
+
+
+class GroupNormNet(nn.Module):
+    """Conv1d + GroupNorm (an audio front end): group_norm's batch-size check reads a size
+    as a bool, which the ONNX exporter's trace warns about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv1d(1, 8, 5, stride=2, padding=2), nn.GroupNorm(4, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.norm(self.conv(x))).mean(-1))
+
+
+def test_torchs_own_shape_checks_do_not_warn_while_the_exporter_traces():
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 64)
+    qmodel = compactnn.compress(GroupNormNet().eval(), "w8a8", calib_data=x, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deployed = compactnn.deploy(qmodel, example=x[:4])  # both candidates, the float one
+    assert deployed.verification.passed
+    assert [str(w.message) for w in caught if w.category is torch.jit.TracerWarning] == []
+    from compactnn.deployment.calling import quiet_shape_checks as _quiet_shape_checks
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _quiet_shape_checks():
+            for module in ("torch.nn.functional", "mymodel"):  # the model's own still warn
+                warnings.warn_explicit("a bool", torch.jit.TracerWarning, f"{module}.py", 1, module)
+    assert [w.filename for w in caught] == ["mymodel.py"]
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.cls, self.box = nn.Conv2d(3, 8, 3), nn.Linear(8, 10), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.conv(x).relu().mean((2, 3))
+        return {"logits": self.cls(h), "box": self.box(h)}
+
+
+def test_a_dict_output_comes_back_as_the_same_dict_on_onnx_runtime():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 12, 12)
+    q = compactnn.compress(_TwoHeads().eval(), "w8a8", calib_data=x, progress=False)
+    out = compactnn.deploy(q, example=x[:8], backend="onnxruntime")(x[:8])
+    with torch.no_grad():
+        sim = q(x[:8])
+    assert isinstance(out, dict) and list(out) == ["logits", "box"]
+    for key in sim:
+        step = float(sim[key].abs().max()) / 127  # about one output step
+        torch.testing.assert_close(out[key], sim[key], atol=3 * step, rtol=0)

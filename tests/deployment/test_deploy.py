@@ -189,19 +189,6 @@ class TwoInputNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.parametrize("backend", ["onednn", "onnxruntime"])
-def test_a_two_input_model_deploys_and_verifies(backend):
-    if backend == "onnxruntime":
-        pytest.importorskip("onnxruntime")
-    torch.manual_seed(0)
-    a, b = torch.rand(8, 1, 6, 6), torch.rand(8, 1, 6, 6)
-    qmodel = compactnn.compress(TwoInputNet().eval(), "w8a8", calib_data=[(a, b)], progress=False)
-    deployed = compactnn.deploy(qmodel, backend, example=(a[:4], b[:4]))
-    assert deployed.verification.passed
-    with torch.no_grad():
-        assert steps(qmodel(a, b), deployed(a, b)) <= 1.0
-
-
 class DictInput(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -219,3 +206,58 @@ def test_a_dict_passed_as_one_argument_deploys_on_onednn_and_onnxruntime_says_wh
     assert compactnn.deploy(qmodel, "onednn", example=(batch,)).verification.passed
     with pytest.raises(CompactnnError, match=r"ONNX Runtime takes tensors.*backend='onednn'"):
         compactnn.deploy(qmodel, "onnxruntime", example=(batch,))
+
+
+def _two_input_deployment(backend: str, example_form: str):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    a, b = torch.rand(8, 1, 6, 6), torch.rand(8, 1, 6, 6)
+    qmodel = compactnn.compress(TwoInputNet().eval(), "w8a8", calib_data=[(a, b)], progress=False)
+    example = (a[:4], b[:4]) if example_form == "tuple" else {"b": b[:4], "a": a[:4]}
+    return qmodel, compactnn.deploy(qmodel, backend, example=example), a, b
+
+
+@pytest.mark.parametrize("backend", ["onednn", "onnxruntime"])
+def test_a_two_input_model_deploys_and_verifies(backend):
+    qmodel, deployed, a, b = _two_input_deployment(backend, "tuple")
+    assert deployed.verification.passed
+    with torch.no_grad():
+        assert steps(qmodel(a, b), deployed(a, b)) <= 1.0
+
+
+@pytest.mark.parametrize("backend", ["onednn", "onnxruntime"])
+def test_a_dict_example_maps_to_forwards_parameters(backend):
+    qmodel, deployed, a, b = _two_input_deployment(backend, "dict")  # keys in any order
+    assert deployed.verification.passed
+    with torch.no_grad():
+        ref = qmodel(a, b)
+        assert steps(ref, deployed(a=a, b=b)) <= 1.0
+        assert torch.equal(deployed(b=b, a=a), deployed(a, b))
+        assert torch.equal(deployed(a, b=b), deployed(a, b))
+    with pytest.raises(CompactnnError, match=r"input 1 has shape \(8, 2, 6, 6\)"):
+        deployed(a, torch.rand(8, 2, 6, 6))  # checked by position as by name
+    with pytest.raises(CompactnnError, match=r"missing a required argument: 'b'.*forward\(a: "):
+        deployed(a=a, c=b)
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa, self.fb = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, a: torch.Tensor, *, b: torch.Tensor) -> torch.Tensor:
+        return self.fa(a) + torch.relu(self.fb(b))
+
+
+def test_a_keyword_only_input_deploys_on_onednn_and_onnxruntime_asks_for_a_tuple():
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 4), torch.randn(8, 4)
+    example = {"a": a, "b": b}
+    qmodel = compactnn.compress(KeywordOnly().eval(), "w8a8", calib_data=[example], progress=False)
+    deployed = compactnn.deploy(qmodel, "onednn", example=example)
+    with torch.no_grad():
+        assert steps(qmodel(a, b=b), deployed(a, b=b)) <= 1.0
+    with pytest.raises(CompactnnError, match=r"ONNX Runtime feeds its inputs by position.*tuple"):
+        compactnn.deploy(qmodel, "onnxruntime", example=example)

@@ -40,7 +40,7 @@ def test_missing_onnxruntime_names_the_extra(qnet, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(CompactnnError, match=r"pip install 'compactnn\[onnx\]'"):
         compactnn.deploy(qmodel, "onnxruntime", example=calib[:4])
-    with pytest.warns(UserWarning, match=r"skipped backends: onnxruntime .*compactnn\[onnx\]"):
+    with pytest.warns(UserWarning, match=r"skipped backends: onnxruntime: .*compactnn\[onnx\]"):
         deployed = compactnn.deploy(qmodel, example=calib[:4])  # auto: oneDNN only
     assert deployed.backend == "onednn" and set(deployed.selection) == {"onednn", "fp32-eager"}
 
@@ -79,8 +79,56 @@ def test_auto_raises_when_every_backend_diverges(monkeypatch, qnet):
         "_build",
         lambda backend, sim, *a: deploy_api.DeployedModel(_Off(copy.deepcopy(sim)), backend, {}),
     )
-    with pytest.raises(CompactnnError, match="steps"):
+    with pytest.raises(CompactnnError, match="steps") as caught:
         compactnn.deploy(qmodel, example=calib[:8])
+    message = str(caught.value)  # each backend's reason, not only the first one's
+    assert "onednn: deploy[onednn]: max difference" in message
+    assert "onnxruntime: deploy[onnxruntime]: max difference" in message
+    assert "Raise tolerance= (--tolerance) only" in message
+
+
+class _Broken(nn.Module):
+    """A program that fails with an error that is not a CompactnnError (a bug of ours)."""
+
+    def forward(self, x):
+        raise ValueError("kernel fault")
+
+
+def _failing_build(fail: dict, real):
+    """A ``_build`` whose candidates in ``fail`` raise ("build") or run a broken program."""
+
+    def build(backend, sim, *args):
+        if fail.get(backend) == "build":
+            raise AttributeError(f"'int' object has no attribute 'dtype' ({backend})")
+        if fail.get(backend) == "run":
+            return deploy_api.DeployedModel(_Broken(), backend, {})
+        return real(backend, sim, *args)
+
+    return build
+
+
+@pytest.mark.parametrize("how", ["build", "run"])
+def test_auto_keeps_the_backend_that_works_when_the_other_raises(monkeypatch, qnet, how):
+    pytest.importorskip("onnxruntime")
+    qmodel, calib = qnet
+    monkeypatch.setattr(deploy_api, "_build", _failing_build({"onednn": how}, deploy_api._build))
+    with pytest.warns(UserWarning, match=r"skipped backends: onednn: (AttributeError|ValueError)"):
+        fast = compactnn.deploy(qmodel, example=calib[:8], time_float=False)
+    assert fast.backend == "onnxruntime" and fast.verification.passed
+    with torch.no_grad():
+        assert steps(qmodel(calib[:8]), fast(calib[:8])) <= 1.0
+
+
+def test_every_backends_error_is_one_compactnn_error_with_its_cause(monkeypatch, qnet):
+    pytest.importorskip("onnxruntime")
+    qmodel, calib = qnet
+    fail = {"onednn": "build", "onnxruntime": "run"}
+    monkeypatch.setattr(deploy_api, "_build", _failing_build(fail, deploy_api._build))
+    with pytest.raises(CompactnnError, match=r"onednn: AttributeError.*onnxruntime: ValueError"):
+        compactnn.deploy(qmodel, example=calib[:8])
+    with pytest.raises(CompactnnError, match=r"deploy\[onednn\]: AttributeError") as caught:
+        compactnn.deploy(qmodel, "onednn", example=calib[:8])  # one backend: the same
+    assert isinstance(caught.value.__cause__, AttributeError)  # chained, for debugging
 
 
 def test_auto_says_when_float_is_faster(monkeypatch, qnet):
@@ -116,3 +164,12 @@ def test_float_model_is_the_simulation_without_quantizers(qnet):
     with torch.no_grad():
         assert torch.allclose(fmodel(calib[:4]), off(calib[:4]), atol=1e-6)
         assert not torch.allclose(fmodel(calib[:4]), qmodel(calib[:4]), atol=1e-6)
+
+
+def test_an_amplifying_networks_refusal_names_both_tolerance_spellings():
+    from compactnn.lowering.verify import Verification
+
+    result = Verification("deploy[onednn]", 13.3, 0.1, 0.0075, 1.0, 2.0, 8, sensitivity=11.0)
+    message = deploy_api._verification_refusal(result)
+    assert result.amplified and "FAILED" in message
+    assert message.endswith("deploy with tolerance=20 (--tolerance 20 on the command line).")

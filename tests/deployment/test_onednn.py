@@ -70,6 +70,16 @@ def test_plan_runner_is_bit_identical_to_the_graph(qnet, residuals):
         assert step <= (sim(calib[:8]) - dep.program(calib[:8])).abs().max() + 1e-6
 
 
+def test_plan_runner_takes_the_graphs_inputs_by_name(qnet):
+    qmodel, calib = qnet
+    dep = _deployed(qmodel, calib[:8])
+    runner = plan_runner(dep.program)  # the graph's input is forward's x
+    with torch.no_grad():
+        assert torch.equal(runner(x=calib[:4]), dep.program(x=calib[:4]))
+    with pytest.raises(CompactnnError, match=r"lowered graph\(x\).*unexpected keyword.*'y'"):
+        runner(calib[:4], y=calib[:4])
+
+
 def test_plan_runner_refuses_what_is_not_a_lowered_graph():
     with pytest.raises(CompactnnError, match=r"fx\.GraphModule"):
         plan_runner(nn.Linear(2, 2))

@@ -47,3 +47,39 @@ def test_a_weight_only_training_recipe_is_pointed_to_its_activation_form():
     assert "'w5a8-inq' (w5-inq with 8-bit activations)" in msg and "0" in msg
     sim._compactnn = {"recipe": SimpleNamespace(name="my-recipe")}
     assert "e.g. 'w8a8', 'w4a4'" in refusals.no_integer_layers(sim, {})
+
+
+@pytest.mark.parametrize("tolerance", [-1, -0.5, float("nan"), float("inf"), "2", True, None])
+def test_a_bad_tolerance_is_refused_before_the_model_is_looked_at(tolerance):
+    with pytest.raises(CompactnnError, match=r"^tolerance=.*finite number of output steps >= 0"):
+        refusals.check_args(nn.Linear(2, 2), "auto", torch.zeros(1, 2), "exact", "float", tolerance)
+    for fine in (0, 2, 7.5):  # then the next check (a plain float model) speaks
+        with pytest.raises(CompactnnError, match="plain float model"):
+            refusals.check_args(nn.Linear(2, 2), "auto", torch.zeros(1, 2), "exact", "float", fine)
+
+
+def test_an_internal_error_is_a_reason_to_report_and_a_refusal_its_own():
+    assert refusals.failure_reason(CompactnnError("use w8a8.")) == "use w8a8."
+    reason = refusals.failure_reason(AttributeError("'int' object has no attribute 'dtype'"))
+    assert reason.startswith("AttributeError: 'int' object has no attribute 'dtype' (an internal")
+
+
+def test_nothing_to_deploy_is_worded_for_the_command_line_and_python():
+    """`compactnn deploy ARTIFACT` printed "qmodel has no quantized layers": a parameter name
+    the command line never shows. Both refusals say what the model is and what to run."""
+    example = torch.zeros(1, 2)
+    with pytest.raises(CompactnnError) as plain:  # e.g. a channel-pruned artifact
+        refusals.check_args(nn.Linear(2, 2), "auto", example, "exact", "float")
+    said = str(plain.value)
+    assert "qmodel" not in said and "plain float model" in said and "nothing to deploy" in said
+    assert "channel-pruned artifact" in said and "compactnn eval ARTIFACT" in said
+    assert "recipe that also quantizes" in said and "docs/cli.md" in said
+
+    class Probe(nn.Linear):  # a compactnn module that simulates no integer weight
+        __module__ = "compactnn.prune.probe"
+
+    with pytest.raises(CompactnnError) as simulated:
+        refusals.check_args(Probe(2, 2), "auto", example, "exact", "float")
+    said = str(simulated.value)
+    assert "qmodel" not in said and "no quantized layers" in said
+    assert "compactnn compress MODEL --recipe w8a8" in said and "compactnn.compress(" in said

@@ -286,3 +286,24 @@ def test_to_kernels_names_layers_left_simulated_even_when_others_swapped():
         out = compactnn.to_kernels(q)
     assert "(0)" in str(rec[0].message) and "'w8a8-smoothquant'" in str(rec[0].message)
     assert out._compactnn_kernels["simulated"] == ["0"] and "2" in out._compactnn_kernels["swapped"]
+
+
+def test_bfloat16_int8_kernel_only_takes_widths_its_kernel_reads_safely():
+    """torch._weight_int8pack_mm in bfloat16 segfaults when in_features % 16 != 0: such a
+    layer takes a dense bfloat16 copy instead (same values), never the crashing kernel."""
+    from compactnn.kernels.swap import KernelConfig, kernel_layer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(24, 8), torch.nn.Linear(8, 32), torch.nn.Linear(32, 4)
+    )
+    q = compactnn.compress(model, "w8", progress=False)
+    kinds = [
+        type(kernel_layer(q[i], KernelConfig(dtype=torch.bfloat16))).__name__ for i in range(3)
+    ]
+    assert kinds == ["DenseLinear", "DenseLinear", "Int8WeightLinear"]
+    assert type(kernel_layer(q[0], KernelConfig(dtype=torch.float32))) is Int8WeightLinear
+    fast = compactnn.to_kernels(q)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), q(x), atol=0.05, rtol=0.02)  # bfloat16 compute

@@ -126,3 +126,22 @@ def test_deploy_leaf_modules_stay_single_nodes():
             trace(_Net())
     finally:
         _Binary.deploy_leaf = True
+
+
+@pytest.mark.parametrize("attr", ["meta", "graph", "code"])
+def test_attributes_a_graph_module_keeps_for_itself_are_named(attr):
+    """fx.GraphModule has its own ``meta`` / ``graph`` / ``code``: a model's submodule of that
+    name failed with a raw TypeError / RuntimeError from torch.fx."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            setattr(self, attr, nn.Linear(4, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return getattr(self, attr)(x).relu()
+
+    with pytest.raises(CompactnnError, match=rf"attribute '{attr}'.*Rename it") as info:
+        trace(Net())
+    assert "\n" not in str(info.value)
+    trace(nn.Sequential(nn.Linear(4, 4)))  # other names trace as before

@@ -170,14 +170,16 @@ def test_amplified_gap_is_named_as_the_networks_and_a_tolerance_suggested():
     assert result.amplified and result.sensitivity > 2
     with pytest.raises(CompactnnError, match="amplifies one-code rounding") as err:
         enforce(result)
-    assert f"tolerance={_above(result.max_diff_steps):g}" in str(err.value)
+    t = _above(result.max_diff_steps)
+    assert f"tolerance={t:g} (--tolerance {t:g} on the command line)" in str(err.value)
     assert _above(13.3) == 20.0 and _above(1.0) == 4.0 and _above(300) == 451.0
     # a smooth model with one wrong output value: the usual message, not the network's
     bad = compare(_ref(), _injected(_ref(), 50.0), _example(), "deploy[test]", tolerance=2.0)
     bad = replace(bad, sensitivity=sensitivity(_ref(), _example()))
     assert not bad.amplified
-    with pytest.raises(CompactnnError, match="does not reproduce"):
+    with pytest.raises(CompactnnError, match="does not reproduce") as err:
         enforce(bad)
+    assert "Raise tolerance= (--tolerance)" in str(err.value) and "--ignore NAME" in str(err.value)
 
 
 class TwoInputs(nn.Module):
@@ -204,3 +206,34 @@ def test_unlocalised_failure_points_to_the_backend_that_localises_and_bias_steps
     passed = replace(failed, max_diff_steps=0.0, bias_rounding_steps=5.25)
     assert enforce(passed) is passed
     assert "int32 biases (as integer kernels add them) move the output 5.25 steps" in str(passed)
+
+
+class _TwoHeads(nn.Module):
+    """Two outputs of the same shape with different values, keys not in sorted order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.zeta, self.alpha = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"zeta": self.zeta(x), "alpha": 3 * self.alpha(x)}
+
+
+def test_dict_outputs_pair_by_key_or_in_the_graph_order():
+    """An ONNX Runtime session returns a dict model's outputs as a tuple in the dict's own
+    order (the graph's); sorting the keys paired zeta with alpha (956 steps on a w8a8 net)."""
+    ref, x = _TwoHeads().eval(), _example()
+    with torch.no_grad():
+        out = ref(x)
+    assert (out["zeta"] - out["alpha"]).abs().max() > 0.1  # pairing them wrong would show
+    as_graph = compare(ref, lambda x: (out["zeta"], out["alpha"]), x, "ort")
+    assert as_graph.max_diff_steps == 0.0 and as_graph.passed
+    reordered = compare(ref, lambda x: {"alpha": out["alpha"], "zeta": out["zeta"]}, x, "dict")
+    assert reordered.max_diff_steps == 0.0
+    off = out["alpha"] + 0.01  # a real gap in one head is measured in that head's steps
+    step = float(out["alpha"].max() - out["alpha"].min()) / 255
+    moved = compare(ref, lambda x: (out["zeta"], off), x, "ort")
+    assert moved.max_diff_steps == pytest.approx(0.01 / step, rel=1e-3)
+    with pytest.raises(CompactnnError, match=r"outputs are named \['alpha', 'beta'\]"):
+        compare(ref, lambda x: {"alpha": out["alpha"], "beta": out["zeta"]}, x, "dict")

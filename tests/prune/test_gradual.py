@@ -58,3 +58,23 @@ def test_prune_then_quantize_chain_round_trips_yaml():
     recipe = Recipe.from_yaml(text)
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
     assert [s.method for s in recipe.steps] == ["gradual", "rtn"]
+
+
+def test_sp90_gradual_runs_its_documented_self_distillation_schedule(monkeypatch):
+    # 1e-4 and 200+100 steps left 90%-sparse CNNs answering one class (docs/pruning.md);
+    # the short name must reach the loop with the measured 600+400 steps at Adam lr 3e-3
+    import compactnn
+    import compactnn.prune.gradual as gradual
+
+    seen, real = [], gradual.prune_while_distilling
+
+    def spy(model, targets, ctx, make_pruner, steps, lr, desc):
+        seen.append((steps, lr))
+        return real(model, targets, ctx, make_pruner, 0, lr, desc)  # no training in a test
+
+    monkeypatch.setattr(gradual, "prune_while_distilling", spy)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    compactnn.compress(model.eval(), "sp90-gradual", calib_data=torch.randn(64, 8), progress=False)
+    cfg = GradualConfig()
+    assert seen == [(cfg.end_step + cfg.finetune_steps, cfg.lr)]
+    assert (cfg.end_step, cfg.finetune_steps, cfg.lr) == (600, 400, 3e-3)

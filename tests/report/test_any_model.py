@@ -17,8 +17,10 @@ import compactnn
 from compactnn.cli import main
 from compactnn.data import load_digits8
 from compactnn.errors import CompactnnError
+from compactnn.measure.float_paths import fastest_float_path
 from compactnn.report import build_report, labelled_data
 from compactnn.report.any_model import REPORT_FILES, check_report_folder
+from compactnn.report.delivery import deliver_float
 
 NET_SOURCE = """
 from torch import nn
@@ -282,3 +284,30 @@ def test_report_folder_guard(setup, tmp_path):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(CompactnnError, match=r"other files \(notes.txt\).*only replaces"):
         check_report_folder(tmp_path, force=True)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_pruned_row_races_the_float_paths_the_float_row_does(setup, monkeypatch, quick):
+    """A plain float artifact (sp50) is delivered on its own fastest float path: without
+    --quick, torch.compile is in its race as in the float row's (it said "not tried in
+    quick mode"). The races are spied on and run quick, to keep the test fast."""
+    from compactnn.report import any_model
+
+    root, net, paths = setup
+    asked = {}
+
+    def race(model, example, **kw):
+        asked["float"] = kw["quick"]
+        return fastest_float_path(model, example, **{**kw, "quick": True})
+
+    def deliver(model, example, **kw):
+        asked["sp50"] = kw.get("quick")  # None: left to its default
+        return deliver_float(model, example, **{**kw, "quick": True})
+
+    monkeypatch.setattr(any_model, "fastest_float_path", race)
+    monkeypatch.setattr(any_model, "deliver_float", deliver)
+    build_report(
+        [paths["sp50"]], model=net, data=load_digits8(), out=root / f"q{quick}", runs=1,
+        progress=False, quick=quick,
+    )  # fmt: skip
+    assert asked == {"float": quick, "sp50": quick}

@@ -186,3 +186,15 @@ def test_a_crash_while_writing_the_picture_keeps_the_previous_one(tmp_path, monk
     with pytest.raises(OSError, match="disk full"):
         write_report(results, fresh)
     assert not (fresh / "pareto.png").exists()
+
+
+def test_float_layers_are_listed_in_model_order():
+    """compactnn.json stores them with sorted keys ("0", "12", "3"): listed as text, a
+    12-layer model's order read 0, 12, 3."""
+    from compactnn.report.writer import _layer_blocks
+
+    reasons = {"12": "not targeted by the recipe", "3": "pruned", "0": "pruned"}
+    row = _row("cnn", "ch30", "top1", 90.0, 100, {"5": "int8-sym-channel"}, reasons)
+    blocks = _layer_blocks({"models": {"cnn": {}}, "rows": [row]})
+    listed = next(b[1] for b in blocks if b[0] == "list")
+    assert [item.split("`")[1] for item in listed] == ["0", "3", "12"]

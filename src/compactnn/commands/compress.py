@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import shlex
 import sys
@@ -14,7 +13,6 @@ from typing import Any
 import torch
 
 import compactnn
-from compactnn.api import PROBE_PROJECTIONS, probe_pruned_layers
 from compactnn.commands._common import (
     add_model_args,
     calib_inputs,
@@ -27,13 +25,17 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
-from compactnn.core.calib import as_batches, batch_size_of, call_model, check_token_ids
+from compactnn.commands.compress_summary import (
+    layer_summary,
+    probe_layers,
+    probe_lines,
+    pruned_layers,
+    pruning_lines,
+)
+from compactnn.core.calib import as_batches, check_token_ids
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
-from compactnn.prune.probe import EXTRA_KEY as PROBE_KEY
-from compactnn.prune.probe import ProbePruneConfig, probe_flops_fraction
-from compactnn.prune.stats import count_params, layer_macs
 from compactnn.training.data import labelled_keys
 
 
@@ -82,177 +84,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def default_out(model: str, recipe: str) -> Path:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.split(":")[-1]).stem or model)
     return Path("out") / f"{stem}-{Path(recipe).stem}"
-
-
-def human_count(n: float) -> str:
-    """``1234567`` -> ``"1.2M"``."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def pruning_lines(pruning: dict) -> list[str]:
-    """One line per pruning step that recorded its counts (``prune/stats.py``).
-
-    Example:
-        >>> counts = {"before": 1_200_000, "after": 800_000}
-        >>> stats = {"params": counts, "nonzero": counts, "macs": counts}
-        >>> pruning_lines({"channel": stats})[0].endswith("800.0k (whole first calibration batch)")
-        True
-    """
-    lines = []
-    for method, stats in pruning.items():
-        if not isinstance(stats, dict) or not isinstance(stats.get("params"), dict):
-            continue  # no calibration batch: nothing counted
-        p, nz, macs = stats["params"], stats["nonzero"], stats["macs"]
-        line = f"  pruning ({method}): params {human_count(p['before'])} -> "
-        line += human_count(p["after"])
-        if nz["after"] != p["after"]:  # unstructured: same tensors, fewer non-zeros
-            line += f" ({human_count(nz['after'])} non-zero)"
-        line += f", MACs {human_count(macs['before'])} -> {human_count(macs['after'])}"
-        line += " (whole first calibration batch)"  # prune.stats.model_counts: not per sample
-        lines.append(line)
-    return lines
-
-
-def pruned_layers(extra: dict, original=None) -> dict[str, str]:
-    """What each pruning step did to each layer it pruned: its sparsity (unstructured, N:M)
-    or its removed output channels (structured, read from the ``resized`` record).
-
-    Example:
-        >>> pruned_layers({"pruning": {"nm": {"fc": 0.5, "params": {}}}})
-        {'fc': '50% of weights zero'}
-    """
-    out: dict[str, str] = {}
-    for stats in extra.get("pruning", {}).values():
-        if isinstance(stats, dict):
-            for name, value in stats.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    out[name] = f"{value:.0%} of weights zero"
-    modules = dict(original.named_modules()) if original is not None else {}
-    for name, shape in extra.get("resized", {}).items():
-        field = {"Conv1d": "out_channels", "Conv2d": "out_channels", "Linear": "out_features"}
-        key = field.get(shape.get("kind")) if isinstance(shape, dict) else None
-        if key is None or name in out:
-            continue
-        before = getattr(modules.get(name), key, None)
-        after = shape.get(key)
-        if isinstance(before, int) and isinstance(after, int) and after < before:
-            out[name] = f"{before - after} of {before} output channels removed"
-        elif before is None:
-            out[name] = f"{after} output channels kept"
-    return out
-
-
-PROBE_CHOICE = {  # config.mode -> (kind, how each input's channels are chosen)
-    "sample": ("dynamic", "chosen per sample by a probe"),
-    "batch": ("dynamic", "chosen per batch by a probe"),
-    "static": ("static", "the same for every batch, from the calibration statistics"),
-}
-
-
-def skipped_channels(width: int, ratio: float) -> int:
-    """Hidden channels a probe-pruned MLP of ``width`` skips per input: ``floor(ratio *
-    width)``, at most ``width - 1`` (``prune.probe.kept_channels``).
-
-    Example:
-        >>> skipped_channels(512, 0.3), skipped_channels(2, 0.9)
-        (153, 1)
-    """
-    return min(math.floor(ratio * width), width - 1)
-
-
-def _probe_record(extra: dict, original=None) -> tuple[dict, dict[str, int]] | None:
-    """Probe pruning's config and each wrapped MLP's hidden width (None without it; a width
-    of 0 when ``original`` does not say)."""
-    record = extra.get(PROBE_KEY)
-    if not isinstance(record, dict) or not record.get("mlps"):
-        return None
-    modules = dict(original.named_modules()) if original is not None else {}
-    widths = {
-        mlp: getattr(modules.get(f"{mlp}.down_proj"), "in_features", 0) for mlp in record["mlps"]
-    }
-    return record.get("config", {}), widths
-
-
-def probe_layers(extra: dict, original=None) -> dict[str, str]:
-    """What probe pruning does to each projection of the MLPs it wraps: how many of the
-    MLP's hidden channels each input skips, chosen how; the weights stay whole (sliced at
-    run time).
-
-    Example:
-        >>> cfg = {"ratio": 0.3, "mode": "sample"}
-        >>> probe_layers({"probe_prune": {"config": cfg, "mlps": ["mlp"]}})["mlp.up_proj"][:40]
-        'probe-pruned (dynamic: 30% of the MLP hi'
-    """
-    found = _probe_record(extra, original)
-    if found is None:
-        return {}
-    config, widths = found
-    ratio = config.get("ratio", 0.0)
-    kind, how = PROBE_CHOICE.get(config.get("mode"), ("dynamic", "chosen by a probe"))
-    out = {}
-    for name in probe_pruned_layers(extra):
-        width = widths.get(name.rpartition(".")[0], 0)
-        share = f"{ratio:.0%} of the MLP hidden channels"
-        if width:
-            share = f"{skipped_channels(width, ratio)} of the MLP's {width} hidden channels"
-        out[name] = f"probe-pruned ({kind}: {share} skipped, {how})"
-    return out
-
-
-def probe_macs(dense: int, mlps: list[tuple[int, float]], probe: float) -> int:
-    """Multiply-accumulates of one call after probe pruning: the dense model's ``dense``,
-    in which each probed MLP's ``(macs, kept)`` shrinks to its ``kept`` share of hidden
-    channels and adds the probe's ``probe`` share of its dense MACs
-    (``prune.probe.probe_flops_fraction``).
-
-    Example:
-        >>> probe_macs(1000, [(300, 0.7), (300, 0.7)], 0.1)
-        880
-    """
-    return round(dense + sum(macs * (kept - 1.0 + probe) for macs, kept in mlps))
-
-
-def probe_lines(extra: dict, original, batch: Any) -> list[str]:
-    """Probe pruning's parameters and multiply-accumulates before and after on ``batch``
-    (the first calibration batch; the float model runs on it once, its Linear / Conv MACs
-    counted as ``prune.stats.count_macs`` does): the parameters stay (each input picks its
-    channels, weights sliced at run time), the MLPs' products shrink, the probe adds its own.
-    """
-    found = _probe_record(extra, original)
-    if found is None or batch is None:
-        return []
-    config = ProbePruneConfig.from_dict(found[0], "probe_prune.config")
-    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
-    layers = {n: m for n, m in original.named_modules() if isinstance(m, kinds)}
-    was = original.training
-    original.eval()
-    try:
-        macs = layer_macs(original, layers, lambda m: call_model(m, batch), per_sample=False)
-    finally:
-        original.train(was)
-    ids = batch.get("input_ids", next(iter(batch.values()))) if isinstance(batch, dict) else batch
-    ids = ids[0] if isinstance(ids, (tuple, list)) else ids
-    rows, length = batch_size_of(batch), int(ids.shape[1]) if ids.dim() > 1 else 1
-    probe = probe_flops_fraction(config, rows, length)
-    mlps = [
-        (
-            sum(macs.get(f"{mlp}.{p}", 0) for p in PROBE_PROJECTIONS),
-            1.0 - (skipped_channels(width, config.ratio) / width if width else config.ratio),
-        )
-        for mlp, width in found[1].items()
-    ]
-    dense = sum(macs.values())
-    params = human_count(count_params(original))
-    cost = f"; the probe adds {probe:.1%} of their dense MACs" if probe else ""
-    return [
-        f"  pruning (probe): params {params} -> {params} (weights kept whole, sliced at run "
-        f"time), MACs {human_count(dense)} -> {human_count(probe_macs(dense, mlps, probe))} "
-        f"({len(mlps)} MLPs skip {config.ratio:.0%} of their hidden channels{cost}; first "
-        f"calibration batch, {rows} x {length})"
-    ]
 
 
 def data_free(args: argparse.Namespace, loaded) -> object:
@@ -350,23 +181,17 @@ def run(args: argparse.Namespace) -> int:
     digest = compactnn.save(qmodel, out, force=args.force)
     size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
     info = compactnn.info_of(qmodel)
-    quantized = sum(1 for m in qmodel.modules() if hasattr(m, "weight_codes"))  # layers
     print(f"compressed {args.model} with {recipe.name} in {seconds:.1f} s")
-    pruned = pruned_layers(extra, loaded.model)
     probed = probe_layers(extra, loaded.model)
-    counts = f"  quantized layers: {quantized}; "
-    counts += f"pruned layers: {len(pruned) + len(probed)}; " if pruned or probed else ""
-    print(counts + f"kept in float: {len(info['float_layers'])}")
-    for name, reason in info["float_layers"].items():
-        if name in pruned:  # pruned by the recipe, not quantized: targeted after all
-            reason = f"pruned ({pruned[name]}), weights in float"
-        print(f"    {name}: {reason}")
-    codes = {n for n, m in qmodel.named_modules() if hasattr(m, "weight_codes")}
-    for name, what in pruned.items():
-        if name not in info["float_layers"]:
-            print(f"    {name}: pruned ({what})" + (", then quantized" if name in codes else ""))
-    for name, what in probed.items():
-        print(f"    {name}: {what}" + ("; its weights quantized" if name in codes else ""))
+    summary = layer_summary(
+        [n for n, _ in qmodel.named_modules()],
+        info["float_layers"],
+        pruned_layers(extra, loaded.model),
+        probed,
+        {n for n, m in qmodel.named_modules() if hasattr(m, "weight_codes")},
+    )
+    for line in summary:
+        print(line)
     for line in pruning_lines(extra.get("pruning", {})):
         print(line)
     calib = as_batches(data) if probed and data is not None else []

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -184,6 +185,12 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
         parent[int(child)] = new
     else:
         setattr(parent, child, new)
+    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+        # In eval mode without gradients, PyTorch's encoder layer runs one fused kernel that
+        # reads linear1/linear2's weights without calling them, so a compressed layer there
+        # would be bypassed (its input quantizer never runs, its float weight is used). The
+        # fused path requires this flag; the layer's own forward does not read it.
+        parent.activation_relu_or_gelu = parent.activation_relu_or_gelu and type(new) is nn.Linear
 
 
 def run_order(model: nn.Module, names: Iterable[str], run: Any) -> list[str]:
@@ -226,6 +233,41 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
         owners = [c for c in m.children() if type(c).__name__ != "ActQuantizer"]
         if n and isinstance(w, torch.Tensor) and w.dim() >= 2 and not owners:
             out[n] = m
+    return out
+
+
+def attention_out_projs(model: nn.Module) -> dict[str, str]:
+    """The ``out_proj`` Linear of each ``nn.MultiheadAttention`` of ``model`` (its name -> the
+    attention's name). The attention reads its weight and bias directly
+    (``F.multi_head_attention_forward``) and never calls it, so it never sees its input.
+
+    Example:
+        >>> attention_out_projs(nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 4)))
+        {'0.out_proj': '0'}
+    """
+    return {
+        f"{n}.out_proj" if n else "out_proj": n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and isinstance(m.out_proj, nn.Linear)
+    }
+
+
+def state_with_metadata(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> OrderedDict:
+    """``tensors`` as a state dict carrying ``model``'s ``_metadata`` (each module's
+    ``version``), unless ``tensors`` has its own. Files (safetensors, artifacts) store none,
+    and some modules' ``_load_from_state_dict`` read it (torchvision's MNASNet refuses a
+    state dict without a version).
+
+    Example:
+        >>> state_with_metadata(nn.Linear(2, 2), {})._metadata[""]["version"]
+        1
+    """
+    out = OrderedDict(tensors)
+    meta = getattr(tensors, "_metadata", None)
+    if meta is None:
+        meta = getattr(model.state_dict(), "_metadata", None)
+    if meta is not None:
+        out._metadata = meta
     return out
 
 

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import io
 import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from typing import IO, Any
 
 import torch
@@ -77,7 +82,7 @@ def export_dynamic(
         names = [f"input_{i}" for i in range(len(args))]
         axes = {0: "batch"}
     dims = {n: axes for n in [*names, "output"]}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(None), torch.no_grad():
+    with exporting(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -90,3 +95,58 @@ def export_dynamic(
             dynamo=False,
         )
     return names
+
+
+@contextlib.contextmanager
+def _stdout_captured() -> Iterator[None]:
+    """Send what is written to the standard output, by Python or by C++ (the TorchScript
+    exporter prints the whole graph there when it fails), to a discarded temporary file."""
+    sys.stdout.flush()
+    _flush_c_stdio()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedding host): Python's writes only
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(io.StringIO()):
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                _flush_c_stdio()
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    """``fflush(NULL)``: C stdio buffers (where C++ ``std::cout`` writes) reach their files."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library by that name (Windows)
+        pass
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """Settings for a TorchScript ``torch.onnx.export`` call: no autograd; PyTorch's fused
+    ``nn.MultiheadAttention`` fast path off (``aten::_native_multi_head_attention`` has no
+    ONNX form; the exporter then sees the decomposed ops), restored after; the exporter's
+    deprecation notices and the decomposed attention's tracer warnings filtered (they say
+    nothing a user can act on) and what it prints on the standard output (the whole graph,
+    when it fails) discarded."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), _stdout_captured():
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+            warnings.filterwarnings("ignore", message="The feature will be removed")
+            # the decomposed attention's own shape checks (constants for one export)
+            warnings.filterwarnings(
+                "ignore", category=torch.jit.TracerWarning, module="torch.nn.functional"
+            )
+            torch.backends.mha.set_fastpath_enabled(False)
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -12,16 +12,25 @@ import torch
 from torch import fx, nn
 
 from compactnn._optional import require
-from compactnn.core.calib import call_model, check_finite
+from compactnn.core.calib import check_finite
 from compactnn.deployment import binary, float_check
+from compactnn.deployment.calling import (
+    bind_inputs,
+    forward_signature,
+    input_shapes,
+    positional_example,
+    quiet_shape_checks,
+    structured_outputs,
+)
 from compactnn.deployment.float_check import float_advice, float_contenders
+from compactnn.deployment.localize import localize
 from compactnn.deployment.lower import lower
-from compactnn.deployment.onednn import Int8Conv2d, Int8Linear
 from compactnn.deployment.refusals import (
     BACKENDS,
     NOT_PICKLABLE,
     check_args,
     check_backend,
+    failure_reason,
     handle_unsupported,
     listing,
     no_integer_layers,
@@ -29,16 +38,14 @@ from compactnn.deployment.refusals import (
 )
 from compactnn.deployment.runner import plan_runner
 from compactnn.errors import CompactnnError
-from compactnn.lowering.graph import Plan, trace
+from compactnn.lowering.graph import trace
 from compactnn.lowering.plan import build_plan
 from compactnn.lowering.verify import (
     DEFAULT_TOLERANCE,
-    LayerGap,
     Verification,
     compare,
     enforce,
     explained,
-    layer_gap,
     with_layers,
 )
 
@@ -101,6 +108,8 @@ class DeployedModel(nn.Module):
         self.__dict__["source"] = None
         self.__dict__["example"] = None  # the batch it was verified on
         self.__dict__["input_shapes"] = {}  # argument -> shape in example (set by deploy)
+        # the source's forward signature (set by deploy): keyword inputs become positional
+        self.__dict__["signature"] = None
         self.__dict__["plan"] = None  # the oneDNN lowering plan (layer localisation)
         self.__dict__["onnx_bytes"] = None  # the QDQ ONNX model an onnxruntime one runs
         # straight-line runner of the int8 graph (same kernels, bit-identical, less Python)
@@ -136,6 +145,8 @@ class DeployedModel(nn.Module):
                 if (want := self.input_shapes.get(key)) is not None:
                     self._check_shape(key, tuple(value.shape), want)
                 check_finite(value, f"deployed model input {key!r}")
+        if kwargs and self.signature is not None:  # ONNX Runtime feeds its inputs by position
+            args, kwargs = bind_inputs(self.signature, args, kwargs)
         with torch.no_grad():
             if "program" in self._modules:  # an fx.GraphModule of int8 kernels
                 return (self._fast or self.program)(*args, **kwargs)
@@ -164,8 +175,9 @@ class DeployedModel(nn.Module):
 
         On failure the result names the diverging layers (oneDNN backend: each lowered
         layer's output against the simulated value, in steps of that layer's grid). The
-        ONNX Runtime backend is checked against its QDQ file, whose int32 biases (what its
-        integer kernels add) are measured apart (:func:`compactnn.export.onnx.verify_qdq`).
+        ONNX Runtime backend is measured against the simulation too, int32 biases included
+        (what its integer kernels add); how much of the gap those biases make is reported
+        apart (:func:`compactnn.export.onnx.verify_qdq`).
 
         Example:
             >>> deployed.verify(images[:8]).passed  # doctest: +SKIP
@@ -175,7 +187,7 @@ class DeployedModel(nn.Module):
             raise CompactnnError("this deployed model has no simulated source to verify with.")
         tol = self.settings.get("tolerance", DEFAULT_TOLERANCE) if tolerance is None else tolerance
         what = f"deploy[{self.backend}]"
-        if self.onnx_bytes is not None:  # the QDQ file: its int32 biases measured apart
+        if self.onnx_bytes is not None:  # its int32 biases' share measured apart
             from compactnn.export.onnx import verify_qdq
 
             return verify_qdq(self.source, self.onnx_bytes, self, example, what, tol)
@@ -256,39 +268,61 @@ def deploy(
         >>> fast = compactnn.deploy(qmodel, example=images[:8])           # doctest: +SKIP
         >>> print(fast.verification)                                     # doctest: +SKIP
     """
-    check_args(qmodel, backend, example, residual, unsupported)
+    check_args(qmodel, backend, example, residual, unsupported, tolerance)
     sim = copy.deepcopy(qmodel).eval()
     require_int8_layers(sim)
+    signature = forward_signature(sim)
+    inputs = positional_example(signature, example)  # a dict example in forward order, if it maps
     names = AUTO_CANDIDATES if backend == "auto" else (backend,)
-    built, errors = {}, {}
+    built, errors, causes = {}, {}, []  # causes: the exceptions behind errors, for debugging
     for candidate in names:
         try:
-            built[candidate] = _build(candidate, sim, example, residual, unsupported)
-        except CompactnnError as e:
-            if len(names) == 1 or unsupported == "error":
-                raise
-            errors[candidate] = str(e)
-    if not built:
-        raise CompactnnError("deploy: no backend could run this model: " + listing(errors))
-    if errors:
-        warnings.warn(f"deploy: skipped backends: {listing(errors)}", stacklevel=2)
+            built[candidate] = _build(candidate, sim, inputs, residual, unsupported)
+        except Exception as e:
+            if len(names) == 1 or (unsupported == "error" and isinstance(e, CompactnnError)):
+                raise _refusal(candidate, e) from e
+            errors[candidate] = failure_reason(e)
+            causes.append(e)
     settings = {"residual": residual, "tolerance": tolerance, "unsupported": unsupported}
     for m in built.values():
         m.__dict__["source"] = sim
         m.__dict__["example"] = example  # save_deployed stores (up to 8 samples of) it
-        m.__dict__["input_shapes"] = _input_shapes(example)
+        m.__dict__["signature"] = signature
+        m.__dict__["input_shapes"] = input_shapes(signature, example)
         m.settings = dict(settings)
-    checked = {k: m.verify(example) for k, m in built.items()}
-    passing = {k: m for k, m in built.items() if checked[k].passed}
-    if not passing:  # every candidate diverges: raise with the first one's message
-        enforce(next(iter(checked.values())))
-    failed = {k: str(v) for k, v in checked.items() if not v.passed}
+    checked, passing, failed = {}, {}, {}
+    for k, m in built.items():
+        try:
+            checked[k] = m.verify(example)
+        except Exception as e:
+            if len(names) == 1:
+                raise _refusal(k, e) from e
+            errors[k] = failure_reason(e)
+            causes.append(e)
+            continue
+        if checked[k].passed:
+            passing[k] = m
+        elif len(names) == 1:
+            raise CompactnnError(_verification_refusal(checked[k]))
+        else:
+            failed[k] = str(checked[k])
+            errors[k] = _verification_refusal(checked[k])
+    if not passing:  # every candidate failed: each one's reason
+        cause = next((e for e in causes if not isinstance(e, CompactnnError)), None)
+        raise CompactnnError(
+            "deploy: no backend could run this model: " + _by_backend(errors)
+        ) from cause
+    if skipped := {k: v for k, v in errors.items() if k not in failed}:
+        warnings.warn(f"deploy: skipped backends: {_by_backend(skipped)}", stacklevel=2)
     if failed:
-        warnings.warn(f"deploy: backends that failed verification: {listing(failed)}", stacklevel=2)
+        warnings.warn(
+            f"deploy: backends that failed verification: {_by_backend(failed)}", stacklevel=2
+        )
     selection: dict[str, float] = {}
     if backend == "auto" and (time_float or len(passing) > 1):
-        floats = float_contenders(sim, example) if time_float else {}
-        selection = float_check.time_contenders({**passing, **floats}, example)
+        with quiet_shape_checks():
+            floats = float_contenders(sim, inputs) if time_float else {}
+        selection = float_check.time_contenders({**passing, **floats}, inputs)
     ints = {k: v for k, v in selection.items() if k in passing}
     name = min(ints, key=ints.get) if ints else next(iter(passing))
     deployed = passing[name]
@@ -305,6 +339,27 @@ def deploy(
     return deployed
 
 
+def _refusal(backend: str, e: Exception) -> CompactnnError:
+    """``e`` as the one-line error of a single backend (kept as is when it is one)."""
+    if isinstance(e, CompactnnError):
+        return e
+    return CompactnnError(f"deploy[{backend}]: {failure_reason(e)}")
+
+
+def _verification_refusal(result: Verification) -> str:
+    """Why a failed verification refuses the deployment (``enforce``'s words)."""
+    try:
+        enforce(result)
+    except CompactnnError as e:
+        return str(e)
+    return str(result)  # (not reached: result failed)
+
+
+def _by_backend(reasons: dict[str, str]) -> str:
+    """``"onednn: <reason>; onnxruntime: <reason>"``."""
+    return "; ".join(f"{k}: {v}" for k, v in reasons.items())
+
+
 def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupported: str):
     check_backend(backend, sim, example)
     if backend == "onnxruntime":
@@ -312,9 +367,11 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
         from compactnn.export.onnx import fold_float_outputs, to_onnx_bytes
         from compactnn.export.ort import ort_callable
 
-        data, kept = to_onnx_bytes(sim, example)
+        with quiet_shape_checks():
+            data, kept = to_onnx_bytes(sim, example)
         data = fold_float_outputs(data)  # same numbers, no per-call dequantized float head
-        deployed = DeployedModel(ort_callable(data), backend, kept)
+        run = structured_outputs(ort_callable(data), sim, example)
+        deployed = DeployedModel(run, backend, kept)
         deployed.__dict__["onnx_bytes"] = data
         return deployed
     if backend == "inductor":
@@ -338,89 +395,3 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
     deployed.__dict__["plan"] = plan
     deployed.binary_kernels = kernels  # binary block -> kernel chosen (and its timings)
     return deployed
-
-
-def localize(deployed: DeployedModel, example: Any) -> list[LayerGap]:
-    """Each lowered layer's output against the simulated model's value at the same point.
-
-    oneDNN backend only (the lowered modules of ``deployed.program`` are named
-    ``int8_<n>_<layer>`` after the source layer, or carry it as ``source_name``; their
-    ``out`` is the uint8 ``(scale, zero)`` they write, None for float): the simulated value
-    is taken after the ops fused into the kernel (ReLU, residual sum), and compared as codes
-    when the kernel writes uint8, else in steps of the float value's range. Returns ``[]``
-    when the model cannot be localised (ONNX Runtime runs its graph as a whole).
-
-    Example:
-        >>> [str(g) for g in localize(deployed, images[:8])][:2]  # doctest: +SKIP
-        ['stem.0 0 steps (uint8)', 'dw.0 0 steps (uint8)']
-    """
-    plan: Plan | None = deployed.plan
-    if plan is None or "program" not in deployed._modules:
-        return []
-    program = getattr(deployed.program, "eager", deployed.program)  # inductor: its graph
-    try:
-        return _localize(plan, program, example)
-    except Exception as e:  # a diagnosis must never hide the failure it explains
-        warnings.warn(f"deploy: could not localise the divergence ({e})", stacklevel=2)
-        return []
-
-
-def _localize(plan: Plan, program: nn.Module, example: Any) -> list[LayerGap]:
-    by_target = {str(g.layer.target): g for g in plan.groups.values()}
-    groups = {}  # lowered-module hint -> fused group (module names with "." -> "_")
-    for g in plan.groups.values():
-        groups.setdefault(str(g.layer.target).replace(".", "_"), []).append(g)
-    wanted = {}  # lowered module -> its fused group, when the name maps back unambiguously
-    for name, mod in program.named_children():
-        source = getattr(mod, "source_name", None)  # a lowered layer may name its source
-        if isinstance(source, str) and source in by_target and hasattr(mod, "out"):
-            wanted[mod] = by_target[source]
-            continue
-        m = _LOWERED.fullmatch(name)
-        if m and isinstance(mod, (Int8Conv2d, Int8Linear)) and len(groups.get(m[1], ())) == 1:
-            wanted[mod] = groups[m[1]][0]
-    got: list[tuple[nn.Module, torch.Tensor]] = []
-    hooks = [
-        mod.register_forward_hook(lambda mod, _a, out: got.append((mod, out.detach().clone())))
-        for mod in wanted
-    ]
-    try:
-        with torch.no_grad():
-            call_model(program, example)
-    finally:
-        for h in hooks:
-            h.remove()
-    ref = _node_values(plan.gm, {g.last for g in wanted.values()}, example)
-    return [
-        layer_gap(str(wanted[mod].layer.target), ref[wanted[mod].last], out, mod.out, i)
-        for i, (mod, out) in enumerate(got)
-    ]
-
-
-def _node_values(gm: fx.GraphModule, nodes: set[fx.Node], example: Any) -> dict:
-    """The values of ``nodes`` when the simulated graph ``gm`` runs on ``example``."""
-    values: dict[fx.Node, torch.Tensor] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if n in nodes:
-                values[n] = out.detach().clone()
-            return out
-
-    if isinstance(example, dict):
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        args = tuple(example[k] for k in names if k in example)
-    else:
-        args = example if isinstance(example, tuple) else (example,)
-    with torch.no_grad():
-        Recorder(gm).run(*args)
-    return values
-
-
-def _input_shapes(example: Any) -> dict[Any, tuple[int, ...]]:
-    """Shape of each tensor argument of ``example``, by position or keyword name."""
-    if isinstance(example, torch.Tensor):
-        return {0: tuple(example.shape)}
-    items = example.items() if isinstance(example, dict) else enumerate(example)
-    return {k: tuple(v.shape) for k, v in items if isinstance(v, torch.Tensor)}

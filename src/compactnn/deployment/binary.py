@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compactnn.core.calib import call_model
 from compactnn.engines.binary import BinaryBlock, real_shortcut, rprelu, xnor_scale
 from compactnn.errors import CompactnnError
 from compactnn.kernels import bitconv
@@ -321,7 +322,7 @@ def _block_inputs(model: nn.Module, names: list[str], example) -> dict[str, torc
     ]
     try:
         with torch.no_grad():
-            model(*example) if isinstance(example, tuple) else model(example)
+            call_model(model, example)  # a tuple as positional, a dict as keyword inputs
     finally:
         for h in hooks:
             h.remove()

@@ -82,6 +82,21 @@ class _Builder:
     def arg_map(self, arg, convert):
         return fx.node.map_arg(arg, convert)
 
+    def tensor_args(self, node: fx.Node, convert) -> tuple[tuple, dict]:
+        """``node``'s arguments with only its tensor input (the first argument, or a
+        ``torch.cat`` list) passed through ``convert``; sizes read from a tensor
+        (``x.view(x.size(0), -1)``) stay the integers they are."""
+        raw = lambda n: self.env[n][0]  # noqa: E731 - an integer has no form to convert
+        if node.args:
+            first = self.arg_map(node.args[0], convert)
+            args = (first, *self.arg_map(node.args[1:], raw))
+            return args, self.arg_map(node.kwargs, raw)
+        kwargs = {
+            k: self.arg_map(v, convert if k in ("input", "tensors") else raw)
+            for k, v in node.kwargs.items()
+        }
+        return (), kwargs
+
     def emit_group(self, group: Fused) -> None:
         plan = self.plan
         layer = plan.lowered[group.layer.name]
@@ -150,8 +165,7 @@ class _Builder:
     def emit_transparent(self, node: fx.Node) -> None:
         form = self.plan.form[node]
         convert = self.as_float if form == FLOAT else (lambda n: self.as_u8(n, form))
-        args = self.arg_map(node.args, convert)
-        kwargs = self.arg_map(node.kwargs, convert)
+        args, kwargs = self.tensor_args(node, convert)
         if form != FLOAT and unary_attr(self.plan.gm, node) is not None:
             name = self.add_module("relu", ReluU8(form))
             self.env[node] = (self.graph.call_module(name, (args[0],)), form)

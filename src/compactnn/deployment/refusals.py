@@ -8,6 +8,7 @@ module does not import the one that uses it.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from typing import Any
@@ -22,6 +23,7 @@ from compactnn.deployment import binary
 from compactnn.errors import CompactnnError, name_list
 from compactnn.lowering.graph import unsupported_reason
 from compactnn.lowering.plan import RESIDUALS
+from compactnn.lowering.verify import DEFAULT_TOLERANCE
 from compactnn.measure.float_paths import is_plain_float
 from compactnn.recipe import parse_short_name
 
@@ -37,7 +39,14 @@ NOT_PICKLABLE = (
 )
 
 
-def check_args(qmodel: Any, backend: str, example: Any, residual: str, unsupported: str) -> None:
+def check_args(
+    qmodel: Any,
+    backend: str,
+    example: Any,
+    residual: str,
+    unsupported: str,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> None:
     """Refuse arguments ``deploy`` cannot use, before any copy or tracing of ``qmodel``."""
     if not isinstance(qmodel, nn.Module):
         raise CompactnnError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}.")
@@ -47,6 +56,7 @@ def check_args(qmodel: Any, backend: str, example: Any, residual: str, unsupport
         raise CompactnnError(f"residual={residual!r} is unknown; use one of {RESIDUALS}.")
     if unsupported not in ("float", "error"):
         raise CompactnnError(f"unsupported={unsupported!r}: use 'float' or 'error'.")
+    check_tolerance(tolerance)
     if example is None:
         raise CompactnnError(
             "deploy verifies the integer model against the simulated one: pass example= a "
@@ -61,17 +71,18 @@ def check_args(qmodel: Any, backend: str, example: Any, residual: str, unsupport
         )
     if is_plain_float(qmodel):
         raise CompactnnError(
-            "qmodel has no quantized layers: it is a plain float model (e.g. channel-pruned) "
-            "that runs as it is, so there is nothing to deploy. Use it directly, time "
-            "it with `compactnn eval ARTIFACT --model MODEL --data FILE` (on its fastest "
-            "float runtime), or export it with torch.onnx.export; for int8 kernels, compress "
-            "with a recipe that also quantizes (e.g. channel pruning, then 'w8a8') and "
-            "deploy that."
+            "nothing to deploy: this is a plain float model with no quantized layers (e.g. a "
+            "channel-pruned artifact), which runs as it is. Time it on its fastest float "
+            "runtime with `compactnn eval ARTIFACT --model MODEL --data FILE`, call it as it "
+            "is in Python, or export it with torch.onnx.export; for int8 kernels, compress "
+            "the float model with a recipe that also quantizes (channel pruning, then w8a8: "
+            "docs/cli.md) and deploy that artifact."
         )
     if not any(is_quant_layer(m) for m in qmodel.modules()):
         raise CompactnnError(
-            "qmodel has no quantized layers: run compactnn.compress(model, 'w8a8', "
-            "calib_data=...) first and deploy its result."
+            "nothing to deploy: the model has no quantized layers. Compress it with a recipe "
+            "that quantizes (`compactnn compress MODEL --recipe w8a8 --data FILE`, or "
+            "compactnn.compress(model, 'w8a8', calib_data=...)) and deploy the result."
         )
     if (reason := hf_w8a8_reason(qmodel)) is not None:  # before any tracing
         raise CompactnnError(reason)
@@ -80,6 +91,16 @@ def check_args(qmodel: Any, backend: str, example: Any, residual: str, unsupport
             call_model(qmodel, example)
     except Exception as e:
         raise CompactnnError(f"the model does not run on example=: {e}") from e
+
+
+def check_tolerance(tolerance: Any) -> None:
+    """Refuse a ``tolerance`` that is not a finite number of output steps >= 0."""
+    ok = isinstance(tolerance, int | float) and not isinstance(tolerance, bool)
+    if not ok or not math.isfinite(tolerance) or tolerance < 0:
+        raise CompactnnError(
+            f"tolerance={tolerance!r}: pass a finite number of output steps >= 0 (default "
+            f"{DEFAULT_TOLERANCE:g})."
+        )
 
 
 def check_backend(backend: str, sim: nn.Module, example: Any) -> None:
@@ -99,9 +120,14 @@ def check_backend(backend: str, sim: nn.Module, example: Any) -> None:
         )
     if backend == "inductor":
         return
-    parts = example.values() if isinstance(example, dict) else example
+    if isinstance(example, dict):  # deploy passes one that maps to forward as a tuple
+        raise CompactnnError(
+            f"ONNX Runtime feeds its inputs by position, and example= names {list(example)}, "
+            "which are not the leading parameters of forward (or are keyword-only): pass "
+            "example= as a tuple in forward's order, or deploy with backend='onednn'."
+        )
     if not isinstance(example, torch.Tensor) and not all(
-        isinstance(v, torch.Tensor) for v in parts
+        isinstance(v, torch.Tensor) for v in example
     ):
         raise CompactnnError(
             "ONNX Runtime takes tensors as its inputs, and example= passes a dict or tuple "
@@ -191,6 +217,17 @@ def handle_unsupported(kept: dict[str, str], unsupported: str) -> None:
             "pass unsupported='float' to keep them simulated in float."
         )
     # unsupported="float": deploy warns about the chosen backend's kept layers only
+
+
+def failure_reason(e: Exception) -> str:
+    """Why a backend could not deploy: a refusal's own message; any other error (a fault of
+    compactnn's, not of the input) by its type and message, to report with the model."""
+    if isinstance(e, CompactnnError):
+        return str(e)
+    return (
+        f"{type(e).__name__}: {e} (an internal error: please report it with the model; "
+        "another backend may run it)"
+    )
 
 
 def listing(kept: dict[str, str]) -> str:

@@ -77,6 +77,7 @@ kernels give the same codes there).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -416,9 +417,42 @@ class PlanRunner(nn.Module):
         namespace = dict(cg.globals)
         exec(compile(self.source, "<compactnn plan>", "exec"), namespace)  # our own generated code
         self._run = namespace["run"]
+        self._signature = _placeholder_signature(gm)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._run(*args, **kwargs)
+        if kwargs:  # the generated function's parameters are v0, v1, ...: bind by the graph's
+            args = self._positional(args, kwargs)
+        return self._run(*args)
+
+    def _positional(self, args: tuple, kwargs: dict) -> tuple:
+        """``args`` and ``kwargs`` as the graph's inputs in order, defaults filled in."""
+        if self._signature is None:
+            raise CompactnnError(
+                "this lowered graph takes variable arguments: pass its inputs by position."
+            )
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise CompactnnError(f"lowered graph{self._signature}: {e}.") from e
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
+
+
+def _placeholder_signature(gm: fx.GraphModule) -> inspect.Signature | None:
+    """The graph's inputs as a signature (names and defaults); None for ``*args``."""
+    params = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if str(node.target).startswith("*"):
+            return None
+        default = node.args[0] if node.args else inspect.Parameter.empty
+        params.append(
+            inspect.Parameter(
+                str(node.target), inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default
+            )
+        )
+    return inspect.Signature(params)
 
 
 def plan_runner(gm: fx.GraphModule) -> PlanRunner:

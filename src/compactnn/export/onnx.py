@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import io
 import os
-import warnings
+import re
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
@@ -30,11 +30,12 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
-from compactnn.core.calib import check_example
+from compactnn.core.calib import call_model, check_example, expected_inputs, input_spec
 from compactnn.core.modules import set_module
+from compactnn.core.onnx_trace import exporting
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
 from compactnn.engines.binary import BinaryBlock
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.export.fs import atomic_write, check_file_path
 from compactnn.export.onnx_graph import (
     fold_float_outputs,
@@ -222,13 +223,14 @@ def qdq_module(
         _quantize_outputs(gm)
     for name, q in layers.items():
         set_module(root, name, q)
-    return (root if gm is None else _Wrapped(gm)), layers, kept
+    return _Wrapped(root if gm is None else gm), layers, kept
 
 
 class _Wrapped(nn.Module):
-    """Hides a GraphModule's ``.graph`` from the TorchScript exporter (it reads it as its own)."""
+    """Hides a GraphModule's ``.graph`` (or a model's own attribute of that name) from the
+    TorchScript exporter, which reads the top module's ``.graph`` as its own."""
 
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: nn.Module) -> None:
         super().__init__()
         self.inner = gm
 
@@ -259,21 +261,51 @@ def _io_names(example: Any) -> tuple[tuple, list[str], dict | None]:
     return tuple(example), [f"input_{i}" for i in range(len(example))], None
 
 
+def _export_failure(qmodel: nn.Module, example: Any, exc: Exception) -> CompactnnError:
+    """One line for a failed ``torch.onnx.export``: the example when the model does not run
+    on it, else the operator (or the first line of the error) the exporter stopped at."""
+    try:
+        with torch.no_grad():
+            call_model(qmodel, example)
+    except Exception as e:  # the example, not the exporter
+        return CompactnnError(
+            f"ONNX export: the model does not run on example= ({input_spec(example)}): "
+            f"{first_line(e)}. Pass {expected_inputs(qmodel, None)}."
+        )
+    op = re.search(r"operator '([^']+)'", str(exc))
+    if op is not None:
+        return CompactnnError(
+            f"ONNX export: torch.onnx has no ONNX form (opset {OPSET}) for the operator "
+            f"{op.group(1)!r} in this model: deploy it with backend='onednn', or replace the "
+            "module that calls it."
+        )
+    return CompactnnError(
+        f"ONNX export: torch.onnx failed ({type(exc).__name__}: {first_line(exc)}): deploy "
+        "the model with backend='onednn'."
+    )
+
+
 def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str]]:
-    """Serialized QDQ ONNX model of ``qmodel`` (batch dimension dynamic) and kept layers."""
+    """Serialized QDQ ONNX model of ``qmodel`` (batch dimension dynamic) and kept layers.
+
+    Exported under :func:`exporting` (``nn.MultiheadAttention`` as the ops ONNX has, nothing
+    printed). A failure of the exporter raises ``CompactnnError``: the operator it has no
+    ONNX form for, or the example the model does not run on.
+    """
     model, layers, kept = qdq_module(qmodel)
     args, names, kwargs = _io_names(example)
     buf = io.BytesIO()
     export_args = args if kwargs is None else (kwargs,)
-    with torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter is the one that keeps our Q/DQ pairs; its deprecation
-        # notice says nothing the user can act on
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
-        warnings.filterwarnings("ignore", message="The feature will be removed")
-        torch.onnx.export(
-            model, export_args, buf, dynamo=False, opset_version=OPSET, input_names=names,
-            dynamic_axes={n: {0: "batch"} for n in names}, do_constant_folding=True,
-        )  # fmt: skip
+    try:
+        with exporting():
+            torch.onnx.export(
+                model, export_args, buf, dynamo=False, opset_version=OPSET, input_names=names,
+                dynamic_axes={n: {0: "batch"} for n in names}, do_constant_folding=True,
+            )  # fmt: skip
+    except CompactnnError:
+        raise
+    except Exception as e:
+        raise _export_failure(qmodel, example, e) from e
     proto = onnx.load_from_string(buf.getvalue())
     store_codes(proto, model, layers)
     store_bias_codes(proto, model, layers)
@@ -288,28 +320,51 @@ def verify_qdq(
     example: Any,
     what: str,
     tolerance: float,
+    *,
+    against: str = "simulation",
 ) -> Verification:
     """Check ``run`` (an ONNX Runtime session of ``data``, from :func:`to_onnx_bytes`)
-    against ``qmodel``.
+    against ``qmodel``; how far the file's int32 biases (what integer kernels add) move the
+    output from the simulation is measured too (``bias_rounding_steps``), as information.
 
-    Two checks, each within ``tolerance`` output steps: the QDQ form with the simulation's
-    float biases against ``qmodel`` (the export reproduces the simulation), then ``run``
-    against the QDQ form with int32 biases (the runtime reproduces the file). How far the
-    int32 biases move the output from the simulation is measured and recorded
-    (``bias_rounding_steps``), not refused: integer kernels need them, and a network that
-    amplifies one-code flips (binary, ternary, 4-bit) moves by several steps while its
-    accuracy stays (compactnn eval measures the delivered model). Returns the first failed
-    check (with :func:`~compactnn.lowering.verify.explained`), else the second; raises
-    nothing (see :func:`~compactnn.lowering.verify.enforce`).
+    ``against="simulation"`` (the ``onnxruntime`` backend of ``deploy``, held to the same
+    standard as the ``onednn`` one): ``run`` against ``qmodel`` itself, within ``tolerance``
+    output steps, int32 bias rounding included.
+
+    ``against="file"`` (``export_onnx``: a file whose integer kernels need int32 biases,
+    with no other form to offer): two checks, each within ``tolerance``: the QDQ form with
+    the simulation's float biases against ``qmodel`` (the export reproduces the
+    simulation), then ``run`` against the QDQ form with int32 biases (the runtime
+    reproduces the file); the first that fails is returned, else the second. The bias
+    rounding is not refused there: a network that amplifies one-code flips (ternary,
+    4-bit) moves several steps while its accuracy stays (compactnn eval measures the
+    delivered model).
+
+    A failed check comes with :func:`~compactnn.lowering.verify.explained`; nothing is
+    raised (see :func:`~compactnn.lowering.verify.enforce`).
     """
+    if against not in ("simulation", "file"):
+        raise CompactnnError(f"against={against!r} is unknown; use 'simulation' or 'file'.")
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        return _verify_qdq(qmodel, data, run, example, what, tolerance, against)
+    finally:
+        qmodel.train(was_training)  # the caller's model keeps its mode
+
+
+def _verify_qdq(qmodel, data, run, example, what, tolerance, against) -> Verification:
+    exact = qdq_module(qmodel, int32_bias_layers(data))[0]
+    moved = compare(qmodel, exact, example, "int32 biases", float("inf")).max_diff_steps
+    if against == "simulation":
+        result = explained(compare(qmodel, run, example, what, tolerance), qmodel, example)
+        return replace(result, bias_rounding_steps=moved)
     float_bias = qdq_module(qmodel, int32_biases=False)[0]
-    form = compare(qmodel.eval(), float_bias, example, f"{what} (QDQ form)", tolerance)
+    form = compare(qmodel, float_bias, example, f"{what} (QDQ form)", tolerance)
     if not form.passed:
         return explained(form, qmodel, example)
-    exact = qdq_module(qmodel, int32_bias_layers(data))[0]
     result = explained(compare(exact, run, example, what, tolerance), exact, example)
-    moved = compare(qmodel, exact, example, "int32 biases", float("inf")).max_diff_steps
-    return replace(result, bias_rounding_steps=moved)
+    return replace(result, bias_rounding_steps=moved, reference="its QDQ file")
 
 
 def ort_session(qmodel: nn.Module, example: Any) -> tuple[Callable[..., Any], dict[str, str]]:
@@ -350,7 +405,9 @@ def export_onnx(
     check_file_path(path, "path", force=force, suggest="model.onnx")  # before the export
     data, _ = to_onnx_bytes(qmodel, example)
     result = enforce(
-        verify_qdq(qmodel, data, ort_callable(data), example, "onnx export", tolerance)
+        verify_qdq(
+            qmodel, data, ort_callable(data), example, "onnx export", tolerance, against="file"
+        )
     )
 
     def write(tmp: str) -> None:

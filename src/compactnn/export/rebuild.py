@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 from compactnn import registry
-from compactnn.core.modules import conv1d_to_linear, is_hf_conv1d, set_module
+from compactnn.core.modules import (
+    conv1d_to_linear,
+    is_hf_conv1d,
+    set_module,
+    state_with_metadata,
+)
 from compactnn.core.packing import unpack_codes
 from compactnn.core.qembedding import QuantEmbedding, tie_to_table
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, format_name
@@ -244,7 +249,8 @@ def _install_quant_layer(layer: nn.Module, name: str, tensors: dict[str, torch.T
 def _load_float_state(
     model: nn.Module, state: dict[str, torch.Tensor], header: dict, quant_names: set[str]
 ) -> None:
-    """Every stored float tensor must be a skeleton tensor of the same dtype and shape."""
+    """Every stored float tensor must be a skeleton tensor of the same dtype and shape; they
+    are loaded with the skeleton's ``_metadata`` (module versions; an artifact stores none)."""
     expected = model.state_dict()
     for key, target in header["aliases"].items():
         if target not in state or key not in expected:
@@ -269,7 +275,8 @@ def _load_float_state(
     ]
     if missing:
         raise ArtifactError(f"tensors missing from the artifact: {missing[:5]}; re-save it.")
-    model.load_state_dict({**model.state_dict(), **state}, strict=True)
+    # the skeleton's module versions: some modules' loading reads them (MNASNet)
+    model.load_state_dict(state_with_metadata(model, {**model.state_dict(), **state}), strict=True)
 
 
 def _is_quant_key(key: str, quant_names: set[str]) -> bool:

@@ -231,6 +231,10 @@ class Int8WeightLinear(_WeightOnly):
         super().__init__()
         if layer.weight_spec.bits != 8 or layer.weight_scale.shape[1] != 1:
             raise ValueError("Int8WeightLinear needs 8-bit per-channel weights")
+        if dtype == torch.bfloat16 and layer.in_features % 16:
+            # torch's bfloat16 int8-weight kernel reads inputs in blocks of 16 and crashes the
+            # process (segmentation fault) on other widths (measured: torch 2.14, Zen 4)
+            raise ValueError("Int8WeightLinear in bfloat16 needs in_features divisible by 16")
         self._setup(layer, dtype, dense_min_rows, hold_dense)
         codes, zero = _signed_codes(layer)
         if not hold_dense and dense_min_rows is not None:

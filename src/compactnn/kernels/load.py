@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.modules import state_with_metadata
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import ArtifactError, CompactnnError
@@ -101,8 +102,8 @@ def _assign_float_state(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
     for key, t in model.state_dict(keep_vars=True).items():
         if t is not None and t.is_meta and key in state:
             found[key] = state[key]
-    if found:
-        model.load_state_dict(found, strict=False, assign=True)
+    if found:  # with the modules' versions: some loaders read them (torchvision's MNASNet)
+        model.load_state_dict(state_with_metadata(model, found), strict=False, assign=True)
 
 
 def _materialize_simulated(model: nn.Module) -> None:

@@ -64,6 +64,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"deploy traces the model with torch.fx and tracing failed ({type(e).__name__}: "
             f"{e}). Make the forward traceable (no data-dependent Python control flow)."
         ) from e
+    clash = sorted(_reserved_names(graph))
+    if clash:
+        raise CompactnnError(
+            f"deploy traces the model with torch.fx, whose GraphModule keeps its own "
+            f"attribute{'s' if len(clash) > 1 else ''} {', '.join(map(repr, clash))}: the "
+            f"model's top-level attribute of that name cannot be copied into it. Rename it "
+            f"(e.g. self.{clash[0]}_ = ..., and in forward) and compress the model again."
+        )
     gm = fx.GraphModule(model, graph)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), DROP_MODULES):
@@ -71,6 +79,36 @@ def trace(model: nn.Module) -> fx.GraphModule:
             gm.graph.erase_node(node)
     gm.graph.lint()
     return gm
+
+
+# Names a GraphModule uses itself: a model attribute of one of these names (``self.meta =
+# nn.Sequential(...)``) cannot be copied into the graph module (TypeError, or a forward that
+# calls the GraphModule's own method).
+_GRAPH_MODULE_NAMES = frozenset(
+    {n for n in dir(fx.GraphModule) if not n.startswith("__") and not hasattr(nn.Module, n)}
+    | {"meta", "shape_env", "_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls"}
+)
+
+
+def _reserved_names(graph: fx.Graph) -> set[str]:
+    """Top-level model attributes the traced ``graph`` reads that a GraphModule reserves.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.meta = nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return self.meta(x)
+        >>> sorted(_reserved_names(fx.Tracer().trace(Net())))
+        ['meta']
+    """
+    return {
+        str(node.target).split(".")[0]
+        for node in graph.nodes
+        if node.op in ("call_module", "get_attr")
+        and str(node.target).split(".")[0] in _GRAPH_MODULE_NAMES
+    }
 
 
 def unsupported_reason(layer: nn.Module) -> str | None:

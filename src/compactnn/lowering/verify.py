@@ -88,6 +88,19 @@ class Verification:
     sensitivity: float | None = None  # set on failure: :func:`sensitivity` of the reference
     # ONNX paths: steps the int32 biases of the file move the output from the simulation
     bias_rounding_steps: float | None = None
+    # what the candidate was measured against, when not the simulated model (export_onnx:
+    # "its QDQ file", the int32 biases then being measured apart)
+    reference: str = ""
+
+    @property
+    def bias_rounded(self) -> bool:
+        """Whether the int32 biases of an ONNX file alone move the output at least half this
+        gap from the simulation (measured against the simulation): the gap is theirs."""
+        return (
+            not self.reference
+            and self.bias_rounding_steps is not None
+            and self.bias_rounding_steps >= 0.5 * self.max_diff_steps
+        )
 
     @property
     def amplified(self) -> bool:
@@ -128,9 +141,10 @@ class Verification:
                 f"{self.bias_rounding_steps:.3g} steps from the simulation on these samples "
                 "(other inputs can move more; score the delivered model on held-out data)"
             )
+        against = f"against {self.reference} " if self.reference else ""
         return (
             f"{self.what}: max difference {self.max_diff_steps:.3g} steps of the output scale "
-            f"(step {self.output_step:.3g}, tolerance {self.tolerance:g}) on "
+            f"{against}(step {self.output_step:.3g}, tolerance {self.tolerance:g}) on "
             f"{self.samples} samples{agree}{nonfinite}{where}"
         )
 
@@ -198,14 +212,40 @@ def with_layers(result: Verification, gaps: list[LayerGap]) -> Verification:
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
-    """Float output tensors of a model call, in a fixed order (tensor, tuple, dict, outputs)."""
+    """Float output tensors of a model call in the order ``torch.onnx`` writes them as graph
+    outputs (and ONNX Runtime returns them): depth first, a dict's values in its own order.
+
+    Example:
+        >>> [t.tolist() for t in _tensors({"z": torch.ones(1), "a": (torch.zeros(1),)})]
+        [[1.0], [0.0]]
+    """
     if isinstance(out, torch.Tensor):
         return [out.float()]
     if isinstance(out, dict) or hasattr(out, "items"):
-        return [t for _, v in sorted(out.items()) for t in _tensors(v)]
+        return [t for v in out.values() for t in _tensors(v)]
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _tensors(v)]
     return []
+
+
+def _aligned(ref: Any, got: Any, what: str) -> Any:
+    """``got`` with the entries of every dict it shares with ``ref`` in ``ref``'s key order
+    (outputs pair by name where both models name them, else by position).
+
+    Example:
+        >>> list(_aligned({"a": 1, "b": 2}, {"b": 3, "a": 4}, "x"))
+        ['a', 'b']
+    """
+    if hasattr(ref, "items") and hasattr(got, "items"):
+        if set(ref.keys()) != set(got.keys()):
+            raise CompactnnError(
+                f"{what}: its outputs are named {sorted(got.keys())}, the simulated model's "
+                f"{sorted(ref.keys())}."
+            )
+        return {k: _aligned(ref[k], got[k], what) for k in ref.keys()}
+    if isinstance(ref, (tuple, list)) and isinstance(got, (tuple, list)) and len(ref) == len(got):
+        return [_aligned(r, g, what) for r, g in zip(ref, got, strict=True)]
+    return got
 
 
 def compare(
@@ -218,11 +258,14 @@ def compare(
     """Run ``reference`` (simulated) and ``candidate`` on ``example`` and measure the gap.
 
     Both take ``example`` the same way (:func:`~compactnn.core.calib.call_model`): a tuple as
-    positional arguments, a dict as keyword arguments, anything else as one argument.
+    positional arguments, a dict as keyword arguments, anything else as one argument. Output
+    tensors pair by key where both return a dict, else by position, a dict's values in its
+    own order: the order of an ONNX export's graph outputs (ONNX Runtime returns a tuple).
     """
     with torch.no_grad():
-        ref = _tensors(call_model(reference, example))
-        got = _tensors(call_model(candidate, example))
+        ref_out = call_model(reference, example)
+        got_out = call_model(candidate, example)
+    ref, got = _tensors(ref_out), _tensors(_aligned(ref_out, got_out, what))
     if len(ref) != len(got) or not ref:
         raise CompactnnError(
             f"{what}: produced {len(got)} output tensors, the simulated model {len(ref)}."
@@ -336,16 +379,35 @@ def enforce(result: Verification) -> Verification:
             "one-in-a-million nudge of its input, so this network amplifies one-code rounding "
             "differences and the gap is not a kernel error. Check the deployed model's accuracy "
             "on held-out data (compactnn eval) and, if it holds, deploy with "
-            f"tolerance={_above(result.max_diff_steps):g}."
+            f"{_tolerance(_above(result.max_diff_steps))}."
+        )
+    if not result.passed and result.bias_rounded and not result.nonfinite_mismatches:
+        raise CompactnnError(
+            f"{result}: FAILED. The int32 biases ONNX Runtime's integer kernels add (each bias "
+            "rounded onto its layer's accumulator grid) make most of this gap. Deploy with "
+            "backend='onednn' (--backend onednn; it adds the biases in float), or, if the "
+            "accuracy holds on held-out data (compactnn eval), with "
+            f"{_tolerance(_above(result.max_diff_steps))}."
         )
     if not result.passed:
         raise CompactnnError(
             f"{result}: FAILED. The integer model does not reproduce the simulated one. "
-            "Raise tolerance= only if this gap is acceptable for your use; otherwise keep "
-            f"the offending layers ({_offenders(result)}) in float with a recipe ignore list "
-            "(Targets(ignore=['name'])) and report the model."
+            "Raise tolerance= (--tolerance) only if this gap is acceptable for your use; "
+            f"otherwise keep the offending layers ({_offenders(result)}) in float (--ignore "
+            "NAME, compress(ignore=['name']) or a recipe's targets.ignore) and report the model."
         )
     return result
+
+
+def _tolerance(steps: float) -> str:
+    """A suggested tolerance, spelled for Python and for the command line (the refusals
+    reach ``compactnn deploy`` users too).
+
+    Example:
+        >>> _tolerance(20.0)
+        'tolerance=20 (--tolerance 20 on the command line)'
+    """
+    return f"tolerance={steps:g} (--tolerance {steps:g} on the command line)"
 
 
 def _above(steps: float) -> float:

@@ -36,6 +36,7 @@ from compactnn.errors import CompactnnError
 from compactnn.prune.masks import check_sparsity, dense_weight, set_mask, skip_tied
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
+from compactnn.prune.train import output_summary, warn_if_collapsed
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -61,9 +62,11 @@ class DNSConfig(MethodConfig):
     layer_sparsity: tuple[tuple[str, float], ...] = ()
     band: float = 0.1
     frequency: int = 10
-    surgery_steps: int = 200
-    finetune_steps: int = 100
-    lr: float = 1e-4
+    # 1e-4 and 200+100 steps left 90%-sparse CNNs answering one class (10% top-1); these
+    # hold on mnist-cnn and a digits CNN (docs/pruning.md, "Self-distillation defaults")
+    surgery_steps: int = 600
+    finetune_steps: int = 400
+    lr: float = 3e-3
 
     def needs_data(self) -> bool:
         """Surgery and fine-tuning self-distil on the calibration batches."""
@@ -166,6 +169,7 @@ def apply_dns(
     """Surgery while distilling from the unpruned model on the calibration batches, then
     fine-tuning with the masks fixed."""
     counts = model_counts(model, ctx)  # params and MACs before, for the record
+    reference = output_summary(model, ctx)  # the unpruned outputs, for the collapse check
     steps = config.surgery_steps + config.finetune_steps
     pruner = prune_while_distilling(
         model,
@@ -177,8 +181,26 @@ def apply_dns(
         "dns",
     )
     ctx.notes.append(f"dns: {pruner.spliced} pruned weights were spliced back during surgery")
+    warn_if_collapsed(model, reference, ctx, *_collapse_words(config))
     record_sparsity(ctx, "dns", {n: model.get_submodule(n) for n in pruner.names}, model, counts)
     return model
+
+
+def _collapse_words(config: DNSConfig) -> tuple[str, str]:
+    """The step and the way out, as the collapse warning words them."""
+    s = config.sparsity
+    what = (
+        f"dns step (sparsity {s:g}, {config.surgery_steps}+{config.finetune_steps} "
+        f"self-distillation steps at Adam lr {config.lr:g})"
+    )
+    way_out = (
+        f"Lower the sparsity (e.g. sp{round(50 * s)}-dns), give more steps or a higher lr in a "
+        f"YAML recipe (method: dns, config: {{sparsity: {s:g}, surgery_steps: "
+        f"{2 * max(config.surgery_steps, 300)}, finetune_steps: "
+        f"{2 * max(config.finetune_steps, 200)}, lr: {max(config.lr, 3e-3):g}}}), or "
+        "fine-tune with labels (compactnn.prune.train.finetune with a DNSPruner)."
+    )
+    return what, way_out
 
 
 @register_short_name(r"sp(?P<p>\d+)-dns", "sp<P>-dns", ("sp90-dns",))

@@ -36,6 +36,7 @@ from compactnn.prune.masks import (
 )
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
+from compactnn.prune.train import output_summary, warn_if_collapsed
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -61,11 +62,13 @@ class GradualConfig(MethodConfig):
     final_sparsity: float = 0.9
     initial_sparsity: float = 0.0
     begin_step: int = 0
-    end_step: int = 200
+    # 1e-4 and 200+100 steps left 90%-sparse CNNs answering one class (10% top-1); these
+    # hold on mnist-cnn and a digits CNN (docs/pruning.md, "Self-distillation defaults")
+    end_step: int = 600
     frequency: int = 20
     scope: str = "layer"
-    finetune_steps: int = 100
-    lr: float = 1e-4
+    finetune_steps: int = 400
+    lr: float = 3e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +135,7 @@ def apply_gradual(
     """Prune on the cubic schedule while distilling from the unpruned model on the
     calibration batches, then fine-tune with the final masks."""
     counts = model_counts(model, ctx)  # params and MACs before, for the record
+    reference = output_summary(model, ctx)  # the unpruned outputs, for the collapse check
     steps = config.end_step + config.finetune_steps
     pruner = prune_while_distilling(
         model,
@@ -145,7 +149,25 @@ def apply_gradual(
     record_sparsity(
         ctx, "gradual", {n: model.get_submodule(n) for n in pruner.names}, model, counts
     )
+    warn_if_collapsed(model, reference, ctx, *_collapse_words(config))
     return model
+
+
+def _collapse_words(config: GradualConfig) -> tuple[str, str]:
+    """The step and the way out, as the collapse warning words them."""
+    s = config.final_sparsity
+    what = (
+        f"gradual step (final sparsity {s:g}, {config.end_step}+{config.finetune_steps} "
+        f"self-distillation steps at Adam lr {config.lr:g})"
+    )
+    way_out = (
+        f"Lower the sparsity (e.g. sp{round(50 * s)}-gradual), give more steps or a higher lr "
+        f"in a YAML recipe (method: gradual, config: {{final_sparsity: {s:g}, end_step: "
+        f"{2 * max(config.end_step, 300)}, finetune_steps: {2 * max(config.finetune_steps, 200)}, "
+        f"lr: {max(config.lr, 3e-3):g}}}), or fine-tune with "
+        "labels (compactnn.prune.train.finetune with a GradualPruner)."
+    )
+    return what, way_out
 
 
 @register_short_name(r"sp(?P<p>\d+)-gradual", "sp<P>-gradual", ("sp90-gradual",))

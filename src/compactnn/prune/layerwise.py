@@ -19,6 +19,7 @@ from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.hessian import accumulate_hessian, layer_inputs_2d
 from compactnn.core.modules import execution_order
+from compactnn.errors import name_list
 from compactnn.prune.masks import (
     check_nm,
     check_sparsity,
@@ -62,18 +63,30 @@ def nm_layers(
     return keep_nm_divisible(layers, config.n, config.m, ctx, method) if config.n else layers
 
 
-def supported(name: str, layer: nn.Module, ctx: CompressContext) -> bool:
-    """Linear and ungrouped Conv2d layers; others are skipped with a note saying why."""
-    if isinstance(layer, nn.Linear):
-        return True
-    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
-        return True
-    ctx.warn(
-        f"{name}: {type(layer).__name__}"
-        f"{' with groups>1' if isinstance(layer, nn.Conv2d) else ''} is not supported by "
-        "calibration-based pruning; left dense."
-    )
-    return False
+def unsupported_kind(layer: nn.Module) -> str | None:
+    """Why calibration-based pruning leaves ``layer`` dense (its kind), or None for the
+    Linear and ungrouped Conv2d layers it prunes.
+
+    Example:
+        >>> unsupported_kind(nn.Conv2d(4, 4, 3, groups=4)), unsupported_kind(nn.Linear(2, 2))
+        ('Conv2d with groups>1', None)
+    """
+    if isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.groups == 1):
+        return None
+    return type(layer).__name__ + (" with groups>1" if isinstance(layer, nn.Conv2d) else "")
+
+
+def dense_listing(kinds: dict[str, str]) -> str:
+    """``kinds`` (layer -> kind) grouped by kind, a few names each.
+
+    Example:
+        >>> dense_listing({"a": "Conv1d", "b": "Conv2d with groups>1", "c": "Conv1d"})
+        '2 Conv1d (a, c); 1 Conv2d with groups>1 (b)'
+    """
+    by_kind: dict[str, list[str]] = {}
+    for name, kind in kinds.items():
+        by_kind.setdefault(kind, []).append(name)
+    return "; ".join(f"{len(v)} {k} ({name_list(v)})" for k, v in by_kind.items())
 
 
 def oneshot_layers(
@@ -85,14 +98,20 @@ def oneshot_layers(
 ) -> dict[str, nn.Module]:
     """The layers a one-shot step (``wanda``, ``sparsegpt``) prunes: its targets less a head
     tied to a table (:func:`~compactnn.prune.masks.skip_tied`), the layer types it cannot
-    prune (warned by :func:`supported`; their reason recorded for the float-layer report) and
+    prune (one warning for all; their reason recorded for the float-layer report) and
     the layers an N:M group does not divide (:func:`nm_layers`)."""
-    layers = {}
+    layers, dense = {}, {}
     for name, layer in prunable_layers(skip_tied(model, targets, ctx, method), ctx).items():
-        if supported(name, layer, ctx):
+        if (kind := unsupported_kind(layer)) is None:
             layers[name] = layer
         else:
+            dense[name] = kind
             ctx.skipped[name] = f"{method} prunes Linear and ungrouped Conv2d only; left dense"
+    if dense:  # one line for all (a MobileNet has dozens of depthwise convolutions)
+        ctx.warn(
+            f"{method}: kept dense (it prunes Linear and ungrouped Conv2d only): "
+            + dense_listing(dense)
+        )
     return nm_layers(layers, config, ctx, method)
 
 

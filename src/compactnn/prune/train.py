@@ -9,6 +9,7 @@ self-distillation loss), while a callback updates masks on the method's schedule
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -93,3 +94,101 @@ def finetune(
         pruner.finish()
     bake_masks(model)
     return model
+
+
+# An output whose spread across samples falls below this share of the float model's has
+# lost its dependence on the input (a collapsed model answers alike for every sample).
+COLLAPSE_SPREAD = 0.05
+# A classifier whose argmax agrees with the float model's on fewer calibration samples than
+# this has drifted too far to ship unnoticed (self-distillation did not recover it).
+MIN_AGREEMENT = 0.5
+_MAX_SPREAD_FEATURES = 1 << 16  # wider outputs (LM logits) are judged by their argmax only
+
+
+def output_summary(model: nn.Module, ctx: CompressContext) -> dict[str, Any]:
+    """What the collapse check compares, over the calibration batches: ``classes``, the set
+    of argmax classes (``None`` unless the outputs are ``(N, C)`` or ``(N, T, C)`` scores
+    with ``C > 1``); ``argmax``, every sample's class (``(N, C)`` outputs only, else
+    ``None``); ``spread``, the per-feature standard deviation across samples averaged over
+    the features (``None`` when outputs are too wide, vary in shape, or hold fewer than 2
+    samples or non-finite values); ``samples``, the number of samples."""
+    classes: set[int] | None = set()
+    argmax: list[torch.Tensor] | None = []
+    n, total, squares, shape = 0, None, None, None
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in ctx.batches:
+            out = output_tensor(ctx.run(model, batch)).detach().float()
+            scores = out.dim() in (2, 3) and out.shape[-1] > 1
+            if classes is not None and scores:
+                classes |= set(out.argmax(-1).unique().tolist())
+            else:
+                classes = None
+            if argmax is not None and scores and out.dim() == 2:
+                argmax.append(out.argmax(-1))
+            else:
+                argmax = None
+            flat = out.reshape(out.shape[0], -1).double()
+            if shape is None:
+                shape, total, squares = flat.shape[1:], flat.sum(0), (flat**2).sum(0)
+            elif flat.shape[1:] == shape and total is not None:
+                total, squares = total + flat.sum(0), squares + (flat**2).sum(0)
+            else:
+                total = None
+            n += flat.shape[0]
+    model.train(was_training)
+    spread = None
+    if total is not None and n >= 2 and shape.numel() <= _MAX_SPREAD_FEATURES:
+        var = (squares - total**2 / n).clamp(min=0) / (n - 1)
+        value = float(var.sqrt().mean())
+        spread = value if math.isfinite(value) else None
+    argmax = torch.cat(argmax) if argmax else None
+    return {"classes": classes, "argmax": argmax, "spread": spread, "samples": n}
+
+
+def collapse_reason(pruned: dict[str, Any], reference: dict[str, Any]) -> str | None:
+    """Why ``pruned``'s outputs count as collapsed against ``reference``'s (both from
+    :func:`output_summary`), or ``None``: one argmax class where the reference has several,
+    a spread below ``COLLAPSE_SPREAD`` of the reference's, or (classifiers) an argmax that
+    agrees with the reference's on fewer than ``MIN_AGREEMENT`` of the samples."""
+    reasons = []
+    got, want = pruned["classes"], reference["classes"]
+    if got is not None and want is not None and len(got) == 1 and len(want) > 1:
+        reasons.append(
+            f"it predicts class {next(iter(got))} for all {pruned['samples']} calibration "
+            f"samples, where the float model predicts {len(want)} classes"
+        )
+    got, want = pruned["spread"], reference["spread"]
+    if got is not None and want is not None and want > 0 and got < COLLAPSE_SPREAD * want:
+        reasons.append(
+            f"its outputs' spread across samples is {got / want:.1%} of the float model's "
+            f"({got:.3g} against {want:.3g})"
+        )
+    got, want = pruned.get("argmax"), reference.get("argmax")
+    if got is not None and want is not None and got.shape == want.shape and len(want):
+        agree = float((got == want).float().mean())
+        if agree < MIN_AGREEMENT:
+            reasons.append(
+                f"its argmax agrees with the float model's on {agree:.1%} of the "
+                f"{len(want)} calibration samples"
+            )
+    return "; ".join(reasons) or None
+
+
+def warn_if_collapsed(
+    model: nn.Module, reference: dict[str, Any], ctx: CompressContext, what: str, way_out: str
+) -> bool:
+    """Warn (and note) when ``model``'s outputs on the calibration batches have collapsed
+    against ``reference`` (the unpruned model's :func:`output_summary`); ``what`` names the
+    step, ``way_out`` says what to try. Returns whether it warned."""
+    if not ctx.batches:
+        return False
+    reason = collapse_reason(output_summary(model, ctx), reference)
+    if reason is None:
+        return False
+    ctx.warn(
+        f"{what}: the pruned model's outputs have collapsed or drifted far from the float "
+        f"model's: {reason}. {way_out}"
+    )
+    return True

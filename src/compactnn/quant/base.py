@@ -274,15 +274,17 @@ def group_size_message(group: int, bad: dict[str, int]) -> str:
     listed = ", ".join(f"{n} ({k})" for n, k in list(bad.items())[:8])
     more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
     plural = "s" if len(bad) > 1 else ""
-    hint = f"group_size={fits} divides every one (-g{fits} in a short name), or " if fits else ""
+    way = "leave those layers in float (--ignore NAME, compress(ignore=[...]), or the step's "
+    way += "targets.ignore)"
+    hint = f"group_size={fits} divides every one (-g{fits} in a short name), or {way}"
     return (
         f"group_size={group} does not divide the input dimension of {len(bad)} layer{plural}: "
-        f"{listed}{more}. {hint}leave those layers in float (--ignore NAME, "
-        "compress(ignore=[...]), or the step's targets.ignore)."
+        f"{listed}{more}. {hint if fits else way[0].upper() + way[1:]}; per-channel weights "
+        "(no -g) fit any layer."
     )
 
 
-def _wants_embeddings(config: QuantConfig, step_targets: Targets) -> bool:
+def wants_embeddings(config: QuantConfig, step_targets: Targets) -> bool:
     """Embeddings named by the step's classes, or weight-only steps on the default classes."""
     if "Embedding" in step_targets.classes:
         return True
@@ -314,7 +316,7 @@ def quantize_embeddings(
         >>> rest = quantize_embeddings(model, targets, step.targets, config, ctx)  # doctest: +SKIP
     """
     rest = {n: m for n, m in targets.items() if not isinstance(m, nn.Embedding)}
-    wanted = _wants_embeddings(config, step_targets)
+    wanted = wants_embeddings(config, step_targets)
     heads = tied_heads(model)
     aliases = table_aliases(model)  # tables sharing one weight are quantized as one
     tables = [

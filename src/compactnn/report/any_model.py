@@ -55,7 +55,7 @@ from compactnn.report.delivery import (
 )
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS, pareto_png
-from compactnn.report.writer import _mib, write_files
+from compactnn.report.writer import _mib, module_order, write_files
 from compactnn.training.data import as_eval_data
 
 Metric = str | Callable[[torch.Tensor, torch.Tensor], float]  # as compactnn.evaluate
@@ -201,10 +201,17 @@ def _row(label: str, runs_as: str, metric: str, quality: float, size: int) -> di
 
 
 def _measure(
-    model: nn.Module, artifacts: list[Path], x: torch.Tensor, y: torch.Tensor, metric: Metric, bar
+    model: nn.Module,
+    artifacts: list[Path],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    metric: Metric,
+    bar,
+    quick: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (float, then per artifact simulated and, when deployable, deployed) and the
-    callables to time, keyed like the rows' labels."""
+    callables to time, keyed like the rows' labels; a plain float artifact races the float
+    paths the float row does (``quick``: without ``torch.compile``)."""
     name = _metric_name(metric)
     example = first_rows(x, LATENCY_BATCH)
     float_model = copy.deepcopy(model).eval()
@@ -231,7 +238,9 @@ def _measure(
             if is_probe_pruned(qmodel):  # sliced weights per batch, in eager PyTorch
                 fast, row["runs_as"], notes = deliver_probe_pruned(qmodel)
             else:  # e.g. channel-pruned: a smaller float model on its fastest float path
-                fast, row["runs_as"], notes = deliver_float(qmodel, example, threads=None)
+                fast, row["runs_as"], notes = deliver_float(
+                    qmodel, example, quick=quick, threads=None
+                )
             row["notes"] += notes
             row["quality"] = _quality(fast, x, y, metric)
             runners[label] = fast
@@ -299,9 +308,9 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
     n = results["samples"]
     notes = [f"{r['label']}: {note}" for r in results["rows"] for note in r["notes"]]
     kept = [
-        f"{r['label']}: `{layer}` ({why})"
+        f"{r['label']}: `{layer}` ({r['float_layers'][layer]})"
         for r in results["rows"]
-        for layer, why in r.get("float_layers", {}).items()
+        for layer in sorted(r.get("float_layers", {}), key=module_order)
     ]
     how = [
         f"Quality: {METRIC_LABELS.get(metric, metric)} on the {n} labelled samples given.",
@@ -332,7 +341,8 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         ("list", how),
     ]  # fmt: skip
     if kept:
-        blocks += [("h2", "Layers kept in float"), ("list", kept)]
+        blocks += [("h2", "Layers with float weights (kept in float, or pruned only)")]
+        blocks += [("list", kept)]
     if notes:
         blocks += [("h2", "Notes"), ("list", notes)]
     return blocks
@@ -408,7 +418,7 @@ def build_report(
     torch.set_num_threads(int(threads))
     try:
         with tqdm(total=len(artifacts) + 1, desc="report", disable=not progress) as bar:
-            rows, runners = _measure(model, [Path(a) for a in artifacts], x, y, metric, bar)
+            rows, runners = _measure(model, [Path(a) for a in artifacts], x, y, metric, bar, quick)
             bar.set_postfix_str("timing")
             paths = _time(rows, runners, first_rows(x, LATENCY_BATCH), runs, quick)
             bar.update(1)

@@ -92,6 +92,16 @@ def summary_table(results: dict[str, Any]) -> str:
     return to_markdown([("table", (SUMMARY_HEADER, summary_rows(results)))]).strip()
 
 
+def module_order(name: str) -> list:
+    """A sort key putting module names in model order: numbered parts by number.
+
+    Example:
+        >>> sorted(["12", "3", "layer1.10.conv", "layer1.2.conv", "0"], key=module_order)
+        ['0', '3', '12', 'layer1.2.conv', 'layer1.10.conv']
+    """
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
 def _layer_blocks(results: dict[str, Any]) -> list[Block]:
     """Per model: a table of layer x recipe formats, then the layers kept in float."""
     blocks: list[Block] = [("h2", "Layer formats")]
@@ -104,16 +114,16 @@ def _layer_blocks(results: dict[str, Any]) -> list[Block]:
         blocks.append(("h3", model))
         blocks.append(("table", (["layer"] + [r["recipe"] for r in rows], table)))
         kept = [
-            f"{r['recipe']}: `{name}` ({reason})"
+            f"{r['recipe']}: `{name}` ({r['float_layers'][name]})"
             for r in rows
-            for name, reason in r["float_layers"].items()
+            for name in sorted(r["float_layers"], key=module_order)
         ]
         blocks.append(
             (
                 "p",
-                f"Layers of {model} kept in float:"
+                f"Layers of {model} with float weights (kept in float, or pruned only):"
                 if kept
-                else f"No layer of {model} is kept in float.",
+                else f"No layer of {model} has float weights.",
             )
         )
         if kept:

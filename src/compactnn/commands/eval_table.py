@@ -1,0 +1,129 @@
+"""How ``compactnn eval`` prints its result: the table, the bits line and the timing
+conditions (the numbers come from :func:`compactnn.commands.evaluate.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from compactnn.commands._common import human_bytes
+from compactnn.commands.compress_summary import human_count
+from compactnn.measure import fmt_quality
+
+# (header, alignment) per column of the printed table; "<" left, ">" right.
+TABLE_COLUMNS = (
+    ("", "<"),
+    ("recipe", ">"),
+    ("runs on", "<"),
+    ("quality", ">"),
+    ("size on disk", ">"),
+    ("x smaller", ">"),
+    ("latency", "<"),
+    ("speedup", "<"),
+)
+
+
+def text_table(columns: tuple[tuple[str, str], ...], rows: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table: each column as wide as its widest cell (header
+    included), columns two spaces apart, so a long cell never runs into its neighbour.
+
+    Example:
+        >>> text_table((("a", "<"), ("n", ">")), [["long cell", "1"]])
+        ['a          n', 'long cell  1']
+    """
+    header = [name for name, _ in columns]
+    widths = [max(map(len, cells)) for cells in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(
+            f"{cell:{align}{width}}"
+            for cell, (_, align), width in zip(cells, columns, widths, strict=True)
+        ).rstrip()
+        for cells in [header, *rows]
+    ]
+
+
+def table_rows(result: dict[str, Any]) -> list[list[str]]:
+    """The cells of each row of ``result`` (float first), as :data:`TABLE_COLUMNS` orders them."""
+    base = result["rows"][0]
+    return [
+        [
+            row["model"],
+            str(row["recipe"]),
+            runs_on(row),
+            fmt_quality(row["metric"], row["quality"]),
+            human_bytes(row["size_bytes"]),
+            f"{base['size_bytes'] / row['size_bytes']:.2f}x",
+            row["latency_text"],
+            "" if row["model"] == "float" else _speedup_text(row),
+        ]
+        for row in result["rows"]
+    ]
+
+
+def runs_on(row: dict[str, Any]) -> str:
+    """The "runs on" cell: the runtime, and the one that gave the quality when it differs
+    (the float row: latency on its fastest path, quality in PyTorch fp32)."""
+    quality_on = row.get("quality_runtime")
+    if row.get("latency") and quality_on and quality_on != row["runtime"]:
+        return f"{row['runtime']} for latency, {quality_on} for quality"
+    return row["runtime"]
+
+
+def bits_line(bits: dict[str, float], float_weights: dict[str, Any] | None = None) -> str:
+    """``bits/weight stored: 2.06`` over the compressed layers, with the extremes; for a
+    model with none (``float_weights``, e.g. channel-pruned) its float width and how many
+    parameters the compression removed."""
+    layers = {k: v for k, v in bits.items() if k != "total"}
+    if not layers and float_weights:
+        return _float_bits_line(float_weights)
+    if not layers:
+        return "bits/weight stored: - (no compressed layer)"
+    lo, hi = min(layers, key=layers.get), max(layers, key=layers.get)
+    return (
+        f"bits/weight stored: {bits['total']:.2f} over {len(layers)} compressed layers "
+        f"({layers[lo]:.2f} {lo} .. {layers[hi]:.2f} {hi}; every stored tensor of a weight "
+        "over its weights, per layer in --json)"
+    )
+
+
+def _float_bits_line(w: dict[str, Any]) -> str:
+    """``bits/weight stored: 32 (float; ch50 removed 73% of the parameters: 10.0k -> 2.7k)``."""
+    width = w["bits"] if w["bits"] is not None else "mixed"
+    before, after = w["params_float"], w["params"]
+    if after >= before or not before:
+        change = f"{human_count(after)} parameters, as many as the float model"
+    else:
+        change = (
+            f"{w['recipe'] or 'the compression'} removed {100 * (1 - after / before):.0f}% of "
+            f"the parameters: {human_count(before)} -> {human_count(after)}"
+        )
+    return f"bits/weight stored: {width} (float, no quantized layer; {change})"
+
+
+def _speedup_text(row: dict[str, Any]) -> str:
+    from compactnn.report.delivery import SIMULATED
+
+    if row["runtime"] == SIMULATED:
+        return "simulated (no speedup claimed)"
+    return f"{row['speedup']:.2f}x" if row.get("speedup") else "n/a"
+
+
+def conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """The latency line: runs, batch, threads, wait policy, and the float paths compared."""
+    batch = f", batch {result['batch']}" if result["batch"] is not None else ""
+    runs = 3 if args.quick else args.runs
+    text = (
+        f"(latency: median of at least {runs} runs after warm-up{batch}, {args.threads} threads, "
+        f"OMP_WAIT_POLICY={result['omp_wait_policy']}, GOMP_SPINCOUNT={result['gomp_spincount']}"
+    )
+    paths = result["float_paths"]
+    if paths:
+        times = ", ".join(
+            f"{k} {v['median_s'] * 1e3:.2f} ms"
+            for k, v in paths["timings"].items()
+            if k in paths["errors"]
+        )
+        text += f"; speedup over the fastest float path {paths['winner']} ({times})"
+        skipped = "; ".join(f"{k}: {v}" for k, v in paths["skipped"].items())
+        text += f"; skipped: {skipped}" if skipped else ""
+    return text + ")"
