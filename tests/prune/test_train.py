@@ -108,3 +108,13 @@ def test_a_healthy_pruned_model_does_not_warn():
         DNSConfig(sparsity=0.5, surgery_steps=2, finetune_steps=2, lr=1e-6), "dns"
     )
     assert pruned_classes > 1 and found == []
+
+
+def test_one_shot_magnitude_pruning_warns_too_when_data_is_given():
+    from compactnn.prune.magnitude import MagnitudeConfig
+
+    found, (float_classes, pruned_classes) = _compress(MagnitudeConfig(sparsity=0.9), "magnitude")
+    assert float_classes > 1 and pruned_classes == 1  # the premise, measured
+    assert len(found) == 1 and found[0].startswith("magnitude step (sparsity 0.9, one-shot")
+    assert "sp45" in found[0] and "sp90-gradual" in found[0]
+    assert _compress(MagnitudeConfig(sparsity=0.3), "magnitude")[0] == []

@@ -19,6 +19,7 @@ from compactnn.prune.masks import (
 )
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
+from compactnn.prune.train import output_summary, warn_if_collapsed
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -53,8 +54,20 @@ def apply_magnitude(
     layers = prunable_layers(skip_tied(model, targets, ctx, "magnitude"), ctx)
     scores = {n: m.weight.detach().abs() for n, m in layers.items()}
     counts = model_counts(model, ctx)  # params and MACs before, for the record
+    reference = output_summary(model, ctx) if ctx.batches else None  # for the collapse check
     apply_masks(model, masks_from_scores(scores, config.sparsity, config.scope, ctx))
     record_sparsity(ctx, "magnitude", layers, model, counts)
+    if reference is not None:  # one-shot at a high sparsity can leave a constant model
+        s = config.sparsity
+        warn_if_collapsed(
+            model,
+            reference,
+            ctx,
+            f"magnitude step (sparsity {s:g}, one-shot, no fine-tuning)",
+            f"Lower the sparsity (e.g. sp{round(50 * s)}), or prune while fine-tuning: "
+            f"sp{round(100 * s)}-gradual or sp{round(100 * s)}-dns self-distil on the "
+            "calibration data; with labels, compactnn.prune.train.finetune.",
+        )
     return model
 
 
