@@ -392,3 +392,29 @@ def test_ctrl_c_during_a_progress_bar_prints_interrupted_on_its_own_line(
     assert code == 130
     shown = [line for line in _rendered_lines(err) if line]
     assert shown[-1] == "interrupted", repr(err)  # alone on its line, and nothing after it
+
+
+def test_no_progress_hides_hugging_faces_own_bars(monkeypatch, capsys):
+    """A reference transformer (minilm) printed transformers' "Loading weights" bar under
+    --no-progress: only a Hugging Face directory switched it off."""
+    import compactnn.cli as cli_module
+
+    calls = []
+    monkeypatch.setattr(cli_module, "hide_hf_progress", lambda: calls.append(1))
+    main(["compress", "no-such-model", "-r", "w8", "-o", "x", "--no-progress"])
+    assert calls == [1]
+    main(["compress", "no-such-model", "-r", "w8", "-o", "x"])
+    assert calls == [1]  # bars stay without the option
+    capsys.readouterr()
+    pytest.importorskip("transformers")
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from compactnn.commands._common import hide_hf_progress
+
+    try:
+        hide_hf_progress()
+        assert are_progress_bars_disabled() and not hf_logging.is_progress_bar_enabled()
+    finally:
+        enable_progress_bars()
+        hf_logging.enable_progress_bar()

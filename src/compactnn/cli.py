@@ -26,7 +26,7 @@ import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 from compactnn.commands import COMMANDS  # noqa: E402
-from compactnn.commands._common import close_progress_bars  # noqa: E402
+from compactnn.commands._common import close_progress_bars, hide_hf_progress  # noqa: E402
 from compactnn.errors import CompactnnError  # noqa: E402
 from compactnn.measure.timing import ensure_passive_policy  # noqa: E402
 
@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None and args.command in TIMED_COMMANDS:  # a real command line, not a test
         ensure_passive_policy("compactnn.cli", sys.argv[1:], OPENMP_LOADED)
+    if getattr(args, "no_progress", False):
+        hide_hf_progress()
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return int(args._run(args) or 0)

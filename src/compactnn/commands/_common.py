@@ -224,11 +224,24 @@ def _finite(text: str) -> float | None:
 
 
 def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:
-    if getattr(args, "no_progress", False) and (Path(spec) / "config.json").is_file():
+    return resolve_model(spec, weights=args.weights, trust_pickle=args.trust_pickle)
+
+
+def hide_hf_progress() -> None:
+    """``--no-progress`` hides Hugging Face's own bars too (transformers' "Loading weights",
+    for a model directory or a reference model such as ``minilm``). Nothing is imported when
+    ``huggingface_hub`` is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("huggingface_hub") is None:
+        return
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # transformers reads this when it is imported
+    if "transformers" in sys.modules:  # imported already: its own switch
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # its "Loading weights" bar: --no-progress hides it
-    return resolve_model(spec, weights=args.weights, trust_pickle=args.trust_pickle)
+        hf_logging.disable_progress_bar()
 
 
 def source_record(loaded: LoadedModel) -> dict[str, str]:

@@ -1,0 +1,32 @@
+"""How deploy(backend="auto") times its candidates."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from compactnn.deployment import float_check
+
+
+class _Sleeper(torch.nn.Module):
+    """A contender whose calls take ``pattern`` milliseconds in turn."""
+
+    def __init__(self, pattern: list[float]) -> None:
+        super().__init__()
+        self.times = itertools.cycle(pattern)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(next(self.times) / 1e3)
+        return x
+
+
+def test_the_fastest_call_decides_not_a_median_that_interference_moved():
+    """Interference only adds time: "steady" always takes 3 ms, "disturbed" 1 ms but 12 ms
+    on two calls of three (its median is 12 ms). Its own speed is 1 ms: it wins."""
+    times = float_check.time_contenders(
+        {"steady": _Sleeper([3.0]), "disturbed": _Sleeper([12.0, 1.0, 12.0])}, torch.zeros(1)
+    )
+    assert times["disturbed"] < times["steady"]
+    assert 0.001 <= times["disturbed"] < 0.0025 and times["steady"] >= 0.003
