@@ -7,7 +7,8 @@ artifact on int8 kernels and writes the report with ``compactnn report``.
 
 Run it from an empty directory (about a minute on 2 cores)::
 
-    python docs/own_model_tutorial.py            # CLI commands run in this process
+    # CLI commands run in this process: set the wait policy `compactnn` sets for itself
+    OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=20000 python docs/own_model_tutorial.py
     python docs/own_model_tutorial.py --subprocess  # each as a real `compactnn` process
 
 Example:

@@ -34,7 +34,7 @@ from compactnn.training.data import labelled_keys
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "deploy",
-        help="run a w8a8 model on int8 CPU kernels, check it against the simulation, time it",
+        help="run a compressed CNN (up to 8 bits) on integer CPU kernels, verify it, time it",
         description=(
             "Lower an artifact (or MODEL compressed in memory with --recipe, default w8a8) to "
             "integer kernels, verify it on a sample batch against the simulated model, and "
@@ -218,5 +218,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"top-1 on --data: simulated {sim_q:.2f}%, deployed {dep_q:.2f}%")
     elif loaded.reference is not None and loaded.reference.metric == "top1":
         sim_q, dep_q = loaded.reference.evaluate(qmodel), loaded.reference.evaluate(deployed)
-        print(f"top-1: simulated {sim_q:.4f}, deployed {dep_q:.4f} (the deployed model itself)")
+        print(
+            f"top-1 on {loaded.reference.name}'s held-out split: simulated {sim_q:.2f}%, deployed "
+            f"{dep_q:.2f}% (the deployed model itself)"
+        )
     return 0

@@ -34,7 +34,7 @@ from compactnn.training.data import labelled_keys
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "search",
-        help="search per-layer formats under a size, BOPs or accuracy budget",
+        help="search per-layer formats under a size, bits, BOPs, latency or accuracy budget",
         description="Score every layer at every format on calibration data, allocate formats "
         "with an integer program, and write recipe.yaml (run it with compactnn compress "
         "--recipe DIR/recipe.yaml) and search.json into --out.",

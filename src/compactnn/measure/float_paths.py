@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import tempfile
 import threading
@@ -216,6 +217,11 @@ def compiled(model: nn.Module, example: Any, timeout_s: float = COMPILE_TIMEOUT_
     """
     fn = torch.compile(model)
     state = {"fired": False}
+    # inductor imports torch's C++ build tools, which log "No CUDA runtime is found" on a
+    # machine with an nvcc and no GPU: noise on every timed CPU compile
+    build_log = logging.getLogger("torch.utils.cpp_extension")
+    level = build_log.level
+    build_log.setLevel(logging.ERROR)
     try:
         with _time_limit(timeout_s, state), torch.no_grad():
             call_model(fn, example)
@@ -223,6 +229,8 @@ def compiled(model: nn.Module, example: Any, timeout_s: float = COMPILE_TIMEOUT_
         if state["fired"]:  # _CompileTimeout, possibly wrapped by torch._dynamo
             raise TimeoutError(f"did not compile within {timeout_s:.0f} s") from None
         raise
+    finally:
+        build_log.setLevel(level)
     if state["fired"]:  # torch._dynamo swallowed the alarm and fell back to eager
         raise TimeoutError(f"did not compile within {timeout_s:.0f} s")
     return fn
