@@ -19,7 +19,8 @@ MODULES = sorted(
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples_run(name, capsys):
+def test_docstring_examples_run(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write a file (x.safetensors) write it here
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, report=True)
     out = capsys.readouterr().out

@@ -1,0 +1,102 @@
+"""How ``compactnn eval`` prints its result (``commands/eval_table.py``): columns kept
+apart, and the float row's two runtimes."""
+
+import torch
+from torch import nn
+
+
+def test_eval_table_keeps_columns_apart_whatever_the_cell_lengths(monkeypatch, capsys):
+    """Each column is as wide as its widest cell: long texts never run into the next one."""
+    import argparse
+    import re
+
+    from compactnn.commands import evaluate as command
+
+    long_latency = "12.3 ms (oneDNN, 2 threads, batch 8, with a long note)"
+    rows = [
+        {
+            "model": "float",
+            "recipe": "float",
+            "runtime": "ONNX Runtime fp32 fused (transformer optimizer)",
+            "metric": "top1",
+            "quality": 98.5,
+            "size_bytes": 397312,
+            "latency_text": long_latency,
+        },
+        {
+            "model": "deployed",
+            "recipe": "w4a4-mse-g32-a-very-long-recipe-name",
+            "runtime": "oneDNN int8 + popcount + more words",
+            "metric": "top1",
+            "quality": 98.4,
+            "size_bytes": 59187,
+            "latency_text": long_latency,
+            "speedup": 1.35,
+        },
+    ]
+    result = {
+        "rows": rows,
+        "notes": [],
+        "stored_bits": {},
+        "batch": 8,
+        "omp_wait_policy": "PASSIVE",
+        "gomp_spincount": "unset",
+        "float_paths": None,
+    }
+    monkeypatch.setattr(command, "evaluate", lambda args: result)
+    args = argparse.Namespace(json=None, quick=True, runs=3, threads=2)
+    assert command.run(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if "runs on" in line)
+    header, table = lines[start], lines[start + 1 : start + 3]
+    names = ["recipe", "runs on", "quality", "size on disk", "x smaller", "latency", "speedup"]
+    assert re.split(r" {2,}", header.strip()) == names
+    for line, row in zip(table, rows, strict=True):
+        cells = re.split(r" {2,}", line)
+        assert cells[0] == row["model"] and cells[1] == row["recipe"]
+        assert cells[2] == row["runtime"] and cells[6] == long_latency
+    assert re.split(r" {2,}", table[1])[7] == "1.35x"
+    # a left-aligned column starts where its header starts, on every row
+    for name, key in (("runs on", "runtime"), ("latency", "latency_text")):
+        assert table[0].index(rows[0][key]) == table[1].index(rows[1][key]) == header.index(name)
+    assert table[1].index("1.35x") == header.index("speedup")
+
+
+def test_the_float_row_says_which_runtime_gave_its_quality_and_which_its_latency():
+    """Float quality is measured in PyTorch fp32 (eager) whatever float path is fastest."""
+    import argparse
+    from types import SimpleNamespace
+
+    from compactnn.commands import eval_table
+    from compactnn.commands import evaluate as command
+    from compactnn.model_io import LoadedModel
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).eval()
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 3  # 6 of 8 right: 75%
+    timing = SimpleNamespace(to_dict=lambda: {"median_s": 1e-3}, fmt=lambda: "1.00 ms")
+    args = argparse.Namespace(no_progress=True)
+
+    def row(label, winner, runtime=None):
+        paths = SimpleNamespace(winner=winner, best=timing, timings={label: timing})
+        loaded = LoadedModel(model, "m")
+        return command._row(args, loaded, (x, y), [], paths, model, label, model, 100, "r", runtime)
+
+    ort = row("float", "ort-fp32")
+    assert (ort["runtime"], ort["quality_runtime"], ort["quality"]) == (
+        "ONNX Runtime fp32",
+        "PyTorch fp32",
+        75.0,
+    )
+    eager = row("float", "fp32-eager")
+    deployed = row("deployed", "ort-fp32", "oneDNN int8")
+    assert deployed["quality_runtime"] == "oneDNN int8"  # measured on the form it times
+    cells = [r[2] for r in eval_table.table_rows({"rows": [ort, eager, deployed]})]
+    assert cells == [
+        "ONNX Runtime fp32 for latency, PyTorch fp32 for quality",
+        "PyTorch fp32",
+        "oneDNN int8",
+    ]
