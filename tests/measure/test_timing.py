@@ -71,6 +71,7 @@ def test_wait_policy_warning_only_on_an_overloaded_machine(monkeypatch):
     monkeypatch.setattr(timing, "_warned", set())
     monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    monkeypatch.setenv("GOMP_SPINCOUNT", timing.PASSIVE_SPINCOUNT)
     assert timing.check_environment(load=9.0) is None
     monkeypatch.delenv("OMP_WAIT_POLICY")
     assert timing.check_environment(load=1.5) is None  # not overloaded
@@ -93,6 +94,10 @@ def test_timings_record_their_conditions():
         ({}, True, "reexec"),  # libgomp read it at load: only a new process gets it
         ({"OMP_WAIT_POLICY": "ACTIVE"}, True, "keep"),  # the user's choice wins
         ({timing.REEXEC_MARK: "1"}, True, "keep"),  # never re-execute twice
+        # a bare PASSIVE gets the bounded spin (a small model was slower on 2 threads than 1)
+        ({"OMP_WAIT_POLICY": "passive"}, True, "reexec"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, False, "set"),
+        ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}, True, "keep"),  # user's spin
     ],
 )
 def test_passive_policy_action(environ, loaded, action):
@@ -113,3 +118,17 @@ def test_block_s_grows_a_fast_contenders_blocks_and_keeps_a_slow_ones(monkeypatc
     # 0.1 s / 4 ms = 25 calls a block; the slow one keeps runs / rounds = 1; capped at 30
     assert (t["fast"].runs, t["slow"].runs, t["tiny"].runs) == (75, 3, 3 * timing.MAX_BLOCK_CALLS)
     assert t["fast"].median_s == pytest.approx(0.004)
+
+
+def test_a_bare_passive_policy_on_several_threads_warns_once(monkeypatch):
+    monkeypatch.setattr(timing, "_warned", set())
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 1)
+    assert timing.check_environment(load=0.0) is None  # one thread: nothing to wake
+    monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 2)
+    with pytest.warns(timing.TimingWarning, match="GOMP_SPINCOUNT=20000 as well"):
+        timing.check_environment(load=0.0)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")  # the user's own spin count: their choice
+    monkeypatch.setattr(timing, "_warned", set())
+    assert timing.check_environment(load=0.0) is None
