@@ -2,6 +2,7 @@
 a labelled file it verifies, times and scores on."""
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import compactnn
 from compactnn.cli import main
 from compactnn.commands import _common
 from compactnn.commands import deploy as deploy_command
+from compactnn.deployment import DeployedModel
 from compactnn.errors import CompactnnError
 from compactnn.measure import evaluate
 
@@ -249,3 +251,35 @@ def test_a_training_recipe_is_noted_as_calibrated_without_training(project, caps
     err = capsys.readouterr().err
     assert "note: w4a4-lsq is a training-aware recipe; compress calibrates it without" in err
     assert "compactnn train deploy_cli_factory:make --recipe w4a4-lsq" in err
+
+
+def test_deploy_of_a_reference_scores_its_held_out_split_on_both_models(
+    project, monkeypatch, capsys
+):
+    """Without labelled --data, a reference model's own held-out top-1 is printed for the
+    simulated model and for the deployed model itself (not the simulation twice)."""
+    held_out = (project["x_test"], project["y_test"])
+    scored = []
+
+    def top1(model):
+        scored.append(model)
+        return evaluate(model, held_out)
+
+    models = deploy_command._models
+
+    def with_reference(args):
+        loaded, *rest = models(args)
+        reference = argparse.Namespace(name="toy-ref", metric="top1", evaluate=top1)
+        return (dataclasses.replace(loaded, reference=reference), *rest)
+
+    monkeypatch.setattr(deploy_command, "_models", with_reference)
+    save_file({"x": project["x_test"]}, "inputs.safetensors")  # no labels: the reference scores
+    assert _deploy("--data", "inputs.safetensors") == 0
+    out = capsys.readouterr().out
+    simulated, deployed = scored
+    assert isinstance(deployed, DeployedModel) and not isinstance(simulated, DeployedModel)
+    want_sim, want_dep = evaluate(simulated, held_out), evaluate(deployed, held_out)
+    assert (
+        f"top-1 on toy-ref's held-out split: simulated {want_sim:.2f}%, deployed "
+        f"{want_dep:.2f}% (the deployed model itself)"
+    ) in out
