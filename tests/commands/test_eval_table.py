@@ -100,3 +100,32 @@ def test_the_float_row_says_which_runtime_gave_its_quality_and_which_its_latency
         "PyTorch fp32",
         "oneDNN int8",
     ]
+
+
+def test_a_perplexity_column_follows_quality_only_when_scored():
+    """A causal LM's rows add "perplexity" (float value, then value and times the float one);
+    other results keep the columns they had."""
+    import re
+
+    from compactnn.commands import eval_table
+
+    def row(model, ppl, ratio):
+        return {
+            "model": model, "recipe": model, "runtime": "PyTorch fp32", "metric": "cosine",
+            "quality": 1.0, "size_bytes": 1000, "latency_text": "1.00 ms", "speedup": 2.0,
+            "perplexity": ppl, "perplexity_ratio": ratio,
+        }  # fmt: skip
+
+    rows = [row("float", 131.0534, None), row("w4-g32", 132.4, 132.4 / 131.0534)]
+    result = {"rows": rows, "perplexity_tokens": 80, "perplexity_data": "--data ids.npy"}
+    lines = eval_table.text_table(eval_table.table_columns(result), eval_table.table_rows(result))
+    header = re.split(r" {2,}", lines[0].strip())
+    assert header[2:4] == ["quality", "perplexity"]
+    assert re.split(r" {2,}", lines[1])[4] == "131.05"
+    assert re.split(r" {2,}", lines[2])[4] == f"132.40 ({132.4 / 131.0534:.3f}x)"
+    assert lines[2].index(")") + 1 == lines[0].index("perplexity") + len("perplexity")  # right
+    assert "over 80 predicted tokens of --data ids.npy" in eval_table.quality_line(result)
+    plain = {"rows": [row("float", None, None)]}
+    assert eval_table.table_columns(plain) == eval_table.TABLE_COLUMNS
+    assert len(eval_table.table_rows(plain)[0]) == len(eval_table.TABLE_COLUMNS)
+    assert eval_table.quality_line(plain) == "quality: cosine"

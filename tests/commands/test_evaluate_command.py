@@ -479,3 +479,86 @@ def test_eval_says_when_the_deployed_quality_differs_from_the_simulated_one(
     assert ("simulated model (what" in out) is not same
     assert _eval("--data", "xy.safetensors", "--simulated", "--json", "t.json") == 0
     assert json.loads(open("t.json").read())["simulated_quality"] is None  # measured already
+
+
+def _fake_float_paths(timed: dict):
+    """A stand-in for the side-by-side timing (1 ms for every model) that records the models
+    it was given to time (the delivered compressed one)."""
+    from compactnn.measure.float_paths import EAGER, FloatPaths
+    from compactnn.measure.timing import Timing
+
+    def paths(model, example, **kwargs):
+        timed.update(kwargs["extra"])
+        t = Timing(median_s=1e-3, min_s=1e-3, max_s=1e-3, runs=3, warmup=1, threads=2)
+        return FloatPaths({EAGER: t, **dict.fromkeys(kwargs["extra"], t)}, errors={EAGER: 0.0})
+
+    return paths
+
+
+def _perplexity_by_hand(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """exp(mean cross-entropy of logits[:, :-1] vs ids[:, 1:]) over the targets that are
+    real tokens predicted from real tokens."""
+    import math
+
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    keep = (mask[:, 1:] * mask[:, :-1]).bool()
+    return math.exp(float(loss[keep].mean()))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_eval_of_a_causal_lm_reports_perplexity_of_both_models_beside_the_cosine(
+    arch, tmp_path, capsys, monkeypatch
+):
+    """Token ids without labels: next-token perplexity of the float and compressed models
+    (padding left out), and their ratio, in the table and the JSON; the cosine stays."""
+    from compactnn.commands import evaluate as command
+    from compactnn.models.tiny_hf import tiny_model
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    model, _ = tiny_model(arch)
+    model.save_pretrained("lm")
+    ids = torch.randint(4, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = mask[3, 12:] = 0  # right padding: 6 + 4 targets not scored
+    save_file({"input_ids": ids, "attention_mask": mask}, "ids.safetensors")
+    timed = {}
+    monkeypatch.setattr(command, "fastest_float_path", _fake_float_paths(timed))
+    argv = ["eval", "lm", "--recipe", "w4-g32", "--data", "ids.safetensors", "--quick"]
+    assert main([*argv, "--no-progress", "--json", "r.json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(open("r.json").read())
+    base, row = result["rows"]
+    [delivered] = timed.values()
+    want = _perplexity_by_hand(model, ids, mask), _perplexity_by_hand(delivered, ids, mask)
+    assert base["perplexity"] == pytest.approx(want[0], rel=1e-4)
+    assert row["perplexity"] == pytest.approx(want[1], rel=1e-4)
+    assert row["perplexity_ratio"] == pytest.approx(want[1] / want[0], rel=1e-4)
+    assert base["perplexity_ratio"] is None and result["perplexity_tokens"] == 6 * 15 - 6 - 4
+    assert base["metric"] == row["metric"] == "output cosine vs float"
+    assert 0.9 < row["quality"] < 1 and base["quality"] == pytest.approx(1.0)
+    header, float_line, compressed_line = out.splitlines()[1:4]
+    assert header.split()[3:5] == ["quality", "perplexity"]
+    assert f"{want[0]:.2f}" in float_line.split()
+    assert f"{want[1]:.2f} ({want[1] / want[0]:.3f}x)" in compressed_line
+    assert "perplexity: next-token, over 80 predicted tokens of --data ids.safetensors" in out
+
+
+def test_eval_of_a_model_that_is_not_a_causal_lm_has_no_perplexity(
+    token_files, capsys, monkeypatch
+):
+    """BERT's outputs are hidden states: no perplexity column, None in the JSON."""
+    from compactnn.commands import evaluate as command
+
+    monkeypatch.chdir(token_files)
+    monkeypatch.setattr(command, "fastest_float_path", _fake_float_paths({}))
+    argv = ["eval", "bert", "--data", "ok.npy", "--quick", "--no-progress", "--json", "r.json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((token_files / "r.json").read_text())
+    assert result["rows"][0]["perplexity"] is None and result["perplexity_tokens"] is None
+    assert "perplexity" not in out

@@ -220,3 +220,18 @@ def test_input_spec_names_dtypes_and_shapes_of_every_batch_form():
     )
     half = nn.Sequential(nn.Linear(16, 4)).half()
     assert expected_inputs(half, None) == "float16 values of shape (..., 16) (first layer '0')"
+
+
+def test_keyword_inputs_are_split_into_batches_of_rows_like_a_tensor():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (70, 6), generator=gen)
+    mask = (torch.rand(70, 6, generator=gen) > 0.2).long()
+    batches = as_batches({"input_ids": ids, "attention_mask": mask})
+    assert [b["input_ids"].shape[0] for b in batches] == [32, 32, 6]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), ids)
+    assert torch.equal(torch.cat([b["attention_mask"] for b in batches]), mask)
+    # values that are not one row per example (a flag, rows that differ): one batch, as given
+    odd = {"input_ids": ids, "flag": torch.tensor(1)}
+    assert len(as_batches(odd)) == 1 and as_batches(odd)[0]["input_ids"] is ids
+    assert len(as_batches({"a": ids, "b": ids[:40]})) == 1
+    assert len(as_batches({"input_ids": ids[:32]})) == 1  # one batch's worth

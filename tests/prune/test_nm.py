@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -61,3 +63,58 @@ def test_bad_n_m():
 def test_short_name_builds_the_nm_step():
     recipe = resolve_recipe("nm2:4")
     assert recipe.steps[0].method == "nm" and recipe.steps[0].config == NMConfig(n=2, m=4)
+
+
+def _two_faced_net(informative: float, dead: float):
+    """Every hidden unit reads inputs 0-1 (which vary) with weights ``informative`` and
+    inputs 2-3 (always zero in the data) with weights ``dead``; 2:4 keeps the larger pair."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with torch.no_grad():
+        signs = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]])
+        net[0].weight.copy_(torch.cat([informative * signs, dead * torch.ones(4, 2)], 1))
+        net[0].bias.fill_(0.1)
+        net[2].weight.copy_(torch.eye(4))
+        net[2].bias.zero_()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 2:] = 0.0
+    return net.eval(), x
+
+
+def _collapse_warnings(net, x, config):
+    recipe = compactnn.Recipe("nm", (compactnn.Step("nm", config),))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = compactnn.compress(net, recipe, calib_data=x, progress=False)
+    with torch.no_grad():  # independent reference: the argmax of both models, by hand
+        want, got = net(x).argmax(1), pruned(x).argmax(1)
+    found = [str(w.message) for w in caught if "collapsed" in str(w.message)]
+    return found, len(want.unique()), len(got.unique()), float((got == want).float().mean())
+
+
+@pytest.mark.parametrize("steps,how", [(0, "one-shot"), (2, "2 self-distillation steps")])
+def test_collapsed_nm_result_warns_with_the_way_out(steps, how):
+    net, x = _two_faced_net(informative=0.5, dead=3.0)  # 2:4 keeps only the dead inputs
+    found, float_classes, pruned_classes, _ = _collapse_warnings(
+        net, x, NMConfig(n=2, m=4, finetune_steps=steps, lr=1e-6)
+    )
+    assert float_classes > 1 and pruned_classes == 1  # the premise, measured
+    assert len(found) == 1, found
+    msg = found[0]
+    assert msg.startswith(f"nm step (2:4, {how}") and "for all 64 calibration samples" in msg
+    assert "nm3:4" in msg and "method: nm, config: {n: 2, m: 4, finetune_steps: 1000" in msg
+    assert "nm2:4-wanda" in msg and "compactnn.prune.train.finetune" in msg
+
+
+def test_healthy_nm_result_does_not_warn():
+    net, x = _two_faced_net(informative=3.0, dead=0.5)  # 2:4 drops only the dead inputs
+    found, float_classes, pruned_classes, agree = _collapse_warnings(net, x, NMConfig())
+    assert pruned_classes == float_classes > 1 and agree == 1.0  # the premise, measured
+    assert found == []
+
+
+def test_ft_short_name_fine_tunes_and_the_others_keep_their_meaning():
+    one_shot, tuned = resolve_recipe("nm2:4"), resolve_recipe("nm2:4-ft")
+    assert one_shot.steps[0].config == NMConfig(n=2, m=4, finetune_steps=0)
+    assert tuned.steps[0].config == NMConfig(n=2, m=4, finetune_steps=1000)
+    assert tuned.steps[0].config.needs_data()  # the CLI asks for --data before any work
+    assert resolve_recipe("nm2:4-wanda").steps[0].method == "wanda"

@@ -4,6 +4,7 @@ conditions (the numbers come from :func:`compactnn.commands.evaluate.evaluate`).
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from compactnn.commands._common import human_bytes
@@ -42,15 +43,33 @@ def text_table(columns: tuple[tuple[str, str], ...], rows: list[list[str]]) -> l
     ]
 
 
+PERPLEXITY_COLUMN = ("perplexity", ">")  # after "quality", for a causal LM
+
+
+def has_perplexity(result: dict[str, Any]) -> bool:
+    """Whether ``result`` scored perplexity (a causal LM on unlabelled token ids)."""
+    return any(row.get("perplexity") is not None for row in result["rows"])
+
+
+def table_columns(result: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """:data:`TABLE_COLUMNS`, with :data:`PERPLEXITY_COLUMN` after "quality" when scored."""
+    if not has_perplexity(result):
+        return TABLE_COLUMNS
+    at = [name for name, _ in TABLE_COLUMNS].index("quality") + 1
+    return (*TABLE_COLUMNS[:at], PERPLEXITY_COLUMN, *TABLE_COLUMNS[at:])
+
+
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
-    """The cells of each row of ``result`` (float first), as :data:`TABLE_COLUMNS` orders them."""
+    """The cells of each row of ``result`` (float first), as :func:`table_columns` orders them."""
     base = result["rows"][0]
+    ppl = has_perplexity(result)
     return [
         [
             row["model"],
             str(row["recipe"]),
             runs_on(row),
             fmt_quality(row["metric"], row["quality"]),
+            *([perplexity_cell(row)] if ppl else []),
             human_bytes(row["size_bytes"]),
             f"{base['size_bytes'] / row['size_bytes']:.2f}x",
             row["latency_text"],
@@ -58,6 +77,30 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
         ]
         for row in result["rows"]
     ]
+
+
+def perplexity_cell(row: dict[str, Any]) -> str:
+    """``131.20`` for the float row, ``132.51 (1.010x)`` (times the float one) for the others.
+
+    Example:
+        >>> perplexity_cell({"perplexity": 132.514, "perplexity_ratio": 1.00998})
+        '132.51 (1.010x)'
+    """
+    value, ratio = row.get("perplexity"), row.get("perplexity_ratio")
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.2f}" + (f" ({ratio:.3f}x)" if ratio is not None else "")
+
+
+def quality_line(result: dict[str, Any]) -> str:
+    """``quality: top1``; with perplexity, what it was scored on and which way is better."""
+    text = f"quality: {result['rows'][0]['metric']}"
+    if not has_perplexity(result):
+        return text
+    return (
+        f"{text}; perplexity: next-token, over {result['perplexity_tokens']} predicted tokens "
+        f"of {result['perplexity_data']} (padding excluded; lower is better, x the float one)"
+    )
 
 
 def runs_on(row: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -29,9 +30,10 @@ from compactnn.commands._common import (
     split_labels,
 )
 from compactnn.commands.eval_table import (
-    TABLE_COLUMNS,
     bits_line,
     conditions,
+    quality_line,
+    table_columns,
     table_rows,
     text_table,
 )
@@ -60,6 +62,7 @@ from compactnn.measure import (
 )
 from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import EAGER, fastest_float_path
+from compactnn.measure.perplexity import is_causal_lm, nll_totals
 from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
@@ -297,6 +300,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if delivered is not None:
         entries.append((label, delivered, qsize, recipe, runtime))
     rows = [_row(args, loaded, data, batches, paths, qmodel, *e) for e in entries]
+    tokens = _perplexities(loaded, data, [e[1] for e in entries], batches[:8], rows)
     for row in rows:  # what the compressed layers store, per weight (float: none)
         row["bits_per_weight_stored"] = None if row is rows[0] else args.stored_bits.get("total")
     labels = data[1]
@@ -326,7 +330,31 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "stored_bits": dict(args.stored_bits),
         "verification_batch_bytes": args.companion_bytes or None,
         "float_weights": _float_weights(loaded.model, qmodel, recipe, args.stored_bits),
+        "perplexity_tokens": tokens,
+        "perplexity_data": (f"--data {args.data}" if args.data else "the model's example input")
+        if tokens
+        else None,
     }
+
+
+def _perplexities(loaded, data, models: list, batches: list, rows: list) -> int | None:
+    """Next-token perplexity of each model (``row["perplexity"]``, and times the float one,
+    ``row["perplexity_ratio"]``) on the token ids of ``batches`` (those scored for quality):
+    for a causal LM without labels and without a perplexity of its own (``tiny-lm``). Returns
+    the number of predicted tokens scored (padding excluded), or None when not scored."""
+    for row in rows:
+        row["perplexity"] = row["perplexity_ratio"] = None
+    own = loaded.reference is not None and loaded.reference.metric == "perplexity"
+    if data[1] is not None or own or not batches or not is_causal_lm(loaded.model):
+        return None
+    for row, model in zip(rows, models, strict=True):
+        total, count = nll_totals(model, batches)
+        if not count:  # one-token sequences predict nothing
+            return None
+        row["perplexity"] = math.exp(total / count)
+    for row in rows[1:]:
+        row["perplexity_ratio"] = row["perplexity"] / rows[0]["perplexity"]
+    return int(count)
 
 
 def _simulated_quality(args, loaded, qmodel, data, batches, row) -> float | None:
@@ -411,11 +439,10 @@ def run(args: argparse.Namespace) -> int:
         check_not_an_input(args.json, "--json", inputs, suggest="eval.json")
         check_file_path(args.json, "--json", force=args.force, suggest="eval.json")
     result = evaluate(args)
-    base = result["rows"][0]
     for note in result["notes"]:
         print(note)
-    print(f"quality: {base['metric']}")
-    for line in text_table(TABLE_COLUMNS, table_rows(result)):
+    print(quality_line(result))
+    for line in text_table(table_columns(result), table_rows(result)):
         print(line)
     print(bits_line(result["stored_bits"], result.get("float_weights")))
     print(conditions(args, result))

@@ -14,12 +14,31 @@ from compactnn.errors import CompactnnError
 Batch = torch.Tensor | tuple | dict
 
 
+def _split_keywords(data: dict[str, Any], batch_size: int) -> list[Batch]:
+    """Keyword inputs in chunks of ``batch_size`` rows when every value is a tensor with the
+    same number of rows (a file of 1,000 tokenized sentences is not one forward pass), else
+    the dict as one batch."""
+    rows = {v.shape[0] if isinstance(v, torch.Tensor) and v.dim() else None for v in data.values()}
+    if len(rows) != 1 or None in rows or next(iter(rows)) <= batch_size:
+        return [data]
+    n = next(iter(rows))
+    return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
+
+
 def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
     """Normalise calibration data into a list of batches.
 
     Accepts a tensor of inputs (split along dim 0 into ``batch_size`` chunks), a dict of
-    tensors (one batch, e.g. a tokenizer's output), or an iterable of tensors, tuples or dicts.
-    Every floating-point tensor is checked once for NaN and Inf (see :func:`check_finite`).
+    tensors (keyword inputs, e.g. a tokenizer's output: split the same way when every value
+    is a tensor with the same number of rows, else one batch), or an iterable of tensors,
+    tuples or dicts (taken as they are). Every floating-point tensor is checked once for NaN
+    and Inf (see :func:`check_finite`).
+
+    Example:
+        >>> ids = {"input_ids": torch.zeros(70, 5, dtype=torch.long),
+        ...        "attention_mask": torch.ones(70, 5, dtype=torch.long)}
+        >>> [b["input_ids"].shape[0] for b in as_batches(ids)]
+        [32, 32, 6]
     """
     if data is None:
         return []
@@ -28,7 +47,7 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
             raise CompactnnError(f"calibration tensor of shape {tuple(data.shape)} is empty.")
         batches: list[Batch] = list(torch.split(data, batch_size))
     elif isinstance(data, Mapping):
-        batches = [dict(data)]
+        batches = _split_keywords(dict(data), batch_size)
     elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise CompactnnError(
             f"calib_data must be a tensor or an iterable of tensors, tuples or dicts; "

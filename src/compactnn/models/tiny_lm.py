@@ -18,8 +18,9 @@ this file, the text module, the configs, the seed, the corpus, the tokenizer and
 ``transformers`` version.
 
 Quality: perplexity per token on the held-out text in consecutive windows of 128 tokens
-(lower is better; every token but the first of a window is predicted). Calibration: windows
-of the training text spread evenly over it.
+(lower is better; every token but the first of a window is predicted), computed by
+:func:`compactnn.measure.perplexity.perplexity` (re-exported here as ``perplexity``).
+Calibration: windows of the training text spread evenly over it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -41,6 +41,7 @@ from compactnn._optional import require
 from compactnn.core.calib import main_output
 from compactnn.data import text as text_module
 from compactnn.errors import CompactnnError
+from compactnn.measure.perplexity import next_token_nll, perplexity
 from compactnn.models import cache
 from compactnn.models.reference import Reference
 
@@ -201,43 +202,6 @@ def as_batches(ids: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tenso
     ]
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
-    """Summed next-token negative log-likelihood and the number of predicted tokens."""
-    logits, targets = logits[:, :-1].float(), ids[:, 1:]  # (B, T-1, V), (B, T-1)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    )
-    if mask is not None:  # scored: real targets predicted from real positions
-        keep = (mask[:, 1:] * mask[:, :-1]).reshape(-1).to(loss.dtype)
-        return (loss * keep).sum(), keep.sum()
-    return loss.sum(), torch.tensor(float(loss.numel()))
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, token_batches: list[dict[str, torch.Tensor]]) -> float:
-    """``exp`` of the mean next-token cross-entropy over every predicted token of the batches.
-
-    Each batch is a dict with ``input_ids`` ``(B, T)`` and optionally ``attention_mask``;
-    position ``t`` predicts token ``t + 1``; masked positions are not scored.
-
-    Example:
-        >>> ref = build_tiny_lm(progress=False)  # doctest: +SKIP
-        >>> perplexity(ref.model, ref.calib) < 10  # doctest: +SKIP
-        True
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    for batch in token_batches:
-        logits = main_output(model(**batch))
-        s, n = _nll(logits, batch["input_ids"], batch.get("attention_mask"))
-        total, count = total + float(s), count + float(n)
-    model.train(was_training)
-    if count == 0:
-        raise CompactnnError("perplexity needs at least one predicted token (T >= 2).")
-    return math.exp(total / count)
-
-
 def _lr_at(step: int, cfg: LMFitConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -272,7 +236,7 @@ def train_lm(
         for step in tqdm(range(cfg.steps), desc=f"training {NAME}", disable=not progress):
             starts = torch.randint(0, len(ids) - context, (cfg.batch_size,), generator=gen)
             batch = torch.stack([ids[s : s + context] for s in starts.tolist()])  # (B, T)
-            s, n = _nll(main_output(model(input_ids=batch)), batch, None)
+            s, n = next_token_nll(main_output(model(input_ids=batch)), batch)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
             opt.zero_grad(set_to_none=True)
@@ -307,7 +271,8 @@ def eval_batches(
 
 def _key(arch: TinyLMConfig, fit: LMFitConfig, seed: int) -> str:
     transformers = require("transformers", "hf")
-    files = cache.module_sources(sys.modules[__name__], text_module)
+    loss = sys.modules[next_token_nll.__module__]  # the training loss
+    files = cache.module_sources(sys.modules[__name__], text_module, loss)
     corpus = hashlib.sha256(text_module.corpus().encode()).hexdigest()[:16]
     return cache.cache_key(
         NAME, files, seed=seed, arch=repr(arch), fit=repr(fit), corpus=corpus,
