@@ -11,6 +11,7 @@ from compactnn.errors import CompactnnError
 from compactnn.prune.channel import ChannelConfig, pooled_keep
 from compactnn.prune.stats import count_macs, count_params
 from compactnn.recipe import resolve_recipe
+from tests.prune._collapse import collapse_warnings
 
 
 class Block(nn.Module):
@@ -427,13 +428,7 @@ def _two_faced_mlp(informative: float, dead: float):
 
 
 def _channel_collapse_warnings(net, x, config):
-    recipe = compactnn.Recipe("ch", (compactnn.Step("channel", config),))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pruned = compactnn.compress(net, recipe, calib_data=x, progress=False)
-    with torch.no_grad():  # independent reference: the argmax of both models, by hand
-        want, got = net(x).argmax(1), pruned(x).argmax(1)
-    found = [str(w.message) for w in caught if "collapsed" in str(w.message)]
+    found, pruned, want, got = collapse_warnings(net, x, "channel", config)
     return found, pruned, len(want.unique()), len(got.unique())
 
 

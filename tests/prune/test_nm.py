@@ -1,5 +1,3 @@
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -8,6 +6,7 @@ import compactnn
 from compactnn.errors import CompactnnError
 from compactnn.prune.nm import NMConfig, holds_nm
 from compactnn.recipe import resolve_recipe
+from tests.prune._collapse import collapse_warnings
 
 
 def _model():
@@ -81,13 +80,7 @@ def _two_faced_net(informative: float, dead: float):
 
 
 def _collapse_warnings(net, x, config):
-    recipe = compactnn.Recipe("nm", (compactnn.Step("nm", config),))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pruned = compactnn.compress(net, recipe, calib_data=x, progress=False)
-    with torch.no_grad():  # independent reference: the argmax of both models, by hand
-        want, got = net(x).argmax(1), pruned(x).argmax(1)
-    found = [str(w.message) for w in caught if "collapsed" in str(w.message)]
+    found, _, want, got = collapse_warnings(net, x, "nm", config)
     return found, len(want.unique()), len(got.unique()), float((got == want).float().mean())
 
 
