@@ -4,6 +4,7 @@ small compress -> eval round trip works end to end."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import numpy as np
@@ -329,6 +330,35 @@ def test_os_error_without_a_filename_is_a_bug_and_keeps_its_traceback(project, m
     monkeypatch.setattr(compactnn, "save", broken)
     with pytest.raises(OSError, match="No space"):
         main(["compress", *FACTORY, "-r", "w8", "-o", "art", "--no-progress"])
+
+
+@pytest.mark.parametrize(
+    ("code", "needle"),
+    [("ENOSPC", "free some disk space"), ("EFBIG", "file-size limit (ulimit -f)")],
+)
+def test_a_full_disk_inside_a_writer_is_one_line_and_keeps_the_old_artifact(
+    project, capsys, monkeypatch, code, needle
+):
+    """``f.write`` on a full disk raises an OSError without a filename: the save names the
+    file it was writing, and the artifact that was there still loads, bit-exact."""
+    import errno
+
+    from compactnn.export import artifact
+
+    assert main(["compress", *FACTORY, "-r", "w8", "-o", "art", "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in (project[0] / "art").iterdir()}
+
+    def half_then_full(tensors, filename):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(artifact, "write_tensors", half_then_full)
+    capsys.readouterr()
+    argv = ["compress", *FACTORY, "-r", "w4-g16", "-o", "art", "--force", "--no-progress"]
+    err = _one_error_line(capsys, argv, os.strerror(getattr(errno, code)), needle)
+    assert err.startswith("error: 'art/.cnn-") and "-model.safetensors': " in err
+    assert {p.name: p.read_bytes() for p in (project[0] / "art").iterdir()} == before
 
 
 def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):

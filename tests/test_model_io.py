@@ -257,3 +257,64 @@ def test_factory_weights_reach_a_module_that_reads_its_version(tmp_path, monkeyp
     message = str(err.value)
     assert "\n" not in message and weights in message and "make_failing" in message
     assert "KeyError" in message and "checkpoint layout 7" in message
+
+
+def _npy_with_header(path, shape, data: bytes, dtype: str = "<f4") -> None:
+    """A .npy file whose header declares ``shape`` whatever bytes follow it."""
+    from numpy.lib import format as npf
+
+    with open(path, "wb") as f:
+        npf.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": shape})
+        f.write(data)
+
+
+@pytest.mark.parametrize(
+    ("shape", "data"),
+    [((10**12, 1, 8, 8), 64), ((4, 3), 47), ((4, 3), 49), ((2**62, 2**62), 16)],
+)
+def test_an_npy_whose_header_disagrees_with_its_bytes_is_refused_before_loading(
+    tmp_path, monkeypatch, shape, data
+):
+    import math
+
+    path = tmp_path / "bad.npy"
+    _npy_with_header(path, shape, b"\0" * data)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("np.load was reached"))
+    with pytest.raises(CompactnnError) as info:
+        resolve_data(str(path))
+    declared = math.prod(shape) * 4
+    message = str(info.value)
+    assert f"data file {str(path)!r} declares a float32 array of shape {shape}" in message
+    assert f"({declared:,} bytes) but holds {data:,} bytes" in message and "\n" not in message
+
+
+def test_an_npy_whose_header_fits_its_bytes_loads(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    _npy_with_header(tmp_path / "ok.npy", (4, 3), x.tobytes())
+    assert torch.equal(resolve_data(str(tmp_path / "ok.npy")), torch.from_numpy(x))
+    (tmp_path / "zip.npy").write_bytes(b"PK\x03\x04" + b"\0" * 60)  # an .npz under .npy
+    with pytest.raises(CompactnnError, match=r"'.*zip\.npy' is not a \.npy file numpy reads"):
+        resolve_data(str(tmp_path / "zip.npy"))
+
+
+@pytest.mark.parametrize("name", ["d.safetensors", "d.npy"])
+@pytest.mark.parametrize("kind", ["fifo", "device link"])
+def test_data_and_weights_that_are_not_regular_files_say_so(tmp_path, monkeypatch, name, kind):
+    import os
+
+    path = tmp_path / name
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(CompactnnError, match="is not a regular file \\(a FIFO, device or socket"):
+        resolve_data(str(path))
+    with pytest.raises(CompactnnError, match="does not exist"):
+        resolve_data(str(tmp_path / f"missing-{name}"))
+    if name.endswith(".safetensors"):  # --weights too
+        (tmp_path / "io_regular_net.py").write_text(
+            "from torch import nn\n\ndef make():\n    return nn.Linear(2, 2)\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        with pytest.raises(CompactnnError, match=f"file {str(path)!r} is not a regular file"):
+            resolve_model("io_regular_net:make", weights=str(path))

@@ -92,3 +92,23 @@ def test_yaml_targets_typos_are_refused_before_compressing(tmp_path):
         p.write_text(f"steps:\n{step}")
         with pytest.raises(CompactnnError, match=match):
             compactnn.compress(model, resolve_recipe(p), progress=False)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"name: r\nsteps: []\n# caf\xe9\n"])
+def test_a_recipe_file_that_is_not_utf8_is_named(tmp_path, content):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    bad = next(i for i, byte in enumerate(content) if byte >= 0x80)  # the first non-ASCII
+    with pytest.raises(CompactnnError) as info:
+        resolve_recipe(str(path))
+    message = str(info.value)
+    assert f"recipe file {str(path)!r} is not UTF-8 text" in message
+    assert f"byte {bad} is {content[bad]:#04x}" in message and "\n" not in message
+    with pytest.raises(CompactnnError, match="is not UTF-8 text"):
+        resolve_recipe(path)  # a Path, as compactnn.compress(model, path) passes it
+
+
+def test_a_utf8_recipe_file_with_non_ascii_text_reads(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("name: café\nsteps:\n  - method: rtn\n".encode())
+    assert resolve_recipe(path).name == "café"

@@ -3,7 +3,8 @@
 
 Every :class:`~compactnn.errors.CompactnnError` is printed as ``error: <message>`` and exits
 with status 2, without a traceback. So is an ``OSError`` that names its file and is about the
-disk or permissions (full disk, no access, read-only file system): the user can fix those.
+disk or permissions (full disk, file too large, no access, read-only file system): the user
+can fix those. (The writers of :mod:`compactnn.export.fs` name the file of a failed write.)
 Any other exception is a bug and keeps its traceback.
 
 Timing: commands that measure latency (``TIMED_COMMANDS``) run with
@@ -38,6 +39,8 @@ USER_OS_ERRORS = {
     errno.EACCES: "check the permissions or choose another path",
     errno.EPERM: "check the permissions or choose another path",
     errno.EROFS: "that file system is read-only: choose another path",
+    errno.EFBIG: "the file outgrew the file-size limit (ulimit -f) or the file system's "
+    "largest file: raise the limit or choose another path",
 }
 TIMED_COMMANDS = frozenset({"eval", "demo", "deploy", "report"})
 

@@ -177,6 +177,17 @@ def parse_short_name(name: str) -> Recipe:
     )
 
 
+def _read_recipe_text(path: Path) -> str:
+    """The text of a recipe file, which must be UTF-8 (YAML's own encoding)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompactnnError(
+            f"recipe file {str(path)!r} is not UTF-8 text (byte {exc.start} is "
+            f"{exc.object[exc.start]:#04x}): save it as UTF-8 YAML."
+        ) from exc
+
+
 def resolve_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
     """A :class:`Recipe` from a short name, a YAML path, or a recipe object."""
     if isinstance(recipe, Recipe):
@@ -187,7 +198,7 @@ def resolve_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
         path = Path(recipe)
         if not path.is_file():
             raise CompactnnError(f"recipe file {str(path)!r} does not exist.")
-        return Recipe.from_yaml(path.read_text())
+        return Recipe.from_yaml(_read_recipe_text(path))
     if not isinstance(recipe, str):
         raise CompactnnError(f"recipe must be a name, a YAML path or a Recipe, got {recipe!r}.")
     return parse_short_name(recipe.strip().lower())

@@ -89,6 +89,40 @@ def test_onnx_and_save_on_one_path_are_refused_before_any_work(
     assert not Path(onnx).exists() and not Path(save).exists()  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("option", "path", "words"),
+    [
+        ("--onnx", "split.safetensors", "is the --data file"),
+        ("--onnx", "w.safetensors", "is the --weights file"),
+        ("--onnx", "art/model.safetensors", "is a file inside the MODEL_OR_ARTIFACT folder"),
+        ("--onnx", "deploy_cli_factory.py", "is the --model file"),
+        ("--save", "art", "is the MODEL_OR_ARTIFACT folder itself"),
+        ("--save", "./art/", "is the MODEL_OR_ARTIFACT folder itself"),
+        ("--save", "art/deployed", "is inside the MODEL_OR_ARTIFACT folder"),
+        ("--save", ".", "is a folder holding the MODEL_OR_ARTIFACT input"),
+    ],
+)
+def test_outputs_that_would_destroy_an_input_are_refused_even_with_force(
+    project, monkeypatch, capsys, option, path, words
+):
+    _no_work(monkeypatch)
+    before = {p: p.read_bytes() for p in Path(".").rglob("*") if p.is_file()}
+    assert _deploy("--data", "split.safetensors", option, path, "--force") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option} {path!r} {words}"), err
+    assert "would replace or change an input" in err or "would destroy an input" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert {p: p.read_bytes() for p in Path(".").rglob("*") if p.is_file()} == before
+
+
+def test_outputs_beside_the_inputs_pass_the_input_check(project):
+    args = argparse.Namespace(
+        target="art", model="deploy_cli_factory:make", weights="w.safetensors",
+        data="split.safetensors", save="deployed", onnx="m.onnx", force=False,
+    )  # fmt: skip
+    deploy_command.check_outputs(args)  # no error
+
+
 def test_a_failed_save_leaves_no_onnx_file_of_its_run(project, monkeypatch, capsys, tmp_path):
     import compactnn.deployment.ship as ship
 

@@ -2,6 +2,7 @@
 reports for a deployed artifact."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,13 +66,16 @@ def _no_work(monkeypatch):
         ("w.safetensors", "is the --weights file"),
         ("x.safetensors", "is the --data file"),
         ("art/model.safetensors", "is a file inside the MODEL_OR_ARTIFACT folder 'art'"),
-        ("eval_out_factory.py", None),  # not an input file eval knows: an existing file
+        ("eval_out_factory.py", "is the --model file"),  # the factory's source
+        ("notes.txt", None),  # not an input: an existing file
     ],
 )
 @pytest.mark.parametrize("force", [[], ["--force"]])
 def test_json_never_overwrites_an_input_and_an_existing_file_needs_force(
     victim, said, force, project, capsys, monkeypatch
 ):
+    if victim == "notes.txt":
+        Path(victim).write_text("my notes\n")
     before = open(victim, "rb").read()
     _no_work(monkeypatch)
     if said is None and force:

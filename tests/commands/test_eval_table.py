@@ -129,3 +129,19 @@ def test_a_perplexity_column_follows_quality_only_when_scored():
     assert eval_table.table_columns(plain) == eval_table.TABLE_COLUMNS
     assert len(eval_table.table_rows(plain)[0]) == len(eval_table.TABLE_COLUMNS)
     assert eval_table.quality_line(plain) == "quality: cosine"
+
+
+def test_bits_line_names_each_extreme_apart_from_its_number():
+    """``nn.Sequential`` layers are named by numbers ("7", "0"): each extreme reads
+    ``name: bits``, the lowest and the highest of the per-layer values."""
+    import re
+
+    from compactnn.commands.eval_table import bits_line
+
+    bits = {"total": 4.23, "3": 5.5, "7": 4.06, "0": 9.78, "features.1": 6.0}
+    line = bits_line(bits)
+    assert line.startswith("bits/weight stored: 4.23 over 4 compressed layers (")
+    lo, hi = re.search(r"\((.*?); ", line).group(1).split(" .. ")
+    layers = {k: v for k, v in bits.items() if k != "total"}
+    want = [min(layers, key=layers.get), max(layers, key=layers.get)]
+    assert [lo, hi] == [f"{name}: {layers[name]:.2f}" for name in want] == ["7: 4.06", "0: 9.78"]

@@ -1,6 +1,7 @@
 """``compactnn export``: --list, a verified GGUF file, and user errors without tracebacks."""
 
 import argparse
+import shutil
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,41 @@ def test_a_deployed_artifact_lists_what_works_for_it(tmp_path, monkeypatch, caps
     assert "compressed artifact" in onnx and "dep was deployed from" in onnx
     err = _user_error(capsys, "dep", "--format", "onnx", "--out", "m.onnx", *own)
     assert "dep was deployed from" in err
+
+
+@pytest.mark.parametrize(
+    ("fmt", "out", "words"),
+    [
+        ("gguf", "hf/model.safetensors", "is inside the --model folder 'hf'"),
+        ("gguf", "art/model.safetensors", "is inside the ARTIFACT folder 'art'"),
+        ("gguf", "w.safetensors", "is the --weights file itself"),
+        ("onnx", "hf", "is the --model folder itself"),
+        ("onnx", "art", "is the ARTIFACT folder itself"),
+        ("onnx", "hf/model.onnx", "is inside the --model folder 'hf'"),
+        ("compressed-tensors", "art", "is the ARTIFACT folder itself"),
+        ("gguf", "tok/tokenizer.json", "is the --tokenizer file itself"),
+        ("compressed-tensors", "tok", "is a folder holding the --tokenizer input"),
+    ],
+)
+def test_an_out_that_is_or_lies_in_an_input_is_refused_even_with_force(
+    artifacts, tmp_path, monkeypatch, capsys, fmt, out, words
+):
+    root, model = artifacts
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root / "w4-g32", "art")
+    model.save_pretrained("hf")
+    save_file({"w": torch.ones(2)}, "w.safetensors")
+    capsys.readouterr()
+
+    def no_work(args):
+        raise AssertionError("the artifact was loaded before the refusal")
+
+    monkeypatch.setattr(export_cmd, "_load", no_work)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    inputs = ("--model", "hf", "--weights", "w.safetensors", "--tokenizer", "tok")
+    err = _user_error(capsys, "art", "-f", fmt, "-o", out, *inputs, "--force")
+    assert err.startswith(f"error: --out {out!r} {words}"), err
+    assert "would replace or change an input of this command (--force or not)" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -451,3 +451,40 @@ def test_a_resumed_train_says_where_it_resumed(tmp_path, monkeypatch, capsys):
     assert compactnn.artifact_digest(out) == digest
     assert main(_train_args(tmp_path, tmp_path / "fresh", "--no-progress")) == 0
     assert "  resumed from" not in capsys.readouterr().out  # no checkpoint: nothing resumed
+
+
+def test_a_checkpoint_dir_that_is_a_file_an_input_or_in_out_is_refused_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    """--checkpoint-dir naming a file (an input or not), a path in --out or in the MODEL
+    folder, or the training log: one error line before the model is loaded (it used to
+    train an epoch, then die in mkdir with FileExistsError, or fail at save: --out held
+    the checkpoint); no file changes, no artifact, no log."""
+    model, _ = _setup(tmp_path, monkeypatch)
+    art = tmp_path / "art"
+    compactnn.save(compactnn.compress(model, "w8", progress=False), art)
+    _no_training(monkeypatch)
+    other, out = tmp_path / "notes.txt", tmp_path / "out"
+    other.write_text("mine")
+    files = [tmp_path / "w.safetensors", tmp_path / "data.safetensors", other, *art.iterdir()]
+    before = {f: f.read_bytes() for f in files}
+    data = str(tmp_path / "data.safetensors")
+    cases = {
+        str(other): "is a file, not a folder: pass --checkpoint-dir DIR naming a folder",
+        str(other / "ck"): f"lies under the file {str(other)!r}, not a folder",
+        data: f"is the --data file {data!r}, not a folder",
+        str(tmp_path / "w.safetensors"): "is the --weights file",
+        str(out): f"is in --out {str(out)!r}",
+        str(out / "ck"): f"is in --out {str(out)!r}",
+        str(tmp_path / "out.training.jsonl"): "is the training log",
+    }
+    for ckpt, words in cases.items():
+        assert main(_train_args(tmp_path, out, "--checkpoint-dir", ckpt)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --checkpoint-dir {ckpt!r} {words}"), err
+        assert err.count("\n") == 1
+    args = ["train", str(art), "--recipe", "w4a4-lsq", "--data", data, "--out", str(out)]
+    assert main([*args, "--checkpoint-dir", str(art / "ck")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --checkpoint-dir {str(art / 'ck')!r} is in")
+    assert {f: f.read_bytes() for f in files} == before
+    assert not out.exists() and not list(tmp_path.glob("*.jsonl"))

@@ -279,6 +279,24 @@ def test_check_writable_refuses_before_any_work(tmp_path):
             artifact.check_writable(tmp_path / "ro" / "a", force=False, what="path")
 
 
+def test_dev_shm_is_a_folder_of_ones_own_and_the_rest_of_dev_is_refused(tmp_path):
+    for system in ("/dev/x", "/dev", "/dev/shmx/a", "/sys/a", "/proc/self/a"):
+        with pytest.raises(CompactnnError, match="a system folder"):
+            artifact.check_writable(system, force=True, what="path")
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm here")
+    out = f"/dev/shm/compactnn-test-{os.getpid()}"
+    assert str(artifact.check_writable(out, force=False, what="path")) == out
+    q = compactnn.compress(cnn(), "w8", calib_data=torch.randn(8, 1, 8, 8), progress=False)
+    try:
+        digest = compactnn.save(q, out)
+        assert compactnn.artifact_digest(out) == digest
+    finally:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def test_the_refusals_name_the_force_of_whoever_named_the_path(tmp_path):
     """Like fs.check_file_path: an option (--out) is told --force, Python force=True."""
     root, q, _ = _saved(tmp_path)
@@ -336,6 +354,26 @@ def test_a_folder_of_other_files_is_refused_even_with_force(tmp_path):
         "model.safetensors",
         "recipe.yaml",
     ]
+
+
+@pytest.mark.parametrize("settings", ['{"my": "settings"}', '{"format": "hf"}', "[1, 2]"])
+def test_a_folder_whose_compactnn_json_is_not_ours_is_refused_even_with_force(tmp_path, settings):
+    q = compactnn.compress(cnn(), "w8", calib_data=torch.randn(8, 1, 8, 8), progress=False)
+    user = tmp_path / "hf"
+    user.mkdir()
+    (user / "model.safetensors").write_bytes(b"the user's weights")
+    (user / "compactnn.json").write_text(settings)
+    assert not artifact.artifact_exists(user)
+    for force in (False, True):
+        with pytest.raises(CompactnnError, match=r"holds no compactnn artifact.*compactnn\.json"):
+            compactnn.save(q, user, force=force)
+    assert (user / "model.safetensors").read_bytes() == b"the user's weights"
+    assert (user / "compactnn.json").read_text() == settings
+    root, _, _ = _saved(tmp_path)  # a real header, and a damaged one, are ours
+    assert artifact.artifact_exists(root)
+    (root / "compactnn.json").write_text('{"format": "compactnn", "cut')
+    assert artifact.artifact_exists(root)
+    assert artifact.check_writable(root, force=True, what="path") == root
 
 
 def test_a_kernel_model_is_refused_before_anything_is_written(tmp_path):

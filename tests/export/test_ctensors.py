@@ -143,3 +143,72 @@ def test_a_float_checkpoint_is_never_written_over(bert, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CompactnnError, match="is a file"):
         ctensors.export(q, tmp_path / "file", force=True)
+
+
+@pytest.fixture(scope="module")
+def gpt2_w4():
+    model, calib = tiny_model("gpt2")
+    q = compactnn.compress(model, "w4-g32", calib_data=calib, ignore=["lm_head"], progress=False)
+    return q, calib
+
+
+def test_gpt2_conv1d_layers_are_refused_before_anything_is_written(gpt2_w4, tmp_path):
+    from compactnn.export import formats
+
+    q, _ = gpt2_w4
+    reason = ctensors.can_export(q)
+    assert "transformer.h.0.attn.c_attn" in reason and "Conv1D" in reason
+    assert "--format onnx" in reason and "compactnn.save" in reason
+    assert formats.capabilities(q)["compressed-tensors"] == reason  # what --list prints
+    with pytest.raises(CompactnnError, match="Conv1D"):
+        ctensors.export(q, tmp_path / "ct")
+    with pytest.raises(CompactnnError, match="Conv1D") as refused:
+        q.save_pretrained(tmp_path / "sp")
+    assert "w4-g128-gptq" not in str(refused.value)  # no recipe makes GPT-2 fit
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_the_export_is_reloaded_by_transformers_before_it_is_kept(gpt2_w4, tmp_path, monkeypatch):
+    # without the Conv1D refusal, the folder is written in nn.Linear layout: transformers'
+    # GPT2LMHeadModel cannot load it, and the round trip says so before out exists
+    q, _ = gpt2_w4
+    monkeypatch.setattr(ctensors, "_conv1d_layers", lambda qmodel: [])
+    with pytest.raises(CompactnnError, match=r"does not load.*c_attn\.weight"):
+        ctensors.export(q, tmp_path / "ct")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_round_trip_compares_outputs_with_the_simulation(tmp_path, monkeypatch):
+    model, calib = tiny_model("llama")
+    q = compactnn.compress(model, _sym4(), calib_data=calib, progress=False)
+    modes = [m.training for m in q.modules()]
+    write = ctensors._write_folder
+    ids = ctensors.probe_ids(q)
+    sim = outputs(q, {"input_ids": ids})
+    folder = ctensors.export(q, tmp_path / "good")
+    assert ctensors.verify_folder(q, folder) == pytest.approx(1.0, abs=1e-6)
+    got = outputs(_reload(folder, causal=True), {"input_ids": ids})
+    assert torch.equal(got, sim)  # the probe the check runs, computed here independently
+
+    def flipped(qmodel, state, qconfig, folder, tokenizer):  # a float tensor written wrong
+        state = {**state, "model.norm.weight": -state["model.norm.weight"]}
+        write(qmodel, state, qconfig, folder, tokenizer)
+
+    monkeypatch.setattr(ctensors, "_write_folder", flipped)
+    with pytest.raises(CompactnnError, match=r"mean cosine -1\.0+ to the simulated"):
+        ctensors.export(q, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    assert [m.training for m in q.modules()] == modes  # the check's eval() is undone
+
+
+def test_tied_embedding_refusal_names_the_cli_and_python_fix():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    q = compactnn.compress(model, "w8", calib_data=tiny_model("llama")[1][:1], progress=False)
+    reason = ctensors.can_export(q)
+    assert "tied" in reason and "--ignore lm_head" in reason and "ignore=['lm_head']" in reason

@@ -143,3 +143,31 @@ def test_hf_weights_file_picks_the_file_that_identifies_the_weights(tmp_path):
     assert sha256_file(tmp_path / "model.safetensors") == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     )
+
+
+@pytest.mark.parametrize("writer", ["atomic_write", "write_new"])
+def test_a_write_that_fails_without_a_filename_names_the_file(tmp_path, writer):
+    """``f.write`` on a full disk raises an OSError with no filename; the writers give it
+    the path (so the command line can print one line) and leave no file behind."""
+    import errno
+
+    from compactnn.export import fs
+
+    def full(path: str) -> None:
+        with open(path, "wb") as f:
+            f.write(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "m.bin"
+    with pytest.raises(OSError) as info:
+        getattr(fs, writer)(target, full)
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(target))
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.filename is None
+    assert list(tmp_path.iterdir()) == []
+
+    def named(path: str) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "elsewhere")
+
+    with pytest.raises(PermissionError) as info:
+        getattr(fs, writer)(target, named)
+    assert info.value.filename == "elsewhere"  # an error that names its file is kept

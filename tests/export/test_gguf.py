@@ -243,3 +243,38 @@ def test_an_existing_file_is_replaced_only_with_force(llama, tmp_path):
     assert user.read_text() == "my own file\n"
     assert write_gguf(qmodel, user, force=True).path == user
     assert gguf.GGUFReader(str(user)).tensors
+
+
+def _odd_llama(hidden: int, intermediate: int):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
+        num_attention_heads=6, num_key_value_heads=2, vocab_size=128,
+        max_position_embeddings=64, head_dim=hidden // 6,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(("hidden", "intermediate", "floats"), [(72, 200, 9), (96, 200, 1)])
+def test_requantize_warns_about_weights_left_f32(llama, tmp_path, hidden, intermediate, floats):
+    """Rows that split into no block of 32 are written as their exact F32 values: not silent."""
+    calib = [{"input_ids": b["input_ids"]} for b in llama[1][:1]]
+    qmodel = compactnn.compress(_odd_llama(hidden, intermediate), "w8", calib_data=calib)
+    reason = can_export(qmodel)
+    assert f"{floats} weights have no exact GGUF type" in reason and "F32" in reason
+    with pytest.warns(UserWarning, match=f"{floats} of 9 quantized weights are written as F32"):
+        report = write_gguf(qmodel, tmp_path / "m.gguf", requantize=True)
+    got = {t.name: t for t in gguf.GGUFReader(str(report.path)).tensors}
+    down = got["blk.0.ffn_down.weight"]  # rows of 200: F32, compactnn's dequantized weight
+    assert down.tensor_type == gguf.GGMLQuantizationType.F32
+    want = qmodel.model.layers[0].mlp.down_proj.weight.detach()
+    assert torch.equal(torch.from_numpy(np.array(down.data)).reshape(want.shape), want)
+    f32 = [t for t in got.values() if t.tensor_type == gguf.GGMLQuantizationType.F32]
+    assert len(f32) == floats + 3  # and the three norms
+    assert report.exact  # every F32 weight reads back bit-identical
+    if floats == 9:  # every quantized weight: the file holds 4 bytes per weight, say so
+        assert report.file_bytes > 4 * sum(p.numel() for p in qmodel.parameters())
+        with pytest.warns(UserWarning, match="the file is not compressed"):
+            write_gguf(qmodel, tmp_path / "m.gguf", requantize=True, force=True)

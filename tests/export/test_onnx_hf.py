@@ -94,3 +94,32 @@ def test_missing_parent_folders_are_created(bert, tmp_path):
     q = compactnn.compress(model, "w8", calib_data=calib, progress=False)
     path = onnx_hf.export(q, tmp_path / "a" / "b" / "m.onnx", example=calib[0])
     assert path == tmp_path / "a" / "b" / "m.onnx" and path.is_file()
+
+
+def test_groups_below_16_stay_float_and_say_so(tmp_path):
+    """w4-g8: no MatMulNBits / GatherBlockQuantized block fits, so every quantized layer is a
+    float MatMul / Gather on its dequantized weight; --list (caveat) and export say it."""
+    import warnings
+
+    model, calib = tiny_model("llama")
+    good = compactnn.compress(model, "w4-g16", calib_data=calib, progress=False)
+    assert onnx_hf.caveat(good) is None and onnx_hf.float_layers(good) == []
+    q = compactnn.compress(model, "w4-g8", calib_data=calib, progress=False)
+    assert onnx_hf.can_export(q) is None  # exported, exactly, but not compressed
+    quantized = [(n, m) for n, m in q.named_modules() if hasattr(m, "weight_codes")]
+    assert [n for n, *_ in onnx_hf.float_layers(q)] == [n for n, _ in quantized]
+    note = onnx_hf.caveat(q)
+    assert f"{len(quantized)} quantized layers" in note and "groups of 8 in rows of 64" in note
+    assert "from 16 to 64 (e.g. w4-g32)" in note  # 64: the largest block dividing every row
+    with pytest.warns(UserWarning, match=r"stay float32 MatMul/Gather.*of the .* file"):
+        path = onnx_hf.export(q, tmp_path / "m.onnx", example=calib[0])
+    graph = onnx.load(str(path)).graph
+    assert not [n for n in graph.node if n.domain == "com.microsoft"]
+    inits = [torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in graph.initializer]
+    down = q.get_submodule("model.layers.0.mlp.down_proj").weight.detach()
+    assert any(t.shape == down.T.shape and torch.equal(t, down.T) for t in inits)
+    float_bytes = 4 * sum(m.weight.numel() for _, m in quantized)
+    assert path.stat().st_size > float_bytes  # as big as float: hence the warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        onnx_hf.export(good, tmp_path / "g.onnx", example=calib[0])

@@ -236,3 +236,33 @@ def test_wpc_gradient_matches_autograd_of_the_group_penalty():
     assert not q.penalize and not wpc_candidates(w, q.mask, (1, 4), 0.75).any()
     with pytest.raises(CompactnnError, match="wpc"):
         PEWiseConfig(wpc=-1.0)
+
+
+def test_a_layer_the_group_does_not_fit_is_refused_by_name_and_the_fix_works():
+    """A depthwise conv (one input channel per group) cannot take (1, 8) tiles: the error
+    names the ``nn.Sequential`` layer, and the ``targets`` it suggests then trains."""
+    import re
+
+    import yaml
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 3),
+        )  # fmt: skip
+
+    x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(CompactnnError) as err:
+        compactnn.train(net(), "w2a8-pe50", (x, y), epochs=1, progress=False)
+    text = str(err.value)
+    assert text.startswith("layer '2' with weight shape (16, 1, 3, 3) has 16 output and 1 input")
+    fix = yaml.safe_load(re.search(r"\(targets: (\{.*\})\)\.$", text).group(1))
+    assert fix == {"ignore": ["2"]}
+    recipe = yaml.safe_load(compactnn.resolve_recipe("w2a8-pe50").to_yaml())
+    recipe["steps"][0]["targets"] = {**recipe["steps"][0].get("targets", {}), **fix}
+    q = compactnn.train(net(), Recipe.from_yaml(yaml.safe_dump(recipe)), (x, y), epochs=1,
+                        progress=False)  # fmt: skip
+    assert isinstance(q[2], nn.Conv2d)  # left float
+    assert set(q[4].weight_codes.unique().tolist()) <= {-1, 0, 1}  # the others ternary

@@ -11,10 +11,12 @@ from compactnn.errors import CompactnnError
 from compactnn.quant.tsq import (
     GramStats,
     TSQConfig,
+    grouped_ternary,
     solve_alpha,
     solve_codes,
     ternary_objective,
     tsq_ternary,
+    unfold_geometry,
     unfold_inputs,
 )
 
@@ -87,17 +89,88 @@ def test_least_squares_beats_plain_ternarisation_on_the_layer_output():
     assert err(t_ls, a_ls) < 0.8 * err(t_pl, a_pl)
 
 
-def test_unfold_matches_the_convolution():
+def _conv_from_columns(cols, conv, shape):
+    """The conv's output from unfolded columns: each group's columns times its weights."""
+    n, out, h, w = shape
+    cols = cols if cols.dim() == 3 else cols[None]
+    weights = conv.weight.reshape(out, -1).chunk(len(cols))
+    y = torch.cat([c @ wg.T for c, wg in zip(cols, weights, strict=True)], dim=1)
+    return y.reshape(n, h * w, out).permute(0, 2, 1).reshape(shape)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1),
+        dict(in_channels=3, out_channels=5, kernel_size=3, padding="same"),
+        dict(in_channels=3, out_channels=5, kernel_size=(2, 4), padding="same", dilation=(1, 2)),
+        dict(in_channels=3, out_channels=5, kernel_size=3, padding="valid"),
+        dict(in_channels=3, out_channels=5, kernel_size=3, padding=1, padding_mode="reflect"),
+        dict(in_channels=3, out_channels=5, kernel_size=2, padding="same", padding_mode="reflect"),
+        dict(in_channels=3, out_channels=5, kernel_size=3, padding=2, padding_mode="replicate"),
+        dict(in_channels=3, out_channels=5, kernel_size=3, padding=1, padding_mode="circular"),
+        dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4),  # depthwise
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding="same", groups=2,
+             padding_mode="reflect"),
+    ],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_unfold_matches_the_convolution(conv):
+    """Unfolded inputs times the weights give the layer's own output, whatever its padding
+    (explicit, "same" with an even kernel, "valid", reflect/replicate/circular) and groups;
+    the Gram is each group's columns' own."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False)
-    x = torch.randn(2, 3, 7, 7)
-    cols = unfold_inputs(x, conv)  # (2 * 16, 27)
-    y = (cols @ conv.weight.reshape(5, -1).T).reshape(2, 16, 5).permute(0, 2, 1)
-    assert torch.allclose(y.reshape(2, 5, 4, 4), conv(x), atol=1e-5)
+    conv = nn.Conv2d(**conv, bias=False)
+    x = torch.randn(2, conv.in_channels, 7, 7)
+    ref = conv(x)
+    cols = unfold_inputs(x, conv)
+    assert cols.shape[-1] == conv.weight[0].numel()
+    assert torch.allclose(_conv_from_columns(cols, conv, ref.shape), ref, atol=1e-5)
     stats = GramStats(max_batches=1)
-    stats.add(x, conv)
+    stats.add(x, unfold_geometry(conv))
     stats.add(x, conv)  # past max_batches: ignored
-    assert torch.allclose(stats.gram, (cols.T @ cols).double(), rtol=1e-5)
+    want = torch.stack([c.T @ c for c in (cols if cols.dim() == 3 else cols[None])])
+    assert torch.allclose(stats.gram, want.reshape(stats.gram.shape).double(), rtol=1e-5)
+
+
+def test_grouped_layers_solve_each_group_on_its_own_gram():
+    """Depthwise: every output channel is fitted on the Gram of its own input channel's
+    columns, which lowers the layer's output error below plain ternarisation."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    x = torch.relu(torch.randn(16, 4, 6, 6)) * torch.tensor([0.1, 1.0, 3.0, 0.5])[:, None, None]
+    cols = unfold_inputs(x, conv)  # (4, rows, 9)
+    w = conv.weight.detach().reshape(4, -1)
+    t, alpha = grouped_ternary(w, torch.stack([c.T @ c for c in cols]))
+    for g in range(4):  # the same as solving that channel alone on its Gram
+        tg, ag = tsq_ternary(w[g : g + 1], cols[g].T @ cols[g])
+        assert torch.equal(t[g], tg[0]) and alpha[g] == ag[0]
+    err = lambda t, a: sum(  # noqa: E731
+        (c @ w[g] - c @ (a[g] * t[g])).pow(2).sum() for g, c in enumerate(cols)
+    )
+    t0, a0 = grouped_ternary(w, None)
+    assert err(t, alpha) < err(t0, a0)
+
+
+def test_train_on_same_valid_reflect_and_depthwise_convs():
+    """The least squares runs on every middle conv kind (it used to fail in F.unfold on
+    padding="same"); the frozen layers are ternary and reproduce the trained model."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding="same"), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding="valid"), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 3),
+    )  # fmt: skip
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    cfg = TSQConfig(epochs=2, code_epochs=1, batch_size=8)
+    recipe = compactnn.Recipe("w2a2-tsq", (compactnn.Step("tsq", cfg),))
+    q = compactnn.train(net, recipe, (x, y), progress=False)
+    for i in (2, 4, 6, 8):
+        assert set(q[i].weight_codes.unique().tolist()) <= {-1, 0, 1}
+        a = q[i].weight_scale.reshape(-1, 1, 1, 1)
+        assert torch.equal(q[i].weight, a * q[i].weight_codes.float())
 
 
 def test_config_rules():

@@ -1,6 +1,7 @@
 """A checkpoint is continued only by a run from the same float model and the same data."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -140,3 +141,55 @@ def test_checkpoint_position_says_where_a_run_stands(tiny, tmp_path):
     )
     checkpoint_path(tmp_path).write_bytes(b"not a checkpoint")
     assert checkpoint_position(tmp_path) is None  # load_checkpoint says why, at train
+
+
+def test_a_checkpoint_dir_that_cannot_hold_one_is_refused_before_training(
+    tiny, tmp_path, monkeypatch
+):
+    """A file, a path under a file, a system folder, a qat-checkpoint.pt that is a folder,
+    an unwritable folder: one CompactnnError naming checkpoint_dir, before any step (it
+    used to train a whole epoch, then fail in mkdir with FileExistsError)."""
+    from compactnn.training import checkpoint
+
+    model, data, _ = tiny
+    calls = _count_steps(monkeypatch)
+    weights = tmp_path / "net.safetensors"
+    weights.write_bytes(b"weights")
+    (tmp_path / "odd" / checkpoint.CHECKPOINT).mkdir(parents=True)
+    cases = {
+        weights: "is a file, not a folder: pass checkpoint_dir='DIR' naming a folder",
+        weights / "ck": f"lies under the file {str(weights)!r}, not a folder",
+        "/proc/ck": "lies under /proc, a system folder",
+        tmp_path / "odd": "holds qat-checkpoint.pt that is not a file",
+    }
+    for directory, words in cases.items():
+        with pytest.raises(CompactnnError) as err:
+            compactnn.train(model, "w4a4-pact", data, checkpoint_dir=directory, **KW)
+        assert str(err.value).startswith(f"checkpoint_dir {str(directory)!r} {words}")
+        assert "\n" not in str(err.value)
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.tempfile, "TemporaryFile", unwritable)
+        for directory, which in ((tmp_path, ""), (tmp_path / "a" / "b", " (its nearest")):
+            with pytest.raises(CompactnnError) as err:
+                compactnn.train(model, "w4a4-pact", data, checkpoint_dir=directory, **KW)
+            assert str(err.value).startswith(f"checkpoint_dir {str(directory)!r} is not writable")
+            assert f"{which}" in str(err.value) and "Permission denied" in str(err.value)
+    assert calls == [] and weights.read_bytes() == b"weights"
+    assert not (tmp_path / "a").exists()  # nothing created
+    checkpoint.check_checkpoint_dir(tmp_path / "new" / "ck")  # a new folder is fine
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_checkpoint_dir_is_refused(tmp_path):
+    from compactnn.training.checkpoint import check_checkpoint_dir
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    for directory in (locked, locked / "ck"):
+        with pytest.raises(CompactnnError, match="is not writable"):
+            check_checkpoint_dir(directory)

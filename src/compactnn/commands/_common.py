@@ -56,10 +56,11 @@ def check_not_an_input(
     out: str | os.PathLike, option: str, inputs: dict[str, str | None], suggest: str
 ) -> None:
     """Refuse, ``--force`` or not, an output file whose writing would destroy an input of the
-    same command: the very file an input names (``--weights``, ``--data``, a MODEL file), or
-    a file already inside an input folder (an artifact, a Hugging Face directory). ``inputs``
-    maps how each input was named (``"--weights"``) to its value (None: not given); a new
-    file, even one beside the inputs, is fine.
+    same command: the very file an input names (``--weights``, ``--data``, a MODEL file, the
+    source file of a ``module:factory`` MODEL), or a file already inside an input folder (an
+    artifact, a Hugging Face directory). ``inputs`` maps how each input was named
+    (``"--weights"``) to its value (None: not given); a new file, even one beside the
+    inputs, is fine.
 
     Example:
         >>> check_not_an_input("new.json", "--json", {"--weights": None}, "eval.json")
@@ -81,14 +82,68 @@ def check_not_an_input(
             )
 
 
+def check_apart_from_inputs(
+    out: str | os.PathLike, option: str, inputs: dict[str, str | None], suggest: str
+) -> None:
+    """Refuse, ``--force`` or not, an output path (a file or a folder, existing or new) that
+    is an input of the same command, lies inside an input folder, or holds an input: writing
+    it would replace or change that input. ``inputs`` as for :func:`check_not_an_input`.
+
+    Example:
+        >>> check_apart_from_inputs("new-dir", "--save", {"--data": None}, "deployed")
+    """
+    target = Path(out).resolve()
+    for name, spec in inputs.items():
+        for path in _spec_paths(spec):
+            real = path.resolve()
+            if target == real or (os.path.exists(out) and os.path.samefile(out, path)):
+                what = f"the {name} {'folder' if path.is_dir() else 'file'} itself"
+            elif path.is_dir() and target.is_relative_to(real):
+                what = f"inside the {name} folder {spec!r}"
+            elif real.is_relative_to(target):
+                what = f"a folder holding the {name} input {spec!r}"
+            else:
+                continue
+            raise CompactnnError(
+                f"{option} {str(out)!r} is {what}: writing there would replace or change an "
+                f"input of this command (--force or not). Choose a path apart from the inputs,"
+                f" e.g. {option} {suggest}."
+            )
+
+
 def _spec_paths(spec: str | None) -> list[Path]:
-    """The existing paths an input spec may name: itself, or the file of ``file:attr``."""
+    """The existing paths an input spec may name: itself, the file of ``file:attr``, or the
+    source file of a ``package.module:factory`` (found without importing it)."""
     if not spec:
         return []
     candidates = [Path(spec)]
     if ":" in spec[2:]:  # not a Windows drive letter
-        candidates.append(Path(spec.rsplit(":", 1)[0]))
+        head = spec.rsplit(":", 1)[0]
+        candidates.append(Path(head))
+        candidates += _module_files(head)
     return [p for p in candidates if p.exists()]
+
+
+def _module_files(name: str) -> list[Path]:
+    """The source file of module ``name`` as a factory spec imports it (the current folder
+    first), found without running any of its code; [] when not found."""
+    from importlib.machinery import PathFinder
+
+    if not all(part.isidentifier() for part in name.split(".")):
+        return []
+    search: list[str] | None = [str(Path.cwd()), *sys.path]
+    spec = None
+    for part in name.split("."):
+        try:
+            spec = PathFinder.find_spec(part, search)
+        except (ImportError, ValueError, OSError):
+            return []
+        if spec is None:
+            return []
+        search = list(spec.submodule_search_locations or [])
+    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+        return []
+    return [Path(spec.origin)]
 
 
 def check_data_given(recipe, data: str | None, model_spec: str) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
+    check_apart_from_inputs,
+    check_not_an_input,
     load_model,
     non_negative_float,
     positive_int,
@@ -144,8 +146,10 @@ def _say_splits(train: tuple[str, str], held_out: tuple[str, str], calibrating: 
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Refuse, before any slow work, an ``--onnx`` file or ``--save`` folder that could not
-    be written, and the two naming the same path or one lying inside the other (the second
-    write would fail, or replace the first)."""
+    be written, the two naming the same path or one lying inside the other (the second
+    write would fail, or replace the first), and either one that would destroy an input of
+    the command (``--force`` or not): ``--onnx`` an input file or a file inside an input
+    folder, ``--save`` an input, a folder inside one, or a folder holding one."""
     if args.save and args.onnx:
         onnx, save = Path(args.onnx).resolve(), Path(args.save).resolve()
         if onnx == save or save in onnx.parents or onnx in save.parents:
@@ -155,9 +159,13 @@ def check_outputs(args: argparse.Namespace) -> None:
                 "deployed model folder need separate paths, e.g. --onnx model.onnx --save "
                 "deployed/."
             )
+    inputs = {"MODEL_OR_ARTIFACT": args.target, "--model": args.model}
+    inputs |= {"--weights": args.weights, "--data": args.data}
     if args.save:
+        check_apart_from_inputs(args.save, "--save", inputs, suggest="deployed")
         check_writable(args.save, args.force, what="--save")
     if args.onnx:
+        check_not_an_input(args.onnx, "--onnx", inputs, suggest="model.onnx")
         check_file_path(args.onnx, "--onnx", force=args.force, suggest="model.onnx")
 
 

@@ -113,9 +113,15 @@ def runs_on(row: dict[str, Any]) -> str:
 
 
 def bits_line(bits: dict[str, float], float_weights: dict[str, Any] | None = None) -> str:
-    """``bits/weight stored: 2.06`` over the compressed layers, with the extremes; for a
-    model with none (``float_weights``, e.g. channel-pruned) its float width and how many
-    parameters the compression removed."""
+    """``bits/weight stored: 2.06`` over the compressed layers, with the extremes as
+    ``name: bits`` (a layer of an ``nn.Sequential`` is named by a number); for a model with
+    none (``float_weights``, e.g. channel-pruned) its float width and how many parameters
+    the compression removed.
+
+    Example:
+        >>> bits_line({"total": 4.23, "7": 4.06, "0": 9.78})
+        'bits/weight stored: 4.23 over 2 compressed layers (7: 4.06 .. 0: 9.78; ...)'
+    """
     layers = {k: v for k, v in bits.items() if k != "total"}
     if not layers and float_weights:
         return _float_bits_line(float_weights)
@@ -124,7 +130,7 @@ def bits_line(bits: dict[str, float], float_weights: dict[str, Any] | None = Non
     lo, hi = min(layers, key=layers.get), max(layers, key=layers.get)
     return (
         f"bits/weight stored: {bits['total']:.2f} over {len(layers)} compressed layers "
-        f"({layers[lo]:.2f} {lo} .. {layers[hi]:.2f} {hi}; every stored tensor of a weight "
+        f"({lo}: {layers[lo]:.2f} .. {hi}: {layers[hi]:.2f}; every stored tensor of a weight "
         "over its weights, per layer in --json)"
     )
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 import compactnn
-from compactnn.commands._common import add_model_args, human_bytes
+from compactnn.commands._common import add_model_args, check_apart_from_inputs, human_bytes
 from compactnn.deployment.ship import KEY as DEPLOYMENT_KEY
 from compactnn.deployment.ship import is_deployed_artifact
 from compactnn.errors import CompactnnError, first_line
@@ -220,6 +220,21 @@ def _is_hf(qmodel: Any) -> bool:
     return hasattr(getattr(qmodel, "config", None), "model_type")
 
 
+def check_out_apart(args: argparse.Namespace) -> None:
+    """Refuse, ``--force`` or not, an ``--out`` that is an input of the command (ARTIFACT,
+    ``--model``, ``--weights``, the ``--tokenizer`` file), lies inside an input folder, or
+    holds an input; so is the file a format writes in an ``--out`` folder (``model.onnx``)."""
+    tokenizer = args.tokenizer
+    if tokenizer and Path(tokenizer).is_dir():  # only its tokenizer.json is read
+        tokenizer = str(Path(tokenizer) / "tokenizer.json")
+    inputs = {"ARTIFACT": args.artifact, "--model": args.model}
+    inputs |= {"--weights": args.weights, "--tokenizer": tokenizer}
+    suggest = {"gguf": "model.gguf", "onnx": "onnx-out/"}.get(args.format, "ct-out/")
+    check_apart_from_inputs(args.out, "--out", inputs, suggest)
+    written = formats.out_path(args.format, args.out)
+    check_apart_from_inputs(written, "--out", inputs, suggest)
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.list and not (args.format and args.out):
         raise CompactnnError("export needs --format F and --out PATH, or --list.")
@@ -230,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--out {args.out!r} names a folder, but gguf writes one file: give a file "
                 f"path such as {str(Path(args.out) / 'model.gguf')!r}."
             )
+        check_out_apart(args)
         formats.check_out(args.format, args.out, force=args.force, what="--out")
         if args.tokenizer:
             given_tokenizer = _read_tokenizer(args)

@@ -26,7 +26,12 @@ from compactnn.errors import CompactnnError
 from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
-from compactnn.training.checkpoint import checkpoint_path, checkpoint_position, resume_line
+from compactnn.training.checkpoint import (
+    check_checkpoint_dir,
+    checkpoint_path,
+    checkpoint_position,
+    resume_line,
+)
 from compactnn.training.data import as_eval_data, labelled_keys
 from compactnn.training.epoch_log import format_epoch
 from compactnn.training.loop import evaluate_top1
@@ -163,6 +168,39 @@ def check_log(log: Path, out: Path, args: argparse.Namespace) -> None:
         )
 
 
+def check_checkpoint_dir_option(args: argparse.Namespace, out: Path, log: Path) -> None:
+    """Refuse, before any work, a --checkpoint-dir that is an input file (MODEL, --weights,
+    --data, --eval-data), lies in MODEL's folder or in --out (replaced whole by save, which
+    holds only the artifact's files), is the training log or under it; then anything
+    :func:`~compactnn.training.checkpoint.check_checkpoint_dir` refuses (a file, a folder
+    where nothing can be written)."""
+    if not args.checkpoint_dir:
+        return
+    ckpt = Path(args.checkpoint_dir)
+    name = f"--checkpoint-dir {args.checkpoint_dir!r}"
+    inputs = {"--weights": args.weights, "--data": args.data, "--eval-data": args.eval_data}
+    inputs = {"MODEL": args.model, **{k: v for k, v in inputs.items() if v not in DATASETS}}
+    for option, spec in inputs.items():
+        if spec and Path(spec).is_file() and _within(ckpt, Path(spec)):
+            raise CompactnnError(
+                f"{name} is the {option} file {spec!r}, not a folder: pass --checkpoint-dir DIR "
+                "naming a folder apart from the inputs, e.g. --checkpoint-dir ckpt."
+            )
+    folders = {"--out": out, "MODEL": Path(args.model) if Path(args.model).is_dir() else None}
+    for option, folder in folders.items():
+        if folder is not None and _within(ckpt, folder):
+            raise CompactnnError(
+                f"{name} is in {option} {str(folder)!r}, whose files the checkpoint would mix "
+                "with: pass --checkpoint-dir DIR outside it, e.g. --checkpoint-dir ckpt."
+            )
+    if _within(ckpt, log):
+        raise CompactnnError(
+            f"{name} is the training log {str(log)!r} or lies under it: pass --checkpoint-dir "
+            "DIR naming a folder of its own, e.g. --checkpoint-dir ckpt."
+        )
+    check_checkpoint_dir(ckpt, "--checkpoint-dir")
+
+
 def _within(path: Path, folder: Path) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
     return path.resolve().is_relative_to(folder.resolve())
@@ -204,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before training
     log = log_path(out, args.log)
     check_log(log, out, args)  # an input, the artifact, an earlier file: before training
+    check_checkpoint_dir_option(args, out, log)  # a file, an input, unwritable: before training
     recipe = compactnn.resolve_recipe(args.recipe)
     loaded = load_model(args.model, args)
     data = training_data(args.data, loaded)

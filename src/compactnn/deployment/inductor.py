@@ -27,9 +27,11 @@ Runtime's ``quantize_static`` on Zen 4 without AMX it was not faster at batch 1 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,12 +44,27 @@ SHAPES_KEPT = 4  # compiled graphs kept, one per recent input shape
 _QCONV = torch.ops.onednn.qconv_pointwise.default
 
 
+@contextlib.contextmanager
+def quiet_build_log() -> Iterator[None]:
+    """Hide torch's C++ build tools' warnings: importing ``torch.utils.cpp_extension`` (which
+    Inductor does when it compiles) logs "No CUDA runtime is found, using CUDA_HOME=..." on
+    a machine with an nvcc and no GPU, noise for a CPU backend (as ``measure.float_paths``)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def compiler_missing() -> str | None:
     """Why Inductor cannot build C++ here (no compiler found), or None when it can."""
     try:
         from torch._inductor import cpp_builder
 
-        cpp_builder.get_cpp_compiler()
+        with quiet_build_log():
+            cpp_builder.get_cpp_compiler()
     except Exception as e:  # InvalidCxxCompiler, or an import failure on odd builds
         return (
             f"backend='inductor' compiles C++ with torch.compile, and no C++ compiler was "
@@ -185,7 +202,7 @@ class InductorProgram(nn.Module):
             if len(self._compiled) >= SHAPES_KEPT:
                 self._compiled.pop(next(iter(self._compiled)))
             t0 = time.perf_counter()
-            with torch.no_grad(), inductor_config.patch(freezing=True):
+            with torch.no_grad(), inductor_config.patch(freezing=True), quiet_build_log():
                 fn = torch.compile(inductor_graph(self.eager, args), dynamic=False)
                 fn(*args)  # the compile happens here
             self.compile_seconds[key] = time.perf_counter() - t0
@@ -215,4 +232,5 @@ __all__ = [
     "build_inductor",
     "compiler_missing",
     "inductor_graph",
+    "quiet_build_log",
 ]

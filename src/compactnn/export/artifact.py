@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,10 @@ from compactnn.export.reader import (  # re-exported: the artifact API in one pl
 )
 from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, SHARED_KEY, TIED_KEY
 from compactnn.export.sparse import sparsify
-from compactnn.export.validate import FORMAT_VERSION, HEADER
+from compactnn.export.validate import FORMAT_VERSION, HEADER, MAX_HEADER_BYTES
 
 _SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+_USER_DIRS = ("/dev/shm",)  # a plain tmpfs under /dev, where anyone may write
 # files a compactnn save writes beside the artifact's own, named by its header: the
 # verification batch of a deployed model (compactnn.deployment.ship), samples of the user's
 # data. A save whose header does not name one removes it (no stale user data ships).
@@ -238,13 +240,32 @@ def write_tensors(tensors: dict[str, torch.Tensor], filename: str | os.PathLike)
 
 
 def artifact_exists(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds an artifact header (valid or not)."""
-    return os.path.lexists(Path(path) / HEADER)
+    """Whether ``path`` holds an artifact header (valid or not): a ``compactnn.json`` whose
+    JSON carries the ``"format": "compactnn"`` marker. Other JSON (a Hugging Face folder's
+    own settings file) is not one; a header that is no regular file, too big or not JSON
+    counts (``load`` says what is wrong with it)."""
+    header = Path(path) / HEADER
+    try:
+        st = os.lstat(header)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_HEADER_BYTES:
+        return True
+    try:
+        body = json.loads(header.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return True
+    return isinstance(body, dict) and body.get("format") == "compactnn"
 
 
 def foreign_entries(folder: Path) -> list[str]:
     """Sorted names in ``folder`` that are not leftovers of a killed compactnn save."""
     return sorted(e.name for e in os.scandir(folder) if not replace.is_stray(e.name))
+
+
+def _under(path: str, folder: str) -> bool:
+    """Whether the absolute ``path`` is ``folder`` or lies inside it."""
+    return path == folder or path.startswith(folder + "/")
 
 
 def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
@@ -260,9 +281,10 @@ def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
         ``path`` as a ``Path``.
 
     Raises:
-        CompactnnError: ``path`` is a file, under ``/proc``, ``/sys`` or ``/dev``, holds an
-            artifact and ``force`` is false, holds other files (never mixed with an
-            artifact's, even with ``force``), or is not writable.
+        CompactnnError: ``path`` is a file, under ``/proc``, ``/sys`` or ``/dev`` (but not
+            ``/dev/shm``, a plain tmpfs), holds an artifact and ``force`` is false, holds
+            other files (never mixed with an artifact's, even with ``force``), or is not
+            writable.
 
     Example:
         >>> check_writable("out/cnn-w4a8", force=False, what="--out")  # doctest: +SKIP
@@ -272,7 +294,7 @@ def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
     force_word = force_option(what)
     real = os.path.realpath(out)
     for system in _SYSTEM_DIRS:
-        if real == system or real.startswith(system + "/"):
+        if _under(real, system) and not any(_under(real, user) for user in _USER_DIRS):
             raise CompactnnError(
                 f"{label} lies under {system}, a system folder: choose a directory of your own."
             )

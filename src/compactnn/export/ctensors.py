@@ -15,7 +15,8 @@ compressed-tensors scheme without requantizing:
 * storage: sub-8-bit weights in ``pack-quantized`` (int32 words), 8-bit weights in
   ``int-quantized`` (int8); packing is compressed-tensors' own compressor, and every layer's
   decompression is checked bit-exactly against compactnn's dequantized weight before
-  anything is written.
+  anything is written; :func:`export` then loads the folder with plain transformers and
+  compares its outputs with the simulation (:func:`verify_folder`) before it replaces ``out``.
 
 Needs ``transformers`` and ``compressed-tensors`` (the ``export`` extra).
 
@@ -26,8 +27,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,7 @@ from compactnn._optional import require
 from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import ActQuantizer, QuantLinear, has_integer_weight
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.export.fs import (
     atomic_write,
     atomic_write_text,
@@ -53,6 +57,8 @@ _OWN_FILES = {WEIGHTS_NAME, "config.json", "generation_config.json"}  # and a to
 _TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
                     "chat_template", "spiece", "sentencepiece")  # fmt: skip
 _STRATEGY = {"group": "group", "channel": "channel", "tensor": "tensor"}
+MIN_COSINE = 0.999  # the reloaded folder's outputs against the simulation (mean per token)
+CONV1D_KEY = "conv1d_as_linear"  # compactnn.api's record of GPT-2 Conv1D layers made Linear
 
 
 def _shift(signed: bool, bits: int) -> int:
@@ -89,6 +95,12 @@ def _act_reason(name: str, aq: ActQuantizer | None) -> str | None:
     return None
 
 
+def _conv1d_layers(qmodel: nn.Module) -> list[str]:
+    """The GPT-2 ``Conv1D`` layers that ``compress`` turned into ``nn.Linear`` (its record)."""
+    extra = getattr(qmodel, "_compactnn", {}).get("extra", {})
+    return list(extra.get(CONV1D_KEY, []))
+
+
 def can_export(qmodel: nn.Module) -> str | None:
     """None when :func:`export` can write ``qmodel`` exactly, else the reason with the fix.
 
@@ -100,6 +112,14 @@ def can_export(qmodel: nn.Module) -> str | None:
         return (
             "compressed-tensors export needs a compressed Hugging Face model "
             f"(compactnn.compress(hf_model, ...)); got {type(qmodel).__name__}."
+        )
+    if convs := _conv1d_layers(qmodel):
+        return (
+            f"{len(convs)} layers ({name_list(convs, 2)}) are GPT-2 Conv1D layers, held as "
+            f"nn.Linear here: {type(qmodel).__name__} builds them as Conv1D (weight stored "
+            "transposed), to which compressed-tensors attaches no quantization, so transformers "
+            "could not load the folder; export with --format onnx (onnx_hf.export) or save "
+            "with compactnn.save."
         )
     owned: set[int] = set()
     found = False
@@ -135,7 +155,8 @@ def can_export(qmodel: nn.Module) -> str | None:
             if head.weight is not emb.weight or has_integer_weight(head):
                 return (
                     "tied input/output embeddings are quantized: compressed-tensors stores one "
-                    "table; compress with ignore=['lm_head'] or save with compactnn.save."
+                    "table; compress with --ignore lm_head / ignore=['lm_head'], or save with "
+                    "compactnn.save."
                 )
     return None
 
@@ -372,6 +393,97 @@ def _write_folder(
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def probe_ids(qmodel: nn.Module, batch: int = 2, length: int = 8) -> torch.Tensor:
+    """Seeded token ids in ``qmodel``'s vocabulary, no longer than its positions allow."""
+    vocab = qmodel.get_input_embeddings().num_embeddings
+    config = qmodel.config
+    most = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
+    length = min(length, most) if most else length
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of the last-dimension vectors (tokens) of ``a`` and ``b``."""
+    a, b = a.float().flatten(0, -2), b.float().flatten(0, -2)
+    return float(nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report and compressed-tensors' progress bars (plain tqdm on
+    stderr) while the folder is loaded and run: the caller checks what they would say."""
+    transformers = require("transformers", EXTRA)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _key_name(key: Any) -> str:
+    """A loading-info entry's weight name (mismatched keys are ``(name, shape, shape)``)."""
+    return str(key[0] if isinstance(key, tuple) else key)
+
+
+def verify_folder(qmodel: nn.Module, folder: str | os.PathLike) -> float:
+    """Load ``folder`` with plain transformers (``type(qmodel).from_pretrained``), run it and
+    ``qmodel`` on :func:`probe_ids`; returns the mean cosine of their main outputs.
+
+    ``qmodel``'s train/eval modes are restored. Costs a second, dequantized copy of the
+    model and one forward pass on 2 x 8 tokens.
+
+    Raises:
+        CompactnnError: the folder does not load (missing, unexpected or mis-shaped weights,
+            or an error) or its outputs are further than :data:`MIN_COSINE` from ``qmodel``'s.
+    """
+    from compactnn.core.calib import main_output
+
+    try:
+        with _quiet_transformers():  # mis-shaped weights: named below, not raised
+            loaded, info = type(qmodel).from_pretrained(
+                str(folder),
+                local_files_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
+    except Exception as exc:
+        raise CompactnnError(
+            f"compressed-tensors export: plain transformers cannot load the folder "
+            f"({first_line(exc)}); nothing was written. Save with compactnn.save."
+        ) from exc
+    misfit = [
+        f"{kind} {name_list(sorted(_key_name(k) for k in info[key]), 2)}"
+        for key, kind in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                          ("mismatched_keys", "mis-shaped"))
+        if info.get(key)
+    ]  # fmt: skip
+    if misfit:
+        raise CompactnnError(
+            f"compressed-tensors export: plain transformers does not load the folder as "
+            f"written ({'; '.join(misfit)}); nothing was written. Save with compactnn.save."
+        )
+    ids = probe_ids(qmodel)
+    modes = [(m, m.training) for m in qmodel.modules()]
+    try:
+        with torch.no_grad():
+            sim = main_output(qmodel.eval()(input_ids=ids))
+            with _quiet_transformers():  # compressed-tensors decompresses on this first call
+                got = main_output(loaded.eval()(input_ids=ids))
+    finally:
+        for m, training in modes:
+            m.training = training
+    cos = mean_cosine(sim, got) if sim.shape == got.shape else float("nan")
+    if not cos >= MIN_COSINE:  # NaN fails too
+        raise CompactnnError(
+            f"compressed-tensors export: the folder loaded by transformers gives outputs of "
+            f"mean cosine {cos:.6f} to the simulated model (below {MIN_COSINE}); nothing was "
+            "written. Save with compactnn.save."
+        )
+    return cos
+
+
 def export(qmodel: nn.Module, out: str | os.PathLike, *, force: bool = False, **opts: Any) -> Path:
     """Write ``qmodel`` as a compressed-tensors Hugging Face folder at ``out``.
 
@@ -392,7 +504,9 @@ def export(qmodel: nn.Module, out: str | os.PathLike, *, force: bool = False, **
     Raises:
         CompactnnError: ``out`` may not be written (:func:`check_out`), the model has a layer
             without an exact compressed-tensors form (the message names it and how to save
-            instead), or an unknown option.
+            instead), the written folder does not load or run as the simulation in plain
+            transformers (:func:`verify_folder`; ``out`` is left as it was), or an unknown
+            option.
     """
     unknown = set(opts) - {"tokenizer"}
     if unknown:
@@ -402,7 +516,12 @@ def export(qmodel: nn.Module, out: str | os.PathLike, *, force: bool = False, **
     folder = check_out(out, force=force)
     state, qconfig = compressed_state(qmodel)
     tokenizer = opts.get("tokenizer")
-    return replace_folder(folder, lambda tmp: _write_folder(qmodel, state, qconfig, tmp, tokenizer))
+
+    def write(tmp: Path) -> None:
+        _write_folder(qmodel, state, qconfig, tmp, tokenizer)
+        verify_folder(qmodel, tmp)  # raising here leaves ``out`` as it was
+
+    return replace_folder(folder, write)
 
 
 _HF_SAVE_OPTIONS = {"safe_serialization", "max_shard_size", "is_main_process", "tokenizer"}
@@ -430,9 +549,14 @@ def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwarg
         raise CompactnnError(
             "save_pretrained would write a different, larger model (dequantized weights, no "
             f"activation quantizers), so it refuses: {reason} Save with "
-            f"compactnn.save(model, {str(save_directory)!r}) (reloads with compactnn.load), or "
-            "compress with a recipe compressed-tensors holds exactly (w4-g128-gptq, w8, w8a8, "
-            "w8a8-smoothquant)."
+            f"compactnn.save(model, {str(save_directory)!r}) (reloads with compactnn.load)"
+            + (
+                ""  # GPT-2's Conv1D layers: no recipe helps
+                if _conv1d_layers(self)
+                else ", or compress with a recipe compressed-tensors holds exactly "
+                "(w4-g128-gptq, w8, w8a8, w8a8-smoothquant)"
+            )
+            + "."
         )
     folder = Path(save_directory)
     _check_other_model(folder)

@@ -94,6 +94,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
     Raises:
         CompactnnError: ``path`` is a folder, or a parent of it is a file.
+        OSError: the write failed (a full disk); one without a filename is given ``path``.
     """
     path = Path(path)
     if path.is_dir():
@@ -114,6 +115,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if exc.filename is None and exc.errno is not None:
+            raise naming(exc, path) from exc
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -225,7 +232,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
 def write_new(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Create ``path`` (which must not exist) with ``write(path)`` and fsync it.
 
-    For files under fresh names: no rename needed. A failed write removes the file.
+    For files under fresh names: no rename needed. A failed write removes the file; an
+    OSError without a filename (a full disk during ``f.write``) is given ``path``.
     """
     path = Path(path)
     try:
@@ -234,9 +242,27 @@ def write_new(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(str(path))
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:
+            raise naming(exc, path) from exc
+        raise
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def naming(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` itself when it names a file, else the same error naming ``path`` (a write,
+    ``f.write`` or ``fsync``, that fails on a full disk raises an OSError without a filename).
+
+    Example:
+        >>> naming(OSError(28, "No space left on device"), "out/m.bin").filename
+        'out/m.bin'
+    """
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), os.fspath(path))
 
 
 def read_regular(path: str | os.PathLike, size: int | None, limit: int | None = None) -> bytes:

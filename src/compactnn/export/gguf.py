@@ -60,8 +60,10 @@ def _gguf():
 class TensorPlan:
     """One GGUF tensor: its name, the module it comes from, its type and how it was made.
 
-    ``how`` is ``"exact"`` (codes reused, or a float tensor as F32), ``"requantized"`` or
-    ``"refused"`` (then ``note`` says why).
+    ``how`` is ``"exact"`` (codes reused, or a float tensor as F32), ``"float"`` (with
+    ``requantize``: a quantized weight whose rows split into no GGUF block, written as its
+    dequantized values in F32: exact but not compressed), ``"requantized"`` or ``"refused"``
+    (then ``note`` says why).
     """
 
     name: str
@@ -172,7 +174,7 @@ def _plan_weight(gguf_name, src, layer, heads, requantize) -> TensorPlan:
     if not requantize:
         return TensorPlan(gguf_name, src, "", shape, "refused", note, None, w)
     if shape[1] % gb.BLOCK:  # no block type fits the row: the dequantized weight, exactly
-        return TensorPlan(gguf_name, src, "F32", shape, "exact", note, w.numpy(), w)
+        return TensorPlan(gguf_name, src, "F32", shape, "float", note, w.numpy(), w)
     target = {4: "Q4_0" if spec.symmetric else "Q4_1", 5: "Q5_0" if spec.symmetric else "Q5_1"}
     ggml_type = target.get(max(spec.bits, 4), "Q8_0")
     gguf = _gguf()
@@ -230,9 +232,15 @@ def can_export(model: nn.Module) -> str | None:
     spec = _spec_of(model, refused[0].source)
     recipe = getattr(getattr(model, "_compactnn", {}).get("recipe"), "name", "") or ""
     nearest = _nearest(recipe, spec.bits if spec else 8, refused[0].note)
+    rows = sum(t.shape[1] % gb.BLOCK != 0 for t in refused)
+    requantize = "or pass requantize=True / --requantize"
+    if rows == len(refused):
+        requantize = "requantize=True / --requantize writes them as F32, not compressed"
+    elif rows:
+        requantize += f", which writes the {rows} whose rows do not split as F32, not compressed"
     return (
         f"{len(refused)} weights have no exact GGUF type, e.g. {refused[0].note}; the nearest "
-        f"exact recipe is {nearest} (or pass requantize=True / --requantize)"
+        f"exact recipe is {nearest} ({requantize})"
     )
 
 
@@ -326,22 +334,53 @@ def write_gguf(
 
     atomic_write(path, write)
     diffs = verify(path, tensors)
-    bad = [n for n, t in zip(diffs, tensors, strict=True) if t.how == "exact" and diffs[n] != 0]
+    bad = [n for n, t in zip(diffs, tensors, strict=True) if t.how != "requantized" and diffs[n]]
     if bad:
         raise CompactnnError(
             f"GGUF read-back of {path} differs from compactnn's weights in {bad[:3]}; "
             "this is a bug: please report it with the recipe."
         )
+    size = path.stat().st_size
+    if (line := float_warning(tensors, size, path.name)) is not None:
+        warnings.warn(line, stacklevel=2)
     requantized = {t.name: diffs[t.name] for t in tensors if t.how == "requantized"}
     if requantized:
         worst = max(requantized, key=requantized.get)
         warnings.warn(
             f"GGUF {path.name}: requantized {len(requantized)} weights with no exact GGUF type "
             f"(max abs error vs compactnn's weights {requantized[worst]:.3g}, in {worst}); "
-            "they no longer match the simulated model exactly.",
+            "they no longer match the simulated model exactly: the read-back verifies them "
+            "within that error, the other tensors bit-exactly.",
             stacklevel=2,
         )
-    return GGUFReport(path, tensors, path.stat().st_size, tensor_bytes(tensors), diffs)
+    return GGUFReport(path, tensors, size, tensor_bytes(tensors), diffs)
+
+
+def float_warning(tensors: tuple[TensorPlan, ...], file_bytes: int, name: str) -> str | None:
+    """The warning for quantized weights written as F32 (``how="float"``), else None.
+
+    Example:
+        >>> float_warning((), 0, "m.gguf") is None
+        True
+    """
+    floats = [t for t in tensors if t.how == "float"]
+    if not floats:
+        return None
+    quantized = [t for t in tensors if t.how != "exact" or t.ggml_type != "F32"]
+    widths = sorted({t.shape[1] for t in floats})
+    f32 = sum(int(np.prod(t.shape)) * 4 for t in floats)
+    whole = (
+        "every quantized weight is F32: the file is not compressed"
+        if len(floats) == len(quantized)
+        else f"{f32 / max(file_bytes, 1):.0%} of the file"
+    )
+    return (
+        f"GGUF {name}: {len(floats)} of {len(quantized)} quantized weights are written as F32 "
+        f"({f32:,} bytes; {whole}): their rows of {', '.join(map(str, widths))} weights do not "
+        f"split into GGUF blocks of {gb.BLOCK}, e.g. {floats[0].source}. Their values are "
+        "compactnn's dequantized weights, exactly (the same file as keeping them in float); "
+        f"GGUF compresses only rows whose width is a multiple of {gb.BLOCK}."
+    )
 
 
 def verify(path: str | os.PathLike, tensors: tuple[TensorPlan, ...]) -> dict[str, float]:

@@ -30,6 +30,7 @@ import copy
 import hashlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,12 @@ from compactnn.core.calib import main_output
 from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
+from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear, is_quant_layer
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 from compactnn.export.fs import atomic_write, names_folder
-from compactnn.kernels.ort_nbits import nbits_onnx
+from compactnn.kernels.nbits_tables import gather_format
+from compactnn.kernels.ort_nbits import _nbits_format, nbits_onnx  # the MatMulNBits test
 
 MIN_COSINE = 0.999
 
@@ -102,6 +105,81 @@ def can_export(qmodel: nn.Module) -> str | None:
             "compactnn.save."
         )
     return None
+
+
+def _width(m: nn.Module) -> int:
+    """The row length a block must divide: input features, or the embedding width."""
+    return m.in_features if isinstance(m, QuantLinear) else m.embedding_dim
+
+
+def _block_reason(m: nn.Module) -> str | None:
+    """Why the weight-only form keeps ``m`` (a quantized Linear or embedding) as a float
+    MatMul / Gather on its dequantized weight, else None."""
+    if isinstance(m, QuantLinear):
+        fits = _nbits_format(m) is not None
+    elif isinstance(m, QuantEmbedding):
+        fits = gather_format(m) is not None
+    else:
+        return None
+    if fits:
+        return None
+    spec, width = m.weight_spec, _width(m)
+    if isinstance(m, QuantLinear) and 4 < spec.bits < 8:
+        return f"{spec.bits}-bit codes (MatMulNBits takes 4 or 8 bits)"  # "bit codes": caveat
+    if spec.granularity == "group":
+        block, what = spec.group_size, f"groups of {spec.group_size}"
+    else:  # one block per row (Linear), the largest power of two dividing it (embedding)
+        block = width if isinstance(m, QuantLinear) else width & -width
+        what = f"a {spec.granularity} grid"
+    if block < 16 or block & (block - 1) or width % block:
+        return (
+            f"{what} in rows of {width} (MatMulNBits/GatherBlockQuantized take blocks that are "
+            "a power of two from 16 dividing the row)"
+        )
+    return f"{what} with zero points off the code grid"
+
+
+def float_layers(qmodel: nn.Module) -> list[tuple[str, str, int]]:
+    """``(name, why, float32 bytes)`` of each quantized layer that the weight-only form
+    (:func:`form` ``"nbits"``) stores as a float ``MatMul`` / ``Gather`` on its dequantized
+    weight: MatMulNBits and GatherBlockQuantized take blocks that are a power of two from 16
+    and divide the row. Empty for other forms."""
+    if form(qmodel) != "nbits":
+        return []
+    out = []
+    for name, m in qmodel.named_modules():
+        if (why := _block_reason(m)) is not None:
+            out.append((name, why, m.weight.numel() * 4))
+    return out
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def caveat(qmodel: nn.Module) -> str | None:
+    """What the ONNX file does not compress although :func:`can_export` allows it (the
+    layers :func:`float_layers` lists), else None: for ``compactnn export --list``."""
+    layers = float_layers(qmodel)
+    if not layers:
+        return None
+    names = [n for n, *_ in layers]
+    nbytes = sum(b for *_, b in layers)
+    widths = {_width(qmodel.get_submodule(n)) for n, why, _ in layers if "bit codes" not in why}
+    block = min(min((w & -w for w in widths), default=128), 128)  # largest power of two dividing
+    bits = any("bit codes" in why for _, why, _ in layers)
+    fixes = ["4- or 8-bit recipes keep them as codes"] if bits else []
+    if widths:
+        fixes.append(
+            f"a recipe with power-of-two groups from 16 to {block} (e.g. w4-g{min(block, 32)}) "
+            "keeps them as codes"
+            if block >= 16
+            else f"no such block divides rows of {', '.join(map(str, sorted(widths)))}"
+        )
+    return (
+        f"{len(layers)} quantized layers ({name_list(names, 3)}) stay float32 MatMul/Gather "
+        f"on their dequantized weights, {_kb(nbytes)}: e.g. {layers[0][1]}; {'; '.join(fixes)}"
+    )
 
 
 class _DynamicTokens(nn.Module):
@@ -287,4 +365,11 @@ def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
         Path(tmp).write_bytes(data)
 
     atomic_write(path, write)
+    if (note := caveat(qmodel)) is not None:
+        nbytes = sum(b for *_, b in float_layers(qmodel))
+        warnings.warn(
+            f"ONNX {path.name}: {note}. They are {nbytes / len(data):.0%} of the "
+            f"{_kb(len(data))} file.",
+            stacklevel=2,
+        )
     return path

@@ -3,8 +3,8 @@
 The header ``compactnn.json`` lists the files it uses, each with its size and SHA-256, so
 renaming a new header over the old one is the single commit point. A save:
 
-1. removes strays of earlier killed saves (``.cnn-*`` files and ``.*.tmp``) that the live
-   header does not list;
+1. removes strays of earlier killed saves (the staged names below, ``.cnn-<token>-link-*``
+   and ``.compactnn.json.*.tmp``-style temporaries) that the live header does not list;
 2. writes the new tensor and recipe files under fresh names ``.cnn-<token>-model.safetensors``
    and ``.cnn-<token>-recipe.yaml`` and fsyncs them (the old artifact is untouched);
 3. renames a header that lists those names over ``compactnn.json`` (commit: the new
@@ -35,7 +35,13 @@ from compactnn.errors import ArtifactError
 from compactnn.export.fs import atomic_write_text, fsync_dir, read_regular, sha256_file, write_new
 from compactnn.export.validate import FILE_ROLES, HEADER, MAX_HEADER_BYTES, parse_header
 
-_STRAY = re.compile(r"^(\.cnn-.*|\.(compactnn\.json|model\.safetensors|recipe\.yaml)\..*\.tmp)$")
+_USUAL = "|".join(re.escape(name) for name in FILE_ROLES.values())
+# the names a save itself gives its files: staged ``.cnn-<16 hex>-[link-]<usual name>`` and
+# atomic_write's temporary ``.<name>.<mkstemp suffix>.tmp``; a user's ``.cnn-notes.txt`` is not
+_STRAY = re.compile(
+    rf"^(\.cnn-[0-9a-f]{{16}}-(link-)?({_USUAL})|\.({re.escape(HEADER)}|{_USUAL})\.\w+\.tmp)$",
+    re.ASCII,
+)
 
 # Test hook: called with the name of each step of a save (the kill test stops a save there).
 STEP_HOOK: Callable[[str], None] | None = None

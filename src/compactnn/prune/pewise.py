@@ -61,6 +61,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -162,15 +163,24 @@ class PEWiseConfig(QATConfig):
             )
 
 
-def check_group(weight: torch.Tensor, group: tuple[int, int]) -> None:
-    """Raise ``CompactnnError`` unless the PE tile ``group`` divides ``weight``'s channels."""
+def group_fits(weight: torch.Tensor, group: tuple[int, int]) -> bool:
+    """Whether the PE tile ``group`` divides ``weight``'s output and input channels."""
+    return weight.shape[0] % group[0] == 0 and weight.shape[1] % group[1] == 0
+
+
+def check_group(weight: torch.Tensor, group: tuple[int, int], name: str | None = None) -> None:
+    """Raise ``CompactnnError`` unless the PE tile ``group`` divides ``weight``'s channels;
+    the message names the layer ``name`` when given."""
+    if group_fits(weight, group):
+        return
     out_ch, in_ch = weight.shape[0], weight.shape[1]
-    if out_ch % group[0] or in_ch % group[1]:
-        raise CompactnnError(
-            f"a layer with weight shape {tuple(weight.shape)} has {out_ch} output and {in_ch} "
-            f"input channels; the PE group {tuple(group)} must divide both. Pick a group that "
-            "does, or leave that layer out of the step's targets (targets: ignore: [name])."
-        )
+    layer = "a layer" if name is None else f"layer {name!r}"
+    ignore = "name" if name is None else json.dumps(name)
+    raise CompactnnError(
+        f"{layer} with weight shape {tuple(weight.shape)} has {out_ch} output and {in_ch} "
+        f"input channels; the PE group {tuple(group)} must divide both. Pick a group that "
+        f"does, or leave that layer out of the step's targets (targets: {{ignore: [{ignore}]}})."
+    )
 
 
 def group_norms(weight: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
@@ -369,8 +379,25 @@ class PEWiseWeight(nn.Module):
         return WeightExport(codes.to(torch.int8), scale, torch.zeros(1, 1), self.ternary_spec)
 
 
+class _GroupMisfit(nn.Module):
+    """What the hook returns for a layer whose channels the PE group does not divide: the
+    engine's ``wrapper`` call, which passes the layer's name, refuses it by that name (the
+    hook itself sees the layer alone)."""
+
+    def __init__(self, group: tuple[int, int]) -> None:
+        super().__init__()
+        self.group = group
+
+    def wrapper(self, name: str, layer: nn.Module, act_quantizer, ctx) -> nn.Module:
+        check_group(layer.weight, self.group, name)
+        raise AssertionError("unreachable: the group does not fit")
+
+
 def pewise_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: PEWiseConfig) -> nn.Module:
-    """Engine hook: the PE-tile mask and ternary weights of ``layer`` (activations: LSQ)."""
+    """Engine hook: the PE-tile mask and ternary weights of ``layer`` (activations: LSQ);
+    a layer whose channels the group does not divide is refused by name when wrapped."""
+    if not group_fits(layer.weight, config.group):
+        return _GroupMisfit(config.group)
     return PEWiseWeight(layer.weight, spec, config)
 
 

@@ -102,26 +102,74 @@ def tsq_ternary(
     return t.float(), alpha.float()
 
 
+def conv_padding(layer: nn.Conv2d) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)``: what ``layer`` pads its input with, as ``F.pad`` takes
+    it. ``"same"`` pads ``dilation * (k - 1)`` in all, the odd one on the right/bottom (as
+    torch does for an even kernel); ``"valid"`` none.
+
+    Example:
+        >>> conv_padding(nn.Conv2d(1, 1, (2, 3), padding="same"))
+        (1, 1, 0, 1)
+    """
+    if layer.padding == "valid":
+        return (0, 0, 0, 0)
+    if layer.padding == "same":
+        pads: list[int] = []
+        for k, d in zip(reversed(layer.kernel_size), reversed(layer.dilation), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)  # type: ignore[return-value]
+    ph, pw = layer.padding
+    return (pw, pw, ph, ph)
+
+
+def grouped_ternary(
+    w: torch.Tensor, gram: torch.Tensor | None, iters: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tsq_ternary` of rows ``w`` ``(out, K)``; a ``(groups, K, K)`` Gram (a grouped
+    conv) weighs the ``out / groups`` rows of each group by that group's own Gram."""
+    if gram is None or gram.dim() == 2:
+        return tsq_ternary(w, gram, iters)
+    parts = [tsq_ternary(rows, g, iters) for rows, g in zip(w.chunk(len(gram)), gram, strict=True)]
+    return torch.cat([t for t, _ in parts]), torch.cat([a for _, a in parts])
+
+
 def unfold_geometry(layer: nn.Module) -> tuple | None:
-    """``(kernel_size, dilation, padding, stride)`` of a Conv2d; None for a linear layer."""
+    """``(kernel_size, dilation, stride, padding, padding_mode, groups)`` of a Conv2d, its
+    padding as :func:`conv_padding`; None for a linear layer."""
     if isinstance(layer, nn.Conv2d):
-        return layer.kernel_size, layer.dilation, layer.padding, layer.stride
+        return (
+            layer.kernel_size,
+            layer.dilation,
+            layer.stride,
+            conv_padding(layer),
+            layer.padding_mode,
+            layer.groups,
+        )
     return None
 
 
 def unfold_inputs(x: torch.Tensor, layer: nn.Module | tuple | None) -> torch.Tensor:
-    """The layer's input as rows of its weight's columns: ``(rows, K)``; ``layer`` may be
-    given as its :func:`unfold_geometry`."""
+    """The layer's input as rows of its weight's columns, padded as the conv pads it (zeros,
+    reflect, replicate or circular): ``(rows, K)``; for a grouped conv ``(groups, rows, K)``,
+    group ``g``'s input channels against the weights of its output channels. ``layer`` may
+    be given as its :func:`unfold_geometry`."""
     geometry = layer if layer is None or isinstance(layer, tuple) else unfold_geometry(layer)
-    if geometry is not None:
-        cols = F.unfold(x, *geometry)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, C * kh * kw)
-    return x.reshape(-1, x.shape[-1])
+    if geometry is None:
+        return x.reshape(-1, x.shape[-1])
+    kernel, dilation, stride, pad, mode, groups = geometry
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+    cols = F.unfold(x, kernel, dilation, 0, stride).transpose(1, 2)  # (N, L, C * kh * kw)
+    if groups == 1:
+        return cols.reshape(-1, cols.shape[-1])
+    return cols.reshape(-1, groups, cols.shape[-1] // groups).transpose(0, 1)
 
 
 class GramStats:
-    """``G = sum X^T X`` of one layer's unfolded inputs over at most ``max_batches`` batches
-    (plain object: shared by the layer's two quantizers, not a module)."""
+    """``G = sum X^T X`` of one layer's unfolded inputs over at most ``max_batches`` batches:
+    ``(K, K)``, or ``(groups, K, K)`` for a grouped conv (plain object: shared by the layer's
+    two quantizers, not a module)."""
 
     def __init__(self, max_batches: int = 16) -> None:
         self.gram: torch.Tensor | None = None
@@ -136,7 +184,7 @@ class GramStats:
         if self.batches >= self.max_batches:
             return
         cols = unfold_inputs(x.detach().float(), layer)
-        g = (cols.T @ cols).double()  # float32 product, float64 sum over batches
+        g = (cols.transpose(-2, -1) @ cols).double()  # float32 product, float64 sum
         self.gram = g if self.gram is None else self.gram + g
         self.batches += 1
 
@@ -192,7 +240,7 @@ class TSQWeight(nn.Module):
         """Step 2: the ternary codes and ``alpha`` of ``w``; ``w`` becomes ``alpha t``."""
         rows = w.detach().reshape(w.shape[0], -1)
         gram = None if self.stats is None else self.stats.gram
-        t, alpha = tsq_ternary(rows, gram, self.iters)
+        t, alpha = grouped_ternary(rows, gram, self.iters)
         alpha = fp16(alpha.clamp(min=2.0**-14))
         self.alpha = alpha
         with torch.no_grad():
@@ -258,8 +306,7 @@ class TSQConfig(QATConfig):
 
 def tsq_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: TSQConfig) -> nn.Module:
     """Engine hook: the two-step ternary weight quantizer (linked to the layer's inputs)."""
-    grouped = isinstance(layer, nn.Conv2d) and layer.groups != 1  # no single Gram: identity
-    wq = TSQWeight(config.code_epochs, config.iters, config.least_squares and not grouped)
+    wq = TSQWeight(config.code_epochs, config.iters, config.least_squares)
     if wq.stats is not None:
         _PENDING[layer] = wq.stats
     return wq

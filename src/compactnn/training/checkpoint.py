@@ -12,6 +12,7 @@ checkpoint, and read with ``torch.load(weights_only=True)`` (no arbitrary unpick
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,54 @@ def resume_line(directory: str | os.PathLike, position: dict[str, int]) -> str:
         return f"resumed from {directory}: {done} already done (nothing trained)"
     after = f", after its batch {batch}" if batch else ""
     return f"resumed from {directory} at epoch {epoch + 1} of {epochs}{after}"
+
+
+_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+
+
+def check_checkpoint_dir(directory: str | os.PathLike, what: str = "checkpoint_dir") -> Path:
+    """Refuse, before any training, a checkpoint directory :func:`save_checkpoint` could not
+    write: an existing file (not a folder), a path under a file, a system folder, a folder
+    (or, when it does not exist yet, the nearest existing folder above it) where no file can
+    be created, or a ``qat-checkpoint.pt`` in it that is not a file. ``what`` is how the
+    user named it (``"--checkpoint-dir"`` for the CLI). Nothing is created.
+
+    Example:
+        >>> check_checkpoint_dir("ck-new")
+        PosixPath('ck-new')
+    """
+    path = Path(directory)
+    fix = f"{what} DIR" if what.startswith("--") else f"{what}='DIR'"
+    label = f"{what} {str(directory)!r}"
+    real = os.path.realpath(path)
+    for system in _SYSTEM_DIRS:
+        if real == system or real.startswith(system + "/"):
+            raise CompactnnError(
+                f"{label} lies under {system}, a system folder: pass {fix} naming a folder of "
+                "your own."
+            )
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {str(existing)!r}"
+        raise CompactnnError(
+            f"{label} {where}, not a folder: pass {fix} naming a folder (new or holding a "
+            f"checkpoint), e.g. {fix.replace('DIR', 'ckpt')}."
+        )
+    if os.path.lexists(checkpoint_path(path)) and not checkpoint_path(path).is_file():
+        raise CompactnnError(
+            f"{label} holds {CHECKPOINT} that is not a file: remove it, or pass another {fix}."
+        )
+    try:  # a file that vanishes on closing: the only sure test (root, read-only mounts)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        which = "" if existing == path else f" (its nearest existing folder {str(existing)!r})"
+        raise CompactnnError(
+            f"{label} is not writable{which}: {exc.strerror or exc}; pass {fix} naming a "
+            "folder you can write to."
+        ) from None
+    return path
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -23,6 +23,7 @@ from compactnn.errors import CompactnnError
 from compactnn.recipe import Recipe, resolve_recipe
 from compactnn.training import distributed
 from compactnn.training.checkpoint import (
+    check_checkpoint_dir,
     checkpoint_path,
     load_checkpoint,
     run_fingerprints,
@@ -321,7 +322,8 @@ def train(
             model of each epoch is scored on it (top-1, printed and recorded).
         seed: fixes initialisation, shuffling and dropout: the same seed gives the same run.
         checkpoint_dir: write a checkpoint there after every epoch (and on ``max_steps``);
-            with ``resume`` an existing one is continued exactly.
+            with ``resume`` an existing one is continued exactly. A file, or a folder where
+            no file can be written, is refused before any training.
         resume: continue from ``checkpoint_dir``'s checkpoint when there is one.
         max_steps: stop after this many optimizer steps in total (then resume later).
         features: module names (or ``{student: teacher}``) for feature distillation.
@@ -351,6 +353,8 @@ def train(
         ...                          eval_data=(x_test, y_test), keep_best=True)
         >>> compactnn.save(qmodel, "out/")                               # doctest: +SKIP
     """
+    if checkpoint_dir:
+        check_checkpoint_dir(checkpoint_dir)  # a file, unwritable: before any work, every rank
     resumes = bool(checkpoint_dir) and resume and checkpoint_path(checkpoint_dir).is_file()
     check_log_path(log_path, appends=resumes, force=force)  # every rank, before they meet
     recipe = resolve_recipe(recipe)
