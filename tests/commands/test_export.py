@@ -259,3 +259,25 @@ def test_an_out_that_is_or_lies_in_an_input_is_refused_even_with_force(
     assert err.startswith(f"error: --out {out!r} {words}"), err
     assert "would replace or change an input of this command (--force or not)" in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_list_says_exact_but_not_compressed_for_layers_onnx_keeps_float():
+    from compactnn.export import onnx_hf
+
+    model, calib = tiny_model("llama")
+    q = compactnn.compress(model, "w4-g8", calib_data=calib, progress=False)
+    line = next(x for x in export_cmd.list_formats(q) if x.strip().startswith("onnx"))
+    assert line.split(None, 1)[1] == f"exact (but {onnx_hf.caveat(q)})"
+    good = compactnn.compress(model, "w4-g16", calib_data=calib, progress=False)
+    line = next(x for x in export_cmd.list_formats(good) if x.strip().startswith("onnx"))
+    assert line.split() == ["onnx", "exact"]
+
+
+def test_the_verified_line_does_not_claim_exactness_after_a_requantization():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("GGUF m.gguf: requantized 3 weights with no exact GGUF type", stacklevel=1)
+    assert "within the error the warning gives" in export_cmd.verified_line(caught)
+    assert export_cmd.verified_line([]) == "verified against compactnn's simulation"

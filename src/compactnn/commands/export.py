@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,11 @@ def list_formats(qmodel: Any, artifact: str = "ARTIFACT", deployed: bool = False
     for name, reason in formats.capabilities(qmodel).items():
         if name == "onnx" and reason is not None and not _is_hf(qmodel):
             reason = _cnn_onnx(artifact, deployed)
-        lines.append(f"  {name:<20}{'exact' if reason is None else 'no: ' + reason}")
+        if reason is None:
+            note = formats.caveat(name, qmodel)
+            lines.append(f"  {name:<20}exact" + (f" (but {note})" if note else ""))
+        else:
+            lines.append(f"  {name:<20}no: {reason}")
     return lines
 
 
@@ -265,9 +270,29 @@ def run(args: argparse.Namespace) -> int:
         opts["tokenizer"] = tokenizer  # a transformers tokenizer saves its files beside
     elif args.format == "onnx":
         opts["example"] = _example(qmodel, example)
-    out = formats.export(args.format, qmodel, args.out, force=args.force, **opts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = formats.export(args.format, qmodel, args.out, force=args.force, **opts)
+    for w in caught:  # shown as they came, before the summary they qualify
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     size = size or out.stat().st_size
     print(f"exported {args.artifact} as {args.format}: {out}  {human_bytes(size)}")
-    print("  verified against compactnn's simulation (see docs/export.md)")
+    print(f"  {verified_line(caught)} (see docs/export.md)")
     return 0
+
+
+def verified_line(caught: list) -> str:
+    """What the export's read-back checked: the whole file against the simulation, or the
+    exact tensors bit-identical and the requantized ones within the error a warning gave.
+
+    Example:
+        >>> verified_line([])
+        "verified against compactnn's simulation"
+    """
+    if any("requantized" in str(w.message) for w in caught):
+        return (
+            "verified: exact tensors bit-identical to compactnn's, requantized ones within the "
+            "error the warning gives"
+        )
+    return "verified against compactnn's simulation"

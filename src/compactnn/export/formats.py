@@ -93,6 +93,17 @@ def can_export(name: str, model: nn.Module) -> str | None:
         return str(exc)
 
 
+def caveat(name: str, model: nn.Module) -> str | None:
+    """What format ``name`` exports exactly but does not compress (e.g. ONNX layers left
+    float32), from the format module's ``caveat(model)`` when it has one; else None."""
+    try:
+        module = _module(get_format(name))
+    except CompactnnError:
+        return None
+    note = getattr(module, "caveat", None)
+    return note(model) if note is not None else None
+
+
 def capabilities(model: nn.Module) -> dict[str, str | None]:
     """Each format's :func:`can_export` answer for ``model``, in table order."""
     return {f.name: can_export(f.name, model) for f in FORMATS}
