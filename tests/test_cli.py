@@ -457,3 +457,25 @@ def test_every_command_that_computes_runs_with_a_passive_openmp_policy():
     names = set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert names - cli.PASSIVE_COMMANDS == {"recipes"}  # lists names, computes nothing
     assert cli.PASSIVE_COMMANDS <= names
+
+
+def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path):
+    """`compactnn compress ... | head -1`: printing into the closed pipe ends quietly."""
+    import subprocess
+    import sys
+
+    code = (
+        "import compactnn.cli as c, sys\n"
+        "def run(args):\n"
+        "    for i in range(100000): print('line', i)\n"
+        "    return 0\n"
+        "c.build_parser = (lambda b: lambda: (p := b(), p._subparsers._group_actions[0]"
+        ".choices['recipes'].set_defaults(_run=run), p)[2])(c.build_parser)\n"
+        "sys.exit(c.main(['recipes']))\n"
+    )
+    proc = subprocess.run(
+        f"{sys.executable} -c \"{code}\" | head -1",
+        shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout == "line 0\n"
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr

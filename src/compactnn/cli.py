@@ -25,6 +25,7 @@ OPENMP_LOADED = "torch" in sys.modules  # before our imports: was libgomp alread
 import argparse  # noqa: E402
 import errno  # noqa: E402
 import importlib  # noqa: E402
+import os  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
@@ -34,6 +35,7 @@ from compactnn.errors import CompactnnError  # noqa: E402
 from compactnn.measure.timing import ensure_passive_policy  # noqa: E402
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 # OSErrors the user fixes (free space, permissions, another path), with the hint to give.
 USER_OS_ERRORS = {
     errno.ENOSPC: "free some disk space or choose another --out",
@@ -70,6 +72,17 @@ def _version() -> str:
     return f"compactnn {__version__}"
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into a closed pipe does not
+    print an "Exception ignored" traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (a test's capture): nothing to flush
+        pass
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one plain line (``warning: ...``), not a source-code excerpt."""
     print(f"warning: {message}", file=sys.stderr)
@@ -89,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompactnnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `compactnn ... | head -1`: the reader left; nothing to say
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         if exc.filename is None or exc.errno not in USER_OS_ERRORS:
             raise  # not attributable to one of the user's paths: a bug, keep the traceback
