@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 
 import pytest
 import torch
@@ -49,12 +50,33 @@ class TinyRef:
 SUITE = [("tiny", "float"), ("tiny", "w8a8"), ("tiny", "w4a8"), ("tiny", "w2a4")]
 
 
+MEASURED = []  # (job args, setup args, the model's output, bytes returned) per memory child
+ONE_AT_A_TIME = threading.Lock()  # the children run two at a time; here they share a process
+
+
+def fake_resident_memory(builder, args, *, preload, threads, setup, setup_args, **kw):
+    """Stands in for the child process: runs the builders here, returns made-up bytes."""
+    from compactnn.measure.memory import ResidentMemory
+    from compactnn.report import resident
+
+    assert builder == f"{resident.HERE}:build" and setup == f"{resident.HERE}:setup"
+    with ONE_AT_A_TIME, torch.no_grad():
+        out = resident.build(resident.setup(*setup_args), *args)()
+        added = 1000 * (len(MEASURED) + 1)
+        MEASURED.append((args, setup_args, out, added))
+    return ResidentMemory(before=10**8, after=10**8 + added, peak=2 * 10**8)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    from compactnn.measure import memory
+
     out = tmp_path_factory.mktemp("demo")
-    results = run_demo(
-        out, quick=True, threads=1, suite=SUITE, loader=lambda _n: TinyRef(), progress=False
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memory, "resident_memory", fake_resident_memory)
+        results = run_demo(
+            out, quick=True, threads=1, suite=SUITE, loader=lambda _n: TinyRef(), progress=False
+        )
     return out, results
 
 
@@ -100,6 +122,58 @@ def test_demo_writes_the_four_files(demo):
     assert "| tiny | w4a8 |" in (out / "report.md").read_text()
 
 
+def test_every_row_gets_the_resident_memory_of_its_delivered_form(demo):
+    """The number in a row is what resident_memory returned for that row's job, and the
+    job rebuilds the form the latency column timed, from the saved artifact."""
+    out, results = demo
+    rows = {r["recipe"]: r for r in results["rows"]}
+    measured = {args[0]: (args, setup_args, y, added) for args, setup_args, y, added in MEASURED}
+    assert len(measured) == len(rows) == len(MEASURED)
+    float_args, float_setup, y_float, _ = next(m for m in MEASURED if m[0][1] == "float")
+    assert float_args[2] == rows["float"]["float_path"] and float_setup[1] is None
+    with torch.no_grad():  # the float row's form gives the float model's output (bf16 too)
+        want = TinyRef().model(TinyRef().example)
+    assert torch.allclose(y_float.float(), want, rtol=0.05, atol=0.05 * want.abs().max())
+    for recipe, row in rows.items():
+        if recipe == "float":
+            assert row["resident_bytes"] == measured[float_args[0]][3]
+            continue
+        args, setup_args, y, added = measured[str(out / row["artifact"])]
+        assert row["resident_bytes"] == added and row["resident_anon_bytes"] == 0
+        assert not any("resident memory not measured" in n for n in row["notes"])
+        assert setup_args == [float_setup[0], float_args[0]]  # same batch; float = skeleton
+        assert y.shape == (8, 4)
+        if row["runtime"] == "simulated":
+            assert args[1:3] == ["as-is", None]
+        else:  # deployed on the backend the row names, no second race
+            backend = "onednn" if row["runtime"].startswith("oneDNN") else "onnxruntime"
+            assert args[1:3] == ["deploy", backend]
+    md = (out / "report.md").read_text()
+    assert f"| {rows['w8a8']['resident_bytes'] / 1024:.1f} KiB (0.0 KiB anon.) |" in md
+    assert "Resident memory: what the row's delivered form adds" in md
+    assert results["environment"]["memory_s"] >= 0
+
+
+def test_a_failed_memory_measurement_is_a_note_not_a_crash(tmp_path, monkeypatch):
+    from compactnn.measure import memory
+
+    def broken(*args, **kwargs):
+        raise CompactnnError("resident_memory: the child process building x failed (exit 1)")
+
+    monkeypatch.setattr(memory, "resident_memory", broken)
+    suite = [("tiny", "float"), ("tiny", "w8a8")]
+    results = run_demo(
+        tmp_path / "d", quick=True, threads=1, suite=suite, loader=lambda _n: TinyRef(),
+        progress=False,
+    )  # fmt: skip
+    for row in results["rows"]:
+        assert "resident_bytes" not in row
+        assert any(
+            n.startswith("resident memory not measured: CompactnnError") for n in row["notes"]
+        )
+    assert "| tiny | w8a8 |" in (tmp_path / "d" / "report.md").read_text()
+
+
 def test_demo_artifacts_record_their_reference_by_name(demo):
     """So `compactnn eval out/demo/artifacts/<model>/<recipe>` needs no --model."""
     out, _ = demo
@@ -110,7 +184,7 @@ def test_demo_artifacts_record_their_reference_by_name(demo):
 def test_demo_refuses_existing_report_without_force(demo):
     out, _ = demo
     with pytest.raises(CompactnnError, match="--force"):
-        run_demo(out, suite=SUITE, loader=lambda _n: TinyRef(), progress=False)
+        run_demo(out, suite=SUITE, loader=lambda _n: TinyRef(), progress=False, memory=False)
 
 
 def test_training_recipes_are_trained_on_the_reference_data_only(tmp_path):
@@ -171,6 +245,7 @@ def test_quality_comes_from_the_delivered_model_and_failures_read_simulated(tmp_
         suite=[("tiny", "float"), ("tiny", "w8a8"), ("tiny", "w2a4")],
         loader=lambda _n: ref,
         progress=False,
+        memory=False,
     )
     rows = {r["recipe"]: r for r in results["rows"]}
     expected = 100.0 * float((ref.labels == 0).float().mean())  # what class 0 scores
@@ -213,6 +288,7 @@ def _pruned_demo_rows(tmp_path, recipe: str) -> dict:
             suite=[("tiny", "float"), ("tiny", recipe)],
             loader=lambda _n: ref,
             progress=False,
+            memory=False,
         )
     return {r["recipe"]: r for r in results["rows"]}
 
@@ -225,19 +301,22 @@ def test_a_channel_pruned_row_runs_natively_not_simulated(tmp_path):
         rows["float"]["latency"]["median_s"] / row["latency"]["median_s"]
     )
     assert any("runs natively: a plain float model" in n for n in row["notes"])
-    assert "| tiny | ch50 | simulated |" not in (tmp_path / "d" / "report.md").read_text()
+    md = (tmp_path / "d" / "report.md").read_text()
+    assert "| tiny | ch50 | simulated |" not in md
+    assert "Resident memory: not measured (`--no-memory`)." in md  # run with memory=False
 
 
 def test_the_suite_has_a_fine_tuned_channel_pruning_row(tmp_path):
-    """``ch50-ft`` (a recipe of the suite, not a short name): the pruned model is measured
-    on its own float path with a speedup, and its artifact's recipe reloads as it ran."""
-    from compactnn.demo_suite import RECIPES, SUITE, suite_recipe
-    from compactnn.recipe import Recipe
+    """``ch50-ft`` (the short name: what a user types gets what the demo ran): the pruned
+    model is measured on its own float path with a speedup, and its artifact's recipe
+    reloads as it ran."""
+    from compactnn.demo_suite import SUITE, suite_recipe
+    from compactnn.recipe import Recipe, resolve_recipe
 
-    assert ("mnist-cnn", "ch50-ft") in SUITE
-    step = suite_recipe("ch50-ft").steps[0]
+    assert ("mnist-cnn", "ch50-ft") in SUITE and suite_recipe("ch50-ft") == "ch50-ft"
+    step = resolve_recipe("ch50-ft").steps[0]
     assert step.method == "channel" and step.config.ratio == 0.5
-    assert step.config.finetune_steps == 200 and suite_recipe("w4a8") == "w4a8"
+    assert step.config.finetune_steps == 1000 and suite_recipe("w4a8") == "w4a8"
     rows = _pruned_demo_rows(tmp_path, "ch50-ft")
     row = rows["ch50-ft"]
     assert row["runtime"] in ("PyTorch fp32", "PyTorch bf16 autocast", "ONNX Runtime fp32")
@@ -245,5 +324,5 @@ def test_the_suite_has_a_fine_tuned_channel_pruning_row(tmp_path):
     assert row["size_bytes"] < 0.6 * rows["float"]["size_bytes"]  # half the channels gone
     assert row["quality"] > 50.0  # fine-tuned: far above chance (25% on 4 classes)
     saved = tmp_path / "d" / row["artifact"] / "recipe.yaml"
-    assert Recipe.from_yaml(saved.read_text()) == RECIPES["ch50-ft"]
+    assert Recipe.from_yaml(saved.read_text()) == resolve_recipe("ch50-ft")
     assert "| tiny | ch50-ft |" in (tmp_path / "d" / "report.md").read_text()

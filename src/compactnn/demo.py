@@ -7,7 +7,8 @@ one on the fastest of its own float paths, "simulated" with the reason when none
 and measures quality of that delivered model (top-1 or mean cosine vs float), the artifact's
 bytes on disk beside the theoretical size, latency side by side with every float path
 (:func:`compactnn.measure.float_paths.fastest_float_path`; the speedup is over the fastest),
-the compression time, each layer's format and the layers kept in float; then
+the compression time, the resident memory of the delivered model (a fresh process per row,
+:mod:`compactnn.report.resident`), each layer's format and the layers kept in float; then
 :func:`compactnn.report.write_report` writes ``report.md``, ``report.html``, ``pareto.png``
 and ``results.json``.
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 import compactnn
 from compactnn.core.calib import batch_size_of, call_model, main_output
 from compactnn.demo_suite import SUITE, suite_recipe
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, first_line
 from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
@@ -212,10 +213,21 @@ def deliver_row(
 
 
 def run_model(
-    name: str, ref: Any, recipes: list[str], out: Path, *, threads: int, quick: bool, bar: Any
+    name: str,
+    ref: Any,
+    recipes: list[str],
+    out: Path,
+    *,
+    threads: int,
+    quick: bool,
+    bar: Any,
+    memory: list | None = None,
+    memory_dir: Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of one reference model, each on its delivered form, all timed side by side
-    with the float paths; returns the rows and the float paths' results."""
+    with the float paths; returns the rows and the float paths' results. With ``memory``
+    (a list) and ``memory_dir``, appends each row's resident-memory job
+    (:func:`memory_jobs`), measured later by :func:`compactnn.report.resident.measure_rows`."""
     batch = first_rows(ref.example, LATENCY_BATCH)
     rows, delivered = [], {}
     for recipe in recipes:
@@ -240,7 +252,46 @@ def run_model(
         else:
             row["latency"] = paths.timings[row["recipe"]].to_dict()
         row["float_path"] = paths.winner
+    if memory is not None and memory_dir is not None:
+        kind = getattr(ref, "kind", "cnn")
+        memory += memory_jobs(
+            rows, delivered, kind, ref.model, batch, paths.winner, out, memory_dir
+        )
     return rows, paths.to_dict()
+
+
+def memory_jobs(
+    rows: list[dict[str, Any]],
+    delivered: dict[str, Any],
+    kind: str,
+    float_model: torch.nn.Module,
+    batch: Any,
+    winner: str,
+    out: Path,
+    folder: Path,
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(row, job)`` for each row whose delivered form a child process can rebuild
+    (:func:`compactnn.report.resident.row_job`); the float model and ``batch`` are saved into
+    ``folder`` for the children. A row that cannot be rebuilt gets a note instead."""
+    from compactnn.report import resident
+
+    pairs = []
+    try:
+        inputs = resident.save_inputs(folder / rows[0]["model"], float_model, batch)
+    except Exception as exc:  # e.g. a model that does not pickle: a note, not a failure
+        for row in rows:
+            row["notes"].append(
+                f"resident memory not measured: {type(exc).__name__}: {first_line(exc, 300)}"
+            )
+        return pairs
+    for row in rows:
+        try:
+            job = resident.row_job(row, kind, delivered.get(row["recipe"]), winner, out, inputs)
+        except Exception as exc:
+            row["notes"].append(f"resident memory not measured: {first_line(exc, 300)}")
+            continue
+        pairs.append((row, job))
+    return pairs
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -266,6 +317,7 @@ def run_demo(
     suite: list[tuple[str, str]] | None = None,
     loader: Callable[[str], Any] = _default_loader,
     progress: bool = True,
+    memory: bool = True,
 ) -> dict[str, Any]:
     """Run the suite, write the report into ``out`` and return the results.
 
@@ -278,29 +330,40 @@ def run_demo(
         suite: (model, recipe) pairs; default :data:`compactnn.demo_suite.SUITE`.
         loader: reference name -> reference model (tests pass tiny ones).
         progress: show a progress bar.
+        memory: measure each row's resident memory once every timing is done (a fresh
+            process per row, two at a time: about 5-20 s per row on 2 cores).
     """
     from compactnn.report import write_report
+    from compactnn.report.resident import measure_rows, temporary_folder
 
     out = Path(out)
     _check_out(out, force)
     grouped = group_suite(list(suite if suite is not None else SUITE))
     previous = torch.get_num_threads()
     threads = set_threads(threads)
-    rows, models = [], {}
+    rows, models, jobs = [], {}, [] if memory else None
     t_start = time.perf_counter()
     total = sum(len(r) for r in grouped.values())
-    try:
-        with tqdm(total=total, desc="demo", disable=not progress) as bar:
-            for name, recipes in grouped.items():
-                bar.set_postfix_str(f"{name}: loading")
-                ref = loader(name)
-                model_rows, paths = run_model(
-                    name, ref, recipes, out, threads=threads, quick=quick, bar=bar
-                )
-                models[name] = {"metric": ref.metric, "kind": ref.kind, "float_paths": paths}
-                rows += model_rows
-    finally:
-        torch.set_num_threads(previous)
+    memory_s = 0.0 if memory else None  # None: not measured (--no-memory)
+    with temporary_folder() as tmp:
+        try:
+            with tqdm(total=total, desc="demo", disable=not progress) as bar:
+                for name, recipes in grouped.items():
+                    bar.set_postfix_str(f"{name}: loading")
+                    ref = loader(name)
+                    model_rows, paths = run_model(
+                        name, ref, recipes, out, threads=threads, quick=quick, bar=bar,
+                        memory=jobs, memory_dir=Path(tmp),
+                    )  # fmt: skip
+                    models[name] = {"metric": ref.metric, "kind": ref.kind, "float_paths": paths}
+                    rows += model_rows
+                if jobs:  # after every timing: the children must not slow a timed call
+                    bar.set_postfix_str(f"resident memory ({len(jobs)} processes)")
+                    t_memory = time.perf_counter()
+                    measure_rows(jobs, threads)
+                    memory_s = round(time.perf_counter() - t_memory, 1)
+        finally:
+            torch.set_num_threads(previous)
     add_ratios(rows)
     env = environment(
         threads,
@@ -308,6 +371,7 @@ def run_demo(
         omp_wait_policy=omp_wait_policy() or "unset",
         load_avg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         demo_s=round(time.perf_counter() - t_start, 1),
+        memory_s=memory_s,
     )
     results = {"environment": env, "models": models, "rows": rows}
     write_report(results, out)

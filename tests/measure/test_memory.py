@@ -27,6 +27,14 @@ BUILDERS = textwrap.dedent(
         del w
         return lambda: None
 
+    def data(mib):
+        # what the model needs but is not the model (a data set, a skeleton): held by setup
+        return {"data": torch.ones(mib * 1024 * 1024 // 4)}
+
+    def hold_with(context, mib):
+        assert context["data"].numel() > 0  # setup's result comes first
+        return hold(mib)
+
     def broken():
         raise RuntimeError("no such artifact: out/missing")
     """
@@ -54,8 +62,18 @@ def test_held_weights_are_counted_and_freed_ones_are_not(builders):
     assert held.to_dict()["added"] == held.added
 
 
+def test_setup_is_held_before_the_first_reading_and_passed_to_the_builder(builders):
+    # 64 MiB of setup data is not counted; the 16 MiB the builder holds is, as without setup
+    plain = resident_memory(f"{builders}:hold", [16])
+    mem = resident_memory(f"{builders}:hold_with", [16], setup=f"{builders}:data", setup_args=[64])
+    assert abs(mem.added - plain.added) < 4 * MIB, (mem, plain)
+    assert mem.before - plain.before > 60 * MIB, (mem, plain)  # setup's data was resident
+
+
 def test_bad_builder_names_the_problem(builders):
     with pytest.raises(CompactnnError, match="module:function"):
         resident_memory("rss_builders.hold")
+    with pytest.raises(CompactnnError, match="setup="):
+        resident_memory(f"{builders}:hold", [1], setup="rss_builders.data")
     with pytest.raises(CompactnnError, match="no such artifact"):
         resident_memory(f"{builders}:broken")

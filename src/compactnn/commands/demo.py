@@ -1,4 +1,5 @@
-"""``compactnn demo [--out DIR] [--force] [--quick]``: the reference suite and its report."""
+"""``compactnn demo [--out DIR] [--force] [--quick] [--no-memory]``: the reference suite and
+its report."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Compress the reference models (mnist-cnn, minilm) with the demo suite, run each "
             "on its deployed form (integer kernels; 'simulated' where none applies), measure "
-            "quality, size and latency against the fastest float path, and write report.md, "
+            "quality, size, latency against the fastest float path and the resident memory of "
+            "each delivered model (a fresh process per row), and write report.md, "
             "report.html, pareto.png and results.json into --out."
         ),
     )
@@ -26,6 +28,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--threads", type=positive_int, default=DEFAULT_THREADS, help="torch threads (2)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the resident memory column (a fresh process per row, 5-20 s each)",
+    )
     return p
 
 
@@ -39,12 +46,15 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         threads=args.threads,
         progress=not args.no_progress,
+        memory=not args.no_memory,
     )
     print(summary_table(results))
     env = results["environment"]
+    memory = env.get("memory_s")
+    memory = f" ({memory:.0f} s of it resident memory)" if memory is not None else ""
     print(
         f"\n{env['threads']} threads, OMP_WAIT_POLICY={env.get('omp_wait_policy', 'unset')}, "
-        f"load {env.get('load_avg', 'n/a')}; the demo took {env.get('demo_s', 0):.0f} s"
+        f"load {env.get('load_avg', 'n/a')}; the demo took {env.get('demo_s', 0):.0f} s{memory}"
     )
     print(f"\nreport: {args.out}/report.html (also report.md, pareto.png, results.json)")
     return 0

@@ -3,15 +3,16 @@
 A model's size on disk says little about what it costs once it runs: a kernel layer may hold
 a dense copy of its weights, a loader may keep float weights beside the packed codes, and
 the first forward pass allocates workspaces. :func:`resident_memory` starts a fresh
-interpreter, imports what the builder needs, reads the resident set size (RSS), builds the
-model, runs one forward pass, returns freed heap pages to the system (``malloc_trim``, so
+interpreter, imports what the builder needs, runs an optional ``setup`` (whatever is not the
+model: reference data, an input batch, a float skeleton), reads the resident set size (RSS),
+builds the model, runs one forward pass, returns freed heap pages to the system (``malloc_trim``, so
 memory the allocator merely kept from loading is not counted) and reads the RSS again. The
 difference is the memory the running model adds. Libraries imported lazily by the builder
 (``transformers``, ``onnxruntime``) would count too: name them in ``preload``.
 
 The builder is named by ``"module:function"`` (a function importable in the child process)
-and called with JSON arguments; it returns a zero-argument callable that runs one forward
-pass. Linux only (``/proc/self/status``).
+and called with JSON arguments (after ``setup``'s result, when there is one); it returns a
+zero-argument callable that runs one forward pass. Linux only (``/proc/self/status``).
 
 Example:
     >>> mem = resident_memory("mypkg.models:build_w4", ["out/w4"])  # doctest: +SKIP
@@ -51,15 +52,20 @@ def trim():
     except OSError:
         pass
 
-spec, args, threads, preload = json.loads(sys.argv[1])
+def named(spec):
+    mod_name, fn_name = spec.split(":")
+    return getattr(importlib.import_module(mod_name), fn_name)
+
+spec, args, threads, preload, setup = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 for name in preload:  # libraries every contender shares are not the model's memory
     importlib.import_module(name)
-mod_name, fn_name = spec.split(":")
-builder = getattr(importlib.import_module(mod_name), fn_name)
+builder = named(spec)
+# what the builder needs that is not the model (data, a skeleton): held before the reading
+context = [] if setup is None else [named(setup[0])(*setup[1])]
 trim()
 before, _, anon_before = rss()
-forward = builder(*args)
+forward = builder(*context, *args)
 with torch.no_grad():
     forward()
 trim()
@@ -109,6 +115,8 @@ def resident_memory(
     preload: tuple[str, ...] = (),
     threads: int = 1,
     timeout: float = 600.0,
+    setup: str | None = None,
+    setup_args: list[Any] | None = None,
 ) -> ResidentMemory:
     """Resident memory that a model built by ``builder`` adds once it has run one forward.
 
@@ -121,22 +129,29 @@ def resident_memory(
             library's own memory (hundreds of MiB for ``transformers``) counts as the model's.
         threads: ``torch.set_num_threads`` in the child (workspaces grow with threads).
         timeout: seconds before the child is killed.
+        setup: ``"module:function"`` run before the first reading; ``function(*setup_args)``
+            returns what the builder needs that is not the model (an input batch, the float
+            skeleton an artifact is loaded into), passed as the builder's first argument.
+            What it holds counts in ``before``, never as the model's.
+        setup_args: JSON-serialisable arguments for ``setup``.
 
     Returns:
         A :class:`ResidentMemory`; ``added`` is the measurement.
 
     Raises:
-        CompactnnError: not on Linux, a malformed ``builder``, or the child failed (its
-            error output is quoted).
+        CompactnnError: not on Linux, a malformed ``builder`` or ``setup``, or the child
+            failed (its error output is quoted).
     """
     if not Path("/proc/self/status").exists():
         raise CompactnnError("resident_memory needs Linux (/proc/self/status); not available")
-    if builder.count(":") != 1 or not all(builder.split(":")):
-        raise CompactnnError(
-            f"resident_memory builder={builder!r} must be 'module:function', e.g. "
-            "'compactnn.bench.transformers:rss_builder'"
-        )
-    payload = json.dumps([builder, list(args or []), int(threads), list(preload)])
+    for label, spec in (("builder", builder), ("setup", setup)):
+        if spec is not None and (spec.count(":") != 1 or not all(spec.split(":"))):
+            raise CompactnnError(
+                f"resident_memory {label}={spec!r} must be 'module:function', e.g. "
+                "'compactnn.bench.transformers:rss_float'"
+            )
+    prepare = None if setup is None else [setup, list(setup_args or [])]
+    payload = json.dumps([builder, list(args or []), int(threads), list(preload), prepare])
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, payload],

@@ -51,6 +51,23 @@ def _latency_cell(lat: dict[str, Any]) -> str:
     return latency
 
 
+def resident_cell(r: dict[str, Any]) -> str:
+    """``"23.49 MiB (2.61 MiB anon.)"``: the RSS the running delivered model adds and its
+    anonymous part (heap, tensors: where a dense copy of the weights shows); ``"-"`` when
+    not measured. A change below zero (the allocator gave back more than it took) reads 0.
+
+    Example:
+        >>> resident_cell({"resident_bytes": 3 * 2**20, "resident_anon_bytes": 2**20})
+        '3.00 MiB (1.00 MiB anon.)'
+    """
+    resident = r.get("resident_bytes")
+    if resident is None:
+        return "-"
+    cell = _mib(max(resident, 0))
+    anon = r.get("resident_anon_bytes")
+    return cell if anon is None else f"{cell} ({_mib(max(anon, 0))} anon.)"
+
+
 def _speedup_cell(r: dict[str, Any]) -> str:
     """``"3.20x"``; ``"simulated"`` for a row that no runtime delivered (no honest ratio)."""
     if r.get("runtime") == SIMULATED:
@@ -62,11 +79,10 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     """One row per (model, recipe), in the order of ``SUMMARY_HEADER``.
 
     ``runs on`` is the runtime that ran the row (the float row: the fastest float path);
-    ``resident memory`` is filled where a row has ``resident_bytes``.
+    ``resident memory`` is filled where a row has ``resident_bytes`` (:func:`resident_cell`).
     """
     rows = []
     for r in results["rows"]:
-        resident = r.get("resident_bytes")
         rows.append(
             [
                 r["model"],
@@ -79,7 +95,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
                 _num(r.get("size_ratio"), ".2f") + "x",
                 _latency_cell(r["latency"]),
                 _speedup_cell(r),
-                _mib(resident) if resident is not None else "-",
+                resident_cell(r),
                 f"{r['compress_s']:.2f} s",
                 "yes" if r["bit_exact_load"] else "NO",
             ]
@@ -167,6 +183,7 @@ def _method_blocks(results: dict[str, Any]) -> list[Block]:
                 f"order, median of at least {runs} runs on one "
                 f"fixed input batch ({batches} samples; min-max shown when the runs spread more "
                 "than 10%).",
+                _memory_text(results),
                 "Quality is measured by running the delivered model itself.",
                 "Load bit-exact: the artifact loaded into a fresh skeleton gives outputs equal "
                 "(`torch.equal`) to the compressed model's.",
@@ -178,6 +195,31 @@ def _method_blocks(results: dict[str, Any]) -> list[Block]:
     if notes:
         blocks += [("h2", "Notes from compression and delivery"), ("list", notes)]
     return blocks
+
+
+def _memory_text(results: dict[str, Any]) -> str:
+    """How the resident memory column was measured (or that it was not)."""
+    env = results["environment"]
+    if env.get("memory_s") is None:
+        return "Resident memory: not measured (`--no-memory`)."
+    batches = ", ".join(
+        f"{m}: {b}" for m, b in {r["model"]: r["latency_batch"] for r in results["rows"]}.items()
+    )
+    return (
+        "Resident memory: what the row's delivered form adds to a fresh Python process "
+        "(`compactnn.measure.memory.resident_memory`; RSS after building it from the saved "
+        "artifact and one forward pass on the latency batch, heap trimmed, minus RSS before), "
+        "with its anonymous part (heap and tensors, where a dense copy of the weights shows; "
+        "the rest is file-backed, mostly library code the first forward maps). The form is the "
+        "one the latency column times: the float row on the float path that won (`runs on`), "
+        "int8 rows as `compactnn.deploy` with the row's backend (the deployed model keeps its "
+        "simulated source for `save_deployed`, which counts), transformer rows as "
+        "`compactnn.load(artifact, kernels=True)`, a plain float (pruned) row on its float "
+        "path, simulated rows as the simulated model. The input batch, the float skeleton "
+        "and the libraries (torch, onnxruntime, transformers, torch._dynamo) are loaded "
+        "before the first reading, for every row alike, so they do not count. "
+        f"{env['threads']} threads, batches of {batches}; {env['memory_s']:.0f} s for all rows."
+    )
 
 
 def _float_paths_text(results: dict[str, Any]) -> str:

@@ -1,0 +1,215 @@
+"""Resident memory of each report row's delivered model, measured in a fresh process.
+
+A row's memory is that of the form its latency column times: the float row on the float
+path that won (fp32 eager, bf16 autocast, ONNX Runtime fp32, ...), a deployed CNN as
+``compactnn.deploy(load(artifact), backend=<the row's backend>)``, a transformer as
+``load(artifact, kernels=True)`` (what ``to_kernels`` gives), a plain float (e.g.
+channel-pruned) model on its float path, a simulated row as the simulated model. Each is
+built from the saved artifact by a builder of this module in a child process
+(:func:`compactnn.measure.memory.resident_memory`): :func:`setup` loads the input batch and the
+float skeleton first, and :data:`PRELOAD` imports the heavy libraries for every row alike, so
+neither counts as the model's.
+
+Example:
+    >>> job = memory_job("cnn", "w8a8", "oneDNN int8", deployed, "ort-fp32")  # doctest: +SKIP
+    >>> job                                                                    # doctest: +SKIP
+    ('deploy', 'onednn')
+"""
+
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.core.calib import call_model
+from compactnn.errors import first_line
+from compactnn.measure import memory
+from compactnn.measure.float_paths import BF16, COMPILE, EAGER, ORT, ORT_FUSED
+from compactnn.report.delivery import FLOAT_PATH_NAMES, PROBE_PRUNED, SIMULATED
+
+HERE = "compactnn.report.resident"
+# imported in every child before its first reading, for every row alike, so that libraries
+# are not counted as the model's memory: deploy pulls in torch._dynamo (~1,600 modules:
+# sympy, scipy...), the ONNX Runtime backend the ONNX exporter, transformer rows transformers
+PRELOAD = (
+    "onnx",
+    "onnxruntime",
+    "transformers",
+    "transformers.models.bert.modeling_bert",
+    "torch._dynamo",
+    "torch.export",
+    "compactnn",
+    "compactnn.export.artifact",
+    "compactnn.export.onnx",
+    "compactnn.export.ort",
+    "compactnn.deployment",
+    "compactnn.kernels.swap",
+    "compactnn.measure.float_paths",
+)
+
+
+def installed_preload() -> tuple[str, ...]:
+    """:data:`PRELOAD` without the modules whose package is not installed (optional extras)."""
+    import importlib.util
+
+    return tuple(m for m in PRELOAD if importlib.util.find_spec(m.split(".")[0]) is not None)
+
+
+DELIVERIES = ("float", "deploy", "kernels", "float-path", "as-is")
+WORKERS = 2  # children measured at once (memory is per process; the timings are over)
+
+
+def memory_job(
+    kind: str, recipe: str, runtime: str, delivered: Any, float_path: str
+) -> tuple[str, str | None]:
+    """How a row's delivered model is rebuilt for the measurement: ``(delivery, detail)``.
+
+    ``("float", path)``: the float model on float path ``path`` (the float row);
+    ``("deploy", backend)``; ``("kernels", None)``; ``("float-path", path)``: a plain float
+    compressed model on its float path; ``("as-is", None)``: simulated or probe-pruned.
+
+    Example:
+        >>> memory_job("cnn", "w2a4", "simulated", None, "ort-fp32")
+        ('as-is', None)
+        >>> memory_job("cnn", "ch50", "ONNX Runtime fp32", None, "fp32-eager")
+        ('float-path', 'ort-fp32')
+    """
+    if recipe == "float":
+        return "float", float_path
+    if runtime in (SIMULATED, PROBE_PRUNED):
+        return "as-is", None
+    if getattr(delivered, "is_deployed", False):
+        return "deploy", delivered.backend
+    if kind == "transformer" or hasattr(delivered, "_compactnn_kernels"):
+        return "kernels", None
+    path = {name: key for key, name in FLOAT_PATH_NAMES.items()}.get(runtime)
+    if path is None:
+        raise ValueError(f"no builder for a row that runs on {runtime!r}")
+    return "float-path", path
+
+
+def float_form(model: nn.Module, path: str, example: Any, threads: int | None) -> nn.Module:
+    """``model`` on the float path named ``path`` (``"fp32-eager"``, ``"ort-fp32"``, ...),
+    built as :func:`compactnn.measure.float_paths.float_contenders` builds it."""
+    from compactnn.measure.float_paths import Bf16Autocast, compiled, ort_float
+
+    model = model.eval()
+    if path == EAGER:
+        return model
+    if path == BF16:
+        return Bf16Autocast(model)
+    if path in (ORT, ORT_FUSED):
+        return ort_float(model, example, threads, fused=path == ORT_FUSED)
+    if path == COMPILE:
+        return compiled(model, example)
+    raise ValueError(f"unknown float path {path!r}")
+
+
+def setup(batch_path: str, skeleton_path: str | None = None) -> dict[str, Any]:
+    """What a builder needs that is not the model, loaded before the first reading: the
+    input batch (``weights_only``) and the float skeleton, which :func:`save_inputs`
+    pickled into the parent's private temporary folder (so trusted)."""
+    context = {"batch": torch.load(batch_path, weights_only=True)}
+    if skeleton_path is not None:
+        context["skeleton"] = torch.load(skeleton_path, weights_only=False)
+    return context
+
+
+def build(
+    context: dict[str, Any], artifact: str, delivery: str, detail: str | None, threads: int
+) -> Any:
+    """A row's delivered model, rebuilt from its saved ``artifact`` as :func:`memory_job`
+    says, as a zero-argument call of it on the batch returning its output (a
+    ``resident_memory`` builder).
+
+    ``"float"``: ``artifact`` is the float model pickled by the parent (not a skeleton: it
+    is the model measured); the others load the compactnn artifact into the skeleton.
+    """
+    import compactnn
+
+    batch = context["batch"]
+    if delivery == "float":
+        model = torch.load(artifact, weights_only=False)
+        return partial(call_model, float_form(model, detail, batch, threads), batch)
+    if delivery == "kernels":
+        fast = compactnn.load(artifact, context.get("skeleton"), kernels=True)
+        return partial(call_model, fast, batch)
+    qmodel = compactnn.load(artifact, model=context["skeleton"])
+    if delivery == "deploy":
+        fast = compactnn.deploy(qmodel, backend=detail, example=batch, time_float=False)
+    elif delivery == "float-path":
+        fast = float_form(qmodel, detail, batch, threads)
+    elif delivery == "as-is":
+        fast = qmodel
+    else:
+        raise ValueError(f"unknown delivery {delivery!r}; one of {DELIVERIES}")
+    del qmodel  # only what the delivered model keeps counts
+    return partial(call_model, fast, batch)
+
+
+def save_inputs(folder: Path, model: nn.Module, batch: Any) -> tuple[str, str]:
+    """Pickle the float ``model`` (skeleton and float row) and save ``batch`` (tensors)
+    into ``folder``; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path, batch_path = folder / "float.pt", folder / "batch.pt"
+    torch.save(model, model_path)
+    torch.save(batch, batch_path)
+    return str(model_path), str(batch_path)
+
+
+def row_job(
+    row: dict[str, Any], kind: str, delivered: Any, float_path: str, out: Path, inputs: tuple
+) -> dict[str, Any]:
+    """The child's arguments for ``row`` (a demo row: ``recipe``, ``runtime``, ``artifact``
+    relative to ``out``): its artifact (the pickled float model for the float row), delivery
+    (:func:`memory_job`) and the ``inputs`` :func:`save_inputs` saved."""
+    model_path, batch_path = inputs
+    delivery, detail = memory_job(kind, row["recipe"], row["runtime"], delivered, float_path)
+    floating = delivery == "float"
+    return {
+        "artifact": model_path if floating else str(out / row["artifact"]),
+        "delivery": delivery,
+        "detail": detail,
+        "batch": batch_path,
+        "skeleton": None if floating else model_path,
+    }
+
+
+def measure_job(job: dict[str, Any], threads: int) -> tuple[dict[str, int], str | None]:
+    """Measure one row's job (:func:`row_job`) in a fresh process; returns ``(fields,
+    note)``: the fields for the row (``resident_bytes``: RSS added; ``resident_anon_bytes``:
+    its anonymous part), or ``({}, note)`` saying why it was not measured."""
+    try:
+        mem = memory.resident_memory(
+            f"{HERE}:build",
+            [job["artifact"], job["delivery"], job["detail"], threads],
+            preload=installed_preload(),
+            threads=threads,
+            setup=f"{HERE}:setup",
+            setup_args=[job["batch"], job["skeleton"]],
+        )
+    except Exception as exc:  # a failed measurement is a note, never a failed report
+        return {}, f"resident memory not measured: {type(exc).__name__}: {first_line(exc, 300)}"
+    return {"resident_bytes": mem.added, "resident_anon_bytes": mem.anon_added}, None
+
+
+def measure_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]], threads: int) -> None:
+    """Fill ``resident_bytes`` / ``resident_anon_bytes`` of each ``(row, job)``,
+    :data:`WORKERS` children at a time; a failed measurement becomes a note on its row."""
+    with ThreadPoolExecutor(WORKERS) as pool:
+        done = list(pool.map(lambda pair: measure_job(pair[1], threads), pairs))
+    for (row, _), (fields, note) in zip(pairs, done, strict=True):
+        row.update(fields)
+        if note:
+            row["notes"].append(note)
+
+
+def temporary_folder() -> tempfile.TemporaryDirectory:
+    """A private folder for the pickled float models and batches the children read."""
+    return tempfile.TemporaryDirectory(prefix="compactnn-resident-")
