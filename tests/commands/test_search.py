@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,7 +80,8 @@ def test_writes_a_recipe_compress_runs(project, capsys):
         assert q.get_submodule(name).weight_spec.bits == int(fmt[1])
     bits = 4 * 9 * int(summary["assignment"]["0"][1]) + 256 * 3 * int(summary["assignment"]["3"][1])
     assert bits <= 4 * (36 + 768)
-    assert f"average bits per weight: {bits / (36 + 768):.3g} (budget 4)" in printed
+    avg = bits / (36 + 768)
+    assert f"average bits per weight: {avg:.3g} (over 804 weights; budget 4)" in printed
     assert summary["cost"]["avg_bits"] == pytest.approx(bits / (36 + 768))
 
 
@@ -328,3 +331,102 @@ def test_data_free_is_refused_before_loading_with_what_to_pass(project, capsys, 
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "--data data-free" in err and "compactnn compress" in err
         assert "--data FILE" in err and "unknown data" not in err
+
+
+def fake_timing(monkeypatch, ratios):
+    """Deploy-and-time steps replaced: per-layer table w4a8 0.6x w8a8 (6 vs 10 ms), whole-model
+    checks measuring ``ratios`` in turn (the CPU ratio 0.1 lower: the wall ratio counts)."""
+    from compactnn.mixed_precision import api
+
+    table = np.array([[2.4, 4.0], [3.6, 6.0]])
+    calls = []
+
+    def check(model, recipe, calib, example, proxy_ms, reference):
+        r = ratios[len(calls)]
+        calls.append(proxy_ms)
+        return {"reference": reference[0], "reference_ms": 10.0, "measured_ms": 10.0 * r,
+                "proxy_ms": proxy_ms, "proxy_error": proxy_ms / (10.0 * r) - 1,
+                "measured_ratio": r, "reference_cpu_ms": 10.0, "measured_cpu_ms": 10.0 * r,
+                "cpu_ratio": r - 0.1}  # fmt: skip
+
+    per = {"w4a8": 6.0, "w8a8": 10.0}
+    monkeypatch.setattr(api, "measure_table", lambda m, f, *a, **k: (table, per, dict.fromkeys(f)))
+    monkeypatch.setattr(api, "whole_model_check", check)
+    return calls
+
+
+def test_a_missed_latency_budget_is_said_and_recorded(project, capsys, monkeypatch):
+    tmp, _ = project
+    calls = fake_timing(monkeypatch, [0.95, 0.91])  # 8 * 0.8/0.95 * 0.8/0.91 < 6 ms: stop
+    argv = [*own_model(tmp), "-f", "w4a8,w8a8", "--max-latency-ratio", "0.8", "-o", tmp / "s"]
+    code, out, err = cli(capsys, *argv)
+    assert code == 0 and len(calls) == 2
+    assert "ratio 0.91, CPU-time ratio 0.81" in out
+    assert "budget NOT met: the deployed recipe measured 0.91x w8a8" in out
+    assert "warning: latency budget NOT met" in err and "fastest assignment is 6 ms" in err
+    budget = json.loads((tmp / "s" / "search.json").read_text())["budget"]
+    assert budget["met"] is False and budget["measured_ratio"] == 0.91
+    assert budget["not_met"] in out
+    fake_timing(monkeypatch, [0.75])
+    code, out, err = cli(capsys, *argv[:-1], tmp / "t")
+    assert "latency budget met: 0.75x <= --max-latency-ratio 0.8" in out and "NOT" not in err
+    assert json.loads((tmp / "t" / "search.json").read_text())["budget"]["met"] is True
+
+
+BLOCK = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.b(torch.relu(self.a(x)))
+        return self.head(x.flatten(1))
+
+
+def make():
+    torch.manual_seed(0)
+    return Block().eval()
+"""
+
+
+def test_the_summary_names_the_pruned_group_and_what_the_average_is_over(tmp_path, capsys):
+    (tmp_path / "blocknet.py").write_text(BLOCK)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import blocknet
+
+        model = blocknet.make()
+    finally:
+        sys.path.remove(str(tmp_path))
+    save_file(dict(model.state_dict()), tmp_path / "w.safetensors")
+    torch.manual_seed(1)
+    save_file({"x": torch.randn(32, 1, 6, 6)}, tmp_path / "x.safetensors")
+    argv = ["blocknet:make", "--weights", tmp_path / "w.safetensors", "--data",
+            tmp_path / "x.safetensors", "-f", "ch50+w8a8,w8a8", "--avg-bits", "5", "--groups",
+            "--no-progress", "-o", tmp_path / "s"]  # fmt: skip
+    sys.path.insert(0, str(tmp_path))
+    try:
+        code, out, _ = cli(capsys, *argv)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert code == 0, out
+    summary = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert [(g["layers"], g["chosen"]) for g in summary["groups"]] == [(["stem", "b"], "ch50")]
+    assert "channel pruning: residual group stem,b at ch50 (50% of its channels removed)" in out
+    # every kept weight at 8 bits: 8 * kept / all 1,044 (stem and b lose half their rows,
+    # a and head half their inputs), what --avg-bits bounds
+    q = compactnn.compress(model, Recipe.from_yaml((tmp_path / "s" / "recipe.yaml").read_text()),
+                           calib_data=torch.randn(8, 1, 6, 6), progress=False)  # fmt: skip
+    kept = sum(q.get_submodule(n).weight.numel() for n in ("stem", "a", "b", "head"))
+    assert summary["cost"]["avg_bits"] == pytest.approx(8 * kept / 1044)
+    expected = f"{8 * kept / 1044:.3g} (code bits of the kept weights / the 1,044 weights "
+    assert f"average bits per weight: {expected}before pruning; budget 5)" in out

@@ -240,3 +240,66 @@ def test_first_last_min_bits_guards_the_layers_first_last_bits_promotes():
     fmts = parse_formats(["w2", "w8"])
     allowed = _allowed(layers, fmts, 8, ends=end_layers(model, layers, batches))
     assert allowed.tolist() == [[False, True], [False, True], [True, True]]
+
+
+def fake_latency(monkeypatch, ratios, cpu_extra=0.0):
+    """Stand-ins for the deploy-and-time steps: a fixed per-layer table (w4a8 0.6x w8a8) and
+    whole-model checks measuring ``ratios`` in turn (CPU ratio ``+ cpu_extra``)."""
+    from compactnn.mixed_precision import api
+
+    per = {"w4a8": 6.0, "w8a8": 10.0}
+    table = np.array([[1.2, 2.0], [1.8, 3.0], [3.0, 5.0]])  # columns sum to per[f]
+    proxies = []
+
+    def measure_table(model, formats, recipe_of, names, calib, example, macs, reference=None):
+        return table, per, dict.fromkeys(formats)
+
+    def check(model, recipe, calib, example, proxy_ms, reference):
+        r = ratios[len(proxies)]
+        proxies.append(proxy_ms)
+        return {"reference": reference[0], "reference_ms": 10.0, "measured_ms": 10.0 * r,
+                "proxy_ms": proxy_ms, "proxy_error": proxy_ms / (10.0 * r) - 1,
+                "measured_ratio": r, "reference_cpu_ms": 10.0, "measured_cpu_ms": 10.0 * r,
+                "cpu_ratio": r + cpu_extra}  # fmt: skip
+
+    monkeypatch.setattr(api, "measure_table", measure_table)
+    monkeypatch.setattr(api, "whole_model_check", check)
+    return proxies
+
+
+def latency_search(rounds=5):
+    model, calib = tiny_cnn()
+    return search(
+        model,
+        formats="w4a8,w8a8",
+        budget=Budget(max_latency_ratio=0.8),
+        calib_data=calib,
+        latency_example=calib[0],
+        latency_rounds=rounds,
+        progress=False,
+    )
+
+
+def test_a_missed_latency_budget_warns_why_and_records_met_false(monkeypatch):
+    proxies = fake_latency(monkeypatch, [0.95, 0.9])
+    with pytest.warns(UserWarning, match=r"NOT met: .*measured 0\.90x w8a8.*ratio 0\.8,") as caught:
+        r = latency_search()
+    # round 1 fits 8 ms (0.8 x 10); round 2 the limit 8 * 0.8 / 0.95; round 3 would need
+    # 8 * 0.8 / 0.95 * 0.8 / 0.9 = 5.99 ms, below the table's fastest assignment (6 ms)
+    assert len(r.latency["checks"]) == 2 and proxies[0] <= 8 and proxies[1] <= 8 * 0.8 / 0.95
+    tighter = 8 * 0.8 / 0.95 * 0.8 / 0.9
+    assert f"limit {tighter:.3g} ms had no solution" in str(caught[0].message)
+    assert "fastest assignment is 6 ms" in str(caught[0].message)
+    assert r.budget["met"] is False and r.budget["measured_ratio"] == 0.9
+    assert str(caught[0].message).endswith(r.budget["not_met"])
+    assert json.loads(json.dumps(r.to_dict()))["budget"]["met"] is False
+
+
+def test_a_met_latency_budget_and_spent_rounds_are_recorded(monkeypatch):
+    fake_latency(monkeypatch, [0.95, 0.7])
+    r = latency_search()
+    assert r.budget == {"max_latency_ratio": 0.8, "met": True, "measured_ratio": 0.7}
+    fake_latency(monkeypatch, [0.7], cpu_extra=0.2)  # the CPU ratio (0.9) is the larger
+    with pytest.warns(UserWarning, match=r"measured 0\.90x.*latency_rounds=1 whole-model"):
+        r = latency_search(rounds=1)
+    assert r.budget["met"] is False and len(r.latency["checks"]) == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -247,3 +250,22 @@ def test_a_group_size_that_does_not_divide_is_named_alike_by_every_engine():
     fits = max(g for g in (8, 16, 32, 64, 128) if k % g == 0)
     assert messages[0].startswith("group_size=48 does not divide the input dimension of ")
     assert f"q_proj ({k})" in messages[0] and f"group_size={fits} divides every one" in messages[0]
+
+
+def test_the_group_size_a_message_names_fits_every_layer_or_none_is_named():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    x = torch.randn(8, 96)
+    with pytest.raises(CompactnnError, match=r"1 layer: 2 \(64\)\.") as info:
+        compactnn.compress(mlp, "w4-g48", calib_data=x, progress=False)  # 48 divides 96 only
+    fits = int(re.search(r"group_size=(\d+) divides every one", str(info.value))[1])
+    assert 96 % fits == 0 and 64 % fits == 0 and fits == 32  # gcd 32, not the bad layer's 64
+    q = compactnn.compress(mlp, f"w4-g{fits}", calib_data=x, progress=False)  # it does work
+    assert q[0].weight_spec.group_size == fits
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    with pytest.raises(CompactnnError) as info:
+        compactnn.compress(cnn, "w4-g16", calib_data=torch.randn(8, 1, 6, 6), progress=False)
+    message = str(info.value)
+    assert "0 (9)" in message and "divides every one" not in message
+    assert f"greatest common divisor is {math.gcd(9, 64)})" in message
+    assert "No group size of 8 to 128 divides" in message and "per-channel" in message

@@ -235,15 +235,49 @@ def run(args: argparse.Namespace) -> int:
         result.save(out, force=args.force)  # only now: a search that fails leaves --out as it was
         if (cache / SENSITIVITY).is_file():
             atomic_write(out / SENSITIVITY, lambda tmp: shutil.copyfile(cache / SENSITIVITY, tmp))
+    print_summary(result, args)
+    print(f"  wrote {out / 'recipe.yaml'} and {out / 'search.json'}")
+    words = ["compactnn", "compress", args.model, "--recipe", str(out / "recipe.yaml")]
+    print(f"  compress with it: {shlex.join(words + model_words(args, loaded))}")
+    return 0
+
+
+def pruning_lines(result) -> list[str]:
+    """The channel pruning a result chose: each pruned residual group with its ratio."""
+    return [
+        f"  channel pruning: residual group {','.join(g['layers'])} at {g['chosen']} "
+        f"({g['chosen'][2:]}% of its channels removed)"
+        for g in result.groups
+        if g["chosen"] != "keep"
+    ]
+
+
+def bits_line(result, avg_bits: float | None) -> str:
+    """The average bits per weight: the kept weights' code bits over the searched layers'
+    weight count before any pruning (the quantity ``--avg-bits`` bounds; a ``ch<P>+`` format
+    is priced on its own kept rows, the next layer's removed inputs not counted)."""
+    pruned = any(g["chosen"] != "keep" for g in result.groups) or any(
+        f.startswith("ch") for f in result.assignment.values()
+    )
+    n = f"{int(result.cost['weights']):,}"
+    over = f"code bits of the kept weights / the {n} weights before pruning" if pruned else ""
+    over = over or f"over {n} weights"
+    limit = f"; budget {avg_bits:g}" if avg_bits is not None else ""
+    return f"  average bits per weight: {result.cost['avg_bits']:.3g} ({over}{limit})"
+
+
+def print_summary(result, args: argparse.Namespace) -> None:
+    """The search's result in a few lines: formats, pruning, size, bits, trials, latency."""
     counts: dict[str, int] = {}
     for fmt in result.assignment.values():
         counts[fmt] = counts.get(fmt, 0) + 1
     print(f"searched {len(result.layers)} layers in {result.seconds:.1f} s")
     print("  formats: " + ", ".join(f"{f} x{n}" for f, n in counts.items()))
+    for line in pruning_lines(result):
+        print(line)
     print(f"  searched layers: {human_bytes(result.cost['bytes'])}")
     if "avg_bits" in result.cost:
-        limit = f" (budget {args.avg_bits:g})" if args.avg_bits is not None else ""
-        print(f"  average bits per weight: {result.cost['avg_bits']:.3g}{limit}")
+        print(bits_line(result, args.avg_bits))
     for t in result.tried:
         mark = "ok " if t["passed"] else "no "
         print(f"  tried ({t['stage']}): {mark} drop {t['drop']:.3f}, {human_bytes(t['bytes'])}")
@@ -251,10 +285,14 @@ def run(args: argparse.Namespace) -> int:
     if check:
         print(
             f"  deployed latency: {check['measured_ms']:.2f} ms vs {check['reference']} "
-            f"{check['reference_ms']:.2f} ms (ratio {check['measured_ratio']:.2f}); per-layer "
-            f"proxy {check['proxy_ms']:.2f} ms (error {100 * check['proxy_error']:+.0f}%)"
+            f"{check['reference_ms']:.2f} ms (ratio {check['measured_ratio']:.2f}, CPU-time "
+            f"ratio {check['cpu_ratio']:.2f}); per-layer proxy {check['proxy_ms']:.2f} ms "
+            f"(error {100 * check['proxy_error']:+.0f}%)"
         )
-    print(f"  wrote {out / 'recipe.yaml'} and {out / 'search.json'}")
-    words = ["compactnn", "compress", args.model, "--recipe", str(out / "recipe.yaml")]
-    print(f"  compress with it: {shlex.join(words + model_words(args, loaded))}")
-    return 0
+    if result.budget.get("met") is True:
+        print(
+            f"  latency budget met: {result.budget['measured_ratio']:.2f}x <= "
+            f"--max-latency-ratio {args.max_latency_ratio:g}"
+        )
+    elif result.budget.get("met") is False:
+        print(f"  budget NOT met: {result.budget['not_met']}")

@@ -31,7 +31,14 @@ from compactnn.mixed_precision.allocate import (
     allocate_with_groups,
     assignment_total,
     frontier,
-    min_cost,
+)
+from compactnn.mixed_precision.budget import (
+    budget_given,
+    check_reachable,
+    group_floor,
+    latency_verdict,
+    tighter_failure,
+    worst_ratio,
 )
 from compactnn.mixed_precision.cost import biased_layers, cost_tables, count_macs
 from compactnn.mixed_precision.formats import Format, parse_formats
@@ -182,7 +189,8 @@ def search(
             ``ch<P>+`` formats, off otherwise; not with ``eval_fn``.
         latency_rounds: whole-model checks allowed with a latency budget: while the measured
             ratio (the larger of wall and CPU time) exceeds the budget, the table's budget is
-            scaled by ``budget / measured`` and the allocation solved again.
+            scaled by ``budget / measured`` and the allocation solved again. The last check
+            decides ``result.budget["met"]``; a miss warns (measured vs budget, why it stopped).
         name: the recipe's name.
         progress: show progress bars.
 
@@ -269,7 +277,7 @@ def search(
         return c
 
     ref_ms = lat["per_format_ms"][lat["widest"]] if lat else None
-    _check_reachable(budget, table, allowed, found, n_weights, ref_ms)
+    check_reachable(budget, table, allowed, found, n_weights, ref_ms)
     choice = solve_all(limits) if limits else None
     tried: list[dict[str, Any]] = []
     baseline = None
@@ -324,6 +332,7 @@ def search(
     if lat:
         reference = (lat["widest"], lat.pop("models")[lat["widest"]])
         lat["checks"] = []
+        stop = None  # why no further round was tried with the budget missed
         for round_ in range(latency_rounds if has_latency else 1):
             proxy = assignment_total(costs["latency"], choice) + group_total("latency")
             check = whole_model_check(model, recipe, batches, latency_example, proxy, reference)
@@ -338,20 +347,27 @@ def search(
                     "groups": {",".join(g.layers): g.ratio for g in found},
                 }
             )
-            worst = max(check["measured_ratio"], check["cpu_ratio"])
-            if not has_latency or worst <= budget.max_latency_ratio or round_ + 1 == latency_rounds:
+            worst = worst_ratio(check)
+            if not has_latency or worst <= budget.max_latency_ratio:
+                break
+            if round_ + 1 == latency_rounds:
+                stop = f"all latency_rounds={latency_rounds} whole-model checks were spent"
                 break
             tighter = limits["latency"] * budget.max_latency_ratio / worst
             try:
                 choice = solve_all({**limits, "latency": tighter})
-            except CompactnnError:
-                break  # nothing cheaper in the table: report the last check as it is
+            except CompactnnError:  # nothing faster in the table: the last check stands
+                stop = tighter_failure(tighter, group_floor(table, allowed, found, "latency"))
+                break
             limits["latency"] = tighter
             recipe = build_recipe(name, names, fmts, choice, embeddings, pruned_groups())
         lat["check"] = lat["checks"][-1]
+        if has_latency:  # measured, not priced: the one limit that can be missed
+            given.update(latency_verdict(lat["check"], budget.max_latency_ratio, stop))
     cost = {k: assignment_total(v, choice) + group_total(k) for k, v in costs.items()}
-    if "code_bits" in cost and n_weights:
-        cost["avg_bits"] = cost["code_bits"] / n_weights  # what Budget(avg_bits=) bounds
+    if "code_bits" in cost and n_weights:  # what Budget(avg_bits=) bounds: the kept weights'
+        cost["avg_bits"] = cost["code_bits"] / n_weights  # code bits over the unpruned count
+        cost["weights"] = n_weights
     return SearchResult(
         recipe=recipe,
         assignment={n: fmts[j].name for n, j in zip(names, choice, strict=True)},
@@ -369,62 +385,6 @@ def search(
         groups=[g.to_dict() for g in found],
         budget=given,
     )
-
-
-def budget_given(budget: Budget | None, max_drop: float | None, max_evals: int) -> dict:
-    """The limits a search ran under, as given: the set :class:`Budget` fields, and
-    ``max_drop`` with ``max_evals`` in accuracy-aware mode (``SearchResult.budget``).
-
-    Example:
-        >>> budget_given(Budget(avg_bits=3), None, 8)
-        {'avg_bits': 3}
-    """
-    given = {} if budget is None else dataclasses.asdict(budget)
-    out = {k: v for k, v in given.items() if v is not None}
-    if max_drop is not None:
-        out.update(max_drop=max_drop, max_evals=max_evals)
-    return out
-
-
-# budget field -> (cost table, per-unit divisor name, unit words)
-_BUDGET_UNITS = {
-    "max_bytes": ("bytes", None, "bytes of the searched layers"),
-    "avg_bits": ("code_bits", "weights", "bits/weight"),
-    "max_bops": ("bops", None, "bit-operations per sample"),
-    "max_latency_ratio": ("latency", "ref_ms", "x the widest format's latency (per-layer table)"),
-}
-
-
-def _check_reachable(
-    budget: Budget | None,
-    table: dict[str, np.ndarray],
-    allowed: np.ndarray,
-    found: list[Group],
-    n_weights: float,
-    ref_ms: float | None,
-) -> None:
-    """Refuse a budget below the cheapest allowed assignment, in the budget's own unit
-    (``avg_bits=1.5`` is compared in bits per weight, not in summed code bits)."""
-    if budget is None:
-        return
-    divisors = {"weights": n_weights, "ref_ms": ref_ms}
-    for field, (key, per, unit) in _BUDGET_UNITS.items():
-        given = getattr(budget, field)
-        if given is None or key not in table:
-            continue
-        floor = min_cost(table[key], allowed)
-        floor += sum(float(g.costs[key].min()) for g in found if key in g.costs)
-        floor /= divisors[per] if per else 1.0
-        if given >= floor - 1e-9 * max(1.0, abs(floor)):
-            continue
-        digits = 2 if per else 0
-        while f"{given:,.{digits}f}" == f"{floor:,.{digits}f}" and digits < 8:
-            digits += 1  # 1.995 vs 2.000: show the digit that differs
-        raise CompactnnError(
-            f"budget {field}: {given:,.{digits}f} {unit} is below the smallest reachable "
-            f"{floor:,.{digits}f} (every layer at its cheapest allowed format): raise the "
-            "budget or add a cheaper format."
-        )
 
 
 def _fallback(fmts: list[Format], j: int, widest: int) -> int:

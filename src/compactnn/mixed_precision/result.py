@@ -74,7 +74,9 @@ class SearchResult:
         tried: every fully evaluated configuration (accuracy-aware mode).
         budget: what the search was run under: the :class:`Budget` limits given and
             ``max_drop`` / ``max_evals``; with ``max_drop`` also ``baseline``, ``quality``
-            and ``drop`` (the float model's quality, the chosen recipe's, their difference).
+            and ``drop`` (the float model's quality, the chosen recipe's, their difference);
+            with ``max_latency_ratio`` also ``met`` and ``measured_ratio`` (the deployed
+            check, the larger of wall and CPU ratios) and, when missed, ``not_met`` (why).
         baseline: the float model's quality (accuracy-aware mode).
         seconds: wall time of the search.
     """

@@ -248,39 +248,53 @@ def calibrate_activations(model: nn.Module, ctx: CompressContext) -> None:
 
 def check_group_sizes(layers: dict[str, nn.Module], specs: LayerSpecs) -> None:
     """Fail before any work when a group size does not divide a layer's input dimension,
-    naming the layers and a group size that divides them all."""
+    naming the layers and either a group size of 8 to 128 that divides the input dimension
+    of every group-quantized layer or, when none does, that there is none
+    (:func:`group_size_message`)."""
     bad: dict[str, int] = {}
+    dims: list[int] = []
     group = 0
     for name, (wspec, _) in specs.items():
         if wspec.granularity == "group":
             k = layers[name].weight[0].numel()
+            dims.append(k)
             if k % wspec.group_size:
                 bad[name], group = k, wspec.group_size
     if bad:
-        raise CompactnnError(group_size_message(group, bad))
+        raise CompactnnError(group_size_message(group, bad, dims))
 
 
-def group_size_message(group: int, bad: dict[str, int]) -> str:
-    """Why ``group`` fails on the layers ``bad`` (name -> input dimension) and the way out.
+FITTING_GROUPS = (8, 16, 32, 64, 128)  # the group sizes a message suggests
+
+
+def group_size_message(group: int, bad: dict[str, int], dims: list[int] | None = None) -> str:
+    """Why ``group`` fails on the layers ``bad`` (name -> input dimension) and the way out:
+    the largest of 8 to 128 that divides every dimension of ``bad`` and ``dims`` (all the
+    group-quantized layers' input dimensions), or, when none does, that there is none.
 
     Example:
         >>> group_size_message(128, {"fc": 64})[:71]
         'group_size=128 does not divide the input dimension of 1 layer: fc (64).'
         >>> "group_size=64 divides every one (-g64" in group_size_message(128, {"fc": 64})
         True
+        >>> "No group size of 8 to 128 divides" in group_size_message(16, {"conv": 9})
+        True
     """
-    fits = math.gcd(*bad.values())
-    fits = max((g for g in (8, 16, 32, 64, 128) if fits % g == 0), default=None)
+    common = math.gcd(*bad.values(), *(dims or ()))
+    fits = max((g for g in FITTING_GROUPS if common % g == 0), default=None)
     listed = ", ".join(f"{n} ({k})" for n, k in list(bad.items())[:8])
     more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
     plural = "s" if len(bad) > 1 else ""
     way = "leave those layers in float (--ignore NAME, compress(ignore=[...]), or the step's "
     way += "targets.ignore)"
     hint = f"group_size={fits} divides every one (-g{fits} in a short name), or {way}"
+    none = (
+        f"No group size of 8 to 128 divides every group-quantized layer's input dimension "
+        f"(their greatest common divisor is {common}): {way}"
+    )
     return (
         f"group_size={group} does not divide the input dimension of {len(bad)} layer{plural}: "
-        f"{listed}{more}. {hint if fits else way[0].upper() + way[1:]}; per-channel weights "
-        "(no -g) fit any layer."
+        f"{listed}{more}. {hint if fits else none}; per-channel weights (no -g) fit any layer."
     )
 
 
