@@ -203,6 +203,7 @@ def cli_project(tmp_path, monkeypatch):
         save_file(_trained(0.01 * seed).state_dict(), str(tmp_path / f"w{seed}.safetensors"))
     save_file({"x": split.x_test, "y": split.y_test}, str(tmp_path / "test.safetensors"))
     save_file({"x": split.x_test}, str(tmp_path / "nolabels.safetensors"))
+    save_file({"x": split.x_test[:8, :, :4].contiguous()}, str(tmp_path / "cropped.safetensors"))
     save_file({"x": split.x_train[:64]}, str(tmp_path / "calib.safetensors"))
     for seed, recipe in ((0, "w8a8"), (0, "sp50"), (1, "w8a8")):
         args = ["compress", "jnet_report:build", "--weights", f"w{seed}.safetensors"]
@@ -225,8 +226,8 @@ def test_cli_report_and_its_errors(cli_project, capsys):
     assert runtime in ("oneDNN int8", "ONNX Runtime int8")
     cases = [
         (["a0-w8a8", "a1-w8a8", "--data", "test.safetensors"], "different float models"),
-        (["a0-w8a8", "--data", "nolabels.safetensors"], "no labels"),
-        (["a0-w8a8", "--data", "calib.npy"], "must be a .safetensors file"),
+        (["a0-w8a8", "--data", "cropped.safetensors"], "--data does not fit the model"),
+        (["a0-w8a8", "--data", "calib.pt"], "must be a .safetensors file"),
     ]
     for args, needle in cases:
         assert main(["report", *args, *model, "--out", "rep2"]) == 2

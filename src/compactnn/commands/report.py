@@ -1,6 +1,7 @@
-"""``compactnn report ART [ART ...] --model MODEL --data labelled.safetensors --out DIR
-[--force]``: the report (Markdown, HTML, Pareto plot, JSON) of artifacts of one model on
-labelled data."""
+"""``compactnn report ART [ART ...] --model MODEL --data FILE --out DIR [--force]``: the
+report (Markdown, HTML, Pareto plot, JSON) of artifacts of one model on the user's data:
+labelled (top-1), or inputs alone (next-token perplexity for a causal LM, else output
+cosine vs the float model)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from compactnn.measure import DEFAULT_RUNS, DEFAULT_THREADS
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "report",
-        help="report quality, size and latency of artifacts of one model on labelled data",
+        help="report quality, size and latency of artifacts of one model on your data",
         description=(
-            "Load each artifact into the float MODEL, measure top-1 on the labelled --data "
-            "(tensors 'x' and 'y' in a .safetensors file), size on disk and latency (simulated, "
-            "and int8 kernels where compactnn.deploy succeeds), beside the float model; write "
+            "Load each artifact into the float MODEL, measure quality on --data (top-1 on "
+            "labelled data: tensors 'x' and 'y' in a .safetensors file; on inputs alone, such "
+            "as token ids 'input_ids'/'attention_mask' or a .npy array: next-token perplexity "
+            "for a causal language model, lower is better, else mean output cosine vs the "
+            "float model), size on disk and latency (simulated, and int8 or low-bit kernels "
+            "where compactnn.deploy or to_kernels succeeds), beside the float model; write "
             "report.md, report.html, pareto.png and results.json into --out: a new or empty "
             "folder, or one holding an earlier report (replaced only with --force)."
         ),
@@ -35,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--data",
         "-d",
         required=True,
-        help="labelled data: a .safetensors file with inputs 'x' and integer labels 'y'",
+        help="a .safetensors file with inputs 'x' and integer labels 'y' (top-1), or inputs "
+        "alone: a .safetensors (e.g. input_ids, attention_mask) or .npy file",
     )
     p.add_argument("--out", "-o", required=True, help="report directory")
     p.add_argument("--force", action="store_true", help="replace an existing report in --out")
@@ -54,25 +59,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def read_labelled(spec: str) -> dict:
-    """The tensors of a labelled ``.safetensors`` file (inputs and labels)."""
+def read_labelled(spec: str) -> dict | None:
+    """The tensors of a labelled ``.safetensors`` file (inputs and labels), or None for a
+    file of inputs alone (read once the model is loaded: :func:`read_inputs`)."""
     from compactnn.model_io import read_tensors
+    from compactnn.training.data import labelled_keys
 
-    if Path(spec).suffix != ".safetensors":
+    if Path(spec).suffix not in (".safetensors", ".npy"):
         raise CompactnnError(
-            f"--data {spec!r} must be a .safetensors file holding inputs 'x' and labels 'y' "
-            "(a .npy file holds one array, so it has no labels)."
+            f"--data {spec!r} must be a .safetensors file (inputs 'x' and labels 'y', or "
+            "inputs alone such as input_ids/attention_mask) or a .npy file of inputs."
         )
-    return read_tensors(spec)
+    if Path(spec).suffix == ".npy":
+        return None
+    tensors = read_tensors(spec)
+    return tensors if labelled_keys(tensors, "eval") is not None else None
+
+
+def read_inputs(args: argparse.Namespace, loaded) -> object:
+    """``--data`` without labels, read and checked against the float model as ``compactnn
+    eval`` does (a file whose only labelled split is x_train/y_train gives that pair)."""
+    from compactnn.commands.evaluate import inputs_of
+
+    inputs, labels = inputs_of(args, loaded)
+    return inputs if labels is None else (inputs, labels)
 
 
 def run(args: argparse.Namespace) -> int:
     from compactnn.model_io import skeleton_for
     from compactnn.report import build_report, labelled_data
     from compactnn.report.any_model import (
-        HEADER,
         check_artifacts,
         check_report_folder,
+        header,
         table_rows,
     )
 
@@ -80,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise CompactnnError("--runs and --threads must be at least 1.")
     check_report_folder(args.out, args.force, cli=True)
     headers = check_artifacts(args.artifacts)  # before loading anything: cheap refusals first
-    data = labelled_data(read_labelled(args.data))
+    labelled = read_labelled(args.data)
+    data = labelled_data(labelled) if labelled is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = skeleton_for(
@@ -93,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                 "--weights (MODEL) they were made from."
             )
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if data is None:
+        data = read_inputs(args, loaded)
     results = build_report(
         args.artifacts,
         model=loaded.model,
@@ -105,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         force=args.force,
     )
-    lines = [HEADER, *table_rows(results)]
+    lines = [header(results), *table_rows(results)]
     widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]
     for line in lines:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())

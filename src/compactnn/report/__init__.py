@@ -1,5 +1,6 @@
 """Reports: the demo report, and :func:`build_report` for any model's artifacts on the user's
-labelled data. Markdown, self-contained HTML, a Pareto plot and the raw results.
+data (labelled: top-1; inputs alone: perplexity of a causal LM, else output cosine).
+Markdown, self-contained HTML, a Pareto plot and the raw results.
 
 The names below load on first use, so :mod:`compactnn.report.delivery` (used by
 ``compactnn eval``) imports without matplotlib, which only the plot needs.

@@ -1,12 +1,15 @@
-"""A report for any model: the user's artifacts measured on the user's labelled data.
+"""A report for any model: the user's artifacts measured on the user's data.
 
 :func:`build_report` loads each artifact directory into the user's float model, measures
-quality on labelled data (top-1 by default, or a ``metric(outputs, labels) -> float`` batch mean, as
-:func:`compactnn.evaluate` takes), bytes
-on disk, and latency of the simulated model; where :func:`compactnn.deploy` lowers an
-artifact to int8 kernels (w8a8 CNNs) the deployed model gets its own row, measured in the
-same interleaved timing rounds as the fp32 eager float model. It writes ``report.md``,
-``report.html``, ``pareto.png`` (quality vs size and vs latency) and ``results.json``.
+quality (on labelled data top-1 by default, or a ``metric(outputs, labels) -> float`` batch
+mean, as :func:`compactnn.evaluate` takes; on inputs alone next-token perplexity for a causal
+language model, lower is better, else mean output cosine vs the float model:
+:mod:`compactnn.report.scoring`), bytes on disk, and latency of the simulated model; where
+:func:`compactnn.deploy` lowers an artifact to int8 kernels (w8a8 CNNs), or
+:func:`compactnn.to_kernels` runs a transformer on low-bit kernels, that model gets its own
+row, measured in the same interleaved timing rounds as the float model. It writes
+``report.md``, ``report.html``, ``pareto.png`` (quality vs size and vs latency, with the
+Pareto front) and ``results.json``.
 
 Example:
     >>> build_report(["out/w8a8", "out/w4a8"], model=net, data=(x_test, y_test),
@@ -34,10 +37,8 @@ from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
     artifact_bytes,
-    evaluate,
     first_rows,
     float_artifact_bytes,
-    fmt_quality,
     layer_formats,
     theoretical_bytes,
 )
@@ -45,6 +46,7 @@ from compactnn.measure.environment import environment
 from compactnn.measure.float_paths import fastest_float_path
 from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.timing import omp_wait_policy
+from compactnn.model_io import is_hf_model
 from compactnn.report.delivery import (
     deliver,
     deliver_float,
@@ -55,16 +57,29 @@ from compactnn.report.delivery import (
 )
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS, pareto_png
+from compactnn.report.scoring import (
+    QUALITY_HEADERS,
+    Metric,
+    check_runs,
+    delta_cell,
+    front_labels,
+    higher_is_better,
+    metric_name,
+    perplexity,
+    quality_cell,
+    resolve_metric,
+    samples,
+    scorer,
+    split_data,
+)
 from compactnn.report.writer import _mib, module_order, write_files
 from compactnn.training.data import as_eval_data
 
-Metric = str | Callable[[torch.Tensor, torch.Tensor], float]  # as compactnn.evaluate
 FLOAT = "float"
 FP32 = "fp32 eager"
 SIMULATED = "simulated"
 DEPLOYED = "deployed"  # runs_as of a deployed row is the runtime's name ("oneDNN int8")
 LATENCY_BATCH = 16  # samples per timed call, as in the demo report
-EVAL_BATCH = 256
 HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
           "speedup vs fastest float"]  # fmt: skip
 
@@ -83,22 +98,6 @@ def labelled_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ((4, 3), [0, 1, 2, 3])
     """
     return as_eval_data(data, what="data")
-
-
-def _metric_name(metric: Metric) -> str:
-    """The metric's name for the report; refuses an unknown one before any slow work."""
-    if metric == "top1":
-        return "top1"
-    if callable(metric):
-        return getattr(metric, "__name__", "metric")
-    raise CompactnnError(
-        f"metric={metric!r} is unknown: use 'top1' or a function metric(outputs, labels) -> "
-        "float (the batch mean, as compactnn.evaluate takes)."
-    )
-
-
-def _quality(model: nn.Module, x: torch.Tensor, y: torch.Tensor, metric: Metric) -> float:
-    return evaluate(model, (x, y), metric=metric, batch_size=EVAL_BATCH)
 
 
 REPORT_FILES = ("report.md", "report.html", "pareto.png", "results.json")
@@ -187,10 +186,16 @@ def check_artifacts(artifacts: Sequence[str | os.PathLike]) -> list[dict[str, An
     return headers
 
 
-def _try_deploy(qmodel: nn.Module, example: torch.Tensor, notes: list[str]) -> Any:
-    """``(deployed model, runtime name)`` of ``qmodel`` (``deploy(backend="auto")``), or
-    None (the reason goes to ``notes``)."""
-    deployed, runtime, more = deliver("cnn", qmodel, example)
+def _kind(model: nn.Module, example: Any) -> str:
+    """A Hugging Face model, or one taking keyword inputs, is a transformer (delivered by
+    ``to_kernels``); anything else a CNN (``deploy``), as ``compactnn eval`` decides."""
+    return "transformer" if is_hf_model(model) or isinstance(example, dict) else "cnn"
+
+
+def _try_deploy(qmodel: nn.Module, example: Any, notes: list[str]) -> Any:
+    """``(delivered model, runtime name)`` of ``qmodel`` (``deploy(backend="auto")`` for a
+    CNN, ``to_kernels`` for a transformer), or None (the reason goes to ``notes``)."""
+    deployed, runtime, more = deliver(_kind(qmodel, example), qmodel, example)
     notes += more
     return None if runtime == SIMULATED else (deployed, runtime)
 
@@ -202,23 +207,24 @@ def _row(label: str, runs_as: str, metric: str, quality: float, size: int) -> di
 
 def _measure(
     model: nn.Module,
+    float_model: nn.Module,
     artifacts: list[Path],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    metric: Metric,
+    example: Any,
+    score: Callable[[nn.Module], float],
+    name: str,
+    y: torch.Tensor | None,
     bar,
     quick: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (float, then per artifact simulated and, when deployable, deployed) and the
-    callables to time, keyed like the rows' labels; a plain float artifact races the float
+    """Rows (float, then per artifact simulated and, when deliverable, delivered) and the
+    callables to time, keyed like the rows' labels; ``score(model)`` is each row's quality
+    (metric ``name``; ``y``: the labels, if any); a plain float artifact races the float
     paths the float row does (``quick``: without ``torch.compile``)."""
-    name = _metric_name(metric)
-    example = first_rows(x, LATENCY_BATCH)
-    float_model = copy.deepcopy(model).eval()
-    rows = [_row(FLOAT, FP32, name, _quality(float_model, x, y, metric), 0)]
+    rows = [_row(FLOAT, FP32, name, score(float_model), 0)]
     rows[0] |= {"size_bytes": float_artifact_bytes(float_model), "recipe": FLOAT}
     rows[0] |= {"theoretical_bytes": theoretical_bytes(float_model), "layers": {}}
-    if name == "top1" and (doubt := no_better_than_guessing(rows[0]["quality"], y, "the data")):
+    guess = y is not None and name == "top1"
+    if guess and (doubt := no_better_than_guessing(rows[0]["quality"], y, "the data")):
         warnings.warn(doubt, stacklevel=3)
         rows[0]["notes"].append(doubt)
     runners: dict[str, Any] = {FLOAT: float_model}
@@ -228,7 +234,7 @@ def _measure(
         info = compactnn.info_of(qmodel)
         recipe = info["recipe"].name if info.get("recipe") is not None else path.name
         label = recipe if recipe not in runners else f"{recipe} ({path.name})"
-        row = _row(label, SIMULATED, name, _quality(qmodel, x, y, metric), artifact_bytes(path))
+        row = _row(label, SIMULATED, name, score(qmodel), artifact_bytes(path))
         row |= {"recipe": recipe, "artifact": str(path), "layers": layer_formats(qmodel)}
         row |= {"theoretical_bytes": theoretical_bytes(qmodel)}
         row["float_layers"] = dict(info.get("float_layers", {}))
@@ -242,17 +248,19 @@ def _measure(
                     qmodel, example, quick=quick, threads=None
                 )
             row["notes"] += notes
-            row["quality"] = _quality(fast, x, y, metric)
+            row["quality"] = score(fast)
             runners[label] = fast
             bar.update(1)
             continue
         delivered = _try_deploy(qmodel, example, row["notes"])
         if delivered is not None:
             deployed, runtime = delivered
-            dlabel = f"{label} int8"
-            drow = _row(dlabel, runtime, name, _quality(deployed, x, y, metric), row["size_bytes"])
+            cnn = _kind(qmodel, example) == "cnn"
+            dlabel = f"{label} int8" if cnn else f"{label} kernels"
+            drow = _row(dlabel, runtime, name, score(deployed), row["size_bytes"])
             drow |= {"recipe": recipe, "artifact": str(path), "shares_size": True}
-            drow["notes"].append(f"verified against the simulation: {deployed.verification}")
+            if cnn:
+                drow["notes"].append(f"verified against the simulation: {deployed.verification}")
             rows.append(drow)
             runners[dlabel] = deployed
         bar.update(1)
@@ -281,22 +289,28 @@ def _time(
     return paths.to_dict()
 
 
+def header(results: dict[str, Any]) -> list[str]:
+    """``HEADER``, its quality column named after an unlabelled metric (perplexity: lower is
+    better; output cosine)."""
+    return [QUALITY_HEADERS.get(results.get("metric"), c) if c == "quality" else c for c in HEADER]
+
+
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
-    """One row per measured model, in the order of ``HEADER``.
+    """One row per measured model, in the order of ``HEADER`` (:func:`header`).
 
     Example:
         >>> table_rows(results)[0][:2]  # doctest: +SKIP
         ['float', 'fp32 eager']
     """
-    out = []
+    out, base = [], results["rows"][0]["quality"] if results["rows"] else None
     for r in results["rows"]:
         lat = r["latency"]
         latency = f"{lat['median_s'] * 1e3:.2f} ms"
         if lat["median_s"] and (lat["max_s"] - lat["min_s"]) / lat["median_s"] > 0.10:
             latency += f" ({lat['min_s'] * 1e3:.2f}-{lat['max_s'] * 1e3:.2f})"
         out.append([
-            r["label"], r["runs_as"], fmt_quality(r["metric"], r["quality"]),
-            fmt_quality(r["metric"], r["quality_delta"], delta=True), _mib(r["size_bytes"]),
+            r["label"], r["runs_as"], quality_cell(r["metric"], r["quality"]),
+            delta_cell(r["metric"], r["quality"], base), _mib(r["size_bytes"]),
             f"{r['size_ratio']:.2f}x", latency,
             SIMULATED if r["speedup"] is None else f"{r['speedup']:.2f}x",
         ])  # fmt: skip
@@ -304,8 +318,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
 
 
 def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
-    env, metric = results["environment"], results["metric"]
-    n = results["samples"]
+    env = results["environment"]
     notes = [f"{r['label']}: {note}" for r in results["rows"] for note in r["notes"]]
     kept = [
         f"{r['label']}: `{layer}` ({r['float_layers'][layer]})"
@@ -313,7 +326,7 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         for layer in sorted(r.get("float_layers", {}), key=module_order)
     ]
     how = [
-        f"Quality: {METRIC_LABELS.get(metric, metric)} on the {n} labelled samples given.",
+        _quality_text(results),
         "Size: bytes on disk of each artifact directory; the float row is the float model "
         "saved in the same format.",
         f"Latency: median of at least {env['runs']} runs after warm-up, "
@@ -326,7 +339,8 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         f"`{SIMULATED}` is the compressed model as compactnn simulates it (float kernels on "
         "dequantized weights: smaller on disk, not faster, so no speedup is claimed); an "
         "int8 runtime name (`oneDNN int8`, `ONNX Runtime int8`) is the artifact lowered to "
-        "integer kernels by compactnn.deploy and verified against the simulation; a float "
+        "integer kernels by compactnn.deploy and verified against the simulation; `kernels "
+        "bfloat16` is a transformer on compactnn.to_kernels' low-bit kernels; a float "
         "runtime name on a compressed row is a pruned model with nothing simulated in it, "
         "run as itself on the fastest of its own float paths (its notes list them).",
     ]
@@ -335,7 +349,7 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         ("p", f"compactnn {env['compactnn']}, torch {env['torch']}, Python {env['python']}, "
               f"{env['machine']}, {env['threads']} torch threads, {env['date']}."),
         ("h2", "Results"),
-        ("table", (HEADER, table_rows(results))),
+        ("table", (header(results), table_rows(results))),
         ("img", ("quality vs size and latency", png, "pareto.png")),
         ("h2", "How this was measured"),
         ("list", how),
@@ -346,6 +360,25 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
     if notes:
         blocks += [("h2", "Notes"), ("list", notes)]
     return blocks
+
+
+def _quality_text(results: dict[str, Any]) -> str:
+    """How quality was scored, and which way is better."""
+    metric, n = results["metric"], results["samples"]
+    if metric == "perplexity":
+        return (
+            f"Quality: next-token perplexity (exp of the mean cross-entropy of each next token; "
+            f"lower is better) over the {results['scored_tokens']} predicted tokens of the {n} "
+            "sequences given (padding, and tokens predicted from padding, left out); vs float: "
+            "the difference from the float model's (positive is worse) and the ratio to it."
+        )
+    if metric == "cosine" and not results.get("labelled", True):
+        return (
+            f"Quality: mean cosine similarity of each sample's outputs (flattened) with the "
+            f"float model's, on the {n} unlabelled samples given (1 is identical; higher is "
+            "better)."
+        )
+    return f"Quality: {METRIC_LABELS.get(metric, metric)} on the {n} labelled samples given."
 
 
 def _paths_text(paths: dict[str, Any] | None) -> str:
@@ -365,7 +398,7 @@ def build_report(
     *,
     model: nn.Module,
     data: Any,
-    metric: Metric = "top1",
+    metric: Metric | None = None,
     out: str | os.PathLike,
     threads: int = DEFAULT_THREADS,
     title: str | None = None,
@@ -374,15 +407,19 @@ def build_report(
     quick: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Measure artifacts of one float model on labelled data and write the report.
+    """Measure artifacts of one float model on the user's data and write the report.
 
     Args:
         artifacts: artifact directories made from ``model`` (``compactnn.save``).
         model: the float model (also the skeleton each artifact is loaded into; not changed).
         data: labelled evaluation data: ``(inputs, labels)``, a dict with ``x``/``y``, or a
-            split with ``x_test``/``y_test``.
-        metric: ``"top1"`` (percent) or a function ``metric(outputs, labels) -> float``
-            giving a batch mean, as :func:`compactnn.evaluate` takes.
+            split with ``x_test``/``y_test``; or inputs alone: a tensor, or a dict of keyword
+            tensors such as a tokenizer's ``input_ids`` / ``attention_mask``.
+        metric: on labelled data ``"top1"`` (percent, the default) or a function
+            ``metric(outputs, labels) -> float`` giving a batch mean, as
+            :func:`compactnn.evaluate` takes; on inputs alone ``"perplexity"`` (next-token,
+            lower is better; the default for a Hugging Face causal LM) or ``"cosine"`` (mean
+            output cosine vs the float model; the default for any other model).
         out: directory for ``report.md``, ``report.html``, ``pareto.png``, ``results.json``.
         threads: torch threads for every measurement (stated in the report).
         title: the report's heading (default: "compactnn report: <model class>").
@@ -395,12 +432,14 @@ def build_report(
 
     Returns:
         The results written to ``results.json``: ``rows`` (float, then per artifact the
-        simulated model and, when deployable, the int8 model), ``environment`` and more.
+        simulated model and, when deliverable, the int8 or kernels model), ``metric``,
+        ``higher_is_better``, ``pareto_front`` (row labels per panel), ``environment``...
 
     Raises:
-        CompactnnError: no labels, an unknown metric, an unwritable ``out``, an ``out``
-            holding a report (without ``force``) or other files, a path that is not an
-            artifact, or artifacts of different float models.
+        CompactnnError: data the model cannot run on, a metric the data or model cannot
+            give, an unwritable ``out``, an ``out`` holding a report (without ``force``) or
+            other files, a path that is not an artifact, or artifacts of different float
+            models.
 
     Example:
         >>> results = build_report(["out/w8a8"], model=net, data=(x, y), out="out/r")
@@ -409,30 +448,44 @@ def build_report(
         'fp32 eager'
     """
     out = check_report_folder(out, force)
-    x, y = labelled_data(data)
-    _metric_name(metric)
+    x, y = split_data(data)
+    metric = resolve_metric(metric, model, labelled=y is not None)
     check_artifacts(artifacts)
+    float_model = copy.deepcopy(model).eval()
+    batches = check_runs(float_model, x) if y is None else []
+    score = scorer(metric, float_model, x, y, batches)
+    tokens = perplexity(float_model, batches)[1] if metric == "perplexity" else None
+    example = first_rows(x, LATENCY_BATCH)
     name = type(model).__name__
     title = title or f"compactnn report: {name}"
     previous = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
         with tqdm(total=len(artifacts) + 1, desc="report", disable=not progress) as bar:
-            rows, runners = _measure(model, [Path(a) for a in artifacts], x, y, metric, bar, quick)
+            rows, runners = _measure(
+                model, float_model, [Path(a) for a in artifacts], example, score,
+                metric_name(metric), y, bar, quick,
+            )  # fmt: skip
             bar.set_postfix_str("timing")
-            paths = _time(rows, runners, first_rows(x, LATENCY_BATCH), runs, quick)
+            paths = _time(rows, runners, example, runs, quick)
             bar.update(1)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous)
+    better = higher_is_better(rows[0]["metric"])
     for row in rows:
-        row["model"] = name
+        row["model"], row["higher_is_better"] = name, better
+    n = samples(x)
     results = {
         "environment": environment(used, runs=runs, omp_wait_policy=omp_wait_policy() or "unset"),
         "float_paths": paths,
         "metric": rows[0]["metric"],
-        "samples": int(x.shape[0]),
-        "latency_batch": min(LATENCY_BATCH, int(x.shape[0])),
+        "higher_is_better": better,
+        "labelled": y is not None,
+        "samples": n,
+        "scored_tokens": tokens,
+        "latency_batch": min(LATENCY_BATCH, n),
+        "pareto_front": {p: front_labels(rows, p) for p in ("size", "latency")},
         "rows": rows,
     }
     png = pareto_png(results, panels=("size", "latency"))

@@ -7,6 +7,7 @@ import io
 from typing import Any
 
 from compactnn._optional import require
+from compactnn.report.scoring import panel_rows, pareto_front, row_higher_is_better
 
 require("matplotlib", "demo").use("Agg")  # files only; no display on servers or in CI
 plt = require("matplotlib.pyplot", "demo")
@@ -17,7 +18,11 @@ FuncFormatter, LogLocator, NullFormatter = (
     _ticker.NullFormatter,
 )
 
-METRIC_LABELS = {"top1": "top-1 accuracy (%)", "cosine": "mean cosine vs float"}
+METRIC_LABELS = {
+    "top1": "top-1 accuracy (%)",
+    "cosine": "mean cosine vs float",
+    "perplexity": "next-token perplexity (lower is better)",
+}
 PANELS = ("size", "latency")
 
 
@@ -32,12 +37,18 @@ def _x_values(rows: list[dict[str, Any]], panel: str) -> tuple[list[float], str]
 
 
 def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> None:
-    """One scatter of quality against ``panel`` ("size" or "latency"); on the size panel a
+    """One scatter of quality against ``panel`` ("size" or "latency"), its Pareto front
+    (in the direction of the rows' metric) ringed and joined by a dashed line; on the size panel a
     row marked ``shares_size`` (the same artifact run another way) is not drawn twice."""
-    rows = [r for r in rows if panel != "size" or not r.get("shares_size")]
+    rows = panel_rows(rows, panel)
     xs, xlabel = _x_values(rows, panel)
     quality = [r["quality"] for r in rows]
     ax.plot(xs, quality, linestyle="none", marker="o", color="tab:blue")
+    on = pareto_front(list(zip(xs, quality, strict=True)), row_higher_is_better(rows[0]))
+    front = sorted((x, y) for x, y, keep in zip(xs, quality, on, strict=True) if keep)
+    fx, fy = [p[0] for p in front], [p[1] for p in front]
+    ax.plot(fx, fy, linestyle="--", drawstyle="steps-post", color="tab:green", alpha=0.7,
+            marker="o", markersize=12, markerfacecolor="none")  # fmt: skip
     for r, x, y in zip(rows, xs, quality, strict=True):
         if r["recipe"] == "float":
             ax.plot([x], [y], marker="*", markersize=14, color="tab:orange", linestyle="none")
@@ -84,7 +95,10 @@ def pareto_png(results: dict[str, Any], panels: tuple[str, ...] = ("size",)) -> 
             if rows:
                 _panel(ax, rows, panel, model)
     what = " and ".join(panels)
-    fig.suptitle(f"quality vs {what} (up and left is better)")
+    ups = {row_higher_is_better(r) for r in results["rows"]}
+    better = {frozenset({True}): "up and left", frozenset({False}): "down and left"}
+    where = better.get(frozenset(ups or {True}), "left, and up or down as each axis says")
+    fig.suptitle(f"quality vs {what} ({where} is better; ringed, dashed: Pareto front)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
