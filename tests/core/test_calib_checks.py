@@ -235,3 +235,45 @@ def test_keyword_inputs_are_split_into_batches_of_rows_like_a_tensor():
     assert len(as_batches(odd)) == 1 and as_batches(odd)[0]["input_ids"] is ids
     assert len(as_batches({"a": ids, "b": ids[:40]})) == 1
     assert len(as_batches({"input_ids": ids[:32]})) == 1  # one batch's worth
+
+
+class _PixelModel(nn.Module):
+    """Takes pixel_values only, like a Hugging Face image model (other keywords swallowed)."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, pixel_values=None, **kwargs):
+        return self.fc(pixel_values.to(self.fc.weight.dtype))
+
+
+def test_a_dict_without_the_models_main_input_is_named_in_one_line():
+    from compactnn.core.calib import check_batch
+
+    batch = {"input_ids": torch.zeros(2, 4).long(), "attention_mask": torch.ones(2, 4).long()}
+    with pytest.raises(CompactnnError) as err:
+        check_batch(_PixelModel(), batch, "auto")
+    assert str(err.value) == (
+        "the calibration data does not fit the model: it holds attention_mask, input_ids but "
+        "_PixelModel's main input is 'pixel_values': save the inputs under pixel_values (or "
+        "as the file's only tensor), made for this model."
+    )
+    check_batch(_PixelModel(), {"pixel_values": torch.rand(2, 4)}, "auto")  # runs
+
+
+def test_padded_token_ids_without_a_mask_are_named():
+    from compactnn.core.calib import unmasked_padding
+
+    model = nn.Module()
+    model.config = type("Config", (), {"pad_token_id": 1})()
+    ids = torch.tensor([[5, 6, 1, 1], [5, 6, 7, 8], [2, 1, 1, 1]])
+    assert unmasked_padding(model, ids).startswith(
+        "2 of 3 sequences of token ids hold the padding id 1"
+    )
+    assert unmasked_padding(model, {"input_ids": ids}) == unmasked_padding(model, ids)
+    assert unmasked_padding(model, {"input_ids": ids, "attention_mask": ids > 1}) is None
+    assert unmasked_padding(model, ids.float()) is None  # not token ids
+    assert unmasked_padding(nn.Linear(2, 2), ids) is None  # no padding id

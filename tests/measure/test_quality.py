@@ -1,5 +1,7 @@
 """compactnn.measure.evaluate: top-1 and user metrics on labelled data, every data form."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +119,68 @@ def test_guess_rate_and_the_float_sanity_warning():
     doubt = no_better_than_guessing(75.0, labels, "--data d.safetensors")
     assert "75.00% top-1 on --data d.safetensors" in doubt and "(75.00%)" in doubt
     assert "preprocessed" in doubt
+
+
+def _tiny_bert_classifier():
+    """A seeded random BertForSequenceClassification (3 classes, padding id 0) and right-padded
+    token ids with their attention mask and labels."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, num_labels=3, pad_token_id=0,
+    )  # fmt: skip
+    model = tf.BertForSequenceClassification(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (24, 12), generator=gen)
+    lengths = torch.randint(3, 13, (24,), generator=gen)
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    ids = ids * mask  # padding id 0 after each sequence's length
+    y = torch.randint(0, 3, (24,), generator=gen)
+    return model, ids, mask, lengths, y
+
+
+def _top1_unpadded(model, ids, lengths, y) -> float:
+    """Independent reference: each sequence run alone, cut to its length (no padding, no mask)."""
+    with torch.no_grad():
+        pred = [
+            int(model(input_ids=ids[i : i + 1, :n]).logits.argmax(-1))
+            for i, n in enumerate(lengths)
+        ]
+    return 100.0 * float((torch.tensor(pred) == y).float().mean())
+
+
+def test_keyword_inputs_with_labels_are_scored_with_their_attention_mask():
+    model, ids, mask, lengths, y = _tiny_bert_classifier()
+    expected = _top1_unpadded(model, ids, lengths, y)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    assert evaluate(model, (inputs, y), batch_size=5) == pytest.approx(expected)
+    assert evaluate(model, {**inputs, "y": y}, batch_size=7) == pytest.approx(expected)
+    assert evaluate(model, {**inputs, "labels": y}) == pytest.approx(expected)
+    split = {"input_ids_test": ids, "attention_mask_test": mask, "y_test": y}
+    assert evaluate(model, split) == pytest.approx(expected)
+    batches = [({"input_ids": ids[:10], "attention_mask": mask[:10]}, y[:10])]
+    batches.append({"input_ids": ids[10:], "attention_mask": mask[10:], "labels": y[10:]})
+    assert evaluate(model, batches) == pytest.approx(expected)
+
+
+def test_padded_token_ids_without_a_mask_warn_that_padding_is_attended_to():
+    model, ids, mask, _, y = _tiny_bert_classifier()
+    padded = int((mask == 0).any(1).sum())
+    with pytest.warns(
+        UserWarning, match=f"{padded} of 24 sequences .* padding id 0 .*attention_mask"
+    ):
+        evaluate(model, (ids, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the mask given: no warning
+        evaluate(model, ({"input_ids": ids, "attention_mask": mask}, y))
+
+
+def test_a_keyword_dict_without_labels_says_evaluation():
+    model, ids, mask, _, _ = _tiny_bert_classifier()
+    with pytest.raises(CompactnnError) as err:
+        evaluate(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert "training" not in str(err.value)
+    assert "evaluation batch 0 is a dict with keys ['attention_mask', 'input_ids']" in str(
+        err.value
+    )

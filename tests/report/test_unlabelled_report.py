@@ -129,6 +129,7 @@ def test_cli_report_refuses_token_ids_the_model_cannot_take(lm_project, capsys, 
     root, *_ = lm_project
     monkeypatch.chdir(root)
     argv = ["report", "w4-g32", "--model", "lm", "--data", "oov.safetensors", "--out", "r2"]
+    argv.append("--no-progress")  # else transformers' loading bar, unless an earlier test hid it
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "largest id found is 500" in err[0], err

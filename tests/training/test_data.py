@@ -79,3 +79,22 @@ def test_floating_inputs_are_cast_to_the_dtype_given_and_integer_ones_kept():
     assert bx.dtype == torch.float32 and bx.tolist() == [[0.5, 1.5]] and by.tolist() == [1]
     assert loader.calibration()[0].dtype == torch.float32
     assert as_eval_data((half, y), dtype=dtype)[0].dtype == torch.float32
+
+
+def test_labels_beside_keyword_inputs_are_split_per_role():
+    from compactnn.training.data import as_eval_data, keyword_split
+
+    ids, mask, y = torch.arange(6).view(3, 2), torch.ones(3, 2).long(), torch.tensor([0, 1, 0])
+    inputs, labels = keyword_split({"input_ids": ids, "attention_mask": mask, "labels": y})
+    assert set(inputs) == {"input_ids", "attention_mask"} and labels is y
+    both = {"input_ids_train": ids, "y_train": y, "input_ids_test": ids[:2], "y_test": y[:2]}
+    train, y_train = keyword_split(both, "train")
+    test, y_test = keyword_split(both, "eval")
+    assert train["input_ids"] is ids and y_train is y
+    assert torch.equal(test["input_ids"], ids[:2]) and torch.equal(y_test, y[:2])
+    assert keyword_split({"x": ids, "y": y}) is None  # an x/y pair: labelled_keys reads it
+    assert keyword_split({"input_ids": ids, "attention_mask": mask}) is None  # no labels
+    x, got = as_eval_data({"input_ids": ids, "y": y, "pixel_values": torch.rand(3, 2)})
+    assert set(x) == {"input_ids", "pixel_values"} and got is y
+    with pytest.raises(CompactnnError, match="2 inputs but 3 labels"):
+        as_eval_data(({"input_ids": ids[:2]}, y))

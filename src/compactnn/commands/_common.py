@@ -21,7 +21,7 @@ from compactnn.model_io import (
     resolve_data,
     resolve_model,
 )
-from compactnn.training.data import labelled_keys, split_note
+from compactnn.training.data import keyword_split, labelled_keys, split_note
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -189,8 +189,11 @@ def model_words(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
 def split_labels(
     data: Any, role: str = "eval", what: str = "--data", note: bool = True
 ) -> tuple[Any, torch.Tensor | None]:
-    """``(inputs, labels)`` of ``--data``: a mapping with x/y tensors has labels; anything else
-    (a tensor, keyword inputs, a reference data set's batches) is inputs only.
+    """``(inputs, labels)`` of ``--data``: a mapping with x/y tensors has labels, and so has
+    one with ``y`` (or ``labels``) beside named inputs (``input_ids``, ``attention_mask``...:
+    the inputs are then the dict of those, :func:`~compactnn.training.data.keyword_split`);
+    anything else (a tensor, keyword inputs alone, a reference data set's batches) is inputs
+    only.
 
     ``role="eval"`` (the default: scoring) reads the held-out split ``x_test``/``y_test`` of a
     file that also holds ``x_train``/``y_train``; ``role="train"`` (calibration) reads the
@@ -217,7 +220,14 @@ def split_labels(
             use = "calibrating on" if role == "train" else "scoring"
             print(f"note: {what} holds only {other[0]}/{other[1]}: {use} it", file=sys.stderr)
             return data[other[0]], data[other[1]]
+        found = keyword_split(data, role) or keyword_split(data, _other_role(role))
+        if found is not None:  # labels (y) beside named inputs: input_ids, attention_mask...
+            return found
     return data, None
+
+
+def _other_role(role: str) -> str:
+    return "eval" if role == "train" else "train"
 
 
 def calib_inputs(spec: str | None, loaded: LoadedModel | None = None) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -242,6 +243,10 @@ def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
             call_model(model, batch, mode)
     except Exception as exc:
         check_token_ids(model, batch, "calib_data", resave=False)  # the exact cause, if it is
+        if (mismatch := missing_main_input(model, batch)) is not None:
+            raise CompactnnError(
+                f"the calibration data does not fit the model: {mismatch}"
+            ) from exc
         raise CompactnnError(
             f"the model could not run on the calibration data ({describe(batch)}): {exc}. "
             f"{batch_hint(model, batch)}"
@@ -367,6 +372,7 @@ def check_token_ids(model: nn.Module, data: Any, what: str, *, resave: bool = Tr
     sequences longer than its position table, float ids or a mask of another shape
     (:func:`check_token_dicts`). Anything else (float inputs, other models)
     passes unchecked. ``resave``: the fix ends with saving the file again (data from a file).
+    Padded token ids without an attention mask are warned about (:func:`unmasked_padding`).
 
     Raises:
         CompactnnError: naming the ids found against the vocabulary size, or the sequence
@@ -375,6 +381,7 @@ def check_token_ids(model: nn.Module, data: Any, what: str, *, resave: bool = Tr
     vocab = vocab_size(model)
     if vocab is not None:
         check_token_dicts(data, what)
+        warn_unmasked_padding(model, data)
     tensors = [t for t in token_id_tensors(data) if t.numel()] if vocab is not None else []
     if not tensors:
         return
@@ -395,6 +402,62 @@ def check_token_ids(model: nn.Module, data: Any, what: str, *, resave: bool = Tr
             f"({position_key(model)} in its config.json): cut each sequence to {limit} tokens "
             f"or fewer (e.g. ids[:, :{limit}], or windows of {limit}){then}."
         )
+
+
+def missing_main_input(model: nn.Module, batch: Batch) -> str | None:
+    """Why a dict ``batch`` cannot feed a Hugging Face model: it lacks the model's main input
+    (``main_input_name``: ``pixel_values`` for a ViT, ``input_ids`` for BERT). None otherwise.
+
+    Example:
+        >>> vit = type("ViT", (nn.Module,), {"main_input_name": "pixel_values"})()
+        >>> missing_main_input(vit, {"input_ids": torch.zeros(1, 3)})[:43]
+        "it holds input_ids but ViT's main input is "
+    """
+    name = getattr(model, "main_input_name", None)
+    if not isinstance(batch, dict) or not isinstance(name, str) or name in batch:
+        return None
+    held = ", ".join(sorted(map(str, batch))) or "no tensors"
+    return (
+        f"it holds {held} but {type(model).__name__}'s main input is {name!r}: save the "
+        f"inputs under {name} (or as the file's only tensor), made for this model."
+    )
+
+
+def unmasked_padding(model: nn.Module, data: Any) -> str | None:
+    """Why token ids without an ``attention_mask`` give a Hugging Face model other outputs:
+    some contain its ``config.pad_token_id``, which it then attends to. None when a mask is
+    given, the model has no padding id, or no id is the padding id.
+
+    Example:
+        >>> bert = nn.Module()
+        >>> bert.config = type("Config", (), {"pad_token_id": 0})()
+        >>> unmasked_padding(bert, torch.tensor([[5, 6, 0], [5, 6, 7]]))[:28]
+        '1 of 2 sequences of token id'
+    """
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if isinstance(data, dict):
+        if "attention_mask" in data:
+            return None
+        data = data.get("input_ids")
+    if not isinstance(pad, int) or not isinstance(data, torch.Tensor) or data.dim() < 2:
+        return None
+    if data.is_floating_point() or data.is_complex():
+        return None
+    padded = int((data == pad).flatten(1).any(1).sum())
+    if padded == 0:
+        return None
+    return (
+        f"{padded} of {data.shape[0]} sequences of token ids hold the padding id {pad} but no "
+        "attention_mask is given, so the model attends to the padding (other outputs, lower "
+        "accuracy): save attention_mask (1 for tokens, 0 for padding) beside input_ids "
+        "(with y for labels)."
+    )
+
+
+def warn_unmasked_padding(model: nn.Module, data: Any) -> None:
+    """Warn with :func:`unmasked_padding`'s line when it has one (shown once per line)."""
+    if (why := unmasked_padding(model, data)) is not None:
+        warnings.warn(why, stacklevel=1)  # one location: the same line is not repeated
 
 
 def batch_hint(model: nn.Module, batch: Batch) -> str:

@@ -4,7 +4,8 @@
 :func:`compactnn.training.data.as_train_data`): an ``(inputs, labels)`` pair of tensors, a
 mapping with ``x``/``y`` tensors (a ``.safetensors`` file read with ``safetensors``), an
 object with ``x_train``/``y_train``, or an iterable of ``(inputs, labels)`` batches such as a
-``DataLoader``.
+``DataLoader``. Inputs may also be keyword tensors: ``({"input_ids": ..., "attention_mask":
+...}, labels)``, or a mapping holding ``y`` (or ``labels``) beside named input tensors.
 
 Example:
     >>> import torch
@@ -25,9 +26,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compactnn.core.calib import call_model, describe, expected_input_hint, main_output
+from compactnn.core.calib import (
+    call_model,
+    describe,
+    expected_input_hint,
+    main_output,
+    warn_unmasked_padding,
+)
 from compactnn.errors import CompactnnError, first_line
-from compactnn.training.data import as_train_data, check_labels
+from compactnn.training.data import (
+    as_eval_data,
+    as_train_data,
+    check_labels,
+    eval_pair,
+    keyword_split,
+    labelled_keys,
+)
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 DEFAULT_BATCH_SIZE = 256
@@ -83,7 +97,7 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            bar = tqdm(_batches(data, batch_size), desc="evaluate", disable=not progress)
+            bar = tqdm(_batches(model, data, batch_size), desc="evaluate", disable=not progress)
             for i, (x, y) in enumerate(bar):
                 out = _run(model, x, i)
                 total += score(out, y, i) * y.shape[0]
@@ -95,25 +109,57 @@ def evaluate(
     return total / weight
 
 
-def _batches(data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
-    """``(inputs, labels)`` batches: tensors in stored order, an iterable as given."""
+def _batches(model: nn.Module, data: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(inputs, labels)`` batches: tensors (or keyword tensors such as ``input_ids`` and
+    ``attention_mask``) in stored order, an iterable as given. Token ids that hold the
+    model's padding id without an attention mask are warned about, once, on all the data
+    (on the first batch of an iterable)."""
     if data is None or isinstance(data, torch.Tensor):
         what = "None" if data is None else f"a single tensor of shape {tuple(data.shape)}"
         raise CompactnnError(
             f"evaluation data has no labels ({what}): pass (inputs, labels) tensors, a dict "
             "with x and y, or batches of (inputs, labels)."
         )
+    if isinstance(data, dict) and labelled_keys(data) is None:
+        data = keyword_split(data) or keyword_split(data, "eval") or data
+    if _keyword_pair(data):
+        x, y = as_eval_data(data, what="evaluation data")
+        warn_unmasked_padding(model, x)
+        yield from zip(_split_dict(x, batch_size), torch.split(y, batch_size), strict=True)
+        return
     try:
         train_data = as_train_data(data)
     except CompactnnError as exc:  # its messages speak of training; this is evaluation
         text = str(exc).replace("training data", "evaluation data")
         raise CompactnnError(text.replace("train()", "evaluate()")) from exc
     if train_data.loader is not None:
-        yield from train_data.batches(batch_size, epoch=0, seed=0)
+        for i, batch in enumerate(train_data.loader):
+            x, y = eval_pair(batch, f"evaluation batch {i}")
+            if i == 0:
+                warn_unmasked_padding(model, x)
+            yield x, y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
         return
+    warn_unmasked_padding(model, train_data.x)
     yield from zip(
         torch.split(train_data.x, batch_size), torch.split(train_data.y, batch_size), strict=True
     )
+
+
+def _keyword_pair(data: Any) -> bool:
+    """Whether ``data`` is an ``(inputs, labels)`` pair whose inputs are keyword tensors."""
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], dict)
+        and bool(data[0])
+        and all(isinstance(v, torch.Tensor) for v in data[0].values())
+    )
+
+
+def _split_dict(x: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Keyword inputs cut into chunks of ``size`` rows, in stored order."""
+    parts = {k: torch.split(v, size) for k, v in x.items()}
+    return [dict(zip(parts, chunk, strict=True)) for chunk in zip(*parts.values(), strict=True)]
 
 
 def _run(model: nn.Module, x: Any, i: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from compactnn.core.calib import (
 from compactnn.errors import CompactnnError, first_line
 from compactnn.measure import evaluate, fmt_quality, output_fidelity
 from compactnn.measure.perplexity import is_causal_lm, nll_totals
-from compactnn.training.data import as_eval_data, labelled_keys
+from compactnn.training.data import as_eval_data, keyword_split, labelled_keys
 
 Metric = str | Callable[[torch.Tensor, torch.Tensor], float]  # as compactnn.evaluate
 LOWER_IS_BETTER = frozenset({"perplexity"})
@@ -53,9 +53,15 @@ def split_data(data: Any) -> tuple[Any, torch.Tensor | None]:
     Example:
         >>> split_data(torch.zeros(3, 2))[1] is None
         True
+        >>> ids, y = torch.ones(2, 4).long(), torch.tensor([0, 1])
+        >>> inputs, y = split_data({"input_ids": ids, "y": y})
+        >>> sorted(inputs), y.tolist()
+        (['input_ids'], [0, 1])
     """
     if isinstance(data, torch.Tensor):
         return data, None
+    if isinstance(data, dict) and (pair := keyword_split(data, "eval")) is not None:
+        return pair  # labels beside keyword inputs (input_ids, attention_mask, y)
     if isinstance(data, dict) and labelled_keys(data, "eval") is None:
         if len(data) == 1 and isinstance(data.get("x", data.get("inputs")), torch.Tensor):
             return next(iter(data.values())), None

@@ -27,6 +27,13 @@ from compactnn.errors import CompactnnError, first_line
 # (x_train/y_train and x_test/y_test) is never scored on what the model was trained on.
 TRAIN_KEYS = (("x_train", "y_train"), ("x", "y"), ("inputs", "labels"))
 EVAL_KEYS = (("x_test", "y_test"), ("x", "y"), ("inputs", "labels"))
+# Labels kept beside named (keyword) inputs such as input_ids/attention_mask: the label key
+# and the suffix the inputs of that split carry, in the order they are looked for.
+KEYWORD_LABELS = {
+    "train": (("y_train", "_train"), ("y", ""), ("labels", "")),
+    "eval": (("y_test", "_test"), ("y", ""), ("labels", "")),
+}
+_SPLITS = ("_train", "_test")
 
 
 def labelled_keys(keys: Iterable[str], role: str = "train") -> tuple[str, str] | None:
@@ -46,6 +53,48 @@ def labelled_keys(keys: Iterable[str], role: str = "train") -> tuple[str, str] |
     names = set(keys)
     order = EVAL_KEYS if role == "eval" else TRAIN_KEYS
     return next(((kx, ky) for kx, ky in order if kx in names and ky in names), None)
+
+
+def keyword_split(data: Any, role: str = "train") -> tuple[dict[str, Any], Any] | None:
+    """``(keyword inputs, labels)`` of a mapping that holds labels (``y``, ``labels``, or
+    ``y_train``/``y_test`` for a split) beside named input tensors (``input_ids``,
+    ``attention_mask``, ``pixel_values``...): the inputs are all the other tensors of that
+    split (a split's ``_train``/``_test`` suffix dropped). None when the mapping has an
+    x/y pair (:func:`labelled_keys`) or no such labels.
+
+    Example:
+        >>> ids, y = torch.ones(2, 3).long(), torch.tensor([0, 1])
+        >>> inputs, labels = keyword_split({"input_ids": ids, "attention_mask": ids, "y": y})
+        >>> sorted(inputs), labels.tolist()
+        (['attention_mask', 'input_ids'], [0, 1])
+    """
+    if not isinstance(data, dict) or labelled_keys(data, role) is not None:
+        return None
+    names = [k for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+    for label, suffix in KEYWORD_LABELS[role]:
+        if label not in names:
+            continue
+        if suffix:
+            inputs = {k[: -len(suffix)]: data[k] for k in names if k.endswith(suffix)}
+        else:
+            inputs = {k: data[k] for k in names if not k.endswith(_SPLITS)}
+        for name in ("y", "labels"):  # labels are never inputs
+            inputs.pop(name, None)
+        if inputs:
+            return inputs, data[label]
+    return None
+
+
+def rows(inputs: Any) -> int:
+    """Samples in ``inputs``: a tensor's first dimension, or that of a dict's first tensor.
+
+    Example:
+        >>> rows({"input_ids": torch.zeros(3, 5), "attention_mask": torch.zeros(3, 5)})
+        3
+    """
+    if isinstance(inputs, dict):
+        return rows(next(iter(inputs.values())))
+    return int(inputs.shape[0])
 
 
 def split_note(keys: Iterable[str], used: tuple[str, str], what: str = "the data") -> str | None:
@@ -123,6 +172,29 @@ def _as_pair(batch: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise CompactnnError(
         f"training {where} has no labels: pass (inputs, labels) pairs, e.g. "
         "train(model, recipe, (x_train, y_train)) or a DataLoader of (x, y) batches."
+    )
+
+
+def eval_pair(batch: Any, where: str) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of one evaluation batch: an ``(inputs, labels)`` pair (inputs a
+    tensor or a dict of keyword tensors), or a dict with x/y or labels beside keyword inputs
+    (:func:`keyword_split`); ``where`` names the batch in the error."""
+    if isinstance(batch, dict):
+        keys = labelled_keys(batch, "eval") or labelled_keys(batch, "train")
+        if keys is not None:
+            return batch[keys[0]], batch[keys[1]]
+        found = keyword_split(batch, "eval") or keyword_split(batch, "train")
+        if found is not None:
+            return found
+        raise CompactnnError(
+            f"{where} is a dict with keys {sorted(map(str, batch))} but no labels: save them "
+            "under y (or labels) beside the inputs (x, or named inputs such as input_ids)."
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise CompactnnError(
+        f"{where} has no labels: pass (inputs, labels) pairs, e.g. (x, y) tensors or a "
+        "DataLoader of (x, y) batches."
     )
 
 
@@ -228,26 +300,35 @@ def as_eval_data(
         data = (data.x_test, data.y_test)
     if isinstance(data, dict):
         keys = labelled_keys(data, "eval")
-        if keys is None:
+        found = (data[keys[0]], data[keys[1]]) if keys else keyword_split(data, "eval")
+        if found is None:
             raise CompactnnError(
                 f"{what} is a dict with keys {sorted(data)} but no labels: save inputs and labels "
-                "under x/y (or x_test/y_test, inputs/labels)."
+                "under x/y (or x_test/y_test, inputs/labels), or labels under y beside named "
+                "inputs (input_ids, attention_mask...)."
             )
-        data = (data[keys[0]], data[keys[1]])
+        data = found
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise CompactnnError(
             f"{what} of type {type(data).__name__} has no labels: pass (inputs, labels) "
             f"tensors, e.g. {what}=(x_test, y_test)."
         )
     x, y = data
-    if not isinstance(x, torch.Tensor):
-        raise CompactnnError(f"{what} inputs must be a tensor, got {type(x).__name__}.")
-    y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+    if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
+        x = {k: cast_inputs(v, dtype) for k, v in x.items()}  # keyword inputs (input_ids...)
+    elif not isinstance(x, torch.Tensor):
         raise CompactnnError(
-            f"{what}: {x.shape[0]} inputs but {y.shape[0]} labels; give one label per input "
+            f"{what} inputs must be a tensor or a dict of tensors, got {type(x).__name__}."
+        )
+    y = y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
+    n = rows(x)
+    if n != y.shape[0] or n == 0:
+        raise CompactnnError(
+            f"{what}: {n} inputs but {y.shape[0]} labels; give one label per input "
             "(and at least one input)."
         )
+    if isinstance(x, dict):
+        return x, y
     if example is not None and tuple(x.shape[1:]) != tuple(example.shape[1:]):
         raise CompactnnError(
             f"{what} inputs have per-sample shape {tuple(x.shape[1:])} but the training "
