@@ -326,3 +326,22 @@ def test_the_suite_has_a_fine_tuned_channel_pruning_row(tmp_path):
     saved = tmp_path / "d" / row["artifact"] / "recipe.yaml"
     assert Recipe.from_yaml(saved.read_text()) == resolve_recipe("ch50-ft")
     assert "| tiny | ch50-ft |" in (tmp_path / "d" / "report.md").read_text()
+
+
+def test_add_ratios_notes_a_deployed_row_slower_than_float():
+    from compactnn.demo import add_ratios
+
+    def row(recipe, ms, runtime):
+        return {"model": "m", "recipe": recipe, "size_bytes": 100, "theoretical_bytes": 100,
+                "quality": 1.0, "runtime": runtime, "latency": {"median_s": ms / 1e3},
+                "notes": []}  # fmt: skip
+
+    rows = [row("float", 2.0, "PyTorch fp32"), row("w8a8", 5.0, "oneDNN int8"),
+            row("w4", 1.0, "oneDNN int8"), row("w2", 9.0, "simulated")]  # fmt: skip
+    add_ratios(rows)
+    assert rows[1]["speedup"] == pytest.approx(0.4)
+    assert rows[1]["notes"] == [
+        "slower than the fastest float path (5.00 ms vs 2.00 ms): the float model is the "
+        "faster way to run this"
+    ]
+    assert rows[0]["notes"] == rows[2]["notes"] == rows[3]["notes"] == []

@@ -51,6 +51,7 @@ from compactnn.report.delivery import (
     deliver_float,
     float_path_name,
     is_plain_float,
+    slower_note,
 )
 
 FLOAT = "float"
@@ -304,6 +305,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["size_ratio"] = b["size_bytes"] / r["size_bytes"]
         simulated = r.get("runtime") == SIMULATED
         r["speedup"] = None if simulated else b["latency"]["median_s"] / r["latency"]["median_s"]
+        slow = r is not b and not simulated
+        if slow and (n := slower_note(b["latency"]["median_s"], r["latency"]["median_s"])):
+            r.setdefault("notes", []).append(n)
         r["quality_delta"] = r["quality"] - b["quality"]
         r["size_vs_theoretical"] = r["size_bytes"] / r["theoretical_bytes"] - 1.0
 

@@ -484,3 +484,56 @@ def test_data_free_images_are_generated_only_for_a_recipe_that_reads_data(recipe
     from compactnn.commands.compress import reads_data
 
     assert reads_data(compactnn.resolve_recipe(recipe)) is reads
+
+
+def test_data_free_images_sets_the_count_and_the_artifact_records_it(tmp_path, capsys, monkeypatch):
+    """--data-free-images N generates N images (the same a Python generate() call makes:
+    the artifact equals compress on them), the artifact's extra["calibration"] says its
+    calibration images were generated, and the summary prints it."""
+    import json
+
+    import torch
+
+    import compactnn
+    from compactnn.datafree import generate
+
+    model = _bn_project(tmp_path, monkeypatch)
+    argv = ["compress", "bnnet:make", "--weights", "w.safetensors", "-d", "data-free"]
+    argv += ["--input-shape", "1,8,8", "--data-free-images", "8", "-r", "w4a8", "-o", "art"]
+    code, out, err = run_cli(capsys, *argv, "--no-progress")
+    assert code == 0, err
+    assert "generated 8 calibration images" in out
+    data = generate(model, 8, input_shape=(1, 8, 8), seed=0, progress=False)
+    record = json.loads(json.dumps(compactnn.load("art", model=model)._compactnn["extra"]))
+    assert record["calibration"] == {
+        "data": "data-free",
+        "method": "bn-inversion",
+        "images": 8,
+        "steps": 200,
+        "input_shape": [1, 8, 8],
+        "seconds": record["calibration"]["seconds"],
+    }
+    assert "  calibration: 8 generated images (data-free, bn-inversion, 200 steps" in out
+    expected = compactnn.compress(model, "w4a8", calib_data=data, progress=False)
+    loaded = compactnn.load("art", model=model)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loaded(x), expected(x))
+
+
+def test_data_free_images_is_refused_without_data_free_or_below_one(tmp_path, capsys, monkeypatch):
+    _bn_project(tmp_path, monkeypatch)
+    np.save("x.npy", np.zeros((4, 1, 8, 8), dtype=np.float32))
+    model = ["bnnet:make", "--weights", "w.safetensors", "-r", "w4a8", "-o", "art"]
+    assert_one_error_line(
+        capsys,
+        ["compress", *model, "-d", "x.npy", "--data-free-images", "64"],
+        "--data-free-images 64 sets how many images --data data-free generates, and this "
+        "run has --data x.npy",
+    )
+    free = ["-d", "data-free", "--input-shape", "1,8,8"]
+    assert_one_error_line(
+        capsys,
+        ["compress", *model, *free, "--data-free-images", "0"],
+        "--data-free-images 0: give a positive number of images",
+    )
+    assert not (tmp_path / "art").exists()

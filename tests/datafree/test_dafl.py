@@ -130,3 +130,24 @@ def test_bn_term_on_by_default_with_batchnorm_and_off_without(tiny_teacher):
     assert torch.equal(_gen_after(no_bn), _gen_after(no_bn, bn=0.0))  # no error: plain DAFL
     with pytest.raises(CompactnnError, match="no BatchNorm"):
         _gen_after(no_bn, bn=1.0)
+
+
+@pytest.mark.parametrize("student", ["small", {"weight": 1}])
+def test_a_student_that_is_not_a_module_is_refused(tiny_teacher, student):
+    with pytest.raises(CompactnnError, match=r"student is a (str|dict), not a torch.nn.Module"):
+        train_dafl(tiny_teacher, student, input_shape=(1, 8, 8), steps=1, progress=False)
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_train_dafl_refuses_steps_below_one(tiny_teacher, steps):
+    with pytest.raises(CompactnnError, match=rf"steps={steps}: pass a positive number"):
+        train_dafl(tiny_teacher, None, input_shape=(1, 8, 8), steps=steps, progress=False)
+
+
+def test_sampling_zero_images_is_refused(tiny_teacher):
+    from compactnn.datafree.dafl import sample
+
+    gen = Generator((1, 8, 8))
+    with pytest.raises(CompactnnError, match=r"n=0: ask for at least one input"):
+        sample(gen, tiny_teacher, 0)
+    assert sample(gen, tiny_teacher, 3).x.shape == (3, 1, 8, 8)

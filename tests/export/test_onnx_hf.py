@@ -123,3 +123,38 @@ def test_groups_below_16_stay_float_and_say_so(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         onnx_hf.export(good, tmp_path / "g.onnx", example=calib[0])
+
+
+def test_classifier_head_gemm_becomes_matmulnbits(tmp_path):
+    """A 2-D input (pooler, classifier) exports nn.Linear as Gemm(x, W, b, transB=1): it
+    becomes MatMulNBits + Add on our codes too, no float linear weight is left."""
+    transformers = pytest.importorskip("transformers")
+    from compactnn.models.tiny_hf import _config
+
+    _, calib = tiny_model("bert")
+    torch.manual_seed(0)
+    config = _config("bert")
+    config.num_labels = 3
+    model = transformers.BertForSequenceClassification(config).eval()
+    q = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
+    path = onnx_hf.export(q, tmp_path / "m.onnx", example=calib[0])
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    linear = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")
+              and len(n.input) > 1 and n.input[1] in inits]  # fmt: skip
+    assert linear == []  # every quantized linear layer runs on its codes
+    names = {n.name for n in graph.node if n.op_type == "MatMulNBits"}
+    assert {"/model/classifier/Gemm_nbits", "/model/bert/pooler/dense/Gemm_nbits"} <= names
+    head = q.get_submodule("classifier").weight.detach().contiguous().numpy().tobytes()
+    assert head[:64] not in path.read_bytes()  # the float head weight is gone
+    sim, got = outputs(q, calib[1]), _run(path, calib[1], "nbits")
+    assert sim.shape == got.shape == (4, 3)
+    torch.testing.assert_close(got, sim, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_left_float_are_named(bert, monkeypatch):
+    model, calib = bert
+    q = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
+    monkeypatch.setattr(onnx_hf, "nbits_onnx", lambda *a, **k: (b"", ["pooler.dense"]))
+    with pytest.warns(UserWarning, match=r"1 quantized layers stay float.*pooler\.dense"):
+        onnx_hf.to_onnx_bytes(q, calib[0])

@@ -106,3 +106,34 @@ def test_a_partly_swapped_transformer_says_how_much_runs_on_kernels():
     info = {"swapped": {"a": "K", "b": "K"}, "simulated": {"c": "no kernel"}, "dtype": "bf16"}
     assert delivery.kernels_runtime(info) == "kernels bf16 (2 of 3 layers; 1 simulated)"
     assert delivery.kernels_runtime({**info, "simulated": {}}) == "kernels bf16"
+
+
+def test_slower_than_float_note_only_below_speedup_one():
+    note = delivery.slower_note(0.002, 0.0051)
+    assert note.startswith("slower than the fastest float path (5.10 ms vs 2.00 ms)")
+    assert note.endswith("the float model is the faster way to run this")
+    assert delivery.slower_note(0.002, 0.002) is None
+    assert delivery.slower_note(0.002, 0.0015) is None
+
+
+def test_notes_drop_tracer_noise_and_duplicates_and_reasons_cut_at_names(monkeypatch):
+    names = ", ".join(f"encoder.layer.{i}.attention.self.query" for i in range(20))
+
+    def fail(kind, model, example):
+        for _ in range(2):
+            warnings.warn(
+                "Converting a tensor to a Python boolean", torch.jit.TracerWarning, stacklevel=2
+            )
+            warnings.warn("3 layers stay float", UserWarning, stacklevel=2)
+        raise ValueError(f"no kernel for {names}")
+
+    monkeypatch.setattr(delivery, "_deliver", fail)
+    model = nn.Linear(2, 2)
+    got, runtime, notes = delivery.deliver("transformer", model, torch.zeros(1, 2))
+    assert got is model and runtime == SIMULATED
+    reason, *rest = notes
+    assert rest == ["delivery: 3 layers stay float"]
+    assert reason.startswith("runs simulated: ValueError: no kernel for encoder.layer.0.")
+    assert reason.endswith(" ...") and len(reason) <= len("runs simulated: ValueError: ") + 300
+    last = reason.removesuffix(" ...").split(", ")[-1]
+    assert last in names.split(", ")  # whole names only, never cut inside one

@@ -59,6 +59,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="input shape of the generated images with --data data-free (default: the "
         "reference model's)",
     )
+    p.add_argument(
+        "--data-free-images",
+        metavar="N",
+        type=int,
+        help="how many images --data data-free generates (default 256; qdrop/brecq "
+        "recommend 1024 or more; generation time grows with N)",
+    )
     p.add_argument("--out", "-o", help="artifact directory (default: out/<model>-<recipe>)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact in --out")
     p.add_argument(
@@ -86,8 +93,12 @@ def default_out(model: str, recipe: str) -> Path:
     return Path("out") / f"{stem}-{Path(recipe).stem}"
 
 
+DATA_FREE_IMAGES = 256
+
+
 def data_free(args: argparse.Namespace, loaded) -> object:
-    """256 images generated from the model alone (batch-norm statistics inversion)."""
+    """``--data-free-images`` (default 256) images generated from the model alone
+    (batch-norm statistics inversion)."""
     from compactnn.datafree import generate
     from compactnn.datafree.common import has_bn_stats
 
@@ -116,11 +127,59 @@ def data_free(args: argparse.Namespace, loaded) -> object:
         shape = tuple(first.shape[1:])
     else:
         raise CompactnnError("--data data-free needs --input-shape C,H,W for this model.")
+    n = data_free_images(args)
     data = generate(
-        loaded.model, 256, input_shape=shape, seed=args.seed, progress=not args.no_progress
+        loaded.model, n, input_shape=shape, seed=args.seed, progress=not args.no_progress
     )
-    print(f"generated 256 calibration images in {data.cost['seconds']:.1f} s (data-free)")
+    print(f"generated {n} calibration images in {data.cost['seconds']:.1f} s (data-free)")
     return data
+
+
+def data_free_images(args: argparse.Namespace) -> int:
+    """``--data-free-images``, default 256; refused below 1."""
+    n = getattr(args, "data_free_images", None)
+    if n is None:
+        return DATA_FREE_IMAGES
+    if n < 1:
+        raise CompactnnError(
+            f"--data-free-images {n}: give a positive number of images, e.g. 1024."
+        )
+    return n
+
+
+def calibration_record(data) -> dict:
+    """What the artifact records of generated calibration images (``extra["calibration"]``).
+
+    Example:
+        >>> from compactnn.datafree.common import GeneratedData
+        >>> cost = {"method": "bn-inversion", "seconds": 1.5, "n": 3, "steps": 200}
+        >>> r = calibration_record(GeneratedData(torch.zeros(3, 1, 2, 2), torch.zeros(3), cost))
+        >>> r["data"], r["images"], r["steps"], r["input_shape"]
+        ('data-free', 3, 200, [1, 2, 2])
+    """
+    return {
+        "data": "data-free",
+        "method": data.cost.get("method"),
+        "images": int(data.x.shape[0]),
+        "steps": data.cost.get("steps"),
+        "input_shape": list(data.x.shape[1:]),
+        "seconds": data.cost.get("seconds"),
+    }
+
+
+def calibration_line(record: dict) -> str:
+    """The summary line of ``extra["calibration"]``.
+
+    Example:
+        >>> r = {"method": "bn-inversion", "images": 256, "steps": 200, "input_shape": [1, 8, 8]}
+        >>> calibration_line(r).split(" (")[0]
+        '  calibration: 256 generated images'
+    """
+    shape = "x".join(str(d) for d in record["input_shape"])
+    return (
+        f"  calibration: {record['images']} generated images (data-free, {record['method']}, "
+        f"{record['steps']} steps per batch, shape {shape}), no real data"
+    )
 
 
 def eval_command(out: Path, args: argparse.Namespace, loaded: LoadedModel) -> str:
@@ -178,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
     extra = qmodel._compactnn.setdefault("extra", {})
     extra["source"] = source_record(loaded)
     extra.update(loaded.extra)
+    if args.data == "data-free" and data is not None:
+        extra["calibration"] = calibration_record(data)
     digest = compactnn.save(qmodel, out, force=args.force)
     size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
     info = compactnn.info_of(qmodel)
@@ -192,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for line in summary:
         print(line)
+    if "calibration" in extra:
+        print(calibration_line(extra["calibration"]))
     for line in pruning_lines(extra.get("pruning", {})):
         print(line)
     calib = as_batches(data) if probed and data is not None else []
@@ -222,6 +285,13 @@ def reads_data(recipe) -> bool:
 def check_input_shape(args: argparse.Namespace) -> None:
     """Refuse ``--input-shape`` without ``--data data-free``: only generated images take it
     (a data file's inputs have their own shape), and a silently unused option misleads."""
+    images = getattr(args, "data_free_images", None)
+    if images is not None and args.data != "data-free":
+        given = f"--data {args.data}" if args.data else "no --data"
+        raise CompactnnError(
+            f"--data-free-images {images} sets how many images --data data-free generates, "
+            f"and this run has {given}: drop --data-free-images, or pass --data data-free."
+        )
     if args.input_shape is not None and args.data != "data-free":
         given = f"--data {args.data} (inputs of their own shape)" if args.data else "no --data"
         raise CompactnnError(

@@ -164,7 +164,10 @@ def check_top1_labels(logits: torch.Tensor, labels: torch.Tensor, where: str) ->
 
 
 def batch_rows(inputs: Any) -> tuple[int, ...]:
-    return (int(inputs.shape[0]),) if isinstance(inputs, torch.Tensor) else ()
+    """``(samples,)`` of a tensor or a dict of keyword tensors, ``()`` otherwise."""
+    from compactnn.training.data import rows
+
+    return (rows(inputs),) if isinstance(inputs, (torch.Tensor, dict)) else ()
 
 
 def _compressed(args: argparse.Namespace):
@@ -269,7 +272,7 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Rows (float on its fastest path, and the compressed model on its delivered form)
     with quality, size, latency, runtime and speedup, plus the timing's conditions."""
-    from compactnn.report.delivery import SIMULATED
+    from compactnn.report.delivery import SIMULATED, slower_note
 
     loaded, qmodel, qsize, data = _compressed(args)
     batches = as_batches(data[0]) if data[0] is not None else as_batches(loaded.example)
@@ -316,6 +319,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows[1:]:
         fair = base and row["latency"] and row["runtime"] != SIMULATED
         row["speedup"] = base["median_s"] / row["latency"]["median_s"] if fair else None
+        if fair and (n := slower_note(base["median_s"], row["latency"]["median_s"])):
+            notes = [*notes, n]
     return {
         "target": args.target,
         "threads": args.threads,

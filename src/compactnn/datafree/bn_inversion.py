@@ -26,7 +26,10 @@ from compactnn.datafree.common import (
     Timer,
     bn_statistics_loss,
     check_classifier,
+    check_count,
     check_input_shape,
+    check_module,
+    check_steps,
     frozen_copy,
 )
 from compactnn.errors import CompactnnError
@@ -68,7 +71,7 @@ def invert_bn(
         model: a trained classifier with BatchNorm layers (not changed).
         n: how many inputs to generate.
         input_shape: per-sample shape ``(C, H, W)``.
-        steps: Adam steps per batch.
+        steps: Adam steps per batch (at least 1).
         lr: Adam learning rate on the inputs.
         batch_size: inputs optimised together (BN statistics are batch statistics).
         class_weight: weight of the class or entropy term (0: statistics only, as ZeroQ).
@@ -83,8 +86,9 @@ def invert_bn(
     """
     if objective not in ("class", "entropy"):
         raise CompactnnError(f"objective={objective!r}: use 'class' or 'entropy'.")
-    if not isinstance(n, int) or n < 1:
-        raise CompactnnError(f"n={n!r}: ask for at least one input.")
+    check_module(model)
+    check_count(n)
+    steps = check_steps(steps, 200)
     shape = check_input_shape(input_shape)
     teacher = frozen_copy(model)
     stats = BNStats(teacher)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -82,6 +83,9 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
     return linears[-1]
 
 
+_MISSING_ARG = re.compile(r"missing \d+ required (positional|keyword-only) argument")
+
+
 def check_classifier(model: nn.Module, x: torch.Tensor) -> int:
     """Number of classes; refuse a model whose output is not ``(batch, classes)`` logits."""
     try:
@@ -89,6 +93,13 @@ def check_classifier(model: nn.Module, x: torch.Tensor) -> int:
             out = model(x)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         first = first_line(exc)
+        if isinstance(exc, TypeError) and _MISSING_ARG.search(first):
+            raise CompactnnError(
+                f"{type(model).__name__} takes more than one input ({first}): data-free "
+                "generation supports single-input models only (one image tensor (N, C, H, W))."
+                " Wrap the model so that forward(x) takes one tensor, or calibrate on real "
+                "inputs."
+            ) from exc
         raise CompactnnError(
             f"input_shape={tuple(x.shape[1:])} does not fit the model: it expects "
             f"{expected_input_hint(model)} ({first}). Pass the per-sample (C, H, W) the model "
@@ -118,13 +129,57 @@ class FeatureTap:
 
 
 def check_input_shape(input_shape) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in input_shape) if input_shape is not None else ()
+    """Per-sample ``(C, H, W)`` from a sequence of integers or a ``"C,H,W"`` string."""
+    parts = input_shape.split(",") if isinstance(input_shape, str) else input_shape
+    try:
+        shape = tuple(_whole(s) for s in parts) if parts is not None else ()
+    except (TypeError, ValueError):
+        shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise CompactnnError(
-            f"input_shape={input_shape!r}: pass the per-sample input shape (C, H, W), e.g. "
-            "input_shape=(1, 28, 28) for mnist-cnn."
+            f"input_shape={input_shape!r}: pass the per-sample input shape (C, H, W) as "
+            "positive integers, e.g. input_shape=(1, 28, 28) or '1,28,28' for mnist-cnn."
         )
     return shape
+
+
+def _whole(s) -> int:
+    """``int(s)`` for an integer or an integral string/float; ValueError otherwise."""
+    if isinstance(s, bool):
+        raise ValueError(s)
+    value = float(s) if isinstance(s, str) else s
+    if int(value) != value:
+        raise ValueError(s)
+    return int(value)
+
+
+def check_count(n, what: str = "n") -> int:
+    """``n`` as a positive ``int``; refuse 0, negatives, floats and bools."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CompactnnError(f"{what}={n!r}: ask for at least one input (a positive integer).")
+    return n
+
+
+def check_steps(steps, default: int) -> int:
+    """Optimisation steps: ``default`` for None, else a positive ``int``."""
+    if steps is None:
+        return default
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise CompactnnError(
+            f"steps={steps!r}: pass a positive number of optimisation steps, or steps=None "
+            f"for the default ({default}); with no step the inputs would be the starting noise."
+        )
+    return steps
+
+
+def check_module(model, what: str = "model") -> nn.Module:
+    """Refuse anything but an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise CompactnnError(
+            f"{what} is a {type(model).__name__}, not a torch.nn.Module: pass the network "
+            "itself (build it, then load its weights)."
+        )
+    return model
 
 
 def distill_on(

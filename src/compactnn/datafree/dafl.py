@@ -42,7 +42,10 @@ from compactnn.datafree.common import (
     GeneratedData,
     Timer,
     check_classifier,
+    check_count,
     check_input_shape,
+    check_module,
+    check_steps,
     classifier_head,
     frozen_copy,
     has_bn_stats,
@@ -158,7 +161,7 @@ def train_dafl(
         teacher: a trained classifier with a final ``nn.Linear`` head (not changed).
         student: the student to distil (trained in place), or None for the generator only.
         input_shape: per-sample input shape ``(C, H, W)`` (sides multiples of 4).
-        steps: joint optimisation steps.
+        steps: joint optimisation steps (at least 1).
         batch_size: generated images per step.
         lr_g, lr_s: Adam learning rates of generator and student (the student's decays on a
             cosine schedule; 1e-2 converges in a few hundred steps, the paper's 2e-3 was
@@ -177,6 +180,10 @@ def train_dafl(
     Returns:
         ``(generator, student, cost)`` with ``cost`` seconds, peak memory, images generated.
     """
+    check_module(teacher, "teacher")
+    if student is not None:
+        check_module(student, "student")
+    steps = check_steps(steps, 1000)
     if replay and not 1 <= warmup < steps:
         raise CompactnnError(
             f"replay needs 1 <= warmup < steps, got warmup={warmup}, steps={steps}."
@@ -248,6 +255,7 @@ def _replay_batch(teacher, gen, student, buffer, batch: int):
 
 def sample(gen: Generator, teacher: nn.Module, n: int, seed: int = 0) -> GeneratedData:
     """``n`` images from a trained generator, labelled by the teacher's top-1."""
+    check_count(n)
     torch.manual_seed(seed)
     gen.eval()
     with Timer() as timer, torch.no_grad():

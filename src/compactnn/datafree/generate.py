@@ -5,7 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from compactnn.datafree.bn_inversion import invert_bn
-from compactnn.datafree.common import GeneratedData
+from compactnn.datafree.common import (
+    GeneratedData,
+    check_count,
+    check_input_shape,
+    check_module,
+    check_steps,
+)
 from compactnn.datafree.dafl import sample, train_dafl
 from compactnn.errors import CompactnnError
 
@@ -27,13 +33,14 @@ def generate(
     Args:
         model: a trained classifier (not changed). ``"bn-inversion"`` needs BatchNorm layers;
             ``"dafl"`` needs a final ``nn.Linear`` head.
-        n: number of inputs.
-        input_shape: per-sample shape ``(C, H, W)``; required unless ``model`` has an
-            ``input_shape`` attribute.
+        n: number of inputs (at least 1).
+        input_shape: per-sample shape ``(C, H, W)`` (or ``"C,H,W"``); required unless
+            ``model`` has an ``input_shape`` attribute.
         method: ``"bn-inversion"`` (ZeroQ-style statistics matching with a class term) or
             ``"dafl"`` (a DAFL generator trained against the model with the paper's loss,
             no BN-statistics term, then sampled).
-        steps: optimisation steps (default 200 per batch for inversion, 1,000 for DAFL).
+        steps: optimisation steps, at least 1 (None: 200 per batch for inversion, 1,000
+            for DAFL).
         seed: the random start.
         progress: progress bars.
 
@@ -46,18 +53,24 @@ def generate(
         >>> data = generate(model, 256, input_shape=(1, 28, 28))          # doctest: +SKIP
         >>> q = compactnn.compress(model, "w4a8", calib_data=data)        # doctest: +SKIP
     """
+    check_module(model)
+    check_count(n)
+    if method not in METHODS:
+        raise CompactnnError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
     if input_shape is None:
         input_shape = getattr(model, "input_shape", None)
     if method == "bn-inversion":
+        steps = check_steps(steps, 200)
         return invert_bn(
-            model, n, input_shape=input_shape, steps=steps or 200, seed=seed, progress=progress
+            model, n, input_shape=input_shape, steps=steps, seed=seed, progress=progress
         )
     if method == "dafl":
+        check_input_shape(input_shape)  # before the generator trains
         gen, _, cost = train_dafl(  # the paper's loss (bn=0): what the calibration measured
             model,
             None,
             input_shape=input_shape,
-            steps=steps or 1000,
+            steps=check_steps(steps, 1000),
             bn=0.0,
             seed=seed,
             progress=progress,
@@ -65,4 +78,4 @@ def generate(
         data = sample(gen, model, n, seed=seed)
         data.cost = {**cost, "seconds": round(cost["seconds"] + data.cost["seconds"], 3), "n": n}
         return data
-    raise CompactnnError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
+    raise AssertionError(method)  # unreachable: checked above

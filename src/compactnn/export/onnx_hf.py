@@ -286,7 +286,13 @@ def to_onnx_bytes(
         )
     kind = form(qmodel)
     if kind == "nbits":
-        data, _ = nbits_onnx(qmodel, example, accuracy_level, bf16_tables=False)
+        data, left = nbits_onnx(qmodel, example, accuracy_level, bf16_tables=False)
+        if left:
+            warnings.warn(
+                f"ONNX export: {len(left)} quantized layers stay float MatMul/Gemm on their "
+                f"dequantized weights (not MatMulNBits): {name_list(left)}",
+                stacklevel=3,
+            )
         return data, kind
     return qdq_onnx(qmodel, example), kind
 

@@ -184,36 +184,58 @@ def nbits_proto(
     return proto, left
 
 
+def _gemm_weight(onnx: Any, node: Any) -> tuple[str, bool] | None:
+    """``(B, transB)`` of a ``Gemm`` that is a plain linear layer (``alpha = beta = 1``, no
+    ``transA``), else None."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA"):
+        return None
+    return node.input[1], bool(attrs.get("transB", 0))
+
+
+def _weight_of(onnx: Any, node: Any) -> tuple[str, bool] | None:
+    """``(weight input, stored as (N, K))`` of a ``MatMul`` or linear ``Gemm`` node."""
+    if node.op_type == "MatMul" and len(node.input) == 2:
+        return node.input[1], False
+    return _gemm_weight(onnx, node) if node.op_type == "Gemm" else None
+
+
 def _replace_matmuls(
     onnx: Any, graph: Any, found: dict, accuracy_level: int
 ) -> tuple[set[str], set[str]]:
-    """Swap each MatMul on a known dequantized weight for MatMulNBits; returns their keys and
-    the keys of every 2-D initializer the graph held."""
+    """Swap each MatMul or linear Gemm (a 2-D input exports ``nn.Linear`` as
+    ``Gemm(x, W, b, transB=1)``) on a known dequantized weight for MatMulNBits (and an ``Add``
+    of the Gemm's bias); returns their keys and the keys of every weight the graph held."""
     to_array, from_array = onnx.numpy_helper.to_array, onnx.numpy_helper.from_array
     inits = {i.name: i for i in graph.initializer}
-    keys = {
-        n: tensor_key(torch.from_numpy(to_array(t).copy()))
-        for n, t in inits.items()
-        if len(t.dims) == 2
-    }
+    # keys of W^T: a MatMul's (K, N) weight as stored, a transB Gemm's (N, K) transposed
+    keys: dict[tuple[str, bool], str] = {}
+    for node in graph.node:
+        got = _weight_of(onnx, node)
+        if got is not None and got[0] in inits and len(inits[got[0]].dims) == 2 and got not in keys:
+            t = torch.from_numpy(to_array(inits[got[0]]).copy())
+            keys[got] = tensor_key(t.T if got[1] else t)
     used, dropped, nodes = set(), set(), []
     for node in graph.node:
-        w = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
-        key = keys.get(w)
+        got = _weight_of(onnx, node)
+        key = keys.get(got) if got is not None else None
         if key not in found:
             nodes.append(node)
             continue
+        w = got[0]
         _, layer, bits, block = found[key]
         tensors = nbits_tensors(layer, bits, block)
         names = [f"{w}_nbits_{s}" for s in tensors]
         graph.initializer.extend(
             from_array(t.numpy(), n) for n, t in zip(names, tensors.values(), strict=True)
         )
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+        out = f"{node.output[0]}_nobias" if bias else node.output[0]
         nodes.append(
             onnx.helper.make_node(
                 "MatMulNBits",
                 [node.input[0], *names],
-                list(node.output),
+                [out],
                 name=f"{node.name}_nbits",
                 domain="com.microsoft",
                 K=layer.in_features,
@@ -223,11 +245,18 @@ def _replace_matmuls(
                 accuracy_level=accuracy_level,
             )
         )
+        if bias:
+            nodes.append(
+                onnx.helper.make_node(
+                    "Add", [out, bias], [node.output[0]], name=f"{node.name}_bias"
+                )
+            )
         used.add(key)
         dropped.add(w)
     del graph.node[:]
     graph.node.extend(nodes)
-    keep = [i for i in graph.initializer if i.name not in dropped]
+    still = {n for node in nodes for n in node.input}
+    keep = [i for i in graph.initializer if i.name not in dropped or i.name in still]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return used, set(keys.values())

@@ -14,7 +14,7 @@ from torch import nn
 from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.modules import set_module
 from compactnn.core.qembedding import QuantEmbedding
-from compactnn.core.qlayers import QuantLinear
+from compactnn.core.qlayers import QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError, name_list
 from compactnn.kernels.embedding import EmbeddingKernel
 from compactnn.kernels.linear import (
@@ -263,10 +263,27 @@ def materialize(layer: nn.Module) -> None:
         layer.refresh_weight()
 
 
+def simulated_reason(m: nn.Module, dtype: torch.dtype) -> str:
+    """Why :func:`swap_kernels` leaves the quantized module ``m`` simulated."""
+    where = str(dtype).removeprefix("torch.")
+    if not isinstance(m, (QuantLinear, QuantEmbedding)):
+        return f"no kernel for {type(m).__name__}: runs simulated in {where}"
+    if isinstance(m, QuantEmbedding):
+        return f"no kernel for codebook tables: runs simulated in {where}"
+    aq = m.input_quantizer
+    if aq is not None and not isinstance(aq, DynamicActQuantizer):
+        return "static activation grid: no kernel, runs simulated in float32"
+    if isinstance(aq, DynamicActQuantizer):
+        return "dynamic activations on a grid W8A8Linear does not take: runs simulated"
+    return "no float32 kernel for this weight format: runs simulated in float32"
+
+
 def swap_kernels(out: nn.Module, config: KernelConfig) -> nn.Module:
-    """:func:`to_kernels` on ``out`` itself (changed in place and returned)."""
+    """:func:`to_kernels` on ``out`` itself (changed in place and returned); every quantized
+    layer or table it does not swap is listed in ``_compactnn_kernels["simulated"]`` and its
+    reason in ``["simulated_why"]``."""
     dtype = config.dtype
-    swapped, simulated = {}, []
+    swapped, simulated, why = {}, [], {}
     made: dict[int, nn.Module] = {}  # a module held under several names (T5's tied tables)
     for name, m in list(out.named_modules(remove_duplicate=False)):
         if id(m) in made:  # becomes the same kernel under every name
@@ -277,6 +294,7 @@ def swap_kernels(out: nn.Module, config: KernelConfig) -> nn.Module:
             if k is None:
                 materialize(m)
                 simulated.append(name)
+                why[name] = simulated_reason(m, dtype)
                 made[id(m)] = Float32Island(m) if dtype != torch.float32 else m
                 set_module(out, name, made[id(m)])
             else:
@@ -287,11 +305,16 @@ def swap_kernels(out: nn.Module, config: KernelConfig) -> nn.Module:
             made[id(m)] = EmbeddingKernel(m, dtype)  # codes only, no float table
             set_module(out, name, made[id(m)])
             swapped[name] = "EmbeddingKernel"
+        elif is_quant_layer(m) or isinstance(m, QuantEmbedding):  # e.g. QuantConv2d
+            made[id(m)] = m
+            simulated.append(name)
+            why[name] = simulated_reason(m, dtype)
     if dtype != torch.float32:
         _to_dtype(out, dtype)
     out._compactnn_kernels = {
         "swapped": swapped,
         "simulated": simulated,
+        "simulated_why": why,
         "dtype": str(dtype).removeprefix("torch."),
         "dense_min_rows": config.dense_min_rows,
         "fused": config.fused,

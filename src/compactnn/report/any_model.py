@@ -54,6 +54,7 @@ from compactnn.report.delivery import (
     float_path_name,
     is_plain_float,
     is_probe_pruned,
+    slower_note,
 )
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS, pareto_png
@@ -284,6 +285,8 @@ def _time(
         row["latency"] = timing.to_dict()
         simulated = row["runs_as"] == SIMULATED
         row["speedup"] = None if simulated else base["latency"]["median_s"] / timing.median_s
+        if row is not base and not simulated:
+            row["notes"] += filter(None, [slower_note(paths.best.median_s, timing.median_s)])
         row["size_ratio"] = base["size_bytes"] / row["size_bytes"]
         row["quality_delta"] = row["quality"] - base["quality"]
     return paths.to_dict()
