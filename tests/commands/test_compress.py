@@ -488,7 +488,7 @@ def test_data_free_images_are_generated_only_for_a_recipe_that_reads_data(recipe
 
 def test_data_free_images_sets_the_count_and_the_artifact_records_it(tmp_path, capsys, monkeypatch):
     """--data-free-images N generates N images (the same a Python generate() call makes:
-    the artifact equals compress on them), the artifact's extra["calibration"] says its
+    the artifact equals compress on them), the artifact's extra["calibration_data"] says its
     calibration images were generated, and the summary prints it."""
     import json
 
@@ -505,13 +505,13 @@ def test_data_free_images_sets_the_count_and_the_artifact_records_it(tmp_path, c
     assert "generated 8 calibration images" in out
     data = generate(model, 8, input_shape=(1, 8, 8), seed=0, progress=False)
     record = json.loads(json.dumps(compactnn.load("art", model=model)._compactnn["extra"]))
-    assert record["calibration"] == {
+    assert record["calibration_data"] == {
         "data": "data-free",
         "method": "bn-inversion",
         "images": 8,
         "steps": 200,
         "input_shape": [1, 8, 8],
-        "seconds": record["calibration"]["seconds"],
+        "seconds": record["calibration_data"]["seconds"],
     }
     assert "  calibration: 8 generated images (data-free, bn-inversion, 200 steps" in out
     expected = compactnn.compress(model, "w4a8", calib_data=data, progress=False)

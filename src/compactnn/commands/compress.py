@@ -148,7 +148,7 @@ def data_free_images(args: argparse.Namespace) -> int:
 
 
 def calibration_record(data) -> dict:
-    """What the artifact records of generated calibration images (``extra["calibration"]``).
+    """What the artifact records of generated calibration images (``extra["calibration_data"]``).
 
     Example:
         >>> from compactnn.datafree.common import GeneratedData
@@ -168,7 +168,7 @@ def calibration_record(data) -> dict:
 
 
 def calibration_line(record: dict) -> str:
-    """The summary line of ``extra["calibration"]``.
+    """The summary line of ``extra["calibration_data"]``.
 
     Example:
         >>> r = {"method": "bn-inversion", "images": 256, "steps": 200, "input_shape": [1, 8, 8]}
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     extra["source"] = source_record(loaded)
     extra.update(loaded.extra)
     if args.data == "data-free" and data is not None:
-        extra["calibration"] = calibration_record(data)
+        extra["calibration_data"] = calibration_record(data)
     digest = compactnn.save(qmodel, out, force=args.force)
     size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
     info = compactnn.info_of(qmodel)
@@ -253,8 +253,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for line in summary:
         print(line)
-    if "calibration" in extra:
-        print(calibration_line(extra["calibration"]))
+    if "calibration_data" in extra:
+        print(calibration_line(extra["calibration_data"]))
     for line in pruning_lines(extra.get("pruning", {})):
         print(line)
     calib = as_batches(data) if probed and data is not None else []
