@@ -139,6 +139,25 @@ def irnet_arms(levers: bool = False) -> list[tuple[str, Callable[[], Recipe | st
     return arms
 
 
+def irnet_length_arms(steps: int = 1200) -> list[tuple[str, Callable[[], Recipe | str]]]:
+    """Session 23's levers: XNOR alone and with IR-Net's two options (their defaults), both
+    trained for at least ``steps`` optimizer steps (``min_steps``; the same length for both
+    arms), and the options with their own learning rate at 1e-3 or 3e-3 (``irnet_lr``) at
+    the recipe's length."""
+    both = {"libra_pb": True, "ede": True}
+
+    def opt(label: str, **options) -> Callable[[], Recipe]:
+        return lambda: with_options("w1a1-xnor", label, **options)
+
+    return [
+        (f"w1a1-xnor, {steps} steps", opt(f"xnor-{steps}", min_steps=steps)),
+        (f"xnor + IR-Net (both), {steps} steps",
+         opt(f"xnor-irnet-{steps}", **both, min_steps=steps)),
+        ("xnor + IR-Net, irnet_lr 1e-3", opt("xnor-irnet-lr1", **both, irnet_lr=1e-3)),
+        ("xnor + IR-Net, irnet_lr 3e-3", opt("xnor-irnet-lr3", **both, irnet_lr=3e-3)),
+    ]  # fmt: skip
+
+
 def binary_arms(ablation: bool = False) -> list[tuple[str, Callable[[], Recipe | str]]]:
     """Every binary recipe alone and with IR-Net's two options (the cross-architecture
     table); ``ablation``: also each recipe without the batch-norm re-estimation, and with
@@ -308,10 +327,10 @@ def run(quick: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run a part of the section: ``python -m compactnn.bench.lowbit_train PART NET SEED
-    [val]``, PART one of ``irnet``, ``irnet-levers``, ``binary``, ``tsq``; prints one JSON
-    line per arm (for splitting the three-seed tables over machines or sessions). ``val``:
-    train on the first 85 % of the training split and score on the last 15 % (choosing
-    settings without the test split)."""
+    [val]``, PART one of ``irnet``, ``irnet-levers``, ``irnet-length`` (session 23),
+    ``binary``, ``tsq``; prints one JSON line per arm (for splitting the three-seed tables
+    over machines or sessions). ``val``: train on the first 85 % of the training split and
+    score on the last 15 % (choosing settings without the test split)."""
     import json
 
     import compactnn.quant.tsq  # noqa: F401
@@ -323,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(1)
     arms = {
         "irnet": irnet_arms, "irnet-levers": lambda: irnet_arms(levers=True),
+        "irnet-length": irnet_length_arms,
         "binary": lambda: binary_arms(True), "tsq": tsq_arms,
     }[part]()  # fmt: skip
     for row in run_arms([net], arms, [int(seed)], None, part, val=val):
