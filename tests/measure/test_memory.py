@@ -66,7 +66,10 @@ def test_setup_is_held_before_the_first_reading_and_passed_to_the_builder(builde
     # 64 MiB of setup data is not counted; the 16 MiB the builder holds is, as without setup
     plain = resident_memory(f"{builders}:hold", [16])
     mem = resident_memory(f"{builders}:hold_with", [16], setup=f"{builders}:data", setup_args=[64])
-    assert abs(mem.added - plain.added) < 4 * MIB, (mem, plain)
+    # the 16 MiB are counted, the 64 MiB of setup are not (the interpreter's own first-use
+    # allocations move either reading by up to ~10 MiB from run to run: 18.9 vs 27.4 seen)
+    for m in (plain, mem):
+        assert 15 * MIB < m.added < 48 * MIB, (mem, plain)
     assert mem.before - plain.before > 60 * MIB, (mem, plain)  # setup's data was resident
 
 
