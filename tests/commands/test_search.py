@@ -375,21 +375,8 @@ def test_a_missed_latency_budget_is_said_and_recorded(project, capsys, monkeypat
 
 BLOCK = """
 import torch
-from torch import nn
 
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.a = nn.Conv2d(4, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 6 * 6, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = x + self.b(torch.relu(self.a(x)))
-        return self.head(x.flatten(1))
+from tests.mixed_precision._blocks import Block
 
 
 def make():

@@ -14,15 +14,9 @@ from compactnn.measure.float_paths import EAGER, FloatPaths
 from compactnn.measure.timing import Timing
 from compactnn.report import delivery
 from compactnn.report.delivery import SIMULATED, deliver_float, is_plain_float
+from tests.report._nets import X, cnn
 
-X = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 3)
-    ).eval()
+_cnn = cnn
 
 
 def _compress(model: nn.Module, recipe: str) -> nn.Module:

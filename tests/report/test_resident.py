@@ -15,15 +15,9 @@ from compactnn.measure.memory import ResidentMemory
 from compactnn.report import resident
 from compactnn.report.resident import build, measure_rows, memory_job, save_inputs, setup
 from compactnn.report.writer import resident_cell
+from tests.report._nets import X, cnn
 
-X = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 3)
-    ).eval()
+_cnn = cnn
 
 
 def _saved(tmp_path, model: nn.Module, recipe: str, calib=X) -> str:
