@@ -92,13 +92,15 @@ def is_plain_float(model: nn.Module) -> bool:
         >>> is_plain_float(nn.Sequential(nn.Linear(4, 2), nn.ReLU()))
         True
     """
-    for m in model.modules():
-        origin = type(m).__module__
-        if origin.startswith("compactnn.") and not origin.startswith("compactnn.models"):
-            return False
-        if parametrize.is_parametrized(m):
-            return False
-    return True
+    return all(is_plain_module(m) for m in model.modules())
+
+
+def is_plain_module(m: nn.Module) -> bool:
+    """One module of :func:`is_plain_float`'s test: PyTorch's, the user's or a reference
+    model's class, with no parametrized weight."""
+    origin = type(m).__module__
+    plain = not origin.startswith("compactnn.") or origin.startswith("compactnn.models")
+    return plain and not parametrize.is_parametrized(m)
 
 
 class Bf16Autocast(nn.Module):

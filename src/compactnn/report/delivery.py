@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 import compactnn
 from compactnn.errors import first_line
-from compactnn.measure.float_paths import fastest_float_form, is_plain_float
+from compactnn.measure.float_paths import fastest_float_form, is_plain_float, is_plain_module
 from compactnn.measure.timing import DEFAULT_THREADS
 
 __all__ = [
@@ -218,17 +217,9 @@ def is_probe_pruned(model: nn.Module) -> bool:
     no weight is parametrized (as :func:`is_plain_float` asks of every module)."""
     from compactnn.prune.probe import ProbeMLP
 
-    found = False
-    for m in model.modules():
-        if isinstance(m, ProbeMLP):
-            found = True
-            continue
-        origin = type(m).__module__
-        if origin.startswith("compactnn.") and not origin.startswith("compactnn.models"):
-            return False
-        if parametrize.is_parametrized(m):
-            return False
-    return found
+    modules = list(model.modules())
+    found = any(isinstance(m, ProbeMLP) for m in modules)
+    return found and all(isinstance(m, ProbeMLP) or is_plain_module(m) for m in modules)
 
 
 def deliver_probe_pruned(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
