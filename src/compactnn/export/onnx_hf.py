@@ -46,6 +46,7 @@ from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export.fs import atomic_write, names_folder
+from compactnn.export.hf_check import mean_cosine
 from compactnn.kernels.nbits_tables import gather_format
 from compactnn.kernels.ort_nbits import _nbits_format, nbits_onnx  # the MatMulNBits test
 
@@ -319,12 +320,6 @@ def ort_runner(data: bytes, kind: str, threads: int | None = None) -> Any:
         return torch.from_numpy(sess.run(None, feed)[0])
 
     return run
-
-
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean cosine similarity of the last-dimension vectors (tokens) of ``a`` and ``b``."""
-    a, b = a.float().flatten(0, -2), b.float().flatten(0, -2)
-    return float(nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
 def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
