@@ -5,7 +5,7 @@ scikit-learn's 8x8 digits, saves it as safetensors with a factory in ``digitnet.
 compresses it three ways with ``compactnn compress``, evaluates with labels, deploys the w8a8
 artifact on int8 kernels and writes the report with ``compactnn report``.
 
-Run it from an empty directory (about a minute on 2 cores)::
+Run it from an empty directory (about 2 minutes on 2 cores)::
 
     # CLI commands run in this process: set the wait policy `compactnn` sets for itself
     OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=20000 python docs/own_model_tutorial.py
@@ -86,7 +86,8 @@ def commands(progress: bool) -> list[str]:
     cmds.append(f"compactnn deploy art/w8a8 --model {MODEL} --data test.safetensors{flag}")
     arts = " ".join(f"art/{r}" for r in RECIPES)
     cmds.append(
-        f"compactnn report {arts} --model {MODEL} --data test.safetensors --out report{flag}"
+        f"compactnn report {arts} --model {MODEL} --data test.safetensors --out report"
+        f" --no-memory{flag}"  # the resident memory column: a few minutes more on 2 cores
     )
     return cmds
 

@@ -44,6 +44,15 @@ def test_compress_returns_new_model_and_leaves_input_untouched():
     assert q[3].input_quantizer.qtype.bits == 8
 
 
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w1a1-xnor"])
+def test_every_module_of_a_compressed_model_is_in_eval_mode(recipe):
+    """The layers and quantizers a method creates start in training mode (nn.Module's
+    default); the returned model is in eval mode through and through."""
+    q = compactnn.compress(small_cnn(), recipe, calib_data=torch.randn(16, 1, 8, 8), progress=False)
+    made = [n for n, m in q.named_modules() if m.training]
+    assert not made, made
+
+
 def test_w8a8_is_close_to_float():
     m = small_cnn()
     x = torch.randn(64, 1, 8, 8)
@@ -323,10 +332,10 @@ def test_a_recipe_whose_targets_exclude_every_layer_is_refused():
 
 
 class AttnNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, **attn) -> None:
         super().__init__()
         self.inp = nn.Linear(6, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True, **attn)
         self.fc = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -340,19 +349,67 @@ def _rtn_int8(w: torch.Tensor) -> torch.Tensor:
     return (w / scale).round().clamp(-128, 127) * scale
 
 
-def test_multihead_attention_out_proj_stays_float_with_its_reason(tmp_path):
+def test_multihead_attention_projections_are_split_and_quantized(tmp_path):
+    """nn.MultiheadAttention read in_proj_weight and out_proj.weight without calling a layer,
+    so w8a8 kept all four projections in float; now they are called Linear layers."""
     torch.manual_seed(0)
     m, x = AttnNet().eval(), torch.randn(8, 5, 6)
+    w_in, w_out = m.attn.in_proj_weight.detach().clone(), m.attn.out_proj.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        q = compactnn.compress(m, "w8a8", calib_data=x, progress=False)
+    assert not [w for w in rec if "MultiheadAttention" in str(w.message)]
+    assert type(m.attn) is nn.MultiheadAttention  # the user's model is unchanged
+    assert torch.equal(m.attn.in_proj_weight, w_in)
+    info = compactnn.info_of(q)
+    assert info["float_layers"] == {} and info["extra"]["split_attention"] == ["attn"]
+    expected = dict(zip(("q_proj", "k_proj", "v_proj"), w_in.split(16), strict=True))
+    expected["out_proj"] = w_out
+    for name, w in expected.items():  # int8 codes of each float projection, per row
+        layer = getattr(q.attn, name)
+        assert isinstance(layer, QuantLinear) and layer.input_quantizer.calibrated
+        assert torch.equal(layer.weight, _rtn_int8(w))
+    with torch.no_grad():
+        ref = m(x)
+        assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    compactnn.save(q, tmp_path / "q")
+    skeleton = AttnNet()
+    loaded = compactnn.load(tmp_path / "q", model=skeleton)
+    assert type(skeleton.attn) is nn.MultiheadAttention  # the skeleton is copied
+    assert type(loaded.attn).__name__ == "SplitMultiheadAttention"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
+def test_split_projection_names_can_be_ignored_and_typos_are_refused():
+    """The compressed model's names (attn.q_proj) are accepted in ignore= and targets.names,
+    though the float model has no such module; a typo lists them among the close names."""
+    torch.manual_seed(0)
+    m, x = AttnNet().eval(), torch.randn(8, 5, 6)
+    q = compactnn.compress(m, "w8a8", calib_data=x, progress=False, ignore=["attn.q_proj"])
+    assert type(q.attn.q_proj) is nn.Linear and isinstance(q.attn.k_proj, QuantLinear)
+    assert torch.equal(q.attn.q_proj.weight, m.attn.in_proj_weight[:16])
+    assert type(m.attn) is nn.MultiheadAttention
+    with pytest.raises(CompactnnError, match=r"'attn\.q_prj' matches no module.*attn\.q_proj"):
+        compactnn.compress(m, "w8a8", calib_data=x, progress=False, ignore=["attn.q_prj"])
+    assert type(m.attn) is nn.MultiheadAttention
+
+
+def test_unsplittable_multihead_attention_out_proj_stays_float_with_its_reason(tmp_path):
+    torch.manual_seed(0)
+    m, x = AttnNet(add_bias_kv=True).eval(), torch.randn(8, 5, 6)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         q = compactnn.compress(m, "w8a8", calib_data=x, progress=False)  # was refused
     said = [str(w.message) for w in rec if "MultiheadAttention" in str(w.message)]
     assert len(said) == 1 and "\n" not in said[0]
     assert "attn.out_proj" in said[0] and "in_proj weights are parameters" in said[0]
-    float_layers = compactnn.info_of(q)["float_layers"]
-    assert list(float_layers) == ["attn.out_proj"]
-    assert "MultiheadAttention attn" in float_layers["attn.out_proj"]
-    assert "never calls it" in float_layers["attn.out_proj"]
+    assert "(add_bias_kv=True)" in said[0]
+    info = compactnn.info_of(q)
+    assert "split_attention" not in info["extra"]
+    assert list(info["float_layers"]) == ["attn.out_proj"]
+    assert "MultiheadAttention attn" in info["float_layers"]["attn.out_proj"]
+    assert "never calls it (not split: add_bias_kv=True)" in info["float_layers"]["attn.out_proj"]
     assert torch.equal(q.attn.out_proj.weight, m.attn.out_proj.weight)
     assert torch.equal(q.attn.in_proj_weight, m.attn.in_proj_weight)
     for name in ("inp", "fc"):  # the other layers: int8 codes of their float weights
@@ -360,8 +417,50 @@ def test_multihead_attention_out_proj_stays_float_with_its_reason(tmp_path):
         assert isinstance(layer, QuantLinear) and layer.input_quantizer.calibrated
         assert torch.equal(layer.weight, _rtn_int8(getattr(m, name).weight.detach()))
     compactnn.save(q, tmp_path / "q")
-    loaded = compactnn.load(tmp_path / "q", model=AttnNet())
-    assert compactnn.info_of(loaded)["float_layers"] == float_layers
+    loaded = compactnn.load(tmp_path / "q", model=AttnNet(add_bias_kv=True))
+    assert compactnn.info_of(loaded)["float_layers"] == info["float_layers"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
+def _tiny_vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    )
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts it at zero
+    return vit.eval()
+
+
+def test_vision_transformer_attention_is_quantized_and_reloads(tmp_path):
+    """A torchvision ViT kept its q/k/v/out projections (a third of its weights) in float."""
+    torch.set_num_threads(1)
+    m, x = _tiny_vit(), torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    q = compactnn.compress(m, "w8a8", calib_data=x, progress=False)
+    info = compactnn.info_of(q)
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
+    assert info["float_layers"] == {}
+    assert info["extra"]["split_attention"] == [f"{b}.self_attention" for b in blocks]
+    for b in blocks:
+        ref, attn = m.get_submodule(f"{b}.self_attention"), q.get_submodule(f"{b}.self_attention")
+        rows = ref.in_proj_weight.detach().split(32)
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), rows, strict=True):
+            assert torch.equal(getattr(attn, name).weight, _rtn_int8(w))
+            assert getattr(attn, name).input_quantizer.calibrated
+        assert torch.equal(attn.out_proj.weight, _rtn_int8(ref.out_proj.weight.detach()))
+    with torch.no_grad():
+        ref = m(x)
+        assert (q(x) - ref).abs().max() < 0.1 * ref.abs().max()
+    compactnn.save(q, tmp_path / "vit")
+    loaded = compactnn.load(tmp_path / "vit", model=_tiny_vit())
     with torch.no_grad():
         assert torch.equal(loaded(x), q(x))
 
@@ -388,10 +487,11 @@ def test_weight_only_solvers_compress_attention_blocks():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # few calibration samples
         q = compactnn.compress(Net().eval(), "w4-g16-gptq", torch.randn(8, 5, 16), progress=False)
-    # was "layers ['attn.out_proj'] never ran on the calibration data"
-    float_layers = compactnn.info_of(q)["float_layers"]
-    assert set(float_layers) == {"layers.0.attn.out_proj", "layers.1.attn.out_proj"}
-    assert all(isinstance(block.fc, QuantLinear) for block in q.layers)
+    # was "layers ['attn.out_proj'] never ran on the calibration data", then out_proj in float
+    assert compactnn.info_of(q)["float_layers"] == {}
+    for block in q.layers:
+        projections = [getattr(block.attn, p) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        assert all(isinstance(layer, QuantLinear) for layer in [block.fc, *projections])
 
 
 def test_channel_pruned_float_layers_say_how_many_channels_went(tmp_path):

@@ -58,6 +58,16 @@ FLOAT_ROW_NAMES = {"fp32 eager", *FLOAT_PATH_NAMES.values()}
 INT8_RUNTIMES = {"oneDNN int8", "ONNX Runtime int8"}
 
 
+def test_tutorial_commands_are_the_page_s_and_skip_the_memory_column():
+    doc = (DOCS / "own-model.md").read_text()
+    cmds = _tutorial().commands(progress=False)
+    for cmd in cmds:  # every command line of the script is on the page, as written there
+        assert cmd.replace("compactnn ", "", 1).split(" --no-progress")[0] in doc, cmd
+    report = [cmd for cmd in cmds if cmd.startswith("compactnn report ")]
+    # the resident memory column alone took minutes of a loaded 2-core machine
+    assert len(report) == 1 and "--no-memory" in report[0].split(), report
+
+
 @pytest.mark.slow
 def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -94,7 +104,8 @@ def test_tutorial_prints_the_documented_numbers(tmp_path, monkeypatch, capsys):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     argv = [sys.executable, "-m", "compactnn.cli", "report", "art/w8a8", "--model",
             "digitnet:build", "--weights", "digitnet.safetensors", "--data", "test.safetensors",
-            "--out", "report1", "--runs", "1", "--quick", "--no-progress"]  # fmt: skip
+            "--out", "report1", "--runs", "1", "--quick", "--no-progress",
+            "--no-memory"]  # fmt: skip
     # --quick: no torch.compile in the float race (a minute or more on a loaded machine, where
     # a 120 s limit timed out); the rows checked below do not depend on it
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)

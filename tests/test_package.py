@@ -49,6 +49,25 @@ def test_import_compactnn_loads_no_optional_package():
     assert not loaded & {*DEMO_MODULES, *EXTRA_MODULES}
 
 
+def test_subpackages_are_attributes_after_a_plain_import():
+    """The docs write ``compactnn.data.load_digits8()`` after ``import compactnn``."""
+    probe = (
+        "import compactnn, sys\n"
+        "before = 'compactnn.data' in sys.modules\n"
+        "s = compactnn.data.load_digits8()\n"
+        "ok = len(s.x_train) == len(s.y_train) > 0\n"
+        "print(before, ok, callable(compactnn.models.load_reference))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    assert out == ["False", "True", "True"]  # imported on first use, not by `import compactnn`
+    import compactnn
+
+    with pytest.raises(AttributeError, match="no attribute 'not_a_module'"):
+        compactnn.not_a_module  # noqa: B018
+
+
 def test_cli_parser_loads_no_demo_or_bench_package():
     loaded = _loaded_after("import compactnn.cli\ncompactnn.cli.build_parser()")
     assert not loaded & set(DEMO_MODULES)

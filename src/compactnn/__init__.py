@@ -48,3 +48,15 @@ __all__ = [
     "train",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``compactnn.data``, ``compactnn.models`` and the other subpackages after a plain
+    ``import compactnn`` (imported on first use, so the optional libraries some of them need
+    are not loaded by ``import compactnn``)."""
+    import importlib
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,7 @@ from torch import nn
 
 import compactnn.methods  # noqa: F401  (registers every method, once, before any recipe runs)
 from compactnn import registry
+from compactnn.core.attention import split_attention, splittable
 from compactnn.core.calib import (
     all_zero,
     as_batches,
@@ -38,6 +39,7 @@ from compactnn.export.artifact import info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
 from compactnn.float_layers import out_width, report_float_layers, warn_float_bytes
+from compactnn.kernels.load import meta_copy
 from compactnn.prune.channel import ChannelConfig
 from compactnn.quant.base import (
     QuantConfig,
@@ -144,8 +146,7 @@ def _compress(
     """The body of :func:`compress` once the model is checked (streaming calls it on a
     skeleton whose blocks are loaded one at a time)."""
     recipe = resolve_recipe(recipe)
-    check_target_names(model, recipe)
-    recipe = with_ignored(recipe, model, ignore)
+    recipe = _checked_names(model, recipe, ignore)
     torch.manual_seed(seed)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
@@ -173,6 +174,7 @@ def _compress(
     ctx.folded_bn.extend(previous.get("folded_bn", []))
     ctx.extra.update(previous.get("extra", {}))
     _linearize_conv1d(qmodel, ctx)
+    _split_attention(qmodel, recipe, ctx)
     check_layers_found(qmodel, recipe)
     widths = {n: out_width(m) for n, m in weight_layers(qmodel).items()}  # before any pruning
     for step in recipe.steps:
@@ -186,6 +188,7 @@ def _compress(
         qmodel = entry.handler(qmodel, targets, step.config, ctx)
         if any(not q.calibrated for q in heads):  # a tied head's input grid, if still unset
             calibrate_activations(qmodel, ctx)
+    qmodel.eval()  # the layers and quantizers the methods made start in training mode
     report_float_layers(qmodel, ctx, widths, previous.get("float_layers", {}))
     warn_float_bytes(qmodel, ctx)
     if (hf := hf_header(qmodel)) is not None:  # lets load(dir) rebuild HF models unaided
@@ -215,6 +218,41 @@ def _linearize_conv1d(model: nn.Module, ctx: CompressContext) -> None:
     if convs:
         conv1d_to_linear(model, convs)
         ctx.extra[CONV1D_KEY] = sorted({*ctx.extra.get(CONV1D_KEY, []), *convs})
+
+
+SPLIT_KEY = "split_attention"  # extra: nn.MultiheadAttention split into called Linear layers
+
+
+def _checked_names(model: nn.Module, recipe: Recipe, ignore: Sequence[str]) -> Recipe:
+    """:func:`check_target_names`, then :func:`with_ignored`, on the module names the
+    compressed model has: those of ``model`` or, when one is refused, of a parameter-free
+    copy with its attentions split (``attn.q_proj`` names a layer of the compressed model)."""
+    try:
+        check_target_names(model, recipe)
+        return with_ignored(recipe, model, ignore)
+    except CompactnnError:
+        if _prunes_channels(recipe) or not splittable(model)[0]:
+            raise
+    view = meta_copy(model)
+    split_attention(view)
+    check_target_names(view, recipe)
+    return with_ignored(recipe, view, ignore)
+
+
+def _prunes_channels(recipe: Recipe) -> bool:
+    return any(isinstance(step.config, ChannelConfig) for step in recipe.steps)
+
+
+def _split_attention(model: nn.Module, recipe: Recipe, ctx: CompressContext) -> None:
+    """Each ``nn.MultiheadAttention`` that :mod:`compactnn.core.attention` can stand for
+    becomes a ``SplitMultiheadAttention`` (equal outputs; q/k/v/out projections as called
+    ``nn.Linear``) so every method compresses them; ``load`` splits the same names in its
+    skeleton. Not before channel pruning, whose tracer handles ``nn.MultiheadAttention``."""
+    if _prunes_channels(recipe):
+        return
+    names = split_attention(model)
+    if names:
+        ctx.extra[SPLIT_KEY] = sorted({*ctx.extra.get(SPLIT_KEY, []), *names})
 
 
 def acts_on_layers(config: Any) -> bool:
@@ -275,23 +313,28 @@ def no_layer_message(model: str, recipe: str, step: Step, of_class: list[str]) -
 def _leave_attention_out_projs(
     model: nn.Module, targets: dict[str, nn.Module], ctx: CompressContext
 ) -> dict[str, nn.Module]:
-    """``targets`` without the ``out_proj`` of each ``nn.MultiheadAttention``: the attention
-    reads that Linear's weight and never calls it, so its input can be neither calibrated nor
-    seen by a solver. Each is recorded kept in float with the reason, with one warning."""
+    """``targets`` without the ``out_proj`` of each ``nn.MultiheadAttention`` left unsplit
+    (:func:`_split_attention`): the attention reads that Linear's weight and never calls it,
+    so its input can be neither calibrated nor seen by a solver. Each is recorded kept in
+    float with the reason, with one warning."""
     owners = attention_out_projs(model)
     left = [n for n, m in targets.items() if n in owners and not is_quant_layer(m)]
     new = [n for n in left if n not in ctx.float_layers]
+    unsplit = splittable(model)[1]
+    why = {n: unsplit.get(owners[n], "the recipe prunes channels") for n in new}
     for n in new:
         ctx.float_layers[n] = ctx.skipped[n] = (
             f"out_proj of nn.MultiheadAttention {owners[n] or '(the model)'}, which reads its "
-            "weight directly and never calls it"
+            f"weight directly and never calls it (not split: {why[n]})"
         )
     if new:
+        reasons = sorted(set(why.values()))
         ctx.warn(
             f"kept in float: {len(new)} nn.MultiheadAttention out_proj layers "
-            f"({name_list(new, 3)}): the attention reads their weights directly "
-            "(F.multi_head_attention_forward) and never calls them, so they cannot be "
-            "quantized; its in_proj weights are parameters, not layers, and stay float too."
+            f"({name_list(new, 3)}): these attentions could not be split into called "
+            f"layers ({', '.join(reasons)}), so they read their weights directly "
+            "(F.multi_head_attention_forward) and never call them; their in_proj weights "
+            "are parameters, not layers, and stay float too."
         )
     return {n: m for n, m in targets.items() if n not in left}
 

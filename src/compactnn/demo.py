@@ -52,6 +52,7 @@ from compactnn.report.delivery import (
     float_path_name,
     is_plain_float,
     slower_note,
+    timing_suspect,
 )
 
 FLOAT = "float"
@@ -306,7 +307,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         simulated = r.get("runtime") == SIMULATED
         r["speedup"] = None if simulated else b["latency"]["median_s"] / r["latency"]["median_s"]
         slow = r is not b and not simulated
-        if slow and (n := slower_note(b["latency"]["median_s"], r["latency"]["median_s"])):
+        suspect = timing_suspect(b["latency"], r["latency"])
+        if slow and (
+            n := slower_note(b["latency"]["median_s"], r["latency"]["median_s"], suspect=suspect)
+        ):
             r.setdefault("notes", []).append(n)
         r["quality_delta"] = r["quality"] - b["quality"]
         r["size_vs_theoretical"] = r["size_bytes"] / r["theoretical_bytes"] - 1.0

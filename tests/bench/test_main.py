@@ -34,8 +34,21 @@ def test_sections_run_independently_and_combine(tmp_path, fake_sections):
     assert bench_main.main(["--only", "alpha", "--quick", "--out", str(out)]) == 0
     text = out.read_text()
     # both sections, in SECTIONS order, the rerun one updated, the other kept
-    assert text.index("## Alpha\n\nA quick") < text.index("## Beta\n\nB")
+    assert text.index("## Alpha\n\n**Quick run**") < text.index("A quick")
+    assert text.index("A quick") < text.index("## Beta\n\nB")
     assert text.startswith(bench_main.TITLE)
+
+
+def test_a_quick_run_says_so_at_the_top_of_its_section_file(tmp_path, fake_sections):
+    out = tmp_path / "benchmarks.md"
+    assert bench_main.main(["--only", "alpha", "--quick", "--out", str(out)]) == 0
+    lines = (tmp_path / "bench" / "alpha.md").read_text().splitlines()
+    assert lines[0] == "## Alpha"  # the heading stays first, the banner right under it
+    assert lines[2] == bench_main.QUICK_BANNER and "not the committed full" in lines[2]
+    assert lines[4] == "A quick"
+    assert bench_main.main(["--only", "alpha", "--out", str(out)]) == 0  # a full run: no banner
+    assert "Quick run" not in (tmp_path / "bench" / "alpha.md").read_text()
+    assert bench_main.mark_quick("| t |\n").startswith(bench_main.QUICK_BANNER)  # no heading
 
 
 def test_a_failing_section_keeps_the_others(tmp_path, fake_sections):

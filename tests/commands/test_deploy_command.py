@@ -317,3 +317,21 @@ def test_deploy_of_a_reference_scores_its_held_out_split_on_both_models(
         f"top-1 on toy-ref's held-out split: simulated {want_sim:.2f}%, deployed "
         f"{want_dep:.2f}% (the deployed model itself)"
     ) in out
+
+
+def test_a_float_advice_that_the_longer_timing_contradicts_is_reconciled():
+    from compactnn.measure.float_paths import FloatPaths
+    from compactnn.measure.timing import Timing
+
+    def t(ms):
+        return Timing(ms / 1e3, ms / 1e3, ms / 1e3, 10, 1, 2)
+
+    advised = dataclasses.make_dataclass("D", ["recommendation"])("ORT fp32 runs it 2.2x faster")
+    paths = FloatPaths({"fp32-eager": t(40.0), "ort-fp32": t(20.0), "deployed": t(8.0)})
+    paths.winner = "ort-fp32"
+    said = deploy_command._disagreement(advised, paths)
+    assert said.startswith("the timing above finds the deployed model 2.50x faster than ort-fp32")
+    paths.timings["deployed"] = t(25.0)  # the table agrees with the advice: nothing to add
+    assert deploy_command._disagreement(advised, paths) is None
+    quiet = dataclasses.make_dataclass("D", ["recommendation"])(None)
+    assert deploy_command._disagreement(quiet, FloatPaths({"fp32-eager": t(1.0)})) is None

@@ -313,8 +313,36 @@ def test_search_json_records_the_budget_given(project):
         == 0
     )
     summary = json.loads((out / "search.json").read_text())
+    artifact = summary["budget"].pop("artifact_bytes")  # measured with --max-bytes
     assert summary["budget"] == {"avg_bits": 4.0, "max_bytes": 900.0}
     assert summary["cost"]["avg_bits"] <= 4 and summary["cost"]["bytes"] <= 900
+    assert artifact > summary["cost"]["bytes"]
+
+
+def test_max_bytes_prints_the_artifact_size_it_does_not_bound(project, capsys):
+    """--max-bytes bounds the searched layers' payload; the printout says so and gives the
+    artifact's size, equal to the bytes on disk of what compress writes with the recipe."""
+    import os
+
+    tmp, _ = project
+    out = tmp / "s"
+    assert search_command.run(parse(search_argv(tmp, out, "--max-bytes", "900"))) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "search.json").read_text())
+    art = tmp / "art-searched"
+    assert main(["compress", "searchnet:make", "--weights", str(tmp / "w.safetensors"),
+                 "--recipe", str(out / "recipe.yaml"), "--data", str(tmp / "calib.safetensors"),
+                 "--out", str(art), "--no-progress"]) == 0  # fmt: skip
+    on_disk = sum(os.stat(p).st_size for p in art.rglob("*") if p.is_file())
+    payload = summary["cost"]["bytes"]
+    assert summary["budget"]["artifact_bytes"] == on_disk > 900 >= payload
+    assert f"({payload:,.0f} B; what --max-bytes 900 bounds: the packed weight codes" in printed
+    assert "artifact on disk: " in printed and f"({on_disk:,} B, measured" in printed
+    assert f"the artifact is {on_disk - 900:,} B over --max-bytes 900" in printed
+    sub = search_command.add_parser(argparse.ArgumentParser().add_subparsers())
+    assert "weights at most (packed codes, scales, biases): not the artifact" in " ".join(
+        sub.format_help().split()
+    )
 
 
 def test_data_free_is_refused_before_loading_with_what_to_pass(project, capsys, monkeypatch):

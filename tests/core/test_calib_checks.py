@@ -262,18 +262,3 @@ def test_a_dict_without_the_models_main_input_is_named_in_one_line():
         "as the file's only tensor), made for this model."
     )
     check_batch(_PixelModel(), {"pixel_values": torch.rand(2, 4)}, "auto")  # runs
-
-
-def test_padded_token_ids_without_a_mask_are_named():
-    from compactnn.core.calib import unmasked_padding
-
-    model = nn.Module()
-    model.config = type("Config", (), {"pad_token_id": 1})()
-    ids = torch.tensor([[5, 6, 1, 1], [5, 6, 7, 8], [2, 1, 1, 1]])
-    assert unmasked_padding(model, ids).startswith(
-        "2 of 3 sequences of token ids hold the padding id 1"
-    )
-    assert unmasked_padding(model, {"input_ids": ids}) == unmasked_padding(model, ids)
-    assert unmasked_padding(model, {"input_ids": ids, "attention_mask": ids > 1}) is None
-    assert unmasked_padding(model, ids.float()) is None  # not token ids
-    assert unmasked_padding(nn.Linear(2, 2), ids) is None  # no padding id

@@ -102,3 +102,43 @@ def test_like_keeps_padding_idx():
     emb = nn.Embedding(10, 8, padding_idx=0)
     q = QuantEmbedding.like(emb, QuantSpec(bits=8))
     assert q.padding_idx == 0 and q.weight.shape == (10, 8)
+
+
+def _gemma_table(rows=40, dim=64):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+
+    torch.manual_seed(0)
+    emb = GemmaTextScaledWordEmbedding(rows, dim, 0, embed_scale=dim**0.5)
+    assert transformers is not None and emb.embed_scale.dtype == torch.float32
+    return emb
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8, True, "channel"), QuantSpec(4, False, "group", 32)])
+def test_a_scaled_table_keeps_its_factor_exactly(spec):
+    """Gemma's table multiplies the lookup by embed_scale: the quantized table (and its gather
+    kernel) returns what the float module returns on the dequantized table, bit for bit."""
+    emb = _gemma_table()
+    assert embedding_unsupported(emb) is None
+    q = quantize_embedding_rtn(emb, spec)
+    assert q.embed_scale is not None and float(q.embed_scale) == 8.0
+    assert "embed_scale" not in q.state_dict()  # a constant of the architecture, not stored
+    ids = torch.tensor([[0, 3, 39], [7, 7, 1]])
+    with torch.no_grad():
+        emb.weight.copy_(q.weight)
+        want = emb(ids)
+    assert torch.equal(q(ids), want)
+    assert torch.equal(q(ids), nn.functional.embedding(ids, q.weight) * 8.0)
+    assert torch.equal(EmbeddingKernel(q, torch.float32)(ids), want)
+    assert torch.equal(QuantEmbedding.like(q, spec).embed_scale, q.embed_scale)
+
+
+def test_a_table_with_another_forward_is_still_refused():
+    class OtherScaledWordEmbedding(nn.Embedding):  # the name, but not lookup * embed_scale
+        embed_scale = 2.0
+
+        def forward(self, ids):
+            return super().forward(ids) * 2.0 + 1.0
+
+    assert "forward of its own" in embedding_unsupported(OtherScaledWordEmbedding(8, 16))
+    assert embedding_unsupported(_table()) is None

@@ -443,3 +443,34 @@ def test_a_save_removes_the_verification_batch_of_the_artifact_it_replaces(tmp_p
     compactnn.save(q, root, force=True)
     assert not (root / "deployment.safetensors").exists()
     assert torch.equal(compactnn.load(root, model=cnn())(calib), q(calib))
+
+
+def _mlp_notes():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+
+def test_compress_notes_survive_save_and_load_and_old_artifacts_load_without_them(tmp_path):
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="nm2:4-ft"):  # one-shot 2:4 drifts on this MLP
+        q = compactnn.compress(_mlp_notes(), "nm2:4", calib_data=x, progress=False)
+    notes = compactnn.info_of(q)["notes"]
+    assert any("nm2:4-ft" in n for n in notes)  # the premise: the run noted something
+    root = tmp_path / "a"
+    compactnn.save(q, root)
+    assert artifact.read_header(root)["extra"]["notes"] == notes
+    q2 = compactnn.load(root, model=_mlp_notes())
+    assert compactnn.info_of(q2)["notes"] == notes and "notes" not in q2._compactnn["extra"]
+    compactnn.save(q2, tmp_path / "b")  # saved again from the loaded model: kept once
+    assert compactnn.info_of(compactnn.load(tmp_path / "b", model=_mlp_notes()))["notes"] == notes
+    _edit_header(root, lambda h: h["extra"].__delitem__("notes"))  # as saved before notes were kept
+    assert compactnn.info_of(compactnn.load(root, model=_mlp_notes()))["notes"] == []
+    _edit_header(root, lambda h: h["extra"].update(notes="not a list"))
+    with pytest.raises(ArtifactError, match="notes"):
+        compactnn.load(root, model=_mlp_notes())
+
+
+def test_a_model_without_notes_writes_no_notes_field(tmp_path):
+    root, q, _ = _saved(tmp_path, "w8")
+    assert compactnn.info_of(q)["notes"] == []  # the premise
+    assert "notes" not in artifact.read_header(root)["extra"]

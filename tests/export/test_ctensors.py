@@ -212,3 +212,45 @@ def test_tied_embedding_refusal_names_the_cli_and_python_fix():
     q = compactnn.compress(model, "w8", calib_data=tiny_model("llama")[1][:1], progress=False)
     reason = ctensors.can_export(q)
     assert "tied" in reason and "--ignore lm_head" in reason and "ignore=['lm_head']" in reason
+
+
+def test_a_tied_table_is_stored_once_and_reloads_tied(tmp_path):
+    """OPT ties lm_head to the token table: the folder holds the table once, as
+    save_pretrained does, and from_pretrained ties the head back to it."""
+    model, calib = tiny_model("opt")
+    q = compactnn.compress(model, "w4-g32", calib_data=calib, ignore=["lm_head"], progress=False)
+    table = q.get_submodule("model.decoder.embed_tokens")
+    assert q.lm_head.weight is table.weight and q.config.tie_word_embeddings
+    folder = ctensors.export(q, tmp_path / "ct")
+    state = safetensors.load_file(folder / "model.safetensors")
+    assert "lm_head.weight" not in state
+    assert torch.equal(state["model.decoder.embed_tokens.weight"], table.weight.detach())
+    loaded = _reload(folder, causal=True)
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+    assert torch.equal(loaded.lm_head.weight, table.weight.detach())
+    assert torch.allclose(outputs(loaded, calib[1]), outputs(q, calib[1]), atol=1e-6, rtol=0)
+    reference = {"model.decoder.embed_tokens.weight", "lm_head.weight"}  # what save_pretrained
+    model.save_pretrained(tmp_path / "float")  # keeps of the tie: the table only
+    kept = set(safetensors.load_file(tmp_path / "float" / "model.safetensors"))
+    assert kept & reference == {"model.decoder.embed_tokens.weight"}
+
+
+def test_a_scaled_token_table_keeps_its_factor(tmp_path):
+    """Gemma's quantized table (lookup * embed_scale, not tied here) loads in transformers
+    with its factor and gives the simulation's logits."""
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _, calib = tiny_model("llama")
+    q = compactnn.compress(model, "w4-g32", calib_data=calib[:1], progress=False)
+    assert float(q.get_submodule("model.embed_tokens").embed_scale) == 8.0
+    folder = ctensors.export(q, tmp_path / "ct")
+    state = safetensors.load_file(folder / "model.safetensors")
+    assert "model.embed_tokens.weight_scale" in state  # the table is stored as codes
+    loaded = _reload(folder, causal=True)
+    assert float(loaded.get_submodule("model.embed_tokens").embed_scale) == 8.0
+    assert torch.allclose(outputs(loaded, calib[1]), outputs(q, calib[1]), atol=1e-6, rtol=0)

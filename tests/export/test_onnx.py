@@ -9,6 +9,7 @@ from compactnn.core.qlayers import QuantConv2d, QuantLinear
 from compactnn.core.qlayers import is_quant_layer as is_quant
 from compactnn.errors import CompactnnError
 from compactnn.export.onnx import export_onnx, int32_bias_codes, int32_bias_layers
+from tests._vit import tiny_vit
 from tests.deployment.conftest import make_net
 
 
@@ -224,12 +225,18 @@ def test_dict_outputs_with_the_same_shape_are_paired_in_graph_order(tmp_path):
         assert float((ref[key] - got[key]).abs().max()) <= step
 
 
+class _OwnForward(torch.nn.MultiheadAttention):
+    """Its own forward (so compress leaves it unsplit) that takes the fused fast path."""
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
 class _Attention(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, attn: torch.nn.Module) -> None:
         super().__init__()
-        torch.manual_seed(0)
         self.proj = torch.nn.Linear(16, 32)
-        self.attn = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+        self.attn = attn
         self.fc = torch.nn.Linear(32, 10)
 
     def forward(self, x):
@@ -239,14 +246,25 @@ class _Attention(torch.nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:.*weight bytes stay in float")
-def test_multihead_attention_exports_without_the_fused_fast_path(tmp_path, capfd):
+@pytest.mark.filterwarnings("ignore:kept in float")
+@pytest.mark.parametrize("own_forward", [False, True], ids=["add_bias_kv", "own_forward"])
+def test_multihead_attention_exports_without_the_fused_fast_path(own_forward, tmp_path, capfd):
     """With out_proj left float, nn.MultiheadAttention ran its fused fast path while being
     exported: a raw UnsupportedOperatorError (aten::_native_multi_head_attention) and the
-    whole TorchScript graph on stdout."""
+    whole TorchScript graph on stdout. Both attentions stay unsplit (compress splits the
+    others); only the one with its own forward would take the fast path (add_bias_kv=True
+    turns it off by itself), so it is the one that needs the exporter to turn it off."""
+    torch.manual_seed(0)
+    attn = (
+        _OwnForward(32, 2, batch_first=True)
+        if own_forward
+        else torch.nn.MultiheadAttention(32, 2, batch_first=True, add_bias_kv=True)
+    )
     x = torch.randn(32, 6, 16, generator=torch.Generator().manual_seed(0))
     qmodel = compactnn.compress(
-        _Attention().eval(), "w8a8", calib_data=x, progress=False, ignore=["*out_proj"]
+        _Attention(attn).eval(), "w8a8", calib_data=x, progress=False, ignore=["*out_proj"]
     )
+    assert type(qmodel.attn) is type(attn)  # not split
     result = export_onnx(qmodel, tmp_path / "m.onnx", example=x[:8])
     assert result.passed and _ort_steps(qmodel, (tmp_path / "m.onnx").read_bytes(), x[8:]) < 1
     assert torch.backends.mha.get_fastpath_enabled()  # restored
@@ -309,3 +327,48 @@ def test_export_leaves_the_callers_model_in_its_mode(tmp_path):
     qmodel.train()  # e.g. between training epochs
     export_onnx(qmodel, tmp_path / "m.onnx", example=calib[:8])
     assert qmodel.training and all(m.training for m in qmodel.modules())
+
+
+def _dequantized(layer: QuantLinear) -> torch.Tensor:
+    """``layer``'s per-group codes times their scales, by hand: ``(codes - zero) * scale``."""
+    rows, groups = layer.weight_scale.shape
+    codes = layer.weight_codes.float().reshape(rows, groups, -1)
+    w = (codes - layer.weight_zero[..., None]) * layer.weight_scale[..., None]
+    return w.reshape(layer.weight.shape)
+
+
+def test_group_wise_weight_only_layers_export_dequantized_and_verify(tmp_path):
+    """Every group-wise layer raised a raw RuntimeError (its (rows, groups) scales expanded
+    to one per row) before anything was written."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    qmodel = compactnn.compress(net, "w4-g32", calib_data=x, progress=False)
+    middle = qmodel[2]
+    assert middle.weight_spec.bits == 4 and middle.weight_scale.shape == (64, 2)
+    result = export_onnx(qmodel, tmp_path / "m.onnx", example=x[:8])
+    assert result.passed and result.max_diff_steps < 1e-3
+    assert _ort_steps(qmodel, (tmp_path / "m.onnx").read_bytes(), x[8:]) < 1e-3
+    stored = [
+        torch.from_numpy(numpy_helper.to_array(t).copy())
+        for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer
+        if tuple(t.dims) == (64, 64)
+    ]
+    by_hand = _dequantized(middle)  # per-group weights are stored dequantized (float)
+    assert any(torch.allclose(w, by_hand, rtol=0, atol=1e-6) for w in stored)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4-g32"])
+def test_a_split_vision_transformer_exports_and_verifies(recipe, tmp_path):
+    """compress splits each nn.MultiheadAttention into called q/k/v/out_proj layers; the
+    file runs them (quantized) in ONNX Runtime as the simulation does."""
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    qmodel = compactnn.compress(tiny_vit(), recipe, calib_data=x, progress=False)
+    attention = qmodel.encoder.layers[0].self_attention
+    assert all(is_quant(getattr(attention, p)) for p in ("q_proj", "k_proj", "v_proj"))
+    result = export_onnx(qmodel, tmp_path / "m.onnx", example=x[:8])
+    assert result.passed and result.max_diff_steps < 1e-3
+    assert _ort_steps(qmodel, (tmp_path / "m.onnx").read_bytes(), x[8:]) < 1

@@ -158,3 +158,42 @@ def test_layers_left_float_are_named(bert, monkeypatch):
     monkeypatch.setattr(onnx_hf, "nbits_onnx", lambda *a, **k: (b"", ["pooler.dense"]))
     with pytest.warns(UserWarning, match=r"1 quantized layers stay float.*pooler\.dense"):
         onnx_hf.to_onnx_bytes(q, calib[0])
+
+
+@pytest.fixture(scope="module")
+def opt_w8a8():
+    model, calib = tiny_model("opt")  # OPT ties lm_head to the token table
+    return compactnn.compress(model, "w8a8", calib_data=calib * 2, progress=False), calib
+
+
+def test_w8a8_tied_table_is_stored_once_as_codes(opt_w8a8, tmp_path):
+    """W8A8: the quantized token table is GatherBlockQuantized on its codes and the tied head
+    dequantizes those very bytes; no float table is left, the output is the simulation's."""
+    q, calib = opt_w8a8
+    table = q.get_submodule("model.decoder.embed_tokens")
+    assert q.lm_head.weight_codes is table.weight_codes
+    assert onnx_hf.caveat(q) is None and onnx_hf.float_layers(q) == []
+    path = onnx_hf.export(q, tmp_path / "m.onnx", example=calib[0])
+    graph = onnx.load(str(path)).graph
+    arrays = {
+        i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in graph.initializer
+    }
+    rows, dim = table.weight.shape
+    assert not [n for n, a in arrays.items() if a.is_floating_point() and a.numel() >= rows * dim]
+    (gbq,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    codes = table.weight_codes.to(torch.int16)  # stored once: uint8 u = q + 128
+    wide = {n: a.to(torch.int16) for n, a in arrays.items() if a.shape == codes.shape}
+    copies = [n for n, a in wide.items() if torch.equal(a, codes) or torch.equal(a - 128, codes)]
+    assert copies == [gbq.input[0]]
+    readers = sorted(n.op_type for n in graph.node if gbq.input[0] in n.input)
+    assert readers == ["DequantizeLinear", "GatherBlockQuantized"]  # the head reads it too
+    sim, got = outputs(q, calib[1]), _run(path, calib[1])
+    assert (sim - got).abs().max() < 1e-4
+
+
+def test_w8a8_table_left_float_is_listed(opt_w8a8, monkeypatch):
+    """A W8A8 table that GatherBlockQuantized cannot hold is named by caveat (--list)."""
+    q, _ = opt_w8a8
+    monkeypatch.setattr(onnx_hf, "gather_format", lambda table: None)
+    assert [n for n, *_ in onnx_hf.float_layers(q)] == ["model.decoder.embed_tokens"]
+    assert "1 quantized layers (model.decoder.embed_tokens) stay float32" in onnx_hf.caveat(q)

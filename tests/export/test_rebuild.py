@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 import torchvision
 from torch import nn
 
 import compactnn
+from compactnn.errors import ArtifactError
+from compactnn.export import validate
 
 
 class Versioned(nn.Module):
@@ -68,3 +73,49 @@ def test_a_module_reading_its_version_loads_straight_onto_kernels(tmp_path):
     x = torch.randn(4, 6)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), compactnn.to_kernels(q)(x), atol=0, rtol=0)
+
+
+class _Attend(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.fc(self.attn(h, h, h, need_weights=False)[0] + h)
+
+
+def _edit_extra(root, edit) -> None:
+    """Apply ``edit`` to the header's ``extra`` and recompute the header digest."""
+    header = json.loads((root / "compactnn.json").read_text())
+    edit(header["extra"])
+    header["digest"] = validate.header_digest(header)
+    (root / "compactnn.json").write_text(json.dumps(header))
+
+
+def test_split_attention_is_redone_on_the_skeleton_and_its_record_checked(tmp_path):
+    x = torch.randn(8, 5, 6, generator=torch.Generator().manual_seed(1))
+    q = compactnn.compress(_Attend().eval(), "w8", progress=False)  # runs on int8 kernels
+    compactnn.save(q, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "compactnn.json").read_text())["extra"][
+        "split_attention"
+    ] == ["attn"]
+    skeleton = _Attend()
+    fast = compactnn.load(tmp_path / "q", model=skeleton, kernels=True)
+    assert type(skeleton.attn) is nn.MultiheadAttention  # copied, never changed
+    assert type(fast.attn).__name__ == "SplitMultiheadAttention"
+    assert fast._compactnn_kernels["simulated"] == []
+    with torch.no_grad():  # the projections run on the kernels, as to_kernels runs them
+        torch.testing.assert_close(fast(x), compactnn.to_kernels(q)(x), atol=0, rtol=0)
+    for bad, message in (
+        ("attn", r"extra\['split_attention'\].*must list module names"),
+        (["inp"], "split attention 'inp' is not a plain nn.MultiheadAttention"),
+        (["nowhere"], "split attention 'nowhere' is not a module of the skeleton"),
+        (["attn", "attn"], r"extra\['split_attention'\].*names a module twice"),
+    ):
+        _edit_extra(tmp_path / "q", lambda extra, bad=bad: extra.update(split_attention=bad))
+        with pytest.raises(ArtifactError, match=message):
+            compactnn.load(tmp_path / "q", model=_Attend())

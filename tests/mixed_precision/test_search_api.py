@@ -11,6 +11,7 @@ from compactnn.export.size import theoretical_size
 from compactnn.mixed_precision import Budget, search
 from compactnn.mixed_precision.api import uniform_choice
 from compactnn.recipe import Recipe
+from tests._vit import tiny_vit
 
 FORMATS = ["w2a8", "w4a8", "w8a8"]
 
@@ -303,3 +304,56 @@ def test_a_met_latency_budget_and_spent_rounds_are_recorded(monkeypatch):
     with pytest.warns(UserWarning, match=r"measured 0\.90x.*latency_rounds=1 whole-model"):
         r = latency_search(rounds=1)
     assert r.budget["met"] is False and len(r.latency["checks"]) == 1
+
+
+def test_split_attention_projections_are_searched_and_quantized():
+    """The search listed the float model's layers: the q/k/v projections compress splits out
+    of each nn.MultiheadAttention were never searched (left float as "not targeted")."""
+    model = tiny_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, 32, 32, generator=gen) for _ in range(2)]
+    r = search(
+        model, formats=["w4a8", "w8a8"], budget=Budget(avg_bits=6), calib_data=calib,
+        progress=False,
+    )  # fmt: skip
+    attentions = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(2)]
+    projections = {f"{a}.{p}_proj" for a in attentions for p in ("q", "k", "v", "out")}
+    assert projections <= set(r.layers)
+    q = compactnn.compress(model, r.recipe, calib_data=calib, progress=False)
+    for name, fmt in r.assignment.items():
+        assert q.get_submodule(name).weight_spec.bits == int(fmt[1])
+    assert compactnn.info_of(q)["float_layers"] == {}
+    # exact bytes: the cost model's total plus the float tensors outside the searched layers
+    covered = tuple(f"{n}." for n in (*r.layers, *attentions))
+    outside = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(covered))
+    assert outside > 0 and theoretical_size(q) == r.cost["bytes"] + 4 * outside
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert type(model.get_submodule(attentions[0])) is nn.MultiheadAttention
+
+
+class _UnsplitAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:kept in float")
+def test_the_out_proj_of_an_unsplit_attention_is_not_searched():
+    """The attention reads that weight and never calls the layer, so compress keeps it float
+    (add_bias_kv=True: not split); the search priced it as quantized."""
+    from compactnn.mixed_precision.api import searched_layers
+
+    torch.manual_seed(0)
+    model, calib = _UnsplitAttention().eval(), [torch.randn(4, 5, 8)]
+    assert list(searched_layers(model, calib)) == ["fc"]
+    r = search(model, formats=FORMATS, budget=Budget(avg_bits=4), calib_data=calib, progress=False)
+    q = compactnn.compress(model, r.recipe, calib_data=calib, progress=False)
+    assert "attn.out_proj" in compactnn.info_of(q)["float_layers"]
+    assert theoretical_size(q) == r.cost["bytes"] + 4 * sum(
+        p.numel() for p in model.attn.parameters()
+    )

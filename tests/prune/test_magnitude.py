@@ -7,6 +7,7 @@ from compactnn.errors import CompactnnError
 from compactnn.prune.magnitude import MagnitudeConfig
 from compactnn.prune.masks import sparsity_of
 from compactnn.recipe import resolve_recipe
+from tests.prune._collapse import collapse_warnings
 
 
 def _mlp():
@@ -65,3 +66,21 @@ def test_global_scope_never_zeroes_a_whole_layer_and_warns_naming_it():
     out = pruned(x)
     assert not torch.allclose(out, out[:1].expand_as(out))  # the output depends on the input
     assert "2 (all 64 of 64 rows)" in " ".join(compactnn.info_of(pruned)["notes"])
+
+
+def test_one_shot_magnitude_that_changes_many_predictions_warns_with_the_drop():
+    # a random MLP: sp50 changes ~22% of its predictions without collapsing it, which the
+    # fine-tuned flows' 50% bar let pass; one-shot warns below 90% agreement, as nm does
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    found, _, want, got = collapse_warnings(net, x, "magnitude", MagnitudeConfig(sparsity=0.5))
+    agree = float((got == want).float().mean())  # by hand, from both models' outputs
+    assert 0.5 <= agree < 0.9 and len(got.unique()) == len(want.unique()) > 1  # the premise
+    assert len(found) == 1, found
+    assert found[0].startswith("magnitude step (sparsity 0.5, one-shot, no fine-tuning)")
+    assert f"agrees with the float model's on {agree:.1%} of the 64" in found[0]
+    assert f"top-1 may fall by up to {100 * (1 - agree):.1f} points" in found[0]
+    assert "sp50-gradual or sp50-dns" in found[0]
+    found, _, want, got = collapse_warnings(net, x, "magnitude", MagnitudeConfig(sparsity=0.1))
+    assert float((got == want).float().mean()) >= 0.9 and found == []  # healthy: silent

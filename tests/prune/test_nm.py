@@ -111,3 +111,23 @@ def test_ft_short_name_fine_tunes_and_the_others_keep_their_meaning():
     assert tuned.steps[0].config == NMConfig(n=2, m=4, finetune_steps=1000)
     assert tuned.steps[0].config.needs_data()  # the CLI asks for --data before any work
     assert resolve_recipe("nm2:4-wanda").steps[0].method == "wanda"
+
+
+def test_one_shot_nm_that_changes_many_predictions_warns_with_the_drop_and_the_ft_form():
+    # a random MLP: 2:4 changes ~40% of its predictions without collapsing it (4 classes
+    # before and after), which the fine-tuned flows' 50% bar let pass silently
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    found, pruned, want, got = collapse_warnings(net, x, "nm", NMConfig(n=2, m=4))
+    agree = float((got == want).float().mean())  # by hand, from both models' outputs
+    assert 0.5 <= agree < 0.9 and len(got.unique()) == len(want.unique()) > 1  # the premise
+    assert len(found) == 1, found
+    msg = found[0]
+    assert msg.startswith("nm step (2:4, one-shot, no fine-tuning)")
+    assert f"agrees with the float model's on {agree:.1%} of the 64 calibration samples" in msg
+    assert f"top-1 may fall by up to {100 * (1 - agree):.1f} points" in msg
+    assert "(nm2:4-ft)" in msg and msg.index("nm2:4-ft") < msg.index("nm3:4")
+    assert any("nm2:4-ft" in n for n in compactnn.info_of(pruned)["notes"])
+    # fine-tuned steps keep the collapse bar: the same agreement after training passes
+    assert collapse_warnings(net, x, "nm", NMConfig(finetune_steps=1, lr=1e-9))[0] == []

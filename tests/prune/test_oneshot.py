@@ -1,5 +1,7 @@
 """Wanda and SparseGPT against magnitude pruning on a layer with outlier input features."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,9 @@ import compactnn
 from compactnn.errors import CompactnnError
 from compactnn.prune.nm import holds_nm
 from compactnn.prune.sparsegpt import SparseGPTConfig, sparsegpt_prune
+from compactnn.prune.wanda import WandaConfig
+from compactnn.recipe import resolve_recipe
+from tests.prune._collapse import collapse_warnings
 
 
 def _setup():
@@ -85,3 +90,53 @@ def test_n_m_forms_keep_a_layer_m_does_not_divide_dense_with_a_warning(method):
         compactnn.compress(
             nn.Sequential(nn.Linear(10, 8)), f"nm2:4-{method}", calib_data=torch.randn(64, 10)
         )
+
+
+def _mlp_and_data():
+    """A random MLP (4 classes) and 64 calibration samples."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    return net, torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+
+
+def _short_names(msg: str) -> list[str]:
+    """The short names a message suggests (sp<P>..., nm<N>:<M>...)."""
+    return re.findall(r"\b(?:sp\d+|nm\d+:\d+)(?:-[a-z]+)?\b", msg)
+
+
+@pytest.mark.parametrize(
+    "method,config,remedy",
+    [
+        ("wanda", WandaConfig(n=2, m=4), "nm2:4-ft"),
+        ("sparsegpt", SparseGPTConfig(n=2, m=4), "nm2:4-ft"),
+        ("wanda", WandaConfig(sparsity=0.5), "sp50-gradual"),
+        ("sparsegpt", SparseGPTConfig(sparsity=0.7), "sp70-gradual"),
+    ],
+)
+def test_one_shot_result_that_changes_many_predictions_warns_with_the_drop_and_a_remedy(
+    method, config, remedy
+):
+    net, x = _mlp_and_data()
+    found, pruned, want, got = collapse_warnings(net, x, method, config)
+    agree = float((got == want).float().mean())  # by hand, from both models' outputs
+    assert 0.5 <= agree < 0.9 and len(got.unique()) > 1  # the premise: drifted, not collapsed
+    assert len(found) == 1, found
+    msg = found[0]
+    assert msg.startswith(f"{method} step (") and "one-shot, no fine-tuning" in msg
+    assert f"agrees with the float model's on {agree:.1%} of the 64 calibration samples" in msg
+    assert f"top-1 may fall by up to {100 * (1 - agree):.1f} points" in msg
+    assert remedy in msg and "compactnn.prune.train.finetune" in msg
+    for name in _short_names(msg):  # every remedy named is a recipe that exists
+        assert resolve_recipe(name).steps, name
+    assert msg in compactnn.info_of(pruned)["notes"]
+
+
+@pytest.mark.parametrize(
+    "method,config",
+    [("wanda", WandaConfig(sparsity=0.1)), ("sparsegpt", SparseGPTConfig(sparsity=0.3))],
+)
+def test_healthy_one_shot_result_does_not_warn(method, config):
+    net, x = _mlp_and_data()
+    found, _, want, got = collapse_warnings(net, x, method, config)
+    assert float((got == want).float().mean()) >= 0.9  # the premise, by hand
+    assert found == []

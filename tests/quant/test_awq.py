@@ -38,3 +38,31 @@ def test_awq_block_scales_pairs_and_keeps_the_float_block():
              if isinstance(m, torch.nn.Linear)}  # fmt: skip
     assert awq_block(blocks[0], f"{prefix}.0", specs, calls, hidden) >= 1
     torch.testing.assert_close(outputs(model, calib[0]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_notes_count_scaled_pairs_and_name_the_skipped_ones():
+    """Phi's fc1 -> GELU -> fc2 is a candidate pair that does not fold: the notes name it in
+    every block and count the pairs that were scaled."""
+    import dataclasses
+
+    import compactnn
+    from compactnn.recipe import Recipe, Step
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.PhiConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    _, calib = tiny_model("llama")
+    config = dataclasses.replace(resolve_recipe("w4-g32-awq").steps[0].config, grid=4)
+    recipe = Recipe("w4-g32-awq-grid4", (Step("awq", config),))
+    q = compactnn.compress(model, recipe, calib_data=calib[:2], progress=False)
+    notes = [n for n in q._compactnn["notes"]
+             if n.startswith("awq: ") and ("->" in n or n.endswith("pairs scaled"))]  # fmt: skip
+    skipped = [f"awq: model.layers.{i}.mlp.fc1 -> ['model.layers.{i}.mlp.fc2'] not foldable, "
+               "left as is" for i in range(2)]  # fmt: skip
+    assert notes[:2] == skipped
+    assert len(notes) == 3 and notes[2].endswith("pairs scaled")
+    assert int(notes[2].split()[1]) >= 2  # each block's input_layernorm -> [q, k, v, fc1]

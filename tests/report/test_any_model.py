@@ -128,7 +128,9 @@ def test_rows_match_hand_computed_numbers(setup):
     md = (root / "r" / "report.md").read_text()
     assert f"| w8a8 int8 | {runtime} | {rows['w8a8 int8']['quality']:.2f}%" in md
     sim_lines = [line for line in md.splitlines() if line.startswith("| w8a8 | simulated |")]
-    assert len(sim_lines) == 1 and sim_lines[0].endswith("| simulated |")  # no speedup claimed
+    # no speedup claimed; resident memory "-": not measured (build_report's memory=False)
+    assert len(sim_lines) == 1 and sim_lines[0].endswith("| simulated | - |")
+    assert "Resident memory: not measured (`--no-memory`, or `memory=False`" in md
     assert (root / "r" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "<table>" in (root / "r" / "report.html").read_text()
 
@@ -214,7 +216,8 @@ def cli_project(tmp_path, monkeypatch):
 
 
 def test_cli_report_and_its_errors(cli_project, capsys):
-    model = ["--model", "jnet_report:build", "--weights", "w0.safetensors", "--no-progress"]
+    model = ["--model", "jnet_report:build", "--weights", "w0.safetensors", "--no-progress",
+             "--no-memory"]  # fmt: skip
     status = main(["report", "a0-w8a8", "a0-sp50", *model, "--runs", "2", "--quick",
                    "--data", "test.safetensors", "--out", "rep"])  # fmt: skip
     out = capsys.readouterr().out
@@ -312,3 +315,71 @@ def test_a_pruned_row_races_the_float_paths_the_float_row_does(setup, monkeypatc
         progress=False, quick=quick,
     )  # fmt: skip
     assert asked == {"float": quick, "sp50": quick}
+
+
+def test_inflated_timings_are_marked_and_left_off_the_latency_front(setup, monkeypatch):
+    """Timings the run judged inflated (here: every one) are marked in the table (latency,
+    and each speedup computed from one), footnoted, named in results.json, and kept off the
+    latency front; the size front does not depend on timings."""
+    from compactnn.measure import timing
+    from compactnn.report.any_model import HEADER, table_rows
+    from compactnn.report.writer import SUSPECT_FOOTNOTE
+
+    root, net, paths = setup
+    monkeypatch.setattr(timing, "suspect_reasons", lambda t: ["runs spread 90% (busy)"])
+    results = build_report(
+        [paths["w8a8"]], model=net, data=load_digits8(), out=root / "r_suspect", runs=2,
+        progress=False, quick=True,
+    )  # fmt: skip
+    labels = [r["label"] for r in results["rows"]]
+    assert results["latency_suspect"] == labels == ["float", "w8a8", "w8a8 int8"]
+    assert results["pareto_front"]["latency"] == []
+    assert results["pareto_front"]["size"]  # unchanged by timings
+    lat, speed = HEADER.index("latency"), HEADER.index("speedup vs fastest float")
+    cells = {r[0]: r for r in table_rows(results)}
+    assert all(c[lat].endswith(" *") and " ms" in c[lat] for c in cells.values())
+    assert cells["w8a8"][speed] == "simulated"  # no speedup claimed, none marked
+    assert cells["w8a8 int8"][speed].endswith("x *") and cells["float"][speed] == "1.00x *"
+    md = (root / "r_suspect" / "report.md").read_text()
+    assert SUSPECT_FOOTNOTE in md and "- w8a8 int8: runs spread 90% (busy)" in md
+
+
+def test_a_training_recipe_never_trained_is_labelled_so(setup):
+    """compress calibrates a training recipe without training it: its row says so; the
+    same recipe out of the training wrapper (freeze: trained) has the plain name."""
+    from compactnn.training import freeze, prepare_qat
+
+    root, net, _ = setup
+    calib = load_digits8().x_train[:64]
+    calibrated = compactnn.compress(net, "w4a4-lsq", calib_data=calib, progress=False)
+    compactnn.save(calibrated, root / "lsq_calibrated")
+    compactnn.save(freeze(prepare_qat(net, "w4a4-lsq", calib, progress=False)), root / "lsq_tr")
+    results = build_report(
+        [root / "lsq_calibrated", root / "lsq_tr"], model=net, data=load_digits8(),
+        out=root / "r_untrained", runs=2, progress=False, quick=True,
+    )  # fmt: skip
+    rows = {r["label"]: r for r in results["rows"]}
+    untrained = "w4a4-lsq (calibrated only, not trained)"
+    assert untrained in rows and "w4a4-lsq" in rows
+    assert rows[untrained]["artifact"].endswith("lsq_calibrated")
+    assert any("compactnn train" in n for n in rows[untrained]["notes"])
+    assert rows["w4a4-lsq"]["artifact"].endswith("lsq_tr")
+    assert untrained in (root / "r_untrained" / "report.md").read_text()
+
+
+def test_cli_report_takes_a_reference_name_as_data(cli_project, capsys):
+    """`--data digits-resnet` (a reference model's name, as docs/cli.md allows --data to be)
+    scores on that reference's held-out test split: the same numbers as the file of it."""
+    model = ["--model", "jnet_report:build", "--weights", "w0.safetensors", "--no-progress",
+             "--no-memory", "--runs", "1", "--quick"]  # fmt: skip
+    quality = {}
+    for data in ("test.safetensors", "digits-resnet"):
+        assert main(["report", "a0-w8a8", *model, "--data", data, "--out", f"r-{data}"]) == 0
+        results = json.loads((cli_project / f"r-{data}" / "results.json").read_text())
+        quality[data] = [(r["label"], r["metric"], r["quality"]) for r in results["rows"]]
+        assert results["samples"] == len(load_digits8().y_test)
+    assert quality["digits-resnet"] == quality["test.safetensors"]
+    capsys.readouterr()
+    assert main(["report", "a0-w8a8", *model, "--data", "nope", "--out", "r-nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--data 'nope' must be" in err and "mnist-cnn" in err and "digits" in err

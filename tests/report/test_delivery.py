@@ -131,3 +131,16 @@ def test_notes_drop_tracer_noise_and_duplicates_and_reasons_cut_at_names(monkeyp
     assert reason.endswith(" ...") and len(reason) <= len("runs simulated: ValueError: ") + 300
     last = reason.removesuffix(" ...").split(", ")[-1]
     assert last in names.split(", ")  # whole names only, never cut inside one
+
+
+def test_slower_note_hedges_when_a_timing_looks_inflated():
+    from compactnn.measure.timing import Timing, suspect_reasons
+
+    calm = Timing(0.005, 0.005, 0.005, 10, 2, 2, cpu_s=0.005, cpu_share=1.0)
+    noisy = Timing(0.005, 0.001, 0.02, 10, 2, 2, cpu_s=0.005, cpu_share=1.0)  # 380% spread
+    assert suspect_reasons(noisy) and not suspect_reasons(calm)
+    assert not delivery.timing_suspect(calm.to_dict(), None)
+    assert delivery.timing_suspect(calm.to_dict(), noisy.to_dict())
+    note = delivery.slower_note(0.002, 0.005, suspect=True)
+    assert "look inflated" in note and "the float model is the faster way" not in note
+    assert delivery.slower_note(0.002, 0.001, suspect=True) is None

@@ -90,7 +90,7 @@ def test_cli_report_of_a_causal_lm_scores_perplexity_lower_is_better(
 ):
     root, model, ids, mask = lm_project
     monkeypatch.chdir(root)
-    argv = ["report", "w4-g32", "w8a8", "--model", "lm", "--data", "ids.safetensors"]
+    argv = ["report", "w4-g32", "w8a8", "--model", "lm", "--data", "ids.safetensors", "--no-memory"]
     assert main([*argv, "--out", "rep", "--runs", "1", "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
     results = json.loads((root / "rep" / "results.json").read_text())
@@ -128,7 +128,8 @@ def test_cli_report_of_a_causal_lm_scores_perplexity_lower_is_better(
 def test_cli_report_refuses_token_ids_the_model_cannot_take(lm_project, capsys, monkeypatch):
     root, *_ = lm_project
     monkeypatch.chdir(root)
-    argv = ["report", "w4-g32", "--model", "lm", "--data", "oov.safetensors", "--out", "r2"]
+    argv = ["report", "w4-g32", "--model", "lm", "--data", "oov.safetensors", "--out", "r2",
+            "--no-memory"]  # fmt: skip
     argv.append("--no-progress")  # else transformers' loading bar, unless an earlier test hid it
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from compactnn.report import summary_table, write_report
-from compactnn.report.writer import fmt_quality
+from compactnn.report.writer import SUMMARY_HEADER, fmt_quality
+
+SUMMARY_HEADER_INDEX = {name: i for i, name in enumerate(SUMMARY_HEADER)}
 
 
 def _timing(ms: float, spread: float = 0.0) -> dict:
@@ -198,3 +200,40 @@ def test_float_layers_are_listed_in_model_order():
     blocks = _layer_blocks({"models": {"cnn": {}}, "rows": [row]})
     listed = next(b[1] for b in blocks if b[0] == "list")
     assert [item.split("`")[1] for item in listed] == ["0", "3", "12"]
+
+
+def test_inflated_timings_are_marked_in_the_table_footnoted_and_off_the_latency_front(tmp_path):
+    from compactnn.report.scoring import front_labels
+    from compactnn.report.writer import SUSPECT_FOOTNOTE, summary_rows
+
+    results = synthetic()
+    _, w4a8, lm_float, w4 = results["rows"]
+    w4a8["latency"] = _timing(4.0) | {"suspect": ["CPU time 1.00 ms/call is 25% of the wall"]}
+    w4a8["speedup"] = 10.0 / 4.0
+    lm_float["latency"]["suspect"] = ["runs spread 80% around the median"]
+    w4["speedup"] = 1.0
+    rows = {(r[0], r[1]): r for r in summary_rows(results)}
+    lat, speed = SUMMARY_HEADER_INDEX["latency"], SUMMARY_HEADER_INDEX["speedup vs fastest float"]
+    w4a8_cells, w4_cells = rows["cnn", "w4a8"], rows["lm", "w4-g32"]
+    assert w4a8_cells[lat] == "4.00 ms *" and w4a8_cells[speed] == "2.50x *"
+    assert rows["cnn", "float"][lat] == "10.00 ms"  # the cnn float timing is fine: no mark
+    assert rows["lm", "float"][lat] == "10.00 ms *"
+    # lm: its float timing looked inflated, so the speedup over it is marked, not its latency
+    assert w4_cells[lat] == "10.00 ms" and w4_cells[speed] == "1.00x *"
+    write_report(results, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert f"- {SUSPECT_FOOTNOTE}" in md and "rerun on a quieter machine" in SUSPECT_FOOTNOTE
+    assert md.index("## How this was measured") < md.index(SUSPECT_FOOTNOTE)
+    assert "4.00 ms *" in (tmp_path / "report.html").read_text()
+    # the latency front leaves the inflated row out: w4a8 (faster, worse) would be on it
+    cnn = [r for r in results["rows"] if r["model"] == "cnn"]
+    assert front_labels(cnn, "latency") == ["float"]
+    assert front_labels(cnn, "size") == ["float", "w4a8"]
+    del w4a8["latency"]["suspect"]
+    assert front_labels(cnn, "latency") == ["float", "w4a8"]
+
+
+def test_no_footnote_without_an_inflated_timing(tmp_path):
+    write_report(synthetic(), tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert " *" not in md and "looked inflated" not in md

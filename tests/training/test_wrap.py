@@ -67,6 +67,25 @@ def test_own_loop_then_freeze_matches_the_wrapped_model(tiny, recipe):
     # freezing folds the binary blocks' batch norms: the same function up to rounding
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert isinstance(model.c2, torch.nn.Conv2d)  # the input model is untouched
+    assert compactnn.info_of(frozen)["extra"]["trained"] is True  # report/eval: no label
+
+
+def test_frozen_models_are_marked_trained_and_compressed_ones_are_not(tiny, tmp_path):
+    """freeze() marks its model trained (saved in the header); compress's calibrated-only
+    model of the same recipe carries no such mark, so report and eval can tell them apart."""
+    from compactnn.export.artifact import read_header
+    from compactnn.report.delivery import untrained_label
+
+    model, (x, _), _ = tiny
+    frozen = freeze(prepare_qat(model, "w4a4-lsq", x[:64]))
+    calibrated = compactnn.compress(model, "w4a4-lsq", calib_data=x[:64], progress=False)
+    compactnn.save(frozen, tmp_path / "f")
+    compactnn.save(calibrated, tmp_path / "c")
+    assert read_header(tmp_path / "f")["extra"]["trained"] is True
+    assert "trained" not in read_header(tmp_path / "c")["extra"]
+    loaded = {k: compactnn.load(tmp_path / k, model=type(model)()) for k in "fc"}
+    assert untrained_label(compactnn.info_of(loaded["f"])) == ""
+    assert untrained_label(compactnn.info_of(loaded["c"])) == " (calibrated only, not trained)"
 
 
 def test_one_bit_activations_are_refused_where_they_cannot_go(tiny):

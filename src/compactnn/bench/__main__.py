@@ -39,16 +39,42 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION",
         help=f"run only this section (repeatable); known: {', '.join(SECTIONS) or 'none'}",
     )
-    p.add_argument("--quick", action="store_true", help="fewer runs; for a smoke test")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer runs; for a smoke test (its section files say so at their top)",
+    )
     p.add_argument("--out", default="docs/benchmarks.md", help="the combined Markdown file")
     p.add_argument("--sections-dir", help="where section files go (default: <out dir>/bench)")
     return p
 
 
+QUICK_BANNER = (
+    "**Quick run** (--quick: one seed, fewer steps/shapes): not the committed full "
+    "measurement; rerun without --quick before committing this file."
+)
+
+
 def run_section(name: str, quick: bool) -> str:
-    """Import ``SECTIONS[name]`` and return the Markdown its ``run(quick)`` produces."""
+    """Import ``SECTIONS[name]`` and return the Markdown its ``run(quick)`` produces (a quick
+    run marked so at its top: :func:`mark_quick`)."""
     module = importlib.import_module(SECTIONS[name])
-    return module.run(quick=quick).rstrip() + "\n"
+    text = module.run(quick=quick).rstrip() + "\n"
+    return mark_quick(text) if quick else text
+
+
+def mark_quick(text: str) -> str:
+    """``text`` with :data:`QUICK_BANNER` at its top: under its first heading, if it opens
+    with one (the section keeps its title), else first.
+
+    Example:
+        >>> [line[:13] for line in mark_quick("## PTQ\n\n| a |\n").splitlines()]
+        ['## PTQ', '', '**Quick run**', '', '| a |']
+    """
+    head, _, rest = text.partition("\n")
+    if head.startswith("#"):
+        return f"{head}\n\n{QUICK_BANNER}\n\n{rest.lstrip(chr(10))}"
+    return f"{QUICK_BANNER}\n\n{text}"
 
 
 def combine(sections_dir: Path) -> str:

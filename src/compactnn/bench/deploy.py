@@ -115,7 +115,7 @@ def _compactnn_contenders(
     simulation they come from moves under a 1e-6 nudge of its input."""
     import compactnn
     from compactnn.deployment import quantize_residuals
-    from compactnn.lowering.verify import sensitivity
+    from compactnn.lowering.verify import INPUT_SCALE, probes
 
     qmodel = compactnn.compress(model, "w8a8", calib_data=calib, progress=False)
     sims = {
@@ -134,9 +134,12 @@ def _compactnn_contenders(
         )
         if labels is None or label in labels
     ]
-    # how far each deployed simulation moves from itself under a 1e-6 nudge of its input: a
+    # how far each deployed simulation moves from itself when its input is scaled by 1 + 1e-6
+    # (the published rule; verify.probes has finer probes too): a
     # random network that amplifies rounding flips gets a tolerance above its own movement
-    moves = {sim: sensitivity(sims[sim], calib[:8]) or 0.0 for _, sim, _ in wanted}
+    moves = {
+        sim: (probes(sims[sim], calib[:8]).get(INPUT_SCALE) or (0.0,))[0] for _, sim, _ in wanted
+    }
     out: dict[str, Any] = {}
     for label, sim, kw in wanted:
         # grids="all" has ~3x more roundings: on random weights one-code flips compound

@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +66,11 @@ def check_not_an_input(
     Example:
         >>> check_not_an_input("new.json", "--json", {"--weights": None}, "eval.json")
     """
-    target = Path(out)
-    if not target.exists():
+    if not Path(out).exists():
         return
-    for name, spec in inputs.items():
-        for path in _spec_paths(spec):
-            if path.is_dir() and target.resolve().is_relative_to(path.resolve()):
-                what = f"a file inside the {name} folder {spec!r}"
-            elif path.is_file() and os.path.samefile(target, path):
-                what = f"the {name} file"
-            else:
-                continue
+    for name, spec, path, how in input_overlaps(out, inputs):
+        what = f"a file inside the {name} folder {spec!r}" if path.is_dir() else f"the {name} file"
+        if how != "holds":  # an existing folder around an input is not written
             raise CompactnnError(
                 f"{option} {str(out)!r} is {what}: writing there would destroy an input of "
                 f"this command (--force or not). Choose another file, e.g. {option} {suggest}."
@@ -92,23 +87,47 @@ def check_apart_from_inputs(
     Example:
         >>> check_apart_from_inputs("new-dir", "--save", {"--data": None}, "deployed")
     """
-    target = Path(out).resolve()
+    for name, spec, path, how in input_overlaps(out, inputs):
+        what = {
+            "same": f"the {name} {'folder' if path.is_dir() else 'file'} itself",
+            "inside": f"inside the {name} folder {spec!r}",
+            "holds": f"a folder holding the {name} input {spec!r}",
+        }[how]
+        raise CompactnnError(
+            f"{option} {str(out)!r} is {what}: writing there would replace or change an "
+            f"input of this command (--force or not). Choose a path apart from the inputs,"
+            f" e.g. {option} {suggest}."
+        )
+
+
+def input_overlaps(out: str | os.PathLike, inputs: dict[str, str | None]) -> Iterator[tuple]:
+    """``(name, spec, path, how)`` for each existing path of ``inputs`` that the output path
+    ``out`` meets, in order, ``how`` as :func:`path_relation` says."""
     for name, spec in inputs.items():
         for path in _spec_paths(spec):
-            real = path.resolve()
-            if target == real or (os.path.exists(out) and os.path.samefile(out, path)):
-                what = f"the {name} {'folder' if path.is_dir() else 'file'} itself"
-            elif path.is_dir() and target.is_relative_to(real):
-                what = f"inside the {name} folder {spec!r}"
-            elif real.is_relative_to(target):
-                what = f"a folder holding the {name} input {spec!r}"
-            else:
-                continue
-            raise CompactnnError(
-                f"{option} {str(out)!r} is {what}: writing there would replace or change an "
-                f"input of this command (--force or not). Choose a path apart from the inputs,"
-                f" e.g. {option} {suggest}."
-            )
+            if how := path_relation(out, path):
+                yield name, spec, path, how
+
+
+def path_relation(path: str | os.PathLike, other: str | os.PathLike) -> str | None:
+    """How ``path`` (existing or not) stands to ``other``, symbolic links resolved: ``"same"``
+    (a hard link too), ``"inside"`` (under ``other``, not a file; or a link to a file in
+    folder ``other``), ``"holds"`` (``other`` lies under it), else None.
+
+    Example:
+        >>> path_relation("a/b", "a"), path_relation("a/../b", "b"), path_relation("a", "a/b")
+        ('inside', 'same', 'holds')
+    """
+    real, other_real = Path(path).resolve(), Path(other).resolve()
+    exists = os.path.exists(path)
+    if real == other_real or (exists and os.path.exists(other) and os.path.samefile(path, other)):
+        return "same"
+    if real.is_relative_to(other_real) and not os.path.isfile(other):
+        return "inside"
+    links = (Path(d, f) for d, _, files in os.walk(other) for f in files) if exists else ()
+    if os.path.isfile(path) and any(f.exists() and f.samefile(path) for f in links):
+        return "inside"
+    return "holds" if other_real.is_relative_to(real) else None
 
 
 def _spec_paths(spec: str | None) -> list[Path]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shlex
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +30,14 @@ from compactnn.commands._common import (
 )
 from compactnn.commands.compress_summary import (
     layer_summary,
+    note_lines,
     probe_layers,
     probe_lines,
     pruned_layers,
     pruning_lines,
 )
-from compactnn.core.calib import as_batches, check_token_ids
+from compactnn.core.calib import as_batches
+from compactnn.core.tokens import check_token_ids
 from compactnn.errors import CompactnnError
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
@@ -205,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_memory is not None:
         return run_streamed(args, out, recipe)
     check_data_given(recipe, args.data, args.model)  # before loading the model
-    note_training_recipe(recipe, args.model, args.recipe)
+    note_training_recipe(recipe, args.model, args.recipe, args.data)
     loaded = load_model(args.model, args)
     if args.data == "data-free" and not reads_data(recipe):
         print(
@@ -222,15 +227,17 @@ def run(args: argparse.Namespace) -> int:
         if args.data is not None:  # ids the model cannot take: said before any work
             check_token_ids(loaded.model, data, f"--data {args.data}")
     t0 = time.perf_counter()
+    warned: list[str] = []  # printed as they came: the notes repeat them
     try:
-        qmodel = compactnn.compress(
-            loaded.model,
-            recipe,
-            calib_data=data,
-            seed=args.seed,
-            progress=not args.no_progress,
-            ignore=args.ignore,
-        )
+        with shown_warnings(warned):
+            qmodel = compactnn.compress(
+                loaded.model,
+                recipe,
+                calib_data=data,
+                seed=args.seed,
+                progress=not args.no_progress,
+                ignore=args.ignore,
+            )
     except CompactnnError as exc:
         raise cli_words(exc, args.data) from None
     seconds = time.perf_counter() - t0
@@ -260,6 +267,10 @@ def run(args: argparse.Namespace) -> int:
     calib = as_batches(data) if probed and data is not None else []
     for line in probe_lines(extra, loaded.model, calib[0] if calib else None):
         print(line)
+    for line in note_lines(info["notes"], set(warned)):
+        print(line)
+    for method, mib in info.get("measured", {}).get("peak_rss_mib", {}).items():
+        print(f"  peak resident memory of {method}: {mib} MiB (this run; not saved)")
     print(
         f"  artifact: {out}  {human_bytes(size)} "
         f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
@@ -268,6 +279,22 @@ def run(args: argparse.Namespace) -> int:
     held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded, given)})
     print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
     return 0
+
+
+@contextlib.contextmanager
+def shown_warnings(shown: list[str]) -> Iterator[None]:
+    """Append the text of each warning shown inside the block to ``shown`` (still shown)."""
+    previous = warnings.showwarning
+
+    def show(message, *rest, **kw) -> None:
+        shown.append(str(message))
+        previous(message, *rest, **kw)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def reads_data(recipe) -> bool:
@@ -318,24 +345,29 @@ def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> 
     return None if loaded.reference is not None else "HELD_OUT_FILE"
 
 
-def note_training_recipe(recipe, model: str, recipe_arg: str) -> None:
+def note_training_recipe(recipe, model: str, recipe_arg: str, data: str | None = None) -> None:
     """A training-aware recipe compresses here without its training (the post-training
-    form of its quantizers, calibrated): say so and name the command that trains it. A
-    method that trains inside compress (TernaryBERT's label-free distillation on the
-    calibration text) is not noted: ``compactnn train`` takes classifiers only."""
-    from compactnn.engines.qat import QATConfig
-    from compactnn.quant.ternarybert import TernaryBERTConfig
+    form of its quantizers, calibrated): say so and name the command that trains it, with
+    the ``--data`` given (else ``TRAIN_DATA`` for the user to fill in). A method that trains
+    inside compress (TernaryBERT's label-free distillation on the calibration text) is not
+    noted: ``compactnn train`` takes classifiers only. ``compactnn report`` and ``eval``
+    label such an artifact "(calibrated only, not trained)" (no training record in it:
+    :func:`compactnn.report.delivery.untrained_label`)."""
+    from compactnn.report.delivery import training_recipe
 
-    untrained = [
-        step
-        for step in recipe.steps
-        if isinstance(step.config, QATConfig) and not isinstance(step.config, TernaryBERTConfig)
-    ]
-    if untrained:
+    if training_recipe(recipe):
+        given = data is not None and data != "data-free"
+        train = ["compactnn", "train", model, "--recipe", recipe_arg, "--data"]
         print(
             f"note: {recipe.name} is a training-aware recipe; compress calibrates it without "
-            "training (its post-training accuracy). Train it with: compactnn train "
-            f"{model} --recipe {recipe_arg} --data TRAIN_DATA",
+            'training (its post-training accuracy; report and eval label it "calibrated '
+            'only, not trained")'
+            + (
+                f"; --data {data} only calibrates it here, compactnn train trains on it: "
+                + shlex.join([*train, data])
+                if given
+                else ". Train it with: " + shlex.join([*train, "TRAIN_DATA"])
+            ),
             file=sys.stderr,
         )
 

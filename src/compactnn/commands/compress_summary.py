@@ -1,10 +1,11 @@
 """What ``compactnn compress`` prints about a compressed model: each layer once (quantized,
-pruned, kept in float, with the reason), the pruning's parameter and MAC counts, and what
-Probe Pruning skips per batch."""
+pruned, kept in float, with the reason), the pruning's parameter and MAC counts, what
+Probe Pruning skips per batch, and the methods' notes."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -46,6 +47,18 @@ def pruning_lines(pruning: dict) -> list[str]:
         line += " (whole first calibration batch)"  # prune.stats.model_counts: not per sample
         lines.append(line)
     return lines
+
+
+def note_lines(notes: list[str], warned: Collection[str] = ()) -> list[str]:
+    """The method's notes (``info_of(model)["notes"]``) under a heading, each once, less
+    those already printed as warnings (``warned``: a warning is noted too).
+
+    Example:
+        >>> note_lines(["cle: equalized 1 layer pair(s)", "a warning"], {"a warning"})
+        ['  notes:', '    cle: equalized 1 layer pair(s)']
+    """
+    fresh = [note for note in dict.fromkeys(notes) if note not in warned]
+    return ["  notes:", *(f"    {note}" for note in fresh)] if fresh else []
 
 
 def pruned_layers(extra: dict, original=None) -> dict[str, str]:

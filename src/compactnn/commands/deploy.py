@@ -21,12 +21,12 @@ from compactnn.commands._common import (
 from compactnn.commands.compress import note_training_recipe as _note_training_recipe
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
 from compactnn.core.calib import as_batches, batch_size_of, main_output
-from compactnn.deployment.api import BACKENDS
+from compactnn.deployment.api import BACKENDS, DeployedModel
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.export.fs import check_file_path
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
-from compactnn.measure.float_paths import fastest_float_path
+from compactnn.measure.float_paths import FloatPaths, fastest_float_path
 from compactnn.measure.quality import evaluate
 from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS
 from compactnn.model_io import resolve_data, skeleton_for
@@ -182,6 +182,20 @@ def _save(deployed, args: argparse.Namespace, onnx_existed: bool) -> None:
     print(f"saved the deployed model to {args.save} (sha256 {digest})")
 
 
+def _disagreement(deployed: DeployedModel, paths: FloatPaths) -> str | None:
+    """A line when the backend choice advised float but the longer timing finds the deployed
+    model faster than the fastest float path (a loaded machine can make the short race and
+    the table disagree; neither line should stand alone)."""
+    t = paths.timings.get("deployed")
+    if not deployed.recommendation or t is None or t.median_s >= paths.best.median_s:
+        return None
+    return (
+        f"the timing above finds the deployed model {paths.best.median_s / t.median_s:.2f}x "
+        f"faster than {paths.winner}, against the backend choice's short race that advised "
+        "float: the machine's load moved one of them; time it again on a quieter machine"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     check_outputs(args)  # before the slow work
     loaded, qmodel, example, (inputs, labels) = _models(args)
@@ -195,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  kept in float: {name} ({reason})")
     if deployed.selection:
         timed = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in deployed.selection.items())
-        print(f"backend choice (median per call on the sample batch): {timed}")
+        print(f"backend choice (fastest of 6 calls each on the sample batch): {timed}")
     if deployed.recommendation:
         print(f"  note: {deployed.recommendation.removeprefix('deploy: ')}")
     onnx_existed = bool(args.onnx) and os.path.lexists(args.onnx)
@@ -219,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for label, t in paths.timings.items():
         print(f"  {label:<14} {t.fmt():>24}  {base / t.median_s:5.2f}x vs {paths.winner}")
+    if (said := _disagreement(deployed, paths)) is not None:
+        print(f"  note: {said}")
     if labels is not None:
         progress = not args.no_progress
         sim_q = evaluate(qmodel, (inputs, labels), progress=progress)

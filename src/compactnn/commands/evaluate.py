@@ -41,11 +41,11 @@ from compactnn.core.calib import (
     as_batches,
     batch_size_of,
     call_model,
-    check_token_ids,
     expected_inputs,
     input_spec,
     main_output,
 )
+from compactnn.core.tokens import check_token_ids
 from compactnn.deployment.api import DeployedModel
 from compactnn.errors import CompactnnError, first_line
 from compactnn.export.artifact import artifact_exists, read_header
@@ -272,7 +272,7 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Rows (float on its fastest path, and the compressed model on its delivered form)
     with quality, size, latency, runtime and speedup, plus the timing's conditions."""
-    from compactnn.report.delivery import SIMULATED, slower_note
+    from compactnn.report.delivery import SIMULATED, slower_note, timing_suspect, untrained_label
 
     loaded, qmodel, qsize, data = _compressed(args)
     batches = as_batches(data[0]) if data[0] is not None else as_batches(loaded.example)
@@ -300,8 +300,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     info = compactnn.info_of(qmodel) if qmodel is not None else {}
     recipe = getattr(info.get("recipe"), "name", None) if qmodel is not None else None
     entries = [("float", loaded.model, None, "float", None)]
-    if delivered is not None:
-        entries.append((label, delivered, qsize, recipe, runtime))
+    if delivered is not None:  # a training recipe never trained says so beside its name
+        shown = recipe + untrained_label(info) if recipe else recipe
+        entries.append((label, delivered, qsize, shown, runtime))
     rows = [_row(args, loaded, data, batches, paths, qmodel, *e) for e in entries]
     tokens = _perplexities(loaded, data, [e[1] for e in entries], batches[:8], rows)
     for row in rows:  # what the compressed layers store, per weight (float: none)
@@ -319,7 +320,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows[1:]:
         fair = base and row["latency"] and row["runtime"] != SIMULATED
         row["speedup"] = base["median_s"] / row["latency"]["median_s"] if fair else None
-        if fair and (n := slower_note(base["median_s"], row["latency"]["median_s"])):
+        suspect = timing_suspect(base, row["latency"])
+        if fair and (
+            n := slower_note(base["median_s"], row["latency"]["median_s"], suspect=suspect)
+        ):
             notes = [*notes, n]
     return {
         "target": args.target,

@@ -1,7 +1,8 @@
-"""``compactnn report ART [ART ...] --model MODEL --data FILE --out DIR [--force]``: the
-report (Markdown, HTML, Pareto plot, JSON) of artifacts of one model on the user's data:
-labelled (top-1), or inputs alone (next-token perplexity for a causal LM, else output
-cosine vs the float model)."""
+"""``compactnn report ART [ART ...] --model MODEL --data FILE --out DIR [--force]
+[--no-memory]``: the report (Markdown, HTML, Pareto plot, JSON) of artifacts of one model on
+the user's data: labelled (top-1), or inputs alone (next-token perplexity for a causal LM,
+else output cosine vs the float model), with each row's resident memory (its delivered form
+in a fresh process) unless ``--no-memory``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "as token ids 'input_ids'/'attention_mask' or a .npy array: next-token perplexity "
             "for a causal language model, lower is better, else mean output cosine vs the "
             "float model), size on disk and latency (simulated, and int8 or low-bit kernels "
-            "where compactnn.deploy or to_kernels succeeds), beside the float model; write "
+            "where compactnn.deploy or to_kernels succeeds), beside the float model, and the "
+            "resident memory of each row's delivered form in a fresh process; write "
             "report.md, report.html, pareto.png and results.json into --out: a new or empty "
             "folder, or one holding an earlier report (replaced only with --force)."
         ),
@@ -40,7 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "-d",
         required=True,
         help="a .safetensors file with inputs 'x' and integer labels 'y' (top-1), or inputs "
-        "alone: a .safetensors (e.g. input_ids, attention_mask) or .npy file",
+        "alone: a .safetensors (e.g. input_ids, attention_mask) or .npy file; or a reference "
+        "model's name: mnist-cnn and digits-resnet give top-1 on their data set's held-out "
+        "test split (so do the data set names mnist, digits), the others their calibration "
+        "batches (inputs alone)",
     )
     p.add_argument("--out", "-o", required=True, help="report directory")
     p.add_argument("--force", action="store_true", help="replace an existing report in --out")
@@ -55,20 +60,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="leave torch.compile out of the float paths"
     )
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the resident memory column (each row's delivered form measured in a fresh "
+        "process, two at a time: about 5-20 s per row)",
+    )
     add_model_args(p)
     return p
 
 
-def read_labelled(spec: str) -> dict | None:
-    """The tensors of a labelled ``.safetensors`` file (inputs and labels), or None for a
-    file of inputs alone (read once the model is loaded: :func:`read_inputs`)."""
-    from compactnn.model_io import read_tensors
+# a reference model (or data set) name -> its labelled data set (held-out x_test/y_test)
+LABELLED_DATA_SETS = {"mnist-cnn": "mnist", "digits-resnet": "digits", "mnist": "mnist",
+                      "digits": "digits"}  # fmt: skip
+
+
+def read_labelled(spec: str) -> object | None:
+    """The tensors of a labelled ``.safetensors`` file (inputs and labels), or the labelled
+    data set of a reference model's name (:data:`LABELLED_DATA_SETS`: its held-out test split
+    is scored, as the reference scores itself), or None for a file of inputs alone or
+    another reference's name (read once the model is loaded: :func:`read_inputs`)."""
+    from compactnn.commands.train import labelled_data as data_set
+    from compactnn.model_io import read_tensors, reference_names
     from compactnn.training.data import labelled_keys
 
+    if spec in LABELLED_DATA_SETS:
+        return data_set(LABELLED_DATA_SETS[spec])
+    if spec in reference_names():
+        return None
     if Path(spec).suffix not in (".safetensors", ".npy"):
+        names = ", ".join(sorted({*reference_names(), *LABELLED_DATA_SETS}))
         raise CompactnnError(
             f"--data {spec!r} must be a .safetensors file (inputs 'x' and labels 'y', or "
-            "inputs alone such as input_ids/attention_mask) or a .npy file of inputs."
+            "inputs alone such as input_ids/attention_mask), a .npy file of inputs, or a "
+            f"reference model or data set name ({names})."
         )
     if Path(spec).suffix == ".npy":
         return None
@@ -78,11 +103,63 @@ def read_labelled(spec: str) -> dict | None:
 
 def read_inputs(args: argparse.Namespace, loaded) -> object:
     """``--data`` without labels, read and checked against the float model as ``compactnn
-    eval`` does (a file whose only labelled split is x_train/y_train gives that pair)."""
-    from compactnn.commands.evaluate import inputs_of
+    eval`` does (a file whose only labelled split is x_train/y_train gives that pair); a
+    reference model's name without a labelled data set gives its calibration batches, joined
+    into one input (:func:`join_batches`; said on stderr: training data, not held out)."""
+    import sys
 
+    from compactnn.commands.evaluate import inputs_of
+    from compactnn.model_io import reference_names
+
+    if args.data in reference_names():
+        from compactnn.models import load_reference
+
+        print(
+            f"note: --data {args.data} scores on the reference's calibration batches (its "
+            "training data, not held out) as inputs alone; pass a held-out file for a fairer "
+            "score.",
+            file=sys.stderr,
+        )
+        return join_batches(load_reference(args.data, progress=False).calib, args.data)
     inputs, labels = inputs_of(args, loaded)
     return inputs if labels is None else (inputs, labels)
+
+
+def join_batches(batches: list, name: str) -> object:
+    """Batches (tensors, or dicts of keyword tensors) joined along the first dimension.
+
+    Example:
+        >>> import torch
+        >>> join_batches([torch.zeros(2, 3), torch.ones(1, 3)], "r").shape
+        torch.Size([3, 3])
+        >>> join_batches([{"ids": torch.zeros(2, 4)}, {"ids": torch.ones(1, 4)}], "r")["ids"].shape
+        torch.Size([3, 4])
+    """
+    import torch
+
+    try:
+        if all(isinstance(b, dict) for b in batches):
+            return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        return torch.cat(list(batches))
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise CompactnnError(
+            f"--data {name}: its calibration batches cannot be joined into one input "
+            f"({exc}); pass a .safetensors or .npy file of inputs."
+        ) from exc
+
+
+def model_source(loaded, trust_pickle: bool) -> dict:
+    """The MODEL as the user named it (files as absolute paths), for the resident memory
+    children that rebuild it (:func:`compactnn.report.resident.float_record`)."""
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    return {
+        "model": loaded.source if loaded.reference is not None else absolute(loaded.source),
+        "weights": absolute(loaded.weights),
+        "trust_pickle": bool(trust_pickle),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         quick=args.quick,
         force=args.force,
+        memory=not args.no_memory,
+        source=model_source(loaded, args.trust_pickle),
     )
     lines = [header(results), *table_rows(results)]
     widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]

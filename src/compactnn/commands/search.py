@@ -8,22 +8,26 @@ import shlex
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import compactnn
 from compactnn.commands._common import (
     add_model_args,
     human_bytes,
     load_model,
     model_words,
     positive_int,
+    source_record,
 )
 from compactnn.core.calib import as_batches
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import atomic_write
+from compactnn.measure import artifact_bytes
 from compactnn.measure.quality import evaluate
 from compactnn.mixed_precision import Budget, search
 from compactnn.mixed_precision.result import check_search_folder
@@ -46,7 +50,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         required=True,
         help="comma-separated short names, e.g. w2a8,w4a8,w8a8 (ch50+w8a8: channel-pruned)",
     )
-    p.add_argument("--max-bytes", type=float, help="bytes of the searched layers at most")
+    p.add_argument(
+        "--max-bytes",
+        type=float,
+        help="bytes of the searched layers' weights at most (packed codes, scales, biases): "
+        "not the artifact, which adds the layers kept in float, recipe.yaml and its header "
+        "(the artifact's size is measured and printed beside it)",
+    )
     p.add_argument("--avg-bits", type=float, help="average weight bits at most")
     p.add_argument("--max-bops", type=float, help="bit-operations per sample at most")
     p.add_argument(
@@ -232,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         result.budget.update(measured)  # what --max-drop's quality was measured on
+        if args.max_bytes is not None:  # the budget bounds a payload: the file is measured
+            result.budget["artifact_bytes"] = measured_artifact_bytes(loaded, result.recipe, calib)
         result.save(out, force=args.force)  # only now: a search that fails leaves --out as it was
         if (cache / SENSITIVITY).is_file():
             atomic_write(out / SENSITIVITY, lambda tmp: shutil.copyfile(cache / SENSITIVITY, tmp))
@@ -240,6 +252,58 @@ def run(args: argparse.Namespace) -> int:
     words = ["compactnn", "compress", args.model, "--recipe", str(out / "recipe.yaml")]
     print(f"  compress with it: {shlex.join(words + model_words(args, loaded))}")
     return 0
+
+
+def measured_artifact_bytes(loaded, recipe, calib) -> int:
+    """Bytes on disk of the artifact the found recipe gives: the loaded MODEL (not changed)
+    compressed with ``recipe`` on ``calib``, with the source record ``compactnn compress``
+    adds, saved to a temporary folder (what ``compactnn compress --recipe DIR/recipe.yaml``
+    writes), warnings silenced (the compress the user runs shows them)."""
+    with tempfile.TemporaryDirectory(prefix="compactnn-search-size-") as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = compactnn.compress(loaded.model, recipe, calib_data=calib, progress=False)
+        extra = qmodel._compactnn.setdefault("extra", {})
+        extra["source"] = source_record(loaded)  # as compress records it: header bytes
+        extra.update(loaded.extra)
+        compactnn.save(qmodel, Path(tmp) / "a")
+        return artifact_bytes(Path(tmp) / "a")
+
+
+def size_lines(payload: float, artifact: int | None, max_bytes: float | None) -> list[str]:
+    """The searched layers' payload (what ``--max-bytes`` bounds) and, when measured, the
+    artifact's bytes on disk, with a note when the artifact exceeds ``--max-bytes``.
+
+    Example:
+        >>> for line in size_lines(11_236, 21_464, 12_000): print(line[:58])
+          searched layers: 11.0 KiB (11,236 B; what --max-bytes 12
+          artifact on disk: 21.0 KiB (21,464 B, measured: the mode
+          note: the artifact is 9,464 B over --max-bytes 12,000: t
+    """
+    bound = f"; what --max-bytes {max_bytes:,.0f} bounds" if max_bytes is not None else ""
+    lines = [
+        f"  searched layers: {human_bytes(payload)} ({payload:,.0f} B{bound}: the packed "
+        "weight codes, scales and biases of the searched layers only)"
+    ]
+    if artifact is not None:
+        lines.append(
+            f"  artifact on disk: {human_bytes(artifact)} ({artifact:,} B, measured: the model "
+            "compressed with recipe.yaml and saved; adds the layers kept in float, "
+            "recipe.yaml and the header)"
+        )
+    if artifact is not None and max_bytes is not None and artifact > max_bytes:
+        rest = artifact - payload  # float layers, recipe.yaml, header (and sparse savings)
+        fix = (
+            f"for an artifact of at most {max_bytes:,.0f} B, search with --max-bytes "
+            f"{max_bytes - rest:,.0f} (the rest of the artifact, {rest:,.0f} B, staying the same)"
+            if max_bytes > rest
+            else f"the rest of the artifact alone takes {rest:,.0f} B"
+        )
+        lines.append(
+            f"  note: the artifact is {artifact - max_bytes:,.0f} B over --max-bytes "
+            f"{max_bytes:,.0f}: the budget bounds the searched layers, not the file; {fix}"
+        )
+    return lines
 
 
 def pruning_lines(result) -> list[str]:
@@ -275,7 +339,10 @@ def print_summary(result, args: argparse.Namespace) -> None:
     print("  formats: " + ", ".join(f"{f} x{n}" for f, n in counts.items()))
     for line in pruning_lines(result):
         print(line)
-    print(f"  searched layers: {human_bytes(result.cost['bytes'])}")
+    for line in size_lines(
+        result.cost["bytes"], result.budget.get("artifact_bytes"), args.max_bytes
+    ):
+        print(line)
     if "avg_bits" in result.cost:
         print(bits_line(result, args.avg_bits))
     for t in result.tried:

@@ -18,7 +18,9 @@ from compactnn.commands._common import (
     check_out,
     close_progress_bars,
     human_bytes,
+    input_overlaps,
     load_model,
+    path_relation,
     source_record,
 )
 from compactnn.commands.compress import default_out, eval_command
@@ -142,20 +144,14 @@ def check_log(log: Path, out: Path, args: argparse.Namespace) -> None:
     if Path(args.model).is_dir():
         folders["MODEL"] = args.model
     for option, folder in folders.items():
-        if _within(log, Path(folder)):
+        if _within(log, folder):
             raise CompactnnError(
                 f"{name} is in {option} {folder!r}, whose files it would replace: "
                 "pass --log FILE outside it."
             )
-    inputs = {
-        "MODEL": args.model,
-        "--weights": args.weights,
-        "--data": args.data,
-        "--eval-data": args.eval_data,
-    }
+    inputs = _inputs(args)
     if args.checkpoint_dir:
         inputs["--checkpoint-dir"] = str(checkpoint_path(args.checkpoint_dir))
-    inputs = {k: None if v in DATASETS else v for k, v in inputs.items()}
     option = "--log" if args.log else "the training log"
     check_not_an_input(log, option, inputs, "train.jsonl")
     resumes = args.checkpoint_dir and not args.no_resume
@@ -172,25 +168,23 @@ def check_checkpoint_dir_option(args: argparse.Namespace, out: Path, log: Path) 
     """Refuse, before any work, a --checkpoint-dir that is an input file (MODEL, --weights,
     --data, --eval-data), lies in MODEL's folder or in --out (replaced whole by save, which
     holds only the artifact's files), is the training log or under it; then anything
-    :func:`~compactnn.training.checkpoint.check_checkpoint_dir` refuses (a file, a folder
-    where nothing can be written)."""
+    :func:`~compactnn.training.checkpoint.check_checkpoint_dir` refuses (a file, a path
+    under a file, a folder where nothing can be written)."""
     if not args.checkpoint_dir:
         return
     ckpt = Path(args.checkpoint_dir)
     name = f"--checkpoint-dir {args.checkpoint_dir!r}"
-    inputs = {"--weights": args.weights, "--data": args.data, "--eval-data": args.eval_data}
-    inputs = {"MODEL": args.model, **{k: v for k, v in inputs.items() if v not in DATASETS}}
-    for option, spec in inputs.items():
-        if spec and Path(spec).is_file() and _within(ckpt, Path(spec)):
+    for option, spec, path, how in input_overlaps(ckpt, _inputs(args)):
+        if how == "same" and path.is_file():
             raise CompactnnError(
                 f"{name} is the {option} file {spec!r}, not a folder: pass --checkpoint-dir DIR "
                 "naming a folder apart from the inputs, e.g. --checkpoint-dir ckpt."
             )
-    folders = {"--out": out, "MODEL": Path(args.model) if Path(args.model).is_dir() else None}
+    folders = {"--out": str(out), "MODEL": args.model if Path(args.model).is_dir() else None}
     for option, folder in folders.items():
         if folder is not None and _within(ckpt, folder):
             raise CompactnnError(
-                f"{name} is in {option} {str(folder)!r}, whose files the checkpoint would mix "
+                f"{name} is in {option} {folder!r}, whose files the checkpoint would mix "
                 "with: pass --checkpoint-dir DIR outside it, e.g. --checkpoint-dir ckpt."
             )
     if _within(ckpt, log):
@@ -201,9 +195,15 @@ def check_checkpoint_dir_option(args: argparse.Namespace, out: Path, log: Path) 
     check_checkpoint_dir(ckpt, "--checkpoint-dir")
 
 
-def _within(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies inside it (symbolic links resolved)."""
-    return path.resolve().is_relative_to(folder.resolve())
+def _inputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """MODEL, --weights, --data, --eval-data: the input files (a data set name is none)."""
+    named = {"--weights": args.weights, "--data": args.data, "--eval-data": args.eval_data}
+    return {"MODEL": args.model, **{k: None if v in DATASETS else v for k, v in named.items()}}
+
+
+def _within(path: Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (:func:`path_relation`)."""
+    return path_relation(path, folder) in ("same", "inside")
 
 
 def held_out_data(spec: str | None, data: Any) -> tuple | None:

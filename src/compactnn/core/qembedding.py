@@ -7,6 +7,10 @@ int2 with groups), exactly like the weight storage of the quantized Linear layer
 ``(num_embeddings, dim / G, G)``. ``weight`` is the codes' dequantization, so the simulated
 model looks rows up in it; :mod:`compactnn.kernels.embedding` gathers codes instead.
 
+A scaled token table (Gemma's ``GemmaTextScaledWordEmbedding``, BART's and other
+``*ScaledWordEmbedding``: the lookup times a constant ``embed_scale``) keeps its factor: the
+lookup is multiplied by ``embed_scale`` (float32, cast to the table's dtype as Gemma does).
+
 It is not a "quant layer" (:func:`compactnn.core.qlayers.is_quant_layer` is False): it has no
 input activation and no matrix product, so deployment, GPTQ and the linear kernels never
 take it for a Linear. :func:`compactnn.core.qlayers.has_integer_weight` covers both.
@@ -35,20 +39,60 @@ class QuantEmbedding(IntegerWeightMixin, nn.Embedding):
         torch.Size([2, 8])
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, weight_spec: QuantSpec, **kw):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        weight_spec: QuantSpec,
+        embed_scale: float | None = None,
+        **kw,
+    ):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kw)
         self._init_codes(weight_spec)
+        factor = None if embed_scale is None else torch.tensor(float(embed_scale))
+        self.register_buffer("embed_scale", factor, persistent=False)
 
     @classmethod
     def like(cls, emb: nn.Embedding, weight_spec: QuantSpec) -> QuantEmbedding:
-        """An empty quantized twin of ``emb`` (same geometry and options, codes unset)."""
+        """An empty quantized twin of ``emb`` (same geometry, options and lookup factor,
+        codes unset)."""
         return cls(
             emb.num_embeddings,
             emb.embedding_dim,
             weight_spec,
+            embed_scale=lookup_factor(emb),
             padding_idx=emb.padding_idx,
             scale_grad_by_freq=emb.scale_grad_by_freq,
         )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = nn.Embedding.forward(self, input)
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        factor = "" if self.embed_scale is None else f", embed_scale={float(self.embed_scale):g}"
+        return super().extra_repr() + factor
+
+
+def lookup_factor(emb: nn.Embedding) -> float | None:
+    """The constant ``embed_scale`` a ``*ScaledWordEmbedding`` multiplies its lookup by (None
+    for a plain table, or a factor that cannot be read: a tensor on the ``meta`` device).
+
+    Example:
+        >>> lookup_factor(nn.Embedding(4, 2)) is None
+        True
+    """
+    if isinstance(emb, QuantEmbedding):
+        return None if emb.embed_scale is None else float(emb.embed_scale)
+    if not type(emb).__name__.endswith("ScaledWordEmbedding"):
+        return None
+    for key in ("scalar_embed_scale", "embed_scale"):  # Gemma keeps both; BART a float
+        value = getattr(emb, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
+            return float(value.float())
+    return None
 
 
 def embedding_spec(weight: QuantSpec, dim: int, bits: int | None = None) -> QuantSpec:
@@ -87,8 +131,12 @@ def quantize_embedding_rtn(emb: nn.Embedding, spec: QuantSpec) -> QuantEmbedding
 
 def embedding_unsupported(emb: nn.Embedding) -> str | None:
     """Why ``emb`` cannot be held as codes (None when it can)."""
-    if type(emb) is not nn.Embedding:  # e.g. OPT's learned positions: a forward of its own
-        return f"{type(emb).__name__} has a forward of its own (only nn.Embedding is quantized)"
+    if type(emb) is not nn.Embedding and (lookup_factor(emb) is None or not _scales(emb)):
+        # e.g. OPT's learned positions: a forward of its own
+        return (
+            f"{type(emb).__name__} has a forward of its own (only nn.Embedding and scaled "
+            "token tables, lookup * embed_scale, are quantized)"
+        )
     if emb.max_norm is not None:
         return "max_norm renormalises the table in place on lookup"
     if emb.sparse:
@@ -96,6 +144,19 @@ def embedding_unsupported(emb: nn.Embedding) -> str | None:
     if emb.weight.dim() != 2:
         return "not a 2-D table"
     return None
+
+
+def _scales(emb: nn.Embedding) -> bool:
+    """Whether ``emb``'s forward is the plain lookup times :func:`lookup_factor` (checked on a
+    few rows, so a subclass doing more is never quantized as a scaled table)."""
+    ids = torch.arange(min(4, emb.num_embeddings), device=emb.weight.device)
+    try:
+        with torch.no_grad():
+            got = emb(ids)
+    except Exception:  # a forward taking other inputs: not a scaled table
+        return False
+    want = nn.functional.embedding(ids, emb.weight) * torch.tensor(lookup_factor(emb))
+    return got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-2)
 
 
 def with_bits(spec: QuantSpec, bits: int) -> QuantSpec:

@@ -107,7 +107,7 @@ def float_advice(selection: dict[str, float], chosen: str) -> str | None:
     return (
         f"deploy: {label} runs this model {t_int / t_float:.1f}x faster than int8 on "
         f"{chosen} at this input shape ({t_float * 1e3:.2f} ms against {t_int * 1e3:.2f} ms "
-        f"per call of example=, median of 6): for speed, {how}. int8 kernels pay a fixed "
+        f"fastest of 6 calls of example=): for speed, {how}. int8 kernels pay a fixed "
         "cost per layer (quantize, launch, requantize) that small inputs and depthwise or "
         "1x1 convolutions with few channels do not earn back; a larger batch or input may."
     )

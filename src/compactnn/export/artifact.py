@@ -49,7 +49,13 @@ from compactnn.export.reader import (  # re-exported: the artifact API in one pl
     read_artifact,
     read_header,
 )
-from compactnn.export.rebuild import EMBEDDINGS_KEY, QUANT_KEYS, SHARED_KEY, TIED_KEY
+from compactnn.export.rebuild import (
+    EMBEDDINGS_KEY,
+    NOTES_KEY,
+    QUANT_KEYS,
+    SHARED_KEY,
+    TIED_KEY,
+)
 from compactnn.export.sparse import sparsify
 from compactnn.export.validate import FORMAT_VERSION, HEADER, MAX_HEADER_BYTES
 
@@ -323,8 +329,10 @@ def header_body(
 ) -> dict:
     info = info_of(model)
     recipe = info.get("recipe")
-    packed = (EMBEDDINGS_KEY, TIED_KEY, SHARED_KEY)  # written from the model, not the info
+    packed = (EMBEDDINGS_KEY, TIED_KEY, SHARED_KEY, NOTES_KEY)  # from the model and the info
     extra = {k: v for k, v in info.get("extra", {}).items() if k not in packed}
+    if notes := [str(n) for n in info.get("notes", [])]:  # what compress noted, for load
+        extra[NOTES_KEY] = notes
     body = {
         "format": "compactnn",
         "format_version": FORMAT_VERSION,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -272,10 +273,18 @@ def compressed_state(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
         state.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
         if isinstance(m, QuantLinear) and m.bias is not None:
             state[f"{name}.bias"] = m.bias.detach().float().clone()
+        if isinstance(m, QuantEmbedding) and m.embed_scale is not None:
+            # Gemma's lookup factor: a non-persistent buffer of the float model, which
+            # compressed-tensors turns into a parameter of the quantized table it loads
+            state[f"{name}.embed_scale"] = m.embed_scale.detach().float().clone()
         quant_prefixes.append(name + ".")
-    for key, value in qmodel.state_dict(keep_vars=False).items():
-        if any(key.startswith(p) for p in quant_prefixes):
-            continue
+    plain = {
+        k: v for k, v in qmodel.state_dict(keep_vars=False).items()
+        if not any(k.startswith(p) for p in quant_prefixes)
+    }  # fmt: skip
+    for key in tied_copies(qmodel, plain):
+        del plain[key]
+    for key, value in plain.items():
         state[key] = value.detach().clone().contiguous()
     config = QuantizationConfig(
         config_groups=schemes,
@@ -294,6 +303,33 @@ def compressed_state(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
         **qconfig,
     }
     return state, json.loads(json.dumps(qconfig, default=str))
+
+
+def tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of ``state`` that ``save_pretrained`` leaves out: a tensor held under several
+    names (an LM head tied to the token table) is stored once, under the name that
+    ``from_pretrained`` ties the others to (not one of the model's ``_tied_weights_keys``).
+
+    Example:
+        >>> m = nn.ModuleDict({"emb": nn.Embedding(4, 2), "head": nn.Linear(2, 4, bias=False)})
+        >>> m.head.weight = m.emb.weight
+        >>> tied_copies(m, m.state_dict())
+        ['head.weight']
+    """
+    targets = set()
+    for name, sub in model.named_modules():
+        tied = getattr(sub, "_tied_weights_keys", None) or ()  # dict (v5) or list (v4)
+        targets.update(f"{name}.{k}" if name else k for k in tied)
+    groups: dict[tuple, list[str]] = {}
+    for key, t in state.items():
+        if t.device.type != "meta" and t.numel():
+            where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype)
+            groups.setdefault((*where, tuple(t.shape), t.stride()), []).append(key)
+    out = []
+    for names in (g for g in groups.values() if len(g) > 1):
+        kept = next((n for n in names if not any(re.search(p, n) for p in targets)), names[0])
+        out.extend(n for n in names if n != kept)
+    return out
 
 
 def _is_ct_config(path: Path) -> bool:

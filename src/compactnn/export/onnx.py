@@ -110,8 +110,11 @@ class _QDQLayer(nn.Module):
         codebook = getattr(layer, "weight_levels", None) is not None
         self.per_channel = layer.weight_spec.granularity != "group" and not codebook
         rows = layer.weight.shape[0]
-        self.register_buffer("w_scale", layer.weight_scale.reshape(-1).expand(rows).clone())
-        zero = layer.weight_zero.reshape(-1).expand(rows).round().to(torch.int32).clone()
+        scale, zero = layer.weight_scale, layer.weight_zero  # (rows or 1, groups)
+        if not self.per_channel:  # stored float: the (rows, groups) grid is not one per row
+            scale, zero = torch.ones(1), torch.zeros(1)
+        self.register_buffer("w_scale", scale.reshape(-1).expand(rows).clone())
+        zero = zero.reshape(-1).expand(rows).round().to(torch.int32).clone()
         self.register_buffer("w_zero", zero)
         signed = layer.weight_spec.qtype.signed
         self.w_range = (-128, 127) if signed else (0, 255)

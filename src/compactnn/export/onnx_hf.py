@@ -9,7 +9,9 @@ Two forms, chosen from the model's layers:
   that is not a power of two from 16) stays a float ``MatMul`` on its dequantized weight.
 * **W8A8** (every quantized Linear with an 8-bit per-channel weight and an input quantizer:
   ``w8a8``, ``w8a8-smoothquant``): the weight is ``DequantizeLinear`` of its int8 codes
-  (``w = q * s`` per output channel); a static activation grid is a
+  (``w = q * s`` per output channel); a quantized token table is ``GatherBlockQuantized`` on
+  its codes (as in the weight-only form), and an LM head tied to it dequantizes those very
+  bytes (stored once); a static activation grid is a
   ``QuantizeLinear -> DequantizeLinear`` pair, a per-token dynamic one (SmoothQuant's) the
   same rounding in float ops, ``s_t = (max_t - min_t) / 255``,
   ``x' = (clamp(round(x / s_t) + z_t, 0, 255) - z_t) s_t``.
@@ -47,7 +49,7 @@ from compactnn.core.qlayers import QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export.fs import atomic_write, names_folder
 from compactnn.export.hf_check import mean_cosine
-from compactnn.kernels.nbits_tables import gather_format
+from compactnn.kernels.nbits_tables import gather_format, gather_tables, replace_gathers
 from compactnn.kernels.ort_nbits import _nbits_format, nbits_onnx  # the MatMulNBits test
 
 MIN_COSINE = 0.999
@@ -141,14 +143,18 @@ def _block_reason(m: nn.Module) -> str | None:
 
 
 def float_layers(qmodel: nn.Module) -> list[tuple[str, str, int]]:
-    """``(name, why, float32 bytes)`` of each quantized layer that the weight-only form
-    (:func:`form` ``"nbits"``) stores as a float ``MatMul`` / ``Gather`` on its dequantized
-    weight: MatMulNBits and GatherBlockQuantized take blocks that are a power of two from 16
-    and divide the row. Empty for other forms."""
-    if form(qmodel) != "nbits":
+    """``(name, why, float32 bytes)`` of each quantized layer that the ONNX file stores as a
+    float ``MatMul`` / ``Gather`` on its dequantized weight: MatMulNBits and
+    GatherBlockQuantized take blocks that are a power of two from 16 and divide the row. The
+    W8A8 form (``"qdq"``) holds every Linear as int8 codes, so only its tables can be listed.
+    Empty when :func:`form` is None."""
+    kind = form(qmodel)
+    if kind is None:
         return []
     out = []
     for name, m in qmodel.named_modules():
+        if kind == "qdq" and not isinstance(m, QuantEmbedding):
+            continue
         if (why := _block_reason(m)) is not None:
             out.append((name, why, m.weight.numel() * 4))
     return out
@@ -232,9 +238,11 @@ def _key(t: Any) -> str:
 
 
 def qdq_onnx(qmodel: nn.Module, example: dict[str, torch.Tensor]) -> bytes:
-    """The serialized W8A8 QDQ graph of ``qmodel``; weights stored as their int8 codes."""
+    """The serialized W8A8 QDQ graph of ``qmodel``; weights stored as their int8 codes,
+    quantized token tables as GatherBlockQuantized on theirs (a tied head reads them too)."""
     onnx = require("onnx", "onnx")
     model = copy.deepcopy(qmodel).eval()
+    tables = gather_tables(model)
     codes = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
@@ -244,6 +252,10 @@ def qdq_onnx(qmodel: nn.Module, example: dict[str, torch.Tensor]) -> bytes:
     export_dynamic(model, example, buf)
     proto = onnx.load_from_string(buf.getvalue())
     _store_codes(onnx, proto.graph, codes)
+    if tables and replace_gathers(onnx, proto.graph, tables):
+        _share_table_bytes(onnx, proto.graph)
+        if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return proto.SerializeToString()
 
 
@@ -251,25 +263,72 @@ def _store_codes(onnx: Any, graph: Any, codes: dict[str, torch.Tensor]) -> None:
     """Replace each ``QuantizeLinear(float weight)`` by the layer's own int8 codes."""
     to_array, from_array = onnx.numpy_helper.to_array, onnx.numpy_helper.from_array
     inits = {i.name: i for i in graph.initializer}
+    # a tied head's weight is traced as Identity(table): look through it to the table
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
     nodes, dropped = [], set()
     renames: dict[str, str] = {}
     for node in graph.node:
         src = node.input[0] if node.op_type == "QuantizeLinear" else ""
+        src = alias.get(src, src) if alias.get(src) in inits else src
         key = _key(to_array(inits[src])) if src in inits else None
         if key not in codes:
             nodes.append(node)
             continue
         name = f"{src}_int8"
-        graph.initializer.append(from_array(codes[key].numpy().astype("int8"), name))
+        if name not in inits:
+            inits[name] = from_array(codes[key].numpy().astype("int8"), name)
+            graph.initializer.append(inits[name])
         renames[node.output[0]] = name
         dropped.add(src)
     for node in nodes:
         for i, name in enumerate(node.input):
             node.input[i] = renames.get(name, name)
+    nodes = _live(nodes, graph)
     still = {n for node in nodes for n in node.input}
     keep = [i for i in graph.initializer if i.name not in dropped or i.name in still]
     del graph.node[:]
     graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _live(nodes: list, graph: Any) -> list:
+    """``nodes`` without the Identity nodes nothing reads any more."""
+    read = {n for node in nodes for n in node.input} | {o.name for o in graph.output}
+    return [n for n in nodes if n.op_type != "Identity" or n.output[0] in read]
+
+
+def _share_table_bytes(onnx: Any, graph: Any) -> None:
+    """Let a tied head's ``DequantizeLinear`` read the table's 8-bit GatherBlockQuantized
+    bytes ``u = q + 128`` with zero point 128 instead of a second copy of its int8 codes
+    ``q`` (W8A8 weights are symmetric): ``(u - 128) * s = q * s``, the same numbers."""
+    from_array = onnx.numpy_helper.from_array
+    inits = {i.name: i for i in graph.initializer}
+    gbq = {
+        n.input[0]
+        for n in graph.node
+        if n.op_type == "GatherBlockQuantized"
+        and next(a.i for a in n.attribute if a.name == "bits") == 8
+    }
+    moved = set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        codes, scale = node.input[0], node.input[1]
+        data = codes.removesuffix("_int8") + "_gbq_data"
+        if not codes.endswith("_int8") or data not in gbq or scale not in inits:
+            continue
+        if inits[codes].dims != inits[data].dims:
+            continue
+        name = f"{data}_zero128"
+        if name not in inits:
+            zero = torch.full(tuple(inits[scale].dims), 128, dtype=torch.uint8)
+            inits[name] = from_array(zero.numpy(), name)
+            graph.initializer.append(inits[name])
+        moved.update((codes, node.input[2]))
+        node.input[0], node.input[2] = data, name
+    read = {n for node in graph.node for n in node.input}
+    keep = [i for i in graph.initializer if i.name not in moved or i.name in read]
     del graph.initializer[:]
     graph.initializer.extend(keep)
 

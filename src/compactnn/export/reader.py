@@ -27,7 +27,7 @@ from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export import validate
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.fs import read_regular
-from compactnn.export.rebuild import build_model
+from compactnn.export.rebuild import NOTES_KEY, build_model, header_notes
 from compactnn.export.sparse import densify
 from compactnn.export.validate import HEADER, MAX_HEADER_BYTES, TENSORS
 from compactnn.kernels.load import install_kernels, kernel_config, meta_copy, params_on_meta
@@ -215,7 +215,8 @@ def load(
         "recipe": recipe,
         "folded_bn": header["folded_bn"],
         "float_layers": header["float_layers"],
-        "extra": header["extra"],
+        "notes": header_notes(header["extra"]),
+        "extra": {k: v for k, v in header["extra"].items() if k != NOTES_KEY},
     }
     if config is not None:
         state = densify(tensors, header["sparse"], header["layers"])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from compactnn import registry
+from compactnn.core.attention import split_attention, unsupported_reason
 from compactnn.core.modules import (
     conv1d_to_linear,
     is_hf_conv1d,
@@ -36,11 +37,21 @@ QUANT_KEYS = (
 )
 # header ``extra`` keys (checked here, as every byte of the header is untrusted)
 CONV1D_KEY = "conv1d_as_linear"  # GPT-2 Conv1D modules the compressed model holds as Linear
+SPLIT_KEY = "split_attention"  # nn.MultiheadAttention held as SplitMultiheadAttention
 EMBEDDINGS_KEY = "quant_embeddings"  # table name -> {format, shape, weight_spec}
 TIED_KEY = "tied_heads"  # head name -> {table, act_spec, bias}: reads the table's codes
 # other name -> name of a quantized table or layer the model holds under several names (T5's
 # ``encoder.embed_tokens`` and ``decoder.embed_tokens`` are ``shared``): stored once
 SHARED_KEY = "shared_modules"
+NOTES_KEY = "notes"  # the compress run's notes (info_of(q)["notes"]): a list of strings
+
+
+def header_notes(extra: dict) -> list[str]:
+    """The notes a header's ``extra`` holds (``[]`` in artifacts saved without them)."""
+    notes = extra.get(NOTES_KEY, [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise validate.bad(f"extra[{NOTES_KEY!r}]", "must list strings")
+    return list(notes)
 
 
 def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
@@ -57,6 +68,7 @@ def build_model(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]
     """Validate against the skeleton, then install the quantized layers and float state."""
     extra, layers = header["extra"], header["layers"]
     _linearize_conv1d(model, extra.get(CONV1D_KEY, []))
+    _split_attention(model, extra.get(SPLIT_KEY, []))
     registry.run_artifact_hooks("resize", model, extra)  # e.g. channel-pruned shapes
     for bn in header["folded_bn"]:
         _submodule(model, bn, "folded batch norm")
@@ -148,6 +160,22 @@ def _linearize_conv1d(model: nn.Module, names: Any) -> None:
                 "pass the float model the artifact was made from."
             )
     conv1d_to_linear(model, names)
+
+
+def _split_attention(model: nn.Module, names: Any) -> None:
+    """Split the skeleton's ``nn.MultiheadAttention`` modules that were saved split."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise validate.bad(f"extra[{SPLIT_KEY!r}]", "must list module names")
+    if len(set(names)) != len(names):
+        raise validate.bad(f"extra[{SPLIT_KEY!r}]", "names a module twice")
+    for name in names:
+        m = _submodule(model, name, "split attention")
+        if not isinstance(m, nn.MultiheadAttention) or unsupported_reason(m) is not None:
+            raise ArtifactError(
+                f"the artifact's split attention {name!r} is not a plain nn.MultiheadAttention "
+                "in the skeleton: pass the float model the artifact was made from."
+            )
+    split_attention(model, names)
 
 
 def _check_tables(model: nn.Module, tables: Any) -> dict[str, dict[str, Any]]:

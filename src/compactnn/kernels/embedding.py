@@ -4,7 +4,8 @@
 packed (two 4-bit codes a byte for 2-4-bit tables, one byte a code for 5-8 bits) with the
 per-row group scales and zero points. A lookup gathers the rows of the requested tokens,
 unpacks them and dequantizes ``(q - zero) * scale`` in float32, the simulation's formula, so
-in float32 the output equals the simulated model's lookup bit for bit.
+in float32 the output equals the simulated model's lookup bit for bit. A scaled table
+(Gemma's) multiplies the rows by its ``embed_scale`` in float32 too.
 
 Example:
     >>> from compactnn.core.qembedding import quantize_embedding_rtn
@@ -53,6 +54,8 @@ class EmbeddingKernel(nn.Module):
         self.register_buffer("scale", table.weight_scale.detach().float().clone())
         zero = table.weight_zero.detach()
         self.register_buffer("zero", zero.to(spec.qtype.storage_dtype).clone())
+        factor = getattr(table, "embed_scale", None)  # float32 like the simulation's
+        self.embed_scale = None if factor is None else float(factor)
 
     def _codes(self, rows: torch.Tensor) -> torch.Tensor:
         """Float codes ``(N, D)`` of the gathered rows."""
@@ -67,10 +70,13 @@ class EmbeddingKernel(nn.Module):
         spec = self.spec
         qg = grouped_view(q, spec.granularity, spec.group_size)  # (N, groups, G)
         w = dequantize(qg, self.scale.index_select(0, flat), self.zero.index_select(0, flat))
+        if self.embed_scale is not None:  # a float32 multiply, as the simulated lookup's
+            w = w * torch.tensor(self.embed_scale, dtype=torch.float32)
         return w.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.packed.shape[0]}, {self.embedding_dim}, {spec_label(self.spec)}"
+        factor = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
+        return f"{self.packed.shape[0]}, {self.embedding_dim}, {spec_label(self.spec)}{factor}"
 
 
 def spec_label(spec) -> str:

@@ -31,8 +31,8 @@ from compactnn.core.calib import (
     describe,
     expected_input_hint,
     main_output,
-    warn_unmasked_padding,
 )
+from compactnn.core.tokens import warn_unmasked_padding
 from compactnn.errors import CompactnnError, first_line
 from compactnn.training.data import (
     as_eval_data,

@@ -11,6 +11,7 @@ step per format used, each naming its layers.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +22,9 @@ import numpy as np
 from torch import nn
 
 from compactnn.api import compress
+from compactnn.core.attention import split_attention, splittable
 from compactnn.core.calib import as_batches, call_model, detect_call_mode
-from compactnn.core.modules import execution_order, run_order
+from compactnn.core.modules import attention_out_projs, execution_order, run_order
 from compactnn.core.qlayers import QUANTIZABLE
 from compactnn.errors import CompactnnError
 from compactnn.mixed_precision.accuracy import Trial, accuracy_search
@@ -60,9 +62,30 @@ from compactnn.quant.base import model_ends
 from compactnn.recipe import Recipe, Step, parse_short_name
 
 
+def searched_model(model: nn.Module, formats: Sequence[Format]) -> nn.Module:
+    """``model`` as compress quantizes it: a copy sharing its tensors whose
+    ``nn.MultiheadAttention`` modules are split into called ``q_proj``/``k_proj``/``v_proj``/
+    ``out_proj`` Linear layers (:func:`~compactnn.core.attention.split_attention`, as
+    compress does); ``model`` itself when none splits or a format prunes channels (compress
+    splits no attention before channel pruning). ``model`` is not changed."""
+    if any(f.prune for f in formats) or not splittable(model)[0]:
+        return model
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, shared)  # new modules, the same tensors
+    split_attention(view)  # the split layers hold copies: the shared tensors stay as they are
+    return view
+
+
 def searched_layers(model: nn.Module, batches: list) -> dict[str, nn.Module]:
-    """Quantizable layers (Linear, Conv1d, Conv2d) in execution order."""
-    layers = {n: m for n, m in model.named_modules() if n and isinstance(m, QUANTIZABLE)}
+    """Quantizable layers (Linear, Conv1d, Conv2d) in execution order, less the ``out_proj``
+    of each ``nn.MultiheadAttention`` (it reads that weight and never calls the layer:
+    compress keeps it float; :func:`searched_model` splits the attentions it can)."""
+    unused = attention_out_projs(model)
+    layers = {
+        n: m
+        for n, m in model.named_modules()
+        if n and isinstance(m, QUANTIZABLE) and n not in unused
+    }
     if not layers:
         raise CompactnnError("the model has no Linear/Conv1d/Conv2d layer to search over.")
     mode = detect_call_mode(model, batches[0])
@@ -217,19 +240,20 @@ def search(
     batches = as_batches(calib_data)
     if not batches:
         raise CompactnnError("search needs calib_data (inputs from the training split).")
-    layers = searched_layers(model, batches)
+    view = searched_model(model, fmts)  # its layers are those compress quantizes
+    layers = searched_layers(view, batches)
     names = list(layers)
     shrinks = {
-        f.prune: prunable(model, names, f, batches) for f in fmts if f.prune
+        f.prune: prunable(view, names, f, batches) for f in fmts if f.prune
     }  # which layers each pruning ratio can shrink (not those tied to a residual add)
-    ends = end_layers(model, layers, batches) if first_last_min_bits is not None else None
+    ends = end_layers(view, layers, batches) if first_last_min_bits is not None else None
     allowed = _allowed(layers, fmts, first_last_min_bits, shrinks, ends)
-    mode = detect_call_mode(model, batches[0])
-    macs = count_macs(model, layers, lambda m: call_model(m, batches[0], mode))
-    costs = cost_tables(layers, fmts, macs, biased_layers(model, names))  # folded BN biases
+    mode = detect_call_mode(view, batches[0])
+    macs = count_macs(view, layers, lambda m: call_model(m, batches[0], mode))
+    costs = cost_tables(layers, fmts, macs, biased_layers(view, names))  # folded BN biases
     cache = SensitivityCache(Path(cache_dir) / "sensitivity.json" if cache_dir else None)
     scores = sensitivity(
-        model,
+        view,
         names,
         fmts,
         batches[:sensitivity_batches],

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import re
-import traceback
 from typing import Any, ClassVar
 
 import torch
@@ -26,23 +24,40 @@ from torch import nn
 
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
-from compactnn.core.modules import check_patterns
-from compactnn.errors import CompactnnError
+from compactnn.core.modules import attention_out_projs
+from compactnn.errors import CompactnnError, first_line
+from compactnn.prune.channel_trace import (
+    PRUNABLE,
+    output_layers,
+    skip_reasons,
+    user_frame,
+    whole_layers,
+)
 from compactnn.prune.geometry import changed, snapshot
 from compactnn.prune.masks import check_sparsity
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
-from compactnn.prune.train import distill_steps, output_summary, output_tensor, warn_if_collapsed
+from compactnn.prune.train import (
+    FINETUNE_HINT_STEPS,
+    MIN_AGREEMENT,
+    ONE_SHOT_AGREEMENT,
+    collapse_words,
+    distill_steps,
+    output_summary,
+    output_tensor,
+    warn_if_collapsed,
+)
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 IMPORTANCES = ("l1", "l2", "taylor")
 COUPLED = "(residual add, concat, shared or grouped conv)"
-# What the collapse warning suggests for self-distillation (docs/pruning.md, "Self-distillation
-# defaults").
-FINETUNE_HINT_STEPS = 1000
-FINETUNE_HINT_LR = 3e-3
+FIXED_WIDTH_HINT = (  # what to do when the pruned model no longer runs
+    "If forward() fixes a width that pruning changed (a stored size such as "
+    "self.hidden_dim, or a parameter used outside a layer), keep the layer that sets it "
+    "whole (ignore=[NAME], CLI --ignore NAME, or the step's keep_whole); or prune "
+    "unstructured (sp50, nm2:4)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,68 +112,6 @@ class ChannelConfig(MethodConfig):
             )
 
 
-def _where(exc: BaseException) -> str:
-    """The innermost frame of the user's model code in ``exc``'s traceback."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    skip = ("/torch/", "/torch_pruning/", "/compactnn/", "/transformers/")
-    user = [f for f in frames if not any(s in f.filename for s in skip)]
-    f = (user or frames)[-1]
-    return f"{f.filename}:{f.lineno} `{(f.line or '').strip()}`"
-
-
-def _reachable(root: Any) -> set:
-    """Autograd nodes reachable from ``root`` (the output's ``grad_fn``)."""
-    seen, stack = set(), [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()))
-    return seen
-
-
-def output_layers(model: nn.Module, ctx: CompressContext, example: Any) -> list[str]:
-    """Weight layers whose output is (part of) the model's output, in run order.
-
-    Their output channels are the model's outputs and cannot be removed. When no layer's
-    output reaches the output unchanged, the last weight layer to run is returned.
-
-    Raises:
-        CompactnnError: when a layer's output does not reach the model output through
-            autograd (the dependency graph cannot be traced past it).
-    """
-    produced: dict[int, str] = {}
-    grad_fns: dict[str, Any] = {}
-    hooks = []
-    for n, m in model.named_modules():
-        if isinstance(m, PRUNABLE):
-
-            def hook(_m, _a, out, n=n):
-                produced[id(out)] = n
-                grad_fns.setdefault(n, out.grad_fn)
-
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.enable_grad():
-            out = ctx.run(model, example)
-    finally:
-        for h in hooks:
-            h.remove()
-    reachable = _reachable(output_tensor(out).grad_fn)
-    broken = [n for n, g in grad_fns.items() if g not in reachable]
-    if broken:
-        raise CompactnnError(
-            f"channel pruning cannot trace the model: the output of {broken[0]!r} does not "
-            "reach the model's output through autograd. An operation after it breaks the "
-            "graph (.detach(), .numpy(), .item(), argmax, a torch.no_grad block, or an "
-            "in-place write to a leaf). Remove it from forward() or prune unstructured."
-        )
-    outs = out.values() if isinstance(out, dict) else out if isinstance(out, tuple) else [out]
-    hits = [produced[id(o)] for o in outs if id(o) in produced]
-    return hits or list(grad_fns)[-1:]
-
-
 def _taylor_grads(model: nn.Module, ctx: CompressContext) -> None:
     """Accumulate gradients of a label-free loss (own predictions as labels) for Taylor."""
     model.zero_grad(set_to_none=True)
@@ -175,23 +128,6 @@ def _importance(config: ChannelConfig) -> tp.importance.Importance:
     if config.importance == "taylor":
         return tp.importance.GroupTaylorImportance()
     return tp.importance.GroupMagnitudeImportance(p=1 if config.importance == "l1" else 2)
-
-
-def _skip_reasons(
-    model: nn.Module, targets: dict[str, nn.Module], outputs: list[str]
-) -> dict[str, str]:
-    """Targeted layers that cannot be pruned structurally, with the reason."""
-    reasons = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, PRUNABLE):
-            continue
-        if name not in targets:
-            reasons[name] = "not targeted by the step"
-        elif name in outputs:
-            reasons[name] = "its output channels are the model's outputs"
-        elif hasattr(m, "weight_codes"):
-            reasons[name] = "already quantized (prune channels before quantizing)"
-    return reasons
 
 
 @dataclasses.dataclass
@@ -330,10 +266,29 @@ def _plan(
     return plan
 
 
+def untraced_reason(name: str, owners: dict[str, str]) -> str:
+    """Why a layer that torch-pruning's dependency graph never saw called keeps its channels;
+    ``owners``: :func:`~compactnn.core.modules.attention_out_projs` of the model.
+
+    Example:
+        >>> untraced_reason("fc", {})
+        'the model never calls it (its weight is read directly): torch-pruning cannot trace it'
+    """
+    if name in owners:
+        return (
+            f"out_proj of nn.MultiheadAttention {owners[name]!r}, which reads its weight and "
+            "never calls it: its outputs are the attention's embed_dim, removed only with the "
+            "channels of the stream the attention feeds"
+        )
+    return "the model never calls it (its weight is read directly): torch-pruning cannot trace it"
+
+
 def _unpruned_reason(pruner: Any, module: nn.Module, names: dict[int, str], reasons: dict) -> str:
     """Why torch-pruning left a targeted layer's output channels whole: the layer not pruned
     that its channel group is coupled to, else a coupling the library refuses."""
     dg = pruner.DG
+    if module not in dg.module2node:  # never called: the graph has no node to ask
+        return untraced_reason(names[id(module)], attention_out_projs(pruner.model))
     fn = dg.get_pruner_of_module(module).prune_out_channels
     group = dg.get_pruning_group(module, fn, list(range(dg.get_out_channels(module))))
     for dep, _ in group:
@@ -376,7 +331,7 @@ def remove_channels(
     """
     example = ctx.batches[0]
     outputs = output_layers(model, ctx, example)
-    reasons = _skip_reasons(model, targets, outputs)
+    reasons = skip_reasons(model, targets, outputs)
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
     widths = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
     for name in whole:
@@ -409,8 +364,8 @@ def remove_channels(
         raise
     except Exception as exc:
         raise CompactnnError(
-            f"channel pruning cannot trace or prune the model at {_where(exc)}: "
-            f"{type(exc).__name__}: {exc}"
+            f"channel pruning cannot trace or prune the model at {user_frame(exc)}: "
+            f"{type(exc).__name__}: {first_line(exc)}. {FIXED_WIDTH_HINT}"
         ) from exc
     model.zero_grad(set_to_none=True)
     kept = dict(reasons)  # the layers torch-pruning was told to keep: what a group can blame
@@ -419,29 +374,6 @@ def remove_channels(
             if m.weight.shape[0] == widths.get(name):
                 reasons[name] = _unpruned_reason(pruner, m, names, kept)
     return {n: r for n, r in reasons.items() if n in targets}
-
-
-def whole_layers(model: nn.Module, patterns: tuple[str, ...]) -> tuple[str, ...]:
-    """The prunable layers ``patterns`` (``ChannelConfig.keep_whole``) name: ``fnmatch``
-    patterns, a container's name covering the modules inside it.
-
-    Raises:
-        CompactnnError: a pattern matches no module (the message lists close names).
-
-    Example:
-        >>> m = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU()), nn.Conv2d(2, 2, 1))
-        >>> whole_layers(m, ("0",))
-        ('0.0',)
-    """
-    if not patterns:
-        return ()
-    check_patterns(model, patterns, "ChannelConfig.keep_whole")
-    return tuple(
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, PRUNABLE)
-        and any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, f"{p}.*") for p in patterns)
-    )
 
 
 @register("channel", ChannelConfig, "structured channel pruning that removes channels")
@@ -471,30 +403,23 @@ def apply_channel(
         steps, lr = config.finetune_steps, config.lr
         distill_steps(model, teacher, ctx, steps, lr, desc="channel fine-tune")
     record_sparsity(ctx, "channel", {}, model, counts)
-    warn_if_collapsed(model, reference, ctx, *_collapse_words(config))
+    least = MIN_AGREEMENT if config.finetune_steps else ONE_SHOT_AGREEMENT  # one-shot: as nm
+    warn_if_collapsed(model, reference, ctx, *_collapse_words(config), min_agreement=least)
     return model
 
 
 def _collapse_words(config: ChannelConfig) -> tuple[str, str]:
-    """The step and the way out, as the collapse warning words them."""
-    r, h, steps = config.ratio, config.heads, config.finetune_steps
-    cut = ", ".join(([f"ratio {r:g}"] if r else []) + ([f"heads {h:g}"] if h else []))
-    how = f"{steps} self-distillation steps at Adam lr {config.lr:g}" if steps else "no fine-tuning"
-    what = f"channel step ({cut}, {config.importance} importance, {how})"
-    fewer = f"ch{round(50 * r)}" if r else f"heads: {h / 2:g}"
-    fields = ([f"ratio: {r:g}"] if r else []) + ([f"heads: {h:g}"] if h else [])
-    if config.importance != "l1":
-        fields.append(f"importance: {config.importance}")
-    fields += [
-        f"finetune_steps: {max(2 * steps, FINETUNE_HINT_STEPS)}",
-        f"lr: {max(config.lr, FINETUNE_HINT_LR):g}",
-    ]
-    way_out = (
-        f"Remove fewer channels (e.g. {fewer}), fine-tune in a YAML recipe (method: channel, "
-        f"config: {{{', '.join(fields)}}}), or fine-tune with labels "
-        "(compactnn.prune.train.finetune)."
-    )
-    return what, way_out
+    """The collapse warning's words for a channel step (:func:`collapse_words`)."""
+    r, h, steps, importance = config.ratio, config.heads, config.finetune_steps, config.importance
+    cut = {k: v for k, v in (("ratio", r), ("heads", h)) if v}
+    fields = {**cut, "importance": importance} if importance != "l1" else dict(cut)
+    fields["finetune_steps"] = max(2 * steps, FINETUNE_HINT_STEPS)
+    fewer = [f"remove fewer channels (e.g. {f'ch{round(50 * r)}' if r else f'heads: {h / 2:g}'})"]
+    if r and not h and not steps:  # the short name's fine-tuned form
+        suffix = "" if importance == "l1" else f"-{importance}"
+        fewer.insert(0, f"self-distil after pruning (ch{round(100 * r)}{suffix}-ft)")
+    settings = [*(f"{k} {v:g}" for k, v in cut.items()), f"{importance} importance"]
+    return collapse_words("channel", settings, steps, config.lr, fewer, fields)
 
 
 SHORT_FT_STEPS = 1000  # `-ft`: 97.8% on mnist-cnn at ch50, lr 3e-3 (docs/pruning.md)

@@ -36,7 +36,7 @@ from compactnn.errors import CompactnnError
 from compactnn.prune.masks import check_sparsity, dense_weight, set_mask, skip_tied
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
-from compactnn.prune.train import output_summary, warn_if_collapsed
+from compactnn.prune.train import collapse_words, output_summary, warn_if_collapsed
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -187,20 +187,12 @@ def apply_dns(
 
 
 def _collapse_words(config: DNSConfig) -> tuple[str, str]:
-    """The step and the way out, as the collapse warning words them."""
-    s = config.sparsity
-    what = (
-        f"dns step (sparsity {s:g}, {config.surgery_steps}+{config.finetune_steps} "
-        f"self-distillation steps at Adam lr {config.lr:g})"
-    )
-    way_out = (
-        f"Lower the sparsity (e.g. sp{round(50 * s)}-dns), give more steps or a higher lr in a "
-        f"YAML recipe (method: dns, config: {{sparsity: {s:g}, surgery_steps: "
-        f"{2 * max(config.surgery_steps, 300)}, finetune_steps: "
-        f"{2 * max(config.finetune_steps, 200)}, lr: {max(config.lr, 3e-3):g}}}), or "
-        "fine-tune with labels (compactnn.prune.train.finetune with a DNSPruner)."
-    )
-    return what, way_out
+    """The collapse warning's words for a DNS step (:func:`collapse_words`)."""
+    s, a, b = config.sparsity, config.surgery_steps, config.finetune_steps
+    fields = {"sparsity": s, "surgery_steps": 2 * max(a, 300), "finetune_steps": 2 * max(b, 200)}
+    lower = [f"lower the sparsity (e.g. sp{round(50 * s)}-dns)"]
+    steps, pruner = f"{a}+{b}", " with a DNSPruner"
+    return collapse_words("dns", [f"sparsity {s:g}"], steps, config.lr, lower, fields, pruner)
 
 
 @register_short_name(r"sp(?P<p>\d+)-dns", "sp<P>-dns", ("sp90-dns",))

@@ -36,7 +36,7 @@ from compactnn.prune.masks import (
 )
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
-from compactnn.prune.train import output_summary, warn_if_collapsed
+from compactnn.prune.train import collapse_words, output_summary, warn_if_collapsed
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -154,20 +154,12 @@ def apply_gradual(
 
 
 def _collapse_words(config: GradualConfig) -> tuple[str, str]:
-    """The step and the way out, as the collapse warning words them."""
-    s = config.final_sparsity
-    what = (
-        f"gradual step (final sparsity {s:g}, {config.end_step}+{config.finetune_steps} "
-        f"self-distillation steps at Adam lr {config.lr:g})"
-    )
-    way_out = (
-        f"Lower the sparsity (e.g. sp{round(50 * s)}-gradual), give more steps or a higher lr "
-        f"in a YAML recipe (method: gradual, config: {{final_sparsity: {s:g}, end_step: "
-        f"{2 * max(config.end_step, 300)}, finetune_steps: {2 * max(config.finetune_steps, 200)}, "
-        f"lr: {max(config.lr, 3e-3):g}}}), or fine-tune with "
-        "labels (compactnn.prune.train.finetune with a GradualPruner)."
-    )
-    return what, way_out
+    """The collapse warning's words for a gradual step (:func:`collapse_words`)."""
+    s, a, b = config.final_sparsity, config.end_step, config.finetune_steps
+    fields = {"final_sparsity": s, "end_step": 2 * max(a, 300), "finetune_steps": 2 * max(b, 200)}
+    lower = [f"lower the sparsity (e.g. sp{round(50 * s)}-gradual)"]
+    what, pruner = [f"final sparsity {s:g}"], " with a GradualPruner"
+    return collapse_words("gradual", what, f"{a}+{b}", config.lr, lower, fields, pruner)
 
 
 @register_short_name(r"sp(?P<p>\d+)-gradual", "sp<P>-gradual", ("sp90-gradual",))

@@ -27,6 +27,7 @@ from compactnn.prune.masks import (
     prunable_layers,
     skip_tied,
 )
+from compactnn.prune.train import ONE_SHOT_AGREEMENT, collapse_words, warn_if_collapsed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,3 +158,44 @@ def input_hessian(model: nn.Module, name: str, ctx: CompressContext) -> torch.Te
 def in_order(model: nn.Module, names: list[str], ctx: CompressContext) -> list[str]:
     """``names`` in the order their layers run on the first calibration batch."""
     return execution_order(model, names, lambda m: ctx.run(m, ctx.batches[0]))
+
+
+def collapse_ways(method: str, config: OneShotConfig) -> list[str]:
+    """The remedies a collapsed ``wanda`` or ``sparsegpt`` result is offered, each a short
+    name that exists: N:M self-distils its pattern (``nm<N>:<M>-ft``), unstructured prunes
+    while self-distilling (``sp<P>-gradual``, ``sp<P>-dns``), and Wanda can reconstruct the
+    kept weights (SparseGPT).
+
+    Example:
+        >>> collapse_ways("wanda", OneShotConfig(sparsity=0.6))[0]
+        'lower the sparsity (e.g. sp30-wanda)'
+    """
+    n, m, wanda = config.n, config.m, method == "wanda"
+    if n:
+        ways = [f"self-distil with the pattern fixed (nm{n}:{m}-ft)"]
+        if n < m - 1:
+            ways.append(f"keep more weights per group (e.g. nm{min(2 * n, m - 1)}:{m}-{method})")
+        if wanda:
+            ways.append(f"reconstruct the kept weights (nm{n}:{m}-sparsegpt)")
+        return [*ways, "keep the sensitive layers dense (--ignore NAME)"]
+    s, p = config.sparsity, round(100 * config.sparsity)
+    ways = [f"lower the sparsity (e.g. sp{round(50 * s)}-{method})"]
+    ways.append(f"prune while self-distilling (sp{p}-gradual or sp{p}-dns)")
+    if wanda:
+        ways.append(f"reconstruct the kept weights (sp{p}-sparsegpt)")
+    return ways
+
+
+def warn_if_oneshot_collapsed(
+    model: nn.Module,
+    reference: dict,
+    config: OneShotConfig,
+    ctx: CompressContext,
+    method: str,
+) -> bool:
+    """Warn when the pruned ``model`` agrees with the float model (``reference``, its
+    :func:`~compactnn.prune.train.output_summary` before pruning) on fewer than
+    ``ONE_SHOT_AGREEMENT`` of the calibration samples, or has collapsed; one forward pass."""
+    setting = f"{config.n}:{config.m}" if config.n else f"sparsity {config.sparsity:g}"
+    words = collapse_words(method, [setting], 0, 0.0, collapse_ways(method, config))
+    return warn_if_collapsed(model, reference, ctx, *words, min_agreement=ONE_SHOT_AGREEMENT)

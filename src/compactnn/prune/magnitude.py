@@ -19,7 +19,12 @@ from compactnn.prune.masks import (
 )
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
-from compactnn.prune.train import output_summary, warn_if_collapsed
+from compactnn.prune.train import (
+    ONE_SHOT_AGREEMENT,
+    collapse_words,
+    output_summary,
+    warn_if_collapsed,
+)
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -57,17 +62,12 @@ def apply_magnitude(
     reference = output_summary(model, ctx) if ctx.batches else None  # for the collapse check
     apply_masks(model, masks_from_scores(scores, config.sparsity, config.scope, ctx))
     record_sparsity(ctx, "magnitude", layers, model, counts)
-    if reference is not None:  # one-shot at a high sparsity can leave a constant model
-        s = config.sparsity
-        warn_if_collapsed(
-            model,
-            reference,
-            ctx,
-            f"magnitude step (sparsity {s:g}, one-shot, no fine-tuning)",
-            f"Lower the sparsity (e.g. sp{round(50 * s)}), or prune while fine-tuning: "
-            f"sp{round(100 * s)}-gradual or sp{round(100 * s)}-dns self-distil on the "
-            "calibration data; with labels, compactnn.prune.train.finetune.",
-        )
+    if reference is not None:  # one-shot: warn below ONE_SHOT_AGREEMENT, as nm does
+        s, p = config.sparsity, round(100 * config.sparsity)
+        ways = [f"lower the sparsity (e.g. sp{round(50 * s)})"]
+        ways.append(f"prune while self-distilling (sp{p}-gradual or sp{p}-dns)")
+        words = collapse_words("magnitude", [f"sparsity {s:g}"], 0, 0.0, ways)
+        warn_if_collapsed(model, reference, ctx, *words, min_agreement=ONE_SHOT_AGREEMENT)
     return model
 
 

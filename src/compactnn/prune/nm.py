@@ -28,14 +28,17 @@ from compactnn.prune.masks import (
     skip_tied,
 )
 from compactnn.prune.stats import model_counts, record_sparsity
-from compactnn.prune.train import distill_steps, output_summary, warn_if_collapsed
+from compactnn.prune.train import (
+    FINETUNE_HINT_STEPS,
+    MIN_AGREEMENT,
+    ONE_SHOT_AGREEMENT,
+    collapse_words,
+    distill_steps,
+    output_summary,
+    warn_if_collapsed,
+)
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
-
-# What the collapse warning suggests for fine-tuning with the pattern fixed (see
-# docs/pruning.md, "Self-distillation defaults").
-FINETUNE_HINT_STEPS = 1000
-FINETUNE_HINT_LR = 3e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,29 +105,23 @@ def apply_nm(
         distill_steps(model, teacher, ctx, config.finetune_steps, config.lr, desc="nm fine-tune")
     bake_masks(model)
     record_sparsity(ctx, "nm", layers, model, counts)
-    if reference is not None:
-        warn_if_collapsed(model, reference, ctx, *_collapse_words(config))
+    if reference is not None:  # one-shot: its -ft form is the cheap remedy, so warn earlier
+        least = MIN_AGREEMENT if config.finetune_steps else ONE_SHOT_AGREEMENT
+        warn_if_collapsed(model, reference, ctx, *_collapse_words(config), min_agreement=least)
     return model
 
 
 def _collapse_words(config: NMConfig) -> tuple[str, str]:
-    """The step and the way out, as the collapse warning words them."""
+    """The collapse warning's words for an N:M step (:func:`collapse_words`)."""
     n, m, steps, pattern = config.n, config.m, config.finetune_steps, f"{config.n}:{config.m}"
-    if steps:
-        what = f"nm step ({pattern}, {steps} self-distillation steps at Adam lr {config.lr:g})"
-    else:
-        what = f"nm step ({pattern}, one-shot, no fine-tuning)"
-    ways = [f"keep more weights per group (e.g. nm{min(2 * n, m - 1)}:{m})"] if n < m - 1 else []
+    ways = [] if steps else [f"self-distil with the pattern fixed (nm{pattern}-ft)"]
+    ways += [f"keep more weights per group (e.g. nm{min(2 * n, m - 1)}:{m})"] if n < m - 1 else []
     ways += [
-        f"fine-tune with the pattern fixed in a YAML recipe (method: nm, config: {{n: {n}, "
-        f"m: {m}, finetune_steps: {max(2 * steps, FINETUNE_HINT_STEPS)}, "
-        f"lr: {max(config.lr, FINETUNE_HINT_LR):g}}})",
         f"prune from calibration data (nm{pattern}-wanda or nm{pattern}-sparsegpt)",
         "keep the sensitive layers dense (--ignore NAME)",
-        "fine-tune with labels (compactnn.prune.train.finetune)",
     ]
-    way_out = ", ".join(ways[:-1]) + ", or " + ways[-1] + "."
-    return what, way_out[0].upper() + way_out[1:]
+    fields = {"n": n, "m": m, "finetune_steps": max(2 * steps, FINETUNE_HINT_STEPS)}
+    return collapse_words("nm", [pattern], steps, config.lr, ways, fields)
 
 
 SHORT_FT_STEPS = 1000  # `-ft`: 98.4-98.5% on mnist-cnn at 2:4, lr 1e-4 (docs/pruning.md)

@@ -24,9 +24,11 @@ from compactnn.prune.layerwise import (
     in_order,
     input_hessian,
     oneshot_layers,
+    warn_if_oneshot_collapsed,
 )
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
+from compactnn.prune.train import output_summary
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -97,12 +99,17 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, config: SparseGPTConfig) -
 def apply_sparsegpt(
     model: nn.Module, targets: dict[str, nn.Module], config: SparseGPTConfig, ctx: CompressContext
 ) -> nn.Module:
-    """Prune and reconstruct each layer in execution order from its calibration Hessian."""
+    """Prune and reconstruct each layer in execution order from its calibration Hessian.
+
+    One-shot: warns below ``ONE_SHOT_AGREEMENT`` top-1 agreement with the float model
+    (:func:`~compactnn.prune.layerwise.warn_if_oneshot_collapsed`).
+    """
     ctx.require_calibration("sparsegpt", 64)
     layers = oneshot_layers(model, targets, config, ctx, "sparsegpt")
     if not layers:
         raise CompactnnError("sparsegpt: no Linear or Conv2d layer among the step's targets.")
     counts = model_counts(model, ctx)  # params and MACs before, for the record
+    reference = output_summary(model, ctx)  # the float outputs, for the collapse check
     for name in ctx.bar(in_order(model, list(layers), ctx), desc="sparsegpt"):
         layer = layers[name]
         w = layer.weight.detach()
@@ -111,6 +118,7 @@ def apply_sparsegpt(
         with torch.no_grad():
             layer.weight.copy_(new.reshape(w.shape).to(w.dtype))
     record_sparsity(ctx, "sparsegpt", layers, model, counts)
+    warn_if_oneshot_collapsed(model, reference, config, ctx, "sparsegpt")
     return model
 
 

@@ -21,10 +21,12 @@ from compactnn.prune.layerwise import (
     in_order,
     input_sq_norms,
     oneshot_layers,
+    warn_if_oneshot_collapsed,
 )
 from compactnn.prune.masks import apply_masks, nm_mask
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
+from compactnn.prune.train import output_summary
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name
 
@@ -52,17 +54,23 @@ def wanda_mask(
 def apply_wanda(
     model: nn.Module, targets: dict[str, nn.Module], config: WandaConfig, ctx: CompressContext
 ) -> nn.Module:
-    """Prune each layer in execution order from its calibration input norms."""
+    """Prune each layer in execution order from its calibration input norms.
+
+    One-shot: warns below ``ONE_SHOT_AGREEMENT`` top-1 agreement with the float model
+    (:func:`~compactnn.prune.layerwise.warn_if_oneshot_collapsed`).
+    """
     ctx.require_calibration("wanda", 64)
     layers = oneshot_layers(model, targets, config, ctx, "wanda")
     if not layers:
         raise CompactnnError("wanda: no Linear or Conv2d layer among the step's targets.")
     counts = model_counts(model, ctx)  # params and MACs before, for the record
+    reference = output_summary(model, ctx)  # the float outputs, for the collapse check
     for name in ctx.bar(in_order(model, list(layers), ctx), desc="wanda"):
         w = layers[name].weight.detach()
         mask = wanda_mask(w.reshape(w.shape[0], -1), input_sq_norms(model, name, ctx), config)
         apply_masks(model, {name: mask.reshape(w.shape)})
     record_sparsity(ctx, "wanda", layers, model, counts)
+    warn_if_oneshot_collapsed(model, reference, config, ctx, "wanda")
     return model
 
 

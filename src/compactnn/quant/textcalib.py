@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compactnn.core.calib import check_token_ids, position_key, refused_length
+from compactnn.core.tokens import check_token_ids, position_key, refused_length
 from compactnn.errors import CompactnnError
 
-# The token-id checks live in compactnn.core.calib; check_token_ids stays importable here.
+# The token-id checks live in compactnn.core.tokens; check_token_ids stays importable here.
 __all__ = ["calib_from_text", "check_token_ids"]
 
 

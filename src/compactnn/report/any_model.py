@@ -7,7 +7,10 @@ language model, lower is better, else mean output cosine vs the float model:
 :mod:`compactnn.report.scoring`), bytes on disk, and latency of the simulated model; where
 :func:`compactnn.deploy` lowers an artifact to int8 kernels (w8a8 CNNs), or
 :func:`compactnn.to_kernels` runs a transformer on low-bit kernels, that model gets its own
-row, measured in the same interleaved timing rounds as the float model. It writes
+row, measured in the same interleaved timing rounds as the float model. With ``memory=True``
+(``compactnn report`` unless ``--no-memory``) each row's delivered form is also rebuilt from
+its artifact in a fresh process for its resident memory (:mod:`compactnn.report.resident`,
+as the demo does). It writes
 ``report.md``, ``report.html``, ``pareto.png`` (quality vs size and vs latency, with the
 Pareto front) and ``results.json``.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import compactnn
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.export.fs import writable_folder
 from compactnn.measure import (
@@ -55,6 +59,8 @@ from compactnn.report.delivery import (
     is_plain_float,
     is_probe_pruned,
     slower_note,
+    timing_suspect,
+    untrained_label,
 )
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS, pareto_png
@@ -73,7 +79,15 @@ from compactnn.report.scoring import (
     scorer,
     split_data,
 )
-from compactnn.report.writer import _mib, module_order, write_files
+from compactnn.report.writer import (
+    SUSPECT_FOOTNOTE,
+    _mib,
+    any_suspect,
+    module_order,
+    resident_cell,
+    suspect_mark,
+    write_files,
+)
 from compactnn.training.data import as_eval_data
 
 FLOAT = "float"
@@ -81,8 +95,9 @@ FP32 = "fp32 eager"
 SIMULATED = "simulated"
 DEPLOYED = "deployed"  # runs_as of a deployed row is the runtime's name ("oneDNN int8")
 LATENCY_BATCH = 16  # samples per timed call, as in the demo report
+RESIDENT = "resident memory (delivered form, fresh process)"
 HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
-          "speedup vs fastest float"]  # fmt: skip
+          "speedup vs fastest float", RESIDENT]  # fmt: skip
 
 
 def labelled_data(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,8 +249,15 @@ def _measure(
         qmodel = compactnn.load(path, model=model).eval()
         info = compactnn.info_of(qmodel)
         recipe = info["recipe"].name if info.get("recipe") is not None else path.name
-        label = recipe if recipe not in runners else f"{recipe} ({path.name})"
+        untrained = untrained_label(info)  # a training recipe compressed without training
+        named = recipe + untrained
+        label = named if named not in runners else f"{named} ({path.name})"
         row = _row(label, SIMULATED, name, score(qmodel), artifact_bytes(path))
+        if untrained:
+            row["notes"].append(
+                "a training recipe calibrated without its training (compactnn compress): its "
+                "post-training accuracy; `compactnn train` gives the trained model"
+            )
         row |= {"recipe": recipe, "artifact": str(path), "layers": layer_formats(qmodel)}
         row |= {"theoretical_bytes": theoretical_bytes(qmodel)}
         row["float_layers"] = dict(info.get("float_layers", {}))
@@ -286,10 +308,53 @@ def _time(
         simulated = row["runs_as"] == SIMULATED
         row["speedup"] = None if simulated else base["latency"]["median_s"] / timing.median_s
         if row is not base and not simulated:
-            row["notes"] += filter(None, [slower_note(paths.best.median_s, timing.median_s)])
+            suspect = timing_suspect(base["latency"], row["latency"])
+            note = slower_note(paths.best.median_s, timing.median_s, suspect=suspect)
+            row["notes"] += filter(None, [note])
         row["size_ratio"] = base["size_bytes"] / row["size_bytes"]
         row["quality_delta"] = row["quality"] - base["quality"]
     return paths.to_dict()
+
+
+def _memory(
+    rows: list[dict[str, Any]],
+    runners: dict[str, Any],
+    model: nn.Module,
+    example: Any,
+    winner: str,
+    threads: int,
+    source: dict[str, Any] | None,
+) -> None:
+    """Fill each row's ``resident_bytes`` / ``resident_anon_bytes``: its delivered form
+    rebuilt from its artifact in a fresh process, two at a time
+    (:func:`compactnn.report.resident.measure_rows`); a row that cannot be measured gets a
+    note. ``source``: the MODEL the user named, for a float model of other classes than
+    ``torch.nn`` / ``compactnn`` ones (:func:`compactnn.report.resident.float_record`)."""
+    from compactnn.report import resident
+
+    kind = _kind(model, example)
+    with resident.temporary_folder() as tmp:
+        try:
+            inputs = resident.save_inputs(Path(tmp), model, example, source)
+        except Exception as exc:  # e.g. a class no trusted constructor rebuilds: a note
+            for row in rows:
+                row["notes"].append(
+                    f"resident memory not measured: {type(exc).__name__}: {first_line(exc, 300)}"
+                )
+            return
+        pairs = []
+        for row in rows:
+            recipe = FLOAT if row is rows[0] else "artifact"  # memory_job: "float" or not
+            try:
+                how = resident.memory_job(
+                    kind, recipe, row["runs_as"], runners[row["label"]], winner
+                )
+            except ValueError as exc:
+                row["notes"].append(f"resident memory not measured: {first_line(exc, 300)}")
+                continue
+            artifact = str(Path(row.get("artifact", ".")).resolve())
+            pairs.append((row, resident.job(artifact, *how, inputs)))
+        resident.measure_rows(pairs, threads)
 
 
 def header(results: dict[str, Any]) -> list[str]:
@@ -299,23 +364,30 @@ def header(results: dict[str, Any]) -> list[str]:
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
-    """One row per measured model, in the order of ``HEADER`` (:func:`header`).
+    """One row per measured model, in the order of ``HEADER`` (:func:`header`); a latency
+    whose timing looked inflated, and a speedup computed from one (the row's or the float
+    row's), ends in ``" *"`` (:data:`compactnn.report.writer.SUSPECT_FOOTNOTE`).
 
     Example:
         >>> table_rows(results)[0][:2]  # doctest: +SKIP
         ['float', 'fp32 eager']
     """
     out, base = [], results["rows"][0]["quality"] if results["rows"] else None
+    float_latency = results["rows"][0]["latency"] if results["rows"] else None
     for r in results["rows"]:
         lat = r["latency"]
         latency = f"{lat['median_s'] * 1e3:.2f} ms"
         if lat["median_s"] and (lat["max_s"] - lat["min_s"]) / lat["median_s"] > 0.10:
             latency += f" ({lat['min_s'] * 1e3:.2f}-{lat['max_s'] * 1e3:.2f})"
+        speedup = (
+            SIMULATED
+            if r["speedup"] is None
+            else f"{r['speedup']:.2f}x" + suspect_mark(lat, float_latency)
+        )
         out.append([
             r["label"], r["runs_as"], quality_cell(r["metric"], r["quality"]),
             delta_cell(r["metric"], r["quality"], base), _mib(r["size_bytes"]),
-            f"{r['size_ratio']:.2f}x", latency,
-            SIMULATED if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            f"{r['size_ratio']:.2f}x", latency + suspect_mark(lat), speedup, resident_cell(r),
         ])  # fmt: skip
     return out
 
@@ -346,7 +418,13 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         "bfloat16` is a transformer on compactnn.to_kernels' low-bit kernels; a float "
         "runtime name on a compressed row is a pruned model with nothing simulated in it, "
         "run as itself on the fastest of its own float paths (its notes list them).",
+        _memory_text(results),
     ]
+    suspect = [
+        f"{r['label']}: {why}" for r in results["rows"] for why in r["latency"].get("suspect", [])
+    ]
+    if any_suspect(results["rows"]):
+        how.append(SUSPECT_FOOTNOTE)
     blocks: list[Block] = [
         ("h1", title),
         ("p", f"compactnn {env['compactnn']}, torch {env['torch']}, Python {env['python']}, "
@@ -357,6 +435,8 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         ("h2", "How this was measured"),
         ("list", how),
     ]  # fmt: skip
+    if suspect:
+        blocks += [("h2", "Latencies that may be inflated (noisy machine)"), ("list", suspect)]
     if kept:
         blocks += [("h2", "Layers with float weights (kept in float, or pruned only)")]
         blocks += [("list", kept)]
@@ -384,6 +464,25 @@ def _quality_text(results: dict[str, Any]) -> str:
     return f"Quality: {METRIC_LABELS.get(metric, metric)} on the {n} labelled samples given."
 
 
+def _memory_text(results: dict[str, Any]) -> str:
+    """What the resident memory column measured (or that it was not measured)."""
+    seconds = results["environment"].get("memory_s")
+    if seconds is None:
+        return "Resident memory: not measured (`--no-memory`, or `memory=False` in Python)."
+    return (
+        "Resident memory: resident MiB of the delivered form, fresh process: what the row's "
+        "model, in the form its latency was timed (the float row on the float path that won, "
+        "an int8 row as `compactnn.deploy` on the row's backend, a transformer row as "
+        "`compactnn.load(artifact, kernels=True)`, a pruned float row on its float path, a "
+        "simulated row as the simulated model), adds to the RSS of a fresh Python process once "
+        "built from the saved artifact and run on the latency batch (heap trimmed; "
+        "`compactnn.measure.memory.resident_memory`), with its anonymous part (heap and "
+        "tensors). The batch, the float skeleton and the libraries are loaded before the first "
+        f"reading, for every row alike, so they do not count. {results['environment']['threads']}"
+        f" threads; {seconds:.0f} s for all rows."
+    )
+
+
 def _paths_text(paths: dict[str, Any] | None) -> str:
     if not paths:
         return "fp32 eager"
@@ -409,6 +508,8 @@ def build_report(
     progress: bool = True,
     quick: bool = False,
     force: bool = False,
+    memory: bool = False,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure artifacts of one float model on the user's data and write the report.
 
@@ -432,11 +533,20 @@ def build_report(
             :func:`compactnn.measure.float_paths.fastest_float_path`).
         force: replace an earlier report in ``out`` (a folder of other files, such as an
             artifact or a Hugging Face model folder, is refused even so).
+        memory: measure each row's resident memory once every timing is done: its delivered
+            form rebuilt from the artifact in a fresh process, two at a time (5-20 s per
+            row); ``compactnn report`` does unless ``--no-memory``.
+        source: ``{"model", "weights", "trust_pickle"}``, the MODEL the user named (as
+            :func:`compactnn.model_io.resolve_model` takes it): how a fresh process rebuilds a
+            float model whose classes are not ``torch.nn`` / ``compactnn`` ones or an
+            allow-listed Hugging Face architecture (without it, such rows get a note).
 
     Returns:
         The results written to ``results.json``: ``rows`` (float, then per artifact the
         simulated model and, when deliverable, the int8 or kernels model), ``metric``,
-        ``higher_is_better``, ``pareto_front`` (row labels per panel), ``environment``...
+        ``higher_is_better``, ``pareto_front`` (row labels per panel; on the latency panel
+        rows whose timing looked inflated are left out), ``latency_suspect`` (the labels of
+        those rows: their latency and speedup cells end in ``*``), ``environment``...
 
     Raises:
         CompactnnError: data the model cannot run on, a metric the data or model cannot
@@ -472,7 +582,12 @@ def build_report(
             bar.set_postfix_str("timing")
             paths = _time(rows, runners, example, runs, quick)
             bar.update(1)
-        used = torch.get_num_threads()
+            used, memory_s = torch.get_num_threads(), None
+            if memory:  # after every timing: the children must not slow a timed call
+                bar.set_postfix_str(f"resident memory ({len(rows)} processes)")
+                t_memory = time.perf_counter()
+                _memory(rows, runners, model, example, paths["winner"], used, source)
+                memory_s = round(time.perf_counter() - t_memory, 1)
     finally:
         torch.set_num_threads(previous)
     better = higher_is_better(rows[0]["metric"])
@@ -480,7 +595,9 @@ def build_report(
         row["model"], row["higher_is_better"] = name, better
     n = samples(x)
     results = {
-        "environment": environment(used, runs=runs, omp_wait_policy=omp_wait_policy() or "unset"),
+        "environment": environment(
+            used, runs=runs, omp_wait_policy=omp_wait_policy() or "unset", memory_s=memory_s
+        ),
         "float_paths": paths,
         "metric": rows[0]["metric"],
         "higher_is_better": better,
@@ -489,6 +606,7 @@ def build_report(
         "scored_tokens": tokens,
         "latency_batch": min(LATENCY_BATCH, n),
         "pareto_front": {p: front_labels(rows, p) for p in ("size", "latency")},
+        "latency_suspect": [r["label"] for r in rows if r["latency"].get("suspect")],
         "rows": rows,
     }
     png = pareto_png(results, panels=("size", "latency"))

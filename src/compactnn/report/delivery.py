@@ -41,6 +41,7 @@ __all__ = [
     "is_probe_pruned",
     "runtime_name",
     "slower_note",
+    "untrained_label",
 ]
 
 SIMULATED = "simulated"
@@ -111,22 +112,80 @@ def warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
-def slower_note(float_s: float, row_s: float) -> str | None:
+def slower_note(float_s: float, row_s: float, *, suspect: bool = False) -> str | None:
     """The note of a delivered row slower than the fastest float path (speedup below 1),
-    else None; ``float_s`` and ``row_s`` are median latencies in seconds.
+    else None; ``float_s`` and ``row_s`` are median latencies in seconds. ``suspect``: either
+    timing looked inflated (:func:`compactnn.measure.timing.suspect_reasons`), so the note
+    says the verdict may be the machine's, not the model's.
 
     Example:
         >>> slower_note(0.002, 0.005)[:56]
         'slower than the fastest float path (5.00 ms vs 2.00 ms):'
+        >>> slower_note(0.002, 0.005, suspect=True)[57:101]
+        'in this run, but these timings look inflated'
         >>> slower_note(0.002, 0.001) is None
         True
     """
     if not row_s > float_s:
         return None
-    return (
-        f"slower than the fastest float path ({row_s * 1e3:.2f} ms vs {float_s * 1e3:.2f} ms): "
-        "the float model is the faster way to run this"
+    head = f"slower than the fastest float path ({row_s * 1e3:.2f} ms vs {float_s * 1e3:.2f} ms): "
+    if suspect:
+        return head + (
+            "in this run, but these timings look inflated (see the warnings): time it again "
+            "on a quieter machine before choosing"
+        )
+    return head + "the float model is the faster way to run this"
+
+
+def timing_suspect(*latencies: dict[str, Any] | None) -> bool:
+    """Whether any of these ``Timing.to_dict()`` records carries suspect reasons.
+
+    Example:
+        >>> timing_suspect({"suspect": []}, {"suspect": ["runs spread 60%"]}), timing_suspect(None)
+        (True, False)
+    """
+    return any(bool((t or {}).get("suspect")) for t in latencies)
+
+
+UNTRAINED = "calibrated only, not trained"
+
+
+def training_recipe(recipe: Any) -> bool:
+    """Whether ``recipe`` (a ``Recipe``) has a training-aware step that ``compactnn train``
+    trains (a ``QATConfig``; TernaryBERT distils inside compress, so it is not one)."""
+    from compactnn.engines.qat import QATConfig
+    from compactnn.quant.ternarybert import TernaryBERTConfig
+
+    return any(
+        isinstance(step.config, QATConfig) and not isinstance(step.config, TernaryBERTConfig)
+        for step in getattr(recipe, "steps", ())
     )
+
+
+def untrained_label(info: dict[str, Any]) -> str:
+    """``" (calibrated only, not trained)"`` for a model (its ``compactnn.info_of`` record, or
+    an artifact's header) of a training recipe that was never trained: ``extra["trained"]``
+    is False, or the recipe is training-aware (:func:`training_recipe`) and neither
+    ``extra["trained"]`` (written by ``compactnn.training.freeze``) nor ``extra["training"]``
+    (written by ``compactnn.train`` since it exists) is there, as after ``compactnn
+    compress``; else ``""``.
+
+    Example:
+        >>> from compactnn import resolve_recipe
+        >>> untrained_label({"recipe": resolve_recipe("w4a4-lsq"), "extra": {}})
+        ' (calibrated only, not trained)'
+        >>> untrained_label({"recipe": resolve_recipe("w4a4-lsq"),
+        ...                  "extra": {"training": {"epochs": 1}}})
+        ''
+        >>> untrained_label({"recipe": resolve_recipe("w4a8"), "extra": {}})
+        ''
+    """
+    extra = info.get("extra") or {}
+    if extra.get("trained") is False:
+        return f" ({UNTRAINED})"
+    if extra.get("trained") or "training" in extra:
+        return ""
+    return f" ({UNTRAINED})" if training_recipe(info.get("recipe")) else ""
 
 
 def kernels_runtime(info: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 from compactnn._optional import require
-from compactnn.report.scoring import panel_rows, pareto_front, row_higher_is_better
+from compactnn.report.scoring import front_mask, latency_suspect, panel_rows, row_higher_is_better
 
 require("matplotlib", "demo").use("Agg")  # files only; no display on servers or in CI
 plt = require("matplotlib.pyplot", "demo")
@@ -39,12 +39,21 @@ def _x_values(rows: list[dict[str, Any]], panel: str) -> tuple[list[float], str]
 def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> None:
     """One scatter of quality against ``panel`` ("size" or "latency"), its Pareto front
     (in the direction of the rows' metric) ringed and joined by a dashed line; on the size panel a
-    row marked ``shares_size`` (the same artifact run another way) is not drawn twice."""
+    row marked ``shares_size`` (the same artifact run another way) is not drawn twice; on the
+    latency panel a row whose timing looked inflated is drawn hollow, labelled ``*``, and left
+    off the front (:func:`compactnn.report.scoring.front_mask`)."""
     rows = panel_rows(rows, panel)
     xs, xlabel = _x_values(rows, panel)
     quality = [r["quality"] for r in rows]
-    ax.plot(xs, quality, linestyle="none", marker="o", color="tab:blue")
-    on = pareto_front(list(zip(xs, quality, strict=True)), row_higher_is_better(rows[0]))
+    doubt = [panel == "latency" and latency_suspect(r) for r in rows]
+    sure = [(x, y) for x, y, d in zip(xs, quality, doubt, strict=True) if not d]
+    ax.plot([p[0] for p in sure], [p[1] for p in sure], linestyle="none", marker="o",
+            color="tab:blue")  # fmt: skip
+    if any(doubt):  # an inflated timing: hollow, off the front (front_mask)
+        odd = [(x, y) for x, y, d in zip(xs, quality, doubt, strict=True) if d]
+        ax.plot([p[0] for p in odd], [p[1] for p in odd], linestyle="none", marker="o",
+                markerfacecolor="none", color="tab:gray")  # fmt: skip
+    on = front_mask(rows, panel, xs)
     front = sorted((x, y) for x, y, keep in zip(xs, quality, on, strict=True) if keep)
     fx, fy = [p[0] for p in front], [p[1] for p in front]
     ax.plot(fx, fy, linestyle="--", drawstyle="steps-post", color="tab:green", alpha=0.7,
@@ -53,6 +62,8 @@ def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> None:
         if r["recipe"] == "float":
             ax.plot([x], [y], marker="*", markersize=14, color="tab:orange", linestyle="none")
         label = r.get("label", r["recipe"])
+        if panel == "latency" and latency_suspect(r):
+            label += " *"
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0, 7.0)))
@@ -98,7 +109,9 @@ def pareto_png(results: dict[str, Any], panels: tuple[str, ...] = ("size",)) -> 
     ups = {row_higher_is_better(r) for r in results["rows"]}
     better = {frozenset({True}): "up and left", frozenset({False}): "down and left"}
     where = better.get(frozenset(ups or {True}), "left, and up or down as each axis says")
-    fig.suptitle(f"quality vs {what} ({where} is better; ringed, dashed: Pareto front)")
+    inflated = "latency" in panels and any(latency_suspect(r) for r in results["rows"])
+    doubt = "; hollow, *: timing looked inflated, off the front" if inflated else ""
+    fig.suptitle(f"quality vs {what} ({where} is better; ringed, dashed: Pareto front{doubt})")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

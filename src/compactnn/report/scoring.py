@@ -22,10 +22,10 @@ from compactnn.core.calib import (
     as_batches,
     batch_size_of,
     call_model,
-    check_token_ids,
     expected_inputs,
     input_spec,
 )
+from compactnn.core.tokens import check_token_ids
 from compactnn.errors import CompactnnError, first_line
 from compactnn.measure import evaluate, fmt_quality, output_fidelity
 from compactnn.measure.perplexity import is_causal_lm, nll_totals
@@ -211,6 +211,34 @@ def panel_rows(rows: list[dict[str, Any]], panel: str) -> list[dict[str, Any]]:
     return [r for r in rows if panel != "size" or not r.get("shares_size")]
 
 
+def latency_suspect(row: dict[str, Any]) -> bool:
+    """Whether ``row``'s latency looked inflated (its ``latency["suspect"]`` reasons): such a
+    row is drawn on the latency panel but left out of its Pareto front.
+
+    Example:
+        >>> latency_suspect({"latency": {"suspect": ["busy"]}}), latency_suspect({"latency": {}})
+        (True, False)
+    """
+    return bool((row.get("latency") or {}).get("suspect"))
+
+
+def front_mask(rows: list[dict[str, Any]], panel: str, costs: list[float]) -> list[bool]:
+    """Which ``rows`` (drawn on ``panel`` at ``costs``) are on its Pareto front; on the
+    latency panel a row whose timing looked inflated (:func:`latency_suspect`) is neither on
+    the front nor allowed to push another row off it.
+
+    Example:
+        >>> rows = [{"metric": "top1", "quality": q, "latency": {"suspect": s}}
+        ...         for q, s in ((90, []), (95, ["busy"]), (94, []))]
+        >>> front_mask(rows, "latency", [1, 2, 3]), front_mask(rows, "size", [1, 2, 3])
+        ([True, False, True], [True, True, False])
+    """
+    keep = [panel != "latency" or not latency_suspect(r) for r in rows]
+    points = [(c, r["quality"]) for c, r, k in zip(costs, rows, keep, strict=True) if k]
+    on = iter(pareto_front(points, row_higher_is_better(rows[0])) if rows else [])
+    return [next(on) if k else False for k in keep]
+
+
 def row_higher_is_better(row: dict[str, Any]) -> bool:
     """A row's direction: its ``higher_is_better`` field, else its metric's."""
     return bool(row.get("higher_is_better", higher_is_better(row["metric"])))
@@ -218,11 +246,11 @@ def row_higher_is_better(row: dict[str, Any]) -> bool:
 
 def front_labels(rows: list[dict[str, Any]], panel: str) -> list[str]:
     """Labels of the rows on the Pareto front of quality against size on disk
-    (``panel="size"``) or median latency (``"latency"``), in the direction of the rows'
-    metric (:func:`pareto_front`)."""
+    (``panel="size"``) or median latency (``"latency"``, rows whose timing looked inflated
+    left out: :func:`front_mask`), in the direction of the rows' metric (:func:`pareto_front`)."""
     rows = panel_rows(rows, panel)
     if not rows:
         return []
     cost = (lambda r: r["size_bytes"]) if panel == "size" else (lambda r: r["latency"]["median_s"])
-    on = pareto_front([(cost(r), r["quality"]) for r in rows], row_higher_is_better(rows[0]))
+    on = front_mask(rows, panel, [cost(r) for r in rows])
     return [r.get("label", r["recipe"]) for r, keep in zip(rows, on, strict=True) if keep]

@@ -30,6 +30,14 @@ SUMMARY_HEADER = [
     "load bit-exact",
 ]
 SIMULATED = "simulated"
+SUSPECT_MARK = " *"  # after a latency or speedup cell whose timing looked inflated
+SUSPECT_FOOTNOTE = (
+    '* this timing looked inflated (the reasons are listed under "Latencies that may be '
+    'inflated"): the machine was busy while it was measured, so the latency and the speedups '
+    "computed from it may be the machine's, not the model's; rerun on a quieter machine "
+    "before relying on them. On the latency panel of pareto.png such points are drawn "
+    "hollow, labelled with *, and left out of the Pareto front."
+)
 
 
 def _mib(n: float) -> str:
@@ -43,12 +51,23 @@ def _num(x: Any, fmt: str) -> str:
     return format(x, fmt)
 
 
+def suspect_mark(*latencies: dict[str, Any] | None) -> str:
+    """:data:`SUSPECT_MARK` when any of these ``Timing.to_dict()`` records has suspect
+    reasons (:func:`compactnn.measure.timing.suspect_reasons`), else ``""``.
+
+    Example:
+        >>> suspect_mark({"suspect": []}), suspect_mark({"suspect": []}, {"suspect": ["busy"]})
+        ('', ' *')
+    """
+    return SUSPECT_MARK if any((t or {}).get("suspect") for t in latencies) else ""
+
+
 def _latency_cell(lat: dict[str, Any]) -> str:
     spread = (lat["max_s"] - lat["min_s"]) / lat["median_s"] if lat["median_s"] else 0
     latency = f"{lat['median_s'] * 1e3:.2f} ms"
     if spread > 0.10:
         latency += f" ({lat['min_s'] * 1e3:.1f}-{lat['max_s'] * 1e3:.1f})"
-    return latency
+    return latency + suspect_mark(lat)
 
 
 def resident_cell(r: dict[str, Any]) -> str:
@@ -68,11 +87,18 @@ def resident_cell(r: dict[str, Any]) -> str:
     return cell if anon is None else f"{cell} ({_mib(max(anon, 0))} anon.)"
 
 
-def _speedup_cell(r: dict[str, Any]) -> str:
-    """``"3.20x"``; ``"simulated"`` for a row that no runtime delivered (no honest ratio)."""
+def _speedup_cell(r: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    """``"3.20x"``, marked ``" *"`` when the row's or its float row's (``base``) timing looked
+    inflated; ``"simulated"`` for a row that no runtime delivered (no honest ratio)."""
     if r.get("runtime") == SIMULATED:
         return SIMULATED
-    return _num(r.get("speedup"), ".2f") + "x"
+    mark = suspect_mark(r["latency"], base["latency"] if base else None)
+    return _num(r.get("speedup"), ".2f") + "x" + mark
+
+
+def any_suspect(rows: list[dict[str, Any]]) -> bool:
+    """Whether a row's latency looked inflated (its cells then carry :data:`SUSPECT_MARK`)."""
+    return any(suspect_mark(r.get("latency")) for r in rows)
 
 
 def summary_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -82,6 +108,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     ``resident memory`` is filled where a row has ``resident_bytes`` (:func:`resident_cell`).
     """
     rows = []
+    bases = {r["model"]: r for r in results["rows"] if r["recipe"] == "float"}
     for r in results["rows"]:
         rows.append(
             [
@@ -94,7 +121,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
                 _mib(r["theoretical_bytes"]),
                 _num(r.get("size_ratio"), ".2f") + "x",
                 _latency_cell(r["latency"]),
-                _speedup_cell(r),
+                _speedup_cell(r, bases.get(r["model"])),
                 resident_cell(r),
                 f"{r['compress_s']:.2f} s",
                 "yes" if r["bit_exact_load"] else "NO",
@@ -187,6 +214,7 @@ def _method_blocks(results: dict[str, Any]) -> list[Block]:
                 "Quality is measured by running the delivered model itself.",
                 "Load bit-exact: the artifact loaded into a fresh skeleton gives outputs equal "
                 "(`torch.equal`) to the compressed model's.",
+                *([SUSPECT_FOOTNOTE] if suspect else []),
             ],
         ),
     ]

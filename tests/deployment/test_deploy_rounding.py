@@ -1,0 +1,62 @@
+"""deploy on networks that amplify one-code rounding flips: the refusal names the network's own
+rounding variation (the float-rounding probe), not the kernels, and suggests a tolerance that
+works; a network that does not amplify verifies as before."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+import compactnn
+from compactnn.errors import CompactnnError
+from compactnn.lowering.verify import DEFAULT_TOLERANCE
+
+
+def _deep_bn_net(depth: int = 28, channels: int = 16):
+    """A random conv-BN-ReLU stack (batch norms set to its input's statistics) quantized w8a8,
+    and 16 images of 16x16 with four distinct values (as in tests/lowering/test_verify.py)."""
+    x = torch.randint(0, 4, (16, 1, 16, 16), generator=torch.Generator().manual_seed(0)) / 4
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels, momentum=None)]
+    for _ in range(depth):
+        layers += [nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False)]
+        layers += [nn.BatchNorm2d(channels, momentum=None)]
+    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)]
+    model = nn.Sequential(*layers).train()
+    with torch.no_grad():
+        model(x)  # batch-norm statistics of x (cumulative average)
+    return compactnn.compress(model.eval(), "w8a8", calib_data=x, progress=False).eval(), x
+
+
+def test_mnist_cnn_w8a8_still_verifies_at_the_default_tolerance():
+    from compactnn.models import load_reference
+
+    torch.manual_seed(0)
+    ref = load_reference("mnist-cnn")
+    q = compactnn.compress(ref.model.eval(), "w8a8", calib_data=ref.calib, progress=False)
+    deployed = compactnn.deploy(q, "onednn", example=ref.example)
+    v = deployed.verification
+    assert v.passed and v.max_diff_steps <= DEFAULT_TOLERANCE  # measured: 0.0 steps
+    assert v.sensitivity is None and v.rounding_steps is None and not v.within_rounding
+    # it does not amplify (measured: 0.14 steps under float rounding), so a kernel error
+    # past the tolerance can never pass for the network's own variation
+    from compactnn.lowering.verify import probes
+
+    assert probes(deployed.source, ref.example)["float rounding"][0] < 1.0
+
+
+def test_amplifying_network_is_refused_with_its_diagnosis_and_a_working_tolerance():
+    q, x = _deep_bn_net()
+    try:  # measured here: 10.3 steps off (the simulation moves 7.1 under float rounding)
+        compactnn.deploy(q, "onednn", example=x)
+        return  # kernels whose float rounding matches the simulation's: nothing to diagnose
+    except CompactnnError as e:
+        message = str(e)
+    assert "amplifies one-code rounding differences" in message
+    assert "steps under float rounding" in message and "report the model" not in message
+    assert "0 steps when its input is scaled by 1 + 1e-06" in message  # the old probe: blind
+    tolerance = float(re.search(r"tolerance=([\d.]+) \(--tolerance", message)[1])
+    deployed = compactnn.deploy(q, "onednn", example=x, tolerance=tolerance)
+    assert deployed.verification.passed and deployed.verification.tolerance == tolerance
