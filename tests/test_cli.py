@@ -139,6 +139,10 @@ def test_existing_artifact_needs_force(project, capsys):
             ["compress", "cli_tinynet:nothing", "--weights", "w.safetensors", "-r", "w8"],
             ["cannot import factory"],
         ),
+        (
+            ["compress", "cli_tinynet.py:make", "--weights", "w.safetensors", "-r", "w8"],
+            ["cannot import factory", "(a file name: write cli_tinynet:make)"],
+        ),
         (["compress", *FACTORY, "-r", "missing.yaml"], ["does not exist"]),
         (["eval", "no_such_dir_or_model"], ["unknown model"]),
     ],

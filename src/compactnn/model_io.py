@@ -257,7 +257,9 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise CompactnnError(f"cannot import factory {spec!r}: {exc}") from exc
+        stem = module_name.removesuffix(".py")
+        hint = f" (a file name: write {stem}:{attr or 'FUNCTION'})" if stem != module_name else ""
+        raise CompactnnError(f"cannot import factory {spec!r}: {exc}{hint}") from exc
     model = factory()
     if not isinstance(model, nn.Module):
         raise CompactnnError(f"factory {spec!r} returned a {type(model).__name__}, not a Module.")

@@ -7,27 +7,11 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import nn
 
 import compactnn
 from compactnn.errors import CompactnnError
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
-
-
-def _deep_bn_net(depth: int = 28, channels: int = 16):
-    """A random conv-BN-ReLU stack (batch norms set to its input's statistics) quantized w8a8,
-    and 16 images of 16x16 with four distinct values (as in tests/lowering/test_verify.py)."""
-    x = torch.randint(0, 4, (16, 1, 16, 16), generator=torch.Generator().manual_seed(0)) / 4
-    torch.manual_seed(0)
-    layers = [nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels, momentum=None)]
-    for _ in range(depth):
-        layers += [nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1, bias=False)]
-        layers += [nn.BatchNorm2d(channels, momentum=None)]
-    layers += [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)]
-    model = nn.Sequential(*layers).train()
-    with torch.no_grad():
-        model(x)  # batch-norm statistics of x (cumulative average)
-    return compactnn.compress(model.eval(), "w8a8", calib_data=x, progress=False).eval(), x
+from tests.lowering._amplifying import deep_bn_net
 
 
 def test_mnist_cnn_w8a8_still_verifies_at_the_default_tolerance():
@@ -48,7 +32,7 @@ def test_mnist_cnn_w8a8_still_verifies_at_the_default_tolerance():
 
 
 def test_amplifying_network_is_refused_with_its_diagnosis_and_a_working_tolerance():
-    q, x = _deep_bn_net()
+    q, x = deep_bn_net()
     try:  # measured here: 10.3 steps off (the simulation moves 7.1 under float rounding)
         compactnn.deploy(q, "onednn", example=x)
         return  # kernels whose float rounding matches the simulation's: nothing to diagnose

@@ -152,7 +152,8 @@ def run(quick: bool = False) -> str:
         "### Weight-only quantization\n\n"
         + _quant_table(qrows, base, fbytes)
         + "\n\nThe default recipes keep the first and last quantized layers (`q_proj` of "
-        "block 0 and `lm_head`) at 8 bits; embeddings stay float.\n\n"
+        "block 0 and `lm_head`) at 8 bits; the token table is quantized with the recipe's "
+        "weight format (rounded to nearest).\n\n"
         "### One-shot pruning, 50% unstructured (every linear layer, `lm_head` included)\n\n"
         + _prune_table(prows, base)
         + "\n"
