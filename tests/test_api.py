@@ -542,3 +542,36 @@ def test_the_entry_point_table_of_usage_md_lists_every_keyword():
             p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY
         ]
         assert not [k for k in keywords if k not in words], (name, keywords)
+
+
+def test_a_handler_that_forgets_return_model_is_named(monkeypatch):
+    import dataclasses
+
+    from compactnn import registry
+    from compactnn.core.config import MethodConfig
+    from compactnn.recipe import Recipe, Step
+
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    monkeypatch.setattr(registry, "METHODS_BY_CONFIG", dict(registry.METHODS_BY_CONFIG))
+
+    @dataclasses.dataclass(frozen=True)
+    class ForgetfulConfig(MethodConfig):
+        pass
+
+    @registry.register("forgetful", ForgetfulConfig)
+    def forgetful(model, targets, config, ctx):
+        """Changes the model but returns nothing."""
+
+    @dataclasses.dataclass(frozen=True)
+    class TupleConfig(MethodConfig):
+        pass
+
+    registry.register("tupled", TupleConfig)(lambda model, *rest: (model, 1))
+    model = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CompactnnError, match="'forgetful': its handler returned None"):
+        compactnn.compress(model, Recipe("f", [Step("forgetful", ForgetfulConfig())]))
+    with pytest.raises(CompactnnError, match="'tupled': its handler returned a tuple"):
+        compactnn.compress(model, Recipe("t", [Step("tupled", TupleConfig())]))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the input is untouched

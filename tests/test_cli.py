@@ -3,6 +3,7 @@ small compress -> eval round trip works end to end."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import textwrap
@@ -16,6 +17,7 @@ from torch import nn
 import compactnn
 from compactnn import cli
 from compactnn.cli import main
+from tests._cli import run_cli
 
 TINYNET = textwrap.dedent(
     """
@@ -45,12 +47,6 @@ def project(tmp_path, monkeypatch):
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "bad.npy", np.zeros((8, 3), dtype=np.float32))
     return tmp_path, model, x
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_user_error(capsys, argv, *needles: str) -> str:
@@ -366,120 +362,74 @@ def test_a_full_disk_inside_a_writer_is_one_line_and_keeps_the_old_artifact(
     assert {p.name: p.read_bytes() for p in (project[0] / "art").iterdir()} == before
 
 
-def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
-    """libgomp reads OMP_WAIT_POLICY when torch loads it: the command re-executes itself once
-    with PASSIVE set, unless the user chose a policy (issue 13: 6-23x swings)."""
+PLUGIN = textwrap.dedent(
+    """
+    import dataclasses
+
+    import torch
+
+    from compactnn.core.config import MethodConfig
+    from compactnn.registry import register
+
+
+    @dataclasses.dataclass(frozen=True)
+    class ScaleConfig(MethodConfig):
+        factor: float = 0.5
+
+
+    @register("cli_scale", ScaleConfig, "scale every weight")
+    def apply_scale(model, targets, config, ctx):
+        with torch.no_grad():
+            for layer in targets.values():
+                layer.weight.mul_(config.factor)
+        return model
+    """
+)
+SCALE_RECIPE = "name: scaled\nsteps:\n  - method: cli_scale\n    config: {factor: 0.25}\n"
+
+
+@pytest.fixture
+def plugin(project):
+    """A third-party method ``cli_scale`` in module ``cli_plugin`` of the project folder;
+    unregistered (and the module forgotten) afterwards."""
     import sys
 
-    from compactnn import cli
-    from compactnn.measure import timing
+    from compactnn import registry
 
-    execs = []
-
-    def fake_execv(path, argv):
-        execs.append((path, argv, timing.os.environ.get("OMP_WAIT_POLICY")))
-        raise SystemExit(0)
-
-    monkeypatch.setattr(timing.os, "execv", fake_execv)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv(timing.REEXEC_MARK, raising=False)
-    monkeypatch.setattr(sys, "argv", ["compactnn", "eval", "no-such-artifact"])
-    with pytest.raises(SystemExit):
-        cli.main()
-    assert execs == [
-        (sys.executable, [sys.executable, "-m", "compactnn.cli", "eval", "no-such-artifact"],
-         "PASSIVE")
-    ]  # fmt: skip
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice: kept, no re-exec
-    monkeypatch.setattr(sys, "argv", ["compactnn", "recipes"])
-    assert cli.main() == 0 and len(execs) == 1
+    (project[0] / "cli_plugin.py").write_text(PLUGIN)
+    (project[0] / "scaled.yaml").write_text(SCALE_RECIPE)
+    yield "cli_plugin"
+    entry = registry.METHODS.pop("cli_scale", None)
+    if entry is not None:
+        registry.METHODS_BY_CONFIG.pop(entry.config_cls, None)
+    sys.modules.pop("cli_plugin", None)
 
 
-def _rendered_lines(text: str) -> list[str]:
-    """``text`` as a terminal shows it: a carriage return goes back to the start of the
-    line and later characters overwrite earlier ones."""
-    lines = []
-    for raw in text.split("\n"):
-        shown: list[str] = []
-        col = 0
-        for part in raw.split("\r"):
-            shown[col : col + len(part)] = part  # overwrite from column 0
-            col = 0
-        lines.append("".join(shown).rstrip())
-    return lines
+def test_plugin_method_runs_from_the_command_line(project, plugin, capsys):
+    tmp, model, x = project
+    argv = ["compress", *FACTORY, "-r", "scaled.yaml", "-o", "art", "--no-progress"]
+    err = assert_user_error(capsys, argv, "unknown method 'cli_scale'", "--plugin MODULE")
+    assert err.count("\n") == 1  # one line
+    code, _out, err = run_cli(capsys, *argv, "--plugin", plugin)
+    assert code == 0, err
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in reference:
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(0.25)
+    loaded = compactnn.load(tmp / "art", model=model)
+    torch.testing.assert_close(loaded(x), reference(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("leave", [False, True])
-def test_ctrl_c_during_a_progress_bar_prints_interrupted_on_its_own_line(
-    monkeypatch, capsys, leave
-):
-    from tqdm.auto import tqdm
-
-    from compactnn.commands import recipes
-
-    def run(args):
-        bar = tqdm(total=10, desc="epoch 1/3", leave=leave)  # kept open, as a training loop's
-        bar.update(3)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(recipes, "run", run)
-    code, _out, err = run_cli(capsys, "recipes")
-    assert code == 130
-    shown = [line for line in _rendered_lines(err) if line]
-    assert shown[-1] == "interrupted", repr(err)  # alone on its line, and nothing after it
+def test_plugin_that_cannot_be_imported_is_one_line(project, capsys):
+    argv = ["compress", *FACTORY, "-r", "w8", "-o", "art", "--no-progress"]
+    assert_user_error(capsys, [*argv, "--plugin", "no_such_plugin"], "--plugin 'no_such_plugin'")
+    assert_user_error(capsys, [*argv, "--plugin", "plug/p.py"], "--plugin p")
+    assert not (project[0] / "art").exists()
 
 
-def test_no_progress_hides_hugging_faces_own_bars(monkeypatch, capsys):
-    """A reference transformer (minilm) printed transformers' "Loading weights" bar under
-    --no-progress: only a Hugging Face directory switched it off."""
-    import compactnn.cli as cli_module
-
-    calls = []
-    monkeypatch.setattr(cli_module, "hide_hf_progress", lambda: calls.append(1))
-    main(["compress", "no-such-model", "-r", "w8", "-o", "x", "--no-progress"])
-    assert calls == [1]
-    main(["compress", "no-such-model", "-r", "w8", "-o", "x"])
-    assert calls == [1]  # bars stay without the option
-    capsys.readouterr()
-    pytest.importorskip("transformers")
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    from compactnn.commands._common import hide_hf_progress
-
-    try:
-        hide_hf_progress()
-        assert are_progress_bars_disabled() and not hf_logging.is_progress_bar_enabled()
-    finally:
-        enable_progress_bars()
-        hf_logging.enable_progress_bar()
-
-
-def test_every_command_that_computes_runs_with_a_passive_openmp_policy():
-    """A new command is not forgotten: spinning OpenMP threads made compress 6x slower on a
-    loaded machine, not only the timings."""
-    names = set(cli.build_parser()._subparsers._group_actions[0].choices)
-    assert names - cli.PASSIVE_COMMANDS == {"recipes"}  # lists names, computes nothing
-    assert cli.PASSIVE_COMMANDS <= names
-
-
-def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path):
-    """`compactnn compress ... | head -1`: printing into the closed pipe ends quietly."""
-    import subprocess
-    import sys
-
-    code = (
-        "import compactnn.cli as c, sys\n"
-        "def run(args):\n"
-        "    for i in range(100000): print('line', i)\n"
-        "    return 0\n"
-        "c.build_parser = (lambda b: lambda: (p := b(), p._subparsers._group_actions[0]"
-        ".choices['recipes'].set_defaults(_run=run), p)[2])(c.build_parser)\n"
-        "sys.exit(c.main(['recipes']))\n"
-    )
-    proc = subprocess.run(
-        f"{sys.executable} -c \"{code}\" | head -1",
-        shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
-    assert proc.stdout == "line 0\n"
-    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+def test_every_command_that_reads_recipes_or_artifacts_takes_plugin():
+    parser = cli.build_parser()
+    for command in ("compress", "eval", "train", "deploy", "search", "export", "report"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        assert "--plugin" in sub._option_string_actions, command

@@ -158,6 +158,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the application: command line, reference models and data, demo, report, benchmarks
     (
         "compactnn.model_io",
+        "compactnn.data_files",
         "compactnn.models",
         "compactnn.data",
         "compactnn.report",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compactnn.report.any_model import table_rows
+from compactnn.report.any_model_table import table_rows
 from compactnn.report.delivery import FLOAT_PATH_NAMES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

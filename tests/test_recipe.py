@@ -112,3 +112,24 @@ def test_a_utf8_recipe_file_with_non_ascii_text_reads(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_bytes("name: café\nsteps:\n  - method: rtn\n".encode())
     assert resolve_recipe(path).name == "café"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("  config: {first_last_bits: 8, first_last_bits: 4}\n", r"'first_last_bits' .*\(line 4\)"),
+        ("  config:\n    first_last_bits: 8\n    first_last_bits: 4\n", "lines 5 and 6"),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_its_lines(body, needle):
+    text = "name: dup\nsteps:\n- method: rtn\n" + body
+    with pytest.raises(CompactnnError, match=needle):
+        Recipe.from_yaml(text)
+    assert Recipe.from_yaml(text.replace("first_last_bits: 4", "fold_bn: false")).steps
+
+
+def test_a_recipe_of_dicts_is_refused_naming_the_step():
+    rtn = resolve_recipe("w4").steps[0]
+    with pytest.raises(CompactnnError, match=r"steps\[1\] is a dict, not a Step: use Step\('rtn'"):
+        Recipe("e", [rtn, {"method": "rtn"}])
+    assert Recipe("e", [rtn]).steps == (rtn,)

@@ -223,3 +223,60 @@ def test_method_end_to_end(name, tmp_path):
     for batch in calib:
         assert torch.equal(run(loaded, batch), run(compressed, batch))
     assert Recipe.from_yaml(loaded._compactnn["recipe"].to_yaml()) == recipe
+
+
+def test_register_refuses_a_config_that_needs_arguments(scratch_registry):
+    @dataclasses.dataclass(frozen=True)
+    class NeedsXConfig(MethodConfig):
+        x: float
+        y: float = 1.0
+
+    with pytest.raises(CompactnnError, match=r"NeedsXConfig\(\) must work .* field\(s\) x have"):
+        registry.register("needs_x", NeedsXConfig)(_handler)
+    assert "needs_x" not in registry.METHODS and NeedsXConfig not in registry.METHODS_BY_CONFIG
+
+    @dataclasses.dataclass(frozen=True)
+    class BadDefaultConfig(MethodConfig):
+        bits: int = 0
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.bits < 1:
+                raise CompactnnError(f"BadDefaultConfig.bits={self.bits} must be >= 1.")
+
+    with pytest.raises(CompactnnError, match=r"defaults are refused \(BadDefaultConfig.bits=0"):
+        registry.register("bad_default", BadDefaultConfig)(_handler)
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [
+        ("", "must be lowercase"),
+        ("a b", "must be lowercase"),
+        ("my-pow2", "'my_pow2'"),
+        ("W4", "'w4'"),
+        ("2bit", "starting with a letter"),
+        ("mse", "short-name grammar"),
+        ("percentile", "short-name grammar"),
+        ("g32", "group size"),
+        ("pe50", "PE-wise"),
+    ],
+)
+def test_register_refuses_names_short_names_cannot_pick(scratch_registry, name, needle):
+    @dataclasses.dataclass(frozen=True)
+    class NameConfig(RTNConfig):
+        pass
+
+    with pytest.raises(CompactnnError, match=needle):
+        registry.register(name, NameConfig)(_handler)
+    assert name not in registry.METHODS and NameConfig not in registry.METHODS_BY_CONFIG
+
+
+def test_a_registered_quant_method_is_picked_by_its_short_name(scratch_registry):
+    @dataclasses.dataclass(frozen=True)
+    class MseLikeConfig(RTNConfig):
+        pass
+
+    registry.register("mse_like", MseLikeConfig)(_handler)
+    assert [s.method for s in resolve_recipe("w4-mse_like").steps] == ["mse_like"]
+    assert [s.method for s in resolve_recipe("w4-mse").steps] == ["rtn"]  # the alias stays

@@ -185,7 +185,7 @@ def _compress(
             targets = _leave_attention_out_projs(qmodel, targets, ctx)
             targets = quantize_embeddings(qmodel, targets, step.targets, step.config, ctx)
         heads = [q for q in _uncalibrated(qmodel) if id(q) not in {id(b) for b in before}]
-        qmodel = entry.handler(qmodel, targets, step.config, ctx)
+        qmodel = _handler_result(entry.handler(qmodel, targets, step.config, ctx), step.method)
         if any(not q.calibrated for q in heads):  # a tied head's input grid, if still unset
             calibrate_activations(qmodel, ctx)
     qmodel.eval()  # the layers and quantizers the methods made start in training mode
@@ -202,6 +202,22 @@ def _compress(
         "measured": ctx.measured,  # this run's measurements (peak memory); not saved
     }
     return install_save_pretrained(qmodel)  # HF models: never a dequantized float folder
+
+
+def _handler_result(result: Any, method: str) -> nn.Module:
+    """The model a method's handler returned; a CompactnnError naming the method when it
+    returned something else (a handler that forgot ``return model`` returns None)."""
+    if result is None:
+        raise CompactnnError(
+            f"method {method!r}: its handler returned None; a handler returns the model "
+            "(end it with `return model`)."
+        )
+    if not isinstance(result, nn.Module):
+        raise CompactnnError(
+            f"method {method!r}: its handler returned a {type(result).__name__}; a handler "
+            "returns the model (an nn.Module)."
+        )
+    return result
 
 
 def _uncalibrated(model: nn.Module) -> list[ActQuantizer]:
@@ -321,7 +337,8 @@ def _leave_attention_out_projs(
     left = [n for n, m in targets.items() if n in owners and not is_quant_layer(m)]
     new = [n for n in left if n not in ctx.float_layers]
     unsplit = splittable(model)[1]
-    why = {n: unsplit.get(owners[n], "the recipe prunes channels") for n in new}
+    left_whole = "left whole before this step; compress leaves it whole for channel pruning"
+    why = {n: unsplit.get(owners[n], left_whole) for n in new}
     for n in new:
         ctx.float_layers[n] = ctx.skipped[n] = (
             f"out_proj of nn.MultiheadAttention {owners[n] or '(the model)'}, which reads its "

@@ -28,10 +28,11 @@ import importlib  # noqa: E402
 import os  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from compactnn.commands import COMMANDS  # noqa: E402
 from compactnn.commands._common import close_progress_bars, hide_hf_progress  # noqa: E402
-from compactnn.errors import CompactnnError  # noqa: E402
+from compactnn.errors import CompactnnError, first_line  # noqa: E402
 from compactnn.measure.timing import ensure_passive_policy  # noqa: E402
 
 EXIT_USER_ERROR = 2
@@ -49,6 +50,9 @@ USER_OS_ERRORS = {
 PASSIVE_COMMANDS = frozenset(
     {"compress", "eval", "demo", "train", "deploy", "report", "export", "search"}
 )
+# Command modules whose parser takes ``--plugin`` (all that read recipes or artifacts).
+PLUGIN_COMMANDS = frozenset(COMMANDS) - {"demo"}
+UNKNOWN_METHOD_HINT = "(a third-party method? import its module with --plugin MODULE)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +66,66 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = importlib.import_module(f"compactnn.commands.{name}")
         sub_parser = module.add_parser(sub)
+        if name in PLUGIN_COMMANDS:
+            add_plugin_arg(sub_parser)
         sub_parser.set_defaults(_run=module.run)
     return parser
+
+
+def add_plugin_arg(parser: argparse.ArgumentParser) -> None:
+    """``--plugin MODULE`` (repeatable): a module that registers third-party methods."""
+    parser.add_argument(
+        "--plugin",
+        metavar="MODULE",
+        action="append",
+        default=[],
+        help="import this module (pkg.mod, importable from the current folder, PYTHONPATH or "
+        "installed) before anything else, so the methods it registers can be used; repeatable",
+    )
+
+
+def import_plugins(names: Sequence[str]) -> None:
+    """Import each ``--plugin`` module, the current folder importable (as for a MODEL
+    factory); a module that cannot be imported is a one-line CompactnnError naming it."""
+    if names and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    for name in names:
+        is_file = name.endswith(".py") and Path(name).is_file()
+        if is_file or not all(part.isidentifier() for part in name.split(".")):
+            stem = Path(name).stem if name.endswith(".py") else "pkg.module"
+            raise CompactnnError(
+                f"--plugin {name!r} is not a module name: give the module as Python imports "
+                f"it, e.g. --plugin {stem} (run from the folder that holds it, or add that "
+                "folder to PYTHONPATH)."
+            )
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise CompactnnError(
+                f"--plugin {name!r} could not be imported ({first_line(exc)}): check the module "
+                "name, and run from the folder that holds it or add that folder to PYTHONPATH."
+            ) from exc
+        except CompactnnError as exc:  # e.g. a registration the registry refuses
+            raise CompactnnError(f"--plugin {name!r}: {exc}") from exc
+
+
+def with_hints(exc: CompactnnError) -> str:
+    """The message of ``exc``, with a hint about ``--plugin`` when an unknown method name
+    caused it.
+
+    Example:
+        >>> from compactnn.registry import UnknownMethodError
+        >>> with_hints(UnknownMethodError("pow2", "unknown method 'pow2'."))
+        "unknown method 'pow2'. (a third-party method? import its module with --plugin MODULE)"
+    """
+    from compactnn.registry import UnknownMethodError
+
+    message, cause = str(exc), exc
+    while cause is not None and not isinstance(cause, UnknownMethodError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and "--plugin" not in message:
+        message = f"{message} {UNKNOWN_METHOD_HINT}"
+    return message
 
 
 def _version() -> str:
@@ -98,9 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         hide_hf_progress()
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
+        import_plugins(getattr(args, "plugin", None) or ())  # before any recipe is read
         return int(args._run(args) or 0)
     except CompactnnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {with_hints(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `compactnn ... | head -1`: the reader left; nothing to say
         _silence_stdout()

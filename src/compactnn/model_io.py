@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from torch import nn
 
 from compactnn.core.modules import state_with_metadata
 from compactnn.core.weight_import import lift_weight_layers, misfit_line, weights_misfit
+from compactnn.data_files import check_rows, read_npy, read_tensors
 from compactnn.errors import CompactnnError, first_line
 from compactnn.export.fs import hf_weights_file
 from compactnn.export.fs import sha256_file as file_sha256
@@ -287,80 +286,6 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
     return LoadedModel(model.eval(), spec, weights=str(weights))
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` file, with a clear error when it is unreadable."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        raise CompactnnError(
-            f"{str(path)!r} is a folder; a .safetensors file is expected (e.g. "
-            f"{str(path / 'model.safetensors')!r})."
-        )
-    check_regular_file(path, f"file {str(path)!r}", "a .safetensors file")
-    try:
-        return load_file(str(path))
-    except Exception as exc:
-        raise CompactnnError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
-
-
-def check_regular_file(path: Path, label: str, expected: str) -> None:
-    """Refuse a missing ``path``, and one that is not a regular file (a FIFO, a device such as
-    a link to ``/dev/zero``, a socket: reading it could block or never end)."""
-    if path.is_file():
-        return
-    if os.path.exists(path):
-        raise CompactnnError(
-            f"{label} is not a regular file (a FIFO, device or socket): pass {expected} "
-            "saved on disk."
-        )
-    raise CompactnnError(f"{label} does not exist.")
-
-
-def npy_layout(f: Any) -> tuple[tuple[int, ...], Any, int]:
-    """``(shape, dtype, data_offset)`` from the header of the ``.npy`` file open as ``f``
-    (binary, at its start); nothing else is read.
-
-    Raises:
-        ValueError: not a ``.npy`` file, a header numpy cannot parse, or format 3.0 (UTF-8
-            field names of a structured array).
-    """
-    from numpy.lib import format as npf
-
-    version = npf.read_magic(f)
-    if version == (1, 0):
-        shape, _, dtype = npf.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, _, dtype = npf.read_array_header_2_0(f)
-    else:  # 3.0: UTF-8 field names of structured arrays, never plain numeric inputs
-        raise ValueError(f"format version {version[0]}.{version[1]} is not read here")
-    return tuple(shape), dtype, f.tell()
-
-
-def check_npy_size(path: Path, spec: str) -> None:
-    """Refuse, before any memory is allocated, a ``.npy`` file whose header declares an
-    array of another size than the bytes after it (a huge declared shape, a truncated file);
-    object arrays are left to ``np.load``, which refuses them without pickle."""
-    try:
-        with open(path, "rb") as f:
-            shape, dtype, offset = npy_layout(f)
-            stored = os.fstat(f.fileno()).st_size - offset
-    except ValueError as exc:
-        raise CompactnnError(
-            f"data file {spec!r} is not a .npy file numpy reads ({first_line(exc)}); save "
-            "inputs with numpy.save."
-        ) from exc
-    if dtype.hasobject:
-        return
-    declared = math.prod(shape) * dtype.itemsize
-    if declared != stored:
-        raise CompactnnError(
-            f"data file {spec!r} declares a {dtype} array of shape {shape} ({declared:,} bytes)"
-            f" but holds {stored:,} bytes of data: it is truncated or its header is damaged; "
-            "save it again with numpy.save."
-        )
-
-
 def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
     """Calibration/evaluation inputs named by ``--data`` (None: the model's default data).
 
@@ -379,17 +304,10 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
         if len(tensors) == 1:
             (name, tensor), *_ = tensors.items()
             return _keywords_for(model, tensor, name)
-        _check_rows(spec, tensors)
+        check_rows(spec, tensors)
         return tensors
     if path.suffix == ".npy":
-        import numpy as np
-
-        check_regular_file(path, f"data file {spec!r}", "a .npy file")
-        check_npy_size(path, spec)
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise CompactnnError(f"{spec!r} cannot be read without pickle: {exc}") from exc
+        array = read_npy(spec)
         try:
             return _keywords_for(model, _cast(torch.from_numpy(array), dtype))
         except TypeError as exc:  # object/string/complex arrays torch has no dtype for
@@ -409,23 +327,6 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
         f"unknown data {spec!r}: pass a .safetensors or .npy file of inputs, or a reference "
         f"data set name ({names})."
     )
-
-
-def _check_rows(spec: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse tensors of one file with different first dimensions (one row per example);
-    a ``_train`` / ``_test`` split is checked within each part."""
-    groups: dict[str, list[str]] = {}
-    for key, t in tensors.items():
-        part = next((s for s in ("_train", "_test") if key.endswith(s)), "")
-        if t.dim():
-            groups.setdefault(part, []).append(key)
-    for keys in groups.values():
-        if len({tensors[k].shape[0] for k in keys}) > 1:
-            shapes = ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in keys[:4])
-            raise CompactnnError(
-                f"data {spec!r} holds tensors with different first dimensions ({shapes}): each "
-                "tensor needs one row per example; save them with the same number of rows."
-            )
 
 
 def is_hf_model(model: Any) -> bool:

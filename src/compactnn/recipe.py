@@ -96,6 +96,9 @@ class Recipe:
         object.__setattr__(self, "steps", tuple(self.steps))
         if not self.steps:
             raise CompactnnError(f"recipe {self.name!r} has no steps.")
+        for i, step in enumerate(self.steps):
+            if not isinstance(step, Step):
+                raise CompactnnError(_not_a_step(self.name, i, step))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
@@ -127,8 +130,48 @@ class Recipe:
         return cls.from_dict(data)
 
 
+def _not_a_step(recipe: str, index: int, item: Any) -> str:
+    """The message for a recipe's ``steps[index]`` that is not a :class:`Step`.
+
+    Example:
+        >>> _not_a_step("e", 0, {"method": "rtn"})  # doctest: +ELLIPSIS
+        "recipe 'e': steps[0] is a dict, not a Step: use Step('rtn', RTNConfig(...)), or ..."
+    """
+    method = item.get("method") if isinstance(item, dict) else None
+    entry = registry.METHODS.get(method) if isinstance(method, str) else None
+    config = entry.config_cls.__name__ if entry else "<its config class>"
+    return (
+        f"recipe {recipe!r}: steps[{index}] is a {type(item).__name__}, not a Step: use "
+        f"Step({method if isinstance(method, str) else 'method'!r}, {config}(...)), or "
+        "Recipe.from_dict({'name': ..., 'steps': [...]}) for mappings."
+    )
+
+
 class _RecipeLoader(yaml.SafeLoader):
-    """Safe YAML that also reads ``1e-4`` as a number (YAML 1.2), not the string '1e-4'."""
+    """Safe YAML that also reads ``1e-4`` as a number (YAML 1.2), not the string '1e-4',
+    and refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            _refuse_duplicate_keys(self, node)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    """A CompactnnError naming a scalar key written twice in ``node`` and its lines (a merge
+    key ``<<`` may be overridden: that is what it is for)."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key, line = loader.construct_object(key_node), key_node.start_mark.line + 1
+        if key in seen:
+            where = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+            raise CompactnnError(
+                f"recipe key {key!r} is given twice in one mapping ({where}); YAML would keep "
+                "the last silently: keep one."
+            )
+        seen[key] = line
 
 
 _RecipeLoader.add_implicit_resolver(
@@ -154,6 +197,9 @@ def _quant_short_name(m: Any) -> Recipe:
 registry.register_short_name(
     QUANT_PATTERN, QUANT_FORM, ("w8a8", "w4a8", "w4a4-mse", "w4-g128", "w2a4")
 )(_quant_short_name)
+# Words of that grammar a method name must not be: w4-mse is rtn, w4-g32 a group size.
+registry.reserve_method_names("|".join(SUFFIX_ALIASES), "a suffix of rtn's range method")
+registry.reserve_method_names(r"g\d+", "-g<G> is the group size in w<W>-g<G>")
 
 
 def short_name_forms() -> list[str]:

@@ -13,6 +13,7 @@ stay unique too; recipes, short names and the CLI look methods up by name
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,18 @@ class ShortNameRule:
     examples: tuple[str, ...]
 
 
+class UnknownMethodError(CompactnnError):
+    """A recipe or artifact names a method that is not registered (``name``)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+METHOD_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# Names the short-name grammars read as something else (pattern -> what they mean there):
+# a method registered under one of them could never be picked by a short name.
+RESERVED_NAMES: dict[re.Pattern[str], str] = {}
 METHODS_BY_CONFIG: dict[type, MethodEntry] = {}  # the primary index: config type -> method
 METHODS: dict[str, MethodEntry] = {}  # the same entries by name, for recipes and short names
 SHORT_NAMES: list[ShortNameRule] = []
@@ -77,12 +90,67 @@ def config_version(config_cls: type) -> int:
     return version
 
 
+def reserve_method_names(pattern: str, meaning: str) -> None:
+    """Refuse method names that fully match ``pattern``: a short-name grammar reads them as
+    ``meaning`` (e.g. ``g\\d+``: ``w4-g32`` is a group size), so the method would be shadowed."""
+    RESERVED_NAMES[re.compile(pattern)] = meaning
+
+
+def check_method_name(name: Any) -> None:
+    """Refuse a method name that recipes and short names could not use unambiguously.
+
+    Example:
+        >>> check_method_name("pow2")
+        >>> check_method_name("My-Method")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        compactnn.errors.CompactnnError: method name 'My-Method' must be lowercase ...
+    """
+    if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
+        fix = re.sub(r"[^a-z0-9_]+", "_", str(name).lower()).strip("_") or "my_method"
+        fix = fix if fix[0].isalpha() else f"m_{fix}"
+        raise CompactnnError(
+            f"method name {name!r} must be lowercase letters, digits and underscores, "
+            f"starting with a letter (e.g. {fix!r}), so short names such as w4-<method> can "
+            "name it."
+        )
+    for pattern, meaning in RESERVED_NAMES.items():
+        if pattern.fullmatch(name):
+            raise CompactnnError(
+                f"method name {name!r} is taken by the short-name grammar ({meaning}): a "
+                "short name would never pick this method; choose another name."
+            )
+
+
 def _check_new(name: str, config_cls: type) -> None:
-    """Refuse a registration that would make a name or a config type ambiguous."""
+    """Refuse a registration that would make a name or a config type ambiguous, or whose
+    config cannot be built with no arguments (``Cfg()``: a YAML step may omit its config)."""
+    check_method_name(name)
     if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig)):
         raise CompactnnError(
             f"method {name!r}: config_cls must be a MethodConfig subclass, got {config_cls!r}."
         )
+    if not dataclasses.is_dataclass(config_cls):
+        raise CompactnnError(
+            f"method {name!r}: {config_cls.__name__} must be a frozen dataclass "
+            "(@dataclasses.dataclass(frozen=True))."
+        )
+    missing = [
+        f.name
+        for f in dataclasses.fields(config_cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise CompactnnError(
+            f"method {name!r}: {config_cls.__name__}() must work with no arguments, but "
+            f"field(s) {', '.join(missing)} have no default; give every field a default."
+        )
+    try:
+        config_cls()
+    except CompactnnError as exc:
+        raise CompactnnError(
+            f"method {name!r}: {config_cls.__name__}() must work with no arguments, but its "
+            f"defaults are refused ({exc}); give every field a valid default."
+        ) from exc
     if name in METHODS:
         raise CompactnnError(
             f"method {name!r} is registered twice ({METHODS[name].config_cls.__name__} and "
@@ -105,8 +173,9 @@ def register(name: str, config_cls: type, summary: str = "") -> Callable:
         summary: one line for ``compactnn recipes`` (default: the handler's first doc line).
 
     Raises:
-        CompactnnError: ``name`` or ``config_cls`` is registered already, or ``config_cls``
-            is not a MethodConfig subclass.
+        CompactnnError: ``name`` or ``config_cls`` is registered already; ``name`` is not
+            ``[a-z][a-z0-9_]*`` or is a word of a short-name grammar (``mse``, ``g32``);
+            ``config_cls`` is not a MethodConfig dataclass that builds with no arguments.
 
     Example:
         >>> @register("mymethod", MyConfig, "what it does")  # doctest: +SKIP
@@ -172,8 +241,8 @@ def run_artifact_hooks(stage: str, model: Any, extra: dict[str, Any]) -> None:
 def get_method(name: str) -> MethodEntry:
     """The method registered under ``name``; a CompactnnError lists the known names."""
     if name not in METHODS:
-        raise CompactnnError(
-            f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}."
+        raise UnknownMethodError(
+            name, f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}."
         )
     return METHODS[name]
 

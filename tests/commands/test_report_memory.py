@@ -17,7 +17,8 @@ import compactnn
 from compactnn.cli import main
 from compactnn.measure import memory
 from compactnn.report import resident
-from compactnn.report.any_model import RESIDENT, build_report
+from compactnn.report.any_model import build_report
+from compactnn.report.any_model_table import RESIDENT
 from compactnn.report.writer import resident_cell
 
 NET = """

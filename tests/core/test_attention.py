@@ -189,3 +189,27 @@ def test_only_plain_attentions_are_split():
         "MultiheadAttention",
         "Own",
     ]
+
+
+def test_an_attention_under_two_names_gets_one_shared_split():
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _mha(batch_first=True)
+            self.b = self.a
+
+        def forward(self, x):
+            h = self.a(x, x, x)[0]
+            return self.b(h, h, h)[0]
+
+    net = Aliased()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = net(x)
+    assert splittable(net) == (["a", "b"], {})
+    assert split_attention(net) == ["a", "b"]
+    assert isinstance(net.a, SplitMultiheadAttention) and net.b is net.a
+    with torch.no_grad():
+        _assert_same(net(x), expected)
+    again = Aliased()  # explicit names (what load passes): the tie holds as well
+    assert split_attention(again, ["a", "b"]) == ["a", "b"] and again.b is again.a

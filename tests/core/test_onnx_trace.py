@@ -88,3 +88,21 @@ def test_a_float_attention_model_exports_for_timing_and_prints_nothing(tmp_path,
         torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-5)
     out = capfd.readouterr()
     assert out.out == "" and "Traceback" not in out.err
+
+
+def test_a_split_vit_exports_without_tracer_warnings(tmp_path):
+    """torchvision's ViT checks its image size with ``torch._assert`` and the split attention
+    checks its key/value shapes: constants for one trace, so exporting warns about neither."""
+    pytest.importorskip("torchvision")
+    import compactnn
+    from compactnn.export.onnx import export_onnx
+    from tests._vit import tiny_vit
+
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    qmodel = compactnn.compress(tiny_vit(), "w8a8", calib_data=x, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = export_onnx(qmodel, tmp_path / "m.onnx", example=x[:8])
+    assert result.passed
+    tracer = [f"{w.filename}:{w.lineno}" for w in caught if w.category is torch.jit.TracerWarning]
+    assert tracer == []

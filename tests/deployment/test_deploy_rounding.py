@@ -26,7 +26,7 @@ def test_mnist_cnn_w8a8_still_verifies_at_the_default_tolerance():
     assert v.sensitivity is None and v.rounding_steps is None and not v.within_rounding
     # it does not amplify (measured: 0.14 steps under float rounding), so a kernel error
     # past the tolerance can never pass for the network's own variation
-    from compactnn.lowering.verify import probes
+    from compactnn.lowering.probes import probes
 
     assert probes(deployed.source, ref.example)["float rounding"][0] < 1.0
 

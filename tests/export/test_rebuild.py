@@ -119,3 +119,34 @@ def test_split_attention_is_redone_on_the_skeleton_and_its_record_checked(tmp_pa
         _edit_extra(tmp_path / "q", lambda extra, bad=bad: extra.update(split_attention=bad))
         with pytest.raises(ArtifactError, match=message):
             compactnn.load(tmp_path / "q", model=_Attend())
+
+
+class _AliasedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.b = self.a  # one attention under two names
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x, x, x)[0]
+        return self.fc(self.b(h, h, h)[0])
+
+
+def test_an_aliased_attention_stays_one_module_through_compress_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = _AliasedAttention().eval()
+    x = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(1))
+    qmodel = compactnn.compress(model, "w8a8", calib_data=[x], progress=False)
+    assert qmodel.b is qmodel.a and type(qmodel.a).__name__ == "SplitMultiheadAttention"
+    assert not compactnn.info_of(qmodel)["float_layers"]
+    compactnn.save(qmodel, tmp_path / "art")
+    header = json.loads((tmp_path / "art" / "compactnn.json").read_text())
+    assert header["extra"]["split_attention"] == ["a", "b"]
+    assert not [k for k in header["layers"] if k.startswith("b.")]  # stored once
+    loaded = compactnn.load(tmp_path / "art", model=_AliasedAttention())
+    assert loaded.b is loaded.a
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qmodel(x))
+        # one float attention applied twice: the quantized model stays close to it
+        assert (loaded(x) - model(x)).abs().max() < 0.05

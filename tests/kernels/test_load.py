@@ -147,3 +147,43 @@ def test_dense_weight_from_codes_equals_the_weight(granularity, group, monkeypat
     q.set_codebook(levels)
     q.refresh_weight()
     assert torch.equal(dense_weight(_meta_weight(q), torch.bfloat16), q.weight.bfloat16())
+
+
+def test_load_kernels_of_a_4bit_head_whose_width_int4_cannot_pack(tmp_path):
+    """A 32->10 4-bit head (out_features % 16 != 0) is a valid artifact: load(kernels=True)
+    gives to_kernels(load(path)) bit for bit, within bfloat16 rounding of the simulation."""
+    from tests.kernels.test_swap import _head_model, _w4_all_layers
+
+    q = _w4_all_layers(_head_model())
+    compactnn.save(q, tmp_path / "a")
+    new = load(tmp_path / "a", model=_head_model(), kernels=True)
+    ref = to_kernels(load(tmp_path / "a", model=_head_model()))
+    assert new._compactnn_kernels == ref._compactnn_kernels
+    assert new._compactnn_kernels["swapped"] == {"0": "Int4WeightLinear", "2": "DenseLinear"}
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(new(x), ref(x))
+        sim = q(x)  # bfloat16 model: activations, weights and outputs rounded (8 bits)
+        assert float((new(x) - sim).norm() / sim.norm()) < 1e-2
+    exact = load(tmp_path / "a", model=_head_model(), kernels=KernelConfig(dtype=torch.float32))
+    assert exact._compactnn_kernels["simulated"] == ["2"]
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), sim, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_failing_on_a_layer_is_not_blamed_on_the_artifact(tmp_path, monkeypatch):
+    """A torch kernel error past the shape checks names the layer and says the model is
+    fine; load(kernels=True) does not call the (valid) artifact malformed."""
+    from compactnn.errors import ArtifactError
+    from compactnn.kernels import swap
+    from tests.kernels.test_swap import _head_model, _w4_all_layers
+
+    compactnn.save(_w4_all_layers(_head_model()), tmp_path / "a")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel says no")
+
+    monkeypatch.setattr(swap, "Int4WeightLinear", broken)
+    with pytest.raises(CompactnnError, match=r"layer '0' \(64->32.*kernel says no.*simulated") as e:
+        load(tmp_path / "a", model=_head_model(), kernels=True)
+    assert not isinstance(e.value, ArtifactError)

@@ -36,7 +36,9 @@ def test_awq_block_scales_pairs_and_keeps_the_float_block():
     spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32)
     specs = {f"{prefix}.0.{n}": (spec, None) for n, m in blocks[0].named_modules()
              if isinstance(m, torch.nn.Linear)}  # fmt: skip
-    assert awq_block(blocks[0], f"{prefix}.0", specs, calls, hidden) >= 1
+    pairs = awq_block(blocks[0], f"{prefix}.0", specs, calls, hidden)
+    assert pairs.scaled and not pairs.skipped  # Llama: every candidate pair folds exactly
+    assert all(p.startswith(f"{prefix}.0.") for p in pairs.scaled)
     torch.testing.assert_close(outputs(model, calib[0]), ref, rtol=1e-4, atol=1e-4)
 
 

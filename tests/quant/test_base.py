@@ -269,3 +269,41 @@ def test_the_group_size_a_message_names_fits_every_layer_or_none_is_named():
     assert "0 (9)" in message and "divides every one" not in message
     assert f"greatest common divisor is {math.gcd(9, 64)})" in message
     assert "No group size of 8 to 128 divides" in message and "per-channel" in message
+
+
+class XScaledWordEmbedding(nn.Embedding):
+    """A scaled token table as Hugging Face writes them: the lookup times ``embed_scale``."""
+
+    def __init__(self, rows: int, dim: int, embed_scale: float) -> None:
+        super().__init__(rows, dim)
+        self.embed_scale = embed_scale
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+class _SharedTable(nn.Module):
+    """Two scaled tables holding one weight (as BART's encoder and decoder), then a head."""
+
+    def __init__(self, enc_scale: float, dec_scale: float) -> None:
+        super().__init__()
+        self.enc = XScaledWordEmbedding(32, 16, enc_scale)
+        self.dec = XScaledWordEmbedding(32, 16, dec_scale)
+        self.dec.weight = self.enc.weight
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.fc(self.enc(ids) + self.dec(ids))
+
+
+def test_tables_sharing_a_weight_with_different_factors_are_refused():
+    """One quantized table serves every module sharing the weight, with one factor: a group
+    whose factors differ is refused by name, not given the first module's factor."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (8, 5))
+    with pytest.raises(CompactnnError, match=r"enc \(embed_scale 2.0\), dec \(embed_scale 3.0\)"):
+        compactnn.compress(_SharedTable(2.0, 3.0), "w8", calib_data=ids, progress=False)
+    q = compactnn.compress(_SharedTable(2.0, 2.0), "w8", calib_data=ids, progress=False)
+    assert q.enc is q.dec and float(q.enc.embed_scale) == 2.0
+    want = nn.functional.embedding(ids, q.enc.weight) * 2.0  # the dequantized table, scaled
+    torch.testing.assert_close(q.enc(ids), want, rtol=0, atol=0)

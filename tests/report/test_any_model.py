@@ -322,7 +322,7 @@ def test_inflated_timings_are_marked_and_left_off_the_latency_front(setup, monke
     and each speedup computed from one), footnoted, named in results.json, and kept off the
     latency front; the size front does not depend on timings."""
     from compactnn.measure import timing
-    from compactnn.report.any_model import HEADER, table_rows
+    from compactnn.report.any_model_table import HEADER, table_rows
     from compactnn.report.writer import SUSPECT_FOOTNOTE
 
     root, net, paths = setup

@@ -115,7 +115,8 @@ def _compactnn_contenders(
     simulation they come from moves under a 1e-6 nudge of its input."""
     import compactnn
     from compactnn.deployment import quantize_residuals
-    from compactnn.lowering.verify import INPUT_SCALE, probes
+    from compactnn.lowering.probes import probes
+    from compactnn.lowering.verify import INPUT_SCALE
 
     qmodel = compactnn.compress(model, "w8a8", calib_data=calib, progress=False)
     sims = {
@@ -135,7 +136,7 @@ def _compactnn_contenders(
         if labels is None or label in labels
     ]
     # how far each deployed simulation moves from itself when its input is scaled by 1 + 1e-6
-    # (the published rule; verify.probes has finer probes too): a
+    # (the published rule; probes.probes has finer probes too): a
     # random network that amplifies rounding flips gets a tolerance above its own movement
     moves = {
         sim: (probes(sims[sim], calib[:8]).get(INPUT_SCALE) or (0.0,))[0] for _, sim, _ in wanted

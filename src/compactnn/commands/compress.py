@@ -38,7 +38,7 @@ from compactnn.commands.compress_summary import (
 )
 from compactnn.core.calib import as_batches
 from compactnn.core.tokens import check_token_ids
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, first_line
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
 from compactnn.training.data import labelled_keys
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data == "data-free" and data is not None:
         extra["calibration_data"] = calibration_record(data)
     digest = compactnn.save(qmodel, out, force=args.force)
-    size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
+    size, float_size = artifact_bytes(out), float_size_or_reason(loaded.model)
     info = compactnn.info_of(qmodel)
     print(f"compressed {args.model} with {recipe.name} in {seconds:.1f} s")
     probed = probe_layers(extra, loaded.model)
@@ -271,14 +271,28 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     for method, mib in info.get("measured", {}).get("peak_rss_mib", {}).items():
         print(f"  peak resident memory of {method}: {mib} MiB (this run; not saved)")
-    print(
-        f"  artifact: {out}  {human_bytes(size)} "
-        f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
-    )
+    print(f"  artifact: {out}  {human_bytes(size)} ({float_comparison(size, float_size)})")
     print(f"  sha256 digest: {digest}  (pin it: compactnn.load(..., expect_sha256=...))")
     held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded, given)})
     print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
     return 0
+
+
+def float_size_or_reason(model: torch.nn.Module) -> int | str:
+    """Bytes of ``model`` saved as a float artifact, or why it cannot be saved (a model
+    ``save`` refuses, e.g. one with parametrizations): the compressed artifact is written
+    already, so the comparison must not fail the command."""
+    try:
+        return float_artifact_bytes(model)
+    except (CompactnnError, OSError, RuntimeError, ValueError, TypeError) as exc:
+        return first_line(exc)
+
+
+def float_comparison(size: int, float_size: int | str) -> str:
+    """``float artifact 1.2 MiB, 3.40x smaller``, or ``float artifact size unknown (why)``."""
+    if isinstance(float_size, str):
+        return f"float artifact size unknown ({float_size})"
+    return f"float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller"
 
 
 @contextlib.contextmanager

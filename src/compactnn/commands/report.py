@@ -150,7 +150,7 @@ def join_batches(batches: list, name: str) -> object:
 
 def model_source(loaded, trust_pickle: bool) -> dict:
     """The MODEL as the user named it (files as absolute paths), for the resident memory
-    children that rebuild it (:func:`compactnn.report.resident.float_record`)."""
+    children that rebuild it (:func:`compactnn.report.plain_model.float_record`)."""
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).resolve()) if path and Path(path).exists() else path
@@ -165,12 +165,8 @@ def model_source(loaded, trust_pickle: bool) -> dict:
 def run(args: argparse.Namespace) -> int:
     from compactnn.model_io import skeleton_for
     from compactnn.report import build_report, labelled_data
-    from compactnn.report.any_model import (
-        check_artifacts,
-        check_report_folder,
-        header,
-        table_rows,
-    )
+    from compactnn.report.any_model import check_artifacts, check_report_folder
+    from compactnn.report.any_model_table import header, table_rows
 
     if args.runs < 1 or args.threads < 1:
         raise CompactnnError("--runs and --threads must be at least 1.")

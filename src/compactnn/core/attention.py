@@ -149,7 +149,8 @@ class SplitMultiheadAttention(nn.Module):
         weights (None unless ``need_weights``), as ``F.multi_head_attention_forward``."""
         tgt_len, bsz, embed_dim = query.shape
         src_len, heads, hd = key.shape[0], self.num_heads, self.head_dim
-        if key.shape[:2] != value.shape[:2]:
+        # a trace records the shapes as constants: the check would only warn there
+        if not torch.jit.is_tracing() and key.shape[:2] != value.shape[:2]:
             raise RuntimeError(
                 f"key's sequence and batch dims {tuple(key.shape[:2])} do not match value's "
                 f"{tuple(value.shape[:2])}"
@@ -237,17 +238,18 @@ def unsupported_reason(m: nn.MultiheadAttention) -> str | None:
 
 def splittable(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     """The names of ``model``'s ``nn.MultiheadAttention`` modules that can be split, and the
-    others with the reason (``model`` itself cannot be replaced in place).
+    others with the reason (``model`` itself cannot be replaced in place). A module held under
+    several names (``self.b = self.a``) is listed under each.
 
     Example:
         >>> splittable(nn.Sequential(nn.MultiheadAttention(4, 2, add_bias_kv=True)))
         ([], {'0': 'add_bias_kv=True'})
     """
     ok, left = [], {}
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, nn.MultiheadAttention):
             continue
-        why = unsupported_reason(m) if name else "it is the whole model"
+        why = unsupported_reason(m) if m is not model else "it is the whole model"
         if why is None:
             ok.append(name)
         else:
@@ -258,8 +260,9 @@ def splittable(model: nn.Module) -> tuple[list[str], dict[str, str]]:
 def split_attention(model: nn.Module, names: list[str] | None = None) -> list[str]:
     """Replace ``model``'s ``nn.MultiheadAttention`` modules (those of ``names``, default every
     one :func:`splittable` accepts) by equal :class:`SplitMultiheadAttention` modules, in
-    place; return the names replaced. Encoders holding one stop converting padded batches to
-    nested tensors (their fused path, which this module does not take).
+    place; return the names replaced. Names of one module (``self.b = self.a``) get one
+    shared replacement, so the tie holds. Encoders holding one stop converting padded batches
+    to nested tensors (their fused path, which this module does not take).
 
     Example:
         >>> net = nn.Sequential(nn.MultiheadAttention(4, 2))
@@ -267,8 +270,12 @@ def split_attention(model: nn.Module, names: list[str] | None = None) -> list[st
         (['0'], 'SplitMultiheadAttention')
     """
     names = splittable(model)[0] if names is None else list(names)
-    for name in names:
-        set_module(model, name, SplitMultiheadAttention(model.get_submodule(name)))
+    mhas = [model.get_submodule(name) for name in names]  # before any replacement
+    splits: dict[int, SplitMultiheadAttention] = {}
+    for name, mha in zip(names, mhas, strict=True):
+        if id(mha) not in splits:
+            splits[id(mha)] = SplitMultiheadAttention(mha)
+        set_module(model, name, splits[id(mha)])
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder) and any(
             isinstance(getattr(layer, "self_attn", None), SplitMultiheadAttention)

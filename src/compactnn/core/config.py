@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from compactnn.core.fields import check_keys, field_hints, normalize, normalize_fields
 from compactnn.core.spec import QuantSpec
+from compactnn.errors import CompactnnError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +59,31 @@ class MethodConfig:
         where = where or cls.__name__
         hints = field_hints(cls)
         if isinstance(data, dict) and cls.renamed_fields:
-            data = {cls.renamed_fields.get(k, k): v for k, v in data.items()}
+            data = renamed_keys(data, cls.renamed_fields, where)
         data = check_keys(data, hints, where)
         values = {k: normalize(v, hints[k], f"{where}.{k}") for k, v in data.items()}
         return cls(**values)
+
+
+def renamed_keys(data: dict[str, Any], renamed: dict[str, str], where: str) -> dict[str, Any]:
+    """``data`` with each earlier field name (a key of ``renamed``) under its current name;
+    a CompactnnError when the old and the new name are both given (which one holds?).
+
+    Example:
+        >>> renamed_keys({"amount": 0.3}, {"amount": "sparsity"}, "cfg")
+        {'sparsity': 0.3}
+    """
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        new = renamed.get(key, key)
+        if new in out:
+            old = key if new != key else next(k for k in data if renamed.get(k) == new)
+            raise CompactnnError(
+                f"{where}: {old!r} is the earlier name of {new!r} and both are given; keep "
+                f"only {new!r}."
+            )
+        out[new] = value
+    return out
 
 
 def _plain(value: Any) -> Any:

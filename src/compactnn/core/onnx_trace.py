@@ -134,9 +134,9 @@ def exporting() -> Iterator[None]:
     """Settings for a TorchScript ``torch.onnx.export`` call: no autograd; PyTorch's fused
     ``nn.MultiheadAttention`` fast path off (``aten::_native_multi_head_attention`` has no
     ONNX form; the exporter then sees the decomposed ops), restored after; the exporter's
-    deprecation notices and the decomposed attention's tracer warnings filtered (they say
-    nothing a user can act on) and what it prints on the standard output (the whole graph,
-    when it fails) discarded."""
+    deprecation notices, the decomposed attention's tracer warnings and those of
+    ``torch._assert`` filtered (they say nothing a user can act on) and what it prints on the
+    standard output (the whole graph, when it fails) discarded."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         with torch.no_grad(), warnings.catch_warnings(), _stdout_captured():
@@ -145,6 +145,14 @@ def exporting() -> Iterator[None]:
             # the decomposed attention's own shape checks (constants for one export)
             warnings.filterwarnings(
                 "ignore", category=torch.jit.TracerWarning, module="torch.nn.functional"
+            )
+            # ``torch._assert`` checks in model code (torchvision's ViT checks the image size)
+            # and the tensor formatted into their message: constants for one export too
+            warnings.filterwarnings(
+                "ignore", ".*to a Python boolean", torch.jit.TracerWarning, r"torch\Z"
+            )
+            warnings.filterwarnings(
+                "ignore", ".*to a Python number", torch.jit.TracerWarning, r"torch\._tensor\Z"
             )
             torch.backends.mha.set_fastpath_enabled(False)
             yield

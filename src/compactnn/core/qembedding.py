@@ -19,12 +19,16 @@ take it for a Linear. :func:`compactnn.core.qlayers.has_integer_weight` covers b
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from typing import Any
 
 import torch
 from torch import nn
 
 from compactnn.core.qlayers import IntegerWeightMixin, QuantLinear, rtn_weight_qparams
 from compactnn.core.spec import QuantSpec
+from compactnn.errors import CompactnnError
 
 EMBEDDING_DEFAULT_GROUP = 64  # per-row group along the embedding dim for sub-8-bit tables
 
@@ -49,7 +53,7 @@ class QuantEmbedding(IntegerWeightMixin, nn.Embedding):
     ):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kw)
         self._init_codes(weight_spec)
-        factor = None if embed_scale is None else torch.tensor(float(embed_scale))
+        factor = None if embed_scale is None else torch.tensor(checked_embed_scale(embed_scale))
         self.register_buffer("embed_scale", factor, persistent=False)
 
     @classmethod
@@ -72,6 +76,37 @@ class QuantEmbedding(IntegerWeightMixin, nn.Embedding):
     def extra_repr(self) -> str:
         factor = "" if self.embed_scale is None else f", embed_scale={float(self.embed_scale):g}"
         return super().extra_repr() + factor
+
+
+def checked_embed_scale(value: Any) -> float:
+    """``embed_scale`` as a float: a finite real number or a one-element floating tensor.
+
+    Example:
+        >>> checked_embed_scale(torch.tensor([8.0]))
+        8.0
+
+    Raises:
+        CompactnnError: a bool, string, non-finite number, or tensor of other size or dtype.
+    """
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and value.is_floating_point() and not value.is_meta
+        number = float(value.detach().float().cpu()) if ok else math.nan
+        what = f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        what = repr(number)
+    else:
+        number = math.nan
+        what = f"{value!r:.60}" if isinstance(value, (str, bool)) else f"a {type(value).__name__}"
+    if not math.isfinite(number):
+        raise CompactnnError(
+            f"embed_scale={what} is not a finite number: pass the factor the lookup is "
+            "multiplied by as a finite float (or a one-element float tensor), or None."
+        )
+    return number
 
 
 def lookup_factor(emb: nn.Embedding) -> float | None:
@@ -131,7 +166,10 @@ def quantize_embedding_rtn(emb: nn.Embedding, spec: QuantSpec) -> QuantEmbedding
 
 def embedding_unsupported(emb: nn.Embedding) -> str | None:
     """Why ``emb`` cannot be held as codes (None when it can)."""
-    if type(emb) is not nn.Embedding and (lookup_factor(emb) is None or not _scales(emb)):
+    factor = lookup_factor(emb)
+    if factor is not None and not math.isfinite(factor):  # NaN: no lookup could match it
+        return f"its scale factor is not a finite number ({factor})"
+    if type(emb) is not nn.Embedding and (factor is None or not _scales(emb)):
         # e.g. OPT's learned positions: a forward of its own
         return (
             f"{type(emb).__name__} has a forward of its own (only nn.Embedding and scaled "

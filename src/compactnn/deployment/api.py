@@ -40,12 +40,12 @@ from compactnn.deployment.runner import plan_runner
 from compactnn.errors import CompactnnError
 from compactnn.lowering.graph import trace
 from compactnn.lowering.plan import build_plan
+from compactnn.lowering.probes import explained
 from compactnn.lowering.verify import (
     DEFAULT_TOLERANCE,
     Verification,
     compare,
     enforce,
-    explained,
     with_layers,
 )
 

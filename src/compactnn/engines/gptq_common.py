@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from compactnn.engines.block_scaling import awq_scaling
+from compactnn.engines.block_scaling import ScaledPairs, awq_scaling
 from compactnn.engines.block_tuning import block_tuning
 from compactnn.engines.sequential import BlockHooks, gptq_solver
 from compactnn.errors import CompactnnError
@@ -56,12 +56,12 @@ class GPTQBaseConfig(QuantConfig):
         return super().from_short(wbits, abits, group, range_method=range_method, **kwargs)
 
 
-def gptq_block_hooks(config: GPTQBaseConfig) -> BlockHooks:
-    """GPTQ per layer; AWQ scaling before each block when ``awq``, block tuning after each
-    block when ``tune_steps``."""
+def gptq_block_hooks(config: GPTQBaseConfig, pairs: ScaledPairs | None = None) -> BlockHooks:
+    """GPTQ per layer; AWQ scaling before each block when ``awq`` (its pairs appended to
+    ``pairs`` when given), block tuning after each block when ``tune_steps``."""
     return BlockHooks(
         solve_layer=gptq_solver(config.damp, config.act_order, config.block_size),
-        before_block=awq_scaling() if config.awq else None,
+        before_block=awq_scaling(pairs=pairs) if config.awq else None,
         after_block=(
             block_tuning(config.tune_steps, config.tune_lr, config.tune_rounding)
             if config.tune_steps

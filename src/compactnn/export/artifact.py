@@ -31,6 +31,7 @@ from safetensors.torch import save as save_bytes
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from compactnn import registry
 from compactnn.core.packing import pack_codes
 from compactnn.core.qembedding import QuantEmbedding, is_tied_to
 from compactnn.core.qlayers import (
@@ -389,6 +390,46 @@ def _refuse_parametrized(model: nn.Module) -> None:
         )
 
 
+def _hookless_method_modules(model: nn.Module) -> dict[str, str]:
+    """Python module -> method name, for the third-party methods of ``model``'s recipe whose
+    module registers no artifact hook (their layers cannot be rebuilt by ``load``)."""
+    recipe = info_of(model).get("recipe")
+    hooked = {h.__module__ for hooks in registry.ARTIFACT_HOOKS.values() for h in hooks}
+    out: dict[str, str] = {}
+    for step in getattr(recipe, "steps", ()):
+        entry = registry.METHODS.get(step.method)
+        where = getattr(getattr(entry, "handler", None), "__module__", None) or ""
+        if where and where.split(".")[0] != "compactnn" and where not in hooked:
+            out.setdefault(where, step.method)
+    return out
+
+
+def _refuse_unrebuildable(model: nn.Module) -> None:
+    """``load`` rebuilds the float skeleton's own modules, compactnn's layers and what
+    artifact hooks make. A module whose class a third-party method defines (in its handler's
+    Python module) without registering an artifact hook there would come back as the
+    skeleton's module (other outputs, silently) or not load at all: refuse it before
+    anything is written, naming the layer, its class and the method. Classes of the Python
+    module that defines the model's own class are taken for the skeleton's (a script that
+    defines both the model and the method cannot be told apart)."""
+    methods = _hookless_method_modules(model)
+    methods.pop(type(model).__module__, None)
+    if not methods:
+        return
+    for name, m in model.named_modules():
+        cls = type(m)
+        if cls.__module__ in methods:
+            raise CompactnnError(
+                f"cannot save: {name or 'the model'!r} is a {cls.__qualname__}, a class of "
+                f"method {methods[cls.__module__]!r} ({cls.__module__}), which load cannot "
+                "rebuild: load gives back the float skeleton's modules and compactnn's "
+                "quantized layers only. Keep the skeleton's module classes in the method, or "
+                "register an artifact hook that rebuilds it "
+                "(compactnn.registry.register_artifact_hook; docs/architecture.md, "
+                "'Artifact hooks')."
+            )
+
+
 def _refuse_residual_graph(model: nn.Module) -> None:
     """A ``quantize_residuals`` model is a ``torch.fx`` graph with quantizers no float model
     has, so no skeleton rebuilds it: refuse it before anything is written. (Other fx graphs,
@@ -458,6 +499,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
     _refuse_residual_graph(model)
     _refuse_kernel_model(model)
     _refuse_parametrized(model)
+    _refuse_unrebuildable(model)
     out = check_writable(path, force, what="path")
     info = info_of(model)
     tensors, layers, aliases, emb_extra = pack_model(model)

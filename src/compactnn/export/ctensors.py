@@ -41,20 +41,11 @@ from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import ActQuantizer, QuantLinear, has_integer_weight
 from compactnn.errors import CompactnnError, name_list
-from compactnn.export.fs import (
-    atomic_write,
-    atomic_write_text,
-    force_option,
-    replace_folder,
-    writable_folder,
-)
+from compactnn.export.ct_folder import _check_other_model, _write_folder, check_out
+from compactnn.export.fs import replace_folder
 from compactnn.export.hf_check import MIN_COSINE, probe_ids, verify_folder  # noqa: F401
 
 EXTRA = "export"
-WEIGHTS_NAME = "model.safetensors"
-_OWN_FILES = {WEIGHTS_NAME, "config.json", "generation_config.json"}  # and a tokenizer's:
-_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
-                    "chat_template", "spiece", "sentencepiece")  # fmt: skip
 _STRATEGY = {"group": "group", "channel": "channel", "tensor": "tensor"}
 CONV1D_KEY = "conv1d_as_linear"  # compactnn.api's record of GPT-2 Conv1D layers made Linear
 
@@ -330,100 +321,6 @@ def tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
         kept = next((n for n in names if not any(re.search(p, n) for p in targets)), names[0])
         out.extend(n for n in names if n != kept)
     return out
-
-
-def _is_ct_config(path: Path) -> bool:
-    """Whether ``path`` is a ``config.json`` with a compressed-tensors quantization_config."""
-    try:
-        qconfig = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors"
-
-
-def _is_own_file(name: str) -> bool:
-    """Whether an export writes files called ``name`` (its weights, configs, tokenizer)."""
-    return name in _OWN_FILES or name.startswith(_TOKENIZER_FILES)
-
-
-def check_out(out: str | os.PathLike, *, force: bool = False, what: str = "out") -> Path:
-    """Refuse, before any slow work, a folder :func:`export` may not write.
-
-    Args:
-        out: the export folder.
-        force: replace an earlier compressed-tensors export there.
-        what: how the user named ``out``, for the messages (``"out"``, ``"--out"``).
-
-    Raises:
-        CompactnnError: ``out`` is a file; it holds anything but an earlier export
-            (``config.json`` with a compressed-tensors ``quantization_config``, the weights,
-            a tokenizer), even with ``force``; it holds an earlier export and ``force`` is
-            false; or its folder is not writable.
-    """
-    folder = Path(out)
-    if os.path.lexists(folder) and not folder.is_dir():
-        raise CompactnnError(
-            f"{what} {str(out)!r} is a file, and compressed-tensors writes a folder: give a "
-            f"new or empty folder such as {str(folder.with_name(folder.name + '-ct'))!r}."
-        )
-    if folder.is_dir() and (entries := sorted(os.listdir(folder))):
-        foreign = [e for e in entries if not _is_own_file(e)]
-        if foreign or not _is_ct_config(folder / "config.json"):
-            raise CompactnnError(
-                f"{what} {str(out)!r} holds files that are not a compressed-tensors export "
-                f"({name_list(foreign or entries, 3)}): the export would replace or mix with "
-                "them. Give a new or empty folder (force=True / --force only replaces an "
-                "earlier compressed-tensors export)."
-            )
-        if not force:
-            raise CompactnnError(
-                f"{what} {str(out)!r} holds a compressed-tensors export; pass "
-                f"{force_option(what)} to replace it."
-            )
-    writable_folder(folder.absolute().parent, f"{what} {str(out)!r}")
-    return folder
-
-
-def _check_other_model(folder: Path) -> None:
-    """``save_pretrained`` writes into ``folder`` as transformers does, but never over or
-    beside another model's config or weights."""
-    if os.path.lexists(folder) and not folder.is_dir():
-        raise CompactnnError(f"save_pretrained: {str(folder)!r} is a file; give a folder.")
-    if not folder.is_dir():
-        return
-    config = folder / "config.json"
-    weights = [
-        e for e in sorted(os.listdir(folder))
-        if e != WEIGHTS_NAME and e.endswith((".safetensors", ".bin", ".index.json", ".pt"))
-    ]  # fmt: skip
-    if weights or (config.exists() and not _is_ct_config(config)):
-        raise CompactnnError(
-            f"save_pretrained: {str(folder)!r} holds another model "
-            f"({name_list(weights or ['config.json'], 3)}): saving would replace or mix "
-            "with it. Give a new or empty folder."
-        )
-
-
-def _write_folder(
-    qmodel: nn.Module, state: dict, qconfig: dict, folder: Path, tokenizer: Any
-) -> None:
-    """Write the export's files into ``folder`` (each atomically, weights first)."""
-    safetensors = require("safetensors.torch", "hf")
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        folder / WEIGHTS_NAME, lambda tmp: safetensors.save_file(state, tmp, {"format": "pt"})
-    )
-    config = qmodel.config.to_dict()
-    config["architectures"] = [type(qmodel).__name__]
-    config["quantization_config"] = qconfig
-    for k in ("auto_map", "_name_or_path"):
-        config.pop(k, None)
-    generation = getattr(qmodel, "generation_config", None)
-    if generation is not None and getattr(qmodel, "can_generate", lambda: False)():
-        atomic_write_text(folder / "generation_config.json", generation.to_json_string())
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export(qmodel: nn.Module, out: str | os.PathLike, *, force: bool = False, **opts: Any) -> Path:

@@ -115,7 +115,7 @@ def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
     hf = header.get("extra", {}).get("hf")
     if not isinstance(hf, dict) or not hf:
         raise ArtifactError(
-            f"artifact {str(root)!r} holds a {header.get('model_class')} without a saved "
+            f"artifact {str(root)!r} holds a {header.get('model_class')!r:.80} without a saved "
             "architecture: pass the float model as load(path, model=...)."
         )
     name, config = hf.get("class"), hf.get("config")
@@ -129,7 +129,7 @@ def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
     if not isinstance(config, dict) or config.get("model_type") != cls.config_class.model_type:
         raise ArtifactError(
             f"artifact {str(root)!r} has no valid {cls.config_class.model_type!r} config for "
-            f"{name}: pass the float model as load(path, model=...)."
+            f"{name!r}: pass the float model as load(path, model=...)."
         )
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "trust_remote_code")}
     _check_skeleton_size(root, cls, cls.config_class.from_dict(settings))
@@ -137,5 +137,5 @@ def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
         return cls(cls.config_class.from_dict(settings))
     except Exception as exc:
         raise ArtifactError(
-            f"artifact {str(root)!r} has a {name} config that does not build: {exc}"
+            f"artifact {str(root)!r} has a {name!r} config that does not build: {exc}"
         ) from exc

@@ -47,12 +47,12 @@ from compactnn.export.onnx_graph import (
 from compactnn.export.ort import ort_callable
 from compactnn.lowering.graph import FLOAT, is_residual_quantizer, trace
 from compactnn.lowering.plan import build_plan
+from compactnn.lowering.probes import explained
 from compactnn.lowering.verify import (
     DEFAULT_TOLERANCE,
     Verification,
     compare,
     enforce,
-    explained,
 )
 
 onnx = require("onnx", "onnx")
@@ -343,7 +343,7 @@ def verify_qdq(
     4-bit) moves several steps while its accuracy stays (compactnn eval measures the
     delivered model).
 
-    A failed check comes with :func:`~compactnn.lowering.verify.explained`; nothing is
+    A failed check comes with :func:`~compactnn.lowering.probes.explained`; nothing is
     raised (see :func:`~compactnn.lowering.verify.enforce`).
     """
     if against not in ("simulation", "file"):

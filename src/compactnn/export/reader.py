@@ -131,9 +131,16 @@ def _parse_recipe(data: bytes | None, header: dict[str, Any], root: Path) -> Any
     if data is None:
         return None
     from compactnn.recipe import Recipe
+    from compactnn.registry import UnknownMethodError
 
     try:
         recipe = Recipe.from_yaml(data.decode("utf-8"))
+    except UnknownMethodError as exc:  # a valid artifact of a method this process lacks
+        raise ArtifactError(
+            f"the artifact was made with method {exc.name!r}, which is not registered: "
+            "import the module that registers it (the plugin) before compactnn.load, or "
+            "--plugin MODULE on the command line."
+        ) from exc
     except (
         CompactnnError,
         UnicodeDecodeError,
@@ -163,8 +170,8 @@ def _skeleton(root: Path, header: dict[str, Any], model: nn.Module | None) -> nn
         model = copy.deepcopy(model)
     if validate.model_class_name(model) != header["model_class"]:
         raise ArtifactError(
-            f"artifact {str(root)!r} holds a {header['model_class']}, but the skeleton is a "
-            f"{validate.model_class_name(model)}: pass the float model it was made from."
+            f"artifact {str(root)!r} holds a {header['model_class']!r}, but the skeleton is a "
+            f"{validate.model_class_name(model)!r}: pass the float model it was made from."
         )
     return model.eval()
 

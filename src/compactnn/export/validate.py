@@ -165,6 +165,7 @@ def check_header(header: dict[str, Any]) -> None:
             raise bad(repr(key), f"has the wrong type {type(header[key]).__name__}")
     if not _HEX64.fullmatch(header["digest"]):
         raise bad("'digest'", "is not 64 lowercase hex digits")
+    check_printable(header)
     _check_files(header["files"], header["recipe"])
     for key in ("aliases", "float_layers"):
         if not all(isinstance(v, str) for v in header[key].values()):
@@ -176,6 +177,42 @@ def check_header(header: dict[str, Any]) -> None:
     for key, entry in header["sparse"].items():
         if not isinstance(entry, dict):
             raise bad(f"sparse[{key!r}]", "must be an object")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NOTES_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # notes may span lines
+
+
+def control_char(text: str, *, newline: bool = False) -> str | None:
+    """The first C0/C1 control character of ``text`` as ``U+XXXX`` (``None`` if it has none);
+    ``newline=True`` allows ``\\n``."""
+    found = (_NOTES_CONTROL if newline else _CONTROL).search(text)
+    return None if found is None else f"U+{ord(found.group()):04X}"
+
+
+def check_printable(header: dict[str, Any]) -> None:
+    """No string of the header (key or value, at any depth) holds a control character.
+
+    ``load`` and the commands print these strings; an escape sequence would drive the user's
+    terminal. Only the notes (``extra.notes``) may hold newlines.
+    """
+    stack: list[tuple[str, Any]] = [("", header)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            code = control_char(value, newline=where.startswith("['extra']['notes']"))
+            if code is not None:
+                raise bad(where, f"holds the control character {code}")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                code = control_char(k) if isinstance(k, str) else None
+                if code is not None:
+                    raise bad(
+                        f"{where or 'header'} key {k!r:.80}", f"holds the control character {code}"
+                    )
+                stack.append((f"{where}[{k!r:.80}]", v))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
 
 
 def _check_files(files: dict[str, Any], recipe: str | None) -> None:

@@ -40,6 +40,7 @@ from compactnn.core.qlayers import QuantLinear
 from compactnn.core.quantize import dequantize, grouped_view
 
 INT4_GROUPS = (32, 64, 128, 256)
+INT4_N_BLOCK = 16  # _convert_weight_to_int4pack_for_cpu needs out_features % 16 == 0
 DENSE_MIN_ROWS = 8  # rows from which the dense copy beats the low-bit kernels (bf16, Zen 4)
 # without a held copy (hold_dense=False) the per-call dequantization and unprepacked GEMM
 # beat the int4/int8 kernels only from ~100-250 rows (bf16, Zen 4, loaded machine)
@@ -116,6 +117,46 @@ class DenseWeight:
         self.__init__(state["weight"])
 
 
+def int8_unsupported(layer: QuantLinear, dtype: torch.dtype) -> str | None:
+    """Why :class:`Int8WeightLinear` cannot take ``layer`` in ``dtype`` (None: it can)."""
+    spec, n, k = layer.weight_spec, layer.out_features, layer.in_features
+    if spec.bits != 8:
+        return f"{spec.bits}-bit weights (the int8 kernel takes 8 bits)"
+    if tuple(layer.weight_scale.shape) != (n, 1):
+        return f"{spec.granularity} scales (the int8 kernel takes one scale per output channel)"
+    if dtype == torch.bfloat16 and k % 16:
+        # torch's bfloat16 int8-weight kernel reads inputs in blocks of 16 and crashes the
+        # process (segmentation fault) on other widths (measured: torch 2.14, Zen 4)
+        return f"in_features={k} is not a multiple of 16 (the bfloat16 int8 kernel needs it)"
+    return None
+
+
+def int4_unsupported(layer: QuantLinear) -> str | None:
+    """Why :class:`Int4WeightLinear` cannot take ``layer`` (None: it can).
+
+    The packed int4 CPU kernel takes <= 4-bit codes, one scale per output channel and group
+    of ``in_features`` with a group in ``INT4_GROUPS`` dividing ``in_features``, and packs
+    output channels in blocks of ``INT4_N_BLOCK``.
+    """
+    spec, n, k = layer.weight_spec, layer.out_features, layer.in_features
+    if spec.bits > 4:
+        return f"{spec.bits}-bit weights (the int4 kernel takes <= 4 bits)"
+    if spec.granularity not in ("group", "channel"):
+        return f"{spec.granularity} scales (the int4 kernel takes per-channel or group-wise)"
+    group = spec.group_size if spec.granularity == "group" else k
+    if group not in INT4_GROUPS:
+        what = "group" if spec.granularity == "group" else "per-channel in_features"
+        return f"{what} {group} (the int4 kernel takes groups of {INT4_GROUPS})"
+    if k % group or tuple(layer.weight_scale.shape) != (n, k // group):
+        return f"scales {tuple(layer.weight_scale.shape)} do not tile ({n}, {k}) by {group}"
+    if n % INT4_N_BLOCK:
+        return (
+            f"out_features={n} is not a multiple of {INT4_N_BLOCK} (the int4 kernel packs "
+            f"output channels by {INT4_N_BLOCK})"
+        )
+    return None
+
+
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"kernel dtype must be one of {DTYPES}, got {dtype}")
@@ -142,8 +183,10 @@ class _WeightOnly(nn.Module):
         if dense_min_rows is not None and hold_dense:
             self.dense = DenseWeight(dense_weight(layer, dtype))
         elif dense_min_rows is not None:  # per-call dequantization: float32 grid (out, ngroups)
-            self.register_buffer("dq_scale", layer.weight_scale.float().clone(), persistent=False)
-            self.register_buffer("dq_zero", layer.weight_zero.float().clone(), persistent=False)
+            rows = (self.out_features, -1)  # a per-tensor grid (1, 1): one row per channel
+            scale, zero = layer.weight_scale.float(), layer.weight_zero.float()
+            self.register_buffer("dq_scale", scale.expand(rows).clone(), persistent=False)
+            self.register_buffer("dq_zero", zero.expand(rows).clone(), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -215,7 +258,8 @@ class Int8WeightLinear(_WeightOnly):
     """``y = x @ ((q - z) * s)^T + b`` with int8 ``q`` and per-output-channel ``s``, ``z``.
 
     Args:
-        layer: an 8-bit per-channel weight-only ``QuantLinear``.
+        layer: an 8-bit per-channel weight-only ``QuantLinear`` (ValueError with the reason
+            otherwise: :func:`int8_unsupported`).
         dtype: compute dtype (``torch.float32``: exact but slow here; ``torch.bfloat16``).
         dense_min_rows: from this many rows on, use the dense weight (None: never).
         hold_dense: hold a dense copy (True) or dequantize a temporary one per call.
@@ -229,12 +273,9 @@ class Int8WeightLinear(_WeightOnly):
         hold_dense: bool = True,
     ) -> None:
         super().__init__()
-        if layer.weight_spec.bits != 8 or layer.weight_scale.shape[1] != 1:
-            raise ValueError("Int8WeightLinear needs 8-bit per-channel weights")
-        if dtype == torch.bfloat16 and layer.in_features % 16:
-            # torch's bfloat16 int8-weight kernel reads inputs in blocks of 16 and crashes the
-            # process (segmentation fault) on other widths (measured: torch 2.14, Zen 4)
-            raise ValueError("Int8WeightLinear in bfloat16 needs in_features divisible by 16")
+        why = int8_unsupported(layer, dtype)
+        if why is not None:
+            raise ValueError(f"Int8WeightLinear cannot take this layer: {why}")
         self._setup(layer, dtype, dense_min_rows, hold_dense)
         codes, zero = _signed_codes(layer)
         if not hold_dense and dense_min_rows is not None:
@@ -259,7 +300,8 @@ class Int4WeightLinear(_WeightOnly):
 
     Args:
         layer: a 2- to 4-bit group-wise (or per-channel, ``in`` in ``INT4_GROUPS``)
-            weight-only ``QuantLinear``.
+            weight-only ``QuantLinear`` whose ``out_features`` is a multiple of
+            ``INT4_N_BLOCK`` (ValueError with the reason otherwise: :func:`int4_unsupported`).
         dtype: compute dtype (``torch.float32``: exact but slow here; ``torch.bfloat16``).
         dense_min_rows: from this many rows on, use the dense weight (None: never).
         hold_dense: hold a dense copy (True) or dequantize a temporary one per call.
@@ -274,10 +316,10 @@ class Int4WeightLinear(_WeightOnly):
     ) -> None:
         super().__init__()
         spec = layer.weight_spec
-        k = layer.in_features
-        group = spec.group_size if spec.granularity == "group" else k
-        if spec.bits > 4 or group not in INT4_GROUPS:
-            raise ValueError(f"Int4WeightLinear needs <= 4 bits and a group in {INT4_GROUPS}")
+        why = int4_unsupported(layer)
+        if why is not None:
+            raise ValueError(f"Int4WeightLinear cannot take this layer: {why}")
+        group = spec.group_size if spec.granularity == "group" else layer.in_features
         self._setup(layer, dtype, dense_min_rows, hold_dense)
         qt = spec.qtype
         shift = 8 if qt.signed else 0  # signed grid: into 0..15

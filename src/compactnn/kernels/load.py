@@ -133,6 +133,9 @@ def install_kernels(
 
     Raises:
         ArtifactError: a tensor the model needs is neither stored nor computable.
+        CompactnnError: a torch kernel fails on a layer (not an artifact problem: the layer
+            is named and the model loads without ``kernels=``). Shapes a low-bit kernel
+            cannot take fall back as in ``to_kernels`` (dense copy, or simulated).
     """
     _assign_float_state(model, state)
     _materialize_simulated(model)

@@ -15,7 +15,7 @@ from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.modules import set_module
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear, is_quant_layer
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.kernels.embedding import EmbeddingKernel
 from compactnn.kernels.linear import (
     DENSE_MIN_ROWS,
@@ -23,6 +23,8 @@ from compactnn.kernels.linear import (
     DenseLinear,
     Int4WeightLinear,
     Int8WeightLinear,
+    int4_unsupported,
+    int8_unsupported,
 )
 from compactnn.kernels.w8a8 import W8A8Linear
 
@@ -90,30 +92,51 @@ class Float32Island(nn.Module):
 
 def kernel_layer(layer: QuantLinear, config: KernelConfig | None = None) -> nn.Module | None:
     """The fastest kernel layer for ``layer``, or None when no kernel takes its format."""
+    return kernel_or_reason(layer, config)[0]
+
+
+def kernel_or_reason(
+    layer: QuantLinear, config: KernelConfig | None = None
+) -> tuple[nn.Module | None, str | None]:
+    """:func:`kernel_layer` and, when it gives None, why (None when a kernel takes it).
+
+    A layer a low-bit kernel cannot take (e.g. int4 with ``out_features`` not a multiple of
+    16) falls back to the next kernel that fits: the dense copy in bfloat16, else simulated.
+    """
     config = config or KernelConfig()
-    spec = layer.weight_spec
     aq = layer.input_quantizer
     args = (layer, config.dtype, config.dense_min_rows, config.hold_dense)
     if isinstance(aq, DynamicActQuantizer):
         try:
-            return W8A8Linear(layer, fused=config.fused)
+            return W8A8Linear(layer, fused=config.fused), None
         except ValueError:
-            return None  # e.g. asymmetric or group-wise weights: no W8A8 kernel
+            return None, None  # e.g. asymmetric or group-wise weights: no W8A8 kernel
     if aq is not None:
-        return None  # static activation grids: no kernel here
-    try:
-        if getattr(layer, "weight_levels", None) is None:  # uniform grids
-            if spec.bits == 8 and layer.weight_scale.shape[1] == 1:
-                return Int8WeightLinear(*args)
-            if spec.bits <= 4:
-                return Int4WeightLinear(*args)
-    except ValueError:
-        pass
+        return None, None  # static activation grids: no kernel here
+    kind, why = _lowbit_kind(layer, config.dtype)
+    if kind is not None:
+        try:
+            return kind(*args), None
+        except ValueError as exc:
+            why = str(exc)
     # weight-only formats without a low-bit kernel: a dense copy, only worth it below fp32
     if config.dtype == torch.float32:
-        return None
+        return None, why
     hold = config.hold_dense or getattr(layer, "weight_levels", None) is not None
-    return DenseLinear(layer, config.dtype, hold_dense=hold)
+    return DenseLinear(layer, config.dtype, hold_dense=hold), None
+
+
+def _lowbit_kind(layer: QuantLinear, dtype: torch.dtype) -> tuple[type | None, str | None]:
+    """The low-bit kernel class for a weight-only ``layer``, or None and why none takes it
+    (None too for formats no low-bit kernel is made for: codebooks, 5-7 bits)."""
+    bits = layer.weight_spec.bits
+    if getattr(layer, "weight_levels", None) is not None or 4 < bits < 8:
+        return None, None
+    if bits == 8:
+        why = int8_unsupported(layer, dtype)
+        return (Int8WeightLinear if why is None else None), why
+    why = int4_unsupported(layer)
+    return (Int4WeightLinear if why is None else None), why
 
 
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
@@ -176,8 +199,12 @@ def to_kernels(
     the dequantized weight from there on; other weight-only formats (8-bit group-wise,
     codebooks) run on the dense copy when ``dtype`` is bfloat16. Quantized embedding tables
     run as a gather of the requested rows' codes then dequantization
-    (:class:`~compactnn.kernels.embedding.EmbeddingKernel`). Layers left simulated are
-    listed in ``model._compactnn_kernels["simulated"]``. See :class:`KernelConfig`.
+    (:class:`~compactnn.kernels.embedding.EmbeddingKernel`). A layer whose shape a low-bit
+    kernel cannot take (int4: ``out_features`` a multiple of 16, see
+    :func:`~compactnn.kernels.linear.int4_unsupported`) runs on the dense copy in bfloat16
+    and simulated in float32. Layers left simulated are listed in
+    ``model._compactnn_kernels["simulated"]``, with their reasons in ``["simulated_why"]``.
+    See :class:`KernelConfig`.
 
     Signature: ``to_kernels(model, *, inplace=False, dtype=torch.bfloat16,
     dense_min_rows=8, fused=True, hold_dense=True)``; every option is keyword-only.
@@ -263,9 +290,12 @@ def materialize(layer: nn.Module) -> None:
         layer.refresh_weight()
 
 
-def simulated_reason(m: nn.Module, dtype: torch.dtype) -> str:
-    """Why :func:`swap_kernels` leaves the quantized module ``m`` simulated."""
+def simulated_reason(m: nn.Module, dtype: torch.dtype, why: str | None = None) -> str:
+    """Why :func:`swap_kernels` leaves the quantized module ``m`` simulated (``why``: the
+    reason the low-bit kernel refused it, from :func:`kernel_or_reason`)."""
     where = str(dtype).removeprefix("torch.")
+    if why is not None:
+        return f"no kernel takes it ({why}): runs simulated in {where}"
     if not isinstance(m, (QuantLinear, QuantEmbedding)):
         return f"no kernel for {type(m).__name__}: runs simulated in {where}"
     if isinstance(m, QuantEmbedding):
@@ -276,6 +306,22 @@ def simulated_reason(m: nn.Module, dtype: torch.dtype) -> str:
     if isinstance(aq, DynamicActQuantizer):
         return "dynamic activations on a grid W8A8Linear does not take: runs simulated"
     return "no float32 kernel for this weight format: runs simulated in float32"
+
+
+def _kernel_of(
+    name: str, m: QuantLinear, config: KernelConfig
+) -> tuple[nn.Module | None, str | None]:
+    """:func:`kernel_or_reason` for layer ``name``; a torch kernel failing on a layer the
+    checks let through is reported with the layer's name and shape, as a kernel problem."""
+    try:
+        return kernel_or_reason(m, config)
+    except RuntimeError as exc:
+        spec = m.weight_spec
+        raise CompactnnError(
+            f"to_kernels: no kernel could be built for layer {name!r} ({m.in_features}->"
+            f"{m.out_features}, {spec.bits}-bit {spec.granularity} weights): {first_line(exc)}. "
+            "The model itself is fine: run it simulated (without to_kernels or load's kernels=)."
+        ) from exc
 
 
 def swap_kernels(out: nn.Module, config: KernelConfig) -> nn.Module:
@@ -290,11 +336,11 @@ def swap_kernels(out: nn.Module, config: KernelConfig) -> nn.Module:
             set_module(out, name, made[id(m)])
             continue
         if isinstance(m, QuantLinear):
-            k = kernel_layer(m, config)
+            k, refused = _kernel_of(name, m, config)
             if k is None:
                 materialize(m)
                 simulated.append(name)
-                why[name] = simulated_reason(m, dtype)
+                why[name] = simulated_reason(m, dtype, refused)
                 made[id(m)] = Float32Island(m) if dtype != torch.float32 else m
                 set_module(out, name, made[id(m)])
             else:

@@ -79,7 +79,7 @@ from compactnn.prune.masks import check_sparsity
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.recipe import Recipe, Step
-from compactnn.registry import register, register_short_name
+from compactnn.registry import register, register_short_name, reserve_method_names
 
 SCHEDULES = ("joint", "sequential")
 
@@ -404,6 +404,9 @@ def pewise_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: PEWiseCon
 register("pe", PEWiseConfig, "PE-wise structured pruning with ternary weights (AAAI 2020)")(
     QATMethod(pewise_weight_quantizer)
 )
+
+
+reserve_method_names(r"pe\d+", "-pe<P> is PE-wise pruning's sparsity in w2[a<A>]-pe<P>")
 
 
 @register_short_name(

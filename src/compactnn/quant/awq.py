@@ -19,21 +19,13 @@ engine. The compress notes count the pairs scaled and name each candidate pair l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import ClassVar
 
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.core.scale_fold import find_scale_pairs, fold_is_exact, fold_scale, search_scale
-from compactnn.engines.sequential import (
-    BlockData,
-    BlockHooks,
-    block_inputs,
-    hessian_rtn_solver,
-    run_block,
-    run_sequential,
-)
+from compactnn.engines.block_scaling import ScaledPairs, awq_scaling
+from compactnn.engines.sequential import BlockHooks, hessian_rtn_solver, run_sequential
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import QuantConfig
 from compactnn.registry import register
@@ -64,48 +56,17 @@ class AWQConfig(QuantConfig):
         return super().from_short(wbits, abits, group, range_method=range_method, **kwargs)
 
 
-def noted_scaling(
-    grid: int, max_tokens: int, done: list[str], skipped: list[str]
-) -> Callable[[BlockData], None]:
-    """A ``before_block`` hook folding AWQ scales into every exact pair of each float block
-    (as :func:`compactnn.engines.block_scaling.awq_block`), recording the model names:
-    ``"producer -> [consumers]"`` in ``done`` when scaled, in ``skipped`` when the pair is
-    not foldable (:func:`~compactnn.core.scale_fold.fold_is_exact` fails)."""
-
-    def before_block(data: BlockData) -> None:
-        block, prefix = data.block, data.name
-        local = sorted(n for n, _ in block.named_modules() if f"{prefix}.{n}" in data.specs)
-        run = lambda: run_block(block, data.calls[0], data.q_inps[0])  # noqa: E731
-        for producer, consumers in find_scale_pairs(block, run, local):
-            pair = f"{prefix}.{producer} -> {[f'{prefix}.{c}' for c in consumers]}"
-            if not fold_is_exact(block, run, producer, consumers):
-                skipped.append(pair)
-                continue
-            x = block_inputs(block, data.calls, data.q_inps, consumers[0], max_tokens)
-            mods = [block.get_submodule(n) for n in consumers]
-            wspec = data.specs[f"{prefix}.{consumers[0]}"][0]
-            s = search_scale(x, [m.weight.detach() for m in mods], wspec, grid)
-            fold_scale(block.get_submodule(producer), mods, s)
-            done.append(pair)
-
-    return before_block
-
-
-def awq_hooks(
-    config: AWQConfig, done: list[str] | None = None, skipped: list[str] | None = None
-) -> BlockHooks:
+def awq_hooks(config: AWQConfig, pairs: ScaledPairs | None = None) -> BlockHooks:
     """AWQ scaling before each block, then activation-weighted round-to-nearest per layer;
-    the pairs scaled and skipped are appended to ``done`` and ``skipped`` when given.
+    the pairs scaled and skipped are appended to ``pairs`` when given.
 
     Example:
         >>> awq_hooks(AWQConfig()).after_block is None
         True
     """
-    done = [] if done is None else done
-    skipped = [] if skipped is None else skipped
     return BlockHooks(
         solve_layer=hessian_rtn_solver,
-        before_block=noted_scaling(config.grid, config.max_tokens, done, skipped),
+        before_block=awq_scaling(config.grid, config.max_tokens, pairs),
     )
 
 
@@ -116,9 +77,7 @@ def apply_awq(
     """AWQ scales folded into the model, then activation-weighted round-to-nearest; the notes
     count the pairs scaled and name each pair left as is."""
     ctx.require_calibration("awq", 64)
-    done: list[str] = []
-    skipped: list[str] = []
-    model = run_sequential(model, targets, config, ctx, awq_hooks(config, done, skipped))
-    ctx.notes.extend(f"awq: {pair} not foldable, left as is" for pair in skipped)
-    ctx.notes.append(f"awq: {len(done)} producer/consumer pairs scaled")
+    pairs = ScaledPairs()
+    model = run_sequential(model, targets, config, ctx, awq_hooks(config, pairs))
+    ctx.notes.extend(pairs.notes("awq"))
     return model

@@ -19,6 +19,7 @@ from compactnn.core.modules import DEFAULT_CLASSES, Targets, run_order, set_modu
 from compactnn.core.qembedding import (
     embedding_spec,
     embedding_unsupported,
+    lookup_factor,
     quantize_embedding_rtn,
     table_aliases,
     tie_to_table,
@@ -305,6 +306,23 @@ def wants_embeddings(config: QuantConfig, step_targets: Targets) -> bool:
     return config.act is None and set(step_targets.classes) == set(DEFAULT_CLASSES)
 
 
+def check_shared_factors(tables: dict[str, nn.Module]) -> None:
+    """Refuse tables sharing one weight (T5, BART: ``shared`` and ``*.embed_tokens``) whose
+    lookups are scaled by different factors (:func:`~compactnn.core.qembedding.lookup_factor`;
+    none counts as 1): one quantized module serves them all, with one factor.
+
+    Example:
+        >>> check_shared_factors({"a": nn.Embedding(4, 2), "b": nn.Embedding(4, 2)})
+    """
+    factors = {n: lookup_factor(m) for n, m in tables.items()}
+    if len({1.0 if f is None else f for f in factors.values()}) > 1:
+        named = ", ".join(f"{n} (embed_scale {f})" for n, f in factors.items())
+        raise CompactnnError(
+            f"{named} share one table but scale its lookup differently, which one quantized "
+            f"table cannot do: keep them in float (targets: {{ignore: {list(factors)}}})."
+        )
+
+
 def quantize_embeddings(
     model: nn.Module,
     targets: dict[str, nn.Module],
@@ -352,7 +370,10 @@ def quantize_embeddings(
                 for n in (n for n in names if n not in left):
                     ctx.float_layers[n] = f"tied to {kept}, which the step leaves in float"
             continue
-        why = embedding_unsupported(emb)
+        group = {n: model.get_submodule(n) for n in names}  # all of them, not just the first
+        why = next((w for m in group.values() if (w := embedding_unsupported(m))), None)
+        if why is None:
+            check_shared_factors(group)
         if why is None and head is not None and not head_targeted:
             why = f"tied to {head_name}, which the step leaves in float"
         if why is not None:

@@ -14,6 +14,7 @@ import dataclasses
 from torch import nn
 
 from compactnn.core.context import CompressContext
+from compactnn.engines.block_scaling import ScaledPairs
 from compactnn.engines.gptq_common import GPTQBaseConfig, gptq_block_hooks
 from compactnn.engines.sequential import BlockHooks, run_sequential
 from compactnn.registry import register
@@ -30,20 +31,26 @@ class GPTQConfig(GPTQBaseConfig):
     """
 
 
-def gptq_hooks(config: GPTQConfig) -> BlockHooks:
-    """GPTQ per layer; AWQ scaling before and tuning after each block when asked for.
+def gptq_hooks(config: GPTQConfig, pairs: ScaledPairs | None = None) -> BlockHooks:
+    """GPTQ per layer; AWQ scaling before (its pairs appended to ``pairs`` when given) and
+    tuning after each block when asked for.
 
     Example:
         >>> gptq_hooks(GPTQConfig()).before_block is None
         True
     """
-    return gptq_block_hooks(config)
+    return gptq_block_hooks(config, pairs)
 
 
 @register("gptq", GPTQConfig, "GPTQ: second-order error compensation, block by block")
 def apply_gptq(
     model: nn.Module, targets: dict[str, nn.Module], config: GPTQConfig, ctx: CompressContext
 ) -> nn.Module:
-    """GPTQ (optionally with AWQ scaling and block tuning) over the model's repeated blocks."""
+    """GPTQ (optionally with AWQ scaling and block tuning) over the model's repeated blocks;
+    with ``awq``, the notes count the pairs scaled and name each pair left as is."""
     ctx.require_calibration("gptq", 128)
-    return run_sequential(model, targets, config, ctx, gptq_hooks(config))
+    pairs = ScaledPairs()
+    model = run_sequential(model, targets, config, ctx, gptq_hooks(config, pairs))
+    if config.awq:
+        ctx.notes.extend(pairs.notes("gptq (awq)"))
+    return model

@@ -12,6 +12,7 @@ import dataclasses
 from torch import nn
 
 from compactnn.core.context import CompressContext
+from compactnn.engines.block_scaling import ScaledPairs
 from compactnn.engines.block_tuning import stack_tuning
 from compactnn.engines.gptq_common import GPTQBaseConfig, gptq_block_hooks
 from compactnn.engines.sequential import BlockHooks, run_sequential
@@ -47,16 +48,17 @@ class GPTQTuneConfig(GPTQBaseConfig):
             raise CompactnnError("e2e_steps must be >= 0 and learning rates > 0.")
 
 
-def gptq_tune_hooks(config: GPTQTuneConfig) -> BlockHooks:
-    """GPTQ per layer (AWQ scaling first when ``awq``), block tuning after each block when
-    ``tune_steps``, stack tuning at the end when ``e2e_steps``.
+def gptq_tune_hooks(config: GPTQTuneConfig, pairs: ScaledPairs | None = None) -> BlockHooks:
+    """GPTQ per layer (AWQ scaling first when ``awq``, its pairs appended to ``pairs`` when
+    given), block tuning after each block when ``tune_steps``, stack tuning at the end when
+    ``e2e_steps``.
 
     Example:
         >>> gptq_tune_hooks(GPTQTuneConfig()).after_stack is not None
         True
     """
     stack = stack_tuning(config.e2e_steps, config.e2e_lr) if config.e2e_steps else None
-    return dataclasses.replace(gptq_block_hooks(config), after_stack=stack)
+    return dataclasses.replace(gptq_block_hooks(config, pairs), after_stack=stack)
 
 
 @register("gptq_tune", GPTQTuneConfig, "GPTQ + block-wise and end-to-end tuning")
@@ -66,4 +68,8 @@ def apply_gptq_tune(
     """GPTQ block by block, each block then tuned against the float block's outputs, then the
     whole block stack tuned end to end."""
     ctx.require_calibration("gptq", 128)  # GPTQ's needs (and note), as before
-    return run_sequential(model, targets, config, ctx, gptq_tune_hooks(config))
+    pairs = ScaledPairs()
+    model = run_sequential(model, targets, config, ctx, gptq_tune_hooks(config, pairs))
+    if config.awq:
+        ctx.notes.extend(pairs.notes("gptq_tune (awq)"))
+    return model

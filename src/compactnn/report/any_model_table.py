@@ -1,0 +1,161 @@
+"""The tables and text of a report for any model (:mod:`compactnn.report.any_model`): one row
+per measured model, and how each column was measured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compactnn.report.document import Block
+from compactnn.report.plot import METRIC_LABELS
+from compactnn.report.scoring import QUALITY_HEADERS, delta_cell, quality_cell
+from compactnn.report.writer import (
+    SUSPECT_FOOTNOTE,
+    _mib,
+    any_suspect,
+    module_order,
+    resident_cell,
+    suspect_mark,
+)
+
+SIMULATED = "simulated"
+RESIDENT = "resident memory (delivered form, fresh process)"
+HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
+          "speedup vs fastest float", RESIDENT]  # fmt: skip
+
+
+def header(results: dict[str, Any]) -> list[str]:
+    """``HEADER``, its quality column named after an unlabelled metric (perplexity: lower is
+    better; output cosine)."""
+    return [QUALITY_HEADERS.get(results.get("metric"), c) if c == "quality" else c for c in HEADER]
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per measured model, in the order of ``HEADER`` (:func:`header`); a latency
+    whose timing looked inflated, and a speedup computed from one (the row's or the float
+    row's), ends in ``" *"`` (:data:`compactnn.report.writer.SUSPECT_FOOTNOTE`).
+
+    Example:
+        >>> table_rows(results)[0][:2]  # doctest: +SKIP
+        ['float', 'fp32 eager']
+    """
+    out, base = [], results["rows"][0]["quality"] if results["rows"] else None
+    float_latency = results["rows"][0]["latency"] if results["rows"] else None
+    for r in results["rows"]:
+        lat = r["latency"]
+        latency = f"{lat['median_s'] * 1e3:.2f} ms"
+        if lat["median_s"] and (lat["max_s"] - lat["min_s"]) / lat["median_s"] > 0.10:
+            latency += f" ({lat['min_s'] * 1e3:.2f}-{lat['max_s'] * 1e3:.2f})"
+        speedup = (
+            SIMULATED
+            if r["speedup"] is None
+            else f"{r['speedup']:.2f}x" + suspect_mark(lat, float_latency)
+        )
+        out.append([
+            r["label"], r["runs_as"], quality_cell(r["metric"], r["quality"]),
+            delta_cell(r["metric"], r["quality"], base), _mib(r["size_bytes"]),
+            f"{r['size_ratio']:.2f}x", latency + suspect_mark(lat), speedup, resident_cell(r),
+        ])  # fmt: skip
+    return out
+
+
+def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
+    env = results["environment"]
+    notes = [f"{r['label']}: {note}" for r in results["rows"] for note in r["notes"]]
+    kept = [
+        f"{r['label']}: `{layer}` ({r['float_layers'][layer]})"
+        for r in results["rows"]
+        for layer in sorted(r.get("float_layers", {}), key=module_order)
+    ]
+    how = [
+        _quality_text(results),
+        "Size: bytes on disk of each artifact directory; the float row is the float model "
+        "saved in the same format.",
+        f"Latency: median of at least {env['runs']} runs after warm-up, "
+        f"{env['threads']} torch threads, "
+        f"OMP_WAIT_POLICY={env.get('omp_wait_policy', 'unset')}, one batch of "
+        f"{results['latency_batch']} samples, every model in its own block of calls after a "
+        "pause, three rounds in rotating order (min-max shown when runs spread more than 10%).",
+        f"Runs as: the float row is the fastest float path of the same run "
+        f"({_paths_text(results.get('float_paths'))}), and every speedup is over it; "
+        f"`{SIMULATED}` is the compressed model as compactnn simulates it (float kernels on "
+        "dequantized weights: smaller on disk, not faster, so no speedup is claimed); an "
+        "int8 runtime name (`oneDNN int8`, `ONNX Runtime int8`) is the artifact lowered to "
+        "integer kernels by compactnn.deploy and verified against the simulation; `kernels "
+        "bfloat16` is a transformer on compactnn.to_kernels' low-bit kernels; a float "
+        "runtime name on a compressed row is a pruned model with nothing simulated in it, "
+        "run as itself on the fastest of its own float paths (its notes list them).",
+        _memory_text(results),
+    ]
+    suspect = [
+        f"{r['label']}: {why}" for r in results["rows"] for why in r["latency"].get("suspect", [])
+    ]
+    if any_suspect(results["rows"]):
+        how.append(SUSPECT_FOOTNOTE)
+    blocks: list[Block] = [
+        ("h1", title),
+        ("p", f"compactnn {env['compactnn']}, torch {env['torch']}, Python {env['python']}, "
+              f"{env['machine']}, {env['threads']} torch threads, {env['date']}."),
+        ("h2", "Results"),
+        ("table", (header(results), table_rows(results))),
+        ("img", ("quality vs size and latency", png, "pareto.png")),
+        ("h2", "How this was measured"),
+        ("list", how),
+    ]  # fmt: skip
+    if suspect:
+        blocks += [("h2", "Latencies that may be inflated (noisy machine)"), ("list", suspect)]
+    if kept:
+        blocks += [("h2", "Layers with float weights (kept in float, or pruned only)")]
+        blocks += [("list", kept)]
+    if notes:
+        blocks += [("h2", "Notes"), ("list", notes)]
+    return blocks
+
+
+def _quality_text(results: dict[str, Any]) -> str:
+    """How quality was scored, and which way is better."""
+    metric, n = results["metric"], results["samples"]
+    if metric == "perplexity":
+        return (
+            f"Quality: next-token perplexity (exp of the mean cross-entropy of each next token; "
+            f"lower is better) over the {results['scored_tokens']} predicted tokens of the {n} "
+            "sequences given (padding, and tokens predicted from padding, left out); vs float: "
+            "the difference from the float model's (positive is worse) and the ratio to it."
+        )
+    if metric == "cosine" and not results.get("labelled", True):
+        return (
+            f"Quality: mean cosine similarity of each sample's outputs (flattened) with the "
+            f"float model's, on the {n} unlabelled samples given (1 is identical; higher is "
+            "better)."
+        )
+    return f"Quality: {METRIC_LABELS.get(metric, metric)} on the {n} labelled samples given."
+
+
+def _memory_text(results: dict[str, Any]) -> str:
+    """What the resident memory column measured (or that it was not measured)."""
+    seconds = results["environment"].get("memory_s")
+    if seconds is None:
+        return "Resident memory: not measured (`--no-memory`, or `memory=False` in Python)."
+    return (
+        "Resident memory: resident MiB of the delivered form, fresh process: what the row's "
+        "model, in the form its latency was timed (the float row on the float path that won, "
+        "an int8 row as `compactnn.deploy` on the row's backend, a transformer row as "
+        "`compactnn.load(artifact, kernels=True)`, a pruned float row on its float path, a "
+        "simulated row as the simulated model), adds to the RSS of a fresh Python process once "
+        "built from the saved artifact and run on the latency batch (heap trimmed; "
+        "`compactnn.measure.memory.resident_memory`), with its anonymous part (heap and "
+        "tensors). The batch, the float skeleton and the libraries are loaded before the first "
+        f"reading, for every row alike, so they do not count. {results['environment']['threads']}"
+        f" threads; {seconds:.0f} s for all rows."
+    )
+
+
+def _paths_text(paths: dict[str, Any] | None) -> str:
+    if not paths:
+        return "fp32 eager"
+    times = ", ".join(
+        f"{k} {v['median_s'] * 1e3:.2f} ms"
+        for k, v in paths["timings"].items()
+        if k in paths["errors"]
+    )
+    skipped = "; ".join(f"{k} skipped: {v}" for k, v in paths["skipped"].items())
+    return f"{paths['winner']} won: {times}" + (f"; {skipped}" if skipped else "")

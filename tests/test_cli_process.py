@@ -1,0 +1,129 @@
+"""The process around a command: a passive OpenMP wait policy (re-exec), progress bars and
+Ctrl-C, Hugging Face's own bars, a reader that closes the pipe early."""
+
+from __future__ import annotations
+
+import pytest
+
+from compactnn import cli
+from compactnn.cli import main
+from tests._cli import run_cli
+
+
+def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
+    """libgomp reads OMP_WAIT_POLICY when torch loads it: the command re-executes itself once
+    with PASSIVE set, unless the user chose a policy (issue 13: 6-23x swings)."""
+    import sys
+
+    from compactnn import cli
+    from compactnn.measure import timing
+
+    execs = []
+
+    def fake_execv(path, argv):
+        execs.append((path, argv, timing.os.environ.get("OMP_WAIT_POLICY")))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(timing.os, "execv", fake_execv)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv(timing.REEXEC_MARK, raising=False)
+    monkeypatch.setattr(sys, "argv", ["compactnn", "eval", "no-such-artifact"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert execs == [
+        (sys.executable, [sys.executable, "-m", "compactnn.cli", "eval", "no-such-artifact"],
+         "PASSIVE")
+    ]  # fmt: skip
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice: kept, no re-exec
+    monkeypatch.setattr(sys, "argv", ["compactnn", "recipes"])
+    assert cli.main() == 0 and len(execs) == 1
+
+
+def _rendered_lines(text: str) -> list[str]:
+    """``text`` as a terminal shows it: a carriage return goes back to the start of the
+    line and later characters overwrite earlier ones."""
+    lines = []
+    for raw in text.split("\n"):
+        shown: list[str] = []
+        col = 0
+        for part in raw.split("\r"):
+            shown[col : col + len(part)] = part  # overwrite from column 0
+            col = 0
+        lines.append("".join(shown).rstrip())
+    return lines
+
+
+@pytest.mark.parametrize("leave", [False, True])
+def test_ctrl_c_during_a_progress_bar_prints_interrupted_on_its_own_line(
+    monkeypatch, capsys, leave
+):
+    from tqdm.auto import tqdm
+
+    from compactnn.commands import recipes
+
+    def run(args):
+        bar = tqdm(total=10, desc="epoch 1/3", leave=leave)  # kept open, as a training loop's
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "run", run)
+    code, _out, err = run_cli(capsys, "recipes")
+    assert code == 130
+    shown = [line for line in _rendered_lines(err) if line]
+    assert shown[-1] == "interrupted", repr(err)  # alone on its line, and nothing after it
+
+
+def test_no_progress_hides_hugging_faces_own_bars(monkeypatch, capsys):
+    """A reference transformer (minilm) printed transformers' "Loading weights" bar under
+    --no-progress: only a Hugging Face directory switched it off."""
+    import compactnn.cli as cli_module
+
+    calls = []
+    monkeypatch.setattr(cli_module, "hide_hf_progress", lambda: calls.append(1))
+    main(["compress", "no-such-model", "-r", "w8", "-o", "x", "--no-progress"])
+    assert calls == [1]
+    main(["compress", "no-such-model", "-r", "w8", "-o", "x"])
+    assert calls == [1]  # bars stay without the option
+    capsys.readouterr()
+    pytest.importorskip("transformers")
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from compactnn.commands._common import hide_hf_progress
+
+    try:
+        hide_hf_progress()
+        assert are_progress_bars_disabled() and not hf_logging.is_progress_bar_enabled()
+    finally:
+        enable_progress_bars()
+        hf_logging.enable_progress_bar()
+
+
+def test_every_command_that_computes_runs_with_a_passive_openmp_policy():
+    """A new command is not forgotten: spinning OpenMP threads made compress 6x slower on a
+    loaded machine, not only the timings."""
+    names = set(cli.build_parser()._subparsers._group_actions[0].choices)
+    assert names - cli.PASSIVE_COMMANDS == {"recipes"}  # lists names, computes nothing
+    assert cli.PASSIVE_COMMANDS <= names
+
+
+def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path):
+    """`compactnn compress ... | head -1`: printing into the closed pipe ends quietly."""
+    import subprocess
+    import sys
+
+    code = (
+        "import compactnn.cli as c, sys\n"
+        "def run(args):\n"
+        "    for i in range(100000): print('line', i)\n"
+        "    return 0\n"
+        "c.build_parser = (lambda b: lambda: (p := b(), p._subparsers._group_actions[0]"
+        ".choices['recipes'].set_defaults(_run=run), p)[2])(c.build_parser)\n"
+        "sys.exit(c.main(['recipes']))\n"
+    )
+    proc = subprocess.run(
+        f"{sys.executable} -c \"{code}\" | head -1",
+        shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout == "line 0\n"
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
