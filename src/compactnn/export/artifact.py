@@ -28,10 +28,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save as save_bytes
-from torch import fx, nn
-from torch.nn.utils import parametrize
+from torch import nn
 
-from compactnn import registry
 from compactnn.core.packing import pack_codes
 from compactnn.core.qembedding import QuantEmbedding, is_tied_to
 from compactnn.core.qlayers import (
@@ -57,6 +55,7 @@ from compactnn.export.rebuild import (
     SHARED_KEY,
     TIED_KEY,
 )
+from compactnn.export.save_checks import refuse_unsaveable, unprintable
 from compactnn.export.sparse import sparsify
 from compactnn.export.validate import FORMAT_VERSION, HEADER, MAX_HEADER_BYTES
 
@@ -355,100 +354,6 @@ def header_body(
         ) from exc
 
 
-def _refuse_kernel_model(model: nn.Module) -> None:
-    """A ``to_kernels`` model holds kernel layers, which no artifact stores: refuse it before
-    anything is written."""
-    from compactnn.kernels.swap import KERNEL_TYPES
-
-    found = [name for name, m in model.named_modules() if isinstance(m, KERNEL_TYPES)]
-    if found:
-        raise CompactnnError(
-            f"cannot save a model that runs on compactnn kernels (e.g. {name_list(found, 3)}): "
-            "save the compressed model q itself (compactnn.save(q, dir)), then run it on "
-            "kernels with compactnn.load(dir, kernels=True)."
-        )
-
-
-def _refuse_parametrized(model: nn.Module) -> None:
-    """A layer that still carries ``torch.nn.utils.parametrize`` parametrizations (pruning
-    masks of a ``GradualPruner`` / ``DNSPruner`` not yet finished) holds its tensor as
-    ``parametrizations.weight.original`` plus a mask, which no skeleton has: refuse it before
-    anything is written, naming the layers and the call that bakes the masks."""
-    found = [
-        f"{name}.{tensor}" if name else tensor
-        for name, m in model.named_modules()
-        if parametrize.is_parametrized(m)
-        for tensor in m.parametrizations
-    ]
-    if found:
-        raise CompactnnError(
-            f"cannot save: {name_list(found, 3)} still carry parametrizations (pruning masks "
-            "attached while training, e.g. by GradualPruner or DNSPruner): call "
-            "pruner.finish() first, which bakes the masks into plain weights with exact "
-            "zeros (or compactnn.prune.masks.bake_masks(model)); other parametrizations: "
-            "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')."
-        )
-
-
-def _hookless_method_modules(model: nn.Module) -> dict[str, str]:
-    """Python module -> method name, for the third-party methods of ``model``'s recipe whose
-    module registers no artifact hook (their layers cannot be rebuilt by ``load``)."""
-    recipe = info_of(model).get("recipe")
-    hooked = {h.__module__ for hooks in registry.ARTIFACT_HOOKS.values() for h in hooks}
-    out: dict[str, str] = {}
-    for step in getattr(recipe, "steps", ()):
-        entry = registry.METHODS.get(step.method)
-        where = getattr(getattr(entry, "handler", None), "__module__", None) or ""
-        if where and where.split(".")[0] != "compactnn" and where not in hooked:
-            out.setdefault(where, step.method)
-    return out
-
-
-def _refuse_unrebuildable(model: nn.Module) -> None:
-    """``load`` rebuilds the float skeleton's own modules, compactnn's layers and what
-    artifact hooks make. A module whose class a third-party method defines (in its handler's
-    Python module) without registering an artifact hook there would come back as the
-    skeleton's module (other outputs, silently) or not load at all: refuse it before
-    anything is written, naming the layer, its class and the method. Classes of the Python
-    module that defines the model's own class are taken for the skeleton's (a script that
-    defines both the model and the method cannot be told apart)."""
-    methods = _hookless_method_modules(model)
-    methods.pop(type(model).__module__, None)
-    if not methods:
-        return
-    for name, m in model.named_modules():
-        cls = type(m)
-        if cls.__module__ in methods:
-            raise CompactnnError(
-                f"cannot save: {name or 'the model'!r} is a {cls.__qualname__}, a class of "
-                f"method {methods[cls.__module__]!r} ({cls.__module__}), which load cannot "
-                "rebuild: load gives back the float skeleton's modules and compactnn's "
-                "quantized layers only. Keep the skeleton's module classes in the method, or "
-                "register an artifact hook that rebuilds it "
-                "(compactnn.registry.register_artifact_hook; docs/architecture.md, "
-                "'Artifact hooks')."
-            )
-
-
-def _refuse_residual_graph(model: nn.Module) -> None:
-    """A ``quantize_residuals`` model is a ``torch.fx`` graph with quantizers no float model
-    has, so no skeleton rebuilds it: refuse it before anything is written. (Other fx graphs,
-    e.g. a ``.pt2`` model lifted by ``compactnn.model_io``, load on the same kind of graph.)"""
-    found = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, fx.GraphModule) and getattr(m, "residual_grids", None) is not None
-    ]
-    if found:
-        where = "" if found == [""] else f" (its {name_list(found, 3)})"
-        raise CompactnnError(
-            f"cannot save a model from quantize_residuals{where}: it is a "
-            "torch.fx graph with quantizers inserted, which no float skeleton has, so the "
-            "artifact could never be loaded. Save the compressed model instead "
-            "(compactnn.save(qmodel, path)) and call quantize_residuals again after loading it."
-        )
-
-
 def _companions_named(body: dict[str, Any]) -> set[str]:
     """The :data:`COMPANIONS` a header names (a deployment record's ``example.file``)."""
     record = body["extra"].get("deployment")
@@ -496,15 +401,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
         raise CompactnnError(f"save takes a torch.nn.Module, got {type(model).__name__}.")
     if (why := getattr(model, "not_saveable", None)) is not None:  # e.g. a deployed model
         raise CompactnnError(f"cannot save this model as an artifact: {why}")
-    _refuse_residual_graph(model)
-    _refuse_kernel_model(model)
-    _refuse_parametrized(model)
-    _refuse_unrebuildable(model)
+    refuse_unsaveable(model)  # before anything is written
     out = check_writable(path, force, what="path")
     info = info_of(model)
     tensors, layers, aliases, emb_extra = pack_model(model)
     tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse
     body = header_body(model, layers, aliases, sparse_index, emb_extra)
+    validate.check_printable(body, fail=unprintable)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     writers = {"tensors": lambda p: write_tensors(tensors, p)}
     if (recipe := info.get("recipe")) is not None:

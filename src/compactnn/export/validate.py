@@ -190,12 +190,14 @@ def control_char(text: str, *, newline: bool = False) -> str | None:
     return None if found is None else f"U+{ord(found.group()):04X}"
 
 
-def check_printable(header: dict[str, Any]) -> None:
+def check_printable(header: dict[str, Any], fail: Any = None) -> None:
     """No string of the header (key or value, at any depth) holds a control character.
 
     ``load`` and the commands print these strings; an escape sequence would drive the user's
-    terminal. Only the notes (``extra.notes``) may hold newlines.
+    terminal. Only the notes (``extra.notes``) may hold newlines. ``fail(where, problem)``
+    makes the error (default :func:`bad`: a damaged artifact; ``save`` names the user's input).
     """
+    bad = fail or globals()["bad"]
     stack: list[tuple[str, Any]] = [("", header)]
     while stack:
         where, value = stack.pop()
