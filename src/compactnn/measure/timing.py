@@ -212,6 +212,16 @@ def check_environment(load: float | None = None) -> str | None:
     return message
 
 
+def timing_suspect(*latencies: dict[str, Any] | None) -> bool:
+    """Whether any of these ``Timing.to_dict()`` records carries suspect reasons.
+
+    Example:
+        >>> timing_suspect({"suspect": []}, {"suspect": ["runs spread 60%"]}), timing_suspect(None)
+        (True, False)
+    """
+    return any(bool((t or {}).get("suspect")) for t in latencies)
+
+
 def _warn_suspect(t: Timing, label: str) -> None:
     for reason in suspect_reasons(t):
         _warn_once(

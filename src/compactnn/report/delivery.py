@@ -29,7 +29,7 @@ from torch import nn
 import compactnn
 from compactnn.errors import first_line
 from compactnn.measure.float_paths import fastest_float_form, is_plain_float, is_plain_module
-from compactnn.measure.timing import DEFAULT_THREADS
+from compactnn.measure.timing import DEFAULT_THREADS, timing_suspect  # noqa: F401 (re-exported)
 
 __all__ = [
     "SIMULATED",
@@ -135,16 +135,6 @@ def slower_note(float_s: float, row_s: float, *, suspect: bool = False) -> str |
             "on a quieter machine before choosing"
         )
     return head + "the float model is the faster way to run this"
-
-
-def timing_suspect(*latencies: dict[str, Any] | None) -> bool:
-    """Whether any of these ``Timing.to_dict()`` records carries suspect reasons.
-
-    Example:
-        >>> timing_suspect({"suspect": []}, {"suspect": ["runs spread 60%"]}), timing_suspect(None)
-        (True, False)
-    """
-    return any(bool((t or {}).get("suspect")) for t in latencies)
 
 
 UNTRAINED = "calibrated only, not trained"

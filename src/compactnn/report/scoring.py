@@ -29,6 +29,7 @@ from compactnn.core.tokens import check_token_ids
 from compactnn.errors import CompactnnError, first_line
 from compactnn.measure import evaluate, fmt_quality, output_fidelity
 from compactnn.measure.perplexity import is_causal_lm, nll_totals
+from compactnn.measure.timing import timing_suspect
 from compactnn.training.data import as_eval_data, keyword_split, labelled_keys
 
 Metric = str | Callable[[torch.Tensor, torch.Tensor], float]  # as compactnn.evaluate
@@ -219,7 +220,7 @@ def latency_suspect(row: dict[str, Any]) -> bool:
         >>> latency_suspect({"latency": {"suspect": ["busy"]}}), latency_suspect({"latency": {}})
         (True, False)
     """
-    return bool((row.get("latency") or {}).get("suspect"))
+    return timing_suspect(row.get("latency"))
 
 
 def front_mask(rows: list[dict[str, Any]], panel: str, costs: list[float]) -> list[bool]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from compactnn.export.fs import atomic_write, atomic_write_text
 from compactnn.measure.fidelity import fmt_quality
+from compactnn.measure.timing import timing_suspect
 from compactnn.report.document import Block, to_html, to_markdown
 from compactnn.report.plot import METRIC_LABELS, pareto_png
 
@@ -59,7 +60,7 @@ def suspect_mark(*latencies: dict[str, Any] | None) -> str:
         >>> suspect_mark({"suspect": []}), suspect_mark({"suspect": []}, {"suspect": ["busy"]})
         ('', ' *')
     """
-    return SUSPECT_MARK if any((t or {}).get("suspect") for t in latencies) else ""
+    return SUSPECT_MARK if timing_suspect(*latencies) else ""
 
 
 def _latency_cell(lat: dict[str, Any]) -> str:
@@ -98,7 +99,7 @@ def _speedup_cell(r: dict[str, Any], base: dict[str, Any] | None = None) -> str:
 
 def any_suspect(rows: list[dict[str, Any]]) -> bool:
     """Whether a row's latency looked inflated (its cells then carry :data:`SUSPECT_MARK`)."""
-    return any(suspect_mark(r.get("latency")) for r in rows)
+    return timing_suspect(*(r.get("latency") for r in rows))
 
 
 def summary_rows(results: dict[str, Any]) -> list[list[str]]:
