@@ -38,6 +38,7 @@ from compactnn.errors import CompactnnError, name_list
 from compactnn.export.artifact import info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
+from compactnn.export.save_checks import module_classes, note_new_classes
 from compactnn.float_layers import out_width, report_float_layers, warn_float_bytes
 from compactnn.kernels.load import meta_copy
 from compactnn.prune.channel import ChannelConfig
@@ -177,6 +178,11 @@ def _compress(
     _split_attention(qmodel, recipe, ctx)
     check_layers_found(qmodel, recipe)
     widths = {n: out_width(m) for n, m in weight_layers(qmodel).items()}  # before any pruning
+    # the skeleton's module classes, before any handler runs; then the classes each plugin's
+    # step adds (save refuses those no artifact hook rebuilds: save_checks)
+    float_classes = frozenset(previous.get("float_classes") or module_classes(qmodel))
+    made_by = dict(previous.get("made_by", {}))
+    known = set(float_classes) | set(made_by)
     for step in recipe.steps:
         entry = registry.get_method(step.method)
         targets = select_modules(qmodel, step.targets)
@@ -186,6 +192,7 @@ def _compress(
             targets = quantize_embeddings(qmodel, targets, step.targets, step.config, ctx)
         heads = [q for q in _uncalibrated(qmodel) if id(q) not in {id(b) for b in before}]
         qmodel = _handler_result(entry.handler(qmodel, targets, step.config, ctx), step.method)
+        note_new_classes(qmodel, known, made_by, entry)
         if any(not q.calibrated for q in heads):  # a tied head's input grid, if still unset
             calibrate_activations(qmodel, ctx)
     qmodel.eval()  # the layers and quantizers the methods made start in training mode
@@ -200,6 +207,8 @@ def _compress(
         "notes": ctx.notes,
         "extra": ctx.extra,
         "measured": ctx.measured,  # this run's measurements (peak memory); not saved
+        "float_classes": float_classes,  # not saved: for save's checks (save_checks)
+        "made_by": made_by,  # class -> plugin method that put it in; not saved
     }
     return install_save_pretrained(qmodel)  # HF models: never a dequantized float folder
 

@@ -80,7 +80,9 @@ class Step:
                 f"got {data.get('method')!r}."
             )
         entry = registry.get_method(data["method"])
-        registry.check_config_version(entry, data.get("version", 1))  # absent: version 1
+        version = data.get("version", 1)  # absent: version 1
+        registry.check_config_version(entry, version)
+        registry.check_field_names(entry, version, data.get("config"), f"{where}.config")
         config = entry.config_cls.from_dict(data.get("config"), where=f"{where}.config")
         return cls(data["method"], config, Targets.from_dict(data.get("targets")))
 

@@ -265,8 +265,16 @@ def method_for_config(config: Any) -> MethodEntry:
     return entry
 
 
+def plugin_module(entry: MethodEntry) -> str | None:
+    """The Python module outside compactnn that defines ``entry``'s handler (a plugin's), or
+    ``None`` for compactnn's own methods."""
+    where = getattr(entry.handler, "__module__", None) or ""
+    return where if where and where.split(".")[0] != "compactnn" else None
+
+
 def check_config_version(entry: MethodEntry, version: Any) -> None:
-    """Refuse a saved config whose format ``version`` this compactnn cannot read.
+    """Refuse a saved config whose format ``version`` this compactnn (or, for a plugin's
+    method, this version of the plugin) cannot read.
 
     Args:
         entry: the method the saved config belongs to.
@@ -274,15 +282,44 @@ def check_config_version(entry: MethodEntry, version: Any) -> None:
 
     Raises:
         CompactnnError: ``version`` is not a positive integer or is newer than
-            ``entry.version``.
+            ``entry.version``; for a plugin's method the message names the plugin's module,
+            the one to upgrade.
     """
+    plugin = plugin_module(entry)
+    reader = f"the plugin {plugin!r} defining it" if plugin else "this compactnn"
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CompactnnError(
             f"method {entry.name!r}: config version {version!r} must be a positive integer "
-            f"(this compactnn writes version {entry.version})."
+            f"({reader} writes version {entry.version})."
         )
     if version > entry.version:
+        fix = (
+            f"upgrade the plugin {plugin!r} (not compactnn) to load it"
+            if plugin
+            else "upgrade compactnn to load it"
+        )
         raise CompactnnError(
             f"method {entry.name!r}: the recipe's config version {version} is newer than "
-            f"this compactnn reads (up to {entry.version}); upgrade compactnn to load it."
+            f"{reader} reads (up to {entry.version}); {fix}."
+        )
+
+
+def check_field_names(entry: MethodEntry, version: int, config: Any, where: str) -> None:
+    """Refuse an earlier field name (a key of the config class's ``renamed_fields``) in a
+    config that says it is at the current ``version``: earlier names are migrated only for
+    recipes of earlier versions (the config class then reads them under their new names).
+
+    Raises:
+        CompactnnError: naming the earlier name, its current name and the version.
+    """
+    renamed = getattr(entry.config_cls, "renamed_fields", None) or {}
+    if version != entry.version or not isinstance(config, dict) or not renamed:
+        return
+    old = next((k for k in config if k in renamed), None)
+    if old is not None:
+        raise CompactnnError(
+            f"{where}: {old!r} is the earlier name of {renamed[old]!r} (method "
+            f"{entry.name!r}); this step says it is at the current config version "
+            f"{entry.version}, which reads only {renamed[old]!r}: write {renamed[old]!r} "
+            "(an earlier name is migrated only for a step of an earlier version)."
         )

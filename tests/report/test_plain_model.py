@@ -71,7 +71,7 @@ def test_a_user_class_is_rebuilt_only_from_the_model_the_user_named(tmp_path, mo
     save_file(own.state_dict(), tmp_path / "w.safetensors")
     source = {"model": "f3_factory:make", "weights": str(tmp_path / "w.safetensors")}
     model_path, _ = save_inputs(tmp_path / "b", own, torch.ones(2, 4), source)
-    rebuilt = rebuild_float(model_path)
+    rebuilt = rebuild_float(model_path, source)  # the parent's source, not the record's
     x = torch.randn(5, 4)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), own(x))

@@ -70,14 +70,66 @@ def _hookless_method_modules(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def module_classes(model: nn.Module) -> set[type]:
+    """The classes of ``model``'s modules (itself included, at any depth)."""
+    return {type(m) for m in model.modules()}
+
+
+def note_new_classes(
+    model: nn.Module, known: set[type], made_by: dict[type, str], entry: registry.MethodEntry
+) -> None:
+    """After ``entry``'s handler ran on ``model``: record in ``made_by`` each module class
+    not in ``known`` as made by that method when it is a third-party one (compress's record
+    for :func:`refuse_unsaveable`); every new class becomes known."""
+    new = module_classes(model) - known
+    known |= new
+    if registry.plugin_module(entry) is not None:
+        made_by.update(dict.fromkeys(new, entry.name))
+
+
+def _hooked_packages() -> set[str]:
+    """Top-level packages of the Python modules that register artifact hooks."""
+    return {h.__module__.split(".")[0] for hooks in registry.ARTIFACT_HOOKS.values() for h in hooks}
+
+
+def _refuse_made_classes(model: nn.Module, made_by: dict[type, str]) -> None:
+    """Refuse a module whose class a third-party method put in the model (compress's
+    record, at any depth: inside ``nn.Sequential`` too) when no artifact hook of its package
+    or of the method's rebuilds it, and the class is neither compactnn's nor torch's."""
+    hooked = _hooked_packages()
+    for name, m in model.named_modules():
+        cls = type(m)
+        method = made_by.get(cls)
+        if method is None or cls.__module__.split(".")[0] in {"compactnn", "torch", *hooked}:
+            continue
+        entry = registry.METHODS.get(method)
+        where = (registry.plugin_module(entry) if entry is not None else None) or "?"
+        if where.split(".")[0] in hooked:
+            continue
+        raise CompactnnError(
+            f"cannot save: {name or 'the model'!r} is a {cls.__qualname__} "
+            f"({cls.__module__}), a class method {method!r} ({where}) put in the model, "
+            "which load cannot rebuild: load gives back the float skeleton's modules and "
+            "compactnn's quantized layers only. Keep the skeleton's module classes in the "
+            "method, or register an artifact hook that rebuilds it "
+            "(compactnn.registry.register_artifact_hook; docs/architecture.md, "
+            "'Artifact hooks')."
+        )
+
+
 def _refuse_unrebuildable(model: nn.Module) -> None:
     """``load`` rebuilds the float skeleton's own modules, compactnn's layers and what
-    artifact hooks make. A module whose class a third-party method defines (in its handler's
-    Python module) without registering an artifact hook there would come back as the
-    skeleton's module (other outputs, silently) or not load at all: refuse it before
-    anything is written, naming the layer, its class and the method. Classes of the Python
-    module that defines the model's own class are taken for the skeleton's (a script that
-    defines both the model and the method cannot be told apart)."""
+    artifact hooks make. A module whose class a third-party method put in the model without
+    an artifact hook that rebuilds it would come back as the skeleton's module (other
+    outputs, silently) or not load at all: refuse it before anything is written, naming the
+    layer, its class and the method. ``compress`` records the skeleton's classes before any
+    handler runs and which classes each step added (``made_by``); a model without that
+    record (made some other way) is checked by the classes of each handler's Python module,
+    those of the module defining the model's own class taken for the skeleton's."""
+    made_by = (getattr(model, "_compactnn", {}) or {}).get("made_by")
+    if isinstance(made_by, dict):
+        _refuse_made_classes(model, made_by)
+        return
     methods = _hookless_method_modules(model)
     methods.pop(type(model).__module__, None)
     if not methods:

@@ -338,7 +338,7 @@ def _memory(
                 row["notes"].append(f"resident memory not measured: {first_line(exc, 300)}")
                 continue
             artifact = str(Path(row.get("artifact", ".")).resolve())
-            pairs.append((row, resident.job(artifact, *how, inputs)))
+            pairs.append((row, resident.job(artifact, *how, inputs, source)))
         resident.measure_rows(pairs, threads)
 
 

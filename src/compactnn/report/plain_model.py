@@ -223,7 +223,9 @@ def float_record(
     * ``"hf"``: a Hugging Face architecture ``compactnn.load`` rebuilds from a header, then
       its state;
     * ``"source"``: ``source`` (``{"model", "weights", "trust_pickle"}``: the MODEL the user
-      named, as :func:`compactnn.model_io.resolve_model` takes it), then its state.
+      named, as :func:`compactnn.model_io.resolve_model` takes it), then its state. The
+      record keeps only ``model`` and ``weights`` (for the reader): the child rebuilds from
+      the ``source`` its parent passes it (:func:`rebuild_float`), never from the file.
 
     Raises:
         ValueError: no route fits (why, per route).
@@ -241,7 +243,7 @@ def float_record(
     why.append(f"not a Hugging Face architecture compactnn rebuilds ({type(model).__name__})")
     if source and source.get("model"):
         tensors, aliases = _state(model)
-        keep = {k: source.get(k) for k in ("model", "weights", "trust_pickle")}
+        keep = {k: source.get(k) for k in ("model", "weights")}
         return {"route": "source", "source": keep, "aliases": aliases}, tensors
     raise ValueError(
         "the float model cannot be rebuilt in a fresh process without unpickling: "
@@ -250,11 +252,17 @@ def float_record(
     )
 
 
-def rebuild_float(path: str) -> nn.Module:
+def rebuild_float(path: str, source: dict[str, Any] | None = None) -> nn.Module:
     """The float model :func:`~compactnn.report.resident.save_inputs` saved in ``path`` (a
     safetensors file whose metadata is a :func:`float_record`), in eval mode. Nothing of
-    ``path`` is unpickled; only a ``.pt`` MODEL the user named with ``trust_pickle`` is, as
-    the parent loaded it."""
+    ``path`` is unpickled. The ``"source"`` route rebuilds the MODEL named by ``source``, the
+    parent's own argument (``{"model", "weights", "trust_pickle"}``), never by the record: a
+    file in the shared folder grants no trust and names no code to run; only a ``.pt`` MODEL
+    the parent passed with ``trust_pickle`` is unpickled, as the parent loaded it.
+
+    Raises:
+        ValueError: an unknown route, or the ``"source"`` route without ``source``.
+    """
     import json
 
     from safetensors import safe_open
@@ -273,10 +281,15 @@ def rebuild_float(path: str) -> nn.Module:
     elif record["route"] == "source":
         from compactnn.model_io import resolve_model
 
+        if not source or not source.get("model"):
+            raise ValueError(
+                f"{path!r} is rebuilt from the MODEL the user named, which the parent did not "
+                "pass (source=)"
+            )
         model = resolve_model(
-            record["source"]["model"],
-            weights=record["source"].get("weights"),
-            trust_pickle=bool(record["source"].get("trust_pickle")),
+            source["model"],
+            weights=source.get("weights"),
+            trust_pickle=source.get("trust_pickle") is True,
         ).model
     else:
         raise ValueError(f"unknown rebuild route {record['route']!r} in {path!r}")

@@ -122,13 +122,16 @@ def float_form(model: nn.Module, path: str, example: Any, threads: int | None) -
     raise ValueError(f"unknown float path {path!r}")
 
 
-def setup(batch_path: str, skeleton_path: str | None = None) -> dict[str, Any]:
+def setup(
+    batch_path: str, skeleton_path: str | None = None, source: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What a builder needs that is not the model, loaded before the first reading: the
     input batch and the float skeleton
-    (:func:`~compactnn.report.plain_model.rebuild_float`), both from safetensors."""
-    context = {"batch": load_batch(batch_path)}
+    (:func:`~compactnn.report.plain_model.rebuild_float`), both from safetensors. ``source``:
+    the MODEL the user named, from the parent's arguments (:func:`job`), never from a file."""
+    context = {"batch": load_batch(batch_path), "source": source}
     if skeleton_path is not None:
-        context["skeleton"] = rebuild_float(skeleton_path)
+        context["skeleton"] = rebuild_float(skeleton_path, source)
     return context
 
 
@@ -146,7 +149,7 @@ def build(
 
     batch = context["batch"]
     if delivery == "float":
-        model = rebuild_float(artifact)
+        model = rebuild_float(artifact, context.get("source"))
         return partial(call_model, float_form(model, detail, batch, threads), batch)
     if delivery == "kernels":
         fast = compactnn.load(artifact, context.get("skeleton"), kernels=True)
@@ -184,18 +187,33 @@ def save_inputs(
     return str(model_path), str(batch_path)
 
 
-def job(artifact: str, delivery: str, detail: str | None, inputs: tuple) -> dict[str, Any]:
+def job(
+    artifact: str,
+    delivery: str,
+    detail: str | None,
+    inputs: tuple,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The child's arguments: ``artifact`` (the saved float model for ``"float"``), how it is
-    delivered (:func:`memory_job`) and the ``inputs`` :func:`save_inputs` saved."""
+    delivered (:func:`memory_job`), the ``inputs`` :func:`save_inputs` saved and ``source``
+    (the MODEL the user named, with its ``trust_pickle``: passed on the child's command
+    line, as the files in the folder grant no trust)."""
     model_path, batch_path = inputs
     floating = delivery == "float"
-    return {
+    fields = {
         "artifact": model_path if floating else artifact,
         "delivery": delivery,
         "detail": detail,
         "batch": batch_path,
         "skeleton": None if floating else model_path,
     }
+    if source:
+        fields["source"] = {
+            "model": source.get("model"),
+            "weights": source.get("weights"),
+            "trust_pickle": source.get("trust_pickle") is True,
+        }
+    return fields
 
 
 def row_job(
@@ -211,6 +229,7 @@ def measure_job(job: dict[str, Any], threads: int) -> tuple[dict[str, int], str 
     """Measure one row's job (:func:`row_job`) in a fresh process; returns ``(fields,
     note)``: the fields for the row (``resident_bytes``: RSS added; ``resident_anon_bytes``:
     its anonymous part), or ``({}, note)`` saying why it was not measured."""
+    source = [job["source"]] if job.get("source") else []  # the parent's, on the command line
     try:
         mem = memory.resident_memory(
             f"{HERE}:build",
@@ -218,7 +237,7 @@ def measure_job(job: dict[str, Any], threads: int) -> tuple[dict[str, int], str 
             preload=installed_preload(),
             threads=threads,
             setup=f"{HERE}:setup",
-            setup_args=[job["batch"], job["skeleton"]],
+            setup_args=[job["batch"], job["skeleton"], *source],
         )
     except Exception as exc:  # a failed measurement is a note, never a failed report
         return {}, f"resident memory not measured: {type(exc).__name__}: {first_line(exc, 300)}"
