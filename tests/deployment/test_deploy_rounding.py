@@ -4,8 +4,10 @@ works; a network that does not amplify verifies as before."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import pytest
 import torch
 
 import compactnn
@@ -31,16 +33,22 @@ def test_mnist_cnn_w8a8_still_verifies_at_the_default_tolerance():
     assert probes(deployed.source, ref.example)["float rounding"][0] < 1.0
 
 
-def test_amplifying_network_is_refused_with_its_diagnosis_and_a_working_tolerance():
+def test_amplifying_network_is_accepted_kernel_by_kernel_and_the_diagnosis_still_reads():
+    """10.3 steps off at the output (the simulation moves 7.1 under float rounding) while every
+    kernel matches the simulation on its own inputs: accepted with a warning; without the
+    kernel check the refusal explains the amplification and names a tolerance that works."""
+    from compactnn.deployment import api as deploy_api
+
     q, x = deep_bn_net()
-    try:  # measured here: 10.3 steps off (the simulation moves 7.1 under float rounding)
-        compactnn.deploy(q, "onednn", example=x)
-        return  # kernels whose float rounding matches the simulation's: nothing to diagnose
-    except CompactnnError as e:
-        message = str(e)
+    with pytest.warns(UserWarning, match="accepted: every kernel matches"):
+        deployed = compactnn.deploy(q, "onednn", example=x)
+    v = deployed.verification
+    assert v.passed and v.isolated and v.max_diff_steps > DEFAULT_TOLERANCE
+    message = deploy_api._verification_refusal(
+        dataclasses.replace(v, isolated=False, kernels_checked=None)
+    )
     assert "amplifies one-code rounding differences" in message
     assert "steps under float rounding" in message and "report the model" not in message
     assert "0 steps when its input is scaled by 1 + 1e-06" in message  # the old probe: blind
     tolerance = float(re.search(r"tolerance=([\d.]+) \(--tolerance", message)[1])
-    deployed = compactnn.deploy(q, "onednn", example=x, tolerance=tolerance)
-    assert deployed.verification.passed and deployed.verification.tolerance == tolerance
+    assert tolerance >= v.max_diff_steps

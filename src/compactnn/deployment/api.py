@@ -23,7 +23,7 @@ from compactnn.deployment.calling import (
     structured_outputs,
 )
 from compactnn.deployment.float_check import float_advice, float_contenders
-from compactnn.deployment.localize import localize
+from compactnn.deployment.localize import isolate, localize
 from compactnn.deployment.lower import lower
 from compactnn.deployment.refusals import (
     BACKENDS,
@@ -39,6 +39,7 @@ from compactnn.deployment.refusals import (
 from compactnn.deployment.runner import plan_runner
 from compactnn.errors import CompactnnError
 from compactnn.lowering.graph import trace
+from compactnn.lowering.isolated import with_kernels
 from compactnn.lowering.plan import build_plan
 from compactnn.lowering.probes import explained
 from compactnn.lowering.verify import (
@@ -194,7 +195,8 @@ class DeployedModel(nn.Module):
         result = compare(self.source, self, example, what, tol)
         if result.passed:
             return result
-        return with_layers(explained(result, self.source, example), localize(self, example))
+        result = with_layers(explained(result, self.source, example), localize(self, example))
+        return with_kernels(result, isolate(self, example))  # oneDNN: each kernel alone
 
     def export_onnx(self, path: str | os.PathLike, force: bool = False) -> None:
         """Write the QDQ ONNX model this onnxruntime-backend model runs (verified at deploy);
@@ -329,6 +331,8 @@ def deploy(
     deployed.selection = selection
     deployed.verification = checked[name]
     deployed.recommendation = float_advice(selection, name)
+    if deployed.verification.isolated:  # passed on its kernels, not on its output gap
+        warnings.warn(f"deploy: {deployed.verification}", stacklevel=2)
     if deployed.kept_float:  # the chosen backend's, not a candidate's that lost
         warnings.warn(
             f"deploy: kept in float (simulated quantization): {listing(deployed.kept_float)}",

@@ -290,7 +290,7 @@ class _Codegen:
         elif node in self.pooled:  # the global average pool and its quantization, one pass
             fn = pool_quantize_call(self.pooled[node], self.gm.get_submodule(node.target))
         elif node.op == "call_module":
-            fn = _module_call(self.gm.get_submodule(node.target))
+            fn = module_call(self.gm.get_submodule(node.target))
         else:  # call_function
             fn = node.target
         return f"{self.const(fn)}({', '.join(pos + kws)})"
@@ -312,8 +312,8 @@ class _Codegen:
         pool_quant = self.gm.get_submodule(poolq.target)
         gate_input = _in_turn(
             pool_quantize_call(self.pooled[poolq], pool_quant),
-            _module_call(self.gm.get_submodule(fc1.target)),
-            _module_call(self.gm.get_submodule(fc2.target)),
+            module_call(self.gm.get_submodule(fc1.target)),
+            module_call(self.gm.get_submodule(fc2.target)),
         )
         gated = self._gate_fn(gate, mul, quant)
 
@@ -325,7 +325,7 @@ class _Codegen:
 
     def _hardswish_fn(self, conv: fx.Node, act: fx.Node, quant: fx.Node | None) -> Callable:
         # large calls: the separate calls
-        unfused = _in_turn(*(_module_call(self.gm.get_submodule(n.target))
+        unfused = _in_turn(*(module_call(self.gm.get_submodule(n.target))
                              for n in (conv, act, quant) if n))  # fmt: skip
         quantizer = None if quant is None else self.gm.get_submodule(quant.target)
         return hardswish_call(self.gm.get_submodule(conv.target), quantizer, unfused)
@@ -374,7 +374,7 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _module_call(m: nn.Module) -> Callable[..., Any]:
+def module_call(m: nn.Module) -> Callable[..., Any]:
     if type(m) in (Quantize, QuantizeGrid) and bitconv.available():
         return quantize_call(m)
     if isinstance(m, MaxPoolU8) and bitconv.available():

@@ -27,7 +27,9 @@ differs by many steps at the output. A failed check whose gap is no larger than 
 simulation's own movement under float rounding, with a top-1 agreement no worse than the
 simulation's with itself there, is accepted as *within the simulation's own rounding
 variation* (:attr:`Verification.within_rounding`); otherwise the message says which probe
-moved how far instead of blaming the kernels.
+moved how far instead of blaming the kernels. Such a gap is still refused unless every
+kernel, run alone on the simulation's own inputs, matches its simulated layer
+(:mod:`compactnn.lowering.isolated`; :attr:`Verification.isolated`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ NUDGE = 1e-6
 ROUNDING_ULPS = 4
 ROUNDING_DRAWS = 2
 INPUT_SCALE, INPUT_NUDGE, FLOAT_ROUNDING = "input scale", "input nudge", "float rounding"
+ACCEPTED = (
+    "accepted: every kernel matches the simulation on its own inputs; the output gap is the "
+    "network's amplification of float rounding"
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,12 @@ class Verification:
     # what the candidate was measured against, when not the simulated model (export_onnx:
     # "its QDQ file", the int32 biases then being measured apart)
     reference: str = ""
+    # set on a failed oneDNN check: its kernels run alone, the first that fails (layer, how
+    # far), and the gap accepted (:func:`compactnn.lowering.isolated.with_kernels`)
+    kernels_checked: int | None = None
+    kernel_failure: str = ""
+    kernel_detail: str = ""
+    isolated: bool = False
 
     @property
     def bias_rounded(self) -> bool:
@@ -141,7 +153,8 @@ class Verification:
 
     @property
     def passed(self) -> bool:
-        return self.nonfinite_mismatches == 0 and self.max_diff_steps <= self.tolerance
+        within = self.nonfinite_mismatches == 0 and self.max_diff_steps <= self.tolerance
+        return within or self.isolated
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +199,11 @@ class Verification:
                 f"; within the simulation's own rounding variation: {self.max_diff_steps:.3g} "
                 f"steps, the simulation moves {self.rounding_steps:.3g} under float rounding"
             )
+        if self.kernels_checked is not None:
+            where += f"; {self.kernels_checked} kernels run alone on the simulation's inputs: "
+            where += f"first to fail {self.kernel_detail}" if self.kernel_failure else "all match"
+        if self.isolated:
+            where += f"; {ACCEPTED}"
         if self.bias_rounding_steps is not None:
             where += (
                 f"; its int32 biases (as integer kernels add them) move the output "
@@ -380,11 +398,19 @@ def enforce(result: Verification) -> Verification:
     too, with that diagnosis and a tolerance to pass: at such amplification the output alone
     cannot tell exact kernels from a wrong one (measured on random-weight EfficientNet-B0,
     MobileNetV3, ShuffleNetV2, RegNetX: one lowered layer's output scale made 2-10% wrong moved
-    the output 13.8-30.6 steps with top-1 agreement 81-100%, inside the same variation).
+    the output 13.8-30.6 steps with top-1 agreement 81-100%, inside the same variation); a
+    result whose kernels all passed alone (``isolated``) has passed, one that failed is named.
     """
     if result.passed:
         return result
     suggest = "" if result.nonfinite_mismatches else _tolerance(_above(result.max_diff_steps))
+    if result.kernel_failure:  # a kernel wrong on its own inputs: no amplification excuses it
+        raise CompactnnError(
+            f"{result}: FAILED. Layer {result.kernel_failure!r} does not reproduce its simulated "
+            f"layer even on the simulation's own inputs. Keep it ({_offenders(result)}) in float "
+            "(--ignore NAME, compress(ignore=['name']) or a recipe's targets.ignore) and report "
+            "the model."
+        )
     if result.within_rounding:
         raise CompactnnError(
             f"{result}: FAILED. This network amplifies one-code rounding differences: the "
@@ -459,6 +485,8 @@ def _above(steps: float) -> float:
 
 
 def _offenders(result: Verification) -> str:
+    if result.kernel_failure:
+        return f"likely {result.kernel_failure!r}, the first kernel wrong on its own inputs"
     if result.first_past_tolerance:
         return f"likely {result.first_past_tolerance!r}, the first layer past the tolerance"
     if result.layers:
