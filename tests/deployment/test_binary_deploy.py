@@ -263,3 +263,28 @@ def test_fused_tail_pools_a_stride_2_shortcut_bit_for_bit(popcount_ok, cin, cout
     got = y.clone(memory_format=torch.channels_last)
     ext.binary_tail(got.permute(0, 2, 3, 1), x, cout // cin, gamma, slope, zeta, True, 2)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kernel", ["int8", "float"])
+@pytest.mark.parametrize("kind", ["reactnet", "xnor"])
+@pytest.mark.parametrize("groups", [4, 16])
+def test_grouped_and_depthwise_blocks_run_on_integer_kernels(kernel, kind, groups):
+    """A block on a grouped / depthwise convolution (ConvNeXt's 7x7 depthwise) deploys on
+    the int8 and float kernels instead of refusing the whole model."""
+    block = frozen_block(kind, nn.Conv2d(16, 16, 3, 1, 1, groups=groups))
+    x = torch.randn(2, 16, 7, 7, generator=torch.Generator().manual_seed(3))
+    deployed = DeployedBinaryBlock(block, kernel)
+    with torch.no_grad():
+        ref, got = block(x), deployed(x)
+    tol, _ = rounding_bound(block, x)
+    assert float((got - ref).abs().max()) <= tol
+
+
+def test_grouped_block_skips_popcount_in_auto():
+    model = nn.Sequential(frozen_block("reactnet", nn.Conv2d(16, 16, 3, 1, 1, groups=16)))
+    x = torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(4))
+    fast = lower_binary_blocks(model, "auto", example=x, threads=1)
+    assert "popcount_ms" not in fast.binary_kernels["0"]
+    assert fast.binary_kernels["0"]["kernel"] in ("int8", "float")
+    with pytest.raises(CompactnnError, match=r"groups=16.*kernel='int8'"):
+        DeployedBinaryBlock(model[0], "popcount")

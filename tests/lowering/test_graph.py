@@ -7,7 +7,7 @@ from torch import nn
 from compactnn.core.qlayers import make_quant_layer
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
-from compactnn.lowering.graph import trace, weight_terms
+from compactnn.lowering.graph import conv_padding, trace, unsupported_reason, weight_terms
 
 
 def _codebook_conv(levels: list[float], codes: torch.Tensor) -> nn.Module:
@@ -145,3 +145,27 @@ def test_attributes_a_graph_module_keeps_for_itself_are_named(attr):
         trace(Net())
     assert "\n" not in str(info.value)
     trace(nn.Sequential(nn.Linear(4, 4)))  # other names trace as before
+
+
+@pytest.mark.parametrize(
+    "kwargs,want",
+    [
+        (dict(kernel_size=3, padding="valid"), [0, 0]),
+        (dict(kernel_size=3, padding="same"), [1, 1]),
+        (dict(kernel_size=3, padding="same", dilation=2), [2, 2]),
+        (dict(kernel_size=(1, 5), padding="same"), [0, 2]),
+        (dict(kernel_size=4, padding="same", dilation=2), [3, 3]),  # even kernel, even total
+        (dict(kernel_size=3, padding=(1, 2)), [1, 2]),
+    ],
+)
+def test_string_padding_becomes_integers_where_exact(kwargs, want):
+    assert conv_padding(nn.Conv2d(2, 2, **kwargs)) == want
+
+
+def test_uneven_same_padding_keeps_the_layer_float_with_a_reason():
+    spec = QuantSpec(bits=8, symmetric=True, granularity="channel")
+    act = QuantSpec(bits=8, symmetric=False, granularity="tensor")
+    layer = make_quant_layer(nn.Conv2d(2, 4, (2, 3), padding="same"), spec, act)
+    layer.input_quantizer.set_qparams(torch.tensor(0.05), torch.tensor(0.0))
+    why = unsupported_reason(layer)
+    assert "padding='same' with kernel_size (2, 3)" in why and "pad explicitly" in why

@@ -44,6 +44,7 @@ from compactnn.core.calib import call_model
 from compactnn.engines.binary import BinaryBlock, real_shortcut, rprelu, xnor_scale
 from compactnn.errors import CompactnnError
 from compactnn.kernels import bitconv
+from compactnn.lowering.graph import conv_padding
 from compactnn.lowering.verify import compare
 from compactnn.measure.timing import TimingWarning, time_blocks
 
@@ -71,6 +72,18 @@ def binary_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return w, lv[:, 1].float().clone()
 
 
+def _grouped(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups != 1
+
+
+def _padding(layer: nn.Module) -> list[int]:
+    """The layer's padding as integers (``"valid"`` / symmetric ``"same"``), or a refusal."""
+    pads = conv_padding(layer)
+    if isinstance(pads, str):
+        raise CompactnnError(f"binary block: {pads}.")
+    return pads
+
+
 class _OneDnnBinary(nn.Module):
     """oneDNN int8 conv/linear on +-1 codes (uint8, zero point 128); float32 output."""
 
@@ -82,7 +95,7 @@ class _OneDnnBinary(nn.Module):
         self.register_buffer("w_zero", torch.zeros(w.shape[0], dtype=torch.int64))
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
         if self.conv:
-            self.geo = ([*layer.stride], [*layer.padding], [*layer.dilation], layer.groups)
+            self.geo = ([*layer.stride], _padding(layer), [*layer.dilation], layer.groups)
         self._packed: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _packed_for(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -125,7 +138,7 @@ class _FloatBinary(nn.Module):
         self.register_buffer("out_scale", out_scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float().contiguous())
         if self.conv:
-            self.geo = (layer.stride, layer.padding, layer.dilation)
+            self.geo = (layer.stride, _padding(layer), layer.dilation, layer.groups)
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         s = torch.where(xs >= 0, 1.0, self.low)  # sign(0) = +1 (NaN -> low) as simulated
@@ -188,8 +201,11 @@ class DeployedBinaryBlock(nn.Module):
                 "+-1 dots; deploy it with kernel='int8', 'float' or 'auto'."
             )
         layer = block.layer
-        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
-            raise CompactnnError("binary block: grouped convolutions are not supported.")
+        if kernel == "popcount" and _grouped(layer):
+            raise CompactnnError(
+                f"binary block on a grouped convolution (groups={layer.groups}): the popcount "
+                "kernel runs groups=1 only; deploy it with kernel='int8', 'float' or 'auto'."
+            )
         self.kind, self.kernel, self.conv, self.relu = block.kind, kernel, block.conv, relu
         self.shortcut = block.shortcut
         w, alpha = binary_weight(layer)
@@ -209,12 +225,12 @@ class DeployedBinaryBlock(nn.Module):
         self.geometry = None
         if self.conv and self.kind == "xnor":  # K's box filter needs only the geometry
             self.geometry = nn.Conv2d(
-                1, 1, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False
+                1, 1, layer.kernel_size, layer.stride, _padding(layer), layer.dilation, bias=False
             )
         if kernel == "popcount":
             w4 = w if self.conv else w.reshape(*w.shape, 1, 1)
             geo = (
-                (layer.stride, layer.padding, layer.dilation)
+                (layer.stride, _padding(layer), layer.dilation)
                 if self.conv
                 else ((1, 1), (0, 0), (1, 1))
             )
@@ -338,7 +354,8 @@ def _choose(
     """Build every kernel of one block, time each whole block (kernel and elementwise tail)
     on ``x`` and keep the fastest."""
     zero_one = getattr(getattr(block, "act", None), "levels", "pm1") == "01"
-    pop = bitconv.available() and not zero_one  # popcount computes +-1 dots only
+    # popcount computes +-1 dots only, with groups=1
+    pop = bitconv.available() and not zero_one and not _grouped(block.layer)
     kinds = ("int8", "popcount", "float") if pop else ("int8", "float")
     cands = {k: DeployedBinaryBlock(block, k, relu) for k in kinds}
     if x.dim() == 4:  # deployed, a block reads the channels-last output of a kernel

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
+from compactnn.core.calib import call_model
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import ActQuantizer, conv_kwargs, is_quant_layer
 from compactnn.errors import CompactnnError
@@ -62,7 +63,9 @@ def float_contenders(sim: nn.Module, example: Any) -> dict[str, Any]:
     except CompactnnError:  # not installed: nothing to compare with
         return {"fp32-eager": fmodel}
     try:
-        out["fp32-onnxruntime"] = ort_float(fmodel, example)  # measure.float_paths
+        ort = ort_float(fmodel, example)  # measure.float_paths
+        call_model(ort, example)  # some graphs build but fail at run time (SAME_UPPER + dilation)
+        out["fp32-onnxruntime"] = ort
     except Exception as e:  # an optional peer: a failure costs the comparison, not the deploy
         warnings.warn(f"deploy: ONNX Runtime fp32 not timed ({e})", stacklevel=3)
     out["fp32-eager"] = fmodel

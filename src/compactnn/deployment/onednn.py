@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compactnn.errors import CompactnnError
-from compactnn.lowering.graph import QParams, input_qparams, int8_weight
+from compactnn.lowering.graph import QParams, conv_padding, input_qparams, int8_weight
 
 CL = torch.channels_last
 PACKED_SHAPES = 4  # weight layouts kept per convolution, one per recent input shape
@@ -148,7 +148,10 @@ class Int8Conv2d(_Int8Layer):
 
     def __init__(self, layer, out, unary=None, accum: QParams | str | None = None) -> None:
         super().__init__(layer, out, unary)
-        self.stride, self.padding = list(layer.stride), list(layer.padding)
+        padding = conv_padding(layer)
+        if isinstance(padding, str):  # unsupported_reason keeps such a layer float first
+            raise CompactnnError(f"Int8Conv2d: {padding}.")
+        self.stride, self.padding = list(layer.stride), padding
         self.dilation, self.groups = list(layer.dilation), layer.groups
         self.packed = self._prepack(None)  # a generic layout; shapes seen get their own
         self.accum = accum  # None: no sum; "float": float32 accumulator; QParams: uint8 one

@@ -9,7 +9,10 @@ kernels add). That is the
 simulation written in ONNX; ONNX Runtime's graph optimizer fuses such patterns into integer
 kernels where it can, and :func:`verify_qdq` checks both steps. Layers whose activation
 grid has no ONNX QuantizeLinear type (below 8 bits) spell the same rounding with
-``Div/Round/Clip``; per-group weights are stored dequantized (float) and listed. A grid
+``Div/Round/Clip``; per-group weights are stored dequantized (float) and listed;
+codebook weights (ternary, TTQ, powers of two) are one or two int8 terms, a second one
+as a second ``Conv`` / ``Gemm`` added to the first, and padding modes / uneven ``"same"``
+an explicit ``Pad`` (:mod:`compactnn.export.onnx_forms`). A grid
 after a flatten/reshape is applied before it as well (same numbers), so a pool before a
 classifier fuses to ``QLinearGlobalAveragePool``; ``onnx_graph.fold_float_outputs``
 stores a float-output head's weight dequantized for the deployed session. The graph edits
@@ -37,6 +40,7 @@ from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_qua
 from compactnn.engines.binary import BinaryBlock
 from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.export.fs import atomic_write, check_file_path
+from compactnn.export.onnx_forms import codebook_terms, conv_pads, dequantized
 from compactnn.export.onnx_graph import (
     fold_float_outputs,
     int32_bias_layers,
@@ -98,27 +102,40 @@ class _QDQLayer(nn.Module):
         super().__init__()
         self.kind = type(layer)
         self.conv_args = {}
+        self.pad: tuple[list[int], str] | None = None  # F.pad before a padding=0 conv
         if not isinstance(layer, QuantLinear):
+            padding, self.pad = conv_pads(layer)
             self.conv_args = dict(
-                stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                stride=layer.stride, padding=padding, dilation=layer.dilation,
                 groups=layer.groups,
             )  # fmt: skip
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        # codebook weights (TTQ's two ternary scales, powers of two) are not one affine grid:
-        # keep them float
+        # codebook weights (ternary, TTQ's two scales, powers of two) as one or two int8
+        # terms with per-channel scales (lowering.graph.weight_terms); float when they have none
         codebook = getattr(layer, "weight_levels", None) is not None
-        self.per_channel = layer.weight_spec.granularity != "group" and not codebook
+        terms = codebook_terms(layer) if codebook else None
+        self.per_channel = layer.weight_spec.granularity != "group" and (
+            not codebook or terms is not None
+        )
         rows = layer.weight.shape[0]
         scale, zero = layer.weight_scale, layer.weight_zero  # (rows or 1, groups)
         if not self.per_channel:  # stored float: the (rows, groups) grid is not one per row
             scale, zero = torch.ones(1), torch.zeros(1)
-        self.register_buffer("w_scale", scale.reshape(-1).expand(rows).clone())
-        zero = zero.reshape(-1).expand(rows).round().to(torch.int32).clone()
-        self.register_buffer("w_zero", zero)
         signed = layer.weight_spec.qtype.signed
         self.w_range = (-128, 127) if signed else (0, 255)
         self.codes = layer.weight_codes.clone()
+        self.weight2 = None  # a codebook's second term, added by a second conv / linear
+        if terms is not None:
+            (self.codes, scale), zero, self.w_range = terms[0], torch.zeros(1), (-128, 127)
+            self.weight.data = dequantized(*terms[0])
+            if len(terms) == 2:
+                self.codes2 = terms[1][0]
+                self.weight2 = nn.Parameter(dequantized(*terms[1]), requires_grad=False)
+                self.register_buffer("w_scale2", terms[1][1])
+        self.register_buffer("w_scale", scale.reshape(-1).expand(rows).clone())
+        zero = zero.reshape(-1).expand(rows).round().to(torch.int32).clone()
+        self.register_buffer("w_zero", zero)
         aq = layer.input_quantizer
         self.act = None
         if aq is not None and aq.enabled and aq.calibrated:
@@ -131,7 +148,14 @@ class _QDQLayer(nn.Module):
             self.act = (float(aq.scale), int(aq.zero.round()), aq.qtype.qmin, aq.qtype.qmax)
         self.bias_codes: torch.Tensor | None = None  # int32 bias on the accumulator grid
         self.bias_scale: torch.Tensor | None = None
-        if int32_bias and self.bias is not None and self.per_channel and self._eight_bit():
+        one_term = self.weight2 is None  # two terms: their sum is not one integer kernel's
+        if (
+            int32_bias
+            and self.bias is not None
+            and self.per_channel
+            and self._eight_bit()
+            and one_term
+        ):
             grid = int32_bias_codes(self.bias.detach(), self.act[0], self.w_scale)
             if grid is not None:
                 self.float_bias = self.bias.detach().clone()  # the simulation's
@@ -143,6 +167,8 @@ class _QDQLayer(nn.Module):
         return self.act is not None and (self.act[2], self.act[3]) in EIGHT_BIT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:  # before Q/DQ (same codes), so DQ -> Conv still fuses
+            x = nn.functional.pad(x, self.pad[0], mode=self.pad[1])
         if self.act is not None:
             scale, zero, qmin, qmax = self.act
             # a float weight after a DequantizeLinear is one ONNX Runtime re-quantizes to
@@ -156,10 +182,19 @@ class _QDQLayer(nn.Module):
             w = torch.fake_quantize_per_channel_affine(
                 w, self.w_scale, self.w_zero, 0, *self.w_range
             )
+        y = self._op(x, w, self.bias)
+        if self.weight2 is not None:
+            w2 = torch.fake_quantize_per_channel_affine(
+                self.weight2, self.w_scale2, torch.zeros_like(self.w_zero), 0, -128, 127
+            )
+            y = y + self._op(x, w2, None)
+        return y
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kind is QuantLinear:
-            return nn.functional.linear(x, w, self.bias)
+            return nn.functional.linear(x, w, bias)
         conv = nn.functional.conv2d if self.kind is QuantConv2d else nn.functional.conv1d
-        return conv(x, w, self.bias, **self.conv_args)
+        return conv(x, w, bias, **self.conv_args)
 
 
 class _QDQAct(nn.Module):

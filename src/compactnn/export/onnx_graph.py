@@ -127,14 +127,17 @@ def store_codes(proto: onnx.ModelProto, model: nn.Module, layers: dict[str, Any]
     """Replace ``QuantizeLinear(float weight)`` by the layer's own integer codes."""
     inits = {i.name: i for i in proto.graph.initializer}
     params = {id(p): n for n, p in model.named_parameters()}
-    by_name = {params[id(q.weight)]: q for q in layers.values() if q.per_channel}
+    by_name = {params[id(q.weight)]: q.codes for q in layers.values() if q.per_channel}
+    for q in layers.values():  # a codebook's second int8 term (see export.onnx._QDQLayer)
+        if q.per_channel and getattr(q, "weight2", None) is not None:
+            by_name[params[id(q.weight2)]] = q.codes2
     for node in list(proto.graph.node):
         if node.op_type != "QuantizeLinear" or node.input[0] not in by_name:
             continue
-        layer = by_name[node.input[0]]
-        dtype = np.int8 if layer.codes.dtype == torch.int8 else np.uint8
+        layer_codes = by_name[node.input[0]]
+        dtype = np.int8 if layer_codes.dtype == torch.int8 else np.uint8
         codes = numpy_helper.from_array(
-            layer.codes.numpy().astype(dtype), node.output[0] + "_codes"
+            layer_codes.numpy().astype(dtype), node.output[0] + "_codes"
         )
         proto.graph.initializer.append(codes)
         for user in proto.graph.node:

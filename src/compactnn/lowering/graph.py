@@ -126,9 +126,43 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     if aq.scale.numel() != 1 or not bool(torch.isfinite(aq.scale)) or float(aq.scale) <= 0:
         return "its input quantizer has no single positive finite scale"
     if isinstance(layer, QuantConv2d) and layer.padding_mode != "zeros":
-        return f"padding_mode={layer.padding_mode!r}; int8 kernels pad with zeros"
+        return (
+            f"padding_mode={layer.padding_mode!r}; oneDNN's int8 kernels pad with zeros "
+            "(backend='onnxruntime' runs it with an explicit pad)"
+        )
+    if isinstance(layer, QuantConv2d) and isinstance(pads := conv_padding(layer), str):
+        return pads
     terms = weight_terms(layer)
     return terms if isinstance(terms, str) else None
+
+
+def conv_padding(layer: nn.Module) -> list[int] | str:
+    """A convolution's padding as one symmetric integer per spatial dimension, or why not.
+
+    ``padding="valid"`` is 0; ``padding="same"`` pads ``dilation * (kernel - 1)`` in all,
+    half before and half after, and PyTorch puts the odd one after: exact as integers only
+    when that total is even (odd kernels, or any kernel at an even dilation).
+
+    Example:
+        >>> conv_padding(nn.Conv2d(1, 1, 3, padding="same", dilation=2))
+        [2, 2]
+        >>> conv_padding(nn.Conv2d(1, 1, (1, 4), padding="same"))[:39]
+        "padding='same' with kernel_size (1, 4) "
+    """
+    pad = layer.padding
+    if not isinstance(pad, str):
+        return list(pad)
+    if pad == "valid":
+        return [0] * len(layer.kernel_size)
+    totals = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
+    if any(t % 2 for t in totals):
+        return (
+            f"padding='same' with kernel_size {tuple(layer.kernel_size)} and dilation "
+            f"{tuple(layer.dilation)} pads one more row/column after than before, and int8 "
+            "kernels pad symmetrically; use an odd kernel, or pad explicitly (nn.ZeroPad2d "
+            "before a padding=0 convolution)"
+        )
+    return [t // 2 for t in totals]
 
 
 def weight_terms(layer: nn.Module) -> list[WeightTerm] | str:
@@ -155,7 +189,8 @@ def weight_terms(layer: nn.Module) -> list[WeightTerm] | str:
         centred = layer.weight_codes.to(torch.int16) - _weight_zero(layer).to(torch.int16)
         if centred.min() < -128 or centred.max() > 127:
             return "its weight codes minus zero point do not fit int8"
-        scale = layer.weight_scale.reshape(-1).float()
+        # a copy: a kernel's scale must never share memory with the simulated layer's
+        scale = layer.weight_scale.reshape(-1).float().clone()
         if scale.numel() == 1:
             scale = scale.expand(centred.shape[0]).contiguous()
         return [(centred.to(torch.int8), scale)]
