@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import weight_layers
-from compactnn.core.qlayers import has_integer_weight
+from compactnn.core.qlayers import QUANTIZABLE, has_integer_weight
 from compactnn.prune.probe import EXTRA_KEY as PROBE_KEY
+from compactnn.quant.base import unquantizable_reason
 
 NOT_TARGETED = "not targeted by the recipe"
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)  # weights named weight_ih_l0, ...: no method's layer
 
 
 def report_float_layers(
@@ -39,6 +42,9 @@ def report_float_layers(
             ctx.float_layers[name] = narrowed[name] + (f": {skipped}" if skipped else "")
         else:
             ctx.float_layers[name] = skipped or NOT_TARGETED
+    for name, m in model.named_modules():  # weights that are not a .weight (a GRU's)
+        if isinstance(m, RECURRENT) and name and name not in ctx.float_layers:
+            ctx.float_layers[name] = unquantizable_reason(m)
     failed = {  # a step that skipped a layer warned with its reason already
         n: r
         for n, r in ctx.float_layers.items()
@@ -140,21 +146,74 @@ def float_weight_bytes(model: nn.Module) -> tuple[int, int, dict[str, int]]:
     return sum(kept.values()), total, kept
 
 
+def size_text(n: float) -> str:
+    """A byte count in a unit that fits it.
+
+    Example:
+        >>> size_text(300), size_text(8192), size_text(3 * 2**20)
+        ('300 bytes', '8.0 KiB', '3.0 MiB')
+    """
+    if n < 2**10:
+        return f"{n:.0f} bytes"
+    return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
+def _why_float(
+    model: nn.Module, ctx: CompressContext, tensors: list[str]
+) -> tuple[dict[str, str], list[str]]:
+    """The float layers owning ``tensors``: those that cannot be quantized by this recipe
+    (targeted but refused, or of a type no method quantizes), with why ("" where a
+    warning said it), and those that targeting would quantize. A quantized layer's bias is
+    neither."""
+    modules = dict(model.named_modules())
+    cannot: dict[str, str] = {}
+    could: list[str] = []
+    for tensor in tensors:
+        name = tensor.rpartition(".")[0]
+        m = modules.get(name)
+        if m is None or has_integer_weight(m) or name in cannot or name in could:
+            continue
+        reason = ctx.float_layers.get(name, NOT_TARGETED)
+        if reason != NOT_TARGETED:  # a warning gave its reason; repeated if it is the type's
+            cannot[name] = reason if reason == unquantizable_reason(m) else ""
+        elif isinstance(m, (*QUANTIZABLE, nn.Embedding)) or type(m).__name__ == "Conv1D":
+            could.append(name)
+        elif isinstance(m, RECURRENT) or isinstance(getattr(m, "weight", None), torch.Tensor):
+            cannot[name] = unquantizable_reason(m)  # ConvTranspose2d, Conv3d, ...
+    return cannot, could
+
+
 def warn_float_bytes(model: nn.Module, ctx: CompressContext) -> None:
     """Warn when a quantization recipe leaves most of the weight bytes in float (e.g. token
-    embeddings), naming the largest float tensors: the artifact is then barely smaller."""
+    embeddings), naming the largest float tensors: the artifact is then barely smaller.
+    Targeting those layers is the advice unless they cannot be quantized by this recipe
+    (a GRU, a ConvTranspose2d): then the message names why."""
     if not any(has_integer_weight(m) for m in model.modules()):
         return  # pruning or a float transform: nothing was meant to be quantized
     kept, total, by_name = float_weight_bytes(model)
     if total == 0 or kept / total <= FLOAT_SHARE_WARNING:
         return
     largest = sorted(by_name.items(), key=lambda kv: -kv[1])[:3]
-    listing = ", ".join(f"{n} ({b / 2**20:.1f} MiB)" for n, b in largest)
+    listing = ", ".join(f"{n} ({size_text(b)})" for n, b in largest)
+    cannot, could = _why_float(model, ctx, [n for n, _ in largest])
+    target = (
+        "target those layers too (embeddings: targets.classes [Embedding], or a weight-only recipe)"
+    )
+    if cannot:
+        by_reason: dict[str, list[str]] = {}
+        for n, r in cannot.items():
+            by_reason.setdefault(r, []).append(n)
+        why = "; ".join(f"{', '.join(ns)}: {r}" for r, ns in by_reason.items() if r)
+        said = " as warned above" if not all(cannot.values()) else ""
+        advice = f"{', '.join(cannot)} cannot be quantized by this recipe{said}"
+        advice += f" ({why})" if why else ""
+        advice += f"; {target.replace('those', ', '.join(could))}" if could else ""
+    else:
+        advice = target
     message = (
         f"{kept / total:.0%} of the weight bytes stay in float after this recipe; the "
         f"largest float tensors: {listing}. The artifact will be much larger than the recipe's "
-        "bits suggest: target those layers too (embeddings: targets.classes [Embedding], or a "
-        "weight-only recipe), and judge the size `compactnn eval` reports."
+        f"bits suggest: {advice}. Judge the size `compactnn eval` reports."
     )
     ctx.notes.append(message)
     warnings.warn(message, stacklevel=3)

@@ -145,3 +145,71 @@ def test_bits_line_names_each_extreme_apart_from_its_number():
     layers = {k: v for k, v in bits.items() if k != "total"}
     want = [min(layers, key=layers.get), max(layers, key=layers.get)]
     assert [lo, hi] == [f"{name}: {layers[name]:.2f}" for name in want] == ["7: 4.06", "0: 9.78"]
+
+
+def _gru_sp50_result() -> dict:
+    """The rows of a real ``eval --quick`` run (/tmp/s25/t3 ev/gru-sp50.json): the float
+    baseline (ort-fp32, 19.99 ms, runs 0.11-66.87 ms) looked inflated, the pruned row did not."""
+    busy = "runs spread 334% around the median (0.11-66.87 ms): something else ran"
+    base = {"median_s": 0.01999062, "min_s": 0.00010668, "max_s": 0.06687415, "suspect": [busy]}
+    calm = {"median_s": 0.00013301, "min_s": 0.00010593, "max_s": 0.04480639, "suspect": []}
+    common = {"runtime": "ONNX Runtime fp32", "metric": "top1", "size_bytes": 18370}
+    return {
+        "rows": [
+            {**common, "model": "float", "recipe": "float", "quality": 85.44,
+             "latency": base, "latency_text": "19.99 ms (0.11-66.87)"},
+            {**common, "model": "compressed", "recipe": "sp50", "quality": 84.89,
+             "latency": calm, "latency_text": "0.13 ms (0.11-44.81)",
+             "speedup": 150.29639566679842},
+        ],
+        "notes": [], "stored_bits": {}, "batch": 32, "omp_wait_policy": "PASSIVE",
+        "gomp_spincount": "20000", "float_paths": None,
+    }  # fmt: skip
+
+
+def test_a_speedup_over_an_inflated_float_timing_is_marked_with_a_footnote(monkeypatch, capsys):
+    """As ``compactnn report`` does: a suspect latency cell, and every speedup computed from a
+    suspect float baseline, carry " *", and a footnote under the table says what it means."""
+    import argparse
+    import re
+
+    from compactnn.commands import evaluate as command
+
+    monkeypatch.setattr(command, "evaluate", lambda args: _gru_sp50_result())
+    assert command.run(argparse.Namespace(json=None, quick=True, runs=3, threads=2)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if "runs on" in line)
+    float_row, row = (re.split(r" {2,}", line) for line in lines[start + 1 : start + 3])
+    assert float_row[6] == "19.99 ms (0.11-66.87) *"  # the inflated timing itself
+    assert row[6] == "0.13 ms (0.11-44.81)"  # this one looked fine
+    assert row[7] == "150.30x *"  # computed from the inflated baseline
+    assert lines[start + 3].startswith("* this timing looked inflated")
+
+
+def test_calm_timings_carry_no_mark_and_no_footnote(monkeypatch, capsys):
+    import argparse
+
+    from compactnn.commands import evaluate as command
+
+    result = _gru_sp50_result()
+    result["rows"][0]["latency"]["suspect"] = []
+    monkeypatch.setattr(command, "evaluate", lambda args: result)
+    assert command.run(argparse.Namespace(json=None, quick=True, runs=3, threads=2)) == 0
+    out = capsys.readouterr().out
+    assert "150.30x" in out and " *" not in out and "looked inflated" not in out
+
+
+def test_a_faster_claim_from_an_inflated_timing_is_hedged_like_a_slower_one():
+    """Faster than float while a timing looked inflated: the note says so, as the "slower"
+    one does; a calm faster row needs no note, and a slower one keeps its own."""
+    from compactnn.commands.eval_table import speed_note
+
+    result = _gru_sp50_result()
+    base, row = (r["latency"] for r in result["rows"])
+    note = speed_note(base, row)
+    assert note.startswith("faster than the fastest float path (0.13 ms vs 19.99 ms): ")
+    assert "these timings look inflated (see the warnings)" in note
+    assert speed_note({**base, "suspect": []}, row) is None
+    slower = speed_note(row, base)  # a calm float row, an inflated slower row
+    assert slower.startswith("slower than the fastest float path (19.99 ms vs 0.13 ms)")
+    assert "look inflated" in slower

@@ -289,9 +289,17 @@ def float_size_or_reason(model: torch.nn.Module) -> int | str:
 
 
 def float_comparison(size: int, float_size: int | str) -> str:
-    """``float artifact 1.2 MiB, 3.40x smaller``, or ``float artifact size unknown (why)``."""
+    """``float artifact 1.2 MiB, 3.40x smaller`` (``1.05x larger`` when it is), or ``float
+    artifact size unknown (why)``.
+
+    Example:
+        >>> float_comparison(18_900, 17_900)
+        'float artifact 17.5 KiB, 1.06x larger'
+    """
     if isinstance(float_size, str):
         return f"float artifact size unknown ({float_size})"
+    if size > float_size:
+        return f"float artifact {human_bytes(float_size)}, {size / float_size:.2f}x larger"
     return f"float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller"
 
 

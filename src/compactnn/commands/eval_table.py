@@ -10,6 +10,7 @@ from typing import Any
 from compactnn.commands._common import human_bytes
 from compactnn.commands.compress_summary import human_count
 from compactnn.measure import fmt_quality
+from compactnn.measure.timing import timing_suspect
 
 # (header, alignment) per column of the printed table; "<" left, ">" right.
 TABLE_COLUMNS = (
@@ -72,11 +73,76 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             *([perplexity_cell(row)] if ppl else []),
             human_bytes(row["size_bytes"]),
             f"{base['size_bytes'] / row['size_bytes']:.2f}x",
-            row["latency_text"],
-            "" if row["model"] == "float" else _speedup_text(row),
+            row["latency_text"] + suspect_mark(row.get("latency")),
+            "" if row["model"] == "float" else _speedup_text(row, base),
         ]
         for row in result["rows"]
     ]
+
+
+SUSPECT_MARK = " *"  # after a latency or speedup cell whose timing looked inflated
+SUSPECT_FOOTNOTE = (
+    "* this timing looked inflated (the reasons are in the warnings above): the machine was "
+    "busy while it was measured, so the latency and the speedups computed from it may be the "
+    "machine's, not the model's; rerun on a quieter machine before relying on them"
+)
+
+
+def suspect_mark(*latencies: dict[str, Any] | None) -> str:
+    """:data:`SUSPECT_MARK` when any of these ``Timing.to_dict()`` records looked inflated
+    (:func:`compactnn.measure.timing.timing_suspect`, as ``compactnn report`` marks them).
+
+    Example:
+        >>> suspect_mark({"suspect": []}), suspect_mark({"suspect": []}, {"suspect": ["busy"]})
+        ('', ' *')
+    """
+    return SUSPECT_MARK if timing_suspect(*latencies) else ""
+
+
+def suspect_footnote(result: dict[str, Any]) -> str | None:
+    """:data:`SUSPECT_FOOTNOTE` when a row's timing looked inflated (its cells carry
+    :data:`SUSPECT_MARK`), else None."""
+    suspect = timing_suspect(*(row.get("latency") for row in result["rows"]))
+    return SUSPECT_FOOTNOTE if suspect else None
+
+
+def speed_note(base: dict[str, Any], latency: dict[str, Any]) -> str | None:
+    """The note on a delivered row's latency (``Timing.to_dict()``) against the float row's
+    (``base``): slower (:func:`compactnn.report.delivery.slower_note`), or faster while
+    either timing looked inflated (:func:`faster_note`); None otherwise. Both notes say
+    when the timings look inflated.
+
+    Example:
+        >>> calm, busy = {"median_s": 0.002, "suspect": []}, {"median_s": 0.02, "suspect": ["x"]}
+        >>> speed_note(busy, calm)[:34], speed_note(calm, busy)[:34], speed_note(calm, calm)
+        ('faster than the fastest float path', 'slower than the fastest float path', None)
+    """
+    from compactnn.report.delivery import slower_note
+
+    suspect = timing_suspect(base, latency)
+    times = base["median_s"], latency["median_s"]
+    return slower_note(*times, suspect=suspect) or faster_note(*times, suspect=suspect)
+
+
+def faster_note(float_s: float, row_s: float, *, suspect: bool) -> str | None:
+    """The note of a delivered row faster than the fastest float path when either timing
+    looked inflated (the "faster" claim may be the machine's, not the model's), else None;
+    ``float_s`` and ``row_s`` are median latencies in seconds (the slower case:
+    :func:`compactnn.report.delivery.slower_note`).
+
+    Example:
+        >>> faster_note(0.01999, 0.000133, suspect=True)[:57]
+        'faster than the fastest float path (0.13 ms vs 19.99 ms):'
+        >>> faster_note(0.01999, 0.000133, suspect=False) is None
+        True
+    """
+    if not suspect or not row_s < float_s:
+        return None
+    return (
+        f"faster than the fastest float path ({row_s * 1e3:.2f} ms vs {float_s * 1e3:.2f} ms): "
+        "in this run, but these timings look inflated (see the warnings): time it again on a "
+        "quieter machine before relying on the speedup"
+    )
 
 
 def perplexity_cell(row: dict[str, Any]) -> str:
@@ -149,12 +215,16 @@ def _float_bits_line(w: dict[str, Any]) -> str:
     return f"bits/weight stored: {width} (float, no quantized layer; {change})"
 
 
-def _speedup_text(row: dict[str, Any]) -> str:
+def _speedup_text(row: dict[str, Any], base: dict[str, Any]) -> str:
+    """``"3.20x"``, marked ``" *"`` when the row's or the float row's (``base``, whose
+    latency every speedup is computed from) timing looked inflated."""
     from compactnn.report.delivery import SIMULATED
 
     if row["runtime"] == SIMULATED:
         return "simulated (no speedup claimed)"
-    return f"{row['speedup']:.2f}x" if row.get("speedup") else "n/a"
+    if not row.get("speedup"):
+        return "n/a"
+    return f"{row['speedup']:.2f}x" + suspect_mark(row.get("latency"), base.get("latency"))
 
 
 def conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:

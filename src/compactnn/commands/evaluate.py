@@ -33,6 +33,8 @@ from compactnn.commands.eval_table import (
     bits_line,
     conditions,
     quality_line,
+    speed_note,
+    suspect_footnote,
     table_columns,
     table_rows,
     text_table,
@@ -265,14 +267,23 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
     if is_probe_pruned(qmodel):  # its MLPs run on sliced weights: it is its delivered form
         return "compressed", *deliver_probe_pruned(qmodel)
     model, runtime, notes = deliver(_kind(qmodel, example), qmodel, example)
+    notes = [_user_words(n) for n in notes]
     label = "compressed" if runtime == SIMULATED else "deployed"
     return label, model, runtime, notes
+
+
+def _user_words(note: str) -> str:
+    """A delivery note without the class name of a user-facing error: ``runs simulated:
+    CompactnnError: <message>`` reads ``runs simulated: <message>`` (an unexpected
+    exception keeps its class name, which says it is one)."""
+    head = "runs simulated: CompactnnError: "
+    return "runs simulated: " + note[len(head) :] if note.startswith(head) else note
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Rows (float on its fastest path, and the compressed model on its delivered form)
     with quality, size, latency, runtime and speedup, plus the timing's conditions."""
-    from compactnn.report.delivery import SIMULATED, slower_note, timing_suspect, untrained_label
+    from compactnn.report.delivery import SIMULATED, untrained_label
 
     loaded, qmodel, qsize, data = _compressed(args)
     batches = as_batches(data[0]) if data[0] is not None else as_batches(loaded.example)
@@ -320,10 +331,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows[1:]:
         fair = base and row["latency"] and row["runtime"] != SIMULATED
         row["speedup"] = base["median_s"] / row["latency"]["median_s"] if fair else None
-        suspect = timing_suspect(base, row["latency"])
-        if fair and (
-            n := slower_note(base["median_s"], row["latency"]["median_s"], suspect=suspect)
-        ):
+        if fair and (n := speed_note(base, row["latency"])):
             notes = [*notes, n]
     return {
         "target": args.target,
@@ -453,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
     print(quality_line(result))
     for line in text_table(table_columns(result), table_rows(result)):
         print(line)
+    if (footnote := suspect_footnote(result)) is not None:
+        print(footnote)
     print(bits_line(result["stored_bits"], result.get("float_weights")))
     print(conditions(args, result))
     if args.json:

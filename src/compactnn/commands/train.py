@@ -86,6 +86,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing artifact in --out and an existing training log",
     )
+    p.add_argument(
+        "--ignore",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="leave this layer (module name or fnmatch pattern, e.g. conv1 or 'head.*') "
+        "untouched by every step; repeat for more",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed (same seed: same run)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
@@ -300,6 +308,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args, loaded: LoadedModel, recipe, data, eval_data, log: Path):
+    try:
+        return _train_model(args, loaded, recipe, data, eval_data, log)
+    except CompactnnError as exc:
+        raise _ignore_words(exc) from None
+
+
+# A library message naming a layer training cannot wrap, and the fix it suggests in the
+# recipe's words: on the command line the fix is --ignore NAME (compress says the same).
+_RECIPE_FIX_RE = (
+    r"Leave it in float: ignore=\[[^\]]*\] \(compress/train\) or the step's targets\.ignore"
+)
+
+
+def _ignore_words(exc: CompactnnError) -> CompactnnError:
+    """``exc`` with the command line's fix for a layer training cannot take: ``--ignore
+    NAME`` (the layer it names), in place of the Python API's ``ignore=[...]`` words."""
+    import re
+
+    text = str(exc)
+    layer = re.match(r"layer '([^']+)'", text)
+    if layer is None or "cannot take" not in text:
+        return exc
+    fix = f"Leave it in float with --ignore {layer[1]} (or the recipe's targets.ignore)"
+    if re.search(_RECIPE_FIX_RE, text):
+        return CompactnnError(re.sub(_RECIPE_FIX_RE, lambda _: fix, text, count=1))
+    return CompactnnError(f"{text} {fix}.")
+
+
+def _train_model(args, loaded: LoadedModel, recipe, data, eval_data, log: Path):
     return compactnn.train(
         loaded.model,
         recipe,
@@ -314,6 +351,7 @@ def _train(args, loaded: LoadedModel, recipe, data, eval_data, log: Path):
         force=args.force,
         keep_best=args.keep_best,
         device=args.device,
+        ignore=args.ignore,
     )
 
 

@@ -284,14 +284,24 @@ def batch_hint(model: nn.Module, batch: Batch) -> str:
 
 
 def main_output(out: Any) -> torch.Tensor:
-    """The tensor to compare in a model's output: logits, last hidden state, or the first."""
+    """The tensor to compare in a model's output: logits, last hidden state, or the first.
+
+    ``logits`` / ``last_hidden_state`` are found as attributes (a Hugging Face output) or as
+    keys of a plain dict, whatever the dict's order.
+
+    Example:
+        >>> main_output({"feat": torch.zeros(1), "logits": torch.ones(1)}).tolist()
+        [1.0]
+    """
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "last_hidden_state"):
         value = getattr(out, key, None)
+        if value is None and isinstance(out, Mapping):
+            value = out.get(key)
         if isinstance(value, torch.Tensor):
             return value
-    if isinstance(out, dict):
+    if isinstance(out, Mapping):
         out = list(out.values())
     if isinstance(out, (list, tuple)) and out:
         return main_output(out[0])

@@ -96,8 +96,8 @@ def check_binary_layer(name: str, layer: nn.Module) -> None:
     if type(layer) is not nn.Linear:
         raise CompactnnError(
             f"layer {name!r} ({type(layer).__name__}) cannot take 1-bit activations: binary "
-            "blocks wrap Conv2d and Linear layers. Exclude it from the recipe's targets or "
-            "keep its activations at 8 bits."
+            f"blocks wrap Conv2d and Linear layers. Leave it in float: ignore=[{name!r}] "
+            "(compress/train) or the step's targets.ignore; or keep its activations at 8 bits."
         )
 
 

@@ -140,11 +140,13 @@ class _Plan:
             :func:`kept_channels` channels (it truncates, and skips a group left empty), or
             the count :func:`pooled_keep` gives it under global ranking.
         floored: global ranking: the layers the one-channel floor saved from being emptied.
+        grouped: local ranking: the layers losing the same count in each channel group.
     """
 
     keep: dict[str, str]
     ratios: dict[nn.Module, float]
     floored: list[str] = dataclasses.field(default_factory=list)
+    grouped: list[str] = dataclasses.field(default_factory=list)
 
 
 def kept_channels(n: int, config: ChannelConfig) -> int:
@@ -157,6 +159,43 @@ def kept_channels(n: int, config: ChannelConfig) -> int:
     """
     least = config.round_to or 1
     return min(n, max(least, int(n * (1 - config.ratio) + 1e-9)))  # 1e-9: 10 * (1 - 0.9)
+
+
+def kept_per_channel_group(n: int, config: ChannelConfig) -> int:
+    """Channels each channel group of a grouped convolution keeps (``n`` per group): the
+    removed count rounded down (a whole channel in every group is a coarse step, and rounding
+    the kept count down removed 8 of 16 channels at ratio 0.3), or to the nearest when that
+    removes none; at least one (``round_to``) kept.
+
+    Example:
+        >>> [kept_per_channel_group(4, ChannelConfig(ratio=r)) for r in (0.3, 0.5, 0.1)]
+        [3, 2, 4]
+        >>> kept_per_channel_group(2, ChannelConfig(ratio=0.3))
+        1
+    """
+    removed = int(n * config.ratio + 1e-9) or int(n * config.ratio + 0.5)
+    return min(n, max(config.round_to or 1, n - removed))
+
+
+def achieved_notes(widths: dict[str, int], now: dict[str, int], ratio: float) -> list[str]:
+    """A note per layer whose share of removed output channels is not the nearest its width
+    allows to ``ratio`` (a grouped convolution removes whole channels per group).
+
+    Example:
+        >>> achieved_notes({"c1": 16, "fc": 32}, {"c1": 12, "fc": 22}, 0.3)[0][:67]
+        'channel pruning: c1 lost 25% of its output channels (4 of 16), not '
+    """
+    out = []
+    for name, before in widths.items():
+        after = now.get(name, before)
+        removed = before - after
+        if 0 < removed != int(before * ratio + 0.5):
+            out.append(
+                f"channel pruning: {name} lost {removed / before:.0%} of its output channels "
+                f"({removed} of {before}), not the {ratio:.0%} asked: grouped convolutions "
+                "remove the same count from every channel group"
+            )
+    return out
 
 
 def _removed_lowest(imps: list[torch.Tensor], n: int) -> list[int]:
@@ -235,7 +274,7 @@ def _plan(
     for group in groups:
         outs, ins, n, ch_groups = _members(pruner, group)
         fed = [names[id(m)] for m in ins if names.get(id(m)) in whole]
-        keep = kept_channels(n, config)
+        keep = kept_channels(n, config) if ch_groups == 1 else kept_per_channel_group(n, config)
         if fed:
             reason = f"its output channels feed {fed[0]!r}, kept whole ({reasons[fed[0]]})"
         elif keep == n:
@@ -246,10 +285,11 @@ def _plan(
             continue
         elif config.global_ranking:
             reason = "torch-pruning gives its channel group no importance score"
-        elif keep != int(n * (1 - config.ratio)):
-            plan.ratios[group[0].dep.target.module] = 1 - (keep + 0.5) / n
-            continue
         else:
+            if ch_groups > 1:
+                plan.grouped += [names[id(m)] for m in outs if id(m) in names]
+            if keep != int(n * (1 - config.ratio)):
+                plan.ratios[group[0].dep.target.module] = 1 - (keep + 0.5) / n
             continue
         plan.keep.update({names[id(m)]: reason for m in outs if id(m) in names})
     if pooled:
@@ -368,6 +408,9 @@ def remove_channels(
             f"{type(exc).__name__}: {first_line(exc)}. {FIXED_WIDTH_HINT}"
         ) from exc
     model.zero_grad(set_to_none=True)
+    now = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    grouped = {n: w for n, w in widths.items() if n in set(plan.grouped) & set(targets)}
+    ctx.notes.extend(achieved_notes(grouped, now, config.ratio))
     kept = dict(reasons)  # the layers torch-pruning was told to keep: what a group can blame
     for name, m in model.named_modules():
         if name in targets and name not in kept and isinstance(m, PRUNABLE):

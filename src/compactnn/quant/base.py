@@ -152,16 +152,32 @@ def prepare_model(model: nn.Module, config: QuantConfig, ctx: CompressContext) -
         ctx.extra["bn_folded"] = True
 
 
+def unquantizable_reason(m: nn.Module) -> str:
+    """Why a targeted layer of a type no method quantizes stays in float.
+
+    Example:
+        >>> unquantizable_reason(nn.GRU(4, 8))
+        'GRU is not a quantizable layer type: recurrent weights weight_ih_l0, weight_hh_l0'
+    """
+    why = f"{type(m).__name__} is not a quantizable layer type"
+    if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+        names = [n for n, p in m.named_parameters(recurse=False) if p.dim() >= 2][:2]
+        why += f": recurrent weights {', '.join(names)}"
+    return why
+
+
 def split_supported(targets: dict[str, nn.Module], ctx: CompressContext) -> dict[str, nn.Module]:
-    """Targets this library can quantize; the rest are recorded as kept in float."""
+    """Targets this library can quantize; the rest that hold weights (a ``.weight``, or
+    parameters of their own such as a GRU's ``weight_ih_l0``) are recorded as kept in float,
+    with the reason."""
     supported = {}
     for name, m in targets.items():
         if is_quant_layer(m):
             continue  # already quantized by an earlier step
         if isinstance(m, QUANTIZABLE):
             supported[name] = m
-        elif getattr(m, "weight", None) is not None:
-            ctx.float_layers[name] = f"{type(m).__name__} is not a quantizable layer type"
+        elif getattr(m, "weight", None) is not None or any(True for _ in m.parameters(False)):
+            ctx.float_layers[name] = unquantizable_reason(m)
     return supported
 
 
@@ -214,7 +230,39 @@ def layer_specs(
             a = config.act
             a = dataclasses.replace(a, bits=max(a.bits, fl)) if a is not None else None
             specs[n] = (w, a)
+        note_raised(specs, config, ctx)
     return specs
+
+
+def _bits(w: QuantSpec, a: QuantSpec | None) -> str:
+    return f"w{w.bits}" + (f"a{a.bits}" if a is not None else "")
+
+
+def note_raised(specs: LayerSpecs, config: QuantConfig, ctx: CompressContext) -> None:
+    """Say which layers the first/last-layer rule raised above the step's bits and how to
+    turn it off; warn when it raised every layer of the step (the recipe's bits then apply
+    to none: a w4a8 step gives the w8a8 model)."""
+    asked = _bits(config.weight, config.act)
+    raised = [n for n, (w, a) in specs.items() if _bits(w, a) != asked]
+    if not raised:
+        return
+    got = _bits(*specs[raised[0]])
+    off = (
+        "first_last_bits: null in the step's config of a YAML recipe (Python: the method's "
+        "config with first_last_bits=None) quantizes them like the rest"
+    )
+    if len(raised) == len(specs):
+        ctx.warn(
+            f"{type(config).__name__}: the first/last-layer rule (first_last_bits="
+            f"{config.first_last_bits}) raised every layer this step quantizes to {got} "
+            f"({', '.join(raised)}: the model's first and last Linear/Conv1d/Conv2d layers), "
+            f"so no layer is at the recipe's {asked} and the artifact is the {got} one; {off}."
+        )
+    else:
+        ctx.notes.append(
+            f"first/last-layer rule (first_last_bits={config.first_last_bits}): "
+            f"{', '.join(raised)} at {got} instead of {asked}; {off}"
+        )
 
 
 def calibrate_activations(model: nn.Module, ctx: CompressContext) -> None:

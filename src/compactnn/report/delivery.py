@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import compactnn
-from compactnn.errors import first_line
+from compactnn.errors import CompactnnError, first_line
 from compactnn.measure.float_paths import fastest_float_form, is_plain_float, is_plain_module
 from compactnn.measure.timing import DEFAULT_THREADS, timing_suspect  # noqa: F401 (re-exported)
 
@@ -82,7 +82,9 @@ def deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module, str, 
             delivered, runtime = _deliver(kind, model, example)
         except Exception as exc:  # every failure is reported in the row, never hidden
             first = clip(first_line(exc, 10_000), REASON_CHARS)
-            delivered, runtime = None, f"{type(exc).__name__}: {first}"
+            # a CompactnnError's message is the user's words; anything else names its class
+            user = isinstance(exc, CompactnnError)
+            delivered, runtime = None, first if user else f"{type(exc).__name__}: {first}"
     notes = warning_notes(caught)
     if delivered is None:
         return model, SIMULATED, [f"runs simulated: {runtime}", *notes]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.calib import describe, expected_input_hint
+from compactnn.core.calib import describe, expected_input_hint, main_output
 from compactnn.errors import CompactnnError, first_line
 
 # Where a mapping keeps its inputs and labels, in the order they are looked for: training
@@ -349,12 +349,38 @@ def num_outputs(model: nn.Module, x: torch.Tensor) -> int:
             out = probe(x[:2])
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise CompactnnError(fit_error(model, x, first_line(exc))) from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+    logits = _main_output_or_none(out)
+    if logits is None or logits.dim() != 2:
+        got = getattr(out, "shape", type(out).__name__)
+        if logits is not None and not isinstance(out, torch.Tensor):
+            got = f"{got} whose main output has shape {tuple(logits.shape)}"
         raise CompactnnError(
             "train() trains classifiers: the model must return logits of shape "
-            f"(batch, classes), got {getattr(out, 'shape', type(out).__name__)}."
+            f"(batch, classes) (a tensor, a dict's 'logits' or first value, or a tuple's first "
+            f"item), got {got}."
         )
-    return int(out.shape[1])
+    return int(logits.shape[1])
+
+
+def class_logits(out: Any) -> torch.Tensor:
+    """The logits in a classifier's output, which training scores and distils: the output
+    itself (a tensor), else its main output as compress, eval and deploy take it
+    (:func:`compactnn.core.calib.main_output`: ``logits``, or the first value or item).
+
+    Example:
+        >>> class_logits({"logits": torch.ones(2, 3), "feat": torch.zeros(2, 8)}).shape
+        torch.Size([2, 3])
+        >>> class_logits((torch.ones(2, 3), torch.zeros(2, 8))).shape
+        torch.Size([2, 3])
+    """
+    return out if isinstance(out, torch.Tensor) else main_output(out)
+
+
+def _main_output_or_none(out: Any) -> torch.Tensor | None:
+    try:
+        return class_logits(out)
+    except TypeError:  # no tensor in it
+        return None
 
 
 # Words of PyTorch's errors for an input whose dtype differs from the layer's weights

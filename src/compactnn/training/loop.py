@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,15 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from compactnn.api import with_ignored
+from compactnn.core.context import CompressContext
 from compactnn.core.modules import check_target_names
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
 from compactnn.engines.binary import recalibrate_norms
 from compactnn.engines.qat import start_epoch
 from compactnn.errors import CompactnnError
+from compactnn.float_layers import report_float_layers
 from compactnn.recipe import Recipe, resolve_recipe
 from compactnn.training import distributed
 from compactnn.training.checkpoint import (
@@ -34,6 +38,7 @@ from compactnn.training.data import (
     as_eval_data,
     as_train_data,
     check_labels,
+    class_logits,
     float_dtype,
     num_outputs,
 )
@@ -104,15 +109,28 @@ def norm_recalibrator(cfg, data: TrainData, device: torch.device, seed: int):
     return recalibrate
 
 
+class _Logits(nn.Module):
+    """``model`` returning the logits of its output (:func:`class_logits`): a teacher that
+    returns a dict or a tuple is distilled from its logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return class_logits(self.model(x))
+
+
 def _loss_fn(qat, model, teacher, weight, temperature, features, calib_x):
-    """Cross entropy, or its mix with distillation from ``teacher`` (default: ``model``)."""
+    """Cross entropy, or its mix with distillation from ``teacher`` (default: ``model``),
+    on the logits of each output (:func:`class_logits`)."""
     if weight == 0 and not features:
         return lambda logits, _x, y: F.cross_entropy(logits, y)
     teacher = copy.deepcopy(teacher if teacher is not None else model).eval()
     with torch.no_grad():
-        check_logits(qat(calib_x[:2]), teacher(calib_x[:2]))
+        check_logits(class_logits(qat(calib_x[:2])), class_logits(teacher(calib_x[:2])))
     fd = FeatureDistiller(qat, teacher, features) if features else None
-    return DistillationLoss(teacher, weight, temperature, features=fd)
+    return DistillationLoss(_Logits(teacher), weight, temperature, features=fd)
 
 
 def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
@@ -121,7 +139,7 @@ def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
     model.eval()
     with torch.no_grad():
         hits = sum(
-            int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
+            int((class_logits(model(x[i : i + batch])).argmax(1) == y[i : i + batch]).sum())
             for i in range(0, x.shape[0], batch)
         )
     model.train(was)
@@ -190,7 +208,7 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
         if data.loader is not None:
             check_labels(y, num_classes, f"training batch {i}")
         x, y = distributed.shard(env, x, y)  # this rank's slice of the global batch
-        logits = forward(x)
+        logits = class_logits(forward(x))  # a dict's "logits", a tuple's first item
         loss = loss_fn(logits, x, y)
         value = float(loss.detach())
         if not math.isfinite(value) or env.active:
@@ -268,6 +286,16 @@ def _epoch_record(r: _Run, top1: float | None, seconds: float, lr: float) -> dic
     }
 
 
+def _record_float_layers(qmodel: nn.Module) -> None:
+    """Every layer the frozen model keeps in float gets its reason in the record, as
+    compress gives it (:func:`report_float_layers`; an ignored or untargeted layer: "not
+    targeted by the recipe"). The reasons training recorded itself (it warned) stand."""
+    info = qmodel._compactnn
+    ctx = CompressContext(float_layers=info["float_layers"], extra=info["extra"])
+    ctx.skipped = dict(ctx.float_layers)  # warned about already: not again
+    report_float_layers(qmodel, ctx, {}, {})
+
+
 def _final_model(r: _Run, keep_best: bool) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen model to return (the best epoch's with ``keep_best``) and what was kept."""
     plain = distributed.plain_model(r.env, r.qat, "cpu")
@@ -303,6 +331,7 @@ def train(
     keep_best: bool = False,
     device: str | torch.device | None = None,
     distributed: str = "ddp",
+    ignore: Sequence[str] = (),
 ) -> nn.Module:
     """Train ``model`` with a quantization-aware ``recipe``; return the frozen quantized model.
 
@@ -341,6 +370,9 @@ def train(
         distributed: under ``torchrun``, ``"ddp"`` replicates the student on every rank,
             ``"fsdp2"`` shards its parameters, gradients and optimizer state over the ranks
             (:mod:`compactnn.training.fsdp`); ignored in a single process.
+        ignore: module names or ``fnmatch`` patterns left in float (added to the step's
+            ``targets.ignore``, as :func:`compactnn.compress` does; a container's name
+            covers its children); the artifact records them as float layers.
 
     Under ``torchrun --nproc-per-node N`` the same call trains on N processes with
     DistributedDataParallel: the recipe's batch size is the global batch, split over the
@@ -359,6 +391,7 @@ def train(
     check_log_path(log_path, appends=resumes, force=force)  # every rank, before they meet
     recipe = resolve_recipe(recipe)
     check_target_names(model, recipe)
+    recipe = with_ignored(recipe, model, ignore)
     cfg = qat_step(recipe).config
     epochs_given = epochs
     epochs = cfg.epochs if epochs is None else epochs
@@ -443,6 +476,7 @@ def train(
     if recalibrate is not None and (eval_xy is None or r.epoch < epochs):
         recalibrate(qat)  # the last epoch's model was not recalibrated yet
     qmodel, kept = _final_model(r, keep_best)
+    _record_float_layers(qmodel)
     qmodel._compactnn["extra"]["training"] = {
         "epochs": epochs,
         "steps": r.step,
