@@ -199,6 +199,27 @@ def test_the_eval_line_asks_for_held_out_data_when_none_was_read(data):
     assert eval_data_file(args, LoadedModel(nn.Identity(), "mynet:make"), None) == "HELD_OUT_FILE"
 
 
+def test_the_eval_line_passes_a_keyword_split_file_that_holds_a_held_out_split():
+    """A Hugging Face classifier's ``--data`` with ``input_ids_train``/``y_train`` and
+    ``input_ids_test``/``y_test`` (the documented keyword split): eval reads its test split,
+    so the printed line names the file, not HELD_OUT_FILE."""
+    import argparse
+
+    import torch
+    from torch import nn
+
+    from compactnn.commands.compress import eval_data_file
+    from compactnn.model_io import LoadedModel
+
+    ids, y = torch.ones(2, 3).long(), torch.tensor([0, 1])
+    split = {"input_ids_train": ids, "y_train": y, "input_ids_test": ids, "y_test": y}
+    args = argparse.Namespace(data="split.safetensors")
+    loaded = LoadedModel(nn.Identity(), "mynet:make")
+    assert eval_data_file(args, loaded, split) == "split.safetensors"
+    no_test = {"input_ids": ids, "y": y}  # calibration data only: still asks for held-out data
+    assert eval_data_file(args, loaded, no_test) == "HELD_OUT_FILE"
+
+
 def _bn_project(tmp_path, monkeypatch):
     """``bnnet:make`` (a CNN with batch norm, 1x8x8 inputs) and its ``w.safetensors``."""
     import torch

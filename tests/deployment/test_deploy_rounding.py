@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import compactnn
-from compactnn.errors import CompactnnError
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
 from tests.lowering._amplifying import deep_bn_net
 

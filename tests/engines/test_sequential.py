@@ -43,8 +43,10 @@ def test_gptq_every_architecture_beats_rtn_and_round_trips(arch, tmp_path):
 def test_peak_memory_is_reported():
     model, calib = tiny_model("llama")
     q = compactnn.compress(model, "w4-g32-gptq", calib_data=calib, progress=False)
-    assert q._compactnn["measured"]["peak_rss_mib"]["GPTQConfig"] > 0
+    assert q._compactnn["measured"]["peak_rss_mib"]["gptq"] > 0
     assert q._compactnn["extra"]["calibration"]["GPTQConfig"]["blocks"] == 2
+    # the notes and the printed peak name the method as the user wrote it, not its config class
+    assert "gptq: calibrated 2 blocks one at a time" in q._compactnn["notes"]
 
 
 def test_bad_inputs_are_named():

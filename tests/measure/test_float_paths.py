@@ -123,3 +123,31 @@ def test_a_plain_float_model_has_no_compactnn_module_or_mask():
     masked = _model()
     parametrize.register_parametrization(masked[0], "weight", nn.Identity())
     assert not float_paths.is_plain_float(masked)
+
+
+class _FeatFirst(nn.Module):
+    """Returns ``{"feat": f, "logits": head(f)}``: the main output is the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(16, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.body(x.flatten(1))
+        return {"feat": f, "logits": self.head(f)}
+
+
+def test_onnx_runtime_float_returns_the_main_output_of_a_dict_model():
+    """The contender must give what eval scores (the dict's logits, not its first value);
+    it returned ONNX output 0 (the 32-wide features) and was dropped as diverging."""
+    pytest.importorskip("onnxruntime")
+    model, x = (
+        _FeatFirst().eval(),
+        torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(2)),
+    )
+    assert float_paths.main_output_index(model, x) == 1
+    ort = float_paths.ort_float(model, x, threads=1)
+    with torch.no_grad():
+        got, ref = ort(x), model(x)["logits"]
+    assert got.shape == (4, 10) and torch.allclose(got, ref, atol=1e-5)

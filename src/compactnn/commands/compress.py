@@ -41,7 +41,7 @@ from compactnn.core.tokens import check_token_ids
 from compactnn.errors import CompactnnError, first_line
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
-from compactnn.training.data import labelled_keys
+from compactnn.training.data import keyword_split, labelled_keys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -351,8 +351,9 @@ def check_input_shape(args: argparse.Namespace) -> None:
 
 def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> str | None:
     """What the printed ``compactnn eval`` line passes as ``--data``: never the calibration
-    data. A ``--data`` file that also holds a held-out split (``x_test``/``y_test``, which
-    ``eval`` reads; ``data`` is what the file held, read once for calibration); else
+    data. A ``--data`` file that also holds a held-out split (``x_test``/``y_test``, or a
+    keyword split's ``y_test`` beside ``input_ids_test``..., which ``eval`` reads; ``data``
+    is what the file held, read once for calibration); else
     ``HELD_OUT_FILE`` for the user to fill in; None for a reference model (``eval`` scores
     it on its own test split) or a model that brings its own sample input (a Hugging Face
     folder). A user's model compressed without a data file (data-free, or a weight-only
@@ -364,6 +365,8 @@ def eval_data_file(args: argparse.Namespace, loaded: LoadedModel, data: Any) -> 
         tensors = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
         if labelled_keys(tensors, "eval") == ("x_test", "y_test"):
             return args.data
+        if "y_test" in tensors and keyword_split(data, "eval") is not None:
+            return args.data  # a keyword split: input_ids_test, attention_mask_test, y_test
     return None if loaded.reference is not None else "HELD_OUT_FILE"
 
 

@@ -11,6 +11,7 @@ from compactnn.commands._common import human_bytes
 from compactnn.commands.compress_summary import human_count
 from compactnn.measure import fmt_quality
 from compactnn.measure.timing import timing_suspect
+from compactnn.report.writer import SUSPECT_MARK, ratio_cell, suspect_mark  # noqa: F401 (re-exported)
 
 # (header, alignment) per column of the printed table; "<" left, ">" right.
 TABLE_COLUMNS = (
@@ -72,7 +73,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             fmt_quality(row["metric"], row["quality"]),
             *([perplexity_cell(row)] if ppl else []),
             human_bytes(row["size_bytes"]),
-            f"{base['size_bytes'] / row['size_bytes']:.2f}x",
+            ratio_cell(base["size_bytes"] / row["size_bytes"]),
             row["latency_text"] + suspect_mark(row.get("latency")),
             "" if row["model"] == "float" else _speedup_text(row, base),
         ]
@@ -80,23 +81,11 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-SUSPECT_MARK = " *"  # after a latency or speedup cell whose timing looked inflated
 SUSPECT_FOOTNOTE = (
     "* this timing looked inflated (the reasons are in the warnings above): the machine was "
     "busy while it was measured, so the latency and the speedups computed from it may be the "
     "machine's, not the model's; rerun on a quieter machine before relying on them"
 )
-
-
-def suspect_mark(*latencies: dict[str, Any] | None) -> str:
-    """:data:`SUSPECT_MARK` when any of these ``Timing.to_dict()`` records looked inflated
-    (:func:`compactnn.measure.timing.timing_suspect`, as ``compactnn report`` marks them).
-
-    Example:
-        >>> suspect_mark({"suspect": []}), suspect_mark({"suspect": []}, {"suspect": ["busy"]})
-        ('', ' *')
-    """
-    return SUSPECT_MARK if timing_suspect(*latencies) else ""
 
 
 def suspect_footnote(result: dict[str, Any]) -> str | None:

@@ -296,10 +296,10 @@ def run(args: argparse.Namespace) -> int:
             f"trained {loaded.reference.evaluate(qmodel):.2f}"
         )
     size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
-    print(
-        f"  artifact: {out}  {human_bytes(size)} "
-        f"(float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller)"
-    )
+    bigger = size > float_size
+    ratio = f"{size / float_size:.2f}x larger" if bigger else f"{float_size / size:.2f}x smaller"
+    floats = f"float artifact {human_bytes(float_size)}"
+    print(f"  artifact: {out}  {human_bytes(size)} ({floats}, {ratio})")
     print(f"  training log: {log}")
     print(f"  sha256 digest: {digest}")
     held_out = argparse.Namespace(**{**vars(args), "data": eval_data_words(args, data, loaded)})

@@ -455,7 +455,16 @@ def run_sequential(
     nblocks = sum(r["blocks"] for r in records.values())
     record = next(iter(records.values())) if len(records) == 1 else {"stacks": records}
     ctx.extra.setdefault("calibration", {})[name] = {**record, "blocks": nblocks}
+    label = _method_label(config)  # the user's word ("gptq"), not the config class
     peak = round(peak_rss_mib(), 1)  # measured: not saved (artifacts stay reproducible)
-    ctx.measured.setdefault("peak_rss_mib", {})[name] = peak
-    ctx.notes.append(f"{name}: calibrated {nblocks} blocks one at a time")  # no measurement
+    ctx.measured.setdefault("peak_rss_mib", {})[label] = peak
+    ctx.notes.append(f"{label}: calibrated {nblocks} blocks one at a time")  # no measurement
     return model
+
+
+def _method_label(config: Any) -> str:
+    """The registered method name of ``config`` (``"gptq"``), else its class name."""
+    from compactnn.registry import METHODS_BY_CONFIG
+
+    entry = METHODS_BY_CONFIG.get(type(config))
+    return entry.name if entry is not None else type(config).__name__

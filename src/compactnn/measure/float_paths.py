@@ -118,17 +118,39 @@ class Bf16Autocast(nn.Module):
 class OrtFloat(nn.Module):
     """An ONNX Runtime fp32 session behind the float model's call signature (main output)."""
 
-    def __init__(self, data: bytes, names: list[str], threads: int | None) -> None:
+    def __init__(self, data: bytes, names: list[str], threads: int | None, index: int = 0) -> None:
         super().__init__()
         from compactnn.export.ort import ort_callable
 
         self.run = ort_callable(data, threads)
         self.names = names
+        self.index = index  # which ONNX output is the eager model's main output
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         feed = dict(zip(self.names, args, strict=False)) | kwargs
         out = self.run(**{k: v for k, v in feed.items() if k in self.names})
-        return out[0] if isinstance(out, tuple) else out
+        return out[self.index] if isinstance(out, tuple) else out
+
+
+def _flat(out: Any) -> list[Any]:
+    """``out``'s tensors depth first, in the order the ONNX exporter lists its outputs (a
+    mapping's values in order, then sequences in order)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):  # a Hugging Face ModelOutput is an OrderedDict too
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat(v)]
+    return []
+
+
+def main_output_index(model: nn.Module, example: Any) -> int:
+    """The position of :func:`~compactnn.core.calib.main_output` among ``model``'s flattened
+    outputs on ``example`` (a dict ``{"feat": f, "logits": y}`` -> 1); 0 when not found."""
+    with torch.no_grad():
+        out = call_model(model, example)
+    main = main_output(out)
+    return next((i for i, t in enumerate(_flat(out)) if t is main), 0)
 
 
 # Hugging Face model types whose ONNX export ONNX Runtime's transformer optimizer fuses
@@ -182,7 +204,7 @@ def ort_float(
         path = Path(tmp) / "fp32.onnx"
         names = export_dynamic(model, example, path)
         data = (ort_fused_file(model, path) if fused else path).read_bytes()
-    return OrtFloat(data, names, threads)
+    return OrtFloat(data, names, threads, main_output_index(model, example))
 
 
 class _CompileTimeout(Exception):

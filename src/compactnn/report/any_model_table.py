@@ -13,6 +13,7 @@ from compactnn.report.writer import (
     _mib,
     any_suspect,
     module_order,
+    ratio_cell,
     resident_cell,
     suspect_mark,
 )
@@ -53,7 +54,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         out.append([
             r["label"], r["runs_as"], quality_cell(r["metric"], r["quality"]),
             delta_cell(r["metric"], r["quality"], base), _mib(r["size_bytes"]),
-            f"{r['size_ratio']:.2f}x", latency + suspect_mark(lat), speedup, resident_cell(r),
+            ratio_cell(r["size_ratio"]), latency + suspect_mark(lat), speedup, resident_cell(r),
         ])  # fmt: skip
     return out
 

@@ -52,6 +52,19 @@ def _num(x: Any, fmt: str) -> str:
     return format(x, fmt)
 
 
+def ratio_cell(ratio: Any) -> str:
+    """An "x smaller" cell: ``3.40x``, or ``1.09x larger`` for an artifact bigger than float
+    (a ratio below 1 under "x smaller" reads as a reduction).
+
+    Example:
+        >>> ratio_cell(3.4), ratio_cell(0.92), ratio_cell(None)
+        ('3.40x', '1.09x larger', 'n/a')
+    """
+    if ratio is None or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        return "n/a"
+    return f"{ratio:.2f}x" if ratio >= 1 or ratio <= 0 else f"{1 / ratio:.2f}x larger"
+
+
 def suspect_mark(*latencies: dict[str, Any] | None) -> str:
     """:data:`SUSPECT_MARK` when any of these ``Timing.to_dict()`` records has suspect
     reasons (:func:`compactnn.measure.timing.suspect_reasons`), else ``""``.
@@ -120,7 +133,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
                 fmt_quality(r["metric"], r.get("quality_delta"), delta=True),
                 _mib(r["size_bytes"]),
                 _mib(r["theoretical_bytes"]),
-                _num(r.get("size_ratio"), ".2f") + "x",
+                ratio_cell(r.get("size_ratio")),
                 _latency_cell(r["latency"]),
                 _speedup_cell(r, bases.get(r["model"])),
                 resident_cell(r),
