@@ -49,6 +49,22 @@ def test_a_weight_only_training_recipe_is_pointed_to_its_activation_form():
     assert "e.g. 'w8a8', 'w4a4'" in refusals.no_integer_layers(sim, {})
 
 
+@pytest.mark.parametrize(
+    ("recipe", "advice"),
+    [
+        ("w4-g32", "'w4a8' (w4-g32 with 8-bit activations, per-channel weights)"),
+        ("w4-g32-gptq", "'w4a8-gptq' (w4-g32-gptq with 8-bit activations, per-channel"),
+        ("w4a8-g32", "'w4a8' (w4a8-g32 with 8-bit activations, per-channel weights)"),
+    ],
+)
+def test_a_group_wise_recipe_is_pointed_to_a_per_channel_form_kernels_take(recipe, advice):
+    """'w4a8-g32' (what the advice said before) is refused too: per-group weight scales."""
+    sim = nn.Sequential(nn.Linear(4, 4))
+    sim._compactnn = {"recipe": SimpleNamespace(name=recipe)}
+    msg = refusals.no_integer_layers(sim, {"0": "per-group weight scales"})
+    assert advice in msg and "'w4a8-g32'" not in msg.split("(e.g.")[1].split(";")[0]
+
+
 @pytest.mark.parametrize("tolerance", [-1, -0.5, float("nan"), float("inf"), "2", True, None])
 def test_a_bad_tolerance_is_refused_before_the_model_is_looked_at(tolerance):
     with pytest.raises(CompactnnError, match=r"^tolerance=.*finite number of output steps >= 0"):

@@ -191,17 +191,26 @@ def no_integer_layers(sim: nn.Module, kept: dict[str, str]) -> str:
     suggest = "'w8a8', 'w4a4'"
     recipe = (getattr(sim, "_compactnn", None) or {}).get("recipe")
     name = getattr(recipe, "name", "")
-    weight_only = re.fullmatch(r"w(\d+)-([a-z][\w-]*)", name)  # e.g. w5-inq: the same method
-    if weight_only:
-        same = f"w{weight_only[1]}a8-{weight_only[2]}"
+    # e.g. w5-inq: the same method; w4-g32(-gptq): per channel (int8 kernels take one scale
+    # per output channel, never per group), so the group part is dropped
+    form = re.fullmatch(r"w(\d+)(a\d+)?(?:-g\d+)?(?:-([a-z][\w-]*))?", name)
+    if form and (form[2] is None or "-g" in name):
+        same = f"w{form[1]}a8" + (f"-{form[3]}" if form[3] else "")
+        why = "8-bit activations" + (", per-channel weights" if "-g" in name else "")
         try:
             parse_short_name(same)  # only a recipe that exists
-            suggest = f"'{same}' ({name} with 8-bit activations)"
+            suggest = f"'{same}' ({name} with {why})"
         except CompactnnError:
             pass
+    acts = any(getattr(m, "input_quantizer", None) is not None for m in sim.modules())
+    lead = (
+        "compress with a recipe whose layers int8 kernels take"
+        if acts  # activations are quantized already: the reasons are elsewhere
+        else "compress with a recipe that quantizes activations"
+    )
     return (
-        "deploy found no layer it can run on integer kernels: compress with a recipe "
-        f"that quantizes activations (e.g. {suggest}); kept in float: {listing(kept)}"
+        f"deploy found no layer it can run on integer kernels: {lead} (e.g. {suggest}); "
+        f"kept in float: {listing(kept)}"
     )
 
 
