@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -85,6 +86,23 @@ def _unknown_model(spec: str) -> CompactnnError:
     return CompactnnError(f"unknown model {spec!r}. MODEL is one of:\n  {forms}")
 
 
+def _folder_without_config(path: Path) -> CompactnnError:
+    """One line for a folder without ``config.json``: a compactnn artifact (not a float
+    model), or what it lacks and the MODEL form of plain weights (a factory and the file)."""
+    if (path / "compactnn.json").is_file():
+        return CompactnnError(
+            f"{str(path)!r} is a compactnn artifact, not a float model: pass the model it was "
+            "made from as MODEL (eval, deploy, export and report take the artifact itself)."
+        )
+    weights = hf_weights_file(path) or next(iter(sorted(path.glob("*.safetensors"))), None)
+    held = f" (it holds {weights.name})" if weights else ""
+    return CompactnnError(
+        f"model folder {str(path)!r} has no config.json{held}: a Hugging Face model folder "
+        "needs the config.json that save_pretrained writes beside the weights; for plain "
+        f"weights, pass MODEL as package.module:factory with --weights {weights or 'FILE'}."
+    )
+
+
 def resolve_model(
     spec: str, *, weights: str | None = None, trust_pickle: bool = False
 ) -> LoadedModel:
@@ -105,6 +123,8 @@ def resolve_model(
         return _load_exported(path, trust_pickle)
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_dir(path, trust_pickle)
+    if path.is_dir():
+        raise _folder_without_config(path)
     if ":" in spec and not path.exists():
         return _load_factory(spec, weights)
     raise _unknown_model(spec)
@@ -192,7 +212,8 @@ def _hf_model(transformers: Any, path: Path, safetensors: bool) -> nn.Module:
     except CompactnnError:
         raise
     except Exception as exc:
-        raise CompactnnError(f"cannot load the Hugging Face model in {str(path)!r}: {exc}") from exc
+        why = f"cannot load the Hugging Face model in {str(path)!r}: {first_line(exc, 300)}"
+        raise CompactnnError(_unknown_model_type(transformers, path) or why) from exc
     misfit = misfit_line(
         [repr(k) for k in sorted(info.get("missing_keys", ()))],
         [repr(k) for k in sorted(info.get("unexpected_keys", ()))],
@@ -205,6 +226,25 @@ def _hf_model(transformers: Any, path: Path, safetensors: bool) -> nn.Module:
             "the whole model with save_pretrained, or fix config.json's architectures."
         )
     return model
+
+
+def _unknown_model_type(transformers: Any, path: Path) -> str | None:
+    """One line when ``config.json``'s ``model_type`` is not one the installed transformers
+    knows (a newer model, or a custom one whose code compactnn never runs); else None."""
+    try:
+        model_type = json.loads((path / "config.json").read_text())["model_type"]
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+            return None
+    except Exception:  # unreadable config.json or another layout: transformers' error stands
+        return None
+    return (
+        f"{str(path / 'config.json')!r} has model_type {model_type[:80]!r}, which the installed "
+        f"transformers {transformers.__version__} does not know (compactnn never runs code "
+        "from a model folder): upgrade transformers to a release that has this model type, "
+        "or set model_type to one it has."
+    )
 
 
 def _dtype_argument(transformers: Any) -> str:
@@ -303,13 +343,13 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
         tensors = {k: _cast(v, dtype) for k, v in read_tensors(path).items()}
         if len(tensors) == 1:
             (name, tensor), *_ = tensors.items()
-            return _keywords_for(model, tensor, name)
+            return _keywords_for(model, tensor, name, spec)
         check_rows(spec, tensors)
         return tensors
     if path.suffix == ".npy":
         array = read_npy(spec)
         try:
-            return _keywords_for(model, _cast(torch.from_numpy(array), dtype))
+            return _keywords_for(model, _cast(torch.from_numpy(array), dtype), spec=spec)
         except TypeError as exc:  # object/string/complex arrays torch has no dtype for
             raise CompactnnError(
                 f"{spec!r} holds {array.dtype} values; save numeric inputs (float or integer)."
@@ -336,14 +376,34 @@ def is_hf_model(model: Any) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
-def _keywords_for(model: nn.Module | None, tensor: torch.Tensor, name: str | None = None) -> Any:
+def _keywords_for(
+    model: nn.Module | None, tensor: torch.Tensor, name: str | None = None, spec: str = ""
+) -> Any:
     """A single tensor as a Hugging Face model's keyword input: under its own name when the
     model's ``forward`` takes it, else the model's main input (``input_ids``,
-    ``pixel_values``); other models take the tensor itself."""
+    ``pixel_values``); other models take the tensor itself.
+
+    Raises:
+        CompactnnError: the tensor (of the file ``spec``, named ``name`` unless an array) goes
+            to the main input and is not its kind: floats for a BERT's integer ``input_ids``,
+            token ids for a ViT's ``pixel_values``.
+    """
     if model is None or not is_hf_model(model):
         return tensor
-    takes = inspect.signature(model.forward).parameters
-    return {name if name in takes else model.main_input_name: tensor}
+    main = model.main_input_name
+    if name in inspect.signature(model.forward).parameters:
+        return {name: tensor}
+    wants_ids = main in ("input_ids", "decoder_input_ids")
+    if wants_ids == (tensor.is_floating_point() or tensor.is_complex()):
+        held = f"{str(tensor.dtype).removeprefix('torch.')}, shape {tuple(tensor.shape)}"
+        held = f"one tensor, {name[:80]!r} ({held})" if name else f"an array ({held})"
+        takes = f" takes no {name[:80]!r}: its" if name else "'s"
+        expects = "integer token ids from its tokenizer" if wants_ids else "floating-point values"
+        raise CompactnnError(
+            f"data {spec!r} holds {held}, and {type(model).__name__}{takes} input is {main} "
+            f"({expects}); pass data made for this model, saved under the name {main!r}."
+        )
+    return {main: tensor}
 
 
 def _float_dtype(model: nn.Module | None) -> torch.dtype:
