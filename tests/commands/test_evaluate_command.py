@@ -420,3 +420,30 @@ def test_eval_labels_a_training_recipe_that_was_never_trained(project, capsys):
         recipes[art] = json.loads(open(f"{art}.json").read())["rows"][1]["recipe"]
     assert recipes == {"lsq-c": "w4a4-lsq (calibrated only, not trained)", "lsq-t": "w4a4-lsq"}
     assert "w4a4-lsq (calibrated only, not trained)" in capsys.readouterr().out
+
+
+def test_eval_blames_what_ran_when_most_layers_stayed_simulated(project, capsys, monkeypatch):
+    """A to_kernels model that runs most layers simulated in float32 on bfloat16 activations
+    (TernaryBERT: 38 of 41; only the embedding tables on kernels) is not said to differ by
+    integer kernels' rounding: the note names the bfloat16 compute and what ran where."""
+    from compactnn.report import delivery
+
+    qmodel = compactnn.load("art-w8a8", model=project["factory"].make())
+    mixed = _Misrounded(qmodel)
+    mixed._compactnn_kernels = {
+        "swapped": {"emb": "EmbeddingKernel"},
+        "simulated": ["fc1", "fc2"],
+        "dtype": "bfloat16",
+    }
+    runtime = delivery.kernels_runtime(mixed._compactnn_kernels)
+    monkeypatch.setattr(delivery, "deliver", lambda kind, model, example: (mixed, runtime, []))
+    assert _eval("--data", "xy.safetensors") == 0
+    (said,) = [s for s in capsys.readouterr().out.splitlines() if s.startswith("simulated model")]
+    assert said.endswith(
+        f"deployed ({runtime}): {evaluate(mixed, (project['x'], project['y'])):.2f}%: the "
+        "deployed model runs in bfloat16 (activations, attention, normalization rounded to 8 "
+        "significant bits), the simulated one in float32; 1 embedding table(s) gathered from "
+        "their codes (the simulation's formula); 2 of 3 quantized layers simulated (float32 on "
+        "bfloat16 inputs) (docs/transformers.md)"
+    )
+    assert "int32" not in said

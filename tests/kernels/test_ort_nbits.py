@@ -26,6 +26,7 @@ from compactnn.kernels.ort_nbits import (
 
 pytest.importorskip("onnxruntime")
 warnings.filterwarnings("ignore", message=".*calibration samples")
+pytestmark = pytest.mark.filterwarnings("ignore:to_ort_nbits. accuracy_level=4")
 
 
 def test_nbits_tensors_pack_our_codes_low_nibble_first():
@@ -131,7 +132,8 @@ def test_to_ort_nbits_runs_from_a_mapped_file_and_cleans_up(tmp_path):
     q = compactnn.compress(model, "w4-g32", calib_data=[batch], progress=False)
     path = tmp_path / "m.onnx"
     with torch.no_grad():
-        ref = OrtNBitsModel(nbits_onnx(q, batch)[0], list(batch), threads=1)(**batch)[0]
+        # int8 activations drift here: to_ort_nbits falls back to float32 compute (level 0)
+        ref = OrtNBitsModel(nbits_onnx(q, batch, 0)[0], list(batch), threads=1)(**batch)[0]
         fast = to_ort_nbits(q, batch, threads=1, path=path)
         assert torch.equal(fast(**batch)[0], ref)  # same graph, weights from the file
         assert fast.nbytes == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
@@ -169,7 +171,8 @@ def test_the_written_model_is_smaller_than_the_float_one(tmp_path):
     q = compactnn.compress(model, "w4-g32", calib_data=[batch], progress=False)
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad():
-        ref = OrtNBitsModel(nbits_onnx(q, batch)[0], list(batch), threads=1)(**batch)[0]
+        # int8 activations drift here: to_ort_nbits falls back to float32 compute (level 0)
+        ref = OrtNBitsModel(nbits_onnx(q, batch, 0)[0], list(batch), threads=1)(**batch)[0]
         fast = to_ort_nbits(q, batch, threads=1, path=tmp_path / "m.onnx")
         assert torch.equal(fast(**batch)[0], ref)
     written = sum(f.stat().st_size for f in tmp_path.iterdir())

@@ -144,3 +144,31 @@ def test_slower_note_hedges_when_a_timing_looks_inflated():
     note = delivery.slower_note(0.002, 0.005, suspect=True)
     assert "look inflated" in note and "the float model is the faster way" not in note
     assert delivery.slower_note(0.002, 0.001, suspect=True) is None
+
+
+def test_rounding_cause_follows_what_ran():
+    # TernaryBERT's eval: 3 tables on kernels, 38 layers simulated in a bfloat16 model
+    fast = nn.Identity()
+    tables = {f"bert.embeddings.{t}": "EmbeddingKernel" for t in ("word", "position", "type")}
+    fast._compactnn_kernels = {
+        "swapped": tables,
+        "simulated": [f"layer{i}" for i in range(38)],
+        "dtype": "bfloat16",
+    }
+    cause = delivery.rounding_cause(fast)
+    assert cause.startswith("the deployed model runs in bfloat16 (")
+    assert "3 embedding table(s) gathered from their codes" in cause
+    assert "38 of 41 quantized layers simulated (float32 on bfloat16 inputs)" in cause
+    assert "int32" not in cause
+    # float32 kernels, W8A8 and weight-only: only the kernels can differ
+    fast._compactnn_kernels = {
+        "swapped": {"a": "W8A8Linear", "b": "Int4WeightLinear"},
+        "simulated": [],
+        "dtype": "float32",
+    }
+    assert delivery.rounding_cause(fast) == (
+        "1 layer(s) on int8 kernels (exact int32 sums, per-token rounding); 1 weight-only "
+        "layer(s) on kernels of the dequantized weights (docs/transformers.md)"
+    )
+    # compactnn.deploy's integer models (no to_kernels record): integer rounding
+    assert delivery.rounding_cause(nn.Identity()).startswith("integer kernels round differently")

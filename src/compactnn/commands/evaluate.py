@@ -283,7 +283,7 @@ def _user_words(note: str) -> str:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Rows (float on its fastest path, and the compressed model on its delivered form)
     with quality, size, latency, runtime and speedup, plus the timing's conditions."""
-    from compactnn.report.delivery import SIMULATED, untrained_label
+    from compactnn.report.delivery import SIMULATED, rounding_cause, untrained_label
 
     loaded, qmodel, qsize, data = _compressed(args)
     batches = as_batches(data[0]) if data[0] is not None else as_batches(loaded.example)
@@ -325,7 +325,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if doubt:
         print(f"warning: {doubt}", file=sys.stderr)
     simulated = _simulated_quality(args, loaded, qmodel, data, batches, rows[-1])
-    if (said := simulated_note(rows[-1], simulated)) is not None:
+    said = simulated_note(
+        rows[-1], simulated, rounding_cause(delivered) if simulated is not None else None
+    )
+    if said is not None:
         notes = [*notes, said]
     base = rows[0]["latency"]
     for row in rows[1:]:
@@ -386,23 +389,27 @@ def _simulated_quality(args, loaded, qmodel, data, batches, row) -> float | None
     return _quality(args, loaded, qmodel, data, batches[:8])[1]
 
 
-def simulated_note(row: dict[str, Any], simulated: float | None) -> str | None:
-    """One line when the deployed ``row``'s quality differs from the simulated model's.
+def simulated_note(
+    row: dict[str, Any], simulated: float | None, cause: str | None = None
+) -> str | None:
+    """One line when the deployed ``row``'s quality differs from the simulated model's;
+    ``cause``: why, from what ran (``delivery.rounding_cause``; default: integer kernels).
 
     Example:
         >>> row = {"metric": "top1", "quality": 93.41, "runtime": "ONNX Runtime int8"}
         >>> simulated_note(row, 92.86)[:63]
         'simulated model (what compress and train report): 92.86% top-1;'
     """
+    from compactnn.report.delivery import INTEGER_ROUNDING  # the application: loaded here
+
     if simulated is None or row["quality"] is None or simulated == row["quality"]:
         return None
     metric = row["metric"]
     name = " top-1" if metric == "top1" else f" {metric}"
     return (
         f"simulated model (what compress and train report): {fmt_quality(metric, simulated)}"
-        f"{name}; deployed ({row['runtime']}): {fmt_quality(metric, row['quality'])}: integer "
-        "kernels round differently from the simulation (exact int32 sums, biases on the "
-        "int32 grid; docs/deploy.md)"
+        f"{name}; deployed ({row['runtime']}): {fmt_quality(metric, row['quality'])}: "
+        f"{cause or INTEGER_ROUNDING}"
     )
 
 

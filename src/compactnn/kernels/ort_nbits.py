@@ -6,8 +6,11 @@ holding compactnn's own codes, scales and zero points (packed two 4-bit codes pe
 one 8-bit code), so ONNX Runtime runs *our* quantized weights: no dense copy exists in the
 running model. ONNX Runtime's MLAS kernels dequantize blocks on the fly; with
 ``accuracy_level=4`` they quantize the activations to int8 per block and run AVX-512 VNNI
-dot products (faster, a small extra rounding: verify against the simulated model), with
-``accuracy_level=0`` they compute in float32.
+dot products (faster, an extra rounding), with ``accuracy_level=0`` they compute in float32
+(the simulated model's outputs up to summation order). By default :func:`to_ort_nbits` builds
+level 4, compares it with the simulated model on the example and falls back to level 0, with
+a warning, when the outputs drift beyond what float32 compute reaches
+(:mod:`compactnn.kernels.nbits_check`); ``accuracy_level=4`` forces level 4.
 
 Quantized token tables (:class:`~compactnn.core.qembedding.QuantEmbedding`) become
 ``com.microsoft::GatherBlockQuantized`` nodes on the same codes (uint8 bytes holding two 4-bit
@@ -44,10 +47,12 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
+from compactnn.core.calib import main_output
 from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import CompactnnError, name_list
+from compactnn.kernels.nbits_check import drift, drifted, set_accuracy_level
 from compactnn.kernels.nbits_merge import merge_siblings
 from compactnn.kernels.nbits_tables import (
     gather_tables,
@@ -352,6 +357,10 @@ class OrtNBitsModel(nn.Module):
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.names = names
         self.runtime = "onnxruntime MatMulNBits"
+        # set by to_ort_nbits: the MatMulNBits accuracy_level that runs, and the check of
+        # level 4 against the simulated model (drift's numbers, "drifted": why or None)
+        self.accuracy_level: int | None = None
+        self.accuracy_check: dict[str, Any] | None = None
 
     def remove_on_delete(self, folder: str | os.PathLike) -> None:
         """Delete ``folder`` (the model's own temporary files) when this model is collected."""
@@ -366,7 +375,7 @@ def to_ort_nbits(
     model: nn.Module,
     example: dict[str, torch.Tensor],
     *,
-    accuracy_level: int = 4,
+    accuracy_level: int | None = None,
     bf16_tables: bool = True,
     quantized_tables: bool = True,
     threads: int | None = None,
@@ -378,7 +387,10 @@ def to_ort_nbits(
         model: a compressed model taking keyword tensors (Hugging Face encoders, decoders
             without KV cache).
         example: one batch of keyword inputs (shapes are dynamic in batch and sequence).
-        accuracy_level: 4 (int8 activations, VNNI; default) or 0 (float32 compute).
+        accuracy_level: None (default): 4 (int8 activations, VNNI) when its output on
+            ``example`` stays within :mod:`~compactnn.kernels.nbits_check`'s tolerance of the
+            simulated model's, else 0 with a warning; 4 forces int8 activations, 0 float32
+            compute. The level that runs is the returned model's ``accuracy_level``.
         bf16_tables: float token embeddings stored in bfloat16 (see :func:`nbits_onnx`).
         quantized_tables: quantized token embeddings as GatherBlockQuantized (default).
         threads: intra-op threads (default: ``torch.get_num_threads()``).
@@ -393,7 +405,8 @@ def to_ort_nbits(
         CompactnnError: when no layer becomes MatMulNBits (a float or W8A8 model); a warning
             names the quantized layers that stay float when only some do.
     """
-    proto, left = nbits_proto(model, example, accuracy_level, bf16_tables, quantized_tables)
+    level = 4 if accuracy_level is None else accuracy_level
+    proto, left = nbits_proto(model, example, level, bf16_tables, quantized_tables)
     if not any(n.op_type == "MatMulNBits" for n in proto.graph.node):
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
         misfit = [n for n, m in layers if _nbits_format(m) is None]
@@ -420,10 +433,54 @@ def to_ort_nbits(
         save_nbits(proto, target)
         del proto
         out = OrtNBitsModel(target, list(example), threads)
+        out.accuracy_level = level
+        if accuracy_level is None:
+            out = _checked(model, example, out, target, threads)
     except BaseException:
         if own:
             shutil.rmtree(Path(target).parent, ignore_errors=True)
         raise
     if own:
         out.remove_on_delete(Path(target).parent)
+    return out
+
+
+def _checked(
+    model: nn.Module, example: dict, fast: OrtNBitsModel, path: Path, threads: int | None
+) -> OrtNBitsModel:
+    """``fast`` (level 4) when its output on ``example`` stays within tolerance of the
+    simulated ``model``'s, else the model at ``path`` rewritten and reopened at level 0."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            ref = main_output(model.eval()(**example)).float()
+    finally:
+        model.train(training)
+    mask = example.get("attention_mask")
+    measured = drift(fast(**example)[0], ref, mask)
+    check = {**measured, "accuracy_level": fast.accuracy_level, "drifted": drifted(measured)}
+    fast.accuracy_check = check
+    if check["drifted"] is None:
+        return fast
+    names = fast.names
+    del fast
+    set_accuracy_level(path, 0)
+    out = OrtNBitsModel(path, names, threads)
+    out.accuracy_level, out.accuracy_check = 0, check
+    check["level_0"] = exact = drift(out(**example)[0], ref, mask)
+    still = drifted(exact)
+    warnings.warn(
+        f"to_ort_nbits: accuracy_level=4 (int8 activations) moved the outputs away from the "
+        f"simulated model on the example ({check['drifted']}); running accuracy_level=0 "
+        "(float32 compute) instead"
+        + (
+            f" (which differs too: {still}; float token tables stored in bfloat16 round them, "
+            "bf16_tables=False keeps float32)"
+            if still
+            else ", which gives the simulated outputs"
+        )
+        + ". Pass accuracy_level=4 to force the faster int8 form (about 2x at batch 1 on "
+        "MiniLM) after checking its quality on your data.",
+        stacklevel=3,
+    )
     return out

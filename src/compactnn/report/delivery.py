@@ -39,6 +39,7 @@ __all__ = [
     "float_path_name",
     "is_plain_float",
     "is_probe_pruned",
+    "rounding_cause",
     "runtime_name",
     "slower_note",
     "untrained_label",
@@ -195,6 +196,48 @@ def kernels_runtime(info: dict[str, Any]) -> str:
     on, off = len(info["swapped"]), len(info.get("simulated") or {})
     name = f"kernels {info['dtype']}"
     return f"{name} ({on} of {on + off} layers; {off} simulated)" if off else name
+
+
+INTEGER_ROUNDING = (
+    "integer kernels round differently from the simulation (exact int32 sums, biases on the "
+    "int32 grid; docs/deploy.md)"
+)
+
+
+def rounding_cause(deployed: Any) -> str:
+    """Why a deployed model's quality can differ from the simulated model's, from what ran:
+    a ``to_kernels`` model's record (its compute dtype, the layers on each kind of kernel and
+    those left simulated), else the integer kernels of ``compactnn.deploy``.
+
+    Example:
+        >>> fast = nn.Identity()
+        >>> fast._compactnn_kernels = {"swapped": {"emb": "EmbeddingKernel"},
+        ...                            "simulated": ["fc"], "dtype": "bfloat16"}
+        >>> rounding_cause(fast)[:72]
+        'the deployed model runs in bfloat16 (activations, attention, normalizati'
+    """
+    info = getattr(deployed, "_compactnn_kernels", None)
+    if info is None:
+        return INTEGER_ROUNDING
+    kinds = list(info["swapped"].values())
+    dtype, off = info["dtype"], len(info.get("simulated") or ())
+    parts = []
+    if dtype != "float32":
+        bits = " to 8 significant bits" if dtype == "bfloat16" else ""
+        parts.append(
+            f"the deployed model runs in {dtype} (activations, attention, normalization "
+            f"rounded{bits}), the simulated one in float32"
+        )
+    if n := kinds.count("W8A8Linear"):
+        parts.append(f"{n} layer(s) on int8 kernels (exact int32 sums, per-token rounding)")
+    if n := len(kinds) - kinds.count("W8A8Linear") - kinds.count("EmbeddingKernel"):
+        parts.append(f"{n} weight-only layer(s) on kernels of the dequantized weights")
+    if n := kinds.count("EmbeddingKernel"):
+        parts.append(f"{n} embedding table(s) gathered from their codes (the simulation's formula)")
+    if off:
+        where = "float32" if dtype == "float32" else f"float32 on {dtype} inputs"
+        parts.append(f"{off} of {off + len(kinds)} quantized layers simulated ({where})")
+    return "; ".join(parts) + " (docs/transformers.md)"
 
 
 def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | None, str]:

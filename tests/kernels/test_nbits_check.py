@@ -1,0 +1,98 @@
+"""to_ort_nbits keeps int8 activations (accuracy_level=4) only when they keep the simulation."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import compactnn
+from compactnn.kernels import ort_nbits
+from compactnn.kernels.nbits_check import drift, drifted
+
+pytest.importorskip("onnxruntime")
+warnings.filterwarnings("ignore", message=".*calibration samples")
+
+
+class _Keywords(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 64)
+        self.fc1 = torch.nn.Linear(64, 128)
+        self.fc2 = torch.nn.Linear(128, 64)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+        return (self.fc2(torch.nn.functional.gelu(self.fc1(h))),)
+
+
+def _quantized():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (3, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    q = compactnn.compress(_Keywords().eval(), "w4-g32", calib_data=[batch], progress=False)
+    return q, batch
+
+
+def _levels(path) -> set[int]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {
+        a.i
+        for n in proto.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
+
+
+def test_default_falls_back_to_float32_compute_when_int8_activations_drift(tmp_path):
+    q, batch = _quantized()
+    with pytest.warns(UserWarning, match=r"running accuracy_level=0 .*accuracy_level=4 to force"):
+        fast = compactnn.to_ort_nbits(q, batch, threads=1, path=tmp_path / "m.onnx")
+    assert fast.accuracy_level == 0 and _levels(tmp_path / "m.onnx") == {0}
+    check = fast.accuracy_check
+    assert check["accuracy_level"] == 4 and "relative max difference" in check["drifted"]
+    assert check["relative_max_diff"] > 1e-3  # int8 activations: about 1e-2
+    assert check["level_0"]["relative_max_diff"] < 1e-5  # float32 compute: the simulation
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**batch)[0], q(**batch)[0], rtol=1e-4, atol=1e-5)
+    assert q.training is False
+
+
+def test_forced_level_4_runs_unchecked():
+    q, batch = _quantized()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = compactnn.to_ort_nbits(q, batch, accuracy_level=4, threads=1)
+    assert fast.accuracy_level == 4 and fast.accuracy_check is None
+    assert _levels(fast.path) == {4}
+
+
+def test_level_4_within_tolerance_is_kept(monkeypatch):
+    q, batch = _quantized()
+    monkeypatch.setattr(ort_nbits, "drifted", lambda measured: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = compactnn.to_ort_nbits(q, batch, threads=1)
+    assert fast.accuracy_level == 4 and fast.accuracy_check["drifted"] is None
+
+
+def test_drift_of_logits_and_of_hidden_states_over_real_tokens():
+    ref = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    exact = drift(ref + 1e-7, ref)
+    assert exact["argmax_agreement"] == 1.0 and drifted(exact) is None
+    flipped = drift(torch.tensor([[2.0, 1.0, 0.0], [0.0, 2.1, 2.0]]), ref)
+    assert flipped["argmax_agreement"] == 0.5
+    assert flipped["relative_max_diff"] == pytest.approx(0.55)
+    assert "argmax agrees on 50% of rows" in drifted(flipped)
+    # hidden states: padded tokens (mask 0) are not compared
+    hidden = torch.randn(2, 3, 4)
+    got = hidden.clone()
+    got[1, 2] = -got[1, 2]
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert drifted(drift(got, hidden, mask)) is None
+    assert drift(got, hidden)["min_cosine"] < 0.99  # without a mask: one row per item
+    assert drift(got, hidden)["argmax_agreement"] is None
