@@ -10,8 +10,8 @@ from typing import Any
 from compactnn.commands._common import human_bytes
 from compactnn.commands.compress_summary import human_count
 from compactnn.measure import fmt_quality
-from compactnn.measure.timing import timing_suspect
-from compactnn.report.writer import SUSPECT_MARK, ratio_cell, suspect_mark  # noqa: F401 (re-exported)
+from compactnn.measure.size import ratio_cell
+from compactnn.measure.timing import SUSPECT_MARK, suspect_mark, timing_suspect  # noqa: F401
 
 # (header, alignment) per column of the printed table; "<" left, ">" right.
 TABLE_COLUMNS = (

@@ -8,9 +8,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -65,3 +67,16 @@ def layer_formats(model: nn.Module) -> dict[str, str]:
 def _float_weight_layers(model: nn.Module) -> set[str]:
     # a quantized layer owns a child (its input quantizer), so weight_layers misses it
     return set(weight_layers(model))
+
+
+def ratio_cell(ratio: Any) -> str:
+    """An "x smaller" cell: ``3.40x``, or ``1.09x larger`` for an artifact bigger than float
+    (a ratio below 1 under "x smaller" reads as a reduction).
+
+    Example:
+        >>> ratio_cell(3.4), ratio_cell(0.92), ratio_cell(None)
+        ('3.40x', '1.09x larger', 'n/a')
+    """
+    if ratio is None or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        return "n/a"
+    return f"{ratio:.2f}x" if ratio >= 1 or ratio <= 0 else f"{1 / ratio:.2f}x larger"

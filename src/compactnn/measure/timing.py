@@ -222,6 +222,20 @@ def timing_suspect(*latencies: dict[str, Any] | None) -> bool:
     return any(bool((t or {}).get("suspect")) for t in latencies)
 
 
+SUSPECT_MARK = " *"  # after a latency or speedup cell whose timing looked inflated
+
+
+def suspect_mark(*latencies: dict[str, Any] | None) -> str:
+    """:data:`SUSPECT_MARK` when any of these ``Timing.to_dict()`` records has suspect
+    reasons (:func:`suspect_reasons`), else ``""``.
+
+    Example:
+        >>> suspect_mark({"suspect": []}), suspect_mark({"suspect": []}, {"suspect": ["busy"]})
+        ('', ' *')
+    """
+    return SUSPECT_MARK if timing_suspect(*latencies) else ""
+
+
 def _warn_suspect(t: Timing, label: str) -> None:
     for reason in suspect_reasons(t):
         _warn_once(

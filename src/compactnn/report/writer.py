@@ -10,7 +10,8 @@ from typing import Any
 
 from compactnn.export.fs import atomic_write, atomic_write_text
 from compactnn.measure.fidelity import fmt_quality
-from compactnn.measure.timing import timing_suspect
+from compactnn.measure.size import ratio_cell
+from compactnn.measure.timing import SUSPECT_MARK, suspect_mark, timing_suspect  # noqa: F401
 from compactnn.report.document import Block, to_html, to_markdown
 from compactnn.report.plot import METRIC_LABELS, pareto_png
 
@@ -31,7 +32,6 @@ SUMMARY_HEADER = [
     "load bit-exact",
 ]
 SIMULATED = "simulated"
-SUSPECT_MARK = " *"  # after a latency or speedup cell whose timing looked inflated
 SUSPECT_FOOTNOTE = (
     '* this timing looked inflated (the reasons are listed under "Latencies that may be '
     'inflated"): the machine was busy while it was measured, so the latency and the speedups '
@@ -50,30 +50,6 @@ def _num(x: Any, fmt: str) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     return format(x, fmt)
-
-
-def ratio_cell(ratio: Any) -> str:
-    """An "x smaller" cell: ``3.40x``, or ``1.09x larger`` for an artifact bigger than float
-    (a ratio below 1 under "x smaller" reads as a reduction).
-
-    Example:
-        >>> ratio_cell(3.4), ratio_cell(0.92), ratio_cell(None)
-        ('3.40x', '1.09x larger', 'n/a')
-    """
-    if ratio is None or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-        return "n/a"
-    return f"{ratio:.2f}x" if ratio >= 1 or ratio <= 0 else f"{1 / ratio:.2f}x larger"
-
-
-def suspect_mark(*latencies: dict[str, Any] | None) -> str:
-    """:data:`SUSPECT_MARK` when any of these ``Timing.to_dict()`` records has suspect
-    reasons (:func:`compactnn.measure.timing.suspect_reasons`), else ``""``.
-
-    Example:
-        >>> suspect_mark({"suspect": []}), suspect_mark({"suspect": []}, {"suspect": ["busy"]})
-        ('', ' *')
-    """
-    return SUSPECT_MARK if timing_suspect(*latencies) else ""
 
 
 def _latency_cell(lat: dict[str, Any]) -> str:
