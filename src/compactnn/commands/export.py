@@ -18,7 +18,9 @@ from compactnn.errors import CompactnnError, first_line
 from compactnn.export import formats
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.export.artifact import load as load_artifact
+from compactnn.export.ct_folder import FolderFiles, processor_files
 from compactnn.export.fs import names_folder
+from compactnn.export.hf_check import probe_inputs
 from compactnn.model_io import reference_names, skeleton_for
 
 _EPILOG = "formats:\n" + "\n".join(f"  {f.name:<20}{f.summary}" for f in formats.FORMATS)
@@ -157,12 +159,15 @@ def takes_segments(model: Any) -> bool:
 
 def _example(qmodel: Any, example: Any) -> dict[str, torch.Tensor]:
     """The keyword batch the ONNX graph is traced (and verified) on, holding every input the
-    model takes: the reference's example batch, or 16 seeded token ids for a Hugging Face
-    model; with ``token_type_ids`` when the model reads segment ids (:func:`takes_segments`),
-    a sentence pair's (0 for the first 8 tokens, 1 after) where no example gives them
+    model takes: the reference's example batch, 16 seeded token ids for a Hugging Face
+    model, or 2 seeded images of its config's size for an image model (ViT); with
+    ``token_type_ids`` when the model reads segment ids (:func:`takes_segments`), a sentence
+    pair's (0 for the first 8 tokens, 1 after) where no example gives them
     (a given example without them gets zeros, the model's own default)."""
     if isinstance(example, dict):
         batch = dict(example)
+    elif getattr(qmodel, "main_input_name", None) == "pixel_values":  # ViT: an image batch
+        batch = probe_inputs(qmodel)  # of the config's size (or a one-line refusal)
     else:
         vocab = getattr(getattr(qmodel, "config", None), "vocab_size", None)
         if not isinstance(vocab, int):
@@ -207,12 +212,20 @@ def _deployed_note(artifact: str) -> str:
     return note + ". It also holds the compressed model it was deployed from, which can go to:"
 
 
-def list_formats(qmodel: Any, artifact: str = "ARTIFACT", deployed: bool = False) -> list[str]:
-    """One line per format: ``exact`` or the reason it is not."""
+def list_formats(
+    qmodel: Any, artifact: str = "ARTIFACT", deployed: bool = False, example: Any = None
+) -> list[str]:
+    """One line per format: ``exact`` or the reason it is not; what this command can write
+    (an ONNX export needs an input it can build: :func:`_example`)."""
     lines = []
     for name, reason in formats.capabilities(qmodel).items():
         if name == "onnx" and reason is not None and not _is_hf(qmodel):
             reason = _cnn_onnx(artifact, deployed)
+        elif name == "onnx" and reason is None:
+            try:
+                _example(qmodel, example)
+            except CompactnnError as exc:
+                reason = str(exc)
         if reason is None:
             note = formats.caveat(name, qmodel)
             lines.append(f"  {name:<20}exact" + (f" (but {note})" if note else ""))
@@ -258,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     qmodel, source, example = _load(args)
     if args.list:
         print(_deployed_note(args.artifact) if deployed else f"{args.artifact} can go to:")
-        print("\n".join(list_formats(qmodel, args.artifact, deployed)))
+        print("\n".join(list_formats(qmodel, args.artifact, deployed, example)))
         return 0
     if args.format == "onnx" and not _is_hf(qmodel):
         raise CompactnnError(f"--format onnx: {_cnn_onnx(args.artifact, deployed)}.")
@@ -268,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
         opts["tokenizer"] = tokenizer
     elif args.format == "compressed-tensors" and hasattr(tokenizer, "save_pretrained"):
         opts["tokenizer"] = tokenizer  # a transformers tokenizer saves its files beside
+    elif args.format == "compressed-tensors" and (files := _source_files(source)) is not None:
+        opts["tokenizer"] = files  # the float model folder's tokenizer / processor, copied
     elif args.format == "onnx":
         opts["example"] = _example(qmodel, example)
     with warnings.catch_warnings(record=True) as caught:
@@ -279,7 +294,20 @@ def run(args: argparse.Namespace) -> int:
     size = size or out.stat().st_size
     print(f"exported {args.artifact} as {args.format}: {out}  {human_bytes(size)}")
     print(f"  {verified_line(caught)} (see docs/export.md)")
+    if (note := formats.run_note(args.format, qmodel)) is not None:
+        print(f"  {note}")
+    if isinstance(opts.get("tokenizer"), FolderFiles):
+        files = opts["tokenizer"]
+        print(f"  with {', '.join(files.names)} from {files.folder} (pipeline() reads them)")
     return 0
+
+
+def _source_files(source: dict[str, Any]) -> FolderFiles | None:
+    """The tokenizer / processor files of the Hugging Face folder ARTIFACT was compressed
+    from (its source record), when that folder is still there."""
+    if source.get("kind") != "Hugging Face directory" or not isinstance(source.get("model"), str):
+        return None
+    return processor_files(source["model"])
 
 
 def verified_line(caught: list) -> str:

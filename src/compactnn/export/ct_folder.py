@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,36 @@ from compactnn.export.fs import atomic_write, atomic_write_text, force_option, w
 WEIGHTS_NAME = "model.safetensors"
 _OWN_FILES = {WEIGHTS_NAME, "config.json", "generation_config.json"}  # and a tokenizer's:
 _TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges",
-                    "chat_template", "spiece", "sentencepiece")  # fmt: skip
+                    "chat_template", "spiece", "sentencepiece", "preprocessor_config",
+                    "processor_config")  # fmt: skip
+# what pipeline() / AutoTokenizer / AutoProcessor read beside the model (data, never code)
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "processor_config.json")  # fmt: skip
+
+
+class FolderFiles:
+    """A model folder's tokenizer / processor files, taken as an export's ``tokenizer=``: its
+    ``save_pretrained(out)`` copies them into ``out`` (each atomically)."""
+
+    def __init__(self, folder: str | os.PathLike, names: list[str]) -> None:
+        self.folder, self.names = Path(folder), list(names)
+
+    def save_pretrained(self, out: str | os.PathLike) -> None:
+        for name in self.names:
+            source = self.folder / name
+            atomic_write(Path(out) / name, lambda tmp, s=source: shutil.copyfile(s, tmp))
+
+
+def processor_files(folder: str | os.PathLike | None) -> FolderFiles | None:
+    """The :data:`PROCESSOR_FILES` in ``folder`` (the float model's Hugging Face folder), or
+    None when it is gone or holds none."""
+    if not folder or not Path(folder).is_dir():
+        return None
+    names = [n for n in PROCESSOR_FILES if (Path(folder) / n).is_file()]
+    return FolderFiles(folder, names) if names else None
 
 
 def _is_ct_config(path: Path) -> bool:

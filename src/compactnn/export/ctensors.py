@@ -43,7 +43,14 @@ from compactnn.core.qlayers import ActQuantizer, QuantLinear, has_integer_weight
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export.ct_folder import _check_other_model, _write_folder, check_out
 from compactnn.export.fs import replace_folder
-from compactnn.export.hf_check import MIN_COSINE, probe_ids, verify_folder  # noqa: F401
+from compactnn.export.hf_check import (  # noqa: F401
+    MIN_COSINE,
+    ignore_fix,
+    other_layers,
+    probe_ids,
+    probe_inputs,
+    verify_folder,
+)
 
 EXTRA = "export"
 _STRATEGY = {"group": "group", "channel": "channel", "tensor": "tensor"}
@@ -110,6 +117,8 @@ def can_export(qmodel: nn.Module) -> str | None:
             "could not load the folder; export with --format onnx (onnx_hf.export) or save "
             "with compactnn.save."
         )
+    if others := other_layers(qmodel):
+        return ignore_fix(others, "compressed-tensors")
     owned: set[int] = set()
     found = False
     for name, m in qmodel.named_modules():
@@ -138,6 +147,10 @@ def can_export(qmodel: nn.Module) -> str | None:
                 f"{name}: the compactnn module {type(m).__name__} has no compressed-tensors "
                 "form; save with compactnn.save."
             )
+    try:  # the input verify_folder checks the written folder on
+        probe_inputs(qmodel)
+    except CompactnnError as exc:
+        return str(exc)
     if getattr(qmodel.config, "tie_word_embeddings", False):
         emb, head = qmodel.get_input_embeddings(), qmodel.get_output_embeddings()
         if head is not None and (has_integer_weight(emb) or has_integer_weight(head)):
@@ -204,12 +217,26 @@ def _local_state(m: nn.Module, wargs: dict, aargs: dict | None) -> dict[str, tor
     return state
 
 
-def _schemes(qmodel: nn.Module) -> tuple[dict[str, dict], dict[str, tuple]]:
-    """Config groups (one per distinct scheme, targets by exact name) and per-layer data."""
+def _target(name: str) -> str:
+    return f"re:^{name.replace('.', '[.]')}$"
+
+
+def _schemes(qmodel: nn.Module) -> tuple[dict[str, dict], dict[str, tuple], dict[str, str]]:
+    """Config groups (one per distinct scheme, targets by exact name), per-layer data, and
+    the layers held under a second name (T5's ``encoder.embed_tokens`` is ``shared``): alias
+    -> the first name. An alias is a target of its layer's scheme too, so that the module
+    transformers builds under that name is quantized and decompressed as the first."""
     groups: dict[str, dict] = {}
     layers: dict[str, tuple] = {}
-    for name, m in qmodel.named_modules():
+    first: dict[int, tuple[str, str]] = {}  # id(module) -> (name, its group key)
+    aliases: dict[str, str] = {}
+    for name, m in qmodel.named_modules(remove_duplicate=False):
         if not has_integer_weight(m):
+            continue
+        if id(m) in first:
+            seen, key = first[id(m)]
+            groups[key]["targets"].append(_target(name))
+            aliases[name] = seen
             continue
         wargs, aargs = weight_args(m), act_args(getattr(m, "input_quantizer", None))
         # packed tables leave an Embedding without ``weight``, which transformers' loader
@@ -223,10 +250,11 @@ def _schemes(qmodel: nn.Module) -> tuple[dict[str, dict], dict[str, tuple]]:
             key,
             {"targets": [], "weights": wargs, "input_activations": aargs, "format": fmt},
         )
-        group["targets"].append(f"re:^{name.replace('.', '[.]')}$")
+        group["targets"].append(_target(name))
         layers[name] = (m, wargs, aargs, fmt)
+        first[id(m)] = (name, key)
     named = {f"group_{i}": g for i, g in enumerate(groups.values())}
-    return named, layers
+    return named, layers, aliases
 
 
 def compressed_state(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -242,7 +270,7 @@ def compressed_state(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    groups, layers = _schemes(qmodel)
+    groups, layers, aliases = _schemes(qmodel)
     schemes = {k: QuantizationScheme(**g) for k, g in groups.items()}
     by_layer = {}
     for key, scheme in schemes.items():
@@ -251,7 +279,7 @@ def compressed_state(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     state: dict[str, torch.Tensor] = {}
     quant_prefixes = []
     for name, (m, wargs, aargs, fmt) in layers.items():
-        _, scheme = by_layer[f"re:^{name.replace('.', '[.]')}$"]
+        _, scheme = by_layer[_target(name)]
         compressor = BaseCompressor.get_value_from_registry(fmt)
         local = _local_state(m, wargs, aargs)
         packed = compressor.compress(local, scheme)
@@ -269,6 +297,13 @@ def compressed_state(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             # compressed-tensors turns into a parameter of the quantized table it loads
             state[f"{name}.embed_scale"] = m.embed_scale.detach().float().clone()
         quant_prefixes.append(name + ".")
+    tied = _tied_targets(qmodel)
+    for alias, name in aliases.items():  # each name is a module on load: its scale, zero
+        for key in [k for k in state if k.startswith(name + ".")]:  # point (and codes unless
+            new = alias + key[len(name) :]  # from_pretrained ties them to the first's)
+            if not (key == name + ".weight" and any(re.search(p, new) for p in tied)):
+                state[new] = state[key].clone()
+        quant_prefixes.append(alias + ".")
     plain = {
         k: v for k, v in qmodel.state_dict(keep_vars=False).items()
         if not any(k.startswith(p) for p in quant_prefixes)
@@ -296,6 +331,15 @@ def compressed_state(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return state, json.loads(json.dumps(qconfig, default=str))
 
 
+def _tied_targets(model: nn.Module) -> set[str]:
+    """The patterns of the weights ``from_pretrained`` ties to another (``_tied_weights_keys``)."""
+    targets = set()
+    for name, sub in model.named_modules():
+        tied = getattr(sub, "_tied_weights_keys", None) or ()  # dict (v5) or list (v4)
+        targets.update(f"{name}.{k}" if name else k for k in tied)
+    return targets
+
+
 def tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """The keys of ``state`` that ``save_pretrained`` leaves out: a tensor held under several
     names (an LM head tied to the token table) is stored once, under the name that
@@ -307,10 +351,7 @@ def tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
         >>> tied_copies(m, m.state_dict())
         ['head.weight']
     """
-    targets = set()
-    for name, sub in model.named_modules():
-        tied = getattr(sub, "_tied_weights_keys", None) or ()  # dict (v5) or list (v4)
-        targets.update(f"{name}.{k}" if name else k for k in tied)
+    targets = _tied_targets(model)
     groups: dict[tuple, list[str]] = {}
     for key, t in state.items():
         if t.device.type != "meta" and t.numel():
@@ -390,8 +431,8 @@ def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwarg
             f"activation quantizers), so it refuses: {reason} Save with "
             f"compactnn.save(model, {str(save_directory)!r}) (reloads with compactnn.load)"
             + (
-                ""  # GPT-2's Conv1D layers: no recipe helps
-                if _conv1d_layers(self)
+                ""  # GPT-2's Conv1D layers, a ViT's Conv2d: no recipe helps
+                if _conv1d_layers(self) or other_layers(self)
                 else ", or compress with a recipe compressed-tensors holds exactly "
                 "(w4-g128-gptq, w8, w8a8, w8a8-smoothquant)"
             )

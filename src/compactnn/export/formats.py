@@ -104,6 +104,18 @@ def caveat(name: str, model: nn.Module) -> str | None:
     return note(model) if note is not None else None
 
 
+def run_note(name: str, model: nn.Module) -> str | None:
+    """How the runtime must run what format ``name`` writes for ``model`` (e.g. a W8A8 ONNX
+    file: ONNX Runtime's basic graph optimizations), from the format module's
+    ``run_note(model)`` when it has one; else None."""
+    try:
+        module = _module(get_format(name))
+    except CompactnnError:
+        return None
+    note = getattr(module, "run_note", None)
+    return note(model) if note is not None else None
+
+
 def capabilities(model: nn.Module) -> dict[str, str | None]:
     """Each format's :func:`can_export` answer for ``model``, in table order."""
     return {f.name: can_export(f.name, model) for f in FORMATS}

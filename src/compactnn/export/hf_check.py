@@ -35,6 +35,80 @@ def probe_ids(qmodel: nn.Module, batch: int = 2, length: int = 8) -> torch.Tenso
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
+def other_layers(qmodel: nn.Module) -> list[tuple[str, str]]:
+    """``(name, class)`` of the quantized layers that are not Linear layers or token tables
+    (a ViT's patch-embedding Conv2d), which the Hugging Face formats have no form for."""
+    from compactnn.core.qembedding import QuantEmbedding
+    from compactnn.core.qlayers import QuantLinear, has_integer_weight
+
+    return [
+        (name, type(m).__name__)
+        for name, m in qmodel.named_modules()
+        if has_integer_weight(m) and not isinstance(m, (QuantLinear, QuantEmbedding))
+    ]
+
+
+def ignore_fix(layers: list[tuple[str, str]], fmt: str) -> str:
+    """The refusal for :func:`other_layers`: names them and the ``--ignore`` that keeps them
+    float (the rest of the recipe goes to ``fmt`` as it is)."""
+    names = [n for n, _ in layers]
+    kinds = sorted({k for _, k in layers})
+    shown = names[:3]
+    flags = " ".join(f"--ignore {n}" for n in shown) + (" ..." if len(names) > 3 else "")
+    return (
+        f"{len(names)} quantized layer(s) are not Linear layers ({name_list(names, 3)}: "
+        f"{', '.join(kinds)}) and {fmt} has no form for them: compress again with {flags} "
+        f"(Python: ignore={shown!r}) to leave them float, or save with compactnn.save."
+    )
+
+
+def _size2(value: Any) -> tuple[int, int] | None:
+    """An image size of a config (``224`` or ``[224, 224]``) as (height, width), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return value[0], value[1]
+    return None
+
+
+def probe_inputs(qmodel: nn.Module, batch: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
+    """Seeded keyword inputs for ``qmodel``: ``input_ids`` (:func:`probe_ids`) for a token
+    model, ``pixel_values`` of the config's ``num_channels`` x ``image_size`` for an image
+    model (``main_input_name == "pixel_values"``, e.g. ViT).
+
+    Raises:
+        CompactnnError: the model reads neither token ids nor an image of a size its config
+            gives (audio models, a config without ``image_size``).
+    """
+    config = getattr(qmodel, "config", None)
+    main = getattr(qmodel, "main_input_name", "input_ids")
+    kind = type(qmodel).__name__
+    if main == "pixel_values":
+        size = _size2(getattr(config, "image_size", None))
+        channels = getattr(config, "num_channels", 3)
+        if size is None or not isinstance(channels, int) or channels < 1:
+            raise CompactnnError(
+                f"{kind} reads images, and its config gives no image_size / num_channels to "
+                "build a check input from; save with compactnn.save."
+            )
+        gen = torch.Generator().manual_seed(0)
+        return {"pixel_values": torch.randn(batch, channels, *size, generator=gen)}
+    try:
+        emb = qmodel.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # no token table
+        emb = None
+    if main != "input_ids" or not isinstance(getattr(emb, "num_embeddings", None), int):
+        raise CompactnnError(
+            f"{kind} reads {main!r}, not token ids or an image: compactnn cannot build an input "
+            "to check its export with; save with compactnn.save."
+        )
+    return {"input_ids": probe_ids(qmodel, batch, length)}
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Hide transformers' load report and compressed-tensors' progress bars (plain tqdm on
@@ -56,7 +130,7 @@ def _key_name(key: Any) -> str:
 
 def verify_folder(qmodel: nn.Module, folder: str | os.PathLike) -> float:
     """Load ``folder`` with plain transformers (``type(qmodel).from_pretrained``), run it and
-    ``qmodel`` on :func:`probe_ids`; returns the mean cosine of their main outputs.
+    ``qmodel`` on :func:`probe_inputs`; returns the mean cosine of their main outputs.
 
     ``qmodel``'s train/eval modes are restored. Costs a second, dequantized copy of the
     model and one forward pass on 2 x 8 tokens.
@@ -91,13 +165,13 @@ def verify_folder(qmodel: nn.Module, folder: str | os.PathLike) -> float:
             f"compressed-tensors export: plain transformers does not load the folder as "
             f"written ({'; '.join(misfit)}); nothing was written. Save with compactnn.save."
         )
-    ids = probe_ids(qmodel)
+    inputs = probe_inputs(qmodel)
     modes = [(m, m.training) for m in qmodel.modules()]
     try:
         with torch.no_grad():
-            sim = main_output(qmodel.eval()(input_ids=ids))
+            sim = main_output(qmodel.eval()(**inputs))
             with _quiet_transformers():  # compressed-tensors decompresses on this first call
-                got = main_output(loaded.eval()(input_ids=ids))
+                got = main_output(loaded.eval()(**inputs))
     finally:
         for m, training in modes:
             m.training = training

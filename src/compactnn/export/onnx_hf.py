@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import os
 import warnings
 from pathlib import Path
@@ -48,11 +49,23 @@ from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export.fs import atomic_write, names_folder
-from compactnn.export.hf_check import mean_cosine
+from compactnn.export.hf_check import ignore_fix, mean_cosine, other_layers
 from compactnn.kernels.nbits_tables import gather_format, gather_tables, replace_gathers
 from compactnn.kernels.ort_nbits import _nbits_format, nbits_onnx  # the MatMulNBits test
 
 MIN_COSINE = 0.999
+QDQ_RUN_NOTE = (
+    "run it in ONNX Runtime with SessionOptions.graph_optimization_level = ORT_ENABLE_BASIC: "
+    "the default ORT_ENABLE_ALL rewrites the per-token activation rounding, so its outputs "
+    "drift from the verified ones (the file's ort_config metadata sets BASIC when "
+    "ORT_LOAD_CONFIG_FROM_MODEL=1)"
+)
+# a W8A8 file's metadata: ONNX Runtime's own key (read when ORT_LOAD_CONFIG_FROM_MODEL=1),
+# and the same in words for people and other runtimes
+QDQ_METADATA = {
+    "ort_config": json.dumps({"session_options": {"graph_optimization_level": 1}}),
+    "compactnn.graph_optimization_level": "ORT_ENABLE_BASIC",
+}
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -100,6 +113,8 @@ def can_export(qmodel: nn.Module) -> str | None:
             "ONNX export takes the compressed model, not its to_kernels form (its layers are "
             "CPU kernels now): export the model you passed to compactnn.to_kernels."
         )
+    if form(qmodel) is None and (others := other_layers(qmodel)):
+        return ignore_fix(others, "ONNX for transformers")
     if form(qmodel) is None:
         return (
             "ONNX for transformers takes weight-only recipes (MatMulNBits: w4-g32-gptq, "
@@ -256,7 +271,16 @@ def qdq_onnx(qmodel: nn.Module, example: dict[str, torch.Tensor]) -> bytes:
         _share_table_bytes(onnx, proto.graph)
         if not any(o.domain == "com.microsoft" for o in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    for key, value in QDQ_METADATA.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     return proto.SerializeToString()
+
+
+def run_note(qmodel: nn.Module) -> str | None:
+    """How ONNX Runtime must run the file :func:`export` writes for ``qmodel`` to give the
+    verified numbers (W8A8: basic graph optimizations only); None when the defaults do."""
+    return QDQ_RUN_NOTE if can_export(qmodel) is None and form(qmodel) == "qdq" else None
 
 
 def _store_codes(onnx: Any, graph: Any, codes: dict[str, torch.Tensor]) -> None:
@@ -393,7 +417,9 @@ def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
             ``min_cosine=`` the verification floor (default 0.999).
 
     Returns:
-        The written file.
+        The written file. A W8A8 (QDQ) file gives the verified numbers in ONNX Runtime with
+        ``ORT_ENABLE_BASIC`` graph optimizations (:func:`run_note`; its ``ort_config``
+        metadata says so).
 
     Raises:
         CompactnnError: the model has no ONNX form here, ``example`` is missing, or ONNX
