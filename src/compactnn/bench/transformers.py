@@ -11,10 +11,12 @@ Delivered forms:
 * ``kernels-lean``: the same layers with ``hold_dense=False`` (no dense copy held: the
   int4/int8 kernels below ``LEAN_DENSE_MIN_ROWS`` rows, a temporary weight dequantized per
   call from there);
-* ``ort-nbits``: ``to_ort_nbits(q, ...)``, ONNX Runtime with compactnn's codes in
+* ``ort-nbits``: ``to_ort_nbits(q, ..., accuracy_level=4)``, ONNX Runtime with compactnn's codes in
   ``MatMulNBits`` nodes and the token table as ``GatherBlockQuantized`` on its codes
   (``kernels/ort_nbits.py``; int8 activations per block; the session opened from the file,
   initializers mapped from page-aligned external data, no CPU arena);
+* ``ort-nbits-checked``: ``to_ort_nbits``'s default: level 4 checked against the simulation,
+  falling back to the exact float32 compute (level 0) when the outputs drift (MiniLM does);
 * ``ort-nbits-bf16``: the previous ONNX Runtime form for comparison (bfloat16 token table,
   session built from the model's bytes, CPU arena on).
 
@@ -100,7 +102,11 @@ def lean_kernels(q: torch.nn.Module) -> torch.nn.Module:
 
 
 # ONNX Runtime forms: (source handed to the session, CPU arena, quantized token table)
-ORT_FORMS = {"ort-nbits": ("path", False, True), "ort-nbits-bf16": ("bytes", True, False)}
+ORT_FORMS = {
+    "ort-nbits": ("path", False, True),
+    "ort-nbits-checked": ("path", False, True),
+    "ort-nbits-bf16": ("bytes", True, False),
+}
 # the ONNX Runtime form's memory, one change at a time: label, file, source, arena
 _MEMORY_STEPS = (
     ("model bytes, bf16 table, arena (previous form)", "bf16.onnx", "bytes", True),
@@ -117,7 +123,8 @@ def _ort_forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
     from compactnn.kernels.ort_nbits import OrtNBitsModel, nbits_onnx, to_ort_nbits
 
     folder = tmp / f"{recipe}-onnx"
-    (folder / "ort-nbits").mkdir(parents=True, exist_ok=True)
+    for form in ("ort-nbits", "ort-nbits-checked"):
+        (folder / form).mkdir(parents=True, exist_ok=True)
     names = list(example)
     try:
         for name, tables in (("bf16.onnx", False), ("gbq.onnx", True)):
@@ -128,11 +135,16 @@ def _ort_forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
         fast = to_ort_nbits(
             q, example, threads=THREADS, path=folder / "ort-nbits" / "model.onnx", accuracy_level=4
         )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback warning: the row says the level
+            checked = to_ort_nbits(
+                q, example, threads=THREADS, path=folder / "ort-nbits-checked" / "model.onnx"
+            )
         old = OrtNBitsModel((folder / "bf16.onnx").read_bytes(), names, THREADS, arena=True)
     except Exception as exc:  # a failed export is a finding, not a lost section
         msg = f"{type(exc).__name__}: {str(exc)[:200]}"
         return dict.fromkeys(ORT_FORMS, msg)
-    return {"ort-nbits": fast, "ort-nbits-bf16": old}
+    return {"ort-nbits": fast, "ort-nbits-checked": checked, "ort-nbits-bf16": old}
 
 
 def _forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
@@ -275,7 +287,7 @@ def _memory_jobs(rows: dict, tmp: Path, batch_path: Path) -> dict[str, tuple[str
             continue
         if r["form"] in ORT_FORMS:
             source, arena, tables = ORT_FORMS[r["form"]]
-            file = "ort-nbits/model.onnx" if tables else "bf16.onnx"
+            file = f"{r['form']}/model.onnx" if tables else "bf16.onnx"
             onnx_path = str(tmp / f"{r['recipe']}-onnx" / file)
             jobs[name] = ("rss_ort", [onnx_path, str(batch_path), source, arena])
         else:
