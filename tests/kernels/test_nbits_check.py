@@ -10,28 +10,17 @@ import torch
 import compactnn
 from compactnn.kernels import ort_nbits
 from compactnn.kernels.nbits_check import drift, drifted
+from tests.kernels._keywords import Keywords
 
 pytest.importorskip("onnxruntime")
 warnings.filterwarnings("ignore", message=".*calibration samples")
-
-
-class _Keywords(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(50, 64)
-        self.fc1 = torch.nn.Linear(64, 128)
-        self.fc2 = torch.nn.Linear(128, 64)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
-        return (self.fc2(torch.nn.functional.gelu(self.fc1(h))),)
 
 
 def _quantized():
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (3, 7))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    q = compactnn.compress(_Keywords().eval(), "w4-g32", calib_data=[batch], progress=False)
+    q = compactnn.compress(Keywords().eval(), "w4-g32", calib_data=[batch], progress=False)
     return q, batch
 
 

@@ -23,6 +23,7 @@ from compactnn.kernels.ort_nbits import (
     save_nbits,
     to_ort_nbits,
 )
+from tests.kernels._keywords import Keywords
 
 pytest.importorskip("onnxruntime")
 warnings.filterwarnings("ignore", message=".*calibration samples")
@@ -43,24 +44,10 @@ def test_nbits_tensors_pack_our_codes_low_nibble_first():
     assert torch.equal((t["zero_points"] >> 4).int(), zero[1::2])
 
 
-class _Keywords(torch.nn.Module):
-    """A small keyword-input 'encoder': embedding, two linears, a GELU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(50, 64)
-        self.fc1 = torch.nn.Linear(64, 128)
-        self.fc2 = torch.nn.Linear(128, 64)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
-        return (self.fc2(torch.nn.functional.gelu(self.fc1(h))),)
-
-
 @pytest.mark.parametrize("recipe", ["w4-g32", "w3-g32"])
 def test_exported_model_runs_our_codes(recipe):
     torch.manual_seed(0)
-    model = _Keywords().eval()
+    model = Keywords().eval()
     ids = torch.randint(0, 50, (3, 7))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     q = compactnn.compress(model, recipe, calib_data=[batch], progress=False)
@@ -126,7 +113,7 @@ def test_to_ort_nbits_runs_from_a_mapped_file_and_cleans_up(tmp_path):
     import onnx
 
     torch.manual_seed(0)
-    model = _Keywords().eval()
+    model = Keywords().eval()
     ids = torch.randint(0, 50, (2, 5))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     q = compactnn.compress(model, "w4-g32", calib_data=[batch], progress=False)
@@ -165,7 +152,7 @@ def test_the_written_model_is_smaller_than_the_float_one(tmp_path):
     # 64 KiB of alignment per tensor made a tiny model's data file mostly zeros, larger than
     # its float weights; small tensors now start at a cache line
     torch.manual_seed(0)
-    model = _Keywords().eval()
+    model = Keywords().eval()
     ids = torch.randint(0, 50, (2, 5))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     q = compactnn.compress(model, "w4-g32", calib_data=[batch], progress=False)
@@ -212,7 +199,7 @@ def test_large_initializers_start_at_a_mapping_granularity(tmp_path):
 
 def test_a_model_without_weight_only_layers_is_refused_by_name():
     torch.manual_seed(0)
-    model = _Keywords().eval()
+    model = Keywords().eval()
     ids = torch.randint(0, 50, (2, 5))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with pytest.raises(compactnn.CompactnnError, match="no quantized linear layer"):

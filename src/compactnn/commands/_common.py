@@ -41,6 +41,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_ignore_arg(parser: argparse.ArgumentParser) -> None:
+    """``--ignore NAME`` (repeatable), as compress and train take it."""
+    parser.add_argument(
+        "--ignore",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="leave this layer (module name or fnmatch pattern, e.g. conv1 or 'head.*') "
+        "untouched by every step; repeat for more",
+    )
+
+
 def check_out(out: Path, model_spec: str, force: bool) -> None:
     """Refuse, before any work, an artifact folder that ``save`` could not use or that is
     the input model's own folder (its weights would be replaced)."""

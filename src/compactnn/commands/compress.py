@@ -17,6 +17,7 @@ import torch
 
 import compactnn
 from compactnn.commands._common import (
+    add_ignore_arg,
     add_model_args,
     calib_inputs,
     check_data_given,
@@ -73,14 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", "-o", help="artifact directory (default: out/<model>-<recipe>)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact in --out")
-    p.add_argument(
-        "--ignore",
-        metavar="NAME",
-        action="append",
-        default=[],
-        help="leave this layer (module name or fnmatch pattern, e.g. conv1 or 'head.*') "
-        "untouched by every step; repeat for more",
-    )
+    add_ignore_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seed for stochastic methods")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(

@@ -13,6 +13,7 @@ from typing import Any
 
 import compactnn
 from compactnn.commands._common import (
+    add_ignore_arg,
     add_model_args,
     check_not_an_input,
     check_out,
@@ -86,14 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing artifact in --out and an existing training log",
     )
-    p.add_argument(
-        "--ignore",
-        metavar="NAME",
-        action="append",
-        default=[],
-        help="leave this layer (module name or fnmatch pattern, e.g. conv1 or 'head.*') "
-        "untouched by every step; repeat for more",
-    )
+    add_ignore_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seed (same seed: same run)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
