@@ -57,3 +57,22 @@ def test_removing_a_head_with_zero_output_columns_keeps_outputs():
     ref = model(**batch).last_hidden_state
     assert prune_heads_bert(model, "encoder.layer.0.attention.self", 0.25) == 1
     assert torch.allclose(model(**batch).last_hidden_state, ref, atol=1e-5)
+
+
+def test_channel_pruning_of_a_cnn_never_imports_transformers():
+    """A CNN cannot be a Hugging Face model unless transformers is loaded already; importing it
+    to ask cost about 1.3 s (and torchao's import-time log lines) on every ch30."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, compactnn\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),\n"
+        "                  nn.Linear(8 * 4 * 4, 3)).eval()\n"
+        "compactnn.compress(m, 'ch30', calib_data=torch.randn(8, 1, 8, 8), progress=False)\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

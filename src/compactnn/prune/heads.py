@@ -16,6 +16,7 @@ embeddings, norms and the model's outputs keep their shapes.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -25,12 +26,11 @@ from compactnn.core.modules import set_module
 
 
 def is_hf_transformer(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face ``PreTrainedModel``."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel``. Never imports transformers
+    (a model can only be one if it is loaded): importing it costs a CNN's channel pruning
+    about 1.3 s and torchao's import-time log lines."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
