@@ -20,14 +20,18 @@ from compactnn.errors import CompactnnError
 
 @contextlib.contextmanager
 def quiet_shape_checks():
-    """Silence the TracerWarnings raised inside ``torch.nn.functional`` while the ONNX
-    exporter traces: its own shape checks (group_norm's batch-size check reads a size as a
-    bool) say nothing about the model or the trace. TracerWarnings from the model's own code
-    still show."""
+    """Silence the TracerWarnings raised inside ``torch.nn.functional`` and torch's recurrent
+    layers while the ONNX exporter traces: their own shape checks (group_norm's batch-size
+    check reads a size as a bool; LSTM/GRU read their batch sizes) say nothing about the model
+    or the trace, nor does the exporter's note that an RNN traced at a batch other than 1 may
+    not run at other batches (the file is verified; a GRU traced at batch 8 ran at batch 364,
+    equal to the simulation). TracerWarnings
+    from the model's own code still show."""
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.functional"
-        )
+        for module in (r"torch\.nn\.functional", r"torch\.nn\.modules\.rnn"):
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=module)
+        rnn_batch = "Exporting a model to ONNX with a batch_size other than 1"
+        warnings.filterwarnings("ignore", rnn_batch)
         yield
 
 
@@ -37,7 +41,7 @@ def structured_outputs(run: Any, sim: nn.Module, example: Any) -> Any:
     nested structure its nesting. ONNX flattens outputs in the same (insertion) order."""
     with torch.no_grad():
         leaves, spec = pytree.tree_flatten(call_model(sim, example))
-    if len(leaves) <= 1 or (spec.type is tuple and all(c.is_leaf() for c in spec.children_specs)):
+    if len(leaves) <= 1 or (spec.type is tuple and all(c.is_leaf() for c in spec.children())):
         return run  # one tensor or a flat tuple: what the session returns already
 
     def structured(*args: Any, **kwargs: Any) -> Any:
