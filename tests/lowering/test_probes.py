@@ -135,16 +135,16 @@ def test_a_wrong_scale_in_one_layer_is_still_refused_as_a_kernel_error(deep_bn):
 def test_agreement_below_the_simulations_own_is_refused_as_a_kernel_error():
     from dataclasses import replace
 
-    from compactnn.lowering.probes import _within_rounding
+    from compactnn.lowering.probes import rounding_explains
     from compactnn.lowering.verify import Verification
 
     base = Verification("deploy[x]", 10.0, 1.0, 0.1, 0.75, 2.0, 32, rounding_steps=20.0)
     base = replace(base, sensitivity=20.0, sensitivity_probe="float rounding")
     # the simulation agrees with itself on 28/32 under rounding: one sample less is kept
     ok = replace(base, rounding_agreement=0.78125, top1_agreement=0.75)
-    assert _within_rounding(ok)
+    assert rounding_explains(ok)
     low = replace(base, rounding_agreement=0.875, top1_agreement=0.8125)  # two samples less
-    assert not _within_rounding(low)
+    assert not rounding_explains(low)
     with pytest.raises(CompactnnError, match="more than rounding changes its predictions"):
         enforce(low)
-    assert not _within_rounding(replace(ok, max_diff_steps=20.5))  # beyond the probe
+    assert not rounding_explains(replace(ok, max_diff_steps=20.5))  # beyond the probe

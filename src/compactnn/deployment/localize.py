@@ -15,7 +15,7 @@ from compactnn.core.calib import call_model
 from compactnn.deployment.lowbit import ClampU8, QuantizeGrid, SplitConv2d, SplitLinear
 from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear, Quantize
 from compactnn.deployment.runner import module_call
-from compactnn.lowering.graph import FLOAT, Fused, Plan, QParams, code_range, input_form
+from compactnn.lowering.graph import FLOAT, Fused, Plan, QParams, grid_codes, input_form
 from compactnn.lowering.isolated import RUNNER, KernelCheck, kernel_check
 from compactnn.lowering.verify import LayerGap, compare, layer_gap
 
@@ -216,7 +216,6 @@ def _module_of(program: fx.GraphModule, node: Any, kinds: tuple) -> nn.Module | 
 
 
 def _codes(x: torch.Tensor, form: QParams) -> torch.Tensor:
-    """The simulation's codes of ``x`` on ``form``: ``clamp(round(x / scale) + zero, lo, hi)``."""
-    lo, hi = code_range(form)
-    q = (x.float() / form[0]).round().add(form[1]).clamp(lo, hi).to(torch.uint8)
+    """The simulation's codes of ``x`` on ``form`` as uint8, channels-last when 4-D."""
+    q = grid_codes(x, form).to(torch.uint8)
     return q.contiguous(memory_format=CL) if q.dim() == 4 else q

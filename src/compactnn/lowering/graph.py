@@ -349,6 +349,18 @@ def code_range(form: QParams) -> tuple[int, int]:
     return (form[2], form[3]) if len(form) == 4 else (0, 255)
 
 
+def grid_codes(x: torch.Tensor, form: QParams) -> torch.Tensor:
+    """The simulation's codes of ``x`` on ``form``, ``clamp(round(x / scale) + zero, lo, hi)``,
+    as float values (compare them, or cast them to uint8).
+
+    Example:
+        >>> grid_codes(torch.tensor([-1.0, 0.504, 9.0]), (0.01, 3, 0, 15)).tolist()
+        [0.0, 15.0, 15.0]
+    """
+    lo, hi = code_range(form)
+    return (x.float() / form[0]).round().add(form[1]).clamp(lo, hi)
+
+
 @dataclass
 class Fused:
     """A quantized layer node with the elementwise ops folded into its kernel."""

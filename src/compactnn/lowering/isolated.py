@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from compactnn.lowering.graph import grid_codes
+from compactnn.lowering.probes import rounding_explains
 from compactnn.lowering.verify import Verification
 
 # A kernel fails its isolated check when any position is more than MAX_STEPS codes (or
@@ -106,10 +108,7 @@ def kernel_check(
     if ref.shape != got.shape:
         raise ValueError(f"{name}: kernel output {tuple(got.shape)} != {tuple(ref.shape)}")
     if grid is not None:
-        scale, zero = grid[:2]
-        lo, hi = (grid[2], grid[3]) if len(grid) == 4 else (0, 255)
-        ref = (ref / scale).round().add(zero).clamp(lo, hi)
-        form, step = "uint8", 1.0
+        ref, form, step = grid_codes(ref, grid), "uint8", 1.0
     else:
         finite = ref[torch.isfinite(ref)]
         span = float(finite.max() - finite.min()) if finite.numel() else 0.0
@@ -164,15 +163,4 @@ def with_kernels(result: Verification, checks: list[KernelCheck] | None) -> Veri
         kernel_detail=str(bad) if bad else "",
     )
     kernels = bool(result.kernels_checked)  # the runner's check alone accepts nothing
-    return replace(result, isolated=bad is None and kernels and _amplified(result))
-
-
-def _amplified(result: Verification) -> bool:
-    """See :func:`with_kernels`: the float-rounding probe moves at least half the gap."""
-    if result.nonfinite_mismatches or result.rounding_steps is None:
-        return False
-    if not result.max_diff_steps <= 2 * result.rounding_steps:
-        return False
-    if result.top1_agreement is None or result.rounding_agreement is None:
-        return True
-    return result.top1_agreement >= result.rounding_agreement - 1 / max(result.samples, 1)
+    return replace(result, isolated=bad is None and kernels and rounding_explains(result, 2.0))

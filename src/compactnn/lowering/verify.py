@@ -43,6 +43,7 @@ from torch import nn
 
 from compactnn.core.calib import call_model
 from compactnn.errors import CompactnnError
+from compactnn.lowering.graph import grid_codes
 
 # Steps of the output scale. Small networks match within one step (tested); on deep ones
 # (ResNet-18: 21 quantized layers) float rounding in the *simulation's* convolutions flips
@@ -250,11 +251,8 @@ def layer_gap(
     """
     ref = reference.detach().float()
     if grid is not None:
-        scale, zero = grid[:2]
-        lo, hi = (grid[2], grid[3]) if len(grid) == 4 else (0, 255)  # low-bit grids: narrower
-        codes = (ref / scale).round().add(zero).clamp(lo, hi)
-        diff = (codes - candidate.detach().float()).abs()
-        return LayerGap(name, float(diff.max()) if diff.numel() else 0.0, scale, "uint8", order)
+        diff = (grid_codes(ref, grid) - candidate.detach().float()).abs()  # low-bit: narrower
+        return LayerGap(name, float(diff.max()) if diff.numel() else 0.0, grid[0], "uint8", order)
     got = candidate.detach().float()
     if bool(nonfinite_mismatch(ref, got).any()):
         return LayerGap(name, float("inf"), float("nan"), "float", order)
