@@ -13,10 +13,9 @@ from compactnn.core.context import CompressContext
 from compactnn.core.modules import weight_layers
 from compactnn.core.qlayers import QUANTIZABLE, has_integer_weight
 from compactnn.prune.probe import EXTRA_KEY as PROBE_KEY
-from compactnn.quant.base import unquantizable_reason
+from compactnn.quant.base import RECURRENT, unquantizable_reason
 
 NOT_TARGETED = "not targeted by the recipe"
-RECURRENT = (nn.RNNBase, nn.RNNCellBase)  # weights named weight_ih_l0, ...: no method's layer
 
 
 def report_float_layers(

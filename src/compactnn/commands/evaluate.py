@@ -267,17 +267,8 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
     if is_probe_pruned(qmodel):  # its MLPs run on sliced weights: it is its delivered form
         return "compressed", *deliver_probe_pruned(qmodel)
     model, runtime, notes = deliver(_kind(qmodel, example), qmodel, example)
-    notes = [_user_words(n) for n in notes]
     label = "compressed" if runtime == SIMULATED else "deployed"
     return label, model, runtime, notes
-
-
-def _user_words(note: str) -> str:
-    """A delivery note without the class name of a user-facing error: ``runs simulated:
-    CompactnnError: <message>`` reads ``runs simulated: <message>`` (an unexpected
-    exception keeps its class name, which says it is one)."""
-    head = "runs simulated: CompactnnError: "
-    return "runs simulated: " + note[len(head) :] if note.startswith(head) else note
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:

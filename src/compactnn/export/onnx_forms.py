@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compactnn.lowering.graph import weight_terms
+from compactnn.lowering.graph import padding_pairs, weight_terms
 
 PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"}
 
@@ -28,14 +28,7 @@ def conv_pads(layer: nn.Module) -> tuple[list[int], tuple[list[int], str] | None
         >>> conv_pads(nn.Conv2d(1, 1, (1, 4), padding="same", padding_mode="reflect"))
         ([0, 0], ([1, 2, 0, 0], 'reflect'))
     """
-    n = len(layer.kernel_size)
-    if isinstance(layer.padding, str):
-        totals = [0] * n
-        if layer.padding == "same":
-            totals = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
-        pairs = [(t // 2, t - t // 2) for t in totals]
-    else:
-        pairs = [(p, p) for p in layer.padding]
+    n, pairs = len(layer.kernel_size), padding_pairs(layer)
     mode = layer.padding_mode
     if mode == "zeros" and all(a == b for a, b in pairs):
         return [a for a, _ in pairs], None

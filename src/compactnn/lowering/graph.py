@@ -149,20 +149,33 @@ def conv_padding(layer: nn.Module) -> list[int] | str:
         >>> conv_padding(nn.Conv2d(1, 1, (1, 4), padding="same"))[:39]
         "padding='same' with kernel_size (1, 4) "
     """
-    pad = layer.padding
-    if not isinstance(pad, str):
-        return list(pad)
-    if pad == "valid":
-        return [0] * len(layer.kernel_size)
-    totals = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
-    if any(t % 2 for t in totals):
+    pairs = padding_pairs(layer)
+    if any(before != after for before, after in pairs):
         return (
             f"padding='same' with kernel_size {tuple(layer.kernel_size)} and dilation "
             f"{tuple(layer.dilation)} pads one more row/column after than before, and int8 "
             "kernels pad symmetrically; use an odd kernel, or pad explicitly (nn.ZeroPad2d "
             "before a padding=0 convolution)"
         )
-    return [t // 2 for t in totals]
+    return [before for before, _ in pairs]
+
+
+def padding_pairs(layer: nn.Module) -> list[tuple[int, int]]:
+    """``(before, after)`` padding per spatial dimension of a convolution: its integers, 0
+    for ``"valid"``, and for ``"same"`` ``dilation * (kernel - 1)`` split with the odd one
+    after (as PyTorch pads).
+
+    Example:
+        >>> padding_pairs(nn.Conv2d(1, 1, (3, 4), padding="same"))
+        [(1, 1), (1, 2)]
+    """
+    pad, n = layer.padding, len(layer.kernel_size)
+    if not isinstance(pad, str):
+        return [(p, p) for p in pad]
+    totals = [0] * n
+    if pad == "same":
+        totals = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation, strict=True)]
+    return [(t // 2, t - t // 2) for t in totals]
 
 
 def weight_terms(layer: nn.Module) -> list[WeightTerm] | str:

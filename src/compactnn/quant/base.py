@@ -152,6 +152,9 @@ def prepare_model(model: nn.Module, config: QuantConfig, ctx: CompressContext) -
         ctx.extra["bn_folded"] = True
 
 
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)  # weights named weight_ih_l0, ...: no method's layer
+
+
 def unquantizable_reason(m: nn.Module) -> str:
     """Why a targeted layer of a type no method quantizes stays in float.
 
@@ -160,7 +163,7 @@ def unquantizable_reason(m: nn.Module) -> str:
         'GRU is not a quantizable layer type: recurrent weights weight_ih_l0, weight_hh_l0'
     """
     why = f"{type(m).__name__} is not a quantizable layer type"
-    if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+    if isinstance(m, RECURRENT):
         names = [n for n, p in m.named_parameters(recurse=False) if p.dim() >= 2][:2]
         why += f": recurrent weights {', '.join(names)}"
     return why
