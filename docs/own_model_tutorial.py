@@ -8,7 +8,7 @@ artifact on int8 kernels and writes the report with ``compactnn report``.
 Run it from an empty directory (about 2 minutes on 2 cores)::
 
     # CLI commands run in this process: set the wait policy `compactnn` sets for itself
-    OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=20000 python docs/own_model_tutorial.py
+    OMP_WAIT_POLICY=PASSIVE python docs/own_model_tutorial.py
     python docs/own_model_tutorial.py --subprocess  # each as a real `compactnn` process
 
 Example:

@@ -121,7 +121,8 @@ def _registers(path: Path) -> bool:
         if isinstance(node, ast.Call):
             func = node.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
-            if name == "register":
+            owner = getattr(getattr(func, "value", None), "id", "")
+            if name == "register" and owner != "atexit":  # atexit.register is no method
                 return True
     return False
 

@@ -34,7 +34,7 @@ def test_bad_short_names_fail_clearly(bad):
 
 
 def test_unknown_name_lists_forms():
-    with pytest.raises(CompactnnError, match=r"w<W>\[a<A>\]"):
+    with pytest.raises(CompactnnError, match=r"w<W>\[a<A>\[g\]\]\[-g<G>\]"):
         resolve_recipe("int4please")
 
 
@@ -133,3 +133,10 @@ def test_a_recipe_of_dicts_is_refused_naming_the_step():
     with pytest.raises(CompactnnError, match=r"steps\[1\] is a dict, not a Step: use Step\('rtn'"):
         Recipe("e", [rtn, {"method": "rtn"}])
     assert Recipe("e", [rtn]).steps == (rtn,)
+
+
+def test_a_method_rule_error_beats_the_generic_unknown_method():
+    with pytest.raises(CompactnnError, match=r"share of PE tiles pruned"):
+        resolve_recipe("w2a8-pe100")
+    with pytest.raises(CompactnnError, match=r"unknown method"):
+        resolve_recipe("w4a8-foo")

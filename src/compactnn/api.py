@@ -117,7 +117,7 @@ def compress(
             force=force,
         )
     if not isinstance(model, nn.Module):
-        raise CompactnnError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        raise CompactnnError(not_a_module(model, recipe))
     _check_tensors(model)
     return _compress(
         model, recipe, calib_data, seed=seed, progress=progress, inplace=inplace, ignore=ignore
@@ -132,6 +132,33 @@ def _check_flags(seed: Any, **flags: Any) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise CompactnnError(f"{name}={value!r}: pass True or False.")
+
+
+def not_a_module(model: Any, recipe: Any = "RECIPE") -> str:
+    """The message for a ``model`` that is not an ``nn.Module``; for a string, how to load
+    it: a path (a Hugging Face folder, a ``.pt2`` file) or else a reference model's name.
+
+    Example:
+        >>> not_a_module("mnist-cnn", "w4a8")[:66]
+        "model must be a torch.nn.Module, got the string 'mnist-cnn': load "
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        return f"model must be a torch.nn.Module, got {type(model).__name__}."
+    name = os.fspath(model)
+    recipe = recipe if isinstance(recipe, str) else "RECIPE"
+    if os.path.exists(name):
+        how = (
+            "load it first (a Hugging Face folder: transformers' AutoModel...from_pretrained; "
+            "a .pt2 file: torch.export.load(...).module()), or pass max_memory= to stream a "
+            "Hugging Face folder"
+        )
+    else:
+        how = (
+            f"load it first: a reference model as compactnn.models.load_reference({name!r})"
+            f".model (its .calib is calibration data), or on the command line `compactnn "
+            f"compress {name} --recipe {recipe} --out DIR`"
+        )
+    return f"model must be a torch.nn.Module, got the string {name!r}: {how}."
 
 
 def _compress(

@@ -8,7 +8,8 @@ can fix those. (The writers of :mod:`compactnn.export.fs` name the file of a fai
 Any other exception is a bug and keeps its traceback.
 
 OpenMP: every command that computes (``PASSIVE_COMMANDS``: all but ``recipes``) runs with
-``OMP_WAIT_POLICY=PASSIVE`` and a bounded spin unless the user set a policy. OpenMP reads it
+``OMP_WAIT_POLICY=PASSIVE`` and, while the load is below the CPU count, a bounded spin,
+unless the user set a policy. OpenMP reads it
 once, when torch loads it, and the package has loaded torch by the time this module runs, so
 the command re-executes itself once with the policy set
 (``measure.timing.ensure_passive_policy``): spinning OpenMP threads inflated latencies 6-23x
@@ -25,6 +26,7 @@ OPENMP_LOADED = "torch" in sys.modules  # before our imports: was libgomp alread
 import argparse  # noqa: E402
 import errno  # noqa: E402
 import importlib  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -150,8 +152,28 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"warning: {message}", file=sys.stderr)
 
 
+class _TorchaoEnumNotice(logging.Filter):
+    """Drops torch's notice that torchao registers its Enum classes (``KernelPreference``,
+    ``ScaleCalculationMode``) as pytree constants, a deprecation torchao has to act on: two
+    ``W... torch/utils/_pytree.py`` lines on every command that imports transformers, which
+    imports torchao when it is installed (``transformers.quantizers``). Other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cls = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        torchao = getattr(cls, "__module__", "").startswith("torchao")
+        return not (torchao and "register_constant() on Enum" in str(record.msg))
+
+
+def quiet_torchao_notice() -> None:
+    """Install :class:`_TorchaoEnumNotice` on torch's pytree logger (once)."""
+    logger = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _TorchaoEnumNotice) for f in logger.filters):
+        logger.addFilter(_TorchaoEnumNotice())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
+    quiet_torchao_notice()
     parser = build_parser()
     args = parser.parse_args(argv)
     if argv is None and args.command in PASSIVE_COMMANDS:  # a real command line, not a test

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,15 @@ from compactnn import registry
 from compactnn.core.config import MethodConfig
 from compactnn.core.fields import check_keys
 from compactnn.core.modules import Targets
+from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
 
-# Quantization short names: w<W>[a<A>][-g<G>][-<method>]
-QUANT_FORM = "w<W>[a<A>][-g<G>][-<method>]"
-QUANT_PATTERN = r"w(?P<w>\d+)(?:a(?P<a>\d+))?(?:-g(?P<g>\d+))?(?:-(?P<method>[a-z0-9_]+))?"
+# Quantization short names: w<W>[a<A>[g]][-g<G>][-<method>]; ``a8g``: 8-bit activations per
+# token and group of G inputs, scaled at run time (MatMulNBits' accuracy_level=4 grid)
+QUANT_FORM = "w<W>[a<A>[g]][-g<G>][-<method>]"
+QUANT_PATTERN = (
+    r"w(?P<w>\d+)(?:a(?P<a>\d+)(?P<ag>g)?)?(?:-g(?P<g>\d+))?(?:-(?P<method>[a-z0-9_]+))?"
+)
 # Suffixes that are a method with changed defaults rather than a method of their own.
 SUFFIX_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "mse": ("rtn", {"range_method": "mse"}),
@@ -193,11 +197,19 @@ def _quant_short_name(m: Any) -> Recipe:
     if not hasattr(entry.config_cls, "from_short"):
         raise CompactnnError(f"method {method!r} has no short quantization name.")
     config = entry.config_cls.from_short(wbits, abits, group, **overrides)
+    if m["ag"]:  # activations grouped like the weights, scaled per token at run time
+        if group is None:
+            raise CompactnnError(
+                f"{m.string!r}: a{abits}g quantizes activations per group of the weights' "
+                f"group size; add one, e.g. w{wbits}a{abits}g-g32-{m['method'] or 'rtn'}."
+            )
+        act = QuantSpec(bits=abits, granularity="group", group_size=group)
+        config = replace(config, act=act)
     return Recipe(m.string, (Step(method, config),))
 
 
 registry.register_short_name(
-    QUANT_PATTERN, QUANT_FORM, ("w8a8", "w4a8", "w4a4-mse", "w4-g128", "w2a4")
+    QUANT_PATTERN, QUANT_FORM, ("w8a8", "w4a8", "w4a4-mse", "w4-g128", "w4a8g-g32-gptq")
 )(_quant_short_name)
 # Words of that grammar a method name must not be: w4-mse is rtn, w4-g32 a group size.
 registry.reserve_method_names("|".join(SUFFIX_ALIASES), "a suffix of rtn's range method")
@@ -216,7 +228,9 @@ def parse_short_name(name: str) -> Recipe:
             try:
                 return rule.build(m)
             except CompactnnError as exc:  # e.g. the generic grammar on ``w2a8-pe50``: a
-                first_error = first_error or exc  # later, method-specific rule may take it
+                # later, method-specific rule may take it, and its error beats "unknown method"
+                if first_error is None or isinstance(first_error, registry.UnknownMethodError):
+                    first_error = exc
     if first_error is not None:
         raise first_error
     raise CompactnnError(

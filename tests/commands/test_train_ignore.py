@@ -127,3 +127,18 @@ def test_a_model_returning_a_dict_or_tuple_trains_on_its_logits(project, capsys,
     logits = got["logits"] if kind == "dictout" else got[0]
     assert torch.equal(logits, ref(x))
     assert f"trained train_ignore_factory:{kind} with w2a8-ttq for 1 epoch" in out
+
+
+def test_several_layers_are_named_as_one_ignore_flag_each():
+    from compactnn.commands.train import _ignore_words
+    from compactnn.engines.binary_checks import check_binary_layers
+    from compactnn.errors import CompactnnError
+
+    convs = {"c2": torch.nn.Conv1d(2, 2, 3), "c3": torch.nn.Conv1d(2, 2, 3)}
+    with pytest.raises(CompactnnError) as info:
+        check_binary_layers(convs)
+    text = str(_ignore_words(info.value))
+    assert (
+        "Leave them in float with --ignore c2 --ignore c3 (or the recipe's targets.ignore)" in text
+    )
+    assert "ignore=[" not in text

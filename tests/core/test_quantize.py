@@ -1,3 +1,6 @@
+import itertools
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -6,6 +9,7 @@ from compactnn.core.qtype import QType
 from compactnn.core.quantize import (
     dequantize,
     fake_quantize,
+    group_fake_quantize,
     grouped_view,
     quantize,
     scale_zero_from_range,
@@ -100,3 +104,25 @@ def test_group_size_must_divide():
         assert "does not divide" in str(e) and "10" in str(e)
     else:
         raise AssertionError
+
+
+def test_group_fake_quantize_against_a_loop_over_groups():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64) * torch.rand(64) * 4
+    x[0, 0, :16] = 0.0  # an all-zero group stays zero
+    got = group_fake_quantize(x, 8, 16)
+    want = torch.empty_like(x, dtype=torch.float64)
+    for idx in itertools.product(range(3), range(5), range(4)):
+        a = x[idx[0], idx[1], idx[2] * 16 : (idx[2] + 1) * 16].double()
+        s = float(a.abs().max()) / 127
+        q = [0.0 if s == 0 else max(-127, min(127, round(float(v) / s))) * s for v in a]
+        want[idx[0], idx[1], idx[2] * 16 : (idx[2] + 1) * 16] = torch.tensor(q)
+    assert torch.equal(got[0, 0, :16], torch.zeros(16))
+    assert (got.double() - want).abs().max() <= 1e-6 * x.abs().max()
+    assert len(torch.unique(got[1, 2, 16:32])) <= 255
+    g = torch.ones_like(x)
+    x.requires_grad_(True)
+    (group_fake_quantize(x, 8, 16) * g).sum().backward()
+    assert torch.equal(x.grad, g)  # straight-through
+    with pytest.raises(CompactnnError, match=r"group_size=24 does not divide .* 64"):
+        group_fake_quantize(x, 8, 24)

@@ -178,7 +178,7 @@ def test_a_first_build_says_so(fake_build, caplog):
     _, calls = fake_build
     with caplog.at_level("WARNING", logger="compactnn"):
         assert bitconv.load_extension() == "ext"
-    assert "compiling compactnn's CPU kernels once" in caplog.text
+    assert "compiling compactnn's CPU kernels (direct int8 and popcount) once" in caplog.text
     assert "removed" not in caplog.text and calls
 
 

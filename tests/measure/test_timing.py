@@ -71,13 +71,26 @@ def test_wait_policy_warning_only_on_an_overloaded_machine(monkeypatch):
     monkeypatch.setattr(timing, "_warned", set())
     monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    monkeypatch.setenv("GOMP_SPINCOUNT", timing.PASSIVE_SPINCOUNT)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
     assert timing.check_environment(load=9.0) is None
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    assert timing.check_environment(load=9.0) is None  # a bare PASSIVE: right under load
     monkeypatch.delenv("OMP_WAIT_POLICY")
     assert timing.check_environment(load=1.5) is None  # not overloaded
     with pytest.warns(timing.TimingWarning, match="OMP_WAIT_POLICY is unset .* load \\(9.0\\)"):
         timing.check_environment(load=9.0)
     assert ("policy", "") in timing._warned  # once per process
+
+
+def test_a_spin_on_an_overloaded_machine_warns(monkeypatch):
+    """PASSIVE with 20,000 spins at load 6-9 on 2 CPUs made eager float 10-100x slower."""
+    monkeypatch.setattr(timing, "_warned", set())
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", timing.PASSIVE_SPINCOUNT)
+    assert timing.check_environment(load=1.5) is None  # below the CPU count: the spin helps
+    with pytest.warns(timing.TimingWarning, match="GOMP_SPINCOUNT is 20000 .* load \\(9.0\\)"):
+        timing.check_environment(load=9.0)
 
 
 def test_timings_record_their_conditions():
@@ -94,14 +107,45 @@ def test_timings_record_their_conditions():
         ({}, True, "reexec"),  # libgomp read it at load: only a new process gets it
         ({"OMP_WAIT_POLICY": "ACTIVE"}, True, "keep"),  # the user's choice wins
         ({timing.REEXEC_MARK: "1"}, True, "keep"),  # never re-execute twice
-        # a bare PASSIVE gets the bounded spin (a small model was slower on 2 threads than 1)
-        ({"OMP_WAIT_POLICY": "passive"}, True, "reexec"),
-        ({"OMP_WAIT_POLICY": "PASSIVE"}, False, "set"),
-        ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}, True, "keep"),  # user's spin
+        # the user's bare PASSIVE is theirs: no spin added (it inflated timings under load)
+        ({"OMP_WAIT_POLICY": "passive"}, True, "keep"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, False, "keep"),
+        ({"GOMP_SPINCOUNT": "0"}, True, "reexec"),  # a spin alone: the policy is still set
     ],
 )
 def test_passive_policy_action(environ, loaded, action):
     assert timing.passive_policy_action(environ, loaded) == action
+
+
+@pytest.mark.parametrize(
+    ("environ", "load", "cpus", "spin"),
+    [
+        ({}, 0.8, 2, timing.PASSIVE_SPINCOUNT),  # idle: the spin helps a small model
+        ({}, 1.99, 2, timing.PASSIVE_SPINCOUNT),
+        ({}, 2.0, 2, None),  # at or past the CPU count: the spin inflated eager 10-100x
+        ({}, 8.5, 2, None),
+        ({}, 8.5, 16, timing.PASSIVE_SPINCOUNT),  # a big machine is not busy at load 8.5
+        ({}, None, 2, None),  # load unknown: the safe side
+        ({"GOMP_SPINCOUNT": "0"}, 0.5, 2, None),  # the user's own spin count is kept
+    ],
+)
+def test_passive_policy_env_adds_the_spin_only_below_the_cpu_count(environ, load, cpus, spin):
+    env = timing.passive_policy_env(environ, load, cpus)
+    assert env.pop("OMP_WAIT_POLICY") == "PASSIVE"
+    assert env == ({} if spin is None else {"GOMP_SPINCOUNT": spin})
+
+
+def test_ensure_passive_policy_sets_what_the_load_allows(monkeypatch):
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", timing.REEXEC_MARK):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(timing, "load_average", lambda: 9.0)
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    timing.ensure_passive_policy("m", [], openmp_loaded=False)  # "set": no re-execution
+    assert timing.omp_wait_policy() == "PASSIVE" and timing.spin_count() == ""
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(timing, "load_average", lambda: 0.5)
+    timing.ensure_passive_policy("m", [], openmp_loaded=False)
+    assert timing.spin_count() == timing.PASSIVE_SPINCOUNT
 
 
 def test_block_s_grows_a_fast_contenders_blocks_and_keeps_a_slow_ones(monkeypatch):
@@ -129,6 +173,9 @@ def test_a_bare_passive_policy_on_several_threads_warns_once(monkeypatch):
     monkeypatch.setattr(timing.torch, "get_num_threads", lambda: 2)
     with pytest.warns(timing.TimingWarning, match="GOMP_SPINCOUNT=20000 as well"):
         timing.check_environment(load=0.0)
+    monkeypatch.setattr(timing, "_warned", set())
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    assert timing.check_environment(load=9.0) is None  # busy: the bare PASSIVE is right
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")  # the user's own spin count: their choice
     monkeypatch.setattr(timing, "_warned", set())
     assert timing.check_environment(load=0.0) is None

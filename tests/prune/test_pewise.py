@@ -258,7 +258,8 @@ def test_a_layer_the_group_does_not_fit_is_refused_by_name_and_the_fix_works():
         compactnn.train(net(), "w2a8-pe50", (x, y), epochs=1, progress=False)
     text = str(err.value)
     assert text.startswith("layer '2' with weight shape (16, 1, 3, 3) has 16 output and 1 input")
-    fix = yaml.safe_load(re.search(r"\(targets: (\{.*\})\)\.$", text).group(1))
+    assert "--ignore 2 (compactnn compress/train), ignore=['2'] (compress/train" in text
+    fix = yaml.safe_load(re.search(r"targets: (\{.*\})\.$", text).group(1))
     assert fix == {"ignore": ["2"]}
     recipe = yaml.safe_load(compactnn.resolve_recipe("w2a8-pe50").to_yaml())
     recipe["steps"][0]["targets"] = {**recipe["steps"][0].get("targets", {}), **fix}
@@ -266,3 +267,15 @@ def test_a_layer_the_group_does_not_fit_is_refused_by_name_and_the_fix_works():
                         progress=False)  # fmt: skip
     assert isinstance(q[2], nn.Conv2d)  # left float
     assert set(q[4].weight_codes.unique().tolist()) <= {-1, 0, 1}  # the others ternary
+
+
+def test_short_name_percent_and_bits_get_range_messages():
+    (rule,) = [r for r in SHORT_NAMES if r.form.startswith("w2[a<A>]-pe")]
+    with pytest.raises(CompactnnError) as err:
+        rule.build(rule.pattern.fullmatch("w2a8-pe100"))
+    assert str(err.value) == (
+        "recipe 'w2a8-pe100': the share of PE tiles pruned, 100%, must lie in [0, 100), "
+        "e.g. w2a8-pe50 (half the tiles) or w2a8-pe75."
+    )
+    with pytest.raises(CompactnnError, match=r"2 bits \(ternary, w2a8-pe\) or 8 bits .*not 4"):
+        rule.build(rule.pattern.fullmatch("w4a8-pe50"))

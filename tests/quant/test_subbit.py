@@ -21,6 +21,7 @@ from compactnn.quant.subbit import (
     subbit_layer,
     to_subbit,
 )
+from compactnn.recipe import Recipe, Step
 from tests.quant._ptq_models import images, tiny_resnet
 
 
@@ -88,8 +89,9 @@ def test_config_errors_and_bad_header():
 def test_artifact_is_bit_exact_and_of_its_packed_size(tmp_path):
     torch.set_num_threads(1)
     x = images(16)
-    q = compactnn.compress(tiny_resnet(), "w1a8-subbit", calib_data=[x], progress=False)
-    to_subbit(q, 4)
+    recipe = Recipe("w1a8-subbit-tau4", (Step("subbit", SubbitConfig(tau=4)),))
+    q = compactnn.compress(tiny_resnet(), recipe, calib_data=[x], progress=False)
+    to_subbit(q)  # the tau it was built with: 4
     subs = {n: m for n, m in q.named_modules() if isinstance(m, SubbitConv2d)}
     assert set(subs) == {"block.conv1", "block.conv2"}
     tensors, *_ = pack_model(q)

@@ -14,7 +14,10 @@ from compactnn.training.distributed import detect, rank_slice
 
 # The same script runs single-process and under a torchrun-like environment (RANK, ...).
 SCRIPT = r"""
-import dataclasses, sys, torch
+import atexit, dataclasses, sys, torch
+import torch.distributed as dist
+# registered before train() joins the group: runs after compactnn's own exit handler
+atexit.register(lambda: open(sys.argv[1] + ".exit", "w").write(str(dist.is_initialized())))
 from torch import nn
 import compactnn
 from compactnn.recipe import Recipe, Step, resolve_recipe
@@ -86,5 +89,9 @@ def test_two_processes_match_single_process(tmp_path):
     assert (a["out"] - single["out"]).abs().max() <= 1e-3 * scale
     assert a["history"]["steps"] == single["history"]["steps"] == 6
     assert abs(a["history"]["loss"][-1] - single["history"]["loss"][-1]) < 1e-3
+    # the group train() joined is destroyed before the interpreter finalizes (not by gloo's
+    # threads during finalization, which can abort a run that succeeded)
+    for rank in range(2):
+        assert (tmp_path / f"w2-r{rank}.pt.exit").read_text() == "False"
     # rank 0 alone wrote the checkpoint
     assert (tmp_path / "ckpt2" / "qat-checkpoint.pt").is_file()

@@ -12,6 +12,7 @@ SECTIONS: dict[str, str] = {
     "direct_ab": "compactnn.bench.direct_ab",
     "binary": "compactnn.bench.binary",
     "transformers": "compactnn.bench.transformers",
+    "nbits_levels": "compactnn.bench.nbits_levels",
     "lm": "compactnn.bench.lm",
     "probe": "compactnn.bench.probe",
     "ternarybert": "compactnn.bench.ternarybert",

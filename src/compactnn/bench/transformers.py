@@ -16,7 +16,9 @@ Delivered forms:
   (``kernels/ort_nbits.py``; int8 activations per block; the session opened from the file,
   initializers mapped from page-aligned external data, no CPU arena);
 * ``ort-nbits-checked``: ``to_ort_nbits``'s default: level 4 checked against the simulation,
-  falling back to the exact float32 compute (level 0) when the outputs drift (MiniLM does);
+  falling back to the exact float32 compute (level 0) when the outputs drift (MiniLM
+  ``w4-g32-gptq`` does); ``w4a8g-g32-gptq`` simulates level 4's activation grid, so its default
+  is level 4 (its only form: ``to_kernels`` would run it simulated);
 * ``ort-nbits-bf16``: the previous ONNX Runtime form for comparison (bfloat16 token table,
   session built from the model's bytes, CPU arena on).
 
@@ -49,8 +51,8 @@ from compactnn.measure.timing import model_call, set_threads, time_blocks
 
 THREADS = int(os.environ.get("COMPACTNN_BENCH_THREADS", "2"))
 FLOATS = ("fp32-eager", "torch.compile", "bf16-autocast", "ort-fp32", "ort-fp32-fused")
-FULL = ["w4-g32-gptq", "w8a8-smoothquant", "w8", "w4-g32", "w3-g32-gptq_tune"]
-QUICK = ["w4-g32-gptq", "w8a8-smoothquant"]
+FULL = ["w4-g32-gptq", "w4a8g-g32-gptq", "w8a8-smoothquant", "w8", "w4-g32", "w3-g32-gptq_tune"]
+QUICK = ["w4-g32-gptq", "w4a8g-g32-gptq", "w8a8-smoothquant"]
 QUICK_CALIB = 8  # batches of 16 sentences for --quick (the full run uses all 512)
 COMMAND = "python -m compactnn.bench --only transformers"
 _HERE = "compactnn.bench.transformers"
@@ -150,6 +152,8 @@ def _ort_forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
 def _forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
     from compactnn.kernels.swap import to_kernels
 
+    if "a8g" in recipe:  # MatMulNBits' own activation grid: the default keeps level 4
+        return {"ort-nbits-checked": _ort_forms(q, recipe, example, tmp)["ort-nbits-checked"]}
     forms: dict[str, Any] = {"kernels": to_kernels(q)}
     if "a8" not in recipe:  # weight-only: a lean torch form and ONNX Runtime MatMulNBits
         forms["kernels-lean"] = lean_kernels(q)
@@ -398,7 +402,8 @@ def _choices(rows: dict, winners: dict) -> str:
         rss = forms[best].get("rss")
         cells.append(f"{rss / base:.2f}x" if rss and base else "-")
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
-        if "a8" in recipe and "b64" in rows.get("bf16-autocast", {}):  # W8A8 vs bf16
+        w8a8 = "a8" in recipe and "a8g" not in recipe
+        if w8a8 and "b64" in rows.get("bf16-autocast", {}):  # W8A8 vs bf16
             bf = rows["bf16-autocast"]
             verdict = [
                 f"W8A8 {forms[n][k] * 1e3:.1f} ms vs bf16 {bf[k] * 1e3:.1f} ms: "

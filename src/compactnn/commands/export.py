@@ -144,6 +144,39 @@ def _tokenizer(args: argparse.Namespace, source: dict[str, Any], given: Any) -> 
     return None
 
 
+def gguf_folder_tokenizer(source: dict[str, Any], config: Any) -> tuple[Any, str]:
+    """The tokenizer.json of the Hugging Face folder ARTIFACT was compressed from (its source
+    record), read for a gguf file, and the line that says what the file holds: that
+    tokenizer, or none (token ids only) and why.
+
+    Example:
+        >>> gguf_folder_tokenizer({}, None)
+        (None, 'no tokenizer embedded (token ids only): pass --tokenizer DIR (a folder holding tokenizer.json)')
+    """  # noqa: E501
+    none = "no tokenizer embedded (token ids only): pass --tokenizer DIR"
+    files = _source_files(source)
+    if files is None or "tokenizer.json" not in files.names:
+        return None, none + " (a folder holding tokenizer.json)"
+    path = Path(files.folder) / "tokenizer.json"
+    try:
+        from compactnn._optional import require
+        from compactnn.export.gguf_tokenizer import gpt2_vocab
+
+        tokenizer = require("tokenizers", "hf").Tokenizer.from_file(str(path))
+        tokens = len(gpt2_vocab(tokenizer)["tokens"])
+    except CompactnnError as exc:  # not byte-level BPE, or the library is missing
+        return None, f"{none} ({path} does not go into GGUF: {str(exc).split('. ')[0]})"
+    except Exception as exc:  # the tokenizers library's own errors: not a tokenizer it reads
+        return None, f"{none} ({path} is not a tokenizer.json it reads: {first_line(exc)})"
+    rows = getattr(config, "vocab_size", None)
+    if isinstance(rows, int) and tokens > rows:
+        return None, f"{none} ({path} has {tokens} tokens, the model {rows} embedding rows)"
+    return (
+        tokenizer,
+        f"with the tokenizer of {files.folder} ({tokens} tokens; --tokenizer DIR for another)",
+    )
+
+
 def takes_segments(model: Any) -> bool:
     """Whether ``model`` reads segment ids: its ``forward`` takes ``token_type_ids`` and its
     config has more than one segment (``type_vocab_size > 1``, BERT's 2 for sentence pairs)."""
@@ -277,6 +310,9 @@ def run(args: argparse.Namespace) -> int:
         raise CompactnnError(f"--format onnx: {_cnn_onnx(args.artifact, deployed)}.")
     opts: dict[str, Any] = {"requantize": args.requantize}
     tokenizer = _tokenizer(args, source, given_tokenizer)
+    gguf_note = None
+    if args.format == "gguf" and tokenizer is None:  # the float model folder's, if it has one
+        tokenizer, gguf_note = gguf_folder_tokenizer(source, getattr(qmodel, "config", None))
     if args.format == "gguf":
         opts["tokenizer"] = tokenizer
     elif args.format == "compressed-tensors" and hasattr(tokenizer, "save_pretrained"):
@@ -296,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {verified_line(caught)} (see docs/export.md)")
     if (note := formats.run_note(args.format, qmodel)) is not None:
         print(f"  {note}")
+    if gguf_note is not None:
+        print(f"  {gguf_note}")
     if isinstance(opts.get("tokenizer"), FolderFiles):
         files = opts["tokenizer"]
         print(f"  with {', '.join(files.names)} from {files.folder} (pipeline() reads them)")

@@ -311,23 +311,30 @@ def _train(args, loaded: LoadedModel, recipe, data, eval_data, log: Path):
 # A library message naming a layer training cannot wrap, and the fix it suggests in the
 # recipe's words: on the command line the fix is --ignore NAME (compress says the same).
 _RECIPE_FIX_RE = (
-    r"Leave it in float: ignore=\[[^\]]*\] \(compress/train\) or the step's targets\.ignore"
+    r"Leave (it|them) in float: ignore=\[([^\]]*)\] \(compress/train\) or the step's "
+    r"targets\.ignore"
 )
 
 
 def _ignore_words(exc: CompactnnError) -> CompactnnError:
-    """``exc`` with the command line's fix for a layer training cannot take: ``--ignore
-    NAME`` (the layer it names), in place of the Python API's ``ignore=[...]`` words."""
+    """``exc`` with the command line's fix for layers training cannot take: ``--ignore NAME``
+    for each layer it names, in place of the Python API's ``ignore=[...]`` words."""
     import re
 
     text = str(exc)
-    layer = re.match(r"layer '([^']+)'", text)
-    if layer is None or "cannot take" not in text:
+    if "cannot take" not in text:
         return exc
-    fix = f"Leave it in float with --ignore {layer[1]} (or the recipe's targets.ignore)"
-    if re.search(_RECIPE_FIX_RE, text):
-        return CompactnnError(re.sub(_RECIPE_FIX_RE, lambda _: fix, text, count=1))
-    return CompactnnError(f"{text} {fix}.")
+    fix = re.search(_RECIPE_FIX_RE, text)
+    if fix is not None:
+        flags = " ".join(f"--ignore {n}" for n in re.findall(r"'([^']+)'", fix[2]))
+        words = f"Leave {fix[1]} in float with {flags} (or the recipe's targets.ignore)"
+        return CompactnnError(text[: fix.start()] + words + text[fix.end() :])
+    layer = re.match(r"layer '([^']+)'", text)
+    if layer is None:
+        return exc
+    return CompactnnError(
+        f"{text} Leave it in float with --ignore {layer[1]} (or the recipe's targets.ignore)."
+    )
 
 
 def _train_model(args, loaded: LoadedModel, recipe, data, eval_data, log: Path):

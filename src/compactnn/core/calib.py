@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.tokens import check_token_ids
+from compactnn.core.tokens import (
+    check_token_ids,
+    max_positions,
+    position_key,
+    token_id_tensors,
+    vocab_size,
+)
 from compactnn.errors import CompactnnError
 
 Batch = torch.Tensor | tuple | dict
@@ -54,6 +60,11 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
             f"calib_data must be a tensor or an iterable of tensors, tuples or dicts; "
             f"got {type(data).__name__}."
         )
+    elif _is_numpy(data):
+        raise CompactnnError(
+            f"calib_data is a numpy {type(data).__name__}; pass a tensor: "
+            "calib_data=torch.from_numpy(array)."
+        )
     else:
         batches = [_one_batch(i, b) for i, b in enumerate(data)]
     if not batches:
@@ -69,12 +80,23 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
 def _one_batch(i: int, b: Any) -> Batch:
     if isinstance(b, list):
         b = tuple(b)
+    if _is_numpy(b):
+        raise CompactnnError(
+            f"calibration batch {i} is a numpy {type(b).__name__}; expected a tensor: "
+            "convert each batch with torch.from_numpy(array) (numpy's float64 is cast to "
+            "the model's dtype)."
+        )
     if not isinstance(b, (torch.Tensor, tuple, Mapping)):
         raise CompactnnError(
             f"calibration batch {i} is a {type(b).__name__}; expected a tensor, a tuple "
             "or a dict of tensors."
         )
     return dict(b) if isinstance(b, Mapping) else b
+
+
+def _is_numpy(value: Any) -> bool:
+    """Whether ``value`` is a numpy array (without importing numpy)."""
+    return type(value).__module__ == "numpy" and hasattr(value, "dtype")
 
 
 def _tensors_of(batch: Batch) -> list[tuple[str, torch.Tensor]]:
@@ -237,7 +259,9 @@ def describe(batch: Batch) -> str:
 def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
     """Run one batch; turn a shape/type failure into an error that names the expected input
     (for a Hugging Face language model, token ids out of its vocabulary or sequences longer
-    than it takes are named as such)."""
+    than it takes are named as such, and so are sequences longer than its position table
+    even where it runs on them: :func:`check_positions`)."""
+    check_positions(model, batch)
     try:
         with torch.no_grad():
             call_model(model, batch, mode)
@@ -251,6 +275,32 @@ def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
             f"the model could not run on the calibration data ({describe(batch)}): {exc}. "
             f"{batch_hint(model, batch)}"
         ) from exc
+
+
+def check_positions(
+    model: nn.Module, batch: Any, what: str = "calib_data", *, resave: bool = False
+) -> None:
+    """Refuse token ids longer than a Hugging Face model's position table
+    (``max_position_embeddings``, ``n_positions`` for GPT-2). A model with learned positions
+    fails on them; one with rotary positions (Llama, Qwen2, Mistral) runs, but on positions
+    it was never trained at, so the ranges and Hessians calibrated there are not the ones of
+    its use. ``what`` names the data (``"--data ids.npy"``); ``resave``: the fix ends with
+    saving the file again (data from a file).
+
+    Raises:
+        CompactnnError: naming the length, the limit and its config.json key, and the fix.
+    """
+    limit = max_positions(model) if vocab_size(model) is not None else None
+    tensors = [t for t in token_id_tensors(batch) if t.dim() and t.numel()]
+    length = max((int(t.shape[-1]) for t in tensors), default=0)
+    if limit is None or length <= limit:
+        return
+    raise CompactnnError(
+        f"{what} holds sequences of {length} tokens and the model takes at most {limit} "
+        f"({position_key(model)} in its config.json): cut each sequence to {limit} tokens "
+        f"or fewer (e.g. ids[:, :{limit}], or windows of {limit})"
+        + (" and save the file again." if resave else ".")
+    )
 
 
 def missing_main_input(model: nn.Module, batch: Batch) -> str | None:

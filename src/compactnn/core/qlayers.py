@@ -17,6 +17,7 @@ from compactnn.core.observer import RangeObserver
 from compactnn.core.quantize import (
     dequantize,
     fake_quantize,
+    group_fake_quantize,
     grouped_view,
     quantize,
     scale_zero_from_range,
@@ -56,6 +57,11 @@ class ActQuantizer(nn.Module):
     The grid is uniform (``scale``, ``zero``) unless :meth:`set_levels` gave it ``2**bits``
     sorted levels (``levels``, a buffer; ``is_uniform`` False): then each value becomes the
     nearest level and ``scale``/``zero`` are unused.
+
+    A spec with ``granularity="group"`` (symmetric) is dynamic instead: each token's groups
+    of ``group_size`` inputs get their own scale at run time (:func:`group_fake_quantize`,
+    the grid of ONNX Runtime's ``MatMulNBits`` at ``accuracy_level=4``); nothing is
+    calibrated and ``scale``/``zero`` are unused (:attr:`is_group`).
     """
 
     def __init__(self, spec: QuantSpec, seed: int = 0) -> None:
@@ -64,11 +70,16 @@ class ActQuantizer(nn.Module):
         self.qtype = spec.qtype
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero", torch.zeros(()))
-        self.calibrated = False
+        self.calibrated = self.is_group  # a dynamic grid needs no calibration
         self.enabled = True
         self.observer: RangeObserver | None = None
         self.seed = seed
         self.register_buffer("levels", None)
+
+    @property
+    def is_group(self) -> bool:
+        """True for a dynamic per-token, per-group grid (``spec.granularity == "group"``)."""
+        return self.spec.granularity == "group"
 
     @property
     def is_uniform(self) -> bool:
@@ -100,10 +111,14 @@ class ActQuantizer(nn.Module):
         self.calibrated = True
 
     def start_observing(self) -> None:
+        if self.is_group:  # ranges are taken at run time
+            return
         keep = self.spec.range_method != "minmax"
         self.observer = RangeObserver(self.spec.range_method, keep, self.seed)
 
     def finish_observing(self) -> None:
+        if self.is_group:
+            return
         if self.observer is None or self.observer.min is None:
             raise RuntimeError("ActQuantizer.finish_observing: no calibration data reached it")
         lo, hi = self.observer.range(self.qtype, self.spec.symmetric, self.spec.percentile)
@@ -124,10 +139,14 @@ class ActQuantizer(nn.Module):
             return x
         if self.levels is not None:
             return nearest_level(x, self.levels)
+        if self.is_group:
+            return group_fake_quantize(x, self.spec.bits, self.spec.group_size)
         return fake_quantize(x, self.scale, self.zero, self.qtype)
 
     def extra_repr(self) -> str:
         grid = "levels" if self.levels is not None else "sym" if self.spec.symmetric else "asym"
+        if self.is_group:
+            grid = f"sym, per-token group{self.spec.group_size} dynamic"
         return f"{self.qtype.name}, {grid}"
 
 

@@ -37,6 +37,7 @@ from compactnn.deployment.refusals import (
     require_int8_layers,
 )
 from compactnn.deployment.runner import plan_runner
+from compactnn.deployment.traced import traced_through
 from compactnn.errors import CompactnnError
 from compactnn.lowering.graph import trace
 from compactnn.lowering.isolated import with_kernels
@@ -364,6 +365,15 @@ def _by_backend(reasons: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in reasons.items())
 
 
+def _traced_float(sim: nn.Module) -> dict[str, str]:
+    """:func:`traced_through` of ``sim``; nothing when it cannot be traced (ONNX export
+    does not need torch.fx)."""
+    try:
+        return traced_through(sim, trace(sim))
+    except CompactnnError:
+        return {}
+
+
 def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupported: str):
     check_backend(backend, sim, example)
     if backend == "onnxruntime":
@@ -373,6 +383,7 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
 
         with quiet_shape_checks():
             data, kept = to_onnx_bytes(sim, example)
+        kept = {**kept, **_traced_float(sim)}  # exported as float ops of their weights
         data = fold_float_outputs(data)  # same numbers, no per-call dequantized float head
         run = structured_outputs(ort_callable(data), sim, example)
         deployed = DeployedModel(run, backend, kept)
@@ -388,7 +399,7 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
     plan = build_plan(trace(source), residual)
     if not plan.lowered and not kernels:
         raise CompactnnError(no_integer_layers(sim, plan.kept))
-    kept = dict(plan.kept)
+    kept = {**plan.kept, **traced_through(source, plan.gm)}  # float ops of their weights
     handle_unsupported(kept, unsupported)
     program = lower(plan)
     if backend == "inductor":

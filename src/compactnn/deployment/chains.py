@@ -5,7 +5,9 @@ the nodes of a chain the direct kernels take whole (a global pool and its quanti
 quantize and the small convolution it feeds, a layer and its Hardswish, a squeeze-excitation
 gate and its tail, a depthwise convolution and the 1x1 convolutions around it), or None.
 Pure graph reads: nothing is changed; the runner (:mod:`compactnn.deployment.runner`) decides
-what to emit.
+what to emit. Each function checks the graph's structure first and asks for the compiled
+extension (:func:`~compactnn.kernels.bitconv.available`, which builds it on first use) only
+once a chain is found, so a graph without such a chain never triggers the build here.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def _quantize_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 
 def pooled_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The quantize node that is the only user of global-average-pool ``node``, if any."""
-    if global_pool(gm, node) is None or not bitconv.available():
+    if global_pool(gm, node) is None:
         return None
-    return _quantize_user(gm, node)
+    quant = _quantize_user(gm, node)
+    return quant if quant is not None and bitconv.available() else None
 
 
 def fusable_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -80,6 +83,13 @@ def _only_conv(gm: fx.GraphModule, node: Any) -> Int8Conv2d | None:
     return m if isinstance(m, Int8Conv2d) else None
 
 
+def _depthwise_shape(m: Int8Conv2d) -> bool:
+    """Whether ``m`` has a depthwise convolution's shape (one channel per group in and out;
+    no extension needed to tell)."""
+    o, c = m.w_int8.shape[:2]
+    return c == 1 and m.groups == o
+
+
 def dw_block_chain(
     gm: fx.GraphModule, node: fx.Node
 ) -> tuple[fx.Node | None, fx.Node, fx.Node | None] | None:
@@ -88,7 +98,7 @@ def dw_block_chain(
     one that is its only user (``project``), either None where there is none
     (:func:`~compactnn.deployment.depthwise.dw_block_fits`); None when neither exists."""
     dw = _only_conv(gm, node)
-    if dw is None or len(node.args) != 1 or not bitconv.available():
+    if dw is None or len(node.args) != 1 or not _depthwise_shape(dw):
         return None
     expand = node.args[0]
     if _only_conv(gm, expand) is None or len(expand.users) != 1 or len(expand.args) != 1:
@@ -96,6 +106,8 @@ def dw_block_chain(
     project = next(iter(node.users)) if len(node.users) == 1 else None
     if _only_conv(gm, project) is None or project.args[0] is not node:
         project = None
+    if (expand is not None or project is not None) and not bitconv.available():
+        return None
     if expand is not None and not dw_block_fits(gm.get_submodule(expand.target), dw, None):
         expand = None
     if project is not None and not dw_block_fits(None, dw, gm.get_submodule(project.target)):
@@ -107,14 +119,14 @@ def hardswish_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node
     """For convolution or linear layer ``node`` whose only user is a Hardswish: that node, and
     the quantize that is the Hardswish's only user (or None); None when they cannot run as one
     kernel."""
-    if node.op != "call_module" or len(node.users) != 1 or not bitconv.available():
-        return None
-    if not hardswish_fits(gm.get_submodule(node.target)):
+    if node.op != "call_module" or len(node.users) != 1:
         return None
     act = next(iter(node.users))
     if act.op != "call_module" or act.args != (node,) or act.kwargs:
         return None
     if type(gm.get_submodule(act.target)) is not nn.Hardswish:
+        return None
+    if not bitconv.available() or not hardswish_fits(gm.get_submodule(node.target)):
         return None
     return act, _quantize_user(gm, act)
 
@@ -122,7 +134,7 @@ def hardswish_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node
 def gate_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """For Hardsigmoid ``node`` (a squeeze-excitation gate) whose only user multiplies it into
     a map that a quantization alone reads: (the multiply, the quantize, the map's node)."""
-    if node.op != "call_module" or len(node.users) != 1 or not bitconv.available():
+    if node.op != "call_module" or len(node.users) != 1:
         return None
     if type(gm.get_submodule(node.target)) is not nn.Hardsigmoid or len(node.args) != 1:
         return None
@@ -135,7 +147,7 @@ def gate_chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, fx.
     if not isinstance(x, fx.Node) or x is node:
         return None
     quant = _quantize_user(gm, mul)
-    return None if quant is None else (mul, quant, x)
+    return None if quant is None or not bitconv.available() else (mul, quant, x)
 
 
 def squeeze_chain(

@@ -167,6 +167,12 @@ def hf_w8a8_reason(qmodel: nn.Module) -> str | None:
             "its W8A8 linear layers (per-token activations) run on int8 kernels with "
             "compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)); " + measure
         )
+    if all(getattr(a, "is_group", False) for a in acts):
+        return (
+            f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}: "
+            "its layers with per-group activations (a8g) run on ONNX Runtime's MatMulNBits "
+            "with compactnn.to_ort_nbits(q, example); " + measure
+        )
     return (
         f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}; its "
         "W8A8 layers quantize activations on static grids, which no int8 kernel of "

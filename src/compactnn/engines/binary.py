@@ -43,6 +43,7 @@ from compactnn import registry
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import set_module
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.binary_checks import check_binary_layers as check_binary_layers
 from compactnn.engines.binary_ops import (  # `X as X`: re-exported public names
     ApproxSign as ApproxSign,
 )
@@ -85,20 +86,9 @@ def register_block_act(name: str) -> Callable:
 
 
 def check_binary_layer(name: str, layer: nn.Module) -> None:
-    """Refuse layers a binary block cannot wrap (say which and why)."""
-    if isinstance(layer, nn.Conv2d):
-        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-            raise CompactnnError(
-                f"layer {name!r} cannot take 1-bit activations: its padding "
-                f"({layer.padding!r}, {layer.padding_mode}) must be explicit zero padding."
-            )
-        return
-    if type(layer) is not nn.Linear:
-        raise CompactnnError(
-            f"layer {name!r} ({type(layer).__name__}) cannot take 1-bit activations: binary "
-            f"blocks wrap Conv2d and Linear layers. Leave it in float: ignore=[{name!r}] "
-            "(compress/train) or the step's targets.ignore; or keep its activations at 8 bits."
-        )
+    """Refuse a layer a binary block cannot wrap (say which and why);
+    :func:`check_binary_layers` names all of a model's in one message."""
+    check_binary_layers({name: layer})
 
 
 def channels_of(layer: nn.Module) -> tuple[int, int]:

@@ -42,6 +42,7 @@ from compactnn.core.context import CompressContext
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import make_quant_layer
 from compactnn.core.spec import QuantSpec
+from compactnn.engines.binary_checks import check_binary_layers
 from compactnn.engines.qat_quantizers import LSQAct, LSQWeight, WeightExport
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import QuantConfig, layer_specs, prepare_model, split_supported
@@ -235,6 +236,8 @@ def wrap_layers(
     prepare_model(model, config, ctx)
     layers = split_supported(targets, ctx)
     specs = layer_specs(model, layers, config, ctx)
+    if method.block is not None:  # every layer a binary block cannot wrap, in one message
+        check_binary_layers({n: layers[n] for n, (_, a) in specs.items() if a and a.bits == 1})
     for name, layer_spec in specs.items():
         set_module(model, name, build_wrapper(name, layers[name], layer_spec, config, method, ctx))
     return model
@@ -269,6 +272,16 @@ def start_epoch(model: nn.Module, epoch: int, epochs: int) -> None:
     for m in model.modules():
         if isinstance(m, QATWrapper) and hasattr(m.weight_quantizer, "start_epoch"):
             m.weight_quantizer.start_epoch(m.layer.weight, epoch, epochs)
+
+
+def keep_eligible(model: nn.Module) -> bool:
+    """Whether every weight quantizer with a ``keep_eligible`` hook lets ``keep_best`` keep
+    the model of the epoch under way (PE-wise: its masks prune the recipe's tiles)."""
+    return all(
+        m.weight_quantizer.keep_eligible()
+        for m in model.modules()
+        if isinstance(m, QATWrapper) and hasattr(m.weight_quantizer, "keep_eligible")
+    )
 
 
 def freeze_layers(model: nn.Module, ctx: CompressContext | None = None) -> nn.Module:

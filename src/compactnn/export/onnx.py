@@ -139,6 +139,12 @@ class _QDQLayer(nn.Module):
         aq = layer.input_quantizer
         self.act = None
         if aq is not None and aq.enabled and aq.calibrated:
+            if getattr(aq, "is_group", False):
+                raise CompactnnError(
+                    f"{type(layer).__name__} quantizes its input per token and group at run "
+                    "time: QuantizeLinear takes one scale and zero point; export the model as "
+                    "a Hugging Face transformer (MatMulNBits) or with per-tensor activations."
+                )
             if not aq.is_uniform:
                 raise CompactnnError(
                     f"{type(layer).__name__} has a non-uniform input grid (learned levels, e.g. "

@@ -82,6 +82,9 @@ def form(qmodel: nn.Module) -> str | None:
     acts = [m.input_quantizer for m in layers]
     if all(a is None for a in acts):
         return "nbits"
+    # per-group dynamic activations are MatMulNBits' own grid at accuracy_level 4
+    if all(a is None or getattr(a, "is_group", False) for a in acts):
+        return "nbits" if all(_nbits_format(m) is not None for m in layers) else None
     w8a8 = all(
         a is not None
         and a.qtype.bits == 8

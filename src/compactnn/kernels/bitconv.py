@@ -208,7 +208,8 @@ def _load_or_build(name: str, build: Path):
         # logs "No CUDA runtime is found" on machines with an nvcc and no GPU
     _remove_leftover_baton(build / "lock")
     if not so.exists():
-        _log.warning("compiling compactnn's CPU kernels once (about 2-3 minutes) into %s", build)
+        what = "compactnn's CPU kernels (direct int8 and popcount)"
+        _log.warning("compiling %s once (about 2-3 minutes) into %s", what, build)
     from torch.utils.cpp_extension import load
 
     with _max_jobs(), _pinned_ninja():

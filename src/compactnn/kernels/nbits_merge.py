@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from compactnn.kernels.nbits_check import PINNED
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -54,7 +56,8 @@ def sibling_groups(onnx: Any, graph: Any) -> list[list[Any]]:
         if len(node.input) not in (3, 4) or any(i not in inits for i in node.input[1:]):
             continue
         a = _attrs(onnx, node)
-        shape = (a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0))
+        pin = PINNED in node.name  # a pinned node merges with pinned siblings only
+        shape = (a["K"], a["bits"], a["block_size"], a.get("accuracy_level", 0), pin)
         groups[(node.input[0], len(node.input), *shape)].append(node)
     return [g for g in groups.values() if len(g) > 1]
 

@@ -3,9 +3,11 @@
 Quantized tables (:class:`~compactnn.core.qembedding.QuantEmbedding`) become
 ``com.microsoft::GatherBlockQuantized`` nodes on their own codes (uint8 bytes holding two
 4-bit codes, or one 8-bit code, per-row blocks of scales and zero points): a lookup gathers
-codes and dequantizes ``(q - z) * s`` in float32, the simulation's formula. Large float tables
-can be stored in bfloat16 with a cast after the lookup. Also the code packing and the
-tensor key that ``ort_nbits`` uses to find a layer's weight in the exported graph.
+codes and dequantizes ``(q - z) * s`` in float32, the simulation's formula; a table tied to
+the LM head gathers from the head's MatMulNBits codes instead (:func:`share_head_codes`: stored
+once, same numbers). Large float tables can be stored in bfloat16 with a cast after the
+lookup. Also the code packing and the tensor key that ``ort_nbits`` uses to find a layer's
+weight in the exported graph.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -131,7 +134,107 @@ def replace_gathers(onnx: Any, graph: Any, tables: dict) -> set[str]:
     keep = [i for i in graph.initializer if i.name not in swapped or i.name in still]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    share_head_codes(onnx, graph)
     return swapped
+
+
+def share_head_codes(onnx: Any, graph: Any) -> set[str]:
+    """Let each GatherBlockQuantized whose ``data``, ``scales`` and ``zero_points`` hold the
+    bytes of a MatMulNBits node's ``B``, ``scales`` and ``zero_points`` (an LM head tied to its
+    token table: same rows, bits and block) gather from that node's tensors instead of a copy.
+
+    One byte order: ``B`` ``(N, K/block, block*bits/8)`` is the table's ``(V, D*bits/8)`` rows
+    of low-nibble-first codes split in blocks, ``scales`` ``(N*K/block,)`` its ``(V, D/block)``.
+    The lookup reads ``B`` itself as 3-D data (``quantize_axis=2``; a ``Reshape`` of ``B`` would
+    be constant-folded by ONNX Runtime into an in-memory copy of the table) with scales and zero
+    points as ``(V, D/block, 1)`` views of the head's (4-bit zero points of several blocks a
+    row keep their own ``(V, D/block, 1)`` bytes: packed along the last axis they differ), and
+    its ``(..., D/block, block)`` rows are reshaped to ``(..., D)``: the same numbers, and the
+    codes stored once. Returns the names of the initializers dropped."""
+    to_array, from_array, make_node = (
+        onnx.numpy_helper.to_array,
+        onnx.numpy_helper.from_array,
+        onnx.helper.make_node,
+    )
+    inits = {i.name: i for i in graph.initializer}
+
+    def attr(node: Any, name: str) -> int | None:
+        return next((a.i for a in node.attribute if a.name == name), None)
+
+    def same(a: str, b: str) -> bool:
+        x, y = to_array(inits[a]), to_array(inits[b])
+        return x.dtype == y.dtype and x.size == y.size and x.tobytes() == y.tobytes()
+
+    def ties(gbq: Any, head: Any) -> bool:
+        rows, width = inits[gbq.input[0]].dims
+        bits = attr(gbq, "bits")
+        fmt = [attr(head, k) for k in ("N", "K", "bits", "block_size")]
+        return fmt == [rows, width * 8 // bits, bits, attr(gbq, "block_size")] and all(
+            same(a, b) for a, b in zip(gbq.input[:1] + gbq.input[2:4], head.input[1:4], strict=True)
+        )
+
+    def view(src: str, name: str, shape: list[int], nodes: list) -> str:
+        if name not in inits:  # a second lookup of the same table reuses the first's views
+            inits[name] = from_array(np.array(shape, np.int64), f"{name}_shape")
+            graph.initializer.append(inits[name])
+            nodes.append(make_node("Reshape", [src, f"{name}_shape"], [name], name=name))
+        return name
+
+    heads = [
+        n
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+        and len(n.input) >= 4
+        and all(i in inits for i in n.input[1:4])
+    ]
+    if not heads:
+        return set()
+    dropped, nodes = set(), []
+    for node in list(graph.node):
+        gbq = node.op_type == "GatherBlockQuantized" and len(node.input) == 4
+        own = [node.input[0], *node.input[2:]] if gbq else []
+        if own and all(i in inits for i in own) and len(inits[own[0]].dims) == 2:
+            head = next((h for h in heads if ties(node, h)), None)
+        else:
+            head = None
+        if head is None:
+            nodes.append(node)
+            continue
+        data, ids, scales, zeros = node.input
+        rows, blocks, blob = inits[head.input[1]].dims
+        bits, shape = attr(node, "bits"), [rows, blocks, 1]
+        scale_view = view(head.input[2], f"{scales}_blocks", shape, nodes)
+        if bits == 8 or blocks == 1:  # one zero point a byte in both layouts
+            zero_view = view(head.input[3], f"{zeros}_blocks", shape, nodes)
+        else:
+            zero_view = f"{zeros}_blocks"
+            if zero_view not in inits:
+                packed = torch.from_numpy(to_array(inits[zeros]).copy())
+                z = torch.stack([packed & 15, packed >> 4], -1).reshape(rows, -1)[:, :blocks]
+                inits[zero_view] = from_array(z.reshape(shape).numpy(), zero_view)
+                graph.initializer.append(inits[zero_view])
+        out = node.output[0]
+        del node.input[:]
+        node.input.extend([head.input[1], ids, scale_view, zero_view])
+        next(a for a in node.attribute if a.name == "quantize_axis").i = 2
+        node.output[0] = f"{out}_blocks"
+        width = f"{out}_width"
+        graph.initializer.append(from_array(np.array([blob * 8 // bits * blocks], np.int64), width))
+        nodes += [
+            node,
+            make_node("Shape", [ids], [f"{out}_ids_shape"], name=f"{out}_ids_shape"),
+            make_node("Concat", [f"{out}_ids_shape", width], [f"{out}_shape"], axis=0),
+            make_node("Reshape", [f"{out}_blocks", f"{out}_shape"], [out], name=f"{out}_rows"),
+        ]
+        dropped.update((data, scales, zeros))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {n for node in nodes for n in node.input} | {o.name for o in graph.output}
+    dropped -= read
+    keep = [i for i in graph.initializer if i.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return dropped
 
 
 def tables_to_bf16(onnx: Any, graph: Any, min_elements: int = 1 << 20) -> None:

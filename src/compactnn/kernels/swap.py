@@ -241,6 +241,12 @@ def to_kernels(
         if isinstance(m, QuantLinear)
         and m.input_quantizer is not None
         and not isinstance(m.input_quantizer, DynamicActQuantizer)
+        and not getattr(m.input_quantizer, "is_group", False)
+    }
+    grouped = {  # MatMulNBits' own activation grid: ONNX Runtime runs them
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and getattr(m.input_quantizer, "is_group", False)
     }
     out = swap_kernels(model if inplace else copy.deepcopy(model), config)
     info = out._compactnn_kernels
@@ -250,6 +256,11 @@ def to_kernels(
             "per-token dynamic activations (e.g. 'w8a8-smoothquant') or weight-only "
             "('w8', 'w4-g32') runs on them."
             if static & set(info["simulated"])
+            else ""
+        ) + (
+            " Layers with per-group dynamic activations (a8g) run on ONNX Runtime's "
+            "MatMulNBits: compactnn.to_ort_nbits(model, example)."
+            if grouped & set(info["simulated"])
             else ""
         )
         none = "" if info["swapped"] else "no layer runs on low-bit kernels: "
@@ -301,6 +312,11 @@ def simulated_reason(m: nn.Module, dtype: torch.dtype, why: str | None = None) -
     if isinstance(m, QuantEmbedding):
         return f"no kernel for codebook tables: runs simulated in {where}"
     aq = m.input_quantizer
+    if getattr(aq, "is_group", False):
+        return (
+            "per-group dynamic activations: no kernel here, runs simulated in float32 "
+            "(compactnn.to_ort_nbits runs it on MatMulNBits)"
+        )
     if aq is not None and not isinstance(aq, DynamicActQuantizer):
         return "static activation grid: no kernel, runs simulated in float32"
     if isinstance(aq, DynamicActQuantizer):

@@ -118,6 +118,11 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     aq = layer.input_quantizer
     if aq is None or not aq.enabled or not aq.calibrated:
         return "its input is not quantized (weight-only recipe): int8 kernels need an a<=8 recipe"
+    if getattr(aq, "is_group", False):
+        return (
+            "its input grid is per token and group, set at run time (ONNX Runtime MatMulNBits' "
+            "grid): int8 kernels here take one scale and zero point"
+        )
     if not getattr(aq, "is_uniform", True):
         return (
             "its input grid is non-uniform (learned levels, e.g. LQ-Nets): int8 kernels take one "

@@ -141,7 +141,7 @@ def suspect_reasons(t: Timing) -> list[str]:
             reasons.append(
                 f"CPU time {t.cpu_s * 1e3:.2f} ms/call is {share:.0%} of the wall time "
                 f"(median {t.median_s * 1e3:.2f} ms): the call waited for the CPU (load "
-                f"{_fmt_load(t.load_avg)} on {t.cpus} CPUs)"
+                f"{'unknown' if t.load_avg is None else f'{t.load_avg:.1f}'} on {t.cpus} CPUs)"
             )
         elif share > MAX_CPU_OVER_THREADS * max(t.threads, 1):
             reasons.append(
@@ -149,10 +149,6 @@ def suspect_reasons(t: Timing) -> list[str]:
                 f"{t.threads} torch threads: another thread pool competed with them"
             )
     return reasons
-
-
-def _fmt_load(load: float | None) -> str:
-    return "unknown" if load is None else f"{load:.1f}"
 
 
 def omp_wait_policy() -> str:
@@ -183,32 +179,35 @@ def _warn_once(key: tuple[str, str], message: str) -> None:
 
 
 def check_environment(load: float | None = None) -> str | None:
-    """Warn once per process when OpenMP threads spin on an overloaded machine, or sleep at
-    once (``OMP_WAIT_POLICY=PASSIVE`` without ``GOMP_SPINCOUNT``) on several threads.
-
-    Returns the warning's text (None when the policy is PASSIVE with a bounded spin, or the
-    machine is not loaded past its CPU count).
+    """Warn once per process (and return the text; None when the settings suit the load) when
+    OpenMP threads spin on a machine loaded past its CPU count (no policy, ACTIVE, or a nonzero
+    ``GOMP_SPINCOUNT``), or a bare PASSIVE sleeps at once where the spin helps (:func:`spin_helps`).
     """
-    if omp_wait_policy() == "PASSIVE" and not spin_count() and torch.get_num_threads() > 1:
-        message = (
-            "OMP_WAIT_POLICY=PASSIVE without GOMP_SPINCOUNT: OpenMP's idle threads sleep after "
-            "every parallel region and a small model on several threads can run slower than "
-            "on one (mnist-cnn, batch 16, 2 threads: 0.99 against 0.50 ms deployed). Set "
-            f"GOMP_SPINCOUNT={PASSIVE_SPINCOUNT} as well (the compactnn command does)."
-        )
-        _warn_once(("spin", ""), message)
-        return message
     load = load_average() if load is None else load
     cpus = os.cpu_count() or 1
-    if omp_wait_policy() == "PASSIVE" or load is None or load <= cpus:
+    passive = omp_wait_policy() == "PASSIVE"
+    if passive and not spin_count() and torch.get_num_threads() > 1 and spin_helps(load, cpus):
+        key = "spin"
+        message = (
+            f"OMP_WAIT_POLICY=PASSIVE without GOMP_SPINCOUNT at load {load:.1f} on {cpus} "
+            "CPUs: OpenMP's idle threads sleep after every parallel region and a small model "
+            "on several threads can run slower than on one (mnist-cnn, batch 16, 2 threads: "
+            f"0.99 against 0.50 ms deployed). Set GOMP_SPINCOUNT={PASSIVE_SPINCOUNT} as well "
+            "while the load stays below the CPU count (the compactnn command does)."
+        )
+    elif load is not None and load > cpus and (not passive or spin_count() not in ("", "0")):
+        key = "policy"
+        what = f"GOMP_SPINCOUNT is {spin_count()}" if passive else "OMP_WAIT_POLICY is "
+        message = (
+            f"{what}{'' if passive else omp_wait_policy() or 'unset'} on a machine whose load "
+            f"({load:.1f}) exceeds its {cpus} CPUs: OpenMP threads that spin while waiting "
+            "slow each other down (eager float 10-100x with 20,000 spins), so latencies are "
+            "inflated. Start Python with OMP_WAIT_POLICY=PASSIVE and no GOMP_SPINCOUNT (the "
+            "compactnn command sets them unless you did)."
+        )
+    else:
         return None
-    message = (
-        f"OMP_WAIT_POLICY is {omp_wait_policy() or 'unset'} on a machine whose load "
-        f"({load:.1f}) exceeds its {cpus} CPUs: OpenMP threads that spin while waiting slow "
-        "each other down several-fold, so latencies are inflated. Start Python with "
-        "OMP_WAIT_POLICY=PASSIVE (the compactnn command sets it unless you did)."
-    )
-    _warn_once(("policy", ""), message)
+    _warn_once((key, ""), message)
     return message
 
 
@@ -385,11 +384,7 @@ def time_round_robin(
     threads: int | None = DEFAULT_THREADS,
     batch: int | None = None,
 ) -> dict[str, Timing]:
-    """Time several contenders side by side: :func:`time_blocks` with its default rounds.
-
-    Kept under this name for its callers; it no longer interleaves single calls (one
-    runtime's spinning threads starved the next contender that way, BENCHMARKING.md).
-    """
+    """:func:`time_blocks` with its default rounds (an old name, kept for its callers)."""
     return time_blocks(calls, warmup=warmup, runs=runs, threads=threads, batch=batch)
 
 
@@ -423,44 +418,67 @@ def _batch_size(batch: Any) -> int | None:
 
 
 REEXEC_MARK = "COMPACTNN_OMP_REEXEC"
-# With OMP_WAIT_POLICY=PASSIVE alone, libgomp's idle threads sleep at once, and every one of a
-# small model's many parallel regions first wakes them: mnist-cnn at batch 16 ran 1.7x slower
-# on 2 threads than on 1 (fp32 eager 3.7-4.1 against 2.1-2.2 ms, Zen 4). A bounded spin first
-# keeps the next region's wake-up cheap and still gives the CPU back soon after the process
-# goes idle. Idle CPU after one parallel region (Zen 4): 20,000 spins 0.58 ms, 3,000 0.15 ms,
-# libgomp's default without PASSIVE 8.2 ms; the demo's deployed w2a8-ttq went from 0.58x
-# (no spin) and 0.89x (3,000) to 1.01x ONNX Runtime fp32 (20,000).
+# With OMP_WAIT_POLICY=PASSIVE alone (= GOMP_SPINCOUNT=0), libgomp's idle threads sleep at once
+# and each of a small model's many parallel regions first wakes them. On an idle machine (load
+# 0.6-1.1, 2 CPUs, Zen 4) mnist-cnn at batch 16 then ran slower on 2 threads than on 1 (fp32
+# eager 3.7-4.1 against 2.1-2.2 ms; deployed w4a8 0.99 ms, 0.50 ms with 20,000 spins); idle CPU
+# after one region: 20,000 spins 0.58 ms, 3,000 0.15 ms, libgomp's default 8.2 ms.
+# On a busy machine the spin inflates timings instead: spinning threads use up the process's
+# share of the oversubscribed CPUs. Load 6.3-9.4 on 2 CPUs, 2 threads, median ms of 60 calls,
+# three fresh processes each, PASSIVE with GOMP_SPINCOUNT 0 / 1,000 / 3,000 / 20,000:
+#   8x8 CNN fp32 eager, batch 32:     0.37-0.40 / 0.42-0.88 / 1.7-3.3 / 17-46
+#   mnist-cnn fp32 eager, batch 16:   5.9-6.0 / 4.1-8.6 / 7.2-20 / 68-105
+#   mnist-cnn w4a8 deployed, batch 16: 0.85-1.07 / 0.51-1.53 / 0.41-2.8 / 0.50, 6.5, 30
+# So the spin is added only below the CPU count (:func:`spin_helps`): under load no spin cost a
+# deployed model up to 2x, the spin cost eager float 10-100x (speedups claimed 10x too high).
 PASSIVE_SPINCOUNT = "20000"
+
+
+def spin_helps(load: float | None, cpus: int | None) -> bool:
+    """Whether :data:`PASSIVE_SPINCOUNT` helps: the 1-minute ``load`` is below ``cpus``.
+
+    Example:
+        >>> spin_helps(0.8, 2), spin_helps(2.0, 2), spin_helps(None, 2)
+        (True, False, False)
+    """
+    return load is not None and cpus is not None and load < cpus
 
 
 def passive_policy_action(environ: dict[str, str], openmp_loaded: bool) -> str:
     """What an entry point does about ``OMP_WAIT_POLICY`` before it times anything.
 
-    ``"keep"``: the user chose a policy (other than a bare PASSIVE), or a re-executed process
-    already has it; ``"set"``: set PASSIVE and the bounded spin in this process (OpenMP not
-    loaded yet, it will read them); ``"reexec"``: OpenMP was loaded (``import torch`` loads
-    libgomp, which reads both once, at load), so only a fresh process with them in its
-    environment gets them. A user's ``OMP_WAIT_POLICY=PASSIVE`` without ``GOMP_SPINCOUNT``
-    gets the bounded spin added (:data:`PASSIVE_SPINCOUNT`: without it a small model ran
-    slower on two threads than on one); ``GOMP_SPINCOUNT=0`` keeps libgomp's bare PASSIVE.
+    ``"keep"``: the user chose a policy (a bare PASSIVE too: no spin is added to it) or a
+    re-executed process already has it; ``"set"``: set :func:`passive_policy_env` here
+    (OpenMP not loaded yet, it will read it); ``"reexec"``: OpenMP was loaded (``import
+    torch`` loads libgomp, which reads the variables once), so only a fresh process gets them.
 
     Example:
         >>> passive_policy_action({}, openmp_loaded=True)
         'reexec'
     """
-    if environ.get(REEXEC_MARK):
-        return "keep"
-    policy = environ.get("OMP_WAIT_POLICY")
-    if policy is not None and (policy.strip().upper() != "PASSIVE" or "GOMP_SPINCOUNT" in environ):
+    if environ.get(REEXEC_MARK) or "OMP_WAIT_POLICY" in environ:
         return "keep"
     return "reexec" if openmp_loaded else "set"
 
 
-def ensure_passive_policy(module: str, argv: list[str], openmp_loaded: bool) -> None:
-    """Give this process ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose another policy.
+def passive_policy_env(environ: dict[str, str], load: float | None, cpus: int | None) -> dict:
+    """What an entry point sets: ``OMP_WAIT_POLICY=PASSIVE``, plus ``GOMP_SPINCOUNT`` =
+    :data:`PASSIVE_SPINCOUNT` where :func:`spin_helps` and ``environ`` has no spin count.
 
-    With it goes a short bounded spin, ``GOMP_SPINCOUNT=20000`` (unless set; about 0.5 ms):
-    idle threads wait that long before they sleep (:data:`PASSIVE_SPINCOUNT` says why).
+    Example:
+        >>> passive_policy_env({}, load=8.0, cpus=2)
+        {'OMP_WAIT_POLICY': 'PASSIVE'}
+    """
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    if "GOMP_SPINCOUNT" not in environ and spin_helps(load, cpus):
+        env["GOMP_SPINCOUNT"] = PASSIVE_SPINCOUNT
+    return env
+
+
+def ensure_passive_policy(module: str, argv: list[str], openmp_loaded: bool) -> None:
+    """Give this process ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy, with
+    ``GOMP_SPINCOUNT=20000`` (about 0.5 ms) only on a machine loaded below its CPU count
+    (:func:`passive_policy_env`; :data:`PASSIVE_SPINCOUNT` says why).
 
     For command-line entry points only (``compactnn``, ``python -m compactnn.bench``): when
     OpenMP is already loaded, re-executes ``python -m module argv`` with the policy set
@@ -469,8 +487,7 @@ def ensure_passive_policy(module: str, argv: list[str], openmp_loaded: bool) -> 
     action = passive_policy_action(dict(os.environ), openmp_loaded)
     if action == "keep":
         return
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("GOMP_SPINCOUNT", PASSIVE_SPINCOUNT)  # see PASSIVE_SPINCOUNT
+    os.environ.update(passive_policy_env(dict(os.environ), load_average(), os.cpu_count()))
     if action == "reexec":
         import sys
 

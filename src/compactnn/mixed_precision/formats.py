@@ -1,6 +1,6 @@
 """Candidate formats of a search: quantization short names, one step each in the recipe.
 
-A format is any quantization short name ``w<W>[a<A>][-g<G>][-<method>]`` (``w3-g32-gptq``,
+A format is any quantization short name ``w<W>[a<A>[g]][-g<G>][-<method>]`` (``w3-g32-gptq``,
 ``w4a8``), optionally after a structured-pruning prefix ``ch<P>+`` (``ch50+w8a8``: half of the
 layer's output channels removed by L1 norm, :mod:`compactnn.prune.channel`, then ``w8a8``).
 Pruned formats run on the same int8 kernel with fewer channels, so they are the formats that
@@ -68,7 +68,7 @@ class Format:
         if len(recipe.steps) != 1 or not isinstance(step.config, QuantConfig):
             raise CompactnnError(
                 f"search format {name!r} is not a quantization short name "
-                "(w<W>[a<A>][-g<G>][-<method>], e.g. w3-g32-gptq or w4a8)."
+                "(w<W>[a<A>[g]][-g<G>][-<method>], e.g. w3-g32-gptq or w4a8)."
             )
         if not hasattr(step.config, "first_last_bits"):
             raise CompactnnError(f"search format {name!r}: its method has no first_last_bits.")

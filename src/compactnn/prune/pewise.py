@@ -61,7 +61,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -76,7 +75,7 @@ from compactnn.engines.qat import QATConfig, QATMethod
 from compactnn.engines.qat_quantizers import WeightExport, fp16
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import check_sparsity
-from compactnn.prune.shortnames import percent_fraction
+from compactnn.prune.pe_groups import GroupMisfit, check_group, group_fits
 from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name, reserve_method_names
@@ -161,26 +160,6 @@ class PEWiseConfig(QATConfig):
                 f"PEWiseConfig.freeze_epochs={self.freeze_epochs} must be >= 0 (0: no frozen "
                 "fine-tune phase)."
             )
-
-
-def group_fits(weight: torch.Tensor, group: tuple[int, int]) -> bool:
-    """Whether the PE tile ``group`` divides ``weight``'s output and input channels."""
-    return weight.shape[0] % group[0] == 0 and weight.shape[1] % group[1] == 0
-
-
-def check_group(weight: torch.Tensor, group: tuple[int, int], name: str | None = None) -> None:
-    """Raise ``CompactnnError`` unless the PE tile ``group`` divides ``weight``'s channels;
-    the message names the layer ``name`` when given."""
-    if group_fits(weight, group):
-        return
-    out_ch, in_ch = weight.shape[0], weight.shape[1]
-    layer = "a layer" if name is None else f"layer {name!r}"
-    ignore = "name" if name is None else json.dumps(name)
-    raise CompactnnError(
-        f"{layer} with weight shape {tuple(weight.shape)} has {out_ch} output and {in_ch} "
-        f"input channels; the PE group {tuple(group)} must divide both. Pick a group that "
-        f"does, or leave that layer out of the step's targets (targets: {{ignore: [{ignore}]}})."
-    )
 
 
 def group_norms(weight: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
@@ -326,22 +305,46 @@ class PEWiseWeight(nn.Module):
         self.register_buffer("mask", pe_group_mask(weight, config.group, config.sparsity))
         # the frozen phase's ternary threshold; negative: not frozen (recomputed every step)
         self.register_buffer("delta", torch.full((), -1.0))
+        # the epoch whose start was applied (-1: none); in the checkpoint, so a run resumed
+        # mid-epoch keeps that epoch's mask instead of re-ranking the tiles of moved weights
+        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint written before ``started`` existed: no epoch marked as started
+        state_dict.setdefault(prefix + "started", torch.full((), -1, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
-        """Revise the mask to the schedule's sparsity; pick float or quantized weights."""
+        """Revise the mask to the schedule's sparsity; pick float or quantized weights.
+        The mask moves once per epoch: for the epoch already started (a run resumed from a
+        mid-epoch checkpoint) only the phase flags are set."""
+        s = scheduled_sparsity(epoch, epochs, self.config)
+        if int(self.started) != epoch:
+            self._revise(w, epoch, epochs, s)
+        self.float_phase = epoch < float_epochs(epochs, self.config)
+        self.penalize_window = s < self.config.sparsity  # the masks still grow
+        self.penalize = self.config.wpc > 0 and self.penalize_window
+
+    def keep_eligible(self) -> bool:
+        """``keep_best`` hook: whether the model of the epoch under way may be delivered:
+        its mask prunes the recipe's ``round(s n)`` tiles. Not while the masks grow: such a
+        model prunes fewer tiles than the recipe (and the artifact's record) say."""
+        tiles = group_norms(self.mask, self.config.group)  # 0: a pruned tile
+        final = math.floor(self.config.sparsity * tiles.numel() + 0.5)
+        return int((tiles == 0).sum()) >= final
+
+    def _revise(self, w: torch.Tensor, epoch: int, epochs: int, s: float) -> None:
+        """The mask at sparsity ``s``; the frozen phase's threshold at its first epoch."""
         with torch.no_grad():
             if epoch == 0:
                 self.mask.fill_(1.0)  # training starts dense: the schedule prunes
-            s = scheduled_sparsity(epoch, epochs, self.config)
             self.mask.copy_(pe_group_mask(w * self.mask, self.config.group, s))
             frozen = epoch >= epochs - self.config.freeze_epochs
             if not frozen:
                 self.delta.fill_(-1.0)
-            elif self.delta < 0:  # the frozen phase starts (a resumed run keeps its delta)
+            elif self.delta < 0:  # the frozen phase starts
                 self.delta.copy_(ternary_threshold(w, self.mask, self.config.ratio))
-        self.float_phase = epoch < float_epochs(epochs, self.config)
-        self.penalize_window = s < self.config.sparsity  # the masks still grow
-        self.penalize = self.config.wpc > 0 and self.penalize_window
+            self.started.fill_(epoch)
 
     def quantized(self, w: torch.Tensor) -> torch.Tensor:
         """The dequantized weight (no gradient path)."""
@@ -379,25 +382,12 @@ class PEWiseWeight(nn.Module):
         return WeightExport(codes.to(torch.int8), scale, torch.zeros(1, 1), self.ternary_spec)
 
 
-class _GroupMisfit(nn.Module):
-    """What the hook returns for a layer whose channels the PE group does not divide: the
-    engine's ``wrapper`` call, which passes the layer's name, refuses it by that name (the
-    hook itself sees the layer alone)."""
-
-    def __init__(self, group: tuple[int, int]) -> None:
-        super().__init__()
-        self.group = group
-
-    def wrapper(self, name: str, layer: nn.Module, act_quantizer, ctx) -> nn.Module:
-        check_group(layer.weight, self.group, name)
-        raise AssertionError("unreachable: the group does not fit")
-
-
 def pewise_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: PEWiseConfig) -> nn.Module:
     """Engine hook: the PE-tile mask and ternary weights of ``layer`` (activations: LSQ);
-    a layer whose channels the group does not divide is refused by name when wrapped."""
+    the layers whose channels the group does not divide are refused together, by name
+    (:mod:`compactnn.prune.pe_groups`)."""
     if not group_fits(layer.weight, config.group):
-        return _GroupMisfit(config.group)
+        return GroupMisfit(config.group)
     return PEWiseWeight(layer.weight, spec, config)
 
 
@@ -410,16 +400,22 @@ reserve_method_names(r"pe\d+", "-pe<P> is PE-wise pruning's sparsity in w2[a<A>]
 
 
 @register_short_name(
-    r"w(?P<w>2|8)(?:a(?P<a>\d+))?-pe(?P<p>\d+)(?P<seq>-seq)?",
+    r"w(?P<w>\d+)(?:a(?P<a>\d+))?-pe(?P<p>\d+)(?P<seq>-seq)?",  # bits: PEWiseConfig checks
     "w2[a<A>]-pe<P>[-seq]",
     ("w2a8-pe50", "w2-pe75", "w2a8-pe50-seq"),
 )
 def _short_name(m: re.Match[str]) -> Recipe:
+    percent = int(m["p"])
+    if percent >= 100:
+        raise CompactnnError(
+            f"recipe {m.string!r}: the share of PE tiles pruned, {percent}%, must lie in "
+            "[0, 100), e.g. w2a8-pe50 (half the tiles) or w2a8-pe75."
+        )
     config = PEWiseConfig.from_short(
         int(m["w"]),
         int(m["a"]) if m["a"] else None,
         None,
-        sparsity=percent_fraction(m["p"], m.string),
+        sparsity=percent / 100,
         schedule="sequential" if m["seq"] else "joint",
     )
     return Recipe(m.string, (Step("pe", config),))

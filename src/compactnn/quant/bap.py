@@ -197,11 +197,23 @@ class BAPWeight(nn.Module):
         self.reselect_fraction = config.reselect_fraction
         self.k = max(1, round(config.density * weight.numel()))
         self.register_buffer("mask", residual_support(weight, self.k))
+        # the epoch whose start was applied (-1: none); in the checkpoint, so a run resumed
+        # mid-epoch keeps that epoch's support instead of re-selecting it from moved weights
+        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
-        """Re-select the support from the current weights while the schedule allows."""
+        """Re-select the support from the current weights while the schedule allows (once
+        per epoch: again for the epoch already started, as on resuming, it does nothing)."""
+        if int(self.started) == epoch:
+            return
+        self.started.fill_(epoch)
         if epoch == 0 or epoch < math.ceil(self.reselect_fraction * epochs):
             self.mask.copy_(residual_support(w, self.k))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint written before ``started`` existed: no epoch marked as started
+        state_dict.setdefault(prefix + "started", torch.full((), -1, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return bap_weight(w, self.mask, self.value_bits)[0]

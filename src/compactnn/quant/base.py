@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -37,6 +37,9 @@ from compactnn.errors import CompactnnError, name_list
 LayerSpecs = dict[str, tuple[QuantSpec, QuantSpec | None]]
 
 
+GROUP_ACT = ("rtn", "gptq")  # the methods whose configs set group_act
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig(MethodConfig):
     """Settings shared by quantization methods.
@@ -55,6 +58,8 @@ class QuantConfig(MethodConfig):
     act: QuantSpec | None = None
     first_last_bits: int | None = 8
     fold_bn: bool = True
+    # per-group dynamic activations (act granularity "group") are simulated by this method
+    group_act: ClassVar[bool] = False
 
     def needs_data(self) -> bool:
         """Activation grids are calibrated on data, and so are data-driven methods."""
@@ -68,17 +73,35 @@ class QuantConfig(MethodConfig):
             # an act spec without a granularity is per tensor, as in a YAML recipe
             object.__setattr__(self, "act", self.act.for_activation())
         if self.act is not None and self.act.granularity != "tensor":
-            raise CompactnnError(
-                "activation quantization is per-tensor: set granularity='tensor' (or leave it out)."
-            )
+            self._check_group_act()
         if self.first_last_bits is not None and not 1 <= self.first_last_bits <= 8:
             raise CompactnnError(f"first_last_bits={self.first_last_bits} must be 1..8 or None.")
+
+    def _check_group_act(self) -> None:
+        """Per-group activations: dynamic, symmetric, on the weights' groups, for the
+        methods that declare them (``group_act``); anything else is per tensor."""
+        name, act, w = type(self).__name__, self.act, self.weight
+        if act.granularity != "group" or not self.group_act:
+            raise CompactnnError(
+                f"{name}: activation quantization is per-tensor (set granularity='tensor' or "
+                "leave it out); per-group activations (granularity='group', the grid of ONNX "
+                "Runtime's MatMulNBits at accuracy_level=4) are for the methods "
+                f"{' and '.join(GROUP_ACT)} (e.g. 'w4a8g-g32-gptq')."
+            )
+        if not act.symmetric or w.granularity != "group" or act.group_size != w.group_size:
+            raise CompactnnError(
+                f"{name}: per-group activations are symmetric and grouped like the weights: "
+                f"use act=QuantSpec(bits={act.bits}, granularity='group', group_size="
+                f"{w.group_size or 'G'}) with weight granularity='group' of the same size "
+                f"(got act symmetric={act.symmetric}, group_size={act.group_size}; weight "
+                f"granularity={w.granularity!r}, group_size={w.group_size})."
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str | None = None) -> QuantConfig:
         """The config from a YAML/JSON mapping; an ``act`` mapping without ``granularity`` is
-        per-tensor (the only activation granularity, as in Python), an explicit other one is
-        refused here, with its field path.
+        per-tensor (as in Python); ``group`` is checked like in Python (``group_act``); any
+        other is refused here, with its field path.
 
         Example:
             >>> QuantConfig.from_dict({"act": {"bits": 4}}).act.granularity
@@ -87,7 +110,7 @@ class QuantConfig(MethodConfig):
         where = where or cls.__name__
         act = data.get("act") if isinstance(data, dict) else None
         granularity = act.get("granularity") if isinstance(act, dict) else None
-        if isinstance(granularity, str) and granularity != "tensor":
+        if isinstance(granularity, str) and granularity not in ("tensor", "group"):
             raise CompactnnError(
                 f"{where}.act.granularity={granularity!r}: activation quantization is "
                 "per-tensor; set granularity: tensor (or leave it out)."
@@ -238,7 +261,7 @@ def layer_specs(
 
 
 def _bits(w: QuantSpec, a: QuantSpec | None) -> str:
-    return f"w{w.bits}" + (f"a{a.bits}" if a is not None else "")
+    return f"w{w.bits}" + (f"a{a.bits}{'g' * (a.granularity == 'group')}" if a is not None else "")
 
 
 def note_raised(specs: LayerSpecs, config: QuantConfig, ctx: CompressContext) -> None:
@@ -302,7 +325,22 @@ def check_group_sizes(layers: dict[str, nn.Module], specs: LayerSpecs) -> None:
     """Fail before any work when a group size does not divide a layer's input dimension,
     naming the layers and either a group size of 8 to 128 that divides the input dimension
     of every group-quantized layer or, when none does, that there is none
-    (:func:`group_size_message`)."""
+    (:func:`group_size_message`); or when a convolution is given per-group activations
+    (they group a token's features, the last dimension of a Linear layer's input)."""
+    convs = [
+        n
+        for n, (_, aspec) in specs.items()
+        if aspec is not None
+        and aspec.granularity == "group"
+        and not isinstance(layers[n], nn.Linear)
+    ]
+    if convs:
+        raise CompactnnError(
+            f"per-group activations (a<A>g) group a token's features, the input of a Linear "
+            f"layer; convolution layers cannot take them: {name_list(convs)}. Use per-tensor "
+            "activations for a CNN (e.g. w4a8), or leave those layers out (--ignore NAME, "
+            "compress(ignore=[...]))."
+        )
     bad: dict[str, int] = {}
     dims: list[int] = []
     group = 0

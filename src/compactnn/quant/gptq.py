@@ -10,6 +10,7 @@ only one transformer block's calibration activations are held at a time.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from torch import nn
 
@@ -29,6 +30,8 @@ class GPTQConfig(GPTQBaseConfig):
         >>> GPTQConfig(damp=0.05).act_order
         True
     """
+
+    group_act: ClassVar[bool] = True  # act granularity 'group' (MatMulNBits level 4)
 
 
 def gptq_hooks(config: GPTQConfig, pairs: ScaledPairs | None = None) -> BlockHooks:

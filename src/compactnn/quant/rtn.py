@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from torch import nn
 
@@ -16,6 +17,8 @@ from compactnn.registry import register
 class RTNConfig(QuantConfig):
     """Round-to-nearest: each weight goes to its nearest grid point; no data needed for
     weight-only recipes. Ranges come from ``weight.range_method`` / ``act.range_method``."""
+
+    group_act: ClassVar[bool] = True  # act granularity 'group' (MatMulNBits level 4)
 
 
 @register("rtn", RTNConfig, "round-to-nearest (min-max, percentile or MSE ranges)")

@@ -54,10 +54,14 @@ def kernel_rows(w: torch.Tensor) -> torch.Tensor:
 def frequent_patterns(signs: torch.Tensor, count: int) -> torch.Tensor:
     """The ``count`` most frequent sign patterns (``x > 0``) of rows ``(n, 9)``, as ``{-1, +1}``
     (ties: the smaller pattern number); padded with unused patterns when fewer exist."""
-    ids = ((signs > 0).long() * (1 << torch.arange(8, -1, -1))).sum(1)
-    freq = torch.bincount(ids, minlength=512).double() - torch.arange(512) * 1e-6
+    ids = ((signs > 0).long() * (1 << torch.arange(8, -1, -1, device=signs.device))).sum(1)
+    freq = (
+        torch.bincount(ids, minlength=512).double() - torch.arange(512, device=signs.device) * 1e-6
+    )
     top = freq.argsort(descending=True)[:count]
-    return ((top.unsqueeze(1) >> torch.arange(8, -1, -1)) & 1).float() * 2 - 1  # (count, 9)
+    return (
+        (top.unsqueeze(1) >> torch.arange(8, -1, -1, device=top.device)) & 1
+    ).float() * 2 - 1  # (count, 9)
 
 
 def nearest_pattern(kernels: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
@@ -74,13 +78,25 @@ class SubbitWeight(nn.Module):
         super().__init__()
         self.tau = tau
         self.register_buffer("patterns", self.select(weight))
+        # the epoch whose start was applied (-1: none); in the checkpoint, so a run resumed
+        # mid-epoch keeps that epoch's codebook instead of re-selecting it from moved weights
+        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
 
     def select(self, w: torch.Tensor) -> torch.Tensor:
         return frequent_patterns(kernel_rows(w.detach()), 2**self.tau)
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
-        """Re-select the codebook from the kernels' current sign patterns."""
+        """Re-select the codebook from the kernels' current sign patterns (once per epoch:
+        again for the epoch already started, as on resuming, it does nothing)."""
+        if int(self.started) == epoch:
+            return
+        self.started.fill_(epoch)
         self.patterns.copy_(self.select(w))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint written before ``started`` existed: no epoch marked as started
+        state_dict.setdefault(prefix + "started", torch.full((), -1, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def quantized(self, w: torch.Tensor) -> torch.Tensor:
         kernels = kernel_rows(w.detach())
@@ -214,12 +230,22 @@ def subbit_layer(q: QuantConv2d, tau: int) -> SubbitConv2d:
     return out
 
 
-def to_subbit(model: nn.Module, tau: int) -> nn.Module:
+def to_subbit(model: nn.Module, tau: int | None = None, *, force: bool = False) -> nn.Module:
     """Store every binary 3x3 conv of a frozen model at ``tau`` bits per kernel (in place).
 
+    Args:
+        model: a frozen model with binary 3x3 convs (``w1a8-subbit``, or a 1-bit recipe for
+            the post-hoc mapping baseline).
+        tau: bits per kernel, 4..8. None: the ``tau`` the model was trained with (its
+            recipe's ``subbit`` step); required for a model trained without one.
+        force: allow a ``tau`` other than the trained one. Smaller, each layer keeps only its
+            ``2^tau`` most frequent patterns and the outputs change (an untrained mapping);
+            larger, the same patterns are stored at more bits per kernel.
+
     Example:
-        >>> small = to_subbit(compactnn.train(model, "w1a8-subbit", data), 6)  # doctest: +SKIP
+        >>> small = to_subbit(compactnn.train(model, "w1a8-subbit", data))  # doctest: +SKIP
     """
+    tau = _checked_tau(model, tau, force)
     layers: dict[str, dict] = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantConv2d) and m.weight_spec.bits == 1 and is_3x3(m):
@@ -232,6 +258,49 @@ def to_subbit(model: nn.Module, tau: int) -> nn.Module:
     if info is not None:
         info.setdefault("extra", {}).setdefault(EXTRA_KEY, {}).update(layers)
     return model
+
+
+def trained_tau(model: nn.Module) -> tuple[int, str] | None:
+    """``(tau, recipe name)`` of the ``subbit`` step ``model`` was trained (or compressed)
+    with, or None when its recipe has none (or several with different ``tau``)."""
+    recipe = (getattr(model, "_compactnn", None) or {}).get("recipe")
+    steps = getattr(recipe, "steps", ())
+    taus = {s.config.tau for s in steps if s.method == "subbit"}
+    return (taus.pop(), recipe.name) if len(taus) == 1 else None
+
+
+def _checked_tau(model: nn.Module, tau: int | None, force: bool) -> int:
+    """The ``tau`` to store ``model`` at: the trained one unless ``force`` allows another."""
+    trained = trained_tau(model)
+    if tau is None:
+        if trained is None:
+            raise CompactnnError(
+                "to_subbit: this model was not trained with sub-bit kernels (no 'subbit' step "
+                "in its recipe): pass tau= (4..8) for the post-hoc mapping of its binary 3x3 "
+                "convs to 2^tau patterns per layer."
+            )
+        return trained[0]
+    if isinstance(tau, bool) or not isinstance(tau, int) or not 4 <= tau <= 8:
+        raise CompactnnError(f"to_subbit: tau={tau!r} must be an integer in 4..8.")
+    if trained is None or tau == trained[0] or force:
+        return tau
+    t, recipe = trained
+    what = f"this model was trained with {recipe!r} at tau={t} (at most {2**t} patterns per layer)"
+    if tau < t:
+        change = (
+            f"tau={tau} keeps only each layer's {2**tau} most frequent patterns and maps every "
+            "other kernel to its nearest one: the outputs change (an untrained mapping)"
+        )
+    else:
+        change = (
+            f"tau={tau} stores {tau} bits per kernel instead of {t} for the same patterns: a "
+            "larger artifact, the same outputs"
+        )
+    raise CompactnnError(
+        f"to_subbit: {what}; {change}. For the trained form call to_subbit(model) (or tau={t}); "
+        f"to train at tau={tau}: compactnn.train(model, Recipe('w1a8-subbit-tau{tau}', "
+        f"(Step('subbit', SubbitConfig(tau={tau})),)), data); force=True maps it anyway."
+    )
 
 
 @register_artifact_hook("before_layers")

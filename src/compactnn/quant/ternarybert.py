@@ -211,11 +211,29 @@ def lr_factor(step: int, steps: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - w) / max(steps - w, 1)))
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder language model: it generates text (``can_generate()``)
+    or an attention layer of it is causal (``is_causal``, as Llama's and GPT-2's are)."""
+    can_generate = getattr(model, "can_generate", None)
+    try:
+        if callable(can_generate) and can_generate():
+            return True
+    except Exception:  # a model whose check itself fails: decided by its attention layers
+        pass
+    return any(getattr(m, "is_causal", None) is True for m in model.modules())
+
+
 def _check_batches(model: nn.Module, ctx: CompressContext) -> None:
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         raise CompactnnError(
             "ternarybert distils a Hugging Face transformer's hidden states and attention maps: "
             "pass a transformers model (for CNNs use w2a8-twn)."
+        )
+    if is_causal_lm(model):  # before the copy and the (long) distillation
+        raise CompactnnError(
+            f"ternarybert is for BERT-style encoders (bidirectional attention), and "
+            f"{type(model).__name__} is a decoder language model: compress it with a decoder "
+            "recipe such as w4-g32-gptq or w8a8, or pass an encoder (e.g. minilm)."
         )
     if not ctx.batches or not all(isinstance(b, dict) for b in ctx.batches):
         raise CompactnnError(

@@ -20,7 +20,8 @@ Low-bit training split into two problems solved in turn, then a short fine-tune:
    with the others fixed (coordinate descent), repeated ``iters`` times. (The paper also
    passes ``y`` through the next layer's quantizer, a non-linear least squares relaxed with
    an auxiliary variable; this file solves the linear problem, the relaxation's limit.)
-   ``G`` is accumulated during the last code-learning epoch; with ``least_squares=False``
+   ``G`` is accumulated during the last code-learning epoch (``compress``, untrained: over
+   the calibration batches, solved at export); with ``least_squares=False``
    it is the identity: plain per-channel ternarisation of the float weights (the ablation).
 3. **Fine-tune** (the remaining epochs): the latent weights restart at ``alpha t`` and train
    through a straight-through ternary rounding at the solved ``alpha``.
@@ -35,6 +36,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
@@ -71,7 +73,7 @@ def solve_codes(
     t = t.clone()
     g = (w - alpha[:, None] * t) @ gram  # (out, K)
     diag = gram.diagonal()
-    cand = torch.tensor([-1.0, 0.0, 1.0], dtype=w.dtype)
+    cand = torch.tensor([-1.0, 0.0, 1.0], dtype=w.dtype, device=w.device)
     for j in range(w.shape[1]):
         d = cand[None, :] - t[:, j : j + 1]  # (out, 3)
         a = alpha[:, None]
@@ -93,7 +95,7 @@ def tsq_ternary(
     :func:`solve_alpha` and :func:`solve_codes` ``iters`` times (``gram=None``: identity).
     """
     w = w.detach().double()
-    gram = torch.eye(w.shape[1], dtype=w.dtype) if gram is None else gram.double()
+    gram = torch.eye(w.shape[1], dtype=w.dtype, device=w.device) if gram is None else gram.double()
     t = torch.sign(w) * (w.abs() > ratio * w.abs().mean(dim=1, keepdim=True))
     alpha = solve_alpha(w, t, gram)
     for _ in range(iters):
@@ -102,25 +104,29 @@ def tsq_ternary(
     return t.float(), alpha.float()
 
 
-def conv_padding(layer: nn.Conv2d) -> tuple[int, int, int, int]:
-    """``(left, right, top, bottom)``: what ``layer`` pads its input with, as ``F.pad`` takes
-    it. ``"same"`` pads ``dilation * (k - 1)`` in all, the odd one on the right/bottom (as
-    torch does for an even kernel); ``"valid"`` none.
+def conv_padding(layer: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
+    """What ``layer`` pads its input with, as ``F.pad`` takes it: ``(left, right)`` for a
+    Conv1d, ``(left, right, top, bottom)`` for a Conv2d. ``"same"`` pads ``dilation * (k -
+    1)`` in all, the odd one on the right/bottom (as torch does for an even kernel);
+    ``"valid"`` none.
 
     Example:
         >>> conv_padding(nn.Conv2d(1, 1, (2, 3), padding="same"))
         (1, 1, 0, 1)
+        >>> conv_padding(nn.Conv1d(1, 1, 4, padding="same", dilation=2))
+        (3, 3)
     """
     if layer.padding == "valid":
-        return (0, 0, 0, 0)
+        return (0,) * (2 * len(layer.kernel_size))
+    pads: list[int] = []
     if layer.padding == "same":
-        pads: list[int] = []
         for k, d in zip(reversed(layer.kernel_size), reversed(layer.dilation), strict=True):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
-        return tuple(pads)  # type: ignore[return-value]
-    ph, pw = layer.padding
-    return (pw, pw, ph, ph)
+        return tuple(pads)
+    for p in reversed(layer.padding):
+        pads += [p, p]
+    return tuple(pads)
 
 
 def grouped_ternary(
@@ -135,13 +141,14 @@ def grouped_ternary(
 
 
 def unfold_geometry(layer: nn.Module) -> tuple | None:
-    """``(kernel_size, dilation, stride, padding, padding_mode, groups)`` of a Conv2d, its
-    padding as :func:`conv_padding`; None for a linear layer."""
-    if isinstance(layer, nn.Conv2d):
+    """``(kernel_size, dilation, stride, padding, padding_mode, groups)`` of a Conv1d or a
+    Conv2d (one-element tuples for a Conv1d), its padding as :func:`conv_padding`; None for
+    a linear layer."""
+    if isinstance(layer, nn.Conv1d | nn.Conv2d):
         return (
-            layer.kernel_size,
-            layer.dilation,
-            layer.stride,
+            tuple(layer.kernel_size),
+            tuple(layer.dilation),
+            tuple(layer.stride),
             conv_padding(layer),
             layer.padding_mode,
             layer.groups,
@@ -153,23 +160,40 @@ def unfold_inputs(x: torch.Tensor, layer: nn.Module | tuple | None) -> torch.Ten
     """The layer's input as rows of its weight's columns, padded as the conv pads it (zeros,
     reflect, replicate or circular): ``(rows, K)``; for a grouped conv ``(groups, rows, K)``,
     group ``g``'s input channels against the weights of its output channels. ``layer`` may
-    be given as its :func:`unfold_geometry`."""
+    be given as its :func:`unfold_geometry`. A Conv1d's ``(N, C, L)`` input is unfolded as
+    an ``(N, C, 1, L)`` image under a ``(1, k)`` kernel: columns ``C * k``, its weight's."""
     geometry = layer if layer is None or isinstance(layer, tuple) else unfold_geometry(layer)
     if geometry is None:
         return x.reshape(-1, x.shape[-1])
     kernel, dilation, stride, pad, mode, groups = geometry
     if any(pad):
         x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+    if len(kernel) == 1:  # Conv1d: a one-row image
+        x = x.unsqueeze(-2)
+        kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
     cols = F.unfold(x, kernel, dilation, 0, stride).transpose(1, 2)  # (N, L, C * kh * kw)
     if groups == 1:
         return cols.reshape(-1, cols.shape[-1])
     return cols.reshape(-1, groups, cols.shape[-1] // groups).transpose(0, 1)
 
 
+def world_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed in place over the process group when ``torch.distributed`` runs several
+    processes (each has its slice of the global batch); unchanged in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 class GramStats:
     """``G = sum X^T X`` of one layer's unfolded inputs over at most ``max_batches`` batches:
     ``(K, K)``, or ``(groups, K, K)`` for a grouped conv (plain object: shared by the layer's
-    two quantizers, not a module)."""
+    two quantizers, not a module).
+
+    Under DistributedDataParallel every rank holds the Gram of the *global* batches: a
+    training batch's Gram is summed over the ranks' slices as it is added, so all ranks solve
+    the same system (the weights the solve writes are not synchronised by DDP) and rank 0's
+    checkpoint carries the whole Gram collected so far."""
 
     def __init__(self, max_batches: int = 16) -> None:
         self.gram: torch.Tensor | None = None
@@ -180,11 +204,15 @@ class GramStats:
     def reset(self, collect: bool) -> None:
         self.gram, self.batches, self.collect = None, 0, collect
 
-    def add(self, x: torch.Tensor, layer: nn.Module | tuple | None) -> None:
+    def add(self, x: torch.Tensor, layer: nn.Module | tuple | None, sliced: bool = False) -> None:
+        """Add ``x``'s Gram; ``sliced``: ``x`` is this rank's slice of a global training
+        batch, summed over the process group (calibration: every rank sees the same data)."""
         if self.batches >= self.max_batches:
             return
         cols = unfold_inputs(x.detach().float(), layer)
         g = (cols.transpose(-2, -1) @ cols).double()  # float32 product, float64 sum
+        if sliced:
+            g = world_sum(g)
         self.gram = g if self.gram is None else self.gram + g
         self.batches += 1
 
@@ -206,12 +234,17 @@ class TSQAct(LSQAct):
         out = super().forward(x)
         stats = self._stats
         if stats is not None and (self.observing or stats.collect):
-            stats.add(out, self._geometry)
+            stats.add(out, self._geometry, sliced=not self.observing)
         return out
 
 
 class TSQWeight(nn.Module):
-    """Float weights for ``code_epochs``, then the solved per-channel ternary weights."""
+    """Float weights for ``code_epochs``, then the solved per-channel ternary weights.
+
+    Its state (what a training checkpoint saves): ``alpha``, ``started`` (the last epoch
+    :meth:`start_epoch` began: a run resumed inside it neither restarts the Gram nor solves
+    again) and, with ``least_squares``, the Gram collected so far (``gram``, empty when none;
+    ``gram_batches``), so that a resumed run continues exactly."""
 
     spec = QuantSpec(bits=2, symmetric=True, granularity="channel")
 
@@ -222,19 +255,53 @@ class TSQWeight(nn.Module):
         self.stats = GramStats() if least_squares else None
         self.real = False
         self.register_buffer("alpha", torch.zeros(0))
+        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
         """Float weights while learning codes (Gram collected in their last epoch); at the
-        first fine-tuning epoch, solve and restart the latent weights at ``alpha t``."""
+        first fine-tuning epoch, solve and restart the latent weights at ``alpha t`` (then
+        the Gram is dropped). Called again for the epoch it began (a run resumed from a
+        checkpoint inside it), it keeps the Gram collected so far and the solve."""
         switch = min(self.code_epochs, epochs - 1)
+        begun = int(self.started) == epoch
+        self.started.fill_(epoch)
         self.real = epoch < switch
         if self.stats is not None:
-            if epoch == switch - 1:
+            self.stats.collect = epoch == switch - 1
+            if self.stats.collect and not begun:
                 self.stats.reset(collect=True)
-            else:
-                self.stats.collect = False
-        if epoch == switch:
+        if epoch == switch and not begun:
             self.solve(w)
+            if self.stats is not None:
+                self.stats.gram = None  # used: not carried in every later checkpoint
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.stats is not None:
+            gram = self.stats.gram
+            destination[prefix + "gram"] = (
+                torch.zeros(0, dtype=torch.float64) if gram is None else gram
+            )
+            destination[prefix + "gram_batches"] = torch.tensor(self.stats.batches)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        alpha = state_dict.get(prefix + "alpha")
+        if alpha is not None and alpha.shape != self.alpha.shape:  # solved there, not here
+            self.alpha = torch.empty(alpha.shape, dtype=alpha.dtype, device=self.alpha.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        extra = (prefix + "gram", prefix + "gram_batches")
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in extra]
+        # a state from before the epoch marker: start_epoch behaves as it did then
+        missing_keys[:] = [k for k in missing_keys if k != prefix + "started"]
+        if self.stats is not None and extra[0] in state_dict:
+            gram = state_dict[extra[0]]
+            device = self.alpha.device  # the run's device (the model moved before loading)
+            self.stats.gram = None if gram.numel() == 0 else gram.detach().to(device, copy=True)
+            self.stats.batches = int(state_dict.get(extra[1], 0))
 
     def solve(self, w: torch.Tensor) -> None:
         """Step 2: the ternary codes and ``alpha`` of ``w``; ``w`` becomes ``alpha t``."""
@@ -252,10 +319,11 @@ class TSQWeight(nn.Module):
         return torch.clamp(torch.round(w / a), -1, 1)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.real:
+        # step 1, or not solved yet (calibration, before the first epoch): the float
+        # weights, untouched (solving here would ternarise them before step 1 begins);
+        # outside train, export solves from every calibration batch collected
+        if self.real or self.alpha.numel() == 0:
             return w
-        if self.alpha.numel() == 0:  # outside train: solve once from what was collected
-            self.solve(w)
         a = self.alpha.reshape(-1, *([1] * (w.dim() - 1)))
         return w + (a * self.codes(w.detach()) - w).detach()
 
@@ -294,6 +362,14 @@ class TSQConfig(QATConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.weight.bits != 2:  # the documented recipe, not the generic w2a8-<method>
+            act = self.act.bits if self.act is not None else None
+            keep = act is not None and 3 <= act <= 8
+            other = f"; w2a{act}-tsq keeps {act}-bit activations" if keep else ""
+            raise CompactnnError(
+                f"tsq is ternary: weights take 2 bits, not {self.weight.bits}. Use w2a2-tsq "
+                f"(the documented recipe{other})."
+            )
         check_ternary_bits(self.weight.bits, "tsq")
         if not isinstance(self.code_epochs, int) or not 0 <= self.code_epochs < max(self.epochs, 1):
             raise CompactnnError(

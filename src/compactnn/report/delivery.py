@@ -64,7 +64,9 @@ def deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module, str, 
     Args:
         kind: ``"cnn"`` (``compactnn.deploy(model, example=example, backend="auto")``:
             "oneDNN int8" or "ONNX Runtime int8", plus how many layers stay float) or
-            ``"transformer"`` (``compactnn.to_kernels(model)``: "kernels bfloat16").
+            ``"transformer"`` (``compactnn.to_kernels(model)``: "kernels bfloat16"; a model
+            with per-group activations, ``a8g``, and a dict ``example``:
+            ``compactnn.to_ort_nbits``, "ONNX Runtime MatMulNBits (accuracy_level 4)").
         model: the compressed (simulated) model; not modified.
         example: a sample batch, for the deploy's verification.
 
@@ -240,7 +242,17 @@ def rounding_cause(deployed: Any) -> str:
     return "; ".join(parts) + " (docs/transformers.md)"
 
 
+def grouped_acts(model: nn.Module) -> bool:
+    """Whether ``model`` has layers with per-group dynamic activations (``a8g``), which run
+    on ONNX Runtime's ``MatMulNBits`` (``to_ort_nbits``) and on no ``to_kernels`` kernel."""
+    aqs = [getattr(m, "input_quantizer", None) for m in model.modules()]
+    return any(getattr(aq, "is_group", False) for aq in aqs)
+
+
 def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | None, str]:
+    if kind == "transformer" and isinstance(example, dict) and grouped_acts(model):
+        fast = compactnn.to_ort_nbits(model, example)
+        return fast, f"ONNX Runtime MatMulNBits (accuracy_level {fast.accuracy_level})"
     if kind == "transformer":
         fast = compactnn.to_kernels(model)
         info = fast._compactnn_kernels

@@ -25,6 +25,7 @@ from every rank), same frozen model.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from typing import Any
@@ -103,7 +104,21 @@ def detect(device: str | torch.device | None = None, strategy: str | None = None
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    atexit.register(_leave_group)  # joined here, so left here (see _leave_group)
     return DistEnv(dist.get_world_size(), dist.get_rank(), dev, strategy)
+
+
+def _leave_group() -> None:
+    """Destroy the process group :func:`detect` joined, at interpreter exit.
+
+    Without it the backend's worker threads are torn down during interpreter finalization,
+    which can abort the process (``terminate called without an active exception``, exit
+    code -6) after a run that succeeded, and ``torchrun`` then reports the job as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_slice(n: int, world_size: int, rank: int) -> slice:

@@ -21,7 +21,7 @@ from compactnn.core.modules import check_target_names
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
 from compactnn.engines.binary import recalibrate_norms
-from compactnn.engines.qat import start_epoch
+from compactnn.engines.qat import keep_eligible, start_epoch
 from compactnn.errors import CompactnnError
 from compactnn.float_layers import report_float_layers
 from compactnn.recipe import Recipe, resolve_recipe
@@ -267,7 +267,8 @@ def _score_epoch(r: _Run, eval_xy, keep_best: bool) -> float | None:
         return None
     top1 = evaluate_top1(freeze(distributed.plain_model(r.env, r.qat)), *eval_xy)
     r.history["eval_top1"].append(top1)
-    if keep_best and (r.best is None or top1 >= r.best["eval_top1"]):  # ties: later epoch
+    eligible = keep_best and keep_eligible(r.qat)  # e.g. PE-wise: only at its final sparsity
+    if eligible and (r.best is None or top1 >= r.best["eval_top1"]):  # ties: later epoch
         model = distributed.full_state(r.env, r.qat)[0]
         state = {k: v.detach().clone() for k, v in model.items()}
         r.best = {"epoch": r.epoch + 1, "eval_top1": top1, "state": state}
@@ -364,7 +365,9 @@ def train(
         force: replace an existing ``log_path`` file.
         keep_best: return the frozen model of the epoch with the best held-out top-1 (ties:
             the later epoch) instead of the last one; needs ``eval_data`` and ``epochs``
-            of 1 or more. The history's ``kept_epoch`` says which (1-based).
+            of 1 or more. The history's ``kept_epoch`` says which (1-based). An epoch a
+            method marks ineligible (PE-wise before its masks reach the recipe's sparsity)
+            is never kept.
         device: ``"cuda"`` trains on this rank's GPU (``"cpu"`` by default); the returned
             model is on the CPU either way.
         distributed: under ``torchrun``, ``"ddp"`` replicates the student on every rank,
