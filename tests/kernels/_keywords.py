@@ -16,3 +16,25 @@ class Keywords(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
         return (self.fc2(torch.nn.functional.gelu(self.fc1(h))),)
+
+
+def compressed(recipe):
+    """``(q, batch)``: :class:`Keywords` (seed 0) compressed with ``recipe`` on one seeded
+    batch of 3 x 7 token ids, and that batch."""
+    import compactnn
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (3, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return compactnn.compress(Keywords().eval(), recipe, calib_data=[batch], progress=False), batch
+
+
+def grouped_recipe():
+    """``w4a8g-g32`` (per-group activations) with the first/last-layer rule off, so both of
+    :class:`Keywords`' linears are 4-bit."""
+    from dataclasses import replace
+
+    from compactnn.recipe import Recipe, Step, resolve_recipe
+
+    step = resolve_recipe("w4a8g-g32").steps[0]
+    return Recipe("w4a8g-g32", (Step("rtn", replace(step.config, first_last_bits=None)),))

@@ -10,18 +10,14 @@ import torch
 import compactnn
 from compactnn.kernels import nbits_check
 from compactnn.kernels.nbits_check import drift, drifted
-from tests.kernels._keywords import Keywords
+from tests.kernels._keywords import compressed
 
 pytest.importorskip("onnxruntime")
 warnings.filterwarnings("ignore", message=".*calibration samples")
 
 
 def _quantized():
-    torch.manual_seed(0)
-    ids = torch.randint(0, 50, (3, 7))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    q = compactnn.compress(Keywords().eval(), "w4-g32", calib_data=[batch], progress=False)
-    return q, batch
+    return compressed("w4-g32")
 
 
 def _levels(path) -> set[int]:

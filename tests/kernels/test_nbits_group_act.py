@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ import compactnn
 from compactnn.errors import CompactnnError
 from compactnn.kernels import nbits_check
 from compactnn.kernels.nbits_check import PINNED, set_accuracy_level
-from compactnn.recipe import Recipe, Step, resolve_recipe
-from tests.kernels._keywords import Keywords
+from compactnn.recipe import resolve_recipe
+from tests.kernels._keywords import Keywords, compressed, grouped_recipe
 
 pytest.importorskip("onnxruntime")
 warnings.filterwarnings("ignore", message=".*calibration samples")
@@ -22,12 +21,7 @@ warnings.filterwarnings("ignore", message=".*calibration samples")
 
 def _quantized():
     """Keywords' two linears at w4a8g-g32 (the first/last-layer rule off: both are 4-bit)."""
-    torch.manual_seed(0)
-    ids = torch.randint(0, 50, (3, 7))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    step = resolve_recipe("w4a8g-g32").steps[0]
-    recipe = Recipe("w4a8g-g32", (Step("rtn", replace(step.config, first_last_bits=None)),))
-    q = compactnn.compress(Keywords().eval(), recipe, calib_data=[batch], progress=False)
+    q, batch = compressed(grouped_recipe())
     assert q.fc1.weight_spec.bits == 4
     return q, batch
 

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import compactnn
 from compactnn.prune.pewise import PEWiseConfig, PEWiseWeight, group_norms
 from compactnn.quant.base import short_weight_spec
 from compactnn.recipe import Recipe, Step
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4),
-    ).eval()  # fmt: skip
+from tests._resume import assert_resume_is_exact
 
 
 def test_a_resumed_epoch_keeps_its_mask_and_sets_its_phase():
@@ -45,23 +36,14 @@ def test_a_resumed_epoch_keeps_its_mask_and_sets_its_phase():
 
 @pytest.mark.parametrize("recipe", ["w2a8-pe50", "w2a8-pe50-seq"])
 def test_resuming_mid_epoch_gives_the_uninterrupted_logits_bit_exactly(tmp_path, recipe):
-    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    y = torch.arange(64) % 4
     step = compactnn.resolve_recipe(recipe).steps[0]
     # 4 steps per epoch, the masks grow over 2; the penalty shrinks kept tiles within an
     # epoch, so re-ranking the tiles on resuming would prune others
     kw = {"epochs": 3, "batch_size": 16, "lr": 0.05, "wpc": 0.9}
     recipe = Recipe(recipe, (Step("pe", PEWiseConfig(**{**step.config.__dict__, **kw})),))
 
-    def run(**kw) -> nn.Module:
-        return compactnn.train(_net(), recipe, (x, y), seed=3, progress=False, **kw)
-
-    want = run()(x).detach()
-    for stop in (2, 6):  # mid epoch 0 (the masks start) and 1 (they grow)
-        ckpt = tmp_path / f"ck{stop}"
-        run(checkpoint_dir=str(ckpt), max_steps=stop)
-        got = run(checkpoint_dir=str(ckpt))(x).detach()
-        assert torch.equal(got, want), f"stopped at step {stop}: {(got - want).abs().max()}"
+    # mid epoch 0 (the masks start) and 1 (they grow)
+    assert_resume_is_exact(recipe, (2, 6), tmp_path)
 
 
 def test_only_epochs_at_the_final_sparsity_are_eligible_for_keep_best():

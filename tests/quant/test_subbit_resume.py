@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-import compactnn
 from compactnn.quant.subbit import SubbitConfig, SubbitWeight
 from compactnn.recipe import Recipe, Step
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 4),
-    ).eval()  # fmt: skip
+from tests._resume import assert_resume_is_exact
 
 
 def test_a_resumed_run_keeps_the_codebook_of_the_epoch_it_stopped_in():
@@ -38,17 +28,7 @@ def test_a_resumed_run_keeps_the_codebook_of_the_epoch_it_stopped_in():
 
 
 def test_resuming_mid_epoch_gives_the_uninterrupted_logits_bit_exactly(tmp_path):
-    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    y = torch.arange(64) % 4
     cfg = SubbitConfig(epochs=3, batch_size=16, lr=0.05, tau=4)
     recipe = Recipe("w1a8-subbit", (Step("subbit", cfg),))  # 4 steps per epoch
 
-    def run(**kw) -> nn.Module:
-        return compactnn.train(_net(), recipe, (x, y), seed=3, progress=False, **kw)
-
-    want = run()(x).detach()
-    for stop in (2, 5, 7, 10):  # mid epoch 0, 1 (twice) and 2
-        ckpt = tmp_path / f"ck{stop}"
-        run(checkpoint_dir=str(ckpt), max_steps=stop)
-        got = run(checkpoint_dir=str(ckpt))(x).detach()
-        assert torch.equal(got, want), f"stopped at step {stop}: {(got - want).abs().max()}"
+    assert_resume_is_exact(recipe, (2, 5, 7, 10), tmp_path)  # mid epoch 0, 1 (twice) and 2

@@ -176,21 +176,14 @@ def test_rounding_cause_follows_what_ran():
 
 def test_a_transformer_with_per_group_activations_is_delivered_on_matmulnbits():
     pytest.importorskip("onnxruntime")
-    from compactnn.recipe import Recipe, Step, resolve_recipe
-    from tests.kernels._keywords import Keywords
+    from tests.kernels._keywords import compressed, grouped_recipe
 
-    torch.manual_seed(0)
-    ids = torch.randint(0, 50, (3, 7))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    step = resolve_recipe("w4a8g-g32").steps[0]
-    config = type(step.config)(**{**step.config.__dict__, "first_last_bits": None})
-    recipe = Recipe("w4a8g-g32", (Step("rtn", config),))
-    q = compactnn.compress(Keywords().eval(), recipe, calib_data=[batch], progress=False)
+    q, batch = compressed(grouped_recipe())
     fast, runtime, notes = delivery.deliver("transformer", q, batch)
     assert runtime == "ONNX Runtime MatMulNBits (accuracy_level 4)" and notes == []
     with torch.no_grad():
         ref = q(**batch)[0]
     assert (fast(**batch)[0] - ref).abs().max() <= 1e-5 * ref.abs().max()
     # a weight-only model keeps the to_kernels delivery
-    plain = compactnn.compress(Keywords().eval(), "w4-g32", calib_data=[batch], progress=False)
+    plain, _ = compressed("w4-g32")
     assert delivery.deliver("transformer", plain, batch)[1].startswith("kernels")

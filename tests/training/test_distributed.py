@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from compactnn.training.distributed import detect, rank_slice
+from tests.training._ranks import run_ranks
 
 # The same script runs single-process and under a torchrun-like environment (RANK, ...).
 SCRIPT = r"""
@@ -38,29 +35,10 @@ torch.save({"out": out, "state": q.state_dict(), "history": q._compactnn["extra"
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp: Path, world: int) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        if world > 1:
-            env |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        out = tmp / f"w{world}-r{rank}.pt"
-        cmd = [sys.executable, "-c", SCRIPT, str(out), str(tmp / f"ckpt{world}")]
-        procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
-    results = []
-    for p, out in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
-        results.append(torch.load(out, weights_only=True))
-    return results
+    outs = [tmp / f"w{world}-r{rank}.pt" for rank in range(world)]
+    run_ranks(SCRIPT, world, lambda rank: [str(outs[rank]), str(tmp / f"ckpt{world}")], 120)
+    return [torch.load(out, weights_only=True) for out in outs]
 
 
 def test_rank_slices_cover_the_batch_once():

@@ -4,13 +4,11 @@ single-process run; a run resumed inside the Gram epoch is the uninterrupted run
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+
+from tests.training._ranks import run_ranks
 
 # The same script runs single-process and under a torchrun-like environment (RANK, ...).
 SCRIPT = r"""
@@ -39,29 +37,10 @@ torch.save({"out": out, "state": q.state_dict()}, sys.argv[1])
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp: Path, world: int, name: str, ckpt: str, stop: int = 0) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        if world > 1:
-            env |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        out = tmp / f"{name}-r{rank}.pt"
-        cmd = [sys.executable, "-c", SCRIPT, str(out), str(tmp / ckpt), str(stop)]
-        procs.append((subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out))
-    results = []
-    for p, out in procs:
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err[-2000:]
-        results.append(torch.load(out, weights_only=True))
-    return results
+    outs = [tmp / f"{name}-r{rank}.pt" for rank in range(world)]
+    run_ranks(SCRIPT, world, lambda rank: [str(outs[rank]), str(tmp / ckpt), str(stop)])
+    return [torch.load(out, weights_only=True) for out in outs]
 
 
 def _same_state(a: dict, b: dict) -> None:

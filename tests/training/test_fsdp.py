@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ from compactnn.training.distributed import detect
 from compactnn.training.fsdp import replicated_params
 from compactnn.training.loop import param_groups
 from compactnn.training.wrap import freeze, prepare_qat
+from tests.training._ranks import run_ranks
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -77,25 +74,8 @@ dist.destroy_process_group()
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(code: str, args: list[str], world: int = 2) -> None:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        env |= {"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        argv = [a.replace("{rank}", str(rank)) for a in args]
-        cmd = [sys.executable, "-c", code, *argv]
-        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
+    run_ranks(code, world, lambda rank: [a.replace("{rank}", str(rank)) for a in args], 120)
 
 
 def _reference() -> dict:
