@@ -30,8 +30,12 @@ def test_token_ids_out_of_the_vocabulary_or_too_long_are_named():
         "in its config.json): cut each sequence to 64 tokens or fewer"
     )
     check_token_ids(model, torch.randn(2, 300), "x.npy")  # float inputs: not token ids
-    llama, _ = tiny_model("llama")  # rotary positions: runs past max_position_embeddings
-    check_token_ids(llama, torch.cat([ok, ok], 1), "ids.npy")
+    llama, _ = tiny_model("llama")  # rotary positions: runs past max_position_embeddings,
+    limit = llama.config.max_position_embeddings  # on positions it was never trained at
+    long = torch.randint(0, 128, (1, limit + 1), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CompactnnError, match=f"model takes at most {limit} .max_position_emb"):
+        check_token_ids(llama, long, "ids.npy")
+    check_token_ids(llama, long[:, :limit], "ids.npy")
 
 
 def test_float_ids_and_a_mask_of_another_shape_are_named():

@@ -37,7 +37,7 @@ from compactnn.commands.compress_summary import (
     pruned_layers,
     pruning_lines,
 )
-from compactnn.core.calib import as_batches, check_positions
+from compactnn.core.calib import as_batches
 from compactnn.core.tokens import check_token_ids
 from compactnn.errors import CompactnnError, first_line
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
@@ -220,7 +220,6 @@ def run(args: argparse.Namespace) -> int:
         data = split_labels(given, role="train")[0]  # a file's x (x_train), as calib_inputs
         if args.data is not None:  # ids the model cannot take: said before any work
             check_token_ids(loaded.model, data, f"--data {args.data}")
-            check_positions(loaded.model, data, f"--data {args.data}", resave=True)
     t0 = time.perf_counter()
     warned: list[str] = []  # printed as they came: the notes repeat them
     try:

@@ -63,24 +63,15 @@ def position_key(model: nn.Module) -> str:
     return key if isinstance(key, str) else "max_position_embeddings"
 
 
-def _runs(model: nn.Module, length: int) -> bool:
-    """Whether ``model`` runs on one sequence of ``length`` token ids (all 0)."""
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, length, dtype=torch.long))
-    except Exception:  # any failure: the length is not known to work
-        return False
-    return True
-
-
 def refused_length(model: nn.Module, length: int) -> int | None:
-    """The model's position limit when a sequence of ``length`` tokens exceeds it and the
-    model fails on it while it runs at the limit (a model with rotary positions runs past
-    it: None); else None."""
+    """The model's position limit when a sequence of ``length`` tokens exceeds it, else None.
+
+    A model with learned positions (GPT-2, BERT) fails past the limit; one with rotary
+    positions (Llama, Qwen2, Mistral) runs there, on positions it was never trained at, so
+    its calibration ranges, Hessians and perplexity there are not those of its use: refused
+    too (as :func:`compactnn.core.calib.check_positions` refuses it in calibration data)."""
     limit = max_positions(model)
-    if limit is None or length <= limit:
-        return None
-    return limit if not _runs(model, length) and _runs(model, limit) else None
+    return limit if limit is not None and length > limit else None
 
 
 def token_dicts(data: Any) -> list[dict]:
