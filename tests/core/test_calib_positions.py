@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import compactnn
-from compactnn.core.calib import check_positions
+from compactnn.core.tokens import check_positions
 from compactnn.errors import CompactnnError
 
 pytest.importorskip("transformers")

@@ -42,7 +42,7 @@ def test_default_falls_back_to_float32_compute_when_int8_activations_drift(tmp_p
     assert check["accuracy_level"] == 4 and "relative max difference" in check["drifted"]
     assert check["relative_max_diff"] > 1e-3  # int8 activations: about 1e-2
     assert check["level_0"]["relative_max_diff"] < 1e-5  # float32 compute: the simulation
-    # a weight-only simulation hardly moves under one float rounding per layer input: the
+    # a weight-only simulation has no activation quantizer for float rounding to move: the
     # int8-activation drift is not explained by it
     assert check["probe"]["relative_max_diff"] < 1e-4 and not check.get("explained")
     with torch.no_grad():

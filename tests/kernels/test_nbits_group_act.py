@@ -145,4 +145,4 @@ def test_rounding_probe_moves_a_quantized_activation_simulation_more_than_a_weig
         with torch.no_grad():
             ref = q(inputs=x)[0]
         moved[recipe] = nbits_check.rounding_probe(q, {"inputs": x}, ref)["relative_max_diff"]
-    assert moved["w4-g32"] < 1e-5 and moved["w4a8g-g32"] > 1e-3  # 2.6e-7 and 2.3e-3 measured
+    assert moved["w4-g32"] < 1e-5 and moved["w4a8g-g32"] > 1e-3  # 0.0 and 2.4e-3 measured

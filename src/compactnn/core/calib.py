@@ -9,13 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.tokens import (
-    check_token_ids,
-    max_positions,
-    position_key,
-    token_id_tensors,
-    vocab_size,
-)
+from compactnn.core.tokens import check_positions, check_token_ids
 from compactnn.errors import CompactnnError
 
 Batch = torch.Tensor | tuple | dict
@@ -275,32 +269,6 @@ def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
             f"the model could not run on the calibration data ({describe(batch)}): {exc}. "
             f"{batch_hint(model, batch)}"
         ) from exc
-
-
-def check_positions(
-    model: nn.Module, batch: Any, what: str = "calib_data", *, resave: bool = False
-) -> None:
-    """Refuse token ids longer than a Hugging Face model's position table
-    (``max_position_embeddings``, ``n_positions`` for GPT-2). A model with learned positions
-    fails on them; one with rotary positions (Llama, Qwen2, Mistral) runs, but on positions
-    it was never trained at, so the ranges and Hessians calibrated there are not the ones of
-    its use. ``what`` names the data (``"--data ids.npy"``); ``resave``: the fix ends with
-    saving the file again (data from a file).
-
-    Raises:
-        CompactnnError: naming the length, the limit and its config.json key, and the fix.
-    """
-    limit = max_positions(model) if vocab_size(model) is not None else None
-    tensors = [t for t in token_id_tensors(batch) if t.dim() and t.numel()]
-    length = max((int(t.shape[-1]) for t in tensors), default=0)
-    if limit is None or length <= limit:
-        return
-    raise CompactnnError(
-        f"{what} holds sequences of {length} tokens and the model takes at most {limit} "
-        f"({position_key(model)} in its config.json): cut each sequence to {limit} tokens "
-        f"or fewer (e.g. ids[:, :{limit}], or windows of {limit})"
-        + (" and save the file again." if resave else ".")
-    )
 
 
 def missing_main_input(model: nn.Module, batch: Batch) -> str | None:

@@ -69,7 +69,7 @@ def refused_length(model: nn.Module, length: int) -> int | None:
     A model with learned positions (GPT-2, BERT) fails past the limit; one with rotary
     positions (Llama, Qwen2, Mistral) runs there, on positions it was never trained at, so
     its calibration ranges, Hessians and perplexity there are not those of its use: refused
-    too (as :func:`compactnn.core.calib.check_positions` refuses it in calibration data)."""
+    too."""
     limit = max_positions(model)
     return limit if limit is not None and length > limit else None
 
@@ -143,7 +143,19 @@ def check_token_ids(model: nn.Module, data: Any, what: str, *, resave: bool = Tr
             f"vocabulary has {vocab} entries (ids 0 to {vocab - 1}). Tokenize the text with "
             "the model's own tokenizer (the one saved with it)."
         )
-    length = max(int(t.shape[-1]) for t in tensors if t.dim())
+    check_positions(model, tensors, what, resave=resave)
+
+
+def check_positions(
+    model: nn.Module, data: Any, what: str = "calib_data", *, resave: bool = False
+) -> None:
+    """Refuse token ids in ``data`` longer than a Hugging Face language model's position
+    table (:func:`refused_length`), naming the data (``what``), the length, the limit, its
+    config.json key and the fix; ``resave``: the fix ends with saving the file again."""
+    if vocab_size(model) is None:
+        return
+    tensors = [t for t in token_id_tensors(data) if t.dim() and t.numel()]
+    length = max((int(t.shape[-1]) for t in tensors), default=0)
     limit = refused_length(model, length)
     if limit is not None:
         then = " and save the file again" if resave else ""

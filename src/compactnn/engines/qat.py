@@ -113,6 +113,10 @@ class QATMethod:
         act_quantizer: ``(layer, spec, config) -> module`` (default: LSQ).
         block: ``(name, layer, weight_quantizer, ctx) -> QATWrapper`` for layers with 1-bit
             activations; None refuses them.
+        check_layers: ``(layers, config) -> None``, called before any layer is wrapped with
+            every layer (name -> layer) ``weight_quantizer`` will take (not those raised to
+            other bits): refuses, in one message, the layers the method cannot take (PE-wise:
+            those its tile does not divide).
 
     Example:
         >>> lsq = QATMethod(lambda layer, spec, cfg: LSQWeight(layer.weight, spec.bits))
@@ -122,6 +126,7 @@ class QATMethod:
     weight_quantizer: QuantizerHook
     act_quantizer: QuantizerHook = lsq_act_quantizer
     block: Callable[[str, nn.Module, nn.Module, CompressContext], nn.Module] | None = None
+    check_layers: Callable[[dict[str, nn.Module], QATConfig], None] | None = None
 
     def __call__(
         self,
@@ -238,6 +243,9 @@ def wrap_layers(
     specs = layer_specs(model, layers, config, ctx)
     if method.block is not None:  # every layer a binary block cannot wrap, in one message
         check_binary_layers({n: layers[n] for n, (_, a) in specs.items() if a and a.bits == 1})
+    if method.check_layers is not None:  # the layers its weight quantizer will take
+        ours = {n: layers[n] for n, (w, _) in specs.items() if w.bits == config.weight.bits}
+        method.check_layers(ours, config)
     for name, layer_spec in specs.items():
         set_module(model, name, build_wrapper(name, layers[name], layer_spec, config, method, ctx))
     return model

@@ -6,7 +6,9 @@
 * :class:`ObservingAct`: base of activation quantizers on a ``scale * [qmin, qmax]`` grid;
 * LSQ (Esser et al., 2020), the engine's default activation quantizer and the quantizer of
   first and last layers whose bits the recipe raises;
-* :class:`STEWeight`: round-to-nearest weights with a straight-through gradient (STE, PACT).
+* :class:`STEWeight`: round-to-nearest weights with a straight-through gradient (STE, PACT);
+* :class:`EpochMarked`: a weight quantizer whose ``start_epoch`` changes its state once per
+  epoch, also when a run resumed from a mid-epoch checkpoint calls it again.
 
 LSQ: ``v_hat = clamp(round(v / s), Qn, Qp) * s`` with the step ``s`` learned. Its gradient
 (straight-through for ``round``)::
@@ -292,3 +294,31 @@ def apply_due_stages(quantizer, w: torch.Tensor, epoch: int, epochs: int) -> Non
         if epoch >= due and int(quantizer.stage) <= k:
             quantizer.freeze_portion(w, portion)
             quantizer.stage.fill_(k + 1)
+
+
+class EpochMarked(nn.Module):
+    """Base of weight quantizers whose ``start_epoch`` re-selects something from the current
+    weights (a support, a mask, a codebook, a solve): the buffer ``started`` (the epoch whose
+    start was applied, -1: none) is in the training checkpoint, so a run resumed mid-epoch
+    keeps that epoch's selection instead of redoing it from weights that moved since.
+
+    Example:
+        >>> q = EpochMarked()
+        >>> q.begin_epoch(0), q.begin_epoch(0), q.begin_epoch(1)
+        (True, False, True)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
+
+    def begin_epoch(self, epoch: int) -> bool:
+        """Mark ``epoch`` started; False when it already was (a resumed run: keep its state)."""
+        first = int(self.started) != epoch
+        self.started.fill_(epoch)
+        return first
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint written before ``started`` existed: no epoch marked as started
+        state_dict.setdefault(prefix + "started", torch.full((), -1, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

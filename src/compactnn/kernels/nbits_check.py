@@ -31,7 +31,9 @@ from torch import nn
 
 from compactnn._optional import require
 from compactnn.core.calib import main_output
-from compactnn.core.qlayers import QuantLinear
+from compactnn.core.qlayers import ActQuantizer
+from compactnn.lowering.probes import rounded_run
+from compactnn.lowering.verify import ROUNDING_DRAWS
 
 # beyond what float32 compute on the same weights reaches (7e-7 .. 9e-7 measured), well below
 # what int8 activations cost (0.009 .. 0.031 measured)
@@ -93,40 +95,27 @@ def drifted(measured: dict[str, float | None]) -> str | None:
     return ", ".join(why) or None
 
 
-PROBE_ULPS = 2.0**-23  # one float32 unit in the last place, relative
-PROBE_SEEDS = (0, 1)
 PROBE_FACTOR = 2.0  # a session within twice the simulation's own movement is explained
 
 
 def rounding_probe(model: nn.Module, example: dict[str, torch.Tensor], ref: torch.Tensor) -> dict:
-    """How far the simulated ``model``'s own output (``ref``) moves when the input of every
-    quantized linear layer is nudged by one float32 rounding (``x (1 +- 2^-23)``, random
-    signs): the worst of :data:`PROBE_SEEDS` as a :func:`drift` dict.
+    """How far the simulated ``model``'s own output (``ref``) moves when every activation
+    quantizer's input is nudged by float rounding: deploy's float-rounding probe
+    (:func:`compactnn.lowering.probes.rounded_run`, ``ROUNDING_ULPS`` ulps of random sign),
+    the worst of its ``ROUNDING_DRAWS`` draws as a :func:`drift` dict.
 
     Another runtime computes LayerNorm, GELU and softmax with other roundings; where the
     simulation quantizes activations, a value on a rounding boundary then takes the next code
     and the flips compound through the blocks. Measured (MiniLM ``w4a8g-g32``, 64 sentences):
-    the probe moves the simulation by 0.0073-0.0094 (relative max), smallest row cosine
-    0.9993-0.9995, and ``accuracy_level=4`` differs from it by 0.0082-0.011 / 0.9992-0.9993;
-    a weight-only simulation moves by about 1e-6 (nothing to flip).
+    the probe moves the simulation by 0.0096 (relative max; smallest row cosine 0.9994), and
+    ``accuracy_level=4`` differs from it by 0.0082-0.011 (smallest row cosine 0.9992-0.9993);
+    a weight-only simulation has no activation quantizer and does not move.
     """
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     worst: dict = {}
-    for seed in PROBE_SEEDS:
-        gen = torch.Generator().manual_seed(seed)
-
-        def nudge(module: nn.Module, args: tuple, gen=gen) -> tuple:
-            x = args[0]
-            signs = torch.randint(0, 2, x.shape, generator=gen).to(x.dtype) * 2 - 1
-            return (x * (1 + signs * PROBE_ULPS), *args[1:])
-
-        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-        hooks = [m.register_forward_pre_hook(nudge) for m in layers]
-        try:
-            with torch.no_grad():
-                moved = main_output(model(**example)).float()
-        finally:
-            for h in hooks:
-                h.remove()
+    for seed in range(ROUNDING_DRAWS):
+        with torch.no_grad():
+            moved = main_output(rounded_run(model, quantizers, example, seed)).float()
         d = drift(moved, ref, example.get("attention_mask"))
         worst = d if not worst else _worse(worst, d)
     return worst
@@ -201,7 +190,7 @@ def checked_level(
     """:func:`~compactnn.kernels.ort_nbits.to_ort_nbits`'s choice: ``fast`` (the session at
     ``path``, level 4) when its output on ``example`` stays within tolerance of the simulated
     ``model``'s (:func:`drifted`) or within :data:`PROBE_FACTOR` times the simulation's own
-    movement under one float rounding (:func:`rounding_probe`); else the file rewritten at
+    movement under float rounding (:func:`rounding_probe`); else the file rewritten at
     level 0 (:data:`PINNED` nodes stay at 4) and ``reopen()``-ed, with a warning. A model
     whose every node is pinned keeps level 4 (it has no other form), with a warning."""
     training = model.training
@@ -225,7 +214,7 @@ def checked_level(
     if pinned == total:  # level 4 is every layer's own grid: nothing to fall back to
         warnings.warn(
             f"to_ort_nbits: the outputs differ from the simulated model on the example "
-            f"({check['drifted']}) by more than {PROBE_FACTOR:g}x what one float rounding at "
+            f"({check['drifted']}) by more than {PROBE_FACTOR:g}x what float rounding at "
             f"each layer's input moves the simulation (relative max "
             f"{probe['relative_max_diff']:.2g}); every layer runs at accuracy_level=4, the "
             "grid its per-group activations simulate. Check its quality on your data.",

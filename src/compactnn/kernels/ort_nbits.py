@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -77,7 +78,8 @@ SMALL_ALIGN = 64  # the others: a cache line, more than any element type or vect
 def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
     """(bits, block size) of ``layer`` on MatMulNBits, or None when it does not fit: weight-only
     layers, and layers whose input grid is MatMulNBits' own at ``accuracy_level=4`` (8-bit
-    per-group dynamic activations on the weights' blocks, :func:`pinned`)."""
+    per-group dynamic activations on the weights' blocks: their nodes are pinned at level 4,
+    :data:`~compactnn.kernels.nbits_check.PINNED`)."""
     aq = layer.input_quantizer
     if aq is not None and not (aq.is_group and aq.spec.bits == 8):
         return None
@@ -93,13 +95,6 @@ def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
     if aq is not None and aq.spec.group_size != block:
         return None
     return bits, block
-
-
-def pinned(layer: QuantLinear) -> bool:
-    """True when ``layer`` quantizes its input per group like ``accuracy_level=4`` does: its
-    MatMulNBits node runs at level 4 whatever the level asked for (that is its simulation)
-    and carries :data:`~compactnn.kernels.nbits_check.PINNED` in its name."""
-    return layer.input_quantizer is not None
 
 
 def nbits_tensors(layer: QuantLinear, bits: int, block: int) -> dict[str, torch.Tensor]:
@@ -249,7 +244,8 @@ def _replace_matmuls(
         )
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
         out = f"{node.output[0]}_nobias" if bias else node.output[0]
-        pin = pinned(layer)
+        # an input grid here is level 4's own (_nbits_format): level 4 whatever was asked
+        pin = layer.input_quantizer is not None
         nodes.append(
             onnx.helper.make_node(
                 "MatMulNBits",
@@ -449,7 +445,7 @@ def to_ort_nbits(
         out = OrtNBitsModel(target, list(example), threads)
         out.accuracy_level = level
         if accuracy_level is None:
-            reopen = lambda: OrtNBitsModel(target, list(example), threads)  # noqa: E731
+            reopen = functools.partial(OrtNBitsModel, target, list(example), threads)
             out = checked_level(model, example, out, target, reopen)
     except BaseException:
         if own:

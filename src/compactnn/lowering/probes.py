@@ -84,7 +84,7 @@ def probes(
         quantizers = [m for m in modules if isinstance(m, ActQuantizer)]
         if quantizers:
             draws = [
-                _rounded_run(reference, quantizers, example, seed) for seed in range(ROUNDING_DRAWS)
+                rounded_run(reference, quantizers, example, seed) for seed in range(ROUNDING_DRAWS)
             ]
             moved = [_moved(base, d, example) for d in draws]
             steps = max(m[0] for m in moved)
@@ -104,9 +104,10 @@ def _moved(base: Any, other: Any, example: Any) -> tuple[float, float | None]:
     return same.max_diff_steps, same.top1_agreement
 
 
-def _rounded_run(reference: nn.Module, quantizers: list, example: Any, seed: int) -> Any:
+def rounded_run(reference: nn.Module, quantizers: list, example: Any, seed: int) -> Any:
     """``reference``'s output with each quantizer's float input times ``1 +- ROUNDING_ULPS``
-    ulps (random signs from ``seed``); the model is left as it was."""
+    ulps (random signs from ``seed``); the model is left as it was. Also the probe of
+    :func:`compactnn.kernels.nbits_check.rounding_probe`."""
     gen = torch.Generator().manual_seed(seed)
 
     def hook(_module: nn.Module, args: tuple) -> tuple | None:

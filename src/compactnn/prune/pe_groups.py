@@ -2,11 +2,9 @@
 
 A PE tile ``(G_o, G_i)`` must divide a pruned layer's output and input channels; a depthwise
 convolution (one input channel per group) takes none wider than one input channel. The
-engine builds one layer's wrapper at a time, so the first misfit cannot know the others:
-each misfit's wrapper is a :class:`RefusedLayer` that records its layer in the run's list,
-and the first use of any of them (the calibration pass, the first forward, ``start_epoch``
-or freezing, whichever comes first: all wrappers exist by then) refuses them all in one
-message, with the fix in the command line's, the Python API's and the recipe's words.
+engine calls :func:`check_pe_layers` with every layer before it wraps any, so all misfits
+are refused in one message, with the fix in the command line's, the Python API's and the
+recipe's words.
 """
 
 from __future__ import annotations
@@ -16,10 +14,7 @@ import json
 import torch
 from torch import nn
 
-from compactnn.engines.qat import QATWrapper
 from compactnn.errors import CompactnnError
-
-_MISFITS = "_pe_group_misfits"  # attribute of the run's CompressContext: name -> weight shape
 
 
 def group_fits(weight: torch.Tensor, group: tuple[int, int]) -> bool:
@@ -78,47 +73,12 @@ def check_group(weight: torch.Tensor, group: tuple[int, int], name: str | None =
     )
 
 
-class _Refusal(nn.Module):
-    """The weight quantizer of a :class:`RefusedLayer`: its epoch hook refuses too."""
-
-    def __init__(self, owner: RefusedLayer) -> None:
-        super().__init__()
-        self._owner = [owner]  # not a submodule (no cycle in the module tree)
-
-    def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
-        self._owner[0].refuse()
-
-
-class RefusedLayer(QATWrapper):
-    """The wrapper of a layer the PE group does not fit: any use refuses every such layer of
-    the run (the names recorded so far: all of them once the model is wrapped)."""
-
-    def __init__(self, name: str, layer: nn.Module, group: tuple[int, int], ctx) -> None:
-        super().__init__()
-        self.layer = layer
-        self.group = tuple(group)
-        self.misfits: dict[str, tuple[int, ...]] = vars(ctx).setdefault(_MISFITS, {})
-        self.misfits[name] = tuple(layer.weight.shape)
-        self.weight_quantizer = _Refusal(self)
-
-    def refuse(self) -> None:
-        raise CompactnnError(misfit_message(self.misfits, self.group))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.refuse()
-
-    def freeze(self) -> nn.Module:
-        self.refuse()
-
-
-class GroupMisfit(nn.Module):
-    """What the weight hook returns for a layer whose channels the PE group does not divide:
-    the engine's ``wrapper`` call (which passes the layer's name) makes it a
-    :class:`RefusedLayer`."""
-
-    def __init__(self, group: tuple[int, int]) -> None:
-        super().__init__()
-        self.group = group
-
-    def wrapper(self, name: str, layer: nn.Module, act_quantizer, ctx) -> nn.Module:
-        return RefusedLayer(name, layer, self.group, ctx)
+def check_pe_layers(layers: dict[str, nn.Module], config) -> None:
+    """The engine's ``check_layers`` hook: refuse every layer of ``layers`` whose channels
+    ``config.group`` does not divide, in one message (:func:`misfit_message`)."""
+    group = tuple(config.group)
+    misfits = {
+        n: tuple(m.weight.shape) for n, m in layers.items() if not group_fits(m.weight, group)
+    }
+    if misfits:
+        raise CompactnnError(misfit_message(misfits, group))

@@ -72,10 +72,10 @@ from compactnn.core.qlayers import rtn_weight_qparams
 from compactnn.core.quantize import dequantize, grouped_view
 from compactnn.core.spec import QuantSpec
 from compactnn.engines.qat import QATConfig, QATMethod
-from compactnn.engines.qat_quantizers import WeightExport, fp16
+from compactnn.engines.qat_quantizers import EpochMarked, WeightExport, fp16
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import check_sparsity
-from compactnn.prune.pe_groups import GroupMisfit, check_group, group_fits
+from compactnn.prune.pe_groups import check_group, check_pe_layers
 from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name, reserve_method_names
@@ -287,7 +287,7 @@ def scheduled_sparsity(epoch: int, epochs: int, config: PEWiseConfig) -> float:
     return config.sparsity * (1.0 - (1.0 - t) ** 3)
 
 
-class PEWiseWeight(nn.Module):
+class PEWiseWeight(EpochMarked):
     """The weight quantizer: a PE-tile mask (buffer ``mask``) and ternary (or int8) weights.
 
     Outside training (``compress``), the mask is the one-shot mask at the final sparsity;
@@ -305,21 +305,13 @@ class PEWiseWeight(nn.Module):
         self.register_buffer("mask", pe_group_mask(weight, config.group, config.sparsity))
         # the frozen phase's ternary threshold; negative: not frozen (recomputed every step)
         self.register_buffer("delta", torch.full((), -1.0))
-        # the epoch whose start was applied (-1: none); in the checkpoint, so a run resumed
-        # mid-epoch keeps that epoch's mask instead of re-ranking the tiles of moved weights
-        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # a checkpoint written before ``started`` existed: no epoch marked as started
-        state_dict.setdefault(prefix + "started", torch.full((), -1, dtype=torch.long))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
         """Revise the mask to the schedule's sparsity; pick float or quantized weights.
         The mask moves once per epoch: for the epoch already started (a run resumed from a
         mid-epoch checkpoint) only the phase flags are set."""
         s = scheduled_sparsity(epoch, epochs, self.config)
-        if int(self.started) != epoch:
+        if self.begin_epoch(epoch):
             self._revise(w, epoch, epochs, s)
         self.float_phase = epoch < float_epochs(epochs, self.config)
         self.penalize_window = s < self.config.sparsity  # the masks still grow
@@ -344,7 +336,6 @@ class PEWiseWeight(nn.Module):
                 self.delta.fill_(-1.0)
             elif self.delta < 0:  # the frozen phase starts
                 self.delta.copy_(ternary_threshold(w, self.mask, self.config.ratio))
-            self.started.fill_(epoch)
 
     def quantized(self, w: torch.Tensor) -> torch.Tensor:
         """The dequantized weight (no gradient path)."""
@@ -384,15 +375,13 @@ class PEWiseWeight(nn.Module):
 
 def pewise_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: PEWiseConfig) -> nn.Module:
     """Engine hook: the PE-tile mask and ternary weights of ``layer`` (activations: LSQ);
-    the layers whose channels the group does not divide are refused together, by name
-    (:mod:`compactnn.prune.pe_groups`)."""
-    if not group_fits(layer.weight, config.group):
-        return GroupMisfit(config.group)
+    the layers whose channels the group does not divide were refused together, by name,
+    before any wrapping (:func:`~compactnn.prune.pe_groups.check_pe_layers`)."""
     return PEWiseWeight(layer.weight, spec, config)
 
 
 register("pe", PEWiseConfig, "PE-wise structured pruning with ternary weights (AAAI 2020)")(
-    QATMethod(pewise_weight_quantizer)
+    QATMethod(pewise_weight_quantizer, check_layers=check_pe_layers)
 )
 
 

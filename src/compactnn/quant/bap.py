@@ -51,7 +51,7 @@ from compactnn.core.qlayers import make_quant_layer
 from compactnn.core.spec import QuantSpec
 from compactnn.engines.binary import sign_ste
 from compactnn.engines.qat import QATConfig, QATLayer, QATMethod
-from compactnn.engines.qat_quantizers import WeightExport, fp16
+from compactnn.engines.qat_quantizers import EpochMarked, WeightExport, fp16
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.recipe import Recipe, Step
@@ -181,7 +181,7 @@ def bap_weight(
     return binary + s, alpha, s
 
 
-class BAPWeight(nn.Module):
+class BAPWeight(EpochMarked):
     """The training-aware quantizer of one layer: binary branch plus sparse branch.
 
     Args:
@@ -197,23 +197,14 @@ class BAPWeight(nn.Module):
         self.reselect_fraction = config.reselect_fraction
         self.k = max(1, round(config.density * weight.numel()))
         self.register_buffer("mask", residual_support(weight, self.k))
-        # the epoch whose start was applied (-1: none); in the checkpoint, so a run resumed
-        # mid-epoch keeps that epoch's support instead of re-selecting it from moved weights
-        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
         """Re-select the support from the current weights while the schedule allows (once
         per epoch: again for the epoch already started, as on resuming, it does nothing)."""
-        if int(self.started) == epoch:
+        if not self.begin_epoch(epoch):
             return
-        self.started.fill_(epoch)
         if epoch == 0 or epoch < math.ceil(self.reselect_fraction * epochs):
             self.mask.copy_(residual_support(w, self.k))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # a checkpoint written before ``started`` existed: no epoch marked as started
-        state_dict.setdefault(prefix + "started", torch.full((), -1, dtype=torch.long))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return bap_weight(w, self.mask, self.value_bits)[0]

@@ -37,7 +37,7 @@ from compactnn.core.qtype import QType
 from compactnn.core.spec import QuantSpec
 from compactnn.engines.binary import BinaryWeight
 from compactnn.engines.qat import QATConfig, QATMethod
-from compactnn.engines.qat_quantizers import WeightExport, fp16
+from compactnn.engines.qat_quantizers import EpochMarked, WeightExport, fp16
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.quant.base import short_act_spec
 from compactnn.registry import register, register_artifact_hook
@@ -69,7 +69,7 @@ def nearest_pattern(kernels: torch.Tensor, patterns: torch.Tensor) -> torch.Tens
     return (kernels @ patterns.T).argmax(1)
 
 
-class SubbitWeight(nn.Module):
+class SubbitWeight(EpochMarked):
     """Binary 3x3 kernels restricted to the layer's ``2^tau`` patterns (training and export)."""
 
     spec = QuantSpec(bits=1, symmetric=False, granularity="channel")
@@ -78,9 +78,6 @@ class SubbitWeight(nn.Module):
         super().__init__()
         self.tau = tau
         self.register_buffer("patterns", self.select(weight))
-        # the epoch whose start was applied (-1: none); in the checkpoint, so a run resumed
-        # mid-epoch keeps that epoch's codebook instead of re-selecting it from moved weights
-        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
 
     def select(self, w: torch.Tensor) -> torch.Tensor:
         return frequent_patterns(kernel_rows(w.detach()), 2**self.tau)
@@ -88,15 +85,8 @@ class SubbitWeight(nn.Module):
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
         """Re-select the codebook from the kernels' current sign patterns (once per epoch:
         again for the epoch already started, as on resuming, it does nothing)."""
-        if int(self.started) == epoch:
-            return
-        self.started.fill_(epoch)
-        self.patterns.copy_(self.select(w))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # a checkpoint written before ``started`` existed: no epoch marked as started
-        state_dict.setdefault(prefix + "started", torch.full((), -1, dtype=torch.long))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.begin_epoch(epoch):
+            self.patterns.copy_(self.select(w))
 
     def quantized(self, w: torch.Tensor) -> torch.Tensor:
         kernels = kernel_rows(w.detach())

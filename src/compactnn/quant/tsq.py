@@ -42,7 +42,13 @@ from torch.nn import functional as F
 
 from compactnn.core.spec import QuantSpec
 from compactnn.engines.qat import QATConfig, QATMethod
-from compactnn.engines.qat_quantizers import LSQAct, WeightExport, check_ternary_bits, fp16
+from compactnn.engines.qat_quantizers import (
+    EpochMarked,
+    LSQAct,
+    WeightExport,
+    check_ternary_bits,
+    fp16,
+)
 from compactnn.errors import CompactnnError
 from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.registry import register
@@ -238,7 +244,7 @@ class TSQAct(LSQAct):
         return out
 
 
-class TSQWeight(nn.Module):
+class TSQWeight(EpochMarked):
     """Float weights for ``code_epochs``, then the solved per-channel ternary weights.
 
     Its state (what a training checkpoint saves): ``alpha``, ``started`` (the last epoch
@@ -255,7 +261,6 @@ class TSQWeight(nn.Module):
         self.stats = GramStats() if least_squares else None
         self.real = False
         self.register_buffer("alpha", torch.zeros(0))
-        self.register_buffer("started", torch.full((), -1, dtype=torch.long))
 
     def start_epoch(self, w: torch.Tensor, epoch: int, epochs: int) -> None:
         """Float weights while learning codes (Gram collected in their last epoch); at the
@@ -263,8 +268,7 @@ class TSQWeight(nn.Module):
         the Gram is dropped). Called again for the epoch it began (a run resumed from a
         checkpoint inside it), it keeps the Gram collected so far and the solve."""
         switch = min(self.code_epochs, epochs - 1)
-        begun = int(self.started) == epoch
-        self.started.fill_(epoch)
+        begun = not self.begin_epoch(epoch)
         self.real = epoch < switch
         if self.stats is not None:
             self.stats.collect = epoch == switch - 1
@@ -295,8 +299,6 @@ class TSQWeight(nn.Module):
         )
         extra = (prefix + "gram", prefix + "gram_batches")
         unexpected_keys[:] = [k for k in unexpected_keys if k not in extra]
-        # a state from before the epoch marker: start_epoch behaves as it did then
-        missing_keys[:] = [k for k in missing_keys if k != prefix + "started"]
         if self.stats is not None and extra[0] in state_dict:
             gram = state_dict[extra[0]]
             device = self.alpha.device  # the run's device (the model moved before loading)
