@@ -39,7 +39,7 @@ from compactnn.export.artifact import info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
 from compactnn.export.save_checks import module_classes, note_new_classes
-from compactnn.float_layers import out_width, report_float_layers, warn_float_bytes
+from compactnn.float_layers import report_float_layers, warn_float_bytes, widths_of
 from compactnn.kernels.load import meta_copy
 from compactnn.prune.channel import ChannelConfig
 from compactnn.quant.base import (
@@ -118,6 +118,7 @@ def compress(
         )
     if not isinstance(model, nn.Module):
         raise CompactnnError(not_a_module(model, recipe))
+    _check_scripted(model)
     _check_tensors(model)
     return _compress(
         model, recipe, calib_data, seed=seed, progress=progress, inplace=inplace, ignore=ignore
@@ -204,7 +205,7 @@ def _compress(
     _linearize_conv1d(qmodel, ctx)
     _split_attention(qmodel, recipe, ctx)
     check_layers_found(qmodel, recipe)
-    widths = {n: out_width(m) for n, m in weight_layers(qmodel).items()}  # before any pruning
+    widths = {n: widths_of(m) for n, m in weight_layers(qmodel).items()}  # before any pruning
     # the skeleton's module classes, before any handler runs; then the classes each plugin's
     # step adds (save refuses those no artifact hook rebuilds: save_checks)
     float_classes = frozenset(previous.get("float_classes") or module_classes(qmodel))
@@ -439,7 +440,7 @@ def _keep_whole(config: Any, ignore: Sequence[str]) -> Any:
 
 
 def _check_tensors(model: nn.Module) -> None:
-    """Refuse weights compactnn cannot compress: meta, non-CPU or half precision."""
+    """Refuse weights compactnn cannot compress: meta, non-CPU, half or double precision."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:
             raise CompactnnError(
@@ -456,6 +457,23 @@ def _check_tensors(model: nn.Module) -> None:
                 f"model tensor {name!r} is {t.dtype}; compactnn compresses float32 models "
                 "(its ranges and solvers need full precision): call model.float() first."
             )
+        if t.dtype == torch.float64 and isinstance(t, nn.Parameter):  # a raw torch dtype
+            raise CompactnnError(  # error deep in calibration otherwise (quantized layers: fp32)
+                f"model tensor {name!r} is torch.float64; compactnn compresses float32 models "
+                "(its quantized layers and integer kernels compute in float32): call "
+                "model.float() first (and pass float32 calib_data)."
+            )
+
+
+def _check_scripted(model: nn.Module) -> None:
+    """Refuse a TorchScript module: its submodules are RecursiveScriptModules, which no
+    recipe finds as layers (it was told to rewrite them as nn.Linear)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CompactnnError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
+            "or torch.jit.trace), whose layers compactnn cannot replace: pass the nn.Module "
+            "before scripting (compress it, then script or export the result)."
+        )
 
 
 # re-exported for `compactnn.save` / `compactnn.load`

@@ -32,7 +32,7 @@ def report_float_layers(
     is a projection of an MLP that probe pruning slices per batch (``extra["probe_prune"]``)."""
     pruned = _pruned_weights(model, ctx)
     known = set(ctx.float_layers) | set(probe_pruned_layers(ctx.extra))  # reason known, or pruned
-    narrowed = _channel_pruned(model, ctx.extra.get("resized", {}), widths, earlier)
+    narrowed = _channel_pruned(model, ctx.extra.get("resized", {}), widths, earlier, ctx.skipped)
     for name, m in weight_layers(model).items():
         if has_integer_weight(m) or name in known or id(m.weight) in pruned:
             continue
@@ -67,30 +67,58 @@ def out_width(layer: nn.Module) -> int | None:
     return None
 
 
-def channel_pruned_reason(before: int, after: int) -> str:
-    """The float-layer reason of a layer channel pruning narrowed from ``before`` outputs to
-    ``after`` (its weights are compressed by their shape, not quantized).
+def in_width(layer: nn.Module) -> int | None:
+    """A layer's input channels (conv) or features (linear); None for other layers.
+
+    Example:
+        >>> in_width(nn.Conv2d(1, 8, 3)), in_width(nn.Linear(4, 2)), in_width(nn.Embedding(3, 2))
+        (1, 4, None)
+    """
+    for key in ("in_channels", "in_features"):
+        if isinstance(value := getattr(layer, key, None), int):
+            return value
+    return None
+
+
+def widths_of(layer: nn.Module) -> tuple[int | None, int | None]:
+    """``(out_width, in_width)`` of ``layer``, recorded before channel pruning runs."""
+    return out_width(layer), in_width(layer)
+
+
+def channel_pruned_reason(before: int, after: int, side: str = "output") -> str:
+    """The float-layer reason of a layer channel pruning narrowed from ``before`` outputs (or
+    inputs: ``side``) to ``after`` (its weights are compressed by their shape, not quantized).
 
     Example:
         >>> channel_pruned_reason(32, 22)
         'pruned (10 of 32 output channels removed), weights in float'
     """
-    return f"pruned ({before - after} of {before} output channels removed), weights in float"
+    return f"pruned ({before - after} of {before} {side} channels removed), weights in float"
 
 
 def _channel_pruned(
-    model: nn.Module, resized: dict, widths: dict[str, int | None], earlier: dict
+    model: nn.Module, resized: dict, widths: dict[str, tuple], earlier: dict, skipped: dict
 ) -> dict[str, str]:
     """Reasons of the float layers channel pruning narrowed: by this run (``resized`` names
-    them; fewer outputs now than ``widths`` says) or by the run that made ``model`` (its
-    ``earlier`` reason says pruned)."""
+    them; fewer outputs, or else fewer inputs (the layer after pruned units; not a layer a
+    step ``skipped``, whose reason says why it kept its outputs), now than ``widths``
+    (:func:`widths_of`) says) or by the run that made ``model`` (its ``earlier`` reason says
+    pruned)."""
     out = {}
     for name, m in weight_layers(model).items():
         if name not in resized or has_integer_weight(m):
             continue
-        before, after = widths.get(name), out_width(m)
-        if before is not None and after is not None and after < before:
-            out[name] = channel_pruned_reason(before, after)
+        was, now = widths.get(name, (None, None)), widths_of(m)
+        narrower = [
+            (side, b, a)
+            for side, b, a in zip(("output", "input"), was, now, strict=True)
+            if b is not None
+            and a is not None
+            and a < b
+            and (side == "output" or name not in skipped)
+        ]
+        if narrower:
+            out[name] = channel_pruned_reason(*narrower[0][1:], side=narrower[0][0])
         elif str(earlier.get(name, "")).startswith("pruned ("):
             out[name] = earlier[name]
     return out
@@ -196,7 +224,8 @@ def warn_float_bytes(model: nn.Module, ctx: CompressContext) -> None:
     listing = ", ".join(f"{n} ({size_text(b)})" for n, b in largest)
     cannot, could = _why_float(model, ctx, [n for n, _ in largest])
     target = (
-        "target those layers too (embeddings: targets.classes [Embedding], or a weight-only recipe)"
+        "target those layers too (embeddings: targets.classes [Embedding], or a weight-only or "
+        "a8g recipe)"
     )
     if cannot:
         by_reason: dict[str, list[str]] = {}

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import compactnn
 from compactnn.cli import main
+from compactnn.commands._common import human_bytes
 from compactnn.measure.size import artifact_bytes
 
 FACTORY = """
@@ -105,7 +106,7 @@ def test_json_force_replaces_an_earlier_report(project, capsys):
     assert rows[1]["size_bytes"] == artifact_bytes("art")
 
 
-def test_a_deployed_artifact_reports_its_models_size_not_its_verification_batch(project, capsys):
+def test_a_deployed_artifact_reports_every_file_its_verification_batch_included(project, capsys):
     from compactnn.deployment.ship import save_deployed
 
     fast = compactnn.deploy(project["q"], "onednn", example=project["x"])
@@ -119,6 +120,35 @@ def test_a_deployed_artifact_reports_its_models_size_not_its_verification_batch(
     rows = {r["model"]: r for r in result["rows"]}
     header_extra = open("dep/compactnn.json").seek(0, 2) - open("art/compactnn.json").seek(0, 2)
     assert 0 < header_extra < 2048
-    assert rows["deployed"]["size_bytes"] == artifact_bytes("art") + header_extra
+    files = sum(p.stat().st_size for p in Path("dep").iterdir())
+    assert (
+        rows["deployed"]["size_bytes"]
+        == files
+        == artifact_bytes("art") + header_extra + (batch_bytes)
+    )
     assert result["verification_batch_bytes"] == batch_bytes
-    assert "the verification batch stored beside it (deployment.safetensors" in out
+    assert "counts every file of the artifact, the verification batch stored beside" in out
+    assert f"the model alone: {human_bytes(files - batch_bytes)})" in out
+
+
+def test_unstructured_sparsity_is_shown_as_no_speedup_and_channel_pruning_keeps_one(
+    project, capsys
+):
+    import eval_out_factory
+
+    model, x = eval_out_factory.make().eval(), project["x"]
+    compactnn.save(compactnn.compress(model, "sp50", calib_data=x, progress=False), "sp")
+    assert _eval("sp", "--data", "x.safetensors", "--json", "sp.json") == 0
+    out = capsys.readouterr().out
+    row = json.loads(open("sp.json").read())["rows"][1]
+    assert row["speedup"] is None and row["no_speedup"] == "none (dense)"
+    table = next(line for line in out.splitlines() if line.startswith("compressed"))
+    assert table.rstrip().endswith("none (dense)")
+    assert "no speedup claimed: the compressed model keeps every weight shape" in out
+    natively = next(line for line in out.splitlines() if line.startswith("runs natively"))
+    assert " ms" not in natively  # one measurement: the row's
+    model = eval_out_factory.make().eval()
+    compactnn.save(compactnn.compress(model, "ch50", calib_data=x, progress=False), "ch")
+    assert _eval("ch", "--data", "x.safetensors", "--json", "ch.json") == 0
+    row = json.loads(open("ch.json").read())["rows"][1]
+    assert row["speedup"] > 0 and "no_speedup" not in row

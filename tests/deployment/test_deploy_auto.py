@@ -23,7 +23,7 @@ def test_auto_warns_only_about_the_chosen_backends_kept_layers(monkeypatch):
     x = torch.randn(8, 3, 6, 6)
     qmodel = compactnn.compress(WithConv1d(), "w8a8", calib_data=x, progress=False)
     times = {"onnxruntime": 1.0, "onednn": 2.0}  # the ONNX Runtime candidate keeps nothing
-    monkeypatch.setattr(float_check, "time_contenders", lambda c, _x: {k: times[k] for k in c})
+    monkeypatch.setattr(float_check, "time_contenders", lambda c, _x, **_: {k: times[k] for k in c})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         deployed = compactnn.deploy(qmodel, example=x, time_float=False)
@@ -135,7 +135,9 @@ def test_auto_says_when_float_is_faster(monkeypatch, qnet):
     qmodel, calib = qnet
     times = {"onednn": 0.004, "onnxruntime": 0.003, "fp32-onnxruntime": 0.001, "fp32-eager": 0.01}
     monkeypatch.setattr(
-        float_check, "time_contenders", lambda contenders, ex: {k: times[k] for k in contenders}
+        float_check,
+        "time_contenders",
+        lambda contenders, ex, **_: {k: times[k] for k in contenders},
     )
     with pytest.warns(UserWarning, match=r"ONNX Runtime fp32 runs this model 3\.0x faster"):
         fast = compactnn.deploy(qmodel, example=calib[:4])

@@ -11,7 +11,7 @@ from torch import nn
 import compactnn
 from compactnn.errors import CompactnnError
 from compactnn.kernels import nbits_check
-from compactnn.kernels.nbits_check import PINNED, set_accuracy_level
+from compactnn.kernels.nbits_check import PINNED
 from compactnn.recipe import resolve_recipe
 from tests.kernels._keywords import Keywords, compressed, grouped_recipe
 
@@ -79,12 +79,10 @@ def test_level_4_is_the_simulation_and_the_default_keeps_it(tmp_path):
     assert gap > 1e-3
 
 
-def test_forced_level_0_and_the_fallback_keep_pinned_nodes_at_4(tmp_path):
+def test_level_0_keeps_pinned_nodes_at_4(tmp_path):
+    # level 0 (forced, or the fallback, which builds the model again at level 0)
     q, batch = _quantized()
-    fast = compactnn.to_ort_nbits(q, batch, accuracy_level=0, threads=1, path=tmp_path / "m.onnx")
-    assert set(_nodes(tmp_path / "m.onnx").values()) == {4}
-    del fast
-    set_accuracy_level(tmp_path / "m.onnx", 0)
+    compactnn.to_ort_nbits(q, batch, accuracy_level=0, threads=1, path=tmp_path / "m.onnx")
     assert set(_nodes(tmp_path / "m.onnx").values()) == {4}
 
 

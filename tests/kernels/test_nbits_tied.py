@@ -12,7 +12,7 @@ import compactnn
 from compactnn.core.qembedding import quantize_embedding_rtn
 from compactnn.core.qlayers import quantize_layer_rtn
 from compactnn.core.spec import QuantSpec
-from compactnn.kernels import nbits_tables
+from compactnn.kernels import nbits_tables, ort_nbits
 from compactnn.kernels.ort_nbits import OrtNBitsModel, nbits_onnx
 
 onnx = pytest.importorskip("onnx")
@@ -44,7 +44,8 @@ def _graph(data: bytes):
 def _two_copies(monkeypatch, fn):
     """``fn()`` as it was before the tables were shared (each node on its own bytes)."""
     with monkeypatch.context() as m:
-        m.setattr(nbits_tables, "share_head_codes", lambda onnx, graph: set())
+        for module in (nbits_tables, ort_nbits):
+            m.setattr(module, "share_head_codes", lambda onnx, graph: set())
         return fn()
 
 
@@ -68,14 +69,17 @@ def test_the_table_gathers_from_the_head_codes_stored_once(monkeypatch, bits, gr
     assert torch.equal(got, old)  # the same numbers as the two copies, bit for bit
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # the simulated model's
     graph, arrays = _graph(data)
-    (gbq,) = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
-    (head,) = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert gbq.input[0] == head.input[1]  # the lookup reads the head's codes
-    codes = arrays[head.input[1]].tobytes()
-    assert len(codes) == 256 * 128 * bits // 8 and data.count(codes) == 1 == before.count(codes) - 1
-    scales = arrays[head.input[2]].tobytes()
-    assert data.count(scales) == 1 and before.count(scales) == 2
-    assert len(before) - len(data) >= len(codes)
+    gbqs = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    # at level 0 8-bit codes run as two 4-bit halves (nbits_split), the table's too
+    assert len(gbqs) == len(heads) == (2 if bits == 8 else 1)
+    assert [g.input[0] for g in gbqs] == [h.input[1] for h in heads]  # the head's codes
+    codes = [arrays[h.input[1]].tobytes() for h in heads]
+    assert sum(map(len, codes)) == 256 * 128 * bits // 8
+    assert all(data.count(c) == 1 == before.count(c) - 1 for c in codes)
+    scales = arrays[heads[0].input[2]].tobytes()  # the halves share them
+    assert data.count(scales) == 1 and before.count(scales) >= 2  # (merged halves: 3)
+    assert len(before) - len(data) >= sum(map(len, codes))
 
 
 def test_an_untied_head_keeps_its_own_codes():
@@ -132,14 +136,16 @@ def test_tied_decoders_export_the_table_once(monkeypatch, tmp_path, build):
     rows = table.weight.shape[0]
     gbq = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
     heads = {n.input[1] for n in graph.node if n.op_type == "MatMulNBits"}
-    (shared,) = [n for n in gbq if n.input[0] in heads]  # the token table, on the head's codes
-    codes = arrays[shared.input[0]]
-    assert codes.shape[0] == rows and data.count(codes.tobytes()) == 1
-    assert before.count(codes.tobytes()) == 2
+    # the token table on the head's codes: its two 4-bit halves (an 8-bit head at level 0)
+    shared = [n for n in gbq if n.input[0] in heads]
+    assert len(shared) == 2
+    codes = [arrays[n.input[0]] for n in shared]
+    assert all(c.shape[0] == rows and data.count(c.tobytes()) == 1 for c in codes)
+    assert all(before.count(c.tobytes()) == 2 for c in codes)
     stored = sum(a.nbytes for a in _graph(before)[1].values()) - sum(
         a.nbytes for a in arrays.values()
     )
-    assert stored >= codes.nbytes  # one table less (its scales too; a few nodes more)
+    assert stored >= sum(c.nbytes for c in codes)  # one table less (a few nodes more)
     sim = outputs(q, calib[1])
     got = onnx_hf.ort_runner(data, "nbits")(**calib[1])
     old = onnx_hf.ort_runner(before, "nbits")(**calib[1])

@@ -1,5 +1,3 @@
-import itertools
-
 import numpy as np
 import pytest
 
@@ -104,27 +102,32 @@ def test_eval_count_never_exceeds_max_evals():
                 assert any(not t.passed and t.stage == "bisection" for t in trials)
 
 
-def test_all_passing_spends_the_budget_on_bisection():
+def test_all_passing_spends_the_budget_on_bisection_then_the_cheapest():
     true, cost, allowed = instance()
+    cheapest = cost.min(axis=1).sum()  # 16: every layer at its smallest format
 
     def solve(b):
         return allocate(true, {"bytes": cost}, {"bytes": b}, allowed)
 
-    results = []
     for max_evals in range(1, 9):
         best, trials, calls = counting_search(max_evals, lambda c: True)
-        assert len(calls) <= max_evals and all(t.stage == "bisection" for t in trials)
-        assert best <= bisection_reference(solve, cost, max_evals)
-        # no larger than before the fix, when two evaluations were held back for repair
-        assert best <= bisection_reference(solve, cost, max(1, max_evals - 2))
-        results.append(best)
-    assert all(b <= a for a, b in itertools.pairwise(results))  # more evaluations never hurt
-    best4, trials4, _ = counting_search(4, lambda c: True)
-    assert len(trials4) == 4 and best4 < bisection_reference(solve, cost, 2)
-    assert best4 == bisection_reference(solve, cost, 4)
+        assert len(calls) == len(trials) <= max_evals
+        if max_evals == 1:
+            assert best == cost.max(axis=1).sum() and trials[0].stage == "bisection"
+            continue
+        # before, up to 7 passing evaluations stopped short of the cheapest (17 > 16 at 7)
+        assert best == cheapest == trials[-1].cost and len(trials) == min(max_evals, 7)
+        assert all(t.stage == "bisection" for t in trials[:-1])
+        if max_evals < 8:  # at 8 bisection reaches the cheapest itself on the 7th
+            assert trials[-1].stage == "cheapest"
+    # every evaluation passes but the cheapest: the bisection result stands
+    best, trials, _ = counting_search(7, lambda c: c > cheapest)
+    assert [t.stage for t in trials] == ["bisection"] * 6 + ["cheapest"]
+    assert [t.passed for t in trials] == [True] * 6 + [False]
+    assert best == bisection_reference(solve, cost, 6) == 17.0
     # an explicit bisection share also holds back nothing while there is nothing to repair
-    best, trials, _ = counting_search(5, lambda c: True, bisection_evals=1)
-    assert len(trials) == 5 and best == bisection_reference(solve, cost, 5)
+    best, trials, _ = counting_search(5, lambda c: c > cheapest, bisection_evals=1)
+    assert len(trials) == 5 and best == bisection_reference(solve, cost, 4)
 
 
 def test_failure_within_bisection_share_keeps_evaluations_for_repair():

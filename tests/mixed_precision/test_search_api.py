@@ -148,10 +148,12 @@ def test_accuracy_mode_spends_every_evaluation_when_all_pass(tmp_path):
 
     r4 = run(4)
     assert len(calls) == 1 + 4 and len(r4.tried) == 4  # the float model, then four trials
-    assert all(t["passed"] and t["stage"] == "bisection" for t in r4.tried)
+    stages = [t["stage"] for t in r4.tried]
+    assert all(t["passed"] for t in r4.tried) and stages == ["bisection"] * 3 + ["cheapest"]
     sizes = [t["bytes"] for t in r4.tried]
     assert sizes == sorted(sizes, reverse=True) and r4.cost["bytes"] == sizes[-1]
-    assert r4.cost["bytes"] <= run(2).cost["bytes"]  # two evaluations, as 4 spent before
+    cheapest = r4.costs["bytes"].min(axis=1).sum()  # every layer at its smallest format
+    assert r4.cost["bytes"] == cheapest == run(2).cost["bytes"]  # the last trial: the cheapest
 
 
 def test_user_mistakes():

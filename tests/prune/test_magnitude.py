@@ -45,7 +45,7 @@ def test_short_names_build_the_magnitude_step():
 
 
 def test_percent_out_of_range_is_refused():
-    with pytest.raises(CompactnnError, match=r"100% is outside \[0, 100\)"):
+    with pytest.raises(CompactnnError, match=r"100% is outside \[1, 100\)"):
         resolve_recipe("sp100")
 
 

@@ -13,7 +13,9 @@ weights on three paths, each timed with the rotating-block protocol in one proce
 Each row gives the multiply-accumulates of the layer, the milliseconds of each path, the
 ratios, the GOP/s reached (1 MAC = 2 ops) and the fraction of each path's peak: int8 VNNI
 64 MACs per 512-bit ``vpdpbusd`` per cycle; popcount 512 binary MACs per
-``vpxorq + vpopcntq + vpaddq`` (counted at one such triple per cycle) per core.
+``vpxorq + vpopcntq + vpaddq`` (counted at one such triple per cycle) per core, both at
+the clock :func:`peak_clock` gives (measured from a vpdpbusd-only loop where the VNNI build
+is there). Times whose timing looked inflated are marked (``*``), with the reasons.
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench.binary [--quick]`` (writes
 ``docs/bench/binary.md``), or ``run()`` from ``python -m compactnn.bench`` once the section
@@ -33,8 +35,15 @@ from torch.nn import functional as F
 
 from compactnn.kernels import bitconv
 from compactnn.measure.environment import cpu_description, environment
-from compactnn.measure.timing import omp_wait_policy, spin_count, time_blocks
+from compactnn.measure.timing import (
+    SUSPECT_MARK,
+    omp_wait_policy,
+    spin_count,
+    suspect_reasons,
+    time_blocks,
+)
 
+PATHS = ("fp32", "int8", "popcount", "int8_core", "popcount_core")  # BinaryRow's times, in order
 LAYERS = ((64, 56), (128, 28), (256, 14), (512, 7))  # (channels, spatial size), 3x3 convs
 INT8_MACS_PER_CYCLE = 64  # one 512-bit vpdpbusd: 64 uint8 x int8 products per cycle
 BINARY_MACS_PER_CYCLE = 512  # one 512-bit xor + popcount + add: 512 +-1 products
@@ -57,6 +66,13 @@ class BinaryRow:
     int8_core_ms: float
     popcount_core_ms: float
     exact: bool  # popcount and int8 integer outputs equal the float reference
+    # "path: reason" for each timing that looked inflated (the TimingWarning's reasons:
+    # measure.timing.suspect_reasons), whether or not the once-per-label warning was shown
+    suspect: tuple[str, ...] = ()
+
+    def mark(self, path: str) -> str:
+        """:data:`SUSPECT_MARK` when ``path``'s timing in this row looked inflated."""
+        return SUSPECT_MARK if any(s.startswith(path + ": ") for s in self.suspect) else ""
 
     @property
     def popcount_vs_int8(self) -> float:
@@ -83,6 +99,61 @@ def cpu_ghz() -> float | None:
     for line in path.read_text(errors="replace").splitlines():
         if line.startswith("cpu MHz"):
             return float(line.split(":")[1]) / 1e3
+    return None
+
+
+def max_ghz() -> float | None:
+    """The highest clock the kernel reports (cpufreq's ``cpuinfo_max_freq``; None where
+    there is no cpufreq, as in many virtual machines)."""
+    path = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    try:
+        return int(path.read_text().strip()) / 1e6  # kHz
+    except (OSError, ValueError):
+        return None
+
+
+def vnni_ghz(iters: int = 4 * 10**7) -> float | None:
+    """The clock one core runs 512-bit ``vpdpbusd`` at, measured: a loop of nothing but
+    independent vpdpbusd (``vnni_peak_macs``) on one thread, its MACs per second of process
+    CPU time (so other jobs on the machine do not lower it; median of 3) divided by
+    ``INT8_MACS_PER_CYCLE``. None without the VNNI build."""
+    import time
+
+    if not bitconv.available() or not bitconv.load_extension().has_vnni():
+        return None
+    ext = bitconv.load_extension()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ext.vnni_peak_macs(iters // 40, 1)
+        rates = []
+        for _ in range(3):
+            c0 = time.process_time()
+            done = ext.vnni_peak_macs(iters, 1)
+            rates.append(done / max(time.process_time() - c0, 1e-9))
+    finally:
+        torch.set_num_threads(saved)
+    return statistics.median(rates) / INT8_MACS_PER_CYCLE / 1e9
+
+
+def peak_clock() -> tuple[float, str] | None:
+    """The clock (GHz) the roofline's peaks count cycles at, and where it comes from: the
+    measured vpdpbusd rate (:func:`vnni_ghz`), else cpufreq's maximum clock, else the
+    current clock ``/proc/cpuinfo`` reports (which can be below the boost clock the core
+    runs at: shares of the peak can then exceed 100%)."""
+    ghz = vnni_ghz()
+    if ghz:
+        return ghz, (
+            f"measured: a loop of nothing but 512-bit vpdpbusd ran {ghz * INT8_MACS_PER_CYCLE:.0f}"
+            f" GMAC/s of CPU time on one thread, {INT8_MACS_PER_CYCLE} MAC per instruction at one "
+            "per cycle"
+        )
+    ghz = max_ghz()
+    if ghz:
+        return ghz, "cpufreq's maximum clock (cpuinfo_max_freq)"
+    ghz = cpu_ghz()
+    if ghz:
+        return ghz, "the current clock /proc/cpuinfo reports (the boost clock can be higher)"
     return None
 
 
@@ -154,24 +225,51 @@ def bench_binary(
                     )
                 ms = {k: v.median_s * 1e3 for k, v in times.items()}
                 macs = batch * size * size * channels * channels * 9
-                names = ("fp32", "int8", "popcount", "int8_core", "popcount_core")
-                rows.append(
-                    BinaryRow(channels, size, batch, t, macs, *(ms[k] for k in names), exact)
-                )
+                odd = tuple(f"{k}: {why}" for k in PATHS for why in suspect_reasons(times[k]))
+                times_ms = (ms[k] for k in PATHS)
+                rows.append(BinaryRow(channels, size, batch, t, macs, *times_ms, exact, odd))
     return rows
 
 
-def to_markdown(rows: list[BinaryRow], env: dict | None = None) -> str:
-    """The section's Markdown: setup, the table, the roofline and the per-layer choice."""
-    ghz = cpu_ghz()
+def _roofline(rows: list[BinaryRow], clock: tuple[float, str] | None) -> list[str]:
+    """The per-core peaks at ``clock`` (GHz, where it comes from) and the share of them the
+    1-thread core timings reach (median over layers)."""
+    if not clock:
+        return ["No clock known: the peaks are not computed."]
+    ghz, source = clock
+    p8, pb = 2 * INT8_MACS_PER_CYCLE * ghz, 2 * BINARY_MACS_PER_CYCLE * ghz
+    one = [r for r in rows if r.threads == 1]
+    f8 = statistics.median(r.gops(r.int8_core_ms) / p8 for r in one) if one else 0.0
+    fb = statistics.median(r.gops(r.popcount_core_ms) / pb for r in one) if one else 0.0
+    text = (
+        f"At {ghz:.2f} GHz ({source}) the int8 VNNI peak is {INT8_MACS_PER_CYCLE} MAC/cycle = "
+        f"{p8:.0f} GOP/s per core and the popcount peak {BINARY_MACS_PER_CYCLE} binary "
+        f"MAC/cycle = {pb:.0f} GOP/s per core "
+        f"({BINARY_MACS_PER_CYCLE // INT8_MACS_PER_CYCLE}x), both at the same clock. Measured "
+        f"at 1 thread (median over layers): int8 core {f8:.0%} of its peak, popcount core "
+        f"{fb:.0%} of its peak. The popcount peak assumes one xor + popcount + add of 512 bits "
+        "per cycle; Zen 4 splits 512-bit ops into two 256-bit halves, so its real ceiling is "
+        "lower."
+    )
+    if max(f8, fb) > 1:
+        text += " A share above 100% means the core ran faster than this clock: the peak is low."
+    return [text]
+
+
+def to_markdown(
+    rows: list[BinaryRow], env: dict | None = None, clock: tuple[float, str] | None = None
+) -> str:
+    """The section's Markdown: setup, the table, the roofline and the per-layer choice.
+    ``clock``: (GHz, its source) for the peaks; :func:`peak_clock` when not given."""
+    clock = clock or peak_clock()
     env = env or environment(max(r.threads for r in rows))
     lines = [
         "## Binary convolution: bit-packed popcount vs oneDNN int8 vs fp32",
         "",
         "`OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench.binary` "
         f"({cpu_description()}; {env['machine']}; torch {env['torch']}; "
-        f"OMP_WAIT_POLICY={omp_wait_policy() or 'unset'}; GOMP_SPINCOUNT={spin_count()}; "
-        f"{env['date']}; "
+        f"OMP_WAIT_POLICY={omp_wait_policy() or 'unset'}; "
+        f"GOMP_SPINCOUNT={spin_count() or 'unset'}; {env['date']}; "
         f"VPOPCNTDQ kernel: {bitconv.load_extension().has_vpopcnt()}).",
         "ReActNet-style 3x3 convolutions at ResNet-18 shapes (C in = C out, stride 1, pad 1), "
         "the same +-1 values on every path; medians of rotating rounds of blocks, each block "
@@ -185,30 +283,26 @@ def to_markdown(rows: list[BinaryRow], env: dict | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ms = " | ".join(f"{getattr(r, k + '_ms'):.2f}{r.mark(k)}" for k in PATHS)
         lines.append(
             f"| {r.channels}ch {r.size}x{r.size} | {r.batch} | {r.threads} | {r.macs / 1e6:.0f} "
-            f"| {r.fp32_ms:.2f} | {r.int8_ms:.2f} | {r.popcount_ms:.2f} | {r.int8_core_ms:.2f} "
-            f"| {r.popcount_core_ms:.2f} | {r.popcount_vs_int8:.2f}x | {r.popcount_vs_fp32:.2f}x "
+            f"| {ms} | {r.popcount_vs_int8:.2f}x | {r.popcount_vs_fp32:.2f}x "
             f"| {r.gops(r.int8_core_ms):.0f} | {r.gops(r.popcount_core_ms):.0f} | {r.exact} |"
         )
+    suspects = [
+        f"{r.channels}ch {r.size}x{r.size} b{r.batch}/t{r.threads} {why}"
+        for r in rows
+        for why in r.suspect
+    ]
+    if suspects:
+        lines += [
+            "",
+            f"`{SUSPECT_MARK.strip()}`: the timing looked inflated (the TimingWarning's reasons; "
+            "ratios built on it are suspect too): " + "; ".join(suspects) + ".",
+        ]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines += ["", f"Load average after the run: {load:.1f} on {os.cpu_count()} CPUs.", ""]
-    lines += ["**Roofline (per core).**"]
-    if ghz:
-        p8 = 2 * INT8_MACS_PER_CYCLE * ghz
-        pb = 2 * BINARY_MACS_PER_CYCLE * ghz
-        one = [r for r in rows if r.threads == 1]
-        f8 = statistics.median(r.gops(r.int8_core_ms) / p8 for r in one) if one else 0.0
-        fb = statistics.median(r.gops(r.popcount_core_ms) / pb for r in one) if one else 0.0
-        lines.append(
-            f"At {ghz:.2f} GHz the int8 VNNI peak is {INT8_MACS_PER_CYCLE} MAC/cycle = "
-            f"{p8:.0f} GOP/s per core and the popcount peak {BINARY_MACS_PER_CYCLE} binary "
-            f"MAC/cycle = {pb:.0f} GOP/s per core "
-            f"({BINARY_MACS_PER_CYCLE // INT8_MACS_PER_CYCLE}x). Measured at 1 thread (median "
-            f"over layers): int8 core {f8:.0%} of its peak, popcount core {fb:.0%} of its peak. "
-            "The popcount peak assumes one xor + popcount + add of 512 bits per cycle; Zen 4 "
-            "splits 512-bit ops into two 256-bit halves, so its real ceiling is lower."
-        )
+    lines += ["**Roofline (per core).**", *_roofline(rows, clock)]
     lines += ["", "**Choice per layer** (`lower_binary_blocks(kernel='auto')` measures the same):"]
     for channels, size in dict.fromkeys((r.channels, r.size) for r in rows):
         sel = [r for r in rows if (r.channels, r.size) == (channels, size)]

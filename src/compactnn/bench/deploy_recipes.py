@@ -23,6 +23,7 @@ Run: ``OMP_WAIT_POLICY=PASSIVE python -m compactnn.bench.deploy_recipes [model .
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -67,6 +68,7 @@ class RecipeRow:
     seconds: float = 0.0
     trained: bool = False
     deployed_ms: float = float("nan")  # median per call on the reference's example batch
+    deployed_cpu_ms: float = float("nan")  # process CPU time per call (all threads), median
 
     @property
     def delta(self) -> float:
@@ -113,12 +115,27 @@ def measure_recipe(ref, recipe: str, *, trained: bool = False, keep: dict | None
     )
 
 
-def time_models(models: dict, example: torch.Tensor) -> dict:
-    """Median milliseconds per call of each model, timed side by side in rotating blocks
+def time_models(models: dict, example: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Median milliseconds per call of each model and its process CPU milliseconds per call
+    (all threads), timed side by side in rotating blocks
     (:func:`compactnn.measure.timing.time_blocks`: 2 warm-ups, 15 calls in 3 rounds)."""
     calls = {k: model_call(m, example) for k, m in models.items()}
     timings = time_blocks(calls, warmup=2, runs=15, threads=THREADS, pause_s=0.05)
-    return {k: 1000 * t.median_s for k, t in timings.items()}
+    nan = float("nan")
+    return {k: (1000 * t.median_s, 1000 * t.cpu_s if t.cpu_s else nan) for k, t in timings.items()}
+
+
+def is_training_recipe(recipe: str) -> bool:
+    """Whether ``recipe`` has a training-aware step (LSQ, PACT, DoReFa, TWN, TTQ, INQ, ...):
+    ``compactnn.compress`` then runs its post-training variant (quantizers initialised on the
+    calibration data, then frozen, no training)."""
+    from compactnn.engines.qat import QATConfig
+    from compactnn.recipe import resolve_recipe
+
+    try:
+        return any(isinstance(s.config, QATConfig) for s in resolve_recipe(recipe).steps)
+    except Exception:  # an unknown recipe fails in its own row
+        return False
 
 
 def measure_all(
@@ -151,29 +168,55 @@ def measure_all(
         if timed and deployed:
             ms = time_models(deployed, ref.example)
             for row in these:
-                row.deployed_ms = ms.get(row.recipe, float("nan"))
+                row.deployed_ms, row.deployed_cpu_ms = ms.get(row.recipe, (float("nan"),) * 2)
         rows += these
     return rows
 
 
+def _ms(value: float) -> str:
+    return "not timed" if math.isnan(value) else f"{value:.2f}"
+
+
 def table(rows: list[RecipeRow]) -> list[str]:
-    """Markdown lines of the results (the command above the table)."""
+    """Markdown lines of the results (the command above the table, the notes below it)."""
     lines = [
         f"`{COMMAND}` ({THREADS} threads; held-out test split; deployed = oneDNN int8)",
         "",
         "| model | recipe | float | simulated | deployed | deployed - simulated | "
-        "verify (steps) | two-kernel layers | deployed ms (batch 64) | kept in float |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "verify (steps) | two-kernel layers | deployed ms (batch 64) | CPU ms (batch 64) | "
+        "kept in float |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    post = []
     for r in rows:
         kept = "; ".join(f"{k} ({v})" for k, v in r.kept_float.items()) or "none"
         recipe = r.recipe + (" (trained)" if r.trained else "")
+        if not r.trained and is_training_recipe(r.recipe):
+            recipe += " (post-training variant)"
+            post.append(r.recipe)
         lines.append(
             f"| {r.model} | {recipe} | {r.float_top1:.2f} | {r.simulated_top1:.2f} | "
             f"{r.deployed_top1:.2f} | {r.delta:+.2f} | {r.max_steps:.2g} | "
-            f"{len(r.split_layers)} | {r.deployed_ms:.2f} | {kept} |"
+            f"{len(r.split_layers)} | {_ms(r.deployed_ms)} | {_ms(r.deployed_cpu_ms)} | {kept} |"
         )
-    return lines
+    notes = []
+    if post:
+        notes.append(
+            "Training recipes (" + ", ".join(dict.fromkeys(post)) + ") run their post-training "
+            "variant here: `compactnn.compress` initialises their quantizers on the calibration "
+            "data and freezes them, no training (the frozen layers have the trained form; "
+            "`measure_all(trained=...)` deploys the trained artifact instead)."
+        )
+    if all(math.isnan(r.deployed_ms) for r in rows):
+        notes.append("Not timed (--quick, or `timed=False`): the two ms columns say so.")
+    else:
+        notes.append(
+            "Deployed ms: median wall time per call on the reference's example batch (64 "
+            "images), every deployed model of a reference timed side by side in rotating "
+            "blocks; CPU ms: process CPU time per call (all threads), which waiting for the "
+            "machine's other jobs does not inflate."
+        )
+    return [*lines, "", *notes]
 
 
 def run(quick: bool = False) -> str:
@@ -189,7 +232,9 @@ def run(quick: bool = False) -> str:
         "; ".join(f"{k}: {v}" for k, v in env.items()),
         "",
     ]
-    return "\n".join(head + table(rows)) + "\n"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+    tail = ["", f"Load average after the run (1, 5, 15 min): {load} on {os.cpu_count()} CPUs."]
+    return "\n".join(head + table(rows) + tail) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,6 +168,39 @@ def _speedups(base: Any, t: Any) -> tuple[str, str]:
     return wall, cpu
 
 
+def verdict(ours: list[str], peers: list[str], big: Any, one: Any, n: int) -> str:
+    """One sentence per batch size: compactnn's fastest compressed row and the fastest peer
+    against the fastest float path (wall time), saying plainly when ours is slower.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> t = lambda s: NS(median_s=s)
+        >>> big = NS(best=t(2.0), winner="ort-fp32", timings={"w8": t(1.0), "peer": t(0.5)})
+        >>> one = NS(best=t(1.0), winner="ort-fp32", timings={"w8": t(1.25), "peer": t(2.0)})
+        >>> verdict(["w8"], ["peer"], big, one, 16).split(". ")[1]
+        'Batch 1: w8 is 0.80x the fastest float path (ort-fp32), slower than float; the fastest \
+peer, peer, 0.50x.'
+    """
+    parts = []
+    for label, paths in ((f"Batch {n}", big), ("Batch 1", one)):
+        timed = {k: v for k, v in paths.timings.items() if k in ours}
+        if not timed:
+            continue
+        best = min(timed, key=lambda k: timed[k].median_s)
+        ratio = paths.best.median_s / timed[best].median_s
+        head = "compactnn's fastest compressed row, " if not parts else ""
+        text = f"{label}: {head}{best}{',' if head else ''} is {ratio:.2f}x the fastest float "
+        text += f"path ({paths.winner})" + (", slower than float" if ratio < 1 else "")
+        rivals = {k: v for k, v in paths.timings.items() if k in peers}
+        if rivals:
+            peer = min(rivals, key=lambda k: rivals[k].median_s)
+            text += (
+                f"; the fastest peer, {peer}, {paths.best.median_s / rivals[peer].median_s:.2f}x"
+            )
+        parts.append(text + ".")
+    return " ".join(parts)
+
+
 def model_section(name: str, quick: bool) -> str:
     """Markdown for one reference model: float paths, then compactnn and peer rows."""
     from compactnn.models import load_reference
@@ -215,6 +248,7 @@ def model_section(name: str, quick: bool) -> str:
             + " | ".join(cells)
             + f" | {r['build_s']:.2f} s | {r['note']} |"
         )
+    lines += ["", verdict([r["name"] for r in rows[1:]], [r["name"] for r in peers], big, one, n)]
     notes = [f"{r['name']}: {note}" for r in rows for note in r["notes"]]
     if notes:
         lines += ["", "Delivery notes:", ""] + [f"- {n}" for n in notes]
@@ -237,7 +271,7 @@ def run(quick: bool = False) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     intro = (
         f"## Foundation: round-to-nearest quantization, delivered, vs float and peers\n\n"
-        f"Regenerate: `{COMMAND}{' --quick' if quick else ''}`"
+        f"Regenerate: `{COMMAND}{' --quick --out docs/benchmarks.md' if quick else ''}`"
         f"{QUICK_NOTE if quick else ''}\n\n"
         + "; ".join(f"{k}: {v}" for k, v in env.items())
         + f"; load average after timing {load:.1f}.\n\n"

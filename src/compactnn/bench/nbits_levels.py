@@ -57,7 +57,7 @@ def _delivered(q, recipe: str, example: dict, tmp: Path) -> dict[str, dict[str, 
 def _rows(ref, tmp: Path) -> dict[str, dict[str, Any]]:
     from compactnn.bench.transformers import _floats
 
-    floats = _floats(ref)
+    floats = _floats(ref, tmp)
     rows = {k: floats[k] | {"level": "float"} for k in ("fp32-eager", "ort-fp32-fused")}
     for recipe in RECIPES:
         with warnings.catch_warnings():

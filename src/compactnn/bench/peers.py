@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
+from compactnn.bench.ort_quiet import quiet_ort_quantize
 from compactnn.core.calib import as_batches
 from compactnn.core.onnx_trace import export_dynamic
 from compactnn.export.ort import inference_session
@@ -165,7 +166,8 @@ def _ort_models(model: nn.Module, example: Any, calib: Any, threads: int, tmp: P
     for name, job in jobs.items():
         try:
             t0 = time.perf_counter()
-            job(tmp / f"{name}.onnx")
+            with quiet_ort_quantize():  # the quantizer's advice, not a finding
+                job(tmp / f"{name}.onnx")
             out[name] = _ort(tmp / f"{name}.onnx", time.perf_counter() - t0, threads, names, hf)
         except Exception as exc:  # a peer's failure is a finding, not a crash
             out[name] = f"{type(exc).__name__}: {exc}"

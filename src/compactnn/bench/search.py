@@ -38,9 +38,10 @@ from compactnn.export.fs import atomic_write
 from compactnn.export.size import theoretical_size
 from compactnn.mixed_precision import Budget, build_recipe, search
 from compactnn.mixed_precision.allocate import assignment_total
-from compactnn.mixed_precision.api import searched_layers, uniform_choice
+from compactnn.mixed_precision.api import uniform_choice
 from compactnn.mixed_precision.cost import biased_layers, cost_tables
 from compactnn.mixed_precision.formats import parse_formats
+from compactnn.mixed_precision.layers import searched_layers, searched_model
 
 CNN_FORMATS = ["w2a8", "w3a8", "w4a8", "w8a8"]
 LM_FORMATS = ["w2-g32-gptq", "w3-g32-gptq", "w4-g32-gptq", "w8-g32-gptq"]
@@ -50,7 +51,7 @@ LATENCY_FORMATS = "ch25+w8a8,ch50+w8a8,ch75+w8a8,w8a8"
 
 def uniform_bytes(model, formats: list[str], calib, fmt: str, first_last: str) -> float:
     """The cost model's bytes of the uniform recipe ``fmt`` with first/last at ``first_last``."""
-    layers = searched_layers(model, as_batches(calib))
+    layers = searched_layers(searched_model(model, parse_formats(formats)), as_batches(calib))
     biased = biased_layers(model, list(layers))  # as the search prices them (folded BN bias)
     table = cost_tables(layers, parse_formats(formats), biased=biased)["bytes"]
     return assignment_total(table, uniform_choice(formats, fmt, len(layers), first_last))
@@ -118,8 +119,8 @@ def digits_seed_rows(seeds: tuple[int, ...] = tuple(range(8))) -> list[str]:
         ref = build_digits_resnet(progress=False, seed=seed)
         p0 = _digits_preds(ref.model, x)
         base = float((p0 == y).float().mean()) * 100
-        layers = list(searched_layers(ref.model, as_batches(ref.calib)))
         fmts = parse_formats(CNN_FORMATS)
+        layers = list(searched_layers(searched_model(ref.model, fmts), as_batches(ref.calib)))
         all3 = build_recipe(
             "w3a8-all", layers, fmts, uniform_choice(CNN_FORMATS, "w3a8", len(layers))
         )

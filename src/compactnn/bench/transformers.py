@@ -44,8 +44,9 @@ from typing import Any
 import torch
 
 import compactnn
+from compactnn.bench.transformers_text import bf16_note, choices_table, main_table, steps_table
 from compactnn.measure.environment import cpu_description
-from compactnn.measure.memory import MIB, resident_memory
+from compactnn.measure.memory import resident_memory
 from compactnn.measure.size import artifact_bytes
 from compactnn.measure.timing import model_call, set_threads, time_blocks
 
@@ -178,14 +179,19 @@ def _ours(ref, recipes: list[str], tmp: Path, quick: bool) -> dict[str, dict[str
     return rows
 
 
-def _floats(ref) -> dict[str, dict[str, Any]]:
-    from compactnn.bench.peers import Bf16Autocast, OrtModule, _compiled, export_onnx
+def _floats(ref, tmp: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The float contenders; their ONNX files in ``tmp`` (removed by the caller), or without
+    it in a folder that goes with the last ONNX Runtime session holding it."""
+    from compactnn.bench.peers import Bf16Autocast, OrtModule, Scratch, _compiled, export_onnx
     from compactnn.measure.float_paths import ort_fused_file
+
+    scratch = Scratch("compactnn-bench-tf-") if tmp is None else None
+    tmp = scratch.path if scratch else tmp
 
     rows = {"fp32-eager": {"model": ref.model}, "bf16-autocast": {"model": Bf16Autocast(ref.model)}}
     comp = _compiled(ref.model, ref.example)
     rows["torch.compile"] = {"error": comp} if isinstance(comp, str) else {"model": comp.model}
-    path = Path(tempfile.mkdtemp(prefix="compactnn-bench-tf-")) / "float.onnx"
+    path = tmp / "float.onnx"
     try:
         names = export_onnx(ref.model, ref.example, path)
         rows["ort-fp32"] = {"model": OrtModule(str(path), THREADS, names, hf=True)}
@@ -196,6 +202,11 @@ def _floats(ref) -> dict[str, dict[str, Any]]:
         rows["ort-fp32-fused"] = {"model": OrtModule(str(fused), THREADS, names, hf=True)}
     except Exception as exc:
         rows["ort-fp32-fused"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    sessions = [r["model"] for r in rows.values() if isinstance(r.get("model"), OrtModule)]
+    for module in sessions if scratch else ():
+        module.scratch = scratch
+    if scratch and not sessions:
+        scratch.remove()
     return {k: v | {"kind": "float"} for k, v in rows.items()}
 
 
@@ -323,98 +334,6 @@ def measure_memory(rows: dict, example: dict, tmp: Path) -> dict[str, dict]:
     return steps
 
 
-def _steps_table(steps: dict, base: dict) -> str:
-    """The ONNX Runtime form's resident memory, one change at a time, against float's."""
-    lines = [
-        "| step (ONNX Runtime form of " + next(iter(steps.values()))["recipe"] + ") | "
-        "resident (MiB) | vs float | anonymous (MiB) | file-backed (MiB) |",
-        "|---|---|---|---|---|",
-    ]
-    rows = {"fp32-eager (float, weights mapped from safetensors)": base, **steps}
-    for label, r in rows.items():
-        if "rss" not in r:
-            lines.append(f"| {label} | failed: {r.get('rss_error', '-')} | | | |")
-            continue
-        ratio = f"{r['rss'] / base['rss']:.2f}x" if base.get("rss") else "-"
-        lines.append(
-            f"| {label} | {r['rss'] / MIB:.1f} | {ratio} | {r['rss_anon'] / MIB:.1f} | "
-            f"{(r['rss'] - r['rss_anon']) / MIB:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def _cell(r: dict, key: str) -> str:
-    t = r.get(key + "_t")
-    if t is None:
-        return "- | -"
-    cpu = f", cpu {t.cpu_s * 1e3:.2f} ms" if t.cpu_s else ""  # CPU time per call, all threads
-    return f"{t.fmt()}{cpu} | {r[key + '_xbest']:.2f}x"
-
-
-def _table(rows: dict) -> str:
-    lines = [
-        "| model | form | mean cosine | size (MB) | batch 64 | vs fastest float | batch 1 | "
-        "vs fastest float | resident (MiB) | vs float | anonymous (MiB) | vs float |",
-        "|" + "---|" * 12,
-    ]
-    for name, r in rows.items():
-        label = (r["recipe"], r["form"]) if r["kind"] != "float" else (name, "float")
-        if "error" in r:
-            lines.append(f"| {label[0]} | {label[1]} | failed: {r['error'][:160]} |" + " |" * 9)
-            continue
-        size = f"{r['size'] / 1e6:.1f}" if r.get("size") else "-"
-        cos = f"{r['cos']:.4f}" if "cos" in r else "-"
-        mem = " | ".join(
-            f"{r[k] / MIB:.1f} | {r[k] / rows['fp32-eager'][k]:.2f}x"
-            if r.get(k) and rows["fp32-eager"].get(k)
-            else "- | -"
-            for k in ("rss", "rss_anon")
-        )
-        lines.append(
-            f"| {label[0]} | {label[1]} | {cos} | {size} | {_cell(r, 'b64')} | "
-            f"{_cell(r, 'b1')} | {mem} |"
-        )
-    return "\n".join(lines)
-
-
-def _choices(rows: dict, winners: dict) -> str:
-    """Per recipe and batch size: the fastest delivered form (the per-shape choice)."""
-    lines = [
-        "| recipe | batch 64: chosen form, vs fastest float | batch 1: chosen form, vs "
-        "fastest float | resident vs float (chosen at batch 1) |",
-        "|---|---|---|---|",
-    ]
-    base = rows["fp32-eager"].get("rss")
-    for recipe in dict.fromkeys(r["recipe"] for r in rows.values() if r["kind"] == "ours"):
-        forms = {  # the previous ONNX Runtime form is a reference row, not a choice
-            n: r
-            for n, r in rows.items()
-            if r.get("recipe") == recipe and "b64" in r and r["form"] != "ort-nbits-bf16"
-        }
-        if not forms:
-            continue
-        cells = []
-        for key in ("b64", "b1"):
-            best = min(forms, key=lambda n: forms[n][key])
-            cells.append(
-                f"{forms[best]['form']}, {forms[best][key + '_xbest']:.2f}x (vs {winners[key]})"
-            )
-        rss = forms[best].get("rss")
-        cells.append(f"{rss / base:.2f}x" if rss and base else "-")
-        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
-        w8a8 = "a8" in recipe and "a8g" not in recipe
-        if w8a8 and "b64" in rows.get("bf16-autocast", {}):  # W8A8 vs bf16
-            bf = rows["bf16-autocast"]
-            verdict = [
-                f"W8A8 {forms[n][k] * 1e3:.1f} ms vs bf16 {bf[k] * 1e3:.1f} ms: "
-                + ("chosen" if forms[n][k] < bf[k] else "not chosen (bf16 faster)")
-                for k in ("b64", "b1")
-                for n in [min(forms, key=lambda n, k=k: forms[n][k])]
-            ]
-            lines.append(f"| {recipe} vs bf16 autocast | " + " | ".join(verdict) + " | |")
-    return "\n".join(lines)
-
-
 def _quality(rows: dict, texts: list[str]) -> None:
     from compactnn.models import minilm
 
@@ -437,10 +356,12 @@ def run(quick: bool = False) -> str:
 
     set_threads(THREADS)
     ref = load_reference("minilm", progress=False)
-    rows = _floats(ref)
-    if not quick:
-        rows.update(_peers(ref))
+    # every file of the run (float ONNX exports included) in one folder, removed on the way
+    # out, also on an error or Ctrl-C
     with tempfile.TemporaryDirectory(prefix="compactnn-bench-tf-") as tmp:
+        rows = _floats(ref, Path(tmp))
+        if not quick:
+            rows.update(_peers(ref))
         rows.update(_ours(ref, QUICK if quick else FULL, Path(tmp), quick))
         n_eval = 64 if quick else 256
         _quality(rows, sentences("eval")[:n_eval])
@@ -478,16 +399,17 @@ def run(quick: bool = False) -> str:
     )
     return (
         "## Transformers: MiniLM (all-MiniLM-L6-v2) on real kernels\n\n"
-        f"```\n{env}{COMMAND}{' --quick' if quick else ''}\n```\n\n"
-        + _table(rows)
+        f"```\n{env}{COMMAND}{' --quick --out docs/benchmarks.md' if quick else ''}\n```\n\n"
+        + main_table(rows)
         + "\n\n"
         + note
-        + "\n\n### The form chosen per shape (fastest measured)\n\n"
-        + _choices(rows, winners)
-        + "\n"
+        + "\n\n### The form chosen per shape (fastest measured; `ort-nbits-bf16` left out)\n\n"
+        + choices_table(rows, winners)
+        + "\n\n"
+        + bf16_note(rows)
         + (
             "\n### Where the ONNX Runtime form's memory goes\n\n"
-            + _steps_table(steps, rows["fp32-eager"])
+            + steps_table(steps, rows["fp32-eager"])
             + "\n\nEach line changes one thing from the line above; every line is a fresh "
             "process (load + one batch-1 forward), measured as above. File-backed: mapped "
             "weights and the shared-library pages the forward touches.\n"

@@ -193,8 +193,22 @@ def check_data_given(recipe, data: str | None, model_spec: str) -> None:
         raise CompactnnError(
             f"recipe {recipe.name!r} calibrates on data ({', '.join(dict.fromkeys(needy))}) "
             "and MODEL brings none: pass --data FILE (.safetensors or .npy model inputs, e.g. "
-            "token ids for a language model), or use a weight-only recipe such as w8 or w4-g32."
+            f"token ids for a language model), or {_without_data(recipe)}."
         )
+
+
+def _without_data(recipe) -> str:
+    """What to run instead of ``recipe`` without data: for a pruning recipe, magnitude
+    pruning (needs none) or generated inputs; else a weight-only quantization recipe."""
+    pruning = [s for s in recipe.steps if type(s.config).__module__.startswith("compactnn.prune")]
+    if not pruning:
+        return "use a weight-only recipe such as w8 or w4-g32"
+    sparsity = getattr(pruning[0].config, "sparsity", None)
+    p = round(100 * sparsity) if isinstance(sparsity, float) and 0 < sparsity < 1 else 50
+    return (
+        f"prune without data: sp{p} (magnitude pruning, no calibration), or --data data-free "
+        "(inputs generated from the model's batch-norm statistics)"
+    )
 
 
 def cli_words(exc: CompactnnError, data: str | None) -> CompactnnError:

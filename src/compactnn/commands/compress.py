@@ -113,25 +113,41 @@ def data_free(args: argparse.Namespace, loaded) -> object:
             "safetensors.torch.save_file({'x': data.x}, 'dafl.safetensors'); then "
             "--data dafl.safetensors."
         )
+    attr = getattr(loaded.model, "input_shape", None)  # as compactnn.datafree.generate reads
     if args.input_shape:
-        try:
-            shape = tuple(int(s) for s in args.input_shape.split(","))
-        except ValueError:
-            raise CompactnnError(
-                f"--input-shape {args.input_shape!r}: give C,H,W as integers, e.g. 1,28,28."
-            ) from None
+        shape = _cli_shape(args.input_shape, f"--input-shape {args.input_shape}")
+    elif attr is not None:
+        shape = _cli_shape(attr, f"{type(loaded.model).__name__}.input_shape={attr!r}")
     elif loaded.calib is not None:
         first = loaded.calib if hasattr(loaded.calib, "shape") else next(iter(loaded.calib))
         first = first[0] if isinstance(first, (tuple, list)) else first  # (inputs, labels)
         shape = tuple(first.shape[1:])
     else:
-        raise CompactnnError("--data data-free needs --input-shape C,H,W for this model.")
+        raise CompactnnError(
+            "--data data-free needs the per-sample input shape of this model: pass "
+            "--input-shape C,H,W (e.g. --input-shape 1,28,28), or give the model an "
+            "input_shape attribute."
+        )
     n = data_free_images(args)
     data = generate(
         loaded.model, n, input_shape=shape, seed=args.seed, progress=not args.no_progress
     )
     print(f"generated {n} calibration images in {data.cost['seconds']:.1f} s (data-free)")
     return data
+
+
+def _cli_shape(value, given: str) -> tuple[int, ...]:
+    """``value`` (``"C,H,W"`` or a sequence) as a checked ``(C, H, W)``, refused in the
+    command line's words (``given``: where it came from)."""
+    from compactnn.datafree.common import check_input_shape
+
+    try:
+        return check_input_shape(value)
+    except CompactnnError:
+        raise CompactnnError(
+            f"{given}: give the per-sample input shape C,H,W as three positive integers, "
+            "e.g. --input-shape 1,28,28."
+        ) from None
 
 
 def data_free_images(args: argparse.Namespace) -> int:

@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  kept in float: {name} ({reason})")
     if deployed.selection:
         timed = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in deployed.selection.items())
-        print(f"backend choice (fastest of 6 calls each on the sample batch): {timed}")
+        how = "fastest call of each on the sample batch; a close race is run again, 12 calls more"
+        print(f"backend choice ({how}): {timed}")
     if deployed.recommendation:
         print(f"  note: {deployed.recommendation.removeprefix('deploy: ')}")
     onnx_existed = bool(args.onnx) and os.path.lexists(args.onnx)

@@ -211,6 +211,8 @@ def _speedup_text(row: dict[str, Any], base: dict[str, Any]) -> str:
 
     if row["runtime"] == SIMULATED:
         return "simulated (no speedup claimed)"
+    if row.get("no_speedup"):  # the float model's dense compute: any gap is noise
+        return row["no_speedup"]
     if not row.get("speedup"):
         return "n/a"
     return f"{row['speedup']:.2f}x" + suspect_mark(row.get("latency"), base.get("latency"))

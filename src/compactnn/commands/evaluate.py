@@ -66,7 +66,7 @@ from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import EAGER, fastest_float_path
 from compactnn.measure.perplexity import is_causal_lm, nll_totals
 from compactnn.measure.quality import no_better_than_guessing
-from compactnn.measure.size import companion_bytes
+from compactnn.measure.size import artifact_file_bytes, companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
 from compactnn.training.data import check_labels
@@ -178,7 +178,7 @@ def _compressed(args: argparse.Namespace):
     ``"total"``; empty without a compressed model), ``args.deployed`` (the model of a
     deployed artifact, rebuilt on its recorded backend; ``qmodel`` is then its simulated
     source) and ``args.companion_bytes`` (the verification batch a deployed artifact stores
-    beside its model: not in its size, which is the model's)."""
+    beside its model: counted in its size on disk, as every file of it is)."""
     args.stored_bits, args.deployed, args.companion_bytes = {}, None, 0
     if artifact_exists(args.target):
         header = read_header(args.target)
@@ -191,7 +191,7 @@ def _compressed(args: argparse.Namespace):
             args.deployed, qmodel = qmodel, qmodel.source
         args.stored_bits = stored_bits(args.target)
         args.companion_bytes = companion_bytes(args.target)
-        return loaded, qmodel, artifact_bytes(args.target), data
+        return loaded, qmodel, artifact_file_bytes(args.target), data
     if Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
         raise CompactnnError(
             f"{args.target!r} holds neither a compactnn artifact nor a Hugging Face model."
@@ -274,7 +274,14 @@ def _delivered(args, qmodel: nn.Module | None, example: Any) -> tuple[str, Any, 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Rows (float on its fastest path, and the compressed model on its delivered form)
     with quality, size, latency, runtime and speedup, plus the timing's conditions."""
-    from compactnn.report.delivery import SIMULATED, rounding_cause, untrained_label
+    from compactnn.report.delivery import (
+        DENSE_NO_SPEEDUP,
+        SIMULATED,
+        dense_note,
+        rounding_cause,
+        same_dense_compute,
+        untrained_label,
+    )
 
     loaded, qmodel, qsize, data = _compressed(args)
     batches = as_batches(data[0]) if data[0] is not None else as_batches(loaded.example)
@@ -285,8 +292,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.companion_bytes:
         notes = [
             *notes,
-            f"size on disk is the model's: the verification batch stored beside it "
-            f"(deployment.safetensors, {human_bytes(args.companion_bytes)}) is not counted",
+            "size on disk counts every file of the artifact, the verification batch stored "
+            f"beside the model included (deployment.safetensors, "
+            f"{human_bytes(args.companion_bytes)} of sample inputs; the model alone: "
+            f"{human_bytes(artifact_bytes(args.target))})",
         ]
     paths = None
     if example is not None:
@@ -322,10 +331,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if said is not None:
         notes = [*notes, said]
     base = rows[0]["latency"]
+    dense = qmodel is not None and same_dense_compute(loaded.model, qmodel)
     for row in rows[1:]:
         fair = base and row["latency"] and row["runtime"] != SIMULATED
         row["speedup"] = base["median_s"] / row["latency"]["median_s"] if fair else None
-        if fair and (n := speed_note(base, row["latency"])):
+        if fair and dense:  # unstructured zeros: the float row's compute, timed again
+            row["speedup"], row["no_speedup"] = None, DENSE_NO_SPEEDUP
+            notes = [*notes, dense_note(base["median_s"], row["latency"]["median_s"])]
+        elif fair and (n := speed_note(base, row["latency"])):
             notes = [*notes, n]
     return {
         "target": args.target,

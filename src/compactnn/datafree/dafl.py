@@ -88,7 +88,9 @@ class Generator(nn.Module):
         if h % 4 or w % 4:
             raise CompactnnError(
                 f"the DAFL generator makes images whose sides are multiples of 4; "
-                f"input_shape={tuple(input_shape)} is not. Use method='bn-inversion'."
+                f"input_shape={tuple(input_shape)} is not. Generate inputs by batch-norm "
+                "inversion instead: compactnn.datafree.generate(model, n, "
+                f"input_shape={tuple(input_shape)}, method='bn-inversion')."
             )
         self.latent, self.hw = latent, (h // 4, w // 4)
         self.fc = nn.Linear(latent, 2 * width * self.hw[0] * self.hw[1])

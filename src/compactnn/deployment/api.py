@@ -22,7 +22,12 @@ from compactnn.deployment.calling import (
     quiet_shape_checks,
     structured_outputs,
 )
-from compactnn.deployment.float_check import float_advice, float_contenders
+from compactnn.deployment.float_check import (
+    fewest_float,
+    float_advice,
+    float_contenders,
+    passed_over,
+)
 from compactnn.deployment.localize import isolate, localize
 from compactnn.deployment.lower import lower
 from compactnn.deployment.refusals import (
@@ -71,8 +76,9 @@ class DeployedModel(nn.Module):
     Attributes:
         backend: which kernels run it (``"onednn"``, ``"onnxruntime"`` or ``"inductor"``).
         verification: the check against the simulated model made at deploy time.
-        selection: with ``backend="auto"``, median seconds per call on the example of each
-            int8 candidate that passed and of the float paths (``"fp32-eager"``, and
+        selection: with ``backend="auto"``, fastest seconds per call on the example of
+            each int8 candidate that passed and keeps the fewest layers float, and of the
+            float paths (``"fp32-eager"``, and
             ``"fp32-onnxruntime"`` when onnxruntime is installed).
         recommendation: with ``backend="auto"``, the warning given when a float path was
             faster than the int8 model (None when the int8 model was the fastest).
@@ -242,7 +248,8 @@ def deploy(
             quantized inputs and weights of at most 8 bits (w8a8, w4a4, w2a4, ternary,
             powers of two, LSQ/PACT/DoReFa, binary blocks); not modified.
         backend: ``"auto"`` (builds both backends, verifies each against the simulation
-            and keeps the faster of those that pass, naming any that fails in a warning),
+            and, of those that pass, keeps the faster of those that keep the fewest quantized
+            layers in float, naming any that fails or is passed over in a warning),
             ``"onednn"`` (PyTorch's oneDNN int8 kernels) or ``"onnxruntime"`` (the QDQ ONNX
             export run by ONNX Runtime; needs the ``onnx`` extra, and ``"auto"`` skips it
             with a warning when that is not installed), or ``"inductor"`` (the ``"onednn"``
@@ -321,22 +328,31 @@ def deploy(
         warnings.warn(
             f"deploy: backends that failed verification: {_by_backend(failed)}", stacklevel=2
         )
+    kept = {k: m.kept_float for k, m in passing.items()}
+    eligible = fewest_float(kept)  # integer kernels before speed: float layers only if all do
     selection: dict[str, float] = {}
-    if backend == "auto" and (time_float or len(passing) > 1):
+    if backend == "auto" and (time_float or len(eligible) > 1):
         with quiet_shape_checks():
             floats = float_contenders(sim, inputs) if time_float else {}
-        selection = float_check.time_contenders({**passing, **floats}, inputs)
-    ints = {k: v for k, v in selection.items() if k in passing}
-    name = min(ints, key=ints.get) if ints else next(iter(passing))
+        contenders = {**{k: passing[k] for k in eligible}, **floats}
+        selection = float_check.time_contenders(contenders, inputs)
+        selection = float_check.settled(selection, contenders, inputs, eligible)
+    ints = {k: v for k, v in selection.items() if k in eligible}
+    name = min(ints, key=ints.get) if ints else eligible[0]
     deployed = passing[name]
     deployed.selection = selection
     deployed.verification = checked[name]
     deployed.recommendation = float_advice(selection, name)
     if deployed.verification.isolated:  # passed on its kernels, not on its output gap
         warnings.warn(f"deploy: {deployed.verification}", stacklevel=2)
+    if note := passed_over(name, kept, listing):  # a faster one kept layers float
+        warnings.warn(note, stacklevel=2)
     if deployed.kept_float:  # the chosen backend's, not a candidate's that lost
+        also = [k for k in kept if k != name]  # each keeps at least as many float (fewest_float)
+        none = f"; {', '.join(also)} kept at least as many in float" * bool(also)
         warnings.warn(
-            f"deploy: kept in float (simulated quantization): {listing(deployed.kept_float)}",
+            f"deploy[{name}]: kept in float (simulated quantization): "
+            f"{listing(deployed.kept_float)}{none}",
             stacklevel=2,
         )
     if deployed.recommendation:

@@ -16,11 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.calib import call_model, check_example
+from compactnn.core.calib import (
+    batch_hint,
+    call_model,
+    check_example,
+    expected_inputs,
+    input_spec,
+)
 from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.deployment import binary
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.lowering.graph import unsupported_reason
 from compactnn.lowering.plan import RESIDUALS
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
@@ -89,8 +95,25 @@ def check_args(
     try:
         with torch.no_grad():
             call_model(qmodel, example)
-    except Exception as e:
-        raise CompactnnError(f"the model does not run on example=: {e}") from e
+    except Exception as e:  # compress's hint for its calibration data (core.calib)
+        raise CompactnnError(example_refusal(qmodel, example, e)) from e
+
+
+def example_refusal(qmodel: nn.Module, example: Any, e: Exception) -> str:
+    """Why ``qmodel`` does not run on ``example``: the torch error's first line and what the
+    model takes (dtype, rank, channels of its first layer), as compress says of calib_data.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3))
+        >>> example_refusal(m, torch.zeros(2, 3, 8, 8), RuntimeError("bad"))[-80:]
+        "Expected input: float32 values of shape (N, C, H, W) with C=1 (first layer '0')."
+    """
+    hint = (
+        batch_hint(qmodel, example)
+        if isinstance(example, dict)
+        else f"Expected input: {expected_inputs(qmodel, None)}."
+    )
+    return f"the model does not run on example= ({input_spec(example)}): {first_line(e)}. {hint}"
 
 
 def check_tolerance(tolerance: Any) -> None:

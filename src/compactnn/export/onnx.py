@@ -25,6 +25,7 @@ import copy
 import io
 import os
 import re
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
@@ -40,7 +41,12 @@ from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_qua
 from compactnn.engines.binary import BinaryBlock
 from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.export.fs import atomic_write, check_file_path
-from compactnn.export.onnx_forms import codebook_terms, conv_pads, dequantized
+from compactnn.export.onnx_forms import (
+    codebook_terms,
+    conv_pads,
+    dequantized,
+    float_layers_warning,
+)
 from compactnn.export.onnx_graph import (
     fold_float_outputs,
     int32_bias_layers,
@@ -87,7 +93,7 @@ def int32_bias_codes(
         ([2, -1], [0.1, -0.15])
     """
     scale = torch.tensor(x_scale, dtype=torch.float32) * w_scale.detach().float()
-    if not bool((scale > 0).all()):
+    if not bool((scale != 0).all()):  # negative: a codebook row kept at -128 (onnx_forms)
         return None
     codes = torch.round(bias.double() / scale.double())
     if not bool(torch.isfinite(codes).all()) or float(codes.abs().max()) > INT32_MAX:
@@ -438,7 +444,9 @@ def export_onnx(
     Returns:
         The verification; raises ``CompactnnError`` past ``tolerance`` or when one model
         gives NaN/Inf where the other does not (see :mod:`compactnn.lowering.verify`), and
-        when ``path`` is a folder or an existing file without ``force``.
+        when ``path`` is a folder or an existing file without ``force``. Quantized layers
+        the file stores as float32 weights (per-group scales, a codebook with no int8 form)
+        are named in a warning with their share of the file size.
 
     Example:
         >>> export_onnx(qmodel, "model.onnx", example=images[:8])  # doctest: +SKIP
@@ -447,7 +455,7 @@ def export_onnx(
         raise CompactnnError("export_onnx verifies the file: pass example= a sample batch.")
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
     check_file_path(path, "path", force=force, suggest="model.onnx")  # before the export
-    data, _ = to_onnx_bytes(qmodel, example)
+    data, kept = to_onnx_bytes(qmodel, example)
     result = enforce(
         verify_qdq(
             qmodel, data, ort_callable(data), example, "onnx export", tolerance, against="file"
@@ -459,4 +467,6 @@ def export_onnx(
             f.write(data)
 
     atomic_write(path, write)
+    if (line := float_layers_warning(qmodel, kept, len(data), os.path.basename(path))) is not None:
+        warnings.warn(line, stacklevel=2)
     return result

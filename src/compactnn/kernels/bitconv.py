@@ -97,6 +97,23 @@ _ERROR: str | None = None
 _log = logging.getLogger("compactnn")
 
 
+class _NoCudaNotice(logging.Filter):
+    """Drops torch's "No CUDA runtime is found, using CUDA_HOME=..." (logged when
+    ``torch.utils.cpp_extension`` is first imported on a machine with a CUDA toolkit and no
+    GPU: our build, Inductor's): noise for CPU kernels. Other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def quiet_cuda_notice() -> None:
+    """Install :class:`_NoCudaNotice` on torch's C++ extension logger (once): done by the
+    first :func:`load_extension` and by ``python -m compactnn.bench``."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaNotice())
+
+
 def build_directory() -> Path:
     """Where the extension is built: ``$TORCH_EXTENSIONS_DIR`` or the compactnn cache."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
@@ -158,6 +175,7 @@ def load_extension():
         return _EXT
     if _ERROR is not None:
         raise CompactnnError(_ERROR)
+    quiet_cuda_notice()  # before anything imports torch.utils.cpp_extension
     if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
         _ERROR = (
             "the bit-packed binary convolution needs a C++ compiler (g++ or clang++) to build "
@@ -209,7 +227,9 @@ def _load_or_build(name: str, build: Path):
     _remove_leftover_baton(build / "lock")
     if not so.exists():
         what = "compactnn's CPU kernels (direct int8 and popcount)"
-        _log.warning("compiling %s once (about 2-3 minutes) into %s", what, build)
+        _log.warning(
+            "compiling %s once (a few minutes, longer on a busy machine) into %s", what, build
+        )
     from torch.utils.cpp_extension import load
 
     with _max_jobs(), _pinned_ninja():

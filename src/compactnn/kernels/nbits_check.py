@@ -156,26 +156,6 @@ def explained(measured: dict, probe: dict, factor: float = PROBE_FACTOR) -> bool
 PINNED = "_a8groups"
 
 
-def set_accuracy_level(path: str | os.PathLike, level: int) -> None:
-    """Rewrite the ``.onnx`` file ``path`` (atomically) with every MatMulNBits node at
-    ``accuracy_level=level``, except the :data:`PINNED` ones; its external data is neither
-    read nor changed."""
-    onnx = require("onnx", "onnx")
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits" and PINNED not in node.name:
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(proto.SerializeToString())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def pinned_nodes(path: str | os.PathLike) -> tuple[int, int]:
     """``(pinned, all)`` MatMulNBits nodes of the ``.onnx`` file ``path`` (:data:`PINNED`)."""
     onnx = require("onnx", "onnx")
@@ -185,13 +165,14 @@ def pinned_nodes(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def checked_level(
-    model: nn.Module, example: dict, fast: Any, path: Path, reopen: Callable[[], Any]
+    model: nn.Module, example: dict, fast: Any, path: Path, exact: Callable[[], Any]
 ) -> Any:
     """:func:`~compactnn.kernels.ort_nbits.to_ort_nbits`'s choice: ``fast`` (the session at
     ``path``, level 4) when its output on ``example`` stays within tolerance of the simulated
     ``model``'s (:func:`drifted`) or within :data:`PROBE_FACTOR` times the simulation's own
-    movement under float rounding (:func:`rounding_probe`); else the file rewritten at
-    level 0 (:data:`PINNED` nodes stay at 4) and ``reopen()``-ed, with a warning. A model
+    movement under float rounding (:func:`rounding_probe`); else ``exact()``: the model
+    written again at ``path`` at level 0 (:data:`PINNED` nodes stay at 4) and opened, with a
+    warning. A model
     whose every node is pinned keeps level 4 (it has no other form), with a warning."""
     training = model.training
     mask = example.get("attention_mask")
@@ -222,8 +203,7 @@ def checked_level(
         )
         return fast
     del fast
-    set_accuracy_level(path, 0)
-    out = reopen()
+    out = exact()
     out.accuracy_level, out.accuracy_check = 0, check
     check["level_0"] = exact = drift(out(**example)[0], ref, mask)
     still = drifted(exact)

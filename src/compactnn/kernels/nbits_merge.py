@@ -46,14 +46,21 @@ def _bias_add(onnx: Any, node: Any, n: int, consumers: dict, inits: dict, graph_
 
 def sibling_groups(onnx: Any, graph: Any) -> list[list[Any]]:
     """The ``MatMulNBits`` nodes of ``graph`` that read the same input with the same ``K``,
-    bits, block size and accuracy level, their weights in initializers, no ``g_idx`` or
-    ``bias`` input of their own: groups of two or more, in graph order."""
+    bits, block size and accuracy level, their weights in initializers, codes that no other
+    node reads (a tied table's lookup reads its head's), no ``g_idx`` or ``bias`` input of
+    their own: groups of two or more, in graph order."""
     inits = {i.name for i in graph.initializer}
+    readers: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        for name in set(node.input):
+            readers[name] += 1
     groups: dict[tuple, list[Any]] = defaultdict(list)
     for node in graph.node:
         if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
             continue
         if len(node.input) not in (3, 4) or any(i not in inits for i in node.input[1:]):
+            continue
+        if readers[node.input[1]] > 1:
             continue
         a = _attrs(onnx, node)
         pin = PINNED in node.name  # a pinned node merges with pinned siblings only

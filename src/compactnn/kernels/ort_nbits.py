@@ -35,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import shutil
 import tempfile
@@ -54,10 +53,12 @@ from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import CompactnnError, name_list
 from compactnn.kernels.nbits_check import PINNED, checked_level
 from compactnn.kernels.nbits_merge import merge_siblings
+from compactnn.kernels.nbits_split import split_byte_nodes, split_tied_gathers
 from compactnn.kernels.nbits_tables import (
     gather_tables,
     pack_codes,
     replace_gathers,
+    share_head_codes,
     tables_to_bf16,
     tensor_key,
 )
@@ -183,10 +184,13 @@ def nbits_proto(
         proto = onnx.load(str(Path(tmp) / "m.onnx"))
     del plain
     used, seen = _replace_matmuls(onnx, proto.graph, found, accuracy_level)
-    if merge:
-        merge_siblings(onnx, proto.graph)
+    split = accuracy_level != 4 and split_byte_nodes(onnx, proto.graph)  # no fp32 8-bit kernel
     if tables:
         replace_gathers(onnx, proto.graph, tables)
+        if split and split_tied_gathers(onnx, proto.graph):  # the table of a split tied head
+            share_head_codes(onnx, proto.graph)
+    if merge:  # after the tables: a head whose codes a lookup reads stays one node
+        merge_siblings(onnx, proto.graph)
     if bf16_tables:
         tables_to_bf16(onnx, proto.graph)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
@@ -445,8 +449,13 @@ def to_ort_nbits(
         out = OrtNBitsModel(target, list(example), threads)
         out.accuracy_level = level
         if accuracy_level is None:
-            reopen = functools.partial(OrtNBitsModel, target, list(example), threads)
-            out = checked_level(model, example, out, target, reopen)
+
+            def exact() -> OrtNBitsModel:  # level 0 built again: its 8-bit layers split
+                proto, _ = nbits_proto(model, example, 0, bf16_tables, quantized_tables)
+                save_nbits(proto, target)
+                return OrtNBitsModel(target, list(example), threads)
+
+            out = checked_level(model, example, out, target, exact)
     except BaseException:
         if own:
             shutil.rmtree(Path(target).parent, ignore_errors=True)

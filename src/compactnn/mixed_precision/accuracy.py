@@ -12,7 +12,10 @@ evaluations:
 
 Evaluations are kept back for repair only once a trial below the best passing one has failed:
 repair has nothing to start from before that, so while every trial passes, bisection may spend
-the whole budget.
+the budget, all but its last evaluation: that one goes to the cheapest allowed assignment
+(stage ``"cheapest"``), which halving the budget interval never reaches. A model that passes
+at every budget then gets the cheapest assignment; if that one fails, the best bisection
+result stands.
 
 Every configuration evaluated is returned, passing or not.
 """
@@ -20,7 +23,9 @@ Every configuration evaluated is returned, passing or not.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +41,62 @@ class Trial:
     quality: float
     drop: float
     passed: bool
-    stage: str  # "bisection" or "repair"
+    stage: str  # "bisection", "cheapest" or "repair"
+
+
+def quality_of(value: Any, where: str) -> float:
+    """``eval_fn``'s result as a float; a CompactnnError naming what it returned (``where``:
+    on which model) unless it is one finite number (an int, float, numpy or 0-d tensor).
+
+    Example:
+        >>> quality_of(97.5, "the float model")
+        97.5
+    """
+    try:
+        ok = not isinstance(value, (bool, str, bytes)) and getattr(value, "ndim", 0) == 0
+        number = float(value) if ok else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+        raise CompactnnError(
+            f"eval_fn must return one finite number (higher is better, e.g. top-1 in percent); "
+            f"it returned {shown} on {where}: end it with `return accuracy`."
+        )
+    return number
+
+
+def check_max_drop(max_drop: Any) -> float:
+    """``max_drop`` as a float; a CompactnnError unless it is a finite number >= 0.
+
+    Example:
+        >>> check_max_drop(0.5)
+        0.5
+    """
+    ok = isinstance(max_drop, (int, float, np.number)) and not isinstance(max_drop, bool)
+    if not ok or not math.isfinite(float(max_drop)) or max_drop < 0:
+        raise CompactnnError(
+            f"max_drop={max_drop!r} must be a number >= 0: the largest quality drop you "
+            "accept, in eval_fn's units (e.g. 0.5 for half a top-1 point)."
+        )
+    return float(max_drop)
+
+
+def check_drop_vs_baseline(max_drop: float, baseline: float) -> None:
+    """Refuse a ``max_drop`` at least as large as a positive ``baseline``: with a
+    non-negative metric (accuracy, top-1 in percent) every compressed model would pass,
+    a quality of 0 included, so the bound says nothing (a unit mix-up, e.g. 50 meant as
+    0.5 points, or a fraction's metric given a drop in percent).
+
+    Example:
+        >>> check_drop_vs_baseline(0.5, 97.5)
+    """
+    if baseline > 0 and max_drop >= baseline:
+        raise CompactnnError(
+            f"max_drop={max_drop:g} is not below the float model's quality {baseline:.4g}: "
+            f"even a quality of 0 would pass. Give the largest drop you accept in eval_fn's "
+            f"units (e.g. max_drop={baseline * 0.01:.2g}, 1% of it)."
+        )
 
 
 def _upgrade(choice: np.ndarray, scores: np.ndarray, cost: np.ndarray, allowed: np.ndarray):
@@ -82,7 +142,8 @@ def accuracy_search(
         max_evals: full evaluations in all.
         bisection_evals: of which bisection may use once a trial cheaper than the best passing
             one has failed, the rest being kept for repair (default: ``max_evals - 2``, at
-            least 1). While every trial passes, bisection may use all ``max_evals``.
+            least 1). While every trial passes, bisection may use all ``max_evals`` but the
+            last, which evaluates the cheapest assignment.
 
     Returns:
         The best passing allocation (None if none passed) and every trial in order.
@@ -117,6 +178,12 @@ def accuracy_search(
         # keep evaluations back for repair only once there is something to repair
         limit = min(bisection_evals, max_evals) if failing() else max_evals
         if len(trials) >= limit or hi - lo <= 1e-6 * hi:
+            break
+        if len(trials) == max_evals - 1 and all(t.passed for t in trials):
+            # the last evaluation of a run where all passed: the cheapest assignment (lo),
+            # which bisection alone never reaches; if it fails, the best stands
+            t = trial(solve(lo), "cheapest")
+            best = min(best, t, key=lambda x: x.cost) if t.passed else best
             break
         mid = (lo + hi) / 2
         t = trial(solve(mid), "bisection")

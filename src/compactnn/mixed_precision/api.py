@@ -11,9 +11,9 @@ step per format used, each naming its layers.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,15 @@ import numpy as np
 from torch import nn
 
 from compactnn.api import compress
-from compactnn.core.attention import split_attention, splittable
 from compactnn.core.calib import as_batches, call_model, detect_call_mode
-from compactnn.core.modules import attention_out_projs, execution_order, run_order
-from compactnn.core.qlayers import QUANTIZABLE
-from compactnn.errors import CompactnnError
-from compactnn.mixed_precision.accuracy import Trial, accuracy_search
+from compactnn.errors import CompactnnError, name_list
+from compactnn.mixed_precision.accuracy import (
+    Trial,
+    accuracy_search,
+    check_drop_vs_baseline,
+    check_max_drop,
+    quality_of,
+)
 from compactnn.mixed_precision.allocate import (
     allocate,
     allocate_with_groups,
@@ -56,50 +59,15 @@ from compactnn.mixed_precision.latency import (
     measure_table,
     whole_model_check,
 )
+from compactnn.mixed_precision.layers import (
+    end_layers,
+    searched_layers,
+    searched_model,
+    tied_heads_left_out,
+)
 from compactnn.mixed_precision.result import Budget, SearchResult
 from compactnn.mixed_precision.sensitivity import SensitivityCache, sensitivity
-from compactnn.quant.base import model_ends
 from compactnn.recipe import Recipe, Step, parse_short_name
-
-
-def searched_model(model: nn.Module, formats: Sequence[Format]) -> nn.Module:
-    """``model`` as compress quantizes it: a copy sharing its tensors whose
-    ``nn.MultiheadAttention`` modules are split into called ``q_proj``/``k_proj``/``v_proj``/
-    ``out_proj`` Linear layers (:func:`~compactnn.core.attention.split_attention`, as
-    compress does); ``model`` itself when none splits or a format prunes channels (compress
-    splits no attention before channel pruning). ``model`` is not changed."""
-    if any(f.prune for f in formats) or not splittable(model)[0]:
-        return model
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    view = copy.deepcopy(model, shared)  # new modules, the same tensors
-    split_attention(view)  # the split layers hold copies: the shared tensors stay as they are
-    return view
-
-
-def searched_layers(model: nn.Module, batches: list) -> dict[str, nn.Module]:
-    """Quantizable layers (Linear, Conv1d, Conv2d) in execution order, less the ``out_proj``
-    of each ``nn.MultiheadAttention`` (it reads that weight and never calls the layer:
-    compress keeps it float; :func:`searched_model` splits the attentions it can)."""
-    unused = attention_out_projs(model)
-    layers = {
-        n: m
-        for n, m in model.named_modules()
-        if n and isinstance(m, QUANTIZABLE) and n not in unused
-    }
-    if not layers:
-        raise CompactnnError("the model has no Linear/Conv1d/Conv2d layer to search over.")
-    mode = detect_call_mode(model, batches[0])
-    order = execution_order(model, list(layers), lambda m: call_model(m, batches[0], mode))
-    return {n: layers[n] for n in order}
-
-
-def end_layers(model: nn.Module, layers: dict[str, nn.Module], batches: list) -> set[str]:
-    """The model's first and last quantizable layers as ``first_last_bits`` counts them
-    (:func:`compactnn.quant.base.model_ends`: the first and last to run; a layer the first
-    batch never reaches is neither), so ``first_last_min_bits`` guards the same two."""
-    mode = detect_call_mode(model, batches[0])
-    ran = run_order(model, list(layers), lambda m: call_model(m, batches[0], mode))
-    return model_ends(list(layers), ran)
 
 
 def build_recipe(
@@ -109,11 +77,14 @@ def build_recipe(
     choice,
     embeddings: str | None = None,
     groups: list[tuple[tuple[str, ...], float]] | None = None,
+    tables: Sequence[str] = (),
 ) -> Recipe:
     """One step per format used (largest share first), each naming exactly its layers;
     ``ch<P>+`` formats add one channel-pruning step per ratio before them.
 
-    ``embeddings`` (a short name) adds a final step for the embedding tables only.
+    ``embeddings`` (a short name) adds a final step for the embedding tables only, or, when
+    ``tables`` is given (the tables' and their tied heads' names), for exactly those modules:
+    compress quantizes a tied head only in the step that quantizes its table.
     ``groups`` (layers, ratio) are pruned residual groups: their layers join the
     channel-pruning step of that ratio (the dependency graph prunes the whole stream).
     """
@@ -132,11 +103,12 @@ def build_recipe(
     steps += [formats[j].step(names) for j, names in ordered]
     if embeddings is not None:
         step = parse_short_name(embeddings).steps[0]
-        steps.append(
-            Step(
-                step.method, step.config, dataclasses.replace(step.targets, classes=("Embedding",))
+        targets = dataclasses.replace(step.targets, classes=("Embedding",))
+        if tables:
+            targets = dataclasses.replace(
+                step.targets, classes=("Embedding", "Linear"), names=tuple(tables)
             )
-        )
+        steps.append(Step(step.method, step.config, targets))
     return Recipe(name, tuple(steps))
 
 
@@ -189,17 +161,21 @@ def search(
         budget: size / average-bits / BOPs limits; required unless ``eval_fn`` is given.
         calib_data: calibration inputs (the training split: the search never needs held-out
             data, only ``eval_fn`` should read it).
-        eval_fn: ``eval_fn(compressed_model) -> quality`` (higher is better) for the
+        eval_fn: ``eval_fn(compressed_model) -> quality`` (one finite number, higher is
+            better; anything else is refused, naming what it returned) for the
             accuracy-aware mode; called on the float model once and on at most ``max_evals``
             compressed models.
-        max_drop: the largest allowed ``eval_fn(model) - eval_fn(compressed)``.
+        max_drop: the largest allowed ``eval_fn(model) - eval_fn(compressed)``, >= 0 and
+            below a positive ``eval_fn(model)`` (else even a quality of 0 would pass).
         measure: ``"measured"`` (output error with one layer rounded) or ``"hessian"``
             (HAWQ-V2 Hutchinson trace times the rounding error).
         first_last_min_bits: the model's first and last layers (the first and last to run,
             as ``first_last_bits`` counts them) take only formats of at least this many
             weight bits.
         embeddings: a short name for the embedding tables (e.g. ``"w3-g32"``); None leaves
-            them in float.
+            them in float. Not priced. A Linear tied to a table (an LM head) is never
+            searched (``result.left_out``, with a warning): this step quantizes it with its
+            table; without it, both stay in float.
         sensitivity_batches: calibration batches the sensitivity is measured on.
         max_evals: full evaluations allowed in accuracy-aware mode.
         frontier_points: budgets on the reported byte frontier.
@@ -231,6 +207,8 @@ def search(
         )
     if (eval_fn is None) != (max_drop is None):
         raise CompactnnError("eval_fn and max_drop go together: pass both or neither.")
+    if max_drop is not None:
+        max_drop = check_max_drop(max_drop)
     has_latency = budget is not None and budget.max_latency_ratio is not None
     use_groups = check_group_request(fmts, groups, has_latency and eval_fn is None)
     if use_groups and eval_fn is not None:
@@ -240,9 +218,19 @@ def search(
     batches = as_batches(calib_data)
     if not batches:
         raise CompactnnError("search needs calib_data (inputs from the training split).")
+    baseline = None  # the float model's quality: first, so a useless max_drop costs nothing
+    if eval_fn is not None:
+        baseline = quality_of(eval_fn(model), "the float model")
+        check_drop_vs_baseline(float(max_drop), baseline)
     view = searched_model(model, fmts)  # its layers are those compress quantizes
     layers = searched_layers(view, batches)
     names = list(layers)
+    left_out = tied_heads_left_out(view, embeddings)  # quantized with their tables or float
+    if left_out:  # e.g. "search left out lm_head: tied to the embedding table ..."
+        why = next(iter(left_out.values()))
+        warnings.warn(f"search left out {name_list(list(left_out), 3)}: {why}", stacklevel=2)
+    tables = [n for n, m in view.named_modules() if isinstance(m, nn.Embedding)]
+    tables = [*tables, *left_out] if left_out else []
     shrinks = {
         f.prune: prunable(view, names, f, batches) for f in fmts if f.prune
     }  # which layers each pruning ratio can shrink (not those tied to a residual add)
@@ -267,7 +255,7 @@ def search(
     lat: dict[str, Any] = {}
     if latency_example is not None or (budget is not None and budget.max_latency_ratio):
         lat = _latency_costs(
-            model, names, fmts, batches, latency_example, macs, embeddings, allowed
+            model, names, fmts, batches, latency_example, macs, embeddings, allowed, tables
         )
         costs["latency"] = lat.pop("table")
         if budget is not None and budget.max_latency_ratio is not None:
@@ -304,14 +292,13 @@ def search(
     check_reachable(budget, table, allowed, found, n_weights, ref_ms)
     choice = solve_all(limits) if limits else None
     tried: list[dict[str, Any]] = []
-    baseline = None
     given = budget_given(budget, max_drop, max_evals)
     if eval_fn is not None:
-        baseline = float(eval_fn(model))
 
         def evaluate(c: np.ndarray) -> float:
-            recipe = build_recipe(name, names, fmts, c, embeddings)
-            return float(eval_fn(compress(model, recipe, calib_data=batches, progress=False)))
+            recipe = build_recipe(name, names, fmts, c, embeddings, tables=tables)
+            qmodel = compress(model, recipe, calib_data=batches, progress=False)
+            return quality_of(eval_fn(qmodel), "a compressed model")
 
         def solve(b: float) -> np.ndarray:
             return allocate(
@@ -352,7 +339,7 @@ def search(
     def group_total(key: str) -> float:
         return sum(float(g.costs[key][g.choice]) for g in found if key in g.costs)
 
-    recipe = build_recipe(name, names, fmts, choice, embeddings, pruned_groups())
+    recipe = build_recipe(name, names, fmts, choice, embeddings, pruned_groups(), tables)
     if lat:
         reference = (lat["widest"], lat.pop("models")[lat["widest"]])
         lat["checks"] = []
@@ -384,7 +371,7 @@ def search(
                 stop = tighter_failure(tighter, group_floor(table, allowed, found, "latency"))
                 break
             limits["latency"] = tighter
-            recipe = build_recipe(name, names, fmts, choice, embeddings, pruned_groups())
+            recipe = build_recipe(name, names, fmts, choice, embeddings, pruned_groups(), tables)
         lat["check"] = lat["checks"][-1]
         if has_latency:  # measured, not priced: the one limit that can be missed
             given.update(latency_verdict(lat["check"], budget.max_latency_ratio, stop))
@@ -408,6 +395,7 @@ def search(
         latency=lat,
         groups=[g.to_dict() for g in found],
         budget=given,
+        left_out=left_out,
     )
 
 
@@ -419,7 +407,7 @@ def _fallback(fmts: list[Format], j: int, widest: int) -> int:
 
 
 def _latency_costs(
-    model, names, fmts, batches, example, macs, embeddings, allowed
+    model, names, fmts, batches, example, macs, embeddings, allowed, tables=()
 ) -> dict[str, Any]:
     """Per-layer latency table (uniform deployments of each format, timed side by side)."""
     if example is None:
@@ -431,7 +419,7 @@ def _latency_costs(
     def uniform(c: np.ndarray) -> Recipe:  # a uniform choice, unfit layers on their fallback
         j = int(c[0])
         c = np.where(allowed[:, j], j, _fallback(fmts, j, w))
-        return build_recipe("uniform", names, fmts, c, embeddings)
+        return build_recipe("uniform", names, fmts, c, embeddings, tables=tables)
 
     table, per_format, models = measure_table(
         model,

@@ -2,8 +2,9 @@
 
 Bytes follow the artifact's packing rules (:func:`compactnn.export.size.theoretical_size`):
 packed codes ``ceil(numel * bits / 8)``, one float16 scale per group, one byte of zero point
-per group of an asymmetric grid, 8 bytes of activation grid, and the layer's bias in float32,
-the bias batch-norm folding gives a bias-free ``conv -> bn`` included (:func:`biased_layers`).
+per group of an asymmetric grid, 8 bytes of activation grid (none for ``a<A>g``: made at run
+time), and the layer's bias in float32, the bias batch-norm folding gives a bias-free
+``conv -> bn`` included (:func:`biased_layers`).
 Bit-operations are ``MACs * weight_bits * act_bits`` (32 for float activations), HAWQ-V3's
 BOPs, with the MACs counted on one calibration batch. A ``ch<P>+`` format prices the layer's
 kept rows only (the inputs it removes from the next layer are not credited: a proxy).
@@ -57,7 +58,7 @@ def layer_bytes(layer: nn.Module, fmt: Format, bias: bool | None = None) -> int:
     total = packed_nbytes(rows * k, spec.bits) + 2 * groups
     if not spec.symmetric:
         total += groups
-    if fmt.act is not None:
+    if fmt.act is not None and fmt.act.granularity != "group":  # a8g: grids made at run time
         total += 8
     if bias is None:
         bias = isinstance(getattr(layer, "bias", None), torch.Tensor)

@@ -77,6 +77,8 @@ class SearchResult:
             and ``drop`` (the float model's quality, the chosen recipe's, their difference);
             with ``max_latency_ratio`` also ``met`` and ``measured_ratio`` (the deployed
             check, the larger of wall and CPU ratios) and, when missed, ``not_met`` (why).
+        left_out: quantizable layers the search does not price, with why (a Linear tied to
+            an embedding table: compress quantizes it only with that table).
         baseline: the float model's quality (accuracy-aware mode).
         seconds: wall time of the search.
     """
@@ -96,6 +98,7 @@ class SearchResult:
     latency: dict[str, Any] = dataclasses.field(default_factory=dict)
     groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
+    left_out: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (``search.json``)."""
@@ -104,6 +107,7 @@ class SearchResult:
             "assignment": self.assignment,
             "formats": self.formats,
             "layers": self.layers,
+            "left_out": self.left_out,
             "predicted": self.predicted,
             "cost": self.cost,
             "scores": {

@@ -97,8 +97,8 @@ class ChannelConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_sparsity(self.ratio, "ratio")
-        check_sparsity(self.heads, "heads")
+        check_sparsity(self.ratio, "ratio", "channels")
+        check_sparsity(self.heads, "heads", "attention heads")
         if self.importance not in IMPORTANCES:
             raise CompactnnError(
                 f"ChannelConfig.importance={self.importance!r}; use one of {IMPORTANCES}."

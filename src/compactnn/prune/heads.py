@@ -7,6 +7,9 @@ Supported layouts (the module names Hugging Face uses):
   ``<layer>.output.dense``.
 * LLaMA-style decoders: MLP ``mlp.{gate_proj,up_proj}`` -> ``mlp.down_proj`` (attention
   heads of these models are left alone: grouped-query attention ties them in groups).
+* GPT-2: MLP ``mlp.c_fc`` -> ``mlp.c_proj`` (its ``Conv1D`` layers, which ``compress``
+  turns into ``nn.Linear`` first; attention heads are left alone: ``c_attn`` packs
+  query, key and value in one layer).
 
 Heads are ranked by the L1 norm of their query/key/value rows and output columns; MLP units
 by the L1 norm of their input rows and output column. The hidden size is never changed, so
@@ -23,6 +26,7 @@ from torch import nn
 
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import set_module
+from compactnn.errors import CompactnnError
 
 
 def is_hf_transformer(model: nn.Module) -> bool:
@@ -88,6 +92,10 @@ def prune_mlp(model: nn.Module, ins: list[str], out_name: str, fraction: float) 
     return score.numel() - keep.numel()
 
 
+def _is_linear(model: nn.Module, name: str) -> bool:
+    return isinstance(model.get_submodule(name), nn.Linear)
+
+
 def _mlp_pairs(model: nn.Module, targets: dict) -> list[tuple[list[str], str]]:
     names = {n for n, _ in model.named_modules()}
     pairs = []
@@ -101,23 +109,50 @@ def _mlp_pairs(model: nn.Module, targets: dict) -> list[tuple[list[str], str]]:
             ins = [base + p for p in ("gate_proj", "up_proj") if base + p in names]
             if ins:
                 pairs.append((ins, n))
+        if n.endswith(".mlp.c_proj") and n in targets:  # GPT-2, its Conv1D made Linear
+            fc = n.removesuffix("c_proj") + "c_fc"
+            if fc in names and all(_is_linear(model, m) for m in (fc, n)):
+                pairs.append(([fc], n))
     return sorted(pairs, key=lambda p: p[1])
 
 
 def prune_transformer(model: nn.Module, targets: dict, config, ctx: CompressContext) -> None:
-    """Remove ``config.heads`` of the heads and ``config.ratio`` of the MLP units."""
+    """Remove ``config.heads`` of the heads and ``config.ratio`` of the MLP units.
+
+    Refuses a model in which neither is found (the recipe would remove nothing), and warns
+    when one of the two the recipe asks for is not found."""
     removed_heads = removed_units = 0
+    found_heads = pairs = []
     if config.heads:
-        for n, m in list(model.named_modules()):
-            if all(hasattr(m, p) for p in ("query", "key", "value", "attention_head_size")):
-                if f"{n}.query" in targets:
-                    removed_heads += prune_heads_bert(model, n, config.heads)
+        found_heads = [
+            n
+            for n, m in list(model.named_modules())
+            if all(hasattr(m, p) for p in ("query", "key", "value", "attention_head_size"))
+            and f"{n}.query" in targets
+        ]
+        for n in found_heads:
+            removed_heads += prune_heads_bert(model, n, config.heads)
     if config.ratio:
         pairs = _mlp_pairs(model, targets)
         for ins, out in pairs:
             removed_units += prune_mlp(model, ins, out, config.ratio)
-        if not pairs:
-            ctx.warn("channel pruning: no BERT- or LLaMA-style MLP found among the targets.")
+    kind = type(model).__name__
+    if not found_heads and not pairs:
+        raise CompactnnError(
+            f"channel pruning found nothing to remove in {kind}: it prunes the MLPs of BERT-, "
+            "GPT-2- and LLaMA-style transformers and the attention heads of BERT-style ones; "
+            "prune this model unstructured instead (e.g. sp50-sparsegpt, sp50-wanda or nm2:4)."
+        )
+    if config.heads and not found_heads:
+        ctx.warn(
+            f"channel pruning: heads={config.heads:g} removed no attention heads: {kind} has no "
+            "BERT-style attention (query/key/value) among the targets; only its MLPs were pruned."
+        )
+    if config.ratio and not pairs:
+        ctx.warn(
+            f"channel pruning: ratio={config.ratio:g} removed no MLP units: {kind} has no "
+            "BERT-, GPT-2- or LLaMA-style MLP among the targets; only its heads were pruned."
+        )
     ctx.notes.append(
         f"channel pruning (transformer): removed {removed_heads} attention heads and "
         f"{removed_units} MLP units"

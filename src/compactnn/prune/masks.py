@@ -40,12 +40,13 @@ class MaskedWeight(nn.Module):
         return masked
 
 
-def check_sparsity(value: float, field: str = "sparsity") -> None:
-    """Raise ``CompactnnError`` unless ``0 <= value < 1``."""
+def check_sparsity(value: float, field: str = "sparsity", what: str = "weights") -> None:
+    """Raise ``CompactnnError`` unless ``0 <= value < 1``; ``what``: the things removed
+    (``"weights"``, ``"channels"``, ``"attention heads"``), named in the message."""
     if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
         raise CompactnnError(
-            f"{field}={value!r} is outside [0, 1): give the fraction of weights to remove, "
-            "e.g. 0.5 for half of them (1.0 would remove every weight)."
+            f"{field}={value!r} is outside [0, 1): give the fraction of {what} to remove, "
+            "e.g. 0.5 for half of them (1.0 would remove every one)."
         )
 
 

@@ -12,7 +12,7 @@ from compactnn.errors import CompactnnError
 
 
 def percent_fraction(percent: str, name: str) -> float:
-    """``percent`` (the digits of a short name) as a fraction in ``[0, 1)``.
+    """``percent`` (the digits of a short name) as a fraction in ``(0, 1)``; 0 is refused.
 
     Args:
         percent: the ``P`` of ``sp<P>`` or ``ch<P>``.
@@ -23,6 +23,11 @@ def percent_fraction(percent: str, name: str) -> float:
         0.9
     """
     p = int(percent)
-    if not 0 <= p < 100:
-        raise CompactnnError(f"recipe {name!r}: {p}% is outside [0, 100); e.g. sp90 or ch30.")
+    if p == 0:  # a recipe that prunes nothing would write a larger "pruned" artifact
+        raise CompactnnError(
+            f"recipe {name!r} removes nothing (0%): give the percent to remove, 1 to 99, "
+            "e.g. sp50 or ch30."
+        )
+    if not 0 < p < 100:
+        raise CompactnnError(f"recipe {name!r}: {p}% is outside [1, 100); e.g. sp90 or ch30.")
     return p / 100

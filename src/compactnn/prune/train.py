@@ -18,6 +18,7 @@ from torch import nn
 
 from compactnn.core.calib import main_output
 from compactnn.core.context import CompressContext
+from compactnn.errors import CompactnnError
 from compactnn.prune.masks import attach_masks, bake_masks, zero_masks
 
 output_tensor = main_output  # the main tensor of a model output
@@ -82,7 +83,12 @@ def finetune(
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(epochs):
-        for x, y in loader:
+        for batch in loader:
+            if not _is_pair(batch):
+                bake_masks(model)  # leave no mask attached behind the refusal
+                model.eval()
+                raise CompactnnError(_pair_message(batch))
+            x, y = batch
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -94,6 +100,29 @@ def finetune(
         pruner.finish()
     bake_masks(model)
     return model
+
+
+def _is_pair(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 2
+
+
+def _pair_message(batch: Any) -> str:
+    """Why ``finetune`` refuses ``batch``: it needs ``(inputs, labels)`` pairs.
+
+    Example:
+        >>> _pair_message(torch.zeros(8, 3))[:71]
+        'finetune needs (inputs, labels) batches, got a Tensor of shape (8, 3): '
+    """
+    got = type(batch).__name__
+    if isinstance(batch, torch.Tensor):
+        got = f"a Tensor of shape {tuple(batch.shape)}"
+    elif isinstance(batch, (tuple, list)):
+        got = f"a {got} of {len(batch)} item(s)"
+    return (
+        f"finetune needs (inputs, labels) batches, got {got}: pass e.g. a DataLoader of a "
+        "TensorDataset(x, y), or [(x, y)]; without labels, self-distil instead (e.g. recipe "
+        "sp50-gradual or ch50-ft with calibration data)."
+    )
 
 
 # An output whose spread across samples falls below this share of the float model's has

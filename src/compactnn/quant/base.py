@@ -389,10 +389,13 @@ def group_size_message(group: int, bad: dict[str, int], dims: list[int] | None =
 
 
 def wants_embeddings(config: QuantConfig, step_targets: Targets) -> bool:
-    """Embeddings named by the step's classes, or weight-only steps on the default classes."""
+    """Embeddings named by the step's classes, or steps on the default classes that are
+    weight-only or quantize activations per group at run time (``a8g``: nothing to calibrate,
+    delivered on MatMulNBits, whose lookups read quantized tables)."""
     if "Embedding" in step_targets.classes:
         return True
-    return config.act is None and set(step_targets.classes) == set(DEFAULT_CLASSES)
+    dynamic = config.act is None or config.act.granularity == "group"
+    return dynamic and set(step_targets.classes) == set(DEFAULT_CLASSES)
 
 
 def check_shared_factors(tables: dict[str, nn.Module]) -> None:
@@ -421,12 +424,13 @@ def quantize_embeddings(
 ) -> dict[str, nn.Module]:
     """Quantize the step's embedding tables with round-to-nearest; return the rest.
 
-    Which tables: those the step's classes name (``Embedding``), and, for weight-only steps
-    on the default classes, every ``nn.Embedding`` whose name the step's ``names`` / ``ignore``
-    admit (opt out with ``ignore=["*embeddings*"]`` or ``targets.classes: [Linear]``). Each
-    table takes :func:`~compactnn.core.qembedding.embedding_spec` of the recipe's weight spec:
-    the token table (the one with the most rows) at the recipe's bits, the other tables
-    (positions, token types: small, and added to every token) at ``first_last_bits``.
+    Which tables: those the step's classes name (``Embedding``), and, for weight-only and
+    ``a8g`` steps on the default classes, every ``nn.Embedding`` whose name the step's
+    ``names`` / ``ignore`` admit (opt out with ``ignore=["*embeddings*"]`` or
+    ``targets.classes: [Linear]``). Each table takes
+    :func:`~compactnn.core.qembedding.embedding_spec` of the recipe's weight spec: the token
+    table (the one with the most rows) at the recipe's bits, the other tables (positions,
+    token types: small, and added to every token) at ``first_last_bits``.
     A Linear tied to a table (an LM head) is quantized with it whenever the step targets the
     head: the table takes the head's grid (``first_last_bits`` applies, the head being the
     last layer) and the head reads the same codes, so the tie survives and is stored once.

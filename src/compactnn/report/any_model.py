@@ -53,12 +53,15 @@ from compactnn.measure.timing import omp_wait_policy
 from compactnn.model_io import is_hf_model
 from compactnn.report.any_model_table import SIMULATED, _blocks
 from compactnn.report.delivery import (
+    DENSE_NO_SPEEDUP,
     deliver,
     deliver_float,
     deliver_probe_pruned,
+    dense_note,
     float_path_name,
     is_plain_float,
     is_probe_pruned,
+    same_dense_compute,
     slower_note,
     timing_suspect,
     untrained_label,
@@ -255,6 +258,7 @@ def _measure(
                 fast, row["runs_as"], notes = deliver_float(
                     qmodel, example, quick=quick, threads=None
                 )
+                row["dense"] = same_dense_compute(float_model, qmodel)  # e.g. sp50: no speedup
             row["notes"] += notes
             row["quality"] = score(fast)
             runners[label] = fast
@@ -292,7 +296,10 @@ def _time(
         row["latency"] = timing.to_dict()
         simulated = row["runs_as"] == SIMULATED
         row["speedup"] = None if simulated else base["latency"]["median_s"] / timing.median_s
-        if row is not base and not simulated:
+        if row.pop("dense", False):  # the float model's dense compute: a gap is noise
+            row["speedup"], row["no_speedup"] = None, DENSE_NO_SPEEDUP
+            row["notes"].append(dense_note(paths.best.median_s, timing.median_s))
+        elif row is not base and not simulated:
             suspect = timing_suspect(base["latency"], row["latency"])
             note = slower_note(paths.best.median_s, timing.median_s, suspect=suspect)
             row["notes"] += filter(None, [note])

@@ -47,7 +47,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         if lat["median_s"] and (lat["max_s"] - lat["min_s"]) / lat["median_s"] > 0.10:
             latency += f" ({lat['min_s'] * 1e3:.2f}-{lat['max_s'] * 1e3:.2f})"
         speedup = (
-            SIMULATED
+            r.get("no_speedup") or SIMULATED  # the float model's dense compute, or simulated
             if r["speedup"] is None
             else f"{r['speedup']:.2f}x" + suspect_mark(lat, float_latency)
         )

@@ -305,16 +305,45 @@ def deliver_float(
         'ONNX Runtime fp32'
     """
     fast, paths = fastest_float_form(model, example, quick=quick, threads=threads)
-    times = ", ".join(
-        f"{float_path_name(k)} {t.median_s * 1e3:.2f} ms" for k, t in paths.timings.items()
-    )
+    winner = float_path_name(paths.winner)
+    others = [float_path_name(k) for k in paths.timings if k != paths.winner]
+    raced = f", picked by a short race against {', '.join(others)}" if others else ""
     skipped = "; ".join(f"{float_path_name(k)}: {v}" for k, v in paths.skipped.items())
     more = f"; skipped {skipped}" if skipped else ""
-    note = (
+    note = (  # the race's times are not shown: its row's latency is the one measurement
         "runs natively: a plain float model (no quantized layer, nothing to deploy), on the "
-        f"fastest of its own float paths ({times}{more})"
+        f"fastest of its own float paths, {winner}{raced}{more}; its latency is its row's"
     )
-    return fast, float_path_name(paths.winner), [note]
+    return fast, winner, [note]
+
+
+DENSE_NO_SPEEDUP = "none (dense)"  # the speedup cell of a model with the float one's shapes
+
+
+def same_dense_compute(float_model: nn.Module, model: nn.Module) -> bool:
+    """Whether ``model`` is a plain float model (:func:`is_plain_float`) with every parameter
+    shaped as ``float_model``'s: unstructured or N:M pruning (its zeros are multiplied like
+    any weight), or float weights merely changed. It runs the float model's dense compute,
+    so a latency gap between the two is noise, never a speedup."""
+    if not is_plain_float(model):
+        return False
+    shapes = {n: tuple(p.shape) for n, p in float_model.named_parameters()}
+    return shapes == {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def dense_note(float_s: float, row_s: float) -> str:
+    """The note of a row that runs the float model's dense compute (:func:`same_dense_compute`).
+
+    Example:
+        >>> dense_note(0.002, 0.00185)[:62]
+        'no speedup claimed: the compressed model keeps every weight sh'
+    """
+    return (
+        "no speedup claimed: the compressed model keeps every weight shape of the float one "
+        "(unstructured or N:M zeros are multiplied like any weight, see docs/pruning.md), so "
+        f"it runs the same dense compute; {row_s * 1e3:.2f} ms vs {float_s * 1e3:.2f} ms is "
+        "timing noise (for a real speedup: channel pruning, ch<P>, or quantization)"
+    )
 
 
 def is_probe_pruned(model: nn.Module) -> bool:

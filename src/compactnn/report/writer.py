@@ -82,6 +82,8 @@ def _speedup_cell(r: dict[str, Any], base: dict[str, Any] | None = None) -> str:
     inflated; ``"simulated"`` for a row that no runtime delivered (no honest ratio)."""
     if r.get("runtime") == SIMULATED:
         return SIMULATED
+    if r.get("no_speedup"):  # the float model's dense compute (e.g. unstructured zeros)
+        return r["no_speedup"]
     mark = suspect_mark(r["latency"], base["latency"] if base else None)
     return _num(r.get("speedup"), ".2f") + "x" + mark
 
