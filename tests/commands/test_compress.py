@@ -9,7 +9,7 @@ import pytest
 
 from compactnn.commands._common import cli_words
 from compactnn.errors import CompactnnError
-from tests.commands._compress_cli import assert_one_error_line, run_cli
+from tests.commands._compress_cli import assert_one_error_line, fake_generate, run_cli
 
 
 @pytest.fixture
@@ -247,17 +247,10 @@ def test_data_free_generates_nothing_for_a_recipe_that_reads_no_data(tmp_path, c
 
     import compactnn
     from compactnn import datafree
-    from compactnn.datafree.common import GeneratedData
 
     model = _bn_project(tmp_path, monkeypatch)
     made = []
-
-    def fake_generate(net, n, input_shape, seed, progress):  # the real one takes seconds
-        made.append(input_shape)
-        x = torch.randn(16, *input_shape, generator=torch.Generator().manual_seed(0))
-        return GeneratedData(x, torch.zeros(16, dtype=torch.long), {"seconds": 0.0})
-
-    monkeypatch.setattr(datafree, "generate", fake_generate)
+    monkeypatch.setattr(datafree, "generate", fake_generate(made))
     argv = ["compress", "bnnet:make", "--weights", "w.safetensors", "-d", "data-free"]
     code, out, err = run_cli(capsys, *argv, "-r", "w4", "-o", "w4", "--no-progress")
     assert code == 0, err

@@ -4,10 +4,9 @@ none, and ``--data data-free`` reads the model's ``input_shape`` and speaks CLI 
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
-from tests.commands._compress_cli import assert_one_error_line, run_cli
+from tests.commands._compress_cli import assert_one_error_line, fake_generate, run_cli
 
 SHAPED = (
     "import torch\nfrom torch import nn\n\n"
@@ -45,17 +44,10 @@ def test_a_pruning_recipe_without_data_suggests_magnitude_pruning_or_data_free(
 
 def test_data_free_uses_the_models_input_shape_attribute(tmp_path, capsys, monkeypatch):
     from compactnn import datafree
-    from compactnn.datafree.common import GeneratedData
 
     model = _project(tmp_path, monkeypatch, shape="(1, 8, 8)")
     made = []
-
-    def fake_generate(net, n, input_shape, seed, progress):  # the real one takes seconds
-        made.append(input_shape)
-        x = torch.randn(16, *input_shape, generator=torch.Generator().manual_seed(0))
-        return GeneratedData(x, torch.zeros(16, dtype=torch.long), {"seconds": 0.0})
-
-    monkeypatch.setattr(datafree, "generate", fake_generate)
+    monkeypatch.setattr(datafree, "generate", fake_generate(made))
     argv = ["compress", *model, "-d", "data-free", "-r", "w4a8", "--no-progress"]
     code, _, err = run_cli(capsys, *argv, "-o", "a")
     assert code == 0, err

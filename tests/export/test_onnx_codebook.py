@@ -6,21 +6,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import compactnn
 from compactnn.export.onnx import export_onnx, to_onnx_bytes
+from tests.export._conv_net import conv_net
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4),
-    ).eval()  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe", ["w2a8-ttq", "w2a8-twn", "w4a8-inq"])
@@ -28,7 +20,7 @@ def test_codebook_layers_are_stored_as_int8_codes(recipe, tmp_path):
     calib = torch.randn(32, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = compactnn.compress(_net(), recipe, calib_data=calib, progress=False)
+        q = compactnn.compress(conv_net(), recipe, calib_data=calib, progress=False)
     data, kept = to_onnx_bytes(q, calib[:8])
     assert kept == {}  # was: every codebook layer "stored dequantized (float)"
     proto = onnx.load_from_string(data)

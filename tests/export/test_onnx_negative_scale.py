@@ -12,24 +12,17 @@ from torch import nn
 import compactnn
 from compactnn.export.onnx import export_onnx, to_onnx_bytes
 from compactnn.lowering.graph import weight_terms
+from tests.export._conv_net import conv_net
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4),
-    ).eval()  # fmt: skip
 
 
 def test_inq_rows_reaching_plus_128_units_are_int8_codes(tmp_path):
     calib = torch.randn(32, 3, 6, 6, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = compactnn.compress(_net(), "w5a8-inq", calib_data=calib, progress=False)
+        q = compactnn.compress(conv_net(), "w5a8-inq", calib_data=calib, progress=False)
     # the case: a row whose int8 form needs a negative scale on a -128 code (+128 units)
     negative = [
         n for n, m in q.named_modules() if hasattr(m, "weight_levels")

@@ -70,7 +70,7 @@ def split_byte_nodes(onnx: Any, graph: Any) -> int:
     """Replace every 8-bit ``MatMulNBits`` of ``graph`` below ``accuracy_level=4`` (not
     :data:`~compactnn.kernels.nbits_check.PINNED`; inputs ``A, B, scales, zero_points`` as
     initializers) by its two 4-bit halves (module doc), in place; returns how many."""
-    to_array, from_array = onnx.numpy_helper.to_array, onnx.numpy_helper.from_array
+    to_array = onnx.numpy_helper.to_array
     inits = {i.name: i for i in graph.initializer}
     nodes, dropped, count = [], set(), 0
     for node in list(graph.node):
@@ -88,24 +88,9 @@ def split_byte_nodes(onnx: Any, graph: Any) -> int:
         a, b, scales, zeros = node.input
         rows, blocks = _attr(node, "N"), _attr(node, "K") // _attr(node, "block_size")
         z = to_array(inits[zeros]).reshape(rows, blocks)
-        parts = zip(halves(to_array(inits[b])), halves(z), ("hi", "lo"), strict=True)
-        out = node.output[0]
-        for codes, zero, half in parts:
-            names = [f"{b}_{half}", f"{zeros}_{half}"]
-            zero = zero.reshape(-1)  # MatMulNBits' zero points are 1-D
-            graph.initializer.extend([from_array(codes, names[0]), from_array(zero, names[1])])
-            attrs = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-            nodes.append(
-                onnx.helper.make_node(
-                    "MatMulNBits",
-                    [a, names[0], scales, names[1]],
-                    [f"{out}_{half}"],
-                    name=f"{node.name}_{half}",
-                    domain=MS_DOMAIN,
-                    **(attrs | {"bits": 4}),
-                )
-            )
-        nodes += _combine(onnx, graph, inits, out, node.name)
+        for half, codes, zero in _named_halves(onnx, graph, b, to_array(inits[b]), zeros, z, 1):
+            nodes.append(_half_node(onnx, node, [a, codes, scales, zero], half))
+        nodes += _combine(onnx, graph, inits, node.output[0], node.name)
         dropped.update((b, zeros))
         count += 1
     _replace_nodes(graph, nodes, dropped)
@@ -118,7 +103,7 @@ def split_tied_gathers(onnx: Any, graph: Any) -> int:
     :func:`split_byte_nodes`) by two 4-bit lookups of the halves, ``16 * hi + lo``, on
     tensors of their own, in place (:func:`~compactnn.kernels.nbits_tables.share_head_codes`
     then reads the head's instead); returns how many."""
-    to_array, from_array = onnx.numpy_helper.to_array, onnx.numpy_helper.from_array
+    to_array = onnx.numpy_helper.to_array
     inits = {i.name: i for i in graph.initializer}
     halves_held = {
         to_array(inits[n.input[1]]).tobytes()
@@ -142,27 +127,42 @@ def split_tied_gathers(onnx: Any, graph: Any) -> int:
             nodes.append(node)
             continue
         data, ids, scales, zeros = node.input
-        out = node.output[0]
-        parts = zip(halves(codes), halves(to_array(inits[zeros])), ("hi", "lo"), strict=True)
-        for packed, zero, half in parts:
-            names = [f"{data}_{half}", f"{zeros}_{half}"]
-            graph.initializer.extend([from_array(packed, names[0]), from_array(zero, names[1])])
-            attrs = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-            nodes.append(
-                onnx.helper.make_node(
-                    "GatherBlockQuantized",
-                    [names[0], ids, scales, names[1]],
-                    [f"{out}_{half}"],
-                    name=f"{node.name}_{half}",
-                    domain=MS_DOMAIN,
-                    **(attrs | {"bits": 4}),
-                )
-            )
-        nodes += _combine(onnx, graph, inits, out, node.name)
+        z = to_array(inits[zeros])
+        for half, packed, zero in _named_halves(onnx, graph, data, codes, zeros, z, 2):
+            nodes.append(_half_node(onnx, node, [packed, ids, scales, zero], half))
+        nodes += _combine(onnx, graph, inits, node.output[0], node.name)
         dropped.update((data, zeros))
         count += 1
     _replace_nodes(graph, nodes, dropped)
     return count
+
+
+def _named_halves(
+    onnx: Any, graph: Any, codes_name: str, codes: Any, zeros_name: str, zeros: Any, zero_dims: int
+) -> list[tuple[str, str, str]]:
+    """Add the high and low halves of ``codes`` and of ``zeros`` (kept ``zero_dims``-D) to
+    ``graph`` as initializers; returns ``(half, codes name, zero points name)`` per half."""
+    from_array, out = onnx.numpy_helper.from_array, []
+    for half, c, z in zip(("hi", "lo"), halves(codes), halves(zeros), strict=True):
+        z = z.reshape(-1) if zero_dims == 1 else z  # MatMulNBits' zero points are 1-D
+        names = (f"{codes_name}_{half}", f"{zeros_name}_{half}")
+        graph.initializer.extend([from_array(c, names[0]), from_array(z, names[1])])
+        out.append((half, *names))
+    return out
+
+
+def _half_node(onnx: Any, node: Any, inputs: list[str], half: str) -> Any:
+    """``node`` (an 8-bit MatMulNBits or GatherBlockQuantized) as its 4-bit ``half`` on
+    ``inputs``, writing ``<output>_<half>``."""
+    attrs = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+    return onnx.helper.make_node(
+        node.op_type,
+        inputs,
+        [f"{node.output[0]}_{half}"],
+        name=f"{node.name}_{half}",
+        domain=MS_DOMAIN,
+        **(attrs | {"bits": 4}),
+    )
 
 
 def _replace_nodes(graph: Any, nodes: list[Any], dropped: set[str]) -> None:
