@@ -21,6 +21,10 @@ from torch import nn
 
 from compactnn.core.qembedding import QuantEmbedding
 
+# the block a per-channel row is split into on MatMulNBits and GatherBlockQuantized: MLAS's
+# fast 4-bit kernels take blocks of 16 to 256, and K = 384 or 1536 (MiniLM) is 128 times an odd
+CHANNEL_BLOCK = 128
+
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes ``(..., n)`` as bytes, low nibble first for 4 bits (pads odd n)."""
@@ -41,7 +45,9 @@ def gather_format(table: QuantEmbedding) -> tuple[int, int] | None:
     """(bits, block size) of ``table`` on GatherBlockQuantized, or None when it does not fit.
 
     Codes of 2-4 bits use the 4-bit form, 5-8 bits the 8-bit form; a per-row grid becomes the
-    largest power-of-two block (from 16) that divides the row, its scale repeated per block.
+    largest power-of-two block (from 16, at most :data:`CHANNEL_BLOCK`: a per-channel LM head's
+    MatMulNBits blocks, so a tied table can share its codes) that divides the row, its scale
+    repeated per block.
     Zero points must be integers on the code grid.
     """
     if getattr(table, "weight_levels", None) is not None:
@@ -51,7 +57,7 @@ def gather_format(table: QuantEmbedding) -> tuple[int, int] | None:
     if spec.granularity == "group":
         block = spec.group_size
     elif spec.granularity == "channel":
-        block = d & -d  # largest power of two dividing d
+        block = min(d & -d, CHANNEL_BLOCK)  # largest power of two dividing d, capped
     else:
         return None
     if block < 16 or block & (block - 1) or d % block:

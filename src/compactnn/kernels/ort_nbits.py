@@ -55,6 +55,7 @@ from compactnn.kernels.nbits_check import PINNED, checked_level
 from compactnn.kernels.nbits_merge import merge_siblings
 from compactnn.kernels.nbits_split import split_byte_nodes, split_tied_gathers
 from compactnn.kernels.nbits_tables import (
+    CHANNEL_BLOCK,
     gather_tables,
     pack_codes,
     replace_gathers,
@@ -88,9 +89,11 @@ def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
         return None
     spec = layer.weight_spec
     k = layer.in_features
-    block = spec.group_size if spec.granularity == "group" else k
+    # MLAS blocks: powers of two from 16 (its fast kernels up to 256); a per-channel row
+    # becomes blocks of the largest power of two dividing K, at most CHANNEL_BLOCK, each with
+    # the row's scale and zero point (K = 384: 128; K = 1536: 128)
+    block = spec.group_size if spec.granularity == "group" else min(k & -k, CHANNEL_BLOCK)
     bits = 4 if spec.bits <= 4 else 8 if spec.bits == 8 else None
-    # MLAS blocks: powers of two from 16; per-channel layers become one block of K
     if bits is None or block < 16 or block & (block - 1) or k % block:
         return None
     if aq is not None and aq.spec.group_size != block:
@@ -104,13 +107,16 @@ def nbits_tensors(layer: QuantLinear, bits: int, block: int) -> dict[str, torch.
     n, k = layer.out_features, layer.in_features
     shift = 1 << (bits - 1) if layer.weight_spec.qtype.signed else 0  # into 0..2^bits-1
     q = layer.weight_codes.to(torch.int32) + shift  # (N, K)
-    zero = layer.weight_zero.float() + shift  # (N, K/block)
+    scale = layer.weight_scale.float().reshape(n, -1)  # (N, groups): 1 per channel
+    reps = k // block // scale.shape[1]  # > 1 for a per-channel row split in blocks
+    scale = scale.repeat_interleave(reps, 1)
+    zero = (layer.weight_zero.float().reshape(n, -1) + shift).repeat_interleave(reps, 1)
     if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
         raise ValueError("MatMulNBits needs integer zero points on the code grid")
     blob = pack_codes(q.reshape(n, k // block, block), bits)
     return {
         "B": blob.contiguous(),
-        "scales": layer.weight_scale.float().reshape(-1).contiguous(),
+        "scales": scale.reshape(-1).contiguous(),
         "zero_points": pack_codes(zero.to(torch.int32), bits).reshape(-1).contiguous(),
     }
 
