@@ -52,7 +52,7 @@ from compactnn.deployment.api import DeployedModel
 from compactnn.errors import CompactnnError, first_line
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.export.fs import atomic_write_text, check_file_path
-from compactnn.export.size import stored_bits
+from compactnn.export.size import artifact_size, stored_bits
 from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
@@ -66,7 +66,7 @@ from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import EAGER, fastest_float_path
 from compactnn.measure.perplexity import is_causal_lm, nll_totals
 from compactnn.measure.quality import no_better_than_guessing
-from compactnn.measure.size import artifact_file_bytes, companion_bytes
+from compactnn.measure.size import companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
 from compactnn.training.data import check_labels
@@ -191,7 +191,7 @@ def _compressed(args: argparse.Namespace):
             args.deployed, qmodel = qmodel, qmodel.source
         args.stored_bits = stored_bits(args.target)
         args.companion_bytes = companion_bytes(args.target)
-        return loaded, qmodel, artifact_file_bytes(args.target), data
+        return loaded, qmodel, artifact_size(args.target), data  # size: every file of it
     if Path(args.target).is_dir() and not (Path(args.target) / "config.json").is_file():
         raise CompactnnError(
             f"{args.target!r} holds neither a compactnn artifact nor a Hugging Face model."

@@ -30,12 +30,6 @@ def artifact_bytes(path: str | os.PathLike) -> int:
     return int(artifact_size(path)) - companion_bytes(path)
 
 
-def artifact_file_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of every file of an artifact directory, its companions included (what
-    ``compactnn eval`` shows as its size on disk; :func:`artifact_bytes`: the model's)."""
-    return int(artifact_size(path))
-
-
 def companion_bytes(path: str | os.PathLike) -> int:
     """Bytes on disk of the files an artifact directory holds beside its model: the
     verification batch of a deployed artifact (``deployment.safetensors``); 0 for any other.
