@@ -124,7 +124,7 @@ def test_existing_artifact_needs_force(project, capsys):
     ("argv", "needles"),
     [
         (["compress", "no-such-model", "-r", "w8"], ["unknown model 'no-such-model'", ".pt2"]),
-        (["compress", *FACTORY, "-r", "w5z"], ["unknown recipe 'w5z'", "w<W>[a<A>[g]]"]),
+        (["compress", *FACTORY, "-r", "w5z"], ["unknown recipe 'w5z'", "w<W>[a<A>[g|d]]"]),
         (["compress", *FACTORY, "-r", "w9a8"], ["bits=9", "1..8"]),
         (["compress", *FACTORY, "-r", "w4-g5"], ["group"]),
         (["compress", *FACTORY, "-r", "w8a8", "-d", "bad.npy"], ["(8, 3)", "Expected input"]),
@@ -177,7 +177,7 @@ def test_eval_detects_a_tampered_artifact(project, capsys):
 def test_recipes_lists_forms_and_methods(capsys):
     code, out, _err = run_cli(capsys, "recipes")
     assert code == 0
-    assert "w<W>[a<A>[g]][-g<G>][-<method>]" in out and "rtn" in out
+    assert "w<W>[a<A>[g|d]][-g<G>][-<method>]" in out and "rtn" in out
 
 
 def test_argparse_errors_exit_2(capsys):

@@ -34,7 +34,7 @@ def test_bad_short_names_fail_clearly(bad):
 
 
 def test_unknown_name_lists_forms():
-    with pytest.raises(CompactnnError, match=r"w<W>\[a<A>\[g\]\]\[-g<G>\]"):
+    with pytest.raises(CompactnnError, match=r"w<W>\[a<A>\[g\|d\]\]\[-g<G>\]"):
         resolve_recipe("int4please")
 
 

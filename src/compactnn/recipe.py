@@ -29,11 +29,12 @@ from compactnn.core.modules import Targets
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
 
-# Quantization short names: w<W>[a<A>[g]][-g<G>][-<method>]; ``a8g``: 8-bit activations per
-# token and group of G inputs, scaled at run time (MatMulNBits' accuracy_level=4 grid)
-QUANT_FORM = "w<W>[a<A>[g]][-g<G>][-<method>]"
+# Quantization short names: w<W>[a<A>[g|d]][-g<G>][-<method>]; ``a8g``: 8-bit activations
+# per token and group of G inputs, scaled at run time (MatMulNBits' accuracy_level=4 grid);
+# ``a8d``: one range per tensor taken at run time (DynamicQuantizeLinear's grid)
+QUANT_FORM = "w<W>[a<A>[g|d]][-g<G>][-<method>]"
 QUANT_PATTERN = (
-    r"w(?P<w>\d+)(?:a(?P<a>\d+)(?P<ag>g)?)?(?:-g(?P<g>\d+))?(?:-(?P<method>[a-z0-9_]+))?"
+    r"w(?P<w>\d+)(?:a(?P<a>\d+)(?P<ag>[gd])?)?(?:-g(?P<g>\d+))?(?:-(?P<method>[a-z0-9_]+))?"
 )
 # Suffixes that are a method with changed defaults rather than a method of their own.
 SUFFIX_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -197,7 +198,10 @@ def _quant_short_name(m: Any) -> Recipe:
     if not hasattr(entry.config_cls, "from_short"):
         raise CompactnnError(f"method {method!r} has no short quantization name.")
     config = entry.config_cls.from_short(wbits, abits, group, **overrides)
-    if m["ag"]:  # activations grouped like the weights, scaled per token at run time
+    if m["ag"] == "d":  # one range per tensor, taken at run time
+        act = QuantSpec(bits=abits, symmetric=False, granularity="tensor", dynamic=True)
+        config = replace(config, act=act)
+    elif m["ag"]:  # activations grouped like the weights, scaled per token at run time
         if group is None:
             raise CompactnnError(
                 f"{m.string!r}: a{abits}g quantizes activations per group of the weights' "

@@ -27,7 +27,7 @@ def _bert():
 @pytest.mark.parametrize(
     ("recipe", "words"),
     [
-        ("w4a8g-g32", "per-group activations (a8g) run on ONNX Runtime's MatMulNBits"),
+        ("w4a8g-g32", "per-group (a8g) or per-tensor (a8d) dynamic activations run on ONNX"),
         ("w8a8", "quantize activations on static grids"),
     ],
 )

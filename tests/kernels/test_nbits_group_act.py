@@ -93,7 +93,7 @@ def test_artifact_round_trip_and_other_runtimes(tmp_path):
     assert back.fc1.input_quantizer.is_group and back.fc1.input_quantizer.spec.group_size == 32
     with torch.no_grad():
         assert torch.equal(back(**batch)[0], q(**batch)[0])
-    with pytest.warns(UserWarning, match=r"\(a8g\) run on ONNX Runtime's MatMulNBits"):
+    with pytest.warns(UserWarning, match=r"\(a8g\) or per-tensor \(a8d\) dynamic activations run"):
         kernels = compactnn.to_kernels(q)
     info = kernels._compactnn_kernels
     assert info["simulated"] == ["fc1", "fc2"]

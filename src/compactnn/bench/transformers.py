@@ -17,8 +17,10 @@ Delivered forms:
   initializers mapped from page-aligned external data, no CPU arena);
 * ``ort-nbits-checked``: ``to_ort_nbits``'s default: level 4 checked against the simulation,
   falling back to the exact float32 compute (level 0) when the outputs drift (MiniLM
-  ``w4-g32-gptq`` does); ``w4a8g-g32-gptq`` simulates level 4's activation grid, so its default
-  is level 4 (its only form: ``to_kernels`` would run it simulated);
+  ``w4-g32-gptq`` does); ``w4a8g-g32-gptq`` and ``w8a8g-g128`` simulate level 4's activation
+  grid, so their default is level 4, and ``w8a8d`` simulates ``DynamicQuantizeMatMul``'s
+  per-tensor grid (the node ONNX Runtime's own dynamic int8 tool uses), so it runs exactly there
+  (the only form of these three: ``to_kernels`` would run them simulated);
 * ``ort-nbits-bf16``: the previous ONNX Runtime form for comparison (bfloat16 token table,
   session built from the model's bytes, CPU arena on).
 
@@ -52,8 +54,9 @@ from compactnn.measure.timing import model_call, set_threads, time_blocks
 
 THREADS = int(os.environ.get("COMPACTNN_BENCH_THREADS", "2"))
 FLOATS = ("fp32-eager", "torch.compile", "bf16-autocast", "ort-fp32", "ort-fp32-fused")
-FULL = ["w4-g32-gptq", "w4a8g-g32-gptq", "w8a8-smoothquant", "w8", "w4-g32", "w3-g32-gptq_tune"]
-QUICK = ["w4-g32-gptq", "w4a8g-g32-gptq", "w8a8-smoothquant"]
+FULL = ["w4-g32-gptq", "w4a8g-g32-gptq", "w8a8g-g128", "w8a8d", "w8a8-smoothquant", "w8"]
+FULL += ["w4-g32", "w3-g32-gptq_tune"]
+QUICK = ["w4-g32-gptq", "w4a8g-g32-gptq", "w8a8d", "w8a8-smoothquant"]
 QUICK_CALIB = 8  # batches of 16 sentences for --quick (the full run uses all 512)
 COMMAND = "python -m compactnn.bench --only transformers"
 _HERE = "compactnn.bench.transformers"
@@ -153,7 +156,7 @@ def _ort_forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
 def _forms(q, recipe: str, example: dict, tmp: Path) -> dict[str, Any]:
     from compactnn.kernels.swap import to_kernels
 
-    if "a8g" in recipe:  # MatMulNBits' own activation grid: the default keeps level 4
+    if "a8g" in recipe or "a8d" in recipe:  # ONNX Runtime's own activation grids
         return {"ort-nbits-checked": _ort_forms(q, recipe, example, tmp)["ort-nbits-checked"]}
     forms: dict[str, Any] = {"kernels": to_kernels(q)}
     if "a8" not in recipe:  # weight-only: a lean torch form and ONNX Runtime MatMulNBits

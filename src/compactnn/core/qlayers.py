@@ -21,6 +21,7 @@ from compactnn.core.quantize import (
     grouped_view,
     quantize,
     scale_zero_from_range,
+    tensor_dynamic_fake_quantize,
 )
 from compactnn.core.ranges import estimate_range
 from compactnn.core.spec import QuantSpec
@@ -61,7 +62,10 @@ class ActQuantizer(nn.Module):
     A spec with ``granularity="group"`` (symmetric) is dynamic instead: each token's groups
     of ``group_size`` inputs get their own scale at run time (:func:`group_fake_quantize`,
     the grid of ONNX Runtime's ``MatMulNBits`` at ``accuracy_level=4``); nothing is
-    calibrated and ``scale``/``zero`` are unused (:attr:`is_group`).
+    calibrated and ``scale``/``zero`` are unused (:attr:`is_group`). A spec with
+    ``dynamic=True`` takes one range per tensor at run time instead
+    (:func:`tensor_dynamic_fake_quantize`, ONNX's ``DynamicQuantizeLinear``; :attr:`is_dynamic`).
+    :attr:`runtime_range` is True for both: no static grid exists.
     """
 
     def __init__(self, spec: QuantSpec, seed: int = 0) -> None:
@@ -70,7 +74,7 @@ class ActQuantizer(nn.Module):
         self.qtype = spec.qtype
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero", torch.zeros(()))
-        self.calibrated = self.is_group  # a dynamic grid needs no calibration
+        self.calibrated = self.runtime_range  # a dynamic grid needs no calibration
         self.enabled = True
         self.observer: RangeObserver | None = None
         self.seed = seed
@@ -80,6 +84,17 @@ class ActQuantizer(nn.Module):
     def is_group(self) -> bool:
         """True for a dynamic per-token, per-group grid (``spec.granularity == "group"``)."""
         return self.spec.granularity == "group"
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True for one range per tensor taken at run time (``spec.dynamic``)."""
+        return bool(getattr(self.spec, "dynamic", False))
+
+    @property
+    def runtime_range(self) -> bool:
+        """True when the grid is computed from each input (:attr:`is_group` or
+        :attr:`is_dynamic`): ``scale`` and ``zero`` are unused and nothing is calibrated."""
+        return self.is_group or self.is_dynamic
 
     @property
     def is_uniform(self) -> bool:
@@ -111,13 +126,13 @@ class ActQuantizer(nn.Module):
         self.calibrated = True
 
     def start_observing(self) -> None:
-        if self.is_group:  # ranges are taken at run time
+        if self.runtime_range:  # ranges are taken at run time
             return
         keep = self.spec.range_method != "minmax"
         self.observer = RangeObserver(self.spec.range_method, keep, self.seed)
 
     def finish_observing(self) -> None:
-        if self.is_group:
+        if self.runtime_range:
             return
         if self.observer is None or self.observer.min is None:
             raise RuntimeError("ActQuantizer.finish_observing: no calibration data reached it")
@@ -141,12 +156,16 @@ class ActQuantizer(nn.Module):
             return nearest_level(x, self.levels)
         if self.is_group:
             return group_fake_quantize(x, self.spec.bits, self.spec.group_size)
+        if self.is_dynamic:
+            return tensor_dynamic_fake_quantize(x, self.spec.bits)
         return fake_quantize(x, self.scale, self.zero, self.qtype)
 
     def extra_repr(self) -> str:
         grid = "levels" if self.levels is not None else "sym" if self.spec.symmetric else "asym"
         if self.is_group:
             grid = f"sym, per-token group{self.spec.group_size} dynamic"
+        elif self.is_dynamic:
+            grid = "asym, per-tensor dynamic"
         return f"{self.qtype.name}, {grid}"
 
 

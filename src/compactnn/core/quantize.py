@@ -126,3 +126,25 @@ def group_fake_quantize(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     inverse = qmax / torch.where(amax > 0, amax, torch.ones_like(amax))
     xq = (torch.clamp(torch.round(xg * inverse), -qmax, qmax) * scale).reshape(x.shape)
     return x + (xq.to(x.dtype) - x).detach()
+
+
+def tensor_dynamic_fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic asymmetric fake quantization with one range for the whole tensor, taken at run
+    time, with a straight-through gradient to ``x``: ONNX's ``DynamicQuantizeLinear`` at 8 bits.
+
+    ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, ``s = (hi - lo) / (2**bits - 1)`` (1 when
+    ``hi == lo``), ``z = round(-lo / s)``, ``q = clamp(round(x / s) + z, 0, 2**bits - 1)`` and
+    the value ``(q - z) * s``, all in float32 with rounding half to even (divided by ``s``, not
+    multiplied by ``1 / s``: ONNX Runtime's codes, checked bit for bit in the tests).
+
+    Example:
+        >>> tensor_dynamic_fake_quantize(torch.tensor([-1.0, 0.0, 0.5, 2.0]), 2).tolist()
+        [-1.0, 0.0, 0.0, 2.0]
+    """
+    qmax = (1 << bits) - 1
+    xf = x.detach().float()
+    lo, hi = xf.amin().clamp(max=0), xf.amax().clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
+    zero = torch.round(-lo / scale)
+    xq = (torch.clamp(torch.round(xf / scale) + zero, 0, qmax) - zero) * scale
+    return x + (xq.to(x.dtype) - x).detach()

@@ -28,6 +28,9 @@ class QuantSpec:
         range_method: ``"minmax"``, ``"percentile"`` or ``"mse"`` (grid search of the clip).
         percentile: upper percentile kept with ``range_method="percentile"``.
         signed: for asymmetric activations, whether the grid is signed (default unsigned).
+        dynamic: activations only: the range is taken from each tensor at run time
+            (``[min(x, 0), max(x, 0)]`` of the whole tensor, ONNX's ``DynamicQuantizeLinear``
+            grid), nothing calibrated; per tensor and asymmetric.
 
     Example:
         >>> QuantSpec(bits=4, granularity="group", group_size=32).qtype.name
@@ -41,6 +44,7 @@ class QuantSpec:
     range_method: str = "minmax"
     percentile: float = 99.99
     signed: bool | None = None
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         normalize_fields(self)  # types first: bits=True or symmetric='false' are refused
@@ -69,6 +73,16 @@ class QuantSpec:
             )
         if not 50.0 < float(self.percentile) <= 100.0:
             raise CompactnnError(f"percentile={self.percentile} must lie in (50, 100].")
+        if self.dynamic and (self.symmetric or self.granularity == "group" or self.signed):
+            raise CompactnnError(
+                "dynamic=True is ONNX's DynamicQuantizeLinear grid: unsigned, asymmetric, one "
+                "range per tensor; give symmetric=False and no group granularity (a<A>g "
+                "short names are the per-group dynamic grid)."
+            )
+        if self.dynamic and self.granularity == "channel" and self._granularity_given:
+            raise CompactnnError(
+                "dynamic=True takes one range per tensor: leave granularity out or give 'tensor'."
+            )
         if self.symmetric and self.bits == 1:
             raise CompactnnError(
                 "a symmetric 1-bit grid has no zero-centred levels; use symmetric=False "
@@ -92,7 +106,12 @@ class QuantSpec:
         return self if given else replace(self, granularity="tensor")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a mapping; ``dynamic`` only when True (files written without it
+        stay readable by versions that predate it)."""
+        out = asdict(self)
+        if not out["dynamic"]:
+            del out["dynamic"]
+        return out
 
     @classmethod
     def from_dict(

@@ -190,11 +190,12 @@ def hf_w8a8_reason(qmodel: nn.Module) -> str | None:
             "its W8A8 linear layers (per-token activations) run on int8 kernels with "
             "compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)); " + measure
         )
-    if all(getattr(a, "is_group", False) for a in acts):
+    if all(getattr(a, "runtime_range", False) for a in acts):
         return (
             f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}: "
-            "its layers with per-group activations (a8g) run on ONNX Runtime's MatMulNBits "
-            "with compactnn.to_ort_nbits(q, example); " + measure
+            "its layers with per-group (a8g) or per-tensor (a8d) dynamic activations run on "
+            "ONNX Runtime's MatMulNBits / DynamicQuantizeMatMul with "
+            "compactnn.to_ort_nbits(q, example); " + measure
         )
     return (
         f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}; its "

@@ -225,6 +225,7 @@ def _shared_quantizer(gm: fx.GraphModule, value: fx.Node) -> ActQuantizer | None
             aq is None
             or not aq.enabled
             or not aq.calibrated
+            or aq.runtime_range
             or aq.qtype.bits > 8
             or not aq.is_uniform
         ):
@@ -243,7 +244,18 @@ def _layer_output_only_adds_read(gm: fx.GraphModule, value: fx.Node) -> bool:
     if m is None or not is_quant_layer(m) or not all(is_add(u) for u in value.users):
         return False
     aq = m.input_quantizer
-    return aq is not None and aq.calibrated and aq.qtype.bits <= 8 and aq.is_uniform
+    return static_grid(aq)
+
+
+def static_grid(aq: ActQuantizer | None) -> bool:
+    """A calibrated uniform grid of at most 8 bits (not one taken at run time)."""
+    return (
+        aq is not None
+        and aq.calibrated
+        and not aq.runtime_range
+        and aq.qtype.bits <= 8
+        and aq.is_uniform
+    )
 
 
 def _second_layer_operand(gm: fx.GraphModule, add: fx.Node) -> fx.Node | None:
@@ -260,7 +272,7 @@ def _first_act_quantizer(gm: fx.GraphModule) -> ActQuantizer | None:
     """The input quantizer of the model's first quantized layer with a calibrated 8-bit one."""
     for m in gm.modules():
         aq = getattr(m, "input_quantizer", None) if is_quant_layer(m) else None
-        if aq is not None and aq.enabled and aq.calibrated and aq.qtype.bits <= 8 and aq.is_uniform:
+        if aq is not None and aq.enabled and static_grid(aq):
             return aq
     return None
 

@@ -365,7 +365,8 @@ def _swap_act_quantizers(
         return swapped
     for n in names:
         layer = model.get_submodule(n)
-        if layer.input_quantizer is not None and layer.input_quantizer.calibrated:
+        aq = layer.input_quantizer
+        if aq is not None and aq.calibrated and not getattr(aq, "runtime_range", False):
             swapped[n] = hooks.act_quantizer(layer.input_quantizer)
             layer.input_quantizer = swapped[n]
     return swapped

@@ -86,9 +86,10 @@ def _act_reason(name: str, aq: ActQuantizer | None) -> str | None:
         if aq.spec.symmetric or aq.qtype.bits != 8:
             return f"{name}: only 8-bit asymmetric per-token dynamic activations map"
         return None
-    if getattr(aq, "is_group", False):
+    if getattr(aq, "runtime_range", False):
+        kind = "per-group" if aq.is_group else "per-tensor"
         return (
-            f"{name}: per-group dynamic activations have no compressed-tensors form "
+            f"{name}: {kind} dynamic activations have no compressed-tensors form "
             "(export it with --format onnx, or compactnn.to_ort_nbits)"
         )
     if not aq.calibrated:

@@ -145,11 +145,13 @@ class _QDQLayer(nn.Module):
         aq = layer.input_quantizer
         self.act = None
         if aq is not None and aq.enabled and aq.calibrated:
-            if getattr(aq, "is_group", False):
+            if getattr(aq, "runtime_range", False):
+                how = "per token and group" if aq.is_group else "with one range per tensor"
                 raise CompactnnError(
-                    f"{type(layer).__name__} quantizes its input per token and group at run "
-                    "time: QuantizeLinear takes one scale and zero point; export the model as "
-                    "a Hugging Face transformer (MatMulNBits) or with per-tensor activations."
+                    f"{type(layer).__name__} quantizes its input {how} at run time: "
+                    "QuantizeLinear takes one calibrated scale and zero point; export the model "
+                    "as a Hugging Face transformer (MatMulNBits / DynamicQuantizeMatMul) or "
+                    "with calibrated per-tensor activations (e.g. w8a8)."
                 )
             if not aq.is_uniform:
                 raise CompactnnError(

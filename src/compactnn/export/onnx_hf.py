@@ -51,7 +51,7 @@ from compactnn.errors import CompactnnError, name_list
 from compactnn.export.fs import atomic_write, names_folder
 from compactnn.export.hf_check import ignore_fix, mean_cosine, other_layers
 from compactnn.kernels.nbits_tables import gather_format, gather_tables, replace_gathers
-from compactnn.kernels.ort_nbits import _nbits_format, nbits_onnx  # the MatMulNBits test
+from compactnn.kernels.ort_nbits import integer_format, nbits_onnx  # the MatMulNBits test
 
 MIN_COSINE = 0.999
 QDQ_RUN_NOTE = (
@@ -82,13 +82,15 @@ def form(qmodel: nn.Module) -> str | None:
     acts = [m.input_quantizer for m in layers]
     if all(a is None for a in acts):
         return "nbits"
-    # per-group dynamic activations are MatMulNBits' own grid at accuracy_level 4
-    if all(a is None or getattr(a, "is_group", False) for a in acts):
-        return "nbits" if all(_nbits_format(m) is not None for m in layers) else None
+    # per-group dynamic activations are MatMulNBits' own grid at accuracy_level 4, per-tensor
+    # dynamic ones DynamicQuantizeMatMul's
+    if all(a is None or getattr(a, "runtime_range", False) for a in acts):
+        return "nbits" if all(integer_format(m) is not None for m in layers) else None
     w8a8 = all(
         a is not None
         and a.qtype.bits == 8
         and (isinstance(a, DynamicActQuantizer) or a.calibrated)
+        and not a.runtime_range
         and m.weight_spec.bits == 8
         and m.weight_spec.granularity == "channel"
         and m.weight_spec.qtype.signed
@@ -137,7 +139,7 @@ def _block_reason(m: nn.Module) -> str | None:
     """Why the weight-only form keeps ``m`` (a quantized Linear or embedding) as a float
     MatMul / Gather on its dequantized weight, else None."""
     if isinstance(m, QuantLinear):
-        fits = _nbits_format(m) is not None
+        fits = integer_format(m) is not None
     elif isinstance(m, QuantEmbedding):
         fits = gather_format(m) is not None
     else:

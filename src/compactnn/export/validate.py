@@ -237,8 +237,8 @@ def _check_files(files: dict[str, Any], recipe: str | None) -> None:
 
 def check_spec(d: Any, where: str, *, weight: bool) -> QuantSpec:
     """A saved ``QuantSpec``: every field present, of its exact type, within range."""
-    if not isinstance(d, dict) or not _SPEC_KEYS <= set(d) <= {*_SPEC_KEYS, "signed"}:
-        raise bad(where, f"must hold the fields {sorted(_SPEC_KEYS)} (+ signed)")
+    if not isinstance(d, dict) or not _SPEC_KEYS <= set(d) <= {*_SPEC_KEYS, "signed", "dynamic"}:
+        raise bad(where, f"must hold the fields {sorted(_SPEC_KEYS)} (+ signed, dynamic)")
     checks = {
         "bits": is_int(d["bits"]) and 1 <= d["bits"] <= 8,
         "symmetric": isinstance(d["symmetric"], bool),
@@ -247,10 +247,12 @@ def check_spec(d: Any, where: str, *, weight: bool) -> QuantSpec:
         "range_method": d["range_method"] in RANGE_METHODS,
         "percentile": type(d["percentile"]) in (int, float) and 50 < d["percentile"] <= 100,
         "signed": d.get("signed") is None or isinstance(d.get("signed"), bool),
+        "dynamic": d.get("dynamic", False) is False or (d["dynamic"] is True and not weight),
     }
     for field, ok in checks.items():
         if not ok:
-            raise bad(f"{where}.{field}", f"is out of range or of the wrong type: {d[field]!r:.40}")
+            value = d.get(field)
+            raise bad(f"{where}.{field}", f"is out of range or of the wrong type: {value!r:.40}")
     if weight and d["symmetric"] and d.get("signed") is False:
         raise bad(f"{where}.signed", "must not be false on a symmetric weight grid")
     try:

@@ -63,6 +63,15 @@ from compactnn.kernels.nbits_tables import (
     tables_to_bf16,
     tensor_key,
 )
+from compactnn.kernels.ort_dynamic import (
+    DYNAMIC,
+    INTEGER_OPS,
+    dynamic_format,
+    dynamic_nodes,
+    dynamic_tensors,
+    integer_ops,
+    share_dynamic_heads,
+)
 
 NBITS = (4, 8)  # ONNX Runtime's MatMulNBits bit widths used here (codes below 4 bits fit 4)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -101,6 +110,12 @@ def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
     return bits, block
 
 
+def integer_format(layer: QuantLinear) -> tuple[int, int] | None:
+    """``(bits, block)`` of ``layer`` on MatMulNBits, ``(8, DYNAMIC)`` on
+    DynamicQuantizeMatMul (:mod:`~compactnn.kernels.ort_dynamic`), or None: float MatMul."""
+    return _nbits_format(layer) or dynamic_format(layer)
+
+
 def nbits_tensors(layer: QuantLinear, bits: int, block: int) -> dict[str, torch.Tensor]:
     """MatMulNBits' ``B`` ``(N, K/block, block*bits/8)`` uint8, ``scales`` ``(N*K/block,)``
     float32 and ``zero_points`` (packed uint8) from ``layer``'s codes: ``w = (q - z) * s``."""
@@ -127,7 +142,9 @@ def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, tuple]]:
     out = copy.deepcopy(model)
     found = {}
     for name, m in list(out.named_modules()):
-        if not isinstance(m, QuantLinear) or (fmt := _nbits_format(m)) is None:
+        if not isinstance(m, QuantLinear):
+            continue
+        if (fmt := integer_format(m)) is None:
             continue
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         lin.weight.data = m.weight.detach().float().clone()
@@ -193,6 +210,7 @@ def nbits_proto(
     split = accuracy_level != 4 and split_byte_nodes(onnx, proto.graph)  # no fp32 8-bit kernel
     if tables:
         replace_gathers(onnx, proto.graph, tables)
+        share_dynamic_heads(onnx, proto.graph)  # a tied head on DynamicQuantizeMatMul
         if split and split_tied_gathers(onnx, proto.graph):  # the table of a split tied head
             share_head_codes(onnx, proto.graph)
     if merge:  # after the tables: a head whose codes a lookup reads stays one node
@@ -247,11 +265,17 @@ def _replace_matmuls(
             continue
         w = got[0]
         _, layer, bits, block = found[key]
-        tensors = nbits_tensors(layer, bits, block)
+        dynamic = block == DYNAMIC
+        tensors = dynamic_tensors(layer) if dynamic else nbits_tensors(layer, bits, block)
         names = [f"{w}_nbits_{s}" for s in tensors]
         graph.initializer.extend(
             from_array(t.numpy(), n) for n, t in zip(names, tensors.values(), strict=True)
         )
+        used.add(key)
+        dropped.add(w)
+        if dynamic:  # one node, the Gemm's bias included
+            nodes.extend(dynamic_nodes(onnx, node, layer, names, node.output[0]))
+            continue
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
         out = f"{node.output[0]}_nobias" if bias else node.output[0]
         # an input grid here is level 4's own (_nbits_format): level 4 whatever was asked
@@ -276,8 +300,6 @@ def _replace_matmuls(
                     "Add", [out, bias], [node.output[0]], name=f"{node.name}_bias"
                 )
             )
-        used.add(key)
-        dropped.add(w)
     del graph.node[:]
     graph.node.extend(nodes)
     still = {n for node in nodes for n in node.input}
@@ -376,7 +398,7 @@ class OrtNBitsModel(nn.Module):
             )
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.names = names
-        self.runtime = "onnxruntime MatMulNBits"
+        self.runtime = "onnxruntime " + " + ".join(integer_ops(source))
         # set by to_ort_nbits: the MatMulNBits accuracy_level that runs, and the check of
         # level 4 against the simulated model (drift's numbers, "drifted": why or None)
         self.accuracy_level: int | None = None
@@ -427,19 +449,21 @@ def to_ort_nbits(
     """
     level = 4 if accuracy_level is None else accuracy_level
     proto, left = nbits_proto(model, example, level, bf16_tables, quantized_tables)
-    if not any(n.op_type == "MatMulNBits" for n in proto.graph.node):
+    if not any(n.op_type in INTEGER_OPS for n in proto.graph.node):
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-        misfit = [n for n, m in layers if _nbits_format(m) is None]
+        misfit = [n for n, m in layers if integer_format(m) is None]
         why = (
             f"its {len(misfit)} quantized linear layers ({name_list(misfit, 3)}) quantize "
-            "their activations or have no integer weight grid (W8A8 models run on "
-            "compactnn.to_kernels)"
+            "their activations on a calibrated or per-token grid, or have no integer weight "
+            "grid (W8A8 models run on compactnn.to_kernels)"
             if misfit
             else "it has no quantized linear layer"
         )
         raise CompactnnError(
-            f"to_ort_nbits: no layer of this model became MatMulNBits: {why}; it takes a "
-            "weight-only quantized model, e.g. compactnn.compress(model, 'w4-g32-gptq', ...)"
+            f"to_ort_nbits: no layer of this model became MatMulNBits or DynamicQuantizeMatMul: "
+            f"{why}; it takes a weight-only quantized model, e.g. compactnn.compress(model, "
+            "'w4-g32-gptq', ...), or one with per-group or per-tensor dynamic activations "
+            "('w4a8g-g32-gptq', 'w8a8d')"
         )
     if left:
         warnings.warn(

@@ -241,12 +241,12 @@ def to_kernels(
         if isinstance(m, QuantLinear)
         and m.input_quantizer is not None
         and not isinstance(m.input_quantizer, DynamicActQuantizer)
-        and not getattr(m.input_quantizer, "is_group", False)
+        and not getattr(m.input_quantizer, "runtime_range", False)
     }
-    grouped = {  # MatMulNBits' own activation grid: ONNX Runtime runs them
+    grouped = {  # MatMulNBits' or DynamicQuantizeMatMul's grid: ONNX Runtime runs them
         n
         for n, m in model.named_modules()
-        if isinstance(m, QuantLinear) and getattr(m.input_quantizer, "is_group", False)
+        if isinstance(m, QuantLinear) and getattr(m.input_quantizer, "runtime_range", False)
     }
     out = swap_kernels(model if inplace else copy.deepcopy(model), config)
     info = out._compactnn_kernels
@@ -258,8 +258,9 @@ def to_kernels(
             if static & set(info["simulated"])
             else ""
         ) + (
-            " Layers with per-group dynamic activations (a8g) run on ONNX Runtime's "
-            "MatMulNBits: compactnn.to_ort_nbits(model, example)."
+            " Layers with per-group (a8g) or per-tensor (a8d) dynamic activations run on ONNX "
+            "Runtime's MatMulNBits / DynamicQuantizeMatMul: compactnn.to_ort_nbits(model, "
+            "example)."
             if grouped & set(info["simulated"])
             else ""
         )
@@ -316,6 +317,11 @@ def simulated_reason(m: nn.Module, dtype: torch.dtype, why: str | None = None) -
         return (
             "per-group dynamic activations: no kernel here, runs simulated in float32 "
             "(compactnn.to_ort_nbits runs it on MatMulNBits)"
+        )
+    if getattr(aq, "is_dynamic", False):
+        return (
+            "per-tensor dynamic activations: no kernel here, runs simulated in float32 "
+            "(compactnn.to_ort_nbits runs it on DynamicQuantizeMatMul)"
         )
     if aq is not None and not isinstance(aq, DynamicActQuantizer):
         return "static activation grid: no kernel, runs simulated in float32"

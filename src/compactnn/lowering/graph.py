@@ -123,6 +123,11 @@ def unsupported_reason(layer: nn.Module) -> str | None:
             "its input grid is per token and group, set at run time (ONNX Runtime MatMulNBits' "
             "grid): int8 kernels here take one scale and zero point"
         )
+    if getattr(aq, "is_dynamic", False):
+        return (
+            "its input range is taken from each tensor at run time (a8d): int8 kernels here "
+            "take one calibrated scale and zero point (use a w8a8 recipe for deploy)"
+        )
     if not getattr(aq, "is_uniform", True):
         return (
             "its input grid is non-uniform (learned levels, e.g. LQ-Nets): int8 kernels take one "
@@ -458,6 +463,7 @@ def is_residual_quantizer(m: nn.Module) -> bool:
         isinstance(m, ActQuantizer)
         and m.enabled
         and m.calibrated
+        and not m.runtime_range
         and m.observer is None
         and m.scale.numel() == 1
         and bool(torch.isfinite(m.scale))

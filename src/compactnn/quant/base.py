@@ -390,11 +390,12 @@ def group_size_message(group: int, bad: dict[str, int], dims: list[int] | None =
 
 def wants_embeddings(config: QuantConfig, step_targets: Targets) -> bool:
     """Embeddings named by the step's classes, or steps on the default classes that are
-    weight-only or quantize activations per group at run time (``a8g``: nothing to calibrate,
-    delivered on MatMulNBits, whose lookups read quantized tables)."""
+    weight-only or quantize activations at run time (``a8g`` per group, ``a8d`` per tensor:
+    nothing to calibrate, delivered on ONNX Runtime, whose lookups read quantized tables)."""
     if "Embedding" in step_targets.classes:
         return True
-    dynamic = config.act is None or config.act.granularity == "group"
+    act = config.act
+    dynamic = act is None or act.granularity == "group" or getattr(act, "dynamic", False)
     return dynamic and set(step_targets.classes) == set(DEFAULT_CLASSES)
 
 

@@ -132,7 +132,8 @@ def apply_smoothquant(
     done = smooth_model(model, names, config.alpha, ctx)
     ctx.notes.append(f"smoothquant: {done} producer/consumer pairs smoothed (alpha={config.alpha})")
     model = quantize_layers(model, targets, config, ctx)
-    if config.dynamic:
+    runtime = config.act is not None and (config.act.dynamic or config.act.granularity == "group")
+    if config.dynamic and not runtime:  # a8d / a8g keep their own run-time grid
         quantized = [n for n, m in model.named_modules() if is_quant_layer(m)]
         dyn = use_dynamic_act(model, quantized)
         ctx.extra["dynamic_act"] = sorted({*ctx.extra.get("dynamic_act", []), *dyn})

@@ -243,16 +243,17 @@ def rounding_cause(deployed: Any) -> str:
 
 
 def grouped_acts(model: nn.Module) -> bool:
-    """Whether ``model`` has layers with per-group dynamic activations (``a8g``), which run
-    on ONNX Runtime's ``MatMulNBits`` (``to_ort_nbits``) and on no ``to_kernels`` kernel."""
+    """Whether ``model`` has layers with per-group (``a8g``) or per-tensor (``a8d``) dynamic
+    activations, which run on ONNX Runtime's ``MatMulNBits`` / ``DynamicQuantizeMatMul``
+    (``to_ort_nbits``) and on no ``to_kernels`` kernel."""
     aqs = [getattr(m, "input_quantizer", None) for m in model.modules()]
-    return any(getattr(aq, "is_group", False) for aq in aqs)
+    return any(getattr(aq, "runtime_range", False) for aq in aqs)
 
 
 def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | None, str]:
     if kind == "transformer" and isinstance(example, dict) and grouped_acts(model):
         fast = compactnn.to_ort_nbits(model, example)
-        return fast, f"ONNX Runtime MatMulNBits (accuracy_level {fast.accuracy_level})"
+        return fast, ort_runtime_name(fast)
     if kind == "transformer":
         fast = compactnn.to_kernels(model)
         info = fast._compactnn_kernels
@@ -262,6 +263,16 @@ def _deliver(kind: str, model: nn.Module, example: Any) -> tuple[nn.Module | Non
     # the report times every float path itself, side by side: deploy need not time them too
     deployed = compactnn.deploy(model, example=example, backend="auto", time_float=False)
     return deployed, runtime_name(deployed)
+
+
+def ort_runtime_name(fast: Any) -> str:
+    """``"ONNX Runtime MatMulNBits (accuracy_level 4)"``, with ``" + DynamicQuantizeMatMul"``
+    when per-tensor dynamic layers run too (``fast.runtime`` lists the node types)."""
+    ops = getattr(fast, "runtime", "") or ""
+    if "MatMulNBits" not in ops:
+        return "ONNX Runtime DynamicQuantizeMatMul"
+    extra = " + DynamicQuantizeMatMul" if "DynamicQuantizeMatMul" in ops else ""
+    return f"ONNX Runtime MatMulNBits{extra} (accuracy_level {fast.accuracy_level})"
 
 
 def runtime_name(deployed: Any) -> str:
