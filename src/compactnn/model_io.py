@@ -81,6 +81,12 @@ def reference_names() -> list[str]:
 
 
 def _unknown_model(spec: str) -> CompactnnError:
+    if Path(spec).is_file():  # one line: the forms that read a file (the list is for names)
+        return CompactnnError(
+            f"model file {spec!r} is not a MODEL form ({Path(spec).suffix or 'no suffix'}): pass "
+            "package.module:factory --weights FILE.safetensors (weights need the code that "
+            "builds the network), a .pt2 archive, or a .pt/.pth module with --trust-pickle."
+        )
     refs = ", ".join(reference_names()) or "none installed"
     forms = "\n  ".join(f.format(refs=refs) for f in MODEL_FORMS)
     return CompactnnError(f"unknown model {spec!r}. MODEL is one of:\n  {forms}")

@@ -24,7 +24,7 @@ import yaml
 
 from compactnn import registry
 from compactnn.core.config import MethodConfig
-from compactnn.core.fields import check_keys
+from compactnn.core.fields import check_keys, short_repr
 from compactnn.core.modules import Targets
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
@@ -53,7 +53,9 @@ class Step:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
-            raise CompactnnError(f"a step's method must be a name (string), got {self.method!r}.")
+            raise CompactnnError(
+                f"a step's method must be a name (string), got {short_repr(self.method)}."
+            )
         entry = registry.get_method(self.method)
         if type(self.config) is not entry.config_cls:
             raise CompactnnError(
@@ -82,7 +84,7 @@ class Step:
         if not isinstance(data.get("method"), str):
             raise CompactnnError(
                 f"{where} needs a 'method' key naming a method (e.g. method: rtn), "
-                f"got {data.get('method')!r}."
+                f"got {short_repr(data.get('method'))}."
             )
         entry = registry.get_method(data["method"])
         version = data.get("version", 1)  # absent: version 1
@@ -119,22 +121,19 @@ class Recipe:
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
             raise CompactnnError(
                 "a recipe is a mapping with a 'steps' list (and an optional 'name'), "
-                f"got {data!r:.80}."
+                f"got {short_repr(data, 80)}."
             )
         data = check_keys(data, ("name", "steps"), "recipe")
         name = data.get("name", "custom")
         if not isinstance(name, str):
-            raise CompactnnError(f"recipe name={name!r} must be a string.")
+            raise CompactnnError(f"recipe name={short_repr(name)} must be a string.")
         steps = tuple(Step.from_dict(s, f"steps[{i}]") for i, s in enumerate(data["steps"]))
         return cls(name, steps)
 
     @classmethod
-    def from_yaml(cls, text: str) -> Recipe:
-        try:
-            data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass
-        except yaml.YAMLError as exc:
-            raise CompactnnError(f"recipe is not valid YAML: {exc}") from exc
-        return cls.from_dict(data)
+    def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
+        """A recipe from YAML text; ``source`` names it in messages (e.g. its file)."""
+        return cls.from_dict(load_recipe_yaml(text, source))
 
 
 def _not_a_step(recipe: str, index: int, item: Any) -> str:
@@ -154,9 +153,73 @@ def _not_a_step(recipe: str, index: int, item: Any) -> str:
     )
 
 
+def load_recipe_yaml(text: str, source: str = "recipe") -> Any:
+    """The data of recipe YAML ``text``; any problem is a one-line CompactnnError naming
+    ``source``, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise CompactnnError(f"{source} is not valid YAML: {_yaml_problem(exc)}") from exc
+    except _Refused as exc:
+        raise CompactnnError(f"{source} at {exc}") from None
+    except RecursionError as exc:  # a safety net: compose_node caps the nesting first
+        raise CompactnnError(
+            f"{source} nests too deeply (over {MAX_DEPTH} levels): recipes need a few levels."
+        ) from exc
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: line, column, problem (and context).
+
+    Example:
+        >>> try:  # doctest: +ELLIPSIS
+        ...     yaml.safe_load("a: [1")
+        ... except yaml.YAMLError as exc:
+        ...     print(_yaml_problem(exc))
+        line 1, column 6: expected ',' or ']', but got '<stream end>' (while parsing a flow ...
+    """
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = exc.problem or exc.context or "malformed YAML"
+    context = f" ({exc.context})" if exc.context and exc.problem else ""
+    return " ".join(f"{where}{problem}{context}".split())
+
+
+MAX_DEPTH = 32  # nesting levels a recipe may use (its deepest real use is about six)
+
+
+class _Refused(CompactnnError):
+    """A construct the recipe loader refuses; :func:`load_recipe_yaml` names the source."""
+
+
 class _RecipeLoader(yaml.SafeLoader):
     """Safe YAML that also reads ``1e-4`` as a number (YAML 1.2), not the string '1e-4',
-    and refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    refuses a key given twice in one mapping (plain YAML keeps the last silently), and
+    refuses anchors and aliases (``&a``/``*a``: recipes never need them, and nested aliases
+    expand a small file into billions of values) and nesting deeper than ``MAX_DEPTH``."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = event.start_mark
+            raise _Refused(
+                f"line {mark.line + 1}, column {mark.column + 1}: YAML anchors and "
+                "aliases (&name, *name) are not allowed in a recipe; write the values out."
+            )
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_DEPTH:
+            mark = event.start_mark
+            raise _Refused(
+                f"line {mark.line + 1}, column {mark.column + 1}: nested over "
+                f"{MAX_DEPTH} levels deep; recipes need a few levels."
+            )
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
@@ -225,6 +288,15 @@ def short_name_forms() -> list[str]:
 
 
 def parse_short_name(name: str) -> Recipe:
+    recipe = _match_short_name(name)
+    if recipe is None:
+        raise _unknown_recipe(name)
+    return recipe
+
+
+def _match_short_name(name: str) -> Recipe | None:
+    """The recipe short name ``name`` spells, None when no rule matches it (a rule that
+    matches but refuses the values raises its own one-line error)."""
     first_error: CompactnnError | None = None
     for rule in registry.SHORT_NAMES:
         m = rule.pattern.fullmatch(name)
@@ -237,9 +309,31 @@ def parse_short_name(name: str) -> Recipe:
                     first_error = exc
     if first_error is not None:
         raise first_error
-    raise CompactnnError(
-        f"unknown recipe {name!r}. A recipe is a YAML file or a short name of the form:\n  "
-        + "\n  ".join(short_name_forms())
+    return None
+
+
+def _unknown_recipe(name: str) -> CompactnnError:
+    """The help for an unknown short name: every short name form, one a line."""
+    return CompactnnError(
+        f"unknown recipe {short_repr(name)}. A recipe is a YAML file or a short name of the "
+        "form:\n  " + "\n  ".join(short_name_forms())
+    )
+
+
+def _not_a_recipe_file(path: Path) -> CompactnnError:
+    """One line for a recipe argument that names a folder or a file that is not YAML."""
+    if path.is_dir():
+        inside = path / "recipe.yaml"
+        fix = (
+            f"pass the recipe file in it, {str(inside)!r}"
+            if inside.is_file()
+            else "pass a recipe YAML file (e.g. DIR/recipe.yaml from compactnn search) or a "
+            "short name such as w8a8"
+        )
+        return CompactnnError(f"recipe {str(path)!r} is a folder, not a recipe: {fix}.")
+    return CompactnnError(
+        f"recipe file {str(path)!r} is not named .yaml or .yml: a recipe file is YAML; "
+        "rename it to end in .yaml."
     )
 
 
@@ -262,9 +356,22 @@ def resolve_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
         isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))
     ):
         path = Path(recipe)
+        if path.is_dir():
+            raise _not_a_recipe_file(path)
         if not path.is_file():
             raise CompactnnError(f"recipe file {str(path)!r} does not exist.")
-        return Recipe.from_yaml(_read_recipe_text(path))
+        return Recipe.from_yaml(_read_recipe_text(path), f"recipe file {str(path)!r}")
     if not isinstance(recipe, str):
-        raise CompactnnError(f"recipe must be a name, a YAML path or a Recipe, got {recipe!r}.")
-    return parse_short_name(recipe.strip().lower())
+        raise CompactnnError(
+            f"recipe must be a name, a YAML path or a Recipe, got {short_repr(recipe)}."
+        )
+    if not recipe.strip():
+        raise CompactnnError(
+            f"recipe {recipe!r} is empty: pass a short name such as w8a8 or a recipe YAML file."
+        )
+    found = _match_short_name(recipe.strip().lower())
+    if found is not None:
+        return found
+    if recipe and Path(recipe).exists():  # a folder or a file that is not .yaml
+        raise _not_a_recipe_file(Path(recipe))
+    raise _unknown_recipe(recipe.strip().lower())

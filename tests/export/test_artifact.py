@@ -115,7 +115,11 @@ def test_interrupted_save_leaves_no_artifact(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         compactnn.save(q, tmp_path / "x")
     assert not artifact.artifact_exists(tmp_path / "x")
-    assert [p for p in (tmp_path / "x").iterdir()] == []  # no temp file left behind
+    assert not (tmp_path / "x").exists()  # nor the folder the save created, nor a temp file
+    (tmp_path / "x").mkdir()  # a folder that existed before: kept, and left empty
+    with pytest.raises(KeyboardInterrupt):
+        compactnn.save(q, tmp_path / "x")
+    assert [p for p in (tmp_path / "x").iterdir()] == []
     with pytest.raises(ArtifactError, match="holds no compactnn artifact"):
         compactnn.load(tmp_path / "x", model=cnn())
 

@@ -4,9 +4,11 @@ ONNX Runtime's ``MatMulNBits`` at ``accuracy_level=4`` quantizes each block of a
 int8 (fast, VNNI); a weight-only simulation never saw that rounding, so ``to_ort_nbits``'s
 default check sends ``w4-g32-gptq`` to the exact, slower level 0. ``w4a8g-g32-gptq`` simulates
 level 4's own activation grid (per token and weight group, ``s = max|a| / 127``), so its
-default stays at level 4. Per recipe: the simulated model, the default delivered form (the
-level that runs and why), and for ``w4-g32-gptq`` level 4 forced; each row's mean cosine to
-the float embeddings on held-out sentences, and batch-1 latency against the fastest float
+default stays at level 4; so does ``w8a8g-g128`` (8-bit weights in groups of 128), beside the
+per-channel ``w8`` whose exact default runs its 8-bit layers as two 4-bit halves. Per recipe:
+the simulated model, the default delivered form (the level that runs and why), and for the
+weight-only recipes level 4 forced; each row's mean cosine to the float embeddings on
+held-out sentences, and batch-1 latency against the fastest float
 path measured in the same run (fp32 eager and ONNX Runtime fp32 with its transformer
 fusions), with the transformer bench's protocol (nine rounds of warm blocks).
 """
@@ -26,7 +28,7 @@ from compactnn.measure.environment import cpu_description
 from compactnn.measure.timing import model_call, set_threads, time_blocks
 
 THREADS = int(os.environ.get("COMPACTNN_BENCH_THREADS", "2"))
-RECIPES = ("w4-g32-gptq", "w4a8g-g32-gptq")
+RECIPES = ("w4-g32-gptq", "w4a8g-g32-gptq", "w8a8g-g128", "w8")
 CALIB = 8  # batches of 16 sentences, as the transformer bench's --quick
 COMMAND = "python -m compactnn.bench --only nbits_levels"
 

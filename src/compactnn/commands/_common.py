@@ -53,6 +53,19 @@ def add_ignore_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def given_path(text: str | None, flag: str) -> Path | None:
+    """The path a ``flag`` option names, None when it is not given; an empty one (``--out ""``,
+    which would be the current folder) is a CompactnnError."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise CompactnnError(
+            f"{flag} {text!r} is an empty path: name a folder (e.g. {flag} out/model-w8), "
+            f"or drop {flag} for the default folder."
+        )
+    return Path(text)
+
+
 def check_out(out: Path, model_spec: str, force: bool) -> None:
     """Refuse, before any work, an artifact folder that ``save`` could not use or that is
     the input model's own folder (its weights would be replaced)."""
@@ -334,6 +347,11 @@ def _finite(text: str) -> float | None:
 
 
 def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:
+    if not spec.strip():  # Path("") is the current folder: say what is wrong instead
+        raise CompactnnError(
+            f"MODEL {spec!r} is empty: pass a reference model name, a Hugging Face model "
+            "folder, a .pt2 file, or package.module:factory with --weights FILE."
+        )
     return resolve_model(spec, weights=args.weights, trust_pickle=args.trust_pickle)
 
 

@@ -20,9 +20,11 @@ from compactnn.commands._common import (
     add_ignore_arg,
     add_model_args,
     calib_inputs,
+    check_apart_from_inputs,
     check_data_given,
     check_out,
     cli_words,
+    given_path,
     human_bytes,
     load_model,
     model_words,
@@ -213,8 +215,10 @@ def eval_command(out: Path, args: argparse.Namespace, loaded: LoadedModel) -> st
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else default_out(args.model, args.recipe)
+    out = given_path(args.out, "--out") or default_out(args.model, args.recipe)
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before work
+    # inside a model folder (a Hugging Face model); --weights/--data files are checked later
+    check_apart_from_inputs(out, "--out", {"MODEL": args.model}, "out/model-compressed")
     recipe = compactnn.resolve_recipe(args.recipe)  # fail fast on a bad recipe
     check_input_shape(args)
     if args.max_memory is not None:

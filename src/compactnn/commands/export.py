@@ -51,8 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         metavar="PATH",
-        help="tokenizer.json (or a directory holding one) to embed in a gguf file; a tiny-lm "
-        "artifact uses its own",
+        help="tokenizer.json (or a directory holding one) for gguf (embedded in the file) and "
+        "compressed-tensors (saved in the folder); default: the source model folder's, a "
+        "tiny-lm artifact's own",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument(

@@ -10,7 +10,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from compactnn.commands._common import add_model_args, positive_int
+from compactnn.commands._common import add_model_args, given_path, positive_int
 from compactnn.errors import CompactnnError
 from compactnn.measure import DEFAULT_RUNS, DEFAULT_THREADS
 
@@ -163,6 +163,7 @@ def model_source(loaded, trust_pickle: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compactnn.export.artifact import removed_if_failed
     from compactnn.model_io import skeleton_for
     from compactnn.report import build_report, labelled_data
     from compactnn.report.any_model import check_artifacts, check_report_folder
@@ -170,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.runs < 1 or args.threads < 1:
         raise CompactnnError("--runs and --threads must be at least 1.")
+    given_path(args.out, "--out")  # "" would be the current folder
     check_report_folder(args.out, args.force, cli=True)
     headers = check_artifacts(args.artifacts)  # before loading anything: cheap refusals first
     labelled = read_labelled(args.data)
@@ -188,20 +190,21 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if data is None:
         data = read_inputs(args, loaded)
-    results = build_report(
-        args.artifacts,
-        model=loaded.model,
-        data=data,
-        out=args.out,
-        threads=args.threads,
-        title=args.title,
-        runs=args.runs,
-        progress=not args.no_progress,
-        quick=args.quick,
-        force=args.force,
-        memory=not args.no_memory,
-        source=model_source(loaded, args.trust_pickle),
-    )
+    with removed_if_failed(args.out):  # a failed report leaves no --out folder it created
+        results = build_report(
+            args.artifacts,
+            model=loaded.model,
+            data=data,
+            out=args.out,
+            threads=args.threads,
+            title=args.title,
+            runs=args.runs,
+            progress=not args.no_progress,
+            quick=args.quick,
+            force=args.force,
+            memory=not args.no_memory,
+            source=model_source(loaded, args.trust_pickle),
+        )
     lines = [header(results), *table_rows(results)]
     widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]
     for line in lines:

@@ -18,6 +18,7 @@ import torch
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
+    given_path,
     human_bytes,
     load_model,
     model_words,
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             "compactnn search needs a budget: --max-bytes, --avg-bits, --max-bops, "
             "--max-latency-ratio or --max-drop."
         )
-    out = Path(args.out)
+    out = given_path(args.out, "--out")
     check_search_out(out, args.force)  # before the (slow) search
     check_search_data(args.data, args.model)  # before loading the model
     loaded = load_model(args.model, args)

@@ -18,6 +18,7 @@ from compactnn.commands._common import (
     check_not_an_input,
     check_out,
     close_progress_bars,
+    given_path,
     human_bytes,
     input_overlaps,
     load_model,
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
             "--keep-best keeps the epoch with the best held-out top-1, and --epochs 0 trains "
             "none: there is nothing to keep. Pass --epochs 1 or more, or drop --keep-best."
         )
-    out = Path(args.out) if args.out else default_out(args.model, args.recipe)
+    out = given_path(args.out, "--out") or default_out(args.model, args.recipe)
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before training
     log = log_path(out, args.log)
     check_log(log, out, args)  # an input, the artifact, an earlier file: before training

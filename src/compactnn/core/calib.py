@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.tokens import check_positions, check_token_ids
+from compactnn.core.tokens import check_masked_out, check_positions, check_token_ids
 from compactnn.errors import CompactnnError
 
 Batch = torch.Tensor | tuple | dict
@@ -33,7 +33,8 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
     tensors (keyword inputs, e.g. a tokenizer's output: split the same way when every value
     is a tensor with the same number of rows, else one batch), or an iterable of tensors,
     tuples or dicts (taken as they are). Every floating-point tensor is checked once for NaN
-    and Inf (see :func:`check_finite`).
+    and Inf (see :func:`check_finite`), and every ``attention_mask`` for one with no token
+    unmasked (:func:`~compactnn.core.tokens.check_masked_out`).
 
     Example:
         >>> ids = {"input_ids": torch.zeros(70, 5, dtype=torch.long),
@@ -68,6 +69,7 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
         if isinstance(data, torch.Tensor):  # name the rows of the user's tensor too
             rows = f" (rows {i * batch_size}..{i * batch_size + len(b) - 1} of calib_data)"
         check_finite(b, f"calibration batch {i}{rows}")
+    check_masked_out(batches)  # an attention_mask all 0: no token to calibrate on
     return batches
 
 

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import reprlib
 import types
 import typing
 from functools import cache
 from typing import Any, Literal
 
 from compactnn.errors import CompactnnError
+
+MAX_REPR = 200  # characters of a value a message shows
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
 
 _NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
 
@@ -44,9 +50,24 @@ def describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def short_repr(value: Any, limit: int = MAX_REPR) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters, in time and memory bounded by the
+    cut (a deeply nested or huge value is never formatted whole).
+
+    Example:
+        >>> short_repr(list(range(100)))
+        '[0, 1, 2, 3, 4, 5, 6, 7, ...]'
+        >>> len(short_repr("x" * 10_000))
+        80
+    """
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _fail(where: str, value: Any, hint: Any) -> CompactnnError:
     return CompactnnError(
-        f"{where}={value!r} ({type(value).__name__}) has the wrong type: expected {describe(hint)}."
+        f"{where}={short_repr(value)} ({type(value).__name__}) has the wrong type: "
+        f"expected {describe(hint)}."
     )
 
 
@@ -128,7 +149,7 @@ def _normalize_tuple(value: Any, hint: Any, args: tuple, where: str) -> tuple:
     if not args:
         return tuple(value)
     if len(value) != len(args):
-        raise CompactnnError(f"{where}={value!r} must have exactly {len(args)} items.")
+        raise CompactnnError(f"{where}={short_repr(value)} must have exactly {len(args)} items.")
     return tuple(
         normalize(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
     )
@@ -151,9 +172,10 @@ def check_keys(data: Any, known: typing.Iterable[str], where: str) -> dict[str, 
         return {}
     if not isinstance(data, dict):
         raise CompactnnError(
-            f"{where} must be a mapping with keys {known}, got {type(data).__name__} {data!r}."
+            f"{where} must be a mapping with keys {known}, got {type(data).__name__} "
+            f"{short_repr(data)}."
         )
     unknown = [k for k in data if k not in known]
     if unknown:
-        raise CompactnnError(f"{where}: unknown key(s) {unknown}; known keys: {known}.")
+        raise CompactnnError(f"{where}: unknown key(s) {short_repr(unknown)}; known keys: {known}.")
     return dict(data)

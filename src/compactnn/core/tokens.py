@@ -201,3 +201,49 @@ def warn_unmasked_padding(model: nn.Module, data: Any) -> None:
     """Warn with :func:`unmasked_padding`'s line when it has one (shown once per line)."""
     if (why := unmasked_padding(model, data)) is not None:
         warnings.warn(why, stacklevel=1)  # one location: the same line is not repeated
+
+
+def masked_out(batch: Any) -> bool | None:
+    """Whether every entry of the ``(B, T)`` ``attention_mask`` of a batch (a dict, or a dict
+    in a 1-tuple) is 0: no token unmasked. None when the batch has no such mask (a 4-D or
+    additive mask, where 0 means attend, is not read).
+
+    Example:
+        >>> masked_out({"input_ids": torch.ones(2, 3).long(), "attention_mask": torch.zeros(2, 3)})
+        True
+    """
+    masks = [d.get("attention_mask") for d in token_dicts(batch)]
+    masks = [m for m in masks if isinstance(m, torch.Tensor) and m.dim() <= 2 and m.numel()]
+    return None if not masks else not any(bool(m.any()) for m in masks)
+
+
+def check_masked_out(batches: list, what: str = "calibration batch") -> None:
+    """Refuse batches whose ``attention_mask`` is all 0 in every batch that has one (no token
+    unmasked: the model would run on padding only, and the statistics drawn from it say
+    nothing about real text); warn, naming them, when only some batches are so.
+
+    Example:
+        >>> check_masked_out([{"attention_mask": torch.zeros(1, 4)}])
+        Traceback (most recent call last):
+        compactnn.errors.CompactnnError: calibration batch 0: every attention_mask entry is 0, ...
+    """
+    found = [(i, m) for i, b in enumerate(batches) if (m := masked_out(b)) is not None]
+    empty = [i for i, m in found if m]
+    if not empty:
+        return
+    shown = ", ".join(map(str, empty[:8])) + (", ..." if len(empty) > 8 else "")
+    named = f"{what}{'es' if len(empty) > 1 else ''} {shown}"
+    if len(empty) == len(found):
+        every = f" (all {len(empty)})" if len(empty) > 1 else ""
+        raise CompactnnError(
+            f"{named}{every}: every attention_mask entry is 0, so no token is unmasked and "
+            "the model would see padding only: pass the tokenizer's attention_mask (1 for "
+            "tokens, 0 for padding) beside input_ids."
+        )
+    they, add = ("they", "add") if len(empty) > 1 else ("it", "adds")
+    warnings.warn(
+        f"{named} (of {len(found)}): every attention_mask entry is 0 (no token unmasked), so "
+        f"{they} {add} padding only: drop {'them' if len(empty) > 1 else 'it'} or pass the "
+        "tokenizer's attention_mask (1 for tokens, 0 for padding).",
+        stacklevel=3,
+    )

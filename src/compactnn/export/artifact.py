@@ -20,9 +20,12 @@ anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -408,7 +411,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
     tensors, sparse_index = sparsify(tensors, layers, model)  # pruned zeros stored sparse
     body = header_body(model, layers, aliases, sparse_index, emb_extra)
     validate.check_printable(body, fail=unprintable)  # before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     writers = {"tensors": lambda p: write_tensors(tensors, p)}
     if (recipe := info.get("recipe")) is not None:
         text = recipe.to_yaml().encode("utf-8")
@@ -420,8 +422,40 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
         validate.check_header(header)  # what we write, we can read
         return header
 
-    digest = replace.write_artifact(out, writers, make_header)["digest"]
+    with removed_if_failed(out):  # a failed save leaves no folder it created
+        out.mkdir(parents=True, exist_ok=True)
+        digest = replace.write_artifact(out, writers, make_header)["digest"]
     # after the commit, so a failed save keeps the old artifact whole; a crash in between
     # leaves the file to the next save, which removes it the same way
     _remove_companions(out, _companions_named(body))
     return digest
+
+
+def first_missing(path: str | os.PathLike) -> Path | None:
+    """The outermost folder on ``path`` that does not exist yet (creating ``path`` creates
+    it and everything below it), or None when ``path`` exists.
+
+    Example:
+        >>> first_missing("/tmp/no-such-folder/a/b")
+        PosixPath('/tmp/no-such-folder')
+    """
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path):
+        return None
+    while not os.path.lexists(path.parent):
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def removed_if_failed(path: str | os.PathLike) -> Iterator[None]:
+    """Run the body; if it raises (a full disk, Ctrl-C), remove the folders it made for
+    ``path``: from :func:`first_missing` down, with anything written inside (all of it this
+    run's). A folder that existed before is never removed, nor anything already in it."""
+    top = first_missing(path)
+    try:
+        yield
+    except BaseException:
+        if top is not None and top.is_dir() and not top.is_symlink():
+            shutil.rmtree(top, ignore_errors=True)
+        raise

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -115,15 +117,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if exc.filename is None and exc.errno is not None:
-            raise naming(exc, path) from exc
-        raise
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename == tmp and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc  # not the tmp name
+        if isinstance(exc, Exception) and (named := write_error(exc, path)) is not exc:
+            raise named from exc
         raise
 
 
@@ -170,7 +170,14 @@ def replace_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> 
     os.umask(umask)
     try:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0o700; a plain mkdir would not
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:  # a file of the temporary folder: named as in ``given``
+            inside = exc.filename is not None and Path(exc.filename).is_relative_to(tmp)
+            if not inside or exc.errno is None:
+                raise
+            where = given / Path(exc.filename).relative_to(tmp)
+            raise OSError(exc.errno, exc.strerror, os.fspath(where)) from exc
         for root, _, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(root, name), "rb+") as f:
@@ -242,13 +249,10 @@ def write_new(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(str(path))
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
-    except OSError as exc:
+    except BaseException as exc:
         path.unlink(missing_ok=True)
-        if exc.filename is None and exc.errno is not None:
-            raise naming(exc, path) from exc
-        raise
-    except BaseException:
-        path.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and (named := write_error(exc, path)) is not exc:
+            raise named from exc
         raise
 
 
@@ -263,6 +267,51 @@ def naming(exc: OSError, path: str | os.PathLike) -> OSError:
     if exc.filename is not None or exc.errno is None:
         return exc
     return OSError(exc.errno, exc.strerror or str(exc), os.fspath(path))
+
+
+# numpy's ``tofile`` (the gguf writer's) on a short ``fwrite``: no errno, no filename
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+# the Rust io::Error in a writer's message (safetensors' SafetensorError), debug-printed
+# ("Os { code: 28, ...") or displayed ("File too large (os error 27)")
+_OS_CODE = re.compile(r"Os \{ code: (\d+)|\(os error (\d+)\)")
+
+
+def _size_limited() -> bool:
+    """Whether this process has a file-size limit (``ulimit -f``), which cuts writes short."""
+    try:
+        import resource
+    except ImportError:  # not on this system
+        return False
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+
+
+def write_error(exc: Exception, path: str | os.PathLike) -> Exception:
+    """The OSError naming ``path`` that a failed write of ``path`` means, else ``exc`` itself.
+
+    A writer's OSError without a filename (``f.write`` or ``fsync`` on a full disk) is given
+    ``path`` (:func:`naming`); numpy's short write (``OSError("4352 requested and 608
+    written")``, no errno) is a full disk (or the file-size limit, when the process has one:
+    ``ulimit -f``); a library error carrying an OS error code in its
+    message (safetensors' ``SafetensorError ... Os { code: 28, ...``) is that OSError.
+
+    Example:
+        >>> write_error(OSError("4352 requested and 608 written"), "m.gguf").strerror
+        'No space left on device (608 of 4352 bytes written)'
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return naming(exc, path)
+    text = str(exc)
+    if isinstance(exc, OSError) and (short := _SHORT_WRITE.search(text)):
+        want, done = short.groups()
+        code = errno.EFBIG if _size_limited() else errno.ENOSPC  # the C errno is lost
+        why = f"{os.strerror(code)} ({done} of {want} bytes written)"
+        return OSError(code, why, os.fspath(path))
+    if isinstance(exc, CompactnnError):  # already the user's one line
+        return exc
+    if (found := _OS_CODE.search(text)) is not None:
+        code = int(found.group(1) or found.group(2))
+        return OSError(code, os.strerror(code), os.fspath(path))
+    return exc
 
 
 def read_regular(path: str | os.PathLike, size: int | None, limit: int | None = None) -> bytes:

@@ -7,6 +7,8 @@ Two forms, chosen from the model's layers:
   ``com.microsoft::MatMulNBits`` holding compactnn's own codes, scales and zero points
   (:mod:`compactnn.kernels.ort_nbits`); a layer whose grid has no MatMulNBits block (a block
   that is not a power of two from 16) stays a float ``MatMul`` on its dequantized weight.
+  So do run-time activation grids (``a8g``: level-4 MatMulNBits; ``a8d``:
+  ``DynamicQuantizeMatMul``; else traced as simulated, named by :func:`caveat`).
 * **W8A8** (every quantized Linear with an 8-bit per-channel weight and an input quantizer:
   ``w8a8``, ``w8a8-smoothquant``): the weight is ``DequantizeLinear`` of its int8 codes
   (``w = q * s`` per output channel); a quantized token table is ``GatherBlockQuantized`` on
@@ -83,9 +85,9 @@ def form(qmodel: nn.Module) -> str | None:
     if all(a is None for a in acts):
         return "nbits"
     # per-group dynamic activations are MatMulNBits' own grid at accuracy_level 4, per-tensor
-    # dynamic ones DynamicQuantizeMatMul's
+    # ones DynamicQuantizeMatMul's; a layer fitting neither is traced as simulated
     if all(a is None or getattr(a, "runtime_range", False) for a in acts):
-        return "nbits" if all(integer_format(m) is not None for m in layers) else None
+        return "nbits"
     w8a8 = all(
         a is not None
         and a.qtype.bits == 8
@@ -123,9 +125,9 @@ def can_export(qmodel: nn.Module) -> str | None:
     if form(qmodel) is None:
         return (
             "ONNX for transformers takes weight-only recipes (MatMulNBits: w4-g32-gptq, "
-            "w4-g128-gptq, w8) or W8A8 with 8-bit symmetric per-channel weights (w8a8, "
-            "w8a8-smoothquant); this model mixes or uses other grids: save it with "
-            "compactnn.save."
+            "w4-g128-gptq, w8), run-time activation grids (w4a8g-g32-gptq, w8a8d) or W8A8 "
+            "with 8-bit symmetric per-channel weights (w8a8, w8a8-smoothquant); this model "
+            "mixes or uses other grids: save it with compactnn.save."
         )
     return None
 
@@ -147,6 +149,8 @@ def _block_reason(m: nn.Module) -> str | None:
     if fits:
         return None
     spec, width = m.weight_spec, _width(m)
+    if (why := _act_reason(m)) is not None:
+        return why
     if isinstance(m, QuantLinear) and 4 < spec.bits < 8:
         return f"{spec.bits}-bit codes (MatMulNBits takes 4 or 8 bits)"  # "bit codes": caveat
     if spec.granularity == "group":
@@ -160,6 +164,27 @@ def _block_reason(m: nn.Module) -> str | None:
             "a power of two from 16 dividing the row)"
         )
     return f"{what} with zero points off the code grid"
+
+
+def _act_reason(m: nn.Module) -> str | None:
+    """Why ``m``'s run-time activation grid fits no ONNX Runtime integer kernel, else None."""
+    aq, spec = getattr(m, "input_quantizer", None), m.weight_spec
+    if aq is None or not getattr(aq, "runtime_range", False):
+        return None
+    if aq.spec.bits != 8:
+        return f"{aq.spec.bits}-bit activations (the run-time kernels quantize inputs to 8 bits)"
+    grid = f"groups of {spec.group_size}" if spec.granularity == "group" else spec.granularity
+    if aq.is_group and grid != f"groups of {aq.spec.group_size}":
+        return (
+            f"activation groups of {aq.spec.group_size} on weight {grid} (MatMulNBits "
+            "quantizes its input on the weight's blocks)"
+        )
+    if aq.is_group or (spec.bits == 8 and spec.symmetric and spec.granularity != "group"):
+        return None  # the weight's own grid is the reason
+    return (
+        f"per-tensor dynamic activations on {spec.bits}-bit weight {grid} "
+        "(DynamicQuantizeMatMul takes 8-bit symmetric per-channel ones)"
+    )
 
 
 def float_layers(qmodel: nn.Module) -> list[tuple[str, str, int]]:
@@ -192,10 +217,16 @@ def caveat(qmodel: nn.Module) -> str | None:
         return None
     names = [n for n, *_ in layers]
     nbytes = sum(b for *_, b in layers)
-    widths = {_width(qmodel.get_submodule(n)) for n, why, _ in layers if "bit codes" not in why}
+    grid = [(n, why) for n, why, _ in layers if "bit codes" not in why and "activ" not in why]
+    widths = {_width(qmodel.get_submodule(n)) for n, _ in grid}
     block = min(min((w & -w for w in widths), default=128), 128)  # largest power of two dividing
     bits = any("bit codes" in why for _, why, _ in layers)
     fixes = ["4- or 8-bit recipes keep them as codes"] if bits else []
+    if any("activ" in why for _, why, _ in layers):
+        fixes.append(
+            "run-time activation grids run on codes with 8-bit activations on the weights' own "
+            "groups (a8g) or 8-bit symmetric per-channel weights (a8d)"
+        )
     if widths:
         fixes.append(
             f"a recipe with power-of-two groups from 16 to {block} (e.g. w4-g{min(block, 32)}) "
@@ -376,6 +407,8 @@ def to_onnx_bytes(
     kind = form(qmodel)
     if kind == "nbits":
         data, left = nbits_onnx(qmodel, example, accuracy_level, bf16_tables=False)
+        named = {name for name, *_ in float_layers(qmodel)}  # export's caveat says why
+        left = [name for name in left if name not in named]
         if left:
             warnings.warn(
                 f"ONNX export: {len(left)} quantized layers stay float MatMul/Gemm on their "

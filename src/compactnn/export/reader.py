@@ -42,6 +42,11 @@ def read_artifact(
         ArtifactError: anything is missing, special, truncated, modified, malformed, or the
             digest differs from ``expect_sha256``.
     """
+    if not str(path).strip():
+        raise ArtifactError(
+            "the artifact path is empty: pass the artifact folder, e.g. "
+            "compactnn.load('out/model-w8')."
+        )
     root = Path(path)
     want = _pinned(expect_sha256)
     if not root.is_dir():
@@ -134,7 +139,9 @@ def _parse_recipe(data: bytes | None, header: dict[str, Any], root: Path) -> Any
     from compactnn.registry import UnknownMethodError
 
     try:
-        recipe = Recipe.from_yaml(data.decode("utf-8"))
+        recipe = Recipe.from_yaml(
+            data.decode("utf-8"), f"recipe file {str(root / 'recipe.yaml')!r}"
+        )
     except UnknownMethodError as exc:  # a valid artifact of a method this process lacks
         raise ArtifactError(
             f"the artifact was made with method {exc.name!r}, which is not registered: "

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compactnn.core.qembedding import QuantEmbedding
+from compactnn.core.qlayers import QuantLinear
 
 # the block a per-channel row is split into on MatMulNBits and GatherBlockQuantized: MLAS's
 # fast 4-bit kernels take blocks of 16 to 256, and K = 384 or 1536 (MiniLM) is 128 times an odd
@@ -39,6 +40,42 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def tensor_key(t: torch.Tensor) -> str:
     a = t.detach().float().contiguous().numpy()
     return hashlib.sha1(a.tobytes()).hexdigest() + str(a.shape)
+
+
+def nbits_tensors(layer: QuantLinear, bits: int, block: int) -> dict[str, torch.Tensor]:
+    """MatMulNBits' ``B`` ``(N, K/block, block*bits/8)`` uint8, ``scales`` ``(N*K/block,)``
+    float32 and ``zero_points`` (packed uint8) from ``layer``'s codes: ``w = (q - z) * s``."""
+    n, k = layer.out_features, layer.in_features
+    shift = 1 << (bits - 1) if layer.weight_spec.qtype.signed else 0  # into 0..2^bits-1
+    q = layer.weight_codes.to(torch.int32) + shift  # (N, K)
+    scale = layer.weight_scale.float().reshape(n, -1)  # (N, groups): 1 per channel
+    reps = k // block // scale.shape[1]  # > 1 for a per-channel row split in blocks
+    scale = scale.repeat_interleave(reps, 1)
+    zero = (layer.weight_zero.float().reshape(n, -1) + shift).repeat_interleave(reps, 1)
+    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
+        raise ValueError("MatMulNBits needs integer zero points on the code grid")
+    blob = pack_codes(q.reshape(n, k // block, block), bits)
+    return {
+        "B": blob.contiguous(),
+        "scales": scale.reshape(-1).contiguous(),
+        "zero_points": pack_codes(zero.to(torch.int32), bits).reshape(-1).contiguous(),
+    }
+
+
+def gemm_weight(onnx: Any, node: Any) -> tuple[str, bool] | None:
+    """``(B, transB)`` of a ``Gemm`` that is a plain linear layer (``alpha = beta = 1``, no
+    ``transA``), else None."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA"):
+        return None
+    return node.input[1], bool(attrs.get("transB", 0))
+
+
+def weight_of(onnx: Any, node: Any) -> tuple[str, bool] | None:
+    """``(weight input, stored as (N, K))`` of a ``MatMul`` or linear ``Gemm`` node."""
+    if node.op_type == "MatMul" and len(node.input) == 2:
+        return node.input[1], False
+    return gemm_weight(onnx, node) if node.op_type == "Gemm" else None
 
 
 def gather_format(table: QuantEmbedding) -> tuple[int, int] | None:
@@ -94,6 +131,28 @@ def gather_tables(model: nn.Module) -> dict[str, tuple]:
         if isinstance(m, QuantEmbedding) and (fmt := gather_format(m)) is not None:
             found[tensor_key(m.weight)] = (name, m, *fmt)
     return found
+
+
+def head_blocks(tables: dict[str, tuple], heads: dict[str, tuple]) -> None:
+    """Put each per-row table of ``tables`` whose codes are those of a per-channel head of
+    ``heads`` (``{key: (name, layer, bits, block)}``: a tied LM head) on that head's blocks,
+    in place, so that :func:`share_head_codes` can let its lookup read the head's tensors. A
+    weight-only head has the table's blocks already; an a8g head's are its input's groups (32,
+    not 128), a row's scale repeated on each: the same numbers on either."""
+    for key, (name, table, bits, block) in tables.items():
+        if table.weight_spec.granularity != "channel":
+            continue
+        for _, layer, head_bits, head_block in heads.values():
+            if (
+                head_bits == bits
+                and 16 <= head_block != block
+                and table.embedding_dim % head_block == 0
+                and layer.weight_spec.granularity == "channel"
+                and layer.weight_codes.shape == table.weight_codes.shape
+                and torch.equal(layer.weight_codes, table.weight_codes)
+            ):
+                tables[key] = (name, table, bits, head_block)
+                break
 
 
 def replace_gathers(onnx: Any, graph: Any, tables: dict) -> set[str]:

@@ -57,11 +57,13 @@ from compactnn.kernels.nbits_split import split_byte_nodes, split_tied_gathers
 from compactnn.kernels.nbits_tables import (
     CHANNEL_BLOCK,
     gather_tables,
-    pack_codes,
+    head_blocks,
+    nbits_tensors,
     replace_gathers,
     share_head_codes,
     tables_to_bf16,
     tensor_key,
+    weight_of,
 )
 from compactnn.kernels.ort_dynamic import (
     DYNAMIC,
@@ -71,6 +73,12 @@ from compactnn.kernels.ort_dynamic import (
     dynamic_tensors,
     integer_ops,
     share_dynamic_heads,
+)
+from compactnn.kernels.ort_inputs import (
+    check_example_keys,
+    check_graph_inputs,
+    graph_feed,
+    refuse_existing,
 )
 
 NBITS = (4, 8)  # ONNX Runtime's MatMulNBits bit widths used here (codes below 4 bits fit 4)
@@ -100,8 +108,11 @@ def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
     k = layer.in_features
     # MLAS blocks: powers of two from 16 (its fast kernels up to 256); a per-channel row
     # becomes blocks of the largest power of two dividing K, at most CHANNEL_BLOCK, each with
-    # the row's scale and zero point (K = 384: 128; K = 1536: 128)
+    # the row's scale and zero point (K = 384: 128; K = 1536: 128), or of the input's groups
+    # (a8g's 8-bit per-channel LM head: level 4 quantizes the input on the weight's blocks)
     block = spec.group_size if spec.granularity == "group" else min(k & -k, CHANNEL_BLOCK)
+    if aq is not None and spec.granularity == "channel":
+        block = aq.spec.group_size
     bits = 4 if spec.bits <= 4 else 8 if spec.bits == 8 else None
     if bits is None or block < 16 or block & (block - 1) or k % block:
         return None
@@ -116,23 +127,13 @@ def integer_format(layer: QuantLinear) -> tuple[int, int] | None:
     return _nbits_format(layer) or dynamic_format(layer)
 
 
-def nbits_tensors(layer: QuantLinear, bits: int, block: int) -> dict[str, torch.Tensor]:
-    """MatMulNBits' ``B`` ``(N, K/block, block*bits/8)`` uint8, ``scales`` ``(N*K/block,)``
-    float32 and ``zero_points`` (packed uint8) from ``layer``'s codes: ``w = (q - z) * s``."""
-    n, k = layer.out_features, layer.in_features
-    shift = 1 << (bits - 1) if layer.weight_spec.qtype.signed else 0  # into 0..2^bits-1
-    q = layer.weight_codes.to(torch.int32) + shift  # (N, K)
-    scale = layer.weight_scale.float().reshape(n, -1)  # (N, groups): 1 per channel
-    reps = k // block // scale.shape[1]  # > 1 for a per-channel row split in blocks
-    scale = scale.repeat_interleave(reps, 1)
-    zero = (layer.weight_zero.float().reshape(n, -1) + shift).repeat_interleave(reps, 1)
-    if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() >= 1 << bits:
-        raise ValueError("MatMulNBits needs integer zero points on the code grid")
-    blob = pack_codes(q.reshape(n, k // block, block), bits)
+def misfit_layers(model: nn.Module) -> dict[str, str]:
+    """``{weight^T key: name}`` of the quantized linear layers with no integer format here."""
+    layers = model.named_modules()
     return {
-        "B": blob.contiguous(),
-        "scales": scale.reshape(-1).contiguous(),
-        "zero_points": pack_codes(zero.to(torch.int32), bits).reshape(-1).contiguous(),
+        tensor_key(m.weight.detach().float().T): n
+        for n, m in layers
+        if isinstance(m, QuantLinear) and integer_format(m) is None
     }
 
 
@@ -202,6 +203,7 @@ def nbits_proto(
         )
     tables = gather_tables(model) if quantized_tables else {}
     plain, found = dequantized_model(model)
+    head_blocks(tables, found)  # a tied table on its head's blocks, to share its codes
     with tempfile.TemporaryDirectory(prefix="compactnn-nbits-") as tmp:
         export_dynamic(plain, example, Path(tmp) / "m.onnx")
         proto = onnx.load(str(Path(tmp) / "m.onnx"))
@@ -221,24 +223,9 @@ def nbits_proto(
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     # fitting layers whose MatMul the graph holds but that did not become MatMulNBits (a
     # layer the traced output does not use, e.g. BERT's pooler, is not in the graph at all)
-    left = sorted(name for key, (name, *_) in found.items() if key in seen and key not in used)
-    return proto, left
-
-
-def _gemm_weight(onnx: Any, node: Any) -> tuple[str, bool] | None:
-    """``(B, transB)`` of a ``Gemm`` that is a plain linear layer (``alpha = beta = 1``, no
-    ``transA``), else None."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA"):
-        return None
-    return node.input[1], bool(attrs.get("transB", 0))
-
-
-def _weight_of(onnx: Any, node: Any) -> tuple[str, bool] | None:
-    """``(weight input, stored as (N, K))`` of a ``MatMul`` or linear ``Gemm`` node."""
-    if node.op_type == "MatMul" and len(node.input) == 2:
-        return node.input[1], False
-    return _gemm_weight(onnx, node) if node.op_type == "Gemm" else None
+    left = {name for key, (name, *_) in found.items() if key in seen and key not in used}
+    left |= {name for key, name in misfit_layers(model).items() if key in seen}  # no format
+    return proto, sorted(left)
 
 
 def _replace_matmuls(
@@ -252,13 +239,13 @@ def _replace_matmuls(
     # keys of W^T: a MatMul's (K, N) weight as stored, a transB Gemm's (N, K) transposed
     keys: dict[tuple[str, bool], str] = {}
     for node in graph.node:
-        got = _weight_of(onnx, node)
+        got = weight_of(onnx, node)
         if got is not None and got[0] in inits and len(inits[got[0]].dims) == 2 and got not in keys:
             t = torch.from_numpy(to_array(inits[got[0]]).copy())
             keys[got] = tensor_key(t.T if got[1] else t)
     used, dropped, nodes = set(), set(), []
     for node in graph.node:
-        got = _weight_of(onnx, node)
+        got = weight_of(onnx, node)
         key = keys.get(got) if got is not None else None
         if key not in found:
             nodes.append(node)
@@ -362,7 +349,8 @@ class OrtNBitsModel(nn.Module):
         source: the path of an ``.onnx`` file (its external data beside it: the initializers
             are mapped, not copied; see :func:`save_nbits`) or the serialized bytes (ONNX
             Runtime then keeps its own copy of every initializer: more resident memory).
-        names: the input names, in the order of the model's inputs.
+        names: the input names (kept as ``names``); a call feeds the graph's own inputs,
+            refusing a missing or unknown one (:mod:`~compactnn.kernels.ort_inputs`).
         threads: intra-op threads (default: ``torch.get_num_threads()``).
         arena: ONNX Runtime's CPU memory arena (default off: it keeps the peak of every shape
             run so far; off, activations are freed after each run).
@@ -397,6 +385,8 @@ class OrtNBitsModel(nn.Module):
                 data.stat().st_size if data.exists() else 0
             )
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        # the graph's own inputs decide what a call feeds (ort_inputs): ``names`` is informative
+        self.inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.names = names
         self.runtime = "onnxruntime " + " + ".join(integer_ops(source))
         # set by to_ort_nbits: the MatMulNBits accuracy_level that runs, and the check of
@@ -409,7 +399,7 @@ class OrtNBitsModel(nn.Module):
         weakref.finalize(self, shutil.rmtree, str(folder), ignore_errors=True)
 
     def forward(self, **kwargs: torch.Tensor) -> tuple[torch.Tensor]:
-        feed = {n: kwargs[n].numpy() for n in self.names if n in kwargs}
+        feed = graph_feed(kwargs, self.inputs)
         return (torch.from_numpy(self.session.run(None, feed)[0]),)
 
 
@@ -422,6 +412,7 @@ def to_ort_nbits(
     quantized_tables: bool = True,
     threads: int | None = None,
     path: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> OrtNBitsModel:
     """``model`` on ONNX Runtime with its weight-only layers as MatMulNBits (see module doc).
 
@@ -439,6 +430,7 @@ def to_ort_nbits(
         path: write the model here (``path`` and its external data ``path.data``: keep them
             together; ONNX Runtime's CPU provider runs them: 1.32 tested) and run it from there;
             default: a private temporary folder, deleted with the returned model.
+        force: replace an existing file at ``path`` (or its ``path.data``); refused otherwise.
 
     Returns:
         An :class:`OrtNBitsModel` whose session maps its initializers from the file.
@@ -448,7 +440,12 @@ def to_ort_nbits(
             names the quantized layers that stay float when only some do.
     """
     level = 4 if accuracy_level is None else accuracy_level
+    if path is not None:
+        refuse_existing(path, force)
+    if isinstance(example, dict):
+        check_example_keys(model, example)
     proto, left = nbits_proto(model, example, level, bf16_tables, quantized_tables)
+    check_graph_inputs(proto.graph, example)
     if not any(n.op_type in INTEGER_OPS for n in proto.graph.node):
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
         misfit = [n for n, m in layers if integer_format(m) is None]

@@ -432,11 +432,10 @@ def quantize_embeddings(
     :func:`~compactnn.core.qembedding.embedding_spec` of the recipe's weight spec: the token
     table (the one with the most rows) at the recipe's bits, the other tables (positions,
     token types: small, and added to every token) at ``first_last_bits``.
-    A Linear tied to a table (an LM head) is quantized with it whenever the step targets the
-    head: the table takes the head's grid (``first_last_bits`` applies, the head being the
-    last layer) and the head reads the same codes, so the tie survives and is stored once.
-    GPTQ, AWQ and the other solvers never see the tables or tied heads: they are removed from
-    the targets returned, which the method's handler then takes.
+    A Linear tied to a table (an LM head) is quantized with it when the step targets both
+    (else both stay float): the table takes the head's grid (``first_last_bits``: the head
+    is the last layer), the head reads the same codes, so the tie survives, stored once.
+    GPTQ, AWQ and the other solvers never see the tables or tied heads (not returned).
 
     Example:
         >>> rest = quantize_embeddings(model, targets, step.targets, config, ctx)  # doctest: +SKIP
@@ -455,21 +454,23 @@ def quantize_embeddings(
         head_name, head = next((heads[n] for n in names if n in heads), (None, None))
         head_targeted = head_name in rest
         left = [n for n in names if not step_targets.name_matches(n)]
+        pair = ", ".join(n for n in (head_name, *names) if n)  # tied: both quantized or neither
+        fix = f"so both stay float: name {pair} in one step's targets to quantize them as one table"
         if left or not (wanted or head_targeted):
             kept = left[0] if left else name
             if head_targeted:  # quantizing the head alone would untie it: keep both float
                 rest.pop(head_name)
-                ctx.float_layers[head_name] = f"tied to {kept}, which the step leaves in float"
+                ctx.float_layers[head_name] = f"tied to {kept}, which the step leaves out, {fix}"
             if left and (wanted or head_targeted):  # nor some of the tied tables alone
                 for n in (n for n in names if n not in left):
-                    ctx.float_layers[n] = f"tied to {kept}, which the step leaves in float"
+                    ctx.float_layers[n] = f"tied to {kept}, which the step leaves out, {fix}"
             continue
         group = {n: model.get_submodule(n) for n in names}  # all of them, not just the first
         why = next((w for m in group.values() if (w := embedding_unsupported(m))), None)
         if why is None:
             check_shared_factors(group)
         if why is None and head is not None and not head_targeted:
-            why = f"tied to {head_name}, which the step leaves in float"
+            why = f"tied to {head_name}, which the step leaves out, {fix}"
         if why is not None:
             ctx.float_layers[name] = why
             if head_targeted:

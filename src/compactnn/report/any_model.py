@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import compactnn
 from compactnn.errors import CompactnnError, first_line, name_list
-from compactnn.export.artifact import artifact_exists, read_header
+from compactnn.export.artifact import artifact_exists, read_header, removed_if_failed
 from compactnn.export.fs import writable_folder
 from compactnn.measure import (
     DEFAULT_RUNS,
@@ -464,5 +464,6 @@ def build_report(
         "rows": rows,
     }
     png = pareto_png(results, panels=("size", "latency"))
-    write_files(out, results, _blocks(results, png, title), png, title)
+    with removed_if_failed(out):  # a failed write leaves no folder it created
+        write_files(out, results, _blocks(results, png, title), png, title)
     return results

@@ -36,7 +36,13 @@ from compactnn.core.spec import QuantSpec
 from compactnn.engines.sequential import block_stream, find_blocks
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export import replace, validate
-from compactnn.export.artifact import check_writable, header_body, info_of, pack_model
+from compactnn.export.artifact import (
+    check_writable,
+    header_body,
+    info_of,
+    pack_model,
+    removed_if_failed,
+)
 from compactnn.export.sparse import sparsify
 from compactnn.quant.base import QuantConfig
 from compactnn.recipe import Recipe, resolve_recipe
@@ -418,5 +424,6 @@ def save_streamed(
         validate.check_header(header)
         return header
 
-    out.mkdir(parents=True, exist_ok=True)
-    return replace.write_artifact(out, writers, make_header)["digest"]
+    with removed_if_failed(out):  # a failed save leaves no folder it created
+        out.mkdir(parents=True, exist_ok=True)
+        return replace.write_artifact(out, writers, make_header)["digest"]
