@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from compactnn.kernels.graph_edit import replace_nodes
 from compactnn.kernels.nbits_check import PINNED
 
 MS_DOMAIN = "com.microsoft"
@@ -146,10 +147,5 @@ def merge_siblings(onnx: Any, graph: Any) -> int:
             nodes.extend(replace[id(node)])
         elif id(node) not in gone:
             nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    keep = [i for i in graph.initializer if i.name not in dropped or i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    replace_nodes(graph, nodes, dropped)
     return len(replace)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compactnn.kernels.graph_edit import replace_nodes
 from compactnn.kernels.nbits_check import PINNED
 from compactnn.kernels.nbits_tables import pack_codes
 
@@ -93,7 +94,7 @@ def split_byte_nodes(onnx: Any, graph: Any) -> int:
         nodes += _combine(onnx, graph, inits, node.output[0], node.name)
         dropped.update((b, zeros))
         count += 1
-    _replace_nodes(graph, nodes, dropped)
+    replace_nodes(graph, nodes, dropped)
     return count
 
 
@@ -133,7 +134,7 @@ def split_tied_gathers(onnx: Any, graph: Any) -> int:
         nodes += _combine(onnx, graph, inits, node.output[0], node.name)
         dropped.update((data, zeros))
         count += 1
-    _replace_nodes(graph, nodes, dropped)
+    replace_nodes(graph, nodes, dropped)
     return count
 
 
@@ -163,12 +164,3 @@ def _half_node(onnx: Any, node: Any, inputs: list[str], half: str) -> Any:
         domain=MS_DOMAIN,
         **(attrs | {"bits": 4}),
     )
-
-
-def _replace_nodes(graph: Any, nodes: list[Any], dropped: set[str]) -> None:
-    del graph.node[:]
-    graph.node.extend(nodes)
-    read = {n for node in nodes for n in node.input}
-    keep = [i for i in graph.initializer if i.name not in dropped or i.name in read]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)

@@ -26,6 +26,7 @@ import torch
 
 from compactnn._optional import require
 from compactnn.core.qlayers import QuantLinear
+from compactnn.kernels.graph_edit import replace_nodes
 
 DYNAMIC = 0  # the "block size" :func:`~compactnn.kernels.ort_nbits.dequantized_model` records
 INTEGER_OPS = ("MatMulNBits", "DynamicQuantizeMatMul")  # the nodes that run compactnn's codes
@@ -157,10 +158,5 @@ def share_dynamic_heads(onnx: Any, graph: Any) -> int:
         ]
         dropped.update(node.input[i] for i in (0, 2, 3))
         shared += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    keep = [i for i in graph.initializer if i.name not in dropped or i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    replace_nodes(graph, nodes, dropped)
     return shared

@@ -51,6 +51,7 @@ from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import CompactnnError, name_list
+from compactnn.kernels.graph_edit import replace_nodes
 from compactnn.kernels.nbits_check import PINNED, checked_level
 from compactnn.kernels.nbits_merge import merge_siblings
 from compactnn.kernels.nbits_split import split_byte_nodes, split_tied_gathers
@@ -287,12 +288,7 @@ def _replace_matmuls(
                     "Add", [out, bias], [node.output[0]], name=f"{node.name}_bias"
                 )
             )
-    del graph.node[:]
-    graph.node.extend(nodes)
-    still = {n for node in nodes for n in node.input}
-    keep = [i for i in graph.initializer if i.name not in dropped or i.name in still]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    replace_nodes(graph, nodes, dropped)
     return used, set(keys.values())
 
 
