@@ -386,3 +386,26 @@ def test_cli_report_takes_a_reference_name_as_data(cli_project, capsys):
     assert main(["report", "a0-w8a8", *model, "--data", "nope", "--out", "r-nope"]) == 2
     err = capsys.readouterr().err
     assert "--data 'nope' must be" in err and "mnist-cnn" in err and "digits" in err
+
+
+def test_a_failed_write_leaves_no_folder_it_created(setup, tmp_path, monkeypatch):
+    """``build_report`` (and so ``compactnn report``) removes the new ``out`` folder when
+    writing the files fails, e.g. on a full disk; a folder that existed stays."""
+    from compactnn.report import any_model
+
+    _root, net, paths = setup
+
+    def full_disk(out, *args):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.json").write_text("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(any_model, "write_files", full_disk)
+    kw = {"model": net, "data": load_digits8(), "progress": False, "runs": 1, "memory": False}
+    with pytest.raises(OSError, match="No space"):
+        build_report([paths["sp50"]], out=tmp_path / "new" / "r", **kw)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(OSError, match="No space"):
+        build_report([paths["sp50"]], out=tmp_path / "old" / "r", **kw)
+    assert (tmp_path / "old").is_dir() and not (tmp_path / "old" / "r").exists()

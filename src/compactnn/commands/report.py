@@ -163,7 +163,6 @@ def model_source(loaded, trust_pickle: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compactnn.export.artifact import removed_if_failed
     from compactnn.model_io import skeleton_for
     from compactnn.report import build_report, labelled_data
     from compactnn.report.any_model import check_artifacts, check_report_folder
@@ -190,21 +189,20 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if data is None:
         data = read_inputs(args, loaded)
-    with removed_if_failed(args.out):  # a failed report leaves no --out folder it created
-        results = build_report(
-            args.artifacts,
-            model=loaded.model,
-            data=data,
-            out=args.out,
-            threads=args.threads,
-            title=args.title,
-            runs=args.runs,
-            progress=not args.no_progress,
-            quick=args.quick,
-            force=args.force,
-            memory=not args.no_memory,
-            source=model_source(loaded, args.trust_pickle),
-        )
+    results = build_report(
+        args.artifacts,
+        model=loaded.model,
+        data=data,
+        out=args.out,
+        threads=args.threads,
+        title=args.title,
+        runs=args.runs,
+        progress=not args.no_progress,
+        quick=args.quick,
+        force=args.force,
+        memory=not args.no_memory,
+        source=model_source(loaded, args.trust_pickle),
+    )
     lines = [header(results), *table_rows(results)]
     widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]
     for line in lines:
