@@ -281,3 +281,12 @@ def test_a_registered_quant_method_is_picked_by_its_short_name(scratch_registry)
     registry.register("mse_like", MseLikeConfig)(_handler)
     assert [s.method for s in resolve_recipe("w4-mse_like").steps] == ["mse_like"]
     assert [s.method for s in resolve_recipe("w4-mse").steps] == ["rtn"]  # the alias stays
+
+
+def test_an_unknown_method_name_is_quoted_cut_short():
+    """A recipe file's huge method name was printed whole in the one-line error."""
+    from compactnn.registry import get_method
+
+    with pytest.raises(CompactnnError, match="unknown method") as err:
+        get_method("x" * 5000)
+    assert len(str(err.value)) < 1000 and "..." in str(err.value)

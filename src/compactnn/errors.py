@@ -18,6 +18,11 @@ def name_list(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
+def counted(n: int, noun: str) -> str:
+    """``"1 layer"``, ``"3 layers"``: a count and its noun for a message."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of ``exc``'s message (its type's name when empty), at most ``limit``
     characters: the part of a library's error worth quoting in a one-line message."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from compactnn.core.config import MethodConfig
+from compactnn.core.fields import short_repr
 from compactnn.errors import CompactnnError
 
 
@@ -242,7 +243,7 @@ def get_method(name: str) -> MethodEntry:
     """The method registered under ``name``; a CompactnnError lists the known names."""
     if name not in METHODS:
         raise UnknownMethodError(
-            name, f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}."
+            name, f"unknown method {short_repr(name)}; known methods: {', '.join(sorted(METHODS))}."
         )
     return METHODS[name]
 

@@ -146,3 +146,16 @@ def test_a_compressed_encoder_layer_runs_its_own_layers_not_pytorchs_fused_kerne
         torch.testing.assert_close(out, slow, atol=1e-5, rtol=0)
     assert not torch.equal(slow, net(x))  # quantized: not the float model
     assert net.eval()[1].layers[0].activation_relu_or_gelu  # the input model is unchanged
+
+
+def test_bad_targets_are_quoted_cut_short():
+    """targets from a recipe file with thousands of entries were printed whole."""
+    import pytest
+
+    from compactnn.core.modules import Targets
+    from compactnn.errors import CompactnnError
+
+    for bad in (dict(names=list(range(3000))), ["fc"] * 3000):
+        with pytest.raises(CompactnnError, match="targets") as err:
+            Targets.from_dict(bad)
+        assert len(str(err.value)) < 300 and "..." in str(err.value)

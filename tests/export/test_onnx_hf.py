@@ -111,7 +111,7 @@ def test_groups_below_16_stay_float_and_say_so(tmp_path):
     note = onnx_hf.caveat(q)
     assert f"{len(quantized)} quantized layers" in note and "groups of 8 in rows of 64" in note
     assert "from 16 to 64 (e.g. w4-g32)" in note  # 64: the largest block dividing every row
-    with pytest.warns(UserWarning, match=r"stay float32 MatMul/Gather.*of the .* file"):
+    with pytest.warns(UserWarning, match=r"left as float32 MatMul/Gather.*of the .* file"):
         path = onnx_hf.export(q, tmp_path / "m.onnx", example=calib[0])
     graph = onnx.load(str(path)).graph
     assert not [n for n in graph.node if n.domain == "com.microsoft"]
@@ -158,7 +158,7 @@ def test_layers_left_float_are_named(bert, monkeypatch):
     model, calib = bert
     q = compactnn.compress(model, "w4-g32", calib_data=calib, progress=False)
     monkeypatch.setattr(onnx_hf, "nbits_onnx", lambda *a, **k: (b"", ["pooler.dense"]))
-    with pytest.warns(UserWarning, match=r"1 quantized layers stay float.*pooler\.dense"):
+    with pytest.warns(UserWarning, match=r"1 quantized layer left as float.*pooler\.dense"):
         onnx_hf.to_onnx_bytes(q, calib[0])
 
 
@@ -198,4 +198,4 @@ def test_w8a8_table_left_float_is_listed(opt_w8a8, monkeypatch):
     q, _ = opt_w8a8
     monkeypatch.setattr(onnx_hf, "gather_format", lambda table: None)
     assert [n for n, *_ in onnx_hf.float_layers(q)] == ["model.decoder.embed_tokens"]
-    assert "1 quantized layers (model.decoder.embed_tokens) stay float32" in onnx_hf.caveat(q)
+    assert "1 quantized layer (model.decoder.embed_tokens) left as float32" in onnx_hf.caveat(q)

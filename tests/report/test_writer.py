@@ -166,6 +166,7 @@ def test_doubtful_latencies_and_the_float_paths_are_stated(tmp_path):
 def test_a_crash_while_writing_the_picture_keeps_the_previous_one(tmp_path, monkeypatch):
     write_report(synthetic(), tmp_path)
     before = (tmp_path / "pareto.png").read_bytes()
+    results_before = (tmp_path / "results.json").read_text()
     real = Path.write_bytes
 
     def half_then_crash(self, data):
@@ -178,6 +179,8 @@ def test_a_crash_while_writing_the_picture_keeps_the_previous_one(tmp_path, monk
     with pytest.raises(OSError, match="disk full"):
         write_report(results, tmp_path)
     assert (tmp_path / "pareto.png").read_bytes() == before  # not a half-written file
+    # nor a new results.json beside the previous run's picture and report
+    assert (tmp_path / "results.json").read_text() == results_before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "pareto.png",
         "report.html",
@@ -188,6 +191,23 @@ def test_a_crash_while_writing_the_picture_keeps_the_previous_one(tmp_path, monk
     with pytest.raises(OSError, match="disk full"):
         write_report(results, fresh)
     assert not (fresh / "pareto.png").exists()
+
+
+def test_an_error_while_rendering_writes_no_file(tmp_path, monkeypatch):
+    from compactnn.report import writer
+
+    write_report(synthetic(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    results = synthetic()
+    results["rows"][1]["quality"] = 50.0
+
+    def broken(*args, **kwargs):
+        raise ValueError("bad row")
+
+    monkeypatch.setattr(writer, "to_html", broken)
+    with pytest.raises(ValueError, match="bad row"):
+        write_report(results, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_float_layers_are_listed_in_model_order():

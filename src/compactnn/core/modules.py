@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.fields import check_keys
+from compactnn.core.fields import check_keys, short_repr
 from compactnn.errors import CompactnnError
 
 DEFAULT_CLASSES = ("Linear", "Conv1d", "Conv2d")
@@ -41,7 +41,7 @@ class Targets:
             value = (value,) if isinstance(value, str) else value
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise CompactnnError(
-                    f"targets.{attr}={value!r} must be a string or a list of strings "
+                    f"targets.{attr}={short_repr(value)} must be a string or a list of strings "
                     f"(e.g. {attr}: [{DEFAULT_CLASSES[0] if attr == 'classes' else 'fc*'}])."
                 )
             object.__setattr__(self, attr, tuple(value))
@@ -80,7 +80,7 @@ class Targets:
             return cls()
         if not isinstance(data, dict):
             raise CompactnnError(
-                f"targets={data!r} must be a mapping with keys classes, names and ignore "
+                f"targets={short_repr(data)} must be a mapping with keys classes, names and ignore "
                 "(e.g. targets: {ignore: [lm_head]}); omit it to target every layer."
             )
         return cls(**check_keys(data, ("classes", "names", "ignore"), "targets"))

@@ -12,11 +12,10 @@ Two forms, chosen from the model's layers:
 * **W8A8** (every quantized Linear with an 8-bit per-channel weight and an input quantizer:
   ``w8a8``, ``w8a8-smoothquant``): the weight is ``DequantizeLinear`` of its int8 codes
   (``w = q * s`` per output channel); a quantized token table is ``GatherBlockQuantized`` on
-  its codes (as in the weight-only form), and an LM head tied to it dequantizes those very
-  bytes (stored once); a static activation grid is a
-  ``QuantizeLinear -> DequantizeLinear`` pair, a per-token dynamic one (SmoothQuant's) the
-  same rounding in float ops, ``s_t = (max_t - min_t) / 255``,
-  ``x' = (clamp(round(x / s_t) + z_t, 0, 255) - z_t) s_t``.
+  its codes (as in the weight-only form), a tied LM head dequantizes those bytes (stored
+  once); a static activation grid is a ``QuantizeLinear -> DequantizeLinear`` pair, a
+  per-token dynamic one (SmoothQuant's) the same rounding in float ops,
+  ``s_t = (max_t - min_t) / 255``, ``x' = (clamp(round(x / s_t) + z_t, 0, 255) - z_t) s_t``.
 
 The whole graph (embeddings, attention, norms) runs in ONNX Runtime; batch and sequence axes
 are dynamic; a decoder returns the logits of the prompt (no KV cache). The file is written
@@ -49,7 +48,7 @@ from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear, is_quant_layer
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, counted, name_list
 from compactnn.export.fs import atomic_write, names_folder
 from compactnn.export.hf_check import ignore_fix, mean_cosine, other_layers
 from compactnn.kernels.nbits_tables import gather_format, gather_tables, replace_gathers
@@ -235,8 +234,9 @@ def caveat(qmodel: nn.Module) -> str | None:
             else f"no such block divides rows of {', '.join(map(str, sorted(widths)))}"
         )
     return (
-        f"{len(layers)} quantized layers ({name_list(names, 3)}) stay float32 MatMul/Gather "
-        f"on their dequantized weights, {_kb(nbytes)}: e.g. {layers[0][1]}; {'; '.join(fixes)}"
+        f"{counted(len(layers), 'quantized layer')} ({name_list(names, 3)}) left as float32 "
+        f"MatMul/Gather on their dequantized weights, {_kb(nbytes)}: e.g. {layers[0][1]}; "
+        + "; ".join(fixes)
     )
 
 
@@ -411,8 +411,8 @@ def to_onnx_bytes(
         left = [name for name in left if name not in named]
         if left:
             warnings.warn(
-                f"ONNX export: {len(left)} quantized layers stay float MatMul/Gemm on their "
-                f"dequantized weights (not MatMulNBits): {name_list(left)}",
+                f"ONNX export: {counted(len(left), 'quantized layer')} left as float "
+                f"MatMul/Gemm on their dequantized weights (not MatMulNBits): {name_list(left)}",
                 stacklevel=3,
             )
         return data, kind

@@ -308,14 +308,20 @@ def write_files(
     Example:
         >>> write_files("out/r", {"rows": []}, [("h1", "r")], png, "r")  # doctest: +SKIP
     """
+    # every file's text first: an error while rendering (a bad row) writes nothing, rather
+    # than a new results.json beside the previous run's report
+    texts = {
+        "results.json": json.dumps(results, indent=1, sort_keys=False),
+        "report.md": to_markdown(blocks),
+        "report.html": to_html(blocks, title),
+    }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("results.json", "pareto.png", "report.md")}
     paths["report.html"] = out / "report.html"
-    atomic_write_text(paths["results.json"], json.dumps(results, indent=1, sort_keys=False))
     atomic_write(paths["pareto.png"], lambda tmp: Path(tmp).write_bytes(png))
-    atomic_write_text(paths["report.md"], to_markdown(blocks))
-    atomic_write_text(paths["report.html"], to_html(blocks, title))
+    for name, text in texts.items():
+        atomic_write_text(paths[name], text)
     for path in paths.values():
         path.chmod(0o644)  # temp files are created private; a report is for reading
     return paths
