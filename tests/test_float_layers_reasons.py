@@ -79,3 +79,25 @@ def test_sizes_are_printed_in_a_unit_that_fits():
         "12.0 KiB",
         "5.0 MiB",
     ]
+
+
+def test_a_small_conv_transpose_left_float_is_named_in_a_warning():
+    """A U-Net's small upsampling ConvTranspose2d stayed float with no word in Python (only
+    info_of said "not targeted by the recipe", as if a recipe could target it)."""
+
+    class UNetish(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Conv2d(1, 64, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose2d(64, 4, 2, stride=2)
+            self.head = nn.Conv2d(4, 64, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(self.up(torch.relu(self.enc(x))))
+
+    torch.manual_seed(0)
+    q, said = _compress(UNetish().eval(), "w8a8", torch.randn(16, 1, 8, 8))
+    reason = compactnn.info_of(q)["float_layers"]["up"]
+    assert reason == "ConvTranspose2d is not a quantizable layer type"
+    assert any(s.startswith("kept in float: up (ConvTranspose2d is not a") for s in said)
+    assert not any("stay in float" in s for s in said)  # a small share of the bytes

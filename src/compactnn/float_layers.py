@@ -32,6 +32,7 @@ def report_float_layers(
     is a projection of an MLP that probe pruning slices per batch (``extra["probe_prune"]``)."""
     pruned = _pruned_weights(model, ctx)
     known = set(ctx.float_layers) | set(probe_pruned_layers(ctx.extra))  # reason known, or pruned
+    quantized = any(has_integer_weight(m) for m in model.modules())
     narrowed = _channel_pruned(model, ctx.extra.get("resized", {}), widths, earlier, ctx.skipped)
     for name, m in weight_layers(model).items():
         if has_integer_weight(m) or name in known or id(m.weight) in pruned:
@@ -39,6 +40,8 @@ def report_float_layers(
         skipped = ctx.skipped.get(name)
         if name in narrowed:  # compressed (a narrower float layer); a later step's skip too
             ctx.float_layers[name] = narrowed[name] + (f": {skipped}" if skipped else "")
+        elif skipped is None and quantized and _no_method_quantizes(m):
+            ctx.float_layers[name] = unquantizable_reason(m)  # said: no recipe can target it
         else:
             ctx.float_layers[name] = skipped or NOT_TARGETED
     for name, m in model.named_modules():  # weights that are not a .weight (a GRU's)
@@ -52,6 +55,13 @@ def report_float_layers(
     if failed:
         listing = "; ".join(f"{n} ({r})" for n, r in failed.items())
         warnings.warn(f"kept in float: {listing}", stacklevel=3)
+
+
+def _no_method_quantizes(m: nn.Module) -> bool:
+    """A convolution-like layer of a type no method quantizes (``ConvTranspose2d``,
+    ``Conv3d``): named when a recipe quantizes the rest, since targeting cannot help."""
+    w = getattr(m, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() >= 3 and not isinstance(m, QUANTIZABLE)
 
 
 def out_width(layer: nn.Module) -> int | None:
