@@ -56,10 +56,11 @@ def test_an_empty_or_non_yaml_recipe(tmp_path, monkeypatch):
     assert "'r.txt' is not named .yaml or .yml" in _error("r.txt")
 
 
-def test_an_unknown_short_name_keeps_the_list_of_forms():
+def test_an_unknown_short_name_names_the_forms_it_starts_like_on_one_line():
     with pytest.raises(CompactnnError, match="unknown recipe 'w5z'") as exc:
         resolve_recipe("w5z")
-    assert "w<W>[a<A>[g|d]]" in str(exc.value) and "\n" in str(exc.value)
+    assert "w<W>[a<A>[g|d]]" in str(exc.value) and "\n" not in str(exc.value)
+    assert "`compactnn recipes`" in str(exc.value)
 
 
 def _replace_recipe(root, text: str) -> None:

@@ -5,7 +5,9 @@ Every :class:`~compactnn.errors.CompactnnError` is printed as ``error: <message>
 with status 2, without a traceback. So is an ``OSError`` that names its file and is about the
 disk or permissions (full disk, file too large, no access, read-only file system): the user
 can fix those. (The writers of :mod:`compactnn.export.fs` name the file of a failed write.)
-Any other exception is a bug and keeps its traceback.
+Any other exception is a bug and keeps its traceback. Ctrl-C (SIGINT) and SIGTERM stop a
+command the same way, its cleanup run (a training log removed, or kept where a checkpoint
+resumes it): ``interrupted`` and status 130, ``terminated (SIGTERM)`` and status 143.
 
 OpenMP: every command that computes (``PASSIVE_COMMANDS``: all but ``recipes``) runs with
 ``OMP_WAIT_POLICY=PASSIVE`` and, while the load is below the CPU count, a bounded spin,
@@ -24,10 +26,12 @@ import sys
 OPENMP_LOADED = "torch" in sys.modules  # before our imports: was libgomp already loaded?
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import errno  # noqa: E402
 import importlib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,6 +43,8 @@ from compactnn.measure.timing import ensure_passive_policy  # noqa: E402
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
+EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # 128 + SIGTERM (timeout, Slurm, systemd, kill)
 # OSErrors the user fixes (free space, permissions, another path), with the hint to give.
 USER_OS_ERRORS = {
     errno.ENOSPC: "free some disk space or choose another --out",
@@ -171,6 +177,35 @@ def quiet_torchao_notice() -> None:
         logger.addFilter(_TorchaoEnumNotice())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is: a ``KeyboardInterrupt``, so every cleanup that
+    Ctrl-C runs (a training log removed or kept for a resume, a temporary folder) runs for
+    it as well. Only SIGKILL cannot be caught."""
+
+
+def _terminate(signum, frame) -> None:
+    """The SIGTERM handler: raise :class:`Terminated` once; a second SIGTERM (during the
+    cleanup) ends the process at once, as it would have without the handler."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the command runs, SIGTERM stops it as Ctrl-C does (:class:`Terminated`); the
+    previous handler is restored after. Outside the main thread (no handler can be set
+    there) nothing changes."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except (ValueError, OSError):  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
     quiet_torchao_notice()
@@ -182,8 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hide_hf_progress()
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
-        import_plugins(getattr(args, "plugin", None) or ())  # before any recipe is read
-        return int(args._run(args) or 0)
+        with sigterm_as_interrupt():  # timeout, Slurm, systemd: cleaned up as for Ctrl-C
+            import_plugins(getattr(args, "plugin", None) or ())  # before any recipe is read
+            return int(args._run(args) or 0)
     except CompactnnError as exc:
         print(f"error: {with_hints(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -195,10 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # not attributable to one of the user's paths: a bug, keep the traceback
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         close_progress_bars()  # else "interrupted" lands at the end of the bar's line
+        if isinstance(exc, Terminated):
+            print("terminated (SIGTERM)", file=sys.stderr)
+            return EXIT_TERMINATED
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = previous
 

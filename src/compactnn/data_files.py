@@ -5,12 +5,15 @@ header that matches the bytes after it, tensors with one row per example.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from compactnn.errors import CompactnnError, first_line
 
@@ -29,7 +32,30 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as exc:
+        if (kind := pickled_kind(path)) is not None:
+            raise CompactnnError(
+                f"{str(path)!r} is not a safetensors file: it looks like {kind}, which "
+                "compactnn never unpickles (that runs code from the file). Convert it on your "
+                "side, where you trust it: load it into your model with torch.load, then "
+                "safetensors.torch.save_file(model.state_dict(), 'net.safetensors') (data: "
+                "save_file({'x': x}, 'data.safetensors')), and pass the .safetensors file."
+            ) from exc
         raise CompactnnError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+
+
+def pickled_kind(path: Path) -> str | None:
+    """What a file that is not safetensors looks like from its first bytes (never
+    unpickled): ``torch.save``'s zip archive or a bare pickle; None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head == b"PK\x03\x04":
+        return "a pickled torch file (torch.save's zip archive)"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode, protocol
+        return "a pickled torch file (a bare pickle)"
+    return None
 
 
 def check_regular_file(path: Path, label: str, expected: str) -> None:
@@ -118,3 +144,98 @@ def check_rows(spec: str, tensors: dict[str, torch.Tensor]) -> None:
                 f"data {spec!r} holds tensors with different first dimensions ({shapes}): each "
                 "tensor needs one row per example; save them with the same number of rows."
             )
+
+
+def is_hf_model(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel`` (never imports transformers:
+    without it loaded, no model is one)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def keywords_for(
+    model: nn.Module | None, tensor: torch.Tensor, name: str | None = None, spec: str = ""
+) -> Any:
+    """A single tensor as a Hugging Face model's keyword input: under its own name when the
+    model's ``forward`` takes it, else the model's main input (``input_ids``,
+    ``pixel_values``); other models take the tensor itself.
+
+    Raises:
+        CompactnnError: the tensor (of the file ``spec``, named ``name`` unless an array) goes
+            to the main input and is not its kind: floats for a BERT's integer ``input_ids``,
+            token ids for a ViT's ``pixel_values``.
+    """
+    if model is None or not is_hf_model(model):
+        return tensor
+    main = model.main_input_name
+    if name in inspect.signature(model.forward).parameters:
+        return {name: tensor}
+    wants_ids = main in ("input_ids", "decoder_input_ids")
+    if wants_ids == (tensor.is_floating_point() or tensor.is_complex()):
+        held = f"{str(tensor.dtype).removeprefix('torch.')}, shape {tuple(tensor.shape)}"
+        held = f"one tensor, {name[:80]!r} ({held})" if name else f"an array ({held})"
+        takes = f" takes no {name[:80]!r}: its" if name else "'s"
+        expects = "integer token ids from its tokenizer" if wants_ids else "floating-point values"
+        raise CompactnnError(
+            f"data {spec!r} holds {held}, and {type(model).__name__}{takes} input is {main} "
+            f"({expects}); pass data made for this model, saved under the name {main!r}."
+        )
+    return {main: tensor}
+
+
+def float_dtype(model: nn.Module | None) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 by default)."""
+    params = model.parameters() if model is not None else ()
+    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+
+
+def cast_float(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating-point data in the model's dtype (numpy saves float64); integers (token ids,
+    labels) and booleans unchanged."""
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def takes_token_ids(model: nn.Module) -> bool:
+    """Whether ``model`` reads integer token ids: a Hugging Face model whose main input is
+    ``input_ids``, or a model whose first layer with weights is an ``nn.Embedding``."""
+    main = getattr(model, "main_input_name", None)
+    if main is not None:
+        return main in ("input_ids", "decoder_input_ids")
+    return isinstance(first_layer(model)[1], nn.Embedding)
+
+
+def first_layer(model: nn.Module) -> tuple[str, nn.Module | None]:
+    """``(name, module)`` of the first module (in definition order) holding weights."""
+    for name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            return name, module
+    return "", None
+
+
+def check_float_inputs(model: nn.Module | None, data: Any, what: str) -> None:
+    """Refuse integer inputs (``uint8`` pixels, ``int64`` values: a tensor, or the tensors
+    of a dict of keyword inputs) for a model whose first layer with weights is a convolution
+    or a linear layer: it computes in floating point and would fail on the first batch.
+    Token ids (a model that reads them) and other models pass.
+
+    Raises:
+        CompactnnError: naming the data (``what``, e.g. ``"--data int.npy"``), its dtype, the
+            model's first layer, and the cast.
+    """
+    tensors = data.items() if isinstance(data, dict) else [("", data)]
+    for key, tensor in tensors:
+        if model is None or not isinstance(tensor, torch.Tensor):
+            continue
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            continue
+        name, first = first_layer(model)
+        float_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        if takes_token_ids(model) or not isinstance(first, float_layers):
+            return
+        held = f"{what}'s {key!r}" if key else what
+        raise CompactnnError(
+            f"{held} holds {str(tensor.dtype).removeprefix('torch.')} values, and "
+            f"{type(model).__name__} reads floating-point inputs (its first layer {name!r} is "
+            f"a {type(first).__name__}): cast them to float32 before saving "
+            "(x.astype(numpy.float32) or tensor.float(), scaled as in training)."
+        )

@@ -22,7 +22,6 @@ given to the model as keywords), a ``.npy`` array, or a reference data set name.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import sys
 import warnings
@@ -35,7 +34,11 @@ from torch import nn
 
 from compactnn.core.modules import state_with_metadata
 from compactnn.core.weight_import import lift_weight_layers, misfit_line, weights_misfit
+from compactnn.data_files import cast_float as _cast
 from compactnn.data_files import check_rows, read_npy, read_tensors
+from compactnn.data_files import float_dtype as _float_dtype
+from compactnn.data_files import is_hf_model as is_hf_model  # re-exported
+from compactnn.data_files import keywords_for as _keywords_for
 from compactnn.errors import CompactnnError, first_line
 from compactnn.export.fs import hf_weights_file
 from compactnn.export.fs import sha256_file as file_sha256
@@ -69,6 +72,27 @@ class LoadedModel:
     calib: Any = None
     weights: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _ReferenceModel(LoadedModel):
+    """A reference model's LoadedModel: ``example`` and ``calib`` are the reference's, read
+    on first use (a data-free run or one on the user's --data never reads its data set)."""
+
+    def _from_reference(name: str) -> property:
+        def get(self: LoadedModel) -> Any:
+            if name in self.__dict__:
+                return self.__dict__[name]
+            return getattr(self.reference, name) if self.reference is not None else None
+
+        def put(self: LoadedModel, value: Any) -> None:
+            if value is not None:
+                self.__dict__[name] = value
+
+        return property(get, put)
+
+    example = _from_reference("example")
+    calib = _from_reference("calib")
+    del _from_reference
 
 
 def reference_names() -> list[str]:
@@ -122,7 +146,7 @@ def resolve_model(
         from compactnn.models import load_reference
 
         ref = load_reference(spec)
-        return LoadedModel(ref.model.eval(), spec, ref, ref.example, ref.calib)
+        return _ReferenceModel(ref.model.eval(), spec, ref)
     if path.suffix in (".pt", ".pth"):
         return _load_pickle(path, trust_pickle)
     if path.suffix == ".pt2":
@@ -355,11 +379,12 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
     if path.suffix == ".npy":
         array = read_npy(spec)
         try:
-            return _keywords_for(model, _cast(torch.from_numpy(array), dtype), spec=spec)
+            tensor = _cast(torch.from_numpy(array), dtype)
         except TypeError as exc:  # object/string/complex arrays torch has no dtype for
             raise CompactnnError(
                 f"{spec!r} holds {array.dtype} values; save numeric inputs (float or integer)."
             ) from exc
+        return _keywords_for(model, tensor, spec=spec)
     if spec in reference_names():
         from compactnn.models import load_reference
 
@@ -371,57 +396,8 @@ def resolve_data(spec: str | None, loaded: LoadedModel | None = None) -> Any:
     names = ", ".join(reference_names()) or "none"
     raise CompactnnError(
         f"unknown data {spec!r}: pass a .safetensors or .npy file of inputs, or a reference "
-        f"data set name ({names})."
+        f"model's name ({names}: its calibration batches)."
     )
-
-
-def is_hf_model(model: Any) -> bool:
-    """Whether ``model`` is a Hugging Face ``PreTrainedModel`` (never imports transformers:
-    without it loaded, no model is one)."""
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
-
-
-def _keywords_for(
-    model: nn.Module | None, tensor: torch.Tensor, name: str | None = None, spec: str = ""
-) -> Any:
-    """A single tensor as a Hugging Face model's keyword input: under its own name when the
-    model's ``forward`` takes it, else the model's main input (``input_ids``,
-    ``pixel_values``); other models take the tensor itself.
-
-    Raises:
-        CompactnnError: the tensor (of the file ``spec``, named ``name`` unless an array) goes
-            to the main input and is not its kind: floats for a BERT's integer ``input_ids``,
-            token ids for a ViT's ``pixel_values``.
-    """
-    if model is None or not is_hf_model(model):
-        return tensor
-    main = model.main_input_name
-    if name in inspect.signature(model.forward).parameters:
-        return {name: tensor}
-    wants_ids = main in ("input_ids", "decoder_input_ids")
-    if wants_ids == (tensor.is_floating_point() or tensor.is_complex()):
-        held = f"{str(tensor.dtype).removeprefix('torch.')}, shape {tuple(tensor.shape)}"
-        held = f"one tensor, {name[:80]!r} ({held})" if name else f"an array ({held})"
-        takes = f" takes no {name[:80]!r}: its" if name else "'s"
-        expects = "integer token ids from its tokenizer" if wants_ids else "floating-point values"
-        raise CompactnnError(
-            f"data {spec!r} holds {held}, and {type(model).__name__}{takes} input is {main} "
-            f"({expects}); pass data made for this model, saved under the name {main!r}."
-        )
-    return {main: tensor}
-
-
-def _float_dtype(model: nn.Module | None) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (float32 by default)."""
-    params = model.parameters() if model is not None else ()
-    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Floating-point data in the model's dtype (numpy saves float64); integers (token ids,
-    labels) and booleans unchanged."""
-    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
 
 
 def skeleton_for(

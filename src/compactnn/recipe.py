@@ -14,6 +14,7 @@ A YAML recipe::
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from compactnn.core.fields import check_keys, short_repr
 from compactnn.core.modules import Targets
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
+from compactnn.registry import ShortNameRule
 
 # Quantization short names: w<W>[a<A>[g|d]][-g<G>][-<method>]; ``a8g``: 8-bit activations
 # per token and group of G inputs, scaled at run time (MatMulNBits' accuracy_level=4 grid);
@@ -313,11 +315,97 @@ def _match_short_name(name: str) -> Recipe | None:
 
 
 def _unknown_recipe(name: str) -> CompactnnError:
-    """The help for an unknown short name: every short name form, one a line."""
-    return CompactnnError(
-        f"unknown recipe {short_repr(name)}. A recipe is a YAML file or a short name of the "
-        "form:\n  " + "\n  ".join(short_name_forms())
+    """One line for an unknown short name: why, where known (a signed number, a suffix its
+    family does not take, the forms it starts like), the nearest valid names, and where
+    every form is listed.
+
+    Example:
+        >>> print(_unknown_recipe("sp50-dnss"))  # doctest: +ELLIPSIS
+        unknown recipe 'sp50-dnss': '-dnss' is not a suffix sp50 takes (...); did you mean ...
+    """
+    parts = [f"unknown recipe {short_repr(name)}"]
+    reason = _unknown_reason(name)
+    if reason:
+        parts.append(f": {reason}")
+    near = _near_names(name)
+    if near:
+        parts.append(f"; did you mean {' or '.join(repr(n) for n in near)}?")
+    else:
+        parts.append(".")
+    parts.append(
+        " A recipe is a YAML file or a short name such as w8a8, w4a8, sp50, ch30 or nm2:4 "
+        "(`compactnn recipes` lists every form)."
     )
+    return CompactnnError("".join(parts))
+
+
+def _family(name: str) -> list[ShortNameRule]:
+    """The short-name rules whose form starts with the letters (and digits) ``name`` starts
+    with: ``sp50-x`` -> every ``sp<P>...`` form, ``w5z`` -> ``w<W>...``."""
+    return [r for r in registry.SHORT_NAMES if (lead := _lead(r)) and name.startswith(lead)]
+
+
+def _lead(rule: ShortNameRule) -> str:
+    """The literal start of a rule's form: ``sp`` of ``sp<P>-dns``, ``w2`` of ``w2[a<A>]...``."""
+    return re.match(r"[a-z0-9]*", rule.form).group()
+
+
+def _unknown_reason(name: str) -> str:
+    """Why ``name`` is no short name, where a specific reason is known; else ''."""
+    family = _family(name)
+    if not family:
+        return ""
+    signed = re.fullmatch(r"([a-z]+)-(\d+)(.*)", name)  # sp-10: a negative percent
+    signed_forms = [r for r in family if signed and _lead(r) == signed[1]]
+    if signed_forms:
+        head, number = signed[1], signed[2]
+        placeholder = re.search(r"<(\w+)>", signed_forms[0].form)
+        symbol = placeholder[1] if placeholder else "N"
+        what = "a percent" if symbol == "P" else "a whole number"
+        form = f"{head}<{symbol}>"
+        return f"-{number} is negative: <{symbol}> in {form} is {what}, written without a sign"
+    for cut in reversed([m.start() for m in re.finditer("-", name)]):
+        head, tail = name[:cut], name[cut:]
+        if any(r.pattern.fullmatch(head) for r in registry.SHORT_NAMES):
+            forms = ", ".join(r.form for r in family)
+            return f"'{tail}' is not a suffix {head} takes ({forms})"
+    forms = ", ".join(f"{r.form} (e.g. {', '.join(r.examples[:2])})" for r in family)
+    return f"it matches none of the forms it starts like: {forms}"
+
+
+SHORT_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-:"
+
+
+def _near_names(name: str, limit: int = 3) -> list[str]:
+    """Valid short names one edit (a character deleted, inserted, changed, or two swapped)
+    from ``name``, closest first by :func:`difflib.SequenceMatcher`; else close examples."""
+    if len(name) > 40:
+        return []
+    edits = {name[:i] + name[i + 1 :] for i in range(len(name))}
+    edits |= {name[:i] + name[i + 1] + name[i] + name[i + 2 :] for i in range(len(name) - 1)}
+    for i in range(len(name) + 1):
+        for c in SHORT_NAME_CHARS:
+            edits |= {name[:i] + c + name[i:], name[:i] + c + name[i + 1 :]}
+    edits.discard(name)
+    valid = [e for e in edits if not re.search(r"(?<!\d)0\d", e) and _builds(e)]  # no w04
+    if not valid:
+        examples = [e for r in registry.SHORT_NAMES for e in r.examples]
+        return difflib.get_close_matches(name, examples, n=limit, cutoff=0.8)
+    ratio = {e: difflib.SequenceMatcher(None, name, e).ratio() for e in valid}
+    return sorted(valid, key=lambda e: (-ratio[e], e))[:limit]
+
+
+def _builds(name: str) -> bool:
+    """Whether ``name`` is a short name some rule accepts (and builds without an error)."""
+    for rule in registry.SHORT_NAMES:
+        m = rule.pattern.fullmatch(name)
+        if m:
+            try:
+                rule.build(m)
+            except Exception:  # a suggestion never breaks the error it decorates
+                continue
+            return True
+    return False
 
 
 def _not_a_recipe_file(path: Path) -> CompactnnError:

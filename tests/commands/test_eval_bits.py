@@ -121,3 +121,15 @@ def test_a_float_table_stored_sparse_is_not_a_compressed_layer(tmp_path):
     compactnn.save(p, tmp_path / "p")
     bits = stored_bits(tmp_path / "p")
     assert set(bits) == {"fc", "total"} and bits["fc"] < 32
+
+
+def test_bits_line_names_a_range_only_when_the_layers_differ():
+    from compactnn.commands.eval_table import bits_line
+
+    alike = bits_line({"total": 17.0, "c1": 17.0, "c2": 17.0, "c3": 17.0})
+    assert alike.startswith("bits/weight stored: 17.00 over 3 compressed layers (each 17.00; ")
+    assert ".." not in alike
+    one = bits_line({"total": 4.5, "fc": 4.5})
+    assert one.startswith("bits/weight stored: 4.50 over 1 compressed layer (every stored")
+    differ = bits_line({"total": 4.23, "7": 4.06, "0": 9.78})
+    assert "(7: 4.06 .. 0: 9.78; " in differ

@@ -289,7 +289,7 @@ def test_the_printed_eval_line_uses_a_files_test_split_without_eval_data(
     assert shlex.split(line.split(": ", 1)[1])[-2:] == ["--data", path]
 
 
-def test_the_printed_eval_line_never_names_a_data_set_eval_cannot_read():
+def test_the_printed_eval_line_names_held_out_data_eval_reads():
     import argparse
 
     from compactnn.commands.train import eval_data_words
@@ -302,23 +302,25 @@ def test_the_printed_eval_line_never_names_a_data_set_eval_cannot_read():
 
     assert words(own, "train.safetensors", "held.safetensors") == "held.safetensors"
     assert words(own, "train.safetensors", tensors={"x": 0, "y": 0}) == "HELD_OUT_FILE"
-    assert words(own, "mnist", "mnist") == "HELD_OUT_FILE"  # a name eval does not take
+    assert words(own, "mnist", "mnist") == "mnist"  # eval scores its held-out split
+    assert words(own, "digits") == "digits"
     assert words(ref, "mnist", "mnist") is None  # eval scores the reference's own test split
     assert words(ref) is None
 
 
-def test_keep_best_with_no_epoch_is_refused_before_training(tmp_path, monkeypatch, capsys):
+def test_epochs_below_one_are_refused_before_training(tmp_path, monkeypatch, capsys):
     _setup(tmp_path, monkeypatch)
     save_file(
         {"x": torch.randn(8, 1, 8, 8), "y": torch.zeros(8).long()}, tmp_path / "e.safetensors"
     )
     args = _train_args(tmp_path, tmp_path / "out", "--eval-data", str(tmp_path / "e.safetensors"))
-    assert main([*args, "--keep-best", "--epochs", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err == (
-        "error: --keep-best keeps the epoch with the best held-out top-1, and --epochs 0 "
-        "trains none: there is nothing to keep. Pass --epochs 1 or more, or drop --keep-best.\n"
-    )
+    for extra in (["--epochs", "0"], ["--keep-best", "--epochs", "0"], ["--epochs", "-1"]):
+        assert main([*args, *extra]) == 2
+        n = extra[-1]
+        assert capsys.readouterr().err == (
+            f"error: --epochs {n} trains nothing: pass --epochs 1 or more (or leave it out for "
+            "the recipe's), or run `compactnn compress` for a model calibrated without training.\n"
+        )
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.training.jsonl").exists()
 
 

@@ -147,6 +147,7 @@ def test_auto_says_when_float_is_faster(monkeypatch, qnet):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*(TorchScript|removed).*")
+        warnings.filterwarnings("ignore", message=r"deploy\[onnxruntime\]: this form runs")
         fast = compactnn.deploy(qmodel, example=calib[:4])
     assert fast.recommendation is None
     fast = compactnn.deploy(qmodel, example=calib[:4], time_float=False)

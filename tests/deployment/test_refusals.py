@@ -86,10 +86,13 @@ def test_nothing_to_deploy_is_worded_for_the_command_line_and_python():
     example = torch.zeros(1, 2)
     with pytest.raises(CompactnnError) as plain:  # e.g. a channel-pruned artifact
         refusals.check_args(nn.Linear(2, 2), "auto", example, "exact", "float")
-    said = str(plain.value)
-    assert "qmodel" not in said and "plain float model" in said and "nothing to deploy" in said
-    assert "channel-pruned artifact" in said and "compactnn eval ARTIFACT" in said
-    assert "recipe that also quantizes" in said and "docs/cli.md" in said
+    said = str(plain.value)  # Python's words: what to pass deploy (no command line)
+    assert "plain float model" in said and "nothing to deploy" in said
+    assert "compactnn.compress(model, 'w8a8'" in said and "compactnn eval" not in said
+    cli = refusals.PLAIN_FLOAT_CLI  # the command line's (commands/deploy.py raises it)
+    assert "qmodel" not in cli and "channel-pruned artifact" in cli
+    assert "compactnn eval ARTIFACT" in cli
+    assert "recipe that also quantizes" in cli and "docs/cli.md" in cli
 
     class Probe(nn.Linear):  # a compactnn module that simulates no integer weight
         __module__ = "compactnn.prune.probe"

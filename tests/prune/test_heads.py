@@ -76,3 +76,15 @@ def test_channel_pruning_of_a_cnn_never_imports_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize(("width", "ratio", "kept"), [(128, 0.3, 90), (100, 0.29, 71), (8, 0.5, 4)])
+def test_an_mlp_loses_the_floor_of_ratio_times_its_width(width, ratio, kept):
+    from torch import nn
+
+    from compactnn.prune.heads import prune_mlp
+
+    torch.manual_seed(0)
+    mlp = nn.ModuleDict({"up": nn.Linear(4, width), "down": nn.Linear(width, 4)})
+    assert prune_mlp(mlp, ["up"], "down", ratio) == width - kept
+    assert mlp["up"].out_features == kept == mlp["down"].in_features

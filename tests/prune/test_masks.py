@@ -1,3 +1,4 @@
+import dataclasses
 import warnings
 
 import pytest
@@ -113,3 +114,44 @@ def test_targeting_the_table_too_prunes_the_tied_pair_once():
     assert int((q.emb.weight == 0).sum()) == q.emb.weight.numel() // 2
     info = compactnn.info_of(q)
     assert {"emb", "head"}.isdisjoint(info["float_layers"])  # pruned: not left in float
+
+
+def _quantize_then_prune(names: list[str]) -> Recipe:
+    from compactnn.quant.rtn import RTNConfig
+
+    rtn = dataclasses.replace(RTNConfig.from_short(4, None, None), first_last_bits=None)
+    quantize = Step("rtn", rtn, Targets(names=tuple(names)))
+    return Recipe("w4-then-sp90", (quantize, Step("magnitude", MagnitudeConfig(sparsity=0.9))))
+
+
+def test_a_pruning_step_after_quantizing_every_layer_is_refused():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CompactnnError) as exc:
+        compactnn.compress(model, _quantize_then_prune(["*"]), calib_data=x, progress=False)
+    assert str(exc.value) == (
+        "the pruning step would prune nothing: every layer it targets (0, 2) is already "
+        "quantized by an earlier step; put the pruning step before the quantization step in "
+        "the recipe (prune, then quantize)."
+    )
+
+
+def test_a_pruning_step_skips_the_quantized_layers_and_prunes_the_rest():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"^0: already quantized; prune before quantizing"):
+        q = compactnn.compress(model, _quantize_then_prune(["0"]), calib_data=x, progress=False)
+    assert int((q[2].weight == 0).sum()) == round(0.9 * 64)  # the float layer was pruned
+
+
+def test_channel_pruning_after_quantizing_every_layer_is_refused_too():
+    """w4 then ch50 warned per layer and pruned no channel."""
+    from compactnn.prune.channel import ChannelConfig
+    from compactnn.quant.rtn import RTNConfig
+
+    rtn = dataclasses.replace(RTNConfig.from_short(4, None, None), first_last_bits=None)
+    recipe = Recipe("w4-then-ch50", (Step("rtn", rtn), Step("channel", ChannelConfig(ratio=0.5))))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CompactnnError, match="would prune nothing: every layer it targets"):
+        compactnn.compress(model, recipe, calib_data=x, progress=False)

@@ -275,14 +275,17 @@ def test_a_model_left_in_train_mode_is_never_changed_and_its_statistics_are_kept
         assert torch.equal(v, _state(q)[k]), k
 
 
-def test_keep_best_with_no_epoch_is_refused(tiny):
+def test_epochs_below_one_are_refused(tiny):
     model, data, (xt, yt) = tiny
-    with pytest.raises(CompactnnError) as info:
-        compactnn.train(model, "w4a4-pact", data, epochs=0, eval_data=(xt, yt), keep_best=True)
-    assert str(info.value) == (
-        "keep_best=True keeps the epoch with the best held-out top-1, and epochs=0 trains "
-        "none: there is nothing to keep. Pass epochs=1 or more, or drop keep_best."
-    )
+    for kw in ({}, {"eval_data": (xt, yt), "keep_best": True}):
+        with pytest.raises(CompactnnError) as info:
+            compactnn.train(model, "w4a4-pact", data, epochs=0, progress=False, **kw)
+        assert str(info.value) == (
+            "epochs=0 must be a whole number of 1 or more (0 trains nothing): pass epochs=1 "
+            "or more, or use compactnn.compress for a model calibrated without training."
+        )
+    with pytest.raises(CompactnnError, match=r"^epochs=-2 must be a whole number"):
+        compactnn.train(model, "w4a4-pact", data, epochs=-2, progress=False)
 
 
 def test_an_existing_log_path_is_refused_unless_force_or_a_resume_appends(

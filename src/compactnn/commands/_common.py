@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from compactnn.commands._paths import (  # noqa: F401 - the commands import them from here
+    check_apart_from_inputs,
+    check_not_an_input,
+    input_overlaps,
+    path_relation,
+)
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import check_writable
 from compactnn.model_io import (
@@ -78,118 +82,6 @@ def check_out(out: Path, model_spec: str, force: bool) -> None:
     check_writable(out, force, what="--out")
 
 
-def check_not_an_input(
-    out: str | os.PathLike, option: str, inputs: dict[str, str | None], suggest: str
-) -> None:
-    """Refuse, ``--force`` or not, an output file whose writing would destroy an input of the
-    same command: the very file an input names (``--weights``, ``--data``, a MODEL file, the
-    source file of a ``module:factory`` MODEL), or a file already inside an input folder (an
-    artifact, a Hugging Face directory). ``inputs`` maps how each input was named
-    (``"--weights"``) to its value (None: not given); a new file, even one beside the
-    inputs, is fine.
-
-    Example:
-        >>> check_not_an_input("new.json", "--json", {"--weights": None}, "eval.json")
-    """
-    if not Path(out).exists():
-        return
-    for name, spec, path, how in input_overlaps(out, inputs):
-        what = f"a file inside the {name} folder {spec!r}" if path.is_dir() else f"the {name} file"
-        if how != "holds":  # an existing folder around an input is not written
-            raise CompactnnError(
-                f"{option} {str(out)!r} is {what}: writing there would destroy an input of "
-                f"this command (--force or not). Choose another file, e.g. {option} {suggest}."
-            )
-
-
-def check_apart_from_inputs(
-    out: str | os.PathLike, option: str, inputs: dict[str, str | None], suggest: str
-) -> None:
-    """Refuse, ``--force`` or not, an output path (a file or a folder, existing or new) that
-    is an input of the same command, lies inside an input folder, or holds an input: writing
-    it would replace or change that input. ``inputs`` as for :func:`check_not_an_input`.
-
-    Example:
-        >>> check_apart_from_inputs("new-dir", "--save", {"--data": None}, "deployed")
-    """
-    for name, spec, path, how in input_overlaps(out, inputs):
-        what = {
-            "same": f"the {name} {'folder' if path.is_dir() else 'file'} itself",
-            "inside": f"inside the {name} folder {spec!r}",
-            "holds": f"a folder holding the {name} input {spec!r}",
-        }[how]
-        raise CompactnnError(
-            f"{option} {str(out)!r} is {what}: writing there would replace or change an "
-            f"input of this command (--force or not). Choose a path apart from the inputs,"
-            f" e.g. {option} {suggest}."
-        )
-
-
-def input_overlaps(out: str | os.PathLike, inputs: dict[str, str | None]) -> Iterator[tuple]:
-    """``(name, spec, path, how)`` for each existing path of ``inputs`` that the output path
-    ``out`` meets, in order, ``how`` as :func:`path_relation` says."""
-    for name, spec in inputs.items():
-        for path in _spec_paths(spec):
-            if how := path_relation(out, path):
-                yield name, spec, path, how
-
-
-def path_relation(path: str | os.PathLike, other: str | os.PathLike) -> str | None:
-    """How ``path`` (existing or not) stands to ``other``, symbolic links resolved: ``"same"``
-    (a hard link too), ``"inside"`` (under ``other``, not a file; or a link to a file in
-    folder ``other``), ``"holds"`` (``other`` lies under it), else None.
-
-    Example:
-        >>> path_relation("a/b", "a"), path_relation("a/../b", "b"), path_relation("a", "a/b")
-        ('inside', 'same', 'holds')
-    """
-    real, other_real = Path(path).resolve(), Path(other).resolve()
-    exists = os.path.exists(path)
-    if real == other_real or (exists and os.path.exists(other) and os.path.samefile(path, other)):
-        return "same"
-    if real.is_relative_to(other_real) and not os.path.isfile(other):
-        return "inside"
-    links = (Path(d, f) for d, _, files in os.walk(other) for f in files) if exists else ()
-    if os.path.isfile(path) and any(f.exists() and f.samefile(path) for f in links):
-        return "inside"
-    return "holds" if other_real.is_relative_to(real) else None
-
-
-def _spec_paths(spec: str | None) -> list[Path]:
-    """The existing paths an input spec may name: itself, the file of ``file:attr``, or the
-    source file of a ``package.module:factory`` (found without importing it)."""
-    if not spec:
-        return []
-    candidates = [Path(spec)]
-    if ":" in spec[2:]:  # not a Windows drive letter
-        head = spec.rsplit(":", 1)[0]
-        candidates.append(Path(head))
-        candidates += _module_files(head)
-    return [p for p in candidates if p.exists()]
-
-
-def _module_files(name: str) -> list[Path]:
-    """The source file of module ``name`` as a factory spec imports it (the current folder
-    first), found without running any of its code; [] when not found."""
-    from importlib.machinery import PathFinder
-
-    if not all(part.isidentifier() for part in name.split(".")):
-        return []
-    search: list[str] | None = [str(Path.cwd()), *sys.path]
-    spec = None
-    for part in name.split("."):
-        try:
-            spec = PathFinder.find_spec(part, search)
-        except (ImportError, ValueError, OSError):
-            return []
-        if spec is None:
-            return []
-        search = list(spec.submodule_search_locations or [])
-    if spec is None or not spec.origin or not Path(spec.origin).is_file():
-        return []
-    return [Path(spec.origin)]
-
-
 def check_data_given(recipe, data: str | None, model_spec: str) -> None:
     """Refuse, before the model is loaded, a recipe that reads calibration data when
     ``--data`` is missing and MODEL brings none (only reference models do)."""
@@ -202,26 +94,54 @@ def check_data_given(recipe, data: str | None, model_spec: str) -> None:
         for step in recipe.steps
         if step.config.needs_data()
     ]
-    if needy:
-        raise CompactnnError(
-            f"recipe {recipe.name!r} calibrates on data ({', '.join(dict.fromkeys(needy))}) "
-            "and MODEL brings none: pass --data FILE (.safetensors or .npy model inputs, e.g. "
-            f"token ids for a language model), or {_without_data(recipe)}."
+    if not needy:
+        return
+    inputs = ".safetensors or .npy model inputs, e.g. token ids for a language model"
+    if folder_takes_token_ids(model_spec):
+        inputs = (
+            "a .safetensors file of input_ids, and attention_mask when padded, from the "
+            "model's own tokenizer"
         )
+    raise CompactnnError(
+        f"recipe {recipe.name!r} calibrates on data ({', '.join(dict.fromkeys(needy))}) "
+        f"and MODEL brings none: pass --data FILE ({inputs}), or "
+        f"{_without_data(recipe, model_spec)}."
+    )
 
 
-def _without_data(recipe) -> str:
+def _without_data(recipe, model_spec: str = "") -> str:
     """What to run instead of ``recipe`` without data: for a pruning recipe, magnitude
-    pruning (needs none) or generated inputs; else a weight-only quantization recipe."""
+    pruning (needs none) or, for a model that does not read token ids, generated inputs;
+    else a weight-only quantization recipe."""
     pruning = [s for s in recipe.steps if type(s.config).__module__.startswith("compactnn.prune")]
     if not pruning:
         return "use a weight-only recipe such as w8 or w4-g32"
     sparsity = getattr(pruning[0].config, "sparsity", None)
     p = round(100 * sparsity) if isinstance(sparsity, float) and 0 < sparsity < 1 else 50
+    magnitude = f"prune without data: sp{p} (magnitude pruning, no calibration"
+    if folder_takes_token_ids(model_spec):  # generated images mean nothing to a language model
+        return f"{magnitude}; --data data-free generates images, not token ids)"
     return (
-        f"prune without data: sp{p} (magnitude pruning, no calibration), or --data data-free "
-        "(inputs generated from the model's batch-norm statistics)"
+        f"{magnitude}), or --data data-free (for an image model with batch norm: inputs "
+        "generated from its batch-norm statistics)"
     )
+
+
+def folder_takes_token_ids(model_spec: str) -> bool:
+    """Whether MODEL is a Hugging Face folder whose ``config.json`` has a vocabulary (a
+    language model or another text transformer: its inputs are token ids); read as data,
+    before the model is loaded."""
+    import json
+
+    config = Path(model_spec) / "config.json" if model_spec else None
+    try:
+        values = json.loads(config.read_text()) if config and config.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    if not isinstance(values, dict):
+        return False
+    text = values.get("text_config")
+    return "vocab_size" in values or (isinstance(text, dict) and "vocab_size" in text)
 
 
 def cli_words(exc: CompactnnError, data: str | None) -> CompactnnError:
@@ -245,7 +165,11 @@ def model_words(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
 
 
 def split_labels(
-    data: Any, role: str = "eval", what: str = "--data", note: bool = True
+    data: Any,
+    role: str = "eval",
+    what: str = "--data",
+    note: bool = True,
+    model: torch.nn.Module | None = None,
 ) -> tuple[Any, torch.Tensor | None]:
     """``(inputs, labels)`` of ``--data``: a mapping with x/y tensors has labels, and so has
     one with ``y`` (or ``labels``) beside named inputs (``input_ids``, ``attention_mask``...:
@@ -256,10 +180,15 @@ def split_labels(
     ``role="eval"`` (the default: scoring) reads the held-out split ``x_test``/``y_test`` of a
     file that also holds ``x_train``/``y_train``; ``role="train"`` (calibration) reads the
     training split (:func:`compactnn.training.data.labelled_keys`). When the file holds
-    more than one labelled split, a note on stderr names the one used (``note=False``:
-    the caller says it). A file whose only labelled split is the other role's
+    more than one labelled split, a note on stderr names the one used, and calibration
+    (``role="train"``) always names the inputs it reads (``note=False``: the caller says
+    it). A file whose only labelled split is the other role's
     (``x_test``/``y_test`` alone for calibration, ``x_train``/``y_train`` alone for scoring)
     serves both roles, with a note.
+
+    ``model``: a ``y`` that ``model.forward`` takes as a parameter (required, or optional
+    and not class labels: floating point, or more than one value per example) is one of
+    its inputs, not labels: the x/y pair is then the keyword inputs, with a note.
 
     Example:
         >>> split_labels({"x": torch.ones(2, 3), "y": torch.tensor([0, 1])})[1]
@@ -268,8 +197,21 @@ def split_labels(
     if isinstance(data, dict):
         tensors = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
         keys = labelled_keys(tensors, role)
+        if keys is not None and (inputs := _pair_as_inputs(model, data, keys)) is not None:
+            print(
+                f"note: {what} holds {keys[0]} and {keys[1]}, and {type(model).__name__}"
+                f".forward takes both: they are its inputs ({keys[1]} is not read as labels)",
+                file=sys.stderr,
+            )
+            return inputs, None
         if keys is not None:
             said = split_note(tensors, keys, what) if note else None
+            if said is None and note and role == "train":  # what calibration reads, always
+                rows = data[keys[0]].shape[0] if data[keys[0]].dim() else 1
+                said = (
+                    f"{what} holds {keys[0]}/{keys[1]}: calibrating on {keys[0]} ({rows} "
+                    f"examples; the labels {keys[1]} are not used)"
+                )
             if said:
                 print(f"note: {said}", file=sys.stderr)
             return data[keys[0]], data[keys[1]]
@@ -284,6 +226,30 @@ def split_labels(
     return data, None
 
 
+def _pair_as_inputs(
+    model: torch.nn.Module | None, data: dict, keys: tuple[str, str]
+) -> dict[str, Any] | None:
+    """The x/y pair ``keys`` of ``data`` as keyword inputs (split suffix dropped), when
+    ``model.forward`` takes both names and the labels key is one of its inputs: a required
+    parameter, or an optional one fed values that are no class labels (floating point, or
+    more than one per example). Else None: ``y`` stays labels."""
+    import inspect
+
+    forward = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters if forward is not None else {}
+    except (TypeError, ValueError):
+        return None
+    names = [k.removesuffix("_train").removesuffix("_test") for k in keys]
+    if not all(n in params for n in names) or any(n in ("labels", "label") for n in names):
+        return None
+    label, y = params[names[1]], data[keys[1]]
+    required = label.default is inspect.Parameter.empty
+    if not (required or y.is_floating_point() or y.dim() > 1):
+        return None
+    return {names[0]: data[keys[0]], names[1]: y}
+
+
 def _other_role(role: str) -> str:
     return "eval" if role == "train" else "train"
 
@@ -292,7 +258,8 @@ def calib_inputs(spec: str | None, loaded: LoadedModel | None = None) -> Any:
     """The calibration inputs ``--data`` names: ``x`` of a labelled file (x and y; the
     training split ``x_train`` of a file that also holds ``x_test``), as docs/cli.md says;
     everything else as :func:`~compactnn.model_io.resolve_data` gives it."""
-    return split_labels(resolve_data(spec, loaded), role="train")[0]
+    model = loaded.model if loaded is not None else None
+    return split_labels(resolve_data(spec, loaded), role="train", model=model)[0]
 
 
 def positive_int(text: str) -> int:

@@ -41,6 +41,7 @@ from compactnn.commands.compress_summary import (
 )
 from compactnn.core.calib import as_batches
 from compactnn.core.tokens import check_token_ids
+from compactnn.data_files import check_float_inputs, takes_token_ids
 from compactnn.errors import CompactnnError, first_line
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
@@ -103,6 +104,14 @@ def data_free(args: argparse.Namespace, loaded) -> object:
     from compactnn.datafree import generate
     from compactnn.datafree.common import has_bn_stats
 
+    if takes_token_ids(loaded.model):  # generated images are no token ids
+        raise CompactnnError(
+            f"--data data-free generates images from batch-norm statistics, and "
+            f"{type(loaded.model).__name__} reads token ids: pass --data FILE.safetensors "
+            "holding input_ids (and attention_mask when padded) from the model's own "
+            "tokenizer, or use a recipe that calibrates on no data (sp50: magnitude pruning; "
+            "w8 or w4-g32: weight-only quantization)."
+        )
     if not has_bn_stats(loaded.model):  # before --input-shape: that would not help
         shape = args.input_shape or "C, H, W"
         raise CompactnnError(
@@ -237,8 +246,10 @@ def run(args: argparse.Namespace) -> int:
         given, data = None, data_free(args, loaded)
     else:
         given = resolve_data(args.data, loaded)  # read once: calibration and the eval line
-        data = split_labels(given, role="train")[0]  # a file's x (x_train), as calib_inputs
-        if args.data is not None:  # ids the model cannot take: said before any work
+        what = f"--data {args.data}" if args.data else "--data"  # a file's x, as calib_inputs
+        data = split_labels(given, role="train", what=what, model=loaded.model)[0]
+        if args.data is not None:  # inputs the model cannot take: said before any work
+            check_float_inputs(loaded.model, data, f"--data {args.data}")  # int64 pixels
             check_token_ids(loaded.model, data, f"--data {args.data}")
     t0 = time.perf_counter()
     warned: list[str] = []  # printed as they came: the notes repeat them

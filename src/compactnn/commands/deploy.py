@@ -19,17 +19,19 @@ from compactnn.commands._common import (
     split_labels,
 )
 from compactnn.commands.compress import note_training_recipe as _note_training_recipe
+from compactnn.commands.eval_data import read_data
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
 from compactnn.core.calib import as_batches, batch_size_of, main_output
 from compactnn.deployment.api import BACKENDS, DeployedModel
+from compactnn.deployment.refusals import PLAIN_FLOAT_CLI
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.export.fs import check_file_path
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
-from compactnn.measure.float_paths import FloatPaths, fastest_float_path
+from compactnn.measure.float_paths import FloatPaths, fastest_float_path, is_plain_float
 from compactnn.measure.quality import evaluate
 from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS
-from compactnn.model_io import resolve_data, skeleton_for
+from compactnn.model_io import skeleton_for
 from compactnn.training.data import labelled_keys
 
 
@@ -110,9 +112,10 @@ def _models(args: argparse.Namespace):
         raise CompactnnError(f"{args.target!r} holds neither an artifact nor a model.")
     else:
         loaded = load_model(args.target, args)
-    data = resolve_data(args.data, loaded) if args.data else loaded.calib
-    inputs, labels = split_labels(data, note=False)  # a held-out split: verify, time, score
-    calib = split_labels(data, role="train", note=False)[0]
+    data = read_data(args.data, loaded) if args.data else loaded.calib
+    # a held-out split: verify, time, score
+    inputs, labels = split_labels(data, note=False, model=loaded.model)
+    calib = split_labels(data, role="train", note=False, model=loaded.model)[0]
     if isinstance(data, dict) and (labelled := labelled_keys(data, "train")):
         _say_splits(labelled, labelled_keys(data, "eval"), calibrating=not is_artifact)
     batches = as_batches(inputs) if inputs is not None else as_batches(loaded.example)
@@ -199,6 +202,8 @@ def _disagreement(deployed: DeployedModel, paths: FloatPaths) -> str | None:
 def run(args: argparse.Namespace) -> int:
     check_outputs(args)  # before the slow work
     loaded, qmodel, example, (inputs, labels) = _models(args)
+    if is_plain_float(qmodel):  # e.g. a channel-pruned artifact: the command line's words
+        raise CompactnnError(PLAIN_FLOAT_CLI)
     with warnings.catch_warnings():  # the advice is printed below, once, as a note
         warnings.filterwarnings("ignore", message=r"deploy: .* faster than int8")
         deployed = compactnn.deploy(

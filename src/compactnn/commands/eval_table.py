@@ -9,6 +9,7 @@ from typing import Any
 
 from compactnn.commands._common import human_bytes
 from compactnn.commands.compress_summary import human_count
+from compactnn.errors import counted
 from compactnn.measure import fmt_quality
 from compactnn.measure.size import ratio_cell
 from compactnn.measure.timing import SUSPECT_MARK, suspect_mark, timing_suspect  # noqa: F401
@@ -176,6 +177,8 @@ def bits_line(bits: dict[str, float], float_weights: dict[str, Any] | None = Non
     Example:
         >>> bits_line({"total": 4.23, "7": 4.06, "0": 9.78})
         'bits/weight stored: 4.23 over 2 compressed layers (7: 4.06 .. 0: 9.78; ...)'
+        >>> bits_line({"total": 17.0, "c1": 17.0, "c2": 17.0})[:64]
+        'bits/weight stored: 17.00 over 2 compressed layers (each 17.00; '
     """
     layers = {k: v for k, v in bits.items() if k != "total"}
     if not layers and float_weights:
@@ -183,10 +186,12 @@ def bits_line(bits: dict[str, float], float_weights: dict[str, Any] | None = Non
     if not layers:
         return "bits/weight stored: - (no compressed layer)"
     lo, hi = min(layers, key=layers.get), max(layers, key=layers.get)
+    spread = f"{lo}: {layers[lo]:.2f} .. {hi}: {layers[hi]:.2f}; "
+    if f"{layers[lo]:.2f}" == f"{layers[hi]:.2f}":  # one layer, or all alike: no range
+        spread = "" if len(layers) == 1 else f"each {layers[lo]:.2f}; "
     return (
-        f"bits/weight stored: {bits['total']:.2f} over {len(layers)} compressed layers "
-        f"({lo}: {layers[lo]:.2f} .. {hi}: {layers[hi]:.2f}; every stored tensor of a weight "
-        "over its weights, per layer in --json)"
+        f"bits/weight stored: {bits['total']:.2f} over {counted(len(layers), 'compressed layer')} "
+        f"({spread}every stored tensor of a weight over its weights, per layer in --json)"
     )
 
 

@@ -27,8 +27,10 @@ from compactnn.commands._common import (
     human_bytes,
     load_model,
     positive_int,
+    source_record,
     split_labels,
 )
+from compactnn.commands.eval_data import calibration_inputs, read_data
 from compactnn.commands.eval_table import (
     bits_line,
     conditions,
@@ -68,7 +70,7 @@ from compactnn.measure.perplexity import is_causal_lm, nll_totals
 from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
-from compactnn.model_io import LoadedModel, is_hf_model, resolve_data, skeleton_for
+from compactnn.model_io import LoadedModel, is_hf_model, skeleton_for
 from compactnn.training.data import check_labels
 
 
@@ -91,8 +93,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         "-d",
-        help="evaluation inputs (.safetensors/.npy or data set name); a .safetensors with x "
-        "and y tensors (inputs and labels) gives top-1",
+        help="evaluation inputs: a .safetensors/.npy file (x and y tensors give top-1; of "
+        "x_train/y_train and x_test/y_test, x_test/y_test is scored and --recipe calibrates "
+        "on x_train), a data set name (mnist, digits, or mnist-cnn, digits-resnet for theirs: "
+        "the held-out split) or another reference model's name (its calibration batches)",
     )
     p.add_argument(
         "--simulated",
@@ -136,11 +140,16 @@ def check_inputs(loaded: LoadedModel, batch: Any, option: str = "--data") -> Any
         ) from exc
 
 
-def inputs_of(args: argparse.Namespace, loaded: LoadedModel) -> tuple[Any, torch.Tensor | None]:
-    """The ``--data`` inputs (checked against the float model) and labels, if any."""
+def inputs_of(
+    args: argparse.Namespace, loaded: LoadedModel, raw: Any = None, note: bool = True
+) -> tuple[Any, torch.Tensor | None]:
+    """The ``--data`` inputs (checked against the float model) and labels, if any: the
+    held-out split of a file or data set that holds two (``raw``: ``--data`` as read, if
+    it was; ``note``: say which split is scored)."""
     if not args.data:
         return None, None
-    inputs, labels = split_labels(resolve_data(args.data, loaded))
+    raw = read_data(args.data, loaded) if raw is None else raw
+    inputs, labels = split_labels(raw, note=note, model=loaded.model)
     check_token_ids(loaded.model, inputs, f"--data {args.data}")  # before a run names neither
     batches = as_batches(inputs)
     out = check_inputs(loaded, batches[0]) if batches else None
@@ -197,13 +206,18 @@ def _compressed(args: argparse.Namespace):
             f"{args.target!r} holds neither a compactnn artifact nor a Hugging Face model."
         )
     loaded = load_model(args.target, args)
-    data = inputs_of(args, loaded)
+    raw = read_data(args.data, loaded) if args.data else None
+    data = inputs_of(args, loaded, raw, note=not args.recipe)
     if not args.recipe:
         return loaded, None, None, data
-    calib = data[0] if data[0] is not None else loaded.calib
+    # the training split of --data beside the held-out one it scores (not the scored data)
+    calib = calibration_inputs(raw, data[0]) if raw is not None else loaded.calib
     qmodel = compactnn.compress(
         loaded.model, args.recipe, calib_data=calib, progress=not args.no_progress
     )
+    extra = qmodel._compactnn.setdefault("extra", {})  # as compress records it: same size
+    extra["source"] = source_record(loaded)
+    extra.update(loaded.extra)
     with tempfile.TemporaryDirectory(prefix="compactnn-eval-") as tmp:
         compactnn.save(qmodel, Path(tmp) / "a")
         args.stored_bits = stored_bits(Path(tmp) / "a")

@@ -36,7 +36,7 @@ from compactnn.training.checkpoint import (
     checkpoint_position,
     resume_line,
 )
-from compactnn.training.data import as_eval_data, labelled_keys
+from compactnn.training.data import as_eval_data, keyword_split, labelled_keys
 from compactnn.training.epoch_log import format_epoch
 from compactnn.training.loop import evaluate_top1
 
@@ -67,7 +67,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--eval-data",
         metavar="FILE",
         help="held-out labelled data scored after every epoch: a .safetensors file with x/y "
-        "(or x_test/y_test) tensors, or 'mnist' (default: the reference data's test split)",
+        "(or x_test/y_test) tensors, or 'mnist' (default: the test split of the --data set, "
+        "or of a --data file holding x_test/y_test beside x_train/y_train; none for a file "
+        "of one split)",
     )
     p.add_argument(
         "--keep-best",
@@ -210,36 +212,64 @@ def _within(path: Path, folder: str | Path) -> bool:
 
 
 def held_out_data(spec: str | None, data: Any) -> tuple | None:
-    """``--eval-data`` (a file or a data set name), else the training data's test split."""
+    """``--eval-data`` (a file or a data set name), else the training data's test split: a
+    data set's, or a ``--data`` file's ``x_test``/``y_test`` (``*_test`` keyword inputs and
+    ``y_test``) beside its training split; None for data of one split."""
     if spec is None:
-        return as_eval_data(data) if hasattr(data, "x_test") else None
+        return as_eval_data(data) if has_held_out_split(data) else None
     try:
         return as_eval_data(labelled_data(spec))
     except CompactnnError as exc:
         raise CompactnnError(f"--eval-data {spec}: {exc}") from None
 
 
+def has_held_out_split(data: Any) -> bool:
+    """Whether training ``data`` (a data set, or a file's tensors) holds a held-out split
+    apart from the one it trains on.
+
+    Example:
+        >>> import torch
+        >>> t = torch.zeros(2)
+        >>> has_held_out_split({"x_train": t, "y_train": t, "x_test": t, "y_test": t})
+        True
+        >>> has_held_out_split({"x": t, "y": t})
+        False
+    """
+    if hasattr(data, "x_test") and hasattr(data, "y_test"):
+        return True
+    if not isinstance(data, dict):
+        return False
+    train, held = labelled_keys(data, "train"), labelled_keys(data, "eval")
+    if train is not None or held is not None:
+        return train is not None and held is not None and train != held
+    kw_train, kw_held = keyword_split(data, "train"), keyword_split(data, "eval")
+    return kw_train is not None and kw_held is not None and kw_train[1] is not kw_held[1]
+
+
 def eval_data_words(args: argparse.Namespace, data: Any, loaded: LoadedModel) -> str | None:
     """What the printed ``compactnn eval`` line passes as ``--data``: never the training
     data. ``--eval-data FILE``; else a ``--data`` file that holds a held-out split
     (``x_test``/``y_test``, which ``eval`` reads); else ``HELD_OUT_FILE`` for the user to
-    fill in. None (no ``--data``) for a reference model scored on a data set name: ``eval``
-    scores it on the reference data's own test split."""
+    fill in; a data set name (``eval`` scores its held-out split). None (no ``--data``) for a
+    reference model: ``eval`` scores it on the reference data's own test split."""
     if args.eval_data and args.eval_data not in DATASETS:
         return args.eval_data
     named = args.eval_data or args.data
-    if named is None or named in DATASETS:
+    if named is None:
         return None if loaded.reference is not None else "HELD_OUT_FILE"
+    if named in DATASETS:  # eval scores a data set name on its held-out split
+        return None if loaded.reference is not None else named
     if isinstance(data, dict) and labelled_keys(data, "eval") == ("x_test", "y_test"):
         return args.data
     return "HELD_OUT_FILE"
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.keep_best and args.epochs == 0:
+    if args.epochs is not None and args.epochs < 1:  # before any work
         raise CompactnnError(
-            "--keep-best keeps the epoch with the best held-out top-1, and --epochs 0 trains "
-            "none: there is nothing to keep. Pass --epochs 1 or more, or drop --keep-best."
+            f"--epochs {args.epochs} trains nothing: pass --epochs 1 or more (or leave it out "
+            "for the recipe's), or run `compactnn compress` for a model calibrated without "
+            "training."
         )
     out = given_path(args.out, "--out") or default_out(args.model, args.recipe)
     check_out(out, args.model, args.force)  # a file, /proc, an artifact, a model: before training
@@ -250,6 +280,13 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args)
     data = training_data(args.data, loaded)
     eval_data = held_out_data(args.eval_data, data)
+    if args.eval_data is None and eval_data is not None and isinstance(data, dict):
+        held = "/".join(labelled_keys(data, "eval") or ("*_test", "y_test"))
+        print(
+            f"note: --data {args.data} holds a held-out split ({held}) beside the training "
+            "one: scoring it after every epoch (pass --eval-data FILE for other data)",
+            file=sys.stderr,
+        )
     if args.keep_best and eval_data is None:
         raise CompactnnError(
             "--keep-best picks the epoch with the best held-out top-1: pass --eval-data "

@@ -169,18 +169,28 @@ def check_finite(batch: Batch, what: str) -> None:
 
 
 def check_example(example: Any, what: str = "example") -> None:
-    """Raise unless ``example`` is a non-empty, finite batch (tensor, tuple or dict)."""
-    if not isinstance(example, (torch.Tensor, tuple, list, dict)):
+    """Raise unless ``example`` is a non-empty, finite batch (tensor, tuple or dict).
+
+    A list is refused, not read as a tuple: ``example=[x]`` reached forward as one list
+    argument and failed inside the model ("unsupported operand type(s) for /: 'list'").
+    """
+    if isinstance(example, list):
+        raise CompactnnError(
+            f"{what}= is {input_spec(example)}: pass a tensor, a tuple of tensors "
+            f"(forward's positional inputs, e.g. tuple({what})) or a dict of named tensors "
+            f"(its keyword inputs); a forward that takes a list gets it as ({what},)."
+        )
+    if not isinstance(example, (torch.Tensor, tuple, dict)):
         raise CompactnnError(
             f"{what}= must be a tensor, a tuple or a dict of tensors, got {type(example).__name__}."
         )
-    tensors = _tensors_of(tuple(example) if isinstance(example, list) else example)
+    tensors = _tensors_of(example)
     if not tensors or any(t.dim() == 0 or t.shape[0] == 0 for _, t in tensors):
         raise CompactnnError(
             f"{what}= is empty ({describe(example)}): pass a sample batch of at least one "
             "input the model takes (e.g. a few calibration inputs)."
         )
-    check_finite(tuple(example) if isinstance(example, list) else example, f"{what}=")
+    check_finite(example, f"{what}=")
 
 
 def all_zero(batches: list[Batch]) -> bool:
@@ -353,7 +363,8 @@ def input_spec(batch: Any, rows: bool = False) -> str:
     if isinstance(batch, dict):
         return "keywords " + ", ".join(f"{k}={input_spec(v, rows)}" for k, v in batch.items())
     if isinstance(batch, (tuple, list)):
-        return "a tuple (" + ", ".join(input_spec(v, rows) for v in batch) + ")"
+        kind, ends = ("a tuple", "()") if isinstance(batch, tuple) else ("a list", "[]")
+        return f"{kind} {ends[0]}" + ", ".join(input_spec(v, rows) for v in batch) + ends[1]
     if not isinstance(batch, torch.Tensor):
         return type(batch).__name__
     dims = [str(d) for d in batch.shape]

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from compactnn.core.calib import Batch, all_finite, batch_size_of, call_model, main_output
 from compactnn.core.observer import NonFiniteActivation, RangeObserver
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, counted
 
 MAX_SCALE = float(torch.finfo(torch.float16).max)  # scales are stored as float16
 
@@ -108,17 +108,24 @@ class CompressContext:
         return tqdm(iterable, disable=not self.progress or not kwargs.get("desc"), **kwargs)
 
     def require_calibration(self, method: str, recommended: int) -> None:
-        """Fail without data; warn when fewer samples than ``recommended`` are given."""
+        """Fail without data; warn when fewer samples than ``recommended`` are given
+        (``recommended=1``: one example input is all the method reads, e.g. to trace)."""
         if not self.batches:
+            enough = (
+                "one sample is enough"
+                if recommended <= 1
+                else f"about {recommended} samples are recommended"
+            )
             raise CompactnnError(
                 f"{method} needs calibration data: pass calib_data= (a tensor of inputs or an "
-                f"iterable of batches; about {recommended} samples are recommended)."
+                f"iterable of batches; {enough})."
             )
         n = self.num_samples
         if n < recommended:
+            given = f"only {counted(n, 'calibration sample')} {'was' if n == 1 else 'were'}"
             self.warn(
-                f"{method}: only {n} calibration samples were given; {recommended} or more are "
-                "recommended for a stable result."
+                f"{method}: {given} given; {recommended} or more are recommended for a stable "
+                "result."
             )
 
     def warn(self, message: str) -> None:

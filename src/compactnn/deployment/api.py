@@ -16,10 +16,13 @@ from compactnn.core.calib import check_finite
 from compactnn.deployment import binary, float_check
 from compactnn.deployment.calling import (
     bind_inputs,
+    fixed_size_note,
     forward_signature,
+    input_dtypes,
     input_shapes,
     positional_example,
     quiet_shape_checks,
+    runs_other_sizes,
     structured_outputs,
 )
 from compactnn.deployment.float_check import (
@@ -63,6 +66,10 @@ AUTO_CANDIDATES = ("onednn", "onnxruntime")  # "auto" times both on the example:
 # fastest int8 contender where measured (docs/deploy.md, bench/deploy_inductor.py)
 # "auto" warns when the fastest float path beats the int8 model by more than this factor
 # (a margin so that timing noise on a shared machine does not flip the advice)
+# "auto" takes a form that runs any input size (oneDNN) over a fixed-size one (ONNX Runtime,
+# exported at the example's size) within this factor of its time, when the model runs other
+# sizes: the margin below which timing noise, not the kernels, decides (FLOAT_MARGIN's)
+ANY_SIZE_MARGIN = 1.1
 _LOWERED = re.compile(r"int8_\d+_(.+)")  # lower.py names a lowered layer int8_<n>_<layer>
 
 
@@ -72,6 +79,8 @@ class DeployedModel(nn.Module):
     NaN or Inf in a floating-point input raises ``CompactnnError`` (checked on every call,
     one sum per input tensor, see ``core.calib.all_finite``): int8 kernels have no code for
     them and would turn them into confident finite logits, while the simulation returns NaN.
+    A floating-point input of another dtype than the example's (float64 for a float32 model)
+    raises too: the kernels would quantize it and return float32, where the simulation fails.
 
     Attributes:
         backend: which kernels run it (``"onednn"``, ``"onnxruntime"`` or ``"inductor"``).
@@ -116,6 +125,7 @@ class DeployedModel(nn.Module):
         self.__dict__["source"] = None
         self.__dict__["example"] = None  # the batch it was verified on
         self.__dict__["input_shapes"] = {}  # argument -> shape in example (set by deploy)
+        self.__dict__["input_dtypes"] = {}  # argument -> float dtype in example (deploy)
         # the source's forward signature (set by deploy): keyword inputs become positional
         self.__dict__["signature"] = None
         self.__dict__["plan"] = None  # the oneDNN lowering plan (layer localisation)
@@ -152,6 +162,8 @@ class DeployedModel(nn.Module):
             if isinstance(value, torch.Tensor):
                 if (want := self.input_shapes.get(key)) is not None:
                     self._check_shape(key, tuple(value.shape), want)
+                if (dtype := self.input_dtypes.get(key)) not in (None, value.dtype):
+                    self._refuse_dtype(key, value.dtype, dtype)
                 check_finite(value, f"deployed model input {key!r}")
         if kwargs and self.signature is not None:  # ONNX Runtime feeds its inputs by position
             args, kwargs = bind_inputs(self.signature, args, kwargs)
@@ -177,6 +189,15 @@ class DeployedModel(nn.Module):
                 f"only the size it was deployed with, {expected}: redeploy with an example= of "
                 "the new size, or with backend='onednn' (any spatial size)."
             )
+
+    def _refuse_dtype(self, key: Any, got: torch.dtype, want: torch.dtype) -> None:
+        """A floating-point input of another dtype than the example's: the int8 kernels
+        would quantize it and return ``want`` values, where the simulated model raises."""
+        got_s, want_s = (str(d).removeprefix("torch.") for d in (got, want))
+        raise CompactnnError(
+            f"deployed model input {key!r} is {got_s}; it was deployed for {want_s} (the dtype "
+            f"of its example=): pass {want_s} values (e.g. x.to(torch.{want_s}))."
+        )
 
     def verify(self, example: Any, tolerance: float | None = None) -> Verification:
         """Check this model against its simulated source on ``example``, in output steps.
@@ -299,6 +320,7 @@ def deploy(
         m.__dict__["example"] = example  # save_deployed stores (up to 8 samples of) it
         m.__dict__["signature"] = signature
         m.__dict__["input_shapes"] = input_shapes(signature, example)
+        m.__dict__["input_dtypes"] = input_dtypes(signature, example)
         m.settings = dict(settings)
     checked, passing, failed = {}, {}, {}
     for k, m in built.items():
@@ -339,6 +361,9 @@ def deploy(
         selection = float_check.settled(selection, contenders, inputs, eligible)
     ints = {k: v for k, v in selection.items() if k in eligible}
     name = min(ints, key=ints.get) if ints else eligible[0]
+    ran = runs_other_sizes(sim, inputs) if passing[name].onnx_bytes is not None else None
+    if ran is not None and (fits := _any_size(ints, passing, ints.get(name))):
+        name = fits  # as fast, within the timing margin, and not tied to one input size
     deployed = passing[name]
     deployed.selection = selection
     deployed.verification = checked[name]
@@ -357,7 +382,19 @@ def deploy(
         )
     if deployed.recommendation:
         warnings.warn(deployed.recommendation, stacklevel=2)
+    if ran is not None and deployed.onnx_bytes is not None:  # exported at the example's size
+        warnings.warn(fixed_size_note(name, *ran), stacklevel=2)
     return deployed
+
+
+def _any_size(ints: dict[str, float], passing: dict[str, Any], best: float | None) -> str | None:
+    """The fastest timed int8 candidate that runs any input size (not an ONNX Runtime one),
+    when within :data:`ANY_SIZE_MARGIN` of ``best`` seconds; else None."""
+    free = {k: t for k, t in ints.items() if passing[k].onnx_bytes is None}
+    if best is None or not free:
+        return None
+    fits = min(free, key=free.get)
+    return fits if free[fits] <= best * ANY_SIZE_MARGIN else None
 
 
 def _refusal(backend: str, e: Exception) -> CompactnnError:

@@ -1,7 +1,8 @@
 """How a deployed model is called and what it returns: the source's ``forward`` signature
 (dict examples and keyword inputs bound to positions, the input shapes checked by position
-and by name), ONNX Runtime's flat outputs rebuilt into the source's structure, and the
-exporter's own warnings quieted."""
+and by name, the float dtypes too), ONNX Runtime's flat outputs rebuilt into the source's
+structure, the exporter's own warnings quieted, and whether the model runs input sizes other
+than its example's (ONNX Runtime runs that size only)."""
 
 from __future__ import annotations
 
@@ -86,14 +87,80 @@ def positional_example(signature: inspect.Signature | None, example: Any) -> Any
 def input_shapes(signature: inspect.Signature | None, example: Any) -> dict[Any, tuple]:
     """Shape of each tensor argument of ``example``, by position and by forward's name for
     it (a deployed model may be called either way)."""
+    return _by_argument(signature, example, lambda v: tuple(v.shape))
+
+
+def input_dtypes(signature: inspect.Signature | None, example: Any) -> dict[Any, torch.dtype]:
+    """dtype of each floating-point tensor argument of ``example``, keyed as
+    :func:`input_shapes` (integer inputs, token ids, are not checked: any width runs)."""
+    found = _by_argument(signature, example, lambda v: v.dtype)
+    return {k: d for k, d in found.items() if d.is_floating_point}
+
+
+def _by_argument(signature: inspect.Signature | None, example: Any, read: Any) -> dict:
+    """``read(tensor)`` of each tensor argument of ``example``, by position and by name."""
     given = (example,) if isinstance(example, torch.Tensor) else example
     items = given.items() if isinstance(given, dict) else enumerate(given)
-    shapes = {k: tuple(v.shape) for k, v in items if isinstance(v, torch.Tensor)}
+    found = {k: read(v) for k, v in items if isinstance(v, torch.Tensor)}
     args = positional_example(signature, given)
     if signature is not None and isinstance(args, tuple):
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         names = [n for n, p in signature.parameters.items() if p.kind in kinds]
         for i, (name, v) in enumerate(zip(names, args, strict=False)):
             if isinstance(v, torch.Tensor):
-                shapes[i] = shapes[name] = tuple(v.shape)
-    return shapes
+                found[i] = found[name] = read(v)
+    return found
+
+
+def other_size(example: Any) -> Any:
+    """The first sample of ``example`` with every size after (N, C) doubled (tiled), for
+    each floating-point input of rank 3 or more; None when it has none (nothing whose size
+    could change). Doubled, not grown by a few: strided layers and skip concatenations
+    (a U-Net) take multiples of their total stride."""
+
+    def grown(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() < 3:
+            return v[:1] if isinstance(v, torch.Tensor) else v
+        return v[:1].repeat(1, 1, *[2] * (v.dim() - 2))
+
+    if isinstance(example, torch.Tensor):
+        probe = grown(example)
+    elif isinstance(example, dict):
+        probe = {k: grown(v) for k, v in example.items()}
+    else:
+        probe = tuple(grown(v) for v in example)
+    pairs = zip(pytree.tree_leaves(example), pytree.tree_leaves(probe), strict=False)
+    grew = any(isinstance(a, torch.Tensor) and a.shape[2:] != b.shape[2:] for a, b in pairs)
+    return probe if grew else None
+
+
+def runs_other_sizes(sim: nn.Module, example: Any) -> tuple[tuple, tuple] | None:
+    """The shapes of the first grown input of :func:`other_size` in ``example`` and in the
+    probe when ``sim`` runs the probe (the model is not tied to its example's size: fully
+    convolutional, adaptive pooling), else None. One sample, so about 2**k times one
+    sample's work for k sizes doubled."""
+    probe = other_size(example)
+    if probe is None:
+        return None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call_model(sim, probe)
+    except Exception:  # tied to its size (a flatten into a Linear layer): nothing to say
+        return None
+    pairs = zip(pytree.tree_leaves(example), pytree.tree_leaves(probe), strict=False)
+    return next(
+        (tuple(a.shape), tuple(b.shape))
+        for a, b in pairs
+        if isinstance(a, torch.Tensor) and a.shape[2:] != b.shape[2:]
+    )
+
+
+def fixed_size_note(backend: str, example_shape: tuple, ran: tuple) -> str:
+    """The warning when the chosen form runs its example's size only, and the model others."""
+    size = str(("N", *example_shape[1:])).replace("'", "")
+    return (
+        f"deploy[{backend}]: this form runs inputs of shape {size} only (the size of "
+        f"example=), while the simulated model runs other sizes too (it ran {ran}): for any size, "
+        "deploy with backend='onednn', or deploy once per input size."
+    )

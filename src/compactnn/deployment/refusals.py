@@ -44,6 +44,23 @@ NOT_PICKLABLE = (
     "compressed model again (compactnn.deploy(deployed.source, example=...))."
 )
 
+# deploy(model) of a model with no quantized layer: what a Python caller passes instead
+PLAIN_FLOAT = (
+    "nothing to deploy: qmodel is a plain float model with no quantized layers (e.g. a "
+    "channel-pruned one), which runs as it is: call it, or export it with torch.onnx.export. "
+    "For int8 kernels, deploy what compactnn.compress returns for a recipe that quantizes, "
+    "e.g. compactnn.deploy(compactnn.compress(model, 'w8a8', calib_data=x), example=x[:8])."
+)
+# the same refusal on the command line (`compactnn deploy` of a channel-pruned artifact)
+PLAIN_FLOAT_CLI = (
+    "nothing to deploy: this is a plain float model with no quantized layers (e.g. a "
+    "channel-pruned artifact), which runs as it is. Time it on its fastest float "
+    "runtime with `compactnn eval ARTIFACT --model MODEL --data FILE`, call it as it "
+    "is in Python, or export it with torch.onnx.export; for int8 kernels, compress "
+    "the float model with a recipe that also quantizes (channel pruning, then w8a8: "
+    "docs/cli.md) and deploy that artifact."
+)
+
 
 def check_args(
     qmodel: Any,
@@ -76,14 +93,7 @@ def check_args(
             "(deployed.source)."
         )
     if is_plain_float(qmodel):
-        raise CompactnnError(
-            "nothing to deploy: this is a plain float model with no quantized layers (e.g. a "
-            "channel-pruned artifact), which runs as it is. Time it on its fastest float "
-            "runtime with `compactnn eval ARTIFACT --model MODEL --data FILE`, call it as it "
-            "is in Python, or export it with torch.onnx.export; for int8 kernels, compress "
-            "the float model with a recipe that also quantizes (channel pruning, then w8a8: "
-            "docs/cli.md) and deploy that artifact."
-        )
+        raise CompactnnError(PLAIN_FLOAT)
     if not any(is_quant_layer(m) for m in qmodel.modules()):
         raise CompactnnError(
             "nothing to deploy: the model has no quantized layers. Compress it with a recipe "
@@ -260,11 +270,13 @@ def handle_unsupported(kept: dict[str, str], unsupported: str) -> None:
 
 def failure_reason(e: Exception) -> str:
     """Why a backend could not deploy: a refusal's own message; any other error (a fault of
-    compactnn's, not of the input) by its type and message, to report with the model."""
+    compactnn's, not of the input) by its type and the first line of its message (torch's
+    exporter errors go on with a dump of the whole graph), to report with the model."""
     if isinstance(e, CompactnnError):
         return str(e)
     return (
-        f"{type(e).__name__}: {e} (an internal error: please report it with the model; "
+        f"{type(e).__name__}: {first_line(e)} (an internal error: please report it with the "
+        "model; "
         "another backend may run it)"
     )
 

@@ -54,6 +54,8 @@ from compactnn.export.onnx_graph import (
     store_bias_codes,
     store_codes,
 )
+from compactnn.export.onnx_io import Keywords, OnnxIO, onnx_io
+from compactnn.export.onnx_values import check_value_branches, show_notes, tracer_notes
 from compactnn.export.ort import ort_callable
 from compactnn.lowering.graph import FLOAT, is_residual_quantizer, trace
 from compactnn.lowering.plan import build_plan
@@ -305,14 +307,6 @@ def _quantize_outputs(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
-def _io_names(example: Any) -> tuple[tuple, list[str], dict | None]:
-    if isinstance(example, torch.Tensor):
-        return (example,), ["input"], None
-    if isinstance(example, dict):
-        return (), list(example), example
-    return tuple(example), [f"input_{i}" for i in range(len(example))], None
-
-
 def _export_failure(qmodel: nn.Module, example: Any, exc: Exception) -> CompactnnError:
     """One line for a failed ``torch.onnx.export``: the example when the model does not run
     on it, else the operator (or the first line of the error) the exporter stopped at."""
@@ -337,28 +331,40 @@ def _export_failure(qmodel: nn.Module, example: Any, exc: Exception) -> Compactn
     )
 
 
+def _export(model: nn.Module, spec: OnnxIO, args: tuple) -> bytes:
+    """``torch.onnx.export`` of ``model`` traced on ``args``, named as ``spec`` says."""
+    traced = Keywords(model, spec.inputs) if spec.keywords else model
+    buf = io.BytesIO()
+    with exporting():
+        torch.onnx.export(
+            traced, args, buf, dynamo=False, opset_version=OPSET, input_names=spec.inputs,
+            output_names=spec.outputs, dynamic_axes=spec.axes, do_constant_folding=True,
+        )  # fmt: skip
+    return buf.getvalue()
+
+
 def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str]]:
     """Serialized QDQ ONNX model of ``qmodel`` (batch dimension dynamic) and kept layers.
 
     Exported under :func:`exporting` (``nn.MultiheadAttention`` as the ops ONNX has, nothing
-    printed). A failure of the exporter raises ``CompactnnError``: the operator it has no
-    ONNX form for, or the example the model does not run on.
+    printed), with the names of :mod:`compactnn.export.onnx_io` (a dict example's keys are
+    passed as keywords). A failure of the exporter raises ``CompactnnError``: the operator
+    it has no ONNX form for, or the example the model does not run on; so does a graph that
+    depends on the input's values (:mod:`compactnn.export.onnx_values`).
     """
     model, layers, kept = qdq_module(qmodel)
-    args, names, kwargs = _io_names(example)
-    buf = io.BytesIO()
-    export_args = args if kwargs is None else (kwargs,)
     try:
-        with exporting():
-            torch.onnx.export(
-                model, export_args, buf, dynamo=False, opset_version=OPSET, input_names=names,
-                dynamic_axes={n: {0: "batch"} for n in names}, do_constant_folding=True,
-            )  # fmt: skip
+        spec = onnx_io(model, example, qmodel)  # runs the model on the example once
+        with tracer_notes() as notes:
+            data = _export(model, spec, spec.args)
     except CompactnnError:
         raise
     except Exception as e:
         raise _export_failure(qmodel, example, e) from e
-    proto = onnx.load_from_string(buf.getvalue())
+    names = spec.inputs if spec.keywords else None
+    check_value_branches(lambda a: _export(model, spec, a), spec.args, data, notes, qmodel, names)
+    show_notes(notes)  # shape checks: the warnings the tracer gave, as before
+    proto = onnx.load_from_string(data)
     store_codes(proto, model, layers)
     store_bias_codes(proto, model, layers)
     quantize_before_moves(proto)

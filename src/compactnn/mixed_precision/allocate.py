@@ -13,6 +13,15 @@ cases. Solved exactly with HiGHS through :func:`scipy.optimize.milp`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 
 from compactnn._optional import require
@@ -33,6 +42,48 @@ def _check(scores: np.ndarray, costs: dict[str, np.ndarray], allowed: np.ndarray
             f"allocate: layers {empty.tolist()} allow no format; relax the rules "
             "(first_last_min_bits) or add a format that fits them (group size)."
         )
+
+
+# Lines HiGHS writes with printf whatever its options say (``disp=False`` is the default),
+# e.g. "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();".
+SOLVER_NOISE = re.compile(rb"^Highs\w*::\w+\b.*$\n?", re.MULTILINE)
+
+
+@contextlib.contextmanager
+def solver_output_filtered() -> Iterator[None]:
+    """Run the block with the process's stdout and stderr (file descriptors 1 and 2, where a
+    C library writes) captured; afterwards pass on everything but HiGHS's debug lines
+    (``SOLVER_NOISE``), so a real message from the solver or from another thread still shows.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved: dict[int, tuple[int, Any]] = {}
+    try:
+        for fd in (1, 2):
+            try:
+                saved[fd] = (os.dup(fd), tempfile.TemporaryFile())
+            except OSError:  # no such descriptor (e.g. a GUI app): nothing to capture
+                continue
+            os.dup2(saved[fd][1].fileno(), fd)
+        yield
+    finally:
+        _flush_c_stdio()
+        for fd, (original, capture) in saved.items():
+            os.dup2(original, fd)
+            os.close(original)
+            capture.seek(0)
+            kept = SOLVER_NOISE.sub(b"", capture.read())
+            capture.close()
+            while kept:
+                kept = kept[os.write(fd, kept) :]
+
+
+def _flush_c_stdio() -> None:
+    """Flush the C library's stdio buffers (printf output not yet written) into the capture."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to reach: Python's streams only
+        pass
 
 
 def min_cost(cost: np.ndarray, allowed: np.ndarray) -> float:
@@ -138,7 +189,10 @@ def allocate_with_groups(
     c = np.where(allowed.reshape(-1), c, 0.0)
     c = np.concatenate([c, *(s - s.min() for s, _ in groups)])
     upper = np.concatenate([allowed.reshape(-1).astype(float), np.ones(sum(sizes))])
-    result = milp(c, constraints=constraints, integrality=np.ones(c.size), bounds=Bounds(0, upper))
+    with solver_output_filtered():  # HiGHS prints debug lines past sys.stdout
+        result = milp(
+            c, constraints=constraints, integrality=np.ones(c.size), bounds=Bounds(0, upper)
+        )
     if result.x is None:
         raise CompactnnError(f"allocate: no assignment meets budgets {budgets} ({result.message}).")
     x = np.round(result.x)

@@ -22,13 +22,12 @@ from compactnn.core.modules import (
     conv1d_to_linear,
     execution_order,
     is_hf_conv1d,
-    run_order,
 )
 from compactnn.core.qembedding import tied_heads
 from compactnn.core.qlayers import QUANTIZABLE
 from compactnn.errors import CompactnnError
 from compactnn.mixed_precision.formats import Format
-from compactnn.quant.base import model_ends
+from compactnn.quant.ends import model_ends, run_with_heads
 
 
 def searched_model(model: nn.Module, formats: Sequence[Format]) -> nn.Module:
@@ -89,9 +88,10 @@ def searched_layers(model: nn.Module, batches: list) -> dict[str, nn.Module]:
 
 
 def end_layers(model: nn.Module, layers: dict[str, nn.Module], batches: list) -> set[str]:
-    """The model's first and last quantizable layers as ``first_last_bits`` counts them
-    (:func:`compactnn.quant.base.model_ends`: the first and last to run; a layer the first
-    batch never reaches is neither), so ``first_last_min_bits`` guards the same two."""
+    """The model's end layers as ``first_last_bits`` counts them
+    (:func:`compactnn.quant.ends.model_ends`: the first and last to run, and every layer whose
+    output is one of the model's outputs; a layer the first batch never reaches is none), so
+    ``first_last_min_bits`` guards the same layers."""
     mode = detect_call_mode(model, batches[0])
-    ran = run_order(model, list(layers), lambda m: call_model(m, batches[0], mode))
-    return model_ends(list(layers), ran)
+    ran, heads = run_with_heads(model, list(layers), lambda m: call_model(m, batches[0], mode))
+    return model_ends(list(layers), ran, heads)

@@ -34,7 +34,7 @@ from compactnn.prune.channel_trace import (
     whole_layers,
 )
 from compactnn.prune.geometry import changed, snapshot
-from compactnn.prune.masks import check_sparsity
+from compactnn.prune.masks import check_sparsity, prunable_layers
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.prune.train import (
@@ -424,7 +424,10 @@ def apply_channel(
     model: nn.Module, targets: dict[str, nn.Module], config: ChannelConfig, ctx: CompressContext
 ) -> nn.Module:
     """Remove the least important channels (and their batch norms and inputs downstream)."""
-    ctx.require_calibration("channel pruning (an example input traces the graph)", 1)
+    reads_batches = config.importance == "taylor" or config.finetune_steps  # more than a trace
+    ctx.require_calibration(
+        "channel pruning (an example input traces the graph)", 32 if reads_batches else 1
+    )
     counts = model_counts(model, ctx)  # params and MACs before, for the record
     before = snapshot(model)
     reference = output_summary(model, ctx)  # the unpruned outputs, for the collapse check
@@ -434,6 +437,7 @@ def apply_channel(
     if is_hf_transformer(model):
         prune_transformer(model, targets, config, ctx)
     else:
+        prunable_layers(targets)  # refuses a step whose every layer an earlier step quantized
         whole = whole_layers(model, config.keep_whole)
         skipped = remove_channels(model, targets, config, ctx, whole=whole)
         ctx.skipped.update({n: f"channel pruning skipped it ({r})" for n, r in skipped.items()})

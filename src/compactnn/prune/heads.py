@@ -18,7 +18,6 @@ embeddings, norms and the model's outputs keep their shapes.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -49,9 +48,22 @@ def slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
+def units_removed(n: int, ratio: float) -> int:
+    """Units (MLP channels or attention heads) a transformer group of ``n`` loses at
+    ``ratio``: ``floor(n * ratio)``, at most ``n - 1``. The count Probe Pruning skips
+    (``pp30`` and ``ch30`` compare like for like); a CNN group instead keeps
+    ``floor(n * (1 - ratio))`` (:func:`compactnn.prune.channel.kept_channels`).
+
+    Example:
+        >>> units_removed(128, 0.3), units_removed(100, 0.29), units_removed(4, 1.0)
+        (38, 29, 3)
+    """
+    return min(int(n * ratio + 1e-9), n - 1)  # 1e-9: 100 * 0.29 is 28.999999999999996
+
+
 def _kept(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Sorted indices of the entries kept when removing ``fraction`` of the lowest scores."""
-    n_remove = min(math.floor(fraction * scores.numel()), scores.numel() - 1)
+    n_remove = units_removed(scores.numel(), fraction)
     keep = torch.argsort(scores, descending=True, stable=True)[: scores.numel() - n_remove]
     return keep.sort().values
 

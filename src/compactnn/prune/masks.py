@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from compactnn.core.qembedding import tied_heads
 from compactnn.core.qlayers import is_quant_layer
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 
 
 class MaskedWeight(nn.Module):
@@ -162,18 +162,28 @@ def prunable_layers(targets: dict[str, nn.Module], ctx=None) -> dict[str, nn.Mod
     """Targeted layers that own a weight matrix or kernel and are not quantized yet.
 
     A quantized layer's integer codes are its ground truth, so it is skipped (prune before
-    quantizing); the reason goes to ``ctx.notes`` when a context is given.
+    quantizing) with a warning (into ``ctx.notes``) when a context is given. When every
+    targeted weight layer is quantized, the step would prune nothing: that raises a
+    ``CompactnnError`` naming the fix (put the pruning step first).
     """
-    out = {}
+    out, quantized = {}, []
     for name, m in targets.items():
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor) or w.dim() < 2:
             continue
         if is_quant_layer(m):
-            if ctx is not None:
-                ctx.warn(f"{name}: already quantized; prune before quantizing. Skipped.")
+            quantized.append(name)
             continue
         out[name] = m
+    if quantized and not out:
+        raise CompactnnError(
+            f"the pruning step would prune nothing: every layer it targets "
+            f"({name_list(quantized, 3)}) is already quantized by an earlier step; put the "
+            "pruning step before the quantization step in the recipe (prune, then quantize)."
+        )
+    if ctx is not None:
+        for name in quantized:
+            ctx.warn(f"{name}: already quantized; prune before quantizing. Skipped.")
     return out
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.fold import fold_batchnorm
-from compactnn.core.modules import DEFAULT_CLASSES, Targets, run_order, set_module
+from compactnn.core.modules import DEFAULT_CLASSES, Targets, set_module
 from compactnn.core.qembedding import (
     embedding_spec,
     embedding_unsupported,
@@ -33,6 +33,7 @@ from compactnn.core.qlayers import (
 )
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError, name_list
+from compactnn.quant.ends import model_ends, run_with_heads  # model_ends: mixed_precision too
 
 LayerSpecs = dict[str, tuple[QuantSpec, QuantSpec | None]]
 
@@ -47,8 +48,10 @@ class QuantConfig(MethodConfig):
     Args:
         weight: how weights are quantized.
         act: how the activation entering each quantized layer is quantized (None: weight-only).
-        first_last_bits: the model's first and last quantizable layers (see
-            :func:`model_ends`) keep at least this many bits for weights and activations,
+        first_last_bits: the model's first and last quantizable layers, and each whose
+            output is one of the model's outputs (see
+            :func:`~compactnn.quant.ends.model_ends`), keep at least this many bits for
+            weights and activations,
             the field's convention, in the step that quantizes them; None quantizes them
             like the rest.
         fold_bn: fold ``conv -> batchnorm`` pairs before quantizing (CNNs).
@@ -207,30 +210,6 @@ def split_supported(targets: dict[str, nn.Module], ctx: CompressContext) -> dict
     return supported
 
 
-def first_run_order(model: nn.Module, names: list[str], ctx: CompressContext) -> list[str]:
-    """Those of ``names`` that run on the first calibration batch, in the order they first
-    run (empty without calibration data)."""
-    if not ctx.batches or not names:
-        return []
-    return run_order(model, names, lambda m: ctx.run(m, ctx.batches[0]))
-
-
-def model_ends(quantizable: list[str], ran: list[str]) -> set[str]:
-    """The first and last of a model's quantizable layers: the first and last to run
-    (``ran``, in first-run order; a layer that never runs is neither), or the first and
-    last registered (``quantizable``) when none ran (no calibration data).
-
-    Example:
-        >>> sorted(model_ends(["a", "b", "c", "spare"], ["b", "a", "c"]))
-        ['b', 'c']
-        >>> sorted(model_ends(["a", "b", "c"], []))
-        ['a', 'c']
-    """
-    known = set(quantizable)
-    order = [n for n in ran if n in known] or quantizable
-    return {order[0], order[-1]} if order else set()
-
-
 def layer_specs(
     model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig, ctx: CompressContext
 ) -> LayerSpecs:
@@ -238,18 +217,21 @@ def layer_specs(
     first/last-layer convention applied.
 
     The convention raises the model's first and last quantizable layers (every
-    ``Linear``/``Conv1d``/``Conv2d`` of ``model``, quantized or not, targeted or not:
-    :func:`model_ends`) when they are among ``layers``; a step that quantizes neither
-    promotes nothing, whatever layer it starts or ends on.
+    ``Linear``/``Conv1d``/``Conv2d`` of ``model``, quantized or not, targeted or not), and
+    each whose output is one of the model's outputs (every head of a multi-output model:
+    :func:`~compactnn.quant.ends.model_ends`), when they are among ``layers``; a step that
+    quantizes none of them promotes nothing, whatever layer it starts or ends on.
     """
     quantizable = [n for n, m in model.named_modules() if n and isinstance(m, QUANTIZABLE)]
-    ran = first_run_order(model, list(dict.fromkeys([*quantizable, *layers])), ctx)
+    ran, heads = [], set()
+    if ctx.batches and (every := list(dict.fromkeys([*quantizable, *layers]))):
+        ran, heads = run_with_heads(model, every, lambda m: ctx.run(m, ctx.batches[0]))
     seen = set(ran)
     names = [n for n in ran if n in layers] + [n for n in layers if n not in seen]
     specs: LayerSpecs = {n: (config.weight, config.act) for n in names}
     fl = config.first_last_bits
     if fl is not None:
-        for n in sorted(model_ends(quantizable, ran) & set(names)):
+        for n in sorted(model_ends(quantizable, ran, heads) & set(names)):
             w = config.weight
             if w.bits < fl:  # raised to the convention's width, with its 8-bit grid if 8
                 w = dataclasses.replace(w, bits=fl, symmetric=w.symmetric or fl == 8)
@@ -281,7 +263,8 @@ def note_raised(specs: LayerSpecs, config: QuantConfig, ctx: CompressContext) ->
         ctx.warn(
             f"{type(config).__name__}: the first/last-layer rule (first_last_bits="
             f"{config.first_last_bits}) raised every layer this step quantizes to {got} "
-            f"({', '.join(raised)}: the model's first and last Linear/Conv1d/Conv2d layers), "
+            f"({', '.join(raised)}: the model's first and last Linear/Conv1d/Conv2d layers "
+            "and those whose outputs are the model's), "
             f"so no layer is at the recipe's {asked} and the artifact is the {got} one; {off}."
         )
     else:

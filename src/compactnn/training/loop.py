@@ -398,17 +398,17 @@ def train(
     cfg = qat_step(recipe).config
     epochs_given = epochs
     epochs = cfg.epochs if epochs is None else epochs
-    if not isinstance(epochs, int) or epochs < 0:
-        raise CompactnnError(f"epochs={epochs!r} must be a non-negative integer.")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        whose = "" if epochs_given is not None else f" (recipe {recipe.name}'s)"
+        raise CompactnnError(
+            f"epochs={epochs!r}{whose} must be a whole number of 1 or more (0 trains nothing): "
+            "pass epochs=1 or more, or use compactnn.compress for a model calibrated without "
+            "training."
+        )
     if keep_best and eval_data is None:
         raise CompactnnError(
             "keep_best=True picks the epoch with the best held-out top-1, so it needs "
             "eval_data=(x_test, y_test); pass it, or drop keep_best."
-        )
-    if keep_best and epochs == 0:
-        raise CompactnnError(
-            "keep_best=True keeps the epoch with the best held-out top-1, and epochs=0 trains "
-            "none: there is nothing to keep. Pass epochs=1 or more, or drop keep_best."
         )
     data = as_train_data(data, dtype=float_dtype(model))  # float inputs: the model's dtype
     env = _dist.detect(device, distributed)

@@ -1,0 +1,95 @@
+"""What ``compactnn eval`` reads from ``--data``: a file, a data set name (``mnist``,
+``digits``, as ``train`` and ``report`` take them) or a reference model's name; and which
+part of it ``--recipe`` calibrates on (the training split when the data holds one beside
+the held-out split it scores: calibrating on the scored data would flatter the score)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from compactnn.errors import CompactnnError
+from compactnn.model_io import LoadedModel, reference_names, resolve_data
+from compactnn.training.data import keyword_split, labelled_keys
+
+# a data set name, or a reference model's name with a labelled data set -> that data set:
+# eval scores its held-out split (x_test/y_test), as train and report do
+EVAL_DATA_SETS = {"mnist": "mnist", "digits": "digits", "mnist-cnn": "mnist",
+                  "digits-resnet": "digits"}  # fmt: skip
+SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# what resolve_data reads, or refuses with its own message (a pickle)
+READ_SUFFIXES = (".safetensors", ".npy", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def read_data(spec: str, loaded: LoadedModel) -> Any:
+    """``--data`` as read: a labelled data set (:data:`EVAL_DATA_SETS`) as its four split
+    tensors (``x_train``... ``y_test``; scored on the held-out split); another reference
+    model's name as its calibration batches (training data, said on stderr); a file as
+    :func:`~compactnn.model_io.resolve_data` reads it."""
+    if spec in EVAL_DATA_SETS and not Path(spec).exists():
+        from compactnn.commands.train import labelled_data
+
+        split = labelled_data(EVAL_DATA_SETS[spec])
+        return {k: getattr(split, k) for k in SPLIT_KEYS}
+    suffix = Path(spec).suffix
+    if suffix not in READ_SUFFIXES and spec not in reference_names():
+        names = ", ".join(sorted(reference_names()))
+        raise CompactnnError(
+            f"unknown data {spec!r}: pass a .safetensors or .npy file of inputs, a data set "
+            f"name ({', '.join(sorted(set(EVAL_DATA_SETS.values())))}) or a reference model's "
+            f"name ({names})."
+        )
+    if spec in reference_names() and not Path(spec).exists():
+        print(
+            f"note: --data {spec} gives the reference's calibration batches (its training "
+            "data, not held out), scored as inputs alone; pass a held-out file for a fairer "
+            "score.",
+            file=sys.stderr,
+        )
+    return resolve_data(spec, loaded)
+
+
+def calibration_inputs(raw: Any, scored: Any) -> Any:
+    """The inputs ``eval --recipe`` calibrates on: the training split of ``--data`` (``raw``,
+    as read) when it holds one beside the held-out split it scores (``scored``); else
+    ``scored`` itself, with a note on stderr that calibration and scoring share data.
+
+    Example:
+        >>> import torch
+        >>> data = {"x_train": torch.zeros(2, 3), "y_train": torch.zeros(2).long(),
+        ...         "x_test": torch.ones(2, 3), "y_test": torch.ones(2).long()}
+        >>> calibration_inputs(data, data["x_test"]).sum().item()
+        0.0
+    """
+    pair = _splits(raw)
+    if pair is not None:
+        train, held, calib, inputs = pair
+        print(
+            f"note: --data holds {train} and {held}: --recipe calibrates on {calib}, "
+            f"scoring on {held} (the held-out split)",
+            file=sys.stderr,
+        )
+        return inputs
+    print(
+        "note: --data holds one split: --recipe calibrates on the data it scores, which can "
+        "flatter the score; pass a .safetensors with x_train/y_train and x_test/y_test (or "
+        "--data mnist|digits) to calibrate on one split and score the other",
+        file=sys.stderr,
+    )
+    return scored
+
+
+def _splits(raw: Any) -> tuple[str, str, str, Any] | None:
+    """``(training split, held-out split, training inputs' name, training inputs)`` of a
+    mapping holding both (an x pair, or keyword inputs with ``y_train``/``y_test``); None
+    otherwise."""
+    if not isinstance(raw, dict):
+        return None
+    train, held = labelled_keys(raw, "train"), labelled_keys(raw, "eval")
+    if train is not None and held is not None and train != held:
+        return "/".join(train), "/".join(held), train[0], raw[train[0]]
+    kw_train, kw_held = keyword_split(raw, "train"), keyword_split(raw, "eval")
+    if kw_train is not None and kw_held is not None and kw_train[1] is not kw_held[1]:
+        return "the *_train tensors", "the *_test ones", "the *_train inputs", kw_train[0]
+    return None
