@@ -24,7 +24,7 @@ from torch import nn
 from compactnn.data import split as split_module
 from compactnn.data.split import Split
 from compactnn.errors import CompactnnError, first_line
-from compactnn.models import cache, fit, image
+from compactnn.models import cache, fit
 from compactnn.models.reference import Reference
 
 _LAZY = object()  # "read on first use": what LazyReference's constructor passes itself
@@ -72,6 +72,19 @@ def read_split(load: Callable[[], Split], name: str, what: str) -> Split:
         ) from exc
 
 
+def seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``make()`` with its initial weights drawn from ``seed``; the global RNG is restored."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def split_desc(split: Split) -> str:
+    """A short fingerprint of a split (sizes and normalisation) for cache keys."""
+    shapes = f"{tuple(split.x_train.shape)}/{tuple(split.x_test.shape)}"
+    return f"{shapes}/{split.mean:.6f}/{split.std:.6f}"
+
+
 def lazy_image_reference(
     name: str,
     make: Callable[[], nn.Module],
@@ -88,19 +101,19 @@ def lazy_image_reference(
     """:func:`compactnn.models.image.image_reference` with its data read on first use.
 
     ``fingerprint`` stands for the data in the cache key: it must equal
-    ``image.split_desc(load_split())`` (checked, with a warning, once the data is read).
+    ``split_desc(load_split())`` (checked, with a warning, once the data is read).
     ``load_split`` is only called to train (nothing cached yet), for calibration batches, the
     example batch, or a score.
     """
     files = cache.module_sources(
-        *sources, sys.modules[__name__], image, fit, split_module, sys.modules[Reference.__module__]
+        *sources, sys.modules[__name__], fit, split_module, sys.modules[Reference.__module__]
     )
     key = cache.cache_key(name, files, seed=seed, fit=repr(cfg), data=fingerprint)
 
     @functools.cache
     def split() -> Split:
         data = load_split()
-        if (found := image.split_desc(data)) != fingerprint:
+        if (found := split_desc(data)) != fingerprint:
             warnings.warn(
                 f"{name}: its data set reads as {found}, not {fingerprint} as its cache key "
                 "says: scores may differ from the documented ones.",
@@ -123,7 +136,7 @@ def lazy_image_reference(
         s = split()
         return list(torch.split(s.x_train[:n_calib], calib_batch)), s.x_test[:64]
 
-    model, _ = cache.load_or_train(name, key, image.seeded(make, seed), train)
+    model, _ = cache.load_or_train(name, key, seeded(make, seed), train)
     model.eval()
     return LazyReference(
         data=data,
