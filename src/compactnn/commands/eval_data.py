@@ -71,13 +71,15 @@ def calibration_inputs(raw: Any, scored: Any) -> Any:
             file=sys.stderr,
         )
         return inputs
-    print(
-        "note: --data holds one split: --recipe calibrates on the data it scores, which can "
-        "flatter the score; pass a .safetensors with x_train/y_train and x_test/y_test (or "
-        "--data mnist|digits) to calibrate on one split and score the other",
-        file=sys.stderr,
-    )
+    print(ONE_SPLIT_NOTE, file=sys.stderr)
     return scored
+
+
+ONE_SPLIT_NOTE = (
+    "note: --data holds one split: --recipe calibrates on the data it scores, which can "
+    "flatter the score; pass a .safetensors with x_train/y_train and x_test/y_test (or "
+    "--data mnist|digits) to calibrate on one split and score the other"
+)
 
 
 def _splits(raw: Any) -> tuple[str, str, str, Any] | None:

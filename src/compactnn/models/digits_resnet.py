@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from compactnn.data import digits
-from compactnn.models import image
+from compactnn.models import lazy
 from compactnn.models.fit import FitConfig
 from compactnn.models.reference import Reference
 
 NAME = "digits-resnet"
+# the cache key's stand-in for the digits (split_desc of load_digits8(), checked on use)
+DATA_FINGERPRINT = "(1433, 1, 8, 8)/(364, 1, 8, 8)/0.305328/0.375490"
 STAGES = ((8, 1), (16, 2), (32, 2))  # (channels, stride)
 FIT = FitConfig(epochs=20, max_shift=0.5 / 8, max_rotation=0.1, max_scale=0.05)
 
@@ -50,6 +52,8 @@ class BasicBlock(nn.Module):
 
 class DigitsResNet(nn.Module):
     """The ``digits-resnet`` architecture."""
+
+    input_shape = (1, 8, 8)  # one example, as --data data-free generates it
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -83,10 +87,11 @@ def build_digits_resnet(
         seed: initial weights, shuffling and augmentation; part of the cache key.
         fit: training settings (part of the cache key); None: the defaults (20 epochs).
     """
-    return image.image_reference(
+    return lazy.lazy_image_reference(
         NAME,
         DigitsResNet,
-        digits.load_digits8(),
+        lambda: lazy.read_split(digits.load_digits8, NAME, "the 8x8 digits scikit-learn ships"),
+        DATA_FINGERPRINT,
         [sys.modules[__name__], digits],
         seed=seed,
         cfg=fit or FIT,

