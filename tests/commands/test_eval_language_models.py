@@ -174,6 +174,27 @@ def test_eval_of_a_causal_lm_reports_perplexity_of_both_models_beside_the_cosine
     assert "perplexity: next-token, over 80 predicted tokens of --data ids.safetensors" in out
 
 
+def test_hugging_face_lm_labels_are_scored_as_perplexity_not_classes(tmp_path, capsys, monkeypatch):
+    """{input_ids, labels} (labels = the token ids, Hugging Face's LM convention) was refused:
+    "top-1 scoring needs logits of shape (N, classes)"."""
+    from compactnn.commands import evaluate as command
+    from compactnn.models.tiny_hf import tiny_model
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    model, _ = tiny_model("gpt2")
+    model.save_pretrained("lm")
+    ids = torch.randint(4, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids, "labels": ids.clone()}, "lm_labels.safetensors")
+    monkeypatch.setattr(command, "fastest_float_path", _fake_float_paths({}))
+    argv = ["eval", "lm", "--recipe", "w8", "--data", "lm_labels.safetensors", "--quick"]
+    assert main([*argv, "--no-progress", "--json", "r.json"]) == 0
+    assert "are not classes; scoring next-token perplexity" in capsys.readouterr().err
+    base = json.loads(open("r.json").read())["rows"][0]
+    want = _perplexity_by_hand(model, ids, torch.ones_like(ids))
+    assert base["perplexity"] == pytest.approx(want, rel=1e-4)
+
+
 def test_eval_of_a_model_that_is_not_a_causal_lm_has_no_perplexity(
     token_files, capsys, monkeypatch
 ):

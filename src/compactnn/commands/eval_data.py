@@ -95,3 +95,20 @@ def _splits(raw: Any) -> tuple[str, str, str, Any] | None:
     if kw_train is not None and kw_held is not None and kw_train[1] is not kw_held[1]:
         return "the *_train tensors", "the *_test ones", "the *_train inputs", kw_train[0]
     return None
+
+
+def drop_lm_labels(model: Any, inputs: Any, labels: Any, spec: str) -> Any:
+    """``labels``, or None (said on stderr) when they are a causal LM's token-id targets,
+    shaped as ``input_ids`` (Hugging Face's convention): no classes to score top-1 on, so
+    ``eval`` scores next-token perplexity instead."""
+    from compactnn.measure.perplexity import is_causal_lm
+
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if ids is None or labels is None or labels.shape != ids.shape or not is_causal_lm(model):
+        return labels
+    print(
+        f"note: --data {spec}: a causal LM's labels (token ids shaped as input_ids) are not "
+        "classes; scoring next-token perplexity of input_ids",
+        file=sys.stderr,
+    )
+    return None

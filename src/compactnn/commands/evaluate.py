@@ -30,7 +30,7 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
-from compactnn.commands.eval_data import calibration_inputs, read_data
+from compactnn.commands.eval_data import calibration_inputs, drop_lm_labels, read_data
 from compactnn.commands.eval_table import (
     bits_line,
     conditions,
@@ -150,6 +150,7 @@ def inputs_of(
         return None, None
     raw = read_data(args.data, loaded) if raw is None else raw
     inputs, labels = split_labels(raw, note=note, model=loaded.model)
+    labels = drop_lm_labels(loaded.model, inputs, labels, args.data)
     check_token_ids(loaded.model, inputs, f"--data {args.data}")  # before a run names neither
     batches = as_batches(inputs)
     out = check_inputs(loaded, batches[0]) if batches else None
