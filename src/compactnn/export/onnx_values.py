@@ -8,10 +8,12 @@ ONNX Runtime was 124-160 output steps off, argmax agreement 0%, on inputs taking
 branch). The tracer warns at each such conversion, but also at harmless shape checks
 (``assert x.shape[1] == 3``, ``if x.size(0) > 1``: sizes are tensors while tracing), so a
 warning alone proves nothing. When one comes from code outside torch, the model is traced
-again on differently valued inputs of the same shapes (the example times -16, then divided
-by -16: a sign test and a threshold above or below the example's values flip); a graph
-that differs (operators, their attributes or the constants) is refused, naming the line
-whose tensor-to-Python conversion changed between the two runs.
+again on differently valued inputs of the same shapes (:data:`SCALES`: the example times
+16, divided by 16 and times -16, so that a threshold above or below the example's values
+and a sign test flip, whatever the input's range: a non-negative input, e.g. an image in
+[0, 1], that a quantizer calibrated on [0, max] clamps to 0 once negated, still moves up
+and down); a graph that differs (operators, their attributes or the constants) is refused,
+naming the line whose tensor-to-Python conversion changed between the two runs.
 """
 
 from __future__ import annotations
@@ -82,12 +84,20 @@ def _is_note(message: Warning | str) -> bool:
     return "might cause the trace to be incorrect" in str(message)
 
 
+# Positive rescales move a threshold on magnitudes both ways for any input range (a negated
+# non-negative input is clamped to 0 by a quantizer calibrated on [0, max], and a model
+# asserting x >= 0 refuses it); the sign flip moves a sign test.
+SCALES = (16.0, 1 / 16, -16.0)
+
+
 def value_variants(args: tuple) -> Iterator[tuple]:
     """The example with other values of the same shapes and dtypes: floating tensors times
-    -16, then divided by -16 (integer ones, e.g. token ids, keep their values, reversed
-    along the last axis the first time)."""
-    for scale in (-16.0, -1 / 16):
-        yield tuple(_other(a, scale) for a in args)
+    each of :data:`SCALES` (integer ones, e.g. token ids, keep their values, reversed along
+    the last axis for the negative scale). A variant equal to the example is left out."""
+    for scale in SCALES:
+        variant = tuple(_other(a, scale) for a in args)
+        if any(v is not a for v, a in zip(variant, args, strict=True)):
+            yield variant
 
 
 def _other(a: Any, scale: float) -> Any:
@@ -95,7 +105,7 @@ def _other(a: Any, scale: float) -> Any:
         return a
     if a.is_floating_point() or a.is_complex():
         return a * scale
-    return a.flip(-1) if scale < -1 and a.dim() > 0 else a  # ids stay valid ids
+    return a.flip(-1) if scale < 0 and a.dim() > 0 else a  # ids stay valid ids
 
 
 def graph_form(data: bytes) -> tuple:
@@ -120,7 +130,8 @@ def check_value_branches(
     with ``args`` by the names ``keywords``, if given) on both.
 
     Nothing is traced again without a note from code outside torch; a variant the model
-    does not run on (a value check that raises) is skipped.
+    does not run on (a value check that raises, e.g. ``assert (x >= 0).all()`` on the
+    negated example) is skipped, the others are still compared.
     """
     places = [(w.filename, w.lineno) for w in notes if _outside_torch(w.filename)]
     if not places:  # torch's own (shape) checks only
