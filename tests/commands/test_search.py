@@ -445,3 +445,15 @@ def test_the_summary_names_the_pruned_group_and_what_the_average_is_over(tmp_pat
     assert summary["cost"]["avg_bits"] == pytest.approx(8 * kept / 1044)
     expected = f"{8 * kept / 1044:.3g} (code bits of the kept weights / the 1,044 weights "
     assert f"average bits per weight: {expected}before pruning; budget 5)" in out
+
+
+def test_no_unreachable_max_bytes_is_suggested():
+    # searched layers at least 3,784,704 B, the rest 5,772,501 B: 6e6 - rest is unreachable
+    lines = search_command.size_lines(3_784_704, 9_557_205, 6e6, floor=3_784_704)
+    note = lines[-1]
+    # before: "... search with --max-bytes 227,499 (the rest of the artifact ...)"
+    assert "--max-bytes 227,499" not in note
+    assert "an artifact of at most 6,000,000 B is out of reach with these formats" in note
+    assert "the searched layers at least 3,784,704 B" in note
+    reachable = search_command.size_lines(1000, 3000, 2500, floor=400)[-1]
+    assert "search with --max-bytes 500 (the rest of the artifact, 2,000 B" in reachable

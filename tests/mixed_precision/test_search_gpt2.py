@@ -91,3 +91,21 @@ def test_embeddings_quantize_the_tied_head_with_its_table(gpt2):
             q(input_ids=x).logits.flatten(), model(input_ids=x).logits.flatten(), dim=0
         )
     assert cos > 0.9
+
+
+def test_embeddings_step_gives_the_tables_and_tied_head_the_asked_format(gpt2):
+    model, calib = gpt2
+    with pytest.warns(UserWarning):
+        r = search(
+            model,
+            formats="w2-g32,w4-g32",
+            budget=Budget(avg_bits=3),
+            calib_data=calib,
+            embeddings="w4-g32",
+            progress=False,
+        )
+    assert r.recipe.steps[-1].config.first_last_bits is None
+    q = compactnn.compress(model, r.recipe, calib_data=calib, progress=False)
+    # before: the tied head counted as the last layer: wte and lm_head int8 per channel
+    for m in (q.transformer.wte, q.lm_head):
+        assert (m.weight_spec.bits, m.weight_spec.group_size) == (4, 32)

@@ -271,9 +271,12 @@ def measured_artifact_bytes(loaded, recipe, calib) -> int:
         return artifact_bytes(Path(tmp) / "a")
 
 
-def size_lines(payload: float, artifact: int | None, max_bytes: float | None) -> list[str]:
+def size_lines(
+    payload: float, artifact: int | None, max_bytes: float | None, floor: float | None = None
+) -> list[str]:
     """The searched layers' payload (what ``--max-bytes`` bounds) and, when measured, the
-    artifact's bytes on disk, with a note when the artifact exceeds ``--max-bytes``.
+    artifact's bytes on disk, with a note when the artifact exceeds ``--max-bytes``
+    (``floor``: the smallest reachable payload, below which no ``--max-bytes`` is suggested).
 
     Example:
         >>> for line in size_lines(11_236, 21_464, 12_000): print(line[:58])
@@ -300,6 +303,12 @@ def size_lines(payload: float, artifact: int | None, max_bytes: float | None) ->
             if max_bytes > rest
             else f"the rest of the artifact alone takes {rest:,.0f} B"
         )
+        if floor is not None and rest < max_bytes < rest + floor:
+            fix = (
+                f"an artifact of at most {max_bytes:,.0f} B is out of reach with these formats: "
+                f"the rest of the artifact takes {rest:,.0f} B and the searched layers at least "
+                f"{floor:,.0f} B (a smaller --embeddings format or cheaper formats shrink it)"
+            )
         lines.append(
             f"  note: the artifact is {artifact - max_bytes:,.0f} B over --max-bytes "
             f"{max_bytes:,.0f}: the budget bounds the searched layers, not the file; {fix}"
@@ -340,8 +349,9 @@ def print_summary(result, args: argparse.Namespace) -> None:
     print("  formats: " + ", ".join(f"{f} x{n}" for f, n in counts.items()))
     for line in pruning_lines(result):
         print(line)
+    floor = min((p["bytes"] for p in result.frontier), default=None)  # cheapest reachable
     for line in size_lines(
-        result.cost["bytes"], result.budget.get("artifact_bytes"), args.max_bytes
+        result.cost["bytes"], result.budget.get("artifact_bytes"), args.max_bytes, floor
     ):
         print(line)
     if "avg_bits" in result.cost:

@@ -148,8 +148,9 @@ def accuracy_search(
     Returns:
         The best passing allocation (None if none passed) and every trial in order.
     """
-    if max_drop < 0 or max_evals < 1:
-        raise CompactnnError(f"max_drop={max_drop} must be >= 0 and max_evals={max_evals} >= 1.")
+    if max_drop < 0:
+        raise CompactnnError(f"max_drop={max_drop} must be >= 0.")
+    check_max_evals(max_evals)
     bisection_evals = max(1, max_evals - 2) if bisection_evals is None else bisection_evals
     trials: list[Trial] = []
     seen: dict[tuple[int, ...], Trial] = {}
@@ -206,3 +207,31 @@ def accuracy_search(
                 best = t
                 break
     return np.array(best.choice), trials
+
+
+def check_max_evals(max_evals: int) -> int:
+    """``max_evals`` if it is an integer >= 1 (the full evaluations accuracy-aware mode runs).
+
+    Example:
+        >>> check_max_evals(0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        compactnn.errors.CompactnnError: max_evals=0 must be an integer >= 1: ...
+    """
+    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
+        raise CompactnnError(
+            f"max_evals={max_evals!r} must be an integer >= 1: the compressed models eval_fn "
+            "may score (e.g. 8)."
+        )
+    return max_evals
+
+
+def trial_dict(t: Trial, names: list[str], formats: list[str]) -> dict:
+    """One accuracy-aware trial as ``SearchResult.tried`` records it (layer -> format name)."""
+    return {
+        "stage": t.stage,
+        "bytes": t.cost,
+        "quality": t.quality,
+        "drop": t.drop,
+        "passed": t.passed,
+        "assignment": {n: formats[j] for n, j in zip(names, t.choice, strict=True)},
+    }

@@ -8,7 +8,8 @@ The integer program, with a binary ``x[l, f]`` per (layer, format)::
                 x[l, f] = 0                            where format f is not allowed for l
 
 Rules such as "the first and last layers keep 8 bits" are rows of ``allowed``, not special
-cases. Solved exactly with HiGHS through :func:`scipy.optimize.milp`.
+cases. Solved exactly with HiGHS through :func:`scipy.optimize.milp` (scores rescaled to a
+largest of 1 and no MIP gap, so tiny sensitivities ~1e-10 are told apart).
 """
 
 from __future__ import annotations
@@ -188,10 +189,17 @@ def allocate_with_groups(
     c = (scores - np.where(allowed, scores, np.inf).min(axis=1, keepdims=True)).reshape(-1)
     c = np.where(allowed.reshape(-1), c, 0.0)
     c = np.concatenate([c, *(s - s.min() for s, _ in groups)])
+    top = float(np.abs(c).max()) if c.size else 0.0
+    if top > 0:  # HiGHS's absolute gap (1e-6) would accept any solution at scores ~1e-10
+        c = c / top
     upper = np.concatenate([allowed.reshape(-1).astype(float), np.ones(sum(sizes))])
     with solver_output_filtered():  # HiGHS prints debug lines past sys.stdout
         result = milp(
-            c, constraints=constraints, integrality=np.ones(c.size), bounds=Bounds(0, upper)
+            c,
+            constraints=constraints,
+            integrality=np.ones(c.size),
+            bounds=Bounds(0, upper),
+            options={"mip_rel_gap": 0.0},  # exact: the default 1e-4 gap stops early
         )
     if result.x is None:
         raise CompactnnError(f"allocate: no assignment meets budgets {budgets} ({result.message}).")

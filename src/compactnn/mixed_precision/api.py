@@ -25,11 +25,12 @@ from compactnn.api import compress
 from compactnn.core.calib import as_batches, call_model, detect_call_mode
 from compactnn.errors import CompactnnError, name_list
 from compactnn.mixed_precision.accuracy import (
-    Trial,
     accuracy_search,
     check_drop_vs_baseline,
     check_max_drop,
+    check_max_evals,
     quality_of,
+    trial_dict,
 )
 from compactnn.mixed_precision.allocate import (
     allocate,
@@ -46,7 +47,7 @@ from compactnn.mixed_precision.budget import (
     worst_ratio,
 )
 from compactnn.mixed_precision.cost import biased_layers, cost_tables, count_macs
-from compactnn.mixed_precision.formats import Format, parse_formats
+from compactnn.mixed_precision.formats import Format, check_allowed, parse_formats
 from compactnn.mixed_precision.groups import (
     Group,
     check_group_request,
@@ -108,7 +109,10 @@ def build_recipe(
             targets = dataclasses.replace(
                 step.targets, classes=("Embedding", "Linear"), names=tuple(tables)
             )
-        steps.append(Step(step.method, step.config, targets))
+        config = step.config  # the asked format for every table and tied head: the
+        if hasattr(config, "first_last_bits"):  # head is no "last layer" kept at 8 bits
+            config = dataclasses.replace(config, first_last_bits=None)
+        steps.append(Step(step.method, config, targets))
     return Recipe(name, tuple(steps))
 
 
@@ -198,6 +202,38 @@ def search(
         ...            calib_data=images)  # doctest: +SKIP
         >>> qmodel = compactnn.compress(model, r.recipe, calib_data=images)  # doctest: +SKIP
     """
+    args = dict(locals())
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # as compress runs it: a train-mode model's BatchNorm statistics stay, and
+    try:  # eval_fn scores the float model as it scores the compressed ones (in eval mode)
+        return _search(**args)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _search(
+    model: nn.Module,
+    *,
+    formats,
+    budget,
+    calib_data,
+    eval_fn,
+    max_drop,
+    measure,
+    first_last_min_bits,
+    embeddings,
+    sensitivity_batches,
+    max_evals,
+    frontier_points,
+    cache_dir,
+    latency_example,
+    groups,
+    latency_rounds,
+    name,
+    progress,
+) -> SearchResult:
+    """The body of :func:`search`, on ``model`` in eval mode."""
     start = time.perf_counter()
     fmts = parse_formats(list(formats) if not isinstance(formats, str) else formats)
     if budget is None and (eval_fn is None or max_drop is None):
@@ -209,6 +245,7 @@ def search(
         raise CompactnnError("eval_fn and max_drop go together: pass both or neither.")
     if max_drop is not None:
         max_drop = check_max_drop(max_drop)
+        check_max_evals(max_evals)  # before the float model's evaluation
     has_latency = budget is not None and budget.max_latency_ratio is not None
     use_groups = check_group_request(fmts, groups, has_latency and eval_fn is None)
     if use_groups and eval_fn is not None:
@@ -228,14 +265,22 @@ def search(
     left_out = tied_heads_left_out(view, embeddings)  # quantized with their tables or float
     if left_out:  # e.g. "search left out lm_head: tied to the embedding table ..."
         why = next(iter(left_out.values()))
-        warnings.warn(f"search left out {name_list(list(left_out), 3)}: {why}", stacklevel=2)
+        warnings.warn(f"search left out {name_list(list(left_out), 3)}: {why}", stacklevel=3)
     tables = [n for n, m in view.named_modules() if isinstance(m, nn.Embedding)]
+    if embeddings is not None and not tables:  # an empty step would only mislead
+        warnings.warn(
+            f"embeddings={embeddings!r} ignored: the model has no embedding table "
+            "(nn.Embedding); drop embeddings=.",
+            stacklevel=3,
+        )
+        embeddings = None
     tables = [*tables, *left_out] if left_out else []
     shrinks = {
         f.prune: prunable(view, names, f, batches) for f in fmts if f.prune
     }  # which layers each pruning ratio can shrink (not those tied to a residual add)
     ends = end_layers(view, layers, batches) if first_last_min_bits is not None else None
     allowed = _allowed(layers, fmts, first_last_min_bits, shrinks, ends)
+    check_allowed(layers, fmts, allowed, first_last_min_bits, ends)  # names who and why
     mode = detect_call_mode(view, batches[0])
     macs = count_macs(view, layers, lambda m: call_model(m, batches[0], mode))
     costs = cost_tables(layers, fmts, macs, biased_layers(view, names))  # folded BN biases
@@ -315,7 +360,7 @@ def search(
             max_drop=float(max_drop),
             max_evals=max_evals,
         )
-        tried = [_trial_dict(t, names, fmts) for t in trials]
+        tried = [trial_dict(t, names, [f.name for f in fmts]) for t in trials]
         if best is None:
             raise CompactnnError(
                 f"no configuration within budget meets max_drop={max_drop}: the largest one "
@@ -437,17 +482,6 @@ def _latency_costs(
         "widest": widest,
         "models": models,
         "uniform": uniform(np.full(len(names), w)),
-    }
-
-
-def _trial_dict(t: Trial, names: list[str], fmts: list[Format]) -> dict[str, Any]:
-    return {
-        "stage": t.stage,
-        "bytes": t.cost,
-        "quality": t.quality,
-        "drop": t.drop,
-        "passed": t.passed,
-        "assignment": {n: fmts[j].name for n, j in zip(names, t.choice, strict=True)},
     }
 
 

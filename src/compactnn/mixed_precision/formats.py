@@ -160,3 +160,59 @@ def pruned_rows(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
     k = rows - fmt.kept_rows(rows)
     norms = weight.detach().reshape(rows, -1).abs().sum(1)
     return torch.sort(torch.argsort(norms, stable=True)[:k]).values
+
+
+def why_not(fmt: Format, layer: nn.Module, first_last_min_bits: int | None, is_end: bool) -> str:
+    """Why ``fmt`` is not allowed for ``layer``: its group size, the first-last rule, or (else)
+    its channel pruning (the layer feeds a residual add or cannot shrink)."""
+    row = layer.weight[0].numel()
+    if not fmt.fits(layer):
+        size = fmt.weight.group_size
+        return f"{fmt.name}: group size {size} does not divide its {row} weights per row"
+    if is_end and first_last_min_bits is not None and fmt.weight.bits < first_last_min_bits:
+        return f"{fmt.name}: {fmt.weight.bits} bits < first_last_min_bits={first_last_min_bits}"
+    return f"{fmt.name}: its channels cannot be pruned"
+
+
+def check_allowed(
+    layers: dict[str, nn.Module],
+    formats: list[Format],
+    allowed,
+    first_last_min_bits: int | None = None,
+    ends: set[str] | None = None,
+) -> None:
+    """Refuse, naming them and why, layers that no candidate format is allowed for.
+
+    Example:
+        >>> fmts = parse_formats("w4-g32,w4-g64")
+        >>> check_allowed({"fc": nn.Linear(9, 2)}, fmts, [[False] * 2])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        compactnn.errors.CompactnnError: no format in ['w4-g32', 'w4-g64'] is allowed for ...
+    """
+    names = list(layers)
+    ends = ends if ends is not None else {names[0], names[-1]} if names else set()
+    empty = [n for n, row in zip(names, allowed, strict=True) if not any(row)]
+    if not empty:
+        return
+    shown = empty[:3]
+    whys = [
+        f"{n} ("
+        + "; ".join(why_not(f, layers[n], first_last_min_bits, n in ends) for f in formats)
+        + ")"
+        for n in shown
+    ]
+    more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+    text = " ".join(whys)
+    fixes = [
+        "add a format that fits (per channel, e.g. w4a8, or a group size dividing the row)"
+        if "group size" in text
+        else "",
+        "lower first_last_min_bits or add a wider format" if "first_last" in text else "",
+        "add a format without channel pruning" if "pruned" in text else "",
+    ]
+    raise CompactnnError(
+        f"no format in {[f.name for f in formats]} is allowed for layer"
+        f"{'s' if len(empty) > 1 else ''} {', '.join(whys)}{more}: "
+        + "; ".join(f for f in fixes if f)
+        + "."
+    )

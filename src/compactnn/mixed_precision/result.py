@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,11 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("max_bytes", "avg_bits", "max_bops", "max_latency_ratio"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or v <= 0):
-                raise CompactnnError(f"Budget.{name}={v!r} must be a positive number or None.")
+            bad = isinstance(v, bool) or not isinstance(v, (int, float))
+            if v is not None and (bad or not math.isfinite(v) or v <= 0):
+                raise CompactnnError(
+                    f"Budget.{name}={v!r} must be a positive finite number (not a bool) or None."
+                )
 
     def limits(self, weights: dict[str, float]) -> dict[str, float]:
         """Budget rows for :func:`allocate`; ``weights["code_bits"]`` is the total weight count."""
