@@ -53,7 +53,7 @@ from compactnn.core.qlayers import QuantLinear
 from compactnn.errors import CompactnnError, counted, name_list
 from compactnn.kernels.graph_edit import replace_nodes
 from compactnn.kernels.nbits_check import PINNED, checked_level
-from compactnn.kernels.nbits_merge import merge_siblings
+from compactnn.kernels.nbits_merge import fold_dynamic_biases, merge_siblings
 from compactnn.kernels.nbits_split import split_byte_nodes, split_tied_gathers
 from compactnn.kernels.nbits_tables import (
     CHANNEL_BLOCK,
@@ -218,6 +218,7 @@ def nbits_proto(
             share_head_codes(onnx, proto.graph)
     if merge:  # after the tables: a head whose codes a lookup reads stays one node
         merge_siblings(onnx, proto.graph)
+    fold_dynamic_biases(onnx, proto.graph)  # the merged siblings carry theirs already
     if bf16_tables:
         tables_to_bf16(onnx, proto.graph)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
