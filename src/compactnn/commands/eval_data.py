@@ -11,7 +11,7 @@ from typing import Any
 
 from compactnn.errors import CompactnnError
 from compactnn.model_io import LoadedModel, reference_names, resolve_data
-from compactnn.training.data import keyword_split, labelled_keys
+from compactnn.training.data import split_pair
 
 # a data set name, or a reference model's name with a labelled data set -> that data set:
 # eval scores its held-out split (x_test/y_test), as train and report do
@@ -62,7 +62,7 @@ def calibration_inputs(raw: Any, scored: Any) -> Any:
         >>> calibration_inputs(data, data["x_test"]).sum().item()
         0.0
     """
-    pair = _splits(raw)
+    pair = split_pair(raw)
     if pair is not None:
         train, held, calib, inputs = pair
         print(
@@ -80,21 +80,6 @@ ONE_SPLIT_NOTE = (
     "flatter the score; pass a .safetensors with x_train/y_train and x_test/y_test (or "
     "--data mnist|digits) to calibrate on one split and score the other"
 )
-
-
-def _splits(raw: Any) -> tuple[str, str, str, Any] | None:
-    """``(training split, held-out split, training inputs' name, training inputs)`` of a
-    mapping holding both (an x pair, or keyword inputs with ``y_train``/``y_test``); None
-    otherwise."""
-    if not isinstance(raw, dict):
-        return None
-    train, held = labelled_keys(raw, "train"), labelled_keys(raw, "eval")
-    if train is not None and held is not None and train != held:
-        return "/".join(train), "/".join(held), train[0], raw[train[0]]
-    kw_train, kw_held = keyword_split(raw, "train"), keyword_split(raw, "eval")
-    if kw_train is not None and kw_held is not None and kw_train[1] is not kw_held[1]:
-        return "the *_train tensors", "the *_test ones", "the *_train inputs", kw_train[0]
-    return None
 
 
 def drop_lm_labels(model: Any, inputs: Any, labels: Any, spec: str) -> Any:

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from compactnn.commands._common import add_model_args, given_path, positive_int
+from compactnn.commands.eval_data import EVAL_DATA_SETS
 from compactnn.errors import CompactnnError
 from compactnn.measure import DEFAULT_RUNS, DEFAULT_THREADS
 
@@ -71,8 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 # a reference model (or data set) name -> its labelled data set (held-out x_test/y_test)
-LABELLED_DATA_SETS = {"mnist-cnn": "mnist", "digits-resnet": "digits", "mnist": "mnist",
-                      "digits": "digits"}  # fmt: skip
+# a data set name, or a reference model's name -> its labelled data set (eval's table)
+LABELLED_DATA_SETS = EVAL_DATA_SETS
 
 
 def read_labelled(spec: str) -> object | None:

@@ -36,7 +36,7 @@ from compactnn.training.checkpoint import (
     checkpoint_position,
     resume_line,
 )
-from compactnn.training.data import as_eval_data, keyword_split, labelled_keys
+from compactnn.training.data import as_eval_data, labelled_keys, split_pair
 from compactnn.training.epoch_log import format_epoch
 from compactnn.training.loop import evaluate_top1
 
@@ -235,15 +235,7 @@ def has_held_out_split(data: Any) -> bool:
         >>> has_held_out_split({"x": t, "y": t})
         False
     """
-    if hasattr(data, "x_test") and hasattr(data, "y_test"):
-        return True
-    if not isinstance(data, dict):
-        return False
-    train, held = labelled_keys(data, "train"), labelled_keys(data, "eval")
-    if train is not None or held is not None:
-        return train is not None and held is not None and train != held
-    kw_train, kw_held = keyword_split(data, "train"), keyword_split(data, "eval")
-    return kw_train is not None and kw_held is not None and kw_train[1] is not kw_held[1]
+    return (hasattr(data, "x_test") and hasattr(data, "y_test")) or split_pair(data) is not None
 
 
 def eval_data_words(args: argparse.Namespace, data: Any, loaded: LoadedModel) -> str | None:

@@ -33,7 +33,7 @@ from compactnn.core.qlayers import (
 )
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError, name_list
-from compactnn.quant.ends import model_ends, run_with_heads  # model_ends: mixed_precision too
+from compactnn.quant.ends import model_ends, run_with_heads
 
 LayerSpecs = dict[str, tuple[QuantSpec, QuantSpec | None]]
 

@@ -85,6 +85,29 @@ def keyword_split(data: Any, role: str = "train") -> tuple[dict[str, Any], Any] 
     return None
 
 
+def split_pair(data: Any) -> tuple[str, str, str, Any] | None:
+    """``(training split, held-out split, training inputs' name, training inputs)`` of a
+    mapping holding both (an x pair, or keyword inputs with ``y_train``/``y_test``); None
+    otherwise (one split, or not a mapping).
+
+    Example:
+        >>> t = torch.zeros(2)
+        >>> split_pair({"x_train": t, "y_train": t, "x_test": t, "y_test": t})[:3]
+        ('x_train/y_train', 'x_test/y_test', 'x_train')
+        >>> split_pair({"x": t, "y": t}) is None
+        True
+    """
+    if not isinstance(data, dict):
+        return None
+    train, held = labelled_keys(data, "train"), labelled_keys(data, "eval")
+    if train is not None and held is not None and train != held:
+        return "/".join(train), "/".join(held), train[0], data[train[0]]
+    kw_train, kw_held = keyword_split(data, "train"), keyword_split(data, "eval")
+    if kw_train is not None and kw_held is not None and kw_train[1] is not kw_held[1]:
+        return "the *_train tensors", "the *_test ones", "the *_train inputs", kw_train[0]
+    return None
+
+
 def rows(inputs: Any) -> int:
     """Samples in ``inputs``: a tensor's first dimension, or that of a dict's first tensor.
 
