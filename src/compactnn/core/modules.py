@@ -6,6 +6,7 @@ import difflib
 import fnmatch
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -312,3 +313,27 @@ def saved_layers(
         except AttributeError:
             layer = None
         yield name, f"extra[{key!r}][{name!r:.60}]", layer, entry
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block, each back in its own mode
+    after it, whatever happens (a forward in train mode would overwrite batch norms' running
+    statistics: the caller's model is never changed).
+
+    Example:
+        >>> net = nn.Sequential(nn.BatchNorm1d(2)).train()
+        >>> with eval_mode(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training

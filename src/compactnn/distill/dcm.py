@@ -17,13 +17,11 @@ the student's own modules are never replaced (hooks only; :meth:`DCMDistiller.re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compactnn.core.modules import eval_mode
 from compactnn.errors import CompactnnError
 
 
@@ -53,20 +51,6 @@ def dcm_loss(
         for t in teacher_heads
     )
     return ce + kl
-
-
-@contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Every module of ``models`` in eval mode inside the block, each back in its own mode
-    after it (a forward in train mode would overwrite batch norms' running statistics)."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
 
 
 class _AuxHead(nn.Module):
@@ -136,7 +120,7 @@ class DCMDistiller(nn.Module):
         self, student: nn.Module, teacher: nn.Module, example: torch.Tensor
     ) -> nn.ModuleDict:
         """An auxiliary head per hooked layer, sized by one forward of both networks."""
-        with torch.no_grad(), _eval_mode(student, teacher):
+        with torch.no_grad(), eval_mode(student, teacher):
             s_out, t_out = student(example), teacher(example)
         classes = s_out.shape[1]
         if t_out.shape[1] != classes:

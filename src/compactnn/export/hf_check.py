@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
+from compactnn.core.modules import eval_mode
 from compactnn.errors import CompactnnError, first_line, name_list
 
 EXTRA = "export"
@@ -166,15 +167,10 @@ def verify_folder(qmodel: nn.Module, folder: str | os.PathLike) -> float:
             f"written ({'; '.join(misfit)}); nothing was written. Save with compactnn.save."
         )
     inputs = probe_inputs(qmodel)
-    modes = [(m, m.training) for m in qmodel.modules()]
-    try:
-        with torch.no_grad():
-            sim = main_output(qmodel.eval()(**inputs))
-            with _quiet_transformers():  # compressed-tensors decompresses on this first call
-                got = main_output(loaded.eval()(**inputs))
-    finally:
-        for m, training in modes:
-            m.training = training
+    with torch.no_grad(), eval_mode(qmodel):
+        sim = main_output(qmodel(**inputs))
+        with _quiet_transformers():  # compressed-tensors decompresses on this first call
+            got = main_output(loaded.eval()(**inputs))
     cos = mean_cosine(sim, got) if sim.shape == got.shape else float("nan")
     if not cos >= MIN_COSINE:  # NaN fails too
         raise CompactnnError(

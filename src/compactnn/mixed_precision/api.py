@@ -23,6 +23,7 @@ from torch import nn
 
 from compactnn.api import compress
 from compactnn.core.calib import as_batches, call_model, detect_call_mode
+from compactnn.core.modules import eval_mode
 from compactnn.errors import CompactnnError, name_list
 from compactnn.mixed_precision.accuracy import (
     accuracy_search,
@@ -203,13 +204,10 @@ def search(
         >>> qmodel = compactnn.compress(model, r.recipe, calib_data=images)  # doctest: +SKIP
     """
     args = dict(locals())
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # as compress runs it: a train-mode model's BatchNorm statistics stay, and
-    try:  # eval_fn scores the float model as it scores the compressed ones (in eval mode)
+    # as compress runs it: a train-mode model's BatchNorm statistics stay, and eval_fn scores
+    # the float model as it scores the compressed ones (in eval mode)
+    with eval_mode(model):
         return _search(**args)
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _search(
