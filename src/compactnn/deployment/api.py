@@ -418,11 +418,11 @@ def _by_backend(reasons: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in reasons.items())
 
 
-def _traced_float(sim: nn.Module) -> dict[str, str]:
+def _traced_float(sim: nn.Module, example: Any) -> dict[str, str]:
     """:func:`traced_through` of ``sim``; nothing when it cannot be traced (ONNX export
     does not need torch.fx)."""
     try:
-        return traced_through(sim, trace(sim))
+        return traced_through(sim, trace(sim, example))
     except CompactnnError:
         return {}
 
@@ -436,7 +436,7 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
 
         with quiet_shape_checks():
             data, kept = to_onnx_bytes(sim, example)
-        kept = {**kept, **_traced_float(sim)}  # exported as float ops of their weights
+        kept = {**kept, **_traced_float(sim, example)}  # exported as float ops of their weights
         data = fold_float_outputs(data)  # same numbers, no per-call dequantized float head
         run = structured_outputs(ort_callable(data), sim, example)
         deployed = DeployedModel(run, backend, kept)
@@ -449,7 +449,7 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
         if reason is not None:
             raise CompactnnError(reason)
     source, kernels = binary.pre_lower(sim, example)  # binary blocks: int8 or popcount
-    plan = build_plan(trace(source), residual)
+    plan = build_plan(trace(source, example), residual)
     if not plan.lowered and not kernels:
         raise CompactnnError(no_integer_layers(sim, plan.kept))
     kept = {**plan.kept, **traced_through(source, plan.gm)}  # float ops of their weights

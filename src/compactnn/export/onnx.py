@@ -225,7 +225,7 @@ class _QDQAct(nn.Module):
 
 
 def qdq_module(
-    qmodel: nn.Module, int32_biases: bool | Collection[str] = True
+    qmodel: nn.Module, int32_biases: bool | Collection[str] = True, example: Any = None
 ) -> tuple[nn.Module, dict[str, _QDQLayer], dict[str, str]]:
     """A copy of ``qmodel`` with every quantized layer in QDQ form; also the kept-float list.
 
@@ -237,7 +237,8 @@ def qdq_module(
     When the model traces with ``torch.fx``, each layer output that every consumer quantizes
     on the same grid (see :mod:`compactnn.lowering.plan`) gets that Q/DQ pair right after it:
     the same numbers (quantizing twice on one grid is idempotent), and it lets ONNX Runtime
-    fuse ``DQ -> Conv -> Q`` into its integer kernels.
+    fuse ``DQ -> Conv -> Q`` into its integer kernels. ``forward``'s parameters with a default
+    that ``example`` leaves unset keep it (:func:`~compactnn.lowering.graph.trace`).
     """
     blocks = [n for n, m in qmodel.named_modules() if isinstance(m, BinaryBlock)]
     if blocks:
@@ -249,7 +250,7 @@ def qdq_module(
         )
     model = copy.deepcopy(qmodel).eval()
     try:
-        gm = trace(model)
+        gm = trace(model, example)
     except CompactnnError:
         gm = None
     root = model if gm is None else gm
@@ -352,7 +353,7 @@ def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str
     it has no ONNX form for, or the example the model does not run on; so does a graph that
     depends on the input's values (:mod:`compactnn.export.onnx_values`).
     """
-    model, layers, kept = qdq_module(qmodel)
+    model, layers, kept = qdq_module(qmodel, example=example)
     try:
         spec = onnx_io(model, example, qmodel)  # runs the model on the example once
         with tracer_notes() as notes:
@@ -412,12 +413,12 @@ def verify_qdq(
 
 
 def _verify_qdq(qmodel, data, run, example, what, tolerance, against) -> Verification:
-    exact = qdq_module(qmodel, int32_bias_layers(data))[0]
+    exact = qdq_module(qmodel, int32_bias_layers(data), example)[0]
     moved = compare(qmodel, exact, example, "int32 biases", float("inf")).max_diff_steps
     if against == "simulation":
         result = explained(compare(qmodel, run, example, what, tolerance), qmodel, example)
         return replace(result, bias_rounding_steps=moved)
-    float_bias = qdq_module(qmodel, int32_biases=False)[0]
+    float_bias = qdq_module(qmodel, int32_biases=False, example=example)[0]
     form = compare(qmodel, float_bias, example, f"{what} (QDQ form)", tolerance)
     if not form.passed:
         return explained(form, qmodel, example)
