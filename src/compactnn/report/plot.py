@@ -7,11 +7,13 @@ import io
 from typing import Any
 
 from compactnn._optional import require
+from compactnn.report.labels import place
 from compactnn.report.scoring import front_mask, latency_suspect, panel_rows, row_higher_is_better
 
 require("matplotlib", "demo").use("Agg")  # files only; no display on servers or in CI
 plt = require("matplotlib.pyplot", "demo")
 _ticker = require("matplotlib.ticker", "demo")
+Text = require("matplotlib.text", "demo").Text
 FuncFormatter, LogLocator, NullFormatter = (
     _ticker.FuncFormatter,
     _ticker.LogLocator,
@@ -24,6 +26,7 @@ METRIC_LABELS = {
     "perplexity": "next-token perplexity (lower is better)",
 }
 PANELS = ("size", "latency")
+DPI = 110
 
 
 def _x_values(rows: list[dict[str, Any]], panel: str) -> tuple[list[float], str]:
@@ -36,12 +39,13 @@ def _x_values(rows: list[dict[str, Any]], panel: str) -> tuple[list[float], str]
     return xs, f"artifact size on disk ({'KiB' if kib else 'MiB'}, log scale)"
 
 
-def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> None:
+def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> list[Any]:
     """One scatter of quality against ``panel`` ("size" or "latency"), its Pareto front
     (in the direction of the rows' metric) ringed and joined by a dashed line; on the size panel a
     row marked ``shares_size`` (the same artifact run another way) is not drawn twice; on the
     latency panel a row whose timing looked inflated is drawn hollow, labelled ``*``, and left
-    off the front (:func:`compactnn.report.scoring.front_mask`)."""
+    off the front (:func:`compactnn.report.scoring.front_mask`). Returns the labels, placed
+    later by :func:`_declutter`."""
     rows = panel_rows(rows, panel)
     xs, xlabel = _x_values(rows, panel)
     quality = [r["quality"] for r in rows]
@@ -58,13 +62,16 @@ def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> None:
     fx, fy = [p[0] for p in front], [p[1] for p in front]
     ax.plot(fx, fy, linestyle="--", drawstyle="steps-post", color="tab:green", alpha=0.7,
             marker="o", markersize=12, markerfacecolor="none")  # fmt: skip
+    labels = []
     for r, x, y in zip(rows, xs, quality, strict=True):
         if r["recipe"] == "float":
             ax.plot([x], [y], marker="*", markersize=14, color="tab:orange", linestyle="none")
         label = r.get("label", r["recipe"])
         if panel == "latency" and latency_suspect(r):
             label += " *"
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        at = {"textcoords": "offset points", "xytext": (5, 5), "ha": "left", "va": "bottom"}
+        leader = {"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 1, "shrinkB": 4}
+        labels.append(ax.annotate(label, (x, y), fontsize=8, arrowprops=leader, **at))
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0, 7.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
@@ -74,6 +81,27 @@ def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> None:
     ax.set_ylabel(METRIC_LABELS.get(rows[0]["metric"], rows[0]["metric"]))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+    return labels
+
+
+def _declutter(fig: Any, panels: list[tuple[Any, list[Any]]]) -> None:
+    """Moves each panel's labels off one another and off the points
+    (:func:`compactnn.report.labels.place`), once the layout is final."""
+    renderer = fig.canvas.get_renderer()
+    to_points = 72.0 / fig.dpi
+    for ax, labels in panels:
+        if not labels:
+            continue
+        anchors = [tuple(ax.transData.transform(a.xy)) for a in labels]
+        extents = [Text.get_window_extent(a, renderer) for a in labels]  # not the leader
+        frame = ax.get_window_extent(renderer)
+        boxes = place(
+            anchors,
+            [(e.width, e.height) for e in extents],
+            bounds=(frame.x0, frame.y0, frame.x1, frame.y1),
+        )
+        for a, (x, y), box in zip(labels, anchors, boxes, strict=True):
+            a.xyann = ((box[0] - x) * to_points, (box[1] - y) * to_points)
 
 
 def pareto_png(results: dict[str, Any], panels: tuple[str, ...] = ("size",)) -> bytes:
@@ -98,13 +126,16 @@ def pareto_png(results: dict[str, Any], panels: tuple[str, ...] = ("size",)) -> 
     models = list(dict.fromkeys(r["model"] for r in results["rows"])) or ["(none)"]
     ncols = len(panels) if len(models) == 1 else len(models)
     nrows = 1 if len(models) == 1 else len(panels)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False, dpi=DPI
+    )
+    placed = []
     for m, model in enumerate(models):
         rows = [r for r in results["rows"] if r["model"] == model]
         for p, panel in enumerate(panels):
             ax = axes[0][p] if len(models) == 1 else axes[p][m]
             if rows:
-                _panel(ax, rows, panel, model)
+                placed.append((ax, _panel(ax, rows, panel, model)))
     what = " and ".join(panels)
     ups = {row_higher_is_better(r) for r in results["rows"]}
     better = {frozenset({True}): "up and left", frozenset({False}): "down and left"}
@@ -113,7 +144,8 @@ def pareto_png(results: dict[str, Any], panels: tuple[str, ...] = ("size",)) -> 
     doubt = "; hollow, *: timing looked inflated, off the front" if inflated else ""
     fig.suptitle(f"quality vs {what} ({where} is better; ringed, dashed: Pareto front{doubt})")
     fig.tight_layout()
+    _declutter(fig, placed)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=DPI)
     plt.close(fig)
     return buf.getvalue()
