@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from compactnn.errors import CompactnnError
 
 MIB = 1024 * 1024
 _MARK = "COMPACTNN_RSS "
+_LIVE: set[subprocess.Popen] = set()  # children running now (see kill_children)
+_LIVE_LOCK = threading.Lock()
 # Run in the child: imports, RSS, build + one forward, trim, RSS. Prints one JSON line.
 _CHILD = r"""
 import ctypes, gc, importlib, json, sys
@@ -153,13 +156,7 @@ def resident_memory(
     prepare = None if setup is None else [setup, list(setup_args or [])]
     payload = json.dumps([builder, list(args or []), int(threads), list(preload), prepare])
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, payload],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    proc = _run_child([sys.executable, "-c", _CHILD, payload], env, timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)), None)
     if proc.returncode != 0 or line is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -168,3 +165,31 @@ def resident_memory(
             f"(exit {proc.returncode}): " + " | ".join(tail)
         )
     return ResidentMemory(**json.loads(line[len(_MARK) :]))
+
+
+def _run_child(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that :func:`kill_children` can stop from another thread."""
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def kill_children() -> None:
+    """Kill every :func:`resident_memory` child still running (e.g. the caller was stopped
+    by Ctrl-C or SIGTERM while worker threads waited on them: their measurements then fail
+    at once instead of the process waiting for them to finish)."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        proc.kill()

@@ -247,8 +247,15 @@ def measure_job(job: dict[str, Any], threads: int) -> tuple[dict[str, int], str 
 def measure_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]], threads: int) -> None:
     """Fill ``resident_bytes`` / ``resident_anon_bytes`` of each ``(row, job)``,
     :data:`WORKERS` children at a time; a failed measurement becomes a note on its row."""
-    with ThreadPoolExecutor(WORKERS) as pool:
+    pool = ThreadPoolExecutor(WORKERS)
+    try:
         done = list(pool.map(lambda pair: measure_job(pair[1], threads), pairs))
+    except BaseException:  # Ctrl-C / SIGTERM: stop the children the workers wait on
+        pool.shutdown(wait=False, cancel_futures=True)
+        memory.kill_children()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     for (row, _), (fields, note) in zip(pairs, done, strict=True):
         row.update(fields)
         if note:
