@@ -28,10 +28,11 @@ def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv(timing.REEXEC_MARK, raising=False)
     monkeypatch.setattr(sys, "argv", ["compactnn", "eval", "no-such-artifact"])
+    monkeypatch.setattr(sys, "path", ["/venv/bin", *sys.path[1:]])  # the `compactnn` script
     with pytest.raises(SystemExit):
         cli.main()
     assert execs == [
-        (sys.executable, [sys.executable, "-m", "compactnn.cli", "eval", "no-such-artifact"],
+        (sys.executable, [sys.executable, "-P", "-m", "compactnn.cli", "eval", "no-such-artifact"],
          "PASSIVE")
     ]  # fmt: skip
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice: kept, no re-exec
@@ -127,3 +128,31 @@ def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path):
     )  # fmt: skip
     assert proc.stdout == "line 0\n"
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+def test_the_re_execution_imports_nothing_from_the_current_folder(tmp_path):
+    """A `tqdm.py` in the folder where `compactnn` runs (a downloaded model folder) is never
+    imported: the passive-policy re-execution used `python -m`, which put that folder first
+    on sys.path (security review, session 30)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "compactnn"
+    if not script.exists():
+        script = Path(shutil.which("compactnn") or "")
+    if not script.is_file():
+        pytest.skip("the compactnn console script is not installed")
+    marker = tmp_path / "MARKER"
+    for name in ("tqdm", "numpy", "yaml"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('{name}')\n")
+    drop = ("OMP_WAIT_POLICY", "PYTHONPATH", "COMPACTNN_OMP_REEXEC")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    proc = subprocess.run(
+        [str(script), "eval", "no-such-artifact"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert not marker.exists(), f"imported {marker.read_text()}.py from the current folder"
+    assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr[-2000:]

@@ -483,6 +483,13 @@ def ensure_passive_policy(module: str, argv: list[str], openmp_loaded: bool) -> 
     For command-line entry points only (``compactnn``, ``python -m compactnn.bench``): when
     OpenMP is already loaded, re-executes ``python -m module argv`` with the policy set
     (this call then does not return). A library never calls it.
+
+    ``python -m`` puts the current folder first on ``sys.path``: from the ``compactnn``
+    script (whose ``sys.path[0]`` is its own folder) that would import a ``tqdm.py`` or
+    ``numpy.py`` lying in the user's folder, code the user never chose to run (found by a
+    security review: a model folder's ``tqdm.py`` ran). The re-execution then adds ``-P``
+    (Python 3.11: no unsafe path first), unless this process already had the current folder
+    first (the user ran ``python -m`` there, and its imports came from there already).
     """
     action = passive_policy_action(dict(os.environ), openmp_loaded)
     if action == "keep":
@@ -494,4 +501,12 @@ def ensure_passive_policy(module: str, argv: list[str], openmp_loaded: bool) -> 
         os.environ[REEXEC_MARK] = "1"
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+        os.execv(sys.executable, [sys.executable, *_path_flags(sys.path), "-m", module, *argv])
+
+
+def _path_flags(path: list[str]) -> list[str]:
+    """``["-P"]`` unless ``path`` (this process's ``sys.path``) already starts with the
+    current folder (see :func:`ensure_passive_policy`)."""
+    first = path[0] if path else None
+    here = first is not None and os.path.abspath(first or os.curdir) == os.path.abspath(os.curdir)
+    return [] if here else ["-P"]
