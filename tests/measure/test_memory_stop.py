@@ -39,3 +39,15 @@ def test_a_finished_child_leaves_no_entry() -> None:
     with pytest.raises(CompactnnError, match="failed"):
         memory.resident_memory("time:time", [])  # builds a float, not a callable
     assert not memory._LIVE
+
+
+def test_the_child_imports_nothing_from_the_current_folder(tmp_path, monkeypatch) -> None:
+    """`compactnn report` run in a folder holding a `numpy.py`: the measuring child (a
+    `python -c`, which put the current folder first on sys.path) never imports it."""
+    marker = tmp_path / "MARKER"
+    for name in ("numpy", "tqdm", "json"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('{name}')\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CompactnnError, match="failed"):
+        memory.resident_memory("time:time", [])  # builds a float, not a callable
+    assert not marker.exists(), f"the child imported {marker.read_text()}.py"

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from compactnn.errors import CompactnnError
+from compactnn.measure.timing import path_flags
 
 MIB = 1024 * 1024
 _MARK = "COMPACTNN_RSS "
@@ -156,7 +157,8 @@ def resident_memory(
     prepare = None if setup is None else [setup, list(setup_args or [])]
     payload = json.dumps([builder, list(args or []), int(threads), list(preload), prepare])
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = _run_child([sys.executable, "-c", _CHILD, payload], env, timeout)
+    flags = path_flags(sys.path)  # no `numpy.py` of the current folder imported by the child
+    proc = _run_child([sys.executable, *flags, "-c", _CHILD, payload], env, timeout)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)), None)
     if proc.returncode != 0 or line is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]

@@ -501,12 +501,18 @@ def ensure_passive_policy(module: str, argv: list[str], openmp_loaded: bool) -> 
         os.environ[REEXEC_MARK] = "1"
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, *_path_flags(sys.path), "-m", module, *argv])
+        os.execv(sys.executable, [sys.executable, *path_flags(sys.path), "-m", module, *argv])
 
 
-def _path_flags(path: list[str]) -> list[str]:
-    """``["-P"]`` unless ``path`` (this process's ``sys.path``) already starts with the
-    current folder (see :func:`ensure_passive_policy`)."""
+def path_flags(path: list[str]) -> list[str]:
+    """Interpreter flags for a child Python run with ``-m`` or ``-c``: ``["-P"]`` (the
+    current folder not put first on its ``sys.path``) unless ``path`` (this process's
+    ``sys.path``) already starts with the current folder (see :func:`ensure_passive_policy`).
+
+    Example:
+        >>> path_flags(["/venv/bin", "/usr/lib/python3.11"]), path_flags([os.getcwd()])
+        (['-P'], [])
+    """
     first = path[0] if path else None
     here = first is not None and os.path.abspath(first or os.curdir) == os.path.abspath(os.curdir)
     return [] if here else ["-P"]
