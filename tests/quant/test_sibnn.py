@@ -87,3 +87,10 @@ def test_short_name_and_config_errors():
         SIBNNConfig(levels="01x")
     with pytest.raises(CompactnnError, match="ede=False"):
         SIBNNConfig(ede=True)
+
+
+@pytest.mark.parametrize("recipe, got", [("w1a8-sibnn", "not a8"), ("w1-sibnn", "not no")])
+def test_recipes_without_binary_activations_are_refused(recipe, got):
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    with pytest.raises(CompactnnError, match=f"{got}.*use w1a1-sibnn"):
+        compactnn.train(_cnn(), recipe, (x, y), epochs=1, progress=False)

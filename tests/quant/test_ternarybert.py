@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 import compactnn
 from compactnn.core.qembedding import QuantEmbedding
@@ -194,3 +195,10 @@ def test_device_option_trains_there_and_hands_back_on_the_models_device():
     if not torch.cuda.is_available():
         with pytest.raises(CompactnnError, match="sees no CUDA GPU"):
             TernaryBERTConfig(device="cuda")
+
+
+def test_training_a_cnn_is_refused_as_compress_refuses_it():
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    data = (torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,)))
+    with pytest.raises(CompactnnError, match=r"'0' is a convolution.*for CNNs use w2a8-twn"):
+        compactnn.train(cnn, "w2a2-ternarybert", data, epochs=1, progress=False)

@@ -90,7 +90,7 @@ def test_a_probe_pruned_transformer_is_delivered_as_itself(monkeypatch):
     assert notes == [
         f"runs as itself: probe-pruned ({len(mlps)} MLPs skip 30% of their hidden channels, "
         "chosen per sample by a probe; weights sliced at run time) in eager PyTorch fp32 "
-        "(deploy and to_kernels do not take it)"
+        "(deploy does not take it; to_kernels would keep the probe MLPs in bfloat16)"
     ]
     outputs(fast, calib[0])
     width = mlps[0].down_proj.in_features

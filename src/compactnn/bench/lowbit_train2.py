@@ -208,6 +208,27 @@ def close_pairs(seed: int) -> list[dict]:
     return rows + [{**r, "arm": f"pe50 {r['arm']}"} for r in pe]
 
 
+PARTS = ("elq", "elq-val", "sibnn", "pairs")
+USAGE = (
+    "usage: python -m compactnn.bench.lowbit_train2 PART SEED  (PART: "
+    + ", ".join(PARTS)
+    + "; SEED: an integer, e.g. `sibnn 0`)"
+)
+
+
+def parse_args(args: list[str]) -> tuple[str, int]:
+    """``(PART, SEED)`` from the command line; anything else exits with the usage line.
+
+    Example:
+        >>> parse_args(["sibnn", "2"])
+        ('sibnn', 2)
+    """
+    if len(args) != 2 or args[0] not in PARTS or not args[1].lstrip("-").isdigit():
+        got = " ".join(args) or "no arguments"
+        raise SystemExit(f"{USAGE}; got: {got}")
+    return args[0], int(args[1])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a part: ``python -m compactnn.bench.lowbit_train2 PART SEED``, PART ``elq``,
     ``elq-val`` (the validation split), ``sibnn`` or ``pairs`` (issue 19's three close
@@ -220,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     from compactnn.bench.lowbit_train import run_arms
     from compactnn.measure.timing import set_threads
 
-    part, seed = (argv if argv is not None else sys.argv[1:])[:2]
+    part, seed = parse_args(argv if argv is not None else sys.argv[1:])
     set_threads(1)
     if part == "elq":
         rows = run_arms(["mnist-cnn"], elq_arms(), [int(seed)], None, "elq")
@@ -228,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_val_arms(elq_val_arms(), [int(seed)])
     elif part == "pairs":
         rows = close_pairs(int(seed))
-    else:
+    else:  # "sibnn" (parse_args refuses any other PART)
         rows = run_sparsity_arms(sibnn_arms(), [int(seed)], None)
     for row in rows:
         res = row["runs"][0]

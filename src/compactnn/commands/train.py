@@ -44,7 +44,9 @@ DATASETS = {
     "mnist": "compactnn.data.mnist:load_mnist",
     "digits": "compactnn.data.digits:load_digits8",
 }
-REFERENCE_DATA = {"mnist-cnn": "mnist"}
+# a reference model -> the labelled data set it was trained on (its training split is the
+# default --data; the other references have no labelled data set)
+REFERENCE_DATA = {"mnist-cnn": "mnist", "digits-resnet": "digits"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,16 +54,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train",
         help="quantization-aware training (QAT, ternary, binary, INQ) to a packed artifact",
         description="Train MODEL with the training recipe R on labelled data D and save the "
-        "frozen quantized model. Recipes: w2a2-lsq, w4a4-pact, w2a8-ttq, w2a8-twn, "
-        "w1a1-xnor, w1a1-bireal, w1a1-reactnet, w5-inq (see docs/training.md).",
+        "frozen quantized model. Recipes: any training-aware short name, e.g. w2a2-lsq, "
+        "w2a8-twn, w1a1-xnor, w2a2-tsq, w1a8-bap, w5-inq; `compactnn recipes` lists every "
+        "form (see docs/training.md).",
     )
     p.add_argument("model", metavar="MODEL", help="reference name, HF dir, .pt2, or pkg.mod:fn")
     p.add_argument("--recipe", "-r", required=True, help="training recipe, e.g. w2a2-lsq")
     p.add_argument(
         "--data",
         "-d",
-        help="labelled data: 'mnist', or a .safetensors file with x/y (or x_train/y_train) "
-        "tensors (default: the reference model's training split)",
+        help="labelled data: 'mnist', 'digits', or a .safetensors file with x/y (or "
+        "x_train/y_train) tensors (default: the training split of mnist-cnn's or "
+        "digits-resnet's data set)",
     )
     p.add_argument(
         "--eval-data",
@@ -107,9 +111,12 @@ def training_data(spec: str | None, loaded: LoadedModel) -> Any:
     ref = getattr(loaded.reference, "name", None)
     spec = spec or REFERENCE_DATA.get(ref)
     if spec is None:
+        whose = (
+            f"the reference {ref!r} has no labelled data set" if ref else "MODEL is no reference"
+        )
         raise CompactnnError(
-            "training needs labelled data: pass --data mnist or --data file.safetensors "
-            "holding x and y tensors."
+            f"training needs labelled data and {whose}: pass --data file.safetensors holding x "
+            "and y tensors (or --data mnist / --data digits for models of their inputs)."
         )
     return labelled_data(REFERENCE_DATA.get(spec, spec))
 

@@ -49,10 +49,13 @@ class BinaryWeight(nn.Module):
             call) weights are binary.
         libra_pb: IR-Net's balanced, standardised weights with a power-of-two scale
             (:func:`compactnn.engines.irnet.libra_weight`) instead of ``mean|w| sign(w)``.
-        ede: IR-Net's error-decay estimator as the sign's gradient (weights, and the
-            activations of the block that owns this quantizer); ``t`` follows the epochs.
+        ede: IR-Net's error-decay estimator as the sign's gradient, where ``ede_on`` says
+            (the weights, the activations of the block that owns this quantizer, or both);
+            ``t`` follows the epochs.
         t_min, t_max: EDE's first and last ``t``.
-        ede_on: where EDE replaces the clipped STE: ``"both"``, ``"weights"``, ``"acts"``.
+        ede_on: where EDE replaces the clipped STE: ``"both"``, ``"weights"``, ``"acts"``
+            (this class's own default ``"both"``; ``BinaryConfig.ede_on``, which the
+            recipes pass, defaults to ``"weights"``).
         per_step: ``t`` follows the optimizer steps (``i`` the step, ``N`` all steps) instead
             of the epochs; the steps per epoch are counted in the first epoch, which keeps
             ``t_min`` (as it does after resuming mid-epoch from a checkpoint).
@@ -146,9 +149,9 @@ class BinaryConfig(QATConfig):
             Must be below ``epochs``; 0 binarises weights from the start.
         libra_pb: IR-Net's Libra-PB weights: per filter, standardised (zero mean, unit
             variance) before the sign, with an integer power-of-two scale ``2^s``.
-        ede: IR-Net's error-decay estimator for the sign's gradient, weights and
-            activations: ``k t (1 - tanh^2(t x))`` with ``t`` from ``ede_t_min`` to 10 over
-            the epochs.
+        ede: IR-Net's error-decay estimator for the sign's gradient,
+            ``k t (1 - tanh^2(t x))`` with ``t`` from ``ede_t_min`` to 10 over the epochs;
+            on the weights only by default (``ede_on``; the paper: weights and activations).
         ede_t_min: EDE's first ``t``. Default 1.0 (``k = 1``: a smooth clipped STE first),
             measured better than the paper's 0.1 (an identity-like gradient, ``k = 10``) when
             fine-tuning a trained float model for a few epochs (docs/lowbit-training.md).

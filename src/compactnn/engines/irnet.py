@@ -11,7 +11,8 @@ Balanced weights make the binary weights carry the most information (half +1, ha
 standardisation keeps their spread, and ``2^s`` is a shift on integer hardware. The scale is
 not differentiated (as in the paper); the gradient reaches ``w`` through the standardisation.
 
-**EDE** (error-decay estimator): the backward of ``sign`` is that of ``g(x) = k tanh(t x)``::
+**EDE** (error-decay estimator): the backward of ``sign`` is that of ``g(x) = k tanh(t x)``
+(by default on the weights' sign only: ``ede_on="weights"``, below)::
 
     g'(x) = k t (1 - tanh^2(t x)),
     t = T_min * 10^(i / N * log10(T_max / T_min)),   k = max(1 / t, 1),

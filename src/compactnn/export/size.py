@@ -28,6 +28,9 @@ _FFN_KEY = "ffn_ranks"  # quant/ffn.py: layer -> rank; stored as quantized ``{la
 _SUBBIT_KEY = "subbit_layers"  # quant/subbit.py: ``{layer}.patterns/.indices/.alpha``
 _EMBEDDINGS_KEY = "quant_embeddings"  # export/rebuild.py: quantized embedding tables
 _PRUNING_KEY = "pruning"  # prune/stats.py: method -> {layer: sparsity, ...} of pruned layers
+_BAP_KEY = (
+    "bap_layers"  # quant/bap.py: ``{layer}.binary`` + ``{layer}.sparse_values`` or ``.sparse``
+)
 
 
 def _nbytes(tensors: dict[str, torch.Tensor], keys: list[str]) -> int:
@@ -59,10 +62,12 @@ def stored_units(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tu
     A quantized layer or embedding table counts its ``weight.*`` tensors (codes or their
     sparse encoding, scales, zero points, codebook levels or basis); an FFN layer both its
     factors over the original layer's weights; a sub-bit layer its patterns, indices and
-    alpha; a float weight that a pruning step of the recipe zeroed, stored sparse, its index
-    and values. Every other float weight is left out, even one stored sparse (a token table
-    whose only zeros are its padding row is still a float32 table), and so are biases and
-    activation grids, which are not weights.
+    alpha; a binary augmented pruning layer its binary branch plus its sparse branch (the
+    float16 ``sparse_values`` or the int8 twin ``.sparse``, each stored sparse) over the
+    layer's weights, counted once; a float weight that a pruning step of the recipe zeroed,
+    stored sparse, its index and values. Every other float weight is left out, even one
+    stored sparse (a token table whose only zeros are its padding row is still a float32
+    table), and so are biases and activation grids, which are not weights.
     """
     extra, layers = header["extra"], header["layers"]
     units: dict[str, tuple[int, int]] = {}
@@ -82,6 +87,14 @@ def stored_units(header: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tu
         out = tensors[keys[2]].numel()
         kernels = tensors[keys[1]].numel() * 8 // entry["tau"]  # exact when out * tau >= 8
         units[name] = ((kernels - kernels % out) * 9, _nbytes(tensors, keys))
+    for name in extra.get(_BAP_KEY, {}):
+        binary = units.pop(f"{name}.binary", None)
+        if binary is None:
+            continue
+        twin = units.pop(f"{name}.sparse", (0, 0))  # int8 values: same weights, not new ones
+        branch = f"{name}.sparse_values"  # float16 values: dense, or sparse-encoded
+        keys = [k for k in tensors if k == branch or k.startswith(f"{branch}.")]
+        units[name] = (binary[0], binary[1] + twin[1] + _nbytes(tensors, keys))
     pruned = _pruned(extra)
     for key, entry in header["sparse"].items():
         name = key.removesuffix(".weight")

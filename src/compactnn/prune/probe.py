@@ -31,14 +31,23 @@ close to static there); ``mode="batch"`` is the paper's batch-wise rule (one set
 whole batch); ``mode="static"`` scores from the calibration statistics alone (the same
 channels for every batch: structured Wanda with ``score="wanda"``). The probe costs
 ``2 P C H`` multiply-adds per probed token set against ``3 N C H`` for the dense MLP:
-:func:`probe_flops_fraction`.
+:func:`probe_flops_fraction`. An input too short for the probe to pay for itself (its cost
+above the ``ratio`` of the products it skips: with the defaults, fewer than 5 positions, such
+as every 1-token decode step of ``generate`` with a KV cache) is not probed: its channels
+come from the historical states of its positions alone (the static rule), so no call costs
+more than the dense MLP (:func:`probe_pays`).
+
+Positions are the model's ``position_ids`` (caught from the decoder layer's call), so a
+decode step at position ``t`` reads the history of position ``t``, not of position 0; without
+them a window's positions are ``0..T-1``.
 
 Scope: LLaMA-style MLPs (``mlp.{gate,up,down}_proj`` with ``act_fn``); attention heads are
 not probed; residuals are read from the sibling ``post_attention_layernorm`` when there is
 one (else the MLP input's norms rank the tokens). The probe-pruned model runs in eager
-PyTorch (``deploy``/``to_kernels`` do not take it). Layers quantized weight-only keep their
-codes: the slices read their dequantized weights. The channel choice of a window uses all
-its positions (like the paper's prefill): it is not causal.
+PyTorch: ``deploy`` does not take it, and ``to_kernels`` keeps the ``ProbeMLP`` as it is.
+Layers quantized weight-only keep their codes: the slices read their dequantized weights.
+The channel choice of a window uses all its positions (like the paper's prefill): it is not
+causal.
 """
 
 from __future__ import annotations
@@ -175,21 +184,38 @@ def probe_indices(
     return smp, pos
 
 
+def _probe_cost(config: ProbePruneConfig, batch: int, t: int) -> float:
+    n_pos = n_positions(t, config.tokens)
+    n_smp = batch if config.mode == "sample" else max(1, math.ceil(config.samples * batch))
+    return 2.0 * n_smp * n_pos / (3.0 * batch * t)
+
+
+def probe_pays(config: ProbePruneConfig, batch: int, t: int) -> bool:
+    """True when a ``(batch, t)`` input is probed: its probe costs at most the ``ratio`` of
+    the MLP's products it skips, so the call costs at most the dense MLP.
+
+    Example:
+        >>> cfg = ProbePruneConfig()  # ratio 0.3, 15 % of the positions (at least 2)
+        >>> probe_pays(cfg, 1, 1), probe_pays(cfg, 1, 4), probe_pays(cfg, 1, 5)
+        (False, False, True)
+    """
+    return config.mode != "static" and _probe_cost(config, batch, t) <= config.ratio
+
+
 def probe_flops_fraction(config: ProbePruneConfig, batch: int, t: int) -> float:
     """The probe's multiply-adds as a fraction of the dense MLP's on a ``(batch, t)`` input.
 
     The probe runs the gate and up projections (2 of the MLP's 3 matrices) on its tokens:
-    ``2 S P / (3 B T)`` (``S = B`` per sample, ``0`` when static).
+    ``2 S P / (3 B T)`` (``S = B`` per sample); ``0`` when static or when the input is too
+    short to be probed (:func:`probe_pays`).
 
     Example:
         >>> round(probe_flops_fraction(ProbePruneConfig(tokens=0.25), 32, 128), 4)
         0.1667
+        >>> probe_flops_fraction(ProbePruneConfig(), 1, 1)  # a decode step: not probed
+        0.0
     """
-    if config.mode == "static":
-        return 0.0
-    n_pos = n_positions(t, config.tokens)
-    n_smp = batch if config.mode == "sample" else max(1, math.ceil(config.samples * batch))
-    return 2.0 * n_smp * n_pos / (3.0 * batch * t)
+    return _probe_cost(config, batch, t) if probe_pays(config, batch, t) else 0.0
 
 
 def fuse_states(
@@ -272,6 +298,7 @@ class ProbeMLP(nn.Module):
         self.register_buffer("hist_sq", hist_sq.detach().float().clone())
         self.config = config
         self.residual: torch.Tensor | None = None  # set by the layer norm's pre-hook
+        self.positions: torch.Tensor | None = None  # set by the decoder layer's pre-hook
         self.last_kept: torch.Tensor | None = None  # channels of the last batch, for tests
         self.last_probe: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -279,31 +306,49 @@ class ProbeMLP(nn.Module):
         """Forward pre-hook of the sibling layer norm: remember its input (the residual)."""
         self.residual = args[0]
 
-    def _hist(self, t: int) -> torch.Tensor:
-        """Historical states of positions ``0..t-1`` (past the calibrated length: their mean)."""
+    def catch_positions(self, _layer: nn.Module, _args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (with kwargs) of the decoder layer: remember its ``position_ids``."""
+        self.positions = kwargs.get("position_ids")
+
+    def _hist(self, positions: torch.Tensor) -> torch.Tensor:
+        """Historical states ``(R, T, H)`` at ``positions`` ``(R, T)`` (past the calibrated
+        length: the mean over the calibrated positions)."""
         h = self.hist_sq
-        if t <= h.shape[0]:
-            return h[:t]
-        return torch.cat([h, h.mean(0, keepdim=True).expand(t - h.shape[0], -1)])
+        table = torch.cat([h, h.mean(0, keepdim=True)])
+        return table[positions.clamp(0, h.shape[0])]
+
+    def _positions(self, b: int, t: int) -> torch.Tensor:
+        """``(1 or B, T)`` absolute positions of the input: the caught ``position_ids`` when
+        they fit it (a decode step: its place after the cache), else ``0..T-1``."""
+        pos, self.positions = self.positions, None
+        if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[1] == t:
+            if pos.shape[0] in (1, b):
+                return pos.to(self.hist_sq.device).long()
+        return torch.arange(t, device=self.hist_sq.device).unsqueeze(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
         cfg = self.config
         x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
         residual, self.residual = self.residual, None
-        hist = self._hist(x3.shape[1])
-        if cfg.mode == "static":
-            m = hist.sum(0)
+        hist = self._hist(self._positions(x3.shape[0], x3.shape[1]))  # (1 or B, T, H)
+        if not probe_pays(cfg, x3.shape[0], x3.shape[1]):  # static, or too short to probe
+            self.last_probe = None
+            m = hist.sum(1)
+            m = m[0] if m.shape[0] == 1 else m  # (H,): one set, or (B, H): per sample
         else:
             r = residual if residual is not None and residual.shape == x3.shape else x3
             smp, pos = probe_indices(r.detach().float().norm(dim=-1), cfg)
             self.last_probe = (smp, pos)
             if smp is None:  # per sample: (B, P, C)
                 xp = x3.gather(1, pos.unsqueeze(-1).expand(-1, -1, x3.shape[-1]))
+                at = pos.unsqueeze(-1).expand(-1, -1, hist.shape[-1])
+                g = hist.expand(x3.shape[0], -1, -1).gather(1, at)  # (B, P, H)
             else:  # batch-wise: (S, P, C)
                 xp = x3.index_select(0, smp).index_select(1, pos)
+                g = (hist[0] if hist.shape[0] == 1 else hist.index_select(0, smp).mean(0))[pos]
             hp = self.act_fn(self.gate_proj(xp)) * self.up_proj(xp)
             sq = hp.detach().float().pow(2)
-            m = fuse_states(sq if smp is None else sq.mean(0), hist[pos], cfg.history)
+            m = fuse_states(sq if smp is None else sq.mean(0), g, cfg.history)
         score = channel_importance(self.down_proj.weight.detach().float(), m, cfg.score)
         keep = kept_channels(score, cfg.ratio)  # (K,) or per sample (B, K)
         self.last_kept = keep
@@ -367,6 +412,8 @@ def _wrap(model: nn.Module, name: str, hist: torch.Tensor, config: ProbePruneCon
     norm = getattr(parent, NORM_NAME, None)
     if isinstance(norm, nn.Module) and config.needs_residual:
         norm.register_forward_pre_hook(probe.catch_residual)
+    if parent is not model:  # the decoder layer: its position_ids place a decode step
+        parent.register_forward_pre_hook(probe.catch_positions, with_kwargs=True)
 
 
 @register("probe", ProbePruneConfig, "Probe Pruning: per-batch dynamic MLP channel skipping")

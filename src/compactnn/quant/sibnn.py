@@ -23,8 +23,12 @@ Weights are the XNOR binary weights (``mean|w| sign(w)`` per filter) in an ``"xn
 block (see :mod:`compactnn.engines.binary`).
 
 Deployment: ``sum_i a_i w_i = 1/2 sum_i (2 a_i - 1) w_i + 1/2 sum_i w_i`` (inside the
-zero-padded border), so a ``{0, 1}`` block runs on the ``+-1`` popcount kernel plus a
-per-position bias; :mod:`compactnn.deployment.binary` does not add that bias yet.
+zero-padded border), so a ``{0, 1}`` block could run on the ``+-1`` popcount kernel plus a
+per-position bias. :mod:`compactnn.deployment.binary` instead runs it on the uint8 (zero
+point 128) integer convolution and deploys it exactly; ``backend="popcount"`` is refused.
+
+Only ``a1`` recipes (``w1a1-sibnn``): with 8-bit or no activation quantization the blocks
+would train plain binary weights without the ``{0, 1}`` activations, so those are refused.
 """
 
 from __future__ import annotations
@@ -146,6 +150,12 @@ class SIBNNConfig(BinaryConfig):
             raise CompactnnError(f"sibnn: rho={self.rho} must lie in [0, 1].")
         if self.ede:
             raise CompactnnError("sibnn has its own backward: set ede=False.")
+        if self.act is None or self.act.bits != 1:
+            got = "no activation quantization" if self.act is None else f"a{self.act.bits}"
+            raise CompactnnError(
+                f"sibnn binarises activations to {{0, 1}} (a1), not {got}: use w1a1-sibnn "
+                "(binary weights with 8-bit activations: w1a8-xnor)."
+            )
 
 
 class SIBNNWeight(BinaryWeight):

@@ -28,7 +28,12 @@ attention distillation. Deviations and additions of ours (each a config field):
   trained: the token table at ``embedding_bits`` in groups of ``embedding_group`` (the
   table holds more weights than all the linear layers together, and 2 bits on it alone cost
   MiniLM 0.031 of cosine), positions and token types at 8 bits. The student learns around
-  its quantized tables while the teacher keeps float ones.
+  its quantized tables while the teacher keeps float ones;
+* the attention term fits the softmax attention probabilities (what ``output_attentions``
+  returns), where TinyBERT and TernaryBERT fit the unnormalised scores ``Q K^T / sqrt(d)``.
+
+``compactnn.train`` takes the config for transformer classifiers only: a model with
+convolutions (a CNN) is refused, as ``compress`` refuses it (for CNNs: ``w2a8-twn``).
 """
 
 from __future__ import annotations
@@ -310,6 +315,18 @@ def _apply(model, targets, config: TernaryBERTConfig, ctx: CompressContext) -> n
     return model
 
 
+def check_transformer_layers(layers: dict[str, nn.Module], config) -> None:
+    """The engine's ``check_layers`` hook (``compactnn.train`` and ``compress``): refuse
+    convolutions, as ``compress`` refuses a model that is not a transformer (a CNN)."""
+    convs = [n for n, m in layers.items() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if convs:
+        more = f" and {len(convs) - 1} more" if len(convs) > 1 else ""
+        raise CompactnnError(
+            f"ternarybert ternarises a transformer's linear layers, and {convs[0]!r}{more} "
+            "is a convolution: pass a transformers model (for CNNs use w2a8-twn)."
+        )
+
+
 @dataclass(frozen=True)
 class _TernaryBERTMethod(QATMethod):
     """The training-aware hooks (``compactnn.train`` uses them) with TernaryBERT's own
@@ -322,7 +339,8 @@ class _TernaryBERTMethod(QATMethod):
 TERNARYBERT = _TernaryBERTMethod(
     lambda layer, spec, cfg: RowTernaryWeight(
         cfg.ratio, layer.weight.detach() if cfg.learn_scale else None
-    )
+    ),
+    check_layers=check_transformer_layers,
 )
 register("ternarybert", TernaryBERTConfig, "TernaryBERT: ternary weights, a8, label-free KD")(
     TERNARYBERT

@@ -20,8 +20,9 @@ Low-bit training split into two problems solved in turn, then a short fine-tune:
    with the others fixed (coordinate descent), repeated ``iters`` times. (The paper also
    passes ``y`` through the next layer's quantizer, a non-linear least squares relaxed with
    an auxiliary variable; this file solves the linear problem, the relaxation's limit.)
-   ``G`` is accumulated during the last code-learning epoch (``compress``, untrained: over
-   the calibration batches, solved at export); with ``least_squares=False``
+   ``G`` is accumulated over the first 16 training batches of the last code-learning epoch
+   (``GramStats(max_batches=16)``; ``compress``, untrained: over the first 16 calibration
+   batches, solved at export); with ``least_squares=False``
    it is the identity: plain per-channel ternarisation of the float weights (the ablation).
 3. **Fine-tune** (the remaining epochs): the latent weights restart at ``alpha t`` and train
    through a straight-through ternary rounding at the solved ``alpha``.

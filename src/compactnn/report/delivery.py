@@ -371,7 +371,8 @@ def is_probe_pruned(model: nn.Module) -> bool:
 def deliver_probe_pruned(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
     """A probe-pruned model (:func:`is_probe_pruned`) delivered as itself: its MLPs pick
     their channels per input and multiply sliced weights, in eager PyTorch fp32 (``deploy``
-    and ``to_kernels`` do not take it), so its latency is real, and its speedup may be
+    does not take it; ``to_kernels`` would keep its MLPs in bfloat16), so its latency is real,
+    and its speedup may be
     below 1x (the probe and the slicing cost time).
 
     Returns:
@@ -389,6 +390,6 @@ def deliver_probe_pruned(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
     note = (
         f"runs as itself: probe-pruned ({len(probes)} MLPs skip {config.ratio:.0%} of their "
         f"hidden channels, {choice}; weights sliced at run time) in eager PyTorch fp32 "
-        "(deploy and to_kernels do not take it)"
+        "(deploy does not take it; to_kernels would keep the probe MLPs in bfloat16)"
     )
     return model, PROBE_PRUNED, [note]
