@@ -3,6 +3,7 @@ too few samples, counted in words that agree with the number."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -41,3 +42,33 @@ def test_too_few_samples_warn_in_agreeing_words(n, words):
     assert [str(w.message) for w in caught] == [
         f"wanda: {words}; 64 or more are recommended for a stable result."
     ]
+
+
+class _Blocks(torch.nn.Module):
+    """Two identical blocks (GPTQ runs block by block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU()) for _ in range(2)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("recipe", ["w4-g32-gptq", "w8a8-smoothquant"])
+def test_too_few_samples_warning_points_at_the_callers_compress_line(recipe):
+    import compactnn
+
+    torch.manual_seed(0)
+    model = _Blocks()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        compactnn.compress(model, recipe, calib_data=torch.randn(4, 64), progress=False)
+    few = [w for w in caught if "recommended for a stable result" in str(w.message)]
+    assert few, [str(w.message) for w in caught]
+    assert {(w.filename, w.lineno) for w in few} == {(__file__, line)}

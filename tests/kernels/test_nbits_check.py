@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import compactnn
+from compactnn.errors import CompactnnError
 from compactnn.kernels import nbits_check
 from compactnn.kernels.nbits_check import drift, drifted
 from tests.kernels._keywords import compressed
@@ -84,3 +85,44 @@ def test_drift_of_logits_and_of_hidden_states_over_real_tokens():
     assert drifted(drift(got, hidden, mask)) is None
     assert drift(got, hidden)["min_cosine"] < 0.99  # without a mask: one row per item
     assert drift(got, hidden)["argmax_agreement"] is None
+
+
+def test_argmax_agreement_of_decoder_logits_per_real_token():
+    ref = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]], [[0.0, 2.0], [2.0, 0.0], [0.0, 2.0]]])
+    got = ref.clone()
+    got[0, 1] = torch.tensor([2.1, 2.0])  # a real token's argmax flips
+    got[1, 2] = torch.tensor([2.0, 0.0])  # a padded one's too: not compared
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    measured = drift(got, ref, mask, logits=True)
+    assert measured["argmax_agreement"] == pytest.approx(4 / 5)
+    assert "argmax agrees on 80% of rows" in drifted(measured)
+    assert drift(got, ref, logits=True)["argmax_agreement"] == pytest.approx(4 / 6)
+    assert drift(got, ref, mask)["argmax_agreement"] is None  # hidden states: no argmax
+
+
+def test_decoder_check_compares_argmax_of_token_logits():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=120, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 120, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    q = compactnn.compress(model, "w4-g32", calib_data=[batch], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = compactnn.to_ort_nbits(q, batch, threads=1, bf16_tables=False)
+    with pytest.raises(CompactnnError, match=r"no generate\(\).*compactnn.to_kernels\(qmodel\)"):
+        fast.generate(input_ids=ids[:1, :5], max_new_tokens=2)
+    check = fast.accuracy_check
+    assert check["argmax_agreement"] is not None and 0.0 < check["argmax_agreement"] <= 1.0
+    with torch.no_grad():
+        ref = q(**batch).logits
+    got = fast(**batch)[0] if fast.accuracy_level == 4 else None
+    if got is not None:  # level 4 kept: its agreement is the session's over the 15 real tokens
+        real = mask.bool()
+        agree = (got[real].argmax(-1) == ref[real].argmax(-1)).double().mean().item()
+        assert check["argmax_agreement"] == pytest.approx(agree)
+    else:
+        assert check["level_0"]["argmax_agreement"] == 1.0

@@ -316,8 +316,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer, gguf_note = gguf_folder_tokenizer(source, getattr(qmodel, "config", None))
     if args.format == "gguf":
         opts["tokenizer"] = tokenizer
-    elif args.format == "compressed-tensors" and hasattr(tokenizer, "save_pretrained"):
-        opts["tokenizer"] = tokenizer  # a transformers tokenizer saves its files beside
+    elif args.format == "compressed-tensors" and (fast := _saveable(tokenizer)) is not None:
+        opts["tokenizer"] = fast  # a transformers tokenizer saves its files beside
     elif args.format == "compressed-tensors" and (files := _source_files(source)) is not None:
         opts["tokenizer"] = files  # the float model folder's tokenizer / processor, copied
     elif args.format == "onnx":
@@ -338,12 +338,44 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(opts.get("tokenizer"), FolderFiles):
         files = opts["tokenizer"]
         print(f"  with {', '.join(files.names)} from {files.folder} (pipeline() reads them)")
+    elif args.format == "compressed-tensors" and "tokenizer" not in opts:
+        print(f"  {CT_NO_TOKENIZER}")
     return 0
+
+
+CT_NO_TOKENIZER = (
+    "no tokenizer written (none found beside the source model): pass --tokenizer DIR (a folder "
+    "holding tokenizer.json) to add one"
+)
+
+
+def _saveable(tokenizer: Any) -> Any:
+    """``tokenizer`` as one whose ``save_pretrained`` writes its files: a transformers one as
+    it is, tiny-lm's (a ``tokenizers`` BPE with its specials) wrapped; else None."""
+    if hasattr(tokenizer, "save_pretrained"):
+        return tokenizer
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        return None
+    from compactnn._optional import require
+    from compactnn.models.tiny_lm import SPECIALS
+
+    fast = require("transformers", "hf").PreTrainedTokenizerFast
+    pad, bos, eos = SPECIALS
+    return fast(tokenizer_object=backend, pad_token=pad, bos_token=bos, eos_token=eos)
 
 
 def _source_files(source: dict[str, Any]) -> FolderFiles | None:
     """The tokenizer / processor files of the Hugging Face folder ARTIFACT was compressed
-    from (its source record), when that folder is still there."""
+    from (its source record), when that folder is still there: the packaged MiniLM folder
+    for the ``minilm`` reference."""
+    if source.get("kind") == "reference" and source.get("model") == "minilm":
+        from compactnn.models.minilm import model_path
+
+        try:
+            return processor_files(model_path())
+        except CompactnnError:  # its package is not installed: no folder to copy from
+            return None
     if source.get("kind") != "Hugging Face directory" or not isinstance(source.get("model"), str):
         return None
     return processor_files(source["model"])

@@ -237,4 +237,7 @@ def load(
         state.update({k: state[t] for k, t in header["aliases"].items() if t in state})
         with _malformed(root):
             install_kernels(model, state, config)
+    # in eval mode as compress() returns it: the quantized layers, quantizers and token
+    # tables build_model / install_kernels made start in training mode
+    model.eval()
     return install_save_pretrained(model)  # HF models: save_pretrained writes the codes

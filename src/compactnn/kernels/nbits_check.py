@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,28 @@ def _rows(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return out.reshape(out.shape[0], -1) if out.dim() > 1 else out.reshape(1, -1)
 
 
+def _logit_rows(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``out``'s last dim as rows over all leading dims: ``(B, T, V)`` decoder logits become
+    one row per token, only real ones (``mask`` 1) when ``mask`` is ``(B, T)``."""
+    rows = out.detach().reshape(-1, out.shape[-1])
+    if mask is not None and out.dim() > 2 and tuple(mask.shape) == tuple(out.shape[:-1]):
+        return rows[mask.reshape(-1).bool()]
+    return rows
+
+
 def drift(
-    got: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    logits: bool | None = None,
 ) -> dict[str, float | None]:
     """How far ``got`` (a fast session's output) is from ``ref`` (the simulated model's).
 
     Returns ``relative_max_diff`` (``max |got - ref| / max |ref|``), ``min_cosine`` (the
     smallest cosine over rows: tokens of hidden states, batch items otherwise) and
-    ``argmax_agreement`` (share of rows with the same argmax; 2-D outputs, e.g. logits,
-    else None).
+    ``argmax_agreement`` (share of rows with the same argmax when ``ref`` is logits: a
+    classifier's ``(B, C)`` rows or a decoder's ``(B, T, V)`` tokens, real ones only under
+    ``mask``; None for hidden states). ``logits`` None: 2-D outputs are logits.
 
     Example:
         >>> ref = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
@@ -68,7 +81,10 @@ def drift(
     a, b = _rows(got, mask), _rows(ref, mask)
     scale = b.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    agree = (a.argmax(-1) == b.argmax(-1)).double().mean().item() if got.dim() == 2 else None
+    agree = None
+    if (got.dim() == 2 if logits is None else logits) and got.dim() >= 2:
+        ga, gb = _logit_rows(got, mask), _logit_rows(ref, mask)
+        agree = (ga.argmax(-1) == gb.argmax(-1)).double().mean().item()
     return {
         "relative_max_diff": ((a - b).abs().max() / scale).item(),
         "min_cosine": cos.min().item(),
@@ -98,7 +114,12 @@ def drifted(measured: dict[str, float | None]) -> str | None:
 PROBE_FACTOR = 2.0  # a session within twice the simulation's own movement is explained
 
 
-def rounding_probe(model: nn.Module, example: dict[str, torch.Tensor], ref: torch.Tensor) -> dict:
+def rounding_probe(
+    model: nn.Module,
+    example: dict[str, torch.Tensor],
+    ref: torch.Tensor,
+    logits: bool | None = None,
+) -> dict:
     """How far the simulated ``model``'s own output (``ref``) moves when every activation
     quantizer's input is nudged by float rounding: deploy's float-rounding probe
     (:func:`compactnn.lowering.probes.rounded_run`, ``ROUNDING_ULPS`` ulps of random sign),
@@ -116,9 +137,23 @@ def rounding_probe(model: nn.Module, example: dict[str, torch.Tensor], ref: torc
     for seed in range(ROUNDING_DRAWS):
         with torch.no_grad():
             moved = main_output(rounded_run(model, quantizers, example, seed)).float()
-        d = drift(moved, ref, example.get("attention_mask"))
+        d = drift(moved, ref, example.get("attention_mask"), logits)
         worst = d if not worst else _worse(worst, d)
     return worst
+
+
+def _is_logits(out: Any) -> bool:
+    """Whether ``out``'s main output (:func:`main_output`) is logits: a Hugging Face output's
+    or a dict's ``logits``, or a plain 2-D tensor (a classifier's)."""
+    if isinstance(out, torch.Tensor):
+        return out.dim() == 2
+    value = getattr(out, "logits", None)
+    if value is None and isinstance(out, Mapping):
+        value = out.get("logits")
+    if isinstance(value, torch.Tensor):
+        return True
+    first = out[0] if isinstance(out, (list, tuple)) and out else None
+    return isinstance(first, torch.Tensor) and first.dim() == 2
 
 
 def _worse(a: dict, b: dict) -> dict:
@@ -178,14 +213,15 @@ def checked_level(
     mask = example.get("attention_mask")
     try:
         with torch.no_grad():
-            ref = main_output(model.eval()(**example)).float()
-        measured = drift(fast(**example)[0], ref, mask)
+            out = model.eval()(**example)
+        ref, logits = main_output(out).float(), _is_logits(out)
+        measured = drift(fast(**example)[0], ref, mask, logits)
         check = {**measured, "accuracy_level": fast.accuracy_level, "drifted": drifted(measured)}
         fast.accuracy_check = check
         if check["drifted"] is None:
             return fast
         # a simulation that quantizes activations (a8g) moves as much under float rounding
-        check["probe"] = probe = rounding_probe(model, example, ref)
+        check["probe"] = probe = rounding_probe(model, example, ref, logits)
     finally:
         model.train(training)
     if explained(measured, probe):
@@ -205,7 +241,7 @@ def checked_level(
     del fast
     out = exact()
     out.accuracy_level, out.accuracy_check = 0, check
-    check["level_0"] = exact = drift(out(**example)[0], ref, mask)
+    check["level_0"] = exact = drift(out(**example)[0], ref, mask, logits)
     still = drifted(exact)
     warnings.warn(
         f"to_ort_nbits: accuracy_level=4 (int8 activations) moved the outputs away from the "

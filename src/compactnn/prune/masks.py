@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compactnn.core.context import user_stacklevel
 from compactnn.core.qembedding import tied_heads
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.errors import CompactnnError, name_list
@@ -238,7 +239,7 @@ def masks_from_scores(
     if ctx is not None:
         ctx.warn(message)
     else:
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=user_stacklevel())
     return _pooled_masks(floored, sparsity)
 
 
