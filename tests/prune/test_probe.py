@@ -135,10 +135,14 @@ def test_compress_save_load_round_trip_and_static_mode(tmp_path):
         assert torch.equal(outputs(loaded, b), outputs(pruned, b))
     static = compactnn.compress(model, "pp30-static", calib_data=calib, progress=False)
     kept = []
-    for b in calib[:2]:
+    for b in (calib[0], calib[1], {"input_ids": calib[1]["input_ids"][:1, :18]}):
         outputs(static, b)
         kept.append(static.model.layers[0].mlp.last_kept.clone())
-    assert torch.equal(kept[0], kept[1])  # static: the same channels for every batch
+    # static: the same channels for every sentence of a length; calib[1]'s first sentence is
+    # padded after 18 tokens: it gets the channels of its 18 tokens alone
+    assert kept[0].dim() == 1 and kept[1].shape == (4, kept[0].shape[0])
+    assert all(torch.equal(kept[0], row) for row in kept[1][1:])
+    assert torch.equal(kept[1][0], kept[2]) and not torch.equal(kept[1][0], kept[0])
 
 
 def test_batch_mode_ranks_by_the_residual_stream(tmp_path):

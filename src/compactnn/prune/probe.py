@@ -39,7 +39,8 @@ more than the dense MLP (:func:`probe_pays`).
 
 Positions are the model's ``position_ids`` (caught from the decoder layer's call), so a
 decode step at position ``t`` reads the history of position ``t``, not of position 0; without
-them a window's positions are ``0..T-1``.
+them a window's positions are ``0..T-1``. On a padded batch the top model's ``attention_mask``
+(a pre-hook) keeps the probe and the history on real tokens: :mod:`compactnn.prune.probe_mask`.
 
 Scope: LLaMA-style MLPs (``mlp.{gate,up,down}_proj`` with ``act_fn``); attention heads are
 not probed; residuals are read from the sibling ``post_attention_layernorm`` when there is
@@ -59,12 +60,18 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import set_module
 from compactnn.errors import CompactnnError
+from compactnn.prune.probe_mask import (
+    mask_positions,
+    masked_sample_mean,
+    real_tokens,
+    sample_probes,
+)
+from compactnn.prune.probe_slices import cols_per_sample, rows_per_sample, sliced_linear
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_artifact_hook, register_short_name
@@ -251,39 +258,6 @@ def kept_channels(importance: torch.Tensor, ratio: float) -> torch.Tensor:
     return keep.sort(dim=-1).values
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
-    """``layer(x)`` restricted to output ``rows`` or input ``cols`` (weights sliced, not masked)."""
-    quantizer = getattr(layer, "input_quantizer", None)
-    if quantizer is not None:
-        x = quantizer(x)
-    w, b = layer.weight, layer.bias
-    if rows is not None:
-        w = w.index_select(0, rows)
-        b = None if b is None else b.index_select(0, rows)
-    if cols is not None:
-        w = w.index_select(1, cols)
-    return F.linear(x, w, b)
-
-
-def _rows_per_sample(layer: nn.Linear, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Sample ``b`` of ``x`` ``(B, T, C)`` through ``layer``'s output rows ``keep[b]`` only."""
-    quantizer = getattr(layer, "input_quantizer", None)
-    if quantizer is not None:
-        x = quantizer(x)
-    out = torch.bmm(x, layer.weight[keep].transpose(1, 2))  # (B, T, K)
-    return out if layer.bias is None else out + layer.bias[keep].unsqueeze(1)
-
-
-def _cols_per_sample(layer: nn.Linear, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Sample ``b`` of ``h`` ``(B, T, K)`` through ``layer``'s input columns ``keep[b]`` only."""
-    quantizer = getattr(layer, "input_quantizer", None)
-    if quantizer is not None:
-        h = quantizer(h)
-    w = layer.weight.t()[keep]  # (B, K, C_out)
-    out = torch.bmm(h, w)
-    return out if layer.bias is None else out + layer.bias
-
-
 class ProbeMLP(nn.Module):
     """A LLaMA MLP that skips its least important hidden channels, chosen per sample or batch.
 
@@ -299,6 +273,7 @@ class ProbeMLP(nn.Module):
         self.config = config
         self.residual: torch.Tensor | None = None  # set by the layer norm's pre-hook
         self.positions: torch.Tensor | None = None  # set by the decoder layer's pre-hook
+        self.mask: torch.Tensor | None = None  # set by the top model's pre-hook
         self.last_kept: torch.Tensor | None = None  # channels of the last batch, for tests
         self.last_probe: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -309,6 +284,11 @@ class ProbeMLP(nn.Module):
     def catch_positions(self, _layer: nn.Module, _args: tuple, kwargs: dict) -> None:
         """Forward pre-hook (with kwargs) of the decoder layer: remember its ``position_ids``."""
         self.positions = kwargs.get("position_ids")
+
+    def catch_mask(self, _model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (with kwargs) of the top model: remember its ``attention_mask``."""
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.mask = mask if isinstance(mask, torch.Tensor) else None
 
     def _hist(self, positions: torch.Tensor) -> torch.Tensor:
         """Historical states ``(R, T, H)`` at ``positions`` ``(R, T)`` (past the calibrated
@@ -330,14 +310,25 @@ class ProbeMLP(nn.Module):
         cfg = self.config
         x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
         residual, self.residual = self.residual, None
-        hist = self._hist(self._positions(x3.shape[0], x3.shape[1]))  # (1 or B, T, H)
-        if not probe_pays(cfg, x3.shape[0], x3.shape[1]):  # static, or too short to probe
+        mask, self.mask = self.mask, None
+        valid = real_tokens(mask, x3.shape[0], x3.shape[1])  # (B, T) bool; None: no padding
+        pos = self._positions(x3.shape[0], x3.shape[1])
+        if valid is not None:  # a sentence's real tokens sit where they sit alone
+            valid = valid.to(x3.device)
+            pos = mask_positions(mask, x3.shape[1]).to(self.hist_sq.device)
+        hist = self._hist(pos)  # (1 or B, T, H)
+        if valid is not None and (cfg.mode != "batch" or not probe_pays(cfg, *x3.shape[:2])):
+            m = self._masked_state(x3, residual, hist, valid)  # (B, H): per sample
+        elif not probe_pays(cfg, x3.shape[0], x3.shape[1]):  # static, or too short to probe
             self.last_probe = None
             m = hist.sum(1)
             m = m[0] if m.shape[0] == 1 else m  # (H,): one set, or (B, H): per sample
         else:
             r = residual if residual is not None and residual.shape == x3.shape else x3
-            smp, pos = probe_indices(r.detach().float().norm(dim=-1), cfg)
+            norms = r.detach().float().norm(dim=-1)
+            if valid is not None:  # batch-wise: padded tokens rank no position or sample
+                norms = norms * valid
+            smp, pos = probe_indices(norms, cfg)
             self.last_probe = (smp, pos)
             if smp is None:  # per sample: (B, P, C)
                 xp = x3.gather(1, pos.unsqueeze(-1).expand(-1, -1, x3.shape[-1]))
@@ -348,16 +339,47 @@ class ProbeMLP(nn.Module):
                 g = (hist[0] if hist.shape[0] == 1 else hist.index_select(0, smp).mean(0))[pos]
             hp = self.act_fn(self.gate_proj(xp)) * self.up_proj(xp)
             sq = hp.detach().float().pow(2)
-            m = fuse_states(sq if smp is None else sq.mean(0), g, cfg.history)
+            if smp is not None and valid is not None:  # mean over the samples real there
+                sq, slots = masked_sample_mean(sq, valid.index_select(0, smp)[:, pos])
+                m = fuse_states(sq, g * slots.unsqueeze(-1), cfg.history)
+            else:
+                m = fuse_states(sq if smp is None else sq.mean(0), g, cfg.history)
         score = channel_importance(self.down_proj.weight.detach().float(), m, cfg.score)
         keep = kept_channels(score, cfg.ratio)  # (K,) or per sample (B, K)
         self.last_kept = keep
         if keep.dim() == 1:
-            h = self.act_fn(_linear(self.gate_proj, x, rows=keep)) * _linear(self.up_proj, x, keep)
-            return _linear(self.down_proj, h, cols=keep)
-        h = self.act_fn(_rows_per_sample(self.gate_proj, x3, keep))
-        h = h * _rows_per_sample(self.up_proj, x3, keep)
-        return _cols_per_sample(self.down_proj, h, keep).reshape(x.shape)
+            h = self.act_fn(sliced_linear(self.gate_proj, x, rows=keep))
+            h = h * sliced_linear(self.up_proj, x, keep)
+            return sliced_linear(self.down_proj, h, cols=keep)
+        h = self.act_fn(rows_per_sample(self.gate_proj, x3, keep))
+        h = h * rows_per_sample(self.up_proj, x3, keep)
+        return cols_per_sample(self.down_proj, h, keep).reshape(x.shape)
+
+    def _masked_state(self, x3, residual, hist, valid) -> torch.Tensor:
+        """Per sample, the fused state ``(B, H)`` from its real tokens only: its own probe
+        when it pays alone, else the static rule (see :mod:`compactnn.prune.probe_mask`)."""
+        cfg = self.config
+        hist = hist.expand(x3.shape[0], -1, -1)
+        static = (hist * valid.unsqueeze(-1)).sum(1)  # (B, H)
+        if cfg.mode == "static":
+            self.last_probe = None
+            return static
+        r = residual if residual is not None and residual.shape == x3.shape else x3
+        if cfg.select == "stride":
+            pick = lambda row, n: stride_positions(row.shape[1], n)  # noqa: E731
+        else:
+            pick = lambda row, n: top_positions(row, n)[0]  # noqa: E731
+        norms = r.detach().float().norm(dim=-1)
+        pos, slots, probed = sample_probes(norms, valid, cfg, probe_pays, n_positions, pick)
+        self.last_probe = (None, pos)
+        if not bool(probed.any()):
+            return static
+        xp = x3.gather(1, pos.unsqueeze(-1).expand(-1, -1, x3.shape[-1]))  # (B, P, C)
+        g = hist.gather(1, pos.unsqueeze(-1).expand(-1, -1, hist.shape[-1]))
+        w = slots.unsqueeze(-1).float()
+        sq = (self.act_fn(self.gate_proj(xp)) * self.up_proj(xp)).detach().float().pow(2)
+        m = fuse_states(sq * w, g * w, cfg.history)
+        return torch.where(probed.unsqueeze(-1), m, static)
 
 
 def llama_mlps(model: nn.Module, targets: dict[str, nn.Module]) -> list[str]:
@@ -414,6 +436,8 @@ def _wrap(model: nn.Module, name: str, hist: torch.Tensor, config: ProbePruneCon
         norm.register_forward_pre_hook(probe.catch_residual)
     if parent is not model:  # the decoder layer: its position_ids place a decode step
         parent.register_forward_pre_hook(probe.catch_positions, with_kwargs=True)
+    # the top model's attention_mask: the probe reads each sample's real tokens only
+    model.register_forward_pre_hook(probe.catch_mask, with_kwargs=True)
 
 
 @register("probe", ProbePruneConfig, "Probe Pruning: per-batch dynamic MLP channel skipping")
@@ -443,7 +467,7 @@ def apply_probe(
         else f"{config.mode}-wise probe of {config.tokens:.0%} of the positions"
     )
     ctx.notes.append(
-        f"probe pruning: {len(mlps)} MLPs skip {config.ratio:.0%} of their channels per batch "
+        f"probe pruning: {len(mlps)} MLPs skip {config.ratio:.0%} of their channels per input "
         f"({mode}, {config.score} score)"
     )
     return model

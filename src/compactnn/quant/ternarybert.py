@@ -9,12 +9,14 @@ with straight-through gradients to the latent float weights; activations get 8-b
 The student is trained on unlabeled calibration text to match the float teacher (a copy of
 the model taken when the step starts) layer by layer:
 
-    L = hidden * sum_l MSE(H_l^S, H_l^T) + attention * sum_l MSE(A_l^S, A_l^T)
+    L = hidden * (sum_l MSE(H_l^S, H_l^T) + MSE(P^S, P^T)) + attention * sum_l MSE(A_l^S, A_l^T)
         + cosine * mean_b (1 - cos(pool(H_L^S)_b, pool(H_L^T)_b))
 
-``H_l`` the hidden states (embedding output included, padded tokens masked out), ``A_l``
-the attention probabilities of every layer and ``pool`` the mask-weighted mean over tokens
-(a sentence encoder's output). Attention maps are read with eager attention while training;
+``H_l`` the hidden states (embedding output included, padded tokens masked out), ``P`` the
+model's ``pooler_output`` when it returns one (a BERT pooler: its dense layer is ternarised
+too, and no other term sees it; the term is absent otherwise), ``A_l`` the attention
+probabilities of every layer and ``pool`` the mask-weighted mean over tokens (a sentence
+encoder's output). Attention maps are read with eager attention while training;
 the model is handed back with the attention implementation it came with.
 
 The paper's ingredients: row-wise TWN ternary weights, 8-bit activations, hidden-state and
@@ -108,7 +110,8 @@ class TernaryBERTConfig(QATConfig):
         steps: distillation steps over the calibration batches (cycled). The default, 2400,
             is where MiniLM's held-out cosine crosses 0.95; it is long on a CPU (see
             ``device``).
-        hidden: weight of the hidden-state term.
+        hidden: weight of the hidden-state term (and of the pooler-output term, when the
+            model returns a ``pooler_output``).
         attention: weight of the attention-map term.
         embeddings: also quantize the embedding tables (round-to-nearest, before training).
         embedding_bits: bits of the token table (None: the weight bits); position and token
@@ -180,8 +183,8 @@ def pooled(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def distill_loss(student_out, teacher_out, mask, config: TernaryBERTConfig) -> torch.Tensor:
-    """``hidden * sum_l MSE(H_l) + attention * sum_l MSE(A_l) + cosine * (1 - cos)`` (see the
-    module docstring)."""
+    """``hidden * (sum_l MSE(H_l) + MSE(P)) + attention * sum_l MSE(A_l) + cosine * (1 - cos)``
+    (see the module docstring; ``P``: the pooler output, when both outputs have one)."""
     loss = student_out.hidden_states[0].new_zeros(())
     if config.cosine:
         s, t = (pooled(o.hidden_states[-1], mask) for o in (student_out, teacher_out))
@@ -189,6 +192,9 @@ def distill_loss(student_out, teacher_out, mask, config: TernaryBERTConfig) -> t
     if config.hidden:
         pairs = zip(student_out.hidden_states, teacher_out.hidden_states, strict=True)
         loss = loss + config.hidden * sum(masked_mse(s, t, mask) for s, t in pairs)
+        s, t = (getattr(o, "pooler_output", None) for o in (student_out, teacher_out))
+        if s is not None and t is not None:  # a BERT pooler: ternarised, seen by no other term
+            loss = loss + config.hidden * F.mse_loss(s, t)
     if config.attention:
         pairs = zip(student_out.attentions, teacher_out.attentions, strict=True)
         loss = loss + config.attention * sum(F.mse_loss(s, t) for s, t in pairs)
