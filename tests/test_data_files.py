@@ -59,3 +59,11 @@ def test_rows_are_checked_within_each_split():
     check_rows("d", ok | {"scale": torch.tensor(1.0)})  # 0-d tensors have no rows
     with pytest.raises(CompactnnError, match=r"x_train \(4, 2\), y_train \(3,\)"):
         check_rows("d", ok | {"y_train": torch.zeros(3)})
+
+
+def test_a_scalar_npy_is_named_a_scalar_not_an_empty_batch(tmp_path):
+    path = tmp_path / "s.npy"
+    np.save(path, np.float32(3.0))
+    with pytest.raises(CompactnnError) as err:
+        read_npy(str(path))
+    assert str(err.value).startswith(f"data file {str(path)!r} holds a scalar (a 0-d array)")

@@ -318,3 +318,47 @@ def test_data_and_weights_that_are_not_regular_files_say_so(tmp_path, monkeypatc
         monkeypatch.syspath_prepend(str(tmp_path))
         with pytest.raises(CompactnnError, match=f"file {str(path)!r} is not a regular file"):
             resolve_model("io_regular_net:make", weights=str(path))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("model.pkl", "unknown model 'model.pkl' (no such file, folder or reference model)."),
+        ("model.pt", "model file 'model.pt' does not exist."),
+        ("gone/model.pt2", "model file 'gone/model.pt2' does not exist."),
+    ],
+)
+def test_a_missing_model_is_named_before_anything_else(tmp_path, monkeypatch, spec, message):
+    from compactnn.model_io import check_model_exists
+
+    monkeypatch.chdir(tmp_path)
+    for check in (check_model_exists, resolve_model):  # resolve_model: before "a pickle"
+        with pytest.raises(CompactnnError) as err:
+            check(spec)
+        assert str(err.value).split("\n")[0].startswith(message)
+    check_model_exists("mnist-cnn")  # a reference name, a factory: nothing to check yet
+    check_model_exists("no_such_pkg.mod:make")
+
+
+def test_compress_and_search_name_a_missing_model_before_the_missing_data(
+    tmp_path, monkeypatch, capsys
+):
+    """`compactnn compress model.pkl -r w8a8` with no such file complained about --data."""
+    from compactnn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (
+        ["compress", "model.pkl", "-r", "w8a8", "-o", "o"],
+        ["search", "model.pkl", "--formats", "w4a8,w8a8", "--avg-bits", "6", "-o", "o"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: unknown model 'model.pkl' (no such file"), err
+
+
+def test_a_forged_source_record_is_quoted_cut():
+    """A re-hashed artifact with a 1 MB extra.source.model gave a 2 MB error line."""
+    from compactnn.model_io import describe_source
+
+    line = describe_source({"model": "m" * 10**6, "kind": "factory", "weights": "w" * 10**6})
+    assert len(line) < 1000 and "more characters" in line

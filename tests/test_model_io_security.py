@@ -335,3 +335,19 @@ def test_hf_directory_with_only_pickled_weights_needs_trust(tmp_path):
     assert torch.equal(
         loaded.model.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight
     )
+
+
+@pytest.mark.parametrize("extra", [None, "evil.py"])
+@pytest.mark.parametrize("trust", [False, True])
+def test_hf_directory_without_weights_says_so(tmp_path, extra, trust):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    if extra:
+        (folder / extra).write_text("raise SystemExit('ran')\n")
+    with pytest.raises(CompactnnError) as err:
+        resolve_model(str(folder), trust_pickle=trust)
+    message = str(err.value)
+    assert message.startswith(f"{str(folder)!r} has no weights: ")
+    assert "model.safetensors" in message and "pickle" not in message

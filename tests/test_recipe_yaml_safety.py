@@ -98,3 +98,26 @@ def test_a_huge_literal_value_is_shown_cut():
         with pytest.raises(CompactnnError) as exc:
             Recipe.from_yaml(text)
         assert "..." in _one_line(exc)
+
+
+@pytest.mark.parametrize(
+    ("text", "start", "end"),
+    [
+        ("name: {big}\nsteps: []\n", "recipe 'xxx", "xxx' has no steps."),
+        ("steps:\n- method: rtn\n  ? {big}\n  : 1\n  ? {big}\n  : 2\n", "recipe key 'x", "' is"),
+    ],
+)
+def test_a_huge_name_or_key_is_echoed_cut_to_200_characters(tmp_path, text, start, end):
+    path = tmp_path / "huge.yaml"
+    path.write_text(text.format(big="x" * 1_000_000))
+    with pytest.raises(CompactnnError) as err:
+        resolve_recipe(str(path))
+    message = str(err.value)
+    assert message.startswith(start) and end in message and "x..." in message
+    assert len(message) < 400
+
+
+def test_a_huge_blank_recipe_name_is_echoed_cut():
+    with pytest.raises(CompactnnError) as err:
+        resolve_recipe(" " * 1_000_000)
+    assert len(str(err.value)) < 300 and str(err.value).endswith("or a recipe YAML file.")

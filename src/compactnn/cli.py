@@ -2,12 +2,13 @@
 :mod:`compactnn.commands` (a module with ``add_parser(subparsers)`` and ``run(args) -> int``).
 
 Every :class:`~compactnn.errors.CompactnnError` is printed as ``error: <message>`` and exits
-with status 2, without a traceback. So is an ``OSError`` that names its file and is about the
-disk or permissions (full disk, file too large, no access, read-only file system): the user
-can fix those. (The writers of :mod:`compactnn.export.fs` name the file of a failed write.)
-Any other exception is a bug and keeps its traceback. Ctrl-C (SIGINT) and SIGTERM stop a
-command the same way, its cleanup run (a training log removed, or kept where a checkpoint
-resumes it): ``interrupted`` and status 130, ``terminated (SIGTERM)`` and status 143.
+with status 2, without a traceback. So is an ``OSError`` that names its file and is about
+the disk or permissions (full disk, file too large, no access, read-only file system, name
+too long): the user can fix those. A message is cut to about ``MAX_MESSAGE`` characters.
+(The writers of :mod:`compactnn.export.fs` name the file of a failed write.) Any other
+exception is a bug and keeps its traceback. Ctrl-C (SIGINT) and SIGTERM stop a command the
+same way, its cleanup run (a training log removed, or kept where a checkpoint resumes it):
+``interrupted`` and status 130, ``terminated (SIGTERM)`` and status 143.
 
 OpenMP: every command that computes (``PASSIVE_COMMANDS``: all but ``recipes``) runs with
 ``OMP_WAIT_POLICY=PASSIVE`` and, while the load is below the CPU count, a bounded spin,
@@ -38,7 +39,7 @@ from pathlib import Path  # noqa: E402
 
 from compactnn.commands import COMMANDS  # noqa: E402
 from compactnn.commands._common import close_progress_bars, hide_hf_progress  # noqa: E402
-from compactnn.errors import CompactnnError, first_line  # noqa: E402
+from compactnn.errors import CompactnnError, cut, first_line  # noqa: E402
 from compactnn.measure.timing import ensure_passive_policy  # noqa: E402
 
 EXIT_USER_ERROR = 2
@@ -54,7 +55,13 @@ USER_OS_ERRORS = {
     errno.EROFS: "that file system is read-only: choose another path",
     errno.EFBIG: "the file outgrew the file-size limit (ulimit -f) or the file system's "
     "largest file: raise the limit or choose another path",
+    errno.ENAMETOOLONG: "choose a shorter file or folder name",
 }
+# The longest ``error:`` line printed: a message quoting a value read from a file (a recipe
+# name, an artifact's source) is cut here at the latest, saying how much was cut.
+MAX_MESSAGE = 2000
+# Set for the re-executed command while SIGINT is blocked across the exec (see main).
+SIGINT_HELD = "COMPACTNN_SIGINT_HELD"
 PASSIVE_COMMANDS = frozenset(
     {"compress", "eval", "demo", "train", "deploy", "report", "export", "search"}
 )
@@ -115,6 +122,17 @@ def import_plugins(names: Sequence[str]) -> None:
             ) from exc
         except CompactnnError as exc:  # e.g. a registration the registry refuses
             raise CompactnnError(f"--plugin {name!r}: {exc}") from exc
+        except SystemExit as exc:  # else the command would end there, status 0, no output
+            code = cut(repr(exc.code), 60)
+            raise CompactnnError(
+                f"--plugin {name!r} called sys.exit({code}) while being imported: a plugin "
+                "module should only register methods; remove the exit from it."
+            ) from exc
+        except Exception as exc:  # a bug in the plugin, not in compactnn
+            raise CompactnnError(
+                f"--plugin {name!r} failed while being imported ({type(exc).__name__}: "
+                f"{first_line(exc)}): fix the module; python -c 'import {name}' shows where."
+            ) from exc
 
 
 def with_hints(exc: CompactnnError) -> str:
@@ -134,6 +152,22 @@ def with_hints(exc: CompactnnError) -> str:
     if cause is not None and "--plugin" not in message:
         message = f"{message} {UNKNOWN_METHOD_HINT}"
     return message
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` cut in the middle to about ``limit`` characters, saying how many were cut:
+    the last line of defence against a value from a file quoted whole; its start (what is
+    wrong) and its end (the fix) stay.
+
+    Example:
+        >>> bounded("recipe '" + "x" * 50 + "' has no steps.", limit=40)
+        "recipe 'xxxxxxxxxxxxxxxxxxxxxx [... 33 characters cut ...]  no steps."
+    """
+    if len(message) <= limit:
+        return message
+    head, tail = limit - limit // 4, limit // 4
+    cut_n = len(message) - head - tail
+    return f"{message[:head]} [... {cut_n} characters cut ...] {message[-tail:]}"
 
 
 def _version() -> str:
@@ -206,22 +240,48 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _sigint_mask(how: int) -> None:
+    """Block or unblock SIGINT for this thread (nothing where the system has no masks)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(how, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def sigint_held_across_exec():
+    """Hold Ctrl-C while :func:`ensure_passive_policy` may re-execute the command: the
+    blocked SIGINT stays pending through ``execv``, and the new process unblocks it in
+    :func:`main` (:data:`SIGINT_HELD`), where it stops the command with ``interrupted``
+    instead of a ``KeyboardInterrupt`` traceback from its start-up imports. Without a
+    re-exec, the mask is restored here (a pending Ctrl-C raises at once)."""
+    os.environ[SIGINT_HELD] = "1"
+    _sigint_mask(signal.SIG_BLOCK)
+    try:
+        yield
+    finally:
+        os.environ.pop(SIGINT_HELD, None)
+        _sigint_mask(signal.SIG_UNBLOCK)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
-    quiet_torchao_notice()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if argv is None and args.command in PASSIVE_COMMANDS:  # a real command line, not a test
-        ensure_passive_policy("compactnn.cli", sys.argv[1:], OPENMP_LOADED)
-    if getattr(args, "no_progress", False):
-        hide_hf_progress()
-    previous, warnings.showwarning = warnings.showwarning, _show_warning
+    previous = warnings.showwarning
     try:
+        if os.environ.pop(SIGINT_HELD, None):  # re-executed: a Ctrl-C held since raises here
+            _sigint_mask(signal.SIG_UNBLOCK)
+        quiet_torchao_notice()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if argv is None and args.command in PASSIVE_COMMANDS:  # a real command line, no test
+            with sigint_held_across_exec():
+                ensure_passive_policy("compactnn.cli", sys.argv[1:], OPENMP_LOADED)
+        if getattr(args, "no_progress", False):
+            hide_hf_progress()
+        warnings.showwarning = _show_warning
         with sigterm_as_interrupt():  # timeout, Slurm, systemd: cleaned up as for Ctrl-C
             import_plugins(getattr(args, "plugin", None) or ())  # before any recipe is read
             return int(args._run(args) or 0)
     except CompactnnError as exc:
-        print(f"error: {with_hints(exc)}", file=sys.stderr)
+        print(f"error: {bounded(with_hints(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `compactnn ... | head -1`: the reader left; nothing to say
         _silence_stdout()
@@ -249,7 +309,7 @@ def os_error_message(exc: OSError) -> str:
         >>> os_error_message(OSError(errno.ENOSPC, "No space left on device", "out/m"))
         "'out/m': No space left on device; free some disk space or choose another --out."
     """
-    return f"{str(exc.filename)!r}: {exc.strerror}; {USER_OS_ERRORS[exc.errno]}."
+    return f"{cut(exc.filename)!r}: {exc.strerror}; {USER_OS_ERRORS[exc.errno]}."
 
 
 if __name__ == "__main__":

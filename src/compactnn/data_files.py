@@ -124,9 +124,16 @@ def read_npy(spec: str) -> Any:
     check_regular_file(path, f"data file {spec!r}", "a .npy file")
     check_npy_size(path, spec)
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except ValueError as exc:
         raise CompactnnError(f"{spec!r} cannot be read without pickle: {exc}") from exc
+    if array.ndim == 0:
+        raise CompactnnError(
+            f"data file {spec!r} holds a scalar (a 0-d array), not a batch of inputs: save "
+            "inputs with the batch dimension first, shape (N, ...), e.g. numpy.save(path, "
+            "x.reshape(1, -1)) for one."
+        )
+    return array
 
 
 def check_rows(spec: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -27,3 +27,17 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of ``exc``'s message (its type's name when empty), at most ``limit``
     characters: the part of a library's error worth quoting in a one-line message."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+def cut(text: object, limit: int = 200) -> str:
+    """``str(text)``, cut to ``limit`` characters with how many were left out: a value from a
+    file or the command line quoted in a message stays one short line.
+
+    Example:
+        >>> cut("x" * 300, 10)
+        'xxxxxxxxxx... (290 more characters)'
+    """
+    text = str(text)
+    return (
+        text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+    )

@@ -39,7 +39,7 @@ from compactnn.data_files import check_rows, read_npy, read_tensors
 from compactnn.data_files import float_dtype as _float_dtype
 from compactnn.data_files import is_hf_model as is_hf_model  # re-exported
 from compactnn.data_files import keywords_for as _keywords_for
-from compactnn.errors import CompactnnError, first_line
+from compactnn.errors import CompactnnError, cut, first_line
 from compactnn.export.fs import hf_weights_file
 from compactnn.export.fs import sha256_file as file_sha256
 
@@ -113,7 +113,22 @@ def _unknown_model(spec: str) -> CompactnnError:
         )
     refs = ", ".join(reference_names()) or "none installed"
     forms = "\n  ".join(f.format(refs=refs) for f in MODEL_FORMS)
-    return CompactnnError(f"unknown model {spec!r}. MODEL is one of:\n  {forms}")
+    what = " (no such file, folder or reference model)" if not Path(spec).exists() else ""
+    return CompactnnError(f"unknown model {spec!r}{what}. MODEL is one of:\n  {forms}")
+
+
+def check_model_exists(spec: str) -> None:
+    """Refuse, before anything is read or loaded, a MODEL that names nothing: a missing
+    file or folder, or an unknown name (a factory ``package.module:name`` is imported only
+    when loaded). Commands call it before they ask for other inputs, so that the missing
+    model is named first."""
+    if spec in reference_names() or Path(spec).exists():
+        return
+    if ":" in spec:
+        return
+    if Path(spec).suffix in (".pt", ".pth", ".pt2"):
+        raise CompactnnError(f"model file {spec!r} does not exist.")
+    raise _unknown_model(spec)
 
 
 def _folder_without_config(path: Path) -> CompactnnError:
@@ -147,6 +162,7 @@ def resolve_model(
 
         ref = load_reference(spec)
         return _ReferenceModel(ref.model.eval(), spec, ref)
+    check_model_exists(spec)
     if path.suffix in (".pt", ".pth"):
         return _load_pickle(path, trust_pickle)
     if path.suffix == ".pt2":
@@ -201,10 +217,17 @@ def _load_hf_dir(path: Path, trust_pickle: bool) -> LoadedModel:
     from compactnn.export.hf import hf_header
 
     safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+    pickles = sorted(p.name for p in path.glob("pytorch_model*.bin*"))
+    if not safetensors and not pickles:
+        raise CompactnnError(
+            f"{str(path)!r} has no weights: a Hugging Face folder holds model.safetensors (or "
+            "model.safetensors.index.json and its shards) beside config.json. Save the model "
+            "there with save_pretrained(folder), or pass the folder that holds its weights."
+        )
     if not safetensors and not trust_pickle:
         raise CompactnnError(
             f"refusing to load {str(path)!r}: it has no .safetensors weights, and its "
-            "pytorch_model.bin is a pickle (unpickling can run code). Save the model with "
+            f"{pickles[0]} is a pickle (unpickling can run code). Save the model with "
             "save_pretrained(..., safe_serialization=True), or pass --trust-pickle if you "
             "trust its author."
         )
@@ -438,13 +461,13 @@ def describe_source(source: dict[str, Any]) -> str:
         return "this artifact does not record which model it came from: pass --model MODEL."
     kind = source.get("kind", "model")
     digest = source.get("weights_sha256") or source.get("sha256")
-    made = f"this artifact was made from the {kind} {str(spec)!r}"
+    made = f"this artifact was made from the {cut(kind, 40)} {cut(spec)!r}"  # values from a file
     if source.get("weights"):
-        made += f" with weights {str(source['weights'])!r}"
+        made += f" with weights {cut(source['weights'])!r}"
     if digest:
         made += f" (SHA-256 {str(digest)[:16]}...)"
     how = (
-        f"--model {spec} --weights FILE.safetensors"
+        f"--model {cut(spec)} --weights FILE.safetensors"
         if kind == "factory"
         else "--model MODEL (the same file or directory, or a factory with --weights)"
     )

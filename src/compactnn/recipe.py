@@ -106,7 +106,7 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
         if not self.steps:
-            raise CompactnnError(f"recipe {self.name!r} has no steps.")
+            raise CompactnnError(f"recipe {short_repr(self.name)} has no steps.")
         for i, step in enumerate(self.steps):
             if not isinstance(step, Step):
                 raise CompactnnError(_not_a_step(self.name, i, step))
@@ -149,7 +149,7 @@ def _not_a_step(recipe: str, index: int, item: Any) -> str:
     entry = registry.METHODS.get(method) if isinstance(method, str) else None
     config = entry.config_cls.__name__ if entry else "<its config class>"
     return (
-        f"recipe {recipe!r}: steps[{index}] is a {type(item).__name__}, not a Step: use "
+        f"recipe {short_repr(recipe)}: steps[{index}] is a {type(item).__name__}, not a Step: use "
         f"Step({method if isinstance(method, str) else 'method'!r}, {config}(...)), or "
         "Recipe.from_dict({'name': ..., 'steps': [...]}) for mappings."
     )
@@ -240,8 +240,8 @@ def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> N
         if key in seen:
             where = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
             raise CompactnnError(
-                f"recipe key {key!r} is given twice in one mapping ({where}); YAML would keep "
-                "the last silently: keep one."
+                f"recipe key {short_repr(key)} is given twice in one mapping ({where}); YAML "
+                "would keep the last silently: keep one."
             )
         seen[key] = line
 
@@ -269,8 +269,8 @@ def _quant_short_name(m: Any) -> Recipe:
     elif m["ag"]:  # activations grouped like the weights, scaled per token at run time
         if group is None:
             raise CompactnnError(
-                f"{m.string!r}: a{abits}g quantizes activations per group of the weights' "
-                f"group size; add one, e.g. w{wbits}a{abits}g-g32-{m['method'] or 'rtn'}."
+                f"{short_repr(m.string)}: a{abits}g quantizes activations per group of the "
+                f"weights' group size; add one, e.g. w{wbits}a{abits}g-g32-{m['method'] or 'rtn'}."
             )
         act = QuantSpec(bits=abits, granularity="group", group_size=group)
         config = replace(config, act=act)
@@ -455,7 +455,8 @@ def resolve_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
         )
     if not recipe.strip():
         raise CompactnnError(
-            f"recipe {recipe!r} is empty: pass a short name such as w8a8 or a recipe YAML file."
+            f"recipe {short_repr(recipe)} is empty: pass a short name such as w8a8 or a recipe "
+            "YAML file."
         )
     found = _match_short_name(recipe.strip().lower())
     if found is not None:

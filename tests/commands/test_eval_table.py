@@ -213,3 +213,20 @@ def test_a_faster_claim_from_an_inflated_timing_is_hedged_like_a_slower_one():
     slower = speed_note(row, base)  # a calm float row, an inflated slower row
     assert slower.startswith("slower than the fastest float path (19.99 ms vs 0.13 ms)")
     assert "look inflated" in slower
+
+
+def test_notes_come_under_the_table_so_the_output_starts_with_it(monkeypatch, capsys):
+    """eval printed its notes ("slower than the fastest float path ...") before the table;
+    as compress does, they now come last, under a heading, each once."""
+    import argparse
+
+    from compactnn.commands import evaluate as command
+
+    result = _gru_sp50_result()
+    result["notes"] = ["slower than the fastest float path (x)", "second", "second"]
+    monkeypatch.setattr(command, "evaluate", lambda args: result)
+    assert command.run(argparse.Namespace(json=None, quick=True, runs=3, threads=2)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("quality: ") and "runs on" in lines[1]
+    assert lines[-3:] == ["notes:", "  slower than the fastest float path (x)", "  second"]
+    assert lines[-4].startswith("(latency: ")

@@ -105,7 +105,8 @@ def test_eval_marks_inflated_timings_and_hedges_the_speed_verdict(project, capsy
     monkeypatch.setattr(timing, "suspect_reasons", lambda t: ["runs spread 90% (busy)"])
     assert _eval("--data", "xy.safetensors") == 0
     lines = capsys.readouterr().out.splitlines()
-    verdict = [n for n in lines if n.startswith(("faster than", "slower than"))]
+    notes = lines[lines.index("notes:") + 1 :]  # under the table, indented
+    verdict = [n for n in notes if n.startswith(("  faster than", "  slower than"))]
     assert len(verdict) == 1 and "these timings look inflated" in verdict[0]
     row = next(n for n in lines if n.startswith("deployed "))
     assert row.endswith("x *") and row.count(" *") == 2  # latency and speedup
@@ -387,9 +388,9 @@ def test_eval_says_when_the_deployed_quality_differs_from_the_simulated_one(
     result = json.loads(open("r.json").read())
     assert result["rows"][1]["quality"] == pytest.approx(deployed)
     assert result["simulated_quality"] == pytest.approx(simulated)
-    said = [line for line in out.splitlines() if line.startswith("simulated model")]
+    said = [line for line in out.splitlines() if line.startswith("  simulated model")]
     assert said == [
-        f"simulated model (what compress and train report): {simulated:.2f}% top-1; deployed "
+        f"  simulated model (what compress and train report): {simulated:.2f}% top-1; deployed "
         f"(ONNX Runtime int8): {deployed:.2f}%: integer kernels round differently from the "
         "simulation (exact int32 sums, biases on the int32 grid; docs/deploy.md)"
     ]
@@ -438,7 +439,7 @@ def test_eval_blames_what_ran_when_most_layers_stayed_simulated(project, capsys,
     runtime = delivery.kernels_runtime(mixed._compactnn_kernels)
     monkeypatch.setattr(delivery, "deliver", lambda kind, model, example: (mixed, runtime, []))
     assert _eval("--data", "xy.safetensors") == 0
-    (said,) = [s for s in capsys.readouterr().out.splitlines() if s.startswith("simulated model")]
+    (said,) = [s for s in capsys.readouterr().out.splitlines() if s.startswith("  simulated")]
     assert said.endswith(
         f"deployed ({runtime}): {evaluate(mixed, (project['x'], project['y'])):.2f}%: the "
         "deployed model runs in bfloat16 (activations, attention, normalization rounded to 8 "

@@ -262,3 +262,21 @@ def test_a_dict_without_the_models_main_input_is_named_in_one_line():
         "as the file's only tensor), made for this model."
     )
     check_batch(_PixelModel(), {"pixel_values": torch.rand(2, 4)}, "auto")  # runs
+
+
+def test_data_is_named_by_its_role_and_a_scalar_is_not_a_batch():
+    x = _data()[:40].clone()
+    x[33, 2] = float("nan")
+    with pytest.raises(CompactnnError, match=r"^calibration batch 1 \(rows 32\.\.39 of calib_"):
+        as_batches(x)
+    with pytest.raises(CompactnnError) as err:
+        as_batches(x, what="--data eval.npy")
+    assert str(err.value).startswith("batch 1 (rows 32..39 of --data eval.npy) holds 1 NaN")
+    with pytest.raises(CompactnnError) as err:
+        as_batches([x[:32], x[32:]], what="--data e.safetensors")
+    assert str(err.value).startswith("batch 1 of --data e.safetensors holds 1 NaN")
+    with pytest.raises(CompactnnError) as err:
+        as_batches(torch.tensor(3.0), what="--data s.npy")
+    assert str(err.value).startswith("--data s.npy is a scalar (a 0-d tensor), not a batch")
+    with pytest.raises(CompactnnError, match=r"^calib_data is empty \(a tensor of shape \(0, 16\)"):
+        as_batches(x[:0])

@@ -2,6 +2,8 @@
 permutation against Hugging Face's rotary embedding, and tiny Llama files read back with
 ``gguf.GGUFReader`` bit-exactly."""
 
+import errno
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import compactnn
 from compactnn.errors import CompactnnError
 from compactnn.export import gguf_blocks as gb
-from compactnn.export.gguf import can_export, write_gguf
+from compactnn.export.gguf import can_export, plan, tensor_bytes, write_gguf
 from compactnn.models.tiny_hf import tiny_model
 from compactnn.recipe import Recipe
 
@@ -278,3 +280,25 @@ def test_requantize_warns_about_weights_left_f32(llama, tmp_path, hidden, interm
         assert report.file_bytes > 4 * sum(p.numel() for p in qmodel.parameters())
         with pytest.warns(UserWarning, match="the file is not compressed"):
             write_gguf(qmodel, tmp_path / "m.gguf", requantize=True, force=True)
+
+
+def test_a_file_size_limit_reports_the_file_s_bytes_not_one_write_s(llama, tmp_path):
+    """numpy's short write counts one tensor's bytes ("4032 of 4096 bytes written" for a
+    file of 400 KB): the error names the bytes the file holds and what its tensors take."""
+    resource = pytest.importorskip("resource")
+    model, _ = llama
+    out = tmp_path / "m.gguf"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        with pytest.raises(OSError) as err:
+            write_gguf(model, out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert err.value.errno == errno.EFBIG and err.value.filename == str(out)
+    payload = tensor_bytes(plan(model))
+    assert err.value.strerror == (
+        f"File too large (the file stopped at 20,000 bytes written; its tensors alone take "
+        f"{payload:,})"
+    )
+    assert payload > 20_000 and not out.exists()

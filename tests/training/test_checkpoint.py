@@ -193,3 +193,25 @@ def test_a_read_only_checkpoint_dir_is_refused(tmp_path):
     for directory in (locked, locked / "ck"):
         with pytest.raises(CompactnnError, match="is not writable"):
             check_checkpoint_dir(directory)
+
+
+class _NotTensors:
+    """An object a weights-only load refuses (its unpickling would import this module)."""
+
+
+@pytest.mark.parametrize("payload", ["object", "bytes", "list"])
+def test_a_foreign_or_corrupt_checkpoint_is_refused_in_one_line(tiny, tmp_path, payload):
+    model, data, _ = tiny
+    path = checkpoint_path(tmp_path)
+    if payload == "object":  # a pickle payload: torch's text would advise weights_only=False
+        torch.save({"run": _NotTensors()}, path)
+    elif payload == "bytes":
+        path.write_bytes(b"PK\x03\x04 not a zip")
+    else:
+        torch.save([1, 2], path)  # readable, but not a checkpoint
+    with pytest.raises(CompactnnError) as err:
+        compactnn.train(model, "w4a4-pact", data, checkpoint_dir=tmp_path, **KW)
+    message = str(err.value)
+    assert "\n" not in message and "weights_only" not in message
+    assert "is not a compactnn checkpoint or is corrupt" in message
+    assert message.endswith("delete it, or pass resume=False (--no-resume) to start over.")

@@ -16,10 +16,12 @@ from compactnn.commands._paths import (  # noqa: F401 - the commands import them
     input_overlaps,
     path_relation,
 )
+from compactnn.core.fields import short_repr
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import check_writable
 from compactnn.model_io import (
     LoadedModel,
+    check_model_exists,
     file_sha256,
     hf_weights_file,
     reference_names,
@@ -84,7 +86,9 @@ def check_out(out: Path, model_spec: str, force: bool) -> None:
 
 def check_data_given(recipe, data: str | None, model_spec: str) -> None:
     """Refuse, before the model is loaded, a recipe that reads calibration data when
-    ``--data`` is missing and MODEL brings none (only reference models do)."""
+    ``--data`` is missing and MODEL brings none (only reference models do); a MODEL that
+    names nothing is named first (:func:`~compactnn.model_io.check_model_exists`)."""
+    check_model_exists(model_spec)
     if data is not None or model_spec in reference_names():
         return
     needy = [
@@ -103,7 +107,7 @@ def check_data_given(recipe, data: str | None, model_spec: str) -> None:
             "model's own tokenizer"
         )
     raise CompactnnError(
-        f"recipe {recipe.name!r} calibrates on data ({', '.join(dict.fromkeys(needy))}) "
+        f"recipe {short_repr(recipe.name)} calibrates on data ({', '.join(dict.fromkeys(needy))}) "
         f"and MODEL brings none: pass --data FILE ({inputs}), or "
         f"{_without_data(recipe, model_spec)}."
     )

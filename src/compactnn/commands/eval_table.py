@@ -242,3 +242,16 @@ def conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
         skipped = "; ".join(f"{k}: {v}" for k, v in paths["skipped"].items())
         text += f"; skipped: {skipped}" if skipped else ""
     return text + ")"
+
+
+def result_lines(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
+    """What ``compactnn eval`` prints: the quality line, the table and its footnote, the
+    stored bits, the timing's conditions, then the notes under a heading (as ``compress``
+    prints its notes under its summary), so the table starts the output."""
+    lines = [quality_line(result), *text_table(table_columns(result), table_rows(result))]
+    if (footnote := suspect_footnote(result)) is not None:
+        lines.append(footnote)
+    lines += [bits_line(result["stored_bits"], result.get("float_weights"))]
+    lines += [conditions(args, result)]
+    notes = list(dict.fromkeys(result["notes"]))
+    return lines + (["notes:", *(f"  {note}" for note in notes)] if notes else [])

@@ -31,16 +31,7 @@ from compactnn.commands._common import (
     split_labels,
 )
 from compactnn.commands.eval_data import calibration_inputs, drop_lm_labels, read_data
-from compactnn.commands.eval_table import (
-    bits_line,
-    conditions,
-    quality_line,
-    speed_note,
-    suspect_footnote,
-    table_columns,
-    table_rows,
-    text_table,
-)
+from compactnn.commands.eval_table import result_lines, speed_note
 from compactnn.core.calib import (
     as_batches,
     batch_size_of,
@@ -152,7 +143,7 @@ def inputs_of(
     inputs, labels = split_labels(raw, note=note, model=loaded.model)
     labels = drop_lm_labels(loaded.model, inputs, labels, args.data)
     check_token_ids(loaded.model, inputs, f"--data {args.data}")  # before a run names neither
-    batches = as_batches(inputs)
+    batches = as_batches(inputs, what=f"--data {args.data}")
     out = check_inputs(loaded, batches[0]) if batches else None
     if labels is not None and labels.shape[:1] != batch_rows(inputs):
         raise CompactnnError(
@@ -482,15 +473,8 @@ def run(args: argparse.Namespace) -> int:
         check_not_an_input(args.json, "--json", inputs, suggest="eval.json")
         check_file_path(args.json, "--json", force=args.force, suggest="eval.json")
     result = evaluate(args)
-    for note in result["notes"]:
-        print(note)
-    print(quality_line(result))
-    for line in text_table(table_columns(result), table_rows(result)):
+    for line in result_lines(args, result):  # the table first, its notes under it
         print(line)
-    if (footnote := suspect_footnote(result)) is not None:
-        print(footnote)
-    print(bits_line(result["stored_bits"], result.get("float_weights")))
-    print(conditions(args, result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
     return 0

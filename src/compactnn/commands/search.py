@@ -18,6 +18,7 @@ import torch
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
+    check_model_exists,
     given_path,
     human_bytes,
     load_model,
@@ -121,6 +122,7 @@ def check_search_data(data: str | None, model_spec: str) -> None:
             "'gen.safetensors')), or leave --data out for a reference model."
         )
     if data is None and model_spec not in reference_names():
+        check_model_exists(model_spec)  # a missing MODEL is named before the missing --data
         raise CompactnnError(
             "compactnn search scores every layer on calibration inputs and MODEL brings none: "
             "pass --data FILE (.safetensors or .npy model inputs from the training split; a "

@@ -26,7 +26,7 @@ def _split_keywords(data: dict[str, Any], batch_size: int) -> list[Batch]:
     return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
 
 
-def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
+def as_batches(data: Any, batch_size: int = 32, what: str = "calib_data") -> list[Batch]:
     """Normalise calibration data into a list of batches.
 
     Accepts a tensor of inputs (split along dim 0 into ``batch_size`` chunks), a dict of
@@ -34,7 +34,8 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
     is a tensor with the same number of rows, else one batch), or an iterable of tensors,
     tuples or dicts (taken as they are). Every floating-point tensor is checked once for NaN
     and Inf (see :func:`check_finite`), and every ``attention_mask`` for one with no token
-    unmasked (:func:`~compactnn.core.tokens.check_masked_out`).
+    unmasked (:func:`~compactnn.core.tokens.check_masked_out`). ``what`` names the data in
+    messages by its role (``"--data eval.npy"``; calibration data by default).
 
     Example:
         >>> ids = {"input_ids": torch.zeros(70, 5, dtype=torch.long),
@@ -45,8 +46,15 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
     if data is None:
         return []
     if isinstance(data, torch.Tensor):
-        if data.dim() == 0 or data.shape[0] == 0:
-            raise CompactnnError(f"calibration tensor of shape {tuple(data.shape)} is empty.")
+        if data.dim() == 0:
+            raise CompactnnError(
+                f"{what} is a scalar (a 0-d tensor), not a batch of inputs: pass inputs with "
+                "the batch dimension first, shape (N, ...), e.g. x.reshape(1, -1) for one."
+            )
+        if data.shape[0] == 0:
+            raise CompactnnError(
+                f"{what} is empty (a tensor of shape {tuple(data.shape)}): pass at least one input."
+            )
         batches: list[Batch] = list(torch.split(data, batch_size))
     elif isinstance(data, Mapping):
         batches = _split_keywords(dict(data), batch_size)
@@ -64,11 +72,12 @@ def as_batches(data: Any, batch_size: int = 32) -> list[Batch]:
         batches = [_one_batch(i, b) for i, b in enumerate(data)]
     if not batches:
         raise CompactnnError("calib_data is empty: pass at least one batch.")
+    kind = "calibration batch" if what == "calib_data" else "batch"
     for i, b in enumerate(batches):
-        rows = ""
+        rows = "" if what == "calib_data" else f" of {what}"
         if isinstance(data, torch.Tensor):  # name the rows of the user's tensor too
-            rows = f" (rows {i * batch_size}..{i * batch_size + len(b) - 1} of calib_data)"
-        check_finite(b, f"calibration batch {i}{rows}")
+            rows = f" (rows {i * batch_size}..{i * batch_size + len(b) - 1} of {what})"
+        check_finite(b, f"{kind} {i}{rows}")
     check_masked_out(batches)  # an attention_mask all 0: no token to calibrate on
     return batches
 

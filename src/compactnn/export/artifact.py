@@ -41,9 +41,14 @@ from compactnn.core.qlayers import (
     conv_kwargs,
     is_quant_layer,
 )
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, cut, name_list
 from compactnn.export import replace, validate
-from compactnn.export.fs import force_option, writable_folder
+from compactnn.export.fs import (
+    INNER_PATH_ROOM,
+    check_path_length,
+    force_option,
+    writable_folder,
+)
 from compactnn.export.reader import (  # re-exported: the artifact API in one place
     artifact_digest,
     load,
@@ -299,7 +304,8 @@ def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
         >>> check_writable("out/cnn-w4a8", force=False, what="--out")  # doctest: +SKIP
     """
     out = Path(path)
-    label = f"{what} {str(out)!r}"
+    label = f"{what} {cut(out)!r}"
+    check_path_length(out, label, room=INNER_PATH_ROOM)
     force_word = force_option(what)
     real = os.path.realpath(out)
     for system in _SYSTEM_DIRS:
@@ -456,6 +462,6 @@ def removed_if_failed(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if top is not None and top.is_dir() and not top.is_symlink():
+        if top is not None and os.path.isdir(top) and not os.path.islink(top):
             shutil.rmtree(top, ignore_errors=True)
         raise

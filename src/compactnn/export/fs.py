@@ -13,7 +13,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from compactnn.errors import ArtifactError, CompactnnError
+from compactnn.errors import ArtifactError, CompactnnError, cut
+
+# A file is written as ``.<name>.<8 random>.tmp`` first, a folder as ``.<name>.<8>.cnn-tmp``:
+# that much longer than the name, on top of the file system's limit.
+TMP_NAME_ROOM = 20
+# An artifact folder's own files (``model.safetensors``, ``.cnn-<token>-...`` while saving).
+INNER_PATH_ROOM = 64
 
 
 def names_folder(out: str | os.PathLike) -> bool:
@@ -52,6 +58,7 @@ def check_file_path(
     Example:
         >>> check_file_path("out/report.json", "--json")  # doctest: +SKIP
     """
+    check_path_length(path, f"{what} {cut(path)!r}")
     out = Path(path)
     if names_folder(path) or out.is_dir():
         raise CompactnnError(
@@ -64,6 +71,41 @@ def check_file_path(
         )
     writable_folder(out.absolute().parent, f"{what} {str(path)!r}")
     return out
+
+
+def check_path_length(path: str | os.PathLike, label: str, room: int = 0) -> None:
+    """Refuse, before any work, a path the file system cannot hold (``ENAMETOOLONG``): a
+    folder or file name over the file system's limit (the last one less
+    :data:`TMP_NAME_ROOM`, for the temporary name written first), or a full path over the
+    system's, ``room`` bytes kept for the files an output folder gets. ``label`` names the
+    output in the message (its path already cut).
+
+    Example:
+        >>> check_path_length("out/model.json", "--json 'out/model.json'")  # fine: no error
+    """
+    full = os.path.abspath(path)
+    existing = full
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):  # no such limit on this system: the POSIX usual
+        name_max, path_max = 255, 4096
+    parts = Path(full).parts[1:]
+    for i, part in enumerate(parts):
+        limit = name_max - (TMP_NAME_ROOM if i == len(parts) - 1 else 0)
+        if len(os.fsencode(part)) > limit:
+            raise CompactnnError(
+                f"{label}: the name {cut(part, 40)!r} is {len(os.fsencode(part))} bytes, "
+                f"longer than this file system allows ({limit}); choose a shorter name."
+            )
+    size = len(os.fsencode(full)) + TMP_NAME_ROOM + room
+    if size >= path_max:
+        raise CompactnnError(
+            f"{label} is {len(os.fsencode(full))} bytes long as a full path, longer than this "
+            f"system allows ({path_max - 1 - TMP_NAME_ROOM - room}); choose a shorter path."
+        )
 
 
 def writable_folder(path: Path, label: str) -> Path:

@@ -34,7 +34,7 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.errors import CompactnnError
 from compactnn.export import gguf_blocks as gb
-from compactnn.export.fs import atomic_write, check_file_path, names_folder
+from compactnn.export.fs import atomic_write, check_file_path, names_folder, write_error
 from compactnn.export.gguf_tokenizer import add_tokenizer
 
 _EXTRA = "export"
@@ -275,6 +275,20 @@ def _file_type(tensors: tuple[TensorPlan, ...]) -> int:
     return _FILE_TYPE.get(max(counts, key=counts.get), 0) if counts else 0
 
 
+def _file_write_error(exc: OSError, tmp: str, tensors: tuple[TensorPlan, ...]) -> OSError:
+    """numpy's short write (no errno) counts the bytes of one tensor's write, not the file's
+    ("4032 of 4096 bytes written" for a 2.8 MB file): the error with the file's counts."""
+    named = write_error(exc, tmp)
+    if exc.errno is not None or not isinstance(named, OSError) or named.errno is None:
+        return exc
+    try:
+        written = f"{os.path.getsize(tmp):,} bytes written"
+    except OSError:
+        written = "written in part"
+    why = f"{os.strerror(named.errno)} (the file stopped at {written}; its tensors alone take "
+    return OSError(named.errno, f"{why}{tensor_bytes(tensors):,})", tmp)
+
+
 def tensor_bytes(tensors: tuple[TensorPlan, ...]) -> int:
     """Theoretical payload: each tensor's elements at its type's bits per weight."""
     bpw = {**gb.BITS_PER_WEIGHT, "F32": 32.0, "F16": 16.0}
@@ -327,10 +341,13 @@ def write_gguf(
             raw = None if t.ggml_type == "F32" else gguf.GGMLQuantizationType[t.ggml_type]
             data = np.ascontiguousarray(t.data)
             writer.add_tensor(t.name, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        except OSError as exc:
+            raise _file_write_error(exc, tmp, tensors) from exc
 
     atomic_write(path, write)
     diffs = verify(path, tensors)

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import tempfile
@@ -18,6 +19,7 @@ from torch import nn
 
 from compactnn.core.modules import weight_layers
 from compactnn.core.qlayers import has_integer_weight
+from compactnn.errors import CompactnnError
 from compactnn.export.artifact import COMPANIONS
 from compactnn.export.size import artifact_size, theoretical_size
 
@@ -43,13 +45,39 @@ def theoretical_bytes(model: nn.Module) -> int:
     return int(theoretical_size(model))
 
 
+_ROOM = "or set TMPDIR to a folder with room for it"
+_WRITABLE = "set TMPDIR to a folder you can write"
+_TMP_WHY = {
+    errno.EFBIG: "the file-size limit (ulimit -f), or the largest file of that file system, is "
+    "below the model's size: raise the limit, or set TMPDIR to another file system",
+    errno.ENOSPC: f"that folder's disk is full: free some space there, {_ROOM}",
+    errno.EDQUOT: f"your disk quota there is used up: free some of it, {_ROOM}",
+    errno.EACCES: f"that folder is not writable: {_WRITABLE}",
+    errno.EPERM: f"that folder is not writable: {_WRITABLE}",
+    errno.EROFS: f"that folder is on a read-only file system: {_WRITABLE}",
+}
+
+
 def float_artifact_bytes(model: nn.Module) -> int:
-    """Bytes on disk of ``model`` saved as a compactnn artifact in a temporary directory."""
+    """Bytes on disk of ``model`` saved as a compactnn artifact in a temporary directory.
+
+    Raises:
+        CompactnnError: the temporary copy could not be written (``ulimit -f``, a full or
+            read-only ``TMPDIR``): the user named no such file, so the message names the
+            temporary folder and ``TMPDIR`` as the way out, not a path to choose.
+    """
     from compactnn.api import save
 
-    with tempfile.TemporaryDirectory(prefix="compactnn-size-") as tmp:
-        save(model, Path(tmp) / "a")
-        return artifact_bytes(Path(tmp) / "a")
+    try:
+        with tempfile.TemporaryDirectory(prefix="compactnn-size-") as tmp:
+            save(model, Path(tmp) / "a")
+            return artifact_bytes(Path(tmp) / "a")
+    except OSError as exc:
+        why = _TMP_WHY.get(exc.errno, f"check that folder, {_ROOM}")
+        raise CompactnnError(
+            f"cannot measure the float model's size on disk: its temporary copy in "
+            f"{tempfile.gettempdir()!r} could not be written ({exc.strerror or exc}): {why}."
+        ) from exc
 
 
 def layer_formats(model: nn.Module) -> dict[str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +165,18 @@ def load_checkpoint(directory: str | os.PathLike, run: dict[str, Any]) -> dict[s
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, weights_only=True)
-    except Exception as exc:
-        raise CompactnnError(f"checkpoint {str(path)!r} cannot be read: {exc}") from exc
-    theirs = state.get("run", {})
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch's text advises weights_only=False: never echo it
+        state = exc
+    if not isinstance(state, dict) or not isinstance(state.get("run"), dict):
+        raise CompactnnError(
+            f"checkpoint {str(path)!r} is not a compactnn checkpoint or is corrupt (it was not "
+            "read: compactnn loads only tensors and plain data from it): delete it, or pass "
+            "resume=False (--no-resume) to start over."
+        ) from (state if isinstance(state, Exception) else None)
+    theirs = state["run"]
     if theirs.get("recipe_yaml") != run["recipe_yaml"]:
         raise CompactnnError(
             f"checkpoint {str(path)!r} was written by recipe {theirs.get('recipe')!r}, not "
