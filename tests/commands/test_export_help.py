@@ -17,3 +17,17 @@ def test_tokenizer_help_names_both_formats_that_take_it():
     # run() refuses --tokenizer for onnx and reads it for these two (docs/cli.md agrees)
     assert "gguf" in text and "compressed-tensors" in text
     assert "onnx" not in text
+
+
+def test_every_command_that_shows_progress_takes_no_progress():
+    """A CI script passes --no-progress to every command: export refused it (usage error)."""
+    from compactnn import cli
+
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    missing = [
+        name
+        for name, sub in commands.items()
+        if name != "recipes" and not any("--no-progress" in a.option_strings for a in sub._actions)
+    ]
+    assert missing == []

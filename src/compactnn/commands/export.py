@@ -59,6 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="the float model the artifact was made from, when it is not recorded"
     )
+    p.add_argument(
+        "--no-progress", action="store_true", help="hide progress bars (Hugging Face's too)"
+    )
     add_model_args(p)
     return p
 
