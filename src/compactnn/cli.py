@@ -41,6 +41,7 @@ from compactnn.commands import COMMANDS  # noqa: E402
 from compactnn.commands._common import close_progress_bars, hide_hf_progress  # noqa: E402
 from compactnn.errors import CompactnnError, cut, first_line  # noqa: E402
 from compactnn.measure.timing import ensure_passive_policy  # noqa: E402
+from compactnn.user_modules import user_folder_importable  # noqa: E402
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
@@ -102,8 +103,6 @@ def add_plugin_arg(parser: argparse.ArgumentParser) -> None:
 def import_plugins(names: Sequence[str]) -> None:
     """Import each ``--plugin`` module, the current folder importable (as for a MODEL
     factory); a module that cannot be imported is a one-line CompactnnError naming it."""
-    if names and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
     for name in names:
         is_file = name.endswith(".py") and Path(name).is_file()
         if is_file or not all(part.isidentifier() for part in name.split(".")):
@@ -114,7 +113,8 @@ def import_plugins(names: Sequence[str]) -> None:
                 "folder to PYTHONPATH)."
             )
         try:
-            importlib.import_module(name)
+            with user_folder_importable():
+                importlib.import_module(name)
         except ImportError as exc:
             raise CompactnnError(
                 f"--plugin {name!r} could not be imported ({first_line(exc)}): check the module "

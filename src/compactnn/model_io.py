@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from compactnn.data_files import keywords_for as _keywords_for
 from compactnn.errors import CompactnnError, cut, first_line
 from compactnn.export.fs import hf_weights_file
 from compactnn.export.fs import sha256_file as file_sha256
+from compactnn.user_modules import user_folder_importable
 
 MODEL_FORMS = (
     "a reference model name ({refs})",
@@ -344,10 +344,9 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
             f"{name}:{attr or 'FUNCTION'} (run from the folder that holds it, or add that "
             "folder to PYTHONPATH)."
         )
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # let users name modules in their project
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        with user_folder_importable():  # the module the user named, from their folder
+            factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         stem = module_name.removesuffix(".py")
         hint = f" (a file name: write {stem}:{attr or 'FUNCTION'})" if stem != module_name else ""
