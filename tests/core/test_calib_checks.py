@@ -280,3 +280,12 @@ def test_data_is_named_by_its_role_and_a_scalar_is_not_a_batch():
     assert str(err.value).startswith("--data s.npy is a scalar (a 0-d tensor), not a batch")
     with pytest.raises(CompactnnError, match=r"^calib_data is empty \(a tensor of shape \(0, 16\)"):
         as_batches(x[:0])
+
+
+def test_an_all_padding_batch_is_named_by_its_role():
+    """Evaluation data whose attention_mask is all 0 was called a "calibration batch"."""
+    ids = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4)}
+    with pytest.raises(CompactnnError, match=r"^batch 0 of --data e\.safetensors: every"):
+        as_batches(ids, what="--data e.safetensors")
+    with pytest.raises(CompactnnError, match=r"^calibration batch 0: every"):
+        as_batches(ids)

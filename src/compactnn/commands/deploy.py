@@ -120,7 +120,8 @@ def _models(args: argparse.Namespace):
     one_split = labelled is None or labelled == labelled_keys(data, "eval")
     if not one_split:
         _say_splits(labelled, labelled_keys(data, "eval"), calibrating=not is_artifact)
-    batches = as_batches(inputs) if inputs is not None else as_batches(loaded.example)
+    named = f"--data {args.data}" if args.data else "calib_data"  # messages name its role
+    batches = as_batches(inputs, what=named) if inputs is not None else as_batches(loaded.example)
     if not batches:
         raise CompactnnError("deploy needs sample inputs to verify on: pass --data.")
     if args.data:

@@ -78,7 +78,7 @@ def as_batches(data: Any, batch_size: int = 32, what: str = "calib_data") -> lis
         if isinstance(data, torch.Tensor):  # name the rows of the user's tensor too
             rows = f" (rows {i * batch_size}..{i * batch_size + len(b) - 1} of {what})"
         check_finite(b, f"{kind} {i}{rows}")
-    check_masked_out(batches)  # an attention_mask all 0: no token to calibrate on
+    check_masked_out(batches, kind, "" if what == "calib_data" else f" of {what}")
     return batches
 
 

@@ -217,7 +217,7 @@ def masked_out(batch: Any) -> bool | None:
     return None if not masks else not any(bool(m.any()) for m in masks)
 
 
-def check_masked_out(batches: list, what: str = "calibration batch") -> None:
+def check_masked_out(batches: list, what: str = "calibration batch", of: str = "") -> None:
     """Refuse batches whose ``attention_mask`` is all 0 in every batch that has one (no token
     unmasked: the model would run on padding only, and the statistics drawn from it say
     nothing about real text); warn, naming them, when only some batches are so.
@@ -232,7 +232,7 @@ def check_masked_out(batches: list, what: str = "calibration batch") -> None:
     if not empty:
         return
     shown = ", ".join(map(str, empty[:8])) + (", ..." if len(empty) > 8 else "")
-    named = f"{what}{'es' if len(empty) > 1 else ''} {shown}"
+    named = f"{what}{'es' if len(empty) > 1 else ''} {shown}{of}"  # of: " of --data FILE"
     if len(empty) == len(found):
         every = f" (all {len(empty)})" if len(empty) > 1 else ""
         raise CompactnnError(
