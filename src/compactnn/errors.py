@@ -1,8 +1,14 @@
 """The one exception type compactnn raises for user mistakes.
 
 The CLI catches it and prints its message without a traceback; library users can catch it
-to tell a bad input from a bug.
+to tell a bad input from a bug. Also what messages share: short quotes of long values
+(:func:`cut`) and where a warning points (:func:`user_stacklevel`).
 """
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 
 class CompactnnError(ValueError):
@@ -41,3 +47,23 @@ def cut(text: object, limit: int = 200) -> str:
     return (
         text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
     )
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)  # .../compactnn
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the caller point at the first
+    frame outside the compactnn package (what Python 3.12's ``skip_file_prefixes`` does;
+    3.11 has no such argument)."""
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame.f_back is not None and _in_package(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _in_package(filename: str) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):  # "<string>" and the like
+        return False

@@ -12,6 +12,7 @@ from torch import nn
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import weight_layers
 from compactnn.core.qlayers import QUANTIZABLE, has_integer_weight
+from compactnn.errors import user_stacklevel
 from compactnn.prune.probe import EXTRA_KEY as PROBE_KEY
 from compactnn.quant.base import RECURRENT, unquantizable_reason
 
@@ -54,7 +55,7 @@ def report_float_layers(
     }
     if failed:
         listing = "; ".join(f"{n} ({r})" for n, r in failed.items())
-        warnings.warn(f"kept in float: {listing}", stacklevel=3)
+        warnings.warn(f"kept in float: {listing}", stacklevel=user_stacklevel())
 
 
 def _no_method_quantizes(m: nn.Module) -> bool:
@@ -254,4 +255,4 @@ def warn_float_bytes(model: nn.Module, ctx: CompressContext) -> None:
         f"bits suggest: {advice}. Judge the size `compactnn eval` reports."
     )
     ctx.notes.append(message)
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=user_stacklevel())

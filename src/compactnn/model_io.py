@@ -38,7 +38,7 @@ from compactnn.data_files import check_rows, read_npy, read_tensors
 from compactnn.data_files import float_dtype as _float_dtype
 from compactnn.data_files import is_hf_model as is_hf_model  # re-exported
 from compactnn.data_files import keywords_for as _keywords_for
-from compactnn.errors import CompactnnError, cut, first_line
+from compactnn.errors import CompactnnError, cut, first_line, user_stacklevel
 from compactnn.export.fs import hf_weights_file
 from compactnn.export.fs import sha256_file as file_sha256
 from compactnn.user_modules import user_folder_importable
@@ -491,5 +491,5 @@ def _warn_if_changed(loaded: LoadedModel, source: dict[str, Any]) -> None:
         warnings.warn(
             f"{str(file)!r} (SHA-256 {actual[:16]}...) is not the file this artifact was made "
             f"from (SHA-256 {str(recorded)[:16]}...); results may differ from the original.",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )

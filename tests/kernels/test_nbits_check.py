@@ -36,9 +36,13 @@ def _levels(path) -> set[int]:
 
 def test_default_falls_back_to_float32_compute_when_int8_activations_drift(tmp_path):
     q, batch = _quantized()
-    with pytest.warns(UserWarning, match=r"running accuracy_level=0 .*accuracy_level=4 to force"):
+    with pytest.warns(
+        UserWarning, match=r"running accuracy_level=0 .*accuracy_level=4 to force"
+    ) as caught:
         fast = compactnn.to_ort_nbits(q, batch, threads=1, path=tmp_path / "m.onnx")
     assert fast.accuracy_level == 0 and _levels(tmp_path / "m.onnx") == {0}
+    # the warning points at the caller's line (a fixed stacklevel showed "sys:1")
+    assert {w.filename for w in caught if "accuracy_level=0" in str(w.message)} == {__file__}
     check = fast.accuracy_check
     assert check["accuracy_level"] == 4 and "relative max difference" in check["drifted"]
     assert check["relative_max_diff"] > 1e-3  # int8 activations: about 1e-2

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,10 +13,9 @@ from tqdm.auto import tqdm
 
 from compactnn.core.calib import Batch, all_finite, batch_size_of, call_model, main_output
 from compactnn.core.observer import NonFiniteActivation, RangeObserver
-from compactnn.errors import CompactnnError, counted
+from compactnn.errors import CompactnnError, counted, user_stacklevel
 
 MAX_SCALE = float(torch.finfo(torch.float16).max)  # scales are stored as float16
-_PACKAGE = str(Path(__file__).resolve().parents[1])  # .../compactnn
 
 
 @dataclass
@@ -136,23 +133,6 @@ class CompressContext:
         (e.g. their ``compactnn.compress(...)``), not at the library line that noticed."""
         self.notes.append(message)
         warnings.warn(message, stacklevel=user_stacklevel())
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a ``warnings.warn`` in the caller point at the first
-    frame outside the compactnn package (what Python 3.12's ``skip_file_prefixes`` does;
-    3.11 has no such argument)."""
-    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
-    while frame.f_back is not None and _in_package(frame.f_code.co_filename):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _in_package(filename: str) -> bool:
-    try:
-        return Path(filename).resolve().is_relative_to(_PACKAGE)
-    except (OSError, ValueError):  # "<string>" and the like
-        return False
 
 
 def _step_of(quantizer: nn.Module, lo: float, hi: float) -> float:

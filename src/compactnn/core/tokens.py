@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 
 
 def token_id_tensors(data: Any) -> list[torch.Tensor]:
@@ -245,5 +245,5 @@ def check_masked_out(batches: list, what: str = "calibration batch", of: str = "
         f"{named} (of {len(found)}): every attention_mask entry is 0 (no token unmasked), so "
         f"{they} {add} padding only: drop {'them' if len(empty) > 1 else 'it'} or pass the "
         "tokenizer's attention_mask (1 for tokens, 0 for padding).",
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )

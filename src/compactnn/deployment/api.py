@@ -46,7 +46,7 @@ from compactnn.deployment.refusals import (
 )
 from compactnn.deployment.runner import plan_runner
 from compactnn.deployment.traced import traced_through
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.lowering.graph import trace
 from compactnn.lowering.isolated import with_kernels
 from compactnn.lowering.plan import build_plan
@@ -345,10 +345,13 @@ def deploy(
             "deploy: no backend could run this model: " + _by_backend(errors)
         ) from cause
     if skipped := {k: v for k, v in errors.items() if k not in failed}:
-        warnings.warn(f"deploy: skipped backends: {_by_backend(skipped)}", stacklevel=2)
+        warnings.warn(
+            f"deploy: skipped backends: {_by_backend(skipped)}", stacklevel=user_stacklevel()
+        )
     if failed:
         warnings.warn(
-            f"deploy: backends that failed verification: {_by_backend(failed)}", stacklevel=2
+            f"deploy: backends that failed verification: {_by_backend(failed)}",
+            stacklevel=user_stacklevel(),
         )
     kept = {k: m.kept_float for k, m in passing.items()}
     eligible = fewest_float(kept)  # integer kernels before speed: float layers only if all do
@@ -369,21 +372,21 @@ def deploy(
     deployed.verification = checked[name]
     deployed.recommendation = float_advice(selection, name)
     if deployed.verification.isolated:  # passed on its kernels, not on its output gap
-        warnings.warn(f"deploy: {deployed.verification}", stacklevel=2)
+        warnings.warn(f"deploy: {deployed.verification}", stacklevel=user_stacklevel())
     if note := passed_over(name, kept, listing):  # a faster one kept layers float
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=user_stacklevel())
     if deployed.kept_float:  # the chosen backend's, not a candidate's that lost
         also = [k for k in kept if k != name]  # each keeps at least as many float (fewest_float)
         none = f"; {', '.join(also)} kept at least as many in float" * bool(also)
         warnings.warn(
             f"deploy[{name}]: kept in float (simulated quantization): "
             f"{listing(deployed.kept_float)}{none}",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     if deployed.recommendation:
-        warnings.warn(deployed.recommendation, stacklevel=2)
+        warnings.warn(deployed.recommendation, stacklevel=user_stacklevel())
     if ran is not None and deployed.onnx_bytes is not None:  # exported at the example's size
-        warnings.warn(fixed_size_note(name, *ran), stacklevel=2)
+        warnings.warn(fixed_size_note(name, *ran), stacklevel=user_stacklevel())
     return deployed
 
 

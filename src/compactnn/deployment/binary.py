@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from compactnn.core.calib import call_model
 from compactnn.engines.binary import BinaryBlock, real_shortcut, rprelu, xnor_scale
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.kernels import bitconv
 from compactnn.lowering.graph import conv_padding
 from compactnn.lowering.verify import compare
@@ -407,7 +407,9 @@ def lower_binary_blocks(
     if kernel == "popcount":
         bitconv.load_extension()  # raises a CompactnnError naming the missing compiler
     if kernel == "auto" and example is None:
-        warnings.warn("lower_binary_blocks: no example to time on; using int8.", stacklevel=2)
+        warnings.warn(
+            "lower_binary_blocks: no example to time on; using int8.", stacklevel=user_stacklevel()
+        )
         kernel = "int8"
     if kernel == "auto":
         bitconv.available(warn=True)  # say once why popcount is not a candidate

@@ -16,7 +16,7 @@ from compactnn._optional import require
 from compactnn.core.calib import call_model
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import ActQuantizer, conv_kwargs, is_quant_layer
-from compactnn.errors import CompactnnError, first_line
+from compactnn.errors import CompactnnError, first_line, user_stacklevel
 from compactnn.measure.float_paths import ort_float
 from compactnn.measure.timing import TimingWarning, model_call, time_blocks
 
@@ -69,7 +69,9 @@ def float_contenders(sim: nn.Module, example: Any) -> dict[str, Any]:
         out["fp32-onnxruntime"] = ort
     except Exception as e:  # an optional peer: a failure costs the comparison, not the deploy
         # the first line only: the exporter's errors go on with a dump of the whole graph
-        warnings.warn(f"deploy: ONNX Runtime fp32 not timed ({first_line(e)})", stacklevel=3)
+        warnings.warn(
+            f"deploy: ONNX Runtime fp32 not timed ({first_line(e)})", stacklevel=user_stacklevel()
+        )
     out["fp32-eager"] = fmodel
     return out
 

@@ -15,6 +15,7 @@ from compactnn.core.calib import call_model
 from compactnn.deployment.lowbit import ClampU8, QuantizeGrid, SplitConv2d, SplitLinear
 from compactnn.deployment.onednn import CL, Int8Conv2d, Int8Linear, Quantize
 from compactnn.deployment.runner import module_call
+from compactnn.errors import user_stacklevel
 from compactnn.lowering.graph import FLOAT, Fused, Plan, QParams, grid_codes, input_form
 from compactnn.lowering.isolated import RUNNER, KernelCheck, kernel_check
 from compactnn.lowering.verify import LayerGap, compare, layer_gap
@@ -46,7 +47,9 @@ def localize(deployed: nn.Module, example: Any) -> list[LayerGap]:
     try:
         return _localize(plan, program, example)
     except Exception as e:  # a diagnosis must never hide the failure it explains
-        warnings.warn(f"deploy: could not localise the divergence ({e})", stacklevel=2)
+        warnings.warn(
+            f"deploy: could not localise the divergence ({e})", stacklevel=user_stacklevel()
+        )
         return []
 
 
@@ -145,7 +148,9 @@ def isolate(deployed: nn.Module, example: Any) -> list[KernelCheck] | None:
         steps = float("inf") if whole.nonfinite_mismatches else whole.max_diff_steps
         return [*checks, KernelCheck(RUNNER, "float", steps, 0.0, 0.0, len(checks))]
     except Exception as e:  # a diagnosis must never hide the failure it explains
-        warnings.warn(f"deploy: could not check the kernels alone ({e})", stacklevel=2)
+        warnings.warn(
+            f"deploy: could not check the kernels alone ({e})", stacklevel=user_stacklevel()
+        )
         return None
 
 

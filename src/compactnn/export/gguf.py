@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.export import gguf_blocks as gb
 from compactnn.export.fs import atomic_write, check_file_path, names_folder, write_error
 from compactnn.export.gguf_tokenizer import add_tokenizer
@@ -359,7 +359,7 @@ def write_gguf(
         )
     size = path.stat().st_size
     if (line := float_warning(tensors, size, path.name)) is not None:
-        warnings.warn(line, stacklevel=2)
+        warnings.warn(line, stacklevel=user_stacklevel())
     requantized = {t.name: diffs[t.name] for t in tensors if t.how == "requantized"}
     if requantized:
         worst = max(requantized, key=requantized.get)
@@ -368,7 +368,7 @@ def write_gguf(
             f"(max abs error vs compactnn's weights {requantized[worst]:.3g}, in {worst}); "
             "they no longer match the simulated model exactly: the read-back verifies them "
             "within that error, the other tensors bit-exactly.",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return GGUFReport(path, tensors, size, tensor_bytes(tensors), diffs)
 

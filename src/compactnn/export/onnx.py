@@ -39,7 +39,7 @@ from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import exporting
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
 from compactnn.engines.binary import BinaryBlock
-from compactnn.errors import CompactnnError, first_line, name_list
+from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
 from compactnn.export.fs import atomic_write, check_file_path
 from compactnn.export.onnx_forms import (
     codebook_terms,
@@ -477,5 +477,5 @@ def export_onnx(
 
     atomic_write(path, write)
     if (line := float_layers_warning(qmodel, kept, len(data), os.path.basename(path))) is not None:
-        warnings.warn(line, stacklevel=2)
+        warnings.warn(line, stacklevel=user_stacklevel())
     return result

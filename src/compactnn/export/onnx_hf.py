@@ -48,7 +48,7 @@ from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear, is_quant_layer
-from compactnn.errors import CompactnnError, counted, name_list
+from compactnn.errors import CompactnnError, counted, name_list, user_stacklevel
 from compactnn.export.fs import atomic_write, names_folder
 from compactnn.export.hf_check import ignore_fix, mean_cosine, other_layers
 from compactnn.kernels.nbits_tables import gather_format, gather_tables, replace_gathers
@@ -413,7 +413,7 @@ def to_onnx_bytes(
             warnings.warn(
                 f"ONNX export: {counted(len(left), 'quantized layer')} left as float "
                 f"MatMul/Gemm on their dequantized weights (not MatMulNBits): {name_list(left)}",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return data, kind
     return qdq_onnx(qmodel, example), kind
@@ -494,6 +494,6 @@ def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
         warnings.warn(
             f"ONNX {path.name}: {note}. They are {nbytes / len(data):.0%} of the "
             f"{_kb(len(data))} file.",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return path

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 
 SOURCE = Path(__file__).with_name("csrc") / "bitconv.cpp"
 # the few-input-channel and one- or two-term int8 convolutions of the runner
@@ -375,7 +375,7 @@ def available(warn: bool = False) -> bool:
         load_extension()
     except CompactnnError as exc:
         if warn:
-            warnings.warn(f"{exc} Using the int8 kernels instead.", stacklevel=2)
+            warnings.warn(f"{exc} Using the int8 kernels instead.", stacklevel=user_stacklevel())
         return False
     return True
 

@@ -32,6 +32,7 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.core.calib import main_output
 from compactnn.core.qlayers import ActQuantizer
+from compactnn.errors import user_stacklevel
 from compactnn.lowering.probes import rounded_run
 from compactnn.lowering.verify import ROUNDING_DRAWS
 
@@ -235,7 +236,7 @@ def checked_level(
             f"each layer's input moves the simulation (relative max "
             f"{probe['relative_max_diff']:.2g}); every layer runs at accuracy_level=4, the "
             "grid its per-group activations simulate. Check its quality on your data.",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return fast
     del fast
@@ -257,6 +258,6 @@ def checked_level(
         + ". Pass accuracy_level=4 to force the faster int8 form (1.3x at batch 1 on "
         "MiniLM, 33 tokens) after checking its quality on your data, or quantize "
         "activations like it does (a 'w4a8g-g32-gptq' recipe).",
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
     return out

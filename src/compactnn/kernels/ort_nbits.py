@@ -50,7 +50,7 @@ from compactnn._optional import require
 from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qlayers import QuantLinear
-from compactnn.errors import CompactnnError, counted, name_list
+from compactnn.errors import CompactnnError, counted, name_list, user_stacklevel
 from compactnn.kernels.graph_edit import replace_nodes
 from compactnn.kernels.nbits_check import PINNED, checked_level
 from compactnn.kernels.nbits_merge import fold_dynamic_biases, merge_siblings
@@ -470,7 +470,7 @@ def to_ort_nbits(
         warnings.warn(
             f"to_ort_nbits: {counted(len(left), 'quantized layer')} left as float MatMul "
             f"(simulated) in the ONNX model: {name_list(left)}",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     own = path is None
     target = Path(tempfile.mkdtemp(prefix="compactnn-nbits-")) / "model.onnx" if own else path

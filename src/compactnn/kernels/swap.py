@@ -15,7 +15,7 @@ from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.modules import set_module
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import QuantLinear, is_quant_layer
-from compactnn.errors import CompactnnError, first_line, name_list
+from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
 from compactnn.kernels.embedding import EmbeddingKernel
 from compactnn.kernels.linear import (
     DENSE_MIN_ROWS,
@@ -268,14 +268,14 @@ def to_kernels(
         warnings.warn(
             f"to_kernels: {none}{len(info['simulated'])} quantized layer(s) have no kernel "
             f"here and run simulated ({name_list(info['simulated'], 3)}).{hint}",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     elif not info["swapped"]:
         warnings.warn(
             "to_kernels: no layer of this model runs on low-bit kernels: it has no quantized "
             f"layer; the result is the same model in {info['dtype']}. Compress it first, e.g. "
             "compactnn.compress(model, 'w4-g32-gptq', calib_data=...).",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return out
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from compactnn.core.qlayers import QuantLinear
+from compactnn.errors import user_stacklevel
 
 FUSED_MIN_ROWS = 64
 _FUSED: dict[str, Callable] = {}
@@ -73,7 +74,7 @@ def _fused(fn: Callable) -> Callable:
                 warnings.warn(
                     f"torch.compile of the W8A8 {name} failed ({type(exc).__name__}); "
                     "running it eagerly",
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
                 _FUSED[name] = fn
                 return fn(*args)

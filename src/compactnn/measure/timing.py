@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from compactnn.core.calib import batch_size_of, call_model
+from compactnn.errors import user_stacklevel
 
 DEFAULT_THREADS = 2
 DEFAULT_WARMUP = 3
@@ -175,7 +176,7 @@ _warned: set[tuple[str, str]] = set()
 def _warn_once(key: tuple[str, str], message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, TimingWarning, stacklevel=3)
+        warnings.warn(message, TimingWarning, stacklevel=user_stacklevel())
 
 
 def check_environment(load: float | None = None) -> str | None:

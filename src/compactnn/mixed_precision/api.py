@@ -24,7 +24,7 @@ from torch import nn
 from compactnn.api import compress
 from compactnn.core.calib import as_batches, call_model, detect_call_mode
 from compactnn.core.modules import eval_mode
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, name_list, user_stacklevel
 from compactnn.mixed_precision.accuracy import (
     accuracy_search,
     check_drop_vs_baseline,
@@ -263,13 +263,15 @@ def _search(
     left_out = tied_heads_left_out(view, embeddings)  # quantized with their tables or float
     if left_out:  # e.g. "search left out lm_head: tied to the embedding table ..."
         why = next(iter(left_out.values()))
-        warnings.warn(f"search left out {name_list(list(left_out), 3)}: {why}", stacklevel=3)
+        warnings.warn(
+            f"search left out {name_list(list(left_out), 3)}: {why}", stacklevel=user_stacklevel()
+        )
     tables = [n for n, m in view.named_modules() if isinstance(m, nn.Embedding)]
     if embeddings is not None and not tables:  # an empty step would only mislead
         warnings.warn(
             f"embeddings={embeddings!r} ignored: the model has no embedding table "
             "(nn.Embedding); drop embeddings=.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         embeddings = None
     tables = [*tables, *left_out] if left_out else []

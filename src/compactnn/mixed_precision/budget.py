@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.mixed_precision.allocate import min_cost
 from compactnn.mixed_precision.result import Budget
 
@@ -115,5 +115,5 @@ def latency_verdict(check: dict[str, Any], limit: float, stop: str | None) -> di
         f"against max_latency_ratio {limit:g}, and {stop}; add a faster format (e.g. a "
         "larger ch<P>+ ratio) or raise the budget."
     )
-    warnings.warn(f"latency budget NOT met: {why}", stacklevel=3)
+    warnings.warn(f"latency budget NOT met: {why}", stacklevel=user_stacklevel())
     return {"met": False, "measured_ratio": worst, "not_met": why}

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from compactnn.errors import user_stacklevel
 from compactnn.export.fs import atomic_write
 
 
@@ -62,7 +63,8 @@ def _read(path: Path, key: str, model: nn.Module) -> bool:
         model.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, RuntimeError, KeyError) as exc:
         warnings.warn(
-            f"ignoring unreadable cached weights {str(path)!r} ({exc}); retraining", stacklevel=3
+            f"ignoring unreadable cached weights {str(path)!r} ({exc}); retraining",
+            stacklevel=user_stacklevel(),
         )
         return False
     return True

@@ -23,7 +23,7 @@ from torch import nn
 
 from compactnn.data import split as split_module
 from compactnn.data.split import Split
-from compactnn.errors import CompactnnError, first_line
+from compactnn.errors import CompactnnError, first_line, user_stacklevel
 from compactnn.models import cache, fit
 from compactnn.models.reference import Reference
 
@@ -126,7 +126,7 @@ def lazy_image_reference(
             warnings.warn(
                 f"{name}: its data set reads as {found}, not {fingerprint} as its cache key "
                 "says: scores may differ from the documented ones.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         return data
 

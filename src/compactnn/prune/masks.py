@@ -15,10 +15,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compactnn.core.context import user_stacklevel
 from compactnn.core.qembedding import tied_heads
 from compactnn.core.qlayers import is_quant_layer
-from compactnn.errors import CompactnnError, name_list
+from compactnn.errors import CompactnnError, name_list, user_stacklevel
 
 
 class MaskedWeight(nn.Module):

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import compactnn
-from compactnn.errors import CompactnnError, first_line, name_list
+from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
 from compactnn.export.artifact import artifact_exists, read_header, removed_if_failed
 from compactnn.export.fs import writable_folder
 from compactnn.measure import (
@@ -229,7 +229,7 @@ def _measure(
     rows[0] |= {"theoretical_bytes": theoretical_bytes(float_model), "layers": {}}
     guess = y is not None and name == "top1"
     if guess and (doubt := no_better_than_guessing(rows[0]["quality"], y, "the data")):
-        warnings.warn(doubt, stacklevel=3)
+        warnings.warn(doubt, stacklevel=user_stacklevel())
         rows[0]["notes"].append(doubt)
     runners: dict[str, Any] = {FLOAT: float_model}
     for path in artifacts:
