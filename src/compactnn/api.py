@@ -35,7 +35,7 @@ from compactnn.core.modules import (
 )
 from compactnn.core.qlayers import ActQuantizer, is_quant_layer
 from compactnn.errors import CompactnnError, name_list
-from compactnn.export.artifact import info_of, load, save
+from compactnn.export.artifact import check_writable, info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.hf import hf_header
 from compactnn.export.save_checks import module_classes, note_new_classes
@@ -74,6 +74,9 @@ def compress(
     interrupted run resumes from its last finished block, and a
     :class:`~compactnn.streaming.StreamReport` (digest, peak resident memory) is returned
     instead of a model (:mod:`compactnn.streaming`; weight-only GPTQ and AWQ recipes).
+    Without it, ``out`` saves the compressed model there too (``compactnn.save``; ``force``
+    replaces an artifact there; the path is checked before any work); it was ignored before
+    session 30.
 
     Args:
         model: a trained float PyTorch model; it is deep-copied and never changed unless
@@ -120,9 +123,14 @@ def compress(
         raise CompactnnError(not_a_module(model, recipe))
     _check_scripted(model)
     _check_tensors(model)
-    return _compress(
+    if out is not None:  # refused before the work, as compactnn.save would refuse it after
+        check_writable(out, force, what="out")
+    qmodel = _compress(
         model, recipe, calib_data, seed=seed, progress=progress, inplace=inplace, ignore=ignore
     )
+    if out is not None:
+        save(qmodel, out, force=force)
+    return qmodel
 
 
 def _check_flags(seed: Any, **flags: Any) -> None:
