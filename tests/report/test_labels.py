@@ -62,3 +62,20 @@ def test_rendered_labels_do_not_overlap(monkeypatch: pytest.MonkeyPatch) -> None
             assert all(overlap(a, b) < 1.0 for b in boxes[:i]), boxes
     assert matplotlib.get_backend().lower() == "agg"
     io.BytesIO(png)
+
+
+def test_a_narrow_quality_range_has_no_offset_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qualities 0.001 apart printed a "+7.999e1" offset above the y axis."""
+    rows = _rows()
+    for k, r in enumerate(rows):
+        r["quality"] = 80.0 - 0.001 * k
+    axes = []
+    real = plot._declutter
+
+    def spy(fig, panels):
+        axes.extend(fig.axes)
+        real(fig, panels)
+
+    monkeypatch.setattr(plot, "_declutter", spy)
+    plot.pareto_png({"rows": rows}, panels=("size",))
+    assert axes and all(ax.yaxis.get_offset_text().get_text() == "" for ax in axes)

@@ -4,6 +4,7 @@ labelled point per recipe, one row of panels per model."""
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 from compactnn._optional import require
@@ -73,15 +74,35 @@ def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> list[
         leader = {"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 1, "shrinkB": 4}
         labels.append(ax.annotate(label, (x, y), fontsize=8, arrowprops=leader, **at))
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0, 7.0)))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=_log_subs(xs)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.12, y=0.12)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(METRIC_LABELS.get(rows[0]["metric"], rows[0]["metric"]))
+    ax.ticklabel_format(axis="y", useOffset=False)  # 79.99, not "+7.999e1" over 0.001 steps
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     return labels
+
+
+def _log_subs(xs: list[float]) -> tuple[float, ...]:
+    """Tick multiples for a log axis over ``xs``: 1-2-3-5-7 within a decade or so, fewer as
+    the span (with the axis margins) widens, so tick labels do not run together.
+
+    Example:
+        >>> _log_subs([1.0, 4.0]), _log_subs([1.0, 30.0]), _log_subs([0.01, 100.0])
+        ((1.0, 2.0, 3.0, 5.0, 7.0), (1.0, 2.0, 5.0), (1.0,))
+        >>> _log_subs([5.0, 5.0])
+        (1.0, 2.0, 5.0)
+    """
+    positive = [x for x in xs if x > 0]
+    span = math.log10(max(positive) / min(positive)) if positive else 0.0
+    if len(set(positive)) <= 1:
+        span = 2.0  # one value: matplotlib widens the axis to about two decades around it
+    if span <= 1.0:
+        return (1.0, 2.0, 3.0, 5.0, 7.0)
+    return (1.0, 2.0, 5.0) if span <= 2.5 else (1.0,)
 
 
 def _declutter(fig: Any, panels: list[tuple[Any, list[Any]]]) -> None:
