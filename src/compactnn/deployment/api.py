@@ -16,6 +16,8 @@ from compactnn.core.calib import check_finite
 from compactnn.deployment import binary, float_check
 from compactnn.deployment.calling import (
     bind_inputs,
+    drop_fixed,
+    fixed_defaults,
     fixed_size_note,
     forward_signature,
     input_dtypes,
@@ -100,6 +102,8 @@ class DeployedModel(nn.Module):
         example: the batch it was verified on at deploy time.
         settings: the deploy arguments that rebuild it: ``residual``, ``tolerance``,
             ``unsupported``.
+        fixed: ``{name: default}`` of forward's parameters the example left unset, fixed at
+            that default: a call with another value for one raises ``CompactnnError``.
     """
 
     # recognised by layers below deployment without importing it (kernels.swap.to_kernels)
@@ -128,6 +132,9 @@ class DeployedModel(nn.Module):
         self.__dict__["input_dtypes"] = {}  # argument -> float dtype in example (deploy)
         # the source's forward signature (set by deploy): keyword inputs become positional
         self.__dict__["signature"] = None
+        # forward's parameters the example left unset, traced at their default (set by
+        # deploy): a call with another value for one is refused (calling.drop_fixed)
+        self.__dict__["fixed"] = {}
         self.__dict__["plan"] = None  # the oneDNN lowering plan (layer localisation)
         self.__dict__["onnx_bytes"] = None  # the QDQ ONNX model an onnxruntime one runs
         # straight-line runner of the int8 graph (same kernels, bit-identical, less Python)
@@ -165,7 +172,9 @@ class DeployedModel(nn.Module):
                 if (dtype := self.input_dtypes.get(key)) not in (None, value.dtype):
                     self._refuse_dtype(key, value.dtype, dtype)
                 check_finite(value, f"deployed model input {key!r}")
-        if kwargs and self.signature is not None:  # ONNX Runtime feeds its inputs by position
+        if self.fixed and self.signature is not None:  # refuse a value they cannot take
+            args, kwargs = drop_fixed(self.signature, self.fixed, args, kwargs)
+        elif kwargs and self.signature is not None:  # ONNX Runtime feeds inputs by position
             args, kwargs = bind_inputs(self.signature, args, kwargs)
         with torch.no_grad():
             if "program" in self._modules:  # an fx.GraphModule of int8 kernels
@@ -319,6 +328,7 @@ def deploy(
         m.__dict__["source"] = sim
         m.__dict__["example"] = example  # save_deployed stores (up to 8 samples of) it
         m.__dict__["signature"] = signature
+        m.__dict__["fixed"] = fixed_defaults(sim, example)  # load_deployed: same example
         m.__dict__["input_shapes"] = input_shapes(signature, example)
         m.__dict__["input_dtypes"] = input_dtypes(signature, example)
         m.settings = dict(settings)
@@ -367,7 +377,7 @@ def deploy(
     ran = runs_other_sizes(sim, inputs) if passing[name].onnx_bytes is not None else None
     if ran is not None and (fits := _any_size(ints, passing, ints.get(name))):
         name = fits  # as fast, within the timing margin, and not tied to one input size
-    deployed = passing[name]
+    deployed = passing[name].eval()  # an inference model, as every loaded model is
     deployed.selection = selection
     deployed.verification = checked[name]
     deployed.recommendation = float_advice(selection, name)

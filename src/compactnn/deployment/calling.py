@@ -17,6 +17,7 @@ from torch import nn
 
 from compactnn.core.calib import call_model
 from compactnn.errors import CompactnnError
+from compactnn.lowering.graph import unfilled_defaults
 
 
 @contextlib.contextmanager
@@ -69,6 +70,57 @@ def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> tupl
             f"deployed model: {e}; it takes the inputs of its source's forward{signature}."
         ) from e
     return bound.args, bound.kwargs
+
+
+def fixed_defaults(model: nn.Module, example: Any) -> dict[str, Any]:
+    """``{name: default}`` of ``model.forward``'s parameters that ``example`` leaves unset:
+    deploy traces (oneDNN) and exports (ONNX) them at that default, so the deployed model
+    cannot take another value for them (:func:`drop_fixed` refuses one)."""
+    return unfilled_defaults(model, example) or {}
+
+
+def drop_fixed(
+    signature: inspect.Signature, fixed: dict[str, Any], args: tuple, kwargs: dict
+) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` bound to ``forward`` as :func:`bind_inputs` does, without the
+    parameters deploy fixed at their default (``fixed``); passing one with a value other
+    than that default raises, naming it (the deployed model would ignore the value, or
+    fail inside the traced graph)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CompactnnError(
+            f"deployed model: {e}; it takes the inputs of its source's forward{signature}."
+        ) from e
+    given = {n: v for n, v in bound.arguments.items() if n in fixed}
+    bad = [n for n, v in given.items() if not _is_default(v, fixed[n])]
+    if bad:
+        got = ", ".join(f"{n}={given[n]!r:.40}" for n in bad)
+        was = ", ".join(f"{n}={fixed[n]!r:.40}" for n in bad)
+        names, them = ", ".join(bad), "them" if len(bad) > 1 else "it"
+        raise CompactnnError(
+            f"deployed model: got {got}, but deploy fixed {was} (the default: example= left "
+            f"{them} unset): deploy again with {names} in example= (a tuple in forward's "
+            f"order, or a dict naming {them})."
+        )
+    for n in given:
+        del bound.arguments[n]
+    return bound.args, bound.kwargs
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` is the same as a parameter's ``default`` (an equal plain value)."""
+    if value is default:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return False
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, default))
+    if not numbers and type(value) is not type(default):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:  # a value whose == is not a bool: not the default
+        return False
 
 
 def positional_example(signature: inspect.Signature | None, example: Any) -> Any:
