@@ -10,20 +10,28 @@ The student is trained on unlabeled calibration text to match the float teacher 
 the model taken when the step starts) layer by layer:
 
     L = hidden * (sum_l MSE(H_l^S, H_l^T) + MSE(P^S, P^T)) + attention * sum_l MSE(A_l^S, A_l^T)
-        + cosine * mean_b (1 - cos(pool(H_L^S)_b, pool(H_L^T)_b))
+        + cosine * mean_b (1 - cos(pool(H_L^S)_b, pool(H_L^T)_b)) + logits * SCE(z^S, z^T)
 
 ``H_l`` the hidden states (embedding output included, padded tokens masked out), ``P`` the
-model's ``pooler_output`` when it returns one (a BERT pooler: its dense layer is ternarised
-too, and no other term sees it; the term is absent otherwise), ``A_l`` the attention
+output of the model's BERT pooler when it has one (its dense layer is ternarised too; read
+from ``pooler_output``, or by a forward hook on the pooler when the model returns logits,
+as ``BertForSequenceClassification`` does; the term is absent otherwise), ``z`` the model's
+``logits`` when it returns them (a task head: the paper's prediction-layer term, the soft
+cross-entropy ``-sum_c softmax(z^T)_c log softmax(z^S)_c`` minus the teacher's entropy, i.e.
+``KL(p^T || p^S)``: the same gradient, 0 at a perfect match; per kept token for token logits;
+MSE for a one-output regression head, whose softmax is constant), ``A_l`` the attention
 probabilities of every layer and ``pool`` the mask-weighted mean over tokens (a sentence
 encoder's output). Attention maps are read with eager attention while training;
 the model is handed back with the attention implementation it came with.
 
 The paper's ingredients: row-wise TWN ternary weights, 8-bit activations, hidden-state and
-attention distillation. Deviations and additions of ours (each a config field):
+attention distillation, the logits term on a task head. Deviations and additions of ours
+(each a config field):
 
-* no logits term (an encoder without a task head has no logits); in its place the cosine
-  term on the pooled output (``cosine``), the model's real output for sentence embeddings;
+* the logits term applies only where the model has a task head (an encoder alone has no
+  logits); the cosine term on the pooled output (``cosine``), the model's real output for
+  sentence embeddings, is ours. Decoder language models are refused (see
+  ``_check_batches``), so no next-token logits term is needed;
 * learned row scales (``learn_scale``): ``alpha_r`` is a trained parameter, TWN's value to
   start with, instead of being recomputed from the latent weights every step;
 * the embedding tables are quantized round-to-nearest before training, not ternarised and
@@ -43,6 +51,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -113,6 +122,9 @@ class TernaryBERTConfig(QATConfig):
         hidden: weight of the hidden-state term (and of the pooler-output term, when the
             model returns a ``pooler_output``).
         attention: weight of the attention-map term.
+        logits: weight of the prediction term on the model's ``logits`` (a task head:
+            soft cross-entropy to the teacher's, as KL; MSE for a one-output head; absent
+            when the model returns no logits; 0: off).
         embeddings: also quantize the embedding tables (round-to-nearest, before training).
         embedding_bits: bits of the token table (None: the weight bits); position and token
             type tables (small, added to every token) take 8 bits.
@@ -139,6 +151,7 @@ class TernaryBERTConfig(QATConfig):
     steps: int = 2400
     hidden: float = 1.0
     attention: float = 1.0
+    logits: float = 1.0
     embeddings: bool = True
     embedding_bits: int | None = 3  # 2 bits cost 0.031 of MiniLM's cosine, 3 bits 0.005
     embedding_group: int = 64
@@ -152,10 +165,13 @@ class TernaryBERTConfig(QATConfig):
         check_ternary_bits(self.weight.bits, "ternarybert")
         if not 0.0 < self.ratio < 2.0:
             raise CompactnnError(f"ratio={self.ratio} must lie in (0, 2); 0.7 is TWN's.")
-        if self.steps < 0 or min(self.hidden, self.attention, self.cosine) < 0:
-            raise CompactnnError("steps, hidden, attention and cosine must be >= 0.")
-        if self.hidden == 0 and self.attention == 0 and self.cosine == 0 and self.steps > 0:
-            raise CompactnnError("hidden, attention and cosine are all 0: nothing to distil.")
+        if self.steps < 0 or min(self.hidden, self.attention, self.cosine, self.logits) < 0:
+            raise CompactnnError("steps, hidden, attention, cosine and logits must be >= 0.")
+        if self.hidden == self.attention == self.cosine == self.logits == 0 and self.steps > 0:
+            raise CompactnnError(
+                "hidden, attention, cosine and logits are all 0: nothing to distil; "
+                "set one of them > 0."
+            )
         if self.embedding_bits is not None and not 2 <= self.embedding_bits <= 8:
             raise CompactnnError(f"embedding_bits={self.embedding_bits} must be 2..8 or None.")
         if not 0.0 <= self.warmup < 1.0:
@@ -182,10 +198,28 @@ def pooled(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+def logits_loss(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The prediction term: ``KL(softmax(t) || softmax(s))`` over the last dim (the soft
+    cross-entropy less the teacher's constant entropy), averaged over rows, or over the tokens
+    ``mask`` keeps for token logits ``(B, T, C)``; MSE for a one-output (regression) head."""
+    if s.shape[-1] == 1:
+        return F.mse_loss(s, t)
+    log_t = F.log_softmax(t.detach().float(), -1)
+    kl = (log_t.exp() * (log_t - F.log_softmax(s.float(), -1))).sum(-1)  # per row / token
+    if mask is not None and kl.dim() == 2 and kl.shape == mask.shape:
+        m = mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp(min=1)
+    return kl.mean()
+
+
 def distill_loss(student_out, teacher_out, mask, config: TernaryBERTConfig) -> torch.Tensor:
-    """``hidden * (sum_l MSE(H_l) + MSE(P)) + attention * sum_l MSE(A_l) + cosine * (1 - cos)``
-    (see the module docstring; ``P``: the pooler output, when both outputs have one)."""
+    """``hidden * (sum_l MSE(H_l) + MSE(P)) + attention * sum_l MSE(A_l) + cosine * (1 - cos)
+    + logits * KL(z)`` (see the module docstring; ``P``: the pooler output and ``z`` the
+    logits, each when both outputs have one)."""
     loss = student_out.hidden_states[0].new_zeros(())
+    s, t = (getattr(o, "logits", None) for o in (student_out, teacher_out))
+    if config.logits and s is not None and t is not None:
+        loss = loss + config.logits * logits_loss(s, t, mask)
     if config.cosine:
         s, t = (pooled(o.hidden_states[-1], mask) for o in (student_out, teacher_out))
         loss = loss + config.cosine * (1 - F.cosine_similarity(s, t, dim=-1)).mean()
@@ -205,8 +239,32 @@ def _to(value, device: torch.device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
+def find_pooler(model: nn.Module) -> nn.Module | None:
+    """The BERT pooler of ``model`` (``model.pooler`` or its base model's), or None."""
+    for m in (model, getattr(model, "base_model", None)):
+        pooler = getattr(m, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            return pooler
+    return None
+
+
 def _call(model: nn.Module, batch: dict, attentions: bool = True) -> object:
-    return model(**batch, output_hidden_states=True, output_attentions=attentions)
+    """The model's outputs with ``pooler_output`` set: a model that returns logits (a BERT
+    classifier) does not return its pooler's output, so a forward hook on the pooler reads it."""
+    pooler, box = find_pooler(model), []
+    hook = None if pooler is None else pooler.register_forward_hook(lambda m, i, o: box.append(o))
+    try:
+        out = model(**batch, output_hidden_states=True, output_attentions=attentions)
+    finally:
+        if hook is not None:
+            hook.remove()
+    p = getattr(out, "pooler_output", None)
+    return SimpleNamespace(
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+        logits=getattr(out, "logits", None),
+        pooler_output=p if p is not None or not box or not torch.is_tensor(box[-1]) else box[-1],
+    )
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:
