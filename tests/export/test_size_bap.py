@@ -12,15 +12,7 @@ from compactnn.export.artifact import parse_tensors, read_artifact
 from compactnn.export.size import stored_bits
 from compactnn.quant.bap import BAPConfig
 from compactnn.recipe import Recipe, Step
-
-
-def _linear_model():
-    g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(64, 4)
-    with torch.no_grad():  # every 16th weight far from +-alpha: the support, evenly spaced
-        lin.weight.copy_(torch.rand(4, 64, generator=g) * 0.2 + 0.9)
-        lin.weight.view(-1)[::16] = 5.0
-    return nn.Sequential(lin)
+from tests.quant.test_bap import _linear_model  # a layer whose BAP support is known
 
 
 @pytest.mark.parametrize("value_bits", [16, 8])

@@ -63,13 +63,17 @@ def forward_signature(model: nn.Module) -> inspect.Signature | None:
 def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``args`` and ``kwargs`` as ``forward`` takes them, keyword inputs moved to their
     positions (those after a missing one, and keyword-only ones, stay keywords)."""
+    bound = _bound(signature, args, kwargs)
+    return bound.args, bound.kwargs
+
+
+def _bound(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     try:
-        bound = signature.bind(*args, **kwargs)
+        return signature.bind(*args, **kwargs)
     except TypeError as e:
         raise CompactnnError(
             f"deployed model: {e}; it takes the inputs of its source's forward{signature}."
         ) from e
-    return bound.args, bound.kwargs
 
 
 def fixed_defaults(model: nn.Module, example: Any) -> dict[str, Any]:
@@ -86,12 +90,7 @@ def drop_fixed(
     parameters deploy fixed at their default (``fixed``); passing one with a value other
     than that default raises, naming it (the deployed model would ignore the value, or
     fail inside the traced graph)."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as e:
-        raise CompactnnError(
-            f"deployed model: {e}; it takes the inputs of its source's forward{signature}."
-        ) from e
+    bound = _bound(signature, args, kwargs)
     given = {n: v for n, v in bound.arguments.items() if n in fixed}
     bad = [n for n, v in given.items() if not _is_default(v, fixed[n])]
     if bad:
