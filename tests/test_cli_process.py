@@ -16,17 +16,17 @@ def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
     import sys
 
     from compactnn import cli
-    from compactnn.measure import timing
+    from compactnn.measure import reexec
 
     execs = []
 
     def fake_execv(path, argv):
-        execs.append((path, argv, timing.os.environ.get("OMP_WAIT_POLICY")))
+        execs.append((path, argv, reexec.os.environ.get("OMP_WAIT_POLICY")))
         raise SystemExit(0)
 
-    monkeypatch.setattr(timing.os, "execv", fake_execv)
+    monkeypatch.setattr(reexec.os, "execv", fake_execv)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv(timing.REEXEC_MARK, raising=False)
+    monkeypatch.delenv(reexec.REEXEC_MARK, raising=False)
     monkeypatch.setattr(sys, "argv", ["compactnn", "eval", "no-such-artifact"])
     monkeypatch.setattr(sys, "path", ["/venv/bin", *sys.path[1:]])  # the `compactnn` script
     with pytest.raises(SystemExit):

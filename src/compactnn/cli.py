@@ -15,7 +15,7 @@ OpenMP: every command that computes (``PASSIVE_COMMANDS``: all but ``recipes``) 
 unless the user set a policy. OpenMP reads it
 once, when torch loads it, and the package has loaded torch by the time this module runs, so
 the command re-executes itself once with the policy set
-(``measure.timing.ensure_passive_policy``): spinning OpenMP threads inflated latencies 6-23x
+(``measure.reexec.ensure_passive_policy``): spinning OpenMP threads inflated latencies 6-23x
 on a loaded machine, and made ``compress --recipe w4a4-brecq`` of a small CNN take 120 s
 instead of 20 s at load 6-7.
 """
@@ -40,7 +40,7 @@ from pathlib import Path  # noqa: E402
 from compactnn.commands import COMMANDS  # noqa: E402
 from compactnn.commands._common import close_progress_bars, hide_hf_progress  # noqa: E402
 from compactnn.errors import CompactnnError, cut, first_line  # noqa: E402
-from compactnn.measure.timing import ensure_passive_policy  # noqa: E402
+from compactnn.measure.reexec import ensure_passive_policy  # noqa: E402
 from compactnn.user_modules import user_folder_importable  # noqa: E402
 
 EXIT_USER_ERROR = 2

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import compactnn
+from compactnn.core.calib import unfilled_defaults
 from compactnn.export.onnx import export_onnx
-from compactnn.lowering.graph import trace, unfilled_defaults
+from compactnn.lowering.graph import trace
 
 
 class Scaled(nn.Module):

@@ -30,7 +30,8 @@ from pathlib import Path
 from compactnn.bench.sections import SECTIONS
 from compactnn.cli import _show_warning, quiet_torchao_notice
 from compactnn.export.fs import atomic_write_text
-from compactnn.measure.timing import ensure_passive_policy, omp_wait_policy
+from compactnn.measure.reexec import ensure_passive_policy
+from compactnn.measure.timing import omp_wait_policy
 
 TITLE = "# compactnn benchmarks"
 PREAMBLE = (

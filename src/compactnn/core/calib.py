@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -383,3 +384,33 @@ def input_spec(batch: Any, rows: bool = False) -> str:
             dims[1] = "L"  # token ids: any sequence length
     shape = f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
     return f"{str(batch.dtype).removeprefix('torch.')} values of shape {shape}"
+
+
+def unfilled_defaults(model: nn.Module, example: Any) -> dict[str, Any] | None:
+    """``{name: default}`` of ``model.forward``'s parameters that have a default and that
+    ``example`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) leaves
+    unset; None without an example.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, x, scale=None, mode="a"): return x
+        >>> unfilled_defaults(Net(), torch.zeros(1)), unfilled_defaults(Net(), {"mode": 1})
+        ({'scale': None, 'mode': 'a'}, {'scale': None})
+    """
+    if example is None:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward Python cannot describe
+        return None
+    if isinstance(example, dict):
+        given = set(example)
+    else:
+        given = {p.name for p in params[: 1 if isinstance(example, torch.Tensor) else len(example)]}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and p.name not in given
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    } or None

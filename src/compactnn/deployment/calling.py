@@ -15,9 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from compactnn.core.calib import call_model
+from compactnn.core.calib import call_model, unfilled_defaults
 from compactnn.errors import CompactnnError
-from compactnn.lowering.graph import unfilled_defaults
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ form of an operand that other consumers already need in uint8, instead of its fl
 
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from compactnn.core.calib import unfilled_defaults
 from compactnn.core.qlayers import ActQuantizer, QuantConv2d, QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError
 
@@ -83,36 +83,6 @@ def trace(model: nn.Module, example: Any = None) -> fx.GraphModule:
             gm.graph.erase_node(node)
     gm.graph.lint()
     return gm
-
-
-def unfilled_defaults(model: nn.Module, example: Any) -> dict[str, Any] | None:
-    """``{name: default}`` of ``model.forward``'s parameters that have a default and that
-    ``example`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) leaves
-    unset; None without an example.
-
-    Example:
-        >>> class Net(nn.Module):
-        ...     def forward(self, x, scale=None, mode="a"): return x
-        >>> unfilled_defaults(Net(), torch.zeros(1)), unfilled_defaults(Net(), {"mode": 1})
-        ({'scale': None, 'mode': 'a'}, {'scale': None})
-    """
-    if example is None:
-        return None
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # a forward Python cannot describe
-        return None
-    if isinstance(example, dict):
-        given = set(example)
-    else:
-        given = {p.name for p in params[: 1 if isinstance(example, torch.Tensor) else len(example)]}
-    return {
-        p.name: p.default
-        for p in params
-        if p.default is not inspect.Parameter.empty
-        and p.name not in given
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    } or None
 
 
 # Names a GraphModule uses itself: a model attribute of one of these names (``self.meta =
