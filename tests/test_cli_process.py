@@ -3,6 +3,8 @@ Ctrl-C, Hugging Face's own bars, a reader that closes the pipe early."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from compactnn import cli
@@ -11,12 +13,14 @@ from tests._cli import run_cli
 
 
 def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
-    """libgomp reads OMP_WAIT_POLICY when torch loads it: the command re-executes itself once
-    with PASSIVE set, unless the user chose a policy (issue 13: 6-23x swings)."""
+    """libgomp reads OMP_WAIT_POLICY when torch loads it: where a caller loaded torch before
+    the command (OpenMP loaded), the command re-executes itself once with PASSIVE set,
+    unless the user chose a policy (issue 13: 6-23x swings); the console script itself loads
+    no torch first and sets it in place (tests/test_omp_policy.py)."""
     import sys
 
     from compactnn import cli
-    from compactnn.measure import reexec
+    from compactnn import omp_policy as reexec
 
     execs = []
 
@@ -25,10 +29,12 @@ def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
         raise SystemExit(0)
 
     monkeypatch.setattr(reexec.os, "execv", fake_execv)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv(reexec.REEXEC_MARK, raising=False)
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", reexec.REEXEC_MARK):
+        monkeypatch.setenv(var, "")  # recorded, so that what main sets is undone after
+        monkeypatch.delenv(var)
     monkeypatch.setattr(sys, "argv", ["compactnn", "eval", "no-such-artifact"])
     monkeypatch.setattr(sys, "path", ["/venv/bin", *sys.path[1:]])  # the `compactnn` script
+    monkeypatch.setattr(cli, "openmp_runtime_loaded", lambda: True)  # torch imported first
     with pytest.raises(SystemExit):
         cli.main()
     assert execs == [
@@ -36,8 +42,14 @@ def test_timed_commands_run_with_a_passive_openmp_wait_policy(monkeypatch):
          "PASSIVE")
     ]  # fmt: skip
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice: kept, no re-exec
-    monkeypatch.setattr(sys, "argv", ["compactnn", "recipes"])
-    assert cli.main() == 0 and len(execs) == 1
+    assert cli.main() == 2 and len(execs) == 1
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # no OpenMP loaded yet: set here, no re-exec
+    monkeypatch.delenv(reexec.REEXEC_MARK)
+    monkeypatch.setattr(cli, "openmp_runtime_loaded", lambda: False)
+    assert cli.main() == 2 and len(execs) == 1 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(sys, "argv", ["compactnn", "recipes"])  # computes nothing: untouched
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert cli.main() == 0 and "OMP_WAIT_POLICY" not in os.environ
 
 
 def _rendered_lines(text: str) -> list[str]:
@@ -77,10 +89,11 @@ def test_ctrl_c_during_a_progress_bar_prints_interrupted_on_its_own_line(
 def test_no_progress_hides_hugging_faces_own_bars(monkeypatch, capsys):
     """A reference transformer (minilm) printed transformers' "Loading weights" bar under
     --no-progress: only a Hugging Face directory switched it off."""
-    import compactnn.cli as cli_module
+    from compactnn.commands import _common
 
+    hide_hf_progress = _common.hide_hf_progress  # the real one, for the second half
     calls = []
-    monkeypatch.setattr(cli_module, "hide_hf_progress", lambda: calls.append(1))
+    monkeypatch.setattr(_common, "hide_hf_progress", lambda: calls.append(1))
     main(["compress", "no-such-model", "-r", "w8", "-o", "x", "--no-progress"])
     assert calls == [1]
     main(["compress", "no-such-model", "-r", "w8", "-o", "x"])
@@ -89,8 +102,6 @@ def test_no_progress_hides_hugging_faces_own_bars(monkeypatch, capsys):
     pytest.importorskip("transformers")
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as hf_logging
-
-    from compactnn.commands._common import hide_hf_progress
 
     try:
         hide_hf_progress()
@@ -156,3 +167,14 @@ def test_the_re_execution_imports_nothing_from_the_current_folder(tmp_path):
     )  # fmt: skip
     assert not marker.exists(), f"imported {marker.read_text()}.py from the current folder"
     assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr[-2000:]
+
+
+def test_version_answers_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from compactnn.cli import main; main(); print('torch' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", code, "--version"], capture_output=True, text=True
+    )
+    assert proc.stdout.split() == ["compactnn", "0.1.0", "False"], proc.stderr[-2000:]

@@ -12,17 +12,51 @@ The entry points share one vocabulary: the model comes first, then the recipe (`
 (``pip install 'compactnn[hf|onnx|demo|bench]'``); ``import compactnn`` needs none of them.
 """
 
-from compactnn.api import compress, info_of
-from compactnn.deployment import deploy
-from compactnn.deployment.ship import load, load_deployed, save, save_deployed
-from compactnn.errors import ArtifactError, CompactnnError
-from compactnn.export.artifact import artifact_digest
-from compactnn.kernels.ort_nbits import to_ort_nbits
-from compactnn.kernels.swap import KernelConfig, to_kernels
-from compactnn.measure import evaluate  # labelled quality: top-1 or a metric
-from compactnn.mixed_precision import Budget, SearchResult, search  # subpackage: mixed_precision
-from compactnn.recipe import Recipe, Step, resolve_recipe
-from compactnn.training import train  # the subpackage is `training`: nothing is shadowed
+from typing import TYPE_CHECKING
+
+# Where each public name lives. They are imported on first use (PEP 562): ``import compactnn``
+# loads no torch, so the ``compactnn`` command can set OpenMP's wait policy before torch loads
+# libgomp (cli.py), and ``compactnn --version`` or ``recipes`` start faster.
+_PUBLIC = {
+    "ArtifactError": "compactnn.errors",
+    "Budget": "compactnn.mixed_precision",
+    "CompactnnError": "compactnn.errors",
+    "KernelConfig": "compactnn.kernels.swap",
+    "Recipe": "compactnn.recipe",
+    "SearchResult": "compactnn.mixed_precision",
+    "Step": "compactnn.recipe",
+    "artifact_digest": "compactnn.export.artifact",
+    "compress": "compactnn.api",
+    "deploy": "compactnn.deployment",
+    "evaluate": "compactnn.measure",  # labelled quality: top-1 or a metric
+    "info_of": "compactnn.api",
+    "load": "compactnn.deployment.ship",
+    "load_deployed": "compactnn.deployment.ship",
+    "resolve_recipe": "compactnn.recipe",
+    "save": "compactnn.deployment.ship",
+    "save_deployed": "compactnn.deployment.ship",
+    "search": "compactnn.mixed_precision",  # the subpackage is `mixed_precision`
+    "to_kernels": "compactnn.kernels.swap",
+    "to_ort_nbits": "compactnn.kernels.ort_nbits",
+    "train": "compactnn.training",  # the subpackage is `training`: nothing is shadowed
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from compactnn.api import compress, info_of
+    from compactnn.deployment import deploy
+    from compactnn.deployment.ship import load, load_deployed, save, save_deployed
+    from compactnn.errors import ArtifactError, CompactnnError
+    from compactnn.export.artifact import artifact_digest
+    from compactnn.kernels.ort_nbits import to_ort_nbits
+    from compactnn.kernels.swap import KernelConfig, to_kernels
+    from compactnn.measure import evaluate
+    from compactnn.mixed_precision import (
+        Budget,
+        SearchResult,
+        search,
+    )  # subpackage: mixed_precision
+    from compactnn.recipe import Recipe, Step, resolve_recipe
+    from compactnn.training import train
 
 __all__ = [
     "ArtifactError",
@@ -51,12 +85,20 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    """``compactnn.data``, ``compactnn.models`` and the other subpackages after a plain
-    ``import compactnn`` (imported on first use, so the optional libraries some of them need
-    are not loaded by ``import compactnn``)."""
+    """The public names (``compactnn.compress``, ...) and the subpackages (``compactnn.data``,
+    ``compactnn.models``, ...), each imported on first use: ``import compactnn`` loads neither
+    torch nor the optional libraries some subpackages need."""
     import importlib
     import importlib.util
 
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # once: later lookups do not come here
+        return value
     if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

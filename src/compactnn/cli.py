@@ -12,36 +12,34 @@ same way, its cleanup run (a training log removed, or kept where a checkpoint re
 
 OpenMP: every command that computes (``PASSIVE_COMMANDS``: all but ``recipes``) runs with
 ``OMP_WAIT_POLICY=PASSIVE`` and, while the load is below the CPU count, a bounded spin,
-unless the user set a policy. OpenMP reads it
-once, when torch loads it, and the package has loaded torch by the time this module runs, so
-the command re-executes itself once with the policy set
-(``measure.reexec.ensure_passive_policy``): spinning OpenMP threads inflated latencies 6-23x
-on a loaded machine, and made ``compress --recipe w4a4-brecq`` of a small CNN take 120 s
-instead of 20 s at load 6-7.
+unless the user set a policy: spinning OpenMP threads inflated latencies 6-23x on a loaded
+machine, and made ``compress --recipe w4a4-brecq`` of a small CNN take 120 s instead of 20 s
+at load 6-7. OpenMP reads the policy once, when torch loads it; ``import compactnn`` and this
+module load no torch (the package's names are imported on first use), so :func:`main` sets
+the policy before the command's modules import torch. Only where a caller had loaded torch
+already does the command re-execute itself once with the policy set
+(:func:`compactnn.omp_policy.ensure_passive_policy`). A Ctrl-C while torch loads prints
+``interrupted`` as anywhere else in a command.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import errno
+import importlib
+import logging
+import os
+import signal
 import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
 
-OPENMP_LOADED = "torch" in sys.modules  # before our imports: was libgomp already loaded?
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import errno  # noqa: E402
-import importlib  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from compactnn.commands import COMMANDS  # noqa: E402
-from compactnn.commands._common import close_progress_bars, hide_hf_progress  # noqa: E402
-from compactnn.errors import CompactnnError, cut, first_line  # noqa: E402
-from compactnn.measure.reexec import ensure_passive_policy  # noqa: E402
-from compactnn.user_modules import user_folder_importable  # noqa: E402
+from compactnn.commands import COMMANDS
+from compactnn.errors import CompactnnError, cut, first_line
+from compactnn.omp_policy import ensure_passive_policy, openmp_runtime_loaded
+from compactnn.user_modules import user_folder_importable
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
@@ -262,19 +260,46 @@ def sigint_held_across_exec():
         _sigint_mask(signal.SIG_UNBLOCK)
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand a command line names, read before the parser (whose modules import
+    torch) is built: the first argument, the top-level parser having no option that takes a
+    value (``--version``, ``--help``).
+
+    Example:
+        >>> command_of(["eval", "out/"]), command_of(["--version"]), command_of([])
+        ('eval', None, None)
+    """
+    return argv[0] if argv and not argv[0].startswith("-") else None
+
+
+def passive_openmp() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` for this command (module docstring): set here while no
+    OpenMP runtime is loaded; else the command re-executes itself with it, Ctrl-C held
+    across the exec (:func:`sigint_held_across_exec`)."""
+    if not openmp_runtime_loaded():
+        ensure_passive_policy("compactnn.cli", sys.argv[1:], openmp_loaded=False)
+        return
+    with sigint_held_across_exec():
+        ensure_passive_policy("compactnn.cli", sys.argv[1:], openmp_loaded=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
     previous = warnings.showwarning
     try:
         if os.environ.pop(SIGINT_HELD, None):  # re-executed: a Ctrl-C held since raises here
             _sigint_mask(signal.SIG_UNBLOCK)
+        if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+            print(_version())  # without the parser, whose modules load torch (2-3 s)
+            return 0
+        if argv is None and command_of(sys.argv[1:]) in PASSIVE_COMMANDS:  # no test's call
+            passive_openmp()  # before the command's modules load torch
         quiet_torchao_notice()
         parser = build_parser()
         args = parser.parse_args(argv)
-        if argv is None and args.command in PASSIVE_COMMANDS:  # a real command line, no test
-            with sigint_held_across_exec():
-                ensure_passive_policy("compactnn.cli", sys.argv[1:], OPENMP_LOADED)
         if getattr(args, "no_progress", False):
+            from compactnn.commands._common import hide_hf_progress
+
             hide_hf_progress()
         warnings.showwarning = _show_warning
         with sigterm_as_interrupt():  # timeout, Slurm, systemd: cleaned up as for Ctrl-C
@@ -292,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
-        close_progress_bars()  # else "interrupted" lands at the end of the bar's line
+        common = sys.modules.get("compactnn.commands._common")  # not while torch loads
+        if common is not None:
+            common.close_progress_bars()  # else "interrupted" lands at the end of the bar's line
         if isinstance(exc, Terminated):
             print("terminated (SIGTERM)", file=sys.stderr)
             return EXIT_TERMINATED

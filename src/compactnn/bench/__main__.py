@@ -7,7 +7,7 @@ exists, so one section can be rerun without rerunning the others. A ``--quick`` 
 a smoke test never replaces the committed full measurement.
 
 Runs with ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy (re-executing itself once
-when torch, and so OpenMP, is already loaded: :func:`compactnn.measure.timing.
+when torch, and so OpenMP, is already loaded: :func:`compactnn.omp_policy.
 ensure_passive_policy`); the policy is printed at the start. While a section runs a line
 says so every :data:`HEARTBEAT_S` seconds; warnings print as one ``warning: ...`` line (the
 CLI's); Ctrl-C stops the running section, which is not written (files are replaced
@@ -30,8 +30,8 @@ from pathlib import Path
 from compactnn.bench.sections import SECTIONS
 from compactnn.cli import _show_warning, quiet_torchao_notice
 from compactnn.export.fs import atomic_write_text
-from compactnn.measure.reexec import ensure_passive_policy
 from compactnn.measure.timing import omp_wait_policy
+from compactnn.omp_policy import ensure_passive_policy, openmp_runtime_loaded
 
 TITLE = "# compactnn benchmarks"
 PREAMBLE = (
@@ -174,7 +174,7 @@ def heartbeat(name: str, t0: float) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None:  # a real command line, not a test
-        ensure_passive_policy("compactnn.bench", sys.argv[1:], openmp_loaded=True)
+        ensure_passive_policy("compactnn.bench", sys.argv[1:], openmp_runtime_loaded())
     print(f"[bench] OMP_WAIT_POLICY={omp_wait_policy() or 'unset'}", file=sys.stderr)
     quiet_torchao_notice()  # torch's notice about torchao's pytree Enums (the CLI's filter)
     names = args.only or list(SECTIONS)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from compactnn.errors import CompactnnError
-from compactnn.measure.reexec import path_flags
+from compactnn.omp_policy import path_flags
 
 MIB = 1024 * 1024
 _MARK = "COMPACTNN_RSS "

@@ -27,6 +27,11 @@ from torch import nn
 
 from compactnn.core.calib import batch_size_of, call_model
 from compactnn.errors import user_stacklevel
+from compactnn.omp_policy import (
+    PASSIVE_SPINCOUNT,
+    load_average,
+    spin_helps,
+)
 
 DEFAULT_THREADS = 2
 DEFAULT_WARMUP = 3
@@ -160,14 +165,6 @@ def omp_wait_policy() -> str:
 def spin_count() -> str:
     """The process's ``GOMP_SPINCOUNT`` (``""`` when not set: libgomp's own default)."""
     return os.environ.get("GOMP_SPINCOUNT", "").strip()
-
-
-def load_average() -> float | None:
-    """The 1-minute load average (None where the OS does not report one)."""
-    try:
-        return float(os.getloadavg()[0])
-    except (AttributeError, OSError):
-        return None
 
 
 _warned: set[tuple[str, str]] = set()
@@ -416,29 +413,3 @@ def _batch_size(batch: Any) -> int | None:
         return batch_size_of(batch)
     except Exception:  # an input whose size cannot be read: the timing still stands
         return None
-
-
-# With OMP_WAIT_POLICY=PASSIVE alone (= GOMP_SPINCOUNT=0), libgomp's idle threads sleep at once
-# and each of a small model's many parallel regions first wakes them. On an idle machine (load
-# 0.6-1.1, 2 CPUs, Zen 4) mnist-cnn at batch 16 then ran slower on 2 threads than on 1 (fp32
-# eager 3.7-4.1 against 2.1-2.2 ms; deployed w4a8 0.99 ms, 0.50 ms with 20,000 spins); idle CPU
-# after one region: 20,000 spins 0.58 ms, 3,000 0.15 ms, libgomp's default 8.2 ms.
-# On a busy machine the spin inflates timings instead: spinning threads use up the process's
-# share of the oversubscribed CPUs. Load 6.3-9.4 on 2 CPUs, 2 threads, median ms of 60 calls,
-# three fresh processes each, PASSIVE with GOMP_SPINCOUNT 0 / 1,000 / 3,000 / 20,000:
-#   8x8 CNN fp32 eager, batch 32:     0.37-0.40 / 0.42-0.88 / 1.7-3.3 / 17-46
-#   mnist-cnn fp32 eager, batch 16:   5.9-6.0 / 4.1-8.6 / 7.2-20 / 68-105
-#   mnist-cnn w4a8 deployed, batch 16: 0.85-1.07 / 0.51-1.53 / 0.41-2.8 / 0.50, 6.5, 30
-# So the spin is added only below the CPU count (:func:`spin_helps`): under load no spin cost a
-# deployed model up to 2x, the spin cost eager float 10-100x (speedups claimed 10x too high).
-PASSIVE_SPINCOUNT = "20000"
-
-
-def spin_helps(load: float | None, cpus: int | None) -> bool:
-    """Whether :data:`PASSIVE_SPINCOUNT` helps: the 1-minute ``load`` is below ``cpus``.
-
-    Example:
-        >>> spin_helps(0.8, 2), spin_helps(2.0, 2), spin_helps(None, 2)
-        (True, False, False)
-    """
-    return load is not None and cpus is not None and load < cpus

@@ -1,16 +1,16 @@
-"""Command-line entry points and OpenMP's wait policy: the one re-execution that gives a
-process ``OMP_WAIT_POLICY=PASSIVE`` (libgomp reads it once, when torch loads it), and the
-interpreter flags of a child Python (no current folder first on its ``sys.path``).
+"""OpenMP's wait policy for the command-line entry points, and the interpreter flags of a
+child Python. Standard library only: the ``compactnn`` command imports this module before
+torch, so the policy it sets is the one libgomp reads when torch loads it.
 
-Why passive, and when a spin is added: :data:`compactnn.measure.timing.PASSIVE_SPINCOUNT`.
+``OMP_WAIT_POLICY=PASSIVE`` (and, below the CPU count, a bounded spin: :data:`PASSIVE_SPINCOUNT`)
+is set in the process itself while OpenMP is not loaded yet; an entry point that has loaded
+torch already (``python -m compactnn.bench``) re-executes itself once with it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-
-from compactnn.measure.timing import PASSIVE_SPINCOUNT, load_average, spin_helps
 
 REEXEC_MARK = "COMPACTNN_OMP_REEXEC"
 
@@ -85,3 +85,53 @@ def path_flags(path: list[str]) -> list[str]:
     first = path[0] if path else None
     here = first is not None and os.path.abspath(first or os.curdir) == os.path.abspath(os.curdir)
     return [] if here else ["-P"]
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not report one)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+# With OMP_WAIT_POLICY=PASSIVE alone (= GOMP_SPINCOUNT=0), libgomp's idle threads sleep at once
+# and each of a small model's many parallel regions first wakes them. On an idle machine (load
+# 0.6-1.1, 2 CPUs, Zen 4) mnist-cnn at batch 16 then ran slower on 2 threads than on 1 (fp32
+# eager 3.7-4.1 against 2.1-2.2 ms; deployed w4a8 0.99 ms, 0.50 ms with 20,000 spins); idle CPU
+# after one region: 20,000 spins 0.58 ms, 3,000 0.15 ms, libgomp's default 8.2 ms.
+# On a busy machine the spin inflates timings instead: spinning threads use up the process's
+# share of the oversubscribed CPUs. Load 6.3-9.4 on 2 CPUs, 2 threads, median ms of 60 calls,
+# three fresh processes each, PASSIVE with GOMP_SPINCOUNT 0 / 1,000 / 3,000 / 20,000:
+#   8x8 CNN fp32 eager, batch 32:     0.37-0.40 / 0.42-0.88 / 1.7-3.3 / 17-46
+#   mnist-cnn fp32 eager, batch 16:   5.9-6.0 / 4.1-8.6 / 7.2-20 / 68-105
+#   mnist-cnn w4a8 deployed, batch 16: 0.85-1.07 / 0.51-1.53 / 0.41-2.8 / 0.50, 6.5, 30
+# So the spin is added only below the CPU count (:func:`spin_helps`): under load no spin cost a
+# deployed model up to 2x, the spin cost eager float 10-100x (speedups claimed 10x too high).
+PASSIVE_SPINCOUNT = "20000"
+
+
+def spin_helps(load: float | None, cpus: int | None) -> bool:
+    """Whether :data:`PASSIVE_SPINCOUNT` helps: the 1-minute ``load`` is below ``cpus``.
+
+    Example:
+        >>> spin_helps(0.8, 2), spin_helps(2.0, 2), spin_helps(None, 2)
+        (True, False, False)
+    """
+    return load is not None and cpus is not None and load < cpus
+
+
+def openmp_runtime_loaded() -> bool:
+    """Whether this process has loaded an OpenMP runtime already (libgomp or Intel's libiomp,
+    as ``import torch`` does), read from ``/proc/self/maps``; where that cannot be read,
+    whether torch is imported.
+
+    Example:
+        >>> isinstance(openmp_runtime_loaded(), bool)
+        True
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any("libgomp" in line or "libiomp" in line for line in maps)
+    except OSError:
+        return "torch" in sys.modules

@@ -1,9 +1,16 @@
-"""The entry points' OpenMP policy (``measure/reexec.py``): set it, or re-execute once with it,
-adding the spin only below the CPU count."""
+"""The entry points' OpenMP policy (``omp_policy.py``): set it, or re-execute once with it,
+adding the spin only below the CPU count; ``import compactnn`` loads no OpenMP, so the
+``compactnn`` command sets the policy in its own process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from compactnn.measure import reexec, timing
+from compactnn import omp_policy as reexec
+from compactnn.measure import timing
 
 
 @pytest.mark.parametrize(
@@ -52,3 +59,39 @@ def test_ensure_passive_policy_sets_what_the_load_allows(monkeypatch):
     monkeypatch.setattr(reexec, "load_average", lambda: 0.5)
     reexec.ensure_passive_policy("m", [], openmp_loaded=False)
     assert timing.spin_count() == timing.PASSIVE_SPINCOUNT
+
+
+def test_this_test_process_has_openmp_loaded():
+    assert reexec.openmp_runtime_loaded()  # torch is imported here, with its libgomp
+
+
+def test_importing_the_package_and_the_cli_loads_no_openmp():
+    """What lets the command set the policy without re-executing itself (1-3 s per command)."""
+    code = (
+        "import sys, compactnn, compactnn.cli, compactnn.omp_policy as o; "
+        "print('torch' in sys.modules, o.openmp_runtime_loaded())"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
+
+
+def test_the_command_sets_the_policy_in_its_own_process(tmp_path):
+    """The real console script: a --plugin module (imported after the policy is set, before
+    the command runs) sees OMP_WAIT_POLICY=PASSIVE, and no re-execution happened (it marks
+    the environment)."""
+    script = Path(sys.executable).parent / "compactnn"
+    if not script.is_file():
+        pytest.skip("the compactnn console script is not installed")
+    (tmp_path / "probe_env.py").write_text(
+        "import os\nprint('POLICY', os.environ.get('OMP_WAIT_POLICY'),"
+        f" os.environ.get({reexec.REEXEC_MARK!r}))\n"
+    )
+    drop = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PYTHONPATH", reexec.REEXEC_MARK)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    proc = subprocess.Popen(
+        [str(script), "eval", "no-such-artifact", "--plugin", "probe_env"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=300)
+    assert out.split()[:3] == ["POLICY", "PASSIVE", "None"], (out, err[-2000:])
+    assert proc.returncode == 2 and err.startswith("error:"), err[-2000:]
