@@ -95,3 +95,15 @@ def test_the_command_sets_the_policy_in_its_own_process(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert out.split()[:3] == ["POLICY", "PASSIVE", "None"], (out, err[-2000:])
     assert proc.returncode == 2 and err.startswith("error:"), err[-2000:]
+
+
+@pytest.mark.parametrize("name", ["resolve_recipe", "Recipe"])
+def test_a_public_name_imported_first_sees_the_built_in_methods(name):
+    """Lazy names (PEP 562) must not lose what the eager import did: registering the methods
+    (``compactnn.resolve_recipe('w4a8')`` alone said "unknown method 'rtn'")."""
+    code = (
+        f"import compactnn; from compactnn import {name}; "
+        "print(compactnn.resolve_recipe('w4a8').name)"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "w4a8", out.stderr[-2000:]

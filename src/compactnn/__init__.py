@@ -92,6 +92,7 @@ def __getattr__(name: str) -> object:
     import importlib.util
 
     if name in _PUBLIC:
+        importlib.import_module("compactnn.methods")  # the built-in methods, registered
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
         globals()[name] = value  # once: later lookups do not come here
         return value
