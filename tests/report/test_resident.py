@@ -137,7 +137,7 @@ def test_measure_rows_fills_what_resident_memory_returned_and_notes_a_failure(mo
     assert args == ["out/w8a8", "deploy", "onednn", 2]
     assert kw["setup"] == "compactnn.report.resident:setup"
     assert kw["setup_args"] == ["b.pt", "f.pt"] and kw["threads"] == 2
-    assert set(kw["preload"]) <= set(resident.PRELOAD) and "compactnn" in kw["preload"]
+    assert set(kw["preload"]) <= set(resident.PRELOAD) and "compactnn.methods" in kw["preload"]
     assert resident_cell(rows[1]) == "-"
 
 

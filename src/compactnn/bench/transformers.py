@@ -48,7 +48,7 @@ import torch
 import compactnn
 from compactnn.bench.transformers_text import bf16_note, choices_table, main_table, steps_table
 from compactnn.measure.environment import cpu_description
-from compactnn.measure.memory import resident_memory
+from compactnn.measure.memory import LIBRARY, resident_memory
 from compactnn.measure.size import artifact_bytes
 from compactnn.measure.timing import model_call, set_threads, time_blocks
 
@@ -74,6 +74,7 @@ PRELOAD = (
     "compactnn.export.artifact",
     "compactnn.kernels.swap",
     "compactnn.kernels.ort_nbits",
+    *LIBRARY,
 )
 
 

@@ -112,6 +112,19 @@ class ResidentMemory:
         return {**dataclasses.asdict(self), "added": self.added, "anon_added": self.anon_added}
 
 
+# compactnn's own modules for a ``preload``: ``import compactnn`` imports its names on first use
+# (PEP 562), so a builder's first ``compactnn.load`` would import every method file after the
+# first reading and count them as the model's memory; these are what that first use imports
+LIBRARY = (
+    "compactnn.methods",
+    "compactnn.api",
+    "compactnn.deployment.ship",
+    "compactnn.measure",
+    "compactnn.training",
+    "compactnn.mixed_precision",
+)
+
+
 def resident_memory(
     builder: str,
     args: list[Any] | None = None,

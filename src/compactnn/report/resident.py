@@ -55,7 +55,7 @@ PRELOAD = (
     "transformers.models.bert.modeling_bert",
     "torch._dynamo",
     "torch.export",
-    "compactnn",
+    *memory.LIBRARY,
     "compactnn.export.artifact",
     "compactnn.export.onnx",
     "compactnn.export.ort",
