@@ -7,7 +7,9 @@ to tell a bad input from a bug. Also what messages share: short quotes of long v
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import types
 from pathlib import Path
 
 
@@ -55,11 +57,21 @@ _PACKAGE = str(Path(__file__).resolve().parent)  # .../compactnn
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a ``warnings.warn`` in the caller point at the first
     frame outside the compactnn package (what Python 3.12's ``skip_file_prefixes`` does;
-    3.11 has no such argument)."""
+    3.11 has no such argument). The ``__init__`` that ``dataclass`` generates (file
+    ``"<string>"``) and ``dataclasses.replace`` are skipped too, so a warning from a config's
+    ``__post_init__`` names the user's line that built the config."""
     frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
-    while frame.f_back is not None and _in_package(frame.f_code.co_filename):
+    while frame.f_back is not None and _skipped(frame.f_code):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _skipped(code: types.CodeType) -> bool:
+    return (
+        _in_package(code.co_filename)
+        or (code.co_filename, code.co_name) == ("<string>", "__init__")
+        or code.co_filename == dataclasses.__file__
+    )
 
 
 def _in_package(filename: str) -> bool:

@@ -232,21 +232,46 @@ def test_new_irnet_options_are_validated_and_serialise():
     assert not _binary_weight_quantizer(nn.Linear(2, 2), default.weight, XNORConfig()).ede_weights
 
 
-def test_irnet_lr_replacement_is_logged_and_recorded(caplog):
-    import logging
+def test_irnet_lr_replaces_only_the_default_lr_and_says_so():
+    """T2 finding 6: a recipe's own lr was replaced by irnet_lr with a message the CLI does
+    not show, and the record lost it. Now an lr other than the method's default is kept;
+    replacing the default warns (one line, at the caller's line), naming both values."""
+    import warnings
+    from dataclasses import replace
 
-    with caplog.at_level(logging.INFO, logger="compactnn"):
-        XNORConfig(libra_pb=True, lr=1e-2)
-    assert "irnet_lr=0.002 instead of lr=0.01" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="compactnn"):
+    with pytest.warns(UserWarning) as caught:
+        cfg = XNORConfig(libra_pb=True)  # xnor's default lr 5e-3: taken as unset
+    assert cfg.lr == 2e-3 and cfg.recipe_lr == 5e-3
+    (w,) = caught
+    assert w.filename == __file__  # the user's line, not the package or dataclass code
+    assert str(w.message) == (
+        "xnor: with libra_pb/ede the weights train at irnet_lr=0.002 instead of lr=0.005 "
+        "(xnor's default lr, so taken as unset); to train at 0.005, set irnet_lr: null "
+        "(None in Python); any other lr is kept."
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing replaced, or asked for: no warning
+        assert XNORConfig(libra_pb=True, lr=1e-2).lr == 1e-2  # the user's own lr: kept
+        assert XNORConfig(ede=True, lr=3e-3).to_dict()["lr"] == 3e-3
         assert XNORConfig(libra_pb=True, lr=1e-2, irnet_lr=None).lr == 1e-2
+        assert XNORConfig(ede=True, irnet_lr=1e-3).lr == 1e-3  # their own irnet_lr
+        assert XNORConfig.from_dict(cfg.to_dict()) == cfg  # a saved recipe: the same lr
         XNORConfig(lr=1e-2)
-    assert "irnet_lr" not in caplog.text  # kept lr, or no options: nothing to say
+    with pytest.warns(UserWarning) as caught:  # dataclasses.replace: still the user's line
+        assert replace(XNORConfig(), ede=True).lr == 2e-3
+    assert [w.filename for w in caught] == [__file__]
+    with pytest.warns(UserWarning, match=r"lr=0.004 and irnet_lr=0.001 are both set.*at lr=0.004"):
+        assert XNORConfig(ede=True, lr=4e-3, irnet_lr=1e-3).lr == 4e-3
     model, x, y = _mlp(), torch.randn(64, 6), torch.randint(0, 3, (64,))
-    cfg = XNORConfig(libra_pb=True, epochs=1, batch_size=32, min_steps=0)
+    with pytest.warns(UserWarning, match="irnet_lr=0.002 instead of lr=0.005"):
+        cfg = XNORConfig(libra_pb=True, epochs=1, batch_size=32, min_steps=0)
     q = compactnn.train(model, Recipe("r", (Step("xnor", cfg),)), (x, y), progress=False)
     note = q._compactnn["extra"]["irnet"]
-    assert note["lr"] == note["irnet_lr"] == 2e-3 and "irnet_lr" in note["note"]
+    assert (note["lr"], note["irnet_lr"], note["recipe_lr"]) == (2e-3, 2e-3, 5e-3)
+    assert note["note"] == "the weights trained at irnet_lr instead of the recipe's lr 0.005"
+    own = XNORConfig(libra_pb=True, lr=4e-3, epochs=1, batch_size=32, min_steps=0)
+    q = compactnn.train(model, Recipe("r", (Step("xnor", own),)), (x, y), progress=False)
+    note = q._compactnn["extra"]["irnet"]
+    assert (note["lr"], note["recipe_lr"], note["note"]) == (4e-3, 4e-3, "the recipe's lr")
     plain = compactnn.train(model, "w1a1-xnor", (x, y), epochs=1, progress=False)
     assert "irnet" not in plain._compactnn["extra"]

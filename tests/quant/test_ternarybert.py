@@ -202,3 +202,15 @@ def test_training_a_cnn_is_refused_as_compress_refuses_it():
     data = (torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,)))
     with pytest.raises(CompactnnError, match=r"'0' is a convolution.*for CNNs use w2a8-twn"):
         compactnn.train(cnn, "w2a2-ternarybert", data, epochs=1, progress=False)
+
+
+def test_several_convolutions_are_named_in_plural():
+    """T2 finding 10b: "'features.0.0' and 4 more is a convolution" read badly."""
+    from compactnn.quant.ternarybert import check_transformer_layers
+
+    convs = {f"c{i}": nn.Conv2d(1, 1, 1) for i in range(5)}
+    with pytest.raises(CompactnnError) as err:
+        check_transformer_layers(convs, None)
+    assert "'c0' and 4 more layers are convolutions: pass a transformers model" in str(err.value)
+    with pytest.raises(CompactnnError, match="'c0' and 1 more layer are convolutions"):
+        check_transformer_layers(dict(list(convs.items())[:2]), None)

@@ -352,11 +352,16 @@ def _binary_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: BinaryCo
         wd=config.irnet_wd if irnet else 0.0,
     )  # fmt: skip
     if irnet:  # recorded by make_block in the frozen model's extra["irnet"]
+        given = getattr(config, "recipe_lr", config.lr)  # the user's lr, before irnet_lr
+        if config.lr != given:
+            note = f"the weights trained at irnet_lr instead of the recipe's lr {given:g}"
+        elif config.irnet_lr is None:
+            note = "irnet_lr=None: the recipe's lr"
+        else:
+            note = "the recipe's lr" + (" (= irnet_lr)" if given == config.irnet_lr else "")
         wq.irnet_note = {
             "libra_pb": config.libra_pb, "ede": config.ede, "lr": config.lr,
-            "irnet_lr": config.irnet_lr,
-            "note": "the weights trained at irnet_lr instead of the recipe's lr"
-            if config.irnet_lr is not None else "irnet_lr=None: the recipe's lr",
+            "recipe_lr": given, "irnet_lr": config.irnet_lr, "note": note,
         }  # fmt: skip
     return wq
 

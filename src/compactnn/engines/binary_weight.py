@@ -10,7 +10,8 @@ included. The block that uses both is :class:`compactnn.engines.binary.BinaryBlo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import torch
@@ -30,7 +31,7 @@ from compactnn.engines.irnet import (
 )
 from compactnn.engines.qat import QATConfig
 from compactnn.engines.qat_quantizers import WeightExport, fp16
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.quant.base import short_act_spec, short_weight_spec
 
 KINDS = ("xnor", "bireal", "reactnet")
@@ -163,10 +164,11 @@ class BinaryConfig(QATConfig):
         ede_per_step: ``t`` rises over the optimizer steps (the paper's ``i / N`` with ``i``
             the step) instead of once per epoch (off: not better on the validation split).
         irnet_lr: the weights' learning rate whenever ``libra_pb`` or ``ede`` is on (it
-            replaces ``lr``; part of the IR-Net options, measured in
-            docs/lowbit-training.md); None: keep ``lr``. Without the options it is unused.
-            The replacement is logged (logger ``compactnn``, INFO) and recorded in the
-            frozen model's ``extra["irnet"]``.
+            replaces the method's default ``lr``; part of the IR-Net options, measured in
+            docs/lowbit-training.md); an ``lr`` of your own (another value) is kept; None:
+            keep ``lr``. Without the options it is unused. Replacing the default ``lr``
+            warns, naming both values; the frozen model's ``extra["irnet"]`` records the
+            ``lr`` trained at and the one given (``recipe_lr``).
         irnet_wd: L2 weight decay on the binary layers' latent weights whenever
             ``libra_pb`` or ``ede`` is on (0: none).
         min_steps: :func:`compactnn.train` without ``epochs=`` trains at least this many
@@ -198,18 +200,11 @@ class BinaryConfig(QATConfig):
 
     def __post_init__(self) -> None:
         name = type(self).method_name or "binary"
+        super().__post_init__()  # types first (a YAML "3e-3" is a string)
         if self.irnet_lr is not None and not self.irnet_lr > 0:
             raise CompactnnError(
                 f"{name}: irnet_lr={self.irnet_lr!r} must be > 0 (or None: use lr)."
             )
-        if (self.libra_pb or self.ede) and self.irnet_lr is not None:
-            if self.lr != self.irnet_lr:
-                _log.info(
-                    "%s: with libra_pb/ede the weights train at irnet_lr=%g instead of "
-                    "lr=%g (irnet_lr=None keeps lr).", name, self.irnet_lr, self.lr,
-                )  # fmt: skip
-            object.__setattr__(self, "lr", self.irnet_lr)  # the IR-Net options' own lr
-        super().__post_init__()
         for key in ("min_steps", "warmup_steps", "recalibrate_batches"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -236,3 +231,35 @@ class BinaryConfig(QATConfig):
             raise CompactnnError(
                 f"{name}: activations are binary (a1) or 8-bit (a8), not {self.act.bits} bits."
             )
+        object.__setattr__(self, "recipe_lr", self.lr)  # not a field: the lr as given
+        if (self.libra_pb or self.ede) and self.irnet_lr is not None:
+            self._use_irnet_lr(name)
+
+    def _use_irnet_lr(self, name: str) -> None:
+        """With libra_pb/ede, ``lr`` becomes ``irnet_lr`` unless the user set their own:
+        an ``lr`` other than the method's default (or than the default ``irnet_lr``, which a
+        saved recipe of such a run holds) is theirs and is kept. Replacing the default lr
+        by the default irnet_lr is announced (a YAML recipe may spell the default lr out),
+        naming both values; the lr as given stays in ``recipe_lr``."""
+        defaults = {f.name: f.default for f in fields(self)}
+        lr, irnet_lr = self.lr, self.irnet_lr
+        if lr == irnet_lr:
+            return
+        if lr not in (defaults["lr"], defaults["irnet_lr"]):  # the user's own lr: kept
+            if irnet_lr != defaults["irnet_lr"]:  # and their own irnet_lr: say which wins
+                warnings.warn(
+                    f"{name}: lr={lr:g} and irnet_lr={irnet_lr:g} are both set with "
+                    f"libra_pb/ede; the weights train at lr={lr:g} (to train at {irnet_lr:g}, "
+                    "set lr to it).", stacklevel=user_stacklevel(),
+                )  # fmt: skip
+            return
+        if (lr, irnet_lr) == (defaults["lr"], defaults["irnet_lr"]):  # both unset, it seems
+            warnings.warn(
+                f"{name}: with libra_pb/ede the weights train at irnet_lr={irnet_lr:g} instead "
+                f"of lr={lr:g} ({name}'s default lr, so taken as unset); to train at {lr:g}, "
+                "set irnet_lr: null (None in Python); any other lr is kept.",
+                stacklevel=user_stacklevel(),
+            )  # fmt: skip
+        else:  # the user's own irnet_lr
+            _log.info("%s: the weights train at irnet_lr=%g, not lr=%g.", name, irnet_lr, lr)
+        object.__setattr__(self, "lr", irnet_lr)  # the IR-Net options' own lr

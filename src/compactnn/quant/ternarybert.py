@@ -384,10 +384,14 @@ def check_transformer_layers(layers: dict[str, nn.Module], config) -> None:
     convolutions, as ``compress`` refuses a model that is not a transformer (a CNN)."""
     convs = [n for n, m in layers.items() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     if convs:
-        more = f" and {len(convs) - 1} more" if len(convs) > 1 else ""
+        n = len(convs) - 1
+        what = (
+            f"{convs[0]!r} is a convolution" if n == 0
+            else f"{convs[0]!r} and {n} more {'layer' if n == 1 else 'layers'} are convolutions"
+        )  # fmt: skip
         raise CompactnnError(
-            f"ternarybert ternarises a transformer's linear layers, and {convs[0]!r}{more} "
-            "is a convolution: pass a transformers model (for CNNs use w2a8-twn)."
+            f"ternarybert ternarises a transformer's linear layers, and {what}: pass a "
+            "transformers model (for CNNs use w2a8-twn)."
         )
 
 

@@ -43,8 +43,11 @@ class TTQFunction(torch.autograd.Function):
 
 
 def ttq_quantize(w: torch.Tensor, wp: torch.Tensor, wn: torch.Tensor, t: float) -> torch.Tensor:
-    """TTQ forward with threshold ``t * max|w|`` (see the module docstring for gradients)."""
+    """TTQ forward with threshold ``t * max|w|`` (see the module docstring for gradients).
+    The scales' values are the float16 ones the artifact stores (their gradients pass
+    straight through the rounding), so the trained model computes what the frozen one does."""
     delta = t * w.detach().abs().max()
+    wp, wn = wp + (fp16(wp) - wp).detach(), wn + (fp16(wn) - wn).detach()
     return TTQFunction.apply(w, wp, wn, delta)
 
 

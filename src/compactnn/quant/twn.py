@@ -44,6 +44,7 @@ class TWNWeight(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         codes, alpha = twn_ternary(w, self.ratio)
+        alpha = fp16(alpha.clamp(min=2.0**-14))  # the scale the artifact stores
         return w + (alpha * codes - w).detach()
 
     def export(self, w: torch.Tensor) -> WeightExport:

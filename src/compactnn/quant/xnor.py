@@ -27,9 +27,10 @@ class XNORConfig(BinaryConfig):
     Defaults: 6 epochs but at least 600 optimizer steps, lr 5e-3, shift lr 1e-2, no
     distillation, batch norms re-estimated before freezing; first and last layers at 8 bits
     (LSQ). Measured across nets in docs/lowbit-training.md. With IR-Net's options
-    (``libra_pb``, ``ede``) the weights train at ``irnet_lr`` (2e-3) instead of ``lr``
-    (logged, and recorded in the frozen model's ``extra["irnet"]``; ``irnet_lr=None`` keeps
-    ``lr``), and EDE shapes the weights' gradient only (``ede_on="weights"``).
+    (``libra_pb``, ``ede``) the weights train at ``irnet_lr`` (2e-3) instead of the default
+    ``lr`` (a warning names both; recorded in the frozen model's ``extra["irnet"]``; an
+    ``lr`` of your own, or ``irnet_lr=None``, is kept), and EDE shapes the weights'
+    gradient only (``ede_on="weights"``).
     """
 
     lr: float = 5e-3
