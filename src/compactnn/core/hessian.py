@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compactnn.errors import CompactnnError
 
@@ -112,6 +113,10 @@ def hutchinson_trace(
 
     ``Tr(H) = E_v[v^T H v]`` for Rademacher ``v`` (entries +-1); ``H v`` is the gradient of
     ``g . v`` with ``g = dL/dtheta`` built with ``create_graph=True``, so no Hessian is formed.
+    Attention runs on PyTorch's math kernel (the fused CPU/GPU kernels of
+    ``scaled_dot_product_attention`` have no second derivative); a parameter the loss does
+    not reach (a BERT pooler the loss never reads), or reaches only linearly, has trace 0.
+    Another operation without a second derivative raises a one-line ``CompactnnError``.
 
     Args:
         loss_fn: returns a fresh scalar loss of ``params`` each call.
@@ -124,19 +129,39 @@ def hutchinson_trace(
         ``(len(params),)`` float64 traces.
 
     Example:
-        >>> w = torch.ones(3, requires_grad=True)
-        >>> hutchinson_trace(lambda: (w**2).sum(), [w], samples=2).tolist()  # H = 2 I
-        [6.0]
+        >>> w, u = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+        >>> hutchinson_trace(lambda: (w**2).sum(), [w, u], samples=2).tolist()  # H = 2 I
+        [6.0, 0.0]
     """
     if samples < 1:
         raise CompactnnError(f"hutchinson_trace: samples={samples} must be at least 1.")
     gen = torch.Generator().manual_seed(seed)
     total = torch.zeros(len(params), dtype=torch.float64)
     for _ in range(samples):
-        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
         vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype) for p in params]
-        hvs = torch.autograd.grad(grads, params, grad_outputs=vs, allow_unused=True)
-        for i, (hv, v) in enumerate(zip(hvs, vs, strict=True)):
+        try:
+            with sdpa_kernel(SDPBackend.MATH):  # twice differentiable, unlike the fused ones
+                grads = torch.autograd.grad(loss_fn(), params, create_graph=True, allow_unused=True)
+                used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                hvs = (
+                    torch.autograd.grad(
+                        [grads[i] for i in used],
+                        [params[i] for i in used],
+                        grad_outputs=[vs[i] for i in used],
+                        allow_unused=True,
+                    )
+                    if used
+                    else ()
+                )
+        except RuntimeError as exc:
+            if not any(k in str(exc) for k in ("derivative for", "double backward", "twice")):
+                raise
+            raise CompactnnError(
+                f"the Hessian trace (measure='hessian', --measure hessian) needs a model "
+                f"it can differentiate twice: {str(exc).splitlines()[0]}; use measure="
+                "'measured' (--measure measured)."
+            ) from exc
+        for i, hv in zip(used, hvs, strict=True):
             if hv is not None:
-                total[i] += float((hv * v).sum())
+                total[i] += float((hv * vs[i]).sum())
     return total / samples

@@ -22,7 +22,7 @@ import numpy as np
 from torch import nn
 
 from compactnn.api import compress
-from compactnn.core.calib import as_batches, call_model, detect_call_mode
+from compactnn.core.calib import call_model, detect_call_mode
 from compactnn.core.modules import eval_mode
 from compactnn.errors import CompactnnError, name_list, user_stacklevel
 from compactnn.mixed_precision.accuracy import (
@@ -42,13 +42,21 @@ from compactnn.mixed_precision.allocate import (
 from compactnn.mixed_precision.budget import (
     budget_given,
     check_reachable,
+    checked_request,
     group_floor,
     latency_verdict,
     tighter_failure,
+    warn_unbound,
     worst_ratio,
 )
 from compactnn.mixed_precision.cost import biased_layers, cost_tables, count_macs
-from compactnn.mixed_precision.formats import Format, check_allowed, parse_formats
+from compactnn.mixed_precision.formats import (
+    Format,
+    check_allowed,
+    fallback_format,
+    parse_formats,
+    warn_untrained,
+)
 from compactnn.mixed_precision.groups import (
     Group,
     check_group_request,
@@ -62,6 +70,7 @@ from compactnn.mixed_precision.latency import (
     whole_model_check,
 )
 from compactnn.mixed_precision.layers import (
+    calib_batches,
     end_layers,
     searched_layers,
     searched_model,
@@ -163,7 +172,9 @@ def search(
         model: the float model (never modified).
         formats: candidate formats, short names (``["w2-g32-gptq", "w3-g32-gptq",
             "w4-g32-gptq", "w8-g32-gptq"]``, ``"w2a8,w3a8,w4a8,w8a8"``).
-        budget: size / average-bits / BOPs limits; required unless ``eval_fn`` is given.
+        budget: size / average-bits / BOPs / latency limits, a :class:`Budget` or a dict of
+            its fields (``{"avg_bits": 3}``); required unless ``eval_fn`` is given. A limit
+            that every allowed assignment meets does not bind (a warning says so).
         calib_data: calibration inputs (the training split: the search never needs held-out
             data, only ``eval_fn`` should read it).
         eval_fn: ``eval_fn(compressed_model) -> quality`` (one finite number, higher is
@@ -176,7 +187,7 @@ def search(
             (HAWQ-V2 Hutchinson trace times the rounding error).
         first_last_min_bits: the model's first and last layers (the first and last to run,
             as ``first_last_bits`` counts them) take only formats of at least this many
-            weight bits.
+            weight bits (1 to 16, or None).
         embeddings: a short name for the embedding tables (e.g. ``"w3-g32"``); None leaves
             them in float. Not priced. A Linear tied to a table (an LM head) is never
             searched (``result.left_out``, with a warning): this step quantizes it with its
@@ -234,6 +245,7 @@ def _search(
     """The body of :func:`search`, on ``model`` in eval mode."""
     start = time.perf_counter()
     fmts = parse_formats(list(formats) if not isinstance(formats, str) else formats)
+    budget = checked_request(budget, first_last_min_bits)  # a dict of Budget fields is one
     if budget is None and (eval_fn is None or max_drop is None):
         raise CompactnnError(
             "search needs a budget (Budget(max_bytes=..., avg_bits=..., max_bops=...)) or "
@@ -250,9 +262,8 @@ def _search(
         raise CompactnnError("groups=True does not combine with eval_fn (accuracy-aware mode).")
     if not isinstance(latency_rounds, int) or latency_rounds < 1:
         raise CompactnnError(f"latency_rounds={latency_rounds!r} must be an integer >= 1.")
-    batches = as_batches(calib_data)
-    if not batches:
-        raise CompactnnError("search needs calib_data (inputs from the training split).")
+    batches = calib_batches(model, calib_data)  # refused in one line if the model cannot run it
+    warn_untrained(fmts)  # training-aware formats: calibrated only, not trained
     baseline = None  # the float model's quality: first, so a useless max_drop costs nothing
     if eval_fn is not None:
         baseline = quality_of(eval_fn(model), "the float model")
@@ -335,6 +346,7 @@ def _search(
 
     ref_ms = lat["per_format_ms"][lat["widest"]] if lat else None
     check_reachable(budget, table, allowed, found, n_weights, ref_ms)
+    warn_unbound(budget, table, allowed, found, n_weights, ref_ms)  # a limit that cannot bite
     choice = solve_all(limits) if limits else None
     tried: list[dict[str, Any]] = []
     given = budget_given(budget, max_drop, max_evals)
@@ -444,13 +456,6 @@ def _search(
     )
 
 
-def _fallback(fmts: list[Format], j: int, widest: int) -> int:
-    """Where format ``j`` does not fit a layer in its uniform recipe: the same quantization
-    without pruning if it is a candidate, else the widest format."""
-    plain = fmts[j].name.split("+")[-1]
-    return next((k for k, f in enumerate(fmts) if f.name == plain), widest)
-
-
 def _latency_costs(
     model, names, fmts, batches, example, macs, embeddings, allowed, tables=()
 ) -> dict[str, Any]:
@@ -463,7 +468,7 @@ def _latency_costs(
 
     def uniform(c: np.ndarray) -> Recipe:  # a uniform choice, unfit layers on their fallback
         j = int(c[0])
-        c = np.where(allowed[:, j], j, _fallback(fmts, j, w))
+        c = np.where(allowed[:, j], j, fallback_format(fmts, j, w))
         return build_recipe("uniform", names, fmts, c, embeddings, tables=tables)
 
     table, per_format, models = measure_table(

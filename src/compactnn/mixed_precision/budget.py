@@ -15,6 +15,48 @@ from compactnn.mixed_precision.allocate import min_cost
 from compactnn.mixed_precision.result import Budget
 
 
+def as_budget(budget) -> Budget | None:
+    """``budget`` as a :class:`Budget`: one, None, or a dict of its fields
+    (``{"avg_bits": 3}``); anything else (``budget=3``: in which unit?) is refused.
+
+    Example:
+        >>> as_budget({"avg_bits": 3})
+        Budget(max_bytes=None, avg_bits=3, max_bops=None, max_latency_ratio=None)
+    """
+    if budget is None or isinstance(budget, Budget):
+        return budget
+    fields = [f.name for f in dataclasses.fields(Budget)]
+    if isinstance(budget, dict):
+        unknown = [k for k in budget if k not in fields]
+        if not unknown:
+            return Budget(**budget)
+        raise CompactnnError(
+            f"budget={budget!r}: unknown field{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; a budget dict takes {', '.join(fields)}."
+        )
+    raise CompactnnError(
+        f"budget={budget!r} is not a Budget: pass Budget(avg_bits=3) (or max_bytes=, "
+        "max_bops=, max_latency_ratio=), or a dict of those fields such as {'avg_bits': 3}."
+    )
+
+
+def check_first_last_min_bits(bits) -> None:
+    """``first_last_min_bits`` is None or a whole number of weight bits, 1 to 16."""
+    ok = isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 16
+    if bits is not None and not ok:
+        raise CompactnnError(
+            f"first_last_min_bits={bits!r} must be a whole number of weight bits from 1 to 16 "
+            "(e.g. 8), or None for no end-layer rule."
+        )
+
+
+def checked_request(budget, first_last_min_bits) -> Budget | None:
+    """The search's budget as a :class:`Budget` (:func:`as_budget`), its
+    ``first_last_min_bits`` checked (:func:`check_first_last_min_bits`)."""
+    check_first_last_min_bits(first_last_min_bits)
+    return as_budget(budget)
+
+
 def budget_given(budget: Budget | None, max_drop: float | None, max_evals: int) -> dict:
     """The limits a search ran under, as given: the set :class:`Budget` fields, and
     ``max_drop`` with ``max_evals`` in accuracy-aware mode (``SearchResult.budget``).
@@ -74,6 +116,38 @@ def check_reachable(
             f"{floor:,.{digits}f} (every layer at its cheapest allowed format): raise the "
             "budget or add a cheaper format."
         )
+
+
+def warn_unbound(
+    budget: Budget | None,
+    table: dict[str, np.ndarray],
+    allowed: np.ndarray,
+    found: list,
+    n_weights: float,
+    ref_ms: float | None,
+) -> None:
+    """Warn, per limit, when a budget is at or above the dearest allowed assignment (every
+    layer and group at its most expensive allowed option): that limit does not bind
+    (``avg_bits=300`` with 8-bit formats at most; ``max_latency_ratio=5`` when no assignment
+    is 5x slower than the widest format in the per-layer table)."""
+    if budget is None:
+        return
+    divisors = {"weights": n_weights, "ref_ms": ref_ms}
+    for field, (key, per, unit) in _BUDGET_UNITS.items():
+        given = getattr(budget, field)
+        if given is None or key not in table:
+            continue
+        most = float(np.where(allowed, table[key], -np.inf).max(axis=1).sum())
+        most += sum(float(g.costs[key].max()) for g in found if key in g.costs)
+        most /= divisors[per] if per else 1.0
+        if given >= most:
+            digits = 2 if per else 0
+            warnings.warn(
+                f"budget {field}: {given:,.{digits}f} {unit} does not bind: every layer at its "
+                f"largest allowed format takes {most:,.{digits}f}; lower it to trade size "
+                "(or speed) for quality.",
+                stacklevel=user_stacklevel(),
+            )
 
 
 def worst_ratio(check: dict[str, Any]) -> float:

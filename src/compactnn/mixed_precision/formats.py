@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torch import nn
 from compactnn.core.qtype import QType
 from compactnn.core.quantize import dequantize, grouped_view, quantize, scale_zero_from_range
 from compactnn.core.spec import QuantSpec
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.quant.base import QuantConfig
 from compactnn.recipe import Step, parse_short_name
 
@@ -106,6 +107,27 @@ def is_binary(config: QuantConfig) -> bool:
     return isinstance(config, BinaryConfig)
 
 
+def warn_untrained(formats: list[Format]) -> None:
+    """Warn once, naming them, when candidate formats are training-aware (a ``QATConfig``
+    other than TernaryBERT, which distils inside compress): search scores them and compress
+    runs them calibrated only, not trained."""
+    from compactnn.engines.qat import QATConfig  # local: engines import torch extras
+    from compactnn.quant.ternarybert import TernaryBERTConfig
+
+    names = [
+        f.name
+        for f in formats
+        if isinstance(f.config, QATConfig) and not isinstance(f.config, TernaryBERTConfig)
+    ]
+    if names:
+        warnings.warn(
+            f"search formats {', '.join(names)} are training-aware: the search scores them, and "
+            "compress runs the recipe, calibrated only, not trained; train the searched recipe "
+            "(compactnn train) for the accuracy they are meant to reach.",
+            stacklevel=user_stacklevel(),
+        )
+
+
 def parse_formats(names: list[str] | tuple[str, ...] | str) -> list[Format]:
     """Formats from short names (a list, or one comma-separated string), no duplicates.
 
@@ -131,6 +153,13 @@ def parse_formats(names: list[str] | tuple[str, ...] | str) -> list[Format]:
             "w2a8,w3a8,w4a8,w8a8); a search among one format is that uniform recipe."
         )
     return formats
+
+
+def fallback_format(fmts: list[Format], j: int, widest: int) -> int:
+    """Where format ``j`` does not fit a layer in its uniform recipe: the same quantization
+    without pruning if it is a candidate, else the widest format (index ``widest``)."""
+    plain = fmts[j].name.split("+")[-1]
+    return next((k for k, f in enumerate(fmts) if f.name == plain), widest)
 
 
 def rtn_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

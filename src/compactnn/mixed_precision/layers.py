@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from compactnn.core.attention import split_attention, splittable
-from compactnn.core.calib import call_model, detect_call_mode
+from compactnn.core.calib import (
+    as_batches,
+    call_model,
+    check_batch,
+    detect_call_mode,
+    model_dtype,
+    to_dtype,
+)
 from compactnn.core.modules import (
     attention_out_projs,
     conv1d_to_linear,
@@ -95,3 +102,18 @@ def end_layers(model: nn.Module, layers: dict[str, nn.Module], batches: list) ->
     mode = detect_call_mode(model, batches[0])
     ran, heads = run_with_heads(model, list(layers), lambda m: call_model(m, batches[0], mode))
     return model_ends(list(layers), ran, heads)
+
+
+def calib_batches(model: nn.Module, calib_data) -> list:
+    """The calibration batches of a search, as compress takes them: at the model's float
+    dtype (float64 from numpy cast, as compress casts it), the first one run once so data
+    the model cannot take is refused in one line naming the expected input
+    (:func:`compactnn.core.calib.check_batch`, compress's own check) before any layer is
+    listed or scored."""
+    batches = as_batches(calib_data)
+    if not batches:
+        raise CompactnnError("search needs calib_data (inputs from the training split).")
+    if (dtype := model_dtype(model)) is not None:
+        batches = [to_dtype(b, dtype) for b in batches]
+    check_batch(model, batches[0], detect_call_mode(model, batches[0]))
+    return batches
