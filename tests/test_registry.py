@@ -290,3 +290,19 @@ def test_an_unknown_method_name_is_quoted_cut_short():
     with pytest.raises(CompactnnError, match="unknown method") as err:
         get_method("x" * 5000)
     assert len(str(err.value)) < 1000 and "..." in str(err.value)
+
+
+def test_a_lookup_by_name_loads_the_built_in_catalog_after_a_plain_import():
+    """``import compactnn`` imports its parts on first use: ``compactnn.recipe`` and the
+    registry used straight after it must still see the built-in methods (the distributed
+    training scripts said "unknown method 'lsq'; known methods: .")."""
+    import subprocess
+    import sys
+
+    code = (
+        "import compactnn, sys; from compactnn.recipe import resolve_recipe; "
+        "from compactnn.registry import get_method; "
+        "print(resolve_recipe('w4a4-lsq').steps[0].method, get_method('gptq').name)"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["lsq", "gptq"], out.stderr[-2000:]

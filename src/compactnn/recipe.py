@@ -440,6 +440,7 @@ def resolve_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
     """A :class:`Recipe` from a short name, a YAML path, or a recipe object."""
     if isinstance(recipe, Recipe):
         return recipe
+    registry.load_builtins()  # the built-in names, after a plain `import compactnn`
     if isinstance(recipe, os.PathLike) or (
         isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))
     ):

@@ -2,8 +2,12 @@
 
 Each method file registers itself with ``@register("name", NameConfig)`` on its handler.
 :mod:`compactnn.methods` imports every method file once (the API imports it, so the registry
-is full before any recipe runs); nothing is discovered implicitly, and the registry itself
-imports no method.
+is full before any recipe runs); nothing is discovered implicitly. The registry imports no
+method at import time; a lookup by name that misses (:func:`get_method`, and
+:func:`compactnn.recipe.resolve_recipe` before it reads a name) first imports that catalog
+by its name (:func:`load_builtins`), the way a plugin system loads its entry points: a
+plain ``import compactnn`` imports its parts on first use, and ``compactnn.recipe`` used
+straight after it must still see the built-in methods.
 
 The config type is the primary key: a config object names its method by its type alone
 (:func:`method_for_config`), so a config can never run under another method's handler. Names
@@ -14,7 +18,9 @@ stay unique too; recipes, short names and the CLI look methods up by name
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -239,8 +245,20 @@ def run_artifact_hooks(stage: str, model: Any, extra: dict[str, Any]) -> None:
         hook(model, extra)
 
 
+BUILTIN_CATALOG = "compactnn.methods"  # the module that imports every built-in method file
+
+
+def load_builtins() -> None:
+    """Import :data:`BUILTIN_CATALOG` once (its method files register themselves); nothing
+    when it is imported or being imported already."""
+    if BUILTIN_CATALOG not in sys.modules:
+        importlib.import_module(BUILTIN_CATALOG)
+
+
 def get_method(name: str) -> MethodEntry:
     """The method registered under ``name``; a CompactnnError lists the known names."""
+    if name not in METHODS:
+        load_builtins()
     if name not in METHODS:
         raise UnknownMethodError(
             name, f"unknown method {short_repr(name)}; known methods: {', '.join(sorted(METHODS))}."
