@@ -210,10 +210,27 @@ def test_a_non_finite_training_loss_stops_with_the_batch_and_a_hint(tiny):
     model, (x, y), _ = tiny
     x, y = torch.cat([x, x]), torch.cat([y, y])
     x[-1, 0, 0, 0] = float("nan")  # past the 256 samples that calibrate
-    with pytest.raises(
-        CompactnnError, match=r"training loss is nan at epoch 1, batch \d+.*NaN or Inf"
-    ):
-        compactnn.train(model, "w4a4-lsq", (x, y), epochs=1, progress=False, seed=0)
+    batches = list(zip(x.split(64), y.split(64), strict=True))  # a loader: checked as it runs
+    with pytest.raises(CompactnnError, match=r"training loss is nan at epoch 1, batch 7 .*NaN"):
+        compactnn.train(model, "w4a4-lsq", batches, epochs=1, progress=False, seed=0)
+
+
+def test_non_finite_training_tensors_are_refused_as_training_data_before_training(tiny):
+    model, (x, y), _ = tiny
+    x, y = torch.cat([x, x]), torch.cat([y, y])
+    for where in (3, 511):  # in the calibration samples, and past them
+        bad = x.clone()
+        bad[where, 0, 1, 2] = float("nan")
+        with pytest.raises(
+            CompactnnError,
+            match=rf"^training data holds 1 NaN and 0 Inf value\(s\) \(first at index "
+            rf"\({where}, 0, 1, 2\) of shape \(512, 1, 8, 8\)\)",
+        ):
+            compactnn.train(model, "w4a4-lsq", (bad, y), epochs=1, progress=False, seed=0)
+    batches = [(x[:64].clone(), y[:64])]
+    batches[0][0][5, 0, 0, 0] = float("inf")
+    with pytest.raises(CompactnnError, match=r"^training batch 0 holds 0 NaN and 1 Inf"):
+        compactnn.train(model, "w4a4-lsq", batches, epochs=1, progress=False, seed=0)
 
 
 def test_a_recipe_whose_target_names_match_nothing_is_refused(tiny, tmp_path):

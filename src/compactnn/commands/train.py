@@ -128,12 +128,32 @@ def labelled_data(spec: str) -> Any:
 
         module, fn = DATASETS[spec].split(":")
         return getattr(importlib.import_module(module), fn)()
-    if Path(spec).suffix == ".safetensors":
+    suffix = Path(spec).suffix
+    if suffix == ".safetensors":
         return read_tensors(spec)
+    if suffix in _CONVERTIBLE:
+        target = Path(spec).with_suffix(".safetensors").name
+        raise CompactnnError(
+            f"{spec!r} is a {suffix} file: compactnn reads labelled data from .safetensors "
+            f"files only (a {suffix} file is not loaded: {_CONVERTIBLE[suffix]}). Convert it "
+            "once in Python: from safetensors.torch import save_file; save_file({'x': x, "
+            f"'y': y}}, '{target}') with x the inputs and y the integer labels as tensors "
+            "(torch.from_numpy(a) for a numpy array), or use mnist or digits."
+        )
     raise CompactnnError(
         f"unknown training data {spec!r}: use {', '.join(DATASETS)} or a .safetensors file "
         "with x and y (labels) tensors."
     )
+
+
+# files people keep tensors in that --data does not read, and why
+_CONVERTIBLE = {
+    ".pt": "unpickling can run code",
+    ".pth": "unpickling can run code",
+    ".pkl": "unpickling can run code",
+    ".npz": "numpy archives are not read",
+    ".npy": "numpy arrays are not read",
+}
 
 
 def log_path(out: Path, spec: str | None) -> Path:
@@ -291,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
             "--keep-best picks the epoch with the best held-out top-1: pass --eval-data "
             "FILE.safetensors (x and y tensors) as well."
         )
+    base = _float_top1(eval_data, loaded)  # a doubt about the data: before any training
     before = _file_state(log)
     resumes = args.checkpoint_dir and not args.no_resume
     position = checkpoint_position(args.checkpoint_dir) if resumes else None
@@ -309,18 +330,18 @@ def run(args: argparse.Namespace) -> int:
             _tidy_log(args, log, before, interrupted=isinstance(exc, KeyboardInterrupt))
         raise
     hist = extra.get("training", {})
-    print(
-        f"trained {args.model} with {recipe.name} for {hist.get('epochs')} "
-        f"epoch{'' if hist.get('epochs') == 1 else 's'} "
-        f"in {seconds:.0f} s"
-    )
+    epochs = f"{hist.get('epochs')} epoch{'' if hist.get('epochs') == 1 else 's'}"
+    if position is not None and position["epoch"] >= position["epochs"]:
+        print(f"nothing left to train: saved {args.model} trained with {recipe.name} for {epochs}")
+    else:
+        print(f"trained {args.model} with {recipe.name} for {epochs} in {seconds:.0f} s")
     if position is not None:  # the checkpoint was continued (a foreign one is refused)
         print(f"  {resume_line(args.checkpoint_dir, position)}")
     if args.no_progress:  # the per-epoch lines were not shown live: show them now
         for line in log.read_text(encoding="utf-8").splitlines():
             print("  " + format_epoch(json.loads(line), hist["epochs"]))
     if eval_data is not None:
-        _print_eval(loaded, qmodel, eval_data, hist)
+        _print_eval(qmodel, eval_data, hist, base)
     if loaded.reference is not None:
         print(
             f"  {loaded.reference.metric}: float {loaded.reference.evaluate(loaded.model):.2f}, "
@@ -428,18 +449,27 @@ def _tidy_log(args: argparse.Namespace, log: Path, before: Any, interrupted: boo
             log.unlink()
 
 
-def _print_eval(loaded: LoadedModel, qmodel: Any, eval_data: tuple, hist: dict) -> None:
-    """The held-out top-1 of the float model and of the saved one (which epoch, if kept)."""
+def _float_top1(eval_data: tuple | None, loaded: LoadedModel) -> float | None:
+    """The float model's held-out top-1 (None without eval data), with a warning, before
+    any training, when it is no better than guessing (the data is not the model's)."""
+    if eval_data is None or not _is_rank0():  # under torchrun: rank 0 reports
+        return None
+    base = evaluate_top1(loaded.model, *eval_data)
+    if doubt := no_better_than_guessing(base, eval_data[1], "the eval data"):
+        print(f"warning: {doubt}", file=sys.stderr)
+    return base
+
+
+def _print_eval(qmodel: Any, eval_data: tuple, hist: dict, base: float) -> None:
+    """The held-out top-1 of the float model (``base``) and of the saved one (which epoch,
+    if kept)."""
     x, y = eval_data
     kept = hist.get("kept_epoch")
     which = f" (epoch {kept} kept, the best)" if kept else ""
-    base = evaluate_top1(loaded.model, x, y)
     print(
         f"  eval top-1 on {y.numel()} held-out samples: float "
         f"{base:.2f}%, trained {evaluate_top1(qmodel, x, y):.2f}%{which}"
     )
-    if doubt := no_better_than_guessing(base, y, "the eval data"):
-        print(f"warning: {doubt}", file=sys.stderr)
 
 
 def _is_rank0() -> bool:

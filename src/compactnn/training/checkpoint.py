@@ -1,10 +1,11 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint holds the wrapped model's state, the optimizer and scheduler states, the torch
-RNG state, the position (epoch, batch within the epoch, global step), the history so far,
-and what defines the run (the recipe's YAML, epochs, batch size, seed, and SHA-256
-fingerprints of the starting float model and of the training data, so that a checkpoint is
-never continued with another model or other data). It is written with
+RNG state, the position (epoch, batch within the epoch, global step), the history and log
+records so far, the epoch under way (:mod:`compactnn.training.resume`), and what defines
+the run (the recipe's YAML, epochs, batch size, seed, ``keep_best``, and SHA-256
+fingerprints of the starting float model, of the training data and of the held-out data, so
+that a checkpoint is never continued with another model or other data). It is written with
 ``atomic_write`` (temporary file, fsync, rename), so an interruption never leaves a broken
 checkpoint, and read with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 """
@@ -50,6 +51,17 @@ def run_fingerprints(model: nn.Module, data: Any) -> dict[str, str]:
     items += [] if first is None else [("x0", first[0]), ("y0", first[1])]
     prints["data_sha256"] = tensors_sha256(items)
     return prints
+
+
+def scoring_fingerprints(eval_xy: tuple | None, keep_best: bool) -> dict[str, Any]:
+    """``keep_best`` and ``eval_sha256`` (of the held-out ``(inputs, labels)``, None without
+    them): a checkpoint is continued only with the same, or the epochs done before it would
+    have been scored (and kept) on other data than the epochs after it."""
+    if eval_xy is None:
+        return {"keep_best": keep_best, "eval_sha256": None}
+    x, y = eval_xy
+    items = sorted(x.items()) if isinstance(x, dict) else [("x", x)]
+    return {"keep_best": keep_best, "eval_sha256": tensors_sha256([*items, ("y", y)])}
 
 
 def checkpoint_path(directory: str | os.PathLike) -> Path:
@@ -191,6 +203,7 @@ def load_checkpoint(directory: str | os.PathLike, run: dict[str, Any]) -> dict[s
                 "same settings, another checkpoint directory, or pass resume=False "
                 "(--no-resume) to start over."
             )
+    _check_scoring(path, theirs, run)
     for key, what in _PRINTS.items():
         if key not in theirs:
             raise CompactnnError(
@@ -204,3 +217,28 @@ def load_checkpoint(directory: str | os.PathLike, run: dict[str, Any]) -> dict[s
                 f"here), and continuing it would return the other run's weights. {_FRESH}."
             )
     return state
+
+
+def _check_scoring(path: Path, theirs: dict[str, Any], run: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose epochs were scored on other held-out data, or kept by
+    another ``keep_best``, than this run's (a checkpoint of an older compactnn that did not
+    record them is not checked)."""
+    if "keep_best" in theirs and theirs["keep_best"] != run.get("keep_best"):
+        raise CompactnnError(
+            f"checkpoint {str(path)!r} was written with keep_best={theirs['keep_best']}, this "
+            f"run has keep_best={run.get('keep_best')}: the epochs done before it could not be "
+            "considered for the best one. Pass the same keep_best (--keep-best) as the run "
+            f"that wrote it. {_FRESH}."
+        )
+    if "eval_sha256" in theirs and theirs["eval_sha256"] != run.get("eval_sha256"):
+        if theirs["eval_sha256"] is None:
+            how = "without eval_data (--eval-data) and this run has some"
+        elif run.get("eval_sha256") is None:
+            how = "with eval_data (--eval-data) and this run has none"
+        else:
+            how = "with other eval_data (--eval-data) than this run's"
+        raise CompactnnError(
+            f"checkpoint {str(path)!r} was written {how}: its epochs would be scored on other "
+            "held-out data than the rest. Pass the same eval_data as the run that wrote it. "
+            f"{_FRESH}."
+        )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.core.calib import describe, expected_input_hint, main_output
+from compactnn.core.calib import check_finite, describe, expected_input_hint, main_output
 from compactnn.errors import CompactnnError, first_line
 
 # Where a mapping keeps its inputs and labels, in the order they are looked for: training
@@ -281,6 +281,27 @@ def as_train_data(data: Any, dtype: torch.dtype | None = None) -> TrainData:
             data = list(data)
         return TrainData(loader=data, dtype=dtype)
     raise CompactnnError(f"training data of type {type(data).__name__} is not supported.")
+
+
+def check_finite_inputs(data: TrainData, calib: list[Any]) -> None:
+    """Refuse training inputs holding NaN or Inf, named as training data: every sample of
+    tensor data (one sum when finite), the calibration batches of a loader (a later batch
+    shows as a NaN loss, whose message names the data).
+
+    Example:
+        >>> x = torch.zeros(300, 2); x[280, 1] = float("nan")
+        >>> check_finite_inputs(TrainData(x=x, y=torch.zeros(300).long()), [x[:256]])
+        Traceback (most recent call last):
+        ...
+        compactnn.errors.CompactnnError: training data holds 1 NaN and 0 Inf value(s) \
+(first at index (280, 1) of shape (300, 2)); clean the data (e.g. torch.nan_to_num) or drop \
+those samples.
+    """
+    if data.loader is None:
+        check_finite(data.x, "training data")
+        return
+    for i, x in enumerate(calib):
+        check_finite(x, f"training batch {i}")
 
 
 def check_labels(y: torch.Tensor, num_classes: int, where: str = "training data") -> None:

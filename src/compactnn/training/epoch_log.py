@@ -8,21 +8,31 @@ from pathlib import Path
 from typing import Any
 
 from compactnn.errors import CompactnnError
+from compactnn.export.fs import atomic_write_text
 
 
 class EpochLog:
     """The JSON-lines training log: one record per epoch, flushed as each epoch ends.
 
     A fresh run truncates the file (``check_log_path`` refused an existing one without
-    ``force``); a run resumed from a checkpoint appends to it.
+    ``force``); a run resumed from a checkpoint rewrites it with the ``records`` of the
+    epochs the checkpoint holds (so an epoch logged after the checkpoint was written is not
+    logged twice, nor one checkpointed but not logged missing), then appends. ``append``
+    without ``records`` (a checkpoint of an older compactnn) appends to the file as it is.
     """
 
-    def __init__(self, path: str | Path | None, append: bool) -> None:
+    def __init__(
+        self, path: str | Path | None, append: bool, records: list[dict] | None = None
+    ) -> None:
         self.path = None if path is None else Path(path)
         if self.path is None:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if records is not None:
+                lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+                atomic_write_text(self.path, lines)
+                return
             with self.path.open("a" if append else "w", encoding="utf-8"):
                 pass
         except OSError as exc:

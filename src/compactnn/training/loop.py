@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
@@ -32,17 +31,25 @@ from compactnn.training.checkpoint import (
     load_checkpoint,
     run_fingerprints,
     save_checkpoint,
+    scoring_fingerprints,
 )
 from compactnn.training.data import (
     TrainData,
     as_eval_data,
     as_train_data,
+    check_finite_inputs,
     check_labels,
     class_logits,
     float_dtype,
     num_outputs,
 )
 from compactnn.training.epoch_log import EpochLog, check_log_path, format_epoch
+from compactnn.training.resume import (
+    EpochProgress,
+    epoch_batches,
+    epoch_record,
+    keeps_caller_rng,
+)
 from compactnn.training.wrap import freeze, prepare_qat, qat_step
 
 _dist = distributed  # in train() its argument ``distributed`` shadows the module's name
@@ -159,6 +166,9 @@ class _Run:
         }
         # keep_best: {"epoch" (1-based), "eval_top1", "state" (the wrapped model's state)}
         self.best: dict[str, Any] | None = None
+        self.records: list[dict[str, Any]] = []  # the log's records of the epochs done
+        self.progress: EpochProgress | None = None  # the epoch under way
+        self.partial: dict[str, Any] | None = None  # its state for a mid-epoch checkpoint
 
     def state(self) -> dict[str, Any]:
         """The checkpoint (whole tensors; under FSDP2 gathered: every rank calls)."""
@@ -175,6 +185,8 @@ class _Run:
             "batch": self.batch,
             "step": self.step,
             "history": self.history,
+            "records": self.records,
+            **({} if self.partial is None else {"partial": self.partial}),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -186,6 +198,9 @@ class _Run:
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.history = state["history"]
         self.best = state.get("best")
+        self.records = state.get("records", [])
+        partial = state.get("partial") if self.batch else None  # None: the epoch restarts sums
+        self.progress = partial and EpochProgress.restore(partial, self.env.is_main)
 
 
 def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
@@ -201,10 +216,9 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
         disable=not opts["progress"],
         leave=False,
     )
-    loss_sum, hits, seen = 0.0, 0, 0
-    for i, (x, y) in enumerate(data.batches(bs, r.epoch, seed)):
-        if i < r.batch:
-            continue  # consumed before the checkpoint this run resumed from
+    p = r.progress
+    loss_sum, hits, seen = p.sums
+    for i, (x, y) in epoch_batches(data, bs, r.epoch, seed, r.batch, p.rng):
         if data.loader is not None:
             check_labels(y, num_classes, f"training batch {i}")
         x, y = distributed.shard(env, x, y)  # this rank's slice of the global batch
@@ -225,6 +239,8 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hits / seen:.1f}")
         if max_steps is not None and r.step >= max_steps:
             bar.close()
+            if ckpt:  # the epoch's sums so far: its record then equals the uninterrupted one's
+                r.partial = p.state(distributed.sum_over_ranks(env, [loss_sum, hits, seen]))
             _checkpoint(env, ckpt, r)
             return False
     bar.close()
@@ -257,10 +273,6 @@ def _checkpoint(env: distributed.DistEnv, directory: str | None, r: _Run) -> Non
         distributed.barrier(env)
 
 
-def _finite(v: float | None, ndigits: int = 4) -> float | None:
-    return round(v, ndigits) if v is not None and math.isfinite(v) else None
-
-
 def _score_epoch(r: _Run, eval_xy, keep_best: bool) -> float | None:
     """Top-1 of this epoch's frozen model on ``eval_xy`` (recorded); keeps the best state."""
     if eval_xy is None:
@@ -273,18 +285,6 @@ def _score_epoch(r: _Run, eval_xy, keep_best: bool) -> float | None:
         state = {k: v.detach().clone() for k, v in model.items()}
         r.best = {"epoch": r.epoch + 1, "eval_top1": top1, "state": state}
     return top1
-
-
-def _epoch_record(r: _Run, top1: float | None, seconds: float, lr: float) -> dict[str, Any]:
-    return {
-        "epoch": r.epoch + 1,
-        "step": r.step,
-        "train_loss": _finite(r.history["loss"][-1], 6),
-        "train_top1": _finite(r.history["train_top1"][-1]),
-        "eval_top1": _finite(top1),
-        "seconds": round(seconds, 3),
-        "lr": lr,
-    }
 
 
 def _record_float_layers(qmodel: nn.Module) -> None:
@@ -313,6 +313,7 @@ def _final_model(r: _Run, keep_best: bool) -> tuple[nn.Module, dict[str, Any]]:
     return freeze(qat), kept
 
 
+@keeps_caller_rng
 def train(
     model: nn.Module,
     recipe: str | Recipe,
@@ -350,7 +351,8 @@ def train(
         teacher: distillation teacher (default: ``model`` when the recipe distills).
         eval_data: held-out ``(inputs, labels)`` (or a dict with ``x``/``y``): the frozen
             model of each epoch is scored on it (top-1, printed and recorded).
-        seed: fixes initialisation, shuffling and dropout: the same seed gives the same run.
+        seed: fixes initialisation, shuffling and dropout: the same seed gives the same run
+            (the caller's global RNG state is put back afterwards).
         checkpoint_dir: write a checkpoint there after every epoch (and on ``max_steps``);
             with ``resume`` an existing one is continued exactly. A file, or a folder where
             no file can be written, is refused before any training.
@@ -361,7 +363,8 @@ def train(
         log_path: a JSON-lines file, one record per epoch: ``epoch``, ``step``,
             ``train_loss``, ``train_top1``, ``eval_top1`` (null without ``eval_data``),
             ``seconds``, ``lr`` (the weights' learning rate at the epoch's first step).
-            An existing file is refused unless ``force`` (a resumed run appends to it).
+            An existing file is refused unless ``force`` (a resumed run rewrites it with
+            the checkpoint's records, then appends).
         force: replace an existing ``log_path`` file.
         keep_best: return the frozen model of the epoch with the best held-out top-1 (ties:
             the later epoch) instead of the last one; needs ``eval_data`` and ``epochs``
@@ -417,6 +420,7 @@ def train(
     torch.manual_seed(seed)
     prints = run_fingerprints(model, data) if checkpoint_dir else {}  # before prepare_qat
     calib = data.calibration()
+    check_finite_inputs(data, calib)  # named as training data, before any work on it
     num_classes = num_outputs(model, calib[0])
     if data.y is not None:
         check_labels(data.y, num_classes)
@@ -424,6 +428,9 @@ def train(
     if eval_data is not None:
         eval_xy = as_eval_data(eval_data, calib[0], dtype=float_dtype(model))
         check_labels(eval_xy[1], num_classes, "eval_data")
+    if checkpoint_dir:  # a resumed run must score (and keep) its epochs as this one would
+        prints |= scoring_fingerprints(eval_xy, keep_best)
+    if eval_xy is not None:
         eval_xy = tuple(t.to(env.device) for t in eval_xy)
     qat = prepare_qat(model, recipe, calib, seed=seed, progress=progress)
     weight = cfg.distill if teacher is None or cfg.distill > 0 else 0.5
@@ -450,7 +457,7 @@ def train(
     state = load_checkpoint(checkpoint_dir, run) if checkpoint_dir and resume else None
     if state is not None:
         r.restore(state)
-    log = EpochLog(log_path, append=state is not None)
+    log = EpochLog(log_path, append=state is not None, records=state and state.get("records"))
     opts = {
         "batch_size": cfg.batch_size,
         "seed": seed,
@@ -464,17 +471,19 @@ def train(
     recalibrate = norm_recalibrator(cfg, data, env.device, seed)
     while r.epoch < epochs:
         start_epoch(qat, r.epoch, epochs)
-        t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
+        if r.progress is None:  # a new epoch (or one of a checkpoint that kept no sums)
+            r.progress = EpochProgress(opt.param_groups[0]["lr"])
         if not _train_epoch(r, data, loss_fn, num_classes, opts):
             break
         if recalibrate is not None and eval_xy is not None:
             recalibrate(qat)  # before scoring (and keeping) this epoch's model
         top1 = _score_epoch(r, eval_xy, keep_best)
-        record = _epoch_record(r, top1, time.perf_counter() - t0, lr)
-        log.write(record)
+        record = epoch_record(r.epoch, r.step, r.history, top1, r.progress)
+        r.records.append(record)
+        log.write(record)  # a resume rewrites the log from the checkpoint's records
         if progress:
             tqdm.write(format_epoch(record, epochs))
-        r.epoch, r.batch = r.epoch + 1, 0
+        r.epoch, r.batch, r.progress, r.partial = r.epoch + 1, 0, None, None
         _checkpoint(env, checkpoint_dir, r)
     if recalibrate is not None and (eval_xy is None or r.epoch < epochs):
         recalibrate(qat)  # the last epoch's model was not recalibrated yet

@@ -1,0 +1,64 @@
+"""What `compactnn train` says: nothing trained when a finished checkpoint is resumed, a
+doubt about the data before training, and how to convert a .pt/.npz data file."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compactnn.cli import main
+from compactnn.commands import train as train_command
+from compactnn.errors import CompactnnError
+from tests.commands.test_train_command import _setup, _train_args
+
+
+def test_a_finished_checkpoint_resumed_says_nothing_was_trained(tmp_path, monkeypatch, capsys):
+    _setup(tmp_path, monkeypatch)
+    ckpt = str(tmp_path / "ck")
+    assert main(_train_args(tmp_path, tmp_path / "a", "--checkpoint-dir", ckpt)) == 0
+    capsys.readouterr()
+    assert main(_train_args(tmp_path, tmp_path / "b", "--checkpoint-dir", ckpt)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "nothing left to train: saved qat_cli_factory:make trained with w4a4-lsq for 3 epochs"
+    )
+    assert lines[1] == f"  resumed from {ckpt}: all 3 epochs were already done (nothing trained)"
+    log = tmp_path / "b.training.jsonl"  # the checkpoint's epochs, not an empty file
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert log.read_text() == (tmp_path / "a.training.jsonl").read_text()
+
+
+def test_a_float_model_no_better_than_guessing_is_said_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    _setup(tmp_path, monkeypatch)
+    xe = torch.zeros(40, 1, 8, 8)  # every sample alike: one answer for all, 1/3 right
+    save_file({"x": xe, "y": torch.arange(40) % 3}, tmp_path / "eval.safetensors")
+
+    def no_training(*_args, **_kwargs):
+        raise CompactnnError("stopped before training")
+
+    monkeypatch.setattr(train_command, "_train_model", no_training)
+    args = _train_args(tmp_path, tmp_path / "o", "--eval-data", str(tmp_path / "eval.safetensors"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "warning: " in err and "no better than" in err
+    assert err.index("warning: ") < err.index("stopped before training")
+
+
+@pytest.mark.parametrize("name", ["train.npz", "train.pt"])
+def test_a_pt_or_npz_data_file_is_refused_with_how_to_convert_it(
+    tmp_path, monkeypatch, capsys, name
+):
+    _setup(tmp_path, monkeypatch)
+    (tmp_path / name).write_bytes(b"not read")
+    args = _train_args(tmp_path, tmp_path / "o")
+    args[args.index("--data") + 1] = str(tmp_path / name)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert (
+        f"is a .{name.split('.')[1]} file: compactnn reads labelled data from .safetensors" in err
+    )
+    assert "save_file({'x': x, 'y': y}, 'train.safetensors')" in err
