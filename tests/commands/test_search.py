@@ -226,9 +226,9 @@ def test_a_file_with_both_splits_calibrates_on_train_and_scores_on_test(
     g = torch.Generator().manual_seed(3)
     split = {
         "x_train": torch.randn(40, 1, 8, 8, generator=g),
-        "y_train": torch.randint(0, 10, (40,), generator=g),
+        "y_train": torch.randint(0, 3, (40,), generator=g),
         "x_test": torch.randn(24, 1, 8, 8, generator=g),
-        "y_test": torch.randint(0, 10, (24,), generator=g),
+        "y_test": torch.randint(0, 3, (24,), generator=g),
     }
     save_file(split, tmp / "split.safetensors")
     seen = {}

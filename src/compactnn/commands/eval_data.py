@@ -97,3 +97,30 @@ def drop_lm_labels(model: Any, inputs: Any, labels: Any, spec: str) -> Any:
         file=sys.stderr,
     )
     return None
+
+
+def check_split_labelled(raw: Any, spec: str) -> None:
+    """Refuse ``--data`` whose tensors are all named as a split (``input_ids_train``,
+    ``x_test``...) but hold no labels: a split is read only with its labels, and an
+    unlabelled file holds the model's inputs under their own names.
+
+    Raises:
+        CompactnnError: naming the keys found, the keys an unlabelled file needs and those
+            of a labelled split.
+    """
+    if not isinstance(raw, dict) or not raw:
+        return
+    keys = sorted(k for k in raw if isinstance(k, str))
+    if len(keys) != len(raw) or not all(k.endswith(("_train", "_test")) for k in keys):
+        return
+    if any(k in ("y_train", "y_test", "labels_train", "labels_test") for k in keys):
+        return  # labelled: read as a split
+    names = sorted({k.removesuffix("_train").removesuffix("_test") for k in keys})
+    shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    raise CompactnnError(
+        f"--data {spec} holds {shown}: a split (_train/_test keys) without labels. An "
+        f"unlabelled file holds the inputs under the names the model takes "
+        f"({', '.join(names)}, without _train/_test), and a "
+        f"split needs labels beside them ({names[0]}_train/y_train and {names[0]}_test/y_test; "
+        "the _test part is scored): save one of these forms."
+    )

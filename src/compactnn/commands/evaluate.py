@@ -30,7 +30,12 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
-from compactnn.commands.eval_data import calibration_inputs, drop_lm_labels, read_data
+from compactnn.commands.eval_data import (
+    calibration_inputs,
+    check_split_labelled,
+    drop_lm_labels,
+    read_data,
+)
 from compactnn.commands.eval_table import result_lines, speed_note
 from compactnn.core.calib import (
     as_batches,
@@ -140,6 +145,7 @@ def inputs_of(
     if not args.data:
         return None, None
     raw = read_data(args.data, loaded) if raw is None else raw
+    check_split_labelled(raw, args.data)  # a split without labels: say which keys fit
     inputs, labels = split_labels(raw, note=note, model=loaded.model)
     labels = drop_lm_labels(loaded.model, inputs, labels, args.data)
     check_token_ids(loaded.model, inputs, f"--data {args.data}")  # before a run names neither

@@ -4,27 +4,40 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import shlex
 import shutil
 import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import compactnn
 from compactnn.commands._common import (
     add_model_args,
     check_model_exists,
     given_path,
-    human_bytes,
     load_model,
     model_words,
+    non_negative_float,
     positive_int,
     source_record,
+    split_labels,
+)
+from compactnn.commands.eval_data import check_split_labelled
+from compactnn.commands.evaluate import inputs_of
+from compactnn.commands.search_report import (  # noqa: F401  (size_lines: the command's API)
+    bits_line,
+    print_summary,
+    pruning_lines,
+    size_lines,
 )
 from compactnn.core.calib import as_batches
 from compactnn.errors import CompactnnError
@@ -34,7 +47,8 @@ from compactnn.measure.quality import evaluate
 from compactnn.mixed_precision import Budget, search
 from compactnn.mixed_precision.result import check_search_folder
 from compactnn.model_io import reference_names, resolve_data
-from compactnn.training.data import labelled_keys
+from compactnn.recipe import parse_short_name
+from compactnn.training.data import labelled_keys, split_pair
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,25 +68,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-bytes",
-        type=float,
+        type=budget_number("100000"),
         help="bytes of the searched layers' weights at most (packed codes, scales, biases): "
         "not the artifact, which adds the layers kept in float, recipe.yaml and its header "
         "(the artifact's size is measured and printed beside it)",
     )
-    p.add_argument("--avg-bits", type=float, help="average weight bits at most")
-    p.add_argument("--max-bops", type=float, help="bit-operations per sample at most")
+    p.add_argument("--avg-bits", type=budget_number("4"), help="average weight bits at most")
+    p.add_argument(
+        "--max-bops", type=budget_number("1e9"), help="bit-operations per sample at most"
+    )
     p.add_argument(
         "--max-latency-ratio",
-        type=float,
+        type=budget_number("0.5"),
         help="deployed latency at most this fraction of the widest format's uniform recipe "
         "(per-layer table measured on the int8 runtime; the result is timed end to end)",
     )
     p.add_argument(
         "--max-drop",
-        type=float,
+        type=non_negative_float,
         help="accuracy-aware: the smallest recipe whose quality drop is at most this (top-1 "
-        "points on the held-out x_test/y_test of --data, else on its labelled x/y, which also "
-        "calibrate; else the reference model's own evaluation)",
+        "points, 0 to 100, on the held-out x_test/y_test of --data (or input_ids_test/y_test), "
+        "else on its labelled x/y (or input_ids/y), which also calibrate; else the reference "
+        "model's own evaluation)",
     )
     p.add_argument(
         "--max-evals", type=positive_int, default=8, help="full evaluations (with --max-drop)"
@@ -103,6 +120,51 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 SENSITIVITY = "sensitivity.json"
 
 
+def budget_number(example: str) -> Callable[[str], float]:
+    """An argparse ``type=`` for a budget flag: a finite number above 0 (argparse names the
+    flag in its message; ``example``: a value to suggest).
+
+    Example:
+        >>> budget_number("4")("2.5")
+        2.5
+    """
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a finite number above 0, e.g. {example}"
+            )
+        return value
+
+    return number
+
+
+def check_embeddings(value: str | None, model: nn.Module | None = None) -> str | None:
+    """``--embeddings`` checked: a short name (refused in the flag's words otherwise); None,
+    with a warning, when ``model`` (once loaded) has no embedding table to quantize."""
+    if value is None:
+        return None
+    try:
+        parse_short_name(value)
+    except CompactnnError as exc:
+        raise CompactnnError(
+            f"--embeddings {value!r} is not a format for the embedding tables: pass a short "
+            "name such as w4-g32 or w8-g32 (`compactnn recipes` lists the forms)."
+        ) from exc
+    if model is not None and not any(isinstance(m, nn.Embedding) for m in model.modules()):
+        print(
+            f"warning: --embeddings {value} ignored: MODEL has no embedding table "
+            "(nn.Embedding) to quantize; leave --embeddings out.",
+            file=sys.stderr,
+        )
+        return None
+    return value
+
+
 def check_search_out(out: Path, force: bool) -> None:
     """Refuse, before any work, an ``--out`` the search's files would damage: a compactnn
     artifact (its recipe.yaml would be replaced), a folder of other files, or an earlier
@@ -130,60 +192,120 @@ def check_search_data(data: str | None, model_spec: str) -> None:
         )
 
 
-def data_keys(data: Any) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
-    """``(scored, calibrating)`` key pairs of a labelled ``--data`` mapping: ``--max-drop``
-    scores the held-out split ``x_test``/``y_test`` when there is one, else the labelled
-    pair that also calibrates (``x_train``/``y_train``, ``x``/``y``, ``inputs``/``labels``;
-    a file's only split, ``x_test``/``y_test`` alone included, does both);
-    ``(None, None)`` for unlabelled data.
+def search_data(
+    args: argparse.Namespace, loaded, raw: Any
+) -> tuple[Any, tuple[Any, torch.Tensor] | None, tuple[str, str | None] | None]:
+    """``(calibration inputs, labelled, names)`` of ``--data`` as read (``raw``), read as
+    ``compactnn eval`` reads it (x/y tensors, or named inputs such as ``input_ids`` beside
+    ``y``; of a file holding a ``_train`` and a ``_test`` split, the training split
+    calibrates). With ``--max-drop``: ``labelled`` is the ``(inputs, labels)`` pair it scores
+    (checked against the float model, as ``eval`` checks it) and ``names`` is
+    ``(scored, calibrating)``, the latter None when the scored samples also calibrate;
+    both None for unlabelled data or without ``--max-drop``."""
+    if args.data is None:
+        return raw, None, None
+    check_split_labelled(raw, args.data)  # a split without labels: say which keys fit
+    model = loaded.model
+    pair = split_pair(raw)  # (training split, held-out split, its inputs' name, its inputs)
+    if args.max_drop is None:
+        calib = pair[3] if pair else split_labels(raw, "train", note=False, model=model)[0]
+        return calib, None, None
+    inputs, labels = inputs_of(args, loaded, raw, note=False)
+    if labels is None:
+        return inputs, None, None
+    if pair is not None:
+        keyword = pair[1].startswith("the ")
+        if keyword:  # named inputs with y_train / y_test
+            return pair[3], (inputs, labels), ("the *_test tensors", "the *_train tensors")
+        return pair[3], (inputs, labels), (pair[1], pair[2])
+    tensors = [k for k, v in raw.items() if isinstance(v, torch.Tensor)]
+    keys = labelled_keys(tensors, "eval") or labelled_keys(tensors, "train")
+    if keys is None:  # named inputs beside their labels
+        label = next(k for k in ("y_test", "y_train", "y", "labels") if k in raw)
+        keys = (", ".join(sorted(inputs)) if isinstance(inputs, dict) else "inputs", label)
+    return inputs, (inputs, labels), ("/".join(keys), None)
 
-    Example:
-        >>> data_keys(dict.fromkeys(["x_train", "y_train", "x_test", "y_test"], torch.ones(1)))
-        (('x_test', 'y_test'), ('x_train', 'y_train'))
-        >>> data_keys(dict.fromkeys(["x", "y"], torch.ones(1)))
-        (('x', 'y'), ('x', 'y'))
-        >>> data_keys(dict.fromkeys(["x_test", "y_test"], torch.ones(1)))
-        (('x_test', 'y_test'), ('x_test', 'y_test'))
-    """
-    if not isinstance(data, dict):
-        return None, None
-    tensors = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
-    calib = labelled_keys(tensors, "train") or labelled_keys(tensors, "eval")
-    return labelled_keys(tensors, "eval") or calib, calib
 
-
-def evaluation(args: argparse.Namespace, loaded, labelled, keys) -> tuple[Callable | None, dict]:
+def evaluation(args: argparse.Namespace, loaded, labelled, names) -> tuple[Callable | None, dict]:
     """The quality ``--max-drop`` compares and what it is measured on (``measured_on``,
-    ``in_sample``: recorded in search.json's budget): top-1 on the ``keys``
-    ``(scored, calibrating)`` pairs of labelled ``--data`` (a warning when they are the same
-    samples), else a reference model's held-out evaluation; ``(None, {})`` without
-    ``--max-drop``."""
+    ``in_sample``: recorded in search.json's budget): top-1 on the ``labelled`` pair of
+    ``--data`` (``names``: ``(scored, calibrating)``; a warning when the scored samples also
+    calibrate), else a reference model's held-out evaluation; ``(None, {})`` without
+    ``--max-drop``. Each evaluation is said as it ends (:func:`watched`)."""
     if args.max_drop is None:
         return None, {}
     if labelled:
-        (kx, ky), calib = keys
-        in_sample = keys[0] == calib
-        where = f"{kx}/{ky} of --data {args.data}"
-        said = " (the calibration samples)" if in_sample else f" (held out; {calib[0]} calibrates)"
+        scored, calib = names
+        in_sample = calib is None
+        where = f"{scored} of --data {args.data}"
+        verb = "calibrate" if calib and calib.startswith("the ") else "calibrates"
+        said = " (the calibration samples)" if in_sample else f" (held out; {calib} {verb})"
         print(f"quality for --max-drop: top-1 (%) on {where}{said}")
         if in_sample:
             print(
                 f"warning: the --max-drop drop is measured on the calibration samples ({where} "
                 "also calibrate the search), so it may be optimistic; for a held-out measurement "
-                "give a file with x_train/y_train (calibration) and x_test/y_test (scoring).",
+                "give a file with x_train/y_train (calibration) and x_test/y_test (scoring), or "
+                "input_ids_train/y_train and input_ids_test/y_test.",
                 file=sys.stderr,
             )
         measured = {"measured_on": f"top-1 (%) on {where}{said}", "in_sample": in_sample}
-        return (lambda model: evaluate(model, labelled)), measured
+        return watched(partial(top1, data=labelled), args, loaded.model, "top-1"), measured
     if loaded.reference is not None:
         measured = {"measured_on": f"{args.model}'s held-out evaluation", "in_sample": False}
-        return loaded.reference.evaluate, measured
+        metric = loaded.reference.metric
+        return watched(loaded.reference.evaluate, args, loaded.model, metric), measured
     raise CompactnnError(
         "--max-drop compares the quality of each candidate with the float model's, and "
         "MODEL has no evaluation of its own: pass labelled --data FILE (a .safetensors with "
-        "inputs x and integer class labels y; top-1 on it is the quality and x calibrates), "
+        "inputs x, or named inputs such as input_ids, and integer class labels y; top-1 on it "
+        "is the quality; with x_train/y_train and x_test/y_test the _test split is scored), "
         "or use a reference model (its held-out evaluation)."
     )
+
+
+def top1(model, data) -> float:
+    """Top-1 (%) of ``model`` on the labelled ``data``, its warnings silenced: what the data
+    holds (e.g. padding without an attention mask) was said once, when ``--data`` was read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return evaluate(model, data)
+
+
+def watched(fn: Callable, args: argparse.Namespace, float_model, metric: str) -> Callable:
+    """``fn`` (an evaluation) that says each result as it comes: the float model's quality
+    first (refusing a ``--max-drop`` not below it, in the flag's words), then one line per
+    compressed candidate unless ``--no-progress``."""
+    seen: list[float] = []
+    unit = "%" if metric == "top-1" else ""
+
+    def scored(model) -> Any:
+        quality = fn(model)
+        try:
+            value = float(quality)
+        except (TypeError, ValueError):
+            return quality  # the search names a result that is no number
+        if model is float_model and not seen:
+            if value > 0 and args.max_drop >= value:
+                raise CompactnnError(
+                    f"--max-drop {args.max_drop:g} is not below the float model's quality "
+                    f"({metric} {value:.4g}{unit}): even a quality of 0 would pass. Give the "
+                    f"largest drop you accept, in {metric}{' points' if unit else ''}, e.g. "
+                    f"--max-drop {value * 0.01:.2g} (1% of it)."
+                )
+            print(f"float model: {metric} {value:.4g}{unit}", flush=True)
+        elif seen and not args.no_progress:
+            n, drop = len(seen), seen[0] - value
+            verdict = "within" if drop <= args.max_drop else "over"
+            print(
+                f"  evaluation {n} (at most {args.max_evals}): {metric} {value:.4g}{unit}, drop "
+                f"{drop:.3g} ({verdict} --max-drop {args.max_drop:g})",
+                flush=True,
+            )
+        seen.append(value)
+        return quality
+
+    return scored
 
 
 def latency_example(args: argparse.Namespace, loaded, inputs) -> object:
@@ -217,18 +339,19 @@ def run(args: argparse.Namespace) -> int:
     out = given_path(args.out, "--out")
     check_search_out(out, args.force)  # before the (slow) search
     check_search_data(args.data, args.model)  # before loading the model
+    check_embeddings(args.embeddings)  # before loading the model
     loaded = load_model(args.model, args)
+    args.embeddings = check_embeddings(args.embeddings, loaded.model)  # None: no tables
     raw = resolve_data(args.data, loaded)
-    scored, calib_keys = data_keys(raw)  # a file's held-out split scores --max-drop
-    calib = raw[calib_keys[0]] if calib_keys else raw  # and its training split calibrates
-    labelled = (raw[scored[0]], raw[scored[1]]) if scored else None
-    eval_fn, measured = evaluation(args, loaded, labelled, (scored, calib_keys))
+    # a file's held-out split scores --max-drop and its training split calibrates
+    calib, labelled, names = search_data(args, loaded, raw)
+    eval_fn, measured = evaluation(args, loaded, labelled, names)
     example = latency_example(args, loaded, calib)
     with tempfile.TemporaryDirectory(prefix="compactnn-search-") as staging:
         cache = Path(staging)
         if (out / SENSITIVITY).is_file():  # an earlier search's scores (--force): reused
             shutil.copyfile(out / SENSITIVITY, cache / SENSITIVITY)
-        result = search(
+        result = cli_worded(search)(
             loaded.model,
             formats=args.formats,
             budget=budget,
@@ -250,11 +373,40 @@ def run(args: argparse.Namespace) -> int:
         result.save(out, force=args.force)  # only now: a search that fails leaves --out as it was
         if (cache / SENSITIVITY).is_file():
             atomic_write(out / SENSITIVITY, lambda tmp: shutil.copyfile(cache / SENSITIVITY, tmp))
-    print_summary(result, args)
+    metric = "top-1" if labelled is not None else getattr(loaded.reference, "metric", "quality")
+    print_summary(result, args, loaded.model, metric)
     print(f"  wrote {out / 'recipe.yaml'} and {out / 'search.json'}")
     words = ["compactnn", "compress", args.model, "--recipe", str(out / "recipe.yaml")]
     print(f"  compress with it: {shlex.join(words + model_words(args, loaded))}")
     return 0
+
+
+def cli_worded(fn: Callable) -> Callable:
+    """``fn`` whose CompactnnError messages name the command's flags, not the Python API's
+    keywords (``max_drop=5.0`` -> ``--max-drop 5``).
+
+    Example:
+        >>> cli_words_of("meets max_drop=5.0; raise max_drop or max_evals=3")
+        'meets --max-drop 5; raise --max-drop or --max-evals 3'
+    """
+
+    def worded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CompactnnError as exc:
+            raise CompactnnError(cli_words_of(str(exc))) from exc
+
+    return worded
+
+
+def cli_words_of(text: str) -> str:
+    """``text`` with ``max_drop=N`` / ``max_evals=N`` / a bare ``max_drop`` in flag words."""
+    text = re.sub(
+        r"\b(max_drop|max_evals)=([-+\d.e]+)",
+        lambda m: f"--{m[1].replace('_', '-')} {float(m[2].rstrip('.')):g}",
+        text,
+    )
+    return re.sub(r"\b(?<!-)(max_drop|max_evals)\b", lambda m: "--" + m[1].replace("_", "-"), text)
 
 
 def measured_artifact_bytes(loaded, recipe, calib) -> int:
@@ -271,108 +423,3 @@ def measured_artifact_bytes(loaded, recipe, calib) -> int:
         extra.update(loaded.extra)
         compactnn.save(qmodel, Path(tmp) / "a")
         return artifact_bytes(Path(tmp) / "a")
-
-
-def size_lines(
-    payload: float, artifact: int | None, max_bytes: float | None, floor: float | None = None
-) -> list[str]:
-    """The searched layers' payload (what ``--max-bytes`` bounds) and, when measured, the
-    artifact's bytes on disk, with a note when the artifact exceeds ``--max-bytes``
-    (``floor``: the smallest reachable payload, below which no ``--max-bytes`` is suggested).
-
-    Example:
-        >>> for line in size_lines(11_236, 21_464, 12_000): print(line[:58])
-          searched layers: 11.0 KiB (11,236 B; what --max-bytes 12
-          artifact on disk: 21.0 KiB (21,464 B, measured: the mode
-          note: the artifact is 9,464 B over --max-bytes 12,000: t
-    """
-    bound = f"; what --max-bytes {max_bytes:,.0f} bounds" if max_bytes is not None else ""
-    lines = [
-        f"  searched layers: {human_bytes(payload)} ({payload:,.0f} B{bound}: the packed "
-        "weight codes, scales and biases of the searched layers only)"
-    ]
-    if artifact is not None:
-        lines.append(
-            f"  artifact on disk: {human_bytes(artifact)} ({artifact:,} B, measured: the model "
-            "compressed with recipe.yaml and saved; adds the layers kept in float, "
-            "recipe.yaml and the header)"
-        )
-    if artifact is not None and max_bytes is not None and artifact > max_bytes:
-        rest = artifact - payload  # float layers, recipe.yaml, header (and sparse savings)
-        fix = (
-            f"for an artifact of at most {max_bytes:,.0f} B, search with --max-bytes "
-            f"{max_bytes - rest:,.0f} (the rest of the artifact, {rest:,.0f} B, staying the same)"
-            if max_bytes > rest
-            else f"the rest of the artifact alone takes {rest:,.0f} B"
-        )
-        if floor is not None and rest < max_bytes < rest + floor:
-            fix = (
-                f"an artifact of at most {max_bytes:,.0f} B is out of reach with these formats: "
-                f"the rest of the artifact takes {rest:,.0f} B and the searched layers at least "
-                f"{floor:,.0f} B (a smaller --embeddings format or cheaper formats shrink it)"
-            )
-        lines.append(
-            f"  note: the artifact is {artifact - max_bytes:,.0f} B over --max-bytes "
-            f"{max_bytes:,.0f}: the budget bounds the searched layers, not the file; {fix}"
-        )
-    return lines
-
-
-def pruning_lines(result) -> list[str]:
-    """The channel pruning a result chose: each pruned residual group with its ratio."""
-    return [
-        f"  channel pruning: residual group {','.join(g['layers'])} at {g['chosen']} "
-        f"({g['chosen'][2:]}% of its channels removed)"
-        for g in result.groups
-        if g["chosen"] != "keep"
-    ]
-
-
-def bits_line(result, avg_bits: float | None) -> str:
-    """The average bits per weight: the kept weights' code bits over the searched layers'
-    weight count before any pruning (the quantity ``--avg-bits`` bounds; a ``ch<P>+`` format
-    is priced on its own kept rows, the next layer's removed inputs not counted)."""
-    pruned = any(g["chosen"] != "keep" for g in result.groups) or any(
-        f.startswith("ch") for f in result.assignment.values()
-    )
-    n = f"{int(result.cost['weights']):,}"
-    over = f"code bits of the kept weights / the {n} weights before pruning" if pruned else ""
-    over = over or f"over {n} weights"
-    limit = f"; budget {avg_bits:g}" if avg_bits is not None else ""
-    return f"  average bits per weight: {result.cost['avg_bits']:.3g} ({over}{limit})"
-
-
-def print_summary(result, args: argparse.Namespace) -> None:
-    """The search's result in a few lines: formats, pruning, size, bits, trials, latency."""
-    counts: dict[str, int] = {}
-    for fmt in result.assignment.values():
-        counts[fmt] = counts.get(fmt, 0) + 1
-    print(f"searched {len(result.layers)} layers in {result.seconds:.1f} s")
-    print("  formats: " + ", ".join(f"{f} x{n}" for f, n in counts.items()))
-    for line in pruning_lines(result):
-        print(line)
-    floor = min((p["bytes"] for p in result.frontier), default=None)  # cheapest reachable
-    for line in size_lines(
-        result.cost["bytes"], result.budget.get("artifact_bytes"), args.max_bytes, floor
-    ):
-        print(line)
-    if "avg_bits" in result.cost:
-        print(bits_line(result, args.avg_bits))
-    for t in result.tried:
-        mark = "ok " if t["passed"] else "no "
-        print(f"  tried ({t['stage']}): {mark} drop {t['drop']:.3f}, {human_bytes(t['bytes'])}")
-    check = result.latency.get("check")
-    if check:
-        print(
-            f"  deployed latency: {check['measured_ms']:.2f} ms vs {check['reference']} "
-            f"{check['reference_ms']:.2f} ms (ratio {check['measured_ratio']:.2f}, CPU-time "
-            f"ratio {check['cpu_ratio']:.2f}); per-layer proxy {check['proxy_ms']:.2f} ms "
-            f"(error {100 * check['proxy_error']:+.0f}%)"
-        )
-    if result.budget.get("met") is True:
-        print(
-            f"  latency budget met: {result.budget['measured_ratio']:.2f}x <= "
-            f"--max-latency-ratio {args.max_latency_ratio:g}"
-        )
-    elif result.budget.get("met") is False:
-        print(f"  budget NOT met: {result.budget['not_met']}")
