@@ -49,11 +49,13 @@ def test_binary_recipe_builds_blocks_with_binary_codes(tiny):
     assert compactnn.info_of(q)["extra"]["binary_blocks"] == {"c2": "reactnet", "c3": "reactnet"}
 
 
-@pytest.mark.parametrize("recipe", ["w4a4-lsq", "w1a1-reactnet", "w1a1-bireal"])
+@pytest.mark.parametrize(
+    "recipe", ["w4a4-lsq", "w1a1-reactnet", "w1a1-bireal", "w2a8-ttq", "w2a8-twn"]
+)
 def test_own_loop_then_freeze_matches_the_wrapped_model(tiny, recipe):
     model, (x, y), _ = tiny
     qat = prepare_qat(model, recipe, x[:64])
-    assert isinstance(qat.c2, QATLayer if recipe == "w4a4-lsq" else BinaryBlock)
+    assert isinstance(qat.c2, BinaryBlock if recipe.startswith("w1a1") else QATLayer)
     opt = torch.optim.Adam(qat.parameters(), lr=1e-3)
     for _ in range(3):
         opt.zero_grad()
