@@ -57,7 +57,7 @@ def project(tmp_path, monkeypatch):
 
 
 def _deploy(*extra: str) -> int:
-    return main(["deploy", "art", *MODEL, "--runs", "2", "--no-progress", *extra])
+    return main(["deploy", "art", *MODEL, "--runs", "2", "--quick", "--no-progress", *extra])
 
 
 def _no_work(monkeypatch):
@@ -206,7 +206,15 @@ def test_deploy_calibrates_a_model_on_the_training_split(project, monkeypatch, c
         return compress(model, recipe, calib_data=calib_data, **kwargs)
 
     monkeypatch.setattr(compactnn, "compress", spy)
-    args = ["deploy", "deploy_cli_factory:make", "--weights", "w.safetensors", "--runs", "2"]
+    args = [
+        "deploy",
+        "deploy_cli_factory:make",
+        "--weights",
+        "w.safetensors",
+        "--runs",
+        "2",
+        "--quick",
+    ]
     assert main([*args, "--no-progress", "--data", "split.safetensors"]) == 0
     assert len(calibrated) == 1 and torch.equal(calibrated[0], project["x_train"])
     err = capsys.readouterr().err
@@ -216,7 +224,15 @@ def test_deploy_calibrates_a_model_on_the_training_split(project, monkeypatch, c
 def test_deploy_recipe_on_a_one_split_file_says_it_scores_its_calibration_data(project, capsys):
     """eval --recipe said so; deploy --recipe calibrated on the data it scored silently."""
     save_file({"x": project["x_test"], "y": project["y_test"]}, "xy.safetensors")
-    args = ["deploy", "deploy_cli_factory:make", "--weights", "w.safetensors", "--runs", "2"]
+    args = [
+        "deploy",
+        "deploy_cli_factory:make",
+        "--weights",
+        "w.safetensors",
+        "--runs",
+        "2",
+        "--quick",
+    ]
     assert main([*args, "--no-progress", "--data", "xy.safetensors"]) == 0
     assert "note: --data holds one split: --recipe calibrates on the data it scores" in (
         capsys.readouterr().err
@@ -293,7 +309,7 @@ def test_a_deployed_artifact_is_refused_in_command_line_words(project, capsys, m
 
 def test_a_training_recipe_is_noted_as_calibrated_without_training(project, capsys):
     args = ["deploy", MODEL[1], *MODEL[2:], "--recipe", "w4a4-lsq", "--data", "split.safetensors"]
-    assert main([*args, "--runs", "2", "--no-progress"]) == 0
+    assert main([*args, "--runs", "2", "--quick", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "note: w4a4-lsq is a training-aware recipe; compress calibrates it without" in err
     assert "compactnn train deploy_cli_factory:make --recipe w4a4-lsq" in err

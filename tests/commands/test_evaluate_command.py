@@ -239,10 +239,10 @@ def test_load_with_the_wrong_architecture_raises_artifact_error(project):
 
 
 def test_deploy_accepts_no_progress_and_prints_the_batch(project, capsys):
-    args = ["deploy", "art-w8a8", *MODEL, "--runs", "2", "--no-progress"]
+    args = ["deploy", "art-w8a8", *MODEL, "--runs", "2", "--no-progress", "--quick"]
     assert main([*args, "--data", "xy.safetensors"]) == 0
     out = capsys.readouterr().out
-    assert "median of at least 2 runs (a fast model: blocks of about 0.1 s), batch 32" in out
+    assert "median of at least 3 runs (a fast model: blocks of about 0.1 s), batch 32" in out
     qmodel = compactnn.load("art-w8a8", model=project["factory"].make())
     simulated = evaluate(qmodel, (project["x"], project["y"]))
     assert f"top-1 on --data: simulated {simulated:.2f}%" in out

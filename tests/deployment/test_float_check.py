@@ -38,3 +38,20 @@ def test_the_fastest_call_decides_not_a_median_that_interference_moved():
     assert not [w for w in caught if issubclass(w.category, TimingWarning)]
     assert times["disturbed"] < times["steady"]
     assert 0.001 <= times["disturbed"] < 0.005 and times["steady"] >= 0.006
+
+
+def test_the_hidden_race_leaves_the_later_timing_free_to_warn():
+    """The race's warnings are hidden, so they must not count as said: the table timed after
+    it warns for the same contender and reason (deploy marked fp32-eager ``*`` with no
+    warning above to explain it)."""
+    disturbed = _Sleeper([20.0, 2.0, 20.0])
+    label = "fp32-eager (race probe)"  # a label no other test times: warned once per process
+    float_check.time_contenders({label: disturbed}, torch.zeros(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        float_check.time_blocks(
+            {label: float_check.model_call(disturbed, torch.zeros(1))},
+            warmup=1, runs=6, threads=None, pause_s=0.0, block_s=0.0,
+        )  # fmt: skip
+    said = [str(w.message) for w in caught if issubclass(w.category, TimingWarning)]
+    assert any(m.startswith(f"latency of {label} may be inflated: runs spread") for m in said)

@@ -20,17 +20,19 @@ from compactnn.commands._common import (
 )
 from compactnn.commands.compress import note_training_recipe as _note_training_recipe
 from compactnn.commands.eval_data import ONE_SPLIT_NOTE, read_data
+from compactnn.commands.eval_table import SUSPECT_FOOTNOTE, faster_note
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
-from compactnn.core.calib import as_batches, batch_size_of, main_output
+from compactnn.core.calib import as_batches, batch_size_of, call_model, main_output
 from compactnn.deployment.api import BACKENDS, DeployedModel
 from compactnn.deployment.refusals import PLAIN_FLOAT_CLI
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.export.fs import check_file_path
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
+from compactnn.measure.fidelity import collapse_note
 from compactnn.measure.float_paths import FloatPaths, fastest_float_path, is_plain_float
 from compactnn.measure.quality import evaluate
-from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS
+from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS, suspect_mark, timing_suspect
 from compactnn.model_io import skeleton_for
 from compactnn.training.data import labelled_keys
 
@@ -83,6 +85,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs, at least (median)"
     )
+    p.add_argument("--quick", action="store_true", help="no torch.compile float path, 3 timed runs")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_model_args(p)
     return p
@@ -188,6 +191,68 @@ def _save(deployed, args: argparse.Namespace, onnx_existed: bool) -> None:
             Path(args.onnx).unlink(missing_ok=True)
         raise
     print(f"saved the deployed model to {args.save} (sha256 {digest})")
+    print(f"  {_stored_samples_note(deployed, args)}")
+
+
+def _stored_samples_note(deployed: DeployedModel, args: argparse.Namespace) -> str:
+    """Which of the user's inputs ``--save`` put into the artifact, and how to avoid it."""
+    from compactnn.deployment.ship import MAX_SAMPLES
+
+    n = min(batch_size_of(deployed.example) or MAX_SAMPLES, MAX_SAMPLES)
+    source = f"--data {args.data}" if args.data else "the model's calibration data"
+    where = Path(args.save) / "deployment.safetensors"
+    return (
+        f"{where} holds {n} sample(s) of {source} (the batch compactnn.load verifies the "
+        "model on again): share the artifact only where those inputs may go; deploy has no "
+        "option to leave them out (save_deployed(deployed, path, example=...) in Python stores "
+        "other inputs instead)"
+    )
+
+
+def _collapse_warning(loaded, qmodel, example, deployed: DeployedModel) -> str | None:
+    """:func:`~compactnn.measure.fidelity.collapse_note` on the sample batch: the simulated
+    output is the same for every sample while the float model's is not."""
+    import torch
+
+    with torch.no_grad():
+        ref = main_output(call_model(loaded.model, example, "first"))
+        sim = main_output(call_model(qmodel, example, "first"))
+    if not isinstance(ref, torch.Tensor) or not isinstance(sim, torch.Tensor):
+        return None
+    step = deployed.verification.output_step if deployed.verification is not None else None
+    return collapse_note(ref, sim, step)
+
+
+def _latency_lines(
+    args: argparse.Namespace, deployed: DeployedModel, paths: FloatPaths, batch: int | None
+) -> list[str]:
+    """The latency table (cells whose timing looked inflated marked ``*``, as ``eval``
+    marks them), its footnote, and the notes on the deployed model's speedup."""
+    best = paths.best.to_dict()
+    runs = 3 if args.quick else args.runs
+    compile_ = "" if args.quick else ", torch.compile among the float paths"
+    lines = [
+        f"latency: median of at least {runs} runs (a fast model: blocks of about 0.1 s), "
+        f"batch {batch}, {args.threads} threads{compile_}, every "
+        "contender timed side by side (rotating blocks):"
+    ]
+    for label, t in paths.timings.items():
+        mine = t.to_dict()
+        latency = t.fmt() + suspect_mark(mine)
+        speedup = f"{best['median_s'] / t.median_s:5.2f}x" + suspect_mark(mine, best)
+        lines.append(f"  {label:<14} {latency:>26}  {speedup} vs {paths.winner}")
+    if timing_suspect(best, *(t.to_dict() for t in paths.timings.values())):
+        lines.append(SUSPECT_FOOTNOTE)
+    for why, reason in paths.skipped.items():
+        lines.append(f"  skipped {why}: {reason}")
+    t = paths.timings.get("deployed")
+    if t is not None:
+        suspect = timing_suspect(best, t.to_dict())
+        if (said := faster_note(best["median_s"], t.median_s, suspect=suspect)) is not None:
+            lines.append(f"  note: deployed {said}")
+    if (said := _disagreement(deployed, paths)) is not None:
+        lines.append(f"  note: {said}")
+    return lines
 
 
 def _disagreement(deployed: DeployedModel, paths: FloatPaths) -> str | None:
@@ -215,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
             qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
         )
     print(f"deployed on {deployed.backend}: {deployed.verification}")
+    if (collapsed := _collapse_warning(loaded, qmodel, example, deployed)) is not None:
+        print(f"warning: {collapsed}", file=sys.stderr)
     for name, reason in deployed.kept_float.items():
         print(f"  kept in float: {name} ({reason})")
     if deployed.selection:
@@ -232,20 +299,10 @@ def run(args: argparse.Namespace) -> int:
     if args.save:
         _save(deployed, args, onnx_existed)
     paths = fastest_float_path(
-        loaded.model, example, quick=True, threads=args.threads, runs=args.runs,
-        extra={"simulated": qmodel, "deployed": deployed},
+        loaded.model, example, quick=args.quick, threads=args.threads,
+        runs=3 if args.quick else args.runs, extra={"simulated": qmodel, "deployed": deployed},
     )  # fmt: skip
-    base = paths.best.median_s
-    batch = batch_size_of(example)
-    print(
-        f"latency: median of at least {args.runs} runs (a fast model: blocks of about 0.1 s), "
-        f"batch {batch}, {args.threads} threads, every "
-        "contender timed side by side (rotating blocks):"
-    )
-    for label, t in paths.timings.items():
-        print(f"  {label:<14} {t.fmt():>24}  {base / t.median_s:5.2f}x vs {paths.winner}")
-    if (said := _disagreement(deployed, paths)) is not None:
-        print(f"  note: {said}")
+    print("\n".join(_latency_lines(args, deployed, paths, batch_size_of(example))))
     if labels is not None:
         progress = not args.no_progress
         sim_q = evaluate(qmodel, (inputs, labels), progress=progress)

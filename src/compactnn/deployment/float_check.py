@@ -17,8 +17,9 @@ from compactnn.core.calib import call_model
 from compactnn.core.modules import set_module
 from compactnn.core.qlayers import ActQuantizer, conv_kwargs, is_quant_layer
 from compactnn.errors import CompactnnError, first_line, user_stacklevel
+from compactnn.measure import timing
 from compactnn.measure.float_paths import ort_float
-from compactnn.measure.timing import TimingWarning, model_call, time_blocks
+from compactnn.measure.timing import model_call, time_blocks
 
 FLOAT_CONTENDERS = ("fp32-onnxruntime", "fp32-eager")  # timed beside the int8 backends
 FLOAT_MARGIN = 1.1  # float must win by more than 10% before deploy says so
@@ -87,8 +88,9 @@ def time_contenders(contenders: dict[str, Any], example: Any, runs: int = 6) -> 
     interference (which only ever adds time) moved medians enough to pick ONNX Runtime at
     4.3 ms over oneDNN's 0.49 ms for mnist-cnn in a demo run at load 3.5."""
     calls = {k: model_call(m, example) for k, m in contenders.items()}
-    with warnings.catch_warnings():  # a noisy race still ranks them by their fastest calls;
-        warnings.simplefilter("ignore", TimingWarning)  # what users see is timed apart
+    with timing.quiet_timing():  # a noisy race still ranks them by their fastest calls; the
+        # table timed later warns once per contender and reason (else fp32-eager's `*` there
+        # goes unexplained)
         timings = time_blocks(calls, warmup=1, runs=runs, threads=None, pause_s=0.01, block_s=0.02)
     return {k: t.min_s for k, t in timings.items()}
 

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -37,19 +38,93 @@ def first_rows(batch: Any, n: int = 1) -> Any:
     return batch[:n]
 
 
+def exact_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each row of ``a`` (N, D) with the same row of ``b``, exact at any
+    scale: each row is divided by its largest magnitude first and the sums are taken in
+    float64 (``F.cosine_similarity`` clamps each norm at ``eps=1e-8``, so outputs of about
+    1e-10 scored 0.005 against themselves). Two all-zero rows are identical (1.0); an
+    all-zero row against a nonzero one shares no direction (0.0).
+
+    Example:
+        >>> tiny = torch.tensor([[1e-10, 2e-10], [0.0, 0.0], [0.0, 0.0]])
+        >>> cos = exact_cosine(tiny, torch.tensor([[1e-10, 2e-10], [0.0, 0.0], [1.0, 0.0]]))
+        >>> [round(c, 9) for c in cos.tolist()]
+        [1.0, 1.0, 0.0]
+    """
+    a, b = a.double(), b.double()
+    a = a / a.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    b = b / b.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    na, nb = a.norm(dim=1), b.norm(dim=1)  # each in [1, sqrt(D)] unless the row is all zero
+    cos = (a * b).sum(dim=1) / (na * nb).clamp_min(1.0)  # clamp only acts on a zero row
+    both_zero = (na == 0) & (nb == 0)
+    return torch.where(both_zero, torch.ones_like(cos), cos).clamp(-1.0, 1.0)
+
+
+def collapse_note(
+    reference: torch.Tensor, output: torch.Tensor, step: float | None = None
+) -> str | None:
+    """A one-line warning when ``output`` (N, ...) is the same for every sample while
+    ``reference`` (the float model's, same shape) is not: the quantized model collapsed to
+    one code, so a verification against it proves nothing; None otherwise (or N < 2).
+
+    Example:
+        >>> ref = torch.tensor([[1e-10, 3e-10], [2e-10, 1e-10]])
+        >>> collapse_note(ref, torch.zeros(2, 2), step=1.0)[:59]
+        "the quantized model's output is the same for all 2 samples "
+        >>> collapse_note(ref, ref) is None
+        True
+    """
+    n = output.shape[0] if output.dim() else 0
+    if n < 2 or tuple(reference.shape) != tuple(output.shape):
+        return None
+    out, ref = output.reshape(n, -1).float(), reference.reshape(n, -1).float()
+    if not bool((out == out[:1]).all()) or bool((ref == ref[:1]).all()):
+        return None
+    return collapse_text(n, float(ref.abs().max()), step)
+
+
+def collapse_text(samples: int, biggest: float, step: float | None = None) -> str:
+    """:func:`collapse_note`'s line for ``samples`` samples whose float outputs reach
+    ``biggest`` in magnitude, on an output grid of ``step`` (None: not known)."""
+    if step is not None and biggest < step:
+        cause = f"the float outputs are far smaller than one step of the output scale ({step:.3g})"
+    else:
+        cause = "weights or activations are far smaller than one step of their quantization grid"
+    return (
+        f"the quantized model's output is the same for all {samples} samples while the float "
+        f"model's varies (largest |output| {biggest:.3g}): the quantized model collapsed, "
+        f"likely because {cause} (e.g. a random-weight model whose activations vanish); a "
+        "verification or score against it proves nothing: compress a trained model"
+    )
+
+
+class CollapseWarning(UserWarning):
+    """The quantized model's output is constant over the samples (:func:`collapse_note`)."""
+
+
 @torch.no_grad()
 def output_fidelity(reference: nn.Module, model: nn.Module, batches: list) -> dict[str, float]:
-    """Mean cosine (per sample, flattened) and SQNR in dB of ``model``'s outputs vs
-    ``reference``'s on ``batches``."""
+    """Mean cosine (per sample, flattened; :func:`exact_cosine`) and SQNR in dB of
+    ``model``'s outputs vs ``reference``'s on ``batches``. Warns (:class:`CollapseWarning`)
+    when ``model``'s output is the same for every sample while ``reference``'s is not."""
     cos, signal, noise = [], 0.0, 0.0
+    first: tuple[torch.Tensor, torch.Tensor] | None = None  # (float row, quantized row)
+    same_out, same_ref, samples, biggest = True, True, 0, 0.0
     for batch in batches:
         ref = main_output(call_model(reference, batch, "first")).float()
         out = main_output(call_model(model, batch, "first")).float()
         r, o = ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)  # (N, D)
-        cos.append(torch.nn.functional.cosine_similarity(r, o, dim=1))
-        signal += float((r**2).sum())
-        noise += float(((r - o) ** 2).sum())
-    sqnr = float("inf") if noise == 0 else 10 * torch.log10(torch.tensor(signal / noise)).item()
+        cos.append(exact_cosine(r, o))
+        signal += float((r.double() ** 2).sum())
+        noise += float(((r.double() - o.double()) ** 2).sum())
+        first = first or (r[:1], o[:1])
+        same_out &= o.shape[1:] == first[1].shape[1:] and bool((o == first[1]).all())
+        same_ref &= r.shape[1:] == first[0].shape[1:] and bool((r == first[0]).all())
+        biggest = max(biggest, float(r.abs().max()) if r.numel() else 0.0)
+        samples += r.shape[0]
+    if samples > 1 and same_out and not same_ref:  # collapsed to one code (collapse_note)
+        warnings.warn(collapse_text(samples, biggest), CollapseWarning, stacklevel=2)
+    sqnr = float("inf") if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
     return {"cosine": float(torch.cat(cos).mean()), "sqnr_db": sqnr}
 
 

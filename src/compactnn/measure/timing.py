@@ -13,12 +13,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -168,12 +169,27 @@ def spin_count() -> str:
 
 
 _warned: set[tuple[str, str]] = set()
+_quiet = 0  # > 0 inside quiet_timing(): timing warnings neither shown nor counted as said
 
 
 def _warn_once(key: tuple[str, str], message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, TimingWarning, stacklevel=user_stacklevel())
+    if _quiet or key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, TimingWarning, stacklevel=user_stacklevel())
+
+
+@contextlib.contextmanager
+def quiet_timing() -> Iterator[None]:
+    """Time without the once-per-reason warnings: none is shown inside, and none counts as
+    said, so a later timing of the same contender (the one a user sees) still warns (a
+    backend race timed apart from the table it picks for)."""
+    global _quiet
+    _quiet += 1
+    try:
+        yield
+    finally:
+        _quiet -= 1
 
 
 def check_environment(load: float | None = None) -> str | None:
