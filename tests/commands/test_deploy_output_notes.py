@@ -104,3 +104,27 @@ def test_quick_leaves_torch_compile_out_and_says_so(collapsed, capsys):
     assert collapsed["quick"] is True and collapsed["runs"] == 3
     assert "median of at least 3 runs" in out and "torch.compile among" not in out
     assert "saved the deployed model" not in out and "deployment.safetensors" not in out
+
+
+def test_compress_warns_of_a_collapse_too(collapsed, capsys):
+    """compress ran no comparison with the float model: a collapsed model was saved without
+    a word (T3's random-weight MobileNetV2)."""
+    args = ["compress", "deploy_notes_factory:make", "--weights", "w.safetensors", "-r", "w8a8"]
+    args += ["--data", "x.safetensors", "--out", "art2"]
+    assert main([*args, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the quantized model's output is the same for all 16 samples" in err
+
+
+def test_compress_of_a_healthy_model_does_not_warn(tmp_path, monkeypatch, capsys):
+    (tmp_path / "healthy_factory.py").write_text(FACTORY.replace("mul_(1e-9)", "mul_(1.0)"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import healthy_factory
+
+    save_file(healthy_factory.make().state_dict(), "w.safetensors")
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    save_file({"x": x}, "x.safetensors")
+    args = ["compress", "healthy_factory:make", "--weights", "w.safetensors"]
+    assert main([*args, "-r", "w8a8", "--data", "x.safetensors", "-o", "a", "--no-progress"]) == 0
+    assert "output is the same for all" not in capsys.readouterr().err

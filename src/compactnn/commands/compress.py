@@ -32,6 +32,7 @@ from compactnn.commands._common import (
     split_labels,
 )
 from compactnn.commands.compress_summary import (
+    collapse_line,
     layer_summary,
     note_lines,
     probe_layers,
@@ -294,6 +295,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     for line in note_lines(info["notes"], set(warned)):
         print(line)
+    if (collapsed := collapse_line(loaded.model, qmodel, data)) is not None:
+        print(f"warning: {collapsed}", file=sys.stderr)
     for method, mib in info.get("measured", {}).get("peak_rss_mib", {}).items():
         print(f"  peak resident memory of {method}: {mib} MiB (this run; not saved)")
     print(f"  artifact: {out}  {human_bytes(size)} ({float_comparison(size, float_size)})")
