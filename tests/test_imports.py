@@ -159,6 +159,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the application: command line, reference models and data, demo, report, benchmarks
     (
         "compactnn.model_io",
+        "compactnn.hf_folder_errors",
         "compactnn.user_modules",
         "compactnn.data_files",
         "compactnn.models",

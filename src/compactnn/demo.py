@@ -33,6 +33,7 @@ import compactnn
 from compactnn.core.calib import batch_size_of, call_model, main_output
 from compactnn.demo_suite import SUITE, suite_recipe
 from compactnn.errors import CompactnnError, first_line
+from compactnn.export.artifact import check_writable
 from compactnn.measure import (
     DEFAULT_RUNS,
     DEFAULT_THREADS,
@@ -76,12 +77,18 @@ def group_suite(suite: list[tuple[str, str]]) -> dict[str, list[str]]:
     return grouped
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, grouped: dict[str, list[str]]) -> None:
+    """Refuse, before any model loads, an ``out`` the demo could not write: an earlier report
+    without ``force``, or an artifact folder that ``compactnn.save`` would refuse (a system
+    folder, a file on the path, not writable)."""
     if (out / RESULTS).exists() and not force:
         raise CompactnnError(
             f"{str(out)!r} already holds a demo report; pass --force to replace it or "
             "choose another --out."
         )
+    for name, recipes in grouped.items():  # the checks of measure_recipe's saves, up front
+        for recipe in recipes:
+            check_writable(out / "artifacts" / name / recipe, force=True, what="--out")
     if force and (out / "artifacts").is_dir():
         shutil.rmtree(out / "artifacts")  # stale artifacts of recipes no longer in the suite
 
@@ -345,8 +352,8 @@ def run_demo(
     from compactnn.report.resident import measure_rows, temporary_folder
 
     out = Path(out)
-    _check_out(out, force)
     grouped = group_suite(list(suite if suite is not None else SUITE))
+    _check_out(out, force, grouped)
     previous = torch.get_num_threads()
     threads = set_threads(threads)
     rows, models, jobs = [], {}, [] if memory else None

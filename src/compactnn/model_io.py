@@ -22,7 +22,6 @@ given to the model as keywords), a ``.npy`` array, or a reference data set name.
 from __future__ import annotations
 
 import importlib
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,12 @@ from compactnn.data_files import keywords_for as _keywords_for
 from compactnn.errors import CompactnnError, cut, first_line, user_stacklevel
 from compactnn.export.fs import hf_weights_file
 from compactnn.export.fs import sha256_file as file_sha256
+from compactnn.hf_folder_errors import (
+    has_safetensors_weights,
+    mismatch_message,
+    unknown_model_type,
+    weights_refusal,
+)
 from compactnn.user_modules import user_folder_importable
 
 MODEL_FORMS = (
@@ -216,22 +221,9 @@ def _load_hf_dir(path: Path, trust_pickle: bool) -> LoadedModel:
 
     from compactnn.export.hf import hf_header
 
-    safetensors = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
-    pickles = sorted(p.name for p in path.glob("pytorch_model*.bin*"))
-    if not safetensors and not pickles:
-        raise CompactnnError(
-            f"{str(path)!r} has no weights: a Hugging Face folder holds model.safetensors (or "
-            "model.safetensors.index.json and its shards) beside config.json. Save the model "
-            "there with save_pretrained(folder), or pass the folder that holds its weights."
-        )
-    if not safetensors and not trust_pickle:
-        raise CompactnnError(
-            f"refusing to load {str(path)!r}: it has no .safetensors weights, and its "
-            f"{pickles[0]} is a pickle (unpickling can run code). Save the model with "
-            "save_pretrained(..., safe_serialization=True), or pass --trust-pickle if you "
-            "trust its author."
-        )
-    model = _hf_model(transformers, path, safetensors)
+    if refusal := weights_refusal(path, trust_pickle):  # no weights, or a pickle untrusted
+        raise refusal
+    model = _hf_model(transformers, path, has_safetensors_weights(path))
     example = None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(
@@ -266,7 +258,8 @@ def _hf_model(transformers: Any, path: Path, safetensors: bool) -> nn.Module:
         raise
     except Exception as exc:
         why = f"cannot load the Hugging Face model in {str(path)!r}: {first_line(exc, 300)}"
-        raise CompactnnError(_unknown_model_type(transformers, path) or why) from exc
+        why = mismatch_message(exc, path) or unknown_model_type(transformers, path) or why
+        raise CompactnnError(why) from exc
     misfit = misfit_line(
         [repr(k) for k in sorted(info.get("missing_keys", ()))],
         [repr(k) for k in sorted(info.get("unexpected_keys", ()))],
@@ -279,25 +272,6 @@ def _hf_model(transformers: Any, path: Path, safetensors: bool) -> nn.Module:
             "the whole model with save_pretrained, or fix config.json's architectures."
         )
     return model
-
-
-def _unknown_model_type(transformers: Any, path: Path) -> str | None:
-    """One line when ``config.json``'s ``model_type`` is not one the installed transformers
-    knows (a newer model, or a custom one whose code compactnn never runs); else None."""
-    try:
-        model_type = json.loads((path / "config.json").read_text())["model_type"]
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
-            return None
-    except Exception:  # unreadable config.json or another layout: transformers' error stands
-        return None
-    return (
-        f"{str(path / 'config.json')!r} has model_type {model_type[:80]!r}, which the installed "
-        f"transformers {transformers.__version__} does not know (compactnn never runs code "
-        "from a model folder): upgrade transformers to a release that has this model type, "
-        "or set model_type to one it has."
-    )
 
 
 def _dtype_argument(transformers: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,48 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more, e.g. 2")
+    return value
+
+
+def thread_cap() -> int:
+    """The most ``--threads`` a command takes: 4 per CPU, at least 64. Far more threads than
+    CPUs only slow torch down, and torch itself crashes (``set_num_threads(100000)``: a
+    segmentation fault) or stalls for minutes at a few thousand."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def thread_count(text: str) -> int:
+    """An argparse ``type=`` for ``--threads``: a whole number from 1 to :func:`thread_cap`.
+
+    Example:
+        >>> thread_count("2")
+        2
+    """
+    value = positive_int(text)
+    if value > (cap := thread_cap()):
+        cpus = os.cpu_count() or 1
+        raise argparse.ArgumentTypeError(
+            f"{text!r} threads is more than {cap} (4 per CPU, at least 64; this machine has "
+            f"{cpus} CPUs): torch crashes or stalls with that many threads; pass a number up "
+            f"to the CPU count ({cpus}), e.g. 2 (the default)"
+        )
+    return value
+
+
+def tolerance_steps(text: str) -> float:
+    """An argparse ``type=`` for ``--tolerance``: a finite number of 0 or more, in steps of
+    the output scale.
+
+    Example:
+        >>> tolerance_steps("0.5")
+        0.5
+    """
+    value = _finite(text)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number of 0 or more, e.g. 2 (the default, in steps of "
+            "the output scale)"
+        )
     return value
 
 

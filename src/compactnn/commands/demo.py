@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from compactnn.commands._common import positive_int
+from compactnn.commands._common import thread_count
 from compactnn.measure.timing import DEFAULT_THREADS
 
 
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing report")
     p.add_argument("--quick", action="store_true", help="3 timed runs, no torch.compile")
     p.add_argument(
-        "--threads", type=positive_int, default=DEFAULT_THREADS, help="torch threads (2)"
+        "--threads", type=thread_count, default=DEFAULT_THREADS, help="torch threads (2)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(

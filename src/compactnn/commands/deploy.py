@@ -14,9 +14,10 @@ from compactnn.commands._common import (
     check_apart_from_inputs,
     check_not_an_input,
     load_model,
-    non_negative_float,
     positive_int,
     split_labels,
+    thread_count,
+    tolerance_steps,
 )
 from compactnn.commands.compress import note_training_recipe as _note_training_recipe
 from compactnn.commands.eval_data import ONE_SPLIT_NOTE, read_data
@@ -65,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tolerance",
-        type=non_negative_float,
+        type=tolerance_steps,
         default=DEFAULT_TOLERANCE,
         help="max steps of output scale (a number of 0 or more)",
     )
@@ -80,7 +81,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace an artifact at --save, a file at --onnx"
     )
     p.add_argument(
-        "--threads", type=positive_int, default=DEFAULT_THREADS, help="torch threads (2)"
+        "--threads", type=thread_count, default=DEFAULT_THREADS, help="torch threads (2)"
     )
     p.add_argument(
         "--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs, at least (median)"

@@ -29,6 +29,7 @@ from compactnn.commands._common import (
     positive_int,
     source_record,
     split_labels,
+    thread_count,
 )
 from compactnn.commands.eval_data import (
     calibration_inputs,
@@ -106,7 +107,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="no torch.compile float path, 3 timed runs")
     p.add_argument(
-        "--threads", type=positive_int, default=DEFAULT_THREADS, help="torch threads (2)"
+        "--threads", type=thread_count, default=DEFAULT_THREADS, help="torch threads (2)"
     )
     p.add_argument(
         "--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs, at least (median)"

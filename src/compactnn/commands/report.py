@@ -10,7 +10,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from compactnn.commands._common import add_model_args, given_path, positive_int
+from compactnn.commands._common import add_model_args, given_path, positive_int, thread_count
 from compactnn.commands.eval_data import EVAL_DATA_SETS
 from compactnn.errors import CompactnnError
 from compactnn.measure import DEFAULT_RUNS, DEFAULT_THREADS
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing report in --out")
     p.add_argument("--title", help="the report's heading")
     p.add_argument(
-        "--threads", type=positive_int, default=DEFAULT_THREADS, help="torch threads (2)"
+        "--threads", type=thread_count, default=DEFAULT_THREADS, help="torch threads (2)"
     )
     p.add_argument(
         "--runs", type=positive_int, default=DEFAULT_RUNS, help="timed runs, at least (median)"
