@@ -89,16 +89,15 @@ def __getattr__(name: str) -> object:
     ``compactnn.models``, ...), each imported on first use: ``import compactnn`` loads neither
     torch nor the optional libraries some subpackages need."""
     import importlib
-    import importlib.util
 
     if name in _PUBLIC:
         importlib.import_module("compactnn.methods")  # the built-in methods, registered
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
         globals()[name] = value  # once: later lookups do not come here
         return value
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from compactnn._submodules import submodule
+
+    return submodule(__name__, name)
 
 
 def __dir__() -> list[str]:

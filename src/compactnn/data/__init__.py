@@ -5,9 +5,15 @@
 * ``corpus()`` / ``sentences(split)``: English prose from Python's ``pydoc_data.topics``.
 """
 
+from compactnn._submodules import submodule
 from compactnn.data.digits import load_digits8
 from compactnn.data.mnist import load_mnist
 from compactnn.data.split import Split
 from compactnn.data.text import corpus, sentences
 
 __all__ = ["Split", "corpus", "load_digits8", "load_mnist", "sentences"]
+
+
+def __getattr__(name: str) -> object:
+    """``compactnn.data.<module>`` after a plain ``import compactnn``, on first use."""
+    return submodule(__name__, name)

@@ -6,6 +6,7 @@
 * :mod:`~compactnn.datafree.pu`: positive-unlabeled selection and robust distillation.
 """
 
+from compactnn._submodules import submodule
 from compactnn.datafree.bn_inversion import invert_bn
 from compactnn.datafree.common import GeneratedData, distill_on
 from compactnn.datafree.dafl import Generator, train_dafl
@@ -22,3 +23,8 @@ __all__ = [
     "select_in_distribution",
     "train_dafl",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``compactnn.datafree.<module>`` after a plain ``import compactnn``, on first use."""
+    return submodule(__name__, name)

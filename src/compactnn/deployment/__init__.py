@@ -1,5 +1,6 @@
 """Deployment: compactnn's simulated int8 models on real integer kernels (see docs/deploy.md)."""
 
+from compactnn._submodules import submodule
 from compactnn.deployment.api import BACKENDS, DeployedModel, deploy, localize
 from compactnn.deployment.float_check import float_model
 from compactnn.deployment.residual import quantize_residuals
@@ -18,3 +19,8 @@ __all__ = [
     "quantize_residuals",
     "save_deployed",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``compactnn.deployment.<module>`` after a plain ``import compactnn``, on first use."""
+    return submodule(__name__, name)

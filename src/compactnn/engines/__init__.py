@@ -14,3 +14,10 @@
 Engines import :mod:`compactnn.core` and the shared :mod:`compactnn.quant.base`, never a
 method file.
 """
+
+from compactnn._submodules import submodule
+
+
+def __getattr__(name: str) -> object:
+    """``compactnn.engines.<module>`` after a plain ``import compactnn``, on first use."""
+    return submodule(__name__, name)

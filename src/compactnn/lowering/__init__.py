@@ -9,3 +9,10 @@ Shared by :mod:`compactnn.deployment` (oneDNN lowering) and :mod:`compactnn.expo
 ONNX run by ONNX Runtime); depends only on :mod:`compactnn.core`, so imports flow one way:
 ``core -> lowering -> export.onnx -> deploy``.
 """
+
+from compactnn._submodules import submodule
+
+
+def __getattr__(name: str) -> object:
+    """``compactnn.lowering.<module>`` after a plain ``import compactnn``, on first use."""
+    return submodule(__name__, name)

@@ -12,6 +12,7 @@ Example:
     3
 """
 
+from compactnn._submodules import submodule
 from compactnn.measure.fidelity import first_rows, fmt_quality, output_fidelity
 from compactnn.measure.quality import evaluate
 from compactnn.measure.size import (
@@ -55,3 +56,8 @@ __all__ = [
     "time_model",
     "time_round_robin",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``compactnn.measure.<module>`` after a plain ``import compactnn``, on first use."""
+    return submodule(__name__, name)

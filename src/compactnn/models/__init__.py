@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from compactnn._submodules import submodule
 from compactnn.errors import CompactnnError
 from compactnn.models.digits_resnet import build_digits_resnet
 from compactnn.models.mnist_cnn import build_mnist_cnn
@@ -53,3 +54,8 @@ def load_reference(name: str, *, progress: bool = True) -> Reference:
 
 
 __all__ = ["REFERENCES", "Reference", "load_reference"]
+
+
+def __getattr__(name: str) -> object:
+    """``compactnn.models.<module>`` after a plain ``import compactnn``, on first use."""
+    return submodule(__name__, name)

@@ -8,6 +8,8 @@ The names below load on first use, so :mod:`compactnn.report.delivery` (used by
 
 from typing import Any
 
+from compactnn._submodules import submodule
+
 _LAZY = {
     "build_report": "compactnn.report.any_model",
     "labelled_data": "compactnn.report.any_model",
@@ -18,8 +20,9 @@ __all__ = ["build_report", "labelled_data", "summary_table", "write_report"]
 
 
 def __getattr__(name: str) -> Any:
+    """The names above, and ``compactnn.report.<module>``, each imported on first use."""
     if name not in _LAZY:
-        raise AttributeError(f"module 'compactnn.report' has no attribute {name!r}")
+        return submodule(__name__, name)
     import importlib
 
     return getattr(importlib.import_module(_LAZY[name]), name)
