@@ -83,3 +83,26 @@ def test_only_the_users_own_modules_stay_importable_from_the_folder(tmp_path, mo
     assert not marker.exists()
     for name in ("nets_s31", "helpers_s31", "layers_s31"):
         sys.modules.pop(name, None)
+
+
+def test_a_factory_may_import_a_sibling_by_a_computed_name(tmp_path, monkeypatch):
+    """build() runs with the folder importable, as its module's import does: a sibling
+    imported by importlib.import_module(name) is found (T5: a traceback after the folder
+    left sys.path); a module that exists nowhere is one CompactnnError line."""
+    from compactnn.errors import CompactnnError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    (tmp_path / "dyn_helpers_s31.py").write_text("import torch.nn as nn\nmake = nn.Linear\n")
+    (tmp_path / "dyn_nets_s31.py").write_text(
+        "import importlib\ndef build():\n"
+        "    return importlib.import_module('dyn_' + 'helpers_s31').make(3, 2)\n"
+        "def broken():\n    import no_such_module_s31\n"
+    )
+    save_file(nn.Linear(3, 2).state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = _load_factory("dyn_nets_s31:build", str(tmp_path / "w.safetensors"))
+    assert isinstance(loaded.model, nn.Linear)
+    with pytest.raises(CompactnnError, match="failed to import a module while building"):
+        _load_factory("dyn_nets_s31:broken", str(tmp_path / "w.safetensors"))
+    for name in ("dyn_nets_s31", "dyn_helpers_s31"):
+        sys.modules.pop(name, None)

@@ -318,14 +318,21 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
             f"{name}:{attr or 'FUNCTION'} (run from the folder that holds it, or add that "
             "folder to PYTHONPATH)."
         )
-    try:
-        with user_folder_importable():  # the module the user named, from their folder
+    with user_folder_importable():  # the module the user named, and its call, from their folder
+        try:
             factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        stem = module_name.removesuffix(".py")
-        hint = f" (a file name: write {stem}:{attr or 'FUNCTION'})" if stem != module_name else ""
-        raise CompactnnError(f"cannot import factory {spec!r}: {exc}{hint}") from exc
-    model = factory()
+        except (ImportError, AttributeError) as exc:
+            stem = module_name.removesuffix(".py")
+            fix = f"{stem}:{attr or 'FUNCTION'}"
+            hint = f" (a file name: write {fix})" if stem != module_name else ""
+            raise CompactnnError(f"cannot import factory {spec!r}: {exc}{hint}") from exc
+        try:  # the factory may import its siblings by a computed name (importlib.import_module)
+            model = factory()
+        except ImportError as exc:
+            raise CompactnnError(
+                f"factory {spec!r} failed to import a module while building the model ({exc}): "
+                "install it, or run from the folder that holds it."
+            ) from exc
     if not isinstance(model, nn.Module):
         raise CompactnnError(f"factory {spec!r} returned a {type(model).__name__}, not a Module.")
     tensors = read_tensors(weights)
