@@ -3,10 +3,10 @@ from the folder they run in, without leaving that folder on the import path for 
 else.
 
 While the named module imports (and a factory runs: ``model_io``), the folder is first on
-``sys.path`` (as ``python net.py`` would have it). Afterwards the folder leaves ``sys.path``: a finder at the end of
-``sys.meta_path`` (:class:`SiblingFinder`) serves from it only the top-level modules that
-the user's own files there import (read from their source with :mod:`ast`, never run), so a
-factory's later ``import helpers`` inside ``build()`` still works. Before session 31 the
+``sys.path`` (as ``python net.py`` would have it). Afterwards the folder leaves
+``sys.path``: a finder at the end of ``sys.meta_path`` (:class:`SiblingFinder`) serves from
+it only the top-level modules that the user's own files there import (read from their
+source with :mod:`ast`, never run), so a later ``import helpers`` still works. Before session 31 the
 folder stayed last on ``sys.path``: a ``colorama.py`` or ``gmpy2.py`` lying there ran
 when torch or sympy tried those optional packages and found none installed (a security
 review); before session 30 it stayed first, shadowing installed packages.

@@ -1,7 +1,9 @@
 """What `compactnn train` says: nothing trained when a finished checkpoint is resumed, a
 doubt about the data before training, and how to convert a .pt/.npz data file."""
 
+import argparse
 import json
+import types
 
 import pytest
 import torch
@@ -62,3 +64,40 @@ def test_a_pt_or_npz_data_file_is_refused_with_how_to_convert_it(
         f"is a .{name.split('.')[1]} file: compactnn reads labelled data from .safetensors" in err
     )
     assert "save_file({'x': x, 'y': y}, 'train.safetensors')" in err
+
+
+def test_every_quality_line_names_the_data_it_is_on(tmp_path, monkeypatch, capsys):
+    """The held-out top-1 says which data it is on; a reference's own measure says it is on
+    the reference's own held-out data, not on --data."""
+    _setup(tmp_path, monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    ev = tmp_path / "ev.safetensors"
+    save_file({"x": torch.randn(24, 1, 8, 8, generator=gen), "y": torch.arange(24) % 3}, ev)
+    real = train_command.load_model
+
+    def with_a_reference(spec, args):
+        loaded = real(spec, args)
+        loaded.reference = types.SimpleNamespace(
+            name="fake-ref", metric="top1", evaluate=lambda m: 12.5
+        )
+        return loaded
+
+    monkeypatch.setattr(train_command, "load_model", with_a_reference)
+    monkeypatch.setitem(train_command.REFERENCE_DATA, "fake-ref", "digits")
+    args = _train_args(tmp_path, tmp_path / "o", "--eval-data", str(ev), "--epochs", "1")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "eval top-1 on 24 held-out samples: float " in out
+    assert f"% - samples from --eval-data {ev}\n" in out
+    assert "  top1 on fake-ref's own held-out data: float 12.50, trained 12.50\n" in out
+
+
+def test_eval_source_words_each_kind_of_held_out_data():
+    ref = types.SimpleNamespace(reference=types.SimpleNamespace(name="mnist-cnn"))
+    ns = argparse.Namespace
+    assert train_command.eval_source(ns(eval_data=None, data=None), ref) == (
+        "the held-out split of mnist, the default --data"
+    )
+    assert train_command.eval_source(ns(eval_data=None, data="d.st"), ref) == (
+        "--data d.st's held-out split"
+    )

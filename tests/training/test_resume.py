@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import compactnn
 from compactnn.errors import CompactnnError
-from compactnn.training import loop
+from compactnn.training import loop, resume
 
 KW = dict(epochs=2, seed=0, progress=False)
 
@@ -37,6 +37,50 @@ def test_a_shuffling_dataloader_resumes_as_the_uninterrupted_run(tiny, tmp_path,
     assert _same_weights(whole, resumed)
     history = compactnn.info_of(resumed)["extra"]["training"]
     assert history == compactnn.info_of(whole)["extra"]["training"]
+
+
+def _own_generator(x, y, where):
+    """A shuffling loader with its own generator, on the loader or on its sampler."""
+    ds, gen = TensorDataset(x, y), torch.Generator().manual_seed(5)
+    if where == "loader":
+        return DataLoader(ds, batch_size=64, shuffle=True, generator=gen)
+    return DataLoader(ds, batch_size=64, sampler=RandomSampler(ds, generator=gen))
+
+
+@pytest.mark.parametrize("where", ["loader", "sampler"])
+def test_a_loader_with_its_own_generator_trains_alike_with_a_checkpoint_and_resumes(
+    tiny, tmp_path, where
+):
+    """The data fingerprint must not advance the loader's generator, and a resume restores
+    it as at the epoch's start (4 steps per epoch: stopped at an epoch's end and inside)."""
+    model, (x, y), _ = tiny
+    whole = compactnn.train(model, "w4a4-lsq", _own_generator(x, y, where), **KW)
+    ck = tmp_path / "ck"
+    kept = compactnn.train(model, "w4a4-lsq", _own_generator(x, y, where), checkpoint_dir=ck,
+                           **KW)  # fmt: skip
+    assert _same_weights(whole, kept)
+    for stop in (4, 6):
+        ck = tmp_path / f"ck{stop}"
+        compactnn.train(model, "w4a4-lsq", _own_generator(x, y, where), checkpoint_dir=ck,
+                        max_steps=stop, **KW)  # fmt: skip
+        resumed = compactnn.train(model, "w4a4-lsq", _own_generator(x, y, where),
+                                  checkpoint_dir=ck, **KW)  # fmt: skip
+        assert _same_weights(whole, resumed), stop
+        history = compactnn.info_of(resumed)["extra"]["training"]
+        assert history == compactnn.info_of(whole)["extra"]["training"]
+
+
+def test_generator_states_of_another_loader_are_refused(tiny):
+    """(The data fingerprint refuses most such checkpoints first: this is the last check.)"""
+    _, (x, y), _ = tiny
+    gens = resume.loader_generators(_own_generator(x, y, "loader"))
+    assert len(gens) == 1  # the loader's and its sampler's are one generator
+    saved = resume.rng_state(gens)
+    with pytest.raises(CompactnnError, match=r"with 1 torch.Generator\(s\), this run's with 0"):
+        resume.set_rng_state(saved, [])
+    gens[0].manual_seed(9)
+    resume.set_rng_state(saved, gens)
+    assert torch.equal(gens[0].get_state(), saved["loader_rng"][0])
 
 
 def test_a_mid_epoch_resume_gives_the_same_record_log_and_artifact(tiny, tmp_path):
@@ -93,9 +137,9 @@ def test_a_finished_checkpoint_resumed_logs_its_epochs(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("first", "then", "words"),
     [
-        ({}, {"keep_best": True}, r"keep_best=False, this run has keep_best=True"),
+        ({}, {"keep_best": True}, r"keep_best=True: it kept no state of its epochs, so those"),
         ({}, {}, r"without eval_data \(--eval-data\) and this run has some"),
-        ({"keep_best": True}, {"keep_best": False}, r"keep_best=True, this run has keep_best="),
+        ({"keep_best": True}, {"keep_best": False}, r"keep_best=False: it kept its best epoch"),
         ({"keep_best": False}, None, r"with eval_data \(--eval-data\) and this run has none"),
         ({"keep_best": False}, "other", r"with other eval_data \(--eval-data\) than this run's"),
     ],

@@ -341,11 +341,11 @@ def run(args: argparse.Namespace) -> int:
         for line in log.read_text(encoding="utf-8").splitlines():
             print("  " + format_epoch(json.loads(line), hist["epochs"]))
     if eval_data is not None:
-        _print_eval(qmodel, eval_data, hist, base)
-    if loaded.reference is not None:
+        _print_eval(qmodel, eval_data, hist, base, eval_source(args, loaded))
+    if (ref := loaded.reference) is not None:  # its own data, whatever --data was
         print(
-            f"  {loaded.reference.metric}: float {loaded.reference.evaluate(loaded.model):.2f}, "
-            f"trained {loaded.reference.evaluate(qmodel):.2f}"
+            f"  {ref.metric} on {ref.name}'s own held-out data: float "
+            f"{ref.evaluate(loaded.model):.2f}, trained {ref.evaluate(qmodel):.2f}"
         )
     size, float_size = artifact_bytes(out), float_artifact_bytes(loaded.model)
     bigger = size > float_size
@@ -460,15 +460,32 @@ def _float_top1(eval_data: tuple | None, loaded: LoadedModel) -> float | None:
     return base
 
 
-def _print_eval(qmodel: Any, eval_data: tuple, hist: dict, base: float) -> None:
+def eval_source(args: argparse.Namespace, loaded: LoadedModel) -> str:
+    """Which data the held-out top-1 is on, in the command's words.
+
+    Example:
+        >>> eval_source(argparse.Namespace(eval_data=None, data="digits"), None)
+        "--data digits's held-out split"
+        >>> eval_source(argparse.Namespace(eval_data="ev.safetensors", data="digits"), None)
+        '--eval-data ev.safetensors'
+    """
+    if args.eval_data:
+        return f"--eval-data {args.eval_data}"
+    if args.data:
+        return f"--data {args.data}'s held-out split"
+    default = REFERENCE_DATA.get(getattr(loaded.reference, "name", None))
+    return f"the held-out split of {default}, the default --data"
+
+
+def _print_eval(qmodel: Any, eval_data: tuple, hist: dict, base: float, source: str) -> None:
     """The held-out top-1 of the float model (``base``) and of the saved one (which epoch,
-    if kept)."""
+    if kept), and which data (``source``) it is on."""
     x, y = eval_data
     kept = hist.get("kept_epoch")
     which = f" (epoch {kept} kept, the best)" if kept else ""
     print(
         f"  eval top-1 on {y.numel()} held-out samples: float "
-        f"{base:.2f}%, trained {evaluate_top1(qmodel, x, y):.2f}%{which}"
+        f"{base:.2f}%, trained {evaluate_top1(qmodel, x, y):.2f}%{which} - samples from {source}"
     )
 
 

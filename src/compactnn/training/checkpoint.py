@@ -24,6 +24,7 @@ from torch import nn
 from compactnn.core.digest import tensors_sha256
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import atomic_write
+from compactnn.training.resume import keeps_loader_rng
 
 CHECKPOINT = "qat-checkpoint.pt"
 _FRESH = (
@@ -40,12 +41,13 @@ def run_fingerprints(model: nn.Module, data: Any) -> dict[str, str]:
     """``model_sha256`` (the float model's ``state_dict``) and ``data_sha256`` (the tensors
     of tensor data; for batches, their number and the first batch) that a checkpoint must
     match to be continued. ``data`` is a :class:`compactnn.training.data.TrainData`; the
-    torch RNG state is left as it was (a shuffling loader draws from it)."""
+    torch RNG state and the loader's own generators are left as they were (a shuffling
+    loader draws from them): with or without a checkpoint the run is the same."""
     prints = {"model_sha256": tensors_sha256(model.state_dict().items())}
     if data.loader is None:
         prints["data_sha256"] = tensors_sha256([("x", data.x), ("y", data.y)])
         return prints
-    with torch.random.fork_rng(devices=[]):
+    with keeps_loader_rng(data.loader):
         first = next(iter(data.batches(1, 0, 0)), None)
     items = [("batches", data.steps(1))]
     items += [] if first is None else [("x0", first[0]), ("y0", first[1])]
@@ -224,11 +226,14 @@ def _check_scoring(path: Path, theirs: dict[str, Any], run: dict[str, Any]) -> N
     another ``keep_best``, than this run's (a checkpoint of an older compactnn that did not
     record them is not checked)."""
     if "keep_best" in theirs and theirs["keep_best"] != run.get("keep_best"):
+        if theirs["keep_best"]:  # its best epoch so far would be dropped for the last one
+            why = "it kept its best epoch so far, which this run would drop for the last one"
+        else:
+            why = "it kept no state of its epochs, so those done before it could not be the best"
         raise CompactnnError(
             f"checkpoint {str(path)!r} was written with keep_best={theirs['keep_best']}, this "
-            f"run has keep_best={run.get('keep_best')}: the epochs done before it could not be "
-            "considered for the best one. Pass the same keep_best (--keep-best) as the run "
-            f"that wrote it. {_FRESH}."
+            f"run has keep_best={run.get('keep_best')}: {why}. Pass the same keep_best "
+            f"(--keep-best) as the run that wrote it. {_FRESH}."
         )
     if "eval_sha256" in theirs and theirs["eval_sha256"] != run.get("eval_sha256"):
         if theirs["eval_sha256"] is None:

@@ -49,6 +49,9 @@ from compactnn.training.resume import (
     epoch_batches,
     epoch_record,
     keeps_caller_rng,
+    loader_generators,
+    rng_state,
+    set_rng_state,
 )
 from compactnn.training.wrap import freeze, prepare_qat, qat_step
 
@@ -156,14 +159,11 @@ def evaluate_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int
 class _Run:
     """The mutable state of one training run (what a checkpoint saves)."""
 
-    def __init__(self, qat, opt, sched, run: dict[str, Any], env) -> None:
+    def __init__(self, qat, opt, sched, run: dict[str, Any], env, gens: list) -> None:
         self.qat, self.opt, self.sched, self.run, self.env = qat, opt, sched, run, env
+        self.gens = gens  # the loader's own torch.Generators: saved and restored as the RNG
         self.epoch, self.batch, self.step = 0, 0, 0
-        self.history: dict[str, list[float]] = {
-            "loss": [],
-            "train_top1": [],
-            "eval_top1": [],
-        }
+        self.history: dict[str, list[float]] = {"loss": [], "train_top1": [], "eval_top1": []}
         # keep_best: {"epoch" (1-based), "eval_top1", "state" (the wrapped model's state)}
         self.best: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []  # the log's records of the epochs done
@@ -180,7 +180,7 @@ class _Run:
             "model": model,
             "optimizer": optimizer,
             "scheduler": self.sched.state_dict(),
-            "rng": torch.get_rng_state(),
+            **rng_state(self.gens),
             "epoch": self.epoch,
             "batch": self.batch,
             "step": self.step,
@@ -194,7 +194,7 @@ class _Run:
             self.env, self.qat, self.opt, state["model"], state["optimizer"]
         )
         self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state, self.gens)
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.history = state["history"]
         self.best = state.get("best")
@@ -218,7 +218,7 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
     )
     p = r.progress
     loss_sum, hits, seen = p.sums
-    for i, (x, y) in epoch_batches(data, bs, r.epoch, seed, r.batch, p.rng):
+    for i, (x, y) in epoch_batches(data, bs, r.epoch, seed, r.batch, p):
         if data.loader is not None:
             check_labels(y, num_classes, f"training batch {i}")
         x, y = distributed.shard(env, x, y)  # this rank's slice of the global batch
@@ -453,7 +453,7 @@ def train(
         "seed": seed,
         **prints,  # the starting model and data: a checkpoint of another is refused
     }
-    r = _Run(qat, opt, sched, run, env)
+    r = _Run(qat, opt, sched, run, env, loader_generators(data.loader))
     state = load_checkpoint(checkpoint_dir, run) if checkpoint_dir and resume else None
     if state is not None:
         r.restore(state)
@@ -472,7 +472,7 @@ def train(
     while r.epoch < epochs:
         start_epoch(qat, r.epoch, epochs)
         if r.progress is None:  # a new epoch (or one of a checkpoint that kept no sums)
-            r.progress = EpochProgress(opt.param_groups[0]["lr"])
+            r.progress = EpochProgress(opt.param_groups[0]["lr"], r.gens)
         if not _train_epoch(r, data, loss_fn, num_classes, opts):
             break
         if recalibrate is not None and eval_xy is not None:

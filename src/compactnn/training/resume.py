@@ -7,11 +7,14 @@ the artifact's history) equals the uninterrupted run's. It also keeps the global
 state at the epoch's start: a shuffling ``DataLoader`` (``shuffle=True`` without a
 ``generator``) draws its order from it when its iterator is made, so the resumed run makes
 its iterator from that state, skips the batches already run, then goes on from the RNG
-state saved at the stop.
+state saved at the stop. A ``DataLoader`` with its own ``generator`` (or a sampler with one)
+draws from that generator instead: its state is kept and replayed the same way
+(:func:`loader_generators`), and the data fingerprint is taken without advancing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -21,23 +24,87 @@ from typing import Any
 
 import torch
 
+from compactnn.errors import CompactnnError
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a loader shuffles (or samples) with: its own
+    ``generator``, its sampler's and its batch sampler's sampler's (each once)."""
+    if loader is None:
+        return []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    owners = (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
+    gens: list[torch.Generator] = []
+    for owner in owners:
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in gens):
+            gens.append(gen)
+    return gens
+
+
+def rng_state(gens: list[torch.Generator]) -> dict[str, Any]:
+    """The global torch RNG state and the loader generators' states, for a checkpoint."""
+    return {"rng": torch.get_rng_state(), "loader_rng": [g.get_state() for g in gens]}
+
+
+def set_rng_state(state: dict[str, Any], gens: list[torch.Generator], key: str = "rng") -> None:
+    """Put back what :func:`rng_state` saved (``key``: where the global state is); a
+    checkpoint of an older compactnn that kept no generator states leaves them alone.
+
+    Raises:
+        CompactnnError: the checkpoint's loader had another number of generators.
+    """
+    torch.set_rng_state(state[key])
+    saved = state.get("loader_rng")
+    if saved is None:
+        return
+    if len(saved) != len(gens):
+        raise CompactnnError(
+            f"the checkpoint's DataLoader shuffled with {len(saved)} torch.Generator(s), this "
+            f"run's with {len(gens)}: resume with a loader built as the interrupted run's "
+            "(the same generator= or sampler), or pass resume=False (--no-resume) to start over."
+        )
+    for gen, s in zip(gens, saved, strict=True):
+        gen.set_state(s)
+
+
+@contextlib.contextmanager
+def keeps_loader_rng(loader: Any):
+    """The global torch RNG and ``loader``'s generators as they were, whatever the block
+    draws from them (a look at the loader's first batch must not change its shuffling)."""
+    gens = loader_generators(loader)
+    saved = [g.get_state() for g in gens]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            for gen, s in zip(gens, saved, strict=True):
+                gen.set_state(s)
+
 
 class EpochProgress:
     """The epoch under way: running sums, first-step learning rate, start time and the
-    global torch RNG state at its start."""
+    RNG states at its start (the global torch one and the loader's generators')."""
 
-    def __init__(self, lr: float) -> None:
+    def __init__(self, lr: float, gens: list[torch.Generator] = ()) -> None:
         self.sums = [0.0, 0, 0]  # loss * samples, correct predictions, samples
         self.lr = lr
         self.t0 = time.perf_counter()
         self.rng = torch.get_rng_state()
+        self.loader_rng = [g.get_state() for g in gens]
 
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
 
     def state(self, sums: list[float]) -> dict[str, Any]:
         """For the checkpoint; ``sums`` are the running sums over every rank."""
-        return {"sums": list(sums), "lr": self.lr, "seconds": self.seconds(), "rng": self.rng}
+        return {
+            "sums": list(sums),
+            "lr": self.lr,
+            "seconds": self.seconds(),
+            "rng": self.rng,
+            "loader_rng": self.loader_rng,
+        }
 
     @classmethod
     def restore(cls, state: dict[str, Any], is_main: bool) -> EpochProgress:
@@ -47,6 +114,7 @@ class EpochProgress:
         p.sums = list(state["sums"]) if is_main else [0.0, 0, 0]
         p.t0 = time.perf_counter() - state["seconds"]
         p.rng = state["rng"]
+        p.loader_rng = state.get("loader_rng")  # None: an older compactnn's checkpoint
         return p
 
 
@@ -68,21 +136,23 @@ def _finite(v: float | None, ndigits: int = 4) -> float | None:
     return round(v, ndigits) if v is not None and math.isfinite(v) else None
 
 
-def epoch_batches(data, batch_size: int, epoch: int, seed: int, done: int, rng) -> Iterator:
+def epoch_batches(data, batch_size: int, epoch: int, seed: int, done: int, p) -> Iterator:
     """``(index, batch)`` of the epoch's batches after the first ``done``. For a loader,
-    its iterator is made from ``rng`` (the RNG state at the epoch's start; None: the current
-    state) and the skipped batches are drawn from it, then the current RNG state is put back,
-    so a shuffling loader gives the order the uninterrupted run had."""
+    its iterator is made from the RNG states at the epoch's start (``p``, an
+    :class:`EpochProgress`; None: the current states) and the skipped batches are drawn
+    from it, then the current states are put back, so a shuffling loader gives the order
+    the uninterrupted run had."""
     batches = enumerate(data.batches(batch_size, epoch, seed))
     if done == 0:
         return batches
-    if data.loader is None or rng is None:
+    if data.loader is None or p is None:
         return islice(batches, done, None)
-    now = torch.get_rng_state()
-    torch.set_rng_state(rng)
+    gens = loader_generators(data.loader)
+    now = rng_state(gens)
+    set_rng_state({"rng": p.rng, "loader_rng": p.loader_rng}, gens)
     for _ in islice(batches, done):  # makes the loader's iterator, as at the epoch's start
         pass
-    torch.set_rng_state(now)
+    set_rng_state(now, gens)
     return batches
 
 
