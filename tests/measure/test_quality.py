@@ -115,7 +115,11 @@ def test_guess_rate_and_the_float_sanity_warning():
     labels = torch.tensor([9, 9, 9, 1])
     assert guess_rate(labels) == 75.0  # always "9": 3 of 4
     assert guess_rate(torch.tensor([], dtype=torch.long)) == 0.0
-    assert no_better_than_guessing(75.5, labels) is None
+    assert no_better_than_guessing(78.0, labels) is None  # a tenth of the gap to 100% closed
+    assert no_better_than_guessing(77.0, labels) is not None  # barely above guessing
+    ten = torch.arange(10).repeat(10)  # 10 balanced classes: the guess rate is 10%
+    assert no_better_than_guessing(13.74, ten) is not None  # mnist-cnn on sklearn's digits
+    assert no_better_than_guessing(19.5, ten) is None
     doubt = no_better_than_guessing(75.0, labels, "--data d.safetensors")
     assert "75.00% top-1 on --data d.safetensors" in doubt and "(75.00%)" in doubt
     assert "preprocessed" in doubt
