@@ -18,6 +18,10 @@ from compactnn.deployment import DeployedModel
 from compactnn.errors import CompactnnError
 from compactnn.measure import evaluate
 
+# deploy of the project's factory model, quick: no torch.compile, 2 timed runs
+FACTORY_DEPLOY = ["deploy", "deploy_cli_factory:make", "--weights", "w.safetensors"]
+FACTORY_DEPLOY += ["--runs", "2", "--quick"]
+
 FACTORY = """
 import torch
 from torch import nn
@@ -206,15 +210,7 @@ def test_deploy_calibrates_a_model_on_the_training_split(project, monkeypatch, c
         return compress(model, recipe, calib_data=calib_data, **kwargs)
 
     monkeypatch.setattr(compactnn, "compress", spy)
-    args = [
-        "deploy",
-        "deploy_cli_factory:make",
-        "--weights",
-        "w.safetensors",
-        "--runs",
-        "2",
-        "--quick",
-    ]
+    args = FACTORY_DEPLOY
     assert main([*args, "--no-progress", "--data", "split.safetensors"]) == 0
     assert len(calibrated) == 1 and torch.equal(calibrated[0], project["x_train"])
     err = capsys.readouterr().err
@@ -224,15 +220,7 @@ def test_deploy_calibrates_a_model_on_the_training_split(project, monkeypatch, c
 def test_deploy_recipe_on_a_one_split_file_says_it_scores_its_calibration_data(project, capsys):
     """eval --recipe said so; deploy --recipe calibrated on the data it scored silently."""
     save_file({"x": project["x_test"], "y": project["y_test"]}, "xy.safetensors")
-    args = [
-        "deploy",
-        "deploy_cli_factory:make",
-        "--weights",
-        "w.safetensors",
-        "--runs",
-        "2",
-        "--quick",
-    ]
+    args = FACTORY_DEPLOY
     assert main([*args, "--no-progress", "--data", "xy.safetensors"]) == 0
     assert "note: --data holds one split: --recipe calibrates on the data it scores" in (
         capsys.readouterr().err

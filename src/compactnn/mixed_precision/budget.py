@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,20 @@ def group_floor(table: dict[str, np.ndarray], allowed: np.ndarray, found: list, 
     return floor + sum(float(g.costs[key].min()) for g in found if key in g.costs)
 
 
+def _limits(
+    budget: Budget | None, table: dict[str, np.ndarray], n_weights: float, ref_ms: float | None
+) -> Iterator[tuple[str, float, str, float, str]]:
+    """Each limit ``budget`` sets on a cost the table has: ``(field, given, key, divisor,
+    unit)``, the divisor turning the table's summed cost into the budget's unit."""
+    if budget is None:
+        return
+    divisors = {"weights": n_weights, "ref_ms": ref_ms}
+    for field, (key, per, unit) in _BUDGET_UNITS.items():
+        given = getattr(budget, field)
+        if given is not None and key in table:
+            yield field, given, key, (divisors[per] if per else 1.0), unit
+
+
 def check_reachable(
     budget: Budget | None,
     table: dict[str, np.ndarray],
@@ -98,17 +113,11 @@ def check_reachable(
 ) -> None:
     """Refuse a budget below the cheapest allowed assignment, in the budget's own unit
     (``avg_bits=1.5`` is compared in bits per weight, not in summed code bits)."""
-    if budget is None:
-        return
-    divisors = {"weights": n_weights, "ref_ms": ref_ms}
-    for field, (key, per, unit) in _BUDGET_UNITS.items():
-        given = getattr(budget, field)
-        if given is None or key not in table:
-            continue
-        floor = group_floor(table, allowed, found, key) / (divisors[per] if per else 1.0)
+    for field, given, key, divisor, unit in _limits(budget, table, n_weights, ref_ms):
+        floor = group_floor(table, allowed, found, key) / divisor
         if given >= floor - 1e-9 * max(1.0, abs(floor)):
             continue
-        digits = 2 if per else 0
+        digits = 2 if field in ("avg_bits", "max_latency_ratio") else 0
         while f"{given:,.{digits}f}" == f"{floor:,.{digits}f}" and digits < 8:
             digits += 1  # 1.995 vs 2.000: show the digit that differs
         raise CompactnnError(
@@ -130,18 +139,12 @@ def warn_unbound(
     layer and group at its most expensive allowed option): that limit does not bind
     (``avg_bits=300`` with 8-bit formats at most; ``max_latency_ratio=5`` when no assignment
     is 5x slower than the widest format in the per-layer table)."""
-    if budget is None:
-        return
-    divisors = {"weights": n_weights, "ref_ms": ref_ms}
-    for field, (key, per, unit) in _BUDGET_UNITS.items():
-        given = getattr(budget, field)
-        if given is None or key not in table:
-            continue
+    for field, given, key, divisor, unit in _limits(budget, table, n_weights, ref_ms):
         most = float(np.where(allowed, table[key], -np.inf).max(axis=1).sum())
         most += sum(float(g.costs[key].max()) for g in found if key in g.costs)
-        most /= divisors[per] if per else 1.0
+        most /= divisor
         if given >= most:
-            digits = 2 if per else 0
+            digits = 2 if field in ("avg_bits", "max_latency_ratio") else 0
             warnings.warn(
                 f"budget {field}: {given:,.{digits}f} {unit} does not bind: every layer at its "
                 f"largest allowed format takes {most:,.{digits}f}; lower it to trade size "
