@@ -32,7 +32,6 @@ from compactnn.commands._common import (
     split_labels,
 )
 from compactnn.commands.compress_summary import (
-    collapse_line,
     layer_summary,
     note_lines,
     probe_layers,
@@ -44,6 +43,7 @@ from compactnn.core.calib import as_batches
 from compactnn.core.tokens import check_token_ids
 from compactnn.data_files import check_float_inputs, takes_token_ids
 from compactnn.errors import CompactnnError, first_line
+from compactnn.measure.fidelity import collapse_on
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
 from compactnn.training.data import keyword_split, labelled_keys
@@ -295,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     for line in note_lines(info["notes"], set(warned)):
         print(line)
-    if (collapsed := collapse_line(loaded.model, qmodel, data)) is not None:
+    first = as_batches(data)[:1] if data is not None else []  # one forward of each model
+    if first and (collapsed := collapse_on(loaded.model, qmodel, first[0])) is not None:
         print(f"warning: {collapsed}", file=sys.stderr)
     for method, mib in info.get("measured", {}).get("peak_rss_mib", {}).items():
         print(f"  peak resident memory of {method}: {mib} MiB (this run; not saved)")

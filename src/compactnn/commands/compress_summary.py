@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from compactnn.core.calib import as_batches, batch_size_of, call_model, main_output
+from compactnn.core.calib import batch_size_of, call_model
 from compactnn.float_layers import PROBE_PROJECTIONS, probe_pruned_layers
-from compactnn.measure.fidelity import collapse_note
 from compactnn.prune.probe import EXTRA_KEY as PROBE_KEY
 from compactnn.prune.probe import ProbePruneConfig, probe_flops_fraction
 from compactnn.prune.stats import count_params, layer_macs
@@ -244,21 +243,3 @@ def probe_lines(extra: dict, original, batch: Any) -> list[str]:
         f"({len(mlps)} MLPs skip {config.ratio:.0%} of their hidden channels{cost}; first "
         f"calibration batch, {rows} x {length})"
     ]
-
-
-@torch.no_grad()
-def collapse_line(float_model: torch.nn.Module, qmodel: torch.nn.Module, data: Any) -> str | None:
-    """:func:`~compactnn.measure.fidelity.collapse_note` on the first calibration batch: the
-    compressed model's output is the same for every sample while the float model's is not
-    (a random-weight model whose activations vanish below one quantization step); None when
-    not, when there is no data, or when the outputs are not tensors."""
-    batches = as_batches(data) if data is not None else []
-    if not batches:
-        return None
-    ref = main_output(call_model(float_model, batches[0], "first"))
-    out = main_output(call_model(qmodel, batches[0], "first"))
-    if not isinstance(ref, torch.Tensor) or not isinstance(out, torch.Tensor):
-        return None
-    if ref.shape != out.shape or not (ref.is_floating_point() and out.is_floating_point()):
-        return None
-    return collapse_note(ref.float(), out.float())

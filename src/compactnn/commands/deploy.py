@@ -23,14 +23,14 @@ from compactnn.commands.compress import note_training_recipe as _note_training_r
 from compactnn.commands.eval_data import ONE_SPLIT_NOTE, read_data
 from compactnn.commands.eval_table import SUSPECT_FOOTNOTE, faster_note
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
-from compactnn.core.calib import as_batches, batch_size_of, call_model, main_output
+from compactnn.core.calib import as_batches, batch_size_of, main_output
 from compactnn.deployment.api import BACKENDS, DeployedModel
 from compactnn.deployment.refusals import PLAIN_FLOAT_CLI
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.export.fs import check_file_path
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
-from compactnn.measure.fidelity import collapse_note
+from compactnn.measure.fidelity import collapse_on
 from compactnn.measure.float_paths import FloatPaths, fastest_float_path, is_plain_float
 from compactnn.measure.quality import evaluate
 from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS, suspect_mark, timing_suspect
@@ -210,20 +210,6 @@ def _stored_samples_note(deployed: DeployedModel, args: argparse.Namespace) -> s
     )
 
 
-def _collapse_warning(loaded, qmodel, example, deployed: DeployedModel) -> str | None:
-    """:func:`~compactnn.measure.fidelity.collapse_note` on the sample batch: the simulated
-    output is the same for every sample while the float model's is not."""
-    import torch
-
-    with torch.no_grad():
-        ref = main_output(call_model(loaded.model, example, "first"))
-        sim = main_output(call_model(qmodel, example, "first"))
-    if not isinstance(ref, torch.Tensor) or not isinstance(sim, torch.Tensor):
-        return None
-    step = deployed.verification.output_step if deployed.verification is not None else None
-    return collapse_note(ref, sim, step)
-
-
 def _latency_lines(
     args: argparse.Namespace, deployed: DeployedModel, paths: FloatPaths, batch: int | None
 ) -> list[str]:
@@ -281,7 +267,8 @@ def run(args: argparse.Namespace) -> int:
             qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
         )
     print(f"deployed on {deployed.backend}: {deployed.verification}")
-    if (collapsed := _collapse_warning(loaded, qmodel, example, deployed)) is not None:
+    step = deployed.verification.output_step if deployed.verification is not None else None
+    if (collapsed := collapse_on(loaded.model, qmodel, example, step)) is not None:
         print(f"warning: {collapsed}", file=sys.stderr)
     for name, reason in deployed.kept_float.items():
         print(f"  kept in float: {name} ({reason})")

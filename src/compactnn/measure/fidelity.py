@@ -98,6 +98,19 @@ def collapse_text(samples: int, biggest: float, step: float | None = None) -> st
     )
 
 
+@torch.no_grad()
+def collapse_on(
+    reference: nn.Module, model: nn.Module, batch: Any, step: float | None = None
+) -> str | None:
+    """:func:`collapse_note` on ``batch`` run through the float ``reference`` and the quantized
+    ``model`` (what compress and deploy check); None when an output is not a tensor."""
+    ref = main_output(call_model(reference, batch, "first"))
+    out = main_output(call_model(model, batch, "first"))
+    if not isinstance(ref, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    return collapse_note(ref, out, step)
+
+
 class CollapseWarning(UserWarning):
     """The quantized model's output is constant over the samples (:func:`collapse_note`)."""
 
