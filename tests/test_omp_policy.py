@@ -66,9 +66,11 @@ def test_this_test_process_has_openmp_loaded():
 
 
 def test_importing_the_package_and_the_cli_loads_no_openmp():
-    """What lets the command set the policy without re-executing itself (1-3 s per command)."""
+    """What lets the command (and ``python -m compactnn.bench``) set the policy without
+    re-executing itself (1-3 s per command)."""
     code = (
         "import sys, compactnn, compactnn.cli, compactnn.omp_policy as o; "
+        "import compactnn.bench.__main__; "
         "print('torch' in sys.modules, o.openmp_runtime_loaded())"
     )
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)

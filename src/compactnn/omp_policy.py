@@ -87,6 +87,16 @@ def path_flags(path: list[str]) -> list[str]:
     return [] if here else ["-P"]
 
 
+def omp_wait_policy() -> str:
+    """The process's ``OMP_WAIT_POLICY`` in upper case (``""`` when not set)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+
+
+def spin_count() -> str:
+    """The process's ``GOMP_SPINCOUNT`` (``""`` when not set: libgomp's own default)."""
+    return os.environ.get("GOMP_SPINCOUNT", "").strip()
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS does not report one)."""
     try:

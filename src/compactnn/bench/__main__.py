@@ -30,8 +30,7 @@ from pathlib import Path
 from compactnn.bench.sections import SECTIONS
 from compactnn.cli import _show_warning, quiet_torchao_notice
 from compactnn.export.fs import atomic_write_text
-from compactnn.measure.timing import omp_wait_policy
-from compactnn.omp_policy import ensure_passive_policy, openmp_runtime_loaded
+from compactnn.omp_policy import ensure_passive_policy, omp_wait_policy, openmp_runtime_loaded
 
 TITLE = "# compactnn benchmarks"
 PREAMBLE = (

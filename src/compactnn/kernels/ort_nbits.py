@@ -72,8 +72,9 @@ from compactnn.kernels.ort_dynamic import (
     dynamic_format,
     dynamic_nodes,
     dynamic_tensors,
-    integer_ops,
+    session_integer_ops,
     share_dynamic_heads,
+    stamp_integer_ops,
 )
 from compactnn.kernels.ort_inputs import (
     check_example_keys,
@@ -227,6 +228,7 @@ def nbits_proto(
     # layer the traced output does not use, e.g. BERT's pooler, is not in the graph at all)
     left = {name for key, (name, *_) in found.items() if key in seen and key not in used}
     left |= {name for key, name in misfit_layers(model).items() if key in seen}  # no format
+    stamp_integer_ops(proto)
     return proto, sorted(left)
 
 
@@ -385,7 +387,7 @@ class OrtNBitsModel(nn.Module):
         # the graph's own inputs decide what a call feeds (ort_inputs): ``names`` is informative
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.names = names
-        self.runtime = "onnxruntime " + " + ".join(integer_ops(source))
+        self.runtime = "onnxruntime " + " + ".join(session_integer_ops(self.session, source))
         # set by to_ort_nbits: the MatMulNBits accuracy_level that runs, and the check of
         # level 4 against the simulated model (drift's numbers, "drifted": why or None)
         self.accuracy_level: int | None = None

@@ -28,9 +28,11 @@ from torch import nn
 
 from compactnn.core.calib import batch_size_of, call_model
 from compactnn.errors import user_stacklevel
-from compactnn.omp_policy import (
+from compactnn.omp_policy import (  # omp_wait_policy / spin_count: read here by callers
     PASSIVE_SPINCOUNT,
     load_average,
+    omp_wait_policy,
+    spin_count,
     spin_helps,
 )
 
@@ -156,16 +158,6 @@ def suspect_reasons(t: Timing) -> list[str]:
                 f"{t.threads} torch threads: another thread pool competed with them"
             )
     return reasons
-
-
-def omp_wait_policy() -> str:
-    """The process's ``OMP_WAIT_POLICY`` in upper case (``""`` when not set)."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
-
-
-def spin_count() -> str:
-    """The process's ``GOMP_SPINCOUNT`` (``""`` when not set: libgomp's own default)."""
-    return os.environ.get("GOMP_SPINCOUNT", "").strip()
 
 
 _warned: set[tuple[str, str]] = set()
