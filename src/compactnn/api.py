@@ -34,6 +34,7 @@ from compactnn.core.modules import (
     weight_layers,
 )
 from compactnn.core.qlayers import ActQuantizer, is_quant_layer
+from compactnn.core.seeding import keeps_global_rng, reseed
 from compactnn.errors import CompactnnError, name_list
 from compactnn.export.artifact import check_writable, info_of, load, save
 from compactnn.export.ctensors import install_save_pretrained
@@ -170,6 +171,7 @@ def not_a_module(model: Any, recipe: Any = "RECIPE") -> str:
     return f"model must be a torch.nn.Module, got the string {name!r}: {how}."
 
 
+@keeps_global_rng  # seeds torch for its own work only: the caller's stream is kept
 def _compress(
     model: nn.Module,
     recipe: str | Recipe,
@@ -184,7 +186,7 @@ def _compress(
     skeleton whose blocks are loaded one at a time)."""
     recipe = resolve_recipe(recipe)
     recipe = _checked_names(model, recipe, ignore)
-    torch.manual_seed(seed)
+    reseed(seed)
     qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     batches = as_batches(calib_data)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from compactnn.core.seeding import keeps_global_rng, reseed
 from compactnn.datafree.common import (
     BNStats,
     FeatureTap,
@@ -115,7 +116,7 @@ class Generator(nn.Module):
 
 
 def _setup(teacher: nn.Module, input_shape, latent: int, width: int, seed: int, bn: float):
-    torch.manual_seed(seed)
+    reseed(seed)
     teacher = frozen_copy(teacher)
     gen = Generator(input_shape, latent, width)
     check_classifier(teacher, torch.randn(2, *check_input_shape(input_shape)))
@@ -138,6 +139,7 @@ def _generator_step(teacher, gen, tap, opt_g, batch, weights, bn):
     return x.detach(), logits.detach(), loss.detach()
 
 
+@keeps_global_rng  # seeds torch (_setup) for its own noise; the caller's stream is kept
 def train_dafl(
     teacher: nn.Module,
     student: nn.Module | None,
@@ -255,10 +257,11 @@ def _replay_batch(teacher, gen, student, buffer, batch: int):
     return bx[idx], bt[idx], (bx, bt), fresh
 
 
+@keeps_global_rng
 def sample(gen: Generator, teacher: nn.Module, n: int, seed: int = 0) -> GeneratedData:
     """``n`` images from a trained generator, labelled by the teacher's top-1."""
     check_count(n)
-    torch.manual_seed(seed)
+    reseed(seed)
     gen.eval()
     with Timer() as timer, torch.no_grad():
         x = torch.cat([gen(torch.randn(b.numel(), gen.latent)) for b in torch.arange(n).split(256)])

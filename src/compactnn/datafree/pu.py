@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from compactnn.core.seeding import keeps_global_rng, reseed
 from compactnn.datafree.common import FeatureTap, Timer, classifier_head, frozen_copy
 from compactnn.errors import CompactnnError
 
@@ -58,6 +59,7 @@ def teacher_features(teacher: nn.Module, x: torch.Tensor, batch: int = 256):
     return torch.cat(feats), torch.cat(logits)
 
 
+@keeps_global_rng  # seeds torch for its own classifier; the caller's stream is kept
 def select_in_distribution(
     teacher: nn.Module,
     x_labeled: torch.Tensor,
@@ -88,7 +90,7 @@ def select_in_distribution(
             f"labeled inputs {tuple(x_labeled.shape[1:])} and pool inputs "
             f"{tuple(x_pool.shape[1:])} differ in shape; resize the pool like the labeled data."
         )
-    torch.manual_seed(seed)
+    reseed(seed)
     f_p, _ = teacher_features(teacher, x_labeled)
     f_u, _ = teacher_features(teacher, x_pool)
     mu, sd = f_u.mean(0), f_u.std(0) + 1e-6  # standardised on the pool
@@ -132,6 +134,7 @@ def robust_kd_loss(
     return losses.max()
 
 
+@keeps_global_rng  # seeds torch for its own shuffles; the caller's stream is kept
 def pu_distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -146,7 +149,7 @@ def pu_distill(
     progress: bool = True,
 ) -> tuple[nn.Module, dict]:
     """Distil ``student`` (in place) from ``teacher`` on ``x`` with the robust KD loss."""
-    torch.manual_seed(seed)
+    reseed(seed)
     teacher = frozen_copy(teacher)
     with torch.no_grad():
         t_all = torch.cat([teacher(b) for b in x.split(256)])

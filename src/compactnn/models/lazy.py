@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.seeding import seeded_rng
 from compactnn.data import split as split_module
 from compactnn.data.split import Split
 from compactnn.errors import CompactnnError, first_line, user_stacklevel
@@ -83,8 +84,7 @@ class DataUnreadable(CompactnnError):
 
 def seeded(make: Callable[[], nn.Module], seed: int) -> nn.Module:
     """``make()`` with its initial weights drawn from ``seed``; the global RNG is restored."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         return make()
 
 

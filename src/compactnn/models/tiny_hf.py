@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
+from compactnn.core.seeding import seeded_rng
 
 ARCHS = ("llama", "opt", "gpt2", "bert")
 
@@ -50,10 +51,10 @@ def tiny_model(arch: str, seed: int = 0) -> tuple[nn.Module, list[dict[str, torc
         'LlamaForCausalLM'
     """
     tf = require("transformers", "hf")
-    torch.manual_seed(seed)
     config = _config(arch)
     cls = tf.BertModel if arch == "bert" else tf.AutoModelForCausalLM
-    model = cls(config) if arch == "bert" else cls.from_config(config)
+    with seeded_rng(seed):  # the caller's torch stream is the same after the call
+        model = cls(config) if arch == "bert" else cls.from_config(config)
     model.eval()
     gen = torch.Generator().manual_seed(seed + 1)
     batches = []

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from compactnn._optional import require
 from compactnn.core.calib import main_output
+from compactnn.core.seeding import seeded_rng
 from compactnn.data import text as text_module
 from compactnn.errors import CompactnnError
 from compactnn.measure.perplexity import next_token_nll, perplexity
@@ -310,8 +311,7 @@ def build_tiny_lm(
     arch, fit = arch or TinyLMConfig(), fit or LMFitConfig()
 
     def make() -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_rng(seed):
             return make_model(arch)
 
     held_out = eval_batches(arch, n_eval)

@@ -15,7 +15,6 @@ draws from that generator instead: its state is kept and replayed the same way
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from compactnn.core.seeding import keeps_global_rng
 from compactnn.errors import CompactnnError
 
 
@@ -156,19 +156,5 @@ def epoch_batches(data, batch_size: int, epoch: int, seed: int, done: int, p) ->
     return batches
 
 
-def keeps_caller_rng(fn):
-    """``fn`` with the caller's global torch RNG states (CPU, and CUDA once initialised)
-    put back when it returns or raises: ``train`` seeds them for its own run only."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        cpu = torch.get_rng_state()
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-
-    return wrapper
+# ``train`` seeds the global RNG for its own run only: the caller's states are put back
+keeps_caller_rng = keeps_global_rng

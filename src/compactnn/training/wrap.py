@@ -13,13 +13,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import nn
 
 from compactnn import registry
 from compactnn.core.calib import as_batches, check_batch, detect_call_mode
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import select_modules
+from compactnn.core.seeding import keeps_global_rng, reseed
 from compactnn.engines.qat import (
     QATConfig,
     QATMethod,
@@ -33,6 +33,7 @@ from compactnn.recipe import Recipe, resolve_recipe
 __all__ = ["freeze", "prepare_qat", "qat_method", "qat_step"]
 
 
+@keeps_global_rng  # the caller's torch stream is the same after the call
 def prepare_qat(
     model: nn.Module,
     recipe: str | Recipe,
@@ -57,7 +58,7 @@ def prepare_qat(
     """
     recipe = resolve_recipe(recipe)
     step = qat_step(recipe)
-    torch.manual_seed(seed)
+    reseed(seed)
     qat = copy.deepcopy(model)
     qat.eval()
     batches = as_batches(calib_data)
