@@ -7,7 +7,6 @@ import argparse
 import math
 import re
 import shlex
-import shutil
 import sys
 import tempfile
 import warnings
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 import compactnn
+from compactnn.commands import search_cache
 from compactnn.commands._common import (
     add_model_args,
     check_model_exists,
@@ -41,11 +41,11 @@ from compactnn.commands.search_report import (  # noqa: F401  (size_lines: the c
 )
 from compactnn.core.calib import as_batches
 from compactnn.errors import CompactnnError
-from compactnn.export.fs import atomic_write
 from compactnn.measure import artifact_bytes
 from compactnn.measure.quality import evaluate
 from compactnn.mixed_precision import Budget, search
 from compactnn.mixed_precision.result import check_search_folder
+from compactnn.mixed_precision.sensitivity import cache_report
 from compactnn.model_io import reference_names, resolve_data
 from compactnn.recipe import parse_short_name
 from compactnn.training.data import labelled_keys, split_pair
@@ -117,7 +117,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-SENSITIVITY = "sensitivity.json"
+SENSITIVITY = search_cache.SENSITIVITY
 
 
 def budget_number(example: str) -> Callable[[str], float]:
@@ -348,33 +348,35 @@ def run(args: argparse.Namespace) -> int:
     eval_fn, measured = evaluation(args, loaded, labelled, names)
     example = latency_example(args, loaded, calib)
     with tempfile.TemporaryDirectory(prefix="compactnn-search-") as staging:
-        cache = Path(staging)
-        if (out / SENSITIVITY).is_file():  # an earlier search's scores (--force): reused
-            shutil.copyfile(out / SENSITIVITY, cache / SENSITIVITY)
-        result = cli_worded(search)(
-            loaded.model,
-            formats=args.formats,
-            budget=budget,
-            calib_data=calib,
-            eval_fn=eval_fn,
-            max_drop=args.max_drop,
-            measure=args.measure,
-            first_last_min_bits=args.first_last_min_bits,
-            embeddings=args.embeddings,
-            max_evals=args.max_evals,
-            cache_dir=cache,
-            latency_example=example,
-            groups=args.groups,
-            progress=not args.no_progress,
-        )
+        # per user, outside --out, kept format by format: a killed search keeps its scores
+        cache = search_cache.cache_folder(Path(staging))  # unwritable: staging, one warning
+        search_cache.seed(cache, out / SENSITIVITY)  # an earlier search's scores (--force)
+        with cache_report() as report:
+            result = cli_worded(search)(
+                loaded.model,
+                formats=args.formats,
+                budget=budget,
+                calib_data=calib,
+                eval_fn=eval_fn,
+                max_drop=args.max_drop,
+                measure=args.measure,
+                first_last_min_bits=args.first_last_min_bits,
+                embeddings=args.embeddings,
+                max_evals=args.max_evals,
+                cache_dir=cache,
+                latency_example=example,
+                groups=args.groups,
+                progress=not args.no_progress,
+            )
         result.budget.update(measured)  # what --max-drop's quality was measured on
         if args.max_bytes is not None:  # the budget bounds a payload: the file is measured
             result.budget["artifact_bytes"] = measured_artifact_bytes(loaded, result.recipe, calib)
         result.save(out, force=args.force)  # only now: a search that fails leaves --out as it was
-        if (cache / SENSITIVITY).is_file():
-            atomic_write(out / SENSITIVITY, lambda tmp: shutil.copyfile(cache / SENSITIVITY, tmp))
+        search_cache.write_scores(out / SENSITIVITY, report)  # this search's scores only
     metric = "top-1" if labelled is not None else getattr(loaded.reference, "metric", "quality")
     print_summary(result, args, loaded.model, metric)
+    if line := search_cache.cache_line(report, cache, Path(staging)):
+        print(line)
     print(f"  wrote {out / 'recipe.yaml'} and {out / 'search.json'}")
     words = ["compactnn", "compress", args.model, "--recipe", str(out / "recipe.yaml")]
     print(f"  compress with it: {shlex.join(words + model_words(args, loaded))}")
