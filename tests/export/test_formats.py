@@ -40,10 +40,8 @@ def test_gguf_entry_and_option_checks(tmp_path):
 
 
 def test_existing_outputs_are_refused_without_force(tmp_path):
-    user = tmp_path / "user.gguf"
-    user.write_text("my own file\n")
-    for name, out in (("gguf", user), ("onnx", tmp_path / "user.onnx")):
-        out.write_text("my own file\n")
+    for name, out in (("gguf", tmp_path / "user.gguf"), ("onnx", tmp_path / "user.onnx")):
+        out.write_bytes(b"GGUF\x03\x00\x00\x00" if name == "gguf" else b"an old export\n")
         with pytest.raises(CompactnnError, match="exists; pass force=True"):
             formats.check_out(name, out)
         assert formats.check_out(name, out, force=True) == out
@@ -74,6 +72,10 @@ def test_python_export_refuses_the_users_files(tmp_path):
     with pytest.raises(CompactnnError, match="exists; pass force=True"):
         formats.export("gguf", qmodel, user)
     assert user.read_text() == "my own file\n"
+    with pytest.raises(CompactnnError, match="not a GGUF file: force=True replaces only"):
+        formats.export("gguf", qmodel, user, force=True)
+    assert user.read_text() == "my own file\n"
+    user.write_bytes(b"GGUF\x03\x00\x00\x00")  # an earlier GGUF export: replaced
     assert formats.export("gguf", qmodel, user, force=True).stat().st_size > 1000
     pytest.importorskip("compressed_tensors")
     ckpt = tmp_path / "ckpt"

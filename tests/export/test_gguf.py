@@ -243,6 +243,9 @@ def test_an_existing_file_is_replaced_only_with_force(llama, tmp_path):
     with pytest.raises(CompactnnError, match="exists; pass force=True"):
         write_gguf(qmodel, user)
     assert user.read_text() == "my own file\n"
+    with pytest.raises(CompactnnError, match="not a GGUF file: force=True replaces only"):
+        write_gguf(qmodel, user, force=True)
+    user.write_bytes(b"GGUF\x03\x00\x00\x00")  # an earlier GGUF export: replaced
     assert write_gguf(qmodel, user, force=True).path == user
     assert gguf.GGUFReader(str(user)).tensors
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,11 @@ import compactnn
 from compactnn.commands._common import add_model_args, check_apart_from_inputs, human_bytes
 from compactnn.deployment.ship import KEY as DEPLOYMENT_KEY
 from compactnn.deployment.ship import is_deployed_artifact
-from compactnn.errors import CompactnnError, first_line
+from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.export import formats
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.export.artifact import load as load_artifact
-from compactnn.export.ct_folder import FolderFiles, processor_files
+from compactnn.export.ct_folder import NO_TOKENIZER, FolderFiles, processor_files
 from compactnn.export.fs import names_folder
 from compactnn.export.hf_check import probe_inputs
 from compactnn.model_io import reference_names, skeleton_for
@@ -68,6 +69,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     """The compressed model, the artifact's source record, and an example input or None."""
+    if not os.path.lexists(args.artifact):
+        raise CompactnnError(
+            f"{args.artifact!r} does not exist; give the folder `compactnn compress ... --out "
+            "DIR` wrote."
+        )
     if not artifact_exists(args.artifact):
         raise CompactnnError(
             f"{args.artifact!r} is not a compactnn artifact; make one with "
@@ -124,7 +130,14 @@ def _read_tokenizer(args: argparse.Namespace) -> Any:
             f"tokenizers library reads ({first_line(exc)}); give a Hugging Face "
             "tokenizer.json or the folder holding one."
         ) from exc
-    if args.format == "gguf":
+    if args.format == "gguf":  # refused now, not after the slow work, in the CLI's words
+        from compactnn.export.gguf_tokenizer import gpt2_vocab
+
+        gpt2_vocab(
+            tokenizer,
+            fix=f"leave out --tokenizer {args.tokenizer!r} to write the "
+            "model without a vocabulary (token ids only)",
+        )
         return tokenizer
     transformers = require("transformers", "hf")
     try:
@@ -222,18 +235,35 @@ def _example(qmodel: Any, example: Any) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _cnn_onnx(artifact: str, deployed: bool = False) -> str:
-    """Where a model that is not a Hugging Face transformer gets its ONNX file."""
+def _cnn_onnx(
+    artifact: str, deployed: bool = False, qmodel: Any = None, reference: bool = False
+) -> str:
+    """Where a model that is not a Hugging Face transformer gets its ONNX file: ``deploy``
+    (``--model`` only for the user's own model, not a reference one), which needs a model
+    that quantizes its activations."""
+    model = "" if reference else " --model ..."
     if deployed:  # `deploy` takes the compressed artifact, not the deployed one
         return (
-            f"this is not a Hugging Face transformer; `compactnn deploy COMPRESSED_ARTIFACT "
-            "--model ... --onnx FILE`, run on the compressed artifact (compactnn compress "
+            f"this is not a Hugging Face transformer; `compactnn deploy COMPRESSED_ARTIFACT"
+            f"{model} --onnx FILE`, run on the compressed artifact (compactnn compress "
             f"--out) that {artifact} was deployed from, writes a verified int8 (QDQ) ONNX file"
         )
-    return (
-        f"this is not a Hugging Face transformer; for other models `compactnn deploy {artifact} "
-        "--model ... --onnx FILE` writes a verified int8 (QDQ) ONNX file"
+    line = (
+        f"this is not a Hugging Face transformer; for other models `compactnn deploy {artifact}"
+        f"{model} --onnx FILE` writes a verified int8 (QDQ) ONNX file"
     )
+    if qmodel is None or _quantizes_activations(qmodel):
+        return line
+    recipe = getattr(getattr(qmodel, "_compactnn", {}).get("recipe"), "name", None)
+    return (
+        f"{line} when the model quantizes its activations, and {artifact} quantizes weights "
+        f"only{f' (recipe {recipe})' if recipe else ''}: compress with a recipe such as w8a8 "
+        "first"
+    )
+
+
+def _quantizes_activations(qmodel: Any) -> bool:
+    return any(getattr(m, "input_quantizer", None) is not None for m in qmodel.modules())
 
 
 def _deployed_note(artifact: str) -> str:
@@ -250,14 +280,18 @@ def _deployed_note(artifact: str) -> str:
 
 
 def list_formats(
-    qmodel: Any, artifact: str = "ARTIFACT", deployed: bool = False, example: Any = None
+    qmodel: Any,
+    artifact: str = "ARTIFACT",
+    deployed: bool = False,
+    example: Any = None,
+    reference: bool = False,
 ) -> list[str]:
     """One line per format: ``exact`` or the reason it is not; what this command can write
     (an ONNX export needs an input it can build: :func:`_example`)."""
     lines = []
     for name, reason in formats.capabilities(qmodel).items():
         if name == "onnx" and reason is not None and not _is_hf(qmodel):
-            reason = _cnn_onnx(artifact, deployed)
+            reason = _cnn_onnx(artifact, deployed, qmodel, reference)
         elif name == "onnx" and reason is None:
             try:
                 _example(qmodel, example)
@@ -306,12 +340,15 @@ def run(args: argparse.Namespace) -> int:
             given_tokenizer = _read_tokenizer(args)
     deployed = is_deployed_artifact(args.artifact)
     qmodel, source, example = _load(args)
+    reference = source.get("model") in reference_names() and not args.model
     if args.list:
         print(_deployed_note(args.artifact) if deployed else f"{args.artifact} can go to:")
-        print("\n".join(list_formats(qmodel, args.artifact, deployed, example)))
+        lines = list_formats(qmodel, args.artifact, deployed, example, reference)
+        print("\n".join(lines))
         return 0
     if args.format == "onnx" and not _is_hf(qmodel):
-        raise CompactnnError(f"--format onnx: {_cnn_onnx(args.artifact, deployed)}.")
+        onnx = _cnn_onnx(args.artifact, deployed, qmodel, reference)
+        raise CompactnnError(f"--format onnx: {onnx}.")
     opts: dict[str, Any] = {"requantize": args.requantize}
     tokenizer = _tokenizer(args, source, given_tokenizer)
     gguf_note = None
@@ -325,11 +362,13 @@ def run(args: argparse.Namespace) -> int:
         opts["tokenizer"] = files  # the float model folder's tokenizer / processor, copied
     elif args.format == "onnx":
         opts["example"] = _example(qmodel, example)
+    beside = _files_beside(args.format, args.out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = formats.export(args.format, qmodel, args.out, force=args.force, **opts)
     for w in caught:  # shown as they came, before the summary they qualify
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not str(w.message).startswith(NO_TOKENIZER):  # said below, in the CLI's words
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     size = size or out.stat().st_size
     print(f"exported {args.artifact} as {args.format}: {out}  {human_bytes(size)}")
@@ -338,12 +377,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {note}")
     if gguf_note is not None:
         print(f"  {gguf_note}")
+    elif tokenizer is not None and args.format != "onnx" and "tokenizer" in opts:
+        whose = f"--tokenizer {args.tokenizer}" if given_tokenizer else source.get("model")
+        where = "in the file" if args.format == "gguf" else "in the folder: pipeline() reads it"
+        print(f"  with the tokenizer of {whose} ({where})")
+    if beside:
+        print(f"  written into the existing folder {out.parent}, beside {name_list(beside, 3)}")
     if isinstance(opts.get("tokenizer"), FolderFiles):
         files = opts["tokenizer"]
         print(f"  with {', '.join(files.names)} from {files.folder} (pipeline() reads them)")
     elif args.format == "compressed-tensors" and "tokenizer" not in opts:
         print(f"  {CT_NO_TOKENIZER}")
     return 0
+
+
+def _files_beside(fmt: str, out: str) -> list[str]:
+    """The other entries of the existing folder an ONNX ``--out FOLDER`` writes
+    ``model.onnx`` into (the output names them, not to be mistaken for the export's)."""
+    written = formats.out_path(fmt, out)
+    if fmt != "onnx" or written == Path(out) or not written.parent.is_dir():
+        return []
+    return sorted(p.name for p in written.parent.iterdir() if p.name != written.name)
 
 
 CT_NO_TOKENIZER = (

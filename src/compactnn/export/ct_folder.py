@@ -41,6 +41,9 @@ class FolderFiles:
             atomic_write(Path(out) / name, lambda tmp, s=source: shutil.copyfile(s, tmp))
 
 
+NO_TOKENIZER = "compressed-tensors export: no tokenizer given, none written"
+
+
 def processor_files(folder: str | os.PathLike | None) -> FolderFiles | None:
     """The :data:`PROCESSOR_FILES` in ``folder`` (the float model's Hugging Face folder), or
     None when it is gone or holds none."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,8 @@ from compactnn._optional import require
 from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qembedding import QuantEmbedding
 from compactnn.core.qlayers import ActQuantizer, QuantLinear, has_integer_weight
-from compactnn.errors import CompactnnError, name_list
-from compactnn.export.ct_folder import _check_other_model, _write_folder, check_out
+from compactnn.errors import CompactnnError, name_list, user_stacklevel
+from compactnn.export.ct_folder import NO_TOKENIZER, _check_other_model, _write_folder, check_out
 from compactnn.export.fs import replace_folder
 from compactnn.export.hf_check import (  # noqa: F401
     MIN_COSINE,
@@ -407,7 +408,14 @@ def export(qmodel: nn.Module, out: str | os.PathLike, *, force: bool = False, **
         _write_folder(qmodel, state, qconfig, tmp, tokenizer)
         verify_folder(qmodel, tmp)  # raising here leaves ``out`` as it was
 
-    return replace_folder(folder, write)
+    done = replace_folder(folder, write)
+    if tokenizer is None:  # pipeline() and AutoTokenizer need one: say so, not silently
+        warnings.warn(
+            f"{NO_TOKENIZER} to {done}: pass tokenizer=AutoTokenizer.from_pretrained(FLOAT_DIR) "
+            "so that pipeline() and AutoTokenizer find one there.",
+            stacklevel=user_stacklevel(),
+        )
+    return done
 
 
 _HF_SAVE_OPTIONS = {"safe_serialization", "max_shard_size", "is_main_process", "tokenizer"}

@@ -6,7 +6,10 @@ modules are imported only when a format is used, so a missing optional package (
 ``compressed-tensors``, ``onnx``) affects only its own format.
 
 :func:`export` never writes over what is at ``out`` unless ``force=True``, and even then
-never over a folder of other files (see :func:`check_out`).
+only over an earlier export of the same format: a GGUF file (it starts with the GGUF magic),
+an ONNX file (see :func:`replace_reason`), an earlier compressed-tensors folder; anything
+else (a safetensors or PyTorch checkpoint, a folder of other files) is refused (see
+:func:`check_out`).
 
 Example:
     >>> [f.name for f in FORMATS]
@@ -24,7 +27,9 @@ from typing import Any
 from torch import nn
 
 from compactnn.errors import CompactnnError
-from compactnn.export.fs import check_file_path, names_folder
+from compactnn.export.fs import check_file_path, force_option, names_folder
+
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +152,81 @@ def check_out(name: str, out: str | os.PathLike, *, force: bool = False, what: s
     if fmt.name == "compressed-tensors":
         return _module(fmt).check_out(out, force=force, what=what)
     suggest = f"model.{fmt.name}"
-    return check_file_path(out_path(name, out), what, force=force, suggest=suggest)
+    path = check_file_path(out_path(name, out), what, force=force, suggest=suggest)
+    check_replaceable(fmt.name, path, what)
+    return path
+
+
+def _sniff(head: bytes) -> str | None:
+    """What a file starting with ``head`` is, when that is recognisable, else None."""
+    if head.startswith(GGUF_MAGIC):
+        return "a GGUF file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a PyTorch .pt/.pth checkpoint is one)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle (a PyTorch checkpoint)"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "a safetensors file"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file"
+    return None
+
+
+def _is_onnx(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model (its graph only: no external data read)."""
+    try:
+        import onnx
+
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # any parse failure means "not an ONNX model"
+        return False
+    return model.ir_version > 0 and model.HasField("graph")
+
+
+def replace_reason(name: str, path: str | os.PathLike) -> str | None:
+    """Why ``force`` may not replace the existing file at ``path`` with a format ``name``
+    export, or None when it is an earlier export of that format or nothing is there. GGUF:
+    the file starts with the GGUF magic. ONNX: it is no other recognisable file (GGUF, zip
+    as PyTorch saves, pickle, safetensors, JSON) and its name ends in ``.onnx`` or it parses
+    as an ONNX model.
+
+    Example:
+        >>> replace_reason("gguf", "no/such/file.gguf") is None
+        True
+    """
+    p = Path(path)
+    if not os.path.lexists(p):
+        return None
+    if p.is_dir():
+        return "is a folder"
+    if not p.is_file():
+        return "is not a regular file"
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if name == "gguf" and head.startswith(GGUF_MAGIC):
+        return None
+    if name == "onnx" and _sniff(head) is None and (p.suffix.lower() == ".onnx" or _is_onnx(p)):
+        return None  # named .onnx and nothing else recognisable, or it parses as ONNX
+    kind = _sniff(head) or ("an empty file" if not head else "a file of unknown content")
+    return f"is {kind}, not {'a GGUF' if name == 'gguf' else 'an ONNX'} file"
+
+
+def check_replaceable(name: str, path: str | os.PathLike, what: str = "out") -> None:
+    """Refuse, ``force`` or not, to replace an existing file that is not an earlier export
+    of format ``name`` (see :func:`replace_reason`).
+
+    Raises:
+        CompactnnError: one line naming the file, what it is and the fix.
+    """
+    reason = replace_reason(name, path)
+    if reason is not None:
+        raise CompactnnError(
+            f"{what} {str(path)!r} exists and {reason}: {force_option(what)} replaces only "
+            f"an earlier {name.upper()} export; choose another path."
+        )
 
 
 def export(
@@ -160,8 +239,9 @@ def export(
         name: one of :data:`NAMES`.
         model: the compressed model; not modified.
         out: the file (gguf, onnx) or folder (compressed-tensors) to write.
-        force: replace an existing file, or an earlier compressed-tensors export; without
-            it an existing output is refused (see :func:`check_out`).
+        force: replace an earlier export of the same format (a GGUF or ONNX file, a
+            compressed-tensors folder); without it an existing output is refused, and
+            anything else is refused even with it (see :func:`check_out`).
         **opts: the format's options (:attr:`ExportFormat.options`).
 
     Raises:

@@ -34,6 +34,7 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.export import gguf_blocks as gb
+from compactnn.export.formats import check_replaceable
 from compactnn.export.fs import atomic_write, check_file_path, names_folder, write_error
 from compactnn.export.gguf_tokenizer import add_tokenizer
 
@@ -217,13 +218,25 @@ def _structure_reason(model: nn.Module) -> str | None:
     return None
 
 
+def _float_reason(model: nn.Module) -> str | None:
+    """Why a model with no quantized weight does not go to ``export`` (every weight would be
+    F32: the file is not compressed), else None."""
+    if any(hasattr(m, "weight_codes") for m in model.modules()):
+        return None
+    return (
+        f"GGUF export needs a compressed model (compactnn.compress(hf_model, ...)); this "
+        f"{type(model).__name__} has no quantized weight, so every weight would be F32 (the "
+        "file is not compressed)"
+    )
+
+
 def can_export(model: nn.Module) -> str | None:
     """None when ``model`` goes to GGUF exactly, else the reason (with the nearest recipe).
 
     Example:
         >>> can_export(qmodel)  # doctest: +SKIP
     """
-    reason = _structure_reason(model)
+    reason = _structure_reason(model) or _float_reason(model)
     if reason:
         return reason
     refused = [t for t in plan(model) if t.how == "refused"]
@@ -314,18 +327,20 @@ def write_gguf(
         requantize: write weights with no exact GGUF type through ``gguf``'s quantizer
             (their error is in the report) instead of refusing.
         name: ``general.name``.
-        force: replace an existing file (refused otherwise, before any work).
+        force: replace an existing GGUF file (refused otherwise, before any work); a file
+            that does not start with the GGUF magic is refused even with it.
 
     Raises:
-        CompactnnError: the file exists and ``force`` is false, not a Llama decoder,
-            activation quantization, a weight with no exact type (without ``requantize``),
-            an unsupported tokenizer, or a failed read-back.
+        CompactnnError: the file exists and ``force`` is false or it is no GGUF file, not
+            a Llama decoder, activation quantization, a weight with no exact type (without
+            ``requantize``), an unsupported tokenizer, or a failed read-back.
     """
     gguf = _gguf()
     path = Path(out)
     if path.is_dir() or names_folder(out):  # a folder ("out/" too): model.gguf in it
         path = path / "model.gguf"
     check_file_path(path, "out", force=force, suggest="model.gguf")
+    check_replaceable("gguf", path)  # force replaces an earlier GGUF file, nothing else
     tensors = plan(model, requantize=requantize)
     refused = [t for t in tensors if t.how == "refused"]
     if refused:
@@ -421,5 +436,8 @@ def verify(path: str | os.PathLike, tensors: tuple[TensorPlan, ...]) -> dict[str
 
 def export(model: nn.Module, out: str | os.PathLike, *, force: bool = False, **opts: Any) -> Path:
     """The ``compactnn export --format gguf`` entry: :func:`write_gguf`, returning the path;
-    an existing file is replaced only with ``force``."""
+    an existing GGUF file is replaced only with ``force``. A model with no quantized weight
+    is refused (:func:`write_gguf` itself writes one, all F32, for tests and benches)."""
+    if (reason := _structure_reason(model) or _float_reason(model)) is not None:
+        raise CompactnnError(f"cannot export to GGUF: {reason}.")
     return write_gguf(model, out, force=force, **opts).path

@@ -34,8 +34,13 @@ def _backend(tokenizer: Any):
     )
 
 
-def gpt2_vocab(tokenizer: Any) -> dict[str, Any]:
-    """Tokens, token types, merges and special ids of a byte-level BPE tokenizer.
+NO_VOCAB_FIX = "pass tokenizer=None to write the model without a vocabulary"
+
+
+def gpt2_vocab(tokenizer: Any, fix: str = NO_VOCAB_FIX) -> dict[str, Any]:
+    """Tokens, token types, merges and special ids of a byte-level BPE tokenizer; ``fix``
+    ends the refusal of another kind of tokenizer (the caller's way to give none: the
+    command line says to leave out ``--tokenizer``).
 
     Raises:
         CompactnnError: for a tokenizer that is not a byte-level BPE with a dense id range.
@@ -46,8 +51,7 @@ def gpt2_vocab(tokenizer: Any) -> dict[str, Any]:
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
         raise CompactnnError(
             f"GGUF export writes byte-level BPE vocabularies; this tokenizer is a "
-            f"{model.get('type')} model with pre-tokenizer {pre[:60]}. Pass tokenizer=None "
-            "to write the model without a vocabulary."
+            f"{model.get('type')} model with pre-tokenizer {pre[:60]}. {fix[:1].upper()}{fix[1:]}."
         )
     if '"use_regex": false' in pre:
         raise CompactnnError(
