@@ -20,6 +20,10 @@ from compactnn.report.writer import (
 
 SIMULATED = "simulated"
 RESIDENT = "resident memory (delivered form, fresh process)"
+# the resident column compares runtimes, not models, when rows run on different runtimes and
+# their spread exceeds this many times the largest artifact (a float model's fp32 bytes: what
+# even a simulated row holds dequantized), so the model cannot account for the difference
+RUNTIME_DOMINATES = 10
 HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
           "speedup vs fastest float", RESIDENT]  # fmt: skip
 
@@ -59,8 +63,64 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def memory_runtime(runs_as: str) -> str:
+    """The runtime whose own memory a row's resident figure includes, from its ``runs_as``.
+
+    Example:
+        >>> memory_runtime("ONNX Runtime fp32"), memory_runtime("simulated")
+        ('ONNX Runtime', 'PyTorch')
+    """
+    for prefix, runtime in (
+        ("ONNX Runtime", "ONNX Runtime"),
+        ("oneDNN", "PyTorch + oneDNN int8"),
+        ("kernels", "PyTorch + compactnn kernels"),
+        ("torch.compile", "PyTorch + torch.compile"),
+    ):
+        if runs_as.startswith(prefix):
+            return runtime
+    return "PyTorch"  # simulated, PyTorch fp32 / bf16 autocast, probe-pruned
+
+
+def resident_note(rows: list[dict[str, Any]]) -> str | None:
+    """A warning that the resident column compares runtimes, not models (None when it does
+    not): the measured rows run on more than one runtime (:func:`memory_runtime`) and their
+    resident figures spread more than ``RUNTIME_DOMINATES`` (10) times the largest artifact.
+
+    Example:
+        >>> rows = [{"label": "float", "runs_as": "ONNX Runtime fp32", "size_bytes": 26762,
+        ...          "resident_bytes": 33316864},
+        ...         {"label": "w8a8", "runs_as": "simulated", "size_bytes": 10767,
+        ...          "resident_bytes": 16363520}]
+        >>> resident_note(rows)[:60]
+        'Resident memory compares runtimes, not models: its 16.17 MiB'
+    """
+    measured = [r for r in rows if r.get("resident_bytes") is not None]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in measured:
+        groups.setdefault(memory_runtime(r["runs_as"]), []).append(r)
+    if len(groups) < 2:
+        return None
+    held = [r["resident_bytes"] for r in measured]
+    spread, largest = max(held) - min(held), max(r["size_bytes"] for r in measured)
+    if spread <= RUNTIME_DOMINATES * largest:
+        return None
+    parts = []
+    for runtime, group in groups.items():
+        low, high = (f(r["resident_bytes"] for r in group) for f in (min, max))
+        lo, hi = _mib(low), _mib(high)
+        span = lo if lo == hi else f"{lo.removesuffix(hi[-4:])}-{hi}"  # "15.60-16.03 MiB"
+        parts.append(f"{runtime} ({span}): " + ", ".join(r["label"] for r in group))
+    return (
+        f"Resident memory compares runtimes, not models: its {_mib(spread)} spread is over "
+        f"{RUNTIME_DOMINATES}x the largest model ({_mib(largest)}), and each row's figure "
+        f"includes its runtime's own memory: {'; '.join(parts)}."
+    )
+
+
 def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
     env = results["environment"]
+    # results.json's field too: _blocks runs before write_files dumps ``results``
+    results.setdefault("resident_note", resident_note(results["rows"]))
     notes = [f"{r['label']}: {note}" for r in results["rows"] for note in r["notes"]]
     kept = [
         f"{r['label']}: `{layer}` ({r['float_layers'][layer]})"
@@ -98,6 +158,7 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
               f"{env['machine']}, {env['threads']} torch threads, {env['date']}."),
         ("h2", "Results"),
         ("table", (header(results), table_rows(results))),
+        *([("p", results["resident_note"])] if results["resident_note"] else []),
         ("img", ("quality vs size and latency", png, "pareto.png")),
         ("h2", "How this was measured"),
         ("list", how),
