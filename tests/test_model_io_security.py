@@ -275,7 +275,8 @@ def test_eval_takes_the_model_from_the_command_line_and_checks_weights(project, 
     torch.manual_seed(1)
     save_file(nn.Sequential(nn.Linear(8, 16), nn.ReLU()).state_dict(), tmp / "other.safetensors")
     code, _out, err = run_cli(capsys, *args, "--weights", "other.safetensors")
-    assert code == 0 and "warning: " in err and "not the file" in err, err
+    assert code == 2 and "error: " in err and "not the file" in err, err
+    assert "pass the --weights (MODEL) it was made from" in err, err
 
 
 def _bert_config():

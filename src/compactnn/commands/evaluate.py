@@ -68,6 +68,7 @@ from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, skeleton_for
+from compactnn.report.sources import check_skeleton, refuse_changed_weights
 from compactnn.training.data import check_labels
 
 
@@ -190,9 +191,14 @@ def _compressed(args: argparse.Namespace):
     args.stored_bits, args.deployed, args.companion_bytes = {}, None, 0
     if artifact_exists(args.target):
         header = read_header(args.target)
-        loaded = skeleton_for(
-            header, args.model, weights=args.weights, trust_pickle=args.trust_pickle
-        )
+        loaded = refuse_changed_weights(
+            lambda: skeleton_for(header, args.model, weights=args.weights,
+                                 trust_pickle=args.trust_pickle),
+            header, "eval compares the artifact with its float model: pass the --weights "
+            "(MODEL) it was made from.",
+        )  # fmt: skip
+        option = f"--model {args.model}" if args.model else "the recorded model"
+        check_skeleton(args.target, header, loaded.model, option)
         data = inputs_of(args, loaded)  # checked before a deployed artifact is rebuilt
         qmodel = compactnn.load(args.target, model=loaded.model)
         if isinstance(qmodel, DeployedModel):  # `deploy --save`: re-deployed and verified here

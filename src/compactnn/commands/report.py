@@ -7,7 +7,6 @@ in a fresh process) unless ``--no-memory``."""
 from __future__ import annotations
 
 import argparse
-import warnings
 from pathlib import Path
 
 from compactnn.commands._common import add_model_args, given_path, positive_int, thread_count
@@ -86,6 +85,7 @@ def read_labelled(spec: str) -> object | None:
     from compactnn.training.data import labelled_keys
 
     if spec in LABELLED_DATA_SETS:
+        _split_note(spec, ["x_train", "y_train", "x_test", "y_test"])
         return data_set(LABELLED_DATA_SETS[spec])
     if spec in reference_names():
         return None
@@ -99,7 +99,48 @@ def read_labelled(spec: str) -> object | None:
     if Path(spec).suffix == ".npy":
         return None
     tensors = read_tensors(spec)
-    return tensors if labelled_keys(tensors, "eval") is not None else None
+    if (keys := labelled_keys(tensors, "eval")) is None:
+        return None
+    _split_note(spec, list(tensors), keys)
+    return tensors
+
+
+def _split_note(spec: str, names: list[str], used: tuple[str, str] = ("x_test", "y_test")):
+    """Say on stderr which labelled split of ``--data`` is scored when it holds two, as
+    ``compactnn eval`` does (the training split is not used)."""
+    import sys
+
+    from compactnn.training.data import split_note
+
+    if note := split_note(names, used, f"--data {spec}"):
+        print(f"note: {note}", file=sys.stderr)
+
+
+def check_input_size(spec: str, loaded, data) -> None:
+    """Refuse inputs whose spatial size is not the one a reference model records (its
+    example batch): a model with global pooling runs on any size, at chance accuracy.
+
+    Raises:
+        CompactnnError: ``--data digits holds 8x8 inputs, but mnist-cnn takes 28x28 ...``
+    """
+    import torch
+
+    x = data[0] if isinstance(data, tuple) else data
+    want = loaded.example if loaded.reference is not None else None
+    tensors = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (x, want))
+    if not tensors or x.dim() != want.dim() or x.dim() < 3:
+        return
+    given, expected = tuple(x.shape[2:]), tuple(want.shape[2:])
+    if given != expected:
+
+        def size(shape):
+            return "x".join(map(str, shape))
+
+        raise CompactnnError(
+            f"--data {spec} holds {size(given)} inputs, but {loaded.source} takes "
+            f"{size(expected)} ones ({size(given)} given, {size(expected)} expected): pass "
+            f"{size(expected)} inputs (its own data: --data {loaded.source})."
+        )
 
 
 def read_inputs(args: argparse.Namespace, loaded) -> object:
@@ -166,8 +207,9 @@ def model_source(loaded, trust_pickle: bool) -> dict:
 def run(args: argparse.Namespace) -> int:
     from compactnn.model_io import skeleton_for
     from compactnn.report import build_report, labelled_data
-    from compactnn.report.any_model import check_artifacts, check_report_folder
+    from compactnn.report.any_model import check_report_folder
     from compactnn.report.any_model_table import header, table_rows
+    from compactnn.report.sources import check_artifacts, check_skeleton, refuse_changed_weights
 
     if args.runs < 1 or args.threads < 1:
         raise CompactnnError("--runs and --threads must be at least 1.")
@@ -176,24 +218,23 @@ def run(args: argparse.Namespace) -> int:
     headers = check_artifacts(args.artifacts)  # before loading anything: cheap refusals first
     labelled = read_labelled(args.data)
     data = labelled_data(labelled) if labelled is not None else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = skeleton_for(
+    loaded = refuse_changed_weights(
+        lambda: skeleton_for(
             headers[0], args.model, weights=args.weights, trust_pickle=args.trust_pickle
-        )
-    for w in caught:
-        if "is not the file this artifact was made from" in str(w.message):
-            raise CompactnnError(
-                f"{w.message} A report compares the artifacts with their float model: pass the "
-                "--weights (MODEL) they were made from."
-            )
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        ),
+        headers[0],
+        "A report compares the artifacts with their float model: pass the --weights (MODEL) "
+        "they were made from.",
+    )
+    option = f"--model {args.model}" if args.model else "the recorded model"
+    check_skeleton(str(args.artifacts[0]), headers[0], loaded.model, option)
     if data is None:
         data = read_inputs(args, loaded)
+    check_input_size(args.data, loaded, data)
     results = build_report(
         args.artifacts,
         model=loaded.model,
-        data=data,
+        data=labelled if labelled is not None else data,  # a split: its note in the report
         out=args.out,
         threads=args.threads,
         title=args.title,
@@ -208,5 +249,7 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]
     for line in lines:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    if results.get("resident_note"):
+        print(results["resident_note"])
     print(f"\nreport: {args.out}/report.html (also report.md, pareto.png, results.json)")
     return 0

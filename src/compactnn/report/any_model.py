@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 import compactnn
 from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
-from compactnn.export.artifact import artifact_exists, read_header, removed_if_failed
+from compactnn.export.artifact import artifact_exists, removed_if_failed
 from compactnn.export.fs import writable_folder
 from compactnn.measure import (
     DEFAULT_RUNS,
@@ -51,7 +51,7 @@ from compactnn.measure.float_paths import fastest_float_path
 from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.timing import omp_wait_policy
 from compactnn.model_io import is_hf_model
-from compactnn.report.any_model_table import SIMULATED, _blocks
+from compactnn.report.any_model_table import SIMULATED, _blocks, resident_note
 from compactnn.report.delivery import (
     DENSE_NO_SPEEDUP,
     deliver,
@@ -78,7 +78,9 @@ from compactnn.report.scoring import (
     samples,
     scorer,
     split_data,
+    split_used,
 )
+from compactnn.report.sources import check_artifacts
 from compactnn.report.writer import write_files
 from compactnn.training.data import as_eval_data
 
@@ -146,48 +148,6 @@ def check_report_folder(out: str | os.PathLike, force: bool = False, cli: bool =
             "replace it or choose another folder."
         )
     return out
-
-
-def _source_key(header: dict[str, Any]) -> tuple[str, str] | None:
-    """What the artifact records about its float model (name and weights digest)."""
-    source = header.get("extra", {}).get("source")
-    if not isinstance(source, dict) or not source.get("model"):
-        return None
-    digest = source.get("weights_sha256") or source.get("sha256") or ""
-    return str(source["model"]), str(digest)
-
-
-def check_artifacts(artifacts: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    """Verified headers of ``artifacts``; they must all come from one float model.
-
-    Raises:
-        CompactnnError: no artifact, a path that is not an artifact, or artifacts whose
-            recorded float models (name or weights digest) differ.
-
-    Example:
-        >>> check_artifacts(["out/w8a8", "out/w4a8"])  # doctest: +SKIP
-    """
-    if not artifacts:
-        raise CompactnnError("no artifact given: pass one or more artifact directories.")
-    headers, sources = [], {}
-    for path in artifacts:
-        if not artifact_exists(path):
-            raise CompactnnError(
-                f"{str(path)!r} is not a compactnn artifact directory (no compactnn.json); "
-                "pass directories written by `compactnn compress` or compactnn.save."
-            )
-        header = read_header(path)
-        headers.append(header)
-        key = _source_key(header)
-        if key is not None:
-            sources.setdefault(key, str(path))
-    if len(sources) > 1:
-        listing = "; ".join(f"{p!r} from {k[0]!r}" for k, p in sources.items())
-        raise CompactnnError(
-            f"the artifacts come from different float models ({listing}); a report compares "
-            "compressions of one model: pass the artifacts of one model only."
-        )
-    return headers
 
 
 def _kind(model: nn.Module, example: Any) -> str:
@@ -433,6 +393,8 @@ def build_report(
                 model, float_model, [Path(a) for a in artifacts], example, score,
                 metric_name(metric), y, bar, quick,
             )  # fmt: skip
+            if note := split_used(data):  # x_test/y_test of a file or data set: say so
+                rows[0]["notes"].append(note)
             bar.set_postfix_str("timing")
             paths = _time(rows, runners, example, runs, quick)
             bar.update(1)
@@ -461,6 +423,7 @@ def build_report(
         "latency_batch": min(LATENCY_BATCH, n),
         "pareto_front": {p: front_labels(rows, p) for p in ("size", "latency")},
         "latency_suspect": [r["label"] for r in rows if r["latency"].get("suspect")],
+        "resident_note": resident_note(rows),
         "rows": rows,
     }
     png = pareto_png(results, panels=("size", "latency"))

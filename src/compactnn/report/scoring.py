@@ -30,7 +30,7 @@ from compactnn.errors import CompactnnError, first_line
 from compactnn.measure import evaluate, fmt_quality, output_fidelity
 from compactnn.measure.perplexity import is_causal_lm, nll_totals
 from compactnn.measure.timing import timing_suspect
-from compactnn.training.data import as_eval_data, keyword_split, labelled_keys
+from compactnn.training.data import as_eval_data, keyword_split, labelled_keys, split_note
 
 Metric = str | Callable[[torch.Tensor, torch.Tensor], float]  # as compactnn.evaluate
 LOWER_IS_BETTER = frozenset({"perplexity"})
@@ -69,6 +69,25 @@ def split_data(data: Any) -> tuple[Any, torch.Tensor | None]:
         if data and all(isinstance(v, torch.Tensor) for v in data.values()):
             return dict(data), None
     return as_eval_data(data, what="data")
+
+
+def split_used(data: Any) -> str | None:
+    """A note naming the split scored when labelled ``data`` holds two (a dict or a data
+    set with ``x_train``/``y_train`` beside ``x_test``/``y_test``), else None.
+
+    Example:
+        >>> y = torch.tensor([0, 1])
+        >>> split_used({"x_train": torch.zeros(2, 3), "y_train": y, "x_test": torch.ones(2, 3),
+        ...             "y_test": y})
+        'the data holds x_train/y_train and x_test/y_test: using x_test/y_test (the held-out ...)'
+    """
+    if isinstance(data, dict):
+        names = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
+    else:
+        names = [k for k in ("x_train", "y_train", "x_test", "y_test") if hasattr(data, k)]
+    keys = labelled_keys(names, "eval")
+    note = split_note(names, keys, "the data") if keys is not None else None
+    return note and note.replace("split)", "split; x_train/y_train not used)")
 
 
 def resolve_metric(metric: Metric | None, model: nn.Module, labelled: bool) -> Metric:
