@@ -25,7 +25,7 @@ from compactnn.commands.eval_table import SUSPECT_FOOTNOTE, faster_note
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
 from compactnn.core.calib import as_batches, batch_size_of, main_output
 from compactnn.deployment.api import BACKENDS, DeployedModel
-from compactnn.deployment.refusals import PLAIN_FLOAT_CLI
+from compactnn.deployment.refusals import PLAIN_FLOAT_CLI, hf_artifact_reason
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.export.fs import check_file_path
@@ -104,6 +104,8 @@ def _models(args: argparse.Namespace):
                 f"deployed already. Evaluate it with `compactnn eval {args.target} --model ...`,"
                 " or deploy the compressed artifact it came from."
             )
+        if (reason := hf_artifact_reason(header, args.target)) is not None:
+            raise CompactnnError(reason)  # before --model and --data are asked for
         loaded = skeleton_for(
             header,
             args.model,

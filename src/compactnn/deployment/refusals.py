@@ -184,34 +184,81 @@ def is_hf(model: nn.Module) -> bool:
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
+# where each form of a Hugging Face transformer runs, since deploy cannot trace one
+_TRACE = "deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}"
+_HF_RUNS = {
+    "per-token": _TRACE + ": its W8A8 linear layers (per-token activations) run on int8 kernels "
+    "with compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)); ",
+    "runtime": _TRACE + ": its layers with per-group (a8g) or per-tensor (a8d) dynamic "
+    "activations run on ONNX Runtime's MatMulNBits / DynamicQuantizeMatMul with "
+    "compactnn.to_ort_nbits(q, example); ",
+    "static": _TRACE + "; its W8A8 layers quantize activations on static grids, which no int8 "
+    "kernel of compactnn.to_kernels takes: compress with 'w8a8-smoothquant' (per-token "
+    "activations) and run the result with compactnn.to_kernels(q); ",
+    "weight-only": "deploy runs quantized activations on int8 kernels, and this weight-only "
+    "{name} has none ({n} layers quantize weights only): run it on compactnn's low-bit kernels "
+    "with compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)), or on ONNX Runtime "
+    "with compactnn.to_ort_nbits(q); ",
+}
+_MEASURE = "`compactnn eval {artifact} --model MODEL --data FILE` measures that form."
+
+
+def hf_reason(kind: str, name: str, n: int = 0, artifact: str = "ARTIFACT") -> str:
+    """Why deploy refuses a Hugging Face ``name`` whose quantized layers (``n``) are of
+    ``kind`` (a key of ``_HF_RUNS``), and where they run instead."""
+    return _HF_RUNS[kind].format(name=name, n=n) + _MEASURE.format(artifact=artifact)
+
+
+def _acts_kind(acts: list[Any]) -> str | None:
+    """The ``_HF_RUNS`` kind of a transformer's activation quantizers (None: weight-only)."""
+    if not acts:
+        return None
+    if all(isinstance(a, DynamicActQuantizer) for a in acts):
+        return "per-token"
+    return "runtime" if all(getattr(a, "runtime_range", False) for a in acts) else "static"
+
+
 def hf_w8a8_reason(qmodel: nn.Module) -> str | None:
     """Why deploy refuses a Hugging Face transformer with quantized activations (neither of
     its tracers takes their forward), and where its W8A8 layers run instead; None for
     anything else."""
     acts = [m.input_quantizer for m in qmodel.modules() if is_quant_layer(m)]
-    acts = [a for a in acts if a is not None]
-    if not is_hf(qmodel) or not acts:
+    kind = _acts_kind([a for a in acts if a is not None])
+    if not is_hf(qmodel) or kind is None:
         return None
-    name = type(qmodel).__name__
-    measure = "`compactnn eval ARTIFACT --model MODEL --data FILE` measures that form."
-    if all(isinstance(a, DynamicActQuantizer) for a in acts):
-        return (
-            f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}: "
-            "its W8A8 linear layers (per-token activations) run on int8 kernels with "
-            "compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)); " + measure
-        )
-    if all(getattr(a, "runtime_range", False) for a in acts):
-        return (
-            f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}: "
-            "its layers with per-group (a8g) or per-tensor (a8d) dynamic activations run on "
-            "ONNX Runtime's MatMulNBits / DynamicQuantizeMatMul with "
-            "compactnn.to_ort_nbits(q, example); " + measure
-        )
+    return hf_reason(kind, type(qmodel).__name__)
+
+
+def hf_artifact_reason(header: dict, artifact: str) -> str | None:
+    """Why ``compactnn deploy`` cannot run the Hugging Face ``artifact``, read from its
+    ``header`` alone, so it is said before --model or --data is asked for (the same reason
+    the loaded model gets, with the command that writes its ONNX form); None for any other
+    artifact (a CNN, or one without quantized layers).
+
+    Example:
+        >>> h = {"extra": {"hf": {"class": "BertModel"}}, "layers": {"fc": {"act_spec": None}}}
+        >>> hf_artifact_reason(h, "out/q")[:60]
+        'compactnn deploy out/q: deploy runs quantized activations on'
+    """
+    extra = header.get("extra") or {}
+    layers = header.get("layers") or {}
+    if not isinstance(extra.get("hf"), dict) or not layers:
+        return None
+    name = str(extra["hf"].get("class") or "transformer")
+    per_token = set(extra.get("dynamic_act") or ())
+    kinds = set()
+    for layer, info in layers.items():
+        spec = info.get("act_spec")
+        if spec is None:
+            continue
+        runtime = spec.get("granularity") == "group" or spec.get("dynamic")
+        kinds.add("per-token" if layer in per_token else "runtime" if runtime else "static")
+    kind = "weight-only" if not kinds else kinds.pop() if len(kinds) == 1 else "static"
+    reason = hf_reason(kind, name, len(layers), artifact).removesuffix(".")
     return (
-        f"deploy lowers traceable graphs (CNNs) and cannot trace the Hugging Face {name}; its "
-        "W8A8 layers quantize activations on static grids, which no int8 kernel of "
-        "compactnn.to_kernels takes: compress with 'w8a8-smoothquant' (per-token "
-        "activations) and run the result with compactnn.to_kernels(q); " + measure
+        f"compactnn deploy {artifact}: {reason}; `compactnn export {artifact} --format onnx "
+        "--out DIR` writes its verified ONNX Runtime form where it has one (`compactnn export "
+        f"{artifact} --list` says), no --model or --data needed."
     )
 
 
@@ -220,14 +267,7 @@ def no_integer_layers(sim: nn.Module, kept: dict[str, str]) -> str:
     weight-only transformer runs on the low-bit kernels (to_kernels, ONNX Runtime)."""
     quant = [m for m in sim.modules() if is_quant_layer(m)]
     if is_hf(sim) and quant and all(m.input_quantizer is None for m in quant):
-        return (
-            f"deploy runs quantized activations on int8 kernels, and this weight-only "
-            f"{type(sim).__name__} has none ({len(quant)} layers quantize weights only): run it "
-            "on compactnn's low-bit kernels with compactnn.to_kernels(q) (or "
-            "compactnn.load(path, kernels=True)), or on ONNX Runtime with "
-            "compactnn.to_ort_nbits(q); `compactnn eval ARTIFACT --model MODEL --data FILE` "
-            "measures that form."
-        )
+        return hf_reason("weight-only", type(sim).__name__, len(quant))
     suggest = "'w8a8', 'w4a4'"
     recipe = (getattr(sim, "_compactnn", None) or {}).get("recipe")
     name = getattr(recipe, "name", "")

@@ -51,6 +51,7 @@ from compactnn.core.qlayers import QuantLinear, is_quant_layer
 from compactnn.errors import CompactnnError, counted, name_list, user_stacklevel
 from compactnn.export.fs import atomic_write, names_folder
 from compactnn.export.hf_check import ignore_fix, mean_cosine, other_layers
+from compactnn.export.onnx_hf_inputs import check_example, check_graph
 from compactnn.kernels.nbits_tables import gather_format, gather_tables, replace_gathers
 from compactnn.kernels.ort_nbits import integer_format, nbits_onnx  # the MatMulNBits test
 
@@ -399,11 +400,7 @@ def to_onnx_bytes(
     """The serialized ONNX model of ``qmodel`` and its form (``"nbits"`` or ``"qdq"``)."""
     if (reason := can_export(qmodel)) is not None:
         raise CompactnnError(reason)
-    if not isinstance(example, dict) or not example:
-        raise CompactnnError(
-            "ONNX export of a transformer needs example= a dict of keyword tensors "
-            "(input_ids, attention_mask) from its tokenizer."
-        )
+    check_example(qmodel, example)  # as to_ort_nbits: a dict, integer ids, keys forward takes
     kind = form(qmodel)
     if kind == "nbits":
         data, left = nbits_onnx(qmodel, example, accuracy_level, bf16_tables=False)
@@ -460,8 +457,9 @@ def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
         metadata says so).
 
     Raises:
-        CompactnnError: the model has no ONNX form here, ``example`` is missing, or ONNX
-            Runtime's output is further from the simulation than ``min_cosine``.
+        CompactnnError: the model has no ONNX form here, ``example`` is missing or holds
+            what to_ort_nbits refuses too (float ids, a key the graph drops: ``labels``), or
+            ONNX Runtime's output is further from the simulation than ``min_cosine``.
     """
     unknown = set(opts) - {"example", "accuracy_level", "min_cosine", "path"}
     if unknown:
@@ -471,6 +469,7 @@ def export(qmodel: nn.Module, out: str | os.PathLike, **opts: Any) -> Path:
         )
     example = opts.get("example")
     data, kind = to_onnx_bytes(qmodel, example, int(opts.get("accuracy_level", 0)))
+    check_graph(data, example)  # a key the graph drops (labels) is refused, as to_ort_nbits
     floor = float(opts.get("min_cosine", MIN_COSINE))
     with torch.no_grad():
         sim = main_output(qmodel.eval()(**example))

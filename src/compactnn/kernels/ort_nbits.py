@@ -50,6 +50,7 @@ from compactnn._optional import require
 from compactnn.core.modules import set_module
 from compactnn.core.onnx_trace import export_dynamic
 from compactnn.core.qlayers import QuantLinear
+from compactnn.core.tokens import check_token_ids
 from compactnn.errors import CompactnnError, counted, name_list, user_stacklevel
 from compactnn.kernels.graph_edit import replace_nodes
 from compactnn.kernels.nbits_check import PINNED, checked_level
@@ -89,8 +90,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # page below its offset (any offset maps), on Windows only where that page is a multiple of the
 # 64 KiB allocation granularity (else it reads a copy). Large tensors, where a copy costs
 # memory, start at a multiple of DATA_ALIGN (padding under 6% of each); smaller ones at
-# SMALL_ALIGN, so a small model's file is not mostly padding (64 KiB per tensor made a tiny
-# BERT's data file 1.1 MB, 95% zeros, 3x its float checkpoint).
+# SMALL_ALIGN (64 KiB per tensor made a tiny BERT's data file 1.1 MB, 95% zeros).
 DATA_ALIGN = 1 << 16  # a multiple of every page size and mapping granularity
 ALIGN_FROM = 1 << 20  # tensors of this many bytes or more start at a multiple of DATA_ALIGN
 SMALL_ALIGN = 64  # the others: a cache line, more than any element type or vector load needs
@@ -448,7 +448,8 @@ def to_ort_nbits(
     level = 4 if accuracy_level is None else accuracy_level
     if path is not None:
         refuse_existing(path, force)
-    if isinstance(example, dict):
+    if isinstance(example, dict):  # float or out-of-vocabulary ids: refused before tracing
+        check_token_ids(model, example, "to_ort_nbits: example", resave=False)
         check_example_keys(model, example)
     proto, left = nbits_proto(model, example, level, bf16_tables, quantized_tables)
     check_graph_inputs(proto.graph, example)
