@@ -72,8 +72,12 @@ def test_generated_data_plugs_into_compress_and_train(tiny_teacher):
     data = generate(tiny_teacher, 16, input_shape=(1, 8, 8), steps=2, progress=False)
     assert isinstance(data, GeneratedData) and len(data) == 1
     q = compactnn.compress(tiny_teacher, "w8a8", calib_data=data, progress=False)
-    x = torch.randn(4, 1, 8, 8)
-    assert (q(x) - tiny_teacher(x)).abs().max() < 0.2
+    # inputs like the teacher's training data (the fixture's), from their own seed: compress
+    # keeps the caller's RNG now (it reseeded it with 0, which this check used to draw from)
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = 0.5 + 0.3 * noise.cumsum(3) / 3
+    y = tiny_teacher(x)
+    assert (q(x) - y).abs().max() < 0.05 * y.abs().max()  # measured: 1.3% of the output range
     td = as_train_data(data)
     assert torch.equal(td.x, data.x) and torch.equal(td.y, data.y)
 

@@ -68,7 +68,6 @@ from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, skeleton_for
-from compactnn.report.sources import check_skeleton, refuse_changed_weights
 from compactnn.training.data import check_labels
 
 
@@ -190,6 +189,8 @@ def _compressed(args: argparse.Namespace):
     beside its model: counted in its size on disk, as every file of it is)."""
     args.stored_bits, args.deployed, args.companion_bytes = {}, None, 0
     if artifact_exists(args.target):
+        from compactnn.report.sources import check_skeleton, refuse_changed_weights
+
         header = read_header(args.target)
         loaded = refuse_changed_weights(
             lambda: skeleton_for(header, args.model, weights=args.weights,
