@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from compactnn._optional import require
+from compactnn.core.qlayers import has_integer_weight
 from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.export import gguf_blocks as gb
 from compactnn.export.formats import check_replaceable
@@ -221,7 +222,7 @@ def _structure_reason(model: nn.Module) -> str | None:
 def _float_reason(model: nn.Module) -> str | None:
     """Why a model with no quantized weight does not go to ``export`` (every weight would be
     F32: the file is not compressed), else None."""
-    if any(hasattr(m, "weight_codes") for m in model.modules()):
+    if any(has_integer_weight(m) for m in model.modules()):
         return None
     return (
         f"GGUF export needs a compressed model (compactnn.compress(hf_model, ...)); this "

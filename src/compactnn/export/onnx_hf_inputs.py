@@ -21,11 +21,6 @@ from compactnn.kernels.ort_inputs import check_example_keys, check_graph_inputs
 WHO = "ONNX export"
 
 
-def _as_export(exc: CompactnnError) -> CompactnnError:
-    """``exc`` with ``to_ort_nbits:`` (the shared checks' prefix) named as this export."""
-    return CompactnnError(str(exc).replace("to_ort_nbits:", f"{WHO}:", 1))
-
-
 def check_example(model: nn.Module, example: Any) -> None:
     """Refuse an ``example`` the export cannot trace, before tracing it.
 
@@ -39,17 +34,11 @@ def check_example(model: nn.Module, example: Any) -> None:
             "(input_ids, attention_mask) from its tokenizer."
         )
     check_token_ids(model, example, f"{WHO}: example", resave=False)
-    try:
-        check_example_keys(model, example)
-    except CompactnnError as exc:
-        raise _as_export(exc) from None
+    check_example_keys(model, example, WHO)
 
 
 def check_graph(data: bytes, example: dict[str, Any]) -> None:
     """Refuse a key of ``example`` the exported graph (``data``) does not take (``labels``)."""
     import onnx
 
-    try:
-        check_graph_inputs(onnx.load_from_string(data).graph, example)
-    except CompactnnError as exc:
-        raise _as_export(exc) from None
+    check_graph_inputs(onnx.load_from_string(data).graph, example, WHO)

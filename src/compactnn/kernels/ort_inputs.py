@@ -76,8 +76,11 @@ def graph_feed(
     return feed
 
 
-def check_example_keys(model: nn.Module, example: dict[str, Any]) -> None:
-    """Refuse a key of ``example`` that ``model.forward`` cannot take (no ``**kwargs``)."""
+def check_example_keys(
+    model: nn.Module, example: dict[str, Any], who: str = "to_ort_nbits"
+) -> None:
+    """Refuse a key of ``example`` that ``model.forward`` cannot take (no ``**kwargs``);
+    ``who`` starts the message (the caller's name)."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -87,20 +90,21 @@ def check_example_keys(model: nn.Module, example: dict[str, Any]) -> None:
     unknown = [k for k in example if k not in params]
     if unknown:
         raise CompactnnError(
-            f"to_ort_nbits: example key {', '.join(map(repr, unknown))} is not an argument of "
+            f"{who}: example key {', '.join(map(repr, unknown))} is not an argument of "
             f"{type(model).__name__}.forward ({_takes(list(params))}): leave it out of example"
         )
 
 
-def check_graph_inputs(graph: Any, example: dict[str, Any]) -> None:
+def check_graph_inputs(graph: Any, example: dict[str, Any], who: str = "to_ort_nbits") -> None:
     """Refuse a key of ``example`` the exported ``graph`` does not take (its output does not
-    use it, e.g. ``labels``): the model would refuse it at every call."""
+    use it, e.g. ``labels``): the model would refuse it at every call. ``who`` starts the
+    message."""
     inits = {i.name for i in graph.initializer}
     names = [i.name for i in graph.input if i.name not in inits]
     unused = [k for k in example if k not in names]
     if unused:
         raise CompactnnError(
-            f"to_ort_nbits: example key {', '.join(map(repr, unused))} is not used by the "
+            f"{who}: example key {', '.join(map(repr, unused))} is not used by the "
             f"traced output (the exported model takes {_takes(names)}): leave it out of example"
         )
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from compactnn.api import with_ignored
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import check_target_names
+from compactnn.core.seeding import keeps_global_rng
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
 from compactnn.engines.binary import recalibrate_norms
@@ -48,7 +49,6 @@ from compactnn.training.resume import (
     EpochProgress,
     epoch_batches,
     epoch_record,
-    keeps_caller_rng,
     loader_generators,
     rng_state,
     set_rng_state,
@@ -313,7 +313,7 @@ def _final_model(r: _Run, keep_best: bool) -> tuple[nn.Module, dict[str, Any]]:
     return freeze(qat), kept
 
 
-@keeps_caller_rng
+@keeps_global_rng  # train seeds torch for its own run only: the caller's states come back
 def train(
     model: nn.Module,
     recipe: str | Recipe,

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from compactnn.core.seeding import keeps_global_rng
 from compactnn.errors import CompactnnError
 
 
@@ -154,7 +153,3 @@ def epoch_batches(data, batch_size: int, epoch: int, seed: int, done: int, p) ->
         pass
     set_rng_state(now, gens)
     return batches
-
-
-# ``train`` seeds the global RNG for its own run only: the caller's states are put back
-keeps_caller_rng = keeps_global_rng
