@@ -25,7 +25,12 @@ from compactnn.commands.eval_table import SUSPECT_FOOTNOTE, faster_note
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
 from compactnn.core.calib import as_batches, batch_size_of, main_output
 from compactnn.deployment.api import BACKENDS, DeployedModel
-from compactnn.deployment.refusals import PLAIN_FLOAT_CLI, hf_artifact_reason
+from compactnn.deployment.refusals import (
+    PLAIN_FLOAT_CLI,
+    hf_artifact_reason,
+    hf_model_reason,
+    is_hf,
+)
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.export.fs import check_file_path
@@ -118,6 +123,8 @@ def _models(args: argparse.Namespace):
         raise CompactnnError(f"{args.target!r} holds neither an artifact nor a model.")
     else:
         loaded = load_model(args.target, args)
+        if is_hf(loaded.model):  # before --data is asked for and the recipe calibrated
+            raise CompactnnError(hf_model_reason(args.target, args.recipe, loaded.model))
     data = read_data(args.data, loaded) if args.data else loaded.calib
     # a held-out split: verify, time, score
     inputs, labels = split_labels(data, note=False, model=loaded.model)

@@ -31,7 +31,7 @@ from compactnn.lowering.graph import unsupported_reason
 from compactnn.lowering.plan import RESIDUALS
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
 from compactnn.measure.float_paths import is_plain_float
-from compactnn.recipe import parse_short_name
+from compactnn.recipe import parse_short_name, resolve_recipe
 
 BACKENDS = ("auto", "onednn", "onnxruntime", "inductor")
 
@@ -259,6 +259,47 @@ def hf_artifact_reason(header: dict, artifact: str) -> str | None:
         f"compactnn deploy {artifact}: {reason}; `compactnn export {artifact} --format onnx "
         "--out DIR` writes its verified ONNX Runtime form where it has one (`compactnn export "
         f"{artifact} --list` says), no --model or --data needed."
+    )
+
+
+def recipe_kind(recipe: Any) -> str | None:
+    """The ``_HF_RUNS`` kind of the layers a resolved ``recipe`` quantizes, read from its
+    steps' ``act`` specs (None when no step has one: a pruning-only recipe).
+
+    Example:
+        >>> recipe_kind(resolve_recipe("w4-g32")), recipe_kind(resolve_recipe("w8a8"))
+        ('weight-only', 'static')
+    """
+    specs = [getattr(s.config, "act", "none") for s in recipe.steps]
+    if not any(spec != "none" for spec in specs):
+        return None
+    acts = [
+        (s, spec) for s, spec in zip(recipe.steps, specs, strict=True) if spec not in (None, "none")
+    ]
+    if not acts:
+        return "weight-only"
+    if any(getattr(s.config, "dynamic", False) is True for s, _ in acts):
+        return "per-token"
+    if all(spec.granularity == "group" or spec.dynamic for _, spec in acts):
+        return "runtime"
+    return "static"
+
+
+def hf_model_reason(target: str, recipe_name: str, model: nn.Module) -> str:
+    """Why ``compactnn deploy`` of a Hugging Face model with ``--recipe`` stops before it
+    compresses anything: deploy cannot trace it whatever the recipe; where the compressed
+    model runs instead, and the commands that get there."""
+    name = type(model).__name__
+    kind = recipe_kind(resolve_recipe(recipe_name))
+    if kind is None:
+        why = _TRACE.format(name=name) + " (and this recipe quantizes nothing)"
+    else:
+        why = _HF_RUNS[kind].format(name=name, n="all its quantized").removesuffix("; ")
+    recipe_name = "w8a8-smoothquant" if kind == "static" else recipe_name  # as _HF_RUNS says
+    return (
+        f"compactnn deploy {target}: {why}. Compress it with `compactnn compress {target} "
+        f"--recipe {recipe_name} --out DIR`; then `compactnn export DIR --list` names the "
+        "runtimes that run it."
     )
 
 
