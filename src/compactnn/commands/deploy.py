@@ -25,6 +25,7 @@ from compactnn.commands.eval_table import SUSPECT_FOOTNOTE, faster_note
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
 from compactnn.core.calib import as_batches, batch_size_of, main_output
 from compactnn.deployment.api import BACKENDS, DeployedModel
+from compactnn.deployment.float_check import FLOAT_CONTENDERS, FLOAT_MARGIN
 from compactnn.deployment.refusals import (
     PLAIN_FLOAT_CLI,
     hf_artifact_reason,
@@ -219,6 +220,109 @@ def _stored_samples_note(deployed: DeployedModel, args: argparse.Namespace) -> s
     )
 
 
+def _export(qmodel, example, deployed: DeployedModel, args) -> CompactnnError | None:
+    """``--onnx``: write and verify the file, print its line (and a note when deploy's backend
+    choice timed it slower than float); its refusal is returned, not raised."""
+    from compactnn.export.onnx import export_onnx
+
+    try:
+        result = export_onnx(qmodel, args.onnx, example, tolerance=args.tolerance, force=args.force)
+    except CompactnnError as exc:
+        return exc
+    print(f"wrote {args.onnx}: {result}")
+    if onnx_speed_note(deployed.selection, deployed.backend, None) is not None:  # then count
+        note = onnx_speed_note(deployed.selection, deployed.backend, _conv_kinds(args.onnx))
+        print(f"  note: {note}")
+    return None
+
+
+def _refused_onnx(refusal: CompactnnError, deployed: DeployedModel, args) -> str:
+    """The export's refusal, with what became of ``--save`` and why the deployed model passed
+    where the file did not."""
+    kept = f" The deployed model was saved to {args.save} all the same." if args.save else ""
+    how = ""
+    if deployed.verification is not None and deployed.verification.isolated:
+        how = (
+            f" The {deployed.backend} deployment passed above its tolerance only because each "
+            "of its kernels, run alone on the simulation's inputs, matches its layer; an ONNX "
+            "Runtime session runs as one graph and cannot be checked that way, so the file is "
+            "held to --tolerance alone."
+        )
+    return f"--onnx {args.onnx!r} not written: {refusal}{kept}{how}"
+
+
+def _conv_kinds(path: str) -> tuple[int, int] | None:
+    """Convolutions ONNX Runtime runs in float and as ``QLinearConv`` in the optimized graph
+    of ``path`` (one session build, no timing); None when it cannot be read."""
+    from compactnn.export.ort import optimized_graph
+
+    try:
+        ops = [n.op_type for n in optimized_graph(path).graph.node]
+    except Exception:  # the note then names the documented cause only
+        return None
+    return sum(op in FLOAT_CONVS for op in ops), ops.count("QLinearConv")
+
+
+FLOAT_CONVS = ("Conv", "FusedConv", "NhwcFusedConv")  # float kernels of ONNX Runtime (CPU)
+
+
+def onnx_speed_note(
+    selection: dict[str, float], backend: str, convs: tuple[int, int] | None
+) -> str | None:
+    """The note after "wrote FILE" when the backend choice timed the file's graph (its
+    ``onnxruntime`` contender, the same QDQ graph) slower than the fastest float path: how
+    much, why where ``convs`` (float, int8 convolutions of the optimized graph) tells, and
+    the way out. None when it was not timed or is not slower.
+
+    Example:
+        >>> sel = {"onednn": 2.4e-3, "onnxruntime": 36.7e-3, "fp32-onnxruntime": 5.8e-3}
+        >>> onnx_speed_note(sel, "onednn", (6, 3)).split(" (")[0]
+        'on ONNX Runtime this file ran 6.3x slower than the float model'
+    """
+    floats = {k: v for k, v in selection.items() if k in FLOAT_CONTENDERS}
+    t_file = selection.get("onnxruntime")
+    if t_file is None or not floats:
+        return None
+    best = min(floats, key=floats.get)
+    if t_file <= floats[best] * FLOAT_MARGIN:
+        return None
+    said = (
+        f"on ONNX Runtime this file ran {t_file / floats[best]:.1f}x slower than the float "
+        f"model ({t_file * 1e3:.2f} against {floats[best] * 1e3:.2f} ms on {best}, "
+        "the backend choice above)"
+    )
+    fixed = (
+        "each int8 layer pays a fixed cost (quantize, launch, requantize) that small inputs "
+        "and thin convolutions do not earn back"
+    )
+    float_convs = (
+        "one whose output the simulation keeps in float (a residual add, hardswish or "
+        "squeeze-excite product reads it) has no QuantizeLinear after it, so ONNX Runtime "
+        "does not fuse it into QLinearConv"
+    )
+    if convs is None:  # not counted: the documented causes
+        why = f"{fixed}, and a convolution may run in float: {float_convs}"
+    elif convs[0]:
+        why = (
+            f"ONNX Runtime runs {convs[0]} of its {sum(convs)} convolutions in float on "
+            f"weights dequantized at every call: {float_convs}"
+        )
+    else:
+        why = f"ONNX Runtime runs all {convs[1]} convolutions as QLinearConv, but {fixed}"
+    t_dep = selection.get(backend)
+    if t_dep is not None and t_dep < floats[best] and backend != "onnxruntime":
+        out = f"ship the deployed {backend} model ({t_dep * 1e3:.2f} ms) with --save DIR"
+    else:
+        out = "run the float model"
+    if convs is None or convs[0]:
+        out += (
+            "; or, in Python, export quantize_residuals(qmodel, calib, grids='all') "
+            "(compactnn.deployment.residual), whose every convolution and add ONNX Runtime "
+            "runs on int8 (docs/deploy.md, Quantized residuals)"
+        )
+    return f"{said}: {why}. For speed, {out}."
+
+
 def _latency_lines(
     args: argparse.Namespace, deployed: DeployedModel, paths: FloatPaths, batch: int | None
 ) -> list[str]:
@@ -288,11 +392,12 @@ def run(args: argparse.Namespace) -> int:
     if deployed.recommendation:
         print(f"  note: {deployed.recommendation.removeprefix('deploy: ')}")
     onnx_existed = bool(args.onnx) and os.path.lexists(args.onnx)
-    if args.onnx:  # before --save: a failed export leaves no artifact behind
-        from compactnn.export.onnx import export_onnx
-
-        result = export_onnx(qmodel, args.onnx, example, tolerance=args.tolerance, force=args.force)
-        print(f"wrote {args.onnx}: {result}")
+    if args.onnx:  # before --save: a failed --save removes the file this run wrote
+        refusal = _export(qmodel, example, deployed, args)
+        if refusal is not None:  # the verified deployed model does not depend on the file
+            if args.save:
+                _save(deployed, args, onnx_existed)
+            raise CompactnnError(_refused_onnx(refusal, deployed, args))
     if args.save:
         _save(deployed, args, onnx_existed)
     paths = fastest_float_path(

@@ -20,6 +20,9 @@ from compactnn.errors import ArtifactError, CompactnnError, cut
 TMP_NAME_ROOM = 20
 # An artifact folder's own files (``model.safetensors``, ``.cnn-<token>-...`` while saving).
 INNER_PATH_ROOM = 64
+# Kernel file systems: a write there fails late (sysfs) or replaces a device node (/dev).
+SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+USER_DIRS = ("/dev/shm",)  # a plain tmpfs under /dev, where anyone may write
 
 
 def names_folder(out: str | os.PathLike) -> bool:
@@ -39,6 +42,24 @@ def force_option(what: str) -> str:
     return "--force" if what.startswith("--") else "force=True"
 
 
+def system_folder(path: str | os.PathLike) -> str | None:
+    """The system folder (``/proc``, ``/sys``, ``/dev`` but not ``/dev/shm``) that ``path``,
+    links resolved, lies under; None for a path of the user's own.
+
+    Example:
+        >>> system_folder("/sys/x.onnx"), system_folder("/dev/shm/x.onnx")
+        ('/sys', None)
+    """
+    real = os.path.realpath(path)
+
+    def under(folder: str) -> bool:
+        return real == folder or real.startswith(folder + "/")
+
+    if any(under(user) for user in USER_DIRS):
+        return None
+    return next((system for system in SYSTEM_DIRS if under(system)), None)
+
+
 def check_file_path(
     path: str | os.PathLike, what: str, force: bool | None = None, suggest: str = "out.bin"
 ) -> Path:
@@ -52,13 +73,19 @@ def check_file_path(
         suggest: a file name the message offers inside a folder given by mistake.
 
     Raises:
-        CompactnnError: ``path`` is or names a folder, a part of its folder path is a file,
-            the nearest existing folder is not writable, or it exists and ``force`` is False.
+        CompactnnError: ``path`` is or names a folder, lies under a system folder (``/sys``,
+            ``/proc``, ``/dev``), a part of its folder path is a file, the nearest existing
+            folder is not writable, or it exists and ``force`` is False.
 
     Example:
         >>> check_file_path("out/report.json", "--json")  # doctest: +SKIP
     """
     check_path_length(path, f"{what} {cut(path)!r}")
+    if (system := system_folder(path)) is not None:  # root may "write" there, until it fails
+        raise CompactnnError(
+            f"{what} {str(path)!r} lies under {system}, a system folder: choose a file in a "
+            f"directory of your own, such as {suggest!r}."
+        )
     out = Path(path)
     if names_folder(path) or out.is_dir():
         raise CompactnnError(
@@ -149,7 +176,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise CompactnnError(
             f"cannot create {str(path)!r}: a part of its folder path is a file."
         ) from exc
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a folder refusing new files: the user's path, not the temp name
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
