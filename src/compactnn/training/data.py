@@ -141,12 +141,15 @@ def split_note(keys: Iterable[str], used: tuple[str, str], what: str = "the data
 class TrainData:
     """Labelled training data: tensors ``x``/``y`` or an iterable of ``(x, y)`` batches.
     ``dtype``: the floating-point dtype a loader's floating-point inputs are cast to
-    (tensor ``x`` is cast once, by :func:`as_train_data`)."""
+    (tensor ``x`` is cast once, by :func:`as_train_data`). ``min_batch``: a batch of fewer
+    samples is skipped (a batch norm in training mode needs two:
+    :mod:`compactnn.training.batch_norm`)."""
 
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     loader: Iterable | None = None
     dtype: torch.dtype | None = None
+    min_batch: int = 1
 
     def batches(self, batch_size: int, epoch: int, seed: int) -> Iterator[tuple]:
         """The epoch's batches; tensor data is permuted by a generator seeded from
@@ -154,18 +157,20 @@ class TrainData:
         if self.loader is not None:
             for i, b in enumerate(self.loader):
                 x, y = _as_pair(b, f"batch {i}")
-                yield cast_inputs(x, self.dtype), y
+                if rows(x) >= self.min_batch:
+                    yield cast_inputs(x, self.dtype), y
             return
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(self.x.shape[0], generator=gen)
-        for start in range(0, len(order), batch_size):
+        for start in range(0, len(order) - self.min_batch + 1, batch_size):
             idx = order[start : start + batch_size]
             yield self.x[idx], self.y[idx]
 
     def steps(self, batch_size: int) -> int | None:
+        """Batches per epoch (a loader's length, or None without one)."""
         if self.loader is not None:
             return len(self.loader) if hasattr(self.loader, "__len__") else None
-        return -(-self.x.shape[0] // batch_size)
+        return len(range(0, self.x.shape[0] - self.min_batch + 1, batch_size))
 
     def calibration(self, n: int = 256, batch_size: int = 64) -> list[torch.Tensor]:
         """The first ``n`` inputs in stored order (for initialising quantizers)."""

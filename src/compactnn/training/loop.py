@@ -25,7 +25,7 @@ from compactnn.engines.qat import keep_eligible, start_epoch
 from compactnn.errors import CompactnnError
 from compactnn.float_layers import report_float_layers
 from compactnn.recipe import Recipe, resolve_recipe
-from compactnn.training import distributed
+from compactnn.training import batch_norm, distributed
 from compactnn.training.checkpoint import (
     check_checkpoint_dir,
     checkpoint_path,
@@ -433,6 +433,7 @@ def train(
     if eval_xy is not None:
         eval_xy = tuple(t.to(env.device) for t in eval_xy)
     qat = prepare_qat(model, recipe, calib, seed=seed, progress=progress)
+    steps = batch_norm.fit_batches(qat, data, cfg.batch_size, calib[0], env.world_size)
     weight = cfg.distill if teacher is None or cfg.distill > 0 else 0.5
     loss_fn = _loss_fn(qat, model, teacher, weight, cfg.temperature, features, calib[0])
     if env.device.type != "cpu":
@@ -441,7 +442,6 @@ def train(
             loss_fn.to(env.device)
     forward = _dist.wrap(env, qat)  # FSDP2 replaces the parameters: before the optimizer
     opt = torch.optim.Adam(param_groups(qat, cfg.lr, cfg.lr_quant))
-    steps = data.steps(cfg.batch_size) or 1
     if epochs_given is None:
         epochs = epochs_for_min_steps(epochs, steps, getattr(cfg, "min_steps", 0))
     sched = lr_schedule(opt, max(epochs * steps, 1), getattr(cfg, "warmup_steps", 0))
