@@ -36,6 +36,7 @@ from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
 from compactnn.export.fs import check_file_path
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
+from compactnn.measure.environment import oversubscribed_note
 from compactnn.measure.fidelity import collapse_on
 from compactnn.measure.float_paths import FloatPaths, fastest_float_path, is_plain_float
 from compactnn.measure.quality import evaluate
@@ -336,6 +337,8 @@ def _latency_lines(
         f"batch {batch}, {args.threads} threads{compile_}, every "
         "contender timed side by side (rotating blocks):"
     ]
+    if (over := oversubscribed_note(args.threads)) is not None:
+        lines.append(over)
     for label, t in paths.timings.items():
         mine = t.to_dict()
         latency = t.fmt() + suspect_mark(mine)

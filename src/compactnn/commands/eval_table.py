@@ -11,6 +11,7 @@ from compactnn.commands._common import human_bytes
 from compactnn.commands.compress_summary import human_count
 from compactnn.errors import counted
 from compactnn.measure import fmt_quality
+from compactnn.measure.environment import oversubscribed_note
 from compactnn.measure.size import ratio_cell
 from compactnn.measure.timing import SUSPECT_MARK, suspect_mark, timing_suspect  # noqa: F401
 
@@ -246,12 +247,15 @@ def conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
 
 def result_lines(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
     """What ``compactnn eval`` prints: the quality line, the table and its footnote, the
-    stored bits, the timing's conditions, then the notes under a heading (as ``compress``
-    prints its notes under its summary), so the table starts the output."""
+    stored bits, the timing's conditions (and a line when its threads oversubscribe the
+    CPUs), then the notes under a heading (as ``compress`` prints its notes under its
+    summary), so the table starts the output."""
     lines = [quality_line(result), *text_table(table_columns(result), table_rows(result))]
     if (footnote := suspect_footnote(result)) is not None:
         lines.append(footnote)
     lines += [bits_line(result["stored_bits"], result.get("float_weights"))]
     lines += [conditions(args, result)]
+    if (over := oversubscribed_note(args.threads)) is not None:  # beside the thread count
+        lines.append(over)
     notes = list(dict.fromkeys(result["notes"]))
     return lines + (["notes:", *(f"  {note}" for note in notes)] if notes else [])

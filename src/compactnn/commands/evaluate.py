@@ -127,7 +127,7 @@ def check_inputs(loaded: LoadedModel, batch: Any, option: str = "--data") -> Any
             return call_model(loaded.model.eval(), batch)
     # AssertionError: a torch.export (.pt2) model's input guards ("Guard failed: ...")
     except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
-        want = expected_inputs(loaded.model, loaded.example)
+        want = expected_inputs(loaded.model, loaded.example, batch)
         ints = isinstance(batch, torch.Tensor) and not batch.is_floating_point()
         if ints and "float" in want:  # a file's floats are cast to the model's dtype, not ints
             want += " (integers are not cast: save floating-point values)"

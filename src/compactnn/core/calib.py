@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.input_size import size_hint
 from compactnn.core.tokens import check_masked_out, check_positions, check_token_ids
 from compactnn.errors import CompactnnError
 
@@ -313,13 +314,16 @@ def missing_main_input(model: nn.Module, batch: Batch) -> str | None:
 
 
 def batch_hint(model: nn.Module, batch: Batch) -> str:
-    """What the model expects, and for a dict batch how it was passed (as keywords)."""
+    """What the model expects (with the image size it takes, when the batch's size is the
+    fault: :func:`size_hint`), and for a dict batch how it was passed (as keywords)."""
     if isinstance(batch, dict):
         return (
             "A dict batch is passed as keyword arguments (forward(**batch)); if forward takes "
             "the dict as one argument, wrap each batch as a 1-tuple: calib_data=[(batch,)] "
             "(and example=(batch,) for deploy)."
         )
+    if (size := size_hint(model, batch)) is not None:
+        return f"Expected input: {size}."
     return f"Expected input: {expected_input_hint(model)}."
 
 
@@ -348,14 +352,17 @@ def main_output(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in a model output of type {type(out).__name__}")
 
 
-def expected_inputs(model: nn.Module, example: Any) -> str:
+def expected_inputs(model: nn.Module, example: Any, batch: Any = None) -> str:
     """What ``model`` takes: its example input with any number of rows, else its parameters'
-    dtype and what its first weight layer takes (:func:`expected_input_hint`)."""
+    dtype and what its first weight layer takes (:func:`expected_input_hint`), with the image
+    size when ``batch`` (the inputs it refused) has the wrong one (:func:`size_hint`)."""
     if isinstance(example, torch.Tensor):
         return f"{input_spec(example, rows=True)}, like its example input {tuple(example.shape)}"
     if example is not None:
         return f"{input_spec(example, rows=True)}, like its example input"
     hint = expected_input_hint(model)
+    if batch is not None and (size := size_hint(model, batch)) is not None:
+        hint = size
     if not hint.startswith("("):  # token ids, or a model without weight layers
         return hint
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

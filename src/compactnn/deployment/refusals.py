@@ -121,7 +121,7 @@ def example_refusal(qmodel: nn.Module, example: Any, e: Exception) -> str:
     hint = (
         batch_hint(qmodel, example)
         if isinstance(example, dict)
-        else f"Expected input: {expected_inputs(qmodel, None)}."
+        else f"Expected input: {expected_inputs(qmodel, None, example)}."
     )
     return f"the model does not run on example= ({input_spec(example)}): {first_line(e)}. {hint}"
 

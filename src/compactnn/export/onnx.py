@@ -317,7 +317,7 @@ def _export_failure(qmodel: nn.Module, example: Any, exc: Exception) -> Compactn
     except Exception as e:  # the example, not the exporter
         return CompactnnError(
             f"ONNX export: the model does not run on example= ({input_spec(example)}): "
-            f"{first_line(e)}. Pass {expected_inputs(qmodel, None)}."
+            f"{first_line(e)}. Pass {expected_inputs(qmodel, None, example)}."
         )
     op = re.search(r"operator '([^']+)'", str(exc))
     if op is not None:
@@ -344,8 +344,14 @@ def _export(model: nn.Module, spec: OnnxIO, args: tuple) -> bytes:
     return buf.getvalue()
 
 
-def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str]]:
+def to_onnx_bytes(
+    qmodel: nn.Module, example: Any, *, int32_heads: bool = False
+) -> tuple[bytes, dict[str, str]]:
     """Serialized QDQ ONNX model of ``qmodel`` (batch dimension dynamic) and kept layers.
+
+    ``int32_heads``: also store the bias of a ``Gemm`` whose output stays float (a classifier
+    head) as int32 codes, so ONNX Runtime runs it as ``QGemm`` on the int8 codes (what
+    :func:`export_onnx` writes; ``onnx_graph.store_bias_codes``).
 
     Exported under :func:`exporting` (``nn.MultiheadAttention`` as the ops ONNX has, nothing
     printed), with the names of :mod:`compactnn.export.onnx_io` (a dict example's keys are
@@ -367,7 +373,7 @@ def to_onnx_bytes(qmodel: nn.Module, example: Any) -> tuple[bytes, dict[str, str
     show_notes(notes)  # shape checks: the warnings the tracer gave, as before
     proto = onnx.load_from_string(data)
     store_codes(proto, model, layers)
-    store_bias_codes(proto, model, layers)
+    store_bias_codes(proto, model, layers, gemms=int32_heads)
     quantize_before_moves(proto)
     return proto.SerializeToString(), kept
 
@@ -464,7 +470,7 @@ def export_onnx(
         raise CompactnnError("export_onnx verifies the file: pass example= a sample batch.")
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
     check_file_path(path, "path", force=force, suggest="model.onnx")  # before the export
-    data, kept = to_onnx_bytes(qmodel, example)
+    data, kept = to_onnx_bytes(qmodel, example, int32_heads=True)
     result = enforce(
         verify_qdq(
             qmodel, data, ort_callable(data), example, "onnx export", tolerance, against="file"

@@ -1,4 +1,5 @@
-"""Where and how numbers were measured: versions, the CPU (model and AMX), threads, date.
+"""Where and how numbers were measured: versions, the CPU (model and AMX), threads, date,
+and whether the threads oversubscribe the CPUs the process may use.
 
 Every table of speeds names the CPU and whether it has AMX (shared/BENCHMARKING.md): int8
 and bf16 kernels differ several-fold between CPUs with and without it.
@@ -44,15 +45,50 @@ def cpu_description(cpuinfo: str | None = None) -> str:
 
 def environment(threads: int, **extra: Any) -> dict[str, Any]:
     """Versions, machine (OS, architecture, CPU model, AMX, core count), ``threads``, the
-    UTC date, and any ``extra`` fields (e.g. ``runs=10``)."""
+    UTC date, and any ``extra`` fields (e.g. ``runs=10``); ``oversubscribed`` (a line to
+    print beside the thread count) when the threads exceed the CPUs the process may use."""
     machine = f"{platform.system()} {platform.machine()}, {cpu_description()}"
+    over = oversubscribed_note(threads)
     return {
         "compactnn": compactnn.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{machine}, {os.cpu_count()} CPUs",
         "threads": threads,
+        **({"oversubscribed": over} if over else {}),
         **extra,
         **({"gomp_spincount": spin_count()} if spin_count() else {}),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (``os.sched_getaffinity``: ``taskset`` and cpusets
+    shrink it below ``os.cpu_count()``; the CPU count where it is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def oversubscribed_note(threads: int | None, cpus: int | None = None) -> str | None:
+    """One line saying the timings are oversubscribed when ``threads`` exceed the ``cpus``
+    the process may use (:func:`available_cpus` when None); None otherwise. A command that
+    prints the thread count of a latency table prints this line beside it (64 threads on 2
+    CPUs doubled eager float, 12.3 -> 24.8 ms, and every speedup was computed under it).
+
+    Example:
+        >>> oversubscribed_note(64, cpus=2)[:62]
+        'oversubscribed: 64 threads on the 2 CPUs this process may use '
+        >>> oversubscribed_note(2, cpus=2) is None
+        True
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    if threads is None or threads <= cpus:
+        return None
+    return (
+        f"oversubscribed: {threads} threads on the {cpus} CPUs this process may use "
+        "(os.sched_getaffinity): the threads wait for each other's cores, so these latencies "
+        f"and the speedups computed under them are not the model's; time with --threads {cpus} "
+        "or fewer."
+    )

@@ -150,6 +150,8 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
     suspect = [
         f"{r['label']}: {why}" for r in results["rows"] for why in r["latency"].get("suspect", [])
     ]
+    if env.get("oversubscribed"):
+        how.append(env["oversubscribed"])
     if any_suspect(results["rows"]):
         how.append(SUSPECT_FOOTNOTE)
     blocks: list[Block] = [

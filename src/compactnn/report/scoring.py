@@ -142,7 +142,7 @@ def check_runs(model: nn.Module, inputs: Any, what: str = "data") -> list:
     except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
         raise CompactnnError(
             f"{what} does not fit the model: it holds {input_spec(batches[0])} "
-            f"({first_line(exc)}). Pass {expected_inputs(model, None)}."
+            f"({first_line(exc)}). Pass {expected_inputs(model, None, batches[0])}."
         ) from exc
     return batches
 

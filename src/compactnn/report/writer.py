@@ -206,6 +206,7 @@ def _method_blocks(results: dict[str, Any]) -> list[Block]:
                 "Quality is measured by running the delivered model itself.",
                 "Load bit-exact: the artifact loaded into a fresh skeleton gives outputs equal "
                 "(`torch.equal`) to the compressed model's.",
+                *([env["oversubscribed"]] if env.get("oversubscribed") else []),
                 *([SUSPECT_FOOTNOTE] if suspect else []),
             ],
         ),
