@@ -4,7 +4,9 @@
 Every :class:`~compactnn.errors.CompactnnError` is printed as ``error: <message>`` and exits
 with status 2, without a traceback. So is an ``OSError`` that names its file and is about
 the disk or permissions (full disk, file too large, no access, read-only file system, name
-too long): the user can fix those. A message is cut to about ``MAX_MESSAGE`` characters.
+too long): the user can fix those. So is running out of memory (a ``MemoryError``, numpy's
+included; torch's CPU allocator failing; an ENOMEM): ``error: out of memory (...)``, naming
+the allocation that failed, and the fixes. A message is cut to about ``MAX_MESSAGE`` characters.
 (The writers of :mod:`compactnn.export.fs` name the file of a failed write.) Any other
 exception is a bug and keeps its traceback. Ctrl-C (SIGINT) and SIGTERM stop a command the
 same way, its cleanup run (a training log removed, or kept where a checkpoint resumes it):
@@ -30,6 +32,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -37,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from compactnn.commands import COMMANDS
-from compactnn.errors import CompactnnError, cut, first_line
+from compactnn.errors import CompactnnError, cut, first_line, is_out_of_memory
 from compactnn.omp_policy import ensure_passive_policy, openmp_runtime_loaded
 from compactnn.user_modules import user_folder_importable
 
@@ -56,6 +59,14 @@ USER_OS_ERRORS = {
     "largest file: raise the limit or choose another path",
     errno.ENAMETOOLONG: "choose a shorter file or folder name",
 }
+# What to do when a command runs out of memory (a MemoryError, torch's CPU allocator failing).
+MEMORY_FIXES = (
+    "free memory (close other programs) or raise the process's limit (ulimit -v), use fewer "
+    "threads (OMP_NUM_THREADS=1), pass a smaller --data or calibration set, or use a machine "
+    "with more memory"
+)
+# The size torch's CPU allocator names when it fails.
+_TRIED = re.compile(r"you tried to allocate (\d+) bytes")
 # The longest ``error:`` line printed: a message quoting a value read from a file (a recipe
 # name, an artifact's source) is cut here at the latest, saying how much was cut.
 MAX_MESSAGE = 2000
@@ -127,6 +138,8 @@ def import_plugins(names: Sequence[str]) -> None:
                 "module should only register methods; remove the exit from it."
             ) from exc
         except Exception as exc:  # a bug in the plugin, not in compactnn
+            if is_out_of_memory(exc):  # not the plugin's fault: main says "out of memory"
+                raise
             raise CompactnnError(
                 f"--plugin {name!r} failed while being imported ({type(exc).__name__}: "
                 f"{first_line(exc)}): fix the module; python -c 'import {name}' shows where."
@@ -306,20 +319,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             import_plugins(getattr(args, "plugin", None) or ())  # before any recipe is read
             return int(args._run(args) or 0)
     except CompactnnError as exc:
+        _close_progress_bars()  # else a refusal raised mid-loop lands on the bar's line
         print(f"error: {bounded(with_hints(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `compactnn ... | head -1`: the reader left; nothing to say
         _silence_stdout()
         return EXIT_BROKEN_PIPE
-    except OSError as exc:
-        if exc.filename is None or exc.errno not in USER_OS_ERRORS:
-            raise  # not attributable to one of the user's paths: a bug, keep the traceback
+    except (MemoryError, RuntimeError, OSError) as exc:
+        if is_out_of_memory(exc):  # numpy's, torch's CPU allocator's, an ENOMEM
+            command = command_of(list(sys.argv[1:] if argv is None else argv))
+            _close_progress_bars()
+            print(f"error: {bounded(memory_message(exc, command))}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if not isinstance(exc, OSError) or exc.filename is None or exc.errno not in USER_OS_ERRORS:
+            raise  # not memory, nor one of the user's paths: a bug, keep the traceback
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
-        common = sys.modules.get("compactnn.commands._common")  # not while torch loads
-        if common is not None:
-            common.close_progress_bars()  # else "interrupted" lands at the end of the bar's line
+        _close_progress_bars()
         if isinstance(exc, Terminated):
             print("terminated (SIGTERM)", file=sys.stderr)
             return EXIT_TERMINATED
@@ -327,6 +344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         warnings.showwarning = previous
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a stopped step left open: else the last line printed lands at
+    the end of the bar's line."""
+    common = sys.modules.get("compactnn.commands._common")  # not while torch loads
+    if common is not None:
+        common.close_progress_bars()
 
 
 def os_error_message(exc: OSError) -> str:
@@ -337,6 +362,41 @@ def os_error_message(exc: OSError) -> str:
         "'out/m': No space left on device; free some disk space or choose another --out."
     """
     return f"{cut(exc.filename)!r}: {exc.strerror}; {USER_OS_ERRORS[exc.errno]}."
+
+
+def memory_message(exc: BaseException, command: str | None = None) -> str:
+    """One line for running out of memory: what ran out (the allocation that failed, where
+    torch or numpy say its size; the file being read), and the fixes.
+
+    Example:
+        >>> memory_message(MemoryError(), "compress")[:78]
+        'out of memory: compactnn compress needed more memory than this process may use'
+    """
+    text = str(exc)
+    if (tried := _TRIED.search(text)) is not None:
+        detail = f"an allocation of {size_text(int(tried.group(1)))} failed"
+    elif isinstance(exc, OSError) and exc.strerror:  # not "[Errno 12] ..."
+        detail = exc.strerror if exc.filename is None else f"{cut(exc.filename)!r}: {exc.strerror}"
+    else:
+        detail = first_line(exc) if text.strip() else ""
+    who = f"compactnn {command}" if command in COMMANDS else "the command"
+    return (
+        f"out of memory{f' ({detail})' if detail else ''}: {who} needed more memory than "
+        f"this process may use; {MEMORY_FIXES}."
+    )
+
+
+def size_text(n: int) -> str:
+    """A byte count for a message.
+
+    Example:
+        >>> size_text(9437184), size_text(512)
+        ('9.0 MiB (9,437,184 bytes)', '512 bytes')
+    """
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
 
 
 if __name__ == "__main__":

@@ -15,11 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from compactnn.errors import CompactnnError, first_line
+from compactnn.errors import CompactnnError, first_line, is_out_of_memory
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` file, with a clear error when it is unreadable."""
+    """All tensors of a ``.safetensors`` file, with a clear error when it is unreadable.
+
+    Raises:
+        CompactnnError: not a file, or not a safetensors file.
+        MemoryError: too little memory to read it (an ENOMEM, a failed allocation: not the
+            file's fault), naming the file.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -32,6 +38,8 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as exc:
+        if is_out_of_memory(exc) or "Cannot allocate memory" in str(exc):  # ENOMEM's words
+            raise MemoryError(f"reading {str(path)!r}: {first_line(exc)}") from exc
         if (kind := pickled_kind(path)) is not None:
             raise CompactnnError(
                 f"{str(path)!r} is not a safetensors file: it looks like {kind}, which "

@@ -8,6 +8,7 @@ to tell a bad input from a bug. Also what messages share: short quotes of long v
 from __future__ import annotations
 
 import dataclasses
+import errno
 import sys
 import types
 from pathlib import Path
@@ -19,6 +20,43 @@ class CompactnnError(ValueError):
 
 class ArtifactError(CompactnnError):
     """A saved artifact is missing, truncated, tampered with, or of an unknown format."""
+
+
+# How torch's CPU allocator fails (c10's alloc_cpu.cpp; "not enough memory" where it has no
+# posix_memalign), and how torch's mmap of a file (``UntypedStorage.from_file``, which
+# safetensors' ``load_file`` uses) fails for lack of address space.
+ALLOCATOR_FAILURES = (
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+)
+MMAP_FAILURE = ("unable to mmap", "Cannot allocate memory (12)")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means the process ran out of memory, not a bug: a ``MemoryError``
+    (numpy's ``_ArrayMemoryError`` is one), an ``OSError`` ENOMEM, or torch's CPU allocator
+    (or its mmap of a file) failing, matched by its exact words; any other error is not.
+
+    Example:
+        >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you "
+        ...     "tried to allocate 64 bytes. Error code 12 (Cannot allocate memory)"))
+        True
+        >>> is_out_of_memory(RuntimeError("shape '[2, 3]' is invalid for input of size 5"))
+        False
+        >>> is_out_of_memory(Exception("[ONNXRuntimeError] : 6 : std::bad_alloc"))
+        True
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOMEM
+    text = str(exc)
+    if "std::bad_alloc" in text:  # C++ runtimes' (ONNX Runtime's RuntimeException) words
+        return True
+    return isinstance(exc, RuntimeError) and (
+        any(words in text for words in ALLOCATOR_FAILURES)
+        or all(words in text for words in MMAP_FAILURE)
+    )
 
 
 def name_list(names: list[str], limit: int = 5) -> str:

@@ -48,7 +48,7 @@ from compactnn.deployment.refusals import (
 )
 from compactnn.deployment.runner import plan_runner
 from compactnn.deployment.traced import traced_through
-from compactnn.errors import CompactnnError, user_stacklevel
+from compactnn.errors import CompactnnError, is_out_of_memory, user_stacklevel
 from compactnn.lowering.graph import trace
 from compactnn.lowering.isolated import with_kernels
 from compactnn.lowering.plan import build_plan
@@ -319,6 +319,8 @@ def deploy(
         try:
             built[candidate] = _build(candidate, sim, inputs, residual, unsupported)
         except Exception as e:
+            if is_out_of_memory(e):  # the machine, not this backend: no other will fit either
+                raise
             if len(names) == 1 or (unsupported == "error" and isinstance(e, CompactnnError)):
                 raise _refusal(candidate, e) from e
             errors[candidate] = failure_reason(e)
@@ -337,6 +339,8 @@ def deploy(
         try:
             checked[k] = m.verify(example)
         except Exception as e:
+            if is_out_of_memory(e):
+                raise
             if len(names) == 1:
                 raise _refusal(k, e) from e
             errors[k] = failure_reason(e)
