@@ -454,7 +454,7 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
         with quiet_shape_checks():
             data, kept = to_onnx_bytes(sim, example)
         kept = {**kept, **_traced_float(sim, example)}  # exported as float ops of their weights
-        data = fold_float_outputs(data)  # same numbers, no per-call dequantized float head
+        data = fold_float_outputs(data)  # same numbers; no per-call dequantized float layers
         run = structured_outputs(ort_callable(data), sim, example)
         deployed = DeployedModel(run, backend, kept)
         deployed.__dict__["onnx_bytes"] = data

@@ -15,7 +15,8 @@ as a second ``Conv`` / ``Gemm`` added to the first, and padding modes / uneven `
 an explicit ``Pad`` (:mod:`compactnn.export.onnx_forms`). A grid
 after a flatten/reshape is applied before it as well (same numbers), so a pool before a
 classifier fuses to ``QLinearGlobalAveragePool``; ``onnx_graph.fold_float_outputs``
-stores a float-output head's weight dequantized for the deployed session. The graph edits
+stores the weights of the layers ONNX Runtime runs in float dequantized for the deployed
+session. The graph edits
 after the export live in :mod:`compactnn.export.onnx_graph`.
 """
 
