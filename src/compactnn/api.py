@@ -211,7 +211,7 @@ def _compress(
             f"{recipe.name} to them, compress the float model they came from."
         )
     ctx.folded_bn.extend(previous.get("folded_bn", []))
-    ctx.extra.update(previous.get("extra", {}))
+    ctx.extra.update(copy.deepcopy(previous.get("extra", {})))  # never the input's own dicts
     _linearize_conv1d(qmodel, ctx)
     _split_attention(qmodel, recipe, ctx)
     check_layers_found(qmodel, recipe)

@@ -40,6 +40,7 @@ from compactnn.commands.compress_summary import (
     pruning_lines,
 )
 from compactnn.core.calib import as_batches
+from compactnn.core.qlayers import ActQuantizer, has_integer_weight
 from compactnn.core.tokens import check_token_ids
 from compactnn.data_files import check_float_inputs, takes_token_ids
 from compactnn.errors import CompactnnError, first_line
@@ -296,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
     for line in note_lines(info["notes"], set(warned)):
         print(line)
     first = as_batches(data)[:1] if data is not None else []  # one forward of each model
-    if first and (collapsed := collapse_on(loaded.model, qmodel, first[0])) is not None:
+    done = what_it_did(qmodel, extra)
+    if first and (collapsed := collapse_on(loaded.model, qmodel, first[0], **done)) is not None:
         print(f"warning: {collapsed}", file=sys.stderr)
     for method, mib in info.get("measured", {}).get("peak_rss_mib", {}).items():
         print(f"  peak resident memory of {method}: {mib} MiB (this run; not saved)")
@@ -305,6 +307,19 @@ def run(args: argparse.Namespace) -> int:
     held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded, given)})
     print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
     return 0
+
+
+PRUNE_KEYS = ("pruning", "resized", "probe_prune")  # extra entries a pruning step writes
+
+
+def what_it_did(qmodel: torch.nn.Module, extra: dict) -> dict[str, bool]:
+    """``quantized`` / ``pruned``: what the recipe did to ``qmodel`` (``extra``: its
+    artifact's), for the collapse warning's words (``fidelity.collapse_text``): a
+    pruning-only recipe that collapsed a trained model is not told to compress a trained
+    model."""
+    pruned = any(extra.get(k) for k in PRUNE_KEYS)
+    quantized = any(has_integer_weight(m) or isinstance(m, ActQuantizer) for m in qmodel.modules())
+    return {"quantized": quantized or not pruned, "pruned": pruned}
 
 
 def float_size_or_reason(model: torch.nn.Module) -> int | str:

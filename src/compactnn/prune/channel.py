@@ -445,7 +445,8 @@ def apply_channel(
             ctx.warn(
                 "channel pruning skipped: " + "; ".join(f"{n} ({r})" for n, r in skipped.items())
             )
-    ctx.extra.setdefault("resized", {}).update(changed(before, snapshot(model)))
+    # a new dict, never an update in place: ctx.extra's entries may be the input model's own
+    ctx.extra["resized"] = {**ctx.extra.get("resized", {}), **changed(before, snapshot(model))}
     if teacher is not None:
         steps, lr = config.finetune_steps, config.lr
         distill_steps(model, teacher, ctx, steps, lr, desc="channel fine-tune")

@@ -33,7 +33,13 @@ from compactnn.engines.prune_schedule import (
     weight_layer_names,
 )
 from compactnn.errors import CompactnnError
-from compactnn.prune.masks import check_sparsity, dense_weight, set_mask, skip_tied
+from compactnn.prune.masks import (
+    check_removes_some,
+    check_sparsity,
+    dense_weight,
+    set_mask,
+    skip_tied,
+)
 from compactnn.prune.shortnames import percent_fraction
 from compactnn.prune.stats import model_counts, record_sparsity
 from compactnn.prune.train import collapse_words, output_summary, warn_if_collapsed
@@ -87,6 +93,9 @@ class DNSConfig(MethodConfig):
         for name, value in pairs:
             check_sparsity(value, f"layer_sparsity[{name!r}]")
         object.__setattr__(self, "layer_sparsity", pairs)
+        if not any(v for _, v in pairs):  # a layer's own nonzero fraction prunes something
+            example = "sparsity=0.9 (short name sp90-dns)"
+            check_removes_some(self.sparsity, "DNSConfig(sparsity=0)", "weights", example)
         if not 0.0 <= self.band < 1.0:
             raise CompactnnError(f"DNSConfig.band={self.band} must lie in [0, 1).")
         if self.frequency < 1 or self.surgery_steps < 0 or self.finetune_steps < 0:

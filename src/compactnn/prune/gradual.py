@@ -28,6 +28,7 @@ from compactnn.core.context import CompressContext
 from compactnn.engines.prune_schedule import ScheduledPruner, prune_while_distilling
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import (
+    check_removes_some,
     check_sparsity,
     dense_weight,
     masks_from_scores,
@@ -74,6 +75,8 @@ class GradualConfig(MethodConfig):
         super().__post_init__()
         check_sparsity(self.final_sparsity, "final_sparsity")
         check_sparsity(self.initial_sparsity, "initial_sparsity")
+        where, example = "GradualConfig(final_sparsity=0)", "final_sparsity=0.9 (sp90-gradual)"
+        check_removes_some(self.final_sparsity, where, "weights", example)
         if not 0 <= self.begin_step < self.end_step:
             raise CompactnnError(
                 f"GradualConfig: need 0 <= begin_step ({self.begin_step}) < end_step "

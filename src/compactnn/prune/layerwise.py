@@ -22,6 +22,7 @@ from compactnn.core.modules import execution_order
 from compactnn.errors import name_list
 from compactnn.prune.masks import (
     check_nm,
+    check_removes_some,
     check_sparsity,
     keep_nm_divisible,
     prunable_layers,
@@ -101,6 +102,9 @@ def oneshot_layers(
     tied to a table (:func:`~compactnn.prune.masks.skip_tied`), the layer types it cannot
     prune (one warning for all; their reason recorded for the float-layer report) and
     the layers an N:M group does not divide (:func:`nm_layers`)."""
+    if not config.n:  # here, not in the config: sparsegpt_prune(sparsity=0) reconstructs
+        example = f"sparsity=0.5 (short name sp50-{method})"
+        check_removes_some(config.sparsity, f"{method} with sparsity=0", "weights", example)
     layers, dense = {}, {}
     for name, layer in prunable_layers(skip_tied(model, targets, ctx, method), ctx).items():
         if (kind := unsupported_kind(layer)) is None:

@@ -12,6 +12,7 @@ from compactnn.core.context import CompressContext
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import (
     apply_masks,
+    check_removes_some,
     check_sparsity,
     masks_from_scores,
     prunable_layers,
@@ -47,6 +48,8 @@ class MagnitudeConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_sparsity(self.sparsity)
+        where, example = "MagnitudeConfig(sparsity=0)", "sparsity=0.5 (short name sp50)"
+        check_removes_some(self.sparsity, where, "weights", example)
         if self.scope not in ("layer", "global"):
             raise CompactnnError(f"MagnitudeConfig.scope={self.scope!r}; use 'layer' or 'global'.")
 

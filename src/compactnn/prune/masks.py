@@ -50,6 +50,18 @@ def check_sparsity(value: float, field: str = "sparsity", what: str = "weights")
         )
 
 
+def check_removes_some(value: float, where: str, what: str, example: str) -> None:
+    """Raise ``CompactnnError`` when the fraction ``value`` is 0: a step that removes
+    nothing would write a "pruned" artifact of the float model, so it is refused as the
+    short names ``sp0`` and ``ch0`` and ``ChannelConfig(ratio=0)`` are. ``where``: the
+    config and field, ``what``: the things removed, ``example``: a value that works."""
+    if float(value) == 0.0:
+        raise CompactnnError(
+            f"{where} removes nothing: give the fraction of {what} to remove, in (0, 1), "
+            f"e.g. {example}."
+        )
+
+
 def check_nm(n: int, m: int) -> None:
     """Raise ``CompactnnError`` unless ``0 < n < m`` (integers).
 

@@ -65,6 +65,7 @@ from compactnn.core.config import MethodConfig
 from compactnn.core.context import CompressContext
 from compactnn.core.modules import set_module
 from compactnn.errors import CompactnnError
+from compactnn.prune.masks import check_removes_some
 from compactnn.prune.probe_mask import (
     mask_positions,
     masked_sample_mean,
@@ -114,6 +115,7 @@ class ProbePruneConfig(MethodConfig):
         super().__post_init__()
         if not 0.0 <= self.ratio < 1.0:
             raise CompactnnError(f"ratio={self.ratio} must lie in [0, 1); e.g. 0.3.")
+        check_removes_some(self.ratio, "ProbePruneConfig(ratio=0)", "channels", "ratio=0.3 (pp30)")
         for name, allowed in (("mode", MODES), ("select", SELECTS), ("score", SCORES)):
             if getattr(self, name) not in allowed:
                 raise CompactnnError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")

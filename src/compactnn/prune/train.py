@@ -9,6 +9,7 @@ self-distillation loss), while a callback updates masks on the method's schedule
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 
 from compactnn.core.calib import main_output
 from compactnn.core.context import CompressContext
+from compactnn.distill.kd import DistillationLoss
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import attach_masks, bake_masks, zero_masks
 
@@ -63,10 +65,15 @@ def finetune(
     loader: Iterable,
     epochs: int = 1,
     lr: float = 1e-3,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
     pruner: Any = None,
 ) -> nn.Module:
     """Fine-tune ``model`` in place on ``(inputs, labels)`` batches, keeping its sparsity.
+
+    ``loss_fn(outputs, labels)`` (default: cross entropy), or a loss that also needs the
+    inputs, called ``loss_fn(outputs, inputs, labels)``: a
+    :class:`~compactnn.distill.DistillationLoss` (distil from the float model while
+    fine-tuning) or any callable with three required positional parameters.
 
     Without ``pruner`` the current zeros of every weight layer are frozen as masks (zero
     weights stay exactly zero); with a pruner (``GradualPruner``, ``DNSPruner``) its ``step()``
@@ -78,6 +85,7 @@ def finetune(
         >>> finetune(sparse, train_loader)                      # doctest: +SKIP
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
+    with_inputs = wants_inputs(loss_fn)
     if pruner is None:
         attach_masks(model, {n: m for n, m in zero_masks(model).items() if m.min() == 0})
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -89,7 +97,7 @@ def finetune(
                 model.eval()
                 raise CompactnnError(_pair_message(batch))
             x, y = batch
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x), x, y) if with_inputs else loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -100,6 +108,24 @@ def finetune(
         pruner.finish()
     bake_masks(model)
     return model
+
+
+def wants_inputs(loss_fn: Callable[..., torch.Tensor]) -> bool:
+    """Whether ``loss_fn`` is called ``(outputs, inputs, labels)``: a ``DistillationLoss`` (its
+    teacher runs on the inputs) or a callable with three required positional parameters.
+
+    Example:
+        >>> wants_inputs(nn.functional.cross_entropy), wants_inputs(lambda out, x, y: out.sum())
+        (False, True)
+    """
+    if isinstance(loss_fn, DistillationLoss):
+        return True
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: (outputs, labels)
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params) >= 3
 
 
 def _is_pair(batch: Any) -> bool:
