@@ -17,7 +17,8 @@ from compactnn.kernels import bitconv
 CUDA_NOTICE = "No CUDA runtime is found"
 
 
-def test_the_cuda_notice_is_dropped_once_the_kernels_load(monkeypatch, caplog):
+def test_the_cuda_notice_is_dropped_once_the_kernels_load(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no build there to import
     log = logging.getLogger("torch.utils.cpp_extension")
     monkeypatch.setattr(log, "filters", [])  # as in a fresh process
     with caplog.at_level(logging.WARNING):

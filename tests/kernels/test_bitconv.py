@@ -100,7 +100,8 @@ def test_pack_bits_bit_order():
     assert int(words[1, 1]) == 1 + (1 << 5)
 
 
-def test_missing_compiler_is_a_clear_error(monkeypatch):
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no build there to import
     monkeypatch.setattr(bitconv, "_EXT", None)
     monkeypatch.setattr(bitconv, "_ERROR", None)
     monkeypatch.setattr(bitconv.shutil, "which", lambda *_: None)

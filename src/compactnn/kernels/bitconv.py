@@ -22,7 +22,10 @@ discards an older log, so each saw every command as changed. A build that is nee
 Python environment's ``ninja`` package first on ``PATH``, so it resumes incrementally.
 
 Without a compiler :func:`available` is False and :func:`load_extension` raises a
-:class:`~compactnn.errors.CompactnnError`; callers fall back to the int8 kernels.
+:class:`~compactnn.errors.CompactnnError`; callers fall back to oneDNN / PyTorch ops, and the
+first :func:`available` in the process warns once (the reason and the fix). A stamped build
+copied in from a machine with the same build identity loads without a compiler. A build
+interrupted by Ctrl-C or SIGTERM stops the compilers it started (:mod:`.build_children`).
 
 Concurrent processes take turns: each holds an OS ``flock`` on the build folder's
 ``compactnn.lock`` around torch's whole build-and-import, waiting up to ``LOCK_WAIT_S`` for
@@ -59,7 +62,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compactnn.errors import CompactnnError, user_stacklevel
+from compactnn.errors import CompactnnError, first_line, user_stacklevel
+from compactnn.kernels.build_children import max_jobs, pinned_ninja, reaped_descendants
 
 SOURCE = Path(__file__).with_name("csrc") / "bitconv.cpp"
 # the few-input-channel and one- or two-term int8 convolutions of the runner
@@ -94,6 +98,8 @@ BUILT_STAMP = "compactnn.built"  # written after a successful build: the module'
 
 _EXT = None
 _ERROR: str | None = None
+_NOTICE = ""  # available()'s one warning when the kernels are missing (_failed)
+_WARNED = False
 _log = logging.getLogger("compactnn")
 
 
@@ -170,50 +176,82 @@ def load_extension():
     Example:
         >>> ext = load_extension()  # doctest: +SKIP
     """
-    global _EXT, _ERROR
+    global _EXT
     if _EXT is not None:
         return _EXT
     if _ERROR is not None:
         raise CompactnnError(_ERROR)
     quiet_cuda_notice()  # before anything imports torch.utils.cpp_extension
-    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
-        _ERROR = (
-            "the bit-packed binary convolution needs a C++ compiler (g++ or clang++) to build "
-            "its PyTorch extension, and none was found; install one (e.g. apt-get install g++) "
-            "or deploy binary layers with kernel='int8'."
-        )
-        raise CompactnnError(_ERROR)
     name = _ext_name()
     build = build_directory() / name
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None and shutil.which("g++") is None:
+        so = build / f"{name}.so"
+        try:  # a build copied from a like machine: nothing to compile, no lock
+            _EXT = _import_built(name, so) if _stamp_matches(build / BUILT_STAMP, so) else None
+        except (ImportError, OSError) as exc:  # a library it links is missing here, ...
+            why = f"{so} does not import here ({first_line(exc, 120)})"
+            raise _failed(f"{why}; install a C++ compiler to rebuild it.", why) from exc
+        if _EXT is not None:
+            return _EXT
+        raise _failed(
+            "the bit-packed binary convolution needs a C++ compiler (g++ or clang++) to build "
+            "its PyTorch extension, and none was found; install one (e.g. apt-get install g++) "
+            "or deploy binary layers with kernel='int8'.",
+            f"no C++ compiler: neither {cxx} nor g++ is on PATH",
+        )
     build.mkdir(parents=True, exist_ok=True)
     lock = build / BUILD_LOCK
     try:
         fd = _take_build_lock(lock, build / f"{name}.so")
     except OSError as exc:  # a read-only cache, ...
-        _ERROR = (
+        raise _failed(
             f"cannot lock {lock} to build compactnn's CPU kernels ({exc.strerror}); set "
-            "TORCH_EXTENSIONS_DIR to a writable folder, or deploy with kernel='int8'."
-        )
-        raise CompactnnError(_ERROR) from exc
+            "TORCH_EXTENSIONS_DIR to a writable folder, or deploy with kernel='int8'.",
+            f"cannot lock {lock}: {exc.strerror}",
+            "set TORCH_EXTENSIONS_DIR to a writable folder",
+        ) from exc
     if fd is None:
-        _ERROR = (
+        raise _failed(
             f"compactnn's CPU kernels are being built by another process, which has held "
             f"{lock} for over {LOCK_WAIT_S / 60:.0f} minutes; let it finish (or stop it) "
-            "and retry. The lock is released when that process exits."
+            "and retry. The lock is released when that process exits.",
+            f"another process has held the build lock {lock} for {LOCK_WAIT_S / 60:.0f} minutes",
+            "let that build finish (or stop it) and run again",
         )
-        raise CompactnnError(_ERROR)
     try:
         _EXT = _load_or_build(name, build)
     except Exception as exc:  # compiler errors, missing ninja, ...
-        _ERROR = (
+        raise _failed(
             f"building the bit-packed binary convolution failed ({type(exc).__name__}: "
             f"{str(exc)[-300:]}); deploy binary layers with kernel='int8', or fix the "
-            f"toolchain and remove {build}."
-        )
-        raise CompactnnError(_ERROR) from exc
+            f"toolchain and remove {build}.",
+            f"the build failed: {type(exc).__name__}: {first_line(exc, 120)}",
+        ) from exc
     finally:
         os.close(fd)  # releases the flock
     return _EXT
+
+
+def _failed(error: str, reason: str, fix: str = "") -> CompactnnError:
+    """Remember why the extension is missing: ``error`` is :func:`load_extension`'s message
+    from now on; ``reason`` and ``fix`` (default: a compiler, or a copied build) make
+    :func:`available`'s one-line warning."""
+    global _ERROR, _NOTICE
+    fix = fix or (
+        "install g++ (or set CXX), or build them once on a machine with the same CPU, Python "
+        f"and torch install and copy the {_ext_name()} folder it makes (under "
+        f"TORCH_EXTENSIONS_DIR or ~/.cache/compactnn/torch_extensions) into {build_directory()}"
+    )
+    _ERROR, _NOTICE = (
+        error,
+        (
+            f"compactnn's CPU kernels could not be built ({reason}), so deployed models run on "
+            "oneDNN / PyTorch ops instead (slower on small and depthwise models, up to 12x "
+            f"measured); {fix}."
+        ),
+    )
+    return CompactnnError(error)
 
 
 def _load_or_build(name: str, build: Path):
@@ -232,7 +270,7 @@ def _load_or_build(name: str, build: Path):
         )
     from torch.utils.cpp_extension import load
 
-    with _max_jobs(), _pinned_ninja():
+    with max_jobs(), pinned_ninja(), reaped_descendants():  # no compiler outlives a Ctrl-C
         ext = load(
             name=name,
             sources=[str(p) for p in SOURCES],
@@ -329,53 +367,19 @@ def _remove_leftover_baton(lock: Path) -> None:
         _log.warning("removed %s, left by an interrupted build of compactnn's kernels", lock)
 
 
-@contextlib.contextmanager
-def _pinned_ninja():
-    """This Python environment's ``ninja`` (the pip package torch installs) first on
-    ``PATH`` while building, whatever the caller's ``PATH``: ninja versions keep
-    incompatible logs, and a build finished by another version recompiles every file."""
-    try:
-        import ninja
-
-        bin_dir = str(ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        bin_dir = ""
-    if not bin_dir or not os.access(os.path.join(bin_dir, "ninja"), os.X_OK):
-        yield
-        return
-    old = os.environ.get("PATH")
-    os.environ["PATH"] = bin_dir + (os.pathsep + old if old else "")
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PATH", None)
-        else:
-            os.environ["PATH"] = old
-
-
-@contextlib.contextmanager
-def _max_jobs():
-    """``MAX_JOBS`` = the usable CPUs while building, unless the user set it (ninja's own
-    default ran 3 compilers on 2 cores)."""
-    if "MAX_JOBS" in os.environ:
-        yield
-        return
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    os.environ["MAX_JOBS"] = str(cpus or 1)
-    try:
-        yield
-    finally:
-        os.environ.pop("MAX_JOBS", None)
-
-
 def available(warn: bool = False) -> bool:
-    """Whether the extension loads (compiling it if needed); ``warn`` says why not."""
+    """Whether the extension loads (compiling it if needed). When it does not, the first
+    call in the process warns (once: what runs instead and the fix); ``warn`` adds the
+    binary layers' own message."""
+    global _WARNED
     try:
         load_extension()
     except CompactnnError as exc:
         if warn:
             warnings.warn(f"{exc} Using the int8 kernels instead.", stacklevel=user_stacklevel())
+        if not _WARNED:
+            _WARNED = True
+            warnings.warn(_NOTICE, stacklevel=user_stacklevel())
         return False
     return True
 
