@@ -126,8 +126,12 @@ def check_model_exists(spec: str) -> None:
     """Refuse, before anything is read or loaded, a MODEL that names nothing: a missing
     file or folder, or an unknown name (a factory ``package.module:name`` is imported only
     when loaded). Commands call it before they ask for other inputs, so that the missing
-    model is named first."""
-    if spec in reference_names() or Path(spec).exists():
+    model is named first; a compactnn artifact folder, which no command takes as its float
+    MODEL, is refused here too (before ``--data`` is asked for)."""
+    path = Path(spec)
+    if path.is_dir() and _is_artifact(path):
+        raise _folder_without_config(path)
+    if spec in reference_names() or path.exists():
         return
     if ":" in spec:
         return
@@ -136,13 +140,21 @@ def check_model_exists(spec: str) -> None:
     raise _unknown_model(spec)
 
 
+def _is_artifact(path: Path) -> bool:
+    """A compactnn artifact folder (``compactnn.json``, no Hugging Face ``config.json``)."""
+    return (path / "compactnn.json").is_file() and not (path / "config.json").is_file()
+
+
 def _folder_without_config(path: Path) -> CompactnnError:
     """One line for a folder without ``config.json``: a compactnn artifact (not a float
     model), or what it lacks and the MODEL form of plain weights (a factory and the file)."""
-    if (path / "compactnn.json").is_file():
+    if _is_artifact(path):
         return CompactnnError(
             f"{str(path)!r} is a compactnn artifact, not a float model: pass the model it was "
-            "made from as MODEL (eval, deploy, export and report take the artifact itself)."
+            "made from as MODEL, with a YAML recipe whose steps do both compressions in turn "
+            "(docs/pruning.md, Chains), or compress the artifact itself in Python: "
+            f"compactnn.compress(compactnn.load({str(path)!r}, model=<its float model>), "
+            "RECIPE, calib_data=...); eval, deploy, export and report take the artifact itself."
         )
     weights = hf_weights_file(path) or next(iter(sorted(path.glob("*.safetensors"))), None)
     held = f" (it holds {weights.name})" if weights else ""
@@ -428,10 +440,21 @@ def skeleton_for(
         loaded = resolve_model(model_spec, weights=weights, trust_pickle=trust_pickle)
         _warn_if_changed(loaded, source)
         return loaded
+    kind = source.get("kind", "reference")  # records without a kind named a model
+    if not isinstance(kind, str) or kind not in SOURCE_KINDS:  # never read as another kind
+        raise CompactnnError(
+            f"this artifact records its float model as a {cut(repr(kind), 40)}, a kind this "
+            "compactnn does not know (from a newer compactnn?): upgrade compactnn, or pass "
+            "the float model again: --model MODEL."
+        )
     spec = source.get("model")
-    if isinstance(spec, str) and spec in reference_names():
+    if kind == "reference" and isinstance(spec, str) and spec in reference_names():
         return resolve_model(spec)
     raise CompactnnError(describe_source(source))
+
+
+SOURCE_KINDS = ("reference", "factory", "Hugging Face directory", "torch.export archive")
+SOURCE_KINDS += ("pickled module",)  # extra.source.kind as commands._common.source_record writes
 
 
 def describe_source(source: dict[str, Any]) -> str:

@@ -104,15 +104,24 @@ def test_save_and_load_dispatch_on_what_they_get(qnet, tmp_path):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("backend", "auto"), ("tolerance", -1.0), ("residual", "slow"), ("version", 2)],
+    [("backend", "auto"), ("tolerance", -1.0), ("residual", "slow"), ("version", "1")],
 )
 def test_an_edited_record_is_refused_naming_the_field(field, value):
-    record = {
+    record = _record()
+    assert ship._check_record(record) is record
+    with pytest.raises(ArtifactError, match=rf"extra\.deployment\.{field} .*damaged or was edited"):
+        ship._check_record({**record, field: value})
+
+
+def test_a_newer_record_asks_for_an_upgrade():
+    with pytest.raises(ArtifactError, match=r"written by a newer compactnn .*upgrade compactnn"):
+        ship._check_record({**_record(), "version": 2})
+
+
+def _record() -> dict:
+    return {
         "version": 1, "backend": "onednn", "residual": "exact", "tolerance": 2.0,
         "unsupported": "float", "verification": "ok",
         "example": {"file": ship.EXAMPLE_FILE, "bytes": 10, "sha256": "0" * 64,
                     "layout": "tensor", "keys": ["x"]},
     }  # fmt: skip
-    assert ship._check_record(record) is record
-    with pytest.raises(ArtifactError, match=rf"extra\.deployment\.{field} "):
-        ship._check_record({**record, field: value})

@@ -259,10 +259,11 @@ def test_special_files_and_bad_recipes_are_refused_without_reading_them(tmp_path
         compactnn.load(root, model=cnn())
 
 
-def test_format_version_1_is_refused_with_a_resave_hint(tmp_path):
+def test_format_version_1_is_refused_with_the_re_create_command(tmp_path):
     root, _, _ = _saved(tmp_path)
     _edit_header(root, lambda h: h.update(format_version=1), rehash=False)
-    with pytest.raises(ArtifactError, match=r"version 1.*save it again"):
+    match = r"version 1, from an older compactnn.*re-create it with this compactnn: "
+    with pytest.raises(ArtifactError, match=match + r"compactnn compress MODEL --recipe"):
         compactnn.load(root, model=cnn())
 
 

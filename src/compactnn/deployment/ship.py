@@ -249,13 +249,22 @@ def _check_record(record: Any) -> dict[str, Any]:
     def bad(field: str, problem: str) -> ArtifactError:
         return ArtifactError(
             f"artifact field extra.{KEY}.{field} {problem}; the artifact is damaged or was "
-            "edited: save the deployed model again with save_deployed."
+            "edited: save the deployed model again with save_deployed (`compactnn deploy "
+            "ARTIFACT --save DIR` from the compressed artifact it came from)."
         )
 
     if not isinstance(record, dict):
         raise bad("", "must be an object")
-    if record.get("version") != RECORD_VERSION:
-        raise bad("version", f"is {record.get('version')!r:.40}, this compactnn reads 1")
+    version = record.get("version")
+    if type(version) is int and version > RECORD_VERSION:
+        raise ArtifactError(
+            f"artifact field extra.{KEY}.version is {version}: written by a newer compactnn "
+            f"(deployment record version {version}; this one reads {RECORD_VERSION}): upgrade "
+            "compactnn, or deploy the compressed artifact it came from again with this one: "
+            "compactnn deploy ARTIFACT --save DIR."
+        )
+    if type(version) is not int or version != RECORD_VERSION:
+        raise bad("version", f"is {version!r:.40}, this compactnn reads {RECORD_VERSION}")
     if record.get("backend") not in BACKENDS[1:]:
         raise bad("backend", f"must be one of {BACKENDS[1:]}")
     if record.get("residual") not in RESIDUALS:

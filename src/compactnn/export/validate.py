@@ -24,6 +24,7 @@ from compactnn.core.packing import packed_nbytes
 from compactnn.core.qlayers import conv_kwargs, format_name
 from compactnn.core.spec import GRANULARITIES, RANGE_METHODS, QuantSpec
 from compactnn.errors import ArtifactError, CompactnnError
+from compactnn.export.versions import version_problem
 
 FORMAT_VERSION = 2
 HEADER = "compactnn.json"
@@ -145,13 +146,9 @@ def check_version(header: dict[str, Any], where: str) -> None:
     """The format marker and version, checked first so old artifacts get a clear message."""
     if header.get("format") != "compactnn":
         raise ArtifactError(f"{where} is not a compactnn header.")
-    version = header.get("format_version")
-    if version != FORMAT_VERSION or not is_int(version):
-        raise ArtifactError(
-            f"{where} has format version {version!r}; this compactnn reads version "
-            f"{FORMAT_VERSION} only (version 2 added a digest over every file): load it with "
-            "the compactnn that wrote it and save it again with this one, or compress again."
-        )
+    problem = version_problem(header, where, FORMAT_VERSION)  # older, newer or not a number
+    if problem is not None:
+        raise ArtifactError(problem)
 
 
 def check_header(header: dict[str, Any]) -> None:

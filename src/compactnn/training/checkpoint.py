@@ -191,6 +191,7 @@ def load_checkpoint(directory: str | os.PathLike, run: dict[str, Any]) -> dict[s
             "resume=False (--no-resume) to start over."
         ) from (state if isinstance(state, Exception) else None)
     theirs = state["run"]
+    _check_version(path, theirs)  # first: an older checkpoint may differ in anything else too
     if theirs.get("recipe_yaml") != run["recipe_yaml"]:
         raise CompactnnError(
             f"checkpoint {str(path)!r} was written by recipe {theirs.get('recipe')!r}, not "
@@ -207,11 +208,6 @@ def load_checkpoint(directory: str | os.PathLike, run: dict[str, Any]) -> dict[s
             )
     _check_scoring(path, theirs, run)
     for key, what in _PRINTS.items():
-        if key not in theirs:
-            raise CompactnnError(
-                f"checkpoint {str(path)!r} was written by an older compactnn that did not record "
-                f"the {what}, so it cannot be checked to belong to this run. {_FRESH}."
-            )
         if theirs[key] != run.get(key):
             raise CompactnnError(
                 f"checkpoint {str(path)!r} belongs to another run: its {what} differs from "
@@ -219,6 +215,20 @@ def load_checkpoint(directory: str | os.PathLike, run: dict[str, Any]) -> dict[s
                 f"here), and continuing it would return the other run's weights. {_FRESH}."
             )
     return state
+
+
+def _check_version(path: Path, theirs: dict[str, Any]) -> None:
+    """Refuse a checkpoint of an older compactnn: it lacks the fingerprints of the starting
+    float model and data (``run_fingerprints``), so nothing shows it continues this run (a
+    reference model's weights may be the same in both versions: it still cannot be checked)."""
+    if all(key in theirs for key in _PRINTS):
+        return
+    raise CompactnnError(
+        f"checkpoint {str(path)!r} was written by an older compactnn, which did not record the "
+        "float model and data its run started from, so this compactnn cannot check that it "
+        "continues this run: finish it with the compactnn that wrote it, or start afresh. "
+        f"{_FRESH}."
+    )
 
 
 def _check_scoring(path: Path, theirs: dict[str, Any], run: dict[str, Any]) -> None:
