@@ -47,6 +47,7 @@ from compactnn.export.fs import (
     INNER_PATH_ROOM,
     check_path_length,
     force_option,
+    system_folder,
     writable_folder,
 )
 from compactnn.export.reader import (  # re-exported: the artifact API in one place
@@ -67,8 +68,6 @@ from compactnn.export.save_checks import refuse_unsaveable, unprintable
 from compactnn.export.sparse import sparsify
 from compactnn.export.validate import FORMAT_VERSION, HEADER, MAX_HEADER_BYTES
 
-_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
-_USER_DIRS = ("/dev/shm",)  # a plain tmpfs under /dev, where anyone may write
 # files a compactnn save writes beside the artifact's own, named by its header: the
 # verification batch of a deployed model (compactnn.deployment.ship), samples of the user's
 # data. A save whose header does not name one removes it (no stale user data ships).
@@ -277,11 +276,6 @@ def foreign_entries(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if not replace.is_stray(e.name))
 
 
-def _under(path: str, folder: str) -> bool:
-    """Whether the absolute ``path`` is ``folder`` or lies inside it."""
-    return path == folder or path.startswith(folder + "/")
-
-
 def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
     """Refuse, before any slow work, an output path that ``save`` could not use.
 
@@ -307,12 +301,10 @@ def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
     label = f"{what} {cut(out)!r}"
     check_path_length(out, label, room=INNER_PATH_ROOM)
     force_word = force_option(what)
-    real = os.path.realpath(out)
-    for system in _SYSTEM_DIRS:
-        if _under(real, system) and not any(_under(real, user) for user in _USER_DIRS):
-            raise CompactnnError(
-                f"{label} lies under {system}, a system folder: choose a directory of your own."
-            )
+    if (system := system_folder(out)) is not None:
+        raise CompactnnError(
+            f"{label} lies under {system}, a system folder: choose a directory of your own."
+        )
     if os.path.lexists(out):
         if not out.is_dir():
             raise CompactnnError(

@@ -23,7 +23,7 @@ from torch import nn
 
 from compactnn.core.digest import tensors_sha256
 from compactnn.errors import CompactnnError
-from compactnn.export.fs import atomic_write
+from compactnn.export.fs import atomic_write, system_folder
 from compactnn.training.resume import keeps_loader_rng
 
 CHECKPOINT = "qat-checkpoint.pt"
@@ -112,9 +112,6 @@ def resume_line(directory: str | os.PathLike, position: dict[str, int]) -> str:
     return f"resumed from {directory} at epoch {epoch + 1} of {epochs}{after}"
 
 
-_SYSTEM_DIRS = ("/proc", "/sys", "/dev")
-
-
 def check_checkpoint_dir(directory: str | os.PathLike, what: str = "checkpoint_dir") -> Path:
     """Refuse, before any training, a checkpoint directory :func:`save_checkpoint` could not
     write: an existing file (not a folder), a path under a file, a system folder, a folder
@@ -129,13 +126,10 @@ def check_checkpoint_dir(directory: str | os.PathLike, what: str = "checkpoint_d
     path = Path(directory)
     fix = f"{what} DIR" if what.startswith("--") else f"{what}='DIR'"
     label = f"{what} {str(directory)!r}"
-    real = os.path.realpath(path)
-    for system in _SYSTEM_DIRS:
-        if real == system or real.startswith(system + "/"):
-            raise CompactnnError(
-                f"{label} lies under {system}, a system folder: pass {fix} naming a folder of "
-                "your own."
-            )
+    if (system := system_folder(path)) is not None:  # /dev/shm is the user's
+        raise CompactnnError(
+            f"{label} lies under {system}, a system folder: pass {fix} naming a folder of your own."
+        )
     existing = path
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
