@@ -97,6 +97,15 @@ def spin_count() -> str:
     return os.environ.get("GOMP_SPINCOUNT", "").strip()
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (``os.sched_getaffinity``: ``taskset`` and cpusets
+    shrink it below ``os.cpu_count()``; the CPU count where it is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS does not report one)."""
     try:

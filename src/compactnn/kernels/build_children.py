@@ -19,6 +19,8 @@ import signal
 import sys
 import time
 
+from compactnn.omp_policy import available_cpus
+
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 STOP_WAIT_S = 2.0  # how long stopped processes get after SIGTERM before SIGKILL
@@ -31,8 +33,7 @@ def max_jobs():
     if "MAX_JOBS" in os.environ:
         yield
         return
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    os.environ["MAX_JOBS"] = str(cpus or 1)
+    os.environ["MAX_JOBS"] = str(available_cpus())
     try:
         yield
     finally:

@@ -22,6 +22,7 @@ import torch
 
 import compactnn
 from compactnn.measure.timing import spin_count
+from compactnn.omp_policy import available_cpus
 
 
 def cpu_description(cpuinfo: str | None = None) -> str:
@@ -60,15 +61,6 @@ def environment(threads: int, **extra: Any) -> dict[str, Any]:
         **({"gomp_spincount": spin_count()} if spin_count() else {}),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (``os.sched_getaffinity``: ``taskset`` and cpusets
-    shrink it below ``os.cpu_count()``; the CPU count where it is unknown)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def oversubscribed_note(threads: int | None, cpus: int | None = None) -> str | None:

@@ -445,8 +445,7 @@ def apply_channel(
             ctx.warn(
                 "channel pruning skipped: " + "; ".join(f"{n} ({r})" for n, r in skipped.items())
             )
-    # a new dict, never an update in place: ctx.extra's entries may be the input model's own
-    ctx.extra["resized"] = {**ctx.extra.get("resized", {}), **changed(before, snapshot(model))}
+    ctx.extra.setdefault("resized", {}).update(changed(before, snapshot(model)))
     if teacher is not None:
         steps, lr = config.finetune_steps, config.lr
         distill_steps(model, teacher, ctx, steps, lr, desc="channel fine-tune")

@@ -109,8 +109,8 @@ def record_sparsity(
     for name, m in layers.items():
         w = m.weight.detach()
         stats[name] = round(1.0 - float((w != 0).sum()) / w.numel(), 4)
-    # a new dict, never an update in place: ctx.extra's entries may be the input model's own
-    ctx.extra["pruning"] = {**ctx.extra.get("pruning", {}), method: stats}
+    entry = ctx.extra.setdefault("pruning", {})
+    entry[method] = stats
     after = model_counts(model, ctx) if model is not None and before is not None else None
     if after is not None:
         stats.update({k: {"before": before[k], "after": after[k]} for k in after})
