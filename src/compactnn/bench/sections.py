@@ -13,6 +13,7 @@ SECTIONS: dict[str, str] = {
     "binary": "compactnn.bench.binary",
     "transformers": "compactnn.bench.transformers",
     "nbits_levels": "compactnn.bench.nbits_levels",
+    "nbits_rows": "compactnn.bench.nbits_rows",
     "lm": "compactnn.bench.lm",
     "probe": "compactnn.bench.probe",
     "ternarybert": "compactnn.bench.ternarybert",
