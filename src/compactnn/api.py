@@ -24,6 +24,13 @@ from compactnn.core.calib import (
     to_dtype,
 )
 from compactnn.core.context import CompressContext
+from compactnn.core.model_input import (
+    check_scripted,
+    tied_groups,
+    untied_message,
+    unwrap_model,
+    working_copy,
+)
 from compactnn.core.modules import (
     attention_out_projs,
     check_patterns,
@@ -122,7 +129,8 @@ def compress(
         )
     if not isinstance(model, nn.Module):
         raise CompactnnError(not_a_module(model, recipe))
-    _check_scripted(model)
+    model = unwrap_model(model)  # torch.compile / DataParallel: the model inside, warned
+    check_scripted(model)
     _check_tensors(model)
     if out is not None:  # refused before the work, as compactnn.save would refuse it after
         check_writable(out, force, what="out")
@@ -152,6 +160,11 @@ def not_a_module(model: Any, recipe: Any = "RECIPE") -> str:
         >>> not_a_module("mnist-cnn", "w4a8")[:66]
         "model must be a torch.nn.Module, got the string 'mnist-cnn': load "
     """
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        return (
+            f"model takes an instance, got the class {model.__name__}: pass "
+            f"{model.__name__}(), built and trained as usual."
+        )
     if not isinstance(model, (str, os.PathLike)):
         return f"model must be a torch.nn.Module, got {type(model).__name__}."
     name = os.fspath(model)
@@ -187,7 +200,7 @@ def _compress(
     recipe = resolve_recipe(recipe)
     recipe = _checked_names(model, recipe, ignore)
     reseed(seed)
-    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel = working_copy(model, inplace)
     qmodel.eval()
     batches = as_batches(calib_data)
     if (dtype := model_dtype(qmodel)) is not None:  # e.g. float64 from numpy: as the CLI does
@@ -216,6 +229,7 @@ def _compress(
     _split_attention(qmodel, recipe, ctx)
     check_layers_found(qmodel, recipe)
     widths = {n: widths_of(m) for n, m in weight_layers(qmodel).items()}  # before any pruning
+    tied = tied_groups(weight_layers(qmodel))  # warned if quantized apart
     # the skeleton's module classes, before any handler runs; then the classes each plugin's
     # step adds (save refuses those no artifact hook rebuilds: save_checks)
     float_classes = frozenset(previous.get("float_classes") or module_classes(qmodel))
@@ -234,6 +248,8 @@ def _compress(
         if any(not q.calibrated for q in heads):  # a tied head's input grid, if still unset
             calibrate_activations(qmodel, ctx)
     qmodel.eval()  # the layers and quantizers the methods made start in training mode
+    if (untied := untied_message(qmodel, tied)) is not None:
+        ctx.warn(untied)
     report_float_layers(qmodel, ctx, widths, previous.get("float_layers", {}))
     warn_float_bytes(qmodel, ctx)
     if (hf := hf_header(qmodel)) is not None:  # lets load(dir) rebuild HF models unaided
@@ -473,17 +489,6 @@ def _check_tensors(model: nn.Module) -> None:
                 "(its quantized layers and integer kernels compute in float32): call "
                 "model.float() first (and pass float32 calib_data)."
             )
-
-
-def _check_scripted(model: nn.Module) -> None:
-    """Refuse a TorchScript module: its submodules are RecursiveScriptModules, which no
-    recipe finds as layers (it was told to rewrite them as nn.Linear)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        raise CompactnnError(
-            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
-            "or torch.jit.trace), whose layers compactnn cannot replace: pass the nn.Module "
-            "before scripting (compress it, then script or export the result)."
-        )
 
 
 # re-exported for `compactnn.save` / `compactnn.load`

@@ -17,7 +17,6 @@ HINT = "Expected input: float32 values of shape (N, C, H, W) with C=3 (first lay
     [
         (torch.randn(4, 1, 16, 16), "float32 values of shape (4, 1, 16, 16)"),  # channels
         (torch.randn(3, 16, 16), "float32 values of shape (3, 16, 16)"),  # no batch dimension
-        (torch.randn(4, 3, 16, 16).double(), "float64 values of shape (4, 3, 16, 16)"),
     ],
 )
 @pytest.mark.parametrize("backend", ["onednn", "auto"])

@@ -10,6 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.input_dtypes import (
+    IntegerInput,
+    integer_hooks,
+    integer_input_refusal,
+    integer_message,
+    label_key_hint,
+)
 from compactnn.core.input_size import size_hint
 from compactnn.core.tokens import check_masked_out, check_positions, check_token_ids
 from compactnn.errors import CompactnnError
@@ -279,9 +286,12 @@ def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
     than it takes are named as such, and so are sequences longer than its position table
     even where it runs on them: :func:`check_positions`)."""
     check_positions(model, batch)
+    tensors = _inputs_of(batch, mode)  # uint8 pixels reaching a conv: named with the cast
     try:
-        with torch.no_grad():
+        with torch.no_grad(), integer_hooks(model, tensors):
             call_model(model, batch, mode)
+    except IntegerInput as stop:
+        raise CompactnnError(integer_message(model, tensors, stop, "calibration batch 0")) from None
     except Exception as exc:
         check_token_ids(model, batch, "calib_data", resave=False)  # the exact cause, if it is
         if (mismatch := missing_main_input(model, batch)) is not None:
@@ -292,6 +302,21 @@ def check_batch(model: nn.Module, batch: Batch, mode: str) -> None:
             f"the model could not run on the calibration data ({describe(batch)}): {exc}. "
             f"{batch_hint(model, batch)}"
         ) from exc
+
+
+def refuse_integer_inputs(model: nn.Module, batch: Batch, what: str, mode: str = "auto") -> None:
+    """Raise when integer values of ``batch`` (``uint8`` pixels, ``int64`` values) reach a
+    linear or convolution layer of ``model`` as they are, naming the cast
+    (:func:`~compactnn.core.input_dtypes.integer_input_refusal`; one forward, only for a
+    batch that holds an integer tensor). Labels left out by ``mode="first"`` pass."""
+    tensors = _inputs_of(batch, mode)
+    if why := integer_input_refusal(model, tensors, lambda: call_model(model, batch, mode), what):
+        raise CompactnnError(why)
+
+
+def _inputs_of(batch: Batch, mode: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of ``batch`` the model gets (not the labels ``mode="first"`` leaves out)."""
+    return _tensors_of(batch[0] if mode == "first" and isinstance(batch, tuple) else batch)
 
 
 def missing_main_input(model: nn.Module, batch: Batch) -> str | None:
@@ -316,6 +341,8 @@ def missing_main_input(model: nn.Module, batch: Batch) -> str | None:
 def batch_hint(model: nn.Module, batch: Batch) -> str:
     """What the model expects (with the image size it takes, when the batch's size is the
     fault: :func:`size_hint`), and for a dict batch how it was passed (as keywords)."""
+    if isinstance(batch, dict) and (labels := label_key_hint(model, batch)) is not None:
+        return labels
     if isinstance(batch, dict):
         return (
             "A dict batch is passed as keyword arguments (forward(**batch)); if forward takes "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from compactnn.core.fields import check_keys, short_repr
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, user_stacklevel
 
 DEFAULT_CLASSES = ("Linear", "Conv1d", "Conv2d")
 
@@ -179,9 +180,28 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` with ``new``."""
+    """Replace the submodule at dotted path ``name`` with ``new``.
+
+    The user's forward, forward-pre and backward hooks on the module replaced go with it to
+    ``new`` when ``new`` stands in for it (:func:`move_hooks`); otherwise they are dropped
+    with one warning naming the module."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = (
+        parent[int(child)]
+        if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit()
+        else getattr(parent, child, None)
+    )
+    if isinstance(old, nn.Module) and old is not new and has_hooks(old):
+        if is_stand_in(old, new):
+            move_hooks(old, new)
+        else:
+            warnings.warn(
+                f"{name!r} ({type(old).__name__}) was replaced by {type(new).__name__}, "
+                "which is not its twin: the hooks registered on it are dropped; register "
+                "them on the compressed model instead.",
+                stacklevel=user_stacklevel(),
+            )
     if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
         parent[int(child)] = new
     else:
@@ -192,6 +212,80 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
         # would be bypassed (its input quantizer never runs, its float weight is used). The
         # fused path requires this flag; the layer's own forward does not read it.
         parent.activation_relu_or_gelu = parent.activation_relu_or_gelu and type(new) is nn.Linear
+
+
+# the per-call hooks of a module: the dicts keyed by hook id, handles point at them by weakref
+HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+# what makes two modules of one kind interchangeable: the sizes their input and output have
+_SIGNATURES = (
+    (nn.Linear, ("in_features", "out_features")),
+    (nn.modules.conv._ConvNd, ("in_channels", "out_channels")),
+    (nn.Embedding, ("embedding_dim",)),
+)
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """True when ``m`` has a forward, forward-pre or backward hook of its own."""
+    return any(
+        getattr(m, d, None)
+        for d in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    )
+
+
+def _torch_kind(m: nn.Module) -> type:
+    """The first torch.nn class of ``m``'s class (``nn.Linear`` for a QuantLinear, or a
+    user's subclass of it); ``nn.Module`` for a module of no torch.nn layer class."""
+    for cls in type(m).__mro__:
+        if cls is not nn.Module and cls.__module__.startswith("torch.nn.modules"):
+            return cls
+    return nn.Module
+
+
+def _twin(old: nn.Module, new: nn.Module) -> bool:
+    """``new`` is the same kind of layer as ``old``: of its torch.nn class (a QuantLinear for
+    a Linear), or a kernel with the same input and output sizes (W8A8Linear for a Linear)."""
+    kind = _torch_kind(old)
+    if kind is not nn.Module and isinstance(new, kind):
+        return True
+    for cls, attrs in _SIGNATURES:
+        if isinstance(old, cls):
+            return all(hasattr(new, a) and getattr(new, a) == getattr(old, a) for a in attrs)
+    return False
+
+
+def is_stand_in(old: nn.Module, new: nn.Module) -> bool:
+    """``new`` replaces ``old`` call for call: its twin (:func:`_twin`), a wrapper around it
+    (``old`` is inside ``new``), or the twin of the layer a wrapper ``old`` wraps (a QAT
+    wrapper frozen to its quantized layer)."""
+    if _twin(old, new) or any(m is old for m in new.modules()):
+        return True
+    return _torch_kind(old) is nn.Module and any(_twin(c, new) for c in old.children())
+
+
+def move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the hooks of ``old`` (same entries, order and ids, so a handle the user
+    holds still removes its hook) and leave ``old`` with none. ``new`` takes ``old``'s hook
+    dicts themselves (a handle holds a weak reference to the dict); hooks ``new`` had
+    already run after them."""
+    for attr in HOOK_DICTS:
+        moved = getattr(old, attr, None)
+        if moved is None:
+            continue
+        mine = getattr(new, attr, None)
+        if mine:
+            moved.update(mine)
+        setattr(new, attr, moved)
+        setattr(old, attr, OrderedDict() if isinstance(moved, OrderedDict) else type(moved)())
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def run_order(model: nn.Module, names: Iterable[str], run: Any) -> list[str]:
@@ -282,11 +376,16 @@ def conv1d_to_linear(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]
     out = {}
     for name in names:
         c = model.get_submodule(name)
-        lin = nn.Linear(c.weight.shape[0], c.weight.shape[1], bias=c.bias is not None)
+        shape = c.weight.shape  # no random init: every value is overwritten
+        lin = torch.nn.utils.skip_init(nn.Linear, shape[0], shape[1], bias=c.bias is not None)
         with torch.no_grad():
             lin.weight.copy_(c.weight.T)
             if c.bias is not None:
                 lin.bias.copy_(c.bias)
+        for mine, theirs in ((lin.weight, c.weight), (lin.bias, c.bias)):
+            if theirs is not None:
+                mine.requires_grad_(theirs.requires_grad)
+        move_hooks(c, lin)  # the same product: the hooks see the same input and output
         set_module(model, name, lin)
         out[name] = lin
     return out

@@ -256,6 +256,7 @@ def tie_to_table(head: nn.Linear, table: QuantEmbedding, act_spec: QuantSpec | N
     if head.bias is not None:
         with torch.no_grad():
             q.bias.copy_(head.bias.detach().float())
+        q.bias.requires_grad_(head.bias.requires_grad)
     share_codes(q, table)
     return q
 

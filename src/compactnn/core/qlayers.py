@@ -197,7 +197,16 @@ class IntegerWeightMixin:
         rows_groups = grouped_view(self.weight, weight_spec.granularity, weight_spec.group_size)
         self.register_buffer("weight_scale", torch.ones(rows_groups.shape[:2]))
         self.register_buffer("weight_zero", torch.zeros(rows_groups.shape[:2]))
-        self.weight.requires_grad_(False)
+        self.weight.requires_grad_(False)  # the codes' dequantization: trained through them
+
+    def reset_parameters(self) -> None:
+        """Zeros, not torch.nn's random init: every twin gets its values copied or loaded
+        (:func:`make_quant_layer`, an artifact), so building one draws no random number and
+        leaves the global torch generator where it was."""
+        with torch.no_grad():
+            for p in (getattr(self, "weight", None), getattr(self, "bias", None)):
+                if isinstance(p, torch.Tensor) and not p.is_meta:
+                    p.zero_()
 
     @property
     def format(self) -> str:
@@ -290,10 +299,13 @@ class QuantWeightMixin(IntegerWeightMixin):
 
 
 def _copy_float(dst: nn.Module, src: nn.Module) -> None:
+    """Copy ``src``'s weight and bias into ``dst``; the bias keeps ``src``'s ``requires_grad``
+    (the weight is frozen: it is the codes' dequantization)."""
     with torch.no_grad():
         dst.weight.copy_(src.weight.detach().float())
         if src.bias is not None:
             dst.bias.copy_(src.bias.detach().float())
+            dst.bias.requires_grad_(src.bias.requires_grad)
 
 
 class QuantLinear(QuantWeightMixin, nn.Linear):

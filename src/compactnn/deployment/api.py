@@ -12,7 +12,8 @@ import torch
 from torch import fx, nn
 
 from compactnn._optional import require
-from compactnn.core.calib import check_finite
+from compactnn.core.calib import check_finite, model_dtype, refuse_integer_inputs, to_dtype
+from compactnn.core.model_input import unwrap_model, warn_hooks_not_run
 from compactnn.deployment import binary, float_check
 from compactnn.deployment.calling import (
     bind_inputs,
@@ -81,7 +82,7 @@ class DeployedModel(nn.Module):
     NaN or Inf in a floating-point input raises ``CompactnnError`` (checked on every call,
     one sum per input tensor, see ``core.calib.all_finite``): int8 kernels have no code for
     them and would turn them into confident finite logits, while the simulation returns NaN.
-    A floating-point input of another dtype than the example's (float64 for a float32 model)
+    A floating-point input of another dtype than the model's (float64 for a float32 model)
     raises too: the kernels would quantize it and return float32, where the simulation fails.
 
     Attributes:
@@ -204,8 +205,9 @@ class DeployedModel(nn.Module):
         would quantize it and return ``want`` values, where the simulated model raises."""
         got_s, want_s = (str(d).removeprefix("torch.") for d in (got, want))
         raise CompactnnError(
-            f"deployed model input {key!r} is {got_s}; it was deployed for {want_s} (the dtype "
-            f"of its example=): pass {want_s} values (e.g. x.to(torch.{want_s}))."
+            f"deployed model input {key!r} is {got_s}; it was deployed for {want_s} (the "
+            f"model's dtype, which deploy casts example= to): pass {want_s} values (e.g. "
+            f"x.to(torch.{want_s}))."
         )
 
     def verify(self, example: Any, tolerance: float | None = None) -> Verification:
@@ -308,7 +310,13 @@ def deploy(
         >>> fast = compactnn.deploy(qmodel, example=images[:8])           # doctest: +SKIP
         >>> print(fast.verification)                                     # doctest: +SKIP
     """
+    if isinstance(qmodel, nn.Module):
+        qmodel = unwrap_model(qmodel, "deploying")  # torch.compile / DataParallel
+        warn_hooks_not_run(qmodel, "the deployed program")
+    if isinstance(qmodel, nn.Module) and (dtype := model_dtype(qmodel)) is not None:
+        example = to_dtype(example, dtype)  # float64 / half: cast, as compress casts calib_data
     check_args(qmodel, backend, example, residual, unsupported, tolerance)
+    refuse_integer_inputs(qmodel, example, "example=")  # uint8 pixels: the sim takes them
     sim = copy.deepcopy(qmodel).eval()
     require_int8_layers(sim)
     signature = forward_signature(sim)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from compactnn._optional import require
 from compactnn.core.calib import call_model
@@ -28,6 +29,7 @@ FLOAT_MARGIN = 1.1  # float must win by more than 10% before deploy says so
 def float_model(sim: nn.Module) -> nn.Module:
     """The simulated model with every quantizer off: plain float layers on its dequantized
     weights (same speed as the float network), for timing the float paths beside int8.
+    Draws no random numbers (the layers are built uninitialised).
 
     Example:
         >>> float_model(qmodel)(images).shape  # doctest: +SKIP
@@ -39,11 +41,13 @@ def float_model(sim: nn.Module) -> nn.Module:
         if any(name.startswith(d + ".") for d in done):
             continue  # inside a layer already replaced
         if is_quant_layer(m):
+            # skip_init: built uninitialised (no random numbers drawn from the caller's
+            # stream), then given the dequantized weights below
             if isinstance(m, nn.Linear):
-                plain = nn.Linear(m.in_features, m.out_features, m.bias is not None)
+                plain = skip_init(nn.Linear, m.in_features, m.out_features, m.bias is not None)
             else:
                 kind = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Conv1d
-                plain = kind(**conv_kwargs(m))
+                plain = skip_init(kind, **conv_kwargs(m))
             with torch.no_grad():
                 plain.weight.copy_(m.weight.detach().float())
                 if m.bias is not None:

@@ -113,6 +113,7 @@ def load_deployed(
     model: nn.Module | None = None,
     *,
     expect_sha256: str | None = None,
+    strict_class: bool = True,
 ) -> DeployedModel:
     """Rebuild a deployed model saved by :func:`save_deployed`, verified on this machine.
 
@@ -120,6 +121,7 @@ def load_deployed(
         path: the artifact directory.
         model: the float skeleton, as for ``compactnn.load`` (optional for Hugging Face).
         expect_sha256: the digest ``save_deployed`` returned; the artifact must have it.
+        strict_class: as for ``compactnn.load``.
 
     Returns:
         A :class:`DeployedModel` on the recorded backend, verified on the stored batch.
@@ -133,7 +135,7 @@ def load_deployed(
         >>> fast = load_deployed("out/cnn-int8", model=MyNet())  # doctest: +SKIP
     """
     root = Path(path)
-    qmodel = artifact.load(root, model, expect_sha256=expect_sha256)
+    qmodel = artifact.load(root, model, expect_sha256=expect_sha256, strict_class=strict_class)
     extra = dict(info_of(qmodel).get("extra", {}))
     if KEY not in extra:
         raise CompactnnError(
@@ -186,11 +188,14 @@ def load(
     *,
     expect_sha256: str | None = None,
     kernels: Any = False,
+    strict_class: bool = True,
 ) -> nn.Module:
     """``compactnn.load``: a deployed artifact through :func:`load_deployed`, else the model.
 
     ``kernels=True`` (or a ``KernelConfig``) builds a compressed transformer straight on the
     kernel layers of :func:`compactnn.to_kernels`, without a float copy of its weights.
+    ``strict_class=False`` loads onto a skeleton of another class whose layers and tensors
+    match the artifact's (the same class from another module always fits).
 
     Example:
         >>> fast = load("out/int8", model=MyNet())  # doctest: +SKIP
@@ -201,8 +206,10 @@ def load(
                 "kernels= applies to compressed artifacts; a deployed artifact runs on its "
                 "recorded backend: load it without kernels=."
             )
-        return load_deployed(path, model, expect_sha256=expect_sha256)
-    return artifact.load(path, model, expect_sha256=expect_sha256, kernels=kernels)
+        return load_deployed(path, model, expect_sha256=expect_sha256, strict_class=strict_class)
+    return artifact.load(
+        path, model, expect_sha256=expect_sha256, kernels=kernels, strict_class=strict_class
+    )
 
 
 def _with_record(source: nn.Module, record: dict[str, Any]) -> nn.Module:

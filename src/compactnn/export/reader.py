@@ -10,7 +10,6 @@ the format (:mod:`compactnn.export.validate`) and the skeleton before it builds 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import os
 import warnings
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from torch import nn
 
+from compactnn.core.model_input import unwrap_model, working_copy
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export import validate
 from compactnn.export.ctensors import install_save_pretrained
@@ -166,19 +166,66 @@ def _parse_recipe(data: bytes | None, header: dict[str, Any], root: Path) -> Any
     return recipe
 
 
-def _skeleton(root: Path, header: dict[str, Any], model: nn.Module | None) -> nn.Module:
+def _check_model_arg(model: Any) -> None:
+    """Refuse, before any file is read, a ``model=`` that is no skeleton instance."""
+    if model is None or isinstance(model, nn.Module):
+        return
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        name = model.__name__[:80]
+        raise CompactnnError(
+            f"model= takes an instance, got the class {name}: pass model={name}(), built "
+            "as for training (load fills in its weights from the artifact)."
+        )
+    if isinstance(model, dict):
+        raise CompactnnError(
+            "model= got a dict (a state dict?): pass the float model itself, built as for "
+            "training, e.g. model=MyNet() (load fills in its weights from the artifact)."
+        )
+    raise CompactnnError(
+        f"model= must be a torch.nn.Module, got {type(model).__name__}: pass the float model "
+        "the artifact was made from, e.g. model=MyNet()."
+    )
+
+
+def class_fits(saved: str, model: nn.Module) -> bool:
+    """Whether a skeleton's class may take an artifact that names class ``saved``.
+
+    Its class or a base class (other than ``nn.Module``) must be ``saved``: by module and
+    qualified name, or by qualified name alone when the module differs (a class defined in
+    the saving script, ``__main__.Net``, imported from a module where it is loaded, or a
+    module renamed since). The names are compared as text: nothing the artifact names is
+    imported. Layer names, shapes and dtypes are checked tensor by tensor afterwards.
+
+    Example:
+        >>> class Net(nn.Module): pass
+        >>> class_fits("__main__.Net", Net()), class_fits("__main__.Other", Net())
+        (True, False)
+    """
+    for cls in type(model).__mro__:
+        if cls is nn.Module:
+            break
+        if saved == f"{cls.__module__}.{cls.__qualname__}" or saved.endswith(
+            f".{cls.__qualname__}"
+        ):
+            return True
+    return False
+
+
+def _skeleton(
+    root: Path, header: dict[str, Any], model: nn.Module | None, strict_class: bool
+) -> nn.Module:
     if model is None:
         from compactnn.export.hf import skeleton_from_header
 
         model = skeleton_from_header(root, header)
-    elif not isinstance(model, nn.Module):
-        raise CompactnnError(f"model= must be a torch.nn.Module, got {type(model).__name__}.")
-    else:
-        model = copy.deepcopy(model)
-    if validate.model_class_name(model) != header["model_class"]:
+    else:  # torch.compile / DataParallel skeletons: the model inside; legacy weight norms folded
+        model = working_copy(unwrap_model(model, "loading onto"))
+    if strict_class and not class_fits(header["model_class"], model):
         raise ArtifactError(
             f"artifact {str(root)!r} holds a {header['model_class']!r}, but the skeleton is a "
-            f"{validate.model_class_name(model)!r}: pass the float model it was made from."
+            f"{validate.model_class_name(model)!r}: pass the float model it was made from, "
+            "or strict_class=False to load onto this class (its layers and tensors must "
+            "still match the artifact's)."
         )
     return model.eval()
 
@@ -189,6 +236,7 @@ def load(
     *,
     expect_sha256: str | None = None,
     kernels: Any = False,
+    strict_class: bool = True,
 ) -> nn.Module:
     """Rebuild a compressed model from an artifact; ``model`` is the float skeleton.
 
@@ -199,12 +247,16 @@ def load(
 
     Args:
         path: the artifact directory.
-        model: the float model the artifact was made from (its class and layer shapes must
-            match); optional for Hugging Face models, whose architecture is saved.
+        model: the float model the artifact was made from, an instance (its class and layer
+            shapes must match; a class of the same name from another module, e.g. the
+            saving script's ``__main__.Net``, or a subclass fits); optional for Hugging Face
+            models, whose architecture is saved.
         expect_sha256: the digest ``save`` returned; the artifact must have exactly it.
         kernels: ``True`` or a ``KernelConfig``: build the model straight on kernel layers,
             bit-identical to ``to_kernels(load(path))`` with that config, without ever
             holding the float32 weights (:mod:`compactnn.kernels.load`).
+        strict_class: ``False`` loads onto a skeleton of another class (:func:`class_fits`
+            refuses it) whose layer names, shapes and dtypes match the artifact's.
 
     Raises:
         ArtifactError: the artifact is missing, damaged, edited, of an older format, has
@@ -213,6 +265,11 @@ def load(
     Example:
         >>> qmodel = compactnn.load("out/", model=MyNet())  # doctest: +SKIP
     """
+    _check_model_arg(model)
+    if not isinstance(strict_class, bool):
+        raise CompactnnError(
+            f"strict_class={strict_class!r:.40} is not a bool: pass True (the default) or False."
+        )
     root = Path(path)
     config = kernel_config(kernels)
     header, blobs = read_artifact(root, expect_sha256)
@@ -221,7 +278,7 @@ def load(
     with _malformed(root), params_on_meta() if config else contextlib.nullcontext():
         if config is not None and isinstance(model, nn.Module):
             model = meta_copy(model)  # float weights come from the artifact, not the skeleton
-        model = _skeleton(root, header, model)
+        model = _skeleton(root, header, model, strict_class)
         with warnings.catch_warnings():  # copying into a meta parameter: filled below
             warnings.filterwarnings("ignore", message=".*meta parameter.*")
             build_model(model, header, tensors)
@@ -240,4 +297,9 @@ def load(
     # in eval mode as compress() returns it: the quantized layers, quantizers and token
     # tables build_model / install_kernels made start in training mode
     model.eval()
+    model._compactnn.update(  # the keys compress sets, as a load knows them
+        measured={},  # nothing measured: compress's peak memory is not saved
+        float_classes=frozenset(type(m) for m in model.modules()),  # all rebuilt by load
+        made_by={},  # no method's handler put a class in: load built each module
+    )
     return install_save_pretrained(model)  # HF models: save_pretrained writes the codes

@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from compactnn.core.context import CompressContext
-from compactnn.core.modules import saved_layers, set_module
+from compactnn.core.modules import move_hooks, saved_layers, set_module
 from compactnn.core.qlayers import make_quant_layer
 from compactnn.core.spec import QuantSpec
 from compactnn.engines.binary import sign_ste
@@ -360,4 +360,7 @@ def restore_bap(model: nn.Module, extra: dict) -> None:
             )
         sparse = _no_bias(layer) if values == "int8" else None
         bits = 16 if values == "float16" else 8
-        set_module(model, name, BAPLayer(copy.deepcopy(layer), bits, sparse))
+        bap = BAPLayer(copy.deepcopy(layer), bits, sparse)
+        move_hooks(bap.binary, nn.Module())  # the copy's hooks go: bap takes the layer's own
+        move_hooks(layer, bap)
+        set_module(model, name, bap)

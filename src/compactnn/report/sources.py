@@ -137,10 +137,11 @@ def check_skeleton(path: str, header: dict[str, Any], model: Any, option: str) -
         CompactnnError: ``'art' holds a DigitsResNet (made from 'digits-resnet'), but
             --model minilm builds a BertModel: pass --model digits-resnet.``
     """
+    from compactnn.export.reader import class_fits
     from compactnn.export.validate import model_class_name
 
     given = model_class_name(model)
-    if given == header.get("model_class"):
+    if class_fits(str(header.get("model_class")), model):
         return
     source = source_of(header)
     made, fix = "", "the float model it was made from"

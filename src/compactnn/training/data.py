@@ -11,7 +11,6 @@ integer inputs stay as they are.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from compactnn.core.calib import check_finite, describe, expected_input_hint, main_output
+from compactnn.core.model_input import working_copy
 from compactnn.errors import CompactnnError, first_line
 
 # Where a mapping keeps its inputs and labels, in the order they are looked for: training
@@ -392,7 +392,7 @@ def num_outputs(model: nn.Module, x: torch.Tensor) -> int:
     samples: the input model is never run (a forward in train mode would overwrite its batch
     norms' running statistics, and the trained copy and the teacher would start from them).
     Inputs the model cannot run on are named by shape, or by dtype when that is the cause."""
-    probe = copy.deepcopy(model).eval()
+    probe = working_copy(model).eval()  # legacy weight_norm too (core.model_input)
     try:
         with torch.no_grad():
             out = probe(x[:2])

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from compactnn.api import with_ignored
 from compactnn.core.context import CompressContext
+from compactnn.core.model_input import unwrap_model, working_copy
 from compactnn.core.modules import check_target_names
 from compactnn.core.seeding import keeps_global_rng
 from compactnn.distill.features import FeatureDistiller
@@ -136,7 +137,7 @@ def _loss_fn(qat, model, teacher, weight, temperature, features, calib_x):
     on the logits of each output (:func:`class_logits`)."""
     if weight == 0 and not features:
         return lambda logits, _x, y: F.cross_entropy(logits, y)
-    teacher = copy.deepcopy(teacher if teacher is not None else model).eval()
+    teacher = working_copy(teacher if teacher is not None else model).eval()
     with torch.no_grad():
         check_logits(class_logits(qat(calib_x[:2])), class_logits(teacher(calib_x[:2])))
     fd = FeatureDistiller(qat, teacher, features) if features else None
@@ -391,6 +392,7 @@ def train(
         ...                          eval_data=(x_test, y_test), keep_best=True)
         >>> compactnn.save(qmodel, "out/")                               # doctest: +SKIP
     """
+    model = unwrap_model(model, "training")  # torch.compile / DataParallel: the model inside
     if checkpoint_dir:
         check_checkpoint_dir(checkpoint_dir)  # a file, unwritable: before any work, every rank
     resumes = bool(checkpoint_dir) and resume and checkpoint_path(checkpoint_dir).is_file()
@@ -459,15 +461,10 @@ def train(
         r.restore(state)
     log = EpochLog(log_path, append=state is not None, records=state and state.get("records"))
     opts = {
-        "batch_size": cfg.batch_size,
-        "seed": seed,
-        "max_steps": max_steps,
-        "ckpt": checkpoint_dir,
-        "epochs": epochs,
-        "progress": progress,
-        "env": env,
+        "batch_size": cfg.batch_size, "seed": seed, "max_steps": max_steps,
+        "ckpt": checkpoint_dir, "epochs": epochs, "progress": progress, "env": env,
         "forward": forward,
-    }
+    }  # fmt: skip
     recalibrate = norm_recalibrator(cfg, data, env.device, seed)
     while r.epoch < epochs:
         start_epoch(qat, r.epoch, epochs)

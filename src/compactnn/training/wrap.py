@@ -18,6 +18,7 @@ from torch import nn
 from compactnn import registry
 from compactnn.core.calib import as_batches, check_batch, detect_call_mode
 from compactnn.core.context import CompressContext
+from compactnn.core.model_input import unwrap_model, working_copy
 from compactnn.core.modules import select_modules
 from compactnn.core.seeding import keeps_global_rng, reseed
 from compactnn.engines.qat import (
@@ -59,7 +60,7 @@ def prepare_qat(
     recipe = resolve_recipe(recipe)
     step = qat_step(recipe)
     reseed(seed)
-    qat = copy.deepcopy(model)
+    qat = working_copy(unwrap_model(model, "preparing QAT for"))
     qat.eval()
     batches = as_batches(calib_data)
     mode = detect_call_mode(qat, batches[0]) if batches else "auto"
