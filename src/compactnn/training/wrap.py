@@ -121,6 +121,7 @@ def freeze(qat: nn.Module) -> nn.Module:
         "folded_bn": list(ctx.folded_bn),
         "float_layers": dict(ctx.float_layers),
         "notes": list(ctx.notes),
+        "measured": {},  # what compress measures (its calibration run) has no counterpart here
         # trained: out of the training-aware wrapper (train(), or your own loop), not
         # calibrated only as by compress (compactnn.report.delivery.untrained_label)
         "extra": copy.deepcopy(ctx.extra) | {"trained": True},
