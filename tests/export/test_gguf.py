@@ -305,3 +305,30 @@ def test_a_file_size_limit_reports_the_file_s_bytes_not_one_write_s(llama, tmp_p
         f"{payload:,})"
     )
     assert payload > 20_000 and not out.exists()
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_a_mistral_decoder_is_written_as_llama_and_computes_its_logits(tmp_path, window):
+    """MistralForCausalLM goes out as llama.cpp's llama architecture; a sliding window shorter
+    than the positions caps the file's context length (full attention equals the window's)."""
+    import transformers
+
+    from compactnn.bench.export import gguf_forward
+
+    config = transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        sliding_window=window,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = torch.randint(4, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    qmodel = compactnn.compress(model, "w4-g32", calib_data=[{"input_ids": ids}], progress=False)
+    path = write_gguf(qmodel, tmp_path / "m.gguf").path
+    reader, _ = _read_back(path, qmodel)
+    kv = reader.fields
+    assert bytes(kv["general.architecture"].parts[-1]).decode() == "llama"
+    assert int(kv["llama.context_length"].parts[-1][0]) == (window or 64)
+    with torch.no_grad():
+        want = qmodel(input_ids=ids[:1]).logits[0]
+        torch.testing.assert_close(gguf_forward(path, ids[0]), want, rtol=0, atol=1e-5)

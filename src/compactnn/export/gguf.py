@@ -101,12 +101,19 @@ class GGUFReport:
         return out
 
 
+# Hugging Face model types written as llama.cpp's "llama" architecture: Mistral's decoder is
+# Llama's (same tensors, RMSNorm, SwiGLU, RoPE, grouped-query attention), as llama.cpp's own
+# converter writes it; its sliding window is handled by the context length (context_length).
+LLAMA_TYPES = ("llama", "mistral")
+
+
 def _llama_config(model: nn.Module):
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "llama" or not hasattr(model, "lm_head"):
+    if getattr(config, "model_type", None) not in LLAMA_TYPES or not hasattr(model, "lm_head"):
         kind = getattr(config, "model_type", None) or type(model).__name__
         return None, (
-            f"GGUF export covers Llama-family decoders (LlamaForCausalLM); this model is {kind!r}"
+            "GGUF export covers Llama-family decoders (LlamaForCausalLM, MistralForCausalLM); "
+            f"this model is {kind!r}"
         )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
@@ -262,13 +269,30 @@ def _spec_of(model: nn.Module, name: str):
     return getattr(model.get_submodule(name), "weight_spec", None)
 
 
+def context_length(config) -> int:
+    """The context written to the file: the model's positions, or Mistral's sliding window
+    where that is shorter. llama.cpp's llama architecture attends to every earlier position,
+    which equals the window's attention only while the context fits in the window.
+
+    Example:
+        >>> from types import SimpleNamespace as C
+        >>> context_length(C(max_position_embeddings=4096, sliding_window=1024))
+        1024
+        >>> context_length(C(max_position_embeddings=4096, sliding_window=None))
+        4096
+    """
+    window = getattr(config, "sliding_window", None)
+    positions = int(config.max_position_embeddings)
+    return min(positions, int(window)) if window else positions
+
+
 def _add_hparams(writer, config, name: str) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
+    writer.add_context_length(context_length(config))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
