@@ -146,10 +146,10 @@ def read_npy(spec: str) -> Any:
 
 def check_rows(spec: str, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse tensors of one file with different first dimensions (one row per example);
-    a ``_train`` / ``_test`` split is checked within each part."""
+    a ``_train`` / ``_val`` / ``_test`` split is checked within each part."""
     groups: dict[str, list[str]] = {}
     for key, t in tensors.items():
-        part = next((s for s in ("_train", "_test") if key.endswith(s)), "")
+        part = next((s for s in ("_train", "_val", "_test") if key.endswith(s)), "")
         if t.dim():
             groups.setdefault(part, []).append(key)
     for keys in groups.values():

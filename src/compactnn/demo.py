@@ -39,6 +39,7 @@ from compactnn.measure import (
     DEFAULT_THREADS,
     artifact_bytes,
     first_rows,
+    float_weight_layers,
     layer_formats,
     set_threads,
     theoretical_bytes,
@@ -140,7 +141,7 @@ def measure_recipe(
         "compress_s": compress_s,
         "bit_exact_load": True if recipe == FLOAT else _bit_exact(ref, model, path, batch),
         "layers": layer_formats(model),
-        "float_layers": dict(info.get("float_layers", {})),
+        "float_layers": float_weight_layers(model),
         "notes": list(info.get("notes", [])),
         "artifact": str(path.relative_to(out)),
     }

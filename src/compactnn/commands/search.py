@@ -87,9 +87,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--max-drop",
         type=non_negative_float,
         help="accuracy-aware: the smallest recipe whose quality drop is at most this (top-1 "
-        "points, 0 to 100, on the held-out x_test/y_test of --data (or input_ids_test/y_test), "
-        "else on its labelled x/y (or input_ids/y), which also calibrate; else the reference "
-        "model's own evaluation)",
+        "points, 0 to 100, on x_val/y_val of --data when it holds them, else on its "
+        "x_test/y_test (or input_ids_test/y_test: the test split then selects the recipe, "
+        "as search.json says), else on its labelled x/y (or input_ids/y), which also "
+        "calibrate; else the reference model's own evaluation)",
     )
     p.add_argument(
         "--max-evals", type=positive_int, default=8, help="full evaluations (with --max-drop)"
@@ -210,6 +211,14 @@ def search_data(
     if args.max_drop is None:
         calib = pair[3] if pair else split_labels(raw, "train", note=False, model=model)[0]
         return calib, None, None
+    if (val := validation_split(raw)) is not None:  # selects; x_test stays for eval/report
+        rest = {k: v for k, v in raw.items() if k not in VAL_KEYS}
+        inputs, labels = inputs_of(args, loaded, {"x": val[0], "y": val[1]}, note=False)
+        if pair is not None:
+            return pair[3], (inputs, labels), ("/".join(VAL_KEYS), pair[2])
+        keys = labelled_keys(rest, "train")
+        calib = rest[keys[0]] if keys else split_labels(rest, "train", note=False, model=model)[0]
+        return calib, (inputs, labels), ("/".join(VAL_KEYS), keys[0] if keys else "the rest")
     inputs, labels = inputs_of(args, loaded, raw, note=False)
     if labels is None:
         return inputs, None, None
@@ -226,6 +235,37 @@ def search_data(
     return inputs, (inputs, labels), ("/".join(keys), None)
 
 
+VAL_KEYS = ("x_val", "y_val")
+
+
+def validation_split(raw: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x_val, y_val)`` of a ``--data`` mapping that holds both as tensors: the split
+    ``--max-drop`` selects on, leaving ``x_test``/``y_test`` unseen by the search."""
+    if not isinstance(raw, dict):
+        return None
+    pair = tuple(raw.get(k) for k in VAL_KEYS)
+    return pair if all(isinstance(t, torch.Tensor) for t in pair) else None  # type: ignore
+
+
+def selection_note(scored: str) -> str | None:
+    """The line saying a ``--max-drop`` search selected on a test split (``scored``), so a
+    score of the chosen recipe on that split is not held out; None for any other split.
+
+    Example:
+        >>> selection_note("x_test/y_test")[:66]
+        'selected on x_test/y_test: a held-out score of the chosen recipe n'
+        >>> selection_note("x_val/y_val") is None
+        True
+    """
+    if "test" not in scored:
+        return None
+    return (
+        f"selected on {scored}: a held-out score of the chosen recipe needs data the search "
+        f"did not see (eval/report on {scored} is optimistic): add x_val/y_val to --data, "
+        "which --max-drop then selects on, keeping the test split for eval and report"
+    )
+
+
 def evaluation(args: argparse.Namespace, loaded, labelled, names) -> tuple[Callable | None, dict]:
     """The quality ``--max-drop`` compares and what it is measured on (``measured_on``,
     ``in_sample``: recorded in search.json's budget): top-1 on the ``labelled`` pair of
@@ -239,17 +279,24 @@ def evaluation(args: argparse.Namespace, loaded, labelled, names) -> tuple[Calla
         in_sample = calib is None
         where = f"{scored} of --data {args.data}"
         verb = "calibrate" if calib and calib.startswith("the ") else "calibrates"
-        said = " (the calibration samples)" if in_sample else f" (held out; {calib} {verb})"
+        said = " (the calibration samples)"
+        if not in_sample:  # unseen by calibration; a test split still selects the recipe
+            kept = "the search never reads x_test/y_test" if scored == "/".join(VAL_KEYS) else None
+            kept = kept or "not held out from the search: it selects the recipe"
+            said = f" (not used for calibration, {calib} {verb}; {kept})"
         print(f"quality for --max-drop: top-1 (%) on {where}{said}")
         if in_sample:
             print(
                 f"warning: the --max-drop drop is measured on the calibration samples ({where} "
                 "also calibrate the search), so it may be optimistic; for a held-out measurement "
                 "give a file with x_train/y_train (calibration) and x_test/y_test (scoring), or "
-                "input_ids_train/y_train and input_ids_test/y_test.",
+                "input_ids_train/y_train and input_ids_test/y_test; x_val/y_val beside them are "
+                "scored instead, leaving the test split for eval and report.",
                 file=sys.stderr,
             )
         measured = {"measured_on": f"top-1 (%) on {where}{said}", "in_sample": in_sample}
+        if not in_sample and (note := selection_note(scored)):
+            measured["selected_on_test"] = note  # the drop was chosen on this split
         return watched(partial(top1, data=labelled), args, loaded.model, "top-1"), measured
     if loaded.reference is not None:
         measured = {"measured_on": f"{args.model}'s held-out evaluation", "in_sample": False}
@@ -375,6 +422,8 @@ def run(args: argparse.Namespace) -> int:
         search_cache.write_scores(out / SENSITIVITY, report)  # this search's scores only
     metric = "top-1" if labelled is not None else getattr(loaded.reference, "metric", "quality")
     print_summary(result, args, loaded.model, metric)
+    if note := measured.get("selected_on_test"):
+        print(f"  note: {note}")
     if line := search_cache.cache_line(report, cache, Path(staging)):
         print(line)
     print(f"  wrote {out / 'recipe.yaml'} and {out / 'search.json'}")

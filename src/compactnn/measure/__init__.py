@@ -18,6 +18,7 @@ from compactnn.measure.quality import evaluate
 from compactnn.measure.size import (
     artifact_bytes,
     float_artifact_bytes,
+    float_weight_layers,
     layer_formats,
     theoretical_bytes,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "evaluate",
     "first_rows",
     "float_artifact_bytes",
+    "float_weight_layers",
     "fmt_quality",
     "layer_formats",
     "model_call",

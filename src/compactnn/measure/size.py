@@ -20,8 +20,9 @@ from torch import nn
 from compactnn.core.modules import weight_layers
 from compactnn.core.qlayers import has_integer_weight
 from compactnn.errors import CompactnnError
-from compactnn.export.artifact import COMPANIONS
-from compactnn.export.size import artifact_size, theoretical_size
+from compactnn.export.artifact import COMPANIONS, info_of, pack_state
+from compactnn.export.size import artifact_size
+from compactnn.export.sparse import sparsify
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:
@@ -41,8 +42,31 @@ def companion_bytes(path: str | os.PathLike) -> int:
 
 
 def theoretical_bytes(model: nn.Module) -> int:
-    """Bytes implied by the recipe: packed codes + scale/zero storage + tensors kept as is."""
-    return int(theoretical_size(model))
+    """Bytes the recipe implies: the model's tensors as the artifact stores them, without
+    the file's headers.
+
+    Packed codes, scale / zero-point / codebook storage and every tensor kept in float at
+    its own width (:func:`compactnn.export.size.theoretical_size`), except that a weight
+    with zeros (pruned: unstructured, N:M, or a quantized layer's codes at its zero point)
+    counts as the artifact stores it when sparse is smaller
+    (:func:`compactnn.export.sparse.sparsify`): its non-zero values plus their positions, in
+    the cheapest of a bitmap (one bit per weight), gaps or blocks. A 2:4 float32 layer thus
+    takes 17 bits per weight (half the values, one index bit per weight: the 2-bit N:M index
+    per kept value) at most, not 32; a dense model's is ``theoretical_size`` exactly.
+
+    Example:
+        >>> import torch
+        >>> from compactnn.export.size import theoretical_size
+        >>> layer = nn.Linear(64, 64, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.view(-1, 4)[:, 1:3].zero_()  # 2:4
+        >>> model = nn.Sequential(layer)
+        >>> theoretical_bytes(model), 64 * 64 * 17 // 8, theoretical_size(model)
+        (8704, 8704, 16384)
+    """
+    tensors, layers, _ = pack_state(model)
+    stored, _ = sparsify(tensors, layers, model)
+    return sum(t.numel() * t.element_size() for t in stored.values())
 
 
 _ROOM = "or set TMPDIR to a folder with room for it"
@@ -89,6 +113,38 @@ def layer_formats(model: nn.Module) -> dict[str, str]:
             out[name] = m.format + (f" / act {act.qtype.name}" if act is not None else "")
         elif name in _float_weight_layers(model):
             out[name] = str(m.weight.dtype).removeprefix("torch.")
+    return out
+
+
+def float_weight_layers(model: nn.Module) -> dict[str, str]:
+    """Every layer of a compressed model whose weights are float, with the reason: the
+    record's ``float_layers`` (kept in float, skipped by a step, channel-pruned), plus each
+    layer a pruning step zeroed (unstructured or N:M, its sparsity in
+    ``extra["pruning"]``) and left float, which the record leaves out as compressed.
+
+    Example:
+        >>> import compactnn, torch
+        >>> model = nn.Sequential(nn.Linear(8, 4))
+        >>> pruned = compactnn.compress(model, "sp50", progress=False)  # doctest: +SKIP
+        >>> float_weight_layers(pruned)  # doctest: +SKIP
+        {'0': 'pruned only (magnitude: 50% of its weights zeroed), weights in float'}
+    """
+    info = info_of(model)
+    out = dict(info.get("float_layers", {}))
+    floats = _float_weight_layers(model)
+    records = (info.get("extra") or {}).get("pruning")
+    for method, layers in (records if isinstance(records, dict) else {}).items():
+        for name, value in (layers if isinstance(layers, dict) else {}).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or name in out:
+                continue  # the step's totals (macs, params) are dicts
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if has_integer_weight(layer) or name not in floats:
+                continue  # quantized after pruning: not float
+            zeroed = f"{method}: {value:.0%} of its weights zeroed"
+            out[name] = f"pruned only ({zeroed}), weights in float"
     return out
 
 

@@ -188,8 +188,9 @@ def _method_blocks(results: dict[str, Any]) -> list[Block]:
             [
                 f"Quality on held-out data never used for calibration ({metrics}).",
                 "Size: bytes on disk of the saved artifact directory (`os.stat`), beside the "
-                "theoretical size the recipe implies; the float row is the float model saved in "
-                "the same format.",
+                "theoretical size the recipe implies (`theoretical`: its tensors as the "
+                "artifact stores them, a pruned weight's zeros by their sparse index, without "
+                "the file's headers); the float row is the float model saved in the same format.",
                 "Latency: each row runs on its delivered form, named in `runs on` "
                 "(`compactnn.deploy` on integer kernels for CNNs, `compactnn.to_kernels` for "
                 "transformers; `simulated` where neither applies, with the reason in the "
