@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from compactnn.commands import COMMANDS
+from compactnn.commands._path_args import check_path_args, dash_path_hint, path_labels
 from compactnn.errors import CompactnnError, cut, first_line, is_out_of_memory
 from compactnn.omp_policy import ensure_passive_policy, openmp_runtime_loaded
 from compactnn.user_modules import user_folder_importable
@@ -80,9 +81,22 @@ PLUGIN_COMMANDS = frozenset(COMMANDS) - {"demo"}
 UNKNOWN_METHOD_HINT = "(a third-party method? import its module with --plugin MODULE)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` (its subparsers too) whose errors name the ``./`` form of a path
+    that starts with ``-`` (read as an option: "the following arguments are required:
+    MODEL" for ``compress -m.pt``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        super().error(message + dash_path_hint(getattr(self, "_words", ()), self))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per module listed in ``COMMANDS``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="compactnn",
         description="Make trained PyTorch networks smaller and faster while keeping accuracy.",
     )
@@ -93,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser = module.add_parser(sub)
         if name in PLUGIN_COMMANDS:
             add_plugin_arg(sub_parser)
-        sub_parser.set_defaults(_run=module.run)
+        sub_parser.set_defaults(_run=module.run, _paths=path_labels(sub_parser))
     return parser
 
 
@@ -315,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             hide_hf_progress()
         warnings.showwarning = _show_warning
+        check_path_args(args, args._paths)  # empty MODEL, link loops, a quoted ~: first
         with sigterm_as_interrupt():  # timeout, Slurm, systemd: cleaned up as for Ctrl-C
             import_plugins(getattr(args, "plugin", None) or ())  # before any recipe is read
             return int(args._run(args) or 0)

@@ -46,7 +46,7 @@ from compactnn.hf_folder_errors import (
     unknown_model_type,
     weights_refusal,
 )
-from compactnn.user_modules import user_folder_importable
+from compactnn.user_modules import import_hint, user_folder_importable
 
 MODEL_FORMS = (
     "a reference model name ({refs})",
@@ -59,15 +59,13 @@ MODEL_FORMS = (
 
 @dataclass
 class LoadedModel:
-    """A float model resolved from a MODEL argument.
-
-    Attributes:
-        model: the float model, in eval mode.
-        source: the MODEL argument (recorded in artifacts so ``eval`` can rebuild the skeleton).
-        reference: the reference model object when MODEL names one, else None.
-        example: one input batch (tensor, tuple or dict), when one is known.
-        calib: default calibration data, when one is known.
-        weights: the ``--weights`` path of a factory model.
+    """A float model resolved from a MODEL argument. Attributes:
+    model: the float model, in eval mode.
+    source: the MODEL argument (recorded in artifacts so ``eval`` can rebuild the skeleton).
+    reference: the reference model object when MODEL names one, else None.
+    example: one input batch (tensor, tuple or dict), when one is known.
+    calib: default calibration data, when one is known.
+    weights: the ``--weights`` path of a factory model.
     """
 
     model: nn.Module
@@ -336,7 +334,8 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
         except (ImportError, AttributeError) as exc:
             stem = module_name.removesuffix(".py")
             fix = f"{stem}:{attr or 'FUNCTION'}"
-            hint = f" (a file name: write {fix})" if stem != module_name else ""
+            named = stem != module_name
+            hint = f" (a file name: write {fix})" if named else import_hint(exc, module_name)
             raise CompactnnError(f"cannot import factory {spec!r}: {exc}{hint}") from exc
         try:  # the factory may import its siblings by a computed name (importlib.import_module)
             model = factory()

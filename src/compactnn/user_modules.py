@@ -141,3 +141,23 @@ def user_folder_importable() -> Iterator[None]:
         mine = _top_level_from(folder, before)
         if mine:
             _finder(here).names |= sibling_names(folder, mine)
+
+
+def import_hint(exc: BaseException, module_name: str) -> str:
+    """The fix for a factory module that did not import because it is not on the path
+    (run from another folder); ``""`` for any other import error.
+
+    Example:
+        >>> exc = ModuleNotFoundError("No module named 'tinynet'", name="tinynet")
+        >>> import_hint(exc, "tinynet")[:48]
+        '; run from the folder that holds tinynet.py (or '
+    """
+    missing = getattr(exc, "name", None)
+    if not isinstance(exc, ModuleNotFoundError) or not missing:
+        return ""
+    if module_name != missing and not module_name.startswith(missing + "."):
+        return ""  # the factory's module imported, one of its own imports failed
+    return (
+        f"; run from the folder that holds {missing}.py (or its package), or add that folder "
+        "to PYTHONPATH (PYTHONPATH=/path/to/folder compactnn ...)"
+    )

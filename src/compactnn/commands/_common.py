@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from compactnn.commands._path_args import shown_path
 from compactnn.commands._paths import (  # noqa: F401 - the commands import them from here
     check_apart_from_inputs,
     check_not_an_input,
@@ -162,10 +163,10 @@ def model_words(args: argparse.Namespace, loaded: LoadedModel) -> list[str]:
     the same MODEL with the same data (a reference model brings its own)."""
     words = []
     if loaded.reference is None:
-        words += ["--weights", args.weights] if args.weights else []
+        words += ["--weights", shown_path(args.weights)] if args.weights else []
         words += ["--trust-pickle"] if args.trust_pickle else []
     if args.data and args.data != "data-free":
-        words += ["--data", args.data]
+        words += ["--data", shown_path(args.data)]
     return words
 
 

@@ -31,6 +31,7 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
+from compactnn.commands._path_args import shown_path
 from compactnn.commands.compress_summary import (
     layer_summary,
     note_lines,
@@ -219,9 +220,9 @@ def eval_command(out: Path, args: argparse.Namespace, loaded: LoadedModel) -> st
         >>> eval_command(Path("art"), ns, LoadedModel(None, "hf"))
         'compactnn eval art --model hf --data d.npy'
     """
-    words = ["compactnn", "eval", str(out)]
+    words = ["compactnn", "eval", shown_path(out)]
     if loaded.reference is None:
-        words += ["--model", args.model]
+        words += ["--model", shown_path(args.model)]
     return shlex.join(words + model_words(args, loaded))
 
 
@@ -302,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {collapsed}", file=sys.stderr)
     for method, mib in info.get("measured", {}).get("peak_rss_mib", {}).items():
         print(f"  peak resident memory of {method}: {mib} MiB (this run; not saved)")
-    print(f"  artifact: {out}  {human_bytes(size)} ({float_comparison(size, float_size)})")
+    shown = f"{shown_path(out)}  {human_bytes(size)} ({float_comparison(size, float_size)})"
+    print(f"  artifact: {shown}")
     print(f"  sha256 digest: {digest}  (pin it: compactnn.load(..., expect_sha256=...))")
     held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded, given)})
     print(f"  evaluate it: {eval_command(out, held_out, loaded)}")
@@ -426,14 +428,15 @@ def note_training_recipe(recipe, model: str, recipe_arg: str, data: str | None =
 
     if training_recipe(recipe):
         given = data is not None and data != "data-free"
-        train = ["compactnn", "train", model, "--recipe", recipe_arg, "--data"]
+        train = ["compactnn", "train", shown_path(model), "--recipe", shown_path(recipe_arg)]
+        train.append("--data")
         print(
             f"note: {recipe.name} is a training-aware recipe; compress calibrates it without "
             'training (its post-training accuracy; report and eval label it "calibrated '
             'only, not trained")'
             + (
                 f"; --data {data} only calibrates it here, compactnn train trains on it: "
-                + shlex.join([*train, data])
+                + shlex.join([*train, shown_path(data)])
                 if given
                 else ". Train it with: " + shlex.join([*train, "TRAIN_DATA"])
             ),
@@ -466,6 +469,6 @@ def run_streamed(args: argparse.Namespace, out: Path, recipe) -> int:
         f"memory {report.peak_mib:.0f} MiB = {report.baseline_mib:.0f} MiB at start + "
         f"{report.added_peak_mib:.0f} MiB (budget {report.budget_mib:.0f} MiB)"
     )
-    print(f"  artifact: {out}  {human_bytes(artifact_bytes(out))}")
+    print(f"  artifact: {shown_path(out)}  {human_bytes(artifact_bytes(out))}")
     print(f"  sha256 digest: {report.digest}  (pin it: compactnn.load(..., expect_sha256=...))")
     return 0

@@ -31,6 +31,7 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
+from compactnn.commands._path_args import shown_path
 from compactnn.commands.eval_data import check_split_labelled
 from compactnn.commands.evaluate import inputs_of
 from compactnn.commands.search_report import (  # noqa: F401  (size_lines: the command's API)
@@ -426,8 +427,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     if line := search_cache.cache_line(report, cache, Path(staging)):
         print(line)
-    print(f"  wrote {out / 'recipe.yaml'} and {out / 'search.json'}")
-    words = ["compactnn", "compress", args.model, "--recipe", str(out / "recipe.yaml")]
+    print(f"  wrote {shown_path(out / 'recipe.yaml')} and {shown_path(out / 'search.json')}")
+    words = ["compactnn", "compress", shown_path(args.model), "--recipe"]
+    words.append(shown_path(out / "recipe.yaml"))
     print(f"  compress with it: {shlex.join(words + model_words(args, loaded))}")
     return 0
 

@@ -25,6 +25,7 @@ from compactnn.commands._common import (
     path_relation,
     source_record,
 )
+from compactnn.commands._path_args import shown_path
 from compactnn.commands.compress import default_out, eval_command
 from compactnn.errors import CompactnnError
 from compactnn.measure.quality import no_better_than_guessing
@@ -351,8 +352,8 @@ def run(args: argparse.Namespace) -> int:
     bigger = size > float_size
     ratio = f"{size / float_size:.2f}x larger" if bigger else f"{float_size / size:.2f}x smaller"
     floats = f"float artifact {human_bytes(float_size)}"
-    print(f"  artifact: {out}  {human_bytes(size)} ({floats}, {ratio})")
-    print(f"  training log: {log}")
+    print(f"  artifact: {shown_path(out)}  {human_bytes(size)} ({floats}, {ratio})")
+    print(f"  training log: {shown_path(log)}")
     print(f"  sha256 digest: {digest}")
     held_out = argparse.Namespace(**{**vars(args), "data": eval_data_words(args, data, loaded)})
     print(f"  evaluate it: {eval_command(out, held_out, loaded)}")

@@ -200,9 +200,9 @@ def load_extension():
             "or deploy binary layers with kernel='int8'.",
             f"no C++ compiler: neither {cxx} nor g++ is on PATH",
         )
-    build.mkdir(parents=True, exist_ok=True)
     lock = build / BUILD_LOCK
     try:
+        build.mkdir(parents=True, exist_ok=True)  # HOME unreadable, a file on the path: below
         fd = _take_build_lock(lock, build / f"{name}.so")
     except OSError as exc:  # a read-only cache, ...
         raise _failed(

@@ -20,19 +20,46 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compactnn.errors import user_stacklevel
+from compactnn.errors import CompactnnError, cut, first_line, user_stacklevel
 from compactnn.export.fs import atomic_write
+
+CACHE_FIX = "set COMPACTNN_CACHE (or XDG_CACHE_HOME) to a writable folder"
 
 
 def cache_dir() -> Path:
-    """The user's compactnn cache directory (created when missing)."""
-    root = os.environ.get("COMPACTNN_CACHE")
+    """The user's compactnn cache directory (created when missing).
+
+    Raises:
+        CompactnnError: it cannot be created (a part of its path is a file, a folder that
+            refuses new folders, no home directory), naming the variable it came from.
+    """
+    root, source = os.environ.get("COMPACTNN_CACHE"), "COMPACTNN_CACHE"
     if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        xdg, source = os.environ.get("XDG_CACHE_HOME"), "XDG_CACHE_HOME"
+        if not xdg:
+            source = "HOME"
+            try:
+                xdg = os.path.join(Path.home(), ".cache")
+            except RuntimeError as exc:  # no HOME and no password-database entry
+                raise CompactnnError(
+                    f"no home directory to hold the compactnn cache: {CACHE_FIX}."
+                ) from exc
         root = os.path.join(xdg, "compactnn")
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # NotADirectoryError, FileExistsError, FileNotFoundError (/proc)...
+        why = "a part of its path is a file" if _blocked_by_file(path) else exc.strerror
+        raise CompactnnError(
+            f"cannot create the compactnn cache folder {cut(path)!r} (from ${source}): "
+            f"{why or first_line(exc)}; {CACHE_FIX}."
+        ) from exc
     return path
+
+
+def _blocked_by_file(path: Path) -> bool:
+    """Whether ``path`` or one of its parents exists and is not a folder."""
+    return any(p.exists() and not p.is_dir() for p in (path, *path.parents))
 
 
 def cache_key(name: str, sources: Iterable[str | bytes], **settings: object) -> str:
