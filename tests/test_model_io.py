@@ -154,7 +154,7 @@ def test_hf_directory_with_missing_weights_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("architectures", "outcome"),
     [
-        (["MyLlamaForCausalLM"], "LlamaForCausalLM"),  # unknown name: its head's Auto class
+        (["MyLlamaForCausalLM"], "names the architecture 'MyLlamaForCausalLM', which trans"),
         (None, r"1 unexpected \(e\.g\. 'lm_head\.weight'\)"),  # AutoModel would drop lm_head
         (["Mystery"], "names the architecture 'Mystery'"),
     ],

@@ -40,6 +40,7 @@ from compactnn.core.modules import (
     select_modules,
     weight_layers,
 )
+from compactnn.core.provenance import record_provenance, warn_few_samples
 from compactnn.core.qlayers import ActQuantizer, is_quant_layer
 from compactnn.core.seeding import keeps_global_rng, reseed
 from compactnn.errors import CompactnnError, name_list
@@ -225,6 +226,7 @@ def _compress(
         )
     ctx.folded_bn.extend(previous.get("folded_bn", []))
     ctx.extra.update(copy.deepcopy(previous.get("extra", {})))  # never the input's own dicts
+    record_provenance(model, ctx.extra, batches, calib_data)  # float digest, calibration
     _linearize_conv1d(qmodel, ctx)
     _split_attention(qmodel, recipe, ctx)
     check_layers_found(qmodel, recipe)
@@ -248,6 +250,7 @@ def _compress(
         if any(not q.calibrated for q in heads):  # a tied head's input grid, if still unset
             calibrate_activations(qmodel, ctx)
     qmodel.eval()  # the layers and quantizers the methods made start in training mode
+    warn_few_samples(qmodel, ctx)  # once, for any recipe that observed activation ranges
     if (untied := untied_message(qmodel, tied)) is not None:
         ctx.warn(untied)
     report_float_layers(qmodel, ctx, widths, previous.get("float_layers", {}))

@@ -123,6 +123,7 @@ def unknown_model_type(transformers: Any, path: Path) -> str | None:
     return (
         f"{str(path / 'config.json')!r} has model_type {model_type[:80]!r}, which the installed "
         f"transformers {transformers.__version__} does not know (compactnn never runs code "
-        "from a model folder): upgrade transformers to a release that has this model type, "
-        "or set model_type to one it has."
+        "from a model folder): upgrade transformers to a release that has this model type, or "
+        "load the model yourself in Python with its own code (if you trust it) and pass the "
+        "module to compactnn.compress(model, ...)."
     )

@@ -229,9 +229,9 @@ def _load_hf_dir(path: Path, trust_pickle: bool) -> LoadedModel:
 
     transformers = require("transformers", "hf")
 
-    from compactnn.export.hf import hf_header
+    from compactnn.export.hf import hf_header, remote_code_refusal
 
-    if refusal := weights_refusal(path, trust_pickle):  # no weights, or a pickle untrusted
+    if refusal := remote_code_refusal(path) or weights_refusal(path, trust_pickle):
         raise refusal
     model = _hf_model(transformers, path, has_safetensors_weights(path))
     example = None

@@ -25,8 +25,10 @@ import yaml
 
 from compactnn import registry
 from compactnn.core.config import MethodConfig
+from compactnn.core.config_checks import check_config_ranges, check_ranges, located
 from compactnn.core.fields import check_keys, short_repr
 from compactnn.core.modules import Targets
+from compactnn.core.recipe_yaml import load_recipe_yaml
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
 from compactnn.registry import ShortNameRule
@@ -58,7 +60,7 @@ class Step:
             raise CompactnnError(
                 f"a step's method must be a name (string), got {short_repr(self.method)}."
             )
-        entry = registry.get_method(self.method)
+        entry = method_entry(self.method)
         if type(self.config) is not entry.config_cls:
             raise CompactnnError(
                 f"Step({self.method!r}, ...) got a {type(self.config).__name__}; method "
@@ -70,6 +72,7 @@ class Step:
                 f"Step({self.method!r}, ...): targets must be a Targets, "
                 f"got {type(self.targets).__name__}."
             )
+        check_config_ranges(self.config)  # Python-built configs: recipe files check first
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,12 +91,37 @@ class Step:
                 f"{where} needs a 'method' key naming a method (e.g. method: rtn), "
                 f"got {short_repr(data.get('method'))}."
             )
-        entry = registry.get_method(data["method"])
+        entry = method_entry(data["method"], f"{where}.method")
         version = data.get("version", 1)  # absent: version 1
         registry.check_config_version(entry, version)
-        registry.check_field_names(entry, version, data.get("config"), f"{where}.config")
-        config = entry.config_cls.from_dict(data.get("config"), where=f"{where}.config")
+        raw, path = data.get("config"), f"{where}.config"
+        registry.check_field_names(entry, version, raw, path)
+        if isinstance(raw, dict):  # values no method can use, named by their key path
+            check_ranges(entry.config_cls, raw, path)
+        try:
+            config = entry.config_cls.from_dict(raw, where=path)
+        except CompactnnError as exc:  # the config's own checks know the field, not the path
+            raise CompactnnError(located(str(exc), raw, path)) from None
         return cls(data["method"], config, Targets.from_dict(data.get("targets")))
+
+
+def method_entry(name: str, where: str = "") -> registry.MethodEntry:
+    """The method registered as ``name``; an unknown name's error suggests the nearest ones.
+
+    Example:
+        >>> method_entry("qdorp")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        compactnn.registry.UnknownMethodError: unknown method 'qdorp'; did you mean 'qdrop'? ...
+    """
+    try:
+        return registry.get_method(name)
+    except registry.UnknownMethodError as exc:
+        near = difflib.get_close_matches(name, list(registry.METHODS), n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ";"
+        message = str(exc).replace(f"{short_repr(name)};", f"{short_repr(name)}{hint}", 1)
+        prefix = f"{where}: " if where else ""
+        raise registry.UnknownMethodError(name, prefix + message) from None
 
 
 @dataclass(frozen=True)
@@ -135,7 +163,13 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
         """A recipe from YAML text; ``source`` names it in messages (e.g. its file)."""
-        return cls.from_dict(load_recipe_yaml(text, source))
+        data = load_recipe_yaml(text, source)
+        if data is None:  # no text, or only comments
+            raise CompactnnError(
+                f"{source} is empty: write a mapping with a 'steps' list, e.g. "
+                "'steps: [{method: rtn}]' (docs/usage.md shows a full recipe)."
+            )
+        return cls.from_dict(data)
 
 
 def _not_a_step(recipe: str, index: int, item: Any) -> str:
@@ -153,104 +187,6 @@ def _not_a_step(recipe: str, index: int, item: Any) -> str:
         f"Step({method if isinstance(method, str) else 'method'!r}, {config}(...)), or "
         "Recipe.from_dict({'name': ..., 'steps': [...]}) for mappings."
     )
-
-
-def load_recipe_yaml(text: str, source: str = "recipe") -> Any:
-    """The data of recipe YAML ``text``; any problem is a one-line CompactnnError naming
-    ``source``, the line and the column."""
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise CompactnnError(f"{source} is not valid YAML: {_yaml_problem(exc)}") from exc
-    except _Refused as exc:
-        raise CompactnnError(f"{source} at {exc}") from None
-    except RecursionError as exc:  # a safety net: compose_node caps the nesting first
-        raise CompactnnError(
-            f"{source} nests too deeply (over {MAX_DEPTH} levels): recipes need a few levels."
-        ) from exc
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's several-line message as one line: line, column, problem (and context).
-
-    Example:
-        >>> try:  # doctest: +ELLIPSIS
-        ...     yaml.safe_load("a: [1")
-        ... except yaml.YAMLError as exc:
-        ...     print(_yaml_problem(exc))
-        line 1, column 6: expected ',' or ']', but got '<stream end>' (while parsing a flow ...
-    """
-    if not isinstance(exc, yaml.MarkedYAMLError):
-        return " ".join(str(exc).split())
-    mark = exc.problem_mark or exc.context_mark
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    problem = exc.problem or exc.context or "malformed YAML"
-    context = f" ({exc.context})" if exc.context and exc.problem else ""
-    return " ".join(f"{where}{problem}{context}".split())
-
-
-MAX_DEPTH = 32  # nesting levels a recipe may use (its deepest real use is about six)
-
-
-class _Refused(CompactnnError):
-    """A construct the recipe loader refuses; :func:`load_recipe_yaml` names the source."""
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """Safe YAML that also reads ``1e-4`` as a number (YAML 1.2), not the string '1e-4',
-    refuses a key given twice in one mapping (plain YAML keeps the last silently), and
-    refuses anchors and aliases (``&a``/``*a``: recipes never need them, and nested aliases
-    expand a small file into billions of values) and nesting deeper than ``MAX_DEPTH``."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            mark = event.start_mark
-            raise _Refused(
-                f"line {mark.line + 1}, column {mark.column + 1}: YAML anchors and "
-                "aliases (&name, *name) are not allowed in a recipe; write the values out."
-            )
-        depth = getattr(self, "_depth", 0)
-        if depth >= MAX_DEPTH:
-            mark = event.start_mark
-            raise _Refused(
-                f"line {mark.line + 1}, column {mark.column + 1}: nested over "
-                f"{MAX_DEPTH} levels deep; recipes need a few levels."
-            )
-        self._depth = depth + 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth = depth
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        if isinstance(node, yaml.MappingNode):
-            _refuse_duplicate_keys(self, node)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _refuse_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
-    """A CompactnnError naming a scalar key written twice in ``node`` and its lines (a merge
-    key ``<<`` may be overridden: that is what it is for)."""
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key, line = loader.construct_object(key_node), key_node.start_mark.line + 1
-        if key in seen:
-            where = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
-            raise CompactnnError(
-                f"recipe key {short_repr(key)} is given twice in one mapping ({where}); YAML "
-                "would keep the last silently: keep one."
-            )
-        seen[key] = line
-
-
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
 
 
 def _quant_short_name(m: Any) -> Recipe:
@@ -309,9 +245,27 @@ def _match_short_name(name: str) -> Recipe | None:
                 # later, method-specific rule may take it, and its error beats "unknown method"
                 if first_error is None or isinstance(first_error, registry.UnknownMethodError):
                     first_error = exc
+    if isinstance(first_error, registry.UnknownMethodError):
+        raise _unknown_method_in(name, first_error)
     if first_error is not None:
         raise first_error
     return None
+
+
+def _unknown_method_in(name: str, exc: registry.UnknownMethodError) -> CompactnnError:
+    """``exc`` for short name ``name`` (``w4a4-qdorp``), suggesting the valid short names
+    whose method suffix is nearest: ``did you mean 'w4a4-qdrop'?``."""
+    methods = [*registry.METHODS, *SUFFIX_ALIASES]
+    near = difflib.get_close_matches(exc.name, methods, n=3, cutoff=0.6)
+    head = name[: -len(exc.name)] if name.endswith(exc.name) else None
+    names = [head + m for m in near if head is not None and _builds(head + m)][:2]
+    names = names or _near_names(name, limit=2)
+    hint = f"did you mean {' or '.join(map(repr, names))}? " if names else ""
+    return registry.UnknownMethodError(
+        exc.name,
+        f"unknown method {short_repr(exc.name)} in recipe {short_repr(name)}; {hint}known "
+        f"methods: {', '.join(sorted(registry.METHODS))}.",
+    )
 
 
 def _unknown_recipe(name: str) -> CompactnnError:

@@ -367,7 +367,12 @@ def load_model(spec: str, args: argparse.Namespace) -> LoadedModel:
             f"MODEL {spec!r} is empty: pass a reference model name, a Hugging Face model "
             "folder, a .pt2 file, or package.module:factory with --weights FILE."
         )
-    return resolve_model(spec, weights=args.weights, trust_pickle=args.trust_pickle)
+    loaded = resolve_model(spec, weights=args.weights, trust_pickle=args.trust_pickle)
+    from compactnn.commands.hf_checkpoint import upcast_note
+
+    if (note := upcast_note(spec)) is not None:  # a bfloat16/float16 folder, computed in float32
+        print(note, file=sys.stderr)
+    return loaded
 
 
 def hide_hf_progress() -> None:

@@ -40,7 +40,9 @@ from compactnn.commands.compress_summary import (
     pruned_layers,
     pruning_lines,
 )
+from compactnn.commands.hf_checkpoint import checkpoint_comparison
 from compactnn.core.calib import as_batches
+from compactnn.core.provenance import FLOAT_KEY
 from compactnn.core.qlayers import ActQuantizer, has_integer_weight
 from compactnn.core.tokens import check_token_ids
 from compactnn.data_files import check_float_inputs, takes_token_ids
@@ -176,24 +178,31 @@ def data_free_images(args: argparse.Namespace) -> int:
     return n
 
 
+# train's --data data-free: the way to it (train does not generate its training data)
+DATA_FREE_TRAIN = (
+    " compactnn train does not generate its training data: generate it once in Python and "
+    "pass the file: data = compactnn.datafree.generate(model, 1024, input_shape=(C, H, W)) "
+    "(method='dafl' for a model without batch norm); safetensors.torch.save_file({'x': data.x, "
+    "'y': data.y}, 'synthetic.safetensors') (y: the model's own top-1 labels); then --data "
+    "synthetic.safetensors."
+)
+
+
 def calibration_record(data) -> dict:
-    """What the artifact records of generated calibration images (``extra["calibration_data"]``).
+    """What the artifact records of generated calibration images (``extra["calibration_data"]``):
+    :func:`compactnn.datafree.artifact_record`, nothing machine-dependent (no wall time), so
+    two identical runs write identical artifacts.
 
     Example:
         >>> from compactnn.datafree.common import GeneratedData
         >>> cost = {"method": "bn-inversion", "seconds": 1.5, "n": 3, "steps": 200}
         >>> r = calibration_record(GeneratedData(torch.zeros(3, 1, 2, 2), torch.zeros(3), cost))
-        >>> r["data"], r["images"], r["steps"], r["input_shape"]
-        ('data-free', 3, 200, [1, 2, 2])
+        >>> r["data"], r["images"], r["input_shape"], "seconds" in r
+        ('data-free', 3, [1, 2, 2], False)
     """
-    return {
-        "data": "data-free",
-        "method": data.cost.get("method"),
-        "images": int(data.x.shape[0]),
-        "steps": data.cost.get("steps"),
-        "input_shape": list(data.x.shape[1:]),
-        "seconds": data.cost.get("seconds"),
-    }
+    from compactnn.datafree import artifact_record
+
+    return artifact_record(data)
 
 
 def calibration_line(record: dict) -> str:
@@ -271,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     extra = qmodel._compactnn.setdefault("extra", {})
     extra["source"] = source_record(loaded)
+    if extra["source"].get("kind") == "Hugging Face directory":  # as the streamed run writes:
+        extra.pop(FLOAT_KEY, None)  # its weights files' SHA-256 names the float model
     extra.update(loaded.extra)
     if args.data == "data-free" and data is not None:
         extra["calibration_data"] = calibration_record(data)
@@ -303,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {collapsed}", file=sys.stderr)
     for method, mib in info.get("measured", {}).get("peak_rss_mib", {}).items():
         print(f"  peak resident memory of {method}: {mib} MiB (this run; not saved)")
-    shown = f"{shown_path(out)}  {human_bytes(size)} ({float_comparison(size, float_size)})"
+    stored = checkpoint_comparison(size, args.model)  # "" unless a bfloat16/float16 folder
+    shown = f"{shown_path(out)}  {human_bytes(size)} ({float_comparison(size, float_size)}{stored})"
     print(f"  artifact: {shown}")
     print(f"  sha256 digest: {digest}  (pin it: compactnn.load(..., expect_sha256=...))")
     held_out = argparse.Namespace(**{**vars(args), "data": eval_data_file(args, loaded, given)})

@@ -38,6 +38,7 @@ from compactnn.commands.eval_data import (
     read_data,
 )
 from compactnn.commands.eval_table import result_lines, speed_note
+from compactnn.commands.hf_checkpoint import float_row_note
 from compactnn.core.calib import (
     as_batches,
     batch_size_of,
@@ -335,6 +336,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         shown = recipe + untrained_label(info) if recipe else recipe
         entries.append((label, delivered, qsize, shown, runtime))
     rows = [_row(args, loaded, data, batches, paths, qmodel, *e) for e in entries]
+    if (stored := float_row_note(loaded.source, rows[0]["size_bytes"], qsize)) is not None:
+        notes = [*notes, stored]  # a bfloat16/float16 folder: the float row is its float32 copy
     tokens = _perplexities(loaded, data, [e[1] for e in entries], batches[:8], rows)
     for row in rows:  # what the compressed layers store, per weight (float: none)
         row["bits_per_weight_stored"] = None if row is rows[0] else args.stored_bits.get("total")

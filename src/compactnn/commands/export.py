@@ -22,6 +22,7 @@ from compactnn.export.artifact import load as load_artifact
 from compactnn.export.ct_folder import NO_TOKENIZER, FolderFiles, processor_files
 from compactnn.export.fs import names_folder
 from compactnn.export.hf_check import probe_inputs
+from compactnn.export.onnx_hf_verify import read_line
 from compactnn.model_io import reference_names, skeleton_for
 
 _EPILOG = "formats:\n" + "\n".join(f"  {f.name:<20}{f.summary}" for f in formats.FORMATS)
@@ -324,6 +325,14 @@ def check_out_apart(args: argparse.Namespace) -> None:
     check_apart_from_inputs(written, "--out", inputs, suggest)
 
 
+def _verification(path: Path) -> str | None:
+    """The measured line the ONNX export stored in the file (None for a file without it)."""
+    try:
+        return read_line(path)
+    except Exception:  # a file another tool wrote: nothing to add
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.list and not (args.format and args.out):
         raise CompactnnError("export needs --format F and --out PATH, or --list.")
@@ -373,6 +382,8 @@ def run(args: argparse.Namespace) -> int:
     size = size or out.stat().st_size
     print(f"exported {args.artifact} as {args.format}: {out}  {human_bytes(size)}")
     print(f"  {verified_line(caught)} (see docs/export.md)")
+    if args.format == "onnx" and out.is_file() and (line := _verification(out)) is not None:
+        print(f"  {line}")  # what the read-back measured: example and probe batch
     if (note := formats.run_note(args.format, qmodel)) is not None:
         print(f"  {note}")
     if gguf_note is not None:

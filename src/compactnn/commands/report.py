@@ -244,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         memory=not args.no_memory,
         source=model_source(loaded, args.trust_pickle),
+        data_name=f"--data {args.data}",
     )
     lines = [header(results), *table_rows(results)]
     widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]

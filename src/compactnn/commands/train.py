@@ -26,7 +26,7 @@ from compactnn.commands._common import (
     source_record,
 )
 from compactnn.commands._path_args import shown_path
-from compactnn.commands.compress import default_out, eval_command
+from compactnn.commands.compress import DATA_FREE_TRAIN, default_out, eval_command
 from compactnn.errors import CompactnnError
 from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
@@ -143,7 +143,7 @@ def labelled_data(spec: str) -> Any:
         )
     raise CompactnnError(
         f"unknown training data {spec!r}: use {', '.join(DATASETS)} or a .safetensors file "
-        "with x and y (labels) tensors."
+        "with x and y (labels) tensors." + (DATA_FREE_TRAIN if spec == "data-free" else "")
     )
 
 

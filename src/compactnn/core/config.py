@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from compactnn.core.config_checks import check_config_ranges
 from compactnn.core.fields import check_keys, field_hints, normalize, normalize_fields
 from compactnn.core.spec import QuantSpec
 from compactnn.errors import CompactnnError
@@ -33,6 +34,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         normalize_fields(self)
+        check_config_ranges(self)  # a learning rate of -1, 10^12 steps: refused by field name
 
     def needs_data(self) -> bool:
         """Whether a step with this config cannot run without calibration data."""

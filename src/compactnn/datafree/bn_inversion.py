@@ -94,7 +94,7 @@ def invert_bn(
     stats = BNStats(teacher)
     gen = torch.Generator().manual_seed(seed)
     classes = check_classifier(teacher, torch.randn(2, *shape, generator=gen))
-    stats.means, stats.stds = [], []
+    stats.reset()
     xs, ys = [], []
     bar = tqdm(total=-(-n // batch_size) * steps, desc="bn-inversion", disable=not progress)
     with Timer() as timer:
@@ -116,11 +116,15 @@ def invert_bn(
                 loss.backward()
                 opt.step()
                 bar.update(1)
+                if progress and (bar.n % 10 == 1 or bar.n == bar.total):  # shown at once
+                    bar.set_postfix(loss=f"{loss.item():.3g}", refresh=bar.n == 1)
             with torch.no_grad():
                 xs.append(x.detach())
                 ys.append(teacher(x).argmax(1))
-                stats.means, stats.stds = [], []
+                stats.reset()
     bar.close()
     stats.remove()
     x = torch.cat(xs)
-    return GeneratedData(x, torch.cat(ys), timer.cost("bn-inversion", n=n, steps=steps))
+    settings = {"method": "bn-inversion", "steps": steps, "seed": seed}
+    cost = timer.cost("bn-inversion", n=n, steps=steps)
+    return GeneratedData(x, torch.cat(ys), cost, settings=settings)

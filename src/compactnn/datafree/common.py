@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compactnn.core.calib import expected_input_hint
+from compactnn.core.calib import main_output
 from compactnn.core.memory import peak_rss_mib
+from compactnn.datafree.input_fit import misfit_message
 from compactnn.distill.kd import kd_loss
 from compactnn.errors import CompactnnError, first_line
 
@@ -34,6 +35,8 @@ class GeneratedData:
         cost: ``{"method", "seconds", "peak_rss_mib", ...}``: wall seconds of generation and
             the process's peak resident memory after it (``ru_maxrss``).
         batch_size: batch size when iterated as calibration data.
+        settings: how the inputs were made (``{"method", "steps", "seed"}``), which
+            :func:`artifact_record` records; nothing machine-dependent.
 
     Example:
         >>> d = GeneratedData(torch.zeros(5, 1, 4, 4), torch.zeros(5, dtype=torch.long))
@@ -45,6 +48,7 @@ class GeneratedData:
     y: torch.Tensor
     cost: dict = field(default_factory=dict)
     batch_size: int = 32
+    settings: dict = field(default_factory=dict)
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -63,12 +67,59 @@ class GeneratedData:
     def __len__(self) -> int:
         return len(self.batches())
 
+    def artifact_record(self) -> dict:
+        """:func:`artifact_record` of this data set (called by name by code that cannot
+        import this package)."""
+        return artifact_record(self)
+
+
+def artifact_record(data: GeneratedData) -> dict:
+    """What an artifact records of generated calibration inputs: the same for two runs with
+    the same settings (wall seconds and peak memory stay in ``data.cost``, for the summary).
+
+    Example:
+        >>> cost = {"method": "bn-inversion", "seconds": 1.5, "steps": 200}
+        >>> d = GeneratedData(torch.zeros(3, 1, 2, 2), torch.zeros(3), cost, settings={"seed": 0})
+        >>> r = artifact_record(d)
+        >>> r["method"], r["images"], r["steps"], r["input_shape"], r["seed"], r["real_data"]
+        ('bn-inversion', 3, 200, [1, 2, 2], 0, False)
+        >>> "seconds" in r
+        False
+    """
+    made = {"method": data.cost.get("method"), "steps": data.cost.get("steps")}
+    made.update(data.settings)
+    return {
+        "data": "data-free",
+        "method": made.get("method"),
+        "images": int(data.x.shape[0]),
+        "steps": made.get("steps"),
+        "input_shape": [int(d) for d in data.x.shape[1:]],
+        "seed": made.get("seed"),
+        "real_data": False,
+    }
+
+
+def logits_of(out):
+    """The logits of a classifier's output as training takes them (``class_logits``): the
+    output itself (a tensor), a dict's ``logits`` (else its first value), a tuple's first
+    item. The output unchanged when it holds no tensor."""
+    try:
+        return main_output(out)
+    except TypeError:  # no tensor in it: check_classifier names the type
+        return out
+
+
+def _logits_hook(_module, _inputs, out):
+    return logits_of(out)
+
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """An eval-mode copy whose parameters need no gradient (the user's model is untouched)."""
+    """An eval-mode copy whose parameters need no gradient and which returns the logits of
+    the model's output (:func:`logits_of`; the user's model is untouched)."""
     m = copy.deepcopy(model).eval()
     for p in m.parameters():
         p.requires_grad_(False)
+    m.register_forward_hook(_logits_hook)  # a tuple's or dict's logits, as training takes
     return m
 
 
@@ -87,10 +138,11 @@ _MISSING_ARG = re.compile(r"missing \d+ required (positional|keyword-only) argum
 
 
 def check_classifier(model: nn.Module, x: torch.Tensor) -> int:
-    """Number of classes; refuse a model whose output is not ``(batch, classes)`` logits."""
+    """Number of classes; refuse a model whose output holds no ``(batch, classes)`` logits
+    (a tensor, a dict's ``logits`` or a tuple's first item: :func:`logits_of`)."""
     try:
         with torch.no_grad():
-            out = model(x)
+            out = logits_of(model(x))
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         first = first_line(exc)
         if isinstance(exc, TypeError) and _MISSING_ARG.search(first):
@@ -100,16 +152,14 @@ def check_classifier(model: nn.Module, x: torch.Tensor) -> int:
                 " Wrap the model so that forward(x) takes one tensor, or calibrate on real "
                 "inputs."
             ) from exc
-        raise CompactnnError(
-            f"input_shape={tuple(x.shape[1:])} does not fit the model: it expects "
-            f"{expected_input_hint(model)} ({first}). Pass the per-sample (C, H, W) the model "
-            "was built for (--input-shape C,H,W in the CLI)."
-        ) from exc
+        raise CompactnnError(misfit_message(model, x, first)) from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise CompactnnError(
             f"data-free generation needs a classifier returning (batch, classes) logits; "
-            f"{type(model).__name__} returned {got}."
+            f"{type(model).__name__} returned {got}. Return the logits, a dict with them "
+            "under 'logits', or a tuple with them first (wrap the model if it returns "
+            "anything else)."
         )
     return int(out.shape[1])
 
@@ -207,7 +257,7 @@ def distill_on(
         x = sample(step)
         with torch.no_grad():
             t = teacher(x)
-        loss = kd_loss(student(x), t, temperature)
+        loss = kd_loss(logits_of(student(x)), t, temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -243,7 +293,12 @@ def has_bn_stats(model: nn.Module) -> bool:
 
 
 class BNStats:
-    """Forward hooks that record each BN layer's batch mean and std (per channel, biased)."""
+    """Forward hooks that record each BN layer's batch mean and std (per channel, biased).
+
+    Each record is matched to the running statistics of the layer that made it: a layer
+    called twice in one forward (a model returning ``(logits, features(x))`` that runs its
+    feature extractor again) or layers called in another order than defined still match.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, _BN)]
@@ -254,21 +309,27 @@ class BNStats:
                 "batch-norm inversion needs them; use generate(model, n, method='dafl') (a "
                 "generator trained against the model) or real calibration data."
             )
-        self.means: list[torch.Tensor] = []
-        self.stds: list[torch.Tensor] = []
+        self.reset()
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
-    def _hook(self, _m, inputs, _out):
+    def reset(self) -> None:
+        """Forget the recorded statistics (before a new forward)."""
+        self.means: list[torch.Tensor] = []
+        self.stds: list[torch.Tensor] = []
+        self.seen: list[nn.Module] = []  # the layer of each record
+
+    def _hook(self, m, inputs, _out):
         x = inputs[0]
         dims = [0, *range(2, x.dim())]  # all but the channel axis
         self.means.append(x.mean(dims))
         self.stds.append((x.var(dims, unbiased=False) + 1e-8).sqrt())
+        self.seen.append(m)
 
     def loss(self) -> torch.Tensor:
-        rm = [m.running_mean for m in self.layers]
-        rs = [(m.running_var + m.eps).sqrt() for m in self.layers]
+        rm = [m.running_mean for m in self.seen]
+        rs = [(m.running_var + m.eps).sqrt() for m in self.seen]
         out = bn_statistics_loss(self.means, self.stds, rm, rs)
-        self.means, self.stds = [], []
+        self.reset()
         return out
 
     def remove(self) -> None:

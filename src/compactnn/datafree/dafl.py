@@ -50,6 +50,7 @@ from compactnn.datafree.common import (
     classifier_head,
     frozen_copy,
     has_bn_stats,
+    logits_of,
 )
 from compactnn.distill.kd import kd_loss
 from compactnn.errors import CompactnnError
@@ -128,7 +129,7 @@ def _setup(teacher: nn.Module, input_shape, latent: int, width: int, seed: int, 
 def _generator_step(teacher, gen, tap, opt_g, batch, weights, bn):
     x = gen(torch.randn(batch, gen.latent))
     if tap.stats is not None:
-        tap.stats.means, tap.stats.stds = [], []
+        tap.stats.reset()
     logits = teacher(x)
     loss = dafl_generator_loss(logits, tap.value, *weights)
     if tap.stats is not None:
@@ -205,11 +206,14 @@ def train_dafl(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(steps, 1))
     buffer = None
     made = 0
+    bar = tqdm(range(steps), desc="dafl", disable=not progress, leave=False)
     with Timer() as timer:
-        for step in tqdm(range(steps), desc="dafl", disable=not progress, leave=False):
+        for step in bar:
             if not replay or step < warmup:
-                x, t, _ = _generator_step(teacher, gen, tap, opt_g, batch_size, weights, bn)
+                x, t, loss_g = _generator_step(teacher, gen, tap, opt_g, batch_size, weights, bn)
                 made += batch_size
+                if progress and (step % 10 == 0 or step == steps - 1):  # shown at once
+                    bar.set_postfix(loss=f"{float(loss_g):.3g}", refresh=step == 0)
             else:
                 x, t, buffer, fresh = _replay_batch(teacher, gen, student, buffer, batch_size)
                 made += fresh
@@ -220,7 +224,7 @@ def train_dafl(
                 buffer = _fill(teacher, gen, buffer_size)
                 made += buffer_size
             if student is not None:
-                loss = kd_loss(student(x), t, 1.0)
+                loss = kd_loss(logits_of(student(x)), t, 1.0)
                 opt_s.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_s.step()
@@ -245,7 +249,7 @@ def _replay_batch(teacher, gen, student, buffer, batch: int):
     """A batch from the buffer drawn with priority ~ teacher-student KL; 1/8 refreshed."""
     bx, bt = buffer
     with torch.no_grad():
-        log_s = F.log_softmax(student(bx), 1)
+        log_s = F.log_softmax(logits_of(student(bx)), 1)
         log_t = F.log_softmax(bt, 1)
         kl = (log_t.exp() * (log_t - log_s)).sum(1).clamp_min(1e-6)
     idx = torch.multinomial(kl / kl.sum(), min(batch, bx.shape[0]), replacement=False)

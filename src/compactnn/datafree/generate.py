@@ -66,16 +66,18 @@ def generate(
         )
     if method == "dafl":
         check_input_shape(input_shape)  # before the generator trains
+        steps = check_steps(steps, 1000)
         gen, _, cost = train_dafl(  # the paper's loss (bn=0): what the calibration measured
             model,
             None,
             input_shape=input_shape,
-            steps=check_steps(steps, 1000),
+            steps=steps,
             bn=0.0,
             seed=seed,
             progress=progress,
         )
         data = sample(gen, model, n, seed=seed)
         data.cost = {**cost, "seconds": round(cost["seconds"] + data.cost["seconds"], 3), "n": n}
+        data.settings = {"method": "dafl", "steps": steps, "seed": seed}
         return data
     raise AssertionError(method)  # unreachable: checked above

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from compactnn.core.seeding import keeps_global_rng, reseed
-from compactnn.datafree.common import FeatureTap, Timer, classifier_head, frozen_copy
+from compactnn.datafree.common import FeatureTap, Timer, classifier_head, frozen_copy, logits_of
 from compactnn.errors import CompactnnError
 
 
@@ -162,7 +162,7 @@ def pu_distill(
         for _ in tqdm(range(epochs), desc="robust KD", disable=not progress, leave=False):
             for idx in torch.randperm(x.shape[0]).split(batch_size):
                 noise = torch.rand(perturbations, w.numel()) * eps
-                loss = robust_kd_loss(student(x[idx]), t_all[idx], w, noise)
+                loss = robust_kd_loss(logits_of(student(x[idx])), t_all[idx], w, noise)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -42,7 +42,7 @@ from compactnn.core.qlayers import (
     is_quant_layer,
 )
 from compactnn.errors import CompactnnError, cut, name_list
-from compactnn.export import replace, validate
+from compactnn.export import folder_lock, replace, validate
 from compactnn.export.fs import (
     INNER_PATH_ROOM,
     check_path_length,
@@ -422,7 +422,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, force: bool = False) -> s
 
     with removed_if_failed(out):  # a failed save leaves no folder it created
         out.mkdir(parents=True, exist_ok=True)
-        digest = replace.write_artifact(out, writers, make_header)["digest"]
+        digest = replace.write_artifact(out, writers, make_header, force=force)["digest"]
     # after the commit, so a failed save keeps the old artifact whole; a crash in between
     # leaves the file to the next save, which removes it the same way
     _remove_companions(out, _companions_named(body))
@@ -453,6 +453,8 @@ def removed_if_failed(path: str | os.PathLike) -> Iterator[None]:
     top = first_missing(path)
     try:
         yield
+    except folder_lock.FolderBusyError:
+        raise  # the folder is another save's now: nothing in it is this run's
     except BaseException:
         if top is not None and os.path.isdir(top) and not os.path.islink(top):
             shutil.rmtree(top, ignore_errors=True)

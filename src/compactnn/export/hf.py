@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from compactnn.errors import ArtifactError
+from compactnn.errors import ArtifactError, CompactnnError
 
 
 def hf_header(model: nn.Module) -> dict[str, Any] | None:
@@ -79,6 +80,80 @@ def transformers_model_class(name: Any) -> type | None:
     return None
 
 
+def _code_files(auto_map: Any) -> str:
+    """The folder's code files ``auto_map`` names (``{"AutoModel": "modeling_x.XModel"}`` ->
+    ``modeling_x.py``; ``"repo--module.Class"`` names code in another repository)."""
+    refs = [
+        v for value in auto_map.values() for v in (value if isinstance(value, list) else [value])
+    ]
+    files = sorted({str(r).split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs if r})
+    return ", ".join(files[:3]) + (", ..." if len(files) > 3 else "") or "auto_map"
+
+
+def _known_type(config: dict[str, Any]) -> bool:
+    """Whether ``config``'s ``model_type`` is one the installed transformers has."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
+def remote_code_refusal(folder: Path) -> CompactnnError | None:
+    """The error for a Hugging Face folder whose model is code compactnn does not run: an
+    ``auto_map`` (the folder ships its own model code) or an ``architectures`` class that
+    ``transformers`` does not have; else None. Loading it as a stock class would compress
+    (and evaluate) another network than the one saved, so it is refused, never substituted.
+    An unreadable ``config.json`` is left to transformers' own error.
+
+    Example:
+        >>> remote_code_refusal(Path("no-such-folder")) is None
+        True
+    """
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else None
+    archs = config.get("architectures")
+    name = archs[0] if isinstance(archs, list) and archs else None
+    stock = transformers_model_class(name) if name is not None else None
+    if auto_map is None and (name is None or stock is not None or not _known_type(config)):
+        return None  # an unknown model_type: unknown_model_type's message says what to do
+    where = str(config_path)
+    auto = next((k for k in auto_map or {} if str(k).startswith("AutoModel")), "AutoModel")
+    trusted = f"{auto}.from_pretrained(folder, trust_remote_code=True), if you trust that code"
+    if auto_map is None:
+        from compactnn._optional import require
+
+        version = require("transformers", "hf").__version__
+        return CompactnnError(
+            f"{where!r} names the architecture {str(name)[:80]!r}, which transformers {version} "
+            "does not have, and compactnn never runs model code from elsewhere (compressing it "
+            "as a stock class could compress another network): use a checkpoint saved from a "
+            "transformers class (or a transformers release that has this one), or load it "
+            "yourself in Python with its own class and pass the module to "
+            "compactnn.compress(model, ...)."
+        )
+    yourself = f"load it yourself in Python ({trusted}) and pass the module to compactnn.compress"
+    files = _code_files(auto_map)
+    if stock is None:
+        return CompactnnError(
+            f"{where!r} names the architecture {str(name)[:80]!r} with an auto_map: its code is "
+            f"in the folder ({files}), and compactnn never runs code from a model folder (nor "
+            f"compresses it as another class): {yourself}(model, ...), or use a checkpoint of a "
+            "stock transformers architecture."
+        )
+    return CompactnnError(
+        f"{where!r} has an auto_map: the folder ships its own model code ({files}), which "
+        f"compactnn never runs, and it may differ from transformers' {name}: if that code is "
+        f"transformers' own {name} (a model since added to transformers), delete auto_map from "
+        f"config.json; otherwise {yourself}(model, ...)."
+    )
+
+
 # Weights a skeleton may have per byte of its artifact's files: 64 x 8 (1/64 bit per weight, far
 # below any format compactnn writes, 90%-sparse 1-bit layers included). A header edited to ask
 # for a huge model (e.g. vocab_size=1e9: a 256 GB skeleton) is refused before it is allocated.
@@ -130,6 +205,16 @@ def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
         raise ArtifactError(
             f"artifact {str(root)!r} has no valid {cls.config_class.model_type!r} config for "
             f"{name!r}: pass the float model as load(path, model=...)."
+        )
+    archs = config.get("architectures")
+    saved = archs[0] if isinstance(archs, list) and archs else None
+    if config.get("auto_map") and saved is not None and transformers_model_class(saved) is None:
+        raise ArtifactError(  # made before compactnn refused such folders (session 34)
+            f"artifact {str(root)!r} was made from a folder whose model is {str(saved)[:80]!r}, "
+            f"code in that folder (auto_map) that compactnn never ran, compressed as "
+            f"transformers' {name}, another network: compress it again from the model loaded "
+            "with its own code (in Python, trusting that code), or pass load(path, model=...) "
+            f"a {name} if you accept it as one."
         )
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "trust_remote_code")}
     _check_skeleton_size(root, cls, cls.config_class.from_dict(settings))

@@ -19,6 +19,13 @@ renaming a new header over the old one is the single commit point. A save:
 A save killed at any point leaves the old artifact or the new one; its leftovers are removed
 by the next save into the same directory. Files of other names in the directory are never
 touched.
+
+Saves into one directory run one at a time: all five steps hold the directory's lock
+(:mod:`compactnn.export.folder_lock`), so a second save never deletes the first one's staged
+files as strays, and the artifact left is exactly one save's. A save that may replace an
+artifact waits for the lock and then replaces what the first one wrote (the last writer
+wins); one that may not (``force=False``) fails at once while the lock is held, and after it
+if an artifact appeared in the meantime.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from compactnn.errors import ArtifactError
+from compactnn.errors import ArtifactError, cut
+from compactnn.export import folder_lock
 from compactnn.export.fs import atomic_write_text, fsync_dir, read_regular, sha256_file, write_new
 from compactnn.export.validate import FILE_ROLES, HEADER, MAX_HEADER_BYTES, parse_header
 
@@ -54,7 +62,7 @@ def _step(name: str) -> None:
 
 def is_stray(name: str) -> bool:
     """Whether ``name`` is a leftover of a killed save (removed by the next save)."""
-    return bool(_STRAY.match(name))
+    return bool(_STRAY.match(name)) or name == folder_lock.LOCK_NAME
 
 
 def listed_files(root: Path) -> set[str]:
@@ -86,13 +94,34 @@ def _dumps(header: dict[str, Any]) -> str:
 
 
 def write_artifact(
-    root: Path, writers: dict[str, Callable[[str], None]], make_header: Callable[[dict], dict]
+    root: Path,
+    writers: dict[str, Callable[[str], None]],
+    make_header: Callable[[dict], dict],
+    *,
+    force: bool | None = None,
 ) -> dict[str, Any]:
     """Write the files of ``writers`` (role -> write(path)) and commit a header listing them.
 
     ``make_header(files)`` builds the full header (digest included) from the file list
     ``{role: {"name", "bytes", "sha256"}}``. Returns the header that is live at the end.
+    With ``force`` false the directory must hold no artifact: another save running into it,
+    or one that committed since the caller checked, is a
+    :class:`~compactnn.export.folder_lock.FolderBusyError` (nothing is written); otherwise
+    (true, or None) a running save is waited for, then replaced.
     """
+    with folder_lock.locked(root, wait=force is not False):
+        if force is False and os.path.lexists(root / HEADER):
+            raise folder_lock.FolderBusyError(
+                f"the folder {cut(str(root))!r} received an artifact from another compactnn "
+                "process while this one ran: rerun with --force (force=True in Python) to "
+                "replace it, or pick another output folder."
+            )
+        return _write_locked(root, writers, make_header)
+
+
+def _write_locked(
+    root: Path, writers: dict[str, Callable[[str], None]], make_header: Callable[[dict], dict]
+) -> dict[str, Any]:
     _remove(root, listed_files(root), usual_names=False)
     _step("cleaned")
     token = secrets.token_hex(8)

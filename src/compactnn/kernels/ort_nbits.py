@@ -19,16 +19,14 @@ and dequantizes ``(q - z) * s`` in float32, the simulation's formula, so no floa
 either (MiniLM's word embeddings: 7.5 MB instead of 47 MB float32 or 23 MB bfloat16;
 :mod:`compactnn.kernels.nbits_tables`).
 
-The whole graph (attention, LayerNorm, GELU) runs in ONNX Runtime, which also removes the
-per-op overhead of eager PyTorch at batch 1. :func:`to_ort_nbits` writes the model as an
-``.onnx`` file with its initializers in an aligned external-data file and opens the
-session from that path: no Python copy of the model bytes stays alive, ONNX Runtime maps the
-initializers from the file (only the pages a run touches are resident), and the MatMulNBits
-weights, once prepacked, release their originals. Needs the ``onnx`` extra.
+The whole graph runs in ONNX Runtime (no per-op overhead of eager PyTorch at batch 1), from
+an ``.onnx`` file with its initializers in an aligned external-data file: ONNX Runtime maps
+them (only the pages a run touches are resident; prepacked MatMulNBits weights release their
+originals), no Python copy stays alive. Needs the ``onnx`` extra.
 
 Example:
     >>> fast = to_ort_nbits(qmodel, example)        # doctest: +SKIP
-    >>> hidden = fast(**example)[0]                 # doctest: +SKIP
+    >>> logits = fast(**example).logits             # a causal LM; [0] too  # doctest: +SKIP
     >>> fast.nbytes          # bytes of the ONNX file + its data   # doctest: +SKIP
 """
 
@@ -83,6 +81,7 @@ from compactnn.kernels.ort_inputs import (
     graph_feed,
     refuse_existing,
 )
+from compactnn.kernels.ort_output import output_form, wrap_output
 
 NBITS = (4, 8)  # ONNX Runtime's MatMulNBits bit widths used here (codes below 4 bits fit 4)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -342,17 +341,16 @@ def save_nbits(proto: Any, path: str | os.PathLike, min_bytes: int = 1024) -> in
 
 class OrtNBitsModel(nn.Module):
     """A model exported by :func:`nbits_onnx`, run by ONNX Runtime behind the model's keyword
-    call; returns ``(last_hidden_state,)`` as float32.
+    call; returns its float32 main output (a causal LM's logits, an encoder's last hidden
+    state) as ``(tensor,)``, or in the class ``output_form`` names (:mod:`.ort_output`).
 
     Args:
-        source: the path of an ``.onnx`` file (its external data beside it: the initializers
-            are mapped, not copied; see :func:`save_nbits`) or the serialized bytes (ONNX
-            Runtime then keeps its own copy of every initializer: more resident memory).
-        names: the input names (kept as ``names``); a call feeds the graph's own inputs,
-            refusing a missing or unknown one (:mod:`~compactnn.kernels.ort_inputs`).
+        source: an ``.onnx`` path (its external data beside it, mapped: :func:`save_nbits`)
+            or the serialized bytes (ONNX Runtime then copies every initializer).
+        names: the input names (kept); a call feeds the graph's own inputs, refusing a
+            missing or unknown one (:mod:`~compactnn.kernels.ort_inputs`).
         threads: intra-op threads (default: ``torch.get_num_threads()``).
-        arena: ONNX Runtime's CPU memory arena (default off: it keeps the peak of every shape
-            run so far; off, activations are freed after each run).
+        arena: ONNX Runtime's CPU memory arena (default off: on, it keeps every shape's peak).
     """
 
     def __init__(
@@ -392,6 +390,7 @@ class OrtNBitsModel(nn.Module):
         # level 4 against the simulated model (drift's numbers, "drifted": why or None)
         self.accuracy_level: int | None = None
         self.accuracy_check: dict[str, Any] | None = None
+        self.output_form: tuple[type, str] | None = None  # set by to_ort_nbits
 
     def remove_on_delete(self, folder: str | os.PathLike) -> None:
         """Delete ``folder`` (the model's own temporary files) when this model is collected."""
@@ -404,9 +403,9 @@ class OrtNBitsModel(nn.Module):
             "generate on compactnn.to_kernels(qmodel) or compactnn.load(artifact, kernels=True)"
         )
 
-    def forward(self, **kwargs: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(self, **kwargs: torch.Tensor) -> Any:
         feed = graph_feed(kwargs, self.inputs)
-        return (torch.from_numpy(self.session.run(None, feed)[0]),)
+        return wrap_output(torch.from_numpy(self.session.run(None, feed)[0]), self.output_form)
 
 
 def to_ort_nbits(
@@ -433,17 +432,17 @@ def to_ort_nbits(
         bf16_tables: float token embeddings stored in bfloat16 (see :func:`nbits_onnx`).
         quantized_tables: quantized token embeddings as GatherBlockQuantized (default).
         threads: intra-op threads (default: ``torch.get_num_threads()``).
-        path: write the model here (``path`` and its external data ``path.data``: keep them
-            together; ONNX Runtime's CPU provider runs them: 1.32 tested) and run it from there;
-            default: a private temporary folder, deleted with the returned model.
+        path: write the model here (with its external data ``path.data``: keep them together)
+            and run it from there; default: a temporary folder deleted with the model.
         force: replace an existing file at ``path`` (or its ``path.data``); refused otherwise.
 
     Returns:
-        An :class:`OrtNBitsModel` whose session maps its initializers from the file.
+        An :class:`OrtNBitsModel` (its session maps the file); a call returns the model's
+        own output class: ``out.logits`` (causal LM) or ``out.last_hidden_state`` (encoder),
+        ``out[0]`` either way; ``(tensor,)`` for other models. No ``generate()``.
 
     Raises:
-        CompactnnError: when no layer becomes MatMulNBits (a float or W8A8 model); a warning
-            names the quantized layers that stay float when only some do.
+        CompactnnError: no layer becomes MatMulNBits (a float or W8A8 model).
     """
     level = 4 if accuracy_level is None else accuracy_level
     if path is not None:
@@ -496,4 +495,5 @@ def to_ort_nbits(
         raise
     if own:
         out.remove_on_delete(Path(target).parent)
+    out.output_form = output_form(model, example)
     return out

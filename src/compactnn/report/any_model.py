@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import compactnn
+from compactnn.core.calib import call_model, main_output
 from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
 from compactnn.export.artifact import artifact_exists, removed_if_failed
 from compactnn.export.fs import writable_folder
@@ -51,7 +52,7 @@ from compactnn.measure.float_paths import fastest_float_path
 from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.timing import omp_wait_policy
 from compactnn.model_io import is_hf_model
-from compactnn.report.any_model_table import SIMULATED, _blocks, resident_note
+from compactnn.report.any_model_table import SIMULATED, _blocks, folder_labels, resident_note
 from compactnn.report.delivery import (
     DENSE_NO_SPEEDUP,
     deliver,
@@ -80,9 +81,15 @@ from compactnn.report.scoring import (
     split_data,
     split_used,
 )
-from compactnn.report.sources import check_artifacts
+from compactnn.report.sources import (
+    calibration_note,
+    calibration_text,
+    check_artifacts,
+    check_float_model,
+    given_as,
+)
 from compactnn.report.writer import write_files
-from compactnn.training.data import as_eval_data
+from compactnn.training.data import as_eval_data, check_labels
 
 FLOAT = "float"
 FP32 = "fp32 eager"
@@ -164,6 +171,16 @@ def _try_deploy(qmodel: nn.Module, example: Any, notes: list[str]) -> Any:
     return None if runtime == SIMULATED else (deployed, runtime)
 
 
+def check_top1_labels(model: nn.Module, x: Any, y: Any, where: str) -> None:
+    """Every label a class index of ``model``'s logits (its output on two samples), checked
+    on the whole data before any row is scored, naming the data as ``where``."""
+    with torch.no_grad():
+        out = call_model(model, first_rows(x, 2))
+    logits = out if isinstance(out, torch.Tensor) else main_output(out)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and isinstance(y, torch.Tensor):
+        check_labels(y, int(logits.shape[1]), where=where)
+
+
 def _row(label: str, runs_as: str, metric: str, quality: float, size: int) -> dict[str, Any]:
     return {"label": label, "runs_as": runs_as, "metric": metric, "quality": quality,
             "size_bytes": size, "notes": []}  # fmt: skip
@@ -179,11 +196,13 @@ def _measure(
     y: torch.Tensor | None,
     bar,
     quick: bool,
+    headers: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (float, then per artifact simulated and, when deliverable, delivered) and the
     callables to time, keyed like the rows' labels; ``score(model)`` is each row's quality
     (metric ``name``; ``y``: the labels, if any); a plain float artifact races the float
-    paths the float row does (``quick``: without ``torch.compile``)."""
+    paths the float row does (``quick``: without ``torch.compile``); a recipe given more
+    than once is told apart by each artifact's folder (``headers``: theirs, in order)."""
     rows = [_row(FLOAT, FP32, name, score(float_model), 0)]
     rows[0] |= {"size_bytes": float_artifact_bytes(float_model), "recipe": FLOAT}
     rows[0] |= {"theoretical_bytes": theoretical_bytes(float_model), "layers": {}}
@@ -192,14 +211,16 @@ def _measure(
         warnings.warn(doubt, stacklevel=user_stacklevel())
         rows[0]["notes"].append(doubt)
     runners: dict[str, Any] = {FLOAT: float_model}
-    for path in artifacts:
+    folders, names = folder_labels(artifacts), []
+    for path, folder, header in zip(artifacts, folders, headers, strict=True):
         bar.set_postfix_str(path.name)
         qmodel = compactnn.load(path, model=model).eval()
         info = compactnn.info_of(qmodel)
         recipe = info["recipe"].name if info.get("recipe") is not None else path.name
         untrained = untrained_label(info)  # a training recipe compressed without training
         named = recipe + untrained
-        label = named if named not in runners else f"{named} ({path.name})"
+        label = named if named not in runners else f"{named} ({folder})"
+        names.append(named)
         row = _row(label, SIMULATED, name, score(qmodel), artifact_bytes(path))
         if untrained:
             row["notes"].append(
@@ -209,6 +230,7 @@ def _measure(
         row |= {"recipe": recipe, "artifact": str(path), "layers": layer_formats(qmodel)}
         row |= {"theoretical_bytes": theoretical_bytes(qmodel)}
         row["float_layers"] = dict(info.get("float_layers", {}))
+        row["calibration"] = calibration_text(header)
         rows.append(row)
         runners[label] = qmodel
         if is_plain_float(qmodel) or is_probe_pruned(qmodel):  # delivered as itself
@@ -236,7 +258,18 @@ def _measure(
             rows.append(drow)
             runners[dlabel] = deployed
         bar.update(1)
+    for named in {n for n in names if names.count(n) > 1}:  # the first of them: its folder too
+        _relabel(rows, runners, named, f"{named} ({folders[names.index(named)]})")
     return rows, runners
+
+
+def _relabel(rows: list[dict[str, Any]], runners: dict[str, Any], old: str, new: str) -> None:
+    """Rename the rows labelled ``old`` (and its delivered ``old int8`` / ``old kernels``)."""
+    for row in rows:
+        label = row["label"]
+        if label == old or label in (f"{old} int8", f"{old} kernels"):
+            row["label"] = new + label[len(old) :]
+            runners[row["label"]] = runners.pop(label)
 
 
 def _time(
@@ -324,6 +357,7 @@ def build_report(
     force: bool = False,
     memory: bool = False,
     source: dict[str, Any] | None = None,
+    data_name: str = "data",
 ) -> dict[str, Any]:
     """Measure artifacts of one float model on the user's data and write the report.
 
@@ -354,6 +388,7 @@ def build_report(
             :func:`compactnn.model_io.resolve_model` takes it): how a fresh process rebuilds a
             float model whose classes are not ``torch.nn`` / ``compactnn`` ones or an
             allow-listed Hugging Face architecture (without it, such rows get a note).
+        data_name: how messages name ``data`` (``compactnn report``: ``--data FILE``).
 
     Returns:
         The results written to ``results.json``: ``rows`` (float, then per artifact the
@@ -377,9 +412,12 @@ def build_report(
     out = check_report_folder(out, force)
     x, y = split_data(data)
     metric = resolve_metric(metric, model, labelled=y is not None)
-    check_artifacts(artifacts)
+    headers = check_artifacts(artifacts)
+    check_float_model(artifacts, headers, model, given_as(source))  # its digest: same weights
     float_model = copy.deepcopy(model).eval()
     batches = check_runs(float_model, x) if y is None else []
+    if y is not None and metric == "top1":  # labels past the model's classes: said up front
+        check_top1_labels(float_model, x, y, data_name)
     score = scorer(metric, float_model, x, y, batches)
     tokens = perplexity(float_model, batches)[1] if metric == "perplexity" else None
     example = first_rows(x, LATENCY_BATCH)
@@ -391,7 +429,7 @@ def build_report(
         with tqdm(total=len(artifacts) + 1, desc="report", disable=not progress) as bar:
             rows, runners = _measure(
                 model, float_model, [Path(a) for a in artifacts], example, score,
-                metric_name(metric), y, bar, quick,
+                metric_name(metric), y, bar, quick, headers,
             )  # fmt: skip
             if note := split_used(data):  # x_test/y_test of a file or data set: say so
                 rows[0]["notes"].append(note)
@@ -406,6 +444,9 @@ def build_report(
                 memory_s = round(time.perf_counter() - t_memory, 1)
     finally:
         torch.set_num_threads(previous)
+    own = [r for r in rows[1:] if not r.get("shares_size")]  # one per artifact, in order
+    if calibrated := calibration_note([(r["label"], h) for r, h in zip(own, headers, strict=True)]):
+        warnings.warn(calibrated, stacklevel=user_stacklevel())
     better = higher_is_better(rows[0]["metric"])
     for row in rows:
         row["model"], row["higher_is_better"] = name, better
@@ -424,6 +465,7 @@ def build_report(
         "pareto_front": {p: front_labels(rows, p) for p in ("size", "latency")},
         "latency_suspect": [r["label"] for r in rows if r["latency"].get("suspect")],
         "resident_note": resident_note(rows),
+        "calibration_note": calibrated,
         "rows": rows,
     }
     png = pareto_png(results, panels=("size", "latency"))

@@ -3,6 +3,9 @@ per measured model, and how each column was measured."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from compactnn.report.document import Block
@@ -26,6 +29,24 @@ RESIDENT = "resident memory (delivered form, fresh process)"
 RUNTIME_DOMINATES = 10
 HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
           "speedup vs fastest float", RESIDENT]  # fmt: skip
+
+
+def folder_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Each artifact's folder, with as many parent folders as tell it from the others.
+
+    Example:
+        >>> folder_labels(["api_art/w8a8", "api_net2/w8a8", "out/w4a8"])
+        ['api_art/w8a8', 'api_net2/w8a8', 'w4a8']
+    """
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    labels = []
+    for mine in parts:
+        for k in range(1, len(mine) + 1):
+            tail = mine[-k:]
+            if sum(1 for other in parts if other[-k:] == tail) == 1 or k == len(mine):
+                labels.append("/".join(tail))
+                break
+    return labels
 
 
 def header(results: dict[str, Any]) -> list[str]:
@@ -161,6 +182,7 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         ("h2", "Results"),
         ("table", (header(results), table_rows(results))),
         *([("p", results["resident_note"])] if results["resident_note"] else []),
+        *([("p", results["calibration_note"])] if results.get("calibration_note") else []),
         ("img", ("quality vs size and latency", png, "pareto.png")),
         ("h2", "How this was measured"),
         ("list", how),

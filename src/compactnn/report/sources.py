@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from compactnn.errors import CompactnnError, first_line
+from compactnn.core.provenance import CALIB_KEY, FLOAT_KEY
+from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
 from compactnn.export.artifact import HEADER, artifact_exists, read_header
 
 CHANGED_WEIGHTS = "is not the file this artifact was made from"
@@ -126,7 +127,121 @@ def check_artifacts(artifacts: Sequence[str | os.PathLike]) -> list[dict[str, An
             "a report compares compressions of one model: pass the artifacts of one model "
             "only, or report them apart."
         )
+    digests: dict[str, str] = {}  # float-model digest -> first artifact recording it
+    for p, h in zip(paths, headers, strict=True):
+        if (d := float_digest(h)) is not None:
+            digests.setdefault(d, p)
+    if len(digests) > 1:
+        (d1, p1), (d2, p2) = list(digests.items())[:2]
+        raise CompactnnError(
+            f"the artifacts come from different float models ({p1!r}: float-model SHA-256 "
+            f"{d1[:16]}...; {p2!r}: {d2[:16]}...); a report compares compressions of one "
+            "model: pass the artifacts of one model only, or report them apart."
+        )
     return headers
+
+
+def float_digest(header: dict[str, Any]) -> str | None:
+    """The SHA-256 of the float model's state dict that compress recorded
+    (``extra.float_model.sha256``), or None (an artifact made before it was recorded)."""
+    record = header.get("extra", {}).get(FLOAT_KEY)
+    digest = record.get("sha256") if isinstance(record, dict) else None
+    return digest if isinstance(digest, str) and digest else None
+
+
+def _file_digest(header: dict[str, Any]) -> bool:
+    key = source_key(header)
+    return key is not None and bool(key[1])
+
+
+def given_as(source: dict[str, Any] | None) -> str:
+    """How the user named the float model, for messages: ``--model M --weights w.safetensors``
+    from the command line's record, else ``the model given``."""
+    if not source or not source.get("model"):
+        return "the model given"
+    text = f"--model {str(source['model'])[:120]}"
+    if source.get("weights"):
+        text += f" --weights {Path(str(source['weights'])).name[:120]}"
+    return text
+
+
+def check_float_model(
+    artifacts: Sequence[str | os.PathLike],
+    headers: Sequence[dict[str, Any]],
+    model: Any,
+    given: str = "the model given",
+) -> None:
+    """Refuse an artifact whose recorded float-model digest is not ``model``'s (its numbers
+    against this float model would mean nothing), naming both; warn once, naming them, when
+    artifacts record no digest (older ones), since the check could not be made.
+
+    Raises:
+        CompactnnError: ``artifact 'b/w8a8' was made from another float model (SHA-256 ...)
+            than the model given (SHA-256 ...): ...``
+    """
+    from compactnn.core.provenance import state_sha256
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the model compressed
+    pairs = list(zip(artifacts, headers, strict=True))
+    recorded = [(str(p), float_digest(h)) for p, h in pairs]
+    if any(d is not None for _, d in recorded) and (mine := state_sha256(model)) is not None:
+        for path, digest in recorded:
+            if digest is not None and digest != mine:
+                raise CompactnnError(
+                    f"artifact {path!r} was made from another float model (state SHA-256 "
+                    f"{digest[:16]}...) than {given} (SHA-256 {mine[:16]}...): compared with "
+                    "it, its numbers would mean nothing; pass the float model (weights) it was "
+                    "made from, or report it apart."
+                )
+    # a weights file's SHA-256 (command line, streamed) is checked where the file is given
+    missing = [str(p) for p, h in pairs if float_digest(h) is None and not _file_digest(h)]
+    if missing:
+        warnings.warn(
+            f"{name_list([repr(p) for p in missing], 4)} "
+            f"record{'s' if len(missing) == 1 else ''} no float-model digest (made before "
+            f"compactnn recorded one): could not check that "
+            f"{'it was' if len(missing) == 1 else 'they were'} made from {given}.",
+            stacklevel=user_stacklevel(),
+        )
+
+
+def calibration_text(header: dict[str, Any]) -> str:
+    """What an artifact records of its calibration data, in a few words.
+
+    Example:
+        >>> calibration_text({"extra": {"calibration": {"samples": 3, "batches": 1,
+        ...     "inputs_sha256": "f5d96335c84b7e96", "torch_threads": 2}}})
+        '3 samples in 1 batch (inputs SHA-256 f5d96335...), 2 torch threads'
+    """
+    extra = header.get("extra", {})
+    free, record = extra.get("calibration_data"), extra.get(CALIB_KEY)
+    if isinstance(free, dict) and free.get("data") == "data-free":
+        return f"{free.get('images')} generated images (data-free, {free.get('method')})"
+    if not isinstance(record, dict):
+        return "not recorded"
+    n = record.get("batches")
+    return (
+        f"{record.get('samples')} samples in {n} batch{'' if n == 1 else 'es'} (inputs "
+        f"SHA-256 {str(record.get('inputs_sha256'))[:8]}...), {record.get('torch_threads')} "
+        "torch threads"
+    )
+
+
+def calibration_note(labelled: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
+    """A note when the rows (``(label, header)``) were calibrated on different data (other
+    samples, or data one does not record), listing each; None when they agree."""
+
+    def data_of(header: dict[str, Any]) -> str:  # the data, threads aside
+        record = header.get("extra", {}).get(CALIB_KEY)
+        if isinstance(record, dict) and "calibration_data" not in header.get("extra", {}):
+            return f"{record.get('samples')} {record.get('inputs_sha256')}"
+        return calibration_text(header)
+
+    if len({data_of(h) for _, h in labelled}) < 2:
+        return None
+    texts = [(label, calibration_text(h)) for label, h in labelled]
+    listing = "; ".join(f"{label}: {text}" for label, text in texts)
+    return f"Rows calibrated on different data: {listing}."
 
 
 def check_skeleton(path: str, header: dict[str, Any], model: Any, option: str) -> None:
@@ -142,6 +257,8 @@ def check_skeleton(path: str, header: dict[str, Any], model: Any, option: str) -
 
     given = model_class_name(model)
     if class_fits(str(header.get("model_class")), model):
+        if option.startswith("--model") and float_digest(header) is not None:
+            check_float_model([path], [header], model, option)  # same class, other weights
         return
     source = source_of(header)
     made, fix = "", "the float model it was made from"

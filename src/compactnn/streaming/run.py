@@ -350,7 +350,7 @@ def compress_streamed(
         raise CompactnnError("the recipe left blocks unquantized; streamed compression stops.")
     # the record the whole-model command line run adds after compress (same key order)
     qmodel._compactnn.setdefault("extra", {})["source"] = shards.source()
-    digest = save_streamed(qmodel, out_path, prefix, blocks, staging)
+    digest = save_streamed(qmodel, out_path, prefix, blocks, staging, force=force)
     staging.remove()
     peak = memory.peak_rss()
     mib = memory.MIB
@@ -373,7 +373,12 @@ def _ordered(d: dict[str, Any], order: list[str]) -> dict[str, Any]:
 
 
 def save_streamed(
-    model: nn.Module, out: Path, prefix: str, blocks: nn.ModuleList, staging: Staging
+    model: nn.Module,
+    out: Path,
+    prefix: str,
+    blocks: nn.ModuleList,
+    staging: Staging,
+    force: bool | None = None,
 ) -> str:
     """Write the artifact of a streamed model: the blocks from ``staging``, the rest from
     ``model``; the same files ``save`` writes for the whole model. Returns the digest."""
@@ -426,4 +431,4 @@ def save_streamed(
 
     with removed_if_failed(out):  # a failed save leaves no folder it created
         out.mkdir(parents=True, exist_ok=True)
-        return replace.write_artifact(out, writers, make_header)["digest"]
+        return replace.write_artifact(out, writers, make_header, force=force)["digest"]

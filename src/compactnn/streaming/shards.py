@@ -139,8 +139,10 @@ def build_skeleton(root: str | os.PathLike) -> nn.Module:
     ``architectures`` entry, else ``AutoModel``); no remote code runs.
     """
     transformers = require("transformers", "hf")
-    from compactnn.export.hf import transformers_model_class
+    from compactnn.export.hf import remote_code_refusal, transformers_model_class
 
+    if refusal := remote_code_refusal(Path(root)):  # code in the folder: never substituted
+        raise refusal
     try:
         config = transformers.AutoConfig.from_pretrained(str(root), trust_remote_code=False)
     except Exception as exc:

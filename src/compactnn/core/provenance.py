@@ -1,0 +1,136 @@
+"""What an artifact records of what made it: a digest of the float model compress was given
+(``extra["float_model"]``) and a summary of its calibration data (``extra["calibration"]``).
+
+A report compares compressions of one float model on equal terms: the float-model digest
+lets it refuse an artifact made from other weights (from Python as from the command line,
+where the weights file's SHA-256 is recorded too), and the calibration summary lets it say
+when rows were calibrated on different data. Both are new optional keys: older artifacts
+load as before and simply lack them.
+
+Example:
+    >>> m = torch.nn.Linear(2, 2)
+    >>> float_record(m)["sha256"] == state_sha256(m)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from compactnn.core.calib import batch_size_of
+from compactnn.core.digest import tensors_sha256
+from compactnn.core.qlayers import ActQuantizer
+
+FLOAT_KEY = "float_model"  # extra: {"sha256", "tensors"} of the float model's state dict
+CALIB_KEY = "calibration"  # extra: {"samples", "batches", "inputs_sha256", "torch_threads"}
+# activation ranges (and statistics) from fewer inputs than one default batch miss the
+# outliers later inputs hit; methods with needs of their own warn with their own number
+MIN_CALIB_SAMPLES = 32
+
+
+def state_sha256(model: nn.Module) -> str | None:
+    """SHA-256 over the model's state dict: each name (sorted), then its tensor's shape,
+    dtype and bytes; one pass over the weights. None when a tensor has no data (``meta``,
+    e.g. a streamed skeleton) or cannot be read as bytes.
+
+    Example:
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> b.load_state_dict(a.state_dict())
+        <All keys matched successfully>
+        >>> state_sha256(a) == state_sha256(b)
+        True
+    """
+    state = model.state_dict()
+    if any(isinstance(v, torch.Tensor) and v.is_meta for v in state.values()):
+        return None
+    try:
+        return tensors_sha256(sorted(state.items(), key=lambda kv: kv[0]))
+    except (RuntimeError, TypeError, ValueError):  # a tensor subclass with no plain bytes
+        return None
+
+
+def float_record(model: nn.Module) -> dict[str, Any] | None:
+    """``extra["float_model"]``: the digest of ``model``'s state dict and its tensor count."""
+    digest = state_sha256(model)
+    return None if digest is None else {"sha256": digest, "tensors": len(model.state_dict())}
+
+
+def _tensors(batch: Any, prefix: str) -> Iterable[tuple[str, Any]]:
+    if isinstance(batch, torch.Tensor):
+        yield prefix, batch
+    elif isinstance(batch, dict):
+        for key in sorted(batch, key=str):
+            yield from _tensors(batch[key], f"{prefix}.{key}")
+    elif isinstance(batch, (tuple, list)):
+        for i, item in enumerate(batch):
+            yield from _tensors(item, f"{prefix}.{i}")
+    else:
+        yield prefix, type(batch).__name__
+
+
+def calibration_summary(batches: list[Any]) -> dict[str, Any]:
+    """``extra["calibration"]``: samples, batches, a SHA-256 of the inputs, torch threads.
+
+    Example:
+        >>> s = calibration_summary(list(torch.zeros(3, 2).split(2)))
+        >>> s["samples"], s["batches"], len(s["inputs_sha256"])
+        (3, 2, 64)
+    """
+    # by position, not by key: a tensor of ids and {"input_ids": ids} are the same inputs
+    values = (v for i, b in enumerate(batches) for _, v in _tensors(b, str(i)))
+    items = ((str(j), v) for j, v in enumerate(values))
+    return {
+        "samples": sum(batch_size_of(b) for b in batches),
+        "batches": len(batches),
+        "inputs_sha256": tensors_sha256(items),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+DATA_KEY = "calibration_data"  # extra: how generated calibration inputs were made
+
+
+def generated_record(calib_data: Any) -> dict[str, Any] | None:
+    """``extra["calibration_data"]`` of data that says how it was made (the data-free
+    ``GeneratedData.artifact_record``); None otherwise. Found by name: core imports nothing
+    above it."""
+    record = getattr(calib_data, "artifact_record", None)
+    return record() if callable(record) else None
+
+
+def record_provenance(
+    model: nn.Module, extra: dict[str, Any], batches: list[Any], calib_data: Any = None
+) -> None:
+    """Record in ``extra`` the float model ``model`` is (kept from an earlier compress: an
+    already compressed model is not the float model) and the calibration data, if any."""
+    if batches:
+        extra[CALIB_KEY] = calibration_summary(batches)
+        if (made := generated_record(calib_data)) is not None:
+            extra[DATA_KEY] = made
+        else:  # a later compress on other data
+            extra.pop(DATA_KEY, None)
+    if FLOAT_KEY in extra or getattr(model, "_compactnn", None):  # a second compress
+        return
+    if (record := float_record(model)) is not None:
+        extra[FLOAT_KEY] = record
+
+
+def warn_few_samples(qmodel: nn.Module, ctx: Any) -> None:
+    """Warn once when activation ranges were observed on fewer than ``MIN_CALIB_SAMPLES``
+    inputs (a method that warned of its own needs already said so)."""
+    n = ctx.num_samples
+    if not ctx.batches or n >= MIN_CALIB_SAMPLES:
+        return
+    if any("calibration sample" in note for note in ctx.notes):
+        return
+    if not any(isinstance(m, ActQuantizer) for m in qmodel.modules()):
+        return
+    given = f"{n} calibration sample{'' if n == 1 else 's'} {'was' if n == 1 else 'were'}"
+    ctx.warn(
+        f"only {given} given: activation ranges observed on so few inputs miss the values "
+        f"other inputs reach; pass {MIN_CALIB_SAMPLES} or more (a few hundred is typical)."
+    )
