@@ -1,3 +1,5 @@
+import copy
+
 import torch
 from torch import nn
 
@@ -40,3 +42,29 @@ def test_conv_with_two_consumers_is_not_folded():
             return self.bn(y) + y
 
     assert find_conv_bn_pairs(Net().eval()) == []
+
+
+class _Twice(nn.Module):
+    """A forward that runs its conv -> BN block twice (features for two heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1)), self.features(x)
+
+
+def test_a_block_called_twice_is_folded_once_and_computes_the_same():
+    torch.manual_seed(0)
+    model = _Twice().eval()
+    model.features[1].running_mean.uniform_(-1, 1)
+    model.features[1].running_var.uniform_(0.5, 2)
+    assert find_conv_bn_pairs(model) == [("features.0", "features.1")]
+    x = torch.randn(2, 1, 8, 8)
+    want = model(x)
+    folded = copy.deepcopy(model)
+    assert fold_batchnorm(folded) == ["features.1"]
+    for a, b in zip(folded(x), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -40,11 +40,11 @@ def runs():
         return {"a": (a, a(x)), "b": (b, b(x))}, x
 
 
-def fork_save(model, path, errfile, *, hook=None, force=False, refuse=False, ready_fd=None):
+def fork_save(model, path, errfile, *, hook=None, force=False, ready_fd=None):
     """Fork a child that saves ``model`` to ``path``; exit 0 saved, 2 CompactnnError, 1 else.
 
-    ``refuse``: pass ``force=False`` on to the writer, as ``save(force=False)`` does once it
-    passes its ``force`` on; ``ready_fd``: write a byte there as the writer starts.
+    ``save`` passes its ``force`` on to the writer (False: refused while another save runs);
+    ``ready_fd``: write a byte there as the writer starts.
     """
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
@@ -57,8 +57,7 @@ def fork_save(model, path, errfile, *, hook=None, force=False, refuse=False, rea
             def writer(*args, **kwargs):
                 if ready_fd is not None:
                     os.write(ready_fd, b"b")
-                assert kwargs.get("force") is (not refuse)  # save passes its own force on
-                return write(*args, **kwargs)
+                return write(*args, **kwargs)  # save passes its own force= on
 
             replace.write_artifact = writer
             compactnn.save(model, path, force=force)
@@ -104,11 +103,10 @@ def test_two_processes_saving_at_once_leave_exactly_one_runs_artifact(runs, tmp_
             time.sleep(0.3)  # b is in its writer now: it must not touch a's staged files
 
     pid_a = fork_save(models["a"][0], out, tmp_path / "a.err", hook=pause_after_staging)
-    assert os.read(a_staged, 1) == b"a"
+    ready = select.select([a_staged], [], [], 20)[0]  # never block on a child that died
+    assert ready and os.read(a_staged, 1) == b"a", (tmp_path / "a.err").read_text()
     b = models["b"][0]
-    pid_b = fork_save(
-        b, out, tmp_path / "b.err", force=not refuse, refuse=refuse, ready_fd=b_writes_w
-    )
+    pid_b = fork_save(b, out, tmp_path / "b.err", force=not refuse, ready_fd=b_writes_w)
     status = {"a": wait_child(pid_a), "b": wait_child(pid_b)}
     codes = {k: os.waitstatus_to_exitcode(s) for k, s in status.items()}
     errors = {k: (tmp_path / f"{k}.err").read_text() for k in codes if codes[k]}

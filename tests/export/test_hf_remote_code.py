@@ -119,3 +119,17 @@ def test_artifact_header_of_a_remote_code_model_compressed_as_stock_is_refused(t
     assert "compressed as transformers' LlamaForCausalLM, another network" in message
     config["architectures"] = ["LlamaForCausalLM"]  # a stock model saved with an auto_map
     assert type(skeleton_from_header(tmp_path, header)).__name__ == "LlamaForCausalLM"
+
+
+def test_an_auto_map_for_the_tokenizer_only_is_no_model_code(tmp_path):
+    """A stock model whose folder ships a custom tokenizer: compactnn loads no tokenizer to
+    compress, so nothing is substituted and nothing is refused."""
+    tokenizer_only = {"AutoTokenizer": ["tokenization_my.MyTokenizer", None]}
+    folder = _llama(tmp_path, auto_map=tokenizer_only)
+    assert remote_code_refusal(folder) is None
+    assert type(build_skeleton(folder)).__name__ == "LlamaForCausalLM"
+    both = {**tokenizer_only, "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (folder / "config.json").write_text(
+        json.dumps({**json.loads((folder / "config.json").read_text()), "auto_map": both})
+    )
+    assert "modeling_evil.py" in _message(remote_code_refusal(folder))

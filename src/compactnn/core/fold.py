@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import fx, nn
 
@@ -30,7 +32,7 @@ def fold_bn_into_conv(conv: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.Module) ->
 
 
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv_name, bn_name)`` pairs where the BN is the conv's only consumer.
+    """``(conv_name, bn_name)`` pairs where the BN is the conv's only consumer, each once.
 
     Traced with ``torch.fx``; a model that does not trace has no pairs found (it is then
     quantized without folding, which is correct but loses a little accuracy).
@@ -40,7 +42,8 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     except Exception:
         return []
     modules = dict(gm.named_modules())
-    pairs = []
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    found: Counter[tuple[str, str]] = Counter()  # call sites of each pair, in graph order
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(
             modules.get(node.target), (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -56,8 +59,10 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         ):
             conv = modules[src.target]
             if conv.out_channels == modules[node.target].num_features:
-                pairs.append((src.target, node.target))
-    return pairs
+                found[(src.target, node.target)] += 1
+    # a module called more than once (a forward that runs a block twice): folded once, and
+    # only when every call of the conv feeds the BN and every call of the BN reads the conv
+    return [(c, b) for (c, b), n in found.items() if calls[c] == n == calls[b]]
 
 
 def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None) -> list[str]:

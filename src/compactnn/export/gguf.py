@@ -113,7 +113,8 @@ def _llama_config(model: nn.Module):
         kind = getattr(config, "model_type", None) or type(model).__name__
         return None, (
             "GGUF export covers Llama-family decoders (LlamaForCausalLM, MistralForCausalLM); "
-            f"this model is {kind!r}"
+            f"this model is {kind!r} (compactnn export ARTIFACT --list names the formats it "
+            "takes, e.g. compressed-tensors or onnx)"
         )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
@@ -390,6 +391,14 @@ def write_gguf(
             raise _file_write_error(exc, tmp, tensors) from exc
 
     atomic_write(path, write)
+    if (context := context_length(model.config)) < model.config.max_position_embeddings:
+        warnings.warn(
+            f"GGUF {path.name}: context length {context}, the model's sliding window (of "
+            f"{model.config.max_position_embeddings} positions): llama.cpp's llama architecture "
+            "attends to every earlier position, the window's attention only within it; a "
+            "longer n_ctx in llama.cpp computes another model than this one.",
+            stacklevel=user_stacklevel(),
+        )
     diffs = verify(path, tensors)
     bad = [n for n, t in zip(diffs, tensors, strict=True) if t.how != "requantized" and diffs[n]]
     if bad:

@@ -98,6 +98,12 @@ def _known_type(config: dict[str, Any]) -> bool:
     return isinstance(model_type, str) and model_type in CONFIG_MAPPING
 
 
+# auto_map entries for classes that never touch the model's weights (compactnn compresses the
+# model; it loads no tokenizer or processor from the folder)
+PREPROCESSING_AUTO = ("AutoTokenizer", "AutoProcessor", "AutoImageProcessor")
+PREPROCESSING_AUTO += ("AutoFeatureExtractor",)
+
+
 def remote_code_refusal(folder: Path) -> CompactnnError | None:
     """The error for a Hugging Face folder whose model is code compactnn does not run: an
     ``auto_map`` (the folder ships its own model code) or an ``architectures`` class that
@@ -117,6 +123,8 @@ def remote_code_refusal(folder: Path) -> CompactnnError | None:
     if not isinstance(config, dict):
         return None
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else None
+    if auto_map is not None:  # a tokenizer's or processor's own code changes no weight
+        auto_map = {k: v for k, v in auto_map.items() if str(k) not in PREPROCESSING_AUTO} or None
     archs = config.get("architectures")
     name = archs[0] if isinstance(archs, list) and archs else None
     stock = transformers_model_class(name) if name is not None else None
