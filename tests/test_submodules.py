@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# names in the docs that are not Python: the artifact's header file, an ONNX metadata key
-NOT_CODE = {"compactnn.json", "compactnn.int32_bias_layers"}
+# names in the docs that are not Python: the artifact's header file, ONNX metadata keys
+NOT_CODE = {"compactnn.json", "compactnn.int32_bias_layers", "compactnn.verification"}
+NOT_CODE |= {"compactnn.lock"}  # the folder lock file of a save (.compactnn.lock)
 DOTTED = re.compile(r"\bcompactnn(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 RESOLVE = """
 import sys, compactnn

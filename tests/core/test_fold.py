@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -68,3 +69,10 @@ def test_a_block_called_twice_is_folded_once_and_computes_the_same():
     assert fold_batchnorm(folded) == ["features.1"]
     for a, b in zip(folded(x), want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hooked_conv_whose_bn_is_folded_is_warned():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+    model[0].register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(UserWarning, match=r"hooks on '0' now see its output with '1' folded in"):
+        fold_batchnorm(model)

@@ -46,7 +46,7 @@ def test_python_compress_records_the_float_model_and_calibration(tmp_path):
     assert extra["float_model"] == {"sha256": state_sha256(model), "tensors": 4}
     calib = extra["calibration"]
     assert (calib["samples"], calib["batches"]) == (64, 2)
-    assert calib["torch_threads"] == torch.get_num_threads()
+    assert "torch_threads" not in calib  # machine-independent: identical runs, identical bytes
     assert calib["inputs_sha256"] == calibration_summary(list(X.split(32)))["inputs_sha256"]
     other, _ = _compress(model, "w8a8", X.flip(0))  # same samples, other order of batches
     assert other._compactnn["extra"]["calibration"]["inputs_sha256"] != calib["inputs_sha256"]
@@ -79,3 +79,18 @@ def test_a_method_that_warns_of_its_own_needs_is_not_warned_twice():
     _, said = _compress(_net(), "w8a8-biascorr", X[:3])
     few = [m for m in said if "calibration sample" in m]
     assert len(few) == 1 and few[0].startswith("biascorr: only 3")
+
+
+def test_token_batches_and_generated_images_are_not_counted_as_few_samples():
+    """Eight sequences observe every token's activations; generated images' count is the
+    user's --data-free-images, named by its own record (T6)."""
+    from compactnn.datafree.common import GeneratedData
+
+    lm = torch.nn.Sequential(torch.nn.Embedding(32, 16), torch.nn.Linear(16, 16))
+    ids = torch.randint(0, 32, (8, 24), generator=torch.Generator().manual_seed(0))
+    _, said = _compress(lm, "w8a8", ids)
+    assert not [m for m in said if "calibration sample" in m]
+    x = X[:4]
+    data = GeneratedData(x, torch.zeros(4, dtype=torch.long), {"method": "bn-inversion"})
+    _, said = _compress(_net(), "w8a8", data)
+    assert not [m for m in said if "calibration sample" in m]

@@ -69,12 +69,14 @@ def _child(args: dict) -> None:
     if args["kind"] == "whole":
         from transformers import LlamaForCausalLM
 
+        from compactnn.core.provenance import record_source
+
         model = LlamaForCausalLM.from_pretrained(args["model"])
         qmodel = compactnn.compress(model, RECIPE, calib_data=ids, progress=False)
         from compactnn.streaming.shards import ShardSet
 
         # the record a streamed run adds (docs/scale.md): the artifacts can be byte-identical
-        qmodel._compactnn.setdefault("extra", {})["source"] = ShardSet(args["model"]).source()
+        record_source(qmodel._compactnn.setdefault("extra", {}), ShardSet(args["model"]).source())
         compactnn.save(qmodel, args["out"])
     else:
         from compactnn.api import _compress

@@ -18,6 +18,7 @@ from compactnn.commands._paths import (  # noqa: F401 - the commands import them
     input_overlaps,
     path_relation,
 )
+from compactnn.commands._units import human_bytes  # noqa: F401  (re-exported: commands use it)
 from compactnn.core.fields import short_repr
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import check_writable
@@ -421,15 +422,6 @@ def _file_kind(path: Path) -> str:
     if path.is_dir():
         return "Hugging Face directory"
     return {".pt2": "torch.export archive"}.get(path.suffix, "pickled module")
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def close_progress_bars() -> None:

@@ -42,7 +42,7 @@ from compactnn.commands.compress_summary import (
 )
 from compactnn.commands.hf_checkpoint import checkpoint_comparison
 from compactnn.core.calib import as_batches
-from compactnn.core.provenance import FLOAT_KEY
+from compactnn.core.provenance import record_source
 from compactnn.core.qlayers import ActQuantizer, has_integer_weight
 from compactnn.core.tokens import check_token_ids
 from compactnn.data_files import check_float_inputs, takes_token_ids
@@ -279,9 +279,7 @@ def run(args: argparse.Namespace) -> int:
         raise cli_words(exc, args.data) from None
     seconds = time.perf_counter() - t0
     extra = qmodel._compactnn.setdefault("extra", {})
-    extra["source"] = source_record(loaded)
-    if extra["source"].get("kind") == "Hugging Face directory":  # as the streamed run writes:
-        extra.pop(FLOAT_KEY, None)  # its weights files' SHA-256 names the float model
+    record_source(extra, source_record(loaded))  # an HF directory: named by its files' SHA-256
     extra.update(loaded.extra)
     if args.data == "data-free" and data is not None:
         extra["calibration_data"] = calibration_record(data)

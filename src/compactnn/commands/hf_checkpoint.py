@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compactnn.commands._common import human_bytes
+from compactnn.commands._units import human_bytes
 
 _HALF = {"BF16": "bfloat16", "F16": "float16"}  # safetensors' dtype names
 _FLOAT = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}

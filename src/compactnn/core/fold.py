@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
 from torch import fx, nn
 
 from compactnn.core.modules import set_module
+from compactnn.errors import user_stacklevel
 
 
 def fold_bn_into_conv(conv: nn.Conv1d | nn.Conv2d | nn.Linear, bn: nn.Module) -> None:
@@ -72,6 +74,14 @@ def fold_batchnorm(model: nn.Module, pairs: list[tuple[str, str]] | None = None)
     """
     pairs = find_conv_bn_pairs(model) if pairs is None else pairs
     for conv_name, bn_name in pairs:
-        fold_bn_into_conv(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        conv = model.get_submodule(conv_name)
+        fold_bn_into_conv(conv, model.get_submodule(bn_name))
         set_module(model, bn_name, nn.Identity())
+        if getattr(conv, "_forward_hooks", None):  # they now see conv + BN, not the conv
+            warnings.warn(
+                f"the forward hooks on {conv_name!r} now see its output with {bn_name!r} "
+                "folded in (batch-norm folding); register them on the compressed model if "
+                "they need the convolution's own output.",
+                stacklevel=user_stacklevel(),
+            )
     return [bn for _, bn in pairs]

@@ -377,7 +377,10 @@ def conv1d_to_linear(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]
     for name in names:
         c = model.get_submodule(name)
         shape = c.weight.shape  # no random init: every value is overwritten
-        lin = torch.nn.utils.skip_init(nn.Linear, shape[0], shape[1], bias=c.bias is not None)
+        lin = torch.nn.utils.skip_init(
+            nn.Linear, shape[0], shape[1], bias=c.bias is not None, device=c.weight.device,
+            dtype=c.weight.dtype,
+        )  # fmt: skip (on c's device: a skeleton's meta tensors stay meta)
         with torch.no_grad():
             lin.weight.copy_(c.weight.T)
             if c.bias is not None:

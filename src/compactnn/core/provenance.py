@@ -26,10 +26,11 @@ from compactnn.core.digest import tensors_sha256
 from compactnn.core.qlayers import ActQuantizer
 
 FLOAT_KEY = "float_model"  # extra: {"sha256", "tensors"} of the float model's state dict
-CALIB_KEY = "calibration"  # extra: {"samples", "batches", "inputs_sha256", "torch_threads"}
+CALIB_KEY = "calibration"  # extra: {"samples", "batches", "inputs_sha256"}; no thread count:
+# two identical runs on machines of other core counts write the same bytes
 # activation ranges (and statistics) from fewer inputs than one default batch miss the
 # outliers later inputs hit; methods with needs of their own warn with their own number
-MIN_CALIB_SAMPLES = 32
+MIN_CALIB_SAMPLES = 16  # images; a batch of token ids observes every token's activations
 
 
 def state_sha256(model: nn.Module) -> str | None:
@@ -73,7 +74,7 @@ def _tensors(batch: Any, prefix: str) -> Iterable[tuple[str, Any]]:
 
 
 def calibration_summary(batches: list[Any]) -> dict[str, Any]:
-    """``extra["calibration"]``: samples, batches, a SHA-256 of the inputs, torch threads.
+    """``extra["calibration"]``: samples, batches, a SHA-256 of the inputs.
 
     Example:
         >>> s = calibration_summary(list(torch.zeros(3, 2).split(2)))
@@ -87,7 +88,6 @@ def calibration_summary(batches: list[Any]) -> dict[str, Any]:
         "samples": sum(batch_size_of(b) for b in batches),
         "batches": len(batches),
         "inputs_sha256": tensors_sha256(items),
-        "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -119,12 +119,33 @@ def record_provenance(
         extra[FLOAT_KEY] = record
 
 
+def record_source(extra: dict[str, Any], source: dict[str, Any]) -> None:
+    """Set ``extra["source"]`` (what the command line records of the MODEL argument). A
+    Hugging Face directory's record names its weights files' SHA-256, which identifies the
+    float model; its state digest is dropped, as a streamed run (whose skeleton holds no
+    weights to hash) never has one, so both runs write the same bytes."""
+    extra["source"] = source
+    if source.get("kind") == "Hugging Face directory":
+        extra.pop(FLOAT_KEY, None)
+
+
+def _token_ids(batch: Any) -> bool:
+    """Whether ``batch`` holds integer token ids (a tensor, or a dict's ``input_ids``)."""
+    if isinstance(batch, dict):
+        batch = batch.get("input_ids")
+    elif isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    return isinstance(batch, torch.Tensor) and not batch.is_floating_point()
+
+
 def warn_few_samples(qmodel: nn.Module, ctx: Any) -> None:
     """Warn once when activation ranges were observed on fewer than ``MIN_CALIB_SAMPLES``
     inputs (a method that warned of its own needs already said so)."""
     n = ctx.num_samples
     if not ctx.batches or n >= MIN_CALIB_SAMPLES:
         return
+    if DATA_KEY in ctx.extra or _token_ids(ctx.batches[0]):  # generated images: the user
+        return  # chose their count (--data-free-images); sequences: ranges over every token
     if any("calibration sample" in note for note in ctx.notes):
         return
     if not any(isinstance(m, ActQuantizer) for m in qmodel.modules()):

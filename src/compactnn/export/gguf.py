@@ -113,8 +113,8 @@ def _llama_config(model: nn.Module):
         kind = getattr(config, "model_type", None) or type(model).__name__
         return None, (
             "GGUF export covers Llama-family decoders (LlamaForCausalLM, MistralForCausalLM); "
-            f"this model is {kind!r} (compactnn export ARTIFACT --list names the formats it "
-            "takes, e.g. compressed-tensors or onnx)"
+            f"this model is {kind!r}"
+            + (" (export ARTIFACT --list names the formats it takes)" if config else "")
         )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":

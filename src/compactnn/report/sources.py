@@ -210,8 +210,8 @@ def calibration_text(header: dict[str, Any]) -> str:
 
     Example:
         >>> calibration_text({"extra": {"calibration": {"samples": 3, "batches": 1,
-        ...     "inputs_sha256": "f5d96335c84b7e96", "torch_threads": 2}}})
-        '3 samples in 1 batch (inputs SHA-256 f5d96335...), 2 torch threads'
+        ...     "inputs_sha256": "f5d96335c84b7e96"}}})
+        '3 samples in 1 batch (inputs SHA-256 f5d96335...)'
     """
     extra = header.get("extra", {})
     free, record = extra.get("calibration_data"), extra.get(CALIB_KEY)
@@ -220,10 +220,11 @@ def calibration_text(header: dict[str, Any]) -> str:
     if not isinstance(record, dict):
         return "not recorded"
     n = record.get("batches")
+    threads = record.get("torch_threads")  # artifacts of session 34's first commits
     return (
         f"{record.get('samples')} samples in {n} batch{'' if n == 1 else 'es'} (inputs "
-        f"SHA-256 {str(record.get('inputs_sha256'))[:8]}...), {record.get('torch_threads')} "
-        "torch threads"
+        f"SHA-256 {str(record.get('inputs_sha256'))[:8]}...)"
+        + (f", {threads} torch threads" if threads is not None else "")
     )
 
 
