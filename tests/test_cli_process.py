@@ -178,3 +178,14 @@ def test_version_answers_without_loading_torch():
         [sys.executable, "-P", "-c", code, "--version"], capture_output=True, text=True
     )
     assert proc.stdout.split() == ["compactnn", "0.1.0", "False"], proc.stderr[-2000:]
+
+
+def test_a_library_force_hint_reads_as_the_flag_on_the_command_line():
+    """A save that finds another run's artifact in its folder meanwhile says --force (T6)."""
+    from compactnn.cli import with_hints
+    from compactnn.errors import CompactnnError
+
+    exc = CompactnnError(
+        "path 'conc' already holds a compactnn artifact; pass force=True to replace it."
+    )
+    assert with_hints(exc).endswith("pass --force to replace it.")

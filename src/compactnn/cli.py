@@ -176,7 +176,9 @@ def with_hints(exc: CompactnnError) -> str:
         cause = cause.__cause__ or cause.__context__
     if cause is not None and "--plugin" not in message:
         message = f"{message} {UNKNOWN_METHOD_HINT}"
-    return message
+    # the library's words for the command line's flag (a save that found another run's
+    # artifact in its folder meanwhile: every command that writes one takes --force)
+    return message.replace("pass force=True to replace it", "pass --force to replace it")
 
 
 def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
