@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.input_dtypes import takes_token_ids
 from compactnn.errors import CompactnnError, first_line, is_out_of_memory
 
 
@@ -208,15 +209,6 @@ def cast_float(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Floating-point data in the model's dtype (numpy saves float64); integers (token ids,
     labels) and booleans unchanged."""
     return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
-
-
-def takes_token_ids(model: nn.Module) -> bool:
-    """Whether ``model`` reads integer token ids: a Hugging Face model whose main input is
-    ``input_ids``, or a model whose first layer with weights is an ``nn.Embedding``."""
-    main = getattr(model, "main_input_name", None)
-    if main is not None:
-        return main in ("input_ids", "decoder_input_ids")
-    return isinstance(first_layer(model)[1], nn.Embedding)
 
 
 def first_layer(model: nn.Module) -> tuple[str, nn.Module | None]:

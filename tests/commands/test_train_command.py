@@ -490,14 +490,3 @@ def test_a_checkpoint_dir_that_is_a_file_an_input_or_in_out_is_refused_before_tr
     assert capsys.readouterr().err.startswith(f"error: --checkpoint-dir {str(art / 'ck')!r} is in")
     assert {f: f.read_bytes() for f in files} == before
     assert not out.exists() and not list(tmp_path.glob("*.jsonl"))
-
-
-def test_train_data_free_names_the_file_to_generate():
-    import pytest
-
-    from compactnn.commands.train import labelled_data
-    from compactnn.errors import CompactnnError
-
-    with pytest.raises(CompactnnError, match=r"does not generate its training data") as err:
-        labelled_data("data-free")
-    assert "'y': data.y" in str(err.value) and "--data synthetic.safetensors" in str(err.value)
