@@ -378,9 +378,13 @@ def conv1d_to_linear(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]
         c = model.get_submodule(name)
         shape = c.weight.shape  # no random init: every value is overwritten
         lin = torch.nn.utils.skip_init(
-            nn.Linear, shape[0], shape[1], bias=c.bias is not None, device=c.weight.device,
+            nn.Linear,
+            shape[0],
+            shape[1],
+            bias=c.bias is not None,
+            device=c.weight.device,
             dtype=c.weight.dtype,
-        )  # fmt: skip (on c's device: a skeleton's meta tensors stay meta)
+        )  # on c's device: a skeleton's meta tensors stay meta
         with torch.no_grad():
             lin.weight.copy_(c.weight.T)
             if c.bias is not None:
