@@ -10,6 +10,10 @@ both hold "the" lock. ``flock`` locks conflict between separate ``open`` calls, 
 threads of one process exclude each other too; a thread that holds a folder's lock may take
 it again (nested ``locked`` blocks: a save inside a caller's own locked block).
 
+Readers (:func:`shared`) take a shared lock on the same file when it exists, so a load waits
+for a save in progress to finish and a ``--force`` save waits for the loads that started
+before it; a reader never creates the file (artifact folders may be read-only).
+
 Where ``fcntl`` is missing (Windows) saves are not serialised.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,3 +130,68 @@ def locked(root: Path, *, wait: bool) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(path)  # still ours: waiters on this file will see the name is gone
         os.close(fd)
+
+
+def _holds(root: Path) -> bool:
+    try:
+        st = os.stat(root)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) in _held.__dict__.get("folders", set())
+
+
+def _open_shared(path: Path) -> int | bool | None:
+    """An fd of ``path`` holding a shared lock; None when there is no usable lock file (read
+    unlocked: no save is running, or it is not a regular file); False to retry (the save
+    holding it deleted it as it finished)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:  # absent, a symlink, unreadable: nothing to wait for
+        return None
+    try:
+        mine = os.fstat(fd)
+        if not stat.S_ISREG(mine.st_mode):
+            os.close(fd)
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a save holds it
+        try:
+            named = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+            os.close(fd)
+            return False
+        return fd
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def shared(root: Path) -> Iterator[None]:
+    """Read ``root`` while no save writes it: wait for a save in progress, if any, and hold
+    off a save that starts meanwhile until the body ends. Creates nothing; a folder without a
+    lock file (or on Windows, or one this thread is saving) is read at once.
+
+    Example:
+        >>> with shared(Path("out/cnn-w4a8")):  # doctest: +SKIP
+        ...     header, blobs = read_files()
+    """
+    if fcntl is None or not os.path.isdir(root) or _holds(root):
+        yield
+        return
+    fd: int | bool | None = False
+    while fd is False:
+        fd = _open_shared(root / LOCK_NAME)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def lock_file_exists(root: Path) -> bool:
+    """Whether ``root`` has a lock file now: a save is running, or one was killed."""
+    return os.path.lexists(root / LOCK_NAME)

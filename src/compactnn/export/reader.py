@@ -24,7 +24,7 @@ from torch import nn
 
 from compactnn.core.model_input import unwrap_model, working_copy
 from compactnn.errors import ArtifactError, CompactnnError
-from compactnn.export import validate
+from compactnn.export import folder_lock, validate
 from compactnn.export.ctensors import install_save_pretrained
 from compactnn.export.fs import read_regular
 from compactnn.export.rebuild import NOTES_KEY, build_model, header_notes
@@ -38,10 +38,28 @@ def read_artifact(
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The verified header and the bytes of each listed file (``{"tensors", "recipe"}``).
 
+    A save in progress in the folder is waited for (:func:`folder_lock.shared`); a read that
+    fails while a save has started meanwhile is read again once that save has finished, so a
+    load racing a ``--force`` save returns the old or the new artifact, never an error.
+
     Raises:
         ArtifactError: anything is missing, special, truncated, modified, malformed, or the
             digest differs from ``expect_sha256``.
     """
+    root = Path(path)
+    with folder_lock.shared(root):
+        try:
+            return _read_once(path, expect_sha256)
+        except ArtifactError:
+            if not folder_lock.lock_file_exists(root):
+                raise
+    with folder_lock.shared(root):  # a save replaced files under the first read
+        return _read_once(path, expect_sha256)
+
+
+def _read_once(
+    path: str | os.PathLike, expect_sha256: str | None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
     if not str(path).strip():
         raise ArtifactError(
             "the artifact path is empty: pass the artifact folder, e.g. "
