@@ -351,3 +351,11 @@ def test_a_float_advice_that_the_longer_timing_contradicts_is_reconciled():
     assert deploy_command._disagreement(advised, paths) is None
     quiet = dataclasses.make_dataclass("D", ["recommendation"])(None)
     assert deploy_command._disagreement(quiet, FloatPaths({"fp32-eager": t(1.0)})) is None
+
+
+def test_a_deployed_artifact_named_like_an_option_is_shown_as_a_path(project, capsys):
+    assert _deploy("--data", "split.safetensors", "--save=-dep") == 0
+    capsys.readouterr()
+    code = main(["deploy", *MODEL, "--no-progress", "--", "-dep"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "compactnn eval ./-dep --model" in err, err

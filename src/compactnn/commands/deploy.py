@@ -19,6 +19,7 @@ from compactnn.commands._common import (
     thread_count,
     tolerance_steps,
 )
+from compactnn.commands._path_args import shown_path
 from compactnn.commands.compress import note_training_recipe as _note_training_recipe
 from compactnn.commands.eval_data import ONE_SPLIT_NOTE, read_data
 from compactnn.commands.eval_table import SUSPECT_FOOTNOTE, faster_note
@@ -108,7 +109,8 @@ def _models(args: argparse.Namespace):
         if "deployment" in header.get("extra", {}):
             raise CompactnnError(
                 f"{args.target!r} holds a deployed model (written by deploy --save): it is "
-                f"deployed already. Evaluate it with `compactnn eval {args.target} --model ...`,"
+                "deployed already. Evaluate it with "
+                f"`compactnn eval {shown_path(args.target)} --model ...`,"
                 " or deploy the compressed artifact it came from."
             )
         if (reason := hf_artifact_reason(header, args.target)) is not None:
@@ -135,14 +137,15 @@ def _models(args: argparse.Namespace):
     one_split = labelled is None or labelled == labelled_keys(data, "eval")
     if not one_split:
         _say_splits(labelled, labelled_keys(data, "eval"), calibrating=not is_artifact)
-    named = f"--data {args.data}" if args.data else "calib_data"  # messages name its role
+    # messages name its role
+    named = f"--data {shown_path(args.data)}" if args.data else "calib_data"
     batches = as_batches(inputs, what=named) if inputs is not None else as_batches(loaded.example)
     if not batches:
         raise CompactnnError("deploy needs sample inputs to verify on: pass --data.")
     if args.data:
         out = check_inputs(loaded, batches[0])
         if labels is not None:  # before any deployment or timing
-            check_top1_labels(main_output(out), labels, f"--data {args.data}")
+            check_top1_labels(main_output(out), labels, f"--data {shown_path(args.data)}")
     if is_artifact:
         qmodel = compactnn.load(args.target, model=loaded.model)
     else:
@@ -211,7 +214,7 @@ def _stored_samples_note(deployed: DeployedModel, args: argparse.Namespace) -> s
     from compactnn.deployment.ship import MAX_SAMPLES
 
     n = min(batch_size_of(deployed.example) or MAX_SAMPLES, MAX_SAMPLES)
-    source = f"--data {args.data}" if args.data else "the model's calibration data"
+    source = f"--data {shown_path(args.data)}" if args.data else "the model's calibration data"
     where = Path(args.save) / "deployment.safetensors"
     return (
         f"{where} holds {n} sample(s) of {source} (the batch compactnn.load verifies the "
