@@ -39,6 +39,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from compactnn.cli_streams import tolerant_streams
 from compactnn.commands import COMMANDS
 from compactnn.commands._path_args import check_path_args, dash_path_hint, path_labels
 from compactnn.errors import CompactnnError, cut, first_line, is_out_of_memory
@@ -314,6 +315,13 @@ def passive_openmp() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
+    if argv is None:  # the real command line: its own streams (tests pass argv, capture them)
+        with tolerant_streams():
+            return _main(argv)
+    return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     previous = warnings.showwarning
     try:
         if os.environ.pop(SIGINT_HELD, None):  # re-executed: a Ctrl-C held since raises here
