@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import compactnn
+from compactnn.errors import CompactnnError
 from compactnn.export import gguf_blocks as gb
 from compactnn.export.gguf import write_gguf
 
@@ -127,9 +128,11 @@ def _field(reader, key: str):
 
 def gguf_forward(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
     """Logits ``(T, vocab)`` of token ids ``(T,)`` computed from the GGUF file alone, the way
-    llama.cpp's ``llama`` graph does in float: hyper-parameters from the metadata, rotary
-    embedding on adjacent pairs, grouped-query attention, RMS norm, SwiGLU. An independent
-    check of the metadata and the q/k permutation where llama.cpp itself is not installed.
+    llama.cpp's ``llama`` and ``qwen2`` graphs do in float: hyper-parameters from the metadata
+    (keys prefixed with ``general.architecture``), q/k/v biases where the file has them, rotary
+    embedding on adjacent pairs (``llama``) or on the two halves of each head (``qwen2``, NEOX),
+    grouped-query attention, RMS norm, SwiGLU. An independent check of the metadata and the
+    q/k layout where llama.cpp itself is not installed.
     """
     import gguf
 
@@ -138,13 +141,21 @@ def gguf_forward(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
         t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
         for t in reader.tensors
     }
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CompactnnError(
+            f"gguf_forward computes the llama and qwen2 architectures; {path} is {arch!r}."
+        )
     layers, heads = (
-        _field(reader, "llama.block_count"),
-        _field(reader, "llama.attention.head_count"),
+        _field(reader, f"{arch}.block_count"),
+        _field(reader, f"{arch}.attention.head_count"),
     )
-    kv_heads = _field(reader, "llama.attention.head_count_kv")
-    eps = _field(reader, "llama.attention.layer_norm_rms_epsilon")
-    base, dim = _field(reader, "llama.rope.freq_base"), _field(reader, "llama.rope.dimension_count")
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv")
+    eps = _field(reader, f"{arch}.attention.layer_norm_rms_epsilon")
+    base, dim = (
+        _field(reader, f"{arch}.rope.freq_base"),
+        _field(reader, f"{arch}.rope.dimension_count"),
+    )
 
     def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -153,22 +164,29 @@ def gguf_forward(path: str | Path, ids: torch.Tensor) -> torch.Tensor:
     ang = torch.arange(t)[:, None] * base ** (-torch.arange(0, dim, 2) / dim)  # (T, D/2)
     cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
 
-    def rope(x: torch.Tensor) -> torch.Tensor:  # (T, H, D), pairs (2i, 2i+1)
-        a, b = x[..., 0::2], x[..., 1::2]
-        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+    def rope(x: torch.Tensor) -> torch.Tensor:  # (T, H, D): rotate pairs (a_i, b_i) by ang_i
+        if arch == "llama":  # adjacent pairs (2i, 2i+1)
+            a, b = x[..., 0::2], x[..., 1::2]
+            return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+        a, b = x[..., : dim // 2], x[..., dim // 2 :]  # NEOX: pairs (i, i + D/2)
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+
+    def proj(h: torch.Tensor, name: str) -> torch.Tensor:  # h @ W^T (+ bias where written)
+        out = h @ w[name + ".weight"].T
+        return out + w[name + ".bias"] if name + ".bias" in w else out
 
     x = w["token_embd.weight"][ids]  # (T, C)
     causal = torch.full((t, t), float("-inf")).triu(1)
     for i in range(layers):
         p = f"blk.{i}."
         h = norm(x, w[p + "attn_norm.weight"])
-        q = rope((h @ w[p + "attn_q.weight"].T).reshape(t, heads, dim))
-        k = rope((h @ w[p + "attn_k.weight"].T).reshape(t, kv_heads, dim))
-        v = (h @ w[p + "attn_v.weight"].T).reshape(t, kv_heads, dim)
+        q = rope(proj(h, p + "attn_q").reshape(t, heads, dim))
+        k = rope(proj(h, p + "attn_k").reshape(t, kv_heads, dim))
+        v = proj(h, p + "attn_v").reshape(t, kv_heads, dim)
         k, v = (z.repeat_interleave(heads // kv_heads, dim=1) for z in (k, v))
         att = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(dim) + causal
         o = torch.einsum("hqk,khd->qhd", att.softmax(-1), v).reshape(t, heads * dim)
-        x = x + o @ w[p + "attn_output.weight"].T
+        x = x + proj(o, p + "attn_output")
         h = norm(x, w[p + "ffn_norm.weight"])
         gate = torch.nn.functional.silu(h @ w[p + "ffn_gate.weight"].T)
         x = x + (gate * (h @ w[p + "ffn_up.weight"].T)) @ w[p + "ffn_down.weight"].T

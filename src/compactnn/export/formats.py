@@ -46,7 +46,7 @@ FORMATS: tuple[ExportFormat, ...] = (
     ExportFormat(
         "gguf",
         "compactnn.export.gguf",
-        "llama.cpp GGUF (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks) for Llama-family decoders (and Mistral)",
+        "llama.cpp GGUF (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks) for Llama, Mistral and Qwen2 decoders",
         ("requantize", "tokenizer"),
     ),
     ExportFormat(

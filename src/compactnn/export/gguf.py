@@ -1,10 +1,12 @@
-"""GGUF export of compressed Llama-family decoders for llama.cpp, verified bit-exactly.
+"""GGUF export of compressed Llama-family and Qwen2 decoders for llama.cpp, verified exactly.
 
 Every quantized weight whose compactnn grid maps exactly onto a GGUF block type (see
 :mod:`compactnn.export.gguf_blocks`) is written as that type, its codes and float16 scales
-reused as they are: no requantization. Float tensors (norms, unquantized layers) are F32.
-The q and k projections are permuted from Hugging Face's rotate-half rotary layout to
-llama.cpp's interleaved one, rows only, so codes and scales move with their rows. A weight
+reused as they are: no requantization. Float tensors (norms, biases, unquantized layers) are
+F32. Which architecture a model is written as is :mod:`compactnn.export.gguf_arch`'s table:
+for llama.cpp's ``llama`` the q and k projections are permuted from Hugging Face's rotate-half
+rotary layout to llama.cpp's interleaved one, rows only, so codes and scales move with their
+rows; ``qwen2`` (NEOX rotary, rotate-half) takes them as they are. A weight
 with no exact type is refused with the nearest exact recipe named, or, with
 ``requantize=True``, requantized by ``gguf``'s reference quantizer with the error reported.
 
@@ -34,6 +36,7 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.core.qlayers import has_integer_weight
 from compactnn.errors import CompactnnError, user_stacklevel
+from compactnn.export import gguf_arch as ga
 from compactnn.export import gguf_blocks as gb
 from compactnn.export.formats import check_replaceable
 from compactnn.export.fs import atomic_write, check_file_path, names_folder, write_error
@@ -41,17 +44,6 @@ from compactnn.export.gguf_tokenizer import add_tokenizer
 
 _EXTRA = "export"
 _FILE_TYPE = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
-_LAYER = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
 
 
 def _gguf():
@@ -101,50 +93,8 @@ class GGUFReport:
         return out
 
 
-# Hugging Face model types written as llama.cpp's "llama" architecture: Mistral's decoder is
-# Llama's (same tensors, RMSNorm, SwiGLU, RoPE, grouped-query attention), as llama.cpp's own
-# converter writes it; its sliding window is handled by the context length (context_length).
-LLAMA_TYPES = ("llama", "mistral")
-
-
-def _llama_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in LLAMA_TYPES or not hasattr(model, "lm_head"):
-        kind = getattr(config, "model_type", None) or type(model).__name__
-        return None, (
-            "GGUF export covers Llama-family decoders (LlamaForCausalLM, MistralForCausalLM); "
-            f"this model is {kind!r}"
-            + (" (export ARTIFACT --list names the formats it takes)" if config else "")
-        )
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        return None, f"rope scaling {rope.get('rope_type')!r} is not exported (default RoPE only)"
-    return config, None
-
-
 def _act_quantized(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if getattr(m, "input_quantizer", None) is not None]
-
-
-def _sources(model: nn.Module, config) -> list[tuple[str, str, nn.Module | torch.Tensor, int]]:
-    """``(gguf name, module name, module or tensor, rope heads or 0)`` in llama.cpp's order."""
-    out: list[tuple[str, str, Any, int]] = [
-        ("token_embd.weight", "model.embed_tokens", model.model.embed_tokens, 0)
-    ]
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    heads = {"attn_q": config.num_attention_heads, "attn_k": kv}
-    for i, block in enumerate(model.model.layers):
-        for path, short in _LAYER.items():
-            mod = block.get_submodule(path)
-            src = f"model.layers.{i}.{path}"
-            out.append((f"blk.{i}.{short}.weight", src, mod, heads.get(short, 0)))
-            if getattr(mod, "bias", None) is not None and short.startswith("attn"):
-                out.append((f"blk.{i}.{short}.bias", src + ".bias", mod.bias, heads.get(short, 0)))
-    out.append(("output_norm.weight", "model.norm", model.model.norm, 0))
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    if not tied:
-        out.append(("output.weight", "lm_head", model.lm_head, 0))
-    return out
 
 
 def _nearest(recipe: str, bits: int, reason: str) -> str:
@@ -196,14 +146,15 @@ def plan(model: nn.Module, *, requantize: bool = False) -> tuple[TensorPlan, ...
     """The GGUF tensor of each weight of ``model`` (no file written).
 
     Raises:
-        CompactnnError: for a model that is not a Llama decoder or quantizes activations.
+        CompactnnError: for a model that is no decoder GGUF takes (see
+            :mod:`compactnn.export.gguf_arch`) or quantizes activations.
     """
     reason = _structure_reason(model)
     if reason:
         raise CompactnnError(f"cannot export to GGUF: {reason}.")
-    config = model.config
+    arch, _ = ga.arch_of(model)
     out = []
-    for gguf_name, src, obj, heads in _sources(model, config):
+    for gguf_name, src, obj, heads in ga.sources(model, arch):
         if hasattr(obj, "weight_codes"):
             out.append(_plan_weight(gguf_name, src, obj, heads, requantize))
             continue
@@ -215,7 +166,7 @@ def plan(model: nn.Module, *, requantize: bool = False) -> tuple[TensorPlan, ...
 
 
 def _structure_reason(model: nn.Module) -> str | None:
-    _, reason = _llama_config(model)
+    _, reason = ga.arch_of(model)
     if reason:
         return reason
     acts = _act_quantized(model)
@@ -270,42 +221,6 @@ def _spec_of(model: nn.Module, name: str):
     return getattr(model.get_submodule(name), "weight_spec", None)
 
 
-def context_length(config) -> int:
-    """The context written to the file: the model's positions, or Mistral's sliding window
-    where that is shorter. llama.cpp's llama architecture attends to every earlier position,
-    which equals the window's attention only while the context fits in the window.
-
-    Example:
-        >>> from types import SimpleNamespace as C
-        >>> context_length(C(max_position_embeddings=4096, sliding_window=1024))
-        1024
-        >>> context_length(C(max_position_embeddings=4096, sliding_window=None))
-        4096
-    """
-    window = getattr(config, "sliding_window", None)
-    positions = int(config.max_position_embeddings)
-    return min(positions, int(window)) if window else positions
-
-
-def _add_hparams(writer, config, name: str) -> None:
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_name(name)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(context_length(config))
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-
-
 def _file_type(tensors: tuple[TensorPlan, ...]) -> int:
     counts: dict[str, int] = {}
     for t in tensors:
@@ -346,7 +261,8 @@ def write_gguf(
     """Write ``model`` as a GGUF file for llama.cpp and verify it; see the module docstring.
 
     Args:
-        model: a compressed (or float) ``LlamaForCausalLM``; never modified.
+        model: a compressed (or float) ``LlamaForCausalLM``, ``MistralForCausalLM`` or
+            ``Qwen2ForCausalLM``; never modified.
         out: the ``.gguf`` file (written atomically), or a directory for ``model.gguf``.
         tokenizer: a byte-level BPE (a ``tokenizers.Tokenizer``, a fast ``transformers``
             tokenizer, or an object with ``.backend``); None writes ``no_vocab``.
@@ -358,7 +274,7 @@ def write_gguf(
 
     Raises:
         CompactnnError: the file exists and ``force`` is false or it is no GGUF file, not
-            a Llama decoder, activation quantization, a weight with no exact type (without
+            a decoder GGUF takes, activation quantization, a weight with no exact type (without
             ``requantize``), an unsupported tokenizer, or a failed read-back.
     """
     gguf = _gguf()
@@ -368,13 +284,14 @@ def write_gguf(
     check_file_path(path, "out", force=force, suggest="model.gguf")
     check_replaceable("gguf", path)  # force replaces an earlier GGUF file, nothing else
     tensors = plan(model, requantize=requantize)
+    arch, _ = ga.arch_of(model)
     refused = [t for t in tensors if t.how == "refused"]
     if refused:
         raise CompactnnError(f"cannot export to GGUF exactly: {can_export(model)}.")
 
     def write(tmp: str) -> None:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        _add_hparams(writer, model.config, name)
+        writer = gguf.GGUFWriter(tmp, arch.name)
+        ga.add_hparams(writer, model.config, name)
         writer.add_file_type(_file_type(tensors))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, tokenizer, model.config)
@@ -391,12 +308,12 @@ def write_gguf(
             raise _file_write_error(exc, tmp, tensors) from exc
 
     atomic_write(path, write)
-    if (context := context_length(model.config)) < model.config.max_position_embeddings:
+    if (context := ga.context_length(model.config)) < model.config.max_position_embeddings:
         warnings.warn(
             f"GGUF {path.name}: context length {context}, the model's sliding window (of "
-            f"{model.config.max_position_embeddings} positions): llama.cpp's llama architecture "
-            "attends to every earlier position, the window's attention only within it; a "
-            "longer n_ctx in llama.cpp computes another model than this one.",
+            f"{model.config.max_position_embeddings} positions): llama.cpp's {arch.name} "
+            "architecture attends to every earlier position, the window's attention only within "
+            "it; a longer n_ctx in llama.cpp computes another model than this one.",
             stacklevel=user_stacklevel(),
         )
     diffs = verify(path, tensors)

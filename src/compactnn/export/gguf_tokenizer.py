@@ -3,8 +3,9 @@
 llama.cpp reads ``tokenizer.ggml.model = "gpt2"``: the tokens in id order (in the byte-level
 alphabet, as the ``tokenizers`` vocabulary spells them), one type per token (1 normal,
 3 control for special tokens), the merges as ``"left right"`` strings, and the bos / eos /
-pad ids. ``tokenizer.ggml.pre = "gpt-2"`` selects GPT-2's pre-tokenizer split, the one of a
-``ByteLevel`` pre-tokenizer with its default regex. Without a tokenizer the file says
+pad ids. ``tokenizer.ggml.pre`` names llama.cpp's split of the text before BPE: ``"gpt-2"``
+for a ``ByteLevel`` pre-tokenizer with its default regex, ``"qwen2"`` for Qwen2's (a ``Split``
+with Qwen2's regex, then ``ByteLevel`` without its own). Without a tokenizer the file says
 ``no_vocab`` (llama.cpp then runs token ids only).
 """
 
@@ -16,6 +17,11 @@ from typing import Any
 from compactnn.errors import CompactnnError
 
 NORMAL, CONTROL = 1, 3
+#: the split regex of Qwen2's tokenizer.json, which llama.cpp's "qwen2" pre-tokenizer applies
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _SPECIAL_ROLES = {"bos": ("<bos>", "<s>", "<|begin_of_text|>"), "eos": ("<eos>", "</s>")}
 
 
@@ -37,6 +43,22 @@ def _backend(tokenizer: Any):
 NO_VOCAB_FIX = "pass tokenizer=None to write the model without a vocabulary"
 
 
+def _is_qwen2_split(pre: dict[str, Any]) -> bool:
+    """Qwen2's pre-tokenizer: ``Sequence[Split(QWEN2_SPLIT, Isolated), ByteLevel(no regex)]``."""
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(steps) != 2:
+        return False
+    split, byte_level = steps
+    return (
+        split.get("type") == "Split"
+        and (split.get("pattern") or {}).get("Regex") == QWEN2_SPLIT
+        and split.get("behavior") == "Isolated"
+        and not split.get("invert")
+        and byte_level.get("type") == "ByteLevel"
+        and byte_level.get("use_regex") is False
+    )
+
+
 def gpt2_vocab(tokenizer: Any, fix: str = NO_VOCAB_FIX) -> dict[str, Any]:
     """Tokens, token types, merges and special ids of a byte-level BPE tokenizer; ``fix``
     ends the refusal of another kind of tokenizer (the caller's way to give none: the
@@ -47,16 +69,19 @@ def gpt2_vocab(tokenizer: Any, fix: str = NO_VOCAB_FIX) -> dict[str, Any]:
     """
     spec = json.loads(_backend(tokenizer).to_str())
     model = spec.get("model") or {}
-    pre = json.dumps(spec.get("pre_tokenizer") or {})
+    pre_spec = spec.get("pre_tokenizer") or {}
+    pre = json.dumps(pre_spec)
     if model.get("type") != "BPE" or "ByteLevel" not in pre:
         raise CompactnnError(
             f"GGUF export writes byte-level BPE vocabularies; this tokenizer is a "
             f"{model.get('type')} model with pre-tokenizer {pre[:60]}. {fix[:1].upper()}{fix[1:]}."
         )
-    if '"use_regex": false' in pre:
+    pre_name = "qwen2" if _is_qwen2_split(pre_spec) else "gpt-2"
+    if pre_name == "gpt-2" and '"use_regex": false' in pre:
         raise CompactnnError(
-            "GGUF's gpt-2 pre-tokenizer splits with GPT-2's regex; this ByteLevel "
-            "pre-tokenizer has use_regex=False, which llama.cpp would tokenize differently."
+            "GGUF's gpt-2 pre-tokenizer splits with GPT-2's regex (qwen2's with Qwen2's); this "
+            "ByteLevel pre-tokenizer has use_regex=False after another split, which llama.cpp "
+            "would tokenize differently."
         )
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     added = {t["content"]: t for t in spec.get("added_tokens") or []}
@@ -74,7 +99,7 @@ def gpt2_vocab(tokenizer: Any, fix: str = NO_VOCAB_FIX) -> dict[str, Any]:
     for role, names in _SPECIAL_ROLES.items():
         special[role] = next((vocab[s] for s in names if s in vocab), None)
     special["pad"] = vocab.get("<pad>")
-    return {"tokens": tokens, "types": types, "merges": merges, "special": special}
+    return {"tokens": tokens, "types": types, "merges": merges, "special": special, "pre": pre_name}
 
 
 def add_tokenizer(writer: Any, tokenizer: Any, config: Any) -> None:
@@ -91,7 +116,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, config: Any) -> None:
     tokens = v["tokens"] + [f"[PAD{i}]" for i in range(len(v["tokens"]), config.vocab_size)]
     types = v["types"] + [CONTROL] * (len(tokens) - len(v["types"]))
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(v["pre"])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(v["merges"])
