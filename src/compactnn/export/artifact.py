@@ -305,6 +305,15 @@ def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
         raise CompactnnError(
             f"{label} lies under {system}, a system folder: choose a directory of your own."
         )
+    if (outer := enclosing_artifact(out)) is not None:
+        rel = os.path.relpath(outer)  # as the user wrote it: 'art', not /home/...
+        if not out.is_absolute() and rel != "." and not rel.startswith(".."):
+            outer = Path(rel)
+        raise CompactnnError(
+            f"{label} lies inside {cut(str(outer))!r}, which holds a compactnn artifact: an "
+            "artifact folder holds one artifact only. Choose a folder outside it, e.g. "
+            f"{cut(str(outer.parent / (outer.name + '-' + out.name)))!r}."
+        )
     if os.path.lexists(out):
         if not out.is_dir():
             raise CompactnnError(
@@ -323,6 +332,19 @@ def check_writable(path: str | os.PathLike, force: bool, *, what: str) -> Path:
             )
     writable_folder(out.absolute(), label)
     return out
+
+
+def enclosing_artifact(path: Path) -> Path | None:
+    """The nearest folder above ``path`` that holds a compactnn artifact, or None.
+
+    Example:
+        >>> enclosing_artifact(Path("/")) is None
+        True
+    """
+    for parent in Path(os.path.abspath(path)).parents:  # "out/../x" is not inside out
+        if artifact_exists(parent):
+            return parent
+    return None
 
 
 def header_body(
