@@ -220,8 +220,7 @@ def _run(names: list[str], quick: bool, out: Path, sections_dir: Path, to_quick:
                 failed.append(current)
                 continue
             path = sections_dir / f"{current}.md"
-            atomic_write_text(path, text)
-            path.chmod(0o644)  # temp files are created private
+            atomic_write_text(path, text)  # 0o666 less the umask, as a plain open() gives
             finished.append(current)
             took = elapsed(time.perf_counter() - t0)
             print(f"[bench] {current} done in {took}: {path}", file=sys.stderr, flush=True)
@@ -245,8 +244,7 @@ def _run(names: list[str], quick: bool, out: Path, sections_dir: Path, to_quick:
 
 
 def _write_combined(out: Path, sections_dir: Path, to_quick: bool) -> None:
-    atomic_write_text(out, combine(sections_dir, quick=to_quick))
-    out.chmod(0o644)
+    atomic_write_text(out, combine(sections_dir, quick=to_quick))  # 0o666 less the umask
     note = f" (--quick; the committed {OUT} is untouched)" if to_quick else ""
     print(f"[bench] wrote {out}{note}", file=sys.stderr, flush=True)
 

@@ -103,10 +103,16 @@ class Timing:
         return (self.max_s - self.min_s) / self.median_s if self.median_s > 0 else 0.0
 
     def fmt(self) -> str:
-        """``"12.3 ms"``, with ``" (11.9-15.0)"`` appended when the runs spread more than 10%."""
-        text = f"{self.median_s * 1e3:.2f} ms"
+        """``"12.30 ms"``, with ``" (11.90-15.00)"`` appended when the runs spread more than
+        10%; below 1 ms, 3 significant digits (``"0.0863 ms"``), so ratios can be recomputed."""
+
+        def ms(seconds: float) -> str:  # as compactnn.report.writer.ms
+            value = seconds * 1e3
+            return f"{value:.2f}" if value >= 1 or value <= 0 else f"{value:#.3g}"
+
+        text = f"{ms(self.median_s)} ms"
         if self.spread > 0.10:
-            text += f" ({self.min_s * 1e3:.2f}-{self.max_s * 1e3:.2f})"
+            text += f" ({ms(self.min_s)}-{ms(self.max_s)})"
         return text
 
     def conditions(self) -> str:

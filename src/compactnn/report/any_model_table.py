@@ -16,6 +16,7 @@ from compactnn.report.writer import (
     _mib,
     any_suspect,
     module_order,
+    ms,
     ratio_cell,
     resident_cell,
     suspect_mark,
@@ -27,8 +28,10 @@ RESIDENT = "resident memory (delivered form, fresh process)"
 # their spread exceeds this many times the largest artifact (a float model's fp32 bytes: what
 # even a simulated row holds dequantized), so the model cannot account for the difference
 RUNTIME_DOMINATES = 10
-HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller", "latency",
-          "speedup vs fastest float", RESIDENT]  # fmt: skip
+# the first six keep their places: docs/own-model.md's table is read by position
+HEADER = ["recipe", "runs as", "quality", "vs float", "size on disk", "x smaller",
+          "theoretical size", "formats", "latency", "speedup vs fastest float",
+          RESIDENT]  # fmt: skip
 
 
 def folder_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -67,10 +70,10 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     out, base = [], results["rows"][0]["quality"] if results["rows"] else None
     float_latency = results["rows"][0]["latency"] if results["rows"] else None
     for r in results["rows"]:
-        lat = r["latency"]
-        latency = f"{lat['median_s'] * 1e3:.2f} ms"
+        lat, own = r["latency"], artifact_row(results["rows"], r)
+        latency = f"{ms(lat['median_s'])} ms"  # 3 significant digits below 1 ms
         if lat["median_s"] and (lat["max_s"] - lat["min_s"]) / lat["median_s"] > 0.10:
-            latency += f" ({lat['min_s'] * 1e3:.2f}-{lat['max_s'] * 1e3:.2f})"
+            latency += f" ({ms(lat['min_s'])}-{ms(lat['max_s'])})"
         speedup = (
             r.get("no_speedup") or SIMULATED  # the float model's dense compute, or simulated
             if r["speedup"] is None
@@ -79,9 +82,65 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         out.append([
             r["label"], r["runs_as"], quality_cell(r["metric"], r["quality"]),
             delta_cell(r["metric"], r["quality"], base), _mib(r["size_bytes"]),
-            ratio_cell(r["size_ratio"]), latency + suspect_mark(lat), speedup, resident_cell(r),
+            ratio_cell(r["size_ratio"]),
+            "-" if own.get("theoretical_bytes") is None else _mib(own["theoretical_bytes"]),
+            formats_summary(own.get("layers") or {}), latency + suspect_mark(lat), speedup,
+            resident_cell(r),
         ])  # fmt: skip
     return out
+
+
+def artifact_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]:
+    """The row holding ``row``'s artifact record (its ``layers``, ``theoretical_bytes``):
+    ``row`` itself, or for a delivered row (``shares_size``: the same artifact run another
+    way) the first row of the same ``artifact`` that is not one."""
+    if not row.get("shares_size"):
+        return row
+    same = (
+        r for r in rows if r.get("artifact") == row.get("artifact") and not r.get("shares_size")
+    )
+    return next(same, row)
+
+
+def format_kind(layer_format: str) -> str:
+    """A layer's format without its activation, symmetry and granularity (the per-layer
+    section has them): its number type, and a codebook or basis when it has one.
+
+    Example:
+        >>> format_kind("uint4-asym-group32 / act uint8"), format_kind("int2-sym-channel-codebook")
+        ('uint4', 'int2-codebook')
+        >>> format_kind("float32")
+        'float32'
+    """
+    parts = layer_format.split(" / ")[0].split("-")
+    return "-".join(parts[:1] + parts[3:])
+
+
+def formats_summary(layers: dict[str, str]) -> str:
+    """Each :func:`format_kind` of ``layers`` (layer -> format, in model order) with its
+    number of layers, in order of first use; ``"-"`` when there are none (the float row).
+
+    Example:
+        >>> formats_summary({"0": "int8-sym-channel", "3": "uint4-asym-channel",
+        ...                  "9": "int8-sym-channel"})
+        'int8 (2), uint4 (1)'
+    """
+    counts: dict[str, int] = {}
+    for layer_format in layers.values():
+        kind = format_kind(layer_format)
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{kind} ({n})" for kind, n in counts.items()) or "-"
+
+
+def layer_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    """A table of every layer's format (layer x artifact, in model order; ``-`` where an
+    artifact lacks the layer), as the demo report gives; nothing when no row has layers."""
+    own = [r for r in rows if r.get("layers") and not r.get("shares_size")]
+    if not own:
+        return []
+    names = list(dict.fromkeys(name for r in own for name in r["layers"]))
+    table = [[name] + [r["layers"].get(name, "-") for r in own] for name in names]
+    return [("h2", "Layer formats"), ("table", (["layer"] + [r["label"] for r in own], table))]
 
 
 def memory_runtime(runs_as: str) -> str:
@@ -151,7 +210,11 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
     how = [
         _quality_text(results),
         "Size: bytes on disk of each artifact directory; the float row is the float model "
-        "saved in the same format.",
+        "saved in the same format. Theoretical size: the size the recipe implies (its tensors "
+        "as the artifact stores them, a pruned weight's zeros by their sparse index, without "
+        "the files' headers). Formats: each weight format's number type and how many layers "
+        "use it (every layer's full format under Layer formats); a delivered row runs its "
+        "artifact's.",
         f"Latency: median of at least {env['runs']} runs after warm-up, "
         f"{env['threads']} torch threads, "
         f"OMP_WAIT_POLICY={env.get('omp_wait_policy', 'unset')}, one batch of "
@@ -189,6 +252,7 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
     ]  # fmt: skip
     if suspect:
         blocks += [("h2", "Latencies that may be inflated (noisy machine)"), ("list", suspect)]
+    blocks += layer_blocks(results["rows"])
     if kept:
         blocks += [("h2", "Layers with float weights (kept in float, or pruned only)")]
         blocks += [("list", kept)]
@@ -239,9 +303,7 @@ def _paths_text(paths: dict[str, Any] | None) -> str:
     if not paths:
         return "fp32 eager"
     times = ", ".join(
-        f"{k} {v['median_s'] * 1e3:.2f} ms"
-        for k, v in paths["timings"].items()
-        if k in paths["errors"]
+        f"{k} {ms(v['median_s'])} ms" for k, v in paths["timings"].items() if k in paths["errors"]
     )
     skipped = "; ".join(f"{k} skipped: {v}" for k, v in paths["skipped"].items())
     return f"{paths['winner']} won: {times}" + (f"; {skipped}" if skipped else "")

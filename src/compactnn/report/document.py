@@ -2,7 +2,9 @@
 
 A document is a list of blocks: ``("h1", text)``, ``("h2", text)``, ``("p", text)``,
 ``("list", [items])``, ``("table", (header, rows))`` and ``("img", (alt, png_bytes, file))``.
-Text is plain; ``code`` spans in backticks are kept in Markdown and become ``<code>`` in HTML.
+Text is plain (both renderers escape ``&``, ``<`` and ``>`` in it, so a user's recipe name or
+title is shown, never run); ``code`` spans in backticks are kept in Markdown and become
+``<code>`` in HTML.
 """
 
 from __future__ import annotations
@@ -30,24 +32,43 @@ def _inline_html(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
 
 
+def _md_text(text: Any) -> str:
+    """``text`` for Markdown: ``&``, ``<`` and ``>`` escaped, so a recipe name, a title or a
+    layer name is shown, never run as HTML (``to_html`` escapes the same text). Code spans
+    keep their backticks; an escaped character inside one shows as its entity.
+
+    Example:
+        >>> _md_text("w4 <img src=x> & `a`")
+        'w4 &lt;img src=x&gt; &amp; `a`'
+    """
+    return html.escape(str(text), quote=False)
+
+
+def _md_line(text: Any) -> str:
+    """:func:`_md_text` on one line (a heading, a list item): a newline in a name would end
+    the heading or start another block."""
+    return _md_text(text).replace("\n", " ")
+
+
 def _md_cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _md_line(text).replace("|", "\\|")
 
 
 def to_markdown(blocks: list[Block]) -> str:
-    """Markdown of ``blocks``; images link to their file name."""
+    """Markdown of ``blocks``; images link to their file name. All text is escaped
+    (:func:`_md_text`), as :func:`to_html` escapes it."""
     out: list[str] = []
     for kind, data in blocks:
         if kind == "h1":
-            out.append(f"# {data}")
+            out.append(f"# {_md_line(data)}")
         elif kind == "h2":
-            out.append(f"## {data}")
+            out.append(f"## {_md_line(data)}")
         elif kind == "h3":
-            out.append(f"### {data}")
+            out.append(f"### {_md_line(data)}")
         elif kind == "p":
-            out.append(str(data))
+            out.append(_md_text(data))
         elif kind == "list":
-            out.append("\n".join(f"- {item}" for item in data))
+            out.append("\n".join(f"- {_md_line(item)}" for item in data))
         elif kind == "table":
             header, rows = data
             lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
@@ -56,7 +77,7 @@ def to_markdown(blocks: list[Block]) -> str:
             out.append("\n".join(lines))
         elif kind == "img":
             alt, _png, file = data
-            out.append(f"![{alt}]({file})")
+            out.append(f"![{_md_line(alt)}]({file})")
         else:
             raise ValueError(f"unknown block kind {kind!r}")
     return "\n\n".join(out) + "\n"
