@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from compactnn.errors import CompactnnError, name_list
+from compactnn.export.user_files import check_regular, index_weight_map, not_regular, special_kind
 
 # The safetensors weights transformers' from_pretrained reads from a folder (no variant).
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -29,10 +30,12 @@ def weights_refusal(path: Path, trust_pickle: bool) -> CompactnnError | None:
         >>> weights_refusal(Path("no-such-folder"), False).args[0][:40]
         "'no-such-folder' has no weights: a Huggi"
     """
+    if (special := special_weights(path)) is not None:
+        return special
     if has_safetensors_weights(path):
-        return None
+        return index_refusal(path)
     pickles = sorted(p.name for p in path.glob("pytorch_model*.bin*"))
-    others = sorted(p.name for p in path.glob("*.safetensors"))
+    others = sorted(p.name for p in path.glob("*.safetensors") if p.name not in SAFETENSORS_WEIGHTS)
     stray = (
         f" ({name_list(others, 3)} {'is' if len(others) == 1 else 'are'} not "
         "model.safetensors, so transformers does not read "
@@ -54,6 +57,42 @@ def weights_refusal(path: Path, trust_pickle: bool) -> CompactnnError | None:
         "save_pretrained(..., safe_serialization=True), or pass --trust-pickle if you trust "
         "its author."
     )
+
+
+def special_weights(path: Path) -> CompactnnError | None:
+    """The error for a ``model.safetensors`` (or shard index) that is there but is not a
+    regular file: a FIFO (whose open would wait forever), a device, a folder, a link to one of
+    these, or a broken link; else None. Only ``stat`` is called: nothing is opened.
+
+    Example:
+        >>> special_weights(Path("no-such-folder")) is None
+        True
+    """
+    for name in SAFETENSORS_WEIGHTS:
+        if special_kind(path / name) is not None:
+            return CompactnnError(
+                f"{not_regular(path / name)}, and transformers reads weights from a regular "
+                f"file: put the real {name} there, or save the model in the folder with "
+                "save_pretrained(folder)."
+            )
+    return None
+
+
+def index_refusal(path: Path) -> CompactnnError | None:
+    """The error for a shard index transformers would read (no ``model.safetensors`` beside
+    it) that is not a JSON object with a ``weight_map`` of shard files, or that names a shard
+    that is missing or not a regular file (a FIFO shard would block the load forever); else
+    None."""
+    index = path / SAFETENSORS_WEIGHTS[1]
+    if (path / SAFETENSORS_WEIGHTS[0]).is_file() or not index.is_file():
+        return None
+    fix = "save the model again with save_pretrained(folder)."
+    try:
+        for shard in sorted(set(index_weight_map(index, fix).values())):
+            check_regular(path / shard, f"{index.name} names it as a shard; {fix}")
+    except CompactnnError as exc:
+        return exc
+    return None
 
 
 _SIZE_MISMATCH = re.compile(

@@ -5,10 +5,11 @@ compared with the checkpoint as stored."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from compactnn.commands._units import human_bytes
+from compactnn.errors import CompactnnError
+from compactnn.export.user_files import index_weight_map
 
 _HALF = {"BF16": "bfloat16", "F16": "float16"}  # safetensors' dtype names
 _FLOAT = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -16,17 +17,18 @@ _FLOAT = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 def _weight_files(folder: Path) -> list[Path]:
     """The ``.safetensors`` files transformers reads from ``folder`` (the index's shards, or
-    ``model.safetensors``); empty when there are none."""
-    index = folder / "model.safetensors.index.json"
+    ``model.safetensors``, which transformers prefers); empty when there are none."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
     if index.is_file():
-        try:
-            names = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        try:  # a hostile index (nested too deep, not an object): the loader refuses it
+            names = set(index_weight_map(index, "").values())
+        except CompactnnError:
             return []
-        files = [folder / str(n) for n in sorted(names)]
+        files = [folder / n for n in sorted(names)]
         return files if all(f.is_file() for f in files) else []
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
+    return []
 
 
 def stored_half(spec: str) -> tuple[str, int] | None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compactnn.errors import ArtifactError, CompactnnError
+from compactnn.export.user_files import read_regular_bytes
 
 
 def hf_header(model: nn.Module) -> dict[str, Any] | None:
@@ -109,16 +110,22 @@ def remote_code_refusal(folder: Path) -> CompactnnError | None:
     ``auto_map`` (the folder ships its own model code) or an ``architectures`` class that
     ``transformers`` does not have; else None. Loading it as a stock class would compress
     (and evaluate) another network than the one saved, so it is refused, never substituted.
-    An unreadable ``config.json`` is left to transformers' own error.
+    A ``config.json`` nested deeper than Python's JSON parser follows is refused too; any
+    other unreadable one (missing, a FIFO, not JSON) is left to transformers' own error.
 
     Example:
         >>> remote_code_refusal(Path("no-such-folder")) is None
         True
     """
     config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
+    try:  # stat before open: a FIFO's open would block
+        config = json.loads(read_regular_bytes(config_path, "use the model's own config.json."))
+    except RecursionError:
+        return CompactnnError(
+            f"{str(config_path)!r} nests its JSON deeper than Python's parser follows, so it "
+            "is not a Hugging Face config: use the config.json saved with the model."
+        )
+    except ValueError:  # CompactnnError (missing, special, unreadable), not JSON, not UTF-8
         return None
     if not isinstance(config, dict):
         return None

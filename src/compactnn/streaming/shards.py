@@ -21,10 +21,12 @@ from torch import nn
 from compactnn._optional import require
 from compactnn.errors import CompactnnError
 from compactnn.export.fs import hf_weights_file, sha256_file
+from compactnn.export.user_files import check_regular, index_weight_map, read_regular_bytes
 from compactnn.streaming.memory import trim
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+_RESAVE = "save the model again with save_pretrained(folder, safe_serialization=True)."
 
 
 class ShardSet:
@@ -47,23 +49,23 @@ class ShardSet:
                 "streamed compression (max_memory=) takes a directory written by "
                 "save_pretrained(..., safe_serialization=True)."
             )
-        index = self.root / INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        elif (self.root / SINGLE).is_file():
+        index, single = self.root / INDEX, self.root / SINGLE
+        if os.path.lexists(index):
+            weight_map = index_weight_map(index, _RESAVE)
+        elif os.path.lexists(single):
+            check_regular(single, _RESAVE)  # a FIFO would block safe_open forever
             from safetensors import safe_open
 
-            with safe_open(str(self.root / SINGLE), framework="pt") as f:
+            with safe_open(str(single), framework="pt") as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE)
         else:
             raise CompactnnError(
                 f"{str(self.root)!r} holds no safetensors weights ({INDEX} or {SINGLE}); "
                 "streamed compression reads safetensors shards only."
             )
-        for name, file in weight_map.items():
-            if not isinstance(file, str) or Path(file).name != file:
-                raise CompactnnError(f"{index}: tensor {name!r} names a bad shard {file!r}.")
-        self.weight_map: dict[str, str] = dict(weight_map)
+        for file in sorted(set(weight_map.values())):  # before any is opened (FIFOs block)
+            check_regular(self.root / file, f"{INDEX} names it as a shard; {_RESAVE}")
+        self.weight_map: dict[str, str] = weight_map
 
     def source(self) -> dict[str, str]:
         """The artifact's record of the float model (header ``extra.source``): information
@@ -94,6 +96,7 @@ class ShardSet:
             by_file.setdefault(self.weight_map[n], []).append(n)
         out: dict[str, torch.Tensor] = {}
         for file, keys in by_file.items():
+            check_regular(self.root / file, _RESAVE)  # replaced since __init__: still no FIFO
             with safe_open(str(self.root / file), framework="pt") as f:
                 for k in keys:
                     out[k] = f.get_tensor(k)
@@ -103,13 +106,15 @@ class ShardSet:
         """SHA-256 over ``config.json``, the weight map, and each shard's size, modification
         time and safetensors header (not the weight bytes: hashing them would read the model
         once more)."""
-        h = hashlib.sha256((self.root / "config.json").read_bytes())
+        h = hashlib.sha256(read_regular_bytes(self.root / "config.json", _RESAVE))
         h.update(json.dumps(self.weight_map, sort_keys=True).encode())
         for file in sorted(set(self.weight_map.values())):
             p = self.root / file
+            check_regular(p, _RESAVE)
             st = p.stat()
             h.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())
-            with open(p, "rb") as f:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # never waits on a FIFO
+            with open(fd, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 h.update(f.read(min(n, 100_000_000)))
         return h.hexdigest()
