@@ -10,7 +10,11 @@ the allocation that failed, and the fixes. A message is cut to about ``MAX_MESSA
 (The writers of :mod:`compactnn.export.fs` name the file of a failed write.) Any other
 exception is a bug and keeps its traceback. Ctrl-C (SIGINT) and SIGTERM stop a command the
 same way, its cleanup run (a training log removed, or kept where a checkpoint resumes it):
-``interrupted`` and status 130, ``terminated (SIGTERM)`` and status 143.
+``interrupted`` and status 130, ``terminated (SIGTERM)`` and status 143. Under ``torchrun``
+rank 0 alone prints the ``error:``, ``warning:`` and interrupt lines (every rank meets the
+same); the other ranks exit with the same status, silently (a refusal met by one rank
+alone is printed by it, ``rank N: error: ...``, after :data:`RANK_GRACE_S`), and still print
+what may be their own: a traceback, an out-of-memory or a disk error.
 
 OpenMP: every command that computes (``PASSIVE_COMMANDS``: all but ``recipes``) runs with
 ``OMP_WAIT_POLICY=PASSIVE`` and, while the load is below the CPU count, a bounded spin,
@@ -35,6 +39,7 @@ import os
 import re
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +55,9 @@ EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
 EXIT_INTERRUPTED = 130  # 128 + SIGINT (Ctrl-C)
 EXIT_TERMINATED = 143  # 128 + SIGTERM (timeout, Slurm, systemd, kill)
+# How long a rank other than 0 waits, after a refusal, for torchrun to stop it: rank 0
+# meets the same refusal and prints it (:func:`said_by_rank0`).
+RANK_GRACE_S = 5.0
 # OSErrors the user fixes (free space, permissions, another path), with the hint to give.
 USER_OS_ERRORS = {
     errno.ENOSPC: "free some disk space or choose another --out",
@@ -216,8 +224,39 @@ def _silence_stdout() -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one plain line (``warning: ...``), not a source-code excerpt."""
-    print(f"warning: {message}", file=sys.stderr)
+    """Warnings as one plain line (``warning: ...``), not a source-code excerpt; under
+    ``torchrun`` on rank 0 alone (:func:`other_rank`)."""
+    if not other_rank():
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def other_rank() -> bool:
+    """Whether this process is a rank other than 0 of a ``torchrun`` run (its ``RANK``):
+    every rank meets the same warnings, refusals and interrupts, and rank 0 alone says them;
+    the others exit with the same status, silently."""
+    rank = os.environ.get("RANK", "0")
+    return rank.isdigit() and int(rank) != 0
+
+
+def said_by_rank0(line: str) -> None:
+    """On a rank other than 0, the refusal ``line``: rank 0 meets the same and prints it, and
+    ``torchrun`` stops this rank when rank 0 exits, so wait :data:`RANK_GRACE_S` (without
+    it, this rank's exit could make torchrun stop rank 0 before it printed) and exit with
+    the refusal's status when stopped; a rank still running then met it alone: it says so."""
+
+    def stopped(signum, frame) -> None:
+        raise SystemExit(EXIT_USER_ERROR)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stopped)
+    except (ValueError, OSError):  # not the main thread
+        previous = None
+    try:
+        time.sleep(RANK_GRACE_S)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(f"rank {os.environ.get('RANK')}: {line}", file=sys.stderr)
 
 
 class _TorchaoEnumNotice(logging.Filter):
@@ -345,7 +384,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return int(args._run(args) or 0)
     except CompactnnError as exc:
         _close_progress_bars()  # else a refusal raised mid-loop lands on the bar's line
-        print(f"error: {bounded(with_hints(exc))}", file=sys.stderr)
+        line = f"error: {bounded(with_hints(exc))}"
+        if other_rank():  # under torchrun, rank 0 says it; this rank only if it met it alone
+            said_by_rank0(line)
+        else:
+            print(line, file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `compactnn ... | head -1`: the reader left; nothing to say
         _silence_stdout()
@@ -362,11 +405,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         _close_progress_bars()
-        if isinstance(exc, Terminated):
-            print("terminated (SIGTERM)", file=sys.stderr)
-            return EXIT_TERMINATED
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(exc, Terminated)
+        if not other_rank():  # torchrun stops every rank: rank 0 alone says it
+            print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
         warnings.showwarning = previous
 

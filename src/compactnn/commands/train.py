@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args)
     data = training_data(args.data, loaded)
     eval_data = held_out_data(args.eval_data, data)
-    if args.eval_data is None and eval_data is not None and isinstance(data, dict):
+    if args.eval_data is None and eval_data is not None and isinstance(data, dict) and _is_rank0():
         held = "/".join(labelled_keys(data, "eval") or ("*_test", "y_test"))
         print(
             f"note: --data {args.data} holds a held-out split ({held}) beside the training "

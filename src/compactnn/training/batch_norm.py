@@ -8,6 +8,10 @@ channel when training"). :func:`fit_batches` finds such a batch norm in the mode
 trained (one forward of two samples in eval mode, without gradients: nothing changes),
 refuses a ``batch_size`` or a data set too small for it before any training, and drops the
 epoch's last batch when it would hold too few samples (said once, with a warning).
+
+The same rule keeps every process of a distributed run busy: each trains on its own slice of
+every batch, so a batch needs one sample per process (two per process for such a batch
+norm): a smaller ``batch_size`` is refused, a last batch with fewer samples is dropped.
 """
 
 from __future__ import annotations
@@ -63,20 +67,17 @@ def fit_batches(
 ) -> int:
     """The optimizer steps of an epoch of ``data`` for training ``model`` (example inputs
     ``x``) with batches of ``batch_size`` over ``world_size`` processes; sets
-    ``data.min_batch`` when a batch norm needs at least two samples per process.
+    ``data.min_batch`` when a batch needs more than one sample: one per process (each trains
+    on its own slice), two per process for a batch norm that needs them.
 
     Raises:
         CompactnnError: ``batch_size`` (or a loader's) or the data is too small for it.
     """
     name = single_value_norm(model, x[:2])
-    if name is None:
+    need = (1 if name is None else 2) * world_size  # the fewest samples of a batch
+    if need <= 1:
         return data.steps(batch_size) or 1
-    need = 2 * world_size  # the smallest process's share of a batch: 2 samples or more
-    per = f" ({world_size} processes: 2 per process)" if world_size > 1 else ""
-    why = (
-        f"batch norm {name!r} normalises one value per channel per sample, so in training "
-        f"mode it needs batches of at least {need} samples{per}"
-    )
+    why, other = _why_needed(name, need, world_size)
     size, where, n = batch_size, "batch_size", None
     fix = f"set batch_size: {need} or more in the recipe's config"
     if data.loader is not None:  # its own batch size, else its first batch's
@@ -90,9 +91,7 @@ def fit_batches(
         size, n = batch_size, data.x.shape[0]
     held = "a loader" if n is None else f"{n} training sample{'s' * (n != 1)}"
     if size < need:
-        raise CompactnnError(
-            f"{where}={size} with {held}: {why}; {fix}, or fold or remove that batch norm."
-        )
+        raise CompactnnError(f"{where}={size} with {held}: {why}; {fix}, or {other}.")
     if n is not None and n < need:
         raise CompactnnError(
             f"the training data holds {held} ({where}={size}): {why}; "
@@ -109,3 +108,26 @@ def fit_batches(
             stacklevel=user_stacklevel(),
         )
     return data.steps(batch_size) or 1
+
+
+def _why_needed(name: str | None, need: int, world_size: int) -> tuple[str, str]:
+    """Why a batch needs ``need`` samples (``name``: the batch norm that needs two per
+    process, or None), and the other way out than a larger batch.
+
+    Example:
+        >>> _why_needed(None, 2, 2)[0]
+        'each of the 2 processes trains on its own slice of every batch, so a batch needs at \
+least 2 samples (1 per process)'
+    """
+    if name is None:
+        return (
+            f"each of the {world_size} processes trains on its own slice of every batch, so a "
+            f"batch needs at least {need} samples (1 per process)",
+            "run fewer processes",
+        )
+    per = f" ({world_size} processes: 2 per process)" if world_size > 1 else ""
+    return (
+        f"batch norm {name!r} normalises one value per channel per sample, so in training "
+        f"mode it needs batches of at least {need} samples{per}",
+        "fold or remove that batch norm",
+    )

@@ -4,9 +4,10 @@ Accepted forms: a pair ``(inputs, labels)`` of tensors (shuffled each epoch by a
 generator, so a resumed run sees the same batches), a dict with ``x_train``/``y_train`` (or
 ``x``/``y``) tensors, an object with ``x_train``/``y_train`` attributes (the
 embedded data sets), or an iterable of ``(inputs, labels)`` batches such as a
-``DataLoader`` (iterated as given). Floating-point inputs are cast to the model's
-floating-point parameter dtype (e.g. float16 or numpy's float64 into a float32 model);
-integer inputs stay as they are.
+``DataLoader`` (iterated as given; the global batches, never a ``DistributedSampler``'s
+share: :func:`check_unsplit`). Floating-point inputs are cast to the model's floating-point
+parameter dtype (e.g. float16 or numpy's float64 into a float32 model); integer inputs stay
+as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data.distributed import DistributedSampler
 
 from compactnn.core.calib import check_finite, describe, expected_input_hint, main_output
 from compactnn.core.model_input import working_copy
@@ -282,10 +284,28 @@ def as_train_data(data: Any, dtype: torch.dtype | None = None) -> TrainData:
             raise CompactnnError("training data is empty: it holds 0 samples.")
         return TrainData(x=cast_inputs(x, dtype), y=y)
     if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        check_unsplit(data)
         if iter(data) is data:  # a one-shot iterator: keep its batches for every epoch
             data = list(data)
         return TrainData(loader=data, dtype=dtype)
     raise CompactnnError(f"training data of type {type(data).__name__} is not supported.")
+
+
+def check_unsplit(loader: Any) -> None:
+    """Refuse a loader whose ``DistributedSampler`` (its sampler, or its batch sampler's)
+    gives each process its own part of the data: ``train`` splits every batch over the
+    processes itself, so each would train on ``1/world_size`` of its part."""
+    owners = (loader, getattr(loader, "batch_sampler", None))
+    for sampler in (getattr(owner, "sampler", None) for owner in owners):
+        replicas = getattr(sampler, "num_replicas", 1)
+        if isinstance(sampler, DistributedSampler) and replicas > 1:
+            raise CompactnnError(
+                f"the training DataLoader's sampler is a DistributedSampler "
+                f"(num_replicas={replicas}), which gives each process its own part of the "
+                "data, and train() splits every batch over the processes itself: pass the "
+                "global loader, the same on every process (e.g. DataLoader(dataset, "
+                "batch_size=B, shuffle=True): train() seeds its shuffle alike on every rank)."
+            )
 
 
 def check_finite_inputs(data: TrainData, calib: list[Any]) -> None:

@@ -15,8 +15,16 @@ differ by one sample, and the average of the slice means then weighs samples sli
 unevenly). Batch-norm statistics are per rank (each sees its slice), the one known source of
 difference from the single-process run besides float summation order.
 
-Rank 0 alone shows progress, prints, writes the log and the checkpoints; every rank reads a
-checkpoint to resume, so all continue from the same state.
+Every rank gets at least one sample of every batch: a ``batch_size`` (or a loader's) smaller
+than ``world_size`` is refused before training, and an epoch's last batch with fewer samples
+than ranks is dropped, said once (:mod:`compactnn.training.batch_norm`, which asks two per
+rank for a batch norm that needs them). Pass the global data: a ``DataLoader`` whose
+``DistributedSampler`` already splits it per rank is refused (each rank would train on
+``1/world_size`` of its part).
+
+Rank 0 alone shows progress (the bar's numbers summed over the ranks, as the epoch's line),
+prints, warns, writes the log and the checkpoints; every rank reads a checkpoint to resume,
+so all continue from the same state.
 
 ``distributed="fsdp2"`` shards the student instead of replicating it
 (:mod:`compactnn.training.fsdp`): same batch rule, same checkpoints (whole tensors, gathered
@@ -27,8 +35,11 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import os
-from typing import Any
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -38,6 +49,7 @@ from compactnn.errors import CompactnnError
 from compactnn.training import fsdp
 
 STRATEGIES = ("ddp", "fsdp2")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +131,32 @@ def _leave_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def process_rank() -> int:
+    """This process's rank: its process group's, else ``torchrun``'s ``RANK`` (0 for a
+    plain process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0
+
+
+def rank0_warnings(fn: _F) -> _F:
+    """``fn`` whose warnings rank 0 alone shows: every rank meets the same ones, so the
+    other ranks of a distributed run would repeat each once more (they stay silent)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if process_rank() == 0:
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def rank_slice(n: int, world_size: int, rank: int) -> slice:

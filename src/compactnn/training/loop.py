@@ -18,6 +18,7 @@ from compactnn.api import with_ignored
 from compactnn.core.context import CompressContext
 from compactnn.core.model_input import unwrap_model, working_copy
 from compactnn.core.modules import check_target_names
+from compactnn.core.progress import bar as progress_bar
 from compactnn.core.seeding import keeps_global_rng
 from compactnn.distill.features import FeatureDistiller
 from compactnn.distill.kd import DistillationLoss, check_logits
@@ -54,56 +55,14 @@ from compactnn.training.resume import (
     rng_state,
     set_rng_state,
 )
+from compactnn.training.schedule import (
+    epochs_for_min_steps,
+    lr_schedule,
+    param_groups,
+)
 from compactnn.training.wrap import freeze, prepare_qat, qat_step
 
 _dist = distributed  # in train() its argument ``distributed`` shadows the module's name
-_QUANT_PARAM_MARKS = (".weight_quantizer.", ".input_quantizer.", ".post.")
-
-
-def param_groups(model: nn.Module, lr: float, lr_quant: float) -> list[dict]:
-    """Weights and biases at ``lr``; quantizer parameters (steps, clips, scales, shifts,
-    RPReLU) at ``lr_quant``."""
-    quant, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_quant = any(m in f".{name}" for m in _QUANT_PARAM_MARKS) or name.endswith(
-            ("shift", "gain")
-        )
-        (quant if is_quant else rest).append(p)
-    groups = [{"params": rest, "lr": lr}]
-    if quant:
-        groups.append({"params": quant, "lr": lr_quant})
-    return groups
-
-
-def epochs_for_min_steps(epochs: int, steps_per_epoch: int, min_steps: int) -> int:
-    """The recipe's ``epochs``, raised so that training makes at least ``min_steps``
-    optimizer steps (binary recipes on small datasets: ``docs/lowbit-training.md``).
-
-    Example:
-        >>> epochs_for_min_steps(10, 23, 600)  # digits-resnet: 23 steps per epoch
-        27
-    """
-    if min_steps <= 0 or epochs == 0:
-        return epochs
-    return max(epochs, -(-min_steps // max(steps_per_epoch, 1)))
-
-
-def lr_schedule(opt: torch.optim.Optimizer, total: int, warmup: int = 0):
-    """Cosine decay to 0 over ``total`` steps; with ``warmup``, a linear ramp from
-    ``1/warmup`` of the learning rate over the first ``warmup`` steps, then the cosine over
-    the rest."""
-    if warmup <= 0:
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    warmup = min(warmup, max(total - 1, 1))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def norm_recalibrator(cfg, data: TrainData, device: torch.device, seed: int):
@@ -210,11 +169,11 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
     env, forward = opts["env"], opts["forward"]
     r.qat.train()
     total = data.steps(bs)
-    bar = tqdm(
+    bar = progress_bar(
         total=total,
         initial=r.batch,
         desc=f"epoch {r.epoch + 1}/{opts['epochs']}",
-        disable=not opts["progress"],
+        progress=opts["progress"],
         leave=False,
     )
     p = r.progress
@@ -226,22 +185,21 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
         logits = class_logits(forward(x))  # a dict's "logits", a tuple's first item
         loss = loss_fn(logits, x, y)
         value = float(loss.detach())
-        if not math.isfinite(value) or env.active:
-            _check_finite(env, value, r, i, bar)
+        loss_sum += value * x.shape[0]
+        hits += int((logits.detach().argmax(1) == y).sum())
+        seen += x.shape[0]
+        shown = _check_finite(env, value, r, i, bar, [loss_sum, hits, seen])
         r.opt.zero_grad(set_to_none=True)
         loss.backward()
         r.opt.step()
         r.sched.step()
         r.batch, r.step = i + 1, r.step + 1
-        loss_sum += value * x.shape[0]
-        hits += int((logits.detach().argmax(1) == y).sum())
-        seen += x.shape[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * hits / seen:.1f}")
+        bar.update(1)  # the epoch's sums so far over every rank, as its line will say
+        bar.set_postfix(loss=f"{shown[0] / shown[2]:.3f}", acc=f"{100 * shown[1] / shown[2]:.1f}")
         if max_steps is not None and r.step >= max_steps:
             bar.close()
             if ckpt:  # the epoch's sums so far: its record then equals the uninterrupted one's
-                r.partial = p.state(distributed.sum_over_ranks(env, [loss_sum, hits, seen]))
+                r.partial = p.state(shown)  # summed over the ranks
             _checkpoint(env, ckpt, r)
             return False
     bar.close()
@@ -251,11 +209,13 @@ def _train_epoch(r: _Run, data: TrainData, loss_fn, num_classes, opts) -> bool:
     return True
 
 
-def _check_finite(env: distributed.DistEnv, loss: float, r: _Run, batch: int, bar) -> None:
-    """Stop on a NaN or infinite training loss, before it poisons the weights."""
+def _check_finite(env, loss: float, r: _Run, batch: int, bar, sums: list) -> list[float]:
+    """Stop on a NaN or infinite training loss, before it poisons the weights; else return
+    the epoch's running ``sums`` over every rank (the same collective, on every rank)."""
     bad = not math.isfinite(loss)
     if env.active:  # every rank stops together, not only the one that saw it
-        bad = distributed.sum_over_ranks(env, [float(bad)])[0] > 0
+        bad, *sums = distributed.sum_over_ranks(env, [float(bad), *sums])
+        bad = bad > 0
     if bad:
         bar.close()
         raise CompactnnError(
@@ -263,6 +223,7 @@ def _check_finite(env: distributed.DistEnv, loss: float, r: _Run, batch: int, ba
             "check the training data for NaN or Inf values (torch.isfinite(x).all()), "
             "or lower the learning rate if the data is finite."
         )
+    return sums
 
 
 def _checkpoint(env: distributed.DistEnv, directory: str | None, r: _Run) -> None:
@@ -315,6 +276,7 @@ def _final_model(r: _Run, keep_best: bool) -> tuple[nn.Module, dict[str, Any]]:
 
 
 @keeps_global_rng  # train seeds torch for its own run only: the caller's states come back
+@distributed.rank0_warnings  # under torchrun, rank 0 alone shows each warning
 def train(
     model: nn.Module,
     recipe: str | Recipe,
