@@ -27,8 +27,6 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         MemoryError: too little memory to read it (an ENOMEM, a failed allocation: not the
             file's fault), naming the file.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.is_dir():
         raise CompactnnError(
@@ -37,7 +35,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         )
     check_regular_file(path, f"file {str(path)!r}", "a .safetensors file")
     try:
-        return load_file(str(path))
+        return load_safetensors(path)
     except Exception as exc:
         if is_out_of_memory(exc) or "Cannot allocate memory" in str(exc):  # ENOMEM's words
             raise MemoryError(f"reading {str(path)!r}: {first_line(exc)}") from exc
@@ -50,6 +48,42 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                 "save_file({'x': x}, 'data.safetensors')), and pass the .safetensors file."
             ) from exc
         raise CompactnnError(f"{str(path)!r} is not a readable safetensors file: {exc}") from exc
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` for any file name: safetensors refuses a name that is
+    not valid UTF-8 (``Path ... is not valid UTF-8``, e.g. a Latin-1 ``w\\xe9.safetensors``),
+    so such a file is opened here and safetensors reads it as ``/proc/self/fd/N`` (Linux),
+    else from its bytes. Either way safetensors checks the header against the file's size
+    before it allocates anything."""
+    import safetensors.torch
+
+    name = str(path)
+    if _is_utf8(name):
+        return safetensors.torch.load_file(name)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        alias = _fd_name(fd)
+        if alias is not None:
+            return safetensors.torch.load_file(alias)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return safetensors.torch.load(f.read())
+    finally:
+        os.close(fd)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the name, kept as lone surrogates
+        return False
+    return True
+
+
+def _fd_name(fd: int) -> str | None:
+    """A path that opens the file open as ``fd`` (``/proc/self/fd/N``), None without one."""
+    alias = f"/proc/self/fd/{fd}"
+    return alias if os.path.exists(alias) else None
 
 
 def pickled_kind(path: Path) -> str | None:

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import compactnn
 from compactnn.core.calib import batch_size_of, call_model, main_output
+from compactnn.core.progress import bar as progress_bar
 from compactnn.demo_suite import SUITE, suite_recipe
 from compactnn.errors import CompactnnError, first_line
 from compactnn.export.artifact import check_writable
@@ -363,7 +363,7 @@ def run_demo(
     memory_s = 0.0 if memory else None  # None: not measured (--no-memory)
     with temporary_folder() as tmp:
         try:
-            with tqdm(total=total, desc="demo", disable=not progress) as bar:
+            with progress_bar(total=total, desc="demo", progress=progress) as bar:
                 for name, recipes in grouped.items():
                     bar.set_postfix_str(f"{name}: loading")
                     ref = loader(name)

@@ -44,7 +44,8 @@ def test_a_record_of_hand_made_data_has_the_same_keys():
 
 
 @pytest.mark.parametrize("method", ["bn-inversion", "dafl"])
-def test_the_progress_bar_shows_the_loss(tiny_teacher, capsys, method):
+def test_the_progress_bar_shows_the_loss(tiny_teacher, capsys, monkeypatch, method):
+    monkeypatch.setenv("COMPACTNN_PROGRESS", "1")  # capsys is no terminal: bars forced on
     generate(tiny_teacher, 4, input_shape=(1, 8, 8), method=method, steps=3, progress=True)
     err = capsys.readouterr().err
     assert method.split("-")[0] in err and "loss=" in err

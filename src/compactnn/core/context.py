@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compactnn.core.calib import Batch, all_finite, batch_size_of, call_model, main_output
 from compactnn.core.observer import NonFiniteActivation, RangeObserver
+from compactnn.core.progress import bar as progress_bar
 from compactnn.errors import CompactnnError, counted, user_stacklevel
 
 MAX_SCALE = float(torch.finfo(torch.float16).max)  # scales are stored as float16
@@ -105,7 +105,7 @@ class CompressContext:
                 )
 
     def bar(self, iterable, **kwargs):
-        return tqdm(iterable, disable=not self.progress or not kwargs.get("desc"), **kwargs)
+        return progress_bar(iterable, progress=self.progress and bool(kwargs.get("desc")), **kwargs)
 
     def require_calibration(self, method: str, recommended: int) -> None:
         """Fail without data; warn when fewer samples than ``recommended`` are given

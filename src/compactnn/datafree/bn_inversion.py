@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
+from compactnn.core.progress import bar as progress_bar
 from compactnn.datafree.common import (
     BNStats,
     GeneratedData,
@@ -96,7 +96,7 @@ def invert_bn(
     classes = check_classifier(teacher, torch.randn(2, *shape, generator=gen))
     stats.reset()
     xs, ys = [], []
-    bar = tqdm(total=-(-n // batch_size) * steps, desc="bn-inversion", disable=not progress)
+    bar = progress_bar(total=-(-n // batch_size) * steps, desc="bn-inversion", progress=progress)
     with Timer() as timer:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compactnn.core.calib import main_output
 from compactnn.core.memory import peak_rss_mib
+from compactnn.core.progress import bar
 from compactnn.datafree.input_fit import misfit_message
 from compactnn.distill.kd import kd_loss
 from compactnn.errors import CompactnnError, first_line
@@ -253,7 +253,7 @@ def distill_on(
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     student.train()
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    for step in bar(range(steps), desc=desc, progress=progress, leave=False):
         x = sample(step)
         with torch.no_grad():
             t = teacher(x)

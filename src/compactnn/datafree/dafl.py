@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
+from compactnn.core.progress import bar as progress_bar
 from compactnn.core.seeding import keeps_global_rng, reseed
 from compactnn.datafree.common import (
     BNStats,
@@ -206,7 +206,7 @@ def train_dafl(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(steps, 1))
     buffer = None
     made = 0
-    bar = tqdm(range(steps), desc="dafl", disable=not progress, leave=False)
+    bar = progress_bar(range(steps), desc="dafl", progress=progress, leave=False)
     with Timer() as timer:
         for step in bar:
             if not replay or step < warmup:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
+from compactnn.core.progress import bar
 from compactnn.core.seeding import keeps_global_rng, reseed
 from compactnn.datafree.common import FeatureTap, Timer, classifier_head, frozen_copy, logits_of
 from compactnn.errors import CompactnnError
@@ -97,7 +97,7 @@ def select_in_distribution(
     f_p, f_u = (f_p - mu) / sd, (f_u - mu) / sd
     g = nn.Sequential(nn.Linear(f_p.shape[1], 64), nn.ReLU(), nn.Linear(64, 1))
     opt = torch.optim.Adam(g.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in tqdm(range(epochs), desc="nnPU", disable=not progress, leave=False):
+    for _ in bar(range(epochs), desc="nnPU", progress=progress, leave=False):
         _risk, objective = nnpu_risk(g(f_p).squeeze(1), g(f_u).squeeze(1), prior)
         opt.zero_grad(set_to_none=True)
         objective.backward()
@@ -159,7 +159,7 @@ def pu_distill(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     student.train()
     with Timer() as timer:
-        for _ in tqdm(range(epochs), desc="robust KD", disable=not progress, leave=False):
+        for _ in bar(range(epochs), desc="robust KD", progress=progress, leave=False):
             for idx in torch.randperm(x.shape[0]).split(batch_size):
                 noise = torch.rand(perturbations, w.numel()) * eps
                 loss = robust_kd_loss(logits_of(student(x[idx])), t_all[idx], w, noise)

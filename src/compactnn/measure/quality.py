@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compactnn.core.calib import (
     call_model,
@@ -32,6 +31,7 @@ from compactnn.core.calib import (
     expected_input_hint,
     main_output,
 )
+from compactnn.core.progress import bar as progress_bar
 from compactnn.core.tokens import warn_unmasked_padding
 from compactnn.errors import CompactnnError, first_line
 from compactnn.training.data import (
@@ -97,7 +97,9 @@ def evaluate(
     model.eval()
     try:
         with torch.no_grad():
-            bar = tqdm(_batches(model, data, batch_size), desc="evaluate", disable=not progress)
+            bar = progress_bar(
+                _batches(model, data, batch_size), desc="evaluate", progress=progress
+            )
             for i, (x, y) in enumerate(bar):
                 out = _run(model, x, i)
                 total += score(out, y, i) * y.shape[0]

@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from compactnn.core.calib import call_model, detect_call_mode, main_output
 from compactnn.core.digest import tensors_sha256
 from compactnn.core.fold import fold_batchnorm
 from compactnn.core.hessian import hutchinson_trace
+from compactnn.core.progress import bar as progress_bar
 from compactnn.errors import CompactnnError, user_stacklevel
 from compactnn.export.fs import atomic_write_text
 from compactnn.mixed_precision.formats import Format, pruned_rows, rtn_weight
@@ -240,7 +240,7 @@ def measured_scores(
     with torch.no_grad():
         refs = run(work)
         scores = np.zeros((len(layers), len(formats)))
-        bar = tqdm(total=len(layers) * len(formats), desc="sensitivity", disable=not progress)
+        bar = progress_bar(total=len(layers) * len(formats), desc="sensitivity", progress=progress)
         for j, fmt in enumerate(formats):
             for i, name in enumerate(layers):
                 layer = work.get_submodule(name)

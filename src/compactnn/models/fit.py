@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from compactnn.core.progress import bar
 from compactnn.data.split import Split
 
 
@@ -88,7 +88,7 @@ def _train(
         opt, max_lr=cfg.max_lr, total_steps=cfg.epochs * steps_per_epoch
     )
     model.train()
-    for _ in tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress):
+    for _ in bar(range(cfg.epochs), desc=desc, unit="epoch", progress=progress):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]

@@ -35,10 +35,10 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from compactnn._optional import require
 from compactnn.core.calib import main_output
+from compactnn.core.progress import bar
 from compactnn.core.seeding import seeded_rng
 from compactnn.data import text as text_module
 from compactnn.errors import CompactnnError
@@ -234,7 +234,7 @@ def train_lm(
     losses: list[float] = []
     model.train()
     try:
-        for step in tqdm(range(cfg.steps), desc=f"training {NAME}", disable=not progress):
+        for step in bar(range(cfg.steps), desc=f"training {NAME}", progress=progress):
             starts = torch.randint(0, len(ids) - context, (cfg.batch_size,), generator=gen)
             batch = torch.stack([ids[s : s + context] for s in starts.tolist()])  # (B, T)
             s, n = next_token_nll(main_output(model(input_ids=batch)), batch)

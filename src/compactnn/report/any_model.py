@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import compactnn
 from compactnn.core.calib import call_model, main_output
+from compactnn.core.progress import bar as progress_bar
 from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
 from compactnn.export.artifact import artifact_exists, removed_if_failed
 from compactnn.export.fs import writable_folder
@@ -87,6 +87,7 @@ from compactnn.report.sources import (
     check_artifacts,
     check_float_model,
     given_as,
+    own_calibration_note,
 )
 from compactnn.report.writer import write_files
 from compactnn.training.data import as_eval_data, check_labels
@@ -394,8 +395,10 @@ def build_report(
         The results written to ``results.json``: ``rows`` (float, then per artifact the
         simulated model and, when deliverable, the int8 or kernels model), ``metric``,
         ``higher_is_better``, ``pareto_front`` (row labels per panel; on the latency panel
-        rows whose timing looked inflated are left out), ``latency_suspect`` (the labels of
-        those rows: their latency and speedup cells end in ``*``), ``environment``...
+        simulated rows and rows whose timing looked inflated are left out),
+        ``latency_suspect`` (the labels of those rows: their latency and speedup cells end
+        in ``*``), ``scored_on_calibration`` (the labels of rows scored on their artifact's
+        own calibration inputs: each says so in its notes), ``environment``...
 
     Raises:
         CompactnnError: data the model cannot run on, a metric the data or model cannot
@@ -426,7 +429,7 @@ def build_report(
     previous = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
-        with tqdm(total=len(artifacts) + 1, desc="report", disable=not progress) as bar:
+        with progress_bar(total=len(artifacts) + 1, desc="report", progress=progress) as bar:
             rows, runners = _measure(
                 model, float_model, [Path(a) for a in artifacts], example, score,
                 metric_name(metric), y, bar, quick, headers,
@@ -447,6 +450,11 @@ def build_report(
     own = [r for r in rows[1:] if not r.get("shares_size")]  # one per artifact, in order
     if calibrated := calibration_note([(r["label"], h) for r, h in zip(own, headers, strict=True)]):
         warnings.warn(calibrated, stacklevel=user_stacklevel())
+    flattered = []  # rows scored on their artifact's own calibration inputs
+    for row, header in zip(own, headers, strict=True):
+        if said := own_calibration_note(header.get("extra", {}), x, model):
+            row["notes"].append(said)
+            flattered.append(row["label"])
     better = higher_is_better(rows[0]["metric"])
     for row in rows:
         row["model"], row["higher_is_better"] = name, better
@@ -466,6 +474,7 @@ def build_report(
         "latency_suspect": [r["label"] for r in rows if r["latency"].get("suspect")],
         "resident_note": resident_note(rows),
         "calibration_note": calibrated,
+        "scored_on_calibration": flattered,
         "rows": rows,
     }
     png = pareto_png(results, panels=("size", "latency"))
