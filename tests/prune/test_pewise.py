@@ -192,7 +192,7 @@ def test_bad_inputs_are_named():
 
 
 def test_short_names():
-    (rule,) = [r for r in SHORT_NAMES if r.form.startswith("w2[a<A>]-pe")]
+    (rule,) = [r for r in SHORT_NAMES if r.form.startswith("w<2|8>[a<A>]-pe")]
     (step,) = rule.build(rule.pattern.fullmatch("w2a8-pe75-seq")).steps
     assert (step.config.sparsity, step.config.schedule, step.config.act.bits) == (
         0.75,
@@ -270,7 +270,7 @@ def test_a_layer_the_group_does_not_fit_is_refused_by_name_and_the_fix_works():
 
 
 def test_short_name_percent_and_bits_get_range_messages():
-    (rule,) = [r for r in SHORT_NAMES if r.form.startswith("w2[a<A>]-pe")]
+    (rule,) = [r for r in SHORT_NAMES if r.form.startswith("w<2|8>[a<A>]-pe")]
     with pytest.raises(CompactnnError) as err:
         rule.build(rule.pattern.fullmatch("w2a8-pe100"))
     assert str(err.value) == (

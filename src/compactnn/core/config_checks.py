@@ -68,7 +68,7 @@ RULES: tuple[tuple[re.Pattern[str], Rule], ...] = tuple(
         (r"block_size|grid|frequency|max_block_layers", Rule("a whole number, at least 1", 1)),
         (r"num_samples", Rule("calibration samples recommended, e.g. 512", 0)),
         (r"temperature", Rule("the distillation temperature, e.g. 4", 0.0, low_open=True)),
-        (r"distill|round_weight|hidden|attention|cosine|logits|approx|wpc|rho", _WEIGHT),
+        (r"distill|round_weight|hidden|attention|cosine|logits|approx|wpc", _WEIGHT),
         (r"beta_start|beta_end", Rule("an exponent of the rounding regulariser, e.g. 20", 0.0)),
     )
 )

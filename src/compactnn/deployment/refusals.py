@@ -26,6 +26,7 @@ from compactnn.core.calib import (
 from compactnn.core.dynact import DynamicActQuantizer
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.deployment import binary
+from compactnn.engines.binary import BinaryBlock
 from compactnn.errors import CompactnnError, first_line, name_list
 from compactnn.lowering.graph import unsupported_reason
 from compactnn.lowering.plan import RESIDUALS
@@ -136,6 +137,18 @@ def check_tolerance(tolerance: Any) -> None:
         )
 
 
+def binary_kernels(sim: nn.Module) -> str:
+    """The oneDNN backend's kernels for ``sim``'s binary blocks, for a hint: popcount
+    computes +-1 dots, so blocks with ``{0, 1}`` activations (sibnn) run on int8 only."""
+    blocks = [m for m in sim.modules() if isinstance(m, BinaryBlock)]
+    levels = [getattr(getattr(m, "act", None), "levels", "pm1") for m in blocks]
+    if "01" not in levels:
+        return "int8 or popcount kernels"
+    if all(lv == "01" for lv in levels):
+        return "int8 kernels: popcount computes +-1 dots, not {0, 1} activations"
+    return "int8 kernels; popcount for the +-1 blocks, not the {0, 1} ones"
+
+
 def check_backend(backend: str, sim: nn.Module, example: Any) -> None:
     """Refuse what ``backend`` has no kernel or input form for (before building it)."""
     if backend not in ("onnxruntime", "inductor"):
@@ -143,13 +156,13 @@ def check_backend(backend: str, sim: nn.Module, example: Any) -> None:
     blocks = binary.binary_block_names(sim)
     if blocks and backend == "onnxruntime":
         raise CompactnnError(
-            f"ONNX Runtime has no kernel for binary blocks ({', '.join(blocks[:3])}...): "
-            "deploy them with backend='onednn' (int8 or popcount kernels)."
+            f"ONNX Runtime has no kernel for binary blocks ({name_list(blocks, 3)}): "
+            f"deploy them with backend='onednn' ({binary_kernels(sim)})."
         )
     if blocks:
         raise CompactnnError(
-            f"backend='inductor' does not compile binary blocks ({', '.join(blocks[:3])}"
-            "...): deploy them with backend='onednn' (int8 or popcount kernels)."
+            f"backend='inductor' does not compile binary blocks ({name_list(blocks, 3)}): "
+            f"deploy them with backend='onednn' ({binary_kernels(sim)})."
         )
     if backend == "inductor":
         return

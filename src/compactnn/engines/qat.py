@@ -45,7 +45,13 @@ from compactnn.core.spec import QuantSpec
 from compactnn.engines.binary_checks import check_binary_layers
 from compactnn.engines.qat_quantizers import LSQAct, LSQWeight, WeightExport
 from compactnn.errors import CompactnnError
-from compactnn.quant.base import QuantConfig, layer_specs, prepare_model, split_supported
+from compactnn.quant.base import (
+    QuantConfig,
+    layer_specs,
+    ordered_ends,
+    prepare_model,
+    split_supported,
+)
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,9 @@ class QATMethod:
             every layer (name -> layer) ``weight_quantizer`` will take (not those raised to
             other bits): refuses, in one message, the layers the method cannot take (PE-wise:
             those its tile does not divide).
+        plain_ends: the layers of the first/last-layer convention get LSQ weights at their
+            bits even where the convention does not raise them (PE-wise pruning at 8 bits:
+            its tile masks would prune them); ``first_last_bits=None`` turns it off too.
 
     Example:
         >>> lsq = QATMethod(lambda layer, spec, cfg: LSQWeight(layer.weight, spec.bits))
@@ -127,6 +136,7 @@ class QATMethod:
     act_quantizer: QuantizerHook = lsq_act_quantizer
     block: Callable[[str, nn.Module, nn.Module, CompressContext], nn.Module] | None = None
     check_layers: Callable[[dict[str, nn.Module], QATConfig], None] | None = None
+    plain_ends: bool = False
 
     def __call__(
         self,
@@ -203,10 +213,12 @@ def build_wrapper(
     config: QATConfig,
     method: QATMethod,
     ctx: CompressContext,
+    plain: bool = False,
 ) -> nn.Module:
-    """The training wrapper of one layer under ``method`` (or LSQ at raised bits)."""
+    """The training wrapper of one layer under ``method`` (or LSQ at raised bits, and with
+    ``plain``: a first or last layer of a method with ``plain_ends``)."""
     wspec, aspec = specs
-    if wspec.bits != config.weight.bits:
+    if plain or wspec.bits != config.weight.bits:
         wq = LSQWeight(layer.weight, wspec.bits)
     else:
         wq = method.weight_quantizer(layer, wspec, config)
@@ -243,11 +255,19 @@ def wrap_layers(
     specs = layer_specs(model, layers, config, ctx)
     if method.block is not None:  # every layer a binary block cannot wrap, in one message
         check_binary_layers({n: layers[n] for n, (_, a) in specs.items() if a and a.bits == 1})
+    plain = set()
+    if method.plain_ends and config.first_last_bits is not None:
+        plain = ordered_ends(model, layers, ctx)[1]
     if method.check_layers is not None:  # the layers its weight quantizer will take
-        ours = {n: layers[n] for n, (w, _) in specs.items() if w.bits == config.weight.bits}
+        ours = {
+            n: layers[n]
+            for n, (w, _) in specs.items()
+            if w.bits == config.weight.bits and n not in plain
+        }
         method.check_layers(ours, config)
-    for name, layer_spec in specs.items():
-        set_module(model, name, build_wrapper(name, layers[name], layer_spec, config, method, ctx))
+    for name, spec in specs.items():
+        wrapper = build_wrapper(name, layers[name], spec, config, method, ctx, name in plain)
+        set_module(model, name, wrapper)
     return model
 
 

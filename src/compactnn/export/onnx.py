@@ -244,9 +244,9 @@ def qdq_module(
     blocks = [n for n, m in qmodel.named_modules() if isinstance(m, BinaryBlock)]
     if blocks:
         raise CompactnnError(
-            f"ONNX export: binary blocks ({name_list(blocks, 3)}) have no ONNX form (sign "
-            "activations and +-1 weights need compactnn's own kernels): deploy the model with "
-            "compactnn.deploy(model, example=..., backend='onednn') (int8 or popcount kernels) "
+            f"ONNX export: binary blocks ({name_list(blocks, 3)}) have no ONNX form (binary "
+            "weights and 1-bit activations need compactnn's own kernels): deploy the model with "
+            "compactnn.deploy(model, example=..., backend='onednn') (int8; popcount for +-1 only) "
             "and ship it with compactnn.deployment.save_deployed."
         )
     model = copy.deepcopy(qmodel).eval()

@@ -52,7 +52,8 @@ straight-through gradient), the reference arm of the benchmark.
 Frozen, a layer is a standard signed 2-bit layer (codes ``{-1, 0, +1}``, one scale per layer,
 zero point 0); a pruned tile is codes equal to the zero point, which the artifact stores
 sparsely (:mod:`compactnn.export.sparse`). Recipes: ``w2a8-pe`` (50% of the tiles), or
-``w2a8-pe50``, ``w2-pe75``, ``w2a8-pe50-seq`` (sequential).
+``w2a8-pe50``, ``w2-pe75``, ``w2a8-pe50-seq`` (sequential), ``w8a8-pe50`` (int8: PE pruning
+alone).
 
 Example:
     >>> cfg = PEWiseConfig(group=(1, 8), sparsity=0.5)          # doctest: +SKIP
@@ -138,7 +139,7 @@ class PEWiseConfig(QATConfig):
                 f"PEWiseConfig.group={self.group!r} must be two positive integers "
                 "(output channels, input channels), e.g. (1, 8)."
             )
-        check_sparsity(self.sparsity, "PEWiseConfig.sparsity")
+        check_sparsity(self.sparsity, "PEWiseConfig.sparsity", "the PE tiles of each layer")
         if self.schedule not in SCHEDULES:
             raise CompactnnError(
                 f"PEWiseConfig.schedule={self.schedule!r}; use 'joint' or 'sequential'."
@@ -381,17 +382,17 @@ def pewise_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: PEWiseCon
 
 
 register("pe", PEWiseConfig, "PE-wise structured pruning with ternary weights (AAAI 2020)")(
-    QATMethod(pewise_weight_quantizer, check_layers=check_pe_layers)
+    QATMethod(pewise_weight_quantizer, check_layers=check_pe_layers, plain_ends=True)
 )
 
 
-reserve_method_names(r"pe\d+", "-pe<P> is PE-wise pruning's sparsity in w2[a<A>]-pe<P>")
+reserve_method_names(r"pe\d+", "-pe<P> is PE-wise pruning's sparsity in w<2|8>[a<A>]-pe<P>")
 
 
 @register_short_name(
     r"w(?P<w>\d+)(?:a(?P<a>\d+))?-pe(?P<p>\d+)(?P<seq>-seq)?",  # bits: PEWiseConfig checks
-    "w2[a<A>]-pe<P>[-seq]",
-    ("w2a8-pe50", "w2-pe75", "w2a8-pe50-seq"),
+    "w<2|8>[a<A>]-pe<P>[-seq]",
+    ("w2a8-pe50", "w2-pe75", "w2a8-pe50-seq", "w8a8-pe50"),
 )
 def _short_name(m: re.Match[str]) -> Recipe:
     percent = int(m["p"])

@@ -210,6 +210,21 @@ def split_supported(targets: dict[str, nn.Module], ctx: CompressContext) -> dict
     return supported
 
 
+def ordered_ends(
+    model: nn.Module, layers: dict[str, nn.Module], ctx: CompressContext
+) -> tuple[list[str], set[str]]:
+    """``(names, ends)``: the names of ``layers`` in execution order (those that never ran
+    last), and those of them the first/last-layer convention applies to
+    (:func:`~compactnn.quant.ends.model_ends`)."""
+    quantizable = [n for n, m in model.named_modules() if n and isinstance(m, QUANTIZABLE)]
+    ran, heads = [], set()
+    if ctx.batches and (every := list(dict.fromkeys([*quantizable, *layers]))):
+        ran, heads = run_with_heads(model, every, lambda m: ctx.run(m, ctx.batches[0]))
+    seen = set(ran)
+    names = [n for n in ran if n in layers] + [n for n in layers if n not in seen]
+    return names, model_ends(quantizable, ran, heads) & set(names)
+
+
 def layer_specs(
     model: nn.Module, layers: dict[str, nn.Module], config: QuantConfig, ctx: CompressContext
 ) -> LayerSpecs:
@@ -222,16 +237,11 @@ def layer_specs(
     :func:`~compactnn.quant.ends.model_ends`), when they are among ``layers``; a step that
     quantizes none of them promotes nothing, whatever layer it starts or ends on.
     """
-    quantizable = [n for n, m in model.named_modules() if n and isinstance(m, QUANTIZABLE)]
-    ran, heads = [], set()
-    if ctx.batches and (every := list(dict.fromkeys([*quantizable, *layers]))):
-        ran, heads = run_with_heads(model, every, lambda m: ctx.run(m, ctx.batches[0]))
-    seen = set(ran)
-    names = [n for n in ran if n in layers] + [n for n in layers if n not in seen]
+    names, ends = ordered_ends(model, layers, ctx)
     specs: LayerSpecs = {n: (config.weight, config.act) for n in names}
     fl = config.first_last_bits
     if fl is not None:
-        for n in sorted(model_ends(quantizable, ran, heads) & set(names)):
+        for n in sorted(ends):
             w = config.weight
             if w.bits < fl:  # raised to the convention's width, with its 8-bit grid if 8
                 w = dataclasses.replace(w, bits=fl, symmetric=w.symmetric or fl == 8)

@@ -151,11 +151,26 @@ class SIBNNConfig(BinaryConfig):
         if self.ede:
             raise CompactnnError("sibnn has its own backward: set ede=False.")
         if self.act is None or self.act.bits != 1:
-            got = "no activation quantization" if self.act is None else f"a{self.act.bits}"
-            raise CompactnnError(
-                f"sibnn binarises activations to {{0, 1}} (a1), not {got}: use w1a1-sibnn "
-                "(binary weights with 8-bit activations: w1a8-xnor)."
-            )
+            raise CompactnnError(zero_one_message(self.act.bits if self.act else None))
+
+
+def zero_one_message(act_bits: int | None) -> str:
+    """The refusal of a sibnn recipe whose activations are not 1-bit (``act_bits``; None:
+    weight-only), naming recipes that do what it asked for.
+
+    Example:
+        >>> zero_one_message(8)[:61]
+        'sibnn quantizes activations to {0, 1}, so it takes a1, not a8'
+    """
+    if act_bits is None:
+        got = "none (a weight-only recipe)"
+        other = "binary weights alone w1-elq / w1-xnor (w1a8-xnor with 8-bit activations)"
+    else:
+        got, other = f"a{act_bits}", "binary weights with 8-bit activations w1a8-elq / w1a8-xnor"
+    return (
+        f"sibnn quantizes activations to {{0, 1}}, so it takes a1, not {got}: use w1a1-sibnn, "
+        f"or for {other}."
+    )
 
 
 class SIBNNWeight(BinaryWeight):
