@@ -9,7 +9,13 @@ from typing import Any
 
 from compactnn._optional import require
 from compactnn.report.labels import place
-from compactnn.report.scoring import front_mask, latency_suspect, panel_rows, row_higher_is_better
+from compactnn.report.scoring import (
+    front_mask,
+    is_simulated,
+    latency_suspect,
+    panel_rows,
+    row_higher_is_better,
+)
 
 require("matplotlib", "demo").use("Agg")  # files only; no display on servers or in CI
 plt = require("matplotlib.pyplot", "demo")
@@ -26,8 +32,13 @@ METRIC_LABELS = {
     "cosine": "mean cosine vs float",
     "perplexity": "next-token perplexity (lower is better)",
 }
+# the quality axis stops at what the metric can reach (a flat top-1 of 98% drew 92..104%)
+QUALITY_LIMITS = {"top1": (0.0, 100.0), "cosine": (-1.0, 1.0), "perplexity": (1.0, None)}
 PANELS = ("size", "latency")
 DPI = 110
+LABEL_CHARS = 28  # a longer name is cut in the middle beside its point (tables keep it whole)
+SIMULATED_TAG = " (simulated)"
+SIMULATED_COLOR = "tab:gray"  # latency panel: simulated; hollow: timing looked inflated
 
 
 def _x_values(rows: list[dict[str, Any]], panel: str) -> tuple[list[float], str]:
@@ -40,44 +51,103 @@ def _x_values(rows: list[dict[str, Any]], panel: str) -> tuple[list[float], str]
     return xs, f"artifact size on disk ({'KiB' if kib else 'MiB'}, log scale)"
 
 
+def short_label(text: str, limit: int = LABEL_CHARS) -> str:
+    """``text`` cut to ``limit`` characters by an ellipsis in the middle, so that both the
+    start and the end (often what tells two recipes apart) stay readable.
+
+    Example:
+        >>> short_label("w4a8"), short_label("w4a8-all-layers-at-four-bits-2026-12-06", 20)
+        ('w4a8', 'w4a8-all-l…026-12-06')
+    """
+    if len(text) <= limit:
+        return text
+    head = limit // 2
+    tail = limit - 1 - head
+    return text[:head] + "\u2026" + (text[-tail:] if tail else "")
+
+
+def point_label(row: dict[str, Any], panel: str) -> str:
+    """The text beside ``row``'s point on ``panel``: its label (else recipe), shortened
+    (:func:`short_label`); on the latency panel ``" (simulated)"`` for a simulated row and
+    ``" *"`` for a timing that looked inflated.
+
+    Example:
+        >>> row = {"recipe": "w8", "runs_as": "simulated", "latency": {"suspect": ["busy"]}}
+        >>> point_label(row, "size"), point_label(row, "latency")
+        ('w8', 'w8 (simulated) *')
+    """
+    label = row.get("label", row["recipe"])
+    core = label.removesuffix(SIMULATED_TAG)
+    text = short_label(core)
+    if core != label or (panel == "latency" and is_simulated(row)):
+        text += SIMULATED_TAG
+    return text + (" *" if panel == "latency" and latency_suspect(row) else "")
+
+
+def _style(row: dict[str, Any], panel: str) -> tuple[str, bool]:
+    """A point's colour, and whether it is hollow: on the latency panel, grey for a
+    simulated row, hollow grey for a timing that looked inflated."""
+    if panel != "latency":
+        return "tab:blue", False
+    if latency_suspect(row):
+        return SIMULATED_COLOR, True
+    return (SIMULATED_COLOR if is_simulated(row) else "tab:blue"), False
+
+
+def _clamp_quality(ax: Any, metric: str, quality: list[float]) -> None:
+    """Stops the quality axis at the limit ``metric`` can reach (:data:`QUALITY_LIMITS`),
+    never inside the data."""
+    seen = [q for q in quality if isinstance(q, (int, float)) and math.isfinite(q)]
+    floor, ceiling = QUALITY_LIMITS.get(metric, (None, None))
+    if not seen:
+        return
+    low, high = ax.get_ylim()
+    if floor is not None:
+        low = max(low, min(floor, *seen))
+    if ceiling is not None:
+        high = min(high, max(ceiling, *seen))
+    ax.set_ylim(low, high)
+
+
 def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> list[Any]:
     """One scatter of quality against ``panel`` ("size" or "latency"), its Pareto front
     (in the direction of the rows' metric) ringed and joined by a dashed line; on the size panel a
     row marked ``shares_size`` (the same artifact run another way) is not drawn twice; on the
-    latency panel a row whose timing looked inflated is drawn hollow, labelled ``*``, and left
-    off the front (:func:`compactnn.report.scoring.front_mask`). Returns the labels, placed
-    later by :func:`_declutter`."""
+    latency panel a simulated row is drawn grey and labelled ``(simulated)``, a row whose timing
+    looked inflated is drawn hollow and labelled ``*``, and both are left off the front
+    (:func:`compactnn.report.scoring.front_mask`). Returns the labels, placed later by
+    :func:`_declutter`."""
     rows = panel_rows(rows, panel)
     xs, xlabel = _x_values(rows, panel)
     quality = [r["quality"] for r in rows]
-    doubt = [panel == "latency" and latency_suspect(r) for r in rows]
-    sure = [(x, y) for x, y, d in zip(xs, quality, doubt, strict=True) if not d]
-    ax.plot([p[0] for p in sure], [p[1] for p in sure], linestyle="none", marker="o",
-            color="tab:blue")  # fmt: skip
-    if any(doubt):  # an inflated timing: hollow, off the front (front_mask)
-        odd = [(x, y) for x, y, d in zip(xs, quality, doubt, strict=True) if d]
-        ax.plot([p[0] for p in odd], [p[1] for p in odd], linestyle="none", marker="o",
-                markerfacecolor="none", color="tab:gray")  # fmt: skip
+    styles = [_style(r, panel) for r in rows]
+    for style in dict.fromkeys(styles):  # one line per style: blue, grey, hollow grey
+        pts = [(x, y) for x, y, st in zip(xs, quality, styles, strict=True) if st == style]
+        color, face = style[0], "none" if style[1] else style[0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", marker="o",
+                color=color, markerfacecolor=face, clip_on=False)  # fmt: skip
     on = front_mask(rows, panel, xs)
     front = sorted((x, y) for x, y, keep in zip(xs, quality, on, strict=True) if keep)
-    fx, fy = [p[0] for p in front], [p[1] for p in front]
-    ax.plot(fx, fy, linestyle="--", drawstyle="steps-post", color="tab:green", alpha=0.7,
-            marker="o", markersize=12, markerfacecolor="none")  # fmt: skip
+    if front:  # an empty unclipped line would still claim room at the figure's corner
+        ax.plot([p[0] for p in front], [p[1] for p in front], linestyle="--",
+                drawstyle="steps-post", color="tab:green", alpha=0.7, marker="o", markersize=12,
+                markerfacecolor="none", clip_on=False)  # fmt: skip
     labels = []
-    for r, x, y in zip(rows, xs, quality, strict=True):
+    for r, x, y, (_color, hollow) in zip(rows, xs, quality, styles, strict=True):
         if r["recipe"] == "float":
-            ax.plot([x], [y], marker="*", markersize=14, color="tab:orange", linestyle="none")
-        label = r.get("label", r["recipe"])
-        if panel == "latency" and latency_suspect(r):
-            label += " *"
+            ax.plot([x], [y], marker="*", markersize=14, color="tab:orange", linestyle="none",
+                    markerfacecolor="none" if hollow else "tab:orange", clip_on=False)  # fmt: skip
         at = {"textcoords": "offset points", "xytext": (5, 5), "ha": "left", "va": "bottom"}
         leader = {"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 1, "shrinkB": 4}
-        labels.append(ax.annotate(label, (x, y), fontsize=8, arrowprops=leader, **at))
+        label = ax.annotate(point_label(r, panel), (x, y), fontsize=8, arrowprops=leader, **at)
+        label.set_in_layout(False)  # kept inside the axes by _declutter; never shrinks them
+        labels.append(label)
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=_log_subs(xs)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.12, y=0.12)
+    _clamp_quality(ax, rows[0]["metric"], quality)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(METRIC_LABELS.get(rows[0]["metric"], rows[0]["metric"]))
     ax.ticklabel_format(axis="y", useOffset=False)  # 79.99, not "+7.999e1" over 0.001 steps
@@ -123,6 +193,23 @@ def _declutter(fig: Any, panels: list[tuple[Any, list[Any]]]) -> None:
         )
         for a, (x, y), box in zip(labels, anchors, boxes, strict=True):
             a.xyann = ((box[0] - x) * to_points, (box[1] - y) * to_points)
+            a.update_positions(renderer)  # measured where it now stands (out of the layout)
+
+
+def latency_legend(rows: list[dict[str, Any]]) -> str:
+    """The caption's second line: what the latency panel draws apart and leaves off its
+    front (``""`` when no row is simulated or timed inflated).
+
+    Example:
+        >>> latency_legend([{"runs_as": "simulated", "latency": {}}])
+        '\\nlatency panel, off the front: grey, (simulated): ran simulated, no speedup claimed'
+    """
+    notes = []
+    if any(latency_suspect(r) for r in rows):
+        notes.append("hollow, *: timing looked inflated")
+    if any(is_simulated(r) for r in rows):
+        notes.append("grey, (simulated): ran simulated, no speedup claimed")
+    return "\nlatency panel, off the front: " + "; ".join(notes) if notes else ""
 
 
 def pareto_png(results: dict[str, Any], panels: tuple[str, ...] = ("size",)) -> bytes:
@@ -161,9 +248,10 @@ def pareto_png(results: dict[str, Any], panels: tuple[str, ...] = ("size",)) -> 
     ups = {row_higher_is_better(r) for r in results["rows"]}
     better = {frozenset({True}): "up and left", frozenset({False}): "down and left"}
     where = better.get(frozenset(ups or {True}), "left, and up or down as each axis says")
-    inflated = "latency" in panels and any(latency_suspect(r) for r in results["rows"])
-    doubt = "; hollow, *: timing looked inflated, off the front" if inflated else ""
-    fig.suptitle(f"quality vs {what} ({where} is better; ringed, dashed: Pareto front{doubt})")
+    fig.suptitle(
+        f"quality vs {what} ({where} is better; ringed, dashed: Pareto front)"
+        + latency_legend(results["rows"] if "latency" in panels else [])
+    )
     fig.tight_layout()
     _declutter(fig, placed)
     buf = io.BytesIO()

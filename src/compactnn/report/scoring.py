@@ -38,6 +38,7 @@ UNLABELLED = ("perplexity", "cosine")
 EVAL_BATCH = 256  # labelled samples per forward pass
 TOKEN_BATCH = 32  # unlabelled samples (sequences) per forward pass
 QUALITY_HEADERS = {"perplexity": "perplexity (lower is better)", "cosine": "output cosine"}
+SIMULATED = "simulated"  # the runtime of a row no runtime delivered (no speedup claimed)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -242,10 +243,28 @@ def latency_suspect(row: dict[str, Any]) -> bool:
     return timing_suspect(row.get("latency"))
 
 
+def is_simulated(row: dict[str, Any]) -> bool:
+    """Whether ``row`` ran as the simulated model (its ``runs_as``, or a demo row's
+    ``runtime``, reads ``"simulated"``): it claims no speedup, so it is drawn on the latency
+    panel but left off its Pareto front.
+
+    Example:
+        >>> is_simulated({"runs_as": "simulated"}), is_simulated({"runtime": "oneDNN int8"})
+        (True, False)
+    """
+    return SIMULATED in (row.get("runs_as"), row.get("runtime"))
+
+
+def off_latency_front(row: dict[str, Any]) -> bool:
+    """Whether ``row`` is kept off the latency front: its timing looked inflated
+    (:func:`latency_suspect`) or it ran simulated (:func:`is_simulated`)."""
+    return latency_suspect(row) or is_simulated(row)
+
+
 def front_mask(rows: list[dict[str, Any]], panel: str, costs: list[float]) -> list[bool]:
     """Which ``rows`` (drawn on ``panel`` at ``costs``) are on its Pareto front; on the
-    latency panel a row whose timing looked inflated (:func:`latency_suspect`) is neither on
-    the front nor allowed to push another row off it.
+    latency panel a row whose timing looked inflated, or that ran simulated
+    (:func:`off_latency_front`), is neither on the front nor allowed to push another row off it.
 
     Example:
         >>> rows = [{"metric": "top1", "quality": q, "latency": {"suspect": s}}
@@ -253,7 +272,7 @@ def front_mask(rows: list[dict[str, Any]], panel: str, costs: list[float]) -> li
         >>> front_mask(rows, "latency", [1, 2, 3]), front_mask(rows, "size", [1, 2, 3])
         ([True, False, True], [True, True, False])
     """
-    keep = [panel != "latency" or not latency_suspect(r) for r in rows]
+    keep = [panel != "latency" or not off_latency_front(r) for r in rows]
     points = [(c, r["quality"]) for c, r, k in zip(costs, rows, keep, strict=True) if k]
     on = iter(pareto_front(points, row_higher_is_better(rows[0])) if rows else [])
     return [next(on) if k else False for k in keep]
@@ -267,7 +286,8 @@ def row_higher_is_better(row: dict[str, Any]) -> bool:
 def front_labels(rows: list[dict[str, Any]], panel: str) -> list[str]:
     """Labels of the rows on the Pareto front of quality against size on disk
     (``panel="size"``) or median latency (``"latency"``, rows whose timing looked inflated
-    left out: :func:`front_mask`), in the direction of the rows' metric (:func:`pareto_front`)."""
+    and simulated rows left out: :func:`front_mask`), in the direction of the rows' metric
+    (:func:`pareto_front`)."""
     rows = panel_rows(rows, panel)
     if not rows:
         return []
