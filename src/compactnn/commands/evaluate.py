@@ -37,6 +37,7 @@ from compactnn.commands.eval_data import (
     drop_lm_labels,
     read_data,
 )
+from compactnn.commands.eval_notes import calibration_scored_note, simulated_note
 from compactnn.commands.eval_table import result_lines, speed_note
 from compactnn.commands.hf_checkpoint import float_row_note
 from compactnn.core.calib import (
@@ -58,7 +59,6 @@ from compactnn.measure import (
     DEFAULT_THREADS,
     artifact_bytes,
     float_artifact_bytes,
-    fmt_quality,
     output_fidelity,
     theoretical_bytes,
 )
@@ -330,6 +330,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             extra=extra,
         )
     info = compactnn.info_of(qmodel) if qmodel is not None else {}
+    own = calibration_scored_note(  # the data it calibrated on: a flattering score
+        info.get("extra", {}), data[0], loaded.model, artifact_exists(args.target)
+    )
+    notes = [*notes, own] if own is not None else notes
     recipe = getattr(info.get("recipe"), "name", None) if qmodel is not None else None
     entries = [("float", loaded.model, None, "float", None)]
     if delivered is not None:  # a training recipe never trained says so beside its name
@@ -372,6 +376,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "float_paths": paths.to_dict() if paths else None,
         "notes": notes,
         "warnings": [doubt] if doubt else [],
+        "scored_on_calibration": own is not None,
         "rows": rows,
         "simulated_quality": simulated,
         "stored_bits": dict(args.stored_bits),
@@ -414,30 +419,6 @@ def _simulated_quality(args, loaded, qmodel, data, batches, row) -> float | None
     if data[1] is None and loaded.reference is None:
         return None
     return _quality(args, loaded, qmodel, data, batches[:8])[1]
-
-
-def simulated_note(
-    row: dict[str, Any], simulated: float | None, cause: str | None = None
-) -> str | None:
-    """One line when the deployed ``row``'s quality differs from the simulated model's;
-    ``cause``: why, from what ran (``delivery.rounding_cause``; default: integer kernels).
-
-    Example:
-        >>> row = {"metric": "top1", "quality": 93.41, "runtime": "ONNX Runtime int8"}
-        >>> simulated_note(row, 92.86)[:63]
-        'simulated model (what compress and train report): 92.86% top-1;'
-    """
-    from compactnn.report.delivery import INTEGER_ROUNDING  # the application: loaded here
-
-    if simulated is None or row["quality"] is None or simulated == row["quality"]:
-        return None
-    metric = row["metric"]
-    name = " top-1" if metric == "top1" else f" {metric}"
-    return (
-        f"simulated model (what compress and train report): {fmt_quality(metric, simulated)}"
-        f"{name}; deployed ({row['runtime']}): {fmt_quality(metric, row['quality'])}: "
-        f"{cause or INTEGER_ROUNDING}"
-    )
 
 
 def _float_weights(

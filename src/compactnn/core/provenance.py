@@ -15,13 +15,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from compactnn.core.calib import batch_size_of
+from compactnn.core.calib import batch_size_of, to_dtype
 from compactnn.core.digest import tensors_sha256
 from compactnn.core.qlayers import ActQuantizer
 
@@ -89,6 +89,76 @@ def calibration_summary(batches: list[Any]) -> dict[str, Any]:
         "batches": len(batches),
         "inputs_sha256": tensors_sha256(items),
     }
+
+
+CALIB_BATCH = 32  # rows per batch as_batches splits a tensor (or keyword tensors) into
+
+
+def _rows(inputs: Any) -> int | None:
+    """Samples in a tensor, or in a dict of keyword tensors of one row count; else None."""
+    values = list(inputs.values()) if isinstance(inputs, dict) else [inputs]
+    if not values or not all(isinstance(v, torch.Tensor) and v.dim() for v in values):
+        return None
+    rows = {int(v.shape[0]) for v in values}
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _split(inputs: Any, size: int) -> list[Any]:
+    """``inputs`` in batches of ``size`` rows, as :func:`~compactnn.core.calib.as_batches`
+    splits them (and as a loader without ``drop_last`` yields them)."""
+    if isinstance(inputs, dict):
+        n = _rows(inputs) or 0
+        return [{k: v[i : i + size] for k, v in inputs.items()} for i in range(0, n, size)]
+    return list(torch.split(inputs, size))
+
+
+def _batch_sizes(n: int, batches: int) -> list[int]:
+    """Batch sizes that split ``n`` rows into ``batches`` batches, likeliest first: the
+    default (:data:`CALIB_BATCH`), an even split, the whole, then powers of two (a few: each
+    is one more pass over the inputs)."""
+    sizes = [CALIB_BATCH, -(-n // batches), n, *(2**i for i in range(n.bit_length()))]
+    fits = [s for s in sizes if s > 0 and -(-n // s) == batches]
+    return list(dict.fromkeys(fits))
+
+
+def _batchings(inputs: Any, record: dict[str, Any]) -> Iterator[list[Any]]:
+    """``inputs`` batched each way compress may have batched them, given the sample and
+    batch counts ``record`` holds; none when the sample count differs (nothing hashed)."""
+    batches = record.get("batches")
+    if isinstance(inputs, list):  # batches already (a reference model's): as they are
+        if inputs and sum(batch_size_of(b) for b in inputs) == record.get("samples"):
+            yield inputs
+        return
+    n = _rows(inputs)
+    if n is None or n != record.get("samples") or not isinstance(batches, int) or batches < 1:
+        return
+    for size in _batch_sizes(n, batches):
+        yield _split(inputs, size)
+
+
+def scored_on_calibration(record: Any, inputs: Any, dtype: torch.dtype | None = None) -> bool:
+    """Whether ``inputs`` (every scored sample: a tensor, a dict of keyword tensors, or a
+    list of batches) are the calibration inputs ``record`` (``extra["calibration"]``)
+    digests: the same samples in the same order, batched as compress batched them (32 rows,
+    or a loader's equal batches), floating-point values cast to ``dtype`` (the model's, as
+    compress casts them). Calibration in batches of no one size is not recognised, nor a
+    part of it (no per-sample digests are recorded). Hashes the inputs only when their
+    sample count is the recorded one.
+
+    Example:
+        >>> x = torch.arange(70.0).reshape(70, 1)
+        >>> record = calibration_summary(list(x.split(32)))
+        >>> scored_on_calibration(record, x), scored_on_calibration(record, x.flip(0))
+        (True, False)
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("inputs_sha256"), str):
+        return False
+    for split in _batchings(inputs, record):
+        if dtype is not None:
+            split = [to_dtype(b, dtype) for b in split]
+        if calibration_summary(split)["inputs_sha256"] == record["inputs_sha256"]:
+            return True
+    return False
 
 
 DATA_KEY = "calibration_data"  # extra: how generated calibration inputs were made

@@ -17,7 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from compactnn.core.provenance import CALIB_KEY, FLOAT_KEY
+import torch
+
+from compactnn.core.calib import model_dtype
+from compactnn.core.provenance import CALIB_KEY, FLOAT_KEY, scored_on_calibration
 from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
 from compactnn.export.artifact import HEADER, artifact_exists, read_header
 
@@ -243,6 +246,28 @@ def calibration_note(labelled: Sequence[tuple[str, dict[str, Any]]]) -> str | No
     texts = [(label, calibration_text(h)) for label, h in labelled]
     listing = "; ".join(f"{label}: {text}" for label, text in texts)
     return f"Rows calibrated on different data: {listing}."
+
+
+def own_calibration_note(
+    extra: dict[str, Any], inputs: Any, model: Any, whose: str = "artifact's"
+) -> str | None:
+    """A note when ``inputs`` (every sample scored) are the calibration inputs the artifact
+    records (``extra``: its ``extra``; :func:`~compactnn.core.provenance.scored_on_calibration`,
+    cast to ``model``'s dtype as compress casts them): its activation ranges were fitted to
+    them, so its score there may be better than on other data. None otherwise.
+
+    Example:
+        >>> own_calibration_note({}, None, None) is None
+        True
+    """
+    record = extra.get(CALIB_KEY) if isinstance(extra, dict) else None
+    dtype = model_dtype(model) if isinstance(model, torch.nn.Module) else None
+    if not scored_on_calibration(record, inputs, dtype):
+        return None
+    return (
+        f"scored on the {whose} own calibration inputs ({record['samples']} samples): the "
+        "score may be flattered; score held-out data"
+    )
 
 
 def check_skeleton(path: str, header: dict[str, Any], model: Any, option: str) -> None:
