@@ -169,6 +169,7 @@ LAYERS: list[tuple[str, ...]] = [
         "compactnn.demo_suite",
         "compactnn.bench",
         "compactnn.commands",
+        "compactnn.cli_streams",
         "compactnn.cli",
     ),
 ]
