@@ -94,10 +94,17 @@ def test_no_progress_hides_hugging_faces_own_bars(monkeypatch, capsys):
     hide_hf_progress = _common.hide_hf_progress  # the real one, for the second half
     calls = []
     monkeypatch.setattr(_common, "hide_hf_progress", lambda: calls.append(1))
+    from compactnn.core import progress
+
+    monkeypatch.delenv(progress.FORCE_VARIABLE, raising=False)
+    monkeypatch.setattr(progress, "is_terminal", lambda stream: True)
     main(["compress", "no-such-model", "-r", "w8", "-o", "x", "--no-progress"])
     assert calls == [1]
     main(["compress", "no-such-model", "-r", "w8", "-o", "x"])
-    assert calls == [1]  # bars stay without the option
+    assert calls == [1]  # bars stay on a terminal without the option
+    monkeypatch.setattr(progress, "is_terminal", lambda stream: False)
+    main(["compress", "no-such-model", "-r", "w8", "-o", "x"])
+    assert calls == [1, 1]  # a log (no terminal): Hugging Face's bars hidden too
     capsys.readouterr()
     pytest.importorskip("transformers")
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars

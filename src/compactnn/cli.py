@@ -373,10 +373,12 @@ def _main(argv: Sequence[str] | None) -> int:
         quiet_torchao_notice()
         parser = build_parser()
         args = parser.parse_args(argv)
-        if getattr(args, "no_progress", False):
+        from compactnn.core.progress import bar_options
+
+        if bar_options(not getattr(args, "no_progress", False), sys.stderr)["disable"]:
             from compactnn.commands._common import hide_hf_progress
 
-            hide_hf_progress()
+            hide_hf_progress()  # --no-progress, or no terminal (a log): no HF bars either
         warnings.showwarning = _show_warning
         check_path_args(args, args._paths)  # empty MODEL, link loops, a quoted ~: first
         with sigterm_as_interrupt():  # timeout, Slurm, systemd: cleaned up as for Ctrl-C

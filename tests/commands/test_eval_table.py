@@ -207,11 +207,11 @@ def test_a_faster_claim_from_an_inflated_timing_is_hedged_like_a_slower_one():
     result = _gru_sp50_result()
     base, row = (r["latency"] for r in result["rows"])
     note = speed_note(base, row)
-    assert note.startswith("faster than the fastest float path (0.13 ms vs 19.99 ms): ")
+    assert note.startswith("faster than the fastest float path (0.133 ms vs 19.99 ms): ")
     assert "these timings look inflated (see the warnings)" in note
     assert speed_note({**base, "suspect": []}, row) is None
     slower = speed_note(row, base)  # a calm float row, an inflated slower row
-    assert slower.startswith("slower than the fastest float path (19.99 ms vs 0.13 ms)")
+    assert slower.startswith("slower than the fastest float path (19.99 ms vs 0.133 ms)")
     assert "look inflated" in slower
 
 

@@ -89,3 +89,13 @@ def test_python_export_refuses_the_users_files(tmp_path):
     with pytest.raises(CompactnnError, match=r"holds a compressed-tensors export.*force"):
         formats.export("compressed-tensors", qmodel, ct)
     assert formats.export("compressed-tensors", qmodel, ct, force=True) == ct
+
+
+@pytest.mark.parametrize("name", ["compressed-tensors", "gguf"])
+def test_a_tokenizer_given_as_a_path_is_refused_before_any_work(tmp_path, name, monkeypatch):
+    """A folder path reached save_pretrained of a str (AttributeError); a path is for the
+    command line's --tokenizer, which checks the folder first."""
+    monkeypatch.setattr(formats, "_module", lambda fmt: pytest.fail("worked before refusing"))
+    with pytest.raises(CompactnnError, match="is a path: pass the tokenizer object"):
+        formats.export(name, torch.nn.Linear(2, 2), tmp_path / "o", tokenizer=str(tmp_path))
+    assert not (tmp_path / "o").exists()

@@ -128,3 +128,16 @@ def test_an_empty_latency_front_keeps_the_panels_their_size(monkeypatch) -> None
     size_ax, latency_ax = (ax.get_position() for ax in fig.axes)
     assert size_ax.width > 0.3 and latency_ax.width == pytest.approx(size_ax.width, abs=0.02)
     assert latency_ax.x0 == pytest.approx(size_ax.x1 + 0.1, abs=0.08)
+
+
+@pytest.mark.parametrize("name", ["w4a8 $\\foo{x$ ^_", "w4a8 $x^2$ cost"])
+def test_a_recipe_name_with_dollar_signs_is_drawn_as_written(monkeypatch, name) -> None:
+    """matplotlib reads '$...$' as TeX: a bad pair raised (no report), a good one changed
+    the name on the picture (x squared)."""
+    model = "Seq $\\bad{"  # the panels' title
+    rows = [{**r, "model": model} for r in _rows(name)]
+    fig, placed = _render(monkeypatch, rows)
+    texts = [t for _, labels in placed for t in labels]
+    assert any(t.get_text().startswith(name) for t in texts)
+    assert all(not t.get_parse_math() for t in texts)
+    assert all(not ax.title.get_parse_math() for ax in fig.axes if ax.get_title())

@@ -41,7 +41,13 @@ from compactnn.measure.environment import oversubscribed_note
 from compactnn.measure.fidelity import collapse_on
 from compactnn.measure.float_paths import FloatPaths, fastest_float_path, is_plain_float
 from compactnn.measure.quality import evaluate
-from compactnn.measure.timing import DEFAULT_RUNS, DEFAULT_THREADS, suspect_mark, timing_suspect
+from compactnn.measure.timing import (
+    DEFAULT_RUNS,
+    DEFAULT_THREADS,
+    ms_text,
+    suspect_mark,
+    timing_suspect,
+)
 from compactnn.model_io import skeleton_for
 from compactnn.training.data import labelled_keys
 
@@ -292,7 +298,7 @@ def onnx_speed_note(
         return None
     said = (
         f"on ONNX Runtime this file ran {t_file / floats[best]:.1f}x slower than the float "
-        f"model ({t_file * 1e3:.2f} against {floats[best] * 1e3:.2f} ms on {best}, "
+        f"model ({ms_text(t_file)} against {ms_text(floats[best])} ms on {best}, "
         "the backend choice above, whose session folds the weights of the layers ONNX Runtime "
         "runs in float: the file as written keeps their int8 codes and runs no faster)"
     )
@@ -316,7 +322,7 @@ def onnx_speed_note(
         why = f"ONNX Runtime runs all {convs[1]} convolutions as QLinearConv, but {fixed}"
     t_dep = selection.get(backend)
     if t_dep is not None and t_dep < floats[best] and backend != "onnxruntime":
-        out = f"ship the deployed {backend} model ({t_dep * 1e3:.2f} ms) with --save DIR"
+        out = f"ship the deployed {backend} model ({ms_text(t_dep)} ms) with --save DIR"
     else:
         out = "run the float model"
     if convs is None or convs[0]:
@@ -393,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
     for name, reason in deployed.kept_float.items():
         print(f"  kept in float: {name} ({reason})")
     if deployed.selection:
-        timed = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in deployed.selection.items())
+        timed = ", ".join(f"{k} {ms_text(v)} ms" for k, v in deployed.selection.items())
         how = "fastest call of each on the sample batch; a close race is run again, 12 calls more"
         print(f"backend choice ({how}): {timed}")
     if deployed.recommendation:

@@ -13,7 +13,7 @@ from compactnn.errors import counted
 from compactnn.measure import fmt_quality
 from compactnn.measure.environment import oversubscribed_note
 from compactnn.measure.size import ratio_cell
-from compactnn.measure.timing import SUSPECT_MARK, suspect_mark, timing_suspect  # noqa: F401
+from compactnn.measure.timing import SUSPECT_MARK, ms_text, suspect_mark, timing_suspect  # noqa: F401
 
 # (header, alignment) per column of the printed table; "<" left, ">" right.
 TABLE_COLUMNS = (
@@ -130,7 +130,7 @@ def faster_note(float_s: float, row_s: float, *, suspect: bool) -> str | None:
     if not suspect or not row_s < float_s:
         return None
     return (
-        f"faster than the fastest float path ({row_s * 1e3:.2f} ms vs {float_s * 1e3:.2f} ms): "
+        f"faster than the fastest float path ({ms_text(row_s)} ms vs {ms_text(float_s)} ms): "
         "in this run, but these timings look inflated (see the warnings): time it again on a "
         "quieter machine before relying on the speedup"
     )
@@ -235,7 +235,7 @@ def conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
     paths = result["float_paths"]
     if paths:
         times = ", ".join(
-            f"{k} {v['median_s'] * 1e3:.2f} ms"
+            f"{k} {ms_text(v['median_s'])} ms"
             for k, v in paths["timings"].items()
             if k in paths["errors"]
         )

@@ -20,7 +20,7 @@ from compactnn.core.qlayers import ActQuantizer, conv_kwargs, is_quant_layer
 from compactnn.errors import CompactnnError, first_line, user_stacklevel
 from compactnn.measure import timing
 from compactnn.measure.float_paths import ort_float
-from compactnn.measure.timing import model_call, time_blocks
+from compactnn.measure.timing import model_call, ms_text, time_blocks
 
 FLOAT_CONTENDERS = ("fp32-onnxruntime", "fp32-eager")  # timed beside the int8 backends
 FLOAT_MARGIN = 1.1  # float must win by more than 10% before deploy says so
@@ -184,7 +184,7 @@ def float_advice(selection: dict[str, float], chosen: str) -> str | None:
     label, how = _FLOAT_ADVICE[best]
     return (
         f"deploy: {label} runs this model {t_int / t_float:.1f}x faster than int8 on "
-        f"{chosen} at this input shape ({t_float * 1e3:.2f} ms against {t_int * 1e3:.2f} ms "
+        f"{chosen} at this input shape ({ms_text(t_float)} ms against {ms_text(t_int)} ms "
         f"fastest timed call on example=): for speed, {how}. int8 kernels pay a fixed "
         "cost per layer (quantize, launch, requantize) that small inputs and depthwise or "
         "1x1 convolutions with few channels do not earn back; a larger batch or input may."

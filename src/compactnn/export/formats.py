@@ -259,6 +259,12 @@ def export(
             f"the {name} export does not take {', '.join(extra)}; "
             f"it takes {', '.join(fmt.options) or 'no options'}."
         )
+    if isinstance(opts.get("tokenizer"), (str, os.PathLike)):
+        raise CompactnnError(
+            f"tokenizer={str(opts['tokenizer'])!r:.80} is a path: pass the tokenizer object "
+            "(e.g. transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)),"
+            " or use `compactnn export ... --tokenizer DIR`, which checks the folder first."
+        )
     module = _module(fmt)
     path = check_out(name, out, force=force)
     if fmt.name == "onnx":  # its module writes any file it is given: checked here

@@ -29,7 +29,7 @@ from torch import nn
 import compactnn
 from compactnn.errors import CompactnnError, first_line
 from compactnn.measure.float_paths import fastest_float_form, is_plain_float, is_plain_module
-from compactnn.measure.timing import DEFAULT_THREADS, timing_suspect  # noqa: F401 (re-exported)
+from compactnn.measure.timing import DEFAULT_THREADS, ms_text, timing_suspect  # noqa: F401 (re-exported)
 
 __all__ = [
     "SIMULATED",
@@ -133,7 +133,7 @@ def slower_note(float_s: float, row_s: float, *, suspect: bool = False) -> str |
     """
     if not row_s > float_s:
         return None
-    head = f"slower than the fastest float path ({row_s * 1e3:.2f} ms vs {float_s * 1e3:.2f} ms): "
+    head = f"slower than the fastest float path ({ms_text(row_s)} ms vs {ms_text(float_s)} ms): "
     if suspect:
         return head + (
             "in this run, but these timings look inflated (see the warnings): time it again "
@@ -352,9 +352,9 @@ def dense_note(float_s: float, row_s: float) -> str:
     """
     gap = max(float_s, row_s) / min(float_s, row_s) if min(float_s, row_s) > 0 else 1.0
     said = (
-        f"{row_s * 1e3:.2f} ms vs {float_s * 1e3:.2f} ms is timing noise"
+        f"{ms_text(row_s)} ms vs {ms_text(float_s)} ms is timing noise"
         if gap <= DENSE_NOISE
-        else f"the {gap:.1f}x gap between {row_s * 1e3:.2f} ms and {float_s * 1e3:.2f} ms is the "
+        else f"the {gap:.1f}x gap between {ms_text(row_s)} ms and {ms_text(float_s)} ms is the "
         "machine's (its load moved one of the two timings), not the model's: time both again "
         "on a quieter machine"
     )

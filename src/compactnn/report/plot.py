@@ -139,7 +139,9 @@ def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> list[
                     markerfacecolor="none" if hollow else "tab:orange", clip_on=False)  # fmt: skip
         at = {"textcoords": "offset points", "xytext": (5, 5), "ha": "left", "va": "bottom"}
         leader = {"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 1, "shrinkB": 4}
-        label = ax.annotate(point_label(r, panel), (x, y), fontsize=8, arrowprops=leader, **at)
+        label = ax.annotate(
+            point_label(r, panel), (x, y), fontsize=8, arrowprops=leader, parse_math=False, **at
+        )  # a recipe name is text: '$x$' is not TeX, a bad '$\\foo{$' must not raise
         label.set_in_layout(False)  # kept inside the axes by _declutter; never shrinks them
         labels.append(label)
     ax.set_xscale("log")
@@ -151,7 +153,7 @@ def _panel(ax: Any, rows: list[dict[str, Any]], panel: str, title: str) -> list[
     ax.set_xlabel(xlabel)
     ax.set_ylabel(METRIC_LABELS.get(rows[0]["metric"], rows[0]["metric"]))
     ax.ticklabel_format(axis="y", useOffset=False)  # 79.99, not "+7.999e1" over 0.001 steps
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)  # the model's name: text, not TeX
     ax.grid(True, which="both", alpha=0.3)
     return labels
 

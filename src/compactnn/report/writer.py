@@ -11,7 +11,7 @@ from typing import Any
 from compactnn.export.fs import atomic_write, atomic_write_text
 from compactnn.measure.fidelity import fmt_quality
 from compactnn.measure.size import ratio_cell
-from compactnn.measure.timing import SUSPECT_MARK, suspect_mark, timing_suspect  # noqa: F401
+from compactnn.measure.timing import SUSPECT_MARK, ms_text, suspect_mark, timing_suspect  # noqa: F401
 from compactnn.report.document import Block, to_html, to_markdown
 from compactnn.report.plot import METRIC_LABELS, pareto_png
 
@@ -60,8 +60,7 @@ def ms(seconds: float, decimals: int = 2) -> str:
         >>> ms(0.0029207), ms(8.6258e-05), ms(1.0332e-4), ms(0.0153, 1)
         ('2.92', '0.0863', '0.103', '15.3')
     """
-    value = seconds * 1e3
-    return f"{value:.{decimals}f}" if value >= 1 or value <= 0 else f"{value:#.3g}"
+    return ms_text(seconds, decimals)
 
 
 def _latency_cell(lat: dict[str, Any]) -> str:
