@@ -63,6 +63,16 @@ def busy_error(root: Path) -> FolderBusyError:
     )
 
 
+def _still_named(path: Path, mine: os.stat_result) -> bool:
+    """Whether ``path`` still names the file ``mine`` describes (a lock holder deletes its
+    lock file as it finishes: a waiter that then gets the lock holds a file no one else sees)."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+
 def _open_locked(path: Path, wait: bool) -> int | None:
     """An fd of ``path`` holding the lock; None when the name changed under us (retry)."""
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
@@ -80,12 +90,7 @@ def _open_locked(path: Path, wait: bool) -> int | None:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise busy_error(path.parent) from None
             raise
-        try:
-            named = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            named = None
-        mine = os.fstat(fd)
-        if named is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+        if not _still_named(path, os.fstat(fd)):
             os.close(fd)  # the holder before us deleted this file: lock the new one
             return None
         os.ftruncate(fd, 0)
@@ -155,11 +160,7 @@ def _open_shared(path: Path) -> int | bool | None:
             os.close(fd)
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a save holds it
-        try:
-            named = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            named = None
-        if named is None or (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino):
+        if not _still_named(path, mine):
             os.close(fd)
             return False
         return fd
