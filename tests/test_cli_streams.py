@@ -69,3 +69,17 @@ def test_the_command_line_says_one_line_when_stdout_is_full():
 
 def test_the_handler_is_registered_under_its_name():
     assert "\udcff".encode("ascii", cli_streams.HANDLER) == b"\xff"
+
+
+def test_a_quoted_path_s_undecodable_bytes_reach_stderr_as_those_bytes(monkeypatch):
+    """An error quoting a path held '\\udcc3' escapes (the path's repr) where stdout wrote
+    the bytes: under the command line's streams both write the bytes."""
+    from compactnn.cli_streams import raw_bytes
+
+    raw, stream = ascii_stream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    path = os.fsdecode(b"mod\xe8le")  # a Latin-1 name on a UTF-8 system
+    with tolerant_streams():
+        print(raw_bytes(f"error: --out {path!r} already holds an artifact"), file=sys.stderr)
+    assert raw.getvalue() == b"error: --out 'mod\xe8le' already holds an artifact\n"
+    assert raw_bytes(repr(path)) == repr(path)  # outside them: the escapes stay (strict stream)

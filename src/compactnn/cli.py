@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from compactnn.cli_streams import tolerant_streams
+from compactnn.cli_streams import raw_bytes, tolerant_streams
 from compactnn.commands import COMMANDS
 from compactnn.commands._path_args import check_path_args, dash_path_hint, path_labels
 from compactnn.errors import CompactnnError, cut, first_line, is_out_of_memory
@@ -227,7 +227,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """Warnings as one plain line (``warning: ...``), not a source-code excerpt; under
     ``torchrun`` on rank 0 alone (:func:`other_rank`)."""
     if not other_rank():
-        print(f"warning: {message}", file=sys.stderr)
+        print(raw_bytes(f"warning: {message}"), file=sys.stderr)
 
 
 def other_rank() -> bool:
@@ -386,7 +386,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return int(args._run(args) or 0)
     except CompactnnError as exc:
         _close_progress_bars()  # else a refusal raised mid-loop lands on the bar's line
-        line = f"error: {bounded(with_hints(exc))}"
+        line = raw_bytes(f"error: {bounded(with_hints(exc))}")
         if other_rank():  # under torchrun, rank 0 says it; this rank only if it met it alone
             said_by_rank0(line)
         else:
@@ -403,7 +403,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return EXIT_USER_ERROR
         if not isinstance(exc, OSError) or exc.filename is None or exc.errno not in USER_OS_ERRORS:
             raise  # not memory, nor one of the user's paths: a bug, keep the traceback
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        print(raw_bytes(f"error: {os_error_message(exc)}"), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         _close_progress_bars()

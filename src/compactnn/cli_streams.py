@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -47,6 +48,20 @@ def _escape(exc: UnicodeError) -> tuple[str | bytes, int]:
 
 
 codecs.register_error(HANDLER, _escape)
+
+
+_ESCAPED_BYTE = re.compile(r"\\udc([89a-fA-F][0-9a-fA-F])")
+
+
+def raw_bytes(text: str) -> str:
+    """``text`` with the ``\\udcXX`` escapes a path's ``repr`` writes for its undecodable
+    bytes turned back into those bytes' surrogates, so the stream writes the bytes themselves
+    and a quoted path in a message reads as the same path on stdout (as ``ls`` shows it).
+    Only where stderr writes such surrogates as bytes (:func:`tolerant_streams`).
+    """
+    if getattr(sys.stderr, "errors", None) not in (HANDLER, "surrogateescape"):
+        return text  # a stream that would refuse the surrogates: keep the escapes
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
 
 
 class StdoutError(CompactnnError):

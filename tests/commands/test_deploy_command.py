@@ -359,3 +359,14 @@ def test_a_deployed_artifact_named_like_an_option_is_shown_as_a_path(project, ca
     code = main(["deploy", *MODEL, "--no-progress", "--", "-dep"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "compactnn eval ./-dep --model" in err, err
+
+
+def test_the_binary_onnx_refusal_speaks_command_line_words():
+    """The command line told its user to call compactnn.deploy(...) and save_deployed."""
+    from compactnn.export.onnx import BINARY_SHIP
+
+    refusal = CompactnnError(f"ONNX export: binary blocks (c2) have no ONNX form: {BINARY_SHIP}")
+    args = argparse.Namespace(onnx="m.onnx", save=None)
+    said = deploy_command._refused_onnx(refusal, argparse.Namespace(verification=None), args)
+    assert "compactnn.deploy(" not in said and "save_deployed" not in said
+    assert "deploy it without --onnx and ship it with --save DIR" in said

@@ -227,3 +227,14 @@ def test_a_hugging_face_cache_snapshot_s_links_are_followed_and_others_are_not(t
         assert cache_blob(snap / name) is None
         with pytest.raises(CompactnnError, match="symbolic link"):
             read_plain(snap / name)
+
+
+def test_an_auto_map_naming_another_repository_s_code_says_so(tmp_path):
+    from compactnn.commands.export_sources import tokenizer_code_refusal
+
+    auto = {"AutoTokenizer": [None, "someorg/repo--tokenization_evil.EvilTok"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"auto_map": auto}))
+    said = str(tokenizer_code_refusal(tmp_path, "--tokenizer t"))
+    assert "from another repository" in said and "folder's own" not in said
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"A": "t.T"}}))
+    assert "from another repository" not in str(tokenizer_code_refusal(tmp_path, "x"))

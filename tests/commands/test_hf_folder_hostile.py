@@ -142,3 +142,28 @@ def test_model_safetensors_wins_over_a_hostile_index_as_in_transformers(bert):
 def _state(folder):
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("architectures", 5, "architectures is 5, not a list of class names"),
+        ("architectures", [7], "architectures is [7], not a list of class names"),
+        ("model_type", 3, "model_type is 3, not a name"),
+    ],
+)
+def test_a_config_field_of_the_wrong_type_is_named(bert, capsys, field, value, said):
+    """transformers failed on them with "'int' object is not subscriptable"."""
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, field: value}))
+    _one_error_line(_compress(capsys, bert, False), said, "config.json saved with the model")
+
+
+def test_streamed_compress_reads_model_safetensors_before_an_index_as_transformers_does(
+    bert, capsys
+):
+    """With a good model.safetensors beside a hostile index, the whole-model path compressed
+    and the streamed one refused the index transformers never reads."""
+    (bert / INDEX).write_text("[]")
+    code, _out, err = _compress(capsys, bert, True)
+    assert code == 0, err

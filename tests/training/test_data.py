@@ -98,3 +98,20 @@ def test_labels_beside_keyword_inputs_are_split_per_role():
     assert set(x) == {"input_ids", "pixel_values"} and got is y
     with pytest.raises(CompactnnError, match="2 inputs but 3 labels"):
         as_eval_data(({"input_ids": ids[:2]}, y))
+
+
+def test_an_eval_loader_is_named_as_the_type_not_as_unlabelled():
+    """compactnn.train(..., eval_data=DataLoader(...)) said the loader "has no labels",
+    though it yields (x, y): eval_data takes tensors."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from compactnn.errors import CompactnnError
+    from compactnn.training.data import as_eval_data
+
+    loader = DataLoader(TensorDataset(torch.zeros(4, 2), torch.zeros(4)), batch_size=2)
+    with pytest.raises(
+        CompactnnError, match="takes \\(inputs, labels\\) tensors, not a DataLoader"
+    ):
+        as_eval_data(loader, "eval_data")
+    with pytest.raises(CompactnnError, match="of type Tensor has no labels"):
+        as_eval_data(torch.zeros(3, 2), "eval_data")

@@ -258,7 +258,10 @@ def _refused_onnx(refusal: CompactnnError, deployed: DeployedModel, args) -> str
             "Runtime session runs as one graph and cannot be checked that way, so the file is "
             "held to --tolerance alone."
         )
-    return f"--onnx {args.onnx!r} not written: {refusal}{kept}{how}"
+    from compactnn.export.onnx import BINARY_SHIP, BINARY_SHIP_CLI
+
+    said = str(refusal).replace(BINARY_SHIP, BINARY_SHIP_CLI)  # command-line words
+    return f"--onnx {args.onnx!r} not written: {said}{kept}{how}"
 
 
 def _conv_kinds(path: str) -> tuple[int, int] | None:

@@ -41,8 +41,9 @@ def tokenizer_code_refusal(folder: Path, label: str) -> CompactnnError | None:
     if not isinstance(auto_map, dict) or not auto_map:
         return None
     return CompactnnError(
-        f"{label}: {str(path)!r} has an auto_map naming the folder's own tokenizer code "
-        f"({_code_files(auto_map)}), and compactnn never runs code from a tokenizer folder: "
+        f"{label}: {str(path)!r} has an auto_map naming tokenizer code ({_code_files(auto_map)}"
+        f"{', from another repository' if '--' in json.dumps(auto_map) else ''}), and "
+        "compactnn never runs code a tokenizer folder names: "
         "give a folder whose tokenizer_config.json names a transformers tokenizer class "
         "(delete auto_map if its tokenizer_class is one), or its tokenizer.json alone."
     )

@@ -105,6 +105,26 @@ PREPROCESSING_AUTO = ("AutoTokenizer", "AutoProcessor", "AutoImageProcessor")
 PREPROCESSING_AUTO += ("AutoFeatureExtractor",)
 
 
+def _mistyped_field(config: dict) -> str | None:
+    """What is wrong with a config's ``architectures`` / ``model_type`` type, else None
+    (transformers failed on them with "'int' object is not subscriptable").
+
+    Example:
+        >>> _mistyped_field({"architectures": 5})
+        'architectures is 5, not a list of class names (e.g. ["LlamaForCausalLM"])'
+    """
+    archs = config.get("architectures")
+    if archs is not None and not (
+        isinstance(archs, list) and all(isinstance(a, str) for a in archs)
+    ):
+        example = '(e.g. ["LlamaForCausalLM"])'
+        return f"architectures is {str(archs)[:60]}, not a list of class names {example}"
+    kind = config.get("model_type")
+    if kind is not None and not isinstance(kind, str):
+        return f'model_type is {str(kind)[:60]}, not a name (e.g. "llama")'
+    return None
+
+
 def remote_code_refusal(folder: Path) -> CompactnnError | None:
     """The error for a Hugging Face folder whose model is code compactnn does not run: an
     ``auto_map`` (the folder ships its own model code) or an ``architectures`` class that
@@ -129,6 +149,10 @@ def remote_code_refusal(folder: Path) -> CompactnnError | None:
         return None
     if not isinstance(config, dict):
         return None
+    if (bad := _mistyped_field(config)) is not None:
+        return CompactnnError(
+            f"{str(config_path)!r}: {bad}; use the config.json saved with the model."
+        )
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else None
     if auto_map is not None:  # a tokenizer's or processor's own code changes no weight
         auto_map = {k: v for k, v in auto_map.items() if str(k) not in PREPROCESSING_AUTO} or None

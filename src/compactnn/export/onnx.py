@@ -245,9 +245,7 @@ def qdq_module(
     if blocks:
         raise CompactnnError(
             f"ONNX export: binary blocks ({name_list(blocks, 3)}) have no ONNX form (binary "
-            "weights and 1-bit activations need compactnn's own kernels): deploy the model with "
-            "compactnn.deploy(model, example=..., backend='onednn') (int8; popcount for +-1 only) "
-            "and ship it with compactnn.deployment.save_deployed."
+            f"weights and 1-bit activations need compactnn's own kernels): {BINARY_SHIP}"
         )
     model = copy.deepcopy(qmodel).eval()
     try:
@@ -437,6 +435,17 @@ def ort_session(qmodel: nn.Module, example: Any) -> tuple[Callable[..., Any], di
     """An ONNX Runtime callable running the QDQ export of ``qmodel`` (used by ``deploy``)."""
     data, kept = to_onnx_bytes(qmodel, example)
     return ort_callable(fold_float_outputs(data)), kept
+
+
+# How to ship binary blocks instead; the command line says it in its own words (deploy.py).
+BINARY_SHIP = (
+    "deploy the model with compactnn.deploy(model, example=..., backend='onednn') (int8; "
+    "popcount for +-1 only) and ship it with compactnn.deployment.save_deployed."
+)
+BINARY_SHIP_CLI = (
+    "deploy it without --onnx and ship it with --save DIR (oneDNN int8; popcount for +-1 "
+    "only), which compactnn.deployment.load_deployed loads."
+)
 
 
 def export_onnx(

@@ -50,14 +50,14 @@ class ShardSet:
                 "save_pretrained(..., safe_serialization=True)."
             )
         index, single = self.root / INDEX, self.root / SINGLE
-        if os.path.lexists(index):
-            weight_map = index_weight_map(index, _RESAVE)
-        elif os.path.lexists(single):
+        if os.path.lexists(single):  # transformers reads it first, never the index beside it
             check_regular(single, _RESAVE)  # a FIFO would block safe_open forever
             from safetensors import safe_open
 
             with safe_open(str(single), framework="pt") as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE)
+        elif os.path.lexists(index):
+            weight_map = index_weight_map(index, _RESAVE)
         else:
             raise CompactnnError(
                 f"{str(self.root)!r} holds no safetensors weights ({INDEX} or {SINGLE}); "

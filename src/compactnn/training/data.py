@@ -378,6 +378,11 @@ def as_eval_data(
             )
         data = found
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        if hasattr(data, "__iter__") and not isinstance(data, (tuple, list, torch.Tensor)):
+            raise CompactnnError(  # a DataLoader's batches may hold labels: it is the type
+                f"{what} takes (inputs, labels) tensors, not a {type(data).__name__}: pass e.g. "
+                f"{what}=(x_test, y_test) (torch.cat a loader's batches to make them)."
+            )
         raise CompactnnError(
             f"{what} of type {type(data).__name__} has no labels: pass (inputs, labels) "
             f"tensors, e.g. {what}=(x_test, y_test)."
