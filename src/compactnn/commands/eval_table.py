@@ -122,8 +122,8 @@ def faster_note(float_s: float, row_s: float, *, suspect: bool) -> str | None:
     :func:`compactnn.report.delivery.slower_note`).
 
     Example:
-        >>> faster_note(0.01999, 0.000133, suspect=True)[:57]
-        'faster than the fastest float path (0.13 ms vs 19.99 ms):'
+        >>> faster_note(0.01999, 0.000133, suspect=True)[:58]
+        'faster than the fastest float path (0.133 ms vs 19.99 ms):'
         >>> faster_note(0.01999, 0.000133, suspect=False) is None
         True
     """
