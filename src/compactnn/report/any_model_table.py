@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from compactnn.measure.timing import ms_text
 from compactnn.report.document import Block
 from compactnn.report.plot import METRIC_LABELS
 from compactnn.report.scoring import QUALITY_HEADERS, delta_cell, quality_cell
@@ -16,7 +17,6 @@ from compactnn.report.writer import (
     _mib,
     any_suspect,
     module_order,
-    ms,
     ratio_cell,
     resident_cell,
     suspect_mark,
@@ -71,9 +71,9 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     float_latency = results["rows"][0]["latency"] if results["rows"] else None
     for r in results["rows"]:
         lat, own = r["latency"], artifact_row(results["rows"], r)
-        latency = f"{ms(lat['median_s'])} ms"  # 3 significant digits below 1 ms
+        latency = f"{ms_text(lat['median_s'])} ms"  # 3 significant digits below 1 ms
         if lat["median_s"] and (lat["max_s"] - lat["min_s"]) / lat["median_s"] > 0.10:
-            latency += f" ({ms(lat['min_s'])}-{ms(lat['max_s'])})"
+            latency += f" ({ms_text(lat['min_s'])}-{ms_text(lat['max_s'])})"
         speedup = (
             r.get("no_speedup") or SIMULATED  # the float model's dense compute, or simulated
             if r["speedup"] is None
@@ -303,7 +303,9 @@ def _paths_text(paths: dict[str, Any] | None) -> str:
     if not paths:
         return "fp32 eager"
     times = ", ".join(
-        f"{k} {ms(v['median_s'])} ms" for k, v in paths["timings"].items() if k in paths["errors"]
+        f"{k} {ms_text(v['median_s'])} ms"
+        for k, v in paths["timings"].items()
+        if k in paths["errors"]
     )
     skipped = "; ".join(f"{k} skipped: {v}" for k, v in paths["skipped"].items())
     return f"{paths['winner']} won: {times}" + (f"; {skipped}" if skipped else "")

@@ -52,22 +52,11 @@ def _num(x: Any, fmt: str) -> str:
     return format(x, fmt)
 
 
-def ms(seconds: float, decimals: int = 2) -> str:
-    """``seconds`` in milliseconds, without the unit: ``decimals`` decimals from 1 ms up, 3
-    significant digits below (``0.09 ms`` / ``0.10 ms`` would hide a 0.83x speedup).
-
-    Example:
-        >>> ms(0.0029207), ms(8.6258e-05), ms(1.0332e-4), ms(0.0153, 1)
-        ('2.92', '0.0863', '0.103', '15.3')
-    """
-    return ms_text(seconds, decimals)
-
-
 def _latency_cell(lat: dict[str, Any]) -> str:
     spread = (lat["max_s"] - lat["min_s"]) / lat["median_s"] if lat["median_s"] else 0
-    latency = f"{ms(lat['median_s'])} ms"
+    latency = f"{ms_text(lat['median_s'])} ms"
     if spread > 0.10:
-        latency += f" ({ms(lat['min_s'], 1)}-{ms(lat['max_s'], 1)})"
+        latency += f" ({ms_text(lat['min_s'], 1)}-{ms_text(lat['max_s'], 1)})"
     return latency + suspect_mark(lat)
 
 
@@ -263,7 +252,7 @@ def _float_paths_text(results: dict[str, Any]) -> str:
         if not paths:
             continue
         times = ", ".join(
-            f"{k} {ms(v['median_s'])} ms"
+            f"{k} {ms_text(v['median_s'])} ms"
             for k, v in paths["timings"].items()
             if k in paths.get("errors", {})
         )
