@@ -145,7 +145,13 @@ def test_no_method_file_imports_another():
 # Layers, bottom to top: a module may import its own layer and the layers below it only.
 # Method files (registered methods) form their own layer above the engines they plug into.
 LAYERS: list[tuple[str, ...]] = [
-    ("compactnn.errors", "compactnn._optional", "compactnn.omp_policy", "compactnn._submodules"),
+    (
+        "compactnn.errors",
+        "compactnn._optional",
+        "compactnn.omp_policy",
+        "compactnn._submodules",
+        "compactnn.launch_env",
+    ),
     ("compactnn.core",),
     ("compactnn.registry",),
     ("compactnn.recipe", "compactnn.lowering", "compactnn.distill", "compactnn.kernels"),

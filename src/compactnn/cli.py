@@ -48,6 +48,7 @@ from compactnn.cli_streams import raw_bytes, tolerant_streams
 from compactnn.commands import COMMANDS
 from compactnn.commands._path_args import check_path_args, dash_path_hint, path_labels
 from compactnn.errors import CompactnnError, cut, first_line, is_out_of_memory
+from compactnn.launch_env import env_rank
 from compactnn.omp_policy import ensure_passive_policy, openmp_runtime_loaded
 from compactnn.user_modules import user_folder_importable
 
@@ -231,11 +232,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def other_rank() -> bool:
-    """Whether this process is a rank other than 0 of a ``torchrun`` run (its ``RANK``):
-    every rank meets the same warnings, refusals and interrupts, and rank 0 alone says them;
-    the others exit with the same status, silently."""
-    rank = os.environ.get("RANK", "0")
-    return rank.isdigit() and int(rank) != 0
+    """Whether this process is a rank other than 0 of a ``torchrun`` run (its ``RANK`` beside
+    ``WORLD_SIZE``: :func:`~compactnn.launch_env.env_rank`): every rank meets the same
+    warnings, refusals and interrupts, and rank 0 alone says them; the others exit with the
+    same status, silently."""
+    return env_rank() != 0
 
 
 def said_by_rank0(line: str) -> None:

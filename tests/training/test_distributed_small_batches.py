@@ -221,6 +221,7 @@ def test_the_command_prints_its_error_and_interrupt_lines_on_rank_0_alone(
     from compactnn.commands import train as train_command
 
     args = _cli_setup(tmp_path, monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
     raised = {"error": CompactnnError("bad run"), "interrupt": KeyboardInterrupt()}
     raised["sigterm"] = cli.Terminated()
@@ -251,6 +252,7 @@ def test_a_refusal_before_any_work_is_printed_by_rank_0_alone(tmp_path, monkeypa
     from compactnn import cli
 
     args = _cli_setup(tmp_path, monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     _torchrun_stops_this_rank(monkeypatch)
     with pytest.raises(SystemExit) as exc:
@@ -267,8 +269,27 @@ def test_a_refusal_one_rank_met_alone_is_printed_by_it(tmp_path, monkeypatch, ca
     from compactnn import cli
 
     args = _cli_setup(tmp_path, monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(cli, "RANK_GRACE_S", 0.0)
     assert cli.main([*args, "--epochs", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rank 1: error: --epochs 0 trains nothing") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("world", [None, "1"])
+def test_a_rank_left_in_a_plain_shell_is_not_a_silent_rank(tmp_path, monkeypatch, capsys, world):
+    """``RANK=1`` without ``WORLD_SIZE`` (or beyond it) was not set by torchrun: the command
+    speaks at once, as rank 0 of one, instead of waiting and exiting silently."""
+    from compactnn import cli
+
+    args = _cli_setup(tmp_path, monkeypatch)
+    monkeypatch.setenv("RANK", "1")
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    waits = _torchrun_stops_this_rank(monkeypatch)
+    assert cli.main([*args, "--epochs", "0"]) == 2
+    assert waits == []
+    assert capsys.readouterr().err.startswith("error: --epochs 0 trains nothing")

@@ -46,6 +46,7 @@ from torch import nn
 
 from compactnn.core.device import check_device
 from compactnn.errors import CompactnnError
+from compactnn.launch_env import env_rank
 from compactnn.training import fsdp
 
 STRATEGIES = ("ddp", "fsdp2")
@@ -135,13 +136,12 @@ def _leave_group() -> None:
 
 def process_rank() -> int:
     """This process's rank: its process group's, else ``torchrun``'s ``RANK`` (0 for a
-    plain process)."""
+    plain process, or a ``RANK`` without ``WORLD_SIZE``: :func:`~compactnn.launch_env.env_rank`)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    rank = os.environ.get("RANK", "0")
-    return int(rank) if rank.isdigit() else 0
+    return env_rank()
 
 
 def rank0_warnings(fn: _F) -> _F:
