@@ -109,3 +109,28 @@ def test_a_tilde_the_shell_did_not_expand_is_refused(tmp_path, monkeypatch, caps
     assert not (tmp_path / "~").exists()  # no folder named ~ made
     (tmp_path / "~" / "x").mkdir(parents=True)  # a path really named ~/x is the user's to use
     check_tilde("~/x", "--out")
+
+
+@pytest.mark.parametrize(
+    "word", ["plain", "out dir", "it's", "m\udcff.pt", "r\u00e9\udce9 'q'\\x", "-\udc80\n"]
+)
+def test_shell_join_gives_bash_the_same_bytes_back(word):
+    """Each word, undecodable path bytes included, reaches a program as the bytes it stands for."""
+    import shutil
+    import subprocess
+
+    from compactnn.commands._path_args import shell_join
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    line = shell_join(["printf", "%s", word])
+    assert not any("\udc80" <= c <= "\udcff" for c in line)  # no raw undecodable byte
+    out = subprocess.run([bash, "-c", line], capture_output=True, check=True).stdout
+    assert out == word.encode("utf-8", "surrogateescape")
+
+
+def test_the_evaluate_hint_of_an_undecodable_folder_can_be_pasted():
+    ns = argparse.Namespace(model="mnist-cnn", weights=None, trust_pickle=False, data=None)
+    line = eval_command(Path("out/\udcffx"), ns, LoadedModel(None, "mnist-cnn"))
+    assert "$'out/\\xffx'" in line and "\udcff" not in line

@@ -14,6 +14,7 @@ import argparse
 import errno
 import os
 import re
+import shlex
 from collections.abc import Iterable, Sequence
 
 from compactnn.errors import CompactnnError, cut
@@ -170,3 +171,34 @@ def dash_path_hint(argv: Sequence[str], parser: argparse.ArgumentParser) -> str:
         return ""
     shown = ", ".join(f"./{word}" for word in dict.fromkeys(found))
     return f" (a path that starts with '-' reads as an option: write {shown})"
+
+
+def shell_join(words: Sequence[str]) -> str:
+    """``shlex.join(words)``, except that a word holding undecodable bytes of a path (the
+    ``\\udcXX`` that ``surrogateescape`` gives them) is written in the shell's ``$'...'``
+    quoting with ``\\xNN`` escapes: a terminal shows such a byte as a replacement character,
+    so printed raw it could not be copied back into a command.
+
+    Example:
+        >>> shell_join(["compactnn", "eval", "out dir", "m\\udcff'"])
+        "compactnn eval 'out dir' $'m\\\\xff\\\\''"
+    """
+    return " ".join(_dollar_quote(w) if _SURROGATE.search(w) else shlex.quote(w) for w in words)
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _dollar_quote(word: str) -> str:
+    """``word`` as bash/zsh/POSIX-2024 ``$'...'``: undecodable bytes and non-printable or
+    non-ASCII characters as ``\\xNN`` of their bytes, ``'`` and ``\\`` escaped."""
+    out = []
+    for ch in word:
+        if ch in "'\\":
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            raw = ch.encode("utf-8", "surrogateescape")
+            out.append("".join(f"\\x{b:02x}" for b in raw))
+    return "$'" + "".join(out) + "'"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import shlex
 import sys
 import time
 import warnings
@@ -31,7 +30,7 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
-from compactnn.commands._path_args import shown_path
+from compactnn.commands._path_args import shell_join, shown_path
 from compactnn.commands.compress_summary import (
     layer_summary,
     note_lines,
@@ -232,7 +231,7 @@ def eval_command(out: Path, args: argparse.Namespace, loaded: LoadedModel) -> st
     words = ["compactnn", "eval", shown_path(out)]
     if loaded.reference is None:
         words += ["--model", shown_path(args.model)]
-    return shlex.join(words + model_words(args, loaded))
+    return shell_join(words + model_words(args, loaded))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -446,9 +445,9 @@ def note_training_recipe(recipe, model: str, recipe_arg: str, data: str | None =
             'only, not trained")'
             + (
                 f"; --data {data} only calibrates it here, compactnn train trains on it: "
-                + shlex.join([*train, shown_path(data)])
+                + shell_join([*train, shown_path(data)])
                 if given
-                else ". Train it with: " + shlex.join([*train, "TRAIN_DATA"])
+                else ". Train it with: " + shell_join([*train, "TRAIN_DATA"])
             ),
             file=sys.stderr,
         )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import shlex
 import sys
 import tempfile
 import warnings
@@ -31,7 +30,7 @@ from compactnn.commands._common import (
     source_record,
     split_labels,
 )
-from compactnn.commands._path_args import shown_path
+from compactnn.commands._path_args import shell_join, shown_path
 from compactnn.commands.eval_data import check_split_labelled
 from compactnn.commands.evaluate import inputs_of
 from compactnn.commands.search_report import (  # noqa: F401  (size_lines: the command's API)
@@ -430,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  wrote {shown_path(out / 'recipe.yaml')} and {shown_path(out / 'search.json')}")
     words = ["compactnn", "compress", shown_path(args.model), "--recipe"]
     words.append(shown_path(out / "recipe.yaml"))
-    print(f"  compress with it: {shlex.join(words + model_words(args, loaded))}")
+    print(f"  compress with it: {shell_join(words + model_words(args, loaded))}")
     return 0
 
 
