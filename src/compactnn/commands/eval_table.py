@@ -9,6 +9,7 @@ from typing import Any
 
 from compactnn.commands._common import human_bytes
 from compactnn.commands.compress_summary import human_count
+from compactnn.commands.term_table import render, terminal_width
 from compactnn.errors import counted
 from compactnn.measure import fmt_quality
 from compactnn.measure.environment import oversubscribed_note
@@ -28,23 +29,20 @@ TABLE_COLUMNS = (
 )
 
 
-def text_table(columns: tuple[tuple[str, str], ...], rows: list[list[str]]) -> list[str]:
+def text_table(
+    columns: tuple[tuple[str, str], ...], rows: list[list[str]], width: int | None = None
+) -> list[str]:
     """Lines of a plain-text table: each column as wide as its widest cell (header
-    included), columns two spaces apart, so a long cell never runs into its neighbour.
+    included), columns two spaces apart, so a long cell never runs into its neighbour; when
+    a line would pass ``width`` columns, one block of ``column: value`` lines per row
+    instead (:func:`compactnn.commands.term_table.render`).
 
     Example:
         >>> text_table((("a", "<"), ("n", ">")), [["long cell", "1"]])
         ['a          n', 'long cell  1']
     """
     header = [name for name, _ in columns]
-    widths = [max(map(len, cells)) for cells in zip(header, *rows, strict=True)]
-    return [
-        "  ".join(
-            f"{cell:{align}{width}}"
-            for cell, (_, align), width in zip(cells, columns, widths, strict=True)
-        ).rstrip()
-        for cells in [header, *rows]
-    ]
+    return render(header, rows, width, align=[align for _, align in columns])
 
 
 PERPLEXITY_COLUMN = ("perplexity", ">")  # after "quality", for a causal LM
@@ -245,12 +243,18 @@ def conditions(args: argparse.Namespace, result: dict[str, Any]) -> str:
     return text + ")"
 
 
-def result_lines(args: argparse.Namespace, result: dict[str, Any]) -> list[str]:
+def result_lines(
+    args: argparse.Namespace, result: dict[str, Any], width: int | str | None = "terminal"
+) -> list[str]:
     """What ``compactnn eval`` prints: the quality line, the table and its footnote, the
     stored bits, the timing's conditions (and a line when its threads oversubscribe the
     CPUs), then the notes under a heading (as ``compress`` prints its notes under its
-    summary), so the table starts the output."""
-    lines = [quality_line(result), *text_table(table_columns(result), table_rows(result))]
+    summary), so the table starts the output. The table fits ``width`` columns (by default
+    the terminal's, :func:`compactnn.commands.term_table.terminal_width`; None: a pipe's
+    aligned table whatever its width)."""
+    width = terminal_width() if width == "terminal" else width
+    table = text_table(table_columns(result), table_rows(result), width)
+    lines = [quality_line(result), *table]
     if (footnote := suspect_footnote(result)) is not None:
         lines.append(footnote)
     lines += [bits_line(result["stored_bits"], result.get("float_weights"))]

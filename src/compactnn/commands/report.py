@@ -205,6 +205,7 @@ def model_source(loaded, trust_pickle: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from compactnn.commands.term_table import render, terminal_width
     from compactnn.model_io import skeleton_for
     from compactnn.report import build_report, labelled_data
     from compactnn.report.any_model import check_report_folder
@@ -246,10 +247,8 @@ def run(args: argparse.Namespace) -> int:
         source=model_source(loaded, args.trust_pickle),
         data_name=f"--data {args.data}",
     )
-    lines = [header(results), *table_rows(results)]
-    widths = [max(len(str(c)) for c in col) for col in zip(*lines, strict=True)]
-    for line in lines:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    for line in render(header(results), table_rows(results), terminal_width()):
+        print(line)  # aligned, or a block per row where the terminal is too narrow
     if results.get("resident_note"):
         print(results["resident_note"])
     print(f"\nreport: {args.out}/report.html (also report.md, pareto.png, results.json)")
