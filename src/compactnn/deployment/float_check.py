@@ -93,7 +93,7 @@ def time_contenders(contenders: dict[str, Any], example: Any, runs: int = 6) -> 
     4.3 ms over oneDNN's 0.49 ms for mnist-cnn in a demo run at load 3.5."""
     calls = {k: model_call(m, example) for k, m in contenders.items()}
     with timing.quiet_timing():  # a noisy race still ranks them by their fastest calls; the
-        # table timed later warns once per contender and reason (else fp32-eager's `*` there
+        # table timed later warns each distinct text once (else fp32-eager's `*` there
         # goes unexplained)
         timings = time_blocks(calls, warmup=1, runs=runs, threads=None, pause_s=0.01, block_s=0.02)
     return {k: t.min_s for k, t in timings.items()}

@@ -28,6 +28,12 @@ from torch import nn
 
 from compactnn.core.calib import batch_size_of, call_model
 from compactnn.errors import user_stacklevel
+from compactnn.measure.sub_ms import (  # noqa: F401 (re-exported: the rules under 1 ms)
+    MAX_BLOCK_SPREAD,
+    MAX_MEDIAN_OVER_MIN,
+    MIN_JUDGED_S,
+    sub_ms_reasons,
+)
 from compactnn.omp_policy import (  # omp_wait_policy / spin_count: read here by callers
     PASSIVE_SPINCOUNT,
     load_average,
@@ -43,17 +49,9 @@ DEFAULT_ROUNDS = 3  # rounds of blocks, each in a rotated order (BENCHMARKING.md
 DEFAULT_PAUSE_S = 0.05  # before each block: lets other runtimes' idle threads go to sleep
 MAX_BLOCK_CALLS = 30  # a block grown to ``block_s`` holds at most this many calls
 MAX_SPREAD = 0.5  # (max - min) / median above this: the runs disagree, the median is noise
-MIN_CPU_SHARE = 0.5  # process CPU per call below this share of the wall time: it waited
-MAX_CPU_OVER_THREADS = 1.5  # CPU per call above wall x threads x this: other pools ran too
-MIN_JUDGED_S = 1e-3  # below 1 ms: judged by its median and block medians, not single calls
-# below MIN_JUDGED_S one preempted call (a 4 ms time slice) spreads the runs 30x without moving
-# the median, and waking PASSIVE threads is off-CPU time of the call itself; what shows a
-# median that is not the model's is the median sitting well above the fastest call, or one
-# block of calls (a round) disagreeing with the others. Measured on a 2-CPU EPYC (digits-resnet
-# batch 16, 30-call blocks): unslowed rows sit 2-10% above their fastest call, their block
-# medians within 2-19%; rows slowed by a busy neighbour 19-140% above, blocks 34% to 30x apart
-MAX_MEDIAN_OVER_MIN = 0.2  # (median - min) / min above this, under MIN_JUDGED_S: most calls slowed
-MAX_BLOCK_SPREAD = 0.25  # (max - min block median) / median above this, under MIN_JUDGED_S
+MIN_CPU_SHARE = 0.5  # process CPU per call below this share of the median wall time: it waited
+MAX_CPU_OVER_THREADS = 1.5  # CPU per call above median wall x threads x this: other pools ran
+# a call under MIN_JUDGED_S (1 ms) is judged by compactnn.measure.sub_ms instead
 
 
 def ms_text(seconds: float, decimals: int = 2) -> str:
@@ -87,10 +85,13 @@ class Timing:
         omp_wait_policy: ``OMP_WAIT_POLICY`` of the process (``""``: not set, OpenMP's
             default, which spins).
         load_avg: the machine's 1-minute load average after timing (None where unknown).
-        cpu_s: process CPU time (all threads) per timed call, median of the blocks.
+        cpu_s: process CPU time (all threads) per timed call: each block's CPU time over
+            its calls, median of the blocks.
         cpus: CPUs of the machine (``os.cpu_count()``).
-        cpu_share: process CPU time / wall time over a block of calls (cores kept busy;
-            median of the blocks).
+        cpu_share: ``cpu_s / median_s``, the cores a call kept busy against the latency
+            quoted (below ``MIN_CPU_SHARE`` the call waited for the CPU; a few stalled calls
+            move the spread, not this). Set from those two whenever ``cpu_s`` is known, so a
+            record never contradicts itself; given alone, it is kept.
         block_medians_s: the median wall time of each block of calls, in the order run
             (judges a call under 1 ms, :func:`suspect_reasons`; empty where not recorded).
     """
@@ -108,6 +109,10 @@ class Timing:
     cpus: int | None = field(default_factory=os.cpu_count)
     cpu_share: float | None = None
     block_medians_s: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cpu_s is not None and self.median_s > 0:  # frozen: set through object
+            object.__setattr__(self, "cpu_share", self.cpu_s / self.median_s)
 
     @property
     def spread(self) -> float:
@@ -145,7 +150,8 @@ class Timing:
 def suspect_reasons(t: Timing) -> list[str]:
     """Why ``t`` may not be the model's own speed (empty when nothing looks wrong).
 
-    A call under ``MIN_JUDGED_S`` (1 ms) is judged by two rules of its own (:func:`_sub_ms_reasons`:
+    A call under ``MIN_JUDGED_S`` (1 ms) is judged by two rules of its own
+    (:func:`compactnn.measure.sub_ms.sub_ms_reasons`:
     the median more than ``MAX_MEDIAN_OVER_MIN`` (20%) above the fastest call, or the block
     medians more than ``MAX_BLOCK_SPREAD`` (25%) apart): one preempted call spreads its runs
     without moving the median, and idle pool threads waking up are part of its wall time.
@@ -153,19 +159,21 @@ def suspect_reasons(t: Timing) -> list[str]:
 
     * the runs spread more than ``MAX_SPREAD`` (50%) around the median: something else ran
       during some of them, so the median depends on luck;
-    * the process ran on the CPU for less than ``MIN_CPU_SHARE`` (half) of the wall time of a
-      call: a compute-bound model keeps at least one core busy, so the call waited for the
-      CPU (a loaded machine) rather than computed;
-    * the process used more than ``MAX_CPU_OVER_THREADS`` x ``threads`` cores on average: a
-      thread pool beside torch's (ONNX Runtime, a second OpenMP runtime, spinning waiters)
-      competed with the threads being timed.
+    * the process's CPU time per call is less than ``MIN_CPU_SHARE`` (half) of the median
+      wall time (``cpu_share``): a compute-bound model keeps at least one core busy, so the
+      call waited for the CPU (a loaded machine) rather than computed;
+    * its CPU time per call is more than ``MAX_CPU_OVER_THREADS`` x ``threads`` times the
+      median wall time: a thread pool beside torch's (ONNX Runtime, a second OpenMP runtime,
+      spinning waiters) competed with the threads being timed.
+
+    The CPU reasons print the CPU time and the median wall time they divide.
 
     Example:
         >>> suspect_reasons(Timing(0.01, 0.01, 0.01, 10, 2, 2, cpu_s=0.001, cpu_share=0.1))[0][:22]
         'CPU time 1.00 ms/call '
     """
     if t.median_s < MIN_JUDGED_S:
-        return _sub_ms_reasons(t)
+        return sub_ms_reasons(t.median_s, t.min_s, t.block_medians_s)
     reasons: list[str] = []
     if t.spread > MAX_SPREAD:
         reasons.append(
@@ -176,49 +184,22 @@ def suspect_reasons(t: Timing) -> list[str]:
         share = t.cpu_share
         if share < MIN_CPU_SHARE:
             reasons.append(
-                f"CPU time {ms_text(t.cpu_s)} ms/call is {share:.0%} of the wall time "
-                f"(median {ms_text(t.median_s)} ms): the call waited for the CPU (load "
+                f"CPU time {ms_text(t.cpu_s)} ms/call is {share:.0%} of the median wall time "
+                f"({ms_text(t.median_s)} ms): the call waited for the CPU (load "
                 f"{'unknown' if t.load_avg is None else f'{t.load_avg:.1f}'} on {t.cpus} CPUs)"
             )
         elif share > MAX_CPU_OVER_THREADS * max(t.threads, 1):
             reasons.append(
-                f"CPU time {ms_text(t.cpu_s)} ms/call is {share:.1f} cores for "
-                f"{t.threads} torch threads: another thread pool competed with them"
-            )
-    return reasons
-
-
-def _ms(seconds: float) -> str:
-    """Milliseconds with two decimals, four below 10 us (``"0.0042"``)."""
-    return f"{seconds * 1e3:.{2 if seconds >= 1e-5 else 4}f}"
-
-
-def _sub_ms_reasons(t: Timing) -> list[str]:
-    """:func:`suspect_reasons` for a call under ``MIN_JUDGED_S``.
-
-    Example:
-        >>> _sub_ms_reasons(Timing(0.55e-3, 0.33e-3, 16.5e-3, 90, 2, 2))[0][:41]
-        'median 0.55 ms is 67% above the fastest c'
-    """
-    reasons: list[str] = []
-    if t.min_s > 0 and t.median_s - t.min_s > MAX_MEDIAN_OVER_MIN * t.min_s:
-        reasons.append(
-            f"median {_ms(t.median_s)} ms is {t.median_s / t.min_s - 1:.0%} above the "
-            f"fastest call ({_ms(t.min_s)} ms): most calls were slowed by something else"
-        )
-    blocks = t.block_medians_s
-    if len(blocks) > 1 and t.median_s > 0:
-        gap = (max(blocks) - min(blocks)) / t.median_s
-        if gap > MAX_BLOCK_SPREAD:
-            reasons.append(
-                f"block medians {_ms(min(blocks))}-{_ms(max(blocks))} ms spread "
-                f"{gap:.0%} around the median: a block ran while something else did"
+                f"CPU time {ms_text(t.cpu_s)} ms/call over a median wall time of "
+                f"{ms_text(t.median_s)} ms is {share:.1f} cores for {t.threads} torch "
+                "threads: another thread pool competed with them"
             )
     return reasons
 
 
 _warned: set[tuple[str, str]] = set()
 _quiet = 0  # > 0 inside quiet_timing(): timing warnings neither shown nor counted as said
+_owners: list[tuple[str, str]] = []  # timing_owner()'s (owner, occasion), innermost last
 
 
 def _warn_once(key: tuple[str, str], message: str) -> None:
@@ -229,10 +210,40 @@ def _warn_once(key: tuple[str, str], message: str) -> None:
 
 
 @contextlib.contextmanager
+def timing_owner(owner: str, occasion: str = "") -> Iterator[None]:
+    """Name ``owner`` (the model or row the timings inside are taken for) in their warnings,
+    with the ``occasion`` when given: ``latency of ch50-ft's fp32-eager (the short race that
+    picks its float path) may be inflated: ...``, never a bare ``fp32-eager`` that reads as
+    the float model's. The innermost owner names a timing."""
+    _owners.append((owner, occasion))
+    try:
+        yield
+    finally:
+        _owners.pop()
+
+
+def warning_label(label: str) -> str:
+    """``label`` as the warnings name it: with the innermost :func:`timing_owner`'s owner
+    and occasion, else as it is.
+
+    Example:
+        >>> with timing_owner("ch50-ft", "its own race"):
+        ...     warning_label("fp32-eager")
+        "ch50-ft's fp32-eager (its own race)"
+        >>> warning_label("fp32-eager")
+        'fp32-eager'
+    """
+    if not _owners:
+        return label
+    owner, occasion = _owners[-1]
+    return f"{owner}'s {label}" + (f" ({occasion})" if occasion else "")
+
+
+@contextlib.contextmanager
 def quiet_timing() -> Iterator[None]:
-    """Time without the once-per-reason warnings: none is shown inside, and none counts as
-    said, so a later timing of the same contender (the one a user sees) still warns (a
-    backend race timed apart from the table it picks for)."""
+    """Time without the timing warnings (each text said once): none is shown inside, and
+    none counts as said, so a later timing of the same contender (the one a user sees) still
+    warns (a backend race timed apart from the table it picks for)."""
     global _quiet
     _quiet += 1
     try:
@@ -299,10 +310,12 @@ def suspect_mark(*latencies: dict[str, Any] | None) -> str:
 
 
 def _warn_suspect(t: Timing, label: str) -> None:
+    """Warn each reason ``t`` looks inflated, naming it (:func:`warning_label`); only a text
+    said before is dropped, so two timings under one label (a row's own race, then the
+    float model's path) each warn with their own numbers."""
     for reason in suspect_reasons(t):
-        _warn_once(
-            (label, reason.split(" ", 2)[0]), f"latency of {label} may be inflated: {reason}"
-        )
+        message = f"latency of {warning_label(label)} may be inflated: {reason}"
+        _warn_once(("latency", message), message)
 
 
 def set_threads(threads: int) -> int:
@@ -328,8 +341,7 @@ def _timing(
         batch=batch,
         omp_wait_policy=omp_wait_policy(),
         load_avg=load_average(),
-        cpu_s=statistics.median(c for c, _, _ in cpu) if cpu else None,
-        cpu_share=statistics.median(share for _, share, _ in cpu) if cpu else None,
+        cpu_s=statistics.median(c for c, _, _ in cpu) if cpu else None,  # cpu_share from it
         block_medians_s=tuple(block for _, _, block in cpu),
     )
 
@@ -338,7 +350,8 @@ def _block(
     fn: Callable[[], Any], n: int, times: list[float], cpu: list[tuple[float, float, float]]
 ) -> None:
     """``n`` timed calls of ``fn``; wall times into ``times``, and into ``cpu`` the block's
-    (process CPU per call, CPU / wall, median wall time per call) triple."""
+    (process CPU per call, CPU / its wall time, median wall time per call) triple (the
+    middle one is the block's own; a ``Timing``'s ``cpu_share`` is over its median)."""
     start = len(times)
     c0 = time.process_time()
     for _ in range(n):

@@ -239,7 +239,7 @@ def _measure(
                 fast, row["runs_as"], notes = deliver_probe_pruned(qmodel)
             else:  # e.g. channel-pruned: a smaller float model on its fastest float path
                 fast, row["runs_as"], notes = deliver_float(
-                    qmodel, example, quick=quick, threads=None
+                    qmodel, example, quick=quick, threads=None, name=label
                 )
                 row["dense"] = same_dense_compute(float_model, qmodel)  # e.g. sp50: no speedup
             row["notes"] += notes

@@ -29,7 +29,12 @@ from torch import nn
 import compactnn
 from compactnn.errors import CompactnnError, first_line
 from compactnn.measure.float_paths import fastest_float_form, is_plain_float, is_plain_module
-from compactnn.measure.timing import DEFAULT_THREADS, ms_text, timing_suspect  # noqa: F401 (re-exported)
+from compactnn.measure.timing import (  # noqa: F401 (timing_suspect: re-exported)
+    DEFAULT_THREADS,
+    ms_text,
+    timing_owner,
+    timing_suspect,
+)
 
 __all__ = [
     "SIMULATED",
@@ -40,6 +45,7 @@ __all__ = [
     "is_plain_float",
     "is_probe_pruned",
     "rounding_cause",
+    "row_name",
     "runtime_name",
     "slower_note",
     "untrained_label",
@@ -294,17 +300,35 @@ def float_path_name(name: str) -> str:
     return FLOAT_PATH_NAMES.get(name, name)
 
 
+RACE_OCCASION = (  # a plain float row's own race: its row is timed again, with the float paths
+    "the short race that picks its float path; its row is timed again beside the float model"
+)
+
+
+def row_name(model: nn.Module) -> str:
+    """The name a compressed model's row goes by: its recipe's (``compactnn.info_of``), else
+    ``"the compressed model"``."""
+    recipe = compactnn.info_of(model).get("recipe")
+    return getattr(recipe, "name", None) or "the compressed model"
+
+
 def deliver_float(
     model: nn.Module,
     example: Any,
     *,
     quick: bool = True,
     threads: int | None = DEFAULT_THREADS,
+    name: str | None = None,
 ) -> tuple[nn.Module, str, list[str]]:
     """A plain float model (:func:`is_plain_float`) delivered as itself: the fastest of
     its own float paths, raced as the float model's are
     (:func:`compactnn.measure.float_paths.fastest_float_form`; ``quick``: without
-    ``torch.compile``), with the runtime's name and a note listing the paths' times.
+    ``torch.compile``), with the runtime's name and a note naming the paths raced.
+
+    The race's timing warnings name the row (:func:`compactnn.measure.timing.timing_owner`):
+    ``latency of <name>'s fp32-eager (the short race that picks its float path; ...) may be
+    inflated``, never a bare path name that reads as the float model's. ``name``: the row's
+    label; by default its recipe's name (:func:`row_name`).
 
     Returns:
         ``(fast, runtime, notes)``, like :func:`deliver`; ``runtime`` is e.g.
@@ -315,7 +339,8 @@ def deliver_float(
         >>> runtime                                                    # doctest: +SKIP
         'ONNX Runtime fp32'
     """
-    fast, paths = fastest_float_form(model, example, quick=quick, threads=threads)
+    with timing_owner(name or row_name(model), RACE_OCCASION):
+        fast, paths = fastest_float_form(model, example, quick=quick, threads=threads)
     winner = float_path_name(paths.winner)
     others = [float_path_name(k) for k in paths.timings if k != paths.winner]
     raced = f", picked by a short race against {', '.join(others)}" if others else ""
