@@ -63,8 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         "-d",
-        help=".safetensors/.npy inputs, a reference data set name, or 'data-free' (calibrate "
-        "on images generated from the model's batch-norm statistics; docs/data-free.md)",
+        help="calibration inputs: a .safetensors/.npy file, a reference model's name (its "
+        "calibration batches, e.g. mnist-cnn), or 'data-free' (calibrate on images generated "
+        "from the model's batch-norm statistics; docs/data-free.md)",
     )
     p.add_argument(
         "--input-shape",

@@ -21,7 +21,7 @@ from compactnn.commands._common import (
 )
 from compactnn.commands._path_args import shown_path
 from compactnn.commands.compress import note_training_recipe as _note_training_recipe
-from compactnn.commands.eval_data import ONE_SPLIT_NOTE, read_data
+from compactnn.commands.eval_data import ONE_SPLIT_NOTE, check_data_size, read_data
 from compactnn.commands.eval_table import SUSPECT_FOOTNOTE, faster_note
 from compactnn.commands.evaluate import check_inputs, check_top1_labels
 from compactnn.core.calib import as_batches, batch_size_of, main_output
@@ -74,7 +74,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "-d",
         help="inputs (.safetensors/.npy or data set name); x and y tensors also give top-1",
     )
-    p.add_argument("--backend", "-b", default="auto", choices=BACKENDS, help="kernels to use")
+    p.add_argument(
+        "--backend",
+        "-b",
+        default="auto",
+        choices=BACKENDS,
+        metavar="NAME",
+        help=f"kernels to use: {', '.join(BACKENDS)} (default auto)",
+    )
     p.add_argument(
         "--residual", default="exact", choices=("exact", "fast"), help="residual add mode"
     )
@@ -138,6 +145,8 @@ def _models(args: argparse.Namespace):
     data = read_data(args.data, loaded) if args.data else loaded.calib
     # a held-out split: verify, time, score
     inputs, labels = split_labels(data, note=False, model=loaded.model)
+    if args.data:  # images of another size than a reference takes: report's one line
+        check_data_size(args.data, loaded, inputs)
     calib = split_labels(data, role="train", note=False, model=loaded.model)[0]
     labelled = labelled_keys(data, "train") if isinstance(data, dict) else None
     one_split = labelled is None or labelled == labelled_keys(data, "eval")

@@ -11,7 +11,7 @@ from typing import Any
 
 from compactnn.errors import CompactnnError
 from compactnn.model_io import LoadedModel, reference_names, resolve_data
-from compactnn.training.data import split_pair
+from compactnn.training.data import labelled_keys, split_pair
 
 # a data set name, or a reference model's name with a labelled data set -> that data set:
 # eval scores its held-out split (x_test/y_test), as train and report do
@@ -48,6 +48,23 @@ def read_data(spec: str, loaded: LoadedModel) -> Any:
             file=sys.stderr,
         )
     return resolve_data(spec, loaded)
+
+
+def check_data_size(spec: str, loaded: LoadedModel, data: Any) -> None:
+    """Refuse ``--data`` (as read, or its inputs: a tensor, a labelled mapping, calibration
+    batches) whose images are of another size than the reference model takes, in the line
+    ``compactnn report`` gives, before any note or run: a model with global pooling runs on
+    any size, at chance accuracy. The images checked are those scored (the held-out split
+    of a mapping that holds two), or the first batch."""
+    # imported here: report imports this module
+    from compactnn.commands.report import check_input_size
+
+    if isinstance(data, dict):
+        keys = labelled_keys([k for k in data if isinstance(k, str)], "eval")
+        data = data[keys[0]] if keys is not None else None
+    elif isinstance(data, list):
+        data = data[0] if data else None
+    check_input_size(spec, loaded, data)
 
 
 def calibration_inputs(raw: Any, scored: Any) -> Any:

@@ -16,8 +16,8 @@ def simulated_note(
 
     Example:
         >>> row = {"metric": "top1", "quality": 93.41, "runtime": "ONNX Runtime int8"}
-        >>> simulated_note(row, 92.86)[:63]
-        'simulated model (what compress and train report): 92.86% top-1;'
+        >>> simulated_note(row, 92.86)[:80]
+        'simulated model (the fake-quantized one compress and train build): 92.86% top-1;'
     """
     from compactnn.report.delivery import INTEGER_ROUNDING  # the application: loaded here
 
@@ -26,7 +26,7 @@ def simulated_note(
     metric = row["metric"]
     name = " top-1" if metric == "top1" else f" {metric}"
     return (
-        f"simulated model (what compress and train report): {fmt_quality(metric, simulated)}"
+        f"simulated model (the fake-quantized one compress and train build): {fmt_quality(metric, simulated)}"
         f"{name}; deployed ({row['runtime']}): {fmt_quality(metric, row['quality'])}: "
         f"{cause or INTEGER_ROUNDING}"
     )

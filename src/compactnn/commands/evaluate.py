@@ -33,6 +33,7 @@ from compactnn.commands._common import (
 )
 from compactnn.commands.eval_data import (
     calibration_inputs,
+    check_data_size,
     check_split_labelled,
     drop_lm_labels,
     read_data,
@@ -147,6 +148,7 @@ def inputs_of(
     if not args.data:
         return None, None
     raw = read_data(args.data, loaded) if raw is None else raw
+    check_data_size(args.data, loaded, raw)  # images of another size: report's one line
     check_split_labelled(raw, args.data)  # a split without labels: say which keys fit
     inputs, labels = split_labels(raw, note=note, model=loaded.model)
     labels = drop_lm_labels(loaded.model, inputs, labels, args.data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,32 @@ from compactnn.export.hf_check import probe_inputs
 from compactnn.export.onnx_hf_verify import read_line
 from compactnn.model_io import reference_names, skeleton_for
 
-_EPILOG = "formats:\n" + "\n".join(f"  {f.name:<20}{f.summary}" for f in formats.FORMATS)
-_EPILOG += "\n\n`compactnn export ARTIFACT --list` says which formats ARTIFACT goes to exactly."
+
+def _wrapped(text: str, first: str = "", rest: str = "") -> str:
+    """``text`` in lines of 78 columns at most, as argparse wraps for an 80-column terminal
+    (the description and format list below are laid out as written, not re-wrapped)."""
+    return textwrap.fill(
+        text, 78, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
+    )
+
+
+_DESCRIPTION = _wrapped(
+    "Export the compressed model in ARTIFACT to a runtime's format, verified against "
+    "compactnn's simulation."
+)
+_EPILOG = "formats:\n" + "\n".join(
+    _wrapped(f.summary, f"  {f.name:<20}", " " * 22) for f in formats.FORMATS
+)
+_EPILOG += "\n\n" + _wrapped(
+    "`compactnn export ARTIFACT --list` says which formats ARTIFACT goes to exactly."
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export",
         help="hand a compressed artifact to another runtime (GGUF, compressed-tensors, ONNX)",
-        description="Export the compressed model in ARTIFACT to a runtime's format, verified "
-        "against compactnn's simulation.",
+        description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
