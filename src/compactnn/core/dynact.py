@@ -13,7 +13,11 @@ class DynamicActQuantizer(ActQuantizer):
     """Per-token asymmetric fake quantization with ranges taken at run time.
 
     Each row of the last dimension (one token) gets its own ``[min, max]`` grid, widened to
-    contain 0, on ``spec.qtype`` (uint8 for ``a8``). No calibration is needed.
+    contain 0, on ``spec.qtype`` (uint8 for ``a8``). No calibration is needed. The grid is
+    meant for the ``(..., tokens, features)`` inputs of Linear layers (the W8A8 kernel's,
+    ``compactnn.to_kernels``): on a convolution's ``(N, C, H, W)`` input it would give each
+    row of pixels its own grid (:func:`per_token_misfits`). Its unused ``scale`` and ``zero``
+    are no static grid: :attr:`is_per_token` tells lowering and deploy so.
 
     Example:
         >>> q = DynamicActQuantizer(QuantSpec(bits=8, symmetric=False))
@@ -24,6 +28,11 @@ class DynamicActQuantizer(ActQuantizer):
     def __init__(self, spec: QuantSpec) -> None:
         super().__init__(spec)
         self.calibrated = True
+
+    @property
+    def is_per_token(self) -> bool:
+        """True: the grid is each token's own, taken at run time (never a calibrated one)."""
+        return True
 
     def start_observing(self) -> None:  # nothing to observe: ranges are dynamic
         self.observer = None
@@ -41,6 +50,17 @@ class DynamicActQuantizer(ActQuantizer):
 
     def extra_repr(self) -> str:
         return f"{self.qtype.name}, per-token dynamic"
+
+
+def per_token_misfits(layers: dict[str, nn.Module]) -> list[str]:
+    """Names of the convolutions among ``layers`` (float or quantized): their inputs'
+    last dimension is a spatial one, so a per-token grid there is one per row of pixels.
+
+    Example:
+        >>> per_token_misfits({"conv": nn.Conv2d(1, 2, 3), "fc": nn.Linear(2, 2)})
+        ['conv']
+    """
+    return [n for n, m in layers.items() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
 
 def use_dynamic_act(model: nn.Module, names: list[str]) -> list[str]:

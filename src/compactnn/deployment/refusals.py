@@ -23,7 +23,7 @@ from compactnn.core.calib import (
     expected_inputs,
     input_spec,
 )
-from compactnn.core.dynact import DynamicActQuantizer
+from compactnn.core.dynact import DynamicActQuantizer, per_token_misfits
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.deployment import binary
 from compactnn.engines.binary import BinaryBlock
@@ -101,8 +101,8 @@ def check_args(
             "that quantizes (`compactnn compress MODEL --recipe w8a8 --data FILE`, or "
             "compactnn.compress(model, 'w8a8', calib_data=...)) and deploy the result."
         )
-    if (reason := hf_w8a8_reason(qmodel)) is not None:  # before any tracing
-        raise CompactnnError(reason)
+    if (reason := hf_w8a8_reason(qmodel) or per_token_reason(qmodel)) is not None:
+        raise CompactnnError(reason)  # before any tracing
     try:
         with torch.no_grad():
             call_model(qmodel, example)
@@ -240,6 +240,50 @@ def hf_w8a8_reason(qmodel: nn.Module) -> str | None:
     if not is_hf(qmodel) or kind is None:
         return None
     return hf_reason(kind, type(qmodel).__name__)
+
+
+def per_token_reason(qmodel: nn.Module) -> str | None:
+    """Why deploy refuses a model (any, not only a transformer) with per-token dynamic
+    activations (:class:`DynamicActQuantizer`, e.g. ``w8a8-smoothquant``), naming its layers
+    and where they run instead; None when it has none.
+
+    Example:
+        >>> per_token_reason(nn.Sequential(nn.Linear(2, 2))) is None
+        True
+    """
+    layers = {
+        n: m
+        for n, m in qmodel.named_modules()
+        if is_quant_layer(m)
+        and isinstance(getattr(m, "input_quantizer", None), DynamicActQuantizer)
+    }
+    if not layers:
+        return None
+    how = "quantize their inputs per token at run time (w8a8-smoothquant's dynamic activations"
+    convs = per_token_misfits(layers)
+    if convs:  # an artifact of a smoothquant that still took convolutions
+        return (
+            f"this model's convolutions {_quoted(convs)} {how}: one grid per row of pixels), "
+            "which no int8 kernel runs: compress the float model again with 'w8a8' (static "
+            "per-tensor activations) and deploy that."
+        )
+    return (
+        f"this model's layers {_quoted(list(layers))} {how}), and deploy's int8 kernels take "
+        "one calibrated scale and zero point: run these layers on int8 kernels with "
+        "compactnn.to_kernels(q) (or compactnn.load(path, kernels=True)), or compress with "
+        "'w8a8' (static per-tensor activations) to deploy."
+    )
+
+
+def _quoted(names: list[str]) -> str:
+    """A few quoted layer names for a message, with their count when some are left out.
+
+    Example:
+        >>> _quoted(["a", "b", "c", "d"])
+        "'a', 'b', 'c', ... (4 in all)"
+    """
+    more = f" ({len(names)} in all)" if len(names) > 3 else ""
+    return name_list([repr(n) for n in names], 3) + more
 
 
 def hf_artifact_reason(header: dict, artifact: str) -> str | None:

@@ -226,6 +226,7 @@ def _shared_quantizer(gm: fx.GraphModule, value: fx.Node) -> ActQuantizer | None
             or not aq.enabled
             or not aq.calibrated
             or aq.runtime_range
+            or getattr(aq, "is_per_token", False)
             or aq.qtype.bits > 8
             or not aq.is_uniform
         ):
@@ -253,6 +254,7 @@ def static_grid(aq: ActQuantizer | None) -> bool:
         aq is not None
         and aq.calibrated
         and not aq.runtime_range
+        and not getattr(aq, "is_per_token", False)
         and aq.qtype.bits <= 8
         and aq.is_uniform
     )

@@ -122,6 +122,11 @@ def unsupported_reason(layer: nn.Module) -> str | None:
     aq = layer.input_quantizer
     if aq is None or not aq.enabled or not aq.calibrated:
         return "its input is not quantized (weight-only recipe): int8 kernels need an a<=8 recipe"
+    if getattr(aq, "is_per_token", False):  # DynamicActQuantizer: scale/zero are unused
+        return (
+            "its input grid is per token, set at run time (w8a8-smoothquant's dynamic "
+            "activations): int8 kernels here take one calibrated scale and zero point"
+        )
     if getattr(aq, "is_group", False):
         return (
             "its input grid is per token and group, set at run time (ONNX Runtime MatMulNBits' "
@@ -468,6 +473,7 @@ def is_residual_quantizer(m: nn.Module) -> bool:
         and m.enabled
         and m.calibrated
         and not m.runtime_range
+        and not getattr(m, "is_per_token", False)
         and m.observer is None
         and m.scale.numel() == 1
         and bool(torch.isfinite(m.scale))

@@ -7,7 +7,8 @@ is unchanged, the activations become easier to quantize per tensor. Pairs whose 
 change the model (post-norm encoders: the norm output also feeds the residual) are skipped and
 named in the notes. Then weights and activations are quantized round-to-nearest (layer-wise
 engine); with ``dynamic`` the activations get per-token grids at run time
-(:class:`~compactnn.core.dynact.DynamicActQuantizer`).
+(:class:`~compactnn.core.dynact.DynamicActQuantizer`), which fit only Linear layers: a model
+whose targets include convolutions is refused with ``dynamic`` (:func:`check_dynamic_targets`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import torch
 from torch import nn
 
 from compactnn.core.context import CompressContext
-from compactnn.core.dynact import use_dynamic_act
+from compactnn.core.dynact import per_token_misfits, use_dynamic_act
 from compactnn.core.qlayers import is_quant_layer
 from compactnn.core.scale_fold import find_scale_pairs, fold_is_exact, fold_scale
 from compactnn.core.spec import QuantSpec
 from compactnn.engines.layerwise import quantize_layers
-from compactnn.errors import CompactnnError
+from compactnn.errors import CompactnnError, name_list
 from compactnn.quant.base import QuantConfig, short_act_spec
 from compactnn.registry import register, register_artifact_hook
 
@@ -67,6 +68,26 @@ def restore_dynamic_act(model: nn.Module, extra: dict) -> None:
         >>> restore_dynamic_act(model, {"dynamic_act": ["fc"]})  # doctest: +SKIP
     """
     use_dynamic_act(model, list(extra.get("dynamic_act", [])))
+
+
+def check_dynamic_targets(targets: dict[str, nn.Module]) -> None:
+    """Refuse per-token dynamic activations on convolutions among ``targets``: their input's
+    last dimension is spatial (a grid per row of pixels), and no int8 kernel runs that.
+
+    Example:
+        >>> check_dynamic_targets({"fc": nn.Linear(4, 4)})  # Linear layers only: nothing
+    """
+    convs = per_token_misfits(targets)
+    if convs:
+        more = f", {len(convs)} in all" if len(convs) > 3 else ""
+        raise CompactnnError(
+            "smoothquant's per-token dynamic activations (dynamic: true, its default) are for "
+            "the (tokens, features) inputs of Linear layers; on this model's convolutions "
+            f"({name_list([repr(n) for n in convs], 3)}{more}) they would give "
+            "each row of pixels its own grid, which no int8 kernel runs: compress a CNN with "
+            "'w8a8' (static per-tensor activations), keep the convolutions in float "
+            "(targets.ignore), or set dynamic: false."
+        )
 
 
 def smooth_scale(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float):
@@ -127,13 +148,16 @@ def apply_smoothquant(
     ctx: CompressContext,
 ) -> nn.Module:
     """Smooth the exact producer/consumer pairs, then quantize weights and activations."""
+    runtime = config.act is not None and (config.act.dynamic or config.act.granularity == "group")
+    per_token = config.dynamic and config.act is not None and not runtime
+    if per_token:  # before any calibration: the model, not the data, is the problem
+        check_dynamic_targets(targets)
     ctx.require_calibration("smoothquant", 64)
     names = [n for n, m in targets.items() if isinstance(m, nn.Linear)]
     done = smooth_model(model, names, config.alpha, ctx)
     ctx.notes.append(f"smoothquant: {done} producer/consumer pairs smoothed (alpha={config.alpha})")
     model = quantize_layers(model, targets, config, ctx)
-    runtime = config.act is not None and (config.act.dynamic or config.act.granularity == "group")
-    if config.dynamic and not runtime:  # a8d / a8g keep their own run-time grid
+    if per_token:  # a8d / a8g keep their own run-time grid
         quantized = [n for n, m in model.named_modules() if is_quant_layer(m)]
         dyn = use_dynamic_act(model, quantized)
         ctx.extra["dynamic_act"] = sorted({*ctx.extra.get("dynamic_act", []), *dyn})
