@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 import warnings
 import weakref
 from pathlib import Path
@@ -52,6 +50,16 @@ from compactnn.core.tokens import check_token_ids
 from compactnn.errors import CompactnnError, counted, name_list, user_stacklevel
 from compactnn.kernels.graph_edit import replace_nodes
 from compactnn.kernels.nbits_check import PINNED, checked_level
+from compactnn.kernels.nbits_files import ALIGN_FROM as ALIGN_FROM
+from compactnn.kernels.nbits_files import DATA_ALIGN as DATA_ALIGN
+from compactnn.kernels.nbits_files import SMALL_ALIGN as SMALL_ALIGN
+from compactnn.kernels.nbits_files import (
+    own_folder,
+    release,
+    reraise_disk_error,
+    save_nbits,
+    scratch_folder,
+)
 from compactnn.kernels.nbits_merge import fold_dynamic_biases, merge_siblings
 from compactnn.kernels.nbits_split import split_byte_nodes, split_tied_gathers
 from compactnn.kernels.nbits_tables import (
@@ -85,14 +93,6 @@ from compactnn.kernels.ort_output import output_form, wrap_output
 
 NBITS = (4, 8)  # ONNX Runtime's MatMulNBits bit widths used here (codes below 4 bits fit 4)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-# external-data offsets. ONNX Runtime maps each initializer from the file: on Linux from the
-# page below its offset (any offset maps), on Windows only where that page is a multiple of the
-# 64 KiB allocation granularity (else it reads a copy). Large tensors, where a copy costs
-# memory, start at a multiple of DATA_ALIGN (padding under 6% of each); smaller ones at
-# SMALL_ALIGN (64 KiB per tensor made a tiny BERT's data file 1.1 MB, 95% zeros).
-DATA_ALIGN = 1 << 16  # a multiple of every page size and mapping granularity
-ALIGN_FROM = 1 << 20  # tensors of this many bytes or more start at a multiple of DATA_ALIGN
-SMALL_ALIGN = 64  # the others: a cache line, more than any element type or vector load needs
 
 
 def _nbits_format(layer: QuantLinear) -> tuple[int, int] | None:
@@ -148,10 +148,11 @@ def dequantized_model(model: nn.Module) -> tuple[nn.Module, dict[str, tuple]]:
             continue
         if (fmt := integer_format(m)) is None:
             continue
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        lin.weight.data = m.weight.detach().float().clone()
+        # built on the meta device: no random init drawn from the user's RNG, then overwritten
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = nn.Parameter(m.weight.detach().float().clone())
         if m.bias is not None:
-            lin.bias.data = m.bias.detach().float().clone()
+            lin.bias = nn.Parameter(m.bias.detach().float().clone())
         set_module(out, name, lin)
         found[tensor_key(lin.weight.T)] = (name, m, *fmt)
     return out, found
@@ -188,9 +189,12 @@ def nbits_proto(
     bf16_tables: bool = True,
     quantized_tables: bool = True,
     merge: bool = True,
+    scratch: str | os.PathLike | None = None,
 ) -> tuple[Any, list[str]]:
     """:func:`nbits_onnx` as an ``onnx.ModelProto`` (not serialized); ``merge``: sibling
-    projections (query, key, value) as one MatMulNBits (:mod:`compactnn.kernels.nbits_merge`)."""
+    projections (query, key, value) as one MatMulNBits (:mod:`compactnn.kernels.nbits_merge`);
+    ``scratch``: where the float export is written (a private folder in it; default: the
+    temporary folder, ``TMPDIR``: :mod:`~compactnn.kernels.nbits_files`)."""
     onnx = require("onnx", "onnx")
     if accuracy_level not in ACCURACY_LEVELS:
         raise CompactnnError(f"accuracy_level={accuracy_level} must be one of {ACCURACY_LEVELS}")
@@ -205,9 +209,9 @@ def nbits_proto(
     tables = gather_tables(model) if quantized_tables else {}
     plain, found = dequantized_model(model)
     head_blocks(tables, found)  # a tied table on its head's blocks, to share its codes
-    with tempfile.TemporaryDirectory(prefix="compactnn-nbits-") as tmp:
-        export_dynamic(plain, example, Path(tmp) / "m.onnx")
-        proto = onnx.load(str(Path(tmp) / "m.onnx"))
+    with scratch_folder(scratch) as tmp:  # a full disk: one line naming it and the ways out
+        export_dynamic(plain, example, tmp / "m.onnx")
+        proto = onnx.load(str(tmp / "m.onnx"))
     del plain
     used, seen = _replace_matmuls(onnx, proto.graph, found, accuracy_level)
     split = accuracy_level != 4 and split_byte_nodes(onnx, proto.graph)  # no fp32 8-bit kernel
@@ -294,51 +298,6 @@ def _replace_matmuls(
     return used, set(keys.values())
 
 
-def save_nbits(proto: Any, path: str | os.PathLike, min_bytes: int = 1024) -> int:
-    """Write ``proto`` to ``path`` with every initializer of ``min_bytes`` or more in
-    ``<path>.data``, each of ``ALIGN_FROM`` bytes or more at an offset that is a multiple of
-    ``DATA_ALIGN`` (so ONNX Runtime maps it from the file instead of copying it, on every
-    platform), smaller ones at a multiple of ``SMALL_ALIGN``. Both files are replaced atomically;
-    ``proto`` is not modified; a missing parent folder is created. Returns the bytes written
-    (both files)."""
-    onnx = require("onnx", "onnx")
-    path = Path(path)
-    if path.is_dir():
-        raise CompactnnError(
-            f"path {path} is a folder; give the model file's name, e.g. {path / 'model.onnx'}"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data_path = path.with_name(path.name + ".data")
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    tmp_data = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
-    tmp_model = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp_data, "wb") as f:
-            for t in out.graph.initializer:
-                if not t.HasField("raw_data") or len(t.raw_data) < min_bytes:
-                    continue
-                align = DATA_ALIGN if len(t.raw_data) >= ALIGN_FROM else SMALL_ALIGN
-                offset = -f.tell() % align + f.tell()
-                f.write(b"\0" * (offset - f.tell()))
-                f.write(t.raw_data)
-                t.ClearField("raw_data")
-                t.data_location = onnx.TensorProto.EXTERNAL
-                del t.external_data[:]
-                for key, value in (("location", data_path.name), ("offset", offset)):
-                    t.external_data.add(key=key, value=str(value))
-                t.external_data.add(key="length", value=str(f.tell() - offset))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp_model.write_bytes(out.SerializeToString())
-        os.replace(tmp_data, data_path)
-        os.replace(tmp_model, path)
-    finally:
-        tmp_data.unlink(missing_ok=True)
-        tmp_model.unlink(missing_ok=True)
-    return path.stat().st_size + data_path.stat().st_size
-
-
 class OrtNBitsModel(nn.Module):
     """A model exported by :func:`nbits_onnx`, run by ONNX Runtime behind the model's keyword
     call; returns its float32 main output (a causal LM's logits, an encoder's last hidden
@@ -392,9 +351,11 @@ class OrtNBitsModel(nn.Module):
         self.accuracy_check: dict[str, Any] | None = None
         self.output_form: tuple[type, str] | None = None  # set by to_ort_nbits
 
-    def remove_on_delete(self, folder: str | os.PathLike) -> None:
-        """Delete ``folder`` (the model's own temporary files) when this model is collected."""
-        weakref.finalize(self, shutil.rmtree, str(folder), ignore_errors=True)
+    def remove_on_delete(self, folder: str | os.PathLike, lock: int | None = None) -> None:
+        """Delete ``folder`` (the model's own temporary files) when this model is collected
+        or at interpreter exit, whichever comes first; then close ``lock``, the descriptor
+        holding the folder's lock (:func:`~compactnn.kernels.nbits_files.private_folder`)."""
+        weakref.finalize(self, release, str(folder), lock)  # atexit=True: also at exit
 
     def generate(self, *args: Any, **kwargs: Any) -> None:
         """Refused with the way to generate (a Hugging Face decoder's ``generate`` needs it)."""
@@ -433,7 +394,13 @@ def to_ort_nbits(
         quantized_tables: quantized token embeddings as GatherBlockQuantized (default).
         threads: intra-op threads (default: ``torch.get_num_threads()``).
         path: write the model here (with its external data ``path.data``: keep them together)
-            and run it from there; default: a temporary folder deleted with the model.
+            and run it from there (the float export is written beside it, in a folder removed
+            after it); default: a private folder ``compactnn-nbits-*`` in the temporary folder
+            (``TMPDIR``), removed with the model or at interpreter exit (``sys.exit`` too: a
+            SIGTERM handler that exits, as the ``compactnn`` command's, removes it). A process
+            killed outright (SIGKILL; SIGTERM with no handler) leaves it, until the next
+            ``to_ort_nbits`` there removes it. With ``path=`` nothing goes to ``TMPDIR`` and
+            only a kill during the export leaves a ``compactnn-nbits-*`` folder, beside it.
         force: replace an existing file at ``path`` (or its ``path.data``); refused otherwise.
 
     Returns:
@@ -442,15 +409,17 @@ def to_ort_nbits(
         ``out[0]`` either way; ``(tensor,)`` for other models. No ``generate()``.
 
     Raises:
-        CompactnnError: no layer becomes MatMulNBits (a float or W8A8 model).
+        CompactnnError: no layer becomes MatMulNBits (a float or W8A8 model); a full,
+            read-only or quota-bound disk where it writes (named, with the ways out).
     """
     level = 4 if accuracy_level is None else accuracy_level
     if path is not None:
         refuse_existing(path, force)
+    scratch = None if path is None else Path(path).parent  # path=: TMPDIR is not written
     if isinstance(example, dict):  # float or out-of-vocabulary ids: refused before tracing
         check_token_ids(model, example, "to_ort_nbits: example", resave=False)
         check_example_keys(model, example)
-    proto, left = nbits_proto(model, example, level, bf16_tables, quantized_tables)
+    proto, left = nbits_proto(model, example, level, bf16_tables, quantized_tables, True, scratch)
     check_graph_inputs(proto.graph, example)
     if not any(n.op_type in INTEGER_OPS for n in proto.graph.node):
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
@@ -475,7 +444,8 @@ def to_ort_nbits(
             stacklevel=user_stacklevel(),
         )
     own = path is None
-    target = Path(tempfile.mkdtemp(prefix="compactnn-nbits-")) / "model.onnx" if own else path
+    folder, lock = own_folder() if own else (Path(path).parent, None)
+    target = folder / "model.onnx" if own else path
     try:
         save_nbits(proto, target)
         del proto
@@ -484,16 +454,22 @@ def to_ort_nbits(
         if accuracy_level is None:
 
             def exact() -> OrtNBitsModel:  # level 0 built again: its 8-bit layers split
-                proto, _ = nbits_proto(model, example, 0, bf16_tables, quantized_tables)
+                proto, _ = nbits_proto(
+                    model, example, 0, bf16_tables, quantized_tables, True, scratch
+                )
                 save_nbits(proto, target)
                 return OrtNBitsModel(target, list(example), threads)
 
             out = checked_level(model, example, out, target, exact)
+    except OSError as exc:  # a full disk: one line naming the folder and the ways out
+        if own:
+            release(folder, lock)
+        reraise_disk_error(exc, folder.parent if own else folder, own)
     except BaseException:
         if own:
-            shutil.rmtree(Path(target).parent, ignore_errors=True)
+            release(folder, lock)
         raise
     if own:
-        out.remove_on_delete(Path(target).parent)
+        out.remove_on_delete(folder, lock)
     out.output_form = output_form(model, example)
     return out

@@ -7,8 +7,10 @@ interpreter, imports what the builder needs, runs an optional ``setup`` (whateve
 model: reference data, an input batch, a float skeleton), reads the resident set size (RSS),
 builds the model, runs one forward pass, returns freed heap pages to the system (``malloc_trim``, so
 memory the allocator merely kept from loading is not counted) and reads the RSS again. The
-difference is the memory the running model adds. Libraries imported lazily by the builder
-(``transformers``, ``onnxruntime``) would count too: name them in ``preload``.
+difference is the memory the running model adds. The high-water mark is reset just before
+the first reading, so ``peak_added`` is the most the build and the forward pass held at once
+(a loader's transient copy), not the imports' or the setup's. Libraries imported lazily by
+the builder (``transformers``, ``onnxruntime``) would count too: name them in ``preload``.
 
 The builder is named by ``"module:function"`` (a function importable in the child process)
 and called with JSON arguments (after ``setup``'s result, when there is one); it returns a
@@ -38,7 +40,8 @@ MIB = 1024 * 1024
 _MARK = "COMPACTNN_RSS "
 _LIVE: set[subprocess.Popen] = set()  # children running now (see kill_children)
 _LIVE_LOCK = threading.Lock()
-# Run in the child: imports, RSS, build + one forward, trim, RSS. Prints one JSON line.
+# Run in the child: imports, setup, trim, peak reset, RSS, build + one forward, trim, RSS and
+# peak. Prints one JSON line.
 _CHILD = r"""
 import ctypes, gc, importlib, json, sys
 import torch
@@ -48,6 +51,16 @@ def rss():
         fields = dict(line.split(":", 1) for line in f if ":" in line)
     kib = {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon")}
     return kib["VmRSS"], kib["VmHWM"], kib["RssAnon"]
+
+def reset_peak():
+    # Linux 4.0+: VmHWM starts again from the current RSS, so the peak read after the build
+    # is the build's and forward pass's, not the imports' or setup's
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 def trim():
     gc.collect()
@@ -68,6 +81,7 @@ builder = named(spec)
 # what the builder needs that is not the model (data, a skeleton): held before the reading
 context = [] if setup is None else [named(setup[0])(*setup[1])]
 trim()
+peak_reset = reset_peak()
 before, _, anon_before = rss()
 forward = builder(*context, *args)
 with torch.no_grad():
@@ -75,22 +89,24 @@ with torch.no_grad():
 trim()
 after, peak, anon_after = rss()
 print("COMPACTNN_RSS " + json.dumps({"before": before, "after": after, "peak": peak,
-      "anon_before": anon_before, "anon_after": anon_after}))
+      "anon_before": anon_before, "anon_after": anon_after, "peak_reset": peak_reset}))
 """
 
 
 @dataclasses.dataclass(frozen=True)
 class ResidentMemory:
     """RSS of a fresh process after its imports, and after building the model and one
-    forward pass (bytes); ``peak`` is the process's high-water mark (VmHWM); ``anon_*`` the
-    anonymous part (RssAnon: heap, tensors; not the pages of shared libraries that the
-    first forward pass touches, which VmRSS also counts)."""
+    forward pass (bytes); ``peak`` is the process's high-water mark (VmHWM) at the end: since
+    the reading ``before`` where ``peak_reset`` (the child reset it there, Linux 4.0+), else
+    since the process started; ``anon_*`` the anonymous part (RssAnon: heap, tensors; not the
+    pages of shared libraries that the first forward pass touches, which VmRSS also counts)."""
 
     before: int
     after: int
     peak: int
     anon_before: int = 0
     anon_after: int = 0
+    peak_reset: bool = False
 
     @property
     def added(self) -> int:
@@ -103,13 +119,21 @@ class ResidentMemory:
         return self.anon_after - self.anon_before
 
     @property
+    def peak_added(self) -> int:
+        """The most the build and forward pass held at once above ``before`` (a loader's
+        transient dense copy shows here, not in :attr:`added`); without ``peak_reset`` an
+        upper bound: the imports or ``setup`` may have set the high-water mark."""
+        return self.peak - self.before
+
+    @property
     def added_mib(self) -> float:
         """:attr:`added` in MiB."""
         return self.added / MIB
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able numbers (bytes), with ``added``."""
-        return {**dataclasses.asdict(self), "added": self.added, "anon_added": self.anon_added}
+        """JSON-able numbers (bytes), with ``added``, ``anon_added`` and ``peak_added``."""
+        added = {"added": self.added, "anon_added": self.anon_added, "peak_added": self.peak_added}
+        return {**dataclasses.asdict(self), **added}
 
 
 # compactnn's own modules for a ``preload``: ``import compactnn`` imports its names on first use

@@ -311,7 +311,8 @@ def _memory(
     threads: int,
     source: dict[str, Any] | None,
 ) -> None:
-    """Fill each row's ``resident_bytes`` / ``resident_anon_bytes``: its delivered form
+    """Fill each row's ``resident_bytes`` / ``resident_anon_bytes`` (and ``peak_bytes``, the
+    build's own peak): its delivered form
     rebuilt from its artifact in a fresh process, two at a time
     (:func:`compactnn.report.resident.measure_rows`); a row that cannot be measured gets a
     note. ``source``: the MODEL the user named, for a float model of other classes than

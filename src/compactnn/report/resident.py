@@ -228,7 +228,9 @@ def row_job(
 def measure_job(job: dict[str, Any], threads: int) -> tuple[dict[str, int], str | None]:
     """Measure one row's job (:func:`row_job`) in a fresh process; returns ``(fields,
     note)``: the fields for the row (``resident_bytes``: RSS added; ``resident_anon_bytes``:
-    its anonymous part), or ``({}, note)`` saying why it was not measured."""
+    its anonymous part; ``peak_bytes``: the most RSS that building the model and its first
+    forward pass held at once above the same reading, left out where the child could not
+    reset the high-water mark), or ``({}, note)`` saying why it was not measured."""
     source = [job["source"]] if job.get("source") else []  # the parent's, on the command line
     try:
         mem = memory.resident_memory(
@@ -241,11 +243,14 @@ def measure_job(job: dict[str, Any], threads: int) -> tuple[dict[str, int], str 
         )
     except Exception as exc:  # a failed measurement is a note, never a failed report
         return {}, f"resident memory not measured: {type(exc).__name__}: {first_line(exc, 300)}"
-    return {"resident_bytes": mem.added, "resident_anon_bytes": mem.anon_added}, None
+    fields = {"resident_bytes": mem.added, "resident_anon_bytes": mem.anon_added}
+    if mem.peak_reset:  # else the imports' or the setup's high-water mark may be the peak
+        fields["peak_bytes"] = mem.peak_added
+    return fields, None
 
 
 def measure_rows(pairs: list[tuple[dict[str, Any], dict[str, Any]]], threads: int) -> None:
-    """Fill ``resident_bytes`` / ``resident_anon_bytes`` of each ``(row, job)``,
+    """Fill ``resident_bytes`` / ``resident_anon_bytes`` / ``peak_bytes`` of each ``(row, job)``,
     :data:`WORKERS` children at a time; a failed measurement becomes a note on its row."""
     pool = ThreadPoolExecutor(WORKERS)
     try:
