@@ -35,10 +35,11 @@ from compactnn.deployment.refusals import (
 )
 from compactnn.errors import CompactnnError
 from compactnn.export.artifact import artifact_exists, check_writable, read_header
+from compactnn.export.formats import check_replaceable
 from compactnn.export.fs import check_file_path
 from compactnn.lowering.verify import DEFAULT_TOLERANCE
 from compactnn.measure.environment import oversubscribed_note
-from compactnn.measure.fidelity import collapse_on
+from compactnn.measure.fidelity import CollapseWarning, collapse_on
 from compactnn.measure.float_paths import FloatPaths, fastest_float_path, is_plain_float
 from compactnn.measure.quality import evaluate
 from compactnn.measure.timing import (
@@ -208,6 +209,8 @@ def check_outputs(args: argparse.Namespace) -> None:
     if args.onnx:
         check_not_an_input(args.onnx, "--onnx", inputs, suggest="model.onnx")
         check_file_path(args.onnx, "--onnx", force=args.force, suggest="model.onnx")
+        if args.force:  # replaces an earlier ONNX export only, as `compactnn export --force`
+            check_replaceable("onnx", args.onnx, "--onnx")
 
 
 def _save(deployed, args: argparse.Namespace, onnx_existed: bool) -> None:
@@ -245,7 +248,11 @@ def _export(qmodel, example, deployed: DeployedModel, args) -> CompactnnError | 
     from compactnn.export.onnx import export_onnx
 
     try:
-        result = export_onnx(qmodel, args.onnx, example, tolerance=args.tolerance, force=args.force)
+        with warnings.catch_warnings():  # run() says it already, against the real float model
+            warnings.simplefilter("ignore", CollapseWarning)
+            result = export_onnx(
+                qmodel, args.onnx, example, tolerance=args.tolerance, force=args.force
+            )
     except CompactnnError as exc:
         return exc
     print(f"wrote {args.onnx}: {result}")

@@ -3,7 +3,9 @@
 Keyword-input models (Hugging Face: ``input_ids=``, ``attention_mask=``) are called
 positionally and return their main tensor, because the TorchScript exporter traces
 positional tensors more reliably than keyword arguments. Batch (and, for keyword inputs,
-sequence) axes are dynamic; opset 17. The caller checks that ``onnx`` is installed.
+sequence) axes are dynamic, the output's axis 1 only where it follows the sequence length
+(:func:`output_axes`: a classifier's logits keep ``num_labels``); opset 17. The caller
+checks that ``onnx`` is installed.
 
 A Hugging Face model is exported with its eager attention (on the copy that is traced): the
 ``scaled_dot_product_attention`` export scales queries and keys apart and adds nodes that
@@ -76,12 +78,12 @@ def export_dynamic(
     if isinstance(example, dict):
         names = list(example)
         model, args = KeywordsAsPositional(model, names), tuple(example[n] for n in names)
-        axes = {0: "batch", 1: "seq"}
+        dims = {n: {0: "batch", 1: "seq"} for n in names}
+        dims["output"] = output_axes(model, args)
     else:
         args = example if isinstance(example, tuple) else (example,)
         names = [f"input_{i}" for i in range(len(args))]
-        axes = {0: "batch"}
-    dims = {n: axes for n in [*names, "output"]}
+        dims = {n: {0: "batch"} for n in [*names, "output"]}
     with exporting(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -95,6 +97,43 @@ def export_dynamic(
             dynamo=False,
         )
     return names
+
+
+def output_axes(model: nn.Module, args: tuple) -> dict[int, str]:
+    """The dynamic axes of the output of ``model`` (called positionally on token inputs
+    ``args``, sequence on axis 1): the batch, and axis 1 as ``seq`` only when it follows the
+    sequence length, i.e. when the model run on ``args`` and on them one token shorter (one
+    longer for a single token) gives it both lengths. A classifier's ``(batch, num_labels)``
+    logits keep ``num_labels`` fixed (declared ``seq``, they read as sequence-long).
+
+    Example:
+        >>> output_axes(KeywordsAsPositional(classifier, ["input_ids"]), (ids,))  # doctest: +SKIP
+        {0: 'batch'}
+    """
+    seq = next((a.shape[1] for a in args if a.dim() > 1), None)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(*args)
+        tensor = isinstance(out, torch.Tensor) and out.dim() > 1
+        if seq is None or not tensor or out.shape[1] != seq:
+            return {0: "batch"}
+        other = seq - 1 if seq > 1 else 2
+        try:  # a model that runs one length only: its output's axis 1 is the sequence's
+            shorter = model(*(_with_length(a, seq, other) for a in args))
+        except Exception:
+            return {0: "batch", 1: "seq"}
+    follows = shorter.dim() > 1 and shorter.shape[1] == other
+    return {0: "batch", 1: "seq"} if follows else {0: "batch"}
+
+
+def _with_length(value: torch.Tensor, seq: int, length: int) -> torch.Tensor:
+    """``value`` with its sequence axis (1, when ``seq`` long) cut or extended (its last
+    token repeated) to ``length``."""
+    if value.dim() < 2 or value.shape[1] != seq:
+        return value
+    if length <= seq:
+        return value[:, :length]
+    return torch.cat([value, value[:, -1:].expand(-1, length - seq, *value.shape[2:])], 1)
 
 
 @contextlib.contextmanager

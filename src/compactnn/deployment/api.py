@@ -138,6 +138,7 @@ class DeployedModel(nn.Module):
         self.__dict__["fixed"] = {}
         self.__dict__["plan"] = None  # the oneDNN lowering plan (layer localisation)
         self.__dict__["onnx_bytes"] = None  # the QDQ ONNX model an onnxruntime one runs
+        self.__dict__["onnx_file"] = None  # the same with its int8 weights (export_onnx)
         # straight-line runner of the int8 graph (same kernels, bit-identical, less Python)
         self.__dict__["_fast"] = (
             plan_runner(program) if isinstance(program, fx.GraphModule) else None
@@ -238,8 +239,12 @@ class DeployedModel(nn.Module):
         return with_kernels(result, isolate(self, example))  # oneDNN: each kernel alone
 
     def export_onnx(self, path: str | os.PathLike, force: bool = False) -> None:
-        """Write the QDQ ONNX model this onnxruntime-backend model runs (verified at deploy);
-        an existing file is replaced only with ``force=True``.
+        """Write the QDQ ONNX model this onnxruntime-backend model runs (verified at deploy)
+        in its shippable form: the int8 weight codes as exported, where the session stores
+        the weights of the layers ONNX Runtime runs in float dequantized (float32, about 4x
+        their bytes; same numbers, ``export.onnx_graph.fold_float_outputs``). An existing
+        file is replaced only with ``force=True``, and only an earlier ONNX export (anything
+        else is refused, as ``compactnn export`` does).
 
         Example:
             >>> fast = compactnn.deploy(qmodel, "onnxruntime", example=x)  # doctest: +SKIP
@@ -251,16 +256,10 @@ class DeployedModel(nn.Module):
                 "backend='onnxruntime' to get its ONNX file, or write the simulated model's "
                 "with compactnn.export.onnx.export_onnx(deployed.source, path, example)."
             )
-        from compactnn.export.fs import atomic_write, check_file_path
+        from compactnn.export.onnx_file import check_onnx_path, write_onnx
 
-        check_file_path(path, "path", force=force, suggest="model.onnx")
-        data = self.onnx_bytes
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
-
-        atomic_write(path, write)
+        check_onnx_path(path, force)
+        write_onnx(path, self.onnx_file or self.onnx_bytes)
 
 
 def deploy(
@@ -462,10 +461,10 @@ def _build(backend: str, sim: nn.Module, example: Any, residual: str, unsupporte
         with quiet_shape_checks():
             data, kept = to_onnx_bytes(sim, example)
         kept = {**kept, **_traced_float(sim, example)}  # exported as float ops of their weights
-        data = fold_float_outputs(data)  # same numbers; no per-call dequantized float layers
-        run = structured_outputs(ort_callable(data), sim, example)
+        folded = fold_float_outputs(data)  # same numbers; no per-call dequantized float layers
+        run = structured_outputs(ort_callable(folded), sim, example)
         deployed = DeployedModel(run, backend, kept)
-        deployed.__dict__["onnx_bytes"] = data
+        deployed.__dict__.update(onnx_bytes=folded, onnx_file=data)
         return deployed
     if backend == "inductor":
         from compactnn.deployment.inductor import compiler_missing

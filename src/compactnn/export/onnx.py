@@ -41,7 +41,7 @@ from compactnn.core.onnx_trace import exporting
 from compactnn.core.qlayers import QuantConv1d, QuantConv2d, QuantLinear, is_quant_layer
 from compactnn.engines.binary import BinaryBlock
 from compactnn.errors import CompactnnError, first_line, name_list, user_stacklevel
-from compactnn.export.fs import atomic_write, check_file_path
+from compactnn.export.onnx_file import check_onnx_path, warn_if_collapsed, write_onnx
 from compactnn.export.onnx_forms import (
     codebook_terms,
     conv_pads,
@@ -148,13 +148,16 @@ class _QDQLayer(nn.Module):
         aq = layer.input_quantizer
         self.act = None
         if aq is not None and aq.enabled and aq.calibrated:
-            if getattr(aq, "runtime_range", False):
-                how = "per token and group" if aq.is_group else "with one range per tensor"
+            per_token = getattr(aq, "is_per_token", False)
+            if getattr(aq, "runtime_range", False) or per_token:
+                how = "per token and group" if aq.is_group else "per token"
+                how = how if per_token or aq.is_group else "with one range per tensor"
                 raise CompactnnError(
                     f"{type(layer).__name__} quantizes its input {how} at run time: "
-                    "QuantizeLinear takes one calibrated scale and zero point; export the model "
-                    "as a Hugging Face transformer (MatMulNBits / DynamicQuantizeMatMul) or "
-                    "with calibrated per-tensor activations (e.g. w8a8)."
+                    "QuantizeLinear takes one calibrated scale and zero point; run it with "
+                    "compactnn.to_kernels(q), export the model as a Hugging Face transformer "
+                    "(MatMulNBits / DynamicQuantizeMatMul), or compress with calibrated "
+                    "per-tensor activations (e.g. w8a8)."
                 )
             if not aq.is_uniform:
                 raise CompactnnError(
@@ -464,14 +467,18 @@ def export_onnx(
             parent folders are created).
         example: a sample batch; the ONNX model and the simulated model run on it.
         tolerance: largest allowed difference, in steps of the output scale.
-        force: replace an existing file at ``path`` (refused otherwise, before any work).
+        force: replace an earlier ONNX export at ``path``; any other file there is refused,
+            ``force`` or not, as an existing one is without it (before any work;
+            :func:`~compactnn.export.onnx_file.check_onnx_path`).
 
     Returns:
         The verification; raises ``CompactnnError`` past ``tolerance`` or when one model
         gives NaN/Inf where the other does not (see :mod:`compactnn.lowering.verify`), and
         when ``path`` is a folder or an existing file without ``force``. Quantized layers
         the file stores as float32 weights (per-group scales, a codebook with no int8 form)
-        are named in a warning with their share of the file size.
+        are named in a warning with their share of the file size; a model whose output is
+        the same for every sample while its float form's varies gets deploy's collapse
+        warning (``CollapseWarning``): agreeing with it proves nothing.
 
     Example:
         >>> export_onnx(qmodel, "model.onnx", example=images[:8])  # doctest: +SKIP
@@ -479,19 +486,15 @@ def export_onnx(
     if example is None:
         raise CompactnnError("export_onnx verifies the file: pass example= a sample batch.")
     check_example(example)  # non-empty and finite, so the NaN-aware comparison means something
-    check_file_path(path, "path", force=force, suggest="model.onnx")  # before the export
+    check_onnx_path(path, force)  # before the export
     data, kept = to_onnx_bytes(qmodel, example, int32_heads=True)
     result = enforce(
         verify_qdq(
             qmodel, data, ort_callable(data), example, "onnx export", tolerance, against="file"
         )
     )
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(path, write)
+    write_onnx(path, data)
+    warn_if_collapsed(qmodel, example, result.output_step)  # a check against it proves nothing
     if (line := float_layers_warning(qmodel, kept, len(data), os.path.basename(path))) is not None:
         warnings.warn(line, stacklevel=user_stacklevel())
     return result

@@ -188,7 +188,12 @@ def store_bias_codes(
     exported file, which keeps the codes, takes this; the deployed session folds such a head's
     weight instead, :func:`fold_float_outputs`). Every other layer gets the simulation's float
     bias back (ONNX Runtime runs it in float, so no rounding is needed). The names of the int32
-    layers go in the model's metadata (:data:`INT32_KEY`, read by :func:`int32_bias_layers`)."""
+    layers go in the model's metadata (:data:`INT32_KEY`, read by :func:`int32_bias_layers`).
+
+    Each such ``DequantizeLinear`` carries its all-zero int32 zero point, optional in ONNX:
+    without it ORT Mobile's converter (``convert_onnx_models_to_ort --optimization_style
+    Runtime``, the style of NNAPI / XNNPACK QDQ models) refused every file ("the sum of input
+    arg count is not equal to size of input defs")."""
     inits = {i.name: i for i in proto.graph.initializer}
     params = {id(p): n for n, p in model.named_parameters()}
     _unshare_biases(proto, params, layers, inits)
@@ -206,11 +211,13 @@ def store_bias_codes(
         int32.append(layer_name)
         codes = numpy_helper.from_array(layer.bias_codes.numpy(), name + "_int32")
         scale = numpy_helper.from_array(layer.bias_scale.numpy(), name + "_scale")
-        proto.graph.initializer.extend([codes, scale])
+        zero = numpy_helper.from_array(np.zeros(scale.dims, np.int32), name + "_zero")
+        proto.graph.initializer.extend([codes, scale, zero])
         proto.graph.initializer.remove(inits[name])
         dq = onnx.helper.make_node(
-            "DequantizeLinear", [codes.name, scale.name], [name], name=name + "_dq", axis=0
-        )
+            "DequantizeLinear", [codes.name, scale.name, zero.name], [name], name=name + "_dq",
+            axis=0,
+        )  # fmt: skip
         proto.graph.node.insert(0, dq)  # its inputs are initializers: first is topological
     entry = proto.metadata_props.add()
     entry.key, entry.value = INT32_KEY, json.dumps(int32)
