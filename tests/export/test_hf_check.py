@@ -67,7 +67,14 @@ def test_a_vit_with_a_float_patch_embedding_goes_to_compressed_tensors(vit, tmp_
     assert torch.allclose(got, sim, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("recipe", ["w4-g32-gptq", "w8a8-smoothquant"])
+def test_smoothquant_refuses_per_token_grids_on_the_patch_embedding(vit):
+    """Its per-token grid on a convolution's input would be one grid per row of pixels."""
+    model, calib = vit
+    with pytest.raises(CompactnnError, match=f"'{PATCH}'.*targets.ignore"):
+        compactnn.compress(model, "w8a8-smoothquant", calib_data=calib, progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["w4-g32-gptq"])
 def test_a_quantized_patch_embedding_is_named_with_the_ignore_fix(vit, recipe):
     model, calib = vit
     q = compactnn.compress(model, recipe, calib_data=calib, progress=False)

@@ -5,14 +5,16 @@ asks for one *and* it has a terminal to draw on: written to a file or a pipe (``
 a batch job, CI), tqdm's carriage-return frames would fill the log with dozens of
 overwritten copies of the bar, so there is none (results and warnings still print).
 ``COMPACTNN_PROGRESS=1`` draws bars anyway; ``TERM=dumb`` draws them in plain ASCII. In a
-Jupyter notebook the bar is a widget, drawn whatever stderr is.
+Jupyter notebook the bar is a widget, drawn whatever stderr is. A bar that is not drawn is a
+:class:`QuietBar`, not a disabled tqdm: tqdm's first bar starts its ``tqdm_monitor`` thread,
+which would outlive the call (``progress=False`` leaves no thread behind).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -50,8 +52,54 @@ def bar_options(
     return options
 
 
-def bar(iterable: Any = None, *, progress: bool, **kwargs: Any) -> tqdm:
+class QuietBar:
+    """A bar that is not drawn: it iterates ``iterable`` and takes the calls compactnn makes
+    on a tqdm (``update``, ``set_postfix``, ``set_postfix_str``, ``close``, ``with``).
+
+    Example:
+        >>> b = QuietBar(range(3), desc="steps")
+        >>> list(b), b.total, b.disable
+        ([0, 1, 2], 3, True)
+    """
+
+    disable = True
+
+    def __init__(
+        self, iterable: Any = None, total: float | None = None, initial: float = 0, **_: Any
+    ):
+        self.iterable = iterable
+        self.n = initial
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total = total
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.iterable)
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def set_postfix_str(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> QuietBar:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        pass
+
+
+def bar(iterable: Any = None, *, progress: bool, **kwargs: Any) -> tqdm | QuietBar:
     """``tqdm(iterable, **kwargs)``, drawn only where :func:`bar_options` says (on stderr,
-    or the ``file=`` given)."""
+    or the ``file=`` given); a :class:`QuietBar` where it is not drawn."""
     stream = kwargs.get("file") or sys.stderr
-    return tqdm(iterable, **bar_options(progress, stream), **kwargs)
+    options = bar_options(progress, stream)
+    if options["disable"]:
+        return QuietBar(iterable, **kwargs)
+    return tqdm(iterable, **options, **kwargs)

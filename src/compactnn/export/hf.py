@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compactnn.core.seeding import forked_rng
 from compactnn.errors import ArtifactError, CompactnnError
 from compactnn.export.user_files import read_regular_bytes
 
@@ -219,6 +222,31 @@ def _check_skeleton_size(root: Path, cls: type, config: Any) -> None:
         )
 
 
+def no_random_init() -> contextlib.AbstractContextManager:
+    """transformers' ``no_init_weights`` block (a model built inside skips its random
+    initialisation), from where this transformers has it (``initialization`` since 5,
+    ``modeling_utils`` before); a plain block when it has none."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return importlib.import_module(where).no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def _build(root: Path, cls: type, settings: dict[str, Any]) -> nn.Module:
+    """``cls`` built from ``settings`` without its random initialisation (the artifact's
+    weights replace every parameter and stored buffer) and without a draw from the caller's
+    torch generators (a constructor's own ``torch.randn`` runs on a forked state). Its tables
+    are tied afterwards, as ``from_pretrained`` ties them: ``no_init_weights`` skips that too."""
+    with forked_rng():
+        with no_random_init():
+            _check_skeleton_size(root, cls, cls.config_class.from_dict(settings))
+            model = cls(cls.config_class.from_dict(settings))
+        model.tie_weights()
+    return model
+
+
 def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
     """A float model of the saved architecture; needs a saved Hugging Face config.
 
@@ -256,9 +284,10 @@ def skeleton_from_header(root: Path, header: dict[str, Any]) -> nn.Module:
             f"a {name} if you accept it as one."
         )
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "trust_remote_code")}
-    _check_skeleton_size(root, cls, cls.config_class.from_dict(settings))
     try:
-        return cls(cls.config_class.from_dict(settings))
+        return _build(root, cls, settings)
+    except ArtifactError:
+        raise
     except Exception as exc:
         raise ArtifactError(
             f"artifact {str(root)!r} has a {name!r} config that does not build: {exc}"

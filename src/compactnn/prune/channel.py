@@ -28,6 +28,7 @@ from compactnn.core.modules import attention_out_projs
 from compactnn.errors import CompactnnError, first_line
 from compactnn.prune.channel_trace import (
     PRUNABLE,
+    grads_for_tracing,
     output_layers,
     skip_reasons,
     user_frame,
@@ -439,7 +440,8 @@ def apply_channel(
     else:
         prunable_layers(targets)  # refuses a step whose every layer an earlier step quantized
         whole = whole_layers(model, config.keep_whole)
-        skipped = remove_channels(model, targets, config, ctx, whole=whole)
+        with grads_for_tracing(model):  # a frozen layer is traced like a trainable one
+            skipped = remove_channels(model, targets, config, ctx, whole=whole)
         ctx.skipped.update({n: f"channel pruning skipped it ({r})" for n, r in skipped.items()})
         if skipped:
             ctx.warn(

@@ -5,8 +5,10 @@ layers ``ChannelConfig.keep_whole`` names (:mod:`compactnn.prune.channel` prunes
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,6 +43,35 @@ def _reachable(root: Any) -> set:
     return seen
 
 
+@contextlib.contextmanager
+def grads_for_tracing(model: nn.Module) -> Iterator[None]:
+    """Run the block with every floating-point parameter of ``model`` requiring grad, then
+    give each parameter, by name, the flag it had before.
+
+    The trace follows autograd (``grad_fn``): a layer the user froze, fed by an input that
+    needs no grad, records no ``grad_fn`` and falls out of the graph. Flags go back by name
+    because pruning replaces a layer's tensors with new (trainable) ones.
+
+    Example:
+        >>> m = nn.Linear(2, 2).requires_grad_(False)
+        >>> with grads_for_tracing(m):
+        ...     m.weight.requires_grad
+        True
+        >>> m.weight.requires_grad
+        False
+    """
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        if p.is_floating_point() or p.is_complex():
+            p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            if n in flags and p.requires_grad != flags[n] and p.is_leaf:
+                p.requires_grad_(flags[n])
+
+
 def output_layers(model: nn.Module, ctx: CompressContext, example: Any) -> list[str]:
     """Weight layers whose output is (part of) the model's output, in run order.
 
@@ -63,7 +94,7 @@ def output_layers(model: nn.Module, ctx: CompressContext, example: Any) -> list[
 
             hooks.append(m.register_forward_hook(hook))
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), grads_for_tracing(model):
             out = ctx.run(model, example)
     finally:
         for h in hooks:
