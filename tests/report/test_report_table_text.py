@@ -53,10 +53,10 @@ def test_each_row_shows_its_theoretical_size_and_a_short_summary_of_its_formats(
     cells = _cells(_results())
     assert cells["float"]["theoretical size"] == f"{153912 / 2**10:.1f} KiB"
     assert cells["w4a8"]["theoretical size"] == f"{20332 / 2**10:.1f} KiB"
-    assert cells["w4a8"]["formats"] == "int8 (2), uint4 (2)"  # in model order
+    assert cells["w4a8"]["formats"] == "int8 (2 layers), uint4 (2 layers)"  # in model order
     # the delivered row runs the same artifact: its sizes and formats are that artifact's
     assert cells["w4a8 int8"]["theoretical size"] == cells["w4a8"]["theoretical size"]
-    assert cells["w4a8 int8"]["formats"] == "int8 (2), uint4 (2)"
+    assert cells["w4a8 int8"]["formats"] == "int8 (2 layers), uint4 (2 layers)"
     assert cells["float"]["formats"] == "-"
     # the first columns keep their places (the tutorial page's table is read by position)
     assert header(_results())[:6] == ["recipe", "runs as", "quality", "vs float",
@@ -67,7 +67,7 @@ def test_a_layer_formats_section_lists_every_layer_of_every_artifact_in_model_or
     """Like the demo report's section (compactnn.report.writer._layer_blocks)."""
     blocks = _blocks(_results(), b"png", "T")
     at = blocks.index(("h2", "Layer formats"))
-    kind, (head, rows) = blocks[at + 1]
+    kind, (head, rows, *_caption) = blocks[at + 1]
     assert kind == "table" and head == ["layer", "w4a8"]  # one column per artifact
     assert rows == [["features.0", INT8], ["features.3", UINT4], ["classifier.1", UINT4],
                     ["classifier.3", INT8]]  # fmt: skip
@@ -132,10 +132,10 @@ def test_the_layer_section_has_a_column_per_artifact_and_dashes_for_missing_laye
                  theoretical_bytes=2**20, float_layers={"features.0": "kept in float"})  # fmt: skip
     results["rows"].append(other)
     blocks = _blocks(results, b"png", "T")
-    _, (head, rows) = blocks[blocks.index(("h2", "Layer formats")) + 1]
+    _, (head, rows, *_caption) = blocks[blocks.index(("h2", "Layer formats")) + 1]
     assert head == ["layer", "w4a8", "w2a8"]
     assert rows[1] == ["features.3", UINT4, "int2-sym-channel-codebook"]
     assert rows[3] == ["classifier.3", INT8, "-"]
     cells = _cells(results)["w2a8"]
-    assert cells["formats"] == "float32 (1), int2-codebook (1)"
+    assert cells["formats"] == "float32 (1 layer), int2-codebook (1 layer)"
     assert cells["theoretical size"] == "1.00 MiB"

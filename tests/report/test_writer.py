@@ -114,7 +114,7 @@ def test_report_content(tmp_path):
     assert "| cnn | float | ONNX Runtime fp32 | 98.50% |" in md  # the fastest float path
     assert "10.00 ms (10.0-15.0)" in md  # min-max shown when runs spread > 10%
     assert "w4-g32: `emb` (not targeted by the recipe)" in md  # layers kept in float
-    assert "uint4-asym-group32" in md and "![quality vs size and vs latency](pareto.png)" in md
+    assert "uint4-asym-group32" in md and "![Scatter plots of top-1 accuracy (%) or mean " in md
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 1 and 'src="pareto.png"' not in html
     assert "<code>emb</code>" in html and "<table>" in html
@@ -257,3 +257,36 @@ def test_no_footnote_without_an_inflated_timing(tmp_path):
     write_report(synthetic(), tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert " *" not in md and "looked inflated" not in md
+
+
+def test_demo_html_is_readable_without_the_picture(tmp_path):
+    from compactnn.report.front_text import front_blocks
+
+    results = synthetic()
+    results["rows"][1]["latency"]["suspect"] = ["runs spread 80% around the median"]
+    results["rows"][3]["runtime"] = "simulated"
+    write_report(results, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "10.00 ms (10.0 to 15.0) *" in page and "10.00 ms (10.0-15.0) *" in md
+    assert '<img alt="quality vs size and vs latency"' not in page
+    assert '<img alt="Scatter plots of ' in page
+    # by hand: cnn's w4a8 (60 kB, 98.1%) and float (400 kB, 98.5%) are both on the size
+    # front; w4a8's timing looked inflated, so float alone is on the latency front
+    for text in (md, page):
+        assert "cnn, quality vs size on disk: on the Pareto front, w4a8 and float." in text
+        assert (
+            "cnn, quality vs median latency: on the Pareto front, float; left off it: w4a8 ("
+            in (text)
+        )
+        assert (
+            "lm, quality vs median latency: on the Pareto front, float; left off it: w4-g32 "
+            in (text)
+        )
+    # results.json carries the fronts the sentences name
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["pareto_front"]["cnn"] == {"size": ["float", "w4a8"], "latency": ["float"]}
+    assert '<th scope="row">cnn</th><th scope="row">w4a8</th>' in page
+    assert "<td>-</td>" not in page and "<td>not measured</td>" in page
+    assert page.count("<caption>") == page.count("<table>") == 3
+    assert front_blocks  # the same words as the any-model report (test_front_text.py)

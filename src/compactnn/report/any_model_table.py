@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from compactnn.measure.timing import ms_text
-from compactnn.report.document import Block
+from compactnn.report.document import NOT_MEASURED, Block, Spoken
+from compactnn.report.front_text import alt_text, front_blocks
 from compactnn.report.plot import METRIC_LABELS
 from compactnn.report.scoring import QUALITY_HEADERS, delta_cell, quality_cell
 from compactnn.report.writer import (
+    NO_SUCH_LAYER,
+    PANELS,
     SUSPECT_FOOTNOTE,
     _mib,
     any_suspect,
+    latency_cell,
     module_order,
     ratio_cell,
     resident_cell,
@@ -23,6 +27,7 @@ from compactnn.report.writer import (
 )
 
 SIMULATED = "simulated"
+NOT_COMPRESSED = Spoken("-", "not compressed")  # the float row's formats
 RESIDENT = "resident memory (delivered form, fresh process)"
 # the resident column compares runtimes, not models, when rows run on different runtimes and
 # their spread exceeds this many times the largest artifact (a float model's fp32 bytes: what
@@ -71,9 +76,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     float_latency = results["rows"][0]["latency"] if results["rows"] else None
     for r in results["rows"]:
         lat, own = r["latency"], artifact_row(results["rows"], r)
-        latency = f"{ms_text(lat['median_s'])} ms"  # 3 significant digits below 1 ms
-        if lat["median_s"] and (lat["max_s"] - lat["min_s"]) / lat["median_s"] > 0.10:
-            latency += f" ({ms_text(lat['min_s'])}-{ms_text(lat['max_s'])})"
+        theoretical = own.get("theoretical_bytes")
         speedup = (
             r.get("no_speedup") or SIMULATED  # the float model's dense compute, or simulated
             if r["speedup"] is None
@@ -83,8 +86,10 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             r["label"], r["runs_as"], quality_cell(r["metric"], r["quality"]),
             delta_cell(r["metric"], r["quality"], base), _mib(r["size_bytes"]),
             ratio_cell(r["size_ratio"]),
-            "-" if own.get("theoretical_bytes") is None else _mib(own["theoretical_bytes"]),
-            formats_summary(own.get("layers") or {}), latency + suspect_mark(lat), speedup,
+            NOT_MEASURED if theoretical is None else _mib(theoretical),
+            formats_summary(own.get("layers") or {}),
+            latency_cell(lat, None, suspect_mark(lat)),  # 3 significant digits below 1 ms
+            speedup,
             resident_cell(r),
         ])  # fmt: skip
     return out
@@ -118,18 +123,20 @@ def format_kind(layer_format: str) -> str:
 
 def formats_summary(layers: dict[str, str]) -> str:
     """Each :func:`format_kind` of ``layers`` (layer -> format, in model order) with its
-    number of layers, in order of first use; ``"-"`` when there are none (the float row).
+    number of layers, in order of first use; ``"-"`` when there are none (the float row;
+    said "not compressed" in HTML).
 
     Example:
         >>> formats_summary({"0": "int8-sym-channel", "3": "uint4-asym-channel",
         ...                  "9": "int8-sym-channel"})
-        'int8 (2), uint4 (1)'
+        'int8 (2 layers), uint4 (1 layer)'
     """
     counts: dict[str, int] = {}
     for layer_format in layers.values():
         kind = format_kind(layer_format)
         counts[kind] = counts.get(kind, 0) + 1
-    return ", ".join(f"{kind} ({n})" for kind, n in counts.items()) or "-"
+    said = ", ".join(f"{kind} ({n} layer{'s' if n != 1 else ''})" for kind, n in counts.items())
+    return said or NOT_COMPRESSED
 
 
 def layer_blocks(rows: list[dict[str, Any]]) -> list[Block]:
@@ -139,8 +146,12 @@ def layer_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     if not own:
         return []
     names = list(dict.fromkeys(name for r in own for name in r["layers"]))
-    table = [[name] + [r["layers"].get(name, "-") for r in own] for name in names]
-    return [("h2", "Layer formats"), ("table", (["layer"] + [r["label"] for r in own], table))]
+    table = [[name] + [r["layers"].get(name, NO_SUCH_LAYER) for r in own] for name in names]
+    caption = "Layer formats: each layer's weight format per artifact"
+    return [
+        ("h2", "Layer formats"),
+        ("table", (["layer"] + [r["label"] for r in own], table, caption)),
+    ]
 
 
 def memory_runtime(runs_as: str) -> str:
@@ -184,23 +195,43 @@ def resident_note(rows: list[dict[str, Any]]) -> str | None:
     spread, largest = max(held) - min(held), max(r["size_bytes"] for r in measured)
     if spread <= RUNTIME_DOMINATES * largest:
         return None
-    parts = []
+    spans = []
     for runtime, group in groups.items():
         low, high = (f(r["resident_bytes"] for r in group) for f in (min, max))
         lo, hi = _mib(low), _mib(high)
-        span = lo if lo == hi else f"{lo.removesuffix(hi[-4:])}-{hi}"  # "15.60-16.03 MiB"
-        parts.append(f"{runtime} ({span}): " + ", ".join(r["label"] for r in group))
-    return (
-        f"Resident memory compares runtimes, not models: its {_mib(spread)} spread is over "
-        f"{RUNTIME_DOMINATES}x the largest model ({_mib(largest)}), and each row's figure "
-        f"includes its runtime's own memory: {'; '.join(parts)}."
-    )
+        spans.append((runtime, lo.removesuffix(hi[-4:]) if lo != hi else None, hi, group))
+
+    def said(sep: str) -> str:  # "15.60-16.03 MiB", said "15.60 to 16.03 MiB" in HTML
+        parts = [
+            f"{runtime} ({hi if lo is None else lo + sep + hi}): "
+            + ", ".join(r["label"] for r in group)
+            for runtime, lo, hi, group in spans
+        ]
+        return (
+            f"Resident memory compares runtimes, not models: its {_mib(spread)} spread is over "
+            f"{RUNTIME_DOMINATES}x the largest model ({_mib(largest)}), and each row's figure "
+            f"includes its runtime's own memory: {'; '.join(parts)}."
+        )
+
+    return Spoken(said("-"), said(" to "))
+
+
+def shared_sizes(rows: list[dict[str, Any]]) -> None:
+    """Gives each delivered row (``shares_size``: the same artifact run another way) the
+    ``theoretical_bytes`` of its artifact's row (:func:`artifact_row`), the number its table
+    cell shows, so that ``results.json`` carries it too."""
+    for row in rows:
+        if row.get("shares_size") and row.get("theoretical_bytes") is None:
+            theoretical = artifact_row(rows, row).get("theoretical_bytes")
+            if theoretical is not None:
+                row["theoretical_bytes"] = theoretical
 
 
 def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
     env = results["environment"]
     # results.json's field too: _blocks runs before write_files dumps ``results``
     results.setdefault("resident_note", resident_note(results["rows"]))
+    shared_sizes(results["rows"])
     notes = [f"{r['label']}: {note}" for r in results["rows"] for note in r["notes"]]
     kept = [
         f"{r['label']}: `{layer}` ({r['float_layers'][layer]})"
@@ -243,10 +274,11 @@ def _blocks(results: dict[str, Any], png: bytes, title: str) -> list[Block]:
         ("p", f"compactnn {env['compactnn']}, torch {env['torch']}, Python {env['python']}, "
               f"{env['machine']}, {env['threads']} torch threads, {env['date']}."),
         ("h2", "Results"),
-        ("table", (header(results), table_rows(results))),
+        ("table", (header(results), table_rows(results), "Results: one row per model measured")),
         *([("p", results["resident_note"])] if results["resident_note"] else []),
         *([("p", results["calibration_note"])] if results.get("calibration_note") else []),
-        ("img", ("quality vs size and latency", png, "pareto.png")),
+        ("img", (alt_text(results["rows"], PANELS), png, "pareto.png")),
+        *front_blocks(results["rows"], PANELS),
         ("h2", "How this was measured"),
         ("list", how),
     ]  # fmt: skip

@@ -12,8 +12,10 @@ from compactnn.export.fs import atomic_write, atomic_write_text
 from compactnn.measure.fidelity import fmt_quality
 from compactnn.measure.size import ratio_cell
 from compactnn.measure.timing import SUSPECT_MARK, ms_text, suspect_mark, timing_suspect  # noqa: F401
-from compactnn.report.document import Block, to_html, to_markdown
+from compactnn.report.document import NOT_MEASURED, Block, Spoken, to_html, to_markdown
+from compactnn.report.front_text import alt_text, front_blocks
 from compactnn.report.plot import METRIC_LABELS, pareto_png
+from compactnn.report.scoring import front_labels
 
 NOT_TARGETED = "not targeted by the recipe"
 SUMMARY_HEADER = [
@@ -32,6 +34,8 @@ SUMMARY_HEADER = [
     "load bit-exact",
 ]
 SIMULATED = "simulated"
+NO_SUCH_LAYER = Spoken("-", "no such layer")
+PANELS = ("size", "latency")
 SUSPECT_FOOTNOTE = (
     '* this timing looked inflated (the reasons are listed under "Latencies that may be '
     'inflated"): the machine was busy while it was measured, so the latency and the speedups '
@@ -52,18 +56,34 @@ def _num(x: Any, fmt: str) -> str:
     return format(x, fmt)
 
 
-def _latency_cell(lat: dict[str, Any]) -> str:
+def latency_cell(lat: dict[str, Any], digits: int | None = 1, mark: str = "") -> str:
+    """``"10.00 ms"``, with the runs' min-max when they spread more than 10% around the
+    median: ``"10.00 ms (10.0-15.0)"`` in Markdown, said ``"(10.0 to 15.0)"`` in HTML
+    (:class:`~compactnn.report.document.Spoken`: a screen reader says "minus" for ``-``);
+    ``digits`` as :func:`~compactnn.measure.timing.ms_text` takes them, ``mark`` appended.
+
+    Example:
+        >>> cell = latency_cell({"median_s": 0.01, "min_s": 0.01, "max_s": 0.015}, mark=" *")
+        >>> cell, cell.words
+        ('10.00 ms (10.0-15.0) *', '10.00 ms (10.0 to 15.0) *')
+    """
     spread = (lat["max_s"] - lat["min_s"]) / lat["median_s"] if lat["median_s"] else 0
     latency = f"{ms_text(lat['median_s'])} ms"
-    if spread > 0.10:
-        latency += f" ({ms_text(lat['min_s'], 1)}-{ms_text(lat['max_s'], 1)})"
-    return latency + suspect_mark(lat)
+    if spread <= 0.10:
+        return latency + mark
+    low, high = (ms_text(lat[k], digits) if digits else ms_text(lat[k]) for k in ("min_s", "max_s"))
+    return Spoken(f"{latency} ({low}-{high}){mark}", f"{latency} ({low} to {high}){mark}")
+
+
+def _latency_cell(lat: dict[str, Any]) -> str:
+    return latency_cell(lat, 1, suspect_mark(lat))
 
 
 def resident_cell(r: dict[str, Any]) -> str:
     """``"23.49 MiB (2.61 MiB anon.)"``: the RSS the running delivered model adds and its
     anonymous part (heap, tensors: where a dense copy of the weights shows); ``"-"`` when
-    not measured. A change below zero (the allocator gave back more than it took) reads 0.
+    not measured (said "not measured" in HTML). A change below zero (the allocator gave back
+    more than it took) reads 0.
 
     Example:
         >>> resident_cell({"resident_bytes": 3 * 2**20, "resident_anon_bytes": 2**20})
@@ -71,7 +91,7 @@ def resident_cell(r: dict[str, Any]) -> str:
     """
     resident = r.get("resident_bytes")
     if resident is None:
-        return "-"
+        return NOT_MEASURED
     cell = _mib(max(resident, 0))
     anon = r.get("resident_anon_bytes")
     return cell if anon is None else f"{cell} ({_mib(max(anon, 0))} anon.)"
@@ -145,9 +165,10 @@ def _layer_blocks(results: dict[str, Any]) -> list[Block]:
         if not rows:
             continue
         layers = list(dict.fromkeys(name for r in rows for name in r["layers"]))
-        table = [[name] + [r["layers"].get(name, "-") for r in rows] for name in layers]
+        table = [[name] + [r["layers"].get(name, NO_SUCH_LAYER) for r in rows] for name in layers]
         blocks.append(("h3", model))
-        blocks.append(("table", (["layer"] + [r["recipe"] for r in rows], table)))
+        caption = f"Layer formats of {model}: each layer's weight format per recipe"
+        blocks.append(("table", (["layer"] + [r["recipe"] for r in rows], table, caption)))
         kept = [
             f"{r['recipe']}: `{name}` ({r['float_layers'][name]})"
             for r in rows
@@ -263,6 +284,8 @@ def _float_paths_text(results: dict[str, Any]) -> str:
 
 def report_blocks(results: dict[str, Any], png: bytes) -> list[Block]:
     env = results["environment"]
+    plotted = _plot_results(results)["rows"]
+    caption = "Results: one row per model and recipe"
     return [
         ("h1", "compactnn demo report"),
         (
@@ -272,21 +295,35 @@ def report_blocks(results: dict[str, Any], png: bytes) -> list[Block]:
             f"{env.get('omp_wait_policy', 'unset')}, {env['date']}.",
         ),
         ("h2", "Results"),
-        ("table", (SUMMARY_HEADER, summary_rows(results))),
-        ("img", ("quality vs size and vs latency", png, "pareto.png")),
+        ("table", (SUMMARY_HEADER, summary_rows(results), caption, 2)),  # model, recipe
+        ("img", (alt_text(plotted, PANELS), png, "pareto.png")),
+        *front_blocks(plotted, PANELS),
         *_layer_blocks(results),
         *_method_blocks(results),
     ]
 
 
 def write_report(results: dict[str, Any], out: str | os.PathLike) -> dict[str, Path]:
-    """Write the four report files into ``out`` and return their paths.
+    """Write the four report files into ``out`` and return their paths; ``results`` gets
+    ``pareto_front`` (:func:`pareto_fronts`), as ``results.json`` holds it.
 
     Example:
         >>> write_report(run_demo_results, "out/demo")  # doctest: +SKIP
     """
-    png = pareto_png(_plot_results(results), panels=("size", "latency"))
+    plotted = _plot_results(results)
+    png = pareto_png(plotted, panels=PANELS)
+    results["pareto_front"] = pareto_fronts(results["rows"])  # recipes, as the table names them
     return write_files(out, results, report_blocks(results, png), png, "compactnn demo report")
+
+
+def pareto_fronts(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """Per model, the labels on the Pareto front of each panel of ``pareto.png``
+    (:func:`compactnn.report.scoring.front_labels`): ``results.json``'s ``pareto_front``."""
+    models = dict.fromkeys(r["model"] for r in rows)
+    return {
+        m: {p: front_labels([r for r in rows if r["model"] == m], p) for p in PANELS}
+        for m in models
+    }
 
 
 def _plot_results(results: dict[str, Any]) -> dict[str, Any]:
