@@ -390,7 +390,8 @@ def test_eval_says_when_the_deployed_quality_differs_from_the_simulated_one(
     assert result["simulated_quality"] == pytest.approx(simulated)
     said = [line for line in out.splitlines() if line.startswith("  simulated model")]
     assert said == [
-        f"  simulated model (the fake-quantized one compress and train build): {simulated:.2f}% top-1; deployed "
+        "  simulated model (the fake-quantized one compress and train build): "
+        f"{simulated:.2f}% top-1; deployed "
         f"(ONNX Runtime int8): {deployed:.2f}%: integer kernels round differently from the "
         "simulation (exact int32 sums, biases on the int32 grid; docs/deploy.md)"
     ]

@@ -57,7 +57,6 @@ def check_data_size(spec: str, loaded: LoadedModel, data: Any) -> None:
     any size, at chance accuracy. The images checked are those scored (the held-out split
     of a mapping that holds two), or the first batch."""
     # imported here: report imports this module
-    from compactnn.commands.report import check_input_size
 
     if isinstance(data, dict):
         keys = labelled_keys([k for k in data if isinstance(k, str)], "eval")
@@ -141,3 +140,30 @@ def check_split_labelled(raw: Any, spec: str) -> None:
         f"split needs labels beside them ({names[0]}_train/y_train and {names[0]}_test/y_test; "
         "the _test part is scored): save one of these forms."
     )
+
+
+def check_input_size(spec: str, loaded, data) -> None:
+    """Refuse inputs whose spatial size is not the one a reference model records (its
+    example batch): a model with global pooling runs on any size, at chance accuracy.
+
+    Raises:
+        CompactnnError: ``--data digits holds 8x8 inputs, but mnist-cnn takes 28x28 ...``
+    """
+    import torch
+
+    x = data[0] if isinstance(data, tuple) else data
+    want = loaded.example if loaded.reference is not None else None
+    tensors = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (x, want))
+    if not tensors or x.dim() != want.dim() or x.dim() < 3:
+        return
+    given, expected = tuple(x.shape[2:]), tuple(want.shape[2:])
+    if given != expected:
+
+        def size(shape):
+            return "x".join(map(str, shape))
+
+        raise CompactnnError(
+            f"--data {spec} holds {size(given)} inputs, but {loaded.source} takes "
+            f"{size(expected)} ones ({size(given)} given, {size(expected)} expected): pass "
+            f"{size(expected)} inputs (its own data: --data {loaded.source})."
+        )

@@ -26,9 +26,9 @@ def simulated_note(
     metric = row["metric"]
     name = " top-1" if metric == "top1" else f" {metric}"
     return (
-        f"simulated model (the fake-quantized one compress and train build): {fmt_quality(metric, simulated)}"
-        f"{name}; deployed ({row['runtime']}): {fmt_quality(metric, row['quality'])}: "
-        f"{cause or INTEGER_ROUNDING}"
+        "simulated model (the fake-quantized one compress and train build): "
+        f"{fmt_quality(metric, simulated)}{name}; deployed ({row['runtime']}): "
+        f"{fmt_quality(metric, row['quality'])}: {cause or INTEGER_ROUNDING}"
     )
 
 

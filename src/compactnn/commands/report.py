@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from compactnn.commands._common import add_model_args, given_path, positive_int, thread_count
-from compactnn.commands.eval_data import EVAL_DATA_SETS
+from compactnn.commands.eval_data import EVAL_DATA_SETS, check_input_size
 from compactnn.errors import CompactnnError
 from compactnn.measure import DEFAULT_RUNS, DEFAULT_THREADS
 
@@ -114,33 +114,6 @@ def _split_note(spec: str, names: list[str], used: tuple[str, str] = ("x_test", 
 
     if note := split_note(names, used, f"--data {spec}"):
         print(f"note: {note}", file=sys.stderr)
-
-
-def check_input_size(spec: str, loaded, data) -> None:
-    """Refuse inputs whose spatial size is not the one a reference model records (its
-    example batch): a model with global pooling runs on any size, at chance accuracy.
-
-    Raises:
-        CompactnnError: ``--data digits holds 8x8 inputs, but mnist-cnn takes 28x28 ...``
-    """
-    import torch
-
-    x = data[0] if isinstance(data, tuple) else data
-    want = loaded.example if loaded.reference is not None else None
-    tensors = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (x, want))
-    if not tensors or x.dim() != want.dim() or x.dim() < 3:
-        return
-    given, expected = tuple(x.shape[2:]), tuple(want.shape[2:])
-    if given != expected:
-
-        def size(shape):
-            return "x".join(map(str, shape))
-
-        raise CompactnnError(
-            f"--data {spec} holds {size(given)} inputs, but {loaded.source} takes "
-            f"{size(expected)} ones ({size(given)} given, {size(expected)} expected): pass "
-            f"{size(expected)} inputs (its own data: --data {loaded.source})."
-        )
 
 
 def read_inputs(args: argparse.Namespace, loaded) -> object:

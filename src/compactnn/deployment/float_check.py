@@ -4,19 +4,15 @@ is faster than the int8 model."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Collection
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 from compactnn._optional import require
 from compactnn.core.calib import call_model
-from compactnn.core.modules import set_module
-from compactnn.core.qlayers import ActQuantizer, conv_kwargs, is_quant_layer
+from compactnn.core.float_twin import float_model
 from compactnn.errors import CompactnnError, first_line, user_stacklevel
 from compactnn.measure import timing
 from compactnn.measure.float_paths import ort_float
@@ -24,39 +20,6 @@ from compactnn.measure.timing import model_call, ms_text, time_blocks
 
 FLOAT_CONTENDERS = ("fp32-onnxruntime", "fp32-eager")  # timed beside the int8 backends
 FLOAT_MARGIN = 1.1  # float must win by more than 10% before deploy says so
-
-
-def float_model(sim: nn.Module) -> nn.Module:
-    """The simulated model with every quantizer off: plain float layers on its dequantized
-    weights (same speed as the float network), for timing the float paths beside int8.
-    Draws no random numbers (the layers are built uninitialised).
-
-    Example:
-        >>> float_model(qmodel)(images).shape  # doctest: +SKIP
-        torch.Size([8, 10])
-    """
-    model = copy.deepcopy(sim).eval()
-    done: list[str] = []
-    for name, m in list(model.named_modules()):
-        if any(name.startswith(d + ".") for d in done):
-            continue  # inside a layer already replaced
-        if is_quant_layer(m):
-            # skip_init: built uninitialised (no random numbers drawn from the caller's
-            # stream), then given the dequantized weights below
-            if isinstance(m, nn.Linear):
-                plain = skip_init(nn.Linear, m.in_features, m.out_features, m.bias is not None)
-            else:
-                kind = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Conv1d
-                plain = skip_init(kind, **conv_kwargs(m))
-            with torch.no_grad():
-                plain.weight.copy_(m.weight.detach().float())
-                if m.bias is not None:
-                    plain.bias.copy_(m.bias.detach().float())
-            set_module(model, name, plain)
-            done.append(name)
-        elif isinstance(m, ActQuantizer) and name:
-            set_module(model, name, nn.Identity())
-    return model
 
 
 def float_contenders(sim: nn.Module, example: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@
 (:func:`~compactnn.export.formats.check_replaceable`): a checkpoint or a notes file at the
 path is refused, ``force`` or not. A model whose output is the same for every sample of the
 example while its float form's varies gets the one-line collapse warning that deploy and
-eval give (:func:`~compactnn.measure.fidelity.collapse_note`): a file that agrees with such
+eval give (:func:`~compactnn.core.collapse.collapse_note`): a file that agrees with such
 a model proves nothing.
 """
 
@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from compactnn.core.collapse import CollapseWarning, collapse_on
+from compactnn.core.float_twin import float_model
 from compactnn.errors import user_stacklevel
 from compactnn.export.formats import check_replaceable
 from compactnn.export.fs import atomic_write, check_file_path
@@ -50,11 +52,8 @@ def write_onnx(path: str | os.PathLike, data: bytes) -> None:
 def collapse_line(qmodel: nn.Module, example: Any, step: float | None) -> str | None:
     """The collapse warning for ``qmodel`` on ``example`` (``step``: its output grid), with
     its float form (every quantizer off, the dequantized weights:
-    ``deployment.float_check.float_model``) as the reference; None when it did not collapse
+    ``core.float_twin.float_model``) as the reference; None when it did not collapse
     or its output is not a tensor."""
-    from compactnn.deployment.float_check import float_model
-    from compactnn.measure.fidelity import collapse_on
-
     was_training = qmodel.training
     qmodel.eval()
     try:
@@ -65,7 +64,5 @@ def collapse_line(qmodel: nn.Module, example: Any, step: float | None) -> str | 
 
 def warn_if_collapsed(qmodel: nn.Module, example: Any, step: float | None) -> None:
     """Warn (``CollapseWarning``) with :func:`collapse_line` when ``qmodel`` collapsed."""
-    from compactnn.measure.fidelity import CollapseWarning
-
     if (line := collapse_line(qmodel, example, step)) is not None:
         warnings.warn(line, CollapseWarning, stacklevel=user_stacklevel())
