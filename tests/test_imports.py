@@ -176,6 +176,7 @@ LAYERS: list[tuple[str, ...]] = [
         "compactnn.bench",
         "compactnn.commands",
         "compactnn.cli_streams",
+        "compactnn.cli_os_errors",
         "compactnn.cli",
     ),
 ]

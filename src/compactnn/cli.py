@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import importlib
 import logging
 import os
@@ -44,6 +43,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from compactnn.cli_os_errors import USER_OS_ERRORS, os_error_message
 from compactnn.cli_streams import raw_bytes, tolerant_streams
 from compactnn.commands import COMMANDS
 from compactnn.commands._path_args import check_path_args, dash_path_hint, path_labels
@@ -59,17 +59,6 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM (timeout, Slurm, systemd, kill)
 # How long a rank other than 0 waits, after a refusal, for torchrun to stop it: rank 0
 # meets the same refusal and prints it (:func:`said_by_rank0`).
 RANK_GRACE_S = 5.0
-# OSErrors the user fixes (free space, permissions, another path), with the hint to give.
-USER_OS_ERRORS = {
-    errno.ENOSPC: "free some disk space or choose another --out",
-    errno.EDQUOT: "free some of your disk quota or choose another --out",
-    errno.EACCES: "check the permissions or choose another path",
-    errno.EPERM: "check the permissions or choose another path",
-    errno.EROFS: "that file system is read-only: choose another path",
-    errno.EFBIG: "the file outgrew the file-size limit (ulimit -f) or the file system's "
-    "largest file: raise the limit or choose another path",
-    errno.ENAMETOOLONG: "choose a shorter file or folder name",
-}
 # What to do when a command runs out of memory (a MemoryError, torch's CPU allocator failing).
 MEMORY_FIXES = (
     "free memory (close other programs) or raise the process's limit (ulimit -v), use fewer "
@@ -422,16 +411,6 @@ def _close_progress_bars() -> None:
     common = sys.modules.get("compactnn.commands._common")  # not while torch loads
     if common is not None:
         common.close_progress_bars()
-
-
-def os_error_message(exc: OSError) -> str:
-    """One line for a disk or permission error: the path, the reason, the fix.
-
-    Example:
-        >>> os_error_message(OSError(errno.ENOSPC, "No space left on device", "out/m"))
-        "'out/m': No space left on device; free some disk space or choose another --out."
-    """
-    return f"{cut(exc.filename)!r}: {exc.strerror}; {USER_OS_ERRORS[exc.errno]}."
 
 
 def memory_message(exc: BaseException, command: str | None = None) -> str:

@@ -31,6 +31,7 @@ from compactnn.commands._common import (
     split_labels,
 )
 from compactnn.commands._path_args import shell_join, shown_path
+from compactnn.commands.compress_sizes import float_comparison, float_size_or_reason, peak_lines
 from compactnn.commands.compress_summary import (
     layer_summary,
     note_lines,
@@ -45,9 +46,9 @@ from compactnn.core.provenance import record_source
 from compactnn.core.qlayers import ActQuantizer, has_integer_weight
 from compactnn.core.tokens import check_token_ids
 from compactnn.data_files import check_float_inputs, takes_token_ids
-from compactnn.errors import CompactnnError, first_line
+from compactnn.errors import CompactnnError
 from compactnn.measure.fidelity import collapse_on
-from compactnn.measure.size import artifact_bytes, float_artifact_bytes
+from compactnn.measure.size import artifact_bytes
 from compactnn.model_io import LoadedModel, resolve_data
 from compactnn.training.data import keyword_split, labelled_keys
 
@@ -310,8 +311,8 @@ def run(args: argparse.Namespace) -> int:
     done = what_it_did(qmodel, extra)
     if first and (collapsed := collapse_on(loaded.model, qmodel, first[0], **done)) is not None:
         print(f"warning: {collapsed}", file=sys.stderr)
-    for method, mib in info.get("measured", {}).get("peak_rss_mib", {}).items():
-        print(f"  peak resident memory of {method}: {mib} MiB (this run; not saved)")
+    for line in peak_lines(info.get("measured", {})):
+        print(line)
     stored = checkpoint_comparison(size, args.model)  # "" unless a bfloat16/float16 folder
     shown = f"{shown_path(out)}  {human_bytes(size)} ({float_comparison(size, float_size)}{stored})"
     print(f"  artifact: {shown}")
@@ -332,31 +333,6 @@ def what_it_did(qmodel: torch.nn.Module, extra: dict) -> dict[str, bool]:
     pruned = any(extra.get(k) for k in PRUNE_KEYS)
     quantized = any(has_integer_weight(m) or isinstance(m, ActQuantizer) for m in qmodel.modules())
     return {"quantized": quantized or not pruned, "pruned": pruned}
-
-
-def float_size_or_reason(model: torch.nn.Module) -> int | str:
-    """Bytes of ``model`` saved as a float artifact, or why it cannot be saved (a model
-    ``save`` refuses, e.g. one with parametrizations): the compressed artifact is written
-    already, so the comparison must not fail the command."""
-    try:
-        return float_artifact_bytes(model)
-    except (CompactnnError, OSError, RuntimeError, ValueError, TypeError) as exc:
-        return first_line(exc)
-
-
-def float_comparison(size: int, float_size: int | str) -> str:
-    """``float artifact 1.2 MiB, 3.40x smaller`` (``1.05x larger`` when it is), or ``float
-    artifact size unknown (why)``.
-
-    Example:
-        >>> float_comparison(18_900, 17_900)
-        'float artifact 17.5 KiB, 1.06x larger'
-    """
-    if isinstance(float_size, str):
-        return f"float artifact size unknown ({float_size})"
-    if size > float_size:
-        return f"float artifact {human_bytes(float_size)}, {size / float_size:.2f}x larger"
-    return f"float artifact {human_bytes(float_size)}, {float_size / size:.2f}x smaller"
 
 
 @contextlib.contextmanager

@@ -67,7 +67,7 @@ from compactnn.measure import evaluate as evaluate_labelled
 from compactnn.measure.float_paths import EAGER, fastest_float_path
 from compactnn.measure.perplexity import is_causal_lm, nll_totals
 from compactnn.measure.quality import no_better_than_guessing
-from compactnn.measure.size import companion_bytes
+from compactnn.measure.size import check_tmpdir, companion_bytes
 from compactnn.measure.timing import omp_wait_policy, spin_count
 from compactnn.model_io import LoadedModel, is_hf_model, skeleton_for
 from compactnn.training.data import check_labels
@@ -219,6 +219,9 @@ def _compressed(args: argparse.Namespace):
     data = inputs_of(args, loaded, raw, note=not args.recipe)
     if not args.recipe:
         return loaded, None, None, data
+    check_tmpdir(  # before compressing: the size needs a temporary copy
+        "cannot measure the compressed model's size on disk: eval saves it in a temporary folder"
+    )
     # the training split of --data beside the held-out one it scores (not the scored data)
     calib = calibration_inputs(raw, data[0]) if raw is not None else loaded.calib
     qmodel = compactnn.compress(

@@ -456,7 +456,7 @@ def run_sequential(
     record = next(iter(records.values())) if len(records) == 1 else {"stacks": records}
     ctx.extra.setdefault("calibration", {})[name] = {**record, "blocks": nblocks}
     label = _method_label(config)  # the user's word ("gptq"), not the config class
-    peak = round(peak_rss_mib(), 1)  # measured: not saved (artifacts stay reproducible)
+    peak = round(peak_rss_mib(), 1)  # the process's peak up to the end of this step; not saved
     ctx.measured.setdefault("peak_rss_mib", {})[label] = peak
     ctx.notes.append(f"{label}: calibrated {nblocks} blocks one at a time")  # no measurement
     return model
