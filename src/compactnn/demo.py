@@ -160,7 +160,11 @@ def is_training_recipe(recipe: str) -> bool:
     from compactnn.recipe import resolve_recipe
 
     steps = resolve_recipe(suite_recipe(recipe)).steps
-    return len(steps) == 1 and isinstance(steps[0].config, QATConfig)
+    return (
+        len(steps) == 1
+        and isinstance(steps[0].config, QATConfig)
+        and not getattr(type(steps[0].config), "post_training", False)  # Network Sketching
+    )
 
 
 def _trained(name: str, ref: Any, recipe: str) -> tuple[torch.nn.Module, float, bool]:

@@ -197,7 +197,7 @@ def _quant_short_name(m: Any) -> Recipe:
     method, overrides = SUFFIX_ALIASES.get(method, (method, {}))
     entry = registry.get_method(method)
     if not hasattr(entry.config_cls, "from_short"):
-        raise CompactnnError(f"method {method!r} has no short quantization name.")
+        raise _not_a_suffix(m, method)
     config = entry.config_cls.from_short(wbits, abits, group, **overrides)
     if m["ag"] == "d":  # one range per tensor, taken at run time
         act = QuantSpec(bits=abits, symmetric=False, granularity="tensor", dynamic=True)
@@ -211,6 +211,61 @@ def _quant_short_name(m: Any) -> Recipe:
         act = QuantSpec(bits=abits, granularity="group", group_size=group)
         config = replace(config, act=act)
     return Recipe(m.string, (Step(method, config),))
+
+
+def _quant_step_yaml(m: Any) -> str:
+    """The ``rtn`` step (YAML flow style) of what short name ``m`` asks to quantize, the
+    grids of the plain short name (``w4a8``: asymmetric weights below 8 bits, asymmetric
+    activations, ``quant.base.short_weight_spec`` and ``short_act_spec``)."""
+    bits = int(m["w"])
+    weight = f"bits: {bits}, symmetric: {'true' if bits == 8 else 'false'}"
+    if m["g"]:
+        weight += f", granularity: group, group_size: {int(m['g'])}"
+    act = f", act: {{bits: {int(m['a'])}, symmetric: false}}" if m["a"] else ""
+    return f"{{method: rtn, config: {{weight: {{{weight}}}{act}}}}}"
+
+
+def _not_a_suffix(m: Any, method: str) -> CompactnnError:
+    """One line for ``w4a8-channel``: ``method`` quantizes nothing, so it is no suffix; its
+    own short names (:func:`method_short_forms`), and the YAML recipe that runs it, then
+    the quantization the name asked for (pruning and float steps go first)."""
+    steps = f"steps: [{{method: {method}}}, {_quant_step_yaml(m)}]"
+    forms = " or ".join(f"{form} (e.g. {ex})" for form, ex in method_short_forms(method))
+    head = f"recipe {short_repr(m.string)}: {method} is not a quantization method"
+    if not forms:
+        return CompactnnError(
+            f"{head} and has no short name: put it before the quantization step of a YAML "
+            f"recipe file (--recipe my.yaml): {steps} (docs/ptq.md)."
+        )
+    return CompactnnError(
+        f"{head}, so it is no suffix of {QUANT_FORM}: its short names are {forms}; to "
+        f"quantize after it, chain both steps in a YAML recipe file (--recipe my.yaml): "
+        f"{steps} (docs/pruning.md, Chains)."
+    )
+
+
+def method_short_forms(method: str) -> list[tuple[str, str]]:
+    """``(form, example)`` of every short-name form whose recipes run ``method`` (read from
+    the forms' examples), the quantization grammar's suffix aside; ``[]`` for none.
+
+    Example:
+        >>> method_short_forms("nm")
+        [('nm<N>:<M>[-ft]', 'nm2:4')]
+    """
+    registry.load_builtins()  # their files register the forms
+    out = []
+    for rule in registry.SHORT_NAMES:
+        if rule.form == QUANT_FORM:
+            continue
+        for example in rule.examples:
+            try:
+                steps = rule.build(rule.pattern.fullmatch(example)).steps
+            except Exception:  # an example that does not build names nothing here
+                continue
+            if any(step.method == method for step in steps):
+                out.append((rule.form, example))
+                break
+    return out
 
 
 registry.register_short_name(

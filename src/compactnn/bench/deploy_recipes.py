@@ -133,7 +133,10 @@ def is_training_recipe(recipe: str) -> bool:
     from compactnn.recipe import resolve_recipe
 
     try:
-        return any(isinstance(s.config, QATConfig) for s in resolve_recipe(recipe).steps)
+        return any(
+            isinstance(s.config, QATConfig) and not getattr(type(s.config), "post_training", False)
+            for s in resolve_recipe(recipe).steps
+        )
     except Exception:  # an unknown recipe fails in its own row
         return False
 

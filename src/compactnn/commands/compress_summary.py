@@ -61,9 +61,25 @@ def note_lines(notes: list[str], warned: Collection[str] = ()) -> list[str]:
     return ["  notes:", *(f"    {note}" for note in fresh)] if fresh else []
 
 
+def tile_share(stats: dict) -> str:
+    """``"50% of its 1x8 PE tiles; "`` of a PE-wise step's record (its ``tiles`` entry,
+    ``prune/pe_record.py``), else ``""``.
+
+    Example:
+        >>> tile_share({"tiles": {"group": [1, 8], "sparsity": 0.5}})
+        '50% of its 1x8 PE tiles; '
+    """
+    tiles = stats.get("tiles")
+    if not isinstance(tiles, dict) or len(tiles.get("group") or ()) != 2:
+        return ""
+    go, gi = tiles["group"]
+    return f"{tiles.get('sparsity', 0.0):.0%} of its {go}x{gi} PE tiles; "
+
+
 def pruned_layers(extra: dict, original=None) -> dict[str, str]:
-    """What each pruning step did to each layer it pruned: its sparsity (unstructured, N:M)
-    or its removed output channels (structured, read from the ``resized`` record).
+    """What each pruning step did to each layer it pruned: its sparsity (unstructured, N:M;
+    PE-wise: its share of tiles first) or its removed output channels (structured, read
+    from the ``resized`` record).
 
     Example:
         >>> pruned_layers({"pruning": {"nm": {"fc": 0.5, "params": {}}}})
@@ -72,9 +88,10 @@ def pruned_layers(extra: dict, original=None) -> dict[str, str]:
     out: dict[str, str] = {}
     for stats in extra.get("pruning", {}).values():
         if isinstance(stats, dict):
+            tiles = tile_share(stats)
             for name, value in stats.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    out[name] = f"{value:.0%} of weights zero"
+                    out[name] = f"{tiles}{value:.0%} of weights zero"
     modules = dict(original.named_modules()) if original is not None else {}
     for name, shape in extra.get("resized", {}).items():
         field = {"Conv1d": "out_channels", "Conv2d": "out_channels", "Linear": "out_features"}

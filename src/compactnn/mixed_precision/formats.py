@@ -117,7 +117,9 @@ def warn_untrained(formats: list[Format]) -> None:
     names = [
         f.name
         for f in formats
-        if isinstance(f.config, QATConfig) and not isinstance(f.config, TernaryBERTConfig)
+        if isinstance(f.config, QATConfig)
+        and not isinstance(f.config, TernaryBERTConfig)
+        and not getattr(type(f.config), "post_training", False)  # Network Sketching
     ]
     if names:
         warnings.warn(

@@ -55,6 +55,11 @@ sparsely (:mod:`compactnn.export.sparse`). Recipes: ``w2a8-pe`` (50% of the tile
 ``w2a8-pe50``, ``w2-pe75``, ``w2a8-pe50-seq`` (sequential), ``w8a8-pe50`` (int8: PE pruning
 alone).
 
+Through :func:`compactnn.compress` (no training: the masks at the final sparsity, the
+quantizers calibrated) the step records what it pruned in ``extra["pruning"]["pe"]``
+(:mod:`compactnn.prune.pe_record`, printed by ``compactnn compress``) and warns when the
+outputs have collapsed, as the other pruning steps do.
+
 Example:
     >>> cfg = PEWiseConfig(group=(1, 8), sparsity=0.5)          # doctest: +SKIP
     >>> q = compactnn.train(model, Recipe("pe", (Step("pe", cfg),)), data)  # doctest: +SKIP
@@ -72,11 +77,21 @@ from torch import nn
 from compactnn.core.qlayers import rtn_weight_qparams
 from compactnn.core.quantize import dequantize, grouped_view
 from compactnn.core.spec import QuantSpec
-from compactnn.engines.qat import QATConfig, QATMethod
+from compactnn.engines.qat import (
+    QATConfig,
+    QATMethod,
+    QATWrapper,
+    freeze_layers,
+    init_quantizers,
+    wrap_layers,
+)
 from compactnn.engines.qat_quantizers import EpochMarked, WeightExport, fp16
 from compactnn.errors import CompactnnError
 from compactnn.prune.masks import check_sparsity
 from compactnn.prune.pe_groups import check_group, check_pe_layers
+from compactnn.prune.pe_record import collapse_words, record_pruning
+from compactnn.prune.stats import model_counts
+from compactnn.prune.train import ONE_SHOT_AGREEMENT, output_summary, warn_if_collapsed
 from compactnn.quant.base import short_act_spec, short_weight_spec
 from compactnn.recipe import Recipe, Step
 from compactnn.registry import register, register_short_name, reserve_method_names
@@ -381,8 +396,38 @@ def pewise_weight_quantizer(layer: nn.Module, spec: QuantSpec, config: PEWiseCon
     return PEWiseWeight(layer.weight, spec, config)
 
 
+@dataclass(frozen=True)
+class _PEWiseMethod(QATMethod):
+    """The training-aware hooks (``compactnn.train`` uses them) with, as the ``compress``
+    handler, the post-training variant that also records what it pruned and warns, as the
+    other pruning steps do, when the outputs have collapsed (one-shot: below
+    ``ONE_SHOT_AGREEMENT``, its remedy being the training it skipped)."""
+
+    def __call__(self, model, targets, config, ctx):
+        before = model_counts(model, ctx)  # the float model, for the record
+        reference = output_summary(model, ctx) if ctx.batches else None
+        dense = {
+            n: int((m.weight != 0).sum())
+            for n, m in targets.items()
+            if isinstance(getattr(m, "weight", None), torch.Tensor)
+        }
+        wrap_layers(model, targets, config, ctx, self)
+        init_quantizers(model, ctx)
+        layers = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, QATWrapper) and isinstance(m.weight_quantizer, PEWiseWeight)
+        ]
+        freeze_layers(model, ctx)
+        record_pruning(ctx, config, model, layers, dense, before)
+        if reference is not None:
+            words = collapse_words(config)
+            warn_if_collapsed(model, reference, ctx, *words, min_agreement=ONE_SHOT_AGREEMENT)
+        return model
+
+
 register("pe", PEWiseConfig, "PE-wise structured pruning with ternary weights (AAAI 2020)")(
-    QATMethod(pewise_weight_quantizer, check_layers=check_pe_layers, plain_ends=True)
+    _PEWiseMethod(pewise_weight_quantizer, check_layers=check_pe_layers, plain_ends=True)
 )
 
 

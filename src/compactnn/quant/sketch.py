@@ -31,6 +31,7 @@ quantizer trains through :func:`compactnn.train` (straight-through gradient).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -218,6 +219,11 @@ class SketchConfig(QATConfig):
             "approximation with refinement"); False: the direct approximation.
         iters: alternating refinement iterations at most (stops earlier at a fixed point).
     """
+
+    # The method is post-training (the paper's basic form needs no retraining): what
+    # compress makes is the method, not an untrained stand-in for it (no "train it" note,
+    # no "calibrated only, not trained" label: compactnn.report.delivery.training_recipe).
+    post_training: ClassVar[bool] = True
 
     weight: QuantSpec = field(default_factory=lambda: short_weight_spec(2))
     act: QuantSpec | None = None

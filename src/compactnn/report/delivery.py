@@ -153,12 +153,17 @@ UNTRAINED = "calibrated only, not trained"
 
 def training_recipe(recipe: Any) -> bool:
     """Whether ``recipe`` (a ``Recipe``) has a training-aware step that ``compactnn train``
-    trains (a ``QATConfig``; TernaryBERT distils inside compress, so it is not one)."""
+    trains: a ``QATConfig`` whose method has a training phase. Not one: a method that is
+    post-training although it runs through the training-aware engine (its config's class
+    says ``post_training = True``: Network Sketching, whose compress form is the method),
+    and TernaryBERT, which distils inside compress."""
     from compactnn.engines.qat import QATConfig
     from compactnn.quant.ternarybert import TernaryBERTConfig
 
     return any(
-        isinstance(step.config, QATConfig) and not isinstance(step.config, TernaryBERTConfig)
+        isinstance(step.config, QATConfig)
+        and not isinstance(step.config, TernaryBERTConfig)
+        and not getattr(type(step.config), "post_training", False)
         for step in getattr(recipe, "steps", ())
     )
 
