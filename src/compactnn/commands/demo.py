@@ -36,9 +36,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from compactnn.demo import run_demo
+def summary_lines(results: dict, width: int | None) -> list[str]:
+    """The demo's summary for the terminal: the Markdown table, or, where it is wider than
+    ``width`` (the terminal's; None: a pipe, never reflowed), one block of ``column: value``
+    lines per row as ``eval`` and ``report`` print (:mod:`compactnn.commands.term_table`)."""
+    from compactnn.commands.term_table import render
     from compactnn.report import summary_table
+    from compactnn.report.writer import SUMMARY_HEADER, summary_rows
+
+    table = summary_table(results).splitlines()
+    if width is None or max(map(len, table)) <= width:
+        return table
+    return render(list(SUMMARY_HEADER), summary_rows(results), width)
+
+
+def run(args: argparse.Namespace) -> int:
+    from compactnn.commands.term_table import terminal_width
+    from compactnn.demo import run_demo
 
     results = run_demo(
         args.out,
@@ -48,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         memory=not args.no_memory,
     )
-    print(summary_table(results))
+    print("\n".join(summary_lines(results, terminal_width())))
     env = results["environment"]
     memory = env.get("memory_s")
     memory = f" ({memory:.0f} s of it resident memory)" if memory is not None else ""
