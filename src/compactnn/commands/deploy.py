@@ -408,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
         raise CompactnnError(PLAIN_FLOAT_CLI)
     with warnings.catch_warnings():  # the advice is printed below, once, as a note
         warnings.filterwarnings("ignore", message=r"deploy: .* faster than int8")
+        warnings.simplefilter("ignore", CollapseWarning)  # said below, against the float model
         deployed = compactnn.deploy(
             qmodel, args.backend, example=example, tolerance=args.tolerance, residual=args.residual
         )

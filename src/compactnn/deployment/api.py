@@ -50,6 +50,7 @@ from compactnn.deployment.refusals import (
 from compactnn.deployment.runner import plan_runner
 from compactnn.deployment.traced import traced_through
 from compactnn.errors import CompactnnError, is_out_of_memory, user_stacklevel
+from compactnn.export.onnx_file import warn_if_collapsed
 from compactnn.lowering.graph import trace
 from compactnn.lowering.isolated import with_kernels
 from compactnn.lowering.plan import build_plan
@@ -408,6 +409,7 @@ def deploy(
         warnings.warn(deployed.recommendation, stacklevel=user_stacklevel())
     if ran is not None and deployed.onnx_bytes is not None:  # exported at the example's size
         warnings.warn(fixed_size_note(name, *ran), stacklevel=user_stacklevel())
+    warn_if_collapsed(sim, inputs, deployed.verification.output_step)  # as export_onnx does
     return deployed
 
 
