@@ -4,6 +4,7 @@ parameter requiring grad, and each parameter gets its own flag back afterwards."
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,25 @@ def test_compress_prunes_a_frozen_stem_as_a_trainable_one_and_keeps_its_flag():
     assert _flags(pruned) == before  # the returned model keeps the user's own flags
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), reference(x), rtol=0, atol=0)
+
+
+def test_compress_under_a_callers_no_grad_prunes_as_without():
+    """A notebook cell under ``torch.no_grad()`` hid the graph the trace follows: a raw
+    torch-pruning assertion with a site-packages path."""
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    reference = _pruned(_net(), x)
+    with torch.no_grad():
+        pruned = _pruned(_net(), x)
+    assert [p.shape for p in pruned.parameters()] == [p.shape for p in reference.parameters()]
+    with torch.no_grad():
+        assert torch.equal(pruned(x), reference(x))
+
+
+def test_compress_under_inference_mode_is_refused_in_one_line():
+    """Its tensors never record a graph: refused naming inference_mode, not the forward."""
+    from compactnn.errors import CompactnnError
+
+    x = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), pytest.raises(CompactnnError, match="inference_mode") as info:
+        _pruned(_net(), x)
+    assert "\n" not in str(info.value) and "forward" not in str(info.value)

@@ -293,3 +293,15 @@ def test_a_rank_left_in_a_plain_shell_is_not_a_silent_rank(tmp_path, monkeypatch
     assert cli.main([*args, "--epochs", "0"]) == 2
     assert waits == []
     assert capsys.readouterr().err.startswith("error: --epochs 0 trains nothing")
+
+
+def test_train_saves_on_a_rank_left_in_a_plain_shell(monkeypatch):
+    """``compactnn train`` saves only on rank 0: a RANK without WORLD_SIZE is rank 0 of one
+    (it trained, then silently kept no artifact, exit 0)."""
+    from compactnn.commands import train as train_command
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train_command._is_rank0()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not train_command._is_rank0()

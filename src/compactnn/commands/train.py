@@ -28,6 +28,7 @@ from compactnn.commands._common import (
 from compactnn.commands._path_args import shown_path
 from compactnn.commands.compress import DATA_FREE_TRAIN, default_out, eval_command
 from compactnn.errors import CompactnnError
+from compactnn.launch_env import env_rank
 from compactnn.measure.quality import no_better_than_guessing
 from compactnn.measure.size import artifact_bytes, float_artifact_bytes
 from compactnn.model_io import LoadedModel, read_tensors
@@ -496,4 +497,4 @@ def _is_rank0() -> bool:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"  # torchrun's rank, before the group is formed
+    return env_rank() == 0  # torchrun's rank, before the group is formed (RANK beside WORLD_SIZE)

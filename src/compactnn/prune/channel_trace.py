@@ -45,8 +45,9 @@ def _reachable(root: Any) -> set:
 
 @contextlib.contextmanager
 def grads_for_tracing(model: nn.Module) -> Iterator[None]:
-    """Run the block with every floating-point parameter of ``model`` requiring grad, then
-    give each parameter, by name, the flag it had before.
+    """Run the block with grad recording on (under a caller's ``torch.no_grad()`` too) and
+    every floating-point parameter of ``model`` requiring grad, then give each parameter, by
+    name, the flag it had before.
 
     The trace follows autograd (``grad_fn``): a layer the user froze, fed by an input that
     needs no grad, records no ``grad_fn`` and falls out of the graph. Flags go back by name
@@ -60,12 +61,19 @@ def grads_for_tracing(model: nn.Module) -> Iterator[None]:
         >>> m.weight.requires_grad
         False
     """
+    if torch.is_inference_mode_enabled():  # its tensors can never record a graph
+        raise CompactnnError(
+            "channel pruning traces the model through autograd, which torch.inference_mode() "
+            "turns off for every tensor made inside it: call compress outside "
+            "inference_mode (torch.no_grad() is fine)."
+        )
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         if p.is_floating_point() or p.is_complex():
             p.requires_grad_(True)
-    try:
-        yield
+    try:  # a caller's torch.no_grad() would hide the graph as well
+        with torch.enable_grad():
+            yield
     finally:
         for n, p in model.named_parameters():
             if n in flags and p.requires_grad != flags[n] and p.is_leaf:
