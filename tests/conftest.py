@@ -17,3 +17,10 @@ def _private_search_cache(tmp_path_factory):
         os.environ.pop("COMPACTNN_SEARCH_CACHE", None)
     else:
         os.environ["COMPACTNN_SEARCH_CACHE"] = before
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_width(monkeypatch):
+    """Tables as a pipe gets them (aligned, ``commands/term_table.py``) whatever ``COLUMNS``
+    the shell running the tests exports; a test of the narrow layout sets it itself."""
+    monkeypatch.delenv("COLUMNS", raising=False)

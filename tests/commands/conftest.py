@@ -26,10 +26,3 @@ def token_files(tmp_path):
         oov[at] = value
         np.save(tmp_path / name, oov)
     return tmp_path
-
-
-@pytest.fixture(autouse=True)
-def _no_terminal_width(monkeypatch):
-    """Tables as a pipe gets them (aligned, ``commands/term_table.py``) whatever ``COLUMNS``
-    the shell running the tests exports; a test of the narrow layout sets it itself."""
-    monkeypatch.delenv("COLUMNS", raising=False)
