@@ -409,7 +409,8 @@ def deploy(
         warnings.warn(deployed.recommendation, stacklevel=user_stacklevel())
     if ran is not None and deployed.onnx_bytes is not None:  # exported at the example's size
         warnings.warn(fixed_size_note(name, *ran), stacklevel=user_stacklevel())
-    warn_if_collapsed(sim, inputs, deployed.verification.output_step)  # as export_onnx does
+    if isinstance(example, torch.Tensor | dict):  # a tuple: inputs, or (inputs, labels)?
+        warn_if_collapsed(sim, example, deployed.verification.output_step)  # as export_onnx
     return deployed
 
 
